@@ -1,0 +1,99 @@
+"""Child processes for tests: start with a log file, stop by PID only, show a log tail."""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import weakref
+from pathlib import Path
+from typing import Mapping, Sequence
+
+_LIVE: "weakref.WeakSet[Process]" = weakref.WeakSet()
+
+
+class Process:
+    """One child process whose stdout+stderr go to *log_path*.
+
+    Stopped only through its own PID: SIGTERM, bounded wait, then SIGKILL.
+    """
+
+    def __init__(self, argv: Sequence[str], log_path: Path, *, cwd: Path | None = None,
+                 env: Mapping[str, str] | None = None):
+        self.argv = [str(a) for a in argv]
+        self.log_path = Path(log_path)
+        self.cwd = cwd
+        self.env = dict(os.environ if env is None else env)
+        self.popen: subprocess.Popen | None = None
+
+    def start(self) -> "Process":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        try:
+            self.popen = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.cwd, env=self.env)
+        finally:
+            log.close()
+        _LIVE.add(self)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll() if self.popen else None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait up to *timeout* s, then SIGKILL; return the exit code."""
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        return self.popen.poll()
+
+    def kill9(self, timeout: float = 10.0) -> int | None:
+        """SIGKILL the process (by PID) and reap it."""
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(timeout)
+        return self.popen.poll()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return log_tail(self.log_path, lines)
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last *lines* lines of a text file ('' if it does not exist)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for proc in list(_LIVE):
+        try:
+            proc.kill9(timeout=5)
+        except Exception:
+            pass
