@@ -39,8 +39,16 @@ def dcmtk(tool: str, *args, timeout: float = 120.0, cwd: Path | None = None,
     proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
                           timeout=timeout, cwd=cwd, env=dcmtk_env(), stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout, proc.stderr)
+        raise DcmtkError(proc.returncode, argv, proc.stdout, proc.stderr)
     return proc
+
+
+class DcmtkError(subprocess.CalledProcessError):
+    """A DCMTK tool failed; str() includes the tail of its output."""
+
+    def __str__(self) -> str:
+        out = ((self.stderr or "") + (self.output or ""))[-2000:]
+        return f"{super().__str__()}\n{out}"
 
 
 def echo(port: int, aec: str, *, host: str = LOOPBACK, aet: str = "ECHOSCU",
@@ -70,10 +78,16 @@ def wait_for_echo(port: int, aec: str, *, host: str = LOOPBACK, timeout: float =
 
 def storescu(port: int, aec: str, paths: Iterable[Path | str], *, host: str = LOOPBACK,
              aet: str = "STORESCU", extra: Sequence[str] = (), timeout: float = 300.0,
-             check: bool = True) -> subprocess.CompletedProcess:
-    """Send files or directories (recursively, +sd +r) with storescu."""
+             required: bool = True, check: bool = True) -> subprocess.CompletedProcess:
+    """Send files or directories (recursively, +sd +r) with storescu.
+
+    *required* (-R -xr) proposes each file's own SOP class + transfer syntax, so files
+    (RLE too) travel unconverted and keep their data set bytes.
+    """
     paths = [str(p) for p in paths]
     args = ["-aet", aet, "-aec", aec, "-to", "20", "-ta", "20", "-td", "60"]
+    if required:
+        args += ["-R", "-xr"]
     if any(Path(p).is_dir() for p in paths):
         args += ["+sd", "+r"]
     return dcmtk("storescu", *args, *extra, host, port, *paths, timeout=timeout, check=check)

@@ -1,0 +1,145 @@
+"""The embedded archive: instances kept as files on the peer's own disk.
+
+Every instance is kept byte-identical to what was received (same transfer syntax, same
+bytes, private tags and unknown SOP classes included), addressed by SOP Instance UID
+under ``objects/<2 hex of sha1(uid)>/<uid>.dcm``. Writes are atomic: a hard link (or
+copy) into ``tmp/``, fsync, rename, fsync of the directory. A second, different instance
+with an existing UID is kept beside it as ``<uid>.<sha256[:16]>.dcm`` and reported as a
+conflict; the same bytes again are a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from pacsp2p.adapters.interface import IArchive
+from pacsp2p.dicom.header import BadDataset, content_hash, read_meta
+from pacsp2p.types import Stored
+
+
+@implementer(IArchive)
+class EmbeddedArchive:
+    capabilities = frozenset({"store", "open", "find"})
+
+    def __init__(self, name: str, root: Path, reactor, site: str | None = None,
+                 fsync: bool = True, threads: int = 4):
+        self.name, self.site, self.root = name, site, Path(root)
+        self.reactor, self.fsync = reactor, fsync
+        self.objects, self.tmp = self.root / "objects", self.root / "tmp"
+        self._pool = ThreadPool(1, threads, f"archive-{name}")
+
+    @classmethod
+    def from_config(cls, cfg, settings, reactor):
+        from pacsp2p.config import ConfigError
+        opts = dict(cfg.options)
+        root = opts.pop("path", None)
+        if opts:
+            key = next(iter(opts))
+            raise ConfigError(f"{settings.source}: archives.{cfg.name}.{key}: unknown key "
+                              "for adapter 'embedded' (known: name, adapter, site, path)")
+        root = Path(root) if root else settings.data_dir / "archives" / cfg.name
+        return cls(cfg.name, root, reactor, cfg.site, settings.storage.fsync)
+
+    def _run(self, fn, *args):
+        return deferToThreadPool(self.reactor, self._pool, fn, *args)
+
+    # -- life cycle ------------------------------------------------------------------
+    def start(self):
+        self._pool.start()
+        return self._run(self._prepare)
+
+    def _prepare(self):
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp.iterdir():     # half-written files of a crash
+            leftover.unlink(missing_ok=True)
+        probe = self.tmp / f".probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")                  # fail at start, not at first C-STORE
+        probe.unlink()
+
+    def stop(self):
+        self._pool.stop()
+
+    # -- paths -----------------------------------------------------------------------
+    def path_for(self, uid: str, sha256: str | None = None) -> Path:
+        fan = hashlib.sha1(uid.encode()).hexdigest()[:2]
+        name = f"{uid}.dcm" if sha256 is None else f"{uid}.{sha256[:16]}.dcm"
+        return self.objects / fan / name
+
+    # -- store -----------------------------------------------------------------------
+    def store(self, received: Path, meta):
+        return self._run(self._store, Path(received), meta.sop_instance_uid)
+
+    def _store(self, received: Path, uid: str) -> Stored:
+        sha, size = content_hash(received)
+        target = self.path_for(uid)
+        if target.exists():
+            if content_hash(target)[0] == sha:
+                return Stored(self.name, sha, size, duplicate=True)
+            alt = self.path_for(uid, sha)
+            if not alt.exists():
+                self._place(received, alt)
+            return Stored(self.name, sha, size, conflict=True)
+        self._place(received, target)
+        return Stored(self.name, sha, size)
+
+    def _place(self, received: Path, target: Path) -> None:
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            try:
+                os.link(received, tmp)
+            except OSError:
+                shutil.copyfile(received, tmp)
+            if self.fsync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            target.parent.mkdir(exist_ok=True)
+            os.replace(tmp, target)
+            if self.fsync:
+                fd = os.open(target.parent, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # -- read ------------------------------------------------------------------------
+    def open(self, uid: str, sha256: str | None = None):
+        def opener():
+            path = self.path_for(uid)
+            if sha256 is not None and not path.exists():
+                path = self.path_for(uid, sha256)
+            return open(path, "rb")
+        return self._run(opener)
+
+    def crawl(self):
+        """Yield (InstanceMeta, Stored) for every file held (blocking)."""
+        for path in sorted(self.objects.glob("*/*.dcm")):
+            try:
+                meta = read_meta(path)
+                sha, size = content_hash(path)
+            except BadDataset:
+                continue
+            conflict = path.name != f"{meta.sop_instance_uid}.dcm"
+            yield meta, Stored(self.name, sha, size, conflict=conflict)
+
+    def health(self):
+        def check():
+            t0 = time.monotonic()
+            usage = shutil.disk_usage(self.root)
+            return {"up": True, "latency_ms": (time.monotonic() - t0) * 1000,
+                    "free_bytes": usage.free}
+        return self._run(check)

@@ -1,0 +1,263 @@
+"""The catalog database: schema, one batched writer, readers on their own connections.
+
+SQLite in WAL mode. All writes go through :meth:`Catalog.record`, which queues facts in
+the reactor and commits them from a single writer thread in batches (group commit: a
+burst of stores costs one transaction). Reads run in a small reader pool, one connection
+per thread. Nothing here touches SQLite from the reactor thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Callable, Iterable
+
+import sqlite_utils
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from pacsp2p.catalog import matching
+from pacsp2p.catalog.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
+from pacsp2p.types import InstanceMeta, InstanceRef, Location, Query, Stored
+
+log = Logger()
+
+SCHEMA_VERSION = 1
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash (kill -9)
+    conn.execute("PRAGMA foreign_keys=OFF")
+    return conn
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    db = sqlite_utils.Database(conn)
+    for level in LEVELS:
+        cols = {c: str for c in columns(level)}
+        if level in PARENT:
+            cols[PARENT[level][1]] = str
+        if level == "IMAGE":
+            cols.update(TransferSyntaxUID=str)
+        table = db[TABLES[level]]
+        if not table.exists():
+            table.create(cols, pk=UNIQUE[level], defaults={c: "" for c in cols})
+    for level, (parent, key) in PARENT.items():
+        db[TABLES[level]].create_index([key], if_not_exists=True)
+    db["studies"].create_index(["StudyDate"], if_not_exists=True)
+    db["patients"].create_index(["PatientName"], if_not_exists=True)
+    if not db["locations"].exists():
+        db["locations"].create(
+            {"SOPInstanceUID": str, "archive": str, "peer": str, "sha256": str,
+             "size": int, "available": int},
+            pk=("SOPInstanceUID", "archive"))
+    db["locations"].create_index(["archive"], if_not_exists=True)
+    if not db["conflicts"].exists():
+        db["conflicts"].create(
+            {"SOPInstanceUID": str, "archive": str, "sha256": str, "seen": str},
+            pk=("SOPInstanceUID", "archive", "sha256"))
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _upsert_sql(table: str, cols: list[str], pk: str) -> str:
+    updates = ", ".join(f"{c} = CASE WHEN excluded.{c} != '' THEN excluded.{c} ELSE {c} END"
+                        for c in cols if c != pk)
+    return (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+            f"ON CONFLICT({pk}) DO UPDATE SET {updates}")
+
+
+def _level_columns(level: str) -> list[str]:
+    cols = columns(level)
+    if level in PARENT and PARENT[level][1] not in cols:
+        cols = cols + [PARENT[level][1]]
+    if level == "IMAGE":
+        cols = cols + ["TransferSyntaxUID"]
+    return cols
+
+
+_LEVEL_SQL = {level: (_level_columns(level), _upsert_sql(TABLES[level], _level_columns(level),
+                                                           UNIQUE[level]))
+              for level in LEVELS}
+_LOCATION_SQL = (
+    "INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, available) "
+    "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT(SOPInstanceUID, archive) DO UPDATE SET "
+    "peer = excluded.peer, sha256 = excluded.sha256, size = excluded.size, available = 1")
+
+
+def write_facts(conn: sqlite3.Connection, batch: Iterable[tuple[InstanceMeta, Location]]) -> None:
+    """Write (meta, location) facts in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for meta, loc in batch:
+            attrs = dict(meta.attributes)
+            attrs["SOPInstanceUID"] = meta.sop_instance_uid
+            attrs["SOPClassUID"] = meta.sop_class_uid
+            attrs["TransferSyntaxUID"] = meta.transfer_syntax_uid
+            for level in LEVELS:
+                cols, sql = _LEVEL_SQL[level]
+                conn.execute(sql, [attrs.get(c, "") or "" for c in cols])
+            if loc is not None:
+                conn.execute(_LOCATION_SQL, (loc.sop_instance_uid, loc.archive, loc.peer,
+                                             loc.sha256, loc.size))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+class Catalog:
+    """The peer's catalog. Use from the reactor thread; every method returns a Deferred."""
+
+    def __init__(self, path: Path, reactor, readers: int = 4):
+        self.path = Path(path)
+        self.reactor = reactor
+        self._writer_pool = ThreadPool(1, 1, "catalog-writer")
+        self._reader_pool = ThreadPool(1, readers, "catalog-reader")
+        self._local = threading.local()
+        self._writer: sqlite3.Connection | None = None
+        self._pending: list[tuple[object, defer.Deferred]] = []
+        self._flushing = False
+
+    # -- life cycle ------------------------------------------------------------------
+    def start(self) -> defer.Deferred:
+        self._writer_pool.start()
+        self._reader_pool.start()
+        return self._in_writer(self._open_writer)
+
+    def _open_writer(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = _connect(self.path)
+        create_schema(self._writer)
+        check = self._writer.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"catalog {self.path} is damaged ({check}); "
+                                        "run 'pacsp2p catalog rebuild'")
+
+    def stop(self) -> None:
+        self._writer_pool.stop()
+        self._reader_pool.stop()
+
+    # -- writing ---------------------------------------------------------------------
+    def _in_writer(self, fn: Callable, *a) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self._writer_pool, fn, *a)
+
+    def record(self, meta: InstanceMeta, location: Location | None) -> defer.Deferred:
+        """Queue one fact; the Deferred fires once it is committed."""
+        d = defer.Deferred()
+        self._pending.append(((meta, location), d))
+        if not self._flushing:
+            self._flush()
+        return d
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self._flushing = True
+        facts = [f for f, _ in batch]
+        d = self._in_writer(write_facts, self._writer, facts)
+
+        def done(result):
+            self._flushing = False
+            for _, waiter in batch:
+                waiter.callback(None)
+            if self._pending:
+                self._flush()
+
+        def failed(f):
+            self._flushing = False
+            log.failure("catalog write of {n} facts failed", f, n=len(batch))
+            for _, waiter in batch:
+                waiter.errback(f)
+            if self._pending:
+                self._flush()
+
+        d.addCallbacks(done, failed)
+
+    def write(self, fn: Callable[[sqlite3.Connection], object]) -> defer.Deferred:
+        """Run *fn(conn)* on the writer thread (bulk jobs like a rebuild)."""
+        return self._in_writer(lambda: fn(self._writer))
+
+    def record_conflict(self, uid: str, archive: str, sha256: str) -> defer.Deferred:
+        def insert(conn):
+            conn.execute("INSERT OR IGNORE INTO conflicts VALUES (?, ?, ?, datetime('now'))",
+                         (uid, archive, sha256))
+        return self.write(insert)
+
+    # -- reading ---------------------------------------------------------------------
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = _connect(self.path)
+            conn.execute("PRAGMA query_only=1")
+        return conn
+
+    def read(self, fn: Callable[[sqlite3.Connection], object]) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self._reader_pool,
+                                 lambda: fn(self._reader()))
+
+    def find(self, query: Query, return_keys: list[str]) -> defer.Deferred:
+        """Matches of a C-FIND identifier: a list of {keyword: value} dicts."""
+        sql, params, selected = matching.build(query, return_keys)
+
+        def run(conn):
+            rows = conn.execute(sql, params).fetchall()
+            return [dict(zip(selected, ("" if v is None else str(v) for v in row)))
+                    for row in rows]
+        return self.read(run)
+
+    def resolve(self, query: Query) -> defer.Deferred:
+        """The instances a C-MOVE/C-GET identifier names, each with its locations."""
+        sql, params, _ = matching.build(query, [])
+        sql = sql.replace("SELECT 1 FROM", "SELECT DISTINCT i.SOPInstanceUID FROM", 1)
+        if query.level != "IMAGE":
+            # widen the FROM clause down to instances
+            sql = sql.replace(f"FROM {matching.from_clause(query.level)}",
+                              f"FROM {matching.from_clause('IMAGE')}", 1)
+
+        def run(conn):
+            uids = [r[0] for r in conn.execute(sql, params)]
+            return self._refs(conn, uids)
+        return self.read(run)
+
+    @staticmethod
+    def _refs(conn, uids: list[str]) -> list[InstanceRef]:
+        refs = []
+        for i in range(0, len(uids), 500):
+            chunk = uids[i:i + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT i.SOPInstanceUID, i.SOPClassUID, i.TransferSyntaxUID, l.archive, "
+                f"l.peer, l.sha256, l.size, l.available FROM instances i JOIN locations l "
+                f"USING (SOPInstanceUID) WHERE i.SOPInstanceUID IN ({marks}) "
+                f"ORDER BY i.rowid", chunk).fetchall()
+            by_uid: dict[str, list] = {}
+            for r in rows:
+                by_uid.setdefault(r[0], [r[1], r[2], []])[2].append(
+                    Location(r[0], r[3], r[4], r[5], r[6], bool(r[7])))
+            for uid in chunk:
+                if uid in by_uid:
+                    sop_class, ts, locs = by_uid[uid]
+                    refs.append(InstanceRef(uid, sop_class, ts, locs[0].size, tuple(locs)))
+        return refs
+
+    def location(self, uid: str, archive: str) -> defer.Deferred:
+        def run(conn):
+            r = conn.execute("SELECT sha256, size FROM locations WHERE SOPInstanceUID = ? "
+                             "AND archive = ?", (uid, archive)).fetchone()
+            return r
+        return self.read(run)
+
+    def counts(self) -> defer.Deferred:
+        def run(conn):
+            return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                    for t in ("patients", "studies", "series", "instances", "locations",
+                              "conflicts")}
+        return self.read(run)
+
+
+def stored_location(meta: InstanceMeta, stored: Stored, peer: str) -> Location:
+    return Location(meta.sop_instance_uid, stored.archive, peer, stored.sha256, stored.size)

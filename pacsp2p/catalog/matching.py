@@ -1,0 +1,134 @@
+"""C-FIND identifier -> SQL, following the matching rules of PS3.4 C.2.2.2.
+
+Single value, universal (empty), wildcard (``*``/``?``), range (DA/TM/DT ``a-b``, ``-b``,
+``a-``) and list-of-UID matching. Like Orthanc, person names match case-insensitively.
+Keys below the query level are ignored; relational queries are not supported.
+Computed attributes (counts, ModalitiesInStudy) are correlated sub-queries, so they are
+computed over everything the catalog holds — the union of all archives.
+"""
+
+from __future__ import annotations
+
+from pacsp2p.catalog.attributes import ALIAS, COMPUTED, LEVELS, PARENT, STORED, TABLES
+from pacsp2p.types import Query
+
+_COUNT_SQL = {
+    "NumberOfPatientRelatedStudies":
+        "(SELECT count(*) FROM studies x WHERE x.PatientID = p.PatientID)",
+    "NumberOfPatientRelatedSeries":
+        "(SELECT count(*) FROM series x JOIN studies y USING (StudyInstanceUID)"
+        " WHERE y.PatientID = p.PatientID)",
+    "NumberOfPatientRelatedInstances":
+        "(SELECT count(*) FROM instances x JOIN series y USING (SeriesInstanceUID)"
+        " JOIN studies z USING (StudyInstanceUID) WHERE z.PatientID = p.PatientID)",
+    "NumberOfStudyRelatedSeries":
+        "(SELECT count(*) FROM series x WHERE x.StudyInstanceUID = st.StudyInstanceUID)",
+    "NumberOfStudyRelatedInstances":
+        "(SELECT count(*) FROM instances x JOIN series y USING (SeriesInstanceUID)"
+        " WHERE y.StudyInstanceUID = st.StudyInstanceUID)",
+    "ModalitiesInStudy":
+        "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT Modality AS m FROM series x"
+        " WHERE x.StudyInstanceUID = st.StudyInstanceUID AND Modality != '' ORDER BY m))",
+    "SOPClassesInStudy":
+        "(SELECT group_concat(c, '\\') FROM (SELECT DISTINCT SOPClassUID AS c FROM"
+        " instances x JOIN series y USING (SeriesInstanceUID)"
+        " WHERE y.StudyInstanceUID = st.StudyInstanceUID ORDER BY c))",
+    "NumberOfSeriesRelatedInstances":
+        "(SELECT count(*) FROM instances x WHERE x.SeriesInstanceUID = se.SeriesInstanceUID)",
+}
+
+
+class QueryError(ValueError):
+    """The identifier cannot be answered (e.g. unknown level)."""
+
+
+def levels_up_to(level: str) -> list[str]:
+    if level not in LEVELS:
+        raise QueryError(f"unknown QueryRetrieveLevel {level!r}")
+    return list(LEVELS[: LEVELS.index(level) + 1])
+
+
+def from_clause(level: str) -> str:
+    parts = [f"{TABLES[level]} {ALIAS[level]}"]
+    current = level
+    while current in PARENT:
+        parent, key = PARENT[current]
+        parts.append(f"JOIN {TABLES[parent]} {ALIAS[parent]} "
+                     f"ON {ALIAS[parent]}.{key} = {ALIAS[current]}.{key}")
+        current = parent
+    return " ".join(parts)
+
+
+def _glob_escape(text: str) -> str:
+    return text.replace("[", "[[]")
+
+
+def _one_value(col: str, vr: str, value: str, params: list) -> str:
+    """SQL condition for one (non-list) value of one attribute."""
+    if vr in ("DA", "TM", "DT") and "-" in value:
+        lo, _, hi = value.partition("-")
+        conds = []
+        if lo:
+            conds.append(f"({col} != '' AND {col} >= ?)")
+            params.append(lo)
+        if hi:
+            conds.append(f"({col} != '' AND substr({col}, 1, {len(hi)}) <= ?)")
+            params.append(hi)
+        return "(" + " AND ".join(conds or ["1"]) + ")"
+    if vr == "PN":
+        col, value = f"upper({col})", value.upper()
+    if "*" in value or "?" in value:
+        params.append(_glob_escape(value))
+        return f"{col} GLOB ?"
+    params.append(value)
+    return f"{col} = ?"
+
+
+def condition(col: str, vr: str, raw: str, params: list) -> str | None:
+    value = raw.strip() if vr != "PN" else raw.strip().rstrip("^ =")
+    if value in ("", "*"):
+        return None                                     # universal matching
+    values = [v.strip() for v in value.split("\\")]
+    if vr == "UI" and len(values) > 1:
+        params.extend(values)
+        return f"{col} IN ({', '.join('?' * len(values))})"
+    conds = [_one_value(col, vr, v, params) for v in values if v]
+    return "(" + " OR ".join(conds) + ")" if conds else None
+
+
+def build(query: Query, return_keys: list[str]) -> tuple[str, list, list[str]]:
+    """Return (sql, params, selected keywords) for *query* at its level."""
+    allowed = levels_up_to(query.level)
+    params: list = []
+    where: list[str] = []
+    for kw, raw in query.keys.items():
+        if kw in STORED and STORED[kw].level in allowed:
+            a = STORED[kw]
+            cond = condition(f"{ALIAS[a.level]}.{kw}", a.vr, raw, params)
+        elif kw == "ModalitiesInStudy" and "STUDY" in allowed and raw.strip():
+            sub: list = []
+            inner = condition("x.Modality", "CS", raw, sub)
+            cond = None
+            if inner:
+                cond = (f"EXISTS (SELECT 1 FROM series x WHERE x.StudyInstanceUID = "
+                        f"st.StudyInstanceUID AND {inner})")
+                params.extend(sub)
+        else:
+            cond = None
+        if cond:
+            where.append(cond)
+    selected, exprs = [], []
+    for kw in return_keys:
+        if kw in STORED and STORED[kw].level in allowed:
+            exprs.append(f"{ALIAS[STORED[kw].level]}.{kw}")
+        elif kw in COMPUTED and COMPUTED[kw][0] in allowed:
+            exprs.append(_COUNT_SQL[kw])
+        else:
+            continue
+        selected.append(kw)
+    if not exprs:
+        exprs = ["1"]
+    sql = f"SELECT {', '.join(exprs)} FROM {from_clause(query.level)}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return sql, params, selected

@@ -1,0 +1,49 @@
+"""The cluster API: the one door for the facade, the CLI and the web pages.
+
+``store``, ``find``, ``retrieve`` and ``status`` hide where instances live (which
+archive, which peer). Called from the reactor thread; everything returns a Deferred.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from pacsp2p import __version__
+from pacsp2p.transfer.ingest import Ingest
+from pacsp2p.transfer.retrieve import Retrieval
+
+
+class Cluster:
+    def __init__(self, settings, catalog, archives):
+        self.settings = settings
+        self.catalog = catalog
+        self.archives = {a.name: a for a in archives}
+        self.ingest = Ingest(settings.peer.name, archives, catalog)
+
+    def store(self, received, meta):
+        """Keep one received Part-10 file; Deferred[StoreResult] or StoreError."""
+        return self.ingest.store(received, meta)
+
+    def find(self, query, return_keys):
+        """Deferred[list of {keyword: value}], one per matching entity."""
+        return self.catalog.find(query, return_keys)
+
+    @defer.inlineCallbacks
+    def retrieve(self, query):
+        """Deferred[Retrieval] for the instances *query* names."""
+        refs = yield self.catalog.resolve(query)
+        return Retrieval(refs, self.archives)
+
+    @defer.inlineCallbacks
+    def status(self):
+        counts = yield self.catalog.counts()
+        archives = {}
+        for name, archive in self.archives.items():
+            try:
+                archives[name] = yield archive.health()
+            except Exception as e:
+                archives[name] = {"up": False, "error": str(e)}
+        return {"peer": self.settings.peer.name, "version": __version__,
+                "facade": {"ae_title": self.settings.facade.ae_title,
+                           "port": self.settings.facade.port},
+                "catalog": counts, "archives": archives}

@@ -1,0 +1,223 @@
+"""TOML configuration -> typed, frozen settings.
+
+Every problem is reported as one :class:`ConfigError` whose message names the file, the
+key and the reason, e.g. ``etc/peer.toml: facade.port: must be an integer 1-65535, got
+'abc'``. No config at all means the embedded default: one peer, AE title ``PACSP2P`` on
+port 11112, data under ``./pacsp2p-data``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 11112
+DEFAULT_AE = "PACSP2P"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a one-line message naming file, key and reason."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+    mode: str = "relay"
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    name: str
+    adapter: str = "embedded"
+    site: str | None = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    name: str
+    data_dir: Path
+
+
+@dataclass(frozen=True)
+class FacadeSettings:
+    ae_title: str = DEFAULT_AE
+    port: int = DEFAULT_PORT
+    bind: str = "0.0.0.0"
+    allowed_calling_aes: tuple[str, ...] = ()
+    max_pdu: int = 0  # 0 = unlimited
+    max_associations: int = 32
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: str
+    peer: PeerSettings
+    facade: FacadeSettings
+    destinations: dict[str, Destination]
+    archives: tuple[ArchiveConfig, ...]
+    storage: StorageSettings
+
+    @property
+    def data_dir(self) -> Path:
+        return self.peer.data_dir
+
+
+class _Reader:
+    """Typed access to one table of the TOML document, remembering the dotted path."""
+
+    def __init__(self, source: str, table: dict, prefix: str):
+        self.source, self.table, self.prefix = source, dict(table), prefix
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        where = f"{self.prefix}.{key}" if self.prefix else key
+        return ConfigError(f"{self.source}: {where}: {reason}")
+
+    def take(self, key: str, kind: type | tuple, default: Any, what: str) -> Any:
+        if key not in self.table:
+            return default
+        value = self.table.pop(key)
+        if isinstance(value, bool) and kind is not bool:
+            raise self.fail(key, f"must be {what}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.fail(key, f"must be {what}, got {value!r}")
+        return value
+
+    def port(self, key: str, default: int) -> int:
+        value = self.take(key, int, default, "an integer 1-65535")
+        if not 1 <= value <= 65535:
+            raise self.fail(key, f"must be an integer 1-65535, got {value!r}")
+        return value
+
+    def ae(self, key: str, default: str) -> str:
+        value = self.take(key, str, default, "an AE title (1-16 characters)")
+        return check_ae(value, lambda reason: self.fail(key, reason))
+
+    def done(self) -> None:
+        for key in self.table:
+            raise self.fail(key, "unknown key")
+
+
+def check_ae(value: str, fail) -> str:
+    stripped = value.strip()
+    if not _AE_RE.match(value) or not stripped:
+        raise fail(f"must be an AE title of 1-16 characters without backslash, got {value!r}")
+    return stripped
+
+
+def parse_address(text: str, fail) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise fail(f'must be "host:port", got {text!r}')
+    return host.strip("[]"), int(port)
+
+
+def load(path: str | Path | None = None) -> Settings:
+    """Read *path* (or nothing: the embedded default) into :class:`Settings`."""
+    if path is None:
+        return from_dict({}, "<defaults>", Path.cwd())
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: cannot read config: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(doc, str(path), path.parent)
+
+
+def from_dict(doc: dict, source: str, base: Path) -> Settings:
+    top = _Reader(source, doc, "")
+
+    def table(key: str) -> _Reader:
+        value = top.take(key, dict, {}, "a table")
+        return _Reader(source, value, key)
+
+    p = table("peer")
+    name = p.take("name", str, "pacsp2p", "a string")
+    data_dir = Path(p.take("data_dir", str, "pacsp2p-data", "a path string"))
+    if not data_dir.is_absolute():
+        data_dir = (base / data_dir).resolve()
+    p.done()
+
+    f = table("facade")
+    allowed = f.take("allowed_calling_aes", list, [], "a list of AE titles")
+    allowed_t = []
+    for a in allowed:
+        if not isinstance(a, str):
+            raise f.fail("allowed_calling_aes", f"must list strings, got {a!r}")
+        allowed_t.append(check_ae(a, lambda r: f.fail("allowed_calling_aes", r)))
+    max_pdu = f.take("max_pdu", int, 0, "an integer (bytes, 0 = unlimited)")
+    if max_pdu and not 4096 <= max_pdu <= 2**31:
+        raise f.fail("max_pdu", f"must be 0 or 4096..2^31, got {max_pdu}")
+    facade = FacadeSettings(
+        ae_title=f.ae("ae_title", DEFAULT_AE),
+        port=f.port("port", DEFAULT_PORT),
+        bind=f.take("bind", str, "0.0.0.0", "an address string"),
+        allowed_calling_aes=tuple(allowed_t),
+        max_pdu=max_pdu,
+        max_associations=f.take("max_associations", int, 32, "an integer"),
+    )
+    f.done()
+
+    d = table("destinations")
+    destinations: dict[str, Destination] = {}
+    for ae, value in list(d.table.items()):
+        d.table.pop(ae)
+        fail = lambda r, ae=ae: d.fail(ae, r)  # noqa: E731
+        title = check_ae(ae, fail)
+        mode = "relay"
+        if isinstance(value, dict):
+            sub = _Reader(source, value, f"destinations.{ae}")
+            address = sub.take("address", str, None, 'a "host:port" string')
+            if address is None:
+                raise sub.fail("address", "is required")
+            mode = sub.take("mode", str, "relay", '"relay" or "direct"')
+            if mode not in ("relay", "direct"):
+                raise sub.fail("mode", f'must be "relay" or "direct", got {mode!r}')
+            sub.done()
+        elif isinstance(value, str):
+            address = value
+        else:
+            raise fail(f'must be "host:port" or a table with address and mode, got {value!r}')
+        host, port = parse_address(address, fail)
+        destinations[title] = Destination(title, host, port, mode)
+
+    archives_raw = top.take("archives", list, [{"name": "local", "adapter": "embedded"}],
+                            "an array of tables ([[archives]])")
+    archives = []
+    seen = set()
+    for i, raw in enumerate(archives_raw):
+        if not isinstance(raw, dict):
+            raise top.fail(f"archives[{i}]", "must be a table")
+        a = _Reader(source, raw, f"archives[{i}]")
+        aname = a.take("name", str, None, "a string")
+        if not aname:
+            raise a.fail("name", "is required")
+        if aname in seen:
+            raise a.fail("name", f"duplicate archive name {aname!r}")
+        seen.add(aname)
+        adapter = a.take("adapter", str, "embedded", "an adapter name")
+        site = a.take("site", str, None, "a string")
+        archives.append(ArchiveConfig(aname, adapter, site, dict(a.table)))
+
+    s = table("storage")
+    storage = StorageSettings(fsync=s.take("fsync", bool, True, "true or false"))
+    s.done()
+    top.done()
+    return Settings(source, PeerSettings(name, data_dir), facade, destinations,
+                    tuple(archives), storage)

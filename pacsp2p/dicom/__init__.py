@@ -1,0 +1,1 @@
+"""DICOM on the wire: the facade (SCP handlers), header reading, identifiers, contexts."""

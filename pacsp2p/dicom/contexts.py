@@ -1,0 +1,50 @@
+"""Presentation contexts: what the facade accepts, and what a C-MOVE proposes.
+
+The facade accepts every storage SOP class (also private and unknown ones) in every
+transfer syntax, so that C-STORE keeps what the modality sent. A C-MOVE association
+proposes, for each SOP class it will send, the exact transfer syntaxes the instances are
+stored in, plus the uncompressed ones as a fallback, so C-MOVE stays byte-identical.
+"""
+
+from __future__ import annotations
+
+from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         UID)
+from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_context
+from pynetdicom import sop_class as sc
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+MAX_CONTEXTS = 128
+
+QR_FIND = {sc.PatientRootQueryRetrieveInformationModelFind: "PATIENT",
+           sc.StudyRootQueryRetrieveInformationModelFind: "STUDY"}
+QR_MOVE = {sc.PatientRootQueryRetrieveInformationModelMove: "PATIENT",
+           sc.StudyRootQueryRetrieveInformationModelMove: "STUDY"}
+QR_GET = {sc.PatientRootQueryRetrieveInformationModelGet: "PATIENT",
+          sc.StudyRootQueryRetrieveInformationModelGet: "STUDY"}
+
+
+def add_supported(ae) -> None:
+    """Everything the facade accepts."""
+    ae.add_supported_context(sc.Verification, ALL_TRANSFER_SYNTAXES)
+    for uid in (*QR_FIND, *QR_MOVE, *QR_GET):
+        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+    # as C-GET SCP we act as Storage SCU on the requester's association
+    for cx in StoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES,
+                                 scu_role=True, scp_role=True)
+
+
+def for_sending(pairs: set[tuple[str, str]]) -> list:
+    """Requested contexts to send instances of (SOP class, transfer syntax) *pairs*."""
+    by_class: dict[str, set[str]] = {}
+    for sop_class, ts in pairs:
+        by_class.setdefault(sop_class, set()).add(ts)
+    contexts = []
+    exact_budget = MAX_CONTEXTS - len(by_class)
+    for sop_class, syntaxes in sorted(by_class.items()):
+        if len(contexts) + len(syntaxes) <= exact_budget:
+            for ts in sorted(syntaxes):         # one context each: the archive's own bytes
+                contexts.append(build_context(sop_class, [ts]))
+        contexts.append(build_context(sop_class, list(UNCOMPRESSED)))
+    return contexts[:MAX_CONTEXTS]

@@ -1,0 +1,80 @@
+"""C-FIND/C-MOVE/C-GET identifiers <-> :class:`pacsp2p.types.Query` and result rows.
+
+A response carries exactly the keys that were asked for (PS3.4 C.4.1.1.3.2), empty where
+the cluster has no value, plus QueryRetrieveLevel and, when a value needs it, a
+SpecificCharacterSet of ISO_IR 192 (UTF-8).
+"""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+
+from pacsp2p.catalog.attributes import COMPUTED, LEVELS, STORED
+from pacsp2p.types import Query
+
+
+class IdentifierError(ValueError):
+    """The identifier cannot be used (no or bad QueryRetrieveLevel, undecodable)."""
+
+
+def _raw(elem) -> str:
+    value = elem.value
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip()
+    if elem.VM > 1 and not isinstance(value, str):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def to_query(identifier: Dataset, root: str) -> tuple[Query, list[str]]:
+    """(Query, requested return keys) from a decoded identifier."""
+    try:
+        level = str(identifier.QueryRetrieveLevel).strip().upper()
+    except (AttributeError, ValueError) as e:
+        raise IdentifierError(f"identifier has no usable QueryRetrieveLevel: {e}") from e
+    if level not in LEVELS:
+        raise IdentifierError(f"unsupported QueryRetrieveLevel {level!r}")
+    keys: dict[str, str] = {}
+    order: list[str] = []
+    try:
+        for elem in identifier:
+            kw = elem.keyword or keyword_for_tag(elem.tag)
+            if not kw or kw in ("QueryRetrieveLevel", "SpecificCharacterSet") or \
+                    elem.tag.group in (0x0000, 0x0002):
+                continue
+            order.append(kw)
+            if elem.VR != "SQ":
+                keys[kw] = _raw(elem)
+    except Exception as e:  # a malformed identifier, whatever pydicom raises
+        raise IdentifierError(f"cannot decode identifier: {e}") from e
+    return Query(level, keys, root), order
+
+
+def to_dataset(row: dict[str, str], requested: list[str], level: str) -> Dataset:
+    """The response identifier for one catalog row."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    utf8 = False
+    for kw in requested:
+        value = row.get(kw, "")
+        if kw in STORED:
+            vr = STORED[kw].vr
+        elif kw in COMPUTED:
+            vr = COMPUTED[kw][1]
+        else:
+            try:
+                vr = dictionary_VR(kw)
+            except KeyError:
+                continue
+        if vr == "SQ":
+            setattr(ds, kw, [])
+            continue
+        if value and not value.isascii():
+            utf8 = True
+        ds.add_new(kw, vr, value if value != "" else None)
+    if utf8:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds

@@ -1,0 +1,68 @@
+"""PeerService: builds the parts of one peer and starts them in order, stops them in reverse.
+
+catalog -> archives -> cluster API -> facade. A part that cannot start (read-only data
+directory, port in use, damaged catalog) stops the peer with one line saying why.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pacsp2p import __version__
+from pacsp2p.adapters import make_archive
+from pacsp2p.catalog import Catalog
+from pacsp2p.cluster import Cluster
+from pacsp2p.dicom.facade import Facade
+
+log = Logger()
+
+
+class PeerService(service.Service):
+    name = "pacsp2p"
+
+    def __init__(self, settings, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.settings = settings
+        self.reactor = reactor
+        self.catalog = Catalog(settings.data_dir / "catalog.sqlite", reactor)
+        # building archives validates their config (ConfigError before the reactor runs)
+        self.archives = [make_archive(a, settings, reactor) for a in settings.archives]
+        self.cluster = Cluster(settings, self.catalog, self.archives)
+        self.facade = Facade(settings, self.cluster, reactor)
+        self.started = None
+
+    def startService(self):
+        super().startService()
+        self.started = self._start()
+        self.started.addErrback(self._failed)
+
+    @defer.inlineCallbacks
+    def _start(self):
+        log.info("pacsp2p {v} peer {name}, data in {dir}", v=__version__,
+                 name=self.settings.peer.name, dir=self.settings.data_dir)
+        yield self.catalog.start()
+        for archive in self.archives:
+            try:
+                yield archive.start()
+            except Exception as e:
+                raise RuntimeError(f"archive {archive.name}: cannot start: {e}") from e
+        self.facade.start()
+
+    def _failed(self, failure):
+        msg = failure.getErrorMessage()
+        log.critical("pacsp2p cannot start: {msg}", msg=msg)
+        print(f"pacsp2p: cannot start: {msg}", file=sys.stderr)
+        self.reactor.stop()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        yield self.facade.stop()
+        for archive in reversed(self.archives):
+            yield archive.stop()
+        self.catalog.stop()

@@ -1,0 +1,1 @@
+"""Moving instances: ingest (placement, quorum) and retrieval (plan, run, fail over)."""

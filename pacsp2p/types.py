@@ -1,0 +1,77 @@
+"""Small frozen value types shared by every part: the facade, the cluster API, the
+catalog, the adapters and the strategies all speak in these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Query:
+    """A C-FIND/C-MOVE/C-GET identifier, decoded.
+
+    ``keys`` maps a keyword to its raw value string (multiple values joined with a
+    backslash, '' for universal matching); ``root`` is "PATIENT" or "STUDY".
+    """
+
+    level: str
+    keys: dict[str, str]
+    root: str = "STUDY"
+
+
+@dataclass(frozen=True)
+class Location:
+    """One replica of an instance: which archive holds which bytes."""
+
+    sop_instance_uid: str
+    archive: str
+    peer: str
+    sha256: str
+    size: int
+    available: bool = True
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the catalog learns from one instance's header (pixel data never decoded)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    attributes: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An archive's receipt for one stored instance."""
+
+    archive: str
+    sha256: str
+    size: int
+    duplicate: bool = False      # same UID, same bytes were already there
+    conflict: bool = False       # same UID, different bytes: both kept
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """One instance of a retrieval, with the replicas that can serve it."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    size: int
+    locations: tuple[Location, ...]
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    sop_instance_uid: str
+    stored: tuple[Stored, ...]
+
+
+class StoreError(Exception):
+    """The cluster could not keep an instance; ``status`` is the DICOM status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
