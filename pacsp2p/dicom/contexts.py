@@ -15,6 +15,10 @@ from pynetdicom import sop_class as sc
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 MAX_CONTEXTS = 128
+# pynetdicom accepts the first of the acceptor's syntaxes that the requestor proposed:
+# prefer explicit VR (keeps VRs of private tags) over implicit, as DCMTK does.
+ACCEPTED_SYNTAXES = [ExplicitVRLittleEndian] + [
+    ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
 
 QR_FIND = {sc.PatientRootQueryRetrieveInformationModelFind: "PATIENT",
            sc.StudyRootQueryRetrieveInformationModelFind: "STUDY"}
@@ -31,7 +35,7 @@ def add_supported(ae) -> None:
         ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
     # as C-GET SCP we act as Storage SCU on the requester's association
     for cx in StoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES,
+        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES,
                                  scu_role=True, scp_role=True)
 
 
