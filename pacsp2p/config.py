@@ -56,6 +56,12 @@ class FacadeSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    bind: str = "127.0.0.1"
+    port: int = 11180
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     fsync: bool = True
 
@@ -68,6 +74,7 @@ class Settings:
     destinations: dict[str, Destination]
     archives: tuple[ArchiveConfig, ...]
     storage: StorageSettings
+    admin: AdminSettings = AdminSettings()
 
     @property
     def data_dir(self) -> Path:
@@ -215,9 +222,14 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         site = a.take("site", str, None, "a string")
         archives.append(ArchiveConfig(aname, adapter, site, dict(a.table)))
 
+    ad = table("admin")
+    admin = AdminSettings(bind=ad.take("bind", str, "127.0.0.1", "an address string"),
+                          port=ad.port("port", 11180))
+    ad.done()
+
     s = table("storage")
     storage = StorageSettings(fsync=s.take("fsync", bool, True, "true or false"))
     s.done()
     top.done()
     return Settings(source, PeerSettings(name, data_dir), facade, destinations,
-                    tuple(archives), storage)
+                    tuple(archives), storage, admin)

@@ -12,8 +12,9 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pacsp2p import __version__
+from pacsp2p import __version__, lock
 from pacsp2p.adapters import make_archive
+from pacsp2p.admin import web
 from pacsp2p.catalog import Catalog
 from pacsp2p.cluster import Cluster
 from pacsp2p.dicom.facade import Facade
@@ -35,6 +36,8 @@ class PeerService(service.Service):
         self.cluster = Cluster(settings, self.catalog, self.archives)
         self.facade = Facade(settings, self.cluster, reactor)
         self.started = None
+        self._lock = None
+        self._admin_port = None
 
     def startService(self):
         super().startService()
@@ -45,6 +48,7 @@ class PeerService(service.Service):
     def _start(self):
         log.info("pacsp2p {v} peer {name}, data in {dir}", v=__version__,
                  name=self.settings.peer.name, dir=self.settings.data_dir)
+        self._lock = lock.acquire(self.settings.data_dir)
         yield self.catalog.start()
         for archive in self.archives:
             try:
@@ -52,6 +56,12 @@ class PeerService(service.Service):
             except Exception as e:
                 raise RuntimeError(f"archive {archive.name}: cannot start: {e}") from e
         self.facade.start()
+        adm = self.settings.admin
+        try:
+            self._admin_port = self.reactor.listenTCP(adm.port, web.site(self.cluster),
+                                                      interface=adm.bind)
+        except Exception as e:
+            raise RuntimeError(f"admin.port {adm.port}: {e}") from e
 
     def _failed(self, failure):
         msg = failure.getErrorMessage()
@@ -62,7 +72,11 @@ class PeerService(service.Service):
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
+        if self._admin_port is not None:
+            yield self._admin_port.stopListening()
         yield self.facade.stop()
         for archive in reversed(self.archives):
             yield archive.stop()
         self.catalog.stop()
+        if self._lock is not None:
+            self._lock.close()

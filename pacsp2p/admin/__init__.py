@@ -1,0 +1,1 @@
+"""Administration: the ``pacsp2p`` command line and the peer's local status endpoint."""

@@ -1,0 +1,51 @@
+"""Rebuild a lost or damaged catalog from what the peer's archives hold.
+
+Crawls every archive that can list its content into a fresh database beside the old
+one, then swaps it in atomically; the old file is kept as ``catalog.sqlite.broken``.
+Run with the peer stopped (the peer's lock file says whether it runs).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pacsp2p.catalog.db import _connect, create_schema, stored_location, write_facts
+
+
+def rebuild(catalog_path: Path, archives, peer_name: str, progress=print) -> int:
+    catalog_path = Path(catalog_path)
+    fresh = catalog_path.with_suffix(".rebuild")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{fresh}{suffix}").unlink(missing_ok=True)
+    conn = _connect(fresh)
+    create_schema(conn)
+    total, batch, t0 = 0, [], time.monotonic()
+    for archive in archives:
+        if not hasattr(archive, "crawl"):
+            continue
+        for meta, stored in archive.crawl():
+            if stored.conflict:
+                conn.execute("INSERT OR IGNORE INTO conflicts VALUES (?, ?, ?, datetime('now'))",
+                             (meta.sop_instance_uid, archive.name, stored.sha256))
+                continue
+            batch.append((meta, stored_location(meta, stored, peer_name)))
+            if len(batch) >= 500:
+                write_facts(conn, batch)
+                total += len(batch)
+                batch = []
+                progress(f"{total} instances ({total / (time.monotonic() - t0):.0f}/s)")
+    if batch:
+        write_facts(conn, batch)
+        total += len(batch)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    if catalog_path.exists():
+        os.replace(catalog_path, f"{catalog_path}.broken")
+    for suffix in ("-wal", "-shm"):
+        Path(f"{catalog_path}{suffix}").unlink(missing_ok=True)
+    os.replace(fresh, catalog_path)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{fresh}{suffix}").unlink(missing_ok=True)
+    return total
