@@ -38,6 +38,7 @@ class Peer:
         self.name = name
         self.ae_title = ae_title
         self.port = port or 0
+        self.admin_port = 0  # the admin status endpoint (default 11180 would collide)
         self._fixed_port = port is not None
         self.destinations = dict(destinations or {})
         self.allowed_calling_aes = list(allowed_calling_aes)
@@ -72,6 +73,7 @@ class Peer:
             "peer": {"name": self.name, "data_dir": str(self.data_dir)},
             "facade": {"ae_title": self.ae_title, "port": self.port, "bind": LOOPBACK,
                        "allowed_calling_aes": self.allowed_calling_aes},
+            "admin": {"bind": LOOPBACK, "port": self.admin_port},
             "destinations": self.destinations,
         }
         return toml.deep_merge(base, self.overrides)
@@ -86,6 +88,8 @@ class Peer:
         for _attempt in range(1 if self._fixed_port else 3):
             if not self._fixed_port:
                 self.port = free_port()
+            if not self._fixed_port or not self.admin_port:
+                self.admin_port = free_port()
             self.write_config()
             argv = [twistd_path(), "-n", "--pidfile=", "pacsp2p", "--config", self.config_path]
             with open(self.log_path, "a") as log:
