@@ -1,4 +1,4 @@
-"""C-FIND conformance: the same corpus in a real Orthanc and in a pacsp2p peer must
+r"""C-FIND conformance: the same corpus in a real Orthanc and in a pacsp2p peer must
 answer the same findscu queries with the same matches.
 
 Each query runs three ways:
@@ -297,7 +297,7 @@ def run_find(port: int, aec: str, model: str, level: str, keys: dict[str, str]):
 
 
 def normalize(rsp, keys) -> list[tuple]:
-    """Sorted rows of (keyword, value) for the requested keys only."""
+    """Sorted rows of (keyword, values tuple) for the requested keys only."""
     rows = []
     for ds in rsp:
         row = []
@@ -308,9 +308,9 @@ def normalize(rsp, keys) -> list[tuple]:
             v = ds[k].value
             if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
                 vals = tuple(str(x).rstrip(" \0") for x in v)
-                row.append((k, tuple(sorted(vals)) if k in UNORDERED else vals))
             else:
-                row.append((k, "" if v is None else str(v).rstrip(" \0")))
+                vals = () if v in (None, "") else (str(v).rstrip(" \0"),)
+            row.append((k, tuple(sorted(vals)) if k in UNORDERED else vals))
         rows.append(tuple(row))
     return sorted(rows)
 
