@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from . import toml
 from .dcmtk import wait_for_echo
-from .ports import LOOPBACK, free_port
+from .ports import LOOPBACK, free_port, free_ports
 from .procs import Process
 
 
@@ -24,6 +24,7 @@ class Peer:
 
     ``with Peer(destinations={"STORESCP": "127.0.0.1:11113"}) as p: p.port, p.ae_title``.
     *config* is deep-merged over the generated config (e.g. {"archives": [...]}).
+    The admin web listens on a free loopback port too (``admin_url``).
     Ready when its facade answers C-ECHO; stopped by PID (SIGTERM, then SIGKILL).
     """
 
@@ -45,7 +46,12 @@ class Peer:
         self.overrides = dict(config or {})
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
+        self.admin_port = 0
         self.process: Process | None = None
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.admin_port}"
 
     @property
     def data_dir(self) -> Path:
@@ -75,6 +81,7 @@ class Peer:
                        "allowed_calling_aes": self.allowed_calling_aes},
             "admin": {"bind": LOOPBACK, "port": self.admin_port},
             "destinations": self.destinations,
+            "admin": {"bind": LOOPBACK, "port": self.admin_port},
         }
         return toml.deep_merge(base, self.overrides)
 
@@ -87,7 +94,9 @@ class Peer:
         error = ""
         for _attempt in range(1 if self._fixed_port else 3):
             if not self._fixed_port:
-                self.port = free_port()
+                self.port, self.admin_port = free_ports(2)
+            elif not self.admin_port:
+                self.admin_port = free_port()
             if not self._fixed_port or not self.admin_port:
                 self.admin_port = free_port()
             self.write_config()
