@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Ingest benchmark: DCMTK storescu (one association, TCP_NODELAY=1) into
+
+  pacsp2p        a pacsp2p peer (embedded archive; fsync on, the default)
+  pacsp2p-nosync the same with [storage] fsync = false (shows what fsync costs; not --quick)
+  storescp       DCMTK storescp +xa writing to a directory on the same disk (no fsync)
+  orthanc        a real Orthanc, fresh storage dir (SyncStorageArea = true, its default)
+
+of two data sets: 300 CT 512x512x16-bit explicit VR LE (~157 MB) and 1000 small MR
+(64x64). Every repetition gets a fresh target. Prints the median MB/s and instances/s and
+the ratios pacsp2p/storescp and pacsp2p/orthanc. Target of the issue: pacsp2p >= Orthanc.
+
+    .venv/bin/python bench/ingest.py [--quick] [--reps N] [--profile DIR]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import Timer, mb, median, ratio, table  # noqa: E402
+
+from pacsp2p.testing import Orthanc, Peer, StoreSCP  # noqa: E402
+from pacsp2p.testing.dcmtk import storescu  # noqa: E402
+
+
+def count_files(directory: Path) -> int:
+    return sum(1 for p in directory.rglob("*") if p.is_file()) if directory.exists() else 0
+
+
+def send(port: int, aec: str, data: common.DataSet) -> float:
+    """storescu all files of *data* on one association; returns seconds."""
+    with Timer() as t:
+        storescu(port, aec, data.files, aet="BENCHSCU", timeout=600)
+    return t.seconds
+
+
+def run_peer(work: Path, data: common.DataSet, fsync: bool, profile: Path | None,
+             label: str) -> tuple[float, float | None]:
+    with Peer(work, config={"storage": {"fsync": fsync}}) as peer:
+        with common.profiled(peer.pid if profile else None, profile, label):
+            seconds = send(peer.port, peer.ae_title, data)
+        rss = common.rss_mb(peer.pid)
+        held = count_files(peer.data_dir / "archives" / "local" / "objects")
+        if held != data.count:
+            raise RuntimeError(f"peer holds {held} of {data.count} instances\n{peer.log_tail()}")
+    return seconds, rss
+
+
+def run_storescp(work: Path, data: common.DataSet) -> tuple[float, None]:
+    with StoreSCP(work / "in", ae_title="STORESCP", log_path=work / "storescp.log") as scp:
+        seconds = send(scp.port, scp.ae_title, data)
+    held = count_files(work / "in")
+    if held != data.count:
+        raise RuntimeError(f"storescp wrote {held} of {data.count} files")
+    return seconds, None
+
+
+def run_orthanc(work: Path, data: common.DataSet) -> tuple[float, float | None]:
+    with Orthanc(work) as o:
+        seconds = send(o.dicom_port, o.aet, data)
+        rss = common.rss_mb(o.process.pid)
+        held = o.statistics()["CountInstances"]
+    if held != data.count:
+        raise RuntimeError(f"Orthanc holds {held} of {data.count} instances")
+    return seconds, rss
+
+
+def main() -> int:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=None, help="repetitions per target (3; 1 quick)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="py-spy record the peer during each pacsp2p run into DIR")
+    args = p.parse_args()
+    reps = args.reps or (1 if args.quick else 3)
+    common.header("ingest: DCMTK storescu, one association, TCP_NODELAY=1")
+    datasets = [common.ct_study(args.cache), common.mr_study(args.cache)]
+    targets = ["pacsp2p", "storescp", "orthanc"] if args.quick else \
+        ["pacsp2p", "pacsp2p-nosync", "storescp", "orthanc"]
+    results: dict[tuple[str, str], dict] = {}
+    with common.workdir(args.keep, "pacsp2p-bench-ingest-") as wd:
+        for data in datasets:
+            size = data.bytes
+            print(f"-- {data.name}: {data.count} instances, {mb(size):.1f} MB, {reps} rep(s)")
+            for target in targets:
+                secs, rsses = [], []
+                for rep in range(reps):
+                    w = wd / f"{data.name}-{target}-{rep}"
+                    label = f"ingest-{data.name}-{target}-{rep}"
+                    if target == "pacsp2p":
+                        s, rss = run_peer(w, data, True, args.profile, label)
+                    elif target == "pacsp2p-nosync":
+                        s, rss = run_peer(w, data, False, None, label)
+                    elif target == "storescp":
+                        s, rss = run_storescp(w, data)
+                    else:
+                        s, rss = run_orthanc(w, data)
+                    secs.append(s)
+                    if rss:
+                        rsses.append(rss)
+                    print(f"   {target:15s} rep {rep + 1}: {s:6.2f} s  "
+                          f"{mb(size) / s:7.1f} MB/s  {data.count / s:7.0f} inst/s", flush=True)
+                s = median(secs)
+                results[(data.name, target)] = {
+                    "s": s, "mbs": mb(size) / s, "ips": data.count / s,
+                    "rss": max(rsses) if rsses else None}
+    print()
+    rows = []
+    for data in datasets:
+        base = results[(data.name, "pacsp2p")]
+        for target in targets:
+            r = results[(data.name, target)]
+            rows.append([data.name, target, f"{r['s']:.2f}", f"{r['mbs']:.1f}",
+                         f"{r['ips']:.0f}", ratio(base["mbs"], r["mbs"]),
+                         f"{r['rss']:.0f}" if r["rss"] else "-"])
+    print(table(rows, ["data", "target", "median s", "MB/s", "inst/s",
+                       "pacsp2p/this", "RSS MB"]))
+    print()
+    for data in datasets:
+        pc = results[(data.name, "pacsp2p")]["mbs"]
+        sc = results[(data.name, "storescp")]["mbs"]
+        oc = results[(data.name, "orthanc")]["mbs"]
+        verdict = "meets" if pc >= oc else "MISSES"
+        print(f"{data.name}: pacsp2p/storescp = {pc / sc:.2f}   pacsp2p/orthanc = {pc / oc:.2f}"
+              f"   ({verdict} target pacsp2p >= orthanc)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
