@@ -46,7 +46,6 @@ class Peer:
         self.overrides = dict(config or {})
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
-        self.admin_port = 0
         self.process: Process | None = None
 
     @property
@@ -81,7 +80,6 @@ class Peer:
                        "allowed_calling_aes": self.allowed_calling_aes},
             "admin": {"bind": LOOPBACK, "port": self.admin_port},
             "destinations": self.destinations,
-            "admin": {"bind": LOOPBACK, "port": self.admin_port},
         }
         return toml.deep_merge(base, self.overrides)
 
@@ -96,8 +94,6 @@ class Peer:
             if not self._fixed_port:
                 self.port, self.admin_port = free_ports(2)
             elif not self.admin_port:
-                self.admin_port = free_port()
-            if not self._fixed_port or not self.admin_port:
                 self.admin_port = free_port()
             self.write_config()
             argv = [twistd_path(), "-n", "--pidfile=", "pacsp2p", "--config", self.config_path]
