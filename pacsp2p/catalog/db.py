@@ -54,9 +54,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
     if not db["locations"].exists():
         db["locations"].create(
             {"SOPInstanceUID": str, "archive": str, "peer": str, "sha256": str,
-             "size": int, "available": int},
-            pk=("SOPInstanceUID", "archive"))
+             "size": int, "available": int, "seq": int},
+            pk=("SOPInstanceUID", "archive"), defaults={"seq": 0, "available": 1})
     db["locations"].create_index(["archive"], if_not_exists=True)
+    db["locations"].create_index(["peer", "seq"], if_not_exists=True)
     if not db["conflicts"].exists():
         db["conflicts"].create(
             {"SOPInstanceUID": str, "archive": str, "sha256": str, "seen": str},
@@ -84,52 +85,119 @@ _LEVEL_SQL = {level: (_level_columns(level), _upsert_sql(TABLES[level], _level_c
                                                            UNIQUE[level]))
               for level in LEVELS}
 _LOCATION_SQL = (
-    "INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, available) "
-    "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT(SOPInstanceUID, archive) DO UPDATE SET "
-    "peer = excluded.peer, sha256 = excluded.sha256, size = excluded.size, available = 1")
+    "INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, available, seq) "
+    "VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT(SOPInstanceUID, archive) DO UPDATE SET "
+    "peer = excluded.peer, sha256 = excluded.sha256, size = excluded.size, available = 1, "
+    "seq = excluded.seq WHERE excluded.seq > locations.seq OR excluded.peer != locations.peer")
+
+# A catalog fact on the wire (anti-entropy): one location plus every attribute it needs.
+LOCATION_FIELDS = ["seq", "archive", "peer", "sha256", "size"]
+ATTRIBUTE_FIELDS = list(dict.fromkeys(c for level in LEVELS for c in _LEVEL_SQL[level][0]))
+FACT_FIELDS = LOCATION_FIELDS + ATTRIBUTE_FIELDS
 
 
-def write_facts(conn: sqlite3.Connection, batch: Iterable[tuple[InstanceMeta, Location]]) -> None:
-    """Write (meta, location) facts in one transaction."""
+def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]]) -> None:
+    """Write facts in one transaction.
+
+    A fact is (attributes, location) where attributes maps keywords (all levels, incl.
+    SOPInstanceUID, SOPClassUID, TransferSyntaxUID) to strings and location is
+    (SOPInstanceUID, archive, peer, sha256, size, seq). Patient, study and series rows
+    shared by several facts of the batch are written once.
+    """
+    levels: dict[str, dict[str, list]] = {level: {} for level in LEVELS}
+    for attrs, _ in facts:
+        for level in LEVELS:
+            cols, _sql = _LEVEL_SQL[level]
+            levels[level][attrs.get(UNIQUE[level], "")] = [attrs.get(c, "") or "" for c in cols]
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for meta, loc in batch:
-            attrs = dict(meta.attributes)
-            attrs["SOPInstanceUID"] = meta.sop_instance_uid
-            attrs["SOPClassUID"] = meta.sop_class_uid
-            attrs["TransferSyntaxUID"] = meta.transfer_syntax_uid
-            for level in LEVELS:
-                cols, sql = _LEVEL_SQL[level]
-                conn.execute(sql, [attrs.get(c, "") or "" for c in cols])
-            if loc is not None:
-                conn.execute(_LOCATION_SQL, (loc.sop_instance_uid, loc.archive, loc.peer,
-                                             loc.sha256, loc.size))
+        for level in LEVELS:
+            conn.executemany(_LEVEL_SQL[level][1], levels[level].values())
+        conn.executemany(_LOCATION_SQL, [loc for _, loc in facts if loc is not None])
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
 
 
-class Catalog:
-    """The peer's catalog. Use from the reactor thread; every method returns a Deferred."""
+def meta_attributes(meta: InstanceMeta) -> dict:
+    attrs = dict(meta.attributes)
+    attrs["SOPInstanceUID"] = meta.sop_instance_uid
+    attrs["SOPClassUID"] = meta.sop_class_uid
+    attrs["TransferSyntaxUID"] = meta.transfer_syntax_uid
+    return attrs
 
-    def __init__(self, path: Path, reactor, readers: int = 4):
+
+def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int) -> list[list]:
+    """The facts of *origin* with a sequence number above *after*, in order."""
+    cols = ", ".join(["l.seq", "l.archive", "l.peer", "l.sha256", "l.size"] +
+                     [f"{_FIELD_ALIAS[c]}.{c}" for c in ATTRIBUTE_FIELDS])
+    sql = (f"SELECT {cols} FROM locations l JOIN instances i USING (SOPInstanceUID) "
+           "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
+           "JOIN studies st ON st.StudyInstanceUID = se.StudyInstanceUID "
+           "JOIN patients p ON p.PatientID = st.PatientID "
+           "WHERE l.peer = ? AND l.seq > ? ORDER BY l.seq LIMIT ?")
+    return [list(r) for r in conn.execute(sql, (origin, after, limit))]
+
+
+def facts_from_wire(rows: list[list]) -> list[tuple[dict, tuple]]:
+    facts = []
+    n = len(LOCATION_FIELDS)
+    for row in rows:
+        if len(row) != len(FACT_FIELDS):
+            raise ValueError(f"fact has {len(row)} fields, expected {len(FACT_FIELDS)}")
+        seq, archive, peer, sha, size = row[:n]
+        attrs = dict(zip(ATTRIBUTE_FIELDS, row[n:]))
+        facts.append((attrs, (attrs["SOPInstanceUID"], archive, peer, sha, int(size), int(seq))))
+    return facts
+
+
+def _field_alias() -> dict[str, str]:
+    from pacsp2p.catalog.attributes import ALIAS
+    alias = {}
+    for level in reversed(LEVELS):      # a column shared by two levels: take the lowest
+        for c in _LEVEL_SQL[level][0]:
+            alias.setdefault(c, ALIAS[level])
+    return alias
+
+
+_FIELD_ALIAS = _field_alias()
+
+
+def vector(conn: sqlite3.Connection) -> dict[str, int]:
+    return {peer: seq for peer, seq in
+            conn.execute("SELECT peer, max(seq) FROM locations GROUP BY peer")}
+
+
+class Catalog:
+    """The peer's catalog. Use from the reactor thread; every method returns a Deferred.
+
+    ``vector`` is kept in memory: {origin peer: highest fact sequence held}, the digest
+    that anti-entropy compares.
+    """
+
+    def __init__(self, path: Path, reactor, peer: str = "", readers: int = 4):
         self.path = Path(path)
         self.reactor = reactor
+        self.peer = peer
         self._writer_pool = ThreadPool(1, 1, "catalog-writer")
         self._reader_pool = ThreadPool(1, readers, "catalog-reader")
         self._local = threading.local()
         self._writer: sqlite3.Connection | None = None
         self._pending: list[tuple[object, defer.Deferred]] = []
         self._flushing = False
+        self.vector: dict[str, int] = {}
+        self.listeners: list[Callable[[], None]] = []   # told after each commit
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> defer.Deferred:
         self._writer_pool.start()
         self._reader_pool.start()
-        return self._in_writer(self._open_writer)
+        d = self._in_writer(self._open_writer)
+        d.addCallback(self.vector.update)
+        return d
 
-    def _open_writer(self) -> None:
+    def _open_writer(self) -> dict:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = _connect(self.path)
         create_schema(self._writer)
@@ -137,6 +205,7 @@ class Catalog:
         if check != "ok":
             raise sqlite3.DatabaseError(f"catalog {self.path} is damaged ({check}); "
                                         "run 'pacsp2p catalog rebuild'")
+        return vector(self._writer)
 
     def stop(self) -> None:
         self._writer_pool.stop()
@@ -147,21 +216,39 @@ class Catalog:
         return deferToThreadPool(self.reactor, self._writer_pool, fn, *a)
 
     def record(self, meta: InstanceMeta, location: Location | None) -> defer.Deferred:
-        """Queue one fact; the Deferred fires once it is committed."""
+        """Queue one local fact; the Deferred fires once it is committed."""
         d = defer.Deferred()
         self._pending.append(((meta, location), d))
         if not self._flushing:
             self._flush()
         return d
 
+    def _write_own(self, batch) -> int:
+        seq = self.vector.get(self.peer, 0)
+        facts = []
+        for meta, loc in batch:
+            row = None
+            if loc is not None:
+                seq += 1
+                row = (loc.sop_instance_uid, loc.archive, loc.peer, loc.sha256, loc.size, seq)
+            facts.append((meta_attributes(meta), row))
+        write_facts(self._writer, facts)
+        return seq
+
+    def _committed(self, origin: str, seq: int) -> None:
+        if seq > self.vector.get(origin, 0):
+            self.vector[origin] = seq
+        for listener in list(self.listeners):
+            listener()
+
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
         self._flushing = True
-        facts = [f for f, _ in batch]
-        d = self._in_writer(write_facts, self._writer, facts)
+        d = self._in_writer(self._write_own, [f for f, _ in batch])
 
-        def done(result):
+        def done(seq):
             self._flushing = False
+            self._committed(self.peer, seq)
             for _, waiter in batch:
                 waiter.callback(None)
             if self._pending:
@@ -176,6 +263,17 @@ class Catalog:
                 self._flush()
 
         d.addCallbacks(done, failed)
+
+    def apply(self, origin: str, rows: list[list]) -> defer.Deferred:
+        """Write facts of another peer (anti-entropy), in one transaction."""
+        facts = facts_from_wire(rows)
+        top = max((loc[5] for _, loc in facts), default=0)
+        d = self._in_writer(write_facts, self._writer, facts)
+        d.addCallback(lambda _: self._committed(origin, top))
+        return d
+
+    def changes(self, origin: str, after: int, limit: int) -> defer.Deferred:
+        return self.read(lambda conn: read_changes(conn, origin, after, limit))
 
     def write(self, fn: Callable[[sqlite3.Connection], object]) -> defer.Deferred:
         """Run *fn(conn)* on the writer thread (bulk jobs like a rebuild)."""
@@ -260,4 +358,5 @@ class Catalog:
 
 
 def stored_location(meta: InstanceMeta, stored: Stored, peer: str) -> Location:
+    """The location fact of an instance an archive of *peer* has just stored."""
     return Location(meta.sop_instance_uid, stored.archive, peer, stored.sha256, stored.size)

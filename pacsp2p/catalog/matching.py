@@ -121,7 +121,7 @@ def build(query: Query, return_keys: list[str]) -> tuple[str, list, list[str]]:
     for kw in return_keys:
         if kw in STORED and STORED[kw].level in allowed:
             exprs.append(f"{ALIAS[STORED[kw].level]}.{kw}")
-        elif kw in COMPUTED and COMPUTED[kw][0] in allowed:
+        elif kw in COMPUTED and COMPUTED[kw][0] == query.level:   # as Orthanc: own level only
             exprs.append(_COUNT_SQL[kw])
         else:
             continue

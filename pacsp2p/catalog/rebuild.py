@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from pacsp2p.catalog.db import _connect, create_schema, stored_location, write_facts
+from pacsp2p.catalog.db import _connect, create_schema, meta_attributes, write_facts
 
 
 def rebuild(catalog_path: Path, archives, peer_name: str, progress=print) -> int:
@@ -22,6 +22,10 @@ def rebuild(catalog_path: Path, archives, peer_name: str, progress=print) -> int
     conn = _connect(fresh)
     create_schema(conn)
     total, batch, t0 = 0, [], time.monotonic()
+    # Other peers may hold this peer's facts up to some sequence number the lost catalog
+    # had issued: restart numbering above anything issued before (milliseconds of the
+    # clock), so that anti-entropy sees the rebuilt facts as new.
+    base = int(time.time() * 1000)
     for archive in archives:
         if not hasattr(archive, "crawl"):
             continue
@@ -30,15 +34,16 @@ def rebuild(catalog_path: Path, archives, peer_name: str, progress=print) -> int
                 conn.execute("INSERT OR IGNORE INTO conflicts VALUES (?, ?, ?, datetime('now'))",
                              (meta.sop_instance_uid, archive.name, stored.sha256))
                 continue
-            batch.append((meta, stored_location(meta, stored, peer_name)))
+            total += 1
+            batch.append((meta_attributes(meta), (meta.sop_instance_uid, archive.name,
+                                                  peer_name, stored.sha256, stored.size,
+                                                  base + total)))
             if len(batch) >= 500:
                 write_facts(conn, batch)
-                total += len(batch)
                 batch = []
                 progress(f"{total} instances ({total / (time.monotonic() - t0):.0f}/s)")
     if batch:
         write_facts(conn, batch)
-        total += len(batch)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     if catalog_path.exists():

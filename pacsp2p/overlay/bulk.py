@@ -1,0 +1,274 @@
+"""The bulk channel: HTTPS between peers, with the overlay's mutual-TLS credentials.
+
+Instance bytes and catalog facts never travel as AMP values (64 KiB each); they stream
+over plain HTTP/1.1 inside the same mutual TLS:
+
+- ``GET /changes/<origin>?after=N&limit=M`` -> JSON list of catalog facts (anti-entropy)
+- ``GET /instances/<archive>/<uid>?sha256=H`` -> the Part-10 file, streamed from disk
+
+Files are read and written in a thread pool chunk by chunk with producer/consumer flow
+control, so neither side's reactor blocks on disk and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from urllib.parse import quote
+
+from twisted.internet import defer, protocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web import resource, server
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+log = Logger()
+
+CHUNK = 1 << 20
+MAX_CHANGES = 20000
+
+
+class _Changes(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, catalog):
+        super().__init__()
+        self.catalog = catalog
+
+    def render_GET(self, request):
+        try:
+            origin = request.postpath[0].decode()
+            after = int(request.args.get(b"after", [b"0"])[0])
+            limit = min(int(request.args.get(b"limit", [b"5000"])[0]), MAX_CHANGES)
+        except (IndexError, ValueError, UnicodeDecodeError):
+            request.setResponseCode(400)
+            return b"bad request\n"
+        d = self.catalog.changes(origin, after, limit)
+
+        def send(rows):
+            request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps(rows, separators=(",", ":")).encode())
+            request.finish()
+
+        d.addCallbacks(send, lambda f: _fail(request, f))
+        return server.NOT_DONE_YET
+
+
+class _Instances(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, archives, pool, reactor):
+        super().__init__()
+        self.archives, self.pool, self.reactor = archives, pool, reactor
+
+    def render_GET(self, request):
+        try:
+            archive = self.archives[request.postpath[0].decode()]
+            uid = request.postpath[1].decode()
+        except (IndexError, KeyError, UnicodeDecodeError):
+            request.setResponseCode(404)
+            return b"no such archive\n"
+        sha = request.args.get(b"sha256", [b""])[0].decode() or None
+        d = archive.open(uid, sha)
+
+        def stream(f):
+            request.setHeader(b"content-type", b"application/dicom")
+            return _FileProducer(f, request, self.pool, self.reactor).start()
+
+        d.addCallback(stream)
+        d.addErrback(lambda f: _fail(request, f, 404))
+        return server.NOT_DONE_YET
+
+
+def _fail(request, failure, code=500):
+    log.warn("bulk request {uri} failed: {err}", uri=request.uri, err=failure.getErrorMessage())
+    if not request.finished and not request.startedWriting:
+        request.setResponseCode(code)
+        request.write(failure.getErrorMessage().encode() + b"\n")
+    if not request.finished:
+        request.finish()
+
+
+class _FileProducer:
+    """Stream an open file to *consumer*, reading chunks in a thread pool."""
+
+    def __init__(self, f, consumer, pool, reactor):
+        self.f, self.consumer, self.pool, self.reactor = f, consumer, pool, reactor
+        self.paused = False
+        self.reading = False
+        self.done = defer.Deferred()
+
+    def start(self):
+        self.consumer.registerProducer(self, True)
+        self._next()
+        return self.done
+
+    def _next(self):
+        if self.paused or self.reading or self.done.called:
+            return
+        self.reading = True
+        deferToThreadPool(self.reactor, self.pool, self.f.read, CHUNK).addCallbacks(
+            self._got, self._error)
+
+    def _got(self, data):
+        self.reading = False
+        if not data:
+            self._finish()
+            return
+        self.consumer.write(data)
+        self._next()
+
+    def _error(self, failure):
+        self.reading = False
+        log.warn("reading for bulk transfer failed: {err}", err=failure.getErrorMessage())
+        self.consumer.loseConnection() if hasattr(self.consumer, "loseConnection") else None
+        self._finish()
+
+    def _finish(self):
+        if self.done.called:
+            return
+        self.f.close()
+        self.consumer.unregisterProducer()
+        if hasattr(self.consumer, "finish") and not self.consumer.finished:
+            self.consumer.finish()
+        self.done.callback(None)
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self._next()
+
+    def stopProducing(self):
+        self.paused = True
+        if not self.done.called:
+            self.f.close()
+            self.done.callback(None)
+
+
+def site(catalog, archives: dict, pool, reactor) -> server.Site:
+    root = resource.Resource()
+    root.putChild(b"changes", _Changes(catalog))
+    root.putChild(b"instances", _Instances(archives, pool, reactor))
+    s = server.Site(root)
+    s.noisy = False
+    s.log = lambda request: None
+    return s
+
+
+# -- client side ---------------------------------------------------------------------
+
+@implementer(IPolicyForHTTPS)
+class _PeerPolicy:
+    """Connect to peer *name* only: its certificate must be ours-CA-signed for that name."""
+
+    def __init__(self, credentials, name):
+        from twisted.internet import ssl
+        self.options = ssl.optionsForClientTLS(
+            name, trustRoot=credentials.ca, clientCertificate=credentials.own)
+
+    def creatorForNetloc(self, hostname, port):
+        return self.options
+
+
+class _FileSink(protocol.Protocol):
+    """Receive a response body into a temporary file, writing in a thread pool."""
+
+    def __init__(self, f, pool, reactor, finished):
+        self.f, self.pool, self.reactor, self.finished = f, pool, reactor, finished
+        self.buffer: list[bytes] = []
+        self.size = 0
+        self.writing = False
+        self.ended = None
+
+    def dataReceived(self, data):
+        self.buffer.append(data)
+        self.size += len(data)
+        if self.size >= CHUNK:
+            self._write()
+
+    def _write(self):
+        if self.writing or not self.buffer:
+            if not self.writing and self.ended is not None:
+                self._close()
+            return
+        data, self.buffer, self.size = b"".join(self.buffer), [], 0
+        self.writing = True
+        self.transport.pauseProducing()
+        deferToThreadPool(self.reactor, self.pool, self.f.write, len(data) and data).addCallbacks(
+            self._written, self._failed)
+
+    def _written(self, _):
+        self.writing = False
+        if self.ended is None:
+            self.transport.resumeProducing()
+        self._write() if (self.ended is not None or self.size >= CHUNK) else None
+
+    def _failed(self, failure):
+        self.writing = False
+        self.ended = failure
+        self._close()
+
+    def connectionLost(self, reason):
+        self.ended = reason
+        if not self.writing:
+            self._write()
+
+    def _close(self):
+        if self.finished.called:
+            return
+        if self.ended is not None and self.ended.check(ResponseDone):
+            self.f.seek(0)
+            self.finished.callback(self.f)
+        else:
+            self.f.close()
+            self.finished.errback(self.ended)
+
+
+class BulkClient:
+    """Fetch from other peers' bulk channels."""
+
+    def __init__(self, credentials, reactor, pool: ThreadPool, tmpdir):
+        self.credentials, self.reactor, self.pool, self.tmpdir = (
+            credentials, reactor, pool, str(tmpdir))
+        self._agents: dict[str, Agent] = {}
+
+    def _agent(self, name: str) -> Agent:
+        if name not in self._agents:
+            pool = HTTPConnectionPool(self.reactor, persistent=True)
+            pool.maxPersistentPerHost = 4
+            self._agents[name] = Agent(self.reactor, contextFactory=_PeerPolicy(
+                self.credentials, name), pool=pool, connectTimeout=5)
+        return self._agents[name]
+
+    def _get(self, member, path: str):
+        url = f"https://{member.host}:{member.bulk_port}{path}".encode()
+        return self._agent(member.name).request(b"GET", url, Headers({}))
+
+    @defer.inlineCallbacks
+    def changes(self, member, origin: str, after: int, limit: int):
+        response = yield self._get(member, f"/changes/{quote(origin)}?after={after}&limit={limit}")
+        body = yield readBody(response)
+        if response.code != 200:
+            raise IOError(f"{member.name}: /changes answered {response.code}")
+        return json.loads(body)
+
+    @defer.inlineCallbacks
+    def fetch(self, member, archive: str, uid: str, sha256: str | None = None):
+        """Deferred[temporary file] holding the instance (deleted when closed)."""
+        query = f"?sha256={sha256}" if sha256 else ""
+        response = yield self._get(member, f"/instances/{quote(archive)}/{quote(uid)}{query}")
+        if response.code != 200:
+            yield readBody(response)
+            raise IOError(f"{member.name}: instance {uid} answered {response.code}")
+        f = yield deferToThreadPool(self.reactor, self.pool, tempfile.NamedTemporaryFile,
+                                    dir=self.tmpdir, suffix=".dcm")
+        finished = defer.Deferred()
+        response.deliverBody(_FileSink(f, self.pool, self.reactor, finished))
+        result = yield finished
+        return result

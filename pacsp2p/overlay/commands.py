@@ -1,0 +1,37 @@
+"""Every AMP command peers exchange, declared in one place (as Twisted does).
+
+``PROTOCOL`` is the overlay protocol's version. ``Hello`` carries it both ways; a peer
+that speaks another major version is told so in plain words and the link is closed,
+so mixed-version clusters fail loudly rather than subtly.
+"""
+
+from twisted.protocols import amp
+
+PROTOCOL = 1
+
+
+class IncompatibleProtocol(Exception):
+    """The other peer speaks an overlay protocol version we do not."""
+
+
+class Hello(amp.Command):
+    """First command on every link: who I am, how to reach me, whom I know."""
+
+    arguments = [(b"name", amp.Unicode()), (b"protocol", amp.Integer()),
+                 (b"software", amp.Unicode()), (b"info", amp.Unicode())]
+    response = [(b"name", amp.Unicode()), (b"protocol", amp.Integer()),
+                (b"software", amp.Unicode()), (b"info", amp.Unicode())]
+    errors = {IncompatibleProtocol: b"INCOMPATIBLE_PROTOCOL"}
+
+
+class Heartbeat(amp.Command):
+    """Sent every heartbeat interval on each outbound link.
+
+    ``members``: JSON list of member infos (gossip of membership); ``vector``: JSON
+    {origin: highest catalog sequence held} (anti-entropy digest).
+    """
+
+    arguments = [(b"name", amp.Unicode()), (b"incarnation", amp.Float()),
+                 (b"members", amp.Unicode()), (b"vector", amp.Unicode())]
+    response = []
+    requiresAnswer = False
