@@ -233,7 +233,7 @@ def _fit(ds: Dataset, ref, syntaxes: set[str]) -> Dataset:
         return ds                                       # the stored bytes, as they are
     if ts.is_compressed and syntaxes & set(contexts.UNCOMPRESSED):
         try:
-            ds.decompress()                             # same content, explicit VR LE
+            ds.decompress(generate_instance_uid=False)  # same content, explicit VR LE
             return ds
         except Exception as e:
             log.error("cannot decompress {uid} for C-GET: {err}",
