@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+try:                      # the venv's pacsp2p, or a snapshot put first on PYTHONPATH
+    import pacsp2p  # noqa: F401
+except ImportError:
     sys.path.insert(0, str(ROOT))
 
 from pacsp2p.testing import dcmtk as _dcmtk  # noqa: E402
@@ -199,8 +201,24 @@ def machine() -> str:
     return f"nproc={os.cpu_count()}  cpu={model}  ram={mem}"
 
 
+def code_under_test() -> str:
+    """Where the pacsp2p being measured comes from (and its git commit, if known)."""
+    import pacsp2p
+    where = Path(pacsp2p.__file__).resolve().parents[1]
+    commit = os.environ.get("PACSP2P_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "-C", str(where), "describe", "--always",
+                                     "--dirty"], capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+        except Exception:
+            commit = ""
+    return f"pacsp2p from {where}" + (f" @ {commit}" if commit else "")
+
+
 def header(title: str) -> None:
     print(f"== {title}")
+    print(f"   {code_under_test()}")
     print(f"   {machine()}")
     print("   " + "  ".join(f"{k}={v}" for k, v in versions().items()))
     print(flush=True)
@@ -242,35 +260,58 @@ def profiled(pid: int | None, out: Path | None, label: str, duration: float = 12
             proc.wait(5)
         print(f"   profile of {label}: {target}")
         if target.exists():
-            for line in summarize_profile(target)[:25]:
+            for line in summarize_profile(target):
                 print("     " + line)
 
 
-def summarize_profile(path: Path, top: int = 25) -> list[str]:
-    """Self- and inclusive-time shares per function from a py-spy raw (collapsed) file."""
-    inclusive: dict[str, int] = {}
-    self_t: dict[str, int] = {}
+_SKIP = ("threading.py", "context.py", "_threadworker.py", "_team.py", "threadpool.py")
+
+
+def _thread_kind(frames: list[str]) -> str:
+    text = ";".join(frames)
+    if "Association.run" in text:
+        return "association"       # pynetdicom association thread (runs the handlers)
+    if "DULServiceProvider" in text:
+        return "dul"               # pynetdicom PDU reader/writer
+    if "EPollReactor" in text or "mainLoop" in text:
+        return "reactor"
+    if "_threadworker" in text or "threadpool" in text:
+        return "pools"             # archive / catalog thread pools
+    return "other"
+
+
+def summarize_profile(path: Path, top: int = 12) -> list[str]:
+    """Per kind of thread: its share of samples and the functions it spends them in
+    (inclusive), from a py-spy raw (collapsed, --threads) file."""
+    kinds: dict[str, int] = {}
+    inclusive: dict[str, dict[str, int]] = {}
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
             continue
         n = int(n)
-        frames = [f for f in stack.split(";") if not f.startswith("thread")]
+        frames = [f for f in stack.split(";") if not f.startswith(("thread", "process"))]
         if not frames:
             continue
+        kind = _thread_kind(frames)
         total += n
+        kinds[kind] = kinds.get(kind, 0) + n
+        bucket = inclusive.setdefault(kind, {})
         for f in set(frames):
-            inclusive[f] = inclusive.get(f, 0) + n
-        self_t[frames[-1]] = self_t.get(frames[-1], 0) + n
+            if not any(x in f for x in _SKIP):
+                bucket[f] = bucket.get(f, 0) + n
     if not total:
         return ["(no samples)"]
-    lines = [f"{total} samples; top self time:"]
-    for f, n in sorted(self_t.items(), key=lambda kv: -kv[1])[:top // 2]:
-        lines.append(f"  {100 * n / total:5.1f}%  {f}")
-    lines.append("top inclusive time:")
-    for f, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"  {100 * n / total:5.1f}%  {f}")
+    lines = [f"{total} samples: " + "  ".join(
+        f"{k} {100 * v / total:.0f}%" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))]
+    for kind in ("association", "dul", "pools", "reactor"):
+        if kind not in inclusive:
+            continue
+        lines.append(f"{kind} thread(s), inclusive share of their own samples:")
+        ranked = sorted(inclusive[kind].items(), key=lambda kv: -kv[1])
+        for f, n in ranked[:top]:
+            lines.append(f"  {100 * n / kinds[kind]:5.1f}%  {f}")
     return lines
 
 

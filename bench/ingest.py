@@ -33,7 +33,7 @@ def count_files(directory: Path) -> int:
 def send(port: int, aec: str, data: common.DataSet) -> float:
     """storescu all files of *data* on one association; returns seconds."""
     with Timer() as t:
-        storescu(port, aec, data.files, aet="BENCHSCU", timeout=600)
+        storescu(port, aec, [data.directory], aet="BENCHSCU", timeout=600)
     return t.seconds
 
 
