@@ -26,7 +26,7 @@ try:                      # the venv's pacsp2p, or a snapshot put first on PYTHO
 except ImportError:
     sys.path.insert(0, str(ROOT))
 
-from pacsp2p.testing import dcmtk as _dcmtk  # noqa: E402
+from pacsp2p.testing.dcmtk import dcmtk as _dcmtk_run  # noqa: E402
 from pacsp2p.testing.datasets import ExplicitVRLittleEndian, make_study, uid  # noqa: E402
 
 # Orthanc (and any DCMTK-based server we start) inherits this: without it the Debian DCMTK
@@ -161,7 +161,7 @@ def ratio(a: float, b: float) -> str:
 
 def run_dcmtk(tool: str, *args, timeout: float = 300.0) -> subprocess.CompletedProcess:
     """/usr/bin/<tool> with TCP_NODELAY=1; raises with its output tail on failure."""
-    return _dcmtk.dcmtk(tool, *args, timeout=timeout, check=True)
+    return _dcmtk_run(tool, *args, timeout=timeout, check=True)
 
 
 def versions() -> dict[str, str]:
