@@ -14,10 +14,11 @@ from pacsp2p.transfer.retrieve import Retrieval
 
 
 class Cluster:
-    def __init__(self, settings, catalog, archives):
+    def __init__(self, settings, catalog, archives, overlay=None):
         self.settings = settings
         self.catalog = catalog
         self.archives = {a.name: a for a in archives}
+        self.overlay = overlay
         self.ingest = Ingest(settings.peer.name, archives, catalog)
 
     def store(self, received, meta):
@@ -32,7 +33,7 @@ class Cluster:
     def retrieve(self, query):
         """Deferred[Retrieval] for the instances *query* names."""
         refs = yield self.catalog.resolve(query)
-        return Retrieval(refs, self.archives)
+        return Retrieval(refs, self.archives, self.settings.peer.name, self.overlay)
 
     @defer.inlineCallbacks
     def status(self):
@@ -43,7 +44,10 @@ class Cluster:
                 archives[name] = yield archive.health()
             except Exception as e:
                 archives[name] = {"up": False, "error": str(e)}
-        return {"peer": self.settings.peer.name, "version": __version__,
-                "facade": {"ae_title": self.settings.facade.ae_title,
-                           "port": self.settings.facade.port},
-                "catalog": counts, "archives": archives}
+        status = {"peer": self.settings.peer.name, "version": __version__,
+                  "facade": {"ae_title": self.settings.facade.ae_title,
+                             "port": self.settings.facade.port},
+                  "catalog": counts, "archives": archives}
+        if self.overlay is not None:
+            status["overlay"] = self.overlay.status()
+        return status

@@ -56,6 +56,18 @@ class FacadeSettings:
 
 
 @dataclass(frozen=True)
+class OverlaySettings:
+    port: int = 11114
+    bulk_port: int = 11115
+    bind: str = "0.0.0.0"
+    advertise: str = ""
+    seeds: tuple[tuple[str, int], ...] = ()
+    tls_dir: Path = Path("tls")
+    heartbeat: float = 0.5
+    phi_threshold: float = 8.0
+
+
+@dataclass(frozen=True)
 class AdminSettings:
     bind: str = "127.0.0.1"
     port: int = 11180
@@ -75,6 +87,7 @@ class Settings:
     archives: tuple[ArchiveConfig, ...]
     storage: StorageSettings
     admin: AdminSettings = AdminSettings()
+    overlay: OverlaySettings | None = None     # None: a peer on its own
 
     @property
     def data_dir(self) -> Path:
@@ -227,9 +240,34 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
                           port=ad.port("port", 11180))
     ad.done()
 
+    overlay = None
+    if "overlay" in doc:
+        o = table("overlay")
+        port = o.port("port", 11114)
+        seeds = []
+        for i, seed in enumerate(o.take("seeds", list, [], 'a list of "host:port"')):
+            if not isinstance(seed, str):
+                raise o.fail("seeds", f'must list "host:port" strings, got {seed!r}')
+            seeds.append(parse_address(seed, lambda r: o.fail(f"seeds[{i}]", r)))
+        tls_dir = o.take("tls_dir", str, None, "a directory path")
+        if tls_dir is None:
+            raise o.fail("tls_dir", "is required (the directory with ca.crt and this "
+                                    "peer's NAME.crt/NAME.key)")
+        tls_path = Path(tls_dir) if Path(tls_dir).is_absolute() else (base / tls_dir).resolve()
+        heartbeat = o.take("heartbeat", (int, float), 0.5, "seconds (a number)")
+        if not 0.05 <= heartbeat <= 10:
+            raise o.fail("heartbeat", f"must be 0.05-10 seconds, got {heartbeat}")
+        overlay = OverlaySettings(
+            port=port, bulk_port=o.port("bulk_port", port + 1),
+            bind=o.take("bind", str, "0.0.0.0", "an address string"),
+            advertise=o.take("advertise", str, "", "a host name or address"),
+            seeds=tuple(seeds), tls_dir=tls_path, heartbeat=float(heartbeat),
+            phi_threshold=float(o.take("phi_threshold", (int, float), 8.0, "a number")))
+        o.done()
+
     s = table("storage")
     storage = StorageSettings(fsync=s.take("fsync", bool, True, "true or false"))
     s.done()
     top.done()
     return Settings(source, PeerSettings(name, data_dir), facade, destinations,
-                    tuple(archives), storage, admin)
+                    tuple(archives), storage, admin, overlay)

@@ -30,10 +30,16 @@ class PeerService(service.Service):
             from twisted.internet import reactor
         self.settings = settings
         self.reactor = reactor
-        self.catalog = Catalog(settings.data_dir / "catalog.sqlite", reactor)
+        self.catalog = Catalog(settings.data_dir / "catalog.sqlite", reactor,
+                               peer=settings.peer.name)
         # building archives validates their config (ConfigError before the reactor runs)
         self.archives = [make_archive(a, settings, reactor) for a in settings.archives]
-        self.cluster = Cluster(settings, self.catalog, self.archives)
+        self.overlay = None
+        if settings.overlay is not None:
+            from pacsp2p.overlay.node import Overlay
+            self.overlay = Overlay(settings, self.catalog, {a.name: a for a in self.archives},
+                                   reactor)
+        self.cluster = Cluster(settings, self.catalog, self.archives, self.overlay)
         self.facade = Facade(settings, self.cluster, reactor)
         self.started = None
         self._lock = None
@@ -55,6 +61,11 @@ class PeerService(service.Service):
                 yield archive.start()
             except Exception as e:
                 raise RuntimeError(f"archive {archive.name}: cannot start: {e}") from e
+        if self.overlay is not None:
+            try:
+                self.overlay.start()
+            except Exception as e:
+                raise RuntimeError(f"overlay.port {self.settings.overlay.port}: {e}") from e
         self.facade.start()
         adm = self.settings.admin
         try:
@@ -75,6 +86,8 @@ class PeerService(service.Service):
         if self._admin_port is not None:
             yield self._admin_port.stopListening()
         yield self.facade.stop()
+        if self.overlay is not None:
+            self.overlay.stop()
         for archive in reversed(self.archives):
             yield archive.stop()
         self.catalog.stop()

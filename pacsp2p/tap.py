@@ -17,10 +17,11 @@ class Options(usage.Options):
 
 
 def makeService(options):
+    from pacsp2p.overlay.tls import TLSError
     from pacsp2p.service import PeerService
     try:
         settings = config.load(options["config"])
         return PeerService(settings)
-    except config.ConfigError as e:
+    except (config.ConfigError, TLSError) as e:
         print(f"pacsp2p: {e}", file=sys.stderr)
         raise SystemExit(2)

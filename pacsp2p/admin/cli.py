@@ -3,6 +3,9 @@
     pacsp2p status [--config FILE] [--json]     what a running peer reports
     pacsp2p catalog rebuild [--config FILE]     rebuild the catalog from the archives
     pacsp2p check-config [--config FILE]        validate a config file
+    pacsp2p peers [--config FILE]               the cluster members a peer sees
+    pacsp2p ca init DIR | ca issue DIR NAME     the cluster's certificate authority
+    pacsp2p demo --peers 3 --dir DIR            a local cluster in one command
 
 Every command reads the same TOML config as ``twistd pacsp2p`` (default: the embedded
 single-peer defaults in the current directory).
@@ -79,6 +82,46 @@ def cmd_catalog_rebuild(args) -> int:
     return 0
 
 
+def cmd_peers(args) -> int:
+    status = fetch_status(_settings(args))
+    overlay = status.get("overlay")
+    if overlay is None:
+        print(f"peer {status['peer']} runs on its own (no [overlay] in its config)")
+        return 0
+    if args.json:
+        print(json.dumps(overlay["members"], indent=2))
+        return 0
+    print(f"{'NAME':<16} {'STATE':<8} {'ADDRESS':<22} {'FACADE':<24} PHI")
+    for m in overlay["members"]:
+        print(f"{m['name']:<16} {m['state']:<8} {m['address']:<22} {m['facade']:<24} "
+              f"{m.get('phi', '')}")
+    return 0
+
+
+def cmd_ca(args) -> int:
+    from pacsp2p.overlay import tls
+    try:
+        if args.action == "init":
+            path = tls.init_ca(args.dir)
+            print(f"cluster CA created: {path} (keep {args.dir}/ca.key secret)")
+        else:
+            crt, key = tls.issue(args.dir, args.name, days=args.days,
+                                 out=args.out)
+            print(f"issued {crt} and {key} for peer {args.name}")
+    except tls.TLSError as e:
+        raise SystemExit(f"pacsp2p: {e}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from pacsp2p.admin import demo
+    if not 1 <= args.peers <= 10:
+        raise SystemExit("pacsp2p: --peers must be 1-10")
+    return demo.run(Path(args.dir).resolve(), args.peers)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pacsp2p", description=__doc__.splitlines()[0])
     p.add_argument("--config", "-c", help="TOML config file (default: embedded defaults)")
@@ -92,7 +135,25 @@ def main(argv=None) -> int:
     catsub = cat.add_subparsers(dest="action", required=True)
     r = catsub.add_parser("rebuild", help="rebuild the catalog from the archives")
     r.set_defaults(fn=cmd_catalog_rebuild)
-    for sp in (s, c, r):
+    pe = sub.add_parser("peers", help="the cluster members a running peer sees")
+    pe.add_argument("--json", action="store_true")
+    pe.set_defaults(fn=cmd_peers)
+    ca = sub.add_parser("ca", help="the cluster's certificate authority")
+    casub = ca.add_subparsers(dest="action", required=True)
+    ci = casub.add_parser("init", help="create a CA in DIR (ca.crt, ca.key)")
+    ci.add_argument("dir")
+    ci.set_defaults(fn=cmd_ca)
+    cs = casub.add_parser("issue", help="issue NAME.crt/NAME.key for a peer")
+    cs.add_argument("dir")
+    cs.add_argument("name")
+    cs.add_argument("--days", type=int, default=825)
+    cs.add_argument("--out", help="write the peer's files here (default: DIR)")
+    cs.set_defaults(fn=cmd_ca)
+    de = sub.add_parser("demo", help="run a local cluster until Ctrl-C")
+    de.add_argument("--peers", type=int, default=3)
+    de.add_argument("--dir", default="pacsp2p-demo")
+    de.set_defaults(fn=cmd_demo)
+    for sp in (s, c, r, pe):
         sp.add_argument("--config", "-c", default=argparse.SUPPRESS,
                         help="TOML config file (default: embedded defaults)")
     args = p.parse_args(argv)

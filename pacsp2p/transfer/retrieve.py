@@ -20,22 +20,31 @@ class Unavailable(Exception):
 
 
 class Retrieval:
-    def __init__(self, refs: list[InstanceRef], archives: dict):
+    def __init__(self, refs: list[InstanceRef], archives: dict, peer: str, overlay=None):
         self.refs = refs
         self.archives = archives
-        self.completed = self.failed = 0
+        self.peer = peer
+        self.overlay = overlay
+
+    def sources(self, ref: InstanceRef):
+        """Replicas of *ref* this peer can read now: local archives first, then live peers."""
+        local = [loc for loc in ref.locations if loc.peer == self.peer
+                 and "open" in getattr(self.archives.get(loc.archive), "capabilities", ())]
+        remote = [loc for loc in ref.locations if loc.peer != self.peer
+                  and self.overlay is not None and self.overlay.alive(loc.peer)]
+        return local + remote
 
     @defer.inlineCallbacks
     def open(self, ref: InstanceRef):
         """Deferred[binary file] of *ref* from the first replica that answers."""
-        errors = []
-        for loc in ref.locations:
-            archive = self.archives.get(loc.archive)
-            if archive is None or not loc.available or "open" not in archive.capabilities:
-                errors.append(f"{loc.archive}: not reachable from this peer")
-                continue
+        errors = [f"{loc.archive}@{loc.peer}: not reachable" for loc in ref.locations
+                  if loc not in self.sources(ref)]
+        for loc in self.sources(ref):
             try:
-                f = yield archive.open(ref.sop_instance_uid, loc.sha256)
+                if loc.peer == self.peer:
+                    f = yield self.archives[loc.archive].open(ref.sop_instance_uid, loc.sha256)
+                else:
+                    f = yield self.overlay.fetch(loc)
                 return f
             except Exception as e:
                 errors.append(f"{loc.archive}: {e}")

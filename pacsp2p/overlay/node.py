@@ -1,0 +1,73 @@
+"""The overlay of one peer: listeners, membership, anti-entropy and the bulk client.
+
+What the rest of the peer sees of the cluster: who is alive, and ``fetch`` of an
+instance from another peer's archive.
+"""
+
+from __future__ import annotations
+
+import time
+
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from pacsp2p.overlay import bulk, tls
+from pacsp2p.overlay.membership import MemberInfo, Membership
+from pacsp2p.overlay.sync import AntiEntropy
+
+log = Logger()
+
+
+class Overlay:
+    def __init__(self, settings, catalog, archives: dict, reactor):
+        o = settings.overlay
+        self.settings, self.o = settings, o
+        self.catalog, self.archives, self.reactor = catalog, archives, reactor
+        self.name = settings.peer.name
+        # raises TLSError with a one-line reason (missing, foreign, expired certificate)
+        self.credentials = tls.Credentials(o.tls_dir, self.name)
+        self.pool = ThreadPool(1, 4, "bulk-io")
+        me = MemberInfo(self.name, o.advertise, o.port, o.bulk_port,
+                        settings.facade.ae_title, settings.facade.port, time.time())
+        self.membership = Membership(me, self.credentials, o.seeds, reactor,
+                                     lambda: dict(catalog.vector), o.heartbeat,
+                                     o.phi_threshold)
+        tmp = settings.data_dir / "incoming"
+        self.bulk = bulk.BulkClient(self.credentials, reactor, self.pool, tmp)
+        self.sync = AntiEntropy(catalog, self.bulk)
+        self.membership.on_vector.append(self.sync.compare)
+        self._ports = []
+
+    def start(self):
+        self.pool.start()
+        options = self.credentials.options()
+        self._ports.append(self.reactor.listenSSL(
+            self.o.port, self.membership.factory(), options, interface=self.o.bind))
+        self._ports.append(self.reactor.listenSSL(
+            self.o.bulk_port, bulk.site(self.catalog, self.archives, self.pool, self.reactor),
+            options, interface=self.o.bind))
+        self.membership.start()
+        log.info("overlay: peer {name} on {bind}:{port} (bulk {bulk}), seeds {seeds}",
+                 name=self.name, bind=self.o.bind, port=self.o.port, bulk=self.o.bulk_port,
+                 seeds=", ".join(f"{h}:{p}" for h, p in self.o.seeds) or "none")
+
+    def stop(self):
+        self.membership.stop()
+        for port in self._ports:
+            port.stopListening()
+        self.pool.stop()
+
+    def alive(self, peer: str) -> bool:
+        return self.membership.alive(peer)
+
+    def fetch(self, location):
+        """Deferred[file] of one instance held by another peer's archive."""
+        member = self.membership.members.get(location.peer)
+        if member is None:
+            raise LookupError(f"peer {location.peer} is unknown")
+        return self.bulk.fetch(member, location.archive, location.sop_instance_uid,
+                               location.sha256)
+
+    def status(self) -> dict:
+        return {"members": self.membership.status(), "vector": dict(self.catalog.vector),
+                "facts_pulled": self.sync.pulled}
