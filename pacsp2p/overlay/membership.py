@@ -88,14 +88,17 @@ class Link(amp.AMP):
         if self.outbound:
             self.membership.hello(self)
 
+    def makeConnection(self, transport):
+        self.address = transport.getPeer()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)   # without AMP's log lines
+
     def connectionLost(self, reason):
         self.open = False
-        super().connectionLost(reason)
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
         if not self.handshake_done:
-            addr = self.transport.getPeer()
             log.warn("overlay link {dir} {host}:{port} refused: {why}",
-                     dir="to" if self.outbound else "from", host=addr.host, port=addr.port,
-                     why=reason.getErrorMessage()[:200])
+                     dir="to" if self.outbound else "from", host=self.address.host,
+                     port=self.address.port, why=reason.getErrorMessage()[:200])
         self.membership.link_lost(self)
 
     @Hello.responder
@@ -246,7 +249,7 @@ class Membership:
         info = MemberInfo(**info)
         member = self.members.get(info.name)
         if not info.host:                   # no advertised address: where it dialled from
-            host = link.transport.getPeer().host if link is not None else (
+            host = link.address.host if link is not None else (
                 member.info.host if member is not None else "")
             if not host:
                 return member
