@@ -33,9 +33,9 @@ def cmd_check_config(args) -> int:
     return 0
 
 
-def fetch_status(settings) -> dict:
+def fetch_status(settings, what: str = "status") -> dict:
     host = "127.0.0.1" if settings.admin.bind in ("0.0.0.0", "") else settings.admin.bind
-    url = f"http://{host}:{settings.admin.port}/status"
+    url = f"http://{host}:{settings.admin.port}/{what}"
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
             return json.load(r)
@@ -58,6 +58,12 @@ def cmd_status(args) -> int:
         free = h.get("free_bytes")
         extra = f", {free / 2**30:.1f} GiB free" if free is not None else ""
         print(f"archive {name}: {state}{extra}")
+    return 0
+
+
+def cmd_catalog_digest(args) -> int:
+    d = fetch_status(_settings(args), "digest")
+    print(d["digest"] if not args.json else json.dumps(d, indent=2))
     return 0
 
 
@@ -135,6 +141,9 @@ def main(argv=None) -> int:
     catsub = cat.add_subparsers(dest="action", required=True)
     r = catsub.add_parser("rebuild", help="rebuild the catalog from the archives")
     r.set_defaults(fn=cmd_catalog_rebuild)
+    dg = catsub.add_parser("digest", help="a running peer's catalog hash (equal = in sync)")
+    dg.add_argument("--json", action="store_true")
+    dg.set_defaults(fn=cmd_catalog_digest)
     pe = sub.add_parser("peers", help="the cluster members a running peer sees")
     pe.add_argument("--json", action="store_true")
     pe.set_defaults(fn=cmd_peers)
@@ -153,7 +162,7 @@ def main(argv=None) -> int:
     de.add_argument("--peers", type=int, default=3)
     de.add_argument("--dir", default="pacsp2p-demo")
     de.set_defaults(fn=cmd_demo)
-    for sp in (s, c, r, pe):
+    for sp in (s, c, r, pe, dg):
         sp.add_argument("--config", "-c", default=argparse.SUPPRESS,
                         help="TOML config file (default: embedded defaults)")
     args = p.parse_args(argv)

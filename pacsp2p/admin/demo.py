@@ -87,13 +87,14 @@ def run(directory: Path, n: int) -> int:
           flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
+    reported = set()
     try:
-        while not stopping:
+        while not stopping and len(reported) < len(procs):
             for name, proc in zip(peer_names(n), procs):
-                if proc.poll() is not None:
+                if proc.poll() is not None and name not in reported:
+                    reported.add(name)
                     print(f"{name} exited with status {proc.returncode}; see its log",
                           flush=True)
-                    stopping.append(1)
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass

@@ -37,6 +37,8 @@ class _Json(resource.Resource):
 def site(cluster) -> server.Site:
     root = resource.Resource()
     root.putChild(b"status", _Json(cluster.status))
+    root.putChild(b"digest", _Json(lambda: cluster.catalog.digest().addCallback(
+        lambda d: {"digest": d, "vector": dict(cluster.catalog.vector)})))
     s = server.Site(root)
     s.noisy = False
     s.log = lambda request: None         # no access log lines for local status polls

@@ -349,6 +349,23 @@ class Catalog:
             return r
         return self.read(run)
 
+    def digest(self) -> defer.Deferred:
+        """sha256 over the whole content in a canonical order: equal iff catalogs agree."""
+        def run(conn):
+            import hashlib
+            h = hashlib.sha256()
+            for table, key in (("patients", "PatientID"), ("studies", "StudyInstanceUID"),
+                               ("series", "SeriesInstanceUID"),
+                               ("instances", "SOPInstanceUID"),
+                               ("locations", "SOPInstanceUID, archive")):
+                cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")
+                        if r[1] != "available"]
+                for row in conn.execute(f"SELECT {', '.join(cols)} FROM {table} "
+                                        f"ORDER BY {key}"):
+                    h.update(repr(row).encode())
+            return h.hexdigest()
+        return self.read(run)
+
     def counts(self) -> defer.Deferred:
         def run(conn):
             return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]

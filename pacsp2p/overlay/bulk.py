@@ -21,7 +21,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web import resource, server
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, readBody
+from twisted.web.client import (Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory,
+                                readBody)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -230,6 +231,10 @@ class _FileSink(protocol.Protocol):
             self.finished.errback(self.ended)
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
 class BulkClient:
     """Fetch from other peers' bulk channels."""
 
@@ -241,6 +246,7 @@ class BulkClient:
     def _agent(self, name: str) -> Agent:
         if name not in self._agents:
             pool = HTTPConnectionPool(self.reactor, persistent=True)
+            pool._factory = _QuietFactory
             pool.maxPersistentPerHost = 4
             self._agents[name] = Agent(self.reactor, contextFactory=_PeerPolicy(
                 self.credentials, name), pool=pool, connectTimeout=5)
