@@ -1,141 +1,16 @@
 """Fixtures for cluster tests: N real pacsp2p peers (separate twistd processes) joined by
-the overlay, with a cluster CA made in a temporary directory.
+the overlay, with a cluster CA made in a temporary directory (pacsp2p.testing.cluster).
 
-``make_cluster(3, destinations={...})`` -> a started :class:`Cluster` (module scope);
-its peers are :class:`pacsp2p.testing.Peer` objects named peera, peerb, ... with AE
-titles PEERA, PEERB, ... Every port (facade, admin, overlay, bulk) is picked free at
-start; peer *i* seeds on every peer started before it. Stopped by PID at teardown.
+``make_cluster(3, destinations={...})`` -> a started, meshed Cluster (module scope);
+stopped by PID at teardown.
 """
 from __future__ import annotations
 
-import json
-import time
-import urllib.request
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Mapping
 
 import pytest
 
-from pacsp2p.overlay import tls
-from pacsp2p.testing import LOOPBACK, Peer, free_ports
-
-HEARTBEAT = 0.5
-
-
-def peer_names(n: int) -> list[str]:
-    return [f"peer{chr(ord('a') + i)}" for i in range(n)]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
-               what: str = "condition") -> float:
-    """Poll *predicate* until truthy (bounded); return the seconds it took."""
-    start = time.monotonic()
-    deadline = start + timeout
-    last_error: Exception | None = None
-    while True:
-        try:
-            if predicate():
-                return time.monotonic() - start
-        except Exception as e:       # a peer briefly not answering: keep polling
-            last_error = e
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not true after {timeout}s"
-                               + (f" (last error: {last_error!r})" if last_error else ""))
-        time.sleep(interval)
-
-
-def get_json(peer: Peer, what: str = "status", timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(f"{peer.admin_url}/{what}", timeout=timeout) as r:
-        return json.load(r)
-
-
-def members(peer: Peer) -> dict[str, str]:
-    """{member name: state} as *peer* sees it (itself as "self")."""
-    return {m["name"]: m["state"] for m in get_json(peer)["overlay"]["members"]}
-
-
-def digest(peer: Peer) -> str:
-    return get_json(peer, "digest")["digest"]
-
-
-class Cluster:
-    """Peers sharing one CA under *root*; add() more, including misfits (other CA)."""
-
-    def __init__(self, root: Path, destinations: Mapping[str, str] | None = None):
-        self.root = Path(root)
-        self.ca_dir = self.root / "ca"
-        self.tls_dir = self.root / "tls"
-        tls.init_ca(self.ca_dir)
-        self.destinations = dict(destinations or {})
-        self.peers: list[Peer] = []
-        self.overlay_ports: dict[str, tuple[int, int]] = {}
-
-    def __getitem__(self, i: int) -> Peer:
-        return self.peers[i]
-
-    def __iter__(self):
-        return iter(self.peers)
-
-    def seed(self, peer: Peer) -> str:
-        return f"{LOOPBACK}:{self.overlay_ports[peer.name][0]}"
-
-    def add(self, name: str, *, seeds: list[str] | None = None, tls_dir: Path | None = None,
-            issue: bool = True, start: bool = True, overlay: Mapping[str, Any] | None = None,
-            **peer_kw) -> Peer:
-        """A peer *name* (certificate from this cluster's CA unless *tls_dir* is given).
-
-        *seeds* default to every peer added so far. The overlay/bulk ports are picked
-        free; if another process grabs one before the peer binds it, start again on
-        fresh ports (bounded).
-        """
-        tls_dir = Path(tls_dir or self.tls_dir)
-        if issue and tls_dir == self.tls_dir and not (tls_dir / f"{name}.crt").exists():
-            tls.issue(self.ca_dir, name, out=tls_dir)
-        if seeds is None:
-            seeds = [self.seed(p) for p in self.peers]
-        peer = Peer(self.root / name, name=name, ae_title=name.upper(),
-                    destinations=self.destinations, **peer_kw)
-        self.peers.append(peer)
-        for attempt in range(3):
-            port, bulk_port = free_ports(2)
-            self.overlay_ports[name] = (port, bulk_port)
-            peer.overrides = {"overlay": {
-                "port": port, "bulk_port": bulk_port, "bind": LOOPBACK, "advertise": LOOPBACK,
-                "seeds": list(seeds), "tls_dir": str(tls_dir), "heartbeat": HEARTBEAT,
-                **(overlay or {})}}
-            if not start:
-                peer.write_config()
-                return peer
-            try:
-                return peer.start()
-            except RuntimeError as e:
-                if "overlay.port" not in str(e) or attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def start(self, n: int) -> "Cluster":
-        for name in peer_names(n):
-            self.add(name)
-        return self
-
-    def wait_mesh(self, peers: list[Peer] | None = None, timeout: float = 15.0) -> float:
-        """Wait until each of *peers* sees all the others alive; return seconds taken."""
-        peers = list(peers or self.peers)
-        names = {p.name for p in peers}
-
-        def meshed():
-            for p in peers:
-                seen = members(p)
-                if any(seen.get(n) != "alive" for n in names - {p.name}):
-                    return False
-            return True
-
-        return wait_until(meshed, timeout, what=f"full mesh of {sorted(names)}")
-
-    def stop(self) -> None:
-        for peer in reversed(self.peers):
-            peer.stop()
-            print(f"peer {peer.name}: log {peer.log_path}")
+from pacsp2p.testing.cluster import Cluster
 
 
 @pytest.fixture(scope="module")
