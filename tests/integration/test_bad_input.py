@@ -1,0 +1,294 @@
+"""Bad input to a real peer: corrupt data sets, mismatched classes, strangers, unknown
+destinations, broken configs, unusable data directories and a full archive disk.
+
+Whatever goes wrong, the peer answers with a DICOM failure status (or refuses to start
+with one line saying why) and what it held before stays retrievable byte-identical.
+"""
+from __future__ import annotations
+
+import io
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread, dcmwrite
+from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, MRImageStorage,
+                         RLELossless)
+from pynetdicom import _config, build_context
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+from pydicom.dataset import Dataset
+
+from pacsp2p.testing import StoreSCP, dataset_sha256, dcmtk, echo, findscu, storescu
+from pacsp2p.testing import datasets, free_port
+from pacsp2p.testing import dicomnet as dn
+from pacsp2p.testing.dcmtk import _meta_end
+from pacsp2p.testing.peer import twistd_path
+
+STUDY = datasets.uid("bad-input-study")
+
+
+def good_files(directory: Path, n: int = 3, size: int = 16) -> list[Path]:
+    return [datasets.write(datasets.make_image(
+        "CT", size=size, StudyInstanceUID=STUDY, PatientID="BAD001",
+        SeriesInstanceUID=datasets.uid("bad-series"), InstanceNumber=i,
+        SOPInstanceUID=datasets.uid("bad-good", i)), directory / f"good{i}.dcm")
+        for i in range(1, n + 1)]
+
+
+def assert_intact(peer, files: list[Path], tmp: Path) -> None:
+    """*files* are still findable and come back byte-identical through C-GET."""
+    rows, proc = findscu(peer.port, peer.ae_title, {
+        "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": STUDY, "SOPInstanceUID": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r.SOPInstanceUID for r in rows) == sorted(dn.by_sop_uid(files))
+    out = tmp / f"get-{time.monotonic_ns()}"
+    proc = dn.getscu(peer.port, peer.ae_title, out,
+                     {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": STUDY})
+    assert proc.returncode == 0, proc.stderr
+    assert dn.dataset_hashes(out.iterdir()) == dn.dataset_hashes(files)
+
+
+@pytest.fixture
+def chunked_send():
+    """pynetdicom sends a file's raw bytes (no decoding) while the fixture is active."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = before
+
+
+def _truncations(tmp: Path) -> dict[str, Path]:
+    """Part-10 files cut in the middle of an element: a header string, the native pixel
+    data, a fragment of RLE pixel data."""
+    out = {}
+    for name, ts, cut_at in (("header", ExplicitVRLittleEndian, b"PACSP2P SYNTHETIC"),
+                             ("pixels", ExplicitVRLittleEndian, None),
+                             ("rle", RLELossless, None)):
+        ds = datasets.make_image("CT", size=32, transfer_syntax=ts, StudyInstanceUID=STUDY,
+                                 PatientID="BAD001", SOPInstanceUID=datasets.uid("cut", name))
+        whole = datasets.write(ds, tmp / f"whole-{name}.dcm").read_bytes()
+        cut = whole.index(cut_at) + 5 if cut_at else len(whole) - 300
+        path = tmp / f"cut-{name}.dcm"
+        path.write_bytes(whole[:cut])
+        out[name] = path
+    return out
+
+
+def test_truncated_datasets_are_refused_and_old_ones_kept(make_peer, tmp_path, chunked_send):
+    files = good_files(tmp_path)
+    peer = make_peer()
+    storescu(peer.port, peer.ae_title, files)
+    cuts = _truncations(tmp_path)
+    statuses = {}
+    with dn.association(peer.port, peer.ae_title, [
+            build_context(CTImageStorage, [ExplicitVRLittleEndian]),
+            build_context(CTImageStorage, [RLELossless])]) as assoc:
+        for name, path in cuts.items():
+            status = assoc.send_c_store(path)
+            statuses[name] = status.Status if "Status" in status else None
+    assert all(s is not None and 0xC000 <= s <= 0xCFFF for s in statuses.values()), \
+        {k: hex(v) if v is not None else v for k, v in statuses.items()}
+    held = {p.name for p in dn.archive_files(peer.data_dir)}
+    assert held == {f"{dn.sop_uid(p)}.dcm" for p in files}
+    assert list((peer.data_dir / "archives" / "local" / "tmp").iterdir()) == []
+    assert_intact(peer, files, tmp_path)
+
+
+def test_dataset_of_another_class_than_the_request_is_refused(make_peer, tmp_path,
+                                                              chunked_send):
+    peer = make_peer()
+    files = good_files(tmp_path, n=1)
+    storescu(peer.port, peer.ae_title, files)
+    # the file meta says CT (so the request is a CT C-STORE), the data set is an MR image
+    mr = datasets.make_image("MR", size=16, StudyInstanceUID=STUDY, PatientID="BAD001",
+                             SOPInstanceUID=datasets.uid("bad-mr"))
+    mr.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    liar = tmp_path / "liar.dcm"
+    mr.preamble = b"\0" * 128
+    dcmwrite(liar, mr, enforce_file_format=False)
+    assert dcmread(liar).file_meta.MediaStorageSOPClassUID == CTImageStorage
+    with dn.association(peer.port, peer.ae_title,
+                        [build_context(CTImageStorage, [ExplicitVRLittleEndian]),
+                         build_context(MRImageStorage, [ExplicitVRLittleEndian])]) as assoc:
+        status = assoc.send_c_store(liar)
+        assert status.Status == 0xA900
+        # a C-STORE request for MR sent on the CT presentation context
+        ct_cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage)
+        req = C_STORE()
+        req.MessageID = 9
+        req.AffectedSOPClassUID = MRImageStorage
+        req.AffectedSOPInstanceUID = mr.SOPInstanceUID
+        req.Priority = 2
+        raw = liar.read_bytes()
+        req.DataSet = io.BytesIO(raw[_meta_end(raw):])
+        assoc._reactor_checkpoint.clear()    # pause the association's reactor, as
+        while not assoc._is_paused:           # pynetdicom's own send_c_*() do, so that
+            time.sleep(0.001)                 # it does not take the response
+        try:
+            assoc.dimse.send_msg(req, ct_cx.context_id)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        assert rsp is not None and rsp.Status == 0x0122
+    held = {p.name for p in dn.archive_files(peer.data_dir)}
+    assert held == {f"{dn.sop_uid(files[0])}.dcm"}
+    assert_intact(peer, files, tmp_path)
+
+
+def test_unknown_calling_ae_is_rejected_and_logged(make_peer):
+    peer = make_peer(allowed_calling_aes=["GOODSCU", "ECHOSCU"])  # ECHOSCU: readiness probe
+    ok = dcmtk("echoscu", "-aet", "GOODSCU", "-aec", peer.ae_title, "127.0.0.1", peer.port,
+               timeout=20)
+    assert ok.returncode == 0, ok.stderr
+    bad = dcmtk("echoscu", "-v", "-aet", "STRANGER", "-aec", peer.ae_title, "127.0.0.1",
+                peer.port, timeout=20)
+    assert bad.returncode != 0
+    assert "Association Rejected" in bad.stdout + bad.stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [l for l in peer.log_path.read_text().splitlines() if "STRANGER" in l]
+        if lines:
+            break
+        time.sleep(0.1)
+    assert any("rejected" in l and "not allowed" in l for l in lines), peer.log_tail()
+
+
+def test_unknown_move_destination(make_peer, tmp_path):
+    peer = make_peer()
+    files = good_files(tmp_path, n=1)
+    storescu(peer.port, peer.ae_title, files)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = STUDY
+    with dn.association(peer.port, peer.ae_title,
+                        [build_context(StudyRootQueryRetrieveInformationModelMove)]) as a:
+        responses = list(a.send_c_move(query, "NOWHERE",
+                                       StudyRootQueryRetrieveInformationModelMove))
+    assert [s.Status for s, _ in responses] == [0xA801]
+    proc = dn.movescu(peer.port, peer.ae_title, "NOWHERE",
+                      {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": STUDY})
+    assert "Received Final Move Response (Refused: MoveDestinationUnknown)" in \
+        proc.stdout + proc.stderr
+    assert "C-MOVE to unknown destination NOWHERE" in peer.log_path.read_text()
+
+
+# -- refusing to start ---------------------------------------------------------------
+
+def run_twistd(config_path: Path, timeout: float = 20) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a peer that is expected to refuse to start; a hang is a failure."""
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([str(twistd_path()), "-n", "--pidfile=", "pacsp2p", "--config",
+                               str(config_path)], capture_output=True, text=True,
+                              timeout=timeout, cwd=config_path.parent,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:   # subprocess.run killed it (by its PID)
+        pytest.fail(f"the peer did not exit within {timeout}s; stdout tail:\n"
+                    f"{(e.stdout or b'').decode(errors='replace')[-1500:]}")
+    return proc, time.monotonic() - t0
+
+
+def _config_text(data_dir: Path, extra: str) -> str:
+    return (f'[peer]\nname = "bad"\ndata_dir = "{data_dir}"\n'
+            f'[facade]\nbind = "127.0.0.1"\n{extra}\n')
+
+
+@pytest.mark.parametrize("extra, key, reason", [
+    (f"port = {free_port()}\nprot = 4242", "facade.prot", "unknown key"),
+    ('port = "eleven"', "facade.port", "must be an integer 1-65535"),
+    ("port = 70000", "facade.port", "must be an integer 1-65535"),
+    (f"port = {free_port()}\nallowed_calling_aes = \"ANY\"", "facade.allowed_calling_aes",
+     "must be a list of AE titles"),
+    (f"port = {free_port()}\n[storage]\nfsync = \"yes\"", "storage.fsync", "must be true or false"),
+    (f"port = {free_port()}\n[destinations]\nSTORESCP = \"localhost\"", "destinations.STORESCP",
+     'must be "host:port"'),
+], ids=["unknown-key", "port-type", "port-range", "list-type", "bool-type", "destination"])
+def test_bad_config_exits_with_one_line(tmp_path, extra, key, reason):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(_config_text(tmp_path / "data", extra))
+    proc, took = run_twistd(cfg)
+    assert proc.returncode != 0
+    assert took < 15
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert str(cfg) in lines[0] and f"{key}:" in lines[0] and reason in lines[0], lines[0]
+    assert not (tmp_path / "data").exists()
+
+
+def test_data_dir_that_cannot_be_created_stops_the_peer(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cfg = tmp_path / "peer.toml"
+    cfg.write_text(_config_text(blocker / "data", f"port = {free_port()}") +
+                   f"[admin]\nport = {free_port()}\n")
+    proc, took = run_twistd(cfg, timeout=15)
+    assert proc.returncode != 0
+    assert took < 15
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr + proc.stdout[-2000:]
+    assert "cannot start" in lines[0] and "Not a directory" in lines[0]
+
+
+# -- a full disk -----------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MB tmpfs mounted for this test (unmounted after)."""
+    mnt = tmp_path / "small-fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True,
+                   timeout=10)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], timeout=10)
+
+
+def _fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+def test_full_archive_disk_answers_out_of_resources(make_peer, tmp_path, small_fs):
+    files = good_files(tmp_path, n=3)
+    peer = make_peer(config={"archives": [{"name": "local", "adapter": "embedded",
+                                           "path": str(small_fs / "archive")}]})
+    storescu(peer.port, peer.ae_title, files)
+    _fill(small_fs)
+    new = datasets.write(datasets.make_image(
+        "CT", size=128, StudyInstanceUID=STUDY, PatientID="BAD001",
+        SOPInstanceUID=datasets.uid("no-room")), tmp_path / "no-room.dcm")
+    with dn.association(peer.port, peer.ae_title,
+                        [build_context(CTImageStorage, [ExplicitVRLittleEndian])]) as assoc:
+        status = assoc.send_c_store(dcmread(new))
+    assert 0xA700 <= status.Status <= 0xA7FF, hex(status.Status)
+    held = sorted(small_fs.glob("archive/objects/*/*.dcm"))
+    assert {p.name for p in held} == {f"{dn.sop_uid(p)}.dcm" for p in files}
+    assert dn.dataset_hashes(held) == dn.dataset_hashes(files)
+    assert list((small_fs / "archive" / "tmp").iterdir()) == []
+    assert_intact(peer, files, tmp_path)
+
+
+def test_full_data_dir_refuses_the_instance_and_keeps_serving(tmp_path, small_fs):
+    """The whole data directory (incoming included) on a full disk: the sender gets no
+    Success, the peer stays up and what it held is intact."""
+    from pacsp2p.testing import Peer
+    files = good_files(tmp_path, n=2)
+    with Peer(small_fs / "peer", name="full") as peer:
+        storescu(peer.port, peer.ae_title, files)
+        _fill(small_fs)
+        new = datasets.write(datasets.make_image(
+            "CT", size=128, StudyInstanceUID=STUDY, PatientID="BAD001",
+            SOPInstanceUID=datasets.uid("no-room-2")), tmp_path / "no-room.dcm")
+        proc = storescu(peer.port, peer.ae_title, [new], check=False, extra=["-v"])
+        assert proc.returncode != 0
+        assert "Received Store Response (Success)" not in proc.stdout + proc.stderr
+        assert echo(peer.port, peer.ae_title)
+        (small_fs / "filler").unlink()
+        assert_intact(peer, files, tmp_path)
