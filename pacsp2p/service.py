@@ -6,6 +6,7 @@ directory, port in use, damaged catalog) stops the peer with one line saying why
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.application import service
@@ -77,8 +78,14 @@ class PeerService(service.Service):
     def _failed(self, failure):
         msg = failure.getErrorMessage()
         log.critical("pacsp2p cannot start: {msg}", msg=msg)
-        print(f"pacsp2p: cannot start: {msg}", file=sys.stderr)
-        self.reactor.stop()
+        # twistd has pointed sys.stderr at its log by now: say it on the real stderr
+        print(f"pacsp2p: cannot start: {msg}", file=sys.__stderr__, flush=True)
+        # a part may fail before the reactor runs (startService is called before run())
+        self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -93,3 +100,10 @@ class PeerService(service.Service):
         self.catalog.stop()
         if self._lock is not None:
             self._lock.close()
+
+
+def _exit_failed():
+    """End a peer that could not start with a non-zero status (twistd itself exits 0)."""
+    sys.stdout.flush()
+    sys.__stderr__.flush()
+    os._exit(1)
