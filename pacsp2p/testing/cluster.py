@@ -103,7 +103,8 @@ class Cluster:
                 "port": port, "bulk_port": bulk_port, "bind": LOOPBACK, "advertise": LOOPBACK,
                 "seeds": list(seeds), "tls_dir": str(tls_dir), "heartbeat": HEARTBEAT,
                 **(overlay or {})}}
-            if not start:
+            if not start:       # config only (e.g. to run twistd by hand)
+                peer.port, peer.admin_port = free_ports(2)
                 peer.write_config()
                 return peer
             try:
@@ -117,6 +118,12 @@ class Cluster:
         for name in peer_names(n):
             self.add(name)
         return self
+
+    def remove(self, peer: Peer) -> None:
+        """Stop *peer* (by PID) and forget it (wait_mesh no longer expects it)."""
+        peer.stop()
+        print(f"peer {peer.name}: log {peer.log_path}")
+        self.peers.remove(peer)
 
     def wait_mesh(self, peers: list[Peer] | None = None, timeout: float = 15.0) -> float:
         """Wait until each of *peers* sees all the others alive; return seconds taken."""

@@ -196,3 +196,264 @@ def test_move_at_c_relays_every_instance_byte_identical(cluster, spread, studies
     assert dn.archive_files(c.data_dir) == []
     assert len(dn.archive_files(a.data_dir)) == len(studies[1])
     assert len(dn.archive_files(b.data_dir)) == len(studies[2])
+
+
+# -- 7. the peers command ----------------------------------------------------------------
+
+def test_peers_command_lists_the_three_members_with_states(cluster):
+    a = cluster[0]
+    cli = Path(sys.executable).parent / "pacsp2p"
+    proc = subprocess.run([str(cli), "peers", "--config", str(a.config_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["NAME", "STATE", "ADDRESS"], proc.stdout
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert {n: r[1] for n, r in rows.items()} == {
+        "peera": "self", "peerb": "alive", "peerc": "alive"}, proc.stdout
+    for peer in cluster:
+        assert rows[peer.name][2] == cluster.seed(peer), proc.stdout
+        assert rows[peer.name][3] == f"{peer.ae_title}@{peer.port}", proc.stdout
+
+
+# -- 6. garbage on the overlay and bulk ports ------------------------------------------
+
+def _send_and_wait_closed(port: int, payload: bytes, timeout: float = 10.0):
+    """Connect, send *payload*, read until the server closes; (local port, bytes read)."""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+        local_port = sock.getsockname()[1]
+        try:
+            sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            return local_port, b""
+        got = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return local_port, got
+            except socket.timeout:
+                break
+            if not chunk:
+                return local_port, got
+            got += chunk
+        raise AssertionError(f"port {port} kept a connection sending garbage open "
+                             f">{timeout}s (read {got[:100]!r})")
+
+
+def _log_since(peer, offset: int) -> str:
+    return peer.log_path.read_text(errors="replace")[offset:]
+
+
+def test_tcp_garbage_on_overlay_and_bulk_ports_is_dropped(cluster, spread, studies, scp):
+    a, b, c = cluster.peers
+    port, bulk_port = cluster.overlay_ports[a.name]
+    log_start = len(a.log_path.read_text(errors="replace"))
+    rng = random.Random(7)
+    http = b"GET /changes/peera?after=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    idle = [socket.create_connection((LOOPBACK, p), timeout=5) for p in (port, bulk_port)]
+    try:
+        overlay_ports = []
+        for target in (port, bulk_port):
+            for payload in (rng.randbytes(4096), http, b"\x16\x03\x01\x00\x05hello"):
+                local, answer = _send_and_wait_closed(target, payload)
+                assert b"HTTP/1." not in answer, "plain HTTP answered on a TLS port"
+                if target == port:
+                    overlay_ports.append(local)
+        # the overlay port logs each refused link with the address it came from
+        wait_until(lambda: all(f"overlay link from 127.0.0.1:{p} refused" in
+                               _log_since(a, log_start) for p in overlay_ports),
+                   10, what="'overlay link ... refused' lines in peera's log")
+        # and peera keeps working, with two idle connections still open on its ports
+        assert echo(a.port, a.ae_title)
+        assert members(a) == {"peera": "self", "peerb": "alive", "peerc": "alive"}
+        assert len(find_study(a, study_uid(studies[1]))) == 1
+        assert states_of(c, "peera") == "alive" and states_of(b, "peera") == "alive"
+        # the bulk channel still serves: a C-MOVE at peerb relays study 1 from peera
+        for f in scp.files():
+            f.unlink()
+        proc = dn.movescu(b.port, b.ae_title, "STORESCP",
+                          {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid(studies[1])})
+        assert "Received Final Move Response (Success)" in proc.stdout + proc.stderr, \
+            (proc.stdout + proc.stderr)[-3000:]
+        assert dn.dataset_hashes(scp.files()) == dn.dataset_hashes(studies[1])
+    finally:
+        for sock in idle:
+            sock.close()
+    assert a.alive
+
+
+# -- 5. certificates from another CA, expired certificates ---------------------------
+
+def test_peer_with_certificate_from_another_ca_is_refused(cluster, tmp_path):
+    a = cluster[0]
+    before = members(a)
+    other_ca = tmp_path / "other-ca"
+    tls.init_ca(other_ca)
+    tls.issue(other_ca, "peerx")
+    log_start = len(a.log_path.read_text(errors="replace"))
+    x = cluster.add("peerx", tls_dir=other_ca, seeds=[cluster.seed(a)])
+    try:
+        # peerx keeps dialling its seed every 2 s; each attempt is refused by peera
+        wait_until(lambda: _log_since(a, log_start).count("overlay link from") >= 2, 10,
+                   what="two refused links from peerx in peera's log")
+        refused = [line for line in _log_since(a, log_start).splitlines()
+                   if "overlay link from" in line]
+        assert all("refused" in line for line in refused), refused
+        for _ in range(10):
+            seen = members(a)
+            assert "peerx" not in seen
+            assert seen == before
+            time.sleep(0.2)
+        assert set(members(x)) == {"peerx"}, "peerx must not have joined anybody"
+        assert x.alive
+    finally:
+        cluster.remove(x)
+    assert members(a) == before
+
+
+def _tls_client(ca_dir: Path, tls_dir: Path, name: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca_dir / "ca.crt")
+    ctx.load_cert_chain(tls_dir / f"{name}.crt", tls_dir / f"{name}.key")
+    return ctx
+
+
+def _present(ctx: ssl.SSLContext, port: int, server_name: str) -> tuple[str, int]:
+    """TLS to 127.0.0.1:*port* with a client certificate: ("open"|"refused: ...", port).
+
+    Under TLS 1.3 the server judges the client certificate after the client's handshake
+    is done, so a refusal shows as an alert or EOF on the first read; an accepted link
+    stays open (AMP waits for a box) until the read times out.
+    """
+    with socket.create_connection((LOOPBACK, port), timeout=5) as raw:
+        local = raw.getsockname()[1]
+        try:
+            with ctx.wrap_socket(raw, server_hostname=server_name) as s:
+                s.settimeout(1.5)
+                try:
+                    data = s.recv(1024)
+                except socket.timeout:
+                    return "open", local
+                return f"refused: EOF {data!r}", local
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as e:
+            return f"refused: {e}", local
+
+
+def test_expired_certificate_peer_refuses_to_start(cluster):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    tls.issue(cluster.ca_dir, "peerold", days=1, not_before=now - datetime.timedelta(days=10),
+              out=cluster.tls_dir)
+    old = cluster.add("peerold", issue=False, start=False)
+    try:
+        argv = [str(twistd_path()), "-n", "--pidfile=", "pacsp2p", "--config",
+                str(old.config_path)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                              cwd=old.workdir, stdin=subprocess.DEVNULL)
+    finally:
+        cluster.remove(old)
+    assert proc.returncode != 0
+    crt = str(cluster.tls_dir / "peerold.crt")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert crt in lines[0] and "expired" in lines[0], proc.stderr
+    assert "peerold" not in members(cluster[0])
+
+
+def test_expired_certificate_presented_to_a_peer_is_refused(cluster):
+    a = cluster[0]
+    port, bulk_port = cluster.overlay_ports[a.name]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    probe_dir = cluster.root / "probe-tls"
+    tls.issue(cluster.ca_dir, "probe", out=probe_dir)
+    tls.issue(cluster.ca_dir, "expired", days=1, not_before=now - datetime.timedelta(days=10),
+              out=probe_dir)
+    before = members(a)
+    log_start = len(a.log_path.read_text(errors="replace"))
+    # control: a valid certificate from the cluster CA gets a TLS link that stays open
+    valid = _tls_client(cluster.ca_dir, probe_dir, "probe")
+    assert _present(valid, port, "peera")[0] == "open"
+    expired = _tls_client(cluster.ca_dir, probe_dir, "expired")
+    outcome, local = _present(expired, bulk_port, "peera")
+    assert outcome.startswith("refused") and "expired" in outcome, ("bulk port", outcome)
+    outcome, local = _present(expired, port, "peera")
+    assert outcome.startswith("refused"), ("overlay port", outcome)
+    wait_until(lambda: f"overlay link from 127.0.0.1:{local} refused" in
+               _log_since(a, log_start), 10, what="refused line in peera's log")
+    # the TLS alert peera sends says why (its log line only says "verify failed")
+    assert "expired" in outcome, outcome
+    assert members(a) == before
+
+
+# -- 3. a crashed peer is seen dead, then rejoins and catches up -----------------------
+
+def _wait_state(observers, name: str, state: str, timeout: float) -> dict[str, float]:
+    """Seconds until each observer reports member *name* in *state* (polled together)."""
+    start = time.monotonic()
+    seen: dict[str, float] = {}
+
+    def all_seen():
+        for o in observers:
+            if o.name not in seen and states_of(o, name) == state:
+                seen[o.name] = time.monotonic() - start
+        return len(seen) == len(observers)
+
+    wait_until(all_seen, timeout, interval=0.05,
+               what=f"{name} {state} at {[o.name for o in observers]} (so far {seen})")
+    return seen
+
+
+def _converged(peers) -> bool:
+    return len({digest(p) for p in peers}) == 1
+
+
+def test_kill9_peer_is_seen_dead_then_rejoins_and_catches_up(cluster, spread, studies):
+    a, b, c = cluster.peers
+    digest_before = digest(a)
+    b.kill9()
+    dead = _wait_state([a, c], "peerb", "dead", timeout=10)
+    for observer, seconds in dead.items():
+        figure(f"kill -9 peerb -> dead at {observer}", seconds)
+        assert seconds < 5.0, dead
+    # the cluster goes on without peerb: a study stored at peera is found at peerc
+    store(a, studies[3])
+    time_until_found(c, study_uid(studies[3]), timeout=5)
+    assert digest(a) != digest_before
+    # peerb restarts with the same config and data: it rejoins and catches up
+    t0 = time.monotonic()
+    b.restart()
+    back = _wait_state([a, c], "peerb", "alive", timeout=20)
+    cluster.wait_mesh(timeout=20)
+    figure("peerb restart -> alive at peera and peerc", time.monotonic() - t0)
+    synced = wait_until(lambda: _converged([a, b, c]), 20, what="digests equal after rejoin")
+    figure("peerb rejoined -> catalog digests equal", synced)
+    assert len(find_study(b, study_uid(studies[3]))) == 1
+    assert len(find_study(b, study_uid(studies[2]))) == 1      # its own, kept on disk
+    assert back
+
+
+# -- 4. a frozen peer is seen dead; after it thaws all catalogs converge ---------------
+
+def test_partition_heals_and_digests_converge(cluster, studies):
+    a, b, c = cluster.peers
+    digest_before = digest(a)
+    os.kill(c.pid, signal.SIGSTOP)
+    try:
+        dead = _wait_state([a, b], "peerc", "dead", timeout=10)
+        for observer, seconds in dead.items():
+            figure(f"SIGSTOP peerc -> dead at {observer}", seconds)
+        store(a, studies[4])
+        time_until_found(b, study_uid(studies[4]), timeout=5)
+        assert digest(a) == digest(b) != digest_before
+    finally:
+        os.kill(c.pid, signal.SIGCONT)
+    t0 = time.monotonic()
+    wait_until(lambda: _converged([a, b, c]), 20, what="digests equal after SIGCONT")
+    figure("SIGCONT peerc -> catalog digests equal", time.monotonic() - t0)
+    cluster.wait_mesh(timeout=20)
+    figure("SIGCONT peerc -> full mesh again", time.monotonic() - t0)
+    rows, proc = findscu(c.port, c.ae_title, {"QueryRetrieveLevel": "STUDY",
+                                               "PatientID": "OVL0004", "StudyInstanceUID": "",
+                                               "NumberOfStudyRelatedInstances": ""})
+    assert [int(r.NumberOfStudyRelatedInstances) for r in rows] == [len(studies[4])]
