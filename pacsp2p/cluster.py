@@ -14,12 +14,15 @@ from pacsp2p.transfer.retrieve import Retrieval
 
 
 class Cluster:
-    def __init__(self, settings, catalog, archives, overlay=None):
+    def __init__(self, settings, catalog, archives, strategies, overlay=None, reactor=None):
         self.settings = settings
         self.catalog = catalog
         self.archives = {a.name: a for a in archives}
+        self.strategies = strategies
         self.overlay = overlay
-        self.ingest = Ingest(settings.peer.name, archives, catalog)
+        self.ingest = Ingest(settings, self.archives, catalog, strategies, overlay, reactor)
+        if overlay is not None:
+            self.ingest.offers = overlay.offers
 
     def store(self, received, meta):
         """Keep one received Part-10 file; Deferred[StoreResult] or StoreError."""

@@ -68,6 +68,19 @@ class OverlaySettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    replicas: int = 1
+    write_quorum: int = 1
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    placement: str = "rendezvous"
+    selection: str = "nearest"
+    plugins: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
 class AdminSettings:
     bind: str = "127.0.0.1"
     port: int = 11180
@@ -88,6 +101,8 @@ class Settings:
     storage: StorageSettings
     admin: AdminSettings = AdminSettings()
     overlay: OverlaySettings | None = None     # None: a peer on its own
+    cluster: ClusterSettings = ClusterSettings()
+    strategies: StrategySettings = StrategySettings()
 
     @property
     def data_dir(self) -> Path:
@@ -265,9 +280,32 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
             phi_threshold=float(o.take("phi_threshold", (int, float), 8.0, "a number")))
         o.done()
 
+    c = table("cluster")
+    default_r = 2 if overlay is not None else 1
+    replicas = c.take("replicas", int, default_r, "an integer >= 1")
+    if replicas < 1:
+        raise c.fail("replicas", f"must be >= 1, got {replicas}")
+    quorum = c.take("write_quorum", int, min(replicas, default_r), "an integer >= 1")
+    if not 1 <= quorum <= replicas:
+        raise c.fail("write_quorum", f"must be 1..replicas ({replicas}), got {quorum}")
+    c.done()
+    cluster = ClusterSettings(replicas, quorum)
+
+    st = table("strategies")
+    plugin_paths = []
+    for i, pth in enumerate(st.take("plugins", list, [], "a list of file paths")):
+        if not isinstance(pth, str):
+            raise st.fail(f"plugins[{i}]", f"must be a path string, got {pth!r}")
+        plugin_paths.append(Path(pth) if Path(pth).is_absolute() else (base / pth).resolve())
+    strategies = StrategySettings(
+        placement=st.take("placement", str, "rendezvous", "a strategy name"),
+        selection=st.take("selection", str, "nearest", "a strategy name"),
+        plugins=tuple(plugin_paths))
+    st.done()
+
     s = table("storage")
     storage = StorageSettings(fsync=s.take("fsync", bool, True, "true or false"))
     s.done()
     top.done()
     return Settings(source, PeerSettings(name, data_dir), facade, destinations,
-                    tuple(archives), storage, admin, overlay)
+                    tuple(archives), storage, admin, overlay, cluster, strategies)

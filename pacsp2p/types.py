@@ -39,6 +39,7 @@ class InstanceMeta:
     sop_class_uid: str
     transfer_syntax_uid: str
     attributes: dict[str, str] = field(default_factory=dict, hash=False)
+    size: int = 0                   # bytes of the Part-10 file
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,37 @@ class StoreError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What a strategy may know of an instance being placed (from its header)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    size: int
+    attributes: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ArchiveInfo:
+    """One archive of the cluster as placement sees it."""
+
+    name: str
+    peer: str
+    site: str | None = None
+    alive: bool = True
+    local: bool = False
+    instances: int = 0
+    free_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """A peer, e.g. the reader of a retrieval."""
+
+    name: str
+    site: str | None = None

@@ -116,6 +116,15 @@ class EmbeddedArchive:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def discard(self, uid: str, sha256: str):
+        """Remove a copy stored but never recorded (a replicated write that failed)."""
+        def remove():
+            for path in (self.path_for(uid, sha256), self.path_for(uid)):
+                if path.exists() and content_hash(path)[0] == sha256:
+                    path.unlink()
+                    return
+        return self._run(remove)
+
     # -- read ------------------------------------------------------------------------
     def open(self, uid: str, sha256: str | None = None):
         def opener():

@@ -8,6 +8,7 @@ per thread. Nothing here touches SQLite from the reactor thread.
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 import threading
 from pathlib import Path
@@ -55,13 +56,16 @@ def create_schema(conn: sqlite3.Connection) -> None:
         db["locations"].create(
             {"SOPInstanceUID": str, "archive": str, "peer": str, "sha256": str,
              "size": int, "available": int, "seq": int},
-            pk=("SOPInstanceUID", "archive"), defaults={"seq": 0, "available": 1})
+            pk=("SOPInstanceUID", "peer", "archive"), defaults={"seq": 0, "available": 1})
     db["locations"].create_index(["archive"], if_not_exists=True)
     db["locations"].create_index(["peer", "seq"], if_not_exists=True)
     if not db["conflicts"].exists():
         db["conflicts"].create(
             {"SOPInstanceUID": str, "archive": str, "sha256": str, "seen": str},
             pk=("SOPInstanceUID", "archive", "sha256"))
+    if not db["hints"].exists():     # hinted hand-off: copies owed to an archive (local)
+        db["hints"].create({"SOPInstanceUID": str, "peer": str, "archive": str,
+                            "created": str}, pk=("SOPInstanceUID", "peer", "archive"))
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
@@ -86,9 +90,9 @@ _LEVEL_SQL = {level: (_level_columns(level), _upsert_sql(TABLES[level], _level_c
               for level in LEVELS}
 _LOCATION_SQL = (
     "INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, available, seq) "
-    "VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT(SOPInstanceUID, archive) DO UPDATE SET "
-    "peer = excluded.peer, sha256 = excluded.sha256, size = excluded.size, available = 1, "
-    "seq = excluded.seq WHERE excluded.seq > locations.seq OR excluded.peer != locations.peer")
+    "VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT(SOPInstanceUID, peer, archive) DO UPDATE SET "
+    "sha256 = excluded.sha256, size = excluded.size, available = 1, seq = excluded.seq "
+    "WHERE excluded.seq > locations.seq")
 
 # A catalog fact on the wire (anti-entropy): one location plus every attribute it needs.
 LOCATION_FIELDS = ["seq", "archive", "peer", "sha256", "size"]
@@ -104,20 +108,67 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]]) -> No
     (SOPInstanceUID, archive, peer, sha256, size, seq). Patient, study and series rows
     shared by several facts of the batch are written once.
     """
-    levels: dict[str, dict[str, list]] = {level: {} for level in LEVELS}
+    # one row per key and level: the last fact's attributes, in first-seen order (the
+    # rows of a key are built once, not once per fact: most facts share their parents)
+    latest: dict[str, dict] = {level: {} for level in LEVELS}
+    keyed = [(latest[level], UNIQUE[level]) for level in LEVELS]
     for attrs, _ in facts:
-        for level in LEVELS:
-            cols, _sql = _LEVEL_SQL[level]
-            levels[level][attrs.get(UNIQUE[level], "")] = [attrs.get(c, "") or "" for c in cols]
+        for seen, key in keyed:
+            seen[attrs.get(key, "")] = attrs
+    levels = {level: [[a.get(c, "") or "" for c in _LEVEL_SQL[level][0]]
+                      for a in latest[level].values()] for level in LEVELS}
+    _write_levels(conn, levels, [loc for _, loc in facts if loc is not None])
+
+
+def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: list) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         for level in LEVELS:
-            conn.executemany(_LEVEL_SQL[level][1], levels[level].values())
-        conn.executemany(_LOCATION_SQL, [loc for _, loc in facts if loc is not None])
+            conn.executemany(_LEVEL_SQL[level][1], levels[level])
+        conn.executemany(_LOCATION_SQL, locations)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def check_wire(rows: list[list]) -> int:
+    """Validate facts from the wire (as :func:`facts_from_wire`); their highest seq."""
+    n = len(FACT_FIELDS)
+    top = None
+    for row in rows:
+        if len(row) != n:
+            raise ValueError(f"fact has {len(row)} fields, expected {n}")
+        seq = int(row[0])
+        int(row[4])
+        if top is None or seq > top:
+            top = seq
+    return 0 if top is None else top
+
+
+def write_wire(conn: sqlite3.Connection, rows: list[list]) -> None:
+    """``write_facts(conn, facts_from_wire(rows))`` without building a dict per fact.
+
+    The same rows reach the same statements in the same order; anti-entropy applies
+    every pulled batch through here, so per-fact Python work is kept to slicing.
+    """
+    latest: dict[str, dict] = {level: {} for level in LEVELS}
+    keyed = [(latest[level], _WIRE_INDEX[UNIQUE[level]]) for level in LEVELS]
+    for row in rows:
+        for seen, i in keyed:
+            seen[row[i]] = row
+    levels = {}
+    for level in LEVELS:
+        get = _WIRE_GETTERS[level]
+        levels[level] = [[v or "" for v in get(row)] for row in latest[level].values()]
+    sop = _WIRE_INDEX["SOPInstanceUID"]
+    _write_levels(conn, levels, [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0]))
+                                 for row in rows])
+
+
+_WIRE_INDEX = {c: len(LOCATION_FIELDS) + i for i, c in enumerate(ATTRIBUTE_FIELDS)}
+_WIRE_GETTERS = {level: operator.itemgetter(*(_WIRE_INDEX[c] for c in _LEVEL_SQL[level][0]))
+                 for level in LEVELS}
 
 
 def meta_attributes(meta: InstanceMeta) -> dict:
@@ -266,9 +317,8 @@ class Catalog:
 
     def apply(self, origin: str, rows: list[list]) -> defer.Deferred:
         """Write facts of another peer (anti-entropy), in one transaction."""
-        facts = facts_from_wire(rows)
-        top = max((loc[5] for _, loc in facts), default=0)
-        d = self._in_writer(write_facts, self._writer, facts)
+        top = check_wire(rows)
+        d = self._in_writer(write_wire, self._writer, rows)
         d.addCallback(lambda _: self._committed(origin, top))
         return d
 
@@ -342,12 +392,25 @@ class Catalog:
                     refs.append(InstanceRef(uid, sop_class, ts, locs[0].size, tuple(locs)))
         return refs
 
-    def location(self, uid: str, archive: str) -> defer.Deferred:
-        def run(conn):
-            r = conn.execute("SELECT sha256, size FROM locations WHERE SOPInstanceUID = ? "
-                             "AND archive = ?", (uid, archive)).fetchone()
-            return r
-        return self.read(run)
+    def add_hints(self, uid: str, targets) -> defer.Deferred:
+        def insert(conn):
+            conn.executemany("INSERT OR IGNORE INTO hints VALUES (?, ?, ?, datetime('now'))",
+                             [(uid, peer, archive) for peer, archive in targets])
+        return self.write(insert)
+
+    def hints(self, limit: int = 200) -> defer.Deferred:
+        return self.read(lambda conn: conn.execute(
+            "SELECT SOPInstanceUID, peer, archive FROM hints ORDER BY created LIMIT ?",
+            (limit,)).fetchall())
+
+    def drop_hint(self, uid: str, peer: str, archive: str) -> defer.Deferred:
+        return self.write(lambda conn: conn.execute(
+            "DELETE FROM hints WHERE SOPInstanceUID = ? AND peer = ? AND archive = ?",
+            (uid, peer, archive)))
+
+    def archive_counts(self) -> defer.Deferred:
+        return self.read(lambda conn: {(p, a): n for p, a, n in conn.execute(
+            "SELECT peer, archive, count(*) FROM locations GROUP BY peer, archive")})
 
     def digest(self) -> defer.Deferred:
         """sha256 over the whole content in a canonical order: equal iff catalogs agree."""
@@ -357,7 +420,7 @@ class Catalog:
             for table, key in (("patients", "PatientID"), ("studies", "StudyInstanceUID"),
                                ("series", "SeriesInstanceUID"),
                                ("instances", "SOPInstanceUID"),
-                               ("locations", "SOPInstanceUID, archive")):
+                               ("locations", "SOPInstanceUID, peer, archive")):
                 cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")
                         if r[1] != "available"]
                 for row in conn.execute(f"SELECT {', '.join(cols)} FROM {table} "
@@ -370,7 +433,7 @@ class Catalog:
         def run(conn):
             return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                     for t in ("patients", "studies", "series", "instances", "locations",
-                              "conflicts")}
+                              "conflicts", "hints")}
         return self.read(run)
 
 

@@ -53,7 +53,8 @@ def read_meta(path: Path) -> InstanceMeta:
     missing = [k for k in _REQUIRED if not attrs.get(k)]
     if missing:
         raise BadDataset(f"dataset lacks {', '.join(missing)}")
-    return InstanceMeta(attrs["SOPInstanceUID"], attrs["SOPClassUID"], ts, attrs)
+    return InstanceMeta(attrs["SOPInstanceUID"], attrs["SOPClassUID"], ts, attrs,
+                        Path(path).stat().st_size)
 
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",

@@ -152,10 +152,32 @@ class _FileProducer:
             self.done.callback(None)
 
 
-def site(catalog, archives: dict, pool, reactor) -> server.Site:
+class _Offers(resource.Resource):
+    """Files this peer offers to a peer it asked to keep a replica (by one-time token)."""
+
+    isLeaf = True
+
+    def __init__(self, offers: dict, pool, reactor):
+        super().__init__()
+        self.offers, self.pool, self.reactor = offers, pool, reactor
+
+    def render_GET(self, request):
+        opener = self.offers.get(request.postpath[0].decode("ascii", "replace")
+                                 if request.postpath else "")
+        if opener is None:
+            request.setResponseCode(404)
+            return b"no such offer\n"
+        d = defer.maybeDeferred(opener)
+        d.addCallback(lambda f: _FileProducer(f, request, self.pool, self.reactor).start())
+        d.addErrback(lambda f: _fail(request, f, 404))
+        return server.NOT_DONE_YET
+
+
+def site(catalog, archives: dict, pool, reactor, offers: dict | None = None) -> server.Site:
     root = resource.Resource()
     root.putChild(b"changes", _Changes(catalog))
     root.putChild(b"instances", _Instances(archives, pool, reactor))
+    root.putChild(b"incoming", _Offers(offers if offers is not None else {}, pool, reactor))
     s = server.Site(root)
     s.noisy = False
     s.log = lambda request: None
@@ -264,14 +286,21 @@ class BulkClient:
             raise IOError(f"{member.name}: /changes answered {response.code}")
         return json.loads(body)
 
-    @defer.inlineCallbacks
     def fetch(self, member, archive: str, uid: str, sha256: str | None = None):
         """Deferred[temporary file] holding the instance (deleted when closed)."""
         query = f"?sha256={sha256}" if sha256 else ""
-        response = yield self._get(member, f"/instances/{quote(archive)}/{quote(uid)}{query}")
+        return self.download(member, f"/instances/{quote(archive)}/{quote(uid)}{query}")
+
+    def fetch_offer(self, member, token: str):
+        return self.download(member, f"/incoming/{quote(token)}")
+
+    @defer.inlineCallbacks
+    def download(self, member, path: str):
+        """Deferred[temporary file] with the body of GET *path* (deleted when closed)."""
+        response = yield self._get(member, path)
         if response.code != 200:
             yield readBody(response)
-            raise IOError(f"{member.name}: instance {uid} answered {response.code}")
+            raise IOError(f"{member.name}: GET {path} answered {response.code}")
         f = yield deferToThreadPool(self.reactor, self.pool, tempfile.NamedTemporaryFile,
                                     dir=self.tmpdir, suffix=".dcm")
         finished = defer.Deferred()

@@ -35,3 +35,38 @@ class Heartbeat(amp.Command):
                  (b"members", amp.Unicode()), (b"vector", amp.Unicode())]
     response = []
     requiresAnswer = False
+
+
+class ReplicaRefused(Exception):
+    """The peer could not keep the copy (archive unknown, full, bytes not as announced)."""
+
+
+class Replicate(amp.Command):
+    """Phase 1 of a replicated write: keep a durable copy on your archive *archive*.
+
+    Fetch the bytes from the sender's bulk channel at ``/incoming/<token>``, store them,
+    check they hash to *sha256*, and hold the copy as pending (not yet in the catalog).
+    """
+
+    arguments = [(b"archive", amp.Unicode()), (b"uid", amp.Unicode()),
+                 (b"sha256", amp.Unicode()), (b"token", amp.Unicode())]
+    response = [(b"duplicate", amp.Boolean()), (b"conflict", amp.Boolean()),
+                (b"size", amp.Integer())]
+    errors = {ReplicaRefused: b"REPLICA_REFUSED"}
+
+
+class Commit(amp.Command):
+    """Phase 2: the write quorum is met; record your pending copy in your catalog."""
+
+    arguments = [(b"archive", amp.Unicode()), (b"uid", amp.Unicode()),
+                 (b"sha256", amp.Unicode())]
+    response = [(b"seq", amp.Integer())]
+    errors = {ReplicaRefused: b"REPLICA_REFUSED"}
+
+
+class Discard(amp.Command):
+    """Phase 2, the other way: the quorum was not met; drop your pending copy."""
+
+    arguments = [(b"archive", amp.Unicode()), (b"uid", amp.Unicode()),
+                 (b"sha256", amp.Unicode())]
+    response = []

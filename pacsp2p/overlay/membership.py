@@ -25,7 +25,8 @@ from zope.interface import implementer
 
 from pacsp2p import __version__
 from pacsp2p.overlay import tls
-from pacsp2p.overlay.commands import PROTOCOL, Heartbeat, Hello, IncompatibleProtocol
+from pacsp2p.overlay.commands import (PROTOCOL, Commit, Discard, Heartbeat, Hello,
+                                      IncompatibleProtocol, Replicate)
 from pacsp2p.overlay.detector import PhiAccrualDetector
 
 log = Logger()
@@ -44,6 +45,8 @@ class MemberInfo:
     facade_ae: str = ""
     facade_port: int = 0
     incarnation: float = 0.0
+    archives: list = field(default_factory=list, hash=False)   # [[name, site], ...]
+    site: str | None = None
 
 
 @dataclass
@@ -108,6 +111,22 @@ class Link(amp.AMP):
         return {"name": self.membership.name, "protocol": PROTOCOL,
                 "software": __version__, "info": json.dumps(asdict(self.membership.me))}
 
+    @Replicate.responder
+    def on_replicate(self, archive, uid, sha256, token):
+        d = self.membership.services.replicate(self.peer_name, archive, uid, sha256, token)
+        return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
+                                        "size": s.size})
+
+    @Commit.responder
+    def on_commit(self, archive, uid, sha256):
+        return self.membership.services.commit(archive, uid, sha256).addCallback(
+            lambda seq: {"seq": seq})
+
+    @Discard.responder
+    def on_discard(self, archive, uid, sha256):
+        return self.membership.services.discard(archive, uid, sha256).addCallback(
+            lambda _: {})
+
     @Heartbeat.responder
     def on_heartbeat(self, name, incarnation, members, vector):
         if name != self.peer_name:
@@ -144,6 +163,7 @@ class Membership:
         self.members: dict[str, Member] = {}
         self.on_vector = []                 # callbacks(member, vector)
         self.on_change = []                 # callbacks(member, state)
+        self.services = None                # answers Replicate/Commit/Discard
         self._loops = []
         self._seed_links: dict[tuple, bool] = {}
         self.running = False
@@ -342,3 +362,10 @@ class Membership:
                          "phi": round(m.detector.phi(now), 2), "since": m.since,
                          "linked": m.link is not None})
         return rows
+
+    def call(self, name: str, command, **kwargs):
+        """Deferred answer of *command* sent to member *name* on our link to it."""
+        member = self.members.get(name)
+        if member is None or member.link is None or not member.link.open:
+            return defer.fail(ConnectionError(f"no link to peer {name}"))
+        return member.link.callRemote(command, **kwargs)

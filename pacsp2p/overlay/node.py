@@ -28,7 +28,9 @@ class Overlay:
         self.credentials = tls.Credentials(o.tls_dir, self.name)
         self.pool = ThreadPool(1, 4, "bulk-io")
         me = MemberInfo(self.name, o.advertise, o.port, o.bulk_port,
-                        settings.facade.ae_title, settings.facade.port, time.time())
+                        settings.facade.ae_title, settings.facade.port, time.time(),
+                        [[a.name, a.site] for a in archives.values()
+                         if "store" in a.capabilities])
         self.membership = Membership(me, self.credentials, o.seeds, reactor,
                                      lambda: dict(catalog.vector), o.heartbeat,
                                      o.phi_threshold)
@@ -37,6 +39,7 @@ class Overlay:
         self.sync = AntiEntropy(catalog, self.bulk)
         self.membership.on_vector.append(self.sync.compare)
         self._ports = []
+        self.offers: dict = {}          # token -> opener of a file offered to a peer
 
     def start(self):
         self.pool.start()
@@ -44,7 +47,8 @@ class Overlay:
         self._ports.append(self.reactor.listenSSL(
             self.o.port, self.membership.factory(), options, interface=self.o.bind))
         self._ports.append(self.reactor.listenSSL(
-            self.o.bulk_port, bulk.site(self.catalog, self.archives, self.pool, self.reactor),
+            self.o.bulk_port, bulk.site(self.catalog, self.archives, self.pool, self.reactor,
+                                        self.offers),
             options, interface=self.o.bind))
         self.membership.start()
         log.info("overlay: peer {name} on {bind}:{port} (bulk {bulk}), seeds {seeds}",
@@ -56,6 +60,12 @@ class Overlay:
         for port in self._ports:
             port.stopListening()
         self.pool.stop()
+
+    def sync_from(self, peer: str) -> None:
+        """Pull *peer*'s own facts now (after it recorded a copy we asked for)."""
+        member = self.membership.members.get(peer)
+        if member is not None:
+            self.sync.compare(member, {peer: self.catalog.vector.get(peer, 0) + 1})
 
     def alive(self, peer: str) -> bool:
         return self.membership.alive(peer)

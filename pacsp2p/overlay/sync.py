@@ -44,19 +44,39 @@ class AntiEntropy:
     @defer.inlineCallbacks
     def _pull(self, member, origin: str, target: int):
         start = self.catalog.vector.get(origin, 0)
+        ahead = None            # (after, Deferred): the next batch, asked for in advance
         try:
             while self.catalog.vector.get(origin, 0) < target:
                 after = self.catalog.vector.get(origin, 0)
-                rows = yield self.bulk.changes(member, origin, after, self.batch)
+                if ahead is not None and ahead[0] == after:
+                    rows = yield ahead[1]
+                else:
+                    _drop(ahead)
+                    rows = yield self.bulk.changes(member, origin, after, self.batch)
+                ahead = None
                 if not rows:
                     break
-                yield self.catalog.apply(origin, rows)
+                applied = self.catalog.apply(origin, rows)   # validates rows first
+                last = int(rows[-1][0])
+                if after < last < target:
+                    # pipelining: the neighbour reads and sends the next batch while this
+                    # one is written; at most two batches are held at a time
+                    ahead = (last, self.bulk.changes(member, origin, last, self.batch))
+                yield applied
                 self.pulled += len(rows)
         except Exception as e:
             log.warn("sync of {origin} from {peer} stopped: {err}", origin=origin,
                      peer=member.name, err=e)
             return
+        finally:
+            _drop(ahead)
         got = self.catalog.vector.get(origin, 0)
         if got > start:
             log.info("synced facts of {origin} from {peer}: sequence {a} -> {b}",
                      origin=origin, peer=member.name, a=start, b=got)
+
+
+def _drop(ahead) -> None:
+    """Abandon a batch asked for in advance (its result or failure is not wanted)."""
+    if ahead is not None:
+        ahead[1].addErrback(lambda _: None)

@@ -1,54 +1,229 @@
-"""Ingest: keep a received instance on the chosen archives, then record it.
+"""Ingest: keep a received instance on R archives of distinct peers, then acknowledge.
 
-The facade answers Success only after this Deferred fires: every target archive has the
-bytes durably (fsync + rename) and the catalog has committed the fact. A failure of every
-target becomes a :class:`StoreError` with a DICOM failure status (0xA700 family).
+1. The placement strategy ranks every archive of the cluster for this instance.
+2. The first R alive ones get a copy in parallel (local: the archive's atomic write;
+   remote: the peer fetches the bytes from our bulk channel, see ``replicas``); one that
+   fails is replaced by the next in rank.
+3. If at least ``write_quorum`` copies are durable they are committed (recorded in the
+   catalogs) and the facade answers Success; otherwise every copy is dropped and the
+   C-STORE fails with 0xA700: the modality keeps its copy and retries.
+4. A preferred archive that was down or failed is owed a copy (a hint, kept locally):
+   hinted hand-off (as in Dynamo, DeCandia et al., SOSP 2007) makes it when its peer is
+   back. The stand-in copy is kept: an extra replica is harmless.
+
+Retrying the same instance is idempotent: same UID and bytes is a duplicate, same UID
+and other bytes is a conflict — both kept, logged and counted in ``pacsp2p status``.
 """
 
 from __future__ import annotations
 
-from twisted.internet import defer
+import secrets
+
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from pacsp2p.catalog.db import stored_location
-from pacsp2p.types import StoreError, StoreResult
+from pacsp2p.dicom.header import content_hash
+from pacsp2p.overlay.commands import Commit, Discard, Replicate
+from pacsp2p.strategies import StrategyError
+from pacsp2p.transfer.replicas import record
+from pacsp2p.types import ArchiveInfo, InstanceInfo, Query, Stored, StoreError, StoreResult
 
 log = Logger()
 
 OUT_OF_RESOURCES = 0xA700
+PROCESSING_FAILURE = 0x0110
+
+
+class _Copy:
+    """A durable, not yet recorded, copy on one archive."""
+
+    def __init__(self, target: ArchiveInfo, stored, commit, discard):
+        self.target, self.stored, self.commit, self.discard = target, stored, commit, discard
 
 
 class Ingest:
-    def __init__(self, peer_name: str, archives, catalog):
-        self.peer_name = peer_name
-        self.archives = [a for a in archives if "store" in a.capabilities]
-        self.catalog = catalog
+    def __init__(self, settings, archives: dict, catalog, strategies, overlay=None,
+                 reactor=None):
+        self.peer = settings.peer.name
+        self.site = None
+        self.replicas = settings.cluster.replicas
+        self.quorum = settings.cluster.write_quorum
+        self.archives = {n: a for n, a in archives.items() if "store" in a.capabilities}
+        self.catalog, self.strategies, self.overlay = catalog, strategies, overlay
+        self.reactor = reactor
+        self.offers: dict[str, object] = {}      # token -> opener, served on /incoming
+        self.counts: dict = {}
+        self._loops = []
 
-    def targets(self, meta):
-        """The archives that receive this instance (one local archive for now)."""
-        return self.archives[:1]
+    def start(self):
+        if self.overlay is None:
+            return
+        for fn, every in ((self._refresh_counts, 10.0), (self.hand_off, 3.0)):
+            loop = task.LoopingCall(fn)
+            loop.clock = self.reactor
+            loop.start(every, now=True).addErrback(
+                lambda f: log.failure("ingest background task failed", f))
+            self._loops.append(loop)
+
+    def stop(self):
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
 
     @defer.inlineCallbacks
+    def _refresh_counts(self):
+        self.counts = yield self.catalog.archive_counts()
+
+    # -- the cluster's archives ------------------------------------------------------
+    def candidates(self) -> list[ArchiveInfo]:
+        out = [ArchiveInfo(name, self.peer, a.site, True, True,
+                           self.counts.get((self.peer, name), 0))
+               for name, a in self.archives.items()]
+        if self.overlay is not None:
+            for m in self.overlay.membership.members.values():
+                for name, site in m.info.archives:
+                    out.append(ArchiveInfo(name, m.name, site, m.state == "alive", False,
+                                           self.counts.get((m.name, name), 0)))
+        return out
+
+    # -- store -----------------------------------------------------------------------
+    @defer.inlineCallbacks
     def store(self, received, meta):
-        kept = []
-        for archive in self.targets(meta):
-            try:
-                stored = yield archive.store(received, meta)
-            except Exception as e:
-                log.error("archive {archive} could not store {uid}: {err}",
-                          archive=archive.name, uid=meta.sop_instance_uid, err=e)
-                continue
-            if stored.conflict:
-                log.warn("conflict: {uid} received again with different bytes "
-                         "(sha256 {sha}); both kept on {archive}",
-                         uid=meta.sop_instance_uid, sha=stored.sha256, archive=archive.name)
-                yield self.catalog.record_conflict(meta.sop_instance_uid, archive.name,
-                                                   stored.sha256)
-                kept.append(stored)
-                continue
-            yield self.catalog.record(meta, stored_location(meta, stored, self.peer_name))
-            kept.append(stored)
-        if not kept:
+        a = meta.attributes
+        info = InstanceInfo(meta.sop_instance_uid, meta.sop_class_uid,
+                            a.get("StudyInstanceUID", ""), a.get("SeriesInstanceUID", ""),
+                            a.get("Modality", ""), meta.size, a)
+        try:
+            ranked = self.strategies.place(info, self.candidates(), self.replicas)
+        except StrategyError as e:
+            log.error("C-STORE {uid}: {err}", uid=meta.sop_instance_uid, err=e)
+            raise StoreError(PROCESSING_FAILURE, str(e))
+        token = secrets.token_urlsafe(16)
+        self.offers[token] = lambda: deferToThread(open, received, "rb")
+        hashed = []
+
+        def sha256():                               # once, and only for remote copies
+            if not hashed:
+                hashed.append(deferToThread(content_hash, received))
+            d = defer.Deferred()
+            hashed[0].addBoth(lambda r: (d.callback(r), r)[1])
+            return d
+
+        try:
+            copies = yield self._place(ranked, received, meta, token, sha256)
+        finally:
+            self.offers.pop(token, None)
+        if len(copies) < self.quorum:
+            yield defer.DeferredList([defer.maybeDeferred(c.discard) for c in copies],
+                                     consumeErrors=True)
+            alive = sum(1 for r in ranked if r.alive)
             raise StoreError(OUT_OF_RESOURCES,
-                             f"no archive could keep {meta.sop_instance_uid}")
-        return StoreResult(meta.sop_instance_uid, tuple(kept))
+                             f"{meta.sop_instance_uid}: {len(copies)} of the {self.quorum} "
+                             f"copies required could be made ({alive} archive(s) alive)")
+        results = yield defer.DeferredList([defer.maybeDeferred(c.commit) for c in copies],
+                                           consumeErrors=True)
+        kept = [c for c, (ok, _) in zip(copies, results) if ok]
+        for c, (ok, err) in zip(copies, results):
+            if not ok:
+                log.error("commit of {uid} on {archive}@{peer} failed: {err}",
+                          uid=meta.sop_instance_uid, archive=c.target.name,
+                          peer=c.target.peer, err=err.getErrorMessage())
+        if len(kept) < self.quorum:
+            raise StoreError(OUT_OF_RESOURCES, f"{meta.sop_instance_uid}: copies made but "
+                                               f"only {len(kept)} could be recorded")
+        placed = {(c.target.peer, c.target.name) for c in kept}
+        owed = [(r.peer, r.name) for r in ranked[:self.replicas]
+                if (r.peer, r.name) not in placed]
+        if owed and self.overlay is not None:
+            yield self.catalog.add_hints(meta.sop_instance_uid, owed)
+        return StoreResult(meta.sop_instance_uid, tuple(c.stored for c in kept))
+
+    @defer.inlineCallbacks
+    def _place(self, ranked, received, meta, token, sha256):
+        alive = [r for r in ranked if r.alive]
+        copies, i = [], 0
+        while len(copies) < self.replicas and i < len(alive):
+            wave = alive[i:i + self.replicas - len(copies)]
+            i += len(wave)
+            results = yield defer.DeferredList(
+                [self._copy(t, received, meta, token, sha256) for t in wave],
+                consumeErrors=True)
+            for target, (ok, value) in zip(wave, results):
+                if ok:
+                    copies.append(value)
+                else:
+                    log.warn("copy of {uid} to {archive}@{peer} failed: {err}",
+                             uid=meta.sop_instance_uid, archive=target.name,
+                             peer=target.peer, err=value.getErrorMessage())
+        return copies
+
+    def _copy(self, target: ArchiveInfo, received, meta, token, sha256) -> defer.Deferred:
+        if target.peer == self.peer:
+            return self._copy_local(target, received, meta)
+        return self._copy_remote(target, meta.sop_instance_uid, token, sha256)
+
+    @defer.inlineCallbacks
+    def _copy_local(self, target, received, meta):
+        archive = self.archives[target.name]
+        stored = yield archive.store(received, meta)
+        fresh = not (stored.duplicate or stored.conflict)
+        return _Copy(target, stored,
+                     commit=lambda: record(self.catalog, meta, stored, self.peer),
+                     discard=lambda: archive.discard(meta.sop_instance_uid, stored.sha256)
+                     if fresh else None)
+
+    @defer.inlineCallbacks
+    def _copy_remote(self, target, uid, token, sha256):
+        sha, _ = yield sha256()
+        m = self.overlay.membership
+        args = {"archive": target.name, "uid": uid, "sha256": sha}
+        answer = yield m.call(target.peer, Replicate, token=token, **args)
+
+        @defer.inlineCallbacks
+        def commit():
+            yield m.call(target.peer, Commit, **args)
+            self.overlay.sync_from(target.peer)
+
+        stored = Stored(target.name, sha, answer["size"], answer["duplicate"],
+                        answer["conflict"])
+        return _Copy(target, stored, commit=commit,
+                     discard=lambda: m.call(target.peer, Discard, **args))
+
+    # -- hinted hand-off -------------------------------------------------------------
+    @defer.inlineCallbacks
+    def hand_off(self):
+        """Make the copies owed to archives whose peers are back."""
+        hints = yield self.catalog.hints()
+        for uid, peer, archive in hints:
+            if not self.overlay.alive(peer):
+                continue
+            try:
+                yield self._hand_off_one(uid, peer, archive)
+                yield self.catalog.drop_hint(uid, peer, archive)
+                log.info("hinted hand-off: {uid} copied to {archive}@{peer}", uid=uid,
+                         archive=archive, peer=peer)
+            except Exception as e:
+                log.warn("hinted hand-off of {uid} to {archive}@{peer} failed: {err}",
+                         uid=uid, archive=archive, peer=peer, err=e)
+
+    @defer.inlineCallbacks
+    def _hand_off_one(self, uid, peer, archive):
+        refs = yield self.catalog.resolve(Query("IMAGE", {"SOPInstanceUID": uid}))
+        if not refs:
+            return
+        ref = refs[0]
+        if any(loc.peer == peer and loc.archive == archive for loc in ref.locations):
+            return                                      # it got there meanwhile
+        from pacsp2p.transfer.retrieve import Retrieval
+        source = Retrieval([ref], self.archives, self.peer, self.overlay)
+        token = secrets.token_urlsafe(16)
+        self.offers[token] = lambda: source.open(ref)
+        try:
+            m = self.overlay.membership
+            args = {"archive": archive, "uid": uid, "sha256": ref.locations[0].sha256}
+            yield m.call(peer, Replicate, token=token, **args)
+            yield m.call(peer, Commit, **args)
+            self.overlay.sync_from(peer)
+        finally:
+            self.offers.pop(token, None)

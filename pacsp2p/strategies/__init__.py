@@ -1,0 +1,93 @@
+"""Strategies: placement, replica selection and load balancing as pluggy plugins.
+
+``Strategies`` owns the plugin manager: it registers the built-ins (``placement``,
+``selection``), then site plugins from the ``pacsp2p.strategies`` entry-point group and
+from module paths in config (``[strategies] plugins = ["plugins/my_site.py"]``). The
+configured built-in per role answers last; every site plugin is asked before it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pluggy
+
+hookimpl = pluggy.HookimplMarker("pacsp2p")
+
+
+class StrategyError(Exception):
+    """A strategy plugin failed or answered nonsense (message names the plugin)."""
+
+
+def _load_file(path: Path):
+    spec = importlib.util.spec_from_file_location(f"pacsp2p_site_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Strategies:
+    def __init__(self, placement: str = "rendezvous", selection: str = "nearest",
+                 plugin_paths=(), source: str = "<config>"):
+        from pacsp2p.config import ConfigError
+        from pacsp2p.strategies import hookspecs, placement as pl, selection as sel
+
+        self.pm = pluggy.PluginManager("pacsp2p")
+        self.pm.add_hookspecs(hookspecs)
+        self.builtin = {}
+        for cls in (*pl.BUILTIN, *sel.BUILTIN):
+            obj = cls()
+            self.pm.register(obj, name=cls.name)
+            self.builtin[cls.name] = obj
+        self.site_plugins = []
+        for ep in entry_points(group="pacsp2p.strategies"):
+            self._register(ep.load(), ep.name)
+        for p in plugin_paths:
+            path = Path(p)
+            try:
+                module = _load_file(path)
+            except FileNotFoundError:
+                raise ConfigError(f"{source}: strategies.plugins: {path}: no such file") from None
+            except Exception as e:
+                raise ConfigError(f"{source}: strategies.plugins: {path}: cannot load: "
+                                  f"{type(e).__name__}: {e}") from None
+            self._register(module, getattr(module, "name", path.stem))
+        names = {n for n in self.pm.list_name_plugin() if n[0]}
+        known = {n for n, _ in names}
+        for role, chosen, pool in (("placement", placement, pl.BUILTIN),
+                                   ("selection", selection, sel.BUILTIN)):
+            if chosen not in known:
+                raise ConfigError(f"{source}: strategies.{role}: unknown strategy {chosen!r} "
+                                  f"(known: {', '.join(sorted(known))})")
+        self.placement, self.selection = placement, selection
+        self._place = self.pm.subset_hook_caller(
+            "pacsp2p_place", [self.builtin[c.name] for c in pl.BUILTIN if c.name != placement])
+        self._rank = self.pm.subset_hook_caller(
+            "pacsp2p_rank_replicas",
+            [self.builtin[c.name] for c in sel.BUILTIN if c.name != selection])
+
+    def _register(self, plugin, name):
+        self.pm.register(plugin, name=name)
+        self.site_plugins.append(name)
+
+    def place(self, instance, archives, replicas):
+        try:
+            ranked = self._place(instance=instance, archives=list(archives), replicas=replicas)
+        except Exception as e:
+            raise StrategyError(f"placement strategy raised {type(e).__name__}: {e}") from e
+        if ranked is None:
+            raise StrategyError("no placement strategy answered")
+        known = {(a.peer, a.name) for a in archives}
+        ranked = list(ranked)
+        if any((a.peer, a.name) not in known for a in ranked):
+            raise StrategyError("placement strategy returned an archive it was not offered")
+        return ranked
+
+    def rank(self, instance, locations, reader):
+        try:
+            ranked = self._rank(instance=instance, locations=list(locations), reader=reader)
+        except Exception as e:
+            raise StrategyError(f"replica selection raised {type(e).__name__}: {e}") from e
+        return list(locations) if ranked is None else list(ranked)

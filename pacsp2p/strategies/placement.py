@@ -1,0 +1,65 @@
+"""Built-in placement strategies, registered like any site plugin.
+
+- ``rendezvous`` (default): highest random weight hashing (Thaler & Ravishankar, "Using
+  name-based mappings to increase hit rates", IEEE/ACM ToN 1998). Each archive scores
+  hash(SOP Instance UID, archive); the highest scores win. Every peer computes the same
+  answer with no coordination, instances of one study spread evenly over all archives
+  (so retrievals can read from all of them), and adding an archive moves only its fair
+  share of new placements.
+- ``least-used``: archives holding the fewest instances (then most free space) first.
+- ``site-aware``: rendezvous order, but replicas go to distinct sites first.
+
+All three prefer distinct peers for the replicas of one instance, then any archive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from pacsp2p.strategies import hookimpl
+
+
+def hrw_order(uid: str, archives):
+    def score(a):
+        return hashlib.blake2b(f"{uid}\x00{a.peer}\x00{a.name}".encode(),
+                               digest_size=8).digest()
+    return sorted(archives, key=score, reverse=True)
+
+
+def spread(ordered, key):
+    """Stable reorder: first one archive per distinct *key* value, then the rest."""
+    seen, first, rest = set(), [], []
+    for a in ordered:
+        k = key(a)
+        (rest if k in seen else first).append(a)
+        seen.add(k)
+    return first + rest
+
+
+class Rendezvous:
+    name = "rendezvous"
+
+    @hookimpl
+    def pacsp2p_place(self, instance, archives, replicas):
+        return spread(hrw_order(instance.sop_instance_uid, archives), lambda a: a.peer)
+
+
+class LeastUsed:
+    name = "least-used"
+
+    @hookimpl
+    def pacsp2p_place(self, instance, archives, replicas):
+        ordered = sorted(archives, key=lambda a: (a.instances, -(a.free_bytes or 0), a.name))
+        return spread(ordered, lambda a: a.peer)
+
+
+class SiteAware:
+    name = "site-aware"
+
+    @hookimpl
+    def pacsp2p_place(self, instance, archives, replicas):
+        by_peer = spread(hrw_order(instance.sop_instance_uid, archives), lambda a: a.peer)
+        return spread(by_peer, lambda a: a.site or f"peer:{a.peer}")
+
+
+BUILTIN = (Rendezvous, LeastUsed, SiteAware)
