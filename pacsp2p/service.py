@@ -19,6 +19,7 @@ from pacsp2p.admin import web
 from pacsp2p.catalog import Catalog
 from pacsp2p.cluster import Cluster
 from pacsp2p.dicom.facade import Facade
+from pacsp2p.strategies import Strategies
 
 log = Logger()
 
@@ -40,7 +41,17 @@ class PeerService(service.Service):
             from pacsp2p.overlay.node import Overlay
             self.overlay = Overlay(settings, self.catalog, {a.name: a for a in self.archives},
                                    reactor)
-        self.cluster = Cluster(settings, self.catalog, self.archives, self.overlay)
+        st = settings.strategies
+        self.strategies = Strategies(st.placement, st.selection, st.plugins, settings.source)
+        self.cluster = Cluster(settings, self.catalog, self.archives, self.strategies,
+                               self.overlay, reactor)
+        self.replicas = None
+        if self.overlay is not None:
+            from pacsp2p.transfer.replicas import ReplicaService
+            self.replicas = ReplicaService(settings.peer.name,
+                                           {a.name: a for a in self.archives},
+                                           self.catalog, self.overlay, reactor)
+            self.overlay.membership.services = self.replicas
         self.facade = Facade(settings, self.cluster, reactor)
         self.started = None
         self._lock = None
@@ -62,6 +73,9 @@ class PeerService(service.Service):
                 yield archive.start()
             except Exception as e:
                 raise RuntimeError(f"archive {archive.name}: cannot start: {e}") from e
+        self.cluster.ingest.start()
+        if self.replicas is not None:
+            self.replicas.start()
         if self.overlay is not None:
             try:
                 self.overlay.start()
@@ -93,6 +107,9 @@ class PeerService(service.Service):
         if self._admin_port is not None:
             yield self._admin_port.stopListening()
         yield self.facade.stop()
+        self.cluster.ingest.stop()
+        if self.replicas is not None:
+            self.replicas.stop()
         if self.overlay is not None:
             self.overlay.stop()
         for archive in reversed(self.archives):
