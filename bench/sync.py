@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sqlite3
 import sys
@@ -179,6 +180,29 @@ class RssSampler(threading.Thread):
         return max((r for _, r in self.samples), default=float("nan"))
 
 
+class LogWatch:
+    """Follow a peer's log for its "synced facts of ORIGIN ... -> N" lines."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.best = path, 0, 0
+
+    def synced(self, origin: str) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return self.best
+        cut = data.rfind(b"\n") + 1
+        self.offset += cut
+        for line in data[:cut].decode(errors="replace").splitlines():
+            m = re.search(rf"synced facts of {re.escape(origin)} from \S+: sequence \d+ -> (\d+)",
+                          line)
+            if m:
+                self.best = max(self.best, int(m.group(1)))
+        return self.best
+
+
 def overlay_config(tls_dir: Path, name: str, seeds: list[str]) -> tuple[dict, int]:
     port, bulk = free_ports(2)
     return {"overlay": {"port": port, "bulk_port": bulk, "bind": LOOPBACK,
@@ -265,15 +289,21 @@ def main() -> int:
                 if args.profile:
                     spy = start_spy(b.pid, args.profile)
                 more = bounded(args.timeout)
-                held = 0
+                held, log, next_poll = 0, LogWatch(b.log_path), 0.0
                 while more():
-                    status = get_json(b.admin_url + "/status")
-                    held = status.get("overlay", {}).get("vector", {}).get(SOURCE, 0)
-                    timeline.append((time.monotonic() - t0, held))
-                    if held >= n:
-                        break
-                    time.sleep(0.2)
-                t_done = time.monotonic()
+                    # done when B logs "synced facts of peera ... -> N" (cheap, exact
+                    # time); /status (which counts every table) only once a second
+                    logged = log.synced(SOURCE)
+                    now = time.monotonic()
+                    if logged >= n or now >= next_poll:
+                        status = get_json(b.admin_url + "/status")
+                        held = status.get("overlay", {}).get("vector", {}).get(SOURCE, 0)
+                        timeline.append((now - t0, held))
+                        next_poll = now + 1.0
+                        if held >= n:
+                            break
+                    time.sleep(0.05)
+                t_done = timeline[-1][0] + t0 if held >= n else time.monotonic()
                 if spy:
                     stop_spy(spy, args.profile)
                 sampler.stop()
