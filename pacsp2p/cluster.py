@@ -11,6 +11,7 @@ from twisted.internet import defer
 from pacsp2p import __version__
 from pacsp2p.transfer.ingest import Ingest
 from pacsp2p.transfer.retrieve import Retrieval
+from pacsp2p.types import Query
 
 
 class Cluster:
@@ -37,6 +38,19 @@ class Cluster:
         """Deferred[Retrieval] for the instances *query* names."""
         refs = yield self.catalog.resolve(query)
         return Retrieval(refs, self.archives, self.settings.peer.name, self.overlay)
+
+    @defer.inlineCallbacks
+    def where(self, study: str | None = None, instance: str | None = None):
+        """Each instance of a study (or one instance) with its replicas and availability."""
+        query = (Query("STUDY", {"StudyInstanceUID": study}) if study else
+                 Query("IMAGE", {"SOPInstanceUID": instance or ""}))
+        refs = yield self.catalog.resolve(query)
+        me = self.settings.peer.name
+        alive = (lambda p: p == me) if self.overlay is None else self.overlay.alive
+        return [{"instance": r.sop_instance_uid,
+                 "replicas": [{"peer": loc.peer, "archive": loc.archive,
+                               "available": alive(loc.peer)} for loc in r.locations]}
+                for r in refs]
 
     @defer.inlineCallbacks
     def status(self):

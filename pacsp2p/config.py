@@ -78,6 +78,7 @@ class StrategySettings:
     placement: str = "rendezvous"
     selection: str = "nearest"
     plugins: tuple[Path, ...] = ()
+    options: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,8 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     strategies = StrategySettings(
         placement=st.take("placement", str, "rendezvous", "a strategy name"),
         selection=st.take("selection", str, "nearest", "a strategy name"),
-        plugins=tuple(plugin_paths))
+        plugins=tuple(plugin_paths),
+        options=st.take("options", dict, {}, "a table of plugin options"))
     st.done()
 
     s = table("storage")

@@ -42,7 +42,8 @@ class PeerService(service.Service):
             self.overlay = Overlay(settings, self.catalog, {a.name: a for a in self.archives},
                                    reactor)
         st = settings.strategies
-        self.strategies = Strategies(st.placement, st.selection, st.plugins, settings.source)
+        self.strategies = Strategies(st.placement, st.selection, st.plugins, settings.source,
+                                     st.options, settings.peer.name)
         self.cluster = Cluster(settings, self.catalog, self.archives, self.strategies,
                                self.overlay, reactor)
         self.replicas = None

@@ -4,6 +4,7 @@
     pacsp2p catalog rebuild [--config FILE]     rebuild the catalog from the archives
     pacsp2p check-config [--config FILE]        validate a config file
     pacsp2p peers [--config FILE]               the cluster members a peer sees
+    pacsp2p where [--config FILE] (--study UID | --instance UID) [--json]
     pacsp2p ca init DIR | ca issue DIR NAME     the cluster's certificate authority
     pacsp2p demo --peers 3 --dir DIR            a local cluster in one command
 
@@ -104,6 +105,24 @@ def cmd_peers(args) -> int:
     return 0
 
 
+def cmd_where(args) -> int:
+    from urllib.parse import urlencode
+    what = "where?" + urlencode({"study": args.study} if args.study else
+                                {"instance": args.instance})
+    rows = fetch_status(_settings(args), what)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no such instance in the catalog")
+        return 1
+    for row in rows:
+        reps = ", ".join(f"{r['archive']}@{r['peer']}" + ("" if r["available"] else " (DOWN)")
+                         for r in row["replicas"])
+        print(f"{row['instance']}  {len(row['replicas'])} replica(s): {reps}")
+    return 0
+
+
 def cmd_ca(args) -> int:
     from pacsp2p.overlay import tls
     try:
@@ -147,6 +166,12 @@ def main(argv=None) -> int:
     pe = sub.add_parser("peers", help="the cluster members a running peer sees")
     pe.add_argument("--json", action="store_true")
     pe.set_defaults(fn=cmd_peers)
+    wh = sub.add_parser("where", help="the replicas of a study's instances")
+    which = wh.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", help="StudyInstanceUID")
+    which.add_argument("--instance", help="SOPInstanceUID")
+    wh.add_argument("--json", action="store_true")
+    wh.set_defaults(fn=cmd_where)
     ca = sub.add_parser("ca", help="the cluster's certificate authority")
     casub = ca.add_subparsers(dest="action", required=True)
     ci = casub.add_parser("init", help="create a CA in DIR (ca.crt, ca.key)")
@@ -162,7 +187,7 @@ def main(argv=None) -> int:
     de.add_argument("--peers", type=int, default=3)
     de.add_argument("--dir", default="pacsp2p-demo")
     de.set_defaults(fn=cmd_demo)
-    for sp in (s, c, r, pe, dg):
+    for sp in (s, c, r, pe, dg, wh):
         sp.add_argument("--config", "-c", default=argparse.SUPPRESS,
                         help="TOML config file (default: embedded defaults)")
     args = p.parse_args(argv)

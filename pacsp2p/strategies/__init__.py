@@ -30,7 +30,8 @@ def _load_file(path: Path):
 
 class Strategies:
     def __init__(self, placement: str = "rendezvous", selection: str = "nearest",
-                 plugin_paths=(), source: str = "<config>"):
+                 plugin_paths=(), source: str = "<config>", options: dict | None = None,
+                 peer: str = ""):
         from pacsp2p.config import ConfigError
         from pacsp2p.strategies import hookspecs, placement as pl, selection as sel
 
@@ -62,6 +63,11 @@ class Strategies:
                 raise ConfigError(f"{source}: strategies.{role}: unknown strategy {chosen!r} "
                                   f"(known: {', '.join(sorted(known))})")
         self.placement, self.selection = placement, selection
+        try:
+            self.pm.hook.pacsp2p_configure(options=dict(options or {}), peer=peer)
+        except Exception as e:
+            raise ConfigError(f"{source}: strategies.options: a plugin refused them: "
+                              f"{type(e).__name__}: {e}") from None
         self._place = self.pm.subset_hook_caller(
             "pacsp2p_place", [self.builtin[c.name] for c in pl.BUILTIN if c.name != placement])
         self._rank = self.pm.subset_hook_caller(

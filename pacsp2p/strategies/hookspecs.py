@@ -17,6 +17,17 @@ import pluggy
 hookspec = pluggy.HookspecMarker("pacsp2p")
 
 
+@hookspec
+def pacsp2p_configure(options, peer):
+    """Called once when the peer starts, before any other hook.
+
+    :param options: the ``[strategies.options]`` table of the peer's config (a dict; a
+        plugin conventionally reads its own sub-table, e.g. ``options["pin_modality"]``).
+    :param peer: the peer's name.
+    Raise ``ValueError`` with a clear message for bad options: the peer will not start.
+    """
+
+
 @hookspec(firstresult=True)
 def pacsp2p_place(instance, archives, replicas):
     """Choose the archives that keep a new instance, best first.

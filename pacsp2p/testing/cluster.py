@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 from pacsp2p.overlay import tls
 
+from . import toml
 from .peer import Peer
 from .ports import LOOPBACK, free_ports
 
@@ -61,8 +62,11 @@ def digest(peer: Peer) -> str:
 class Cluster:
     """Peers sharing one CA under *root*; add() more, including misfits (other CA)."""
 
-    def __init__(self, root: Path, destinations: Mapping[str, str] | None = None):
+    def __init__(self, root: Path, destinations: Mapping[str, str] | None = None,
+                 config: Mapping[str, Any] | None = None):
+        """*config* is deep-merged into every peer's config (e.g. {"cluster": {...}})."""
         self.root = Path(root)
+        self.config = dict(config or {})
         self.ca_dir = self.root / "ca"
         self.tls_dir = self.root / "tls"
         tls.init_ca(self.ca_dir)
@@ -99,10 +103,10 @@ class Cluster:
         for attempt in range(3):
             port, bulk_port = free_ports(2)
             self.overlay_ports[name] = (port, bulk_port)
-            peer.overrides = {"overlay": {
+            peer.overrides = toml.deep_merge(self.config, {"overlay": {
                 "port": port, "bulk_port": bulk_port, "bind": LOOPBACK, "advertise": LOOPBACK,
                 "seeds": list(seeds), "tls_dir": str(tls_dir), "heartbeat": HEARTBEAT,
-                **(overlay or {})}}
+                **(overlay or {})}})
             if not start:       # config only (e.g. to run twistd by hand)
                 peer.port, peer.admin_port = free_ports(2)
                 peer.write_config()

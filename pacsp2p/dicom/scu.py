@@ -1,0 +1,566 @@
+"""A Twisted-native DICOM Storage SCU: one association to a C-STORE SCP, run in the reactor.
+
+Why not pynetdicom here: pynetdicom sends a C-STORE from its own threads, decodes and
+re-encodes the data set, and busy-waits between PDUs. This SCU sends a stored instance's
+data set bytes as they are on disk: the file is read in chunks in a thread pool (never in
+the reactor), each chunk is framed into P-DATA-TF PDUs of the acceptor's maximum length and
+written with one ``transport.write``. The protocol is a streaming producer for its
+transport, so a slow acceptor pauses the reading and memory stays bounded (one chunk per
+queued C-STORE plus the transport's buffer).
+
+    scu = yield associate(reactor, host, port, called_ae="STORESCP", calling_ae="PACSP2P",
+                          contexts=[(sop_class_uid, [transfer_syntax_uid, ...]), ...])
+    status = yield scu.store(sop_class, sop_instance_uid, transfer_syntax, fileobj)
+    yield scu.release()
+
+``store`` may be called again before the previous C-STORE answered: requests are queued
+and sent one at a time (one outstanding operation, as negotiated by default), and the next
+instance's first chunk is read while the previous one is still on the wire.
+
+Association PDUs are decoded with pynetdicom's PDU classes; the few PDUs we send
+(A-ASSOCIATE-RQ, A-RELEASE-RQ/RP, A-ABORT, P-DATA-TF) are built by hand (PS3.8 9.3).
+Failures are Deferred errors: ``ConnectFailed``, ``AssociationRejected``,
+``AssociationAborted`` (also a lost connection), ``DimseTimeout``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from collections import deque
+
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from pacsp2p import __version__
+
+log = Logger()
+
+APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
+IMPLEMENTATION_UID = b"1.2.826.0.1.3680043.10.1406.1"
+IMPLEMENTATION_VERSION = f"PACSP2P_{__version__}"[:16].encode("ascii")
+CHUNK = 1 << 20                  # bytes read from a file per thread hop
+_PDV = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, PDV length, context, control
+_PDU_HEAD = struct.Struct(">BBI")
+_ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
+C_STORE_RSP = 0x8001
+
+
+class SCUError(Exception):
+    """Base of the errors this SCU reports."""
+
+
+class ConnectFailed(SCUError):
+    """No TCP connection to the acceptor."""
+
+
+class AssociationRejected(SCUError):
+    """The acceptor answered A-ASSOCIATE-RJ."""
+
+    def __init__(self, result: str, source: str, reason: str):
+        super().__init__(f"association rejected ({result}) by {source}: {reason}")
+        self.result, self.source, self.reason = result, source, reason
+
+
+class AssociationAborted(SCUError):
+    """The association ended before an operation finished (A-ABORT or connection lost)."""
+
+
+class DimseTimeout(SCUError):
+    """No answer (A-ASSOCIATE-AC, C-STORE-RSP or A-RELEASE-RP) in time: the association
+    was aborted."""
+
+
+class NotAccepted(SCUError):
+    """No accepted presentation context for this SOP class and transfer syntax."""
+
+
+# -- the shared reading pool -------------------------------------------------------------
+
+_pools: dict = {}
+
+
+def file_pool(reactor) -> ThreadPool:
+    """The thread pool that reads instance files for sending (one per reactor)."""
+    pool = _pools.get(id(reactor))
+    if pool is None:
+        pool = ThreadPool(1, 4, "dicom-send")
+        pool.start()
+        _pools[id(reactor)] = pool
+
+        def stop():
+            _pools.pop(id(reactor), None)
+            pool.stop()
+        reactor.addSystemEventTrigger("during", "shutdown", stop)
+    return pool
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+def _item(item_type: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(payload)) + payload
+
+
+def _ae(title: str) -> bytes:
+    return title.encode("ascii")[:16].ljust(16)
+
+
+def associate_rq(called_ae: str, calling_ae: str, contexts) -> bytes:
+    """A-ASSOCIATE-RQ for *contexts* [(context id, abstract syntax, [transfer syntaxes])];
+    our maximum PDU length is 0 (unlimited)."""
+    items = [_item(0x10, APPLICATION_CONTEXT)]
+    for cid, abstract, syntaxes in contexts:
+        sub = _item(0x30, abstract.encode("ascii")) + b"".join(
+            _item(0x40, ts.encode("ascii")) for ts in syntaxes)
+        items.append(_item(0x20, bytes((cid, 0, 0, 0)) + sub))
+    items.append(_item(0x50, _item(0x51, struct.pack(">I", 0))
+                       + _item(0x52, IMPLEMENTATION_UID) + _item(0x55, IMPLEMENTATION_VERSION)))
+    body = struct.pack(">HH", 1, 0) + _ae(called_ae) + _ae(calling_ae) + bytes(32) + b"".join(items)
+    return _PDU_HEAD.pack(0x01, 0, len(body)) + body
+
+
+RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+
+def abort_pdu(source: int = 0, reason: int = 0) -> bytes:
+    return b"\x07\x00\x00\x00\x00\x04\x00\x00" + bytes((source, reason))
+
+
+def _element(elem: int, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0"
+    return _ELEMENT.pack(0, elem, len(value)) + value
+
+
+def c_store_rq(msg_id: int, sop_class: str, sop_instance: str,
+               originator_ae: str | None = None, originator_msg_id: int | None = None) -> bytes:
+    """C-STORE-RQ command set (implicit VR little endian, PS3.7 9.3.1.1)."""
+    us = struct.Struct("<H").pack
+    body = [_element(0x0002, sop_class.encode("ascii")),
+            _element(0x0100, us(0x0001)),                 # CommandField: C-STORE-RQ
+            _element(0x0110, us(msg_id)),
+            _element(0x0700, us(0x0000)),                 # Priority: medium
+            _element(0x0800, us(0x0000)),                 # CommandDataSetType: present
+            _element(0x1000, sop_instance.encode("ascii"))]
+    if originator_ae:
+        title = originator_ae.encode("ascii")[:16]
+        body.append(_element(0x1030, title + b" " * (len(title) % 2)))
+        body.append(_element(0x1031, us(originator_msg_id or 0)))
+    body = b"".join(body)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def command_elements(data: bytes) -> dict[int, bytes]:
+    """{element: value} of a command set (group 0000, implicit VR little endian)."""
+    out, pos, end = {}, 0, len(data)
+    while pos + 8 <= end:
+        group, elem, length = _ELEMENT.unpack_from(data, pos)
+        pos += 8
+        if group == 0:
+            out[elem] = data[pos:pos + length]
+        pos += length
+    return out
+
+
+def frame(context_id: int, data, max_data: int, command: bool, last: bool) -> list:
+    """P-DATA-TF PDUs (one PDV each, at most *max_data* bytes of *data*) as buffers."""
+    mv, n, pos, parts = memoryview(data), len(data), 0, []
+    kind = 1 if command else 0
+    while True:
+        end = min(pos + max_data, n)
+        size = end - pos
+        control = kind | (2 if last and end == n else 0)
+        parts.append(_PDV.pack(0x04, 0, size + 6, size + 2, context_id, control))
+        parts.append(mv[pos:end])
+        pos = end
+        if pos >= n:
+            return parts
+
+
+# -- reading (thread pool) --------------------------------------------------------------------
+
+def _remaining(f) -> int:
+    try:
+        return os.fstat(f.fileno()).st_size - f.tell()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pos = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(pos)
+        return end - pos
+
+
+def _read(f, want: int | None) -> tuple[bytes, int]:
+    """(chunk, bytes left after it) of *f*; *want* None: the first chunk. Closes *f* at
+    the end. A file shorter than its size is an error."""
+    try:
+        left = _remaining(f) if want is None else want
+        data = f.read(min(CHUNK, left))
+        if len(data) != min(CHUNK, left):
+            raise OSError(f"file ended early: {len(data)} of {min(CHUNK, left)} bytes")
+        left -= len(data)
+    except BaseException:
+        f.close()
+        raise
+    if left == 0:
+        f.close()
+    return data, left
+
+
+def _close(f) -> None:
+    f.close()
+
+
+# -- the protocol -------------------------------------------------------------------------------
+
+class _Store:
+    """One queued C-STORE: its command, its file, the chunk read ahead, its result."""
+
+    def __init__(self, msg_id, cid, command, f, label):
+        self.msg_id, self.cid, self.command, self.f, self.label = msg_id, cid, command, f, label
+        self.result = defer.Deferred()
+        self.chunk = None           # (bytes, left) read and not yet sent
+        self.reading = False
+        self.started = False        # command sent
+        self.sent_all = False
+        self.done = False
+
+
+class StorageSCU(protocol.Protocol):
+    """One association as requestor (see the module docstring). Use ``associate()``."""
+
+    def __init__(self, reactor, pool, called_ae, calling_ae, contexts, acse_timeout,
+                 dimse_timeout):
+        self.reactor, self.pool = reactor, pool
+        self.called_ae, self.calling_ae = called_ae, calling_ae
+        self.proposed = [(2 * i + 1, a, list(t)) for i, (a, t) in enumerate(contexts)]
+        self.acse_timeout, self.dimse_timeout = acse_timeout, dimse_timeout
+        self.accepted: dict[tuple[str, str], int] = {}   # (abstract, ts) -> context id
+        self.max_data = CHUNK                            # PDV data bytes per PDU
+        self.established = defer.Deferred()
+        self._buf = bytearray()
+        self._cmd = bytearray()
+        self._queue: deque[_Store] = deque()
+        self._paused = False
+        self._msg_id = 0
+        self._timer = None
+        self._release = None
+        self._error: Exception | None = None
+        self.state = "connecting"
+
+    # -- public ---------------------------------------------------------------------------
+    def context_for(self, sop_class: str, transfer_syntax: str) -> int | None:
+        return self.accepted.get((sop_class, transfer_syntax))
+
+    def syntaxes_for(self, sop_class: str) -> list[str]:
+        """Transfer syntaxes accepted for *sop_class*, in the order they were proposed."""
+        return [ts for (a, ts) in self.accepted if a == sop_class]
+
+    def store(self, sop_class: str, sop_instance_uid: str, transfer_syntax: str, f,
+              originator_ae: str | None = None, originator_msg_id: int | None = None):
+        """Deferred[C-STORE-RSP status] for the data set read from *f* (positioned at the
+        data set's first byte, encoded in *transfer_syntax*). The SCU closes *f*."""
+        if self.state != "established":
+            self._close_file(f)
+            return defer.fail(self._error or AssociationAborted(
+                f"association to {self.called_ae} is {self.state}"))
+        cid = self.context_for(sop_class, transfer_syntax)
+        if cid is None:
+            self._close_file(f)
+            return defer.fail(NotAccepted(
+                f"{self.called_ae} accepted no context for {sop_class} in {transfer_syntax}"))
+        self._msg_id = self._msg_id % 0xFFFF + 1
+        op = _Store(self._msg_id, cid, c_store_rq(self._msg_id, sop_class, sop_instance_uid,
+                                                  originator_ae, originator_msg_id),
+                    f, sop_instance_uid)
+        self._queue.append(op)
+        self._read_next(op, None)
+        if len(self._queue) == 1:
+            self._pump()
+        return op.result
+
+    def drop_queued(self) -> int:
+        """Fail (with ``defer.CancelledError``) the C-STOREs not yet begun; their count."""
+        dropped = [op for op in self._queue if not op.started]
+        for op in dropped:
+            self._queue.remove(op)
+            self._finish(op, error=defer.CancelledError("not sent"))
+        return len(dropped)
+
+    def release(self):
+        """Deferred[None]: A-RELEASE once the queued C-STOREs are answered."""
+        if self.state != "established":
+            return defer.succeed(None)
+        self._release = defer.Deferred()
+        if not self._queue:
+            self._send_release()
+        return self._release
+
+    def abort(self) -> None:
+        if self.transport is not None and self.state not in ("closed", "aborted"):
+            self.transport.write(abort_pdu())
+            self._fail(AssociationAborted(f"association to {self.called_ae} aborted by us"),
+                       "aborted")
+
+    # -- connection -------------------------------------------------------------------------
+    def connectionMade(self):
+        self.transport.setTcpNoDelay(True)
+        self.transport.registerProducer(self, True)
+        self.state = "requested"
+        self.transport.write(associate_rq(self.called_ae, self.calling_ae, self.proposed))
+        self._arm(self.acse_timeout, "no A-ASSOCIATE response")
+
+    def connectionLost(self, reason):
+        self._disarm()
+        if self.state == "released":
+            self.state = "closed"
+            if self._release is not None and not self._release.called:
+                self._release.callback(None)
+            return
+        self._fail(self._error or AssociationAborted(
+            f"connection to {self.called_ae} lost: {reason.getErrorMessage()}"), "closed")
+
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self):
+        self._paused = True
+
+    # -- timers -------------------------------------------------------------------------------
+    def _arm(self, seconds, what):
+        self._disarm()
+        if seconds:
+            self._timer = self.reactor.callLater(seconds, self._timed_out, what, seconds)
+
+    def _disarm(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, what, seconds):
+        self._timer = None
+        log.warn("association to {ae}: {what} within {s} s: aborting", ae=self.called_ae,
+                 what=what, s=seconds)
+        if self.transport is not None:
+            self.transport.write(abort_pdu())
+        self._fail(DimseTimeout(f"{self.called_ae}: {what} within {seconds} s"), "aborted")
+
+    # -- failure ---------------------------------------------------------------------------------
+    def _fail(self, error: Exception, state: str) -> None:
+        if self.state in ("closed", "aborted"):
+            return
+        self.state = state
+        self._error = error
+        self._disarm()
+        if not self.established.called:
+            self.established.errback(error)
+        while self._queue:
+            self._finish(self._queue.popleft(), error=error)
+        if self._release is not None and not self._release.called:
+            self._release.errback(error)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _finish(self, op: _Store, status=None, error=None) -> None:
+        if op.done:
+            return
+        op.done = True
+        if not op.sent_all and op.f is not None and not op.reading:
+            self._close_file(op.f)          # a chunk read closes the file itself
+        op.chunk = None
+        if error is not None:
+            op.result.errback(error)
+        else:
+            op.result.callback(status)
+
+    def _close_file(self, f):
+        self.pool.callInThread(_close, f)
+
+    # -- sending -------------------------------------------------------------------------------
+    def _read_next(self, op: _Store, left):
+        op.reading = True
+        d = deferToThreadPool(self.reactor, self.pool, _read, op.f, left)
+        d.addCallbacks(self._chunk_read, self._read_failed, callbackArgs=(op,),
+                       errbackArgs=(op,))
+
+    def _chunk_read(self, chunk, op: _Store):
+        op.reading = False
+        if op.done:
+            if chunk[1]:
+                self._close_file(op.f)
+            return
+        op.chunk = chunk
+        if self._queue and self._queue[0] is op:
+            self._pump()
+
+    def _read_failed(self, failure, op: _Store):
+        op.reading = False
+        if op.done:
+            return
+        log.error("cannot read {uid} for sending: {err}", uid=op.label,
+                  err=failure.getErrorMessage())
+        if op.started:      # part of the data set is on the wire: only an abort ends it
+            self.abort()
+        else:
+            self._queue.remove(op)
+            self._finish(op, error=failure.value)
+            self._pump()
+
+    def _pump(self):
+        """Send what the head of the queue has ready, unless the transport is full."""
+        if self.state != "established":
+            return
+        if not self._queue:
+            if self._release is not None:
+                self._send_release()
+            return
+        op = self._queue[0]
+        out = []
+        if not op.started:
+            op.started = True
+            out += frame(op.cid, op.command, self.max_data, command=True, last=True)
+            self._arm(self.dimse_timeout, f"C-STORE of {op.label} made no progress")
+        while op.chunk is not None and not op.sent_all and not self._paused:
+            data, left = op.chunk
+            op.chunk = None
+            out += frame(op.cid, data, self.max_data, command=False, last=left == 0)
+            if left:
+                self._read_next(op, left)       # read ahead while this chunk drains
+                if self._timer is not None:
+                    self._timer.reset(self.dimse_timeout)
+            else:
+                op.sent_all = True
+                self._arm(self.dimse_timeout, f"no C-STORE-RSP for {op.label}")
+        if out:
+            self.transport.write(b"".join(out))
+
+    def _send_release(self):
+        self.state = "releasing"
+        self.transport.write(RELEASE_RQ)
+        self._arm(self.acse_timeout, "no A-RELEASE-RP")
+
+    # -- receiving ---------------------------------------------------------------------------------
+    def dataReceived(self, data: bytes):
+        buf = self._buf
+        buf += data
+        while len(buf) >= 6:
+            pdu_type, _, length = _PDU_HEAD.unpack_from(buf, 0)
+            if len(buf) < 6 + length:
+                return
+            pdu = bytes(buf[:6 + length])
+            del buf[:6 + length]
+            self._pdu(pdu_type, pdu)
+            if self.state in ("closed", "aborted"):
+                return
+
+    def _pdu(self, pdu_type: int, pdu: bytes):
+        if pdu_type == 0x04 and self.state in ("established", "releasing"):
+            self._p_data(pdu)
+        elif pdu_type == 0x02 and self.state == "requested":
+            self._accepted(pdu)
+        elif pdu_type == 0x03 and self.state == "requested":
+            rj = A_ASSOCIATE_RJ()
+            rj.decode(pdu)
+            self._fail(AssociationRejected(rj.result_str, rj.source_str, rj.reason_str),
+                       "closed")
+        elif pdu_type == 0x06 and self.state == "releasing":
+            self._disarm()
+            self.state = "released"
+            self.transport.loseConnection()
+        elif pdu_type == 0x05:
+            self.transport.write(RELEASE_RP)
+            self.state = "released"
+            self.transport.loseConnection()
+        elif pdu_type == 0x07:
+            ab = A_ABORT_RQ()
+            ab.decode(pdu)
+            self._fail(AssociationAborted(
+                f"{self.called_ae} aborted the association "
+                f"(source {ab.source}, reason {ab.reason_diagnostic})"), "aborted")
+        else:
+            log.warn("unexpected PDU type {t} from {ae} in state {s}: aborting",
+                     t=pdu_type, ae=self.called_ae, s=self.state)
+            self.transport.write(abort_pdu(2, 2))
+            self._fail(AssociationAborted(f"unexpected PDU type {pdu_type} from "
+                                          f"{self.called_ae}"), "aborted")
+
+    def _accepted(self, pdu: bytes):
+        self._disarm()
+        ac = A_ASSOCIATE_AC()
+        ac.decode(pdu)
+        proposed = {cid: (a, ts) for cid, a, ts in self.proposed}
+        for item in ac.presentation_context:
+            if item.result == 0 and item.context_id in proposed and item.transfer_syntax:
+                abstract, offered = proposed[item.context_id]
+                ts = str(item.transfer_syntax)
+                if ts in offered:
+                    self.accepted.setdefault((abstract, ts), item.context_id)
+        info = ac.user_information
+        max_len = getattr(info, "maximum_length", None) if info is not None else None
+        if max_len:
+            self.max_data = max(max_len - 6, 1)
+        self.state = "established"
+        self.established.callback(self)
+
+    def _p_data(self, pdu: bytes):
+        pos, end = 6, len(pdu)
+        while pos + 6 <= end:
+            (length,) = struct.unpack_from(">I", pdu, pos)
+            control = pdu[pos + 5]
+            if control & 1:
+                self._cmd += pdu[pos + 6:pos + 4 + length]
+                if control & 2:
+                    command, self._cmd = bytes(self._cmd), bytearray()
+                    self._command(command)
+            pos += 4 + length
+
+    def _command(self, data: bytes):
+        el = command_elements(data)
+        field = struct.unpack("<H", el.get(0x0100, b"\0\0")[:2])[0]
+        answered = struct.unpack("<H", el.get(0x0120, b"\0\0")[:2])[0]
+        if field != C_STORE_RSP or not self._queue or self._queue[0].msg_id != answered \
+                or not self._queue[0].sent_all:
+            log.warn("unexpected DIMSE message {f:#06x} (answers {m}) from {ae}: aborting",
+                     f=field, m=answered, ae=self.called_ae)
+            self.abort()
+            return
+        self._disarm()
+        status = struct.unpack("<H", el.get(0x0900, b"\0\0")[:2])[0]
+        op = self._queue.popleft()
+        self._finish(op, status=status)
+        self._pump()
+
+
+class _Factory(protocol.Factory):
+    def __init__(self, make):
+        self.make = make
+
+    def buildProtocol(self, addr):
+        return self.make()
+
+
+@defer.inlineCallbacks
+def associate(reactor, host: str, port: int, *, called_ae: str, calling_ae: str, contexts,
+              connect_timeout: float = 10, acse_timeout: float = 30,
+              dimse_timeout: float = 120, pool: ThreadPool | None = None):
+    """Deferred[StorageSCU]: an established association proposing *contexts*
+    [(abstract syntax, [transfer syntaxes])] (at most 128)."""
+    pool = pool or file_pool(reactor)
+    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=connect_timeout)
+    factory = _Factory(lambda: StorageSCU(reactor, pool, called_ae, calling_ae, contexts,
+                                          acse_timeout, dimse_timeout))
+    try:
+        scu = yield endpoint.connect(factory)
+    except Exception as e:
+        raise ConnectFailed(f"cannot connect to {called_ae}@{host}:{port}: {e}") from e
+    result = yield scu.established
+    return result
