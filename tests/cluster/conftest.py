@@ -6,7 +6,7 @@ stopped by PID at teardown.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import pytest
 
@@ -15,11 +15,13 @@ from pacsp2p.testing.cluster import Cluster
 
 @pytest.fixture(scope="module")
 def make_cluster(tmp_path_factory):
-    """Factory: make_cluster(n, destinations=None) -> Cluster of n meshed peers."""
+    """Factory: make_cluster(n, destinations=None, config=None) -> Cluster of n meshed
+    peers (*config* deep-merged into every peer's config)."""
     made: list[Cluster] = []
 
-    def factory(n: int, destinations: Mapping[str, str] | None = None) -> Cluster:
-        cluster = Cluster(tmp_path_factory.mktemp("cluster"), destinations)
+    def factory(n: int, destinations: Mapping[str, str] | None = None,
+                config: Mapping[str, Any] | None = None) -> Cluster:
+        cluster = Cluster(tmp_path_factory.mktemp("cluster"), destinations, config)
         made.append(cluster)
         cluster.start(n)
         cluster.wait_mesh()
