@@ -20,7 +20,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pydicom.dataset import Dataset
 
-from pacsp2p.testing import StoreSCP, dataset_sha256, dcmtk, echo, findscu, storescu
+from pacsp2p.testing import dcmtk, echo, findscu, storescu
 from pacsp2p.testing import datasets, free_port
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.dcmtk import _meta_end

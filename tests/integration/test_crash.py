@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread

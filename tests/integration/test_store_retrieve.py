@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          MRImageStorage, RLELossless)
