@@ -4,6 +4,7 @@ C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET. pynetdicom runs every association in 
 thread; handlers here reach the cluster API only through ``blockingCallFromThread`` and
 never touch SQL or file paths of archives. Received datasets are streamed to a file by
 pynetdicom (``STORE_RECV_CHUNKED_DATASET``) and never decoded beyond their header.
+C-MOVE is served by ``pacsp2p.dicom.move`` (stored bytes sent by the native SCU).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pynetdicom import AE, _config, evt
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.logger import Logger
 
-from pacsp2p.dicom import contexts
+from pacsp2p.dicom import contexts, move
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.identifiers import IdentifierError, to_dataset, to_query
 
@@ -33,7 +34,6 @@ _config.LOG_HANDLER_LEVEL = "none"
 SUCCESS, PENDING, CANCEL = 0x0000, 0xFF00, 0xFE00
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
-MOVE_DEST_UNKNOWN = 0xA801
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 UNABLE_TO_PROCESS = 0xC001
@@ -76,13 +76,13 @@ class Facade:
         if self.fs.allowed_calling_aes:
             ae.require_calling_aet = list(self.fs.allowed_calling_aes)
         contexts.add_supported(ae)
+        move.install(ae, self)          # C-MOVE: pacsp2p.dicom.move, not an evt handler
         self.ae = ae
         handlers = [
             (evt.EVT_CONN_OPEN, _nodelay),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
-            (evt.EVT_C_MOVE, self.on_move),
             (evt.EVT_C_GET, self.on_get),
             (evt.EVT_REJECTED, self.on_rejected),
         ]
@@ -155,7 +155,7 @@ class Facade:
                 return
             yield PENDING, to_dataset(row, requested, query.level)
 
-    # -- C-MOVE / C-GET --------------------------------------------------------------
+    # -- C-GET (C-MOVE: pacsp2p.dicom.move) --------------------------------------------
     def _resolve(self, event, table):
         root = table.get(event.context.abstract_syntax, "STUDY")
         query, _ = to_query(event.identifier, root)
@@ -170,33 +170,6 @@ class Facade:
         except Exception as e:
             log.error("sub-operation for {uid} failed: {err}", uid=ref.sop_instance_uid, err=e)
             return _unsendable(ref)
-
-    def on_move(self, event):
-        dest_ae = event.move_destination.decode("ascii", "replace").strip() \
-            if isinstance(event.move_destination, bytes) else str(event.move_destination).strip()
-        dest = self.settings.destinations.get(dest_ae)
-        if dest is None:
-            log.warn("C-MOVE to unknown destination {ae}", ae=dest_ae)
-            yield None, None
-            return
-        try:
-            retrieval = self._resolve(event, contexts.QR_MOVE)
-        except IdentifierError as e:
-            log.warn("C-MOVE: {err}", err=e)
-            yield dest.host, dest.port, {"ae_title": dest.ae_title, "contexts": []}
-            yield 0
-            return
-        refs = retrieval.refs
-        pairs = {(r.sop_class_uid, r.transfer_syntax_uid) for r in refs}
-        yield dest.host, dest.port, {"ae_title": dest.ae_title,
-                                     "contexts": contexts.for_sending(pairs) or None,
-                                     "evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)]}
-        yield len(refs)
-        for ref in refs:
-            if event.is_cancelled:
-                yield CANCEL, None
-                return
-            yield PENDING, self._load(retrieval, ref)
 
     def on_get(self, event):
         try:

@@ -1,0 +1,279 @@
+"""Delivery: the C-STORE sub-operations of one C-MOVE, run in the reactor.
+
+A ``Delivery`` opens one association to the move destination with the native SCU
+(``pacsp2p.dicom.scu``), proposing each SOP class in the exact transfer syntaxes the
+instances are stored in (plus the uncompressed ones), and sends every instance of a
+``Retrieval`` as the stored data set bytes: the file meta header is skipped, nothing is
+decoded. Up to ``window`` instances are opened and read ahead while one is on the wire.
+An instance whose stored syntax the destination did not accept is decoded and re-encoded
+(content kept) into an accepted uncompressed syntax, in the file pool.
+
+Progress goes, as ``Progress`` snapshots, to ``events`` (a thread-safe queue) that the
+C-MOVE association thread reads. ``cancel()`` (reactor thread) stops starting new
+sub-operations; the one on the wire finishes and is counted.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import struct
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import encode
+from pynetdicom.status import code_to_category
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pacsp2p.dicom import contexts, scu
+
+log = Logger()
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+             b"UR", b"UT", b"UV"}
+_HEAD = 16384
+
+
+class BadFile(Exception):
+    """A stored file that is not a DICOM Part-10 file we can send."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Counts of a delivery; the last one has ``done`` set."""
+
+    remaining: int
+    completed: int
+    failed: int
+    warning: int
+    done: bool = False
+    cancelled: bool = False
+    error: str | None = None          # the destination could not be reached
+    failed_uids: tuple[str, ...] = ()
+
+
+def dataset_start(f) -> tuple[str, str]:
+    """Position *f* at the data set after the File Meta Information (group 0002);
+    return (transfer syntax UID, media storage SOP instance UID). The end of group 0002
+    is found by walking its elements and checked against its group length."""
+    head = f.read(_HEAD)
+    if len(head) < 144 or head[128:132] != b"DICM":
+        raise BadFile("not a DICOM Part-10 file (no 'DICM' after the preamble)")
+    pos, values, group_length, meta_start = 132, {}, None, 0
+    for _ in range(10000):
+        if pos + 8 > len(head):
+            more = f.read(_HEAD)
+            if not more:
+                break
+            head += more
+            continue
+        group, elem = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            break
+        vr = head[pos + 4:pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > len(head):
+                more = f.read(_HEAD)
+                if not more:
+                    raise BadFile("file meta information ends early")
+                head += more
+                continue
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            start = pos + 8
+        while start + length > len(head):
+            more = f.read(max(_HEAD, start + length - len(head)))
+            if not more:
+                raise BadFile("file meta information ends early")
+            head += more
+        values[elem] = head[start:start + length]
+        if elem == 0 and length == 4:
+            group_length = struct.unpack_from("<I", head, start)[0]
+            meta_start = start + 4
+        pos = start + length
+    if group_length is not None and meta_start + group_length != pos:
+        log.warn("file meta group length {gl} disagrees with its elements ({n}): "
+                 "using the elements", gl=group_length, n=pos - meta_start)
+    ts = values.get(0x0010, b"").rstrip(b"\0 ").decode("ascii", "replace")
+    if not ts:
+        raise BadFile("file meta information has no transfer syntax")
+    f.seek(pos)
+    return ts, values.get(0x0003, b"").rstrip(b"\0 ").decode("ascii", "replace")
+
+
+def convert(f, target: str) -> io.BytesIO:
+    """The data set of Part-10 file *f* re-encoded in uncompressed *target* (decompressed
+    first if needed; the SOP Instance UID is kept). Closes *f*."""
+    with f:
+        f.seek(0)
+        ds = dcmread(f)
+    if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    target = UID(target)
+    return io.BytesIO(encode(ds, target.is_implicit_VR, target.is_little_endian))
+
+
+def _close(f) -> None:
+    f.close()
+
+
+class Delivery:
+    """Send a Retrieval's instances to *destination* (config.Destination) as *calling_ae*."""
+
+    def __init__(self, retrieval, destination, calling_ae: str, reactor, *,
+                 originator_ae: str | None = None, originator_msg_id: int | None = None,
+                 window: int = 3, connect_timeout: float = 10, acse_timeout: float = 30,
+                 dimse_timeout: float = 120):
+        self.retrieval = retrieval
+        self.refs = list(retrieval.refs)
+        self.destination = destination
+        self.calling_ae = calling_ae
+        self.reactor = reactor
+        self.pool = scu.file_pool(reactor)
+        self.originator = (originator_ae, originator_msg_id)
+        self.window = window
+        self.timeouts = dict(connect_timeout=connect_timeout, acse_timeout=acse_timeout,
+                             dimse_timeout=dimse_timeout)
+        self.events: queue.SimpleQueue[Progress] = queue.SimpleQueue()
+        self.completed = self.failed = self.warning = 0
+        self.failed_uids: list[str] = []
+        self.cancelled = False
+        self.error: str | None = None
+        self.finished = defer.Deferred()
+        self._scu = None
+        self._next = 0
+        self._active = 0
+        self._closing = False
+
+    @property
+    def remaining(self) -> int:
+        return len(self.refs) - self.completed - self.failed - self.warning
+
+    def progress(self, done: bool = False) -> Progress:
+        return Progress(self.remaining, self.completed, self.failed, self.warning, done,
+                        self.cancelled, self.error,
+                        tuple(self.failed_uids) if done else ())
+
+    # -- control (reactor thread) --------------------------------------------------------
+    def start(self):
+        """Deferred[Progress] of the end of the delivery."""
+        self._connect()
+        return self.finished
+
+    def cancel(self) -> None:
+        if self.cancelled or self.finished.called:
+            return
+        self.cancelled = True
+        if self._scu is not None:
+            self._scu.drop_queued()
+        self._fill()
+
+    # -- the run ---------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def _connect(self):
+        dest = self.destination
+        pairs = {(r.sop_class_uid, r.transfer_syntax_uid) for r in self.refs}
+        proposed = [(cx.abstract_syntax, list(cx.transfer_syntax))
+                    for cx in contexts.for_sending(pairs)]
+        try:
+            self._scu = yield scu.associate(self.reactor, dest.host, dest.port,
+                                            called_ae=dest.ae_title,
+                                            calling_ae=self.calling_ae, contexts=proposed,
+                                            pool=self.pool, **self.timeouts)
+        except Exception as e:
+            self.error = str(e)
+            log.error("C-MOVE to {ae}: {err}", ae=dest.ae_title, err=e)
+            self._end()
+            return
+        self._fill()
+
+    def _fill(self):
+        if self._closing:
+            return
+        while (not self.cancelled and self._active < self.window
+               and self._next < len(self.refs)):
+            ref = self.refs[self._next]
+            self._next += 1
+            self._active += 1
+            self._one(ref).addBoth(self._one_done, ref)
+        if self._active == 0 and (self.cancelled or self._next >= len(self.refs)):
+            self._closing = True
+            self._close()
+
+    @defer.inlineCallbacks
+    def _one(self, ref):
+        f = yield self.retrieval.open(ref)
+        if self.cancelled:
+            self.pool.callInThread(_close, f)
+            raise defer.CancelledError()
+        try:
+            ts, uid = yield deferToThreadPool(self.reactor, self.pool, dataset_start, f)
+            if uid and uid != ref.sop_instance_uid:
+                raise BadFile(f"the stored file holds {uid}")
+        except Exception:
+            self.pool.callInThread(_close, f)
+            raise
+        sop_class = ref.sop_class_uid
+        if self._scu.context_for(sop_class, ts) is None:
+            target = next((t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+                           if self._scu.context_for(sop_class, t) is not None), None)
+            if target is None:
+                self.pool.callInThread(_close, f)
+                raise scu.NotAccepted(f"{self.destination.ae_title} accepted {sop_class} "
+                                      f"in none of {ts} or an uncompressed syntax")
+            log.info("{uid}: destination did not accept {ts}; sending it as {to}",
+                     uid=ref.sop_instance_uid, ts=ts, to=target)
+            f = yield deferToThreadPool(self.reactor, self.pool, convert, f, target)
+            ts = target
+        if self.cancelled:
+            self.pool.callInThread(_close, f)
+            raise defer.CancelledError()
+        status = yield self._scu.store(sop_class, ref.sop_instance_uid, ts, f,
+                                       *self.originator)
+        return status
+
+    def _one_done(self, result, ref):
+        self._active -= 1
+        uid = ref.sop_instance_uid
+        if isinstance(result, Failure):
+            if result.check(defer.CancelledError):
+                pass                                    # stays remaining
+            else:
+                self.failed += 1
+                self.failed_uids.append(uid)
+                log.error("sub-operation for {uid} failed: {err}", uid=uid,
+                          err=result.getErrorMessage())
+        else:
+            category = code_to_category(result)
+            if category == "Success":
+                self.completed += 1
+            elif category == "Warning":
+                self.warning += 1
+            else:
+                self.failed += 1
+                self.failed_uids.append(uid)
+                log.warn("{ae} answered {status:#06x} to the C-STORE of {uid}",
+                         ae=self.destination.ae_title, status=result, uid=uid)
+        self.events.put(self.progress())
+        self._fill()
+
+    @defer.inlineCallbacks
+    def _close(self):
+        if self._scu is not None:
+            try:
+                yield self._scu.release()
+            except Exception as e:
+                log.warn("release of the association to {ae}: {err}",
+                         ae=self.destination.ae_title, err=e)
+        self._end()
+
+    def _end(self):
+        final = self.progress(done=True)
+        self.events.put(final)
+        self.finished.callback(final)
