@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IHandshakeListener
@@ -47,6 +47,9 @@ class MemberInfo:
     incarnation: float = 0.0
     archives: list = field(default_factory=list, hash=False)   # [[name, site], ...]
     site: str | None = None
+
+
+_INFO_FIELDS = frozenset(f.name for f in fields(MemberInfo))
 
 
 @dataclass
@@ -266,7 +269,8 @@ class Membership:
             self.dial_failed(link.member)
 
     def learn(self, info: dict, link=None) -> Member:
-        info = MemberInfo(**info)
+        # keys a newer peer of the same protocol adds are ignored (rolling upgrades)
+        info = MemberInfo(**{k: v for k, v in info.items() if k in _INFO_FIELDS})
         member = self.members.get(info.name)
         if not info.host:                   # no advertised address: where it dialled from
             host = link.address.host if link is not None else (

@@ -481,3 +481,65 @@ def test_partition_heals_and_digests_converge(cluster, studies):
                                                "PatientID": "OVL0004", "StudyInstanceUID": "",
                                                "NumberOfStudyRelatedInstances": ""})
     assert [int(r.NumberOfStudyRelatedInstances) for r in rows] == [len(studies[4])]
+
+
+# -- mixed versions: a Hello from a peer of the same protocol with more member info ------
+# (last in this file: the peer it introduces stays in the members lists as "joining")
+
+def _amp_call(sock, command: str, **arguments: str) -> dict[str, str]:
+    """One AMP command on a raw (TLS) socket; the answer or error box as {key: value}."""
+    from twisted.protocols.amp import AmpBox
+    box = AmpBox(_command=command.encode(), _ask=b"1",
+                 **{k: v.encode() for k, v in arguments.items()})
+    sock.sendall(box.serialize())
+    buf = b""
+
+    def take(n):
+        nonlocal buf
+        while len(buf) < n:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"link closed instead of answering {command} "
+                                     f"(got {buf!r})")
+            buf += chunk
+        out, buf = buf[:n], buf[n:]
+        return out
+
+    answer = {}
+    while True:
+        key_len = int.from_bytes(take(2), "big")
+        if key_len == 0:
+            return answer
+        key = take(key_len).decode()
+        answer[key] = take(int.from_bytes(take(2), "big")).decode(errors="replace")
+
+
+def test_hello_from_a_newer_peer_of_the_same_protocol(cluster):
+    """Peers of one overlay protocol version link up even if one gossips member info
+    the other does not know (a rolling upgrade); another protocol version is told so
+    in plain words."""
+    import json
+    from pacsp2p.overlay.commands import PROTOCOL
+    a = cluster[0]
+    port = cluster.overlay_ports[a.name][0]
+    probe_dir = cluster.root / "newer-tls"
+    tls.issue(cluster.ca_dir, "peerz", out=probe_dir)
+    ctx = _tls_client(cluster.ca_dir, probe_dir, "peerz")
+    info = {"name": "peerz", "host": LOOPBACK, "port": 9, "bulk_port": 9,
+            "facade_ae": "PEERZ", "facade_port": 0, "incarnation": time.time()}
+    with socket.create_connection((LOOPBACK, port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="peera") as s:
+        s.settimeout(5)
+        answer = _amp_call(s, "Hello", name="peerz", protocol=str(PROTOCOL + 1),
+                           software="99.0", info=json.dumps(info))
+    assert answer.get("_error_code") == "INCOMPATIBLE_PROTOCOL", answer
+    assert "upgrade" in answer.get("_error_description", ""), answer
+    with socket.create_connection((LOOPBACK, port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="peera") as s:
+        s.settimeout(5)
+        answer = _amp_call(s, "Hello", name="peerz", protocol=str(PROTOCOL),
+                           software="99.0",
+                           info=json.dumps({**info, "a_field_from_the_future": [1, 2]}))
+    assert "_error_code" not in answer, answer
+    assert answer.get("name") == "peera" and answer.get("protocol") == str(PROTOCOL), answer
+    assert "peerz" in members(a)
