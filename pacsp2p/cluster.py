@@ -6,6 +6,8 @@ archive, which peer). Called from the reactor thread; everything returns a Defer
 
 from __future__ import annotations
 
+import collections
+
 from twisted.internet import defer
 
 from pacsp2p import __version__
@@ -21,6 +23,8 @@ class Cluster:
         self.archives = {a.name: a for a in archives}
         self.strategies = strategies
         self.overlay = overlay
+        self.reactor = reactor
+        self.retrievals = collections.deque(maxlen=20)    # the latest, for status
         self.ingest = Ingest(settings, self.archives, catalog, strategies, overlay, reactor)
         if overlay is not None:
             self.ingest.offers = overlay.offers
@@ -37,7 +41,10 @@ class Cluster:
     def retrieve(self, query):
         """Deferred[Retrieval] for the instances *query* names."""
         refs = yield self.catalog.resolve(query)
-        return Retrieval(refs, self.archives, self.settings.peer.name, self.overlay)
+        retrieval = Retrieval(refs, self.archives, self.settings.peer.name, self.overlay,
+                              self.strategies, self.reactor)
+        self.retrievals.append(retrieval)
+        return retrieval
 
     @defer.inlineCallbacks
     def where(self, study: str | None = None, instance: str | None = None):
@@ -67,4 +74,5 @@ class Cluster:
                   "catalog": counts, "archives": archives}
         if self.overlay is not None:
             status["overlay"] = self.overlay.status()
+        status["retrievals"] = [r.status() for r in self.retrievals if r.started]
         return status

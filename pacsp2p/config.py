@@ -77,6 +77,7 @@ class ClusterSettings:
 class StrategySettings:
     placement: str = "rendezvous"
     selection: str = "nearest"
+    balancing: str = "work-stealing"
     plugins: tuple[Path, ...] = ()
     options: dict = field(default_factory=dict, hash=False)
 
@@ -301,6 +302,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     strategies = StrategySettings(
         placement=st.take("placement", str, "rendezvous", "a strategy name"),
         selection=st.take("selection", str, "nearest", "a strategy name"),
+        balancing=st.take("balancing", str, "work-stealing", "a strategy name"),
         plugins=tuple(plugin_paths),
         options=st.take("options", dict, {}, "a table of plugin options"))
     st.done()

@@ -43,7 +43,7 @@ class PeerService(service.Service):
                                    reactor)
         st = settings.strategies
         self.strategies = Strategies(st.placement, st.selection, st.plugins, settings.source,
-                                     st.options, settings.peer.name)
+                                     st.options, settings.peer.name, st.balancing)
         self.cluster = Cluster(settings, self.catalog, self.archives, self.strategies,
                                self.overlay, reactor)
         self.replicas = None

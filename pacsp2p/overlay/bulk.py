@@ -278,13 +278,18 @@ class BulkClient:
         url = f"https://{member.host}:{member.bulk_port}{path}".encode()
         return self._agent(member.name).request(b"GET", url, Headers({}))
 
-    @defer.inlineCallbacks
     def changes(self, member, origin: str, after: int, limit: int):
+        """Deferred[list of facts] of *origin* above sequence *after*."""
+        return self.changes_body(member, origin, after, limit).addCallback(json.loads)
+
+    @defer.inlineCallbacks
+    def changes_body(self, member, origin: str, after: int, limit: int):
+        """Deferred[bytes]: the JSON body of ``GET /changes`` (not decoded yet)."""
         response = yield self._get(member, f"/changes/{quote(origin)}?after={after}&limit={limit}")
         body = yield readBody(response)
         if response.code != 200:
             raise IOError(f"{member.name}: /changes answered {response.code}")
-        return json.loads(body)
+        return body
 
     def fetch(self, member, archive: str, uid: str, sha256: str | None = None):
         """Deferred[temporary file] holding the instance (deleted when closed)."""

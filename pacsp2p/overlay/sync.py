@@ -14,6 +14,8 @@ all peers converge on the same catalog.
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -43,28 +45,47 @@ class AntiEntropy:
 
     @defer.inlineCallbacks
     def _pull(self, member, origin: str, target: int):
-        start = self.catalog.vector.get(origin, 0)
-        ahead = None            # (after, Deferred): the next batch, asked for in advance
+        start = after = self.catalog.vector.get(origin, 0)
+        # Pipelined: while batch k is written (writer thread), batch k+1 is decoded here
+        # and batch k+2 is already asked for -- its start is read from the end of k+1's
+        # body before decoding it (a hint, checked once decoded). At most three batches
+        # are held at a time; each is still applied in order, in one transaction.
+        ahead = None            # (after, Deferred[body]): a batch asked for in advance
+        writing = None          # (Deferred, number of facts): the batch being written
         try:
-            while self.catalog.vector.get(origin, 0) < target:
-                after = self.catalog.vector.get(origin, 0)
+            while after < target:
                 if ahead is not None and ahead[0] == after:
-                    rows = yield ahead[1]
+                    body = yield ahead[1]
                 else:
                     _drop(ahead)
-                    rows = yield self.bulk.changes(member, origin, after, self.batch)
+                    body = yield self.bulk.changes_body(member, origin, after, self.batch)
                 ahead = None
+                hint = _last_seq(body)
+                if hint is not None and after < hint < target:
+                    ahead = (hint, self.bulk.changes_body(member, origin, hint, self.batch))
+                rows = json.loads(body)
+                del body
+                if writing is not None:
+                    (written, n), writing = writing, None
+                    yield written
+                    self.pulled += n
                 if not rows:
                     break
-                applied = self.catalog.apply(origin, rows)   # validates rows first
-                last = int(rows[-1][0])
-                if after < last < target:
-                    # pipelining: the neighbour reads and sends the next batch while this
-                    # one is written; at most two batches are held at a time
-                    ahead = (last, self.bulk.changes(member, origin, last, self.batch))
-                yield applied
-                self.pulled += len(rows)
+                writing = (self.catalog.apply(origin, rows), len(rows))  # validates rows
+                after = max(after, max(int(r[0]) for r in rows),
+                            self.catalog.vector.get(origin, 0))
+            if writing is not None:
+                (written, n), writing = writing, None
+                yield written
+                self.pulled += n
         except Exception as e:
+            if writing is not None:        # let the batch being written finish first
+                (written, n), writing = writing, None
+                try:
+                    yield written
+                    self.pulled += n
+                except Exception:
+                    pass
             log.warn("sync of {origin} from {peer} stopped: {err}", origin=origin,
                      peer=member.name, err=e)
             return
@@ -74,6 +95,20 @@ class AntiEntropy:
         if got > start:
             log.info("synced facts of {origin} from {peer}: sequence {a} -> {b}",
                      origin=origin, peer=member.name, a=start, b=got)
+
+
+def _last_seq(body: bytes) -> int | None:
+    """The sequence number of the last fact in a ``/changes`` body, found without
+    decoding it (``[[seq,...],...,[seq,...]]``); None if not found. Only a hint."""
+    i = body.rfind(b"],[")
+    i = i + 3 if i >= 0 else (2 if body.startswith(b"[[") else -1)
+    j = body.find(b",", i)
+    if i < 0 or j < 0 or j - i > 20:
+        return None
+    try:
+        return int(body[i:j])
+    except ValueError:
+        return None
 
 
 def _drop(ahead) -> None:

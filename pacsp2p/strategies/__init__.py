@@ -31,14 +31,17 @@ def _load_file(path: Path):
 class Strategies:
     def __init__(self, placement: str = "rendezvous", selection: str = "nearest",
                  plugin_paths=(), source: str = "<config>", options: dict | None = None,
-                 peer: str = ""):
+                 peer: str = "", balancing: str = "work-stealing"):
         from pacsp2p.config import ConfigError
-        from pacsp2p.strategies import hookspecs, placement as pl, selection as sel
+        from pacsp2p.strategies import balancing as bal
+        from pacsp2p.strategies import hookspecs
+        from pacsp2p.strategies import placement as pl
+        from pacsp2p.strategies import selection as sel
 
         self.pm = pluggy.PluginManager("pacsp2p")
         self.pm.add_hookspecs(hookspecs)
         self.builtin = {}
-        for cls in (*pl.BUILTIN, *sel.BUILTIN):
+        for cls in (*pl.BUILTIN, *sel.BUILTIN, *bal.BUILTIN):
             obj = cls()
             self.pm.register(obj, name=cls.name)
             self.builtin[cls.name] = obj
@@ -57,12 +60,12 @@ class Strategies:
             self._register(module, getattr(module, "name", path.stem))
         names = {n for n in self.pm.list_name_plugin() if n[0]}
         known = {n for n, _ in names}
-        for role, chosen, pool in (("placement", placement, pl.BUILTIN),
-                                   ("selection", selection, sel.BUILTIN)):
+        for role, chosen in (("placement", placement), ("selection", selection),
+                             ("balancing", balancing)):
             if chosen not in known:
                 raise ConfigError(f"{source}: strategies.{role}: unknown strategy {chosen!r} "
                                   f"(known: {', '.join(sorted(known))})")
-        self.placement, self.selection = placement, selection
+        self.placement, self.selection, self.balancing = placement, selection, balancing
         try:
             self.pm.hook.pacsp2p_configure(options=dict(options or {}), peer=peer)
         except Exception as e:
@@ -73,6 +76,9 @@ class Strategies:
         self._rank = self.pm.subset_hook_caller(
             "pacsp2p_rank_replicas",
             [self.builtin[c.name] for c in sel.BUILTIN if c.name != selection])
+        self._batch = self.pm.subset_hook_caller(
+            "pacsp2p_next_batch",
+            [self.builtin[c.name] for c in bal.BUILTIN if c.name != balancing])
 
     def _register(self, plugin, name):
         self.pm.register(plugin, name=name)
@@ -97,3 +103,10 @@ class Strategies:
         except Exception as e:
             raise StrategyError(f"replica selection raised {type(e).__name__}: {e}") from e
         return list(locations) if ranked is None else list(ranked)
+
+    def next_batch(self, plan, source):
+        try:
+            batch = self._batch(plan=plan, source=source)
+        except Exception as e:
+            raise StrategyError(f"load balancing raised {type(e).__name__}: {e}") from e
+        return [] if batch is None else list(batch)
