@@ -161,6 +161,12 @@ class Retrieval:
         if self.cancelled:
             return
         plan = self.plan
+        # what consumers already wait for goes first, whatever the window
+        for ref in [r for r in plan.pending if r.sop_instance_uid in self._opened]:
+            free = [plan.sources[n] for n in plan.holders[ref.sop_instance_uid]
+                    if plan.sources[n].alive and plan.sources[n].in_flight < self.per_source]
+            if free:
+                self._claim(max(free, key=lambda s: (s.rate, -s.in_flight)), ref)
         progress = True
         while progress and self._budget() > 0:
             progress = False
