@@ -9,6 +9,7 @@ configured built-in per role answers last; every site plugin is asked before it.
 from __future__ import annotations
 
 import importlib.util
+import types
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -80,6 +81,20 @@ class Strategies:
             "pacsp2p_next_batch",
             [self.builtin[c.name] for c in bal.BUILTIN if c.name != balancing])
 
+    def _culprit(self, exc: BaseException) -> str:
+        """The name of the plugin whose code raised *exc* (outermost plugin frame)."""
+        plugins = list(self.pm.list_name_plugin())
+        tb = exc.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            for name, plugin in plugins:
+                if frame.f_locals.get("self") is plugin or (
+                        isinstance(plugin, types.ModuleType)
+                        and frame.f_globals is vars(plugin)):
+                    return name
+            tb = tb.tb_next
+        return "?"
+
     def _register(self, plugin, name):
         self.pm.register(plugin, name=name)
         self.site_plugins.append(name)
@@ -88,7 +103,8 @@ class Strategies:
         try:
             ranked = self._place(instance=instance, archives=list(archives), replicas=replicas)
         except Exception as e:
-            raise StrategyError(f"placement strategy raised {type(e).__name__}: {e}") from e
+            raise StrategyError(f"placement strategy {self._culprit(e)!r} raised "
+                                f"{type(e).__name__}: {e}") from e
         if ranked is None:
             raise StrategyError("no placement strategy answered")
         known = {(a.peer, a.name) for a in archives}
@@ -101,12 +117,14 @@ class Strategies:
         try:
             ranked = self._rank(instance=instance, locations=list(locations), reader=reader)
         except Exception as e:
-            raise StrategyError(f"replica selection raised {type(e).__name__}: {e}") from e
+            raise StrategyError(f"replica selection strategy {self._culprit(e)!r} raised "
+                                f"{type(e).__name__}: {e}") from e
         return list(locations) if ranked is None else list(ranked)
 
     def next_batch(self, plan, source):
         try:
             batch = self._batch(plan=plan, source=source)
         except Exception as e:
-            raise StrategyError(f"load balancing raised {type(e).__name__}: {e}") from e
+            raise StrategyError(f"load balancing strategy {self._culprit(e)!r} raised "
+                                f"{type(e).__name__}: {e}") from e
         return [] if batch is None else list(batch)
