@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -33,6 +34,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -111,9 +114,19 @@ def facts(n: int):
         yield batch
 
 
+def schema_tag() -> str:
+    """A short hash of the current catalog schema (a cached catalog must match it)."""
+    conn = sqlite3.connect(":memory:")
+    create_schema(conn)
+    sql = "\n".join(r[0] for r in conn.execute(
+        "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name"))
+    conn.close()
+    return hashlib.sha256(sql.encode()).hexdigest()[:8]
+
+
 def source_catalog(cache: Path, n: int) -> Path:
     """The cached source catalog of *n* facts (generated once with write_facts)."""
-    directory = cache / f"sync{n}"
+    directory = cache / f"sync{n}-{schema_tag()}"
     path, marker = directory / "catalog.sqlite", directory / ".complete"
     if not marker.exists():
         shutil.rmtree(directory, ignore_errors=True)
@@ -281,6 +294,8 @@ def main() -> int:
             print(f"peer A up (pid {a.pid}), {n:,} facts in its catalog", flush=True)
             sampler = RssSampler(b)
             sampler.start()
+            a_proc = psutil.Process(a.pid)
+            a_cpu0 = sum(a_proc.cpu_times()[:2])
             t0 = time.monotonic()
             spy = None
             try:
@@ -304,6 +319,7 @@ def main() -> int:
                             break
                     time.sleep(0.05)
                 t_done = timeline[-1][0] + t0 if held >= n else time.monotonic()
+                a_cpu = sum(a_proc.cpu_times()[:2]) - a_cpu0
                 if spy:
                     stop_spy(spy, args.profile)
                 sampler.stop()
@@ -340,7 +356,8 @@ def main() -> int:
     print(f"sync rate / local copy rate: {ratio(rate, local_rate)}")
     print(f"B RSS: idle {baseline_rss:.0f} MB, peak {sampler.peak:.0f} MB, "
           f"growth {growth:.0f} MB; B CPU {sampler.cpu_seconds:.1f} s "
-          f"({100 * sampler.cpu_seconds / sync_s:.0f}% of one core)")
+          f"({100 * sampler.cpu_seconds / sync_s:.0f}% of one core); A CPU {a_cpu:.1f} s "
+          f"({100 * a_cpu / sync_s:.0f}%); load average {os.getloadavg()[0]:.2f}")
     print(f"B catalog: {counts}  facts_pulled={pulled}")
     same = da["digest"] == db_["digest"] and final["instances"] == n
     print(f"digest A {da['digest'][:16]}…  B {db_['digest'][:16]}…  "
