@@ -24,6 +24,7 @@ class Cluster:
         self.strategies = strategies
         self.overlay = overlay
         self.reactor = reactor
+        self.crawlers = []
         self.retrievals = collections.deque(maxlen=20)    # the latest, for status
         self.ingest = Ingest(settings, self.archives, catalog, strategies, overlay, reactor)
         if overlay is not None:
@@ -75,4 +76,5 @@ class Cluster:
         if self.overlay is not None:
             status["overlay"] = self.overlay.status()
         status["retrievals"] = [r.status() for r in self.retrievals if r.started]
+        status["crawls"] = [c.status() for c in self.crawlers]
         return status

@@ -53,6 +53,11 @@ class PeerService(service.Service):
                                            {a.name: a for a in self.archives},
                                            self.catalog, self.overlay, reactor)
             self.overlay.membership.services = self.replicas
+        from pacsp2p.adapters.crawl import Crawler
+        self.crawlers = [Crawler(a, self.catalog, settings.peer.name, reactor,
+                                 qps=getattr(a, "crawl_qps", 50.0))
+                         for a in self.archives if "crawl" in a.capabilities]
+        self.cluster.crawlers = self.crawlers
         self.facade = Facade(settings, self.cluster, reactor)
         self.started = None
         self._lock = None
@@ -83,6 +88,8 @@ class PeerService(service.Service):
             except Exception as e:
                 raise RuntimeError(f"overlay.port {self.settings.overlay.port}: {e}") from e
         self.facade.start()
+        for crawler in self.crawlers:
+            crawler.start()
         adm = self.settings.admin
         try:
             self._admin_port = self.reactor.listenTCP(adm.port, web.site(self.cluster),
@@ -107,6 +114,8 @@ class PeerService(service.Service):
         super().stopService()
         if self._admin_port is not None:
             yield self._admin_port.stopListening()
+        for crawler in self.crawlers:
+            crawler.stop()
         yield self.facade.stop()
         self.cluster.ingest.stop()
         if self.replicas is not None:

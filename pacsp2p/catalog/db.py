@@ -66,6 +66,9 @@ def create_schema(conn: sqlite3.Connection) -> None:
     if not db["hints"].exists():     # hinted hand-off: copies owed to an archive (local)
         db["hints"].create({"SOPInstanceUID": str, "peer": str, "archive": str,
                             "created": str}, pk=("SOPInstanceUID", "peer", "archive"))
+    if not db["crawl_state"].exists():   # joining an archive: where its crawl stands
+        db["crawl_state"].create({"archive": str, "cursor": str, "done": int,
+                                  "finished": int, "since": str}, pk="archive")
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
@@ -391,6 +394,19 @@ class Catalog:
                     sop_class, ts, locs = by_uid[uid]
                     refs.append(InstanceRef(uid, sop_class, ts, locs[0].size, tuple(locs)))
         return refs
+
+    def crawl_state(self, archive: str) -> defer.Deferred:
+        """(cursor, done, finished, since) of an archive's crawl; (None, 0, False, None)."""
+        def run(conn):
+            r = conn.execute("SELECT cursor, done, finished, since FROM crawl_state "
+                             "WHERE archive = ?", (archive,)).fetchone()
+            return (r[0], r[1], bool(r[2]), r[3]) if r else (None, 0, False, None)
+        return self.read(run)
+
+    def save_crawl_state(self, archive, cursor, done, finished, since) -> defer.Deferred:
+        return self.write(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO crawl_state VALUES (?, ?, ?, ?, ?)",
+            (archive, cursor, done, int(finished), since)))
 
     def add_hints(self, uid: str, targets) -> defer.Deferred:
         def insert(conn):

@@ -43,7 +43,9 @@ def for_sending(pairs: set[tuple[str, str]]) -> list:
     """Requested contexts to send instances of (SOP class, transfer syntax) *pairs*."""
     by_class: dict[str, set[str]] = {}
     for sop_class, ts in pairs:
-        by_class.setdefault(sop_class, set()).add(ts)
+        syntaxes = by_class.setdefault(sop_class, set())
+        if ts:                       # unknown for instances found by crawling an archive
+            syntaxes.add(ts)
     contexts = []
     exact_budget = MAX_CONTEXTS - len(by_class)
     for sop_class, syntaxes in sorted(by_class.items()):

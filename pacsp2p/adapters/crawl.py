@@ -1,0 +1,138 @@
+"""Join: take an archive that already holds studies into the cluster without re-sending.
+
+A ``Crawler`` walks what the archive holds, page by page through the adapter's
+``crawl`` (patient -> study -> series -> instance C-FIND for plain DIMSE, the vendor's
+fast path where an adapter knows one), records every instance as a location fact of this
+peer (the overlay then gossips it), and saves its cursor after each page so a restart
+resumes where it stopped. Queries are paced by a token bucket (``[[archives]]
+crawl_qps``) so crawling never starves the archive's clinical traffic. Once done it
+follows new content through ``changes`` (or a periodic re-crawl). Identical SOP Instance
+UIDs found on two archives become two replicas of one instance.
+"""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from pacsp2p.types import Location
+
+log = Logger()
+
+
+class TokenBucket:
+    """At most *rate* tokens per second, bursts up to *burst* (Turner's token bucket)."""
+
+    def __init__(self, reactor, rate: float, burst: float | None = None):
+        self.reactor, self.rate = reactor, float(rate)
+        self.burst = burst or max(1.0, self.rate)
+        self.tokens, self.stamp = self.burst, reactor.seconds()
+
+    def __call__(self) -> defer.Deferred:
+        now = self.reactor.seconds()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= 1
+        if self.tokens >= 0:
+            return defer.succeed(None)
+        return task.deferLater(self.reactor, -self.tokens / self.rate, lambda: None)
+
+
+class Crawler:
+    def __init__(self, archive, catalog, peer: str, reactor, qps: float = 50.0,
+                 follow_every: float = 10.0):
+        self.archive, self.catalog, self.peer, self.reactor = archive, catalog, peer, reactor
+        self.throttle = TokenBucket(reactor, qps)
+        self.follow_every = follow_every
+        self.done = 0
+        self.total: int | None = None
+        self.finished = False
+        self.error: str | None = None
+        self.t0 = None
+        self._running = False
+        self._follow = None
+
+    def start(self):
+        self._running = True
+        d = self._crawl()
+        d.addErrback(self._failed)
+        return d
+
+    def stop(self):
+        self._running = False
+        if self._follow is not None and self._follow.running:
+            self._follow.stop()
+
+    def _failed(self, failure):
+        self.error = failure.getErrorMessage()
+        log.error("crawl of archive {archive} stopped: {err} (it resumes at the next start)",
+                  archive=self.archive.name, err=self.error)
+
+    @defer.inlineCallbacks
+    def _record(self, items):
+        yield defer.gatherResults([
+            self.catalog.record(meta, Location(meta.sop_instance_uid, self.archive.name,
+                                               self.peer, "", size))
+            for meta, size in items], consumeErrors=True)
+
+    @defer.inlineCallbacks
+    def _crawl(self):
+        state = yield self.catalog.crawl_state(self.archive.name)
+        cursor, self.done, finished, since = state
+        self.t0 = time.monotonic()
+        start_done = self.done
+        if not finished:
+            log.info("crawling archive {archive}{resume}", archive=self.archive.name,
+                     resume=f" (resuming after {self.done} instances)" if cursor else "")
+            last_log = 0.0
+            while self._running:
+                items, cursor, total = yield self.archive.crawl(cursor, self.throttle)
+                if total is not None:
+                    self.total = total
+                yield self._record(items)
+                self.done += len(items)
+                yield self.catalog.save_crawl_state(self.archive.name, cursor, self.done,
+                                                    cursor is None, since)
+                now = time.monotonic()
+                if now - last_log > 5 or cursor is None:
+                    last_log = now
+                    log.info("crawl of {archive}: {progress}", archive=self.archive.name,
+                             progress=self.progress_text(start_done))
+                if cursor is None:
+                    break
+            if not self._running:
+                return
+        self.finished = True
+        if "changes" in self.archive.capabilities:
+            self._follow = task.LoopingCall(self._follow_changes)
+            self._follow.clock = self.reactor
+            self._follow.start(self.follow_every, now=True).addErrback(self._failed)
+
+    @defer.inlineCallbacks
+    def _follow_changes(self):
+        state = yield self.catalog.crawl_state(self.archive.name)
+        since = state[3]
+        items, since = yield self.archive.changes(since, self.throttle)
+        if items:
+            yield self._record(items)
+            self.done += len(items)
+            log.info("archive {archive}: {n} new instance(s) found", archive=self.archive.name,
+                     n=len(items))
+        yield self.catalog.save_crawl_state(self.archive.name, None, self.done, True, since)
+
+    def progress_text(self, start_done: int = 0) -> str:
+        s = self.status(start_done)
+        total = f"/{s['total']}" if s["total"] else ""
+        eta = f", ETA {s['eta_s']:.0f} s" if s.get("eta_s") is not None else ""
+        return f"{s['done']}{total} instances, {s['rate']:.0f}/s{eta}"
+
+    def status(self, start_done: int = 0) -> dict:
+        elapsed = time.monotonic() - self.t0 if self.t0 else 0.0
+        rate = (self.done - start_done) / elapsed if elapsed > 0 else 0.0
+        eta = ((self.total - self.done) / rate if self.total and rate > 0
+               and not self.finished else None)
+        return {"archive": self.archive.name, "done": self.done, "total": self.total,
+                "rate": round(rate, 1), "eta_s": eta, "finished": self.finished,
+                "error": self.error}
