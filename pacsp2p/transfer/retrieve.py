@@ -96,6 +96,7 @@ class Retrieval:
         self.per_source = per_source
         self.plan = PlanView(refs)
         self._results: dict[str, defer.Deferred] = {}
+        self._unavailable: dict[str, Failure] = {}    # uid -> why (open() errbacks with it)
         self._opened: set[str] = set()
         self._buffered = 0               # fetched, not yet opened
         self._timers: dict = {}
@@ -317,7 +318,9 @@ class Retrieval:
     def _fail(self, ref: InstanceRef, why: str):
         d = self._results[ref.sop_instance_uid]
         if not d.called:
-            d.errback(Unavailable(f"{ref.sop_instance_uid}: {why}"))
+            failure = Failure(Unavailable(f"{ref.sop_instance_uid}: {why}"))
+            self._unavailable[ref.sop_instance_uid] = failure
+            d.errback(failure)
             d.addErrback(lambda f: None)      # reported when opened, not as unhandled
 
     # -- consuming -----------------------------------------------------------------------
@@ -328,6 +331,8 @@ class Retrieval:
         if uid in self._opened:
             return defer.fail(ValueError(f"{uid} was already opened"))
         self._opened.add(uid)
+        if uid in self._unavailable and uid not in self.plan.done:
+            return defer.fail(self._unavailable[uid])     # failed before it was opened
         if ref in self.plan.pending:                  # wanted now: to the front
             self.plan.pending.remove(ref)
             self.plan.pending.insert(0, ref)
