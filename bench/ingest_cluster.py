@@ -6,6 +6,7 @@
              every instance is acknowledged once 2 copies on 2 distinct peers are durable
   single     one pacsp2p peer on its own (R=1, W=1)
   storescp   DCMTK storescp +xa (no fsync)
+  cluster-nosync  the cluster with [storage] fsync = false (what fsync costs; not --quick)
 
 with the same storescu invocation. Every repetition gets fresh targets (a fresh cluster).
 Prints median MB/s and inst/s and the ratios; target of issue 5: cluster >= 0.6 x single.
@@ -44,8 +45,8 @@ def send(port: int, aec: str, data: common.DataSet) -> float:
     return t.seconds
 
 
-def run_cluster(work: Path, data: common.DataSet) -> tuple[float, dict]:
-    cluster = Cluster(work)
+def run_cluster(work: Path, data: common.DataSet, fsync: bool = True) -> tuple[float, dict]:
+    cluster = Cluster(work, config=None if fsync else {"storage": {"fsync": False}})
     try:
         cluster.start(3)
         cluster.wait_mesh(timeout=30)
@@ -85,7 +86,8 @@ def run_storescp(work: Path, data: common.DataSet) -> tuple[float, dict]:
     return seconds, {"files": held}
 
 
-RUNNERS = {"cluster": run_cluster, "single": run_single, "storescp": run_storescp}
+RUNNERS = {"cluster": run_cluster, "single": run_single, "storescp": run_storescp,
+           "cluster-nosync": lambda w, d: run_cluster(w, d, fsync=False)}
 
 
 def main() -> int:
@@ -101,6 +103,8 @@ def main() -> int:
     with common.workdir(args.keep, "pacsp2p-bench-ingest-cluster-") as wd:
         for rep in range(reps):               # interleaved: drift hits every target alike
             for target, run in RUNNERS.items():
+                if args.quick and target == "cluster-nosync":
+                    continue
                 s, where = run(wd / f"{target}-{rep}", data)
                 results.setdefault(target, {"s": []})["s"].append(s)
                 results[target]["where"] = where
