@@ -117,6 +117,7 @@ class _Move:
         except Exception as e:
             log.warn("C-MOVE: undecodable identifier: {err}", err=e)
             return self.respond(CANNOT_UNDERSTAND)
+        t0 = time.monotonic()
         try:
             retrieval = facade.call(facade.cluster.retrieve, query)
         except Exception as e:
@@ -131,14 +132,18 @@ class _Move:
         requestor = self.service.assoc.requestor.ae_title
         delivery = Delivery(retrieval, dest, facade.fs.ae_title, facade.reactor,
                             originator_ae=requestor, originator_msg_id=req.MessageID)
+        t1 = time.monotonic()
         facade.reactor.callFromThread(delivery.start)
         final = self.follow(delivery, n)
+        t2 = time.monotonic()
         if final is None:
             return                  # the requestor went away
         counts = (final.remaining, final.completed, final.failed, final.warning)
         log.info("C-MOVE {n} instances to {ae} for {req}: {c} completed, {f} failed, "
-                 "{w} warning{x}", n=n, ae=dest_ae, req=requestor, c=final.completed,
-                 f=final.failed, w=final.warning, x=", cancelled" if final.cancelled else "")
+                 "{w} warning{x} (resolved in {r:.3f} s, delivered in {d:.3f} s)", n=n,
+                 ae=dest_ae, req=requestor, c=final.completed, f=final.failed,
+                 w=final.warning, x=", cancelled" if final.cancelled else "", r=t1 - t0,
+                 d=t2 - t1)
         uids = final.failed_uids or None
         if final.error is not None:
             self.respond(MOVE_DEST_UNKNOWN)

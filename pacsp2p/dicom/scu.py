@@ -45,6 +45,7 @@ APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 IMPLEMENTATION_UID = b"1.2.826.0.1.3680043.10.1406.1"
 IMPLEMENTATION_VERSION = f"PACSP2P_{__version__}"[:16].encode("ascii")
 CHUNK = 1 << 20                  # bytes read from a file per thread hop
+SEND_LIMIT = 4 << 20             # bytes per socket send (Twisted's default: 128 KB)
 _PDV = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, PDV length, context, control
 _PDU_HEAD = struct.Struct(">BBI")
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
@@ -310,6 +311,10 @@ class StorageSCU(protocol.Protocol):
     # -- connection -------------------------------------------------------------------------
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
+        # Twisted hands the kernel at most SEND_LIMIT (128 KB) per reactor iteration; a
+        # data set is sent in fewer iterations (fewer chances for other threads to hold
+        # the GIL between them) with a larger slice. Memory use is unchanged.
+        self.transport.SEND_LIMIT = SEND_LIMIT
         self.transport.registerProducer(self, True)
         self.state = "requested"
         self.transport.write(associate_rq(self.called_ae, self.calling_ae, self.proposed))
@@ -536,8 +541,8 @@ class StorageSCU(protocol.Protocol):
         self._disarm()
         status = struct.unpack("<H", el.get(0x0900, b"\0\0")[:2])[0]
         op = self._queue.popleft()
+        self._pump()                    # the next data set goes out before any callback
         self._finish(op, status=status)
-        self._pump()
 
 
 class _Factory(protocol.Factory):

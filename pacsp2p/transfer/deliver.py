@@ -191,6 +191,9 @@ class Delivery:
             log.error("C-MOVE to {ae}: {err}", ae=dest.ae_title, err=e)
             self._end()
             return
+        if self._closing:                   # cancelled while connecting
+            yield self._close()
+            return
         self._fill()
 
     def _fill(self):
@@ -274,6 +277,8 @@ class Delivery:
         self._end()
 
     def _end(self):
+        if self.finished.called:
+            return
         final = self.progress(done=True)
         self.events.put(final)
         self.finished.callback(final)
