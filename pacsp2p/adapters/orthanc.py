@@ -1,0 +1,475 @@
+"""The ``orthanc`` adapter: an Orthanc server, spoken to through its REST API.
+
+Config (``[[archives]]``): ``url`` (required, e.g. ``http://127.0.0.1:8042``),
+``username``/``password`` (HTTP basic, optional), ``crawl_qps`` (default 200),
+``timeout`` (seconds per request, default 30), ``page_studies`` (studies per crawl page,
+default 16), ``storage_path`` (Orthanc's storage directory, if on this host: reported
+as free space).
+
+- store: ``POST /instances`` with the file's bytes (Orthanc keeps them as sent). Orthanc
+  keeps one copy per SOP Instance UID: a UID already held is a duplicate if its data set
+  hashes the same, else a conflict (reported; Orthanc keeps its first copy).
+- discard: ``DELETE /instances/{id}``, if the held data set is the one to drop.
+- open: the Orthanc id (remembered from store/crawl, else ``POST /tools/lookup``), then
+  ``GET /instances/{id}/file`` streamed into an unlinked temporary file under
+  ``<data_dir>/incoming``: the bytes exactly as stored.
+- send: the destination is declared in Orthanc (``PUT /modalities/{name}``), then
+  ``POST /modalities/{name}/store`` with the instance ids: Orthanc sends them itself.
+- crawl (the fast path): ``GET /studies?expand&since=N&limit=M`` pages through the
+  studies; for each, ``/studies/{id}/instances`` (ids, file sizes) and
+  ``/studies/{id}/instances-tags?simplify`` (every attribute the catalog keeps, SOP class
+  included) — two requests per study, whatever its size. The transfer syntax is not in
+  either (it would cost a request per instance): it is left "" and delivery copes. The
+  cursor is the study offset plus the ``/changes`` sequence number when the crawl began,
+  so what is added meanwhile is followed afterwards.
+- changes: ``GET /changes?since=N&limit=M``, following ``NewInstance`` events.
+- health: ``GET /system`` (latency) and ``/statistics`` (disk used).
+
+All HTTP runs in this adapter's thread pool (keep-alive connections, JSON decoded
+there); the reactor only waits on Deferreds. An Orthanc that stops answering is reported
+down (logged once), the crawl waits for it and resumes, changes are retried later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import quote
+
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from pacsp2p.adapters.http import Client, HTTPError, Unreachable
+from pacsp2p.adapters.interface import IArchive
+from pacsp2p.catalog.attributes import STORED
+from pacsp2p.dicom.header import content_hash
+from pacsp2p.transfer.deliver import dataset_start
+from pacsp2p.types import InstanceMeta, Stored
+
+log = Logger()
+
+KNOWN_KEYS = ("name", "adapter", "site", "url", "username", "password", "crawl_qps",
+              "timeout", "page_studies", "storage_path", "threads")
+CACHE = 200_000            # SOP Instance UID -> Orthanc id, remembered (LRU)
+CHANGES_PAGE = 1000        # /changes per request
+CHANGES_PAGES = 10         # requests per changes() call at most
+CONCURRENCY = 4            # studies fetched at once while crawling
+
+
+class OrthancError(Exception):
+    """Orthanc refused an operation."""
+
+
+def option_checks(opts: dict, where: str, adapter: str, known) -> None:
+    from pacsp2p.config import ConfigError
+    for key in opts:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key for adapter {adapter!r} "
+                              f"(known: {', '.join(known)})")
+    if not isinstance(opts.get("url"), str) or not opts.get("url"):
+        raise ConfigError(f"{where}.url: required by adapter {adapter!r} "
+                          "(an http:// URL string)")
+    for key in ("username", "password", "storage_path"):
+        if key in opts and not isinstance(opts[key], str):
+            raise ConfigError(f"{where}.{key}: must be a string")
+    for key in ("crawl_qps", "timeout"):
+        if key in opts and (isinstance(opts[key], bool)
+                            or not isinstance(opts[key], (int, float)) or opts[key] <= 0):
+            raise ConfigError(f"{where}.{key}: must be a positive number, got {opts[key]!r}")
+    for key in ("page_studies", "page_instances", "threads"):
+        if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int)
+                            or opts[key] <= 0):
+            raise ConfigError(f"{where}.{key}: must be a positive integer, got {opts[key]!r}")
+
+
+def config_where(cfg, settings) -> str:
+    """'FILE: archives[i]' for error messages."""
+    index = next((i for i, a in enumerate(getattr(settings, "archives", ()))
+                  if a.name == cfg.name), None)
+    return f"{settings.source}: archives[{index}]" if index is not None else \
+        f"{settings.source}: archives.{cfg.name}"
+
+
+def catalog_attributes(tags: dict) -> dict:
+    """The catalog's attributes out of a keyword -> value JSON map (strings only)."""
+    out = {}
+    for kw in STORED:
+        value = tags.get(kw)
+        if isinstance(value, str):
+            value = value.strip()
+            if value:
+                out[kw] = value
+    return out
+
+
+def unlinked_copy(incoming: Path):
+    """A temporary binary file under *incoming*, already unlinked (gone when closed)."""
+    incoming.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=incoming, prefix="fetch-", suffix=".dcm")
+    os.unlink(path)
+    return os.fdopen(fd, "w+b")
+
+
+def file_dataset_hash(f) -> str:
+    """sha256 of the data set (after the file meta) of the open Part-10 file *f*."""
+    f.seek(0)
+    dataset_start(f)
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+class _Lru(OrderedDict):
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+@implementer(IArchive)
+class OrthancArchive:
+    capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
+
+    def __init__(self, name: str, reactor, *, url: str, username: str | None = None,
+                 password: str | None = None, site: str | None = None,
+                 crawl_qps: float = 200.0, timeout: float = 30.0, page_studies: int = 16,
+                 storage_path: str | None = None, incoming: Path | None = None,
+                 threads: int = 8):
+        self.name, self.site, self.reactor = name, site, reactor
+        self.http = Client(url, username, password, timeout)
+        self.url = self.http.url
+        self.crawl_qps, self.page_studies = float(crawl_qps), int(page_studies)
+        self.storage_path = storage_path
+        self.incoming = Path(incoming) if incoming else Path(tempfile.gettempdir())
+        self.up: bool | None = None
+        self._pool = ThreadPool(1, threads, f"archive-{name}")
+        self._ids = _Lru(CACHE)                  # SOP uid -> Orthanc instance id
+        self._crawl_seq: int | None = None       # /changes sequence when the crawl began
+        self._total: int | None = None
+        self._stopping = False
+
+    @classmethod
+    def from_config(cls, cfg, settings, reactor):
+        from pacsp2p.config import ConfigError
+        opts = dict(cfg.options)
+        where = config_where(cfg, settings)
+        option_checks(opts, where, "orthanc", KNOWN_KEYS)
+        try:
+            Client(opts["url"])
+        except ValueError as e:
+            raise ConfigError(f"{where}.url: {e}") from None
+        return cls(cfg.name, reactor, url=opts["url"], username=opts.get("username"),
+                   password=opts.get("password"), site=cfg.site,
+                   crawl_qps=opts.get("crawl_qps", 200.0), timeout=opts.get("timeout", 30.0),
+                   page_studies=opts.get("page_studies", 16),
+                   storage_path=opts.get("storage_path"),
+                   incoming=settings.data_dir / "incoming", threads=opts.get("threads", 8))
+
+    def __repr__(self):
+        return f"<orthanc archive {self.name}: {self.url}>"
+
+    def _run(self, fn, *args):
+        return deferToThreadPool(self.reactor, self._pool, fn, *args)
+
+    # -- life cycle ------------------------------------------------------------------
+    def start(self):
+        self._pool.start()
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+        def report(h):
+            if h.get("up"):
+                log.info("archive {archive}: Orthanc {version} at {url}",
+                         archive=self.name, version=h.get("version", "?"), url=self.url)
+        return self.health().addCallback(report)
+
+    def stop(self):
+        self._stopping = True
+        self._pool.stop()
+
+    def _mark(self, up: bool, error: str = "") -> None:
+        """Log transitions only (reactor or pool thread: a plain attribute write)."""
+        if up and self.up is False:
+            log.info("archive {archive}: Orthanc at {url} answers again",
+                     archive=self.name, url=self.url)
+        elif not up and self.up is not False:
+            log.error("archive {archive}: Orthanc at {url} is down: {err}",
+                      archive=self.name, url=self.url, err=error)
+        self.up = up
+
+    # -- health ----------------------------------------------------------------------
+    def health(self):
+        def check():
+            try:
+                t0 = time.monotonic()
+                system = self.http.get("/system")
+                latency = (time.monotonic() - t0) * 1000
+                stats = self.http.get("/statistics")
+            except HTTPError as e:
+                self._mark(False, str(e))
+                return {"up": False, "error": str(e), "latency_ms": None, "free_bytes": None}
+            self._mark(True)
+            free = None
+            if self.storage_path:
+                try:
+                    free = shutil.disk_usage(self.storage_path).free
+                except OSError:
+                    pass
+            return {"up": True, "latency_ms": round(latency, 2), "free_bytes": free,
+                    "used_bytes": int(stats.get("TotalDiskSize", 0)),
+                    "instances": stats.get("CountInstances"),
+                    "version": system.get("Version")}
+        return self._run(check)
+
+    # -- ids -------------------------------------------------------------------------
+    def _lookup(self, uid: str) -> str:
+        """Orthanc id of the instance *uid* (KeyError if Orthanc has none)."""
+        oid = self._ids.get(uid)
+        if oid is not None:
+            return oid
+        found = self.http.call("POST", "/tools/lookup", uid.encode(),
+                               {"Content-Type": "text/plain"})
+        for item in found or ():
+            if item.get("Type") == "Instance":
+                self._ids.put(uid, item["ID"])
+                return item["ID"]
+        raise KeyError(f"{uid} is not in Orthanc archive {self.name}")
+
+    def _fetch(self, oid: str):
+        f = unlinked_copy(self.incoming)
+        try:
+            self.http.download(f"/instances/{oid}/file", f,
+                               headers={"Accept": "application/dicom"})
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    # -- store -----------------------------------------------------------------------
+    def store(self, received, meta):
+        return self._run(self._store, Path(received), meta.sop_instance_uid)
+
+    def _store(self, received: Path, uid: str) -> Stored:
+        sha, size = content_hash(received)
+        with open(received, "rb") as body:
+            answer = self.http.call("POST", "/instances", body,
+                                    {"Content-Type": "application/dicom",
+                                     "Content-Length": str(received.stat().st_size)})
+        status = answer.get("Status") if isinstance(answer, dict) else None
+        if status not in ("Success", "AlreadyStored"):
+            raise OrthancError(f"Orthanc did not store {uid}: {answer!r}"[:500])
+        self._ids.put(uid, answer["ID"])
+        if status == "Success":
+            return Stored(self.name, sha, size)
+        with self._fetch(answer["ID"]) as held:
+            same = file_dataset_hash(held) == sha
+        if same:
+            return Stored(self.name, sha, size, duplicate=True)
+        log.warn("archive {archive}: Orthanc already holds other bytes for {uid}; it keeps "
+                 "only its first copy", archive=self.name, uid=uid)
+        return Stored(self.name, sha, size, conflict=True)
+
+    def discard(self, uid: str, sha256: str):
+        def remove():
+            try:
+                oid = self._lookup(uid)
+            except KeyError:
+                return
+            with self._fetch(oid) as held:
+                if file_dataset_hash(held) != sha256:
+                    return                       # another copy than ours: keep it
+            self.http.call("DELETE", f"/instances/{oid}")
+            self._ids.pop(uid, None)
+        return self._run(remove)
+
+    # -- read ------------------------------------------------------------------------
+    def open(self, uid: str, sha256: str | None = None):
+        def opener():
+            oid = self._lookup(uid)
+            try:
+                return self._fetch(oid)
+            except HTTPError as e:
+                if e.status != 404:
+                    raise
+            self._ids.pop(uid, None)             # deleted and stored again: a new id
+            return self._fetch(self._lookup(uid))
+        return self._run(opener)
+
+    # -- send ------------------------------------------------------------------------
+    def send(self, sop_instance_uids, destination):
+        return self._run(self._send, list(sop_instance_uids), destination)
+
+    def _send(self, uids, dest) -> dict:
+        name = "pacsp2p-" + "".join(c if c.isalnum() else "_" for c in dest.ae_title)
+        self.http.call("PUT", f"/modalities/{quote(name)}", _json(
+            {"AET": dest.ae_title, "Host": dest.host, "Port": dest.port}),
+            {"Content-Type": "application/json"})
+        ids, failed_uids = {}, []
+        for uid in uids:
+            try:
+                ids[uid] = self._lookup(uid)
+            except KeyError:
+                failed_uids.append(uid)
+
+        def store(chosen):
+            answer = self.http.post_json(f"/modalities/{quote(name)}/store", {
+                "Resources": chosen, "Synchronous": True, "Permissive": True})
+            return int(answer.get("FailedInstancesCount", 0))
+
+        failed = store(list(ids.values())) if ids else 0
+        if failed:            # which ones? Orthanc only counts them: send them one by one
+            for uid, oid in ids.items():
+                try:
+                    bad = store([oid])
+                except HTTPError:
+                    bad = 1
+                if bad:
+                    failed_uids.append(uid)
+        return {"completed": len(uids) - len(failed_uids), "failed": len(failed_uids),
+                "warning": 0, "failed_uids": failed_uids}
+
+    # -- crawl -----------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def crawl(self, cursor, throttle):
+        offset, seq = _parse_cursor(cursor)
+        try:
+            if seq is None:
+                yield throttle()
+                seq = (yield self._run(self.http.get, "/changes?last"))["Last"]
+            self._crawl_seq = seq
+            if self._total is None:
+                yield throttle()
+                stats = yield self._run(self.http.get, "/statistics")
+                self._total = int(stats.get("CountInstances", 0))
+            yield throttle()
+            studies = yield self._run(self.http.get,
+                                      f"/studies?expand&since={offset}"
+                                      f"&limit={self.page_studies}")
+            pages = yield _bounded(
+                [lambda s=s: self._crawl_study(s, throttle) for s in studies], CONCURRENCY)
+        except Unreachable as e:
+            self._mark(False, str(e))
+            yield task.deferLater(self.reactor, 2.0, lambda: None)   # wait, then again
+            return [], cursor, self._total
+        self._mark(True)
+        items = [item for page in pages for item in page]
+        if len(studies) < self.page_studies:
+            return items, None, self._total
+        return items, f"{offset + len(studies)}:{seq}", self._total
+
+    @defer.inlineCallbacks
+    def _crawl_study(self, study: dict, throttle):
+        sid = study["ID"]
+        yield throttle()
+        d_list = self._run(self.http.get, f"/studies/{sid}/instances")
+        yield throttle()
+        d_tags = self._run(self.http.get, f"/studies/{sid}/instances-tags?simplify")
+        listing, tags = yield gather([d_list, d_tags])
+        return (yield self._run(self._metas, study, listing, tags))
+
+    def _metas(self, study: dict, listing: list, tags: dict) -> list:
+        parent = {**study.get("PatientMainDicomTags", {}), **study.get("MainDicomTags", {})}
+        items = []
+        for inst in listing:
+            t = tags.get(inst["ID"])
+            if t is None:                       # arrived between the two requests
+                continue
+            attrs = {**catalog_attributes(parent), **catalog_attributes(t)}
+            uid, sop_class = attrs.get("SOPInstanceUID"), attrs.get("SOPClassUID")
+            if not uid or not sop_class:
+                continue
+            self._ids.put(uid, inst["ID"])
+            size = int(inst.get("FileSize", 0))
+            items.append((InstanceMeta(uid, sop_class, "", attrs, size), size))
+        return items
+
+    # -- changes ---------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def changes(self, since, throttle):
+        items = []
+        try:
+            if since is None:
+                if self._crawl_seq is not None:
+                    since = self._crawl_seq
+                else:
+                    yield throttle()
+                    since = (yield self._run(self.http.get, "/changes?last"))["Last"]
+            since = int(since)
+            for _ in range(CHANGES_PAGES):
+                yield throttle()
+                page = yield self._run(self.http.get,
+                                       f"/changes?since={since}&limit={CHANGES_PAGE}")
+                new = [c["ID"] for c in page.get("Changes", ())
+                       if c.get("ChangeType") == "NewInstance"]
+                found = yield _bounded([lambda oid=oid: self._instance(oid, throttle)
+                                        for oid in new], CONCURRENCY)
+                items += [item for item in found if item is not None]
+                since = max(since, int(page.get("Last", since)))
+                if page.get("Done", True):
+                    break
+        except Unreachable as e:
+            self._mark(False, str(e))
+            return items, None if since is None else str(since)
+        self._mark(True)
+        return items, str(since)
+
+    @defer.inlineCallbacks
+    def _instance(self, oid: str, throttle):
+        """(InstanceMeta, size) of the instance with Orthanc id *oid*; None if gone."""
+        yield throttle()
+        try:
+            info, tags, meta = yield gather([
+                self._run(self.http.get, f"/instances/{oid}"),
+                self._run(self.http.get, f"/instances/{oid}/tags?simplify"),
+                self._run(self.http.get, f"/instances/{oid}/metadata?expand")])
+        except HTTPError as e:
+            if e.status == 404:
+                return None                      # deleted since
+            raise
+        attrs = catalog_attributes(tags)
+        uid, sop_class = attrs.get("SOPInstanceUID"), attrs.get("SOPClassUID")
+        if not uid or not sop_class:
+            return None
+        self._ids.put(uid, oid)
+        size = int(info.get("FileSize", 0))
+        return InstanceMeta(uid, sop_class, meta.get("TransferSyntax", ""), attrs, size), size
+
+
+def _json(value) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _parse_cursor(cursor):
+    """'offset:seq' -> (offset, seq); None -> (0, None)."""
+    if not cursor:
+        return 0, None
+    offset, _, seq = str(cursor).partition(":")
+    return int(offset), (int(seq) if seq else None)
+
+
+def gather(ds):
+    """gatherResults that fails with the first failure itself (not a FirstError)."""
+    d = defer.gatherResults(list(ds), consumeErrors=True)
+    d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+    return d
+
+
+def _bounded(calls, limit: int):
+    """Run the Deferred-returning *calls*, at most *limit* at a time; results in order."""
+    sem = defer.DeferredSemaphore(limit)
+    return gather(sem.run(call) for call in calls)
