@@ -395,6 +395,12 @@ class Catalog:
                     refs.append(InstanceRef(uid, sop_class, ts, locs[0].size, tuple(locs)))
         return refs
 
+    def under_replicated(self, replicas: int, peer: str, limit: int) -> defer.Deferred:
+        """UIDs with fewer than *replicas* copies whose first holder (by name) is *peer*."""
+        return self.read(lambda conn: [r[0] for r in conn.execute(
+            "SELECT SOPInstanceUID FROM locations GROUP BY SOPInstanceUID "
+            "HAVING count(*) < ? AND min(peer) = ? LIMIT ?", (replicas, peer, limit))])
+
     def crawl_state(self, archive: str) -> defer.Deferred:
         """(cursor, done, finished, since) of an archive's crawl; (None, 0, False, None)."""
         def run(conn):

@@ -45,13 +45,16 @@ class Replicate(amp.Command):
     """Phase 1 of a replicated write: keep a durable copy on your archive *archive*.
 
     Fetch the bytes from the sender's bulk channel at ``/incoming/<token>``, store them,
-    check they hash to *sha256*, and hold the copy as pending (not yet in the catalog).
+    check they hash to *sha256* (when given), and hold the copy as pending (not yet in
+    the catalog). *meta* is the instance's header as the sender read it (JSON of
+    InstanceMeta), so the receiver need not parse the file again.
     """
 
     arguments = [(b"archive", amp.Unicode()), (b"uid", amp.Unicode()),
-                 (b"sha256", amp.Unicode()), (b"token", amp.Unicode())]
+                 (b"sha256", amp.Unicode()), (b"token", amp.Unicode()),
+                 (b"meta", amp.Unicode(optional=True))]
     response = [(b"duplicate", amp.Boolean()), (b"conflict", amp.Boolean()),
-                (b"size", amp.Integer())]
+                (b"size", amp.Integer()), (b"sha256", amp.Unicode())]
     errors = {ReplicaRefused: b"REPLICA_REFUSED"}
 
 

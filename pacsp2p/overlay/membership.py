@@ -115,10 +115,11 @@ class Link(amp.AMP):
                 "software": __version__, "info": json.dumps(asdict(self.membership.me))}
 
     @Replicate.responder
-    def on_replicate(self, archive, uid, sha256, token):
-        d = self.membership.services.replicate(self.peer_name, archive, uid, sha256, token)
+    def on_replicate(self, archive, uid, sha256, token, meta=None):
+        d = self.membership.services.replicate(self.peer_name, archive, uid, sha256, token,
+                                               meta)
         return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
-                                        "size": s.size})
+                                        "size": s.size, "sha256": s.sha256})
 
     @Commit.responder
     def on_commit(self, archive, uid, sha256):

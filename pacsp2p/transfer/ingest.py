@@ -17,13 +17,14 @@ and other bytes is a conflict — both kept, logged and counted in ``pacsp2p sta
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import secrets
 
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from pacsp2p.dicom.header import content_hash
 from pacsp2p.overlay.commands import Commit, Discard, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.transfer.replicas import record
@@ -59,7 +60,8 @@ class Ingest:
     def start(self):
         if self.overlay is None:
             return
-        for fn, every in ((self._refresh_counts, 10.0), (self.hand_off, 3.0)):
+        for fn, every in ((self._refresh_counts, 10.0), (self.hand_off, 3.0),
+                          (self.repair, 15.0)):
             loop = task.LoopingCall(fn)
             loop.clock = self.reactor
             loop.start(every, now=True).addErrback(
@@ -101,17 +103,9 @@ class Ingest:
             raise StoreError(PROCESSING_FAILURE, str(e))
         token = secrets.token_urlsafe(16)
         self.offers[token] = lambda: deferToThread(open, received, "rb")
-        hashed = []
-
-        def sha256():                               # once, and only for remote copies
-            if not hashed:
-                hashed.append(deferToThread(content_hash, received))
-            d = defer.Deferred()
-            hashed[0].addBoth(lambda r: (d.callback(r), r)[1])
-            return d
-
+        meta_json = json.dumps(dataclasses.asdict(meta))
         try:
-            copies = yield self._place(ranked, received, meta, token, sha256)
+            copies = yield self._place(ranked, received, meta, token, meta_json)
         finally:
             self.offers.pop(token, None)
         if len(copies) < self.quorum:
@@ -140,14 +134,14 @@ class Ingest:
         return StoreResult(meta.sop_instance_uid, tuple(c.stored for c in kept))
 
     @defer.inlineCallbacks
-    def _place(self, ranked, received, meta, token, sha256):
+    def _place(self, ranked, received, meta, token, meta_json):
         alive = [r for r in ranked if r.alive]
         copies, i = [], 0
         while len(copies) < self.replicas and i < len(alive):
             wave = alive[i:i + self.replicas - len(copies)]
             i += len(wave)
             results = yield defer.DeferredList(
-                [self._copy(t, received, meta, token, sha256) for t in wave],
+                [self._copy(t, received, meta, token, meta_json) for t in wave],
                 consumeErrors=True)
             for target, (ok, value) in zip(wave, results):
                 if ok:
@@ -158,10 +152,10 @@ class Ingest:
                              peer=target.peer, err=value.getErrorMessage())
         return copies
 
-    def _copy(self, target: ArchiveInfo, received, meta, token, sha256) -> defer.Deferred:
+    def _copy(self, target: ArchiveInfo, received, meta, token, meta_json) -> defer.Deferred:
         if target.peer == self.peer:
             return self._copy_local(target, received, meta)
-        return self._copy_remote(target, meta.sop_instance_uid, token, sha256)
+        return self._copy_remote(target, meta.sop_instance_uid, token, meta_json)
 
     @defer.inlineCallbacks
     def _copy_local(self, target, received, meta):
@@ -174,11 +168,12 @@ class Ingest:
                      if fresh else None)
 
     @defer.inlineCallbacks
-    def _copy_remote(self, target, uid, token, sha256):
-        sha, _ = yield sha256()
+    def _copy_remote(self, target, uid, token, meta_json):
         m = self.overlay.membership
+        answer = yield m.call(target.peer, Replicate, archive=target.name, uid=uid,
+                              sha256="", token=token, meta=meta_json)
+        sha = answer["sha256"]                    # hashed there while it stored the bytes
         args = {"archive": target.name, "uid": uid, "sha256": sha}
-        answer = yield m.call(target.peer, Replicate, token=token, **args)
 
         @defer.inlineCallbacks
         def commit():
@@ -215,15 +210,61 @@ class Ingest:
         ref = refs[0]
         if any(loc.peer == peer and loc.archive == archive for loc in ref.locations):
             return                                      # it got there meanwhile
+        yield self._copy_to(ref, peer, archive)
+
+    @defer.inlineCallbacks
+    def _copy_to(self, ref, peer, archive):
+        """Copy an instance the cluster holds to archive *archive* of another peer."""
         from pacsp2p.transfer.retrieve import Retrieval
-        source = Retrieval([ref], self.archives, self.peer, self.overlay)
+        source = Retrieval([ref], self.archives, self.peer, self.overlay, reactor=self.reactor)
         token = secrets.token_urlsafe(16)
         self.offers[token] = lambda: source.open(ref)
         try:
             m = self.overlay.membership
-            args = {"archive": archive, "uid": uid, "sha256": ref.locations[0].sha256}
-            yield m.call(peer, Replicate, token=token, **args)
-            yield m.call(peer, Commit, **args)
+            answer = yield m.call(peer, Replicate, archive=archive, uid=ref.sop_instance_uid,
+                                  sha256="", token=token)
+            yield m.call(peer, Commit, archive=archive, uid=ref.sop_instance_uid,
+                         sha256=answer["sha256"])
             self.overlay.sync_from(peer)
         finally:
             self.offers.pop(token, None)
+            source.cancel()
+
+    # -- repair ----------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def repair(self, limit: int = 100):
+        """Give instances with fewer than R copies their missing ones.
+
+        Catches what hints cannot: an instance stored while its peer knew no other
+        archive. The repair of an instance is done by the first of its holders in name
+        order, so peers do not copy the same instance twice.
+        """
+        uids = yield self.catalog.under_replicated(self.replicas, self.peer, limit)
+        for uid in uids:
+            refs = yield self.catalog.resolve(Query("IMAGE", {"SOPInstanceUID": uid}))
+            if not refs:
+                continue
+            ref = refs[0]
+            have = {(loc.peer, loc.archive) for loc in ref.locations}
+            a = ref
+            info = InstanceInfo(uid, a.sop_class_uid, "", "", "", a.size)
+            try:
+                ranked = self.strategies.place(info, self.candidates(), self.replicas)
+            except StrategyError as e:
+                log.warn("repair of {uid}: {err}", uid=uid, err=e)
+                continue
+            missing = self.replicas - len(have)
+            for target in ranked:
+                if missing <= 0:
+                    break
+                if not target.alive or (target.peer, target.name) in have \
+                        or target.peer == self.peer:
+                    continue
+                try:
+                    yield self._copy_to(ref, target.peer, target.name)
+                    missing -= 1
+                    log.info("repair: {uid} copied to {archive}@{peer}", uid=uid,
+                             archive=target.name, peer=target.peer)
+                except Exception as e:
+                    log.warn("repair of {uid} to {archive}@{peer} failed: {err}", uid=uid,
+                             archive=target.name, peer=target.peer, err=e)

@@ -9,6 +9,7 @@ writer died) are dropped after ``PENDING_TTL`` seconds.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from twisted.internet import defer, task
@@ -18,6 +19,7 @@ from twisted.logger import Logger
 from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.overlay.commands import ReplicaRefused
+from pacsp2p.types import InstanceMeta
 
 log = Logger()
 
@@ -40,7 +42,8 @@ class ReplicaService:
             self._janitor.stop()
 
     @defer.inlineCallbacks
-    def replicate(self, sender: str, archive: str, uid: str, sha256: str, token: str):
+    def replicate(self, sender: str, archive: str, uid: str, sha256: str, token: str,
+                  meta_json: str | None = None):
         target = self.archives.get(archive)
         if target is None or "store" not in target.capabilities:
             raise ReplicaRefused(f"peer {self.peer} has no writable archive {archive!r}")
@@ -50,21 +53,25 @@ class ReplicaService:
         f = yield self.overlay.bulk.fetch_offer(member, token)
         try:
             path = Path(f.name)
-            try:
-                meta = yield deferToThreadPool(self.reactor, self.overlay.pool, read_meta, path)
-            except BadDataset as e:
-                raise ReplicaRefused(f"{uid}: {e}") from e
+            if meta_json:                     # the sender parsed and checked it already
+                meta = InstanceMeta(**json.loads(meta_json))
+            else:
+                try:
+                    meta = yield deferToThreadPool(self.reactor, self.overlay.pool,
+                                                   read_meta, path)
+                except BadDataset as e:
+                    raise ReplicaRefused(f"{uid}: {e}") from e
             if meta.sop_instance_uid != uid:
                 raise ReplicaRefused(f"offered {uid} but the bytes are {meta.sop_instance_uid}")
             stored = yield target.store(path, meta)
         finally:
             f.close()
-        if stored.sha256 != sha256:
+        if sha256 and stored.sha256 != sha256:
             if not stored.duplicate and not stored.conflict:
                 yield target.discard(uid, stored.sha256)
             raise ReplicaRefused(f"{uid}: bytes hash to {stored.sha256[:12]}, "
                                  f"announced {sha256[:12]}")
-        self.pending[(archive, uid, sha256)] = (meta, stored, self.reactor.seconds())
+        self.pending[(archive, uid, stored.sha256)] = (meta, stored, self.reactor.seconds())
         return stored
 
     @defer.inlineCallbacks

@@ -162,8 +162,11 @@ class Retrieval:
         if self.cancelled:
             return
         plan = self.plan
-        # what consumers already wait for goes first, whatever the window
-        for ref in [r for r in plan.pending if r.sop_instance_uid in self._opened]:
+        # when out-of-order arrivals have filled the window, what consumers already
+        # wait for is fetched anyway (else they would wait for ever)
+        wanted = ([r for r in plan.pending if r.sop_instance_uid in self._opened]
+                  if self._budget() <= 0 else [])
+        for ref in wanted:
             free = [plan.sources[n] for n in plan.holders[ref.sop_instance_uid]
                     if plan.sources[n].alive and plan.sources[n].in_flight < self.per_source]
             if free:
