@@ -1,0 +1,384 @@
+"""The ``dicomweb`` adapter: any archive with a DICOMweb service (QIDO-RS, WADO-RS, STOW-RS).
+
+Config (``[[archives]]``): ``url`` (required: the DICOMweb root, e.g.
+``http://127.0.0.1:8042/dicom-web``), ``username``/``password`` (HTTP basic, optional),
+``crawl_qps`` (default 50), ``timeout`` (seconds per request, default 30),
+``page_instances`` (instances per crawl page, default 500).
+
+- store: the SOP Instance UID is looked up first (QIDO-RS); held already, the copy is a
+  duplicate if its data set hashes the same, else a conflict (DICOMweb keeps one copy per
+  UID). Otherwise STOW-RS: ``POST {url}/studies``, ``multipart/related;
+  type="application/dicom"``, the file's bytes as the single part.
+- open: WADO-RS ``GET {url}/studies/{s}/series/{se}/instances/{i}`` asking for
+  ``transfer-syntax=*`` (the stored bytes, never transcoded); the multipart answer is
+  streamed into an unlinked temporary file under ``<data_dir>/incoming``, stripped of its
+  part headers and closing delimiter on the fly. The hierarchy UIDs come from the crawl or
+  a QIDO-RS lookup.
+- crawl: QIDO-RS ``studies`` (listed once, with their instance counts: the total), then
+  each study's ``instances`` with ``includefield`` for every attribute the catalog keeps,
+  paged with offset/limit. The cursor is ``study offset:instance offset``. QIDO-RS reports
+  no file size nor transfer syntax: 0 and "" (delivery copes).
+- discard: DICOMweb has no standard delete: logged and ignored.
+- health: a QIDO-RS ping (``studies?limit=1``) with its latency.
+- send, changes: absent (DICOMweb has neither a "send to AE" nor a change feed).
+
+All HTTP runs in this adapter's thread pool; the reactor only waits on Deferreds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+from pydicom.datadict import tag_for_keyword
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from pacsp2p.adapters.http import Client, HTTPError, Unreachable
+from pacsp2p.adapters.interface import IArchive
+from pacsp2p.adapters.orthanc import (_Lru, config_where, file_dataset_hash, option_checks,
+                                      unlinked_copy)
+from pacsp2p.catalog.attributes import STORED
+from pacsp2p.dicom.header import content_hash
+from pacsp2p.types import InstanceMeta, Stored
+
+log = Logger()
+
+KNOWN_KEYS = ("name", "adapter", "site", "url", "username", "password", "crawl_qps",
+              "timeout", "page_instances", "threads")
+TAGS = {kw: f"{tag_for_keyword(kw):08X}" for kw in STORED}
+INCLUDE = ",".join(sorted(STORED))
+STUDY_PAGE = 1000
+ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+class DicomWebError(Exception):
+    """The DICOMweb service refused an operation."""
+
+
+def _value_text(element: dict) -> str:
+    values = element.get("Value") or []
+    out = []
+    for v in values:
+        if isinstance(v, dict):           # PN: {"Alphabetic": ...}
+            v = v.get("Alphabetic", "")
+        out.append("" if v is None else str(v))
+    return "\\".join(out).strip()
+
+
+def json_attributes(row: dict) -> dict:
+    """The catalog's attributes out of one DICOM JSON (PS3.18 F.2) object."""
+    out = {}
+    for kw, tag in TAGS.items():
+        element = row.get(tag)
+        if element:
+            text = _value_text(element)
+            if text:
+                out[kw] = text
+    return out
+
+
+class _Multipart:
+    """A file-like body: one multipart/related part holding the file at *path*."""
+
+    def __init__(self, path: Path, boundary: str):
+        self.path = path
+        self.head = (f"--{boundary}\r\nContent-Type: application/dicom\r\n"
+                     f"Content-Length: {path.stat().st_size}\r\n\r\n").encode()
+        self.tail = f"\r\n--{boundary}--\r\n".encode()
+        self.length = len(self.head) + path.stat().st_size + len(self.tail)
+        self.f = None
+        self.seek(0)
+
+    def seek(self, _pos):
+        if self.f is not None:
+            self.f.close()
+        self.f = open(self.path, "rb")
+        self.parts = [self.head, None, self.tail]
+
+    def read(self, size=-1):
+        while self.parts:
+            first = self.parts[0]
+            if first is None:
+                chunk = self.f.read(size if size and size > 0 else 1 << 20)
+                if chunk:
+                    return chunk
+                self.parts.pop(0)
+                continue
+            self.parts.pop(0)
+            return first
+        return b""
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+
+
+def _boundary(content_type: str) -> str | None:
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "boundary":
+            return value.strip().strip('"')
+    return None
+
+
+@implementer(IArchive)
+class DicomWebArchive:
+    capabilities = frozenset({"store", "open", "crawl"})
+
+    def __init__(self, name: str, reactor, *, url: str, username: str | None = None,
+                 password: str | None = None, site: str | None = None,
+                 crawl_qps: float = 50.0, timeout: float = 30.0, page_instances: int = 500,
+                 incoming: Path | None = None, threads: int = 8):
+        self.name, self.site, self.reactor = name, site, reactor
+        self.http = Client(url, username, password, timeout)
+        self.url = self.http.url
+        self.crawl_qps, self.page_instances = float(crawl_qps), int(page_instances)
+        self.incoming = Path(incoming) if incoming else Path("/tmp")
+        self.up: bool | None = None
+        self._pool = ThreadPool(1, threads, f"archive-{name}")
+        self._where = _Lru(200_000)           # SOP uid -> (study uid, series uid)
+        self._studies: list[tuple[str, int | None]] | None = None
+        self._total: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg, settings, reactor):
+        from pacsp2p.config import ConfigError
+        opts = dict(cfg.options)
+        where = config_where(cfg, settings)
+        option_checks(opts, where, "dicomweb", KNOWN_KEYS)
+        try:
+            Client(opts["url"])
+        except ValueError as e:
+            raise ConfigError(f"{where}.url: {e}") from None
+        return cls(cfg.name, reactor, url=opts["url"], username=opts.get("username"),
+                   password=opts.get("password"), site=cfg.site,
+                   crawl_qps=opts.get("crawl_qps", 50.0), timeout=opts.get("timeout", 30.0),
+                   page_instances=opts.get("page_instances", 500),
+                   incoming=settings.data_dir / "incoming", threads=opts.get("threads", 8))
+
+    def __repr__(self):
+        return f"<dicomweb archive {self.name}: {self.url}>"
+
+    def _run(self, fn, *args):
+        return deferToThreadPool(self.reactor, self._pool, fn, *args)
+
+    # -- life cycle ------------------------------------------------------------------
+    def start(self):
+        self._pool.start()
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        return self.health().addCallback(lambda _: None)
+
+    def stop(self):
+        self._pool.stop()
+
+    def _mark(self, up: bool, error: str = "") -> None:
+        if up and self.up is False:
+            log.info("archive {archive}: DICOMweb at {url} answers again",
+                     archive=self.name, url=self.url)
+        elif not up and self.up is not False:
+            log.error("archive {archive}: DICOMweb at {url} is down: {err}",
+                      archive=self.name, url=self.url, err=error)
+        self.up = up
+
+    def health(self):
+        def check():
+            try:
+                t0 = time.monotonic()
+                self._qido("/studies", {"limit": 1})
+                latency = (time.monotonic() - t0) * 1000
+            except HTTPError as e:
+                self._mark(False, str(e))
+                return {"up": False, "error": str(e), "latency_ms": None, "free_bytes": None}
+            self._mark(True)
+            return {"up": True, "latency_ms": round(latency, 2), "free_bytes": None}
+        return self._run(check)
+
+    # -- QIDO-RS (pool threads) ------------------------------------------------------
+    def _qido(self, path: str, params: dict) -> list:
+        query = urlencode(params, safe=",")
+        rows = self.http.get(f"{path}?{query}" if query else path,
+                             headers={"Accept": "application/dicom+json"})
+        return rows if isinstance(rows, list) else []
+
+    def _locate(self, uid: str) -> tuple[str, str]:
+        where = self._where.get(uid)
+        if where is not None:
+            return where
+        rows = self._qido("/instances", {"SOPInstanceUID": uid,
+                                         "includefield": "StudyInstanceUID,SeriesInstanceUID"})
+        for row in rows:
+            attrs = json_attributes(row)
+            if attrs.get("SOPInstanceUID", uid) == uid and attrs.get("StudyInstanceUID"):
+                where = (attrs["StudyInstanceUID"], attrs["SeriesInstanceUID"])
+                self._where.put(uid, where)
+                return where
+        raise KeyError(f"{uid} is not in DICOMweb archive {self.name}")
+
+    # -- WADO-RS ---------------------------------------------------------------------
+    def _fetch(self, uid: str):
+        study, series = self._locate(uid)
+        path = (f"/studies/{quote(study)}/series/{quote(series)}/instances/{quote(uid)}")
+        rsp = self.http.open("GET", path, headers={"Accept": ACCEPT_DICOM})
+        f = unlinked_copy(self.incoming)
+        try:
+            boundary = _boundary(rsp.getheader("Content-Type") or "")
+            _strip_multipart(rsp, f, boundary)
+            f.seek(0)
+        except BaseException:
+            f.close()
+            self.http.close()
+            raise
+        return f
+
+    def open(self, uid: str, sha256: str | None = None):
+        return self._run(self._fetch, uid)
+
+    # -- STOW-RS ---------------------------------------------------------------------
+    def store(self, received, meta):
+        return self._run(self._store, Path(received), meta)
+
+    def _store(self, received: Path, meta) -> Stored:
+        uid = meta.sop_instance_uid
+        sha, size = content_hash(received)
+        try:
+            self._locate(uid)
+        except KeyError:
+            pass
+        else:
+            with self._fetch(uid) as held:
+                same = file_dataset_hash(held) == sha
+            if same:
+                return Stored(self.name, sha, size, duplicate=True)
+            log.warn("archive {archive}: the DICOMweb archive already holds other bytes for "
+                     "{uid}; it keeps its first copy", archive=self.name, uid=uid)
+            return Stored(self.name, sha, size, conflict=True)
+        boundary = uuid.uuid4().hex
+        body = _Multipart(received, boundary)
+        try:
+            answer = self.http.call("POST", "/studies", body, {
+                "Content-Type": f'multipart/related; type="application/dicom"; '
+                                f'boundary={boundary}',
+                "Content-Length": str(body.length), "Accept": "application/dicom+json"},
+                ok=(200, 202))
+        finally:
+            body.close()
+        if not isinstance(answer, dict):
+            raise DicomWebError(f"STOW-RS of {uid}: unexpected answer {answer[:200]!r}")
+        failed = answer.get("00081198", {}).get("Value") or []
+        stored = answer.get("00081199", {}).get("Value") or []
+        if failed or not any(_value_text(item.get("00081155", {})) == uid for item in stored):
+            reason = ""
+            for item in failed:
+                reason = _value_text(item.get("00081197", {}))     # FailureReason
+            raise DicomWebError(f"STOW-RS did not store {uid}"
+                                + (f" (failure reason {reason})" if reason else ""))
+        study = meta.attributes.get("StudyInstanceUID")
+        series = meta.attributes.get("SeriesInstanceUID")
+        if study and series:
+            self._where.put(uid, (study, series))
+        return Stored(self.name, sha, size)
+
+    def discard(self, uid, sha256):
+        log.warn("archive {archive}: DICOMweb cannot delete {uid}; the copy stays",
+                 archive=self.name, uid=uid)
+        return defer.succeed(None)
+
+    # -- crawl -----------------------------------------------------------------------
+    def _list_studies(self) -> list:
+        studies, offset = [], 0
+        for _ in range(100_000):
+            rows = self._qido("/studies", {"offset": offset, "limit": STUDY_PAGE,
+                                           "includefield": "NumberOfStudyRelatedInstances"})
+            for row in rows:
+                s = _value_text(row.get("0020000D", {}))
+                n = _value_text(row.get("00201208", {}))
+                studies.append((s, int(n) if n.isdigit() else None))
+            if len(rows) < STUDY_PAGE:
+                break
+            offset += len(rows)
+        return studies
+
+    @defer.inlineCallbacks
+    def crawl(self, cursor, throttle):
+        s_off, i_off = (int(x) for x in (cursor or "0:0").split(":"))
+        items = []
+        try:
+            if self._studies is None:
+                yield throttle()
+                self._studies = yield self._run(self._list_studies)
+                counts = [n for _, n in self._studies]
+                self._total = sum(counts) if None not in counts else None
+            for _ in range(10_000):
+                if s_off >= len(self._studies) or len(items) >= self.page_instances:
+                    break
+                study, count = self._studies[s_off]
+                want = self.page_instances - len(items)
+                yield throttle()
+                rows = yield self._run(self._qido, f"/studies/{quote(study)}/instances",
+                                       {"offset": i_off, "limit": want,
+                                        "includefield": INCLUDE})
+                items += self._metas(rows, study)
+                i_off += len(rows)
+                if not rows or len(rows) < want or (count is not None and i_off >= count):
+                    s_off, i_off = s_off + 1, 0
+        except Unreachable as e:
+            self._mark(False, str(e))
+            yield task.deferLater(self.reactor, 2.0, lambda: None)
+            return [], cursor, self._total
+        self._mark(True)
+        if s_off >= len(self._studies):
+            self._studies = None                 # a later crawl lists them afresh
+            return items, None, self._total
+        return items, f"{s_off}:{i_off}", self._total
+
+    def _metas(self, rows: list, study: str) -> list:
+        items = []
+        for row in rows:
+            attrs = json_attributes(row)
+            attrs.setdefault("StudyInstanceUID", study)
+            uid, sop_class = attrs.get("SOPInstanceUID"), attrs.get("SOPClassUID")
+            if not uid or not sop_class or not attrs.get("SeriesInstanceUID"):
+                continue
+            self._where.put(uid, (attrs["StudyInstanceUID"], attrs["SeriesInstanceUID"]))
+            items.append((InstanceMeta(uid, sop_class, "", attrs, 0), 0))
+        return items
+
+
+def _strip_multipart(rsp, out, boundary: str | None) -> None:
+    """Copy the single part of the multipart body *rsp* into *out* (headers and the
+    closing delimiter removed); a non-multipart body is copied whole."""
+    if boundary is None:
+        while chunk := rsp.read(1 << 20):
+            out.write(chunk)
+        return
+    head = b""
+    for _ in range(1000):                     # the part headers: well under 64 KiB
+        chunk = rsp.read(16384)
+        if not chunk:
+            raise DicomWebError("WADO-RS answer ends inside the part headers")
+        head += chunk
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            break
+    else:
+        raise DicomWebError("WADO-RS part headers too long")
+    out.write(head[end + 4:])
+    while chunk := rsp.read(1 << 20):
+        out.write(chunk)
+    # the closing "\r\n--boundary--" (maybe with a transport padding) ends the file
+    size = out.tell()
+    tail_len = min(size, len(boundary) + 256)
+    out.seek(size - tail_len)
+    tail = out.read(tail_len)
+    cut = tail.rfind(b"\r\n--" + boundary.encode())
+    if cut < 0:
+        raise DicomWebError("WADO-RS answer has no closing multipart delimiter")
+    out.truncate(size - tail_len + cut)
+    out.seek(0, os.SEEK_END)
