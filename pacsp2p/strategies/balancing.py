@@ -51,12 +51,11 @@ class Single:
     @hookimpl
     def pacsp2p_next_batch(self, plan, source):
         chosen = plan.memo.get("single")
-        if chosen is None:
+        if chosen is None or not plan.sources[chosen].alive:     # first call, or it died
             counts = {name: len(s.holds) for name, s in plan.sources.items() if s.alive}
+            if not counts:
+                return []
             chosen = plan.memo["single"] = max(sorted(counts), key=counts.get)
-        if not plan.sources[chosen].alive:
-            chosen = plan.memo["single"] = None
-            return []
         out = []
         for ref in plan.pending:
             holders = plan.holders[ref.sop_instance_uid]
