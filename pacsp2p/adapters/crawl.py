@@ -51,6 +51,9 @@ class Crawler:
         self.finished = False
         self.error: str | None = None
         self.t0 = None
+        self.t_end = None          # when the crawl finished: the rate stops there
+        self.done_at_end = 0
+        self.start_done = 0
         self._running = False
         self._follow = None
 
@@ -82,7 +85,7 @@ class Crawler:
         state = yield self.catalog.crawl_state(self.archive.name)
         cursor, self.done, finished, since = state
         self.t0 = time.monotonic()
-        start_done = self.done
+        start_done = self.start_done = self.done
         if not finished:
             log.info("crawling archive {archive}{resume}", archive=self.archive.name,
                      resume=f" (resuming after {self.done} instances)" if cursor else "")
@@ -101,6 +104,7 @@ class Crawler:
                     log.info("crawl of {archive}: {progress}", archive=self.archive.name,
                              progress=self.progress_text(start_done))
                 if cursor is None:
+                    self.t_end, self.done_at_end = time.monotonic(), self.done
                     break
             if not self._running:
                 return
@@ -128,11 +132,18 @@ class Crawler:
         eta = f", ETA {s['eta_s']:.0f} s" if s.get("eta_s") is not None else ""
         return f"{s['done']}{total} instances, {s['rate']:.0f}/s{eta}"
 
-    def status(self, start_done: int = 0) -> dict:
-        elapsed = time.monotonic() - self.t0 if self.t0 else 0.0
-        rate = (self.done - start_done) / elapsed if elapsed > 0 else 0.0
+    def status(self, start_done: int | None = None) -> dict:
+        """Progress; the rate counts the instances crawled since this start (resumed
+        ones excluded) over the crawl's own time (instances found later by following
+        changes are not in it)."""
+        if start_done is None:
+            start_done = self.start_done
+        end = self.t_end or time.monotonic()
+        elapsed = end - self.t0 if self.t0 else 0.0
+        crawled = (self.done_at_end if self.t_end else self.done) - start_done
+        rate = crawled / elapsed if elapsed > 0 else 0.0
         eta = ((self.total - self.done) / rate if self.total and rate > 0
                and not self.finished else None)
         return {"archive": self.archive.name, "done": self.done, "total": self.total,
                 "rate": round(rate, 1), "eta_s": eta, "finished": self.finished,
-                "error": self.error}
+                "elapsed_s": round(elapsed, 3), "error": self.error}
