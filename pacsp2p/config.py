@@ -91,6 +91,7 @@ class AdminSettings:
 @dataclass(frozen=True)
 class StorageSettings:
     fsync: bool = True
+    sync_directories: bool = False
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,9 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     st.done()
 
     s = table("storage")
-    storage = StorageSettings(fsync=s.take("fsync", bool, True, "true or false"))
+    storage = StorageSettings(
+        fsync=s.take("fsync", bool, True, "true or false"),
+        sync_directories=s.take("sync_directories", bool, False, "true or false"))
     s.done()
     top.done()
     return Settings(source, PeerSettings(name, data_dir), facade, destinations,

@@ -3,7 +3,8 @@
 Every instance is kept byte-identical to what was received (same transfer syntax, same
 bytes, private tags and unknown SOP classes included), addressed by SOP Instance UID
 under ``objects/<2 hex of sha1(uid)>/<uid>.dcm``. Writes are atomic: a hard link (or
-copy) into ``tmp/``, fsync, rename, fsync of the directory. A second, different instance
+copy) into ``tmp/``, fsync, rename (and, with ``[storage] sync_directories``, fsync of the
+directory, so the rename itself survives a power cut). A second, different instance
 with an existing UID is kept beside it as ``<uid>.<sha256[:16]>.dcm`` and reported as a
 conflict; the same bytes again are a no-op.
 """
@@ -31,9 +32,10 @@ class EmbeddedArchive:
     capabilities = frozenset({"store", "open", "find"})
 
     def __init__(self, name: str, root: Path, reactor, site: str | None = None,
-                 fsync: bool = True, threads: int = 4):
+                 fsync: bool = True, threads: int = 4, sync_directories: bool = False):
         self.name, self.site, self.root = name, site, Path(root)
         self.reactor, self.fsync = reactor, fsync
+        self.sync_directories = fsync and sync_directories
         self.objects, self.tmp = self.root / "objects", self.root / "tmp"
         self._pool = ThreadPool(1, threads, f"archive-{name}")
 
@@ -47,7 +49,8 @@ class EmbeddedArchive:
             raise ConfigError(f"{settings.source}: archives.{cfg.name}.{key}: unknown key "
                               "for adapter 'embedded' (known: name, adapter, site, path)")
         root = Path(root) if root else settings.data_dir / "archives" / cfg.name
-        return cls(cfg.name, root, reactor, cfg.site, settings.storage.fsync)
+        return cls(cfg.name, root, reactor, cfg.site, settings.storage.fsync,
+                   sync_directories=settings.storage.sync_directories)
 
     def _run(self, fn, *args):
         return deferToThreadPool(self.reactor, self._pool, fn, *args)
@@ -107,7 +110,7 @@ class EmbeddedArchive:
                     os.close(fd)
             target.parent.mkdir(exist_ok=True)
             os.replace(tmp, target)
-            if self.fsync:
+            if self.sync_directories:
                 fd = os.open(target.parent, os.O_RDONLY)
                 try:
                     os.fsync(fd)
