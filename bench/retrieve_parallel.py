@@ -432,7 +432,9 @@ def run(args, net: Net, wd: Path) -> int:
                 srcs = retrieval_sources(req)
                 print(f"   {case:7s} {label:13s} rep {rep + 1}: {s:6.2f} s "
                       f"{mb(size) / s:6.1f} MB/s  requester CPU {100 * used['req'] / s:3.0f}%"
-                      f"  sources {srcs}{'  bytes identical' if verify else ''}",
+                      f"  sources {srcs} (CPU "
+                      + " ".join(f"{100 * used[n] / s:.0f}%" for n in sorted(used) if n != "req")
+                      + f"){'  bytes identical' if verify else ''}",
                       flush=True)
 
             cases = [(f"K={k}", k) for k in (1, 2, 3)]
@@ -480,13 +482,18 @@ def run(args, net: Net, wd: Path) -> int:
 
 
 def main() -> int:
+    global RATE
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=None, help="repetitions (3; 1 with --quick)")
     p.add_argument("--count", type=int, default=None,
                    help="instances in the study (300; 60 with --quick)")
+    p.add_argument("--rate", type=int, default=RATE,
+                   help=f"Mbit/s of every source link ({RATE}); e.g. 2000 to find the "
+                        "requester's own ceiling")
     p.add_argument("--profile", type=Path, default=None,
                    help="py-spy record the requester during the first run of each case")
     args = p.parse_args()
+    RATE = args.rate
     if os.geteuid() != 0:
         print("needs root (network namespaces, tc)", file=sys.stderr)
         return 2
