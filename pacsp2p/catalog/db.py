@@ -241,6 +241,7 @@ class Catalog:
         self._pending: list[tuple[object, defer.Deferred]] = []
         self._flushing = False
         self.vector: dict[str, int] = {}
+        self._promised: dict[str, int] = {}     # facts of others queued by learn()
         self.listeners: list[Callable[[], None]] = []   # told after each commit
 
     # -- life cycle ------------------------------------------------------------------
@@ -270,24 +271,27 @@ class Catalog:
         return deferToThreadPool(self.reactor, self._writer_pool, fn, *a)
 
     def record(self, meta: InstanceMeta, location: Location | None) -> defer.Deferred:
-        """Queue one local fact; the Deferred fires once it is committed."""
+        """Queue one local fact; the Deferred fires with its sequence number once it is
+        committed."""
         d = defer.Deferred()
         self._pending.append(((meta, location), d))
         if not self._flushing:
             self._flush()
         return d
 
-    def _write_own(self, batch) -> int:
+    def _write_own(self, batch) -> list:
+        """Write this peer's facts; the sequence number given to each (None: no location)."""
         seq = self.vector.get(self.peer, 0)
-        facts = []
+        facts, seqs = [], []
         for meta, loc in batch:
             row = None
             if loc is not None:
                 seq += 1
                 row = (loc.sop_instance_uid, loc.archive, loc.peer, loc.sha256, loc.size, seq)
+            seqs.append(seq if loc is not None else None)
             facts.append((meta_attributes(meta), row))
         write_facts(self._writer, facts)
-        return seq
+        return seqs
 
     def _committed(self, origin: str, seq: int) -> None:
         if seq > self.vector.get(origin, 0):
@@ -300,11 +304,11 @@ class Catalog:
         self._flushing = True
         d = self._in_writer(self._write_own, [f for f, _ in batch])
 
-        def done(seq):
+        def done(seqs):
             self._flushing = False
-            self._committed(self.peer, seq)
-            for _, waiter in batch:
-                waiter.callback(None)
+            self._committed(self.peer, max((q for q in seqs if q), default=0))
+            for (_, waiter), seq in zip(batch, seqs):
+                waiter.callback(seq)
             if self._pending:
                 self._flush()
 
@@ -324,6 +328,19 @@ class Catalog:
         d = self._in_writer(write_wire, self._writer, rows)
         d.addCallback(lambda _: self._committed(origin, top))
         return d
+
+    def learn(self, origin: str, seq: int, meta: InstanceMeta, location: Location) -> bool:
+        """Record a fact another peer just told us it wrote, if it is that origin's next
+        one (so the version vector stays exact); False: leave it to anti-entropy."""
+        if seq != max(self.vector.get(origin, 0), self._promised.get(origin, 0)) + 1:
+            return False
+        self._promised[origin] = seq
+        attrs = meta_attributes(meta)
+        row = [seq, location.archive, origin, location.sha256, location.size] + [
+            attrs.get(c, "") or "" for c in ATTRIBUTE_FIELDS]
+        self.apply(origin, [row]).addErrback(
+            lambda f: log.failure("recording a fact of {o} failed", f, o=origin))
+        return True
 
     def changes(self, origin: str, after: int, limit: int) -> defer.Deferred:
         return self.read(lambda conn: read_changes(conn, origin, after, limit))

@@ -28,7 +28,8 @@ from twisted.logger import Logger
 from pacsp2p.overlay.commands import Commit, Discard, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.transfer.replicas import record
-from pacsp2p.types import ArchiveInfo, InstanceInfo, Query, Stored, StoreError, StoreResult
+from pacsp2p.types import (ArchiveInfo, InstanceInfo, Location, Query, Stored, StoreError,
+                           StoreResult)
 
 log = Logger()
 
@@ -155,7 +156,7 @@ class Ingest:
     def _copy(self, target: ArchiveInfo, received, meta, token, meta_json) -> defer.Deferred:
         if target.peer == self.peer:
             return self._copy_local(target, received, meta)
-        return self._copy_remote(target, meta.sop_instance_uid, token, meta_json)
+        return self._copy_remote(target, meta, token, meta_json)
 
     @defer.inlineCallbacks
     def _copy_local(self, target, received, meta):
@@ -168,7 +169,8 @@ class Ingest:
                      if fresh else None)
 
     @defer.inlineCallbacks
-    def _copy_remote(self, target, uid, token, meta_json):
+    def _copy_remote(self, target, meta, token, meta_json):
+        uid = meta.sop_instance_uid
         m = self.overlay.membership
         answer = yield m.call(target.peer, Replicate, archive=target.name, uid=uid,
                               sha256="", token=token, meta=meta_json)
@@ -177,8 +179,10 @@ class Ingest:
 
         @defer.inlineCallbacks
         def commit():
-            yield m.call(target.peer, Commit, **args)
-            self.overlay.sync_from(target.peer)
+            done = yield m.call(target.peer, Commit, **args)
+            location = Location(uid, target.name, target.peer, sha, answer["size"])
+            if not self.catalog.learn(target.peer, done["seq"], meta, location):
+                self.overlay.sync_from(target.peer)     # not the next one: pull in order
 
         stored = Stored(target.name, sha, answer["size"], answer["duplicate"],
                         answer["conflict"])

@@ -80,8 +80,8 @@ class ReplicaService:
         if entry is None:
             raise ReplicaRefused(f"no pending copy of {uid} on {archive}")
         meta, stored, _ = entry
-        yield record(self.catalog, meta, stored, self.peer)
-        return self.catalog.vector.get(self.peer, 0)
+        seq = yield record(self.catalog, meta, stored, self.peer)
+        return seq or 0                     # 0: a conflict, recorded apart
 
     def discard(self, archive: str, uid: str, sha256: str):
         entry = self.pending.pop((archive, uid, sha256), None)
