@@ -236,18 +236,36 @@ class OrthancArchive:
         return self._run(check)
 
     # -- ids -------------------------------------------------------------------------
+    def _lookup_all(self, uid: str) -> list[str]:
+        """Orthanc ids of every instance with SOP Instance UID *uid* (Orthanc keeps two
+        when they differ in patient/study/series: its ids hash the whole hierarchy)."""
+        found = self.http.call("POST", "/tools/lookup", uid.encode(),
+                               {"Content-Type": "text/plain"})
+        return [item["ID"] for item in found or () if item.get("Type") == "Instance"]
+
     def _lookup(self, uid: str) -> str:
         """Orthanc id of the instance *uid* (KeyError if Orthanc has none)."""
         oid = self._ids.get(uid)
         if oid is not None:
             return oid
-        found = self.http.call("POST", "/tools/lookup", uid.encode(),
-                               {"Content-Type": "text/plain"})
-        for item in found or ():
-            if item.get("Type") == "Instance":
-                self._ids.put(uid, item["ID"])
-                return item["ID"]
-        raise KeyError(f"{uid} is not in Orthanc archive {self.name}")
+        ids = self._lookup_all(uid)
+        if not ids:
+            raise KeyError(f"{uid} is not in Orthanc archive {self.name}")
+        self._ids.put(uid, ids[0])
+        return ids[0]
+
+    def _held(self, uid: str, sha256: str) -> tuple[str | None, list[str]]:
+        """(id of the copy of *uid* whose data set hashes *sha256* or None, all ids)."""
+        ids = self._lookup_all(uid)
+        for oid in ids:
+            try:
+                with self._fetch(oid) as held:
+                    if file_dataset_hash(held) == sha256:
+                        return oid, ids
+            except HTTPError as e:
+                if e.status != 404:
+                    raise
+        return None, ids
 
     def _fetch(self, oid: str):
         f = unlinked_copy(self.incoming)
@@ -266,6 +284,10 @@ class OrthancArchive:
 
     def _store(self, received: Path, uid: str) -> Stored:
         sha, size = content_hash(received)
+        same, ids = self._held(uid, sha)
+        if same is not None:
+            self._ids.put(uid, same)
+            return Stored(self.name, sha, size, duplicate=True)
         with open(received, "rb") as body:
             answer = self.http.call("POST", "/instances", body,
                                     {"Content-Type": "application/dicom",
@@ -273,33 +295,37 @@ class OrthancArchive:
         status = answer.get("Status") if isinstance(answer, dict) else None
         if status not in ("Success", "AlreadyStored"):
             raise OrthancError(f"Orthanc did not store {uid}: {answer!r}"[:500])
-        self._ids.put(uid, answer["ID"])
-        if status == "Success":
+        if not ids:
+            self._ids.put(uid, answer["ID"])
             return Stored(self.name, sha, size)
-        with self._fetch(answer["ID"]) as held:
-            same = file_dataset_hash(held) == sha
-        if same:
-            return Stored(self.name, sha, size, duplicate=True)
-        log.warn("archive {archive}: Orthanc already holds other bytes for {uid}; it keeps "
-                 "only its first copy", archive=self.name, uid=uid)
+        if status == "Success":
+            log.warn("archive {archive}: {uid} received again with other bytes (another "
+                     "patient/study/series): Orthanc keeps both", archive=self.name, uid=uid)
+        else:
+            log.warn("archive {archive}: Orthanc already holds other bytes for {uid}; it "
+                     "keeps only its first copy", archive=self.name, uid=uid)
         return Stored(self.name, sha, size, conflict=True)
 
     def discard(self, uid: str, sha256: str):
         def remove():
-            try:
-                oid = self._lookup(uid)
-            except KeyError:
-                return
-            with self._fetch(oid) as held:
-                if file_dataset_hash(held) != sha256:
-                    return                       # another copy than ours: keep it
+            oid, _ = self._held(uid, sha256)
+            if oid is None:
+                return                           # not ours (or gone): keep the rest
             self.http.call("DELETE", f"/instances/{oid}")
-            self._ids.pop(uid, None)
+            if self._ids.get(uid) == oid:
+                self._ids.pop(uid, None)
         return self._run(remove)
 
     # -- read ------------------------------------------------------------------------
     def open(self, uid: str, sha256: str | None = None):
         def opener():
+            if sha256:                            # a known copy: the one with those bytes
+                cached = self._ids.get(uid)
+                if cached is None or len(self._lookup_all(uid)) > 1:
+                    oid, ids = self._held(uid, sha256)
+                    if oid is not None:
+                        self._ids.put(uid, oid)
+                        return self._fetch(oid)
             oid = self._lookup(uid)
             try:
                 return self._fetch(oid)

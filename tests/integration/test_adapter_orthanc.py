@@ -210,3 +210,88 @@ def test_orthanc_stopped_is_down_logged_no_crash(tmp_path):
             assert proc.returncode == 0 and rows == []
     finally:
         o.stop()
+
+
+# -- the adapter's own operations, in process (reactor in a thread) ------------------------
+
+@pytest.fixture(scope="module")
+def running_reactor():
+    import threading
+
+    from twisted.internet import reactor
+    if not reactor.running:
+        threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},
+                         daemon=True, name="reactor").start()
+    return reactor
+
+
+def test_send_duplicate_conflict_discard(tmp_path, running_reactor, study):
+    from twisted.internet.threads import blockingCallFromThread
+
+    from pacsp2p.adapters.orthanc import OrthancArchive
+    from pacsp2p.config import Destination
+    from pacsp2p.dicom.header import read_meta
+
+    reactor = running_reactor
+
+    def call(fn, *args):
+        return blockingCallFromThread(reactor, fn, *args)
+
+    with Orthanc(tmp_path / "ops") as o, \
+            StoreSCP(tmp_path / "ops-received", extra=["+B"]) as scp:
+        a = OrthancArchive("ops", reactor, url=o.url, incoming=tmp_path / "incoming")
+        call(a.start)
+        try:
+            metas = [read_meta(p) for p in study]
+            stored = [call(a.store, p, m) for p, m in zip(study, metas)]
+            assert not any(s.duplicate or s.conflict for s in stored)
+            again = call(a.store, study[0], metas[0])
+            assert again.duplicate and again.sha256 == stored[0].sha256
+
+            # direct send: Orthanc itself C-STOREs to storescp
+            dest = Destination("STORESCP", "127.0.0.1", scp.port, "direct")
+            uids = [m.sop_instance_uid for m in metas] + ["1.2.3.4.404"]
+            result = call(a.send, uids, dest)
+            assert result == {"completed": len(study), "failed": 1, "warning": 0,
+                              "failed_uids": ["1.2.3.4.404"]}, result
+            assert dn.dataset_hashes(scp.files()) == dn.dataset_hashes(study)
+
+            other = datasets.write(datasets.make_image(
+                "CT", size=16, SOPInstanceUID=metas[0].sop_instance_uid, PatientID="OTHER"),
+                tmp_path / "other.dcm")
+            clash = call(a.store, other, read_meta(other))
+            assert clash.conflict and not clash.duplicate
+            held = len(study) + 1          # another patient: Orthanc keeps both copies
+            assert o.statistics()["CountInstances"] == held
+            f = call(a.open, metas[0].sop_instance_uid, clash.sha256)   # the copy named
+            with f:
+                assert dataset_sha256_bytes(f.read()) == clash.sha256
+
+            # discard: only a copy whose data set is the one named
+            call(a.discard, metas[1].sop_instance_uid, "0" * 64)
+            assert o.statistics()["CountInstances"] == held
+            call(a.discard, metas[1].sop_instance_uid, stored[1].sha256)
+            assert o.statistics()["CountInstances"] == held - 1
+            with pytest.raises(KeyError):
+                call(a.open, metas[1].sop_instance_uid)
+        finally:
+            call(a.stop)
+
+
+def test_config_errors_name_file_key_and_reason(tmp_path):
+    from pacsp2p.adapters import make_archive
+    from pacsp2p.config import ConfigError, from_dict
+
+    def settings(**block):
+        return from_dict({"peer": {"data_dir": str(tmp_path)}, "archives": [
+            {"name": "local", "adapter": "embedded"},
+            {"name": "pacs", "adapter": "orthanc", **block}]}, "site.toml", tmp_path)
+
+    cases = [({}, "site.toml: archives[1].url: required"),
+             ({"url": "ftp://x"}, "site.toml: archives[1].url: must be an http"),
+             ({"url": "http://x", "crawl_qps": 0}, "archives[1].crawl_qps: must be a positive"),
+             ({"url": "http://x", "colour": "red"}, "archives[1].colour: unknown key")]
+    for block, message in cases:
+        s = settings(**block)
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            make_archive(s.archives[1], s, None)
