@@ -324,7 +324,7 @@ class DicomWebArchive:
                 rows = yield self._run(self._qido, f"/studies/{quote(study)}/instances",
                                        {"offset": i_off, "limit": want,
                                         "includefield": INCLUDE})
-                items += self._metas(rows, study)
+                items += yield self._run(self._metas, rows, study)
                 i_off += len(rows)
                 if not rows or len(rows) < want or (count is not None and i_off >= count):
                     s_off, i_off = s_off + 1, 0

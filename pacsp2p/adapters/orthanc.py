@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -129,16 +130,30 @@ def file_dataset_hash(f) -> str:
     return h.hexdigest()
 
 
-class _Lru(OrderedDict):
+class _Lru:
+    """A bounded map, oldest entries dropped first; safe across the pool's threads."""
+
     def __init__(self, size):
-        super().__init__()
-        self.size = size
+        self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, default=None):
+        with self._lock:
+            return self._d.get(key, default)
 
     def put(self, key, value):
-        self[key] = value
-        self.move_to_end(key)
-        if len(self) > self.size:
-            self.popitem(last=False)
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            if len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+    def pop(self, key, default=None):
+        with self._lock:
+            return self._d.pop(key, default)
+
+    def clear(self):
+        with self._lock:
+            self._d.clear()
 
 
 @implementer(IArchive)
