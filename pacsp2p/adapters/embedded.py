@@ -23,7 +23,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from pacsp2p.adapters.interface import IArchive
-from pacsp2p.dicom.header import BadDataset, content_hash, read_meta
+from pacsp2p.dicom.header import BadDataset, content_hash, dataset_offset, read_meta
 from pacsp2p.types import Stored
 
 
@@ -80,10 +80,14 @@ class EmbeddedArchive:
 
     # -- store -----------------------------------------------------------------------
     def store(self, received: Path, meta):
-        return self._run(self._store, Path(received), meta.sop_instance_uid)
+        return self._run(self._store, Path(received), meta.sop_instance_uid,
+                         getattr(meta, "sha256", ""))
 
-    def _store(self, received: Path, uid: str) -> Stored:
-        sha, size = content_hash(received)
+    def _store(self, received: Path, uid: str, sha: str = "") -> Stored:
+        if sha:                          # hashed already, while its header was read
+            size = received.stat().st_size - dataset_offset(received)
+        else:
+            sha, size = content_hash(received)
         target = self.path_for(uid)
         if target.exists():
             if content_hash(target)[0] == sha:

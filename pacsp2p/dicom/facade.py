@@ -20,7 +20,7 @@ from pynetdicom import AE, _config, evt
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.logger import Logger
 
-from pacsp2p.dicom import contexts, move
+from pacsp2p.dicom import contexts, polling, move
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.identifiers import IdentifierError, to_dataset, to_query
 
@@ -29,6 +29,7 @@ log = Logger()
 _config.STORE_RECV_CHUNKED_DATASET = True
 _config.UNRESTRICTED_STORAGE_SERVICE = False
 _config.LOG_HANDLER_LEVEL = "none"
+polling.install()
 
 # DICOM statuses (PS3.4 annexes B and C, PS3.7 C)
 SUCCESS, PENDING, CANCEL = 0x0000, 0xFF00, 0xFE00

@@ -13,9 +13,8 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
+from pydicom.tag import Tag
 from pydicom.uid import UID
-from pynetdicom.dsutils import split_dataset
 
 from pacsp2p.catalog.attributes import HEADER_KEYWORDS, STORED
 from pacsp2p.types import InstanceMeta
@@ -37,24 +36,108 @@ def _text(elem) -> str:
     return str(value).strip()
 
 
+# character sets whose bytes decode without ISO 2022 escapes
+_SIMPLE_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1",
+                    "ISO_IR 192": "utf-8", "ISO 2022 IR 6": "latin-1",
+                    "ISO 2022 IR 100": "latin-1"}
+_WANTED = {int(Tag(kw)): kw for kw in HEADER_KEYWORDS}
+_CHARSET_TAG = 0x00080005
+
+
 def read_meta(path: Path) -> InstanceMeta:
-    """Header attributes of the Part-10 file at *path* (raises BadDataset)."""
+    """Header attributes, transfer syntax and content hash of the Part-10 file at *path*.
+
+    One pass over the file (memory-mapped): the File Meta Information, then every
+    element's tag and length — checking that the data set is complete — keeping the raw
+    values of the attributes the catalog needs; the sha256 of the data set bytes is taken
+    on the way. Values are decoded only for those few attributes (pydicom is used for
+    data sets in ISO 2022 character sets). Raises BadDataset.
+    """
+    path = Path(path)
     try:
-        check_complete(path)
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < 144:
+                raise BadDataset("not a DICOM Part-10 file (too short)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                offset, ts = file_meta(buf)
+                if offset == size:
+                    raise BadDataset("the data set is empty")
+                syntax = UID(ts)
+                if syntax.is_deflated:
+                    return _read_meta_pydicom(path, size)
+                found: dict = {}
+                end = _walk(buf, offset, size, syntax.is_implicit_VR,
+                            syntax.is_little_endian, None, found)
+                if end != size:
+                    raise BadDataset(f"truncated: an element runs past the end of the "
+                                     f"file ({size} bytes)")
+                sha = hashlib.sha256(memoryview(buf)[offset:]).hexdigest()
+    except (OSError, ValueError, struct.error) as e:
+        if isinstance(e, BadDataset):
+            raise
+        raise BadDataset(f"cannot parse dataset: {type(e).__name__}: {e}") from e
+    charset = found.get(_CHARSET_TAG, b"").decode("latin-1").strip(" \0")
+    encoding = _SIMPLE_CHARSETS.get(charset.split("\\")[-1].strip() if charset else "")
+    if encoding is None:
+        meta = _read_meta_pydicom(path, size)
+        return InstanceMeta(meta.sop_instance_uid, meta.sop_class_uid, ts, meta.attributes,
+                            size, sha)
+    attrs = {}
+    for tag, raw in found.items():
+        kw = _WANTED[tag]
+        if kw in STORED:
+            attrs[kw] = raw.decode(encoding, "replace").strip(" \0")
+    _check_required(attrs)
+    return InstanceMeta(attrs["SOPInstanceUID"], attrs["SOPClassUID"], ts, attrs, size, sha)
+
+
+def _check_required(attrs) -> None:
+    missing = [k for k in _REQUIRED if not attrs.get(k)]
+    if missing:
+        raise BadDataset(f"dataset lacks {', '.join(missing)}")
+
+
+def _read_meta_pydicom(path: Path, size: int) -> InstanceMeta:
+    """The slow path (deflated data sets, ISO 2022 character sets): pydicom decodes."""
+    try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=HEADER_KEYWORDS)
-        attrs = {}
-        for kw in HEADER_KEYWORDS:
-            if kw in ds and kw in STORED:
-                attrs[kw] = _text(ds[kw])
+        attrs = {kw: _text(ds[kw]) for kw in HEADER_KEYWORDS if kw in ds and kw in STORED}
         ts = str(ds.file_meta.TransferSyntaxUID)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
             AttributeError, NotImplementedError, struct.error) as e:
         raise BadDataset(f"cannot parse dataset: {type(e).__name__}: {e}") from e
-    missing = [k for k in _REQUIRED if not attrs.get(k)]
-    if missing:
-        raise BadDataset(f"dataset lacks {', '.join(missing)}")
-    return InstanceMeta(attrs["SOPInstanceUID"], attrs["SOPClassUID"], ts, attrs,
-                        Path(path).stat().st_size)
+    _check_required(attrs)
+    return InstanceMeta(attrs["SOPInstanceUID"], attrs["SOPClassUID"], ts, attrs, size)
+
+
+def file_meta(buf) -> tuple[int, str]:
+    """(offset of the data set, transfer syntax UID) of a Part-10 file's bytes *buf*.
+
+    The end of group 0002 is found by walking its elements (always explicit VR little
+    endian), not by trusting its group length.
+    """
+    if buf[128:132] != b"DICM":
+        raise BadDataset("not a DICOM Part-10 file (no 'DICM' after the preamble)")
+    pos, size, ts = 132, len(buf), None
+    while pos + 8 <= size:
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        if group != 0x0002:
+            break
+        if buf[pos + 4:pos + 6] in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", buf, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", buf, pos + 6)
+            start = pos + 8
+        if start + length > size:
+            raise BadDataset("file meta information ends early")
+        if elem == 0x0010:
+            ts = bytes(buf[start:start + length]).rstrip(b"\0 ").decode("ascii", "replace")
+        pos = start + length
+    if not ts:
+        raise BadDataset("file meta information has no transfer syntax")
+    return pos, ts
 
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
@@ -63,32 +146,11 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
-def check_complete(path: Path) -> None:
-    """Raise BadDataset unless every element of the data set ends inside the file and the
-    last one ends exactly at its end (pydicom silently accepts a truncated last value).
-
-    Walks tags and lengths only, descending into undefined-length sequences, items and
-    encapsulated pixel data; values are never decoded. Deflated data sets are not walked.
-    """
-    path = Path(path)
-    offset = dataset_offset(path)
-    ts = UID(str(read_file_meta_info(path).get("TransferSyntaxUID", "")))
-    if ts.is_deflated:
-        return
-    implicit, little = ts.is_implicit_VR, ts.is_little_endian
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        if size == offset:
-            raise BadDataset("the data set is empty")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            end = _walk(buf, offset, size, implicit, little, None)
-    if end != size:
-        raise BadDataset(f"truncated: an element runs past the end of the file ({size} bytes)")
-
-
-def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop) -> int:
+def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
+          found: dict | None = None) -> int:
     """Walk elements from *pos* to *size*, or past the delimiter tag *stop*; return the end
-    (-1 if *stop* is not None and never came: a truncated sequence or item)."""
+    (-1 if *stop* is not None and never came: a truncated sequence or item). Raw values
+    of the top-level elements in ``_WANTED`` are put in *found* (tag -> bytes)."""
     e = "<" if little else ">"
     while pos + 8 <= size:
         group, elem = struct.unpack_from(e + "HH", buf, pos)
@@ -121,13 +183,19 @@ def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop) -> int:
             continue
         if pos + length > size:
             return -1
+        if found is not None and tag in _WANTED:
+            found[tag] = bytes(buf[pos:pos + length])
         pos += length
     return -1 if stop is not None or pos != size else pos
 
 
 def dataset_offset(path: Path) -> int:
     """Byte offset of the dataset after the File Meta Information."""
-    return split_dataset(path)[1]
+    with open(path, "rb") as f:
+        if f.seek(0, 2) < 144:
+            raise BadDataset("not a DICOM Part-10 file (too short)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return file_meta(buf)[0]
 
 
 def content_hash(path: Path) -> tuple[str, int]:
