@@ -269,7 +269,7 @@ class BulkClient:
         if name not in self._agents:
             pool = HTTPConnectionPool(self.reactor, persistent=True)
             pool._factory = _QuietFactory
-            pool.maxPersistentPerHost = 4
+            pool.maxPersistentPerHost = 8          # a retrieval runs up to 8 per source
             self._agents[name] = Agent(self.reactor, contextFactory=_PeerPolicy(
                 self.credentials, name), pool=pool, connectTimeout=5)
         return self._agents[name]
