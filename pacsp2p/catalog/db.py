@@ -8,11 +8,10 @@ per thread. Nothing here touches SQLite from the reactor thread.
 
 from __future__ import annotations
 
-import operator
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import sqlite_utils
 from twisted.internet import defer
@@ -97,10 +96,14 @@ _LOCATION_SQL = (
     "sha256 = excluded.sha256, size = excluded.size, available = 1, seq = excluded.seq "
     "WHERE excluded.seq > locations.seq")
 
-# A catalog fact on the wire (anti-entropy): one location plus every attribute it needs.
+# Catalog facts on the wire (anti-entropy), a batch as one JSON list:
+#   [{"PATIENT": {PatientID: [columns]}, "STUDY": {...}, "SERIES": {...}},
+#    [seq, archive, peer, sha256, size, <instance columns>], ...]
+# Patient, study and series rows come once per batch, not once per fact.
 LOCATION_FIELDS = ["seq", "archive", "peer", "sha256", "size"]
+PARENT_LEVELS = ("PATIENT", "STUDY", "SERIES")
+FACT_FIELDS = LOCATION_FIELDS + _LEVEL_SQL["IMAGE"][0]
 ATTRIBUTE_FIELDS = list(dict.fromkeys(c for level in LEVELS for c in _LEVEL_SQL[level][0]))
-FACT_FIELDS = LOCATION_FIELDS + ATTRIBUTE_FIELDS
 
 
 def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]]) -> None:
@@ -135,43 +138,39 @@ def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: 
         raise
 
 
-def check_wire(rows: list[list]) -> int:
-    """Validate facts from the wire (as :func:`facts_from_wire`); their highest seq."""
-    n = len(FACT_FIELDS)
-    top = None
-    for row in rows:
-        if len(row) != n:
+def check_wire(batch: list) -> int:
+    """Validate a batch of facts from the wire; return its highest sequence number."""
+    if not batch:
+        return 0
+    parents, facts = batch[0], batch[1:]
+    if not isinstance(parents, dict):
+        raise ValueError("a batch of facts starts with its patient/study/series rows")
+    for level in PARENT_LEVELS:
+        width = len(_LEVEL_SQL[level][0])
+        for key, row in parents.get(level, {}).items():
+            if not isinstance(row, list) or len(row) != width:
+                raise ValueError(f"{level} row {key!r} is not {width} fields")
+    n, top = len(FACT_FIELDS), 0
+    for row in facts:
+        if not isinstance(row, list) or len(row) != n:
             raise ValueError(f"fact has {len(row)} fields, expected {n}")
-        seq = int(row[0])
         int(row[4])
-        if top is None or seq > top:
-            top = seq
-    return 0 if top is None else top
+        top = max(top, int(row[0]))
+    return top
 
 
-def write_wire(conn: sqlite3.Connection, rows: list[list]) -> None:
-    """``write_facts(conn, facts_from_wire(rows))`` without building a dict per fact.
-
-    The same rows reach the same statements in the same order; anti-entropy applies
-    every pulled batch through here, so per-fact Python work is kept to slicing.
-    """
-    latest: dict[str, dict] = {level: {} for level in LEVELS}
-    keyed = [(latest[level], _WIRE_INDEX[UNIQUE[level]]) for level in LEVELS]
-    for row in rows:
-        for seen, i in keyed:
-            seen[row[i]] = row
-    levels = {}
-    for level in LEVELS:
-        get = _WIRE_GETTERS[level]
-        levels[level] = [[v or "" for v in get(row)] for row in latest[level].values()]
-    sop = _WIRE_INDEX["SOPInstanceUID"]
+def write_wire(conn: sqlite3.Connection, batch: list) -> None:
+    """Write a batch of facts from the wire in one transaction (see ``read_changes``)."""
+    if not batch:
+        return
+    parents, facts = batch[0], batch[1:]
+    levels = {level: [[v or "" for v in row] for row in parents.get(level, {}).values()]
+              for level in PARENT_LEVELS}
+    n = len(LOCATION_FIELDS)
+    levels["IMAGE"] = [[v or "" for v in row[n:]] for row in facts]
+    sop = n + _LEVEL_SQL["IMAGE"][0].index("SOPInstanceUID")
     _write_levels(conn, levels, [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0]))
-                                 for row in rows])
-
-
-_WIRE_INDEX = {c: len(LOCATION_FIELDS) + i for i, c in enumerate(ATTRIBUTE_FIELDS)}
-_WIRE_GETTERS = {level: operator.itemgetter(*(_WIRE_INDEX[c] for c in _LEVEL_SQL[level][0]))
-                 for level in LEVELS}
+                                 for row in facts])
 
 
 def meta_attributes(meta: InstanceMeta) -> dict:
@@ -182,40 +181,57 @@ def meta_attributes(meta: InstanceMeta) -> dict:
     return attrs
 
 
-def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int) -> list[list]:
-    """The facts of *origin* with a sequence number above *after*, in order."""
-    cols = ", ".join(["l.seq", "l.archive", "l.peer", "l.sha256", "l.size"] +
-                     [f"{_FIELD_ALIAS[c]}.{c}" for c in ATTRIBUTE_FIELDS])
-    sql = (f"SELECT {cols} FROM locations l JOIN instances i USING (SOPInstanceUID) "
-           "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
-           "JOIN studies st ON st.StudyInstanceUID = se.StudyInstanceUID "
-           "JOIN patients p ON p.PatientID = st.PatientID "
-           "WHERE l.peer = ? AND l.seq > ? ORDER BY l.seq LIMIT ?")
-    return [list(r) for r in conn.execute(sql, (origin, after, limit))]
-
-
-def facts_from_wire(rows: list[list]) -> list[tuple[dict, tuple]]:
-    facts = []
+def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int) -> list:
+    """The facts of *origin* with a sequence number above *after*, in order, as a wire
+    batch: their patient/study/series rows first (once each), then one list per fact."""
+    icols = ", ".join(f"i.{c}" for c in _LEVEL_SQL["IMAGE"][0])
+    facts = [list(r) for r in conn.execute(
+        f"SELECT l.seq, l.archive, l.peer, l.sha256, l.size, {icols} FROM locations l "
+        "JOIN instances i USING (SOPInstanceUID) WHERE l.peer = ? AND l.seq > ? "
+        "ORDER BY l.seq LIMIT ?", (origin, after, limit))]
+    if not facts:
+        return []
+    parents: dict[str, dict] = {}
     n = len(LOCATION_FIELDS)
-    for row in rows:
-        if len(row) != len(FACT_FIELDS):
-            raise ValueError(f"fact has {len(row)} fields, expected {len(FACT_FIELDS)}")
-        seq, archive, peer, sha, size = row[:n]
-        attrs = dict(zip(ATTRIBUTE_FIELDS, row[n:]))
-        facts.append((attrs, (attrs["SOPInstanceUID"], archive, peer, sha, int(size), int(seq))))
-    return facts
+    keys = {r[n + _LEVEL_SQL["IMAGE"][0].index("SeriesInstanceUID")] for r in facts}
+    for level in ("SERIES", "STUDY", "PATIENT"):
+        cols = _LEVEL_SQL[level][0]
+        rows = {}
+        keys = list(keys)
+        for k in range(0, len(keys), 500):
+            chunk = keys[k:k + 500]
+            for r in conn.execute(
+                    f"SELECT {', '.join(cols)} FROM {TABLES[level]} WHERE {UNIQUE[level]} "
+                    f"IN ({', '.join('?' * len(chunk))})", chunk):
+                rows[r[cols.index(UNIQUE[level])]] = list(r)
+        parents[level] = rows
+        if level in PARENT:
+            up = cols.index(PARENT[level][1])
+            keys = {r[up] for r in rows.values()}
+    return [parents] + facts
 
 
-def _field_alias() -> dict[str, str]:
-    from pacsp2p.catalog.attributes import ALIAS
-    alias = {}
-    for level in reversed(LEVELS):      # a column shared by two levels: take the lowest
-        for c in _LEVEL_SQL[level][0]:
-            alias.setdefault(c, ALIAS[level])
-    return alias
+def facts_from_wire(batch: list) -> list[tuple[dict, tuple]]:
+    """A wire batch as (attributes, location) facts for :func:`write_facts`."""
+    check_wire(batch)
+    if not batch:
+        return []
+    parents, out = batch[0], []
+    n = len(LOCATION_FIELDS)
+    named = {level: {k: dict(zip(_LEVEL_SQL[level][0], row)) for k, row in
+                     parents.get(level, {}).items()} for level in PARENT_LEVELS}
+    for row in batch[1:]:
+        attrs = dict(zip(_LEVEL_SQL["IMAGE"][0], row[n:]))
+        series = named["SERIES"].get(attrs.get("SeriesInstanceUID"), {})
+        study = named["STUDY"].get(series.get("StudyInstanceUID"), {})
+        patient = named["PATIENT"].get(study.get("PatientID"), {})
+        merged = {**patient, **study, **series, **attrs}
+        out.append((merged, (attrs["SOPInstanceUID"], row[1], row[2], row[3], int(row[4]),
+                             int(row[0]))))
+    return out
 
 
-_FIELD_ALIAS = _field_alias()
+
 
 
 def vector(conn: sqlite3.Connection) -> dict[str, int]:
@@ -336,9 +352,12 @@ class Catalog:
             return False
         self._promised[origin] = seq
         attrs = meta_attributes(meta)
-        row = [seq, location.archive, origin, location.sha256, location.size] + [
-            attrs.get(c, "") or "" for c in ATTRIBUTE_FIELDS]
-        self.apply(origin, [row]).addErrback(
+        parents = {level: {attrs.get(UNIQUE[level], ""): [attrs.get(c, "") or "" for c in
+                                                          _LEVEL_SQL[level][0]]}
+                   for level in PARENT_LEVELS}
+        fact = [seq, location.archive, origin, location.sha256, location.size] + [
+            attrs.get(c, "") or "" for c in _LEVEL_SQL["IMAGE"][0]]
+        self.apply(origin, [parents, fact]).addErrback(
             lambda f: log.failure("recording a fact of {o} failed", f, o=origin))
         return True
 

@@ -7,7 +7,7 @@ so mixed-version clusters fail loudly rather than subtly.
 
 from twisted.protocols import amp
 
-PROTOCOL = 1
+PROTOCOL = 2          # 2: catalog facts travel with their parents once per batch
 
 
 class IncompatibleProtocol(Exception):

@@ -71,8 +71,8 @@ class AntiEntropy:
                     self.pulled += n
                 if not rows:
                     break
-                writing = (self.catalog.apply(origin, rows), len(rows))  # validates rows
-                after = max(after, max(int(r[0]) for r in rows),
+                writing = (self.catalog.apply(origin, rows), len(rows) - 1)  # validates
+                after = max(after, max(int(r[0]) for r in rows[1:]),
                             self.catalog.vector.get(origin, 0))
             if writing is not None:
                 (written, n), writing = writing, None
