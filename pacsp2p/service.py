@@ -58,7 +58,11 @@ class PeerService(service.Service):
                                  qps=getattr(a, "crawl_qps", 50.0))
                          for a in self.archives if "crawl" in a.capabilities]
         self.cluster.crawlers = self.crawlers
-        self.facade = Facade(settings, self.cluster, reactor)
+        if settings.facade.engine == "native":
+            from pacsp2p.dicom.native import NativeFacade
+            self.facade = NativeFacade(settings, self.cluster, reactor)
+        else:
+            self.facade = Facade(settings, self.cluster, reactor)
         self.started = None
         self._lock = None
         self._admin_port = None

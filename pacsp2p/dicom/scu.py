@@ -18,7 +18,8 @@ and sent one at a time (one outstanding operation, as negotiated by default), an
 instance's first chunk is read while the previous one is still on the wire.
 
 Association PDUs are decoded with pynetdicom's PDU classes; the few PDUs we send
-(A-ASSOCIATE-RQ, A-RELEASE-RQ/RP, A-ABORT, P-DATA-TF) are built by hand (PS3.8 9.3).
+(A-ASSOCIATE-RQ, A-RELEASE-RQ/RP, A-ABORT, P-DATA-TF) are built by ``dicom.pdu`` (PS3.8
+9.3), command sets by ``dicom.dimse`` (PS3.7).
 Failures are Deferred errors: ``ConnectFailed``, ``AssociationRejected``,
 ``AssociationAborted`` (also a lost connection), ``DimseTimeout``.
 """
@@ -37,19 +38,15 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pacsp2p import __version__
+from pacsp2p.dicom.dimse import C_STORE_RSP, c_store_rq, command_elements  # noqa: F401
+from pacsp2p.dicom.pdu import (PDU_HEAD, RELEASE_RP, RELEASE_RQ, abort_pdu,  # noqa: F401
+                               associate_rq, frame)
 
 log = Logger()
 
-APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
-IMPLEMENTATION_UID = b"1.2.826.0.1.3680043.10.1406.1"
-IMPLEMENTATION_VERSION = f"PACSP2P_{__version__}"[:16].encode("ascii")
 CHUNK = 1 << 20                  # bytes read from a file per thread hop
 SEND_LIMIT = 4 << 20             # bytes per socket send (Twisted's default: 128 KB)
-_PDV = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, PDV length, context, control
-_PDU_HEAD = struct.Struct(">BBI")
-_ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
-C_STORE_RSP = 0x8001
+_PDU_HEAD = PDU_HEAD
 
 
 class SCUError(Exception):
@@ -99,89 +96,6 @@ def file_pool(reactor) -> ThreadPool:
             pool.stop()
         reactor.addSystemEventTrigger("during", "shutdown", stop)
     return pool
-
-
-# -- encoding ------------------------------------------------------------------------------
-
-def _item(item_type: int, payload: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(payload)) + payload
-
-
-def _ae(title: str) -> bytes:
-    return title.encode("ascii")[:16].ljust(16)
-
-
-def associate_rq(called_ae: str, calling_ae: str, contexts) -> bytes:
-    """A-ASSOCIATE-RQ for *contexts* [(context id, abstract syntax, [transfer syntaxes])];
-    our maximum PDU length is 0 (unlimited)."""
-    items = [_item(0x10, APPLICATION_CONTEXT)]
-    for cid, abstract, syntaxes in contexts:
-        sub = _item(0x30, abstract.encode("ascii")) + b"".join(
-            _item(0x40, ts.encode("ascii")) for ts in syntaxes)
-        items.append(_item(0x20, bytes((cid, 0, 0, 0)) + sub))
-    items.append(_item(0x50, _item(0x51, struct.pack(">I", 0))
-                       + _item(0x52, IMPLEMENTATION_UID) + _item(0x55, IMPLEMENTATION_VERSION)))
-    body = struct.pack(">HH", 1, 0) + _ae(called_ae) + _ae(calling_ae) + bytes(32) + b"".join(items)
-    return _PDU_HEAD.pack(0x01, 0, len(body)) + body
-
-
-RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-
-
-def abort_pdu(source: int = 0, reason: int = 0) -> bytes:
-    return b"\x07\x00\x00\x00\x00\x04\x00\x00" + bytes((source, reason))
-
-
-def _element(elem: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0"
-    return _ELEMENT.pack(0, elem, len(value)) + value
-
-
-def c_store_rq(msg_id: int, sop_class: str, sop_instance: str,
-               originator_ae: str | None = None, originator_msg_id: int | None = None) -> bytes:
-    """C-STORE-RQ command set (implicit VR little endian, PS3.7 9.3.1.1)."""
-    us = struct.Struct("<H").pack
-    body = [_element(0x0002, sop_class.encode("ascii")),
-            _element(0x0100, us(0x0001)),                 # CommandField: C-STORE-RQ
-            _element(0x0110, us(msg_id)),
-            _element(0x0700, us(0x0000)),                 # Priority: medium
-            _element(0x0800, us(0x0000)),                 # CommandDataSetType: present
-            _element(0x1000, sop_instance.encode("ascii"))]
-    if originator_ae:
-        title = originator_ae.encode("ascii")[:16]
-        body.append(_element(0x1030, title + b" " * (len(title) % 2)))
-        body.append(_element(0x1031, us(originator_msg_id or 0)))
-    body = b"".join(body)
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def command_elements(data: bytes) -> dict[int, bytes]:
-    """{element: value} of a command set (group 0000, implicit VR little endian)."""
-    out, pos, end = {}, 0, len(data)
-    while pos + 8 <= end:
-        group, elem, length = _ELEMENT.unpack_from(data, pos)
-        pos += 8
-        if group == 0:
-            out[elem] = data[pos:pos + length]
-        pos += length
-    return out
-
-
-def frame(context_id: int, data, max_data: int, command: bool, last: bool) -> list:
-    """P-DATA-TF PDUs (one PDV each, at most *max_data* bytes of *data*) as buffers."""
-    mv, n, pos, parts = memoryview(data), len(data), 0, []
-    kind = 1 if command else 0
-    while True:
-        end = min(pos + max_data, n)
-        size = end - pos
-        control = kind | (2 if last and end == n else 0)
-        parts.append(_PDV.pack(0x04, 0, size + 6, size + 2, context_id, control))
-        parts.append(mv[pos:end])
-        pos = end
-        if pos >= n:
-            return parts
 
 
 # -- reading (thread pool) --------------------------------------------------------------------

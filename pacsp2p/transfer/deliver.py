@@ -9,7 +9,8 @@ An instance whose stored syntax the destination did not accept is decoded and re
 (content kept) into an accepted uncompressed syntax, in the file pool.
 
 Progress goes, as ``Progress`` snapshots, to ``events`` (a thread-safe queue) that the
-C-MOVE association thread reads. ``cancel()`` (reactor thread) stops starting new
+C-MOVE association thread reads, and to each callable in ``listeners`` (called in the
+reactor: the native facade's C-MOVE). ``cancel()`` (reactor thread) stops starting new
 sub-operations; the one on the wire finishes and is counted.
 """
 
@@ -141,6 +142,7 @@ class Delivery:
         self.timeouts = dict(connect_timeout=connect_timeout, acse_timeout=acse_timeout,
                              dimse_timeout=dimse_timeout)
         self.events: queue.SimpleQueue[Progress] = queue.SimpleQueue()
+        self.listeners: list = []
         self.completed = self.failed = self.warning = 0
         self.failed_uids: list[str] = []
         self.cancelled = False
@@ -263,7 +265,7 @@ class Delivery:
                 self.failed_uids.append(uid)
                 log.warn("{ae} answered {status:#06x} to the C-STORE of {uid}",
                          ae=self.destination.ae_title, status=result, uid=uid)
-        self.events.put(self.progress())
+        self._tell(self.progress())
         self._fill()
 
     @defer.inlineCallbacks
@@ -280,5 +282,13 @@ class Delivery:
         if self.finished.called:
             return
         final = self.progress(done=True)
-        self.events.put(final)
+        self._tell(final)
         self.finished.callback(final)
+
+    def _tell(self, p: Progress) -> None:
+        self.events.put(p)
+        for listener in self.listeners:
+            try:
+                listener(p)
+            except Exception:
+                log.failure("delivery progress listener failed")

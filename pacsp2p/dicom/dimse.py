@@ -1,0 +1,107 @@
+"""DIMSE command sets (PS3.7 section 9 and annex E), coded by hand.
+
+A command set is group 0000 in implicit VR little endian. ``command()`` encodes one from
+(element, value) pairs and prepends CommandGroupLength; ``command_elements()`` decodes one
+into {element number: raw value}; small readers turn raw values into ints and strings.
+The builders here cover what the native SCU and acceptor send: C-STORE-RQ and the
+responses of C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET.
+"""
+
+from __future__ import annotations
+
+import struct
+
+ELEMENT = struct.Struct("<HHI")   # implicit VR little endian: group, element, length
+_US = struct.Struct("<H").pack
+_UL = struct.Struct("<I").pack
+
+# CommandField values (PS3.7 E.1)
+C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
+C_GET_RQ, C_GET_RSP = 0x0010, 0x8010
+C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
+C_MOVE_RQ, C_MOVE_RSP = 0x0021, 0x8021
+C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
+C_CANCEL_RQ = 0x0FFF
+NO_DATA_SET = 0x0101
+
+# command elements (group 0000)
+AFFECTED_SOP_CLASS = 0x0002
+REQUESTED_SOP_CLASS = 0x0003
+COMMAND_FIELD = 0x0100
+MESSAGE_ID = 0x0110
+RESPONDED_TO = 0x0120
+MOVE_DESTINATION = 0x0600
+PRIORITY = 0x0700
+DATA_SET_TYPE = 0x0800
+STATUS = 0x0900
+AFFECTED_SOP_INSTANCE = 0x1000
+REMAINING, COMPLETED, FAILED, WARNING = 0x1020, 0x1021, 0x1022, 0x1023
+ORIGINATOR_AE, ORIGINATOR_MSG_ID = 0x1030, 0x1031
+
+
+def _element(elem: int, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0"
+    return ELEMENT.pack(0, elem, len(value)) + value
+
+
+def command(fields) -> bytes:
+    """A command set from (element, value) pairs in increasing element order; a value is
+    bytes (a UID or text, padded here), or an int (US)."""
+    body = b"".join(_element(e, _US(v) if isinstance(v, int) else v) for e, v in fields)
+    return ELEMENT.pack(0, 0, 4) + _UL(len(body)) + body
+
+
+def c_store_rq(msg_id: int, sop_class: str, sop_instance: str,
+               originator_ae: str | None = None, originator_msg_id: int | None = None) -> bytes:
+    """C-STORE-RQ command set (PS3.7 9.3.1.1)."""
+    fields = [(AFFECTED_SOP_CLASS, sop_class.encode("ascii")), (COMMAND_FIELD, C_STORE_RQ),
+              (MESSAGE_ID, msg_id), (PRIORITY, 0), (DATA_SET_TYPE, 0),
+              (AFFECTED_SOP_INSTANCE, sop_instance.encode("ascii"))]
+    if originator_ae:
+        title = originator_ae.encode("ascii")[:16]
+        fields.append((ORIGINATOR_AE, title + b" " * (len(title) % 2)))
+        fields.append((ORIGINATOR_MSG_ID, originator_msg_id or 0))
+    return command(fields)
+
+
+def response(field: int, responded_to: int, status: int, sop_class: bytes = b"",
+             sop_instance: bytes = b"", data_set: bool = False, counts=None) -> bytes:
+    """A response command set; *counts* (remaining or None, completed, failed, warning)
+    for C-GET/C-MOVE."""
+    fields = []
+    if sop_class:
+        fields.append((AFFECTED_SOP_CLASS, sop_class))
+    fields += [(COMMAND_FIELD, field), (RESPONDED_TO, responded_to),
+               (DATA_SET_TYPE, 0 if data_set else NO_DATA_SET), (STATUS, status)]
+    if sop_instance:
+        fields.append((AFFECTED_SOP_INSTANCE, sop_instance))
+    if counts is not None:
+        remaining, completed, failed, warning = counts
+        if remaining is not None:
+            fields.append((REMAINING, remaining))
+        fields += [(COMPLETED, completed), (FAILED, failed), (WARNING, warning)]
+    return command(fields)
+
+
+def command_elements(data: bytes) -> dict[int, bytes]:
+    """{element: value} of a command set (group 0000, implicit VR little endian)."""
+    out, pos, end = {}, 0, len(data)
+    while pos + 8 <= end:
+        group, elem, length = ELEMENT.unpack_from(data, pos)
+        pos += 8
+        if group == 0:
+            out[elem] = data[pos:pos + length]
+        pos += length
+    return out
+
+
+def us(fields: dict, elem: int, default: int = 0) -> int:
+    """An US value of a decoded command set."""
+    raw = fields.get(elem)
+    return struct.unpack("<H", raw[:2])[0] if raw and len(raw) >= 2 else default
+
+
+def text(fields: dict, elem: int) -> str:
+    """A UI/AE value of a decoded command set, padding removed."""
+    return fields.get(elem, b"").rstrip(b"\0 ").decode("ascii", "replace").strip()

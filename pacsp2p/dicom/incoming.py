@@ -1,0 +1,199 @@
+"""A received C-STORE data set, streamed into ``data_dir/incoming`` as a Part-10 file.
+
+The acceptor hands each data set fragment (a memoryview of the bytes Twisted read: not
+copied) to ``Incoming.feed`` in the reactor. Fragments are written by a thread pool, never
+in the reactor: one job at a time per file, each job writing everything queued since the
+previous one (a small instance is one job: open, File Meta Information, data set, close).
+While more than ``HIGH`` bytes wait to be written the association's transport is paused
+(it stops reading the socket) and resumed once they drain below ``LOW``.
+
+The File Meta Information (PS3.10 7.1) is written first, as pynetdicom does: version,
+Media Storage SOP Class/Instance UID and Transfer Syntax UID of the request's context,
+our Implementation Class UID/Version Name and the sender's AE title.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from pacsp2p.dicom.pdu import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
+
+HIGH = 8 << 20            # queued bytes that pause the transport
+LOW = 2 << 20             # ... and resume it
+COALESCE = 256 << 10      # bytes gathered before a write job (unless the data set ended)
+
+_pools: dict = {}
+
+
+def receive_pool(reactor) -> ThreadPool:
+    """The thread pool that writes received data sets (one per reactor)."""
+    pool = _pools.get(id(reactor))
+    if pool is None:
+        pool = ThreadPool(2, 4, "dicom-recv")
+        pool.start()
+        _pools[id(reactor)] = pool
+
+        def stop():
+            _pools.pop(id(reactor), None)
+            pool.stop()
+        reactor.addSystemEventTrigger("during", "shutdown", stop)
+    return pool
+
+
+def _short(elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH2sH", 2, elem, vr, len(value)) + value
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str,
+              source_ae: str = "") -> bytes:
+    """Preamble, 'DICM' and the File Meta Information group (explicit VR little endian)."""
+    body = [struct.pack("<HH2sHI", 2, 1, b"OB", 0, 2) + b"\0\1",
+            _short(0x0002, b"UI", sop_class.encode("ascii"), b"\0"),
+            _short(0x0003, b"UI", sop_instance.encode("ascii"), b"\0"),
+            _short(0x0010, b"UI", transfer_syntax.encode("ascii"), b"\0"),
+            _short(0x0012, b"UI", IMPLEMENTATION_UID, b"\0"),
+            _short(0x0013, b"SH", IMPLEMENTATION_VERSION, b" ")]
+    if source_ae:
+        body.append(_short(0x0016, b"AE", source_ae.encode("ascii")[:16], b" "))
+    body = b"".join(body)
+    return (bytes(128) + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body)
+
+
+class _File:
+    """What the writing thread owns: the path and the open file."""
+
+    def __init__(self, path: Path, head: bytes):
+        self.path, self.head, self.f = path, head, None
+
+
+def _write(state: _File, chunks: list, last: bool, after):
+    """Thread pool: write *chunks* (opening the file and writing its head first); on the
+    *last* job close it and return ``after(path)``."""
+    if state.f is None:
+        state.f = open(state.path, "wb")
+        state.f.write(state.head)
+    state.f.writelines(chunks)
+    if last:
+        state.f.close()
+        return after(state.path) if after else state.path
+    return None
+
+
+def _discard(state: _File) -> None:
+    try:
+        if state.f is not None:
+            state.f.close()
+    finally:
+        state.path.unlink(missing_ok=True)
+
+
+class Incoming:
+    """One data set being received (reactor side). ``feed()`` fragments, then ``finish()``
+    (Deferred[after(path)]) or ``discard()``; *pause*/*resume* throttle the sender."""
+
+    def __init__(self, directory: Path, pool, reactor, head: bytes, pause, resume):
+        self.state = _File(Path(directory) / f"{uuid.uuid4().hex}.dcm", head)
+        self.pool, self.reactor = pool, reactor
+        self.pause, self.resume = pause, resume
+        self.path = self.state.path
+        self._queued: list = []
+        self._queued_bytes = 0
+        self._busy = False
+        self._paused = False
+        self._ending = None          # (Deferred, after) once the data set is complete
+        self.error: BaseException | None = None
+        self.discarded = False
+
+    def feed(self, piece) -> None:
+        if self.error is not None or self.discarded:
+            return
+        self._queued.append(piece)
+        self._queued_bytes += len(piece)
+        if self._queued_bytes >= HIGH and not self._paused:
+            self._paused = True
+            self.pause()
+        if not self._busy and self._queued_bytes >= COALESCE:
+            self._flush()
+
+    def finish(self, after=None) -> defer.Deferred:
+        """Deferred[after(path) run in the pool after the file is closed]; errback with
+        the write error (the file is then removed)."""
+        d = defer.Deferred()
+        self._ending = (d, after)
+        if self.error is not None:
+            self._failed()
+        elif not self._busy:
+            self._flush()
+        return d
+
+    def discard(self) -> None:
+        """Forget the data set: close and remove the partial file (in the pool)."""
+        if self.discarded:
+            return
+        self.discarded = True
+        self._queued = []
+        self._unpause()
+        if not self._busy:
+            self.pool.callInThread(_discard, self.state)
+
+    # -- internals (reactor thread) ----------------------------------------------------
+    def _unpause(self):
+        if self._paused:
+            self._paused = False
+            self.resume()
+
+    def _flush(self):
+        chunks, self._queued, size = self._queued, [], self._queued_bytes
+        self._queued_bytes = 0
+        last = self._ending is not None
+        after = self._ending[1] if last else None
+        self._busy = True
+        d = deferToThreadPool(self.reactor, self.pool, _write, self.state, chunks, last, after)
+        d.addCallbacks(self._written, self._write_failed, callbackArgs=(last, size))
+
+    def _written(self, result, last, size):
+        self._busy = False
+        if self.discarded:
+            self.pool.callInThread(_discard, self.state)
+            return
+        if self._paused and self._queued_bytes < LOW:
+            self._unpause()
+        if last:
+            self._ending[0].callback(result)
+        elif self._ending is not None or self._queued_bytes >= COALESCE:
+            self._flush()
+
+    def _write_failed(self, failure):
+        self._busy = False
+        self.error = failure.value
+        self._queued = []
+        self._unpause()
+        self.pool.callInThread(_discard, self.state)
+        if self._ending is not None:
+            self._failed()
+
+    def _failed(self):
+        d = self._ending[0]
+        if not d.called:
+            d.errback(self.error)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove(pool, path: Path) -> None:
+    """Remove a received file once it is stored (in the pool)."""
+    pool.callInThread(_unlink, path)

@@ -1,0 +1,71 @@
+"""DICOM upper layer PDUs (PS3.8 section 9.3) shared by the native SCU and acceptor.
+
+Encodes the small PDUs pacsp2p sends itself (A-ASSOCIATE-RQ, A-RELEASE-RQ/RP, A-ABORT)
+and frames P-DATA-TF PDUs (one PDV each) around command and data set bytes. The
+A-ASSOCIATE-AC/RJ PDUs an acceptor sends, and every association PDU received, are
+coded with pynetdicom's PDU classes (``pynetdicom.pdu``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pacsp2p import __version__
+
+APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
+IMPLEMENTATION_UID = b"1.2.826.0.1.3680043.10.1406.1"
+IMPLEMENTATION_VERSION = f"PACSP2P_{__version__}"[:16].encode("ascii")
+
+A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
+P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
+
+PDV = struct.Struct(">BBIIBB")   # PDU type, reserved, PDU length, PDV length, context, control
+PDU_HEAD = struct.Struct(">BBI")
+PDV_HEAD = struct.Struct(">IBB")  # PDV item length, presentation context ID, control header
+
+RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+
+def _item(item_type: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(payload)) + payload
+
+
+def _ae(title: str) -> bytes:
+    return title.encode("ascii")[:16].ljust(16)
+
+
+def associate_rq(called_ae: str, calling_ae: str, contexts) -> bytes:
+    """A-ASSOCIATE-RQ for *contexts* [(context id, abstract syntax, [transfer syntaxes])];
+    our maximum PDU length is 0 (unlimited)."""
+    items = [_item(0x10, APPLICATION_CONTEXT)]
+    for cid, abstract, syntaxes in contexts:
+        sub = _item(0x30, abstract.encode("ascii")) + b"".join(
+            _item(0x40, ts.encode("ascii")) for ts in syntaxes)
+        items.append(_item(0x20, bytes((cid, 0, 0, 0)) + sub))
+    items.append(_item(0x50, _item(0x51, struct.pack(">I", 0))
+                       + _item(0x52, IMPLEMENTATION_UID) + _item(0x55, IMPLEMENTATION_VERSION)))
+    body = struct.pack(">HH", 1, 0) + _ae(called_ae) + _ae(calling_ae) + bytes(32) + b"".join(items)
+    return PDU_HEAD.pack(0x01, 0, len(body)) + body
+
+
+def abort_pdu(source: int = 0, reason: int = 0) -> bytes:
+    """A-ABORT: source 0 = service user, 2 = service provider (then *reason* counts:
+    0 not specified, 1 unrecognized PDU, 2 unexpected PDU, 4 unrecognized PDU parameter,
+    5 unexpected PDU parameter, 6 invalid PDU parameter value)."""
+    return b"\x07\x00\x00\x00\x00\x04\x00\x00" + bytes((source, reason))
+
+
+def frame(context_id: int, data, max_data: int, command: bool, last: bool) -> list:
+    """P-DATA-TF PDUs (one PDV each, at most *max_data* bytes of *data*) as buffers."""
+    mv, n, pos, parts = memoryview(data), len(data), 0, []
+    kind = 1 if command else 0
+    while True:
+        end = min(pos + max_data, n)
+        size = end - pos
+        control = kind | (2 if last and end == n else 0)
+        parts.append(PDV.pack(0x04, 0, size + 6, size + 2, context_id, control))
+        parts.append(mv[pos:end])
+        pos = end
+        if pos >= n:
+            return parts
