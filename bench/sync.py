@@ -252,7 +252,7 @@ def local_copy(source_db: Path, target_db: Path, n: int) -> float:
                     break
                 write_facts(dst, facts_from_wire(rows))
                 after = rows[-1][0]
-                copied += len(rows)
+                copied += len(rows) - 1          # rows[0]: the batch's parent rows
         if copied != n:
             raise RuntimeError(f"local copy moved {copied} facts, expected {n}")
         return t.seconds
