@@ -1,0 +1,580 @@
+"""The ``dimse`` adapter: any PACS archive, spoken to through DIMSE only.
+
+Works with every archive that is a C-STORE / C-FIND / C-GET / C-MOVE / C-ECHO SCP
+(DCMTK dcmqrscp, Orthanc, dcm4chee, a vendor PACS). Every operation runs pynetdicom in
+this adapter's own thread pool; the reactor only waits on Deferreds.
+
+- store: C-STORE of the received file's data set bytes unchanged (pynetdicom sends a file
+  path without decoding it), proposing the file's own transfer syntax.
+- open: C-GET at IMAGE level (study root, with the Study and Series Instance UIDs: archives
+  such as dcmqrscp only answer hierarchical requests). The SOP class and the hierarchy come
+  from what the crawl saw, the catalog, or an IMAGE-level C-FIND, in that order. The
+  instance is received as the encoded bytes the archive sent (never decoded) into an
+  unlinked temporary file under ``<data_dir>/incoming``. One presentation context is
+  proposed per transfer syntax, so the archive sends the syntax it keeps.
+- send: C-MOVE of a UID list to a destination AE the archive knows.
+- crawl: study root C-FIND, STUDY -> SERIES -> IMAGE, one study per page, each query
+  behind the crawl's token bucket; the cursor is the last Study Instance UID done (studies
+  sorted by UID), so a restart resumes after it.
+- changes: studies whose StudyDate is on or after the last date seen, re-listed when their
+  instance count grew: good enough for an archive with no change feed.
+- discard: impossible over DIMSE; logged and ignored.
+- health: C-ECHO with its latency.
+
+Associations are pooled per kind (a few idle ones are kept and reused; a stale one is
+replaced once).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
+                         JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
+                         RLELossless)
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, StoragePresentationContexts, build_context, build_role, evt
+from pynetdicom import sop_class as sc
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from pacsp2p.adapters.interface import IArchive
+from pacsp2p.catalog.attributes import STORED
+from pacsp2p.dicom.header import content_hash
+from pacsp2p.types import InstanceMeta, Stored
+
+log = Logger()
+
+# proposed one per presentation context when receiving (C-GET): the archive picks the one
+# its file is in, so what arrives is byte-identical to what it keeps
+GET_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1,
+                JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLSLossless,
+                JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+                DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
+
+LEVEL_KEYS = {lvl: [kw for kw, a in STORED.items() if a.level == lvl]
+              for lvl in ("PATIENT", "STUDY", "SERIES", "IMAGE")}
+KNOWN_KEYS = ("name", "adapter", "site", "ae_title", "host", "port", "calling_ae", "fetch",
+              "crawl_qps", "timeout", "max_pdu")
+
+
+class DimseError(Exception):
+    """The archive refused or failed a DIMSE operation."""
+
+
+def _text(elem) -> str:
+    value = elem.value
+    if value is None:
+        return ""
+    if elem.VM > 1 and not isinstance(value, (str, bytes)):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _attrs(ds: Dataset, keywords) -> dict:
+    out = {}
+    for kw in keywords:
+        if kw in ds:
+            text = _text(ds[kw])
+            if text:
+                out[kw] = text
+    return out
+
+
+def _dispatch_store(event):
+    sink = getattr(event.assoc, "pacsp2p_sink", None)
+    return sink(event) if sink is not None else 0xA700
+
+
+@implementer(IArchive)
+class DimseArchive:
+    capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
+
+    def __init__(self, name: str, reactor, *, ae_title: str, host: str, port: int,
+                 calling_ae: str = "PACSP2P", site: str | None = None, fetch: str = "get",
+                 crawl_qps: float = 50.0, timeout: float = 30.0, max_pdu: int = 0,
+                 incoming: Path | None = None, threads: int = 8):
+        self.name, self.site, self.reactor = name, site, reactor
+        self.ae_title, self.host, self.port = ae_title, host, int(port)
+        self.calling_ae, self.fetch, self.timeout = calling_ae, fetch, float(timeout)
+        self.crawl_qps, self.max_pdu = float(crawl_qps), int(max_pdu)
+        self.incoming = Path(incoming) if incoming else Path(tempfile.gettempdir())
+        self.catalog = None                    # set by the service: hierarchy lookups
+        self.up = True
+        self._pool = ThreadPool(1, threads, f"archive-{name}")
+        self._idle: dict = defaultdict(list)   # kind -> idle associations
+        self._lock = threading.Lock()
+        self._where: dict[str, tuple] = {}     # SOP uid -> (study, series, sop class)
+        self._studies: list[str] | None = None
+        self._study_rows: dict[str, dict] = {}
+        self._seen_counts: dict[str, int] = {}  # study -> instances known (changes)
+
+    @classmethod
+    def from_config(cls, cfg, settings, reactor):
+        from pacsp2p.config import ConfigError
+        opts = dict(cfg.options)
+        where = f"{settings.source}: archives.{cfg.name}"
+        for key in opts:
+            if key not in KNOWN_KEYS:
+                raise ConfigError(f"{where}.{key}: unknown key for adapter 'dimse' "
+                                  f"(known: {', '.join(KNOWN_KEYS)})")
+        for key in ("ae_title", "host", "port"):
+            if key not in opts:
+                raise ConfigError(f"{where}.{key}: required by adapter 'dimse'")
+        if not isinstance(opts["ae_title"], str) or not 0 < len(opts["ae_title"]) <= 16:
+            raise ConfigError(f"{where}.ae_title: must be 1 to 16 characters")
+        if not isinstance(opts["port"], int) or not 0 < opts["port"] < 65536:
+            raise ConfigError(f"{where}.port: must be a TCP port number")
+        fetch = opts.get("fetch", "get")
+        if fetch != "get":
+            raise ConfigError(f"{where}.fetch: only \"get\" is supported (got {fetch!r})")
+        for key in ("crawl_qps", "timeout"):
+            if key in opts and (not isinstance(opts[key], (int, float)) or opts[key] <= 0):
+                raise ConfigError(f"{where}.{key}: must be a positive number")
+        return cls(cfg.name, reactor, ae_title=opts["ae_title"], host=opts["host"],
+                   port=opts["port"], site=cfg.site,
+                   calling_ae=opts.get("calling_ae", settings.facade.ae_title),
+                   fetch=fetch, crawl_qps=opts.get("crawl_qps", 50.0),
+                   timeout=opts.get("timeout", 30.0), max_pdu=opts.get("max_pdu", 0),
+                   incoming=settings.data_dir / "incoming")
+
+    def __repr__(self):
+        return f"<dimse archive {self.name}: {self.ae_title}@{self.host}:{self.port}>"
+
+    def _run(self, fn, *args):
+        return deferToThreadPool(self.reactor, self._pool, fn, *args)
+
+    # -- life cycle ------------------------------------------------------------------
+    def start(self):
+        self._pool.start()
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        d = self.health()
+
+        def check(h):
+            if not h.get("up"):
+                raise DimseError(f"{self.ae_title}@{self.host}:{self.port} does not answer "
+                                 f"C-ECHO: {h.get('error', 'no answer')}")
+        return d.addCallback(check)
+
+    def stop(self):
+        def close_all():
+            with self._lock:
+                idle = [a for lst in self._idle.values() for a in lst]
+                self._idle.clear()
+            for assoc in idle:
+                try:
+                    assoc.release()
+                except Exception:
+                    pass
+        d = self._run(close_all)
+        d.addBoth(lambda _: self._pool.stop())
+        return d
+
+    # -- associations (pool threads only) --------------------------------------------
+    def _ae(self) -> AE:
+        ae = AE(self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae.connection_timeout = min(self.timeout, 10.0)
+        ae.maximum_pdu_size = self.max_pdu
+        return ae
+
+    def _associate(self, contexts, roles=(), handlers=()):
+        try:
+            assoc = self._ae().associate(self.host, self.port, contexts=contexts,
+                                         ae_title=self.ae_title, ext_neg=list(roles) or None,
+                                         evt_handlers=list(handlers) or None)
+        except Exception as e:
+            raise DimseError(f"association with {self.ae_title}@{self.host}:{self.port} "
+                             f"failed: {e}") from e
+        if not assoc.is_established:
+            why = ("rejected" if assoc.is_rejected else
+                   "aborted (no presentation context accepted?)" if assoc.is_aborted else "no answer")
+            raise DimseError(f"association with {self.ae_title}@{self.host}:{self.port} "
+                             f"failed: {why}")
+        return assoc
+
+    def _borrow(self, kind, make):
+        with self._lock:
+            idle = self._idle.get(kind)
+            while idle:
+                assoc = idle.pop()
+                if assoc.is_established:
+                    return assoc, True
+        return make(), False
+
+    def _give_back(self, kind, assoc):
+        if not assoc.is_established:
+            return
+        with self._lock:
+            if len(self._idle[kind]) < 4:
+                self._idle[kind].append(assoc)
+                return
+        assoc.release()
+
+    def _with_assoc(self, kind, make, fn):
+        """fn(assoc) on a pooled association; once more on a fresh one if a reused one
+        turns out dead."""
+        assoc, reused = self._borrow(kind, make)
+        try:
+            result = fn(assoc)
+        except Exception:
+            if assoc.is_established:
+                assoc.abort()
+            if not reused:
+                raise
+            assoc = make()
+            try:
+                result = fn(assoc)
+            except Exception:
+                if assoc.is_established:
+                    assoc.abort()
+                raise
+        self._give_back(kind, assoc)
+        return result
+
+    # -- health ----------------------------------------------------------------------
+    def health(self):
+        return self._run(self._echo)
+
+    def _echo(self) -> dict:
+        t0 = time.monotonic()
+        try:
+            def echo(assoc):
+                status = assoc.send_c_echo()
+                if not status or status.Status != 0:
+                    raise DimseError("C-ECHO failed")
+            self._with_assoc("echo", lambda: self._associate(
+                [build_context(sc.Verification)]), echo)
+        except Exception as e:
+            return {"up": False, "error": str(e) or type(e).__name__}
+        return {"up": True, "latency_ms": round((time.monotonic() - t0) * 1000, 2),
+                "free_bytes": None}
+
+    # -- store -----------------------------------------------------------------------
+    def store(self, received, meta):
+        return self._run(self._store, Path(received), meta)
+
+    def _store(self, received: Path, meta) -> Stored:
+        sha, size = content_hash(received)
+        ts = str(read_file_meta_info(received).TransferSyntaxUID)
+        sop_class = meta.sop_class_uid
+
+        def send(assoc):
+            status = assoc.send_c_store(received)
+            if not status or "Status" not in status:
+                raise DimseError(f"no C-STORE response from {self.ae_title}")
+            return status.Status
+
+        status = self._with_assoc(("store", sop_class, ts), lambda: self._associate(
+            [build_context(sop_class, [ts])]), send)
+        if status not in (0x0000, 0xB000, 0xB007, 0xB006):
+            raise DimseError(f"{self.ae_title} refused {meta.sop_instance_uid}: C-STORE "
+                             f"status 0x{status:04X}")
+        a = meta.attributes
+        if a.get("StudyInstanceUID") and a.get("SeriesInstanceUID"):
+            self._where[meta.sop_instance_uid] = (a["StudyInstanceUID"],
+                                                  a["SeriesInstanceUID"], sop_class, ts)
+        return Stored(self.name, sha, size)
+
+    def discard(self, uid, sha256):
+        log.warn("archive {archive}: cannot delete {uid} over DIMSE; the copy stays "
+                 "(it is not recorded in the catalog)", archive=self.name, uid=uid)
+        return defer.succeed(None)
+
+    # -- find (pool threads) -----------------------------------------------------------
+    def _find(self, level: str, keys: dict, returns) -> list[Dataset]:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = level
+        for kw in returns:
+            setattr(ds, kw, "")
+        for kw, value in keys.items():
+            setattr(ds, kw, value)
+        model = sc.StudyRootQueryRetrieveInformationModelFind
+
+        def query(assoc):
+            rows = []
+            for status, ident in assoc.send_c_find(ds, model):
+                if not status or "Status" not in status:
+                    raise DimseError(f"C-FIND to {self.ae_title}: no response")
+                if status.Status in (0xFF00, 0xFF01):
+                    if ident is not None:
+                        rows.append(ident)
+                elif status.Status != 0x0000:
+                    raise DimseError(f"C-FIND to {self.ae_title} failed: status "
+                                     f"0x{status.Status:04X}")
+            return rows
+
+        return self._with_assoc("find", lambda: self._associate([build_context(model)]),
+                                query)
+
+    def _find_d(self, level, keys, returns):
+        return self._run(self._find, level, keys, returns)
+
+    # -- open: C-GET -------------------------------------------------------------------
+    def open(self, uid: str, sha256: str | None = None):
+        d = self._locate(uid)
+        d.addCallback(lambda where: self._run(self._get, uid, *where))
+        return d
+
+    @defer.inlineCallbacks
+    def _locate(self, uid):
+        where = self._where.get(uid)
+        if where is None and self.catalog is not None:
+            where = yield self.catalog.read(lambda conn: conn.execute(
+                "SELECT se.StudyInstanceUID, i.SeriesInstanceUID, i.SOPClassUID, "
+                "i.TransferSyntaxUID "
+                "FROM instances i JOIN series se USING (SeriesInstanceUID) "
+                "WHERE i.SOPInstanceUID = ?", (uid,)).fetchone())
+            where = tuple(where) if where and all(where[:3]) else None
+        if where is None:
+            rows = yield self._find_d("IMAGE", {"SOPInstanceUID": uid},
+                                      ["StudyInstanceUID", "SeriesInstanceUID",
+                                       "SOPClassUID"])
+            for r in rows:
+                study, series = r.get("StudyInstanceUID"), r.get("SeriesInstanceUID")
+                sop_class = r.get("SOPClassUID")
+                if study and series and sop_class:
+                    where = (str(study), str(series), str(sop_class), "")
+        if where is None:
+            raise KeyError(f"archive {self.name}: {uid} not found")
+        self._where[uid] = where
+        return where
+
+    def _get(self, uid: str, study: str, series: str, sop_class: str, ts: str = ""):
+        fd, tmp = tempfile.mkstemp(prefix="get-", suffix=".dcm", dir=self.incoming)
+        os.unlink(tmp)                         # the open file is all that remains
+        f = os.fdopen(fd, "w+b")
+        got = {}
+
+        def on_store(event):
+            if event.request.AffectedSOPInstanceUID != uid or got:
+                return 0xA700 if got else 0xC000
+            try:
+                f.write(event.encoded_dataset(include_meta=True))
+            except OSError:
+                return 0xA700
+            got["ts"] = event.context.transfer_syntax
+            return 0x0000
+
+        model = sc.StudyRootQueryRetrieveInformationModelGet
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "IMAGE"
+        ident.StudyInstanceUID, ident.SeriesInstanceUID = study, series
+        ident.SOPInstanceUID = uid
+
+        def make():
+            # the syntax it is kept in when known, else one context per syntax
+            cxs = [build_context(model)] + [build_context(sop_class, [t])
+                                            for t in ([ts] if ts else GET_SYNTAXES)]
+            return self._associate(cxs, [build_role(sop_class, scp_role=True)],
+                                   [(evt.EVT_C_STORE, _dispatch_store)])
+
+        def get(assoc):
+            assoc.pacsp2p_sink = on_store      # this call's receiver on a pooled association
+            final = None
+            try:
+                for status, _ in assoc.send_c_get(ident, model):
+                    if not status or "Status" not in status:
+                        raise DimseError(f"C-GET from {self.ae_title}: no response")
+                    final = status
+            finally:
+                assoc.pacsp2p_sink = None
+            return final
+
+        try:
+            final = self._with_assoc(("get", sop_class, ts), make, get)
+        except Exception:
+            f.close()
+            raise
+        if not got:
+            f.close()
+            code = f"0x{final.Status:04X}" if final is not None else "none"
+            raise DimseError(f"archive {self.name}: C-GET of {uid} from {self.ae_title} "
+                             f"returned no instance (status {code})")
+        f.flush()
+        f.seek(0)
+        return f
+
+    def _probe_class(self, study: str, series: str, uid: str) -> str:
+        """SOP Class UID of one instance, from a C-GET proposing every storage class."""
+        got = {}
+
+        def on_store(event):
+            got["class"] = str(event.request.AffectedSOPClassUID)
+            return 0x0000
+
+        model = sc.StudyRootQueryRetrieveInformationModelGet
+        classes = [cx.abstract_syntax for cx in StoragePresentationContexts][:120]
+        cxs = [build_context(model)] + [build_context(c) for c in classes]
+        assoc = self._associate(cxs, [build_role(c, scp_role=True) for c in classes],
+                                [(evt.EVT_C_STORE, on_store)])
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "IMAGE"
+        ident.StudyInstanceUID, ident.SeriesInstanceUID = study, series
+        ident.SOPInstanceUID = uid
+        try:
+            for _status, _ in assoc.send_c_get(ident, model):
+                pass
+        finally:
+            assoc.release()
+        if "class" not in got:
+            raise DimseError(f"archive {self.name}: cannot learn the SOP class of {uid} "
+                             f"(C-FIND does not return it and C-GET sent nothing)")
+        return got["class"]
+
+    # -- send: C-MOVE ------------------------------------------------------------------
+    def send(self, sop_instance_uids, destination):
+        d = defer.gatherResults([self._locate(u) for u in sop_instance_uids],
+                                consumeErrors=True)
+        d.addCallback(lambda wheres: self._run(self._move, list(sop_instance_uids), wheres,
+                                               destination.ae_title))
+        return d
+
+    def _move(self, uids, wheres, dest_ae):
+        model = sc.StudyRootQueryRetrieveInformationModelMove
+        by_series = defaultdict(list)
+        for uid, (study, series, *_) in zip(uids, wheres):
+            by_series[(study, series)].append(uid)
+        total = {"completed": 0, "failed": 0, "warning": 0, "failed_uids": []}
+        for (study, series), group in by_series.items():
+            ident = Dataset()
+            ident.QueryRetrieveLevel = "IMAGE"
+            ident.StudyInstanceUID, ident.SeriesInstanceUID = study, series
+            ident.SOPInstanceUID = group if len(group) > 1 else group[0]
+
+            def move(assoc):
+                final = None
+                for status, rsp in assoc.send_c_move(ident, dest_ae, model):
+                    if status and "Status" in status:
+                        final = status
+                return final
+
+            final = self._with_assoc("move", lambda: self._associate(
+                [build_context(model)]), move)
+            if final is None or final.Status not in (0x0000, 0xB000):
+                total["failed_uids"] += group
+            done = int(getattr(final, "NumberOfCompletedSuboperations", 0) or 0) \
+                if final is not None else 0
+            if final is not None and final.Status == 0x0000 and not done:
+                done = len(group)
+            total["completed"] += done
+            total["failed"] += len(group) - done
+            total["warning"] += int(getattr(final, "NumberOfWarningSuboperations", 0)
+                                    or 0) if final is not None else 0
+        return total
+
+    # -- crawl -------------------------------------------------------------------------
+    STUDY_RETURNS = (LEVEL_KEYS["PATIENT"] + LEVEL_KEYS["STUDY"]
+                     + ["NumberOfStudyRelatedInstances"])
+    SERIES_RETURNS = LEVEL_KEYS["SERIES"] + ["StudyInstanceUID"]
+    IMAGE_RETURNS = LEVEL_KEYS["IMAGE"] + ["StudyInstanceUID", "SeriesInstanceUID"]
+
+    @defer.inlineCallbacks
+    def _list_studies(self, throttle, keys=None):
+        yield throttle()
+        rows = yield self._find_d("STUDY", keys or {}, self.STUDY_RETURNS)
+        out = {}
+        for r in rows:
+            uid = str(r.get("StudyInstanceUID", "") or "")
+            if uid:
+                out[uid] = r
+        return out
+
+    @defer.inlineCallbacks
+    def crawl(self, cursor, throttle):
+        if self._studies is None or cursor is None:
+            rows = yield self._list_studies(throttle)
+            self._study_rows = rows
+            self._studies = sorted(rows)
+        studies = self._studies
+        total = self._total(self._study_rows.values())
+        pos = 0
+        if cursor:
+            import bisect
+            pos = bisect.bisect_right(studies, cursor)
+        if pos >= len(studies):
+            return [], None, total
+        study = studies[pos]
+        items = yield self._crawl_study(self._study_rows[study], throttle)
+        next_cursor = study if pos + 1 < len(studies) else None
+        return items, next_cursor, total
+
+    @staticmethod
+    def _total(rows):
+        total = 0
+        for r in rows:
+            n = r.get("NumberOfStudyRelatedInstances")
+            if n in (None, ""):
+                return None
+            total += int(n)
+        return total
+
+    @defer.inlineCallbacks
+    def _crawl_study(self, srow: Dataset, throttle, skip=frozenset()):
+        study = str(srow.StudyInstanceUID)
+        base = _attrs(srow, LEVEL_KEYS["PATIENT"] + LEVEL_KEYS["STUDY"])
+        base["StudyInstanceUID"] = study
+        yield throttle()
+        series_rows = yield self._find_d("SERIES", {"StudyInstanceUID": study},
+                                         self.SERIES_RETURNS)
+        items = []
+        for serow in series_rows:
+            series = str(serow.get("SeriesInstanceUID", "") or "")
+            if not series:
+                continue
+            sattrs = dict(base, **_attrs(serow, LEVEL_KEYS["SERIES"]))
+            yield throttle()
+            rows = yield self._find_d("IMAGE", {"StudyInstanceUID": study,
+                                                "SeriesInstanceUID": series},
+                                      self.IMAGE_RETURNS)
+            probed = None
+            for r in rows:
+                attrs = dict(sattrs, **_attrs(r, LEVEL_KEYS["IMAGE"]))
+                uid = attrs.get("SOPInstanceUID")
+                if not uid or uid in skip:
+                    continue
+                if not attrs.get("SOPClassUID"):
+                    # archives such as dcmqrscp do not return SOPClassUID in C-FIND:
+                    # learn it from one C-GET per series (a series has one SOP class)
+                    if probed is None:
+                        yield throttle()
+                        probed = yield self._run(self._probe_class, study, series, uid)
+                    attrs["SOPClassUID"] = probed
+                sop_class = attrs["SOPClassUID"]
+                attrs["SeriesInstanceUID"] = series
+                self._where[uid] = (study, series, sop_class, "")
+                items.append((InstanceMeta(uid, sop_class, "", attrs, 0), 0))
+        self._seen_counts[study] = len(items) + len(skip)
+        return items
+
+    @defer.inlineCallbacks
+    def changes(self, since, throttle):
+        today = time.strftime("%Y%m%d")
+        if since is None:
+            return [], today
+        rows = yield self._list_studies(throttle, {"StudyDate": f"{since}-"})
+        items = []
+        newest = since
+        for uid, row in sorted(rows.items()):
+            n = row.get("NumberOfStudyRelatedInstances")
+            n = int(n) if n not in (None, "") else None
+            if n is not None and self._seen_counts.get(uid) == n:
+                continue
+            known = {u for u, w in self._where.items() if w[0] == uid}
+            found = yield self._crawl_study(row, throttle, skip=frozenset(known))
+            items += found
+            date = str(row.get("StudyDate", "") or "")
+            if date and date > newest:
+                newest = date
+        return items, min(newest, today) if newest else today
