@@ -144,7 +144,7 @@ def cmd_demo(args) -> int:
     from pacsp2p.admin import demo
     if not 1 <= args.peers <= 10:
         raise SystemExit("pacsp2p: --peers must be 1-10")
-    return demo.run(Path(args.dir).resolve(), args.peers)
+    return demo.run(Path(args.dir).resolve(), args.peers, args.base_port)
 
 
 def main(argv=None) -> int:
@@ -186,6 +186,8 @@ def main(argv=None) -> int:
     de = sub.add_parser("demo", help="run a local cluster until Ctrl-C")
     de.add_argument("--peers", type=int, default=3)
     de.add_argument("--dir", default="pacsp2p-demo")
+    de.add_argument("--base-port", type=int, default=11112,
+                    help="facade port of the first peer; peer i uses base + 10*i .. +4")
     de.set_defaults(fn=cmd_demo)
     for sp in (s, c, r, pe, dg, wh):
         sp.add_argument("--config", "-c", default=argparse.SUPPRESS,

@@ -24,9 +24,9 @@ def peer_names(n: int) -> list[str]:
     return [f"peer{chr(ord('a') + i)}" for i in range(n)]
 
 
-def peer_config(i: int, n: int, tls_dir: str = "tls") -> str:
+def peer_config(i: int, n: int, tls_dir: str = "tls", first: int = BASE) -> str:
     name = peer_names(n)[i]
-    base = BASE + 10 * i
+    base = first + 10 * i
     return f'''# pacsp2p demo cluster: peer {i + 1} of {n} ({name}).
 # Start:  twistd -n --pidfile= pacsp2p --config {name}.toml
 
@@ -40,14 +40,14 @@ port = {base}
 bind = "127.0.0.1"
 
 [destinations]
-STORESCP = "127.0.0.1:11113"
+STORESCP = "127.0.0.1:{first + 1}"
 
 [overlay]
 port = {base + 2}                     # AMP control links (mutual TLS)
 bulk_port = {base + 3}                # HTTPS bulk channel (same certificates)
 bind = "127.0.0.1"
 advertise = "127.0.0.1"          # the address other peers dial
-seeds = ["127.0.0.1:{BASE + 2}"]      # any one live peer is enough to join
+seeds = ["127.0.0.1:{first + 2}"]      # any one live peer is enough to join
 tls_dir = "{tls_dir}"                # ca.crt, {name}.crt, {name}.key
 
 [admin]
@@ -55,7 +55,7 @@ port = {base + 4}
 '''
 
 
-def write_cluster(directory: Path, n: int) -> list[Path]:
+def write_cluster(directory: Path, n: int, first: int = BASE) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     tls_dir = directory / "tls"
     if not (tls_dir / "ca.key").exists():
@@ -65,13 +65,13 @@ def write_cluster(directory: Path, n: int) -> list[Path]:
         if not (tls_dir / f"{name}.crt").exists():
             tls.issue(tls_dir, name)
         path = directory / f"{name}.toml"
-        path.write_text(peer_config(i, n))
+        path.write_text(peer_config(i, n, first=first))
         configs.append(path)
     return configs
 
 
-def run(directory: Path, n: int) -> int:
-    configs = write_cluster(directory, n)
+def run(directory: Path, n: int, first: int = BASE) -> int:
+    configs = write_cluster(directory, n, first)
     twistd = Path(sys.executable).parent / "twistd"
     procs = []
     for path in configs:
@@ -81,9 +81,9 @@ def run(directory: Path, n: int) -> int:
             cwd=directory, stdout=log, stderr=subprocess.STDOUT))
     for i, (path, proc) in enumerate(zip(configs, procs)):
         name = peer_names(n)[i]
-        print(f"{name}: facade {name.upper()} at 127.0.0.1:{BASE + 10 * i}, "
+        print(f"{name}: facade {name.upper()} at 127.0.0.1:{first + 10 * i}, "
               f"config {path}, log {path.with_suffix('.log')}, pid {proc.pid}", flush=True)
-    print("C-MOVE destination STORESCP = 127.0.0.1:11113. Ctrl-C stops the cluster.",
+    print(f"C-MOVE destination STORESCP = 127.0.0.1:{first + 1}. Ctrl-C stops the cluster.",
           flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
