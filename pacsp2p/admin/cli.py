@@ -59,6 +59,25 @@ def cmd_status(args) -> int:
         free = h.get("free_bytes")
         extra = f", {free / 2**30:.1f} GiB free" if free is not None else ""
         print(f"archive {name}: {state}{extra}")
+    if c.get("hints"):
+        print(f"hinted hand-off: {c['hints']} copies owed to archives that are down")
+    overlay = status.get("overlay")
+    if overlay:
+        states = [m["state"] for m in overlay["members"] if m["state"] != "self"]
+        print(f"cluster: {len(states) + 1} peers, {states.count('alive') + 1} alive; "
+              f"{overlay.get('facts_pulled', 0)} facts pulled by anti-entropy")
+    for cr in status.get("crawls", []):
+        total = f"/{cr['total']}" if cr.get("total") else ""
+        eta = f", ETA {cr['eta_s']:.0f} s" if cr.get("eta_s") else ""
+        state = "done" if cr.get("finished") else ("STOPPED: " + cr["error"] if
+                                                   cr.get("error") else "crawling")
+        print(f"crawl of {cr['archive']}: {state}, {cr['done']}{total} instances, "
+              f"{cr['rate']}/s{eta}")
+    for r in status.get("retrievals", []):
+        srcs = ", ".join(f"{n} {s['completed']} ({s['MB_per_s']} MB/s)"
+                         + ("" if s["alive"] else " DROPPED")
+                         for n, s in r["sources"].items())
+        print(f"retrieval {r['id']}: {r['done']}/{r['instances']} instances; sources: {srcs}")
     return 0
 
 
