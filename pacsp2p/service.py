@@ -10,7 +10,7 @@ import os
 import sys
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from pacsp2p import __version__, lock
@@ -22,6 +22,9 @@ from pacsp2p.dicom.facade import Facade
 from pacsp2p.strategies import Strategies
 
 log = Logger()
+
+HEALTH_EVERY = 5.0        # seconds between two health checks of every archive
+HEALTH_TIMEOUT = 10.0
 
 
 class PeerService(service.Service):
@@ -58,6 +61,11 @@ class PeerService(service.Service):
                                  qps=getattr(a, "crawl_qps", 50.0))
                          for a in self.archives if "crawl" in a.capabilities]
         self.cluster.crawlers = self.crawlers
+        for archive in self.archives:       # adapters that resolve UIDs in the catalog
+            if hasattr(archive, "catalog"):
+                archive.catalog = self.catalog
+        self._health_loop = None
+        self._checking = False
         if settings.facade.engine == "native":
             from pacsp2p.dicom.native import NativeFacade
             self.facade = NativeFacade(settings, self.cluster, reactor)
@@ -94,6 +102,9 @@ class PeerService(service.Service):
         self.facade.start()
         for crawler in self.crawlers:
             crawler.start()
+        self._health_loop = task.LoopingCall(self._check_health)
+        self._health_loop.clock = self.reactor
+        self._health_loop.start(HEALTH_EVERY, now=False)
         adm = self.settings.admin
         try:
             self._admin_port = self.reactor.listenTCP(adm.port, web.site(self.cluster),
@@ -113,9 +124,57 @@ class PeerService(service.Service):
         else:
             self.reactor.callWhenRunning(self.reactor.stop)
 
+    # -- health routing ----------------------------------------------------------------
+    @defer.inlineCallbacks
+    def _check_health(self):
+        """Ask every archive whether it answers; keep ``archive.up``, log each change once,
+        gossip the archives that are down, resume a crawl a failure had stopped."""
+        if self._checking:
+            return
+        self._checking = True
+        try:
+            results = yield defer.DeferredList(
+                [self._health_of(a) for a in self.archives], consumeErrors=True)
+            changed = False
+            for archive, (ok, result) in zip(self.archives, results):
+                health = result if ok and isinstance(result, dict) else {
+                    "up": False, "error": result.getErrorMessage() if not ok else "?"}
+                up = bool(health.get("up"))
+                flipped = up != getattr(archive, "up", True)
+                if flipped:
+                    changed = True
+                    if up:
+                        log.info("archive {archive} is back", archive=archive.name)
+                    else:
+                        log.warn("archive {archive} stopped answering: {err}",
+                                 archive=archive.name, err=health.get("error", "no answer"))
+                try:
+                    archive.up = up
+                except AttributeError:
+                    pass
+                if up and flipped:
+                    for crawler in self.crawlers:
+                        if crawler.archive is archive and crawler.error:
+                            crawler.error = None
+                            crawler.start()
+            if changed and self.overlay is not None:
+                import dataclasses
+                ms = self.overlay.membership
+                down = sorted(a.name for a in self.archives if not getattr(a, "up", True))
+                ms.me = dataclasses.replace(ms.me, archives_down=down)
+        finally:
+            self._checking = False
+
+    def _health_of(self, archive):
+        d = defer.maybeDeferred(archive.health)
+        d.addTimeout(HEALTH_TIMEOUT, self.reactor)
+        return d
+
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
+        if self._health_loop is not None and self._health_loop.running:
+            self._health_loop.stop()
         if self._admin_port is not None:
             yield self._admin_port.stopListening()
         for crawler in self.crawlers:

@@ -47,6 +47,9 @@ class MemberInfo:
     incarnation: float = 0.0
     archives: list = field(default_factory=list, hash=False)   # [[name, site], ...]
     site: str | None = None
+    # names of its archives that stopped answering (a separate key, so that peers of
+    # an older version, which ignore unknown keys, keep reading ``archives``)
+    archives_down: list = field(default_factory=list, hash=False)
 
 
 _INFO_FIELDS = frozenset(f.name for f in fields(MemberInfo))

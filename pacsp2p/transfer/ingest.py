@@ -80,13 +80,15 @@ class Ingest:
 
     # -- the cluster's archives ------------------------------------------------------
     def candidates(self) -> list[ArchiveInfo]:
-        out = [ArchiveInfo(name, self.peer, a.site, True, True,
+        out = [ArchiveInfo(name, self.peer, a.site, getattr(a, "up", True), True,
                            self.counts.get((self.peer, name), 0))
                for name, a in self.archives.items()]
         if self.overlay is not None:
             for m in self.overlay.membership.members.values():
-                for name, site in m.info.archives:
-                    out.append(ArchiveInfo(name, m.name, site, m.state == "alive", False,
+                down = set(getattr(m.info, "archives_down", ()) or ())
+                for name, site, *_ in m.info.archives:
+                    out.append(ArchiveInfo(name, m.name, site,
+                                           m.state == "alive" and name not in down, False,
                                            self.counts.get((m.name, name), 0)))
         return out
 

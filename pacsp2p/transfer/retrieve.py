@@ -107,8 +107,14 @@ class Retrieval:
     # -- where each instance can come from --------------------------------------------
     def _reachable(self, loc) -> bool:
         if loc.peer == self.peer:
-            return "open" in getattr(self.archives.get(loc.archive), "capabilities", ())
-        return self.overlay is not None and self.overlay.alive(loc.peer)
+            archive = self.archives.get(loc.archive)
+            return ("open" in getattr(archive, "capabilities", ())
+                    and getattr(archive, "up", True))
+        if self.overlay is None or not self.overlay.alive(loc.peer):
+            return False
+        member = getattr(self.overlay.membership, "members", {}).get(loc.peer)
+        down = getattr(member.info, "archives_down", ()) if member is not None else ()
+        return loc.archive not in (down or ())
 
     def sources(self, ref: InstanceRef):
         """Replicas of *ref* this peer can read now: local archives first, then live peers."""
@@ -225,8 +231,8 @@ class Retrieval:
         if src.in_flight == 0:
             src._since = self.reactor.seconds()
         src.in_flight += 1
-        loc = next(loc for loc in ref.locations if loc.peer == src.name
-                   and self._reachable(loc) or loc.peer == src.name)
+        mine = [loc for loc in ref.locations if loc.peer == src.name]
+        loc = next((loc for loc in mine if self._reachable(loc)), mine[0])
         if src.name == self.peer:
             d = self.archives[loc.archive].open(ref.sop_instance_uid, loc.sha256)
         else:
