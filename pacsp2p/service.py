@@ -56,6 +56,7 @@ class PeerService(service.Service):
                                            {a.name: a for a in self.archives},
                                            self.catalog, self.overlay, reactor)
             self.overlay.membership.services = self.replicas
+            self.replicas.cluster = self.cluster
         from pacsp2p.adapters.crawl import Crawler
         self.crawlers = [Crawler(a, self.catalog, settings.peer.name, reactor,
                                  qps=getattr(a, "crawl_qps", 50.0))

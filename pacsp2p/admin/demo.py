@@ -65,7 +65,8 @@ def write_cluster(directory: Path, n: int, first: int = BASE) -> list[Path]:
         if not (tls_dir / f"{name}.crt").exists():
             tls.issue(tls_dir, name)
         path = directory / f"{name}.toml"
-        path.write_text(peer_config(i, n, first=first))
+        if not path.exists():                   # a config edited by hand is kept
+            path.write_text(peer_config(i, n, first=first))
         configs.append(path)
     return configs
 

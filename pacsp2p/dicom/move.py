@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from pacsp2p.dicom import contexts
 from pacsp2p.dicom.identifiers import IdentifierError, to_query
 from pacsp2p.transfer.deliver import Delivery
+from pacsp2p.transfer.direct import make_delivery
 
 log = Logger()
 
@@ -130,8 +131,8 @@ class _Move:
             log.warn("C-MOVE matches {n} instances: more than a response can count", n=n)
             return self.respond(TOO_MANY_MATCHES)
         requestor = self.service.assoc.requestor.ae_title
-        delivery = Delivery(retrieval, dest, facade.fs.ae_title, facade.reactor,
-                            originator_ae=requestor, originator_msg_id=req.MessageID)
+        delivery = make_delivery(retrieval, dest, facade.fs.ae_title, facade.reactor,
+                                 originator_ae=requestor, originator_msg_id=req.MessageID)
         t1 = time.monotonic()
         facade.reactor.callFromThread(delivery.start)
         final = self.follow(delivery, n)

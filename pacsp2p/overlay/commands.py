@@ -73,3 +73,15 @@ class Discard(amp.Command):
     arguments = [(b"archive", amp.Unicode()), (b"uid", amp.Unicode()),
                  (b"sha256", amp.Unicode())]
     response = []
+
+
+class SendTo(amp.Command):
+    """Direct delivery: send these instances from your own archives to a DICOM destination
+    yourself (C-STORE sub-operations of a C-MOVE the asking peer received)."""
+
+    arguments = [(b"ae_title", amp.Unicode()), (b"host", amp.Unicode()),
+                 (b"port", amp.Integer()), (b"calling_ae", amp.Unicode()),
+                 (b"originator_ae", amp.Unicode()), (b"originator_msg_id", amp.Integer()),
+                 (b"uids", amp.Unicode())]
+    response = [(b"completed", amp.Integer()), (b"failed", amp.Integer()),
+                (b"warning", amp.Integer()), (b"failed_uids", amp.Unicode())]

@@ -26,7 +26,7 @@ from zope.interface import implementer
 from pacsp2p import __version__
 from pacsp2p.overlay import tls
 from pacsp2p.overlay.commands import (PROTOCOL, Commit, Discard, Heartbeat, Hello,
-                                      IncompatibleProtocol, Replicate)
+                                      IncompatibleProtocol, Replicate, SendTo)
 from pacsp2p.overlay.detector import PhiAccrualDetector
 
 log = Logger()
@@ -133,6 +133,13 @@ class Link(amp.AMP):
     def on_discard(self, archive, uid, sha256):
         return self.membership.services.discard(archive, uid, sha256).addCallback(
             lambda _: {})
+
+    @SendTo.responder
+    def on_send_to(self, ae_title, host, port, calling_ae, originator_ae,
+                   originator_msg_id, uids):
+        return self.membership.services.send_to(ae_title, host, port, calling_ae,
+                                                originator_ae, originator_msg_id,
+                                                json.loads(uids))
 
     @Heartbeat.responder
     def on_heartbeat(self, name, incarnation, members, vector):

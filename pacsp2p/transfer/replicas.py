@@ -31,6 +31,7 @@ class ReplicaService:
         self.peer, self.archives, self.catalog = peer, archives, catalog
         self.overlay, self.reactor = overlay, reactor
         self.pending: dict[tuple, tuple] = {}
+        self.cluster = None                 # set by the service (for direct delivery)
         self._janitor = task.LoopingCall(self._expire)
         self._janitor.clock = reactor
 
@@ -91,6 +92,14 @@ class ReplicaService:
         if stored.duplicate or stored.conflict:
             return defer.succeed(None)       # those bytes were there before: keep them
         return self.archives[archive].discard(uid, sha256)
+
+    def send_to(self, ae_title, host, port, calling_ae, originator_ae, originator_msg_id,
+                uids):
+        """Direct delivery: send what our archives hold of *uids* to the destination."""
+        from pacsp2p.config import Destination
+        from pacsp2p.transfer.direct import send_for
+        return send_for(self.cluster, Destination(ae_title, host, port), calling_ae,
+                        originator_ae, originator_msg_id, uids, self.reactor)
 
     def _expire(self):
         now = self.reactor.seconds()

@@ -1,0 +1,203 @@
+"""Direct delivery: every source sends its share of a C-MOVE straight to the destination.
+
+With ``[destinations] X = { address = "...", mode = "direct" }`` the requesting peer does
+not relay instance bytes. It splits the instances among their live holders (each
+instance to the holder with the least work so far), then each holder sends its share
+itself: this peer through its own ``Delivery``, another peer on ``SendTo`` (in chunks, so
+progress flows back), a vendor archive that can (``send`` capability) by its own
+C-MOVE. Zero copies through the requesting peer; the destination must accept
+associations from every source. A holder that fails mid-way has its unfinished share
+handed to another holder; an instance no live holder has is a failed sub-operation.
+
+Same interface as :class:`pacsp2p.transfer.deliver.Delivery`: ``start()`` (Deferred of
+the final :class:`Progress`), ``cancel()``, ``events`` (thread-safe queue of Progress).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pacsp2p.overlay.commands import SendTo
+from pacsp2p.transfer.deliver import Delivery, Progress
+from pacsp2p.transfer.retrieve import Retrieval
+
+log = Logger()
+
+CHUNK = 50
+
+
+class _Relay:
+    """Stands in for a sub-delivery's event queue: counts its progress into ours."""
+
+    def __init__(self, owner):
+        self.owner, self.seen = owner, (0, 0, 0)
+
+    def put(self, p: Progress):
+        done = (p.completed, p.failed, p.warning)
+        delta = [a - b for a, b in zip(done, self.seen)]
+        self.seen = done
+        self.owner._count(*delta)
+
+
+class DirectDelivery:
+    def __init__(self, retrieval, destination, calling_ae: str, reactor, *,
+                 originator_ae: str | None = None, originator_msg_id: int | None = None,
+                 chunk: int = CHUNK):
+        self.retrieval = retrieval
+        self.refs = list(retrieval.refs)
+        self.destination = destination
+        self.calling_ae = calling_ae
+        self.reactor = reactor
+        self.originator = (originator_ae, originator_msg_id)
+        self.chunk = chunk
+        self.events: queue.SimpleQueue[Progress] = queue.SimpleQueue()
+        self.completed = self.failed = self.warning = 0
+        self.failed_uids: list[str] = []
+        self.cancelled = False
+        self.error: str | None = None
+        self.finished = defer.Deferred()
+        self._local: list[Delivery] = []
+
+    @property
+    def remaining(self) -> int:
+        return len(self.refs) - self.completed - self.failed - self.warning
+
+    def progress(self, done: bool = False) -> Progress:
+        return Progress(self.remaining, self.completed, self.failed, self.warning, done,
+                        self.cancelled, self.error,
+                        tuple(self.failed_uids) if done else ())
+
+    def _count(self, completed=0, failed=0, warning=0, failed_uids=()):
+        self.completed += completed
+        self.failed += failed
+        self.warning += warning
+        self.failed_uids.extend(failed_uids)
+        self.events.put(self.progress())
+
+    def cancel(self):
+        self.cancelled = True
+        for d in self._local:
+            d.cancel()
+
+    # -- the run -----------------------------------------------------------------------
+    def start(self):
+        d = self._run()
+        d.addErrback(self._crashed)
+        return self.finished
+
+    def _crashed(self, failure):
+        log.failure("direct delivery failed", failure)
+        self.error = failure.getErrorMessage()
+        self._end()
+
+    def _end(self):
+        if not self.finished.called:
+            final = self.progress(done=True)
+            self.events.put(final)
+            self.finished.callback(final)
+
+    @defer.inlineCallbacks
+    def _run(self):
+        pending = list(self.refs)
+        excluded: dict[str, set] = {}          # uid -> holders that failed it
+        while pending and not self.cancelled:
+            shares, orphans = self._split(pending, excluded)
+            for ref in orphans:
+                self._count(failed=1, failed_uids=[ref.sop_instance_uid])
+            results = yield defer.DeferredList(
+                [self._send_share(holder, refs) for holder, refs in shares.items()],
+                consumeErrors=True)
+            pending = []
+            for (holder, refs), (ok, unsent) in zip(shares.items(), results):
+                for ref in (unsent if ok else refs):
+                    excluded.setdefault(ref.sop_instance_uid, set()).add(holder)
+                    pending.append(ref)
+        self._end()
+
+    def _split(self, refs, excluded):
+        """Each instance to the live holder with the least work so far."""
+        load: dict[str, int] = {}
+        shares: dict[str, list] = {}
+        orphans = []
+        for ref in refs:
+            holders = sorted({loc.peer for loc in self.retrieval.sources(ref)}
+                             - excluded.get(ref.sop_instance_uid, set()))
+            if not holders:
+                orphans.append(ref)
+                continue
+            holder = min(holders, key=lambda h: (load.get(h, 0), h))
+            load[holder] = load.get(holder, 0) + 1
+            shares.setdefault(holder, []).append(ref)
+        return shares, orphans
+
+    @defer.inlineCallbacks
+    def _send_share(self, holder: str, refs):
+        """Send *refs* from *holder*; return the refs it could not send (to retry)."""
+        if holder == self.retrieval.peer:
+            sub = Retrieval(refs, self.retrieval.archives, holder, None,
+                            reactor=self.reactor)
+            delivery = Delivery(sub, self.destination, self.calling_ae, self.reactor,
+                                originator_ae=self.originator[0],
+                                originator_msg_id=self.originator[1])
+            delivery.events = _Relay(self)
+            self._local.append(delivery)
+            final = yield delivery.start()
+            if final.error:
+                raise IOError(final.error)
+            self.failed_uids.extend(final.failed_uids)
+            return []
+        membership = self.retrieval.overlay.membership
+        for i in range(0, len(refs), self.chunk):
+            if self.cancelled:
+                return []
+            part = refs[i:i + self.chunk]
+            try:
+                answer = yield membership.call(
+                    holder, SendTo, ae_title=self.destination.ae_title,
+                    host=self.destination.host, port=self.destination.port,
+                    calling_ae=self.calling_ae, originator_ae=self.originator[0] or "",
+                    originator_msg_id=self.originator[1] or 0,
+                    uids=json.dumps([r.sop_instance_uid for r in part]))
+            except Exception as e:
+                log.warn("direct delivery: {peer} failed to send its share: {err}; "
+                         "handing it to other holders", peer=holder, err=e)
+                return refs[i:]
+            self._count(answer["completed"], answer["failed"], answer["warning"],
+                        json.loads(answer["failed_uids"]))
+        return []
+
+
+def send_for(cluster, destination, calling_ae, originator_ae, originator_msg_id,
+             uids: list[str], reactor):
+    """The SendTo responder: send the instances this peer's archives hold."""
+    from pacsp2p.types import Query
+
+    @defer.inlineCallbacks
+    def run():
+        refs = yield cluster.catalog.resolve(Query("IMAGE", {"SOPInstanceUID":
+                                                              "\\".join(uids)}))
+        me = cluster.settings.peer.name
+        mine = [r for r in refs if any(loc.peer == me for loc in r.locations)]
+        missing = sorted(set(uids) - {r.sop_instance_uid for r in mine})
+        sub = Retrieval(mine, cluster.archives, me, None, reactor=reactor)
+        delivery = Delivery(sub, destination, calling_ae, reactor,
+                            originator_ae=originator_ae or None,
+                            originator_msg_id=originator_msg_id or None)
+        final = yield delivery.start()
+        if final.error:
+            raise IOError(final.error)
+        return {"completed": final.completed, "failed": final.failed + len(missing),
+                "warning": final.warning,
+                "failed_uids": json.dumps(list(final.failed_uids) + missing)}
+    return run()
+
+
+def make_delivery(retrieval, destination, calling_ae, reactor, **kwargs):
+    """Delivery for a destination's mode: relay (default) or direct."""
+    if getattr(destination, "mode", "relay") == "direct" and retrieval.overlay is not None:
+        return DirectDelivery(retrieval, destination, calling_ae, reactor, **kwargs)
+    return Delivery(retrieval, destination, calling_ae, reactor, **kwargs)
