@@ -12,7 +12,8 @@ from .procs import Process
 
 
 class DcmQrScp:
-    """Context manager: /usr/bin/dcmqrscp with a private config and index directory.
+    """Context manager: /usr/bin/dcmqrscp with a private config and index directory, keeping
+    every file bit-preserved (+B: data set bytes as received).
 
     ``with DcmQrScp(ae_title="DCMQR", peers={"PACSP2P": ("127.0.0.1", 11112)}) as q:``
     exposes ``q.port``, ``q.ae_title``, ``q.storage`` (its index + files). *peers* are
@@ -82,7 +83,7 @@ AETable END
             if not fixed:
                 self.port = free_port()
             self.write_config()
-            argv = [dcmtk_path("dcmqrscp"), "-c", self.config_path, "-ll", "info",
+            argv = [dcmtk_path("dcmqrscp"), "-c", self.config_path, "-ll", "info", "+B",
                     "--disable-host-lookup", self.port]
             self.process = Process(argv, self.log_path, env=dcmtk_env()).start()
             try:

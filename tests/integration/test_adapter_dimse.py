@@ -1,0 +1,211 @@
+"""The ``dimse`` adapter against REAL archives: DCMTK dcmqrscp and Orthanc, DIMSE only.
+
+A peer whose only archive is a dimse adapter pointing at the archive: what a modality
+stores through the peer lands in the archive byte-identical, is found and moved back
+byte-identical (fetched by C-GET from the archive); the archive's health is followed
+(down, logged, no crash; back). Join: content preloaded behind the cluster's back is
+crawled into the catalog, and a restart in mid-crawl resumes. Two archives of different
+vendors holding one study are two replicas of each instance and both serve a retrieval.
+"""
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from pacsp2p.testing import Orthanc, Peer, StoreSCP, dataset_sha256, findscu, storescu
+from pacsp2p.testing import datasets
+from pacsp2p.testing import dicomnet as dn
+from pacsp2p.testing.cluster import Cluster, wait_until
+from pacsp2p.testing.dcmqrscp import DcmQrScp
+from pacsp2p.testing.dcmtk import echo
+from pacsp2p.testing.ports import LOOPBACK
+from pacsp2p.testing.procs import Process
+
+SERIES = (("CT", 3, ExplicitVRLittleEndian), ("MR", 2, ImplicitVRLittleEndian))
+
+
+def status(peer: Peer, what: str = "status") -> dict:
+    with urllib.request.urlopen(f"{peer.admin_url}/{what}", timeout=10) as r:
+        return json.load(r)
+
+
+class Archive:
+    """A started real archive of one kind, seen through DIMSE."""
+
+    def __init__(self, kind: str, workdir: Path, peers: dict):
+        self.kind = kind
+        if kind == "dcmqrscp":
+            self.server = DcmQrScp(workdir, ae_title="DCMQR",
+                                   peers={ae: (LOOPBACK, port) for ae, port in peers.items()})
+        else:
+            self.server = Orthanc(workdir, aet="ORTHANC", modalities={
+                ae: [ae, LOOPBACK, port] for ae, port in peers.items()})
+
+    def start(self):
+        self.server.start()
+        return self
+
+    @property
+    def ae_title(self):
+        return self.server.ae_title if self.kind == "dcmqrscp" else self.server.aet
+
+    @property
+    def port(self):
+        return self.server.port if self.kind == "dcmqrscp" else self.server.dicom_port
+
+    def block(self, name="pacs", **extra):
+        return {"name": name, "adapter": "dimse", "ae_title": self.ae_title,
+                "host": LOOPBACK, "port": self.port, **extra}
+
+    def preload(self, paths):
+        storescu(self.port, self.ae_title, paths)
+
+    def hashes(self) -> dict:
+        """{SOP Instance UID: dataset sha256} of what the archive keeps."""
+        if self.kind == "dcmqrscp":
+            return dn.dataset_hashes(self.server.files())
+        out = {}
+        for oid in self.server.get("/instances"):
+            data = self.server.request("GET", f"/instances/{oid}/file")
+            path = self.server.workdir / "dl.dcm"
+            path.write_bytes(data if isinstance(data, bytes) else data.read())
+            out[dn.sop_uid(path)] = dataset_sha256(path)
+        return out
+
+    def stop(self):
+        self.server.stop()
+
+    def restart_same_ports(self):
+        if self.kind == "dcmqrscp":
+            self.server.start()
+        else:                       # same config file: same ports, same storage
+            o = self.server
+            o.process = Process([o.process.argv[0], o.config_path], o.log_path).start()
+            o._wait_ready()
+
+
+@pytest.fixture(params=["dcmqrscp", "orthanc"])
+def kind(request):
+    return request.param
+
+
+def test_store_find_move_health(tmp_path, kind):
+    files = datasets.make_study(tmp_path / "in", series=SERIES, size=64,
+                                patient_id="DIMSE01", seed=7)
+    want = dn.dataset_hashes(files)
+    with StoreSCP(tmp_path / "out", ae_title="STORESCP") as scp:
+        peer = Peer(tmp_path / "peer", destinations={"STORESCP": scp.address})
+        archive = Archive(kind, tmp_path / kind, {}).start()
+        try:
+            peer.overrides = {"archives": [archive.block()]}
+            peer.start()
+            dn.store_unconverted(peer.port, peer.ae_title, files)
+            # in the archive, byte-identical
+            assert archive.hashes() == want
+            # found through the peer
+            rows, _ = findscu(peer.port, peer.ae_title, {
+                "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": "",
+                "SOPInstanceUID": "", "PatientID": "DIMSE01"})
+            assert {str(r.SOPInstanceUID) for r in rows} == set(want)
+            # moved back through the peer (C-GET from the archive), byte-identical
+            proc = dn.movescu(peer.port, peer.ae_title, "STORESCP", {
+                "QueryRetrieveLevel": "STUDY", "PatientID": "DIMSE01",
+                "StudyInstanceUID": str(datasets.uid("study", "DIMSE01", 7))})
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert dn.dataset_hashes(scp.files()) == want
+            # health: up; archive stopped -> down, logged once, no crash; back -> up
+            assert status(peer)["archives"]["pacs"]["up"] is True
+            archive.stop()
+            wait_until(lambda: "archive pacs stopped answering" in peer.log_path.read_text(),
+                       30, what="down logged")
+            assert status(peer)["archives"]["pacs"]["up"] is False
+            assert peer.alive and echo(peer.port, peer.ae_title)     # no crash
+            archive.restart_same_ports()
+            wait_until(lambda: "archive pacs is back" in peer.log_path.read_text(), 30,
+                       what="back logged")
+            assert status(peer)["archives"]["pacs"]["up"] is True
+            assert peer.log_path.read_text().count("archive pacs stopped answering") == 1
+        finally:
+            peer.stop()
+            archive.stop()
+
+
+def test_join_crawl_resumes_after_restart(tmp_path, kind):
+    files = []
+    for i in range(8):
+        files += datasets.make_study(tmp_path / "in" / str(i), series=SERIES, size=16,
+                                     patient_id=f"JOIN{i:02d}", seed=100 + i)
+    want = {dn.sop_uid(p) for p in files}
+    archive = Archive(kind, tmp_path / kind, {}).start()
+    peer = Peer(tmp_path / "peer")
+    try:
+        archive.preload(files)
+        peer.overrides = {"archives": [archive.block(crawl_qps=3)]}
+        peer.start()
+        wait_until(lambda: status(peer)["crawls"][0]["done"] >= 10, 60, what="crawl going")
+        first = status(peer)["crawls"][0]
+        assert not first["finished"]
+        peer.restart()
+        wait_until(lambda: status(peer)["crawls"][0]["done"] > 0, 20, what="state read")
+        again = status(peer)["crawls"][0]
+        assert again["done"] >= first["done"]            # resumed, not from 0
+        wait_until(lambda: status(peer)["crawls"][0]["finished"], 120, what="crawl done")
+        crawl = status(peer)["crawls"][0]
+        assert crawl["done"] == len(want)                  # each instance once
+        if kind == "orthanc":
+            assert crawl["total"] == len(want)
+        assert crawl["rate"] > 0
+        rows, _ = findscu(peer.port, peer.ae_title, {
+            "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": "", "SOPInstanceUID": ""})
+        uids = [str(r.SOPInstanceUID) for r in rows]
+        assert sorted(uids) == sorted(want)                # no duplicates
+        assert "resuming after" in peer.log_path.read_text()
+    finally:
+        peer.stop()
+        archive.stop()
+
+
+def test_two_vendors_two_replicas(tmp_path):
+    files = datasets.make_study(tmp_path / "in", series=(("CT", 6, ExplicitVRLittleEndian),
+                                                         ("MR", 6, ExplicitVRLittleEndian)),
+                                size=128, patient_id="TWOV", seed=9)
+    study = str(datasets.uid("study", "TWOV", 9))
+    want = dn.dataset_hashes(files)
+    orthanc = Archive("orthanc", tmp_path / "orthanc", {}).start()
+    dcmqr = Archive("dcmqrscp", tmp_path / "dcmqr", {}).start()
+    cluster = Cluster(tmp_path / "cluster")
+    with StoreSCP(tmp_path / "out", ae_title="STORESCP") as scp:
+        cluster.destinations = {"STORESCP": scp.address}
+        try:
+            orthanc.preload(files)
+            dcmqr.preload(files)
+            cluster.config = {"archives": [orthanc.block("orthanc")]}
+            a = cluster.add("peera")
+            cluster.config = {"archives": [dcmqr.block("dcmqr")]}
+            cluster.add("peerb")
+            cluster.wait_mesh()
+
+            def two_replicas():
+                rows = status(a, f"where?study={study}")
+                return len(rows) == len(want) and all(
+                    {loc["archive"] for loc in r["replicas"]} == {"orthanc", "dcmqr"}
+                    for r in rows)
+            wait_until(two_replicas, 90, interval=0.5, what="two replicas of every instance")
+            proc = dn.movescu(a.port, a.ae_title, "STORESCP", {
+                "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert dn.dataset_hashes(scp.files()) == want
+            retrievals = status(a)["retrievals"]
+            assert retrievals, "no retrieval in status"
+            sources = retrievals[-1]["sources"]
+            used = {name for name, s in sources.items() if s["completed"] > 0}
+            assert used == {"peera", "peerb"}, sources
+        finally:
+            cluster.stop()
+            orthanc.stop()
+            dcmqr.stop()
