@@ -173,7 +173,12 @@ class DicomWebArchive:
     def start(self):
         self._pool.start()
         self.incoming.mkdir(parents=True, exist_ok=True)
-        return self.health().addCallback(lambda _: None)
+
+        def check(h):
+            if not h.get("up"):         # refuse to start: the admin sees why at once
+                raise ConnectionError(f"DICOMweb at {self.url} does not answer: "
+                                      f"{h.get('error', 'no answer')}")
+        return self.health().addCallback(check)
 
     def stop(self):
         self._pool.stop()

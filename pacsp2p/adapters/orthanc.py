@@ -207,9 +207,11 @@ class OrthancArchive:
         self.incoming.mkdir(parents=True, exist_ok=True)
 
         def report(h):
-            if h.get("up"):
-                log.info("archive {archive}: Orthanc {version} at {url}",
-                         archive=self.name, version=h.get("version", "?"), url=self.url)
+            if not h.get("up"):         # refuse to start: the admin sees why at once
+                raise ConnectionError(f"Orthanc at {self.url} does not answer: "
+                                      f"{h.get('error', 'no answer')}")
+            log.info("archive {archive}: Orthanc {version} at {url}",
+                     archive=self.name, version=h.get("version", "?"), url=self.url)
         return self.health().addCallback(report)
 
     def stop(self):

@@ -292,3 +292,21 @@ def test_full_data_dir_refuses_the_instance_and_keeps_serving(tmp_path, small_fs
         assert echo(peer.port, peer.ae_title)
         (small_fs / "filler").unlink()
         assert_intact(peer, files, tmp_path)
+
+
+@pytest.mark.parametrize("block, says", [
+    ('adapter = "nosuch"', "unknown adapter 'nosuch'"),
+    ('adapter = "orthanc"\nurl = "http://127.0.0.1:{port}"', "does not answer"),
+    ('adapter = "dicomweb"\nurl = "http://127.0.0.1:{port}/dicom-web"', "does not answer"),
+], ids=["unknown-adapter", "orthanc-unreachable", "dicomweb-unreachable"])
+def test_archive_that_cannot_be_used_stops_the_peer_naming_it(tmp_path, block, says):
+    cfg = tmp_path / "peer.toml"
+    cfg.write_text(_config_text(tmp_path / "data", f"port = {free_port()}") +
+                   f"[admin]\nport = {free_port()}\n"
+                   f'[[archives]]\nname = "north-pacs"\n{block.format(port=free_port())}\n')
+    proc, took = run_twistd(cfg, timeout=30)
+    assert proc.returncode != 0
+    assert took < 30
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr + proc.stdout[-2000:]
+    assert "north-pacs" in lines[0] and says in lines[0], lines[0]
