@@ -8,8 +8,10 @@ stored in, plus the uncompressed ones as a fallback, so C-MOVE stays byte-identi
 
 from __future__ import annotations
 
-from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         UID)
+from pydicom.uid import (JPEG2000, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
+                         JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
+                         RLELossless)
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_context
 from pynetdicom import sop_class as sc
 
@@ -19,6 +21,11 @@ MAX_CONTEXTS = 128
 # prefer explicit VR (keeps VRs of private tags) over implicit, as DCMTK does.
 ACCEPTED_SYNTAXES = [ExplicitVRLittleEndian] + [
     ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
+
+# what archives commonly keep besides the uncompressed syntaxes
+COMMON_STORED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless,
+                 JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless,
+                 JPEG2000Lossless, JPEG2000, JPEGLSLossless)
 
 QR_FIND = {sc.PatientRootQueryRetrieveInformationModelFind: "PATIENT",
            sc.StudyRootQueryRetrieveInformationModelFind: "STUDY"}
@@ -44,8 +51,10 @@ def for_sending(pairs: set[tuple[str, str]]) -> list:
     by_class: dict[str, set[str]] = {}
     for sop_class, ts in pairs:
         syntaxes = by_class.setdefault(sop_class, set())
-        if ts:                       # unknown for instances found by crawling an archive
+        if ts:
             syntaxes.add(ts)
+        else:       # unknown (found by crawling an archive): the usual stored syntaxes
+            syntaxes.update(COMMON_STORED)
     contexts = []
     exact_budget = MAX_CONTEXTS - len(by_class)
     for sop_class, syntaxes in sorted(by_class.items()):
