@@ -53,7 +53,7 @@ class FacadeSettings:
     allowed_calling_aes: tuple[str, ...] = ()
     max_pdu: int = 0  # 0 = unlimited
     max_associations: int = 32
-    engine: str = "pynetdicom"  # "native" (Twisted acceptor) or "pynetdicom"
+    engine: str = "native"  # "native" (Twisted acceptor) or "pynetdicom"
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     max_pdu = f.take("max_pdu", int, 0, "an integer (bytes, 0 = unlimited)")
     if max_pdu and not 4096 <= max_pdu <= 2**31:
         raise f.fail("max_pdu", f"must be 0 or 4096..2^31, got {max_pdu}")
-    engine = f.take("engine", str, "pynetdicom", '"native" or "pynetdicom"')
+    engine = f.take("engine", str, "native", '"native" or "pynetdicom"')
     if engine not in ("native", "pynetdicom"):
         raise f.fail("engine", f'must be "native" or "pynetdicom", got {engine!r}')
     facade = FacadeSettings(

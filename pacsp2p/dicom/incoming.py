@@ -7,6 +7,11 @@ previous one (a small instance is one job: open, File Meta Information, data set
 While more than ``HIGH`` bytes wait to be written the association's transport is paused
 (it stops reading the socket) and resumed once they drain below ``LOW``.
 
+Creating a file is the slow part of a small instance (~0.45 ms on this machine's ext4,
+against ~0.01 ms to open an existing one and write 10 KB): ``Spares`` keeps a few empty
+files made ahead in ``incoming`` by a thread of its own, so a C-STORE opens one that
+exists. The empty spares left at exit are removed with the other leftovers at start.
+
 The File Meta Information (PS3.10 7.1) is written first, as pynetdicom does: version,
 Media Storage SOP Class/Instance UID and Transfer Syntax UID of the request's context,
 our Implementation Class UID/Version Name and the sender's AE title.
@@ -68,6 +73,53 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str,
     return (bytes(128) + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body)
 
 
+def _make_spares(directory: Path, n: int) -> list[Path]:
+    """Thread: *n* new empty files in *directory*."""
+    out = []
+    for _ in range(n):
+        path = directory / f"{uuid.uuid4().hex}.dcm"
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        out.append(path)
+    return out
+
+
+class Spares:
+    """Empty files made ahead (reactor side: ``take()`` a path; refilled in a thread)."""
+
+    def __init__(self, directory: Path, reactor, keep: int = 16):
+        self.directory, self.reactor, self.keep = Path(directory), reactor, keep
+        self.ready: list[Path] = []
+        self._filling = False
+        self.pool = ThreadPool(1, 1, "dicom-spares")
+        self.pool.start()
+        self.stopped = False
+
+    def take(self) -> Path:
+        path = self.ready.pop() if self.ready else \
+            self.directory / f"{uuid.uuid4().hex}.dcm"
+        self._refill()
+        return path
+
+    def _refill(self) -> None:
+        if self._filling or self.stopped or len(self.ready) >= self.keep // 2:
+            return
+        self._filling = True
+        d = deferToThreadPool(self.reactor, self.pool, _make_spares, self.directory,
+                              self.keep - len(self.ready))
+        d.addCallbacks(self._made, self._failed)
+
+    def _made(self, paths):
+        self._filling = False
+        self.ready.extend(paths)
+
+    def _failed(self, failure):
+        self._filling = False          # a full disk: C-STOREs create their own files
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.pool.stop()
+
+
 class _File:
     """What the writing thread owns: the path and the open file."""
 
@@ -79,7 +131,11 @@ def _write(state: _File, chunks: list, last: bool, after):
     """Thread pool: write *chunks* (opening the file and writing its head first); on the
     *last* job close it and return ``after(path)``."""
     if state.f is None:
-        state.f = open(state.path, "wb")
+        try:            # a spare: no O_CREAT, which would lock the directory
+            fd = os.open(state.path, os.O_WRONLY | os.O_TRUNC)
+        except FileNotFoundError:
+            fd = os.open(state.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        state.f = open(fd, "wb")
         state.f.write(state.head)
     state.f.writelines(chunks)
     if last:
@@ -97,11 +153,12 @@ def _discard(state: _File) -> None:
 
 
 class Incoming:
-    """One data set being received (reactor side). ``feed()`` fragments, then ``finish()``
-    (Deferred[after(path)]) or ``discard()``; *pause*/*resume* throttle the sender."""
+    """One data set being received into *path* (reactor side). ``feed()`` fragments,
+    then ``finish()`` (Deferred[after(path)]) or ``discard()``; *pause*/*resume* throttle
+    the sender."""
 
-    def __init__(self, directory: Path, pool, reactor, head: bytes, pause, resume):
-        self.state = _File(Path(directory) / f"{uuid.uuid4().hex}.dcm", head)
+    def __init__(self, path: Path, pool, reactor, head: bytes, pause, resume):
+        self.state = _File(path, head)
         self.pool, self.reactor = pool, reactor
         self.pause, self.resume = pause, resume
         self.path = self.state.path

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from pacsp2p.dicom import contexts
 from pacsp2p.dicom.acceptor import AcceptorFactory
-from pacsp2p.dicom.incoming import receive_pool
+from pacsp2p.dicom.incoming import Spares, receive_pool
 from pacsp2p.dicom.scu import file_pool
 from pacsp2p.dicom.services import Services
 
@@ -42,7 +42,9 @@ class NativeFacade:
         self.incoming.mkdir(parents=True, exist_ok=True)
         for leftover in self.incoming.iterdir():      # before serving: a crash's leftovers
             leftover.unlink(missing_ok=True)
-        services = Services(self, receive_pool(self.reactor), file_pool(self.reactor))
+        self.spares = Spares(self.incoming, self.reactor)
+        services = Services(self, receive_pool(self.reactor), file_pool(self.reactor),
+                            self.spares)
         self.factory = AcceptorFactory(
             self.reactor, services, supported_contexts(), max_pdu=self.fs.max_pdu,
             max_associations=self.fs.max_associations,
@@ -56,6 +58,7 @@ class NativeFacade:
         if self.port is None:
             return defer.succeed(None)
         port, self.port = self.port, None
+        self.spares.stop()
         for assoc in list(self.factory.associations):
             assoc.abort(2, 0)
         return defer.maybeDeferred(port.stopListening)

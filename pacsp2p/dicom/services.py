@@ -140,7 +140,7 @@ class Store(Operation):
             self.sink = DiscardSink()
         else:
             head = file_meta(self.cls, self.uid, str(self.ts), assoc.calling_ae)
-            self.incoming = Incoming(svc.incoming, svc.recv_pool, svc.reactor, head,
+            self.incoming = Incoming(svc.spares.take(), svc.recv_pool, svc.reactor, head,
                                      assoc.pause_reading, assoc.resume_reading)
             self.sink = self.incoming
 
@@ -251,8 +251,9 @@ class Find(Operation):
 class Services:
     """What the native facade serves; builds one operation per request."""
 
-    def __init__(self, facade, recv_pool, send_pool):
+    def __init__(self, facade, recv_pool, send_pool, spares):
         from pacsp2p.dicom.retrieve_ops import Get, Move
+        self.spares = spares
         self.facade = facade
         self.settings = facade.settings
         self.cluster = facade.cluster

@@ -138,6 +138,8 @@ def test_destination_ae_title_checked():
     ({"facade": {"max_pdu": 100}}, "facade.max_pdu", "must be 0 or 4096..2^31"),
     ({"facade": {"max_pdu": "big"}}, "facade.max_pdu", "must be an integer"),
     ({"facade": {"max_associations": "many"}}, "facade.max_associations", "must be an integer"),
+    ({"facade": {"engine": "fast"}}, "facade.engine", 'must be "native" or "pynetdicom"'),
+    ({"facade": {"engine": 1}}, "facade.engine", '"native" or "pynetdicom"'),
     ({"facade": {"colour": "red"}}, "facade.colour", "unknown key"),
     ({"destinations": ["a"]}, "destinations", "must be a table"),
     ({"storage": {"fsync": "yes"}}, "storage.fsync", "must be true or false"),
