@@ -2,7 +2,8 @@
 PS3.7 9.1.3, 9.1.4), run in the reactor.
 
 C-MOVE resolves the identifier with ``cluster.retrieve`` and hands the Retrieval to a
-``transfer.deliver.Delivery`` (stored bytes sent by the native SCU on its own association),
+``transfer.deliver.Delivery`` (stored bytes sent by the native SCU on its own association;
+in a direct-mode destination's case a ``transfer.direct.DirectDelivery``),
 with the semantics of ``dicom.move``: Move Destination looked up in ``[destinations]``
 (0xA801 when unknown or unreachable), Pending responses after sub-operations complete (at
 most ~20 per second, at least one per second), C-CANCEL and a vanished requestor cancel the
@@ -30,7 +31,8 @@ from pacsp2p.dicom.identifiers import IdentifierError, to_query
 from pacsp2p.dicom.scu import _read, _close
 from pacsp2p.dicom.services import (CANCEL, CANNOT_UNDERSTAND, DOES_NOT_MATCH, PENDING,
                                     SUCCESS, UNABLE_TO_PROCESS, WARNING, Operation)
-from pacsp2p.transfer.deliver import BadFile, Delivery, convert, dataset_start
+from pacsp2p.transfer.deliver import BadFile, convert, dataset_start
+from pacsp2p.transfer.direct import make_delivery
 
 log = Logger()
 
@@ -89,9 +91,9 @@ class Move(Operation):
             return self.finish(TOO_MANY_MATCHES)
         if self.gone:
             return
-        self.delivery = Delivery(retrieval, self.dest, svc.settings.facade.ae_title,
-                                 svc.reactor, originator_ae=self.assoc.calling_ae,
-                                 originator_msg_id=self.msg_id)
+        self.delivery = make_delivery(retrieval, self.dest, svc.settings.facade.ae_title,
+                                      svc.reactor, originator_ae=self.assoc.calling_ae,
+                                      originator_msg_id=self.msg_id)
         self.delivery.listeners.append(self._progress)
         self.latest, self.sent, self.last_sent = None, None, float("-inf")
         self.t1 = svc.reactor.seconds()

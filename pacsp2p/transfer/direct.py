@@ -10,7 +10,8 @@ associations from every source. A holder that fails mid-way has its unfinished s
 handed to another holder; an instance no live holder has is a failed sub-operation.
 
 Same interface as :class:`pacsp2p.transfer.deliver.Delivery`: ``start()`` (Deferred of
-the final :class:`Progress`), ``cancel()``, ``events`` (thread-safe queue of Progress).
+the final :class:`Progress`), ``cancel()``, ``events`` (thread-safe queue of Progress),
+``listeners`` (callables given each Progress in the reactor: the native facade).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class DirectDelivery:
         self.originator = (originator_ae, originator_msg_id)
         self.chunk = chunk
         self.events: queue.SimpleQueue[Progress] = queue.SimpleQueue()
+        self.listeners: list = []
         self.completed = self.failed = self.warning = 0
         self.failed_uids: list[str] = []
         self.cancelled = False
@@ -76,7 +78,15 @@ class DirectDelivery:
         self.failed += failed
         self.warning += warning
         self.failed_uids.extend(failed_uids)
-        self.events.put(self.progress())
+        self._tell(self.progress())
+
+    def _tell(self, p: Progress):
+        self.events.put(p)
+        for listener in self.listeners:
+            try:
+                listener(p)
+            except Exception:
+                log.failure("delivery progress listener failed")
 
     def cancel(self):
         self.cancelled = True
@@ -97,7 +107,7 @@ class DirectDelivery:
     def _end(self):
         if not self.finished.called:
             final = self.progress(done=True)
-            self.events.put(final)
+            self._tell(final)
             self.finished.callback(final)
 
     @defer.inlineCallbacks
@@ -138,6 +148,8 @@ class DirectDelivery:
     def _send_share(self, holder: str, refs):
         """Send *refs* from *holder*; return the refs it could not send (to retry)."""
         if holder == self.retrieval.peer:
+            log.info("direct delivery: sending {n} instances to {ae} from this peer",
+                     n=len(refs), ae=self.destination.ae_title)
             sub = Retrieval(refs, self.retrieval.archives, holder, None,
                             reactor=self.reactor)
             delivery = Delivery(sub, self.destination, self.calling_ae, self.reactor,
@@ -183,6 +195,8 @@ def send_for(cluster, destination, calling_ae, originator_ae, originator_msg_id,
         me = cluster.settings.peer.name
         mine = [r for r in refs if any(loc.peer == me for loc in r.locations)]
         missing = sorted(set(uids) - {r.sop_instance_uid for r in mine})
+        log.info("direct delivery: sending {n} instances to {ae} for {ae_from}",
+                 n=len(mine), ae=destination.ae_title, ae_from=calling_ae)
         sub = Retrieval(mine, cluster.archives, me, None, reactor=reactor)
         delivery = Delivery(sub, destination, calling_ae, reactor,
                             originator_ae=originator_ae or None,
