@@ -28,6 +28,7 @@ replaced once).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -361,7 +362,13 @@ class DimseArchive:
             if event.request.AffectedSOPInstanceUID != uid or got:
                 return 0xA700 if got else 0xC000
             try:
-                f.write(event.encoded_dataset(include_meta=True))
+                try:      # the facade makes pynetdicom stream received data sets to files
+                    src = event.dataset_path
+                except AttributeError:
+                    f.write(event.encoded_dataset(include_meta=True))
+                else:
+                    with open(src, "rb") as s:
+                        shutil.copyfileobj(s, f, 1 << 20)
             except OSError:
                 return 0xA700
             got["ts"] = event.context.transfer_syntax

@@ -27,7 +27,6 @@ Failures are Deferred errors: ``ConnectFailed``, ``AssociationRejected``,
 from __future__ import annotations
 
 import io
-import os
 import struct
 from collections import deque
 
@@ -101,13 +100,11 @@ def file_pool(reactor) -> ThreadPool:
 # -- reading (thread pool) --------------------------------------------------------------------
 
 def _remaining(f) -> int:
-    try:
-        return os.fstat(f.fileno()).st_size - f.tell()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        pos = f.tell()
-        end = f.seek(0, io.SEEK_END)
-        f.seek(pos)
-        return end - pos
+    """Bytes from *f*'s position to its end (seeking: right for buffered files too)."""
+    pos = f.tell()
+    end = f.seek(0, io.SEEK_END)
+    f.seek(pos)
+    return end - pos
 
 
 def _read(f, want: int | None) -> tuple[bytes, int]:

@@ -85,7 +85,7 @@ AETable END
             self.write_config()
             argv = [dcmtk_path("dcmqrscp"), "-c", self.config_path, "-ll", "info", "+B",
                     "--disable-host-lookup", self.port]
-            self.process = Process(argv, self.log_path, env=dcmtk_env()).start()
+            self.process = Process(argv, self.log_path, env=dcmtk_env(), group=True).start()
             try:
                 wait_for_echo(self.port, self.ae_title, timeout=self.startup_timeout,
                               alive=lambda: self.process.alive)

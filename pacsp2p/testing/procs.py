@@ -15,11 +15,14 @@ _LIVE: "weakref.WeakSet[Process]" = weakref.WeakSet()
 class Process:
     """One child process whose stdout+stderr go to *log_path*.
 
-    Stopped only through its own PID: SIGTERM, bounded wait, then SIGKILL.
+    Stopped only through its own PID: SIGTERM, bounded wait, then SIGKILL. With
+    *group* it runs in a process group of its own and the signals go to that group —
+    for servers that fork a child per association (dcmqrscp), whose children are ours too.
     """
 
     def __init__(self, argv: Sequence[str], log_path: Path, *, cwd: Path | None = None,
-                 env: Mapping[str, str] | None = None):
+                 env: Mapping[str, str] | None = None, group: bool = False):
+        self.group = group
         self.argv = [str(a) for a in argv]
         self.log_path = Path(log_path)
         self.cwd = cwd
@@ -32,7 +35,7 @@ class Process:
         try:
             self.popen = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.cwd, env=self.env)
+                cwd=self.cwd, env=self.env, start_new_session=self.group)
         finally:
             log.close()
         _LIVE.add(self)
@@ -55,14 +58,13 @@ class Process:
         if self.popen is None:
             return None
         if self.popen.poll() is None:
-            try:
-                os.kill(self.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            self._signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill9()
+        if self.group:
+            self._signal(signal.SIGKILL)        # children that outlived their parent
         return self.popen.poll()
 
     def kill9(self, timeout: float = 10.0) -> int | None:
@@ -70,12 +72,20 @@ class Process:
         if self.popen is None:
             return None
         if self.popen.poll() is None:
-            try:
-                os.kill(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._signal(signal.SIGKILL)
             self.popen.wait(timeout)
+        elif self.group:
+            self._signal(signal.SIGKILL)        # children outliving their parent
         return self.popen.poll()
+
+    def _signal(self, sig) -> None:
+        try:
+            if self.group:
+                os.killpg(self.popen.pid, sig)  # the group we created for it
+            else:
+                os.kill(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)
