@@ -75,10 +75,16 @@ class Crawler:
 
     @defer.inlineCallbacks
     def _record(self, items):
+        # what this archive is already known to hold (stored through the cluster, or an
+        # earlier crawl) keeps its fact: a crawl knows less (no hash, maybe no syntax)
+        known = yield self.catalog.held(self.peer, self.archive.name,
+                                        [meta.sop_instance_uid for meta, _ in items])
+        items = [(meta, size) for meta, size in items if meta.sop_instance_uid not in known]
         yield defer.gatherResults([
             self.catalog.record(meta, Location(meta.sop_instance_uid, self.archive.name,
                                                self.peer, "", size))
             for meta, size in items], consumeErrors=True)
+        return len(items)
 
     @defer.inlineCallbacks
     def _crawl(self):
@@ -120,10 +126,11 @@ class Crawler:
         since = state[3]
         items, since = yield self.archive.changes(since, self.throttle)
         if items:
-            yield self._record(items)
+            new = yield self._record(items)
             self.done += len(items)
-            log.info("archive {archive}: {n} new instance(s) found", archive=self.archive.name,
-                     n=len(items))
+            if new:
+                log.info("archive {archive}: {n} new instance(s) found",
+                         archive=self.archive.name, n=new)
         yield self.catalog.save_crawl_state(self.archive.name, None, self.done, True, since)
 
     def progress_text(self, start_done: int = 0) -> str:

@@ -431,6 +431,19 @@ class Catalog:
                     refs.append(InstanceRef(uid, sop_class, ts, locs[0].size, tuple(locs)))
         return refs
 
+    def held(self, peer: str, archive: str, uids: list[str]) -> defer.Deferred:
+        """The subset of *uids* the catalog already places on *archive* of *peer*."""
+        def run(conn):
+            found = set()
+            for i in range(0, len(uids), 500):
+                chunk = uids[i:i + 500]
+                found.update(r[0] for r in conn.execute(
+                    f"SELECT SOPInstanceUID FROM locations WHERE peer = ? AND archive = ? "
+                    f"AND SOPInstanceUID IN ({', '.join('?' * len(chunk))})",
+                    [peer, archive, *chunk]))
+            return found
+        return self.read(run)
+
     def under_replicated(self, replicas: int, peer: str, limit: int) -> defer.Deferred:
         """UIDs with fewer than *replicas* copies whose first holder (by name) is *peer*."""
         return self.read(lambda conn: [r[0] for r in conn.execute(
