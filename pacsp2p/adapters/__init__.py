@@ -3,25 +3,93 @@
 An adapter turns one ``[[archives]]`` config block into an object providing
 :class:`pacsp2p.adapters.interface.IArchive`. Adapters are found by name in the
 ``pacsp2p.adapters`` entry-point group; the built-in ones are registered there exactly
-like a vendor's.
+like a vendor's. A site's own adapter can also be loaded straight from a Python file:
+``adapter = "path/to/file.py:ClassName"`` (a relative path is relative to the config
+file's directory). See docs/adapters.md.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from pacsp2p.config import ArchiveConfig, ConfigError
 
+_loaded_files: dict[Path, object] = {}     # resolved adapter file -> its module
 
-def adapter_class(cfg: ArchiveConfig, source: str):
+
+def config_where(cfg: ArchiveConfig, settings) -> str:
+    """``FILE: archives[i]`` of *cfg*, to start an adapter's config error messages."""
+    index = next((i for i, a in enumerate(getattr(settings, "archives", ()))
+                  if a.name == cfg.name), None)
+    return (f"{settings.source}: archives[{index}]" if index is not None
+            else f"{settings.source}: archives.{cfg.name}")
+
+
+def is_file_reference(adapter: str) -> bool:
+    """``"some/file.py:ClassName"``: an adapter class in a Python file."""
+    path, sep, cls = adapter.rpartition(":")
+    return bool(sep and cls and path.endswith(".py"))
+
+
+def _config_dir(settings) -> Path:
+    source = str(settings.source)
+    if source.startswith("<"):                  # not read from a file (the defaults)
+        return Path.cwd()
+    return Path(source).resolve().parent
+
+
+def _class_from_file(cfg: ArchiveConfig, settings):
+    text, _, cls_name = cfg.adapter.rpartition(":")
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = _config_dir(settings) / path
+    path = path.resolve()
+
+    def fail(reason: str) -> ConfigError:
+        return ConfigError(f"{config_where(cfg, settings)}.adapter: cannot load adapter "
+                           f"{cfg.adapter!r} for archive {cfg.name!r}: {reason}")
+
+    if not path.is_file():
+        raise fail(f"no file {path}")
+    module = _loaded_files.get(path)
+    if module is None:
+        mod_name = "pacsp2p_adapter_" + "".join(c if c.isalnum() else "_" for c in str(path))
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise fail(f"{path} is not a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[mod_name]
+            first = (str(e).splitlines() or [""])[0]
+            raise fail(f"{path}: {type(e).__name__}: {first}") from None
+        _loaded_files[path] = module
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise fail(f"{path} defines no {cls_name!r}")
+    if not callable(getattr(cls, "from_config", None)):
+        raise fail(f"{cls_name} has no from_config(cfg, settings, reactor) class method")
+    return cls
+
+
+def adapter_class(cfg: ArchiveConfig, settings):
+    """The adapter class named by ``cfg.adapter``: an entry point of the
+    ``pacsp2p.adapters`` group, or ``"file.py:ClassName"``."""
+    if is_file_reference(cfg.adapter):
+        return _class_from_file(cfg, settings)
     found = {ep.name: ep for ep in entry_points(group="pacsp2p.adapters")}
     if cfg.adapter not in found:
         known = ", ".join(sorted(found)) or "none installed"
-        raise ConfigError(f"{source}: archives.{cfg.name}.adapter: unknown adapter "
-                          f"{cfg.adapter!r} (known: {known})")
+        raise ConfigError(f"{settings.source}: archives.{cfg.name}.adapter: unknown adapter "
+                          f"{cfg.adapter!r} (known: {known}; or \"path/to/file.py:Class\")")
     return found[cfg.adapter].load()
 
 
 def make_archive(cfg: ArchiveConfig, settings, reactor):
     """Build the archive object for one config block (raises ConfigError)."""
-    return adapter_class(cfg, settings.source).from_config(cfg, settings, reactor)
+    return adapter_class(cfg, settings).from_config(cfg, settings, reactor)
