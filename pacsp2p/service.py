@@ -67,6 +67,7 @@ class PeerService(service.Service):
                 archive.catalog = self.catalog
         self._health_loop = None
         self._checking = False
+        self._seen_up: dict[str, bool] = {}      # what the health loop last logged
         if settings.facade.engine == "native":
             from pacsp2p.dicom.native import NativeFacade
             self.facade = NativeFacade(settings, self.cluster, reactor)
@@ -141,7 +142,8 @@ class PeerService(service.Service):
                 health = result if ok and isinstance(result, dict) else {
                     "up": False, "error": result.getErrorMessage() if not ok else "?"}
                 up = bool(health.get("up"))
-                flipped = up != getattr(archive, "up", True)
+                flipped = up != self._seen_up.get(archive.name, True)
+                self._seen_up[archive.name] = up
                 if flipped:
                     changed = True
                     if up:

@@ -184,12 +184,7 @@ class DicomWebArchive:
         self._pool.stop()
 
     def _mark(self, up: bool, error: str = "") -> None:
-        if up and self.up is False:
-            log.info("archive {archive}: DICOMweb at {url} answers again",
-                     archive=self.name, url=self.url)
-        elif not up and self.up is not False:
-            log.error("archive {archive}: DICOMweb at {url} is down: {err}",
-                      archive=self.name, url=self.url, err=error)
+        """Remember whether the archive answers (the service logs the changes)."""
         self.up = up
 
     def health(self):

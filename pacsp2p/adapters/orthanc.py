@@ -219,13 +219,7 @@ class OrthancArchive:
         self._pool.stop()
 
     def _mark(self, up: bool, error: str = "") -> None:
-        """Log transitions only (reactor or pool thread: a plain attribute write)."""
-        if up and self.up is False:
-            log.info("archive {archive}: Orthanc at {url} answers again",
-                     archive=self.name, url=self.url)
-        elif not up and self.up is not False:
-            log.error("archive {archive}: Orthanc at {url} is down: {err}",
-                      archive=self.name, url=self.url, err=error)
+        """Remember whether the archive answers (the service logs the changes)."""
         self.up = up
 
     # -- health ----------------------------------------------------------------------

@@ -201,7 +201,8 @@ def test_orthanc_stopped_is_down_logged_no_crash(tmp_path):
             h = get_json(p, timeout=30)["archives"]["pacs"]
             assert h["up"] is False and "refused" in h["error"], h
             assert p.alive and echo(p.port, p.ae_title)
-            wait_until(lambda: "is down" in p.log_path.read_text(), 20, 0.5, "down logged")
+            wait_until(lambda: "stopped answering" in p.log_path.read_text(), 20, 0.5,
+                       "down logged")
             rows, proc = findscu(p.port, p.ae_title, {"QueryRetrieveLevel": "STUDY",
                                                       "StudyInstanceUID": ""})
             assert proc.returncode == 0 and rows == []
