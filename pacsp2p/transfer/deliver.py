@@ -172,6 +172,9 @@ class Delivery:
         if self.cancelled or self.finished.called:
             return
         self.cancelled = True
+        stop_sources = getattr(self.retrieval, "cancel", None)
+        if stop_sources is not None:
+            stop_sources()                  # no new fetches from any source
         if self._scu is not None:
             self._scu.drop_queued()
         self._fill()

@@ -147,8 +147,14 @@ class Retrieval:
         self._schedule()
 
     def cancel(self):
+        """Fetch nothing more; whoever waits for an instance not yet here gets
+        CancelledError (its sub-operation stays 'remaining')."""
         self.cancelled = True
         self._stop_watching()
+        for d in self._results.values():
+            if not d.called:
+                d.errback(defer.CancelledError("retrieval cancelled"))
+                d.addErrback(lambda f: None)
 
     def _stop_watching(self):
         if self.overlay is not None and self._member_changed in \
@@ -335,6 +341,8 @@ class Retrieval:
     # -- consuming -----------------------------------------------------------------------
     def open(self, ref: InstanceRef) -> defer.Deferred:
         """Deferred[binary file of the Part-10 file] of *ref* (Unavailable if none)."""
+        if self.cancelled:
+            return defer.fail(defer.CancelledError("retrieval cancelled"))
         self.start()
         uid = ref.sop_instance_uid
         if uid in self._opened:
