@@ -29,6 +29,11 @@ def rebuild(catalog_path: Path, archives, peer_name: str, progress=print) -> int
     for archive in archives:
         if not hasattr(archive, "crawl"):
             continue
+        if "crawl" in getattr(archive, "capabilities", ()):
+            # a joined archive (crawl(cursor, throttle) through the reactor): the fresh
+            # catalog has no crawl state for it, so the peer crawls it again at start
+            progress(f"archive {archive.name}: crawled again when the peer starts")
+            continue
         for meta, stored in archive.crawl():
             if stored.conflict:
                 conn.execute("INSERT OR IGNORE INTO conflicts VALUES (?, ?, ?, datetime('now'))",

@@ -4,7 +4,7 @@ A directory of Part-10 files (two series, two transfer syntaxes, nested folders,
 stray non-DICOM file) is the peer's only archive, named in the config as
 ``adapter = "<relative path>/folder_archive.py:FolderArchive"``. The peer crawls it;
 findscu at the peer finds every instance; movescu brings them back byte-identical (data
-set sha256). A bad adapter path, or a directory that is not there, stops the peer at
+set sha256); after ``pacsp2p catalog rebuild`` the folder is crawled again. A bad adapter path, or a directory that is not there, stops the peer at
 start-up with one line naming the archive.
 """
 from __future__ import annotations
@@ -62,6 +62,19 @@ def test_folder_archive_crawled_found_and_moved(tmp_path):
             # the folder itself is untouched: the peer kept no copy of its own
             assert dn.dataset_hashes(files) == want
             assert not list((peer.data_dir).glob("archives/*/objects/*/*.dcm"))
+            # a rebuilt catalog (peer stopped) leaves the folder to be crawled again
+            peer.stop()
+            proc = subprocess.run([str(twistd_path().parent / "pacsp2p"), "--config",
+                                   str(peer.config_path), "catalog", "rebuild"],
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            assert "archive exports: crawled again when the peer starts" in proc.stderr
+            peer.restart()
+            wait_until(lambda: get_json(peer)["crawls"][0]["finished"], 60,
+                       what="crawl after rebuild")
+            rows, _ = findscu(peer.port, peer.ae_title, {
+                "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": "", "SOPInstanceUID": ""})
+            assert sorted(str(r.SOPInstanceUID) for r in rows) == sorted(want)
 
 
 def _refused(tmp_path: Path, block: str) -> list[str]:
