@@ -10,7 +10,7 @@ come from the holders. The destination STORESCP of every peer is a DCMTK storesc
    Success, sent by at least two holders, while peerd itself fetched nothing.
 2. kill -9 of a holder mid-way through a 600-instance direct move: the unsent share goes
    to the other holders; final Success and every instance arrives byte-identical.
-3. peere stores with R=1; the only holder of some instances is killed: a pynetdicom
+3. peere stores with R=1 and is killed, the only holder of some instances: a pynetdicom
    C-MOVE at peerd ends Warning with exactly those UIDs in FailedSOPInstanceUIDList.
 
 Every peer is a separate `twistd pacsp2p` process; DCMTK tools run by full path with
@@ -266,29 +266,46 @@ def test_kill9_of_a_holder_mid_direct_move_hands_its_share_to_the_others(cluster
 
 
 # -- 3. R=1 and the only holder gone ---------------------------------------------------
+#
+# peere stores with R=1 (its own config); the R=2 peers' repair loop gives the instances
+# THEY hold a second copy within 15 s (maybe onto peere), but never one peere alone holds
+# (the repair of an instance is run by its first holder, and peere's own R is 1). So the
+# victim is peere: what only peere holds has no live holder once it is dead.
 
 def test_instances_without_a_live_holder_are_listed_as_failed(cluster, dest, tmp_path,
                                                               request):
     d = cluster[3]
-    e = add_peer(cluster, "peere", {"cluster": {"replicas": 1, "write_quorum": 1}})
+    victim = add_peer(cluster, "peere", {"cluster": {"replicas": 1, "write_quorum": 1}})
     cluster.wait_mesh(timeout=30)
     n = 120
     files = make(tmp_path / "s3", n, "DIRECT0003", seed=13)
-    store(e, files)
+    store(victim, files)
     uid = study_of(files)
     sent = dn.dataset_hashes(files)
-    placed = wait_replicated(d, uid, set(sent), 1)
-    by_peer: dict[str, set[str]] = {}
-    for inst, hs in placed.items():
-        by_peer.setdefault(next(iter(hs)), set()).add(inst)
-    victim_name = max((p for p in by_peer if p != "peere"), key=lambda p: len(by_peer[p]))
-    lost = by_peer[victim_name]
-    assert 0 < len(lost) < n, by_peer
-    victim = next(p for p in cluster if p.name == victim_name)
+    wait_until(lambda: set(where(d, uid)) == set(sent), SYNC, interval=0.5,
+               what=f"{n} instances known at peerd")
     assert victim.kill9() == -9
     request.addfinalizer(lambda: revive(cluster, victim))
-    wait_until(lambda: members(d).get(victim_name) == "dead", 30,
-               what=f"peerd sees {victim_name} dead")
+    wait_until(lambda: members(d).get(victim.name) == "dead", 30,
+               what=f"peerd sees {victim.name} dead")
+
+    # the instances only peere holds, once every live peer's catalog agrees (no copy of
+    # them can appear any more: their only holder is dead)
+    live = [p for p in cluster if p is not victim]
+    views: list = []
+
+    def settled():
+        now = []
+        for p in live:
+            w = where(p, uid)
+            if set(w) != set(sent):
+                return False
+            now.append(frozenset(u for u, hs in w.items() if hs == {victim.name}))
+        views.append(now[0] if len(set(now)) == 1 else None)
+        return len(views) >= 2 and views[-1] is not None and views[-1] == views[-2]
+    wait_until(settled, SYNC, interval=0.5, what="live peers agree on peere's instances")
+    lost = set(views[-1])
+    assert 0 < len(lost) < n, f"{len(lost)} instances only on {victim.name}"
 
     clear(dest.directory)
     query = Dataset()
@@ -300,7 +317,8 @@ def test_instances_without_a_live_holder_are_listed_as_failed(cluster, dest, tmp
         responses = list(assoc.send_c_move(query, "STORESCP",
                                            StudyRootQueryRetrieveInformationModelMove))
     final, identifier = responses[-1]
-    print(f"\nR=1, {victim_name} dead holding {len(lost)}/{n}: final {final.Status:#06x}")
+    print(f"\nR=1, {victim.name} dead, the only holder of {len(lost)}/{n}: "
+          f"final {final.Status:#06x}")
     assert final.Status in (WARNING, ALL_FAILED), hex(final.Status)
     assert final.Status == WARNING          # the others' instances were sent
     assert final.NumberOfCompletedSuboperations == n - len(lost)
