@@ -4,8 +4,9 @@ A directory of Part-10 files (two series, two transfer syntaxes, nested folders,
 stray non-DICOM file) is the peer's only archive, named in the config as
 ``adapter = "<relative path>/folder_archive.py:FolderArchive"``. The peer crawls it;
 findscu at the peer finds every instance; movescu brings them back byte-identical (data
-set sha256); after ``pacsp2p catalog rebuild`` the folder is crawled again. A bad adapter path, or a directory that is not there, stops the peer at
-start-up with one line naming the archive.
+set sha256); after ``pacsp2p catalog rebuild`` the folder is crawled again. A bad
+adapter path, or a directory that is not there, stops the peer at start-up with one
+line naming the archive.
 """
 from __future__ import annotations
 
