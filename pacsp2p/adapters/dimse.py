@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -91,6 +92,18 @@ def _attrs(ds: Dataset, keywords) -> dict:
             if text:
                 out[kw] = text
     return out
+
+
+def _nodelay(event) -> None:
+    """TCP_NODELAY on our socket: a DIMSE request is two PDUs (command, identifier) and
+    with Nagle's algorithm the second waits for the archive's delayed ACK (~40 ms per
+    message: a crawl of dcmqrscp ran 4x slower)."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
 
 def _dispatch_store(event):
@@ -194,7 +207,8 @@ class DimseArchive:
         try:
             assoc = self._ae().associate(self.host, self.port, contexts=contexts,
                                          ae_title=self.ae_title, ext_neg=list(roles) or None,
-                                         evt_handlers=list(handlers) or None)
+                                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay),
+                                                       *handlers])
         except Exception as e:
             raise DimseError(f"association with {self.ae_title}@{self.host}:{self.port} "
                              f"failed: {e}") from e
