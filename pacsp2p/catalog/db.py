@@ -64,7 +64,11 @@ def create_schema(conn: sqlite3.Connection) -> None:
             pk=("SOPInstanceUID", "archive", "sha256"))
     if not db["hints"].exists():     # hinted hand-off: copies owed to an archive (local)
         db["hints"].create({"SOPInstanceUID": str, "peer": str, "archive": str,
-                            "created": str}, pk=("SOPInstanceUID", "peer", "archive"))
+                            "created": str, "via_peer": str, "via_archive": str},
+                           pk=("SOPInstanceUID", "peer", "archive"))
+    elif "via_peer" not in db["hints"].columns_dict:
+        db["hints"].add_column("via_peer", str)
+        db["hints"].add_column("via_archive", str)
     if not db["crawl_state"].exists():   # joining an archive: where its crawl stands
         db["crawl_state"].create({"archive": str, "cursor": str, "done": int,
                                   "finished": int, "since": str}, pk="archive")
@@ -119,6 +123,8 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]]) -> No
     latest: dict[str, dict] = {level: {} for level in LEVELS}
     keyed = [(latest[level], UNIQUE[level]) for level in LEVELS]
     for attrs, _ in facts:
+        if attrs is None:                 # a tombstone: the location only
+            continue
         for seen, key in keyed:
             seen[attrs.get(key, "")] = attrs
     levels = {level: [[a.get(c, "") or "" for c in _LEVEL_SQL[level][0]]
@@ -305,7 +311,7 @@ class Catalog:
                 seq += 1
                 row = (loc.sop_instance_uid, loc.archive, loc.peer, loc.sha256, loc.size, seq)
             seqs.append(seq if loc is not None else None)
-            facts.append((meta_attributes(meta), row))
+            facts.append((meta_attributes(meta) if meta is not None else None, row))
         write_facts(self._writer, facts)
         return seqs
 
@@ -419,7 +425,7 @@ class Catalog:
             rows = conn.execute(
                 f"SELECT i.SOPInstanceUID, i.SOPClassUID, i.TransferSyntaxUID, l.archive, "
                 f"l.peer, l.sha256, l.size, l.available FROM instances i JOIN locations l "
-                f"USING (SOPInstanceUID) WHERE i.SOPInstanceUID IN ({marks}) "
+                f"USING (SOPInstanceUID) WHERE i.SOPInstanceUID IN ({marks}) AND l.size >= 0 "
                 f"ORDER BY i.rowid", chunk).fetchall()
             by_uid: dict[str, list] = {}
             for r in rows:
@@ -439,16 +445,10 @@ class Catalog:
                 chunk = uids[i:i + 500]
                 found.update(r[0] for r in conn.execute(
                     f"SELECT SOPInstanceUID FROM locations WHERE peer = ? AND archive = ? "
-                    f"AND SOPInstanceUID IN ({', '.join('?' * len(chunk))})",
+                    f"AND size >= 0 AND SOPInstanceUID IN ({', '.join('?' * len(chunk))})",
                     [peer, archive, *chunk]))
             return found
         return self.read(run)
-
-    def under_replicated(self, replicas: int, peer: str, limit: int) -> defer.Deferred:
-        """UIDs with fewer than *replicas* copies whose first holder (by name) is *peer*."""
-        return self.read(lambda conn: [r[0] for r in conn.execute(
-            "SELECT SOPInstanceUID FROM locations GROUP BY SOPInstanceUID "
-            "HAVING count(*) < ? AND min(peer) = ? LIMIT ?", (replicas, peer, limit))])
 
     def crawl_state(self, archive: str) -> defer.Deferred:
         """(cursor, done, finished, since) of an archive's crawl; (None, 0, False, None)."""
@@ -463,25 +463,35 @@ class Catalog:
             "INSERT OR REPLACE INTO crawl_state VALUES (?, ?, ?, ?, ?)",
             (archive, cursor, done, int(finished), since)))
 
-    def add_hints(self, uid: str, targets) -> defer.Deferred:
+    def add_hints(self, uid: str, owed) -> defer.Deferred:
+        """Remember copies owed: (peer, archive, via_peer, via_archive) each; peer "*" is
+        a copy owed to any archive; via is the stand-in holding it meanwhile, if any."""
         def insert(conn):
-            conn.executemany("INSERT OR IGNORE INTO hints VALUES (?, ?, ?, datetime('now'))",
-                             [(uid, peer, archive) for peer, archive in targets])
+            conn.executemany(
+                "INSERT OR IGNORE INTO hints (SOPInstanceUID, peer, archive, created, "
+                "via_peer, via_archive) VALUES (?, ?, ?, datetime('now'), ?, ?)",
+                [(uid, *o) for o in owed])
         return self.write(insert)
 
     def hints(self, limit: int = 200) -> defer.Deferred:
         return self.read(lambda conn: conn.execute(
-            "SELECT SOPInstanceUID, peer, archive FROM hints ORDER BY created LIMIT ?",
-            (limit,)).fetchall())
+            "SELECT SOPInstanceUID, peer, archive, via_peer, via_archive FROM hints "
+            "ORDER BY created LIMIT ?", (limit,)).fetchall())
 
     def drop_hint(self, uid: str, peer: str, archive: str) -> defer.Deferred:
         return self.write(lambda conn: conn.execute(
             "DELETE FROM hints WHERE SOPInstanceUID = ? AND peer = ? AND archive = ?",
             (uid, peer, archive)))
 
+    def forget(self, uid: str, archive: str, sha256: str) -> defer.Deferred:
+        """Record that this peer's archive no longer holds *uid*: a tombstone (the
+        location fact re-issued with size -1), so anti-entropy spreads the removal."""
+        return self.record(None, Location(uid, archive, self.peer, sha256, -1))
+
     def archive_counts(self) -> defer.Deferred:
         return self.read(lambda conn: {(p, a): n for p, a, n in conn.execute(
-            "SELECT peer, archive, count(*) FROM locations GROUP BY peer, archive")})
+            "SELECT peer, archive, count(*) FROM locations WHERE size >= 0 "
+            "GROUP BY peer, archive")})
 
     def digest(self) -> defer.Deferred:
         """sha256 over the whole content in a canonical order: equal iff catalogs agree."""
@@ -502,9 +512,12 @@ class Catalog:
 
     def counts(self) -> defer.Deferred:
         def run(conn):
-            return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                    for t in ("patients", "studies", "series", "instances", "locations",
-                              "conflicts", "hints")}
+            counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                      for t in ("patients", "studies", "series", "instances", "conflicts",
+                                "hints")}
+            counts["locations"] = conn.execute(
+                "SELECT count(*) FROM locations WHERE size >= 0").fetchone()[0]
+            return counts
         return self.read(run)
 
 

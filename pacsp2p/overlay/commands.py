@@ -85,3 +85,11 @@ class SendTo(amp.Command):
                  (b"uids", amp.Unicode())]
     response = [(b"completed", amp.Integer()), (b"failed", amp.Integer()),
                 (b"warning", amp.Integer()), (b"failed_uids", amp.Unicode())]
+
+
+class Drop(amp.Command):
+    """Hinted hand-off done: drop your stand-in copy (the instance has its R copies)."""
+
+    arguments = [(b"archive", amp.Unicode()), (b"uid", amp.Unicode()),
+                 (b"sha256", amp.Unicode())]
+    response = []

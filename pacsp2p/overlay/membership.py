@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from pacsp2p import __version__
 from pacsp2p.overlay import tls
-from pacsp2p.overlay.commands import (PROTOCOL, Commit, Discard, Heartbeat, Hello,
+from pacsp2p.overlay.commands import (PROTOCOL, Commit, Discard, Drop, Heartbeat, Hello,
                                       IncompatibleProtocol, Replicate, SendTo)
 from pacsp2p.overlay.detector import PhiAccrualDetector
 
@@ -132,6 +132,11 @@ class Link(amp.AMP):
     @Discard.responder
     def on_discard(self, archive, uid, sha256):
         return self.membership.services.discard(archive, uid, sha256).addCallback(
+            lambda _: {})
+
+    @Drop.responder
+    def on_drop(self, archive, uid, sha256):
+        return self.membership.services.drop(archive, uid, sha256).addCallback(
             lambda _: {})
 
     @SendTo.responder

@@ -9,7 +9,9 @@
    C-STORE fails with 0xA700: the modality keeps its copy and retries.
 4. A preferred archive that was down or failed is owed a copy (a hint, kept locally):
    hinted hand-off (as in Dynamo, DeCandia et al., SOSP 2007) makes it when its peer is
-   back. The stand-in copy is kept: an extra replica is harmless.
+   back, then the stand-in that took the copy meanwhile drops its own (a tombstone fact
+   tells the cluster). A copy owed to no archive in particular (the writer knew too few
+   archives) is made as soon as placement finds one.
 
 Retrying the same instance is idempotent: same UID and bytes is a duplicate, same UID
 and other bytes is a conflict — both kept, logged and counted in ``pacsp2p status``.
@@ -25,7 +27,7 @@ from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from pacsp2p.overlay.commands import Commit, Discard, Replicate
+from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.transfer.replicas import record
 from pacsp2p.types import (ArchiveInfo, InstanceInfo, Location, Query, Stored, StoreError,
@@ -61,8 +63,7 @@ class Ingest:
     def start(self):
         if self.overlay is None:
             return
-        for fn, every in ((self._refresh_counts, 10.0), (self.hand_off, 3.0),
-                          (self.repair, 15.0)):
+        for fn, every in ((self._refresh_counts, 10.0), (self.hand_off, 3.0)):
             loop = task.LoopingCall(fn)
             loop.clock = self.reactor
             loop.start(every, now=True).addErrback(
@@ -129,12 +130,22 @@ class Ingest:
         if len(kept) < self.quorum:
             raise StoreError(OUT_OF_RESOURCES, f"{meta.sop_instance_uid}: copies made but "
                                                f"only {len(kept)} could be recorded")
-        placed = {(c.target.peer, c.target.name) for c in kept}
-        owed = [(r.peer, r.name) for r in ranked[:self.replicas]
-                if (r.peer, r.name) not in placed]
-        if owed and self.overlay is not None:
-            yield self.catalog.add_hints(meta.sop_instance_uid, owed)
+        if self.overlay is not None:
+            yield self._owe(meta.sop_instance_uid, ranked, kept)
         return StoreResult(meta.sop_instance_uid, tuple(c.stored for c in kept))
+
+    def _owe(self, uid, ranked, kept):
+        """Hints for the copies this write could not put where placement wanted them."""
+        placed = [(c.target.peer, c.target.name) for c in kept]
+        wanted = [(r.peer, r.name) for r in ranked[:self.replicas]]
+        owed = [w for w in wanted if w not in placed]
+        standins = [p for p in placed if p not in wanted]
+        hints = [(peer, archive, *(standins[i] if i < len(standins) else ("", "")))
+                 for i, (peer, archive) in enumerate(owed)]
+        # copies owed to no archive in particular: the cluster knew too few archives
+        short = self.replicas - len(placed) - len(owed)
+        hints += [("*", str(n), "", "") for n in range(max(0, short))]
+        return self.catalog.add_hints(uid, hints) if hints else defer.succeed(None)
 
     @defer.inlineCallbacks
     def _place(self, ranked, received, meta, token, meta_json):
@@ -194,29 +205,66 @@ class Ingest:
     # -- hinted hand-off -------------------------------------------------------------
     @defer.inlineCallbacks
     def hand_off(self):
-        """Make the copies owed to archives whose peers are back."""
+        """Make the copies owed to archives whose peers are back (moving a stand-in's copy
+        back: once the owed copy is made, the stand-in drops its own), and the copies owed
+        to no archive in particular as soon as one can take them."""
         hints = yield self.catalog.hints()
-        for uid, peer, archive in hints:
-            if not self.overlay.alive(peer):
+        for uid, peer, archive, via_peer, via_archive in hints:
+            if peer != "*" and not self.overlay.alive(peer):
                 continue
             try:
-                yield self._hand_off_one(uid, peer, archive)
-                yield self.catalog.drop_hint(uid, peer, archive)
-                log.info("hinted hand-off: {uid} copied to {archive}@{peer}", uid=uid,
-                         archive=archive, peer=peer)
+                done = yield self._hand_off_one(uid, peer, archive, via_peer, via_archive)
             except Exception as e:
                 log.warn("hinted hand-off of {uid} to {archive}@{peer} failed: {err}",
                          uid=uid, archive=archive, peer=peer, err=e)
+                continue
+            if done:
+                yield self.catalog.drop_hint(uid, peer, archive)
 
     @defer.inlineCallbacks
-    def _hand_off_one(self, uid, peer, archive):
+    def _hand_off_one(self, uid, peer, archive, via_peer, via_archive):
         refs = yield self.catalog.resolve(Query("IMAGE", {"SOPInstanceUID": uid}))
         if not refs:
-            return
+            return True                                 # nothing left to copy
         ref = refs[0]
-        if any(loc.peer == peer and loc.archive == archive for loc in ref.locations):
-            return                                      # it got there meanwhile
-        yield self._copy_to(ref, peer, archive)
+        have = {(loc.peer, loc.archive) for loc in ref.locations}
+        if peer == "*":
+            if len(have) >= self.replicas:
+                return True                             # it got its copies meanwhile
+            target = yield self._any_target(ref, have)
+            if target is None:
+                return False                            # still no archive to take it
+            peer, archive = target
+        if (peer, archive) not in have:
+            yield self._copy_to(ref, peer, archive)
+            have.add((peer, archive))
+            log.info("hinted hand-off: {uid} copied to {archive}@{peer}", uid=uid,
+                     archive=archive, peer=peer)
+        if via_peer and (via_peer, via_archive) in have and len(have) - 1 >= self.replicas:
+            yield self._drop_standin(uid, via_peer, via_archive, ref)
+        return True
+
+    def _any_target(self, ref, have):
+        info = InstanceInfo(ref.sop_instance_uid, ref.sop_class_uid, "", "", "", ref.size)
+        ranked = self.strategies.place(info, self.candidates(), self.replicas)
+        for t in ranked:
+            if t.alive and (t.peer, t.name) not in have and t.peer != self.peer:
+                return defer.succeed((t.peer, t.name))
+        return defer.succeed(None)
+
+    @defer.inlineCallbacks
+    def _drop_standin(self, uid, peer, archive, ref):
+        sha = next((loc.sha256 for loc in ref.locations
+                    if (loc.peer, loc.archive) == (peer, archive)), "")
+        if peer == self.peer:
+            yield self.archives[archive].discard(uid, sha)
+            yield self.catalog.forget(uid, archive, sha)
+        else:
+            yield self.overlay.membership.call(peer, Drop, archive=archive, uid=uid,
+                                               sha256=sha)
+            self.overlay.sync_from(peer)
+        log.info("hinted hand-off: stand-in copy of {uid} on {archive}@{peer} dropped",
+                 uid=uid, archive=archive, peer=peer)
 
     @defer.inlineCallbacks
     def _copy_to(self, ref, peer, archive):
@@ -235,42 +283,3 @@ class Ingest:
         finally:
             self.offers.pop(token, None)
             source.cancel()
-
-    # -- repair ----------------------------------------------------------------------
-    @defer.inlineCallbacks
-    def repair(self, limit: int = 100):
-        """Give instances with fewer than R copies their missing ones.
-
-        Catches what hints cannot: an instance stored while its peer knew no other
-        archive. The repair of an instance is done by the first of its holders in name
-        order, so peers do not copy the same instance twice.
-        """
-        uids = yield self.catalog.under_replicated(self.replicas, self.peer, limit)
-        for uid in uids:
-            refs = yield self.catalog.resolve(Query("IMAGE", {"SOPInstanceUID": uid}))
-            if not refs:
-                continue
-            ref = refs[0]
-            have = {(loc.peer, loc.archive) for loc in ref.locations}
-            a = ref
-            info = InstanceInfo(uid, a.sop_class_uid, "", "", "", a.size)
-            try:
-                ranked = self.strategies.place(info, self.candidates(), self.replicas)
-            except StrategyError as e:
-                log.warn("repair of {uid}: {err}", uid=uid, err=e)
-                continue
-            missing = self.replicas - len(have)
-            for target in ranked:
-                if missing <= 0:
-                    break
-                if not target.alive or (target.peer, target.name) in have \
-                        or target.peer == self.peer:
-                    continue
-                try:
-                    yield self._copy_to(ref, target.peer, target.name)
-                    missing -= 1
-                    log.info("repair: {uid} copied to {archive}@{peer}", uid=uid,
-                             archive=target.name, peer=target.peer)
-                except Exception as e:
-                    log.warn("repair of {uid} to {archive}@{peer} failed: {err}", uid=uid,
-                             archive=target.name, peer=target.peer, err=e)

@@ -93,6 +93,15 @@ class ReplicaService:
             return defer.succeed(None)       # those bytes were there before: keep them
         return self.archives[archive].discard(uid, sha256)
 
+    @defer.inlineCallbacks
+    def drop(self, archive: str, uid: str, sha256: str):
+        """Remove a stand-in copy after hinted hand-off, and tell the cluster (tombstone)."""
+        target = self.archives.get(archive)
+        if target is None:
+            raise ReplicaRefused(f"peer {self.peer} has no archive {archive!r}")
+        yield target.discard(uid, sha256)
+        yield self.catalog.forget(uid, archive, sha256)
+
     def send_to(self, ae_title, host, port, calling_ae, originator_ae, originator_msg_id,
                 uids):
         """Direct delivery: send what our archives hold of *uids* to the destination."""
