@@ -41,6 +41,7 @@ class InstanceMeta:
     attributes: dict[str, str] = field(default_factory=dict, hash=False)
     size: int = 0                   # bytes of the Part-10 file
     sha256: str = ""                # of the data set bytes after the file meta, if known
+    data_size: int = 0              # bytes of the data set after the file meta, if known
 
 
 @dataclass(frozen=True)

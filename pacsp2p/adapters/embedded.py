@@ -23,13 +23,13 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from pacsp2p.adapters.interface import IArchive
-from pacsp2p.dicom.header import BadDataset, content_hash, dataset_offset, read_meta
+from pacsp2p.dicom.header import BadDataset, content_hash, read_meta
 from pacsp2p.types import Stored
 
 
 @implementer(IArchive)
 class EmbeddedArchive:
-    capabilities = frozenset({"store", "open", "find"})
+    capabilities = frozenset({"store", "open"})
 
     def __init__(self, name: str, root: Path, reactor, site: str | None = None,
                  fsync: bool = True, threads: int = 4, sync_directories: bool = False):
@@ -80,13 +80,12 @@ class EmbeddedArchive:
 
     # -- store -----------------------------------------------------------------------
     def store(self, received: Path, meta):
+        known = getattr(meta, "sha256", "") and getattr(meta, "data_size", 0)
         return self._run(self._store, Path(received), meta.sop_instance_uid,
-                         getattr(meta, "sha256", ""))
+                         meta.sha256 if known else "", meta.data_size if known else 0)
 
-    def _store(self, received: Path, uid: str, sha: str = "") -> Stored:
-        if sha:                          # hashed already, while its header was read
-            size = received.stat().st_size - dataset_offset(received)
-        else:
+    def _store(self, received: Path, uid: str, sha: str = "", size: int = 0) -> Stored:
+        if not sha:                      # else hashed already, while its header was read
             sha, size = content_hash(received)
         target = self.path_for(uid)
         if target.exists():

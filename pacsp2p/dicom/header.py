@@ -82,14 +82,15 @@ def read_meta(path: Path) -> InstanceMeta:
     if encoding is None:
         meta = _read_meta_pydicom(path, size)
         return InstanceMeta(meta.sop_instance_uid, meta.sop_class_uid, ts, meta.attributes,
-                            size, sha)
+                            size, sha, size - offset)
     attrs = {}
     for tag, raw in found.items():
         kw = _WANTED[tag]
         if kw in STORED:
             attrs[kw] = raw.decode(encoding, "replace").strip(" \0")
     _check_required(attrs)
-    return InstanceMeta(attrs["SOPInstanceUID"], attrs["SOPClassUID"], ts, attrs, size, sha)
+    return InstanceMeta(attrs["SOPInstanceUID"], attrs["SOPClassUID"], ts, attrs, size, sha,
+                        size - offset)
 
 
 def _check_required(attrs) -> None:
