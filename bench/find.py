@@ -41,12 +41,12 @@ import socket  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification  # noqa: E402
 
-from pacsp2p.catalog.db import create_schema, write_facts  # noqa: E402
+from pacsp2p.catalog.db import create_schema, meta_attributes, write_facts  # noqa: E402
 from pacsp2p.testing import Orthanc, Peer  # noqa: E402
 from pacsp2p.testing.datasets import (SOP_CLASSES, ExplicitVRLittleEndian, make_image,  # noqa: E402
                                       uid, write)
 from pacsp2p.testing.dcmtk import storescu  # noqa: E402
-from pacsp2p.types import InstanceMeta, Location  # noqa: E402
+from pacsp2p.types import InstanceMeta  # noqa: E402
 
 N_PATIENTS, STUDIES_PER_PATIENT = 2500, 4
 SURNAMES = ["SMITH", "JONES", "TAYLOR", "BROWN", "WILLIAMS", "WILSON", "JOHNSON", "DAVIES",
@@ -101,11 +101,11 @@ def fill_catalog(path: Path, records: list[dict[str, str]]) -> None:
         create_schema(conn)
         for i in range(0, len(records), 1000):
             batch = []
-            for r in records[i:i + 1000]:
+            for n, r in enumerate(records[i:i + 1000], start=i + 1):
                 meta = InstanceMeta(r["SOPInstanceUID"], r["SOPClassUID"],
                                     str(ExplicitVRLittleEndian), dict(r))
-                batch.append((meta, Location(r["SOPInstanceUID"], ARCHIVE, PEER_NAME,
-                                             "0" * 64, 0)))
+                batch.append((meta_attributes(meta), (r["SOPInstanceUID"], ARCHIVE,
+                                                      PEER_NAME, "0" * 64, 0, n)))
             write_facts(conn, batch)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
