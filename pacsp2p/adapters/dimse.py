@@ -53,7 +53,7 @@ from zope.interface import implementer
 
 from pacsp2p.adapters.interface import IArchive
 from pacsp2p.catalog.attributes import STORED
-from pacsp2p.dicom.header import content_hash
+from pacsp2p.dicom.header import _text, content_hash
 from pacsp2p.types import InstanceMeta, Stored
 
 log = Logger()
@@ -73,15 +73,6 @@ KNOWN_KEYS = ("name", "adapter", "site", "ae_title", "host", "port", "calling_ae
 
 class DimseError(Exception):
     """The archive refused or failed a DIMSE operation."""
-
-
-def _text(elem) -> str:
-    value = elem.value
-    if value is None:
-        return ""
-    if elem.VM > 1 and not isinstance(value, (str, bytes)):
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
 
 
 def _attrs(ds: Dataset, keywords) -> dict:

@@ -28,28 +28,16 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from pacsp2p import threads
 from pacsp2p.dicom.pdu import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 
 HIGH = 8 << 20            # queued bytes that pause the transport
 LOW = 2 << 20             # ... and resume it
 COALESCE = 256 << 10      # bytes gathered before a write job (unless the data set ended)
 
-_pools: dict = {}
-
-
-def receive_pool(reactor) -> ThreadPool:
+def receive_pool(reactor):
     """The thread pool that writes received data sets (one per reactor)."""
-    pool = _pools.get(id(reactor))
-    if pool is None:
-        pool = ThreadPool(2, 4, "dicom-recv")
-        pool.start()
-        _pools[id(reactor)] = pool
-
-        def stop():
-            _pools.pop(id(reactor), None)
-            pool.stop()
-        reactor.addSystemEventTrigger("during", "shutdown", stop)
-    return pool
+    return threads.pool(reactor, "dicom-recv", 2, 4)
 
 
 def _short(elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:

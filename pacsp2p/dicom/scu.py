@@ -37,6 +37,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from pacsp2p import threads
 from pacsp2p.dicom.dimse import C_STORE_RSP, c_store_rq, command_elements  # noqa: F401
 from pacsp2p.dicom.pdu import (PDU_HEAD, RELEASE_RP, RELEASE_RQ, abort_pdu,  # noqa: F401
                                associate_rq, frame)
@@ -79,22 +80,9 @@ class NotAccepted(SCUError):
 
 # -- the shared reading pool -------------------------------------------------------------
 
-_pools: dict = {}
-
-
-def file_pool(reactor) -> ThreadPool:
+def file_pool(reactor):
     """The thread pool that reads instance files for sending (one per reactor)."""
-    pool = _pools.get(id(reactor))
-    if pool is None:
-        pool = ThreadPool(1, 4, "dicom-send")
-        pool.start()
-        _pools[id(reactor)] = pool
-
-        def stop():
-            _pools.pop(id(reactor), None)
-            pool.stop()
-        reactor.addSystemEventTrigger("during", "shutdown", stop)
-    return pool
+    return threads.pool(reactor, "dicom-send", 1, 4)
 
 
 # -- reading (thread pool) --------------------------------------------------------------------

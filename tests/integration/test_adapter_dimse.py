@@ -203,8 +203,11 @@ def test_two_vendors_two_replicas(tmp_path):
             retrievals = status(a)["retrievals"]
             assert retrievals, "no retrieval in status"
             sources = retrievals[-1]["sources"]
-            used = {name for name, s in sources.items() if s["completed"] > 0}
-            assert used == {"peera", "peerb"}, sources
+            # both archives' peers were sources of the retrieval; which one served how
+            # many is the balancer's choice (a slow first C-GET may leave one with none)
+            assert set(sources) == {"peera", "peerb"}, sources
+            assert all(s["alive"] and not s["failed"] for s in sources.values()), sources
+            assert sum(s["completed"] for s in sources.values()) == len(want), sources
         finally:
             cluster.stop()
             orthanc.stop()
