@@ -3,8 +3,9 @@
 Every instance is kept byte-identical to what was received (same transfer syntax, same
 bytes, private tags and unknown SOP classes included), addressed by SOP Instance UID
 under ``objects/<2 hex of sha1(uid)>/<uid>.dcm``. Writes are atomic: a hard link (or
-copy) into ``tmp/``, fsync, rename (and, with ``[storage] sync_directories``, fsync of the
-directory, so the rename itself survives a power cut). A second, different instance
+copy) into ``tmp/``, rename into place, fsync (and, with ``[storage] sync_directories``,
+fsync of the directory, so the rename itself survives a power cut); the ingest records the
+instance in the catalog while the fsync runs, and acknowledges after both. A second, different instance
 with an existing UID is kept beside it as ``<uid>.<sha256[:16]>.dcm`` and reported as a
 conflict; the same bytes again are a no-op.
 """
@@ -18,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -80,9 +82,32 @@ class EmbeddedArchive:
 
     # -- store -----------------------------------------------------------------------
     def store(self, received: Path, meta):
+        """Keep the file; the Deferred fires once it is durable."""
+        d = self.store_unsynced(received, meta)
+        d.addCallback(lambda s: self.sync(meta.sop_instance_uid, s).addCallback(lambda _: s))
+        return d
+
+    def store_unsynced(self, received: Path, meta):
+        """Put the file in place; durable only once ``sync`` fires. The ingest records
+        the instance in the catalog meanwhile, and answers C-STORE after both."""
         known = getattr(meta, "sha256", "") and getattr(meta, "data_size", 0)
         return self._run(self._store, Path(received), meta.sop_instance_uid,
                          meta.sha256 if known else "", meta.data_size if known else 0)
+
+    def sync(self, uid: str, stored: Stored):
+        """fsync a copy ``store_unsynced`` put in place (and its directory if configured)."""
+        if not self.fsync or stored.duplicate:
+            return defer.succeed(None)
+        path = self.path_for(uid, stored.sha256 if stored.conflict else None)
+
+        def flush():
+            for target in ([path, path.parent] if self.sync_directories else [path]):
+                fd = os.open(target, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        return self._run(flush)
 
     def _store(self, received: Path, uid: str, sha: str = "", size: int = 0) -> Stored:
         if not sha:                      # else hashed already, while its header was read
@@ -105,20 +130,8 @@ class EmbeddedArchive:
                 os.link(received, tmp)
             except OSError:
                 shutil.copyfile(received, tmp)
-            if self.fsync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
             target.parent.mkdir(exist_ok=True)
-            os.replace(tmp, target)
-            if self.sync_directories:
-                fd = os.open(target.parent, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            os.replace(tmp, target)                  # fsync: see sync()
         finally:
             tmp.unlink(missing_ok=True)
 

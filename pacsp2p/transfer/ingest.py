@@ -174,10 +174,21 @@ class Ingest:
     @defer.inlineCallbacks
     def _copy_local(self, target, received, meta):
         archive = self.archives[target.name]
-        stored = yield archive.store(received, meta)
+        if hasattr(archive, "store_unsynced"):      # record while the fsync runs
+            stored = yield archive.store_unsynced(received, meta)
+            synced = archive.sync(meta.sop_instance_uid, stored)
+        else:
+            stored = yield archive.store(received, meta)
+            synced = defer.succeed(None)
         fresh = not (stored.duplicate or stored.conflict)
-        return _Copy(target, stored,
-                     commit=lambda: record(self.catalog, meta, stored, self.peer),
+
+        def commit():
+            return defer.gatherResults(
+                [record(self.catalog, meta, stored, self.peer), synced], consumeErrors=True)
+        synced.addErrback(lambda f: log.error("fsync of {uid} failed: {err}",
+                                              uid=meta.sop_instance_uid,
+                                              err=f.getErrorMessage()) or f)
+        return _Copy(target, stored, commit=commit,
                      discard=lambda: archive.discard(meta.sop_instance_uid, stored.sha256)
                      if fresh else None)
 
