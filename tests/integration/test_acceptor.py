@@ -122,7 +122,14 @@ def test_requestor_leaving_mid_store_leaves_nothing(make_peer, tmp_path, how):
     incoming = peer.data_dir / "incoming"
 
     def partial():      # incoming also holds empty spare files made ahead
-        return [p for p in incoming.iterdir() if p.stat().st_size]
+        found = []
+        for p in incoming.iterdir():
+            try:
+                if p.stat().st_size:
+                    found.append(p)
+            except FileNotFoundError:       # removed between listing and stat
+                pass
+        return found
 
     assert wait_until(partial), "the partial file was never written"
     if how == "abort":
