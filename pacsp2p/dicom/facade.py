@@ -23,6 +23,9 @@ from twisted.logger import Logger
 from pacsp2p.dicom import contexts, polling, move
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.identifiers import IdentifierError, to_dataset, to_query
+from pacsp2p.dicom.status import (SUCCESS, PENDING, CANCEL, SOP_CLASS_NOT_SUPPORTED,
+                                  OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND,
+                                  UNABLE_TO_PROCESS)
 
 log = Logger()
 
@@ -31,13 +34,6 @@ _config.UNRESTRICTED_STORAGE_SERVICE = False
 _config.LOG_HANDLER_LEVEL = "none"
 polling.install()
 
-# DICOM statuses (PS3.4 annexes B and C, PS3.7 C)
-SUCCESS, PENDING, CANCEL = 0x0000, 0xFF00, 0xFE00
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-UNABLE_TO_PROCESS = 0xC001
 # A transfer syntax UID no association ever accepts: a sub-operation built on it fails
 # inside pynetdicom before anything is sent, and is counted as failed under its UID.
 _NO_SUCH_SYNTAX = "1.2.826.0.1.3680043.10.1406.0.404"

@@ -35,18 +35,13 @@ from pacsp2p.dicom import contexts
 from pacsp2p.dicom.identifiers import IdentifierError, to_query
 from pacsp2p.transfer.deliver import Delivery
 from pacsp2p.transfer.direct import make_delivery
+from pacsp2p.dicom.status import (SUCCESS, PENDING, CANCEL, WARNING, TOO_MANY_MATCHES,
+                                  ALL_FAILED, MOVE_DEST_UNKNOWN, DOES_NOT_MATCH,
+                                  CANNOT_UNDERSTAND, UNABLE_TO_PROCESS, PENDING_MIN_GAP,
+                                  PENDING_MAX_GAP)
 
 log = Logger()
 
-SUCCESS, PENDING, CANCEL, WARNING = 0x0000, 0xFF00, 0xFE00, 0xB000
-TOO_MANY_MATCHES = 0xA701
-ALL_FAILED = 0xA702
-MOVE_DEST_UNKNOWN = 0xA801
-DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-UNABLE_TO_PROCESS = 0xC001
-PENDING_MIN_GAP = 0.05      # at most ~20 Pending responses per second
-PENDING_MAX_GAP = 1.0       # at least one per second
 
 
 class MoveServiceClass(QueryRetrieveServiceClass):

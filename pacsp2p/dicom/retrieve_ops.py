@@ -29,19 +29,16 @@ from twisted.logger import Logger
 from pacsp2p.dicom import contexts, dimse
 from pacsp2p.dicom.identifiers import IdentifierError, to_query
 from pacsp2p.dicom.scu import _read, _close
-from pacsp2p.dicom.services import (CANCEL, CANNOT_UNDERSTAND, DOES_NOT_MATCH, PENDING,
-                                    SUCCESS, UNABLE_TO_PROCESS, WARNING, Operation)
+from pacsp2p.dicom.services import Operation
+from pacsp2p.dicom.status import (ALL_FAILED, CANCEL, CANNOT_UNDERSTAND, DOES_NOT_MATCH,
+                                  GET_TOO_MANY, MOVE_DEST_UNKNOWN, PENDING, PENDING_MAX_GAP,
+                                  PENDING_MIN_GAP, SUCCESS, TOO_MANY_MATCHES,
+                                  UNABLE_TO_PROCESS, WARNING)
 from pacsp2p.transfer.deliver import BadFile, convert, dataset_start
 from pacsp2p.transfer.direct import make_delivery
 
 log = Logger()
 
-TOO_MANY_MATCHES = 0xA701
-ALL_FAILED = 0xA702
-MOVE_DEST_UNKNOWN = 0xA801
-GET_TOO_MANY = 0xC416
-PENDING_MIN_GAP = 0.05      # at most ~20 Pending C-MOVE responses per second
-PENDING_MAX_GAP = 1.0       # at least one per second
 DIMSE_TIMEOUT = 120.0       # seconds for a C-GET requestor's C-STORE-RSP
 
 

@@ -23,16 +23,12 @@ from pacsp2p.dicom.acceptor import DiscardSink, MemorySink
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.identifiers import IdentifierError, to_dataset, to_query
 from pacsp2p.dicom.incoming import Incoming, file_meta, remove
+from pacsp2p.dicom.status import (SUCCESS, PENDING, CANCEL,
+                                  SOP_CLASS_NOT_SUPPORTED, OUT_OF_RESOURCES,
+                                  DOES_NOT_MATCH, CANNOT_UNDERSTAND, UNABLE_TO_PROCESS)
 
 log = Logger()
 
-# DICOM statuses (PS3.4 annexes B and C, PS3.7 C)
-SUCCESS, PENDING, CANCEL, WARNING = 0x0000, 0xFF00, 0xFE00, 0xB000
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-UNABLE_TO_PROCESS = 0xC001
 FIND_BATCH = 16              # C-FIND responses sent per reactor turn
 
 

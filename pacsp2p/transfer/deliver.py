@@ -124,23 +124,18 @@ def _close(f) -> None:
     f.close()
 
 
-class Delivery:
-    """Send a Retrieval's instances to *destination* (config.Destination) as *calling_ae*."""
+class Tally:
+    """The sub-operation counts of one C-MOVE's delivery, and who is told of them: the
+    ``events`` queue (read by an association thread) and ``listeners`` (reactor)."""
 
-    def __init__(self, retrieval, destination, calling_ae: str, reactor, *,
-                 originator_ae: str | None = None, originator_msg_id: int | None = None,
-                 window: int = 3, connect_timeout: float = 10, acse_timeout: float = 30,
-                 dimse_timeout: float = 120):
+    def __init__(self, retrieval, destination, calling_ae: str, reactor,
+                 originator_ae: str | None, originator_msg_id: int | None):
         self.retrieval = retrieval
         self.refs = list(retrieval.refs)
         self.destination = destination
         self.calling_ae = calling_ae
         self.reactor = reactor
-        self.pool = scu.file_pool(reactor)
         self.originator = (originator_ae, originator_msg_id)
-        self.window = window
-        self.timeouts = dict(connect_timeout=connect_timeout, acse_timeout=acse_timeout,
-                             dimse_timeout=dimse_timeout)
         self.events: queue.SimpleQueue[Progress] = queue.SimpleQueue()
         self.listeners: list = []
         self.completed = self.failed = self.warning = 0
@@ -148,10 +143,6 @@ class Delivery:
         self.cancelled = False
         self.error: str | None = None
         self.finished = defer.Deferred()
-        self._scu = None
-        self._next = 0
-        self._active = 0
-        self._closing = False
 
     @property
     def remaining(self) -> int:
@@ -161,6 +152,33 @@ class Delivery:
         return Progress(self.remaining, self.completed, self.failed, self.warning, done,
                         self.cancelled, self.error,
                         tuple(self.failed_uids) if done else ())
+
+    def _tell(self, p: Progress) -> None:
+        self.events.put(p)
+        for listener in self.listeners:
+            try:
+                listener(p)
+            except Exception:
+                log.failure("delivery progress listener failed")
+
+
+class Delivery(Tally):
+    """Send a Retrieval's instances to *destination* (config.Destination) as *calling_ae*."""
+
+    def __init__(self, retrieval, destination, calling_ae: str, reactor, *,
+                 originator_ae: str | None = None, originator_msg_id: int | None = None,
+                 window: int = 3, connect_timeout: float = 10, acse_timeout: float = 30,
+                 dimse_timeout: float = 120):
+        super().__init__(retrieval, destination, calling_ae, reactor, originator_ae,
+                         originator_msg_id)
+        self.pool = scu.file_pool(reactor)
+        self.window = window
+        self.timeouts = dict(connect_timeout=connect_timeout, acse_timeout=acse_timeout,
+                             dimse_timeout=dimse_timeout)
+        self._scu = None
+        self._next = 0
+        self._active = 0
+        self._closing = False
 
     # -- control (reactor thread) --------------------------------------------------------
     def start(self):
@@ -287,11 +305,3 @@ class Delivery:
         final = self.progress(done=True)
         self._tell(final)
         self.finished.callback(final)
-
-    def _tell(self, p: Progress) -> None:
-        self.events.put(p)
-        for listener in self.listeners:
-            try:
-                listener(p)
-            except Exception:
-                log.failure("delivery progress listener failed")

@@ -17,13 +17,12 @@ the final :class:`Progress`), ``cancel()``, ``events`` (thread-safe queue of Pro
 from __future__ import annotations
 
 import json
-import queue
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from pacsp2p.overlay.commands import SendTo
-from pacsp2p.transfer.deliver import Delivery, Progress
+from pacsp2p.transfer.deliver import Delivery, Progress, Tally
 from pacsp2p.transfer.retrieve import Retrieval
 
 log = Logger()
@@ -44,34 +43,14 @@ class _Relay:
         self.owner._count(*delta)
 
 
-class DirectDelivery:
+class DirectDelivery(Tally):
     def __init__(self, retrieval, destination, calling_ae: str, reactor, *,
                  originator_ae: str | None = None, originator_msg_id: int | None = None,
                  chunk: int = CHUNK):
-        self.retrieval = retrieval
-        self.refs = list(retrieval.refs)
-        self.destination = destination
-        self.calling_ae = calling_ae
-        self.reactor = reactor
-        self.originator = (originator_ae, originator_msg_id)
+        super().__init__(retrieval, destination, calling_ae, reactor, originator_ae,
+                         originator_msg_id)
         self.chunk = chunk
-        self.events: queue.SimpleQueue[Progress] = queue.SimpleQueue()
-        self.listeners: list = []
-        self.completed = self.failed = self.warning = 0
-        self.failed_uids: list[str] = []
-        self.cancelled = False
-        self.error: str | None = None
-        self.finished = defer.Deferred()
         self._local: list[Delivery] = []
-
-    @property
-    def remaining(self) -> int:
-        return len(self.refs) - self.completed - self.failed - self.warning
-
-    def progress(self, done: bool = False) -> Progress:
-        return Progress(self.remaining, self.completed, self.failed, self.warning, done,
-                        self.cancelled, self.error,
-                        tuple(self.failed_uids) if done else ())
 
     def _count(self, completed=0, failed=0, warning=0, failed_uids=()):
         self.completed += completed
@@ -79,14 +58,6 @@ class DirectDelivery:
         self.warning += warning
         self.failed_uids.extend(failed_uids)
         self._tell(self.progress())
-
-    def _tell(self, p: Progress):
-        self.events.put(p)
-        for listener in self.listeners:
-            try:
-                listener(p)
-            except Exception:
-                log.failure("delivery progress listener failed")
 
     def cancel(self):
         self.cancelled = True

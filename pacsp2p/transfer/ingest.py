@@ -27,6 +27,7 @@ from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.transfer.replicas import record
@@ -35,8 +36,6 @@ from pacsp2p.types import (ArchiveInfo, InstanceInfo, Location, Query, Stored, S
 
 log = Logger()
 
-OUT_OF_RESOURCES = 0xA700
-PROCESSING_FAILURE = 0x0110
 
 
 class _Copy:
