@@ -15,6 +15,7 @@ Prints median MB/s and inst/s and the ratios; target of issue 5: cluster >= 0.6 
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter
@@ -34,11 +35,27 @@ def count_files(directory: Path) -> int:
     return sum(1 for p in directory.rglob("*") if p.is_file()) if directory.exists() else 0
 
 
-def send(port: int, aec: str, data: common.DataSet) -> float:
-    """storescu all files of *data* on one association (every response checked)."""
+def cpu_seconds(pids) -> float:
+    """user + system CPU seconds used so far by the processes *pids* (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+CPU: dict[str, list] = {}
+
+
+def send(port: int, aec: str, data: common.DataSet, pids=(), target="") -> float:
+    """storescu all files of *data* on one association (every response checked); the CPU
+    time the processes *pids* used meanwhile is noted in CPU[target]."""
+    before = cpu_seconds(pids)
     with Timer() as t:
         proc = storescu(port, aec, [data.directory], aet="BENCHSCU", timeout=900,
                         extra=["-v"])
+    CPU.setdefault(target, []).append(cpu_seconds(pids) - before)
     ok = (proc.stdout + proc.stderr).count("Received Store Response (Success)")
     if ok != data.count:
         raise RuntimeError(f"{ok} of {data.count} C-STOREs succeeded\n{proc.stderr[-2000:]}")
@@ -51,7 +68,8 @@ def run_cluster(work: Path, data: common.DataSet, fsync: bool = True) -> tuple[f
         cluster.start(3)
         cluster.wait_mesh(timeout=30)
         a = cluster[0]
-        seconds = send(a.port, a.ae_title, data)
+        seconds = send(a.port, a.ae_title, data, [p.pid for p in cluster],
+                       "cluster" if fsync else "cluster-nosync")
         # every instance acknowledged means 2 durable copies; check where they are
         held = {p.name: count_files(p.data_dir / "archives" / "local" / "objects")
                 for p in cluster}
@@ -70,7 +88,7 @@ def run_cluster(work: Path, data: common.DataSet, fsync: bool = True) -> tuple[f
 
 def run_single(work: Path, data: common.DataSet) -> tuple[float, dict]:
     with Peer(work) as peer:
-        seconds = send(peer.port, peer.ae_title, data)
+        seconds = send(peer.port, peer.ae_title, data, [peer.pid], "single")
         held = count_files(peer.data_dir / "archives" / "local" / "objects")
     if held != data.count:
         raise RuntimeError(f"peer holds {held} of {data.count} instances")
@@ -117,8 +135,10 @@ def main() -> int:
         r["mbs"] = mb(size) / r["median"]
     single = results["single"]["mbs"]
     rows = [[t, f"{r['median']:.2f}", f"{r['mbs']:.1f}", f"{data.count / r['median']:.0f}",
-             f"{r['mbs'] / single:.2f}"] for t, r in results.items()]
-    print(table(rows, ["target", "median s", "MB/s", "inst/s", "this/single"]))
+             f"{r['mbs'] / single:.2f}",
+             f"{median(CPU[t]):.2f}" if t in CPU else "-"] for t, r in results.items()]
+    print(table(rows, ["target", "median s", "MB/s", "inst/s", "this/single",
+                       "pacsp2p CPU s"]))
     c, sc = results["cluster"]["mbs"], results["storescp"]["mbs"]
     verdict = "meets" if c >= 0.6 * single else "MISSES"
     print(f"\ncluster/single = {c / single:.2f}   cluster/storescp = {c / sc:.2f}   "

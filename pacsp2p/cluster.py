@@ -30,9 +30,15 @@ class Cluster:
         if overlay is not None:
             self.ingest.offers = overlay.offers
 
-    def store(self, received, meta):
+    def forward(self, uid, sop_class, transfer_syntax, head, pause, resume):
+        """For a C-STORE whose data set starts arriving: an object to ``feed`` each
+        fragment to (then ``finish`` or ``abort``, and pass to ``store``), so that its
+        replicas are made while it arrives; None when there is nothing to forward."""
+        return self.ingest.forward(uid, sop_class, transfer_syntax, head, pause, resume)
+
+    def store(self, received, meta, forward=None):
         """Keep one received Part-10 file; Deferred[StoreResult] or StoreError."""
-        return self.ingest.store(received, meta)
+        return self.ingest.store(received, meta, forward)
 
     def find(self, query, return_keys):
         """Deferred[list of {keyword: value}], one per matching entity."""
@@ -75,6 +81,7 @@ class Cluster:
                   "catalog": counts, "archives": archives}
         if self.overlay is not None:
             status["overlay"] = self.overlay.status()
+        status["ingest"] = {"copies": dict(self.ingest.copies)}
         status["retrievals"] = [r.status() for r in self.retrievals if r.started]
         status["crawls"] = [c.status() for c in self.crawlers]
         return status

@@ -82,32 +82,39 @@ class EmbeddedArchive:
 
     # -- store -----------------------------------------------------------------------
     def store(self, received: Path, meta):
-        """Keep the file; the Deferred fires once it is durable."""
-        d = self.store_unsynced(received, meta)
-        d.addCallback(lambda s: self.sync(meta.sop_instance_uid, s).addCallback(lambda _: s))
-        return d
+        """Keep the file; the Deferred fires once it is durable (one job: place, fsync)."""
+        def place_and_flush(*args):
+            stored = self._store(*args)
+            self._flush(meta.sop_instance_uid, stored)
+            return stored
+        return self._run(place_and_flush, *self._store_args(received, meta))
 
     def store_unsynced(self, received: Path, meta):
         """Put the file in place; durable only once ``sync`` fires. The ingest records
         the instance in the catalog meanwhile, and answers C-STORE after both."""
+        return self._run(self._store, *self._store_args(received, meta))
+
+    def _store_args(self, received, meta):
         known = getattr(meta, "sha256", "") and getattr(meta, "data_size", 0)
-        return self._run(self._store, Path(received), meta.sop_instance_uid,
-                         meta.sha256 if known else "", meta.data_size if known else 0)
+        return (Path(received), meta.sop_instance_uid, meta.sha256 if known else "",
+                meta.data_size if known else 0)
 
     def sync(self, uid: str, stored: Stored):
         """fsync a copy ``store_unsynced`` put in place (and its directory if configured)."""
         if not self.fsync or stored.duplicate:
             return defer.succeed(None)
-        path = self.path_for(uid, stored.sha256 if stored.conflict else None)
+        return self._run(self._flush, uid, stored)
 
-        def flush():
-            for target in ([path, path.parent] if self.sync_directories else [path]):
-                fd = os.open(target, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        return self._run(flush)
+    def _flush(self, uid: str, stored: Stored) -> None:
+        if not self.fsync or stored.duplicate:
+            return
+        path = self.path_for(uid, stored.sha256 if stored.conflict else None)
+        for target in ([path, path.parent] if self.sync_directories else [path]):
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _store(self, received: Path, uid: str, sha: str = "", size: int = 0) -> Stored:
         if not sha:                      # else hashed already, while its header was read

@@ -44,14 +44,15 @@ _WANTED = {int(Tag(kw)): kw for kw in HEADER_KEYWORDS}
 _CHARSET_TAG = 0x00080005
 
 
-def read_meta(path: Path) -> InstanceMeta:
+def read_meta(path: Path, sha256: str = "", data_size: int = 0) -> InstanceMeta:
     """Header attributes, transfer syntax and content hash of the Part-10 file at *path*.
 
     One pass over the file (memory-mapped): the File Meta Information, then every
     element's tag and length — checking that the data set is complete — keeping the raw
     values of the attributes the catalog needs; the sha256 of the data set bytes is taken
-    on the way. Values are decoded only for those few attributes (pydicom is used for
-    data sets in ISO 2022 character sets). Raises BadDataset.
+    on the way, unless the writer of the file hashed them already (*sha256* of
+    *data_size* bytes). Values are decoded only for those few attributes (pydicom is used
+    for data sets in ISO 2022 character sets). Raises BadDataset.
     """
     path = Path(path)
     try:
@@ -72,25 +73,56 @@ def read_meta(path: Path) -> InstanceMeta:
                 if end != size:
                     raise BadDataset(f"truncated: an element runs past the end of the "
                                      f"file ({size} bytes)")
-                sha = hashlib.sha256(memoryview(buf)[offset:]).hexdigest()
+                sha = sha256 if sha256 and data_size == size - offset else \
+                    hashlib.sha256(memoryview(buf)[offset:]).hexdigest()
     except (OSError, ValueError, struct.error) as e:
         if isinstance(e, BadDataset):
             raise
         raise BadDataset(f"cannot parse dataset: {type(e).__name__}: {e}") from e
-    charset = found.get(_CHARSET_TAG, b"").decode("latin-1").strip(" \0")
-    encoding = _SIMPLE_CHARSETS.get(charset.split("\\")[-1].strip() if charset else "")
-    if encoding is None:
+    attrs = _decode(found)
+    if attrs is None:                   # an ISO 2022 character set: pydicom decodes
         meta = _read_meta_pydicom(path, size)
         return InstanceMeta(meta.sop_instance_uid, meta.sop_class_uid, ts, meta.attributes,
                             size, sha, size - offset)
-    attrs = {}
-    for tag, raw in found.items():
-        kw = _WANTED[tag]
-        if kw in STORED:
-            attrs[kw] = raw.decode(encoding, "replace").strip(" \0")
     _check_required(attrs)
     return InstanceMeta(attrs["SOPInstanceUID"], attrs["SOPClassUID"], ts, attrs, size, sha,
                         size - offset)
+
+
+def _decode(found: dict) -> dict | None:
+    """{keyword: text} of the raw values *found*; None for an ISO 2022 character set."""
+    charset = found.get(_CHARSET_TAG, b"").decode("latin-1").strip(" \0")
+    encoding = _SIMPLE_CHARSETS.get(charset.split("\\")[-1].strip() if charset else "")
+    if encoding is None:
+        return None
+    return {_WANTED[tag]: raw.decode(encoding, "replace").strip(" \0")
+            for tag, raw in found.items() if _WANTED[tag] in STORED}
+
+
+_PIXELS = 0x7FE00000        # (7FE0,xxxx): pixel data and what follows it
+
+
+def sniff(prefix, transfer_syntax: str) -> dict | None:
+    """The catalog attributes of a data set from its first bytes, while the rest is still
+    arriving: None while the prefix ends before the pixel data (send more); raises
+    BadDataset when it cannot be done this way (deflated, ISO 2022 character set, not a
+    data set) — the caller then waits for the whole file and ``read_meta``."""
+    syntax = UID(transfer_syntax)
+    if syntax.is_deflated:
+        raise BadDataset("deflated data sets are read whole")
+    found: dict = {}
+    try:
+        end = _walk(prefix, 0, len(prefix), syntax.is_implicit_VR, syntax.is_little_endian,
+                    None, found, until=_PIXELS)
+    except struct.error as e:
+        raise BadDataset(f"cannot parse dataset: {e}") from e
+    if end < 0 or end == len(prefix):
+        return None
+    attrs = _decode(found)
+    if attrs is None:
+        raise BadDataset("ISO 2022 character sets are read whole")
+    _check_required(attrs)
+    return attrs
 
 
 def _check_required(attrs) -> None:
@@ -148,14 +180,17 @@ _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
 def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
-          found: dict | None = None) -> int:
+          found: dict | None = None, until: int | None = None) -> int:
     """Walk elements from *pos* to *size*, or past the delimiter tag *stop*; return the end
     (-1 if *stop* is not None and never came: a truncated sequence or item). Raw values
-    of the top-level elements in ``_WANTED`` are put in *found* (tag -> bytes)."""
+    of the top-level elements in ``_WANTED`` are put in *found* (tag -> bytes). With
+    *until*, stop before the first top-level element whose tag is at least *until*."""
     e = "<" if little else ">"
     while pos + 8 <= size:
         group, elem = struct.unpack_from(e + "HH", buf, pos)
         tag = group << 16 | elem
+        if until is not None and tag >= until:
+            return pos
         if group == 0xFFFE:                              # item / delimiters: no VR
             (length,) = struct.unpack_from(e + "I", buf, pos + 4)
             pos += 8

@@ -19,6 +19,7 @@ our Implementation Class UID/Version Name and the sender's AE title.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import uuid
@@ -109,15 +110,17 @@ class Spares:
 
 
 class _File:
-    """What the writing thread owns: the path and the open file."""
+    """What the writing thread owns: the path, the open file, the data set's hash."""
 
     def __init__(self, path: Path, head: bytes):
         self.path, self.head, self.f = path, head, None
+        self.sha256, self.data_size = hashlib.sha256(), 0
 
 
 def _write(state: _File, chunks: list, last: bool, after):
-    """Thread pool: write *chunks* (opening the file and writing its head first); on the
-    *last* job close it and return ``after(path)``."""
+    """Thread pool: write *chunks* (opening the file and writing its head first) and hash
+    them; on the *last* job close it and return ``after(path, sha256 hex, data set size)``
+    (or the path)."""
     if state.f is None:
         try:            # a spare: no O_CREAT, which would lock the directory
             fd = os.open(state.path, os.O_WRONLY | os.O_TRUNC)
@@ -126,9 +129,13 @@ def _write(state: _File, chunks: list, last: bool, after):
         state.f = open(fd, "wb")
         state.f.write(state.head)
     state.f.writelines(chunks)
+    for chunk in chunks:
+        state.sha256.update(chunk)
+        state.data_size += len(chunk)
     if last:
         state.f.close()
-        return after(state.path) if after else state.path
+        return after(state.path, state.sha256.hexdigest(), state.data_size) if after \
+            else state.path
     return None
 
 
@@ -170,8 +177,8 @@ class Incoming:
             self._flush()
 
     def finish(self, after=None) -> defer.Deferred:
-        """Deferred[after(path) run in the pool after the file is closed]; errback with
-        the write error (the file is then removed)."""
+        """Deferred[after(path, sha256, data_size) run in the pool after the file is
+        closed]; errback with the write error (the file is then removed)."""
         d = defer.Deferred()
         self._ending = (d, after)
         if self.error is not None:

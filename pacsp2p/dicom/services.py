@@ -107,10 +107,10 @@ class Echo(Operation):
         self.finish(SUCCESS)
 
 
-def _meta_of(path):
+def _meta_of(path, sha256, data_size):
     """Thread pool: (path, InstanceMeta or None, BadDataset or None)."""
     try:
-        return path, read_meta(path), None
+        return path, read_meta(path, sha256, data_size), None
     except BadDataset as e:
         return path, None, e
 
@@ -127,7 +127,7 @@ class Store(Operation):
         self.uid = dimse.text(fields, dimse.AFFECTED_SOP_INSTANCE)
         self.cls = dimse.text(fields, dimse.AFFECTED_SOP_CLASS)
         self.refused = None
-        self.incoming = None
+        self.incoming = self.forward = None
         self.result = None
         if self.cls != cx.abstract_syntax:
             log.warn("C-STORE of {cls} on a context for {cx}: refused", cls=self.cls,
@@ -138,17 +138,32 @@ class Store(Operation):
             head = file_meta(self.cls, self.uid, str(self.ts), assoc.calling_ae)
             self.incoming = Incoming(svc.spares.take(), svc.recv_pool, svc.reactor, head,
                                      assoc.pause_reading, assoc.resume_reading)
-            self.sink = self.incoming
+            self.forward = svc.cluster.forward(self.uid, self.cls, str(self.ts), head,
+                                               assoc.pause_reading, assoc.resume_reading)
+            self.sink = self.incoming if self.forward is None else self
+
+    def feed(self, piece) -> None:
+        """The sink when forwarding: the fragment goes to the file and to the replicas."""
+        self.incoming.feed(piece)
+        self.forward.feed(piece)
 
     def data_complete(self, sink):
         if self.incoming is None:
             return
         if sink is None:                      # a C-STORE-RQ without a data set
             self.incoming.discard()
+            self._abort_forward()
             self.incoming, self.refused = None, CANNOT_UNDERSTAND
             return
+        if self.forward is not None:
+            self.forward.finish()
         self.result = self.incoming.finish(_meta_of)
         self.result.addErrback(self._write_failed)
+
+    def _abort_forward(self):
+        if self.forward is not None:
+            self.forward.abort()
+            self.forward = None
 
     def _write_failed(self, failure):
         log.error("C-STORE {uid} from {ae}: cannot write the received data set: {err}",
@@ -162,8 +177,12 @@ class Store(Operation):
 
     def _received(self, got):
         if got is None:                                    # not written (disk full, ...)
+            self._abort_forward()
             return self.finish(OUT_OF_RESOURCES, instance=self.instance)
         path, meta, err = got
+        if err is not None or meta.sop_instance_uid != self.uid or \
+                meta.sop_class_uid != self.cls or (self.gone and not self.started):
+            self._abort_forward()
         if self.gone and not self.started:
             remove(self.svc.recv_pool, path)
             return
@@ -176,7 +195,7 @@ class Store(Operation):
             log.warn("C-STORE {uid}: dataset UIDs do not match the request", uid=self.uid)
             remove(self.svc.recv_pool, path)
             return self.finish(DOES_NOT_MATCH, instance=self.instance)
-        d = defer.maybeDeferred(self.svc.cluster.store, path, meta)
+        d = defer.maybeDeferred(self.svc.cluster.store, path, meta, self.forward)
         d.addCallbacks(self._stored, self._store_failed, errbackArgs=(meta,))
         d.addBoth(self._cleanup, path)
 
@@ -197,6 +216,7 @@ class Store(Operation):
         super().lost()
         if self.incoming is not None and self.result is None:
             self.incoming.discard()          # the data set never arrived whole
+            self._abort_forward()
         elif self.result is not None and not self.started:
             self.result.addCallback(self._received)   # whole but never started: drop it
 

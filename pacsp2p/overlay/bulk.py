@@ -12,7 +12,9 @@ control, so neither side's reactor blocks on disk and memory stays bounded.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 import tempfile
 from urllib.parse import quote
 
@@ -21,15 +23,19 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web import resource, server
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory,
                                 readBody)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from pacsp2p.dicom import header
+
 log = Logger()
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20               # read from files
+SINK_CHUNK = 256 << 10       # received bytes gathered before a write job
 MAX_CHANGES = 20000
 
 
@@ -200,7 +206,9 @@ class _PeerPolicy:
 
 
 class _FileSink(protocol.Protocol):
-    """Receive a response body into a temporary file, writing in a thread pool."""
+    """Receive a response body (a Part-10 file) into a temporary file, writing in a thread
+    pool and hashing its data set on the way: the file handed over carries ``sha256``
+    and ``data_size`` (empty and 0 if it is not a Part-10 file)."""
 
     def __init__(self, f, pool, reactor, finished):
         self.f, self.pool, self.reactor, self.finished = f, pool, reactor, finished
@@ -208,12 +216,30 @@ class _FileSink(protocol.Protocol):
         self.size = 0
         self.writing = False
         self.ended = None
+        self.hasher, self.data_size, self.started = hashlib.sha256(), 0, False
+        self.written = 0
 
     def dataReceived(self, data):
         self.buffer.append(data)
         self.size += len(data)
-        if self.size >= CHUNK:
+        if self.size >= SINK_CHUNK:
             self._write()
+
+    def _append(self, data):
+        """Thread: write and hash (the data set: after the File Meta Information)."""
+        self.f.write(data)
+        self.written += len(data)
+        if not self.started:
+            self.started = True
+            try:
+                offset = header.file_meta(data)[0]
+            except (header.BadDataset, ValueError, struct.error):
+                self.hasher = None
+                return
+            data = memoryview(data)[offset:]
+        if self.hasher is not None:
+            self.hasher.update(data)
+            self.data_size += len(data)
 
     def _write(self):
         if self.writing or not self.buffer:
@@ -223,14 +249,14 @@ class _FileSink(protocol.Protocol):
         data, self.buffer, self.size = b"".join(self.buffer), [], 0
         self.writing = True
         self.transport.pauseProducing()
-        deferToThreadPool(self.reactor, self.pool, self.f.write, len(data) and data).addCallbacks(
+        deferToThreadPool(self.reactor, self.pool, self._append, data).addCallbacks(
             self._written, self._failed)
 
     def _written(self, _):
         self.writing = False
         if self.ended is None:
             self.transport.resumeProducing()
-        self._write() if (self.ended is not None or self.size >= CHUNK) else None
+        self._write() if (self.ended is not None or self.size >= SINK_CHUNK) else None
 
     def _failed(self, failure):
         self.writing = False
@@ -247,14 +273,25 @@ class _FileSink(protocol.Protocol):
             return
         if self.ended is not None and self.ended.check(ResponseDone):
             self.f.seek(0)
+            self.f.sha256 = self.hasher.hexdigest() if self.hasher is not None else ""
+            self.f.data_size = self.data_size if self.hasher is not None else 0
+            self.f.size = self.written
             self.finished.callback(self.f)
         else:
             self.f.close()
             self.finished.errback(self.ended)
 
 
+class _NoDelayClient(HTTP11ClientProtocol):
+    def connectionMade(self):
+        self.transport.setTcpNoDelay(True)
+
+
 class _QuietFactory(_HTTP11ClientFactory):
     noisy = False
+
+    def buildProtocol(self, addr):
+        return _NoDelayClient(self._quiescentCallback)
 
 
 class BulkClient:

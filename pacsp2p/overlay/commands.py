@@ -7,7 +7,8 @@ so mixed-version clusters fail loudly rather than subtly.
 
 from twisted.protocols import amp
 
-PROTOCOL = 2          # 2: catalog facts travel with their parents once per batch
+PROTOCOL = 3          # 2: catalog facts travel with their parents once per batch
+                      # 3: a C-STORE's data set is pushed to replica holders as it arrives
 
 
 class IncompatibleProtocol(Exception):
@@ -56,6 +57,40 @@ class Replicate(amp.Command):
     response = [(b"duplicate", amp.Boolean()), (b"conflict", amp.Boolean()),
                 (b"size", amp.Integer()), (b"sha256", amp.Unicode())]
     errors = {ReplicaRefused: b"REPLICA_REFUSED"}
+
+
+class ReplicaOpen(amp.Command):
+    """Phase 1, pushed: keep a durable copy of the data set that follows on this link.
+
+    The sender is receiving it from a modality right now; it sends it on as
+    ``ReplicaData`` boxes of stream *stream* and ends with ``ReplicaClose``. *head* is the
+    Part-10 preamble and File Meta Information, *meta* the header the sender read from
+    the first bytes (JSON of InstanceMeta, without hash or size: the receiver hashes what
+    it gets). Answered, like ``Replicate``, once the copy is durable (pending).
+    """
+
+    arguments = [(b"stream", amp.Integer()), (b"archive", amp.Unicode()),
+                 (b"uid", amp.Unicode()), (b"head", amp.String()),
+                 (b"meta", amp.Unicode())]
+    response = Replicate.response
+    errors = {ReplicaRefused: b"REPLICA_REFUSED"}
+
+
+class ReplicaData(amp.Command):
+    """Bytes of a pushed data set (at most 64 KiB per box). Not answered: the sender
+    stops while the link's send buffer is full (TCP back-pressure)."""
+
+    arguments = [(b"stream", amp.Integer()), (b"data", amp.String())]
+    response = []
+    requiresAnswer = False
+
+
+class ReplicaClose(amp.Command):
+    """The pushed data set is complete (*complete* true) or abandoned (false)."""
+
+    arguments = [(b"stream", amp.Integer()), (b"complete", amp.Boolean())]
+    response = []
+    requiresAnswer = False
 
 
 class Commit(amp.Command):

@@ -26,7 +26,8 @@ from zope.interface import implementer
 from pacsp2p import __version__
 from pacsp2p.overlay import tls
 from pacsp2p.overlay.commands import (PROTOCOL, Commit, Discard, Drop, Heartbeat, Hello,
-                                      IncompatibleProtocol, Replicate, SendTo)
+                                      IncompatibleProtocol, ReplicaClose, ReplicaData,
+                                      ReplicaOpen, Replicate, SendTo)
 from pacsp2p.overlay.detector import PhiAccrualDetector
 
 log = Logger()
@@ -90,6 +91,34 @@ class Link(amp.AMP):
         self.peer_name: str | None = None
         self.handshake_done = False
         self.open = False                    # TLS up and not yet lost
+        self._holds = 0
+        self.full = False                    # our transport's write buffer is full
+        self.pushers: set = set()            # told when it fills and drains (forward.Push)
+
+    # -- IPushProducer: the transport tells us when its write buffer fills and drains
+    def pauseProducing(self):
+        self.full = True
+        for p in list(self.pushers):
+            p.link_full()
+
+    def resumeProducing(self):
+        self.full = False
+        for p in list(self.pushers):
+            p.link_drained()
+
+    def stopProducing(self):
+        pass
+
+    def hold(self) -> None:
+        """Stop reading this link until as many ``release`` calls (pushed data waits)."""
+        self._holds += 1
+        if self._holds == 1 and self.transport is not None:
+            self.transport.pauseProducing()
+
+    def release(self) -> None:
+        self._holds -= 1
+        if self._holds == 0 and self.transport is not None and self.open:
+            self.transport.resumeProducing()
 
     def handshakeCompleted(self):
         self.handshake_done = self.open = True
@@ -99,11 +128,15 @@ class Link(amp.AMP):
 
     def makeConnection(self, transport):
         self.address = transport.getPeer()
+        transport.setTcpNoDelay(True)      # else small answers wait for delayed ACKs
         amp.BinaryBoxProtocol.makeConnection(self, transport)   # without AMP's log lines
+        transport.registerProducer(self, True)
 
     def connectionLost(self, reason):
         self.open = False
         amp.BinaryBoxProtocol.connectionLost(self, reason)
+        if self.membership.services is not None:
+            self.membership.services.link_lost(self)
         if not self.handshake_done:
             log.warn("overlay link {dir} {host}:{port} refused: {why}",
                      dir="to" if self.outbound else "from", host=self.address.host,
@@ -123,6 +156,22 @@ class Link(amp.AMP):
                                                meta)
         return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
                                         "size": s.size, "sha256": s.sha256})
+
+    @ReplicaOpen.responder
+    def on_replica_open(self, stream, archive, uid, head, meta):
+        d = self.membership.services.open_stream(self, stream, archive, uid, head, meta)
+        return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
+                                        "size": s.size, "sha256": s.sha256})
+
+    @ReplicaData.responder
+    def on_replica_data(self, stream, data):
+        self.membership.services.stream_data(self, stream, data)
+        return {}
+
+    @ReplicaClose.responder
+    def on_replica_close(self, stream, complete):
+        self.membership.services.close_stream(self, stream, complete)
+        return {}
 
     @Commit.responder
     def on_commit(self, archive, uid, sha256):

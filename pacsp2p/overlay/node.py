@@ -6,6 +6,7 @@ instance from another peer's archive.
 
 from __future__ import annotations
 
+import socket
 import time
 
 from twisted.logger import Logger
@@ -50,6 +51,8 @@ class Overlay:
             self.o.bulk_port, bulk.site(self.catalog, self.archives, self.pool, self.reactor,
                                         self.offers),
             options, interface=self.o.bind))
+        for port in self._ports:             # accepted sockets inherit it (Linux)
+            port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.membership.start()
         log.info("overlay: peer {name} on {bind}:{port} (bulk {bulk}), seeds {seeds}",
                  name=self.name, bind=self.o.bind, port=self.o.port, bulk=self.o.bulk_port,

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
+from pacsp2p.transfer.forward import Forward
 from pacsp2p.transfer.replicas import record
 from pacsp2p.types import (ArchiveInfo, InstanceInfo, Location, Query, Stored, StoreError,
                            StoreResult)
@@ -57,6 +58,8 @@ class Ingest:
         self.reactor = reactor
         self.offers: dict[str, object] = {}      # token -> opener, served on /incoming
         self.counts: dict = {}
+        # copies made: on our own archives, pushed while arriving, fetched once complete
+        self.copies = {"local": 0, "pushed": 0, "fetched": 0}
         self._loops = []
 
     def start(self):
@@ -92,23 +95,40 @@ class Ingest:
                                            self.counts.get((m.name, name), 0)))
         return out
 
+    def rank(self, info: InstanceInfo) -> list[ArchiveInfo]:
+        """Every archive of the cluster, best first, for *info* (raises StrategyError)."""
+        return self.strategies.place(info, self.candidates(), self.replicas)
+
+    def first_wave(self, ranked) -> list[ArchiveInfo]:
+        return [r for r in ranked if r.alive][:self.replicas]
+
+    def forward(self, uid, sop_class, transfer_syntax, head, pause, resume):
+        """A Forward for a C-STORE starting (None alone: every copy is local)."""
+        if self.overlay is None:
+            return None
+        return Forward(self, uid, sop_class, transfer_syntax, head, pause, resume)
+
     # -- store -----------------------------------------------------------------------
     @defer.inlineCallbacks
-    def store(self, received, meta):
+    def store(self, received, meta, forward=None):
         a = meta.attributes
         info = InstanceInfo(meta.sop_instance_uid, meta.sop_class_uid,
                             a.get("StudyInstanceUID", ""), a.get("SeriesInstanceUID", ""),
                             a.get("Modality", ""), meta.size, a)
-        try:
-            ranked = self.strategies.place(info, self.candidates(), self.replicas)
-        except StrategyError as e:
-            log.error("C-STORE {uid}: {err}", uid=meta.sop_instance_uid, err=e)
-            raise StoreError(PROCESSING_FAILURE, str(e))
+        early = {}
+        if forward is not None and forward.ranked is not None:
+            ranked, early, forward.early = forward.ranked, forward.early, {}
+        else:
+            try:
+                ranked = self.rank(info)
+            except StrategyError as e:
+                log.error("C-STORE {uid}: {err}", uid=meta.sop_instance_uid, err=e)
+                raise StoreError(PROCESSING_FAILURE, str(e))
         token = secrets.token_urlsafe(16)
         self.offers[token] = lambda: deferToThread(open, received, "rb")
         meta_json = json.dumps(dataclasses.asdict(meta))
         try:
-            copies = yield self._place(ranked, received, meta, token, meta_json)
+            copies = yield self._place(ranked, received, meta, token, meta_json, early)
         finally:
             self.offers.pop(token, None)
         if len(copies) < self.quorum:
@@ -118,20 +138,37 @@ class Ingest:
             raise StoreError(OUT_OF_RESOURCES,
                              f"{meta.sop_instance_uid}: {len(copies)} of the {self.quorum} "
                              f"copies required could be made ({alive} archive(s) alive)")
-        results = yield defer.DeferredList([defer.maybeDeferred(c.commit) for c in copies],
-                                           consumeErrors=True)
-        kept = [c for c, (ok, _) in zip(copies, results) if ok]
-        for c, (ok, err) in zip(copies, results):
+        # Remote copies are durable already: their commits (records) need not delay the
+        # answer, unless no local copy is recorded here — a C-FIND or C-MOVE at this
+        # facade right after the C-STORE must find the instance.
+        local = [c for c in copies if c.target.peer == self.peer]
+        later = [c for c in copies if c.target.peer != self.peer] if local else []
+        now = [c for c in copies if c not in later]
+        results = yield defer.DeferredList(
+            [defer.maybeDeferred(c.commit, meta) for c in now], consumeErrors=True)
+        kept = [c for c, (ok, _) in zip(now, results) if ok]
+        for c, (ok, err) in zip(now, results):
             if not ok:
-                log.error("commit of {uid} on {archive}@{peer} failed: {err}",
-                          uid=meta.sop_instance_uid, archive=c.target.name,
-                          peer=c.target.peer, err=err.getErrorMessage())
-        if len(kept) < self.quorum:
+                self._commit_failed(err, c, meta.sop_instance_uid)
+        if len(kept) < min(self.quorum, len(now)) or not kept:
             raise StoreError(OUT_OF_RESOURCES, f"{meta.sop_instance_uid}: copies made but "
                                                f"only {len(kept)} could be recorded")
+        for c in later:
+            defer.maybeDeferred(c.commit, meta).addErrback(self._commit_failed, c,
+                                                          meta.sop_instance_uid)
+        kept += later
         if self.overlay is not None:
             yield self._owe(meta.sop_instance_uid, ranked, kept)
         return StoreResult(meta.sop_instance_uid, tuple(c.stored for c in kept))
+
+    def _commit_failed(self, failure, copy, uid):
+        """A durable copy could not be recorded: owe it again (hinted hand-off redoes the
+        copy — a duplicate there — and records it once its peer answers)."""
+        log.error("commit of {uid} on {archive}@{peer} failed: {err}", uid=uid,
+                  archive=copy.target.name, peer=copy.target.peer,
+                  err=failure.getErrorMessage())
+        if copy.target.peer != self.peer:
+            self.catalog.add_hints(uid, [(copy.target.peer, copy.target.name, "", "")])
 
     def _owe(self, uid, ranked, kept):
         """Hints for the copies this write could not put where placement wanted them."""
@@ -147,14 +184,15 @@ class Ingest:
         return self.catalog.add_hints(uid, hints) if hints else defer.succeed(None)
 
     @defer.inlineCallbacks
-    def _place(self, ranked, received, meta, token, meta_json):
+    def _place(self, ranked, received, meta, token, meta_json, early):
         alive = [r for r in ranked if r.alive]
         copies, i = [], 0
         while len(copies) < self.replicas and i < len(alive):
             wave = alive[i:i + self.replicas - len(copies)]
             i += len(wave)
             results = yield defer.DeferredList(
-                [self._copy(t, received, meta, token, meta_json) for t in wave],
+                [self._early(early.pop((t.peer, t.name)), t, meta) if (t.peer, t.name) in early
+                 else self._copy(t, received, meta, token, meta_json) for t in wave],
                 consumeErrors=True)
             for target, (ok, value) in zip(wave, results):
                 if ok:
@@ -163,12 +201,33 @@ class Ingest:
                     log.warn("copy of {uid} to {archive}@{peer} failed: {err}",
                              uid=meta.sop_instance_uid, archive=target.name,
                              peer=target.peer, err=value.getErrorMessage())
+        for d in early.values():               # targets no longer wanted
+            d.addCallbacks(lambda c: c.discard(), lambda _: None)
         return copies
 
+    def _early(self, d, target, meta):
+        """The copy pushed while the data set arrived: check it holds the same bytes
+        (else drop it)."""
+        def check(copy):
+            if meta.sha256 and copy.stored.sha256 != meta.sha256:
+                copy.discard()
+                raise StoreError(PROCESSING_FAILURE,
+                                 f"{meta.sop_instance_uid}: the copy on {target.name}@"
+                                 f"{target.peer} hashes to {copy.stored.sha256[:12]}, "
+                                 f"received {meta.sha256[:12]}")
+            self.copies["pushed"] += 1
+            return copy
+        return d.addCallback(check)
+
     def _copy(self, target: ArchiveInfo, received, meta, token, meta_json) -> defer.Deferred:
-        if target.peer == self.peer:
-            return self._copy_local(target, received, meta)
-        return self._copy_remote(target, meta, token, meta_json)
+        kind = "local" if target.peer == self.peer else "fetched"
+        d = self._copy_local(target, received, meta) if kind == "local" else \
+            self.copy_remote(target, meta.sop_instance_uid, token, meta_json)
+
+        def count(copy):
+            self.copies[kind] += 1
+            return copy
+        return d.addCallback(count)
 
     @defer.inlineCallbacks
     def _copy_local(self, target, received, meta):
@@ -181,7 +240,7 @@ class Ingest:
             synced = defer.succeed(None)
         fresh = not (stored.duplicate or stored.conflict)
 
-        def commit():
+        def commit(meta):
             return defer.gatherResults(
                 [record(self.catalog, meta, stored, self.peer), synced], consumeErrors=True)
         synced.addErrback(lambda f: log.error("fsync of {uid} failed: {err}",
@@ -191,17 +250,26 @@ class Ingest:
                      discard=lambda: archive.discard(meta.sop_instance_uid, stored.sha256)
                      if fresh else None)
 
-    @defer.inlineCallbacks
-    def _copy_remote(self, target, meta, token, meta_json):
-        uid = meta.sop_instance_uid
+    def link_to(self, peer: str):
+        """Our open overlay link to *peer*, or None."""
+        member = self.overlay.membership.members.get(peer)
+        link = member.link if member is not None else None
+        return link if link is not None and link.open else None
+
+    def copy_remote(self, target, uid, token, meta_json):
+        """Deferred[_Copy]: *target*'s peer keeps a pending copy of the offer *token*."""
+        d = self.overlay.membership.call(target.peer, Replicate, archive=target.name,
+                                         uid=uid, sha256="", token=token, meta=meta_json)
+        return d.addCallback(lambda answer: self.remote_copy(target, uid, answer))
+
+    def remote_copy(self, target, uid, answer) -> _Copy:
+        """The _Copy of a pending copy *target*'s peer made (its Replicate answer)."""
         m = self.overlay.membership
-        answer = yield m.call(target.peer, Replicate, archive=target.name, uid=uid,
-                              sha256="", token=token, meta=meta_json)
         sha = answer["sha256"]                    # hashed there while it stored the bytes
         args = {"archive": target.name, "uid": uid, "sha256": sha}
 
         @defer.inlineCallbacks
-        def commit():
+        def commit(meta):
             done = yield m.call(target.peer, Commit, **args)
             location = Location(uid, target.name, target.peer, sha, answer["size"])
             if not self.catalog.learn(target.peer, done["seq"], meta, location):

@@ -1,14 +1,18 @@
 """The receiving side of a replicated write: keep, then record or drop, a copy.
 
 Two phases, so that an instance is recorded nowhere unless the write quorum is met:
-``replicate`` fetches the bytes from the writing peer's bulk channel and makes them
-durable on an archive (pending, not in the catalog); ``commit`` records the copy as a
-location fact of this peer; ``discard`` drops it. Pending copies never committed (the
-writer died) are dropped after ``PENDING_TTL`` seconds.
+``replicate`` fetches the bytes from the writing peer's bulk channel — or ``open_stream``
+takes them as the writer pushes them on the overlay link while its C-STORE arrives
+(``stream_data``, ``close_stream``) — and makes them durable on an archive (pending, not
+in the catalog); ``commit`` records the copy as a location fact of this peer; ``discard``
+drops it. Pending copies never committed (the writer died) are dropped after
+``PENDING_TTL`` seconds. A pushed data set is written as it comes (``Incoming``: a thread
+pool, the link paused while too much waits) and hashed on the way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from twisted.logger import Logger
 
 from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
+from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove
 from pacsp2p.overlay.commands import ReplicaRefused
 from pacsp2p.types import InstanceMeta
 
@@ -26,21 +31,81 @@ log = Logger()
 PENDING_TTL = 600.0
 
 
+class _Stream:
+    def __init__(self, incoming, done):
+        self.incoming, self.done = incoming, done
+
+
 class ReplicaService:
     def __init__(self, peer: str, archives: dict, catalog, overlay, reactor):
         self.peer, self.archives, self.catalog = peer, archives, catalog
         self.overlay, self.reactor = overlay, reactor
         self.pending: dict[tuple, tuple] = {}
+        self.streams: dict[tuple, _Stream] = {}    # (link, stream id) -> data set arriving
+        self.spares = None
         self.cluster = None                 # set by the service (for direct delivery)
         self._janitor = task.LoopingCall(self._expire)
         self._janitor.clock = reactor
 
     def start(self):
         self._janitor.start(60, now=False)
+        self.spares = Spares(Path(self.overlay.bulk.tmpdir), self.reactor, keep=8)
 
     def stop(self):
         if self._janitor.running:
             self._janitor.stop()
+        if self.spares is not None:
+            self.spares.stop()
+        for key in list(self.streams):
+            self._end_stream(key, complete=False)
+
+    # -- pushed copies ---------------------------------------------------------------------
+    def open_stream(self, link, stream: int, archive: str, uid: str, head: bytes,
+                    meta_json: str):
+        target = self.archives.get(archive)
+        if target is None or "store" not in target.capabilities:
+            return defer.fail(ReplicaRefused(f"peer {self.peer} has no writable archive "
+                                             f"{archive!r}"))
+        meta = InstanceMeta(**json.loads(meta_json))
+        incoming = Incoming(self.spares.take(), receive_pool(self.reactor), self.reactor,
+                            head, link.hold, link.release)
+        s = self.streams[(link, stream)] = _Stream(incoming, defer.Deferred())
+        return s.done.addCallback(self._stored_stream, target, uid, meta, len(head))
+
+    def stream_data(self, link, stream: int, data: bytes) -> None:
+        s = self.streams.get((link, stream))
+        if s is not None:
+            s.incoming.feed(data)
+
+    def close_stream(self, link, stream: int, complete: bool) -> None:
+        self._end_stream((link, stream), complete)
+
+    def link_lost(self, link) -> None:
+        for key in [k for k in self.streams if k[0] is link]:
+            self._end_stream(key, complete=False)
+
+    def _end_stream(self, key, complete: bool) -> None:
+        s = self.streams.pop(key, None)
+        if s is None:
+            return
+        if complete:
+            s.incoming.finish(lambda path, sha, size: (path, sha, size)).chainDeferred(s.done)
+        else:
+            s.incoming.discard()
+            s.done.errback(ReplicaRefused(f"peer {self.peer}: the sender abandoned the "
+                                          "data set"))
+
+    @defer.inlineCallbacks
+    def _stored_stream(self, written, target, uid, meta, head_size):
+        path, sha, data_size = written
+        meta = dataclasses.replace(meta, sha256=sha, data_size=data_size,
+                                   size=head_size + data_size)
+        try:
+            stored = yield target.store(path, meta)
+        finally:
+            remove(receive_pool(self.reactor), path)
+        self.pending[(target.name, uid, stored.sha256)] = (meta, stored, self.reactor.seconds())
+        return stored
 
     @defer.inlineCallbacks
     def replicate(self, sender: str, archive: str, uid: str, sha256: str, token: str,
@@ -54,8 +119,14 @@ class ReplicaService:
         f = yield self.overlay.bulk.fetch_offer(member, token)
         try:
             path = Path(f.name)
-            if meta_json:                     # the sender parsed and checked it already
+            if meta_json and f.sha256:      # the sender parsed the header; we hashed
                 meta = InstanceMeta(**json.loads(meta_json))
+                if meta.sha256 and meta.sha256 != f.sha256:
+                    raise ReplicaRefused(f"{uid}: the bytes received hash to "
+                                         f"{f.sha256[:12]}, the sender's to "
+                                         f"{meta.sha256[:12]}")
+                meta = dataclasses.replace(meta, sha256=f.sha256, data_size=f.data_size,
+                                           size=f.size)
             else:
                 try:
                     meta = yield deferToThreadPool(self.reactor, self.overlay.pool,

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import (CTImageStorage, DigitalMammographyXRayImageStorageForPresentation,
+from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian,
+                         DigitalMammographyXRayImageStorageForPresentation,
                          ExplicitVRLittleEndian, UltrasoundImageStorage)
 from pynetdicom import build_context
 
@@ -167,6 +168,44 @@ def test_300_instances_land_on_two_distinct_peers_each(trio, tmp_path):
     # a third peer finds them all
     wait_until(lambda: count_images(c, study) == N, SYNC, interval=1.0,
                what=f"peerc finds all {N} instances")
+
+
+def test_pushed_and_pulled_copies_are_byte_identical_on_both_holders(trio, tmp_path):
+    """Most data sets are pushed to their remote holders while they arrive (placement on
+    the first bytes); a deflated one cannot be read that way and is copied once complete
+    from the bulk channel. Either way both holders keep exactly the bytes sent, whatever
+    the transfer syntax."""
+    a, _b, _c = trio
+    before = get_json(a, "status")["ingest"]["copies"]
+    files = list(datasets.sample_files(tmp_path / "samples", ct_size=256).values())
+    files.append(datasets.write(datasets.make_image(
+        "CT", size=128, seed=77, transfer_syntax=DeflatedExplicitVRLittleEndian,
+        PatientID="SAMPLE01", StudyInstanceUID=datasets.uid("sample-study")),
+        tmp_path / "deflated.dcm"))
+    # pynetdicom sends each file's own bytes in its own transfer syntax (DCMTK's storescu
+    # would convert the implicit and deflated ones to explicit VR)
+    kinds = {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
+             for m in (dcmread(p, stop_before_pixels=True).file_meta for p in files)}
+    with dn.association(a.port, a.ae_title,
+                        [build_context(cls, [ts]) for cls, ts in sorted(kinds)]) as assoc:
+        statuses = [int(assoc.send_c_store(p).Status) for p in files]
+    assert statuses == [SUCCESS] * len(files)
+    sent = {dn.sop_uid(p): dataset_sha256(p) for p in files}
+    wait_until(lambda: set(where(a, study_of(files))) == set(sent) and all(
+        len(r) == 2 for r in where(a, study_of(files)).values()), SYNC, interval=0.5,
+        what="every sample with 2 replicas")
+    held: Counter = Counter()
+    for p in trio:
+        for f in dn.archive_files(p.data_dir):
+            uid = dn.sop_uid(f)
+            if uid in sent:
+                assert dataset_sha256(f) == sent[uid], (p.name, f)
+                held[uid] += 1
+    assert held == {uid: 2 for uid in sent}
+    # one holder at least is another peer: 6 copies pushed, the deflated one fetched
+    after = get_json(a, "status")["ingest"]["copies"]
+    assert after["pushed"] - before["pushed"] >= len(files) - 1, (before, after)
+    assert after["fetched"] - before["fetched"] >= 1, (before, after)
 
 
 # -- 2. kill -9 of a replica holder while a stream is being stored ---------------------
