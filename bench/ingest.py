@@ -84,9 +84,10 @@ def main() -> int:
         for data in datasets:
             size = data.bytes
             print(f"-- {data.name}: {data.count} instances, {mb(size):.1f} MB, {reps} rep(s)")
-            for target in targets:
-                secs, rsses = [], []
-                for rep in range(reps):
+            secs: dict[str, list] = {t: [] for t in targets}
+            rsses: dict[str, list] = {t: [] for t in targets}
+            for rep in range(reps):          # interleaved: drift hits every target alike
+                for target in targets:
                     w = wd / f"{data.name}-{target}-{rep}"
                     label = f"ingest-{data.name}-{target}-{rep}"
                     if target == "pacsp2p":
@@ -97,15 +98,16 @@ def main() -> int:
                         s, rss = run_storescp(w, data)
                     else:
                         s, rss = run_orthanc(w, data)
-                    secs.append(s)
+                    secs[target].append(s)
                     if rss:
-                        rsses.append(rss)
+                        rsses[target].append(rss)
                     print(f"   {target:15s} rep {rep + 1}: {s:6.2f} s  "
                           f"{mb(size) / s:7.1f} MB/s  {data.count / s:7.0f} inst/s", flush=True)
-                s = median(secs)
+            for target in targets:
+                s = median(secs[target])
                 results[(data.name, target)] = {
                     "s": s, "mbs": mb(size) / s, "ips": data.count / s,
-                    "rss": max(rsses) if rsses else None}
+                    "rss": max(rsses[target]) if rsses[target] else None}
     print()
     rows = []
     for data in datasets:

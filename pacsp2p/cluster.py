@@ -30,15 +30,16 @@ class Cluster:
         if overlay is not None:
             self.ingest.offers = overlay.offers
 
-    def forward(self, uid, sop_class, transfer_syntax, head, pause, resume):
-        """For a C-STORE whose data set starts arriving: an object to ``feed`` each
-        fragment to (then ``finish`` or ``abort``, and pass to ``store``), so that its
-        replicas are made while it arrives; None when there is nothing to forward."""
-        return self.ingest.forward(uid, sop_class, transfer_syntax, head, pause, resume)
+    def begin_store(self, uid, sop_class, transfer_syntax, head, pause, resume):
+        """For a C-STORE whose data set starts arriving: a plan to pass to ``store``, or
+        None. A plan with ``feed`` gets each fragment (then ``finish`` or ``abort``): its
+        replicas are made while it arrives; one with ``in_thread(path, meta)`` is called
+        by the thread that wrote the file, once it is complete and its header read."""
+        return self.ingest.begin(uid, sop_class, transfer_syntax, head, pause, resume)
 
-    def store(self, received, meta, forward=None):
+    def store(self, received, meta, plan=None):
         """Keep one received Part-10 file; Deferred[StoreResult] or StoreError."""
-        return self.ingest.store(received, meta, forward)
+        return self.ingest.store(received, meta, plan)
 
     def find(self, query, return_keys):
         """Deferred[list of {keyword: value}], one per matching entity."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +32,7 @@ from pacsp2p.types import Stored
 
 @implementer(IArchive)
 class EmbeddedArchive:
-    capabilities = frozenset({"store", "open"})
+    capabilities = frozenset({"store", "open", "keep"})
 
     def __init__(self, name: str, root: Path, reactor, site: str | None = None,
                  fsync: bool = True, threads: int = 4, sync_directories: bool = False):
@@ -110,37 +111,93 @@ class EmbeddedArchive:
             return
         path = self.path_for(uid, stored.sha256 if stored.conflict else None)
         for target in ([path, path.parent] if self.sync_directories else [path]):
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._fsync(target)
+
+    @staticmethod
+    def _fsync(path: Path) -> None:
+        """fsync *path* (a file or a directory)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _store(self, received: Path, uid: str, sha: str = "", size: int = 0) -> Stored:
         if not sha:                      # else hashed already, while its header was read
             sha, size = content_hash(received)
         target = self.path_for(uid)
-        if target.exists():
-            if content_hash(target)[0] == sha:
-                return Stored(self.name, sha, size, duplicate=True)
-            alt = self.path_for(uid, sha)
-            if not alt.exists():
-                self._place(received, alt)
-            return Stored(self.name, sha, size, conflict=True)
-        self._place(received, target)
-        return Stored(self.name, sha, size)
+        try:
+            self._place(received, target)
+            return Stored(self.name, sha, size)
+        except FileExistsError:
+            pass                         # this UID is held already
+        if content_hash(target)[0] == sha:
+            return Stored(self.name, sha, size, duplicate=True)
+        try:
+            self._place(received, self.path_for(uid, sha))
+        except FileExistsError:
+            pass                         # this conflicting version too
+        return Stored(self.name, sha, size, conflict=True)
 
     def _place(self, received: Path, target: Path) -> None:
+        """Make *target* appear, whole, with the bytes of *received* (a hard link: atomic
+        and never over an existing file; a copy renamed into place where links fail)."""
+        try:
+            os.link(received, target)
+            return
+        except FileNotFoundError:
+            target.parent.mkdir(exist_ok=True)      # the first file of its fan-out dir
+            return self._place(received, target)
+        except FileExistsError:
+            raise
+        except OSError:
+            pass                                    # no hard links here: copy
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            try:
-                os.link(received, tmp)
-            except OSError:
-                shutil.copyfile(received, tmp)
-            target.parent.mkdir(exist_ok=True)
+            shutil.copyfile(received, tmp)
             os.replace(tmp, target)                  # fsync: see sync()
         finally:
             tmp.unlink(missing_ok=True)
+
+    # -- blocking, from any thread (the capability "keep") --------------------------------
+    def begin_flush(self, received: Path):
+        """Start making the file *received* durable (fsync, in our pool) before it is
+        kept; returns ``wait()``, which blocks until it is and raises OSError if not."""
+        if not self.fsync:
+            return lambda: None
+        fd = os.open(received, os.O_RDONLY)
+        done, error = threading.Event(), []
+
+        def flush():
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                error.append(e)
+            finally:
+                os.close(fd)
+                done.set()
+        self._pool.callInThread(flush)
+
+        def wait():
+            done.wait()
+            if error:
+                raise error[0]
+        return wait
+
+    def keep(self, received: Path, meta) -> Stored:
+        """Blocking: keep *received* (then removed) like ``store_unsynced``; durable once
+        ``made_durable`` returns."""
+        stored = self._store(*self._store_args(received, meta))
+        os.unlink(received)
+        return stored
+
+    def made_durable(self, meta, stored: Stored, flushed) -> None:
+        """Blocking: wait for ``flushed`` (from ``begin_flush`` of the file kept) and, with
+        ``[storage] sync_directories``, fsync the directory it was linked into."""
+        flushed()
+        if self.sync_directories and not stored.duplicate:
+            self._fsync(self.path_for(
+                meta.sop_instance_uid, stored.sha256 if stored.conflict else None).parent)
 
     def discard(self, uid: str, sha256: str):
         """Remove a copy stored but never recorded (a replicated write that failed)."""

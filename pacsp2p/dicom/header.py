@@ -179,20 +179,28 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
+_STRUCTS = {little: (struct.Struct(e + "HHI"), struct.Struct(e + "HH2sH"), struct.Struct(e + "I"))
+            for little, e in ((True, "<"), (False, ">"))}
+
+
 def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
           found: dict | None = None, until: int | None = None) -> int:
     """Walk elements from *pos* to *size*, or past the delimiter tag *stop*; return the end
     (-1 if *stop* is not None and never came: a truncated sequence or item). Raw values
     of the top-level elements in ``_WANTED`` are put in *found* (tag -> bytes). With
     *until*, stop before the first top-level element whose tag is at least *until*."""
-    e = "<" if little else ">"
+    implicit_head, explicit_head, long_length = _STRUCTS[little]
     while pos + 8 <= size:
-        group, elem = struct.unpack_from(e + "HH", buf, pos)
+        if implicit:
+            group, elem, length = implicit_head.unpack_from(buf, pos)
+            vr = None
+        else:
+            group, elem, vr, length = explicit_head.unpack_from(buf, pos)
         tag = group << 16 | elem
         if until is not None and tag >= until:
             return pos
         if group == 0xFFFE:                              # item / delimiters: no VR
-            (length,) = struct.unpack_from(e + "I", buf, pos + 4)
+            (length,) = long_length.unpack_from(buf, pos + 4)
             pos += 8
             if tag == stop:
                 return pos
@@ -201,16 +209,14 @@ def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
                 if pos < 0:
                     return -1
                 continue
-        elif implicit:
-            (length,) = struct.unpack_from(e + "I", buf, pos + 4)
+        elif vr is None:
             pos += 8
-        elif buf[pos + 4:pos + 6] in _LONG_VRS:
+        elif vr in _LONG_VRS:
             if pos + 12 > size:
                 return -1
-            (length,) = struct.unpack_from(e + "I", buf, pos + 8)
+            (length,) = long_length.unpack_from(buf, pos + 8)
             pos += 12
         else:
-            (length,) = struct.unpack_from(e + "H", buf, pos + 6)
             pos += 8
         if length == _UNDEFINED:                         # sequence or encapsulated pixels
             pos = _walk(buf, pos, size, implicit, little, _SEQ_END)

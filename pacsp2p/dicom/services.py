@@ -117,7 +117,9 @@ def _meta_of(path, sha256, data_size):
 
 class Store(Operation):
     """C-STORE: the data set is written to ``incoming`` while it arrives; once complete,
-    its header is read (``read_meta``, in the pool) and it is given to ``cluster.store``."""
+    its header is read (``read_meta``, in the pool) and it is given to ``cluster.store``
+    with the plan ``cluster.begin_store`` made when it started (fragments go to the plan
+    too if it forwards them; the writing thread hands it the file if it keeps files)."""
 
     RSP = dimse.C_STORE_RSP
 
@@ -127,7 +129,7 @@ class Store(Operation):
         self.uid = dimse.text(fields, dimse.AFFECTED_SOP_INSTANCE)
         self.cls = dimse.text(fields, dimse.AFFECTED_SOP_CLASS)
         self.refused = None
-        self.incoming = self.forward = None
+        self.incoming = self.plan = None
         self.result = None
         if self.cls != cx.abstract_syntax:
             log.warn("C-STORE of {cls} on a context for {cx}: refused", cls=self.cls,
@@ -138,32 +140,49 @@ class Store(Operation):
             head = file_meta(self.cls, self.uid, str(self.ts), assoc.calling_ae)
             self.incoming = Incoming(svc.spares.take(), svc.recv_pool, svc.reactor, head,
                                      assoc.pause_reading, assoc.resume_reading)
-            self.forward = svc.cluster.forward(self.uid, self.cls, str(self.ts), head,
-                                               assoc.pause_reading, assoc.resume_reading)
-            self.sink = self.incoming if self.forward is None else self
+            self.plan = svc.cluster.begin_store(self.uid, self.cls, str(self.ts), head,
+                                                assoc.pause_reading, assoc.resume_reading)
+            self.sink = self if hasattr(self.plan, "feed") else self.incoming
 
     def feed(self, piece) -> None:
         """The sink when forwarding: the fragment goes to the file and to the replicas."""
         self.incoming.feed(piece)
-        self.forward.feed(piece)
+        self.plan.feed(piece)
 
     def data_complete(self, sink):
         if self.incoming is None:
             return
         if sink is None:                      # a C-STORE-RQ without a data set
             self.incoming.discard()
-            self._abort_forward()
+            self._abort_plan()
             self.incoming, self.refused = None, CANNOT_UNDERSTAND
             return
-        if self.forward is not None:
-            self.forward.finish()
-        self.result = self.incoming.finish(_meta_of)
+        if hasattr(self.plan, "finish"):
+            self.plan.finish()
+        self.result = self.incoming.finish(self._written)
         self.result.addErrback(self._write_failed)
 
-    def _abort_forward(self):
-        if self.forward is not None:
-            self.forward.abort()
-            self.forward = None
+    def _written(self, path, sha256, data_size):
+        """Thread pool: the file is complete; read its header (and keep it, if the plan
+        keeps files from this thread and the data set is what the request announced)."""
+        keeps = hasattr(self.plan, "in_thread")
+        if keeps:
+            self.plan.begin(path)
+        got = _meta_of(path, sha256, data_size)
+        meta = got[1]
+        if not keeps:
+            return got
+        if meta is not None and meta.sop_instance_uid == self.uid and \
+                meta.sop_class_uid == self.cls:
+            self.plan.in_thread(path, meta)
+        else:
+            self.plan.abandon()
+        return got
+
+    def _abort_plan(self):
+        if hasattr(self.plan, "abort"):
+            self.plan.abort()
+        self.plan = None
 
     def _write_failed(self, failure):
         log.error("C-STORE {uid} from {ae}: cannot write the received data set: {err}",
@@ -177,27 +196,29 @@ class Store(Operation):
 
     def _received(self, got):
         if got is None:                                    # not written (disk full, ...)
-            self._abort_forward()
+            self._abort_plan()
             return self.finish(OUT_OF_RESOURCES, instance=self.instance)
         path, meta, err = got
-        if err is not None or meta.sop_instance_uid != self.uid or \
-                meta.sop_class_uid != self.cls or (self.gone and not self.started):
-            self._abort_forward()
-        if self.gone and not self.started:
-            remove(self.svc.recv_pool, path)
-            return
+        kept = getattr(self.plan, "kept", None) is not None
         if err is not None:
             log.warn("C-STORE {uid} from {ae}: {err}", uid=self.uid,
                      ae=self.assoc.calling_ae, err=err)
-            remove(self.svc.recv_pool, path)
-            return self.finish(CANNOT_UNDERSTAND, instance=self.instance)
-        if meta.sop_instance_uid != self.uid or meta.sop_class_uid != self.cls:
+            status = CANNOT_UNDERSTAND
+        elif meta.sop_instance_uid != self.uid or meta.sop_class_uid != self.cls:
             log.warn("C-STORE {uid}: dataset UIDs do not match the request", uid=self.uid)
-            remove(self.svc.recv_pool, path)
-            return self.finish(DOES_NOT_MATCH, instance=self.instance)
-        d = defer.maybeDeferred(self.svc.cluster.store, path, meta, self.forward)
-        d.addCallbacks(self._stored, self._store_failed, errbackArgs=(meta,))
-        d.addBoth(self._cleanup, path)
+            status = DOES_NOT_MATCH
+        elif self.gone and not self.started and not kept:
+            status = None                                  # nobody to answer: drop it
+        else:
+            d = defer.maybeDeferred(self.svc.cluster.store, path, meta, self.plan)
+            d.addCallbacks(self._stored, self._store_failed, errbackArgs=(meta,))
+            if not kept:
+                d.addBoth(self._cleanup, path)
+            return
+        self._abort_plan()
+        remove(self.svc.recv_pool, path)
+        if status is not None:
+            self.finish(status, instance=self.instance)
 
     def _stored(self, _):
         self.finish(SUCCESS, instance=self.instance)
@@ -216,9 +237,9 @@ class Store(Operation):
         super().lost()
         if self.incoming is not None and self.result is None:
             self.incoming.discard()          # the data set never arrived whole
-            self._abort_forward()
+            self._abort_plan()
         elif self.result is not None and not self.started:
-            self.result.addCallback(self._received)   # whole but never started: drop it
+            self.result.addCallback(self._received)   # whole but never started
 
 
 class Find(Operation):
