@@ -298,20 +298,16 @@ class Ingest:
     def _copy_local(self, target, received, meta):
         archive = self.archives[target.name]
         if hasattr(archive, "store_unsynced"):      # record while the fsync runs
-            import time; getattr(meta, "TT", {})["local0"] = time.perf_counter()
             stored = yield archive.store_unsynced(received, meta)
-            getattr(meta, "TT", {})["local1"] = time.perf_counter()
             synced = archive.sync(meta.sop_instance_uid, stored)
-            synced.addCallback(lambda r: getattr(meta, "TT", {}).__setitem__("synced", time.perf_counter()) or r)
         else:
             stored = yield archive.store(received, meta)
             synced = defer.succeed(None)
         fresh = not (stored.duplicate or stored.conflict)
 
         def commit(meta):
-            import time; getattr(meta, "TT", {})["commit0"] = time.perf_counter()
             return defer.gatherResults(
-                [record(self.catalog, meta, stored, self.peer).addCallback(lambda r: getattr(meta, "TT", {}).__setitem__("recorded", time.perf_counter()) or r), synced], consumeErrors=True)
+                [record(self.catalog, meta, stored, self.peer), synced], consumeErrors=True)
         synced.addErrback(lambda f: log.error("fsync of {uid} failed: {err}",
                                               uid=meta.sop_instance_uid,
                                               err=f.getErrorMessage()) or f)
