@@ -110,13 +110,20 @@ FACT_FIELDS = LOCATION_FIELDS + _LEVEL_SQL["IMAGE"][0]
 ATTRIBUTE_FIELDS = list(dict.fromkeys(c for level in LEVELS for c in _LEVEL_SQL[level][0]))
 
 
-def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]]) -> None:
+_HINT_SQL = ("INSERT OR IGNORE INTO hints (SOPInstanceUID, peer, archive, created, via_peer, "
+             "via_archive) VALUES (?, ?, ?, datetime('now'), ?, ?)")
+
+
+def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
+                hints: list = ()) -> None:
     """Write facts in one transaction.
 
     A fact is (attributes, location) where attributes maps keywords (all levels, incl.
     SOPInstanceUID, SOPClassUID, TransferSyntaxUID) to strings and location is
     (SOPInstanceUID, archive, peer, sha256, size, seq). Patient, study and series rows
-    shared by several facts of the batch are written once.
+    shared by several facts of the batch are written once. *hints* (rows of the hints
+    table: uid, peer, archive, via_peer, via_archive) are written in the same
+    transaction.
     """
     # one row per key and level: the last fact's attributes, in first-seen order (the
     # rows of a key are built once, not once per fact: most facts share their parents)
@@ -129,15 +136,18 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]]) -> No
             seen[attrs.get(key, "")] = attrs
     levels = {level: [[a.get(c, "") or "" for c in _LEVEL_SQL[level][0]]
                       for a in latest[level].values()] for level in LEVELS}
-    _write_levels(conn, levels, [loc for _, loc in facts if loc is not None])
+    _write_levels(conn, levels, [loc for _, loc in facts if loc is not None], hints)
 
 
-def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: list) -> None:
+def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: list,
+                  hints: list = ()) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         for level in LEVELS:
             conn.executemany(_LEVEL_SQL[level][1], levels[level])
         conn.executemany(_LOCATION_SQL, locations)
+        if hints:
+            conn.executemany(_HINT_SQL, hints)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -292,11 +302,13 @@ class Catalog:
     def _in_writer(self, fn: Callable, *a) -> defer.Deferred:
         return deferToThreadPool(self.reactor, self._writer_pool, fn, *a)
 
-    def record(self, meta: InstanceMeta, location: Location | None) -> defer.Deferred:
+    def record(self, meta: InstanceMeta, location: Location | None,
+               hints=()) -> defer.Deferred:
         """Queue one local fact; the Deferred fires with its sequence number once it is
-        committed."""
+        committed. *hints* (peer, archive, via_peer, via_archive) for this instance are
+        committed with it (``add_hints``)."""
         d = defer.Deferred()
-        self._pending.append(((meta, location), d))
+        self._pending.append(((meta, location, tuple(hints)), d))
         if not self._flushing:
             self._flush()
         return d
@@ -304,15 +316,16 @@ class Catalog:
     def _write_own(self, batch) -> list:
         """Write this peer's facts; the sequence number given to each (None: no location)."""
         seq = self.vector.get(self.peer, 0)
-        facts, seqs = [], []
-        for meta, loc in batch:
+        facts, seqs, hints = [], [], []
+        for meta, loc, owed in batch:
+            hints += [(loc.sop_instance_uid, *o) for o in owed] if loc is not None else []
             row = None
             if loc is not None:
                 seq += 1
                 row = (loc.sop_instance_uid, loc.archive, loc.peer, loc.sha256, loc.size, seq)
             seqs.append(seq if loc is not None else None)
             facts.append((meta_attributes(meta) if meta is not None else None, row))
-        write_facts(self._writer, facts)
+        write_facts(self._writer, facts, hints)
         return seqs
 
     def _committed(self, origin: str, seq: int) -> None:
@@ -466,12 +479,8 @@ class Catalog:
     def add_hints(self, uid: str, owed) -> defer.Deferred:
         """Remember copies owed: (peer, archive, via_peer, via_archive) each; peer "*" is
         a copy owed to any archive; via is the stand-in holding it meanwhile, if any."""
-        def insert(conn):
-            conn.executemany(
-                "INSERT OR IGNORE INTO hints (SOPInstanceUID, peer, archive, created, "
-                "via_peer, via_archive) VALUES (?, ?, ?, datetime('now'), ?, ?)",
-                [(uid, *o) for o in owed])
-        return self.write(insert)
+        return self.write(lambda conn: conn.executemany(_HINT_SQL,
+                                                        [(uid, *o) for o in owed]))
 
     def hints(self, limit: int = 200) -> defer.Deferred:
         return self.read(lambda conn: conn.execute(

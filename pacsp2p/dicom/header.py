@@ -75,7 +75,7 @@ def read_meta(path: Path, sha256: str = "", data_size: int = 0) -> InstanceMeta:
                                      f"file ({size} bytes)")
                 sha = sha256 if sha256 and data_size == size - offset else \
                     hashlib.sha256(memoryview(buf)[offset:]).hexdigest()
-    except (OSError, ValueError, struct.error) as e:
+    except (OSError, ValueError, struct.error, RecursionError) as e:
         if isinstance(e, BadDataset):
             raise
         raise BadDataset(f"cannot parse dataset: {type(e).__name__}: {e}") from e
@@ -102,9 +102,10 @@ def _decode(found: dict) -> dict | None:
 _PIXELS = 0x7FE00000        # (7FE0,xxxx): pixel data and what follows it
 
 
-def sniff(prefix, transfer_syntax: str) -> dict | None:
+def sniff(prefix, transfer_syntax: str, complete: bool = False) -> dict | None:
     """The catalog attributes of a data set from its first bytes, while the rest is still
-    arriving: None while the prefix ends before the pixel data (send more); raises
+    arriving: None while the prefix ends before the pixel data (send more; with
+    *complete*, the prefix is the whole data set: objects without pixel data); raises
     BadDataset when it cannot be done this way (deflated, ISO 2022 character set, not a
     data set) — the caller then waits for the whole file and ``read_meta``."""
     syntax = UID(transfer_syntax)
@@ -114,9 +115,9 @@ def sniff(prefix, transfer_syntax: str) -> dict | None:
     try:
         end = _walk(prefix, 0, len(prefix), syntax.is_implicit_VR, syntax.is_little_endian,
                     None, found, until=_PIXELS)
-    except struct.error as e:
-        raise BadDataset(f"cannot parse dataset: {e}") from e
-    if end < 0 or end == len(prefix):
+    except (struct.error, RecursionError) as e:
+        raise BadDataset(f"cannot parse dataset: {type(e).__name__}") from e
+    if end < 0 or (end == len(prefix) and not complete):
         return None
     attrs = _decode(found)
     if attrs is None:

@@ -147,7 +147,14 @@ class Store(Operation):
     def feed(self, piece) -> None:
         """The sink when forwarding: the fragment goes to the file and to the replicas."""
         self.incoming.feed(piece)
-        self.plan.feed(piece)
+        if self.plan is None:
+            return
+        try:
+            self.plan.feed(piece)
+        except Exception:                     # never at the cost of the association
+            log.failure("C-STORE {uid}: forwarding failed; copied once complete",
+                        uid=self.uid)
+            self._abort_plan()
 
     def data_complete(self, sink):
         if self.incoming is None:

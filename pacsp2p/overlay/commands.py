@@ -5,7 +5,10 @@ that speaks another major version is told so in plain words and the link is clos
 so mixed-version clusters fail loudly rather than subtly.
 """
 
+from twisted.logger import Logger
 from twisted.protocols import amp
+
+log = Logger()
 
 PROTOCOL = 3          # 2: catalog facts travel with their parents once per batch
                       # 3: a C-STORE's data set is pushed to replica holders as it arrives
@@ -40,6 +43,15 @@ class Heartbeat(amp.Command):
 
 class ReplicaRefused(Exception):
     """The peer could not keep the copy (archive unknown, full, bytes not as announced)."""
+
+
+def as_refusal(failure, uid: str):
+    """Errback for responders: any error becomes ReplicaRefused (an error AMP was not told
+    of would close the whole link, and every transfer on it)."""
+    if failure.check(ReplicaRefused):
+        return failure
+    log.warn("copy of {uid} not kept: {err}", uid=uid, err=failure.getErrorMessage())
+    raise ReplicaRefused(f"{uid}: {failure.getErrorMessage()}")
 
 
 class Replicate(amp.Command):

@@ -27,7 +27,7 @@ from pacsp2p import __version__
 from pacsp2p.overlay import tls
 from pacsp2p.overlay.commands import (PROTOCOL, Commit, Discard, Drop, Heartbeat, Hello,
                                       IncompatibleProtocol, ReplicaClose, ReplicaData,
-                                      ReplicaOpen, Replicate, SendTo)
+                                      ReplicaOpen, Replicate, SendTo, as_refusal)
 from pacsp2p.overlay.detector import PhiAccrualDetector
 
 log = Logger()
@@ -109,6 +109,26 @@ class Link(amp.AMP):
     def stopProducing(self):
         pass
 
+    def close(self, abort: bool = False) -> None:
+        """Close the link (``abort``: now, without flushing). We are our transport's
+        producer, and a transport with a producer would wait for it forever."""
+        if self.transport is None:
+            return
+        self.transport.unregisterProducer()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def lengthLimitExceeded(self, length):
+        self._keyLengthLimitExceeded = True
+        self.close()
+
+    def unhandledError(self, failure):
+        log.failure("overlay link to {peer}: unexpected error", failure,
+                    peer=self.peer_name)
+        self.close()
+
     def hold(self) -> None:
         """Stop reading this link until as many ``release`` calls (pushed data waits)."""
         self._holds += 1
@@ -154,6 +174,7 @@ class Link(amp.AMP):
     def on_replicate(self, archive, uid, sha256, token, meta=None):
         d = self.membership.services.replicate(self.peer_name, archive, uid, sha256, token,
                                                meta)
+        d.addErrback(as_refusal, uid)
         return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
                                         "size": s.size, "sha256": s.sha256})
 
@@ -175,8 +196,8 @@ class Link(amp.AMP):
 
     @Commit.responder
     def on_commit(self, archive, uid, sha256):
-        return self.membership.services.commit(archive, uid, sha256).addCallback(
-            lambda seq: {"seq": seq})
+        return self.membership.services.commit(archive, uid, sha256).addCallbacks(
+            lambda seq: {"seq": seq}, as_refusal, errbackArgs=(uid,))
 
     @Discard.responder
     def on_discard(self, archive, uid, sha256):
@@ -198,7 +219,7 @@ class Link(amp.AMP):
     @Heartbeat.responder
     def on_heartbeat(self, name, incarnation, members, vector):
         if name != self.peer_name:
-            self.transport.loseConnection()
+            self.close()
             return {}
         self.membership.heard(name, incarnation, json.loads(members), json.loads(vector))
         return {}
@@ -253,7 +274,7 @@ class Membership:
                 loop.stop()
         for m in self.members.values():
             if m.link is not None:
-                m.link.transport.loseConnection()
+                m.link.close()
 
     def factory(self):
         return _Factory(self, outbound=False)
@@ -291,20 +312,20 @@ class Membership:
             self.check_hello(link, answer["name"], answer["protocol"], answer["software"])
         except IncompatibleProtocol as e:
             log.error("overlay: {err}", err=e)
-            link.transport.loseConnection()
+            link.close()
             return
         except Exception as e:
             log.warn("overlay: hello to {peer} failed: {err}", peer=link.peer_name, err=e)
-            link.transport.loseConnection()
+            link.close()
             return
         info = json.loads(answer["info"])
         if info["name"] == self.name:
-            link.transport.loseConnection()     # a seed that is ourselves
+            link.close()     # a seed that is ourselves
             return
         member = self.learn(info, link)
         if member.link is not None and member.link is not link and member.link.open:
             link.member = None
-            link.transport.loseConnection()     # already linked
+            link.close()     # already linked
             return
         link.member = member
         member.link, member.dialing, member.backoff = link, False, 0.25
@@ -312,7 +333,7 @@ class Membership:
 
     def check_hello(self, link, name, protocol, software):
         if name != link.peer_name:
-            link.transport.loseConnection()
+            link.close()
             raise IncompatibleProtocol(
                 f"peer says it is {name!r} but its certificate is for {link.peer_name!r}")
         if protocol != PROTOCOL:
@@ -400,6 +421,8 @@ class Membership:
             if member.state == ALIVE and member.detector.phi(now) > self.phi_threshold:
                 self._set_state(member, DEAD)
                 member.detector = PhiAccrualDetector(first_interval=self.heartbeat)
+                if member.link is not None:      # fail what waits on it; redialled later
+                    member.link.close(abort=True)
 
     def _set_state(self, member, state):
         old, member.state, member.since = member.state, state, time.time()

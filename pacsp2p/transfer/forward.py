@@ -27,7 +27,6 @@ from twisted.logger import Logger
 
 from pacsp2p.dicom.header import BadDataset, sniff
 from pacsp2p.overlay.commands import ReplicaClose, ReplicaData, ReplicaOpen
-from pacsp2p.strategies import StrategyError
 from pacsp2p.types import InstanceInfo, InstanceMeta
 
 log = Logger()
@@ -51,12 +50,12 @@ class Push:
         self.link, self.pause, self.resume = link, pause, resume
         self.stream = next(_streams)
         self.paused = self.closed = False
-        self.answer = link.callRemote(ReplicaOpen, stream=self.stream, archive=archive,
-                                      uid=uid, head=head, meta=meta_json)
-        self.answer.addErrback(self._failed)
         link.pushers.add(self)
         if link.full:
             self.link_full()
+        self.answer = link.callRemote(ReplicaOpen, stream=self.stream, archive=archive,
+                                      uid=uid, head=head, meta=meta_json)
+        self.answer.addErrback(self._failed)
 
     def feed(self, piece) -> None:
         if self.closed:
@@ -100,6 +99,14 @@ class Push:
         self.link_drained()
 
 
+def drop_all(copies) -> None:
+    """Have each Deferred[_Copy] that succeeds drop its copy (errors logged)."""
+    for d in copies:
+        d.addCallbacks(lambda copy: defer.maybeDeferred(copy.discard).addErrback(
+            lambda f: log.warn("dropping a copy failed: {err}", err=f.getErrorMessage())),
+            lambda _: None)
+
+
 class Forward:
     """Early placement and pushes for one C-STORE (reactor side).
 
@@ -114,8 +121,8 @@ class Forward:
         self.uid, self.sop_class, self.ts = uid, sop_class, transfer_syntax
         self.head, self.pause, self.resume = head, pause, resume
         self.prefix: list | None = []
-        self.seen = 0
-        self.ranked = None
+        self.seen = self.tried = 0
+        self.ranked = self.attributes = None
         self.early: dict[tuple, defer.Deferred] = {}
         self.pushes: list[Push] = []
 
@@ -126,9 +133,13 @@ class Forward:
         elif self.prefix is not None:
             self.prefix.append(piece)
             self.seen += len(piece)
-            self._sniff()
+            if self.seen >= 2 * self.tried:      # not on every fragment: linear overall
+                self.tried = self.seen
+                self._sniff()
 
     def finish(self) -> None:
+        if self.prefix is not None and self.ranked is None:
+            self._sniff(complete=True)           # e.g. an object without pixel data
         self.prefix = None
         for push in self.pushes:
             push.finish()
@@ -138,13 +149,12 @@ class Forward:
         self.prefix = None
         for push in self.pushes:
             push.abort()
-        for d in self.early.values():
-            d.addCallbacks(lambda copy: copy.discard(), lambda _: None)
+        drop_all(self.early.values())
         self.early = {}
 
-    def _sniff(self) -> None:
+    def _sniff(self, complete: bool = False) -> None:
         try:
-            attrs = sniff(b"".join(self.prefix), self.ts)
+            attrs = sniff(b"".join(self.prefix), self.ts, complete)
         except BadDataset:
             attrs, self.seen = None, SNIFF_MAX + 1
         if attrs is None:
@@ -155,12 +165,15 @@ class Forward:
                             attrs.get("SeriesInstanceUID", ""), attrs.get("Modality", ""),
                             0, attrs)
         prefix, self.prefix = self.prefix, None
-        try:
-            self.ranked = self.ingest.rank(info)
-        except StrategyError:
-            return                             # raised again, and reported, at the end
         meta_json = json.dumps(dataclasses.asdict(
             InstanceMeta(self.uid, self.sop_class, self.ts, attrs)))
+        if len(meta_json) > 60000:
+            return                             # too big for an AMP value: copied later
+        try:
+            self.ranked = self.ingest.rank(info)
+        except Exception:
+            return                             # raised again, and reported, at the end
+        self.attributes = attrs
         for target in self.ingest.first_wave(self.ranked):
             link = self.ingest.link_to(target.peer)
             if link is None:

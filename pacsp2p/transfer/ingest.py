@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
-from pacsp2p.transfer.forward import Forward
+from pacsp2p.transfer.forward import Forward, drop_all
 from pacsp2p.transfer.replicas import record
 from pacsp2p.types import (ArchiveInfo, InstanceInfo, Location, Query, Stored, StoreError,
                            StoreResult)
@@ -183,6 +183,9 @@ class Ingest:
         early = {}
         if forward is not None and forward.ranked is not None:
             ranked, early, forward.early = forward.ranked, forward.early, {}
+            if forward.attributes != a:        # read on from the first bytes: not the same
+                drop_all(early.values())
+                early = {}
         else:
             try:
                 ranked = self.rank(info)
@@ -204,36 +207,39 @@ class Ingest:
                              f"{meta.sop_instance_uid}: {len(copies)} of the {self.quorum} "
                              f"copies required could be made ({alive} archive(s) alive)")
         # Remote copies are durable already: their commits (records) need not delay the
-        # answer, unless no local copy is recorded here — a C-FIND or C-MOVE at this
-        # facade right after the C-STORE must find the instance.
+        # answer, provided a local copy is recorded here — a C-FIND or C-MOVE at this
+        # facade right after the C-STORE must find the instance — together with a hint
+        # for each remote commit still running: should this peer die before one is done,
+        # hinted hand-off redoes it (the holder drops a copy never committed).
         local = [c for c in copies if c.target.peer == self.peer]
         later = [c for c in copies if c.target.peer != self.peer] if local else []
         now = [c for c in copies if c not in later]
+        owed = [(c.target.peer, c.target.name, "", "") for c in later]
         results = yield defer.DeferredList(
-            [defer.maybeDeferred(c.commit, meta) for c in now], consumeErrors=True)
+            [defer.maybeDeferred(c.commit, meta, owed) for c in now], consumeErrors=True)
         kept = [c for c, (ok, _) in zip(now, results) if ok]
         for c, (ok, err) in zip(now, results):
             if not ok:
                 self._commit_failed(err, c, meta.sop_instance_uid)
-        if len(kept) < min(self.quorum, len(now)) or not kept:
+        if not kept or len(kept) + len(later) < self.quorum:
             raise StoreError(OUT_OF_RESOURCES, f"{meta.sop_instance_uid}: copies made but "
                                                f"only {len(kept)} could be recorded")
         for c in later:
-            defer.maybeDeferred(c.commit, meta).addErrback(self._commit_failed, c,
-                                                          meta.sop_instance_uid)
+            d = defer.maybeDeferred(c.commit, meta)
+            d.addCallback(lambda _, c=c: self.catalog.drop_hint(
+                meta.sop_instance_uid, c.target.peer, c.target.name))
+            d.addErrback(self._commit_failed, c, meta.sop_instance_uid)
         kept += later
         if self.overlay is not None:
             yield self._owe(meta.sop_instance_uid, ranked, kept)
         return StoreResult(meta.sop_instance_uid, tuple(c.stored for c in kept))
 
     def _commit_failed(self, failure, copy, uid):
-        """A durable copy could not be recorded: owe it again (hinted hand-off redoes the
-        copy — a duplicate there — and records it once its peer answers)."""
+        """A durable copy could not be recorded (a remote one: its hint stays, so hinted
+        hand-off redoes the copy — a duplicate there — and records it)."""
         log.error("commit of {uid} on {archive}@{peer} failed: {err}", uid=uid,
                   archive=copy.target.name, peer=copy.target.peer,
                   err=failure.getErrorMessage())
-        if copy.target.peer != self.peer:
-            self.catalog.add_hints(uid, [(copy.target.peer, copy.target.name, "", "")])
 
     def _owe(self, uid, ranked, kept):
         """Hints for the copies this write could not put where placement wanted them."""
@@ -266,8 +272,7 @@ class Ingest:
                     log.warn("copy of {uid} to {archive}@{peer} failed: {err}",
                              uid=meta.sop_instance_uid, archive=target.name,
                              peer=target.peer, err=value.getErrorMessage())
-        for d in early.values():               # targets no longer wanted
-            d.addCallbacks(lambda c: c.discard(), lambda _: None)
+        drop_all(early.values())               # targets no longer wanted
         return copies
 
     def _early(self, d, target, meta):
@@ -275,7 +280,7 @@ class Ingest:
         (else drop it)."""
         def check(copy):
             if meta.sha256 and copy.stored.sha256 != meta.sha256:
-                copy.discard()
+                drop_all([defer.succeed(copy)])
                 raise StoreError(PROCESSING_FAILURE,
                                  f"{meta.sop_instance_uid}: the copy on {target.name}@"
                                  f"{target.peer} hashes to {copy.stored.sha256[:12]}, "
@@ -305,9 +310,10 @@ class Ingest:
             synced = defer.succeed(None)
         fresh = not (stored.duplicate or stored.conflict)
 
-        def commit(meta):
+        def commit(meta, hints=()):
             return defer.gatherResults(
-                [record(self.catalog, meta, stored, self.peer), synced], consumeErrors=True)
+                [record(self.catalog, meta, stored, self.peer, hints), synced],
+                consumeErrors=True)
         synced.addErrback(lambda f: log.error("fsync of {uid} failed: {err}",
                                               uid=meta.sop_instance_uid,
                                               err=f.getErrorMessage()) or f)
@@ -334,7 +340,7 @@ class Ingest:
         args = {"archive": target.name, "uid": uid, "sha256": sha}
 
         @defer.inlineCallbacks
-        def commit(meta):
+        def commit(meta, hints=()):
             done = yield m.call(target.peer, Commit, **args)
             location = Location(uid, target.name, target.peer, sha, answer["size"])
             if not self.catalog.learn(target.peer, done["seq"], meta, location):

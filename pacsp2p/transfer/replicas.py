@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove
-from pacsp2p.overlay.commands import ReplicaRefused
+from pacsp2p.overlay.commands import ReplicaRefused, as_refusal
 from pacsp2p.types import InstanceMeta
 
 log = Logger()
@@ -66,11 +66,15 @@ class ReplicaService:
         if target is None or "store" not in target.capabilities:
             return defer.fail(ReplicaRefused(f"peer {self.peer} has no writable archive "
                                              f"{archive!r}"))
-        meta = InstanceMeta(**json.loads(meta_json))
+        try:
+            meta = InstanceMeta(**json.loads(meta_json))
+        except (ValueError, TypeError) as e:
+            return defer.fail(ReplicaRefused(f"{uid}: unreadable header: {e}"))
         incoming = Incoming(self.spares.take(), receive_pool(self.reactor), self.reactor,
                             head, link.hold, link.release)
         s = self.streams[(link, stream)] = _Stream(incoming, defer.Deferred())
-        return s.done.addCallback(self._stored_stream, target, uid, meta, len(head))
+        d = s.done.addCallback(self._stored_stream, target, uid, meta, len(head))
+        return d.addErrback(as_refusal, uid)
 
     def stream_data(self, link, stream: int, data: bytes) -> None:
         s = self.streams.get((link, stream))
@@ -190,11 +194,16 @@ class ReplicaService:
                 self.discard(*key)
 
 
-def record(catalog, meta, stored, peer):
-    """Record a durable copy in the catalog (a conflict is recorded as such)."""
+def record(catalog, meta, stored, peer, hints=()):
+    """Record a durable copy in the catalog (a conflict is recorded as such), with the
+    *hints* (peer, archive, via_peer, via_archive) owed for it."""
     if stored.conflict:
         log.warn("conflict: {uid} received again with different bytes (sha256 {sha}); "
                  "both kept on {archive}", uid=meta.sop_instance_uid, sha=stored.sha256,
                  archive=stored.archive)
-        return catalog.record_conflict(meta.sop_instance_uid, stored.archive, stored.sha256)
-    return catalog.record(meta, stored_location(meta, stored, peer))
+        d = catalog.record_conflict(meta.sop_instance_uid, stored.archive, stored.sha256)
+        if hints:
+            d.addCallback(lambda seq: catalog.add_hints(meta.sop_instance_uid, hints)
+                          .addCallback(lambda _: seq))
+        return d
+    return catalog.record(meta, stored_location(meta, stored, peer), hints)
