@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread, dcmwrite
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, MRImageStorage,
-                         RLELossless)
+                         RLELossless, UltrasoundImageStorage)
 from pynetdicom import _config, build_context
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
@@ -310,3 +310,41 @@ def test_archive_that_cannot_be_used_stops_the_peer_naming_it(tmp_path, block, s
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1, proc.stderr + proc.stdout[-2000:]
     assert "north-pacs" in lines[0] and says in lines[0], lines[0]
+
+
+RAISING_PLUGIN = '''
+from pacsp2p.strategies import hookimpl
+
+
+@hookimpl
+def pacsp2p_place(instance, archives, replicas):
+    if instance.modality == "US":
+        raise RuntimeError("boom: US placement exploded")
+    return None
+'''
+
+
+def test_placement_plugin_that_raises_on_a_peer_alone_stores_nothing(make_peer, tmp_path):
+    """Alone, the thread that writes a data set also keeps it (one job); a placement
+    plugin that raises afterwards still gets Processing Failure, and the kept file is
+    dropped: nothing findable, nothing left in the archive, other instances unaffected."""
+    plugin = tmp_path / "raising.py"
+    plugin.write_text(RAISING_PLUGIN)
+    peer = make_peer(config={"strategies": {"plugins": [str(plugin)]}})
+    files = good_files(tmp_path)
+    storescu(peer.port, peer.ae_title, files)
+    us = datasets.write(datasets.make_image(
+        "US", size=16, StudyInstanceUID=STUDY, PatientID="BAD001",
+        SOPInstanceUID=datasets.uid("bad-us")), tmp_path / "us.dcm")
+    with dn.association(peer.port, peer.ae_title,
+                        [build_context(UltrasoundImageStorage, [ExplicitVRLittleEndian])]) as a:
+        rsp = a.send_c_store(us)
+    assert rsp.Status == 0x0110, hex(rsp.Status)
+    log = peer.log_path.read_text(errors="replace")
+    assert "boom: US placement exploded" in log
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(dn.archive_files(peer.data_dir)) != len(files):
+        time.sleep(0.1)
+    assert {p.name for p in dn.archive_files(peer.data_dir)} == \
+        {f"{dn.sop_uid(p)}.dcm" for p in files}
+    assert_intact(peer, files, tmp_path)
