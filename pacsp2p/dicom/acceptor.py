@@ -38,6 +38,7 @@ from pacsp2p.dicom import dimse
 from pacsp2p.dicom.pdu import (A_ABORT, A_ASSOCIATE_RQ as RQ, A_RELEASE_RP, A_RELEASE_RQ,
                                IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, P_DATA_TF,
                                PDU_HEAD, PDV_HEAD, RELEASE_RP, abort_pdu, frame)
+from pacsp2p.flow import ReadHolds
 
 log = Logger()
 
@@ -71,7 +72,7 @@ class DiscardSink:
         pass
 
 
-class Association(protocol.Protocol):
+class Association(ReadHolds, protocol.Protocol):
     """One association as acceptor. ``services`` handles its DIMSE messages."""
 
     def __init__(self, factory):
@@ -85,7 +86,6 @@ class Association(protocol.Protocol):
         self.paused = False            # our transport's write buffer is full
         self._resume_waiters: list = []
         self._ops: deque = deque()     # requests in arrival order; the first one runs
-        self._read_paused = 0
         # stream parser
         self._acc = bytearray()
         self._need, self._step = 6, "pdu"
@@ -153,15 +153,8 @@ class Association(protocol.Protocol):
         else:
             self._resume_waiters.append(fn)
 
-    def pause_reading(self) -> None:
-        self._read_paused += 1
-        if self._read_paused == 1 and self.transport is not None:
-            self.transport.pauseProducing()
-
-    def resume_reading(self) -> None:
-        self._read_paused -= 1
-        if self._read_paused == 0 and self.transport is not None and self.state != "closed":
-            self.transport.resumeProducing()
+    def reading_allowed(self) -> bool:
+        return self.state != "closed"
 
     # -- timers ---------------------------------------------------------------------------
     def _arm(self, seconds, what):

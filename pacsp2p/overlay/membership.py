@@ -24,6 +24,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 from pacsp2p import __version__
+from pacsp2p.flow import ReadHolds
 from pacsp2p.overlay import tls
 from pacsp2p.overlay.commands import (PROTOCOL, Commit, Discard, Drop, Heartbeat, Hello,
                                       IncompatibleProtocol, ReplicaClose, ReplicaData,
@@ -80,7 +81,7 @@ class Member:
 
 
 @implementer(IHandshakeListener)
-class Link(amp.AMP):
+class Link(ReadHolds, amp.AMP):
     """One overlay connection; the other end is known by its certificate's name."""
 
     def __init__(self, membership, outbound: bool, member=None):
@@ -91,7 +92,6 @@ class Link(amp.AMP):
         self.peer_name: str | None = None
         self.handshake_done = False
         self.open = False                    # TLS up and not yet lost
-        self._holds = 0
         self.full = False                    # our transport's write buffer is full
         self.pushers: set = set()            # told when it fills and drains (forward.Push)
 
@@ -129,16 +129,8 @@ class Link(amp.AMP):
                     peer=self.peer_name)
         self.close()
 
-    def hold(self) -> None:
-        """Stop reading this link until as many ``release`` calls (pushed data waits)."""
-        self._holds += 1
-        if self._holds == 1 and self.transport is not None:
-            self.transport.pauseProducing()
-
-    def release(self) -> None:
-        self._holds -= 1
-        if self._holds == 0 and self.transport is not None and self.open:
-            self.transport.resumeProducing()
+    def reading_allowed(self) -> bool:
+        return self.open
 
     def handshakeCompleted(self):
         self.handshake_done = self.open = True

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .dcmtk import dcmtk_env, dcmtk_path, wait_for_echo
-from .ports import LOOPBACK, free_port
+from .ports import free_port
 from .procs import Process
 
 

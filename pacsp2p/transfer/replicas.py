@@ -71,7 +71,7 @@ class ReplicaService:
         except (ValueError, TypeError) as e:
             return defer.fail(ReplicaRefused(f"{uid}: unreadable header: {e}"))
         incoming = Incoming(self.spares.take(), receive_pool(self.reactor), self.reactor,
-                            head, link.hold, link.release)
+                            head, link.pause_reading, link.resume_reading)
         s = self.streams[(link, stream)] = _Stream(incoming, defer.Deferred())
         d = s.done.addCallback(self._stored_stream, target, uid, meta, len(head))
         return d.addErrback(as_refusal, uid)

@@ -26,12 +26,12 @@ from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from pacsp2p.overlay import tls
-from pacsp2p.testing import LOOPBACK, StoreSCP, dcmtk, echo, findscu, storescu
+from pacsp2p.testing import LOOPBACK, StoreSCP, echo, findscu, storescu
 from pacsp2p.testing import datasets
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.peer import twistd_path
 
-from pacsp2p.testing.cluster import Cluster, digest, get_json, members, wait_until
+from pacsp2p.testing.cluster import Cluster, digest, members, wait_until
 
 PATIENT_ID, PATIENT_NAME = "OVL0001", "OVERLAY^PATIENT"
 # study 1 at peera: CT (explicit), CT (RLE Lossless), MR (explicit)

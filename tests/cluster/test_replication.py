@@ -33,6 +33,7 @@ from pacsp2p.testing import StoreSCP, dataset_sha256, echo, findscu, storescu, t
 from pacsp2p.testing import datasets
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import Cluster, get_json, members, wait_until
+from pacsp2p.testing.plugins import BOOM_MESSAGE, boom_plugin
 
 ROOT = Path(__file__).resolve().parents[2]
 PIN_PLUGIN = ROOT / "plugins" / "pin_modality.py"
@@ -329,28 +330,13 @@ def test_write_quorum_refuses_alone_and_hands_off_with_w1(clusters, tmp_path):
 
 # -- 4. strategy plugins ---------------------------------------------------------------
 
-BOOM = '''
-from pacsp2p.strategies import hookimpl
-
-name = "boom-placement"
-
-
-@hookimpl
-def pacsp2p_place(instance, archives, replicas):
-    if instance.modality == "US":
-        raise RuntimeError("boom: US placement exploded")
-    return None
-'''
-
-
 def test_pin_modality_plugin_and_a_plugin_that_raises(clusters, tmp_path):
-    boom = tmp_path / "boom.py"
-    boom.write_text(BOOM)
+    boom = boom_plugin(tmp_path)
     pin = {"strategies": {"plugins": [str(PIN_PLUGIN)],
                           "options": {"pin_modality": {"MG": "breast"}}}}
     cluster = clusters("plugins")
     a = add_peer(cluster, "peera", pin)
-    b = add_peer(cluster, "peerb", toml.deep_merge(pin, {"archives": [
+    add_peer(cluster, "peerb", toml.deep_merge(pin, {"archives": [
         {"name": "local", "adapter": "embedded", "site": "breast"},
         {"name": "breast2", "adapter": "embedded", "site": "breast"}]}))
     c = add_peer(cluster, "peerc", toml.deep_merge(pin, {"strategies": {
@@ -390,7 +376,7 @@ def test_pin_modality_plugin_and_a_plugin_that_raises(clusters, tmp_path):
     assert echo(c.port, c.ae_title)
     assert where(c, instance=dn.sop_uid(us)) == {}
     text = log_text(c)
-    line = next((ln for ln in text.splitlines() if "boom: US placement exploded" in ln), "")
+    line = next((ln for ln in text.splitlines() if BOOM_MESSAGE in ln), "")
     assert line, text[-3000:]
     assert "RuntimeError" in line and "boom-placement" in line, line
     # and that peer still stores what the plugin leaves alone (CT) and MG at peerb

@@ -10,7 +10,6 @@ vendors holding one study are two replicas of each instance and both serve a ret
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 

@@ -25,6 +25,7 @@ from pacsp2p.testing import datasets, free_port
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.dcmtk import _meta_end
 from pacsp2p.testing.peer import twistd_path
+from pacsp2p.testing.plugins import BOOM_MESSAGE, boom_plugin
 
 STUDY = datasets.uid("bad-input-study")
 
@@ -312,24 +313,11 @@ def test_archive_that_cannot_be_used_stops_the_peer_naming_it(tmp_path, block, s
     assert "north-pacs" in lines[0] and says in lines[0], lines[0]
 
 
-RAISING_PLUGIN = '''
-from pacsp2p.strategies import hookimpl
-
-
-@hookimpl
-def pacsp2p_place(instance, archives, replicas):
-    if instance.modality == "US":
-        raise RuntimeError("boom: US placement exploded")
-    return None
-'''
-
-
 def test_placement_plugin_that_raises_on_a_peer_alone_stores_nothing(make_peer, tmp_path):
     """Alone, the thread that writes a data set also keeps it (one job); a placement
     plugin that raises afterwards still gets Processing Failure, and the kept file is
     dropped: nothing findable, nothing left in the archive, other instances unaffected."""
-    plugin = tmp_path / "raising.py"
-    plugin.write_text(RAISING_PLUGIN)
+    plugin = boom_plugin(tmp_path)
     peer = make_peer(config={"strategies": {"plugins": [str(plugin)]}})
     files = good_files(tmp_path)
     storescu(peer.port, peer.ae_title, files)
@@ -341,7 +329,7 @@ def test_placement_plugin_that_raises_on_a_peer_alone_stores_nothing(make_peer, 
         rsp = a.send_c_store(us)
     assert rsp.Status == 0x0110, hex(rsp.Status)
     log = peer.log_path.read_text(errors="replace")
-    assert "boom: US placement exploded" in log
+    assert BOOM_MESSAGE in log
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(dn.archive_files(peer.data_dir)) != len(files):
         time.sleep(0.1)

@@ -41,10 +41,8 @@ Orthanc 1.10.1 behaviour observed here (the pacsp2p facade is to agree):
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
