@@ -1,31 +1,53 @@
 """Loopback ports for tests: pick a free one, wait until one accepts connections."""
 from __future__ import annotations
 
+import random
 import socket
 import time
 
 LOOPBACK = "127.0.0.1"
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """Return a TCP port that was free on *host* a moment ago (bind port 0, release)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports are picked below the kernel's ephemeral range: a peer restarted on its port must
+# find it free, and an outgoing connection's source port (taken from that range) could
+# otherwise hold it meanwhile ("Address already in use").
+_LOW, _HIGH = 20000, _ephemeral_low()
 
 
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
-    """Return *count* distinct free ports (all held open together while picking)."""
-    socks = []
+    """Return *count* distinct ports free on *host* a moment ago (bound together while
+    picking), chosen at random below the ephemeral range."""
+    socks: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for _ in range(count * 200):               # bounded: ~12,000 candidates
+            if len(socks) == count:
+                break
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
+            try:
+                sock.bind((host, random.randrange(_LOW, max(_HIGH, _LOW + 1000))))
+            except OSError:
+                sock.close()
+                continue
             socks.append(sock)
+        if len(socks) < count:
+            raise RuntimeError(f"no {count} free ports on {host} in {_LOW}-{_HIGH}")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
             s.close()
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Return a TCP port that was free on *host* a moment ago."""
+    return free_ports(1, host)[0]
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
