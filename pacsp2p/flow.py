@@ -24,3 +24,7 @@ class ReadHolds:
 
     def reading_allowed(self) -> bool:
         return True
+
+    def reading_held(self) -> bool:
+        """True while someone paused reading (what the other side sends waits)."""
+        return self._read_holds > 0

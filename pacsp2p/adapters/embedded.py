@@ -102,12 +102,13 @@ class EmbeddedArchive:
 
     def sync(self, uid: str, stored: Stored):
         """fsync a copy ``store_unsynced`` put in place (and its directory if configured)."""
-        if not self.fsync or stored.duplicate:
+        if not self.fsync:
             return defer.succeed(None)
         return self._run(self._flush, uid, stored)
 
     def _flush(self, uid: str, stored: Stored) -> None:
-        if not self.fsync or stored.duplicate:
+        """fsync the copy (a duplicate too: another C-STORE of it may still be running)."""
+        if not self.fsync:
             return
         path = self.path_for(uid, stored.sha256 if stored.conflict else None)
         for target in ([path, path.parent] if self.sync_directories else [path]):
@@ -131,7 +132,11 @@ class EmbeddedArchive:
             return Stored(self.name, sha, size)
         except FileExistsError:
             pass                         # this UID is held already
-        if content_hash(target)[0] == sha:
+        try:
+            held = content_hash(target)[0]
+        except BadDataset:               # unreadable (a power cut?): keep ours beside it
+            held = ""
+        if held == sha:
             return Stored(self.name, sha, size, duplicate=True)
         try:
             self._place(received, self.path_for(uid, sha))
@@ -140,22 +145,34 @@ class EmbeddedArchive:
         return Stored(self.name, sha, size, conflict=True)
 
     def _place(self, received: Path, target: Path) -> None:
-        """Make *target* appear, whole, with the bytes of *received* (a hard link: atomic
-        and never over an existing file; a copy renamed into place where links fail)."""
-        try:
-            os.link(received, target)
-            return
-        except FileNotFoundError:
-            target.parent.mkdir(exist_ok=True)      # the first file of its fan-out dir
-            return self._place(received, target)
-        except FileExistsError:
-            raise
-        except OSError:
-            pass                                    # no hard links here: copy
+        """Make *target* appear, whole, with the bytes of *received*: a hard link (atomic,
+        never over an existing file: FileExistsError), or where *received* is on another
+        file system a copy, made durable in ``tmp/`` before it is linked into place."""
+        for attempt in (1, 2):
+            try:
+                os.link(received, target)
+                return
+            except FileNotFoundError:
+                if attempt == 2 or target.parent.exists():
+                    raise                           # the received file is gone
+                target.parent.mkdir(exist_ok=True)  # the first file of its fan-out dir
+            except FileExistsError:
+                raise
+            except OSError:
+                break                               # another file system: copy
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             shutil.copyfile(received, tmp)
-            os.replace(tmp, target)                  # fsync: see sync()
+            if self.fsync:
+                self._fsync(tmp)
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise
+            except OSError:                         # no hard links at all here
+                if target.exists():
+                    raise FileExistsError(target) from None
+                os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -166,6 +183,12 @@ class EmbeddedArchive:
         if not self.fsync:
             return lambda: None
         fd = os.open(received, os.O_RDONLY)
+        if not self._pool.started or self._pool.joined:     # shutting down: now, here
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return lambda: None
         done, error = threading.Event(), []
 
         def flush():
@@ -192,12 +215,19 @@ class EmbeddedArchive:
         return stored
 
     def made_durable(self, meta, stored: Stored, flushed) -> None:
-        """Blocking: wait for ``flushed`` (from ``begin_flush`` of the file kept) and, with
+        """Blocking: wait for ``flushed`` (from ``begin_flush`` of the file kept); a copy
+        that was there already (duplicate, or that conflicting version again) may not be
+        durable yet — another C-STORE of it is still running — so fsync it too; with
         ``[storage] sync_directories``, fsync the directory it was linked into."""
         flushed()
-        if self.sync_directories and not stored.duplicate:
-            self._fsync(self.path_for(
-                meta.sop_instance_uid, stored.sha256 if stored.conflict else None).parent)
+        if not self.fsync:
+            return
+        path = self.path_for(meta.sop_instance_uid,
+                             stored.sha256 if stored.conflict else None)
+        if stored.duplicate or stored.conflict:
+            self._fsync(path)
+        if self.sync_directories:
+            self._fsync(path.parent)
 
     def discard(self, uid: str, sha256: str):
         """Remove a copy stored but never recorded (a replicated write that failed)."""

@@ -410,6 +410,8 @@ class Membership:
     def _judge(self):
         now = self.reactor.seconds()
         for member in self.members.values():
+            if member.link is not None and member.link.reading_held():
+                continue            # we stopped reading it (pushed data waits for disk)
             if member.state == ALIVE and member.detector.phi(now) > self.phi_threshold:
                 self._set_state(member, DEAD)
                 member.detector = PhiAccrualDetector(first_interval=self.heartbeat)

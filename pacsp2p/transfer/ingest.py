@@ -69,9 +69,24 @@ class OneJob:
         self.ingest.reactor.callFromThread(self._record, meta, self.kept)
         try:
             self.archive.made_durable(meta, self.kept, self.flushed)
-        except OSError:
-            self.ingest.reactor.callFromThread(self.recorded.addErrback, lambda _: None)
+        except OSError as e:
+            self.ingest.reactor.callFromThread(self._not_durable, meta, self.kept, e)
             raise
+
+    def _not_durable(self, meta, stored, error):
+        """The fsync failed: the C-STORE fails, and what was recorded meanwhile is undone
+        (else a retry would find the same bytes and answer Success for them)."""
+        uid = meta.sop_instance_uid
+        log.error("C-STORE {uid}: cannot make the copy durable: {err}", uid=uid, err=error)
+
+        def undo(result):
+            if isinstance(result, StoreResult):
+                d = self.ingest.catalog.forget(uid, self.archive.name, stored.sha256)
+                if not (stored.duplicate or stored.conflict):
+                    d.addCallback(lambda _: self.archive.discard(uid, stored.sha256))
+                d.addErrback(lambda f: log.error("undoing {uid} failed: {err}", uid=uid,
+                                                 err=f.getErrorMessage()))
+        self.recorded.addBoth(undo)
 
     def abandon(self):
         """Thread pool: the file is not kept (bad data set); let its fsync finish."""
@@ -87,12 +102,15 @@ class OneJob:
                             a.get("Modality", ""), meta.size, a)
         try:
             ranked = self.ingest.rank(info)
-            if not ranked or ranked[0].name != self.archive.name:
-                raise StrategyError(f"placement put {meta.sop_instance_uid} on no archive")
+            if not ranked or ranked[0].name != self.archive.name or not ranked[0].alive:
+                raise StrategyError(f"placement put {meta.sop_instance_uid} on no archive "
+                                    "that is up")
         except StrategyError as e:
             log.error("C-STORE {uid}: {err}", uid=meta.sop_instance_uid, err=e)
             if not (stored.duplicate or stored.conflict):
-                self.archive.discard(meta.sop_instance_uid, stored.sha256)
+                self.archive.discard(meta.sop_instance_uid, stored.sha256).addErrback(
+                    lambda f: log.error("dropping {uid} failed: {err}",
+                                        uid=meta.sop_instance_uid, err=f.getErrorMessage()))
             self.recorded.errback(StoreError(PROCESSING_FAILURE, str(e)))
             return
         self.ingest.copies["local"] += 1
@@ -115,6 +133,7 @@ class Ingest:
         self.counts: dict = {}
         # copies made: on our own archives, pushed while arriving, fetched once complete
         self.copies = {"local": 0, "pushed": 0, "fetched": 0}
+        self.committing: set[tuple] = set()      # (uid, peer, archive) commits running
         self._loops = []
 
     def start(self):
@@ -162,7 +181,7 @@ class Ingest:
         arrives), a OneJob (alone, with one archive that can ``keep``), or None."""
         if self.overlay is not None:
             return Forward(self, uid, sop_class, transfer_syntax, head, pause, resume)
-        if len(self.archives) == 1:
+        if len(self.archives) == 1 and self.replicas == 1 and self.quorum <= 1:
             archive = next(iter(self.archives.values()))
             if "keep" in archive.capabilities:
                 return OneJob(self, archive)
@@ -225,10 +244,12 @@ class Ingest:
             raise StoreError(OUT_OF_RESOURCES, f"{meta.sop_instance_uid}: copies made but "
                                                f"only {len(kept)} could be recorded")
         for c in later:
+            key = (meta.sop_instance_uid, c.target.peer, c.target.name)
+            self.committing.add(key)                 # hand-off leaves these alone
             d = defer.maybeDeferred(c.commit, meta)
-            d.addCallback(lambda _, c=c: self.catalog.drop_hint(
-                meta.sop_instance_uid, c.target.peer, c.target.name))
+            d.addCallback(lambda _, key=key: self.catalog.drop_hint(*key))
             d.addErrback(self._commit_failed, c, meta.sop_instance_uid)
+            d.addBoth(lambda _, key=key: self.committing.discard(key))
         kept += later
         if self.overlay is not None:
             yield self._owe(meta.sop_instance_uid, ranked, kept)
@@ -359,7 +380,8 @@ class Ingest:
         to no archive in particular as soon as one can take them."""
         hints = yield self.catalog.hints()
         for uid, peer, archive, via_peer, via_archive in hints:
-            if peer != "*" and not self.overlay.alive(peer):
+            if peer != "*" and not self.overlay.alive(peer) or \
+                    (uid, peer, archive) in self.committing:
                 continue
             try:
                 done = yield self._hand_off_one(uid, peer, archive, via_peer, via_archive)

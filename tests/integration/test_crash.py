@@ -106,7 +106,7 @@ def test_kill_9_during_store_loses_no_acknowledged_instance(make_peer, tmp_path,
         meta = read_meta(path)                # raises on a truncated or corrupt file
         dcmread(path).PixelData               # and pydicom reads it all
         on_disk[meta.sop_instance_uid] = content_hash(path)[0]
-    # a file renamed into place just before the kill may not be in the catalog yet (an
+    # a file linked into place just before the kill may not be in the catalog yet (an
     # unacknowledged instance); every catalog entry must have its whole file
     assert set(catalog) <= set(on_disk)
     assert all(on_disk[uid] == catalog[uid] for uid in catalog)
