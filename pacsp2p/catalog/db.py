@@ -115,7 +115,7 @@ _HINT_SQL = ("INSERT OR IGNORE INTO hints (SOPInstanceUID, peer, archive, create
 
 
 def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
-                hints: list = ()) -> None:
+                hints: list = (), parents: dict | None = None) -> None:
     """Write facts in one transaction.
 
     A fact is (attributes, location) where attributes maps keywords (all levels, incl.
@@ -123,7 +123,10 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
     (SOPInstanceUID, archive, peer, sha256, size, seq). Patient, study and series rows
     shared by several facts of the batch are written once. *hints* (rows of the hints
     table: uid, peer, archive, via_peer, via_archive) are written in the same
-    transaction.
+    transaction. *parents*, if given, remembers the patient, study and series rows this
+    connection wrote last: a row written again unchanged is skipped (a stream of one
+    series' instances writes its parents once); the caller clears it whenever anything
+    else writes.
     """
     # one row per key and level: the last fact's attributes, in first-seen order (the
     # rows of a key are built once, not once per fact: most facts share their parents)
@@ -136,7 +139,16 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
             seen[attrs.get(key, "")] = attrs
     levels = {level: [[a.get(c, "") or "" for c in _LEVEL_SQL[level][0]]
                       for a in latest[level].values()] for level in LEVELS}
+    if parents is not None:
+        for level in PARENT_LEVELS:
+            last = parents.setdefault(level, {})
+            levels[level] = [row for row in levels[level] if last.get(row[0]) != row]
     _write_levels(conn, levels, [loc for _, loc in facts if loc is not None], hints)
+    if parents is not None:
+        for level in PARENT_LEVELS:
+            if len(parents[level]) > 10000:
+                parents[level].clear()
+            parents[level].update((row[0], row) for row in levels[level])
 
 
 def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: list,
@@ -271,6 +283,7 @@ class Catalog:
         self._local = threading.local()
         self._writer: sqlite3.Connection | None = None
         self._pending: list[tuple[object, defer.Deferred]] = []
+        self._parents: dict = {}              # writer thread: see write_facts
         self._flushing = False
         self.vector: dict[str, int] = {}
         self._promised: dict[str, int] = {}     # facts of others queued by learn()
@@ -300,6 +313,12 @@ class Catalog:
 
     # -- writing ---------------------------------------------------------------------
     def _in_writer(self, fn: Callable, *a) -> defer.Deferred:
+        if fn != self._write_own:             # anything else may change parent rows
+            inner = fn
+
+            def fn(*args):
+                self._parents.clear()
+                return inner(*args)
         return deferToThreadPool(self.reactor, self._writer_pool, fn, *a)
 
     def record(self, meta: InstanceMeta, location: Location | None,
@@ -325,7 +344,7 @@ class Catalog:
                 row = (loc.sop_instance_uid, loc.archive, loc.peer, loc.sha256, loc.size, seq)
             seqs.append(seq if loc is not None else None)
             facts.append((meta_attributes(meta) if meta is not None else None, row))
-        write_facts(self._writer, facts, hints)
+        write_facts(self._writer, facts, hints, self._parents)
         return seqs
 
     def _committed(self, origin: str, seq: int) -> None:
