@@ -1,12 +1,17 @@
 """Ingest: keep a received instance on R archives of distinct peers, then acknowledge.
 
-1. The placement strategy ranks every archive of the cluster for this instance.
+1. The placement strategy ranks every archive of the cluster for this instance — as soon
+   as its first bytes are in (``forward``), else once it is complete.
 2. The first R alive ones get a copy in parallel (local: the archive's atomic write;
-   remote: the peer fetches the bytes from our bulk channel, see ``replicas``); one that
+   remote: pushed on the overlay link while the data set arrives (``forward``), or
+   fetched by the peer from our bulk channel once complete (``replicas``)); one that
    fails is replaced by the next in rank.
 3. If at least ``write_quorum`` copies are durable they are committed (recorded in the
-   catalogs) and the facade answers Success; otherwise every copy is dropped and the
-   C-STORE fails with 0xA700: the modality keeps its copy and retries.
+   catalogs) and the facade answers Success — remote records may finish after the
+   answer, each covered by a hint recorded with our own copy; otherwise every copy is
+   dropped and the C-STORE fails with 0xA700: the modality keeps its copy and retries.
+   A peer alone with one archive that can ``keep`` does all of it in the thread that
+   wrote the data set (``OneJob``).
 4. A preferred archive that was down or failed is owed a copy (a hint, kept locally):
    hinted hand-off (as in Dynamo, DeCandia et al., SOSP 2007) makes it when its peer is
    back, then the stand-in that took the copy meanwhile drops its own (a tombstone fact
