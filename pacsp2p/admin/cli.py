@@ -61,6 +61,11 @@ def cmd_status(args) -> int:
         print(f"archive {name}: {state}{extra}")
     if c.get("hints"):
         print(f"hinted hand-off: {c['hints']} copies owed to archives that are down")
+    copies = status.get("ingest", {}).get("copies")
+    if copies and any(copies.values()):
+        print(f"copies made since start: {copies['local']} on this peer's archives, "
+              f"{copies['pushed']} pushed to other peers as they arrived, "
+              f"{copies['fetched']} fetched by other peers once complete")
     overlay = status.get("overlay")
     if overlay:
         states = [m["state"] for m in overlay["members"] if m["state"] != "self"]

@@ -207,6 +207,11 @@ def test_pushed_and_pulled_copies_are_byte_identical_on_both_holders(trio, tmp_p
     after = get_json(a, "status")["ingest"]["copies"]
     assert after["pushed"] - before["pushed"] >= len(files) - 1, (before, after)
     assert after["fetched"] - before["fetched"] >= 1, (before, after)
+    proc = subprocess.run([str(PACSP2P), "status", "--config", str(a.config_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{after['pushed']} pushed to other peers as they arrived" in proc.stdout, \
+        proc.stdout
 
 
 # -- 2. kill -9 of a replica holder while a stream is being stored ---------------------
