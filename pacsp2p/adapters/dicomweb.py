@@ -35,15 +35,13 @@ from urllib.parse import quote, urlencode
 
 from pydicom.datadict import tag_for_keyword
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from pacsp2p.adapters.http import Client, HTTPError, Unreachable
+from pacsp2p.adapters.http import HTTPError, Unreachable
 from pacsp2p.adapters.interface import IArchive
-from pacsp2p.adapters.orthanc import (_Lru, config_where, file_dataset_hash, option_checks,
-                                      unlinked_copy)
+from pacsp2p.adapters.rest import RestArchive
+from pacsp2p.adapters.orthanc import _Lru, file_dataset_hash, unlinked_copy
 from pacsp2p.catalog.attributes import STORED
 from pacsp2p.dicom.header import content_hash
 from pacsp2p.types import InstanceMeta, Stored
@@ -129,63 +127,30 @@ def _boundary(content_type: str) -> str | None:
 
 
 @implementer(IArchive)
-class DicomWebArchive:
+class DicomWebArchive(RestArchive):
     capabilities = frozenset({"store", "open", "crawl"})
+    kind, product = "dicomweb", "DICOMweb"
 
     def __init__(self, name: str, reactor, *, url: str, username: str | None = None,
                  password: str | None = None, site: str | None = None,
                  crawl_qps: float = 50.0, timeout: float = 30.0, page_instances: int = 500,
                  incoming: Path | None = None, threads: int = 8):
-        self.name, self.site, self.reactor = name, site, reactor
-        self.http = Client(url, username, password, timeout)
-        self.url = self.http.url
-        self.crawl_qps, self.page_instances = float(crawl_qps), int(page_instances)
-        self.incoming = Path(incoming) if incoming else Path("/tmp")
-        self.up: bool | None = None
-        self._pool = ThreadPool(1, threads, f"archive-{name}")
+        super().__init__(name, reactor, url=url, username=username, password=password,
+                         site=site, crawl_qps=crawl_qps, timeout=timeout,
+                         incoming=incoming, threads=threads)
+        self.page_instances = int(page_instances)
         self._where = _Lru(200_000)           # SOP uid -> (study uid, series uid)
         self._studies: list[tuple[str, int | None]] | None = None
         self._total: int | None = None
 
     @classmethod
     def from_config(cls, cfg, settings, reactor):
-        from pacsp2p.config import ConfigError
-        opts = dict(cfg.options)
-        where = config_where(cfg, settings)
-        option_checks(opts, where, "dicomweb", KNOWN_KEYS)
-        try:
-            Client(opts["url"])
-        except ValueError as e:
-            raise ConfigError(f"{where}.url: {e}") from None
+        opts = cls.options(cfg, settings, KNOWN_KEYS)
         return cls(cfg.name, reactor, url=opts["url"], username=opts.get("username"),
                    password=opts.get("password"), site=cfg.site,
                    crawl_qps=opts.get("crawl_qps", 50.0), timeout=opts.get("timeout", 30.0),
                    page_instances=opts.get("page_instances", 500),
                    incoming=settings.data_dir / "incoming", threads=opts.get("threads", 8))
-
-    def __repr__(self):
-        return f"<dicomweb archive {self.name}: {self.url}>"
-
-    def _run(self, fn, *args):
-        return deferToThreadPool(self.reactor, self._pool, fn, *args)
-
-    # -- life cycle ------------------------------------------------------------------
-    def start(self):
-        self._pool.start()
-        self.incoming.mkdir(parents=True, exist_ok=True)
-
-        def check(h):
-            if not h.get("up"):         # refuse to start: the admin sees why at once
-                raise ConnectionError(f"DICOMweb at {self.url} does not answer: "
-                                      f"{h.get('error', 'no answer')}")
-        return self.health().addCallback(check)
-
-    def stop(self):
-        self._pool.stop()
-
-    def _mark(self, up: bool, error: str = "") -> None:
-        """Remember whether the archive answers (the service logs the changes)."""
-        self.up = up
 
     def health(self):
         def check():

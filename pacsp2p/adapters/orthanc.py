@@ -44,13 +44,12 @@ from pathlib import Path
 from urllib.parse import quote
 
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from pacsp2p.adapters.http import Client, HTTPError, Unreachable
+from pacsp2p.adapters.http import HTTPError, Unreachable
 from pacsp2p.adapters.interface import IArchive
+from pacsp2p.adapters.rest import RestArchive
 from pacsp2p.catalog.attributes import STORED
 from pacsp2p.dicom.header import content_hash
 from pacsp2p.transfer.deliver import dataset_start
@@ -68,36 +67,6 @@ CONCURRENCY = 4            # studies fetched at once while crawling
 
 class OrthancError(Exception):
     """Orthanc refused an operation."""
-
-
-def option_checks(opts: dict, where: str, adapter: str, known) -> None:
-    from pacsp2p.config import ConfigError
-    for key in opts:
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key for adapter {adapter!r} "
-                              f"(known: {', '.join(known)})")
-    if not isinstance(opts.get("url"), str) or not opts.get("url"):
-        raise ConfigError(f"{where}.url: required by adapter {adapter!r} "
-                          "(an http:// URL string)")
-    for key in ("username", "password", "storage_path"):
-        if key in opts and not isinstance(opts[key], str):
-            raise ConfigError(f"{where}.{key}: must be a string")
-    for key in ("crawl_qps", "timeout"):
-        if key in opts and (isinstance(opts[key], bool)
-                            or not isinstance(opts[key], (int, float)) or opts[key] <= 0):
-            raise ConfigError(f"{where}.{key}: must be a positive number, got {opts[key]!r}")
-    for key in ("page_studies", "page_instances", "threads"):
-        if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int)
-                            or opts[key] <= 0):
-            raise ConfigError(f"{where}.{key}: must be a positive integer, got {opts[key]!r}")
-
-
-def config_where(cfg, settings) -> str:
-    """'FILE: archives[i]' for error messages."""
-    index = next((i for i, a in enumerate(getattr(settings, "archives", ()))
-                  if a.name == cfg.name), None)
-    return f"{settings.source}: archives[{index}]" if index is not None else \
-        f"{settings.source}: archives.{cfg.name}"
 
 
 def catalog_attributes(tags: dict) -> dict:
@@ -157,22 +126,20 @@ class _Lru:
 
 
 @implementer(IArchive)
-class OrthancArchive:
+class OrthancArchive(RestArchive):
     capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
+    kind, product = "orthanc", "Orthanc"
 
     def __init__(self, name: str, reactor, *, url: str, username: str | None = None,
                  password: str | None = None, site: str | None = None,
                  crawl_qps: float = 200.0, timeout: float = 30.0, page_studies: int = 16,
                  storage_path: str | None = None, incoming: Path | None = None,
                  threads: int = 8):
-        self.name, self.site, self.reactor = name, site, reactor
-        self.http = Client(url, username, password, timeout)
-        self.url = self.http.url
-        self.crawl_qps, self.page_studies = float(crawl_qps), int(page_studies)
+        super().__init__(name, reactor, url=url, username=username, password=password,
+                         site=site, crawl_qps=crawl_qps, timeout=timeout,
+                         incoming=incoming, threads=threads)
+        self.page_studies = int(page_studies)
         self.storage_path = storage_path
-        self.incoming = Path(incoming) if incoming else Path(tempfile.gettempdir())
-        self.up: bool | None = None
-        self._pool = ThreadPool(1, threads, f"archive-{name}")
         self._ids = _Lru(CACHE)                  # SOP uid -> Orthanc instance id
         self._crawl_seq: int | None = None       # /changes sequence when the crawl began
         self._total: int | None = None
@@ -180,14 +147,7 @@ class OrthancArchive:
 
     @classmethod
     def from_config(cls, cfg, settings, reactor):
-        from pacsp2p.config import ConfigError
-        opts = dict(cfg.options)
-        where = config_where(cfg, settings)
-        option_checks(opts, where, "orthanc", KNOWN_KEYS)
-        try:
-            Client(opts["url"])
-        except ValueError as e:
-            raise ConfigError(f"{where}.url: {e}") from None
+        opts = cls.options(cfg, settings, KNOWN_KEYS)
         return cls(cfg.name, reactor, url=opts["url"], username=opts.get("username"),
                    password=opts.get("password"), site=cfg.site,
                    crawl_qps=opts.get("crawl_qps", 200.0), timeout=opts.get("timeout", 30.0),
@@ -195,32 +155,14 @@ class OrthancArchive:
                    storage_path=opts.get("storage_path"),
                    incoming=settings.data_dir / "incoming", threads=opts.get("threads", 8))
 
-    def __repr__(self):
-        return f"<orthanc archive {self.name}: {self.url}>"
-
-    def _run(self, fn, *args):
-        return deferToThreadPool(self.reactor, self._pool, fn, *args)
-
     # -- life cycle ------------------------------------------------------------------
-    def start(self):
-        self._pool.start()
-        self.incoming.mkdir(parents=True, exist_ok=True)
-
-        def report(h):
-            if not h.get("up"):         # refuse to start: the admin sees why at once
-                raise ConnectionError(f"Orthanc at {self.url} does not answer: "
-                                      f"{h.get('error', 'no answer')}")
-            log.info("archive {archive}: Orthanc {version} at {url}",
-                     archive=self.name, version=h.get("version", "?"), url=self.url)
-        return self.health().addCallback(report)
+    def _started(self, health):
+        log.info("archive {archive}: Orthanc {version} at {url}",
+                 archive=self.name, version=health.get("version", "?"), url=self.url)
 
     def stop(self):
         self._stopping = True
-        self._pool.stop()
-
-    def _mark(self, up: bool, error: str = "") -> None:
-        """Remember whether the archive answers (the service logs the changes)."""
-        self.up = up
+        super().stop()
 
     # -- health ----------------------------------------------------------------------
     def health(self):

@@ -68,8 +68,10 @@ class MemorySink:
 
 
 class DiscardSink:
+    """Where the data set of a refused request goes: nowhere."""
+
     def feed(self, piece) -> None:
-        pass
+        """Drop *piece*."""
 
 
 class Association(ReadHolds, protocol.Protocol):

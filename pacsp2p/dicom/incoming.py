@@ -240,10 +240,7 @@ class Incoming:
 
 
 def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    Path(path).unlink(missing_ok=True)
 
 
 def remove(pool, path: Path) -> None:

@@ -207,16 +207,17 @@ class _PeerPolicy:
 
 class _FileSink(protocol.Protocol):
     """Receive a response body (a Part-10 file) into a temporary file, writing in a thread
-    pool and hashing its data set on the way: the file handed over carries ``sha256``
-    and ``data_size`` (empty and 0 if it is not a Part-10 file)."""
+    pool and, with *hashed*, hashing its data set on the way: the file handed over then
+    carries ``sha256`` and ``data_size`` (empty and 0 if it is not a Part-10 file)."""
 
-    def __init__(self, f, pool, reactor, finished):
+    def __init__(self, f, pool, reactor, finished, hashed: bool = False):
         self.f, self.pool, self.reactor, self.finished = f, pool, reactor, finished
         self.buffer: list[bytes] = []
         self.size = 0
         self.writing = False
         self.ended = None
-        self.hasher, self.data_size, self.started = hashlib.sha256(), 0, False
+        self.hasher = hashlib.sha256() if hashed else None
+        self.data_size, self.started = 0, not hashed
         self.written = 0
 
     def dataReceived(self, data):
@@ -334,10 +335,11 @@ class BulkClient:
         return self.download(member, f"/instances/{quote(archive)}/{quote(uid)}{query}")
 
     def fetch_offer(self, member, token: str):
-        return self.download(member, f"/incoming/{quote(token)}")
+        """Deferred[temporary file] of an offered instance, its data set hashed."""
+        return self.download(member, f"/incoming/{quote(token)}", hashed=True)
 
     @defer.inlineCallbacks
-    def download(self, member, path: str):
+    def download(self, member, path: str, hashed: bool = False):
         """Deferred[temporary file] with the body of GET *path* (deleted when closed)."""
         response = yield self._get(member, path)
         if response.code != 200:
@@ -346,6 +348,6 @@ class BulkClient:
         f = yield deferToThreadPool(self.reactor, self.pool, tempfile.NamedTemporaryFile,
                                     dir=self.tmpdir, suffix=".dcm")
         finished = defer.Deferred()
-        response.deliverBody(_FileSink(f, self.pool, self.reactor, finished))
+        response.deliverBody(_FileSink(f, self.pool, self.reactor, finished, hashed))
         result = yield finished
         return result

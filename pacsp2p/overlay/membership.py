@@ -107,7 +107,7 @@ class Link(ReadHolds, amp.AMP):
             p.link_drained()
 
     def stopProducing(self):
-        pass
+        """The link is going: connectionLost fails what was pushed on it."""
 
     def close(self, abort: bool = False) -> None:
         """Close the link (``abort``: now, without flushing). We are our transport's

@@ -85,8 +85,9 @@ class Cluster:
 
     def add(self, name: str, *, seeds: list[str] | None = None, tls_dir: Path | None = None,
             issue: bool = True, start: bool = True, overlay: Mapping[str, Any] | None = None,
-            **peer_kw) -> Peer:
-        """A peer *name* (certificate from this cluster's CA unless *tls_dir* is given).
+            config: Mapping[str, Any] | None = None, **peer_kw) -> Peer:
+        """A peer *name* (certificate from this cluster's CA unless *tls_dir* is given),
+        with *config* deep-merged into the cluster's config for this peer only.
 
         *seeds* default to every peer added so far. The overlay/bulk ports are picked
         free; if another process grabs one before the peer binds it, start again on
@@ -103,7 +104,8 @@ class Cluster:
         for attempt in range(3):
             port, bulk_port = free_ports(2)
             self.overlay_ports[name] = (port, bulk_port)
-            peer.overrides = toml.deep_merge(self.config, {"overlay": {
+            own = toml.deep_merge(self.config, config or {})
+            peer.overrides = toml.deep_merge(own, {"overlay": {
                 "port": port, "bulk_port": bulk_port, "bind": LOOPBACK, "advertise": LOOPBACK,
                 "seeds": list(seeds), "tls_dir": str(tls_dir), "heartbeat": HEARTBEAT,
                 **(overlay or {})}})

@@ -1,17 +1,16 @@
 """A throwaway real DCMTK dcmqrscp archive on a free loopback port (stopped by PID)."""
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Mapping
 
 from .dcmtk import dcmtk_env, dcmtk_path, wait_for_echo
 from .ports import free_port
-from .procs import Process
+from .procs import Process, Server
 
 
-class DcmQrScp:
+class DcmQrScp(Server):
     """Context manager: /usr/bin/dcmqrscp with a private config and index directory, keeping
     every file bit-preserved (+B: data set bytes as received).
 
@@ -46,14 +45,6 @@ class DcmQrScp:
     @property
     def log_path(self) -> Path:
         return self.workdir / "dcmqrscp.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    @property
-    def alive(self) -> bool:
-        return bool(self.process and self.process.alive)
 
     def write_config(self) -> None:
         hosts = "\n".join(f"{ae.lower()} = ({ae}, {host}, {port})"
@@ -111,14 +102,3 @@ AETable END
         return sorted(p for p in self.storage.rglob("*") if p.is_file()
                       and p.name != "index.dat")
 
-    def __enter__(self) -> "DcmQrScp":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        if self._own_dir and exc[0] is None:
-            shutil.rmtree(self.workdir, ignore_errors=True)

@@ -123,7 +123,11 @@ def dataset_sha256(path: Path | str) -> str:
     one by one (not trusting the group length), so two files holding the same data set
     encoding hash equal even if their meta headers differ.
     """
-    data = Path(path).read_bytes()
+    return dataset_sha256_of(Path(path).read_bytes())
+
+
+def dataset_sha256_of(data: bytes) -> str:
+    """``dataset_sha256`` of a Part-10 file's bytes already in memory."""
     return hashlib.sha256(data[_meta_end(data):]).hexdigest()
 
 

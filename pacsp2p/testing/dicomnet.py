@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 from contextlib import contextmanager
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -72,6 +73,17 @@ def transfer_syntax(path: Path | str) -> str:
 
 def sop_uid(path: Path | str) -> str:
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def study_of(paths) -> str:
+    """The Study Instance UID of the first of *paths*."""
+    return str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def clear(directory: Path) -> None:
+    """Empty *directory* (e.g. a storescp's, between two retrievals)."""
+    for p in Path(directory).iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def by_sop_uid(paths: Iterable[Path]) -> dict[str, Path]:

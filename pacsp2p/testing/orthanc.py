@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 import urllib.error
@@ -11,12 +10,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .ports import LOOPBACK, free_ports
-from .procs import Process
+from .procs import Process, Server
 
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
 
 
-class Orthanc:
+class Orthanc(Server):
     """Context manager running Orthanc with a private config, storage and index.
 
     ``with Orthanc(aet="ORTHANC", modalities={"PEER": ["PACSP2P", "127.0.0.1", 11112]}) as o:``
@@ -121,17 +120,6 @@ class Orthanc:
         if self.process:
             self.process.stop(timeout=15)
 
-    def __enter__(self) -> "Orthanc":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        if self._own_dir and exc[0] is None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- REST -------------------------------------------------------------------------
     def request(self, method: str, path: str, body: bytes | None = None,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -12,7 +11,7 @@ from typing import Any, Mapping
 from . import toml
 from .dcmtk import wait_for_echo
 from .ports import LOOPBACK, free_port, free_ports
-from .procs import Process
+from .procs import Process, Server
 
 
 def twistd_path() -> Path:
@@ -20,7 +19,7 @@ def twistd_path() -> Path:
     return Path(sys.executable).parent / "twistd"
 
 
-class Peer:
+class Peer(Server):
     """Context manager running one pacsp2p peer with a generated TOML config.
 
     ``with Peer(destinations={"STORESCP": "127.0.0.1:11113"}) as p: p.port, p.ae_title``.
@@ -66,14 +65,6 @@ class Peer:
     @property
     def log_path(self) -> Path:
         return self.workdir / "peer.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    @property
-    def alive(self) -> bool:
-        return bool(self.process and self.process.alive)
 
     def config(self) -> dict:
         """The config dict written to pacsp2p.toml."""
@@ -133,14 +124,3 @@ class Peer:
     def log_tail(self, lines: int = 60) -> str:
         return self.process.log_tail(lines) if self.process else ""
 
-    def __enter__(self) -> "Peer":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        if self._own_dir and exc[0] is None:
-            shutil.rmtree(self.workdir, ignore_errors=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import weakref
@@ -107,3 +108,33 @@ def _stop_leftovers() -> None:
             proc.kill9(timeout=5)
         except Exception:
             pass
+
+
+class Server:
+    """Base of a server the tests run (a peer, Orthanc, dcmqrscp): ``start()`` and
+    ``stop()`` come from the subclass; a context manager that stops it, and removes a
+    work directory it made itself (``_own_dir``) when the block ended cleanly."""
+
+    process: Process | None = None
+    workdir: Path
+    _own_dir = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.process and self.process.alive)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._own_dir and exc[0] is None:
+            shutil.rmtree(self.workdir, ignore_errors=True)

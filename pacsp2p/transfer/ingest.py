@@ -51,6 +51,26 @@ class _Copy:
         self.target, self.stored, self.commit, self.discard = target, stored, commit, discard
 
 
+class _Offer:
+    """The received file offered on our bulk channel to the peers that fetch a copy:
+    published (a one-time token, the header as JSON) only when one is asked to."""
+
+    def __init__(self, offers: dict, received, meta):
+        self.offers, self.received, self.meta = offers, received, meta
+        self.token = self.meta_json = None
+
+    def publish(self) -> tuple[str, str]:
+        if self.token is None:
+            self.token = secrets.token_urlsafe(16)
+            self.offers[self.token] = lambda: deferToThread(open, self.received, "rb")
+            self.meta_json = json.dumps(dataclasses.asdict(self.meta))
+        return self.token, self.meta_json
+
+    def withdraw(self) -> None:
+        if self.token is not None:
+            self.offers.pop(self.token, None)
+
+
 class OneJob:
     """A peer alone with one archive that can ``keep``: the thread that wrote the data set
     starts its fsync (``begin``), reads its header, keeps it in the archive and asks the
@@ -216,13 +236,11 @@ class Ingest:
             except StrategyError as e:
                 log.error("C-STORE {uid}: {err}", uid=meta.sop_instance_uid, err=e)
                 raise StoreError(PROCESSING_FAILURE, str(e))
-        token = secrets.token_urlsafe(16)
-        self.offers[token] = lambda: deferToThread(open, received, "rb")
-        meta_json = json.dumps(dataclasses.asdict(meta))
+        offer = _Offer(self.offers, received, meta)
         try:
-            copies = yield self._place(ranked, received, meta, token, meta_json, early)
+            copies = yield self._place(ranked, received, meta, offer, early)
         finally:
-            self.offers.pop(token, None)
+            offer.withdraw()
         if len(copies) < self.quorum:
             yield defer.DeferredList([defer.maybeDeferred(c.discard) for c in copies],
                                      consumeErrors=True)
@@ -281,7 +299,7 @@ class Ingest:
         return self.catalog.add_hints(uid, hints) if hints else defer.succeed(None)
 
     @defer.inlineCallbacks
-    def _place(self, ranked, received, meta, token, meta_json, early):
+    def _place(self, ranked, received, meta, offer, early):
         alive = [r for r in ranked if r.alive]
         copies, i = [], 0
         while len(copies) < self.replicas and i < len(alive):
@@ -289,7 +307,7 @@ class Ingest:
             i += len(wave)
             results = yield defer.DeferredList(
                 [self._early(early.pop((t.peer, t.name)), t, meta) if (t.peer, t.name) in early
-                 else self._copy(t, received, meta, token, meta_json) for t in wave],
+                 else self._copy(t, received, meta, offer) for t in wave],
                 consumeErrors=True)
             for target, (ok, value) in zip(wave, results):
                 if ok:
@@ -315,10 +333,10 @@ class Ingest:
             return copy
         return d.addCallback(check)
 
-    def _copy(self, target: ArchiveInfo, received, meta, token, meta_json) -> defer.Deferred:
+    def _copy(self, target: ArchiveInfo, received, meta, offer) -> defer.Deferred:
         kind = "local" if target.peer == self.peer else "fetched"
         d = self._copy_local(target, received, meta) if kind == "local" else \
-            self.copy_remote(target, meta.sop_instance_uid, token, meta_json)
+            self.copy_remote(target, meta.sop_instance_uid, *offer.publish())
 
         def count(copy):
             self.copies[kind] += 1

@@ -19,18 +19,16 @@ TCP_NODELAY=1; every process is stopped by its own PID.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-from pacsp2p.testing import StoreSCP, storescu, toml
+from pacsp2p.testing import StoreSCP, storescu
 from pacsp2p.testing import datasets
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import Cluster, get_json, members, wait_until
@@ -46,29 +44,10 @@ KILL_AT = 40                   # instances at the destination when the holder is
 
 # -- helpers --------------------------------------------------------------------------
 
-def add_peer(cluster: Cluster, name: str, extra: dict):
-    """cluster.add(name) with *extra* deep-merged into this peer's config only."""
-    saved = cluster.config
-    cluster.config = toml.deep_merge(saved, extra)
-    try:
-        return cluster.add(name)
-    finally:
-        cluster.config = saved
-
-
 def where(peer, study: str) -> dict[str, set[str]]:
     """{instance uid: {peers holding a replica}} from GET /where?study= of *peer*."""
     rows = get_json(peer, f"where?study={study}", timeout=20)
     return {r["instance"]: {x["peer"] for x in r["replicas"]} for r in rows}
-
-
-def study_of(paths) -> str:
-    return str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-
-
-def clear(directory: Path) -> None:
-    for p in directory.iterdir():
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def make(directory: Path, n: int, patient: str, seed: int) -> list[Path]:
@@ -160,7 +139,7 @@ def cluster(tmp_path_factory, dest):
                 {"STORESCP": {"address": dest.address, "mode": "direct"}})
     try:
         c.start(3)
-        add_peer(c, "peerd", {"archives": []})
+        c.add("peerd", config={"archives": []})
         c.wait_mesh(timeout=30)
         yield c
     finally:
@@ -176,13 +155,13 @@ def test_direct_move_is_sent_by_the_holders_not_the_requesting_peer(cluster, des
     n = 200
     files = make(tmp_path / "s1", n, "DIRECT0001", seed=11)
     store(a, files)
-    uid = study_of(files)
+    uid = dn.study_of(files)
     sent = dn.dataset_hashes(files)
     placed = wait_replicated(d, uid, set(sent), 2)
     holders = set().union(*placed.values())
     assert holders <= {"peera", "peerb", "peerc"}, holders
 
-    clear(dest.directory)
+    dn.clear(dest.directory)
     scp_at = storescp_log_size(dest)
     logs_at = {p.name: log_size(p) for p in cluster}
     before = retrieval_ids(d)
@@ -224,14 +203,14 @@ def test_kill9_of_a_holder_mid_direct_move_hands_its_share_to_the_others(cluster
                                 patient_name="DIRECT^KILL", size=KILL_SIZE, seed=12,
                                 series=[("CT", n, ExplicitVRLittleEndian)])
     store(a, files)
-    uid = study_of(files)
+    uid = dn.study_of(files)
     sent = dn.dataset_hashes(files)
     placed = wait_replicated(d, uid, set(sent), 2)
     victim = c                            # with R=2 on three peers, never the only holder
     assert sum(victim.name in h for h in placed.values()) > 0
     assert all(h - {victim.name} for h in placed.values())     # another holder for each
 
-    clear(dest.directory)
+    dn.clear(dest.directory)
     d_log = log_size(d)
     argv = [str(dcmtk_path("movescu")), "-S", "-v", "-aet", "MOVESCU", "-aec",
             d.ae_title, "-aem", "STORESCP", "-to", "20", "-ta", "20", "-td", "60",
@@ -275,12 +254,12 @@ def test_kill9_of_a_holder_mid_direct_move_hands_its_share_to_the_others(cluster
 def test_instances_without_a_live_holder_are_listed_as_failed(cluster, dest, tmp_path,
                                                               request):
     d = cluster[3]
-    victim = add_peer(cluster, "peere", {"cluster": {"replicas": 1, "write_quorum": 1}})
+    victim = cluster.add("peere", config={"cluster": {"replicas": 1, "write_quorum": 1}})
     cluster.wait_mesh(timeout=30)
     n = 120
     files = make(tmp_path / "s3", n, "DIRECT0003", seed=13)
     store(victim, files)
-    uid = study_of(files)
+    uid = dn.study_of(files)
     sent = dn.dataset_hashes(files)
     wait_until(lambda: set(where(d, uid)) == set(sent), SYNC, interval=0.5,
                what=f"{n} instances known at peerd")
@@ -307,7 +286,7 @@ def test_instances_without_a_live_holder_are_listed_as_failed(cluster, dest, tmp
     lost = set(views[-1])
     assert 0 < len(lost) < n, f"{len(lost)} instances only on {victim.name}"
 
-    clear(dest.directory)
+    dn.clear(dest.directory)
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = uid

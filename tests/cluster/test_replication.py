@@ -67,10 +67,6 @@ def holders(replicas) -> set[str]:
     return {p for p, _a, _ok in replicas}
 
 
-def study_of(paths) -> str:
-    return str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-
-
 def store_one(peer, path: Path, sop_class=CTImageStorage) -> int:
     """One C-STORE of *path*'s bytes with pynetdicom; the response status."""
     with dn.association(peer.port, peer.ae_title,
@@ -86,16 +82,6 @@ def count_images(peer, study: str) -> int:
         timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return len(rows)
-
-
-def add_peer(cluster: Cluster, name: str, extra: dict):
-    """cluster.add(name) with *extra* deep-merged into this peer's config only."""
-    saved = cluster.config
-    cluster.config = toml.deep_merge(saved, extra)
-    try:
-        return cluster.add(name)
-    finally:
-        cluster.config = saved
 
 
 def log_text(peer) -> str:
@@ -136,7 +122,7 @@ def test_300_instances_land_on_two_distinct_peers_each(trio, tmp_path):
     a, _b, c = trio
     files = datasets.make_study(tmp_path / "s1", patient_id="REPL0001", size=SIZE,
                                 series=[("CT", N, ExplicitVRLittleEndian)])
-    study = study_of(files)
+    study = dn.study_of(files)
     proc = storescu(a.port, a.ae_title, files, extra=["-v"], timeout=300)
     out = proc.stdout + proc.stderr
     assert out.count("Received Store Response (Success)") == N, out[-3000:]
@@ -192,8 +178,8 @@ def test_pushed_and_pulled_copies_are_byte_identical_on_both_holders(trio, tmp_p
         statuses = [int(assoc.send_c_store(p).Status) for p in files]
     assert statuses == [SUCCESS] * len(files)
     sent = {dn.sop_uid(p): dataset_sha256(p) for p in files}
-    wait_until(lambda: set(where(a, study_of(files))) == set(sent) and all(
-        len(r) == 2 for r in where(a, study_of(files)).values()), SYNC, interval=0.5,
+    wait_until(lambda: set(where(a, dn.study_of(files))) == set(sent) and all(
+        len(r) == 2 for r in where(a, dn.study_of(files)).values()), SYNC, interval=0.5,
         what="every sample with 2 replicas")
     held: Counter = Counter()
     for p in trio:
@@ -220,7 +206,7 @@ def test_kill_9_of_a_peer_mid_stream_loses_no_acknowledged_instance(trio, dest, 
     a, b, c = trio
     files = datasets.make_study(tmp_path / "s2", patient_id="REPL0002", size=SIZE,
                                 series=[("CT", N, ExplicitVRLittleEndian)])
-    study = study_of(files)
+    study = dn.study_of(files)
     sent = dn.dataset_hashes(files)
     acked: list[str] = []
     failed: list[str] = []
@@ -296,8 +282,8 @@ def test_kill_9_of_a_peer_mid_stream_loses_no_acknowledged_instance(trio, dest, 
 
 def test_write_quorum_refuses_alone_and_hands_off_with_w1(clusters, tmp_path):
     cluster = clusters("quorum")
-    a = add_peer(cluster, "peera", {"cluster": {"write_quorum": 1}})   # W=1, R=2
-    b = add_peer(cluster, "peerb", {})                                   # defaults R=2, W=2
+    a = cluster.add("peera", config={"cluster": {"write_quorum": 1}})   # W=1, R=2
+    b = cluster.add("peerb", config={})                                   # defaults R=2, W=2
     cluster.wait_mesh()
     assert get_json(b)["peer"] == "peerb"
     f1 = datasets.write(datasets.make_image("CT", size=SIZE, seed=31,
@@ -340,18 +326,18 @@ def test_pin_modality_plugin_and_a_plugin_that_raises(clusters, tmp_path):
     pin = {"strategies": {"plugins": [str(PIN_PLUGIN)],
                           "options": {"pin_modality": {"MG": "breast"}}}}
     cluster = clusters("plugins")
-    a = add_peer(cluster, "peera", pin)
-    add_peer(cluster, "peerb", toml.deep_merge(pin, {"archives": [
+    a = cluster.add("peera", config=pin)
+    cluster.add("peerb", config=toml.deep_merge(pin, {"archives": [
         {"name": "local", "adapter": "embedded", "site": "breast"},
         {"name": "breast2", "adapter": "embedded", "site": "breast"}]}))
-    c = add_peer(cluster, "peerc", toml.deep_merge(pin, {"strategies": {
+    c = cluster.add("peerc", config=toml.deep_merge(pin, {"strategies": {
         "plugins": [str(PIN_PLUGIN), str(boom)]}}))
     cluster.wait_mesh()
 
     files = datasets.make_study(tmp_path / "s4", patient_id="PIN0001", size=SIZE,
                                 series=[("MG", 20, ExplicitVRLittleEndian),
                                         ("CT", 60, ExplicitVRLittleEndian)])
-    study = study_of(files)
+    study = dn.study_of(files)
     modality = {dn.sop_uid(p): dcmread(p, stop_before_pixels=True).Modality for p in files}
     proc = storescu(a.port, a.ae_title, files, extra=["-v"])
     out = proc.stdout + proc.stderr

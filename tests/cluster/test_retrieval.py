@@ -13,18 +13,15 @@ TCP_NODELAY=1; the C-MOVE destination is a DCMTK storescp (+B: bytes as received
 """
 from __future__ import annotations
 
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-from pacsp2p.testing import StoreSCP, findscu, storescu, toml
+from pacsp2p.testing import StoreSCP, findscu, storescu
 from pacsp2p.testing.dcmtk import dcmtk_env, dcmtk_path
 from pacsp2p.testing import datasets
 from pacsp2p.testing import dicomnet as dn
@@ -39,29 +36,10 @@ WARNING, ALL_FAILED = 0xB000, 0xA702
 
 # -- helpers --------------------------------------------------------------------------
 
-def add_peer(cluster: Cluster, name: str, extra: dict):
-    """cluster.add(name) with *extra* deep-merged into this peer's config only."""
-    saved = cluster.config
-    cluster.config = toml.deep_merge(saved, extra)
-    try:
-        return cluster.add(name)
-    finally:
-        cluster.config = saved
-
-
 def where(peer, study: str) -> dict[str, set[str]]:
     """{instance uid: {peers holding a replica}} from GET /where?study= of *peer*."""
     rows = get_json(peer, f"where?study={study}", timeout=20)
     return {r["instance"]: {x["peer"] for x in r["replicas"]} for r in rows}
-
-
-def study_of(paths) -> str:
-    return str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-
-
-def clear(directory: Path) -> None:
-    for p in directory.iterdir():
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def store(peer, paths) -> None:
@@ -108,7 +86,7 @@ def cluster(tmp_path_factory, dest):
     c = Cluster(tmp_path_factory.mktemp("retrieval"), {"STORESCP": dest.address})
     try:
         c.start(3)
-        add_peer(c, "peerd", {"archives": []})
+        c.add("peerd", config={"archives": []})
         c.wait_mesh(timeout=30)
         yield c
     finally:
@@ -124,7 +102,7 @@ def study(cluster, tmp_path_factory):
                                 patient_name="RETRIEVAL^PARALLEL", size=SIZE,
                                 series=[("CT", N, ExplicitVRLittleEndian)])
     store(a, files)
-    uid = study_of(files)
+    uid = dn.study_of(files)
     sent = dn.dataset_hashes(files)
     placed = wait_replicated(d, uid, set(sent), 2)
     return files, uid, placed, sent
@@ -143,10 +121,10 @@ def test_a_peer_without_archives_runs_and_stores_into_the_others(cluster, tmp_pa
     files = datasets.make_study(tmp_path / "d", patient_id="RETR0000", size=16,
                                 series=[("CT", 4, ExplicitVRLittleEndian)])
     store(d, files)
-    placed = wait_replicated(a, study_of(files), set(dn.dataset_hashes(files)), 2)
+    placed = wait_replicated(a, dn.study_of(files), set(dn.dataset_hashes(files)), 2)
     assert all(h <= {"peera", "peerb", "peerc"} for h in placed.values()), placed
     rows, proc = findscu(d.port, d.ae_title, {"QueryRetrieveLevel": "IMAGE",
-                                              "StudyInstanceUID": study_of(files),
+                                              "StudyInstanceUID": dn.study_of(files),
                                               "SOPInstanceUID": ""})
     assert proc.returncode == 0 and len(rows) == 4
 
@@ -156,7 +134,7 @@ def test_a_peer_without_archives_runs_and_stores_into_the_others(cluster, tmp_pa
 def test_movescu_at_the_archiveless_peer_uses_several_replica_holders(cluster, study, dest):
     d = cluster[3]
     _files, uid, placed, sent = study
-    clear(dest.directory)
+    dn.clear(dest.directory)
     proc = dn.movescu(d.port, d.ae_title, "STORESCP", move_keys(uid), timeout=180)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -197,7 +175,7 @@ def test_getscu_at_the_archiveless_peer_is_byte_identical(cluster, study, tmp_pa
 def test_kill9_of_a_source_mid_move_costs_no_suboperation(cluster, study, dest):
     a, b, c, d = cluster
     _files, uid, placed, sent = study
-    clear(dest.directory)
+    dn.clear(dest.directory)
     before = max((r["id"] for r in get_json(d)["retrievals"]), default=0)
     argv = [str(dcmtk_path("movescu")), "-S", "-v", "-aet", "MOVESCU", "-aec",
             d.ae_title, "-aem", "STORESCP", "-to", "20", "-ta", "20", "-td", "60",
@@ -256,14 +234,14 @@ def test_kill9_of_a_source_mid_move_costs_no_suboperation(cluster, study, dest):
 
 def test_instances_whose_only_holder_is_dead_are_listed_as_failed(cluster, dest, tmp_path):
     a, b, c, d = cluster[:4]
-    e = add_peer(cluster, "peere", {"cluster": {"replicas": 1, "write_quorum": 1}})
+    e = cluster.add("peere", config={"cluster": {"replicas": 1, "write_quorum": 1}})
     cluster.wait_mesh(timeout=30)
     n = 120
     files = datasets.make_study(tmp_path / "r1", patient_id="RETR0002", size=SIZE,
                                 patient_name="RETRIEVAL^SINGLE", seed=2,
                                 series=[("CT", n, ExplicitVRLittleEndian)])
     store(e, files)
-    uid = study_of(files)
+    uid = dn.study_of(files)
     sent = dn.dataset_hashes(files)
     placed = wait_replicated(d, uid, set(sent), 1)
     by_peer: dict[str, set[str]] = {}
@@ -278,7 +256,7 @@ def test_instances_whose_only_holder_is_dead_are_listed_as_failed(cluster, dest,
     wait_until(lambda: members(d).get(victim_name) == "dead", 30,
                what=f"peerd sees {victim_name} dead")
 
-    clear(dest.directory)
+    dn.clear(dest.directory)
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = uid

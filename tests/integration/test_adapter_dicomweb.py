@@ -22,7 +22,7 @@ from pacsp2p.testing import Orthanc, Peer, StoreSCP, dataset_sha256, findscu
 from pacsp2p.testing import datasets
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import get_json, wait_until
-from pacsp2p.testing.dcmtk import echo
+from pacsp2p.testing.dcmtk import dataset_sha256_of, echo
 from pacsp2p.testing.preload import tiny_corpus, upload_parallel
 
 JOIN_N = 500
@@ -100,14 +100,7 @@ def test_storescu_lands_in_orthanc_byte_identical(peer, pacs, study):
     assert pacs.statistics()["CountInstances"] == len(study)
     for path in study:
         held = orthanc_file(pacs, dn.sop_uid(path))
-        assert dataset_sha256_bytes(held) == dataset_sha256(path), path
-
-
-def dataset_sha256_bytes(data: bytes) -> str:
-    import hashlib
-
-    from pacsp2p.testing.dcmtk import _meta_end
-    return hashlib.sha256(data[_meta_end(data):]).hexdigest()
+        assert dataset_sha256_of(held) == dataset_sha256(path), path
 
 
 def test_findscu_at_the_peer_finds_it(peer, study):
