@@ -1,0 +1,57 @@
+"""Checks for what arrives from the network, before anything uses it.
+
+- UIDs by PS3.5 §9.1: components of digits separated by single dots, no component with a
+  leading zero (except "0" itself), at most 64 characters, nothing else (no padding, no
+  spaces, no slashes). A UID that passes can never name a path outside a directory.
+- AE titles by PS3.5 §6.2 (VR AE): 1-16 characters of the default repertoire, no
+  backslash or control character, not only spaces.
+
+Every front end (facade, bulk channel, AMP commands, REST paths) calls these; nothing
+below them trusts a UID it did not check.
+"""
+
+from __future__ import annotations
+
+import re
+
+UID_MAX = 64
+AE_MAX = 16
+
+_UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*\Z", re.ASCII)
+_AE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}\Z", re.ASCII)
+
+
+class InvalidUID(ValueError):
+    """A UID that breaks PS3.5 §9.1; its message says how (the value shown escaped)."""
+
+
+def is_uid(value) -> bool:
+    """True if *value* is a str holding a valid UID (PS3.5 §9.1)."""
+    return (isinstance(value, str) and 0 < len(value) <= UID_MAX
+            and _UID_RE.match(value) is not None)
+
+
+def check_uid(value, what: str = "UID") -> str:
+    """*value* if it is a valid UID, else raise :class:`InvalidUID` naming *what*."""
+    if is_uid(value):
+        return value
+    if not isinstance(value, str):
+        raise InvalidUID(f"{what}: not text")
+    shown = ascii(value[:80]) + ("..." if len(value) > 80 else "")
+    if not value:
+        raise InvalidUID(f"{what}: empty")
+    if len(value) > UID_MAX:
+        raise InvalidUID(f"{what}: {len(value)} characters (at most {UID_MAX}): {shown}")
+    raise InvalidUID(f"{what}: not digits and dots without leading zeros: {shown}")
+
+
+def is_ae_title(value) -> bool:
+    """True if *value* is a str holding a valid AE title (PS3.5 §6.2, VR AE)."""
+    return (isinstance(value, str) and _AE_RE.match(value) is not None
+            and bool(value.strip()))
+
+
+def shown(value, limit: int = 80) -> str:
+    """*value* as it may appear in a log line: escaped, bounded."""
+    text = value if isinstance(value, str) else repr(value)
+    return ascii(text[:limit]) + ("..." if len(text) > limit else "")
