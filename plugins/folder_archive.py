@@ -13,12 +13,16 @@ it into its catalog, gossips what it found, and serves it to C-FIND, C-MOVE and 
 
 Capabilities: ``open`` and ``crawl`` only. New instances are never placed here (no
 ``store``), and files added after the crawl are not followed (no ``changes``).
-Files that are not DICOM are skipped. ``health`` says whether the directory exists.
+Files that are not DICOM, or whose SOP Instance UID is not a valid UID (PS3.5 §9.1),
+are skipped. ``open`` takes a valid UID only, and opens only a file it found by crawling
+whose real path is inside the directory (a symlink pointing out is refused): a UID is
+never made into a path. ``health`` says whether the directory exists.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,15 +34,16 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from pacsp2p.adapters import config_where
-from pacsp2p.adapters.interface import IArchive
+from pacsp2p.adapters.interface import IArchive, ICrawls, IOpens
 from pacsp2p.config import ConfigError
 from pacsp2p.dicom.header import BadDataset, read_meta
+from pacsp2p.validate import InvalidUID, check_uid, is_uid
 
 log = Logger()
 KNOWN_KEYS = ("path", "page", "crawl_qps")
 
 
-@implementer(IArchive)
+@implementer(IArchive, IOpens, ICrawls)
 class FolderArchive:
     capabilities = frozenset({"open", "crawl"})
     up = True                                   # kept by the peer's health loop
@@ -51,7 +56,7 @@ class FolderArchive:
         self._paths: dict[str, Path] = {}       # SOP Instance UID -> file
 
     @classmethod
-    def from_config(cls, cfg, settings, reactor):
+    def from_config(cls, cfg, settings, reactor, catalog=None):
         where = config_where(cfg, settings)     # "FILE: archives[i]"
         opts = dict(cfg.options)
         for key in opts:
@@ -115,14 +120,30 @@ class FolderArchive:
                 meta = read_meta(path)
             except (BadDataset, OSError):
                 continue                        # not DICOM (a DICOMDIR, a README...)
+            if not is_uid(meta.sop_instance_uid):
+                continue                        # never offered, never opened
             self._paths[meta.sop_instance_uid] = path
             items.append((meta, path.stat().st_size))
         return items
 
     # -- open: the file itself ------------------------------------------------------
     def open(self, sop_instance_uid, sha256=None):
-        def opener():
-            if sop_instance_uid not in self._paths:     # e.g. crawled before a restart
-                self._read_page(self._list())
-            return open(self._paths[sop_instance_uid], "rb")   # KeyError: not held
-        return self._run(opener)
+        try:
+            check_uid(sop_instance_uid, "SOP Instance UID")
+        except InvalidUID as e:
+            return defer.fail(e)
+
+        return self._run(self._open, sop_instance_uid)
+
+    def _open(self, uid):
+        """Blocking: the file of a valid *uid*, found by crawling, inside the directory."""
+        if uid not in self._paths:              # e.g. crawled before a restart
+            self._read_page(self._list())
+        path = self._paths.get(uid)
+        if path is None:
+            raise KeyError(f"{uid} is not held here")
+        root = os.path.realpath(self.root)
+        if not os.path.realpath(path).startswith(root + os.sep):
+            raise PermissionError(f"{uid}: its file resolves outside the archive's "
+                                  "directory")
+        return open(path, "rb")

@@ -1,18 +1,20 @@
 """The embedded archive: instances kept as files on the peer's own disk.
 
 Every instance is kept byte-identical to what was received (same transfer syntax, same
-bytes, private tags and unknown SOP classes included), addressed by SOP Instance UID
-under ``objects/<2 hex of sha1(uid)>/<uid>.dcm``. Writes are atomic: a hard link (or
+bytes, private tags and unknown SOP classes included), addressed by a hash of its SOP
+Instance UID: ``objects/<k[:2]>/<k>.dcm``, ``k`` the hex SHA-256 of the UID (see
+``layout``: no input ever becomes a path; every UID is validated by PS3.5 §9.1 on the
+way in and every path checked to resolve inside ``objects/``; an archive of the older
+UID-named layout is renamed into this one at start). Writes are atomic: a hard link (or
 copy) into ``tmp/``, rename into place, fsync (and, with ``[storage] sync_directories``,
 fsync of the directory, so the rename itself survives a power cut); the ingest records the
 instance in the catalog while the fsync runs, and acknowledges after both. A second, different instance
-with an existing UID is kept beside it as ``<uid>.<sha256[:16]>.dcm`` and reported as a
+with an existing UID is kept beside it as ``<k>.<sha256[:16]>.dcm`` and reported as a
 conflict; the same bytes again are a no-op.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import threading
@@ -22,12 +24,17 @@ from pathlib import Path
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from pacsp2p.adapters import layout
 from pacsp2p.adapters.interface import IArchive
 from pacsp2p.dicom.header import BadDataset, content_hash, read_meta
 from pacsp2p.types import Stored
+from pacsp2p.validate import InvalidUID, check_uid, is_uid
+
+log = Logger()
 
 
 @implementer(IArchive)
@@ -40,6 +47,7 @@ class EmbeddedArchive:
         self.reactor, self.fsync = reactor, fsync
         self.sync_directories = fsync and sync_directories
         self.objects, self.tmp = self.root / "objects", self.root / "tmp"
+        self._inside = layout.Contained(self.objects)
         self._pool = ThreadPool(1, threads, f"archive-{name}")
 
     @classmethod
@@ -71,19 +79,42 @@ class EmbeddedArchive:
         probe = self.tmp / f".probe-{uuid.uuid4().hex}"
         probe.write_bytes(b"")                  # fail at start, not at first C-STORE
         probe.unlink()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Blocking: rename files of the older UID-named layout, once (``layout``)."""
+        if self.objects.is_dir():
+            layout.migrate(self.objects, self.root / "invalid", self.path_for,
+                           log=lambda line: log.info("{line}", line=line),
+                           sync=self.fsync)
 
     def stop(self):
         self._pool.stop()
 
     # -- paths -----------------------------------------------------------------------
     def path_for(self, uid: str, sha256: str | None = None) -> Path:
-        fan = hashlib.sha1(uid.encode()).hexdigest()[:2]
-        name = f"{uid}.dcm" if sha256 is None else f"{uid}.{sha256[:16]}.dcm"
-        return self.objects / fan / name
+        """The file of *uid* (of its version hashing to *sha256*: a conflict). Raises
+        InvalidUID for an invalid UID, ValueError for a *sha256* not hex, OutsideRoot
+        if the path would resolve outside ``objects/`` (a symlink planted there)."""
+        return self._inside(layout.relative(uid, sha256))
+
+    @staticmethod
+    def _refuse(uid):
+        """A failed Deferred if *uid* is not a valid UID (None if it is)."""
+        if is_uid(uid):
+            return None
+        try:
+            check_uid(uid, "SOP Instance UID")
+        except InvalidUID as e:
+            return defer.fail(e)
 
     # -- store -----------------------------------------------------------------------
     def store(self, received: Path, meta):
         """Keep the file; the Deferred fires once it is durable (one job: place, fsync)."""
+        refused = self._refuse(meta.sop_instance_uid)
+        if refused is not None:
+            return refused
+
         def place_and_flush(*args):
             stored = self._store(*args)
             self._flush(meta.sop_instance_uid, stored)
@@ -93,7 +124,8 @@ class EmbeddedArchive:
     def store_unsynced(self, received: Path, meta):
         """Put the file in place; durable only once ``sync`` fires. The ingest records
         the instance in the catalog meanwhile, and answers C-STORE after both."""
-        return self._run(self._store, *self._store_args(received, meta))
+        return self._refuse(meta.sop_instance_uid) or self._run(
+            self._store, *self._store_args(received, meta))
 
     def _store_args(self, received, meta):
         known = getattr(meta, "sha256", "") and getattr(meta, "data_size", 0)
@@ -104,7 +136,7 @@ class EmbeddedArchive:
         """fsync a copy ``store_unsynced`` put in place (and its directory if configured)."""
         if not self.fsync:
             return defer.succeed(None)
-        return self._run(self._flush, uid, stored)
+        return self._refuse(uid) or self._run(self._flush, uid, stored)
 
     def _flush(self, uid: str, stored: Stored) -> None:
         """fsync the copy (a duplicate too: another C-STORE of it may still be running)."""
@@ -124,6 +156,7 @@ class EmbeddedArchive:
             os.close(fd)
 
     def _store(self, received: Path, uid: str, sha: str = "", size: int = 0) -> Stored:
+        check_uid(uid, "SOP Instance UID")
         if not sha:                      # else hashed already, while its header was read
             sha, size = content_hash(received)
         target = self.path_for(uid)
@@ -231,8 +264,15 @@ class EmbeddedArchive:
 
     def discard(self, uid: str, sha256: str):
         """Remove a copy stored but never recorded (a replicated write that failed)."""
+        refused = self._refuse(uid)
+        if refused is not None:
+            return refused
+
         def remove():
-            for path in (self.path_for(uid, sha256), self.path_for(uid)):
+            paths = [self.path_for(uid)]
+            if layout.is_sha(sha256):
+                paths.insert(0, self.path_for(uid, sha256))
+            for path in paths:
                 if path.exists() and content_hash(path)[0] == sha256:
                     path.unlink()
                     return
@@ -240,22 +280,36 @@ class EmbeddedArchive:
 
     # -- read ------------------------------------------------------------------------
     def open(self, uid: str, sha256: str | None = None):
+        refused = self._refuse(uid)
+        if refused is not None:
+            return refused
+
         def opener():
             path = self.path_for(uid)
-            if sha256 is not None and not path.exists():
+            if layout.is_sha(sha256) and not path.exists():
                 path = self.path_for(uid, sha256)
             return open(path, "rb")
         return self._run(opener)
 
     def crawl(self):
-        """Yield (InstanceMeta, Stored) for every file held (blocking)."""
+        """Yield (InstanceMeta, Stored) for every file held (blocking; an archive of the
+        older layout is renamed first). Files not named as the layout names them, or
+        whose UID is invalid, are skipped."""
+        self._migrate()
         for path in sorted(self.objects.glob("*/*.dcm")):
+            if not layout.is_current(path):
+                continue
             try:
                 meta = read_meta(path)
                 sha, size = content_hash(path)
             except BadDataset:
                 continue
-            conflict = path.name != f"{meta.sop_instance_uid}.dcm"
+            if not is_uid(meta.sop_instance_uid):
+                continue
+            k = layout.key(meta.sop_instance_uid)
+            if not path.name.startswith(k):
+                continue                 # not where this UID's copies go
+            conflict = path.name != f"{k}.dcm"
             yield meta, Stored(self.name, sha, size, conflict=conflict)
 
     def health(self):
