@@ -29,6 +29,7 @@ from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian,
                          ExplicitVRLittleEndian, UltrasoundImageStorage)
 from pynetdicom import build_context
 
+from pacsp2p.adapters.layout import key
 from pacsp2p.testing import StoreSCP, dataset_sha256, echo, findscu, storescu, toml
 from pacsp2p.testing import datasets
 from pacsp2p.testing import dicomnet as dn
@@ -400,8 +401,8 @@ def test_same_instance_twice_is_one_and_different_bytes_are_a_conflict(trio, tmp
     held_by = sorted(holders(w[uid]))
     peers = {p.name: p for p in trio}
     for name in held_by:
-        copies = [f for f in dn.archive_files(peers[name].data_dir) if f.name.startswith(uid)]
-        assert [f.name for f in copies] == [f"{uid}.dcm"], copies
+        copies = [f for f in dn.archive_files(peers[name].data_dir) if dn.sop_uid(f) == uid]
+        assert [f.name for f in copies] == [f"{key(uid)}.dcm"], copies
 
     # same UID, other bytes: both kept, the conflict logged and counted
     before = {p.name: get_json(p)["catalog"]["conflicts"] for p in trio}
@@ -417,7 +418,7 @@ def test_same_instance_twice_is_one_and_different_bytes_are_a_conflict(trio, tmp
         wait_until(lambda: get_json(p)["catalog"]["conflicts"] >= before[name] + 1, SYNC,
                    interval=0.5, what=f"conflict counted at {name}")
         versions = {dataset_sha256(f) for f in dn.archive_files(p.data_dir)
-                    if f.name.startswith(uid)}
+                    if f.name.startswith(key(uid))}
         assert versions == {h1, h2}, f"{name} does not keep both byte versions"
         assert "conflict: " + uid in log_text(p)
     assert len(where(a, instance=uid)) == 1           # still one instance

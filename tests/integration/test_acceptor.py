@@ -94,7 +94,8 @@ def store_rq(uid: str, msg_id: int = 1) -> bytes:
 
 
 def held(peer) -> set[str]:
-    return {p.name for p in dn.archive_files(peer.data_dir)}
+    """``<SOP Instance UID>.dcm`` of every file the peer's archive holds."""
+    return {f"{dn.sop_uid(p)}.dcm" for p in dn.archive_files(peer.data_dir)}
 
 
 def wait_until(predicate, timeout: float = 10.0) -> bool:

@@ -91,7 +91,7 @@ def test_truncated_datasets_are_refused_and_old_ones_kept(make_peer, tmp_path, c
             statuses[name] = status.Status if "Status" in status else None
     assert all(s is not None and 0xC000 <= s <= 0xCFFF for s in statuses.values()), \
         {k: hex(v) if v is not None else v for k, v in statuses.items()}
-    held = {p.name for p in dn.archive_files(peer.data_dir)}
+    held = {f"{dn.sop_uid(p)}.dcm" for p in dn.archive_files(peer.data_dir)}
     assert held == {f"{dn.sop_uid(p)}.dcm" for p in files}
     assert list((peer.data_dir / "archives" / "local" / "tmp").iterdir()) == []
     assert_intact(peer, files, tmp_path)
@@ -133,7 +133,7 @@ def test_dataset_of_another_class_than_the_request_is_refused(make_peer, tmp_pat
         finally:
             assoc._reactor_checkpoint.set()
         assert rsp is not None and rsp.Status == 0x0122
-    held = {p.name for p in dn.archive_files(peer.data_dir)}
+    held = {f"{dn.sop_uid(p)}.dcm" for p in dn.archive_files(peer.data_dir)}
     assert held == {f"{dn.sop_uid(files[0])}.dcm"}
     assert_intact(peer, files, tmp_path)
 
@@ -270,7 +270,7 @@ def test_full_archive_disk_answers_out_of_resources(make_peer, tmp_path, small_f
         status = assoc.send_c_store(dcmread(new))
     assert 0xA700 <= status.Status <= 0xA7FF, hex(status.Status)
     held = sorted(small_fs.glob("archive/objects/*/*.dcm"))
-    assert {p.name for p in held} == {f"{dn.sop_uid(p)}.dcm" for p in files}
+    assert {dn.sop_uid(p) for p in held} == {dn.sop_uid(p) for p in files}
     assert dn.dataset_hashes(held) == dn.dataset_hashes(files)
     assert list((small_fs / "archive" / "tmp").iterdir()) == []
     assert_intact(peer, files, tmp_path)
@@ -333,6 +333,6 @@ def test_placement_plugin_that_raises_on_a_peer_alone_stores_nothing(make_peer, 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(dn.archive_files(peer.data_dir)) != len(files):
         time.sleep(0.1)
-    assert {p.name for p in dn.archive_files(peer.data_dir)} == \
-        {f"{dn.sop_uid(p)}.dcm" for p in files}
+    assert {dn.sop_uid(p) for p in dn.archive_files(peer.data_dir)} == \
+        {dn.sop_uid(p) for p in files}
     assert_intact(peer, files, tmp_path)

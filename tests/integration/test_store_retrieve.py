@@ -252,7 +252,7 @@ def test_move_unreadable_instance_is_a_listed_failed_suboperation(make_peer, tmp
         peer = make_peer(destinations={"STORESCP": dest.address}, config=on(engine))
         storescu(peer.port, peer.ae_title, files)
         lost = dn.sop_uid(files[2])
-        [victim] = [p for p in dn.archive_files(peer.data_dir) if p.name == f"{lost}.dcm"]
+        [victim] = [p for p in dn.archive_files(peer.data_dir) if dn.sop_uid(p) == lost]
         victim.unlink()
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
