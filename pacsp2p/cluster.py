@@ -1,7 +1,25 @@
-"""The cluster API: the one door for the facade, the CLI and the web pages.
+"""The cluster API: the one door for the facade, the admin web/CLI and any later front end.
 
-``store``, ``find``, ``retrieve`` and ``status`` hide where instances live (which
-archive, which peer). Called from the reactor thread; everything returns a Deferred.
+Every verb hides where instances live (which archive, which peer); every verb is called
+from the reactor thread and returns at once (a session) or a Deferred. Front ends import
+this module and the value types (``pacsp2p.types``), nothing else of the core.
+
+Verbs:
+
+- ``receive(uid, sop_class, transfer_syntax, head, pause, resume) -> StoreSession`` —
+  an instance arriving (``transfer.session`` documents the session's protocol);
+- ``find(query, return_keys) -> Deferred[list[dict]]`` — one row per matching entity of
+  the whole cluster (de-duplicated over every archive);
+- ``move(query, destination, originator_ae=, originator_msg_id=) -> Deferred[Delivery]``
+  — the instances *query* names, ready to be sent to *destination* (``config.Destination``);
+  ``delivery.refs`` lists them, ``start()`` -> Deferred[final Progress], ``cancel()``,
+  ``listeners`` get each ``Progress``;
+- ``get(query) -> Deferred[Retrieval]`` — the instances, for a front end that sends them
+  itself (C-GET): ``refs`` and ``open(ref) -> Deferred[file]``, the replica chosen and
+  failed over by the cluster;
+- ``where(study=, instance=) -> Deferred[list]`` — each instance and its replicas;
+- ``status() -> Deferred[dict]`` — this peer, its archives, the overlay, work running;
+- ``digest() -> Deferred[dict]`` — the catalog's digest and version vector.
 """
 
 from __future__ import annotations
@@ -11,49 +29,67 @@ import collections
 from twisted.internet import defer
 
 from pacsp2p import __version__
+from pacsp2p.transfer.deliver import Delivery
+from pacsp2p.transfer.direct import make_delivery
 from pacsp2p.transfer.ingest import Ingest
 from pacsp2p.transfer.retrieve import Retrieval
+from pacsp2p.transfer.session import StoreSession
 from pacsp2p.types import Query
+from pacsp2p.validate import check_uid
+
+__all__ = ["Cluster", "Delivery", "Retrieval", "StoreSession"]
 
 
 class Cluster:
-    def __init__(self, settings, catalog, archives, strategies, overlay=None, reactor=None):
+    def __init__(self, settings, catalog, archives, strategies, overlay=None, reactor=None,
+                 crawlers=()):
         self.settings = settings
         self.catalog = catalog
         self.archives = {a.name: a for a in archives}
         self.strategies = strategies
         self.overlay = overlay
         self.reactor = reactor
-        self.crawlers = []
+        self.crawlers = list(crawlers)
         self.retrievals = collections.deque(maxlen=20)    # the latest, for status
         self.ingest = Ingest(settings, self.archives, catalog, strategies, overlay, reactor)
-        if overlay is not None:
-            self.ingest.offers = overlay.offers
 
-    def begin_store(self, uid, sop_class, transfer_syntax, head, pause, resume):
-        """For a C-STORE whose data set starts arriving: a plan to pass to ``store``, or
-        None. A plan with ``feed`` gets each fragment (then ``finish`` or ``abort``): its
-        replicas are made while it arrives; one with ``in_thread(path, meta)`` is called
-        by the thread that wrote the file, once it is complete and its header read."""
+    # -- store -----------------------------------------------------------------------------
+    def receive(self, uid: str, sop_class: str, transfer_syntax: str, head: bytes,
+                pause, resume) -> StoreSession:
+        """A StoreSession for an instance whose data set starts arriving (raises
+        ``validate.InvalidUID`` for a UID that is not one)."""
+        check_uid(uid, "SOP Instance UID")
+        check_uid(sop_class, "SOP Class UID")
         return self.ingest.begin(uid, sop_class, transfer_syntax, head, pause, resume)
 
-    def store(self, received, meta, plan=None):
-        """Keep one received Part-10 file; Deferred[StoreResult] or StoreError."""
-        return self.ingest.store(received, meta, plan)
-
-    def find(self, query, return_keys):
+    # -- query and retrieve ------------------------------------------------------------------
+    def find(self, query: Query, return_keys):
         """Deferred[list of {keyword: value}], one per matching entity."""
         return self.catalog.find(query, return_keys)
 
     @defer.inlineCallbacks
-    def retrieve(self, query):
-        """Deferred[Retrieval] for the instances *query* names."""
+    def _retrieval(self, query: Query):
         refs = yield self.catalog.resolve(query)
         retrieval = Retrieval(refs, self.archives, self.settings.peer.name, self.overlay,
                               self.strategies, self.reactor)
         self.retrievals.append(retrieval)
         return retrieval
 
+    def get(self, query: Query):
+        """Deferred[Retrieval] of the instances *query* names."""
+        return self._retrieval(query)
+
+    @defer.inlineCallbacks
+    def move(self, query: Query, destination, originator_ae: str | None = None,
+             originator_msg_id: int | None = None):
+        """Deferred[Delivery] (not started) of the instances *query* names to
+        *destination*, relayed or sent direct as its ``mode`` says."""
+        retrieval = yield self._retrieval(query)
+        return make_delivery(retrieval, destination, self.settings.facade.ae_title,
+                             self.reactor, originator_ae=originator_ae,
+                             originator_msg_id=originator_msg_id)
+
+    # -- where things are ------------------------------------------------------------------
     @defer.inlineCallbacks
     def where(self, study: str | None = None, instance: str | None = None):
         """Each instance of a study (or one instance) with its replicas and availability."""
@@ -66,6 +102,12 @@ class Cluster:
                  "replicas": [{"peer": loc.peer, "archive": loc.archive,
                                "available": alive(loc.peer)} for loc in r.locations]}
                 for r in refs]
+
+    @defer.inlineCallbacks
+    def digest(self):
+        """The catalog's digest and version vector (what anti-entropy compares)."""
+        d = yield self.catalog.digest()
+        return {"digest": d, "vector": dict(self.catalog.vector)}
 
     @defer.inlineCallbacks
     def status(self):

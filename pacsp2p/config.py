@@ -53,7 +53,6 @@ class FacadeSettings:
     allowed_calling_aes: tuple[str, ...] = ()
     max_pdu: int = 0  # 0 = unlimited
     max_associations: int = 32
-    engine: str = "native"  # "native" (Twisted acceptor) or "pynetdicom"
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,7 @@ class OverlaySettings:
     tls_dir: Path = Path("tls")
     heartbeat: float = 0.5
     phi_threshold: float = 8.0
+    handshake_timeout: float = 10.0   # seconds to complete TLS, else dropped
 
 
 @dataclass(frozen=True)
@@ -203,11 +203,10 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     max_pdu = f.take("max_pdu", int, 0, "an integer (bytes, 0 = unlimited)")
     if max_pdu and not 4096 <= max_pdu <= 2**31:
         raise f.fail("max_pdu", f"must be 0 or 4096..2^31, got {max_pdu}")
-    engine = f.take("engine", str, "native", '"native" or "pynetdicom"')
-    if engine not in ("native", "pynetdicom"):
-        raise f.fail("engine", f'must be "native" or "pynetdicom", got {engine!r}')
+    if "engine" in f.table:
+        raise f.fail("engine", "was removed: the facade has one engine (the Twisted "
+                               "acceptor); delete this line")
     facade = FacadeSettings(
-        engine=engine,
         ae_title=f.ae("ae_title", DEFAULT_AE),
         port=f.port("port", DEFAULT_PORT),
         bind=f.take("bind", str, "0.0.0.0", "an address string"),
@@ -280,12 +279,16 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         heartbeat = o.take("heartbeat", (int, float), 0.5, "seconds (a number)")
         if not 0.05 <= heartbeat <= 10:
             raise o.fail("heartbeat", f"must be 0.05-10 seconds, got {heartbeat}")
+        handshake = o.take("handshake_timeout", (int, float), 10.0, "seconds (a number)")
+        if not 0.1 <= handshake <= 300:
+            raise o.fail("handshake_timeout", f"must be 0.1-300 seconds, got {handshake}")
         overlay = OverlaySettings(
             port=port, bulk_port=o.port("bulk_port", port + 1),
             bind=o.take("bind", str, "0.0.0.0", "an address string"),
             advertise=o.take("advertise", str, "", "a host name or address"),
             seeds=tuple(seeds), tls_dir=tls_path, heartbeat=float(heartbeat),
-            phi_threshold=float(o.take("phi_threshold", (int, float), 8.0, "a number")))
+            phi_threshold=float(o.take("phi_threshold", (int, float), 8.0, "a number")),
+            handshake_timeout=float(handshake))
         o.done()
 
     c = table("cluster")

@@ -48,11 +48,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pacsp2p.adapters.http import HTTPError, Unreachable
-from pacsp2p.adapters.interface import IArchive
+from pacsp2p.adapters.interface import IArchive, ICrawls, IFollows, IOpens, ISends, IStores
 from pacsp2p.adapters.rest import RestArchive
 from pacsp2p.catalog.attributes import STORED
 from pacsp2p.dicom.header import content_hash
-from pacsp2p.transfer.deliver import dataset_start
+from pacsp2p.dicom.part10 import dataset_start
 from pacsp2p.types import InstanceMeta, Stored
 
 log = Logger()
@@ -125,7 +125,7 @@ class _Lru:
             self._d.clear()
 
 
-@implementer(IArchive)
+@implementer(IArchive, IStores, IOpens, ISends, ICrawls, IFollows)
 class OrthancArchive(RestArchive):
     capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
     kind, product = "orthanc", "Orthanc"
@@ -146,7 +146,7 @@ class OrthancArchive(RestArchive):
         self._stopping = False
 
     @classmethod
-    def from_config(cls, cfg, settings, reactor):
+    def from_config(cls, cfg, settings, reactor, catalog=None):
         opts = cls.options(cfg, settings, KNOWN_KEYS)
         return cls(cfg.name, reactor, url=opts["url"], username=opts.get("username"),
                    password=opts.get("password"), site=cfg.site,

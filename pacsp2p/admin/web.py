@@ -43,8 +43,7 @@ def _arg(request, name: bytes) -> str | None:
 def site(cluster) -> server.Site:
     root = resource.Resource()
     root.putChild(b"status", _Json(cluster.status))
-    root.putChild(b"digest", _Json(lambda: cluster.catalog.digest().addCallback(
-        lambda d: {"digest": d, "vector": dict(cluster.catalog.vector)})))
+    root.putChild(b"digest", _Json(cluster.digest))
     root.putChild(b"where", _Json(None, lambda req: cluster.where(
         study=_arg(req, b"study"), instance=_arg(req, b"instance"))))
     s = server.Site(root)

@@ -34,6 +34,7 @@ MOVE_DESTINATION = 0x0600
 PRIORITY = 0x0700
 DATA_SET_TYPE = 0x0800
 STATUS = 0x0900
+ERROR_COMMENT = 0x0902
 AFFECTED_SOP_INSTANCE = 0x1000
 REMAINING, COMPLETED, FAILED, WARNING = 0x1020, 0x1021, 0x1022, 0x1023
 ORIGINATOR_AE, ORIGINATOR_MSG_ID = 0x1030, 0x1031
@@ -66,14 +67,17 @@ def c_store_rq(msg_id: int, sop_class: str, sop_instance: str,
 
 
 def response(field: int, responded_to: int, status: int, sop_class: bytes = b"",
-             sop_instance: bytes = b"", data_set: bool = False, counts=None) -> bytes:
+             sop_instance: bytes = b"", data_set: bool = False, counts=None,
+             comment: str = "") -> bytes:
     """A response command set; *counts* (remaining or None, completed, failed, warning)
-    for C-GET/C-MOVE."""
+    for C-GET/C-MOVE; *comment*: an Error Comment (LO, at most 64 characters)."""
     fields = []
     if sop_class:
         fields.append((AFFECTED_SOP_CLASS, sop_class))
     fields += [(COMMAND_FIELD, field), (RESPONDED_TO, responded_to),
                (DATA_SET_TYPE, 0 if data_set else NO_DATA_SET), (STATUS, status)]
+    if comment:
+        fields.append((ERROR_COMMENT, comment.encode("ascii", "replace")[:64]))
     if sop_instance:
         fields.append((AFFECTED_SOP_INSTANCE, sop_instance))
     if counts is not None:

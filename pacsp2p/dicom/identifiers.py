@@ -12,6 +12,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 
 from pacsp2p.catalog.attributes import COMPUTED, LEVELS, STORED
 from pacsp2p.types import Query
+from pacsp2p.validate import is_uid, shown
 
 
 class IdentifierError(ValueError):
@@ -48,6 +49,12 @@ def to_query(identifier: Dataset, root: str) -> tuple[Query, list[str]]:
             order.append(kw)
             if elem.VR != "SQ":
                 keys[kw] = _raw(elem)
+            if elem.VR == "UI" and keys[kw]:
+                bad = [u for u in keys[kw].split("\\") if not is_uid(u) and u != "*"]
+                if bad:
+                    raise IdentifierError(f"{kw}: not a valid UID: {shown(bad[0])}")
+    except IdentifierError:
+        raise
     except Exception as e:  # a malformed identifier, whatever pydicom raises
         raise IdentifierError(f"cannot decode identifier: {e}") from e
     return Query(level, keys, root), order

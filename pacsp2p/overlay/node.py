@@ -20,7 +20,9 @@ log = Logger()
 
 
 class Overlay:
-    def __init__(self, settings, catalog, archives: dict, reactor):
+    def __init__(self, settings, catalog, archives: dict, reactor, responders=None):
+        """*responders*: called with this overlay, returns what answers the peers'
+        replica commands (Replicate, Commit, Discard, Drop, SendTo, pushed streams)."""
         o = settings.overlay
         self.settings, self.o = settings, o
         self.catalog, self.archives, self.reactor = catalog, archives, reactor
@@ -41,16 +43,20 @@ class Overlay:
         self.membership.on_vector.append(self.sync.compare)
         self._ports = []
         self.offers: dict = {}          # token -> opener of a file offered to a peer
+        if responders is not None:
+            self.membership.services = responders(self)
 
     def start(self):
         self.pool.start()
         options = self.credentials.options()
-        self._ports.append(self.reactor.listenSSL(
-            self.o.port, self.membership.factory(), options, interface=self.o.bind))
-        self._ports.append(self.reactor.listenSSL(
-            self.o.bulk_port, bulk.site(self.catalog, self.archives, self.pool, self.reactor,
-                                        self.offers),
-            options, interface=self.o.bind))
+        timeout = self.o.handshake_timeout          # else idle sockets pile up (issue 11)
+        self._ports.append(tls.listen(
+            self.reactor, self.o.port, self.membership.factory(), options, self.o.bind,
+            f"overlay port {self.o.port}", timeout))
+        self._ports.append(tls.listen(
+            self.reactor, self.o.bulk_port,
+            bulk.site(self.catalog, self.archives, self.pool, self.reactor, self.offers),
+            options, self.o.bind, f"bulk port {self.o.bulk_port}", timeout))
         for port in self._ports:             # accepted sockets inherit it (Linux)
             port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.membership.start()
@@ -83,4 +89,8 @@ class Overlay:
 
     def status(self) -> dict:
         return {"members": self.membership.status(), "vector": dict(self.catalog.vector),
-                "facts_pulled": self.sync.pulled}
+                "facts_pulled": self.sync.pulled,
+                "handshakes": {p.guard.what: {"pending": p.guard.pending,
+                                               "expired": p.guard.expired,
+                                               "refused": p.guard.refused}
+                               for p in self._ports}}

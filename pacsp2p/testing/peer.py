@@ -1,7 +1,6 @@
 """A real pacsp2p peer process (`twistd -n pacsp2p --config FILE`) for tests and benches."""
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -26,8 +25,6 @@ class Peer(Server):
     *config* is deep-merged over the generated config (e.g. {"archives": [...]}).
     The admin web listens on a free loopback port too (``admin_url``).
     Ready when its facade answers C-ECHO; stopped by PID (SIGTERM, then SIGKILL).
-    ``PACSP2P_TEST_FACADE_ENGINE`` (environment), when set, is the ``[facade] engine`` of
-    every peer whose *config* does not choose one: a whole suite runs on either engine.
     """
 
     def __init__(self, workdir: Path | str | None = None, *, name: str = "test",
@@ -75,9 +72,6 @@ class Peer(Server):
             "admin": {"bind": LOOPBACK, "port": self.admin_port},
             "destinations": self.destinations,
         }
-        engine = os.environ.get("PACSP2P_TEST_FACADE_ENGINE")
-        if engine:
-            base["facade"]["engine"] = engine
         return toml.deep_merge(base, self.overrides)
 
     def write_config(self) -> Path:

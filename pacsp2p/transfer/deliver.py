@@ -16,14 +16,10 @@ sub-operations; the one on the wire finishes and is counted.
 
 from __future__ import annotations
 
-import io
 import queue
-import struct
 from dataclasses import dataclass
 
-from pydicom import dcmread
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.dsutils import encode
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.status import code_to_category
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -31,17 +27,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pacsp2p.dicom import contexts, scu
+from pacsp2p.dicom.part10 import BadFile, convert, dataset_start
 
 log = Logger()
-
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-             b"UR", b"UT", b"UV"}
-_HEAD = 16384
-
-
-class BadFile(Exception):
-    """A stored file that is not a DICOM Part-10 file we can send."""
-
 
 @dataclass(frozen=True)
 class Progress:
@@ -55,69 +43,6 @@ class Progress:
     cancelled: bool = False
     error: str | None = None          # the destination could not be reached
     failed_uids: tuple[str, ...] = ()
-
-
-def dataset_start(f) -> tuple[str, str]:
-    """Position *f* at the data set after the File Meta Information (group 0002);
-    return (transfer syntax UID, media storage SOP instance UID). The end of group 0002
-    is found by walking its elements and checked against its group length."""
-    head = f.read(_HEAD)
-    if len(head) < 144 or head[128:132] != b"DICM":
-        raise BadFile("not a DICOM Part-10 file (no 'DICM' after the preamble)")
-    pos, values, group_length, meta_start = 132, {}, None, 0
-    for _ in range(10000):
-        if pos + 8 > len(head):
-            more = f.read(_HEAD)
-            if not more:
-                break
-            head += more
-            continue
-        group, elem = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002:
-            break
-        vr = head[pos + 4:pos + 6]
-        if vr in _LONG_VRS:
-            if pos + 12 > len(head):
-                more = f.read(_HEAD)
-                if not more:
-                    raise BadFile("file meta information ends early")
-                head += more
-                continue
-            (length,) = struct.unpack_from("<I", head, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", head, pos + 6)
-            start = pos + 8
-        while start + length > len(head):
-            more = f.read(max(_HEAD, start + length - len(head)))
-            if not more:
-                raise BadFile("file meta information ends early")
-            head += more
-        values[elem] = head[start:start + length]
-        if elem == 0 and length == 4:
-            group_length = struct.unpack_from("<I", head, start)[0]
-            meta_start = start + 4
-        pos = start + length
-    if group_length is not None and meta_start + group_length != pos:
-        log.warn("file meta group length {gl} disagrees with its elements ({n}): "
-                 "using the elements", gl=group_length, n=pos - meta_start)
-    ts = values.get(0x0010, b"").rstrip(b"\0 ").decode("ascii", "replace")
-    if not ts:
-        raise BadFile("file meta information has no transfer syntax")
-    f.seek(pos)
-    return ts, values.get(0x0003, b"").rstrip(b"\0 ").decode("ascii", "replace")
-
-
-def convert(f, target: str) -> io.BytesIO:
-    """The data set of Part-10 file *f* re-encoded in uncompressed *target* (decompressed
-    first if needed; the SOP Instance UID is kept). Closes *f*."""
-    with f:
-        f.seek(0)
-        ds = dcmread(f)
-    if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
-        ds.decompress(generate_instance_uid=False)
-    target = UID(target)
-    return io.BytesIO(encode(ds, target.is_implicit_VR, target.is_little_endian))
 
 
 def _close(f) -> None:

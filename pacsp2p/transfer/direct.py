@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from pacsp2p.overlay.commands import SendTo
 from pacsp2p.transfer.deliver import Delivery, Progress, Tally
 from pacsp2p.transfer.retrieve import Retrieval
+from pacsp2p.types import Query
 
 log = Logger()
 
@@ -154,21 +155,18 @@ class DirectDelivery(Tally):
         return []
 
 
-def send_for(cluster, destination, calling_ae, originator_ae, originator_msg_id,
-             uids: list[str], reactor):
+def send_for(catalog, archives, me, destination, calling_ae, originator_ae,
+             originator_msg_id, uids: list[str], reactor):
     """The SendTo responder: send the instances this peer's archives hold."""
-    from pacsp2p.types import Query
 
     @defer.inlineCallbacks
     def run():
-        refs = yield cluster.catalog.resolve(Query("IMAGE", {"SOPInstanceUID":
-                                                              "\\".join(uids)}))
-        me = cluster.settings.peer.name
+        refs = yield catalog.resolve(Query("IMAGE", {"SOPInstanceUID": "\\".join(uids)}))
         mine = [r for r in refs if any(loc.peer == me for loc in r.locations)]
         missing = sorted(set(uids) - {r.sop_instance_uid for r in mine})
         log.info("direct delivery: sending {n} instances to {ae} for {ae_from}",
                  n=len(mine), ae=destination.ae_title, ae_from=calling_ae)
-        sub = Retrieval(mine, cluster.archives, me, None, reactor=reactor)
+        sub = Retrieval(mine, archives, me, None, reactor=reactor)
         delivery = Delivery(sub, destination, calling_ae, reactor,
                             originator_ae=originator_ae or None,
                             originator_msg_id=originator_msg_id or None)

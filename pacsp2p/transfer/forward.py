@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from pacsp2p.dicom.header import BadDataset, sniff
 from pacsp2p.overlay.commands import ReplicaClose, ReplicaData, ReplicaOpen
+from pacsp2p.transfer.session import StoreSession
 from pacsp2p.types import InstanceInfo, InstanceMeta
 
 log = Logger()
@@ -107,17 +108,17 @@ def drop_all(copies) -> None:
             lambda _: None)
 
 
-class Forward:
-    """Early placement and pushes for one C-STORE (reactor side).
+class Forward(StoreSession):
+    """Early placement and pushes for one C-STORE (reactor side): a StoreSession.
 
-    ``feed`` every data set fragment, then ``finish`` once it is complete, or ``abort``.
+    ``feed`` every data set fragment, then ``complete`` once it is whole, or ``abort``.
     After placement, ``ranked`` is the placement's answer and ``early`` maps each remote
     target of the first wave, ``(peer, archive)``, to its Deferred[_Copy].
     """
 
     def __init__(self, ingest, uid: str, sop_class: str, transfer_syntax: str, head: bytes,
                  pause, resume):
-        self.ingest = ingest
+        super().__init__(ingest)
         self.uid, self.sop_class, self.ts = uid, sop_class, transfer_syntax
         self.head, self.pause, self.resume = head, pause, resume
         self.prefix: list | None = []
@@ -137,7 +138,9 @@ class Forward:
                 self.tried = self.seen
                 self._sniff()
 
-    def finish(self) -> None:
+    streams = True
+
+    def complete(self) -> None:
         if self.prefix is not None and self.ranked is None:
             self._sniff(complete=True)           # e.g. an object without pixel data
         self.prefix = None

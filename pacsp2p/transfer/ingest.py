@@ -37,6 +37,8 @@ from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.transfer.forward import Forward, drop_all
 from pacsp2p.transfer.replicas import record
+from pacsp2p.transfer.retrieve import Retrieval
+from pacsp2p.transfer.session import Plain, StoreSession
 from pacsp2p.types import (ArchiveInfo, InstanceInfo, Location, Query, Stored, StoreError,
                            StoreResult)
 
@@ -71,23 +73,23 @@ class _Offer:
             self.offers.pop(self.token, None)
 
 
-class OneJob:
+class OneJob(StoreSession):
     """A peer alone with one archive that can ``keep``: the thread that wrote the data set
-    starts its fsync (``begin``), reads its header, keeps it in the archive and asks the
-    reactor to place and record it while the fsync runs (``in_thread``) — one thread
+    starts its fsync (``written``), reads its header, keeps it in the archive and asks the
+    reactor to place and record it while the fsync runs (``header_read``) — one thread
     hop per C-STORE instead of three, and the fsync overlapped with the rest."""
 
     def __init__(self, ingest, archive):
-        self.ingest, self.archive = ingest, archive
-        self.kept = None                       # the Stored, once in_thread kept it
+        super().__init__(ingest)
+        self.archive = archive
         self.flushed = None
         self.recorded = defer.Deferred()       # StoreResult, or StoreError
 
-    def begin(self, path):
+    def written(self, path):
         """Thread pool, the file is complete: start its fsync."""
         self.flushed = self.archive.begin_flush(path)
 
-    def in_thread(self, path, meta):
+    def header_read(self, path, meta):
         """Thread pool, its header read: keep, have it recorded (reactor), wait for the
         fsync. Raises OSError (the C-STORE then fails with Out of Resources)."""
         self.kept = self.archive.keep(path, meta)
@@ -154,7 +156,8 @@ class Ingest:
         self.archives = {n: a for n, a in archives.items() if "store" in a.capabilities}
         self.catalog, self.strategies, self.overlay = catalog, strategies, overlay
         self.reactor = reactor
-        self.offers: dict[str, object] = {}      # token -> opener, served on /incoming
+        # token -> opener, served on our bulk channel's /incoming
+        self.offers: dict[str, object] = overlay.offers if overlay is not None else {}
         self.counts: dict = {}
         # copies made: on our own archives, pushed while arriving, fetched once complete
         self.copies = {"local": 0, "pushed": 0, "fetched": 0}
@@ -201,25 +204,26 @@ class Ingest:
     def first_wave(self, ranked) -> list[ArchiveInfo]:
         return [r for r in ranked if r.alive][:self.replicas]
 
-    def begin(self, uid, sop_class, transfer_syntax, head, pause, resume):
+    def begin(self, uid, sop_class, transfer_syntax, head, pause, resume) -> StoreSession:
         """For a C-STORE starting: a Forward (remote holders get the data set as it
-        arrives), a OneJob (alone, with one archive that can ``keep``), or None."""
+        arrives), a OneJob (alone, with one archive that can ``keep``), or a Plain."""
         if self.overlay is not None:
             return Forward(self, uid, sop_class, transfer_syntax, head, pause, resume)
         if len(self.archives) == 1 and self.replicas == 1 and self.quorum <= 1:
             archive = next(iter(self.archives.values()))
             if "keep" in archive.capabilities:
                 return OneJob(self, archive)
-        return None
+        return Plain(self)
 
     # -- store -----------------------------------------------------------------------
     @defer.inlineCallbacks
-    def store(self, received, meta, forward=None):
-        if isinstance(forward, OneJob):
-            if forward.kept is not None:
-                result = yield forward.recorded
-                return result
-            forward = None
+    def store(self, received, meta, session=None):
+        """Keep the received file on R archives (see the module docstring); *session*,
+        the StoreSession ``begin`` made for it, if any."""
+        if isinstance(session, OneJob) and session.kept is not None:
+            result = yield session.recorded
+            return result
+        forward = session if isinstance(session, Forward) else None
         a = meta.attributes
         info = InstanceInfo(meta.sop_instance_uid, meta.sop_class_uid,
                             a.get("StudyInstanceUID", ""), a.get("SeriesInstanceUID", ""),
@@ -346,7 +350,7 @@ class Ingest:
     @defer.inlineCallbacks
     def _copy_local(self, target, received, meta):
         archive = self.archives[target.name]
-        if hasattr(archive, "store_unsynced"):      # record while the fsync runs
+        if "store_unsynced" in archive.capabilities:    # record while the fsync runs
             stored = yield archive.store_unsynced(received, meta)
             synced = archive.sync(meta.sop_instance_uid, stored)
         else:
@@ -463,7 +467,6 @@ class Ingest:
     @defer.inlineCallbacks
     def _copy_to(self, ref, peer, archive):
         """Copy an instance the cluster holds to archive *archive* of another peer."""
-        from pacsp2p.transfer.retrieve import Retrieval
         source = Retrieval([ref], self.archives, self.peer, self.overlay, reactor=self.reactor)
         token = secrets.token_urlsafe(16)
         self.offers[token] = lambda: source.open(ref)

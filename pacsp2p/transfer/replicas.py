@@ -23,7 +23,9 @@ from twisted.logger import Logger
 from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove
+from pacsp2p.config import Destination
 from pacsp2p.overlay.commands import ReplicaRefused, as_refusal
+from pacsp2p.transfer.direct import send_for
 from pacsp2p.types import InstanceMeta
 
 log = Logger()
@@ -43,7 +45,6 @@ class ReplicaService:
         self.pending: dict[tuple, tuple] = {}
         self.streams: dict[tuple, _Stream] = {}    # (link, stream id) -> data set arriving
         self.spares = None
-        self.cluster = None                 # set by the service (for direct delivery)
         self._janitor = task.LoopingCall(self._expire)
         self._janitor.clock = reactor
 
@@ -180,10 +181,9 @@ class ReplicaService:
     def send_to(self, ae_title, host, port, calling_ae, originator_ae, originator_msg_id,
                 uids):
         """Direct delivery: send what our archives hold of *uids* to the destination."""
-        from pacsp2p.config import Destination
-        from pacsp2p.transfer.direct import send_for
-        return send_for(self.cluster, Destination(ae_title, host, port), calling_ae,
-                        originator_ae, originator_msg_id, uids, self.reactor)
+        return send_for(self.catalog, self.archives, self.peer,
+                        Destination(ae_title, host, port), calling_ae, originator_ae,
+                        originator_msg_id, uids, self.reactor)
 
     def _expire(self):
         now = self.reactor.seconds()

@@ -26,7 +26,7 @@ from pacsp2p.testing import dataset_sha256, datasets, echo, findscu, storescu
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.dcmtk import _meta_end
 
-NATIVE = {"facade": {"engine": "native"}}
+
 STUDY = datasets.uid("acceptor-study")
 
 
@@ -111,7 +111,7 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
 def test_requestor_leaving_mid_store_leaves_nothing(make_peer, tmp_path, how):
     """Half of a 2 MB data set, then A-ABORT (or the TCP connection just closes): no file
     stays in incoming, nothing is stored or recorded, and the peer serves on."""
-    peer = make_peer(config=NATIVE)
+    peer = make_peer()
     path, data = ct_file(tmp_path, "cut", 1024)
     uid = dn.sop_uid(path)
     raw = RawAssociation(peer.port, peer.ae_title,
@@ -150,7 +150,7 @@ def test_requestor_leaving_mid_store_leaves_nothing(make_peer, tmp_path, how):
 def test_pdu_larger_than_our_maximum_is_received(make_peer, tmp_path):
     """We advertise 16 KB; a requestor that sends the whole 600 KB data set in one PDU
     (and its command in another) still gets its instance stored byte-identical."""
-    peer = make_peer(config={"facade": {"engine": "native", "max_pdu": 16384}})
+    peer = make_peer(config={"facade": {"max_pdu": 16384}})
     path, data = ct_file(tmp_path, "big-pdu", 550)
     assert len(data) > 500_000
     raw = RawAssociation(peer.port, peer.ae_title,
@@ -171,7 +171,7 @@ def test_pdu_larger_than_our_maximum_is_received(make_peer, tmp_path):
 def test_many_small_pdus_and_pdvs_split_anywhere(make_peer, tmp_path):
     """Data set fragments of 1..997 bytes, several PDVs per PDU, the PDU bytes written
     to the socket in pieces that cut headers in half: reassembled exactly."""
-    peer = make_peer(config=NATIVE)
+    peer = make_peer()
     path, data = ct_file(tmp_path, "split", 64)
     raw = RawAssociation(peer.port, peer.ae_title,
                          [(1, CTImageStorage, [ExplicitVRLittleEndian])])
@@ -199,7 +199,7 @@ def test_many_small_pdus_and_pdvs_split_anywhere(make_peer, tmp_path):
 
 def test_concurrent_associations_store_together(make_peer, tmp_path):
     """Two associations open at once, each storing while the other is open."""
-    peer = make_peer(config=NATIVE)
+    peer = make_peer()
     files = [ct_file(tmp_path, f"c{i}", 32)[0] for i in range(20)]
     halves = [files[:10], files[10:]]
     statuses: list = [[], []]
@@ -222,7 +222,7 @@ def test_concurrent_associations_store_together(make_peer, tmp_path):
 
 
 def test_max_associations_rejects_the_one_too_many(make_peer):
-    peer = make_peer(config={"facade": {"engine": "native", "max_associations": 1}})
+    peer = make_peer(config={"facade": {"max_associations": 1}})
     raw = RawAssociation(peer.port, peer.ae_title,
                          [(1, "1.2.840.10008.1.1", [ExplicitVRLittleEndian])])
     try:

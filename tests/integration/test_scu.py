@@ -23,7 +23,7 @@ from twisted.internet.threads import blockingCallFromThread
 
 from pacsp2p.dicom import scu
 from pacsp2p.testing import StoreSCP, dataset_sha256, datasets, free_port
-from pacsp2p.transfer.deliver import dataset_start
+from pacsp2p.dicom.part10 import dataset_start
 
 ALL = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless]
 # one context per (class, syntax): an acceptor accepts one syntax per context

@@ -3,7 +3,6 @@
 One peer (module scope) receives a CT+MR study holding Explicit VR LE, Implicit VR LE,
 RLE Lossless and private-tag instances; DCMTK echoscu/storescu/findscu/movescu/getscu
 and a pynetdicom client talk to it. The last test restarts the peer and finds it all.
-Every test runs against both facade engines (the native acceptor and pynetdicom).
 """
 from __future__ import annotations
 
@@ -49,16 +48,6 @@ def write_study(directory: Path, study_uid: str = STUDY, series=SERIES, size: in
     return paths
 
 
-@pytest.fixture(scope="module", params=["native", "pynetdicom"])
-def engine(request) -> str:
-    """The facade engine of the peers of this module."""
-    return request.param
-
-
-def on(engine: str) -> dict:
-    return {"facade": {"engine": engine}}
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> list[Path]:
     return write_study(tmp_path_factory.mktemp("sr-study"))
@@ -72,10 +61,10 @@ def scp(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stored_peer(tmp_path_factory, study, scp, engine):
+def stored_peer(tmp_path_factory, study, scp):
     """A peer that has received the study through DCMTK storescu."""
     peer = Peer(tmp_path_factory.mktemp("sr-peer"), name="sr",
-                destinations={"STORESCP": scp.address}, config=on(engine))
+                destinations={"STORESCP": scp.address})
     with peer:
         results = dn.store_unconverted(peer.port, peer.ae_title, study, extra=["-v"])
         peer.store_output = "\n".join(r.stdout + r.stderr for r in results)
@@ -242,14 +231,14 @@ def test_pynetdicom_move_with_exact_counts(stored_peer, study, scp):
     assert len(scp.files()) == n
 
 
-def test_move_unreadable_instance_is_a_listed_failed_suboperation(make_peer, tmp_path, engine):
+def test_move_unreadable_instance_is_a_listed_failed_suboperation(make_peer, tmp_path):
     """An instance whose archive file vanished (disk damage) fails its sub-operation; the
     others are delivered; the final response is 0xB000 and lists the lost UID."""
     files = write_study(tmp_path / "study", study_uid=datasets.uid("sr-lost"),
                         series=[(1, "CT", 4, ExplicitVRLittleEndian, False)], size=16,
                         patient_id="SR0002")
     with StoreSCP(tmp_path / "received", extra=["+B"]) as dest:
-        peer = make_peer(destinations={"STORESCP": dest.address}, config=on(engine))
+        peer = make_peer(destinations={"STORESCP": dest.address})
         storescu(peer.port, peer.ae_title, files)
         lost = dn.sop_uid(files[2])
         [victim] = [p for p in dn.archive_files(peer.data_dir) if dn.sop_uid(p) == lost]
@@ -271,7 +260,7 @@ def test_move_unreadable_instance_is_a_listed_failed_suboperation(make_peer, tmp
             dn.sop_uid(p) for p in files if dn.sop_uid(p) != lost)
 
 
-def test_cancel_of_a_move_stops_it(make_peer, tmp_path, engine):
+def test_cancel_of_a_move_stops_it(make_peer, tmp_path):
     """C-CANCEL during a C-MOVE of a larger study: final status Cancel (0xFE00), fewer
     than all instances delivered, and the counts say exactly what was delivered."""
     n = 150
@@ -279,7 +268,7 @@ def test_cancel_of_a_move_stops_it(make_peer, tmp_path, engine):
     files = write_study(tmp_path / "big", study_uid=study_uid, size=128, patient_id="SR0003",
                         series=[(1, "MR", n, ExplicitVRLittleEndian, False)])
     with StoreSCP(tmp_path / "received", extra=["+B"]) as dest:
-        peer = make_peer(destinations={"STORESCP": dest.address}, config=on(engine))
+        peer = make_peer(destinations={"STORESCP": dest.address})
         storescu(peer.port, peer.ae_title, files)
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"

@@ -1,14 +1,15 @@
-"""The native facade: the Twisted DICOM acceptor (``dicom.acceptor``) serving the cluster.
+"""The facade as a service: the Twisted DICOM acceptor (``dicom.acceptor``) serving the
+cluster API on ``[facade] port``.
 
-Selected by ``[facade] engine = "native"``; the pynetdicom SCP (``dicom.facade``) stays
-available as ``engine = "pynetdicom"``. Same AE title, port, bind address,
-``allowed_calling_aes``, ``max_pdu`` and ``max_associations``, same services and
-statuses; no association threads: everything but file work runs in the reactor.
+No association threads: everything but file work runs in the reactor. A child of the
+peer's service tree (``service.PeerService``): started once the cluster can answer,
+stopped first (open associations are aborted).
 """
 
 from __future__ import annotations
 
 from pynetdicom import AE
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -16,7 +17,7 @@ from pacsp2p.dicom import contexts
 from pacsp2p.dicom.acceptor import AcceptorFactory
 from pacsp2p.dicom.incoming import Spares, receive_pool
 from pacsp2p.dicom.scu import file_pool
-from pacsp2p.dicom.services import Services
+from pacsp2p.facade.services import Services
 
 log = Logger()
 
@@ -28,7 +29,9 @@ def supported_contexts() -> list:
     return ae.supported_contexts
 
 
-class NativeFacade:
+class Facade(service.Service):
+    name = "facade"
+
     def __init__(self, settings, cluster, reactor):
         self.settings = settings
         self.fs = settings.facade
@@ -37,24 +40,31 @@ class NativeFacade:
         self.incoming = settings.data_dir / "incoming"
         self.port = None
         self.factory = None
+        self.spares = None
 
-    def start(self) -> None:
+    def startService(self) -> None:
         self.incoming.mkdir(parents=True, exist_ok=True)
         for leftover in self.incoming.iterdir():      # before serving: a crash's leftovers
             leftover.unlink(missing_ok=True)
         self.spares = Spares(self.incoming, self.reactor)
-        services = Services(self, receive_pool(self.reactor), file_pool(self.reactor),
-                            self.spares)
+        services = Services(self.settings, self.cluster, self.reactor,
+                            receive_pool(self.reactor), file_pool(self.reactor), self.spares)
         self.factory = AcceptorFactory(
             self.reactor, services, supported_contexts(), max_pdu=self.fs.max_pdu,
             max_associations=self.fs.max_associations,
             allowed_calling_aes=self.fs.allowed_calling_aes)
-        self.port = self.reactor.listenTCP(self.fs.port, self.factory, backlog=64,
-                                           interface=self.fs.bind)
-        log.info("facade {ae} listening on {bind}:{port} (native acceptor)",
+        try:
+            self.port = self.reactor.listenTCP(self.fs.port, self.factory, backlog=64,
+                                               interface=self.fs.bind)
+        except Exception:
+            self.spares.stop()
+            raise
+        super().startService()
+        log.info("facade {ae} listening on {bind}:{port}",
                  ae=self.fs.ae_title, bind=self.fs.bind, port=self.fs.port)
 
-    def stop(self):
+    def stopService(self):
+        super().stopService()
         if self.port is None:
             return defer.succeed(None)
         port, self.port = self.port, None

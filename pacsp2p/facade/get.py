@@ -1,0 +1,217 @@
+"""C-GET (PS3.4 annex C.4.3, PS3.7 9.1.4) of the facade, run in the reactor.
+
+Sub-operations are C-STORE-RQs on the requestor's own association, over the storage
+contexts it accepted with the SCP role. An instance goes as its stored bytes when the
+requestor accepted the stored transfer syntax for its class; otherwise it is re-encoded
+(decompressed if needed, content and UIDs kept) into an accepted uncompressed syntax, in
+the file pool; with neither, its sub-operation fails (counted, and logged once per
+C-GET, not once per instance). One Pending response after each sub-operation; Cancel,
+Warning 0xB000 and Failure 0xA702 finals carry the Failed SOP Instance UID List.
+"""
+
+from __future__ import annotations
+
+from pynetdicom.status import code_to_category
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from pacsp2p.dicom import contexts, dimse
+from pacsp2p.dicom.part10 import BadFile, convert, dataset_start
+from pacsp2p.dicom.scu import _close, _read
+from pacsp2p.dicom.status import (ALL_FAILED, CANCEL, GET_TOO_MANY, PENDING, SUCCESS,
+                                  UNABLE_TO_PROCESS, WARNING)
+from pacsp2p.facade.find import decode_query
+from pacsp2p.facade.operation import Operation, failed_list
+
+log = Logger()
+
+DIMSE_TIMEOUT = 120.0       # seconds for a C-GET requestor's C-STORE-RSP
+
+
+class NotSendable(Exception):
+    """The requestor accepted no transfer syntax this instance can be sent in."""
+
+
+def _prepare(f, ref, offered: dict):
+    """File pool: (context id, transfer syntax, file positioned at the data set) to send
+    *ref* over one of the *offered* {transfer syntax: context id}; converts if needed."""
+    try:
+        ts, uid = dataset_start(f)
+        if uid and uid != ref.sop_instance_uid:
+            raise BadFile(f"the stored file holds {uid}")
+    except BaseException:
+        f.close()
+        raise
+    if ts in offered:
+        return offered[ts], ts, f                        # the stored bytes, as they are
+    target = next((t for t in contexts.UNCOMPRESSED if t in offered), None)
+    if target is None:
+        f.close()
+        raise NotSendable(f"accepted none of {ts} or an uncompressed syntax")
+    return offered[target], target, convert(f, target)
+
+
+class Get(Operation):
+    RSP = dimse.C_GET_RSP
+
+    timer = None                  # waiting for a sub-operation's C-STORE-RSP
+    unsendable = 0                # sub-operations failed for want of a usable context
+
+    def run(self):
+        decoded = decode_query(self, contexts.QR_GET, "C-GET")
+        if decoded is None:
+            return
+        d = defer.maybeDeferred(self.svc.cluster.get, decoded[0])
+        d.addCallbacks(self._resolved, self._failed)
+
+    def _failed(self, failure):
+        log.error("C-GET failed: {err}", err=failure.getErrorMessage())
+        self.finish(UNABLE_TO_PROCESS)
+
+    def _resolved(self, retrieval):
+        if self.gone:
+            return
+        self.retrieval = retrieval
+        self.refs = list(retrieval.refs)
+        n = len(self.refs)
+        if n == 0:
+            return self.finish(SUCCESS, counts=(None, 0, 0, 0))
+        if n > 0xFFFF:
+            log.error("C-GET matches {n} instances: more than a response can count", n=n)
+            return self.finish(GET_TOO_MANY)
+        self.remaining, self.completed, self.failed, self.warning = n, 0, 0, 0
+        self.failed_uids: list[str] = []
+        self.index = 0
+        self.expect = None            # message ID of the sub-operation awaiting its RSP
+        self.timer = None
+        # storage contexts we may send on: {SOP class: {transfer syntax: context id}}
+        self.offered: dict[str, dict[str, int]] = {}
+        for cid, cx in sorted(self.assoc.accepted.items()):
+            if cx.as_scu:
+                self.offered.setdefault(cx.abstract_syntax, {}).setdefault(
+                    cx.transfer_syntax[0], cid)
+        self._next()
+
+    def _counts(self, remaining=True):
+        return (self.remaining if remaining else None, self.completed, self.failed,
+                self.warning)
+
+    def _next(self):
+        if self.gone or self.finished:
+            return
+        if self.cancelled:
+            return self.finish(CANCEL, self.encode(failed_list(self.failed_uids)),
+                               self._counts())
+        if self.index >= len(self.refs):
+            return self._final()
+        ref = self.refs[self.index]
+        self.index += 1
+        self.sub_id = (self.msg_id + self.index - 1) % 0xFFFF + 1
+        pool = self.svc.send_pool
+        d = self.retrieval.open(ref)
+        d.addCallback(lambda f: deferToThreadPool(
+            self.svc.reactor, pool, _prepare, f, ref,
+            self.offered.get(ref.sop_class_uid, {})))
+        d.addCallback(self._first_chunk, ref)
+        d.addErrback(self._sub_failed, ref)
+
+    def _first_chunk(self, prepared, ref):
+        cid, ts, f = prepared
+        d = deferToThreadPool(self.svc.reactor, self.svc.send_pool, _read, f, None)
+        d.addCallback(self._send_first, ref, cid, f)
+        return d
+
+    def _send_first(self, chunk, ref, cid, f):
+        if self.gone:
+            if chunk[1]:
+                self.svc.send_pool.callInThread(_close, f)
+            return
+        self.assoc.send(cid, dimse.c_store_rq(self.sub_id, ref.sop_class_uid,
+                                              ref.sop_instance_uid))
+        self.current = ref
+        self._chunk(chunk, cid, f)
+
+    def _chunk(self, chunk, cid, f):
+        data, left = chunk
+        if self.gone:
+            if left:
+                self.svc.send_pool.callInThread(_close, f)
+            return
+        self.assoc.send_data(cid, data, last=left == 0)
+        if left:
+            self.assoc.when_writable(lambda: self._read_more(cid, f, left))
+        else:
+            self.expect = self.sub_id
+            self.timer = self.svc.reactor.callLater(DIMSE_TIMEOUT, self._no_response)
+
+    def _read_more(self, cid, f, left):
+        d = deferToThreadPool(self.svc.reactor, self.svc.send_pool, _read, f, left)
+        d.addCallbacks(self._chunk, self._read_failed, callbackArgs=(cid, f))
+
+    def _read_failed(self, failure):
+        log.error("C-GET: cannot read {uid} for sending: {err}",
+                  uid=self.current.sop_instance_uid, err=failure.getErrorMessage())
+        self.assoc.abort()           # part of the data set is on the wire
+
+    def _no_response(self):
+        self.timer = None
+        log.warn("C-GET: no C-STORE-RSP from {ae} within {s} s: aborting",
+                 ae=self.assoc.calling_ae, s=DIMSE_TIMEOUT)
+        self.assoc.abort()
+
+    def _sub_failed(self, failure, ref):
+        if failure.check(NotSendable):
+            self.unsendable += 1          # logged once, with the final response
+        else:
+            log.error("sub-operation for {uid} failed: {err}", uid=ref.sop_instance_uid,
+                      err=failure.getErrorMessage())
+        self._settle(ref, failed=True)
+
+    def store_response(self, fields) -> bool:
+        if self.expect is None or dimse.us(fields, dimse.RESPONDED_TO) != self.expect:
+            return False
+        self.expect = None
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        status = dimse.us(fields, dimse.STATUS)
+        category = code_to_category(status)
+        if category == "Success":
+            self._settle(self.current)
+        elif category == "Warning":
+            self._settle(self.current, warning=True)
+        else:
+            log.warn("{ae} answered {status:#06x} to the C-STORE of {uid}",
+                     ae=self.assoc.calling_ae, status=status,
+                     uid=self.current.sop_instance_uid)
+            self._settle(self.current, failed=True)
+        return True
+
+    def _settle(self, ref, failed=False, warning=False):
+        if self.gone or self.finished:
+            return
+        self.remaining -= 1
+        if failed:
+            self.failed += 1
+            self.failed_uids.append(ref.sop_instance_uid)
+        elif warning:
+            self.warning += 1
+        else:
+            self.completed += 1
+        self.respond(PENDING, counts=self._counts())
+        self._next()
+
+    def _final(self):
+        if self.unsendable:
+            log.warn("C-GET from {ae}: {n} of {total} instances not sent: the requestor "
+                     "accepted no usable storage context for them", ae=self.assoc.calling_ae,
+                     n=self.unsendable, total=len(self.refs))
+        if not self.failed and not self.warning:
+            return self.finish(SUCCESS, counts=self._counts(False))
+        status = ALL_FAILED if self.failed == len(self.refs) else WARNING
+        self.finish(status, self.encode(failed_list(self.failed_uids)), self._counts(False))
+
+    def lost(self):
+        super().lost()
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()

@@ -1,0 +1,147 @@
+"""C-MOVE (PS3.4 annex C.4.2, PS3.7 9.1.3) of the facade, run in the reactor.
+
+The Move Destination is looked up in ``[destinations]`` (association policy: 0xA801 when
+unknown or unreachable); the identifier is resolved by ``cluster.move``, which returns a
+``Delivery`` (relay: the stored bytes sent by the native SCU on its own association;
+direct: the archives send). Pending responses follow sub-operations (at most ~20 per
+second, at least one per second), C-CANCEL and a vanished requestor cancel the delivery,
+the final response has exact counts and the Failed SOP Instance UID List.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pacsp2p.dicom import contexts, dimse
+from pacsp2p.dicom.status import (ALL_FAILED, CANCEL, MOVE_DEST_UNKNOWN, PENDING,
+                                  PENDING_MAX_GAP, PENDING_MIN_GAP, SUCCESS,
+                                  TOO_MANY_MATCHES, UNABLE_TO_PROCESS, WARNING)
+from pacsp2p.facade.find import decode_query
+from pacsp2p.facade.operation import Operation, failed_list
+
+log = Logger()
+
+
+class Move(Operation):
+    RSP = dimse.C_MOVE_RSP
+
+    delivery = None
+    _timer = _beat = None
+
+    def run(self):
+        svc = self.svc
+        self.dest_ae = dimse.text(self.fields, dimse.MOVE_DESTINATION)
+        self.dest = svc.settings.destinations.get(self.dest_ae)
+        if self.dest is None:
+            log.warn("C-MOVE to unknown destination {ae}", ae=self.dest_ae)
+            return self.finish(MOVE_DEST_UNKNOWN)
+        decoded = decode_query(self, contexts.QR_MOVE, "C-MOVE")
+        if decoded is None:
+            return
+        self.t0 = svc.reactor.seconds()
+        d = defer.maybeDeferred(svc.cluster.move, decoded[0], self.dest,
+                                originator_ae=self.assoc.calling_ae,
+                                originator_msg_id=self.msg_id)
+        d.addCallbacks(self._resolved, self._failed)
+
+    def _failed(self, failure):
+        log.error("C-MOVE failed: {err}", err=failure.getErrorMessage())
+        self.finish(UNABLE_TO_PROCESS)
+
+    def _resolved(self, delivery):
+        svc = self.svc
+        n = self.n = len(delivery.refs)
+        if n == 0:
+            return self.finish(SUCCESS, counts=(None, 0, 0, 0))
+        if n > 0xFFFF:
+            log.warn("C-MOVE matches {n} instances: more than a response can count", n=n)
+            return self.finish(TOO_MANY_MATCHES)
+        if self.gone:
+            return
+        self.delivery = delivery
+        self.delivery.listeners.append(self._progress)
+        self.latest, self.sent, self.last_sent = None, None, float("-inf")
+        self.t1 = svc.reactor.seconds()
+        self.delivery.start().addCallback(self._final)
+        if self.cancelled:
+            self.delivery.cancel()
+        self._beat = svc.reactor.callLater(PENDING_MAX_GAP, self._heartbeat)
+
+    # -- Pending responses ---------------------------------------------------------------
+    def _counts(self):
+        p = self.latest
+        return (p.remaining, p.completed, p.failed, p.warning) if p else (self.n, 0, 0, 0)
+
+    def _send_pending(self):
+        counts = self._counts()
+        self.respond(PENDING, counts=counts)
+        self.sent, self.last_sent = counts, self.svc.reactor.seconds()
+        if self._beat is not None and self._beat.active():
+            self._beat.reset(PENDING_MAX_GAP)
+
+    def _progress(self, p):
+        if p.done or self.gone or self.finished:
+            return
+        self.latest = p
+        if self._timer is not None and self._timer.active():
+            return
+        wait = self.last_sent + PENDING_MIN_GAP - self.svc.reactor.seconds()
+        if wait <= 0:
+            self._send_pending()
+        else:
+            self._timer = self.svc.reactor.callLater(wait, self._due)
+
+    def _due(self):
+        self._timer = None
+        if not (self.gone or self.finished) and self._counts() != self.sent:
+            self._send_pending()
+
+    def _heartbeat(self):
+        self._beat = None
+        if self.gone or self.finished:
+            return
+        self._send_pending()
+        self._beat = self.svc.reactor.callLater(PENDING_MAX_GAP, self._heartbeat)
+
+    def _stop_timers(self):
+        for t in (self._timer, self._beat):
+            if t is not None and t.active():
+                t.cancel()
+        self._timer = self._beat = None
+
+    # -- the end ---------------------------------------------------------------------------
+    def cancel(self):
+        super().cancel()
+        if self.delivery is not None:
+            self.delivery.cancel()
+
+    def lost(self):
+        super().lost()
+        self._stop_timers()
+        if self.delivery is not None and not self.delivery.finished.called:
+            log.warn("C-MOVE requestor left: cancelling the delivery")
+            self.delivery.cancel()
+
+    def _final(self, final):
+        self._stop_timers()
+        if self.gone:
+            return
+        t2 = self.svc.reactor.seconds()
+        log.info("C-MOVE {n} instances to {ae} for {req}: {c} completed, {f} failed, "
+                 "{w} warning{x} (resolved in {r:.3f} s, delivered in {d:.3f} s)", n=self.n,
+                 ae=self.dest_ae, req=self.assoc.calling_ae, c=final.completed,
+                 f=final.failed, w=final.warning, x=", cancelled" if final.cancelled else "",
+                 r=self.t1 - self.t0, d=t2 - self.t1)
+        counts = (final.remaining, final.completed, final.failed, final.warning)
+        uids = final.failed_uids
+        if final.error is not None:
+            self.finish(MOVE_DEST_UNKNOWN)
+        elif final.cancelled:
+            self.finish(CANCEL, self.encode(failed_list(uids)) if uids else None, counts)
+        elif final.failed and not final.completed and not final.warning:
+            self.finish(ALL_FAILED, self.encode(failed_list(uids)), (None, *counts[1:]))
+        elif final.failed or final.warning:
+            self.finish(WARNING, self.encode(failed_list(uids)), (None, *counts[1:]))
+        else:
+            self.finish(SUCCESS, counts=(None, *counts[1:]))

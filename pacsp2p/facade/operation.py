@@ -1,0 +1,107 @@
+"""One DIMSE request on an association, as the facade answers it (PS3.7 9.1).
+
+Every request is an operation object run in the reactor by its association
+(``dicom.acceptor``): ``start()`` when it is the association's current request,
+``cancel()`` on C-CANCEL, ``lost()`` when the association ends first, and a final response
+ends it (``finish``). Operations call the cluster API (``pacsp2p.cluster``) only; file work
+runs in thread pools. C-ECHO is here; the other services have a module each.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import decode, encode
+from twisted.logger import Logger
+
+from pacsp2p.dicom import dimse
+from pacsp2p.dicom.acceptor import MemorySink
+from pacsp2p.dicom.identifiers import IdentifierError
+from pacsp2p.dicom.status import SUCCESS, UNABLE_TO_PROCESS
+
+log = Logger()
+
+
+def failed_list(uids) -> Dataset:
+    """The identifier of a final C-MOVE/C-GET response: Failed SOP Instance UID List."""
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = list(uids)
+    return ds
+
+
+class Operation:
+    """One DIMSE request on an association, answered from the reactor."""
+
+    RSP = 0
+
+    def __init__(self, svc, assoc, cx, fields):
+        self.svc, self.assoc, self.cx, self.fields = svc, assoc, cx, fields
+        self.cid = cx.context_id
+        self.ts = cx.transfer_syntax[0]
+        self.msg_id = dimse.us(fields, dimse.MESSAGE_ID)
+        self.sop_class = fields.get(dimse.AFFECTED_SOP_CLASS, b"")
+        self.sink = MemorySink()
+        self.data: bytes | None = None
+        self.started = self.cancelled = self.gone = self.finished = False
+
+    # -- called by the association --------------------------------------------------------
+    def data_complete(self, sink) -> None:
+        self.data = bytes(sink.data) if isinstance(sink, MemorySink) else None
+
+    def start(self) -> None:
+        self.started = True
+        try:
+            self.run()
+        except Exception:
+            log.failure("DIMSE operation failed")
+            self.finish(UNABLE_TO_PROCESS)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def store_response(self, fields) -> bool:
+        return False
+
+    def lost(self) -> None:
+        self.gone = True
+
+    # -- helpers ----------------------------------------------------------------------------
+    def encode(self, ds: Dataset) -> bytes:
+        ts = self.ts
+        return encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+
+    def identifier(self) -> Dataset:
+        ts = self.ts
+        if self.data is None:
+            raise IdentifierError("the request has no identifier")
+        return decode(BytesIO(self.data), ts.is_implicit_VR, ts.is_little_endian,
+                      ts.is_deflated)
+
+    def respond(self, status: int, data: bytes | None = None, counts=None,
+                instance: bytes = b"", comment: str = "") -> None:
+        if not self.gone:
+            self.assoc.send(self.cid, dimse.response(
+                self.RSP, self.msg_id, status, self.sop_class, instance, data is not None,
+                counts, comment), data)
+
+    def finish(self, status: int, data: bytes | None = None, counts=None,
+               instance: bytes = b"", comment: str = "") -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.respond(status, data, counts, instance, comment)
+        if not self.gone:
+            self.assoc.done(self)
+
+
+class Echo(Operation):
+    """C-ECHO (PS3.7 9.1.5): Success."""
+
+    RSP = dimse.C_ECHO_RSP
+
+    def run(self):
+        self.finish(SUCCESS)

@@ -1,0 +1,178 @@
+"""C-STORE (PS3.4 annex B, PS3.7 9.1.1) of the facade.
+
+The data set is written to ``incoming`` while it arrives (``dicom.incoming``, in a thread
+pool) and handed, with a ``StoreSession`` from ``cluster.receive``, to the cluster: the
+session gets the fragments too if it streams them to replica holders, the writer thread
+tells it when the file is complete and its header read, and ``session.store`` keeps it.
+Success is answered only once the cluster says the copies are durable.
+
+Refused before anything is written: a SOP Class or Instance UID that is not a valid UID
+(PS3.5 §9.1: 0xC000 with an Error Comment), a SOP class other than the context's (0x0122).
+Refused once complete: a data set whose header cannot be read (0xC000) or whose UIDs are
+not those of the request (0xA900). No hostile value reaches a path or a log line whole.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pacsp2p.dicom import dimse
+from pacsp2p.dicom.acceptor import DiscardSink
+from pacsp2p.dicom.header import BadDataset, read_meta
+from pacsp2p.dicom.incoming import Incoming, file_meta, remove
+from pacsp2p.dicom.status import (CANNOT_UNDERSTAND, DOES_NOT_MATCH, OUT_OF_RESOURCES,
+                                  SOP_CLASS_NOT_SUPPORTED, SUCCESS)
+from pacsp2p.facade.operation import Operation
+from pacsp2p.validate import InvalidUID, check_uid, shown
+
+log = Logger()
+
+
+def _meta_of(path, sha256, data_size):
+    """Thread pool: (path, InstanceMeta or None, BadDataset or None)."""
+    try:
+        return path, read_meta(path, sha256, data_size), None
+    except BadDataset as e:
+        return path, None, e
+
+
+def _bad_parent(meta) -> str:
+    """Why the data set's Study/Series Instance UID is not a valid UID, or ''."""
+    for key in ("StudyInstanceUID", "SeriesInstanceUID"):
+        try:
+            check_uid(meta.attributes.get(key, ""), key)
+        except InvalidUID as e:
+            return str(e)
+    return ""
+
+
+class Store(Operation):
+    RSP = dimse.C_STORE_RSP
+
+    def __init__(self, svc, assoc, cx, fields):
+        super().__init__(svc, assoc, cx, fields)
+        self.instance = fields.get(dimse.AFFECTED_SOP_INSTANCE, b"")
+        self.uid = dimse.text(fields, dimse.AFFECTED_SOP_INSTANCE)
+        self.cls = dimse.text(fields, dimse.AFFECTED_SOP_CLASS)
+        self.refused = None
+        self.comment = ""
+        self.incoming = self.session = self.result = None
+        try:
+            check_uid(self.cls, "Affected SOP Class UID")
+            check_uid(self.uid, "Affected SOP Instance UID")
+        except InvalidUID as e:
+            log.warn("C-STORE from {ae}@{peer} refused: {err}", ae=shown(assoc.calling_ae),
+                     peer=assoc.peer, err=e)
+            self.refused, self.comment = CANNOT_UNDERSTAND, "invalid UID"
+            self.instance = b""
+        else:
+            if self.cls != cx.abstract_syntax:
+                log.warn("C-STORE of {cls} on a context for {cx}: refused", cls=self.cls,
+                         cx=cx.abstract_syntax)
+                self.refused = SOP_CLASS_NOT_SUPPORTED
+        if self.refused is not None:
+            self.sink = DiscardSink()
+            return
+        head = file_meta(self.cls, self.uid, str(self.ts), assoc.calling_ae)
+        self.incoming = Incoming(svc.spares.take(), svc.recv_pool, svc.reactor, head,
+                                 assoc.pause_reading, assoc.resume_reading)
+        self.session = svc.cluster.receive(self.uid, self.cls, str(self.ts), head,
+                                           assoc.pause_reading, assoc.resume_reading)
+        self.sink = self if self.session.streams else self.incoming
+
+    def feed(self, piece) -> None:
+        """The sink when the session streams: each fragment to the file and to it."""
+        self.incoming.feed(piece)
+        if self.session.streams:
+            try:
+                self.session.feed(piece)
+            except Exception:                     # never at the cost of the association
+                log.failure("C-STORE {uid}: forwarding failed; copied once complete",
+                            uid=self.uid)
+                self.session.abort()
+
+    def data_complete(self, sink):
+        if self.incoming is None:
+            return
+        if sink is None:                      # a C-STORE-RQ without a data set
+            self.incoming.discard()
+            self.session.abort()
+            self.incoming, self.refused = None, CANNOT_UNDERSTAND
+            return
+        self.session.complete()
+        self.result = self.incoming.finish(self._written)
+        self.result.addErrback(self._write_failed)
+
+    def _written(self, path, sha256, data_size):
+        """Thread pool: the file is complete; read its header and tell the session."""
+        self.session.written(path)
+        got = _meta_of(path, sha256, data_size)
+        meta = got[1]
+        if meta is not None and meta.sop_instance_uid == self.uid and \
+                meta.sop_class_uid == self.cls and not _bad_parent(meta):
+            self.session.header_read(path, meta)
+        else:
+            self.session.abandon()
+        return got
+
+    def _write_failed(self, failure):
+        log.error("C-STORE {uid} from {ae}: cannot write the received data set: {err}",
+                  uid=self.uid, ae=self.assoc.calling_ae, err=failure.getErrorMessage())
+        return None
+
+    def run(self):
+        if self.refused is not None:
+            return self.finish(self.refused, instance=self.instance, comment=self.comment)
+        self.result.addCallback(self._received)
+
+    def _received(self, got):
+        if got is None:                                    # not written (disk full, ...)
+            self.session.abort()
+            return self.finish(OUT_OF_RESOURCES, instance=self.instance)
+        path, meta, err = got
+        kept = self.session.kept is not None
+        if err is not None:
+            log.warn("C-STORE {uid} from {ae}: {err}", uid=self.uid,
+                     ae=self.assoc.calling_ae, err=err)
+            status = CANNOT_UNDERSTAND
+        elif meta.sop_instance_uid != self.uid or meta.sop_class_uid != self.cls:
+            log.warn("C-STORE {uid}: dataset UIDs do not match the request", uid=self.uid)
+            status = DOES_NOT_MATCH
+        elif _bad_parent(meta):
+            log.warn("C-STORE {uid} from {ae}: {err}", uid=self.uid,
+                     ae=self.assoc.calling_ae, err=_bad_parent(meta))
+            status = CANNOT_UNDERSTAND
+        elif self.gone and not self.started and not kept:
+            status = None                                  # nobody to answer: drop it
+        else:
+            d = defer.maybeDeferred(self.session.store, path, meta)
+            d.addCallbacks(self._stored, self._store_failed, errbackArgs=(meta,))
+            if not kept:
+                d.addBoth(self._cleanup, path)
+            return
+        self.session.abort()
+        remove(self.svc.recv_pool, path)
+        if status is not None:
+            self.finish(status, instance=self.instance)
+
+    def _stored(self, _):
+        self.finish(SUCCESS, instance=self.instance)
+
+    def _store_failed(self, failure, meta):
+        status = getattr(failure.value, "status", OUT_OF_RESOURCES)
+        log.error("C-STORE {uid} failed: {err}", uid=meta.sop_instance_uid,
+                  err=failure.getErrorMessage())
+        self.finish(status, instance=self.instance)
+
+    def _cleanup(self, result, path):
+        remove(self.svc.recv_pool, path)
+        return None
+
+    def lost(self):
+        super().lost()
+        if self.incoming is not None and self.result is None:
+            self.incoming.discard()          # the data set never arrived whole
+            self.session.abort()
+        elif self.result is not None and not self.started:
+            self.result.addCallback(self._received)   # whole but never started

@@ -1,0 +1,62 @@
+"""StoreSession: one C-STORE's data set on its way into the cluster (``Cluster.receive``).
+
+The front end that receives a data set writes it to a file of its own and tells the
+session what happens, in this order:
+
+- reactor: ``feed(piece)`` for every fragment as it arrives — only if ``streams`` is true
+  (a session that pushes the data set to remote replica holders while it arrives);
+- reactor: ``complete()`` once the data set is whole, or ``abort()`` if it never will be
+  (the association was lost, the request was refused); after ``abort()`` nothing of it
+  is kept anywhere, and ``store`` still works (copies are then made from the file);
+- writer thread: ``written(path)`` once the file is closed, then ``header_read(path,
+  meta)`` if its header was read and names what the request announced (the session may
+  keep the file from this thread: ``kept`` is then set, and the front end must not
+  remove it), else ``abandon()``; ``header_read`` raises OSError if it could not keep it;
+- reactor: ``store(path, meta)`` -> Deferred[StoreResult], or a failure whose value has
+  a DIMSE ``status`` (``types.StoreError``).
+
+Three implementations (``ingest.Ingest.begin`` picks one): ``Plain`` (placed and copied
+once complete), ``forward.Forward`` (placed on the first bytes, pushed while arriving)
+and ``ingest.OneJob`` (a peer alone with one archive that keeps files in the writer
+thread).
+"""
+
+from __future__ import annotations
+
+
+class StoreSession:
+    """The declared shape of a store session; the methods here do nothing."""
+
+    streams = False        # feed() wants every fragment
+    kept = None            # the archive's Stored once header_read kept the file
+
+    def __init__(self, ingest):
+        self.ingest = ingest
+
+    # reactor thread
+    def feed(self, piece) -> None:
+        """One data set fragment (bytes or memoryview, valid during the call)."""
+
+    def complete(self) -> None:
+        """The data set is whole (the file may still be being written)."""
+
+    def abort(self) -> None:
+        """The data set will not be stored here: drop anything made from it."""
+
+    def store(self, path, meta):
+        """Keep the received file at *path*; Deferred[StoreResult] or StoreError."""
+        return self.ingest.store(path, meta, self)
+
+    # the thread that wrote the file
+    def written(self, path) -> None:
+        """The file is complete and closed."""
+
+    def header_read(self, path, meta) -> None:
+        """Its header was read and matches the request; may keep the file (``kept``)."""
+
+    def abandon(self) -> None:
+        """It will not be stored (its header is bad or names another instance)."""
+
+
+class Plain(StoreSession):
+    """Placed, copied and recorded once the data set is complete (``Ingest.store``)."""
