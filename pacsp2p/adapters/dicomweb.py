@@ -39,10 +39,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pacsp2p.adapters.http import HTTPError, Unreachable
-from pacsp2p.adapters.interface import IArchive
+from pacsp2p.adapters.interface import IArchive, ICrawls, IOpens, IStores
 from pacsp2p.adapters.rest import RestArchive
 from pacsp2p.adapters.orthanc import _Lru, file_dataset_hash, unlinked_copy
-from pacsp2p.catalog.attributes import STORED
+from pacsp2p.attributes import STORED
 from pacsp2p.dicom.header import content_hash
 from pacsp2p.types import InstanceMeta, Stored
 
@@ -126,7 +126,7 @@ def _boundary(content_type: str) -> str | None:
     return None
 
 
-@implementer(IArchive)
+@implementer(IArchive, IStores, IOpens, ICrawls)
 class DicomWebArchive(RestArchive):
     capabilities = frozenset({"store", "open", "crawl"})
     kind, product = "dicomweb", "DICOMweb"
@@ -144,7 +144,7 @@ class DicomWebArchive(RestArchive):
         self._total: int | None = None
 
     @classmethod
-    def from_config(cls, cfg, settings, reactor):
+    def from_config(cls, cfg, settings, reactor, catalog=None):
         opts = cls.options(cfg, settings, KNOWN_KEYS)
         return cls(cfg.name, reactor, url=opts["url"], username=opts.get("username"),
                    password=opts.get("password"), site=cfg.site,

@@ -5,10 +5,13 @@ Works with every archive that is a C-STORE / C-FIND / C-GET / C-MOVE / C-ECHO SC
 this adapter's own thread pool; the reactor only waits on Deferreds.
 
 - store: C-STORE of the received file's data set bytes unchanged (pynetdicom sends a file
-  path without decoding it), proposing the file's own transfer syntax.
+  path without decoding it), proposing the file's own transfer syntax. An instance the
+  archive holds already (an IMAGE-level C-FIND, then a C-GET to compare the bytes) is
+  not sent again: a duplicate, or a conflict (the archive keeps its copy).
 - open: C-GET at IMAGE level (study root, with the Study and Series Instance UIDs: archives
   such as dcmqrscp only answer hierarchical requests). The SOP class and the hierarchy come
-  from what the crawl saw, the catalog, or an IMAGE-level C-FIND, in that order. The
+  from what the crawl saw, the catalog (``Catalog.hierarchy``, handed to the adapter as
+  ``hierarchy``), or an IMAGE-level C-FIND, in that order. The
   instance is received as the encoded bytes the archive sent (never decoded) into an
   unlinked temporary file under ``<data_dir>/incoming``. One presentation context is
   proposed per transfer syntax, so the archive sends the syntax it keeps.
@@ -28,10 +31,7 @@ replaced once).
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,7 +43,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
                          RLELossless)
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, StoragePresentationContexts, build_context, build_role, evt
+from pynetdicom import StoragePresentationContexts, build_context, build_role, evt
 from pynetdicom import sop_class as sc
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -51,8 +51,10 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from pacsp2p.adapters.interface import IArchive
-from pacsp2p.catalog.attributes import STORED
+from pacsp2p.adapters.associations import Associations, DimseError
+from pacsp2p.adapters.interface import IArchive, ICrawls, IFollows, IOpens, ISends, IStores
+from pacsp2p.adapters.orthanc import file_dataset_hash
+from pacsp2p.attributes import STORED
 from pacsp2p.dicom.header import _text, content_hash
 from pacsp2p.types import InstanceMeta, Stored
 
@@ -71,10 +73,6 @@ KNOWN_KEYS = ("name", "adapter", "site", "ae_title", "host", "port", "calling_ae
               "crawl_qps", "timeout", "max_pdu")
 
 
-class DimseError(Exception):
-    """The archive refused or failed a DIMSE operation."""
-
-
 def _attrs(ds: Dataset, keywords) -> dict:
     out = {}
     for kw in keywords:
@@ -85,48 +83,39 @@ def _attrs(ds: Dataset, keywords) -> dict:
     return out
 
 
-def _nodelay(event) -> None:
-    """TCP_NODELAY on our socket: a DIMSE request is two PDUs (command, identifier) and
-    with Nagle's algorithm the second waits for the archive's delayed ACK (~40 ms per
-    message: a crawl of dcmqrscp ran 4x slower)."""
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-
 def _dispatch_store(event):
     sink = getattr(event.assoc, "pacsp2p_sink", None)
     return sink(event) if sink is not None else 0xA700
 
 
-@implementer(IArchive)
+@implementer(IArchive, IStores, IOpens, ISends, ICrawls, IFollows)
 class DimseArchive:
     capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
 
     def __init__(self, name: str, reactor, *, ae_title: str, host: str, port: int,
                  calling_ae: str = "PACSP2P", site: str | None = None, fetch: str = "get",
                  crawl_qps: float = 50.0, timeout: float = 30.0, max_pdu: int = 0,
-                 incoming: Path | None = None, threads: int = 8):
+                 incoming: Path | None = None, threads: int = 8, hierarchy=None):
+        """*hierarchy*: ``uid -> Deferred[(study, series, sop class, syntax) | None]``
+        (the catalog's ``hierarchy``), or None."""
         self.name, self.site, self.reactor = name, site, reactor
         self.ae_title, self.host, self.port = ae_title, host, int(port)
         self.calling_ae, self.fetch, self.timeout = calling_ae, fetch, float(timeout)
         self.crawl_qps, self.max_pdu = float(crawl_qps), int(max_pdu)
         self.incoming = Path(incoming) if incoming else Path(tempfile.gettempdir())
-        self.catalog = None                    # set by the service: hierarchy lookups
+        self.hierarchy = hierarchy
         self.up = True
         self._pool = ThreadPool(1, threads, f"archive-{name}")
-        self._idle: dict = defaultdict(list)   # kind -> idle associations
-        self._lock = threading.Lock()
+        self._assocs = Associations(calling_ae, ae_title, host, self.port, self.timeout,
+                                    self.max_pdu)
+        self._associate, self._with_assoc = self._assocs.associate, self._assocs.run
         self._where: dict[str, tuple] = {}     # SOP uid -> (study, series, sop class)
         self._studies: list[str] | None = None
         self._study_rows: dict[str, dict] = {}
         self._seen_counts: dict[str, int] = {}  # study -> instances known (changes)
 
     @classmethod
-    def from_config(cls, cfg, settings, reactor):
+    def from_config(cls, cfg, settings, reactor, catalog=None):
         from pacsp2p.config import ConfigError
         opts = dict(cfg.options)
         where = f"{settings.source}: archives.{cfg.name}"
@@ -152,7 +141,8 @@ class DimseArchive:
                    calling_ae=opts.get("calling_ae", settings.facade.ae_title),
                    fetch=fetch, crawl_qps=opts.get("crawl_qps", 50.0),
                    timeout=opts.get("timeout", 30.0), max_pdu=opts.get("max_pdu", 0),
-                   incoming=settings.data_dir / "incoming")
+                   incoming=settings.data_dir / "incoming",
+                   hierarchy=catalog.hierarchy if catalog is not None else None)
 
     def __repr__(self):
         return f"<dimse archive {self.name}: {self.ae_title}@{self.host}:{self.port}>"
@@ -173,81 +163,9 @@ class DimseArchive:
         return d.addCallback(check)
 
     def stop(self):
-        def close_all():
-            with self._lock:
-                idle = [a for lst in self._idle.values() for a in lst]
-                self._idle.clear()
-            for assoc in idle:
-                try:
-                    assoc.release()
-                except Exception:
-                    pass
-        d = self._run(close_all)
+        d = self._run(self._assocs.close)
         d.addBoth(lambda _: self._pool.stop())
         return d
-
-    # -- associations (pool threads only) --------------------------------------------
-    def _ae(self) -> AE:
-        ae = AE(self.calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        ae.connection_timeout = min(self.timeout, 10.0)
-        ae.maximum_pdu_size = self.max_pdu
-        return ae
-
-    def _associate(self, contexts, roles=(), handlers=()):
-        try:
-            assoc = self._ae().associate(self.host, self.port, contexts=contexts,
-                                         ae_title=self.ae_title, ext_neg=list(roles) or None,
-                                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay),
-                                                       *handlers])
-        except Exception as e:
-            raise DimseError(f"association with {self.ae_title}@{self.host}:{self.port} "
-                             f"failed: {e}") from e
-        if not assoc.is_established:
-            why = ("rejected" if assoc.is_rejected else
-                   "aborted (no presentation context accepted?)" if assoc.is_aborted else "no answer")
-            raise DimseError(f"association with {self.ae_title}@{self.host}:{self.port} "
-                             f"failed: {why}")
-        return assoc
-
-    def _borrow(self, kind, make):
-        with self._lock:
-            idle = self._idle.get(kind)
-            while idle:
-                assoc = idle.pop()
-                if assoc.is_established:
-                    return assoc, True
-        return make(), False
-
-    def _give_back(self, kind, assoc):
-        if not assoc.is_established:
-            return
-        with self._lock:
-            if len(self._idle[kind]) < 4:
-                self._idle[kind].append(assoc)
-                return
-        assoc.release()
-
-    def _with_assoc(self, kind, make, fn):
-        """fn(assoc) on a pooled association; once more on a fresh one if a reused one
-        turns out dead."""
-        assoc, reused = self._borrow(kind, make)
-        try:
-            result = fn(assoc)
-        except Exception:
-            if assoc.is_established:
-                assoc.abort()
-            if not reused:
-                raise
-            assoc = make()
-            try:
-                result = fn(assoc)
-            except Exception:
-                if assoc.is_established:
-                    assoc.abort()
-                raise
-        self._give_back(kind, assoc)
-        return result
 
     # -- health ----------------------------------------------------------------------
     def health(self):
@@ -275,6 +193,13 @@ class DimseArchive:
         sha, size = content_hash(received)
         ts = str(read_file_meta_info(received).TransferSyntaxUID)
         sop_class = meta.sop_class_uid
+        held = self._held_hash(meta)
+        if held is not None:           # kept as it is: the archive would overwrite it
+            if held != sha:
+                log.warn("archive {archive}: {ae} already holds other bytes for {uid}; it "
+                         "keeps its copy", archive=self.name, ae=self.ae_title,
+                         uid=meta.sop_instance_uid)
+            return Stored(self.name, sha, size, duplicate=held == sha, conflict=held != sha)
 
         def send(assoc):
             status = assoc.send_c_store(received)
@@ -292,6 +217,23 @@ class DimseArchive:
             self._where[meta.sop_instance_uid] = (a["StudyInstanceUID"],
                                                   a["SeriesInstanceUID"], sop_class, ts)
         return Stored(self.name, sha, size)
+
+    def _held_hash(self, meta) -> str | None:
+        """The data set hash of the copy of *meta*'s instance the archive holds (C-FIND,
+        then C-GET if it is there), or None if it holds none (or cannot send it)."""
+        uid, a = meta.sop_instance_uid, meta.attributes
+        study, series = a.get("StudyInstanceUID"), a.get("SeriesInstanceUID")
+        if not (study and series):
+            return None
+        rows = self._find("IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID": series,
+                                    "SOPInstanceUID": uid}, ())
+        if not any(str(r.get("SOPInstanceUID", "")) == uid for r in rows):
+            return None
+        try:
+            with self._get(uid, study, series, meta.sop_class_uid) as f:
+                return file_dataset_hash(f)
+        except DimseError:
+            return None
 
     def discard(self, uid, sha256):
         log.warn("archive {archive}: cannot delete {uid} over DIMSE; the copy stays "
@@ -336,13 +278,8 @@ class DimseArchive:
     @defer.inlineCallbacks
     def _locate(self, uid):
         where = self._where.get(uid)
-        if where is None and self.catalog is not None:
-            where = yield self.catalog.read(lambda conn: conn.execute(
-                "SELECT se.StudyInstanceUID, i.SeriesInstanceUID, i.SOPClassUID, "
-                "i.TransferSyntaxUID "
-                "FROM instances i JOIN series se USING (SeriesInstanceUID) "
-                "WHERE i.SOPInstanceUID = ?", (uid,)).fetchone())
-            where = tuple(where) if where and all(where[:3]) else None
+        if where is None and self.hierarchy is not None:
+            where = yield self.hierarchy(uid)
         if where is None:
             rows = yield self._find_d("IMAGE", {"SOPInstanceUID": uid},
                                       ["StudyInstanceUID", "SeriesInstanceUID",
@@ -366,14 +303,8 @@ class DimseArchive:
         def on_store(event):
             if event.request.AffectedSOPInstanceUID != uid or got:
                 return 0xA700 if got else 0xC000
-            try:
-                try:      # the facade makes pynetdicom stream received data sets to files
-                    src = event.dataset_path
-                except AttributeError:
-                    f.write(event.encoded_dataset(include_meta=True))
-                else:
-                    with open(src, "rb") as s:
-                        shutil.copyfileobj(s, f, 1 << 20)
+            try:          # the data set bytes as received, never decoded
+                f.write(event.encoded_dataset(include_meta=True))
             except OSError:
                 return 0xA700
             got["ts"] = event.context.transfer_syntax

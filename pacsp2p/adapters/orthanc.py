@@ -50,7 +50,7 @@ from zope.interface import implementer
 from pacsp2p.adapters.http import HTTPError, Unreachable
 from pacsp2p.adapters.interface import IArchive, ICrawls, IFollows, IOpens, ISends, IStores
 from pacsp2p.adapters.rest import RestArchive
-from pacsp2p.catalog.attributes import STORED
+from pacsp2p.attributes import STORED
 from pacsp2p.dicom.header import content_hash
 from pacsp2p.dicom.part10 import dataset_start
 from pacsp2p.types import InstanceMeta, Stored

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from pacsp2p.catalog import matching
-from pacsp2p.catalog.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
+from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
 from pacsp2p.types import InstanceMeta, InstanceRef, Location, Query, Stored
 
 log = Logger()
@@ -480,6 +480,20 @@ class Catalog:
                     f"AND size >= 0 AND SOPInstanceUID IN ({', '.join('?' * len(chunk))})",
                     [peer, archive, *chunk]))
             return found
+        return self.read(run)
+
+    def hierarchy(self, uid: str) -> defer.Deferred:
+        """Where instance *uid* sits: (StudyInstanceUID, SeriesInstanceUID, SOPClassUID,
+        TransferSyntaxUID ("" if unknown)), or None if the catalog does not know all of
+        the first three. For adapters that must name the hierarchy to fetch it."""
+        def run(conn):
+            row = conn.execute(
+                "SELECT se.StudyInstanceUID, i.SeriesInstanceUID, i.SOPClassUID, "
+                "i.TransferSyntaxUID FROM instances i JOIN series se "
+                "USING (SeriesInstanceUID) WHERE i.SOPInstanceUID = ?", (uid,)).fetchone()
+            if not row or not all(row[:3]):
+                return None
+            return (row[0], row[1], row[2], row[3] or "")
         return self.read(run)
 
     def crawl_state(self, archive: str) -> defer.Deferred:

@@ -9,7 +9,7 @@ computed over everything the catalog holds — the union of all archives.
 
 from __future__ import annotations
 
-from pacsp2p.catalog.attributes import ALIAS, COMPUTED, LEVELS, PARENT, STORED, TABLES
+from pacsp2p.attributes import ALIAS, COMPUTED, LEVELS, PARENT, STORED, TABLES
 from pacsp2p.types import Query
 
 _COUNT_SQL = {

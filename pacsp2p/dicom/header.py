@@ -16,7 +16,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from pacsp2p.catalog.attributes import HEADER_KEYWORDS, STORED
+from pacsp2p.attributes import HEADER_KEYWORDS, STORED
 from pacsp2p.types import InstanceMeta
 
 

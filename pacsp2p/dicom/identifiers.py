@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 
-from pacsp2p.catalog.attributes import COMPUTED, LEVELS, STORED
+from pacsp2p.attributes import COMPUTED, LEVELS, STORED
 from pacsp2p.types import Query
 from pacsp2p.validate import is_uid, shown
 

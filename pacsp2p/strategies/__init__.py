@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pluggy
 
-hookimpl = pluggy.HookimplMarker("pacsp2p")
+from pacsp2p.config import ConfigError
+from pacsp2p.strategies import balancing as bal
+from pacsp2p.strategies import hookspecs
+from pacsp2p.strategies import placement as pl
+from pacsp2p.strategies import selection as sel
+from pacsp2p.strategies.hookspecs import hookimpl
+
+__all__ = ["Strategies", "StrategyError", "hookimpl"]
 
 
 class StrategyError(Exception):
@@ -33,12 +40,6 @@ class Strategies:
     def __init__(self, placement: str = "rendezvous", selection: str = "nearest",
                  plugin_paths=(), source: str = "<config>", options: dict | None = None,
                  peer: str = "", balancing: str = "work-stealing"):
-        from pacsp2p.config import ConfigError
-        from pacsp2p.strategies import balancing as bal
-        from pacsp2p.strategies import hookspecs
-        from pacsp2p.strategies import placement as pl
-        from pacsp2p.strategies import selection as sel
-
         self.pm = pluggy.PluginManager("pacsp2p")
         self.pm.add_hookspecs(hookspecs)
         self.builtin = {}

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from pacsp2p.strategies import hookimpl
+from pacsp2p.strategies.hookspecs import hookimpl
 
 TARGET_SECONDS = 0.5
 MAX_BATCH = 16

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pluggy
 
 hookspec = pluggy.HookspecMarker("pacsp2p")
+hookimpl = pluggy.HookimplMarker("pacsp2p")     # also importable as pacsp2p.strategies.hookimpl
 
 
 @hookspec

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 
-from pacsp2p.strategies import hookimpl
+from pacsp2p.strategies.hookspecs import hookimpl
 
 
 def hrw_order(uid: str, archives):
