@@ -34,7 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from pacsp2p.adapters import config_where
-from pacsp2p.adapters.interface import IArchive
+from pacsp2p.adapters.interface import IArchive, ICrawls, IOpens
 from pacsp2p.config import ConfigError
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.validate import InvalidUID, check_uid, is_uid
@@ -43,7 +43,7 @@ log = Logger()
 KNOWN_KEYS = ("path", "page", "crawl_qps")
 
 
-@implementer(IArchive)
+@implementer(IArchive, IOpens, ICrawls)
 class FolderArchive:
     capabilities = frozenset({"open", "crawl"})
     up = True                                   # kept by the peer's health loop
@@ -56,7 +56,7 @@ class FolderArchive:
         self._paths: dict[str, Path] = {}       # SOP Instance UID -> file
 
     @classmethod
-    def from_config(cls, cfg, settings, reactor):
+    def from_config(cls, cfg, settings, reactor, catalog=None):
         where = config_where(cfg, settings)     # "FILE: archives[i]"
         opts = dict(cfg.options)
         for key in opts:

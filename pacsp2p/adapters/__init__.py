@@ -5,7 +5,8 @@ An adapter turns one ``[[archives]]`` config block into an object providing
 ``pacsp2p.adapters`` entry-point group; the built-in ones are registered there exactly
 like a vendor's. A site's own adapter can also be loaded straight from a Python file:
 ``adapter = "path/to/file.py:ClassName"`` (a relative path is relative to the config
-file's directory). See docs/adapters.md.
+file's directory). Every archive is checked against the interfaces it claims as it is
+made (``make_archive``). See docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from pacsp2p.adapters.interface import factory_problems, problems
 from pacsp2p.config import ArchiveConfig, ConfigError
 
 _loaded_files: dict[Path, object] = {}     # resolved adapter file -> its module
@@ -73,7 +75,8 @@ def _class_from_file(cfg: ArchiveConfig, settings):
     if cls is None:
         raise fail(f"{path} defines no {cls_name!r}")
     if not callable(getattr(cls, "from_config", None)):
-        raise fail(f"{cls_name} has no from_config(cfg, settings, reactor) class method")
+        raise fail(f"{cls_name} has no from_config(cfg, settings, reactor, catalog=None) "
+                   "class method")
     return cls
 
 
@@ -90,6 +93,26 @@ def adapter_class(cfg: ArchiveConfig, settings):
     return found[cfg.adapter].load()
 
 
-def make_archive(cfg: ArchiveConfig, settings, reactor):
-    """Build the archive object for one config block (raises ConfigError)."""
-    return adapter_class(cfg, settings).from_config(cfg, settings, reactor)
+def make_archive(cfg: ArchiveConfig, settings, reactor, catalog=None):
+    """Build the archive object for one config block, checked against the interfaces it
+    claims (:func:`pacsp2p.adapters.interface.problems`); raises ConfigError naming the
+    config file and archive, the adapter and what it lacks.
+
+    *catalog*: the peer's catalog, handed to the adapter (its declared read methods),
+    or None where there is none (``pacsp2p catalog rebuild``)."""
+    cls = adapter_class(cfg, settings)
+    _refuse(cfg, settings, f"class {_name(cls)}", factory_problems(cls))
+    archive = cls.from_config(cfg, settings, reactor, catalog=catalog)
+    _refuse(cfg, settings, _name(cls), problems(archive))
+    return archive
+
+
+def _name(cls) -> str:
+    return getattr(cls, "__qualname__", None) or repr(cls)
+
+
+def _refuse(cfg: ArchiveConfig, settings, what: str, found: list[str]) -> None:
+    if found:
+        raise ConfigError(f"{config_where(cfg, settings)}.adapter: adapter {cfg.adapter!r} "
+                          f"({what}) for archive {cfg.name!r} does not provide what it "
+                          f"claims: {'; '.join(found)}")

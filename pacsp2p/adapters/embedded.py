@@ -29,7 +29,8 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from pacsp2p.adapters import layout
-from pacsp2p.adapters.interface import IArchive
+from pacsp2p.adapters.interface import (IArchive, IKeeps, IOpens, IStores, IStoresUnsynced,
+                                        IWalks)
 from pacsp2p.dicom.header import BadDataset, content_hash, read_meta
 from pacsp2p.types import Stored
 from pacsp2p.validate import InvalidUID, check_uid, is_uid
@@ -37,9 +38,10 @@ from pacsp2p.validate import InvalidUID, check_uid, is_uid
 log = Logger()
 
 
-@implementer(IArchive)
+@implementer(IArchive, IStores, IStoresUnsynced, IKeeps, IOpens, IWalks)
 class EmbeddedArchive:
-    capabilities = frozenset({"store", "open", "keep"})
+    capabilities = frozenset({"store", "store_unsynced", "keep", "open", "walk"})
+    up = True                                   # kept by the peer's health loop
 
     def __init__(self, name: str, root: Path, reactor, site: str | None = None,
                  fsync: bool = True, threads: int = 4, sync_directories: bool = False):
@@ -51,7 +53,7 @@ class EmbeddedArchive:
         self._pool = ThreadPool(1, threads, f"archive-{name}")
 
     @classmethod
-    def from_config(cls, cfg, settings, reactor):
+    def from_config(cls, cfg, settings, reactor, catalog=None):
         from pacsp2p.config import ConfigError
         opts = dict(cfg.options)
         root = opts.pop("path", None)
@@ -291,7 +293,7 @@ class EmbeddedArchive:
             return open(path, "rb")
         return self._run(opener)
 
-    def crawl(self):
+    def walk(self):
         """Yield (InstanceMeta, Stored) for every file held (blocking; an archive of the
         older layout is renamed first). Files not named as the layout names them, or
         whose UID is invalid, are skipped."""

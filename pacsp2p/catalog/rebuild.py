@@ -27,14 +27,14 @@ def rebuild(catalog_path: Path, archives, peer_name: str, progress=print) -> int
     # clock), so that anti-entropy sees the rebuilt facts as new.
     base = int(time.time() * 1000)
     for archive in archives:
-        if not hasattr(archive, "crawl"):
-            continue
-        if "crawl" in getattr(archive, "capabilities", ()):
+        if "crawl" in archive.capabilities:
             # a joined archive (crawl(cursor, throttle) through the reactor): the fresh
             # catalog has no crawl state for it, so the peer crawls it again at start
             progress(f"archive {archive.name}: crawled again when the peer starts")
             continue
-        for meta, stored in archive.crawl():
+        if "walk" not in archive.capabilities:
+            continue
+        for meta, stored in archive.walk():
             if stored.conflict:
                 conn.execute("INSERT OR IGNORE INTO conflicts VALUES (?, ?, ?, datetime('now'))",
                              (meta.sop_instance_uid, archive.name, stored.sha256))
