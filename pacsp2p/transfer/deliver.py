@@ -8,15 +8,13 @@ decoded. Up to ``window`` instances are opened and read ahead while one is on th
 An instance whose stored syntax the destination did not accept is decoded and re-encoded
 (content kept) into an accepted uncompressed syntax, in the file pool.
 
-Progress goes, as ``Progress`` snapshots, to ``events`` (a thread-safe queue) that the
-C-MOVE association thread reads, and to each callable in ``listeners`` (called in the
-reactor: the native facade's C-MOVE). ``cancel()`` (reactor thread) stops starting new
+Progress goes, as ``Progress`` snapshots, to each callable in ``listeners`` (called in
+the reactor: the facade's C-MOVE). ``cancel()`` (reactor thread) stops starting new
 sub-operations; the one on the wire finishes and is counted.
 """
 
 from __future__ import annotations
 
-import queue
 from dataclasses import dataclass
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -50,8 +48,8 @@ def _close(f) -> None:
 
 
 class Tally:
-    """The sub-operation counts of one C-MOVE's delivery, and who is told of them: the
-    ``events`` queue (read by an association thread) and ``listeners`` (reactor)."""
+    """The sub-operation counts of one C-MOVE's delivery, and who is told of them:
+    ``listeners`` (called in the reactor with each Progress)."""
 
     def __init__(self, retrieval, destination, calling_ae: str, reactor,
                  originator_ae: str | None, originator_msg_id: int | None):
@@ -61,7 +59,6 @@ class Tally:
         self.calling_ae = calling_ae
         self.reactor = reactor
         self.originator = (originator_ae, originator_msg_id)
-        self.events: queue.SimpleQueue[Progress] = queue.SimpleQueue()
         self.listeners: list = []
         self.completed = self.failed = self.warning = 0
         self.failed_uids: list[str] = []
@@ -79,7 +76,6 @@ class Tally:
                         tuple(self.failed_uids) if done else ())
 
     def _tell(self, p: Progress) -> None:
-        self.events.put(p)
         for listener in self.listeners:
             try:
                 listener(p)

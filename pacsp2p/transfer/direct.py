@@ -10,7 +10,7 @@ associations from every source. A holder that fails mid-way has its unfinished s
 handed to another holder; an instance no live holder has is a failed sub-operation.
 
 Same interface as :class:`pacsp2p.transfer.deliver.Delivery`: ``start()`` (Deferred of
-the final :class:`Progress`), ``cancel()``, ``events`` (thread-safe queue of Progress),
+the final :class:`Progress`), ``cancel()``,
 ``listeners`` (callables given each Progress in the reactor: the native facade).
 """
 
@@ -32,12 +32,12 @@ CHUNK = 50
 
 
 class _Relay:
-    """Stands in for a sub-delivery's event queue: counts its progress into ours."""
+    """A listener of a sub-delivery: counts its progress into ours."""
 
     def __init__(self, owner):
         self.owner, self.seen = owner, (0, 0, 0)
 
-    def put(self, p: Progress):
+    def __call__(self, p: Progress):
         done = (p.completed, p.failed, p.warning)
         delta = [a - b for a, b in zip(done, self.seen)]
         self.seen = done
@@ -127,7 +127,7 @@ class DirectDelivery(Tally):
             delivery = Delivery(sub, self.destination, self.calling_ae, self.reactor,
                                 originator_ae=self.originator[0],
                                 originator_msg_id=self.originator[1])
-            delivery.events = _Relay(self)
+            delivery.listeners.append(_Relay(self))
             self._local.append(delivery)
             final = yield delivery.start()
             if final.error:
