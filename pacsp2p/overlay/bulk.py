@@ -6,6 +6,13 @@ over plain HTTP/1.1 inside the same mutual TLS:
 - ``GET /changes/<origin>?after=N&limit=M`` -> JSON list of catalog facts (anti-entropy)
 - ``GET /instances/<archive>/<uid>?sha256=H`` -> the Part-10 file, streamed from disk
 
+Everything in a request is hostile until checked: the UID must be valid (PS3.5 §9.1, else
+400) and the catalog must place it on that archive of this peer (else 404): the channel
+serves instances the catalog knows, by UID, never a path. Error bodies are fixed short
+texts (never a filesystem path or an exception's message); the details go to the log,
+bounded. Connections must complete their TLS handshake within the handshake timeout
+(``guard``).
+
 Files are read and written in a thread pool chunk by chunk with producer/consumer flow
 control, so neither side's reactor blocks on disk and memory stays bounded.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import tempfile
 from urllib.parse import quote
@@ -31,12 +39,22 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from pacsp2p.dicom import header
+from pacsp2p.validate import is_uid, shown
 
 log = Logger()
 
 CHUNK = 1 << 20               # read from files
 SINK_CHUNK = 256 << 10       # received bytes gathered before a write job
 MAX_CHANGES = 20000
+MAX_NAME = 255                # characters of a peer, archive or token name in a path
+_SHA256 = re.compile(rb"[0-9a-f]{64}\Z")
+
+
+def _answer(request, code: int, body: bytes) -> bytes:
+    """A short fixed answer (no path, no exception text)."""
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain")
+    return body
 
 
 class _Changes(resource.Resource):
@@ -52,8 +70,10 @@ class _Changes(resource.Resource):
             after = int(request.args.get(b"after", [b"0"])[0])
             limit = min(int(request.args.get(b"limit", [b"5000"])[0]), MAX_CHANGES)
         except (IndexError, ValueError, UnicodeDecodeError):
-            request.setResponseCode(400)
-            return b"bad request\n"
+            return _answer(request, 400, b"bad request\n")
+        if len(request.postpath) != 1 or not 0 < len(origin) <= MAX_NAME or after < 0 \
+                or limit < 1:
+            return _answer(request, 400, b"bad request\n")
         d = self.catalog.changes(origin, after, limit)
 
         def send(rows):
@@ -68,34 +88,64 @@ class _Changes(resource.Resource):
 class _Instances(resource.Resource):
     isLeaf = True
 
-    def __init__(self, archives, pool, reactor):
+    def __init__(self, archives, pool, reactor, catalog):
         super().__init__()
         self.archives, self.pool, self.reactor = archives, pool, reactor
+        self.catalog = catalog
 
     def render_GET(self, request):
+        """``/instances/<archive>/<uid>``: 400 for an invalid UID or hash, 404 for an
+        archive or an instance this peer's catalog does not place there."""
+        if len(request.postpath) != 2:
+            return _answer(request, 400, b"bad request\n")
         try:
-            archive = self.archives[request.postpath[0].decode()]
-            uid = request.postpath[1].decode()
-        except (IndexError, KeyError, UnicodeDecodeError):
-            request.setResponseCode(404)
-            return b"no such archive\n"
-        sha = request.args.get(b"sha256", [b""])[0].decode() or None
-        d = archive.open(uid, sha)
+            name, uid = (part.decode("ascii") for part in request.postpath)
+        except UnicodeDecodeError:
+            return _answer(request, 400, b"invalid SOP Instance UID\n")
+        if not is_uid(uid):
+            log.warn("bulk request refused: invalid SOP Instance UID {uid}", uid=shown(uid))
+            return _answer(request, 400, b"invalid SOP Instance UID\n")
+        sha = request.args.get(b"sha256", [b""])[0]
+        if sha and not _SHA256.match(sha):
+            return _answer(request, 400, b"invalid sha256\n")
+        archive = self.archives.get(name)
+        if archive is None or "open" not in archive.capabilities:
+            return _answer(request, 404, b"no such archive\n")
+        d = self.catalog.held(self.catalog.peer, name, [uid])
+
+        def opened(held):
+            if uid not in held:
+                raise KeyError("not in the catalog")
+            return archive.open(uid, sha.decode() or None)
 
         def stream(f):
             request.setHeader(b"content-type", b"application/dicom")
             return _FileProducer(f, request, self.pool, self.reactor).start()
 
+        d.addCallback(opened)
         d.addCallback(stream)
-        d.addErrback(lambda f: _fail(request, f, 404))
+        d.addErrback(self._not_served, request, name, uid)
         return server.NOT_DONE_YET
 
+    @staticmethod
+    def _not_served(failure, request, name, uid):
+        if failure.check(KeyError, FileNotFoundError, LookupError):
+            log.info("bulk request: {uid} on {archive} not held ({err})", uid=uid,
+                     archive=shown(name), err=shown(failure.getErrorMessage(), 200))
+            _fail(request, None, 404, b"unknown instance\n")
+        else:
+            _fail(request, failure)
 
-def _fail(request, failure, code=500):
-    log.warn("bulk request {uri} failed: {err}", uri=request.uri, err=failure.getErrorMessage())
+
+def _fail(request, failure, code=500, body=b"internal error\n"):
+    """Answer *code* with the fixed *body*; log *failure* (bounded), never send it."""
+    if failure is not None:
+        log.warn("bulk request {uri} failed: {err}", uri=shown(request.uri.decode("ascii",
+                 "replace")), err=shown(failure.getErrorMessage(), 200))
     if not request.finished and not request.startedWriting:
         request.setResponseCode(code)
-        request.write(failure.getErrorMessage().encode() + b"\n")
+        request.setHeader(b"content-type", b"text/plain")
+        request.write(body)
     if not request.finished:
         request.finish()
 
@@ -168,21 +218,21 @@ class _Offers(resource.Resource):
         self.offers, self.pool, self.reactor = offers, pool, reactor
 
     def render_GET(self, request):
-        opener = self.offers.get(request.postpath[0].decode("ascii", "replace")
-                                 if request.postpath else "")
+        token = (request.postpath[0].decode("ascii", "replace")
+                 if len(request.postpath) == 1 else "")
+        opener = self.offers.get(token) if len(token) <= MAX_NAME else None
         if opener is None:
-            request.setResponseCode(404)
-            return b"no such offer\n"
+            return _answer(request, 404, b"no such offer\n")
         d = defer.maybeDeferred(opener)
         d.addCallback(lambda f: _FileProducer(f, request, self.pool, self.reactor).start())
-        d.addErrback(lambda f: _fail(request, f, 404))
+        d.addErrback(lambda f: _fail(request, f, 404, b"offer not available\n"))
         return server.NOT_DONE_YET
 
 
 def site(catalog, archives: dict, pool, reactor, offers: dict | None = None) -> server.Site:
     root = resource.Resource()
     root.putChild(b"changes", _Changes(catalog))
-    root.putChild(b"instances", _Instances(archives, pool, reactor))
+    root.putChild(b"instances", _Instances(archives, pool, reactor, catalog))
     root.putChild(b"incoming", _Offers(offers if offers is not None else {}, pool, reactor))
     s = server.Site(root)
     s.noisy = False

@@ -3,12 +3,26 @@
 ``PROTOCOL`` is the overlay protocol's version. ``Hello`` carries it both ways; a peer
 that speaks another major version is told so in plain words and the link is closed,
 so mixed-version clusters fail loudly rather than subtly.
+
+Arguments are hostile until checked, even from a peer with a cluster certificate:
+responders call ``check`` (UIDs by PS3.5 §9.1, hashes, names) first, and an argument that
+fails answers ``InvalidArgument`` (declared by every command that carries a UID, so the
+link stays up) before anything reaches an archive or the catalog.
 """
+
+import json
+import re
 
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from pacsp2p.validate import is_ae_title, is_uid, shown
+
 log = Logger()
+
+MAX_NAME = 255            # characters of an archive name or a token
+MAX_UIDS = 10000          # UIDs in one SendTo
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z", re.ASCII)
 
 PROTOCOL = 3          # 2: catalog facts travel with their parents once per batch
                       # 3: a C-STORE's data set is pushed to replica holders as it arrives
@@ -45,13 +59,76 @@ class ReplicaRefused(Exception):
     """The peer could not keep the copy (archive unknown, full, bytes not as announced)."""
 
 
+class InvalidArgument(Exception):
+    """An argument failed validation (a UID, a hash, a name, an AE title): nothing done."""
+
+
+def _refuse(what: str, value) -> None:
+    log.warn("overlay: refused a command: invalid {what} {value}", what=what,
+             value=shown(value))
+    raise InvalidArgument(f"invalid {what}: {shown(value)}")
+
+
+def check(uid=None, sha256=None, archive=None, token=None) -> None:
+    """Raise InvalidArgument unless each argument given is valid: *uid* by PS3.5 §9.1,
+    *sha256* empty or 64 lowercase hex digits, *archive* and *token* short names."""
+    if uid is not None and not is_uid(uid):
+        _refuse("SOP Instance UID", uid)
+    if sha256 is not None and sha256 and not _SHA256.match(sha256):
+        _refuse("sha256", sha256)
+    for what, name in (("archive name", archive), ("token", token)):
+        if name is not None and not (0 < len(name) <= MAX_NAME and name.isprintable()):
+            _refuse(what, name)
+
+
+def check_meta(meta, uid: str) -> dict:
+    """*meta* (InstanceMeta fields, from JSON) if it describes *uid* with valid UIDs."""
+    if not isinstance(meta, dict) or meta.get("sop_instance_uid") != uid:
+        _refuse("header (not of this SOP Instance UID)", str(meta)[:80])
+    for key in ("sop_class_uid", "transfer_syntax_uid"):
+        if not is_uid(meta.get(key)):
+            _refuse(key, meta.get(key))
+    attributes = meta.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        _refuse("attributes", attributes)
+    if attributes.get("SOPInstanceUID", uid) != uid:
+        _refuse("SOPInstanceUID attribute", attributes.get("SOPInstanceUID"))
+    for key in ("StudyInstanceUID", "SeriesInstanceUID"):
+        value = attributes.get(key)
+        if value and not is_uid(value):
+            _refuse(key, value)
+    return meta
+
+
+def check_send_to(ae_title, host, port, calling_ae, originator_ae, uids: str) -> list:
+    """The UIDs of a SendTo (JSON list), each valid, its AE titles and address sane."""
+    for what, ae in (("AE title", ae_title), ("calling AE title", calling_ae)):
+        if not is_ae_title(ae):
+            _refuse(what, ae)
+    if originator_ae and not is_ae_title(originator_ae):
+        _refuse("originator AE title", originator_ae)
+    if not (0 < len(host) <= MAX_NAME and host.isprintable()) or not 0 < port < 65536:
+        _refuse("address", f"{host}:{port}")
+    try:
+        found = json.loads(uids)
+    except ValueError:
+        found = None
+    if not isinstance(found, list) or len(found) > MAX_UIDS:
+        _refuse("list of UIDs", uids)
+    for uid in found:
+        if not is_uid(uid):
+            _refuse("SOP Instance UID", uid)
+    return found
+
+
 def as_refusal(failure, uid: str):
     """Errback for responders: any error becomes ReplicaRefused (an error AMP was not told
     of would close the whole link, and every transfer on it)."""
-    if failure.check(ReplicaRefused):
+    if failure.check(ReplicaRefused, InvalidArgument):
         return failure
-    log.warn("copy of {uid} not kept: {err}", uid=uid, err=failure.getErrorMessage())
-    raise ReplicaRefused(f"{uid}: {failure.getErrorMessage()}")
+    log.warn("copy of {uid} not kept: {err}", uid=shown(uid),
+             err=shown(failure.getErrorMessage(), 300))
+    raise ReplicaRefused(f"{shown(uid)}: {failure.getErrorMessage()[:300]}")
 
 
 class Replicate(amp.Command):
@@ -68,7 +145,7 @@ class Replicate(amp.Command):
                  (b"meta", amp.Unicode(optional=True))]
     response = [(b"duplicate", amp.Boolean()), (b"conflict", amp.Boolean()),
                 (b"size", amp.Integer()), (b"sha256", amp.Unicode())]
-    errors = {ReplicaRefused: b"REPLICA_REFUSED"}
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", ReplicaRefused: b"REPLICA_REFUSED"}
 
 
 class ReplicaOpen(amp.Command):
@@ -85,7 +162,7 @@ class ReplicaOpen(amp.Command):
                  (b"uid", amp.Unicode()), (b"head", amp.String()),
                  (b"meta", amp.Unicode())]
     response = Replicate.response
-    errors = {ReplicaRefused: b"REPLICA_REFUSED"}
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", ReplicaRefused: b"REPLICA_REFUSED"}
 
 
 class ReplicaData(amp.Command):
@@ -111,7 +188,7 @@ class Commit(amp.Command):
     arguments = [(b"archive", amp.Unicode()), (b"uid", amp.Unicode()),
                  (b"sha256", amp.Unicode())]
     response = [(b"seq", amp.Integer())]
-    errors = {ReplicaRefused: b"REPLICA_REFUSED"}
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", ReplicaRefused: b"REPLICA_REFUSED"}
 
 
 class Discard(amp.Command):
@@ -120,6 +197,7 @@ class Discard(amp.Command):
     arguments = [(b"archive", amp.Unicode()), (b"uid", amp.Unicode()),
                  (b"sha256", amp.Unicode())]
     response = []
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", ReplicaRefused: b"REPLICA_REFUSED"}
 
 
 class SendTo(amp.Command):
@@ -132,6 +210,7 @@ class SendTo(amp.Command):
                  (b"uids", amp.Unicode())]
     response = [(b"completed", amp.Integer()), (b"failed", amp.Integer()),
                 (b"warning", amp.Integer()), (b"failed_uids", amp.Unicode())]
+    errors = {InvalidArgument: b"INVALID_ARGUMENT"}
 
 
 class Drop(amp.Command):
@@ -140,3 +219,4 @@ class Drop(amp.Command):
     arguments = [(b"archive", amp.Unicode()), (b"uid", amp.Unicode()),
                  (b"sha256", amp.Unicode())]
     response = []
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", ReplicaRefused: b"REPLICA_REFUSED"}

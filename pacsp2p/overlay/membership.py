@@ -28,7 +28,8 @@ from pacsp2p.flow import ReadHolds
 from pacsp2p.overlay import tls
 from pacsp2p.overlay.commands import (PROTOCOL, Commit, Discard, Drop, Heartbeat, Hello,
                                       IncompatibleProtocol, ReplicaClose, ReplicaData,
-                                      ReplicaOpen, Replicate, SendTo, as_refusal)
+                                      ReplicaOpen, Replicate, SendTo, as_refusal, check,
+                                      check_send_to)
 from pacsp2p.overlay.detector import PhiAccrualDetector
 
 log = Logger()
@@ -164,6 +165,7 @@ class Link(ReadHolds, amp.AMP):
 
     @Replicate.responder
     def on_replicate(self, archive, uid, sha256, token, meta=None):
+        check(uid=uid, sha256=sha256, archive=archive, token=token)
         d = self.membership.services.replicate(self.peer_name, archive, uid, sha256, token,
                                                meta)
         d.addErrback(as_refusal, uid)
@@ -172,6 +174,7 @@ class Link(ReadHolds, amp.AMP):
 
     @ReplicaOpen.responder
     def on_replica_open(self, stream, archive, uid, head, meta):
+        check(uid=uid, archive=archive)
         d = self.membership.services.open_stream(self, stream, archive, uid, head, meta)
         return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
                                         "size": s.size, "sha256": s.sha256})
@@ -188,25 +191,28 @@ class Link(ReadHolds, amp.AMP):
 
     @Commit.responder
     def on_commit(self, archive, uid, sha256):
+        check(uid=uid, sha256=sha256, archive=archive)
         return self.membership.services.commit(archive, uid, sha256).addCallbacks(
             lambda seq: {"seq": seq}, as_refusal, errbackArgs=(uid,))
 
     @Discard.responder
     def on_discard(self, archive, uid, sha256):
-        return self.membership.services.discard(archive, uid, sha256).addCallback(
-            lambda _: {})
+        check(uid=uid, sha256=sha256, archive=archive)
+        return self.membership.services.discard(archive, uid, sha256).addCallbacks(
+            lambda _: {}, as_refusal, errbackArgs=(uid,))
 
     @Drop.responder
     def on_drop(self, archive, uid, sha256):
-        return self.membership.services.drop(archive, uid, sha256).addCallback(
-            lambda _: {})
+        check(uid=uid, sha256=sha256, archive=archive)
+        return self.membership.services.drop(archive, uid, sha256).addCallbacks(
+            lambda _: {}, as_refusal, errbackArgs=(uid,))
 
     @SendTo.responder
     def on_send_to(self, ae_title, host, port, calling_ae, originator_ae,
                    originator_msg_id, uids):
+        uids = check_send_to(ae_title, host, port, calling_ae, originator_ae, uids)
         return self.membership.services.send_to(ae_title, host, port, calling_ae,
-                                                originator_ae, originator_msg_id,
-                                                json.loads(uids))
+                                                originator_ae, originator_msg_id, uids)
 
     @Heartbeat.responder
     def on_heartbeat(self, name, incarnation, members, vector):

@@ -4,6 +4,12 @@
 issues a peer's ``NAME.crt``/``NAME.key``. A peer's name is its certificate's common name.
 Both ends of every overlay link present a certificate and accept only one signed by the
 cluster CA and currently valid; anything else fails the TLS handshake.
+
+``listen`` opens a mutual-TLS port whose connections must complete the handshake within
+``[overlay] handshake_timeout`` seconds (default ``HANDSHAKE_TIMEOUT``) or are aborted,
+and which holds at most ``MAX_PENDING`` connections that have not completed it: a
+connection beyond that is closed at once, before any TLS work. So idle or slow sockets
+from anyone on the network cannot pile up and exhaust the peer's file descriptors.
 """
 
 from __future__ import annotations
@@ -18,9 +24,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+log = Logger()
 
 CA_DAYS = 3650
 PEER_DAYS = 825
+HANDSHAKE_TIMEOUT = 10.0      # seconds for a connection to complete its TLS handshake
+MAX_PENDING = 64              # connections per port not through their handshake yet
+REPORT_EVERY = 60.0           # seconds between summary lines of dropped connections
 
 
 class TLSError(Exception):
@@ -131,4 +147,114 @@ def peer_name(transport) -> str | None:
     return cn
 
 
-__all__ = ["Credentials", "TLSError", "init_ca", "issue", "peer_name", "SSL"]
+class HandshakeGuard:
+    """The connections of one port that have not completed their TLS handshake: how
+    many (``pending``), how long they may take (``timeout``), how many at most
+    (``limit``); what was dropped is counted (``expired``, ``refused``) and logged as one
+    summary line per ``REPORT_EVERY`` seconds at most, so a flood cannot flood the log."""
+
+    def __init__(self, reactor, what: str, timeout: float = HANDSHAKE_TIMEOUT,
+                 limit: int = MAX_PENDING):
+        self.reactor, self.what, self.timeout, self.limit = reactor, what, timeout, limit
+        self.pending = 0
+        self.expired = self.refused = 0           # since start
+        self._unreported = [0, 0]                 # expired, refused since the last line
+        self._reported_at: float | None = None
+
+    def admit(self) -> bool:
+        if self.pending >= self.limit:
+            self.refused += 1
+            self._note(1)
+            return False
+        return True
+
+    def timed_out(self) -> None:
+        self.expired += 1
+        self._note(0)
+
+    def _note(self, kind: int) -> None:
+        self._unreported[kind] += 1
+        now = self.reactor.seconds()
+        if self._reported_at is not None and now - self._reported_at < REPORT_EVERY:
+            return
+        expired, refused = self._unreported
+        self._unreported, self._reported_at = [0, 0], now
+        log.warn("{what}: dropped {expired} connections that did not complete the TLS "
+                 "handshake within {timeout:g} s and refused {refused} beyond {limit} "
+                 "pending handshakes (next summary in {every:g} s at most)",
+                 what=self.what, expired=expired, refused=refused, timeout=self.timeout,
+                 limit=self.limit, every=REPORT_EVERY)
+
+
+@implementer(IHandshakeListener)
+class _Guarded(ProtocolWrapper):
+    """Inside the TLS layer: aborts the connection unless the handshake completes in
+    time, then steps aside (passes the news on to the protocol it wraps)."""
+
+    _timer = None
+    _counted = False
+
+    def makeConnection(self, transport):
+        guard = self.factory.guard
+        guard.pending += 1
+        self._counted = True
+        self._timer = guard.reactor.callLater(guard.timeout, self._expire)
+        super().makeConnection(transport)
+
+    def _release(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._counted:
+            self._counted = False
+            self.factory.guard.pending -= 1
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.factory.guard.timed_out()
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self):
+        self._release()
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
+    def connectionLost(self, reason):
+        self._release()
+        super().connectionLost(reason)
+
+
+class _Guarding(WrappingFactory):
+    protocol = _Guarded
+    noisy = False
+
+    def __init__(self, factory, guard: HandshakeGuard):
+        super().__init__(factory)
+        self.guard = guard
+
+
+class _GuardedTLSFactory(TLSMemoryBIOFactory):
+    noisy = False
+
+    def __init__(self, options, factory, guard: HandshakeGuard):
+        super().__init__(options, False, _Guarding(factory, guard))
+        self.guard = guard
+
+    def buildProtocol(self, addr):
+        if not self.guard.admit():
+            return None                 # the port closes the socket at once
+        return super().buildProtocol(addr)
+
+
+def listen(reactor, port: int, factory, options, interface: str = "", what: str = "port",
+           timeout: float = HANDSHAKE_TIMEOUT, limit: int = MAX_PENDING):
+    """Like ``reactor.listenSSL``, with a ``HandshakeGuard`` (``port.guard``)."""
+    guard = HandshakeGuard(reactor, what, timeout, limit)
+    listening = reactor.listenTCP(port, _GuardedTLSFactory(options, factory, guard),
+                                  interface=interface)
+    listening.guard = guard
+    return listening
+
+
+__all__ = ["Credentials", "HandshakeGuard", "TLSError", "init_ca", "issue", "listen",
+           "peer_name", "SSL"]

@@ -24,7 +24,7 @@ from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove
 from pacsp2p.config import Destination
-from pacsp2p.overlay.commands import ReplicaRefused, as_refusal
+from pacsp2p.overlay.commands import InvalidArgument, ReplicaRefused, as_refusal, check_meta
 from pacsp2p.transfer.direct import send_for
 from pacsp2p.types import InstanceMeta
 
@@ -68,7 +68,9 @@ class ReplicaService:
             return defer.fail(ReplicaRefused(f"peer {self.peer} has no writable archive "
                                              f"{archive!r}"))
         try:
-            meta = InstanceMeta(**json.loads(meta_json))
+            meta = InstanceMeta(**check_meta(json.loads(meta_json), uid))
+        except InvalidArgument as e:
+            return defer.fail(e)
         except (ValueError, TypeError) as e:
             return defer.fail(ReplicaRefused(f"{uid}: unreadable header: {e}"))
         incoming = Incoming(self.spares.take(), receive_pool(self.reactor), self.reactor,
@@ -125,7 +127,7 @@ class ReplicaService:
         try:
             path = Path(f.name)
             if meta_json and f.sha256:      # the sender parsed the header; we hashed
-                meta = InstanceMeta(**json.loads(meta_json))
+                meta = InstanceMeta(**check_meta(json.loads(meta_json), uid))
                 if meta.sha256 and meta.sha256 != f.sha256:
                     raise ReplicaRefused(f"{uid}: the bytes received hash to "
                                          f"{f.sha256[:12]}, the sender's to "

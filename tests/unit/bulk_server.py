@@ -1,0 +1,76 @@
+"""A real bulk channel in a process of its own, for tests/unit/test_bulk_paths.py.
+
+    python bulk_server.py ROOT TLS_DIR TIMEOUT LIMIT KNOWN.dcm... -- UNCATALOGUED.dcm...
+
+Starts a catalog and an embedded archive under ROOT, stores the KNOWN files in both and
+the UNCATALOGUED ones in the archive only, serves the bulk channel of peer "a" on a
+guarded mutual-TLS port on 127.0.0.1 (handshake TIMEOUT seconds, LIMIT pending), prints
+``{"port": N}`` and runs until killed; ``GET /status`` on a plain TCP port (``"status"``)
+reports the handshake guard's counters.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from twisted.internet import defer, reactor
+from twisted.python.threadpool import ThreadPool
+from twisted.web import resource, server
+
+from pacsp2p.adapters.embedded import EmbeddedArchive
+from pacsp2p.catalog.db import Catalog, stored_location
+from pacsp2p.dicom.header import read_meta
+from pacsp2p.overlay import bulk, tls
+
+
+class Status(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, guard):
+        super().__init__()
+        self.guard = guard
+
+    def render_GET(self, request):
+        g = self.guard
+        return json.dumps({"pending": g.pending, "expired": g.expired,
+                           "refused": g.refused}).encode()
+
+
+@defer.inlineCallbacks
+def main(root: Path, tls_dir: Path, timeout: float, limit: int, known, uncatalogued):
+    catalog = Catalog(root / "catalog.sqlite", reactor, peer="a")
+    yield catalog.start()
+    archive = EmbeddedArchive("local", root / "archive", reactor, fsync=False)
+    yield archive.start()
+    for path in known + uncatalogued:
+        meta = read_meta(path)
+        stored = yield archive.store(path, meta)
+        if path in known:
+            yield catalog.record(meta, stored_location(meta, stored, "a"))
+    pool = ThreadPool(1, 2, "bulk-io")
+    pool.start()
+    site = bulk.site(catalog, {"local": archive}, pool, reactor, {})
+    port = tls.listen(reactor, 0, site, tls.Credentials(tls_dir, "a").options(),
+                      "127.0.0.1", "bulk port", timeout, limit)
+    status = reactor.listenTCP(0, server.Site(Status(port.guard)), interface="127.0.0.1")
+    print(json.dumps({"port": port.getHost().port, "status": status.getHost().port}),
+          flush=True)
+
+
+def run(argv):
+    root, tls_dir, timeout, limit, *files = argv
+    cut = files.index("--") if "--" in files else len(files)
+    known = [Path(f) for f in files[:cut]]
+    uncatalogued = [Path(f) for f in files[cut + 1:]]
+
+    def started():
+        d = main(Path(root), Path(tls_dir), float(timeout), int(limit), known, uncatalogued)
+        d.addErrback(lambda f: (print(f.getTraceback(), file=sys.stderr, flush=True),
+                                reactor.stop()))
+    reactor.callWhenRunning(started)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

@@ -1,0 +1,189 @@
+"""The bulk channel serves instances the catalog knows, by valid UID, never a path; its
+ports drop connections that do not complete the TLS handshake in time (issue 11).
+
+A real bulk channel runs in a process of its own (tests/unit/bulk_server.py: real
+catalog, real embedded archive, mutual TLS with a CA made here); the test speaks HTTPS
+to it with a certificate of the same CA, as any holder of a cluster certificate could.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pacsp2p.dicom.header import read_meta
+from pacsp2p.overlay import tls
+from pacsp2p.testing import datasets
+
+SERVER = Path(__file__).with_name("bulk_server.py")
+PATIENCE = 120.0              # generous: the machine may be busy
+
+
+class Server:
+    def __init__(self, tmp: Path, timeout: float, limit: int, known=(), uncatalogued=()):
+        self.tls_dir = tmp / "tls"
+        if not (self.tls_dir / "ca.crt").exists():
+            tls.init_ca(self.tls_dir)
+            tls.issue(self.tls_dir, "a")
+            tls.issue(self.tls_dir, "b")
+        self.root = tmp / f"server-{timeout}-{limit}"
+        args = [sys.executable, str(SERVER), str(self.root), str(self.tls_dir), str(timeout),
+                str(limit), *map(str, known), "--", *map(str, uncatalogued)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bulk server did not start: {self.proc.stderr.read()}")
+        ports = json.loads(line)
+        self.port, self.status_port = ports["port"], ports["status"]
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/",
+                                    timeout=PATIENCE) as r:
+            return json.load(r)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        ctx = ssl.create_default_context(cafile=str(self.tls_dir / "ca.crt"))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(self.tls_dir / "b.crt", self.tls_dir / "b.key")
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx,
+                                           timeout=PATIENCE)
+        try:
+            conn.request("GET", path)
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("files")
+    return [datasets.write(datasets.make_image("CT", size=8, seed=i,
+                                               SOPInstanceUID=datasets.uid("bulk", i)),
+                           d / f"{i}.dcm") for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, files):
+    server = Server(tmp_path_factory.mktemp("bulk"), 600, 64, files[:2], files[2:])
+    yield server
+    server.stop()
+
+
+def uid_of(path: Path) -> str:
+    return read_meta(path).sop_instance_uid
+
+
+def assert_no_path(server: Server, body: bytes) -> None:
+    assert b"/" not in body, body                 # no path of any kind
+    assert str(server.root).encode() not in body and b"etc" not in body, body
+
+
+def test_a_known_instance_is_served(served, files):
+    status, body = served.get(f"/instances/local/{uid_of(files[0])}")
+    assert status == 200 and body == files[0].read_bytes()
+
+
+@pytest.mark.parametrize("path", [
+    "%2Fetc%2Fpasswd", "..%2F..%2F..%2Fetc%2Fpasswd", "1.2.3%2F..%2F..%2Fx", "..", "1.02.3",
+    "1." + "2" * 63, "1.2.%C3%A93", "%00", "1.2.3%20", "1.2.3.", ".1.2"])
+def test_an_invalid_uid_is_400_without_a_path(served, path):
+    status, body = served.get(f"/instances/local/{path}")
+    assert status == 400, (status, body)
+    assert_no_path(served, body)
+
+
+def test_paths_that_are_not_archive_and_uid_are_400(served, files):
+    for path in (f"/instances/local/{uid_of(files[0])}/x", "/instances/local/1.2/..%2Fx",
+                 f"/instances/local/{uid_of(files[0])}?sha256=..%2F..%2Fx",
+                 f"/instances/local/{uid_of(files[0])}?sha256=ABC"):
+        status, body = served.get(path)
+        assert status == 400, (path, status, body)
+        assert_no_path(served, body)
+
+
+def test_unknown_instances_and_archives_are_404_without_a_path(served, files):
+    for path in ("/instances/local/1.2.3.4.5.6.7",          # nowhere
+                 f"/instances/local/{uid_of(files[2])}",     # on disk, not in the catalog
+                 f"/instances/other/{uid_of(files[0])}",     # no such archive
+                 "/instances/%2Fetc/1.2.3"):
+        status, body = served.get(path)
+        assert status == 404, (path, status, body)
+        assert_no_path(served, body)
+
+
+def test_a_catalogued_instance_whose_file_is_gone_is_404_without_a_path(served, files):
+    from pacsp2p.adapters import layout
+    lost = served.root / "archive" / "objects" / layout.relative(uid_of(files[1]))
+    lost.unlink()
+    status, body = served.get(f"/instances/local/{uid_of(files[1])}")
+    assert status == 404 and b"objects" not in body, (status, body)
+    assert_no_path(served, body)
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Wait (generously) until the other end closes *sock*."""
+    sock.settimeout(PATIENCE)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_an_idle_socket_is_dropped_after_the_handshake_timeout(tmp_path_factory, files):
+    server = Server(tmp_path_factory.mktemp("idle"), 1.0, 64)
+    try:
+        t0 = time.monotonic()
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        with sock:
+            assert closed_by_peer(sock)
+        assert time.monotonic() - t0 >= 0.9
+        half = socket.create_connection(("127.0.0.1", server.port))
+        with half:                          # a TLS hello cut short, then silence
+            half.sendall(b"\x16\x03\x01\x00\xff\x01\x00")
+            assert closed_by_peer(half)
+        assert server.status()["expired"] == 2
+        assert server.status()["pending"] == 0
+        assert server.get("/instances/local/1.2.3")[0] == 404   # a real client: served
+    finally:
+        server.stop()
+
+
+def test_pending_handshakes_are_capped(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("cap"), 600, 4)
+    idle = []
+    try:
+        for _ in range(4):
+            idle.append(socket.create_connection(("127.0.0.1", server.port)))
+        deadline = time.monotonic() + PATIENCE
+        while server.status()["pending"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.status()["pending"] == 4
+        extra = socket.create_connection(("127.0.0.1", server.port))
+        with extra:
+            assert closed_by_peer(extra)
+        assert server.status()["refused"] == 1
+        for sock in idle:                   # gone: room again
+            sock.close()
+        while server.status()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.get("/instances/local/1.2.3")[0] == 404
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
