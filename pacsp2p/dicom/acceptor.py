@@ -3,56 +3,69 @@
 Runs entirely in the reactor: no association threads. One ``Association`` protocol per TCP
 connection:
 
-- association establishment (PS3.8 9.3.2-9.3.4): the A-ASSOCIATE-RQ is decoded with
-  pynetdicom's PDU classes, presentation contexts and SCP/SCU roles are negotiated with
-  ``pynetdicom.presentation.negotiate_as_acceptor`` against one shared list of supported
-  contexts, the A-ASSOCIATE-AC is encoded by pynetdicom. A calling AE title not in
+- admission (``dicom.admission``): a connection is *pending* until its A-ASSOCIATE-RQ is
+  accepted; pending connections have a cap of their own (``max_pending``), every address
+  one (``max_per_address``), and no connection is taken within ``fd_reserve`` file
+  descriptors of the process limit — over a limit the oldest pending connection makes
+  room. The ARTIM timer (PS3.8 9.1.5, ``artim_timeout``) closes a connection that sends no
+  A-ASSOCIATE-RQ, and one that does not close after our A-ABORT, A-ASSOCIATE-RJ or
+  A-RELEASE-RP.
+- association establishment (``dicom.negotiation``): the raw A-ASSOCIATE-RQ is checked
+  (AE titles, UIDs, context IDs, the requestor's maximum PDU: at least ``min_peer_pdu``
+  unless 0), decoded with pynetdicom's PDU classes, its presentation contexts negotiated
+  against one shared list of supported contexts. A calling AE title not in
   ``allowed_calling_aes`` gets A-ASSOCIATE-RJ (rejected-permanent, service user, calling
-  AE title not recognized); more than ``max_associations`` at once get
-  rejected-transient (service provider, local limit exceeded). Any called AE is accepted.
-- ARTIM (no A-ASSOCIATE-RQ in time) and idle timeouts abort the connection; A-RELEASE and
-  A-ABORT both ways; TCP_NODELAY on every accepted socket.
+  AE title not recognized); more than ``max_associations`` established associations at
+  once get rejected-transient (service provider, local limit exceeded). Any called AE is
+  accepted.
+- an idle timeout (``idle_timeout``) aborts an association with no traffic and no
+  operation running (or whose requestor has not read what we sent for that long);
+  A-RELEASE and A-ABORT both ways; TCP_NODELAY on every accepted socket.
 - P-DATA reassembly straight from the byte stream (PS3.8 9.3.5, annex E): a PDU is never
-  buffered whole; command fragments are gathered (they are small), data set fragments go
-  to the message's sink as they arrive — for a C-STORE a file written in a thread pool
-  (``dicom.incoming``), for the other services a small in-memory buffer.
-- Complete messages go to the DIMSE services of ``dicom.services``; requests are handled
+  buffered whole; command fragments are gathered (at most ``MAX_COMMAND`` bytes), data
+  set fragments go to the message's sink as they arrive — for a C-STORE a file written
+  in a thread pool (``dicom.incoming``, at most ``max_dataset`` bytes), for the other
+  services a small in-memory buffer (``max_identifier``). At most ``MAX_QUEUED`` requests
+  wait on one association.
+- Complete messages go to the DIMSE services (``services.request``); requests are handled
   one at a time in arrival order (no asynchronous operations window is negotiated),
   C-CANCEL and the C-STORE-RSPs of C-GET sub-operations reach the request they belong to.
+
+Whatever arrives, the answer is an A-ASSOCIATE-RJ, an A-ABORT or a DIMSE status, never an
+unhandled exception; log lines are one per event, values the requestor chose are shown
+bounded (``validate.shown``), and each kind of event is rate-limited (``LogLimit``).
 """
 
 from __future__ import annotations
 
+import traceback
 from collections import deque
 
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
-                                       ImplementationVersionNameNotification,
-                                       MaximumLengthNotification,
-                                       SCP_SCU_RoleSelectionNegotiation)
-from pynetdicom.presentation import negotiate_as_acceptor
 from twisted.internet import protocol
-from twisted.logger import Logger
+from twisted.logger import LogLevel, Logger
 
-from pacsp2p.dicom import dimse
+from pacsp2p.dicom import dimse, negotiation
+from pacsp2p.dicom.admission import Admission, FdBudget, LogLimit
+from pacsp2p.dicom.negotiation import MIN_PEER_PDU, reject_pdu
 from pacsp2p.dicom.pdu import (A_ABORT, A_ASSOCIATE_RQ as RQ, A_RELEASE_RP, A_RELEASE_RQ,
-                               IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, P_DATA_TF,
-                               PDU_HEAD, PDV_HEAD, RELEASE_RP, abort_pdu, frame)
+                               P_DATA_TF, PDU_HEAD, PDV_HEAD, RELEASE_RP, abort_pdu, frame)
 from pacsp2p.flow import ReadHolds
+from pacsp2p.validate import shown
 
 log = Logger()
 
-ARTIM = 30.0                 # seconds to wait for the A-ASSOCIATE-RQ
+ARTIM = 30.0                 # seconds to wait for the A-ASSOCIATE-RQ (or for a close)
 IDLE = 60.0                  # seconds without traffic (and no operation running)
-MAX_ASSOC_PDU = 1 << 20      # largest association PDU (A-ASSOCIATE-RQ, ...) we read
-MAX_IDENTIFIER = 16 << 20    # largest in-memory data set (identifiers)
+MAX_ASSOC_PDU = 1 << 20      # largest association PDU (A-ASSOCIATE-RQ) we read
+MAX_COMMAND = 64 << 10       # largest command set
+MAX_IDENTIFIER = 1 << 20     # largest in-memory data set (identifiers)
+MAX_DATASET = 4 << 30        # largest C-STORE data set
+MAX_PENDING = 64             # connections without an association yet
+MAX_PER_ADDRESS = 16         # connections (pending or not) from one address
+FD_RESERVE = 64              # file descriptors kept free for everything else
+MAX_QUEUED = 16              # requests received and not yet answered, per association
 SEND_FRAGMENT = 1 << 20      # PDV data bytes per PDU sent to a requestor without a limit
 SEND_LIMIT = 4 << 20         # bytes per socket send (Twisted's default: 128 KB)
-
-
-def reject_pdu(result: int, source: int, reason: int) -> bytes:
-    """A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
-    return b"\x03\x00\x00\x00\x00\x04\x00" + bytes((result, source, reason))
 
 
 class MemorySink:
@@ -77,12 +90,13 @@ class DiscardSink:
 class Association(ReadHolds, protocol.Protocol):
     """One association as acceptor. ``services`` handles its DIMSE messages."""
 
-    def __init__(self, factory):
+    def __init__(self, factory, host: str = "?"):
         self.factory = factory
         self.reactor = factory.reactor
-        self.state = "idle"            # idle -> established -> released | aborted
+        self.host = host
+        self.state = "idle"            # idle -> established -> released | aborted | ...
         self.calling_ae = self.called_ae = ""
-        self.peer = ""
+        self.peer = host
         self.accepted: dict = {}       # context id -> PresentationContext
         self.max_data = SEND_FRAGMENT  # PDV data bytes per PDU we send
         self.paused = False            # our transport's write buffer is full
@@ -98,7 +112,9 @@ class Association(ReadHolds, protocol.Protocol):
         self._cmd = bytearray()
         self._cmd_cx = None
         self._data = None              # (context id, sink, op) of the data set expected
+        self._data_size = self._data_limit = 0
         self._timer = None
+        self._closer = None            # ARTIM after we asked the transport to close
 
     # -- connection ----------------------------------------------------------------------
     def connectionMade(self):
@@ -106,31 +122,37 @@ class Association(ReadHolds, protocol.Protocol):
         self.transport.SEND_LIMIT = SEND_LIMIT
         self.transport.registerProducer(self, True)
         peer = self.transport.getPeer()
-        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
-        self.factory.associations.add(self)
-        self._arm(ARTIM, "no A-ASSOCIATE-RQ")
+        self.peer = f"{getattr(peer, 'host', self.host)}:{getattr(peer, 'port', '?')}"
+        self._arm(self.factory.artim_timeout, "no A-ASSOCIATE-RQ")
 
     def connectionLost(self, reason):
-        self.factory.associations.discard(self)
+        self.factory.admission.forget(self)
         self._disarm()
+        if self._closer is not None and self._closer.active():
+            self._closer.cancel()
         was = self.state
         self.state = "closed"
         if self._data is not None:
-            _, sink, op = self._data
-            self._data = None
+            op, self._data = self._data[2], None
             if op is not None:
                 op.lost()
         for op in list(self._ops):
             op.lost()
         self._ops.clear()
         if was == "established":
-            log.info("association from {ae}@{peer} lost: {why}", ae=self.calling_ae,
-                     peer=self.peer, why=reason.getErrorMessage())
+            self._log("association lost", LogLevel.info,
+                      "association from {ae}@{peer} lost: {why}",
+                      why=shown(reason.getErrorMessage()))
         self._wake()
 
     @property
     def open(self) -> bool:
         return self.state == "established"
+
+    def _log(self, kind: str, level, fmt: str, **kw) -> None:
+        """One log line (rate-limited per *kind*) about this association."""
+        self.factory.log_limit(kind, level, fmt, ae=self.calling_ae or "?", peer=self.peer,
+                               **kw)
 
     # producer interface: Twisted pauses us while the transport's write buffer is full
     def pauseProducing(self):
@@ -138,6 +160,7 @@ class Association(ReadHolds, protocol.Protocol):
 
     def resumeProducing(self):
         self.paused = False
+        self._touch()
         self._wake()
 
     def stopProducing(self):
@@ -171,18 +194,46 @@ class Association(ReadHolds, protocol.Protocol):
     def _touch(self):
         if self.state == "established":
             if self._timer is not None and self._timer.active():
-                self._timer.reset(IDLE)
+                self._timer.reset(self.factory.idle_timeout)
             else:
-                self._arm(IDLE, "idle")
+                self._arm(self.factory.idle_timeout, "idle")
 
     def _timed_out(self, what, seconds):
         self._timer = None
-        if self.state == "established" and self._ops:
-            self._arm(IDLE, "idle")            # an operation is running: not idle
+        if self.state == "established" and not self.paused and \
+                (self._ops or self.reading_held()):
+            self._arm(seconds, what)           # our own operation or write is running
             return
-        log.warn("association from {ae}@{peer}: {what} for {s} s: aborting",
-                 ae=self.calling_ae or "?", peer=self.peer, what=what, s=seconds)
-        self.abort()
+        if self.state == "established" and self.paused:
+            what = "nothing read by the requestor"
+        self._log("timeout", LogLevel.warn,
+                  "association from {ae}@{peer}: {what} for {s} s: closing",
+                  what=what, s=seconds)
+        if self.state == "idle":               # ARTIM (PS3.8 9.1.5): just close
+            self.state = "timed out"
+            self._close()
+        else:
+            self.abort()
+
+    def _close(self) -> None:
+        """Close the transport; if the requestor does not let it close (it reads nothing),
+        drop it after ARTIM."""
+        self._disarm()
+        self.transport.loseConnection()
+        if self._closer is None:
+            self._closer = self.reactor.callLater(self.factory.artim_timeout,
+                                                  self.transport.abortConnection)
+
+    def evict(self, limit: str) -> None:
+        """Close this pending connection at once to make room for a new one."""
+        self.factory.admission.forget(self)
+        self.state = "evicted"
+        self._disarm()
+        self._log("evicted", LogLevel.warn,
+                  "connection from {peer} closed before its A-ASSOCIATE-RQ to make room "
+                  "({limit})", limit=limit)
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     # -- sending --------------------------------------------------------------------------
     def send(self, context_id: int, command: bytes, data=None) -> None:
@@ -203,46 +254,55 @@ class Association(ReadHolds, protocol.Protocol):
 
     def abort(self, source: int = 0, reason: int = 0) -> None:
         """A-ABORT and close."""
-        if self.transport is not None and self.state not in ("closed", "aborted"):
+        if self.transport is not None and self.state not in (
+                "closed", "aborted", "evicted", "released", "rejected", "timed out"):
             self.transport.write(abort_pdu(source, reason))
             self.state = "aborted"
-            self.transport.loseConnection()
+            self._close()
 
-    def _protocol_error(self, why: str, reason: int = 2) -> None:
-        log.warn("association from {ae}@{peer}: {why}: aborting", ae=self.calling_ae or "?",
-                 peer=self.peer, why=why)
-        self.abort(2, reason)
+    def _protocol_error(self, why: str, reason: int = 2, source: int = 2) -> None:
+        self._log("protocol error", LogLevel.warn,
+                  "association from {ae}@{peer}: {why}: aborting", why=why)
+        self.abort(source, reason)
 
     # -- the byte stream ------------------------------------------------------------------
     def dataReceived(self, data: bytes):
-        self._touch()
-        mv = memoryview(data)
-        pos, n = 0, len(data)
         try:
-            while pos < n and self.state in ("idle", "established", "releasing"):
-                if self._pdv_left:
-                    take = min(self._pdv_left, n - pos)
-                    self._pdv_left -= take
-                    end_of_pdv = self._pdv_left == 0
-                    if end_of_pdv:
-                        self._need, self._step = 6, ("pdv" if self._pdu_left else "pdu")
-                    self._fragment(mv[pos:pos + take], end_of_pdv)
-                    pos += take
-                    continue
-                need = self._need
-                if not self._acc and n - pos >= need:
-                    chunk = mv[pos:pos + need]
-                    pos += need
-                else:
-                    take = min(need - len(self._acc), n - pos)
-                    self._acc += mv[pos:pos + take]
-                    pos += take
-                    if len(self._acc) < need:
-                        return
-                    chunk, self._acc = self._acc, bytearray()
-                self._parsed(chunk)
+            self._touch()
+            self._stream(data)
         except _Abort:
             return
+        except Exception as e:                 # a bug: one line, A-ABORT, never unhandled
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            self._protocol_error(f"internal error {type(e).__name__}: {shown(str(e))} "
+                                 f"at {where.filename.rsplit('/', 1)[-1]}:{where.lineno}",
+                                 reason=0)
+
+    def _stream(self, data: bytes):
+        mv = memoryview(data)
+        pos, n = 0, len(data)
+        while pos < n and self.state in ("idle", "established"):
+            if self._pdv_left:
+                take = min(self._pdv_left, n - pos)
+                self._pdv_left -= take
+                end_of_pdv = self._pdv_left == 0
+                if end_of_pdv:
+                    self._need, self._step = 6, ("pdv" if self._pdu_left else "pdu")
+                self._fragment(mv[pos:pos + take], end_of_pdv)
+                pos += take
+                continue
+            need = self._need
+            if not self._acc and n - pos >= need:
+                chunk = mv[pos:pos + need]
+                pos += need
+            else:
+                take = min(need - len(self._acc), n - pos)
+                self._acc += mv[pos:pos + take]
+                pos += take
+                if len(self._acc) < need:
+                    return
+                chunk, self._acc = self._acc, bytearray()
+            self._parsed(chunk)
 
     def _parsed(self, chunk) -> None:
         step = self._step
@@ -255,15 +315,21 @@ class Association(ReadHolds, protocol.Protocol):
                     self._fail("P-DATA-TF without a PDV", 6)
                 self._pdu_left = length
                 self._need, self._step = 6, "pdv"
-            else:
+                return
+            if pdu_type == RQ:
+                if self.state != "idle":
+                    self._fail(f"A-ASSOCIATE-RQ in state {self.state}")
                 if length > MAX_ASSOC_PDU:
+                    self._fail(f"A-ASSOCIATE-RQ of {length} bytes", 6)
+            elif pdu_type in (A_RELEASE_RQ, A_RELEASE_RP, A_ABORT):
+                if length != 4:
                     self._fail(f"PDU type {pdu_type:#04x} of {length} bytes", 6)
-                self._pdu_type = pdu_type
-                self._head = bytes(chunk)
-                if length == 0:
-                    self._pdu(pdu_type, self._head)
-                else:
-                    self._need, self._step = length, "body"
+            else:
+                self._fail(f"unexpected PDU type {pdu_type:#04x} in state {self.state}",
+                           1 if pdu_type > 7 or pdu_type == 0 else 2)
+            self._pdu_type = pdu_type
+            self._head = bytes(chunk)
+            self._need, self._step = length, "body"
         elif step == "body":
             self._need, self._step = 6, "pdu"
             self._pdu(self._pdu_type, self._head + bytes(chunk))
@@ -282,6 +348,13 @@ class Association(ReadHolds, protocol.Protocol):
         self._protocol_error(why, reason)
         raise _Abort()
 
+    def _over_limit(self, why: str):
+        """A local limit: A-ABORT (service user) and stop reading."""
+        self._log("limit", LogLevel.warn, "association from {ae}@{peer}: {why}: aborting",
+                  why=why)
+        self.abort(0, 0)
+        raise _Abort()
+
     # -- association PDUs -----------------------------------------------------------------
     def _pdu(self, pdu_type: int, pdu: bytes) -> None:
         if pdu_type == RQ and self.state == "idle":
@@ -293,74 +366,58 @@ class Association(ReadHolds, protocol.Protocol):
                 op.lost()
             self._ops.clear()
             self.transport.write(RELEASE_RP)
-            self.transport.loseConnection()
+            self._close()
             raise _Abort()
         elif pdu_type == A_ABORT:
-            log.info("association from {ae}@{peer} aborted by the requestor",
-                     ae=self.calling_ae or "?", peer=self.peer)
+            if self.state == "established":
+                self._log("aborted by requestor", LogLevel.info,
+                          "association from {ae}@{peer} aborted by the requestor")
             self.state = "aborted"
-            self.transport.loseConnection()
+            self._close()
             raise _Abort()
         elif pdu_type == A_RELEASE_RP:
-            self.transport.loseConnection()
+            self.state = "released"
+            self._close()
             raise _Abort()
         else:
-            self._fail(f"unexpected PDU type {pdu_type:#04x} in state {self.state}",
-                       1 if pdu_type > 7 else 2)
+            self._fail(f"unexpected PDU type {pdu_type:#04x} in state {self.state}")
 
     def _associate(self, pdu: bytes) -> None:
         self._disarm()
         f = self.factory
         try:
-            rq = A_ASSOCIATE_RQ()
-            rq.decode(pdu)
-            prim = rq.to_primitive()
-        except Exception as e:
-            self._fail(f"undecodable A-ASSOCIATE-RQ: {e}", 6)
-        self.calling_ae = str(prim.calling_ae_title).strip()
-        self.called_ae = str(prim.called_ae_title).strip()
+            req = negotiation.check_request(pdu, f.min_peer_pdu)
+        except negotiation.Refused as r:
+            self._reject(r.result, r.source, r.reason, str(r))
+        except negotiation.Malformed as e:
+            self._fail(f"A-ASSOCIATE-RQ: {e}", 6)
+        self.calling_ae, self.called_ae = req.calling_ae, req.called_ae
         if f.allowed_calling_aes and self.calling_ae not in f.allowed_calling_aes:
-            log.warn("association from {ae}@{addr} rejected (calling AE not allowed)",
-                     ae=self.calling_ae, addr=self.peer)
-            self._reject(1, 1, 3)
-        if len(f.associations) > f.max_associations:
-            log.warn("association from {ae}@{addr} rejected: {n} associations already",
-                     ae=self.calling_ae, addr=self.peer, n=len(f.associations) - 1)
-            self._reject(2, 3, 2)
-        roles, max_len = {}, 0
-        for item in prim.user_information or []:
-            if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
-                roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
-            elif isinstance(item, MaximumLengthNotification):
-                max_len = item.maximum_length_received or 0
-        result, ac_roles = negotiate_as_acceptor(
-            prim.presentation_context_definition_list, f.supported, roles)
-        self.accepted = {cx.context_id: cx for cx in result if cx.result == 0}
-        if max_len:
-            self.max_data = max(max_len - 6, 1)
-        ac = A_ASSOCIATE()
-        ac.application_context_name = "1.2.840.10008.3.1.1.1"
-        ac.calling_ae_title = prim.calling_ae_title
-        ac.called_ae_title = prim.called_ae_title
-        ac.result, ac.result_source = 0, 1
-        ac.presentation_context_definition_results_list = result
-        ml = MaximumLengthNotification()
-        ml.maximum_length_received = f.max_pdu
-        ic = ImplementationClassUIDNotification()
-        ic.implementation_class_uid = IMPLEMENTATION_UID.decode()
-        iv = ImplementationVersionNameNotification()
-        iv.implementation_version_name = IMPLEMENTATION_VERSION.decode()
-        ac.user_information = [ml, ic, iv, *ac_roles]
-        out = A_ASSOCIATE_AC()
-        out.from_primitive(ac)
+            self._reject(1, 1, 3, "calling AE not allowed")
+        if len(f.admission.established) >= f.max_associations:
+            self._reject(2, 3, 2, f"{len(f.admission.established)} associations already")
+        try:
+            prim = negotiation.decode(pdu)
+            results, ac_roles = negotiation.negotiate(prim, f.supported)
+            ac = negotiation.accept_pdu(prim, results, ac_roles, f.max_pdu)
+        except negotiation.Malformed as e:
+            self._fail(f"A-ASSOCIATE-RQ: {e}", 6)
+        except Exception as e:
+            self._fail(f"cannot negotiate ({type(e).__name__}: {shown(str(e))})", 0)
+        self.accepted = {cx.context_id: cx for cx in results if cx.result == 0}
+        if req.max_pdu:
+            self.max_data = max(req.max_pdu - 6, 1)
         self.state = "established"
-        self.transport.write(out.encode())
-        self._arm(IDLE, "idle")
+        f.admission.establish(self)
+        self.transport.write(ac)
+        self._arm(f.idle_timeout, "idle")
 
-    def _reject(self, result: int, source: int, reason: int) -> None:
+    def _reject(self, result: int, source: int, reason: int, why: str) -> None:
+        self._log("rejected", LogLevel.warn,
+                  "association from {ae}@{peer} rejected: {why}", why=why)
         self.state = "rejected"
         self.transport.write(reject_pdu(result, source, reason))
-        self.transport.loseConnection()
+        self._close()
         raise _Abort()
 
     # -- DIMSE messages ---------------------------------------------------------------------
@@ -372,6 +429,8 @@ class Association(ReadHolds, protocol.Protocol):
                 self._fail("a command fragment inside a data set")
             if self._cmd_cx is not None and self._cmd_cx != cid:
                 self._fail("command fragments on two presentation contexts")
+            if len(self._cmd) + len(piece) > MAX_COMMAND:
+                self._over_limit(f"command set larger than {MAX_COMMAND} bytes")
             self._cmd_cx = cid
             self._cmd += piece
             if last:
@@ -382,10 +441,13 @@ class Association(ReadHolds, protocol.Protocol):
         if self._data is None or self._data[0] != cid:
             self._fail("a data set fragment without its command")
         _, sink, op = self._data
+        self._data_size += len(piece)
+        if self._data_size > self._data_limit:
+            self._over_limit(f"data set larger than {self._data_limit} bytes")
         try:
             sink.feed(piece)
         except ValueError as e:
-            self._fail(str(e))
+            self._over_limit(shown(str(e)))
         if last:
             self._data = None
             if op is not None:
@@ -411,12 +473,19 @@ class Association(ReadHolds, protocol.Protocol):
             if head is None or not head.store_response(fields):
                 self._fail("an unexpected C-STORE-RSP")
         else:
+            if len(self._ops) >= MAX_QUEUED:
+                self._over_limit(f"more than {MAX_QUEUED} requests waiting")
             try:
                 op = self.factory.services.request(self, cx, field, fields, has_data)
             except LookupError as e:
-                self._fail(str(e))
+                self._fail(shown(str(e)))
         if has_data:
-            self._data = (cid, op.sink if op is not None else DiscardSink(), op)
+            sink = op.sink if op is not None else DiscardSink()
+            small = op is None or isinstance(sink, MemorySink)
+            self._data = (cid, sink, op)
+            self._data_size = 0
+            self._data_limit = self.factory.max_identifier if small else \
+                self.factory.max_dataset
         elif op is not None:
             op.data_complete(None)
             self._enqueue(op)
@@ -439,22 +508,46 @@ class _Abort(Exception):
 
 
 class AcceptorFactory(protocol.Factory):
-    """The listening side: shared settings of all associations."""
+    """The listening side: shared settings of all associations, and the admission of
+    new connections (``dicom.admission``). Every limit has a default; the facade passes
+    its ``[facade]`` settings."""
 
     noisy = False
 
     def __init__(self, reactor, services, supported, *, max_pdu: int = 0,
-                 max_associations: int = 32, allowed_calling_aes=()):
+                 max_associations: int = 32, allowed_calling_aes=(),
+                 max_pending: int = MAX_PENDING, max_per_address: int = MAX_PER_ADDRESS,
+                 artim_timeout: float = ARTIM, idle_timeout: float = IDLE,
+                 max_dataset: int = MAX_DATASET, max_identifier: int = MAX_IDENTIFIER,
+                 fd_reserve: int = FD_RESERVE, min_peer_pdu: int = MIN_PEER_PDU):
         self.reactor = reactor
         self.services = services
         self.supported = supported
         self.max_pdu = max_pdu
         self.max_associations = max_associations
         self.allowed_calling_aes = {a.strip() for a in allowed_calling_aes}
-        self.associations: set = set()
+        self.artim_timeout, self.idle_timeout = artim_timeout, idle_timeout
+        self.max_dataset, self.max_identifier = max_dataset, max_identifier
+        self.min_peer_pdu = min_peer_pdu
+        self.log_limit = LogLimit(reactor)
+        self.admission = Admission(FdBudget(reactor, fd_reserve), max_pending,
+                                   max_per_address)
+
+    @property
+    def associations(self) -> list:
+        """Every open connection, pending or established (to abort them at stop)."""
+        return self.admission.all()
 
     def buildProtocol(self, addr):
-        p = Association(self)
-        p.factory = self
+        host = str(getattr(addr, "host", "?"))
+        room, victim, limit = self.admission.admit(host)
+        if victim is not None:
+            victim.evict(limit)
+        if not room:
+            self.log_limit("refused", LogLevel.warn,
+                           "connection from {host} refused at once ({limit})",
+                           host=host, limit=limit)
+            return None
+        p = Association(self, host)
+        self.admission.add(p)
         return p
-
