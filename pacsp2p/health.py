@@ -54,7 +54,7 @@ class ArchiveHealth(service.Service):
                 changed |= self._note(archive, bool(health.get("up")), health)
             if changed and self.overlay is not None:
                 ms = self.overlay.membership
-                down = sorted(a.name for a in self.archives if not getattr(a, "up", True))
+                down = sorted(a.name for a in self.archives if not a.up)
                 ms.me = dataclasses.replace(ms.me, archives_down=down)
         finally:
             self._checking = False
@@ -69,10 +69,7 @@ class ArchiveHealth(service.Service):
             else:
                 log.warn("archive {archive} stopped answering: {err}",
                          archive=archive.name, err=health.get("error", "no answer"))
-        try:
-            archive.up = up
-        except AttributeError:
-            pass
+        archive.up = up
         if up and flipped:
             for crawler in self.crawlers:
                 if crawler.archive is archive and crawler.error:

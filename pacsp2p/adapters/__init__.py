@@ -16,7 +16,9 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from pacsp2p.adapters.interface import factory_problems, problems
+from zope.interface import implementer
+
+from pacsp2p.adapters.interface import ICatalogLookups, factory_problems, problems
 from pacsp2p.config import ArchiveConfig, ConfigError
 
 _loaded_files: dict[Path, object] = {}     # resolved adapter file -> its module
@@ -98,13 +100,23 @@ def make_archive(cfg: ArchiveConfig, settings, reactor, catalog=None):
     claims (:func:`pacsp2p.adapters.interface.problems`); raises ConfigError naming the
     config file and archive, the adapter and what it lacks.
 
-    *catalog*: the peer's catalog, handed to the adapter (its declared read methods),
-    or None where there is none (``pacsp2p catalog rebuild``)."""
+    *catalog*: the peer's catalog, or None where there is none (``pacsp2p catalog
+    rebuild``); the adapter sees only its lookups (:class:`CatalogLookups`)."""
     cls = adapter_class(cfg, settings)
     _refuse(cfg, settings, f"class {_name(cls)}", factory_problems(cls))
-    archive = cls.from_config(cfg, settings, reactor, catalog=catalog)
+    lookups = CatalogLookups(catalog) if catalog is not None else None
+    archive = cls.from_config(cfg, settings, reactor, catalog=lookups)
     _refuse(cfg, settings, _name(cls), problems(archive))
     return archive
+
+
+@implementer(ICatalogLookups)
+class CatalogLookups:
+    """The peer's catalog as an adapter sees it: the read methods ICatalogLookups
+    declares, and nothing else (no adapter touches the catalog's tables)."""
+
+    def __init__(self, catalog):
+        self.hierarchy = catalog.hierarchy
 
 
 def _name(cls) -> str:

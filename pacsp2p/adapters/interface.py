@@ -43,8 +43,17 @@ class IArchiveFactory(Interface):
     def from_config(cfg, settings, reactor, catalog=None):
         """The archive for one ``[[archives]]`` block (raises config.ConfigError).
 
-        *catalog* is the peer's catalog, or None (a tool run without one): use only its
-        declared read methods (e.g. ``hierarchy``), never its tables."""
+        *catalog* provides ICatalogLookups (the peer's catalog seen through its declared
+        read methods), or is None (a tool run without a catalog)."""
+
+
+class ICatalogLookups(Interface):
+    """What an adapter may ask the peer's catalog (``from_config``'s *catalog*): the
+    declared read methods below, never its tables."""
+
+    def hierarchy(sop_instance_uid):
+        """Deferred[(study uid, series uid, SOP class uid, transfer syntax uid ("" if
+        unknown)) or None]: where the instance sits, if the catalog knows it."""
 
 
 class IStores(Interface):

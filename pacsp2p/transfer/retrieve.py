@@ -108,8 +108,7 @@ class Retrieval:
     def _reachable(self, loc) -> bool:
         if loc.peer == self.peer:
             archive = self.archives.get(loc.archive)
-            return ("open" in getattr(archive, "capabilities", ())
-                    and getattr(archive, "up", True))
+            return archive is not None and "open" in archive.capabilities and bool(archive.up)
         if self.overlay is None or not self.overlay.alive(loc.peer):
             return False
         member = getattr(self.overlay.membership, "members", {}).get(loc.peer)

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from zope.interface.verify import verifyObject
+
 from pacsp2p.adapters import make_archive
+from pacsp2p.adapters.interface import ICatalogLookups
+from pacsp2p.catalog import Catalog
 from pacsp2p.config import ConfigError, from_dict
 
 HEADER = '''
@@ -98,6 +102,16 @@ class OldFactory(Base):
     def from_config(cls, cfg, settings, reactor):
         return cls(cfg)
 ''',
+    "Curious": '''
+@implementer(IArchive, IOpens)
+class Curious(Base):
+    capabilities = frozenset({"open"})
+    @classmethod
+    def from_config(cls, cfg, settings, reactor, catalog=None):
+        archive = cls(cfg)
+        archive.given = catalog
+        return archive
+''',
     "NotAnArchive": '''
 class NotAnArchive(Base):
     capabilities = frozenset({"open"})
@@ -105,14 +119,14 @@ class NotAnArchive(Base):
 }
 
 
-def load(tmp_path: Path, cls: str):
+def load(tmp_path: Path, cls: str, catalog=None):
     source = tmp_path / "site_adapters.py"
     source.write_text(HEADER + "".join(textwrap.dedent(a) for a in ADAPTERS.values()))
     settings = from_dict({"peer": {"data_dir": str(tmp_path / "data")}, "archives": [
         {"name": "local", "adapter": "embedded"},
         {"name": "vendor", "adapter": f"site_adapters.py:{cls}"}]},
         str(tmp_path / "site.toml"), tmp_path)
-    return make_archive(settings.archives[1], settings, None)
+    return make_archive(settings.archives[1], settings, None, catalog=catalog)
 
 
 def refused(tmp_path: Path, cls: str) -> str:
@@ -163,3 +177,12 @@ def test_every_built_in_adapter_provides_what_it_claims(tmp_path):
     assert [a.name for a in made] == ["local", "dimse", "orthanc", "web", "folder"]
     assert {"keep", "store_unsynced", "walk"} <= made[0].capabilities
     assert not hasattr(made[1], "catalog")          # given a lookup, not the catalog
+
+
+def test_an_adapter_gets_the_catalogs_lookups_not_its_tables(tmp_path):
+    catalog = Catalog(tmp_path / "catalog.sqlite", None, peer="p1")
+    given = load(tmp_path, "Curious", catalog=catalog).given
+    verifyObject(ICatalogLookups, given)
+    assert given.hierarchy == catalog.hierarchy
+    assert not any(hasattr(given, name) for name in ("read", "write", "record", "path"))
+    assert load(tmp_path, "Curious").given is None

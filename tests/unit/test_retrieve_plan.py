@@ -53,6 +53,7 @@ class MemArchive:
     *latency* seconds, or left to the test when *latency* is None."""
 
     capabilities = frozenset({"open"})
+    up = True
 
     def __init__(self, peer: str, clock: Clock, latency: float | None = None,
                  name: str = "local"):
