@@ -53,6 +53,13 @@ class FacadeSettings:
     allowed_calling_aes: tuple[str, ...] = ()
     max_pdu: int = 0  # 0 = unlimited
     max_associations: int = 32
+    max_pending: int = 64         # connections without an association yet
+    max_per_address: int = 16     # connections (pending or not) from one address
+    artim_timeout: float = 30.0   # seconds for the A-ASSOCIATE-RQ (PS3.8 9.1.5)
+    idle_timeout: float = 60.0    # seconds without traffic before an abort
+    max_dataset: int = 4 << 30    # largest C-STORE data set (bytes)
+    fd_reserve: int = 64          # file descriptors kept free (0: no check)
+    min_peer_pdu: int = 4096      # smallest requestor maximum PDU accepted (0: any)
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,25 @@ class _Reader:
             raise self.fail(key, "unknown key")
 
 
+# [facade] limits on hostile input: key -> (type, default, lowest, what it must be)
+FACADE_LIMITS = {
+    "max_pending": (int, 64, 1, "an integer >= 1"),
+    "max_per_address": (int, 16, 1, "an integer >= 1"),
+    "artim_timeout": ((int, float), 30.0, 0.01, "seconds (a number > 0)"),
+    "idle_timeout": ((int, float), 60.0, 0.01, "seconds (a number > 0)"),
+    "max_dataset": (int, 4 << 30, 1024, "an integer (bytes) >= 1024"),
+    "fd_reserve": (int, 64, 0, "an integer >= 0 (0: no check)"),
+    "min_peer_pdu": (int, 4096, 0, "an integer (bytes) >= 0 (0: any)"),
+}
+
+
+def _facade_limit(f, key, kind, default, lowest, what):
+    value = f.take(key, kind, default, what)
+    if value < lowest:
+        raise f.fail(key, f"must be {what}, got {value!r}")
+    return float(value) if kind != int else value
+
+
 def check_ae(value: str, fail) -> str:
     stripped = value.strip()
     if not _AE_RE.match(value) or not stripped:
@@ -206,6 +232,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     if "engine" in f.table:
         raise f.fail("engine", "was removed: the facade has one engine (the Twisted "
                                "acceptor); delete this line")
+    limits = {key: _facade_limit(f, key, *spec) for key, spec in FACADE_LIMITS.items()}
     facade = FacadeSettings(
         ae_title=f.ae("ae_title", DEFAULT_AE),
         port=f.port("port", DEFAULT_PORT),
@@ -213,6 +240,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         allowed_calling_aes=tuple(allowed_t),
         max_pdu=max_pdu,
         max_associations=f.take("max_associations", int, 32, "an integer"),
+        **limits,
     )
     f.done()
 

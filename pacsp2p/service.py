@@ -75,7 +75,7 @@ class PeerService(service.MultiService):
                                        reactor))
             self.replicas = self.overlay.membership.services
         self.crawlers = [Crawler(a, self.catalog, settings.peer.name, reactor,
-                                 qps=getattr(a, "crawl_qps", 50.0))
+                                 qps=a.crawl_qps)
                          for a in self.archives if "crawl" in a.capabilities]
         self.cluster = Cluster(settings, self.catalog, self.archives, self.strategies,
                                self.overlay, reactor, self.crawlers)

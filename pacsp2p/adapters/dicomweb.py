@@ -41,7 +41,8 @@ from zope.interface import implementer
 from pacsp2p.adapters.http import HTTPError, Unreachable
 from pacsp2p.adapters.interface import IArchive, ICrawls, IOpens, IStores
 from pacsp2p.adapters.rest import RestArchive
-from pacsp2p.adapters.orthanc import _Lru, file_dataset_hash, unlinked_copy
+from pacsp2p.adapters.orthanc import _Lru, unlinked_copy
+from pacsp2p.dicom.part10 import file_dataset_hash
 from pacsp2p.attributes import STORED
 from pacsp2p.dicom.header import content_hash
 from pacsp2p.types import InstanceMeta, Stored

@@ -53,7 +53,7 @@ from zope.interface import implementer
 
 from pacsp2p.adapters.associations import Associations, DimseError
 from pacsp2p.adapters.interface import IArchive, ICrawls, IFollows, IOpens, ISends, IStores
-from pacsp2p.adapters.orthanc import file_dataset_hash
+from pacsp2p.dicom.part10 import file_dataset_hash
 from pacsp2p.attributes import STORED
 from pacsp2p.dicom.header import _text, content_hash
 from pacsp2p.types import InstanceMeta, Stored

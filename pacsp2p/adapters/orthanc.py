@@ -32,7 +32,6 @@ down (logged once), the crawl waits for it and resumes, changes are retried late
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -52,7 +51,7 @@ from pacsp2p.adapters.interface import IArchive, ICrawls, IFollows, IOpens, ISen
 from pacsp2p.adapters.rest import RestArchive
 from pacsp2p.attributes import STORED
 from pacsp2p.dicom.header import content_hash
-from pacsp2p.dicom.part10 import dataset_start
+from pacsp2p.dicom.part10 import file_dataset_hash
 from pacsp2p.types import InstanceMeta, Stored
 
 log = Logger()
@@ -87,16 +86,6 @@ def unlinked_copy(incoming: Path):
     fd, path = tempfile.mkstemp(dir=incoming, prefix="fetch-", suffix=".dcm")
     os.unlink(path)
     return os.fdopen(fd, "w+b")
-
-
-def file_dataset_hash(f) -> str:
-    """sha256 of the data set (after the file meta) of the open Part-10 file *f*."""
-    f.seek(0)
-    dataset_start(f)
-    h = hashlib.sha256()
-    while chunk := f.read(1 << 20):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 class _Lru:

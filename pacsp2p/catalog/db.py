@@ -162,8 +162,19 @@ def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: 
             conn.executemany(_HINT_SQL, hints)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already (it does by itself on
+    SQLITE_FULL, SQLITE_IOERR, ...): the caller re-raises the error that caused it, not
+    "cannot rollback - no transaction is active"."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            log.error("catalog: ROLLBACK failed too: {err}", err=e)
 
 
 def check_wire(batch: list) -> int:

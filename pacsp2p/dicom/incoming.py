@@ -22,11 +22,14 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
+import time
 import uuid
 from pathlib import Path
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from pacsp2p import threads
@@ -35,6 +38,8 @@ from pacsp2p.dicom.pdu import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 HIGH = 8 << 20            # queued bytes that pause the transport
 LOW = 2 << 20             # ... and resume it
 COALESCE = 256 << 10      # bytes gathered before a write job (unless the data set ended)
+
+log = Logger()
 
 def receive_pool(reactor):
     """The thread pool that writes received data sets (one per reactor)."""
@@ -47,17 +52,25 @@ def _short(elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
     return struct.pack("<HH2sH", 2, elem, vr, len(value)) + value
 
 
+def _ascii(value: str, limit: int) -> bytes:
+    """*value* as at most *limit* ASCII bytes; anything else becomes '?' (the wire layer
+    never raises on what a requestor sent: the facade validates UIDs and refuses)."""
+    return value.encode("ascii", "replace")[:limit]
+
+
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str,
               source_ae: str = "") -> bytes:
-    """Preamble, 'DICM' and the File Meta Information group (explicit VR little endian)."""
+    """Preamble, 'DICM' and the File Meta Information group (explicit VR little endian).
+    Values that are not ASCII, or too long for their VR, are written with '?' for the
+    odd characters and cut to length (UI: 64, AE: 16)."""
     body = [struct.pack("<HH2sHI", 2, 1, b"OB", 0, 2) + b"\0\1",
-            _short(0x0002, b"UI", sop_class.encode("ascii"), b"\0"),
-            _short(0x0003, b"UI", sop_instance.encode("ascii"), b"\0"),
-            _short(0x0010, b"UI", transfer_syntax.encode("ascii"), b"\0"),
+            _short(0x0002, b"UI", _ascii(sop_class, 64), b"\0"),
+            _short(0x0003, b"UI", _ascii(sop_instance, 64), b"\0"),
+            _short(0x0010, b"UI", _ascii(transfer_syntax, 64), b"\0"),
             _short(0x0012, b"UI", IMPLEMENTATION_UID, b"\0"),
             _short(0x0013, b"SH", IMPLEMENTATION_VERSION, b" ")]
     if source_ae:
-        body.append(_short(0x0016, b"AE", source_ae.encode("ascii")[:16], b" "))
+        body.append(_short(0x0016, b"AE", _ascii(source_ae, 16), b" "))
     body = b"".join(body)
     return (bytes(128) + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body)
 
@@ -139,12 +152,45 @@ def _write(state: _File, chunks: list, last: bool, after):
     return None
 
 
+class _Quiet:
+    """Thread-safe: log the first of a kind of error, then at most one line per
+    ``every`` seconds counting those not logged (a full disk fails every C-STORE)."""
+
+    def __init__(self, every: float = 60.0):
+        self.every, self.lock = every, threading.Lock()
+        self.last, self.missed = -every, 0
+
+    def __call__(self, fmt: str, **kw) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if now - self.last < self.every:
+                self.missed += 1
+                return
+            missed, self.missed, self.last = self.missed, 0, now
+        log.error(fmt + (" ({missed} more since the last report)" if missed else ""),
+                  missed=missed, **kw)
+
+
+_discard_failed = _Quiet()
+
+
 def _discard(state: _File) -> None:
+    """Thread pool: close and remove a partial file; never raises (a full disk makes
+    the close fail: the bytes it still had to write are dropped anyway)."""
     try:
         if state.f is not None:
-            state.f.close()
+            f, state.f = state.f, None
+            try:
+                f.close()
+            except OSError as e:
+                _discard_failed("closing a partial received file failed: {err}",
+                                err=e.strerror or e)
     finally:
-        state.path.unlink(missing_ok=True)
+        try:
+            state.path.unlink(missing_ok=True)
+        except OSError as e:
+            _discard_failed("removing a partial received file failed: {err}",
+                            err=e.strerror or e)
 
 
 class Incoming:

@@ -8,6 +8,7 @@ accept its stored transfer syntax.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 
@@ -88,3 +89,13 @@ def convert(f, target: str) -> io.BytesIO:
         ds.decompress(generate_instance_uid=False)
     target = UID(target)
     return io.BytesIO(encode(ds, target.is_implicit_VR, target.is_little_endian))
+
+
+def file_dataset_hash(f) -> str:
+    """sha256 of the data set (after the file meta) of the open Part-10 file *f*."""
+    f.seek(0)
+    dataset_start(f)
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+    return h.hexdigest()

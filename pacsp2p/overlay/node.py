@@ -19,6 +19,10 @@ from pacsp2p.overlay.sync import AntiEntropy
 log = Logger()
 
 
+class PeerUnknown(Exception):
+    """A location names a peer this overlay does not know (not: an instance is missing)."""
+
+
 class Overlay:
     def __init__(self, settings, catalog, archives: dict, reactor, responders=None):
         """*responders*: called with this overlay, returns what answers the peers'
@@ -83,7 +87,7 @@ class Overlay:
         """Deferred[file] of one instance held by another peer's archive."""
         member = self.membership.members.get(location.peer)
         if member is None:
-            raise LookupError(f"peer {location.peer} is unknown")
+            raise PeerUnknown(f"peer {location.peer} is unknown")
         return self.bulk.fetch(member, location.archive, location.sop_instance_uid,
                                location.sha256)
 

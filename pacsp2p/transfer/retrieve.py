@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.python.failure import Failure
 
+from pacsp2p.overlay.node import PeerUnknown
 from pacsp2p.types import InstanceRef
 
 log = Logger()
@@ -34,7 +35,7 @@ _ids = itertools.count(1)
 
 # failures that mean the source peer cannot be reached, not that one instance is bad
 _LINK_ERRORS = (error.ConnectError, error.ConnectionLost, error.ConnectionDone,
-                ResponseFailed, ResponseNeverReceived, defer.CancelledError, LookupError)
+                ResponseFailed, ResponseNeverReceived, defer.CancelledError, PeerUnknown)
 
 
 class Unavailable(Exception):

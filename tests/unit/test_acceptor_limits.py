@@ -472,6 +472,30 @@ def test_an_exception_in_a_service_is_an_abort_not_an_unhandled_error(logged):
     assert "RuntimeError" in line and len(line) < 400
 
 
+# -- 4. hostile values never raise in the wire code ------------------------------------------
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("uid", ["1.2.3\u00e9", "\u4e2d\u6587", "1." * 40000, "../../x"])
+def test_file_meta_of_any_uid_is_written(uid):
+    """Before: a non-ASCII Affected SOP Instance UID raised UnicodeEncodeError in
+    file_meta (in the reactor: connection dropped without an A-ABORT)."""
+    from io import BytesIO
+
+    from pydicom.filereader import _read_file_meta_info
+
+    from pacsp2p.dicom.incoming import file_meta
+    head = file_meta(CTImageStorage, uid, ExplicitVRLittleEndian, "AE\u00e9" * 10)
+    stream = BytesIO(head)
+    stream.seek(132)
+    meta = _read_file_meta_info(stream)
+    assert len(meta.MediaStorageSOPInstanceUID) <= 64
+    assert meta.MediaStorageSOPInstanceUID.isascii()
+
+
+def test_command_text_of_non_ascii_bytes():
+    fields = {dimse.AFFECTED_SOP_INSTANCE: "1.2.\u00e9".encode("latin-1") + b"\0"}
+    assert dimse.text(fields, dimse.AFFECTED_SOP_INSTANCE) == "1.2.\ufffd"
+
+
 # -- 7. bounded logging -----------------------------------------------------------------------
 def test_a_flood_of_refused_connections_writes_a_bounded_log(logged):
     h = Harness(max_per_address=1, max_pending=1)
