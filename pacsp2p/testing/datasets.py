@@ -7,6 +7,7 @@ make_find_corpus() many patients/studies/series with varied attributes for C-FIN
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,11 @@ PRIVATE_CREATOR = "PACSP2P TEST"
 
 
 def uid(*parts: Any) -> UID:
-    """A deterministic UID derived from *parts* (same parts, same UID)."""
-    return generate_uid(entropy_srcs=["pacsp2p-testing", *map(str, parts)])
+    """A deterministic, valid UID (PS3.5 §9.1) derived from *parts*: same parts, same UID;
+    different parts (compared by their ``str``), different UIDs. The parts are hashed as
+    one JSON list, so no two sequences of parts run together into the same text
+    (``uid("x", 1, 2, 15) != uid("x", 12, 1, 5)``; joined without a separator they did)."""
+    return generate_uid(entropy_srcs=[json.dumps(["pacsp2p-testing", *map(str, parts)])])
 
 
 def _pixels(modality: str, size: int, seed: int) -> tuple[np.ndarray, dict]:

@@ -80,3 +80,18 @@ def test_toml_roundtrip():
             "destinations": {"STORESCP": "127.0.0.1:1"},
             "archives": [{"name": "o", "weight": 1.5}, {"name": "e"}]}
     assert tomllib.loads(toml.dumps(data)) == data
+
+
+def test_uid_is_injective_and_valid():
+    """Issue 19.8: the parts were joined without a separator, so uid("x", 1, 2, 15) ==
+    uid("x", 12, 1, 5) and a 20k-instance test set had 580 colliding UIDs."""
+    from pacsp2p.validate import is_uid
+    assert datasets.uid("x", 1, 2, 15) != datasets.uid("x", 12, 1, 5)
+    assert datasets.uid("ab", "c") != datasets.uid("a", "bc") != datasets.uid("abc")
+    assert datasets.uid("x", 1, 2) == datasets.uid("x", 1, 2)        # deterministic
+    assert datasets.uid("x", 7) == datasets.uid("x", "7")            # parts by their str()
+    # every split of the same digits, as the 20k-instance set made them: no collision
+    parts = [("s", a, b, c) for a in range(40) for b in range(40) for c in range(20)]
+    uids = {datasets.uid(*p) for p in parts}
+    assert len(uids) == len(parts)
+    assert all(is_uid(u) for u in uids)
