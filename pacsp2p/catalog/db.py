@@ -379,7 +379,11 @@ class Catalog:
 
         def failed(f):
             self._flushing = False
-            log.failure("catalog write of {n} facts failed", f, n=len(batch))
+            if f.check(sqlite3.OperationalError, OSError):    # a full disk, ...: one line
+                log.error("catalog write of {n} facts failed: {err}", n=len(batch),
+                          err=f.getErrorMessage())
+            else:
+                log.failure("catalog write of {n} facts failed", f, n=len(batch))
             for _, waiter in batch:
                 waiter.errback(f)
             if self._pending:
