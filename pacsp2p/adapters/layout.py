@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import uuid
 from pathlib import Path
 
@@ -54,20 +55,41 @@ def relative(uid: str, sha256: str | None = None) -> str:
 
 
 class Contained:
-    """Paths under one directory, each checked to resolve inside it."""
+    """Paths under one directory, each checked to stay inside it: no empty, ``.`` or
+    ``..`` component; every directory on the way resolves inside (checked once per
+    directory, cached: a symlink planted there is refused); the file itself is not a
+    symlink. Raises OutsideRoot, naming no path."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._real: str | None = None
+        self._checked: set[str] = set()          # relative directories seen inside
 
     def __call__(self, rel: str) -> Path:
-        if self._real is None:               # resolved once (the root may be a symlink)
-            self._real = os.path.realpath(self.directory)
-        path = self.directory / rel
-        real = os.path.realpath(path)
-        if not real.startswith(self._real + os.sep):
-            raise OutsideRoot(f"refused: {shown(rel)} would resolve outside the archive")
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") or os.sep in p or "\0" in p for p in parts):
+            raise OutsideRoot(f"refused: {shown(rel)} is not a plain relative path")
+        for i in range(1, len(parts)):
+            self._check_dir("/".join(parts[:i]))
+        path = self.directory.joinpath(*parts)
+        try:
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                raise OutsideRoot(f"refused: {shown(rel)} is a symbolic link")
+        except FileNotFoundError:
+            pass
         return path
+
+    def _check_dir(self, rel: str) -> None:
+        if rel in self._checked:
+            return
+        directory = self.directory / rel
+        if not os.path.lexists(directory):
+            return                              # made later, by us, as a directory
+        if self._real is None:                  # resolved once (may be a symlink)
+            self._real = os.path.realpath(self.directory)
+        if not os.path.realpath(directory).startswith(self._real + os.sep):
+            raise OutsideRoot(f"refused: {shown(rel)} resolves outside the archive")
+        self._checked.add(rel)
 
 
 def is_current(path: Path) -> bool:

@@ -103,6 +103,20 @@ def test_a_symlink_planted_in_objects_is_not_followed_out(tmp_path):
     assert list(outside.iterdir()) == []
 
 
+def test_a_file_that_is_a_symlink_is_not_followed(tmp_path):
+    a = archive(tmp_path / "a")
+    uid = "1.2.3.4.6"
+    secret = tmp_path / "secret.dcm"
+    secret.write_bytes(b"not yours")
+    rel = layout.relative(uid)
+    (a.objects / rel).parent.mkdir()
+    (a.objects / rel).symlink_to(secret)
+    with pytest.raises(layout.OutsideRoot):
+        a.path_for(uid)
+    with pytest.raises(layout.OutsideRoot):
+        layout.Contained(a.objects)("../secret.dcm")
+
+
 def test_a_symlinked_root_is_fine(tmp_path):
     real = tmp_path / "real"
     real.mkdir()
