@@ -166,8 +166,8 @@ def cmd_demo(args) -> int:
     from pathlib import Path
 
     from pacsp2p.admin import demo
-    if not 1 <= args.peers <= 10:
-        raise SystemExit("pacsp2p: --peers must be 1-10")
+    if not 1 <= args.peers <= demo.MAX_PEERS:
+        raise SystemExit(f"pacsp2p: --peers must be 1-{demo.MAX_PEERS}")
     return demo.run(Path(args.dir).resolve(), args.peers, args.base_port)
 
 
@@ -208,10 +208,12 @@ def main(argv=None) -> int:
     cs.add_argument("--out", help="write the peer's files here (default: DIR)")
     cs.set_defaults(fn=cmd_ca)
     de = sub.add_parser("demo", help="run a local cluster until Ctrl-C")
-    de.add_argument("--peers", type=int, default=3)
+    de.add_argument("--peers", type=int, default=3, help="how many peers (1-64)")
     de.add_argument("--dir", default="pacsp2p-demo")
-    de.add_argument("--base-port", type=int, default=11112,
-                    help="facade port of the first peer; peer i uses base + 10*i .. +4")
+    de.add_argument("--base-port", type=int, default=None,
+                    help="facade port of the first peer; peer i uses base + 10*i .. +4 "
+                         "(default 11112, or lower if the ports would reach the "
+                         "ephemeral range)")
     de.set_defaults(fn=cmd_demo)
     for sp in (s, c, r, pe, dg, wh):
         sp.add_argument("--config", "-c", default=argparse.SUPPRESS,
