@@ -25,8 +25,9 @@ connection:
   buffered whole; command fragments are gathered (at most ``MAX_COMMAND`` bytes), data
   set fragments go to the message's sink as they arrive — for a C-STORE a file written
   in a thread pool (``dicom.incoming``, at most ``max_dataset`` bytes), for the other
-  services a small in-memory buffer (``max_identifier``). At most ``MAX_QUEUED`` requests
-  wait on one association.
+  services a small in-memory buffer (``max_identifier``); fragments of a few bytes are
+  gathered first (a sink never queues an object per handful of bytes). At most
+  ``MAX_QUEUED`` requests wait on one association.
 - Complete messages go to the DIMSE services (``services.request``); requests are handled
   one at a time in arrival order (no asynchronous operations window is negotiated),
   C-CANCEL and the C-STORE-RSPs of C-GET sub-operations reach the request they belong to.
@@ -64,6 +65,8 @@ MAX_PENDING = 64             # connections without an association yet
 MAX_PER_ADDRESS = 16         # connections (pending or not) from one address
 FD_RESERVE = 64              # file descriptors kept free for everything else
 MAX_QUEUED = 16              # requests received and not yet answered, per association
+SMALL = 4096                 # data fragments shorter than this are gathered ...
+GATHER = 64 << 10            # ... up to this many bytes before the sink gets them
 SEND_FRAGMENT = 1 << 20      # PDV data bytes per PDU sent to a requestor without a limit
 SEND_LIMIT = 4 << 20         # bytes per socket send (Twisted's default: 128 KB)
 
@@ -113,6 +116,7 @@ class Association(ReadHolds, protocol.Protocol):
         self._cmd_cx = None
         self._data = None              # (context id, sink, op) of the data set expected
         self._data_size = self._data_limit = 0
+        self._small = bytearray()      # small data fragments gathered (``_feed``)
         self._timer = None
         self._closer = None            # ARTIM after we asked the transport to close
 
@@ -329,7 +333,10 @@ class Association(ReadHolds, protocol.Protocol):
                            1 if pdu_type > 7 or pdu_type == 0 else 2)
             self._pdu_type = pdu_type
             self._head = bytes(chunk)
-            self._need, self._step = length, "body"
+            if length == 0:
+                self._pdu(pdu_type, self._head)
+            else:
+                self._need, self._step = length, "body"
         elif step == "body":
             self._need, self._step = 6, "pdu"
             self._pdu(self._pdu_type, self._head + bytes(chunk))
@@ -445,7 +452,7 @@ class Association(ReadHolds, protocol.Protocol):
         if self._data_size > self._data_limit:
             self._over_limit(f"data set larger than {self._data_limit} bytes")
         try:
-            sink.feed(piece)
+            self._feed(sink, piece, last)
         except ValueError as e:
             self._over_limit(shown(str(e)))
         if last:
@@ -453,6 +460,21 @@ class Association(ReadHolds, protocol.Protocol):
             if op is not None:
                 op.data_complete(sink)
                 self._enqueue(op)
+
+    def _feed(self, sink, piece, last) -> None:
+        """Give *piece* to *sink*; pieces under ``SMALL`` bytes (tiny PDVs, or the ends of
+        reads) are gathered first, so that a sink that queues pieces never holds an
+        object per handful of bytes."""
+        if len(piece) < SMALL:
+            self._small += piece
+            if len(self._small) < GATHER and not last:
+                return
+            piece, self._small = self._small, bytearray()
+        elif self._small:
+            small, self._small = self._small, bytearray()
+            sink.feed(small)
+        if piece:
+            sink.feed(piece)
 
     def _command(self, cid: int, data: bytes) -> None:
         cx = self.accepted.get(cid)
@@ -484,6 +506,7 @@ class Association(ReadHolds, protocol.Protocol):
             small = op is None or isinstance(sink, MemorySink)
             self._data = (cid, sink, op)
             self._data_size = 0
+            self._small = bytearray()
             self._data_limit = self.factory.max_identifier if small else \
                 self.factory.max_dataset
         elif op is not None:

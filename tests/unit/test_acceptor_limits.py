@@ -506,3 +506,43 @@ def test_a_flood_of_refused_connections_writes_a_bounded_log(logged):
     refused = [x for x in lines(logged) if "refused" in x]
     assert 1 <= len(refused) <= 11
     assert any("990 more refused events" in x for x in refused)
+
+
+def test_an_empty_associate_rq_is_aborted_at_once():
+    h = Harness()
+    proto, sock = h.connect()
+    proto.dataReceived(b"\x01\x00\x00\x00\x00\x00")
+    assert sock.kinds() == [7]
+
+
+class Pieces(Op):
+    """A sink that keeps every piece it is given (as the file writer's queue does)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.sink, self.pieces = self, []
+
+    def feed(self, piece):
+        self.pieces.append(bytes(piece))
+
+
+def test_tiny_data_fragments_are_gathered_before_the_sink():
+    """One-byte PDVs: 7 bytes of the requestor's must not become one queued object each
+    (~200 bytes) in the file writer's queue."""
+    h = Harness()
+    proto, _ = h.associate()
+
+    def request(assoc, cx, field, fields, has_data):
+        h.services.ops.append(Pieces(assoc, cx, fields, None))
+        return h.services.ops[-1]
+    h.services.request = request
+    proto.dataReceived(pdv(3, dimse.c_store_rq(1, CTImageStorage, "1.2.3.4"), True, True))
+    payload = bytes(range(256)) * 512                 # 128 KiB: 108 KiB one byte a PDV,
+    tiny, big = payload[:-20000], payload[-20000:]    # then two large fragments
+    proto.dataReceived(b"".join(pdv(3, tiny[i:i + 1], False, False)
+                                for i in range(len(tiny))))
+    proto.dataReceived(pdv(3, big[:10000], False, False) + pdv(3, big[10000:], False, True))
+    op = h.services.ops[0]
+    assert op.completed
+    assert b"".join(op.pieces) == payload
+    assert len(op.pieces) <= len(payload) // (64 << 10) + 3
