@@ -296,9 +296,11 @@ class EmbeddedArchive:
     def walk(self):
         """Yield (InstanceMeta, Stored) for every file held (blocking; an archive of the
         older layout is renamed first). Files not named as the layout names them, or
-        whose UID is invalid, are skipped."""
+        whose UID is invalid, are skipped. A generator over ``os.scandir``
+        (``layout.files``), in directory order: memory stays bounded whatever the number
+        of files (``catalog rebuild`` of 10M instances)."""
         self._migrate()
-        for path in sorted(self.objects.glob("*/*.dcm")):
+        for path in layout.files(self.objects):
             if not layout.is_current(path):
                 continue
             try:

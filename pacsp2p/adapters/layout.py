@@ -20,6 +20,7 @@ import re
 import stat
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from pacsp2p.dicom.header import BadDataset, content_hash, read_meta
 from pacsp2p.validate import check_uid, is_uid, shown
@@ -92,6 +93,34 @@ class Contained:
         self._checked.add(rel)
 
 
+def fanout_dirs(objects: Path) -> Iterator[Path]:
+    """The fan-out directories of *objects* (``<2 hex>/``, or any other directory there),
+    one at a time: ``os.scandir``, never a list of them all."""
+    try:
+        top = os.scandir(objects)
+    except FileNotFoundError:                    # nothing stored yet
+        return
+    with top:
+        for entry in top:
+            if entry.is_dir():
+                yield Path(entry.path)
+
+
+def files(objects: Path) -> Iterator[Path]:
+    """Every ``*/*.dcm`` under *objects*, in directory order (unsorted), as a generator:
+    memory stays bounded whatever the number of files (``os.scandir`` reads a directory
+    a buffer at a time; sorting, or ``sorted(glob(...))``, would hold every path -- some
+    3.9 GB at 10M instances)."""
+    for directory in fanout_dirs(objects):
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.name.endswith(".dcm"):
+                        yield Path(entry.path)
+        except FileNotFoundError:                # removed meanwhile
+            continue
+
+
 def is_current(path: Path) -> bool:
     """True if *path* is named as this layout names files (and sits in its fan-out dir)."""
     m = _NAME.match(path.name)
@@ -110,9 +139,7 @@ def migrate(objects: Path, invalid: Path, place, log=None, sync: bool = False) -
     if marker.exists():
         return 0
     moved, touched = 0, set()
-    for path in sorted(objects.glob("*/*.dcm")):
-        if is_current(path):
-            continue
+    for path in _old_files(objects):
         target = _new_path(path, place)
         if target is None:
             invalid.mkdir(parents=True, exist_ok=True)
@@ -141,6 +168,18 @@ def migrate(objects: Path, invalid: Path, place, log=None, sync: bool = False) -
     if moved and log is not None:
         log(f"embedded archive: {moved} files renamed into the hashed layout")
     return moved
+
+
+def _old_files(objects: Path) -> Iterator[Path]:
+    """The files of the old layout, one fan-out directory at a time: the names of one
+    directory are listed before any is moved (renaming while a directory is read may
+    show an entry twice), so memory is bounded by the largest directory, not the archive."""
+    for directory in fanout_dirs(objects):
+        with os.scandir(directory) as entries:
+            old = [Path(e.path) for e in entries
+                   if e.name.endswith(".dcm") and not is_current(Path(e.path))]
+        old.sort()
+        yield from old
 
 
 def _new_path(path: Path, place) -> Path | None:

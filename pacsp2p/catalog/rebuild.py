@@ -2,7 +2,10 @@
 
 Crawls every archive that can list its content into a fresh database beside the old
 one, then swaps it in atomically; the old file is kept as ``catalog.sqlite.broken``.
-Run with the peer stopped (the peer's lock file says whether it runs).
+Run with the peer stopped (the peer's lock file says whether it runs). Memory stays
+bounded whatever the archive's size: an archive's ``walk()`` is a generator (the
+embedded archive reads its directories with ``os.scandir``, never listing every file
+first) and facts are written 500 at a time.
 """
 
 from __future__ import annotations
