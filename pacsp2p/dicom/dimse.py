@@ -106,6 +106,15 @@ def us(fields: dict, elem: int, default: int = 0) -> int:
     return struct.unpack("<H", raw[:2])[0] if raw and len(raw) >= 2 else default
 
 
+TEXT_MAX = 256                  # characters of a UI/AE value kept by text()
+_UNPRINTABLE = {c: "\ufffd" for c in (*range(0x20), 0x7f)}
+
+
 def text(fields: dict, elem: int) -> str:
-    """A UI/AE value of a decoded command set, padding removed."""
-    return fields.get(elem, b"").rstrip(b"\0 ").decode("ascii", "replace").strip()
+    """A UI/AE value of a decoded command set, padding removed. Never raises: what is not
+    printable ASCII (a line feed, a NUL inside, any other byte) becomes U+FFFD, so the
+    value stays as invalid as it came — validate it (``validate.check_uid``) — but can
+    never forge a log line; at most ``TEXT_MAX`` characters (longer is invalid for UI
+    and AE alike)."""
+    raw = fields.get(elem, b"")[:TEXT_MAX + 64].rstrip(b"\0 ")
+    return raw.decode("ascii", "replace").strip(" ").translate(_UNPRINTABLE)[:TEXT_MAX]

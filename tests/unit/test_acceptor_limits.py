@@ -491,9 +491,20 @@ def test_file_meta_of_any_uid_is_written(uid):
     assert meta.MediaStorageSOPInstanceUID.isascii()
 
 
-def test_command_text_of_non_ascii_bytes():
-    fields = {dimse.AFFECTED_SOP_INSTANCE: "1.2.\u00e9".encode("latin-1") + b"\0"}
-    assert dimse.text(fields, dimse.AFFECTED_SOP_INSTANCE) == "1.2.\ufffd"
+@pytest.mark.parametrize("raw, text", [
+    ("1.2.\u00e9".encode("latin-1") + b"\0", "1.2.\ufffd"),     # not ASCII
+    (b"1.2\nFORGED 1.2", "1.2\ufffdFORGED 1.2"),                  # a log line forged
+    (b"1.2.3\n", "1.2.3\ufffd"),                                  # stays invalid
+    (b"1.2\x003.4\0", "1.2\ufffd3.4"),
+    (b" STORESCU ", "STORESCU"),                                   # padding removed
+    (b"1." * 40000, "1." * 128),                                   # bounded
+])
+def test_command_text_never_raises_nor_forges_a_line(raw, text):
+    from pacsp2p.validate import is_uid
+    value = dimse.text({dimse.AFFECTED_SOP_INSTANCE: raw}, dimse.AFFECTED_SOP_INSTANCE)
+    assert value == text
+    assert "\n" not in value and len(value) <= dimse.TEXT_MAX
+    assert not is_uid(value) or raw.isdigit()
 
 
 # -- 7. bounded logging -----------------------------------------------------------------------
