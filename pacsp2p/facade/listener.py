@@ -49,10 +49,14 @@ class Facade(service.Service):
         self.spares = Spares(self.incoming, self.reactor)
         services = Services(self.settings, self.cluster, self.reactor,
                             receive_pool(self.reactor), file_pool(self.reactor), self.spares)
+        fs = self.fs
         self.factory = AcceptorFactory(
-            self.reactor, services, supported_contexts(), max_pdu=self.fs.max_pdu,
-            max_associations=self.fs.max_associations,
-            allowed_calling_aes=self.fs.allowed_calling_aes)
+            self.reactor, services, supported_contexts(), max_pdu=fs.max_pdu,
+            max_associations=fs.max_associations, allowed_calling_aes=fs.allowed_calling_aes,
+            max_pending=fs.max_pending, max_per_address=fs.max_per_address,
+            artim_timeout=fs.artim_timeout, idle_timeout=fs.idle_timeout,
+            max_dataset=fs.max_dataset, fd_reserve=fs.fd_reserve,
+            min_peer_pdu=fs.min_peer_pdu)
         try:
             self.port = self.reactor.listenTCP(self.fs.port, self.factory, backlog=64,
                                                interface=self.fs.bind)

@@ -19,6 +19,7 @@ from pacsp2p.dicom.status import (ALL_FAILED, CANCEL, MOVE_DEST_UNKNOWN, PENDING
                                   TOO_MANY_MATCHES, UNABLE_TO_PROCESS, WARNING)
 from pacsp2p.facade.find import decode_query
 from pacsp2p.facade.operation import Operation, failed_list
+from pacsp2p.validate import shown
 
 log = Logger()
 
@@ -34,7 +35,8 @@ class Move(Operation):
         self.dest_ae = dimse.text(self.fields, dimse.MOVE_DESTINATION)
         self.dest = svc.settings.destinations.get(self.dest_ae)
         if self.dest is None:
-            log.warn("C-MOVE to unknown destination {ae}", ae=self.dest_ae)
+            log.warn("C-MOVE from {req} to unknown destination {ae}",
+                     req=shown(self.assoc.calling_ae), ae=shown(self.dest_ae))
             return self.finish(MOVE_DEST_UNKNOWN)
         decoded = decode_query(self, contexts.QR_MOVE, "C-MOVE")
         if decoded is None:

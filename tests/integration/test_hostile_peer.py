@@ -363,8 +363,6 @@ def test_full_disk_fails_cleanly_and_archive_and_catalog_agree(small_disk, tmp_p
 
 
 # -- the limits from [facade] ---------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="until the facade passes the [facade] limits to "
-                   "AcceptorFactory (pacsp2p/facade/listener.py)")
 def test_limits_come_from_the_config(make_peer, tmp_path):
     peer = make_peer(config={"facade": {"artim_timeout": 1, "idle_timeout": 2,
                                         "max_dataset": 65536, "min_peer_pdu": 0}})
