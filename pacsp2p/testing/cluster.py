@@ -9,6 +9,7 @@ endpoint; ``wait_until`` polls with a deadline.
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 from pathlib import Path
@@ -27,9 +28,21 @@ def peer_names(n: int) -> list[str]:
     return [f"peer{chr(ord('a') + i)}" for i in range(n)]
 
 
+# A test must pass on a busy machine: every wait lasts at least this long before it
+# fails (a condition that holds returns at once, so patience costs nothing when green).
+PATIENCE = float(os.environ.get("PACSP2P_TEST_PATIENCE", "180"))
+
+
+def patience(timeout: float) -> float:
+    """*timeout*, but never less than PATIENCE seconds."""
+    return max(timeout, PATIENCE)
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
                what: str = "condition") -> float:
-    """Poll *predicate* until truthy (bounded); return the seconds it took."""
+    """Poll *predicate* until truthy (bounded by ``patience(timeout)``); return the seconds
+    it took."""
+    timeout = patience(timeout)
     start = time.monotonic()
     deadline = start + timeout
     last_error: Exception | None = None
@@ -45,7 +58,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
-def get_json(peer: Peer, what: str = "status", timeout: float = 5.0) -> dict:
+def get_json(peer: Peer, what: str = "status", timeout: float = 60.0) -> dict:
     with urllib.request.urlopen(f"{peer.admin_url}/{what}", timeout=timeout) as r:
         return json.load(r)
 

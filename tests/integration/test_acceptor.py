@@ -25,6 +25,7 @@ from pacsp2p.dicom.pdu import PDV, RELEASE_RQ, abort_pdu, associate_rq
 from pacsp2p.testing import dataset_sha256, datasets, echo, findscu, storescu
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.dcmtk import _meta_end
+from pacsp2p.testing.cluster import patience
 
 
 STUDY = datasets.uid("acceptor-study")
@@ -99,7 +100,7 @@ def held(peer) -> set[str]:
 
 
 def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while time.monotonic() < deadline:
         if predicate():
             return True

@@ -49,7 +49,7 @@ def test_kill_9_during_store_loses_no_acknowledged_instance(make_peer, tmp_path,
             try:
                 with dn.association(peer.port, peer.ae_title,
                                     [build_context(CTImageStorage, [ExplicitVRLittleEndian])],
-                                    timeout=3) as assoc:
+                                    timeout=120) as assoc:
                     for path in files:
                         if not assoc.is_established:
                             break
@@ -67,9 +67,9 @@ def test_kill_9_during_store_loses_no_acknowledged_instance(make_peer, tmp_path,
 
         sender = threading.Thread(target=send_all, daemon=True)
         sender.start()
-        assert enough.wait(60), "sender stalled"
+        assert enough.wait(300), "sender stalled"
         assert peer.kill9() == -9             # SIGKILL by PID, mid-stream
-        sender.join(60)
+        sender.join(300)
         assert not sender.is_alive()
         assert KILL_AFTER <= len(acked) < N, f"{len(acked)} acknowledged"
 

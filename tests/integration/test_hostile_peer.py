@@ -31,6 +31,7 @@ from pacsp2p.dicom.pdu import APPLICATION_CONTEXT, PDV, RELEASE_RQ
 from pacsp2p.testing import LOOPBACK, Peer, datasets, echo, findscu
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.dcmtk import _meta_end
+from pacsp2p.testing.cluster import patience
 
 HOSTS = [f"127.0.0.{i}" for i in range(2, 10)]   # loopback addresses other than ours
 STUDY = datasets.uid("hostile-study")
@@ -131,7 +132,7 @@ def closed_by_peer(s: socket.socket) -> bool:
 
 
 def wait_until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while time.monotonic() < deadline:
         if predicate():
             return True
