@@ -92,7 +92,9 @@ class Cluster:
     # -- where things are ------------------------------------------------------------------
     @defer.inlineCallbacks
     def where(self, study: str | None = None, instance: str | None = None):
-        """Each instance of a study (or one instance) with its replicas and availability."""
+        """Each instance of a study (or one instance) with its replicas and availability
+        (raises ``validate.InvalidUID`` for a UID that is not one)."""
+        check_uid(study or instance or "", "study" if study else "instance")
         query = (Query("STUDY", {"StudyInstanceUID": study}) if study else
                  Query("IMAGE", {"SOPInstanceUID": instance or ""}))
         refs = yield self.catalog.resolve(query)

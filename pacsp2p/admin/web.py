@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet import defer
 from twisted.web import resource, server
+
+from pacsp2p.validate import InvalidUID
 
 
 class _Json(resource.Resource):
@@ -20,18 +23,25 @@ class _Json(resource.Resource):
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"application/json")
-        d = self.with_request(request) if self.with_request else self.producer()
+        d = defer.maybeDeferred(self.with_request, request) if self.with_request else \
+            defer.maybeDeferred(self.producer)
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
 
-        def done(value):
+        def answer(code, value):
+            if gone:
+                return                  # the client left: nobody to answer
+            request.setResponseCode(code)
             request.write(json.dumps(value, indent=2, default=str).encode())
             request.finish()
 
         def failed(f):
-            request.setResponseCode(500)
-            request.write(json.dumps({"error": f.getErrorMessage()}).encode())
-            request.finish()
+            if f.check(InvalidUID):
+                return answer(400, {"error": str(f.value)})
+            return answer(500, {"error": f.getErrorMessage()[:500]})
 
-        d.addCallbacks(done, failed)
+        d.addCallback(lambda value: answer(200, value))
+        d.addErrback(failed)
         return server.NOT_DONE_YET
 
 
