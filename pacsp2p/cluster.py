@@ -20,6 +20,10 @@ Verbs:
 - ``where(study=, instance=) -> Deferred[list]`` — each instance and its replicas;
 - ``status() -> Deferred[dict]`` — this peer, its archives, the overlay, work running;
 - ``digest() -> Deferred[dict]`` — the catalog's digest and version vector.
+
+``status()`` also says which strategies run (``strategies``) and the read rate this
+peer measured per archive (``sources``, keyed ``peer/archive``); each retrieval lists
+its sources (archives) with what each served.
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ class Cluster:
                 archives[name] = yield archive.health()
             except Exception as e:
                 archives[name] = {"up": False, "error": str(e)}
+            archives[name]["max_fetches"] = getattr(archive, "max_fetches", None)
         status = {"peer": self.settings.peer.name, "version": __version__,
                   "facade": {"ae_title": self.settings.facade.ae_title,
                              "port": self.settings.facade.port},
@@ -128,5 +133,9 @@ class Cluster:
             status["overlay"] = self.overlay.status()
         status["ingest"] = {"copies": dict(self.ingest.copies)}
         status["retrievals"] = [r.status() for r in self.retrievals if r.started]
+        status["strategies"] = self.strategies.describe()
+        # what this peer's reads measured per archive (peer/archive), latest weighted most
+        status["sources"] = {f"{peer}/{archive}": {"MB_per_s": round(rate / 1e6, 2)}
+                             for (peer, archive), rate in sorted(self.strategies.rates.items())}
         status["crawls"] = [c.status() for c in self.crawlers]
         return status

@@ -37,6 +37,7 @@ class ArchiveConfig:
     adapter: str = "embedded"
     site: str | None = None
     options: dict = field(default_factory=dict)
+    max_fetches: int | None = None    # instances read at once at most (None: the adapter's)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class StrategySettings:
     placement: str = "rendezvous"
     selection: str = "nearest"
     balancing: str = "work-stealing"
-    plugins: tuple[Path, ...] = ()
+    plugins: tuple[str | Path, ...] = ()    # entry-point names (str) and files (Path)
     options: dict = field(default_factory=dict, hash=False)
 
 
@@ -174,6 +175,20 @@ def _facade_limit(f, key, kind, default, lowest, what):
     return float(value) if kind != int else value
 
 
+def _at_least(r: _Reader, key: str, default: int, lowest: int) -> int:
+    value = r.take(key, int, default, f"an integer >= {lowest}")
+    if value < lowest:
+        raise r.fail(key, f"must be an integer >= {lowest}, got {value}")
+    return value
+
+
+def _positive(r: _Reader, key: str, default: float) -> float:
+    value = r.take(key, (int, float), default, "a number > 0")
+    if not value > 0:
+        raise r.fail(key, f"must be a number > 0, got {value}")
+    return value
+
+
 def check_ae(value: str, fail) -> str:
     stripped = value.strip()
     if not _AE_RE.match(value) or not stripped:
@@ -239,7 +254,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         bind=f.take("bind", str, "0.0.0.0", "an address string"),
         allowed_calling_aes=tuple(allowed_t),
         max_pdu=max_pdu,
-        max_associations=f.take("max_associations", int, 32, "an integer"),
+        max_associations=_at_least(f, "max_associations", 32, 1),
         **limits,
     )
     f.done()
@@ -283,7 +298,10 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         seen.add(aname)
         adapter = a.take("adapter", str, "embedded", "an adapter name")
         site = a.take("site", str, None, "a string")
-        archives.append(ArchiveConfig(aname, adapter, site, dict(a.table)))
+        max_fetches = a.take("max_fetches", int, None, "an integer >= 1")
+        if max_fetches is not None and max_fetches < 1:
+            raise a.fail("max_fetches", f"must be an integer >= 1, got {max_fetches}")
+        archives.append(ArchiveConfig(aname, adapter, site, dict(a.table), max_fetches))
 
     ad = table("admin")
     admin = AdminSettings(bind=ad.take("bind", str, "127.0.0.1", "an address string"),
@@ -315,7 +333,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
             bind=o.take("bind", str, "0.0.0.0", "an address string"),
             advertise=o.take("advertise", str, "", "a host name or address"),
             seeds=tuple(seeds), tls_dir=tls_path, heartbeat=float(heartbeat),
-            phi_threshold=float(o.take("phi_threshold", (int, float), 8.0, "a number")),
+            phi_threshold=float(_positive(o, "phi_threshold", 8.0)),
             handshake_timeout=float(handshake))
         o.done()
 
@@ -332,10 +350,16 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
 
     st = table("strategies")
     plugin_paths = []
-    for i, pth in enumerate(st.take("plugins", list, [], "a list of file paths")):
-        if not isinstance(pth, str):
-            raise st.fail(f"plugins[{i}]", f"must be a path string, got {pth!r}")
-        plugin_paths.append(Path(pth) if Path(pth).is_absolute() else (base / pth).resolve())
+    for i, pth in enumerate(st.take("plugins", list, [],
+                                    "a list of entry-point names or file paths")):
+        if not isinstance(pth, str) or not pth:
+            raise st.fail(f"plugins[{i}]", "must be an entry-point name or a file path, "
+                                           f"got {pth!r}")
+        if pth.endswith(".py") or "/" in pth:           # a file, relative to this config
+            plugin_paths.append(Path(pth) if Path(pth).is_absolute()
+                                else (base / pth).resolve())
+        else:
+            plugin_paths.append(pth)
     strategies = StrategySettings(
         placement=st.take("placement", str, "rendezvous", "a strategy name"),
         selection=st.take("selection", str, "nearest", "a strategy name"),

@@ -1,9 +1,18 @@
-"""Read holds: several parties may each stop a protocol reading from its transport.
+"""Flow control.
 
-A C-STORE's file writer and each replica push pause the modality's association; each
+Read holds: several parties may each stop a protocol reading from its transport. A
+C-STORE's file writer and each replica push pause the modality's association; each
 pushed data set being written pauses the overlay link it arrives on. Pauses nest: the
 transport reads again once every one of them is resumed.
+
+Fetch gates: at most ``max_fetches`` reads of one archive run at once on the peer that
+manages it, whoever asks (this peer's retrievals, other peers over the bulk channel);
+the others wait their turn (``open_gated``).
 """
+
+from twisted.internet.defer import DeferredSemaphore
+
+DEFAULT_MAX_FETCHES = 4
 
 
 class ReadHolds:
@@ -28,3 +37,19 @@ class ReadHolds:
     def reading_held(self) -> bool:
         """True while someone paused reading (what the other side sends waits)."""
         return self._read_holds > 0
+
+
+def fetch_gate(archive) -> DeferredSemaphore:
+    """The one gate of *archive* (made on first use, ``archive.max_fetches`` tokens)."""
+    gate = getattr(archive, "_pacsp2p_fetch_gate", None)
+    if gate is None:
+        limit = getattr(archive, "max_fetches", None) or DEFAULT_MAX_FETCHES
+        gate = DeferredSemaphore(max(1, int(limit)))
+        archive._pacsp2p_fetch_gate = gate
+    return gate
+
+
+def open_gated(archive, uid: str, sha256: str | None = None):
+    """``archive.open(uid, sha256)`` once fewer than ``max_fetches`` run (a Deferred;
+    cancelling it while it waits gives up its turn)."""
+    return fetch_gate(archive).run(archive.open, uid, sha256)

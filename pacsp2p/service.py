@@ -19,15 +19,13 @@ from twisted.application import internet, service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pacsp2p import __version__, lock
-from pacsp2p.adapters import make_archive
+from pacsp2p import __version__, lock, preflight
 from pacsp2p.adapters.crawl import Crawler
 from pacsp2p.admin import web
 from pacsp2p.catalog import Catalog
 from pacsp2p.cluster import Cluster
 from pacsp2p.facade import Facade
 from pacsp2p.health import ArchiveHealth
-from pacsp2p.strategies import Strategies
 
 log = Logger()
 
@@ -59,12 +57,9 @@ class PeerService(service.MultiService):
         self.catalog = Catalog(settings.data_dir / "catalog.sqlite", reactor,
                                peer=settings.peer.name)
         # building archives validates their config (ConfigError before the reactor runs)
-        self.archives = [make_archive(a, settings, reactor, catalog=self.catalog)
-                         for a in settings.archives]
+        self.archives = preflight.archives(settings, reactor, catalog=self.catalog)
         by_name = {a.name: a for a in self.archives}
-        st = settings.strategies
-        self.strategies = Strategies(st.placement, st.selection, st.plugins, settings.source,
-                                     st.options, settings.peer.name, st.balancing)
+        self.strategies = preflight.strategies(settings)   # plugins, options, roles
         self.overlay = self.replicas = None
         if settings.overlay is not None:
             from pacsp2p.overlay.node import Overlay

@@ -1,12 +1,13 @@
 """Example site plugin: keep every instance of some modalities at one site.
 
 A breast centre may want all mammography (MG) on the archives of its own building, while
-everything else is spread over the whole cluster. Enable it in a peer's config:
+everything else is spread over the whole cluster. Enable it in a peer's config (its name
+is ``pin-modality``, below: its options table is named after it):
 
     [strategies]
     plugins = ["plugins/pin_modality.py"]
 
-    [strategies.options.pin_modality]
+    [strategies.options.pin-modality]
     MG = "breast-centre"            # modality = site label of the archives to use
 
 and label archives with ``site = "breast-centre"`` in their ``[[archives]]`` blocks.
@@ -16,6 +17,7 @@ clear error instead of quietly storing elsewhere.
 """
 
 from pacsp2p.strategies import hookimpl
+from pacsp2p.strategies.placement import distinct
 
 name = "pin-modality"
 PINS: dict[str, str] = {}
@@ -23,11 +25,11 @@ PINS: dict[str, str] = {}
 
 @hookimpl
 def pacsp2p_configure(options, peer):
-    pins = options.get("pin_modality", {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in pins.items()):
-        raise ValueError("pin_modality maps modality names to site labels (strings)")
+    # options: this plugin's own table, [strategies.options.pin-modality]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in options.items()):
+        raise ValueError("pin-modality maps modality names to site labels (strings)")
     PINS.clear()
-    PINS.update(pins)
+    PINS.update(options)
 
 
 @hookimpl
@@ -39,9 +41,5 @@ def pacsp2p_place(instance, archives, replicas):
     if not pinned:
         raise ValueError(f"modality {instance.modality} is pinned to site {site!r} "
                          "but no archive carries that site label")
-    # distinct peers first, as the built-ins do
-    seen, first, rest = set(), [], []
-    for a in sorted(pinned, key=lambda a: (a.instances, a.peer, a.name)):
-        (rest if a.peer in seen else first).append(a)
-        seen.add(a.peer)
-    return first + rest
+    # distinct peers, then distinct archives, then distinct sites, as the built-ins do
+    return distinct(sorted(pinned, key=lambda a: (a.instances, a.peer, a.name)))

@@ -7,6 +7,11 @@ like a vendor's. A site's own adapter can also be loaded straight from a Python 
 ``adapter = "path/to/file.py:ClassName"`` (a relative path is relative to the config
 file's directory). Every archive is checked against the interfaces it claims as it is
 made (``make_archive``). See docs/adapters.md.
+
+How many instances a peer reads from one archive at once is the archive's
+``max_fetches``: ``[[archives]] max_fetches`` if set, else the adapter class's
+``max_fetches`` (embedded 8, orthanc 4, dicomweb 4, dimse 2), else
+``DEFAULT_MAX_FETCHES``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pacsp2p.adapters.interface import ICatalogLookups, factory_problems, proble
 from pacsp2p.config import ArchiveConfig, ConfigError
 
 _loaded_files: dict[Path, object] = {}     # resolved adapter file -> its module
+DEFAULT_MAX_FETCHES = 4                    # for an adapter that declares none
 
 
 def config_where(cfg: ArchiveConfig, settings) -> str:
@@ -107,6 +113,8 @@ def make_archive(cfg: ArchiveConfig, settings, reactor, catalog=None):
     lookups = CatalogLookups(catalog) if catalog is not None else None
     archive = cls.from_config(cfg, settings, reactor, catalog=lookups)
     _refuse(cfg, settings, _name(cls), problems(archive))
+    limit = cfg.max_fetches or getattr(archive, "max_fetches", None) or DEFAULT_MAX_FETCHES
+    archive.max_fetches = int(limit)
     return archive
 
 

@@ -130,6 +130,7 @@ def _boundary(content_type: str) -> str | None:
 @implementer(IArchive, IStores, IOpens, ICrawls)
 class DicomWebArchive(RestArchive):
     capabilities = frozenset({"store", "open", "crawl"})
+    max_fetches = 4             # WADO-RS requests at once
     kind, product = "dicomweb", "DICOMweb"
 
     def __init__(self, name: str, reactor, *, url: str, username: str | None = None,

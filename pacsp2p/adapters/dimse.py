@@ -91,6 +91,7 @@ def _dispatch_store(event):
 @implementer(IArchive, IStores, IOpens, ISends, ICrawls, IFollows)
 class DimseArchive:
     capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
+    max_fetches = 2             # C-GET associations at once (a PACS limits them)
 
     def __init__(self, name: str, reactor, *, ae_title: str, host: str, port: int,
                  calling_ae: str = "PACSP2P", site: str | None = None, fetch: str = "get",

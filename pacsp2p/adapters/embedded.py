@@ -41,6 +41,7 @@ log = Logger()
 @implementer(IArchive, IStores, IStoresUnsynced, IKeeps, IOpens, IWalks)
 class EmbeddedArchive:
     capabilities = frozenset({"store", "store_unsynced", "keep", "open", "walk"})
+    max_fetches = 8             # instances read at once (a local disk)
     up = True                                   # kept by the peer's health loop
 
     def __init__(self, name: str, root: Path, reactor, site: str | None = None,

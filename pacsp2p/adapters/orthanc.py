@@ -118,6 +118,7 @@ class _Lru:
 class OrthancArchive(RestArchive):
     capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
     kind, product = "orthanc", "Orthanc"
+    max_fetches = 4             # GETs of /instances/{id}/file at once
 
     def __init__(self, name: str, reactor, *, url: str, username: str | None = None,
                  password: str | None = None, site: str | None = None,

@@ -28,9 +28,22 @@ def _settings(args):
 
 
 def cmd_check_config(args) -> int:
+    """Everything ``twistd pacsp2p`` checks before it starts (``pacsp2p.preflight``),
+    refused with the same one-line message."""
+    from pacsp2p import preflight
+    from pacsp2p.overlay.tls import TLSError
+
     s = _settings(args)
+    try:
+        checked = preflight.check(s)
+    except TLSError as e:
+        print(f"pacsp2p: {e}", file=sys.stderr)
+        return 2
+    st = checked["strategies"]
+    plugins = f", plugins {', '.join(st['plugins'])}" if st["plugins"] else ""
     print(f"{s.source}: ok (peer {s.peer.name}, facade {s.facade.ae_title} on port "
-          f"{s.facade.port}, {len(s.archives)} archive(s), data in {s.data_dir})")
+          f"{s.facade.port}, {len(s.archives)} archive(s), data in {s.data_dir}; "
+          f"strategies {st['placement']}/{st['selection']}/{st['balancing']}{plugins})")
     return 0
 
 
@@ -83,6 +96,9 @@ def cmd_status(args) -> int:
                          + ("" if s["alive"] else " DROPPED")
                          for n, s in r["sources"].items())
         print(f"retrieval {r['id']}: {r['done']}/{r['instances']} instances; sources: {srcs}")
+    if status.get("sources"):                  # measured read rate per archive
+        print("read rates: " + ", ".join(f"{n} {s['MB_per_s']} MB/s"
+                                         for n, s in status["sources"].items()))
     return 0
 
 

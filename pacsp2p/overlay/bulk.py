@@ -39,6 +39,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from pacsp2p.dicom import header
+from pacsp2p.flow import open_gated
 from pacsp2p.validate import is_uid, shown
 
 log = Logger()
@@ -116,7 +117,7 @@ class _Instances(resource.Resource):
         def opened(held):
             if uid not in held:
                 raise KeyError("not in the catalog")
-            return archive.open(uid, sha.decode() or None)
+            return open_gated(archive, uid, sha.decode() or None)   # max_fetches at once
 
         def stream(f):
             request.setHeader(b"content-type", b"application/dicom")

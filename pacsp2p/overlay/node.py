@@ -36,8 +36,10 @@ class Overlay:
         self.pool = ThreadPool(1, 4, "bulk-io")
         me = MemberInfo(self.name, o.advertise, o.port, o.bulk_port,
                         settings.facade.ae_title, settings.facade.port, time.time(),
-                        [[a.name, a.site] for a in archives.values()
-                         if "store" in a.capabilities])
+                        # [name, site, max_fetches]: placement reads the first two,
+                        # a reader the third (how many fetches this archive takes)
+                        [[a.name, a.site, getattr(a, "max_fetches", None)]
+                         for a in archives.values() if "store" in a.capabilities])
         self.membership = Membership(me, self.credentials, o.seeds, reactor,
                                      lambda: dict(catalog.vector), o.heartbeat,
                                      o.phi_threshold)

@@ -1,13 +1,18 @@
-"""Built-in load balancing for retrievals.
+"""Built-in load balancing for retrievals. A source is one archive (a peer and one of its
+archives); ``plan.ranked(uid)`` is the replica selection's order of an instance's live
+sources (``pacsp2p_rank_replicas``), best first.
 
 - ``work-stealing`` (default): every source pulls small batches as it frees up, sized to
-  what it delivers in about half a second at its measured rate — so a fast source takes
-  more and a slow one never holds much. Rarest instances first (those with the fewest
-  live holders), as in BitTorrent (Cohen, "Incentives build robustness in BitTorrent",
-  2003). Endgame: when nothing is left unclaimed, a free source re-requests an instance
-  another source is still fetching; the first copy wins.
-- ``single``: one source for the whole retrieval (the one holding most of it), like a
-  plain archive: the baseline for benchmarks. Instances it lacks come from their holders.
+  what it delivers in about half a second at its measured rate (at most its ``limit``
+  of fetches at once) — so a fast source takes more and a slow one never holds much.
+  The ranking is each source's preference: it first takes the instances that rank it
+  highest, then, among those, the rarest (fewest live holders, as in BitTorrent: Cohen,
+  "Incentives build robustness in BitTorrent", 2003), then in the order the consumer
+  wants them. Endgame: when nothing is left unclaimed, a free source re-requests an
+  instance another source is still fetching; the first copy wins.
+- ``single``: every instance from its first-ranked live source, as a plain archive
+  would serve it (with ``nearest``: one archive for the whole study): the benchmarks'
+  baseline. If that source fails, the next one of the ranking takes over.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ from pacsp2p.strategies.hookspecs import hookimpl
 
 TARGET_SECONDS = 0.5
 MAX_BATCH = 16
+
+
+def _room(source) -> int:
+    limit = getattr(source, "limit", MAX_BATCH) or MAX_BATCH
+    return min(MAX_BATCH, limit) - source.in_flight
 
 
 class WorkStealing:
@@ -27,20 +37,25 @@ class WorkStealing:
             n = int(source.rate * TARGET_SECONDS / plan.avg_size)
         else:
             n = 1                                   # unmeasured: start small
-        n = max(1, min(MAX_BATCH, n)) - source.in_flight
+        n = min(max(1, n) - source.in_flight, _room(source))
         if n <= 0:
             return []
-        mine = [r for r in plan.pending if source.name in plan.holders[r.sop_instance_uid]]
+        name = source.name
+        mine = []
+        for i, r in enumerate(plan.pending):
+            uid = r.sop_instance_uid
+            holders = plan.holders[uid]
+            if name in holders:
+                order = plan.ranked(uid)
+                rank = order.index(name) if name in order else len(order)
+                mine.append(((rank, len(holders), i), r))
         if mine:
-            rarity = {r.sop_instance_uid: len(plan.holders[r.sop_instance_uid]) for r in mine}
-            least = min(rarity.values())
-            rare = [r for r in mine if rarity[r.sop_instance_uid] == least]
-            return rare[:n] if len(rare) >= n else (rare + [r for r in mine if
-                                                             rarity[r.sop_instance_uid] > least])[:n]
+            mine.sort(key=lambda item: item[0])
+            return [r for _, r in mine[:n]]
         # endgame: help with what others are still fetching, oldest first
         for ref in plan.in_flight_refs():
             uid = ref.sop_instance_uid
-            if source.name in plan.holders[uid] and source.name not in plan.in_flight[uid]:
+            if name in plan.holders[uid] and name not in plan.in_flight[uid]:
                 return [ref]
         return []
 
@@ -50,20 +65,14 @@ class Single:
 
     @hookimpl
     def pacsp2p_next_batch(self, plan, source):
-        chosen = plan.memo.get("single")
-        if chosen is None or not plan.sources[chosen].alive:     # first call, or it died
-            counts = {name: len(s.holds) for name, s in plan.sources.items() if s.alive}
-            if not counts:
-                return []
-            chosen = plan.memo["single"] = max(sorted(counts), key=counts.get)
+        room = _room(source)
         out = []
         for ref in plan.pending:
-            holders = plan.holders[ref.sop_instance_uid]
-            owner = chosen if chosen in holders else min(holders)
-            if owner == source.name:
-                out.append(ref)
-            if len(out) >= MAX_BATCH - source.in_flight:
+            if len(out) >= room:
                 break
+            order = plan.ranked(ref.sop_instance_uid)
+            if order and order[0] == source.name:
+                out.append(ref)
         return out
 
 

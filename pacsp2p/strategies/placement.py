@@ -9,7 +9,12 @@
 - ``least-used``: archives holding the fewest instances (then most free space) first.
 - ``site-aware``: rendezvous order, but replicas go to distinct sites first.
 
-All three prefer distinct peers for the replicas of one instance, then any archive.
+The rule of distinct copies (:func:`distinct`), which ``rendezvous`` and ``least-used``
+apply to their order: the copies of one instance go to distinct peers first; when there
+are more copies than peers, to other archives of peers already chosen (never twice to one
+archive); and among equally good candidates, to a site not chosen yet. ``site-aware``
+puts distinct sites before distinct peers. A plugin overrides the rule by returning its
+own order from ``pacsp2p_place`` (the instance goes to the first alive ones, in order).
 """
 
 from __future__ import annotations
@@ -36,12 +41,30 @@ def spread(ordered, key):
     return first + rest
 
 
+def distinct(ordered):
+    """Stable reorder of *ordered* (best first) by the rule of distinct copies: each next
+    pick is the first remaining archive on a peer not picked yet, else the first one on a
+    peer already picked; among those, one on a site not picked yet comes first (an
+    archive without a site label counts as a site of its own)."""
+    rest, out, peers, sites = list(ordered), [], set(), set()
+    while rest:
+        def cost(a):
+            site = a.site or f"peer:{a.peer}/{a.name}"
+            return (a.peer in peers, site in sites)
+        best = min(range(len(rest)), key=lambda i: (cost(rest[i]), i))
+        a = rest.pop(best)
+        out.append(a)
+        peers.add(a.peer)
+        sites.add(a.site or f"peer:{a.peer}/{a.name}")
+    return out
+
+
 class Rendezvous:
     name = "rendezvous"
 
     @hookimpl
     def pacsp2p_place(self, instance, archives, replicas):
-        return spread(hrw_order(instance.sop_instance_uid, archives), lambda a: a.peer)
+        return distinct(hrw_order(instance.sop_instance_uid, archives))
 
 
 class LeastUsed:
@@ -50,7 +73,7 @@ class LeastUsed:
     @hookimpl
     def pacsp2p_place(self, instance, archives, replicas):
         ordered = sorted(archives, key=lambda a: (a.instances, -(a.free_bytes or 0), a.name))
-        return spread(ordered, lambda a: a.peer)
+        return distinct(ordered)
 
 
 class SiteAware:

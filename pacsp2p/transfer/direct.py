@@ -1,8 +1,9 @@
 """Direct delivery: every source sends its share of a C-MOVE straight to the destination.
 
 With ``[destinations] X = { address = "...", mode = "direct" }`` the requesting peer does
-not relay instance bytes. It splits the instances among their live holders (each
-instance to the holder with the least work so far), then each holder sends its share
+not relay instance bytes. It splits the instances among their live holder peers (each
+instance to the holder with the least work so far; among equals, the one replica
+selection ranks first), then each holder sends its share
 itself: this peer through its own ``Delivery``, another peer on ``SendTo`` (in chunks, so
 progress flows back), a vendor archive that can (``send`` capability) by its own
 C-MOVE. Zero copies through the requesting peer; the destination must accept
@@ -101,17 +102,24 @@ class DirectDelivery(Tally):
         self._end()
 
     def _split(self, refs, excluded):
-        """Each instance to the live holder with the least work so far."""
+        """Each instance to the live holder peer with the least work so far (ties: the
+        first in replica selection's ranking)."""
         load: dict[str, int] = {}
         shares: dict[str, list] = {}
         orphans = []
         for ref in refs:
-            holders = sorted({loc.peer for loc in self.retrieval.sources(ref)}
-                             - excluded.get(ref.sop_instance_uid, set()))
+            try:
+                ranked = self.retrieval.sources(ref)
+            except Exception as e:                   # a selection plugin failed
+                log.error("direct delivery: {err}; catalog order", err=e)
+                ranked = self.retrieval.reachable(ref)
+            order = list(dict.fromkeys(loc.peer for loc in ranked))
+            gone = excluded.get(ref.sop_instance_uid, set())
+            holders = [h for h in order if h not in gone]
             if not holders:
                 orphans.append(ref)
                 continue
-            holder = min(holders, key=lambda h: (load.get(h, 0), h))
+            holder = min(holders, key=lambda h: (load.get(h, 0), holders.index(h)))
             load[holder] = load.get(holder, 0) + 1
             shares.setdefault(holder, []).append(ref)
         return shares, orphans
@@ -123,7 +131,7 @@ class DirectDelivery(Tally):
             log.info("direct delivery: sending {n} instances to {ae} from this peer",
                      n=len(refs), ae=self.destination.ae_title)
             sub = Retrieval(refs, self.retrieval.archives, holder, None,
-                            reactor=self.reactor)
+                            self.retrieval.strategies, reactor=self.reactor)
             delivery = Delivery(sub, self.destination, self.calling_ae, self.reactor,
                                 originator_ae=self.originator[0],
                                 originator_msg_id=self.originator[1])

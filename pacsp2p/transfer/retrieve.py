@@ -1,12 +1,17 @@
 """Retrieval: fetch a set of instances from all their replicas at once.
 
-As in BitTorrent, every live holder of some of the instances is a *source*; sources
-work in parallel, each pulling small batches chosen by the load-balancing strategy
-(``pacsp2p_next_batch``; built-in: work stealing weighted by measured throughput, rarest
-first, with an endgame in which the last instances may be requested from a second
-source, the first copy winning). A source that fails (peer dead, connection lost, read
-error, stalled) is dropped and its instances go back to the others; an instance with no
-live holder left is a failed sub-operation, reported by SOP Instance UID.
+As in BitTorrent, every live archive holding some of the instances is a *source* — a
+peer and one of its archives, so a peer that manages several archives holding replicas
+reads from all of them, exactly as it reads from several peers. Replica selection
+(``pacsp2p_rank_replicas``) ranks the reachable replicas of each instance once, when the
+retrieval starts; sources then work in parallel, each pulling small batches chosen by the
+load-balancing strategy (``pacsp2p_next_batch``; built-in: work stealing weighted by
+measured throughput with the ranking as each source's preference, rarest first, with an
+endgame in which the last instances may be requested from a second source, the first
+copy winning). A source runs at most its archive's ``max_fetches`` fetches at once. A
+source that fails (peer dead, archive down, connection lost, stalled) is dropped and its
+instances go to the next source of their ranking; an instance with no live holder left
+is a failed sub-operation, reported by SOP Instance UID.
 
 Consumers (the C-MOVE delivery, C-GET) call ``open(ref)`` in their own order; fetching
 runs ahead of them within a bounded window (instances fetched but not yet opened), and
@@ -16,16 +21,19 @@ the instance a consumer waits for is rescued on a second source if its only one 
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, error
 from twisted.logger import Logger
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+from pacsp2p.adapters.associations import DimseError
+from pacsp2p.adapters.http import Unreachable
+from pacsp2p.flow import DEFAULT_MAX_FETCHES, open_gated
 from pacsp2p.overlay.node import PeerUnknown
-from pacsp2p.types import InstanceRef
+from pacsp2p.strategies import Strategies, StrategyError
+from pacsp2p.types import InstanceRef, PeerInfo
 
 log = Logger()
 
@@ -33,9 +41,26 @@ STALL_SECONDS = 20.0
 _ids = itertools.count(1)
 
 
-# failures that mean the source peer cannot be reached, not that one instance is bad
+# failures that mean the source (a peer, or an archive) cannot be reached, not that one
+# instance is bad
 _LINK_ERRORS = (error.ConnectError, error.ConnectionLost, error.ConnectionDone,
-                ResponseFailed, ResponseNeverReceived, defer.CancelledError, PeerUnknown)
+                ResponseFailed, ResponseNeverReceived, defer.CancelledError, PeerUnknown,
+                ConnectionError, Unreachable, DimseError)
+
+_default_strategies = None
+
+
+def default_strategies() -> Strategies:
+    """The built-ins alone (nearest, work stealing), for a retrieval given none."""
+    global _default_strategies
+    if _default_strategies is None:
+        _default_strategies = Strategies()
+    return _default_strategies
+
+
+def source_name(peer: str, archive: str) -> str:
+    """How a source is named in plans and status: ``peer/archive``."""
+    return f"{peer}/{archive}"
 
 
 class Unavailable(Exception):
@@ -44,9 +69,13 @@ class Unavailable(Exception):
 
 @dataclass
 class Source:
-    """One source of a retrieval: a peer (this one included) and its statistics."""
+    """One source of a retrieval: one archive of one peer (this one included), and its
+    statistics."""
 
     name: str
+    peer: str = ""
+    archive: str = ""
+    limit: int = DEFAULT_MAX_FETCHES      # fetches at once at most (its max_fetches)
     holds: set = field(default_factory=set)
     in_flight: int = 0
     completed: int = 0
@@ -73,53 +102,114 @@ class PlanView:
         self.in_flight: dict[str, set] = {}               # uid -> sources fetching it
         self.done: set[str] = set()
         self.holders: dict[str, set] = {}                 # uid -> live sources holding it
+        self.ranking: dict[str, list] = {}                # uid -> the same, best first
+        self.where: dict[str, dict] = {}                  # uid -> source -> Location
         self.sources: dict[str, Source] = {}
         self.memo: dict = {}                              # for strategies' own state
         sizes = [r.size for r in refs if r.size]
         self.avg_size = sum(sizes) / len(sizes) if sizes else 1 << 19
 
+    def ranked(self, uid: str) -> list[str]:
+        """The live sources of *uid*, best first (replica selection's order)."""
+        return self.ranking.get(uid, [])
+
     def in_flight_refs(self):
         by_uid = {r.sop_instance_uid: r for r in self.refs}
         return [by_uid[u] for u in self.in_flight if self.in_flight[u]]
 
+    def lose(self, uid: str, name: str) -> None:
+        """*name* no longer serves *uid*."""
+        self.holders.get(uid, set()).discard(name)
+        ranking = self.ranking.get(uid)
+        if ranking and name in ranking:
+            ranking.remove(name)
+
 
 class Retrieval:
     def __init__(self, refs: list[InstanceRef], archives: dict, peer: str, overlay=None,
-                 strategies=None, reactor=None, window: int = 64, per_source: int = 8):
+                 strategies=None, reactor=None, window: int = 64, per_source: int = 8,
+                 site: str | None = None):
+        """*archives*: this peer's archives by name; *per_source*: fetches at once from
+        another peer's archive that does not advertise its ``max_fetches``; *site*: the
+        reader's site (default: the first site label of its archives)."""
         self.id = next(_ids)
         self.refs = refs
         self.archives = archives
         self.peer = peer
         self.overlay = overlay
-        self.strategies = strategies
+        self.strategies = strategies if strategies is not None else default_strategies()
         self.reactor = reactor
         self.window = window
         self.per_source = per_source
+        self.site = site if site is not None else next(
+            (a.site for a in archives.values() if getattr(a, "site", None)), None)
         self.plan = PlanView(refs)
         self._results: dict[str, defer.Deferred] = {}
         self._unavailable: dict[str, Failure] = {}    # uid -> why (open() errbacks with it)
         self._opened: set[str] = set()
         self._buffered = 0               # fetched, not yet opened
         self._timers: dict = {}
+        self._observed = False
+        self._scheduling = self._again = False
         self.started = False
         self.cancelled = False
-        self.created = time.time()
 
     # -- where each instance can come from --------------------------------------------
+    def _member(self, peer: str):
+        if self.overlay is None:
+            return None
+        return getattr(self.overlay.membership, "members", {}).get(peer)
+
     def _reachable(self, loc) -> bool:
         if loc.peer == self.peer:
             archive = self.archives.get(loc.archive)
             return archive is not None and "open" in archive.capabilities and bool(archive.up)
         if self.overlay is None or not self.overlay.alive(loc.peer):
             return False
-        member = getattr(self.overlay.membership, "members", {}).get(loc.peer)
+        member = self._member(loc.peer)
         down = getattr(member.info, "archives_down", ()) if member is not None else ()
         return loc.archive not in (down or ())
 
+    def reachable(self, ref: InstanceRef) -> list:
+        """Replicas of *ref* this peer can read now, one per archive, in catalog order."""
+        out, seen = [], set()
+        for loc in ref.locations:
+            key = (loc.peer, loc.archive)
+            if key not in seen and self._reachable(loc):
+                seen.add(key)
+                out.append(loc)
+        return out
+
+    @property
+    def reader(self) -> PeerInfo:
+        return PeerInfo(self.peer, self.site)
+
     def sources(self, ref: InstanceRef):
-        """Replicas of *ref* this peer can read now: local archives first, then live peers."""
-        reach = [loc for loc in ref.locations if self._reachable(loc)]
-        return sorted(reach, key=lambda loc: loc.peer != self.peer)
+        """Replicas of *ref* this peer can read now, best first (replica selection)."""
+        return self.strategies.rank(ref, self.reachable(ref), self.reader)
+
+    def _limit(self, peer: str, archive: str) -> int:
+        if peer == self.peer:
+            limit = getattr(self.archives.get(archive), "max_fetches", None)
+        else:
+            member = self._member(peer)
+            entry = next((a for a in (getattr(member.info, "archives", None) or ())
+                          if a and a[0] == archive), None) if member is not None else None
+            limit = entry[2] if entry is not None and len(entry) > 2 else None
+            limit = limit or self.per_source
+        return max(1, int(limit or DEFAULT_MAX_FETCHES))
+
+    def _learn_sites(self) -> None:
+        """What ``nearest`` knows of sites: this peer's archives, and the ones other
+        peers advertise."""
+        sites = self.strategies.sites
+        for name, archive in self.archives.items():
+            sites[(self.peer, name)] = getattr(archive, "site", None)
+        if self.overlay is not None:
+            for member in getattr(self.overlay.membership, "members", {}).values():
+                for entry in getattr(member.info, "archives", None) or ():
+                    if len(entry) >= 2:
+                        sites[(member.info.name, entry[0])] = entry[1]
 
     # -- running -------------------------------------------------------------------------
     def start(self):
@@ -130,14 +220,34 @@ class Retrieval:
             from twisted.internet import reactor
             self.reactor = reactor
         plan = self.plan
+        self._learn_sites()
+        complained = False
         for ref in self.refs:
             uid = ref.sop_instance_uid
             self._results[uid] = defer.Deferred()
-            holders = {loc.peer for loc in self.sources(ref)}
-            plan.holders[uid] = holders
-            for name in holders:
-                plan.sources.setdefault(name, Source(name, started=self.reactor.seconds()))
-                plan.sources[name].holds.add(uid)
+            try:
+                ranked = self.sources(ref)
+            except StrategyError as e:
+                if not complained:
+                    log.error("retrieval {id}: {err}; reading in catalog order",
+                              id=self.id, err=e)
+                    complained = True
+                ranked = self.reachable(ref)
+            where, names = {}, []
+            for loc in ranked:
+                name = source_name(loc.peer, loc.archive)
+                if name not in where:
+                    where[name] = loc
+                    names.append(name)
+            plan.where[uid], plan.ranking[uid], plan.holders[uid] = where, names, set(names)
+            for name in names:
+                src = plan.sources.get(name)
+                if src is None:
+                    loc = where[name]
+                    src = plan.sources[name] = Source(
+                        name, loc.peer, loc.archive, self._limit(loc.peer, loc.archive),
+                        started=self.reactor.seconds())
+                src.holds.add(uid)
         for ref in list(plan.pending):
             if not plan.holders[ref.sop_instance_uid]:
                 plan.pending.remove(ref)
@@ -162,54 +272,91 @@ class Retrieval:
             self.overlay.membership.on_change.remove(self._member_changed)
 
     def _member_changed(self, member, state):
-        src = self.plan.sources.get(member.name)
-        if src is not None and src.alive and state == "dead":
-            self._drop(src, f"peer {member.name} is dead")
+        if state != "dead":
+            return
+        for src in list(self.plan.sources.values()):
+            if src.peer == member.name and src.alive:
+                self._drop(src, f"peer {member.name} is dead")
 
     def _budget(self) -> int:
         fetching = sum(len(s) > 0 for s in self.plan.in_flight.values())
         return self.window - fetching - self._buffered
 
+    def _free(self, name: str) -> bool:
+        src = self.plan.sources[name]
+        return src.alive and src.in_flight < src.limit
+
     def _schedule(self):
-        if self.cancelled:
+        """Give free sources work. Not re-entered: a fetch that fails at once (and
+        schedules again from its errback) makes the running pass go round once more."""
+        if self._scheduling:
+            self._again = True
             return
+        self._scheduling = True
+        try:
+            self._again = True
+            while self._again and not self.cancelled:
+                self._again = False
+                self._schedule_once()
+        finally:
+            self._scheduling = False
+        if self._results and all(d.called for d in self._results.values()):
+            self._stop_watching()
+            self._observe()
+
+    def _claimable(self, src: Source, ref: InstanceRef) -> bool:
+        uid = ref.sop_instance_uid
+        return (src.alive and src.name in self.plan.holders.get(uid, ())
+                and uid not in self.plan.done and not self._results[uid].called
+                and src.name not in self.plan.in_flight.get(uid, ()))
+
+    def _schedule_once(self):
         plan = self.plan
         # when out-of-order arrivals have filled the window, what consumers already
-        # wait for is fetched anyway (else they would wait for ever)
+        # wait for is fetched anyway (else they would wait for ever): first free source
+        # of its ranking
         wanted = ([r for r in plan.pending if r.sop_instance_uid in self._opened]
                   if self._budget() <= 0 else [])
         for ref in wanted:
-            free = [plan.sources[n] for n in plan.holders[ref.sop_instance_uid]
-                    if plan.sources[n].alive and plan.sources[n].in_flight < self.per_source]
-            if free:
-                self._claim(max(free, key=lambda s: (s.rate, -s.in_flight)), ref)
+            name = next((n for n in plan.ranked(ref.sop_instance_uid) if self._free(n)),
+                        None)
+            if name is not None and self._claimable(plan.sources[name], ref):
+                self._claim(plan.sources[name], ref)
         progress = True
         while progress and self._budget() > 0:
             progress = False
             for src in sorted(plan.sources.values(), key=lambda s: s.in_flight):
-                if not src.alive or src.in_flight >= self.per_source or self._budget() <= 0:
+                if not src.alive or src.in_flight >= src.limit or self._budget() <= 0:
                     continue
                 batch = self._next_batch(src)
-                for ref in batch[:max(0, min(self.per_source - src.in_flight,
-                                             self._budget()))]:
+                for ref in batch[:max(0, min(src.limit - src.in_flight, self._budget()))]:
+                    if src.in_flight >= src.limit or not self._claimable(src, ref):
+                        continue       # not a holder (strategy's mistake), or taken meanwhile
                     self._claim(src, ref)
                     progress = True
         self._rescue_head()
-        if all(d.called for d in self._results.values()):
-            self._stop_watching()
+
+    def _observe(self):
+        """Tell the strategies how fast each archive served (``nearest`` ranks by it)."""
+        if self._observed:
+            return
+        self._observed = True
+        for src in self.plan.sources.values():
+            if src.completed:
+                self.strategies.observe(src.peer, src.archive, src.rate)
 
     def _next_batch(self, src):
-        if self.strategies is not None:
-            try:
-                return self.strategies.next_batch(self.plan, src)
-            except Exception as e:
-                log.error("retrieval {id}: {err}; falling back to first come, first served",
-                          id=self.id, err=e)
+        try:
+            return self.strategies.next_batch(self.plan, src)
+        except Exception as e:
+            log.error("retrieval {id}: {err}; falling back to first come, first served",
+                      id=self.id, err=e)
         return [r for r in self.plan.pending
                 if src.name in self.plan.holders[r.sop_instance_uid]][:1]
 
     def _rescue_head(self):
-        """The oldest instance nobody has opened yet, stuck on one source: ask another."""
+        """The oldest instance nobody has opened yet, stuck on one source: ask the next
+        free source of its ranking."""
         plan = self.plan
         for ref in self.refs:
             uid = ref.sop_instance_uid
@@ -221,10 +368,9 @@ class Retrieval:
             (only,) = fetching
             if self.reactor.seconds() - self._timers.get((only, uid), (None, 0))[1] < 2.0:
                 return
-            for name in plan.holders[uid] - fetching:
-                src = plan.sources[name]
-                if src.alive and src.in_flight < self.per_source:
-                    self._claim(src, ref)
+            for name in plan.ranked(uid):
+                if name not in fetching and self._free(name):
+                    self._claim(plan.sources[name], ref)
                     return
             return
 
@@ -237,12 +383,11 @@ class Retrieval:
         if src.in_flight == 0:
             src._since = self.reactor.seconds()
         src.in_flight += 1
-        mine = [loc for loc in ref.locations if loc.peer == src.name]
-        loc = next((loc for loc in mine if self._reachable(loc)), mine[0])
-        if src.name == self.peer:
-            d = self.archives[loc.archive].open(ref.sop_instance_uid, loc.sha256)
+        loc = plan.where[uid][src.name]
+        if src.peer == self.peer:
+            d = open_gated(self.archives[loc.archive], uid, loc.sha256)
         else:
-            d = self.overlay.fetch(loc)
+            d = defer.maybeDeferred(self.overlay.fetch, loc)
         timer = self.reactor.callLater(STALL_SECONDS, self._stalled, src, ref, d)
         self._timers[(src.name, uid)] = (timer, self.reactor.seconds())
         d.addCallbacks(self._got, self._lost, callbackArgs=(src, ref),
@@ -294,7 +439,8 @@ class Retrieval:
         d.cancel()
 
     def _drop(self, src: Source, why: str):
-        """Stop using *src*; give its instances to the others, fail the orphans."""
+        """Stop using *src*; its instances go to the next sources of their ranking,
+        the orphans fail."""
         if src.alive:
             log.warn("retrieval {id}: dropping source {src}: {why}", id=self.id,
                      src=src.name, why=why)
@@ -305,7 +451,7 @@ class Retrieval:
             holders = plan.holders.get(uid, set())
             if src.name not in holders:
                 continue
-            holders.discard(src.name)
+            plan.lose(uid, src.name)
             if uid in plan.done or self._results[uid].called:
                 continue
             flying = plan.in_flight.get(uid, set())
@@ -319,9 +465,9 @@ class Retrieval:
         self._schedule()
 
     def _forget(self, src: Source, ref: InstanceRef, why: str):
-        """*src* cannot give *ref* (e.g. its file is missing): try another holder."""
+        """*src* cannot give *ref* (e.g. its file is missing): try the next source."""
         uid = ref.sop_instance_uid
-        self.plan.holders[uid].discard(src.name)
+        self.plan.lose(uid, src.name)
         if uid in self.plan.done or self._results[uid].called:
             return
         if not self.plan.holders[uid] and not self.plan.in_flight.get(uid):
@@ -368,10 +514,13 @@ class Retrieval:
         return result
 
     def status(self) -> dict:
+        """Counts, and per source (``peer/archive``) what it served and how fast."""
         return {"id": self.id, "instances": len(self.refs), "done": len(self.plan.done),
                 "pending": len(self.plan.pending),
-                "sources": {s.name: {"alive": s.alive, "completed": s.completed,
+                "sources": {s.name: {"peer": s.peer, "archive": s.archive,
+                                     "alive": s.alive, "completed": s.completed,
                                      "failed": s.failed, "in_flight": s.in_flight,
+                                     "limit": s.limit,
                                      "MB_per_s": round(s.rate / 1e6, 2),
                                      **({"error": s.error} if s.error else {})}
                             for s in self.plan.sources.values()}}

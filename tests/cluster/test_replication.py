@@ -325,7 +325,7 @@ def test_write_quorum_refuses_alone_and_hands_off_with_w1(clusters, tmp_path):
 def test_pin_modality_plugin_and_a_plugin_that_raises(clusters, tmp_path):
     boom = boom_plugin(tmp_path)
     pin = {"strategies": {"plugins": [str(PIN_PLUGIN)],
-                          "options": {"pin_modality": {"MG": "breast"}}}}
+                          "options": {"pin-modality": {"MG": "breast"}}}}
     cluster = clusters("plugins")
     a = cluster.add("peera", config=pin)
     cluster.add("peerb", config=toml.deep_merge(pin, {"archives": [

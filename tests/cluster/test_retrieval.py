@@ -67,6 +67,18 @@ def latest_retrieval(peer, n: int) -> dict:
     return max(rs, key=lambda r: r["id"])
 
 
+def by_peer(sources: dict) -> dict:
+    """A retrieval's sources (one per archive, "peer/archive") summed per peer: alive if
+    all its archives stayed sources, completed and failed summed."""
+    out: dict[str, dict] = {}
+    for s in sources.values():
+        p = out.setdefault(s["peer"], {"alive": True, "completed": 0, "failed": 0})
+        p["alive"] = p["alive"] and s["alive"]
+        p["completed"] += s["completed"]
+        p["failed"] += s["failed"]
+    return out
+
+
 def move_keys(study: str) -> dict:
     return {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
 
@@ -146,8 +158,8 @@ def test_movescu_at_the_archiveless_peer_uses_several_replica_holders(cluster, s
     r = latest_retrieval(d, N)
     assert r["done"] == N and r["pending"] == 0
     holders = set().union(*placed.values())
-    sources = r["sources"]
-    print(f"\nC-MOVE at peerd: sources {sources}")
+    print(f"\nC-MOVE at peerd: sources {r['sources']}")
+    sources = by_peer(r["sources"])
     assert "peerd" not in sources
     assert set(sources) <= holders, f"sources {set(sources)} not all replica holders"
     used = {name for name, s in sources.items() if s["completed"] > 0}
@@ -166,7 +178,7 @@ def test_getscu_at_the_archiveless_peer_is_byte_identical(cluster, study, tmp_pa
     assert len(received) == N
     assert dn.dataset_hashes(received) == sent
     r = latest_retrieval(d, N)
-    used = {name for name, s in r["sources"].items() if s["completed"] > 0}
+    used = {name for name, s in by_peer(r["sources"]).items() if s["completed"] > 0}
     assert r["done"] == N and len(used) >= 2 and used <= set().union(*placed.values())
 
 
@@ -196,15 +208,16 @@ def test_kill9_of_a_source_mid_move_costs_no_suboperation(cluster, study, dest):
                 return False
             r = state["r"] = rs[-1]
             return 10 <= r["done"] and any(
-                n != "peera" and s["completed"] > 0 for n, s in r["sources"].items())
+                n != "peera" and s["completed"] > 0
+                for n, s in by_peer(r["sources"]).items())
         wait_until(under_way, 60, interval=0.01, what="the C-MOVE's retrieval under way")
-        r = state["r"]
-        victim_name = max((n for n in r["sources"] if n != "peera"),
-                          key=lambda n: r["sources"][n]["completed"])
+        peers = by_peer(state["r"]["sources"])
+        victim_name = max((n for n in peers if n != "peera"),
+                          key=lambda n: peers[n]["completed"])
         victim = next(p for p in cluster if p.name == victim_name)
         assert victim.kill9() == -9
         killed = victim
-        done_at_kill = r["done"]
+        done_at_kill = state["r"]["done"]
         out, _ = mover.communicate(timeout=180)
     finally:
         if mover.poll() is None:
@@ -220,9 +233,10 @@ def test_kill9_of_a_source_mid_move_costs_no_suboperation(cluster, study, dest):
     assert dn.dataset_hashes(received) == sent
     r = latest_retrieval(d, N)
     assert r["id"] > before and r["done"] == N
-    assert r["sources"][killed.name]["alive"] is False, r["sources"]    # dropped
-    others = {n: s for n, s in r["sources"].items() if n != killed.name}
-    assert sum(s["completed"] for s in r["sources"].values()) == N
+    peers = by_peer(r["sources"])
+    assert peers[killed.name]["alive"] is False, r["sources"]    # dropped
+    others = {n: s for n, s in peers.items() if n != killed.name}
+    assert sum(s["completed"] for s in peers.values()) == N
     assert any(s["completed"] > 0 for s in others.values())
 
     # bring it back for what follows
@@ -277,7 +291,7 @@ def test_instances_whose_only_holder_is_dead_are_listed_as_failed(cluster, dest,
     assert set(received) == set(sent) - lost
     assert all(received[u] == sent[u] for u in received)
     r = latest_retrieval(d, n)
-    assert victim_name not in {name for name, s in r["sources"].items() if s["completed"]}
+    assert victim_name not in {n for n, s in by_peer(r["sources"]).items() if s["completed"]}
 
     victim.restart()
     cluster.wait_mesh(timeout=30)

@@ -204,7 +204,7 @@ def test_two_vendors_two_replicas(tmp_path):
             sources = retrievals[-1]["sources"]
             # both archives' peers were sources of the retrieval; which one served how
             # many is the balancer's choice (a slow first C-GET may leave one with none)
-            assert set(sources) == {"peera", "peerb"}, sources
+            assert {s["peer"] for s in sources.values()} == {"peera", "peerb"}, sources
             assert all(s["alive"] and not s["failed"] for s in sources.values()), sources
             assert sum(s["completed"] for s in sources.values()) == len(want), sources
         finally:

@@ -20,7 +20,7 @@ import pytest
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 
-from pacsp2p.strategies import Strategies
+from pacsp2p.strategies import Strategies, hookimpl
 from pacsp2p.transfer import retrieve
 from pacsp2p.transfer.retrieve import Retrieval, Unavailable
 from pacsp2p.types import InstanceRef, Location
@@ -133,12 +133,31 @@ def make_refs(n: int, holders, prefix: str = "1.2.3") -> list[InstanceRef]:
     return refs
 
 
-def setup(refs, peers: dict[str, MemArchive], balancing: str = "work-stealing", **kw):
-    """A Retrieval at peer "me" (its archive is peers["me"], if any)."""
+class Prefer:
+    """A selection plugin ranking replicas by their peer's place in *order*."""
+
+    name = "prefer"
+
+    def __init__(self, order):
+        self.order = list(order)
+        self.calls = 0
+
+    @hookimpl
+    def pacsp2p_rank_replicas(self, instance, locations, reader):
+        self.calls += 1
+        return sorted(locations, key=lambda loc: self.order.index(loc.peer))
+
+
+def setup(refs, peers: dict[str, MemArchive], balancing: str = "work-stealing",
+          prefer=None, **kw):
+    """A Retrieval at peer "me" (its archive is peers["me"], if any); *prefer*: the
+    peers in the order replica selection should rank them (default: ``nearest``)."""
     clock = next(iter(peers.values())).clock
     local = {"local": peers[ME]} if ME in peers else {}
     overlay = FakeOverlay({p: a for p, a in peers.items() if p != ME})
-    r = Retrieval(refs, local, ME, overlay, Strategies(balancing=balancing, peer=ME),
+    plugins = [Prefer(prefer)] if prefer else []
+    r = Retrieval(refs, local, ME, overlay,
+                  Strategies(balancing=balancing, peer=ME, plugins=plugins),
                   reactor=clock, **kw)
     return r, overlay
 
@@ -274,10 +293,10 @@ def test_a_fast_source_serves_more_than_a_slow_one():
     assert slow > 0, "the slow source was never used (no parallelism)"
     assert fast >= 3 * slow, f"fast source served {fast}, slow one {slow}"
     src = r.plan.sources
-    assert src["peerb"].rate > 5 * src["peerc"].rate > 0
+    assert src["peerb/local"].rate > 5 * src["peerc/local"].rate > 0
     st = r.status()["sources"]
-    assert st["peerb"]["completed"] == fast and st["peerc"]["completed"] == slow
-    assert st["peerb"]["MB_per_s"] > st["peerc"]["MB_per_s"]
+    assert st["peerb/local"]["completed"] == fast and st["peerc/local"]["completed"] == slow
+    assert st["peerb/local"]["MB_per_s"] > st["peerc/local"]["MB_per_s"]
 
 
 def test_endgame_duplicates_the_last_in_flight_instance_and_the_first_copy_wins():
@@ -309,7 +328,7 @@ def test_endgame_duplicates_the_last_in_flight_instance_and_the_first_copy_wins(
     clock.advance(0)
     assert loser.closed, "the endgame's second copy was not closed"
     assert consumer.files[last] is winner
-    assert r.status()["sources"]["peerc"]["completed"] == 0
+    assert r.status()["sources"]["peerc/local"]["completed"] == 0
     assert r.status()["done"] == 2
 
 
@@ -335,9 +354,9 @@ def test_a_source_failing_midway_hands_its_instances_to_the_other_holder():
     assert sum(p == "peerb" for p in served.values()) == served_before
     assert len(b.requests) == asked_after, "a dropped source was asked again"
     st = r.status()["sources"]
-    assert st["peerb"]["alive"] is False and "lost" in st["peerb"]["error"]
-    assert st["peerc"]["alive"] is True
-    assert st["peerc"]["completed"] == len(refs) - served_before
+    assert st["peerb/local"]["alive"] is False and "lost" in st["peerb/local"]["error"]
+    assert st["peerc/local"]["alive"] is True
+    assert st["peerc/local"]["completed"] == len(refs) - served_before
 
 
 def test_a_peer_the_overlay_marks_dead_is_dropped():
@@ -353,7 +372,7 @@ def test_a_peer_the_overlay_marks_dead_is_dropped():
     run(clock, lambda: consumer.finished, limit=STALL_LIMIT)
     assert consumer.failed == {} and len(consumer.got) == len(refs)
     assert len(peers["peerb"].requests) == asked
-    st = r.status()["sources"]["peerb"]
+    st = r.status()["sources"]["peerb/local"]
     assert st["alive"] is False and "dead" in st["error"]
 
 
@@ -365,7 +384,7 @@ def test_an_instance_whose_only_holder_fails_is_unavailable_naming_its_uid():
     peers = {"peerb": MemArchive("peerb", clock), "peerc": MemArchive("peerc", clock, 0.05)}
     refs = make_refs(6, lambda i: ["peerb"] if i in (1, 4) else ["peerb", "peerc"])
     only_b = {refs[1].sop_instance_uid, refs[4].sop_instance_uid}
-    r, _ = setup(refs, peers, "single")      # peerb holds most: it is asked for everything
+    r, _ = setup(refs, peers, "single", prefer=["peerb", "peerc"])   # peerb ranks first
     consumer = Consumer(r, refs, window=6).start()
     clock.advance(0)
     b = peers["peerb"]
@@ -378,7 +397,7 @@ def test_an_instance_whose_only_holder_fails_is_unavailable_naming_its_uid():
         assert isinstance(exc, Unavailable) and uid in str(exc)
     assert set(consumer.got) == {ref.sop_instance_uid for ref in refs} - only_b
     assert set(served_by(consumer.got).values()) == {"peerc"}
-    assert r.status()["sources"]["peerb"]["alive"] is False
+    assert r.status()["sources"]["peerb/local"]["alive"] is False
 
 
 def test_a_missing_file_only_removes_that_holder_for_that_instance():
@@ -388,7 +407,7 @@ def test_a_missing_file_only_removes_that_holder_for_that_instance():
     bad = refs[0].sop_instance_uid
     peers["peerb"].errors[bad] = FileNotFoundError(f"404: {bad}")
     only_b = refs[9].sop_instance_uid
-    r, _ = setup(refs, peers, "single")      # peerb holds all ten: it is asked for all
+    r, _ = setup(refs, peers, "single", prefer=["peerb", "peerc"])   # peerb ranks first
     consumer = Consumer(r, refs).start()
     run(clock, lambda: consumer.finished, limit=STALL_LIMIT)
 
@@ -397,7 +416,7 @@ def test_a_missing_file_only_removes_that_holder_for_that_instance():
     assert served[bad] == "peerc"           # the other holder gave the missing one
     assert served[only_b] == "peerb"        # peerb was not dropped for it
     assert peers["peerc"].uids() == [bad]
-    st = r.status()["sources"]["peerb"]
+    st = r.status()["sources"]["peerb/local"]
     assert st["alive"] is True and st["failed"] == 1 and st["completed"] == 9
 
 
@@ -445,13 +464,13 @@ def test_single_uses_one_source_when_it_holds_everything():
     assert used[chosen] == len(refs)
 
 
-def test_single_prefers_the_source_holding_most_and_takes_the_rest_from_their_holders():
+def test_single_reads_each_instance_from_its_first_ranked_holder():
     clock = Clock()
     peers = {"peerb": MemArchive("peerb", clock, 0.01), "peerc": MemArchive("peerc", clock, 0.01)}
     # peerc holds all 30; peerb 20 of them + 5 nobody else has
     refs = make_refs(35, lambda i: ["peerb"] if i >= 30 else
                      (["peerb", "peerc"] if i < 20 else ["peerc"]))
-    r, _ = setup(refs, peers, "single")
+    r, _ = setup(refs, peers, "single", prefer=["peerc", "peerb"])
     consumer = Consumer(r, refs).start()
     run(clock, lambda: consumer.finished)
     assert consumer.failed == {} and len(consumer.got) == len(refs)
@@ -465,7 +484,7 @@ def test_the_stall_timer_drops_a_silent_source():
     peers = {"peerb": MemArchive("peerb", clock),           # never answers
              "peerc": MemArchive("peerc", clock, 0.05)}
     refs = make_refs(20, lambda i: ["peerb", "peerc"])
-    r, _ = setup(refs, peers, "single")      # ties: "peerb" (first by name) is chosen
+    r, _ = setup(refs, peers, "single", prefer=["peerb", "peerc"])   # peerb ranks first
     consumer = Consumer(r, refs).start()
     clock.advance(0)
     b = peers["peerb"]
@@ -473,13 +492,13 @@ def test_the_stall_timer_drops_a_silent_source():
     asked = list(b.requests)
     # before the stall timer, peerb is still a source
     clock.advance(retrieve.STALL_SECONDS - 1)
-    assert r.plan.sources["peerb"].alive
+    assert r.plan.sources["peerb/local"].alive
     run(clock, lambda: consumer.finished, limit=retrieve.STALL_SECONDS + 10)
 
     assert consumer.failed == {} and len(consumer.got) == len(refs)
     assert set(served_by(consumer.got).values()) == {"peerc"}
     assert all(req.cancelled for req in asked), "the stalled fetches were not cancelled"
     assert len(b.requests) == len(asked), "a dropped source was asked again"
-    st = r.status()["sources"]["peerb"]
+    st = r.status()["sources"]["peerb/local"]
     assert st["alive"] is False and f"{retrieve.STALL_SECONDS:.0f} s" in st["error"]
     assert st["completed"] == 0

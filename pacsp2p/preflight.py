@@ -1,0 +1,55 @@
+"""What a peer checks before it starts, shared by ``twistd pacsp2p`` and
+``pacsp2p check-config`` so that both refuse a config with the same message.
+
+``config.load`` checks the TOML itself (types, value ranges, names). Then:
+
+- ``archives``: every ``[[archives]]`` block made by its adapter (``make_archive``): the
+  adapter name (entry point or file), each adapter's own options, the interfaces the
+  archive claims;
+- ``strategies``: the strategy plugins named in ``[strategies] plugins`` (entry points,
+  files), their options (``pacsp2p_configure``) and the strategy each role names;
+- ``credentials``: with an ``[overlay]``, the TLS files it names (the cluster CA, this
+  peer's certificate and key: present, matching, not expired, issued by the CA).
+
+Each raises ``config.ConfigError`` (or ``overlay.tls.TLSError``) with a one-line
+message; nothing here opens a port, a file for writing or a connection.
+"""
+
+from __future__ import annotations
+
+from pacsp2p.adapters import make_archive
+from pacsp2p.overlay import tls
+from pacsp2p.strategies import Strategies
+
+__all__ = ["archives", "check", "credentials", "strategies"]
+
+
+def archives(settings, reactor, catalog=None) -> list:
+    """The archives of *settings*, made and checked by their adapters (not started)."""
+    return [make_archive(a, settings, reactor, catalog=catalog) for a in settings.archives]
+
+
+def strategies(settings) -> Strategies:
+    """The peer's strategies: plugins loaded and configured, roles checked."""
+    st = settings.strategies
+    return Strategies(st.placement, st.selection, st.plugins, settings.source, st.options,
+                      settings.peer.name, st.balancing)
+
+
+def credentials(settings):
+    """The overlay's TLS credentials (None without an ``[overlay]``)."""
+    if settings.overlay is None:
+        return None
+    return tls.Credentials(settings.overlay.tls_dir, settings.peer.name)
+
+
+def check(settings, reactor=None) -> dict:
+    """Everything start-up checks of *settings*, in the order the peer does it; a short
+    summary of what was checked."""
+    if reactor is None:
+        from twisted.internet import reactor
+    made = archives(settings, reactor)
+    chosen = strategies(settings)
+    credentials(settings)
+    return {"archives": {a.name: getattr(a, "max_fetches", None) for a in made},
+            "strategies": chosen.describe()}
