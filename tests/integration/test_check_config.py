@@ -1,0 +1,124 @@
+"""``pacsp2p check-config`` checks everything ``twistd pacsp2p`` checks before it starts
+(issue 14): one table of broken configs, each refused by both with the same one-line
+message (``pacsp2p.preflight`` is shared by both; this holds them to it)."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pacsp2p.testing.peer import twistd_path
+from pacsp2p.testing.ports import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+PIN = ROOT / "plugins" / "pin_modality.py"
+
+RANKER = '''
+from pacsp2p.strategies import hookimpl
+
+name = "others-first"
+
+@hookimpl
+def pacsp2p_rank_replicas(instance, locations, reader):
+    return sorted(locations, key=lambda loc: loc.peer == reader.name)
+'''
+
+# (id, config text after [peer]/[admin], files to write {name: text}, what the line says)
+BROKEN = [
+    ("selection-unknown", '[strategies]\nselection = "fastest"\n', {},
+     "strategies.selection: unknown selection strategy 'fastest' (known: nearest)"),
+    ("balancing-names-a-ranker", '[strategies]\nplugins = ["rank.py"]\n'
+     'balancing = "others-first"\n', {"rank.py": RANKER},
+     "strategies.balancing: unknown balancing strategy 'others-first' "
+     "(known: work-stealing, single)"),
+    ("placement-unknown", '[strategies]\nplacement = "random"\n', {},
+     "(known: rendezvous, least-used, site-aware)"),
+    ("plugin-file-missing", '[strategies]\nplugins = ["nope.py"]\n', {},
+     "strategies.plugins[0]: "),
+    ("plugin-file-broken", '[strategies]\nplugins = ["bad.py"]\n', {"bad.py": "1/0\n"},
+     "cannot load: ZeroDivisionError"),
+    ("entry-point-missing", '[strategies]\nplugins = ["cost_place"]\n', {},
+     "strategies.plugins[0]: no strategy plugin 'cost_place' is installed"),
+    ("options-nobody-owns", '[strategies.options.pin_modality]\nMG = "x"\n', {},
+     "strategies.options.pin_modality: no enabled plugin is named 'pin_modality'"),
+    ("plugin-refuses-options", f'[strategies]\nplugins = ["{PIN}"]\n'
+     '[strategies.options.pin-modality]\nMG = 3\n', {},
+     "strategies.options.pin-modality: plugin 'pin-modality' refused them: ValueError"),
+    ("plugin-names-clash", '[strategies]\nplugins = ["rank.py", "rank2.py"]\n',
+     {"rank.py": RANKER, "rank2.py": RANKER},
+     "strategies.plugins[1]: a strategy named 'others-first' is already enabled"),
+    ("adapter-unknown", '[[archives]]\nname = "a"\nadapter = "vna"\n', {},
+     "archives.a.adapter: unknown adapter 'vna'"),
+    ("adapter-option-unknown", '[[archives]]\nname = "o"\nadapter = "orthanc"\n'
+     'url = "http://127.0.0.1:8042"\ncolour = "red"\n', {},
+     "archives[0].colour: unknown key for adapter 'orthanc'"),
+    ("adapter-option-missing", '[[archives]]\nname = "o"\nadapter = "orthanc"\n', {},
+     "archives[0].url: required by adapter 'orthanc'"),
+    ("adapter-rate-zero", '[[archives]]\nname = "o"\nadapter = "orthanc"\n'
+     'url = "http://127.0.0.1:8042"\ncrawl_qps = 0\n', {},
+     "archives[0].crawl_qps: must be a positive number"),
+    ("embedded-option-unknown", '[[archives]]\nname = "l"\nsize = 3\n', {},
+     "archives.l.size: unknown key for adapter 'embedded'"),
+    ("max-fetches-zero", '[[archives]]\nname = "l"\nmax_fetches = 0\n', {},
+     "archives[0].max_fetches: must be an integer >= 1, got 0"),
+    ("tls-files-missing", '[overlay]\nport = {port}\ntls_dir = "no-tls"\n', {},
+     "no-tls"),
+    ("max-associations-zero", '[facade]\nmax_associations = 0\n', {},
+     "facade.max_associations: must be an integer >= 1, got 0"),
+    ("port-out-of-range", '[facade]\nport = 70000\n', {},
+     "facade.port: must be an integer 1-65535, got 70000"),
+    ("quorum-above-replicas", '[cluster]\nreplicas = 1\nwrite_quorum = 2\n', {},
+     "cluster.write_quorum: must be 1..replicas (1), got 2"),
+    ("replicas-zero", '[cluster]\nreplicas = 0\n', {}, "cluster.replicas: must be >= 1"),
+    ("phi-threshold-zero", '[overlay]\nport = {port}\ntls_dir = "tls"\nphi_threshold = 0\n',
+     {}, "overlay.phi_threshold: must be a number > 0, got 0"),
+    ("heartbeat-zero", '[overlay]\nport = {port}\ntls_dir = "tls"\nheartbeat = 0\n', {},
+     "overlay.heartbeat: must be 0.05-10 seconds"),
+]
+
+
+def _config(tmp_path: Path, text: str, files: dict) -> Path:
+    for name, body in files.items():
+        (tmp_path / name).write_text(body)
+    cfg = tmp_path / "peer.toml"
+    cfg.write_text(f'[peer]\nname = "north"\ndata_dir = "data"\n'
+                   f'[admin]\nport = {free_port()}\n'
+                   + text.replace("{port}", str(free_port())))
+    return cfg
+
+
+def _lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("text, files, says", [b[1:] for b in BROKEN],
+                         ids=[b[0] for b in BROKEN])
+def test_check_config_and_twistd_refuse_with_the_same_message(tmp_path, text, files, says):
+    cfg = _config(tmp_path, text, files)
+    check = subprocess.run([str(twistd_path().parent / "pacsp2p"), "check-config",
+                            "--config", str(cfg)], capture_output=True, text=True,
+                           cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=120)
+    peer = subprocess.run([str(twistd_path()), "-n", "--pidfile=", "pacsp2p", "--config",
+                           str(cfg)], capture_output=True, text=True, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    assert check.returncode == 2, check.stdout + check.stderr
+    assert peer.returncode != 0, peer.stdout + peer.stderr
+    assert _lines(check) == _lines(peer), (check.stderr, peer.stderr)
+    (line,) = _lines(check)
+    assert line.startswith(f"pacsp2p: {cfg}: ") or line.startswith("pacsp2p: "), line
+    assert says in line, line
+    assert not (tmp_path / "data").exists(), "a refused peer made its data directory"
+
+
+def test_check_config_passes_a_good_config_with_plugins(tmp_path):
+    cfg = _config(tmp_path, f'[strategies]\nplugins = ["rank.py", "{PIN}"]\n'
+                  'selection = "others-first"\n'
+                  '[strategies.options.pin-modality]\nMG = "breast"\n'
+                  '[[archives]]\nname = "l"\nmax_fetches = 3\n', {"rank.py": RANKER})
+    check = subprocess.run([str(twistd_path().parent / "pacsp2p"), "check-config",
+                            "--config", str(cfg)], capture_output=True, text=True,
+                           cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=120)
+    assert check.returncode == 0, check.stderr
+    assert "ok" in check.stdout and "others-first, pin-modality" in check.stdout, check.stdout
+    assert "rendezvous/others-first/work-stealing" in check.stdout, check.stdout
