@@ -18,7 +18,9 @@ Verbs:
   itself (C-GET): ``refs`` and ``open(ref) -> Deferred[file]``, the replica chosen and
   failed over by the cluster;
 - ``where(study=, instance=) -> Deferred[list]`` — each instance and its replicas;
-- ``status() -> Deferred[dict]`` — this peer, its archives, the overlay, work running;
+- ``status() -> Deferred[dict]`` — this peer, its archives, the overlay, work running
+  (``repair``: re-replication's progress; ``under_replicated``: instances with fewer than
+  ``replicas`` live copies and with none, as last counted, with the time);
 - ``digest() -> Deferred[dict]`` — the catalog's digest and version vector.
 
 ``status()`` also says which strategies run (``strategies``) and the read rate this
@@ -36,6 +38,7 @@ from pacsp2p import __version__
 from pacsp2p.transfer.deliver import Delivery
 from pacsp2p.transfer.direct import make_delivery
 from pacsp2p.transfer.ingest import Ingest
+from pacsp2p.transfer.repair import Repair
 from pacsp2p.transfer.retrieve import Retrieval
 from pacsp2p.transfer.session import StoreSession
 from pacsp2p.types import Query
@@ -56,6 +59,8 @@ class Cluster:
         self.crawlers = list(crawlers)
         self.retrievals = collections.deque(maxlen=20)    # the latest, for status
         self.ingest = Ingest(settings, self.archives, catalog, strategies, overlay, reactor)
+        self.repair = Repair(settings, catalog, self.archives, strategies, self.ingest,
+                             overlay, reactor)
 
     # -- store -----------------------------------------------------------------------------
     def receive(self, uid: str, sop_class: str, transfer_syntax: str, head: bytes,
@@ -138,4 +143,6 @@ class Cluster:
         status["sources"] = {f"{peer}/{archive}": {"MB_per_s": round(rate / 1e6, 2)}
                              for (peer, archive), rate in sorted(self.strategies.rates.items())}
         status["crawls"] = [c.status() for c in self.crawlers]
+        status["repair"] = self.repair.status()
+        status["under_replicated"] = self.repair.under_replicated()
         return status

@@ -80,6 +80,8 @@ class OverlaySettings:
 class ClusterSettings:
     replicas: int = 1
     write_quorum: int = 1
+    repair_after: float = 600.0   # seconds a peer/archive is dead before its copies are remade
+    repair_rate: float = 50.0     # MB/s of repair copies per peer (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -345,8 +347,15 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     quorum = c.take("write_quorum", int, min(replicas, default_r), "an integer >= 1")
     if not 1 <= quorum <= replicas:
         raise c.fail("write_quorum", f"must be 1..replicas ({replicas}), got {quorum}")
+    repair_after = c.take("repair_after", (int, float), 600.0, "seconds (a number > 0)")
+    if not repair_after > 0:
+        raise c.fail("repair_after", f"must be seconds (a number > 0), got {repair_after}")
+    repair_rate = c.take("repair_rate", (int, float), 50.0, "MB/s (a number >= 0, 0: no limit)")
+    if not repair_rate >= 0:
+        raise c.fail("repair_rate", f"must be MB/s (a number >= 0, 0: no limit), got "
+                                    f"{repair_rate}")
     c.done()
-    cluster = ClusterSettings(replicas, quorum)
+    cluster = ClusterSettings(replicas, quorum, float(repair_after), float(repair_rate))
 
     st = table("strategies")
     plugin_paths = []

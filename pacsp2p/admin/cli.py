@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -84,6 +85,12 @@ def cmd_status(args) -> int:
         states = [m["state"] for m in overlay["members"] if m["state"] != "self"]
         print(f"cluster: {len(states) + 1} peers, {states.count('alive') + 1} alive; "
               f"{overlay.get('facts_pulled', 0)} facts pulled by anti-entropy")
+    under = status.get("under_replicated")
+    if under:
+        print(under_replicated_line(under))
+    repair = status.get("repair")
+    if repair:
+        print(repair_line(repair))
     for cr in status.get("crawls", []):
         total = f"/{cr['total']}" if cr.get("total") else ""
         eta = f", ETA {cr['eta_s']:.0f} s" if cr.get("eta_s") else ""
@@ -100,6 +107,27 @@ def cmd_status(args) -> int:
         print("read rates: " + ", ".join(f"{n} {s['MB_per_s']} MB/s"
                                          for n, s in status["sources"].items()))
     return 0
+
+
+def under_replicated_line(u: dict) -> str:
+    if u.get("instances") is None:
+        return "under-replicated: not counted yet"
+    age = f", counted {max(0, time.time() - u['at']):.0f} s ago" if u.get("at") else ""
+    surplus = f", {u['surplus']} with surplus copies" if u.get("surplus") else ""
+    return (f"under-replicated: {u['instances']} instances with fewer than "
+            f"{u['replicas']} live copies, {u['unavailable']} with none{surplus}{age}")
+
+
+def repair_line(r: dict) -> str:
+    limit = f"{r['limit_MB_s']:g} MB/s" if r.get("limit_MB_s") else "no limit"
+    line = (f"repair: {r['state']}, {r['done']} copies made ({r['bytes'] / 1e6:.1f} MB), "
+            f"{r['remaining']} instances remaining, {r['rate']} MB/s (limit {limit}); "
+            f"{r['dropped']} surplus copies dropped, {r['failed']} failures")
+    waiting = r.get("waiting") or []
+    if waiting:
+        line += "; waiting for " + ", ".join(
+            f"{w['what']} (repair in {w['repair_in_s']:.0f} s)" for w in waiting)
+    return line
 
 
 def cmd_catalog_digest(args) -> int:
@@ -160,7 +188,17 @@ def cmd_where(args) -> int:
         reps = ", ".join(f"{r['archive']}@{r['peer']}" + ("" if r["available"] else " (DOWN)")
                          for r in row["replicas"])
         print(f"{row['instance']}  {len(row['replicas'])} replica(s): {reps}")
+    print(where_summary(rows, _settings(args).cluster.replicas))
     return 0
+
+
+def where_summary(rows: list, replicas: int) -> str:
+    """One line: instances, the fewest and most live copies, how many lack some."""
+    live = [sum(1 for r in row["replicas"] if r["available"]) for row in rows]
+    short = sum(1 for n in live if n < replicas)
+    return (f"{len(rows)} instances, live copies min {min(live)} max {max(live)} "
+            f"(replicas {replicas}); {short} under-replicated, "
+            f"{sum(1 for n in live if n == 0)} unavailable")
 
 
 def cmd_ca(args) -> int:

@@ -1,0 +1,146 @@
+"""SQL of repair: how many live copies each instance has, and which need work.
+
+Liveness is not in the catalog (it is the overlay's and the health checks' judgement):
+callers pass a :class:`Liveness` — the peers and archives that are not live now, and
+those of them that have been dead for ``repair_after`` seconds (their copies are
+*lost*). Every function takes a read connection (``Catalog.read``) except the small
+``repair_state`` table's writers (``Catalog.write``).
+
+- ``census``: one pass over ``locations`` (its primary-key index, in order, grouped by
+  instance): how many instances have fewer than ``replicas`` live copies, how many have
+  none, how many a repair can fix and how many hold surplus copies. Seconds on ten
+  million rows: the repair pass runs it and caches the answer with its time; it is never
+  run per ``/status`` request.
+- ``work``: the next instances after a cursor (keyset on SOPInstanceUID) that need a
+  copy (a copy lost, fewer than ``replicas`` left, a live one to copy from) or hold more
+  live copies than ``replicas``, with their locations and what placement needs to know.
+  A restarted peer starts again from the first: the catalog is the progress.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+
+from pacsp2p.types import InstanceInfo, Location
+
+SEP = "\t"
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Which copies count. Archives are "peer<TAB>archive" keys."""
+
+    dead_peers: frozenset = frozenset()        # not live now (dead, joining, unknown)
+    dead_archives: frozenset = frozenset()     # down, on a live peer
+    lost_peers: frozenset = frozenset()        # dead for repair_after seconds or more
+    lost_archives: frozenset = frozenset()
+    unsettled: frozenset = field(default_factory=frozenset)   # live, but back too recently
+
+    def live(self, peer: str, archive: str) -> bool:
+        return peer not in self.dead_peers and f"{peer}{SEP}{archive}" not in self.dead_archives
+
+    def lost(self, peer: str, archive: str) -> bool:
+        return peer in self.lost_peers or f"{peer}{SEP}{archive}" in self.lost_archives
+
+    def settled(self, peer: str, archive: str) -> bool:
+        return self.live(peer, archive) and peer not in self.unsettled and \
+            f"{peer}{SEP}{archive}" not in self.unsettled
+
+
+def _in(column: str, name: str, values, params: dict) -> str:
+    """``column IN (:name0, :name1, ...)``, the values put in *params*."""
+    names = []
+    for i, v in enumerate(sorted(values)):
+        params[f"{name}{i}"] = v
+        names.append(f":{name}{i}")
+    return f"{column} IN ({', '.join(names)})"
+
+
+def _flags(lv: Liveness, params: dict) -> tuple[str, str]:
+    """SQL expressions (live, lost) of one location row; named parameters in *params*."""
+    key = "peer || char(9) || archive"
+    live = (f"(CASE WHEN {_in('peer', 'dp', lv.dead_peers, params)} OR "
+            f"{_in(key, 'da', lv.dead_archives, params)} THEN 0 ELSE 1 END)")
+    lost = (f"(CASE WHEN {_in('peer', 'lp', lv.lost_peers, params)} OR "
+            f"{_in(key, 'la', lv.lost_archives, params)} THEN 1 ELSE 0 END)")
+    return live, lost
+
+
+def census(conn: sqlite3.Connection, replicas: int, lv: Liveness) -> dict:
+    """Counts over every instance that has a copy (tombstones do not count):
+    ``instances`` with fewer than *replicas* live copies, ``unavailable`` with none,
+    ``repairable`` (a copy lost, fewer than *replicas* left, one live to copy from),
+    ``surplus`` (more than *replicas* live copies), ``total``."""
+    params: dict = {"r": replicas}
+    live, lost = _flags(lv, params)
+    row = conn.execute(
+        "SELECT count(*), coalesce(sum(live < :r), 0), coalesce(sum(live = 0), 0), "
+        "coalesce(sum(n - nlost < :r AND nlost > 0 AND live > 0), 0), "
+        "coalesce(sum(live > :r), 0) FROM ("
+        f"SELECT sum({live}) AS live, sum({lost}) AS nlost, count(*) AS n "
+        "FROM locations WHERE size >= 0 GROUP BY SOPInstanceUID)", params).fetchone()
+    return dict(zip(("total", "instances", "unavailable", "repairable", "surplus"), row))
+
+
+def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
+         limit: int = 500) -> list[tuple[InstanceInfo, list[Location]]]:
+    """Up to *limit* instances after *after* (in SOPInstanceUID order) that repair must
+    copy or trim, each as (InstanceInfo for placement, its locations)."""
+    params: dict = {"r": replicas, "after": after, "limit": limit}
+    live, lost = _flags(lv, params)
+    rows = conn.execute(
+        "SELECT SOPInstanceUID, group_concat(peer || char(9) || archive || char(9) || "
+        "sha256 || char(9) || size, char(10)) FROM locations "
+        "WHERE size >= 0 AND SOPInstanceUID > :after GROUP BY SOPInstanceUID "
+        f"HAVING (count(*) - sum({lost}) < :r AND sum({lost}) > 0 AND sum({live}) > 0) "
+        f"OR sum({live}) > :r ORDER BY SOPInstanceUID LIMIT :limit", params).fetchall()
+    if not rows:
+        return []
+    info = instance_infos(conn, [r[0] for r in rows])
+    out = []
+    for uid, packed in rows:
+        locs = []
+        for item in packed.split("\n"):
+            peer, archive, sha, size = item.split(SEP)
+            locs.append(Location(uid, archive, peer, sha, int(size)))
+        size = max((loc.size for loc in locs), default=0)
+        out.append((info.get(uid) or InstanceInfo(uid, "", "", "", "", size), locs))
+    return out
+
+
+def instance_infos(conn: sqlite3.Connection, uids: list[str]) -> dict[str, InstanceInfo]:
+    """{uid: InstanceInfo} with what placement may look at (UIDs, modality, size)."""
+    out = {}
+    for i in range(0, len(uids), 500):
+        chunk = uids[i:i + 500]
+        for r in conn.execute(
+                f"SELECT i.SOPInstanceUID, i.SOPClassUID, se.StudyInstanceUID, "
+                f"i.SeriesInstanceUID, se.Modality, "
+                f"(SELECT max(size) FROM locations l WHERE l.SOPInstanceUID = i.SOPInstanceUID) "
+                f"FROM instances i LEFT JOIN series se USING (SeriesInstanceUID) "
+                f"WHERE i.SOPInstanceUID IN ({', '.join('?' * len(chunk))})", chunk):
+            out[r[0]] = InstanceInfo(r[0], r[1] or "", r[2] or "", r[3] or "", r[4] or "",
+                                     int(r[5] or 0), {"Modality": r[4] or ""})
+    return out
+
+
+# -- the repair's counters (progress shown in status; the work itself is in locations) --
+
+def ensure_state(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS repair_state (key TEXT PRIMARY KEY, value TEXT)")
+
+
+def load_state(conn: sqlite3.Connection) -> dict:
+    try:
+        row = conn.execute("SELECT value FROM repair_state WHERE key = 'repair'").fetchone()
+    except sqlite3.OperationalError:        # the table is made by the first save
+        return {}
+    return json.loads(row[0]) if row else {}
+
+
+def save_state(conn: sqlite3.Connection, state: dict) -> None:
+    ensure_state(conn)
+    conn.execute("INSERT OR REPLACE INTO repair_state VALUES ('repair', ?)",
+                 (json.dumps(state),))
