@@ -18,6 +18,16 @@ Verbs:
   itself (C-GET): ``refs`` and ``open(ref) -> Deferred[file]``, the replica chosen and
   failed over by the cluster;
 - ``where(study=, instance=) -> Deferred[list]`` — each instance and its replicas;
+- ``delete(scope, reason) -> Deferred[int]`` — remove every instance of *scope*
+  (``types.Scope``: studies, series or instances by UID) from every replica on every
+  archive, cluster-wide, for good: tombstones travel by anti-entropy, so a peer down now
+  removes them when it returns and no copy path brings them back (``transfer.delete``);
+  fires with the instances deleted once every peer alive has the tombstones (bounded
+  wait). Sending an instance again afterwards stores it again. A Key Object Selection
+  "rejection note" (IHE IOCM) that ``receive`` stores rejects what it references the
+  same way. Raises ``transfer.delete.DeleteError`` (a ValueError) for a scope that is
+  not one. ``status()["deletions"]``: tombstones held, copies still to remove here, and
+  deleted instances an archive that cannot delete retains (hidden from the view);
 - ``status() -> Deferred[dict]`` — this peer, its archives, the overlay, work running
   (``repair``: re-replication's progress; ``under_replicated``: instances with fewer than
   ``replicas`` live copies and with none, as last counted, with the time);
@@ -35,16 +45,18 @@ import collections
 from twisted.internet import defer
 
 from pacsp2p import __version__
+from pacsp2p.dicom.rejection import KOS_SOP_CLASS
+from pacsp2p.transfer.delete import DeleteError, Deleter, RejectionSession
 from pacsp2p.transfer.deliver import Delivery
 from pacsp2p.transfer.direct import make_delivery
 from pacsp2p.transfer.ingest import Ingest
 from pacsp2p.transfer.repair import Repair
 from pacsp2p.transfer.retrieve import Retrieval
 from pacsp2p.transfer.session import StoreSession
-from pacsp2p.types import Query
+from pacsp2p.types import Query, Scope
 from pacsp2p.validate import check_uid
 
-__all__ = ["Cluster", "Delivery", "Retrieval", "StoreSession"]
+__all__ = ["Cluster", "DeleteError", "Delivery", "Retrieval", "Scope", "StoreSession"]
 
 
 class Cluster:
@@ -59,6 +71,7 @@ class Cluster:
         self.crawlers = list(crawlers)
         self.retrievals = collections.deque(maxlen=20)    # the latest, for status
         self.ingest = Ingest(settings, self.archives, catalog, strategies, overlay, reactor)
+        self.deleter = Deleter(settings, catalog, self.archives, overlay, reactor)
         self.repair = Repair(settings, catalog, self.archives, strategies, self.ingest,
                              overlay, reactor)
 
@@ -69,7 +82,15 @@ class Cluster:
         ``validate.InvalidUID`` for a UID that is not one)."""
         check_uid(uid, "SOP Instance UID")
         check_uid(sop_class, "SOP Class UID")
-        return self.ingest.begin(uid, sop_class, transfer_syntax, head, pause, resume)
+        session = self.ingest.begin(uid, sop_class, transfer_syntax, head, pause, resume)
+        if sop_class == KOS_SOP_CLASS:                 # maybe an IOCM rejection note
+            session = RejectionSession(session, self.deleter)
+        return session
+
+    # -- delete ------------------------------------------------------------------------------
+    def delete(self, scope: Scope, reason: str):
+        """Deferred[int]: the instances of *scope* deleted cluster-wide (see above)."""
+        return self.deleter.delete(scope, reason)
 
     # -- query and retrieve ------------------------------------------------------------------
     def find(self, query: Query, return_keys):
@@ -143,6 +164,7 @@ class Cluster:
         status["sources"] = {f"{peer}/{archive}": {"MB_per_s": round(rate / 1e6, 2)}
                              for (peer, archive), rate in sorted(self.strategies.rates.items())}
         status["crawls"] = [c.status() for c in self.crawlers]
+        status["deletions"] = yield self.deleter.status()
         status["repair"] = self.repair.status()
         status["under_replicated"] = self.repair.under_replicated()
         return status

@@ -80,6 +80,7 @@ class PeerService(service.MultiService):
         if self.overlay is not None:
             parts += [_Part("replicas", self.replicas), _Part("overlay", self.overlay)]
         parts.append(self.facade)
+        parts.append(_Part("deletions", self.cluster.deleter))   # purges what was deleted
         parts.append(_Part("repair", self.cluster.repair))
         parts += [_Part(f"crawl {c.archive.name}", c) for c in self.crawlers]
         parts.append(ArchiveHealth(self.archives, self.crawlers, self.overlay, reactor))

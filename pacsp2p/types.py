@@ -20,6 +20,15 @@ class Query:
 
 
 @dataclass(frozen=True)
+class Scope:
+    """What a delete removes (``Cluster.delete``): every instance of the studies
+    (``level`` "STUDY"), series ("SERIES") or instances ("IMAGE") named by ``uids``."""
+
+    level: str
+    uids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Location:
     """One replica of an instance: which archive holds which bytes."""
 

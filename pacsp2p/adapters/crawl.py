@@ -7,7 +7,10 @@ peer (the overlay then gossips it), and saves its cursor after each page so a re
 resumes where it stopped. Queries are paced by a token bucket (``[[archives]]
 crawl_qps``) so crawling never starves the archive's clinical traffic. Once done it
 follows new content through ``changes`` (or a periodic re-crawl). Identical SOP Instance
-UIDs found on two archives become two replicas of one instance.
+UIDs found on two archives become two replicas of one instance. An instance deleted
+from the cluster (a tombstone) is never recorded again by a crawl or a change feed: an
+archive that could not delete it keeps it, hidden; to bring it back, send it again
+through the cluster.
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ class Crawler:
     def _record(self, items):
         # what this archive is already known to hold (stored through the cluster, or an
         # earlier crawl) keeps its fact: a crawl knows less (no hash, maybe no syntax)
-        known = yield self.catalog.held(self.peer, self.archive.name,
-                                        [meta.sop_instance_uid for meta, _ in items])
+        uids = [meta.sop_instance_uid for meta, _ in items]
+        known = yield self.catalog.held(self.peer, self.archive.name, uids)
+        known |= yield self.catalog.tombstoned(uids)      # deleted: never back by a crawl
         items = [(meta, size) for meta, size in items if meta.sop_instance_uid not in known]
         yield defer.gatherResults([
             self.catalog.record(meta, Location(meta.sop_instance_uid, self.archive.name,

@@ -19,6 +19,11 @@ Config (``[[archives]]``): ``url`` (required: the DICOMweb root, e.g.
   paged with offset/limit. The cursor is ``study offset:instance offset``. QIDO-RS reports
   no file size nor transfer syntax: 0 and "" (delivery copes).
 - discard: DICOMweb has no standard delete: logged and ignored.
+- delete (a cluster-wide delete or a rejection note): only with ``delete = true``, for a
+  server that accepts ``DELETE {url}/studies/{s}/series/{se}/instances/{i}`` (e.g. the
+  Google Cloud Healthcare API; not Orthanc's DICOMweb plugin, nor the standard). Without
+  it the archive has no ``delete`` capability: what the cluster deletes stays there,
+  hidden from the view and listed as retained in ``pacsp2p status``.
 - health: a QIDO-RS ping (``studies?limit=1``) with its latency.
 - send, changes: absent (DICOMweb has neither a "send to AE" nor a change feed).
 
@@ -36,10 +41,10 @@ from urllib.parse import quote, urlencode
 from pydicom.datadict import tag_for_keyword
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from pacsp2p.adapters.http import HTTPError, Unreachable
-from pacsp2p.adapters.interface import IArchive, ICrawls, IOpens, IStores
+from pacsp2p.adapters.interface import IArchive, ICrawls, IDeletes, IOpens, IStores
 from pacsp2p.adapters.rest import RestArchive
 from pacsp2p.adapters.orthanc import _Lru, unlinked_copy
 from pacsp2p.dicom.part10 import file_dataset_hash
@@ -50,7 +55,7 @@ from pacsp2p.types import InstanceMeta, Stored
 log = Logger()
 
 KNOWN_KEYS = ("name", "adapter", "site", "url", "username", "password", "crawl_qps",
-              "timeout", "page_instances", "threads")
+              "timeout", "page_instances", "threads", "delete")
 TAGS = {kw: f"{tag_for_keyword(kw):08X}" for kw in STORED}
 INCLUDE = ",".join(sorted(STORED))
 STUDY_PAGE = 1000
@@ -136,11 +141,14 @@ class DicomWebArchive(RestArchive):
     def __init__(self, name: str, reactor, *, url: str, username: str | None = None,
                  password: str | None = None, site: str | None = None,
                  crawl_qps: float = 50.0, timeout: float = 30.0, page_instances: int = 500,
-                 incoming: Path | None = None, threads: int = 8):
+                 incoming: Path | None = None, threads: int = 8, delete: bool = False):
         super().__init__(name, reactor, url=url, username=username, password=password,
                          site=site, crawl_qps=crawl_qps, timeout=timeout,
                          incoming=incoming, threads=threads)
         self.page_instances = int(page_instances)
+        if delete:                            # the server accepts DELETE (not standard)
+            self.capabilities = DicomWebArchive.capabilities | {"delete"}
+            alsoProvides(self, IDeletes)
         self._where = _Lru(200_000)           # SOP uid -> (study uid, series uid)
         self._studies: list[tuple[str, int | None]] | None = None
         self._total: int | None = None
@@ -148,11 +156,18 @@ class DicomWebArchive(RestArchive):
     @classmethod
     def from_config(cls, cfg, settings, reactor, catalog=None):
         opts = cls.options(cfg, settings, KNOWN_KEYS)
+        delete = opts.get("delete", False)
+        if not isinstance(delete, bool):
+            from pacsp2p.adapters import config_where
+            from pacsp2p.config import ConfigError
+            raise ConfigError(f"{config_where(cfg, settings)}.delete: must be true or "
+                              f"false, got {delete!r}")
         return cls(cfg.name, reactor, url=opts["url"], username=opts.get("username"),
                    password=opts.get("password"), site=cfg.site,
                    crawl_qps=opts.get("crawl_qps", 50.0), timeout=opts.get("timeout", 30.0),
                    page_instances=opts.get("page_instances", 500),
-                   incoming=settings.data_dir / "incoming", threads=opts.get("threads", 8))
+                   incoming=settings.data_dir / "incoming", threads=opts.get("threads", 8),
+                   delete=delete)
 
     def health(self):
         def check():
@@ -256,6 +271,26 @@ class DicomWebArchive(RestArchive):
         log.warn("archive {archive}: DICOMweb cannot delete {uid}; the copy stays",
                  archive=self.name, uid=uid)
         return defer.succeed(None)
+
+    def delete(self, uid: str, sha256: str = ""):
+        """``DELETE {url}/studies/{s}/series/{se}/instances/{i}`` (``delete = true``: the
+        server supports it). DICOMweb keeps one copy per UID, whatever *sha256*.
+        Deferred[int]."""
+        def remove() -> int:
+            try:
+                study, series = self._locate(uid)
+            except KeyError:
+                return 0
+            try:
+                self.http.call("DELETE", f"/studies/{quote(study)}/series/{quote(series)}"
+                               f"/instances/{quote(uid)}", ok=(200, 202, 204))
+            except HTTPError as e:
+                if e.status == 404:
+                    return 0
+                raise
+            self._where.pop(uid, None)
+            return 1
+        return self._run(remove)
 
     # -- crawl -----------------------------------------------------------------------
     def _list_studies(self) -> list:

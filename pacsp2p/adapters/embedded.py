@@ -29,8 +29,8 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from pacsp2p.adapters import layout
-from pacsp2p.adapters.interface import (IArchive, IKeeps, IOpens, IStores, IStoresUnsynced,
-                                        IWalks)
+from pacsp2p.adapters.interface import (IArchive, IDeletes, IKeeps, IOpens, IStores,
+                                        IStoresUnsynced, IWalks)
 from pacsp2p.dicom.header import BadDataset, content_hash, read_meta
 from pacsp2p.types import Stored
 from pacsp2p.validate import InvalidUID, check_uid, is_uid
@@ -38,9 +38,9 @@ from pacsp2p.validate import InvalidUID, check_uid, is_uid
 log = Logger()
 
 
-@implementer(IArchive, IStores, IStoresUnsynced, IKeeps, IOpens, IWalks)
+@implementer(IArchive, IStores, IStoresUnsynced, IKeeps, IOpens, IWalks, IDeletes)
 class EmbeddedArchive:
-    capabilities = frozenset({"store", "store_unsynced", "keep", "open", "walk"})
+    capabilities = frozenset({"store", "store_unsynced", "keep", "open", "walk", "delete"})
     max_fetches = 8             # instances read at once (a local disk)
     up = True                                   # kept by the peer's health loop
 
@@ -279,6 +279,40 @@ class EmbeddedArchive:
                 if path.exists() and content_hash(path)[0] == sha256:
                     path.unlink()
                     return
+        return self._run(remove)
+
+    def delete(self, uid: str, sha256: str = ""):
+        """Remove the copy of *uid* hashing to *sha256* (every copy of *uid*, conflicting
+        versions too, when *sha256* is empty): a cluster-wide delete. Deferred[int]."""
+        refused = self._refuse(uid)
+        if refused is not None:
+            return refused
+
+        def remove() -> int:
+            main = self.path_for(uid)
+            k = main.name[:-len(".dcm")]
+            try:
+                names = [e.name for e in os.scandir(main.parent)
+                         if e.name.startswith(k + ".") and e.name.endswith(".dcm")]
+            except FileNotFoundError:
+                return 0
+            removed = 0
+            for name in sorted(names):
+                version = name[len(k) + 1:-len(".dcm")]
+                if version and not layout.is_sha(version):
+                    continue                 # not a name this layout gives
+                path = main if not version else self.path_for(uid, version)
+                try:
+                    if sha256 and content_hash(path)[0] != sha256:
+                        continue
+                except (BadDataset, OSError):
+                    if sha256:
+                        continue
+                path.unlink(missing_ok=True)
+                removed += 1
+            if removed and self.sync_directories:
+                self._fsync(main.parent)
+            return removed
         return self._run(remove)
 
     # -- read ------------------------------------------------------------------------

@@ -138,6 +138,18 @@ class IFollows(Interface):
         """What was added since *since* (None: from now on). Deferred[(items, since)]."""
 
 
+class IDeletes(Interface):
+    """Capability ``delete``: instances can be removed for good (a cluster-wide delete:
+    ``pacsp2p delete``, an IOCM rejection note). An archive without it keeps what the
+    cluster deletes: the instance is hidden from the view and listed in ``pacsp2p
+    status`` as retained by that archive."""
+
+    def delete(sop_instance_uid, sha256):
+        """Remove the copy of *sop_instance_uid* whose data set hashes to *sha256*, or
+        every copy of that UID when *sha256* is empty. Deferred[int]: the copies removed
+        (0 when none was held: not an error)."""
+
+
 class IWalks(Interface):
     """Capability ``walk``: list every copy held, blocking (``pacsp2p catalog rebuild``
     of the archive the peer itself writes to)."""
@@ -148,7 +160,7 @@ class IWalks(Interface):
 
 CAPABILITIES = {"store": IStores, "store_unsynced": IStoresUnsynced, "keep": IKeeps,
                 "open": IOpens, "send": ISends, "crawl": ICrawls, "changes": IFollows,
-                "walk": IWalks}
+                "walk": IWalks, "delete": IDeletes}
 
 
 def problems(archive) -> list[str]:

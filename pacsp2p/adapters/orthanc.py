@@ -10,6 +10,9 @@ as free space).
   keeps one copy per SOP Instance UID: a UID already held is a duplicate if its data set
   hashes the same, else a conflict (reported; Orthanc keeps its first copy).
 - discard: ``DELETE /instances/{id}``, if the held data set is the one to drop.
+- delete (a cluster-wide delete or a rejection note): ``DELETE /instances/{id}`` of the
+  copy with that data set hash, or of every Orthanc instance with that SOP Instance UID
+  when the hash is not known (``POST /tools/lookup``).
 - open: the Orthanc id (remembered from store/crawl, else ``POST /tools/lookup``), then
   ``GET /instances/{id}/file`` streamed into an unlinked temporary file under
   ``<data_dir>/incoming``: the bytes exactly as stored.
@@ -47,7 +50,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pacsp2p.adapters.http import HTTPError, Unreachable
-from pacsp2p.adapters.interface import IArchive, ICrawls, IFollows, IOpens, ISends, IStores
+from pacsp2p.adapters.interface import (IArchive, ICrawls, IDeletes, IFollows, IOpens,
+                                        ISends, IStores)
 from pacsp2p.adapters.rest import RestArchive
 from pacsp2p.attributes import STORED
 from pacsp2p.dicom.header import content_hash
@@ -114,9 +118,9 @@ class _Lru:
             self._d.clear()
 
 
-@implementer(IArchive, IStores, IOpens, ISends, ICrawls, IFollows)
+@implementer(IArchive, IStores, IOpens, ISends, ICrawls, IFollows, IDeletes)
 class OrthancArchive(RestArchive):
-    capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
+    capabilities = frozenset({"store", "open", "send", "crawl", "changes", "delete"})
     kind, product = "orthanc", "Orthanc"
     max_fetches = 4             # GETs of /instances/{id}/file at once
 
@@ -257,6 +261,27 @@ class OrthancArchive(RestArchive):
             self.http.call("DELETE", f"/instances/{oid}")
             if self._ids.get(uid) == oid:
                 self._ids.pop(uid, None)
+        return self._run(remove)
+
+    def delete(self, uid: str, sha256: str = ""):
+        """``DELETE /instances/{id}`` of the copy hashing to *sha256* (of every Orthanc
+        instance with SOP Instance UID *uid* if *sha256* is empty). Deferred[int]."""
+        def remove() -> int:
+            if sha256:
+                oid, _ = self._held(uid, sha256)
+                ids = [oid] if oid is not None else []
+            else:
+                ids = self._lookup_all(uid)
+            removed = 0
+            for oid in ids:
+                try:
+                    self.http.call("DELETE", f"/instances/{quote(oid)}")
+                    removed += 1
+                except HTTPError as e:
+                    if e.status != 404:          # gone meanwhile: fine
+                        raise
+            self._ids.pop(uid, None)
+            return removed
         return self._run(remove)
 
     # -- read ------------------------------------------------------------------------

@@ -5,6 +5,8 @@
     pacsp2p check-config [--config FILE]        validate a config file
     pacsp2p peers [--config FILE]               the cluster members a peer sees
     pacsp2p where [--config FILE] (--study UID | --instance UID) [--json]
+    pacsp2p delete [--config FILE] (--study UID | --series UID | --instance UID)
+                                                remove from every archive, for good
     pacsp2p ca init DIR | ca issue DIR NAME     the cluster's certificate authority
     pacsp2p demo --peers 3 --dir DIR            a local cluster in one command
 
@@ -103,6 +105,9 @@ def cmd_status(args) -> int:
                          + ("" if s["alive"] else " DROPPED")
                          for n, s in r["sources"].items())
         print(f"retrieval {r['id']}: {r['done']}/{r['instances']} instances; sources: {srcs}")
+    from pacsp2p.admin import delete
+    for line in delete.status_lines(status):   # tombstones, copies archives retain
+        print(line)
     if status.get("sources"):                  # measured read rate per archive
         print("read rates: " + ", ".join(f"{n} {s['MB_per_s']} MB/s"
                                          for n, s in status["sources"].items()))
@@ -269,7 +274,9 @@ def main(argv=None) -> int:
                          "(default 11112, or lower if the ports would reach the "
                          "ephemeral range)")
     de.set_defaults(fn=cmd_demo)
-    for sp in (s, c, r, pe, dg, wh):
+    from pacsp2p.admin import delete
+    dl = delete.add_parser(sub)
+    for sp in (s, c, r, pe, dg, wh, dl):
         sp.add_argument("--config", "-c", default=argparse.SUPPRESS,
                         help="TOML config file (default: embedded defaults)")
     args = p.parse_args(argv)

@@ -1,16 +1,39 @@
-"""The peer's local status endpoint (twisted.web): ``GET /status`` -> JSON.
+"""The peer's local admin endpoint (twisted.web): ``GET /status`` -> JSON, ...
 
-Bound to 127.0.0.1 by default; ``pacsp2p status`` and ``pacsp2p peers`` read it.
+Bound to 127.0.0.1 by default; ``pacsp2p status``, ``peers``, ``where`` read it.
+
+Write actions (``POST /delete``) are served only while the endpoint is bound to a
+loopback address: bound elsewhere, they answer 403 (no authentication here yet: on a
+loopback port only the machine's own users reach them). They also want a JSON body
+(``Content-Type: application/json``), which a web page of another origin cannot send
+without a CORS preflight this endpoint never grants.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web import resource, server
 
-from pacsp2p.validate import InvalidUID
+from pacsp2p.types import Scope
+from pacsp2p.validate import InvalidUID, shown
+
+log = Logger()
+
+MAX_BODY = 1 << 20            # bytes of a write action's JSON body
+
+
+def is_loopback(address: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 and "localhost"."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address((address or "").strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class _Json(resource.Resource):
@@ -45,17 +68,90 @@ class _Json(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class _Delete(resource.Resource):
+    """``POST /delete`` {"level": "STUDY"|"SERIES"|"IMAGE", "uids": [...], "reason": ...}
+    -> {"deleted": n}: the cluster's ``delete`` verb."""
+
+    isLeaf = True
+
+    def __init__(self, cluster, bind: str):
+        super().__init__()
+        self.cluster, self.bind = cluster, bind
+
+    def render_GET(self, request):
+        request.setResponseCode(405)
+        request.setHeader(b"allow", b"POST")
+        return _body({"error": "POST a JSON body: {\"level\", \"uids\", \"reason\"}"})
+
+    def render_POST(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        client = getattr(request.getClientAddress(), "host", None)
+        if not is_loopback(self.bind) or not is_loopback(client):
+            log.warn("admin: delete refused from {client}: the admin endpoint is bound to "
+                     "{bind}, not a loopback address", client=shown(client), bind=self.bind)
+            request.setResponseCode(403)
+            return _body({"error": "write actions are allowed only on a loopback-bound "
+                                   f"admin endpoint ([admin] bind = \"127.0.0.1\"); this "
+                                   f"one is bound to {self.bind}"})
+        ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        ctype = ctype.split(";")[0].strip().lower()
+        if ctype != "application/json":
+            request.setResponseCode(415)
+            return _body({"error": "Content-Type: application/json expected"})
+        try:
+            body = json.loads(request.content.read(MAX_BODY + 1)[:MAX_BODY + 1] or b"{}")
+            if len(json.dumps(body)) > MAX_BODY or not isinstance(body, dict):
+                raise ValueError("not a JSON object (at most 1 MiB)")
+            uids = body.get("uids")
+            if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
+                raise ValueError('"uids" must be a list of UID strings')
+            scope = Scope(str(body.get("level", "")).upper(), tuple(uids))
+            reason = body.get("reason") if isinstance(body.get("reason"), str) else ""
+        except ValueError as e:
+            request.setResponseCode(400)
+            return _body({"error": str(e)[:300]})
+        log.info("admin: delete of {what} {uids} requested from {client} ({reason})",
+                 what=scope.level, uids=shown(",".join(scope.uids), 200),
+                 client=client, reason=shown(reason or "admin"))
+        d = defer.maybeDeferred(self.cluster.delete, scope, reason or "admin")
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def answer(code, value):
+            if not gone:
+                request.setResponseCode(code)
+                request.write(_body(value))
+                request.finish()
+
+        def failed(f):
+            if f.check(ValueError):          # the scope is not one (DeleteError, ...)
+                return answer(400, {"error": str(f.value)[:500]})
+            return answer(500, {"error": f.getErrorMessage()[:500]})
+        d.addCallbacks(lambda n: answer(200, {"deleted": n, "level": scope.level,
+                                              "uids": list(scope.uids)}), failed)
+        return server.NOT_DONE_YET
+
+
+def _body(value) -> bytes:
+    return json.dumps(value, indent=2, default=str).encode()
+
+
 def _arg(request, name: bytes) -> str | None:
     values = request.args.get(name)
     return values[0].decode("utf-8", "replace") if values else None
 
 
-def site(cluster) -> server.Site:
+def site(cluster, bind: str | None = None) -> server.Site:
+    """The admin site; *bind*: the address it listens on (default: the config's), which
+    decides whether write actions are allowed."""
+    if bind is None:
+        bind = cluster.settings.admin.bind
     root = resource.Resource()
     root.putChild(b"status", _Json(cluster.status))
     root.putChild(b"digest", _Json(cluster.digest))
     root.putChild(b"where", _Json(None, lambda req: cluster.where(
         study=_arg(req, b"study"), instance=_arg(req, b"instance"))))
+    root.putChild(b"delete", _Delete(cluster, bind))
     s = server.Site(root)
     s.noisy = False
     s.log = lambda request: None         # no access log lines for local status polls

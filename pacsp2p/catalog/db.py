@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pacsp2p.catalog import matching
+from pacsp2p.catalog import matching, tombstones
 from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
 from pacsp2p.types import InstanceMeta, InstanceRef, Location, Query, Stored
 
@@ -115,7 +115,7 @@ _HINT_SQL = ("INSERT OR IGNORE INTO hints (SOPInstanceUID, peer, archive, create
 
 
 def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
-                hints: list = (), parents: dict | None = None) -> None:
+                hints: list = (), parents: dict | None = None, after=None) -> None:
     """Write facts in one transaction.
 
     A fact is (attributes, location) where attributes maps keywords (all levels, incl.
@@ -126,7 +126,7 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
     transaction. *parents*, if given, remembers the patient, study and series rows this
     connection wrote last: a row written again unchanged is skipped (a stream of one
     series' instances writes its parents once); the caller clears it whenever anything
-    else writes.
+    else writes. *after(conn)*, if given, runs in the same transaction, last.
     """
     # one row per key and level: the last fact's attributes, in first-seen order (the
     # rows of a key are built once, not once per fact: most facts share their parents)
@@ -143,7 +143,7 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
         for level in PARENT_LEVELS:
             last = parents.setdefault(level, {})
             levels[level] = [row for row in levels[level] if last.get(row[0]) != row]
-    _write_levels(conn, levels, [loc for _, loc in facts if loc is not None], hints)
+    _write_levels(conn, levels, [loc for _, loc in facts if loc is not None], hints, after)
     if parents is not None:
         for level in PARENT_LEVELS:
             if len(parents[level]) > 10000:
@@ -152,7 +152,7 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
 
 
 def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: list,
-                  hints: list = ()) -> None:
+                  hints: list = (), after=None) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         for level in LEVELS:
@@ -160,6 +160,8 @@ def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: 
         conn.executemany(_LOCATION_SQL, locations)
         if hints:
             conn.executemany(_HINT_SQL, hints)
+        if after is not None:
+            after(conn)
         conn.execute("COMMIT")
     except BaseException:
         rollback(conn)
@@ -198,18 +200,24 @@ def check_wire(batch: list) -> int:
     return top
 
 
-def write_wire(conn: sqlite3.Connection, batch: list) -> None:
-    """Write a batch of facts from the wire in one transaction (see ``read_changes``)."""
+def write_wire(conn: sqlite3.Connection, batch: list, peer: str = "") -> None:
+    """Write a batch of facts from the wire in one transaction (see ``read_changes``),
+    the tombstones among them kept and applied in it (``tombstones.received``; *peer*:
+    this peer's name)."""
     if not batch:
         return
     parents, facts = batch[0], batch[1:]
     levels = {level: [[v or "" for v in row] for row in parents.get(level, {}).values()]
               for level in PARENT_LEVELS}
     n = len(LOCATION_FIELDS)
-    levels["IMAGE"] = [[v or "" for v in row[n:]] for row in facts]
+    cls = n + _LEVEL_SQL["IMAGE"][0].index("SOPClassUID")
+    # a fact of a deleted instance travels without its attributes: no instance row
+    levels["IMAGE"] = [[v or "" for v in row[n:]] for row in facts if row[cls]]
     sop = n + _LEVEL_SQL["IMAGE"][0].index("SOPInstanceUID")
-    _write_levels(conn, levels, [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0]))
-                                 for row in facts])
+    locations = [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0]))
+                 for row in facts]
+    _write_levels(conn, levels, locations, after=lambda c: tombstones.received(
+        c, peer, locations, parents.get(tombstones.WIRE_KEY)))
 
 
 def meta_attributes(meta: InstanceMeta) -> dict:
@@ -222,12 +230,15 @@ def meta_attributes(meta: InstanceMeta) -> dict:
 
 def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int) -> list:
     """The facts of *origin* with a sequence number above *after*, in order, as a wire
-    batch: their patient/study/series rows first (once each), then one list per fact."""
-    icols = ", ".join(f"i.{c}" for c in _LEVEL_SQL["IMAGE"][0])
+    batch: their patient/study/series rows first (once each), then one list per fact.
+    Facts of deleted instances (tombstone markers among them) come without attributes;
+    the markers' payloads ride beside the parent rows (``tombstones.WIRE_KEY``)."""
+    icols = ", ".join(("l." if c == "SOPInstanceUID" else "i.") + c
+                      for c in _LEVEL_SQL["IMAGE"][0])
     facts = [list(r) for r in conn.execute(
         f"SELECT l.seq, l.archive, l.peer, l.sha256, l.size, {icols} FROM locations l "
-        "JOIN instances i USING (SOPInstanceUID) WHERE l.peer = ? AND l.seq > ? "
-        "ORDER BY l.seq LIMIT ?", (origin, after, limit))]
+        "LEFT JOIN instances i ON i.SOPInstanceUID = l.SOPInstanceUID "
+        "WHERE l.peer = ? AND l.seq > ? ORDER BY l.seq LIMIT ?", (origin, after, limit))]
     if not facts:
         return []
     parents: dict[str, dict] = {}
@@ -247,6 +258,10 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int) 
         if level in PARENT:
             up = cols.index(PARENT[level][1])
             keys = {r[up] for r in rows.values()}
+    sop = len(LOCATION_FIELDS) + _LEVEL_SQL["IMAGE"][0].index("SOPInstanceUID")
+    markers = [r[sop] for r in facts if tombstones.is_marker(r[1], r[4])]
+    if markers:
+        parents[tombstones.WIRE_KEY] = tombstones.payloads(conn, origin, markers)
     return [parents] + facts
 
 
@@ -312,6 +327,7 @@ class Catalog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = _connect(self.path)
         create_schema(self._writer)
+        tombstones.create_schema(self._writer)
         check = self._writer.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"catalog {self.path} is damaged ({check}); "
@@ -333,12 +349,13 @@ class Catalog:
         return deferToThreadPool(self.reactor, self._writer_pool, fn, *a)
 
     def record(self, meta: InstanceMeta, location: Location | None,
-               hints=()) -> defer.Deferred:
+               hints=(), then=None) -> defer.Deferred:
         """Queue one local fact; the Deferred fires with its sequence number once it is
         committed. *hints* (peer, archive, via_peer, via_archive) for this instance are
-        committed with it (``add_hints``)."""
+        committed with it (``add_hints``); *then(conn, seq)*, if given, runs in the same
+        transaction once the fact is written (a tombstone's payload: ``tombstones``)."""
         d = defer.Deferred()
-        self._pending.append(((meta, location, tuple(hints)), d))
+        self._pending.append(((meta, location, tuple(hints), then), d))
         if not self._flushing:
             self._flush()
         return d
@@ -346,16 +363,22 @@ class Catalog:
     def _write_own(self, batch) -> list:
         """Write this peer's facts; the sequence number given to each (None: no location)."""
         seq = self.vector.get(self.peer, 0)
-        facts, seqs, hints = [], [], []
-        for meta, loc, owed in batch:
+        facts, seqs, hints, thens = [], [], [], []
+        for meta, loc, owed, then in batch:
             hints += [(loc.sop_instance_uid, *o) for o in owed] if loc is not None else []
             row = None
             if loc is not None:
                 seq += 1
                 row = (loc.sop_instance_uid, loc.archive, loc.peer, loc.sha256, loc.size, seq)
+                if then is not None:
+                    thens.append((then, seq))
             seqs.append(seq if loc is not None else None)
             facts.append((meta_attributes(meta) if meta is not None else None, row))
-        write_facts(self._writer, facts, hints, self._parents)
+        write_facts(self._writer, facts, hints, self._parents,
+                    after=(lambda conn: [then(conn, q) for then, q in thens]) if thens
+                    else None)
+        if thens:                             # they may have removed parent rows
+            self._parents.clear()
         return seqs
 
     def _committed(self, origin: str, seq: int) -> None:
@@ -394,7 +417,7 @@ class Catalog:
     def apply(self, origin: str, rows: list[list]) -> defer.Deferred:
         """Write facts of another peer (anti-entropy), in one transaction."""
         top = check_wire(rows)
-        d = self._in_writer(write_wire, self._writer, rows)
+        d = self._in_writer(write_wire, self._writer, rows, self.peer)
         d.addCallback(lambda _: self._committed(origin, top))
         return d
 
@@ -420,6 +443,10 @@ class Catalog:
     def write(self, fn: Callable[[sqlite3.Connection], object]) -> defer.Deferred:
         """Run *fn(conn)* on the writer thread (bulk jobs like a rebuild)."""
         return self._in_writer(lambda: fn(self._writer))
+
+    def tombstoned(self, uids: list[str]) -> defer.Deferred:
+        """Deferred[set]: those of *uids* deleted from the cluster (``tombstones``)."""
+        return self.read(lambda conn: tombstones.tombstoned(conn, list(uids)))
 
     def record_conflict(self, uid: str, archive: str, sha256: str) -> defer.Deferred:
         def insert(conn):

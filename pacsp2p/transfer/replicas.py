@@ -8,6 +8,11 @@ in the catalog); ``commit`` records the copy as a location fact of this peer; ``
 drops it. Pending copies never committed (the writer died) are dropped after
 ``PENDING_TTL`` seconds. A pushed data set is written as it comes (``Incoming``: a thread
 pool, the link paused while too much waits) and hashed on the way.
+
+Deleted instances stay deleted (``delete``): a copy of a copy (``replicate`` without the
+writer's header: hinted hand-off, repair) of an instance deleted here is refused, and a
+copy made before this peer learned of its deletion is dropped, not committed (a late
+push).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove
 from pacsp2p.config import Destination
 from pacsp2p.overlay.commands import InvalidArgument, ReplicaRefused, as_refusal, check_meta
+from pacsp2p.transfer.delete import copy_allowed, pushed_before
 from pacsp2p.transfer.direct import send_for
 from pacsp2p.types import InstanceMeta
 
@@ -123,6 +129,9 @@ class ReplicaService:
         member = self.overlay.membership.members.get(sender)
         if member is None:
             raise ReplicaRefused(f"peer {self.peer} does not know peer {sender!r}")
+        if not meta_json and not (yield copy_allowed(self.catalog, uid)):
+            raise ReplicaRefused(f"{uid} was deleted from the cluster: no copy of an old "
+                                 "copy is kept")
         f = yield self.overlay.bulk.fetch_offer(member, token)
         try:
             path = Path(f.name)
@@ -158,7 +167,12 @@ class ReplicaService:
         entry = self.pending.pop((archive, uid, sha256), None)
         if entry is None:
             raise ReplicaRefused(f"no pending copy of {uid} on {archive}")
-        meta, stored, _ = entry
+        meta, stored, since = entry
+        if (yield pushed_before(self.catalog, uid, since)):
+            self.pending[(archive, uid, sha256)] = entry
+            yield self.discard(archive, uid, sha256)
+            raise ReplicaRefused(f"{uid} was deleted from the cluster after this copy "
+                                 "was made: not kept")
         seq = yield record(self.catalog, meta, stored, self.peer)
         return seq or 0                     # 0: a conflict, recorded apart
 
