@@ -67,7 +67,7 @@ def latest_retrieval(peer, n: int) -> dict:
     return max(rs, key=lambda r: r["id"])
 
 
-def by_peer(sources: dict) -> dict:
+def per_peer(sources: dict) -> dict:
     """A retrieval's sources (one per archive, "peer/archive") summed per peer: alive if
     all its archives stayed sources, completed and failed summed."""
     out: dict[str, dict] = {}
@@ -159,7 +159,7 @@ def test_movescu_at_the_archiveless_peer_uses_several_replica_holders(cluster, s
     assert r["done"] == N and r["pending"] == 0
     holders = set().union(*placed.values())
     print(f"\nC-MOVE at peerd: sources {r['sources']}")
-    sources = by_peer(r["sources"])
+    sources = per_peer(r["sources"])
     assert "peerd" not in sources
     assert set(sources) <= holders, f"sources {set(sources)} not all replica holders"
     used = {name for name, s in sources.items() if s["completed"] > 0}
@@ -178,7 +178,7 @@ def test_getscu_at_the_archiveless_peer_is_byte_identical(cluster, study, tmp_pa
     assert len(received) == N
     assert dn.dataset_hashes(received) == sent
     r = latest_retrieval(d, N)
-    used = {name for name, s in by_peer(r["sources"]).items() if s["completed"] > 0}
+    used = {name for name, s in per_peer(r["sources"]).items() if s["completed"] > 0}
     assert r["done"] == N and len(used) >= 2 and used <= set().union(*placed.values())
 
 
@@ -209,9 +209,9 @@ def test_kill9_of_a_source_mid_move_costs_no_suboperation(cluster, study, dest):
             r = state["r"] = rs[-1]
             return 10 <= r["done"] and any(
                 n != "peera" and s["completed"] > 0
-                for n, s in by_peer(r["sources"]).items())
+                for n, s in per_peer(r["sources"]).items())
         wait_until(under_way, 60, interval=0.01, what="the C-MOVE's retrieval under way")
-        peers = by_peer(state["r"]["sources"])
+        peers = per_peer(state["r"]["sources"])
         victim_name = max((n for n in peers if n != "peera"),
                           key=lambda n: peers[n]["completed"])
         victim = next(p for p in cluster if p.name == victim_name)
@@ -233,7 +233,7 @@ def test_kill9_of_a_source_mid_move_costs_no_suboperation(cluster, study, dest):
     assert dn.dataset_hashes(received) == sent
     r = latest_retrieval(d, N)
     assert r["id"] > before and r["done"] == N
-    peers = by_peer(r["sources"])
+    peers = per_peer(r["sources"])
     assert peers[killed.name]["alive"] is False, r["sources"]    # dropped
     others = {n: s for n, s in peers.items() if n != killed.name}
     assert sum(s["completed"] for s in peers.values()) == N
@@ -291,7 +291,7 @@ def test_instances_whose_only_holder_is_dead_are_listed_as_failed(cluster, dest,
     assert set(received) == set(sent) - lost
     assert all(received[u] == sent[u] for u in received)
     r = latest_retrieval(d, n)
-    assert victim_name not in {n for n, s in by_peer(r["sources"]).items() if s["completed"]}
+    assert victim_name not in {n for n, s in per_peer(r["sources"]).items() if s["completed"]}
 
     victim.restart()
     cluster.wait_mesh(timeout=30)
