@@ -34,8 +34,9 @@ fact). Only live, settled copies are counted, and only those beyond the first
 The count. ``under_replicated`` (instances with fewer than ``replicas`` live copies,
 and with none) comes from ``catalog.copies.census``, one pass over the locations'
 index, run by this repair loop — when liveness changes, and otherwise every
-``max(5 or 30 s, 20 x its own duration)`` — and cached with its time; copies this peer
-makes meanwhile are subtracted as they complete. A ``/status`` never scans.
+``max(1 s while copies are to be made / 5 s while some instance is short or in surplus /
+30 s, 20 x its own duration)`` — and cached with its time; copies this peer makes
+meanwhile are subtracted as they complete. A ``/status`` never scans.
 
 This is the re-replication of replicated stores (Tahoe-LAFS repair, HDFS's
 re-replication of under-replicated blocks after a DataNode is declared dead, Cassandra
@@ -221,15 +222,27 @@ class Repair:
             self._census_running = False
         took = time.monotonic() - t0
         self.counted = {**counts, "at": time.time(), "took_s": round(took, 3)}
+        self._prune()
         self._fixed = self._repaired = 0
-        busy = counts["instances"] or counts["surplus"]
-        self._next_census = time.time() + max(5.0 if busy else 30.0, 20 * took)
+        # again soon while copies are being made (here or by others), rarely when all is
+        # well; never more than 5 % of the time of a reader thread
+        base = 1.0 if counts["repairable"] else \
+            5.0 if counts["instances"] or counts["surplus"] else 30.0
+        self._next_census = time.time() + max(base, 20 * took)
         if (counts["repairable"] or counts["surplus"]) and not self._walking and self.running:
             self.walk().addErrback(lambda f: log.failure("repair: walk failed", f))
         elif not counts["repairable"] and not (counts["instances"] and _waiting(lv)) and \
                 self.stats["started"] and not self.stats["finished"] and not self._walking:
             self._finish_episode()          # (not while copies may yet be lost)
         return self.counted
+
+    def _prune(self):
+        """Forget what the catalog must know by now, and failures old enough to retry."""
+        now = time.time()
+        for uid in [u for u, (_, _, at) in self._recent.items() if now - at > RECENT_TTL]:
+            del self._recent[uid]
+        for uid in [u for u, at in self._failed_at.items() if now - at > RETRY_AFTER]:
+            del self._failed_at[uid]
 
     @defer.inlineCallbacks
     def walk(self):
