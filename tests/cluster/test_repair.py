@@ -244,3 +244,38 @@ def test_repair_resumes_after_the_repairing_peer_restarts(cluster, tmp_path):
                    f"{p.name}: under_replicated 0")
     end = repair(a)
     assert end["started"] == before["started"] and end["done"] > before["done"], (before, end)
+
+
+# -- 5. an archive (not its peer) stops answering ---------------------------------------
+
+def test_an_archive_down_for_repair_after_is_repaired_and_trimmed_when_back(cluster,
+                                                                          tmp_path):
+    n = 40
+    a, b, c = cluster()
+    files, uid = store_study(tmp_path, a, n, 32, "REPAIR05")
+    on_c = sum(1 for v in replicas(a, uid).values() if "peerc" in dict(v))
+    root = c.data_dir / "archives" / "local"
+    away = root.with_name("local.away")
+    root.rename(away)                        # peerc's health check fails: archive down
+    try:
+        wait_until(lambda: under(a)["instances"] == on_c, 30, 0.3,
+                   "peera counts the copies on peerc's archive as not live")
+        assert members(a)["peerc"] == "alive"
+        wait_until(lambda: all(
+            sum(1 for p, ok in v if ok and p != "peerc") == 2
+            for v in replicas(a, uid).values()), WAIT, 0.5,
+            "every instance has 2 copies on peera and peerb")
+        assert sum(repair(p)["done"] for p in (a, b, c)) == on_c
+    finally:
+        away.rename(root)                    # back: its copies count again
+    seen = []
+
+    def trimmed():
+        counts = live(a, uid)
+        seen.append(min(counts.values()))
+        return all(len(v) == 2 for v in replicas(a, uid).values())
+    wait_until(trimmed, WAIT, 0.3, "surplus dropped back to 2 copies")
+    assert min(seen) >= 2, "an instance went below 2 live copies"
+    assert sum(repair(p)["dropped"] for p in (a, b, c)) == on_c
+    wait_until(lambda: files_on(a, b, c) == Counter({u: 2 for u in dn.dataset_hashes(files)}),
+               60, 0.5, "2 files per instance on the disks")
