@@ -135,6 +135,7 @@ class OrthancArchive(RestArchive):
         self.page_studies = int(page_studies)
         self.storage_path = storage_path
         self._ids = _Lru(CACHE)                  # SOP uid -> Orthanc instance id
+        self._several = _Lru(10_000)             # SOP uids Orthanc keeps more than once
         self._crawl_seq: int | None = None       # /changes sequence when the crawl began
         self._total: int | None = None
         self._stopping = False
@@ -245,6 +246,7 @@ class OrthancArchive(RestArchive):
         if not ids:
             self._ids.put(uid, answer["ID"])
             return Stored(self.name, sha, size)
+        self._several.put(uid, True)
         if status == "Success":
             log.warn("archive {archive}: {uid} received again with other bytes (another "
                      "patient/study/series): Orthanc keeps both", archive=self.name, uid=uid)
@@ -286,22 +288,32 @@ class OrthancArchive(RestArchive):
 
     # -- read ------------------------------------------------------------------------
     def open(self, uid: str, sha256: str | None = None):
+        """One GET of the file when the id is known (else a lookup first); each byte
+        crosses the link once. Only a UID Orthanc keeps twice (other patient/study/
+        series) is chosen among its copies by the data set hash *sha256*."""
         def opener():
-            if sha256:                            # a known copy: the one with those bytes
-                cached = self._ids.get(uid)
-                if cached is None or len(self._lookup_all(uid)) > 1:
-                    oid, ids = self._held(uid, sha256)
-                    if oid is not None:
-                        self._ids.put(uid, oid)
-                        return self._fetch(oid)
-            oid = self._lookup(uid)
-            try:
-                return self._fetch(oid)
-            except HTTPError as e:
-                if e.status != 404:
-                    raise
-            self._ids.pop(uid, None)             # deleted and stored again: a new id
-            return self._fetch(self._lookup(uid))
+            oid = self._ids.get(uid)
+            if oid is not None and not (sha256 and self._several.get(uid)):
+                try:
+                    return self._fetch(oid)
+                except HTTPError as e:
+                    if e.status != 404:
+                        raise
+                self._ids.pop(uid, None)         # deleted and stored again: a new id
+            ids = self._lookup_all(uid)
+            if not ids:
+                raise KeyError(f"{uid} is not in Orthanc archive {self.name}")
+            if len(ids) > 1:
+                self._several.put(uid, True)
+                if sha256:                       # the copy with those bytes
+                    for oid in ids:
+                        f = self._fetch(oid)
+                        if file_dataset_hash(f) == sha256:
+                            f.seek(0)
+                            return f
+                        f.close()
+            self._ids.put(uid, ids[0])
+            return self._fetch(ids[0])
         return self._run(opener)
 
     # -- send ------------------------------------------------------------------------

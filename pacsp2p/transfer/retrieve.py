@@ -84,6 +84,7 @@ class Source:
     started: float = 0.0
     busy: float = 0.0                 # seconds with at least one fetch running
     _since: float | None = None
+    _turn: int = 0                    # when it was last given work (a counter)
     alive: bool = True
     error: str = ""
 
@@ -151,6 +152,7 @@ class Retrieval:
         self._timers: dict = {}
         self._observed = False
         self._scheduling = self._again = False
+        self._turns = 0
         self.started = False
         self.cancelled = False
 
@@ -325,7 +327,9 @@ class Retrieval:
         progress = True
         while progress and self._budget() > 0:
             progress = False
-            for src in sorted(plan.sources.values(), key=lambda s: s.in_flight):
+            # the least busy first; among equals, the one given work longest ago (so a
+            # slow consumer's trickle of work is spread over every source, not one)
+            for src in sorted(plan.sources.values(), key=lambda s: (s.in_flight, s._turn)):
                 if not src.alive or src.in_flight >= src.limit or self._budget() <= 0:
                     continue
                 batch = self._next_batch(src)
@@ -383,6 +387,8 @@ class Retrieval:
         if src.in_flight == 0:
             src._since = self.reactor.seconds()
         src.in_flight += 1
+        self._turns += 1
+        src._turn = self._turns
         loc = plan.where[uid][src.name]
         if src.peer == self.peer:
             d = open_gated(self.archives[loc.archive], uid, loc.sha256)
