@@ -127,6 +127,16 @@ class Timer:
         self.seconds = time.perf_counter() - self.t0
 
 
+def count_files(directory: Path, pattern: str = "*") -> int:
+    """Files under *directory* whose name matches *pattern* (0 if it does not exist)."""
+    return sum(1 for p in directory.rglob(pattern) if p.is_file()) if directory.exists() else 0
+
+
+def held_instances(peer) -> int:
+    """Instance files in a peer's embedded archive (``objects/**/*.dcm``)."""
+    return count_files(peer.data_dir / "archives" / "local" / "objects", "*.dcm")
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

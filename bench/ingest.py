@@ -26,10 +26,6 @@ from pacsp2p.testing import Orthanc, Peer, StoreSCP  # noqa: E402
 from pacsp2p.testing.dcmtk import storescu  # noqa: E402
 
 
-def count_files(directory: Path) -> int:
-    return sum(1 for p in directory.rglob("*") if p.is_file()) if directory.exists() else 0
-
-
 def send(port: int, aec: str, data: common.DataSet) -> float:
     """storescu all files of *data* on one association; returns seconds."""
     with Timer() as t:
@@ -43,7 +39,7 @@ def run_peer(work: Path, data: common.DataSet, fsync: bool, profile: Path | None
         with common.profiled(peer.pid if profile else None, profile, label):
             seconds = send(peer.port, peer.ae_title, data)
         rss = common.rss_mb(peer.pid)
-        held = count_files(peer.data_dir / "archives" / "local" / "objects")
+        held = common.held_instances(peer)
         if held != data.count:
             raise RuntimeError(f"peer holds {held} of {data.count} instances\n{peer.log_tail()}")
     return seconds, rss
@@ -52,7 +48,7 @@ def run_peer(work: Path, data: common.DataSet, fsync: bool, profile: Path | None
 def run_storescp(work: Path, data: common.DataSet) -> tuple[float, None]:
     with StoreSCP(work / "in", ae_title="STORESCP", log_path=work / "storescp.log") as scp:
         seconds = send(scp.port, scp.ae_title, data)
-    held = count_files(work / "in")
+    held = common.count_files(work / "in")
     if held != data.count:
         raise RuntimeError(f"storescp wrote {held} of {data.count} files")
     return seconds, None

@@ -31,10 +31,6 @@ from pacsp2p.testing.cluster import Cluster, get_json, wait_until  # noqa: E402
 from pacsp2p.testing.dcmtk import storescu  # noqa: E402
 
 
-def count_files(directory: Path) -> int:
-    return sum(1 for p in directory.rglob("*") if p.is_file()) if directory.exists() else 0
-
-
 def cpu_seconds(pids) -> float:
     """user + system CPU seconds used so far by the processes *pids* (Linux /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -71,7 +67,7 @@ def run_cluster(work: Path, data: common.DataSet, fsync: bool = True) -> tuple[f
         seconds = send(a.port, a.ae_title, data, [p.pid for p in cluster],
                        "cluster" if fsync else "cluster-nosync")
         # every instance acknowledged means 2 durable copies; check where they are
-        held = {p.name: count_files(p.data_dir / "archives" / "local" / "objects")
+        held = {p.name: common.held_instances(p)
                 for p in cluster}
         if sum(held.values()) != 2 * data.count:
             raise RuntimeError(f"copies on disk {held}, expected {2 * data.count} in all")
@@ -89,7 +85,7 @@ def run_cluster(work: Path, data: common.DataSet, fsync: bool = True) -> tuple[f
 def run_single(work: Path, data: common.DataSet) -> tuple[float, dict]:
     with Peer(work) as peer:
         seconds = send(peer.port, peer.ae_title, data, [peer.pid], "single")
-        held = count_files(peer.data_dir / "archives" / "local" / "objects")
+        held = common.held_instances(peer)
     if held != data.count:
         raise RuntimeError(f"peer holds {held} of {data.count} instances")
     return seconds, {"peer": held}
@@ -98,7 +94,7 @@ def run_single(work: Path, data: common.DataSet) -> tuple[float, dict]:
 def run_storescp(work: Path, data: common.DataSet) -> tuple[float, dict]:
     with StoreSCP(work / "in", ae_title="STORESCP", log_path=work / "storescp.log") as scp:
         seconds = send(scp.port, scp.ae_title, data)
-    held = count_files(work / "in")
+    held = common.count_files(work / "in")
     if held != data.count:
         raise RuntimeError(f"storescp wrote {held} of {data.count} files")
     return seconds, {"files": held}
