@@ -83,7 +83,10 @@ class Deleter:
         self.vectors: dict[str, dict] = {}        # member -> its last heartbeat's vector
         if overlay is not None:
             overlay.membership.on_vector.append(self._heard)
-        self.stats = {"deleted": 0, "rejection_notes": 0, "purged": 0, "retained": 0}
+        # since start: instances deleted here, rejection notes applied, own copies removed
+        # from archives, own copies an archive kept (it cannot delete)
+        self.stats = {"deleted": 0, "rejection_notes": 0, "copies_removed": 0,
+                      "copies_retained": 0}
         self.recent = collections.deque(maxlen=10)      # the latest deletes, for status
         self._loop = None
         self._working = False
@@ -231,7 +234,7 @@ class Deleter:
             return "gone"
         if "delete" not in archive.capabilities:
             yield self.catalog.write(lambda conn: tombstones.purged(conn, uid, name, reason))
-            self.stats["retained"] += 1
+            self.stats["copies_retained"] += 1
             return "retained"
         try:
             yield archive.delete(uid, "")
@@ -240,7 +243,7 @@ class Deleter:
                      "again)", uid=uid, archive=name, err=shown(str(e), 300))
             return None
         yield self.catalog.write(lambda conn: tombstones.purged(conn, uid, name))
-        self.stats["purged"] += 1
+        self.stats["copies_removed"] += 1
         return "removed"
 
     # -- status ------------------------------------------------------------------------
