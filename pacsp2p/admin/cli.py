@@ -91,7 +91,7 @@ def cmd_status(args) -> int:
     if under:
         print(under_replicated_line(under))
     repair = status.get("repair")
-    if repair:
+    if repair and (repair["state"] != "idle" or repair["done"] or repair["dropped"]):
         print(repair_line(repair))
     for cr in status.get("crawls", []):
         total = f"/{cr['total']}" if cr.get("total") else ""
