@@ -8,6 +8,7 @@ port 11112, data under ``./pacsp2p-data``.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from typing import Any
 DEFAULT_PORT = 11112
 DEFAULT_AE = "PACSP2P"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash
+RIGHTS = ("store", "find", "move", "get")       # what a calling AE may be allowed to do
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
 
 class ConfigError(Exception):
@@ -29,6 +33,22 @@ class Destination:
     host: str
     port: int
     mode: str = "relay"
+    tls: bool = False                 # DICOM TLS towards it (relay mode only)
+    tls_cert: Path | None = None      # our client certificate ([facade] tls_cert)
+    tls_key: Path | None = None
+    tls_ca: Path | None = None        # the CA its certificate must chain to
+
+
+@dataclass(frozen=True)
+class Modality:
+    """A calling AE title declared under ``[modalities]``: where it may come from, what it
+    may do, where it may send (C-MOVE), and the TLS client certificate it must show."""
+
+    ae_title: str
+    hosts: tuple[str, ...] = ()       # IP addresses, CIDR networks, host names; () = any
+    allow: tuple[str, ...] = RIGHTS
+    move_to: tuple[str, ...] | None = None    # [destinations] it may move to; None = any
+    certificate: str | None = None    # common name of its required TLS client certificate
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,15 @@ class FacadeSettings:
     max_dataset: int = 4 << 30    # largest C-STORE data set (bytes)
     fd_reserve: int = 64          # file descriptors kept free (0: no check)
     min_peer_pdu: int = 4096      # smallest requestor maximum PDU accepted (0: any)
+    tls_port: int = 0             # DICOM TLS port (0: none)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None    # CA of client certificates (and of TLS destinations)
+    tls_require_client_cert: bool = True
+    tls_only: bool = False        # serve the TLS port only, not the plain one
+    check_called_ae: bool = True  # the called AE title must be ae_title
+    check_modality_host: bool = True  # a [modalities] AE only from its declared hosts
+    allow_unknown: tuple[str, ...] = RIGHTS   # rights of AEs not in [modalities]
 
 
 @dataclass(frozen=True)
@@ -117,6 +146,7 @@ class Settings:
     overlay: OverlaySettings | None = None     # None: a peer on its own
     cluster: ClusterSettings = ClusterSettings()
     strategies: StrategySettings = StrategySettings()
+    modalities: dict[str, Modality] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:
@@ -198,11 +228,117 @@ def check_ae(value: str, fail) -> str:
     return stripped
 
 
+def _rights(value, fail) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise fail(f"must be a list of {', '.join(map(repr, RIGHTS))}, got {value!r}")
+    for v in value:
+        if v not in RIGHTS:
+            raise fail(f"{v!r} is not one of {', '.join(map(repr, RIGHTS))}")
+    return tuple(r for r in RIGHTS if r in value)
+
+
+def check_host(text, fail) -> str:
+    """An IP address, a CIDR network or a host name (returned normalised)."""
+    if not isinstance(text, str) or not text.strip():
+        raise fail(f"must be an IP address, a CIDR network or a host name, got {text!r}")
+    text = text.strip()
+    try:
+        return str(ipaddress.ip_network(text, strict=False)) if "/" in text else \
+            str(ipaddress.ip_address(text))
+    except ValueError:
+        if "/" in text or ":" in text or text.replace(".", "").isdigit() or \
+                not _HOSTNAME_RE.match(text):
+            raise fail(f"must be an IP address, a CIDR network or a host name, got "
+                       f"{text!r}") from None
+        return text.lower().rstrip(".")
+
+
+def is_loopback(bind: str) -> bool:
+    if bind.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind.strip()).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_address(text: str, fail) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise fail(f'must be "host:port", got {text!r}')
     return host.strip("[]"), int(port)
+
+
+def _path(value: str | None, base: Path) -> Path | None:
+    if value is None:
+        return None
+    return Path(value) if Path(value).is_absolute() else (base / value).resolve()
+
+
+def _facade_security(f: _Reader, base: Path) -> dict:
+    """The [facade] keys of TLS and of who may associate (docs/security.md)."""
+    out = {}
+    tls_port = f.take("tls_port", int, 0, "an integer 1-65535 (0: no TLS port)")
+    if not 0 <= tls_port <= 65535:
+        raise f.fail("tls_port", f"must be an integer 1-65535 (0: no TLS port), got "
+                                 f"{tls_port!r}")
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        out[key] = _path(f.take(key, str, None, "a file path"), base)
+    require = f.take("tls_require_client_cert", bool, True, "true or false")
+    tls_only = f.take("tls_only", bool, False, "true or false")
+    if tls_port:
+        for key in ("tls_cert", "tls_key"):
+            if out[key] is None:
+                raise f.fail(key, "is required with tls_port (a PEM file)")
+        if require and out["tls_ca"] is None:
+            raise f.fail("tls_ca", "is required to check client certificates (the CA "
+                                   "file), or set tls_require_client_cert = false")
+    elif tls_only:
+        raise f.fail("tls_only", "needs tls_port")
+    unknown = f.take("allow_unknown", list, list(RIGHTS), "a list of rights")
+    out.update(tls_port=tls_port, tls_require_client_cert=require, tls_only=tls_only,
+               check_called_ae=f.take("check_called_ae", bool, True, "true or false"),
+               check_modality_host=f.take("check_modality_host", bool, True,
+                                          "true or false"),
+               allow_unknown=_rights(unknown, lambda r: f.fail("allow_unknown", r)))
+    return out
+
+
+def _modalities(m: _Reader, source: str, facade: FacadeSettings,
+                destinations: dict) -> dict[str, Modality]:
+    """[modalities]: AE title -> "host" or { host, allow, move_to, certificate }."""
+    out: dict[str, Modality] = {}
+    for ae, value in list(m.table.items()):
+        m.table.pop(ae)
+        title = check_ae(ae, lambda r, ae=ae: m.fail(ae, r))
+        if isinstance(value, str):
+            value = {"host": value}
+        if not isinstance(value, dict):
+            raise m.fail(ae, f'must be "host" or a table with host, allow, move_to, '
+                             f'certificate, got {value!r}')
+        sub = _Reader(source, value, f"modalities.{ae}")
+        hosts = sub.take("host", (str, list), [], "a host, a CIDR network or a list of them")
+        hosts = [hosts] if isinstance(hosts, str) else hosts
+        if "host" in value and not hosts:
+            raise sub.fail("host", "must name at least one host (leave it out for any)")
+        hosts = tuple(check_host(h, lambda r: sub.fail("host", r)) for h in hosts)
+        allow = _rights(sub.take("allow", list, list(RIGHTS), "a list of rights"),
+                        lambda r: sub.fail("allow", r))
+        move_to = sub.take("move_to", list, None, "a list of [destinations] AE titles")
+        if move_to is not None:
+            names = []
+            for d in move_to:
+                if not isinstance(d, str) or d.strip() not in destinations:
+                    raise sub.fail("move_to", f"{d!r} is not a [destinations] entry")
+                names.append(d.strip())
+            move_to = tuple(names)
+        cert = sub.take("certificate", str, None, "a certificate's common name")
+        if cert is not None and (not facade.tls_port or facade.tls_ca is None):
+            raise sub.fail("certificate", "needs [facade] tls_port and tls_ca (client "
+                                          "certificates are checked on the TLS port)")
+        sub.done()
+        out[title] = Modality(title, hosts, allow, move_to, cert)
+    return out
 
 
 def load(path: str | Path | None = None) -> Settings:
@@ -258,8 +394,11 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         max_pdu=max_pdu,
         max_associations=_at_least(f, "max_associations", 32, 1),
         **limits,
+        **_facade_security(f, base),
     )
     f.done()
+    if facade.tls_port == facade.port and not facade.tls_only:
+        raise f.fail("tls_port", f"must differ from port ({facade.port})")
 
     d = table("destinations")
     destinations: dict[str, Destination] = {}
@@ -268,6 +407,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         fail = lambda r, ae=ae: d.fail(ae, r)  # noqa: E731
         title = check_ae(ae, fail)
         mode = "relay"
+        tls: dict = {}
         if isinstance(value, dict):
             sub = _Reader(source, value, f"destinations.{ae}")
             address = sub.take("address", str, None, 'a "host:port" string')
@@ -276,13 +416,28 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
             mode = sub.take("mode", str, "relay", '"relay" or "direct"')
             if mode not in ("relay", "direct"):
                 raise sub.fail("mode", f'must be "relay" or "direct", got {mode!r}')
+            ca = _path(sub.take("tls_ca", str, None, "a file path"), base)
+            if sub.take("tls", bool, False, "true or false"):
+                if mode == "direct":
+                    raise sub.fail("tls", 'is for mode = "relay" only (in direct mode '
+                                          'other peers send, without this TLS setting)')
+                ca = ca or facade.tls_ca
+                if ca is None:
+                    raise sub.fail("tls", "needs a CA to check the destination's "
+                                          "certificate: tls_ca here or in [facade]")
+                tls = dict(tls=True, tls_cert=facade.tls_cert, tls_key=facade.tls_key,
+                           tls_ca=ca)
+            elif ca is not None:
+                raise sub.fail("tls_ca", "is only used with tls = true")
             sub.done()
         elif isinstance(value, str):
             address = value
         else:
             raise fail(f'must be "host:port" or a table with address and mode, got {value!r}')
         host, port = parse_address(address, fail)
-        destinations[title] = Destination(title, host, port, mode)
+        destinations[title] = Destination(title, host, port, mode, **tls)
+
+    modalities = _modalities(table("modalities"), source, facade, destinations)
 
     archives_raw = top.take("archives", list, [{"name": "local", "adapter": "embedded"}],
                             "an array of tables ([[archives]])")
@@ -308,6 +463,11 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     ad = table("admin")
     admin = AdminSettings(bind=ad.take("bind", str, "127.0.0.1", "an address string"),
                           port=ad.port("port", 11180))
+    if not is_loopback(admin.bind):
+        raise ad.fail("bind", f"{admin.bind!r} is not a loopback address, and the admin "
+                              f"endpoint has no TLS or authentication yet: bind it to "
+                              f"127.0.0.1 (or ::1) and reach it through an authenticating "
+                              f"HTTPS proxy")
     ad.done()
 
     overlay = None
@@ -384,4 +544,5 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     s.done()
     top.done()
     return Settings(source, PeerSettings(name, data_dir), facade, destinations,
-                    tuple(archives), storage, admin, overlay, cluster, strategies)
+                    tuple(archives), storage, admin, overlay, cluster, strategies,
+                    modalities=modalities)

@@ -7,7 +7,8 @@
     pacsp2p where [--config FILE] (--study UID | --instance UID) [--json]
     pacsp2p delete [--config FILE] (--study UID | --series UID | --instance UID)
                                                 remove from every archive, for good
-    pacsp2p ca init DIR | ca issue DIR NAME     the cluster's certificate authority
+    pacsp2p ca init [--dicom] DIR | ca issue DIR NAME [--kind peer|server|client]
+                                                certificate authorities (cluster, DICOM)
     pacsp2p demo --peers 3 --dir DIR            a local cluster in one command
 
 Every command reads the same TOML config as ``twistd pacsp2p`` (default: the embedded
@@ -210,12 +211,13 @@ def cmd_ca(args) -> int:
     from pacsp2p.overlay import tls
     try:
         if args.action == "init":
-            path = tls.init_ca(args.dir)
-            print(f"cluster CA created: {path} (keep {args.dir}/ca.key secret)")
+            path = tls.init_ca(args.dir, tls.DICOM_CA if args.dicom else tls.CLUSTER_CA)
+            what = "DICOM CA (for the facade and modalities)" if args.dicom else "cluster CA"
+            print(f"{what} created: {path} (keep {args.dir}/ca.key secret)")
         else:
-            crt, key = tls.issue(args.dir, args.name, days=args.days,
-                                 out=args.out)
-            print(f"issued {crt} and {key} for peer {args.name}")
+            crt, key = tls.issue(args.dir, args.name, days=args.days, out=args.out,
+                                 kind=args.kind, hosts=args.host or ())
+            print(f"issued {crt} and {key} for {args.kind} {args.name}")
     except tls.TLSError as e:
         raise SystemExit(f"pacsp2p: {e}")
     return 0
@@ -259,10 +261,18 @@ def main(argv=None) -> int:
     casub = ca.add_subparsers(dest="action", required=True)
     ci = casub.add_parser("init", help="create a CA in DIR (ca.crt, ca.key)")
     ci.add_argument("dir")
+    ci.add_argument("--dicom", action="store_true",
+                    help="a CA for DICOM TLS (facade, modalities), not the cluster's")
     ci.set_defaults(fn=cmd_ca)
-    cs = casub.add_parser("issue", help="issue NAME.crt/NAME.key for a peer")
+    cs = casub.add_parser("issue", help="issue NAME.crt/NAME.key for a peer or DICOM node")
     cs.add_argument("dir")
     cs.add_argument("name")
+    cs.add_argument("--kind", choices=("peer", "server", "client"), default="peer",
+                    help="peer: an overlay member (cluster CA); server: a facade or a TLS "
+                         "C-MOVE destination; client: a modality that only sends and "
+                         "queries (server and client need a DICOM CA: ca init --dicom)")
+    cs.add_argument("--host", action="append",
+                    help="an address or DNS name of the holder (repeatable)")
     cs.add_argument("--days", type=int, default=825)
     cs.add_argument("--out", help="write the peer's files here (default: DIR)")
     cs.set_defaults(fn=cmd_ca)
