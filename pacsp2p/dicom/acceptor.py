@@ -16,8 +16,15 @@ connection:
   against one shared list of supported contexts. A calling AE title not in
   ``allowed_calling_aes`` gets A-ASSOCIATE-RJ (rejected-permanent, service user, calling
   AE title not recognized); more than ``max_associations`` established associations at
-  once get rejected-transient (service provider, local limit exceeded). Any called AE is
-  accepted.
+  once get rejected-transient (service provider, local limit exceeded). Then the
+  ``policy`` the listener was given (the facade's: called AE title, known modalities and
+  their addresses), if any, decides: it returns what the association may do (kept as
+  ``grant``, opaque here) or raises ``negotiation.Refused`` (A-ASSOCIATE-RJ).
+- TLS (``dicom.tls``): the same protocol serves a TLS port; ``tls`` says whether this
+  connection came through it, ``peer_certificate`` names the client certificate. A
+  handshake that fails (no client certificate, one from another CA, an old protocol
+  version) closes the connection with one rate-limited log line; the ARTIM timer covers
+  the handshake too.
 - an idle timeout (``idle_timeout``) aborts an association with no traffic and no
   operation running (or whose requestor has not read what we sent for that long);
   A-RELEASE and A-ABORT both ways; TCP_NODELAY on every accepted socket.
@@ -43,13 +50,17 @@ import traceback
 from collections import deque
 
 from twisted.internet import protocol
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.logger import LogLevel, Logger
+from twisted.protocols.policies import ProtocolWrapper
+from zope.interface import implementer
 
 from pacsp2p.dicom import dimse, negotiation
 from pacsp2p.dicom.admission import Admission, FdBudget, LogLimit
 from pacsp2p.dicom.negotiation import MIN_PEER_PDU, reject_pdu
 from pacsp2p.dicom.pdu import (A_ABORT, A_ASSOCIATE_RQ as RQ, A_RELEASE_RP, A_RELEASE_RQ,
                                P_DATA_TF, PDU_HEAD, PDV_HEAD, RELEASE_RP, abort_pdu, frame)
+from pacsp2p.dicom.tls import handshake_error, peer_name, verify_result
 from pacsp2p.flow import ReadHolds
 from pacsp2p.validate import shown
 
@@ -90,6 +101,14 @@ class DiscardSink:
         """Drop *piece*."""
 
 
+def _socket(transport):
+    """The TCP transport under any TLS layer of *transport*."""
+    while isinstance(transport, ProtocolWrapper) and transport.transport is not None:
+        transport = transport.transport
+    return transport
+
+
+@implementer(IHandshakeListener)
 class Association(ReadHolds, protocol.Protocol):
     """One association as acceptor. ``services`` handles its DIMSE messages."""
 
@@ -100,6 +119,9 @@ class Association(ReadHolds, protocol.Protocol):
         self.state = "idle"            # idle -> established -> released | aborted | ...
         self.calling_ae = self.called_ae = ""
         self.peer = host
+        self.tls = False               # came through the TLS port
+        self.handshake_done = False
+        self.grant = None              # what the policy returned for this association
         self.accepted: dict = {}       # context id -> PresentationContext
         self.max_data = SEND_FRAGMENT  # PDV data bytes per PDU we send
         self.paused = False            # our transport's write buffer is full
@@ -122,8 +144,9 @@ class Association(ReadHolds, protocol.Protocol):
 
     # -- connection ----------------------------------------------------------------------
     def connectionMade(self):
+        self.tls = ISSLTransport.providedBy(self.transport)
         self.transport.setTcpNoDelay(True)
-        self.transport.SEND_LIMIT = SEND_LIMIT
+        _socket(self.transport).SEND_LIMIT = SEND_LIMIT
         self.transport.registerProducer(self, True)
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', self.host)}:{getattr(peer, 'port', '?')}"
@@ -136,6 +159,12 @@ class Association(ReadHolds, protocol.Protocol):
             self._closer.cancel()
         was = self.state
         self.state = "closed"
+        if self.tls and not self.handshake_done and was == "idle":
+            raw = reason.getErrorMessage()
+            self._log("tls refused", LogLevel.warn,
+                      "TLS connection from {peer} closed before its handshake completed: "
+                      "{why}", why=handshake_error(raw, verify_result(self.transport))
+                      or shown(raw))
         if self._data is not None:
             op, self._data = self._data[2], None
             if op is not None:
@@ -152,6 +181,14 @@ class Association(ReadHolds, protocol.Protocol):
     @property
     def open(self) -> bool:
         return self.state == "established"
+
+    def handshakeCompleted(self):
+        self.handshake_done = True
+
+    @property
+    def peer_certificate(self) -> str | None:
+        """The common name of the verified TLS client certificate, or None."""
+        return peer_name(self.transport) if self.tls and self.handshake_done else None
 
     def _log(self, kind: str, level, fmt: str, **kw) -> None:
         """One log line (rate-limited per *kind*) about this association."""
@@ -403,6 +440,11 @@ class Association(ReadHolds, protocol.Protocol):
             self._reject(1, 1, 3, "calling AE not allowed")
         if len(f.admission.established) >= f.max_associations:
             self._reject(2, 3, 2, f"{len(f.admission.established)} associations already")
+        if f.policy is not None:
+            try:
+                self.grant = f.policy(self)
+            except negotiation.Refused as r:
+                self._reject(r.result, r.source, r.reason, str(r))
         try:
             prim = negotiation.decode(pdu)
             results, ac_roles = negotiation.negotiate(prim, f.supported)
@@ -533,7 +575,8 @@ class _Abort(Exception):
 class AcceptorFactory(protocol.Factory):
     """The listening side: shared settings of all associations, and the admission of
     new connections (``dicom.admission``). Every limit has a default; the facade passes
-    its ``[facade]`` settings."""
+    its ``[facade]`` settings and its association ``policy``. One factory may serve a
+    plain and a TLS port (``dicom.tls.TLSFactory``) with one set of limits."""
 
     noisy = False
 
@@ -542,8 +585,10 @@ class AcceptorFactory(protocol.Factory):
                  max_pending: int = MAX_PENDING, max_per_address: int = MAX_PER_ADDRESS,
                  artim_timeout: float = ARTIM, idle_timeout: float = IDLE,
                  max_dataset: int = MAX_DATASET, max_identifier: int = MAX_IDENTIFIER,
-                 fd_reserve: int = FD_RESERVE, min_peer_pdu: int = MIN_PEER_PDU):
+                 fd_reserve: int = FD_RESERVE, min_peer_pdu: int = MIN_PEER_PDU,
+                 policy=None):
         self.reactor = reactor
+        self.policy = policy          # callable(association) -> grant, or raises Refused
         self.services = services
         self.supported = supported
         self.max_pdu = max_pdu

@@ -21,7 +21,9 @@ Association PDUs are decoded with pynetdicom's PDU classes; the few PDUs we send
 (A-ASSOCIATE-RQ, A-RELEASE-RQ/RP, A-ABORT, P-DATA-TF) are built by ``dicom.pdu`` (PS3.8
 9.3), command sets by ``dicom.dimse`` (PS3.7).
 Failures are Deferred errors: ``ConnectFailed``, ``AssociationRejected``,
-``AssociationAborted`` (also a lost connection), ``DimseTimeout``.
+``AssociationAborted`` (also a lost connection, or a TLS handshake the acceptor refused),
+``DimseTimeout``. With ``tls`` (``dicom.tls.client_options``) the association runs over
+DICOM TLS (PS3.15 annex B, BCP 195).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from collections import deque
 
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -213,7 +216,10 @@ class StorageSCU(protocol.Protocol):
         # Twisted hands the kernel at most SEND_LIMIT (128 KB) per reactor iteration; a
         # data set is sent in fewer iterations (fewer chances for other threads to hold
         # the GIL between them) with a larger slice. Memory use is unchanged.
-        self.transport.SEND_LIMIT = SEND_LIMIT
+        sock = self.transport
+        while isinstance(sock, ProtocolWrapper) and sock.transport is not None:
+            sock = sock.transport               # under the TLS layer
+        sock.SEND_LIMIT = SEND_LIMIT
         self.transport.registerProducer(self, True)
         self.state = "requested"
         self.transport.write(associate_rq(self.called_ae, self.calling_ae, self.proposed))
@@ -228,6 +234,17 @@ class StorageSCU(protocol.Protocol):
             return
         self._fail(self._error or AssociationAborted(
             f"connection to {self.called_ae} lost: {reason.getErrorMessage()}"), "closed")
+
+    def _hang_up(self) -> None:
+        """Close the connection. Under TLS, our close_notify goes out but we do not wait
+        for the acceptor's: DCMTK waits for the TCP close after A-RELEASE-RP instead of
+        answering it, and each would wait for the other."""
+        self.transport.loseConnection()
+        sock = self.transport
+        while isinstance(sock, ProtocolWrapper) and sock.transport is not None:
+            sock = sock.transport
+        if sock is not self.transport:
+            sock.loseConnection()
 
     def pauseProducing(self):
         self._paused = True
@@ -272,7 +289,7 @@ class StorageSCU(protocol.Protocol):
         if self._release is not None and not self._release.called:
             self._release.errback(error)
         if self.transport is not None:
-            self.transport.loseConnection()
+            self._hang_up()
 
     def _finish(self, op: _Store, status=None, error=None) -> None:
         if op.done:
@@ -379,11 +396,11 @@ class StorageSCU(protocol.Protocol):
         elif pdu_type == 0x06 and self.state == "releasing":
             self._disarm()
             self.state = "released"
-            self.transport.loseConnection()
+            self._hang_up()
         elif pdu_type == 0x05:
             self.transport.write(RELEASE_RP)
             self.state = "released"
-            self.transport.loseConnection()
+            self._hang_up()
         elif pdu_type == 0x07:
             ab = A_ABORT_RQ()
             ab.decode(pdu)
@@ -455,11 +472,15 @@ class _Factory(protocol.Factory):
 @defer.inlineCallbacks
 def associate(reactor, host: str, port: int, *, called_ae: str, calling_ae: str, contexts,
               connect_timeout: float = 10, acse_timeout: float = 30,
-              dimse_timeout: float = 120, pool: ThreadPool | None = None):
+              dimse_timeout: float = 120, pool: ThreadPool | None = None, tls=None):
     """Deferred[StorageSCU]: an established association proposing *contexts*
-    [(abstract syntax, [transfer syntaxes])] (at most 128)."""
+    [(abstract syntax, [transfer syntaxes])] (at most 128); over TLS with the client
+    options *tls* (``dicom.tls.client_options``)."""
     pool = pool or file_pool(reactor)
-    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=connect_timeout)
+    if tls is not None:
+        endpoint = SSL4ClientEndpoint(reactor, host, port, tls, timeout=connect_timeout)
+    else:
+        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=connect_timeout)
     factory = _Factory(lambda: StorageSCU(reactor, pool, called_ae, calling_ae, contexts,
                                           acse_timeout, dimse_timeout))
     try:

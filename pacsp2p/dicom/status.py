@@ -7,6 +7,7 @@ CANCEL = 0xFE00
 WARNING = 0xB000                 # sub-operations finished with failures or warnings
 PROCESSING_FAILURE = 0x0110      # e.g. a placement strategy plugin failed
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+NOT_AUTHORIZED = 0x0124           # Refused: Not Authorized (PS3.7 annex C)
 OUT_OF_RESOURCES = 0xA700        # C-STORE: the write quorum could not be met
 TOO_MANY_MATCHES = 0xA701        # more sub-operations than a response can count
 ALL_FAILED = 0xA702              # every sub-operation failed

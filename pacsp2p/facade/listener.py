@@ -1,5 +1,14 @@
 """The facade as a service: the Twisted DICOM acceptor (``dicom.acceptor``) serving the
-cluster API on ``[facade] port``.
+cluster API on ``[facade] port`` and, with ``tls_port``, on a DICOM TLS port
+(``dicom.tls``: the BCP 195 profile; client certificates checked against ``tls_ca`` and
+required unless ``tls_require_client_cert = false``); ``tls_only`` leaves the plain port
+closed. Both ports share one acceptor, hence one set of limits, and one ``Policy``
+(``facade.policy``: called AE title, modalities, hosts, rights).
+
+Certificates and keys are read when the facade is built, so a missing or unusable file
+stops start-up with one line naming the key, the file and the reason. The facade's CA
+must not be the overlay's: a certificate made for a modality would then also open the
+overlay.
 
 No association threads: everything but file work runs in the reactor. A child of the
 peer's service tree (``service.PeerService``): started once the cluster can answer,
@@ -13,10 +22,12 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pacsp2p.dicom import contexts
+from pacsp2p.config import ConfigError
+from pacsp2p.dicom import contexts, tls
 from pacsp2p.dicom.acceptor import AcceptorFactory
 from pacsp2p.dicom.incoming import Spares, receive_pool
 from pacsp2p.dicom.scu import file_pool
+from pacsp2p.facade.policy import Policy
 from pacsp2p.facade.services import Services
 
 log = Logger()
@@ -29,6 +40,34 @@ def supported_contexts() -> list:
     return ae.supported_contexts
 
 
+def tls_options(settings):
+    """The TLS port's options, after the client side of every TLS destination has been
+    checked too; raises ConfigError (one line: file, key, reason)."""
+    fs = settings.facade
+    server = None
+    if fs.tls_port:
+        overlay = settings.overlay
+        if fs.tls_ca is not None and overlay is not None and \
+                tls.same_ca(fs.tls_ca, overlay.tls_dir / "ca.crt"):
+            raise ConfigError(f"{settings.source}: facade.tls_ca: is the cluster CA of the "
+                              f"overlay; modalities need a CA of their own ('pacsp2p ca "
+                              f"init --dicom DIR'), or their certificates would open the "
+                              f"overlay too")
+        try:
+            server = tls.server_options(fs.tls_cert, fs.tls_key, fs.tls_ca,
+                                        fs.tls_require_client_cert)
+        except tls.TLSFilesError as e:
+            raise ConfigError(f"{settings.source}: facade.tls_{e.role}: {e}") from None
+    for dest in settings.destinations.values():
+        if getattr(dest, "tls", False):
+            try:
+                tls.client_options(dest.tls_cert, dest.tls_key, dest.tls_ca)
+            except tls.TLSFilesError as e:
+                raise ConfigError(f"{settings.source}: destinations.{dest.ae_title}.tls: "
+                                  f"{e}") from None
+    return server
+
+
 class Facade(service.Service):
     name = "facade"
 
@@ -38,7 +77,9 @@ class Facade(service.Service):
         self.cluster = cluster
         self.reactor = reactor
         self.incoming = settings.data_dir / "incoming"
-        self.port = None
+        self.policy = Policy(settings, reactor)
+        self.tls = tls_options(settings)
+        self.ports: list = []
         self.factory = None
         self.spares = None
 
@@ -48,7 +89,8 @@ class Facade(service.Service):
             leftover.unlink(missing_ok=True)
         self.spares = Spares(self.incoming, self.reactor)
         services = Services(self.settings, self.cluster, self.reactor,
-                            receive_pool(self.reactor), file_pool(self.reactor), self.spares)
+                            receive_pool(self.reactor), file_pool(self.reactor), self.spares,
+                            self.policy)
         fs = self.fs
         self.factory = AcceptorFactory(
             self.reactor, services, supported_contexts(), max_pdu=fs.max_pdu,
@@ -56,23 +98,38 @@ class Facade(service.Service):
             max_pending=fs.max_pending, max_per_address=fs.max_per_address,
             artim_timeout=fs.artim_timeout, idle_timeout=fs.idle_timeout,
             max_dataset=fs.max_dataset, fd_reserve=fs.fd_reserve,
-            min_peer_pdu=fs.min_peer_pdu)
+            min_peer_pdu=fs.min_peer_pdu, policy=self.policy)
+        listening, current = [], ""
         try:
-            self.port = self.reactor.listenTCP(self.fs.port, self.factory, backlog=64,
-                                               interface=self.fs.bind)
-        except Exception:
+            if not fs.tls_only:
+                listening.append(("", self.reactor.listenTCP(
+                    fs.port, self.factory, backlog=64, interface=fs.bind)))
+            if fs.tls_port:
+                current = f"tls_port {fs.tls_port}: "
+                listening.append((" (DICOM TLS)", self.reactor.listenTCP(
+                    fs.tls_port, tls.TLSFactory(self.tls, self.factory), backlog=64,
+                    interface=fs.bind)))
+        except Exception as e:
+            for _, port in listening:
+                port.stopListening()
             self.spares.stop()
+            if current:
+                raise RuntimeError(f"{current}{e}") from e
             raise
+        self.ports = [port for _, port in listening]
+        self.policy.start()
         super().startService()
-        log.info("facade {ae} listening on {bind}:{port}",
-                 ae=self.fs.ae_title, bind=self.fs.bind, port=self.fs.port)
+        for kind, port in listening:
+            log.info("facade {ae} listening on {bind}:{port}{kind}", ae=fs.ae_title,
+                     bind=fs.bind, port=port.getHost().port, kind=kind)
 
     def stopService(self):
         super().stopService()
-        if self.port is None:
+        if not self.ports:
             return defer.succeed(None)
-        port, self.port = self.port, None
+        ports, self.ports = self.ports, []
+        self.policy.stop()
         self.spares.stop()
         for assoc in list(self.factory.associations):
             assoc.abort(2, 0)
-        return defer.maybeDeferred(port.stopListening)
+        return defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])

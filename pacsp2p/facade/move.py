@@ -1,7 +1,9 @@
 """C-MOVE (PS3.4 annex C.4.2, PS3.7 9.1.3) of the facade, run in the reactor.
 
-The Move Destination is looked up in ``[destinations]`` (association policy: 0xA801 when
-unknown or unreachable); the identifier is resolved by ``cluster.move``, which returns a
+The Move Destination is looked up in ``[destinations]`` (0xA801 when unknown or
+unreachable) and must be one the requestor may move to (``facade.policy``: a modality's
+``move_to``; 0x0124 Refused: Not Authorized otherwise); the identifier is resolved by
+``cluster.move``, which returns a
 ``Delivery`` (relay: the stored bytes sent by the native SCU on its own association;
 direct: the archives send). Pending responses follow sub-operations (at most ~20 per
 second, at least one per second), C-CANCEL and a vanished requestor cancel the delivery,
@@ -14,8 +16,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pacsp2p.dicom import contexts, dimse
-from pacsp2p.dicom.status import (ALL_FAILED, CANCEL, MOVE_DEST_UNKNOWN, PENDING,
-                                  PENDING_MAX_GAP, PENDING_MIN_GAP, SUCCESS,
+from pacsp2p.dicom.status import (ALL_FAILED, CANCEL, MOVE_DEST_UNKNOWN, NOT_AUTHORIZED,
+                                  PENDING, PENDING_MAX_GAP, PENDING_MIN_GAP, SUCCESS,
                                   TOO_MANY_MATCHES, UNABLE_TO_PROCESS, WARNING)
 from pacsp2p.facade.find import decode_query
 from pacsp2p.facade.operation import Operation, failed_list
@@ -38,6 +40,9 @@ class Move(Operation):
             log.warn("C-MOVE from {req} to unknown destination {ae}",
                      req=shown(self.assoc.calling_ae), ae=shown(self.dest_ae))
             return self.finish(MOVE_DEST_UNKNOWN)
+        policy = getattr(svc, "policy", None)
+        if policy is not None and not policy.may_move_to(self.assoc, self.dest_ae):
+            return self.finish(NOT_AUTHORIZED, comment="not authorized: move destination")
         decoded = decode_query(self, contexts.QR_MOVE, "C-MOVE")
         if decoded is None:
             return

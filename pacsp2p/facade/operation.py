@@ -16,9 +16,10 @@ from pynetdicom.dsutils import decode, encode
 from twisted.logger import Logger
 
 from pacsp2p.dicom import dimse
-from pacsp2p.dicom.acceptor import MemorySink
+from pacsp2p.dicom.acceptor import DiscardSink, MemorySink
 from pacsp2p.dicom.identifiers import IdentifierError
-from pacsp2p.dicom.status import SUCCESS, UNABLE_TO_PROCESS
+from pacsp2p.dicom.status import NOT_AUTHORIZED, SUCCESS, UNABLE_TO_PROCESS
+from pacsp2p.validate import InvalidUID, check_uid
 
 log = Logger()
 
@@ -105,3 +106,26 @@ class Echo(Operation):
 
     def run(self):
         self.finish(SUCCESS)
+
+
+class NotAuthorized(Operation):
+    """A request the association has no right to (``facade.policy``): 0x0124 (Refused:
+    Not Authorized) with an Error Comment; a C-STORE's data set is discarded as it
+    arrives, an identifier read (bounded) and dropped."""
+
+    def __init__(self, svc, assoc, cx, fields, rsp: int, right: str):
+        super().__init__(svc, assoc, cx, fields)
+        self.RSP = rsp
+        self.right = right
+        self.instance = b""
+        if rsp == dimse.C_STORE_RSP:
+            self.sink = DiscardSink()
+            try:
+                check_uid(dimse.text(fields, dimse.AFFECTED_SOP_INSTANCE), "instance")
+                self.instance = fields.get(dimse.AFFECTED_SOP_INSTANCE, b"")
+            except InvalidUID:
+                pass
+
+    def run(self):
+        self.finish(NOT_AUTHORIZED, instance=self.instance,
+                    comment=f"not authorized: {self.right}")

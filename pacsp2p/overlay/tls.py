@@ -2,6 +2,12 @@
 
 ``pacsp2p ca init DIR`` makes a CA (``ca.crt``, ``ca.key``); ``pacsp2p ca issue DIR NAME``
 issues a peer's ``NAME.crt``/``NAME.key``. A peer's name is its certificate's common name.
+
+The same commands make the certificates of DICOM TLS (the facade, modalities,
+workstations), from a CA of their own: ``pacsp2p ca init --dicom DIR`` and ``pacsp2p ca
+issue DIR NAME --kind server|client [--host H ...]``. The two CAs are kept apart (a peer
+certificate is refused from a DICOM CA, a modality's from the cluster CA), because every
+certificate of the cluster CA opens the overlay.
 Both ends of every overlay link present a certificate and accept only one signed by the
 cluster CA and currently valid; anything else fails the TLS handshake.
 
@@ -15,7 +21,9 @@ from anyone on the network cannot pile up and exhaust the peer's file descriptor
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -34,9 +42,18 @@ log = Logger()
 
 CA_DAYS = 3650
 PEER_DAYS = 825
+CLUSTER_CA = "pacsp2p cluster CA"
+DICOM_CA = "pacsp2p DICOM CA"
+KINDS = {  # kind -> extended key usages
+    "peer": (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+    "server": (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+    "client": (ExtendedKeyUsageOID.CLIENT_AUTH,),
+}
 HANDSHAKE_TIMEOUT = 10.0      # seconds for a connection to complete its TLS handshake
 MAX_PENDING = 64              # connections per port not through their handshake yet
 REPORT_EVERY = 60.0           # seconds between summary lines of dropped connections
+_DNS = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                  r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
 
 class TLSError(Exception):
@@ -55,18 +72,20 @@ def _key_pem(key) -> bytes:
                              serialization.NoEncryption())
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pacsp2p cluster"),
+def _name(cn: str, org: str = "pacsp2p cluster") -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def init_ca(directory: Path, name: str = "pacsp2p cluster CA") -> Path:
+def init_ca(directory: Path, name: str = CLUSTER_CA) -> Path:
     directory = Path(directory)
     if (directory / "ca.key").exists():
         raise TLSError(f"{directory / 'ca.key'}: a CA already exists here")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
+    org = "pacsp2p DICOM" if name == DICOM_CA else "pacsp2p cluster"
+    cert = (x509.CertificateBuilder().subject_name(_name(name, org))
+            .issuer_name(_name(name, org))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
@@ -79,26 +98,59 @@ def init_ca(directory: Path, name: str = "pacsp2p cluster CA") -> Path:
     return directory / "ca.crt"
 
 
+def _alt_names(name: str, hosts) -> list:
+    """Subject alternative names: *name* if it is a DNS name, and every host (an IP
+    address or a DNS name)."""
+    out = []
+    for h in ([name] if _DNS.match(name) else []) + list(hosts):
+        try:
+            entry = x509.IPAddress(ipaddress.ip_address(h))
+        except ValueError:
+            if not _DNS.match(h):
+                raise TLSError(f"--host {h!r}: not an IP address or a DNS name") from None
+            entry = x509.DNSName(h)
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
 def issue(directory: Path, peer: str, days: int = PEER_DAYS, out: Path | None = None,
-          not_before: datetime.datetime | None = None) -> tuple[Path, Path]:
-    """Issue a certificate for *peer* signed by the CA in *directory*."""
+          not_before: datetime.datetime | None = None, kind: str = "peer",
+          hosts=()) -> tuple[Path, Path]:
+    """Issue a certificate for *peer* signed by the CA in *directory*: *kind* "peer" (an
+    overlay member, from the cluster CA), "server" (a DICOM node that accepts and makes
+    TLS associations: a facade, a C-MOVE destination) or "client" (a modality that only
+    makes them), with *hosts* (addresses, DNS names) as subject alternative names."""
     directory, out = Path(directory), Path(out or directory)
+    if kind not in KINDS:
+        raise TLSError(f"--kind {kind!r}: must be one of {', '.join(KINDS)}")
     try:
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
         ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
     except FileNotFoundError as e:
         raise TLSError(f"{e.filename}: no CA here (run 'pacsp2p ca init {directory}')") from None
+    ca_names = ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ca_name = ca_names[0].value if ca_names else ""
+    if kind == "peer" and ca_name == DICOM_CA:
+        raise TLSError(f"{directory}: is a DICOM CA; peers need the cluster CA "
+                       f"(use --kind server or client for DICOM nodes)")
+    if kind != "peer" and ca_name == CLUSTER_CA:
+        raise TLSError(f"{directory}: is the cluster CA, whose certificates open the "
+                       f"overlay; make a DICOM CA for {kind}s: pacsp2p ca init --dicom DIR")
     key = ec.generate_private_key(ec.SECP256R1())
     now = not_before or datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(peer)).issuer_name(ca_cert.subject)
+    org = "pacsp2p cluster" if kind == "peer" else "pacsp2p DICOM"
+    cert = (x509.CertificateBuilder().subject_name(_name(peer, org))
+            .issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(peer)]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+            .add_extension(x509.ExtendedKeyUsage(list(KINDS[kind])), critical=False))
+    alt = [x509.DNSName(peer)] if kind == "peer" else []
+    alt += [a for a in _alt_names(peer, hosts) if a not in alt]
+    if alt:
+        cert = cert.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    cert = cert.sign(ca_key, hashes.SHA256())
     crt, keyfile = out / f"{peer}.crt", out / f"{peer}.key"
     _write(keyfile, _key_pem(key), private=True)
     _write(crt, cert.public_bytes(serialization.Encoding.PEM))

@@ -92,14 +92,19 @@ class Peer(Server):
                 log.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(map(str, argv))}\n")
             self.process = Process(argv, self.log_path, cwd=self.workdir).start()
             try:
-                wait_for_echo(self.port, self.ae_title, timeout=self.startup_timeout,
-                              alive=lambda: self.process.alive)
+                self.wait_ready()
                 return self
             except (RuntimeError, TimeoutError) as exc:
                 error = str(exc)
                 self.process.stop(timeout=self.stop_timeout)
         raise RuntimeError(f"pacsp2p peer did not start: {error}\n--- {self.log_path} tail:\n"
                            f"{self.process.log_tail(60)}")
+
+    def wait_ready(self) -> None:
+        """Until the facade answers C-ECHO (a subclass may wait otherwise, e.g. on a TLS
+        port); raises RuntimeError or TimeoutError."""
+        wait_for_echo(self.port, self.ae_title, timeout=self.startup_timeout,
+                      alive=lambda: self.process.alive)
 
     def stop(self) -> int | None:
         """SIGTERM by PID, then SIGKILL after stop_timeout; returns the exit code."""

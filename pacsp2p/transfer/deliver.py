@@ -6,7 +6,9 @@ instances are stored in (plus the uncompressed ones), and sends every instance o
 ``Retrieval`` as the stored data set bytes: the file meta header is skipped, nothing is
 decoded. Up to ``window`` instances are opened and read ahead while one is on the wire.
 An instance whose stored syntax the destination did not accept is decoded and re-encoded
-(content kept) into an accepted uncompressed syntax, in the file pool.
+(content kept) into an accepted uncompressed syntax, in the file pool. A destination
+with ``tls = true`` is reached over DICOM TLS (``dicom.tls.client_options``: its
+certificate must chain to its ``tls_ca``; ours is ``[facade] tls_cert``).
 
 Progress goes, as ``Progress`` snapshots, to each callable in ``listeners`` (called in
 the reactor: the facade's C-MOVE). ``cancel()`` (reactor thread) stops starting new
@@ -24,7 +26,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pacsp2p.dicom import contexts, scu
+from pacsp2p.dicom import contexts, scu, tls
 from pacsp2p.dicom.part10 import BadFile, convert, dataset_start
 
 log = Logger()
@@ -126,10 +128,12 @@ class Delivery(Tally):
         proposed = [(cx.abstract_syntax, list(cx.transfer_syntax))
                     for cx in contexts.for_sending(pairs)]
         try:
+            options = tls.client_options(dest.tls_cert, dest.tls_key, dest.tls_ca) \
+                if getattr(dest, "tls", False) else None
             self._scu = yield scu.associate(self.reactor, dest.host, dest.port,
                                             called_ae=dest.ae_title,
                                             calling_ae=self.calling_ae, contexts=proposed,
-                                            pool=self.pool, **self.timeouts)
+                                            pool=self.pool, tls=options, **self.timeouts)
         except Exception as e:
             self.error = str(e)
             log.error("C-MOVE to {ae}: {err}", ae=dest.ae_title, err=e)
