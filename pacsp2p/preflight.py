@@ -9,7 +9,9 @@
 - ``strategies``: the strategy plugins named in ``[strategies] plugins`` (entry points,
   files), their options (``pacsp2p_configure``) and the strategy each role names;
 - ``credentials``: with an ``[overlay]``, the TLS files it names (the cluster CA, this
-  peer's certificate and key: present, matching, not expired, issued by the CA).
+  peer's certificate and key: present, matching, not expired, issued by the CA);
+- the facade's DICOM TLS files and those of TLS destinations
+  (``dicom.tls.settings_options``).
 
 Each raises ``config.ConfigError`` (or ``overlay.tls.TLSError``) with a one-line
 message; nothing here opens a port, a file for writing or a connection.
@@ -18,6 +20,7 @@ message; nothing here opens a port, a file for writing or a connection.
 from __future__ import annotations
 
 from pacsp2p.adapters import make_archive
+from pacsp2p.dicom import tls as dicom_tls
 from pacsp2p.overlay import tls
 from pacsp2p.strategies import Strategies
 
@@ -51,5 +54,6 @@ def check(settings, reactor=None) -> dict:
     made = archives(settings, reactor)
     chosen = strategies(settings)
     credentials(settings)
+    dicom_tls.settings_options(settings)
     return {"archives": {a.name: getattr(a, "max_fetches", None) for a in made},
             "strategies": chosen.describe()}

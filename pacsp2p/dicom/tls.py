@@ -16,6 +16,8 @@ client profile ("Non-downgrading BCP 195") and Python's ``ssl`` defaults meet it
   wrapped factory's right to refuse a connection before any TLS work (the acceptor's
   admission caps).
 - ``peer_name``: the common name of a verified peer certificate.
+- ``settings_options``: all of it from the ``[facade]`` and ``[destinations]`` settings,
+  every file checked (for the facade, and for ``pacsp2p check-config``).
 
 Files are read once, when the options are built; errors are ``TLSFilesError`` with one
 line naming the file and the reason (the caller adds the config key).
@@ -33,6 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from pacsp2p.config import ConfigError
 
 BCP195_CIPHERS = ("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:"
                   "!aNULL:!eNULL:!MD5:!DSS:!PSK:!SRP")
@@ -136,6 +140,37 @@ def same_ca(a: Path, b: Path) -> bool:
         except (OSError, ValueError):
             return set()
     return bool(fingerprints(a) & fingerprints(b))
+
+
+def settings_options(settings):
+    """The options of the facade's TLS port of *settings* (config.Settings; None without
+    ``tls_port``), after the client side of every TLS destination has been checked too;
+    raises ``config.ConfigError`` (one line: file, key, reason). The facade's CA must not
+    be the overlay's: a certificate made for a modality would then open the overlay.
+    Used by the facade and by the checks before start (``pacsp2p check-config``)."""
+    fs = settings.facade
+    server = None
+    if fs.tls_port:
+        overlay = settings.overlay
+        if fs.tls_ca is not None and overlay is not None and \
+                same_ca(fs.tls_ca, overlay.tls_dir / "ca.crt"):
+            raise ConfigError(f"{settings.source}: facade.tls_ca: is the cluster CA of the "
+                              f"overlay; modalities need a CA of their own ('pacsp2p ca "
+                              f"init --dicom DIR'), or their certificates would open the "
+                              f"overlay too")
+        try:
+            server = server_options(fs.tls_cert, fs.tls_key, fs.tls_ca,
+                                    fs.tls_require_client_cert)
+        except TLSFilesError as e:
+            raise ConfigError(f"{settings.source}: facade.tls_{e.role}: {e}") from None
+    for dest in settings.destinations.values():
+        if getattr(dest, "tls", False):
+            try:
+                client_options(dest.tls_cert, dest.tls_key, dest.tls_ca)
+            except TLSFilesError as e:
+                raise ConfigError(f"{settings.source}: destinations.{dest.ae_title}.tls: "
+                                  f"{e}") from None
+    return server
 
 
 class TLSFactory(TLSMemoryBIOFactory):

@@ -22,7 +22,6 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pacsp2p.config import ConfigError
 from pacsp2p.dicom import contexts, tls
 from pacsp2p.dicom.acceptor import AcceptorFactory
 from pacsp2p.dicom.incoming import Spares, receive_pool
@@ -40,34 +39,6 @@ def supported_contexts() -> list:
     return ae.supported_contexts
 
 
-def tls_options(settings):
-    """The TLS port's options, after the client side of every TLS destination has been
-    checked too; raises ConfigError (one line: file, key, reason)."""
-    fs = settings.facade
-    server = None
-    if fs.tls_port:
-        overlay = settings.overlay
-        if fs.tls_ca is not None and overlay is not None and \
-                tls.same_ca(fs.tls_ca, overlay.tls_dir / "ca.crt"):
-            raise ConfigError(f"{settings.source}: facade.tls_ca: is the cluster CA of the "
-                              f"overlay; modalities need a CA of their own ('pacsp2p ca "
-                              f"init --dicom DIR'), or their certificates would open the "
-                              f"overlay too")
-        try:
-            server = tls.server_options(fs.tls_cert, fs.tls_key, fs.tls_ca,
-                                        fs.tls_require_client_cert)
-        except tls.TLSFilesError as e:
-            raise ConfigError(f"{settings.source}: facade.tls_{e.role}: {e}") from None
-    for dest in settings.destinations.values():
-        if getattr(dest, "tls", False):
-            try:
-                tls.client_options(dest.tls_cert, dest.tls_key, dest.tls_ca)
-            except tls.TLSFilesError as e:
-                raise ConfigError(f"{settings.source}: destinations.{dest.ae_title}.tls: "
-                                  f"{e}") from None
-    return server
-
-
 class Facade(service.Service):
     name = "facade"
 
@@ -78,7 +49,7 @@ class Facade(service.Service):
         self.reactor = reactor
         self.incoming = settings.data_dir / "incoming"
         self.policy = Policy(settings, reactor)
-        self.tls = tls_options(settings)
+        self.tls = tls.settings_options(settings)
         self.ports: list = []
         self.factory = None
         self.spares = None

@@ -20,7 +20,6 @@ from pacsp2p import config
 from pacsp2p.config import ConfigError
 from pacsp2p.dicom import tls as dtls
 from pacsp2p.dicom.negotiation import Refused
-from pacsp2p.facade.listener import tls_options
 from pacsp2p.facade.policy import ALL, Policy
 from pacsp2p.overlay import tls as otls
 
@@ -331,7 +330,7 @@ def _settings(cas, **facade):
 
 
 def test_facade_tls_files_are_checked_at_build_time(cas):
-    assert tls_options(_settings(cas)) is not None
+    assert dtls.settings_options(_settings(cas)) is not None
     d = cas / "dicom"
     for facade, key, reason in [
             ({"tls_cert": str(d / "nope.crt")}, "facade.tls_cert", "certificate not found"),
@@ -339,7 +338,7 @@ def test_facade_tls_files_are_checked_at_build_time(cas):
             ({"tls_key": str(d / "ca.crt")}, "facade.tls_key", "not a PEM private key"),
             ({"tls_ca": str(d / "PACSP2P.key")}, "facade.tls_ca", "not a PEM CA")]:
         with pytest.raises(ConfigError) as info:
-            tls_options(_settings(cas, **facade))
+            dtls.settings_options(_settings(cas, **facade))
         message = str(info.value)
         assert f": {key}: " in message and reason in message, message
 
@@ -350,7 +349,7 @@ def test_the_facade_refuses_the_overlay_ca(cas):
                           "tls_ca": str(cas / "cluster" / "ca.crt")},
                "overlay": {"tls_dir": str(cas / "cluster")}})
     with pytest.raises(ConfigError, match="facade.tls_ca: is the cluster CA"):
-        tls_options(s)
+        dtls.settings_options(s)
 
 
 def test_bcp195_options(cas):
@@ -374,3 +373,17 @@ def test_handshake_errors_in_words():
     assert "not signed" in dtls.handshake_error("provider signature failure")
     assert "below 1.2" in dtls.handshake_error("unsupported protocol")
     assert dtls.handshake_error("something else") == ""
+
+
+def test_check_config_names_a_missing_tls_file(tmp_path, capsys, cas):
+    from pacsp2p.admin import cli
+    d = cas / "dicom"
+    path = tmp_path / "peer.toml"
+    path.write_text(f'[peer]\ndata_dir = "data"\n[facade]\ntls_port = 2762\n'
+                    f'tls_cert = "{d}/missing.crt"\ntls_key = "{d}/PACSP2P.key"\n'
+                    f'tls_ca = "{d}/ca.crt"\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"pacsp2p: {path}: facade.tls_cert: {d}/missing.crt: certificate not found"
+    path.write_text(path.read_text().replace("missing.crt", "PACSP2P.crt"))
+    assert cli.main(["check-config", "--config", str(path)]) == 0
