@@ -3,7 +3,8 @@
 As Tahoe-LAFS does in ``test_istorageserver.py``: mixins hold the test methods — what
 every archive promises (``ArchiveContract``: the interfaces it claims, health, open,
 listing by crawl or walk, a UID it does not hold) and what an archive that takes new
-instances promises (``StoreContract``: store, duplicate, discard) — and one class per
+instances promises (``StoreContract``: store, duplicate, discard, delete where it
+can) — and one class per
 adapter starts the real archive once (class-scoped fixture) and builds the adapter the
 way a peer does (``make_archive``: entry point or file, checked against the interfaces):
 embedded, dimse against DCMTK dcmqrscp, orthanc against Orthanc, dicomweb against
@@ -198,6 +199,21 @@ class StoreContract:
                 call(archive.open, uid)
         else:                                                 # cannot delete: kept
             assert dataset_sha256_of(read_all(call(archive.open, uid))) == stored.sha256
+
+    def test_delete(self, archive, tmp_path):
+        """Capability ``delete`` (a cluster-wide delete): the copy goes for good, every
+        copy of the UID with an empty hash; again: 0, not an error."""
+        if "delete" not in archive.capabilities:
+            pytest.skip("no delete capability: a deleted copy is retained, hidden")
+        path = instance(tmp_path, "delete")
+        stored = call(archive.store, path, read_meta(path))
+        uid = read_meta(path).sop_instance_uid
+        assert call(archive.delete, uid, "0" * 64) == 0        # not that copy: kept
+        assert dataset_sha256_of(read_all(call(archive.open, uid))) == stored.sha256
+        assert call(archive.delete, uid, "") >= 1
+        with pytest.raises(NOT_HELD):
+            call(archive.open, uid)
+        assert call(archive.delete, uid, "") == 0
 
 
 # -- one class per adapter, each on its real archive -------------------------------------
