@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""C-FIND benchmark: study-level query latency with 10,000 studies in the catalog.
+"""C-FIND benchmark: study-level query latency with 10,000 studies in the catalog (or more).
 
 The catalog is filled before the peer starts, with the product's own writer
 (``pacsp2p.catalog.db.create_schema`` + ``write_facts``) into DATA/catalog.sqlite: 2,500
 patients x 4 studies, one series and one instance per study (no pixel files; C-FIND
-never opens them). A pynetdicom client then runs, on ONE association, a bounded number
-of study-root STUDY-level C-FINDs of four kinds, interleaved:
+never opens them). ``--patients N`` scales it (N x 4 studies; from the 2,501st patient on,
+surnames get a suffix, so a name query still matches a handful); a catalog of more than
+10,000 patients is cached (``--cache``) by size and schema, with a sample of its records,
+and copied in. A pynetdicom client then runs, on ONE association, a bounded number of
+study-root STUDY-level C-FINDs of five kinds, interleaved:
 
   pid    PatientID exact                         (4 studies match)
   name   PatientName "SURNAME^G*" wildcard        (~1-10 studies)
-  date   StudyDate one-week range "a-b"           (~20 studies)
+  date   StudyDate one-week range "a-b"           (~20 studies; one day beyond 100k studies)
   uid    StudyInstanceUID single value           (1 study)
+  acc    AccessionNumber exact                   (1 study)
 
 each asking the usual return keys (PatientName, PatientID, StudyDate, StudyTime,
 AccessionNumber, StudyDescription, ModalitiesInStudy, NumberOfStudyRelatedInstances,
@@ -20,15 +24,23 @@ floor of one DIMSE exchange with this client and this server. With --with-orthan
 same studies are also loaded into a real Orthanc (tiny 8x8 instances by DCMTK storescu,
 cached files) and the same queries are timed against it. Target: p50 < 20 ms.
 
-    .venv/bin/python bench/find.py [--quick] [--with-orthanc] [--queries N]
+Also printed: the catalog SQL alone (the SELECT ``matching.build`` makes, run on the
+peer's catalog file after the peer stopped: what indexes change), the peer's start-up
+(spawn to C-ECHO, first start and a restart after a clean stop) and ``GET /status``.
+
+    .venv/bin/python bench/find.py [--quick] [--with-orthanc] [--queries N] [--patients N]
 """
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import sqlite3
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Iterable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -41,12 +53,14 @@ import socket  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification  # noqa: E402
 
+from pacsp2p.catalog import db as catalog_db  # noqa: E402
+from pacsp2p.catalog import matching  # noqa: E402
 from pacsp2p.catalog.db import create_schema, meta_attributes, write_facts  # noqa: E402
 from pacsp2p.testing import Orthanc, Peer  # noqa: E402
 from pacsp2p.testing.datasets import (SOP_CLASSES, ExplicitVRLittleEndian, make_image,  # noqa: E402
                                       uid, write)
 from pacsp2p.testing.dcmtk import storescu  # noqa: E402
-from pacsp2p.types import InstanceMeta  # noqa: E402
+from pacsp2p.types import InstanceMeta, Query  # noqa: E402
 
 N_PATIENTS, STUDIES_PER_PATIENT = 2500, 4
 SURNAMES = ["SMITH", "JONES", "TAYLOR", "BROWN", "WILLIAMS", "WILSON", "JOHNSON", "DAVIES",
@@ -65,12 +79,20 @@ RETURN_KEYS = ["PatientName", "PatientID", "StudyDate", "StudyTime", "AccessionN
 PEER_NAME, ARCHIVE = "test", "local"
 
 
-def studies(seed: int = 2026) -> list[dict[str, str]]:
-    """10,000 deterministic study records (one series, one instance each)."""
+def _suffix(p: int) -> str:
+    """"" for the first 2,500 patients (the default catalog), then A, B, ..., Z, AA, ..."""
+    k, out = p // N_PATIENTS, ""
+    while k:
+        k, r = divmod(k - 1, 26)
+        out = chr(ord("A") + r) + out
+    return out
+
+
+def studies(n_patients: int = N_PATIENTS, seed: int = 2026) -> Iterator[dict[str, str]]:
+    """n_patients x 4 deterministic study records (one series, one instance each)."""
     rng = random.Random(seed)
-    out = []
-    for p in range(N_PATIENTS):
-        name = f"{rng.choice(SURNAMES)}^{rng.choice(GIVEN)}"
+    for p in range(n_patients):
+        name = f"{rng.choice(SURNAMES)}{_suffix(p)}^{rng.choice(GIVEN)}"
         pid = f"FP{p:06d}"
         birth = f"{rng.randint(1930, 2020)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
         for s in range(STUDIES_PER_PATIENT):
@@ -79,7 +101,7 @@ def studies(seed: int = 2026) -> list[dict[str, str]]:
             date = time.strftime("%Y%m%d", time.gmtime(1420070400 + day * 86400))  # 2015..
             study_uid = str(uid("find-study", pid, s))
             series_uid = str(uid("find-series", pid, s))
-            out.append({
+            yield {
                 "PatientID": pid, "PatientName": name, "PatientBirthDate": birth,
                 "PatientSex": rng.choice("MFO"), "StudyInstanceUID": study_uid,
                 "StudyDate": date, "StudyTime": f"{rng.randint(7, 19):02d}{rng.randint(0, 59):02d}00",
@@ -88,30 +110,71 @@ def studies(seed: int = 2026) -> list[dict[str, str]]:
                 "SeriesInstanceUID": series_uid, "Modality": modality, "SeriesNumber": "1",
                 "SeriesDescription": f"{modality} SERIES", "SOPInstanceUID":
                     str(uid("find-sop", pid, s)), "SOPClassUID": str(SOP_CLASSES[modality]),
-                "InstanceNumber": "1"})
-    return out
+                "InstanceNumber": "1"}
 
 
-def fill_catalog(path: Path, records: list[dict[str, str]]) -> None:
-    """Write the records with the product's own catalog writer (before the peer starts)."""
+def fill_catalog(path: Path, records: Iterable[dict[str, str]], keep: int = 0,
+                 seed: int = 11) -> list[dict[str, str]]:
+    """Write the records with the product's own catalog writer (before the peer starts);
+    return a uniform sample of *keep* of them (reservoir), to draw queries from."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
+    rng, sample, seen, batch = random.Random(seed), [], 0, []
     try:
         create_schema(conn)
-        for i in range(0, len(records), 1000):
-            batch = []
-            for n, r in enumerate(records[i:i + 1000], start=i + 1):
+
+        def flush():
+            facts = []
+            for n, r in batch:
                 meta = InstanceMeta(r["SOPInstanceUID"], r["SOPClassUID"],
                                     str(ExplicitVRLittleEndian), dict(r))
-                batch.append((meta_attributes(meta), (r["SOPInstanceUID"], ARCHIVE,
+                facts.append((meta_attributes(meta), (r["SOPInstanceUID"], ARCHIVE,
                                                       PEER_NAME, "0" * 64, 0, n)))
-            write_facts(conn, batch)
+            write_facts(conn, facts)
+            batch.clear()
+        for r in records:
+            seen += 1
+            batch.append((seen, r))
+            if len(sample) < keep:
+                sample.append(r)
+            elif keep and rng.randrange(seen) < keep:
+                sample[rng.randrange(keep)] = r
+            if len(batch) >= 1000:
+                flush()
+        if batch:
+            flush()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         conn.close()
+    return sample
 
 
+def cached_catalog(cache: Path, n_patients: int, keep: int) -> tuple[Path, list[dict]]:
+    """A filled catalog of *n_patients* (x 4 studies) and its sample, made once per size
+    (filling 1M studies takes minutes; copying it, seconds) by whichever pacsp2p runs the
+    bench: a newer peer migrates an older catalog at start, as it would at a site (so a
+    before/after pair of runs queries the very same catalog)."""
+    version = catalog_db.SCHEMA_VERSION
+    base = cache / f"find-catalog-{n_patients}"
+    path, sample_path = base.with_suffix(".sqlite"), base.with_suffix(".sample.json")
+    if not (path.exists() and sample_path.exists()):
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = base.with_suffix(".filling")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        print(f"   filling a catalog of {n_patients * STUDIES_PER_PATIENT} studies into "
+              f"{path} (schema {version}; once, cached) ...", flush=True)
+        with Timer() as t:
+            sample = fill_catalog(tmp, studies(n_patients), keep)
+        tmp.rename(path)
+        sample_path.write_text(json.dumps(sample))
+        print(f"   filled in {t.seconds:.0f} s, {path.stat().st_size / 2**30:.2f} GiB")
+    conn = sqlite3.connect(path)
+    made = conn.execute("PRAGMA user_version").fetchone()[0]
+    conn.close()
+    print(f"   cached catalog {path}: schema {made} (this pacsp2p: {version})")
+    return path, json.loads(sample_path.read_text())
 def tiny_files(cache: Path, records: list[dict[str, str]]) -> Path:
     """The same studies as tiny 8x8 Part-10 files, for Orthanc (cached)."""
     directory = cache / f"find{len(records)}"
@@ -130,7 +193,8 @@ def tiny_files(cache: Path, records: list[dict[str, str]]) -> Path:
     return directory / "files"
 
 
-def queries(records: list[dict[str, str]], per_kind: int, seed: int = 7) -> list[tuple[str, dict]]:
+def queries(records: list[dict[str, str]], per_kind: int, seed: int = 7,
+            date_days: int = 6) -> list[tuple[str, dict]]:
     rng = random.Random(seed)
     out = []
     for _ in range(per_kind):
@@ -141,10 +205,43 @@ def queries(records: list[dict[str, str]], per_kind: int, seed: int = 7) -> list
         day = time.strptime(r["StudyDate"], "%Y%m%d")
         lo = time.mktime(day)
         out.append(("date", {"StudyDate": time.strftime("%Y%m%d", time.localtime(lo)) + "-" +
-                             time.strftime("%Y%m%d", time.localtime(lo + 6 * 86400))}))
+                             time.strftime("%Y%m%d", time.localtime(lo + date_days * 86400))}))
         out.append(("uid", {"StudyInstanceUID": r["StudyInstanceUID"]}))
+        out.append(("acc", {"AccessionNumber": rng.choice(records)["AccessionNumber"]}))
         out.append(("echo", {}))
     return out
+
+
+def time_sql(path: Path, qs: list[tuple[str, dict]]) -> dict[str, dict]:
+    """The catalog's SQL alone for each query (what ``Catalog.find`` runs), warm cache."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    out: dict[str, dict] = {}
+    try:
+        for warm in (True, False):
+            for kind, keys in qs:
+                if kind == "echo":
+                    continue
+                sql, params, _ = matching.build(Query("STUDY", keys), RETURN_KEYS)
+                t0 = time.perf_counter()
+                rows = conn.execute(sql, params).fetchall()
+                if not warm:
+                    d = out.setdefault(kind, {"ms": [], "rows": []})
+                    d["ms"].append((time.perf_counter() - t0) * 1000)
+                    d["rows"].append(len(rows))
+    finally:
+        conn.close()
+    return out
+
+
+def time_status(peer, n: int = 5) -> float:
+    """Median ms of GET /status (it counted every table on each call before issue 19.3)."""
+    ms = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(f"{peer.admin_url}/status", timeout=120) as r:
+            r.read()
+        ms.append((time.perf_counter() - t0) * 1000)
+    return percentile(ms, 50)
 
 
 def identifier(keys: dict) -> Dataset:
@@ -210,7 +307,7 @@ def run_queries(port: int, aec: str, qs: list[tuple[str, dict]], deadline: float
 def report(name: str, res: dict[str, dict]) -> list[list[str]]:
     rows = []
     all_find = [m for k, d in res.items() if k != "echo" for m in d["ms"]]
-    for kind in ("pid", "name", "date", "uid", "echo"):
+    for kind in ("pid", "name", "date", "uid", "acc", "echo"):
         if kind in res:
             d = res[kind]
             rows.append([name, kind, str(len(d["ms"])), f"{sum(d['rows']) / len(d['rows']):.1f}",
@@ -225,26 +322,54 @@ def main() -> int:
     p.add_argument("--with-orthanc", action="store_true",
                    help="also load the studies into Orthanc and time the same queries there")
     p.add_argument("--queries", type=int, default=None,
-                   help="C-FINDs in total (200; 60 with --quick), spread over the 4 kinds")
+                   help="C-FINDs in total (200; 60 with --quick), spread over the 5 kinds")
+    p.add_argument("--patients", type=int, default=N_PATIENTS,
+                   help=f"patients in the catalog, 4 studies each (default {N_PATIENTS})")
     args = p.parse_args()
     total = args.queries or (60 if args.quick else 200)
-    per_kind = max(1, total // 4)
-    common.header("C-FIND: study level, 10,000 studies, pynetdicom client, one association")
-    records = studies()
-    qs = queries(records, per_kind)
+    per_kind = max(1, total // 5)
+    n_studies = args.patients * STUDIES_PER_PATIENT
+    date_days = 6 if n_studies <= 100_000 else 0
+    common.header(f"C-FIND: study level, {n_studies:,} studies, pynetdicom client, "
+                  "one association")
     results: dict[str, dict] = {}
     with common.workdir(args.keep, "pacsp2p-bench-find-") as wd:
-        peer = Peer(wd / "peer", name=PEER_NAME)
+        peer = Peer(wd / "peer", name=PEER_NAME, startup_timeout=1800)
+        catalog = peer.data_dir / "catalog.sqlite"
         with Timer() as t:
-            fill_catalog(peer.data_dir / "catalog.sqlite", records)
-        print(f"   catalog filled with {len(records)} studies in {t.seconds:.1f} s "
-              "(write_facts, not timed)")
-        with peer:
-            results["pacsp2p"] = run_queries(peer.port, peer.ae_title, qs, 120)
+            if args.patients <= 10_000:
+                records = list(studies(args.patients))
+                sample = records
+                fill_catalog(catalog, records)
+            else:
+                records = None
+                cached, sample = cached_catalog(args.cache, args.patients, 2000)
+                catalog.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cached, catalog)
+        print(f"   catalog of {n_studies:,} studies ready in {t.seconds:.1f} s "
+              f"({catalog.stat().st_size / 2**20:.0f} MiB; write_facts, not timed)")
+        qs = queries(sample, per_kind, date_days=date_days)
+        with Timer() as t:
+            peer.start()
+        first_start = t.seconds
+        try:
+            status_ms = time_status(peer)
+            peer.stop()
+            with Timer() as t:
+                peer.restart()
+            restart = t.seconds
+            results["pacsp2p"] = run_queries(peer.port, peer.ae_title, qs, 300)
             rss = common.rss_mb(peer.pid)
+        finally:
+            peer.stop()
+        print(f"   peer start-up (spawn to C-ECHO): first start {first_start:.2f} s, "
+              f"restart after a clean stop {restart:.2f} s; GET /status p50 "
+              f"{status_ms:.1f} ms")
         print(f"   pacsp2p peer RSS after the queries: {rss:.0f} MB" if rss else "")
+        sql = time_sql(catalog, qs)
         if args.with_orthanc:
-            files = tiny_files(args.cache, records)
+            files = tiny_files(args.cache, records if records is not None
+                               else list(studies(args.patients)))
             with Orthanc(wd / "orthanc") as o:
                 with Timer() as t:
                     storescu(o.dicom_port, o.aet, [files], timeout=900)
@@ -255,6 +380,7 @@ def main() -> int:
     rows = []
     for name, res in results.items():
         rows += report(name, res)
+    rows += report("catalog SQL", sql)
     print(table(rows, ["server", "query", "n", "matches/query", "p50 ms", "p99 ms"]))
     print()
     pc = results["pacsp2p"]
@@ -269,7 +395,7 @@ def main() -> int:
         ofinds = [m for k, d in oc.items() if k != "echo" for m in d["ms"]]
         print(f"ratio pacsp2p/orthanc C-FIND p50 = {p50 / percentile(ofinds, 50):.2f}  "
               f"p99 = {percentile(finds, 99) / percentile(ofinds, 99):.2f}  (lower is faster)")
-        for kind in ("pid", "name", "date", "uid"):
+        for kind in ("pid", "name", "date", "uid", "acc"):
             a, b = pc[kind]["rows"], oc[kind]["rows"]
             if a != b:
                 print(f"   note: {kind}: match counts differ between pacsp2p and Orthanc "

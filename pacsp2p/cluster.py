@@ -154,7 +154,8 @@ class Cluster:
         status = {"peer": self.settings.peer.name, "version": __version__,
                   "facade": {"ae_title": self.settings.facade.ae_title,
                              "port": self.settings.facade.port},
-                  "catalog": counts, "archives": archives}
+                  "catalog": {**counts, "integrity": self.catalog.integrity.state},
+                  "archives": archives}
         if self.overlay is not None:
             status["overlay"] = self.overlay.status()
         status["ingest"] = {"copies": dict(self.ingest.copies)}

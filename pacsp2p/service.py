@@ -6,8 +6,9 @@ strategies -> overlay -> cluster API -> front ends); nothing is wired afterwards
 peer is a ``MultiService``: the catalog and the archives are opened first (they must be
 ready before anything serves), then its children start one after the other — ingest,
 replica service, overlay, facade, crawlers, archive health, admin web — and stop in
-reverse. A part that cannot start (read-only data directory, port in use, damaged
-catalog) stops the peer with one line saying why.
+reverse. A part that cannot start (read-only data directory, port in use, a catalog
+that cannot be opened) stops the peer with one line saying why. Once everything serves,
+the catalog's integrity is checked in the background unless it was closed cleanly.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ class PeerService(service.MultiService):
                 yield defer.maybeDeferred(child.startService)
             except Exception as e:
                 raise RuntimeError(f"{_what(self.settings, child.name)}: {e}") from e
+        # the peer serves: check the catalog now, in the background (not if it was closed
+        # cleanly), never before the port opens (the whole file: minutes at 10M instances)
+        self.catalog.integrity.check()
 
     def _failed(self, failure):
         msg = failure.getErrorMessage()
@@ -138,7 +142,7 @@ class PeerService(service.MultiService):
                     log.failure("stopping {part} failed", part=child.name)
         for archive in reversed(self.archives):
             yield archive.stop()
-        self.catalog.stop()
+        yield self.catalog.stop()             # writes finished, the clean mark
         if self._lock is not None:
             self._lock.close()
 

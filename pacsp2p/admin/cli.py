@@ -71,6 +71,12 @@ def cmd_status(args) -> int:
     c = status["catalog"]
     print(f"catalog: {c['patients']} patients, {c['studies']} studies, {c['series']} series, "
           f"{c['instances']} instances, {c['locations']} replicas, {c['conflicts']} conflicts")
+    integrity = c.get("integrity", "ok")
+    if integrity.startswith("damaged"):
+        print(f"catalog integrity: DAMAGED ({integrity.partition(': ')[2]}); stop the peer "
+              "and run 'pacsp2p catalog rebuild'")
+    elif not integrity.startswith("ok"):
+        print(f"catalog integrity: {integrity}")
     for name, h in status["archives"].items():
         state = "up" if h.get("up") else f"DOWN ({h.get('error', '')})"
         free = h.get("free_bytes")

@@ -1,9 +1,10 @@
-"""The catalog database: schema, one batched writer, readers on their own connections.
+"""The catalog database: one batched writer, readers on their own connections.
 
 SQLite in WAL mode. All writes go through :meth:`Catalog.record`, which queues facts in
 the reactor and commits them from a single writer thread in batches (group commit: a
 burst of stores costs one transaction). Reads run in a small reader pool, one connection
-per thread. Nothing here touches SQLite from the reactor thread.
+per thread. Nothing here touches SQLite from the reactor thread. The schema, counters
+and clean-stop mark are in ``schema``; the background integrity check in ``integrity``.
 """
 
 from __future__ import annotations
@@ -13,19 +14,18 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-import sqlite_utils
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pacsp2p.catalog import matching, tombstones
+from pacsp2p.catalog import matching, schema, tombstones
+from pacsp2p.catalog.integrity import Integrity
+from pacsp2p.catalog.schema import SCHEMA_VERSION, create_schema  # noqa: F401 (re-exported)
 from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
 from pacsp2p.types import InstanceMeta, InstanceRef, Location, Query, Stored
 
 log = Logger()
-
-SCHEMA_VERSION = 1
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -34,45 +34,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash (kill -9)
     conn.execute("PRAGMA foreign_keys=OFF")
     return conn
-
-
-def create_schema(conn: sqlite3.Connection) -> None:
-    db = sqlite_utils.Database(conn)
-    for level in LEVELS:
-        cols = {c: str for c in columns(level)}
-        if level in PARENT:
-            cols[PARENT[level][1]] = str
-        if level == "IMAGE":
-            cols.update(TransferSyntaxUID=str)
-        table = db[TABLES[level]]
-        if not table.exists():
-            table.create(cols, pk=UNIQUE[level], defaults={c: "" for c in cols})
-    for level, (parent, key) in PARENT.items():
-        db[TABLES[level]].create_index([key], if_not_exists=True)
-    db["studies"].create_index(["StudyDate"], if_not_exists=True)
-    db["patients"].create_index(["PatientName"], if_not_exists=True)
-    if not db["locations"].exists():
-        db["locations"].create(
-            {"SOPInstanceUID": str, "archive": str, "peer": str, "sha256": str,
-             "size": int, "available": int, "seq": int},
-            pk=("SOPInstanceUID", "peer", "archive"), defaults={"seq": 0, "available": 1})
-    db["locations"].create_index(["archive"], if_not_exists=True)
-    db["locations"].create_index(["peer", "seq"], if_not_exists=True)
-    if not db["conflicts"].exists():
-        db["conflicts"].create(
-            {"SOPInstanceUID": str, "archive": str, "sha256": str, "seen": str},
-            pk=("SOPInstanceUID", "archive", "sha256"))
-    if not db["hints"].exists():     # hinted hand-off: copies owed to an archive (local)
-        db["hints"].create({"SOPInstanceUID": str, "peer": str, "archive": str,
-                            "created": str, "via_peer": str, "via_archive": str},
-                           pk=("SOPInstanceUID", "peer", "archive"))
-    elif "via_peer" not in db["hints"].columns_dict:
-        db["hints"].add_column("via_peer", str)
-        db["hints"].add_column("via_archive", str)
-    if not db["crawl_state"].exists():   # joining an archive: where its crawl stands
-        db["crawl_state"].create({"archive": str, "cursor": str, "done": int,
-                                  "finished": int, "since": str}, pk="archive")
-    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
 def _upsert_sql(table: str, cols: list[str], pk: str) -> str:
@@ -306,9 +267,11 @@ class Catalog:
         self.peer = peer
         self._writer_pool = ThreadPool(1, 1, "catalog-writer")
         self._reader_pool = ThreadPool(1, readers, "catalog-reader")
+        self.integrity = Integrity(self.path, reactor, _connect)    # .state: /status
         self._local = threading.local()
         self._writer: sqlite3.Connection | None = None
         self._pending: list[tuple[object, defer.Deferred]] = []
+        self._drained: list[defer.Deferred] = []    # stop() waiting for the last flush
         self._parents: dict = {}              # writer thread: see write_facts
         self._flushing = False
         self.vector: dict[str, int] = {}
@@ -317,26 +280,43 @@ class Catalog:
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> defer.Deferred:
+        """Open (create, migrate) the catalog; its check comes later (``integrity``)."""
         self._writer_pool.start()
         self._reader_pool.start()
         d = self._in_writer(self._open_writer)
-        d.addCallback(self.vector.update)
-        return d
 
-    def _open_writer(self) -> dict:
+        def opened(result):
+            self.vector.update(result[0])
+            self.integrity.opened(clean=result[1])
+        return d.addCallback(opened)
+
+    def _open_writer(self) -> tuple[dict, bool]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = _connect(self.path)
-        create_schema(self._writer)
-        tombstones.create_schema(self._writer)
-        check = self._writer.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise sqlite3.DatabaseError(f"catalog {self.path} is damaged ({check}); "
-                                        "run 'pacsp2p catalog rebuild'")
-        return vector(self._writer)
+        try:
+            self._writer = _connect(self.path)
+            create_schema(self._writer, self.path)
+            tombstones.create_schema(self._writer)
+            return vector(self._writer), schema.take_clean_mark(self._writer)
+        except sqlite3.DatabaseError as e:
+            raise sqlite3.DatabaseError(f"catalog {self.path} cannot be opened ({e}); "
+                                        "run 'pacsp2p catalog rebuild'") from e
 
-    def stop(self) -> None:
-        self._writer_pool.stop()
-        self._reader_pool.stop()
+    def stop(self) -> defer.Deferred:
+        """Interrupt a running integrity check, finish the queued writes, close the writer
+        (with the clean mark if the catalog is known good), stop the threads."""
+        self.integrity.stop()
+        drained = defer.Deferred()
+        self._drained.append(drained)
+        if not self._flushing:
+            self._next()
+        d = drained.addCallback(lambda _: self._writer and self._in_writer(self._close))
+        d.addErrback(lambda f: log.error("catalog {path}: not closed cleanly: {err}",
+                                         path=str(self.path), err=f.getErrorMessage()))
+        return d.addCallback(lambda _: (self._writer_pool.stop(), self._reader_pool.stop()))
+
+    def _close(self) -> None:
+        conn, self._writer = self._writer, None
+        schema.close_clean(conn, self.integrity.known_good)
 
     # -- writing ---------------------------------------------------------------------
     def _in_writer(self, fn: Callable, *a) -> defer.Deferred:
@@ -397,8 +377,7 @@ class Catalog:
             self._committed(self.peer, max((q for q in seqs if q), default=0))
             for (_, waiter), seq in zip(batch, seqs):
                 waiter.callback(seq)
-            if self._pending:
-                self._flush()
+            self._next()
 
         def failed(f):
             self._flushing = False
@@ -409,10 +388,18 @@ class Catalog:
                 log.failure("catalog write of {n} facts failed", f, n=len(batch))
             for _, waiter in batch:
                 waiter.errback(f)
-            if self._pending:
-                self._flush()
+            self._next()
 
         d.addCallbacks(done, failed)
+
+    def _next(self) -> None:
+        """After a flush: the next batch, or tell stop() that everything is written."""
+        if self._pending:
+            self._flush()
+        else:
+            drained, self._drained = self._drained, []
+            for waiter in drained:
+                waiter.callback(None)
 
     def apply(self, origin: str, rows: list[list]) -> defer.Deferred:
         """Write facts of another peer (anti-entropy), in one transaction."""
@@ -595,14 +582,9 @@ class Catalog:
         return self.read(run)
 
     def counts(self) -> defer.Deferred:
-        def run(conn):
-            counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                      for t in ("patients", "studies", "series", "instances", "conflicts",
-                                "hints")}
-            counts["locations"] = conn.execute(
-                "SELECT count(*) FROM locations WHERE size >= 0").fetchone()[0]
-            return counts
-        return self.read(run)
+        """Rows per table (locations: live copies), as the schema's triggers keep them:
+        a few rows read, whatever the catalog's size (it counted 10M rows: 3 s)."""
+        return self.read(schema.read_counts)
 
 
 def stored_location(meta: InstanceMeta, stored: Stored, peer: str) -> Location:

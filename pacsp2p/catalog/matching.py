@@ -63,8 +63,36 @@ def _glob_escape(text: str) -> str:
     return text.replace("[", "[[]")
 
 
+def successor(prefix: str) -> str | None:
+    """The least string above every string that starts with *prefix*, in SQLite's BINARY
+    order (UTF-8 bytes, the order of code points): *prefix* with its last character
+    incremented (None if there is none: no upper bound). ``s`` starts with ``p`` iff
+    ``p <= s < successor(p)``."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars[-1]) + 1
+        if 0xD800 <= code <= 0xDFFF:            # surrogates are no text: skip them
+            code = 0xE000
+        if code <= 0x10FFFF:
+            chars[-1] = chr(code)
+            return "".join(chars)
+        chars.pop()
+    return None
+
+
+def _prefix_range(col: str, prefix: str, params: list) -> str:
+    """``col >= prefix AND col < successor(prefix)``: what an index can search."""
+    params.append(prefix)
+    above = successor(prefix)
+    if above is None:
+        return f"{col} >= ?"
+    params.append(above)
+    return f"{col} >= ? AND {col} < ?"
+
+
 def _one_value(col: str, vr: str, value: str, params: list) -> str:
-    """SQL condition for one (non-list) value of one attribute."""
+    """SQL condition for one (non-list) value of one attribute. Every condition is one an
+    index on the column (for person names: on ``upper(col)``) can serve."""
     if vr in ("DA", "TM", "DT") and "-" in value:
         lo, _, hi = value.partition("-")
         conds = []
@@ -72,16 +100,31 @@ def _one_value(col: str, vr: str, value: str, params: list) -> str:
             conds.append(f"({col} != '' AND {col} >= ?)")
             params.append(lo)
         if hi:
-            conds.append(f"({col} != '' AND substr({col}, 1, {len(hi)}) <= ?)")
-            params.append(hi)
+            # values up to *hi* at its precision, e.g. TM -1015 takes 101559.9: the same
+            # as substr(col, 1, len(hi)) <= hi, but a plain comparison an index can use
+            conds.append(f"({col} != '' AND {_upper_bound(col, hi, params)})")
         return "(" + " AND ".join(conds or ["1"]) + ")"
-    if vr == "PN":
+    if vr == "PN":                   # case-insensitive, as Orthanc (SQLite upper(): ASCII)
         col, value = f"upper({col})", value.upper()
     if "*" in value or "?" in value:
-        params.append(_glob_escape(value))
-        return f"{col} GLOB ?"
+        prefix = value[:min(i for i in (value.find("*"), value.find("?")) if i >= 0)]
+        cond = f"{col} GLOB ?"
+        params_glob = [_glob_escape(value)]
+        if prefix:                   # DOE* -> >= 'DOE' AND < 'DOF' (an index range)
+            cond = f"{_prefix_range(col, prefix, params)} AND {cond}"
+        params.extend(params_glob)
+        return f"({cond})"
     params.append(value)
     return f"{col} = ?"
+
+
+def _upper_bound(col: str, hi: str, params: list) -> str:
+    above = successor(hi)
+    if above is None:
+        params.append(hi)
+        return f"substr({col}, 1, {len(hi)}) <= ?"
+    params.append(above)
+    return f"{col} < ?"
 
 
 def condition(col: str, vr: str, raw: str, params: list) -> str | None:

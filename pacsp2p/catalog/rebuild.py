@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from pacsp2p.catalog.db import _connect, create_schema, meta_attributes, write_facts
+from pacsp2p.catalog.schema import close_clean
 
 
 def rebuild(catalog_path: Path, archives, peer_name: str, progress=print) -> int:
@@ -52,8 +53,7 @@ def rebuild(catalog_path: Path, archives, peer_name: str, progress=print) -> int
                 progress(f"{total} instances ({total / (time.monotonic() - t0):.0f}/s)")
     if batch:
         write_facts(conn, batch)
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
+    close_clean(conn, known_good=True)      # just built: the peer need not check it
     if catalog_path.exists():
         os.replace(catalog_path, f"{catalog_path}.broken")
     for suffix in ("-wal", "-shm"):

@@ -69,7 +69,7 @@ def catalog(tmp_path_factory):
     c = Catalog(tmp_path_factory.mktemp("catalog") / "catalog.sqlite", reactor, peer="p1")
     call(c.start)
     yield c
-    c.stop()
+    call(c.stop)
 
 
 def started(archive):

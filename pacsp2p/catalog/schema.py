@@ -1,0 +1,156 @@
+"""The catalog's schema: tables, indexes, row counters and the clean-shutdown mark.
+
+``create_schema`` makes a new catalog and brings an existing one up to date at start
+(every step ``IF NOT EXISTS``, so it may run again after a crash half-way):
+
+- the tables (patients, studies, series, instances, locations, conflicts, hints,
+  crawl_state) and their indexes, among them the ones C-FIND needs at scale: an
+  expression index on ``upper(PatientName)`` (person names match case-insensitively,
+  ``matching`` compares ``upper(...)``), and indexes on ``StudyDate`` and
+  ``AccessionNumber``;
+- ``catalog_counts``: the number of rows of each table (locations: live copies only,
+  ``size >= 0``), kept exact by triggers inside the very transaction that inserts or
+  deletes rows, so ``/status`` reads seven numbers instead of counting millions of rows.
+  Created, filled from ``count(*)`` and armed in one transaction (a crash before its
+  commit leaves no counters, and the next start makes them again);
+- ``catalog_meta``: small facts about the file itself, e.g. ``clean``: set when the
+  peer stopped cleanly after the catalog was known good, taken away again at start
+  (``take_clean_mark``). A start without it runs the integrity check in the background.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import sqlite_utils
+from twisted.logger import Logger
+
+from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
+
+log = Logger()
+
+SCHEMA_VERSION = 2          # 2: counters, catalog_meta, upper(PatientName), AccessionNumber
+
+# table -> the condition a row must meet to be counted (None: every row); {r} stands for
+# the row ("new.", "old.", or nothing in a plain SELECT)
+COUNTED = {"patients": None, "studies": None, "series": None, "instances": None,
+           "locations": "ifnull({r}size, -1) >= 0", "conflicts": None, "hints": None}
+
+
+def create_schema(conn: sqlite3.Connection, path=None) -> None:
+    """Create or migrate the catalog on *conn* (autocommit mode, as ``db._connect``);
+    *path*: the file, named in the log line of a migration."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if 0 < version < SCHEMA_VERSION:
+        log.info("catalog {path}: schema {old} -> {new} (new indexes and row counters; "
+                 "once, may take a while on a large catalog)", path=str(path),
+                 old=version, new=SCHEMA_VERSION)
+    db = sqlite_utils.Database(conn)
+    for level in LEVELS:
+        cols = {c: str for c in columns(level)}
+        if level in PARENT:
+            cols[PARENT[level][1]] = str
+        if level == "IMAGE":
+            cols.update(TransferSyntaxUID=str)
+        table = db[TABLES[level]]
+        if not table.exists():
+            table.create(cols, pk=UNIQUE[level], defaults={c: "" for c in cols})
+    for level, (parent, key) in PARENT.items():
+        db[TABLES[level]].create_index([key], if_not_exists=True)
+    db["studies"].create_index(["StudyDate"], if_not_exists=True)
+    db["studies"].create_index(["AccessionNumber"], if_not_exists=True)
+    db["patients"].create_index(["PatientName"], if_not_exists=True)
+    # what matching compares for person names: upper(PatientName) = ?, and a prefix
+    # range (>= 'DOE' AND < 'DOF') for DOE*; a plain index cannot serve either
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_patients_upper_PatientName "
+                 "ON patients (upper(PatientName))")
+    if not db["locations"].exists():
+        db["locations"].create(
+            {"SOPInstanceUID": str, "archive": str, "peer": str, "sha256": str,
+             "size": int, "available": int, "seq": int},
+            pk=("SOPInstanceUID", "peer", "archive"), defaults={"seq": 0, "available": 1})
+    db["locations"].create_index(["archive"], if_not_exists=True)
+    db["locations"].create_index(["peer", "seq"], if_not_exists=True)
+    if not db["conflicts"].exists():
+        db["conflicts"].create(
+            {"SOPInstanceUID": str, "archive": str, "sha256": str, "seen": str},
+            pk=("SOPInstanceUID", "archive", "sha256"))
+    if not db["hints"].exists():     # hinted hand-off: copies owed to an archive (local)
+        db["hints"].create({"SOPInstanceUID": str, "peer": str, "archive": str,
+                            "created": str, "via_peer": str, "via_archive": str},
+                           pk=("SOPInstanceUID", "peer", "archive"))
+    elif "via_peer" not in db["hints"].columns_dict:
+        db["hints"].add_column("via_peer", str)
+        db["hints"].add_column("via_archive", str)
+    if not db["crawl_state"].exists():   # joining an archive: where its crawl stands
+        db["crawl_state"].create({"archive": str, "cursor": str, "done": int,
+                                  "finished": int, "since": str}, pk="archive")
+    conn.execute("CREATE TABLE IF NOT EXISTS catalog_meta "
+                 "(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    _create_counters(conn)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _create_counters(conn: sqlite3.Connection) -> None:
+    """``catalog_counts`` and its triggers, filled from ``count(*)``: all or nothing."""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                          "name = 'catalog_counts'").fetchone()
+    if exists:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE catalog_counts (name TEXT PRIMARY KEY, "
+                     "n INTEGER NOT NULL) WITHOUT ROWID")
+        for table, cond in COUNTED.items():
+            bump = "UPDATE catalog_counts SET n = n {op} 1 WHERE name = '" + table + "'"
+            new = f" WHEN {cond.format(r='new.')}" if cond else ""
+            old = f" WHEN {cond.format(r='old.')}" if cond else ""
+            conn.execute(f"CREATE TRIGGER count_{table}_insert AFTER INSERT ON {table}"
+                         f"{new} BEGIN {bump.format(op='+')}; END")
+            conn.execute(f"CREATE TRIGGER count_{table}_delete AFTER DELETE ON {table}"
+                         f"{old} BEGIN {bump.format(op='-')}; END")
+            if cond:                      # a live copy becomes a tombstone, or back
+                conn.execute(
+                    f"CREATE TRIGGER count_{table}_update AFTER UPDATE OF size ON {table} "
+                    f"WHEN ({cond.format(r='old.')}) != ({cond.format(r='new.')}) BEGIN "
+                    f"UPDATE catalog_counts SET n = n + (CASE WHEN {cond.format(r='new.')} "
+                    f"THEN 1 ELSE -1 END) WHERE name = '{table}'; END")
+            where = f" WHERE {cond.format(r='')}" if cond else ""
+            conn.execute(f"INSERT INTO catalog_counts VALUES (?, (SELECT count(*) FROM "
+                         f"{table}{where}))", (table,))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def read_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """The row counts the triggers keep: {table: rows} (locations: live copies)."""
+    return dict(conn.execute("SELECT name, n FROM catalog_counts"))
+
+
+def take_clean_mark(conn: sqlite3.Connection) -> bool:
+    """True if the catalog was closed cleanly after it was known good; the mark is taken
+    away (committed) so that a crash from now on leaves no mark."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT value FROM catalog_meta WHERE key = 'clean'").fetchone()
+        conn.execute("DELETE FROM catalog_meta WHERE key = 'clean'")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return row is not None
+
+
+def close_clean(conn: sqlite3.Connection, known_good: bool) -> None:
+    """Close the writer's connection at a clean stop: the mark (if the catalog was known
+    good: checked this run, or closed cleanly before it), a checkpoint that moves the
+    WAL into the database file and truncates it, then close."""
+    if known_good:
+        conn.execute("INSERT OR REPLACE INTO catalog_meta VALUES ('clean', "
+                     "datetime('now'))")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()

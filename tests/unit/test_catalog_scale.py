@@ -1,0 +1,413 @@
+"""The catalog at scale (issue 19, items 2-4), on a real SQLite catalog and real threads.
+
+- Start-up: no ``PRAGMA quick_check`` before the peer serves. A catalog closed cleanly is
+  not checked; any other is checked in the background (``Catalog.integrity.check``), and a damaged
+  one is logged as critical and shown as ``integrity.state``.
+- ``counts()`` reads counters the schema's triggers keep (it counted 10M rows: 3 s); they
+  stay exact through inserts, duplicates, tombstones, hints, conflicts and wire batches.
+- C-FIND SQL uses indexes: ``upper(PatientName)`` with a prefix range for ``DOE*``,
+  AccessionNumber, a StudyDate range bounded on both sides (``EXPLAIN QUERY PLAN``),
+  with the same matches as before (checked against a reference in Python).
+"""
+from __future__ import annotations
+
+import fnmatch
+import queue
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer
+from twisted.logger import formatEvent, globalLogPublisher
+
+from pacsp2p.catalog import db, matching, schema
+from pacsp2p.catalog.db import Catalog
+from pacsp2p.types import InstanceMeta, Location, Query
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+
+
+# -- a reactor for the catalog's threads -------------------------------------------------
+class ThreadReactor:
+    """Enough of a reactor for deferToThreadPool: results come back through a queue that
+    ``wait`` pumps in the test's thread (the 'reactor thread' here)."""
+
+    def __init__(self):
+        self.calls: queue.Queue = queue.Queue()
+
+    def callFromThread(self, fn, *args, **kw):
+        self.calls.put((fn, args, kw))
+
+    def wait(self, d: defer.Deferred, timeout: float = 30):
+        result = []
+        d.addBoth(result.append)
+        deadline = time.monotonic() + timeout
+        while not result:
+            try:
+                fn, args, kw = self.calls.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError("Deferred did not fire") from None
+            fn(*args, **kw)
+        if hasattr(result[0], "raiseException"):
+            result[0].raiseException()
+        return result[0]
+
+
+@pytest.fixture
+def reactor():
+    return ThreadReactor()
+
+
+@pytest.fixture
+def logged():
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    yield lambda: [formatEvent(e) for e in events]
+    globalLogPublisher.removeObserver(events.append)
+
+
+def meta(i: int, patient: int | None = None, study: int | None = None, **attrs) -> InstanceMeta:
+    p = i // 6 if patient is None else patient
+    s = i // 3 if study is None else study
+    base = {"PatientID": f"P{p}", "PatientName": f"NAME^{p}",
+            "StudyInstanceUID": f"1.2.4.{s}", "SeriesInstanceUID": f"1.2.5.{s}",
+            "StudyDate": "20240101", "Modality": "CT"}
+    base.update(attrs)
+    return InstanceMeta(f"1.2.3.{i}", CT, EXPLICIT, base)
+
+
+def loc(i: int, size: int = 10, archive: str = "local", peer: str = "p") -> Location:
+    return Location(f"1.2.3.{i}", archive, peer, f"{i:064x}", size)
+
+
+def true_counts(path: Path) -> dict[str, int]:
+    conn = sqlite3.connect(path)
+    try:
+        out = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+               for t in ("patients", "studies", "series", "instances", "conflicts", "hints")}
+        out["locations"] = conn.execute(
+            "SELECT count(*) FROM locations WHERE size >= 0").fetchone()[0]
+        return out
+    finally:
+        conn.close()
+
+
+def open_catalog(reactor, path: Path) -> Catalog:
+    cat = Catalog(path, reactor, peer="p")
+    reactor.wait(cat.start())
+    return cat
+
+
+# -- 3. counts ---------------------------------------------------------------------------
+def test_counts_stay_exact(tmp_path, reactor):
+    path = tmp_path / "catalog.sqlite"
+    cat = open_catalog(reactor, path)
+    try:
+        def check():
+            counts = reactor.wait(cat.counts())
+            assert counts == true_counts(path)
+            return counts
+
+        assert check() == dict.fromkeys(schema.COUNTED, 0)
+        reactor.wait(defer.gatherResults([cat.record(meta(i), loc(i)) for i in range(30)]))
+        assert check() == {"patients": 5, "studies": 10, "series": 10, "instances": 30,
+                           "locations": 30, "conflicts": 0, "hints": 0}
+        # duplicates: the same facts again, and the same instance on a second archive
+        reactor.wait(defer.gatherResults([cat.record(meta(i), loc(i)) for i in range(10)]))
+        reactor.wait(cat.record(meta(3), loc(3, archive="second")))
+        assert check()["instances"] == 30 and check()["locations"] == 31
+        # forgets: tombstones (size -1) take copies away, twice is once; a copy back
+        reactor.wait(defer.gatherResults([cat.forget(f"1.2.3.{i}", "local", f"{i:064x}")
+                                          for i in (1, 2, 2, 3)]))
+        assert check()["locations"] == 28
+        reactor.wait(cat.record(meta(2), loc(2)))
+        assert check()["locations"] == 29
+        # hints and conflicts, added twice, dropped
+        reactor.wait(cat.add_hints("1.2.3.5", [("q", "a", "", ""), ("q", "b", "", "")]))
+        reactor.wait(cat.add_hints("1.2.3.5", [("q", "a", "", "")]))
+        reactor.wait(cat.record_conflict("1.2.3.6", "local", "ab" * 32))
+        reactor.wait(cat.record_conflict("1.2.3.6", "local", "ab" * 32))
+        assert (check()["hints"], check()["conflicts"]) == (2, 1)
+        reactor.wait(cat.drop_hint("1.2.3.5", "q", "a"))
+        assert check()["hints"] == 1
+        # another peer's facts, as anti-entropy writes them (new and known rows)
+        other = Catalog(tmp_path / "other.sqlite", reactor, peer="q")
+        reactor.wait(other.start())
+        reactor.wait(defer.gatherResults([other.record(meta(i, patient=100), loc(i, peer="q"))
+                                          for i in range(25, 40)]))
+        batch = reactor.wait(other.changes("q", 0, 1000))
+        reactor.wait(other.stop())
+        reactor.wait(cat.apply("q", batch))
+        counts = check()
+        assert counts["instances"] == 40 and counts["locations"] == 44
+        # a bulk job through write() (a rebuild-like delete) is counted too
+        reactor.wait(cat.write(lambda conn: conn.execute(
+            "DELETE FROM instances WHERE SOPInstanceUID = '1.2.3.39'")))
+        assert check()["instances"] == 39
+    finally:
+        reactor.wait(cat.stop())
+
+
+def test_counts_read_no_table(tmp_path, reactor):
+    """counts() reads the counter table, not count(*) over the tables (3 s at 10M)."""
+    cat = open_catalog(reactor, tmp_path / "catalog.sqlite")
+    try:
+        seen = []
+        real = cat.read
+
+        def spy(fn):
+            def traced(conn):
+                conn.set_trace_callback(seen.append)
+                try:
+                    return fn(conn)
+                finally:
+                    conn.set_trace_callback(None)
+            return real(traced)
+        cat.read = spy
+        reactor.wait(cat.counts())
+        assert seen and not any("count(" in s.lower() for s in seen), seen
+    finally:
+        reactor.wait(cat.stop())
+
+
+def test_an_old_catalog_gets_indexes_and_counters(tmp_path, reactor):
+    """A catalog of schema 1 (no counters, no new indexes) is migrated at start."""
+    path = tmp_path / "catalog.sqlite"
+    conn = db._connect(path)
+    schema.create_schema(conn)
+    db.write_facts(conn, [(db.meta_attributes(meta(i)), (f"1.2.3.{i}", "local", "p",
+                                                         "0" * 64, 10, i + 1))
+                          for i in range(12)])
+    for name in ("idx_patients_upper_PatientName", "idx_studies_AccessionNumber"):
+        conn.execute(f"DROP INDEX {name}")
+    for (trigger,) in conn.execute("SELECT name FROM sqlite_master "
+                                   "WHERE type = 'trigger'").fetchall():
+        conn.execute(f"DROP TRIGGER {trigger}")
+    conn.execute("DROP TABLE catalog_counts")
+    conn.execute("DROP TABLE catalog_meta")
+    conn.execute("PRAGMA user_version=1")
+    conn.close()
+    cat = open_catalog(reactor, path)
+    try:
+        assert reactor.wait(cat.counts()) == true_counts(path)
+        assert reactor.wait(cat.counts())["instances"] == 12
+        names = {r[0] for r in sqlite3.connect(path).execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"idx_patients_upper_PatientName", "idx_studies_AccessionNumber"} <= names
+        reactor.wait(cat.record(meta(50), loc(50)))
+        assert reactor.wait(cat.counts()) == true_counts(path)
+    finally:
+        reactor.wait(cat.stop())
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == \
+        schema.SCHEMA_VERSION
+
+
+# -- 2. integrity at start ---------------------------------------------------------------
+def test_integrity_checked_in_background_then_skipped_after_a_clean_stop(tmp_path, reactor,
+                                                                        logged):
+    path = tmp_path / "catalog.sqlite"
+    cat = open_catalog(reactor, path)                  # new: not closed cleanly before
+    assert cat.integrity.state == "unchecked"                # start did not check
+    reactor.wait(defer.gatherResults([cat.record(meta(i), loc(i)) for i in range(20)]))
+    assert reactor.wait(cat.integrity.check()) == "ok"
+    assert any("integrity ok (quick_check" in x for x in logged())
+    reactor.wait(cat.stop())
+    assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").stat().st_size == 0
+
+    cat = open_catalog(reactor, path)                  # closed cleanly: no check at all
+    assert cat.integrity.state == "ok (closed cleanly)"
+    checks = len([x for x in logged() if "quick_check" in x])
+    assert reactor.wait(cat.integrity.check()) == "ok (closed cleanly)"
+    assert len([x for x in logged() if "quick_check" in x]) == checks
+    reactor.wait(cat.record(meta(99), loc(99)))
+    # a crash: the writer's thread ends without closing the catalog
+    cat._writer_pool.stop()
+    cat._reader_pool.stop()
+
+    cat = open_catalog(reactor, path)                  # the mark went at start: check
+    try:
+        assert cat.integrity.state == "unchecked"
+        assert reactor.wait(cat.counts())["instances"] == 21
+    finally:
+        reactor.wait(cat.stop())                       # never checked: still no mark
+    cat = open_catalog(reactor, path)
+    assert cat.integrity.state == "unchecked"
+    reactor.wait(cat.stop())
+
+
+def test_a_stop_waits_for_queued_writes(tmp_path, reactor):
+    path = tmp_path / "catalog.sqlite"
+    cat = open_catalog(reactor, path)
+    written = [cat.record(meta(i), loc(i)) for i in range(50)]
+    reactor.wait(cat.stop())
+    assert all(d.called for d in written)
+    assert true_counts(path)["instances"] == 50
+
+
+def test_a_damaged_catalog_is_found_in_the_background(tmp_path, reactor, logged):
+    path = tmp_path / "catalog.sqlite"
+    conn = db._connect(path)
+    schema.create_schema(conn)
+    db.write_facts(conn, [(db.meta_attributes(meta(i, StudyDescription="x" * 300)),
+                           (f"1.2.3.{i}", "local", "p", "0" * 64, 10, i + 1))
+                          for i in range(600)])
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = [r[0] for r in conn.execute(
+        "SELECT pageno FROM dbstat WHERE name = 'studies' AND pagetype = 'leaf'")]
+    conn.close()
+    with open(path, "r+b") as f:                        # a bad sector in the studies
+        f.seek((pages[len(pages) // 2] - 1) * size + 8)
+        f.write(b"\xff" * 64)
+    cat = open_catalog(reactor, path)                  # opens, serves
+    try:
+        assert cat.integrity.state == "unchecked"
+        state = reactor.wait(cat.integrity.check())
+        assert state.startswith("damaged: ") and cat.integrity.state == state
+        assert any("CATALOG DAMAGED" in x and "catalog rebuild" in x for x in logged())
+    finally:
+        reactor.wait(cat.stop())
+    cat = open_catalog(reactor, path)                  # damaged: never marked clean
+    assert cat.integrity.state == "unchecked"
+    reactor.wait(cat.stop())
+
+
+def test_a_stop_interrupts_a_running_check(tmp_path, reactor):
+    path = tmp_path / "catalog.sqlite"
+    cat = open_catalog(reactor, path)
+    started = []
+
+    class Slow(sqlite3.Connection):                     # a check that would take minutes
+        def set_progress_handler(self, handler, n):
+            started.append(1)
+            super().set_progress_handler(lambda: time.sleep(0.01) or handler(), 1)
+
+    cat.integrity._connect = lambda p: sqlite3.connect(p, factory=Slow,
+                                                        check_same_thread=False)
+    d = cat.integrity.check()
+    assert cat.integrity.state == "checking"
+    while not started:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    reactor.wait(cat.stop())
+    assert time.monotonic() - t0 < 5
+    assert reactor.wait(d) == "unchecked"
+    cat = open_catalog(reactor, path)                  # not known good: no mark
+    assert cat.integrity.state == "unchecked"
+    reactor.wait(cat.stop())
+
+
+# -- 4. C-FIND SQL and its plan ----------------------------------------------------------
+NAMES = ["Doe^John", "DOE^JANE", "doe^jim", "Doel^X", "Do^Y", "ODOE^Z", "DOF^A", "DOE",
+         "D[OE]^B", "Smith^Anna", "", "DOE^J?HN", "Müller^Hans", "DOE^John^^Dr"]
+DATES = ["20240101", "20240115", "20240131", "20240201", "", "20231231", "2024"]
+
+
+@pytest.fixture
+def find_db(tmp_path):
+    conn = db._connect(tmp_path / "catalog.sqlite")
+    schema.create_schema(conn)
+    facts = []
+    for i, name in enumerate(NAMES):
+        for j, date in enumerate(DATES):
+            n = i * len(DATES) + j
+            facts.append((db.meta_attributes(meta(
+                n, patient=i, study=n, PatientName=name, StudyDate=date,
+                AccessionNumber=f"ACC{n:04d}", StudyTime=f"{8 + j:02d}3000")),
+                (f"1.2.3.{n}", "local", "p", "0" * 64, 10, n + 1)))
+    db.write_facts(conn, facts)
+    yield conn
+    conn.close()
+
+
+def studies_matching(conn, keys: dict) -> set[str]:
+    sql, params, _ = matching.build(Query("STUDY", keys), ["StudyInstanceUID"])
+    sql = sql.replace("SELECT 1 FROM", "SELECT st.StudyInstanceUID FROM")
+    return {r[0] for r in conn.execute(sql, params)}
+
+
+def reference(conn, keys: dict) -> set[str]:
+    """The matching rules as they were (PS3.4 C.2.2.2, names case-insensitive)."""
+    out = set()
+    for uid, name, date, acc in conn.execute(
+            "SELECT st.StudyInstanceUID, p.PatientName, st.StudyDate, st.AccessionNumber "
+            "FROM studies st JOIN patients p USING (PatientID)"):
+        ok = True
+        if "PatientName" in keys:
+            pattern = keys["PatientName"].rstrip("^ =").upper()
+            ok &= fnmatch.fnmatchcase(name.upper(), pattern.replace("[", "[[]"))
+        if "AccessionNumber" in keys:
+            ok &= fnmatch.fnmatchcase(acc, keys["AccessionNumber"].replace("[", "[[]"))
+        if "StudyDate" in keys:
+            lo, dash, hi = keys["StudyDate"].partition("-")
+            if dash:
+                ok &= date != "" and (not lo or date >= lo) and (not hi or date[:len(hi)] <= hi)
+            else:
+                ok &= date == lo
+        if ok:
+            out.add(uid)
+    return out
+
+
+@pytest.mark.parametrize("keys", [
+    {"PatientName": "doe*"}, {"PatientName": "DOE^J*"}, {"PatientName": "Doe^John"},
+    {"PatientName": "D?E*"}, {"PatientName": "*OE*"}, {"PatientName": "DOE"},
+    {"PatientName": "D[OE]*"}, {"PatientName": "DOE^J?HN"}, {"PatientName": "M*"},
+    {"PatientName": "DO*", "StudyDate": "20240101-20240131"},
+    {"StudyDate": "20240101-20240131"}, {"StudyDate": "-20240115"},
+    {"StudyDate": "20240115-"}, {"StudyDate": "2024-2024"}, {"StudyDate": "20240115"},
+    {"StudyDate": "-202401"},
+    {"AccessionNumber": "ACC0003"}, {"AccessionNumber": "ACC001*"},
+    {"AccessionNumber": "ACC00?1"},
+])
+def test_matches_as_before(find_db, keys):
+    expected = reference(find_db, keys)
+    assert studies_matching(find_db, keys) == expected
+    if keys.get("PatientName") in ("doe*", "DOE^J*"):
+        assert expected                                # the case matters here
+
+
+def plan(conn, level: str, keys: dict, returns=("StudyInstanceUID",)) -> list[str]:
+    sql, params, _ = matching.build(Query(level, keys), list(returns))
+    return [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+
+
+STUDY_RETURNS = ("PatientName", "PatientID", "StudyDate", "StudyTime", "AccessionNumber",
+                 "StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
+                 "StudyInstanceUID")
+SCAN = re.compile(r"\bSCAN (st|p|se|i|studies|patients|series|instances)\b")
+
+
+@pytest.mark.parametrize("keys, index", [
+    ({"PatientName": "DOE*"}, "USING INDEX idx_patients_upper_PatientName (<expr>>? AND <expr><?)"),
+    ({"PatientName": "doe^j*"}, "USING INDEX idx_patients_upper_PatientName (<expr>>? AND <expr><?)"),
+    ({"PatientName": "DOE^JOHN"}, "USING INDEX idx_patients_upper_PatientName (<expr>=?)"),
+    ({"AccessionNumber": "A0001234"}, "USING INDEX idx_studies_AccessionNumber (AccessionNumber=?)"),
+    ({"AccessionNumber": "A00012*"},
+     "USING INDEX idx_studies_AccessionNumber (AccessionNumber>? AND AccessionNumber<?)"),
+    ({"StudyDate": "20240101-20240107"},
+     "USING INDEX idx_studies_StudyDate (StudyDate>? AND StudyDate<?)"),
+    ({"StudyDate": "-20240107"}, "USING INDEX idx_studies_StudyDate (StudyDate<?)"),
+])
+def test_find_uses_an_index_not_a_scan(find_db, keys, index):
+    lines = plan(find_db, "STUDY", keys, STUDY_RETURNS)
+    assert any(index in line for line in lines), lines
+    assert not any(SCAN.search(line) for line in lines), lines
+    if keys.get("StudyDate", "").startswith("-"):
+        return          # open below: deeper down, SQLite may rightly prefer a scan
+    for level in ("SERIES", "IMAGE"):                   # the same key deeper down
+        lines = plan(find_db, level, keys)
+        assert any(index in line for line in lines), lines
+        assert not any(SCAN.search(line) for line in lines), lines
+
+
+def test_successor():
+    assert matching.successor("DOE") == "DOF"
+    assert matching.successor("DOE^J") == "DOE^K"
+    assert matching.successor("20240107") == "20240108"
+    assert matching.successor("A\U0010ffff") == "B"
+    assert matching.successor("\U0010ffff") is None
+    assert matching.successor("\ud7ff") == "\ue000"
