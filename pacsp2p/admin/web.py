@@ -99,9 +99,10 @@ class _Delete(resource.Resource):
             request.setResponseCode(415)
             return _body({"error": "Content-Type: application/json expected"})
         try:
-            body = json.loads(request.content.read(MAX_BODY + 1)[:MAX_BODY + 1] or b"{}")
-            if len(json.dumps(body)) > MAX_BODY or not isinstance(body, dict):
-                raise ValueError("not a JSON object (at most 1 MiB)")
+            raw = request.content.read(MAX_BODY + 1)
+            body = json.loads(raw) if len(raw) <= MAX_BODY else None
+            if not isinstance(body, dict):
+                raise ValueError("the body is not a JSON object (of at most 1 MiB)")
             uids = body.get("uids")
             if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
                 raise ValueError('"uids" must be a list of UID strings')

@@ -233,11 +233,12 @@ def _tombstones(conn, uids: list[str]) -> dict[str, tuple[list[dict], str]]:
 
 def hide(conn: sqlite3.Connection, uid: str) -> None:
     """Take instance *uid* out of the view: its row, then its series, study and patient
-    rows if they have no other children, and the hints for it."""
+    rows if they have no other children; and the hints and conflicts of it."""
     row = conn.execute("SELECT SeriesInstanceUID FROM instances WHERE SOPInstanceUID = ?",
                        (uid,)).fetchone()
     conn.execute("DELETE FROM instances WHERE SOPInstanceUID = ?", (uid,))
     conn.execute("DELETE FROM hints WHERE SOPInstanceUID = ?", (uid,))
+    conn.execute("DELETE FROM conflicts WHERE SOPInstanceUID = ?", (uid,))
     key, level = (row[0] if row else None), "SERIES"
     while key is not None and level is not None:
         child = next(c for c, (p, _) in PARENT.items() if p == level)

@@ -90,6 +90,7 @@ class Deleter:
         self.recent = collections.deque(maxlen=10)      # the latest deletes, for status
         self._loop = None
         self._working = False
+        self._warned: dict[str, float] = {}        # archive -> when a failure was logged
 
     # -- life cycle ------------------------------------------------------------------
     def start(self):
@@ -201,20 +202,22 @@ class Deleter:
     @defer.inlineCallbacks
     def _purge(self):
         removed, retained = collections.Counter(), collections.Counter()
+        failing: set[str] = set()        # archives that failed (or are down) this pass
         while True:
             items = yield self.catalog.read(tombstones.to_purge)
+            items = [i for i in items if i[1] not in failing]
             if not items:
                 break
-            progressed = False
             for uid, name, _sha, reason in items:
+                if name in failing:
+                    continue
                 outcome = yield self._purge_one(uid, name, reason)
                 if outcome == "removed":
                     removed[name] += 1
                 elif outcome == "retained":
                     retained[name] += 1
-                progressed |= outcome is not None
-            if not progressed:
-                break                   # every one failed (an archive down): later
+                elif outcome is None:
+                    failing.add(name)   # down: its copies wait for the next pass
         for name, n in removed.items():
             log.info("delete: {n} deleted instance(s) removed from archive {archive}",
                      n=n, archive=name)
@@ -236,11 +239,17 @@ class Deleter:
             yield self.catalog.write(lambda conn: tombstones.purged(conn, uid, name, reason))
             self.stats["copies_retained"] += 1
             return "retained"
+        if archive.up is False:
+            return None                 # the health loop said so already: later
         try:
             yield archive.delete(uid, "")
         except Exception as e:
-            log.warn("delete: removing {uid} from archive {archive} failed: {err} (tried "
-                     "again)", uid=uid, archive=name, err=shown(str(e), 300))
+            now = self.reactor.seconds()
+            if now - self._warned.get(name, -1e9) >= 60:     # one line a minute at most
+                self._warned[name] = now
+                log.warn("delete: removing deleted instances from archive {archive} "
+                         "failed ({uid}: {err}); tried again every {t:.0f} s", uid=uid,
+                         archive=name, err=shown(str(e), 300), t=PURGE_EVERY)
             return None
         yield self.catalog.write(lambda conn: tombstones.purged(conn, uid, name))
         self.stats["copies_removed"] += 1

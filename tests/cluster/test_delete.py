@@ -24,17 +24,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacsp2p.testing import datasets, findscu, storescu
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import Cluster, get_json, members, wait_until
+from pacsp2p.testing.iocm import rejection_note
 
 PACSP2P = Path(sys.executable).parent / "pacsp2p"
-KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 SETTLE = 12.0          # seconds for hand-off (every 3 s), repair and sync to run again
 
 
@@ -175,54 +172,6 @@ def test_a_study_deleted_while_a_peer_is_down_is_gone_when_it_returns(cluster, t
 
 
 # -- 2. an IOCM rejection note --------------------------------------------------------------
-
-def rejection_note(path: Path, study: list[Path], rejected: list[Path],
-                   code=("113001", "Rejected for Quality Reasons")) -> Path:
-    """A Key Object Selection document rejecting *rejected* (IHE IOCM)."""
-    first = dcmread(study[0], stop_before_pixels=True)
-    ds = Dataset()
-    ds.SOPClassUID = KOS
-    ds.SOPInstanceUID = datasets.uid("kos", str(path))
-    ds.StudyInstanceUID = first.StudyInstanceUID
-    ds.SeriesInstanceUID = datasets.uid("kos-series", str(path))
-    ds.PatientID, ds.PatientName = first.PatientID, first.PatientName
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "KO", 99, 1
-    ds.ValueType = "CONTAINER"
-    concept = Dataset()
-    concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = \
-        code[0], "DCM", code[1]
-    ds.ConceptNameCodeSequence = Sequence([concept])
-    by_series: dict[str, list] = {}
-    for p in rejected:
-        r = dcmread(p, stop_before_pixels=True)
-        by_series.setdefault(str(r.SeriesInstanceUID), []).append(r)
-    series_items = []
-    for series_uid, items in by_series.items():
-        refs = []
-        for r in items:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = r.SOPClassUID
-            ref.ReferencedSOPInstanceUID = r.SOPInstanceUID
-            refs.append(ref)
-        s = Dataset()
-        s.SeriesInstanceUID = series_uid
-        s.ReferencedSOPSequence = Sequence(refs)
-        series_items.append(s)
-    evidence = Dataset()
-    evidence.StudyInstanceUID = first.StudyInstanceUID
-    evidence.ReferencedSeriesSequence = Sequence(series_items)
-    ds.CurrentRequestedProcedureEvidenceSequence = Sequence([evidence])
-    ds.ContentSequence = Sequence([])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = KOS
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def test_a_rejection_note_sent_by_storescu_rejects_what_it_references(cluster, tmp_path):
     a, b, c = cluster.peers
     s3, study3 = study_files(tmp_path, "s3", "REJECT01", [

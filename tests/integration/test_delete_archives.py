@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacsp2p.testing import Orthanc, Peer, findscu, storescu
@@ -120,3 +119,4 @@ def test_a_dimse_archive_cannot_delete_the_instance_is_hidden_and_retained(tmp_p
             assert "new instance(s) found" not in peer.log_path.read_text()
         finally:
             peer.stop()
+
