@@ -387,3 +387,17 @@ def test_check_config_names_a_missing_tls_file(tmp_path, capsys, cas):
     assert err == f"pacsp2p: {path}: facade.tls_cert: {d}/missing.crt: certificate not found"
     path.write_text(path.read_text().replace("missing.crt", "PACSP2P.crt"))
     assert cli.main(["check-config", "--config", str(path)]) == 0
+
+
+def test_the_hardened_example_of_the_security_page_loads():
+    import re
+    import tomllib
+    page = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    section = page[page.index("### A hardened example"):]
+    doc = tomllib.loads(re.search(r"```toml\n(.*?)```", section, re.S).group(1))
+    s = parse(doc)
+    f = s.facade
+    assert f.tls_only and f.tls_port == 2762 and f.tls_require_client_cert
+    assert f.allow_unknown == () and f.check_called_ae and f.check_modality_host
+    assert s.modalities["CT1"].allow == ("store",) and s.modalities["CT1"].certificate
+    assert s.destinations["WS1"].tls
