@@ -12,7 +12,10 @@ for the module, each test with studies of its own:
   pydicom) sent by DCMTK storescu: it rejects one series of a study, the other series
   and the note itself stay;
 - sending a deleted study again stores it again (2 copies of each instance, found at
-  every peer), and it stays.
+  every peer), and it stays;
+- a writer that held hints for a deleted study and slept through the delete hands
+  nothing back when it returns (its own copies, which the deleter never saw, go with a
+  follow-up tombstone).
 """
 from __future__ import annotations
 
@@ -239,3 +242,39 @@ def test_sending_again_after_a_delete_stores_again(cluster, tmp_path):
         [str(PACSP2P), "status", "--config", str(a.config_path), "--json"],
         capture_output=True, text=True, timeout=120).stdout)
     assert status["deletions"]["purge_pending"] == 0
+
+
+# -- 4. hinted hand-off by a peer that slept through the delete --------------------------------
+
+def test_a_stale_writer_hands_nothing_back_after_a_delete(cluster, tmp_path):
+    """peera holds hints for copies owed to peerb; peera is killed, peerb returns, the
+    study is deleted at peerc; when peera returns, its hand-off (from a catalog that still
+    holds the study until it pulls the tombstone) brings nothing back: peerb refuses a
+    copy of a deleted instance, and peera removes its own copies when it learns."""
+    a, b, c = cluster.peers
+    s5, study5 = study_files(tmp_path, "s5", "HANDOFF5", [("CT", 10, ExplicitVRLittleEndian)])
+    u5 = uids_of(s5)
+    stop_b(cluster)
+    storescu(a.port, a.ae_title, s5)
+    owed = get_json(a)["catalog"]["hints"]
+    assert owed > 0, "no copy owed to peerb: nothing would test the hand-off"
+    wait_until(lambda: len(where(c, study5)) == 10, 120, 0.5, "peerc knows study 5")
+    a.kill9()
+    wait_until(lambda: members(c).get("peera") == "dead", 60, 0.2, "peerc sees peera dead")
+    b.restart()
+    wait_until(lambda: members(b).get("peerc") == "alive" and
+               members(c).get("peerb") == "alive", 120, 0.2, "peerb and peerc meshed")
+    wait_until(lambda: len(where(b, study5)) == 10, 120, 0.5, "peerb knows study 5")
+
+    done = delete(c, study5)
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_until(lambda: not where(b, study5) and not find_studies(b, study5), 120, 0.5,
+               "peerb learned the delete")
+    a.restart()
+    cluster.wait_mesh(timeout=120)
+    wait_until(lambda: gone_everywhere(cluster.peers, study5, u5), 120, 0.5,
+               "study 5 gone everywhere")
+    settle(cluster, a)
+    assert gone_everywhere(cluster.peers, study5, u5)
+    for p in cluster.peers:
+        assert not find_images(p, study5)
