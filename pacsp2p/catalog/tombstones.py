@@ -85,6 +85,23 @@ def create_schema(conn: sqlite3.Connection) -> None:
     # own copies removed by R2 that no tombstone's vector covers: a tombstone of ours owed
     conn.execute("CREATE TABLE IF NOT EXISTS follow_ups (SOPInstanceUID TEXT PRIMARY KEY, "
                  "seq INTEGER NOT NULL, reason TEXT NOT NULL DEFAULT '')")
+    # instances with a tombstone, counted by a trigger (status reads one row, never scans)
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                    "name = 'tombstone_count'").fetchone() is None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE tombstone_count (n INTEGER NOT NULL)")
+            conn.execute("INSERT INTO tombstone_count SELECT count(DISTINCT SOPInstanceUID) "
+                         "FROM tombstones")
+            conn.execute("CREATE TRIGGER tombstone_counted AFTER INSERT ON tombstones WHEN "
+                         "(SELECT count(*) FROM tombstones WHERE SOPInstanceUID = "
+                         "new.SOPInstanceUID) = 1 BEGIN UPDATE tombstone_count SET n = n + 1; "
+                         "END")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
 
 # -- payloads ------------------------------------------------------------------------------
@@ -142,7 +159,10 @@ def learn(conn: sqlite3.Connection, uid: str, origin: str, seq: int, vector: dic
         merged[o] = max(merged.get(o, 0), s)
     known = old[2] if old is not None else 0
     news = old is None or event > known          # "learned" dates news of a deletion
-    conn.execute("INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    conn.execute("INSERT INTO tombstones VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT "
+                 "(SOPInstanceUID, origin) DO UPDATE SET seq = excluded.seq, vector = "
+                 "excluded.vector, reason = excluded.reason, created = excluded.created, "
+                 "learned = excluded.learned, event = excluded.event",
                  (uid, origin, seq, json.dumps(merged, sort_keys=True), clean_reason(reason),
                   str(created)[:40], time.time() if news else old[3], max(known, event)))
     return event > known
@@ -299,7 +319,7 @@ def follow_ups(conn: sqlite3.Connection, limit: int = 500) -> list[tuple]:
 def summary(conn: sqlite3.Connection, peer: str, listed: int = 20) -> dict:
     """For status: tombstones held, own copies still to remove, and the deleted instances
     archives retain (they cannot delete), per archive and the first few by name."""
-    tombs = conn.execute("SELECT count(DISTINCT SOPInstanceUID) FROM tombstones").fetchone()[0]
+    tombs = conn.execute("SELECT n FROM tombstone_count").fetchone()[0]
     pending = conn.execute("SELECT count(*) FROM purge").fetchone()[0]
     still = ("NOT EXISTS (SELECT 1 FROM locations l WHERE l.SOPInstanceUID = "
              "r.SOPInstanceUID AND l.peer = ? AND l.archive = r.archive AND l.size >= 0)")

@@ -115,6 +115,11 @@ def test_a_delete_hides_the_instance_everywhere_and_queues_the_own_copies(tmp_pa
     assert b.purge() == {("1.9.1", "local")}
     assert c.purge() == set()                                # holds no copy itself
     assert a.rows() == b.rows() == c.rows()
+    a.delete("1.9.1")                                        # again: still one instance
+    b.delete("1.9.2")
+    for p in (a, b):
+        c.pull(p)
+    assert tombstones.summary(c.conn, "c")["tombstones"] == 2
 
 
 def test_the_whole_study_goes_from_every_level(tmp_path):
