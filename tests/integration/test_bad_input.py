@@ -172,7 +172,7 @@ def test_unknown_move_destination(make_peer, tmp_path):
                       {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": STUDY})
     assert "Received Final Move Response (Refused: MoveDestinationUnknown)" in \
         proc.stdout + proc.stderr
-    assert "C-MOVE to unknown destination NOWHERE" in peer.log_path.read_text()
+    assert "to unknown destination 'NOWHERE'" in peer.log_path.read_text()
 
 
 # -- refusing to start ---------------------------------------------------------------
