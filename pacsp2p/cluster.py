@@ -51,7 +51,7 @@ from pacsp2p.transfer.deliver import Delivery
 from pacsp2p.transfer.direct import make_delivery
 from pacsp2p.transfer.ingest import Ingest
 from pacsp2p.transfer.repair import Repair
-from pacsp2p.transfer.retrieve import Retrieval
+from pacsp2p.transfer.retrieve import Retrieval, readable
 from pacsp2p.transfer.session import StoreSession
 from pacsp2p.types import Query, Scope
 from pacsp2p.validate import check_uid
@@ -129,10 +129,10 @@ class Cluster:
                  Query("IMAGE", {"SOPInstanceUID": instance or ""}))
         refs = yield self.catalog.resolve(query)
         me = self.settings.peer.name
-        alive = (lambda p: p == me) if self.overlay is None else self.overlay.alive
         return [{"instance": r.sop_instance_uid,
                  "replicas": [{"peer": loc.peer, "archive": loc.archive,
-                               "available": alive(loc.peer)} for loc in r.locations]}
+                               "available": readable(loc, me, self.archives, self.overlay)}
+                              for loc in r.locations]}
                 for r in refs]
 
     @defer.inlineCallbacks

@@ -63,6 +63,19 @@ def source_name(peer: str, archive: str) -> str:
     return f"{peer}/{archive}"
 
 
+def readable(loc, peer: str, archives: dict, overlay) -> bool:
+    """Whether this peer (*peer*, its *archives*) can read the copy *loc* now: its archive
+    is ours, up and can ``open``, or its peer is alive and does not say it is down."""
+    if loc.peer == peer:
+        archive = archives.get(loc.archive)
+        return archive is not None and "open" in archive.capabilities and bool(archive.up)
+    if overlay is None or not overlay.alive(loc.peer):
+        return False
+    member = getattr(overlay.membership, "members", {}).get(loc.peer)
+    down = getattr(member.info, "archives_down", ()) if member is not None else ()
+    return loc.archive not in (down or ())
+
+
 class Unavailable(Exception):
     """No replica of an instance could be read."""
 
@@ -163,14 +176,7 @@ class Retrieval:
         return getattr(self.overlay.membership, "members", {}).get(peer)
 
     def _reachable(self, loc) -> bool:
-        if loc.peer == self.peer:
-            archive = self.archives.get(loc.archive)
-            return archive is not None and "open" in archive.capabilities and bool(archive.up)
-        if self.overlay is None or not self.overlay.alive(loc.peer):
-            return False
-        member = self._member(loc.peer)
-        down = getattr(member.info, "archives_down", ()) if member is not None else ()
-        return loc.archive not in (down or ())
+        return readable(loc, self.peer, self.archives, self.overlay)
 
     def reachable(self, ref: InstanceRef) -> list:
         """Replicas of *ref* this peer can read now, one per archive, in catalog order."""
