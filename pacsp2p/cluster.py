@@ -31,7 +31,11 @@ Verbs:
 - ``status() -> Deferred[dict]`` — this peer, its archives, the overlay, work running
   (``repair``: re-replication's progress; ``under_replicated``: instances with fewer than
   ``replicas`` live copies and with none, as last counted, with the time);
-- ``digest() -> Deferred[dict]`` — the catalog's digest and version vector.
+- ``digest() -> Deferred[dict]`` — the catalog's digest and version vector;
+- ``health() -> Deferred[dict]`` — can this peer serve: ``healthy`` when every front end
+  registered in ``serving`` (the facade: listening) says so and the catalog opens
+  afresh; ``reasons`` otherwise; also the data directory's free space (``GET /health``,
+  ``/metrics``).
 
 ``status()`` also says which strategies run (``strategies``) and the read rate this
 peer measured per archive (``sources``, keyed ``peer/archive``); each retrieval lists
@@ -43,8 +47,10 @@ from __future__ import annotations
 import collections
 
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 
-from pacsp2p import __version__
+from pacsp2p import __version__, threads
+from pacsp2p.health import probe
 from pacsp2p.dicom.rejection import KOS_SOP_CLASS
 from pacsp2p.transfer.delete import DeleteError, Deleter, RejectionSession
 from pacsp2p.transfer.deliver import Delivery
@@ -70,6 +76,8 @@ class Cluster:
         self.reactor = reactor
         self.crawlers = list(crawlers)
         self.retrievals = collections.deque(maxlen=20)    # the latest, for status
+        # front ends that serve: name -> callable() giving why it does not ("" if it does)
+        self.serving: dict = {}
         self.ingest = Ingest(settings, self.archives, catalog, strategies, overlay, reactor)
         self.deleter = Deleter(settings, catalog, self.archives, overlay, reactor)
         self.repair = Repair(settings, catalog, self.archives, strategies, self.ingest,
@@ -140,6 +148,26 @@ class Cluster:
         """The catalog's digest and version vector (what anti-entropy compares)."""
         d = yield self.catalog.digest()
         return {"digest": d, "vector": dict(self.catalog.vector)}
+
+    @defer.inlineCallbacks
+    def health(self):
+        """Can this peer serve (see the module docstring)? Never raises."""
+        reasons = []
+        for name, why_not in sorted(self.serving.items()):
+            try:
+                why = why_not()
+            except Exception as e:
+                why = f"{name}: {e}"
+            if why:
+                reasons.append(why)
+        pool = threads.pool(self.reactor, "probe", 1, 1)
+        try:
+            probed = yield deferToThreadPool(self.reactor, pool, probe,
+                                             self.catalog.path, self.settings.data_dir)
+        except Exception as e:
+            probed = {"reasons": [f"the health probe failed: {e}"]}
+        reasons += probed.pop("reasons")
+        return {"healthy": not reasons, "reasons": reasons, **probed}
 
     @defer.inlineCallbacks
     def status(self):

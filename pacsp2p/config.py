@@ -129,6 +129,15 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """``[audit]``: the audit trail in ``<data_dir>/audit.log`` (``pacsp2p.audit``)."""
+
+    enabled: bool = True
+    max_bytes: int = 50 << 20     # rotated when it would grow past this
+    backups: int = 10             # audit.log.1 .. audit.log.N kept
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     fsync: bool = True
     sync_directories: bool = False
@@ -147,6 +156,7 @@ class Settings:
     cluster: ClusterSettings = ClusterSettings()
     strategies: StrategySettings = StrategySettings()
     modalities: dict[str, Modality] = field(default_factory=dict)
+    audit: AuditSettings = AuditSettings()
 
     @property
     def data_dir(self) -> Path:
@@ -542,7 +552,18 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         fsync=s.take("fsync", bool, True, "true or false"),
         sync_directories=s.take("sync_directories", bool, False, "true or false"))
     s.done()
+    audit = _audit(table("audit"))
     top.done()
     return Settings(source, PeerSettings(name, data_dir), facade, destinations,
                     tuple(archives), storage, admin, overlay, cluster, strategies,
-                    modalities=modalities)
+                    modalities=modalities, audit=audit)
+
+
+def _audit(a: _Reader) -> AuditSettings:
+    enabled = a.take("enabled", bool, True, "true or false")
+    max_bytes = a.take("max_bytes", int, 50 << 20, "an integer (bytes) >= 4096")
+    if max_bytes < 4096:
+        raise a.fail("max_bytes", f"must be an integer (bytes) >= 4096, got {max_bytes}")
+    backups = _at_least(a, "backups", 10, 1)
+    a.done()
+    return AuditSettings(enabled, max_bytes, backups)

@@ -3,11 +3,19 @@
 Keeps ``archive.up`` (placement and retrieval route around an archive that is down),
 logs each change once, gossips the archives that are down (``archives_down`` of this
 peer's member record), and resumes a crawl that a failure had stopped.
+
+``probe``: whether the peer itself can serve (the catalog opens; the data directory's
+disk), for ``GET /health`` and ``/metrics`` (``Cluster.health``); run in a thread.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+from urllib.parse import quote
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -81,3 +89,38 @@ class ArchiveHealth(service.Service):
         d = defer.maybeDeferred(archive.health)
         d.addTimeout(HEALTH_TIMEOUT, self.reactor)
         return d
+
+
+def probe(catalog_path: Path, data_dir: Path) -> dict:
+    """Thread pool: {"reasons": [why the peer cannot serve], "data_dir_free_bytes",
+    "data_dir_size_bytes", "catalog_bytes"}. The catalog must open afresh: a new
+    read-only connection reads its schema and a row of its instances (the peer's own
+    connections, open since start, would still read a file that is gone or unreadable)."""
+    out: dict = {"reasons": []}
+    path = Path(catalog_path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if head != b"SQLite format 3\x00":
+            raise sqlite3.DatabaseError("not an SQLite database")
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5,
+                               check_same_thread=False)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            conn.execute("SELECT SOPInstanceUID FROM instances LIMIT 1").fetchall()
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error) as e:
+        out["reasons"].append(f"the catalog {path} does not open: "
+                              f"{getattr(e, 'strerror', None) or e}")
+    try:
+        out["catalog_bytes"] = sum(os.stat(f"{path}{s}").st_size for s in ("", "-wal")
+                                   if os.path.exists(f"{path}{s}"))
+    except OSError:
+        pass
+    try:
+        usage = shutil.disk_usage(data_dir)
+        out["data_dir_free_bytes"], out["data_dir_size_bytes"] = usage.free, usage.total
+    except OSError as e:
+        out["reasons"].append(f"the data directory {data_dir} is not readable: {e.strerror}")
+    return out

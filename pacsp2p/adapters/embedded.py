@@ -356,5 +356,5 @@ class EmbeddedArchive:
             t0 = time.monotonic()
             usage = shutil.disk_usage(self.root)
             return {"up": True, "latency_ms": (time.monotonic() - t0) * 1000,
-                    "free_bytes": usage.free}
+                    "free_bytes": usage.free, "total_bytes": usage.total}
         return self._run(check)

@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from pacsp2p.admin import monitoring
 from pacsp2p.types import Scope
 from pacsp2p.validate import InvalidUID, shown
 
@@ -119,6 +120,10 @@ class _Delete(resource.Resource):
         request.notifyFinish().addErrback(gone.append)
 
         def answer(code, value):
+            monitoring.admin_action(           # the audit trail: who deleted what
+                self.cluster, "delete", client, outcome=0 if code == 200 else 8,
+                description=value.get("error", "") or (reason or "admin"),
+                level=scope.level, uids=scope.uids, result=value.get("deleted"))
             if not gone:
                 request.setResponseCode(code)
                 request.write(_body(value))
@@ -153,6 +158,7 @@ def site(cluster, bind: str | None = None) -> server.Site:
     root.putChild(b"where", _Json(None, lambda req: cluster.where(
         study=_arg(req, b"study"), instance=_arg(req, b"instance"))))
     root.putChild(b"delete", _Delete(cluster, bind))
+    monitoring.install(root, cluster)          # /metrics, /health
     s = server.Site(root)
     s.noisy = False
     s.log = lambda request: None         # no access log lines for local status polls

@@ -35,6 +35,9 @@ connection:
   services a small in-memory buffer (``max_identifier``); fragments of a few bytes are
   gathered first (a sink never queues an object per handful of bytes). At most
   ``MAX_QUEUED`` requests wait on one association.
+- An ``observer``, if the listener was given one (the facade's audit trail and
+  metrics), is told of each association established (``established``), rejected
+  (``rejected``, with why) and ended (``ended``: released, aborted, lost, timed out).
 - Complete messages go to the DIMSE services (``services.request``); requests are handled
   one at a time in arrival order (no asynchronous operations window is negotiated),
   C-CANCEL and the C-STORE-RSPs of C-GET sub-operations reach the request they belong to.
@@ -122,6 +125,8 @@ class Association(ReadHolds, protocol.Protocol):
         self.tls = False               # came through the TLS port
         self.handshake_done = False
         self.grant = None              # what the policy returned for this association
+        self.established_at = None     # reactor time of the A-ASSOCIATE-AC
+        self.ended_by = ""             # why it ended, in words (for the observer)
         self.accepted: dict = {}       # context id -> PresentationContext
         self.max_data = SEND_FRAGMENT  # PDV data bytes per PDU we send
         self.paused = False            # our transport's write buffer is full
@@ -176,6 +181,10 @@ class Association(ReadHolds, protocol.Protocol):
             self._log("association lost", LogLevel.info,
                       "association from {ae}@{peer} lost: {why}",
                       why=shown(reason.getErrorMessage()))
+        if self.established_at is not None:
+            how = was if was in ("released", "aborted") else "lost"
+            self._observe("ended", how, self.ended_by or (
+                shown(reason.getErrorMessage()) if how == "lost" else how))
         self._wake()
 
     @property
@@ -189,6 +198,15 @@ class Association(ReadHolds, protocol.Protocol):
     def peer_certificate(self) -> str | None:
         """The common name of the verified TLS client certificate, or None."""
         return peer_name(self.transport) if self.tls and self.handshake_done else None
+
+    def _observe(self, event: str, *args) -> None:
+        """Tell the factory's observer, if any; never at the cost of the association."""
+        observer = self.factory.observer
+        if observer is not None:
+            try:
+                getattr(observer, event)(self, *args)
+            except Exception:
+                log.failure("association observer failed on {event}", event=event)
 
     def _log(self, kind: str, level, fmt: str, **kw) -> None:
         """One log line (rate-limited per *kind*) about this association."""
@@ -250,6 +268,7 @@ class Association(ReadHolds, protocol.Protocol):
         self._log("timeout", LogLevel.warn,
                   "association from {ae}@{peer}: {what} for {s} s: closing",
                   what=what, s=seconds)
+        self.ended_by = f"timed out: {what} for {seconds:g} s"
         if self.state == "idle":               # ARTIM (PS3.8 9.1.5): just close
             self.state = "timed out"
             self._close()
@@ -304,6 +323,7 @@ class Association(ReadHolds, protocol.Protocol):
     def _protocol_error(self, why: str, reason: int = 2, source: int = 2) -> None:
         self._log("protocol error", LogLevel.warn,
                   "association from {ae}@{peer}: {why}: aborting", why=why)
+        self.ended_by = self.ended_by or f"aborted: {why}"
         self.abort(source, reason)
 
     # -- the byte stream ------------------------------------------------------------------
@@ -396,6 +416,7 @@ class Association(ReadHolds, protocol.Protocol):
         """A local limit: A-ABORT (service user) and stop reading."""
         self._log("limit", LogLevel.warn, "association from {ae}@{peer}: {why}: aborting",
                   why=why)
+        self.ended_by = f"aborted: {why}"
         self.abort(0, 0)
         raise _Abort()
 
@@ -416,6 +437,7 @@ class Association(ReadHolds, protocol.Protocol):
             if self.state == "established":
                 self._log("aborted by requestor", LogLevel.info,
                           "association from {ae}@{peer} aborted by the requestor")
+                self.ended_by = "aborted by the requestor"
             self.state = "aborted"
             self._close()
             raise _Abort()
@@ -457,13 +479,16 @@ class Association(ReadHolds, protocol.Protocol):
         if req.max_pdu:
             self.max_data = max(req.max_pdu - 6, 1)
         self.state = "established"
+        self.established_at = self.reactor.seconds()
         f.admission.establish(self)
         self.transport.write(ac)
+        self._observe("established")
         self._arm(f.idle_timeout, "idle")
 
     def _reject(self, result: int, source: int, reason: int, why: str) -> None:
         self._log("rejected", LogLevel.warn,
                   "association from {ae}@{peer} rejected: {why}", why=why)
+        self._observe("rejected", why, result, source, reason)
         self.state = "rejected"
         self.transport.write(reject_pdu(result, source, reason))
         self._close()
@@ -586,9 +611,10 @@ class AcceptorFactory(protocol.Factory):
                  artim_timeout: float = ARTIM, idle_timeout: float = IDLE,
                  max_dataset: int = MAX_DATASET, max_identifier: int = MAX_IDENTIFIER,
                  fd_reserve: int = FD_RESERVE, min_peer_pdu: int = MIN_PEER_PDU,
-                 policy=None):
+                 policy=None, observer=None):
         self.reactor = reactor
         self.policy = policy          # callable(association) -> grant, or raises Refused
+        self.observer = observer      # established/rejected/ended(association, ...)
         self.services = services
         self.supported = supported
         self.max_pdu = max_pdu

@@ -62,6 +62,7 @@ class Get(Operation):
         decoded = decode_query(self, contexts.QR_GET, "C-GET")
         if decoded is None:
             return
+        self.query = decoded[0]
         d = defer.maybeDeferred(self.svc.cluster.get, decoded[0])
         d.addCallbacks(self._resolved, self._failed)
 
@@ -74,6 +75,8 @@ class Get(Operation):
             return
         self.retrieval = retrieval
         self.refs = list(retrieval.refs)
+        self.refs_out = self.refs              # for the audit record
+        self.bytes_out = 0                     # stored bytes of the instances sent
         n = len(self.refs)
         if n == 0:
             return self.finish(SUCCESS, counts=(None, 0, 0, 0))
@@ -196,8 +199,10 @@ class Get(Operation):
             self.failed_uids.append(ref.sop_instance_uid)
         elif warning:
             self.warning += 1
+            self.bytes_out += ref.size or 0
         else:
             self.completed += 1
+            self.bytes_out += ref.size or 0
         self.respond(PENDING, counts=self._counts())
         self._next()
 

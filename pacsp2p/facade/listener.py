@@ -10,6 +10,11 @@ stops start-up with one line naming the key, the file and the reason. The facade
 must not be the overlay's: a certificate made for a modality would then also open the
 overlay.
 
+Every association and operation is audited and counted (``facade.observe``); the facade
+owns the peer's audit trail (``pacsp2p.audit``, ``<data_dir>/audit.log``, ``[audit]``):
+opened before the ports, closed after them. It tells the cluster whether it listens
+(``cluster.serving``, read by ``GET /health``).
+
 No association threads: everything but file work runs in the reactor. A child of the
 peer's service tree (``service.PeerService``): started once the cluster can answer,
 stopped first (open associations are aborted).
@@ -22,10 +27,12 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pacsp2p import audit, metrics
 from pacsp2p.dicom import contexts, tls
 from pacsp2p.dicom.acceptor import AcceptorFactory
 from pacsp2p.dicom.incoming import Spares, receive_pool
 from pacsp2p.dicom.scu import file_pool
+from pacsp2p.facade.observe import Observer
 from pacsp2p.facade.policy import Policy
 from pacsp2p.facade.services import Services
 
@@ -53,15 +60,41 @@ class Facade(service.Service):
         self.ports: list = []
         self.factory = None
         self.spares = None
+        self.observer = Observer(settings, cluster, reactor)
+        self.trail = None
+        serving = getattr(cluster, "serving", None)
+        if serving is not None:
+            serving["facade"] = self.why_not_listening
+
+    def why_not_listening(self) -> str:
+        """'' while the facade listens, else why not (``GET /health``)."""
+        if self.ports:
+            return ""
+        return "the facade does not listen" + ("" if self.running else " (not started)")
+
+    def _open_audit(self) -> None:
+        au = getattr(self.settings, "audit", None)
+        if au is None or not au.enabled:
+            return
+        trail = audit.AuditTrail(self.settings.data_dir / "audit.log", au.max_bytes,
+                                 au.backups, self.reactor,
+                                 on_drop=metrics.AUDIT_DROPPED.inc)
+        try:
+            trail.start()
+        except OSError as e:
+            raise RuntimeError(f"audit: cannot open {trail.path}: {e.strerror}") from e
+        self.trail = trail
+        audit.install(trail)
 
     def startService(self) -> None:
         self.incoming.mkdir(parents=True, exist_ok=True)
         for leftover in self.incoming.iterdir():      # before serving: a crash's leftovers
             leftover.unlink(missing_ok=True)
+        self._open_audit()
         self.spares = Spares(self.incoming, self.reactor)
         services = Services(self.settings, self.cluster, self.reactor,
                             receive_pool(self.reactor), file_pool(self.reactor), self.spares,
-                            self.policy)
+                            self.policy, self.observer)
         fs = self.fs
         self.factory = AcceptorFactory(
             self.reactor, services, supported_contexts(), max_pdu=fs.max_pdu,
@@ -69,7 +102,7 @@ class Facade(service.Service):
             max_pending=fs.max_pending, max_per_address=fs.max_per_address,
             artim_timeout=fs.artim_timeout, idle_timeout=fs.idle_timeout,
             max_dataset=fs.max_dataset, fd_reserve=fs.fd_reserve,
-            min_peer_pdu=fs.min_peer_pdu, policy=self.policy)
+            min_peer_pdu=fs.min_peer_pdu, policy=self.policy, observer=self.observer)
         listening, current = [], ""
         try:
             if not fs.tls_only:
@@ -84,6 +117,7 @@ class Facade(service.Service):
             for _, port in listening:
                 port.stopListening()
             self.spares.stop()
+            self._close_audit()
             if current:
                 raise RuntimeError(f"{current}{e}") from e
             raise
@@ -97,10 +131,21 @@ class Facade(service.Service):
     def stopService(self):
         super().stopService()
         if not self.ports:
-            return defer.succeed(None)
+            return self._close_audit()
         ports, self.ports = self.ports, []
         self.policy.stop()
         self.spares.stop()
         for assoc in list(self.factory.associations):
             assoc.abort(2, 0)
-        return defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+        d = defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+        d.addCallback(lambda _: self._close_audit())
+        return d
+
+    def _close_audit(self):
+        """Deferred: the audit trail's last records written, the file closed."""
+        trail, self.trail = self.trail, None
+        if trail is None:
+            return defer.succeed(None)
+        if audit.current() is trail:
+            audit.install(None)
+        return trail.stop()

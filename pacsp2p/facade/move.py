@@ -47,6 +47,7 @@ class Move(Operation):
         if decoded is None:
             return
         self.t0 = svc.reactor.seconds()
+        self.query = decoded[0]
         d = defer.maybeDeferred(svc.cluster.move, decoded[0], self.dest,
                                 originator_ae=self.assoc.calling_ae,
                                 originator_msg_id=self.msg_id)
@@ -58,6 +59,7 @@ class Move(Operation):
 
     def _resolved(self, delivery):
         svc = self.svc
+        self.refs_out = delivery.refs           # for the audit record and the metrics
         n = self.n = len(delivery.refs)
         if n == 0:
             return self.finish(SUCCESS, counts=(None, 0, 0, 0))
@@ -142,6 +144,7 @@ class Move(Operation):
                  r=self.t1 - self.t0, d=t2 - self.t1)
         counts = (final.remaining, final.completed, final.failed, final.warning)
         uids = final.failed_uids
+        self.failed_uids_final = uids
         if final.error is not None:
             self.finish(MOVE_DEST_UNKNOWN)
         elif final.cancelled:

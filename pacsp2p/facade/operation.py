@@ -3,8 +3,10 @@
 Every request is an operation object run in the reactor by its association
 (``dicom.acceptor``): ``start()`` when it is the association's current request,
 ``cancel()`` on C-CANCEL, ``lost()`` when the association ends first, and a final response
-ends it (``finish``). Operations call the cluster API (``pacsp2p.cluster``) only; file work
-runs in thread pools. C-ECHO is here; the other services have a module each.
+ends it (``finish``), which also tells the services' ``observer`` (``facade.observe``:
+the audit record and the metrics of the operation). Operations call the cluster API
+(``pacsp2p.cluster``) only; file work runs in thread pools. C-ECHO is here; the other
+services have a module each.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class Operation:
         self.sink = MemorySink()
         self.data: bytes | None = None
         self.started = self.cancelled = self.gone = self.finished = False
+        clock = getattr(svc, "reactor", None)
+        self.arrived = clock.seconds() if clock is not None else None   # command complete
 
     # -- called by the association --------------------------------------------------------
     def data_complete(self, sink) -> None:
@@ -95,6 +99,12 @@ class Operation:
             return
         self.finished = True
         self.respond(status, data, counts, instance, comment)
+        observer = getattr(self.svc, "observer", None)
+        if observer is not None:
+            try:
+                observer.finished(self, status, counts, comment)
+            except Exception:
+                log.failure("observing a DIMSE operation failed")
         if not self.gone:
             self.assoc.done(self)
 

@@ -27,9 +27,10 @@ class Services:
     """What the facade serves; builds one operation per request."""
 
     def __init__(self, settings, cluster, reactor, recv_pool, send_pool, spares,
-                 policy=None):
+                 policy=None, observer=None):
         self.settings = settings
         self.policy = policy
+        self.observer = observer      # facade.observe.Observer: audit and metrics
         self.cluster = cluster
         self.reactor = reactor
         self.recv_pool, self.send_pool = recv_pool, send_pool

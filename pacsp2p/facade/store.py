@@ -17,6 +17,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pacsp2p import metrics
 from pacsp2p.dicom import dimse
 from pacsp2p.dicom.acceptor import DiscardSink
 from pacsp2p.dicom.header import BadDataset, read_meta
@@ -58,6 +59,7 @@ class Store(Operation):
         self.refused = None
         self.comment = ""
         self.incoming = self.session = self.result = None
+        self.meta = None                 # the header read (the audit record's patient, study)
         try:
             check_uid(self.cls, "Affected SOP Class UID")
             check_uid(self.uid, "Affected SOP Instance UID")
@@ -131,6 +133,7 @@ class Store(Operation):
             self.session.abort()
             return self.finish(OUT_OF_RESOURCES, instance=self.instance)
         path, meta, err = got
+        self.meta = meta
         kept = self.session.kept is not None
         if err is not None:
             log.warn("C-STORE {uid} from {ae}: {err}", uid=self.uid,
@@ -146,6 +149,7 @@ class Store(Operation):
         elif self.gone and not self.started and not kept:
             status = None                                  # nobody to answer: drop it
         else:
+            self.quorum_t0 = self.svc.reactor.seconds()
             d = defer.maybeDeferred(self.session.store, path, meta)
             d.addCallbacks(self._stored, self._store_failed, errbackArgs=(meta,))
             if not kept:
@@ -157,6 +161,7 @@ class Store(Operation):
             self.finish(status, instance=self.instance)
 
     def _stored(self, _):
+        metrics.QUORUM_SECONDS.observe(max(0.0, self.svc.reactor.seconds() - self.quorum_t0))
         self.finish(SUCCESS, instance=self.instance)
 
     def _store_failed(self, failure, meta):

@@ -1,0 +1,320 @@
+"""The audit trail: one JSON line per association, per DIMSE operation, per refused
+association and per admin action, in ``<data_dir>/audit.log`` (rotated by size,
+``[audit] max_bytes`` and ``backups``).
+
+Who read or wrote which patient's images, from where, and with what result. Each line
+is one DICOM audit message (PS3.15 A.5, the IHE ATNA / RFC 3881 schema) written as JSON
+with the schema's own element and attribute names, so that a collector turns it into the
+XML message without knowing pacsp2p (docs/operations.md says how):
+
+- ``EventIdentification``: ``EventID`` (a coded value), ``EventActionCode`` (C, R, U,
+  D, E), ``EventDateTime`` (UTC, ISO 8601), ``EventOutcomeIndicator`` (0 success, 4
+  minor failure, 8 serious failure, 12 major failure), ``EventTypeCode`` (coded values),
+  ``EventOutcomeDescription``;
+- ``ActiveParticipant``: a list, each with ``UserID`` (an AE title, a peer name, an admin
+  client), ``UserIsRequestor``, ``RoleIDCode`` (coded values),
+  ``NetworkAccessPointID`` and ``NetworkAccessPointTypeCode`` ("2": an IP address);
+- ``AuditSourceIdentification``: ``AuditSourceID`` (the peer's name),
+  ``AuditSourceTypeCode`` ("4": an application server process);
+- ``ParticipantObjectIdentification``: a list (patients, studies, the query, the node
+  that was refused), each with ``ParticipantObjectID``, ``ParticipantObjectTypeCode``,
+  ``ParticipantObjectTypeCodeRole``, ``ParticipantObjectIDTypeCode`` (a coded value)
+  and, where the schema has them, ``ParticipantObjectQuery``, ``ParticipantObjectDetail``
+  (type/value pairs) and ``ParticipantObjectDescription`` (``SOPClass`` with
+  ``NumberOfInstances``);
+- ``pacsp2p``: what the schema has no place for, for people and greps: the DIMSE
+  ``service``, the final ``status`` (hex), sub-operation ``counts``, the C-MOVE
+  ``destination``, the association's ``id`` and ``duration_s``.
+
+A coded value is ``{"csd-code": ..., "codeSystemName": "DCM", "originalText": ...}``,
+the schema's attribute names.
+
+The reactor never writes: ``AuditTrail.emit`` puts the record on a bounded queue
+(``queue_size``), and one thread encodes and appends the lines, rotating the file with
+``logging.handlers.RotatingFileHandler``. If the writer falls behind and the queue is
+full, the record is dropped and counted (``dropped``; one log line a minute says how
+many): the reactor never waits for a disk.
+
+A base module: the facade and the admin web emit through ``emit()``, which the peer's
+service points at its trail (``install``) while it runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import logging.handlers
+import queue
+import threading
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+log = Logger()
+
+DEFAULT_MAX_BYTES = 50 << 20
+DEFAULT_BACKUPS = 10
+QUEUE_SIZE = 10000            # records waiting for the writer thread, at most
+BATCH = 512                   # records written per flush at most
+_STOP = object()
+
+# -- coded values (PS3.15 A.5, PS3.16 CID 400-405, RFC 3881) ----------------------------
+
+
+def code(value: str, text: str, system: str = "DCM") -> dict:
+    return {"csd-code": value, "codeSystemName": system, "originalText": text}
+
+
+EVENT_TRANSFERRED = code("110104", "DICOM Instances Transferred")
+EVENT_QUERY = code("110112", "Query")
+EVENT_SECURITY_ALERT = code("110113", "Security Alert")
+EVENT_STUDY_DELETED = code("110105", "DICOM Study Deleted")
+EVENT_APPLICATION_ACTIVITY = code("110100", "Application Activity")
+TYPE_NODE_AUTHENTICATION = code("110126", "Node Authentication")
+TYPE_RESTRICTED_FUNCTION = code("110129", "Use of Restricted Function")
+ROLE_SOURCE = code("110153", "Source Role ID")
+ROLE_DESTINATION = code("110152", "Destination Role ID")
+ROLE_APPLICATION = code("110150", "Application")
+ID_PATIENT = code("2", "Patient Number", "RFC-3881")
+ID_STUDY = code("110180", "Study Instance UID")
+ID_SOP_CLASS = code("110181", "SOP Class UID")
+ID_NODE = code("110182", "Node ID")
+
+SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = 0, 4, 8, 12
+
+
+def outcome_of(status: int | None) -> int:
+    """EventOutcomeIndicator of a final DIMSE status: 0 success, 4 minor failure (a
+    warning, a cancel), 8 serious failure (a failure, a refusal)."""
+    if status is None:
+        return SERIOUS_FAILURE
+    if status == 0x0000:
+        return SUCCESS
+    if status == 0xFE00 or status == 0x0001 or 0xB000 <= status <= 0xBFFF or \
+            status in (0x0107, 0x0116):
+        return MINOR_FAILURE
+    return SERIOUS_FAILURE
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+def participant(user_id: str, requestor: bool, role: dict | None = None,
+                address: str | None = None, **extra) -> dict:
+    """An ActiveParticipant: an AE title, a peer or a user, and where it was."""
+    p = {"UserID": user_id, "UserIsRequestor": requestor}
+    if role is not None:
+        p["RoleIDCode"] = [role]
+    if address:
+        p["NetworkAccessPointID"] = address
+        p["NetworkAccessPointTypeCode"] = "2"
+    p.update({k: v for k, v in extra.items() if v is not None})
+    return p
+
+
+def patient(patient_id: str, name: str | None = None) -> dict:
+    obj = {"ParticipantObjectID": patient_id, "ParticipantObjectTypeCode": 1,
+           "ParticipantObjectTypeCodeRole": 1, "ParticipantObjectIDTypeCode": ID_PATIENT}
+    if name:
+        obj["ParticipantObjectName"] = name
+    return obj
+
+
+def study(uid: str, sop_classes: dict | None = None, accession: str | None = None) -> dict:
+    """A study object; *sop_classes*: {SOP Class UID: number of instances}."""
+    obj = {"ParticipantObjectID": uid, "ParticipantObjectTypeCode": 2,
+           "ParticipantObjectTypeCodeRole": 3, "ParticipantObjectIDTypeCode": ID_STUDY}
+    desc = {}
+    if sop_classes:
+        desc["SOPClass"] = [{"UID": c, "NumberOfInstances": n}
+                            for c, n in sorted(sop_classes.items())]
+    if accession:
+        desc["Accession"] = [{"Number": accession}]
+    if desc:
+        obj["ParticipantObjectDescription"] = desc
+    return obj
+
+
+def query_object(sop_class: str, query_b64: str, transfer_syntax: str = "") -> dict:
+    """The query of a C-FIND (A.5.3.10): its SOP class, the identifier (base64)."""
+    obj = {"ParticipantObjectID": sop_class, "ParticipantObjectTypeCode": 2,
+           "ParticipantObjectTypeCodeRole": 3, "ParticipantObjectIDTypeCode": ID_SOP_CLASS,
+           "ParticipantObjectQuery": query_b64}
+    if transfer_syntax:
+        obj["ParticipantObjectDetail"] = [{"type": "TransferSyntax",
+                                           "value": transfer_syntax}]
+    return obj
+
+
+def node_object(node: str, why: str) -> dict:
+    """The node a Security Alert is about (a refused association's requestor)."""
+    return {"ParticipantObjectID": node, "ParticipantObjectTypeCode": 2,
+            "ParticipantObjectTypeCodeRole": 13, "ParticipantObjectIDTypeCode": ID_NODE,
+            "ParticipantObjectDetail": [{"type": "Alert Description", "value": why}]}
+
+
+def message(event: dict, action: str, outcome: int, participants: list, source: str,
+            objects: list = (), event_types: list = (), description: str = "",
+            extension: dict | None = None, when: str | None = None) -> dict:
+    """One audit message (see the module docstring)."""
+    ev = {"EventID": event, "EventActionCode": action,
+          "EventDateTime": when or now_iso(), "EventOutcomeIndicator": outcome}
+    if event_types:
+        ev["EventTypeCode"] = list(event_types)
+    if description:
+        ev["EventOutcomeDescription"] = description
+    record = {"EventIdentification": ev, "ActiveParticipant": list(participants),
+              "AuditSourceIdentification": {"AuditSourceID": source,
+                                            "AuditSourceTypeCode": ["4"]}}
+    if objects:
+        record["ParticipantObjectIdentification"] = list(objects)
+    if extension:
+        record["pacsp2p"] = extension
+    return record
+
+
+# -- the writer -----------------------------------------------------------------------
+
+
+class AuditTrail:
+    """A bounded queue of records and the one thread that appends them to *path*."""
+
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES,
+                 backups: int = DEFAULT_BACKUPS, reactor=None, queue_size: int = QUEUE_SIZE,
+                 on_drop=None):
+        self.path = Path(path)
+        self.max_bytes, self.backups = max_bytes, backups
+        self.reactor = reactor
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.on_drop = on_drop
+        self.dropped = 0              # since start
+        self.written = 0
+        self._unreported = 0
+        self._thread: threading.Thread | None = None
+        self._stopped: defer.Deferred | None = None
+        self.error: str | None = None
+
+    def start(self) -> None:
+        """Open the file (raises OSError if it cannot be) and start the writer thread."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(
+            self.path, maxBytes=self.max_bytes, backupCount=self.backups,
+            encoding="utf-8", delay=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        self._thread = threading.Thread(target=self._run, args=(handler,),
+                                        name="pacsp2p-audit", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: dict) -> None:
+        """Queue *record* (from any thread; never blocks)."""
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self._drop(1)
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        if self.on_drop is not None:
+            try:
+                self.on_drop(n)
+            except Exception:
+                pass
+        if self._unreported == 0 and self.reactor is not None:
+            self.reactor.callLater(60.0, self._report)
+        self._unreported += n
+
+    def _report(self) -> None:
+        n, self._unreported = self._unreported, 0
+        if n:
+            log.error("audit: {n} records dropped in the last minute: the audit log's "
+                      "writer fell behind ({path}{err})", n=n, path=self.path,
+                      err=f": {self.error}" if self.error else "")
+
+    def stop(self) -> defer.Deferred:
+        """Deferred fired once every queued record is written and the file closed."""
+        if self._thread is None:
+            return defer.succeed(None)
+        self._stopped = defer.Deferred()
+        thread, self._thread = self._thread, None
+        try:
+            self.queue.put(_STOP, timeout=5)
+        except queue.Full:
+            return defer.succeed(None)      # the daemon thread dies with the process
+        if self.reactor is None:
+            thread.join(10)
+            return defer.succeed(None)
+        return self._stopped
+
+    def _run(self, handler) -> None:
+        """The writer thread: take records, append them, flush after each batch."""
+        stream_flush = handler.flush
+        stop = False
+        while not stop:
+            batch = [self.queue.get()]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            failed = 0
+            for record in batch:
+                if record is _STOP:
+                    stop = True
+                    continue
+                try:
+                    line = json.dumps(record, separators=(",", ":"), ensure_ascii=False,
+                                      default=str)
+                    data = line + "\n"
+                    if handler.stream is None:
+                        handler.stream = handler._open()
+                    pos = handler.stream.tell()
+                    if self.max_bytes and pos and \
+                            pos + len(data.encode("utf-8")) > self.max_bytes:
+                        handler.doRollover()
+                    handler.stream.write(data)
+                    self.written += 1
+                except Exception as e:
+                    failed += 1
+                    self.error = str(e)[:200]
+                    try:
+                        if handler.stream is None or handler.stream.closed:
+                            handler.stream = handler._open()
+                    except Exception:
+                        pass
+            try:
+                stream_flush()
+            except Exception as e:
+                self.error = str(e)[:200]
+            if failed and self.reactor is not None:
+                self.reactor.callFromThread(self._drop, failed)
+        try:
+            handler.close()
+        finally:
+            if self._stopped is not None and self.reactor is not None:
+                self.reactor.callFromThread(self._stopped.callback, None)
+
+
+# -- the process's current trail ------------------------------------------------------
+
+_current: AuditTrail | None = None
+
+
+def install(trail: AuditTrail | None) -> None:
+    """Make *trail* the one ``emit`` writes to (None: none)."""
+    global _current
+    _current = trail
+
+
+def current() -> AuditTrail | None:
+    return _current
+
+
+def emit(record: dict) -> None:
+    """Queue *record* on the current trail (nothing if the peer has none)."""
+    trail = _current
+    if trail is not None:
+        trail.emit(record)
