@@ -204,8 +204,7 @@ class Observer:
         patients = _concrete(keys.get("PatientID"))
         studies = _concrete(keys.get("StudyInstanceUID"))
         if service == "C-FIND":
-            if getattr(op, "sent", None) is not None:
-                ext["matches"] = op.sent
+            ext["matches"] = getattr(op, "pendings", None)
             objects = [audit.query_object(
                 op.cx.abstract_syntax,
                 base64.b64encode(op.data or b"").decode("ascii"), str(op.ts))]

@@ -47,6 +47,7 @@ class Operation:
         self.sink = MemorySink()
         self.data: bytes | None = None
         self.started = self.cancelled = self.gone = self.finished = False
+        self.pendings = 0                     # Pending responses sent
         clock = getattr(svc, "reactor", None)
         self.arrived = clock.seconds() if clock is not None else None   # command complete
 
@@ -88,6 +89,8 @@ class Operation:
 
     def respond(self, status: int, data: bytes | None = None, counts=None,
                 instance: bytes = b"", comment: str = "") -> None:
+        if status in (0xFF00, 0xFF01):
+            self.pendings += 1                # C-FIND: the matches sent
         if not self.gone:
             self.assoc.send(self.cid, dimse.response(
                 self.RSP, self.msg_id, status, self.sop_class, instance, data is not None,
