@@ -96,7 +96,8 @@ def admin_action(cluster, action: str, client: str | None, user: str | None = No
     """One audit record of an admin action (delete; drain, scrub when they exist):
     the requestor (user or address), this peer, the studies/series/instances concerned."""
     event, verb = EVENT_FOR.get(action, (audit.EVENT_APPLICATION_ACTIVITY, "E"))
-    peer = cluster.settings.peer.name
+    settings = getattr(cluster, "settings", None)
+    peer = settings.peer.name if settings is not None else "pacsp2p"
     objects = []
     for uid in list(uids)[:1000]:
         if level == "STUDY":

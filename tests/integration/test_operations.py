@@ -239,3 +239,32 @@ def test_refused_undeclared_calling_ae_is_audited(tmp_path):
         echoes = _wait_records(peer, lambda r: _ext(r).get("service") == "C-ECHO" and
                                _ext(r).get("calling_ae") == "KNOWN1")
         assert len(echoes) == 1
+
+
+def test_admin_delete_is_audited(tmp_path):
+    """POST /delete (pacsp2p delete) writes one audit record: DICOM Study Deleted
+    (110105), action D, who asked (the admin client's address) and the study."""
+    files = make_study(tmp_path / "study", patient_id="DEL-1",
+                       series=(("CT", 2, "1.2.840.10008.1.2.1"),))
+    from pydicom import dcmread
+    study_uid = str(dcmread(files[0]).StudyInstanceUID)
+    with Peer(tmp_path / "peer") as peer:
+        storescu(peer.port, peer.ae_title, [tmp_path / "study"])
+        body = json.dumps({"level": "STUDY", "uids": [study_uid],
+                           "reason": "wrong patient"}).encode()
+        request = urllib.request.Request(peer.admin_url + "/delete", data=body,
+                                         method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            assert json.load(r)["deleted"] == 2
+        deletes = _wait_records(peer, lambda r: _ext(r).get("action") == "delete")
+        assert len(deletes) == 1
+        d = deletes[0]
+        assert d["EventIdentification"]["EventID"]["csd-code"] == "110105"
+        assert d["EventIdentification"]["EventActionCode"] == "D"
+        assert d["EventIdentification"]["EventOutcomeIndicator"] == 0
+        assert d["EventIdentification"]["EventOutcomeDescription"] == "wrong patient"
+        assert _objects(d, "110180") == [study_uid]
+        assert _ext(d)["result"] == 2
+        requestor = [p for p in d["ActiveParticipant"] if p["UserIsRequestor"]]
+        assert requestor[0]["NetworkAccessPointID"] == "127.0.0.1"
