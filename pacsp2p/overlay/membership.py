@@ -153,7 +153,8 @@ class Link(ReadHolds, amp.AMP):
         if not self.handshake_done:
             log.warn("overlay link {dir} {host}:{port} refused: {why}",
                      dir="to" if self.outbound else "from", host=self.address.host,
-                     port=self.address.port, why=reason.getErrorMessage()[:200])
+                     port=self.address.port,
+                     why=tls.refusal(self.transport, reason.getErrorMessage()))
         self.membership.link_lost(self)
 
     @Hello.responder

@@ -11,6 +11,12 @@ certificate of the cluster CA opens the overlay.
 Both ends of every overlay link present a certificate and accept only one signed by the
 cluster CA and currently valid; anything else fails the TLS handshake.
 
+A refused handshake is told in words, and by which side (``refusal``): "refused by this
+peer: their certificate is not signed by this cluster's CA", "refused by the other peer:
+it does not trust our certificate (not signed by the CA it trusts)", "... expired",
+"name does not match": OpenSSL's verify result on our side (remembered by the verify
+callback of ``Credentials.options``) or the TLS alert the other side sent.
+
 ``listen`` opens a mutual-TLS port whose connections must complete the handshake within
 ``[overlay] handshake_timeout`` seconds (default ``HANDSHAKE_TIMEOUT``) or are aborted,
 and which holds at most ``MAX_PENDING`` connections that have not completed it: a
@@ -24,6 +30,7 @@ import datetime
 import ipaddress
 import os
 import re
+import weakref
 from pathlib import Path
 
 from cryptography import x509
@@ -183,11 +190,86 @@ class Credentials:
         self.name = peer
 
     def options(self) -> ssl.CertificateOptions:
-        """Server and client side alike: present ours, require one from our CA."""
-        return ssl.CertificateOptions(
+        """Server and client side alike: present ours, require one from our CA (a
+        failed verification is remembered for ``refusal``)."""
+        options = ssl.CertificateOptions(
             privateKey=self.own.privateKey.original, certificate=self.own.original,
             verify=True, requireCertificate=True, caCerts=[self.ca.original],
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        ctx = options.getContext()
+        ctx.set_verify(ctx.get_verify_mode(), _note_verify)
+        return options
+
+
+# -- why a handshake failed, in words -------------------------------------------------
+
+_FAILED_VERIFY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+_THEIRS = {   # X509_V_ERR_* of the other side's certificate -> what it means
+    2: "is not signed by this cluster's CA", 7: "is not signed by this cluster's CA",
+    18: "is self-signed, not signed by this cluster's CA",
+    19: "is not signed by this cluster's CA", 20: "is not signed by this cluster's CA",
+    21: "is not signed by this cluster's CA", 9: "is not valid yet",
+    10: "has expired", 23: "is revoked", 26: "is not made for this use (key usage)",
+    62: "name does not match", 64: "name does not match",
+}
+
+_ALERTS = (   # the other side's TLS alert (in OpenSSL's reason) -> what it means
+    ("unknown ca", "it does not trust our certificate (not signed by the CA it trusts: "
+                   "another cluster?)"),
+    ("certificate expired", "it says our certificate has expired"),
+    ("certificate required", "it wants a certificate and got none"),
+    ("bad certificate", "it refused our certificate (bad certificate)"),
+    ("certificate unknown", "it refused our certificate (certificate unknown)"),
+    ("certificate revoked", "it says our certificate is revoked"),
+    ("protocol version", "no TLS version in common (1.2 or later here)"),
+    ("decrypt error", "it refused our certificate (its signature does not verify "
+                      "against the CA it trusts: another cluster?)"),
+    ("handshake failure", "no cipher suite or parameters in common"),
+)
+
+_LOCAL = (    # failures seen here without a verify result
+    ("peer did not return a certificate", "refused by this peer: no certificate shown"),
+    ("certificate verify failed", "refused by this peer: their certificate failed "
+                                  "verification against this cluster's CA"),
+    ("wrong version number", "not TLS (or a TLS version below 1.2)"),
+    ("http request", "not TLS (an HTTP request)"),
+    ("unsupported protocol", "TLS version below 1.2"),
+    ("no shared cipher", "no cipher suite in common"),
+)
+
+
+def _note_verify(connection, cert, errnum, depth, ok) -> bool:
+    """OpenSSL's verify callback: the verdict stays OpenSSL's; a failure's X509_V_* code
+    is remembered for ``refusal``."""
+    if not ok:
+        try:
+            _FAILED_VERIFY.setdefault(connection, errnum)
+        except TypeError:
+            pass
+    return bool(ok)
+
+
+def refusal(transport, reason: str) -> str:
+    """Why the TLS handshake on *transport* failed, and which side refused, in words;
+    *reason*: the connection's loss reason as OpenSSL gave it."""
+    try:
+        errnum = _FAILED_VERIFY.get(transport.getHandle())
+    except Exception:
+        errnum = None
+    if errnum is not None:
+        what = _THEIRS.get(errnum, f"failed verification (X509 error {errnum})")
+        return f"refused by this peer: their certificate {what}"
+    low = (reason or "").lower()
+    for words, meaning in _ALERTS:
+        if "alert" in low and words in low:
+            return f"refused by the other side: {meaning}"
+    for words, meaning in _LOCAL:
+        if words in low:
+            return meaning
+    if "connection was closed" in low or "connection lost" in low or "eof" in low:
+        return "closed by the other side during the TLS handshake"
+    return f"TLS handshake failed: {reason[:200]}"
 
 
 def peer_name(transport) -> str | None:
@@ -309,4 +391,4 @@ def listen(reactor, port: int, factory, options, interface: str = "", what: str 
 
 
 __all__ = ["Credentials", "HandshakeGuard", "TLSError", "init_ca", "issue", "listen",
-           "peer_name", "SSL"]
+           "peer_name", "refusal", "SSL"]
