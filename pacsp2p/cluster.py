@@ -8,8 +8,9 @@ Verbs:
 
 - ``receive(uid, sop_class, transfer_syntax, head, pause, resume) -> StoreSession`` —
   an instance arriving (``transfer.session`` documents the session's protocol);
-- ``find(query, return_keys) -> Deferred[list[dict]]`` — one row per matching entity of
-  the whole cluster (de-duplicated over every archive);
+- ``find(query, return_keys, limit=None, offset=0) -> Deferred[list[dict]]`` — one row
+  per matching entity of the whole cluster (de-duplicated over every archive); with
+  *limit*, one page in a stable order (studies newest first), for the console;
 - ``move(query, destination, originator_ae=, originator_msg_id=) -> Deferred[Delivery]``
   — the instances *query* names, ready to be sent to *destination* (``config.Destination``);
   ``delivery.refs`` lists them, ``start()`` -> Deferred[final Progress], ``cancel()``,
@@ -18,6 +19,8 @@ Verbs:
   itself (C-GET): ``refs`` and ``open(ref) -> Deferred[file]``, the replica chosen and
   failed over by the cluster;
 - ``where(study=, instance=) -> Deferred[list]`` — each instance and its replicas;
+- ``all_archives() -> Deferred[list[dict]]`` — every archive of the cluster this peer knows of: peer,
+  name, site, adapter (this peer's own), up, instances held (as last counted);
 - ``delete(scope, reason) -> Deferred[int]`` — remove every instance of *scope*
   (``types.Scope``: studies, series or instances by UID) from every replica on every
   archive, cluster-wide, for good: tombstones travel by anti-entropy, so a peer down now
@@ -45,6 +48,7 @@ its sources (archives) with what each served.
 from __future__ import annotations
 
 import collections
+import time
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -76,6 +80,8 @@ class Cluster:
         self.reactor = reactor
         self.crawlers = list(crawlers)
         self.retrievals = collections.deque(maxlen=20)    # the latest, for status
+        self._purposes: dict[int, str] = {}     # retrieval id -> "C-MOVE to X", "C-GET"
+        self._counted: tuple[float, dict] = (0.0, {})     # archives(): when, counts
         # front ends that serve: name -> callable() giving why it does not ("" if it does)
         self.serving: dict = {}
         self.ingest = Ingest(settings, self.archives, catalog, strategies, overlay, reactor)
@@ -101,16 +107,22 @@ class Cluster:
         return self.deleter.delete(scope, reason)
 
     # -- query and retrieve ------------------------------------------------------------------
-    def find(self, query: Query, return_keys):
-        """Deferred[list of {keyword: value}], one per matching entity."""
-        return self.catalog.find(query, return_keys)
+    def find(self, query: Query, return_keys, limit: int | None = None, offset: int = 0):
+        """Deferred[list of {keyword: value}], one per matching entity (a page of at most
+        *limit* from *offset*, in a stable order, when *limit* is given)."""
+        if limit is None:
+            return self.catalog.find(query, return_keys)
+        return self.catalog.find(query, return_keys, limit=limit, offset=offset)
 
     @defer.inlineCallbacks
-    def _retrieval(self, query: Query):
+    def _retrieval(self, query: Query, purpose: str = "C-GET"):
         refs = yield self.catalog.resolve(query)
         retrieval = Retrieval(refs, self.archives, self.settings.peer.name, self.overlay,
                               self.strategies, self.reactor)
         self.retrievals.append(retrieval)
+        self._purposes[retrieval.id] = purpose
+        for old in set(self._purposes) - {r.id for r in self.retrievals}:
+            del self._purposes[old]
         return retrieval
 
     def get(self, query: Query):
@@ -122,7 +134,7 @@ class Cluster:
              originator_msg_id: int | None = None):
         """Deferred[Delivery] (not started) of the instances *query* names to
         *destination*, relayed or sent direct as its ``mode`` says."""
-        retrieval = yield self._retrieval(query)
+        retrieval = yield self._retrieval(query, f"C-MOVE to {destination.ae_title}")
         return make_delivery(retrieval, destination, self.settings.facade.ae_title,
                              self.reactor, originator_ae=originator_ae,
                              originator_msg_id=originator_msg_id)
@@ -142,6 +154,29 @@ class Cluster:
                                "available": readable(loc, me, self.archives, self.overlay)}
                               for loc in r.locations]}
                 for r in refs]
+
+    @defer.inlineCallbacks
+    def all_archives(self):
+        """Every archive of the cluster this peer knows of (see the module docstring);
+        instance counts as placement last counted them (a peer alone: counted again when
+        older than 30 s)."""
+        counts = self.ingest.counts
+        if self.overlay is None:
+            now = time.monotonic()
+            at, counts = self._counted
+            if not at or now - at > 30.0:
+                counts = yield self.catalog.archive_counts()
+                self._counted = (now, counts)
+        me = self.settings.peer.name
+        adapters = {a.name: a.adapter for a in self.settings.archives}
+        out = [{"peer": me, "archive": name, "site": getattr(a, "site", None),
+                "up": bool(getattr(a, "up", True)), "local": True,
+                "adapter": adapters.get(name), "instances": counts.get((me, name), 0)}
+               for name, a in self.archives.items()]
+        out += [{"peer": a.peer, "archive": a.name, "site": a.site, "up": a.alive,
+                 "local": False, "adapter": None, "instances": counts.get((a.peer, a.name))}
+                for a in self.ingest.candidates() if not a.local]
+        return out
 
     @defer.inlineCallbacks
     def digest(self):
@@ -187,7 +222,8 @@ class Cluster:
         if self.overlay is not None:
             status["overlay"] = self.overlay.status()
         status["ingest"] = {"copies": dict(self.ingest.copies)}
-        status["retrievals"] = [r.status() for r in self.retrievals if r.started]
+        status["retrievals"] = [{**r.status(), "for": self._purposes.get(r.id, "")}
+                                for r in self.retrievals if r.started]
         status["strategies"] = self.strategies.describe()
         # what this peer's reads measured per archive (peer/archive), latest weighted most
         status["sources"] = {f"{peer}/{archive}": {"MB_per_s": round(rate / 1e6, 2)}

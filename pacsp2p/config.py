@@ -126,6 +126,17 @@ class StrategySettings:
 class AdminSettings:
     bind: str = "127.0.0.1"
     port: int = 11180
+    # console users: name -> scrypt hash ('pacsp2p admin hash-password'); docs/operations.md
+    users: dict = field(default_factory=dict, hash=False)
+    tls_cert: Path | None = None      # HTTPS (with tls_key)
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # client certificates of this CA authenticate
+
+    @property
+    def authenticates(self) -> bool:
+        """Can anyone authenticate (users, or client certificates over HTTPS)?"""
+        return bool(self.users) or (self.tls_cert is not None and
+                                    self.tls_client_ca is not None)
 
 
 @dataclass(frozen=True)
@@ -351,6 +362,59 @@ def _modalities(m: _Reader, source: str, facade: FacadeSettings,
     return out
 
 
+_USER_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+_B64 = r"[A-Za-z0-9+/]+={0,2}"
+PASSWORD_HASH_RE = re.compile(rf"^scrypt\$(\d+)\$(\d+)\$(\d+)\${_B64}\${_B64}$")
+
+
+def check_password_hash(value, fail) -> str:
+    """A password hash as ``pacsp2p admin hash-password`` prints it:
+    ``scrypt$N$r$p$salt$hash`` (base64), N a power of two 2^14..2^20, r 1-32, p 1-16."""
+    m = PASSWORD_HASH_RE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise fail("must be a password hash (\"scrypt$...\"), not a password: make one "
+                   "with 'pacsp2p admin hash-password'")
+    n, r, p = (int(x) for x in m.groups())
+    if n & (n - 1) or not (1 << 14) <= n <= (1 << 20) or not 1 <= r <= 32 or \
+            not 1 <= p <= 16:
+        raise fail(f"scrypt parameters N={n} r={r} p={p} out of range (N a power of two "
+                   f"2^14..2^20, r 1-32, p 1-16)")
+    return value
+
+
+def _admin(ad: _Reader, base: Path) -> AdminSettings:
+    """[admin]: where the endpoint listens, who may use it, HTTPS. Bound to anything but
+    a loopback address it needs HTTPS and a way to authenticate (docs/operations.md)."""
+    bind = ad.take("bind", str, "127.0.0.1", "an address string")
+    port = ad.port("port", 11180)
+    users = {}
+    for name, value in ad.take("users", dict, {}, 'a table of name = "scrypt$..."').items():
+        if not _USER_RE.match(name):
+            raise ad.fail(f"users.{name}", "a user name is 1-64 letters, digits or ._@-")
+        users[name] = check_password_hash(value, lambda r, n=name: ad.fail(f"users.{n}", r))
+    files = {key: _path(ad.take(key, str, None, "a file path"), base)
+             for key in ("tls_cert", "tls_key", "tls_client_ca")}
+    if (files["tls_cert"] is None) != (files["tls_key"] is None):
+        missing = "tls_key" if files["tls_key"] is None else "tls_cert"
+        raise ad.fail(missing, "is required with " + ("tls_cert" if missing == "tls_key"
+                                                      else "tls_key") + " (a PEM file)")
+    if files["tls_client_ca"] is not None and files["tls_cert"] is None:
+        raise ad.fail("tls_client_ca", "needs HTTPS (tls_cert and tls_key): client "
+                                       "certificates are checked in the TLS handshake")
+    ad.done()
+    admin = AdminSettings(bind=bind, port=port, users=users, **files)
+    if not is_loopback(bind):
+        lacks = [what for what, ok in (
+            ("HTTPS (admin.tls_cert and admin.tls_key)", admin.tls_cert is not None),
+            ("authentication (admin.users, or admin.tls_client_ca)", admin.authenticates))
+            if not ok]
+        if lacks:
+            raise ad.fail("bind", f"{bind!r} is not a loopback address: the admin endpoint "
+                                  f"then needs {' and '.join(lacks)}, or bind it to "
+                                  f"127.0.0.1 (see docs/operations.md)")
+    return admin
+
+
 def load(path: str | Path | None = None) -> Settings:
     """Read *path* (or nothing: the embedded default) into :class:`Settings`."""
     if path is None:
@@ -470,15 +534,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
             raise a.fail("max_fetches", f"must be an integer >= 1, got {max_fetches}")
         archives.append(ArchiveConfig(aname, adapter, site, dict(a.table), max_fetches))
 
-    ad = table("admin")
-    admin = AdminSettings(bind=ad.take("bind", str, "127.0.0.1", "an address string"),
-                          port=ad.port("port", 11180))
-    if not is_loopback(admin.bind):
-        raise ad.fail("bind", f"{admin.bind!r} is not a loopback address, and the admin "
-                              f"endpoint has no TLS or authentication yet: bind it to "
-                              f"127.0.0.1 (or ::1) and reach it through an authenticating "
-                              f"HTTPS proxy")
-    ad.done()
+    admin = _admin(table("admin"), base)
 
     overlay = None
     if "overlay" in doc:

@@ -11,7 +11,8 @@
 - ``credentials``: with an ``[overlay]``, the TLS files it names (the cluster CA, this
   peer's certificate and key: present, matching, not expired, issued by the CA);
 - the facade's DICOM TLS files and those of TLS destinations
-  (``dicom.tls.settings_options``).
+  (``dicom.tls.settings_options``), and the admin endpoint's HTTPS files
+  (``dicom.tls.admin_options``).
 
 Each raises ``config.ConfigError`` (or ``overlay.tls.TLSError``) with a one-line
 message; nothing here opens a port, a file for writing or a connection.
@@ -55,5 +56,6 @@ def check(settings, reactor=None) -> dict:
     chosen = strategies(settings)
     credentials(settings)
     dicom_tls.settings_options(settings)
+    dicom_tls.admin_options(settings)
     return {"archives": {a.name: getattr(a, "max_fetches", None) for a in made},
             "strategies": chosen.describe()}

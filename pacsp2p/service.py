@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import sys
 
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from pacsp2p import __version__, lock, preflight
 from pacsp2p.adapters.crawl import Crawler
-from pacsp2p.admin import web
+from pacsp2p.admin import endpoint
 from pacsp2p.catalog import Catalog
 from pacsp2p.cluster import Cluster
 from pacsp2p.facade import Facade
@@ -85,10 +85,7 @@ class PeerService(service.MultiService):
         parts.append(_Part("repair", self.cluster.repair))
         parts += [_Part(f"crawl {c.archive.name}", c) for c in self.crawlers]
         parts.append(ArchiveHealth(self.archives, self.crawlers, self.overlay, reactor))
-        admin = internet.TCPServer(adm.port, web.site(self.cluster), interface=adm.bind,
-                                   reactor=reactor)
-        admin.setName("admin")
-        parts.append(admin)
+        parts.append(endpoint.make(settings, self.cluster, reactor))   # "admin"
         for part in parts:
             part.setServiceParent(self)
         self.started = None

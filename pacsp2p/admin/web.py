@@ -2,11 +2,15 @@
 
 Bound to 127.0.0.1 by default; ``pacsp2p status``, ``peers``, ``where`` read it.
 
-Write actions (``POST /delete``) are served only while the endpoint is bound to a
-loopback address: bound elsewhere, they answer 403 (no authentication here yet: on a
-loopback port only the machine's own users reach them). They also want a JSON body
-(``Content-Type: application/json``), which a web page of another origin cannot send
-without a CORS preflight this endpoint never grants.
+Every request passes the gate (``gate.AdminSite``): who is asking (``auth.Guard``: users
+with passwords, client certificates, the CLI's token) and, on an endpoint bound to a
+non-loopback address (HTTPS then), 401 for nobody. Write actions (``POST /delete``, the
+console's retrieve) need an authenticated user; the one exception: on a loopback-bound
+endpoint with no ``[admin] users`` and no ``tls_client_ca``, a JSON write action from a
+loopback client is served without credentials, as before (``auth`` says why that is
+safe). They also want a JSON body (``Content-Type: application/json``), which a web
+page of another origin cannot send without a CORS preflight this endpoint never grants.
+The web console (``console``) lives under ``/console/``; ``/`` leads there.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from pacsp2p.admin import auth, console, gate
 from pacsp2p.admin import monitoring
+from pacsp2p.config import AdminSettings
 from pacsp2p.types import Scope
 from pacsp2p.validate import InvalidUID, shown
 
@@ -75,9 +81,9 @@ class _Delete(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, cluster, bind: str):
+    def __init__(self, cluster, guard):
         super().__init__()
-        self.cluster, self.bind = cluster, bind
+        self.cluster, self.guard = cluster, guard
 
     def render_GET(self, request):
         request.setResponseCode(405)
@@ -87,13 +93,17 @@ class _Delete(resource.Resource):
     def render_POST(self, request):
         request.setHeader(b"content-type", b"application/json")
         client = getattr(request.getClientAddress(), "host", None)
-        if not is_loopback(self.bind) or not is_loopback(client):
-            log.warn("admin: delete refused from {client}: the admin endpoint is bound to "
-                     "{bind}, not a loopback address", client=shown(client), bind=self.bind)
-            request.setResponseCode(403)
-            return _body({"error": "write actions are allowed only on a loopback-bound "
-                                   f"admin endpoint ([admin] bind = \"127.0.0.1\"); this "
-                                   f"one is bound to {self.bind}"})
+        who = gate.identity(request)
+        problem = self.guard.check_write(request, who, None, json_body=True)
+        if problem is not None:
+            code, message = problem
+            log.warn("admin: delete refused from {client} ({who}): {why}",
+                     client=shown(client), who=str(who) if who else "nobody", why=message)
+            request.setResponseCode(code)
+            if code == 401 and self.guard.admin.users:
+                request.setHeader(b"www-authenticate",
+                                  b'Basic realm="pacsp2p admin", charset="UTF-8"')
+            return _body({"error": message})
         ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
         ctype = ctype.split(";")[0].strip().lower()
         if ctype != "application/json":
@@ -147,19 +157,26 @@ def _arg(request, name: bytes) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
-def site(cluster, bind: str | None = None) -> server.Site:
+def site(cluster, bind: str | None = None, guard=None) -> server.Site:
     """The admin site; *bind*: the address it listens on (default: the config's), which
-    decides whether write actions are allowed."""
+    decides what needs authentication; *guard*: its ``auth.Guard`` (default: one made
+    from the config, plain HTTP, no CLI token)."""
+    settings = getattr(cluster, "settings", None)
     if bind is None:
-        bind = cluster.settings.admin.bind
+        bind = settings.admin.bind
+    if guard is None:
+        guard = auth.Guard(settings.admin if settings is not None else AdminSettings(), bind)
     root = resource.Resource()
     root.putChild(b"status", _Json(cluster.status))
     root.putChild(b"digest", _Json(cluster.digest))
     root.putChild(b"where", _Json(None, lambda req: cluster.where(
         study=_arg(req, b"study"), instance=_arg(req, b"instance"))))
-    root.putChild(b"delete", _Delete(cluster, bind))
+    root.putChild(b"delete", _Delete(cluster, guard))
     monitoring.install(root, cluster)          # /metrics, /health
-    s = server.Site(root)
-    s.noisy = False
-    s.log = lambda request: None         # no access log lines for local status polls
-    return s
+    pages = None
+    if settings is not None:
+        pages = console.Console(cluster, guard)
+        root.putChild(b"console", pages)
+        root.putChild(b"", gate.Answer(302, b"", b"text/plain",
+                                       {b"location": b"/console/"}))
+    return gate.AdminSite(root, guard, login_page=pages.login_page if pages else None)

@@ -453,9 +453,14 @@ class Catalog:
         return deferToThreadPool(self.reactor, self._reader_pool,
                                  lambda: fn(self._reader()))
 
-    def find(self, query: Query, return_keys: list[str]) -> defer.Deferred:
-        """Matches of a C-FIND identifier: a list of {keyword: value} dicts."""
+    def find(self, query: Query, return_keys: list[str], limit: int | None = None,
+             offset: int = 0) -> defer.Deferred:
+        """Matches of a C-FIND identifier: a list of {keyword: value} dicts; with *limit*,
+        at most that many from *offset* in a stable order (studies newest first)."""
         sql, params, selected = matching.build(query, return_keys)
+        if limit is not None:
+            sql += f" ORDER BY {PAGE_ORDER[query.level]} LIMIT ? OFFSET ?"
+            params = [*params, max(0, int(limit)), max(0, int(offset))]
 
         def run(conn):
             rows = conn.execute(sql, params).fetchall()
@@ -585,6 +590,13 @@ class Catalog:
         """Rows per table (locations: live copies), as the schema's triggers keep them:
         a few rows read, whatever the catalog's size (it counted 10M rows: 3 s)."""
         return self.read(schema.read_counts)
+
+
+# the order of a page of find(limit=): newest studies first, else by the unique key
+PAGE_ORDER = {"PATIENT": "p.PatientName, p.PatientID",
+              "STUDY": "st.StudyDate DESC, st.StudyTime DESC, st.StudyInstanceUID",
+              "SERIES": "CAST(se.SeriesNumber AS INTEGER), se.SeriesInstanceUID",
+              "IMAGE": "CAST(i.InstanceNumber AS INTEGER), i.SOPInstanceUID"}
 
 
 def stored_location(meta: InstanceMeta, stored: Stored, peer: str) -> Location:

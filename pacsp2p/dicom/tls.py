@@ -17,7 +17,8 @@ client profile ("Non-downgrading BCP 195") and Python's ``ssl`` defaults meet it
   admission caps).
 - ``peer_name``: the common name of a verified peer certificate.
 - ``settings_options``: all of it from the ``[facade]`` and ``[destinations]`` settings,
-  every file checked (for the facade, and for ``pacsp2p check-config``).
+  every file checked (for the facade, and for ``pacsp2p check-config``);
+  ``admin_options``: the admin endpoint's HTTPS (``[admin] tls_cert``).
 
 Files are read once, when the options are built; errors are ``TLSFilesError`` with one
 line naming the file and the reason (the caller adds the config key).
@@ -171,6 +172,21 @@ def settings_options(settings):
                 raise ConfigError(f"{settings.source}: destinations.{dest.ae_title}.tls: "
                                   f"{e}") from None
     return server
+
+
+def admin_options(settings):
+    """The admin endpoint's HTTPS options (``[admin] tls_cert``, ``tls_key``; the same
+    BCP 195 profile), None without ``tls_cert``. A client certificate is not required
+    (password users connect without one); with ``tls_client_ca`` one that is shown must
+    chain to it. Raises ``config.ConfigError`` naming ``admin.tls_*``."""
+    ad = settings.admin
+    if getattr(ad, "tls_cert", None) is None:
+        return None
+    try:
+        return server_options(ad.tls_cert, ad.tls_key, ad.tls_client_ca, False)
+    except TLSFilesError as e:
+        key = {"cert": "tls_cert", "key": "tls_key", "ca": "tls_client_ca"}[e.role]
+        raise ConfigError(f"{settings.source}: admin.{key}: {e}") from None
 
 
 class TLSFactory(TLSMemoryBIOFactory):

@@ -21,6 +21,7 @@ the instance a consumer waits for is rescued on a second source if its only one 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, error
@@ -168,6 +169,7 @@ class Retrieval:
         self._turns = 0
         self.started = False
         self.cancelled = False
+        self.started_at = self.finished_at = None     # wall-clock times, for status
 
     # -- where each instance can come from --------------------------------------------
     def _member(self, peer: str):
@@ -224,6 +226,7 @@ class Retrieval:
         if self.started:
             return
         self.started = True
+        self.started_at = time.time()
         if self.reactor is None:
             from twisted.internet import reactor
             self.reactor = reactor
@@ -309,6 +312,7 @@ class Retrieval:
         finally:
             self._scheduling = False
         if self._results and all(d.called for d in self._results.values()):
+            self.finished_at = self.finished_at or time.time()
             self._stop_watching()
             self._observe()
 
@@ -528,7 +532,8 @@ class Retrieval:
     def status(self) -> dict:
         """Counts, and per source (``peer/archive``) what it served and how fast."""
         return {"id": self.id, "instances": len(self.refs), "done": len(self.plan.done),
-                "pending": len(self.plan.pending),
+                "pending": len(self.plan.pending), "started_at": self.started_at,
+                "finished_at": self.finished_at, "cancelled": self.cancelled,
                 "sources": {s.name: {"peer": s.peer, "archive": s.archive,
                                      "alive": s.alive, "completed": s.completed,
                                      "failed": s.failed, "in_flight": s.in_flight,

@@ -1,0 +1,74 @@
+"""The admin endpoint as a service of the peer: HTTP on a loopback address, HTTPS when
+``[admin] tls_cert`` is set (required by ``config`` on any other address).
+
+``make(settings, cluster, reactor)`` builds it (the TLS files are checked then:
+``config.ConfigError`` naming ``admin.tls_*``, before the reactor runs); at start it
+writes the CLI's token (``auth.write_token``: ``<data_dir>/admin.token``, mode 0600)
+and listens; at stop it removes the token. At most ``MAX_CONNECTIONS`` connections at
+once (more are closed at once); an idle connection is closed after
+``gate.IDLE_TIMEOUT`` seconds; a request body is at most ``gate.MAX_BODY`` bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.application import internet, service
+from twisted.protocols.policies import WrappingFactory
+
+from pacsp2p.admin import auth, web
+from pacsp2p.dicom import tls
+
+MAX_CONNECTIONS = 64
+
+
+class Capped(WrappingFactory):
+    """*wrapped*, refusing a connection (closed at once) while *limit* are open."""
+
+    noisy = False
+
+    def __init__(self, wrapped, limit: int = MAX_CONNECTIONS):
+        super().__init__(wrapped)
+        self.limit = limit
+
+    def buildProtocol(self, addr):
+        if len(self.protocols) >= self.limit:
+            return None
+        return super().buildProtocol(addr)
+
+
+class AdminEndpoint(service.MultiService):
+    """The listening port (a child) and the CLI token's life around it."""
+
+    def __init__(self, server, guard: auth.Guard, data_dir: Path):
+        super().__init__()
+        self.setName("admin")
+        self.guard, self.data_dir = guard, Path(data_dir)
+        server.setServiceParent(self)
+
+    def startService(self):
+        self.guard.token = auth.write_token(self.data_dir)
+        super().startService()
+
+    def stopService(self):
+        self.guard.token = None
+        try:
+            (self.data_dir / auth.TOKEN_FILE).unlink()
+        except OSError:
+            pass
+        return super().stopService()
+
+
+def make(settings, cluster, reactor, **site_options) -> AdminEndpoint:
+    """The admin endpoint of *settings* serving *cluster* (``web.site``)."""
+    adm = settings.admin
+    options = tls.admin_options(settings)
+    guard = auth.Guard(adm, adm.bind, reactor, tls=options is not None)
+    site = web.site(cluster, adm.bind, guard, **site_options)
+    factory = Capped(site)
+    if options is not None:
+        server = internet.SSLServer(adm.port, factory, options, interface=adm.bind,
+                                    reactor=reactor)
+    else:
+        server = internet.TCPServer(adm.port, factory, interface=adm.bind, reactor=reactor)
+    return AdminEndpoint(server, guard, settings.data_dir)

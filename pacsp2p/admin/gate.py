@@ -1,0 +1,183 @@
+"""The admin endpoint's front gate: every request passes here before any resource.
+
+``AdminSite`` (a twisted.web ``Site``) checks the ``Host`` header of a loopback-bound
+endpoint (DNS rebinding), finds out who is asking (``auth.Guard.identify``: the CLI's
+token, a client certificate, a console session, HTTP Basic), puts that on the request
+(``request.admin_identity``, None for nobody) and then serves the resource — or, where
+reading needs authentication (an endpoint bound to a non-loopback address), answers
+401: the console's login page for console paths, JSON with ``WWW-Authenticate: Basic``
+for the JSON API. The login form and the console's stylesheet are served to anyone.
+
+``BoundedRequest`` caps a request body at ``MAX_BODY`` (413 beyond, the rest read and
+dropped, never buffered) and adds the headers every answer carries: no caching (the
+console shows patient data), no sniffing, no framing, no referrer, and a content
+security policy without scripts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server, util
+
+from pacsp2p.admin import auth
+
+log = Logger()
+
+MAX_BODY = 1 << 20            # bytes of a request body at most
+IDLE_TIMEOUT = 60             # seconds a connection may sit idle
+PUBLIC = ([b"console", b"login"], [b"console", b"static"])   # served without a login
+SECURITY_HEADERS = {
+    b"cache-control": b"no-store",
+    b"x-content-type-options": b"nosniff",
+    b"x-frame-options": b"DENY",
+    b"referrer-policy": b"no-referrer",
+    b"content-security-policy": b"default-src 'none'; style-src 'self'; img-src 'self'; "
+                                b"form-action 'self'; frame-ancestors 'none'; "
+                                b"base-uri 'none'",
+}
+
+
+class BoundedRequest(server.Request):
+    """A request whose body is at most ``MAX_BODY`` bytes (see the module docstring)."""
+
+    max_body = MAX_BODY
+    admin_identity = None
+    _body_seen = 0
+    _too_large = False
+
+    def gotLength(self, length):
+        self._too_large = length is not None and length > self.max_body
+        super().gotLength(0 if self._too_large else length)
+
+    def handleContentChunk(self, data):
+        self._body_seen += len(data)
+        if self._body_seen > self.max_body:
+            self._too_large = True
+            return
+        if not self._too_large:
+            super().handleContentChunk(data)
+
+    def process(self):
+        for name, value in SECURITY_HEADERS.items():
+            self.setHeader(name, value)
+        if self._too_large:
+            self.setResponseCode(413)
+            self.setHeader(b"content-type", b"application/json")
+            self.write(json.dumps({"error": f"a request body is at most {self.max_body} "
+                                            f"bytes"}).encode())
+            self.finish()
+            return
+        super().process()
+
+
+class Answer(resource.Resource):
+    """A fixed answer: *code*, *body* (bytes), *ctype*, extra *headers*."""
+
+    isLeaf = True
+
+    def __init__(self, code: int, body: bytes, ctype: bytes = b"application/json",
+                 headers: dict | None = None):
+        super().__init__()
+        self.code, self.body, self.ctype, self.headers = code, body, ctype, headers or {}
+
+    def render(self, request):
+        request.setResponseCode(self.code)
+        request.setHeader(b"content-type", self.ctype)
+        for name, value in self.headers.items():
+            request.setHeader(name, value)
+        return b"" if request.method == b"HEAD" else self.body
+
+
+def json_answer(code: int, message: str, headers: dict | None = None) -> Answer:
+    return Answer(code, json.dumps({"error": message}).encode(), headers=headers)
+
+
+class AdminSite(server.Site):
+    """The admin endpoint's site (see the module docstring). *login_page*:
+    callable(request, code, message) -> resource, the console's answer to a browser
+    that must log in first."""
+
+    requestFactory = BoundedRequest
+    noisy = False
+
+    def __init__(self, root, guard: auth.Guard, login_page=None):
+        super().__init__(root, timeout=IDLE_TIMEOUT)
+        self.guard = guard
+        self.login_page = login_page
+
+    def log(self, request):
+        """No access log lines (the CLI polls /status); refusals are logged where made."""
+
+    def getResourceFor(self, request):
+        request.site = self
+        request.sitepath = copy.copy(request.prepath)
+        guard = self.guard
+        if not guard.host_ok(request):
+            return json_answer(403, "this admin endpoint answers to a loopback address or "
+                                    "localhost only (Host header)")
+        path = list(request.postpath)
+        d = guard.identify(request)
+
+        def decide(identity):
+            request.admin_identity = identity
+            if identity is None and not guard.open_reads and \
+                    not any(path[:len(p)] == p for p in PUBLIC):
+                return self.unauthenticated(request, path)
+            return self.resource
+
+        def busy(f):
+            f.trap(auth.Busy)
+            return json_answer(f.value.code, str(f.value))
+
+        def broken(f):
+            log.failure("admin: authentication failed", f)
+            return json_answer(500, "authentication failed")
+        d.addCallback(decide)
+        d.addErrback(busy)
+        d.addErrback(broken)
+        return util.DeferredResource(d)
+
+    def unauthenticated(self, request, path):
+        if (not path or path[0] in (b"", b"console")) and self.login_page is not None:
+            return self.login_page(request, 401, "")
+        headers = {}
+        if self.guard.admin.users:
+            headers[b"www-authenticate"] = b'Basic realm="pacsp2p admin", charset="UTF-8"'
+        else:      # a 401 names a scheme: here a client certificate of tls_client_ca
+            headers[b"www-authenticate"] = b'TLS-client-certificate realm="pacsp2p admin"'
+        return json_answer(401, "authentication required: a user of [admin] users (HTTP "
+                                "Basic) or a client certificate", headers)
+
+
+def identity(request) -> auth.Identity | None:
+    return getattr(request, "admin_identity", None)
+
+
+def deferred_answer(request, produce):
+    """Render *produce()* -> Deferred[(code, ctype, body bytes, headers)] on *request*,
+    never writing to a client that left; returns NOT_DONE_YET."""
+    gone = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def write(result):
+        if gone:
+            return
+        code, ctype, body, headers = result
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", ctype)
+        for name, value in (headers or {}).items():
+            request.setHeader(name, value)
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+    def failed(f):
+        log.failure("admin: {path} failed", f, path=request.path[:200])
+        write((500, b"text/plain; charset=utf-8",
+               f"error: {f.getErrorMessage()[:300]}".encode(), None))
+    defer.maybeDeferred(produce).addCallbacks(write, failed)
+    return server.NOT_DONE_YET
