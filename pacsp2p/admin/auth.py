@@ -257,7 +257,8 @@ class Guard:
         cert = self._certificate(request)
         if cert is not None:
             return defer.succeed(Identity(cert, "certificate"))
-        sid = (request.getCookie(self.cookie) or b"").decode("latin-1")
+        cookies = getattr(request, "received_cookies", None) or {}
+        sid = (cookies.get(self.cookie) or b"").decode("latin-1")
         found = self.sessions.get(sid) if sid else None
         if found is not None:
             user, expires = found

@@ -10,6 +10,7 @@
     pacsp2p ca init [--dicom] DIR | ca issue DIR NAME [--kind peer|server|client]
                                                 certificate authorities (cluster, DICOM)
     pacsp2p demo --peers 3 --dir DIR            a local cluster in one command
+    pacsp2p admin hash-password [USER]          an [admin] users password hash
 
 Every command reads the same TOML config as ``twistd pacsp2p`` (default: the embedded
 single-peer defaults in the current directory).
@@ -52,10 +53,10 @@ def cmd_check_config(args) -> int:
 
 
 def fetch_status(settings, what: str = "status") -> dict:
-    host = "127.0.0.1" if settings.admin.bind in ("0.0.0.0", "") else settings.admin.bind
-    url = f"http://{host}:{settings.admin.port}/{what}"
+    from pacsp2p.admin import client          # HTTPS, the token (admin/client.py)
+    url = client.url(settings, what)
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with client.open(settings, what, timeout=10) as r:
             return json.load(r)
     except (urllib.error.URLError, OSError) as e:
         raise SystemExit(f"pacsp2p: no peer answers at {url} ({e}); is it running?")
@@ -292,6 +293,8 @@ def main(argv=None) -> int:
     de.set_defaults(fn=cmd_demo)
     from pacsp2p.admin import delete
     dl = delete.add_parser(sub)
+    from pacsp2p.admin import auth
+    auth.add_parser(sub)                       # admin hash-password
     for sp in (s, c, r, pe, dg, wh, dl):
         sp.add_argument("--config", "-c", default=argparse.SUPPRESS,
                         help="TOML config file (default: embedded defaults)")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import urllib.error
-import urllib.request
 
 from pacsp2p import config
+from pacsp2p.admin import client
 
 LEVELS = (("study", "STUDY", "StudyInstanceUID"), ("series", "SERIES", "SeriesInstanceUID"),
           ("instance", "IMAGE", "SOPInstanceUID"))
@@ -38,10 +38,7 @@ def add_parser(sub):
 
 
 def admin_url(settings, what: str) -> str:
-    host = "127.0.0.1" if settings.admin.bind in ("0.0.0.0", "", "::") else settings.admin.bind
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{settings.admin.port}/{what}"
+    return client.url(settings, what)
 
 
 def cmd_delete(args) -> int:
@@ -51,10 +48,9 @@ def cmd_delete(args) -> int:
     url = admin_url(settings, "delete")
     body = json.dumps({"level": level, "uids": [uid],
                        "reason": args.reason or "pacsp2p delete"}).encode()
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as r:
+        with client.open(settings, "delete", timeout=TIMEOUT, data=body, method="POST",
+                         headers={"Content-Type": "application/json"}) as r:
             answer = json.load(r)
     except urllib.error.HTTPError as e:
         try:

@@ -1,0 +1,65 @@
+"""How the ``pacsp2p`` CLI reaches its peer's admin endpoint (``status``, ``where``,
+``delete``, ...): the URL, HTTPS and the token.
+
+- URL: ``[admin] bind`` (127.0.0.1 for a wildcard bind) and ``port``; ``https://`` when
+  ``[admin] tls_cert`` is set.
+- HTTPS: the endpoint's own certificate (``tls_cert``, read from the config) is the one
+  trusted: it is pinned as the trust anchor (OpenSSL's partial-chain flag), so a
+  self-signed one or one from a private CA both work, whatever name or address it
+  carries.
+- Authentication: the token the running peer wrote to ``<data_dir>/admin.token``
+  (``auth.write_token``), sent as ``Authorization: Bearer``. Without read access to
+  the data directory there is none, and an endpoint that needs one answers 401.
+"""
+
+from __future__ import annotations
+
+import ssl
+import urllib.request
+
+from pacsp2p.admin.auth import read_token
+
+
+def base_url(settings) -> str:
+    adm = settings.admin
+    host = adm.bind
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    scheme = "https" if adm.tls_cert is not None else "http"
+    return f"{scheme}://{host}:{adm.port}"
+
+
+def url(settings, what: str) -> str:
+    return f"{base_url(settings)}/{what.lstrip('/')}"
+
+
+def ssl_context(settings) -> ssl.SSLContext | None:
+    """The context that trusts exactly the endpoint's certificate (None over HTTP)."""
+    cert = settings.admin.tls_cert
+    if cert is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False          # pinned: the certificate itself is the anchor
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return ctx
+
+
+def request(settings, what: str, data: bytes | None = None, method: str | None = None,
+            headers: dict | None = None) -> urllib.request.Request:
+    """A request to the endpoint with the CLI's token (if readable)."""
+    headers = dict(headers or {})
+    token = read_token(settings.data_dir)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return urllib.request.Request(url(settings, what), data=data, method=method,
+                                  headers=headers)
+
+
+def open(settings, what: str, timeout: float = 10.0, **kwargs):  # noqa: A001
+    """``urllib.request.urlopen`` of ``request(settings, what, ...)`` (raises as it)."""
+    return urllib.request.urlopen(request(settings, what, **kwargs), timeout=timeout,
+                                  context=ssl_context(settings))
