@@ -49,7 +49,8 @@ class Crawler:
         self.archive, self.catalog, self.peer, self.reactor = archive, catalog, peer, reactor
         self.throttle = TokenBucket(reactor, qps)
         self.follow_every = follow_every
-        self.done = 0
+        self.done = 0              # instances the crawl itself went through
+        self.followed = 0          # instances found since by following changes
         self.total: int | None = None
         self.finished = False
         self.error: str | None = None
@@ -131,7 +132,7 @@ class Crawler:
         items, since = yield self.archive.changes(since, self.throttle)
         if items:
             new = yield self._record(items)
-            self.done += len(items)
+            self.followed += new       # the crawl's own count stays the crawl's
             if new:
                 log.info("archive {archive}: {n} new instance(s) found",
                          archive=self.archive.name, n=new)
@@ -144,9 +145,10 @@ class Crawler:
         return f"{s['done']}{total} instances, {s['rate']:.0f}/s{eta}"
 
     def status(self, start_done: int | None = None) -> dict:
-        """Progress; the rate counts the instances crawled since this start (resumed
-        ones excluded) over the crawl's own time (instances found later by following
-        changes are not in it)."""
+        """Progress of the crawl itself: ``done`` counts the instances the crawl went
+        through (not those found later by following changes: ``followed``), the rate
+        those crawled since this start (resumed ones excluded) over the crawl's own
+        time."""
         if start_done is None:
             start_done = self.start_done
         end = self.t_end or time.monotonic()
@@ -157,4 +159,5 @@ class Crawler:
                and not self.finished else None)
         return {"archive": self.archive.name, "done": self.done, "total": self.total,
                 "rate": round(rate, 1), "eta_s": eta, "finished": self.finished,
+                "followed": self.followed,
                 "elapsed_s": round(elapsed, 3), "error": self.error}

@@ -11,6 +11,7 @@
                                                 certificate authorities (cluster, DICOM)
     pacsp2p demo --peers 3 --dir DIR            a local cluster in one command
     pacsp2p admin hash-password [USER]          an [admin] users password hash
+    pacsp2p --version
 
 Every command reads the same TOML config as ``twistd pacsp2p`` (default: the embedded
 single-peer defaults in the current directory).
@@ -21,11 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import urllib.error
 import urllib.request
 
-from pacsp2p import config, lock
+from pacsp2p import __version__, config, lock
+from pacsp2p.admin import human
 
 
 def _settings(args):
@@ -81,7 +82,7 @@ def cmd_status(args) -> int:
     for name, h in status["archives"].items():
         state = "up" if h.get("up") else f"DOWN ({h.get('error', '')})"
         free = h.get("free_bytes")
-        extra = f", {free / 2**30:.1f} GiB free" if free is not None else ""
+        extra = f", {human.size(free)} free" if free is not None else ""
         print(f"archive {name}: {state}{extra}")
     if c.get("hints"):
         print(f"hinted hand-off: {c['hints']} copies owed to archives that are down")
@@ -103,11 +104,14 @@ def cmd_status(args) -> int:
         print(repair_line(repair))
     for cr in status.get("crawls", []):
         total = f"/{cr['total']}" if cr.get("total") else ""
-        eta = f", ETA {cr['eta_s']:.0f} s" if cr.get("eta_s") else ""
+        eta = f", ETA {human.duration(cr['eta_s'])}" if cr.get("eta_s") else ""
         state = "done" if cr.get("finished") else ("STOPPED: " + cr["error"] if
                                                    cr.get("error") else "crawling")
+        took = f" in {human.duration(cr['elapsed_s'])}" if cr.get("finished") and \
+            cr.get("elapsed_s") else ""
+        later = f"; {cr['followed']} new found since" if cr.get("followed") else ""
         print(f"crawl of {cr['archive']}: {state}, {cr['done']}{total} instances, "
-              f"{cr['rate']}/s{eta}")
+              f"{cr['rate']}/s{eta}{took}{later}")
     for r in status.get("retrievals", []):
         srcs = ", ".join(f"{n} {s['completed']} ({s['MB_per_s']} MB/s)"
                          + ("" if s["alive"] else " DROPPED")
@@ -125,7 +129,7 @@ def cmd_status(args) -> int:
 def under_replicated_line(u: dict) -> str:
     if u.get("instances") is None:
         return "under-replicated: not counted yet"
-    age = f", counted {max(0, time.time() - u['at']):.0f} s ago" if u.get("at") else ""
+    age = f", counted {human.ago(u['at'])}" if u.get("at") else ""
     surplus = f", {u['surplus']} with surplus copies" if u.get("surplus") else ""
     return (f"under-replicated: {u['instances']} instances with fewer than "
             f"{u['replicas']} live copies, {u['unavailable']} with none{surplus}{age}")
@@ -136,10 +140,14 @@ def repair_line(r: dict) -> str:
     line = (f"repair: {r['state']}, {r['done']} copies made ({r['bytes'] / 1e6:.1f} MB), "
             f"{r['remaining']} instances remaining, {r['rate']} MB/s (limit {limit}); "
             f"{r['dropped']} surplus copies dropped, {r['failed']} failures")
+    if r.get("state") == "idle" and r.get("finished"):
+        line += f"; last run finished {human.when(r['finished'])}"
+    elif r.get("started"):
+        line += f"; started {human.when(r['started'])}"
     waiting = r.get("waiting") or []
     if waiting:
         line += "; waiting for " + ", ".join(
-            f"{w['what']} (repair in {w['repair_in_s']:.0f} s)" for w in waiting)
+            f"{w['what']} (repair in {human.duration(w['repair_in_s'])})" for w in waiting)
     return line
 
 
@@ -155,6 +163,8 @@ def cmd_catalog_rebuild(args) -> int:
     from pacsp2p.adapters import make_archive
     from pacsp2p.catalog.rebuild import rebuild
 
+    from pacsp2p.admin.progress import Progress
+
     s = _settings(args)
     try:
         held = lock.acquire(s.data_dir)
@@ -162,8 +172,9 @@ def cmd_catalog_rebuild(args) -> int:
         raise SystemExit(f"pacsp2p: cannot rebuild while the peer runs: {e}")
     try:
         archives = [make_archive(a, s, reactor) for a in s.archives]
-        n = rebuild(s.data_dir / "catalog.sqlite", archives, s.peer.name,
-                    progress=lambda m: print(m, file=sys.stderr))
+        with Progress("rebuilding the catalog", unit="instances") as bar:
+            n = rebuild(s.data_dir / "catalog.sqlite", archives, s.peer.name,
+                        progress=bar.message, count=bar.set)
     finally:
         held.close()
     print(f"catalog rebuilt: {n} instances")
@@ -179,10 +190,11 @@ def cmd_peers(args) -> int:
     if args.json:
         print(json.dumps(overlay["members"], indent=2))
         return 0
-    print(f"{'NAME':<16} {'STATE':<8} {'ADDRESS':<22} {'FACADE':<24} PHI")
+    print(f"{'NAME':<16} {'STATE':<8} {'ADDRESS':<22} {'FACADE':<24} {'PHI':<7} SINCE")
     for m in overlay["members"]:
+        since = human.when(m["since"]) if m.get("since") else ""
         print(f"{m['name']:<16} {m['state']:<8} {m['address']:<22} {m['facade']:<24} "
-              f"{m.get('phi', '')}")
+              f"{m.get('phi', ''):<7} {since}".rstrip())
     return 0
 
 
@@ -195,7 +207,8 @@ def cmd_where(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("no such instance in the catalog")
+        print(f"no such study {args.study} in the catalog" if args.study else
+              f"no such instance {args.instance} in the catalog")
         return 1
     for row in rows:
         reps = ", ".join(f"{r['archive']}@{r['peer']}" + ("" if r["available"] else " (DOWN)")
@@ -242,6 +255,7 @@ def cmd_demo(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pacsp2p", description=__doc__.splitlines()[0])
     p.add_argument("--config", "-c", help="TOML config file (default: embedded defaults)")
+    p.add_argument("--version", action="version", version=f"pacsp2p {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("status", help="what a running peer reports")
     s.add_argument("--json", action="store_true")

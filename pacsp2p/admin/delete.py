@@ -48,9 +48,12 @@ def cmd_delete(args) -> int:
     url = admin_url(settings, "delete")
     body = json.dumps({"level": level, "uids": [uid],
                        "reason": args.reason or "pacsp2p delete"}).encode()
+    from pacsp2p.admin.cli import fetch_status
+    from pacsp2p.admin.progress import DeleteWatch
     try:
-        with client.open(settings, "delete", timeout=TIMEOUT, data=body, method="POST",
-                         headers={"Content-Type": "application/json"}) as r:
+        with DeleteWatch(lambda what: fetch_status(settings, what), level, uid), \
+                client.open(settings, "delete", timeout=TIMEOUT, data=body, method="POST",
+                            headers={"Content-Type": "application/json"}) as r:
             answer = json.load(r)
     except urllib.error.HTTPError as e:
         try:

@@ -18,7 +18,10 @@ from pacsp2p.catalog.db import _connect, create_schema, meta_attributes, write_f
 from pacsp2p.catalog.schema import close_clean
 
 
-def rebuild(catalog_path: Path, archives, peer_name: str, progress=print) -> int:
+def rebuild(catalog_path: Path, archives, peer_name: str, progress=print,
+            count=None) -> int:
+    """Rebuild; *progress(text)* gets a line now and then, *count(n)*, if given, the
+    instances written so far after each batch (a progress bar's feed)."""
     catalog_path = Path(catalog_path)
     fresh = catalog_path.with_suffix(".rebuild")
     for suffix in ("", "-wal", "-shm"):
@@ -50,9 +53,14 @@ def rebuild(catalog_path: Path, archives, peer_name: str, progress=print) -> int
             if len(batch) >= 500:
                 write_facts(conn, batch)
                 batch = []
-                progress(f"{total} instances ({total / (time.monotonic() - t0):.0f}/s)")
+                if count is not None:
+                    count(total)
+                else:
+                    progress(f"{total} instances ({total / (time.monotonic() - t0):.0f}/s)")
     if batch:
         write_facts(conn, batch)
+    if count is not None:
+        count(total)
     close_clean(conn, known_good=True)      # just built: the peer need not check it
     if catalog_path.exists():
         os.replace(catalog_path, f"{catalog_path}.broken")

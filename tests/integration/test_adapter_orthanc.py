@@ -161,6 +161,10 @@ def test_join_crawls_everything(tmp_path, preloaded, corpus):
                    0.5, "the 20 later instances found")
         print(f"later instances found after {time.monotonic() - t0:.1f} s")
         assert "new instance(s) found" in p.log_path.read_text()
+        # the crawl's progress counts the crawl; what was found later is apart (16.4)
+        wait_until(lambda: crawl(p)["followed"] == 20, 20, 0.5, "followed instances counted")
+        c = crawl(p)
+        assert c["done"] == JOIN_N and c["total"] == JOIN_N and c["followed"] == 20, c
 
 
 def test_restart_in_mid_crawl_resumes(tmp_path, preloaded):
