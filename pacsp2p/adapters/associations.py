@@ -13,6 +13,8 @@ from collections import defaultdict
 
 from pynetdicom import AE, evt
 
+from pacsp2p.dicom.requestor import guard
+
 IDLE_PER_KIND = 4
 
 
@@ -63,6 +65,7 @@ class Associations:
             why = ("rejected" if assoc.is_rejected else "aborted (no presentation context "
                    "accepted?)" if assoc.is_aborted else "no answer")
             raise DimseError(f"association with {where} failed: {why}")
+        guard(assoc)            # pynetdicom's reactor thread must not take our responses
         return assoc
 
     def _borrow(self, kind, make):

@@ -8,13 +8,15 @@ the transport takes them; a C-CANCEL is honoured between responses.
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from pacsp2p.dicom import contexts, dimse
-from pacsp2p.dicom.identifiers import IdentifierError, to_dataset, to_query
+from pacsp2p.dicom.identifiers import IdentifierError, encode_row, to_query
 from pacsp2p.dicom.status import (CANCEL, CANNOT_UNDERSTAND, DOES_NOT_MATCH, PENDING,
                                   SUCCESS, UNABLE_TO_PROCESS)
 from pacsp2p.facade.operation import Operation
+from pacsp2p.validate import shown
 
 log = Logger()
 
@@ -39,6 +41,10 @@ def decode_query(op, table: dict, what: str):
 
 
 class Find(Operation):
+    """One C-FIND. Every path ends in exactly one final response: Success, Cancel, or —
+    whatever goes wrong while answering (the catalog query fails, a row cannot be encoded,
+    a bug) — one log line and Unable to process (0xC001), never a silent stop."""
+
     RSP = dimse.C_FIND_RSP
 
     def run(self):
@@ -46,18 +52,39 @@ class Find(Operation):
         if decoded is None:
             return
         self.query, self.requested = decoded
+        self.sent = 0
+        self.blanked: dict[str, int] = {}
         d = defer.maybeDeferred(self.svc.cluster.find, self.query, self.requested)
-        d.addCallbacks(self._found, self._failed)
+        d.addCallback(self._found)          # an error raised by _found goes to _failed too
+        d.addErrback(self._failed)
 
     def _failed(self, failure):
-        log.error("C-FIND failed: {err}", err=failure.getErrorMessage())
-        self.finish(UNABLE_TO_PROCESS)
+        self.finish(UNABLE_TO_PROCESS, comment="the query could not be answered")
+        where = ""
+        if failure.frames:
+            _, filename, line = failure.frames[-1][:3]
+            where = f" at {filename.rsplit('/', 1)[-1]}:{line}"
+        self.assoc.factory.log_limit(
+            "C-FIND failure", LogLevel.error,
+            "C-FIND from {ae} (message {msg_id}) failed after {n} matches: {error}: {err}"
+            "{where}: answered Unable to process", ae=self.assoc.calling_ae,
+            msg_id=self.msg_id, n=self.sent, error=failure.type.__name__,
+            err=shown(failure.getErrorMessage()), where=where)
 
     def _found(self, rows):
         self.rows = iter(rows)
         self._send_some()
 
     def _send_some(self):
+        """Send up to FIND_BATCH Pending responses, then go on at the next reactor turn,
+        or once the transport takes more. Runs from callLater and from the association's
+        resume: an exception here would reach nobody, so it ends the operation."""
+        try:
+            self._send_batch()
+        except Exception:
+            self._failed(Failure())
+
+    def _send_batch(self):
         for _ in range(FIND_BATCH):
             if self.gone or self.finished:
                 return
@@ -65,9 +92,21 @@ class Find(Operation):
                 return self.finish(CANCEL)
             row = next(self.rows, None)
             if row is None:
+                self._report_blanked()
                 return self.finish(SUCCESS)
-            ds = to_dataset(row, self.requested, self.query.level)
-            self.respond(PENDING, self.encode(ds))
+            data, blanked = encode_row(row, self.requested, self.query.level, self.encode)
+            for kw in blanked:
+                self.blanked[kw] = self.blanked.get(kw, 0) + 1
+            self.respond(PENDING, data)
+            self.sent += 1
             if self.assoc.paused:
                 return self.assoc.when_writable(self._send_some)
         self.svc.reactor.callLater(0, self._send_some)
+
+    def _report_blanked(self):
+        if self.blanked:
+            self.assoc.factory.log_limit(
+                "C-FIND values sent empty", LogLevel.warn,
+                "C-FIND from {ae}: stored values their VR cannot carry sent empty: {which}",
+                ae=self.assoc.calling_ae, which=shown(", ".join(
+                    f"{kw} x{n}" for kw, n in sorted(self.blanked.items())), 200))
