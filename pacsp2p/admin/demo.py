@@ -12,6 +12,10 @@ there, peers started at once could find their ports taken by each other's outgoi
 connections. Before any peer starts, each port the configs name is checked (outside the
 ephemeral range, free on 127.0.0.1); one that is not stops the demo with a line saying
 which port, which peer and what to change.
+
+A peer that exits while the demo runs (it could not start, or it died) ends the demo:
+its last log lines are printed, the other peers are stopped, and the demo exits with
+status 1 — a cluster with a peer missing is not the demo the user asked for.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pacsp2p.overlay import tls
 
 BASE = 11112
 MAX_PEERS = 64
+TAIL_LINES = 20              # of a failing peer's log, printed
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
@@ -219,17 +224,20 @@ def run(directory: Path, n: int, first: int | None = None) -> int:
           flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
-    reported = set()
+    failed = None
     try:
-        while not stopping and len(reported) < len(procs):
-            for name, proc in zip(names, procs):
-                if proc.poll() is not None and name not in reported:
-                    reported.add(name)
-                    print(f"{name} exited with status {proc.returncode}; see its log",
-                          flush=True)
-            time.sleep(0.5)
+        while not stopping and failed is None:
+            for peer, proc in zip(peers, procs):
+                if proc.poll() is not None:
+                    failed = peer
+                    _report_failure(peer, proc)
+                    break
+            else:
+                time.sleep(0.5)
     except KeyboardInterrupt:
         pass
+    if failed is not None and any(p.poll() is None for p in procs):
+        print("stopping the other peers", flush=True)
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()
@@ -239,4 +247,25 @@ def run(directory: Path, n: int, first: int | None = None) -> int:
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
-    return 0
+    return 1 if failed is not None else 0
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
+    """The last *lines* lines of *path* (read from its end, whatever its size)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except OSError as e:
+        return [f"(cannot read {path}: {e.strerror})"]
+    return data.decode("utf-8", "replace").splitlines()[-lines:]
+
+
+def _report_failure(peer: PeerPorts, proc) -> None:
+    log = peer.config.with_suffix(".log")
+    print(f"{peer.name} exited with status {proc.returncode}; the last lines of {log}:",
+          flush=True)
+    for line in log_tail(log):
+        print(f"  {line}", flush=True)

@@ -180,3 +180,30 @@ def test_more_than_ten_peers(tmp_path):
             demo.kill()
             raise
     assert demo.returncode == 0
+
+
+def test_a_failing_peer_is_shown_and_the_others_stopped(tmp_path):
+    """Issue 16.4: a peer that cannot start ends the demo: its last log lines are
+    printed, the other peers are stopped, the demo exits with status 1."""
+    base = _free_block()
+    directory = tmp_path / "demo"
+    configs = demo_module.write_cluster(directory, 3, base)
+    (directory / "blocker").write_text("a file where peerb's data directory should be\n")
+    text = configs[1].read_text().replace('data_dir = "peerb-data"', 'data_dir = "blocker"')
+    configs[1].write_text(text)                   # a config edited by hand is kept
+    r = subprocess.run([str(BIN / "pacsp2p"), "demo", "--peers", "3", "--dir",
+                        str(directory), "--base-port", str(base)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = r.stdout
+    pids = [int(line.rsplit("pid ", 1)[1]) for line in out.splitlines()
+            if ": facade PEER" in line]
+    assert len(pids) == 3, out
+    assert f"peerb exited with status 1; the last lines of {directory / 'peerb.log'}:" \
+        in out, out
+    tail = out.split("the last lines of", 1)[1]
+    assert "blocker" in tail, out            # the reason, from peerb's own log
+    assert "stopping the other peers" in out, out
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
