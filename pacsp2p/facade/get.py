@@ -64,7 +64,8 @@ class Get(Operation):
             return
         self.query = decoded[0]
         d = defer.maybeDeferred(self.svc.cluster.get, decoded[0])
-        d.addCallbacks(self._resolved, self._failed)
+        d.addCallback(self._resolved)
+        d.addErrback(self._failed)          # also what _resolved raises
 
     def _failed(self, failure):
         log.error("C-GET failed: {err}", err=failure.getErrorMessage())

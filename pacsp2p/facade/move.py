@@ -51,10 +51,14 @@ class Move(Operation):
         d = defer.maybeDeferred(svc.cluster.move, decoded[0], self.dest,
                                 originator_ae=self.assoc.calling_ae,
                                 originator_msg_id=self.msg_id)
-        d.addCallbacks(self._resolved, self._failed)
+        d.addCallback(self._resolved)
+        d.addErrback(self._failed)          # also what _resolved raises
 
     def _failed(self, failure):
         log.error("C-MOVE failed: {err}", err=failure.getErrorMessage())
+        self._stop_timers()
+        if self.delivery is not None:
+            self.delivery.cancel()
         self.finish(UNABLE_TO_PROCESS)
 
     def _resolved(self, delivery):
