@@ -23,6 +23,7 @@ from pacsp2p.dicom.status import (ALL_FAILED, CANCEL, GET_TOO_MANY, PENDING, SUC
                                   UNABLE_TO_PROCESS, WARNING)
 from pacsp2p.facade.find import decode_query
 from pacsp2p.facade.operation import Operation, failed_list
+from pacsp2p.tally import Tally
 
 log = Logger()
 
@@ -86,6 +87,7 @@ class Get(Operation):
             return self.finish(GET_TOO_MANY)
         self.remaining, self.completed, self.failed, self.warning = n, 0, 0, 0
         self.failed_uids: list[str] = []
+        self.events = Tally()         # failed sub-operations: one log line at the end
         self.index = 0
         self.expect = None            # message ID of the sub-operation awaiting its RSP
         self.timer = None
@@ -168,8 +170,7 @@ class Get(Operation):
         if failure.check(NotSendable):
             self.unsendable += 1          # logged once, with the final response
         else:
-            log.error("sub-operation for {uid} failed: {err}", uid=ref.sop_instance_uid,
-                      err=failure.getErrorMessage())
+            self.events.add("failed", ref.sop_instance_uid, failure.getErrorMessage())
         self._settle(ref, failed=True)
 
     def store_response(self, fields) -> bool:
@@ -185,9 +186,8 @@ class Get(Operation):
         elif category == "Warning":
             self._settle(self.current, warning=True)
         else:
-            log.warn("{ae} answered {status:#06x} to the C-STORE of {uid}",
-                     ae=self.assoc.calling_ae, status=status,
-                     uid=self.current.sop_instance_uid)
+            self.events.add(f"answered {status:#06x} by the requestor",
+                            self.current.sop_instance_uid, "C-STORE refused")
             self._settle(self.current, failed=True)
         return True
 
@@ -208,6 +208,10 @@ class Get(Operation):
         self._next()
 
     def _final(self):
+        if self.events:
+            log.warn("C-GET from {ae}: of {total} sub-operations, {summary}",
+                     ae=self.assoc.calling_ae, total=len(self.refs),
+                     summary=self.events.summary())
         if self.unsendable:
             log.warn("C-GET from {ae}: {n} of {total} instances not sent: the requestor "
                      "accepted no usable storage context for them", ae=self.assoc.calling_ae,

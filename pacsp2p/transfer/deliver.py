@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from pacsp2p.dicom import contexts, scu, tls
 from pacsp2p.dicom.part10 import BadFile, convert, dataset_start
+from pacsp2p.tally import Tally as Events
 
 log = Logger()
 
@@ -102,6 +103,7 @@ class Delivery(Tally):
         self._next = 0
         self._active = 0
         self._closing = False
+        self.events = Events()               # per-instance events: one line at the end
 
     # -- control (reactor thread) --------------------------------------------------------
     def start(self):
@@ -178,8 +180,7 @@ class Delivery(Tally):
                 self.pool.callInThread(_close, f)
                 raise scu.NotAccepted(f"{self.destination.ae_title} accepted {sop_class} "
                                       f"in none of {ts} or an uncompressed syntax")
-            log.info("{uid}: destination did not accept {ts}; sending it as {to}",
-                     uid=ref.sop_instance_uid, ts=ts, to=target)
+            self.events.add(f"sent as {target} (the destination did not accept {ts})")
             f = yield deferToThreadPool(self.reactor, self.pool, convert, f, target)
             ts = target
         if self.cancelled:
@@ -198,8 +199,7 @@ class Delivery(Tally):
             else:
                 self.failed += 1
                 self.failed_uids.append(uid)
-                log.error("sub-operation for {uid} failed: {err}", uid=uid,
-                          err=result.getErrorMessage())
+                self.events.add("failed", uid, result.getErrorMessage())
         else:
             category = code_to_category(result)
             if category == "Success":
@@ -209,8 +209,8 @@ class Delivery(Tally):
             else:
                 self.failed += 1
                 self.failed_uids.append(uid)
-                log.warn("{ae} answered {status:#06x} to the C-STORE of {uid}",
-                         ae=self.destination.ae_title, status=result, uid=uid)
+                self.events.add(f"answered {result:#06x} by the destination", uid,
+                               "C-STORE refused")
         self._tell(self.progress())
         self._fill()
 
@@ -227,6 +227,11 @@ class Delivery(Tally):
     def _end(self):
         if self.finished.called:
             return
+        if self.events:
+            failed = any(k.startswith(("failed", "answered")) for k in self.events.counts)
+            (log.warn if failed else log.info)(
+                "C-MOVE to {ae}: of {n} instances, {summary}", ae=self.destination.ae_title,
+                n=len(self.refs), summary=self.events.summary())
         final = self.progress(done=True)
         self._tell(final)
         self.finished.callback(final)

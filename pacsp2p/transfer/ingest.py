@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
+from pacsp2p.tally import Tally
 from pacsp2p.transfer.forward import Forward, drop_all
 from pacsp2p.transfer.replicas import record
 from pacsp2p.transfer.retrieve import Retrieval
@@ -406,21 +407,28 @@ class Ingest:
         back: once the owed copy is made, the stand-in drops its own), and the copies owed
         to no archive in particular as soon as one can take them."""
         hints = yield self.catalog.hints()
-        for uid, peer, archive, via_peer, via_archive in hints:
-            if peer != "*" and not self.overlay.alive(peer) or \
-                    (uid, peer, archive) in self.committing:
-                continue
-            try:
-                done = yield self._hand_off_one(uid, peer, archive, via_peer, via_archive)
-            except Exception as e:
-                log.warn("hinted hand-off of {uid} to {archive}@{peer} failed: {err}",
-                         uid=uid, archive=archive, peer=peer, err=e)
-                continue
-            if done:
-                yield self.catalog.drop_hint(uid, peer, archive)
+        tally = Tally()                 # one log line for the batch, not one per instance
+        try:
+            for uid, peer, archive, via_peer, via_archive in hints:
+                if peer != "*" and not self.overlay.alive(peer) or \
+                        (uid, peer, archive) in self.committing:
+                    continue
+                try:
+                    done = yield self._hand_off_one(uid, peer, archive, via_peer,
+                                                    via_archive, tally)
+                except Exception as e:
+                    tally.add(f"failed to {archive}@{peer}", uid, str(e))
+                    continue
+                if done:
+                    yield self.catalog.drop_hint(uid, peer, archive)
+        finally:
+            if tally:
+                failed = any(k.startswith("failed") for k in tally.counts)
+                (log.warn if failed else log.info)(
+                    "hinted hand-off: {summary}", summary=tally.summary())
 
     @defer.inlineCallbacks
-    def _hand_off_one(self, uid, peer, archive, via_peer, via_archive):
+    def _hand_off_one(self, uid, peer, archive, via_peer, via_archive, tally):
         refs = yield self.catalog.resolve(Query("IMAGE", {"SOPInstanceUID": uid}))
         if not refs:
             return True                                 # nothing left to copy
@@ -436,10 +444,10 @@ class Ingest:
         if (peer, archive) not in have:
             yield self._copy_to(ref, peer, archive)
             have.add((peer, archive))
-            log.info("hinted hand-off: {uid} copied to {archive}@{peer}", uid=uid,
-                     archive=archive, peer=peer)
+            tally.add(f"copied to {archive}@{peer}", uid)
         if via_peer and (via_peer, via_archive) in have and len(have) - 1 >= self.replicas:
             yield self._drop_standin(uid, via_peer, via_archive, ref)
+            tally.add(f"stand-in copies dropped from {via_archive}@{via_peer}", uid)
         return True
 
     def _any_target(self, ref, have):
@@ -461,8 +469,6 @@ class Ingest:
             yield self.overlay.membership.call(peer, Drop, archive=archive, uid=uid,
                                                sha256=sha)
             self.overlay.sync_from(peer)
-        log.info("hinted hand-off: stand-in copy of {uid} on {archive}@{peer} dropped",
-                 uid=uid, archive=archive, peer=peer)
 
     @defer.inlineCallbacks
     def _copy_to(self, ref, peer, archive):

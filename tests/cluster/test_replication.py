@@ -318,6 +318,9 @@ def test_write_quorum_refuses_alone_and_hands_off_with_w1(clusters, tmp_path):
     print(f"\nsecond copy made {took:.1f} s after peerb answered C-ECHO")
     assert uid2 in {dn.sop_uid(p) for p in dn.archive_files(b.data_dir)}
     wait_until(lambda: get_json(a)["catalog"]["hints"] == 0, 15, what="hint dropped")
+    # one summary line per hand-off batch, not one per instance (issue 16.3)
+    assert "hinted hand-off: 1 copied to local@peerb" in log_text(a), log_text(a)[-3000:]
+    assert f"{uid2} copied to" not in log_text(a)
 
 
 # -- 4. strategy plugins ---------------------------------------------------------------
