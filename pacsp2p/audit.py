@@ -81,6 +81,7 @@ ID_PATIENT = code("2", "Patient Number", "RFC-3881")
 ID_STUDY = code("110180", "Study Instance UID")
 ID_SOP_CLASS = code("110181", "SOP Class UID")
 ID_NODE = code("110182", "Node ID")
+SOURCE_SERVER = code("4", "Application Server")
 
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = 0, 4, 8, 12
 
@@ -128,14 +129,11 @@ def study(uid: str, sop_classes: dict | None = None, accession: str | None = Non
     """A study object; *sop_classes*: {SOP Class UID: number of instances}."""
     obj = {"ParticipantObjectID": uid, "ParticipantObjectTypeCode": 2,
            "ParticipantObjectTypeCodeRole": 3, "ParticipantObjectIDTypeCode": ID_STUDY}
-    desc = {}
     if sop_classes:
-        desc["SOPClass"] = [{"UID": c, "NumberOfInstances": n}
-                            for c, n in sorted(sop_classes.items())]
+        obj["SOPClass"] = [{"UID": c, "NumberOfInstances": n}
+                           for c, n in sorted(sop_classes.items())]
     if accession:
-        desc["Accession"] = [{"Number": accession}]
-    if desc:
-        obj["ParticipantObjectDescription"] = desc
+        obj["Accession"] = [{"Number": accession}]
     return obj
 
 
@@ -169,12 +167,87 @@ def message(event: dict, action: str, outcome: int, participants: list, source: 
         ev["EventOutcomeDescription"] = description
     record = {"EventIdentification": ev, "ActiveParticipant": list(participants),
               "AuditSourceIdentification": {"AuditSourceID": source,
-                                            "AuditSourceTypeCode": ["4"]}}
+                                            "AuditSourceTypeCode": [SOURCE_SERVER]}}
     if objects:
         record["ParticipantObjectIdentification"] = list(objects)
     if extension:
         record["pacsp2p"] = extension
     return record
+
+
+# -- the XML of the DICOM audit message (what a collector sends on) -------------------
+
+_CODED_CHILDREN = ("EventID", "EventTypeCode", "RoleIDCode", "AuditSourceTypeCode",
+                   "ParticipantObjectIDTypeCode")
+_TEXT_CHILDREN = ("EventOutcomeDescription", "ParticipantObjectName",
+                  "ParticipantObjectQuery", "ParticipantObjectDescription")
+
+
+def _xml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _element(parent, name: str, fields: dict):
+    import base64
+    from xml.etree import ElementTree as ET
+    el = ET.SubElement(parent, name)
+    children = []
+    for key, value in fields.items():
+        if key in _CODED_CHILDREN:
+            for coded in value if isinstance(value, list) else [value]:
+                children.append((key, {k: str(v) for k, v in coded.items()}, None))
+        elif key in _TEXT_CHILDREN:
+            children.append((key, {}, str(value)))
+        elif key == "ParticipantObjectDetail":
+            for d in value:
+                children.append((key, {"type": str(d["type"]), "value": base64.b64encode(
+                    str(d["value"]).encode()).decode("ascii")}, None))
+        elif key in ("SOPClass", "Accession"):
+            for item in value:
+                children.append((key, {k: str(v) for k, v in item.items()}, None))
+        elif value is not None:
+            el.set(key, _xml_value(value))
+    order = {"EventID": 0, "EventTypeCode": 1, "EventOutcomeDescription": 2,
+             "RoleIDCode": 0, "AuditSourceTypeCode": 0, "ParticipantObjectIDTypeCode": 0,
+             "ParticipantObjectName": 1, "ParticipantObjectQuery": 1,
+             "ParticipantObjectDetail": 2, "ParticipantObjectDescription": 3,
+             "SOPClass": 4, "Accession": 5}
+    for key, attrs, text in sorted(children, key=lambda c: order.get(c[0], 9)):
+        child = ET.SubElement(el, key, attrs)
+        if text is not None:
+            child.text = text
+    return el
+
+
+def to_xml(record: dict) -> str:
+    """The DICOM audit message (PS3.15 A.5.1, RFC 3881) of one JSON *record*: every key
+    of the record is the schema's own element or attribute; ``pacsp2p`` (the extension)
+    is left out; ParticipantObjectDetail values are base64, as the schema types them."""
+    from xml.etree import ElementTree as ET
+    root = ET.Element("AuditMessage")
+    ev = record["EventIdentification"]
+    _element(root, "EventIdentification", ev)
+    for p in record.get("ActiveParticipant", []):
+        _element(root, "ActiveParticipant", p)
+    _element(root, "AuditSourceIdentification", record["AuditSourceIdentification"])
+    for obj in record.get("ParticipantObjectIdentification", []):
+        _element(root, "ParticipantObjectIdentification", obj)
+    return ET.tostring(root, encoding="unicode")
+
+
+def main(argv=None) -> int:
+    """``python -m pacsp2p.audit [FILE]``: each JSON line of FILE (default: standard
+    input, e.g. ``tail -F audit.log``) as one line of DICOM audit message XML."""
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    src = open(args[0], encoding="utf-8") if args else sys.stdin
+    with src:
+        for line in src:
+            if line.strip():
+                print(to_xml(json.loads(line)), flush=True)
+    return 0
 
 
 # -- the writer -----------------------------------------------------------------------
@@ -318,3 +391,7 @@ def emit(record: dict) -> None:
     trail = _current
     if trail is not None:
         trail.emit(record)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
