@@ -10,8 +10,8 @@ for the JSON API. The login form and the console's stylesheet are served to anyo
 
 ``BoundedRequest`` caps a request body at ``MAX_BODY`` (413 beyond, the rest read and
 dropped, never buffered) and adds the headers every answer carries: no caching (the
-console shows patient data), no sniffing, no framing, no referrer, and a content
-security policy without scripts.
+console shows patient data), no sniffing, no framing, no referrer to other sites, and a
+content security policy without scripts.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ SECURITY_HEADERS = {
     b"cache-control": b"no-store",
     b"x-content-type-options": b"nosniff",
     b"x-frame-options": b"DENY",
-    b"referrer-policy": b"no-referrer",
+    b"referrer-policy": b"same-origin",     # (no-referrer would make Origin "null")
     b"content-security-policy": b"default-src 'none'; style-src 'self'; img-src 'self'; "
                                 b"form-action 'self'; frame-ancestors 'none'; "
                                 b"base-uri 'none'",
