@@ -48,10 +48,9 @@ def cmd_delete(args) -> int:
     url = admin_url(settings, "delete")
     body = json.dumps({"level": level, "uids": [uid],
                        "reason": args.reason or "pacsp2p delete"}).encode()
-    from pacsp2p.admin.cli import fetch_status
     from pacsp2p.admin.progress import DeleteWatch
     try:
-        with DeleteWatch(lambda what: fetch_status(settings, what), level, uid), \
+        with DeleteWatch(lambda what: _fetch(settings, what), level, uid), \
                 client.open(settings, "delete", timeout=TIMEOUT, data=body, method="POST",
                             headers={"Content-Type": "application/json"}) as r:
             answer = json.load(r)
@@ -76,6 +75,12 @@ def cmd_delete(args) -> int:
     else:
         print(f"no instance of {flag} {uid} in the catalog: nothing deleted")
     return 0 if n else 1
+
+
+def _fetch(settings, what: str):
+    """GET *what* of the admin endpoint as JSON (the progress of a delete)."""
+    with client.open(settings, what, timeout=10) as r:
+        return json.load(r)
 
 
 def status_lines(status: dict) -> list[str]:
