@@ -16,6 +16,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
+from pacsp2p.dicom.requestor import guard
+
 from .dcmtk import dataset_sha256, dcmtk, storescu
 from .ports import LOOPBACK
 
@@ -174,6 +176,7 @@ def association(port: int, aec: str, contexts: Sequence, *, aet: str = "PYNETDIC
                          ext_neg=list(ext_neg) or None)
     if not assoc.is_established:
         raise AssertionError(f"association to {aec}@{LOOPBACK}:{port} not established")
+    guard(assoc)                     # every response reaches the call waiting for it
     try:
         yield assoc
     finally:

@@ -267,7 +267,9 @@ def test_cancel_of_a_move_stops_it(make_peer, tmp_path):
     study_uid = datasets.uid("sr-cancel")
     files = write_study(tmp_path / "big", study_uid=study_uid, size=128, patient_id="SR0003",
                         series=[(1, "MR", n, ExplicitVRLittleEndian, False)])
-    with StoreSCP(tmp_path / "received", extra=["+B"]) as dest:
+    # a destination that takes a second per instance: the C-CANCEL always arrives while
+    # most of the study is still to go, however busy the machine
+    with StoreSCP(tmp_path / "received", extra=["+B", "--sleep-during", "1"]) as dest:
         peer = make_peer(destinations={"STORESCP": dest.address})
         storescu(peer.port, peer.ae_title, files)
         query = Dataset()
