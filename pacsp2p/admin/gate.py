@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server, util
 
 from pacsp2p.admin import auth
+from pacsp2p.validate import shown
 
 log = Logger()
 
@@ -142,6 +143,8 @@ class AdminSite(server.Site):
         return util.DeferredResource(d)
 
     def unauthenticated(self, request, path):
+        if request.method not in (b"GET", b"HEAD"):
+            self.note_refusal(request)
         if (not path or path[0] in (b"", b"console")) and self.login_page is not None:
             return self.login_page(request, 401, "")
         headers = {}
@@ -151,6 +154,27 @@ class AdminSite(server.Site):
             headers[b"www-authenticate"] = b'TLS-client-certificate realm="pacsp2p admin"'
         return json_answer(401, "authentication required: a user of [admin] users (HTTP "
                                 "Basic) or a client certificate", headers)
+
+
+    _noted: list = []                 # times of the refusals logged lately
+    _unlogged = 0
+
+    def note_refusal(self, request, every: float = 10.0, lines: int = 10) -> None:
+        """One log line for a write action refused for want of authentication; at most
+        *lines* per *every* seconds (then a count of the rest), so a flood of requests
+        cannot fill the disk."""
+        now = self.guard.clock()
+        self._noted = [t for t in self._noted if t > now - every]
+        if len(self._noted) >= lines:
+            self._unlogged += 1
+            return
+        self._noted.append(now)
+        more, self._unlogged = self._unlogged, 0
+        log.warn("admin: {method} {path} from {client} refused: authentication required"
+                 "{more}", method=request.method.decode("latin-1")[:10],
+                 path=shown(request.path.decode("latin-1"), 80),
+                 client=auth.client_host(request),
+                 more=f" ({more} more refusals not logged)" if more else "")
 
 
 def identity(request) -> auth.Identity | None:
