@@ -43,6 +43,23 @@ Verbs:
 ``status()`` also says which strategies run (``strategies``) and the read rate this
 peer measured per archive (``sources``, keyed ``peer/archive``); each retrieval lists
 its sources (archives) with what each served.
+
+Self-healing verbs (the life of an instance after it is stored):
+
+- ``scrub(rate=None) -> Deferred[dict]`` — start one full pass now over this peer's
+  archives: every copy re-hashed against the catalog's SHA-256, a damaged or missing one
+  replaced from a good replica (``transfer.scrub``); *rate* MB/s (None: ``[cluster]
+  scrub_rate``, 0: no limit); ``{"pass": id}``; its progress and, once done, its summary
+  are ``status()["scrub"]`` (``pass``, ``last``). A background pass runs every
+  ``scrub_interval``; retrievals never serve a damaged copy (``transfer.verify``);
+- ``drain(peer=None, archive=None, stop=False) -> Deferred[dict]`` — move every copy off
+  *archive* of *peer* (default: this peer; no archive: all of the peer's) to archives
+  placement chooses, and send nothing new there; asked of that peer over the overlay
+  (``transfer.drain``). Raises ``DrainError`` (a ValueError) for an unknown or dead peer
+  or an unknown archive; ``stop`` ends a drain;
+- ``drain_progress(peer=None, archive=None) -> Deferred[dict]`` — the copies this
+  peer's catalog still places there (``remaining``) and the state the draining peer
+  advertises per archive (``states``: draining, blocked, drained = safe to remove).
 """
 
 from __future__ import annotations
@@ -60,13 +77,15 @@ from pacsp2p.transfer.delete import DeleteError, Deleter, RejectionSession
 from pacsp2p.transfer.deliver import Delivery
 from pacsp2p.transfer.direct import make_delivery
 from pacsp2p.transfer.ingest import Ingest
+from pacsp2p.transfer.drain import Drain, DrainError
 from pacsp2p.transfer.repair import Repair
+from pacsp2p.transfer.scrub import Scrub
 from pacsp2p.transfer.retrieve import Retrieval, readable
 from pacsp2p.transfer.session import StoreSession
 from pacsp2p.types import Query, Scope
 from pacsp2p.validate import check_uid
 
-__all__ = ["Cluster", "DeleteError", "Delivery", "Retrieval", "Scope", "StoreSession"]
+__all__ = ["Cluster", "DeleteError", "DrainError", "Delivery", "Retrieval", "Scope", "StoreSession"]
 
 
 class Cluster:
@@ -88,6 +107,12 @@ class Cluster:
         self.deleter = Deleter(settings, catalog, self.archives, overlay, reactor)
         self.repair = Repair(settings, catalog, self.archives, strategies, self.ingest,
                              overlay, reactor)
+        self.scrubber = Scrub(settings, catalog, self.archives, strategies, overlay, reactor)
+        self.drainer = Drain(settings, catalog, self.archives, strategies, self.ingest,
+                             self.repair, overlay, reactor)
+        services = getattr(getattr(overlay, "membership", None), "services", None)
+        if services is not None:            # the overlay's requests: Drain, CheckCopy
+            services.drainer, services.scrubber = self.drainer, self.scrubber
 
     # -- store -----------------------------------------------------------------------------
     def receive(self, uid: str, sop_class: str, transfer_syntax: str, head: bytes,
@@ -100,6 +125,20 @@ class Cluster:
         if sop_class == KOS_SOP_CLASS:                 # maybe an IOCM rejection note
             session = RejectionSession(session, self.deleter)
         return session
+
+    # -- scrub and drain --------------------------------------------------------------------
+    def scrub(self, rate: float | None = None):
+        """Deferred[dict]: one full scrub pass started now (see above)."""
+        return self.scrubber.run(rate)
+
+    def drain(self, peer: str | None = None, archive: str | None = None,
+              stop: bool = False):
+        """Deferred[dict]: a drain asked of *peer* (see above)."""
+        return self.drainer.request(peer, archive, stop)
+
+    def drain_progress(self, peer: str | None = None, archive: str | None = None):
+        """Deferred[dict]: how far a drain is, as this peer sees it (see above)."""
+        return self.drainer.progress(peer, archive)
 
     # -- delete ------------------------------------------------------------------------------
     def delete(self, scope: Scope, reason: str):
@@ -120,6 +159,7 @@ class Cluster:
         retrieval = Retrieval(refs, self.archives, self.settings.peer.name, self.overlay,
                               self.strategies, self.reactor)
         self.retrievals.append(retrieval)
+        retrieval.on_damaged = self.scrubber.suspect     # a damaged copy: replace it
         self._purposes[retrieval.id] = purpose
         for old in set(self._purposes) - {r.id for r in self.retrievals}:
             del self._purposes[old]
@@ -232,4 +272,6 @@ class Cluster:
         status["deletions"] = yield self.deleter.status()
         status["repair"] = self.repair.status()
         status["under_replicated"] = self.repair.under_replicated()
+        status["scrub"] = self.scrubber.status()
+        status["drain"] = self.drainer.status()
         return status

@@ -111,6 +111,9 @@ class ClusterSettings:
     write_quorum: int = 1
     repair_after: float = 600.0   # seconds a peer/archive is dead before its copies are remade
     repair_rate: float = 50.0     # MB/s of repair copies per peer (0: no limit)
+    scrub_rate: float = 20.0      # MB/s a background scrub reads per peer (0: no limit)
+    scrub_interval: float = 604800.0   # seconds between two full scrub passes (0: none)
+    scrub_sample: float = 0.01    # fraction a pass checks of an archive read over DIMSE
 
 
 @dataclass(frozen=True)
@@ -580,8 +583,21 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     if not repair_rate >= 0:
         raise c.fail("repair_rate", f"must be MB/s (a number >= 0, 0: no limit), got "
                                     f"{repair_rate}")
+    scrub_rate = c.take("scrub_rate", (int, float), 20.0, "MB/s (a number >= 0, 0: no limit)")
+    if not scrub_rate >= 0:
+        raise c.fail("scrub_rate", f"must be MB/s (a number >= 0, 0: no limit), got "
+                                   f"{scrub_rate}")
+    scrub_interval = c.take("scrub_interval", (int, float), 604800.0,
+                            "seconds (a number >= 0, 0: no background scrub)")
+    if not scrub_interval >= 0:
+        raise c.fail("scrub_interval", f"must be seconds (a number >= 0, 0: no background "
+                                       f"scrub), got {scrub_interval}")
+    scrub_sample = c.take("scrub_sample", (int, float), 0.01, "a fraction (0 < x <= 1)")
+    if not 0 < scrub_sample <= 1:
+        raise c.fail("scrub_sample", f"must be a fraction (0 < x <= 1), got {scrub_sample}")
     c.done()
-    cluster = ClusterSettings(replicas, quorum, float(repair_after), float(repair_rate))
+    cluster = ClusterSettings(replicas, quorum, float(repair_after), float(repair_rate),
+                              float(scrub_rate), float(scrub_interval), float(scrub_sample))
 
     st = table("strategies")
     plugin_paths = []

@@ -83,6 +83,8 @@ class PeerService(service.MultiService):
         parts.append(self.facade)
         parts.append(_Part("deletions", self.cluster.deleter))   # purges what was deleted
         parts.append(_Part("repair", self.cluster.repair))
+        parts.append(_Part("scrub", self.cluster.scrubber))     # re-hash copies, mend them
+        parts.append(_Part("drain", self.cluster.drainer))      # move copies off an archive
         parts += [_Part(f"crawl {c.archive.name}", c) for c in self.crawlers]
         parts.append(ArchiveHealth(self.archives, self.crawlers, self.overlay, reactor))
         parts.append(endpoint.make(settings, self.cluster, reactor))   # "admin"

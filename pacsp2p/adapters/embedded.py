@@ -11,10 +11,15 @@ fsync of the directory, so the rename itself survives a power cut); the ingest r
 instance in the catalog while the fsync runs, and acknowledges after both. A second, different instance
 with an existing UID is kept beside it as ``<k>.<sha256[:16]>.dcm`` and reported as a
 conflict; the same bytes again are a no-op.
+
+A scrub (``verify``) re-hashes copies where they lie, a batch per job of the archive's
+threads, one read per file; ``restore`` puts a good replica's bytes back in place of a
+damaged or lost copy (a link into ``tmp/``, fsync, rename over the damaged file).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -29,18 +34,20 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from pacsp2p.adapters import layout
-from pacsp2p.adapters.interface import (IArchive, IDeletes, IKeeps, IOpens, IStores,
-                                        IStoresUnsynced, IWalks)
-from pacsp2p.dicom.header import BadDataset, content_hash, read_meta
+from pacsp2p.adapters.interface import (IArchive, IDeletes, IKeeps, IOpens, IRestores,
+                                        IStores, IStoresUnsynced, IVerifies, IWalks)
+from pacsp2p.dicom.header import BadDataset, content_hash, file_meta, read_meta
 from pacsp2p.types import Stored
 from pacsp2p.validate import InvalidUID, check_uid, is_uid
 
 log = Logger()
 
 
-@implementer(IArchive, IStores, IStoresUnsynced, IKeeps, IOpens, IWalks, IDeletes)
+@implementer(IArchive, IStores, IStoresUnsynced, IKeeps, IOpens, IWalks, IDeletes,
+             IVerifies, IRestores)
 class EmbeddedArchive:
-    capabilities = frozenset({"store", "store_unsynced", "keep", "open", "walk", "delete"})
+    capabilities = frozenset({"store", "store_unsynced", "keep", "open", "walk", "delete",
+                              "verify", "restore"})
     max_fetches = 8             # instances read at once (a local disk)
     up = True                                   # kept by the peer's health loop
 
@@ -328,6 +335,65 @@ class EmbeddedArchive:
             return open(path, "rb")
         return self._run(opener)
 
+    # -- scrub ---------------------------------------------------------------------
+    def verify(self, items):
+        """Deferred[[(uid, "ok" | "damaged" | "missing", bytes read)]]: each copy of
+        *items* (uid, sha256) re-hashed where it lies (one job for the batch)."""
+        items = list(items)
+        for uid, _ in items:
+            refused = self._refuse(uid)
+            if refused is not None:
+                return refused
+        return self._run(lambda: [self._verify_one(uid, sha) for uid, sha in items])
+
+    def _verify_one(self, uid: str, sha256: str) -> tuple[str, str, int]:
+        paths = [self.path_for(uid)]
+        if layout.is_sha(sha256):
+            paths.append(self.path_for(uid, sha256))    # a conflicting version kept beside
+        state, read = "missing", 0
+        for path in paths:
+            try:
+                held, size = _dataset_hash(path)
+            except FileNotFoundError:
+                continue
+            except (BadDataset, OSError):
+                state = "damaged"
+                continue
+            read += size
+            if held == sha256:
+                return uid, "ok", read
+            state = "damaged"
+        return uid, state, read
+
+    def restore(self, received: Path, meta):
+        """Put *received* in place of the copy of ``meta.sop_instance_uid`` (its main
+        file): linked (or copied) into ``tmp/``, fsynced, renamed over the damaged file.
+        Deferred[Stored]."""
+        uid = meta.sop_instance_uid
+        refused = self._refuse(uid)
+        if refused is not None:
+            return refused
+
+        def put_back() -> Stored:
+            target = self.path_for(uid)
+            tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+            try:
+                try:
+                    os.link(received, tmp)
+                except OSError:
+                    shutil.copyfile(received, tmp)
+                if self.fsync:
+                    self._fsync(tmp)
+                target.parent.mkdir(exist_ok=True)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            if self.fsync:
+                self._fsync(target.parent)      # the rename itself must survive
+            sha, size = _dataset_hash(target)
+            return Stored(self.name, sha, size)
+        return self._run(put_back)
+
     def walk(self):
         """Yield (InstanceMeta, Stored) for every file held (blocking; an archive of the
         older layout is renamed first). Files not named as the layout names them, or
@@ -358,3 +424,32 @@ class EmbeddedArchive:
             return {"up": True, "latency_ms": (time.monotonic() - t0) * 1000,
                     "free_bytes": usage.free, "total_bytes": usage.total}
         return self._run(check)
+
+
+_HEAD = 64 << 10
+
+
+def _dataset_hash(path: Path) -> tuple[str, int]:
+    """(sha256 of the data set after the file meta, its size) of the file at *path*, in
+    one read of the file (``content_hash`` maps it first); BadDataset if it is not a
+    Part-10 file."""
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(_HEAD)
+        if len(head) < 144:
+            raise BadDataset("not a DICOM Part-10 file (too short)")
+        try:
+            offset = file_meta(head)[0]
+        except BadDataset:
+            if len(head) < _HEAD:
+                raise
+            return content_hash(path)          # file meta longer than the first read
+        if offset >= len(head) == _HEAD:
+            return content_hash(path)          # (the same, cut at an element boundary)
+        h = hashlib.sha256(memoryview(head)[offset:])
+        size = len(head) - offset
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return h.hexdigest(), size

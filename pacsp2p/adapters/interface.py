@@ -158,9 +158,34 @@ class IWalks(Interface):
         """Iterator of (InstanceMeta, types.Stored), one per copy held."""
 
 
+class IVerifies(Interface):
+    """Capability ``verify``: the archive checks its own copies against the catalog's
+    hashes where they are, without sending them anywhere (a scrub; ``transfer.scrub``).
+    An archive without it is scrubbed by reading each copy through ``open``."""
+
+    def verify(items):
+        """*items*: a list of (SOP Instance UID, sha256 of the data set as the catalog
+        holds it). Deferred[list of (uid, state, bytes read)], one per item, in order;
+        state is ``"ok"``, ``"damaged"`` (the bytes held hash otherwise or cannot be read
+        as a Part-10 file) or ``"missing"`` (the archive holds no copy of *uid*). A batch
+        is one job of the archive's own threads: the scrub sizes batches to its rate."""
+
+
+class IRestores(Interface):
+    """Capability ``restore``: a damaged or lost copy can be put back in place (a scrub
+    replacing it with a good replica's bytes)."""
+
+    def restore(received, meta):
+        """Make the Part-10 file at path *received* (its data set checked by the caller
+        against the catalog's hash) the archive's copy of ``meta.sop_instance_uid``,
+        replacing whatever it holds under that UID now (the damaged bytes), atomically
+        where the archive can. Deferred[types.Stored] once it is durable."""
+
+
 CAPABILITIES = {"store": IStores, "store_unsynced": IStoresUnsynced, "keep": IKeeps,
                 "open": IOpens, "send": ISends, "crawl": ICrawls, "changes": IFollows,
-                "walk": IWalks, "delete": IDeletes}
+                "walk": IWalks, "delete": IDeletes, "verify": IVerifies,
+                "restore": IRestores}
 
 
 def problems(archive) -> list[str]:

@@ -7,6 +7,9 @@
     pacsp2p where [--config FILE] (--study UID | --instance UID) [--json]
     pacsp2p delete [--config FILE] (--study UID | --series UID | --instance UID)
                                                 remove from every archive, for good
+    pacsp2p scrub [--config FILE] [--rate MB/s]  re-hash every copy, mend damaged ones
+    pacsp2p drain [--config FILE] (--peer NAME | --archive NAME) [--stop]
+                                                move every copy off, then "safe to remove"
     pacsp2p ca init [--dicom] DIR | ca issue DIR NAME [--kind peer|server|client]
                                                 certificate authorities (cluster, DICOM)
     pacsp2p demo --peers 3 --dir DIR            a local cluster in one command
@@ -119,6 +122,9 @@ def cmd_status(args) -> int:
         print(f"retrieval {r['id']}: {r['done']}/{r['instances']} instances; sources: {srcs}")
     from pacsp2p.admin import delete
     for line in delete.status_lines(status):   # tombstones, copies archives retain
+        print(line)
+    from pacsp2p.admin import drain, scrub
+    for line in scrub.status_lines(status) + drain.status_lines(status):
         print(line)
     if status.get("sources"):                  # measured read rate per archive
         print("read rates: " + ", ".join(f"{n} {s['MB_per_s']} MB/s"
@@ -309,7 +315,9 @@ def main(argv=None) -> int:
     dl = delete.add_parser(sub)
     from pacsp2p.admin import auth
     auth.add_parser(sub)                       # admin hash-password
-    for sp in (s, c, r, pe, dg, wh, dl):
+    from pacsp2p.admin import drain, scrub
+    sc, dr = scrub.add_parser(sub), drain.add_parser(sub)   # scrub, drain
+    for sp in (s, c, r, pe, dg, wh, dl, sc, dr):
         sp.add_argument("--config", "-c", default=argparse.SUPPRESS,
                         help="TOML config file (default: embedded defaults)")
     args = p.parse_args(argv)

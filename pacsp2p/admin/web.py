@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from pacsp2p.admin import auth, console, gate
-from pacsp2p.admin import monitoring
+from pacsp2p.admin import actions, monitoring
 from pacsp2p.config import AdminSettings
 from pacsp2p.types import Scope
 from pacsp2p.validate import InvalidUID, shown
@@ -172,6 +172,7 @@ def site(cluster, bind: str | None = None, guard=None) -> server.Site:
     root.putChild(b"where", _Json(None, lambda req: cluster.where(
         study=_arg(req, b"study"), instance=_arg(req, b"instance"))))
     root.putChild(b"delete", _Delete(cluster, guard))
+    actions.install(root, cluster, guard)      # POST /scrub, POST and GET /drain
     monitoring.install(root, cluster)          # /metrics, /health
     pages = None
     if settings is not None:

@@ -220,3 +220,42 @@ class Drop(amp.Command):
                  (b"sha256", amp.Unicode())]
     response = []
     errors = {InvalidArgument: b"INVALID_ARGUMENT", ReplicaRefused: b"REPLICA_REFUSED"}
+
+
+class DrainRefused(Exception):
+    """The drain asked for cannot be done (no such archive here)."""
+
+
+def check_archive_names(names: str) -> list:
+    """The archive names of a ``Drain`` (a JSON list of short names, at most 64)."""
+    try:
+        found = json.loads(names)
+    except ValueError:
+        found = None
+    if not isinstance(found, list) or len(found) > 64:
+        _refuse("list of archive names", names)
+    for name in found:
+        if not isinstance(name, str):
+            _refuse("archive name", name)
+        check(archive=name)
+    return found
+
+
+class Drain(amp.Command):
+    """Drain your archives *archives* (a JSON list; empty: all of them): move every copy
+    they hold to other archives, and take no new ones (``transfer.drain``); with *stop*,
+    stop draining them. Answered at once with the archives and the copies they hold."""
+
+    arguments = [(b"archives", amp.Unicode()), (b"stop", amp.Boolean())]
+    response = [(b"archives", amp.Unicode()), (b"copies", amp.Integer())]
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", DrainRefused: b"DRAIN_REFUSED"}
+
+
+class CheckCopy(amp.Command):
+    """Your copy of *uid* on *archive* did not hash to *sha256* when I read it: check it
+    and replace it if it is damaged (``transfer.scrub``). Not answered."""
+
+    arguments = [(b"archive", amp.Unicode()), (b"uid", amp.Unicode()),
+                 (b"sha256", amp.Unicode())]
+    response = []
+    requiresAnswer = False

@@ -26,9 +26,10 @@ from zope.interface import implementer
 from pacsp2p import __version__
 from pacsp2p.flow import ReadHolds
 from pacsp2p.overlay import tls
-from pacsp2p.overlay.commands import (PROTOCOL, Commit, Discard, Drop, Heartbeat, Hello,
-                                      IncompatibleProtocol, ReplicaClose, ReplicaData,
-                                      ReplicaOpen, Replicate, SendTo, as_refusal, check,
+from pacsp2p.overlay.commands import (PROTOCOL, CheckCopy, Commit, Discard, Drain,
+                                      Drop, Heartbeat, Hello, IncompatibleProtocol,
+                                      ReplicaClose, ReplicaData, ReplicaOpen, Replicate,
+                                      SendTo, as_refusal, check, check_archive_names,
                                       check_send_to)
 from pacsp2p.overlay.detector import PhiAccrualDetector
 
@@ -53,6 +54,9 @@ class MemberInfo:
     # names of its archives that stopped answering (a separate key, so that peers of
     # an older version, which ignore unknown keys, keep reading ``archives``)
     archives_down: list = field(default_factory=list, hash=False)
+    # its archives being drained: {name: "draining" | "blocked" | "drained"}; placement
+    # on every peer leaves them out (transfer.drain)
+    draining: dict = field(default_factory=dict, hash=False)
 
 
 _INFO_FIELDS = frozenset(f.name for f in fields(MemberInfo))
@@ -207,6 +211,19 @@ class Link(ReadHolds, amp.AMP):
         check(uid=uid, sha256=sha256, archive=archive)
         return self.membership.services.drop(archive, uid, sha256).addCallbacks(
             lambda _: {}, as_refusal, errbackArgs=(uid,))
+
+    @Drain.responder
+    def on_drain(self, archives, stop):
+        names = check_archive_names(archives)
+        d = self.membership.services.drain(self.peer_name, names, stop)
+        return d.addCallback(lambda a: {"archives": json.dumps(a["archives"]),
+                                        "copies": a["copies"]})
+
+    @CheckCopy.responder
+    def on_check_copy(self, archive, uid, sha256):
+        check(uid=uid, sha256=sha256, archive=archive)
+        self.membership.services.check_copy(self.peer_name, archive, uid, sha256)
+        return {}
 
     @SendTo.responder
     def on_send_to(self, ae_title, host, port, calling_ae, originator_ae,

@@ -163,6 +163,7 @@ class Ingest:
         # copies made: on our own archives, pushed while arriving, fetched once complete
         self.copies = {"local": 0, "pushed": 0, "fetched": 0}
         self.committing: set[tuple] = set()      # (uid, peer, archive) commits running
+        self.drain_here: set[str] = set()         # our archives being drained (drain.py)
         self._loops = []
 
     def start(self):
@@ -185,14 +186,27 @@ class Ingest:
         self.counts = yield self.catalog.archive_counts()
 
     # -- the cluster's archives ------------------------------------------------------
+    def draining(self) -> set[tuple]:
+        """(peer, archive) being drained (``transfer.drain``; this peer's, and those other
+        peers' member records name): placement sends nothing there."""
+        out = {(self.peer, name) for name in self.drain_here}
+        if self.overlay is not None:
+            for m in self.overlay.membership.members.values():
+                out |= {(m.name, name) for name in getattr(m.info, "draining", None) or ()}
+        return out
+
     def candidates(self) -> list[ArchiveInfo]:
+        """The archives placement may choose from (not those being drained)."""
         out = [ArchiveInfo(name, self.peer, a.site, a.up, True,
                            self.counts.get((self.peer, name), 0))
-               for name, a in self.archives.items()]
+               for name, a in self.archives.items() if name not in self.drain_here]
         if self.overlay is not None:
             for m in self.overlay.membership.members.values():
                 down = set(getattr(m.info, "archives_down", ()) or ())
+                drained = getattr(m.info, "draining", None) or ()
                 for name, site, *_ in m.info.archives:
+                    if name in drained:
+                        continue
                     out.append(ArchiveInfo(name, m.name, site,
                                            m.state == "alive" and name not in down, False,
                                            self.counts.get((m.name, name), 0)))
@@ -434,6 +448,8 @@ class Ingest:
             return True                                 # nothing left to copy
         ref = refs[0]
         have = {(loc.peer, loc.archive) for loc in ref.locations}
+        if (peer, archive) in self.draining():
+            peer = "*"                                  # owed to an archive being drained
         if peer == "*":
             if len(have) >= self.replicas:
                 return True                             # it got its copies meanwhile

@@ -13,6 +13,10 @@ Deleted instances stay deleted (``delete``): a copy of a copy (``replicate`` wit
 writer's header: hinted hand-off, repair) of an instance deleted here is refused, and a
 copy made before this peer learned of its deletion is dropped, not committed (a late
 push).
+
+It also answers the requests that concern this peer's copies: ``drain`` (move them off
+an archive: ``transfer.drain``), ``check_copy`` (another peer read a damaged copy of
+ours: ``transfer.scrub``); an archive being drained takes no new copy.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove
 from pacsp2p.config import Destination
-from pacsp2p.overlay.commands import InvalidArgument, ReplicaRefused, as_refusal, check_meta
+from pacsp2p.overlay.commands import (CheckCopy, DrainRefused, InvalidArgument,
+                                      ReplicaRefused, as_refusal, check_meta)
 from pacsp2p.transfer.delete import copy_allowed, pushed_before
 from pacsp2p.transfer.direct import send_for
-from pacsp2p.types import InstanceMeta
+from pacsp2p.types import InstanceMeta, Location
 
 log = Logger()
 
@@ -51,6 +56,8 @@ class ReplicaService:
         self.pending: dict[tuple, tuple] = {}
         self.streams: dict[tuple, _Stream] = {}    # (link, stream id) -> data set arriving
         self.spares = None
+        self.drainer = None          # transfer.drain.Drain, set by the cluster
+        self.scrubber = None         # transfer.scrub.Scrub, set by the cluster
         self._janitor = task.LoopingCall(self._expire)
         self._janitor.clock = reactor
 
@@ -73,6 +80,9 @@ class ReplicaService:
         if target is None or "store" not in target.capabilities:
             return defer.fail(ReplicaRefused(f"peer {self.peer} has no writable archive "
                                              f"{archive!r}"))
+        if self._draining(archive):
+            return defer.fail(ReplicaRefused(f"archive {archive} of peer {self.peer} is "
+                                             "being drained: it takes no new copy"))
         try:
             meta = InstanceMeta(**check_meta(json.loads(meta_json), uid))
         except InvalidArgument as e:
@@ -126,6 +136,9 @@ class ReplicaService:
         target = self.archives.get(archive)
         if target is None or "store" not in target.capabilities:
             raise ReplicaRefused(f"peer {self.peer} has no writable archive {archive!r}")
+        if self._draining(archive):
+            raise ReplicaRefused(f"archive {archive} of peer {self.peer} is being drained: "
+                                 "it takes no new copy")
         member = self.overlay.membership.members.get(sender)
         if member is None:
             raise ReplicaRefused(f"peer {self.peer} does not know peer {sender!r}")
@@ -193,6 +206,34 @@ class ReplicaService:
             raise ReplicaRefused(f"peer {self.peer} has no archive {archive!r}")
         yield target.discard(uid, sha256)
         yield self.catalog.forget(uid, archive, sha256)
+
+    # -- drain and scrub -------------------------------------------------------------------
+    def _draining(self, archive: str) -> bool:
+        return self.drainer is not None and archive in self.drainer.state
+
+    def drain(self, sender: str, names: list, stop: bool):
+        """Another peer asks us to drain *names* (``pacsp2p drain`` run there)."""
+        if self.drainer is None:
+            return defer.fail(DrainRefused(f"peer {self.peer} cannot drain"))
+        log.info("drain of {names} asked by peer {sender}", names=", ".join(names) or "all",
+                 sender=sender)
+        def refused(failure):
+            failure.trap(ValueError)                  # DrainError: no such archive
+            raise DrainRefused(str(failure.value)[:300])
+        return self.drainer.begin(names, stop).addErrback(refused)
+
+    def check_copy(self, sender: str, archive: str, uid: str, sha256: str) -> None:
+        """*sender* read a damaged copy of ours: the scrub checks it (not taken on trust)."""
+        if self.scrubber is not None and archive in self.archives:
+            log.warn("peer {sender} read a damaged copy of {uid} on archive {archive}: "
+                     "checking it", sender=sender, uid=uid, archive=archive)
+            self.scrubber.suspect(Location(uid, archive, self.peer, sha256, 0))
+
+    def tell_damaged(self, loc):
+        """Tell the peer holding *loc* that its copy read back damaged. Deferred."""
+        return defer.maybeDeferred(self.overlay.membership.call, loc.peer, CheckCopy,
+                                   archive=loc.archive, uid=loc.sop_instance_uid,
+                                   sha256=loc.sha256)
 
     def send_to(self, ae_title, host, port, calling_ae, originator_ae, originator_msg_id,
                 uids):

@@ -11,7 +11,10 @@ endgame in which the last instances may be requested from a second source, the f
 copy winning). A source runs at most its archive's ``max_fetches`` fetches at once. A
 source that fails (peer dead, archive down, connection lost, stalled) is dropped and its
 instances go to the next source of their ranking; an instance with no live holder left
-is a failed sub-operation, reported by SOP Instance UID.
+is a failed sub-operation, reported by SOP Instance UID. A copy is served only if its
+data set hashes to the catalog's SHA-256 (``transfer.verify``: checked before it is
+handed to a consumer); a damaged copy fails over to the next replica, like a missing
+one, and is reported to ``on_damaged`` (the scrub replaces it).
 
 Consumers (the C-MOVE delivery, C-GET) call ``open(ref)`` in their own order; fetching
 runs ahead of them within a bounded window (instances fetched but not yet opened), and
@@ -34,6 +37,7 @@ from pacsp2p.adapters.http import Unreachable
 from pacsp2p.flow import DEFAULT_MAX_FETCHES, open_gated
 from pacsp2p.overlay.node import PeerUnknown
 from pacsp2p.strategies import Strategies, StrategyError
+from pacsp2p.transfer.verify import Damaged, checked
 from pacsp2p.types import InstanceRef, PeerInfo
 
 log = Logger()
@@ -170,6 +174,7 @@ class Retrieval:
         self.started = False
         self.cancelled = False
         self.started_at = self.finished_at = None     # wall-clock times, for status
+        self.on_damaged = None           # callable(Location): a copy that failed its hash
 
     # -- where each instance can come from --------------------------------------------
     def _member(self, peer: str):
@@ -404,6 +409,7 @@ class Retrieval:
             d = open_gated(self.archives[loc.archive], uid, loc.sha256)
         else:
             d = defer.maybeDeferred(self.overlay.fetch, loc)
+        d.addCallback(checked, loc, self.reactor)       # a damaged copy is never served
         timer = self.reactor.callLater(STALL_SECONDS, self._stalled, src, ref, d)
         self._timers[(src.name, uid)] = (timer, self.reactor.seconds())
         d.addCallbacks(self._got, self._lost, callbackArgs=(src, ref),
@@ -440,6 +446,13 @@ class Retrieval:
         self._settle(src, ref)
         if failure.check(defer.CancelledError) and not src.alive:
             self._schedule()
+            return
+        if failure.check(Damaged):           # this copy only: not the source's fault
+            log.error("retrieval {id}: {err}; failing over to another replica", id=self.id,
+                      err=failure.getErrorMessage())
+            if self.on_damaged is not None:
+                self.on_damaged(self.plan.where[ref.sop_instance_uid][src.name])
+            self._forget(src, ref, failure.getErrorMessage())
             return
         log.warn("retrieval {id}: source {src} failed on {uid}: {err}", id=self.id,
                  src=src.name, uid=ref.sop_instance_uid, err=failure.getErrorMessage())

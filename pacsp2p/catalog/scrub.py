@@ -1,0 +1,86 @@
+"""SQL of the scrub and the drain: this peer's own copies, walked in order, and the small
+saved state of each (in the ``repair_state`` table, one JSON row per key).
+
+Both walk ``locations`` of one peer by its ``(peer, seq)`` index — keyset pagination on
+``seq``, so a walk of ten million copies reads each row once and a restarted walk goes
+on from its saved cursor. A copy recorded again meanwhile (a new ``seq``) may be seen
+twice; a copy removed meanwhile is not seen: both are harmless for a scrub and a drain.
+Every function takes a read connection (``Catalog.read``) except ``save_state``
+(``Catalog.write``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import NamedTuple
+
+from pacsp2p.catalog.copies import ensure_state
+
+
+class Copy(NamedTuple):
+    seq: int
+    uid: str
+    archive: str
+    sha256: str
+    size: int
+
+
+def _archives(archives, params: list) -> str:
+    if archives is None:
+        return ""
+    names = sorted(archives)
+    params.extend(names)
+    return f" AND archive IN ({', '.join('?' * len(names))})" if names else " AND 0"
+
+
+def own_copies(conn: sqlite3.Connection, peer: str, after: int, limit: int = 500,
+               archives=None) -> list[Copy]:
+    """The copies *peer* holds (on *archives*, if given) with a sequence number above
+    *after*, in sequence order, at most *limit*."""
+    params: list = [peer, after]
+    where = _archives(archives, params)
+    params.append(limit)
+    return [Copy(*r) for r in conn.execute(
+        "SELECT seq, SOPInstanceUID, archive, sha256, size FROM locations "
+        f"WHERE peer = ? AND seq > ? AND size >= 0{where} ORDER BY seq LIMIT ?", params)]
+
+
+def count_copies(conn: sqlite3.Connection, peer: str, archives=None) -> int:
+    """How many copies the catalog places on *peer* (on *archives*, if given)."""
+    params: list = [peer]
+    where = _archives(archives, params)
+    return conn.execute(f"SELECT count(*) FROM locations WHERE peer = ? AND size >= 0{where}",
+                        params).fetchone()[0]
+
+
+def known_hashes(conn: sqlite3.Connection, uids) -> dict[str, str]:
+    """{uid: the data set hash some copy of it has in the catalog} for *uids* (a copy
+    crawled from a vendor archive has none of its own)."""
+    uids = list(uids)
+    out: dict[str, str] = {}
+    for i in range(0, len(uids), 500):
+        chunk = uids[i:i + 500]
+        for uid, sha in conn.execute(
+                "SELECT SOPInstanceUID, max(sha256) FROM locations WHERE size >= 0 AND "
+                f"sha256 != '' AND SOPInstanceUID IN ({', '.join('?' * len(chunk))}) "
+                "GROUP BY SOPInstanceUID", chunk):
+            out[uid] = sha
+    return out
+
+
+def load_state(conn: sqlite3.Connection, key: str) -> dict:
+    try:
+        row = conn.execute("SELECT value FROM repair_state WHERE key = ?", (key,)).fetchone()
+    except sqlite3.OperationalError:        # the table is made by the first save
+        return {}
+    try:
+        value = json.loads(row[0]) if row else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def save_state(conn: sqlite3.Connection, key: str, state: dict) -> None:
+    ensure_state(conn)
+    conn.execute("INSERT OR REPLACE INTO repair_state VALUES (?, ?)", (key, json.dumps(state)))

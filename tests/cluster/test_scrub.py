@@ -1,0 +1,188 @@
+"""Scrub (issue 13, item 3) with real peers: bytes flipped in a stored file are found by
+``pacsp2p scrub`` and the copy is replaced, byte-identical; a C-MOVE while a copy is
+damaged still delivers the right bytes (the retrieval checks each copy's SHA-256 and
+fails over), and the copy it found damaged is replaced by itself; a missing file comes
+back; a peer with no other replica says the damage remains (exit 1).
+
+Peers are separate `twistd pacsp2p` processes; files are damaged on the peers' disks
+(the embedded archive's ``objects/``); the C-MOVE is DCMTK ``movescu`` (TCP_NODELAY=1)
+to a DCMTK ``storescp +B``.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+
+from pacsp2p.testing import Peer, StoreSCP, dataset_sha256, datasets, storescu
+from pacsp2p.testing import dicomnet as dn
+from pacsp2p.testing.cluster import Cluster, get_json, wait_until
+
+PACSP2P = Path(sys.executable).parent / "pacsp2p"
+
+
+def scrub(peer, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PACSP2P), "scrub", "--config", str(peer.config_path),
+                           *extra], capture_output=True, text=True, timeout=600)
+
+
+def summary(proc) -> str:
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("scrub: ")]
+    assert lines, proc.stdout + proc.stderr
+    return lines[0]
+
+
+def flip(path: Path, at: int = -100) -> bytes:
+    """Flip the bits of 8 bytes near the end of the file (the pixel data); the original
+    bytes of the whole file are returned."""
+    original = path.read_bytes()
+    data = bytearray(original)
+    for i in range(at, at + 8):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return original
+
+
+def files_of(peer) -> dict[str, Path]:
+    return dn.by_sop_uid(dn.archive_files(peer.data_dir))
+
+
+def scrub_status(peer) -> dict:
+    return get_json(peer, timeout=30)["scrub"]
+
+
+def store_study(tmp_path, peer, n: int, pid: str, size: int = 64):
+    files = datasets.make_study(tmp_path / pid, patient_id=pid, size=size,
+                                series=[("CT", n, ExplicitVRLittleEndian)])
+    storescu(peer.port, peer.ae_title, files, timeout=600)
+    return files, dn.study_of(files)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made = []
+
+    def make(n, destinations=None):
+        c = Cluster(tmp_path / f"cluster{len(made)}", destinations,
+                    {"cluster": {"replicas": 2, "write_quorum": 2}})
+        made.append(c)
+        c.start(n)
+        c.wait_mesh(timeout=30)
+        return c
+    yield make
+    for c in made:
+        c.stop()
+
+
+@pytest.fixture
+def dest(tmp_path):
+    with StoreSCP(tmp_path / "scp", extra=["+B"]) as scp:
+        yield scp
+
+
+def test_scrub_finds_flipped_bytes_and_a_missing_file_and_replaces_them(cluster, dest,
+                                                                        tmp_path):
+    n = 20
+    a, b, c = cluster(3, destinations={"STORESCP": dest.address})
+    files, study = store_study(tmp_path, a, n, "SCRUB01")
+    sent = dn.dataset_hashes(files)
+    wait_until(lambda: sum(len(files_of(p)) for p in (a, b, c)) == 2 * n, 60, 0.5,
+               "2 copies of every instance on the disks")
+    mine = files_of(a)
+    assert mine, "peera holds no copy"
+
+    # a clean pass first: nothing damaged, exit 0
+    proc = scrub(a)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary(proc) == f"scrub: {len(mine)} copies checked, 0 damaged, 0 repaired, " \
+                            "0 missing", proc.stdout
+
+    # flipped bytes: found, replaced from the other replica, byte-identical again
+    uid, path = sorted(mine.items())[0]
+    original = flip(path)
+    assert dataset_sha256(path) != sent[uid]
+    proc = scrub(a)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary(proc) == f"scrub: {len(mine)} copies checked, 1 damaged, 1 repaired, " \
+                            "0 missing", proc.stdout
+    assert path.read_bytes() == original, "the replaced copy is not byte-identical"
+    log = a.log_path.read_text()
+    assert f"the copy of {uid} on archive local is damaged" in log
+    assert f"{uid} on archive local replaced from peer" in log
+    st = scrub_status(a)
+    assert st["last"]["damaged"] == 1 and st["last"]["repaired"] == 1, st
+    assert st["totals"]["damaged"] >= 1 and st["totals"]["repaired"] >= 1, st
+
+    # a missing file: found, put back
+    uid2, path2 = sorted(mine.items())[1]
+    original2 = path2.read_bytes()
+    path2.unlink()
+    proc = scrub(a, "--rate", "0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary(proc) == f"scrub: {len(mine)} copies checked, 0 damaged, 1 repaired, " \
+                            "1 missing", proc.stdout
+    assert path2.read_bytes() == original2
+    assert f"the copy of {uid2} on archive local is missing" in a.log_path.read_text()
+
+    # `pacsp2p status` says what the last pass found
+    proc = subprocess.run([str(PACSP2P), "status", "--config", str(a.config_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert "scrub: last pass" in proc.stdout and "1 missing" in proc.stdout, proc.stdout
+
+
+def test_a_c_move_during_the_damage_delivers_the_right_bytes(cluster, dest, tmp_path):
+    n = 24
+    a, b, c = cluster(3, destinations={"STORESCP": dest.address})
+    files, study = store_study(tmp_path, a, n, "SCRUB02")
+    sent = dn.dataset_hashes(files)
+    wait_until(lambda: sum(len(files_of(p)) for p in (a, b, c)) == 2 * n, 60, 0.5,
+               "2 copies of every instance on the disks")
+    wait_until(lambda: len({get_json(p, "digest")["digest"] for p in (a, b, c)}) == 1, 60,
+               0.5, "catalogs in sync")
+    # every copy on peera damaged: a C-MOVE at peerc reads some of them over the bulk
+    # channel, one at peera reads its own first; both must fail over to the others,
+    # and the copies found damaged are replaced (peerc tells peera: CheckCopy)
+    for at, told in ((c, "peer peerc read a damaged copy of"),
+                     (a, "failing over to another replica")):
+        originals = {uid: flip(path) for uid, path in files_of(a).items()}
+        assert originals
+        dn.clear(dest.directory)
+        proc = dn.movescu(at.port, at.ae_title, "STORESCP",
+                          {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
+                          timeout=180)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "Received Final Move Response (Success)" in out, \
+            out[-3000:]
+        assert dn.dataset_hashes(dest.files()) == sent, f"wrong bytes via {at.name}"
+        wait_until(lambda t=told: t in a.log_path.read_text(), 30, 0.5, told)
+        wait_until(lambda: scrub_status(a)["found_by_reads"]["repaired"] > 0, 60, 0.5,
+                   "a copy a retrieval found damaged is replaced")
+        # (the copies the retrieval did not read are still damaged: the scrub finds them)
+        proc = scrub(a)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert all(p.read_bytes() == originals[u] for u, p in files_of(a).items())
+    found = scrub_status(a)["found_by_reads"]
+    assert found["damaged"] >= 2 and found["repaired"] == found["damaged"], found
+    proc = scrub(a)
+    assert proc.returncode == 0 and " 0 damaged, 0 repaired, 0 missing" in summary(proc), \
+        proc.stdout
+
+
+def test_damage_without_another_replica_stays_and_exits_1(tmp_path):
+    files = datasets.make_study(tmp_path / "in", patient_id="SCRUB03", size=64,
+                                series=[("CT", 4, ExplicitVRLittleEndian)])
+    with Peer(tmp_path / "alone") as p:
+        storescu(p.port, p.ae_title, files, timeout=120)
+        held = files_of(p)
+        assert len(held) == 4
+        uid, path = sorted(held.items())[0]
+        flip(path)
+        proc = scrub(p)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert summary(proc) == "scrub: 4 copies checked, 1 damaged, 0 repaired, 0 missing"
+        assert "could NOT be repaired" in proc.stdout and uid in proc.stdout, proc.stdout
+        assert f"{uid} on archive local could not be replaced: no other replica" in \
+            p.log_path.read_text()
