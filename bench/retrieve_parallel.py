@@ -187,9 +187,6 @@ class NsPeer(Peer):
         self.net, self.k = net, k
         self.admin_port = 11180
 
-    @property
-    def admin_url(self) -> str:
-        return f"http://{self.net.ns_addr(self.k)}:{self.admin_port}"
 
     def start(self) -> "NsPeer":
         self._fixed_port = True
@@ -343,7 +340,8 @@ def run(args, net: Net, wd: Path) -> int:
     def start_source(k: int) -> NsPeer:
         a = net.ns_addr(k)
         p = NsPeer(wd / f"src{k}", net, k, config={
-            "facade": {"bind": a}, "admin": {"bind": a},
+            # the admin endpoint stays on loopback (the namespace's own): never read here
+            "facade": {"bind": a}, "admin": {"bind": "127.0.0.1"},
             "storage": {"fsync": False},
             "overlay": {**overlay_common, "port": 11114, "bulk_port": 11115, "bind": a,
                         "advertise": a,

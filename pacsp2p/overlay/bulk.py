@@ -19,6 +19,7 @@ control, so neither side's reactor blocks on disk and memory stays bounded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -45,7 +46,9 @@ from pacsp2p.validate import is_uid, shown
 log = Logger()
 
 CHUNK = 1 << 20               # read from files
-SINK_CHUNK = 256 << 10       # received bytes gathered before a write job
+SINK_CHUNK = 1 << 20         # received bytes gathered before a write job (a typical
+                             # instance: one job, which also makes its temporary file)
+SINK_AHEAD = 2 * SINK_CHUNK  # received while a write job runs before reading pauses
 MAX_CHANGES = 20000
 MAX_NAME = 255                # characters of a peer, archive or token name in a path
 _SHA256 = re.compile(rb"[0-9a-f]{64}\Z")
@@ -259,10 +262,12 @@ class _PeerPolicy:
 class _FileSink(protocol.Protocol):
     """Receive a response body (a Part-10 file) into a temporary file, writing in a thread
     pool and, with *hashed*, hashing its data set on the way: the file handed over then
-    carries ``sha256`` and ``data_size`` (empty and 0 if it is not a Part-10 file)."""
+    carries ``sha256`` and ``data_size`` (empty and 0 if it is not a Part-10 file).
+    *make_file* makes the temporary file, in the pool, with the first write."""
 
-    def __init__(self, f, pool, reactor, finished, hashed: bool = False):
-        self.f, self.pool, self.reactor, self.finished = f, pool, reactor, finished
+    def __init__(self, make_file, pool, reactor, finished, hashed: bool = False):
+        self.make_file, self.f = make_file, None
+        self.pool, self.reactor, self.finished = pool, reactor, finished
         self.buffer: list[bytes] = []
         self.size = 0
         self.writing = False
@@ -270,15 +275,21 @@ class _FileSink(protocol.Protocol):
         self.hasher = hashlib.sha256() if hashed else None
         self.data_size, self.started = 0, not hashed
         self.written = 0
+        self.paused = False
 
     def dataReceived(self, data):
         self.buffer.append(data)
         self.size += len(data)
         if self.size >= SINK_CHUNK:
             self._write()
+        if self.writing and self.size >= SINK_AHEAD and not self.paused:
+            self.paused = True                  # the disk is behind: let TCP push back
+            self.transport.pauseProducing()
 
     def _append(self, data):
         """Thread: write and hash (the data set: after the File Meta Information)."""
+        if self.f is None:
+            self.f = self.make_file()
         self.f.write(data)
         self.written += len(data)
         if not self.started:
@@ -294,19 +305,21 @@ class _FileSink(protocol.Protocol):
             self.data_size += len(data)
 
     def _write(self):
-        if self.writing or not self.buffer:
+        empty_body = (self.ended is not None and self.f is None
+                      and self.ended.check(ResponseDone))      # still needs its file
+        if self.writing or not (self.buffer or empty_body):
             if not self.writing and self.ended is not None:
                 self._close()
             return
         data, self.buffer, self.size = b"".join(self.buffer), [], 0
-        self.writing = True
-        self.transport.pauseProducing()
+        self.writing = True                     # reading goes on meanwhile (bounded)
         deferToThreadPool(self.reactor, self.pool, self._append, data).addCallbacks(
             self._written, self._failed)
 
     def _written(self, _):
         self.writing = False
-        if self.ended is None:
+        if self.paused and self.ended is None:
+            self.paused = False
             self.transport.resumeProducing()
         self._write() if (self.ended is not None or self.size >= SINK_CHUNK) else None
 
@@ -330,7 +343,8 @@ class _FileSink(protocol.Protocol):
             self.f.size = self.written
             self.finished.callback(self.f)
         else:
-            self.f.close()
+            if self.f is not None:
+                self.f.close()
             self.finished.errback(self.ended)
 
 
@@ -398,9 +412,9 @@ class BulkClient:
         if response.code != 200:
             yield readBody(response)
             raise IOError(f"{member.name}: GET {path} answered {response.code}")
-        f = yield deferToThreadPool(self.reactor, self.pool, tempfile.NamedTemporaryFile,
-                                    dir=self.tmpdir, suffix=".dcm")
         finished = defer.Deferred()
-        response.deliverBody(_FileSink(f, self.pool, self.reactor, finished, hashed))
+        make_file = functools.partial(tempfile.NamedTemporaryFile, dir=self.tmpdir,
+                                      suffix=".dcm")
+        response.deliverBody(_FileSink(make_file, self.pool, self.reactor, finished, hashed))
         result = yield finished
         return result

@@ -33,7 +33,7 @@ class Overlay:
         self.name = settings.peer.name
         # raises TLSError with a one-line reason (missing, foreign, expired certificate)
         self.credentials = tls.Credentials(o.tls_dir, self.name)
-        self.pool = ThreadPool(1, 4, "bulk-io")
+        self.pool = ThreadPool(1, 8, "bulk-io")   # file writes of up to 8 fetches per source
         me = MemberInfo(self.name, o.advertise, o.port, o.bulk_port,
                         settings.facade.ae_title, settings.facade.port, time.time(),
                         # [name, site, max_fetches]: placement reads the first two,
