@@ -55,7 +55,7 @@ from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification  # noqa: E402
 
 from pacsp2p.catalog import db as catalog_db  # noqa: E402
-from pacsp2p.catalog import matching  # noqa: E402
+from pacsp2p.catalog import matching, names  # noqa: E402
 from pacsp2p.catalog.db import create_schema, meta_attributes, write_facts  # noqa: E402
 from pacsp2p.testing import Orthanc, Peer  # noqa: E402
 from pacsp2p.testing.datasets import (SOP_CLASSES, ExplicitVRLittleEndian, make_image,  # noqa: E402
@@ -216,6 +216,7 @@ def queries(records: list[dict[str, str]], per_kind: int, seed: int = 7,
 def time_sql(path: Path, qs: list[tuple[str, dict]]) -> dict[str, dict]:
     """The catalog's SQL alone for each query (what ``Catalog.find`` runs), warm cache."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    names.register(conn)                       # pn_key(), as every catalog connection
     out: dict[str, dict] = {}
     try:
         for warm in (True, False):

@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pacsp2p.catalog import matching, schema, tombstones
+from pacsp2p.catalog import matching, names, schema, tombstones
 from pacsp2p.catalog.integrity import Integrity
 from pacsp2p.catalog.schema import SCHEMA_VERSION, create_schema  # noqa: F401 (re-exported)
 from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
@@ -33,6 +33,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash (kill -9)
     conn.execute("PRAGMA foreign_keys=OFF")
+    names.register(conn)                      # pn_key(): the person-name index, matching
     return conn
 
 
@@ -244,9 +245,6 @@ def facts_from_wire(batch: list) -> list[tuple[dict, tuple]]:
         out.append((merged, (attrs["SOPInstanceUID"], row[1], row[2], row[3], int(row[4]),
                              int(row[0]))))
     return out
-
-
-
 
 
 def vector(conn: sqlite3.Connection) -> dict[str, int]:

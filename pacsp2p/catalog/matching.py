@@ -1,8 +1,12 @@
 """C-FIND identifier -> SQL, following the matching rules of PS3.4 C.2.2.2.
 
 Single value, universal (empty), wildcard (``*``/``?``), range (DA/TM/DT ``a-b``, ``-b``,
-``a-``) and list-of-UID matching. Like Orthanc, person names match case-insensitively.
-Keys below the query level are ignored; relational queries are not supported.
+``a-``) and list-of-UID matching. Values are decoded text whatever the character sets of
+the data and of the query, so ``*`` and ``?`` work on characters. Like Orthanc, person
+names match without regard to case: ``pn_key(col)`` against the pattern's
+``names.pn_key`` (upper case with accents, one character at a time). Other VRs match
+case-sensitively. Keys below the query level are ignored; relational queries are not
+supported.
 Computed attributes (counts, ModalitiesInStudy) are correlated sub-queries, so they are
 computed over everything the catalog holds — the union of all archives.
 """
@@ -10,6 +14,7 @@ computed over everything the catalog holds — the union of all archives.
 from __future__ import annotations
 
 from pacsp2p.attributes import ALIAS, COMPUTED, LEVELS, PARENT, STORED, TABLES
+from pacsp2p.catalog.names import SQL_FUNCTION, pn_key
 from pacsp2p.types import Query
 
 _COUNT_SQL = {
@@ -92,7 +97,7 @@ def _prefix_range(col: str, prefix: str, params: list) -> str:
 
 def _one_value(col: str, vr: str, value: str, params: list) -> str:
     """SQL condition for one (non-list) value of one attribute. Every condition is one an
-    index on the column (for person names: on ``upper(col)``) can serve."""
+    index on the column (for person names: on ``pn_key(col)``) can serve."""
     if vr in ("DA", "TM", "DT") and "-" in value:
         lo, _, hi = value.partition("-")
         conds = []
@@ -104,8 +109,8 @@ def _one_value(col: str, vr: str, value: str, params: list) -> str:
             # as substr(col, 1, len(hi)) <= hi, but a plain comparison an index can use
             conds.append(f"({col} != '' AND {_upper_bound(col, hi, params)})")
         return "(" + " AND ".join(conds or ["1"]) + ")"
-    if vr == "PN":                   # case-insensitive, as Orthanc (SQLite upper(): ASCII)
-        col, value = f"upper({col})", value.upper()
+    if vr == "PN":                   # without regard to case, as Orthanc (names.py)
+        col, value = f"{SQL_FUNCTION}({col})", pn_key(value)
     if "*" in value or "?" in value:
         prefix = value[:min(i for i in (value.find("*"), value.find("?")) if i >= 0)]
         cond = f"{col} GLOB ?"

@@ -5,9 +5,10 @@
 
 - the tables (patients, studies, series, instances, locations, conflicts, hints,
   crawl_state) and their indexes, among them the ones C-FIND needs at scale: an
-  expression index on ``upper(PatientName)`` (person names match case-insensitively,
-  ``matching`` compares ``upper(...)``), and indexes on ``StudyDate`` and
-  ``AccessionNumber``;
+  expression index on ``pn_key(PatientName)`` (person names match without regard to
+  case, ``matching`` compares ``pn_key(...)``: ``names``), and indexes on ``StudyDate``
+  and ``AccessionNumber``. That index holds keys made with Python's Unicode tables:
+  ``catalog_meta`` remembers their version, and a start with other tables rebuilds it;
 - ``catalog_counts``: the number of rows of each table (locations: live copies only,
   ``size >= 0``), kept exact by triggers inside the very transaction that inserts or
   deletes rows, so ``/status`` reads seven numbers instead of counting millions of rows.
@@ -26,10 +27,13 @@ import sqlite_utils
 from twisted.logger import Logger
 
 from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
+from pacsp2p.catalog import names
 
 log = Logger()
 
-SCHEMA_VERSION = 2          # 2: counters, catalog_meta, upper(PatientName), AccessionNumber
+SCHEMA_VERSION = 3          # 2: counters, catalog_meta, upper(PatientName), AccessionNumber
+#                             3: pn_key(PatientName) instead of upper(PatientName)
+NAME_INDEX = "idx_patients_PatientName_key"
 
 # table -> the condition a row must meet to be counted (None: every row); {r} stands for
 # the row ("new.", "old.", or nothing in a plain SELECT)
@@ -39,7 +43,9 @@ COUNTED = {"patients": None, "studies": None, "series": None, "instances": None,
 
 def create_schema(conn: sqlite3.Connection, path=None) -> None:
     """Create or migrate the catalog on *conn* (autocommit mode, as ``db._connect``);
-    *path*: the file, named in the log line of a migration."""
+    *path*: the file, named in the log line of a migration. Registers ``pn_key`` on
+    *conn* (``names.register``)."""
+    names.register(conn)
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if 0 < version < SCHEMA_VERSION:
         log.info("catalog {path}: schema {old} -> {new} (new indexes and row counters; "
@@ -60,10 +66,11 @@ def create_schema(conn: sqlite3.Connection, path=None) -> None:
     db["studies"].create_index(["StudyDate"], if_not_exists=True)
     db["studies"].create_index(["AccessionNumber"], if_not_exists=True)
     db["patients"].create_index(["PatientName"], if_not_exists=True)
-    # what matching compares for person names: upper(PatientName) = ?, and a prefix
+    # what matching compares for person names: pn_key(PatientName) = ?, and a prefix
     # range (>= 'DOE' AND < 'DOF') for DOE*; a plain index cannot serve either
-    conn.execute("CREATE INDEX IF NOT EXISTS idx_patients_upper_PatientName "
-                 "ON patients (upper(PatientName))")
+    conn.execute(f"CREATE INDEX IF NOT EXISTS {NAME_INDEX} "
+                 f"ON patients ({names.SQL_FUNCTION}(PatientName))")
+    conn.execute("DROP INDEX IF EXISTS idx_patients_upper_PatientName")     # schema 2
     if not db["locations"].exists():
         db["locations"].create(
             {"SOPInstanceUID": str, "archive": str, "peer": str, "sha256": str,
@@ -87,6 +94,7 @@ def create_schema(conn: sqlite3.Connection, path=None) -> None:
                                   "finished": int, "since": str}, pk="archive")
     conn.execute("CREATE TABLE IF NOT EXISTS catalog_meta "
                  "(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    _name_keys_current(conn, path)
     _create_counters(conn)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -123,6 +131,20 @@ def _create_counters(conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _name_keys_current(conn: sqlite3.Connection, path) -> None:
+    """Rebuild the name index if its keys were made with other Unicode tables (another
+    Python): a name with a character new to them would be filed under another key."""
+    row = conn.execute("SELECT value FROM catalog_meta WHERE key = 'unicode'").fetchone()
+    if row is not None and row[0] == names.UNICODE_VERSION:
+        return
+    if row is not None:
+        log.info("catalog {path}: Unicode {old} -> {new}: the person-name index is "
+                 "rebuilt", path=str(path), old=row[0], new=names.UNICODE_VERSION)
+        conn.execute(f"REINDEX {NAME_INDEX}")
+    conn.execute("INSERT OR REPLACE INTO catalog_meta VALUES ('unicode', ?)",
+                 (names.UNICODE_VERSION,))
 
 
 def read_counts(conn: sqlite3.Connection) -> dict[str, int]:

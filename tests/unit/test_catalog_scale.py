@@ -5,7 +5,7 @@
   one is logged as critical and shown as ``integrity.state``.
 - ``counts()`` reads counters the schema's triggers keep (it counted 10M rows: 3 s); they
   stay exact through inserts, duplicates, tombstones, hints, conflicts and wire batches.
-- C-FIND SQL uses indexes: ``upper(PatientName)`` with a prefix range for ``DOE*``,
+- C-FIND SQL uses indexes: ``pn_key(PatientName)`` with a prefix range for ``DOE*``,
   AccessionNumber, a StudyDate range bounded on both sides (``EXPLAIN QUERY PLAN``),
   with the same matches as before (checked against a reference in Python).
 """
@@ -181,7 +181,7 @@ def test_an_old_catalog_gets_indexes_and_counters(tmp_path, reactor):
     db.write_facts(conn, [(db.meta_attributes(meta(i)), (f"1.2.3.{i}", "local", "p",
                                                          "0" * 64, 10, i + 1))
                           for i in range(12)])
-    for name in ("idx_patients_upper_PatientName", "idx_studies_AccessionNumber"):
+    for name in ("idx_patients_PatientName_key", "idx_studies_AccessionNumber"):
         conn.execute(f"DROP INDEX {name}")
     for (trigger,) in conn.execute("SELECT name FROM sqlite_master "
                                    "WHERE type = 'trigger'").fetchall():
@@ -196,7 +196,7 @@ def test_an_old_catalog_gets_indexes_and_counters(tmp_path, reactor):
         assert reactor.wait(cat.counts())["instances"] == 12
         names = {r[0] for r in sqlite3.connect(path).execute(
             "SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert {"idx_patients_upper_PatientName", "idx_studies_AccessionNumber"} <= names
+        assert {"idx_patients_PatientName_key", "idx_studies_AccessionNumber"} <= names
         reactor.wait(cat.record(meta(50), loc(50)))
         assert reactor.wait(cat.counts()) == true_counts(path)
     finally:
@@ -382,9 +382,9 @@ SCAN = re.compile(r"\bSCAN (st|p|se|i|studies|patients|series|instances)\b")
 
 
 @pytest.mark.parametrize("keys, index", [
-    ({"PatientName": "DOE*"}, "USING INDEX idx_patients_upper_PatientName (<expr>>? AND <expr><?)"),
-    ({"PatientName": "doe^j*"}, "USING INDEX idx_patients_upper_PatientName (<expr>>? AND <expr><?)"),
-    ({"PatientName": "DOE^JOHN"}, "USING INDEX idx_patients_upper_PatientName (<expr>=?)"),
+    ({"PatientName": "DOE*"}, "USING INDEX idx_patients_PatientName_key (<expr>>? AND <expr><?)"),
+    ({"PatientName": "doe^j*"}, "USING INDEX idx_patients_PatientName_key (<expr>>? AND <expr><?)"),
+    ({"PatientName": "DOE^JOHN"}, "USING INDEX idx_patients_PatientName_key (<expr>=?)"),
     ({"AccessionNumber": "A0001234"}, "USING INDEX idx_studies_AccessionNumber (AccessionNumber=?)"),
     ({"AccessionNumber": "A00012*"},
      "USING INDEX idx_studies_AccessionNumber (AccessionNumber>? AND AccessionNumber<?)"),
