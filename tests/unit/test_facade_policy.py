@@ -149,7 +149,8 @@ def test_admin_on_loopback(bind):
 def test_admin_beyond_loopback_is_refused_until_it_has_tls_and_authentication(bind):
     message = error({"admin": {"bind": bind}})
     assert ": admin.bind: " in message and "not a loopback address" in message
-    assert "no TLS or authentication" in message
+    assert "needs HTTPS (admin.tls_cert and admin.tls_key) and authentication " \
+           "(admin.users, or admin.tls_client_ca)" in message     # (issue 16.1)
 
 
 def test_the_example_configs_still_load():
