@@ -91,10 +91,12 @@ def duration(seconds) -> str:
 
 
 def ago(ts, now: float | None = None) -> str:
-    """An epoch time as "12 s ago" ("—" for none; "in 5 s" for the future)."""
+    """An epoch time as "12 s ago" ("just now", "—" for none; "in 5 s" for the future)."""
     if not isinstance(ts, (int, float)) or ts <= 0:
         return "—"
     delta = (time.time() if now is None else now) - ts
+    if abs(delta) < 1.0:
+        return "just now"
     return f"in {duration(-delta)}" if delta < 0 else f"{duration(delta)} ago"
 
 
@@ -142,13 +144,42 @@ def person(value) -> str:
     return f"{family}, {rest}" if family and rest else (family or rest)
 
 
+def describe(values) -> str:
+    """A status dict of work this console has no page section for (a scrub, a drain) as
+    words: times ("next_at", "last") as "in 6 days" / "3 min ago", seconds ("_s") as
+    durations, MB/s, bytes as sizes; empty values and nested ones left out."""
+    if not isinstance(values, dict):
+        return ""
+    parts = []
+    for key, value in values.items():
+        if key == "state" or value in (None, "") or isinstance(value, (dict, list, tuple)):
+            continue
+        label = key.replace("_", " ")
+        number_ = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key.endswith("_MB_s") and number_:
+            label, text = label[:-5], f"{value} MB/s"
+        elif (key.endswith("_at") or key in ("last", "started", "finished", "since")) \
+                and number_ and value > 1e9:
+            label, text = label.removesuffix(" at"), ago(value)
+        elif key.endswith("_s") and number_:
+            label, text = label[:-2], duration(value)
+        elif (key == "bytes" or key.endswith("_bytes")) and number_:
+            text = size(value)
+        elif isinstance(value, bool):
+            text = "yes" if value else "no"
+        else:
+            text = str(value)
+        parts.append(f"{label} {text}")
+    return ", ".join(parts)
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("pacsp2p.admin", "templates"),
         autoescape=True, undefined=jinja2.ChainableUndefined,
         trim_blocks=True, lstrip_blocks=True)
     env.filters.update(when=when, ago=ago, duration=duration, size=size, number=number,
-                       da=dicom_date, tm=dicom_time, pn=person)
+                       da=dicom_date, tm=dicom_time, pn=person, describe=describe)
     return env
 
 

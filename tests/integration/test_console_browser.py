@@ -20,81 +20,32 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import shutil
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
 from pacsp2p.admin.auth import hash_password
 from pacsp2p.testing import Peer, StoreSCP, datasets, storescu
+from pacsp2p.testing.browser import Screenshots, chromium, texts, wait_until
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PASSWORD = "correct horse battery"
-
-
-def wait_until(check, what: str, bound: float = 240.0, every: float = 0.25):
-    deadline = time.monotonic() + bound
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not: {what}")
-        time.sleep(every)
 
 
 @pytest.fixture
 def browser(tmp_path):
-    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), \
-        "Debian's chromium and chromium-driver are needed (dev/test installs them)"
-    os.environ.setdefault("SE_AVOID_STATS", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                f"--user-data-dir={tmp_path / 'chromium-profile'}",
-                "--window-size=1400,1000"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER),
-                                              log_output=str(tmp_path / "chromedriver.log")),
-                              options=options)
-    driver.set_page_load_timeout(120)
-    try:
+    with chromium(tmp_path / "chromium-profile") as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
 
 
 @pytest.fixture
 def shots(tmp_path, record_property):
-    taken = []
-
-    def shot(driver, name: str) -> Path:
-        path = tmp_path / "screenshots" / f"{len(taken) + 1:02d}-{name}.png"
-        path.parent.mkdir(exist_ok=True)
-        assert driver.save_screenshot(str(path)), path
-        taken.append(path)
-        print(f"screenshot: {path}")
-        record_property(f"screenshot {name}", str(path))
-        return path
-    return shot
-
-
-def texts(driver, css: str) -> list[str]:
-    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
+    return Screenshots(tmp_path / "screenshots", record_property)
 
 
 class OtherSite:

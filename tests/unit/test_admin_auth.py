@@ -337,12 +337,25 @@ def test_human_readable_values():
     assert console.duration(7500) == "2 h 5 min" and console.duration(86400 * 3) == \
         "3 days 0 h"
     assert console.ago(1000.0, now=1012.0) == "12 s ago"
+    assert console.ago(1000.0, now=1000.4) == "just now"
+    assert console.ago(1600.0, now=1000.0) == "in 10 min"
     assert console.ago(None) == "—" and console.when(None) == "—"
     assert console.when(0) == "—" and console.when(1.7e9).startswith("2023-11-1")
     assert console.dicom_date("20240131") == "2024-01-31"
     assert console.dicom_time("142311.123") == "14:23:11"
     assert console.person("DOE^JOHN^Q^DR") == "DOE, JOHN Q" and console.person("DOE") == "DOE"
     assert console.number(1234567) == "1\u202f234\u202f567" and console.number(None) == "—"
+
+
+def test_work_the_console_has_no_section_for_is_described_in_words():
+    now = 1.8e9
+    text = console.describe({"state": "idle", "interval_s": 604800.0, "limit_MB_s": 20.0,
+                             "next_at": now + 3600, "pass": None, "bytes": 3 * 2**20,
+                             "paused": False, "failures": [1, 2]})
+    assert text.startswith("interval 7 days 0 h, limit 20.0 MB/s, next in ")
+    assert "bytes 3.0 MiB" in text and "paused no" in text
+    assert "pass" not in text and "failures" not in text and "state" not in text
+    assert console.describe(None) == "" and console.describe({"here": None}) == ""
 
 
 @pytest.mark.parametrize("form,keys,problems", [
