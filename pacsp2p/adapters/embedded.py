@@ -347,23 +347,15 @@ class EmbeddedArchive:
         return self._run(lambda: [self._verify_one(uid, sha) for uid, sha in items])
 
     def _verify_one(self, uid: str, sha256: str) -> tuple[str, str, int]:
-        paths = [self.path_for(uid)]
-        if layout.is_sha(sha256):
-            paths.append(self.path_for(uid, sha256))    # a conflicting version kept beside
-        state, read = "missing", 0
-        for path in paths:
-            try:
-                held, size = _dataset_hash(path)
-            except FileNotFoundError:
-                continue
-            except (BadDataset, OSError):
-                state = "damaged"
-                continue
-            read += size
-            if held == sha256:
-                return uid, "ok", read
-            state = "damaged"
-        return uid, state, read
+        """The copy is the main file (the one ``open`` reads; a conflicting version kept
+        beside it is another instance, recorded as a conflict, not this location)."""
+        try:
+            held, size = _dataset_hash(self.path_for(uid))
+        except FileNotFoundError:
+            return uid, "missing", 0
+        except (BadDataset, OSError):
+            return uid, "damaged", 0
+        return uid, "ok" if held == sha256 else "damaged", size
 
     def restore(self, received: Path, meta):
         """Put *received* in place of the copy of ``meta.sop_instance_uid`` (its main
@@ -447,9 +439,10 @@ def _dataset_hash(path: Path) -> tuple[str, int]:
             return content_hash(path)          # (the same, cut at an element boundary)
         h = hashlib.sha256(memoryview(head)[offset:])
         size = len(head) - offset
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            size += n
+        if len(head) == _HEAD:                 # (a small file was read whole)
+            buf = bytearray(1 << 20)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                h.update(view[:n])
+                size += n
     return h.hexdigest(), size
