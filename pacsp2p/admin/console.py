@@ -43,7 +43,7 @@ from twisted.logger import Logger
 from twisted.web import resource
 
 from pacsp2p import __version__
-from pacsp2p.admin import gate
+from pacsp2p.admin import gate, monitoring
 from pacsp2p.types import Query
 from pacsp2p.validate import InvalidUID, check_uid, shown
 
@@ -426,6 +426,10 @@ class Console(resource.Resource):
         log.info("admin: {who} asked for study {uid} ({n} instances) to go to {dest} "
                  "(retrieval {id})", who=str(who), uid=uid, n=len(refs),
                  dest=destination.ae_title, id=entry["retrieval"])
+        monitoring.admin_action(self.cluster, "retrieve", _client(request),
+                                user=who.name if who else None, level="STUDY", uids=[uid],
+                                description=f"to {destination.ae_title}",
+                                result=len(refs))
 
         def failed(f):
             entry.update(done=True, error=f.getErrorMessage()[:300],

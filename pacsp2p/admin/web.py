@@ -131,7 +131,8 @@ class _Delete(resource.Resource):
 
         def answer(code, value):
             monitoring.admin_action(           # the audit trail: who deleted what
-                self.cluster, "delete", client, outcome=0 if code == 200 else 8,
+                self.cluster, "delete", client, user=who.name if who else None,
+                outcome=0 if code == 200 else 8,
                 description=value.get("error", "") or (reason or "admin"),
                 level=scope.level, uids=scope.uids, result=value.get("deleted"))
             if not gone:

@@ -48,6 +48,30 @@ def shots(tmp_path, record_property):
     return Screenshots(tmp_path / "screenshots", record_property)
 
 
+def audit_extensions(peer) -> list[dict]:
+    """The "extension" parts of the peer's audit records (admin actions carry theirs)."""
+    path = peer.data_dir / "audit.log"
+    if not path.exists():
+        return []
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            if "action" in value and "kind" in value:
+                found.append(value)
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+    for line in path.read_text().splitlines():
+        try:
+            walk(json.loads(line))
+        except ValueError:
+            pass
+    return found
+
+
 class OtherSite:
     """An HTTP server on another port (another origin) with a page whose form posts to
     the console's retrieve action at once."""
@@ -178,6 +202,10 @@ def test_console_lists_studies_shows_copies_and_retrieves(tmp_path, browser, sho
         heading = browser.find_element(By.CSS_SELECTOR, "section.retrieval h3").text
         assert "C-MOVE to STORESCP" in heading and "finished" in heading
         shots(browser, "retrievals")
+        # the audit trail has who asked for which study to go where
+        wait_until(lambda: any(
+            x.get("action") == "retrieve" and x.get("user") == "alice" and
+            x.get("level") == "STUDY" for x in audit_extensions(peer)), "the audit record")
 
         # the overview: this peer, its archive (adapter, up, instances, free space)
         browser.get(f"{base}/console/")
