@@ -7,7 +7,7 @@ mapping — accents kept ("müller" -> "MÜLLER", "strøm" -> "STRØM"), one cha
 becoming two ("ß" stays "ß", "ﬁ" stays "ﬁ"), no other normalization (NFD "u" + U+0308 is
 not "ü"), scripts without case (kanji, kana, hangul) unchanged. :func:`pn_key` is that
 mapping (it equals glibc 2.36's ``towupper`` on every code point; tests/unit/
-test_charsets.py checks it against the C library).
+test_charset_matching.py checks it against the C library).
 
 The catalog keeps decoded text (``dicom.header`` decodes each data set's Specific
 Character Set on ingest; pydicom decodes each query's), so data and queries in any
