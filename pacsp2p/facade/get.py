@@ -221,6 +221,9 @@ class Get(Operation):
         status = ALL_FAILED if self.failed == len(self.refs) else WARNING
         self.finish(status, self.encode(failed_list(self.failed_uids)), self._counts(False))
 
+    def lost_counts(self):
+        return self._counts() if hasattr(self, "remaining") else None
+
     def lost(self):
         super().lost()
         if self.timer is not None and self.timer.active():

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pynetdicom import AE
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from pacsp2p import audit, metrics
@@ -138,7 +138,8 @@ class Facade(service.Service):
         for assoc in list(self.factory.associations):
             assoc.abort(2, 0)
         d = defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
-        d.addCallback(lambda _: self._close_audit())
+        # the aborted associations' records first (their connections close next turn)
+        d.addCallback(lambda _: task.deferLater(self.reactor, 0.05, self._close_audit))
         return d
 
     def _close_audit(self):

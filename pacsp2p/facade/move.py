@@ -129,6 +129,10 @@ class Move(Operation):
         if self.delivery is not None:
             self.delivery.cancel()
 
+    def finishes_after_loss(self) -> bool:
+        # a delivery under way is cancelled and ends in _final, which records it
+        return self.delivery is not None and not self.delivery.finished.called
+
     def lost(self):
         super().lost()
         self._stop_timers()
@@ -138,9 +142,7 @@ class Move(Operation):
 
     def _final(self, final):
         self._stop_timers()
-        if self.gone:
-            return
-        t2 = self.svc.reactor.seconds()
+        t2 = self.svc.reactor.seconds()       # requestor gone: finish() sends nothing
         log.info("C-MOVE {n} instances to {ae} for {req}: {c} completed, {f} failed, "
                  "{w} warning{x} (resolved in {r:.3f} s, delivered in {d:.3f} s)", n=self.n,
                  ae=self.dest_ae, req=self.assoc.calling_ae, c=final.completed,

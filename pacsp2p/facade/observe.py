@@ -123,8 +123,9 @@ class Observer:
     def finished(self, op, status: int, counts=None, comment: str = "") -> None:
         """*op* sent its final response with *status* (and *counts*)."""
         service = SERVICES.get(op.RSP, f"0x{op.RSP:04x}")
-        cls = metrics.status_class(status)
-        metrics.DIMSE_OPERATIONS.labels(service, cls, f"0x{status:04X}").inc()
+        cls = metrics.status_class(status) if status is not None else "lost"
+        code = f"0x{status:04X}" if status is not None else "none"
+        metrics.DIMSE_OPERATIONS.labels(service, cls, code).inc()
         arrived = getattr(op, "arrived", None)
         elapsed = self.reactor.seconds() - arrived if arrived is not None else None
         if elapsed is not None:
@@ -135,7 +136,8 @@ class Observer:
         self._count_data(op, service, status, counts)
         ext = {"kind": "operation", "service": service,
                "association": getattr(op.assoc, "audit_id", None),
-               "message_id": op.msg_id, "status": f"0x{status:04X}", "status_class": cls,
+               "message_id": op.msg_id, "status": code if status is not None else None,
+               "status_class": cls,
                "calling_ae": op.assoc.calling_ae, "called_ae": op.assoc.called_ae,
                "peer": op.assoc.peer,
                "duration_s": round(elapsed, 3) if elapsed is not None else None}
@@ -171,7 +173,7 @@ class Observer:
 
     def _record(self, op, service, status, ext):
         assoc = op.assoc
-        outcome = audit.outcome_of(status)
+        outcome = audit.outcome_of(status) if status is not None else audit.MINOR_FAILURE
         refused = status == 0x0124
         types = [audit.TYPE_RESTRICTED_FUNCTION] if refused else []
         description = ext.get("comment", "")

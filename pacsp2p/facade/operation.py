@@ -74,6 +74,27 @@ class Operation:
 
     def lost(self) -> None:
         self.gone = True
+        if self.started and not self.finished and not self.finishes_after_loss():
+            self.finished = True         # no final response now: audit what was done
+            self._observe(None, self.lost_counts(),
+                          "the association ended before the final response")
+
+    def finishes_after_loss(self) -> bool:
+        """Does this operation still reach ``finish`` once its association is gone (a
+        C-STORE being kept, a C-MOVE's delivery being cancelled)?"""
+        return False
+
+    def lost_counts(self):
+        """Sub-operation counts so far, for the record of an operation cut short."""
+        return None
+
+    def _observe(self, status, counts, comment) -> None:
+        observer = getattr(self.svc, "observer", None)
+        if observer is not None:
+            try:
+                observer.finished(self, status, counts, comment)
+            except Exception:
+                log.failure("observing a DIMSE operation failed")
 
     # -- helpers ----------------------------------------------------------------------------
     def encode(self, ds: Dataset) -> bytes:
@@ -102,12 +123,7 @@ class Operation:
             return
         self.finished = True
         self.respond(status, data, counts, instance, comment)
-        observer = getattr(self.svc, "observer", None)
-        if observer is not None:
-            try:
-                observer.finished(self, status, counts, comment)
-            except Exception:
-                log.failure("observing a DIMSE operation failed")
+        self._observe(status, counts, comment)
         if not self.gone:
             self.assoc.done(self)
 

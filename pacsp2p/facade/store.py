@@ -165,6 +165,7 @@ class Store(Operation):
         self.finish(SUCCESS, instance=self.instance)
 
     def _store_failed(self, failure, meta):
+        metrics.QUORUM_SECONDS.observe(max(0.0, self.svc.reactor.seconds() - self.quorum_t0))
         status = getattr(failure.value, "status", OUT_OF_RESOURCES)
         log.error("C-STORE {uid} failed: {err}", uid=meta.sop_instance_uid,
                   err=failure.getErrorMessage())
@@ -173,6 +174,9 @@ class Store(Operation):
     def _cleanup(self, result, path):
         remove(self.svc.recv_pool, path)
         return None
+
+    def finishes_after_loss(self) -> bool:
+        return True                          # a started C-STORE is kept or refused
 
     def lost(self):
         super().lost()
