@@ -23,6 +23,9 @@ this adapter's own thread pool; the reactor only waits on Deferreds.
   instance count grew: good enough for an archive with no change feed.
 - discard: impossible over DIMSE; logged and ignored.
 - health: C-ECHO with its latency.
+- scrub: by sample only (``scrub_by_sample``): ``[cluster] scrub_sample`` of the copies
+  per pass, read by C-GET at a tenth of ``scrub_rate``; a damaged copy cannot be
+  replaced over DIMSE (no ``restore``): it is reported.
 
 Associations are pooled per kind (a few idle ones are kept and reused; a stale one is
 replaced once).
@@ -91,6 +94,7 @@ def _dispatch_store(event):
 @implementer(IArchive, IStores, IOpens, ISends, ICrawls, IFollows)
 class DimseArchive:
     capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
+    scrub_by_sample = True      # every read is a C-GET: a scrub checks a sample, slower
     max_fetches = 2             # C-GET associations at once (a PACS limits them)
 
     def __init__(self, name: str, reactor, *, ae_title: str, host: str, port: int,

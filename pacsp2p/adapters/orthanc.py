@@ -27,6 +27,16 @@ as free space).
   so what is added meanwhile is followed afterwards.
 - changes: ``GET /changes?since=N&limit=M``, following ``NewInstance`` events.
 - health: ``GET /system`` (latency) and ``/statistics`` (disk used).
+- verify (a scrub): ``POST /instances/{id}/attachments/dicom/verify-md5``, Orthanc's own
+  check of its file against the MD5 it recorded when it stored it (no byte crosses the
+  link); when that fails or Orthanc has no MD5, ``GET /instances/{id}/file`` hashed
+  against the catalog's SHA-256 decides (damaged, or missing when Orthanc's index names a
+  file its storage no longer has). Orthanc's storage cache (``MaximumStorageCacheSize``,
+  128 MB by default) answers both from memory for recently read files: damage on disk
+  shows once they leave it.
+- restore: the damaged copies (those whose MD5 check fails; the only one otherwise) are
+  deleted (``DELETE /instances/{id}``) and the good file is stored again
+  (``POST /instances``).
 
 All HTTP runs in this adapter's thread pool (keep-alive connections, JSON decoded
 there); the reactor only waits on Deferreds. An Orthanc that stops answering is reported
@@ -51,7 +61,7 @@ from zope.interface import implementer
 
 from pacsp2p.adapters.http import HTTPError, Unreachable
 from pacsp2p.adapters.interface import (IArchive, ICrawls, IDeletes, IFollows, IOpens,
-                                        ISends, IStores)
+                                        IRestores, ISends, IStores, IVerifies)
 from pacsp2p.adapters.rest import RestArchive
 from pacsp2p.attributes import STORED
 from pacsp2p.dicom.header import content_hash
@@ -118,9 +128,11 @@ class _Lru:
             self._d.clear()
 
 
-@implementer(IArchive, IStores, IOpens, ISends, ICrawls, IFollows, IDeletes)
+@implementer(IArchive, IStores, IOpens, ISends, ICrawls, IFollows, IDeletes, IVerifies,
+             IRestores)
 class OrthancArchive(RestArchive):
-    capabilities = frozenset({"store", "open", "send", "crawl", "changes", "delete"})
+    capabilities = frozenset({"store", "open", "send", "crawl", "changes", "delete",
+                              "verify", "restore"})
     kind, product = "orthanc", "Orthanc"
     max_fetches = 4             # GETs of /instances/{id}/file at once
 
@@ -315,6 +327,76 @@ class OrthancArchive(RestArchive):
             self._ids.put(uid, ids[0])
             return self._fetch(ids[0])
         return self._run(opener)
+
+    # -- scrub -----------------------------------------------------------------------
+    def verify(self, items):
+        """Deferred[[(uid, "ok" | "damaged" | "missing", bytes fetched)]] (see above)."""
+        items = list(items)
+        return self._run(lambda: [self._verify_one(uid, sha) for uid, sha in items])
+
+    def _md5_ok(self, oid: str) -> bool | None:
+        """Orthanc's own check of its file: True, False (mismatch, no MD5 kept, no file)."""
+        try:
+            self.http.call("POST", f"/instances/{quote(oid)}/attachments/dicom/verify-md5",
+                           b"", {"Content-Type": "text/plain"})
+            return True
+        except HTTPError as e:
+            if e.status in (400, 404, 415, 500):
+                return False
+            raise
+
+    def _verify_one(self, uid: str, sha256: str) -> tuple[str, str, int]:
+        ids = self._lookup_all(uid)
+        if not ids:
+            return uid, "missing", 0
+        if len(ids) == 1 or not sha256:          # Orthanc's MD5: as it was stored
+            if all(self._md5_ok(oid) for oid in ids):
+                return uid, "ok", 0
+            if not sha256:
+                return uid, "damaged", 0
+        gone, read = 0, 0                        # several versions, or a failed check:
+        for oid in ids:                          # the bytes decide
+            try:
+                with self._fetch(oid) as f:
+                    held = file_dataset_hash(f)
+                    read += f.seek(0, os.SEEK_END)
+            except HTTPError as e:
+                if e.status not in (404, 500):
+                    raise
+                gone += 1                        # in Orthanc's index, not in its storage
+                continue
+            except Exception:                    # not a Part-10 file any more
+                continue
+            if held == sha256:
+                return uid, "ok", read
+        return uid, "missing" if gone == len(ids) else "damaged", read
+
+    def restore(self, received, meta):
+        """Store the good file again in place of the damaged copy (see above)."""
+        def put_back() -> Stored:
+            uid = meta.sop_instance_uid
+            sha, size = content_hash(Path(received))
+            ids = self._lookup_all(uid)
+            bad = [oid for oid in ids if not self._md5_ok(oid)]
+            if not bad and len(ids) == 1:
+                bad = ids                        # the only copy, damaged (no MD5 kept)
+            for oid in bad:
+                try:
+                    self.http.call("DELETE", f"/instances/{quote(oid)}")
+                except HTTPError as e:
+                    if e.status != 404:
+                        raise
+            self._ids.pop(uid, None)
+            with open(received, "rb") as body:
+                answer = self.http.call("POST", "/instances", body,
+                                        {"Content-Type": "application/dicom",
+                                         "Content-Length": str(Path(received).stat().st_size)})
+            if not isinstance(answer, dict) or answer.get("Status") not in (
+                    "Success", "AlreadyStored"):
+                raise OrthancError(f"Orthanc did not store {uid} again: {answer!r}"[:500])
+            self._ids.put(uid, answer["ID"])
+            return Stored(self.name, sha, size)
+        return self._run(put_back)
 
     # -- send ------------------------------------------------------------------------
     def send(self, sop_instance_uids, destination):

@@ -292,6 +292,7 @@ class Scrub:
                         p.skipped += len(batch)
                         continue
                     for (c, sha), (_, state, read) in zip(batch, results):
+                        read = read or max(0, c.size)       # (checked where it lies)
                         if state == "ok":                   # (the common case, inline)
                             p.checked += 1
                             p.bytes += read
