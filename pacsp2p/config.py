@@ -134,6 +134,8 @@ class AdminSettings:
     tls_cert: Path | None = None      # HTTPS (with tls_key)
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # client certificates of this CA authenticate
+    # the console's other origins ("https://pacs.example.org" of a reverse proxy)
+    origins: tuple[str, ...] = ()
 
     @property
     def authenticates(self) -> bool:
@@ -366,6 +368,7 @@ def _modalities(m: _Reader, source: str, facade: FacadeSettings,
 
 
 _USER_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+_ORIGIN_RE = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
 _B64 = r"[A-Za-z0-9+/]+={0,2}"
 PASSWORD_HASH_RE = re.compile(rf"^scrypt\$(\d+)\$(\d+)\$(\d+)\${_B64}\${_B64}$")
 
@@ -404,8 +407,15 @@ def _admin(ad: _Reader, base: Path) -> AdminSettings:
     if files["tls_client_ca"] is not None and files["tls_cert"] is None:
         raise ad.fail("tls_client_ca", "needs HTTPS (tls_cert and tls_key): client "
                                        "certificates are checked in the TLS handshake")
+    origins = []
+    listed = ad.take("origins", list, [], 'a list of "https://host[:port]"')
+    for i, origin in enumerate(listed):
+        if not isinstance(origin, str) or not _ORIGIN_RE.match(origin.strip().rstrip("/")):
+            raise ad.fail(f"origins[{i}]", f'must be "https://host[:port]" (or http://), '
+                                           f"got {origin!r}")
+        origins.append(origin.strip().rstrip("/").lower())
     ad.done()
-    admin = AdminSettings(bind=bind, port=port, users=users, **files)
+    admin = AdminSettings(bind=bind, port=port, users=users, origins=tuple(origins), **files)
     if not is_loopback(bind):
         lacks = [what for what, ok in (
             ("HTTPS (admin.tls_cert and admin.tls_key)", admin.tls_cert is not None),

@@ -22,8 +22,9 @@ Ways to authenticate (any of them; docs/operations.md, "Admin endpoint authentic
 What needs it:
 
 - Bound to a loopback address, reading (GET) needs nothing (only the machine's users
-  reach the port); the ``Host`` header must then name a loopback address or
-  ``localhost``, so a web page cannot reach the endpoint through DNS rebinding.
+  reach the port); the ``Host`` header must then name a loopback address,
+  ``localhost`` or the host of an ``[admin] origins`` entry, so a web page cannot reach
+  the endpoint through DNS rebinding.
 - Bound to any other address (which ``config`` allows only with HTTPS and users or a
   client CA), every request needs authentication: 401 otherwise.
 - Write actions (the console's retrieve, ``POST /delete``, ...) always need an
@@ -34,8 +35,9 @@ What needs it:
 
 Browser posts (CSRF): a write from a browser form carries a token, an HMAC of the
 session (or user) under a secret of this run, checked in constant time; a request
-whose ``Origin`` is not the endpoint's own, or whose ``Sec-Fetch-Site`` says another
-site sent it, is refused (403) whatever it carries. Session cookies are
+whose ``Origin`` is neither the endpoint's own nor one of ``[admin] origins`` (a
+reverse proxy's), or whose ``Sec-Fetch-Site`` says another site sent it, is refused
+(403) whatever it carries. Session cookies are
 SameSite=Strict on top.
 """
 
@@ -198,6 +200,9 @@ class Guard:
         self.clock = clock
         self.secret = os.urandom(32)
         self.loopback = is_loopback(bind)
+        # the hosts of [admin] origins (a reverse proxy's name) pass the Host check too
+        self._origin_hosts = {host_of(urlsplit(o).netloc).lower()
+                              for o in getattr(admin, "origins", ())}
         self.sessions: collections.OrderedDict[str, tuple[str, float]] = \
             collections.OrderedDict()
         self.cookie = f"pacsp2p_session_{admin.port}".encode()
@@ -227,7 +232,7 @@ class Guard:
         if not self.loopback:
             return True
         host = host_of(_header(request, b"host")).lower().rstrip(".")
-        return host == "localhost" or is_loopback(host)
+        return host == "localhost" or is_loopback(host) or host in self._origin_hosts
 
     def origin(self, request) -> str:
         """This endpoint's origin as the client addressed it."""
@@ -242,7 +247,8 @@ class Guard:
         origin = _header(request, b"origin").lower()
         if origin and origin != "null":
             parts = urlsplit(origin)
-            return f"{parts.scheme}://{parts.netloc}" == self.origin(request)
+            origin = f"{parts.scheme}://{parts.netloc}"
+            return origin == self.origin(request) or origin in self.admin.origins
         return origin != "null"
 
     # -- who is asking --------------------------------------------------------------------

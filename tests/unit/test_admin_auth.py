@@ -88,6 +88,8 @@ def test_the_default_endpoint_is_loopback_without_users():
     ({"tls_key": "a.key"}, "admin.tls_cert", ["is required with tls_key"]),
     ({"tls_client_ca": "ca.crt"}, "admin.tls_client_ca", ["needs HTTPS"]),
     ({"password": "x"}, "admin.password", ["unknown key"]),
+    ({"origins": ["pacs.example.org"]}, "admin.origins[0]", ["https://host[:port]"]),
+    ({"origins": ["https://pacs.example.org/console"]}, "admin.origins[0]", ["got"]),
 ])
 def test_admin_config_errors_name_file_key_and_reason(admin, key, words):
     with pytest.raises(ConfigError) as e:
@@ -201,6 +203,23 @@ def test_a_loopback_endpoint_answers_to_loopback_host_names_only(host, ok):
     assert guard().host_ok(request(headers={b"host": host} if host else {})) is ok
     assert guard(bind="0.0.0.0", users={"a": ALICE}).host_ok(
         request(headers={b"host": host})) is True
+
+
+def test_a_reverse_proxys_origin_and_host_are_accepted_when_configured():
+    s = load({"users": {"alice": ALICE}, "origins": ["https://PACS.example.org/",
+                                                     "http://[::1]:8080"]})
+    assert s.admin.origins == ("https://pacs.example.org", "http://[::1]:8080")
+    g = auth.Guard(s.admin, "127.0.0.1", clock=lambda: 1000.0)
+    alice = auth.Identity("alice", "session", g.new_session("alice"))
+    proxied = request(b"POST", headers={b"host": b"pacs.example.org",
+                                        b"origin": b"https://pacs.example.org",
+                                        b"sec-fetch-site": b"same-origin"})
+    assert g.host_ok(proxied)
+    assert g.check_write(proxied, alice, g.csrf_token(alice), json_body=False) is None
+    other = request(b"POST", headers={b"host": b"pacs.example.org",
+                                      b"origin": b"https://evil.example"})
+    assert g.check_write(other, alice, g.csrf_token(alice), json_body=False)[0] == 403
+    assert not guard().host_ok(request(headers={b"host": b"pacs.example.org"}))
 
 
 def test_identify_by_token_session_and_basic():
