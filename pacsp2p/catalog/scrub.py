@@ -54,21 +54,6 @@ def count_copies(conn: sqlite3.Connection, peer: str, archives=None) -> int:
                         params).fetchone()[0]
 
 
-def known_hashes(conn: sqlite3.Connection, uids) -> dict[str, str]:
-    """{uid: the data set hash some copy of it has in the catalog} for *uids* (a copy
-    crawled from a vendor archive has none of its own)."""
-    uids = list(uids)
-    out: dict[str, str] = {}
-    for i in range(0, len(uids), 500):
-        chunk = uids[i:i + 500]
-        for uid, sha in conn.execute(
-                "SELECT SOPInstanceUID, max(sha256) FROM locations WHERE size >= 0 AND "
-                f"sha256 != '' AND SOPInstanceUID IN ({', '.join('?' * len(chunk))}) "
-                "GROUP BY SOPInstanceUID", chunk):
-            out[uid] = sha
-    return out
-
-
 def load_state(conn: sqlite3.Connection, key: str) -> dict:
     try:
         row = conn.execute("SELECT value FROM repair_state WHERE key = ?", (key,)).fetchone()

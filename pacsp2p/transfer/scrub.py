@@ -229,10 +229,7 @@ class Scrub:
                     lambda conn, a=p.cursor: sql.own_copies(conn, self.peer, a, CHUNK))
                 if not rows:
                     break
-                missing_hash = [c.uid for c in rows if not is_sha256(c.sha256)]
-                known = (yield self.catalog.read(
-                    lambda conn: sql.known_hashes(conn, missing_hash))) if missing_hash else {}
-                yield self._check_rows(p, rows, known, full, sampled)
+                yield self._check_rows(p, rows, full, sampled)
                 if p.stopped:
                     break
                 p.cursor = rows[-1].seq
@@ -259,11 +256,13 @@ class Scrub:
         yield self._save(force=True)
 
     @defer.inlineCallbacks
-    def _check_rows(self, p: Pass, rows: list[Copy], known: dict, full, sampled):
-        """Check one chunk of copies, archive by archive, in batches."""
+    def _check_rows(self, p: Pass, rows: list[Copy], full, sampled):
+        """Check one chunk of copies, archive by archive, in batches. A copy the catalog
+        has no hash for (crawled from a vendor archive) is checked only by an archive
+        that can ``verify`` on its own terms (Orthanc: its MD5)."""
         groups: dict[str, list] = {}
         for c in rows:
-            sha = c.sha256 if is_sha256(c.sha256) else known.get(c.uid, "")
+            sha = c.sha256 if is_sha256(c.sha256) else ""
             groups.setdefault(c.archive, []).append((c, sha))
         for name, items in groups.items():
             archive = self.archives.get(name)
@@ -273,8 +272,9 @@ class Scrub:
             caps = getattr(archive, "capabilities", ())
             by_sample = bool(getattr(archive, "scrub_by_sample", False))
             todo = []
+            own_terms = "verify" in caps and not by_sample
             for c, sha in items:
-                if not sha or (by_sample and not self._sampled(p, c.uid)):
+                if (not sha and not own_terms) or (by_sample and not self._sampled(p, c.uid)):
                     p.skipped += 1
                 else:
                     todo.append((c, sha))
@@ -407,9 +407,11 @@ class Scrub:
         if not refs:
             raise ValueError("the instance is no longer in the catalog")
         ref = refs[0]
+        # a copy with a hash: replicas with the same one (or none); without (crawled):
+        # any replica whose own hash is known (the retrieval checks it)
         others = tuple(loc for loc in ref.locations
                        if (loc.peer, loc.archive) != (self.peer, c.archive)
-                       and loc.sha256 in (sha, ""))
+                       and (loc.sha256 in (sha, "") if sha else is_sha256(loc.sha256)))
         if not others:
             raise ValueError("no other replica")
         ref = dataclasses.replace(ref, locations=others)
@@ -422,7 +424,7 @@ class Scrub:
         path = yield deferToThreadPool(self.reactor, pool, _spool, f, self.tmpdir)
         try:
             got = yield deferToThreadPool(self.reactor, pool, _file_hash, path)
-            if got != sha:
+            if sha and got != sha or not got:
                 raise Damaged(f"the replica from {served} hashes to {got[:12]}")
             meta = yield deferToThreadPool(self.reactor, pool, read_meta, path)
             if meta.sop_instance_uid != c.uid:
@@ -430,7 +432,7 @@ class Scrub:
             stored = yield archive.restore(path, meta)
         finally:
             pool.callInThread(_unlink, path)
-        if stored.sha256 != sha:
+        if sha and stored.sha256 != sha:
             raise Damaged(f"the restored copy hashes to {stored.sha256[:12]}")
         return served
 

@@ -11,7 +11,6 @@ once it leaves the cache (docs/cluster.md).
 """
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
