@@ -59,6 +59,7 @@ class ArchiveHealth(service.Service):
             for archive, (ok, result) in zip(self.archives, results):
                 health = result if ok and isinstance(result, dict) else {
                     "up": False, "error": result.getErrorMessage() if not ok else "?"}
+                archive.last_health = dict(health)    # what /metrics shows, no new ask
                 changed |= self._note(archive, bool(health.get("up")), health)
             if changed and self.overlay is not None:
                 ms = self.overlay.membership

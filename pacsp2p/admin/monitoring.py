@@ -63,7 +63,7 @@ class Metrics(_Async):
     @defer.inlineCallbacks
     def produce(self):
         status, health = yield defer.gatherResults(
-            [defer.maybeDeferred(self.cluster.status),
+            [defer.maybeDeferred(self.cluster.status, cached=True),
              defer.maybeDeferred(self.cluster.health)], consumeErrors=True)
         snapshot = dict(status)
         snapshot["_probe"] = health
