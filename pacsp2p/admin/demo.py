@@ -215,7 +215,6 @@ def run(directory: Path, n: int, first: int | None = None) -> int:
         procs.append(subprocess.Popen(
             [str(twistd), "-n", "--pidfile=", "pacsp2p", "--config", path.name],
             cwd=directory, stdout=log, stderr=subprocess.STDOUT))
-    names = [p.name for p in peers]
     for peer, proc in zip(peers, procs):
         print(f"{peer.name}: facade {peer.name.upper()} at 127.0.0.1:{peer.facade}, "
               f"config {peer.config}, log {peer.config.with_suffix('.log')}, pid {proc.pid}",
