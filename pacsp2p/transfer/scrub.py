@@ -70,6 +70,7 @@ TICK = 5.0              # seconds between two looks at whether a pass is due
 CHUNK = 2000            # copies read from the catalog per step
 BATCH_BYTES = 16 << 20  # bytes one verify job of an archive hashes at most
 BATCH_MAX = 1000        # copies per verify job at most
+BATCH_SECONDS = 0.2     # a throttled pass's batch: what the rate allows in this time
 SAVE_EVERY = 5.0        # seconds between two saves of a running pass
 SAMPLED_SLOWER = 10.0   # an archive checked by sample reads at scrub_rate / this
 LISTED = 20             # damaged/unrepaired instance UIDs listed per pass
@@ -135,6 +136,7 @@ class Scrub:
         self._saved_at = 0.0
         self._suspects: dict[tuple, Location] = {}       # (uid, archive) -> copy to check
         self._checking = False
+        self._checkpoint: dict | None = None
         self._mending: dict[tuple, list] = {}     # (uid, archive) -> who waits
 
     # -- life cycle ------------------------------------------------------------------
@@ -173,10 +175,11 @@ class Scrub:
             self.current.stopped = True
         if self._walking is not None:
             try:
-                yield self._walking
+                yield self._walking        # it saves itself, to resume at the next start
             except Exception:
                 pass
-        yield self._save(force=True, keep_current=True)
+        else:
+            yield self._save(force=True)
 
     def tick(self):
         if not self.running or self.current is not None or not self.interval:
@@ -209,6 +212,7 @@ class Scrub:
 
     def _begin(self, p: Pass):
         self.current = p
+        self._checkpoint = p.as_dict()          # what a restart resumes from
         d = self._walking = self._pass(p)
         d.addErrback(lambda f: log.failure("scrub pass {id} failed", f, id=p.id))
 
@@ -233,6 +237,7 @@ class Scrub:
                 if p.stopped:
                     break
                 p.cursor = rows[-1].seq
+                self._checkpoint = p.as_dict()      # counters that match the cursor
                 yield self._save()
         finally:
             yield self._ended(p)
@@ -243,7 +248,9 @@ class Scrub:
             self.current = None
         self._walking = None
         if p.stopped or not self.running:
-            yield self._save(force=True, keep_current=self.running is False, unfinished=p)
+            # stopped with the peer: resumed at the next start (a background pass);
+            # stopped for a pass on demand: dropped
+            yield self._save(force=True, unfinished=p if not self.running else None)
             return
         p.finished = time.time()
         self.last = p.as_dict()
@@ -280,7 +287,11 @@ class Scrub:
                     todo.append((c, sha))
             throttle = sampled if by_sample else full
             if "verify" in caps and not by_sample:
-                for batch in _batches(todo):
+                # a batch is what the rate allows in a fifth of a second (the pace is
+                # kept batch by batch), 16 MB at most
+                most = BATCH_BYTES if not p.rate else \
+                    max(1, min(BATCH_BYTES, int(p.rate * 1e6 * BATCH_SECONDS)))
+                for batch in _batches(todo, most):
                     if p.stopped:
                         return
                     yield throttle.wait(sum(max(0, c.size) for c, _ in batch))
@@ -485,17 +496,17 @@ class Scrub:
             self._checking = False
 
     # -- state -----------------------------------------------------------------------
-    def _save(self, force: bool = False, keep_current: bool = True, unfinished=None):
+    def _save(self, force: bool = False, unfinished=None):
         now = time.time()
         if not force and now - self._saved_at < SAVE_EVERY:
             return defer.succeed(None)
         self._saved_at = now
         current = self.current or unfinished
+        resume = None
+        if current is not None and current.finished is None and current.why == "background":
+            resume = self._checkpoint           # (the copies after its cursor: again)
         state = {"epoch": self.epoch, "last_started": self.last_started, "last": self.last,
-                 "ids": self._ids, "totals": dict(self.totals),
-                 "current": (current.as_dict() if current is not None and keep_current
-                             and current.finished is None and current.why == "background"
-                             else None)}
+                 "ids": self._ids, "totals": dict(self.totals), "current": resume}
         d = self.catalog.write(lambda conn: sql.save_state(conn, _KEY, state))
         d.addErrback(lambda f: log.warn("scrub: cannot save its state: {err}",
                                         err=f.getErrorMessage()))
@@ -513,12 +524,12 @@ class Scrub:
                 "totals": dict(self.totals), "found_by_reads": dict(self.found_by_reads)}
 
 
-def _batches(items):
+def _batches(items, most: int = BATCH_BYTES):
     batch, size = [], 0
     for c, sha in items:
         batch.append((c, sha))
         size += max(0, c.size)
-        if size >= BATCH_BYTES or len(batch) >= BATCH_MAX:
+        if size >= most or len(batch) >= BATCH_MAX:
             yield batch
             batch, size = [], 0
     if batch:
