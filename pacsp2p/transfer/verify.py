@@ -29,6 +29,7 @@ scrub (``Retrieval.on_damaged``), which replaces it from a good replica.
 
 from __future__ import annotations
 
+import io
 import re
 
 from twisted.internet import defer
@@ -49,15 +50,26 @@ def is_sha256(value) -> bool:
     return isinstance(value, str) and bool(_SHA256.match(value))
 
 
-def _hash(f) -> str:
-    """Thread: the data set hash of the open file *f*, which is rewound ("" if *f* is not
-    a Part-10 file)."""
+SMALL = 256 << 10       # a file up to this size is read whole by the hashing job
+
+
+def _hash(f):
+    """Thread: (the data set hash of the open file *f* ("" if *f* is not a Part-10
+    file), the file to serve, rewound). A small file is read whole in this one job and
+    closed; its bytes are served from memory (no further file reads, no further thread
+    hop for a consumer that reads it at once)."""
     try:
-        return file_dataset_hash(f)
-    except Exception:
-        return ""
-    finally:
         f.seek(0)
+        head = f.read(SMALL + 1)
+        if len(head) <= SMALL:
+            _closed(f)
+            f = io.BytesIO(head)
+        return file_dataset_hash(f), f
+    except Exception:
+        return "", f
+    finally:
+        if not f.closed:
+            f.seek(0)
 
 
 def _closed(f):
@@ -70,16 +82,18 @@ def _closed(f):
 def checked(f, loc, reactor) -> defer.Deferred:
     """Deferred[*f*] (rewound) if the copy *loc* (a ``types.Location``) read into the
     open file *f* hashes to ``loc.sha256``; else *f* is closed and it fails with
-    Damaged. A file the bulk channel hashed while receiving it carries ``sha256``."""
+    Damaged. A file the bulk channel hashed while receiving it carries ``sha256``. A
+    file of at most ``SMALL`` bytes is read whole while it is hashed: what is served is
+    then an ``io.BytesIO`` of its bytes (*f* closed)."""
     expected = loc.sha256
     if not is_sha256(expected):
         return defer.succeed(f)
     got = getattr(f, "sha256", None)
     if is_sha256(got):
-        return _compare(f, got, loc)
+        return defer.maybeDeferred(_compare, f, got, loc)
     pool = threads.pool(reactor, "verify", 1, 4)
     d = deferToThreadPool(reactor, pool, _hash, f)
-    d.addCallback(lambda h: _compare(f, h, loc))
+    d.addCallback(lambda got: _compare(got[1], got[0], loc))
     return d
 
 
