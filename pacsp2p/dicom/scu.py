@@ -167,7 +167,12 @@ class StorageSCU(protocol.Protocol):
     def store(self, sop_class: str, sop_instance_uid: str, transfer_syntax: str, f,
               originator_ae: str | None = None, originator_msg_id: int | None = None):
         """Deferred[C-STORE-RSP status] for the data set read from *f* (positioned at the
-        data set's first byte, encoded in *transfer_syntax*). The SCU closes *f*."""
+        data set's first byte, encoded in *transfer_syntax*; or the data set's bytes
+        themselves, read already). The SCU closes *f*."""
+        if isinstance(f, (bytes, bytearray)):
+            data, f = bytes(f), None
+        else:
+            data = None
         if self.state != "established":
             self._close_file(f)
             return defer.fail(self._error or AssociationAborted(
@@ -182,7 +187,10 @@ class StorageSCU(protocol.Protocol):
                                                   originator_ae, originator_msg_id),
                     f, sop_instance_uid)
         self._queue.append(op)
-        self._read_next(op, None)
+        if data is not None:
+            op.chunk = (data, 0)
+        else:
+            self._read_next(op, None)
         if len(self._queue) == 1:
             self._pump()
         return op.result
@@ -304,7 +312,8 @@ class StorageSCU(protocol.Protocol):
             op.result.callback(status)
 
     def _close_file(self, f):
-        self.pool.callInThread(_close, f)
+        if f is not None:
+            self.pool.callInThread(_close, f)
 
     # -- sending -------------------------------------------------------------------------------
     def _read_next(self, op: _Store, left):

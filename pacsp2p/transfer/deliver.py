@@ -17,6 +17,7 @@ sub-operations; the one on the wire finishes and is counted.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -48,6 +49,29 @@ class Progress:
 
 def _close(f) -> None:
     f.close()
+
+
+def _prepare(f, accepted, sop_class: str, limit: int):
+    """Thread, one job per instance: position *f* at its data set and, when the
+    destination accepted its transfer syntax and it is at most *limit* bytes, read it
+    whole and close *f*. (transfer syntax, stored SOP Instance UID, data set bytes or
+    None: then *f* is open at the data set). Closes *f* on error."""
+    try:
+        ts, uid = dataset_start(f)
+        if (sop_class, ts) in accepted:
+            pos = f.tell()
+            end = f.seek(0, 2)
+            f.seek(pos)
+            if end - pos <= limit:
+                data = f.read(end - pos)
+                if len(data) != end - pos:
+                    raise OSError(f"file ended early: {len(data)} of {end - pos} bytes")
+                f.close()
+                return ts, uid, data
+    except BaseException:
+        f.close()
+        raise
+    return ts, uid, None
 
 
 class Tally:
@@ -91,7 +115,7 @@ class Delivery(Tally):
 
     def __init__(self, retrieval, destination, calling_ae: str, reactor, *,
                  originator_ae: str | None = None, originator_msg_id: int | None = None,
-                 window: int = 3, connect_timeout: float = 10, acse_timeout: float = 30,
+                 window: int = 8, connect_timeout: float = 10, acse_timeout: float = 30,
                  dimse_timeout: float = 120):
         super().__init__(retrieval, destination, calling_ae, reactor, originator_ae,
                          originator_msg_id)
@@ -165,15 +189,20 @@ class Delivery(Tally):
         if self.cancelled:
             self.pool.callInThread(_close, f)
             raise defer.CancelledError()
-        try:
-            ts, uid = yield deferToThreadPool(self.reactor, self.pool, dataset_start, f)
-            if uid and uid != ref.sop_instance_uid:
-                raise BadFile(f"the stored file holds {uid}")
-        except Exception:
-            self.pool.callInThread(_close, f)
-            raise
         sop_class = ref.sop_class_uid
-        if self._scu.context_for(sop_class, ts) is None:
+        if isinstance(f, io.BytesIO):       # read already (verify.SMALL): no thread hop
+            ts, uid, data = _prepare(f, self._scu.accepted, sop_class, scu.CHUNK)
+        else:
+            ts, uid, data = yield deferToThreadPool(self.reactor, self.pool, _prepare, f,
+                                                    self._scu.accepted, sop_class,
+                                                    scu.CHUNK)
+        if uid and uid != ref.sop_instance_uid:
+            if data is None:
+                self.pool.callInThread(_close, f)
+            raise BadFile(f"the stored file holds {uid}")
+        if data is not None:                # read whole in the one job: f is closed
+            f = data
+        elif self._scu.context_for(sop_class, ts) is None:
             target = next((t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
                            if self._scu.context_for(sop_class, t) is not None), None)
             if target is None:
@@ -184,7 +213,8 @@ class Delivery(Tally):
             f = yield deferToThreadPool(self.reactor, self.pool, convert, f, target)
             ts = target
         if self.cancelled:
-            self.pool.callInThread(_close, f)
+            if not isinstance(f, bytes):
+                self.pool.callInThread(_close, f)
             raise defer.CancelledError()
         status = yield self._scu.store(sop_class, ref.sop_instance_uid, ts, f,
                                        *self.originator)

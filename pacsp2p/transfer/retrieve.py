@@ -171,6 +171,7 @@ class Retrieval:
         self._observed = False
         self._scheduling = self._again = False
         self._turns = 0
+        self._head = 0                   # refs before it: opened, done or answered
         self.started = False
         self.cancelled = False
         self.started_at = self.finished_at = None     # wall-clock times, for status
@@ -316,7 +317,11 @@ class Retrieval:
                 self._schedule_once()
         finally:
             self._scheduling = False
-        if self._results and all(d.called for d in self._results.values()):
+        # (cheap test first: every result is called only once done + unavailable
+        # covers every instance, or the retrieval was cancelled)
+        if self._results and (self.cancelled or len(self.plan.done)
+                              + len(self._unavailable) >= len(self._results)) \
+                and all(d.called for d in self._results.values()):
             self.finished_at = self.finished_at or time.time()
             self._stop_watching()
             self._observe()
@@ -377,7 +382,15 @@ class Retrieval:
         """The oldest instance nobody has opened yet, stuck on one source: ask the next
         free source of its ranking."""
         plan = self.plan
-        for ref in self.refs:
+        refs = self.refs
+        while self._head < len(refs):       # opened/done/called never go back: skip them
+            uid = refs[self._head].sop_instance_uid
+            if uid in self._opened or uid in plan.done or self._results[uid].called:
+                self._head += 1
+            else:
+                break
+        for i in range(self._head, len(refs)):
+            ref = refs[i]
             uid = ref.sop_instance_uid
             if uid in self._opened or uid in plan.done or self._results[uid].called:
                 continue
@@ -525,9 +538,11 @@ class Retrieval:
         self._opened.add(uid)
         if uid in self._unavailable and uid not in self.plan.done:
             return defer.fail(self._unavailable[uid])     # failed before it was opened
-        if ref in self.plan.pending:                  # wanted now: to the front
-            self.plan.pending.remove(ref)
-            self.plan.pending.insert(0, ref)
+        plan = self.plan
+        # wanted now: to the front (a fetched or fetching one is not pending: no scan)
+        if uid not in plan.done and not plan.in_flight.get(uid) and ref in plan.pending:
+            plan.pending.remove(ref)
+            plan.pending.insert(0, ref)
         result = defer.Deferred()
         source = self._results[uid]
 
