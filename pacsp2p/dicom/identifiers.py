@@ -9,10 +9,12 @@ never an exception in the middle of an answer (``encode_row``).
 
 from __future__ import annotations
 
+import re
+import struct
 from collections.abc import Callable
 
 from pydicom.dataset import Dataset
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from pacsp2p.attributes import COMPUTED, LEVELS, STORED
 from pacsp2p.types import Query
@@ -99,13 +101,105 @@ def to_dataset(row: dict[str, str], requested: list[str], level: str,
     return ds
 
 
+# -- the fast path: ASCII rows written directly (PS3.5 7.1.2, 7.1.3) ---------------------
+
+# VRs whose ASCII value pydicom writes exactly as given (writing validation warns only);
+# the value is then padded to even length (UI with NUL, the others with a space)
+_VERBATIM = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM",
+                       "UI", "UC", "UR", "UT"})
+_LONG = frozenset({"UC", "UR", "UT"})          # explicit VR: 2 reserved bytes, 4-byte length
+_PLAIN_IS = re.compile(r"(0|[1-9][0-9]{0,8})\Z")
+_ASCII_TEXT = re.compile(r"[\x20-\x7e]*\Z")
+_UNSEEN = object()
+_layout: dict = {}          # keyword -> (tag, VR) | None (not written) | False (pydicom)
+
+
+def _element_of(kw: str):
+    """(tag, VR) of *kw* as ``to_dataset`` writes it, or None (unknown: not written;
+    or a VR the fast path leaves to pydicom: the marker False)."""
+    if kw in STORED:
+        vr = STORED[kw].vr
+    elif kw in COMPUTED:
+        vr = COMPUTED[kw][1]
+    else:
+        try:
+            vr = dictionary_VR(kw)
+        except KeyError:
+            return None
+    if vr not in _VERBATIM and vr != "IS":
+        return False
+    tag = tag_for_keyword(kw)
+    return (tag, vr) if tag is not None else False
+
+
+_QR_LEVEL = 0x00080052
+_CHARSET = 0x00080005
+
+
+def _element(tag: int, vr: str, value: bytes, implicit: bool) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr == "UI" else b" "
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if implicit:
+        return head + struct.pack("<I", len(value)) + value
+    if vr in _LONG:
+        return head + vr.encode() + b"\0\0" + struct.pack("<I", len(value)) + value
+    if len(value) > 0xFFFF:
+        raise OverflowError
+    return head + vr.encode() + struct.pack("<H", len(value)) + value
+
+
+def fast_identifier(row: dict[str, str], requested: list[str], level: str,
+                    implicit: bool) -> bytes | None:
+    """The response identifier of one catalog row in implicit or explicit VR little
+    endian, written directly, byte for byte what pydicom writes for ``to_dataset``;
+    None when the row needs pydicom (a value that is not plain ASCII: character sets;
+    an IS that is not a plain number; a VR not written verbatim; a sequence)."""
+    elements = [(_QR_LEVEL, "CS", level)]
+    for kw in requested:
+        layout = _layout.get(kw, _UNSEEN)
+        if layout is _UNSEEN:
+            layout = _layout[kw] = _element_of(kw)
+        if layout is None:
+            continue
+        if layout is False:
+            return None
+        tag, vr = layout
+        value = row.get(kw, "")
+        if value:
+            if not value.isascii() or not _ASCII_TEXT.match(value):
+                return None
+            if vr == "IS" and not _PLAIN_IS.match(value):
+                return None
+        elements.append((tag, vr, value))
+    try:
+        elements.sort()
+        out = []
+        last = -1
+        for tag, vr, value in elements:
+            if tag == last:
+                return None
+            last = tag
+            out.append(_element(tag, vr, value.encode("ascii"), implicit))
+    except (OverflowError, struct.error):
+        return None
+    return b"".join(out)
+
+
 def encode_row(row: dict[str, str], requested: list[str], level: str,
-               encode: Callable[[Dataset], bytes | None]) -> tuple[bytes, list[str]]:
+               encode: Callable[[Dataset], bytes | None],
+               syntax: tuple[bool, bool, bool] | None = None) -> tuple[bytes, list[str]]:
     """(the encoded response identifier of one catalog row, the keywords sent empty
-    because their VR cannot carry the stored value). *encode* is pynetdicom's (None when
-    pydicom cannot write the data set: e.g. non-ASCII characters in a DA, TM, CS or UI);
-    then each value is tried alone and the ones that cannot be written are left empty.
-    Raises ValueError if the row cannot be encoded even so."""
+    because their VR cannot carry the stored value). *syntax* (implicit VR, little
+    endian, deflated) of the transfer syntax: a plain ASCII row in implicit or explicit
+    VR little endian is written directly (``fast_identifier``); otherwise *encode* is
+    pynetdicom's (None when pydicom cannot write the data set: e.g. non-ASCII characters
+    in a DA, TM, CS or UI); then each value is tried alone and the ones that cannot be
+    written are left empty. Raises ValueError if the row cannot be encoded even so."""
+    if syntax is not None and syntax[1] and not syntax[2]:
+        data = fast_identifier(row, requested, level, syntax[0])
+        if data is not None:
+            return data, []
     blanked: list[str] = []
     data = encode(to_dataset(row, requested, level, blanked))
     if data is not None:

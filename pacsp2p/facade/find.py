@@ -54,6 +54,8 @@ class Find(Operation):
         self.query, self.requested = decoded
         self.sent = 0
         self.blanked: dict[str, int] = {}
+        ts = self.ts
+        self.syntax = (ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
         d = defer.maybeDeferred(self.svc.cluster.find, self.query, self.requested)
         d.addCallback(self._found)          # an error raised by _found goes to _failed too
         d.addErrback(self._failed)
@@ -94,7 +96,8 @@ class Find(Operation):
             if row is None:
                 self._report_blanked()
                 return self.finish(SUCCESS)
-            data, blanked = encode_row(row, self.requested, self.query.level, self.encode)
+            data, blanked = encode_row(row, self.requested, self.query.level, self.encode,
+                                       self.syntax)
             for kw in blanked:
                 self.blanked[kw] = self.blanked.get(kw, 0) + 1
             self.respond(PENDING, data)

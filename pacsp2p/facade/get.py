@@ -11,6 +11,8 @@ Warning 0xB000 and Failure 0xA702 finals carry the Failed SOP Instance UID List.
 
 from __future__ import annotations
 
+import io
+
 from pynetdicom.status import code_to_category
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -114,16 +116,29 @@ class Get(Operation):
         ref = self.refs[self.index]
         self.index += 1
         self.sub_id = (self.msg_id + self.index - 1) % 0xFFFF + 1
-        pool = self.svc.send_pool
         d = self.retrieval.open(ref)
-        d.addCallback(lambda f: deferToThreadPool(
-            self.svc.reactor, pool, _prepare, f, ref,
-            self.offered.get(ref.sop_class_uid, {})))
+        d.addCallback(self._prepare, ref)
         d.addCallback(self._first_chunk, ref)
         d.addErrback(self._sub_failed, ref)
 
+    def _prepare(self, f, ref):
+        offered = self.offered.get(ref.sop_class_uid, {})
+        if isinstance(f, io.BytesIO):       # in memory (verify.SMALL): no thread hop,
+            pos = f.tell()                  # unless it must be converted
+            try:
+                ts, _ = dataset_start(f)
+            except Exception:
+                ts = None
+            f.seek(pos)
+            if ts in offered:
+                return _prepare(f, ref, offered)
+        return deferToThreadPool(self.svc.reactor, self.svc.send_pool, _prepare, f, ref,
+                                 offered)
+
     def _first_chunk(self, prepared, ref):
         cid, ts, f = prepared
+        if isinstance(f, io.BytesIO):       # in memory: read at once
+            return self._send_first(_read(f, None), ref, cid, f)
         d = deferToThreadPool(self.svc.reactor, self.svc.send_pool, _read, f, None)
         d.addCallback(self._send_first, ref, cid, f)
         return d
