@@ -41,6 +41,7 @@ and replaced at once (``suspect``); another peer that finds one tells this peer
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -238,7 +239,7 @@ class Scrub:
                     break
                 p.cursor = rows[-1].seq
                 self._checkpoint = p.as_dict()      # counters that match the cursor
-                yield self._save()
+                self._save()                        # (the walk does not wait for it)
         finally:
             yield self._ended(p)
 
@@ -291,26 +292,21 @@ class Scrub:
                 # kept batch by batch), 16 MB at most
                 most = BATCH_BYTES if not p.rate else \
                     max(1, min(BATCH_BYTES, int(p.rate * 1e6 * BATCH_SECONDS)))
+                # unthrottled (on demand, --rate 0): two jobs of the archive's threads
+                # at once, the next batch hashed while this one's results are counted
+                depth = 1 if p.rate else 2
+                pending: collections.deque = collections.deque()
                 for batch in _batches(todo, most):
                     if p.stopped:
-                        return
+                        break
                     yield throttle.wait(sum(max(0, c.size) for c, _ in batch))
-                    try:
-                        results = yield archive.verify([(c.uid, sha) for c, sha in batch])
-                    except Exception as e:
-                        log.warn("scrub: archive {archive} could not verify {n} copies: "
-                                 "{err}", archive=name, n=len(batch), err=e)
-                        p.skipped += len(batch)
-                        continue
-                    for (c, sha), (_, state, read) in zip(batch, results):
-                        read = read or max(0, c.size)       # (checked where it lies)
-                        if state == "ok":                   # (the common case, inline)
-                            p.checked += 1
-                            p.bytes += read
-                            self.totals["checked"] += 1
-                            self.totals["bytes"] += read
-                        else:
-                            yield self._count(p, c, sha, state, read)
+                    pending.append((batch, self._verify(archive, batch)))
+                    if len(pending) >= depth:
+                        done, d = pending.popleft()
+                        yield self._verified(p, name, done, (yield d))
+                while pending:
+                    done, d = pending.popleft()
+                    yield self._verified(p, name, done, (yield d))
             elif "open" in caps:
                 for c, sha in todo:
                     if p.stopped:
@@ -323,6 +319,39 @@ class Scrub:
                         yield self._count(p, c, sha, state, read)
             else:
                 p.skipped += len(todo)
+
+    @staticmethod
+    def _verify(archive, batch) -> defer.Deferred:
+        """Deferred[results of ``archive.verify`` for *batch*, or the failure's text]."""
+        d = defer.maybeDeferred(archive.verify, [(c.uid, sha) for c, sha in batch])
+        d.addErrback(lambda f: f.getErrorMessage())
+        return d
+
+    def _verified(self, p: Pass, name: str, batch, results):
+        """Count what one verify job found; replace what is damaged or missing."""
+        if isinstance(results, str):
+            log.warn("scrub: archive {archive} could not verify {n} copies: {err}",
+                     archive=name, n=len(batch), err=results)
+            p.skipped += len(batch)
+            return defer.succeed(None)
+        bad = []
+        for (c, sha), (_, state, read) in zip(batch, results):
+            read = read or max(0, c.size)           # (checked where it lies)
+            if state == "ok":                       # (the common case, inline)
+                p.checked += 1
+                p.bytes += read
+                self.totals["checked"] += 1
+                self.totals["bytes"] += read
+            else:
+                bad.append((c, sha, state, read))
+        if not bad:
+            return defer.succeed(None)
+        return self._count_bad(p, bad)
+
+    @defer.inlineCallbacks
+    def _count_bad(self, p: Pass, bad):
+        for c, sha, state, read in bad:
+            yield self._count(p, c, sha, state, read)
 
     def _sampled(self, p: Pass, uid: str) -> bool:
         h = hashlib.sha256(f"{p.id}:{p.started}:{uid}".encode()).digest()
