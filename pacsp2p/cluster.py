@@ -215,7 +215,7 @@ class Cluster:
                for name, a in self.archives.items()]
         out += [{"peer": a.peer, "archive": a.name, "site": a.site, "up": a.alive,
                  "local": False, "adapter": None, "instances": counts.get((a.peer, a.name))}
-                for a in self.ingest.candidates() if not a.local]
+                for a in self.ingest.candidates(draining=True) if not a.local]
         return out
 
     @defer.inlineCallbacks

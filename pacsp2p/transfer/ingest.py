@@ -195,15 +195,17 @@ class Ingest:
                 out |= {(m.name, name) for name in getattr(m.info, "draining", None) or ()}
         return out
 
-    def candidates(self) -> list[ArchiveInfo]:
-        """The archives placement may choose from (not those being drained)."""
+    def candidates(self, draining: bool = False) -> list[ArchiveInfo]:
+        """The archives placement may choose from: not those being drained (unless
+        *draining*: every archive, e.g. to list them)."""
         out = [ArchiveInfo(name, self.peer, a.site, a.up, True,
                            self.counts.get((self.peer, name), 0))
-               for name, a in self.archives.items() if name not in self.drain_here]
+               for name, a in self.archives.items()
+               if draining or name not in self.drain_here]
         if self.overlay is not None:
             for m in self.overlay.membership.members.values():
                 down = set(getattr(m.info, "archives_down", ()) or ())
-                drained = getattr(m.info, "draining", None) or ()
+                drained = () if draining else getattr(m.info, "draining", None) or ()
                 for name, site, *_ in m.info.archives:
                     if name in drained:
                         continue

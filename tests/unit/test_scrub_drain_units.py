@@ -233,3 +233,4 @@ def test_candidates_leave_out_draining_archives_here_and_on_other_peers(tmp_path
     assert {(a.peer, a.name) for a in ingest.candidates()} == {("me", "local"),
                                                                 ("b", "local")}
     assert ingest.draining() == {("me", "spare"), ("b", "spare"), ("c", "local")}
+    assert len(ingest.candidates(draining=True)) == 5         # (to list every archive)
