@@ -273,6 +273,25 @@ def _admin(ad: _Reader, base: Path) -> AdminSettings:
     return admin
 
 
+def _swim(o: _Reader, heartbeat: float) -> dict:
+    """The membership protocol's knobs of [overlay] (docs/cluster.md)."""
+    def number(key, default, low, high, kind=(int, float)):
+        v = o.take(key, kind, default, "an integer" if kind is int else "a number")
+        if not low <= v <= high:
+            raise o.fail(key, f"must be {low}-{high}, got {v}")
+        return v
+    timeout = number("probe_timeout", 0.0, 0.0, 60.0)
+    if timeout and timeout >= heartbeat:
+        raise o.fail("probe_timeout", f"must be below heartbeat ({heartbeat} s), got {timeout}")
+    return {"probe_timeout": float(timeout),
+            "indirect_probes": number("indirect_probes", 3, 0, 16, int),
+            "suspicion_mult": float(number("suspicion_mult", 3.0, 0.5, 100.0)),
+            "gossip_interval": float(number("gossip_interval", 0.2, 0.01, 60.0)),
+            "gossip_fanout": number("gossip_fanout", 3, 1, 64, int),
+            "max_links": number("max_links", 32, 2, 100000, int),
+            "pull_interval": float(number("pull_interval", 0.5, 0.0, 3600.0))}
+
+
 def load(path: str | Path | None = None) -> Settings:
     """Read *path* (or nothing: the embedded default) into :class:`Settings`."""
     if path is None:
@@ -420,7 +439,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
             advertise=o.take("advertise", str, "", "a host name or address"),
             seeds=tuple(seeds), tls_dir=tls_path, heartbeat=float(heartbeat),
             phi_threshold=float(_positive(o, "phi_threshold", 8.0)),
-            handshake_timeout=float(handshake))
+            handshake_timeout=float(handshake), **_swim(o, heartbeat))
         o.done()
 
     c = table("cluster")

@@ -10,7 +10,7 @@ Two kinds:
   ``ASSOCIATIONS_TOTAL`` (by outcome);
 - **state**, read at scrape time from one snapshot of the cluster's state (the
   ``status()`` dict of ``pacsp2p.cluster``, plus a few numbers the scrape measures
-  itself) by ``StateCollector``: peers (phi, state), archives (up, free space, read
+  itself) by ``StateCollector``: peers (probe round trip, state), archives (up, free space, read
   rate), the catalog's size, hinted hand-offs owed, under-replicated instances, repair
   progress, replication copies. Nothing in it asks anything: it turns a dict that the
   admin endpoint fetched (asynchronously, before rendering) into metric families.
@@ -103,7 +103,7 @@ class StateCollector:
     ``cluster.status()`` returns, plus ``_probe`` with what the scrape measured: the data
     directory's disk, the catalog's file). Set ``snapshot`` before each render."""
 
-    PEER_STATES = ("self", "joining", "alive", "dead")
+    PEER_STATES = ("self", "alive", "suspect", "dead")
 
     def __init__(self):
         self.snapshot: dict | None = None
@@ -184,11 +184,12 @@ class StateCollector:
 
     def _peers(self, s):
         members = ((s.get("overlay") or {}).get("members")) or []
-        phi = [((m["name"],), m.get("phi")) for m in members if m.get("state") != "self"]
-        yield _g("pacsp2p_peer_phi", "Phi-accrual suspicion of each other peer (dead above "
-                 "[overlay] phi_threshold)", ["peer"], rows=phi)
+        rtt = [((m["name"],), m["rtt_ms"] / 1000 if m.get("rtt_ms") is not None else None)
+               for m in members if m.get("state") != "self"]
+        yield _g("pacsp2p_peer_rtt_seconds", "Round trip of the last direct probe of each "
+                 "other peer answered (SWIM ping/ack)", ["peer"], rows=rtt)
         state = GaugeMetricFamily("pacsp2p_peer_state", "1 for each peer's current state "
-                                  "(self, joining, alive, dead)", labels=["peer", "state"])
+                                  "(self, alive, suspect, dead)", labels=["peer", "state"])
         for m in members:
             for st in self.PEER_STATES:
                 state.add_metric([m["name"], st], 1 if m.get("state") == st else 0)

@@ -91,9 +91,16 @@ class OverlaySettings:
     advertise: str = ""
     seeds: tuple[tuple[str, int], ...] = ()
     tls_dir: Path = Path("tls")
-    heartbeat: float = 0.5
-    phi_threshold: float = 8.0
+    heartbeat: float = 0.5            # SWIM protocol period: one probe per period
+    phi_threshold: float = 8.0        # (unused since overlay protocol 4: SWIM)
     handshake_timeout: float = 10.0   # seconds to complete TLS, else dropped
+    probe_timeout: float = 0.0        # seconds to wait for a direct ack (0: heartbeat / 2)
+    indirect_probes: int = 3          # members asked to probe a silent one
+    suspicion_mult: float = 3.0       # min suspicion = mult * log10(N) * heartbeat
+    gossip_interval: float = 0.2      # seconds between gossip messages (while news)
+    gossip_fanout: int = 3            # members each gossip round goes to
+    max_links: int = 32               # overlay links kept open (LRU pool)
+    pull_interval: float = 0.5        # min seconds between two catalog pulls
 
 
 @dataclass(frozen=True)

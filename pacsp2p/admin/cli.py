@@ -196,11 +196,12 @@ def cmd_peers(args) -> int:
     if args.json:
         print(json.dumps(overlay["members"], indent=2))
         return 0
-    print(f"{'NAME':<16} {'STATE':<8} {'ADDRESS':<22} {'FACADE':<24} {'PHI':<7} SINCE")
+    print(f"{'NAME':<16} {'STATE':<8} {'ADDRESS':<22} {'FACADE':<24} {'RTT ms':<7} SINCE")
     for m in overlay["members"]:
         since = human.when(m["since"]) if m.get("since") else ""
+        rtt = m.get("rtt_ms")
         print(f"{m['name']:<16} {m['state']:<8} {m['address']:<22} {m['facade']:<24} "
-              f"{m.get('phi', ''):<7} {since}".rstrip())
+              f"{'' if rtt is None else rtt:<7} {since}".rstrip())
     return 0
 
 

@@ -6,7 +6,7 @@ works in any browser, behind any proxy, and its content security policy forbids
 scripts outright. Every value shown is escaped by the template engine. Everything comes
 through the cluster API (``pacsp2p.cluster``), like every front end:
 
-- ``/console/`` overview: this peer; every peer of the cluster (state, phi, address,
+- ``/console/`` overview: this peer; every peer of the cluster (state, round trip, address,
   facade AE, since when); every archive (peer, adapter, up/down, free space, instances
   held); under-replicated instances, hinted hand-offs owed, crawls, repair, deletions
   and whatever else ``status()`` reports as running (a scrub);

@@ -3,7 +3,10 @@
 Instance bytes and catalog facts never travel as AMP values (64 KiB each); they stream
 over plain HTTP/1.1 inside the same mutual TLS:
 
-- ``GET /changes/<origin>?after=N&limit=M`` -> JSON list of catalog facts (anti-entropy)
+- ``POST /changes`` with ``{"vector": {origin: seq}, "limit": M}`` -> this peer's vector
+  and, for every origin it holds more of, the facts above the asker's (at most M in
+  all; ``sync.py``); the asker's vector is told to ``heard`` (it may be ahead of us)
+- ``GET /changes/<origin>?after=N&limit=M`` -> JSON list of one origin's facts
 - ``GET /instances/<archive>/<uid>?sha256=H`` -> the Part-10 file, streamed from disk
 
 Everything in a request is hostile until checked: the UID must be valid (PS3.5 §9.1, else
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import re
 import struct
@@ -33,14 +37,17 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web import resource, server
 from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import (Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory,
-                                readBody)
+from twisted.web.client import (Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone,
+                                _HTTP11ClientFactory, readBody)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from pacsp2p.dicom import header
 from pacsp2p.flow import open_gated
+from pacsp2p.overlay import tls
+from pacsp2p.overlay.dissemination import check_vector
+from pacsp2p.overlay.sync import BATCH, MAX_PULL_BODY, encode_answer
 from pacsp2p.validate import is_uid, shown
 
 log = Logger()
@@ -50,6 +57,8 @@ SINK_CHUNK = 1 << 20         # received bytes gathered before a write job (a typ
                              # instance: one job, which also makes its temporary file)
 SINK_AHEAD = 2 * SINK_CHUNK  # received while a write job runs before reading pauses
 MAX_CHANGES = 20000
+MAX_AGENTS = 64               # peers whose HTTP connections we keep (LRU)
+IDLE_CONNECTION = 30.0        # seconds an idle persistent connection is kept
 MAX_NAME = 255                # characters of a peer, archive or token name in a path
 _SHA256 = re.compile(rb"[0-9a-f]{64}\Z")
 
@@ -64,9 +73,53 @@ def _answer(request, code: int, body: bytes) -> bytes:
 class _Changes(resource.Resource):
     isLeaf = True
 
-    def __init__(self, catalog):
+    def __init__(self, catalog, heard=None):
         super().__init__()
         self.catalog = catalog
+        self.heard = heard              # (peer name, its vector) -> None
+
+    def render_POST(self, request):
+        """Every origin the asker lags on, from its vector, in one answer (issue 19.5)."""
+        body = request.content.read(MAX_PULL_BODY + 1) if request.content else b""
+        try:
+            if len(body) > MAX_PULL_BODY or request.postpath not in ([], [b""]):
+                raise ValueError("too big")
+            ask = json.loads(body)
+            if not isinstance(ask, dict):
+                raise ValueError("not an object")
+            theirs = check_vector(ask.get("vector"))
+            limit = ask.get("limit", BATCH)
+            if not isinstance(limit, int) or not 0 < limit:
+                raise ValueError("bad limit")
+            limit = min(limit, MAX_CHANGES)
+        except ValueError:
+            return _answer(request, 400, b"bad request\n")
+        asker = tls.peer_name(request.transport)
+        if asker and self.heard is not None:
+            self.heard(asker, theirs)
+        mine = dict(self.catalog.vector)
+        lag = sorted(o for o, s in mine.items() if o != asker and s > theirs.get(o, 0))
+        d = self._collect(lag, theirs, limit)
+
+        def send(parts):
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.write(encode_answer(mine, parts))
+            request.finish()
+
+        d.addCallbacks(send, lambda f: _fail(request, f))
+        return server.NOT_DONE_YET
+
+    @defer.inlineCallbacks
+    def _collect(self, origins, theirs, budget):
+        parts = []
+        for origin in origins:
+            if budget <= 0:
+                break
+            rows = yield self.catalog.changes(origin, theirs.get(origin, 0), budget)
+            if rows:
+                parts.append((origin, rows))
+                budget -= len(rows) - 1
+        return parts
 
     def render_GET(self, request):
         try:
@@ -233,9 +286,11 @@ class _Offers(resource.Resource):
         return server.NOT_DONE_YET
 
 
-def site(catalog, archives: dict, pool, reactor, offers: dict | None = None) -> server.Site:
+def site(catalog, archives: dict, pool, reactor, offers: dict | None = None,
+         heard=None) -> server.Site:
+    """*heard*: told (peer, its vector) when a peer pulls from us."""
     root = resource.Resource()
-    root.putChild(b"changes", _Changes(catalog))
+    root.putChild(b"changes", _Changes(catalog, heard))
     root.putChild(b"instances", _Instances(archives, pool, reactor, catalog))
     root.putChild(b"incoming", _Offers(offers if offers is not None else {}, pool, reactor))
     s = server.Site(root)
@@ -366,20 +421,42 @@ class BulkClient:
     def __init__(self, credentials, reactor, pool: ThreadPool, tmpdir):
         self.credentials, self.reactor, self.pool, self.tmpdir = (
             credentials, reactor, pool, str(tmpdir))
-        self._agents: dict[str, Agent] = {}
+        self._agents: dict[str, tuple] = {}     # name -> (Agent, its pool), LRU order
 
     def _agent(self, name: str) -> Agent:
-        if name not in self._agents:
+        """The agent for peer *name*; agents (and their idle connections) of at most
+        MAX_AGENTS peers are kept, idle connections for IDLE_CONNECTION seconds."""
+        entry = self._agents.pop(name, None)
+        if entry is None:
             pool = HTTPConnectionPool(self.reactor, persistent=True)
             pool._factory = _QuietFactory
             pool.maxPersistentPerHost = 8          # a retrieval runs up to 8 per source
-            self._agents[name] = Agent(self.reactor, contextFactory=_PeerPolicy(
-                self.credentials, name), pool=pool, connectTimeout=5)
-        return self._agents[name]
+            pool.cachedConnectionTimeout = IDLE_CONNECTION
+            entry = (Agent(self.reactor, contextFactory=_PeerPolicy(
+                self.credentials, name), pool=pool, connectTimeout=5), pool)
+            while len(self._agents) >= MAX_AGENTS:
+                oldest = next(iter(self._agents))
+                self._agents.pop(oldest)[1].closeCachedConnections()
+        self._agents[name] = entry
+        return entry[0]
 
     def _get(self, member, path: str):
         url = f"https://{member.host}:{member.bulk_port}{path}".encode()
         return self._agent(member.name).request(b"GET", url, Headers({}))
+
+    @defer.inlineCallbacks
+    def pull_body(self, member, vector: dict, limit: int):
+        """Deferred[bytes]: the answer of ``POST /changes`` (not decoded yet)."""
+        url = f"https://{member.host}:{member.bulk_port}/changes".encode()
+        data = json.dumps({"vector": vector, "limit": limit},
+                          separators=(",", ":")).encode()
+        response = yield self._agent(member.name).request(
+            b"POST", url, Headers({b"content-type": [b"application/json"]}),
+            FileBodyProducer(io.BytesIO(data)))
+        body = yield readBody(response)
+        if response.code != 200:
+            raise IOError(f"{member.name}: /changes answered {response.code}")
+        return body
 
     def changes(self, member, origin: str, after: int, limit: int):
         """Deferred[list of facts] of *origin* above sequence *after*."""

@@ -24,8 +24,10 @@ MAX_NAME = 255            # characters of an archive name or a token
 MAX_UIDS = 10000          # UIDs in one SendTo
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z", re.ASCII)
 
-PROTOCOL = 3          # 2: catalog facts travel with their parents once per batch
+PROTOCOL = 4          # 2: catalog facts travel with their parents once per batch
                       # 3: a C-STORE's data set is pushed to replica holders as it arrives
+                      # 4: SWIM membership (no heartbeats), batched catalog pulls
+MAX_VECTOR_ORIGINS = 1000   # origins asked for in one Vector
 
 
 class IncompatibleProtocol(Exception):
@@ -40,19 +42,6 @@ class Hello(amp.Command):
     response = [(b"name", amp.Unicode()), (b"protocol", amp.Integer()),
                 (b"software", amp.Unicode()), (b"info", amp.Unicode())]
     errors = {IncompatibleProtocol: b"INCOMPATIBLE_PROTOCOL"}
-
-
-class Heartbeat(amp.Command):
-    """Sent every heartbeat interval on each outbound link.
-
-    ``members``: JSON list of member infos (gossip of membership); ``vector``: JSON
-    {origin: highest catalog sequence held} (anti-entropy digest).
-    """
-
-    arguments = [(b"name", amp.Unicode()), (b"incarnation", amp.Float()),
-                 (b"members", amp.Unicode()), (b"vector", amp.Unicode())]
-    response = []
-    requiresAnswer = False
 
 
 class ReplicaRefused(Exception):
@@ -121,6 +110,21 @@ def check_send_to(ae_title, host, port, calling_ae, originator_ae, uids: str) ->
     return found
 
 
+def check_origins(origins: str) -> list:
+    """The peer names of a Vector (JSON list), each a short printable name."""
+    try:
+        found = json.loads(origins)
+    except ValueError:
+        found = None
+    if not isinstance(found, list) or len(found) > MAX_VECTOR_ORIGINS:
+        _refuse("list of peer names", origins)
+    for name in found:
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or \
+                not name.isprintable():
+            _refuse("peer name", name)
+    return found
+
+
 def as_refusal(failure, uid: str):
     """Errback for responders: any error becomes ReplicaRefused (an error AMP was not told
     of would close the whole link, and every transfer on it)."""
@@ -129,6 +133,27 @@ def as_refusal(failure, uid: str):
     log.warn("copy of {uid} not kept: {err}", uid=shown(uid),
              err=shown(failure.getErrorMessage(), 300))
     raise ReplicaRefused(f"{shown(uid)}: {failure.getErrorMessage()[:300]}")
+
+
+class Swim(amp.Command):
+    """One message of the membership protocol (``swim.py``: ping, ack, ping request,
+    nack, gossip, a part of a full state), JSON of at most ``swim.MAX_MESSAGE`` bytes
+    (below AMP's 65,535 per value). Never answered, like a datagram: what is lost is
+    made up by the protocol. Checked by ``Swim.receive`` (size, shape, every field)."""
+
+    arguments = [(b"msg", amp.String())]
+    response = []
+    requiresAnswer = False
+
+
+class Vector(amp.Command):
+    """How far this peer holds the catalog logs of *origins* (JSON list of at most
+    ``MAX_VECTOR_ORIGINS`` peer names): JSON {origin: highest sequence held}. A
+    deleting peer asks it to know when every peer has its tombstones."""
+
+    arguments = [(b"origins", amp.Unicode())]
+    response = [(b"vector", amp.Unicode())]
+    errors = {InvalidArgument: b"INVALID_ARGUMENT"}
 
 
 class Replicate(amp.Command):

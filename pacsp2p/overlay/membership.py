@@ -1,23 +1,37 @@
-"""Membership: who is in the cluster, how to reach them, and who is alive.
+"""Membership over mutual-TLS AMP: the peer's adapter of the SWIM core.
 
-Every peer keeps a mutual-TLS AMP link to every member it knows (a full mesh: right for
-the tens of archives a hospital group has) and sends a ``Heartbeat`` on it every
-``heartbeat`` seconds. Each member's liveness is judged locally by a phi accrual failure
-detector (Hayashibara et al., SRDS 2004) over the arrival times of its heartbeats, so a
-peer that dies is seen dead by every other peer independently, without waiting for
-rumours. Heartbeats gossip the member list, so a peer that knows a single seed learns
-the whole cluster; and they carry the sender's catalog version vector, from which
-anti-entropy sync starts. A dead member keeps being dialled (with back-off): when it
-returns it rejoins by itself.
+Who is in the cluster and who is alive is decided by SWIM with the Lifeguard
+refinements (Das, Gupta & Motivala, DSN 2002; Dadgar, Phillips & Currey, 2018), whose
+transport-agnostic core is ``swim.py`` (the same code runs in ``bench/overlay_sim.py``).
+This module gives it a transport: each protocol message is one ``Swim`` AMP command
+(one-way, at most ``swim.MAX_MESSAGE`` bytes) on a mutual-TLS link to the member it is
+for, whose name is its certificate's name (a message's sender is the link's verified
+name, never what the message says).
+
+Links are opened on demand — to send a probe, a piggybacked update or a replica command
+to a member we hold no link to — and kept in a pool of at most ``max_links`` (LRU: the
+least recently used idle link is closed when a new one would exceed it; a link busy with
+a command, a pushed data set or held reading is never closed). So a peer holds O(1)
+links whatever the size of the cluster, not one to every member. Two peers that dial each
+other at once keep the link dialled by the one with the smaller name.
+
+A peer joins through its seeds (``[overlay] seeds``, dialled every 2 s until some member
+is alive): a full state exchange with the first that answers, then SWIM's gossip. A
+member declared dead has its links closed (what waited on them fails at once); it is
+offered a full state now and then (``reconnect_interval``) and, if it was only cut off,
+refutes its death by itself. Readers elsewhere see ``members`` ({name: Member} with
+``info`` (MemberInfo), ``state`` alive/suspect/dead, ``since``), ``alive(name)``,
+``on_change`` and ``on_vector`` callbacks, and ``call(name, command, ...)``.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -26,16 +40,22 @@ from zope.interface import implementer
 from pacsp2p import __version__
 from pacsp2p.flow import ReadHolds
 from pacsp2p.overlay import tls
-from pacsp2p.overlay.commands import (PROTOCOL, CheckCopy, Commit, Discard, Drain,
-                                      Drop, Heartbeat, Hello, IncompatibleProtocol,
-                                      ReplicaClose, ReplicaData, ReplicaOpen, Replicate,
-                                      SendTo, as_refusal, check, check_archive_names,
+from pacsp2p.overlay.commands import (PROTOCOL, CheckCopy, Commit, Discard, Drain, Drop,
+                                      Hello, IncompatibleProtocol, ReplicaClose, ReplicaData,
+                                      ReplicaOpen, Replicate, SendTo, Vector, as_refusal,
+                                      check, check_archive_names, check_origins,
                                       check_send_to)
-from pacsp2p.overlay.detector import PhiAccrualDetector
+from pacsp2p.overlay.commands import Swim as SwimMessage
+from pacsp2p.overlay.swim import (ALIVE, DEAD, MAX_INFO, SUSPECT, Invalid, Node, Swim,
+                                  SwimConfig, encode)
 
 log = Logger()
 
-ALIVE, DEAD, JOINING = "alive", "dead", "joining"
+JOINING = "joining"                     # (kept for readers; SWIM members are never in it)
+MAX_LINKS = 32
+DIAL_TIMEOUT = 10.0                     # seconds to connect, shake hands and say Hello
+OUTBOX = 8                              # messages kept for a member while dialling it
+SEED_EVERY = 2.0
 
 
 @dataclass(frozen=True)
@@ -62,19 +82,66 @@ class MemberInfo:
 _INFO_FIELDS = frozenset(f.name for f in fields(MemberInfo))
 
 
-@dataclass
-class Member:
-    info: MemberInfo
-    state: str = JOINING
-    since: float = field(default_factory=time.time)
-    detector: PhiAccrualDetector = field(default_factory=PhiAccrualDetector)
-    link: "Link | None" = None
-    dialing: bool = False
-    backoff: float = 0.25
+def _text(x, n=255, empty=True) -> bool:
+    return isinstance(x, str) and (empty or x) and len(x) <= n and x.isprintable()
+
+
+def _port(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 65536
+
+
+def check_info(wire) -> dict:
+    """A member's info as gossiped (JSON object), checked field by field; keys a newer
+    peer adds are kept and passed on (rolling upgrades), within ``MAX_INFO`` bytes."""
+    if not isinstance(wire, dict) or len(encode(wire)) > MAX_INFO:
+        raise Invalid("bad member info")
+    ok = (_text(wire.get("host", "")) and _port(wire.get("port")) and
+          _port(wire.get("bulk_port")) and _text(wire.get("facade_ae", ""), 16) and
+          _port(wire.get("facade_port", 0)) and
+          (wire.get("site") is None or _text(wire["site"])))
+    archives = wire.get("archives", [])
+    ok = ok and isinstance(archives, list) and len(archives) <= 256 and all(
+        isinstance(a, list) and 1 <= len(a) <= 3 and _text(a[0], empty=False) and
+        (len(a) < 2 or a[1] is None or _text(a[1])) and
+        (len(a) < 3 or a[2] is None or (isinstance(a[2], int) and 0 < a[2] < 10000))
+        for a in archives)
+    down = wire.get("archives_down", [])
+    ok = ok and isinstance(down, list) and len(down) <= 256 and all(_text(a) for a in down)
+    draining = wire.get("draining", {})
+    ok = ok and isinstance(draining, dict) and len(draining) <= 256 and all(
+        _text(k, empty=False) and _text(v, 32) for k, v in draining.items())
+    if not ok:
+        raise Invalid("bad member info")
+    return wire
+
+
+def _wire(info: MemberInfo) -> dict:
+    d = asdict(info)
+    d.pop("incarnation", None)
+    return d
+
+
+class Member(Node):
+    """A member as the rest of the peer sees it."""
+
+    def __init__(self, membership, name, wire, incarnation, state, since):
+        super().__init__(name, wire, incarnation, state, since)
+        self._membership = membership
+        self._info = None
 
     @property
-    def name(self):
-        return self.info.name
+    def info(self) -> MemberInfo:
+        if self._info is None or self._info[0] is not self.wire or \
+                self._info[1] != self.incarnation:
+            known = {k: v for k, v in self.wire.items() if k in _INFO_FIELDS}
+            known.update(name=self.name, incarnation=self.incarnation)
+            known.setdefault("host", "")
+            known.setdefault("port", 0)
+            known.setdefault("bulk_port", 0)
+            if not known["host"]:
+                known["host"] = self._membership.addresses.get(self.name, "")
+            self._info = (self.wire, self.incarnation, MemberInfo(**known))
+        return self._info[2]
 
     @property
     def host(self):
@@ -84,21 +151,35 @@ class Member:
     def bulk_port(self):
         return self.info.bulk_port
 
+    @property
+    def link(self) -> "Link | None":
+        """Our open link to this member, or None (one is then dialled for next time)."""
+        link = self._membership.links.get(self.name)
+        if link is not None and link.open:
+            return link
+        if self.state != DEAD:
+            self._membership.dial(self.name)
+        return None
+
 
 @implementer(IHandshakeListener)
 class Link(ReadHolds, amp.AMP):
     """One overlay connection; the other end is known by its certificate's name."""
 
-    def __init__(self, membership, outbound: bool, member=None):
+    def __init__(self, membership, outbound: bool, expect: str | None = None,
+                 seed: bool = False):
         super().__init__()
         self.membership = membership
         self.outbound = outbound
-        self.member = member                 # the member dialled (outbound, if known)
+        self.expect = expect                 # the member dialled (outbound), if known
+        self.seed = seed                     # dialled as a seed: exchange full states
         self.peer_name: str | None = None
         self.handshake_done = False
+        self.greeted = False                 # Hello done: it may carry protocol messages
         self.open = False                    # TLS up and not yet lost
         self.full = False                    # our transport's write buffer is full
         self.pushers: set = set()            # told when it fills and drains (forward.Push)
+        self.inflight = 0                    # commands of the other side being answered
 
     # -- IPushProducer: the transport tells us when its write buffer fills and drains
     def pauseProducing(self):
@@ -124,6 +205,20 @@ class Link(ReadHolds, amp.AMP):
             self.transport.abortConnection()
         else:
             self.transport.loseConnection()
+
+    def busy(self) -> bool:
+        """Something is under way on it (closing it would fail it)."""
+        return bool(self._outstandingRequests or self.pushers or self.inflight or
+                    self.reading_held())
+
+    def dispatchCommand(self, box):
+        self.inflight += 1
+        d = super().dispatchCommand(box)
+
+        def done(result):
+            self.inflight -= 1
+            return result
+        return d.addBoth(done)
 
     def lengthLimitExceeded(self, length):
         self._keyLengthLimitExceeded = True
@@ -164,9 +259,21 @@ class Link(ReadHolds, amp.AMP):
     @Hello.responder
     def on_hello(self, name, protocol, software, info):
         self.membership.check_hello(self, name, protocol, software)
-        self.membership.learn(json.loads(info), self)
+        self.membership.greeted(self, info)
         return {"name": self.membership.name, "protocol": PROTOCOL,
-                "software": __version__, "info": json.dumps(asdict(self.membership.me))}
+                "software": __version__, "info": self.membership.hello_info()}
+
+    @SwimMessage.responder
+    def on_swim(self, msg):
+        if self.greeted:
+            self.membership.swim.receive(self.peer_name, msg)
+        return {}
+
+    @Vector.responder
+    def on_vector(self, origins):
+        wanted = check_origins(origins)
+        held = self.membership.vector_of()
+        return {"vector": json.dumps({o: held.get(o, 0) for o in wanted})}
 
     @Replicate.responder
     def on_replicate(self, archive, uid, sha256, token, meta=None):
@@ -232,120 +339,165 @@ class Link(ReadHolds, amp.AMP):
         return self.membership.services.send_to(ae_title, host, port, calling_ae,
                                                 originator_ae, originator_msg_id, uids)
 
-    @Heartbeat.responder
-    def on_heartbeat(self, name, incarnation, members, vector):
-        if name != self.peer_name:
-            self.close()
-            return {}
-        self.membership.heard(name, incarnation, json.loads(members), json.loads(vector))
-        return {}
-
 
 class _Factory(protocol.ClientFactory):
-    def __init__(self, membership, outbound, member=None):
-        self.membership, self.outbound, self.member = membership, outbound, member
+    def __init__(self, membership, outbound, expect=None, seed=False):
+        self.membership, self.outbound = membership, outbound
+        self.expect, self.seed = expect, seed
         self.noisy = False
 
     def buildProtocol(self, addr):
-        return Link(self.membership, self.outbound, self.member)
+        return Link(self.membership, self.outbound, self.expect, self.seed)
 
     def clientConnectionFailed(self, connector, reason):
-        if self.member is not None:
-            self.membership.dial_failed(self.member)
+        if self.expect is not None:
+            self.membership.dial_failed(self.expect)
 
 
 class Membership:
-    def __init__(self, me: MemberInfo, credentials, seeds, reactor, vector_of,
-                 heartbeat: float = 0.5, phi_threshold: float = 8.0):
-        self.me = me
+    """The SWIM core (``swim``) with its AMP transport and link pool."""
+
+    def __init__(self, me: MemberInfo, credentials, seeds, reactor, vector_of=None,
+                 heartbeat: float = 0.5, phi_threshold: float | None = None,
+                 config: SwimConfig | None = None, max_links: int = MAX_LINKS):
         self.name = me.name
         self.credentials = credentials
         self.seeds = list(seeds)
         self.reactor = reactor
-        self.vector_of = vector_of          # () -> {origin: seq}
+        self.vector_of = vector_of or dict     # () -> {origin: seq} (answers Vector)
         self.heartbeat = heartbeat
-        self.phi_threshold = phi_threshold
-        self.members: dict[str, Member] = {}
+        self.max_links = max(2, max_links)
+        config = config or SwimConfig(probe_interval=heartbeat, probe_timeout=heartbeat / 2)
+        incarnation = int((me.incarnation or time.time()) * 1000)
+        self._me = replace(me, incarnation=incarnation)
+        self.swim = Swim(me.name, _wire(me), incarnation, reactor, self, config,
+                         node_class=lambda *a: Member(self, *a), check_info=check_info,
+                         excused=self._excused)
+        self.members: dict[str, Member] = self.swim.nodes   # every member but us
         self.on_vector = []                 # callbacks(member, vector)
         self.on_change = []                 # callbacks(member, state)
-        self.services = None                # answers Replicate/Commit/Discard
-        self._loops = []
-        self._seed_links: dict[tuple, bool] = {}
+        self.services = None                # answers Replicate/Commit/Discard/...
+        self.swim.on_change.append(self._changed)
+        self.links: dict[str, Link] = {}    # name -> the link we use (LRU order)
+        self.all: set[Link] = set()         # every link with its Hello done
+        self.addresses: dict[str, str] = {}     # name -> host it linked from
+        self._outbox: dict[str, collections.deque] = {}
+        self._waiters: dict[str, list] = {}
+        self._dialing: dict[str, object] = {}   # name -> deadline call
+        self._seed_loop = None
+        self._client_options = None
+        self.opened = 0                     # links this peer dialled
         self.running = False
+
+    # -- our own info -------------------------------------------------------------------
+    @property
+    def me(self) -> MemberInfo:
+        return replace(self._me, incarnation=self.swim.incarnation)
+
+    @me.setter
+    def me(self, info: MemberInfo) -> None:
+        """A change of our info (archives down...) is gossiped with a new incarnation."""
+        self._me = info
+        if _wire(info) != self.swim.info:
+            self.swim.update_info(_wire(info))
+
+    def hello_info(self) -> str:
+        return json.dumps(asdict(self.me))
 
     # -- life cycle ------------------------------------------------------------------
     def start(self):
         self.running = True
-        for fn, every in ((self._beat, self.heartbeat), (self._judge, self.heartbeat / 2),
-                          (self._dial_seeds, 2.0)):
-            loop = task.LoopingCall(fn)
-            loop.clock = self.reactor
-            loop.start(every, now=True)
-            self._loops.append(loop)
+        self.swim.start()
+        self._dial_seeds()
 
     def stop(self):
         self.running = False
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
-        for m in self.members.values():
-            if m.link is not None:
-                m.link.close()
+        self.swim.stop(leave=True)
+        if self._seed_loop is not None and self._seed_loop.active():
+            self._seed_loop.cancel()
+        for call in self._dialing.values():
+            if call.active():
+                call.cancel()
+        for link in list(self.all) + list(self.links.values()):
+            link.close()
 
     def factory(self):
         return _Factory(self, outbound=False)
 
     # -- dialling --------------------------------------------------------------------
-    def _connect(self, host, port, member=None):
-        factory = _Factory(self, outbound=True, member=member)
-        self.reactor.connectSSL(host, port, factory, self.credentials.options(), timeout=5)
+    def _options(self):
+        if self._client_options is None:
+            self._client_options = self.credentials.options()
+        return self._client_options
+
+    def _connect(self, host, port, expect=None, seed=False):
+        self.opened += 1
+        self.reactor.connectSSL(host, port, _Factory(self, True, expect, seed),
+                                self._options(), timeout=5)
 
     def _dial_seeds(self):
-        """Seeds are dialled until some member is alive (then gossip does the rest)."""
-        if any(m.state == ALIVE for m in self.members.values()):
+        """Seeds are dialled until some member is alive (then SWIM does the rest)."""
+        self._seed_loop = None
+        if not self.running:
             return
-        for host, port in self.seeds:
-            if (host, port) != (self.me.host, self.me.port):
-                self._connect(host, port)
+        if not any(m.state != DEAD for m in self.members.values()):
+            for host, port in self.seeds:
+                if (host, port) != (self._me.host, self._me.port):
+                    self._connect(host, port, seed=True)
+        self._seed_loop = self.reactor.callLater(SEED_EVERY, self._dial_seeds)
 
-    def _dial(self, member: Member):
-        if not self.running or member.link is not None or member.dialing:
+    def dial(self, name: str) -> None:
+        """Open a link to member *name* unless one is open or being opened."""
+        if not self.running or name in self._dialing:
             return
-        member.dialing = True
-        self._connect(member.info.host, member.info.port, member)
+        link = self.links.get(name)
+        if link is not None and link.open:
+            return
+        member = self.members.get(name)
+        info = member.info if member is not None else None
+        if info is None or not info.host or not info.port:
+            self.dial_failed(name)
+            return
+        self._dialing[name] = self.reactor.callLater(DIAL_TIMEOUT, self._dial_expired, name)
+        self._connect(info.host, info.port, expect=name)
 
-    def _redial_later(self, member: Member):
-        member.backoff = min(member.backoff * 2, 2.0)
-        self.reactor.callLater(member.backoff, self._dial, member)
+    def _dial_expired(self, name):
+        self._dialing.pop(name, None)
+        self.dial_failed(name)
+
+    def dial_failed(self, name: str) -> None:
+        call = self._dialing.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+        self._outbox.pop(name, None)
+        for d in self._waiters.pop(name, []):
+            d.errback(ConnectionError(f"no link to peer {name}"))
 
     # -- links -----------------------------------------------------------------------
     @defer.inlineCallbacks
     def hello(self, link: Link):
         try:
             answer = yield link.callRemote(Hello, name=self.name, protocol=PROTOCOL,
-                                           software=__version__,
-                                           info=json.dumps(asdict(self.me)))
+                                           software=__version__, info=self.hello_info())
             self.check_hello(link, answer["name"], answer["protocol"], answer["software"])
         except IncompatibleProtocol as e:
             log.error("overlay: {err}", err=e)
             link.close()
+            self._unexpected(link)
             return
         except Exception as e:
             log.warn("overlay: hello to {peer} failed: {err}", peer=link.peer_name, err=e)
             link.close()
+            self._unexpected(link)
             return
-        info = json.loads(answer["info"])
-        if info["name"] == self.name:
+        if link.peer_name == self.name:
             link.close()     # a seed that is ourselves
             return
-        member = self.learn(info, link)
-        if member.link is not None and member.link is not link and member.link.open:
-            link.member = None
-            link.close()     # already linked
-            return
-        link.member = member
-        member.link, member.dialing, member.backoff = link, False, 0.25
-        self._beat_one(member)
+        self.greeted(link, answer["info"])
+
+    def _unexpected(self, link):
+        if link.expect is not None:
+            self.dial_failed(link.expect)
 
     def check_hello(self, link, name, protocol, software):
         if name != link.peer_name:
@@ -357,125 +509,185 @@ class Membership:
                 f"peer {name} (pacsp2p {software}) speaks overlay protocol {protocol}, "
                 f"this peer (pacsp2p {__version__}) speaks {PROTOCOL}: upgrade one of them")
 
-    def dial_failed(self, member: Member):
-        member.dialing = False
-        if self.running:
-            self._redial_later(member)
+    def greeted(self, link: Link, info_json: str) -> None:
+        """Hello done on *link* (either side): use it, and tell SWIM of the member."""
+        name = link.peer_name
+        if name is None or name == self.name or not link.open:
+            return
+        link.greeted = True
+        self.all.add(link)
+        self.addresses[name] = link.address.host
+        self._register(link, name)
+        try:
+            info = json.loads(info_json)
+            if not isinstance(info, dict):
+                raise ValueError("not an object")
+            inc = info.get("incarnation", 0)
+            wire = {k: v for k, v in info.items() if k not in ("name", "incarnation")}
+            if isinstance(inc, float):
+                inc = int(inc * 1000)          # (a peer that counts in seconds)
+            self.swim.contact(name, wire, inc, push_pull=link.seed)
+        except ValueError:
+            pass
+
+    def _preferred(self, link: Link, name: str) -> bool:
+        """Of two links between the same peers, both keep the one the smaller name
+        dialled."""
+        return link.outbound == (self.name < name)
+
+    def _register(self, link: Link, name: str) -> None:
+        current = self.links.get(name)
+        if current is None or not current.open or (
+                current is not link and self._preferred(link, name) and
+                not self._preferred(current, name)):
+            self.links[name] = link
+        call = self._dialing.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+        use = self.links[name]
+        for data in self._outbox.pop(name, ()):
+            use.callRemote(SwimMessage, msg=data)
+        for d in self._waiters.pop(name, []):
+            d.callback(use)
+        self._touch(name)
+        self._trim()
+
+    def _touch(self, name):
+        link = self.links.pop(name, None)
+        if link is not None:
+            self.links[name] = link
+
+    def _trim(self) -> None:
+        """Close idle spare links, then the least recently used idle links beyond
+        ``max_links``."""
+        used = set(self.links.values())
+        for link in list(self.all):
+            if link not in used and not link.busy():
+                self.all.discard(link)
+                link.close()
+        excess = len(self.links) - self.max_links
+        for name in list(self.links):
+            if excess <= 0:
+                break
+            link = self.links[name]
+            if not link.busy():
+                del self.links[name]
+                self.all.discard(link)
+                link.close()
+                excess -= 1
 
     def link_lost(self, link: Link):
-        for member in self.members.values():
-            if member.link is link:
-                member.link = None
-                self.dial_failed(member)
-        if link.member is not None and link.member.dialing:
-            self.dial_failed(link.member)
+        self.all.discard(link)
+        name = link.peer_name
+        if name is not None and self.links.get(name) is link:
+            del self.links[name]
+            spare = next((l for l in self.all if l.peer_name == name and l.open), None)
+            if spare is not None:
+                self.links[name] = spare
+        if link.expect is not None and link.expect in self._dialing and not link.greeted:
+            self.dial_failed(link.expect)
 
-    def learn(self, info: dict, link=None) -> Member:
-        # keys a newer peer of the same protocol adds are ignored (rolling upgrades)
-        info = MemberInfo(**{k: v for k, v in info.items() if k in _INFO_FIELDS})
-        member = self.members.get(info.name)
-        if not info.host:                   # no advertised address: where it dialled from
-            host = link.address.host if link is not None else (
-                member.info.host if member is not None else "")
-            if not host:
-                return member
-            info = MemberInfo(**{**asdict(info), "host": host})
-        if member is None:
-            member = self.members[info.name] = Member(info)
-            log.info("overlay: learned of peer {name} at {host}:{port}", name=info.name,
-                     host=info.host, port=info.port)
-            self.reactor.callLater(0, self._dial, member)
-        elif info.incarnation >= member.info.incarnation and info != member.info:
-            member.info = info
-        return member
+    def link_for(self, name: str):
+        """Deferred[Link]: our open link to *name*, dialled if need be."""
+        link = self.links.get(name)
+        if link is not None and link.open:
+            self._touch(name)
+            return defer.succeed(link)
+        d = defer.Deferred()
+        self._waiters.setdefault(name, []).append(d)
+        self.dial(name)
+        return d
 
-    # -- heartbeats and judgement ----------------------------------------------------
-    def _gossip(self) -> str:
-        infos = [asdict(self.me)] + [asdict(m.info) for m in self.members.values()
-                                     if m.state != DEAD]
-        return json.dumps(infos)
-
-    def _beat(self):
-        members, vector = self._gossip(), json.dumps(self.vector_of())
-        for member in self.members.values():
-            self._beat_one(member, members, vector)
-
-    def _beat_one(self, member, members=None, vector=None):
-        if member.link is None or not member.link.open:
+    # -- the SWIM core's transport ----------------------------------------------------
+    def send(self, name: str, data: bytes) -> None:
+        link = self.links.get(name)
+        if link is not None and link.open:
+            self._touch(name)
+            link.callRemote(SwimMessage, msg=data)
             return
-        try:
-            member.link.callRemote(Heartbeat, name=self.name, incarnation=self.me.incarnation,
-                                   members=members or self._gossip(),
-                                   vector=vector or json.dumps(self.vector_of()))
-        except Exception as e:
-            log.warn("heartbeat to {peer} not sent: {err!r}", peer=member.name, err=e)
+        box = self._outbox.setdefault(name, collections.deque(maxlen=OUTBOX))
+        box.append(data)
+        self.dial(name)
 
-    def heard(self, name, incarnation, members, vector):
-        now = self.reactor.seconds()
-        member = self.members.get(name)
-        if member is None:
-            for info in members:
-                if info["name"] == name:
-                    member = self.learn(info)
-            if member is None:
-                return
-        if incarnation > member.info.incarnation:
-            member.info = MemberInfo(**{**asdict(member.info), "incarnation": incarnation})
-            member.detector = PhiAccrualDetector(first_interval=self.heartbeat)
-        member.detector.heartbeat(now)
-        if member.state != ALIVE:
-            self._set_state(member, ALIVE)
-        for info in members:
-            if info["name"] != self.name:
-                self.learn(info)
-        for callback in self.on_vector:
-            callback(member, vector)
+    def linked(self, name: str) -> bool:
+        link = self.links.get(name)
+        return link is not None and link.open
 
-    def _judge(self):
-        now = self.reactor.seconds()
-        for member in self.members.values():
-            if member.link is not None and member.link.reading_held():
-                continue            # we stopped reading it (pushed data waits for disk)
-            if member.state == ALIVE and member.detector.phi(now) > self.phi_threshold:
-                self._set_state(member, DEAD)
-                member.detector = PhiAccrualDetector(first_interval=self.heartbeat)
-                if member.link is not None:      # fail what waits on it; redialled later
-                    member.link.close(abort=True)
+    def _excused(self, name: str) -> bool:
+        """A member whose link we stopped reading (pushed data waits for our disk) is
+        not suspected for acks that wait there."""
+        link = self.links.get(name)
+        return link is not None and link.reading_held()
 
-    def _set_state(self, member, state):
-        old, member.state, member.since = member.state, state, time.time()
-        if state == DEAD:
-            log.warn("overlay: peer {name} is dead (no heartbeat, phi > {t})",
-                     name=member.name, t=self.phi_threshold)
+    # -- what SWIM decides -----------------------------------------------------------------
+    def _changed(self, member: Member, old):
+        state = member.state
+        if old is None:
+            log.info("overlay: learned of peer {name} at {host}:{port} ({state})",
+                     name=member.name, host=member.info.host, port=member.info.port,
+                     state=state)
+        elif old == state:
+            return                      # its info changed
+        elif state == SUSPECT:
+            log.info("overlay: peer {name} is suspected (no answer to a probe)",
+                     name=member.name)
+        elif state == DEAD:
+            log.warn("overlay: peer {name} is dead (suspected and not refuted)",
+                     name=member.name)
         elif old == DEAD:
             log.info("overlay: peer {name} is back", name=member.name)
         else:
-            log.info("overlay: peer {name} joined", name=member.name)
-        for callback in self.on_change:
+            log.info("overlay: peer {name} is alive again (refuted)", name=member.name)
+        if state == DEAD:               # fail what waits on it
+            link = self.links.pop(member.name, None)
+            for l in [l for l in self.all if l.peer_name == member.name] + (
+                    [link] if link is not None else []):
+                self.all.discard(l)
+                l.close(abort=True)
+            self.dial_failed(member.name)
+        for callback in list(self.on_change):
             callback(member, state)
+
+    def vector_heard(self, name: str, vector: dict) -> None:
+        member = self.members.get(name)
+        if member is not None:
+            for callback in list(self.on_vector):
+                callback(member, vector)
 
     # -- queries ---------------------------------------------------------------------
     def alive(self, name: str) -> bool:
-        if name == self.name:
-            return True
-        m = self.members.get(name)
-        return m is not None and m.state == ALIVE
+        """True until declared dead (a suspected member still counts)."""
+        return self.swim.alive(name)
 
     def status(self) -> list[dict]:
-        now = self.reactor.seconds()
-        rows = [{"name": self.name, "state": "self", "address": f"{self.me.host}:{self.me.port}",
-                 "facade": f"{self.me.facade_ae}@{self.me.facade_port}"}]
+        me = self.me
+        rows = [{"name": self.name, "state": "self", "address": f"{me.host}:{me.port}",
+                 "facade": f"{me.facade_ae}@{me.facade_port}",
+                 "incarnation": self.swim.incarnation}]
         for m in sorted(self.members.values(), key=lambda m: m.name):
+            info = m.info
             rows.append({"name": m.name, "state": m.state,
-                         "address": f"{m.info.host}:{m.info.port}",
-                         "facade": f"{m.info.facade_ae}@{m.info.facade_port}",
-                         "phi": round(m.detector.phi(now), 2), "since": m.since,
-                         "linked": m.link is not None})
+                         "address": f"{info.host}:{info.port}",
+                         "facade": f"{info.facade_ae}@{info.facade_port}",
+                         "rtt_ms": round(m.rtt * 1000, 1) if m.rtt is not None else None,
+                         "since": m.since, "incarnation": m.incarnation,
+                         "linked": self.linked(m.name)})
         return rows
 
+    def swim_status(self) -> dict:
+        return {"awareness": self.swim.awareness, "links": len(self.links),
+                "max_links": self.max_links, "links_opened": self.opened,
+                "queued": len(self.swim.queue), **self.swim.stats}
+
     def call(self, name: str, command, **kwargs):
-        """Deferred answer of *command* sent to member *name* on our link to it."""
+        """Deferred answer of *command* sent to member *name* (a link dialled if need
+        be)."""
         member = self.members.get(name)
-        if member is None or member.link is None or not member.link.open:
+        if member is None or member.state == DEAD:
             return defer.fail(ConnectionError(f"no link to peer {name}"))
-        return member.link.callRemote(command, **kwargs)
+        return self.link_for(name).addCallback(
+            lambda link: link.callRemote(command, **kwargs))
+
+
+__all__ = ["ALIVE", "DEAD", "JOINING", "SUSPECT", "Link", "Member", "MemberInfo",
+           "Membership"]

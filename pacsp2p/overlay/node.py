@@ -1,19 +1,27 @@
-"""The overlay of one peer: listeners, membership, anti-entropy and the bulk client.
+"""The overlay of one peer: listeners, membership, catalog dissemination and the bulk
+client.
 
 What the rest of the peer sees of the cluster: who is alive, and ``fetch`` of an
-instance from another peer's archive.
+instance from another peer's archive. Membership is SWIM with Lifeguard (``swim.py``,
+over AMP by ``membership.py``); new catalog facts spread by epidemic push-pull over its
+traffic (``dissemination.py``), pulled in batches over the bulk channel (``sync.py``).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from pacsp2p.overlay import bulk, tls
+from pacsp2p.overlay.commands import Vector
+from pacsp2p.overlay.dissemination import Dissemination, check_vector
 from pacsp2p.overlay.membership import MemberInfo, Membership
+from pacsp2p.overlay.swim import SwimConfig
 from pacsp2p.overlay.sync import AntiEntropy
 
 log = Logger()
@@ -40,13 +48,22 @@ class Overlay:
                         # a reader the third (how many fetches this archive takes)
                         [[a.name, a.site, getattr(a, "max_fetches", None)]
                          for a in archives.values() if "store" in a.capabilities])
+        config = SwimConfig(probe_interval=o.heartbeat,
+                            probe_timeout=o.probe_timeout or o.heartbeat / 2,
+                            indirect_checks=o.indirect_probes,
+                            suspicion_min=o.suspicion_mult,
+                            gossip_interval=o.gossip_interval, gossip_nodes=o.gossip_fanout)
         self.membership = Membership(me, self.credentials, o.seeds, reactor,
-                                     lambda: dict(catalog.vector), o.heartbeat,
-                                     o.phi_threshold)
+                                     lambda: catalog.vector, o.heartbeat, config=config,
+                                     max_links=o.max_links)
         tmp = settings.data_dir / "incoming"
         self.bulk = bulk.BulkClient(self.credentials, reactor, self.pool, tmp)
         self.sync = AntiEntropy(catalog, self.bulk)
-        self.membership.on_vector.append(self.sync.compare)
+        self.dissemination = Dissemination(
+            self.membership.swim, lambda: catalog.vector, self._pull, reactor,
+            pull_interval=o.pull_interval, ae_interval=max(2.0, 4 * o.heartbeat))
+        self.dissemination.on_vector.append(self.membership.vector_heard)
+        catalog.listeners.append(self.dissemination.changed)
         self._ports = []
         self.offers: dict = {}          # token -> opener of a file offered to a peer
         if responders is not None:
@@ -61,7 +78,8 @@ class Overlay:
             f"overlay port {self.o.port}", timeout))
         self._ports.append(tls.listen(
             self.reactor, self.o.bulk_port,
-            bulk.site(self.catalog, self.archives, self.pool, self.reactor, self.offers),
+            bulk.site(self.catalog, self.archives, self.pool, self.reactor, self.offers,
+                      heard=self.dissemination.heard),
             options, self.o.bind, f"bulk port {self.o.bulk_port}", timeout))
         for port in self._ports:             # accepted sockets inherit it (Linux)
             port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -76,11 +94,34 @@ class Overlay:
             port.stopListening()
         self.pool.stop()
 
+    def _pull(self, name: str):
+        member = self.membership.members.get(name)
+        if member is None:
+            return defer.fail(ConnectionError(f"peer {name} is unknown"))
+        return self.sync.pull(member)
+
     def sync_from(self, peer: str) -> None:
-        """Pull *peer*'s own facts now (after it recorded a copy we asked for)."""
-        member = self.membership.members.get(peer)
-        if member is not None:
-            self.sync.compare(member, {peer: self.catalog.vector.get(peer, 0) + 1})
+        """Pull *peer*'s own facts soon (after it recorded a copy we asked for)."""
+        self.dissemination.want(peer, peer, self.catalog.vector.get(peer, 0) + 1)
+
+    @defer.inlineCallbacks
+    def ask_vectors(self, names, origins) -> None:
+        """Ask each of the peers *names* how far it holds the logs of *origins*
+        (``Vector``, 16 at a time); what they answer goes to the ``on_vector``
+        callbacks, like the vectors heard while pulling."""
+        asked = json.dumps(list(origins)[:1000])
+        names = list(names)
+        for i in range(0, len(names), 16):
+            answers = yield defer.DeferredList(
+                [self.membership.call(n, Vector, origins=asked) for n in names[i:i + 16]],
+                consumeErrors=True)
+            for name, (ok, answer) in zip(names[i:i + 16], answers):
+                if ok:
+                    try:
+                        vector = check_vector(json.loads(answer["vector"]))
+                    except ValueError:
+                        continue
+                    self.membership.vector_heard(name, vector)
 
     def alive(self, peer: str) -> bool:
         return self.membership.alive(peer)
@@ -96,6 +137,10 @@ class Overlay:
     def status(self) -> dict:
         return {"members": self.membership.status(), "vector": dict(self.catalog.vector),
                 "facts_pulled": self.sync.pulled,
+                "swim": self.membership.swim_status(),
+                "dissemination": {"pulls": self.dissemination.pulls,
+                                  "requests": self.sync.requests,
+                                  "failed": self.dissemination.failed},
                 "handshakes": {p.guard.what: {"pending": p.guard.pending,
                                                "expired": p.guard.expired,
                                                "refused": p.guard.refused}

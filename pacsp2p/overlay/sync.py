@@ -1,15 +1,21 @@
-"""Catalog sync by anti-entropy over per-origin logs with version vectors.
+"""Catalog sync: batched pulls of per-origin logs with version vectors.
 
 Every location fact is owned by one origin (the peer whose archive holds the replica),
 which numbers its facts 1, 2, 3, ... A fact that changes is re-issued with a new number,
 so each origin's facts form an append-only log compacted to the latest fact per key.
-Each peer holds a version vector {origin: highest number held} and sends it with every
-heartbeat (Demers et al., "Epidemic algorithms for replicated database maintenance",
-PODC 1987; version vectors after Parker et al., 1983). A peer that sees a neighbour
-ahead for some origin pulls the missing facts from that neighbour over the bulk channel,
-in batches, in order, and applies each batch in one transaction — so memory is bounded
-by one batch, a pull interrupted by a crash or partition resumes where it stopped, and
-all peers converge on the same catalog.
+Each peer holds a version vector {origin: highest number held} (Parker et al., 1983).
+*When* and *from whom* a peer pulls is decided by ``dissemination.py`` (epidemic
+push-pull over the membership protocol's traffic: Demers et al., "Epidemic algorithms for
+replicated database maintenance", PODC 1987); this module does the pulling.
+
+One pull asks ONE neighbour for everything it holds that we lack, every origin at once
+(issue 19.5): ``POST /changes`` on its bulk channel with our whole vector; the answer is
+its vector and, origin after origin, the facts above ours, at most ``batch`` facts in
+all. While more is due the next request goes out before this batch is written (its
+start is read from the end of each origin's part: a hint, checked once decoded), and
+each origin's part is applied in one transaction, in order — so memory is bounded by
+two batches, a pull cut by a crash or a partition resumes where it stopped, and a peer
+that joins late or returns catches up without ever holding more than that.
 """
 
 from __future__ import annotations
@@ -19,9 +25,57 @@ import json
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pacsp2p.overlay.dissemination import check_vector
+from pacsp2p.overlay.swim import Invalid
+
 log = Logger()
 
 BATCH = 5000
+MAX_PULL_BODY = 4 << 20       # bytes of a pull request (a vector of ~100,000 origins)
+
+
+def encode_answer(vector: dict, parts) -> bytes:
+    """The body of a ``/changes`` answer: a line with our vector, then for each origin
+    a line with its name and a line with its facts (``read_changes``)."""
+    lines = [json.dumps({"vector": vector}, separators=(",", ":")).encode()]
+    for origin, rows in parts:
+        lines.append(json.dumps(origin).encode())
+        lines.append(json.dumps(rows, separators=(",", ":")).encode())
+    return b"\n".join(lines)
+
+
+def decode_answer(body: bytes) -> tuple[dict, list]:
+    """(their vector, [(origin, facts' bytes)]) of a ``/changes`` answer."""
+    lines = body.split(b"\n")
+    if not lines or len(lines) % 2 != 1:
+        raise Invalid("bad /changes answer")
+    head = json.loads(lines[0])
+    if not isinstance(head, dict):
+        raise Invalid("bad /changes answer")
+    vector = check_vector(head.get("vector"))
+    parts = []
+    for i in range(1, len(lines), 2):
+        origin = json.loads(lines[i])
+        if not isinstance(origin, str):
+            raise Invalid("bad origin")
+        parts.append((origin, lines[i + 1]))
+    return vector, parts
+
+
+def checked_rows(origin: str, rows) -> tuple[list, int]:
+    """*rows* (a wire batch) if every fact in it is *origin*'s; and its top sequence."""
+    if not isinstance(rows, list) or not rows:
+        raise Invalid("empty batch")
+    top = 0
+    for row in rows[1:]:
+        if not isinstance(row, list) or len(row) < 3 or row[2] != origin:
+            raise Invalid(f"a fact in {origin}'s batch is not of {origin}")
+        top = max(top, int(row[0]))
+    return rows, top
+
+
+def behind(mine: dict, theirs: dict, me: str) -> bool:
+    return any(s > mine.get(o, 0) for o, s in theirs.items() if o != me)
 
 
 class AntiEntropy:
@@ -29,77 +83,92 @@ class AntiEntropy:
         self.catalog = catalog
         self.bulk = bulk
         self.batch = batch
-        self._pulling: set[str] = set()     # origins being pulled
-        self.pulled = 0
+        self.pulled = 0                 # facts applied
+        self.requests = 0               # /changes requests made
 
-    def compare(self, member, vector: dict) -> None:
-        """Called with a neighbour's vector (from its heartbeat)."""
-        mine = self.catalog.vector
-        for origin, seq in vector.items():
-            if origin == self.catalog.peer:
-                continue                     # nobody knows our own facts better than we
-            if seq > mine.get(origin, 0) and origin not in self._pulling:
-                self._pulling.add(origin)
-                self._pull(member, origin, seq).addBoth(
-                    lambda _, o=origin: self._pulling.discard(o))
+    def _ask(self, member, vector):
+        self.requests += 1
+        return self.bulk.pull_body(member, vector, self.batch)
 
     @defer.inlineCallbacks
-    def _pull(self, member, origin: str, target: int):
-        start = after = self.catalog.vector.get(origin, 0)
-        # Pipelined: while batch k is written (writer thread), batch k+1 is decoded here
-        # and batch k+2 is already asked for -- its start is read from the end of k+1's
-        # body before decoding it (a hint, checked once decoded). At most three batches
-        # are held at a time; each is still applied in order, in one transaction.
-        ahead = None            # (after, Deferred[body]): a batch asked for in advance
-        writing = None          # (Deferred, number of facts): the batch being written
+    def pull(self, member):
+        """Deferred[member's vector]: every fact *member* holds that we lack, applied."""
+        me = self.catalog.peer
+        start = dict(self.catalog.vector)
+        sent = dict(start)
+        pending = self._ask(member, sent)
+        writing = None
+        their = None
         try:
-            while after < target:
-                if ahead is not None and ahead[0] == after:
-                    body = yield ahead[1]
-                else:
-                    _drop(ahead)
-                    body = yield self.bulk.changes_body(member, origin, after, self.batch)
-                ahead = None
-                hint = _last_seq(body)
-                if hint is not None and after < hint < target:
-                    ahead = (hint, self.bulk.changes_body(member, origin, hint, self.batch))
-                rows = json.loads(body)
+            while pending is not None:
+                body = yield pending
+                pending = None
+                their, parts = decode_answer(body)
                 del body
-                if writing is not None:
-                    (written, n), writing = writing, None
-                    yield written
-                    self.pulled += n
-                if not rows:
+                if not parts:
                     break
-                writing = (self.catalog.apply(origin, rows), len(rows) - 1)  # validates
-                after = max(after, max(int(r[0]) for r in rows[1:]),
-                            self.catalog.vector.get(origin, 0))
+                # ask for the next batch now, from where this one seems to end
+                hinted = dict(sent)
+                for origin, raw in parts:
+                    hint = _last_seq(raw)
+                    if hint is None:
+                        hinted = None
+                        break
+                    hinted[origin] = max(hinted.get(origin, 0), hint)
+                if hinted is not None and behind(hinted, their, me):
+                    pending = self._ask(member, hinted)
+                batch, tops = [], dict(sent)
+                for origin, raw in parts:
+                    rows, top = checked_rows(origin, json.loads(raw))
+                    batch.append((origin, rows))
+                    tops[origin] = max(tops.get(origin, 0), top)
+                del parts
+                if pending is not None and tops != hinted:
+                    _drop(pending)             # a wrong hint: ask again from the truth
+                    pending = None
+                if writing is not None:
+                    w, writing = writing, None
+                    yield w
+                writing = self._apply(batch)
+                sent = tops
+                if pending is None and behind(sent, their, me):
+                    pending = self._ask(member, sent)
             if writing is not None:
-                (written, n), writing = writing, None
-                yield written
-                self.pulled += n
+                w, writing = writing, None
+                yield w
         except Exception as e:
             if writing is not None:        # let the batch being written finish first
-                (written, n), writing = writing, None
                 try:
-                    yield written
-                    self.pulled += n
+                    yield writing
                 except Exception:
                     pass
-            log.warn("sync of {origin} from {peer} stopped: {err}", origin=origin,
-                     peer=member.name, err=e)
-            return
-        finally:
-            _drop(ahead)
-        got = self.catalog.vector.get(origin, 0)
-        if got > start:
+            _drop(pending)
+            log.warn("sync from {peer} stopped: {err}", peer=member.name, err=e)
+            raise
+        got = self.catalog.vector
+        for origin in sorted(o for o in got if got[o] > start.get(o, 0)):
             log.info("synced facts of {origin} from {peer}: sequence {a} -> {b}",
-                     origin=origin, peer=member.name, a=start, b=got)
+                     origin=origin, peer=member.name, a=start.get(origin, 0), b=got[origin])
+        return their
+
+    def _apply(self, batch):
+        """Deferred: each origin's facts written (one transaction each, in order)."""
+        ds = []
+        for origin, rows in batch:
+            d = defer.maybeDeferred(self.catalog.apply, origin, rows)
+            d.addCallback(self._count, len(rows) - 1)
+            ds.append(d)
+        return defer.gatherResults(ds, consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
+
+    def _count(self, result, n):
+        self.pulled += n
+        return result
 
 
 def _last_seq(body: bytes) -> int | None:
-    """The sequence number of the last fact in a ``/changes`` body, found without
-    decoding it (``[[seq,...],...,[seq,...]]``); None if not found. Only a hint."""
+    """The sequence number of the last fact in a batch's JSON (``[{...},[seq,...],...,
+    [seq,...]]``), found without decoding it; None if not found. Only a hint."""
     i = body.rfind(b"],[")
     i = i + 3 if i >= 0 else (2 if body.startswith(b"[[") else -1)
     j = body.find(b",", i)
@@ -111,7 +180,7 @@ def _last_seq(body: bytes) -> int | None:
         return None
 
 
-def _drop(ahead) -> None:
+def _drop(pending) -> None:
     """Abandon a batch asked for in advance (its result or failure is not wanted)."""
-    if ahead is not None:
-        ahead[1].addErrback(lambda _: None)
+    if pending is not None:
+        pending.addErrback(lambda _: None)

@@ -80,7 +80,7 @@ class Deleter:
         self.peer = settings.peer.name
         self.catalog, self.archives = catalog, archives
         self.overlay, self.reactor = overlay, reactor
-        self.vectors: dict[str, dict] = {}        # member -> its last heartbeat's vector
+        self.vectors: dict[str, dict] = {}        # member -> its vector, as last heard
         if overlay is not None:
             overlay.membership.on_vector.append(self._heard)
         # since start: instances deleted here, rejection notes applied, own copies removed
@@ -162,6 +162,7 @@ class Deleter:
         if self.overlay is None:
             return True
         deadline = self.reactor.seconds() + SPREAD_TIMEOUT
+        asked = self.reactor.seconds()
         while True:
             behind = [name for name in self.overlay.membership.members
                       if self.overlay.alive(name) and
@@ -173,6 +174,10 @@ class Deleter:
                          "{t:.0f} s; they will (anti-entropy)", peers=", ".join(behind),
                          t=SPREAD_TIMEOUT)
                 return False
+            if self.reactor.seconds() - asked >= 1.0 and hasattr(self.overlay, "ask_vectors"):
+                # vectors are heard only from the peers we sync with: ask the others
+                asked = self.reactor.seconds()
+                self.overlay.ask_vectors(behind, [self.peer])
             yield task.deferLater(self.reactor, 0.2, lambda: None)
 
     # -- the purge -------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""Catalog dissemination: epidemic push-pull over the membership protocol's traffic.
+
+Demers, Greene, Hauser, Irish, Larson, Shenker, Sturgis, Swinehart & Terry, "Epidemic
+algorithms for replicated database maintenance", PODC 1987: *rumor mongering* to spread
+what is new fast, *anti-entropy* to repair what rumors missed. The catalog is a set of
+per-origin logs; a peer's progress in them is its version vector {origin: highest
+sequence held} (Parker et al., 1983).
+
+- **Rumors (push of news, pull of facts).** When a peer's vector grows (it wrote facts
+  of its own, or pulled others'), it queues one small item per origin that grew,
+  ``["c", origin, seq]`` ("I hold *origin*'s log up to *seq*"), which rides on the SWIM
+  messages it sends anyway (pings, acks, and the gossip messages sent every
+  ``gossip_interval`` to ``gossip_nodes`` members while something is queued) and is
+  retransmitted ``retransmit_mult * ceil(log10(N + 1))`` times (``swim.Broadcasts``). A
+  peer that hears of facts it lacks pulls them from the peer it heard it from — every
+  origin it lags on, from that one neighbour, in ONE batched request (and further
+  batches while more is due), at most one pull at a time and one per ``pull_interval``.
+  The writer never sends to everyone: each peer talks to O(1) others per period and a
+  fact reaches all N peers in O(log N) periods.
+- **Anti-entropy.** Pings and acks carry a digest of the sender's vector and its sum. A
+  peer whose digest differs from a neighbour's pulls from it (at most once per
+  ``ae_interval``) when the neighbour's sum is larger (or equal, and the neighbour's
+  name larger); a pull request carries the requester's whole vector, so the answering
+  peer learns, in turn, what it lacks and pulls it (the "push" half, as a pull). A peer
+  that was down or cut off, or joins late, thus converges; memory stays bounded by one
+  batch (``sync.py``).
+
+Transport-agnostic like ``swim``: it sees the catalog only as ``vector()`` and the
+network only as ``pull(name) -> Deferred[that peer's vector]`` (``sync.AntiEntropy`` in
+a peer; the simulated network in ``bench/overlay_sim.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+from pacsp2p.overlay.swim import DEAD, Invalid, MAX_INT, _int, _name
+
+HOLDERS = 4            # peers remembered per origin as holding more than we do
+AE_CANDIDATES = 8      # neighbours remembered whose digest differed from ours
+MAX_ORIGINS = 100000   # entries of a vector accepted from the network
+
+
+def digest(vector: dict) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for origin in sorted(vector):
+        if vector[origin]:
+            h.update(f"{origin}\x00{vector[origin]}\x00".encode())
+    return h.hexdigest()
+
+
+def check_vector(vector) -> dict:
+    """A version vector from the network ({name: int}), or Invalid."""
+    if not isinstance(vector, dict) or len(vector) > MAX_ORIGINS:
+        raise Invalid("bad vector")
+    for origin, seq in vector.items():
+        _name(origin)
+        _int(seq)
+    return vector
+
+
+class Dissemination:
+    def __init__(self, swim, vector: Callable[[], dict], pull, clock,
+                 pull_interval: float = 0.5, ae_interval: float = 2.0):
+        self.swim, self.name = swim, swim.name
+        self.vector = vector            # () -> {origin: seq} held now (not copied)
+        self.pull = pull                # (name) -> Deferred[its vector]
+        self.clock = clock
+        self.pull_interval, self.ae_interval = pull_interval, ae_interval
+        self.on_vector: list = []       # callbacks(name, vector): a peer's whole vector
+        self.ahead: dict[str, dict[str, int]] = {}   # origin -> {holder: seq > ours}
+        self.ae: dict[str, int] = {}    # neighbour -> its sum, its digest differing
+        self.told = dict(vector())      # what we announced (not the facts we had at start)
+        self.pulling: str | None = None
+        self.pulls = 0
+        self.failed = 0
+        self._call = None
+        self._last_pull = -1e9
+        self._last_ae = -1e9
+        self._digest: tuple[str, int] | None = None
+        swim.rumors["c"] = self._rumor
+        swim.fields_out.append(self._fields_out)
+        swim.fields_in.append(self._fields_in)
+
+    # -- our progress --------------------------------------------------------------------
+    def changed(self) -> None:
+        """Our vector grew (after a commit): announce the origins that did."""
+        self._digest = None
+        mine = self.vector()
+        for origin, seq in mine.items():
+            if seq > self.told.get(origin, 0):
+                self.told[origin] = seq
+                self.swim.broadcast(("c", origin), ["c", origin, seq])
+                holders = self.ahead.get(origin)
+                if holders:
+                    for h in [h for h, s in holders.items() if s <= seq]:
+                        del holders[h]
+                    if not holders:
+                        del self.ahead[origin]
+
+    def summary(self) -> tuple[str, int]:
+        if self._digest is None:
+            v = self.vector()
+            self._digest = (digest(v), sum(v.values()))
+        return self._digest
+
+    # -- what others tell ----------------------------------------------------------------
+    def _fields_out(self, dest) -> dict:
+        return {"cv": list(self.summary())}
+
+    def _fields_in(self, sender, msg) -> None:
+        cv = msg.get("cv")
+        if cv is None:
+            return
+        if not isinstance(cv, list) or len(cv) != 2 or not isinstance(cv[0], str) \
+                or len(cv[0]) > 64:
+            raise Invalid("bad catalog summary")
+        total = _int(cv[1])
+        mine, my_total = self.summary()
+        if cv[0] == mine:
+            self.ae.pop(sender, None)
+            return
+        if total > my_total or (total == my_total and sender > self.name):
+            if sender not in self.ae and len(self.ae) >= AE_CANDIDATES:
+                self.ae.pop(next(iter(self.ae)))
+            self.ae[sender] = total
+            self._kick()
+
+    def _rumor(self, sender, entry) -> None:
+        if len(entry) != 3:
+            raise Invalid("bad catalog item")
+        origin, seq = _name(entry[1]), _int(entry[2])
+        self._note(sender, origin, seq)
+
+    def _note(self, holder: str, origin: str, seq: int) -> bool:
+        if origin == self.name or holder == self.name or seq <= self.vector().get(origin, 0):
+            return False
+        holders = self.ahead.setdefault(origin, {})
+        if holder not in holders and len(holders) >= HOLDERS:
+            low = min(holders, key=holders.get)
+            if holders[low] >= seq:
+                return False
+            del holders[low]
+        holders[holder] = max(seq, holders.get(holder, 0))
+        self._kick()
+        return True
+
+    def heard(self, name: str, vector: dict) -> None:
+        """Peer *name*'s whole vector (it pulled from us, or answered our pull)."""
+        for origin, seq in vector.items():
+            self._note(name, origin, seq)
+        for fn in list(self.on_vector):
+            fn(name, vector)
+
+    def want(self, holder: str, origin: str, seq: int) -> None:
+        """*holder* has *origin*'s facts up to *seq* (we were told another way)."""
+        self._note(holder, origin, seq)
+
+    # -- pulling -------------------------------------------------------------------------
+    def _kick(self) -> None:
+        if self.pulling is not None or (self._call is not None and self._call.active()):
+            return
+        delay = max(0.0, self._last_pull + self.pull_interval - self.clock.seconds())
+        self._call = self.clock.callLater(delay, self._next)
+
+    def _target(self) -> str | None:
+        mine = self.vector()
+        score: dict[str, int] = {}
+        for origin in list(self.ahead):
+            have = mine.get(origin, 0)
+            holders = self.ahead[origin]
+            for h in [h for h, s in holders.items() if s <= have or not self.swim.alive(h)]:
+                del holders[h]
+            if not holders:
+                del self.ahead[origin]
+                continue
+            for h in holders:
+                score[h] = score.get(h, 0) + 1
+        if score:
+            best = max(score.values())
+            return self.swim.rng.choice(sorted(h for h, s in score.items() if s == best))
+        now = self.clock.seconds()
+        wait = self._last_ae + self.ae_interval - now
+        if self.ae and wait <= 1e-6:
+            cands = [n for n in self.ae if self.swim.alive(n)]
+            self.ae.clear()
+            if cands:
+                self._last_ae = now
+                return self.swim.rng.choice(sorted(cands))
+        elif self.ae:
+            self._call = self.clock.callLater(max(wait, 0.01), self._next)
+        return None
+
+    def _next(self) -> None:
+        self._call = None
+        if not self.swim.running or self.pulling is not None:
+            return
+        target = self._target()
+        if target is None:
+            return
+        node = self.swim.nodes.get(target)
+        if node is not None and node.state == DEAD:
+            return
+        self.pulling = target
+        self.pulls += 1
+        self._last_pull = self.clock.seconds()
+        d = self.pull(target)
+        d.addCallbacks(self._pulled, self._failed, callbackArgs=(target,),
+                       errbackArgs=(target,))
+
+    def _pulled(self, vector, target) -> None:
+        self.pulling = None
+        self._last_pull = self.clock.seconds()
+        if vector is not None:
+            self.heard(target, vector)
+        self._kick()
+
+    def _failed(self, failure, target) -> None:
+        self.pulling = None
+        self.failed += 1
+        self._last_pull = self.clock.seconds()
+        for holders in self.ahead.values():
+            holders.pop(target, None)
+        self.ae.pop(target, None)
+        self._kick()
+
+
+__all__ = ["Dissemination", "digest", "check_vector", "MAX_INT"]

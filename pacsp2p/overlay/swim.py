@@ -1,0 +1,742 @@
+"""Membership and failure detection: SWIM with the Lifeguard refinements.
+
+Das, Gupta & Motivala, "SWIM: Scalable Weakly-consistent Infection-style Process Group
+Membership Protocol", DSN 2002; Dadgar, Phillips & Currey, "Lifeguard: Local Health
+Awareness for More Accurate Failure Detection", DSN Workshops 2018 (arXiv:1707.00788).
+The parameters and a few details follow HashiCorp's memberlist, the reference
+implementation of both papers.
+
+Each protocol period (``probe_interval``) a peer probes ONE other member, taken in turn
+from a shuffled list (randomized round-robin, SWIM §4.3): it sends ``ping`` and waits
+``probe_timeout`` for ``ack``; without one it asks ``indirect_checks`` other members to
+ping the target for it (``preq``), which answer ``ack`` (relayed) or, Lifeguard's
+addition, ``nack`` when they heard nothing either. A target that stays silent until the
+end of the period is *suspected*, not declared dead: the suspicion is gossiped, and the
+suspected member, told of it (the next ping it gets carries it: Lifeguard's "buddy
+system"), refutes it by raising its *incarnation*. A suspicion that nobody refutes
+becomes a death after a timeout that starts long and shrinks as other members
+independently suspect the same member (Lifeguard's LHA-Suspicion: ``suspicion_min`` to
+``suspicion_max_mult`` times that, log-scaled by the members' count). A peer that
+misses its own deadlines (acks it should have had, nacks that did not come, suspicions
+of itself) raises its *local health multiplier* and probes more patiently
+(LHA-Probe), so a peer that is slow itself does not accuse healthy ones.
+
+Everything learned (alive with incarnation and info, suspect, dead) is *piggybacked*
+on the probe traffic and on small gossip messages sent every ``gossip_interval`` to
+``gossip_nodes`` members (only while there is something to tell); each item is sent
+``retransmit_mult * ceil(log10(N + 1))`` times, newest and least-sent first, within a
+size budget. So a peer sends O(1) messages per period whatever the cluster's size, and
+an event reaches everybody in O(log N) periods. A full state exchange (push-pull) runs
+when a peer joins through a seed, now and then with a random member (partitions heal),
+and with a random dead member every ``reconnect_interval`` (a member that was only cut
+off hears that it was declared dead and refutes it). Full states are cut into messages
+of at most ``max_message`` bytes.
+
+The core is transport-agnostic: it sends and receives opaque bytes addressed by member
+name through a ``transport`` (``send(name, data)``, ``linked(name)``) and keeps time
+through an ``IReactorTime`` (the reactor in a peer, ``task.Clock`` in the simulation),
+so the same code runs in a peer (``membership.py``, over mutual-TLS AMP) and in
+``bench/overlay_sim.py``. Every message that arrives is checked (size, shape, types,
+bounds) before it is used; a bad one is dropped and counted.
+
+Extensions (catalog dissemination, ``dissemination.py``) add fields to pings and acks
+(``fields_out``/``fields_in``) and their own kinds of piggybacked items (``rumors``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+ALIVE, SUSPECT, DEAD = "alive", "suspect", "dead"
+
+MAX_MESSAGE = 60000          # bytes of one message: below AMP's 65,535 per value
+MAX_ENTRIES = 1000           # piggybacked items in one message
+MAX_INFO = 8192              # bytes of one member's info (JSON)
+MAX_NAME = 255
+MAX_INT = 2 ** 53            # incarnations and sequence numbers stay exact in JSON
+_STATE_CODES = {"a": ALIVE, "s": SUSPECT, "d": DEAD}
+_CODE_OF = {v: k for k, v in _STATE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class SwimConfig:
+    probe_interval: float = 0.5        # one probe per period
+    probe_timeout: float = 0.25        # wait for a direct ack (scaled by local health)
+    indirect_checks: int = 3           # members asked to ping a silent target
+    suspicion_min: float = 3.0         # alpha: min timeout = alpha * log10(N) * interval
+    suspicion_max_mult: float = 6.0    # beta: max timeout = beta * min timeout
+    suspicion_confirmations: int = 2   # K: independent suspicions that bring it to min
+    retransmit_mult: int = 4           # lambda: sends of each item = lambda*ceil(log10(N+1))
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    push_pull_interval: float = 30.0   # full state with a random member (scaled above 32)
+    reconnect_interval: float = 2.0    # full state with a random dead member
+    awareness_max: int = 8             # local health multiplier: timeouts x (score + 1)
+    max_message: int = 16384           # budget of one message (full states: MAX_MESSAGE)
+
+    def suspicion_timeouts(self, n: int) -> tuple[float, float]:
+        low = self.suspicion_min * max(1.0, math.log10(max(1, n))) * self.probe_interval
+        return low, low * self.suspicion_max_mult
+
+
+class Node:
+    """What one member knows of another: its info (as gossiped, a dict), incarnation,
+    state and when it entered it (``since``, the clock's seconds)."""
+
+    def __init__(self, name: str, wire: dict, incarnation: int, state: str, since: float):
+        self.name = name
+        self.wire = wire
+        self.incarnation = incarnation
+        self.state = state
+        self.since = since
+        self.suspicion: _Suspicion | None = None
+        self.rtt: float | None = None          # seconds of the last direct ack
+
+
+class _Suspicion:
+    """Lifeguard's LHA-Suspicion timer: max timeout at first, min after K independent
+    confirmations, log-interpolated between."""
+
+    def __init__(self, swim, node, origin, k, low, high):
+        self.swim, self.node, self.k, self.low, self.high = swim, node, k, low, high
+        self.start = swim.clock.seconds()
+        self.seen = {origin}
+        self.call = swim.clock.callLater(self.timeout(), self.fire)
+
+    def timeout(self) -> float:
+        n = len(self.seen) - 1
+        if self.k < 1 or n >= self.k:
+            return self.low
+        frac = math.log(n + 1) / math.log(self.k + 1)
+        return max(self.low, self.high - (self.high - self.low) * frac)
+
+    def confirm(self, origin) -> bool:
+        if origin in self.seen or len(self.seen) > self.k:
+            return False
+        self.seen.add(origin)
+        left = self.start + self.timeout() - self.swim.clock.seconds()
+        if self.call.active():
+            self.call.reset(max(0.0, left))
+        return True
+
+    def fire(self):
+        self.swim._suspicion_expired(self.node, self)
+
+    def cancel(self):
+        if self.call.active():
+            self.call.cancel()
+
+
+class _Probe:
+    def __init__(self, target, seq, start):
+        self.target, self.seq, self.start = target, seq, start
+        self.acked = False
+        self.nacks = 0
+        self.expected_nacks = 0
+        self.timer = None
+
+
+class _Relay:
+    """An indirect probe we make for *requester* (its sequence number *seq*)."""
+
+    def __init__(self, requester, seq):
+        self.requester, self.seq = requester, seq
+        self.timer = None
+
+
+class Broadcasts:
+    """Items to piggyback, each sent a limited number of times (memberlist's
+    TransmitLimitedQueue): an item replaces the older one of the same key; the least
+    sent go first, newest first among equals."""
+
+    def __init__(self):
+        self.where: dict = {}          # key -> transmits so far
+        self.buckets: dict[int, dict] = {}   # transmits -> {key: (entry, size)} (oldest first)
+
+    def __len__(self):
+        return len(self.where)
+
+    def put(self, key, entry: list) -> None:
+        old = self.where.pop(key, None)
+        if old is not None:
+            del self.buckets[old][key]
+        self.where[key] = 0
+        self.buckets.setdefault(0, {})[key] = (
+            entry, len(json.dumps(entry, separators=(",", ":"))) + 1)
+
+    def take(self, budget: int, limit: int, n: int = MAX_ENTRIES) -> list:
+        """Items fitting in *budget* bytes; each sent at most *limit* times, then
+        dropped."""
+        if not self.where or budget <= 0:
+            return []
+        out, moved = [], []
+        for count in sorted(self.buckets):
+            for key, (entry, size) in reversed(self.buckets[count].items()):
+                if size > budget:
+                    continue
+                out.append(entry)
+                moved.append((key, count))
+                budget -= size
+                if len(out) >= n or budget < 16:
+                    break
+            if len(out) >= n or budget < 16:
+                break
+        for key, count in moved:
+            item = self.buckets[count].pop(key)
+            if not self.buckets[count]:
+                del self.buckets[count]
+            if count + 1 >= limit:
+                del self.where[key]
+            else:
+                self.where[key] = count + 1
+                self.buckets.setdefault(count + 1, {})[key] = item
+        return out
+
+
+class Invalid(ValueError):
+    """A message or item that fails the checks (dropped, counted)."""
+
+
+def _name(x) -> str:
+    if not isinstance(x, str) or not 0 < len(x) <= MAX_NAME or not x.isprintable():
+        raise Invalid("bad name")
+    return x
+
+
+def _int(x) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < MAX_INT:
+        raise Invalid("bad integer")
+    return x
+
+
+def encode(msg: dict) -> bytes:
+    return json.dumps(msg, separators=(",", ":")).encode()
+
+
+class Swim:
+    """SWIM + Lifeguard for member *name* (its *info*: a JSON-able dict, gossiped)."""
+
+    def __init__(self, name: str, info: dict, incarnation: int, clock, transport,
+                 config: SwimConfig | None = None, rng: random.Random | None = None,
+                 node_class=Node, check_info: Callable[[dict], dict] | None = None,
+                 excused: Callable[[str], bool] | None = None):
+        self.name = name
+        self.info = info
+        self.incarnation = int(incarnation)
+        self.clock = clock
+        self.transport = transport
+        self.config = config or SwimConfig()
+        self.rng = rng or random.Random()
+        self.node_class = node_class
+        self.check_info = check_info or (lambda d: d)
+        self.excused = excused or (lambda name: False)
+        self.nodes: dict[str, Node] = {}
+        self.queue = Broadcasts()
+        self.awareness = 0
+        self.on_change: list = []          # callbacks(node, old state or None)
+        self.fields_out: list = []         # callables(dest) -> dict merged into ping/ack
+        self.fields_in: list = []          # callables(sender, msg)
+        self.rumors: dict = {}             # kind -> callable(sender, entry)
+        self.stats = dict.fromkeys(("sent", "received", "bytes_sent", "probes",
+                                    "indirect", "suspected", "dead", "refuted",
+                                    "invalid", "dropped_too_big"), 0)
+        self.running = False
+        self.leaving = False
+        self._seq = 0
+        self._pending: dict[int, object] = {}     # seq -> _Probe | _Relay
+        self._ring: list[str] = []
+        self._ring_i = 0
+        self._calls: dict[str, object] = {}
+        self._replied: dict[str, float] = {}
+        self._names: list[str] = []        # every member's name, for random picks
+        self._live = 0                     # members not dead
+
+    # -- life cycle ------------------------------------------------------------------
+    def start(self) -> None:
+        self.running = True
+        c = self.config
+        jitter = self.rng.random()
+        self._after("probe", c.probe_interval * jitter, self._probe_tick)
+        self._after("gossip", c.gossip_interval * jitter, self._gossip_tick)
+        self._after("push_pull", self._push_pull_every() * (0.5 + jitter), self._push_pull_tick)
+        self._after("reconnect", c.reconnect_interval * (0.5 + jitter), self._reconnect_tick)
+
+    def stop(self, leave: bool = True) -> None:
+        """Stop; with *leave*, tell a few members first that we leave (dead, by us)."""
+        if leave and self.running:
+            self.leaving = True
+            entry = ["d", self.name, self.incarnation, self.name]
+            for node in self._pick(max(3, self.config.gossip_nodes), prefer_linked=True):
+                self._send(node.name, {"t": "gossip"}, first=[entry])
+        self.running = False
+        for call in self._calls.values():
+            if call.active():
+                call.cancel()
+        self._calls.clear()
+        for item in self._pending.values():
+            if item.timer is not None and item.timer.active():
+                item.timer.cancel()
+        self._pending.clear()
+        for node in self.nodes.values():
+            if node.suspicion is not None:
+                node.suspicion.cancel()
+                node.suspicion = None
+
+    def _after(self, what, delay, fn):
+        self._calls[what] = self.clock.callLater(delay, fn)
+
+    # -- what others ask ---------------------------------------------------------------
+    def members(self) -> int:
+        """N: this member and those alive or suspected."""
+        return 1 + self._live
+
+    def alive(self, name: str) -> bool:
+        """A member until declared dead (a suspected member is still one)."""
+        node = self.nodes.get(name)
+        return name == self.name or (node is not None and node.state != DEAD)
+
+    def scaled(self, t: float) -> float:
+        return t * (self.awareness + 1)
+
+    def update_info(self, info: dict) -> None:
+        """Our info changed (an archive went down...): tell everybody."""
+        self.info = info
+        self.incarnation += 1
+        self._announce_self()
+
+    def contact(self, name: str, wire: dict, incarnation: int, push_pull: bool = False):
+        """A member introduced itself (a link's greeting): merge it; with *push_pull*
+        (we joined through it) exchange full states with it."""
+        if name == self.name:
+            return
+        try:
+            self._on_alive(name, _int(incarnation), self.check_info(wire))
+        except (Invalid, ValueError, TypeError):
+            self.stats["invalid"] += 1
+            return
+        if push_pull:
+            self.push_pull(name, join=True)
+
+    def broadcast(self, key, entry: list) -> None:
+        """Queue *entry* to piggyback (replacing the queued one of the same *key*)."""
+        self.queue.put(key, entry)
+
+    # -- sending -----------------------------------------------------------------------
+    def _limit(self) -> int:
+        return self.config.retransmit_mult * max(1, math.ceil(math.log10(self.members() + 1)))
+
+    def _send(self, name: str, msg: dict, first=(), fields: bool = False) -> None:
+        if fields:
+            for fn in self.fields_out:
+                msg.update(fn(name))
+        base = len(encode(msg)) + 8
+        budget = self.config.max_message - base
+        entries = []
+        for e in first:
+            size = len(encode(e)) + 1
+            if size <= budget:
+                entries.append(e)
+                budget -= size
+        entries += self.queue.take(budget, self._limit())
+        if entries:
+            msg["g"] = entries
+        data = encode(msg)
+        if len(data) > MAX_MESSAGE:          # cannot happen with sane budgets; be sure
+            self.stats["dropped_too_big"] += 1
+            return
+        self.stats["sent"] += 1
+        self.stats["bytes_sent"] += len(data)
+        self.transport.send(name, data)
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) % MAX_INT
+        return self._seq
+
+    def _pick(self, k: int, exclude=(), states=(ALIVE, SUSPECT), prefer_linked=False):
+        """Up to *k* random members in *states* (with *prefer_linked*, those we hold a
+        link to first)."""
+        if not prefer_linked and len(self._names) > 4 * k:
+            # random draws (cheap with many members); a full scan if they miss too often
+            got = {}
+            for _ in range(8 * k):
+                node = self.nodes[self._names[self.rng.randrange(len(self._names))]]
+                if node.state in states and node.name not in exclude:
+                    got[node.name] = node
+                    if len(got) == k:
+                        return list(got.values())
+        cands = [n for n in self.nodes.values() if n.state in states and n.name not in exclude]
+        if len(cands) <= k:
+            self.rng.shuffle(cands)
+            return cands
+        if prefer_linked:
+            linked = [n for n in cands if self.transport.linked(n.name)]
+            if len(linked) >= k:
+                return self.rng.sample(linked, k)
+            rest = [n for n in cands if not self.transport.linked(n.name)]
+            return linked + self.rng.sample(rest, k - len(linked))
+        return self.rng.sample(cands, k)
+
+    # -- probing -----------------------------------------------------------------------
+    def _next_target(self) -> Node | None:
+        for _ in range(len(self._ring) + 2):
+            if self._ring_i >= len(self._ring):
+                self._ring = [n for n, node in self.nodes.items() if node.state != DEAD]
+                self.rng.shuffle(self._ring)
+                self._ring_i = 0
+                if not self._ring:
+                    return None
+            node = self.nodes.get(self._ring[self._ring_i])
+            self._ring_i += 1
+            if node is not None and node.state != DEAD:
+                return node
+        return None
+
+    def _probe_tick(self):
+        if not self.running:
+            return
+        target = self._next_target()
+        if target is not None:
+            self._probe(target)
+        self._after("probe", self.scaled(self.config.probe_interval), self._probe_tick)
+
+    def _probe(self, node: Node):
+        self.stats["probes"] += 1
+        probe = _Probe(node.name, self._next_seq(), self.clock.seconds())
+        self._pending[probe.seq] = probe
+        first = [self._claim(node)] if node.state == SUSPECT else []    # buddy system
+        self._send(node.name, {"t": "ping", "seq": probe.seq, "to": node.name},
+                   first=first, fields=True)
+        probe.timer = self.clock.callLater(self.scaled(self.config.probe_timeout),
+                                           self._probe_timed_out, probe)
+
+    def _probe_timed_out(self, probe: _Probe):
+        if probe.acked or not self.running:
+            return
+        helpers = self._pick(self.config.indirect_checks, exclude=(probe.target,),
+                             states=(ALIVE,), prefer_linked=True)
+        for h in helpers:
+            self.stats["indirect"] += 1
+            self._send(h.name, {"t": "preq", "seq": probe.seq, "to": probe.target})
+        probe.expected_nacks = len(helpers)
+        rest = self.scaled(self.config.probe_interval) - self.scaled(self.config.probe_timeout)
+        probe.timer = self.clock.callLater(max(rest, 0.0), self._probe_ended, probe)
+
+    def _probe_ended(self, probe: _Probe):
+        self._pending.pop(probe.seq, None)
+        if probe.acked or not self.running:
+            return
+        if probe.expected_nacks:
+            self._aware(max(0, probe.expected_nacks - probe.nacks))
+        else:
+            self._aware(1)
+        node = self.nodes.get(probe.target)
+        if node is None or node.state == DEAD or self.excused(node.name):
+            return
+        self._on_suspect(node.name, node.incarnation, self.name)
+
+    def _aware(self, delta: int):
+        self.awareness = min(max(self.awareness + delta, 0), self.config.awareness_max - 1)
+
+    def _claim(self, node: Node) -> list:
+        """What we hold against *node* (suspect or dead), as an item."""
+        return [_CODE_OF[node.state], node.name, node.incarnation, self.name]
+
+    # -- receiving ---------------------------------------------------------------------
+    def receive(self, sender: str, data: bytes) -> None:
+        """A message from member *sender* (authenticated by the transport)."""
+        if not self.running:
+            return
+        self.stats["received"] += 1
+        try:
+            if len(data) > MAX_MESSAGE:
+                raise Invalid("too big")
+            msg = json.loads(data)
+            if not isinstance(msg, dict):
+                raise Invalid("not an object")
+            kind = msg.get("t")
+            handler = self._handlers.get(kind)
+            if handler is None:
+                raise Invalid("unknown kind")
+            handler(self, sender, msg)
+        except (Invalid, ValueError, TypeError, KeyError, RecursionError):
+            self.stats["invalid"] += 1
+
+    def _piggyback(self, sender: str, msg: dict):
+        entries = msg.get("g")
+        if entries is None:
+            return
+        if not isinstance(entries, list) or len(entries) > MAX_ENTRIES:
+            raise Invalid("bad items")
+        for entry in entries:
+            try:
+                self._item(sender, entry)
+            except (Invalid, ValueError, TypeError, KeyError):
+                self.stats["invalid"] += 1
+
+    def _item(self, sender: str, e):
+        if not isinstance(e, list) or not e or not isinstance(e[0], str):
+            raise Invalid("bad item")
+        kind = e[0]
+        if kind in ("a", "s", "d"):
+            if len(e) != 4:
+                raise Invalid("bad item")
+            name, inc = _name(e[1]), _int(e[2])
+            if kind == "a":
+                if not isinstance(e[3], dict):
+                    raise Invalid("bad info")
+                self._on_alive(name, inc, self.check_info(e[3]))
+            elif kind == "s":
+                self._on_suspect(name, inc, _name(e[3]))
+            else:
+                self._on_dead(name, inc, _name(e[3]))
+        else:
+            handler = self.rumors.get(kind)
+            if handler is not None:
+                handler(sender, e)
+
+    def _fields(self, sender, msg):
+        for fn in self.fields_in:
+            fn(sender, msg)
+
+    def _h_ping(self, sender, msg):
+        seq = _int(msg["seq"])
+        if msg.get("to") != self.name:
+            raise Invalid("ping for someone else")
+        self._piggyback(sender, msg)
+        self._fields(sender, msg)
+        node = self.nodes.get(sender)
+        first = [self._claim(node)] if node is not None and node.state != ALIVE else []
+        self._send(sender, {"t": "ack", "seq": seq}, first=first, fields=True)
+
+    def _h_ack(self, sender, msg):
+        seq = _int(msg["seq"])
+        self._piggyback(sender, msg)
+        self._fields(sender, msg)
+        item = self._pending.pop(seq, None)
+        if isinstance(item, _Probe):
+            item.acked = True
+            if item.timer is not None and item.timer.active():
+                item.timer.cancel()
+            if sender == item.target:
+                node = self.nodes.get(sender)
+                if node is not None:
+                    node.rtt = self.clock.seconds() - item.start
+            self._aware(-1)
+        elif isinstance(item, _Relay):
+            if item.timer is not None and item.timer.active():
+                item.timer.cancel()
+            self._send(item.requester, {"t": "ack", "seq": item.seq})
+
+    def _h_nack(self, sender, msg):
+        seq = _int(msg["seq"])
+        self._piggyback(sender, msg)
+        item = self._pending.get(seq)
+        if isinstance(item, _Probe):
+            item.nacks += 1
+
+    def _h_preq(self, sender, msg):
+        seq, target = _int(msg["seq"]), _name(msg["to"])
+        self._piggyback(sender, msg)
+        if target == self.name:
+            self._send(sender, {"t": "ack", "seq": seq})
+            return
+        relay = _Relay(sender, seq)
+        mine = self._next_seq()
+        self._pending[mine] = relay
+        self._send(target, {"t": "ping", "seq": mine, "to": target}, fields=True)
+        relay.timer = self.clock.callLater(0.8 * self.config.probe_timeout,
+                                           self._relay_timed_out, mine, relay)
+
+    def _relay_timed_out(self, seq, relay):
+        if self._pending.get(seq) is relay:
+            self._send(relay.requester, {"t": "nack", "seq": relay.seq})
+            # keep it a little longer: a late ack is still relayed
+            relay.timer = self.clock.callLater(self.config.probe_interval,
+                                               self._pending.pop, seq, None)
+
+    def _h_gossip(self, sender, msg):
+        self._piggyback(sender, msg)
+
+    def _h_state(self, sender, msg):
+        entries = msg.get("m")
+        if not isinstance(entries, list) or len(entries) > MAX_ENTRIES:
+            raise Invalid("bad state")
+        self._piggyback(sender, msg)
+        for e in entries:
+            try:
+                if not isinstance(e, list) or len(e) != 4 or e[2] not in _STATE_CODES:
+                    raise Invalid("bad state entry")
+                name, inc, state = _name(e[0]), _int(e[1]), _STATE_CODES[e[2]]
+                if state == ALIVE:
+                    if not isinstance(e[3], dict):
+                        raise Invalid("bad info")
+                    self._on_alive(name, inc, self.check_info(e[3]))
+                else:
+                    # another's "dead" is only a suspicion here (memberlist mergeState)
+                    if name not in self.nodes and name != self.name and isinstance(e[3], dict):
+                        self._on_alive(name, inc, self.check_info(e[3]), state=DEAD)
+                    else:
+                        self._on_suspect(name, inc, sender)
+            except (Invalid, ValueError, TypeError):
+                self.stats["invalid"] += 1
+        if msg.get("r") and msg.get("last"):
+            now = self.clock.seconds()
+            if now - self._replied.get(sender, -1e9) >= 1.0:
+                self._replied[sender] = now
+                self.push_pull(sender, reply=False)
+
+    _handlers = {"ping": _h_ping, "ack": _h_ack, "nack": _h_nack, "preq": _h_preq,
+                 "gossip": _h_gossip, "state": _h_state}
+
+    # -- full state (push-pull) ---------------------------------------------------------
+    def push_pull(self, name: str, reply: bool = True, join: bool = False) -> None:
+        """Send our full state to *name* (cut into messages of at most MAX_MESSAGE
+        bytes); with *reply* it answers with its own."""
+        entries = [[self.name, self.incarnation, "a", self.info]] + [
+            [n.name, n.incarnation, _CODE_OF[n.state], n.wire] for n in self.nodes.values()]
+        budget = MAX_MESSAGE - 200
+        chunk, size = [], 0
+        chunks = []
+        for e in entries:
+            s = len(encode(e)) + 1
+            if chunk and (size + s > budget or len(chunk) >= MAX_ENTRIES):
+                chunks.append(chunk)
+                chunk, size = [], 0
+            chunk.append(e)
+            size += s
+        chunks.append(chunk)
+        for i, chunk in enumerate(chunks):
+            msg = {"t": "state", "m": chunk}
+            if reply:
+                msg["r"] = 1
+            if i == len(chunks) - 1:
+                msg["last"] = 1
+            data = encode(msg)
+            self.stats["sent"] += 1
+            self.stats["bytes_sent"] += len(data)
+            self.transport.send(name, data)
+
+    def _push_pull_every(self) -> float:
+        n = self.members()
+        scale = 1 + max(0, math.ceil(math.log2(n) - math.log2(32))) if n > 32 else 1
+        return self.config.push_pull_interval * scale
+
+    def _push_pull_tick(self):
+        if not self.running:
+            return
+        for node in self._pick(1, states=(ALIVE,)):
+            self.push_pull(node.name)
+        self._after("push_pull", self._push_pull_every(), self._push_pull_tick)
+
+    def _reconnect_tick(self):
+        if not self.running:
+            return
+        for node in self._pick(1, states=(DEAD,)):
+            self.push_pull(node.name)
+        self._after("reconnect", self.config.reconnect_interval, self._reconnect_tick)
+
+    # -- gossip ------------------------------------------------------------------------
+    def _gossip_tick(self):
+        if not self.running:
+            return
+        if len(self.queue):
+            for node in self._pick(self.config.gossip_nodes, prefer_linked=False):
+                if not len(self.queue):
+                    break
+                self._send(node.name, {"t": "gossip"})
+        self._after("gossip", self.config.gossip_interval, self._gossip_tick)
+
+    # -- what we learn -----------------------------------------------------------------
+    def _set(self, node: Node, state: str):
+        old = node.state
+        self._live += (state != DEAD) - (old != DEAD)
+        node.state, node.since = state, self.clock.seconds()
+        if state != SUSPECT and node.suspicion is not None:
+            node.suspicion.cancel()
+            node.suspicion = None
+        for fn in list(self.on_change):
+            fn(node, old)
+
+    def _announce_self(self):
+        self.broadcast(("m", self.name), ["a", self.name, self.incarnation, self.info])
+
+    def _refute(self, inc: int):
+        self.incarnation = max(self.incarnation, inc) + 1
+        self.stats["refuted"] += 1
+        self._aware(1)
+        self._announce_self()
+
+    def _on_alive(self, name: str, inc: int, wire: dict, state: str = ALIVE):
+        if name == self.name:
+            if inc > self.incarnation or (inc == self.incarnation and wire != self.info):
+                if not self.leaving:
+                    self._refute(inc)
+            return
+        node = self.nodes.get(name)
+        if node is None:
+            node = self.nodes[name] = self.node_class(name, wire, inc, state,
+                                                      self.clock.seconds())
+            self._names.append(name)
+            self._live += state != DEAD
+            if state != DEAD:
+                # probed in this round, at a random place
+                self._ring.insert(self.rng.randint(self._ring_i, len(self._ring)), name)
+                self.broadcast(("m", name), ["a", name, inc, wire])
+            for fn in list(self.on_change):
+                fn(node, None)
+            return
+        if inc <= node.incarnation:
+            return
+        node.incarnation, node.wire = inc, wire
+        self.broadcast(("m", name), ["a", name, inc, wire])
+        if node.state != ALIVE:
+            self._set(node, ALIVE)
+        else:
+            for fn in list(self.on_change):
+                fn(node, ALIVE)
+
+    def _on_suspect(self, name: str, inc: int, origin: str):
+        if name == self.name:
+            if inc >= self.incarnation and not self.leaving:
+                self._refute(inc)
+            return
+        node = self.nodes.get(name)
+        if node is None or inc < node.incarnation or node.state == DEAD:
+            return
+        if node.state == SUSPECT:
+            if node.suspicion is not None and node.suspicion.confirm(origin):
+                self.broadcast(("m", name), ["s", name, node.incarnation, origin])
+            return
+        node.incarnation = inc
+        self.stats["suspected"] += 1
+        k = self.config.suspicion_confirmations
+        n = self.members()
+        if n - 2 < k:
+            k = 0
+        low, high = self.config.suspicion_timeouts(n)
+        self._set(node, SUSPECT)
+        node.suspicion = _Suspicion(self, node, origin, k, low, high)
+        self.broadcast(("m", name), ["s", name, inc, origin])
+
+    def _suspicion_expired(self, node: Node, suspicion: _Suspicion):
+        if node.suspicion is not suspicion or node.state != SUSPECT:
+            return
+        node.suspicion = None
+        self._on_dead(node.name, node.incarnation, self.name)
+
+    def _on_dead(self, name: str, inc: int, origin: str):
+        if name == self.name:
+            if not self.leaving and inc >= self.incarnation:
+                self._refute(inc)
+            return
+        node = self.nodes.get(name)
+        if node is None or inc < node.incarnation or node.state == DEAD:
+            return
+        node.incarnation = inc
+        self.stats["dead"] += 1
+        self._set(node, DEAD)
+        self.broadcast(("m", name), ["d", name, inc, origin])
