@@ -366,6 +366,14 @@ class AuditTrail:
                 self.reactor.callFromThread(self._drop, failed)
         try:
             handler.close()
+        except Exception as e:            # e.g. a full disk: what is buffered is lost
+            self.error = str(e)[:200]
+            stream, handler.stream = handler.stream, None
+            try:
+                if stream is not None:
+                    stream.close()         # the descriptor goes even if the flush fails
+            except Exception:
+                pass
         finally:
             if self._stopped is not None and self.reactor is not None:
                 self.reactor.callFromThread(self._stopped.callback, None)

@@ -58,8 +58,9 @@ from twisted.logger import LogLevel, Logger
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
-from pacsp2p.dicom import dimse, negotiation
+from pacsp2p.dicom import negotiation
 from pacsp2p.dicom.admission import Admission, FdBudget, LogLimit
+from pacsp2p.dicom.messages import MAX_IDENTIFIER, Messages
 from pacsp2p.dicom.negotiation import MIN_PEER_PDU, reject_pdu
 from pacsp2p.dicom.pdu import (A_ABORT, A_ASSOCIATE_RQ as RQ, A_RELEASE_RP, A_RELEASE_RQ,
                                P_DATA_TF, PDU_HEAD, PDV_HEAD, RELEASE_RP, abort_pdu, frame)
@@ -72,36 +73,12 @@ log = Logger()
 ARTIM = 30.0                 # seconds to wait for the A-ASSOCIATE-RQ (or for a close)
 IDLE = 60.0                  # seconds without traffic (and no operation running)
 MAX_ASSOC_PDU = 1 << 20      # largest association PDU (A-ASSOCIATE-RQ) we read
-MAX_COMMAND = 64 << 10       # largest command set
-MAX_IDENTIFIER = 1 << 20     # largest in-memory data set (identifiers)
 MAX_DATASET = 4 << 30        # largest C-STORE data set
 MAX_PENDING = 64             # connections without an association yet
 MAX_PER_ADDRESS = 16         # connections (pending or not) from one address
 FD_RESERVE = 64              # file descriptors kept free for everything else
-MAX_QUEUED = 16              # requests received and not yet answered, per association
-SMALL = 4096                 # data fragments shorter than this are gathered ...
-GATHER = 64 << 10            # ... up to this many bytes before the sink gets them
 SEND_FRAGMENT = 1 << 20      # PDV data bytes per PDU sent to a requestor without a limit
 SEND_LIMIT = 4 << 20         # bytes per socket send (Twisted's default: 128 KB)
-
-
-class MemorySink:
-    """A small data set (identifier) gathered in memory."""
-
-    def __init__(self):
-        self.data = bytearray()
-
-    def feed(self, piece) -> None:
-        self.data += piece
-        if len(self.data) > MAX_IDENTIFIER:
-            raise ValueError(f"data set larger than {MAX_IDENTIFIER} bytes")
-
-
-class DiscardSink:
-    """Where the data set of a refused request goes: nowhere."""
-
-    def feed(self, piece) -> None:
-        """Drop *piece*."""
 
 
 def _socket(transport):
@@ -112,7 +89,7 @@ def _socket(transport):
 
 
 @implementer(IHandshakeListener)
-class Association(ReadHolds, protocol.Protocol):
+class Association(ReadHolds, Messages, protocol.Protocol):
     """One association as acceptor. ``services`` handles its DIMSE messages."""
 
     def __init__(self, factory, host: str = "?"):
@@ -493,104 +470,6 @@ class Association(ReadHolds, protocol.Protocol):
         self.transport.write(reject_pdu(result, source, reason))
         self._close()
         raise _Abort()
-
-    # -- DIMSE messages ---------------------------------------------------------------------
-    def _fragment(self, piece, end_of_pdv: bool) -> None:
-        cid, control = self._pdv
-        last = end_of_pdv and control & 2
-        if control & 1:                                  # command
-            if self._data is not None:
-                self._fail("a command fragment inside a data set")
-            if self._cmd_cx is not None and self._cmd_cx != cid:
-                self._fail("command fragments on two presentation contexts")
-            if len(self._cmd) + len(piece) > MAX_COMMAND:
-                self._over_limit(f"command set larger than {MAX_COMMAND} bytes")
-            self._cmd_cx = cid
-            self._cmd += piece
-            if last:
-                data, self._cmd = bytes(self._cmd), bytearray()
-                self._cmd_cx = None
-                self._command(cid, data)
-            return
-        if self._data is None or self._data[0] != cid:
-            self._fail("a data set fragment without its command")
-        _, sink, op = self._data
-        self._data_size += len(piece)
-        if self._data_size > self._data_limit:
-            self._over_limit(f"data set larger than {self._data_limit} bytes")
-        try:
-            self._feed(sink, piece, last)
-        except ValueError as e:
-            self._over_limit(shown(str(e)))
-        if last:
-            self._data = None
-            if op is not None:
-                op.data_complete(sink)
-                self._enqueue(op)
-
-    def _feed(self, sink, piece, last) -> None:
-        """Give *piece* to *sink*; pieces under ``SMALL`` bytes (tiny PDVs, or the ends of
-        reads) are gathered first, so that a sink that queues pieces never holds an
-        object per handful of bytes."""
-        if len(piece) < SMALL:
-            self._small += piece
-            if len(self._small) < GATHER and not last:
-                return
-            piece, self._small = self._small, bytearray()
-        elif self._small:
-            small, self._small = self._small, bytearray()
-            sink.feed(small)
-        if piece:
-            sink.feed(piece)
-
-    def _command(self, cid: int, data: bytes) -> None:
-        cx = self.accepted.get(cid)
-        if cx is None:
-            self._fail(f"a message on presentation context {cid}, not accepted", 6)
-        fields = dimse.command_elements(data)
-        field = dimse.us(fields, dimse.COMMAND_FIELD)
-        has_data = dimse.us(fields, dimse.DATA_SET_TYPE, dimse.NO_DATA_SET) != \
-            dimse.NO_DATA_SET
-        op = None
-        if field == dimse.C_CANCEL_RQ:
-            target = dimse.us(fields, dimse.RESPONDED_TO)
-            for o in self._ops:
-                if o.msg_id == target:
-                    o.cancel()
-        elif field == dimse.C_STORE_RSP:
-            head = self._ops[0] if self._ops else None
-            if head is None or not head.store_response(fields):
-                self._fail("an unexpected C-STORE-RSP")
-        else:
-            if len(self._ops) >= MAX_QUEUED:
-                self._over_limit(f"more than {MAX_QUEUED} requests waiting")
-            try:
-                op = self.factory.services.request(self, cx, field, fields, has_data)
-            except LookupError as e:
-                self._fail(shown(str(e)))
-        if has_data:
-            sink = op.sink if op is not None else DiscardSink()
-            small = op is None or isinstance(sink, MemorySink)
-            self._data = (cid, sink, op)
-            self._data_size = 0
-            self._small = bytearray()
-            self._data_limit = self.factory.max_identifier if small else \
-                self.factory.max_dataset
-        elif op is not None:
-            op.data_complete(None)
-            self._enqueue(op)
-
-    def _enqueue(self, op) -> None:
-        self._ops.append(op)
-        if len(self._ops) == 1:
-            op.start()
-
-    def done(self, op) -> None:
-        """*op* sent its final response: start the next request."""
-        if self._ops and self._ops[0] is op:
-            self._ops.popleft()
-            if self._ops:
-                self._ops[0].start()
 
 
 class _Abort(Exception):

@@ -18,7 +18,7 @@ from pynetdicom.dsutils import decode, encode
 from twisted.logger import Logger
 
 from pacsp2p.dicom import dimse
-from pacsp2p.dicom.acceptor import DiscardSink, MemorySink
+from pacsp2p.dicom.messages import DiscardSink, MemorySink
 from pacsp2p.dicom.identifiers import IdentifierError
 from pacsp2p.dicom.status import NOT_AUTHORIZED, SUCCESS, UNABLE_TO_PROCESS
 from pacsp2p.validate import InvalidUID, check_uid

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from pacsp2p import metrics
 from pacsp2p.dicom import dimse
-from pacsp2p.dicom.acceptor import DiscardSink
+from pacsp2p.dicom.messages import DiscardSink
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.incoming import Incoming, file_meta, remove
 from pacsp2p.dicom.status import (CANNOT_UNDERSTAND, DOES_NOT_MATCH, OUT_OF_RESOURCES,

@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
 
 from pacsp2p.dicom import dimse
-from pacsp2p.dicom.acceptor import MAX_COMMAND, MAX_QUEUED, AcceptorFactory, MemorySink
+from pacsp2p.dicom.acceptor import AcceptorFactory
+from pacsp2p.dicom.messages import MAX_COMMAND, MAX_QUEUED, MemorySink
 from pacsp2p.dicom.admission import FdBudget
 from pacsp2p.dicom.pdu import APPLICATION_CONTEXT, PDV, RELEASE_RQ
 
