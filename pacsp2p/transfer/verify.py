@@ -30,6 +30,7 @@ scrub (``Retrieval.on_damaged``), which replaces it from a good replica.
 from __future__ import annotations
 
 import io
+import os
 import re
 
 from twisted.internet import defer
@@ -60,16 +61,27 @@ def _hash(f):
     hop for a consumer that reads it at once)."""
     try:
         f.seek(0)
-        head = f.read(SMALL + 1)
-        if len(head) <= SMALL:
-            _closed(f)
-            f = io.BytesIO(head)
+        if _size(f) <= SMALL:
+            data = f.read(SMALL + 1)
+            if len(data) <= SMALL:
+                _closed(f)
+                f = io.BytesIO(data)
+            else:               # grew meanwhile: hashed from the file
+                f.seek(0)
         return file_dataset_hash(f), f
     except Exception:
         return "", f
     finally:
         if not f.closed:
             f.seek(0)
+
+
+def _size(f) -> int:
+    """Bytes in the file *f* (a large number if it cannot tell: not read whole)."""
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return SMALL + 1
 
 
 def _closed(f):
