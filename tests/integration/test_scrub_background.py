@@ -47,6 +47,9 @@ def test_background_passes_keep_their_rate_find_damage_and_resume(tmp_path):
         assert last["why"] == "background", last
         assert last["checked"] == N and last["damaged"] == 1 and last["unrepaired"] == 1
         assert last["damaged_uids"] == [uid]
+        print(f"\nbackground pass: {last['bytes'] / 1e6:.2f} MB in "
+              f"{last['finished'] - last['started']:.2f} s = {last['MB_per_s']} MB/s "
+              f"(scrub_rate {RATE})")
         assert 0.8 * RATE <= last["MB_per_s"] <= 1.2 * RATE, last
         log = peer.log_path.read_text()
         assert f"the copy of {uid} on archive local is damaged" in log
