@@ -47,7 +47,7 @@ from pacsp2p.dicom import header
 from pacsp2p.flow import open_gated
 from pacsp2p.overlay import tls
 from pacsp2p.overlay.dissemination import check_vector
-from pacsp2p.overlay.sync import BATCH, MAX_PULL_BODY, encode_answer
+from pacsp2p.overlay.sync import BATCH, MAX_PULL_BODY, serve
 from pacsp2p.validate import is_uid, shown
 
 log = Logger()
@@ -97,29 +97,15 @@ class _Changes(resource.Resource):
         asker = tls.peer_name(request.transport)
         if asker and self.heard is not None:
             self.heard(asker, theirs)
-        mine = dict(self.catalog.vector)
-        lag = sorted(o for o, s in mine.items() if o != asker and s > theirs.get(o, 0))
-        d = self._collect(lag, theirs, limit)
 
-        def send(parts):
+        def send(body):
             request.setHeader(b"content-type", b"application/octet-stream")
-            request.write(encode_answer(mine, parts))
+            request.write(body)
             request.finish()
 
-        d.addCallbacks(send, lambda f: _fail(request, f))
+        serve(self.catalog, theirs, asker, limit).addCallbacks(
+            send, lambda f: _fail(request, f))
         return server.NOT_DONE_YET
-
-    @defer.inlineCallbacks
-    def _collect(self, origins, theirs, budget):
-        parts = []
-        for origin in origins:
-            if budget <= 0:
-                break
-            rows = yield self.catalog.changes(origin, theirs.get(origin, 0), budget)
-            if rows:
-                parts.append((origin, rows))
-                budget -= len(rows) - 1
-        return parts
 
     def render_GET(self, request):
         try:

@@ -74,6 +74,23 @@ def checked_rows(origin: str, rows) -> tuple[list, int]:
     return rows, top
 
 
+@defer.inlineCallbacks
+def serve(catalog, theirs: dict, asker: str | None, limit: int):
+    """Deferred[bytes]: our answer to a pull by *asker* whose vector is *theirs*: our
+    vector, then the facts of every origin (but the asker's own) above theirs, origin
+    by origin, at most *limit* facts in all."""
+    mine = dict(catalog.vector)
+    budget, parts = limit, []
+    for origin in sorted(o for o, s in mine.items() if o != asker and s > theirs.get(o, 0)):
+        if budget <= 0:
+            break
+        rows = yield catalog.changes(origin, theirs.get(origin, 0), budget)
+        if rows:
+            parts.append((origin, rows))
+            budget -= len(rows) - 1
+    return encode_answer(mine, parts)
+
+
 def behind(mine: dict, theirs: dict, me: str) -> bool:
     return any(s > mine.get(o, 0) for o, s in theirs.items() if o != me)
 

@@ -222,8 +222,11 @@ class SimNet:
         self.clock.callLater(wait + self.latency(), self._deliver, a, b, data)
 
     def _deliver(self, a, b, data):
-        if self.reachable(a, b):
-            self.peers[b].swim.receive(a, data)
+        """Sent is sent: a message on its way arrives even if its sender has since
+        died (as bytes already in a socket do), unless a partition cuts it."""
+        pb = self.peers[b]
+        if pb.up and (self.groups is None or any(a in g and b in g for g in self.groups)):
+            pb.swim.receive(a, data)
 
     def pull(self, me: SimPeer, target: str):
         """A catalog pull: one round trip per batch, until *me* holds what *target*

@@ -1,0 +1,289 @@
+"""The overlay's protocol core on a simulated network (issue 18, 19.6).
+
+SWIM + Lifeguard (``pacsp2p.overlay.swim``) and the catalog's epidemic dissemination
+(``pacsp2p.overlay.dissemination``) run here exactly as in a peer; only the network
+(``pacsp2p.testing.simnet``: delays, loss, partitions, a bounded link pool) and the
+catalog (a version vector) are stand-ins, on a deterministic clock. Every duration below
+is simulated time: nothing waits on the wall clock.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pacsp2p.overlay import swim as swim_mod
+from pacsp2p.overlay.dissemination import digest
+from pacsp2p.overlay.swim import ALIVE, DEAD, MAX_MESSAGE, SUSPECT, Broadcasts, SwimConfig
+from pacsp2p.testing.simnet import SimClock, SimNet
+
+
+def cluster(n: int, seed: int = 1, **kw) -> SimNet:
+    net = SimNet(seed=seed, **kw)
+    names = [f"p{i:03d}" for i in range(n)]
+    for i, name in enumerate(names):
+        net.add(name, seeds=names[max(0, i - 3):i])
+        net.run(0.02)
+    assert net.run_until(net.converged, 60) is not None, "the cluster never converged"
+    return net
+
+
+class Watch:
+    def __init__(self, net):
+        self.events = []
+        net.watchers.append(lambda t, o, node, old, new: self.events.append(
+            (t, o, node.name, old, new)))
+
+    def about(self, name, state):
+        return [e for e in self.events if e[2] == name and e[4] == state]
+
+    def of_live(self, net, state):
+        return [e for e in self.events if e[4] == state and net.peers[e[2]].up]
+
+
+# -- failure detection ---------------------------------------------------------------------
+
+def test_a_dead_member_is_detected_by_every_peer():
+    net = cluster(20)
+    watch = Watch(net)
+    net.run(5)
+    net.kill("p007")
+    took = net.run_until(lambda: net.all_see("p007", DEAD), 30, step=0.01)
+    assert took is not None, "p007 was not declared dead everywhere within 30 s"
+    # suspicion came first, then death; nobody else was touched
+    assert watch.about("p007", SUSPECT)
+    assert took < 6.0, took
+    assert not watch.of_live(net, DEAD)
+    # and it stays dead (no one resurrects it) while the rest stays alive
+    net.run(20)
+    assert net.all_see("p007", DEAD)
+    assert net.run_until(net.converged, 1) is not None
+
+
+@pytest.mark.parametrize("loss", [0.01, 0.10])
+def test_no_live_member_is_declared_dead_under_message_loss(loss):
+    net = cluster(20, seed=3)
+    watch = Watch(net)
+    net.loss = loss
+    net.run(120)
+    net.loss = 0.0
+    assert watch.of_live(net, DEAD) == [], "a live member was declared dead"
+    # suspicions may happen at 10 % loss, but each was refuted
+    net.run(10)
+    assert net.converged()
+    if loss <= 0.01:
+        assert watch.of_live(net, SUSPECT) == []
+
+
+def test_a_suspicion_of_a_live_member_is_refuted():
+    net = cluster(10, seed=5)
+    watch = Watch(net)
+    victim = net.peers["p004"]
+    before = victim.swim.incarnation
+    # one peer wrongly suspects p004 (as if its probe had gone unanswered)
+    accuser = net.peers["p001"]
+    accuser.swim._on_suspect("p004", accuser.swim.nodes["p004"].incarnation, "p001")
+    assert accuser.swim.nodes["p004"].state == SUSPECT
+    net.run(15)
+    assert victim.swim.incarnation > before, "p004 did not refute"
+    assert victim.swim.stats["refuted"] >= 1
+    assert watch.about("p004", DEAD) == []
+    assert net.all_see("p004", ALIVE)
+
+
+def test_a_member_cut_off_and_declared_dead_comes_back_by_itself():
+    net = cluster(12, seed=7)
+    net.partition([{"p005"}, {p for p in net.peers if p != "p005"}])
+    assert net.run_until(lambda: net.all_see("p005", DEAD, [p for p in net.live()
+                                                            if p.name != "p005"]), 30)
+    net.heal()
+    took = net.run_until(net.converged, 30)
+    assert took is not None and took < 10, took
+
+
+def test_a_peer_that_leaves_is_dead_at_once_everywhere():
+    net = cluster(10)
+    net.peers["p003"].swim.stop(leave=True)
+    net.peers["p003"].up = False
+    took = net.run_until(lambda: net.all_see("p003", DEAD), 10, step=0.01)
+    assert took is not None and took < 2.0, took
+
+
+# -- joining ---------------------------------------------------------------------------------
+
+def test_a_peer_joining_through_one_seed_learns_everyone_and_everyone_learns_it():
+    net = cluster(30)
+    net.add("late", seeds=["p017"])
+    took = net.run_until(lambda: net.all_see("late", ALIVE) and
+                         len(net.peers["late"].swim.nodes) == 30, 20, step=0.01)
+    assert took is not None and took < 3.0, took
+
+
+# -- what travels -------------------------------------------------------------------------------
+
+class Recorder:
+    """A transport that keeps what is sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, name, data):
+        self.sent.append((name, data))
+
+    def linked(self, name):
+        return False
+
+
+def test_no_message_exceeds_the_limit_with_hundreds_of_members():
+    """Issue 19.6: heartbeats carried the whole member list as one AMP value (65,535
+    bytes) and failed beyond ~262 members. Here a member knows 1,000 others with infos
+    of ~300 bytes (a full state of ~330 kB): its full state goes out in pieces that each
+    fit, another member learns all 1,000 from them, and a message piggybacking a full
+    queue of news stays within its budget too."""
+    clock = SimClock()
+    info = {"host": "10.20.30.40", "port": 11114, "bulk_port": 11115,
+            "facade_ae": "ARCHIVE-NORTH", "facade_port": 11112,
+            "archives": [[f"archive-{i}-" + "x" * 40, "site-north", 4] for i in range(3)]}
+    a = swim_mod.Swim("a", info, 1, clock, Recorder())
+    b = swim_mod.Swim("b", info, 1, clock, Recorder())
+    a.running = b.running = True
+    for i in range(1000):
+        a._on_alive(f"p{i:04d}", 1, dict(info, host=f"10.0.{i // 250}.{i % 250}"))
+    a.transport.sent.clear()
+    a.push_pull("b")
+    pieces = [data for _, data in a.transport.sent]
+    assert sum(map(len, pieces)) > 5 * 65535
+    assert all(len(p) <= MAX_MESSAGE < 65535 for p in pieces)
+    for data in pieces:
+        b.receive("a", data)
+    assert len(b.nodes) == 1001 and b.stats["invalid"] == 0
+    # b answers with its own full state (asked for by the last piece), in pieces too
+    answer = [data for _, data in b.transport.sent]
+    assert len(answer) > 1 and all(len(p) <= MAX_MESSAGE for p in answer)
+    # a probe piggybacking the queued news (1,000 alive items) stays within budget
+    a.transport.sent.clear()
+    a._probe(a.nodes["p0001"])
+    [(_, data)] = a.transport.sent
+    assert len(a.queue) > 900 and len(data) <= a.config.max_message
+
+
+def test_messages_per_peer_do_not_grow_with_the_cluster():
+    rates = {}
+    for n in (30, 120):
+        net = cluster(n, seed=4)
+        net.run(10)
+        before = sum(net.sent.values())
+        net.run(30)
+        rates[n] = (sum(net.sent.values()) - before) / n / 30
+    assert rates[120] <= rates[30] * 1.2, rates
+    assert rates[30] < 8, rates           # about one ping and one ack each way per period
+    assert 0 < net.largest <= MAX_MESSAGE
+
+
+def test_hostile_messages_are_dropped_and_counted():
+    net = cluster(3)
+    s = net.peers["p000"].swim
+    before = dict(s.stats)
+    for data in (b"\xff\x00garbage", b"[]", b"{}", b'{"t":"ping"}', b'{"t":"ping","seq":-1}',
+                 b'{"t":"ping","seq":1,"to":"p000","g":[["a","x",1,"not info"]]}',
+                 b'{"t":"ack","seq":"1"}', b'{"t":"preq","seq":1,"to":""}',
+                 b'{"t":"state","m":[["p009",1,"z",{}]]}', b'{"t":"nope"}',
+                 b"[" * 100000, b'{"t":"gossip","g":' + b"[" * 5000 + b"]" * 5000 + b"}",
+                 b'{"t":"gossip","g":[["s","p001",1e300,"p002"]]}',
+                 b"x" * (MAX_MESSAGE + 1)):
+        s.receive("p001", data)
+    assert s.stats["invalid"] - before["invalid"] >= 12
+    # nothing was believed: no new member, nobody suspected
+    assert set(s.nodes) == {"p001", "p002"}
+    assert all(n.state == ALIVE for n in s.nodes.values())
+    net.run(5)
+    assert net.converged()
+
+
+def test_broadcast_queue_sends_each_item_a_limited_number_of_times_within_budget():
+    q = Broadcasts()
+    for i in range(10):
+        q.put(("m", i), ["a", f"p{i}", 1, {"x": "y" * 50}])
+    q.put(("m", 3), ["d", "p3", 2, "p0"])            # replaces the item of the same key
+    assert len(q) == 10
+    first = q.take(budget=250, limit=2)
+    assert first[0] == ["d", "p3", 2, "p0"]           # newest first
+    assert sum(len(json.dumps(e)) + 1 for e in first) <= 250
+    sent = {}
+    for _ in range(50):
+        for e in q.take(budget=10000, limit=2):
+            sent[e[1]] = sent.get(e[1], 0) + 1
+    assert len(q) == 0
+    assert all(v <= 2 for v in sent.values())
+
+
+# -- catalog dissemination -------------------------------------------------------------------
+
+def test_a_new_fact_reaches_every_peer_without_the_writer_talking_to_all():
+    net = cluster(40)
+    net.run(5)
+    writer = net.peers["p010"]
+    pulls_before = dict(net.pulls)
+    seq = writer.catalog.write(1)
+    took = net.run_until(lambda: all(p.catalog.vector.get("p010", 0) >= seq
+                                     for p in net.live()), 20, step=0.01)
+    assert took is not None and took < 4.0, took
+    # the writer was pulled from by a few peers, not by the 39 others
+    served_by_writer = sum(1 for p in net.live()
+                           if p.name != "p010" and net.pulls[p.name] > pulls_before.get(p.name, 0))
+    assert served_by_writer == 39                     # every peer pulled once, from someone
+    assert writer.dissemination.pulls == 0
+
+
+def test_a_late_joiner_and_a_healed_partition_catch_up():
+    net = cluster(16, seed=9)
+    for p in list(net.peers.values())[:5]:
+        p.catalog.write(20000)                        # 4 batches each
+    net.run(10)
+    net.add("late", seeds=["p003"])
+    late = net.peers["late"]
+    assert net.run_until(lambda: all(late.catalog.vector.get(f"p00{i}", 0) == 20000
+                                     for i in range(5)), 30) is not None
+    # pulled in batches of at most 5,000 facts, all origins of a batch from one peer
+    assert net.batches["late"] >= 20
+    # partition: both halves write; after healing every catalog holds every fact
+    names = sorted(net.peers)
+    a, b = set(names[:8]), set(names[8:])
+    net.partition([a, b])
+    net.peers[names[0]].catalog.write(3)
+    net.peers[names[-1]].catalog.write(4)
+    net.run(20)
+    net.heal()
+
+    def same():
+        vectors = [{o: s for o, s in p.catalog.vector.items()} for p in net.live()]
+        full = {}
+        for v in vectors:
+            for o, s in v.items():
+                full[o] = max(full.get(o, 0), s)
+        return all(digest({**full, p.name: p.catalog.vector.get(p.name, 0)}) ==
+                   digest(p.catalog.vector) for p in net.live())
+    assert net.run_until(same, 30) is not None
+
+
+def test_sim_clock_runs_each_call_at_its_own_time():
+    clock = SimClock()
+    seen = []
+    clock.callLater(2.0, lambda: seen.append(("b", clock.seconds())))
+    dc = clock.callLater(1.0, lambda: seen.append(("a", clock.seconds())))
+    late = clock.callLater(0.5, lambda: seen.append(("late", clock.seconds())))
+    late.reset(3.0)
+    dc.reset(0.25)
+    gone = clock.callLater(1.5, lambda: seen.append(("gone", 0)))
+    gone.cancel()
+    clock.advance(5)
+    assert seen == [("a", 0.25), ("b", 2.0), ("late", 3.0)]
+    assert clock.seconds() == 5
+
+
+def test_suspicion_timeout_shrinks_with_confirmations():
+    config = SwimConfig()
+    low, high = config.suspicion_timeouts(100)
+    assert high == pytest.approx(low * config.suspicion_max_mult)
+    assert low == pytest.approx(config.suspicion_min * 2 * config.probe_interval)
+    assert swim_mod.MAX_MESSAGE < 65535

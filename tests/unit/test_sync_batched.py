@@ -1,0 +1,148 @@
+"""Catalog pulls batched over origins (issue 19.5): one request brings every origin the
+asker lags on, from one neighbour, at most ``limit`` facts per request.
+
+Real SQLite catalogs written with the catalog's own functions; the answering side is
+``sync.serve`` (what ``POST /changes`` runs), the asking side ``sync.AntiEntropy.pull``
+(pipelined: the next request leaves before a batch is written). The bytes between them
+go through a fake bulk client that counts requests; everything is synchronous.
+"""
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer
+
+from pacsp2p.catalog import db, tombstones
+from pacsp2p.overlay import sync
+from pacsp2p.overlay.swim import Invalid
+
+
+class Catalog:
+    """A catalog with the methods sync uses, over one SQLite file, synchronous."""
+
+    def __init__(self, tmp_path, peer):
+        self.peer = peer
+        self.conn = db._connect(tmp_path / f"{peer}.sqlite")
+        db.create_schema(self.conn)
+        tombstones.create_schema(self.conn)
+        self.vector = db.vector(self.conn)
+
+    def store(self, n, origin=None, study="1.2.3"):
+        """*n* facts of our own (or, written as if pulled, of *origin*)."""
+        origin = origin or self.peer
+        seq = self.vector.get(origin, 0)
+        facts = []
+        for i in range(n):
+            seq += 1
+            uid = f"1.2.3.{abs(hash(origin)) % 1000}.{seq}"
+            attrs = {"PatientID": "P1", "PatientName": "DOE^J", "StudyInstanceUID": study,
+                     "SeriesInstanceUID": study + ".1", "Modality": "CT",
+                     "SOPInstanceUID": uid, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+                     "TransferSyntaxUID": "1.2.840.10008.1.2.1"}
+            facts.append((attrs, (uid, "local", origin, "ab" * 32, 100, seq)))
+        db.write_facts(self.conn, facts)
+        self.vector[origin] = seq
+
+    def changes(self, origin, after, limit):
+        return defer.succeed(db.read_changes(self.conn, origin, after, limit))
+
+    def apply(self, origin, rows):
+        top = db.check_wire(rows)
+        db.write_wire(self.conn, rows, self.peer)
+        self.vector[origin] = max(self.vector.get(origin, 0), top)
+        return defer.succeed(None)
+
+
+class Member:
+    def __init__(self, name):
+        self.name = name
+
+
+class Bulk:
+    """Requests go straight to the other catalog's ``serve``."""
+
+    def __init__(self, other, asker, tamper=None):
+        self.other, self.asker, self.tamper = other, asker, tamper
+        self.asked = []
+
+    def pull_body(self, member, vector, limit):
+        self.asked.append(dict(vector))
+        d = sync.serve(self.other, vector, self.asker, limit)
+        return d.addCallback(self.tamper) if self.tamper else d
+
+
+def pulled(d):
+    results = []
+    d.addBoth(results.append)
+    assert results, "the pull did not finish synchronously"
+    if isinstance(results[0], Exception) or hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def test_one_request_brings_every_lagging_origin(tmp_path):
+    x = Catalog(tmp_path, "x")
+    for origin in ("a", "b", "c", "d"):
+        x.store(10, origin=origin)
+    x.store(5)
+    y = Catalog(tmp_path, "y")
+    y.store(3)
+    x.store(2, origin="y")            # x knows some of y's own facts: not sent back
+    bulk = Bulk(x, "y")
+    ae = sync.AntiEntropy(y, bulk, batch=5000)
+    theirs = pulled(ae.pull(Member("x")))
+    assert len(bulk.asked) == 1, bulk.asked            # 5 origins, ONE request
+    assert theirs == x.vector
+    assert {o: y.vector[o] for o in "abcdx"} == {o: x.vector[o] for o in "abcdx"}
+    assert y.vector["y"] == 3
+    assert ae.pulled == 45
+    assert db.vector(y.conn) == y.vector
+
+
+def test_a_large_backlog_comes_in_batches_of_at_most_limit_facts(tmp_path):
+    x = Catalog(tmp_path, "x")
+    for origin in ("a", "b", "c"):
+        x.store(1500, origin=origin)
+    y = Catalog(tmp_path, "y")
+    bulk = Bulk(x, "y")
+    ae = sync.AntiEntropy(y, bulk, batch=1000)
+    pulled(ae.pull(Member("x")))
+    assert y.vector == {"a": 1500, "b": 1500, "c": 1500}
+    assert 5 <= len(bulk.asked) <= 6, len(bulk.asked)     # 4,500 facts / 1,000
+    assert ae.pulled == 4500
+    # each request carried the vector reached so far (no fact asked for twice)
+    for before, after in zip(bulk.asked, bulk.asked[1:]):
+        assert sum(after.values()) - sum(before.values()) <= 1000
+
+
+def test_an_answer_with_facts_of_another_origin_is_refused(tmp_path):
+    x = Catalog(tmp_path, "x")
+    x.store(5, origin="a")
+    x.store(5, origin="b")
+    y = Catalog(tmp_path, "y")
+
+    def swap(body):       # claim b's facts are a's
+        vector, parts = sync.decode_answer(body)
+        (_, ra), (_, rb) = parts
+        return sync.encode_answer(vector, [("a", __import__("json").loads(rb))])
+
+    ae = sync.AntiEntropy(y, Bulk(x, "y", tamper=swap), batch=5000)
+    with pytest.raises(Invalid):
+        pulled(ae.pull(Member("x")))
+    assert y.vector == {}
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b'{"vector": {"a": -1}}\n"a"',
+                                  b'{"vector": {"a": 1}}\n7\n[]', b'{"vector": 3}'])
+def test_malformed_answers_are_refused(body):
+    with pytest.raises(ValueError):
+        sync.decode_answer(body)
+
+
+def test_the_answer_names_what_the_asker_lags_on_and_nothing_else(tmp_path):
+    x = Catalog(tmp_path, "x")
+    x.store(4, origin="a")
+    x.store(4, origin="b")
+    body = pulled(sync.serve(x, {"a": 4, "b": 1, "zz": 9}, "q", 100))
+    vector, parts = sync.decode_answer(body)
+    assert vector == {"a": 4, "b": 4}
+    assert [o for o, _ in parts] == ["b"]
