@@ -115,7 +115,7 @@ class Delivery(Tally):
 
     def __init__(self, retrieval, destination, calling_ae: str, reactor, *,
                  originator_ae: str | None = None, originator_msg_id: int | None = None,
-                 window: int = 3, connect_timeout: float = 10, acse_timeout: float = 30,
+                 window: int = 8, connect_timeout: float = 10, acse_timeout: float = 30,
                  dimse_timeout: float = 120):
         super().__init__(retrieval, destination, calling_ae, reactor, originator_ae,
                          originator_msg_id)
