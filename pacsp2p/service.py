@@ -14,6 +14,7 @@ the catalog's integrity is checked in the background unless it was closed cleanl
 from __future__ import annotations
 
 import os
+import resource
 import sys
 
 from twisted.application import service
@@ -103,6 +104,7 @@ class PeerService(service.MultiService):
         log.info("pacsp2p {v} peer {name}, data in {dir}", v=__version__,
                  name=self.settings.peer.name, dir=self.settings.data_dir)
         self._lock = lock.acquire(self.settings.data_dir)
+        _raise_fd_limit()
         yield self.catalog.start()
         for archive in self.archives:
             try:
@@ -152,6 +154,18 @@ def _what(settings, name: str) -> str:
              "admin": lambda: f"admin.port {settings.admin.port}",
              "facade": lambda: f"facade.port {settings.facade.port}"}
     return ports[name]() if name in ports else name
+
+
+def _raise_fd_limit(want: int = 65536) -> None:
+    """Raise the soft RLIMIT_NOFILE towards the hard one: a flood of sockets then meets the
+    facade's own caps (``[facade] max_pending``, ``fd_reserve``) long before EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(hard, want)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warn("cannot raise the open-file limit from {soft}: {err}", soft=soft, err=e)
 
 
 def _exit_failed():

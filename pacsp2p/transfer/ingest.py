@@ -47,6 +47,23 @@ log = Logger()
 
 
 
+def unrecorded(failure, archive, meta, stored):
+    """A copy kept on a local *archive* that the catalog could not record (a full disk,
+    ...): removed — unless it was there before (a duplicate, or a conflicting version) —
+    so the archive holds no file the catalog does not know; then *failure* goes on (the
+    C-STORE fails only once the file is gone, so a retry cannot find it half-removed)."""
+    uid = meta.sop_instance_uid
+    log.error("C-STORE {uid}: the catalog could not record the copy on {archive}: {err}",
+              uid=uid, archive=archive.name, err=failure.getErrorMessage())
+    if stored.duplicate or stored.conflict:
+        return failure
+    d = defer.maybeDeferred(archive.discard, uid, stored.sha256)
+    d.addErrback(lambda f: log.error("dropping the unrecorded copy of {uid} failed: {err}",
+                                     uid=uid, err=f.getErrorMessage()))
+    d.addBoth(lambda _: failure)
+    return d
+
+
 class _Copy:
     """A durable, not yet recorded, copy on one archive."""
 
@@ -143,7 +160,8 @@ class OneJob(StoreSession):
             return
         self.ingest.copies["local"] += 1
         d = record(self.ingest.catalog, meta, stored, self.ingest.peer)
-        d.addCallback(lambda _: StoreResult(meta.sop_instance_uid, (stored,)))
+        d.addCallbacks(lambda _: StoreResult(meta.sop_instance_uid, (stored,)), unrecorded,
+                       errbackArgs=(self.archive, meta, stored))
         d.chainDeferred(self.recorded)
 
 
@@ -376,9 +394,9 @@ class Ingest:
         fresh = not (stored.duplicate or stored.conflict)
 
         def commit(meta, hints=()):
-            return defer.gatherResults(
-                [record(self.catalog, meta, stored, self.peer, hints), synced],
-                consumeErrors=True)
+            recorded = record(self.catalog, meta, stored, self.peer, hints)
+            recorded.addErrback(unrecorded, archive, meta, stored)
+            return defer.gatherResults([recorded, synced], consumeErrors=True)
         synced.addErrback(lambda f: log.error("fsync of {uid} failed: {err}",
                                               uid=meta.sop_instance_uid,
                                               err=f.getErrorMessage()) or f)
