@@ -24,6 +24,9 @@ copies — this one, or another over the overlay (``Drain``) — to drain. That 
    instance for which no archive can take a copy (every other archive holds it or is
    down) keeps its copy and the state is ``blocked`` until one can.
 
+An archive that cannot delete (plain DIMSE, a read-only archive) keeps its files: the
+cluster forgets its copies and no longer reads or counts them there.
+
 A drained archive stays out of placement until the peer is removed (or ``--stop``,
 which ends the drain and lets placement use it again; what moved stays moved).
 Removing a drained peer leaves no instance under-replicated: it holds nothing.
@@ -290,7 +293,9 @@ class Drain:
                           archive=target.name, peer=target.peer)
             if not targets:
                 self.stats["dropped"] += 1
-            yield self.archives[mine.archive].discard(uid, mine.sha256)
+            discard = getattr(self.archives[mine.archive], "discard", None)
+            if discard is not None:            # (a read-only archive keeps its file)
+                yield discard(uid, mine.sha256)
             yield self.catalog.forget(uid, mine.archive, mine.sha256)
             return True
         except Exception as e:
