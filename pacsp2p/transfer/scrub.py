@@ -29,8 +29,8 @@ archive that cannot ``restore`` (plain DIMSE), or an instance with no good repli
 *unrepaired*: logged as an error, listed in status, and ``pacsp2p scrub`` exits non-zero.
 
 When. In the background a full pass starts every ``[cluster] scrub_interval`` seconds
-(counted from the start of the previous one; the first one ``scrub_interval`` after the
-peer's first start), reading at most ``scrub_rate`` MB/s (a pacing token bucket), and
+(counted from the start of the previous one, on demand or not; the first one
+``scrub_interval`` after the peer's first start), reading at most ``scrub_rate`` MB/s (a pacing token bucket), and
 resumes where it stopped after a restart (its cursor, the catalog's sequence number, is
 saved every few seconds). On demand, ``run()`` (``pacsp2p scrub``) starts a full pass at
 once — at the given rate, by default ``scrub_rate`` — stopping a background pass that
@@ -128,7 +128,7 @@ class Scrub:
         self.current: Pass | None = None
         self.last: dict | None = None            # the last pass that finished
         self.epoch: float | None = None          # first start: background passes count from it
-        self.last_started: float | None = None   # start of the latest background pass
+        self.last_started: float | None = None   # start of the latest full pass
         self.totals = {k: 0 for k in _COUNTS}    # over every pass, kept in the catalog
         self.found_by_reads = {"damaged": 0, "repaired": 0}     # retrievals' reports
         self._ids = 0
@@ -206,6 +206,7 @@ class Scrub:
             p.stopped = True
             yield self._walking
         self._ids += 1
+        self.last_started = time.time()          # a full pass: the next one is due later
         p = Pass(self._ids, "on demand", self.rate if rate is None else float(rate),
                  time.time())
         self._begin(p)
