@@ -154,8 +154,12 @@ class Dissemination:
             fn(name, vector)
 
     def want(self, holder: str, origin: str, seq: int) -> None:
-        """*holder* has *origin*'s facts up to *seq* (we were told another way)."""
-        self._note(holder, origin, seq)
+        """*holder* has *origin*'s facts up to *seq* (we were told another way, e.g. it
+        recorded a copy we asked for): pull now, not after ``pull_interval``."""
+        if self._note(holder, origin, seq) and self.pulling is None:
+            if self._call is not None and self._call.active():
+                self._call.cancel()
+            self._call = self.clock.callLater(0, self._next)
 
     # -- pulling -------------------------------------------------------------------------
     def _kick(self) -> None:

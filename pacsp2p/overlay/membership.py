@@ -116,8 +116,10 @@ def check_info(wire) -> dict:
 
 
 def _wire(info: MemberInfo) -> dict:
+    """What is gossiped of *info* (its name and incarnation travel beside it)."""
     d = asdict(info)
     d.pop("incarnation", None)
+    d.pop("name", None)
     return d
 
 

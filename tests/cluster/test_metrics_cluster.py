@@ -38,7 +38,9 @@ def test_peers_replication_and_a_dead_peer(make_cluster, tmp_path):
     s = _metrics(a)
     assert _get(s, "pacsp2p_peer_state", peer=b.name, state="alive") == 1
     assert _get(s, "pacsp2p_peer_state", peer=a.name, state="self") == 1
-    assert _get(s, "pacsp2p_peer_rtt_seconds", peer=b.name) is not None
+    # a round trip is known once peera has probed peerb (SWIM: within a period or two)
+    wait_until(lambda: _get(_metrics(a), "pacsp2p_peer_rtt_seconds", peer=b.name)
+               is not None, 10, what="peera's round trip to peerb")
     assert _get(s, "pacsp2p_peers", state="alive") == 1
     copies = sum(_get(s, "pacsp2p_replication_copies_total", kind=k) or 0
                  for k in ("local", "pushed", "fetched"))

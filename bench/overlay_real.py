@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""The overlay with N real peers on this host (issue 18): membership convergence, idle
+CPU per peer, overlay links, and 1,000 instances stored at one peer until every peer
+counts them.
+
+For each N (default 3, 6, 10, 16): a cluster CA and N peer configs
+(``pacsp2p.testing.cluster``: embedded archive, overlay on 127.0.0.1 with mutual TLS,
+default ``[overlay]`` parameters, each peer seeded with the first two peers), then N
+``twistd pacsp2p`` processes spawned at once. Measured:
+
+- **converged**: seconds from the moment every peer's admin endpoint answers until every
+  peer sees every other alive (and, in brackets, from spawning the first process);
+- **idle CPU per peer**: CPU time of each peer process over 30 s after 10 s of rest, as a
+  percentage of one core (mean and max over the peers);
+- **links**: established TCP connections between peers on overlay (AMP) ports and on bulk
+  (HTTPS) ports, each counted once, in the idle window;
+- **1,000 instances**: storescu sends 1,000 small instances (one series, 64x64) on one
+  association to the first peer; seconds from its start until every peer's catalog counts
+  1,000 instances; the catalog pull requests all peers made meanwhile and the CPU time of
+  all peers over that span.
+
+    .venv/bin/python bench/overlay_real.py                  # N = 3, 6, 10, 16
+    .venv/bin/python bench/overlay_real.py --sizes 3,32 --keep
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+from pacsp2p.testing import datasets, storescu  # noqa: E402
+from pacsp2p.testing.cluster import Cluster, peer_names  # noqa: E402
+from pacsp2p.testing.peer import twistd_path  # noqa: E402
+from pacsp2p.testing.procs import Process  # noqa: E402
+
+
+def status(peer, timeout=30.0) -> dict:
+    with urllib.request.urlopen(f"{peer.admin_url}/status", timeout=timeout) as r:
+        return json.load(r)
+
+
+def poll(predicate, limit: float, interval: float = 0.1):
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        try:
+            if predicate():
+                return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(interval)
+    return None
+
+
+def cpu(pids) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def links(peers, ports: set, bulk_ports: set) -> tuple[int, int]:
+    amp = bulk = 0
+    for p in peers:
+        try:
+            conns = psutil.Process(p.process.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        for c in conns:
+            if c.status != psutil.CONN_ESTABLISHED or not c.raddr:
+                continue
+            if c.raddr.port in ports:
+                amp += 1                    # counted at the dialling end only
+            elif c.raddr.port in bulk_ports:
+                bulk += 1
+    return amp, bulk
+
+
+def run(n: int, root: Path, files) -> dict:
+    cluster = Cluster(root / f"n{n}")
+    names = peer_names(n) if n <= 26 else [f"peer{i:02d}" for i in range(n)]
+    peers = []
+    for i, name in enumerate(names):
+        seeds = [cluster.seed(p) for p in peers[:2]]
+        peers.append(cluster.add(name, seeds=seeds, start=False))
+    r = {"n": n}
+    try:
+        t_spawn = time.monotonic()
+        for p in peers:
+            argv = [twistd_path(), "-n", "--pidfile=", "pacsp2p", "--config", p.config_path]
+            p.process = Process(argv, p.log_path, cwd=p.workdir).start()
+        up = poll(lambda: all(_answers(p) for p in peers), 600, 0.2)
+        if up is None:
+            raise RuntimeError("peers did not all start")
+        t_up = time.monotonic()
+
+        def meshed():
+            for p in peers:
+                seen = {m["name"]: m["state"] for m in status(p)["overlay"]["members"]}
+                if sum(1 for nm in names if nm != p.name and seen.get(nm) == "alive") < n - 1:
+                    return False
+            return True
+        took = poll(meshed, 300, 0.1)
+        r["up"], r["converged"] = t_up - t_spawn, took
+        r["from_spawn"] = (time.monotonic() - t_spawn) if took is not None else None
+        time.sleep(10)
+        pids = [p.process.pid for p in peers]
+        ports = {cluster.overlay_ports[p.name][0] for p in peers}
+        bulk_ports = {cluster.overlay_ports[p.name][1] for p in peers}
+        per = []
+        before = {pid: cpu([pid]) for pid in pids}
+        t0 = time.monotonic()
+        time.sleep(30)
+        dt = time.monotonic() - t0
+        for pid in pids:
+            per.append((cpu([pid]) - before[pid]) / dt * 100)
+        r["idle_cpu"] = (sum(per) / len(per), max(per))
+        r["links"] = links(peers, ports, bulk_ports)
+        # 1,000 instances at the first peer
+        requests0 = sum(status(p)["overlay"].get("dissemination", {}).get("requests", 0)
+                        for p in peers)
+        cpu0 = cpu(pids)
+        t0 = time.monotonic()
+        proc = storescu(peers[0].port, peers[0].ae_title, files, timeout=600)
+        stored = time.monotonic() - t0
+        ok = (proc.stdout + proc.stderr).count("Received Store Response (Success)")
+
+        def counted():
+            return all(status(p)["catalog"].get("instances", 0) >= len(files) for p in peers)
+        done = poll(counted, 900, 0.2)
+        r["store"] = stored
+        r["counted"] = (time.monotonic() - t0) if done is not None else None
+        r["store_cpu"] = cpu(pids) - cpu0
+        r["requests"] = sum(status(p)["overlay"].get("dissemination", {}).get("requests", 0)
+                            for p in peers) - requests0
+        r["stored_ok"] = ok
+        r["rss"] = sum(psutil.Process(pid).memory_info().rss for pid in pids) / n / 1e6
+    finally:
+        for p in reversed(peers):
+            if p.process is not None:
+                p.process.stop(timeout=20)
+    return r
+
+
+def _answers(peer) -> bool:
+    try:
+        status(peer, timeout=2)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def main():
+    ap = common.parser(__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="3,6,10,16")
+    ap.add_argument("--instances", type=int, default=1000)
+    args = ap.parse_args()
+    common.header("overlay with real peers (issue 18)")
+    files = datasets.make_study(args.cache / f"overlay-real-{args.instances}",
+                                patient_id="OVLREAL", size=64, seed=18,
+                                series=[("CT", args.instances, datasets.ExplicitVRLittleEndian)])
+    rows = []
+    with common.workdir(args.keep, "pacsp2p-overlay-real-") as root:
+        for n in (int(x) for x in args.sizes.split(",")):
+            r = run(n, root, files)
+            print(json.dumps(r), flush=True)
+            rows.append([n, f"{r['converged']:.1f}" if r["converged"] is not None else "-",
+                         f"{r['from_spawn']:.1f}" if r.get("from_spawn") else "-",
+                         f"{r['idle_cpu'][0]:.2f} / {r['idle_cpu'][1]:.2f}",
+                         f"{r['links'][0]} + {r['links'][1]}",
+                         f"{r['store']:.1f}",
+                         f"{r['counted']:.1f}" if r["counted"] is not None else "-",
+                         r["requests"], f"{r['store_cpu']:.0f}", f"{r['rss']:.0f}"])
+    print()
+    print(common.table(rows, ["peers", "converged s", "(from spawn)", "idle CPU % mean/max",
+                              "links AMP + bulk", "store s", "all count 1000 s",
+                              "pull requests", "cluster CPU-s", "RSS MB/peer"]))
+
+
+if __name__ == "__main__":
+    main()
