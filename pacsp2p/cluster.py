@@ -109,7 +109,7 @@ class Cluster:
                              overlay, reactor)
         self.scrubber = Scrub(settings, catalog, self.archives, strategies, overlay, reactor)
         self.drainer = Drain(settings, catalog, self.archives, strategies, self.ingest,
-                             self.repair, overlay, reactor)
+                             self.repair, overlay, reactor, self.scrubber)
         services = getattr(getattr(overlay, "membership", None), "services", None)
         if services is not None:            # the overlay's requests: Drain, CheckCopy
             services.drainer, services.scrubber = self.drainer, self.scrubber

@@ -51,6 +51,7 @@ log = Logger()
 
 TICK = 2.0              # seconds between two walks while draining
 RECHECK = 30.0          # seconds between two looks at drained archives (a late copy)
+RETRY_AFTER = 30.0      # seconds before a copy whose move failed is tried again
 CHUNK = 200             # copies read from the catalog per step
 PARALLEL = 8            # copies moved at once
 _KEY = "drain"
@@ -62,12 +63,13 @@ class DrainError(ValueError):
 
 class Drain:
     def __init__(self, settings, catalog, archives: dict, strategies, ingest, repair,
-                 overlay, reactor):
+                 overlay, reactor, scrubber=None):
         self.peer = settings.peer.name
         self.replicas = settings.cluster.replicas
         self.catalog, self.archives, self.strategies = catalog, archives, strategies
         self.ingest, self.repair, self.overlay = ingest, repair, overlay
-        self.reactor = reactor
+        self.reactor, self.scrubber = reactor, scrubber
+        self._failed_at: dict[tuple, float] = {}     # (uid, archive) -> when a move failed
         self.state: dict[str, str] = {}          # archive of ours -> draining/blocked/drained
         self.running = False
         self._loop = None
@@ -209,6 +211,9 @@ class Drain:
     def walk(self):
         """One walk over our copies on the draining archives."""
         self._walking = True
+        now = time.monotonic()
+        self._failed_at = {k: t for k, t in self._failed_at.items()
+                           if now - t < RETRY_AFTER}
         names = set(self.state)
         after, left, blocked = 0, 0, 0
         try:
@@ -221,7 +226,11 @@ class Drain:
                 uids = sorted({c.uid for c in rows})
                 infos, where = yield self.catalog.read(lambda conn: _lookup(conn, uids))
                 jobs = []
+                now = time.monotonic()
                 for c in rows:
+                    if now - self._failed_at.get((c.uid, c.archive), -1e9) < RETRY_AFTER:
+                        left += 1
+                        continue
                     job = self._plan(c, infos.get(c.uid), where.get(c.uid, []))
                     if job is None:
                         blocked += 1
@@ -300,8 +309,11 @@ class Drain:
             return True
         except Exception as e:
             self.stats["failed"] += 1
-            log.warn("drain: moving {uid} off {archive} failed: {err} (tried again on the "
-                     "next walk)", uid=uid, archive=mine.archive, err=e)
+            self._failed_at[(uid, mine.archive)] = time.monotonic()
+            log.warn("drain: moving {uid} off {archive} failed: {err} (tried again in "
+                     "{s:.0f} s)", uid=uid, archive=mine.archive, err=e, s=RETRY_AFTER)
+            if self.scrubber is not None:        # our copy may be damaged: check it
+                self.scrubber.suspect(mine)
             return False
 
     def status(self) -> dict:
