@@ -615,6 +615,9 @@ class Membership:
         link = self.links.get(name)
         return link is not None and link.open
 
+    def linked_names(self) -> list:
+        return [name for name, link in self.links.items() if link.open]
+
     def _excused(self, name: str) -> bool:
         """A member whose link we stopped reading (pushed data waits for our disk) is
         not suspected for acks that wait there."""

@@ -33,7 +33,8 @@ off hears that it was declared dead and refutes it). Full states are cut into me
 of at most ``max_message`` bytes.
 
 The core is transport-agnostic: it sends and receives opaque bytes addressed by member
-name through a ``transport`` (``send(name, data)``, ``linked(name)``) and keeps time
+name through a ``transport`` (``send(name, data)``, ``linked(name)``, ``linked_names()``:
+the members it holds a link to, which gossip prefers) and keeps time
 through an ``IReactorTime`` (the reactor in a peer, ``task.Clock`` in the simulation),
 so the same code runs in a peer (``membership.py``, over mutual-TLS AMP) and in
 ``bench/overlay_sim.py``. Every message that arrives is checked (size, shape, types,
@@ -70,7 +71,7 @@ class SwimConfig:
     suspicion_min: float = 3.0         # alpha: min timeout = alpha * log10(N) * interval
     suspicion_max_mult: float = 6.0    # beta: max timeout = beta * min timeout
     suspicion_confirmations: int = 2   # K: independent suspicions that bring it to min
-    retransmit_mult: int = 4           # lambda: sends of each item = lambda*ceil(log10(N+1))
+    retransmit_mult: int = 6           # lambda: sends of each item = lambda*ceil(log10(N+1))
     gossip_interval: float = 0.2
     gossip_nodes: int = 3
     push_pull_interval: float = 30.0   # full state with a random member (scaled above 32)
@@ -644,11 +645,28 @@ class Swim:
         if not self.running:
             return
         if len(self.queue):
-            for node in self._pick(self.config.gossip_nodes, prefer_linked=False):
+            for node in self._gossip_targets():
                 if not len(self.queue):
                     break
                 self._send(node.name, {"t": "gossip"})
         self._after("gossip", self.config.gossip_interval, self._gossip_tick)
+
+    def _gossip_targets(self) -> list:
+        """``gossip_nodes`` members: one drawn from all (news keeps mixing through the
+        whole cluster), the others among those we hold a link to (no new connection for
+        each round; the pool itself follows the random probes)."""
+        chosen = {n.name: n for n in self._pick(1)}
+        linked = [self.nodes[n] for n in self.transport.linked_names()
+                  if n in self.nodes and self.nodes[n].state != DEAD and n not in chosen]
+        k = self.config.gossip_nodes - len(chosen)
+        if len(linked) > k:
+            linked = self.rng.sample(linked, k)
+        for n in linked:
+            chosen[n.name] = n
+        if len(chosen) < self.config.gossip_nodes:
+            for n in self._pick(self.config.gossip_nodes - len(chosen), exclude=chosen):
+                chosen[n.name] = n
+        return list(chosen.values())
 
     # -- what we learn -----------------------------------------------------------------
     def _set(self, node: Node, state: str):

@@ -96,6 +96,9 @@ class _Transport:
     def linked(self, to):
         return to in self.net.links[self.name]
 
+    def linked_names(self):
+        return list(self.net.links[self.name])
+
 
 class SimPeer:
     def __init__(self, net, name, config, seed):

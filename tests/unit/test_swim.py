@@ -133,6 +133,9 @@ class Recorder:
     def linked(self, name):
         return False
 
+    def linked_names(self):
+        return []
+
 
 def test_no_message_exceeds_the_limit_with_hundreds_of_members():
     """Issue 19.6: heartbeats carried the whole member list as one AMP value (65,535
