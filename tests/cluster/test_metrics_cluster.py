@@ -1,5 +1,5 @@
 """``/metrics`` of a real two-peer cluster (issue 16.2): each peer's view of the other
-(state, phi), replication copies, and the peer seen dead once it stops — what the
+(state, probe round trip), replication copies, and the peer seen dead once it stops — what the
 "peer dead" alert rule of docs/operations.md reads."""
 
 from __future__ import annotations
