@@ -132,6 +132,7 @@ class DirectDelivery(Tally):
                      n=len(refs), ae=self.destination.ae_title)
             sub = Retrieval(refs, self.retrieval.archives, holder, None,
                             self.retrieval.strategies, reactor=self.reactor)
+            sub.on_damaged = self.retrieval.on_damaged    # not sent; the scrub mends it
             delivery = Delivery(sub, self.destination, self.calling_ae, self.reactor,
                                 originator_ae=self.originator[0],
                                 originator_msg_id=self.originator[1])
