@@ -285,7 +285,7 @@ def _swim(o: _Reader, heartbeat: float) -> dict:
         raise o.fail("probe_timeout", f"must be below heartbeat ({heartbeat} s), got {timeout}")
     return {"probe_timeout": float(timeout),
             "indirect_probes": number("indirect_probes", 3, 0, 16, int),
-            "suspicion_mult": float(number("suspicion_mult", 3.0, 0.5, 100.0)),
+            "suspicion_mult": float(number("suspicion_mult", 2.5, 0.5, 100.0)),
             "gossip_interval": float(number("gossip_interval", 0.2, 0.01, 60.0)),
             "gossip_fanout": number("gossip_fanout", 3, 1, 64, int),
             "max_links": number("max_links", 32, 2, 100000, int),

@@ -96,7 +96,7 @@ class OverlaySettings:
     handshake_timeout: float = 10.0   # seconds to complete TLS, else dropped
     probe_timeout: float = 0.0        # seconds to wait for a direct ack (0: heartbeat / 2)
     indirect_probes: int = 3          # members asked to probe a silent one
-    suspicion_mult: float = 3.0       # min suspicion = mult * log10(N) * heartbeat
+    suspicion_mult: float = 2.5       # min suspicion = mult * log10(N) * heartbeat
     gossip_interval: float = 0.2      # seconds between gossip messages (while news)
     gossip_fanout: int = 3            # members each gossip round goes to
     max_links: int = 32               # overlay links kept open (LRU pool)

@@ -68,7 +68,7 @@ class SwimConfig:
     probe_interval: float = 0.5        # one probe per period
     probe_timeout: float = 0.25        # wait for a direct ack (scaled by local health)
     indirect_checks: int = 3           # members asked to ping a silent target
-    suspicion_min: float = 3.0         # alpha: min timeout = alpha * log10(N) * interval
+    suspicion_min: float = 2.5         # alpha: min timeout = alpha * log10(N) * interval
     suspicion_max_mult: float = 6.0    # beta: max timeout = beta * min timeout
     suspicion_confirmations: int = 2   # K: independent suspicions that bring it to min
     retransmit_mult: int = 6           # lambda: sends of each item = lambda*ceil(log10(N+1))
