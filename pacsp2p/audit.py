@@ -30,7 +30,9 @@ A coded value is ``{"csd-code": ..., "codeSystemName": "DCM", "originalText": ..
 the schema's attribute names.
 
 The reactor never writes: ``AuditTrail.emit`` puts the record on a bounded queue
-(``queue_size``), and one thread encodes and appends the lines, rotating the file with
+(``queue_size``), and one thread encodes and appends the lines (``emit_lazy`` queues a
+function and its arguments instead, so that a frequent record's dicts are built in that
+thread, not the reactor's: a C-STORE's), rotating the file with
 ``logging.handlers.RotatingFileHandler``. If the writer falls behind and the queue is
 full, the record is dropped and counted (``dropped``; one log line a minute says how
 many): the reactor never waits for a disk.
@@ -47,6 +49,7 @@ import logging
 import logging.handlers
 import queue
 import threading
+import time
 from pathlib import Path
 
 from twisted.internet import defer
@@ -58,6 +61,8 @@ DEFAULT_MAX_BYTES = 50 << 20
 DEFAULT_BACKUPS = 10
 QUEUE_SIZE = 10000            # records waiting for the writer thread, at most
 BATCH = 512                   # records written per flush at most
+WINDOW = 0.05                 # s the writer waits, once woken, for more records: one
+                              # wake-up (and GIL hand-over) per window, not per record
 _STOP = object()
 
 # -- coded values (PS3.15 A.5, PS3.16 CID 400-405, RFC 3881) ----------------------------
@@ -99,9 +104,11 @@ def outcome_of(status: int | None) -> int:
     return SERIOUS_FAILURE
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
+def now_iso(when: float | None = None) -> str:
+    """*when* (seconds since the epoch; default now) as the records write it."""
+    t = datetime.datetime.now(datetime.timezone.utc) if when is None else \
+        datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def participant(user_id: str, requestor: bool, role: dict | None = None,
@@ -289,6 +296,14 @@ class AuditTrail:
         except queue.Full:
             self._drop(1)
 
+    def emit_lazy(self, build, *args) -> None:
+        """Queue the record ``build(*args)`` makes, made in the writer thread (*args*
+        must not change meanwhile: plain values)."""
+        try:
+            self.queue.put_nowait((build, args))
+        except queue.Full:
+            self._drop(1)
+
     def _drop(self, n: int) -> None:
         self.dropped += n
         if self.on_drop is not None:
@@ -326,8 +341,14 @@ class AuditTrail:
         """The writer thread: take records, append them, flush after each batch."""
         stream_flush = handler.flush
         stop = False
+        pos = None                    # where the next line goes (tell() once per file)
         while not stop:
-            batch = [self.queue.get()]
+            try:
+                batch = [self.queue.get_nowait()]
+            except queue.Empty:
+                batch = [self.queue.get()]
+                if batch[0] is not _STOP and WINDOW:
+                    time.sleep(WINDOW)     # the records that come meanwhile: one batch
             while len(batch) < BATCH:
                 try:
                     batch.append(self.queue.get_nowait())
@@ -339,18 +360,26 @@ class AuditTrail:
                     stop = True
                     continue
                 try:
+                    if type(record) is tuple:          # emit_lazy's
+                        build, args = record
+                        record = build(*args)
                     line = json.dumps(record, separators=(",", ":"), ensure_ascii=False,
                                       default=str)
                     data = line + "\n"
                     if handler.stream is None:
                         handler.stream = handler._open()
-                    pos = handler.stream.tell()
-                    if self.max_bytes and pos and \
-                            pos + len(data.encode("utf-8")) > self.max_bytes:
+                        pos = None
+                    if pos is None:
+                        pos = handler.stream.tell()
+                    size = len(data) if data.isascii() else len(data.encode("utf-8"))
+                    if self.max_bytes and pos and pos + size > self.max_bytes:
                         handler.doRollover()
+                        pos = handler.stream.tell() if handler.stream is not None else 0
                     handler.stream.write(data)
+                    pos += size
                     self.written += 1
                 except Exception as e:
+                    pos = None
                     failed += 1
                     self.error = str(e)[:200]
                     try:
@@ -399,6 +428,19 @@ def emit(record: dict) -> None:
     trail = _current
     if trail is not None:
         trail.emit(record)
+
+
+def emit_lazy(build, *args) -> None:
+    """Queue the record ``build(*args)`` makes, built in the writer thread (nothing if
+    the peer has no trail; a trail without ``emit_lazy`` gets the record built now)."""
+    trail = _current
+    if trail is None:
+        return
+    lazy = getattr(trail, "emit_lazy", None)
+    if lazy is not None:
+        lazy(build, *args)
+    else:
+        trail.emit(build(*args))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -70,6 +71,14 @@ class Observer:
         self.cluster = cluster
         self.reactor = reactor
         self._ids = itertools.count(1)
+        self._children: dict = {}     # (metric, labels) -> its child: no .labels() per call
+
+    def _child(self, metric, *labels):
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # -- the acceptor's observer ------------------------------------------------------
     def _requestor(self, assoc, role=None) -> dict:
@@ -125,15 +134,21 @@ class Observer:
         service = SERVICES.get(op.RSP, f"0x{op.RSP:04x}")
         cls = metrics.status_class(status) if status is not None else "lost"
         code = f"0x{status:04X}" if status is not None else "none"
-        metrics.DIMSE_OPERATIONS.labels(service, cls, code).inc()
+        self._child(metrics.DIMSE_OPERATIONS, service, cls, code).inc()
         arrived = getattr(op, "arrived", None)
         elapsed = self.reactor.seconds() - arrived if arrived is not None else None
         if elapsed is not None:
-            metrics.DIMSE_SECONDS.labels(service).observe(max(0.0, elapsed))
+            self._child(metrics.DIMSE_SECONDS, service).observe(max(0.0, elapsed))
         ops = getattr(op.assoc, "audit_ops", None)
         if ops is not None:
             ops[service] = ops.get(service, 0) + 1
         self._count_data(op, service, status, counts)
+        if service == "C-STORE":
+            try:
+                self._store_record(op, status, code, cls, elapsed, comment, counts)
+            except Exception:
+                log.failure("audit record of a {service} failed", service=service)
+            return
         ext = {"kind": "operation", "service": service,
                "association": getattr(op.assoc, "audit_id", None),
                "message_id": op.msg_id, "status": code if status is not None else None,
@@ -157,8 +172,8 @@ class Observer:
 
     def _count_data(self, op, service: str, status: int, counts) -> None:
         if service == "C-STORE" and status == 0 and getattr(op, "meta", None) is not None:
-            metrics.INSTANCES.labels("in", service).inc()
-            metrics.BYTES.labels("in", service).inc(op.meta.data_size or op.meta.size)
+            self._child(metrics.INSTANCES, "in", service).inc()
+            self._child(metrics.BYTES, "in", service).inc(op.meta.data_size or op.meta.size)
         elif service in ("C-GET", "C-MOVE") and counts is not None:
             sent = (counts[1] or 0) + (counts[3] or 0)
             if sent:
@@ -171,6 +186,24 @@ class Observer:
             if nbytes:
                 metrics.BYTES.labels("out", service).inc(nbytes)
 
+    def _store_record(self, op, status, code, cls, elapsed, comment, counts) -> None:
+        """A C-STORE's record (the frequent one): its values taken here, its dicts made
+        in the audit writer's thread (``_store_message``)."""
+        assoc = op.assoc
+        meta = getattr(op, "meta", None)
+        if meta is not None:
+            a = meta.attributes
+            m = (a.get("PatientID"), a.get("StudyInstanceUID"), meta.sop_class_uid,
+                 a.get("AccessionNumber"), meta.data_size or meta.size)
+        else:
+            m = None
+        audit.emit_lazy(_store_message, self.peer, self.ae_title, self.address,
+                        time.time(), status, code, cls, elapsed, comment, counts,
+                        assoc.calling_ae, assoc.called_ae, assoc.peer, _host(assoc),
+                        getattr(assoc, "peer_certificate", None),
+                        getattr(assoc, "audit_id", None), op.msg_id,
+                        getattr(op, "uid", None) or None, m)
+
     def _record(self, op, service, status, ext):
         assoc = op.assoc
         outcome = audit.outcome_of(status) if status is not None else audit.MINOR_FAILURE
@@ -181,24 +214,6 @@ class Observer:
             return audit.emit(audit.message(
                 audit.EVENT_APPLICATION_ACTIVITY, "E", outcome,
                 [self._requestor(assoc), self._us()], self.peer, extension=ext))
-        if service == "C-STORE":
-            meta = getattr(op, "meta", None)
-            ext["instance"] = getattr(op, "uid", None) or None
-            objects = []
-            if meta is not None:
-                a = meta.attributes
-                if a.get("PatientID") is not None:
-                    objects.append(audit.patient(a.get("PatientID", "")))
-                if a.get("StudyInstanceUID"):
-                    objects.append(audit.study(a["StudyInstanceUID"],
-                                               {meta.sop_class_uid: 1},
-                                               a.get("AccessionNumber") or None))
-                ext["bytes"] = meta.data_size or meta.size
-            return audit.emit(audit.message(
-                audit.EVENT_TRANSFERRED, "C", outcome,
-                [self._requestor(assoc, audit.ROLE_SOURCE),
-                 self._us(False, audit.ROLE_DESTINATION)], self.peer, objects,
-                types, description, ext))
         query = getattr(op, "query", None)
         keys = query.keys if query is not None else {}
         if query is not None:
@@ -264,3 +279,38 @@ class Observer:
                                         err=f.getErrorMessage()) or ())
         d.addCallback(emit)
         return d
+
+
+def _store_message(peer, ae_title, address, when, status, code, cls, elapsed, comment,
+                   counts, calling_ae, called_ae, assoc_peer, host, certificate, audit_id,
+                   msg_id, uid, meta) -> dict:
+    """A C-STORE's audit record (DICOM Instances Transferred, action C), made from plain
+    values (``Observer._store_record``) in the audit writer's thread."""
+    ext = {"kind": "operation", "service": "C-STORE", "association": audit_id,
+           "message_id": msg_id, "status": code if status is not None else None,
+           "status_class": cls, "calling_ae": calling_ae, "called_ae": called_ae,
+           "peer": assoc_peer,
+           "duration_s": round(elapsed, 3) if elapsed is not None else None}
+    if comment:
+        ext["comment"] = comment
+    if counts is not None:
+        ext["counts"] = {"remaining": counts[0], "completed": counts[1],
+                         "failed": counts[2], "warning": counts[3]}
+    ext["instance"] = uid
+    objects = []
+    if meta is not None:
+        patient_id, study_uid, sop_class, accession, nbytes = meta
+        if patient_id is not None:
+            objects.append(audit.patient(patient_id))
+        if study_uid:
+            objects.append(audit.study(study_uid, {sop_class: 1}, accession or None))
+        ext["bytes"] = nbytes
+    outcome = audit.outcome_of(status) if status is not None else audit.MINOR_FAILURE
+    types = [audit.TYPE_RESTRICTED_FUNCTION] if status == 0x0124 else []
+    requestor = audit.participant(calling_ae or "?", True, audit.ROLE_SOURCE, host,
+                                  AlternativeUserID=certificate)
+    us = audit.participant(ae_title, False, audit.ROLE_DESTINATION,
+                           None if address in ("", "0.0.0.0", "::") else address,
+                           AlternativeUserID=peer)
+    return audit.message(audit.EVENT_TRANSFERRED, "C", outcome, [requestor, us], peer,
+                         objects, types, comment, ext, when=audit.now_iso(when))
