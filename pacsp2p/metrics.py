@@ -11,7 +11,7 @@ Two kinds:
 - **state**, read at scrape time from one snapshot of the cluster's state (the
   ``status()`` dict of ``pacsp2p.cluster``, plus a few numbers the scrape measures
   itself) by ``StateCollector``: peers (probe round trip, state), archives (up, free space, read
-  rate), the catalog's size, hinted hand-offs owed, under-replicated instances, repair
+  rate), the catalog's size, hinted hand-offs owed, under-replicated instances, scrub and repair
   progress, replication copies. Nothing in it asks anything: it turns a dict that the
   admin endpoint fetched (asynchronously, before rendering) into metric families.
 
@@ -234,6 +234,21 @@ class StateCollector:
         yield rb
         yield _g("pacsp2p_repair_remaining_instances", "Instances repair still has to copy",
                  value=r.get("remaining", 0))
+        sc = s.get("scrub") or {}
+        current = sc.get("pass") or {}
+        yield _g("pacsp2p_scrub_running", "1 while a scrub pass re-hashes this peer's copies",
+                 value=1 if current else 0)
+        yield _g("pacsp2p_scrub_pass_checked_copies", "Copies checked by the running scrub "
+                 "pass (of pacsp2p_scrub_pass_total_copies)", value=current.get("checked", 0))
+        yield _g("pacsp2p_scrub_pass_total_copies", "Copies the running scrub pass has to "
+                 "check", value=current.get("total", 0))
+        sct = CounterMetricFamily("pacsp2p_scrub_copies", "Scrub since the catalog began: "
+                                  "copies checked, damaged, missing, repaired, unrepaired",
+                                  labels=["outcome"])
+        totals = sc.get("totals") or {}
+        for key in ("checked", "damaged", "missing", "repaired", "unrepaired"):
+            sct.add_metric([key], totals.get(key, 0) or 0)
+        yield sct
         d = s.get("deletions") or {}
         yield _g("pacsp2p_tombstones", "Instances deleted from the cluster (tombstones held)",
                  value=d.get("tombstones", 0))

@@ -142,6 +142,8 @@ def _run(peer, files, study_uid, tmp_path):
     assert _value(s, "pacsp2p_archive_free_bytes", archive="local") > 0
     assert _value(s, "pacsp2p_hinted_handoffs_owed") == 0
     assert _value(s, "pacsp2p_up") == 1
+    assert ("pacsp2p_scrub_running", frozenset()) in s          # scrub progress exported
+    assert _value(s, "pacsp2p_scrub_copies_total", outcome="damaged") == 0
     assert ("pacsp2p_associations_open", frozenset()) in s
 
     # -- the audit trail ----------------------------------------------------------------
