@@ -169,12 +169,12 @@ class Link(ReadHolds, amp.AMP):
     """One overlay connection; the other end is known by its certificate's name."""
 
     def __init__(self, membership, outbound: bool, expect: str | None = None,
-                 seed: bool = False):
+                 seed: tuple | None = None):
         super().__init__()
         self.membership = membership
         self.outbound = outbound
         self.expect = expect                 # the member dialled (outbound), if known
-        self.seed = seed                     # dialled as a seed: exchange full states
+        self.seed = seed                     # (host, port) dialled as a seed: full states
         self.peer_name: str | None = None
         self.handshake_done = False
         self.greeted = False                 # Hello done: it may carry protocol messages
@@ -343,7 +343,7 @@ class Link(ReadHolds, amp.AMP):
 
 
 class _Factory(protocol.ClientFactory):
-    def __init__(self, membership, outbound, expect=None, seed=False):
+    def __init__(self, membership, outbound, expect=None, seed=None):
         self.membership, self.outbound = membership, outbound
         self.expect, self.seed = expect, seed
         self.noisy = False
@@ -387,6 +387,7 @@ class Membership:
         self._waiters: dict[str, list] = {}
         self._dialing: dict[str, object] = {}   # name -> deadline call
         self._seed_loop = None
+        self._seeds_reached: set = set()    # seed addresses that answered
         self._client_options = None
         self.opened = 0                     # links this peer dialled
         self.running = False
@@ -432,20 +433,23 @@ class Membership:
             self._client_options = self.credentials.options()
         return self._client_options
 
-    def _connect(self, host, port, expect=None, seed=False):
+    def _connect(self, host, port, expect=None, seed=None):
         self.opened += 1
         self.reactor.connectSSL(host, port, _Factory(self, True, expect, seed),
                                 self._options(), timeout=5)
 
     def _dial_seeds(self):
-        """Seeds are dialled until some member is alive (then SWIM does the rest)."""
+        """Each seed is dialled until it answered once (peers started together, each
+        reaching some seed, might otherwise form islands), and every seed again while
+        no member is alive (then SWIM does the rest)."""
         self._seed_loop = None
         if not self.running:
             return
-        if not any(m.state != DEAD for m in self.members.values()):
-            for host, port in self.seeds:
-                if (host, port) != (self._me.host, self._me.port):
-                    self._connect(host, port, seed=True)
+        alone = not any(m.state != DEAD for m in self.members.values())
+        for host, port in self.seeds:
+            if (host, port) != (self._me.host, self._me.port) and (
+                    alone or (host, port) not in self._seeds_reached):
+                self._connect(host, port, seed=(host, port))
         self._seed_loop = self.reactor.callLater(SEED_EVERY, self._dial_seeds)
 
     def dial(self, name: str) -> None:
@@ -492,6 +496,8 @@ class Membership:
             link.close()
             self._unexpected(link)
             return
+        if link.seed is not None:
+            self._seeds_reached.add(link.seed)
         if link.peer_name == self.name:
             link.close()     # a seed that is ourselves
             return
@@ -528,7 +534,7 @@ class Membership:
             wire = {k: v for k, v in info.items() if k not in ("name", "incarnation")}
             if isinstance(inc, float):
                 inc = int(inc * 1000)          # (a peer that counts in seconds)
-            self.swim.contact(name, wire, inc, push_pull=link.seed)
+            self.swim.contact(name, wire, inc, push_pull=link.seed is not None)
         except ValueError:
             pass
 
