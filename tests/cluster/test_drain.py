@@ -158,6 +158,9 @@ def test_drain_one_archive_then_stop(cluster, tmp_path):
     proc = drain(b, "--archive", "spare")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("safe to remove"), proc.stdout
+    # the drained copies' drops reach b's catalog by anti-entropy: wait for it (bounded)
+    wait_until(lambda: all(len(v) == 2 for v in where(b, study).values()), 60, 0.2,
+               "two copies of every instance at peerb's view")
     copies = where(b, study)
     assert all(len(v) == 2 for v in copies.values()), copies
     assert all(arch != "spare" for v in copies.values() for p, arch, _ in v if p == "peerb")
