@@ -1,5 +1,5 @@
-"""The admin endpoint's self-healing actions: ``POST /scrub``, ``POST /drain`` and
-``GET /drain`` (a drain's progress), for ``pacsp2p scrub`` and ``pacsp2p drain``.
+"""The admin endpoint's write actions: ``POST /delete``, ``POST /scrub``, ``POST /drain``
+and ``GET /drain`` (a drain's progress), for ``pacsp2p delete``, ``scrub`` and ``drain``.
 
 Write actions like ``POST /delete``: the gate's rules (``auth.Guard.check_write``: an
 authenticated user, or a JSON write from a loopback client of a loopback-bound
@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from pacsp2p.admin import gate, monitoring
+from pacsp2p.types import Scope
 from pacsp2p.validate import shown
 
 log = Logger()
@@ -89,19 +90,18 @@ class _Action(resource.Resource):
             request.setResponseCode(400)
             return _body({"error": str(e)[:300]})
         log.info("admin: {action} {args} requested from {client}", action=self.action,
-                 args=shown(json.dumps(kwargs), 200), client=shown(client))
+                 args=shown(self.summary(kwargs), 200), client=shown(client))
         d = defer.maybeDeferred(self.act, **kwargs)
         gone = []
         request.notifyFinish().addErrback(gone.append)
 
         def answer(code, value):
-            monitoring.admin_action(
+            monitoring.admin_action(            # the audit trail: who asked what
                 self.cluster, self.action, client,
                 user=getattr(who, "name", None) if who else None,
                 outcome=0 if code == 200 else 8,
-                description=value.get("error", "") or json.dumps(kwargs),
-                result={k: value[k] for k in ("pass", "peer", "archives", "copies")
-                        if k in value})
+                description=value.get("error", "") or self.describe(kwargs),
+                **self.audited(kwargs, value))
             if not gone:
                 request.setResponseCode(code)
                 request.write(_body(value))
@@ -115,6 +115,52 @@ class _Action(resource.Resource):
             return answer(500, {"error": f.getErrorMessage()[:500]})
         d.addCallbacks(lambda value: answer(200, value), failed)
         return server.NOT_DONE_YET
+
+
+    def describe(self, kwargs) -> str:
+        """What was asked, in words (the audit record's outcome description)."""
+        return json.dumps(kwargs)
+
+    def summary(self, kwargs) -> str:
+        """What was asked, for the log line."""
+        return self.describe(kwargs)
+
+    def audited(self, kwargs, value) -> dict:
+        """The action's own fields of its audit record."""
+        return {"result": {k: value[k] for k in ("pass", "peer", "archives", "copies")
+                           if k in value}}
+
+
+class _Delete(_Action):
+    """``POST /delete`` {"level": "STUDY"|"SERIES"|"IMAGE", "uids": [...], "reason": ...}
+    -> {"deleted": n, "level", "uids"}: the cluster's ``delete`` verb."""
+
+    action = "delete"
+    usage = '{"level": "STUDY"|"SERIES"|"IMAGE", "uids": [...], "reason": "..."}'
+
+    def parse(self, body):
+        uids = body.get("uids")
+        if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
+            raise ValueError('"uids" must be a list of UID strings')
+        reason = body.get("reason") if isinstance(body.get("reason"), str) else ""
+        return {"scope": Scope(str(body.get("level", "")).upper(), tuple(uids)),
+                "reason": reason or "admin"}
+
+    def act(self, scope, reason):
+        d = self.cluster.delete(scope, reason)
+        return d.addCallback(lambda n: {"deleted": n, "level": scope.level,
+                                        "uids": list(scope.uids)})
+
+    def describe(self, kwargs) -> str:
+        return kwargs["reason"]
+
+    def summary(self, kwargs) -> str:
+        scope = kwargs["scope"]
+        return f"{scope.level} {','.join(scope.uids)} ({kwargs['reason']})"
+
+    def audited(self, kwargs, value) -> dict:
+        return {"level": kwargs["scope"].level, "uids": kwargs["scope"].uids,
+                "result": value.get("deleted")}
 
 
 class _Scrub(_Action):
@@ -167,6 +213,7 @@ class _Drain(_Action):
 
 
 def install(root, cluster, guard) -> None:
-    """``/scrub`` and ``/drain`` on the admin site's *root*."""
+    """``/delete``, ``/scrub`` and ``/drain`` on the admin site's *root*."""
+    root.putChild(b"delete", _Delete(cluster, guard))
     root.putChild(b"scrub", _Scrub(cluster, guard))
     root.putChild(b"drain", _Drain(cluster, guard))

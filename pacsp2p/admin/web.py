@@ -25,8 +25,7 @@ from twisted.web import resource, server
 from pacsp2p.admin import auth, console, gate
 from pacsp2p.admin import actions, monitoring
 from pacsp2p.config import AdminSettings
-from pacsp2p.types import Scope
-from pacsp2p.validate import InvalidUID, shown
+from pacsp2p.validate import InvalidUID
 
 log = Logger()
 
@@ -75,80 +74,6 @@ class _Json(resource.Resource):
         return server.NOT_DONE_YET
 
 
-class _Delete(resource.Resource):
-    """``POST /delete`` {"level": "STUDY"|"SERIES"|"IMAGE", "uids": [...], "reason": ...}
-    -> {"deleted": n}: the cluster's ``delete`` verb."""
-
-    isLeaf = True
-
-    def __init__(self, cluster, guard):
-        super().__init__()
-        self.cluster, self.guard = cluster, guard
-
-    def render_GET(self, request):
-        request.setResponseCode(405)
-        request.setHeader(b"allow", b"POST")
-        return _body({"error": "POST a JSON body: {\"level\", \"uids\", \"reason\"}"})
-
-    def render_POST(self, request):
-        request.setHeader(b"content-type", b"application/json")
-        client = getattr(request.getClientAddress(), "host", None)
-        who = gate.identity(request)
-        problem = self.guard.check_write(request, who, None, json_body=True)
-        if problem is not None:
-            code, message = problem
-            log.warn("admin: delete refused from {client} ({who}): {why}",
-                     client=shown(client), who=str(who) if who else "nobody", why=message)
-            request.setResponseCode(code)
-            if code == 401 and self.guard.admin.users:
-                request.setHeader(b"www-authenticate",
-                                  b'Basic realm="pacsp2p admin", charset="UTF-8"')
-            return _body({"error": message})
-        ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
-        ctype = ctype.split(";")[0].strip().lower()
-        if ctype != "application/json":
-            request.setResponseCode(415)
-            return _body({"error": "Content-Type: application/json expected"})
-        try:
-            raw = request.content.read(MAX_BODY + 1)
-            body = json.loads(raw) if len(raw) <= MAX_BODY else None
-            if not isinstance(body, dict):
-                raise ValueError("the body is not a JSON object (of at most 1 MiB)")
-            uids = body.get("uids")
-            if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
-                raise ValueError('"uids" must be a list of UID strings')
-            scope = Scope(str(body.get("level", "")).upper(), tuple(uids))
-            reason = body.get("reason") if isinstance(body.get("reason"), str) else ""
-        except ValueError as e:
-            request.setResponseCode(400)
-            return _body({"error": str(e)[:300]})
-        log.info("admin: delete of {what} {uids} requested from {client} ({reason})",
-                 what=scope.level, uids=shown(",".join(scope.uids), 200),
-                 client=client, reason=shown(reason or "admin"))
-        d = defer.maybeDeferred(self.cluster.delete, scope, reason or "admin")
-        gone = []
-        request.notifyFinish().addErrback(gone.append)
-
-        def answer(code, value):
-            monitoring.admin_action(           # the audit trail: who deleted what
-                self.cluster, "delete", client, user=who.name if who else None,
-                outcome=0 if code == 200 else 8,
-                description=value.get("error", "") or (reason or "admin"),
-                level=scope.level, uids=scope.uids, result=value.get("deleted"))
-            if not gone:
-                request.setResponseCode(code)
-                request.write(_body(value))
-                request.finish()
-
-        def failed(f):
-            if f.check(ValueError):          # the scope is not one (DeleteError, ...)
-                return answer(400, {"error": str(f.value)[:500]})
-            return answer(500, {"error": f.getErrorMessage()[:500]})
-        d.addCallbacks(lambda n: answer(200, {"deleted": n, "level": scope.level,
-                                              "uids": list(scope.uids)}), failed)
-        return server.NOT_DONE_YET
-
-
 def _body(value) -> bytes:
     return json.dumps(value, indent=2, default=str).encode()
 
@@ -172,8 +97,7 @@ def site(cluster, bind: str | None = None, guard=None) -> server.Site:
     root.putChild(b"digest", _Json(cluster.digest))
     root.putChild(b"where", _Json(None, lambda req: cluster.where(
         study=_arg(req, b"study"), instance=_arg(req, b"instance"))))
-    root.putChild(b"delete", _Delete(cluster, guard))
-    actions.install(root, cluster, guard)      # POST /scrub, POST and GET /drain
+    actions.install(root, cluster, guard)      # POST /delete, /scrub, POST and GET /drain
     monitoring.install(root, cluster)          # /metrics, /health
     pages = None
     if settings is not None:
