@@ -1,0 +1,233 @@
+"""Facts: how the catalog's rows are written and read as facts (an instance's
+attributes and one location, with its origin's sequence number) — by this peer's writer
+(``write_facts``), from another peer's batch (``write_wire``, checked by
+``check_wire``), and as a batch for another peer (``read_changes``). Runs in the writer
+or a reader thread, on the connection given; never in the reactor.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from twisted.logger import Logger
+
+from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
+from pacsp2p.catalog import tombstones
+from pacsp2p.types import InstanceMeta
+
+log = Logger()
+
+
+def _upsert_sql(table: str, cols: list[str], pk: str) -> str:
+    updates = ", ".join(f"{c} = CASE WHEN excluded.{c} != '' THEN excluded.{c} ELSE {c} END"
+                        for c in cols if c != pk)
+    return (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+            f"ON CONFLICT({pk}) DO UPDATE SET {updates}")
+
+
+def _level_columns(level: str) -> list[str]:
+    cols = columns(level)
+    if level in PARENT and PARENT[level][1] not in cols:
+        cols = cols + [PARENT[level][1]]
+    if level == "IMAGE":
+        cols = cols + ["TransferSyntaxUID"]
+    return cols
+
+
+_LEVEL_SQL = {level: (_level_columns(level), _upsert_sql(TABLES[level], _level_columns(level),
+                                                           UNIQUE[level]))
+              for level in LEVELS}
+_LOCATION_SQL = (
+    "INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, available, seq) "
+    "VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT(SOPInstanceUID, peer, archive) DO UPDATE SET "
+    "sha256 = excluded.sha256, size = excluded.size, available = 1, seq = excluded.seq "
+    "WHERE excluded.seq > locations.seq")
+
+# Catalog facts on the wire (anti-entropy), a batch as one JSON list:
+#   [{"PATIENT": {PatientID: [columns]}, "STUDY": {...}, "SERIES": {...}},
+#    [seq, archive, peer, sha256, size, <instance columns>], ...]
+# Patient, study and series rows come once per batch, not once per fact.
+LOCATION_FIELDS = ["seq", "archive", "peer", "sha256", "size"]
+PARENT_LEVELS = ("PATIENT", "STUDY", "SERIES")
+FACT_FIELDS = LOCATION_FIELDS + _LEVEL_SQL["IMAGE"][0]
+ATTRIBUTE_FIELDS = list(dict.fromkeys(c for level in LEVELS for c in _LEVEL_SQL[level][0]))
+
+
+_HINT_SQL = ("INSERT OR IGNORE INTO hints (SOPInstanceUID, peer, archive, created, via_peer, "
+             "via_archive) VALUES (?, ?, ?, datetime('now'), ?, ?)")
+
+
+def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
+                hints: list = (), parents: dict | None = None, after=None) -> None:
+    """Write facts in one transaction.
+
+    A fact is (attributes, location) where attributes maps keywords (all levels, incl.
+    SOPInstanceUID, SOPClassUID, TransferSyntaxUID) to strings and location is
+    (SOPInstanceUID, archive, peer, sha256, size, seq). Patient, study and series rows
+    shared by several facts of the batch are written once. *hints* (rows of the hints
+    table: uid, peer, archive, via_peer, via_archive) are written in the same
+    transaction. *parents*, if given, remembers the patient, study and series rows this
+    connection wrote last: a row written again unchanged is skipped (a stream of one
+    series' instances writes its parents once); the caller clears it whenever anything
+    else writes. *after(conn)*, if given, runs in the same transaction, last.
+    """
+    # one row per key and level: the last fact's attributes, in first-seen order (the
+    # rows of a key are built once, not once per fact: most facts share their parents)
+    latest: dict[str, dict] = {level: {} for level in LEVELS}
+    keyed = [(latest[level], UNIQUE[level]) for level in LEVELS]
+    for attrs, _ in facts:
+        if attrs is None:                 # a tombstone: the location only
+            continue
+        for seen, key in keyed:
+            seen[attrs.get(key, "")] = attrs
+    levels = {level: [[a.get(c, "") or "" for c in _LEVEL_SQL[level][0]]
+                      for a in latest[level].values()] for level in LEVELS}
+    if parents is not None:
+        for level in PARENT_LEVELS:
+            last = parents.setdefault(level, {})
+            levels[level] = [row for row in levels[level] if last.get(row[0]) != row]
+    _write_levels(conn, levels, [loc for _, loc in facts if loc is not None], hints, after)
+    if parents is not None:
+        for level in PARENT_LEVELS:
+            if len(parents[level]) > 10000:
+                parents[level].clear()
+            parents[level].update((row[0], row) for row in levels[level])
+
+
+def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: list,
+                  hints: list = (), after=None) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for level in LEVELS:
+            conn.executemany(_LEVEL_SQL[level][1], levels[level])
+        conn.executemany(_LOCATION_SQL, locations)
+        if hints:
+            conn.executemany(_HINT_SQL, hints)
+        if after is not None:
+            after(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already (it does by itself on
+    SQLITE_FULL, SQLITE_IOERR, ...): the caller re-raises the error that caused it, not
+    "cannot rollback - no transaction is active"."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            log.error("catalog: ROLLBACK failed too: {err}", err=e)
+
+
+def check_wire(batch: list) -> int:
+    """Validate a batch of facts from the wire; return its highest sequence number."""
+    if not batch:
+        return 0
+    parents, facts = batch[0], batch[1:]
+    if not isinstance(parents, dict):
+        raise ValueError("a batch of facts starts with its patient/study/series rows")
+    for level in PARENT_LEVELS:
+        width = len(_LEVEL_SQL[level][0])
+        for key, row in parents.get(level, {}).items():
+            if not isinstance(row, list) or len(row) != width:
+                raise ValueError(f"{level} row {key!r} is not {width} fields")
+    n, top = len(FACT_FIELDS), 0
+    for row in facts:
+        if not isinstance(row, list) or len(row) != n:
+            raise ValueError(f"fact has {len(row)} fields, expected {n}")
+        int(row[4])
+        top = max(top, int(row[0]))
+    return top
+
+
+def write_wire(conn: sqlite3.Connection, batch: list, peer: str = "") -> None:
+    """Write a batch of facts from the wire in one transaction (see ``read_changes``),
+    the tombstones among them kept and applied in it (``tombstones.received``; *peer*:
+    this peer's name)."""
+    if not batch:
+        return
+    parents, facts = batch[0], batch[1:]
+    levels = {level: [[v or "" for v in row] for row in parents.get(level, {}).values()]
+              for level in PARENT_LEVELS}
+    n = len(LOCATION_FIELDS)
+    cls = n + _LEVEL_SQL["IMAGE"][0].index("SOPClassUID")
+    # a fact of a deleted instance travels without its attributes: no instance row
+    levels["IMAGE"] = [[v or "" for v in row[n:]] for row in facts if row[cls]]
+    sop = n + _LEVEL_SQL["IMAGE"][0].index("SOPInstanceUID")
+    locations = [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0]))
+                 for row in facts]
+    _write_levels(conn, levels, locations, after=lambda c: tombstones.received(
+        c, peer, locations, parents.get(tombstones.WIRE_KEY)))
+
+
+def meta_attributes(meta: InstanceMeta) -> dict:
+    attrs = dict(meta.attributes)
+    attrs["SOPInstanceUID"] = meta.sop_instance_uid
+    attrs["SOPClassUID"] = meta.sop_class_uid
+    attrs["TransferSyntaxUID"] = meta.transfer_syntax_uid
+    return attrs
+
+
+def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int) -> list:
+    """The facts of *origin* with a sequence number above *after*, in order, as a wire
+    batch: their patient/study/series rows first (once each), then one list per fact.
+    Facts of deleted instances (tombstone markers among them) come without attributes;
+    the markers' payloads ride beside the parent rows (``tombstones.WIRE_KEY``)."""
+    icols = ", ".join(("l." if c == "SOPInstanceUID" else "i.") + c
+                      for c in _LEVEL_SQL["IMAGE"][0])
+    facts = [list(r) for r in conn.execute(
+        f"SELECT l.seq, l.archive, l.peer, l.sha256, l.size, {icols} FROM locations l "
+        "LEFT JOIN instances i ON i.SOPInstanceUID = l.SOPInstanceUID "
+        "WHERE l.peer = ? AND l.seq > ? ORDER BY l.seq LIMIT ?", (origin, after, limit))]
+    if not facts:
+        return []
+    parents: dict[str, dict] = {}
+    n = len(LOCATION_FIELDS)
+    keys = {r[n + _LEVEL_SQL["IMAGE"][0].index("SeriesInstanceUID")] for r in facts}
+    for level in ("SERIES", "STUDY", "PATIENT"):
+        cols = _LEVEL_SQL[level][0]
+        rows = {}
+        keys = list(keys)
+        for k in range(0, len(keys), 500):
+            chunk = keys[k:k + 500]
+            for r in conn.execute(
+                    f"SELECT {', '.join(cols)} FROM {TABLES[level]} WHERE {UNIQUE[level]} "
+                    f"IN ({', '.join('?' * len(chunk))})", chunk):
+                rows[r[cols.index(UNIQUE[level])]] = list(r)
+        parents[level] = rows
+        if level in PARENT:
+            up = cols.index(PARENT[level][1])
+            keys = {r[up] for r in rows.values()}
+    sop = len(LOCATION_FIELDS) + _LEVEL_SQL["IMAGE"][0].index("SOPInstanceUID")
+    markers = [r[sop] for r in facts if tombstones.is_marker(r[1], r[4])]
+    if markers:
+        parents[tombstones.WIRE_KEY] = tombstones.payloads(conn, origin, markers)
+    return [parents] + facts
+
+
+def facts_from_wire(batch: list) -> list[tuple[dict, tuple]]:
+    """A wire batch as (attributes, location) facts for :func:`write_facts`."""
+    check_wire(batch)
+    if not batch:
+        return []
+    parents, out = batch[0], []
+    n = len(LOCATION_FIELDS)
+    named = {level: {k: dict(zip(_LEVEL_SQL[level][0], row)) for k, row in
+                     parents.get(level, {}).items()} for level in PARENT_LEVELS}
+    for row in batch[1:]:
+        attrs = dict(zip(_LEVEL_SQL["IMAGE"][0], row[n:]))
+        series = named["SERIES"].get(attrs.get("SeriesInstanceUID"), {})
+        study = named["STUDY"].get(series.get("StudyInstanceUID"), {})
+        patient = named["PATIENT"].get(study.get("PatientID"), {})
+        merged = {**patient, **study, **series, **attrs}
+        out.append((merged, (attrs["SOPInstanceUID"], row[1], row[2], row[3], int(row[4]),
+                             int(row[0]))))
+    return out
+
+
+def vector(conn: sqlite3.Connection) -> dict[str, int]:
+    return {peer: seq for peer, seq in
+            conn.execute("SELECT peer, max(seq) FROM locations GROUP BY peer")}
