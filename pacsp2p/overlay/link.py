@@ -1,0 +1,218 @@
+"""One overlay link: an AMP connection over mutual TLS to another peer, known by its
+certificate's name, with the responders of the commands declared in
+``overlay.commands`` (every argument checked there before use) and ``_Factory`` that
+dials one. Membership (``overlay.membership``) owns the pool of links.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import protocol
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.logger import Logger
+from twisted.protocols import amp
+from zope.interface import implementer
+
+from pacsp2p import __version__
+from pacsp2p.flow import ReadHolds
+from pacsp2p.overlay import tls
+from pacsp2p.overlay.commands import (PROTOCOL, CheckCopy, Commit, Discard, Drain, Drop,
+                                      Hello, ReplicaClose, ReplicaData, ReplicaOpen,
+                                      Replicate, SendTo, Vector, as_refusal, check,
+                                      check_archive_names, check_origins, check_send_to)
+from pacsp2p.overlay.commands import Swim as SwimMessage
+
+log = Logger()
+
+
+@implementer(IHandshakeListener)
+class Link(ReadHolds, amp.AMP):
+    """One overlay connection; the other end is known by its certificate's name."""
+
+    def __init__(self, membership, outbound: bool, expect: str | None = None,
+                 seed: tuple | None = None):
+        super().__init__()
+        self.membership = membership
+        self.outbound = outbound
+        self.expect = expect                 # the member dialled (outbound), if known
+        self.seed = seed                     # (host, port) dialled as a seed: full states
+        self.peer_name: str | None = None
+        self.handshake_done = False
+        self.greeted = False                 # Hello done: it may carry protocol messages
+        self.open = False                    # TLS up and not yet lost
+        self.full = False                    # our transport's write buffer is full
+        self.pushers: set = set()            # told when it fills and drains (forward.Push)
+        self.inflight = 0                    # commands of the other side being answered
+
+    # -- IPushProducer: the transport tells us when its write buffer fills and drains
+    def pauseProducing(self):
+        self.full = True
+        for p in list(self.pushers):
+            p.link_full()
+
+    def resumeProducing(self):
+        self.full = False
+        for p in list(self.pushers):
+            p.link_drained()
+
+    def stopProducing(self):
+        """The link is going: connectionLost fails what was pushed on it."""
+
+    def close(self, abort: bool = False) -> None:
+        """Close the link (``abort``: now, without flushing). We are our transport's
+        producer, and a transport with a producer would wait for it forever."""
+        if self.transport is None:
+            return
+        self.transport.unregisterProducer()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def busy(self) -> bool:
+        """Something is under way on it (closing it would fail it)."""
+        return bool(self._outstandingRequests or self.pushers or self.inflight or
+                    self.reading_held())
+
+    def dispatchCommand(self, box):
+        self.inflight += 1
+        d = super().dispatchCommand(box)
+
+        def done(result):
+            self.inflight -= 1
+            return result
+        return d.addBoth(done)
+
+    def lengthLimitExceeded(self, length):
+        self._keyLengthLimitExceeded = True
+        self.close()
+
+    def unhandledError(self, failure):
+        log.failure("overlay link to {peer}: unexpected error", failure,
+                    peer=self.peer_name)
+        self.close()
+
+    def reading_allowed(self) -> bool:
+        return self.open
+
+    def handshakeCompleted(self):
+        self.handshake_done = self.open = True
+        self.peer_name = tls.peer_name(self.transport)
+        if self.outbound:
+            self.membership.hello(self)
+
+    def makeConnection(self, transport):
+        self.address = transport.getPeer()
+        transport.setTcpNoDelay(True)      # else small answers wait for delayed ACKs
+        amp.BinaryBoxProtocol.makeConnection(self, transport)   # without AMP's log lines
+        transport.registerProducer(self, True)
+
+    def connectionLost(self, reason):
+        self.open = False
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        if self.membership.services is not None:
+            self.membership.services.link_lost(self)
+        if not self.handshake_done:
+            log.warn("overlay link {dir} {host}:{port} refused: {why}",
+                     dir="to" if self.outbound else "from", host=self.address.host,
+                     port=self.address.port,
+                     why=tls.refusal(self.transport, reason.getErrorMessage()))
+        self.membership.link_lost(self)
+
+    @Hello.responder
+    def on_hello(self, name, protocol, software, info):
+        self.membership.check_hello(self, name, protocol, software)
+        self.membership.greeted(self, info)
+        return {"name": self.membership.name, "protocol": PROTOCOL,
+                "software": __version__, "info": self.membership.hello_info()}
+
+    @SwimMessage.responder
+    def on_swim(self, msg):
+        if self.greeted:
+            self.membership.swim.receive(self.peer_name, msg)
+        return {}
+
+    @Vector.responder
+    def on_vector(self, origins):
+        wanted = check_origins(origins)
+        held = self.membership.vector_of()
+        return {"vector": json.dumps({o: held.get(o, 0) for o in wanted})}
+
+    @Replicate.responder
+    def on_replicate(self, archive, uid, sha256, token, meta=None):
+        check(uid=uid, sha256=sha256, archive=archive, token=token)
+        d = self.membership.services.replicate(self.peer_name, archive, uid, sha256, token,
+                                               meta)
+        d.addErrback(as_refusal, uid)
+        return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
+                                        "size": s.size, "sha256": s.sha256})
+
+    @ReplicaOpen.responder
+    def on_replica_open(self, stream, archive, uid, head, meta):
+        check(uid=uid, archive=archive)
+        d = self.membership.services.open_stream(self, stream, archive, uid, head, meta)
+        return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
+                                        "size": s.size, "sha256": s.sha256})
+
+    @ReplicaData.responder
+    def on_replica_data(self, stream, data):
+        self.membership.services.stream_data(self, stream, data)
+        return {}
+
+    @ReplicaClose.responder
+    def on_replica_close(self, stream, complete):
+        self.membership.services.close_stream(self, stream, complete)
+        return {}
+
+    @Commit.responder
+    def on_commit(self, archive, uid, sha256):
+        check(uid=uid, sha256=sha256, archive=archive)
+        return self.membership.services.commit(archive, uid, sha256).addCallbacks(
+            lambda seq: {"seq": seq}, as_refusal, errbackArgs=(uid,))
+
+    @Discard.responder
+    def on_discard(self, archive, uid, sha256):
+        check(uid=uid, sha256=sha256, archive=archive)
+        return self.membership.services.discard(archive, uid, sha256).addCallbacks(
+            lambda _: {}, as_refusal, errbackArgs=(uid,))
+
+    @Drop.responder
+    def on_drop(self, archive, uid, sha256):
+        check(uid=uid, sha256=sha256, archive=archive)
+        return self.membership.services.drop(archive, uid, sha256).addCallbacks(
+            lambda _: {}, as_refusal, errbackArgs=(uid,))
+
+    @Drain.responder
+    def on_drain(self, archives, stop):
+        names = check_archive_names(archives)
+        d = self.membership.services.drain(self.peer_name, names, stop)
+        return d.addCallback(lambda a: {"archives": json.dumps(a["archives"]),
+                                        "copies": a["copies"]})
+
+    @CheckCopy.responder
+    def on_check_copy(self, archive, uid, sha256):
+        check(uid=uid, sha256=sha256, archive=archive)
+        self.membership.services.check_copy(self.peer_name, archive, uid, sha256)
+        return {}
+
+    @SendTo.responder
+    def on_send_to(self, ae_title, host, port, calling_ae, originator_ae,
+                   originator_msg_id, uids):
+        uids = check_send_to(ae_title, host, port, calling_ae, originator_ae, uids)
+        return self.membership.services.send_to(ae_title, host, port, calling_ae,
+                                                originator_ae, originator_msg_id, uids)
+
+
+class _Factory(protocol.ClientFactory):
+    def __init__(self, membership, outbound, expect=None, seed=None):
+        self.membership, self.outbound = membership, outbound
+        self.expect, self.seed = expect, seed
+        self.noisy = False
+
+    def buildProtocol(self, addr):
+        return Link(self.membership, self.outbound, self.expect, self.seed)
+
+    def clientConnectionFailed(self, connector, reason):
+        if self.expect is not None:
+            self.membership.dial_failed(self.expect)
