@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 from typing import Callable
 
-from pacsp2p.overlay.swim import DEAD, Invalid, MAX_INT, _int, _name
+from pacsp2p.overlay.swimparts import DEAD, Invalid, MAX_INT, _int, _name
 
 HOLDERS = 4            # peers remembered per origin as holding more than we do
 AE_CANDIDATES = 8      # neighbours remembered whose digest differed from ours

@@ -37,8 +37,9 @@ from twisted.logger import Logger
 from pacsp2p import __version__
 from pacsp2p.overlay.commands import PROTOCOL, Hello, IncompatibleProtocol
 from pacsp2p.overlay.commands import Swim as SwimMessage
-from pacsp2p.overlay.swim import (ALIVE, DEAD, MAX_INFO, SUSPECT, Invalid, Node, Swim,
-                                  SwimConfig, encode)
+from pacsp2p.overlay.swim import Swim
+from pacsp2p.overlay.swimparts import (ALIVE, DEAD, MAX_INFO, SUSPECT, Invalid, Node,
+                                       SwimConfig, encode)
 from pacsp2p.overlay.link import Link, _Factory
 
 log = Logger()

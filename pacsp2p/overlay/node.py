@@ -21,7 +21,7 @@ from pacsp2p.overlay import bulk, tls
 from pacsp2p.overlay.commands import Vector
 from pacsp2p.overlay.dissemination import Dissemination, check_vector
 from pacsp2p.overlay.membership import MemberInfo, Membership
-from pacsp2p.overlay.swim import SwimConfig
+from pacsp2p.overlay.swimparts import SwimConfig
 from pacsp2p.overlay.sync import AntiEntropy
 
 log = Logger()

@@ -26,7 +26,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pacsp2p.overlay.dissemination import check_vector
-from pacsp2p.overlay.swim import Invalid
+from pacsp2p.overlay.swimparts import Invalid
 
 log = Logger()
 

@@ -26,7 +26,8 @@ from twisted.internet import defer, task
 from twisted.internet.base import DelayedCall
 
 from pacsp2p.overlay.dissemination import Dissemination
-from pacsp2p.overlay.swim import ALIVE, DEAD, Swim, SwimConfig
+from pacsp2p.overlay.swim import Swim
+from pacsp2p.overlay.swimparts import ALIVE, DEAD, SwimConfig
 
 
 class SimClock(task.Clock):

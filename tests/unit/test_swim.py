@@ -14,7 +14,7 @@ import pytest
 
 from pacsp2p.overlay import swim as swim_mod
 from pacsp2p.overlay.dissemination import digest
-from pacsp2p.overlay.swim import ALIVE, DEAD, MAX_MESSAGE, SUSPECT, Broadcasts, SwimConfig
+from pacsp2p.overlay.swimparts import ALIVE, DEAD, MAX_MESSAGE, SUSPECT, Broadcasts, SwimConfig
 from pacsp2p.testing.simnet import SimClock, SimNet
 
 

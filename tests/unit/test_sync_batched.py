@@ -13,7 +13,7 @@ from twisted.internet import defer
 
 from pacsp2p.catalog import db, tombstones
 from pacsp2p.overlay import sync
-from pacsp2p.overlay.swim import Invalid
+from pacsp2p.overlay.swimparts import Invalid
 
 
 class Catalog:
