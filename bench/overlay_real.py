@@ -17,7 +17,7 @@ default ``[overlay]`` parameters, each peer seeded with the first two peers), th
 - **1,000 instances**: storescu sends 1,000 small instances (one series, 64x64) on one
   association to the first peer; seconds from its start until every peer's catalog counts
   1,000 instances; the catalog pull requests all peers made meanwhile and the CPU time of
-  all peers over that span.
+  all peers over that span (the writer's, and the others' mean and max).
 
     .venv/bin/python bench/overlay_real.py                  # N = 3, 6, 10, 16
     .venv/bin/python bench/overlay_real.py --sizes 3,32 --keep
@@ -131,6 +131,7 @@ def run(n: int, root: Path, files) -> dict:
         requests0 = sum(status(p)["overlay"].get("dissemination", {}).get("requests", 0)
                         for p in peers)
         cpu0 = cpu(pids)
+        each0 = {pid: cpu([pid]) for pid in pids}
         t0 = time.monotonic()
         proc = storescu(peers[0].port, peers[0].ae_title, files, timeout=600)
         stored = time.monotonic() - t0
@@ -142,6 +143,9 @@ def run(n: int, root: Path, files) -> dict:
         r["store"] = stored
         r["counted"] = (time.monotonic() - t0) if done is not None else None
         r["store_cpu"] = cpu(pids) - cpu0
+        each = sorted((cpu([pid]) - each0[pid] for pid in pids[1:]), reverse=True)
+        r["store_cpu_writer"] = cpu([pids[0]]) - each0[pids[0]]
+        r["store_cpu_others"] = (sum(each) / len(each), each[0]) if each else (0, 0)
         r["requests"] = sum(status(p)["overlay"].get("dissemination", {}).get("requests", 0)
                             for p in peers) - requests0
         r["stored_ok"] = ok
@@ -181,11 +185,14 @@ def main():
                          f"{r['links'][0]} + {r['links'][1]}",
                          f"{r['store']:.1f}",
                          f"{r['counted']:.1f}" if r["counted"] is not None else "-",
-                         r["requests"], f"{r['store_cpu']:.0f}", f"{r['rss']:.0f}"])
+                         r["requests"], f"{r['store_cpu']:.0f}",
+                         f"{r['store_cpu_writer']:.1f}",
+                         "{:.1f} / {:.1f}".format(*r["store_cpu_others"]), f"{r['rss']:.0f}"])
     print()
     print(common.table(rows, ["peers", "converged s", "(from spawn)", "idle CPU % mean/max",
                               "links AMP + bulk", "store s", "all count 1000 s",
-                              "pull requests", "cluster CPU-s", "RSS MB/peer"]))
+                              "pull requests", "cluster CPU-s", "writer CPU-s",
+                              "other peers CPU-s mean/max", "RSS MB/peer"]))
 
 
 if __name__ == "__main__":

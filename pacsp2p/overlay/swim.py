@@ -482,7 +482,7 @@ class Swim:
     def _gossip_tick(self):
         if not self.running:
             return
-        if len(self.queue):
+        if self.queue.urgent:
             for node in self._gossip_targets():
                 if not len(self.queue):
                     break

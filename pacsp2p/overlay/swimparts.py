@@ -112,11 +112,14 @@ class _Relay:
 class Broadcasts:
     """Items to piggyback, each sent a limited number of times (memberlist's
     TransmitLimitedQueue): an item replaces the older one of the same key; the least
-    sent go first, newest first among equals."""
+    sent go first, newest first among equals. Items whose key starts with "m"
+    (membership) are *urgent*: while one is queued, gossip messages go out for it; the
+    others (catalog rumours) only ride on messages sent anyway."""
 
     def __init__(self):
         self.where: dict = {}          # key -> transmits so far
         self.buckets: dict[int, dict] = {}   # transmits -> {key: (entry, size)} (oldest first)
+        self.urgent = 0                # queued membership items
 
     def __len__(self):
         return len(self.where)
@@ -125,6 +128,8 @@ class Broadcasts:
         old = self.where.pop(key, None)
         if old is not None:
             del self.buckets[old][key]
+        else:
+            self.urgent += key[0] == "m"
         self.where[key] = 0
         self.buckets.setdefault(0, {})[key] = (
             entry, len(json.dumps(entry, separators=(",", ":"))) + 1)
@@ -152,6 +157,7 @@ class Broadcasts:
                 del self.buckets[count]
             if count + 1 >= limit:
                 del self.where[key]
+                self.urgent -= key[0] == "m"
             else:
                 self.where[key] = count + 1
                 self.buckets.setdefault(count + 1, {})[key] = item
