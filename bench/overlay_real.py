@@ -42,6 +42,9 @@ from pacsp2p.testing.peer import twistd_path  # noqa: E402
 from pacsp2p.testing.procs import Process  # noqa: E402
 
 
+OVERLAY: dict = {}          # deep-merged into every peer's config (--set overlay.KEY=V)
+
+
 def status(peer, timeout=30.0) -> dict:
     with urllib.request.urlopen(f"{peer.admin_url}/status", timeout=timeout) as r:
         return json.load(r)
@@ -88,7 +91,7 @@ def links(peers, ports: set, bulk_ports: set) -> tuple[int, int]:
 
 
 def run(n: int, root: Path, files) -> dict:
-    cluster = Cluster(root / f"n{n}")
+    cluster = Cluster(root / f"n{n}", config=OVERLAY)
     names = peer_names(n) if n <= 26 else [f"peer{i:02d}" for i in range(n)]
     peers = []
     for i, name in enumerate(names):
@@ -98,9 +101,14 @@ def run(n: int, root: Path, files) -> dict:
     try:
         t_spawn = time.monotonic()
         for p in peers:
-            argv = [twistd_path(), "-n", "--pidfile=", "pacsp2p", "--config", p.config_path]
-            p.process = Process(argv, p.log_path, cwd=p.workdir).start()
-        up = poll(lambda: all(_answers(p) for p in peers), 600, 0.2)
+            spawn(p)
+
+        def all_up():
+            for p in peers:
+                if not p.process.alive:     # a port taken meanwhile (issue 19.9): again
+                    spawn(p)
+            return all(_answers(p) for p in peers)
+        up = poll(all_up, 600, 0.2)
         if up is None:
             raise RuntimeError("peers did not all start")
         t_up = time.monotonic()
@@ -157,6 +165,13 @@ def run(n: int, root: Path, files) -> dict:
     return r
 
 
+def spawn(peer) -> None:
+    """Start *peer*'s twistd (a peer that could not listen is started again on the same
+    ports once the port is free: other peers' configs name them as seeds)."""
+    argv = [twistd_path(), "-n", "--pidfile=", "pacsp2p", "--config", peer.config_path]
+    peer.process = Process(argv, peer.log_path, cwd=peer.workdir).start()
+
+
 def _answers(peer) -> bool:
     try:
         status(peer, timeout=2)
@@ -169,7 +184,13 @@ def main():
     ap = common.parser(__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="3,6,10,16")
     ap.add_argument("--instances", type=int, default=1000)
+    ap.add_argument("--set", action="append", default=[], metavar="overlay.KEY=VALUE",
+                    help="an [overlay] setting for every peer (e.g. overlay.max_links=8)")
     args = ap.parse_args()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        OVERLAY.setdefault(section, {})[name] = json.loads(value)
     common.header("overlay with real peers (issue 18)")
     files = datasets.make_study(args.cache / f"overlay-real-{args.instances}",
                                 patient_id="OVLREAL", size=64, seed=18,
