@@ -351,9 +351,9 @@ class Catalog:
         return self.record(None, Location(uid, archive, self.peer, sha256, -1))
 
     def archive_counts(self) -> defer.Deferred:
-        return self.read(lambda conn: {(p, a): n for p, a, n in conn.execute(
-            "SELECT peer, archive, count(*) FROM locations WHERE size >= 0 "
-            "GROUP BY peer, archive")})
+        """{(peer, archive): live copies}, as the schema's triggers keep them (a
+        ``GROUP BY`` over the locations took ~7 s at 10M copies)."""
+        return self.read(schema.read_archive_counts)
 
     def digest(self) -> defer.Deferred:
         """sha256 over the whole content in a canonical order: equal iff catalogs agree."""

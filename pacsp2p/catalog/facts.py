@@ -229,5 +229,11 @@ def facts_from_wire(batch: list) -> list[tuple[dict, tuple]]:
 
 
 def vector(conn: sqlite3.Connection) -> dict[str, int]:
-    return {peer: seq for peer, seq in
-            conn.execute("SELECT peer, max(seq) FROM locations GROUP BY peer")}
+    """{origin peer: highest sequence number held}: a loose index scan of
+    ``locations(peer, seq)`` (a seek per peer: next peer, then its max(seq)), not a
+    ``GROUP BY`` that reads the whole index (1.5 s at start with 10M copies)."""
+    return {peer: seq for peer, seq in conn.execute(
+        "WITH RECURSIVE origin(peer) AS (SELECT min(peer) FROM locations UNION ALL "
+        "SELECT (SELECT min(peer) FROM locations WHERE peer > origin.peer) FROM origin "
+        "WHERE origin.peer IS NOT NULL) SELECT peer, (SELECT max(seq) FROM locations "
+        "WHERE peer = origin.peer) FROM origin WHERE peer IS NOT NULL")}
