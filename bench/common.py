@@ -274,6 +274,16 @@ def profiled(pid: int | None, out: Path | None, label: str, duration: float = 12
                 print("     " + line)
 
 
+@contextlib.contextmanager
+def profiled_all(pids: dict[str, int], out: Path | None):
+    """py-spy record each process of *pids* ({label: pid}) while the block runs (if
+    *out* is given); a summary of each is printed afterwards."""
+    with contextlib.ExitStack() as stack:
+        for label, pid in (pids.items() if out is not None else ()):
+            stack.enter_context(profiled(pid, out, label))
+        yield
+
+
 _SKIP = ("threading.py", "context.py", "_threadworker.py", "_team.py", "threadpool.py")
 
 

@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
 """Replicated ingest benchmark: DCMTK storescu (one association, TCP_NODELAY=1) of the
-300 x 512x512x16-bit CT study (~157 MB, cached by bench/common.py) into
+300 x 512x512x16-bit CT study (~157 MB) and of 1000 small MR (64x64) into
 
   cluster    a 3-peer pacsp2p cluster (overlay, defaults R=2, W=2), sent to peer A:
              every instance is acknowledged once 2 copies on 2 distinct peers are durable
   single     one pacsp2p peer on its own (R=1, W=1)
-  storescp   DCMTK storescp +xa (no fsync)
+  storescp   DCMTK storescp +xa (no fsync; not --quick)
   cluster-nosync  the cluster with [storage] fsync = false (what fsync costs; not --quick)
 
 with the same storescu invocation. Every repetition gets fresh targets (a fresh cluster).
-Prints median MB/s and inst/s and the ratios; target of issue 5: cluster >= 0.6 x single.
+Prints, per data set, median MB/s and inst/s, and the CPU-seconds per instance: user+sys
+of the peers' processes (/proc, summed over the 3 peers of a cluster) from before
+storescu starts until every remote copy is recorded (peer A's catalog lists 2 replicas of
+each instance), minus what the same peers spend idle over as long (measured just before).
+Targets (issue 15, item 4): cluster CPU per instance <= 2.5 x single; (issue 5): cluster
+wall clock >= 0.6 x single.
 
-    .venv/bin/python bench/ingest_cluster.py [--quick] [--reps N]
+    .venv/bin/python bench/ingest_cluster.py [--quick] [--reps N] [--data ct,mr]
+                                             [--profile DIR]
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from pacsp2p.testing import Peer, StoreSCP  # noqa: E402
 from pacsp2p.testing.cluster import Cluster, get_json, wait_until  # noqa: E402
 from pacsp2p.testing.dcmtk import storescu  # noqa: E402
 
+IDLE = 2.0         # seconds of idle CPU measured before each run (subtracted)
+
 
 def cpu_seconds(pids) -> float:
     """user + system CPU seconds used so far by the processes *pids* (Linux /proc)."""
@@ -41,104 +49,142 @@ def cpu_seconds(pids) -> float:
     return total / tick
 
 
-CPU: dict[str, list] = {}
+class Meter:
+    """CPU of *pids* over a run, less their idle rate (measured for IDLE s first)."""
+
+    def __init__(self, pids):
+        self.pids = list(pids)
+        if self.pids:
+            t0, c0 = time.monotonic(), cpu_seconds(self.pids)
+            time.sleep(IDLE)
+            self.idle_rate = (cpu_seconds(self.pids) - c0) / (time.monotonic() - t0)
+        else:
+            self.idle_rate = 0.0
+        self.t0, self.c0 = time.monotonic(), cpu_seconds(self.pids)
+
+    def used(self) -> float:
+        spent = time.monotonic() - self.t0
+        return max(0.0, cpu_seconds(self.pids) - self.c0 - self.idle_rate * spent)
 
 
-def send(port: int, aec: str, data: common.DataSet, pids=(), target="") -> float:
-    """storescu all files of *data* on one association (every response checked); the CPU
-    time the processes *pids* used meanwhile is noted in CPU[target]."""
-    before = cpu_seconds(pids)
+def send(port: int, aec: str, data: common.DataSet) -> float:
+    """storescu all files of *data* on one association (every response checked)."""
     with Timer() as t:
         proc = storescu(port, aec, [data.directory], aet="BENCHSCU", timeout=900,
                         extra=["-v"])
-    CPU.setdefault(target, []).append(cpu_seconds(pids) - before)
     ok = (proc.stdout + proc.stderr).count("Received Store Response (Success)")
     if ok != data.count:
         raise RuntimeError(f"{ok} of {data.count} C-STOREs succeeded\n{proc.stderr[-2000:]}")
     return t.seconds
 
 
-def run_cluster(work: Path, data: common.DataSet, fsync: bool = True) -> tuple[float, dict]:
+def run_cluster(work: Path, data: common.DataSet, profile: Path | None, label: str,
+                fsync: bool = True):
     cluster = Cluster(work, config=None if fsync else {"storage": {"fsync": False}})
     try:
         cluster.start(3)
         cluster.wait_mesh(timeout=30)
         a = cluster[0]
-        seconds = send(a.port, a.ae_title, data, [p.pid for p in cluster],
-                       "cluster" if fsync else "cluster-nosync")
-        # every instance acknowledged means 2 durable copies; check where they are
-        held = {p.name: common.held_instances(p)
-                for p in cluster}
+        meter = Meter(p.pid for p in cluster)
+        with common.profiled_all({f"{label}-{p.name}": p.pid for p in cluster}, profile):
+            seconds = send(a.port, a.ae_title, data)
+            # every instance acknowledged means 2 durable copies; wait for their records
+            rows = []
+
+            def recorded():
+                rows[:] = get_json(a, f"where?study={data.study_uid}", 30)
+                return len(rows) == data.count and all(len(r["replicas"]) >= 2 for r in rows)
+            wait_until(recorded, 60, interval=0.2, what="peer A records 2 copies of each")
+            cpu = meter.used()
+        held = {p.name: common.held_instances(p) for p in cluster}
         if sum(held.values()) != 2 * data.count:
             raise RuntimeError(f"copies on disk {held}, expected {2 * data.count} in all")
-        wait_until(lambda: len(get_json(a, f"where?study={data.study_uid}", 30)) == data.count,
-                   30, interval=0.5, what="peer A lists every instance")
-        rows = get_json(a, f"where?study={data.study_uid}", 30)
         per_peer = Counter(x["peer"] for r in rows for x in r["replicas"])
         if any(len({x["peer"] for x in r["replicas"]}) < 2 for r in rows):
             raise RuntimeError("an instance has fewer than 2 replicas on distinct peers")
-        return seconds, dict(per_peer)
+        return seconds, cpu, dict(per_peer)
     finally:
         cluster.stop()
 
 
-def run_single(work: Path, data: common.DataSet) -> tuple[float, dict]:
+def run_single(work: Path, data: common.DataSet, profile: Path | None, label: str):
     with Peer(work) as peer:
-        seconds = send(peer.port, peer.ae_title, data, [peer.pid], "single")
+        meter = Meter([peer.pid])
+        with common.profiled_all({f"{label}-single": peer.pid}, profile):
+            seconds = send(peer.port, peer.ae_title, data)
+            cpu = meter.used()
         held = common.held_instances(peer)
     if held != data.count:
         raise RuntimeError(f"peer holds {held} of {data.count} instances")
-    return seconds, {"peer": held}
+    return seconds, cpu, {"peer": held}
 
 
-def run_storescp(work: Path, data: common.DataSet) -> tuple[float, dict]:
+def run_storescp(work: Path, data: common.DataSet, profile, label):
     with StoreSCP(work / "in", ae_title="STORESCP", log_path=work / "storescp.log") as scp:
         seconds = send(scp.port, scp.ae_title, data)
     held = common.count_files(work / "in")
     if held != data.count:
         raise RuntimeError(f"storescp wrote {held} of {data.count} files")
-    return seconds, {"files": held}
+    return seconds, None, {"files": held}
 
 
 RUNNERS = {"cluster": run_cluster, "single": run_single, "storescp": run_storescp,
-           "cluster-nosync": lambda w, d: run_cluster(w, d, fsync=False)}
+           "cluster-nosync": lambda w, d, p, l: run_cluster(w, d, None, l, fsync=False)}
 
 
 def main() -> int:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=None, help="repetitions per target (3; 1 quick)")
+    p.add_argument("--data", default="ct,mr", help="comma-separated: ct,mr")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="py-spy record every peer during each cluster/single run into DIR")
     args = p.parse_args()
     reps = args.reps or (1 if args.quick else 3)
     common.header("replicated ingest: DCMTK storescu, one association, TCP_NODELAY=1")
-    data = common.ct_study(args.cache)
-    size = data.bytes
-    print(f"-- {data.name}: {data.count} instances, {mb(size):.1f} MB, {reps} rep(s)")
-    results: dict[str, dict] = {}
+    print(f"   load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    makers = {"ct": common.ct_study, "mr": common.mr_study}
+    datasets = [makers[d](args.cache) for d in args.data.split(",")]
+    targets = [t for t in RUNNERS if not (args.quick and t in ("storescp", "cluster-nosync"))]
+    summary = []
     with common.workdir(args.keep, "pacsp2p-bench-ingest-cluster-") as wd:
-        for rep in range(reps):               # interleaved: drift hits every target alike
-            for target, run in RUNNERS.items():
-                if args.quick and target == "cluster-nosync":
-                    continue
-                s, where = run(wd / f"{target}-{rep}", data)
-                results.setdefault(target, {"s": []})["s"].append(s)
-                results[target]["where"] = where
-                print(f"   {target:9s} rep {rep + 1}: {s:6.2f} s  {mb(size) / s:7.1f} MB/s  "
-                      f"{data.count / s:6.0f} inst/s  {where}", flush=True)
-                time.sleep(1.0)
-    print()
-    for r in results.values():
-        r["median"] = median(r["s"])
-        r["mbs"] = mb(size) / r["median"]
-    single = results["single"]["mbs"]
-    rows = [[t, f"{r['median']:.2f}", f"{r['mbs']:.1f}", f"{data.count / r['median']:.0f}",
-             f"{r['mbs'] / single:.2f}",
-             f"{median(CPU[t]):.2f}" if t in CPU else "-"] for t, r in results.items()]
-    print(table(rows, ["target", "median s", "MB/s", "inst/s", "this/single",
-                       "pacsp2p CPU s"]))
-    c, sc = results["cluster"]["mbs"], results["storescp"]["mbs"]
-    verdict = "meets" if c >= 0.6 * single else "MISSES"
-    print(f"\ncluster/single = {c / single:.2f}   cluster/storescp = {c / sc:.2f}   "
-          f"single/storescp = {single / sc:.2f}   ({verdict} target cluster >= 0.6 x single)")
+        for data in datasets:
+            size = data.bytes
+            print(f"-- {data.name}: {data.count} instances, {mb(size):.1f} MB, {reps} rep(s)")
+            res: dict[str, dict] = {t: {"s": [], "cpu": []} for t in targets}
+            for rep in range(reps):           # interleaved: drift hits every target alike
+                for target in targets:
+                    label = f"{data.name}-{target}-{rep}"
+                    s, cpu, where = RUNNERS[target](wd / label, data, args.profile, label)
+                    res[target]["s"].append(s)
+                    if cpu is not None:
+                        res[target]["cpu"].append(cpu)
+                    cpus = f"{1000 * cpu / data.count:6.2f} CPU-ms/inst" if cpu else ""
+                    print(f"   {target:14s} rep {rep + 1}: {s:6.2f} s  {mb(size) / s:7.1f} MB/s"
+                          f"  {data.count / s:6.0f} inst/s  {cpus}  {where}", flush=True)
+                    time.sleep(1.0)
+            single_s = median(res["single"]["s"])
+            single_cpu = median(res["single"]["cpu"]) / data.count
+            rows = []
+            for t, r in res.items():
+                s = median(r["s"])
+                cpu = median(r["cpu"]) / data.count if r["cpu"] else None
+                rows.append([t, f"{s:.2f}", f"{mb(size) / s:.1f}", f"{data.count / s:.0f}",
+                             f"{single_s / s:.2f}",
+                             f"{1000 * cpu:.2f}" if cpu else "-",
+                             f"{cpu / single_cpu:.2f}" if cpu else "-"])
+            print()
+            print(table(rows, ["target", "median s", "MB/s", "inst/s", "speed/single",
+                               "CPU ms/inst", "CPU/single"]))
+            c_cpu = median(res["cluster"]["cpu"]) / data.count
+            c_s = median(res["cluster"]["s"])
+            summary.append(f"{data.name}: cluster/single CPU per instance = "
+                           f"{c_cpu / single_cpu:.2f} "
+                           f"({'meets' if c_cpu <= 2.5 * single_cpu else 'MISSES'} <= 2.5)   "
+                           f"cluster/single speed = {single_s / c_s:.2f} "
+                           f"({'meets' if single_s / c_s >= 0.6 else 'MISSES'} >= 0.6)")
+            print()
+    print("\n".join(summary))
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 
