@@ -34,20 +34,22 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from pacsp2p.adapters import layout
-from pacsp2p.adapters.interface import (IArchive, IDeletes, IKeeps, IOpens, IRestores,
-                                        IStores, IStoresUnsynced, IVerifies, IWalks)
+from pacsp2p.adapters.interface import (IArchive, IDeletes, IKeeps, IOpens, IReadsMany,
+                                        IRestores, IStores, IStoresUnsynced, IVerifies,
+                                        IWalks)
 from pacsp2p.dicom.header import BadDataset, content_hash, file_meta, read_meta
+from pacsp2p.dicom.part10 import BadFile, examine
 from pacsp2p.types import Stored
 from pacsp2p.validate import InvalidUID, check_uid, is_uid
 
 log = Logger()
 
 
-@implementer(IArchive, IStores, IStoresUnsynced, IKeeps, IOpens, IWalks, IDeletes,
-             IVerifies, IRestores)
+@implementer(IArchive, IStores, IStoresUnsynced, IKeeps, IOpens, IReadsMany, IWalks,
+             IDeletes, IVerifies, IRestores)
 class EmbeddedArchive:
-    capabilities = frozenset({"store", "store_unsynced", "keep", "open", "walk", "delete",
-                              "verify", "restore"})
+    capabilities = frozenset({"store", "store_unsynced", "keep", "open", "read_many", "walk",
+                              "delete", "verify", "restore"})
     max_fetches = 8             # instances read at once (a local disk)
     up = True                                   # kept by the peer's health loop
 
@@ -327,13 +329,41 @@ class EmbeddedArchive:
         refused = self._refuse(uid)
         if refused is not None:
             return refused
+        return self._run(self._open, uid, sha256)
 
-        def opener():
-            path = self.path_for(uid)
-            if layout.is_sha(sha256) and not path.exists():
-                path = self.path_for(uid, sha256)
-            return open(path, "rb")
-        return self._run(opener)
+    def _open(self, uid: str, sha256: str | None):
+        try:
+            return open(self.path_for(uid), "rb")
+        except FileNotFoundError:
+            if not layout.is_sha(sha256):
+                raise
+            return open(self.path_for(uid, sha256), "rb")
+
+    def read_many(self, items, limit: int):
+        """Deferred[list]: the copies of *items* [(uid, sha256)], each small one read
+        whole and examined (its data set hashed), in one job (see ``IReadsMany``)."""
+        items = list(items)
+        for uid, _ in items:
+            refused = self._refuse(uid)
+            if refused is not None:
+                return refused
+        return self._run(lambda: [self._read_one(uid, sha, limit) for uid, sha in items])
+
+    def _read_one(self, uid: str, sha256: str | None, limit: int):
+        try:
+            f = self._open(uid, sha256)
+            if os.fstat(f.fileno()).st_size > limit:
+                return f
+            with f:
+                data = f.read(limit + 1)
+            if len(data) > limit:                   # grew meanwhile
+                return self._open(uid, sha256)
+            try:
+                return data, examine(data)
+            except BadFile:
+                return data, None
+        except Exception as e:
+            return e
 
     # -- scrub ---------------------------------------------------------------------
     def verify(self, items):

@@ -107,6 +107,17 @@ class IOpens(Interface):
         KeyError (FileNotFoundError for files on disk) if the archive does not hold it."""
 
 
+class IReadsMany(Interface):
+    """Capability ``read_many``: small instances read whole, a batch in one job (a
+    retrieval's thread hop per batch instead of two per instance)."""
+
+    def read_many(items, limit):
+        """Deferred[list], one entry per (sop_instance_uid, sha256) of *items*, in order:
+        ``(bytes, part10.examine of them or None if not Part-10)`` for a file of at most
+        *limit* bytes, the open file (as ``open`` gives it) for a larger one, or the
+        exception that stopped it (FileNotFoundError if the archive does not hold it)."""
+
+
 class ISends(Interface):
     """Capability ``send``: the archive sends instances to a DICOM destination itself."""
 
@@ -183,7 +194,7 @@ class IRestores(Interface):
 
 
 CAPABILITIES = {"store": IStores, "store_unsynced": IStoresUnsynced, "keep": IKeeps,
-                "open": IOpens, "send": ISends, "crawl": ICrawls, "changes": IFollows,
+                "open": IOpens, "read_many": IReadsMany, "send": ISends, "crawl": ICrawls, "changes": IFollows,
                 "walk": IWalks, "delete": IDeletes, "verify": IVerifies,
                 "restore": IRestores}
 

@@ -69,3 +69,17 @@ def frame(context_id: int, data, max_data: int, command: bool, last: bool) -> li
         pos = end
         if pos >= n:
             return parts
+
+
+def send_now(transport) -> None:
+    """Hand what *transport* holds to the kernel now instead of at the reactor's next
+    turn (a DIMSE request that answers a response goes out before the bookkeeping the
+    response sets off, so the other side works while we do). Only for a plain TCP
+    transport (under TLS: its socket); anything else is left to the reactor."""
+    while getattr(transport, "transport", None) is not None \
+            and not hasattr(transport, "doWrite"):
+        transport = transport.transport             # under the TLS layer (ProtocolWrapper)
+    if not getattr(transport, "_tempDataLen", 0) or not getattr(transport, "connected", 0) \
+            or getattr(transport, "disconnecting", True):
+        return
+    transport.doWrite()         # an error is seen again, and handled, by the reactor

@@ -43,7 +43,7 @@ from twisted.python.threadpool import ThreadPool
 from pacsp2p import threads
 from pacsp2p.dicom.dimse import C_STORE_RSP, c_store_rq, command_elements  # noqa: F401
 from pacsp2p.dicom.pdu import (PDU_HEAD, RELEASE_RP, RELEASE_RQ, abort_pdu,  # noqa: F401
-                               associate_rq, frame)
+                               associate_rq, frame, send_now)
 
 log = Logger()
 
@@ -372,6 +372,7 @@ class StorageSCU(protocol.Protocol):
                 self._arm(self.dimse_timeout, f"no C-STORE-RSP for {op.label}")
         if out:
             self.transport.write(b"".join(out))
+            send_now(self.transport)
 
     def _send_release(self):
         self.state = "releasing"

@@ -8,7 +8,8 @@ sources (``pacsp2p_rank_replicas``), best first.
   The ranking is each source's preference: it first takes the instances that rank it
   highest, then, among those, the rarest (fewest live holders, as in BitTorrent: Cohen,
   "Incentives build robustness in BitTorrent", 2003), then in the order the consumer
-  wants them. Endgame: when nothing is left unclaimed, a free source re-requests an
+  wants them (``plan.candidates``: an index per source, no scan of every pending
+  instance). Endgame: when nothing is left unclaimed, a free source re-requests an
   instance another source is still fetching; the first copy wins.
 - ``single``: every instance from its first-ranked live source, as a plain archive
   would serve it (with ``nearest``: one archive for the whole study): the benchmarks'
@@ -16,6 +17,8 @@ sources (``pacsp2p_rank_replicas``), best first.
 """
 
 from __future__ import annotations
+
+import itertools
 
 from pacsp2p.strategies.hookspecs import hookimpl
 
@@ -41,17 +44,9 @@ class WorkStealing:
         if n <= 0:
             return []
         name = source.name
-        mine = []
-        for i, r in enumerate(plan.pending):
-            uid = r.sop_instance_uid
-            holders = plan.holders[uid]
-            if name in holders:
-                order = plan.ranked(uid)
-                rank = order.index(name) if name in order else len(order)
-                mine.append(((rank, len(holders), i), r))
+        mine = list(itertools.islice(plan.candidates(name), n))   # an index: O(n)
         if mine:
-            mine.sort(key=lambda item: item[0])
-            return [r for _, r in mine[:n]]
+            return mine
         # endgame: help with what others are still fetching, oldest first
         for ref in plan.in_flight_refs():
             uid = ref.sop_instance_uid

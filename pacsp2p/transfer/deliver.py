@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pacsp2p.dicom import contexts, scu, tls
-from pacsp2p.dicom.part10 import BadFile, convert, dataset_start
+from pacsp2p.dicom.part10 import BadFile, Part10Bytes, convert, dataset_start
 from pacsp2p.tally import Tally as Events
 
 log = Logger()
@@ -183,9 +183,24 @@ class Delivery(Tally):
             self._closing = True
             self._close()
 
-    @defer.inlineCallbacks
     def _one(self, ref):
-        f = yield self.retrieval.open(ref)
+        d = self.retrieval.open(ref)
+        d.addCallback(self._opened, ref)
+        return d
+
+    def _opened(self, f, ref):
+        """A file read whole and examined (``Part10Bytes``) in a syntax the destination
+        accepted goes to the SCU's queue at once: no generator, no thread hop."""
+        if isinstance(f, Part10Bytes) and not self.cancelled and (
+                ref.sop_class_uid, f.transfer_syntax) in self._scu.accepted:
+            if f.media_uid and f.media_uid != ref.sop_instance_uid:
+                raise BadFile(f"the stored file holds {f.media_uid}")
+            return self._scu.store(ref.sop_class_uid, ref.sop_instance_uid,
+                                   f.transfer_syntax, f.data(), *self.originator)
+        return self._prepared(f, ref)
+
+    @defer.inlineCallbacks
+    def _prepared(self, f, ref):
         if self.cancelled:
             self.pool.callInThread(_close, f)
             raise defer.CancelledError()

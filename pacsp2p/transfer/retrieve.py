@@ -23,9 +23,9 @@ the instance a consumer waits for is rescued on a second source if its only one 
 
 from __future__ import annotations
 
+import io
 import itertools
 import time
-from dataclasses import dataclass, field
 
 from twisted.internet import defer, error
 from twisted.logger import Logger
@@ -34,11 +34,15 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from pacsp2p.adapters.associations import DimseError
 from pacsp2p.adapters.http import Unreachable
-from pacsp2p.flow import DEFAULT_MAX_FETCHES, open_gated
+from pacsp2p.flow import DEFAULT_MAX_FETCHES, fetch_gate, open_gated
 from pacsp2p.overlay.node import PeerUnknown
 from pacsp2p.strategies import Strategies, StrategyError
-from pacsp2p.transfer.verify import Damaged, checked
+from pacsp2p.dicom.part10 import Part10Bytes
+from pacsp2p.transfer.plan import PlanView, Source
+from pacsp2p.transfer.verify import SMALL, Damaged, checked, is_sha256, mismatch
 from pacsp2p.types import InstanceRef, PeerInfo
+
+__all__ = ["PlanView", "Retrieval", "Source", "Unavailable", "readable", "source_name"]
 
 log = Logger()
 
@@ -85,65 +89,6 @@ class Unavailable(Exception):
     """No replica of an instance could be read."""
 
 
-@dataclass
-class Source:
-    """One source of a retrieval: one archive of one peer (this one included), and its
-    statistics."""
-
-    name: str
-    peer: str = ""
-    archive: str = ""
-    limit: int = DEFAULT_MAX_FETCHES      # fetches at once at most (its max_fetches)
-    holds: set = field(default_factory=set)
-    in_flight: int = 0
-    completed: int = 0
-    failed: int = 0
-    bytes: int = 0
-    started: float = 0.0
-    busy: float = 0.0                 # seconds with at least one fetch running
-    _since: float | None = None
-    _turn: int = 0                    # when it was last given work (a counter)
-    alive: bool = True
-    error: str = ""
-
-    @property
-    def rate(self) -> float:
-        """Bytes per second while it had work (0 until something arrived)."""
-        return self.bytes / self.busy if self.completed and self.busy > 0 else 0.0
-
-
-class PlanView:
-    """What the load-balancing hook sees of a running retrieval."""
-
-    def __init__(self, refs):
-        self.refs = refs
-        self.pending: list[InstanceRef] = list(refs)      # not claimed by any source
-        self.in_flight: dict[str, set] = {}               # uid -> sources fetching it
-        self.done: set[str] = set()
-        self.holders: dict[str, set] = {}                 # uid -> live sources holding it
-        self.ranking: dict[str, list] = {}                # uid -> the same, best first
-        self.where: dict[str, dict] = {}                  # uid -> source -> Location
-        self.sources: dict[str, Source] = {}
-        self.memo: dict = {}                              # for strategies' own state
-        sizes = [r.size for r in refs if r.size]
-        self.avg_size = sum(sizes) / len(sizes) if sizes else 1 << 19
-
-    def ranked(self, uid: str) -> list[str]:
-        """The live sources of *uid*, best first (replica selection's order)."""
-        return self.ranking.get(uid, [])
-
-    def in_flight_refs(self):
-        by_uid = {r.sop_instance_uid: r for r in self.refs}
-        return [by_uid[u] for u in self.in_flight if self.in_flight[u]]
-
-    def lose(self, uid: str, name: str) -> None:
-        """*name* no longer serves *uid*."""
-        self.holders.get(uid, set()).discard(name)
-        ranking = self.ranking.get(uid)
-        if ranking and name in ranking:
-            ranking.remove(name)
-
-
 class Retrieval:
     def __init__(self, refs: list[InstanceRef], archives: dict, peer: str, overlay=None,
                  strategies=None, reactor=None, window: int = 64, per_source: int = 8,
@@ -166,6 +111,9 @@ class Retrieval:
         self._results: dict[str, defer.Deferred] = {}
         self._unavailable: dict[str, Failure] = {}    # uid -> why (open() errbacks with it)
         self._opened: set[str] = set()
+        self._wanted: dict[str, InstanceRef] = {}     # opened, still pending
+        self._batches: dict[str, list] = {}           # source -> claims to read in one job
+        self._kick = None
         self._buffered = 0               # fetched, not yet opened
         self._timers: dict = {}
         self._observed = False
@@ -267,7 +215,7 @@ class Retrieval:
                 src.holds.add(uid)
         for ref in list(plan.pending):
             if not plan.holders[ref.sop_instance_uid]:
-                plan.pending.remove(ref)
+                plan.take(ref)
                 self._fail(ref, "no live replica")
         if self.overlay is not None:
             self.overlay.membership.on_change.append(self._member_changed)
@@ -315,6 +263,7 @@ class Retrieval:
             while self._again and not self.cancelled:
                 self._again = False
                 self._schedule_once()
+                self._read_batches()
         finally:
             self._scheduling = False
         # (cheap test first: every result is called only once done + unavailable
@@ -337,8 +286,8 @@ class Retrieval:
         # when out-of-order arrivals have filled the window, what consumers already
         # wait for is fetched anyway (else they would wait for ever): first free source
         # of its ranking
-        wanted = ([r for r in plan.pending if r.sop_instance_uid in self._opened]
-                  if self._budget() <= 0 else [])
+        wanted = ([r for r in self._wanted.values() if r in plan.pending]
+                  if self._wanted and self._budget() <= 0 else [])
         for ref in wanted:
             name = next((n for n in plan.ranked(ref.sop_instance_uid) if self._free(n)),
                         None)
@@ -409,8 +358,8 @@ class Retrieval:
     def _claim(self, src: Source, ref: InstanceRef):
         plan = self.plan
         uid = ref.sop_instance_uid
-        if ref in plan.pending:
-            plan.pending.remove(ref)
+        plan.take(ref)
+        self._wanted.pop(uid, None)
         plan.in_flight.setdefault(uid, set()).add(src.name)
         if src.in_flight == 0:
             src._since = self.reactor.seconds()
@@ -418,6 +367,10 @@ class Retrieval:
         self._turns += 1
         src._turn = self._turns
         loc = plan.where[uid][src.name]
+        if src.peer == self.peer and "read_many" in self.archives[loc.archive].capabilities:
+            self._batches.setdefault(src.name, []).append(ref)     # read in one job
+            self._timers[(src.name, uid)] = (None, self.reactor.seconds())
+            return
         if src.peer == self.peer:
             d = open_gated(self.archives[loc.archive], uid, loc.sha256)
         else:
@@ -427,6 +380,61 @@ class Retrieval:
         self._timers[(src.name, uid)] = (timer, self.reactor.seconds())
         d.addCallbacks(self._got, self._lost, callbackArgs=(src, ref),
                        errbackArgs=(src, ref))
+
+    def _read_batches(self):
+        """Each local source's claims of this pass, read in one job of its archive."""
+        batches, self._batches = self._batches, {}
+        for name, refs in batches.items():
+            src = self.plan.sources[name]
+            locs = [self.plan.where[r.sop_instance_uid][name] for r in refs]
+            archive = self.archives[src.archive]
+            d = fetch_gate(archive).run(archive.read_many,
+                                        [(loc.sop_instance_uid, loc.sha256) for loc in locs],
+                                        SMALL)
+            timer = self.reactor.callLater(STALL_SECONDS, self._stalled, src, refs[0], d)
+            since = self.reactor.seconds()
+            for ref in refs:
+                self._timers[(name, ref.sop_instance_uid)] = (timer, since)
+            d.addCallbacks(self._got_batch, self._lost_batch,
+                           callbackArgs=(src, refs, locs, timer), errbackArgs=(src, refs, timer))
+
+    def _got_batch(self, results, src: Source, refs, locs, timer):
+        """Serve a batch's copies that hash right; fail the others over. One scheduling
+        pass for the batch, not one per instance."""
+        if timer.active():
+            timer.cancel()
+        held, self._scheduling = self._scheduling, True
+        try:
+            for ref, loc, result in zip(refs, locs, results):
+                if isinstance(result, BaseException):
+                    self._lost(Failure(result), src, ref)
+                elif not isinstance(result, tuple):       # larger: hashed on its own
+                    d = checked(result, loc, self.reactor)
+                    self._timers[(src.name, ref.sop_instance_uid)] = (self.reactor.callLater(
+                        STALL_SECONDS, self._stalled, src, ref, d), self.reactor.seconds())
+                    d.addCallbacks(self._got, self._lost, callbackArgs=(src, ref),
+                                   errbackArgs=(src, ref))
+                else:
+                    data, meta = result
+                    if is_sha256(loc.sha256) and (meta[3] if meta else "") != loc.sha256:
+                        self._lost(Failure(mismatch(loc, meta[3] if meta else "")), src, ref)
+                    else:
+                        self._got(Part10Bytes(data, *meta[:3]) if meta else io.BytesIO(data),
+                                  src, ref)
+        finally:
+            self._scheduling = held
+        self._schedule()
+
+    def _lost_batch(self, failure: Failure, src: Source, refs, timer):
+        if timer.active():
+            timer.cancel()
+        held, self._scheduling = self._scheduling, True
+        try:
+            for ref in refs:
+                self._lost(failure, src, ref)
+        finally:
+            self._scheduling = held
+        self._schedule()
 
     def _settle(self, src: Source, ref: InstanceRef):
         uid = ref.sop_instance_uid
@@ -499,11 +507,10 @@ class Retrieval:
             flying = plan.in_flight.get(uid, set())
             flying.discard(src.name)
             if not holders and not flying:
-                if ref in plan.pending:
-                    plan.pending.remove(ref)
+                plan.take(ref)
                 self._fail(ref, f"its only live replica was on {src.name}: {why}")
             elif not flying and ref not in plan.pending:
-                plan.pending.insert(0, ref)
+                self._requeue(ref)
         self._schedule()
 
     def _forget(self, src: Source, ref: InstanceRef, why: str):
@@ -515,10 +522,17 @@ class Retrieval:
         if not self.plan.holders[uid] and not self.plan.in_flight.get(uid):
             self._fail(ref, f"{src.name}: {why}")
         elif not self.plan.in_flight.get(uid) and ref not in self.plan.pending:
-            self.plan.pending.insert(0, ref)
+            self._requeue(ref)
         self._schedule()
 
+    def _requeue(self, ref: InstanceRef):
+        """*ref* pending again (or wanted now): first in line."""
+        self.plan.put_front(ref)
+        if ref.sop_instance_uid in self._opened:
+            self._wanted[ref.sop_instance_uid] = ref
+
     def _fail(self, ref: InstanceRef, why: str):
+        self._wanted.pop(ref.sop_instance_uid, None)
         d = self._results[ref.sop_instance_uid]
         if not d.called:
             failure = Failure(Unavailable(f"{ref.sop_instance_uid}: {why}"))
@@ -541,21 +555,25 @@ class Retrieval:
         plan = self.plan
         # wanted now: to the front (a fetched or fetching one is not pending: no scan)
         if uid not in plan.done and not plan.in_flight.get(uid) and ref in plan.pending:
-            plan.pending.remove(ref)
-            plan.pending.insert(0, ref)
+            self._requeue(ref)
         result = defer.Deferred()
         source = self._results[uid]
 
         def handed(value):
             if not isinstance(value, Failure):
                 self._buffered -= 1
-                self.reactor.callLater(0, self._schedule)
+                if self._kick is None:          # one pass for what was opened meanwhile
+                    self._kick = self.reactor.callLater(0, self._kicked)
             result.callback(value) if not isinstance(value, Failure) else result.errback(value)
             return None
 
         source.addBoth(handed)
         self._schedule()
         return result
+
+    def _kicked(self):
+        self._kick = None
+        self._schedule()
 
     def status(self) -> dict:
         """Counts, and per source (``peer/archive``) what it served and how fast."""

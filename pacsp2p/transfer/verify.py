@@ -113,6 +113,11 @@ def _compare(f, got: str, loc):
     if got == loc.sha256:
         return f
     _closed(f)
+    raise mismatch(loc, got)
+
+
+def mismatch(loc, got: str) -> Damaged:
+    """The error for the copy *loc* whose data set hashed to *got* ("": not readable)."""
     what = f"hashes to {got[:12]}" if got else "is not a readable Part-10 file"
-    raise Damaged(f"the copy of {loc.sop_instance_uid} on {loc.archive}@{loc.peer} {what}, "
-                  f"the catalog's SHA-256 is {loc.sha256[:12]}")
+    return Damaged(f"the copy of {loc.sop_instance_uid} on {loc.archive}@{loc.peer} {what}, "
+                   f"the catalog's SHA-256 is {loc.sha256[:12]}")
