@@ -14,10 +14,10 @@ Set-up (root only; every namespace and veth is made here and removed on exit, Ct
     namespace over a veth pair (ns side 198.18.k.2/24, root side 198.18.k.1/24) shaped with
     ``tc tbf`` to 200 Mbit/s on both ends' egress; measured with a plain TCP stream first.
   - in the root namespace: the requesters and a storing peer (``archives = []``), overlay
-    bound to 198.18.1.1 (the namespaces route 198.18.0.0/15 to their veth; no forwarding,
-    so sources do not reach each other: membership is judged per peer and catalogs sync
-    through the root peers), facades on 127.0.0.1; the C-MOVE destination is a DCMTK
-    ``storescp +xa --fork`` on 127.0.0.1.
+    bound to 198.18.1.1 (the namespaces route 198.18.0.0/15 to their veth; the root
+    namespace forwards between these veths only, ``net.ipv4.conf.<veth>.forwarding``, so
+    sources reach each other over both their shaped links), facades on 127.0.0.1; the
+    C-MOVE destination is a DCMTK ``storescp +xa --fork`` on 127.0.0.1.
   - three variants of the study (other Study/Series/SOP UIDs) are stored through the
     storing peer with ``[cluster] replicas = write_quorum = K`` while exactly K sources run
     (src1; then src1+src2; then all three), so variant K ends with every instance on the
@@ -63,6 +63,7 @@ SLOW = 50               # Mbit/s of the slow link in the mixed case
 ROOT_ADDR = "198.18.1.1"  # the root peers' overlay address (root side of link 1)
 TARGETS = {1: 0.95, 2: 1.8, 3: 2.6}
 IP, TC = shutil.which("ip") or "/usr/sbin/ip", shutil.which("tc") or "/usr/sbin/tc"
+SYSCTL = shutil.which("sysctl") or "/usr/sbin/sysctl"
 
 
 def sh(*argv, check=True, timeout=30) -> subprocess.CompletedProcess:
@@ -109,6 +110,12 @@ class Net:
         sh(IP, "link", "set", n, "netns", ns)
         sh(IP, "addr", "add", f"{self.root_addr(k)}/24", "dev", r)
         sh(IP, "link", "set", r, "up")
+        # forward between this bench's own links only (the input device's setting decides;
+        # the host's net.ipv4.ip_forward is left alone): sources reach each other through
+        # the root namespace, over both their shaped links, as SWIM needs (every member
+        # probes every other in turn; with no path between two sources each would suspect
+        # the other and membership would flap)
+        sh(SYSCTL, "-qw", f"net.ipv4.conf.{r}.forwarding=1")
         for cmd in (["link", "set", "lo", "up"],
                     ["addr", "add", f"{self.ns_addr(k)}/24", "dev", n],
                     ["link", "set", n, "up"],
