@@ -63,7 +63,8 @@ from pacsp2p.dicom.admission import Admission, FdBudget, LogLimit
 from pacsp2p.dicom.messages import MAX_IDENTIFIER, Messages
 from pacsp2p.dicom.negotiation import MIN_PEER_PDU, reject_pdu
 from pacsp2p.dicom.pdu import (A_ABORT, A_ASSOCIATE_RQ as RQ, A_RELEASE_RP, A_RELEASE_RQ,
-                               P_DATA_TF, PDU_HEAD, PDV_HEAD, RELEASE_RP, abort_pdu, frame)
+                               P_DATA_TF, PDU_HEAD, PDV_HEAD, RELEASE_RP, abort_pdu, frame,
+                               send_now)
 from pacsp2p.dicom.tls import handshake_error, peer_name, verify_result
 from pacsp2p.flow import ReadHolds
 from pacsp2p.validate import shown
@@ -282,6 +283,11 @@ class Association(ReadHolds, Messages, protocol.Protocol):
             parts += frame(context_id, data, self.max_data, command=False, last=True)
         self.transport.write(b"".join(parts))
         self._touch()
+
+    def flush(self) -> None:
+        """What was sent so far goes to the kernel now, not at the reactor's next turn."""
+        if self.state == "established":
+            send_now(self.transport)
 
     def send_data(self, context_id: int, data, last: bool) -> None:
         """A data set fragment (a C-STORE sub-operation of C-GET)."""

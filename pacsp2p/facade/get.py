@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from pacsp2p.dicom import contexts, dimse
-from pacsp2p.dicom.part10 import BadFile, convert, dataset_start
+from pacsp2p.dicom.part10 import BadFile, Part10Bytes, convert, dataset_start
 from pacsp2p.dicom.scu import _close, _read
 from pacsp2p.dicom.status import (ALL_FAILED, CANCEL, GET_TOO_MANY, PENDING, SUCCESS,
                                   UNABLE_TO_PROCESS, WARNING)
@@ -117,9 +117,35 @@ class Get(Operation):
         self.index += 1
         self.sub_id = (self.msg_id + self.index - 1) % 0xFFFF + 1
         d = self.retrieval.open(ref)
-        d.addCallback(self._prepare, ref)
-        d.addCallback(self._first_chunk, ref)
+        d.addCallback(self._opened, ref)
         d.addErrback(self._sub_failed, ref)
+
+    def _opened(self, f, ref):
+        """A file read whole and examined (``Part10Bytes``) in an accepted syntax goes
+        out at once: command and data set in one write, handed to the kernel with the
+        Pending response before it."""
+        if isinstance(f, Part10Bytes) and not self.gone:
+            cid = self.offered.get(ref.sop_class_uid, {}).get(f.transfer_syntax)
+            if cid is not None:
+                if f.media_uid and f.media_uid != ref.sop_instance_uid:
+                    raise BadFile(f"the stored file holds {f.media_uid}")
+                self.current = ref
+                self.assoc.send(cid, dimse.c_store_rq(self.sub_id, ref.sop_class_uid,
+                                                      ref.sop_instance_uid), f.data())
+                self.assoc.flush()
+                self._sent()
+                return None
+        d = defer.maybeDeferred(self._prepare, f, ref)
+        d.addCallback(self._first_chunk, ref)
+        return d
+
+    def _sent(self):
+        """The whole data set is out: wait for its C-STORE-RSP (one timer, re-armed)."""
+        self.expect = self.sub_id
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(DIMSE_TIMEOUT)
+        else:
+            self.timer = self.svc.reactor.callLater(DIMSE_TIMEOUT, self._no_response)
 
     def _prepare(self, f, ref):
         offered = self.offered.get(ref.sop_class_uid, {})
@@ -163,8 +189,7 @@ class Get(Operation):
         if left:
             self.assoc.when_writable(lambda: self._read_more(cid, f, left))
         else:
-            self.expect = self.sub_id
-            self.timer = self.svc.reactor.callLater(DIMSE_TIMEOUT, self._no_response)
+            self._sent()
 
     def _read_more(self, cid, f, left):
         d = deferToThreadPool(self.svc.reactor, self.svc.send_pool, _read, f, left)
@@ -177,6 +202,8 @@ class Get(Operation):
 
     def _no_response(self):
         self.timer = None
+        if self.expect is None:           # not waiting for a C-STORE-RSP now
+            return
         log.warn("C-GET: no C-STORE-RSP from {ae} within {s} s: aborting",
                  ae=self.assoc.calling_ae, s=DIMSE_TIMEOUT)
         self.assoc.abort()
@@ -191,9 +218,7 @@ class Get(Operation):
     def store_response(self, fields) -> bool:
         if self.expect is None or dimse.us(fields, dimse.RESPONDED_TO) != self.expect:
             return False
-        self.expect = None
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self.expect = None                # (the timer is re-armed by the next send)
         status = dimse.us(fields, dimse.STATUS)
         category = code_to_category(status)
         if category == "Success":
@@ -239,7 +264,15 @@ class Get(Operation):
     def lost_counts(self):
         return self._counts() if hasattr(self, "remaining") else None
 
+    def finish(self, *args, **kwargs):
+        self._stop_timer()
+        super().finish(*args, **kwargs)
+
     def lost(self):
         super().lost()
+        self._stop_timer()
+
+    def _stop_timer(self):
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
+        self.timer = None

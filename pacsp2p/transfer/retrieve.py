@@ -47,6 +47,7 @@ __all__ = ["PlanView", "Retrieval", "Source", "Unavailable", "readable", "source
 log = Logger()
 
 STALL_SECONDS = 20.0
+BATCH = 8               # instances: the least room a nearly full window waits for
 _ids = itertools.count(1)
 
 
@@ -286,14 +287,18 @@ class Retrieval:
         # when out-of-order arrivals have filled the window, what consumers already
         # wait for is fetched anyway (else they would wait for ever): first free source
         # of its ranking
+        # A window nearly full of fetched instances takes new work only once there is
+        # room for a batch (one read job for several small files, not one per instance
+        # opened); meanwhile what a consumer waits for is still fetched at once.
+        full = self._budget() < BATCH <= self._buffered
         wanted = ([r for r in self._wanted.values() if r in plan.pending]
-                  if self._wanted and self._budget() <= 0 else [])
+                  if self._wanted and (full or self._budget() <= 0) else [])
         for ref in wanted:
             name = next((n for n in plan.ranked(ref.sop_instance_uid) if self._free(n)),
                         None)
             if name is not None and self._claimable(plan.sources[name], ref):
                 self._claim(plan.sources[name], ref)
-        progress = True
+        progress = not full
         while progress and self._budget() > 0:
             progress = False
             # the least busy first; among equals, the one given work longest ago (so a
