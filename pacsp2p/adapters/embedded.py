@@ -427,8 +427,9 @@ class EmbeddedArchive:
             if not layout.is_current(path):
                 continue
             try:
-                meta = read_meta(path)
-                sha, size = content_hash(path)
+                meta = read_meta(path)          # hashes the data set on its one pass
+                sha, size = (meta.sha256, meta.data_size) if meta.sha256 else \
+                    content_hash(path)
             except BadDataset:
                 continue
             if not is_uid(meta.sop_instance_uid):
