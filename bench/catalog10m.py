@@ -1,0 +1,408 @@
+#!/usr/bin/env python3
+"""A catalog of 10 million instances on one peer (issue 15.3): start-up, RSS, C-FIND.
+
+The catalog is filled before the peer starts, with the product's own writer
+(``pacsp2p.catalog.db.create_schema`` + ``write_facts``, in batches with the writer's
+parent-row memory, as a stream of C-STOREs writes them) in a realistic shape: 20
+instances per series, 4 series per study, 1-5 studies per patient (~3): 10,000,000
+instances = 125,000 studies, ~42,000 patients, dates spread over ten years. Memory stays
+bounded (a generator; a reservoir of 2,000 studies to draw queries from). The built
+catalog is cached as the data directory of a peer under the bench cache
+(``$TMPDIR/pacsp2p-bench-cache/catalog10m-<n>/``): re-runs reuse it (the peer
+migrates it in place when the schema moved on). A real ``twistd -n pacsp2p`` peer then
+starts on it; a pynetdicom client (TCP_NODELAY on its socket) runs, on one association,
+interleaved C-FINDs of seven kinds:
+
+  pid     STUDY, PatientID exact                   target p50 < 50 ms
+  acc     STUDY, AccessionNumber exact             target p50 < 50 ms
+  uid     STUDY, StudyInstanceUID                  target p50 < 50 ms
+  date    STUDY, StudyDate one-week range          target p50 < 200 ms
+  name    STUDY, PatientName SURNAME^G*            target p50 < 200 ms
+  series  SERIES inside one study                  target p50 < 20 ms
+  image   IMAGE inside one series of one study     target p50 < 20 ms
+
+Also: start-up (spawn to C-ECHO; first start and restart after a clean stop) < 10 s, RSS
+< 500 MB, the catalog SQL alone with its ``EXPLAIN QUERY PLAN``, and (``--rebuild N``)
+``pacsp2p catalog rebuild`` of an embedded archive of N small instances >= 2,000/s.
+
+    nice -n 10 .venv/bin/python bench/catalog10m.py [--instances N] [--queries N]
+        [--rebuild N] [--cold]
+"""
+from __future__ import annotations
+
+import json
+import random
+import resource
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import Timer, percentile, table  # noqa: E402
+from find import (GIVEN, KINDS, PEER_NAME, SURNAMES, _nodelay, evict,  # noqa: E402
+                  get_status, wait_checked)
+
+from pydicom.dataset import Dataset  # noqa: E402
+from pynetdicom import AE, evt  # noqa: E402
+from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,  # noqa: E402
+                                  Verification)
+
+from pacsp2p.catalog import matching, names  # noqa: E402
+from pacsp2p.catalog.db import SCHEMA_VERSION, create_schema, write_facts  # noqa: E402
+from pacsp2p.testing import Peer  # noqa: E402
+from pacsp2p.testing.datasets import SOP_CLASSES, ExplicitVRLittleEndian  # noqa: E402
+from pacsp2p.types import Query  # noqa: E402
+
+ARCHIVE = "local"
+SERIES_PER_STUDY, INSTANCES_PER_SERIES = 4, 20
+ROOT_UID = "1.2.826.0.1.3680043.10.1015"
+TARGETS_MS = {"pid": 50, "acc": 50, "uid": 50, "date": 200, "name": 200,
+              "series": 20, "image": 20}
+STUDY_KEYS = ["PatientName", "PatientID", "StudyDate", "StudyTime", "AccessionNumber",
+              "StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
+              "StudyInstanceUID"]
+SERIES_KEYS = ["StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber",
+               "SeriesDescription", "NumberOfSeriesRelatedInstances"]
+IMAGE_KEYS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+              "InstanceNumber"]
+LEVEL_KEYS = {"STUDY": STUDY_KEYS, "SERIES": SERIES_KEYS, "IMAGE": IMAGE_KEYS}
+
+
+def realistic(n_instances: int, seed: int = 2026) -> Iterator[tuple[dict, dict | None]]:
+    """(attributes of one instance, its study's record or None) for *n_instances*
+    instances: patients of 1-5 studies, 4 series of 20 instances each per study. The
+    study record (once per study, with its first instance) is what queries are drawn
+    from. Deterministic; UIDs as a modality makes them (a root, a random part per study,
+    counters), so their order is neither sorted nor random."""
+    rng = random.Random(seed)
+    ts = str(ExplicitVRLittleEndian)
+    made, p, study_no = 0, 0, 0
+    while made < n_instances:
+        pid = f"P{p:07d}"
+        patient = {"PatientID": pid,
+                   "PatientName": f"{rng.choice(SURNAMES)}^{rng.choice(GIVEN)}",
+                   "PatientBirthDate": f"{rng.randint(1930, 2020)}{rng.randint(1, 12):02d}"
+                                       f"{rng.randint(1, 28):02d}",
+                   "PatientSex": rng.choice("MFO")}
+        for _ in range(rng.choice((1, 2, 3, 3, 4, 5))):
+            if made >= n_instances:
+                break
+            modality = rng.choice(list(KINDS))
+            date = time.strftime("%Y%m%d", time.gmtime(1420070400 + rng.randrange(3650)
+                                                       * 86400))
+            study_uid = f"{ROOT_UID}.{rng.randrange(10**9)}.{study_no}"
+            study = {**patient, "StudyInstanceUID": study_uid, "StudyDate": date,
+                     "StudyTime": f"{rng.randint(7, 19):02d}{rng.randint(0, 59):02d}00",
+                     "AccessionNumber": f"ACC{study_no:08d}", "StudyID": str(study_no),
+                     "StudyDescription": KINDS[modality],
+                     "ReferringPhysicianName": "HOUSE^GREGORY", "InstitutionName": "BENCH"}
+            record: dict | None = dict(study, Modality=modality)
+            for s in range(SERIES_PER_STUDY):
+                series_uid = f"{study_uid}.{s + 1}"
+                series = {**study, "SeriesInstanceUID": series_uid, "Modality": modality,
+                          "SeriesNumber": str(s + 1), "SeriesDescription":
+                              f"{modality} SERIES {s + 1}", "SeriesDate": date,
+                          "BodyPartExamined": "CHEST", "Manufacturer": "BENCH"}
+                if record is not None:
+                    record["SeriesInstanceUID"] = series_uid
+                for i in range(INSTANCES_PER_SERIES):
+                    if made >= n_instances:
+                        break
+                    made += 1
+                    yield ({**series, "SOPInstanceUID": f"{series_uid}.{i + 1}",
+                            "SOPClassUID": str(SOP_CLASSES[modality]),
+                            "TransferSyntaxUID": ts, "InstanceNumber": str(i + 1),
+                            "ContentDate": date, "ImageType": "ORIGINAL\\PRIMARY"},
+                           record)
+                    record = None
+            study_no += 1
+        p += 1
+
+
+def fill(path: Path, n_instances: int, keep: int = 2000, batch_size: int = 5000,
+         seed: int = 11) -> list[dict]:
+    """Write *n_instances* with the product's writer into *path*; return a reservoir
+    sample of *keep* study records. Progress every million instances."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA cache_size=-1000000")          # 1 GB of pages: bounded
+    rng, sample, studies, batch = random.Random(seed), [], 0, []
+    parents: dict = {}
+    t0 = time.monotonic()
+    try:
+        create_schema(conn)
+        for n, (attrs, record) in enumerate(realistic(n_instances), 1):
+            batch.append((attrs, (attrs["SOPInstanceUID"], ARCHIVE, PEER_NAME, "0" * 64,
+                                  0, n)))
+            if record is not None:
+                studies += 1
+                if len(sample) < keep:
+                    sample.append(record)
+                elif rng.randrange(studies) < keep:
+                    sample[rng.randrange(keep)] = record
+            if len(batch) >= batch_size:
+                write_facts(conn, batch, parents=parents)
+                batch = []
+            if n % 1_000_000 == 0:
+                print(f"   {n:,} instances, {n / (time.monotonic() - t0):,.0f}/s",
+                      flush=True)
+        if batch:
+            write_facts(conn, batch, parents=parents)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    return sample
+
+
+def cached_peer(cache: Path, n_instances: int) -> tuple[Peer, list[dict]]:
+    """A peer whose data directory holds the filled catalog (built once, cached)."""
+    base = cache / f"catalog10m-{n_instances}"
+    peer = Peer(base / "peer", name=PEER_NAME, startup_timeout=1800, stop_timeout=300)
+    catalog, sample_path = peer.data_dir / "catalog.sqlite", base / "sample.json"
+    if not (catalog.exists() and sample_path.exists()):
+        catalog.parent.mkdir(parents=True, exist_ok=True)
+        tmp = base / "catalog.filling"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        print(f"   filling a catalog of {n_instances:,} instances into {catalog} (schema "
+              f"{SCHEMA_VERSION}; once, cached) ...", flush=True)
+        cpu0 = time.process_time()
+        with Timer() as t:
+            sample = fill(tmp, n_instances)
+        tmp.rename(catalog)
+        sample_path.write_text(json.dumps(sample))
+        print(f"   filled in {t.seconds:.0f} s ({time.process_time() - cpu0:.0f} CPU-s, "
+              f"{n_instances / t.seconds:,.0f} instances/s), "
+              f"{catalog.stat().st_size / 2**30:.2f} GiB", flush=True)
+    conn = sqlite3.connect(catalog)
+    made = conn.execute("PRAGMA user_version").fetchone()[0]
+    conn.close()
+    print(f"   cached catalog {catalog}: {catalog.stat().st_size / 2**30:.2f} GiB, schema "
+          f"{made} (this pacsp2p: {SCHEMA_VERSION})")
+    return peer, json.loads(sample_path.read_text())
+
+
+def queries(sample: list[dict], per_kind: int, seed: int = 7) -> list[tuple[str, str, dict]]:
+    """(kind, level, keys), the seven kinds interleaved, with a C-ECHO after each round."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(per_kind):
+        r = rng.choice(sample)
+        surname, given = r["PatientName"].split("^")
+        lo = time.mktime(time.strptime(r["StudyDate"], "%Y%m%d"))
+        week = (time.strftime("%Y%m%d", time.localtime(lo)) + "-" +
+                time.strftime("%Y%m%d", time.localtime(lo + 6 * 86400)))
+        out += [("pid", "STUDY", {"PatientID": r["PatientID"]}),
+                ("acc", "STUDY", {"AccessionNumber": rng.choice(sample)["AccessionNumber"]}),
+                ("uid", "STUDY", {"StudyInstanceUID": r["StudyInstanceUID"]}),
+                ("date", "STUDY", {"StudyDate": week}),
+                ("name", "STUDY", {"PatientName": f"{surname}^{given[0]}*"}),
+                ("series", "SERIES", {"StudyInstanceUID": r["StudyInstanceUID"]}),
+                ("image", "IMAGE", {"StudyInstanceUID": r["StudyInstanceUID"],
+                                    "SeriesInstanceUID": r["SeriesInstanceUID"]}),
+                ("echo", "", {})]
+    return out
+
+
+def identifier(level: str, keys: dict) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for kw in LEVEL_KEYS[level]:
+        setattr(ds, kw, keys.get(kw, ""))
+    return ds
+
+
+def run_queries(port: int, aec: str, qs: list[tuple[str, str, dict]], deadline: float
+                ) -> dict[str, dict]:
+    """Time every query on one association: {kind: {"ms": [...], "rows": [...]}}."""
+    ae = AE(ae_title="BENCHCAT")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    assoc = ae.associate("127.0.0.1", port, ae_title=aec,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    if not assoc.is_established:
+        raise RuntimeError(f"association with {aec}@{port} not established")
+    model = StudyRootQueryRetrieveInformationModelFind
+    out: dict[str, dict] = {}
+    alive = common.bounded(deadline)
+    try:
+        for kind, level, keys in qs[:8]:          # warm-up: not counted
+            if kind != "echo":
+                list(assoc.send_c_find(identifier(level, keys), model))
+        for kind, level, keys in qs:
+            if not alive():
+                print("   (time bound reached; stopping early)")
+                break
+            rows = 0
+            t0 = time.perf_counter()
+            if kind == "echo":
+                status = assoc.send_c_echo()
+                if "Status" not in status or status.Status != 0:
+                    raise RuntimeError(f"C-ECHO failed: {status}")
+            else:
+                for status, _ in assoc.send_c_find(identifier(level, keys), model):
+                    if status is None or status.Status not in (0x0000, 0xFF00, 0xFF01):
+                        raise RuntimeError(f"C-FIND {keys} failed: {status}")
+                    rows += status.Status in (0xFF00, 0xFF01)
+            d = out.setdefault(kind, {"ms": [], "rows": []})
+            d["ms"].append((time.perf_counter() - t0) * 1000)
+            d["rows"].append(rows)
+    finally:
+        assoc.release()
+    return out
+
+
+def explain(path: Path, qs: list[tuple[str, str, dict]]) -> tuple[dict, dict]:
+    """The catalog SQL alone for each query (warm cache; what ``Catalog.find`` runs),
+    and the ``EXPLAIN QUERY PLAN`` of the first query of each kind."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    names.register(conn)
+    out: dict[str, dict] = {}
+    plans: dict[str, list[str]] = {}
+    try:
+        for timed in (False, True):
+            for kind, level, keys in qs:
+                if kind == "echo":
+                    continue
+                sql, params, _ = matching.build(Query(level, keys), LEVEL_KEYS[level])
+                if kind not in plans:
+                    plans[kind] = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql,
+                                                              params)]
+                t0 = time.perf_counter()
+                rows = conn.execute(sql, params).fetchall()
+                if timed:
+                    d = out.setdefault(kind, {"ms": [], "rows": []})
+                    d["ms"].append((time.perf_counter() - t0) * 1000)
+                    d["rows"].append(len(rows))
+    finally:
+        conn.close()
+    return out, plans
+
+
+def rebuild_rate(cache: Path, n: int) -> tuple[int, float, float]:
+    """``pacsp2p catalog rebuild`` of an embedded archive holding *n* small instances
+    (stored once through a peer by storescu, cached): (instances, seconds, CPU-s)."""
+    base = cache / f"catalog10m-rebuild-{n}"
+    peer = Peer(base / "peer", name=PEER_NAME, startup_timeout=300)
+    if not (base / ".stored").exists():
+        from pacsp2p.testing.dcmtk import storescu
+        files = common.mr_study(cache, count=n).directory
+        peer.start()
+        try:
+            storescu(peer.port, peer.ae_title, [files], timeout=3600)
+        finally:
+            peer.stop()
+        (base / ".stored").write_text("ok")
+    argv = [str(Path(sys.executable).with_name("pacsp2p")), "catalog", "rebuild",
+            "--config", str(peer.config_path)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with Timer() as t:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"rebuild failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+    count = int(done.stdout.rsplit("catalog rebuilt:", 1)[1].split()[0])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return count, t.seconds, cpu
+
+
+def report(name: str, res: dict[str, dict], targets: bool) -> list[list[str]]:
+    rows = []
+    for kind in (*TARGETS_MS, "echo"):
+        if kind in res:
+            d = res[kind]
+            p50 = percentile(d["ms"], 50)
+            verdict = ""
+            if targets and kind in TARGETS_MS:
+                verdict = (f"{'met' if p50 < TARGETS_MS[kind] else 'MISSED'} "
+                           f"(< {TARGETS_MS[kind]})")
+            rows.append([name, kind, str(len(d["ms"])),
+                         f"{sum(d['rows']) / len(d['rows']):.1f}", f"{p50:.2f}",
+                         f"{percentile(d['ms'], 99):.2f}", verdict])
+    return rows
+
+
+def main() -> int:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--instances", type=int, default=10_000_000,
+                   help="instances in the catalog (default 10,000,000)")
+    p.add_argument("--queries", type=int, default=40, help="C-FINDs of each kind (40)")
+    p.add_argument("--rebuild", type=int, default=0, metavar="N",
+                   help="also time 'pacsp2p catalog rebuild' of an archive of N instances")
+    p.add_argument("--cold", action="store_true",
+                   help="evict the catalog file from the page cache before each start")
+    p.add_argument("--fill-only", action="store_true", help="build (or find) the cache, stop")
+    args = p.parse_args()
+    common.header(f"catalog of {args.instances:,} instances on one peer (issue 15.3)")
+    peer, sample = cached_peer(args.cache, args.instances)
+    if args.fill_only:
+        return 0
+    catalog = peer.data_dir / "catalog.sqlite"
+    qs = queries(sample, args.queries)
+    figures: list[tuple[str, str, str, bool]] = []
+    if args.cold:
+        evict(catalog)
+    with Timer() as t:
+        peer.start()
+    first = t.seconds
+    try:
+        rss_start = common.rss_mb(peer.pid)
+        checked = wait_checked(peer, 3600)          # so that the stop is a clean one
+        peer.stop()
+        if args.cold:
+            evict(catalog)
+        with Timer() as t:
+            peer.restart()
+        restart = t.seconds
+        rss_restart = common.rss_mb(peer.pid)
+        results = run_queries(peer.port, peer.ae_title, qs, 900)
+        rss = common.rss_mb(peer.pid)
+        status = get_status(peer)["catalog"]
+    finally:
+        peer.stop()
+    figures += [("start-up, first start (spawn to C-ECHO)", f"{first:.2f} s", "< 10 s",
+                 first < 10),
+                ("start-up, restart after a clean stop", f"{restart:.2f} s", "< 10 s",
+                 restart < 10)]
+    if checked is not None:
+        print(f"   integrity check in the background after the first start: over in "
+              f"{checked:.1f} s")
+    for label, value in (("RSS after start", rss_start), ("RSS after restart", rss_restart),
+                         ("RSS after the queries", rss)):
+        if value is not None:
+            figures.append((label, f"{value:.0f} MB", "< 500 MB", value < 500))
+    print(f"   catalog counts (/status): {status.get('counts', status)}")
+    sql, plans = explain(catalog, qs)
+    print()
+    rows = report("pacsp2p C-FIND", results, True) + report("catalog SQL", sql, False)
+    print(table(rows, ["", "query", "n", "matches/query", "p50 ms", "p99 ms", "target"]))
+    print()
+    for kind, plan in plans.items():
+        print(f"   EXPLAIN QUERY PLAN {kind}:")
+        for line in plan:
+            print(f"      {line}")
+    if args.rebuild:
+        n, seconds, cpu = rebuild_rate(args.cache, args.rebuild)
+        figures.append((f"pacsp2p catalog rebuild, {n:,} instances",
+                        f"{n / seconds:,.0f} instances/s ({seconds:.1f} s, "
+                        f"{cpu / n * 1000:.3f} CPU-ms/instance)", ">= 2,000/s",
+                        n / seconds >= 2000))
+    print()
+    for kind in TARGETS_MS:
+        if kind in results:
+            p50 = percentile(results[kind]["ms"], 50)
+            figures.append((f"C-FIND {kind} p50", f"{p50:.2f} ms",
+                            f"< {TARGETS_MS[kind]} ms", p50 < TARGETS_MS[kind]))
+    for label, value, target, met in figures:
+        print(f"{label:<45} {value:<40} target {target:<12} {'met' if met else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
