@@ -20,6 +20,7 @@ damaged or lost copy (a link into ``tmp/``, fsync, rename over the damaged file)
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import threading
@@ -331,13 +332,13 @@ class EmbeddedArchive:
             return refused
         return self._run(self._open, uid, sha256)
 
-    def _open(self, uid: str, sha256: str | None):
+    def _open(self, uid: str, sha256: str | None, buffering: int = -1):
         try:
-            return open(self.path_for(uid), "rb")
+            return open(self.path_for(uid), "rb", buffering=buffering)
         except FileNotFoundError:
             if not layout.is_sha(sha256):
                 raise
-            return open(self.path_for(uid, sha256), "rb")
+            return open(self.path_for(uid, sha256), "rb", buffering=buffering)
 
     def read_many(self, items, limit: int):
         """Deferred[list]: the copies of *items* [(uid, sha256)], each small one read
@@ -351,12 +352,12 @@ class EmbeddedArchive:
 
     def _read_one(self, uid: str, sha256: str | None, limit: int):
         try:
-            f = self._open(uid, sha256)
+            f = self._open(uid, sha256, buffering=0)
             if os.fstat(f.fileno()).st_size > limit:
-                return f
+                return io.BufferedReader(f)
             with f:
-                data = f.read(limit + 1)
-            if len(data) > limit:                   # grew meanwhile
+                data = f.readall()              # one buffer of the file's size
+            if len(data) > limit:               # grew meanwhile
                 return self._open(uid, sha256)
             try:
                 return data, examine(data)

@@ -61,9 +61,10 @@ def _hash(f):
     hop for a consumer that reads it at once)."""
     try:
         f.seek(0)
-        if _size(f) <= SMALL:
-            data = f.read(SMALL + 1)
-            if len(data) <= SMALL:
+        size = _size(f)
+        if size <= SMALL:
+            data = f.read(size + 1)         # (not SMALL + 1: a 256 KB buffer each time)
+            if len(data) <= size:
                 _closed(f)
                 f = io.BytesIO(data)
             else:               # grew meanwhile: hashed from the file
