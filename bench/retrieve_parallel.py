@@ -308,8 +308,10 @@ def retrieval_sources(peer: Peer) -> str:
         return "?"
     if not rs:
         return "-"
+    last = rs[-1]
     return " ".join(f"{n}:{s['completed']}@{s['MB_per_s']}"
-                    for n, s in sorted(rs[-1]["sources"].items()))
+                    for n, s in sorted(last["sources"].items())) + \
+        (f" rescued {last['rescued']}" if last.get("rescued") else "")
 
 
 def run(args, net: Net, wd: Path) -> int:

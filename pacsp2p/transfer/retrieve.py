@@ -125,6 +125,7 @@ class Retrieval:
         self.cancelled = False
         self.started_at = self.finished_at = None     # wall-clock times, for status
         self.on_damaged = None           # callable(Location): a copy that failed its hash
+        self.rescued = 0                 # instances a consumer waited for, asked of a 2nd source
 
     # -- where each instance can come from --------------------------------------------
     def _member(self, peer: str):
@@ -356,6 +357,7 @@ class Retrieval:
                 return
             for name in plan.ranked(uid):
                 if name not in fetching and self._free(name):
+                    self.rescued += 1
                     self._claim(plan.sources[name], ref)
                     return
             return
@@ -583,6 +585,7 @@ class Retrieval:
     def status(self) -> dict:
         """Counts, and per source (``peer/archive``) what it served and how fast."""
         return {"id": self.id, "instances": len(self.refs), "done": len(self.plan.done),
+                "rescued": self.rescued,
                 "pending": len(self.plan.pending), "started_at": self.started_at,
                 "finished_at": self.finished_at, "cancelled": self.cancelled,
                 "sources": {s.name: {"peer": s.peer, "archive": s.archive,
