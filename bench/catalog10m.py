@@ -44,13 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import Timer, percentile, table  # noqa: E402
-from find import (GIVEN, KINDS, PEER_NAME, SURNAMES, _nodelay, evict,  # noqa: E402
-                  get_status, wait_checked)
-
-from pydicom.dataset import Dataset  # noqa: E402
-from pynetdicom import AE, evt  # noqa: E402
-from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,  # noqa: E402
-                                  Verification)
+from find import (GIVEN, KINDS, PEER_NAME, SURNAMES, evict, get_status,  # noqa: E402
+                  run_queries, time_sql, wait_checked)
 
 from pacsp2p.catalog import matching, names  # noqa: E402
 from pacsp2p.catalog.db import SCHEMA_VERSION, create_schema, write_facts  # noqa: E402
@@ -187,102 +182,45 @@ def cached_peer(cache: Path, n_instances: int) -> tuple[Peer, list[dict]]:
     return peer, json.loads(sample_path.read_text())
 
 
-def queries(sample: list[dict], per_kind: int, seed: int = 7) -> list[tuple[str, str, dict]]:
-    """(kind, level, keys), the seven kinds interleaved, with a C-ECHO after each round."""
+def queries(sample: list[dict], per_kind: int, seed: int = 7) -> list[tuple[str, dict]]:
+    """(kind, keys with their QueryRetrieveLevel), the seven kinds interleaved, with a
+    C-ECHO after each round."""
     rng = random.Random(seed)
-    out = []
+    out: list[tuple[str, dict]] = []
     for _ in range(per_kind):
         r = rng.choice(sample)
         surname, given = r["PatientName"].split("^")
         lo = time.mktime(time.strptime(r["StudyDate"], "%Y%m%d"))
         week = (time.strftime("%Y%m%d", time.localtime(lo)) + "-" +
                 time.strftime("%Y%m%d", time.localtime(lo + 6 * 86400)))
-        out += [("pid", "STUDY", {"PatientID": r["PatientID"]}),
-                ("acc", "STUDY", {"AccessionNumber": rng.choice(sample)["AccessionNumber"]}),
-                ("uid", "STUDY", {"StudyInstanceUID": r["StudyInstanceUID"]}),
-                ("date", "STUDY", {"StudyDate": week}),
-                ("name", "STUDY", {"PatientName": f"{surname}^{given[0]}*"}),
-                ("series", "SERIES", {"StudyInstanceUID": r["StudyInstanceUID"]}),
-                ("image", "IMAGE", {"StudyInstanceUID": r["StudyInstanceUID"],
-                                    "SeriesInstanceUID": r["SeriesInstanceUID"]}),
-                ("echo", "", {})]
+        study = r["StudyInstanceUID"]
+        out += [("pid", {"PatientID": r["PatientID"]}),
+                ("acc", {"AccessionNumber": rng.choice(sample)["AccessionNumber"]}),
+                ("uid", {"StudyInstanceUID": study}),
+                ("date", {"StudyDate": week}),
+                ("name", {"PatientName": f"{surname}^{given[0]}*"}),
+                ("series", {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": study}),
+                ("image", {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study,
+                           "SeriesInstanceUID": r["SeriesInstanceUID"]}),
+                ("echo", {})]
     return out
 
 
-def identifier(level: str, keys: dict) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for kw in LEVEL_KEYS[level]:
-        setattr(ds, kw, keys.get(kw, ""))
-    return ds
-
-
-def run_queries(port: int, aec: str, qs: list[tuple[str, str, dict]], deadline: float
-                ) -> dict[str, dict]:
-    """Time every query on one association: {kind: {"ms": [...], "rows": [...]}}."""
-    ae = AE(ae_title="BENCHCAT")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
-    assoc = ae.associate("127.0.0.1", port, ae_title=aec,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
-    if not assoc.is_established:
-        raise RuntimeError(f"association with {aec}@{port} not established")
-    model = StudyRootQueryRetrieveInformationModelFind
-    out: dict[str, dict] = {}
-    alive = common.bounded(deadline)
-    try:
-        for kind, level, keys in qs[:8]:          # warm-up: not counted
-            if kind != "echo":
-                list(assoc.send_c_find(identifier(level, keys), model))
-        for kind, level, keys in qs:
-            if not alive():
-                print("   (time bound reached; stopping early)")
-                break
-            rows = 0
-            t0 = time.perf_counter()
-            if kind == "echo":
-                status = assoc.send_c_echo()
-                if "Status" not in status or status.Status != 0:
-                    raise RuntimeError(f"C-ECHO failed: {status}")
-            else:
-                for status, _ in assoc.send_c_find(identifier(level, keys), model):
-                    if status is None or status.Status not in (0x0000, 0xFF00, 0xFF01):
-                        raise RuntimeError(f"C-FIND {keys} failed: {status}")
-                    rows += status.Status in (0xFF00, 0xFF01)
-            d = out.setdefault(kind, {"ms": [], "rows": []})
-            d["ms"].append((time.perf_counter() - t0) * 1000)
-            d["rows"].append(rows)
-    finally:
-        assoc.release()
-    return out
-
-
-def explain(path: Path, qs: list[tuple[str, str, dict]]) -> tuple[dict, dict]:
-    """The catalog SQL alone for each query (warm cache; what ``Catalog.find`` runs),
-    and the ``EXPLAIN QUERY PLAN`` of the first query of each kind."""
+def plans(path: Path, qs: list[tuple[str, dict]]) -> dict[str, list[str]]:
+    """The ``EXPLAIN QUERY PLAN`` of the first query of each kind."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     names.register(conn)
-    out: dict[str, dict] = {}
-    plans: dict[str, list[str]] = {}
+    out: dict[str, list[str]] = {}
     try:
-        for timed in (False, True):
-            for kind, level, keys in qs:
-                if kind == "echo":
-                    continue
-                sql, params, _ = matching.build(Query(level, keys), LEVEL_KEYS[level])
-                if kind not in plans:
-                    plans[kind] = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql,
-                                                              params)]
-                t0 = time.perf_counter()
-                rows = conn.execute(sql, params).fetchall()
-                if timed:
-                    d = out.setdefault(kind, {"ms": [], "rows": []})
-                    d["ms"].append((time.perf_counter() - t0) * 1000)
-                    d["rows"].append(len(rows))
+        for kind, keys in qs:
+            if kind != "echo" and kind not in out:
+                level = keys.get("QueryRetrieveLevel", "STUDY")
+                match = {k: v for k, v in keys.items() if k != "QueryRetrieveLevel"}
+                sql, params, _ = matching.build(Query(level, match), LEVEL_KEYS[level])
+                out[kind] = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
     finally:
         conn.close()
-    return out, plans
+    return out
 
 
 def rebuild_rate(cache: Path, n: int) -> tuple[int, float, float]:
@@ -361,7 +299,7 @@ def main() -> int:
             peer.restart()
         restart = t.seconds
         rss_restart = common.rss_mb(peer.pid)
-        results = run_queries(peer.port, peer.ae_title, qs, 900)
+        results = run_queries(peer.port, peer.ae_title, qs, 900, LEVEL_KEYS)
         rss = common.rss_mb(peer.pid)
         status = get_status(peer)["catalog"]
     finally:
@@ -378,12 +316,12 @@ def main() -> int:
         if value is not None:
             figures.append((label, f"{value:.0f} MB", "< 500 MB", value < 500))
     print(f"   catalog counts (/status): {status.get('counts', status)}")
-    sql, plans = explain(catalog, qs)
+    sql = time_sql(catalog, qs, LEVEL_KEYS)
     print()
     rows = report("pacsp2p C-FIND", results, True) + report("catalog SQL", sql, False)
     print(table(rows, ["", "query", "n", "matches/query", "p50 ms", "p99 ms", "target"]))
     print()
-    for kind, plan in plans.items():
+    for kind, plan in plans(catalog, qs).items():
         print(f"   EXPLAIN QUERY PLAN {kind}:")
         for line in plan:
             print(f"      {line}")

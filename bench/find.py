@@ -213,8 +213,16 @@ def queries(records: list[dict[str, str]], per_kind: int, seed: int = 7,
     return out
 
 
-def time_sql(path: Path, qs: list[tuple[str, dict]]) -> dict[str, dict]:
-    """The catalog's SQL alone for each query (what ``Catalog.find`` runs), warm cache."""
+def _level(keys: dict) -> tuple[str, dict]:
+    """(QueryRetrieveLevel of a query's *keys*, STUDY if none; the other keys)."""
+    return keys.get("QueryRetrieveLevel", "STUDY"), {
+        k: v for k, v in keys.items() if k != "QueryRetrieveLevel"}
+
+
+def time_sql(path: Path, qs: list[tuple[str, dict]], returns: dict | None = None
+             ) -> dict[str, dict]:
+    """The catalog's SQL alone for each query (what ``Catalog.find`` runs), warm cache;
+    *returns*: {level: return keys} (default: RETURN_KEYS at STUDY level)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     names.register(conn)                       # pn_key(), as every catalog connection
     out: dict[str, dict] = {}
@@ -223,7 +231,9 @@ def time_sql(path: Path, qs: list[tuple[str, dict]]) -> dict[str, dict]:
             for kind, keys in qs:
                 if kind == "echo":
                     continue
-                sql, params, _ = matching.build(Query("STUDY", keys), RETURN_KEYS)
+                level, match = _level(keys)
+                sql, params, _ = matching.build(Query(level, match),
+                                                (returns or {}).get(level, RETURN_KEYS))
                 t0 = time.perf_counter()
                 rows = conn.execute(sql, params).fetchall()
                 if not warm:
@@ -276,11 +286,14 @@ def time_status(peer, n: int = 5) -> float:
     return percentile(ms, 50)
 
 
-def identifier(keys: dict) -> Dataset:
+def identifier(keys: dict, returns: dict | None = None) -> Dataset:
+    """A query's identifier at its level (``keys["QueryRetrieveLevel"]``, STUDY if none):
+    that level's return keys (*returns*, else RETURN_KEYS) with the query's values."""
+    level, match = _level(keys)
     ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
-    for kw in RETURN_KEYS:
-        setattr(ds, kw, keys.get(kw, ""))
+    ds.QueryRetrieveLevel = level
+    for kw in (returns or {}).get(level, RETURN_KEYS):
+        setattr(ds, kw, match.get(kw, ""))
     return ds
 
 
@@ -290,9 +303,10 @@ def _nodelay(event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def run_queries(port: int, aec: str, qs: list[tuple[str, dict]], deadline: float
-                ) -> dict[str, dict]:
-    """Time every query on one association; {kind: {"ms": [...], "rows": [...]}}."""
+def run_queries(port: int, aec: str, qs: list[tuple[str, dict]], deadline: float,
+                returns: dict | None = None) -> dict[str, dict]:
+    """Time every query on one association; {kind: {"ms": [...], "rows": [...]}};
+    *returns* as for ``identifier``."""
     ae = AE(ae_title="BENCHFIND")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_requested_context(Verification)
@@ -309,7 +323,7 @@ def run_queries(port: int, aec: str, qs: list[tuple[str, dict]], deadline: float
         # warm-up (first query pays imports, SQLite page cache, ...): not counted
         for kind, keys in qs[:5]:
             if kind != "echo":
-                list(assoc.send_c_find(identifier(keys), StudyRootQueryRetrieveInformationModelFind))
+                list(assoc.send_c_find(identifier(keys, returns), StudyRootQueryRetrieveInformationModelFind))
         for kind, keys in qs:
             if not alive():
                 print("   (time bound reached; stopping early)")
@@ -324,7 +338,7 @@ def run_queries(port: int, aec: str, qs: list[tuple[str, dict]], deadline: float
                 if status.Status != 0:
                     raise RuntimeError(f"C-ECHO failed: {status}")
             else:
-                for status, ds in assoc.send_c_find(identifier(keys),
+                for status, ds in assoc.send_c_find(identifier(keys, returns),
                                                     StudyRootQueryRetrieveInformationModelFind):
                     if status is None or status.Status not in (0x0000, 0xFF00, 0xFF01):
                         raise RuntimeError(f"C-FIND {keys} failed: {status}")

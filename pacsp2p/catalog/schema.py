@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 import sqlite_utils
@@ -104,14 +105,30 @@ def create_schema(conn: sqlite3.Connection, path=None) -> None:
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
-def _create_counters(conn: sqlite3.Connection) -> None:
-    """``catalog_counts`` and its triggers, filled from ``count(*)``: all or nothing."""
-    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                          "name = 'catalog_counts'").fetchone()
-    if exists:
-        return
+def _missing(conn: sqlite3.Connection, table: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                        (table,)).fetchone() is None
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection):
+    """One write transaction: committed at the end of the block, rolled back (unless
+    SQLite did already) on any error."""
     conn.execute("BEGIN IMMEDIATE")
     try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _create_counters(conn: sqlite3.Connection) -> None:
+    """``catalog_counts`` and its triggers, filled from ``count(*)``: all or nothing."""
+    if not _missing(conn, "catalog_counts"):
+        return
+    with _immediate(conn):
         conn.execute("CREATE TABLE catalog_counts (name TEXT PRIMARY KEY, "
                      "n INTEGER NOT NULL) WITHOUT ROWID")
         for table, cond in COUNTED.items():
@@ -131,11 +148,6 @@ def _create_counters(conn: sqlite3.Connection) -> None:
             where = f" WHERE {cond.format(r='')}" if cond else ""
             conn.execute(f"INSERT INTO catalog_counts VALUES (?, (SELECT count(*) FROM "
                          f"{table}{where}))", (table,))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 # live copies per (peer, archive): a row made at a copy's first insert, bumped by every
@@ -162,22 +174,15 @@ _ARCHIVE_TRIGGERS = {
 def _create_archive_counts(conn: sqlite3.Connection) -> None:
     """``archive_counts`` and its triggers, filled by one ``GROUP BY`` (the migration to
     schema 4: once), all or nothing, as ``_create_counters``."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                    "name = 'archive_counts'").fetchone():
+    if not _missing(conn, "archive_counts"):
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         conn.execute("CREATE TABLE archive_counts (peer TEXT NOT NULL, archive TEXT NOT NULL,"
                      " n INTEGER NOT NULL, PRIMARY KEY (peer, archive)) WITHOUT ROWID")
         for name, body in _ARCHIVE_TRIGGERS.items():
             conn.execute(f"CREATE TRIGGER {name} {body}")
         conn.execute(f"INSERT INTO archive_counts SELECT peer, archive, count(*) FROM "
                      f"locations WHERE {LIVE.format(r='')} GROUP BY peer, archive")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def read_archive_counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
@@ -208,15 +213,9 @@ def read_counts(conn: sqlite3.Connection) -> dict[str, int]:
 def take_clean_mark(conn: sqlite3.Connection) -> bool:
     """True if the catalog was closed cleanly after it was known good; the mark is taken
     away (committed) so that a crash from now on leaves no mark."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         row = conn.execute("SELECT value FROM catalog_meta WHERE key = 'clean'").fetchone()
         conn.execute("DELETE FROM catalog_meta WHERE key = 'clean'")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return row is not None
 
 
