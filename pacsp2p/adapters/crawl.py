@@ -51,6 +51,7 @@ class Crawler:
         self.follow_every = follow_every
         self.done = 0              # instances the crawl itself went through
         self.followed = 0          # instances found since by following changes
+        self.follows = 0           # rounds of following changes done since this start
         self.total: int | None = None
         self.finished = False
         self.error: str | None = None
@@ -137,6 +138,7 @@ class Crawler:
                 log.info("archive {archive}: {n} new instance(s) found",
                          archive=self.archive.name, n=new)
         yield self.catalog.save_crawl_state(self.archive.name, None, self.done, True, since)
+        self.follows += 1
 
     def progress_text(self, start_done: int = 0) -> str:
         s = self.status(start_done)
@@ -159,5 +161,5 @@ class Crawler:
                and not self.finished else None)
         return {"archive": self.archive.name, "done": self.done, "total": self.total,
                 "rate": round(rate, 1), "eta_s": eta, "finished": self.finished,
-                "followed": self.followed,
+                "followed": self.followed, "follows": self.follows,
                 "elapsed_s": round(elapsed, 3), "error": self.error}

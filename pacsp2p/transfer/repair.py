@@ -33,7 +33,8 @@ fact). Only live, settled copies are counted, and only those beyond the first
 
 The count. ``under_replicated`` (instances with fewer than ``replicas`` live copies,
 and with none) comes from ``catalog.copies.census``, one pass over the locations'
-index, run by this repair loop — when liveness changes, and otherwise every
+index (skipped while nothing it counts changed: ``census_cached``), run by this repair
+loop — when liveness changes, and otherwise every
 ``max(1 s while copies are to be made / 5 s while some instance is short or in surplus /
 30 s, 20 x its own duration)`` — and cached with its time; copies this peer makes
 meanwhile are subtracted as they complete. A ``/status`` never scans.
@@ -216,10 +217,14 @@ class Repair:
         self._census_running = True
         t0 = time.monotonic()
         try:
-            counts = yield self.catalog.read(
-                lambda conn: copies.census(conn, self.replicas, lv))
+            counts, key = yield self.catalog.read(
+                lambda conn: copies.census_cached(conn, self.replicas, lv))
         finally:
             self._census_running = False
+        if key is not None:                 # a new count: the next start may reuse it
+            self.catalog.write(lambda conn: copies.save_census(conn, counts, key)).addErrback(
+                lambda f: log.warn("repair: cannot save its count: {err}",
+                                   err=f.getErrorMessage()))
         took = time.monotonic() - t0
         self.counted = {**counts, "at": time.time(), "took_s": round(took, 3)}
         self._prune()

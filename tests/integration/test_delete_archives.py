@@ -113,7 +113,8 @@ def test_a_dimse_archive_cannot_delete_the_instance_is_hidden_and_retained(tmp_p
             assert len(archive.files()) == held          # DIMSE cannot delete: still there
 
             peer.restart()       # its change feed lists today's studies again: not back
-            time.sleep(25)
+            wait_until(lambda: get_json(peer)["crawls"][0]["follows"] >= 2, 120, 0.5,
+                       "two rounds of the change feed since the restart")
             assert images(peer, study) == set()
             assert get_json(peer)["deletions"]["retained"] == {"pacs": 5}
             assert "new instance(s) found" not in peer.log_path.read_text()
