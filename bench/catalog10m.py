@@ -31,11 +31,13 @@ Also: start-up (spawn to C-ECHO; first start and restart after a clean stop) < 1
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -250,6 +252,45 @@ def rebuild_rate(cache: Path, n: int) -> tuple[int, float, float]:
     return count, t.seconds, cpu
 
 
+def _cpu(pid: int) -> float:
+    """CPU-seconds (user + system) of process *pid* so far."""
+    import psutil
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def wait_counted(peer, limit: float = 900) -> dict:
+    """/status ``under_replicated`` once repair's census is over (so that the stop after
+    it saves the count and the restart may reuse it)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        counted = get_status(peer).get("under_replicated") or {}
+        if counted.get("at") is not None:
+            return counted
+        time.sleep(0.5)
+    return {}
+
+
+def findscu_ms(port: int, aec: str, qs: list[tuple[str, dict]], kinds: tuple[str, ...],
+               per_kind: int = 10) -> dict[str, dict]:
+    """The same study-level queries by DCMTK findscu (one process and association each,
+    its start included; responses written to a temporary directory): {kind: {"ms": [...], "rows": [...]}}."""
+    out: dict[str, dict] = {}
+    for kind, keys in qs:
+        if kind not in kinds or len(out.get(kind, {}).get("ms", ())) >= per_kind:
+            continue
+        args = ["-S", "-aet", "BENCHCAT", "-aec", aec, "-k", "QueryRetrieveLevel=STUDY"]
+        for kw in LEVEL_KEYS["STUDY"]:
+            args += ["-k", f"{kw}={keys.get(kw, '')}"]
+        with tempfile.TemporaryDirectory(prefix="findscu-") as rsp:
+            t0 = time.perf_counter()
+            common.run_dcmtk("findscu", *args, "-X", "-od", rsp, "127.0.0.1", port)
+            d = out.setdefault(kind, {"ms": [], "rows": []})
+            d["ms"].append((time.perf_counter() - t0) * 1000)
+            d["rows"].append(len(os.listdir(rsp)))
+    return out
+
+
 def report(name: str, res: dict[str, dict], targets: bool) -> list[list[str]]:
     rows = []
     for kind in (*TARGETS_MS, "echo"):
@@ -292,6 +333,7 @@ def main() -> int:
     try:
         rss_start = common.rss_mb(peer.pid)
         checked = wait_checked(peer, 3600)          # so that the stop is a clean one
+        census = wait_counted(peer)
         peer.stop()
         if args.cold:
             evict(catalog)
@@ -299,9 +341,14 @@ def main() -> int:
             peer.restart()
         restart = t.seconds
         rss_restart = common.rss_mb(peer.pid)
+        peer_cpu, client_cpu = _cpu(peer.pid), time.process_time()
         results = run_queries(peer.port, peer.ae_title, qs, 900, LEVEL_KEYS)
+        peer_cpu = _cpu(peer.pid) - peer_cpu
+        client_cpu = time.process_time() - client_cpu
         rss = common.rss_mb(peer.pid)
-        status = get_status(peer)["catalog"]
+        wait_counted(peer)
+        status = get_status(peer)
+        results_dcmtk = findscu_ms(peer.port, peer.ae_title, qs, ("date", "name"))
     finally:
         peer.stop()
     figures += [("start-up, first start (spawn to C-ECHO)", f"{first:.2f} s", "< 10 s",
@@ -315,10 +362,19 @@ def main() -> int:
                          ("RSS after the queries", rss)):
         if value is not None:
             figures.append((label, f"{value:.0f} MB", "< 500 MB", value < 500))
-    print(f"   catalog counts (/status): {status.get('counts', status)}")
+    print(f"   catalog counts (/status): {status['catalog']}")
+    print(f"   repair's census: {census.get('took_s')} s after the first start, "
+          f"{status.get('under_replicated', {}).get('took_s')} s after the restart")
+    rows_back = sum(sum(d["rows"]) for d in results.values())
+    print(f"   CPU per returned C-FIND row ({rows_back:,} rows, "
+          f"{sum(len(d['ms']) for d in results.values())} exchanges): peer "
+          f"{peer_cpu / rows_back * 1000:.3f} ms, pynetdicom client "
+          f"{client_cpu / rows_back * 1000:.3f} ms")
     sql = time_sql(catalog, qs, LEVEL_KEYS)
     print()
-    rows = report("pacsp2p C-FIND", results, True) + report("catalog SQL", sql, False)
+    rows = (report("pacsp2p C-FIND", results, True) + report("DCMTK findscu", results_dcmtk,
+                                                              False) +
+            report("catalog SQL", sql, False))
     print(table(rows, ["", "query", "n", "matches/query", "p50 ms", "p99 ms", "target"]))
     print()
     for kind, plan in plans(catalog, qs).items():
