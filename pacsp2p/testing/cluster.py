@@ -2,8 +2,9 @@
 overlay, with a cluster CA made under a directory.
 
 ``Cluster(root).start(3)`` -> peers peera, peerb, peerc (pacsp2p.testing.Peer, AE titles
-PEERA, ...). Every port (facade, admin, overlay, bulk) is picked free; peer *i* seeds on
-every peer added before it. ``members(peer)``, ``digest(peer)`` read a peer's admin
+PEERA, ...), spawned together and then awaited (``add`` starts one and waits for it).
+Every port (facade, admin, overlay, bulk) is picked free; peer *i* seeds on every peer
+added before it. ``members(peer)``, ``digest(peer)`` read a peer's admin
 endpoint; ``wait_until`` polls with a deadline.
 """
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Cluster:
         self.destinations = dict(destinations or {})
         self.peers: list[Peer] = []
         self.overlay_ports: dict[str, tuple[int, int]] = {}
+        self._own: dict[str, tuple[dict, dict]] = {}     # name -> (config, [overlay] keys)
 
     def __getitem__(self, i: int) -> Peer:
         return self.peers[i]
@@ -104,7 +106,8 @@ class Cluster:
 
         *seeds* default to every peer added so far. The overlay/bulk ports are picked
         free; if another process grabs one before the peer binds it, start again on
-        fresh ports (bounded).
+        fresh ports (bounded). With *start* False the config is written (ports picked)
+        and nothing runs (``spawn()`` it, or run twistd by hand).
         """
         tls_dir = Path(tls_dir or self.tls_dir)
         if issue and tls_dir == self.tls_dir and not (tls_dir / f"{name}.crt").exists():
@@ -113,19 +116,29 @@ class Cluster:
             seeds = [self.seed(p) for p in self.peers]
         peer = Peer(self.root / name, name=name, ae_title=name.upper(),
                     destinations=self.destinations, **peer_kw)
+        self._own[name] = (toml.deep_merge(self.config, config or {}),
+                           {"seeds": list(seeds), "tls_dir": str(tls_dir), **(overlay or {})})
         self.peers.append(peer)
+        if not start:       # config only
+            self._configure(peer)
+            peer.port, peer.admin_port = free_ports(2)
+            peer.write_config()
+            return peer
+        return self._start(peer)
+
+    def _configure(self, peer: Peer) -> None:
+        """Fresh overlay/bulk ports in *peer*'s config."""
+        port, bulk_port = free_ports(2)
+        self.overlay_ports[peer.name] = (port, bulk_port)
+        own, overlay = self._own[peer.name]
+        peer.overrides = toml.deep_merge(own, {"overlay": {
+            "port": port, "bulk_port": bulk_port, "bind": LOOPBACK, "advertise": LOOPBACK,
+            "heartbeat": HEARTBEAT, **overlay}})
+
+    def _start(self, peer: Peer) -> Peer:
+        """Start *peer*, on fresh overlay ports again if one was taken (bounded)."""
         for attempt in range(3):
-            port, bulk_port = free_ports(2)
-            self.overlay_ports[name] = (port, bulk_port)
-            own = toml.deep_merge(self.config, config or {})
-            peer.overrides = toml.deep_merge(own, {"overlay": {
-                "port": port, "bulk_port": bulk_port, "bind": LOOPBACK, "advertise": LOOPBACK,
-                "seeds": list(seeds), "tls_dir": str(tls_dir), "heartbeat": HEARTBEAT,
-                **(overlay or {})}})
-            if not start:       # config only (e.g. to run twistd by hand)
-                peer.port, peer.admin_port = free_ports(2)
-                peer.write_config()
-                return peer
+            self._configure(peer)
             try:
                 return peer.start()
             except RuntimeError as e:
@@ -133,9 +146,28 @@ class Cluster:
                     raise
         raise AssertionError("unreachable")
 
-    def start(self, n: int) -> "Cluster":
-        for name in peer_names(n):
-            self.add(name)
+    def start(self, n: int, per_peer: Mapping[str, Mapping[str, Any]] | None = None
+              ) -> "Cluster":
+        """Start peers peera.. (*per_peer*: {name: config} deep-merged for that peer) all
+        at once: every config is written (peer *i* seeding on the peers before it), every
+        twistd spawned, then each awaited. A peer that did not come up (a port another
+        process took meanwhile) starts again alone on fresh ports, seeding on all the
+        others (which dial its old address in vain and learn the new one from it)."""
+        fresh = [self.add(name, start=False, config=(per_peer or {}).get(name))
+                 for name in peer_names(n)]
+        for peer in fresh:
+            peer.spawn()
+        for peer in fresh:
+            bound, peer.startup_timeout = peer.startup_timeout, patience(peer.startup_timeout)
+            try:
+                peer.wait_ready()           # three at once take longer on a busy machine
+            except (RuntimeError, TimeoutError):
+                peer.stop()
+                self._own[peer.name][1]["seeds"] = [self.seed(p) for p in self.peers
+                                                    if p is not peer]
+                self._start(peer)
+            finally:
+                peer.startup_timeout = bound
         return self
 
     def remove(self, peer: Peer) -> None:

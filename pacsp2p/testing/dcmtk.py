@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .ports import LOOPBACK, free_port, wait_for_port
+from .ports import LOOPBACK, free_port, port_open, wait_for_port
 from .procs import Process
 
 DCMTK_BIN = Path("/usr/bin")
@@ -69,11 +69,13 @@ def wait_for_echo(port: int, aec: str, *, host: str = LOOPBACK, timeout: float =
     while True:
         if alive is not None and not alive():
             raise RuntimeError(f"server on {host}:{port} exited before answering C-ECHO")
-        if echo(port, aec, host=host, timeout=max(1.0, min(10.0, deadline - time.monotonic()))):
+        # a TCP connect first (cheap, polled often); echoscu once something listens
+        if port_open(host, port) and echo(
+                port, aec, host=host, timeout=max(1.0, min(10.0, deadline - time.monotonic()))):
             return
         if time.monotonic() >= deadline:
             raise TimeoutError(f"no C-ECHO answer from {aec}@{host}:{port} after {timeout}s")
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def storescu(port: int, aec: str, paths: Iterable[Path | str], *, host: str = LOOPBACK,

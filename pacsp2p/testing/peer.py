@@ -79,6 +79,16 @@ class Peer(Server):
         self.config_path.write_text(toml.dumps(self.config()))
         return self.config_path
 
+    def spawn(self) -> "Peer":
+        """Write the config and start twistd on the ports already chosen, without waiting
+        (``wait_ready`` next): peers of a cluster are spawned together, then awaited."""
+        self.write_config()
+        argv = [twistd_path(), "-n", "--pidfile=", "pacsp2p", "--config", self.config_path]
+        with open(self.log_path, "a") as log:
+            log.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(map(str, argv))}\n")
+        self.process = Process(argv, self.log_path, cwd=self.workdir).start()
+        return self
+
     def start(self) -> "Peer":
         error = ""
         for _attempt in range(1 if self._fixed_port else 3):
@@ -86,11 +96,7 @@ class Peer(Server):
                 self.port, self.admin_port = free_ports(2)
             elif not self.admin_port:
                 self.admin_port = free_port()
-            self.write_config()
-            argv = [twistd_path(), "-n", "--pidfile=", "pacsp2p", "--config", self.config_path]
-            with open(self.log_path, "a") as log:
-                log.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(map(str, argv))}\n")
-            self.process = Process(argv, self.log_path, cwd=self.workdir).start()
+            self.spawn()
             try:
                 self.wait_ready()
                 return self

@@ -1,6 +1,7 @@
 """Loopback ports for tests: pick a free one, wait until one accepts connections."""
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -22,24 +23,54 @@ def _ephemeral_low() -> int:
 _LOW, _HIGH = 20000, _ephemeral_low()
 
 
+def _worker_range(low: int, high: int) -> tuple[int, int]:
+    """Under pytest-xdist, worker gwK of N picks in the K-th of N slices of [low, high):
+    two workers never hand out the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        k, n = int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    except (KeyError, ValueError):
+        return low, high
+    if not 0 <= k < n:
+        return low, high
+    step = (high - low) // n
+    return low + k * step, low + (k + 1) * step
+
+
+# Ports handed out recently are not handed out again: a cluster writes the configs of its
+# peers (their ports picked, not yet bound) before it starts them all at once.
+_RECENT_S = 300.0
+_recent: dict[int, float] = {}
+
+
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     """Return *count* distinct ports free on *host* a moment ago (bound together while
-    picking), chosen at random below the ephemeral range."""
+    picking), chosen at random below the ephemeral range, none handed out in the last
+    five minutes by this process."""
+    now = time.monotonic()
+    for port in [p for p, t in _recent.items() if now - t > _RECENT_S]:
+        del _recent[port]
+    low, high = _worker_range(_LOW, max(_HIGH, _LOW + 1000))
     socks: list[socket.socket] = []
     try:
         for _ in range(count * 200):               # bounded: ~12,000 candidates
             if len(socks) == count:
                 break
+            port = random.randrange(low, high)
+            if port in _recent:
+                continue
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                sock.bind((host, random.randrange(_LOW, max(_HIGH, _LOW + 1000))))
+                sock.bind((host, port))
             except OSError:
                 sock.close()
                 continue
             socks.append(sock)
         if len(socks) < count:
-            raise RuntimeError(f"no {count} free ports on {host} in {_LOW}-{_HIGH}")
-        return [s.getsockname()[1] for s in socks]
+            raise RuntimeError(f"no {count} free ports on {host} in {low}-{high}")
+        ports = [s.getsockname()[1] for s in socks]
+        _recent.update((p, now) for p in ports)
+        return ports
     finally:
         for s in socks:
             s.close()

@@ -138,8 +138,7 @@ def cluster(tmp_path_factory, dest):
     c = Cluster(tmp_path_factory.mktemp("direct"),
                 {"STORESCP": {"address": dest.address, "mode": "direct"}})
     try:
-        c.start(3)
-        c.add("peerd", config={"archives": []})
+        c.start(4, per_peer={"peerd": {"archives": []}})
         c.wait_mesh(timeout=30)
         yield c
     finally:

@@ -61,8 +61,7 @@ def cluster(tmp_path):
                     {"cluster": {"replicas": 2, "write_quorum": 2,
                                  "repair_after": REPAIR_AFTER}})
         made.append(c)
-        for name in [f"peer{chr(ord('a') + i)}" for i in range(n)]:
-            c.add(name, config=(per_peer or {}).get(name))
+        c.start(n, per_peer=per_peer)
         c.wait_mesh(timeout=30)
         return c
     yield make

@@ -283,8 +283,8 @@ def test_kill_9_of_a_peer_mid_stream_loses_no_acknowledged_instance(trio, dest, 
 
 def test_write_quorum_refuses_alone_and_hands_off_with_w1(clusters, tmp_path):
     cluster = clusters("quorum")
-    a = cluster.add("peera", config={"cluster": {"write_quorum": 1}})   # W=1, R=2
-    b = cluster.add("peerb", config={})                                   # defaults R=2, W=2
+    a, b = cluster.start(2, per_peer={"peera": {"cluster": {"write_quorum": 1}}})
+    # peera: W=1, R=2; peerb: the defaults R=2, W=2
     cluster.wait_mesh()
     assert get_json(b)["peer"] == "peerb"
     f1 = datasets.write(datasets.make_image("CT", size=SIZE, seed=31,
@@ -330,12 +330,13 @@ def test_pin_modality_plugin_and_a_plugin_that_raises(clusters, tmp_path):
     pin = {"strategies": {"plugins": [str(PIN_PLUGIN)],
                           "options": {"pin-modality": {"MG": "breast"}}}}
     cluster = clusters("plugins")
-    a = cluster.add("peera", config=pin)
-    cluster.add("peerb", config=toml.deep_merge(pin, {"archives": [
-        {"name": "local", "adapter": "embedded", "site": "breast"},
-        {"name": "breast2", "adapter": "embedded", "site": "breast"}]}))
-    c = cluster.add("peerc", config=toml.deep_merge(pin, {"strategies": {
-        "plugins": [str(PIN_PLUGIN), str(boom)]}}))
+    a, _b, c = cluster.start(3, per_peer={
+        "peera": pin,
+        "peerb": toml.deep_merge(pin, {"archives": [
+            {"name": "local", "adapter": "embedded", "site": "breast"},
+            {"name": "breast2", "adapter": "embedded", "site": "breast"}]}),
+        "peerc": toml.deep_merge(pin, {"strategies": {
+            "plugins": [str(PIN_PLUGIN), str(boom)]}})})
     cluster.wait_mesh()
 
     files = datasets.make_study(tmp_path / "s4", patient_id="PIN0001", size=SIZE,

@@ -97,8 +97,7 @@ def cluster(tmp_path_factory, dest):
     """peera, peerb, peerc (embedded archives) + peerd (archives = []), meshed."""
     c = Cluster(tmp_path_factory.mktemp("retrieval"), {"STORESCP": dest.address})
     try:
-        c.start(3)
-        c.add("peerd", config={"archives": []})
+        c.start(4, per_peer={"peerd": {"archives": []}})
         c.wait_mesh(timeout=30)
         yield c
     finally:
