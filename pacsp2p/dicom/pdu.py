@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 
+from twisted.internet import tcp
+
 from pacsp2p import __version__
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
@@ -71,15 +73,43 @@ def frame(context_id: int, data, max_data: int, command: bool, last: bool) -> li
             return parts
 
 
+def _socket_transport(transport):
+    """The TCP transport under *transport* (under the TLS layer: ProtocolWrapper)."""
+    while getattr(transport, "transport", None) is not None \
+            and not hasattr(transport, "doWrite"):
+        transport = transport.transport
+    return transport
+
+
 def send_now(transport) -> None:
     """Hand what *transport* holds to the kernel now instead of at the reactor's next
     turn (a DIMSE request that answers a response goes out before the bookkeeping the
     response sets off, so the other side works while we do). Only for a plain TCP
     transport (under TLS: its socket); anything else is left to the reactor."""
-    while getattr(transport, "transport", None) is not None \
-            and not hasattr(transport, "doWrite"):
-        transport = transport.transport             # under the TLS layer (ProtocolWrapper)
+    transport = _socket_transport(transport)
     if not getattr(transport, "_tempDataLen", 0) or not getattr(transport, "connected", 0) \
             or getattr(transport, "disconnecting", True):
         return
     transport.doWrite()         # an error is seen again, and handled, by the reactor
+
+
+def write_now(transport, data: bytes) -> None:
+    """``transport.write(data)`` and ``send_now``; on a plain TCP transport with nothing
+    queued, *data* goes straight to its socket (no copy into Twisted's buffer, no
+    epoll change to wait for writability and back); what the kernel does not take,
+    and any error, is left to the transport as a write would."""
+    # (a TLS transport wraps this one, and proxies its attributes: never its socket)
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True) \
+            or not transport.connected or transport.disconnecting \
+            or transport._tempDataLen or transport.dataBuffer or transport.producerPaused:
+        transport.write(data)
+        send_now(transport)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        sent = 0                # the transport meets the error again and closes
+    if sent < len(data):
+        transport.write(memoryview(data)[sent:].tobytes() if sent else data)

@@ -43,7 +43,7 @@ from twisted.python.threadpool import ThreadPool
 from pacsp2p import threads
 from pacsp2p.dicom.dimse import C_STORE_RSP, c_store_rq, command_elements  # noqa: F401
 from pacsp2p.dicom.pdu import (PDU_HEAD, RELEASE_RP, RELEASE_RQ, abort_pdu,  # noqa: F401
-                               associate_rq, frame, send_now)
+                               associate_rq, frame, write_now)
 
 log = Logger()
 
@@ -152,6 +152,7 @@ class StorageSCU(protocol.Protocol):
         self._paused = False
         self._msg_id = 0
         self._timer = None
+        self._awaited = None
         self._release = None
         self._error: Exception | None = None
         self.state = "connecting"
@@ -234,7 +235,7 @@ class StorageSCU(protocol.Protocol):
         self._arm(self.acse_timeout, "no A-ASSOCIATE response")
 
     def connectionLost(self, reason):
-        self._disarm()
+        self._disarm(hard=True)
         if self.state == "released":
             self.state = "closed"
             if self._release is not None and not self._release.called:
@@ -265,18 +266,32 @@ class StorageSCU(protocol.Protocol):
         self._paused = True
 
     # -- timers -------------------------------------------------------------------------------
-    def _arm(self, seconds, what):
-        self._disarm()
-        if seconds:
-            self._timer = self.reactor.callLater(seconds, self._timed_out, what, seconds)
-
-    def _disarm(self):
+    def _arm(self, seconds, what, label=""):
+        """Abort unless disarmed within *seconds*: ``what`` (with *label*) is awaited.
+        One timer, moved on from operation to operation (not a new one each time)."""
+        if not seconds:
+            return self._disarm(hard=True)
+        self._awaited = (what, label, seconds)
         if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+            self._timer.reset(seconds)
+        else:
+            self._timer = self.reactor.callLater(seconds, self._timed_out)
 
-    def _timed_out(self, what, seconds):
+    def _disarm(self, hard=False):
+        """Nothing awaited now; *hard*: the timer itself is cancelled (else it is left to
+        run out, or to be moved on by the next ``_arm``)."""
+        self._awaited = None
+        if hard:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self):
         self._timer = None
+        if self._awaited is None:
+            return
+        what, label, seconds = self._awaited
+        what = what.format(label)
         log.warn("association to {ae}: {what} within {s} s: aborting", ae=self.called_ae,
                  what=what, s=seconds)
         if self.transport is not None:
@@ -289,7 +304,7 @@ class StorageSCU(protocol.Protocol):
             return
         self.state = state
         self._error = error
-        self._disarm()
+        self._disarm(hard=True)
         if not self.established.called:
             self.established.errback(error)
         while self._queue:
@@ -358,7 +373,7 @@ class StorageSCU(protocol.Protocol):
         if not op.started:
             op.started = True
             out += frame(op.cid, op.command, self.max_data, command=True, last=True)
-            self._arm(self.dimse_timeout, f"C-STORE of {op.label} made no progress")
+            self._arm(self.dimse_timeout, "C-STORE of {} made no progress", op.label)
         while op.chunk is not None and not op.sent_all and not self._paused:
             data, left = op.chunk
             op.chunk = None
@@ -369,10 +384,9 @@ class StorageSCU(protocol.Protocol):
                     self._timer.reset(self.dimse_timeout)
             else:
                 op.sent_all = True
-                self._arm(self.dimse_timeout, f"no C-STORE-RSP for {op.label}")
+                self._arm(self.dimse_timeout, "no C-STORE-RSP for {}", op.label)
         if out:
-            self.transport.write(b"".join(out))
-            send_now(self.transport)
+            write_now(self.transport, b"".join(out))
 
     def _send_release(self):
         self.state = "releasing"

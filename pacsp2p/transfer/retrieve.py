@@ -270,10 +270,10 @@ class Retrieval:
             self._scheduling = False
         # (cheap test first: every result is called only once done + unavailable
         # covers every instance, or the retrieval was cancelled)
-        if self._results and (self.cancelled or len(self.plan.done)
-                              + len(self._unavailable) >= len(self._results)) \
-                and all(d.called for d in self._results.values()):
-            self.finished_at = self.finished_at or time.time()
+        if self._results and self.finished_at is None and (
+                self.cancelled or len(self.plan.done) + len(self._unavailable)
+                >= len(self._results)) and all(d.called for d in self._results.values()):
+            self.finished_at = time.time()
             self._stop_watching()
             self._observe()
 
