@@ -223,13 +223,14 @@ class EmbeddedArchive:
             tmp.unlink(missing_ok=True)
 
     # -- blocking, from any thread (the capability "keep") --------------------------------
-    def begin_flush(self, received: Path):
+    def begin_flush(self, received: Path, now: bool = False):
         """Start making the file *received* durable (fsync, in our pool) before it is
-        kept; returns ``wait()``, which blocks until it is and raises OSError if not."""
+        kept; returns ``wait()``, which blocks until it is and raises OSError if not.
+        *now*: fsync it here and now (nothing to overlap it with: no thread hop)."""
         if not self.fsync:
             return lambda: None
         fd = os.open(received, os.O_RDONLY)
-        if not self._pool.started or self._pool.joined:     # shutting down: now, here
+        if now or not self._pool.started or self._pool.joined:   # or shutting down
             try:
                 os.fsync(fd)
             finally:

@@ -85,9 +85,10 @@ class IKeeps(Interface):
     """Capability ``keep``: the ingest's one-job path (a peer alone with one archive).
     Blocking methods, called from the thread that received the data set."""
 
-    def begin_flush(received):
+    def begin_flush(received, now=False):
         """Start making the file *received* durable; returns ``wait()``, which blocks
-        until it is and raises OSError if it cannot be."""
+        until it is and raises OSError if it cannot be. *now*: make it durable before
+        returning (the caller has nothing to do meanwhile)."""
 
     def keep(received, meta):
         """Keep *received* (the archive takes the file: it is gone afterwards).

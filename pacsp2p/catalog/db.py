@@ -2,7 +2,9 @@
 
 SQLite in WAL mode. All writes go through :meth:`Catalog.record`, which queues facts in
 the reactor and commits them from a single writer thread in batches (group commit: a
-burst of stores costs one transaction). Reads run in a small reader pool, one connection
+burst of stores costs one transaction); the facts of other peers that ``learn`` takes
+(a replicated write's remote copies) and the hints ``drop_hint`` forgets wait up to
+``LATER`` s to ride in the same writer job. Reads run in a small reader pool, one connection
 per thread. Nothing here touches SQLite from the reactor thread. The schema, counters
 and clean-stop mark are in ``schema``; the background integrity check in ``integrity``.
 """
@@ -29,6 +31,8 @@ from pacsp2p.attributes import UNIQUE
 from pacsp2p.types import InstanceMeta, InstanceRef, Location, Query, Stored
 
 log = Logger()
+
+LATER = 0.05        # seconds facts of others and hint drops may wait for our next batch
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -62,6 +66,10 @@ class Catalog:
         self._flushing = False
         self.vector: dict[str, int] = {}
         self._promised: dict[str, int] = {}     # facts of others queued by learn()
+        # written with the next batch of our own facts, in the same writer job:
+        self._learned: list[tuple[str, int, list]] = []    # (origin, seq, wire rows)
+        self._drops: list[tuple[tuple, defer.Deferred]] = []  # hints done
+        self._soon = None                     # a flush of only those, at most LATER s on
         self.listeners: list[Callable[[], None]] = []   # told after each commit
 
     # -- life cycle ------------------------------------------------------------------
@@ -106,7 +114,7 @@ class Catalog:
 
     # -- writing ---------------------------------------------------------------------
     def _in_writer(self, fn: Callable, *a) -> defer.Deferred:
-        if fn != self._write_own:             # anything else may change parent rows
+        if fn != self._write_batch:           # anything else may change parent rows
             inner = fn
 
             def fn(*args):
@@ -153,16 +161,92 @@ class Catalog:
         for listener in list(self.listeners):
             listener()
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        self._flushing = True
-        d = self._in_writer(self._write_own, [f for f, _ in batch])
+    def _write_batch(self, own: list, learned: list, drops: list):
+        """Writer thread: our own facts (``_write_own``), then the facts of others that
+        ``learn`` queued and the hints ``drop_hint`` queued: one thread job for all.
+        Returns (sequence numbers of ours, [(origin, seq, error or None)], error of the
+        hint drops or None)."""
+        seqs = self._write_own(own) if own else []
+        outcome = []
+        by_origin: dict[str, list] = {}          # one transaction per origin
+        for origin, seq, (parents, fact) in learned:
+            merged, facts, _ = by_origin.setdefault(origin, [{}, [], 0])
+            for level, rows in parents.items():
+                merged.setdefault(level, {}).update(rows)
+            facts.append(fact)
+            by_origin[origin][2] = max(by_origin[origin][2], seq)
+        for origin, (parents, facts, seq) in by_origin.items():
+            try:
+                write_wire(self._writer, [parents] + facts, self.peer)
+            except (sqlite3.Error, OSError) as e:
+                self._parents.clear()
+                outcome.append((origin, seq, e))
+                continue
+            self._keep_parents(parents)
+            outcome.append((origin, seq, None))
+        dropped = None
+        if drops:
+            try:
+                self._writer.executemany("DELETE FROM hints WHERE SOPInstanceUID = ? AND "
+                                         "peer = ? AND archive = ?", drops)
+            except (sqlite3.Error, OSError) as e:
+                dropped = e
+        return seqs, outcome, dropped
 
-        def done(seqs):
+    def _keep_parents(self, parents: dict) -> None:
+        """Writer thread, after facts of another peer were written: the parent rows our
+        own writes remember stay remembered only where those facts wrote the same row
+        (and no tombstone, which may remove rows, is held at all)."""
+        if self._writer.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is not None:
+            self._parents.clear()
+            return
+        for level in PARENT_LEVELS:
+            last = self._parents.get(level, {})
+            for row in parents.get(level, {}).values():
+                if last.get(row[0]) != row:
+                    last.pop(row[0], None)
+
+    def _later(self) -> None:
+        """Facts of others and hint drops wait for our next batch, LATER s at most: a
+        stream of C-STOREs then costs one writer job per instance, not three."""
+        if self._soon is None and not self._flushing:
+            call_later = getattr(self.reactor, "callLater", None)
+            if call_later is None:               # a reactor that cannot wait: now
+                self._flush()
+            else:
+                self._soon = call_later(LATER, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._soon = None
+        if not self._flushing and (self._pending or self._learned or self._drops):
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._soon is not None:
+            if self._soon.active():
+                self._soon.cancel()
+            self._soon = None
+        batch, self._pending = self._pending, []
+        learned, self._learned = self._learned, []
+        drops, self._drops = self._drops, []
+        self._flushing = True
+        d = self._in_writer(self._write_batch, [f for f, _ in batch], learned,
+                            [key for key, _ in drops])
+
+        def done(result):
+            seqs, outcome, dropped = result
             self._flushing = False
-            self._committed(self.peer, max((q for q in seqs if q), default=0))
+            if batch:
+                self._committed(self.peer, max((q for q in seqs if q), default=0))
+            for origin, seq, err in outcome:
+                if err is None:
+                    self._committed(origin, seq)
+                else:
+                    log.error("recording a fact of {o} failed: {err}", o=origin, err=err)
             for (_, waiter), seq in zip(batch, seqs):
                 waiter.callback(seq)
+            for _, waiter in drops:
+                waiter.callback(None) if dropped is None else waiter.errback(dropped)
             self._next()
 
         def failed(f):
@@ -172,7 +256,7 @@ class Catalog:
                           err=f.getErrorMessage())
             else:
                 log.failure("catalog write of {n} facts failed", f, n=len(batch))
-            for _, waiter in batch:
+            for _, waiter in batch + drops:
                 waiter.errback(f)
             self._next()
 
@@ -180,8 +264,10 @@ class Catalog:
 
     def _next(self) -> None:
         """After a flush: the next batch, or tell stop() that everything is written."""
-        if self._pending:
+        if self._pending or (self._drained and (self._learned or self._drops)):
             self._flush()
+        elif self._learned or self._drops:
+            self._later()
         else:
             drained, self._drained = self._drained, []
             for waiter in drained:
@@ -206,8 +292,8 @@ class Catalog:
                    for level in PARENT_LEVELS}
         fact = [seq, location.archive, origin, location.sha256, location.size] + [
             attrs.get(c, "") or "" for c in _LEVEL_SQL["IMAGE"][0]]
-        self.apply(origin, [parents, fact]).addErrback(
-            lambda f: log.failure("recording a fact of {o} failed", f, o=origin))
+        self._learned.append((origin, seq, [parents, fact]))    # with our next batch
+        self._later()
         return True
 
     def changes(self, origin: str, after: int, limit: int) -> defer.Deferred:
@@ -341,9 +427,11 @@ class Catalog:
             "ORDER BY created LIMIT ?", (limit,)).fetchall())
 
     def drop_hint(self, uid: str, peer: str, archive: str) -> defer.Deferred:
-        return self.write(lambda conn: conn.execute(
-            "DELETE FROM hints WHERE SOPInstanceUID = ? AND peer = ? AND archive = ?",
-            (uid, peer, archive)))
+        """Forget a hint (the copy it owed is made): with the next batch of facts."""
+        d = defer.Deferred()
+        self._drops.append(((uid, peer, archive), d))
+        self._later()
+        return d
 
     def forget(self, uid: str, archive: str, sha256: str) -> defer.Deferred:
         """Record that this peer's archive no longer holds *uid*: a tombstone (the

@@ -159,13 +159,26 @@ def learn(conn: sqlite3.Connection, uid: str, origin: str, seq: int, vector: dic
         merged[o] = max(merged.get(o, 0), s)
     known = old[2] if old is not None else 0
     news = old is None or event > known          # "learned" dates news of a deletion
+    now = time.time()
+    if news:
+        _last_news[0] = max(_last_news[0], now)
     conn.execute("INSERT INTO tombstones VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT "
                  "(SOPInstanceUID, origin) DO UPDATE SET seq = excluded.seq, vector = "
                  "excluded.vector, reason = excluded.reason, created = excluded.created, "
                  "learned = excluded.learned, event = excluded.event",
                  (uid, origin, seq, json.dumps(merged, sort_keys=True), clean_reason(reason),
-                  str(created)[:40], time.time() if news else old[3], max(known, event)))
+                  str(created)[:40], now if news else old[3], max(known, event)))
     return event > known
+
+
+_last_news = [0.0]      # when a catalog of this process last learned news of a deletion
+
+
+def no_news_since(when: float) -> bool:
+    """True if no catalog of this process learned news of a deletion after *when* (a
+    ``time.time()``): ``state`` need not be read to know that (set before the commit
+    that writes it, so never later than a reader could see it)."""
+    return _last_news[0] <= when
 
 
 def issued(conn: sqlite3.Connection, peer: str, uid: str, seq: int, vector: dict,

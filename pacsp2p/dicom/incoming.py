@@ -196,12 +196,15 @@ def _discard(state: _File) -> None:
 class Incoming:
     """One data set being received into *path* (reactor side). ``feed()`` fragments,
     then ``finish()`` (Deferred[after(path)]) or ``discard()``; *pause*/*resume* throttle
-    the sender."""
+    the sender; *coalesce*: bytes gathered before a write job (fewer, larger jobs: fewer
+    thread hops per data set)."""
 
-    def __init__(self, path: Path, pool, reactor, head: bytes, pause, resume):
+    def __init__(self, path: Path, pool, reactor, head: bytes, pause, resume,
+                 coalesce: int = COALESCE):
         self.state = _File(path, head)
         self.pool, self.reactor = pool, reactor
         self.pause, self.resume = pause, resume
+        self.coalesce = min(coalesce, LOW)
         self.path = self.state.path
         self._queued: list = []
         self._queued_bytes = 0
@@ -219,7 +222,7 @@ class Incoming:
         if self._queued_bytes >= HIGH and not self._paused:
             self._paused = True
             self.pause()
-        if not self._busy and self._queued_bytes >= COALESCE:
+        if not self._busy and self._queued_bytes >= self.coalesce:
             self._flush()
 
     def finish(self, after=None) -> defer.Deferred:
@@ -267,7 +270,7 @@ class Incoming:
             self._unpause()
         if last:
             self._ending[0].callback(result)
-        elif self._ending is not None or self._queued_bytes >= COALESCE:
+        elif self._ending is not None or self._queued_bytes >= self.coalesce:
             self._flush()
 
     def _write_failed(self, failure):

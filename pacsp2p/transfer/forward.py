@@ -8,7 +8,10 @@ the overlay link as it arrives (``ReplicaOpen``, ``ReplicaData``..., ``ReplicaCl
 cut-through forwarding, as in the write pipelines of chain replication (van Renesse &
 Schneider, OSDI 2004) and HDFS. The remote copy is then durable about when the writer's
 own copy is. Quorum, commit and hand-off are unchanged (``ingest``); each holder hashes
-what it received and the writer checks that against its own hash once complete.
+what it received and the writer checks that against its own hash once complete. Pushed
+bytes travel in boxes of ``BOX`` bytes whatever the fragments (one AMP box, TLS write
+and dispatch per 64 KB); the writer's own copy, when placement wants one here, is kept
+by the thread that wrote the file, as ``OneJob`` does (no hop to the archive's pool).
 
 Memory stays bounded: while the link's send buffer is full the association is paused
 (TCP back-pressure end to end; the holder pauses the link while its disk lags). A data set that cannot
@@ -18,7 +21,6 @@ whole, after it is complete, and copied from the bulk channel as before.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 
@@ -28,7 +30,7 @@ from twisted.logger import Logger
 from pacsp2p.dicom.header import BadDataset, sniff
 from pacsp2p.overlay.commands import ReplicaClose, ReplicaData, ReplicaOpen
 from pacsp2p.transfer.session import StoreSession
-from pacsp2p.types import InstanceInfo, InstanceMeta
+from pacsp2p.types import InstanceInfo
 
 log = Logger()
 
@@ -51,6 +53,7 @@ class Push:
         self.link, self.pause, self.resume = link, pause, resume
         self.stream = next(_streams)
         self.paused = self.closed = False
+        self.buffer = bytearray()        # bytes not yet sent: less than one BOX
         link.pushers.add(self)
         if link.full:
             self.link_full()
@@ -59,13 +62,26 @@ class Push:
         self.answer.addErrback(self._failed)
 
     def feed(self, piece) -> None:
+        """Send *piece* on, in boxes of BOX bytes: the fragments of a C-STORE (a PDV each,
+        often 16 KB) are gathered first, so that a box, its TLS write and the holder's
+        dispatch are paid per 64 KB, not per fragment."""
         if self.closed:
             return
-        for i in range(0, len(piece), BOX):
-            self.link.callRemote(ReplicaData, stream=self.stream,
-                                 data=bytes(piece[i:i + BOX]))
+        buf = self.buffer
+        buf += piece
+        if len(buf) < BOX:
+            return
+        view, end = memoryview(buf), len(buf) - len(buf) % BOX
+        for i in range(0, end, BOX):
+            self.link.callRemote(ReplicaData, stream=self.stream, data=bytes(view[i:i + BOX]))
+        rest = bytes(view[end:])
+        view.release()
+        self.buffer = bytearray(rest)
 
     def finish(self) -> None:
+        if not self.closed and self.buffer and self.link.open:
+            self.link.callRemote(ReplicaData, stream=self.stream, data=bytes(self.buffer))
+        self.buffer = bytearray()
         self._close(True)
 
     def abort(self) -> None:
@@ -126,6 +142,7 @@ class Forward(StoreSession):
         self.ranked = self.attributes = None
         self.early: dict[tuple, defer.Deferred] = {}
         self.pushes: list[Push] = []
+        self.keeper = self.flushed = None     # our archive of the first wave that keeps
 
     def feed(self, piece) -> None:
         if self.pushes:
@@ -154,6 +171,55 @@ class Forward(StoreSession):
             push.abort()
         drop_all(self.early.values())
         self.early = {}
+        kept, self.kept = self.kept, None
+        if kept is not None and not (kept.duplicate or kept.conflict):
+            self.keeper.discard(self.uid, kept.sha256).addErrback(
+                lambda f: log.warn("dropping a copy failed: {err}", err=f.getErrorMessage()))
+
+    # -- the writer thread: our own copy kept where it was written (as ``OneJob`` does) --
+    def written(self, path) -> None:
+        """The file is complete: if placement put a copy on an archive of ours that can
+        ``keep``, make it durable here and now (no hop to the archive's pool: pushing to
+        the other holders goes on meanwhile)."""
+        if self.ranked is None:
+            return
+        for target in self.ingest.first_wave(self.ranked):
+            archive = self.ingest.archives.get(target.name)
+            if target.peer == self.ingest.peer and archive is not None and \
+                    {"keep", "open"} <= archive.capabilities:
+                self.keeper, self.flushed = archive, archive.begin_flush(path, now=True)
+                return
+
+    def header_read(self, path, meta) -> None:
+        """Its header is read: keep the file in that archive (one thread job, no hop to
+        the archive's pool and back), durable before this returns. Not if the header
+        reads otherwise than the first bytes did (placed again once complete, from the
+        file). Raises OSError (the C-STORE then fails with Out of Resources)."""
+        if self.keeper is None:
+            return
+        if meta.attributes != self.attributes:
+            self.abandon()
+            return
+        kept = self.keeper.keep(path, meta)
+        try:
+            self.keeper.made_durable(meta, kept, self.flushed)
+        except OSError:
+            if not (kept.duplicate or kept.conflict):
+                self.ingest.reactor.callFromThread(
+                    lambda: self.keeper.discard(meta.sop_instance_uid, kept.sha256)
+                    .addErrback(lambda f: log.warn("dropping a copy failed: {err}",
+                                                   err=f.getErrorMessage())))
+            raise
+        self.kept = kept
+
+    def abandon(self) -> None:
+        """Not kept here after all: let the fsync begun finish."""
+        if self.flushed is not None:
+            try:
+                self.flushed()
+            except OSError:
+                pass
+        self.keeper = self.flushed = None
 
     def _sniff(self, complete: bool = False) -> None:
         try:
@@ -168,8 +234,8 @@ class Forward(StoreSession):
                             attrs.get("SeriesInstanceUID", ""), attrs.get("Modality", ""),
                             0, attrs)
         prefix, self.prefix = self.prefix, None
-        meta_json = json.dumps(dataclasses.asdict(
-            InstanceMeta(self.uid, self.sop_class, self.ts, attrs)))
+        meta_json = json.dumps({"sop_instance_uid": self.uid, "sop_class_uid": self.sop_class,
+                                "transfer_syntax_uid": self.ts, "attributes": attrs})
         if len(meta_json) > 60000:
             return                             # too big for an AMP value: copied later
         try:

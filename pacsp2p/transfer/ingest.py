@@ -75,14 +75,15 @@ class _Offer:
     """The received file offered on our bulk channel to the peers that fetch a copy:
     published (a one-time token, the header as JSON) only when one is asked to."""
 
-    def __init__(self, offers: dict, received, meta):
+    def __init__(self, offers: dict, received, meta, opener=None):
         self.offers, self.received, self.meta = offers, received, meta
+        self.opener = opener or (lambda: deferToThread(open, self.received, "rb"))
         self.token = self.meta_json = None
 
     def publish(self) -> tuple[str, str]:
         if self.token is None:
             self.token = secrets.token_urlsafe(16)
-            self.offers[self.token] = lambda: deferToThread(open, self.received, "rb")
+            self.offers[self.token] = self.opener
             self.meta_json = json.dumps(dataclasses.asdict(self.meta))
         return self.token, self.meta_json
 
@@ -275,7 +276,14 @@ class Ingest:
             except StrategyError as e:
                 log.error("C-STORE {uid}: {err}", uid=meta.sop_instance_uid, err=e)
                 raise StoreError(PROCESSING_FAILURE, str(e))
-        offer = _Offer(self.offers, received, meta)
+        opener = None
+        if forward is not None and forward.kept is not None:   # kept by the writer thread
+            archive, kept = forward.keeper, forward.kept
+            target = next(t for t in ranked if (t.peer, t.name) == (self.peer, archive.name))
+            early[(self.peer, archive.name)] = defer.succeed(self._local_copy(
+                target, archive, meta, kept, defer.succeed(None)))
+            opener = lambda: archive.open(meta.sop_instance_uid, kept.sha256)  # noqa: E731
+        offer = _Offer(self.offers, received, meta, opener)
         try:
             copies = yield self._place(ranked, received, meta, offer, early)
         finally:
@@ -368,7 +376,7 @@ class Ingest:
                                  f"{meta.sop_instance_uid}: the copy on {target.name}@"
                                  f"{target.peer} hashes to {copy.stored.sha256[:12]}, "
                                  f"received {meta.sha256[:12]}")
-            self.copies["pushed"] += 1
+            self.copies["local" if target.peer == self.peer else "pushed"] += 1
             return copy
         return d.addCallback(check)
 
@@ -391,6 +399,10 @@ class Ingest:
         else:
             stored = yield archive.store(received, meta)
             synced = defer.succeed(None)
+        return self._local_copy(target, archive, meta, stored, synced)
+
+    def _local_copy(self, target, archive, meta, stored, synced) -> _Copy:
+        """The _Copy of *stored* on our *archive*, durable once *synced* fires."""
         fresh = not (stored.duplicate or stored.conflict)
 
         def commit(meta, hints=()):

@@ -7,7 +7,8 @@ takes them as the writer pushes them on the overlay link while its C-STORE arriv
 in the catalog); ``commit`` records the copy as a location fact of this peer; ``discard``
 drops it. Pending copies never committed (the writer died) are dropped after
 ``PENDING_TTL`` seconds. A pushed data set is written as it comes (``Incoming``: a thread
-pool, the link paused while too much waits) and hashed on the way.
+pool, the link paused while too much waits) and hashed on the way; an archive that can
+``keep`` takes it, durable, in the same thread job that closes the file.
 
 Deleted instances stay deleted (``delete``): a copy of a copy (``replicate`` without the
 writer's header: hinted hand-off, repair) of an instance deleted here is refused, and a
@@ -42,11 +43,26 @@ from pacsp2p.types import InstanceMeta, Location
 log = Logger()
 
 PENDING_TTL = 600.0
+COALESCE = 1 << 20      # a pushed data set is written in jobs of 1 MB (most: one job)
 
 
 class _Stream:
-    def __init__(self, incoming, done):
-        self.incoming, self.done = incoming, done
+    def __init__(self, incoming, done, after):
+        self.incoming, self.done, self.after = incoming, done, after
+
+
+def _keeper(archive, meta, head_size):
+    """For an archive that can ``keep``: what the thread that wrote a pushed data set
+    does once the file is closed — keep it in the archive and make it durable there and
+    then (one thread job per copy, no hop back and forth), returning (meta, stored)."""
+    def keep(path, sha, data_size):
+        full = dataclasses.replace(meta, sha256=sha, data_size=data_size,
+                                   size=head_size + data_size)
+        flushed = archive.begin_flush(path, now=True)      # durable when it returns
+        stored = archive.keep(path, full)
+        archive.made_durable(full, stored, flushed)
+        return full, stored
+    return keep
 
 
 class ReplicaService:
@@ -90,8 +106,12 @@ class ReplicaService:
         except (ValueError, TypeError) as e:
             return defer.fail(ReplicaRefused(f"{uid}: unreadable header: {e}"))
         incoming = Incoming(self.spares.take(), receive_pool(self.reactor), self.reactor,
-                            head, link.pause_reading, link.resume_reading)
-        s = self.streams[(link, stream)] = _Stream(incoming, defer.Deferred())
+                            head, link.pause_reading, link.resume_reading, coalesce=COALESCE)
+        if "keep" in target.capabilities:       # kept by the thread that writes it
+            after = _keeper(target, meta, len(head))
+        else:
+            after = lambda path, sha, size: (path, sha, size)   # noqa: E731
+        s = self.streams[(link, stream)] = _Stream(incoming, defer.Deferred(), after)
         d = s.done.addCallback(self._stored_stream, target, uid, meta, len(head))
         return d.addErrback(as_refusal, uid)
 
@@ -112,7 +132,7 @@ class ReplicaService:
         if s is None:
             return
         if complete:
-            s.incoming.finish(lambda path, sha, size: (path, sha, size)).chainDeferred(s.done)
+            s.incoming.finish(s.after).chainDeferred(s.done)
         else:
             s.incoming.discard()
             s.done.errback(ReplicaRefused(f"peer {self.peer}: the sender abandoned the "
@@ -120,13 +140,16 @@ class ReplicaService:
 
     @defer.inlineCallbacks
     def _stored_stream(self, written, target, uid, meta, head_size):
-        path, sha, data_size = written
-        meta = dataclasses.replace(meta, sha256=sha, data_size=data_size,
-                                   size=head_size + data_size)
-        try:
-            stored = yield target.store(path, meta)
-        finally:
-            remove(receive_pool(self.reactor), path)
+        if len(written) == 2:                   # kept already (``_keeper``)
+            meta, stored = written
+        else:
+            path, sha, data_size = written
+            meta = dataclasses.replace(meta, sha256=sha, data_size=data_size,
+                                       size=head_size + data_size)
+            try:
+                stored = yield target.store(path, meta)
+            finally:
+                remove(receive_pool(self.reactor), path)
         self.pending[(target.name, uid, stored.sha256)] = (meta, stored, self.reactor.seconds())
         return stored
 
