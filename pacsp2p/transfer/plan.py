@@ -75,9 +75,7 @@ class _Ordered:
             self.rest[key] = None
 
     def discard(self, key) -> bool:
-        if self.rest.pop(key, 0) is None or self.front.pop(key, 0) is None:
-            return True
-        return False
+        return self.rest.pop(key, 0) is None or self.front.pop(key, 0) is None
 
 
 class Pending:
@@ -208,7 +206,11 @@ class PlanView:
         for name in holders:
             rank = order.index(name) if name in order else len(order)
             key = (rank, len(holders))
-            self._index.setdefault(name, {}).setdefault(key, _Ordered()).add(uid, front)
+            buckets = self._index.setdefault(name, {})
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = _Ordered()
+            bucket.add(uid, front)
             filed[name] = key
 
     def _unfile(self, uid: str) -> None:

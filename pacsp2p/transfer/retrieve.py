@@ -34,10 +34,10 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from pacsp2p.adapters.associations import DimseError
 from pacsp2p.adapters.http import Unreachable
+from pacsp2p.dicom.part10 import Part10Bytes
 from pacsp2p.flow import DEFAULT_MAX_FETCHES, fetch_gate, open_gated
 from pacsp2p.overlay.node import PeerUnknown
 from pacsp2p.strategies import Strategies, StrategyError
-from pacsp2p.dicom.part10 import Part10Bytes
 from pacsp2p.transfer.plan import PlanView, Source
 from pacsp2p.transfer.verify import SMALL, Damaged, checked, is_sha256, mismatch
 from pacsp2p.types import InstanceRef, PeerInfo
