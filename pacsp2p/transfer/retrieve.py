@@ -580,6 +580,8 @@ class Retrieval:
 
     def _kicked(self):
         self._kick = None
+        if not self._wanted and self._budget() < BATCH <= self._buffered:
+            return              # nothing to fetch before there is room for a batch
         self._schedule()
 
     def status(self) -> dict:
