@@ -21,6 +21,7 @@ default ``[overlay]`` parameters, each peer seeded with the first two peers), th
 
     .venv/bin/python bench/overlay_real.py                  # N = 3, 6, 10, 16
     .venv/bin/python bench/overlay_real.py --sizes 3,32 --keep
+    .venv/bin/python bench/overlay_real.py --sizes 16 --profile DIR   # py-spy: writer, one other
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from pacsp2p.testing.procs import Process  # noqa: E402
 
 
 OVERLAY: dict = {}          # deep-merged into every peer's config (--set overlay.KEY=V)
+PROFILE: Path | None = None  # --profile DIR: py-spy of the writer and one other peer
 
 
 def status(peer, timeout=30.0) -> dict:
@@ -141,13 +143,16 @@ def run(n: int, root: Path, files) -> dict:
         cpu0 = cpu(pids)
         each0 = {pid: cpu([pid]) for pid in pids}
         t0 = time.monotonic()
-        proc = storescu(peers[0].port, peers[0].ae_title, files, timeout=600)
-        stored = time.monotonic() - t0
-        ok = (proc.stdout + proc.stderr).count("Received Store Response (Success)")
+        spied = {"writer": pids[0], "other": pids[-1]} if PROFILE is not None else {}
+        with common.profiled_all(spied, PROFILE / f"n{n}" if PROFILE is not None else None):
+            proc = storescu(peers[0].port, peers[0].ae_title, files, timeout=600)
+            stored = time.monotonic() - t0
+            ok = (proc.stdout + proc.stderr).count("Received Store Response (Success)")
 
-        def counted():
-            return all(status(p)["catalog"].get("instances", 0) >= len(files) for p in peers)
-        done = poll(counted, 900, 0.2)
+            def counted():
+                return all(status(p)["catalog"].get("instances", 0) >= len(files)
+                           for p in peers)
+            done = poll(counted, 900, 0.2)
         r["store"] = stored
         r["counted"] = (time.monotonic() - t0) if done is not None else None
         r["store_cpu"] = cpu(pids) - cpu0
@@ -186,7 +191,11 @@ def main():
     ap.add_argument("--instances", type=int, default=1000)
     ap.add_argument("--set", action="append", default=[], metavar="overlay.KEY=VALUE",
                     help="an [overlay] setting for every peer (e.g. overlay.max_links=8)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="py-spy the writer and the last peer while the 1,000 spread")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     for item in args.set:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
