@@ -24,6 +24,7 @@ interleaved C-FINDs of seven kinds:
 Also: start-up (spawn to C-ECHO; first start and restart after a clean stop) < 10 s, RSS
 < 500 MB, the catalog SQL alone with its ``EXPLAIN QUERY PLAN``, and (``--rebuild N``)
 ``pacsp2p catalog rebuild`` of an embedded archive of N small instances >= 2,000/s.
+``--before DIR`` instead compares cold starts with another pacsp2p (a snapshot in DIR).
 
     nice -n 10 .venv/bin/python bench/catalog10m.py [--instances N] [--queries N]
         [--rebuild N] [--cold]
@@ -261,6 +262,29 @@ def _cpu(pid: int) -> float:
     return t.user + t.system
 
 
+def start_pairs(peer, before: Path, n: int) -> None:
+    """*n* cold starts (catalog evicted, spawn to C-ECHO, stop) of the pacsp2p in
+    *before* (a snapshot put first on PYTHONPATH) and of this one, interleaved."""
+    catalog = peer.data_dir / "catalog.sqlite"
+    for _ in range(n):
+        for code in (before, None):
+            env = os.environ.pop("PYTHONPATH", None)
+            if code is not None:
+                os.environ["PYTHONPATH"] = str(code)
+            try:
+                evict(catalog)
+                load = os.getloadavg()[0]
+                with Timer() as t:
+                    peer.start()
+                peer.stop()
+            finally:
+                os.environ.pop("PYTHONPATH", None)
+                if env is not None:
+                    os.environ["PYTHONPATH"] = env
+            print(f"   cold start, {code or 'this pacsp2p'}: {t.seconds:.2f} s "
+                  f"(load {load:.1f})", flush=True)
+
+
 def wait_counted(peer, limit: float = 900) -> dict:
     """/status ``under_replicated`` once repair's census is over (so that the stop after
     it saves the count and the restart may reuse it)."""
@@ -319,6 +343,10 @@ def main() -> int:
     p.add_argument("--cold", action="store_true",
                    help="evict the catalog file from the page cache before each start")
     p.add_argument("--fill-only", action="store_true", help="build (or find) the cache, stop")
+    p.add_argument("--before", type=Path, metavar="DIR",
+                   help="only compare cold starts with the pacsp2p snapshot in DIR "
+                        "(put first on PYTHONPATH), --pairs times each, interleaved")
+    p.add_argument("--pairs", type=int, default=2)
     args = p.parse_args()
     # pynetdicom's standard handlers format every response data set for its debug log
     # (pretty_dataset: ~20 % of this client's CPU per row), read or not: off here
@@ -326,6 +354,9 @@ def main() -> int:
     common.header(f"catalog of {args.instances:,} instances on one peer (issue 15.3)")
     peer, sample = cached_peer(args.cache, args.instances)
     if args.fill_only:
+        return 0
+    if args.before:
+        start_pairs(peer, args.before, args.pairs)
         return 0
     catalog = peer.data_dir / "catalog.sqlite"
     qs = queries(sample, args.queries)
