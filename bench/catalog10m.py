@@ -11,7 +11,7 @@ catalog is cached as the data directory of a peer under the bench cache
 (``$TMPDIR/pacsp2p-bench-cache/catalog10m-<n>/``): re-runs reuse it (the peer
 migrates it in place when the schema moved on). A real ``twistd -n pacsp2p`` peer then
 starts on it; a pynetdicom client (TCP_NODELAY on its socket) runs, on one association,
-interleaved C-FINDs of seven kinds:
+interleaved C-FINDs of seven kinds (then DCMTK findscu repeats date and name):
 
   pid     STUDY, PatientID exact                   target p50 < 50 ms
   acc     STUDY, AccessionNumber exact             target p50 < 50 ms
@@ -26,8 +26,9 @@ Also: start-up (spawn to C-ECHO; first start and restart after a clean stop) < 1
 ``pacsp2p catalog rebuild`` of an embedded archive of N small instances >= 2,000/s.
 ``--before DIR`` instead compares cold starts with another pacsp2p (a snapshot in DIR).
 
-    nice -n 10 .venv/bin/python bench/catalog10m.py [--instances N] [--queries N]
-        [--rebuild N] [--cold]
+    nice -n 10 .venv/bin/python bench/catalog10m.py --fill-only   # the build, once
+    .venv/bin/python bench/catalog10m.py [--instances N] [--queries N] [--rebuild N]
+        [--cold] [--before DIR [--pairs N]]
 """
 from __future__ import annotations
 
