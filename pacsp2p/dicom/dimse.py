@@ -9,6 +9,7 @@ responses of C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 ELEMENT = struct.Struct("<HHI")   # implicit VR little endian: group, element, length
@@ -55,15 +56,31 @@ def command(fields) -> bytes:
 
 def c_store_rq(msg_id: int, sop_class: str, sop_instance: str,
                originator_ae: str | None = None, originator_msg_id: int | None = None) -> bytes:
-    """C-STORE-RQ command set (PS3.7 9.3.1.1)."""
-    fields = [(AFFECTED_SOP_CLASS, sop_class.encode("ascii")), (COMMAND_FIELD, C_STORE_RQ),
-              (MESSAGE_ID, msg_id), (PRIORITY, 0), (DATA_SET_TYPE, 0),
-              (AFFECTED_SOP_INSTANCE, sop_instance.encode("ascii"))]
-    if originator_ae:
-        title = originator_ae.encode("ascii")[:16]
-        fields.append((ORIGINATOR_AE, title + b" " * (len(title) % 2)))
-        fields.append((ORIGINATOR_MSG_ID, originator_msg_id or 0))
-    return command(fields)
+    """C-STORE-RQ command set (PS3.7 9.3.1.1): what ``command`` makes of its fields, from
+    parts kept per SOP class and originator (one per sub-operation of a retrieval)."""
+    body = b"".join((_store_head(sop_class), _MESSAGE_ID, _US(msg_id), _STORE_FIXED,
+                     _element(AFFECTED_SOP_INSTANCE, sop_instance.encode("ascii")),
+                     _store_tail(originator_ae, originator_msg_id or 0)
+                     if originator_ae else b""))
+    return _GROUP_LENGTH + _UL(len(body)) + body
+
+
+_MESSAGE_ID = ELEMENT.pack(0, MESSAGE_ID, 2)
+_STORE_FIXED = _element(PRIORITY, _US(0)) + _element(DATA_SET_TYPE, _US(0))
+_GROUP_LENGTH = ELEMENT.pack(0, 0, 4)
+
+
+@functools.lru_cache(maxsize=256)
+def _store_head(sop_class: str) -> bytes:
+    return _element(AFFECTED_SOP_CLASS, sop_class.encode("ascii")) + \
+        _element(COMMAND_FIELD, _US(C_STORE_RQ))
+
+
+@functools.lru_cache(maxsize=256)
+def _store_tail(originator_ae: str, originator_msg_id: int) -> bytes:
+    title = originator_ae.encode("ascii")[:16]
+    return _element(ORIGINATOR_AE, title + b" " * (len(title) % 2)) + \
+        _element(ORIGINATOR_MSG_ID, _US(originator_msg_id))
 
 
 def response(field: int, responded_to: int, status: int, sop_class: bytes = b"",

@@ -269,3 +269,27 @@ def test_damaged_is_reported_as_such():
     assert failures and failures[0].check(Unavailable)
     assert "hashes to 000000000000" in failures[0].getErrorMessage()
     assert [loc.sop_instance_uid for loc in seen] == [refs[0].sop_instance_uid]
+
+
+# -- the C-STORE-RQ of each sub-operation, from parts kept per SOP class -----------------
+
+def test_c_store_rq_from_kept_parts_is_what_the_generic_encoder_makes():
+    from pacsp2p.dicom import dimse
+
+    def generic(msg_id, sop_class, uid, ae=None, ae_msg=None):
+        fields = [(dimse.AFFECTED_SOP_CLASS, sop_class.encode()),
+                  (dimse.COMMAND_FIELD, dimse.C_STORE_RQ), (dimse.MESSAGE_ID, msg_id),
+                  (dimse.PRIORITY, 0), (dimse.DATA_SET_TYPE, 0),
+                  (dimse.AFFECTED_SOP_INSTANCE, uid.encode())]
+        if ae:
+            title = ae.encode()[:16]
+            fields += [(dimse.ORIGINATOR_AE, title + b" " * (len(title) % 2)),
+                       (dimse.ORIGINATOR_MSG_ID, ae_msg or 0)]
+        return dimse.command(fields)
+
+    for args in [(1, MR, "1.2.3.4"), (0xFFFF, MR, "1.2.3.45", "MOVESCU", 7),
+                 (3, "1.2", "1.23", "ODD", None), (9, MR, "1.2.3", "A" * 20, 0xFFFF)]:
+        assert dimse.c_store_rq(*args) == generic(*args)
+        fields = dimse.command_elements(dimse.c_store_rq(*args))
+        assert dimse.us(fields, dimse.MESSAGE_ID) == args[0]
+        assert dimse.text(fields, dimse.AFFECTED_SOP_INSTANCE) == args[2]
