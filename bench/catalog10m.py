@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import Timer, percentile, table  # noqa: E402
 from find import (GIVEN, KINDS, PEER_NAME, SURNAMES, evict, get_status,  # noqa: E402
-                  run_queries, time_sql, wait_checked)
+                  run_queries, start_twice, time_sql, wait_checked)
 
 from pynetdicom import _config as pynetdicom_config  # noqa: E402
 
@@ -362,21 +362,10 @@ def main() -> int:
     catalog = peer.data_dir / "catalog.sqlite"
     qs = queries(sample, args.queries)
     figures: list[tuple[str, str, str, bool]] = []
-    if args.cold:
-        evict(catalog)
-    with Timer() as t:
-        peer.start()
-    first = t.seconds
     try:
-        rss_start = common.rss_mb(peer.pid)
-        checked = wait_checked(peer, 3600)          # so that the stop is a clean one
-        census = wait_counted(peer)
-        peer.stop()
-        if args.cold:
-            evict(catalog)
-        with Timer() as t:
-            peer.restart()
-        restart = t.seconds
+        first, restart, (rss_start, checked, census) = start_twice(
+            peer, catalog, args.cold, lambda: (common.rss_mb(peer.pid),
+                                               wait_checked(peer, 3600), wait_counted(peer)))
         rss_restart = common.rss_mb(peer.pid)
         peer_cpu, client_cpu = _cpu(peer.pid), time.process_time()
         results = run_queries(peer.port, peer.ae_title, qs, 900, LEVEL_KEYS)

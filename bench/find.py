@@ -275,6 +275,25 @@ def evict(path: Path) -> None:
                 os.close(fd)
 
 
+def start_twice(peer, catalog: Path, cold: bool, between) -> tuple[float, float, object]:
+    """Start *peer* (spawn to C-ECHO), call *between()* (e.g. wait for its background
+    check, so that the stop is a clean one), stop it, start it again: (first start s,
+    restart s, what *between* returned). *cold*: the catalog file is evicted from the
+    page cache before each start. The caller stops the peer."""
+    if cold:
+        evict(catalog)
+    with Timer() as t:
+        peer.start()
+    first = t.seconds
+    result = between()
+    peer.stop()
+    if cold:
+        evict(catalog)
+    with Timer() as t:
+        peer.restart()
+    return first, t.seconds, result
+
+
 def time_status(peer, n: int = 5) -> float:
     """Median ms of GET /status (it counted every table on each call before issue 19.3)."""
     ms = []
@@ -400,20 +419,9 @@ def main() -> int:
         print(f"   catalog of {n_studies:,} studies ready in {t.seconds:.1f} s "
               f"({catalog.stat().st_size / 2**20:.0f} MiB; write_facts, not timed)")
         qs = queries(sample, per_kind, date_days=date_days)
-        if args.cold:
-            evict(catalog)
-        with Timer() as t:
-            peer.start()
-        first_start = t.seconds
         try:
-            status_ms = time_status(peer)
-            checked = wait_checked(peer)          # so that the stop is a clean one
-            peer.stop()
-            if args.cold:
-                evict(catalog)
-            with Timer() as t:
-                peer.restart()
-            restart = t.seconds
+            first_start, restart, (status_ms, checked) = start_twice(
+                peer, catalog, args.cold, lambda: (time_status(peer), wait_checked(peer)))
             results["pacsp2p"] = run_queries(peer.port, peer.ae_title, qs, 300)
             rss = common.rss_mb(peer.pid)
         finally:
