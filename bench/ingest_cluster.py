@@ -17,7 +17,7 @@ Targets (issue 15, item 4): cluster CPU per instance <= 2.5 x single; (issue 5):
 wall clock >= 0.6 x single.
 
     .venv/bin/python bench/ingest_cluster.py [--quick] [--reps N] [--data ct,mr]
-                                             [--profile DIR]
+                                             [--profile DIR] [--code a=DIR,b=DIR]
 """
 from __future__ import annotations
 
@@ -50,21 +50,24 @@ def cpu_seconds(pids) -> float:
 
 
 class Meter:
-    """CPU of *pids* over a run, less their idle rate (measured for IDLE s first)."""
+    """CPU of each of *pids* over a run, less its idle rate (measured for IDLE s first)."""
 
     def __init__(self, pids):
         self.pids = list(pids)
-        if self.pids:
-            t0, c0 = time.monotonic(), cpu_seconds(self.pids)
-            time.sleep(IDLE)
-            self.idle_rate = (cpu_seconds(self.pids) - c0) / (time.monotonic() - t0)
-        else:
-            self.idle_rate = 0.0
-        self.t0, self.c0 = time.monotonic(), cpu_seconds(self.pids)
+        t0, c0 = time.monotonic(), [cpu_seconds([p]) for p in self.pids]
+        time.sleep(IDLE)
+        spent = time.monotonic() - t0
+        self.idle = [(cpu_seconds([p]) - c) / spent for p, c in zip(self.pids, c0)]
+        self.t0, self.c0 = time.monotonic(), [cpu_seconds([p]) for p in self.pids]
+
+    def each(self) -> list[float]:
+        spent = time.monotonic() - self.t0
+        return [max(0.0, cpu_seconds([p]) - c - idle * spent)
+                for p, c, idle in zip(self.pids, self.c0, self.idle)]
 
     def used(self) -> float:
-        spent = time.monotonic() - self.t0
-        return max(0.0, cpu_seconds(self.pids) - self.c0 - self.idle_rate * spent)
+        self.last = self.each()
+        return sum(self.last)
 
 
 def send(port: int, aec: str, data: common.DataSet) -> float:
@@ -102,7 +105,9 @@ def run_cluster(work: Path, data: common.DataSet, profile: Path | None, label: s
         per_peer = Counter(x["peer"] for r in rows for x in r["replicas"])
         if any(len({x["peer"] for x in r["replicas"]}) < 2 for r in rows):
             raise RuntimeError("an instance has fewer than 2 replicas on distinct peers")
-        return seconds, cpu, dict(per_peer)
+        where = {p.name: f"{n} copies, {cpu_p:.2f} CPU-s" for p, n, cpu_p in
+                 zip(cluster, (per_peer.get(p.name, 0) for p in cluster), meter.last)}
+        return seconds, cpu, where
     finally:
         cluster.stop()
 
@@ -132,12 +137,23 @@ RUNNERS = {"cluster": run_cluster, "single": run_single, "storescp": run_storesc
            "cluster-nosync": lambda w, d, p, l: run_cluster(w, d, None, l, fsync=False)}
 
 
+def code_versions(spec: str | None) -> list[tuple[str, str | None]]:
+    """[(label, PYTHONPATH for the peers or None: this checkout)] from "a=DIR,b=DIR"."""
+    if not spec:
+        return [("", None)]
+    return [tuple(item.split("=", 1)) for item in spec.split(",")]
+
+
 def main() -> int:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=None, help="repetitions per target (3; 1 quick)")
     p.add_argument("--data", default="ct,mr", help="comma-separated: ct,mr")
     p.add_argument("--profile", type=Path, default=None,
                    help="py-spy record every peer during each cluster/single run into DIR")
+    p.add_argument("--code", default=None,
+                   help="LABEL=DIR,...: run the peers of each target from each of these "
+                        "source trees (e.g. git archive snapshots), interleaved, so that "
+                        "before/after ratios come from one invocation")
     args = p.parse_args()
     reps = args.reps or (1 if args.quick else 3)
     common.header("replicated ingest: DCMTK storescu, one association, TCP_NODELAY=1")
@@ -145,43 +161,56 @@ def main() -> int:
     makers = {"ct": common.ct_study, "mr": common.mr_study}
     datasets = [makers[d](args.cache) for d in args.data.split(",")]
     targets = [t for t in RUNNERS if not (args.quick and t in ("storescp", "cluster-nosync"))]
+    versions = code_versions(args.code)
+    original = os.environ.get("PYTHONPATH")
     summary = []
     with common.workdir(args.keep, "pacsp2p-bench-ingest-cluster-") as wd:
         for data in datasets:
             size = data.bytes
             print(f"-- {data.name}: {data.count} instances, {mb(size):.1f} MB, {reps} rep(s)")
-            res: dict[str, dict] = {t: {"s": [], "cpu": []} for t in targets}
+            res = {(v, t): {"s": [], "cpu": []} for v, _ in versions for t in targets}
             for rep in range(reps):           # interleaved: drift hits every target alike
-                for target in targets:
-                    label = f"{data.name}-{target}-{rep}"
-                    s, cpu, where = RUNNERS[target](wd / label, data, args.profile, label)
-                    res[target]["s"].append(s)
-                    if cpu is not None:
-                        res[target]["cpu"].append(cpu)
-                    cpus = f"{1000 * cpu / data.count:6.2f} CPU-ms/inst" if cpu else ""
-                    print(f"   {target:14s} rep {rep + 1}: {s:6.2f} s  {mb(size) / s:7.1f} MB/s"
-                          f"  {data.count / s:6.0f} inst/s  {cpus}  {where}", flush=True)
-                    time.sleep(1.0)
-            single_s = median(res["single"]["s"])
-            single_cpu = median(res["single"]["cpu"]) / data.count
-            rows = []
-            for t, r in res.items():
-                s = median(r["s"])
-                cpu = median(r["cpu"]) / data.count if r["cpu"] else None
-                rows.append([t, f"{s:.2f}", f"{mb(size) / s:.1f}", f"{data.count / s:.0f}",
-                             f"{single_s / s:.2f}",
-                             f"{1000 * cpu:.2f}" if cpu else "-",
-                             f"{cpu / single_cpu:.2f}" if cpu else "-"])
-            print()
-            print(table(rows, ["target", "median s", "MB/s", "inst/s", "speed/single",
-                               "CPU ms/inst", "CPU/single"]))
-            c_cpu = median(res["cluster"]["cpu"]) / data.count
-            c_s = median(res["cluster"]["s"])
-            summary.append(f"{data.name}: cluster/single CPU per instance = "
-                           f"{c_cpu / single_cpu:.2f} "
-                           f"({'meets' if c_cpu <= 2.5 * single_cpu else 'MISSES'} <= 2.5)   "
-                           f"cluster/single speed = {single_s / c_s:.2f} "
-                           f"({'meets' if single_s / c_s >= 0.6 else 'MISSES'} >= 0.6)")
+                for version, tree in versions:
+                    if tree is not None:
+                        os.environ["PYTHONPATH"] = tree
+                    for target in targets:
+                        label = f"{data.name}-{version or 'this'}-{target}-{rep}"
+                        s, cpu, where = RUNNERS[target](wd / label, data, args.profile, label)
+                        res[(version, target)]["s"].append(s)
+                        if cpu is not None:
+                            res[(version, target)]["cpu"].append(cpu)
+                        cpus = f"{1000 * cpu / data.count:6.2f} CPU-ms/inst" if cpu else ""
+                        print(f"   {version:>6s} {target:14s} rep {rep + 1}: {s:6.2f} s  "
+                              f"{mb(size) / s:7.1f} MB/s  {data.count / s:6.0f} inst/s  "
+                              f"{cpus}  {where}  load {os.getloadavg()[0]:.1f}", flush=True)
+                        time.sleep(1.0)
+                    if original is None:
+                        os.environ.pop("PYTHONPATH", None)
+                    else:
+                        os.environ["PYTHONPATH"] = original
+            for version, _ in versions:
+                single_s = median(res[(version, "single")]["s"])
+                single_cpu = median(res[(version, "single")]["cpu"]) / data.count
+                rows = []
+                for t in targets:
+                    r = res[(version, t)]
+                    s = median(r["s"])
+                    cpu = median(r["cpu"]) / data.count if r["cpu"] else None
+                    rows.append([f"{version} {t}".strip(), f"{s:.2f}", f"{mb(size) / s:.1f}",
+                                 f"{data.count / s:.0f}", f"{single_s / s:.2f}",
+                                 f"{1000 * cpu:.2f}" if cpu else "-",
+                                 f"{cpu / single_cpu:.2f}" if cpu else "-"])
+                print()
+                print(table(rows, ["target", "median s", "MB/s", "inst/s", "speed/single",
+                                   "CPU ms/inst", "CPU/single"]))
+                c_cpu = median(res[(version, "cluster")]["cpu"]) / data.count
+                c_s = median(res[(version, "cluster")]["s"])
+                summary.append(
+                    f"{data.name}{' ' + version if version else ''}: cluster/single CPU per "
+                    f"instance = {c_cpu / single_cpu:.2f} "
+                    f"({'meets' if c_cpu <= 2.5 * single_cpu else 'MISSES'} <= 2.5)   "
+                    f"cluster/single speed = {single_s / c_s:.2f} "
+                    f"({'meets' if single_s / c_s >= 0.6 else 'MISSES'} >= 0.6)")
             print()
     print("\n".join(summary))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
