@@ -39,7 +39,7 @@ from pacsp2p.flow import DEFAULT_MAX_FETCHES, fetch_gate, open_gated
 from pacsp2p.overlay.node import PeerUnknown
 from pacsp2p.strategies import Strategies, StrategyError
 from pacsp2p.transfer.plan import PlanView, Source
-from pacsp2p.transfer.verify import SMALL, Damaged, checked, is_sha256, mismatch
+from pacsp2p.transfer.verify import WHOLE, Damaged, checked, is_sha256, mismatch
 from pacsp2p.types import InstanceRef, PeerInfo
 
 __all__ = ["PlanView", "Retrieval", "Source", "Unavailable", "readable", "source_name"]
@@ -397,7 +397,7 @@ class Retrieval:
             archive = self.archives[src.archive]
             d = fetch_gate(archive).run(archive.read_many,
                                         [(loc.sop_instance_uid, loc.sha256) for loc in locs],
-                                        SMALL)
+                                        WHOLE)
             timer = self.reactor.callLater(STALL_SECONDS, self._stalled, src, refs[0], d)
             since = self.reactor.seconds()
             for ref in refs:

@@ -52,6 +52,8 @@ def is_sha256(value) -> bool:
 
 
 SMALL = 256 << 10       # a file up to this size is read whole by the hashing job
+WHOLE = 1 << 20         # ... by a local archive's batch job (``read_many``): a CT image
+                        # too; held at most a retrieval's window (64) of them at once
 
 
 def _hash(f):
