@@ -87,11 +87,12 @@ class Part10Bytes(io.BytesIO):
 
     def __init__(self, data: bytes, offset: int, transfer_syntax: str, media_uid: str):
         super().__init__(data)
+        self._bytes = data
         self.offset, self.transfer_syntax, self.media_uid = offset, transfer_syntax, media_uid
 
-    def data(self) -> bytes:
-        """The data set's bytes (after the File Meta Information)."""
-        return self.getbuffer()[self.offset:].tobytes()
+    def data(self) -> memoryview:
+        """The data set's bytes (after the File Meta Information), not copied."""
+        return memoryview(self._bytes)[self.offset:]
 
 
 def examine(data: bytes) -> tuple[int, str, str, str]:

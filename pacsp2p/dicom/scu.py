@@ -169,9 +169,10 @@ class StorageSCU(protocol.Protocol):
               originator_ae: str | None = None, originator_msg_id: int | None = None):
         """Deferred[C-STORE-RSP status] for the data set read from *f* (positioned at the
         data set's first byte, encoded in *transfer_syntax*; or the data set's bytes
-        themselves, read already). The SCU closes *f*."""
-        if isinstance(f, (bytes, bytearray)):
-            data, f = bytes(f), None
+        themselves, read already: bytes or a memoryview, not changed meanwhile). The SCU
+        closes *f*."""
+        if isinstance(f, (bytes, bytearray, memoryview)):
+            data, f = f, None
         else:
             data = None
         if self.state != "established":
