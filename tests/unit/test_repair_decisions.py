@@ -125,9 +125,9 @@ def test_census_of_a_large_catalog_is_one_indexed_pass(conn):
     conn.execute("BEGIN")
     conn.executemany("INSERT INTO locations VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
     conn.execute("COMMIT")
-    t0 = time.monotonic()
+    t0 = time.process_time()          # CPU seconds: a busy machine does not stretch them
     counts = copies.census(conn, 2, lv(dead={"c"}, lost={"c"}))
-    took = time.monotonic() - t0
+    took = time.process_time() - t0
     assert counts["instances"] == 40000 and counts["repairable"] == 40000
     assert took < 5.0, took
 
