@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pacsp2p.testing import dcmtk, echo, findscu, storescu
 from pacsp2p.testing import datasets, free_port
 from pacsp2p.testing import dicomnet as dn
-from pacsp2p.testing.cluster import patience
+from pacsp2p.testing.cluster import patience, wait_until
 from pacsp2p.testing.dcmtk import _meta_end
 from pacsp2p.testing.peer import twistd_path
 from pacsp2p.testing.plugins import BOOM_MESSAGE, boom_plugin
@@ -148,12 +148,9 @@ def test_unknown_calling_ae_is_rejected_and_logged(make_peer):
                 peer.port, timeout=20)
     assert bad.returncode != 0
     assert "Association Rejected" in bad.stdout + bad.stderr
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        lines = [l for l in peer.log_path.read_text().splitlines() if "STRANGER" in l]
-        if lines:
-            break
-        time.sleep(0.1)
+    wait_until(lambda: any("STRANGER" in l for l in peer.log_path.read_text().splitlines()),
+               10, 0.1, "the rejection of STRANGER logged")
+    lines = [l for l in peer.log_path.read_text().splitlines() if "STRANGER" in l]
     assert any("rejected" in l and "not allowed" in l for l in lines), peer.log_tail()
 
 
@@ -333,9 +330,8 @@ def test_placement_plugin_that_raises_on_a_peer_alone_stores_nothing(make_peer, 
     assert rsp.Status == 0x0110, hex(rsp.Status)
     log = peer.log_path.read_text(errors="replace")
     assert BOOM_MESSAGE in log
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(dn.archive_files(peer.data_dir)) != len(files):
-        time.sleep(0.1)
+    wait_until(lambda: len(dn.archive_files(peer.data_dir)) == len(files), 10, 0.1,
+               "the kept file of the refused instance dropped")
     assert {dn.sop_uid(p) for p in dn.archive_files(peer.data_dir)} == \
         {dn.sop_uid(p) for p in files}
     assert_intact(peer, files, tmp_path)
