@@ -1,6 +1,7 @@
 """The plan of a running retrieval, as the load-balancing hook sees it: the instances no
 source has claimed yet (``Pending``, in the order the consumer wants them), which
-sources hold and rank each one, and the statistics of each source.
+sources hold and rank each one, and the statistics of each source (``Source``, named
+``peer/archive``; ``readable``: whether this peer can read a copy now).
 
 Work stealing (``strategies.balancing``) asks, for one source, "the pending instances
 that rank this source highest, then the rarest, then in the consumer's order". A scan of
@@ -45,6 +46,24 @@ class Source:
     def rate(self) -> float:
         """Bytes per second while it had work (0 until something arrived)."""
         return self.bytes / self.busy if self.completed and self.busy > 0 else 0.0
+
+
+def source_name(peer: str, archive: str) -> str:
+    """How a source is named in plans and status: ``peer/archive``."""
+    return f"{peer}/{archive}"
+
+
+def readable(loc, peer: str, archives: dict, overlay) -> bool:
+    """Whether this peer (*peer*, its *archives*) can read the copy *loc* now: its archive
+    is ours, up and can ``open``, or its peer is alive and does not say it is down."""
+    if loc.peer == peer:
+        archive = archives.get(loc.archive)
+        return archive is not None and "open" in archive.capabilities and bool(archive.up)
+    if overlay is None or not overlay.alive(loc.peer):
+        return False
+    member = getattr(overlay.membership, "members", {}).get(loc.peer)
+    down = getattr(member.info, "archives_down", ()) if member is not None else ()
+    return loc.archive not in (down or ())
 
 
 class _Ordered:

@@ -38,7 +38,7 @@ from pacsp2p.dicom.part10 import Part10Bytes
 from pacsp2p.flow import DEFAULT_MAX_FETCHES, fetch_gate, open_gated
 from pacsp2p.overlay.node import PeerUnknown
 from pacsp2p.strategies import Strategies, StrategyError
-from pacsp2p.transfer.plan import PlanView, Source
+from pacsp2p.transfer.plan import PlanView, Source, readable, source_name
 from pacsp2p.transfer.verify import WHOLE, Damaged, checked, is_sha256, mismatch
 from pacsp2p.types import InstanceRef, PeerInfo
 
@@ -68,22 +68,8 @@ def default_strategies() -> Strategies:
     return _default_strategies
 
 
-def source_name(peer: str, archive: str) -> str:
-    """How a source is named in plans and status: ``peer/archive``."""
-    return f"{peer}/{archive}"
-
-
-def readable(loc, peer: str, archives: dict, overlay) -> bool:
-    """Whether this peer (*peer*, its *archives*) can read the copy *loc* now: its archive
-    is ours, up and can ``open``, or its peer is alive and does not say it is down."""
-    if loc.peer == peer:
-        archive = archives.get(loc.archive)
-        return archive is not None and "open" in archive.capabilities and bool(archive.up)
-    if overlay is None or not overlay.alive(loc.peer):
-        return False
-    member = getattr(overlay.membership, "members", {}).get(loc.peer)
-    down = getattr(member.info, "archives_down", ()) if member is not None else ()
-    return loc.archive not in (down or ())
+def _dropped(_):
+    return None
 
 
 class Unavailable(Exception):
@@ -563,20 +549,28 @@ class Retrieval:
         # wanted now: to the front (a fetched or fetching one is not pending: no scan)
         if uid not in plan.done and not plan.in_flight.get(uid) and ref in plan.pending:
             self._requeue(ref)
-        result = defer.Deferred()
         source = self._results[uid]
+        if source.called and not isinstance(source.result, Failure):
+            value = source.result                       # fetched already: hand it over
+            source.addCallback(_dropped)                # (and keep no reference to it)
+            self._handed()
+            return defer.succeed(value)
+        result = defer.Deferred()
 
         def handed(value):
             if not isinstance(value, Failure):
-                self._buffered -= 1
-                if self._kick is None:          # one pass for what was opened meanwhile
-                    self._kick = self.reactor.callLater(0, self._kicked)
+                self._handed()
             result.callback(value) if not isinstance(value, Failure) else result.errback(value)
-            return None
 
         source.addBoth(handed)
-        self._schedule()
+        if uid not in plan.done and not plan.in_flight.get(uid):
+            self._schedule()                            # wanted, and not on its way
         return result
+
+    def _handed(self):
+        self._buffered -= 1
+        if self._kick is None:          # one pass for what was opened meanwhile
+            self._kick = self.reactor.callLater(0, self._kicked)
 
     def _kicked(self):
         self._kick = None
