@@ -15,6 +15,11 @@ sequence held} (Parker et al., 1983).
   peer that hears of facts it lacks pulls them from the peer it heard it from — every
   origin it lags on, from that one neighbour, in ONE batched request (and further
   batches while more is due), at most one pull at a time and one per ``pull_interval``.
+  While a stream of facts lasts (each pull brings ``STREAM_FACTS`` or more) the
+  interval doubles with each pull, up to ``MAX_SLOWDOWN`` times, so a busy writer's
+  neighbours pull a few large batches rather than two small ones a second (a pull costs
+  a request, a TLS round trip and a catalog transaction whatever it carries); a pull that
+  brings fewer sets it back to ``pull_interval``.
   The writer never sends to everyone: each peer talks to O(1) others per period and a
   fact reaches all N peers in O(log N) periods.
 - **Anti-entropy.** Pings and acks carry a digest of the sender's vector and its sum. A
@@ -39,6 +44,8 @@ from pacsp2p.overlay.swimparts import DEAD, Invalid, MAX_INT, _int, _name
 
 HOLDERS = 4            # peers remembered per origin as holding more than we do
 AE_CANDIDATES = 8      # neighbours remembered whose digest differed from ours
+MAX_SLOWDOWN = 4       # the pull interval grows up to this many times during a stream
+STREAM_FACTS = 8       # a pull that brings this many facts or more: a stream
 MAX_ORIGINS = 100000   # entries of a vector accepted from the network
 
 
@@ -78,6 +85,8 @@ class Dissemination:
         self._call = None
         self._last_pull = -1e9
         self._last_ae = -1e9
+        self.slowdown = 1               # x pull_interval: grows while a stream lasts
+        self._held = 0                  # facts held when the running pull began
         self._digest: tuple[str, int] | None = None
         swim.rumors["c"] = self._rumor
         swim.fields_out.append(self._fields_out)
@@ -165,7 +174,8 @@ class Dissemination:
     def _kick(self) -> None:
         if self.pulling is not None or (self._call is not None and self._call.active()):
             return
-        delay = max(0.0, self._last_pull + self.pull_interval - self.clock.seconds())
+        delay = max(0.0, self._last_pull + self.pull_interval * self.slowdown
+                    - self.clock.seconds())
         self._call = self.clock.callLater(delay, self._next)
 
     def _target(self) -> str | None:
@@ -208,6 +218,7 @@ class Dissemination:
             return
         self.pulling = target
         self.pulls += 1
+        self._held = sum(self.vector().values())
         self._last_pull = self.clock.seconds()
         d = self.pull(target)
         d.addCallbacks(self._pulled, self._failed, callbackArgs=(target,),
@@ -218,6 +229,9 @@ class Dissemination:
         self._last_pull = self.clock.seconds()
         if vector is not None:
             self.heard(target, vector)
+        # a pull that brought many facts at once: a stream; pull less often, more each
+        stream = sum(self.vector().values()) - self._held >= STREAM_FACTS
+        self.slowdown = min(self.slowdown * 2, MAX_SLOWDOWN) if stream else 1
         self._kick()
 
     def _failed(self, failure, target) -> None:

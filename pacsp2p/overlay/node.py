@@ -140,7 +140,8 @@ class Overlay:
                 "swim": self.membership.swim_status(),
                 "dissemination": {"pulls": self.dissemination.pulls,
                                   "requests": self.sync.requests,
-                                  "failed": self.dissemination.failed},
+                                  "failed": self.dissemination.failed,
+                                  "slowdown": self.dissemination.slowdown},
                 "handshakes": {p.guard.what: {"pending": p.guard.pending,
                                                "expired": p.guard.expired,
                                                "refused": p.guard.refused}

@@ -290,3 +290,32 @@ def test_suspicion_timeout_shrinks_with_confirmations():
     assert high == pytest.approx(low * config.suspicion_max_mult)
     assert low == pytest.approx(config.suspicion_min * 2 * config.probe_interval)
     assert swim_mod.MAX_MESSAGE < 65535
+
+
+def _stream(monkeypatch, slowdown: int):
+    """16 peers; one writes a fact every 50 ms for 20 s: (catalog pulls per other peer,
+    seconds after the last write until every peer holds it)."""
+    from pacsp2p.overlay import dissemination
+    monkeypatch.setattr(dissemination, "MAX_SLOWDOWN", slowdown)
+    net = cluster(16, seed=4)
+    net.run(5)
+    writer = net.peers["p005"]
+    before = dict(net.pulls)
+    for _ in range(400):
+        seq = writer.catalog.write(1)
+        net.run(0.05)
+    took = net.run_until(lambda: all(p.catalog.vector.get("p005", 0) >= seq
+                                     for p in net.live()), 30, step=0.01)
+    others = [p.name for p in net.live() if p.name != "p005"]
+    return sum(net.pulls[n] - before.get(n, 0) for n in others) / len(others), took
+
+
+def test_a_stream_of_facts_is_pulled_in_fewer_larger_batches(monkeypatch):
+    flat, flat_took = _stream(monkeypatch, 1)
+    slowed, slowed_took = _stream(monkeypatch, 4)
+    # at most one pull per 0.5 s without the slowdown (~40 in 20 s); far fewer with it
+    assert flat > 25, flat
+    assert slowed < flat / 2, (slowed, flat)
+    # and every peer still holds the last fact a few seconds after the stream ends
+    assert flat_took is not None and slowed_took is not None
+    assert slowed_took < 8.0, slowed_took
