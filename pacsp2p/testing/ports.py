@@ -76,6 +76,33 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
             s.close()
 
 
+def free_block(width: int, host: str = LOOPBACK) -> int:
+    """A base port whose *width* ports base .. base + width - 1 were all free on *host* a
+    moment ago, at random below the ephemeral range (this worker's slice under xdist),
+    none handed out in the last five minutes; they count as handed out now."""
+    now = time.monotonic()
+    low, high = _worker_range(_LOW, max(_HIGH, _LOW + 1000))
+    for _ in range(200):                           # bounded
+        base = random.randrange(low, high - width)
+        block = range(base, base + width)
+        if any(port in _recent for port in block):
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in block:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind((host, port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        _recent.update((port, now) for port in block)
+        return base
+    raise RuntimeError(f"no {width} free ports in a row on {host} in {low}-{high}")
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """Return a TCP port that was free on *host* a moment ago."""
     return free_ports(1, host)[0]

@@ -22,30 +22,20 @@ import pytest
 from pacsp2p import config
 from pacsp2p.admin import demo as demo_module
 from pacsp2p.testing import datasets
-from pacsp2p.testing.cluster import wait_until
+from pacsp2p.testing.cluster import patience, wait_until
 from pacsp2p.testing.dcmtk import findscu, storescu
+from pacsp2p.testing.ports import free_block
 
 BIN = Path(sys.executable).parent
 
 
 def _free_block(width: int = 30) -> int:
     """A base port whose next *width* ports are all free on 127.0.0.1 (below the
-    ephemeral range, as the demo wants them)."""
+    ephemeral range, as the demo wants them; in this xdist worker's slice)."""
     lo, _ = demo_module.ephemeral_range()
-    for base in range(min(21000, lo - 2000), lo - width, 97):
-        socks = []
-        try:
-            for port in range(base, base + width):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free block of ports")
+    base = free_block(width)
+    assert base + width <= lo, (base, width, lo)
+    return base
 
 
 def _peers(config: Path) -> str:
@@ -83,12 +73,12 @@ def test_demo_runs_a_cluster_until_ctrl_c(tmp_path):
     finally:
         demo.send_signal(signal.SIGINT)
         try:
-            demo.wait(30)
+            demo.wait(patience(30))         # bounded, but a busy machine stops slowly
         except subprocess.TimeoutExpired:
             demo.kill()
             raise
     assert demo.returncode == 0
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + patience(10)
     for pid in pids:
         while time.monotonic() < deadline:
             try:
