@@ -93,23 +93,29 @@ def send_now(transport) -> None:
     transport.doWrite()         # an error is seen again, and handled, by the reactor
 
 
-def write_now(transport, data: bytes) -> None:
-    """``transport.write(data)`` and ``send_now``; on a plain TCP transport with nothing
-    queued, *data* goes straight to its socket (no copy into Twisted's buffer, no
-    epoll change to wait for writability and back); what the kernel does not take,
-    and any error, is left to the transport as a write would."""
+def write_now(transport, parts: list) -> None:
+    """``transport.write`` of the buffers *parts* (``frame``'s PDUs), then ``send_now``;
+    on a plain TCP transport with nothing queued they go straight to its socket in one
+    gathering ``sendmsg`` (no join into one copy, no copy into Twisted's buffer, no epoll
+    change to wait for writability and back); what the kernel does not take, and any
+    error, is left to the transport as a write would."""
     # (a TLS transport wraps this one, and proxies its attributes: never its socket)
     if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True) \
             or not transport.connected or transport.disconnecting \
-            or transport._tempDataLen or transport.dataBuffer or transport.producerPaused:
-        transport.write(data)
+            or transport._tempDataLen or transport.dataBuffer or transport.producerPaused \
+            or len(parts) > _IOV_MAX:
+        transport.write(b"".join(parts))
         send_now(transport)
         return
     try:
-        sent = transport.socket.send(data)
+        sent = transport.socket.sendmsg(parts)
     except (BlockingIOError, InterruptedError):
         sent = 0
     except OSError:
         sent = 0                # the transport meets the error again and closes
-    if sent < len(data):
-        transport.write(memoryview(data)[sent:].tobytes() if sent else data)
+    total = sum(len(p) for p in parts)
+    if sent < total:
+        transport.write(b"".join(parts)[sent:])
+
+
+_IOV_MAX = 512                  # buffers per sendmsg (Linux allows 1024)

@@ -387,7 +387,7 @@ class StorageSCU(protocol.Protocol):
                 op.sent_all = True
                 self._arm(self.dimse_timeout, "no C-STORE-RSP for {}", op.label)
         if out:
-            write_now(self.transport, b"".join(out))
+            write_now(self.transport, out)
 
     def _send_release(self):
         self.state = "releasing"
