@@ -110,7 +110,7 @@ def census_cached(conn: sqlite3.Connection, replicas: int, lv: Liveness
 
 
 def save_census(conn: sqlite3.Connection, counts: dict, key: str) -> None:
-    save_state(conn, {"key": key, "counts": counts}, "census")
+    save_state(conn, "census", {"key": key, "counts": counts})
 
 
 def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
@@ -161,15 +161,20 @@ def ensure_state(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS repair_state (key TEXT PRIMARY KEY, value TEXT)")
 
 
-def load_state(conn: sqlite3.Connection, name: str = "repair") -> dict:
+def load_state(conn: sqlite3.Connection, key: str) -> dict:
+    """The state saved under *key* (repair, census, scrub, drain); {} if none or not a
+    JSON object."""
     try:
-        row = conn.execute("SELECT value FROM repair_state WHERE key = ?", (name,)).fetchone()
+        row = conn.execute("SELECT value FROM repair_state WHERE key = ?", (key,)).fetchone()
     except sqlite3.OperationalError:        # the table is made by the first save
         return {}
-    return json.loads(row[0]) if row else {}
+    try:
+        value = json.loads(row[0]) if row else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
-def save_state(conn: sqlite3.Connection, state: dict, name: str = "repair") -> None:
+def save_state(conn: sqlite3.Connection, key: str, state: dict) -> None:
     ensure_state(conn)
-    conn.execute("INSERT OR REPLACE INTO repair_state VALUES (?, ?)",
-                 (name, json.dumps(state)))
+    conn.execute("INSERT OR REPLACE INTO repair_state VALUES (?, ?)", (key, json.dumps(state)))

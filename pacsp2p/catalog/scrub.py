@@ -11,11 +11,10 @@ Every function takes a read connection (``Catalog.read``) except ``save_state``
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from typing import NamedTuple
 
-from pacsp2p.catalog.copies import ensure_state
+from pacsp2p.catalog.copies import load_state, save_state  # noqa: F401 (their state)
 
 
 class Copy(NamedTuple):
@@ -54,18 +53,3 @@ def count_copies(conn: sqlite3.Connection, peer: str, archives=None) -> int:
                         params).fetchone()[0]
 
 
-def load_state(conn: sqlite3.Connection, key: str) -> dict:
-    try:
-        row = conn.execute("SELECT value FROM repair_state WHERE key = ?", (key,)).fetchone()
-    except sqlite3.OperationalError:        # the table is made by the first save
-        return {}
-    try:
-        value = json.loads(row[0]) if row else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def save_state(conn: sqlite3.Connection, key: str, state: dict) -> None:
-    ensure_state(conn)
-    conn.execute("INSERT OR REPLACE INTO repair_state VALUES (?, ?)", (key, json.dumps(state)))

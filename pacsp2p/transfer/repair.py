@@ -146,7 +146,7 @@ class Repair:
         self.running = True
         self.started_at = time.time()
         self._next_census = self.started_at + GRACE
-        d = self.catalog.read(copies.load_state)
+        d = self.catalog.read(lambda conn: copies.load_state(conn, "repair"))
         d.addCallback(lambda state: self.stats.update(
             {k: v for k, v in (state or {}).items() if k in self.stats}))
         d.addErrback(lambda f: log.warn("repair: cannot read its saved progress: {err}",
@@ -504,7 +504,7 @@ class Repair:
             return defer.succeed(None)
         self._saved_at = now
         state = dict(self.stats)
-        d = self.catalog.write(lambda conn: copies.save_state(conn, state))
+        d = self.catalog.write(lambda conn: copies.save_state(conn, "repair", state))
         d.addErrback(lambda f: log.warn("repair: cannot save its progress: {err}",
                                         err=f.getErrorMessage()))
         return d

@@ -114,9 +114,9 @@ def test_work_lists_lost_copies_and_surplus_in_uid_order_after_a_cursor(conn):
 
 
 def test_repair_state_survives_in_the_catalog(conn):
-    assert copies.load_state(conn) == {}
-    copies.save_state(conn, {"done": 3, "bytes": 12})
-    assert copies.load_state(conn) == {"done": 3, "bytes": 12}
+    assert copies.load_state(conn, "repair") == {}
+    copies.save_state(conn, "repair", {"done": 3, "bytes": 12})
+    assert copies.load_state(conn, "repair") == {"done": 3, "bytes": 12}
 
 
 def test_census_of_a_large_catalog_is_one_indexed_pass(conn):
