@@ -46,10 +46,12 @@ def own_copies(conn: sqlite3.Connection, peer: str, after: int, limit: int = 500
 
 
 def count_copies(conn: sqlite3.Connection, peer: str, archives=None) -> int:
-    """How many copies the catalog places on *peer* (on *archives*, if given)."""
+    """How many copies the catalog places on *peer* (on *archives*, if given): the sum of
+    the counters the schema's triggers keep (``archive_counts``; counting the locations
+    read 10M rows in 19 s)."""
     params: list = [peer]
     where = _archives(archives, params)
-    return conn.execute(f"SELECT count(*) FROM locations WHERE peer = ? AND size >= 0{where}",
-                        params).fetchone()[0]
+    return conn.execute(f"SELECT coalesce(sum(n), 0) FROM archive_counts WHERE peer = ?"
+                        f"{where}", params).fetchone()[0]
 
 

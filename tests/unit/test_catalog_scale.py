@@ -23,7 +23,7 @@ import pytest
 from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 
-from pacsp2p.catalog import db, matching, schema
+from pacsp2p.catalog import db, matching, schema, scrub
 from pacsp2p.catalog.db import Catalog
 from pacsp2p.types import InstanceMeta, Location, Query
 
@@ -120,7 +120,14 @@ def test_counts_stay_exact(tmp_path, reactor):
         def check():
             counts = reactor.wait(cat.counts())
             assert counts == true_counts(path)
-            assert reactor.wait(cat.archive_counts()) == true_archive_counts(path)
+            by_archive = true_archive_counts(path)
+            assert reactor.wait(cat.archive_counts()) == by_archive
+            for peer, archives in (("p", None), ("p", ["local"]), ("q", ["local", "x"]),
+                                   ("p", [])):
+                assert reactor.wait(cat.read(lambda conn: scrub.count_copies(
+                    conn, peer, archives))) == sum(
+                    n for (p, a), n in by_archive.items()
+                    if p == peer and (archives is None or a in archives))
             return counts
 
         assert check() == dict.fromkeys(schema.COUNTED, 0)
