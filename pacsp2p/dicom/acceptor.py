@@ -64,7 +64,7 @@ from pacsp2p.dicom.messages import MAX_IDENTIFIER, Messages
 from pacsp2p.dicom.negotiation import MIN_PEER_PDU, reject_pdu
 from pacsp2p.dicom.pdu import (A_ABORT, A_ASSOCIATE_RQ as RQ, A_RELEASE_RP, A_RELEASE_RQ,
                                P_DATA_TF, PDU_HEAD, PDV_HEAD, RELEASE_RP, abort_pdu, frame,
-                               send_now)
+                               send_now, write_now)
 from pacsp2p.dicom.tls import handshake_error, peer_name, verify_result
 from pacsp2p.flow import ReadHolds
 from pacsp2p.validate import shown
@@ -108,6 +108,7 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         self.accepted: dict = {}       # context id -> PresentationContext
         self.max_data = SEND_FRAGMENT  # PDV data bytes per PDU we send
         self.paused = False            # our transport's write buffer is full
+        self._corked: list | None = None   # what is sent while corked (``cork``)
         self._resume_waiters: list = []
         self._ops: deque = deque()     # requests in arrival order; the first one runs
         # stream parser
@@ -281,19 +282,36 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         parts = frame(context_id, command, self.max_data, command=True, last=True)
         if data is not None:
             parts += frame(context_id, data, self.max_data, command=False, last=True)
-        self.transport.write(b"".join(parts))
+        self._out(parts)
         self._touch()
-
-    def flush(self) -> None:
-        """What was sent so far goes to the kernel now, not at the reactor's next turn."""
-        if self.state == "established":
-            send_now(self.transport)
 
     def send_data(self, context_id: int, data, last: bool) -> None:
         """A data set fragment (a C-STORE sub-operation of C-GET)."""
         if self.state == "established":
-            self.transport.write(b"".join(
-                frame(context_id, data, self.max_data, command=False, last=last)))
+            self._out(frame(context_id, data, self.max_data, command=False, last=last))
+
+    def _out(self, parts: list) -> None:
+        if self._corked is not None:
+            self._corked += parts
+        else:
+            self.transport.write(b"".join(parts))
+
+    def cork(self) -> None:
+        """Hold what is sent (in order) until ``uncork``: then it goes to the kernel at
+        once, in one gathering write (a C-GET's Pending response and its next C-STORE)."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        parts, self._corked = self._corked, None
+        if parts and self.state == "established":
+            write_now(self.transport, parts)
+
+    def flush(self) -> None:
+        """What was sent so far goes to the kernel now, not at the reactor's next turn
+        (while corked: at the uncork)."""
+        if self.state == "established" and self._corked is None:
+            send_now(self.transport)
 
     def abort(self, source: int = 0, reason: int = 0) -> None:
         """A-ABORT and close."""

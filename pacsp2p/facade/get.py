@@ -132,7 +132,7 @@ class Get(Operation):
                 self.current = ref
                 self.assoc.send(cid, dimse.c_store_rq(self.sub_id, ref.sop_class_uid,
                                                       ref.sop_instance_uid), f.data())
-                self.assoc.flush()
+                self.assoc.flush()          # (corked: by the uncork, with the Pending)
                 self._sent()
                 return None
         d = defer.maybeDeferred(self._prepare, f, ref)
@@ -244,8 +244,12 @@ class Get(Operation):
         else:
             self.completed += 1
             self.bytes_out += ref.size or 0
-        self.respond(PENDING, counts=self._counts())
-        self._next()
+        self.assoc.cork()          # the Pending response and what follows it at once
+        try:                        # (the next C-STORE, or the final): one write
+            self.respond(PENDING, counts=self._counts())
+            self._next()
+        finally:
+            self.assoc.uncork()
 
     def _final(self):
         if self.events:
