@@ -25,9 +25,9 @@ from zope.interface import implementer
 
 from pacsp2p.adapters.interface import ICatalogLookups, factory_problems, problems
 from pacsp2p.config import ArchiveConfig, ConfigError
+from pacsp2p.flow import DEFAULT_MAX_FETCHES    # for an adapter that declares none
 
 _loaded_files: dict[Path, object] = {}     # resolved adapter file -> its module
-DEFAULT_MAX_FETCHES = 4                    # for an adapter that declares none
 
 
 def config_where(cfg: ArchiveConfig, settings) -> str:
