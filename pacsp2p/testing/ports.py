@@ -78,15 +78,14 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
 
 def free_block(width: int, host: str = LOOPBACK) -> int:
     """A base port whose *width* ports base .. base + width - 1 were all free on *host* a
-    moment ago, at random below the ephemeral range (this worker's slice under xdist),
-    none handed out in the last five minutes; they count as handed out now."""
+    moment ago, at random below the ephemeral range (this worker's slice under xdist);
+    they count as handed out now. (Ports handed out recently are not avoided: a wide
+    block would rarely miss them all, and those of finished tests are free again.)"""
     now = time.monotonic()
     low, high = _worker_range(_LOW, max(_HIGH, _LOW + 1000))
     for _ in range(200):                           # bounded
         base = random.randrange(low, high - width)
         block = range(base, base + width)
-        if any(port in _recent for port in block):
-            continue
         socks: list[socket.socket] = []
         try:
             for port in block:
