@@ -280,14 +280,12 @@ class Retrieval:
         full = self._budget() < BATCH <= self._buffered
         wanted = ([r for r in self._wanted.values() if r in plan.pending]
                   if self._wanted and (full or self._budget() <= 0) else [])
-        for ref in wanted:         # by the first free source the strategy would give it
-            uid = ref.sop_instance_uid     # (``single``: only its first-ranked source)
-            for name in plan.ranked(uid):
-                src = plan.sources[name]
-                if self._free(name) and self._claimable(src, ref) and any(
-                        r.sop_instance_uid == uid for r in self._next_batch(src)):
-                    self._claim(src, ref)
-                    break
+        for ref in wanted:      # from its first-ranked live source, once that one is free
+            name = next((n for n in plan.ranked(ref.sop_instance_uid)     # (its fetches
+                         if plan.sources[n].alive), None)     # end or stall: never stuck)
+            if name is not None and self._free(name) and \
+                    self._claimable(plan.sources[name], ref):
+                self._claim(plan.sources[name], ref)
         progress = not full
         while progress and self._budget() > 0:
             progress = False
