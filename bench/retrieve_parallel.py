@@ -352,6 +352,10 @@ def run(args, net: Net, wd: Path) -> int:
             # the admin endpoint stays on loopback (the namespace's own): never read here
             "facade": {"bind": a}, "admin": {"bind": "127.0.0.1"},
             "storage": {"fsync": False},
+            # the holders' repair keeps `replicas` copies per instance and drops surplus
+            # ones: at the default 2, variant 3's third copies went while the bench ran
+            # (single then read 191 + 109 instances from two sources)
+            "cluster": {"replicas": 3},
             "overlay": {**overlay_common, "port": 11114, "bulk_port": 11115, "bind": a,
                         "advertise": a,
                         # the root peers as seen from this namespace
