@@ -82,14 +82,11 @@ class Observer:
 
     # -- the acceptor's observer ------------------------------------------------------
     def _requestor(self, assoc, role=None) -> dict:
-        return audit.participant(assoc.calling_ae or "?", True, role, _host(assoc),
-                                 AlternativeUserID=getattr(assoc, "peer_certificate", None))
+        return _requestor(assoc.calling_ae, _host(assoc),
+                          getattr(assoc, "peer_certificate", None), role)
 
     def _us(self, requestor: bool = False, role=None) -> dict:
-        return audit.participant(self.ae_title, requestor, role,
-                                 None if self.address in ("", "0.0.0.0", "::")
-                                 else self.address,
-                                 AlternativeUserID=self.peer)
+        return _us(self.ae_title, self.address, self.peer, requestor, role)
 
     def _assoc_ext(self, assoc) -> dict:
         return {"calling_ae": assoc.calling_ae, "called_ae": assoc.called_ae,
@@ -149,18 +146,9 @@ class Observer:
             except Exception:
                 log.failure("audit record of a {service} failed", service=service)
             return
-        ext = {"kind": "operation", "service": service,
-               "association": getattr(op.assoc, "audit_id", None),
-               "message_id": op.msg_id, "status": code if status is not None else None,
-               "status_class": cls,
-               "calling_ae": op.assoc.calling_ae, "called_ae": op.assoc.called_ae,
-               "peer": op.assoc.peer,
-               "duration_s": round(elapsed, 3) if elapsed is not None else None}
-        if comment:
-            ext["comment"] = comment
-        if counts is not None:
-            ext["counts"] = {"remaining": counts[0], "completed": counts[1],
-                             "failed": counts[2], "warning": counts[3]}
+        ext = _operation_ext(service, getattr(op.assoc, "audit_id", None), op.msg_id,
+                             status, code, cls, op.assoc.calling_ae, op.assoc.called_ae,
+                             op.assoc.peer, elapsed, comment, counts)
         try:
             d = self._record(op, service, status, ext)
         except Exception:
@@ -286,16 +274,8 @@ def _store_message(peer, ae_title, address, when, status, code, cls, elapsed, co
                    msg_id, uid, meta) -> dict:
     """A C-STORE's audit record (DICOM Instances Transferred, action C), made from plain
     values (``Observer._store_record``) in the audit writer's thread."""
-    ext = {"kind": "operation", "service": "C-STORE", "association": audit_id,
-           "message_id": msg_id, "status": code if status is not None else None,
-           "status_class": cls, "calling_ae": calling_ae, "called_ae": called_ae,
-           "peer": assoc_peer,
-           "duration_s": round(elapsed, 3) if elapsed is not None else None}
-    if comment:
-        ext["comment"] = comment
-    if counts is not None:
-        ext["counts"] = {"remaining": counts[0], "completed": counts[1],
-                         "failed": counts[2], "warning": counts[3]}
+    ext = _operation_ext("C-STORE", audit_id, msg_id, status, code, cls, calling_ae,
+                         called_ae, assoc_peer, elapsed, comment, counts)
     ext["instance"] = uid
     objects = []
     if meta is not None:
@@ -307,10 +287,34 @@ def _store_message(peer, ae_title, address, when, status, code, cls, elapsed, co
         ext["bytes"] = nbytes
     outcome = audit.outcome_of(status) if status is not None else audit.MINOR_FAILURE
     types = [audit.TYPE_RESTRICTED_FUNCTION] if status == 0x0124 else []
-    requestor = audit.participant(calling_ae or "?", True, audit.ROLE_SOURCE, host,
-                                  AlternativeUserID=certificate)
-    us = audit.participant(ae_title, False, audit.ROLE_DESTINATION,
-                           None if address in ("", "0.0.0.0", "::") else address,
-                           AlternativeUserID=peer)
+    requestor = _requestor(calling_ae, host, certificate, audit.ROLE_SOURCE)
+    us = _us(ae_title, address, peer, False, audit.ROLE_DESTINATION)
     return audit.message(audit.EVENT_TRANSFERRED, "C", outcome, [requestor, us], peer,
                          objects, types, comment, ext, when=audit.now_iso(when))
+
+
+def _operation_ext(service, audit_id, msg_id, status, code, cls, calling_ae, called_ae,
+                   assoc_peer, elapsed, comment, counts) -> dict:
+    """The extension every DIMSE operation's audit record carries."""
+    ext = {"kind": "operation", "service": service, "association": audit_id,
+           "message_id": msg_id, "status": code if status is not None else None,
+           "status_class": cls, "calling_ae": calling_ae, "called_ae": called_ae,
+           "peer": assoc_peer,
+           "duration_s": round(elapsed, 3) if elapsed is not None else None}
+    if comment:
+        ext["comment"] = comment
+    if counts is not None:
+        ext["counts"] = {"remaining": counts[0], "completed": counts[1],
+                         "failed": counts[2], "warning": counts[3]}
+    return ext
+
+
+def _requestor(calling_ae, host, certificate, role=None) -> dict:
+    return audit.participant(calling_ae or "?", True, role, host,
+                             AlternativeUserID=certificate)
+
+
+def _us(ae_title, address, peer, requestor: bool = False, role=None) -> dict:
+    return audit.participant(ae_title, requestor, role,
+                             None if address in ("", "0.0.0.0", "::") else address,
+                             AlternativeUserID=peer)
