@@ -116,6 +116,14 @@ class Push:
         self.link_drained()
 
 
+def _drop_kept(archive, uid: str, stored) -> None:
+    """Reactor: drop our own copy *stored* of *uid* again (unless it was there before:
+    a duplicate or a conflict), errors logged."""
+    if not (stored.duplicate or stored.conflict):
+        archive.discard(uid, stored.sha256).addErrback(
+            lambda f: log.warn("dropping a copy failed: {err}", err=f.getErrorMessage()))
+
+
 def drop_all(copies) -> None:
     """Have each Deferred[_Copy] that succeeds drop its copy (errors logged)."""
     for d in copies:
@@ -172,9 +180,8 @@ class Forward(StoreSession):
         drop_all(self.early.values())
         self.early = {}
         kept, self.kept = self.kept, None
-        if kept is not None and not (kept.duplicate or kept.conflict):
-            self.keeper.discard(self.uid, kept.sha256).addErrback(
-                lambda f: log.warn("dropping a copy failed: {err}", err=f.getErrorMessage()))
+        if kept is not None:
+            _drop_kept(self.keeper, self.uid, kept)
 
     # -- the writer thread: our own copy kept where it was written (as ``OneJob`` does) --
     def written(self, path) -> None:
@@ -204,11 +211,8 @@ class Forward(StoreSession):
         try:
             self.keeper.made_durable(meta, kept, self.flushed)
         except OSError:
-            if not (kept.duplicate or kept.conflict):
-                self.ingest.reactor.callFromThread(
-                    lambda: self.keeper.discard(meta.sop_instance_uid, kept.sha256)
-                    .addErrback(lambda f: log.warn("dropping a copy failed: {err}",
-                                                   err=f.getErrorMessage())))
+            self.ingest.reactor.callFromThread(_drop_kept, self.keeper,
+                                               meta.sop_instance_uid, kept)
             raise
         self.kept = kept
 

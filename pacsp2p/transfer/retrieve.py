@@ -235,6 +235,10 @@ class Retrieval:
         fetching = sum(len(s) > 0 for s in self.plan.in_flight.values())
         return self.window - fetching - self._buffered
 
+    def _full(self) -> bool:
+        """Nearly full of fetched instances: no room for a batch."""
+        return self._budget() < BATCH <= self._buffered
+
     def _free(self, name: str) -> bool:
         src = self.plan.sources[name]
         return src.alive and src.in_flight < src.limit
@@ -271,13 +275,11 @@ class Retrieval:
 
     def _schedule_once(self):
         plan = self.plan
-        # when out-of-order arrivals have filled the window, what consumers already
-        # wait for is fetched anyway (else they would wait for ever): first free source
-        # of its ranking
         # A window nearly full of fetched instances takes new work only once there is
         # room for a batch (one read job for several small files, not one per instance
-        # opened); meanwhile what a consumer waits for is still fetched at once.
-        full = self._budget() < BATCH <= self._buffered
+        # opened); meanwhile what a consumer waits for is still fetched (else it would
+        # wait for ever), from its first-ranked live source.
+        full = self._full()
         wanted = ([r for r in self._wanted.values() if r in plan.pending]
                   if self._wanted and (full or self._budget() <= 0) else [])
         for ref in wanted:      # from its first-ranked live source, once that one is free
@@ -575,7 +577,7 @@ class Retrieval:
 
     def _kicked(self):
         self._kick = None
-        if not self._wanted and self._budget() < BATCH <= self._buffered:
+        if not self._wanted and self._full():
             return              # nothing to fetch before there is room for a batch
         self._schedule()
 
