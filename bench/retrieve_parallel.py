@@ -31,6 +31,7 @@ work stealing over 200+50 vs single (src1, the 200 Mbit/s link alone).
 Targets: work-stealing / single >= 0.95 (K=1), >= 1.8 (K=2), >= 2.6 (K=3); mixed > 1.0.
 
     sudo .venv/bin/python bench/retrieve_parallel.py [--quick] [--reps N] [--profile DIR]
+                                                     [--cases K=3,mixed]
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ RATE = 200              # Mbit/s of every source link
 SLOW = 50               # Mbit/s of the slow link in the mixed case
 ROOT_ADDR = "198.18.1.1"  # the root peers' overlay address (root side of link 1)
 TARGETS = {1: 0.95, 2: 1.8, 3: 2.6}
+CASES = ("K=1", "K=2", "K=3", "mixed")
 IP, TC = shutil.which("ip") or "/usr/sbin/ip", shutil.which("tc") or "/usr/sbin/tc"
 SYSCTL = shutil.which("sysctl") or "/usr/sbin/sysctl"
 
@@ -317,6 +319,11 @@ def retrieval_sources(peer: Peer) -> str:
 def run(args, net: Net, wd: Path) -> int:
     count = args.count or (60 if args.quick else common.CT_COUNT)
     reps = args.reps or (1 if args.quick else 3)
+    wanted = set(args.cases.split(","))
+    if not wanted <= set(CASES):
+        raise SystemExit(f"--cases: choose among {', '.join(CASES)}")
+    needed = {int(c[2:]) for c in wanted if c.startswith("K=")} | \
+        ({2} if "mixed" in wanted else set())       # the variants to store
     data = variants(args.cache, count)
     size = data[1].bytes
     print(f"-- study: {count} x CT 512x512x16-bit, {mb(size):.1f} MB per variant; "
@@ -381,6 +388,8 @@ def run(args, net: Net, wd: Path) -> int:
         storer = None
         for k in (1, 2, 3):
             start_source(k)
+            if k not in needed:
+                continue
             cfg = {"cluster": {"replicas": k, "write_quorum": k}}
             if storer is None:
                 storer = root_peer("storer", "STORER", cfg).start()
@@ -407,7 +416,7 @@ def run(args, net: Net, wd: Path) -> int:
                 wait_until(lambda: allsrc <= alive_members(req), 60,
                            f"{label} requester sees all sources alive")
             # every requester knows each variant on exactly K archives, K per instance
-            for k in (1, 2, 3):
+            for k in sorted(needed):
                 for label, req in reqs.items():
                     def placed(req=req, k=k):
                         n, per, where = placement(req, data[k].study_uid)
@@ -448,23 +457,24 @@ def run(args, net: Net, wd: Path) -> int:
                       + f"){'  bytes identical' if verify else ''}",
                       flush=True)
 
-            cases = [(f"K={k}", k) for k in (1, 2, 3)]
+            cases = [(f"K={k}", k) for k in (1, 2, 3) if f"K={k}" in wanted]
             for case, k in cases:
                 for rep in range(reps):
                     order = list(reqs) if rep % 2 == 0 else list(reversed(reqs))
                     for label in order:
                         timed(case, k, label, rep, verify=(rep == 0))
             # mixed: variant 2 (src1 + src2) with src2's link at 50 Mbit/s
-            net.shape(2, SLOW)
-            print(f"   link 2 re-shaped to {SLOW} Mbit/s: measured "
-                  f"{measure_link(net, 2, 4_000_000):.0f} Mbit/s", flush=True)
-            try:
-                for rep in range(reps):
-                    order = list(reqs) if rep % 2 == 0 else list(reversed(reqs))
-                    for label in order:
-                        timed("mixed", 2, label, rep, verify=(rep == 0))
-            finally:
-                net.shape(2, RATE)
+            if "mixed" in wanted:
+                net.shape(2, SLOW)
+                print(f"   link 2 re-shaped to {SLOW} Mbit/s: measured "
+                      f"{measure_link(net, 2, 4_000_000):.0f} Mbit/s", flush=True)
+                try:
+                    for rep in range(reps):
+                        order = list(reqs) if rep % 2 == 0 else list(reversed(reqs))
+                        for label in order:
+                            timed("mixed", 2, label, rep, verify=(rep == 0))
+                finally:
+                    net.shape(2, RATE)
             clear(scp)
     finally:
         for p in reversed(peers):
@@ -503,6 +513,9 @@ def main() -> int:
                         "requester's own ceiling")
     p.add_argument("--profile", type=Path, default=None,
                    help="py-spy record the requester during the first run of each case")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help="comma-separated cases to run (each against single), e.g. K=3; "
+                        "only the variants they read are stored (default: all)")
     args = p.parse_args()
     RATE = args.rate
     if os.geteuid() != 0:
