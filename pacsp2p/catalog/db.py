@@ -11,6 +11,7 @@ and clean-stop mark are in ``schema``; the background integrity check in ``integ
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -64,6 +65,7 @@ class Catalog:
         self._drained: list[defer.Deferred] = []    # stop() waiting for the last flush
         self._parents: dict = {}              # writer thread: see write_facts
         self._flushing = False
+        self._holding = 0                     # inside batch(): record() does not flush
         self.vector: dict[str, int] = {}
         self._promised: dict[str, int] = {}     # facts of others queued by learn()
         # written with the next batch of our own facts, in the same writer job:
@@ -130,9 +132,21 @@ class Catalog:
         transaction once the fact is written (a tombstone's payload: ``tombstones``)."""
         d = defer.Deferred()
         self._pending.append(((meta, location, tuple(hints), then), d))
-        if not self._flushing:
+        if not self._flushing and not self._holding:
             self._flush()
         return d
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Facts ``record``ed inside the block are written together, in one writer job
+        (a group commit: ``Commits``), not the first alone and the others after it."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding and self._pending and not self._flushing:
+                self._flush()
 
     def _write_own(self, batch) -> list:
         """Write this peer's facts; the sequence number given to each (None: no location)."""

@@ -24,10 +24,13 @@ MAX_NAME = 255            # characters of an archive name or a token
 MAX_UIDS = 10000          # UIDs in one SendTo
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z", re.ASCII)
 
-PROTOCOL = 4          # 2: catalog facts travel with their parents once per batch
+PROTOCOL = 5          # 2: catalog facts travel with their parents once per batch
                       # 3: a C-STORE's data set is pushed to replica holders as it arrives
                       # 4: SWIM membership (no heartbeats), batched catalog pulls
+                      # 5: a pushed data set ends with its last ReplicaData (``end``);
+                      #    the commits a writer need not wait for go in ``Commits`` boxes
 MAX_VECTOR_ORIGINS = 1000   # origins asked for in one Vector
+MAX_COMMITS = 256           # copies committed by one Commits (its JSON < 64 KiB)
 
 
 class IncompatibleProtocol(Exception):
@@ -191,16 +194,19 @@ class ReplicaOpen(amp.Command):
 
 
 class ReplicaData(amp.Command):
-    """Bytes of a pushed data set (at most 64 KiB per box). Not answered: the sender
+    """Bytes of a pushed data set (at most 64 KiB per box); with *end*, the last ones:
+    the data set is complete (no ``ReplicaClose`` follows). Not answered: the sender
     stops while the link's send buffer is full (TCP back-pressure)."""
 
-    arguments = [(b"stream", amp.Integer()), (b"data", amp.String())]
+    arguments = [(b"stream", amp.Integer()), (b"data", amp.String()),
+                 (b"end", amp.Boolean(optional=True))]
     response = []
     requiresAnswer = False
 
 
 class ReplicaClose(amp.Command):
-    """The pushed data set is complete (*complete* true) or abandoned (false)."""
+    """The pushed data set is abandoned (*complete* false; true: complete, as a last
+    ``ReplicaData`` with *end* says)."""
 
     arguments = [(b"stream", amp.Integer()), (b"complete", amp.Boolean())]
     response = []
@@ -214,6 +220,35 @@ class Commit(amp.Command):
                  (b"sha256", amp.Unicode())]
     response = [(b"seq", amp.Integer())]
     errors = {InvalidArgument: b"INVALID_ARGUMENT", ReplicaRefused: b"REPLICA_REFUSED"}
+
+
+def check_commits(copies: str) -> list:
+    """The copies of a ``Commits`` (JSON list of at most ``MAX_COMMITS`` [archive, uid,
+    sha256]), each checked as ``check`` does."""
+    try:
+        found = json.loads(copies)
+    except ValueError:
+        found = None
+    if not isinstance(found, list) or not 0 < len(found) <= MAX_COMMITS:
+        _refuse("list of copies", copies)
+    for item in found:
+        if not (isinstance(item, list) and len(item) == 3 and
+                all(isinstance(x, str) for x in item)):
+            _refuse("copy", item)
+        check(uid=item[1], sha256=item[2], archive=item[0])
+    return [tuple(item) for item in found]
+
+
+class Commits(amp.Command):
+    """Phase 2 of several writes whose writer does not wait for it (it recorded a copy
+    of its own, with a hint for each of these): record these pending copies, *copies* a
+    JSON list of [archive, uid, sha256], in one catalog transaction (group commit).
+    Answer: *seqs*, a JSON list, for each copy its fact's sequence number as ``Commit``
+    answers it, or null if it was refused (its hint stays: hinted hand-off redoes it)."""
+
+    arguments = [(b"copies", amp.Unicode())]
+    response = [(b"seqs", amp.Unicode())]
+    errors = {InvalidArgument: b"INVALID_ARGUMENT"}
 
 
 class Discard(amp.Command):

@@ -17,10 +17,11 @@ from zope.interface import implementer
 from pacsp2p import __version__
 from pacsp2p.flow import ReadHolds
 from pacsp2p.overlay import tls
-from pacsp2p.overlay.commands import (PROTOCOL, CheckCopy, Commit, Discard, Drain, Drop,
-                                      Hello, ReplicaClose, ReplicaData, ReplicaOpen,
-                                      Replicate, SendTo, Vector, as_refusal, check,
-                                      check_archive_names, check_origins, check_send_to)
+from pacsp2p.overlay.commands import (PROTOCOL, CheckCopy, Commit, Commits, Discard,
+                                      Drain, Drop, Hello, ReplicaClose, ReplicaData,
+                                      ReplicaOpen, Replicate, SendTo, Vector, as_refusal,
+                                      check, check_archive_names, check_commits,
+                                      check_origins, check_send_to)
 from pacsp2p.overlay.commands import Swim as SwimMessage
 
 log = Logger()
@@ -156,8 +157,10 @@ class Link(ReadHolds, amp.AMP):
                                         "size": s.size, "sha256": s.sha256})
 
     @ReplicaData.responder
-    def on_replica_data(self, stream, data):
+    def on_replica_data(self, stream, data, end=None):
         self.membership.services.stream_data(self, stream, data)
+        if end:
+            self.membership.services.close_stream(self, stream, True)
         return {}
 
     @ReplicaClose.responder
@@ -170,6 +173,12 @@ class Link(ReadHolds, amp.AMP):
         check(uid=uid, sha256=sha256, archive=archive)
         return self.membership.services.commit(archive, uid, sha256).addCallbacks(
             lambda seq: {"seq": seq}, as_refusal, errbackArgs=(uid,))
+
+    @Commits.responder
+    def on_commits(self, copies):
+        copies = check_commits(copies)
+        return self.membership.services.commit_all(copies).addCallback(
+            lambda seqs: {"seqs": json.dumps(seqs)})
 
     @Discard.responder
     def on_discard(self, archive, uid, sha256):

@@ -4,7 +4,8 @@ Without it a replicated write starts the remote copies only once the whole data 
 in, so every C-STORE costs the modality's transfer plus a second full transfer. Here, as
 soon as the bytes received reach the pixel data (``header.sniff``), placement runs on
 those attributes and each remote target of the first wave gets the data set pushed on
-the overlay link as it arrives (``ReplicaOpen``, ``ReplicaData``..., ``ReplicaClose``):
+the overlay link as it arrives (``ReplicaOpen``, ``ReplicaData``..., the last with
+``end``; ``ReplicaClose`` if it is abandoned):
 cut-through forwarding, as in the write pipelines of chain replication (van Renesse &
 Schneider, OSDI 2004) and HDFS. The remote copy is then durable about when the writer's
 own copy is. Quorum, commit and hand-off are unchanged (``ingest``); each holder hashes
@@ -79,13 +80,16 @@ class Push:
         self.buffer = bytearray(rest)
 
     def finish(self) -> None:
-        if not self.closed and self.buffer and self.link.open:
-            self.link.callRemote(ReplicaData, stream=self.stream, data=bytes(self.buffer))
+        """The data set is complete: its last bytes go in a box that says so (``end``:
+        no ReplicaClose box after it)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.link.open:
+            self.link.callRemote(ReplicaData, stream=self.stream, data=bytes(self.buffer),
+                                 end=True)
         self.buffer = bytearray()
-        self._close(True)
-
-    def abort(self) -> None:
-        self._close(False)
+        self._detach()
 
     # -- the link's send buffer ----------------------------------------------------------
     def link_full(self):
@@ -98,12 +102,12 @@ class Push:
             self.paused = False
             self.resume()
 
-    def _close(self, complete: bool) -> None:
+    def abort(self) -> None:
         if self.closed:
             return
         self.closed = True
         if self.link.open:
-            self.link.callRemote(ReplicaClose, stream=self.stream, complete=complete)
+            self.link.callRemote(ReplicaClose, stream=self.stream, complete=False)
         self._detach()
 
     def _failed(self, failure):

@@ -8,8 +8,9 @@
    fails is replaced by the next in rank.
 3. If at least ``write_quorum`` copies are durable they are committed (recorded in the
    catalogs) and the facade answers Success — remote records may finish after the
-   answer, each covered by a hint recorded with our own copy; otherwise every copy is
-   dropped and the C-STORE fails with 0xA700: the modality keeps its copy and retries.
+   answer, each covered by a hint recorded with our own copy, and go to each holder in
+   batches (``commits``: group commit); otherwise every copy is dropped and the C-STORE
+   fails with 0xA700: the modality keeps its copy and retries.
    A peer alone with one archive that can ``keep`` does all of it in the thread that
    wrote the data set (``OneJob``).
 4. A preferred archive that was down or failed is owed a copy (a hint, kept locally):
@@ -36,6 +37,7 @@ from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.tally import Tally
+from pacsp2p.transfer.commits import GroupCommits
 from pacsp2p.transfer.forward import Forward, drop_all
 from pacsp2p.transfer.replicas import record
 from pacsp2p.transfer.retrieve import Retrieval
@@ -65,7 +67,8 @@ def unrecorded(failure, archive, meta, stored):
 
 
 class _Copy:
-    """A durable, not yet recorded, copy on one archive."""
+    """A durable, not yet recorded, copy on one archive: ``commit(meta, hints, later)``
+    records it (*later*: nothing waits for it; a remote one goes in a group commit)."""
 
     def __init__(self, target: ArchiveInfo, stored, commit, discard):
         self.target, self.stored, self.commit, self.discard = target, stored, commit, discard
@@ -183,6 +186,8 @@ class Ingest:
         self.copies = {"local": 0, "pushed": 0, "fetched": 0}
         self.committing: set[tuple] = set()      # (uid, peer, archive) commits running
         self.drain_here: set[str] = set()         # our archives being drained (drain.py)
+        # the remote commits a write does not wait for, sent per holder in batches
+        self.group = GroupCommits(overlay, reactor) if overlay is not None else None
         self._loops = []
 
     def start(self):
@@ -199,6 +204,8 @@ class Ingest:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
+        if self.group is not None:
+            self.group.flush()
 
     @defer.inlineCallbacks
     def _refresh_counts(self):
@@ -316,7 +323,7 @@ class Ingest:
         for c in later:
             key = (meta.sop_instance_uid, c.target.peer, c.target.name)
             self.committing.add(key)                 # hand-off leaves these alone
-            d = defer.maybeDeferred(c.commit, meta)
+            d = defer.maybeDeferred(c.commit, meta, (), True)    # in a group commit
             d.addCallback(lambda _, key=key: self.catalog.drop_hint(*key))
             d.addErrback(self._commit_failed, c, meta.sop_instance_uid)
             d.addBoth(lambda _, key=key: self.committing.discard(key))
@@ -405,7 +412,7 @@ class Ingest:
         """The _Copy of *stored* on our *archive*, durable once *synced* fires."""
         fresh = not (stored.duplicate or stored.conflict)
 
-        def commit(meta, hints=()):
+        def commit(meta, hints=(), later=False):
             recorded = record(self.catalog, meta, stored, self.peer, hints)
             recorded.addErrback(unrecorded, archive, meta, stored)
             return defer.gatherResults([recorded, synced], consumeErrors=True)
@@ -435,8 +442,9 @@ class Ingest:
         args = {"archive": target.name, "uid": uid, "sha256": sha}
 
         @defer.inlineCallbacks
-        def commit(meta, hints=()):
-            done = yield m.call(target.peer, Commit, **args)
+        def commit(meta, hints=(), later=False):
+            done = yield (self.group.commit(target.peer, **args) if later else
+                          m.call(target.peer, Commit, **args))
             location = Location(uid, target.name, target.peer, sha, answer["size"])
             if not self.catalog.learn(target.peer, done["seq"], meta, location):
                 self.overlay.sync_from(target.peer)     # not the next one: pull in order

@@ -4,9 +4,10 @@ Two phases, so that an instance is recorded nowhere unless the write quorum is m
 ``replicate`` fetches the bytes from the writing peer's bulk channel — or ``open_stream``
 takes them as the writer pushes them on the overlay link while its C-STORE arrives
 (``stream_data``, ``close_stream``) — and makes them durable on an archive (pending, not
-in the catalog); ``commit`` records the copy as a location fact of this peer; ``discard``
-drops it. Pending copies never committed (the writer died) are dropped after
-``PENDING_TTL`` seconds. A pushed data set is written as it comes (``Incoming``: a thread
+in the catalog); ``commit`` records the copy as a location fact of this peer
+(``commit_all``: several in one catalog batch, a group commit); ``discard`` drops it.
+Pending copies never committed (the writer died) are dropped after ``PENDING_TTL``
+seconds. A pushed data set is written as it comes (``Incoming``: a thread
 pool, the link paused while too much waits) and hashed on the way; an archive that can
 ``keep`` takes it, durable, in the same thread job that closes the file.
 
@@ -39,6 +40,7 @@ from pacsp2p.overlay.commands import (CheckCopy, DrainRefused, InvalidArgument,
 from pacsp2p.transfer.delete import copy_allowed, pushed_before
 from pacsp2p.transfer.direct import send_for
 from pacsp2p.types import InstanceMeta, Location
+from pacsp2p.validate import shown
 
 log = Logger()
 
@@ -198,8 +200,27 @@ class ReplicaService:
         self.pending[(archive, uid, stored.sha256)] = (meta, stored, self.reactor.seconds())
         return stored
 
-    @defer.inlineCallbacks
     def commit(self, archive: str, uid: str, sha256: str):
+        return self._committable(archive, uid, sha256).addCallback(
+            lambda entry: record(self.catalog, entry[0], entry[1], self.peer)).addCallback(
+            lambda seq: seq or 0)           # 0: a conflict, recorded apart
+
+    def commit_all(self, copies):
+        """``Commits``: record the pending copies *copies* [(archive, uid, sha256)] in
+        one catalog batch (group commit); Deferred[[seq, or None if refused]]."""
+        def recorded(entries):
+            with self.catalog.batch():
+                done = [record(self.catalog, e[0], e[1], self.peer).addCallbacks(
+                    lambda seq: seq or 0, _refused, errbackArgs=(c,)) if e is not None
+                    else defer.succeed(None) for e, c in zip(entries, copies)]
+            return defer.gatherResults(done)
+        return defer.gatherResults([self._committable(*c).addErrback(_refused, c)
+                                    for c in copies]).addCallback(recorded)
+
+    @defer.inlineCallbacks
+    def _committable(self, archive: str, uid: str, sha256: str):
+        """(meta, stored) of the pending copy to commit, taken out of ``pending``;
+        ReplicaRefused if there is none, or if it was deleted since (then dropped)."""
         entry = self.pending.pop((archive, uid, sha256), None)
         if entry is None:
             raise ReplicaRefused(f"no pending copy of {uid} on {archive}")
@@ -209,8 +230,7 @@ class ReplicaService:
             yield self.discard(archive, uid, sha256)
             raise ReplicaRefused(f"{uid} was deleted from the cluster after this copy "
                                  "was made: not kept")
-        seq = yield record(self.catalog, meta, stored, self.peer)
-        return seq or 0                     # 0: a conflict, recorded apart
+        return meta, stored
 
     def discard(self, archive: str, uid: str, sha256: str):
         entry = self.pending.pop((archive, uid, sha256), None)
@@ -272,6 +292,12 @@ class ReplicaService:
                 log.warn("dropping copy of {uid} on {archive}: its writer never committed",
                          uid=key[1], archive=key[0])
                 self.discard(*key)
+
+
+def _refused(failure, copy):
+    """A copy of a ``Commits`` not recorded: logged; None (its writer's hint stays)."""
+    log.warn("commit of {uid} on {archive} refused: {err}", uid=shown(copy[1]),
+             archive=copy[0], err=shown(failure.getErrorMessage(), 300))
 
 
 def record(catalog, meta, stored, peer, hints=()):

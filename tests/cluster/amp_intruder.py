@@ -48,6 +48,11 @@ CALLS = [
                     originator_ae="", originator_msg_id=0, uids="not JSON")),
     (c.SendTo, dict(ae_title="BAD\\AE", host="127.0.0.1", port=104, calling_ae="X",
                     originator_ae="", originator_msg_id=0, uids="[]")),
+    (c.Commits, dict(copies=json.dumps([["local", "1.2.3", ""], ["local", "../x", ""]]))),
+    (c.Commits, dict(copies=json.dumps([["local", "1.2.3", "../../x"]]))),
+    (c.Commits, dict(copies=json.dumps([["local", "1.2.3"]]))),
+    (c.Commits, dict(copies=json.dumps([["local", "1.2.3", ""]] * (c.MAX_COMMITS + 1)))),
+    (c.Commits, dict(copies="not JSON")),
     # valid arguments: refused by the service (no such archive, nothing pending), on
     # the same link: it stayed up
     (c.Drop, dict(archive="../..", uid="1.2.3", sha256="")),

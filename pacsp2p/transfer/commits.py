@@ -1,0 +1,89 @@
+"""The writer's group commit of the remote copies it need not wait for.
+
+When the writer keeps a copy of its own it records that copy, with a hint for each
+remote copy, before it answers the C-STORE; the remote copies' commits (phase 2) may
+come later (``ingest``). Those are gathered per holder and sent as one ``Commits`` box
+every ``DELAY`` seconds (sooner once ``MAX_COMMITS`` wait or the box would near AMP's
+64 KiB per value), which the holder records in one catalog transaction: group commit
+(DeWitt et al., "Implementation techniques for main memory database systems", SIGMOD
+1984; Gawlick & Kinkade, 1985), one command and one transaction per batch instead of
+one each per copy. Nothing acknowledged depends on it: until a copy's commit is
+answered its hint stays, and hinted hand-off redoes a copy whose commit was lost.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pacsp2p.overlay.commands import MAX_COMMITS, Commits, ReplicaRefused
+
+log = Logger()
+
+DELAY = 0.05              # seconds a commit waits for others to the same holder
+MAX_JSON = 60000          # bytes of one Commits' list (an AMP value: at most 65,535)
+
+
+class GroupCommits:
+    """Commits queued per holder peer (reactor thread)."""
+
+    def __init__(self, overlay, reactor, delay: float = DELAY):
+        self.overlay, self.reactor, self.delay = overlay, reactor, delay
+        self.queued: dict[str, list] = {}     # peer -> [(archive, uid, sha256, Deferred)]
+        self.size: dict[str, int] = {}        # peer -> bytes of its list's JSON, about
+        self.timers: dict[str, object] = {}
+
+    def commit(self, peer: str, archive: str, uid: str, sha256: str) -> defer.Deferred:
+        """Deferred[{"seq": n}], as a ``Commit`` answers; fails with ReplicaRefused if
+        the holder refused it, or with the call's error."""
+        d = defer.Deferred()
+        queue = self.queued.setdefault(peer, [])
+        queue.append((archive, uid, sha256, d))
+        self.size[peer] = self.size.get(peer, 2) + len(archive) + len(uid) + len(sha256) + 16
+        if len(queue) >= MAX_COMMITS or self.size[peer] >= MAX_JSON:
+            self.send(peer)
+        elif peer not in self.timers:
+            self.timers[peer] = self.reactor.callLater(self.delay, self.send, peer)
+        return d
+
+    def send(self, peer: str) -> None:
+        """Send what is queued for *peer* now."""
+        timer = self.timers.pop(peer, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        queue = self.queued.pop(peer, [])
+        self.size.pop(peer, None)
+        if not queue:
+            return
+        copies = json.dumps([[a, u, s] for a, u, s, _ in queue])
+        d = defer.maybeDeferred(self.overlay.membership.call, peer, Commits,
+                                copies=copies)
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(queue,),
+                       errbackArgs=(queue,))
+
+    def flush(self) -> None:
+        """Send everything queued (the service stops)."""
+        for peer in list(self.queued):
+            self.send(peer)
+
+    @staticmethod
+    def _answered(answer, queue) -> None:
+        try:
+            seqs = json.loads(answer["seqs"])
+        except ValueError:
+            seqs = None
+        if not isinstance(seqs, list) or len(seqs) != len(queue):
+            GroupCommits._failed(ReplicaRefused("a Commits answer of another shape"), queue)
+            return
+        for (_, uid, _, d), seq in zip(queue, seqs):
+            if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+                d.callback({"seq": seq})
+            else:
+                d.errback(ReplicaRefused(f"the holder did not record {uid}"))
+
+    @staticmethod
+    def _failed(failure, queue) -> None:
+        for *_, d in queue:
+            d.errback(failure)
