@@ -9,7 +9,9 @@ real Orthanc holding the same studies, in one run.
 Clients: the pynetdicom client of ``bench/find.py`` (TCP_NODELAY, one association,
 guarded against pynetdicom #875 as the tests' associations are,
 latency = request to final response, p50 of N) and DCMTK ``findscu`` (one process per
-query, start-up and association included; median of N). The peer's CPU-seconds over the
+query, start-up and association included; median of N), and ``wirefind.WireFind``, which
+frames the request and reads the responses' command sets only (the identifiers are not
+decoded: the time until the server has answered). The peer's CPU-seconds over the
 pynetdicom queries are divided by the rows returned (psutil). Targets (issue 15): the
 wide query in <= 0.5x Orthanc's time, single-match p50 < 10 ms.
 
@@ -27,12 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import Timer, median, percentile, table  # noqa: E402
 import find as fb  # noqa: E402
+from wirefind import WireFind  # noqa: E402
 
 from pacsp2p.dicom.requestor import guard  # noqa: E402
 from pacsp2p.testing import Orthanc, Peer  # noqa: E402
 from pacsp2p.testing.dcmtk import storescu  # noqa: E402
 
 WIDE_DAYS = 110
+CLIENTS = {"py": "pynetdicom", "dcmtk": "findscu", "wire": "wire"}
 
 
 def make_queries(records, n: int):
@@ -85,13 +89,21 @@ def run(name, port, aec, pid, qs, findscu_n):
     res = fb.run_queries(port, aec, qs, 300)
     cpu = cpu_seconds(pid) - c0 if with_cpu else None
     rows = sum(sum(d["rows"]) for d in res.values())
-    dres = {}
+    dres, wres = {}, {}
     for kind, keys in qs[:2 * findscu_n]:
         ms, n = findscu(port, aec, keys)
         d = dres.setdefault(kind, {"ms": [], "rows": []})
         d["ms"].append(ms)
         d["rows"].append(n)
-    return res, dres, (cpu / rows * 1000 if cpu is not None and rows else None)
+    with WireFind(port, aec) as wire:
+        for kind, keys in qs[:5]:                  # warm-up, not counted
+            wire.find(fb.identifier(keys))
+        for kind, keys in qs:
+            ms, n = wire.find(fb.identifier(keys))
+            d = wres.setdefault(kind, {"ms": [], "rows": []})
+            d["ms"].append(ms)
+            d["rows"].append(n)
+    return res, dres, wres, (cpu / rows * 1000 if cpu is not None and rows else None)
 
 
 def main() -> int:
@@ -127,9 +139,12 @@ def main() -> int:
                         port, aec, pid = ((peer.port, peer.ae_title, peer.pid)
                                           if name == "pacsp2p" else
                                           (orthanc.dicom_port, orthanc.aet, None))
-                        res, dres, cpu = run(name, port, aec, pid, part, max(2, n // 6))
-                        o = out.setdefault(name, {"py": {}, "dcmtk": {}, "cpu": []})
-                        for src, dst in ((res, o["py"]), (dres, o["dcmtk"])):
+                        res, dres, wres, cpu = run(name, port, aec, pid, part,
+                                                   max(5, n // 2))
+                        o = out.setdefault(name, {"py": {}, "dcmtk": {}, "wire": {},
+                                                  "cpu": []})
+                        for src, dst in ((res, o["py"]), (dres, o["dcmtk"]),
+                                         (wres, o["wire"])):
                             for kind, d in src.items():
                                 e = dst.setdefault(kind, {"ms": [], "rows": []})
                                 e["ms"] += d["ms"]
@@ -144,11 +159,11 @@ def main() -> int:
     print()
     rows = []
     for name, o in out.items():
-        for client in ("py", "dcmtk"):
+        for client in ("py", "dcmtk", "wire"):
             for kind in ("wide", "uid"):
                 d = o[client].get(kind)
                 if d:
-                    rows.append([name, "pynetdicom" if client == "py" else "findscu", kind,
+                    rows.append([name, CLIENTS[client], kind,
                                  str(len(d["ms"])), f"{sum(d['rows']) / len(d['rows']):.1f}",
                                  f"{percentile(d['ms'], 50):.2f}",
                                  f"{percentile(d['ms'], 99):.2f}"])
@@ -161,10 +176,10 @@ def main() -> int:
     print(f"pacsp2p single-match p50 = {uid50:.2f} ms "
           f"({'meets' if uid50 < 10 else 'MISSES'} target < 10 ms)")
     if "orthanc" in out:
-        for client in ("py", "dcmtk"):
+        for client in ("py", "dcmtk", "wire"):
             a = percentile(pc[client]["wide"]["ms"], 50)
             b = percentile(out["orthanc"][client]["wide"]["ms"], 50)
-            print(f"wide query ({'pynetdicom' if client == 'py' else 'findscu'}): "
+            print(f"wide query ({CLIENTS[client]}): "
                   f"pacsp2p/orthanc p50 = {a / b:.2f} "
                   f"({'meets' if a / b <= 0.5 else 'MISSES'} target <= 0.5)")
         a, b = pc["py"]["wide"]["rows"], out["orthanc"]["py"]["wide"]["rows"]
