@@ -17,7 +17,11 @@ bounded. Connections must complete their TLS handshake within the handshake time
 (``guard``).
 
 Files are read and written in a thread pool chunk by chunk with producer/consumer flow
-control, so neither side's reactor blocks on disk and memory stays bounded.
+control, so neither side's reactor blocks on disk and memory stays bounded. A fetched
+instance of at most ``MEMORY`` bytes is kept in memory instead (a ``Part10Bytes``,
+examined and hashed in one pool job: no temporary file to create, write, read back and
+unlink), within a byte budget shared by a client's downloads (``MEMORY_BUDGET``); a
+larger one, or one arriving while the budget is spent, spills to a temporary file.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from pacsp2p.dicom import header
+from pacsp2p.dicom import header, part10
 from pacsp2p.flow import open_gated
 from pacsp2p.overlay import tls
 from pacsp2p.overlay.dissemination import check_vector
@@ -56,6 +60,10 @@ CHUNK = 1 << 20               # read from files
 SINK_CHUNK = 1 << 20         # received bytes gathered before a write job (a typical
                              # instance: one job, which also makes its temporary file)
 SINK_AHEAD = 2 * SINK_CHUNK  # received while a write job runs before reading pauses
+MEMORY = 1 << 20             # a fetched instance up to this size is kept in memory ...
+MEMORY_BUDGET = 64 << 20     # ... while a client's bodies being received in memory hold
+                             # less than this (handed over, they are bounded by count:
+                             # a retrieval's window)
 MAX_CHANGES = 20000
 MAX_AGENTS = 64               # peers whose HTTP connections we keep (LRU)
 IDLE_CONNECTION = 30.0        # seconds an idle persistent connection is kept
@@ -300,14 +308,56 @@ class _PeerPolicy:
         return self.options
 
 
+class _Budget:
+    """Bytes that bodies being received in memory may hold together."""
+
+    def __init__(self, limit: int = MEMORY_BUDGET):
+        self.limit, self.held = limit, 0
+
+    def take(self, n: int) -> bool:
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+
+def _kept(data: bytes, hashed: bool):
+    """Thread: the whole body *data* as the object handed over, hashed as ``_append``
+    hashes a file: a ``Part10Bytes`` (File Meta Information walked), or an
+    ``io.BytesIO`` if it is not a Part-10 file."""
+    try:
+        offset = header.file_meta(data)[0]
+    except (header.BadDataset, ValueError, struct.error):
+        f, offset = io.BytesIO(data), None
+    else:
+        try:
+            probe = io.BytesIO(data)
+            ts, uid = part10.dataset_start(probe)
+            f = (part10.Part10Bytes(data, offset, ts, uid) if probe.tell() == offset
+                 else io.BytesIO(data))
+        except (part10.BadFile, ValueError, struct.error):
+            f = io.BytesIO(data)
+    if hashed and offset is not None:
+        f.sha256 = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+        f.data_size = len(data) - offset
+    else:
+        f.sha256, f.data_size = "", 0
+    f.size = len(data)
+    return f
+
+
 class _FileSink(protocol.Protocol):
     """Receive a response body (a Part-10 file) into a temporary file, writing in a thread
     pool and, with *hashed*, hashing its data set on the way: the file handed over then
     carries ``sha256`` and ``data_size`` (empty and 0 if it is not a Part-10 file).
-    *make_file* makes the temporary file, in the pool, with the first write."""
+    *make_file* makes the temporary file, in the pool, with the first write. With a
+    *budget*, a body of at most ``MEMORY`` bytes is kept in memory (``_kept``) while the
+    budget lasts; it spills to the file otherwise."""
 
-    def __init__(self, make_file, pool, reactor, finished, hashed: bool = False):
+    def __init__(self, make_file, pool, reactor, finished, hashed: bool = False,
+                 budget: _Budget | None = None):
         self.make_file, self.f = make_file, None
+        self.budget, self.memory = budget, budget is not None   # in memory so far
         self.pool, self.reactor, self.finished = pool, reactor, finished
         self.buffer: list[bytes] = []
         self.size = 0
@@ -321,6 +371,10 @@ class _FileSink(protocol.Protocol):
     def dataReceived(self, data):
         self.buffer.append(data)
         self.size += len(data)
+        if self.memory:
+            if self.size <= MEMORY and self.budget.take(len(data)):
+                return
+            self._spill()                       # too big for memory: to the file
         if self.size >= SINK_CHUNK:
             self._write()
         if self.writing and self.size >= SINK_AHEAD and not self.paused:
@@ -369,10 +423,29 @@ class _FileSink(protocol.Protocol):
         self.ended = failure
         self._close()
 
+    def _spill(self):
+        """From now on to the temporary file (what is buffered is its first write)."""
+        self.memory = False
+        self.budget.held -= self.size - len(self.buffer[-1])    # (the last: not taken)
+
     def connectionLost(self, reason):
         self.ended = reason
-        if not self.writing:
+        if self.memory:
+            self._hand_over()
+        elif not self.writing:
             self._write()
+
+    def _hand_over(self):
+        """The whole body is in memory: examined and hashed in one pool job."""
+        self.memory = False
+        data, self.buffer = b"".join(self.buffer), []
+        self.budget.held -= len(data)
+        if not self.ended.check(ResponseDone):
+            self.finished.errback(self.ended)
+            return
+        d = deferToThreadPool(self.reactor, self.pool, _kept, data,
+                              self.hasher is not None)
+        d.chainDeferred(self.finished)
 
     def _close(self):
         if self.finished.called:
@@ -408,6 +481,7 @@ class BulkClient:
         self.credentials, self.reactor, self.pool, self.tmpdir = (
             credentials, reactor, pool, str(tmpdir))
         self._agents: dict[str, tuple] = {}     # name -> (Agent, its pool), LRU order
+        self.budget = _Budget()                  # bodies being received in memory
 
     def _agent(self, name: str) -> Agent:
         """The agent for peer *name*; agents (and their idle connections) of at most
@@ -458,19 +532,22 @@ class BulkClient:
         return body
 
     def fetch(self, member, archive: str, uid: str, sha256: str | None = None):
-        """Deferred[temporary file] holding the instance (deleted when closed), its data
-        set hashed on the way (``sha256``: the reader checks it, ``transfer.verify``)."""
+        """Deferred[temporary file, or in memory up to ``MEMORY`` bytes: a
+        ``Part10Bytes``] holding the instance (deleted when closed), its data set hashed
+        on the way (``sha256``: the reader checks it, ``transfer.verify``)."""
         query = f"?sha256={sha256}" if sha256 else ""
         return self.download(member, f"/instances/{quote(archive)}/{quote(uid)}{query}",
-                             hashed=True)
+                             hashed=True, in_memory=True)
 
     def fetch_offer(self, member, token: str):
         """Deferred[temporary file] of an offered instance, its data set hashed."""
         return self.download(member, f"/incoming/{quote(token)}", hashed=True)
 
     @defer.inlineCallbacks
-    def download(self, member, path: str, hashed: bool = False):
-        """Deferred[temporary file] with the body of GET *path* (deleted when closed)."""
+    def download(self, member, path: str, hashed: bool = False, in_memory: bool = False):
+        """Deferred[temporary file] with the body of GET *path* (deleted when closed);
+        with *in_memory*, a file-like object in memory if the body is small enough (see
+        ``_FileSink``): for callers that only read, seek and close it (no ``name``)."""
         response = yield self._get(member, path)
         if response.code != 200:
             yield readBody(response)
@@ -478,6 +555,7 @@ class BulkClient:
         finished = defer.Deferred()
         make_file = functools.partial(tempfile.NamedTemporaryFile, dir=self.tmpdir,
                                       suffix=".dcm")
-        response.deliverBody(_FileSink(make_file, self.pool, self.reactor, finished, hashed))
+        response.deliverBody(_FileSink(make_file, self.pool, self.reactor, finished, hashed,
+                                       self.budget if in_memory else None))
         result = yield finished
         return result

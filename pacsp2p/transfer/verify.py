@@ -11,10 +11,11 @@ and failing over at the end (holding back the last PDV) would therefore cost an 
 and a new association for every damaged copy, and could never be made clean. So the
 copy is checked *before* it is handed to the consumer, at the cheapest point:
 
-- a copy on another peer arrives over the bulk channel into a temporary file; it is
-  hashed on the way (``BulkClient`` hashes the data set in the thread that writes the
-  file, as it does for replicas): no extra read, no extra pass, the check is a string
-  comparison when the last byte is in;
+- a copy on another peer arrives over the bulk channel into memory (up to
+  ``bulk.MEMORY`` bytes) or a temporary file; it is hashed on the way (``BulkClient``
+  hashes the data set in the thread that examines the bytes or writes the file, as it
+  does for replicas): no extra read, no extra pass, the check is a string comparison
+  when the last byte is in;
 - a copy on this peer's own archive is hashed in the ``verify`` thread pool before it is
   handed over. That is one more pass over the file, served from the page cache by the
   time the consumer reads it again, at SHA-256 speed (about 1 GB/s a core with the SHA

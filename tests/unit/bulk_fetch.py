@@ -1,0 +1,67 @@
+"""A real bulk client in a process of its own, for tests/unit/test_bulk_fetch_memory.py.
+
+    python bulk_fetch.py TLS_DIR PORT TMPDIR BUDGET UID...
+
+Fetches each UID (``BulkClient.fetch``, all at once) from archive "local" of peer "a"
+at 127.0.0.1:PORT as peer "b", with a memory budget of BUDGET bytes, and prints one JSON
+line: per UID what was handed over (kind, sha256, sizes, the SHA-256 of all its bytes,
+whether it names a file on disk), then the budget's bytes still held.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from twisted.internet import defer, reactor
+from twisted.python.threadpool import ThreadPool
+
+from pacsp2p.dicom.part10 import Part10Bytes
+from pacsp2p.overlay import bulk, tls
+
+
+def described(f) -> dict:
+    name = getattr(f, "name", None)
+    on_disk = isinstance(name, str) and os.path.exists(name)
+    f.seek(0)
+    whole = f.read()
+    out = {"kind": "memory" if isinstance(f, Part10Bytes) else
+           "file" if on_disk else type(f).__name__,
+           "sha256": f.sha256, "size": f.size, "data_size": f.data_size,
+           "bytes_sha256": hashlib.sha256(whole).hexdigest()}
+    if isinstance(f, Part10Bytes):
+        out["data_sha256"] = hashlib.sha256(f.data()).hexdigest()
+    f.close()
+    out["left_on_disk"] = on_disk and os.path.exists(name)
+    return out
+
+
+@defer.inlineCallbacks
+def main(tls_dir: Path, port: int, tmp: Path, budget: int, uids):
+    pool = ThreadPool(1, 8, "bulk-io")
+    pool.start()
+    client = bulk.BulkClient(tls.Credentials(tls_dir, "b"), reactor, pool, tmp)
+    client.budget.limit = budget
+    member = SimpleNamespace(name="a", host="127.0.0.1", bulk_port=port)
+    got = yield defer.gatherResults([client.fetch(member, "local", uid) for uid in uids])
+    print(json.dumps({"instances": {uid: described(f) for uid, f in zip(uids, got)},
+                      "held": client.budget.held}), flush=True)
+    pool.stop()
+
+
+def run(argv):
+    tls_dir, port, tmp, budget, *uids = argv
+
+    def started():
+        d = main(Path(tls_dir), int(port), Path(tmp), int(budget), uids)
+        d.addErrback(lambda f: print(f.getTraceback(), file=sys.stderr, flush=True))
+        d.addBoth(lambda _: reactor.stop())
+    reactor.callWhenRunning(started)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

@@ -1,0 +1,97 @@
+"""A fetched instance up to ``bulk.MEMORY`` bytes is kept in memory, within a byte budget
+(issue 14: no temporary file per instance on the requester); a larger one, or one that
+arrives when the budget is spent, goes to a temporary file. Either way what is handed
+over holds the same bytes and carries the data set's SHA-256 the reader checks.
+
+A real bulk channel (tests/unit/bulk_server.py) and a real ``BulkClient``
+(tests/unit/bulk_fetch.py), each in a process of its own, over mutual TLS.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pacsp2p.dicom.header import read_meta
+from pacsp2p.dicom.part10 import examine
+from pacsp2p.overlay import bulk, tls
+from pacsp2p.testing import datasets
+
+HERE = Path(__file__).parent
+PATIENCE = 300.0              # generous: the machine may be busy
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bulkmem")
+    tls_dir = root / "tls"
+    tls.init_ca(tls_dir)
+    tls.issue(tls_dir, "a")
+    tls.issue(tls_dir, "b")
+    files = [datasets.write(datasets.make_image("CT", size=size, seed=i,
+                                                SOPInstanceUID=datasets.uid("bulkmem", i)),
+                            root / f"{i}.dcm")
+             for i, size in enumerate((64, 256, 256, 800))]     # 800x800x2: > MEMORY
+    proc = subprocess.Popen([sys.executable, str(HERE / "bulk_server.py"), str(root / "srv"),
+                             str(tls_dir), "600", "64", *map(str, files), "--"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bulk server did not start: {proc.stderr.read()}")
+        yield tls_dir, json.loads(line)["port"], files, root
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def fetch(served, budget: int, files) -> dict:
+    tls_dir, port, _, root = served
+    tmp = root / f"tmp-{budget}"
+    tmp.mkdir()
+    uids = [read_meta(f).sop_instance_uid for f in files]
+    out = subprocess.run([sys.executable, str(HERE / "bulk_fetch.py"), str(tls_dir),
+                          str(port), str(tmp), str(budget), *uids],
+                         capture_output=True, text=True, timeout=PATIENCE)
+    assert out.returncode == 0 and out.stdout, out.stderr
+    answer = json.loads(out.stdout)
+    assert list(tmp.iterdir()) == []              # every temporary file gone once closed
+    answer["by_file"] = {f: answer["instances"][u] for f, u in zip(files, uids)}
+    return answer
+
+
+def expected(path: Path) -> dict:
+    data = path.read_bytes()
+    offset, _, _, sha = examine(data)
+    return {"sha256": sha, "size": len(data), "data_size": len(data) - offset,
+            "bytes_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_small_instances_are_kept_in_memory_a_large_one_goes_to_a_file(served):
+    files = served[2]
+    assert files[3].stat().st_size > bulk.MEMORY >= files[2].stat().st_size
+    answer = fetch(served, bulk.MEMORY_BUDGET, files)
+    for f, got in answer["by_file"].items():
+        assert {k: got[k] for k in expected(f)} == expected(f), f
+        assert not got["left_on_disk"]
+    kinds = [answer["by_file"][f]["kind"] for f in files]
+    assert kinds == ["memory", "memory", "memory", "file"]
+    for f in files[:3]:                   # what a sender takes: the data set, not copied
+        got = answer["by_file"][f]
+        assert got["data_sha256"] == got["sha256"]
+    assert answer["held"] == 0                      # every byte given back to the budget
+
+
+def test_a_spent_budget_spills_to_files_with_the_same_bytes(served):
+    files = served[2][:3]
+    small, one = files[0].stat().st_size, files[1].stat().st_size
+    answer = fetch(served, (small + one) // 2, files)   # room for the small body only
+    kinds = [answer["by_file"][f]["kind"] for f in files]
+    assert kinds == ["memory", "file", "file"], kinds
+    for f, got in answer["by_file"].items():
+        assert {k: got[k] for k in expected(f)} == expected(f), f
+    assert answer["held"] == 0
