@@ -311,9 +311,11 @@ def retrieval_sources(peer: Peer) -> str:
     if not rs:
         return "-"
     last = rs[-1]
+    span = (f" fetched in {last['finished_at'] - last['started_at']:.2f} s"
+            if last.get("finished_at") and last.get("started_at") else "")
     return " ".join(f"{n}:{s['completed']}@{s['MB_per_s']}"
                     for n, s in sorted(last["sources"].items())) + \
-        (f" rescued {last['rescued']}" if last.get("rescued") else "")
+        (f" rescued {last['rescued']}" if last.get("rescued") else "") + span
 
 
 def run(args, net: Net, wd: Path) -> int:
