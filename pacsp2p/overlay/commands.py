@@ -27,7 +27,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}\Z", re.ASCII)
 PROTOCOL = 5          # 2: catalog facts travel with their parents once per batch
                       # 3: a C-STORE's data set is pushed to replica holders as it arrives
                       # 4: SWIM membership (no heartbeats), batched catalog pulls
-                      # 5: a pushed data set ends with its last ReplicaData (``end``);
+                      # 5: a pushed data set starts with ReplicaOpen's *data* and ends
+                      #    with its last box (``end``);
                       #    the commits a writer need not wait for go in ``Commits`` boxes
 MAX_VECTOR_ORIGINS = 1000   # origins asked for in one Vector
 MAX_COMMITS = 256           # copies committed by one Commits (its JSON < 64 KiB)
@@ -179,16 +180,19 @@ class Replicate(amp.Command):
 class ReplicaOpen(amp.Command):
     """Phase 1, pushed: keep a durable copy of the data set that follows on this link.
 
-    The sender is receiving it from a modality right now; it sends it on as
-    ``ReplicaData`` boxes of stream *stream* and ends with ``ReplicaClose``. *head* is the
-    Part-10 preamble and File Meta Information, *meta* the header the sender read from
-    the first bytes (JSON of InstanceMeta, without hash or size: the receiver hashes what
-    it gets). Answered, like ``Replicate``, once the copy is durable (pending).
+    The sender is receiving it from a modality right now; it sends it on, *data* its
+    first bytes (at most 64 KiB), then ``ReplicaData`` boxes of stream *stream*, the last
+    with *end* (*end* here: *data* is all of it, the data set is complete; a data set
+    abandoned ends with ``ReplicaClose``). *head* is the Part-10 preamble and File Meta
+    Information, *meta* the header the sender read from the first bytes (JSON of
+    InstanceMeta, without hash or size: the receiver hashes what it gets). Answered,
+    like ``Replicate``, once the copy is durable (pending).
     """
 
     arguments = [(b"stream", amp.Integer()), (b"archive", amp.Unicode()),
                  (b"uid", amp.Unicode()), (b"head", amp.String()),
-                 (b"meta", amp.Unicode())]
+                 (b"meta", amp.Unicode()), (b"data", amp.String(optional=True)),
+                 (b"end", amp.Boolean(optional=True))]
     response = Replicate.response
     errors = {InvalidArgument: b"INVALID_ARGUMENT", ReplicaRefused: b"REPLICA_REFUSED"}
 

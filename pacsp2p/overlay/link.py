@@ -150,9 +150,14 @@ class Link(ReadHolds, amp.AMP):
                                         "size": s.size, "sha256": s.sha256})
 
     @ReplicaOpen.responder
-    def on_replica_open(self, stream, archive, uid, head, meta):
+    def on_replica_open(self, stream, archive, uid, head, meta, data=None, end=None):
         check(uid=uid, archive=archive)
-        d = self.membership.services.open_stream(self, stream, archive, uid, head, meta)
+        services = self.membership.services
+        d = services.open_stream(self, stream, archive, uid, head, meta)
+        if data:
+            services.stream_data(self, stream, data)
+        if end:
+            services.close_stream(self, stream, True)
         return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
                                         "size": s.size, "sha256": s.sha256})
 

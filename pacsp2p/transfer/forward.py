@@ -4,8 +4,8 @@ Without it a replicated write starts the remote copies only once the whole data 
 in, so every C-STORE costs the modality's transfer plus a second full transfer. Here, as
 soon as the bytes received reach the pixel data (``header.sniff``), placement runs on
 those attributes and each remote target of the first wave gets the data set pushed on
-the overlay link as it arrives (``ReplicaOpen``, ``ReplicaData``..., the last with
-``end``; ``ReplicaClose`` if it is abandoned):
+the overlay link as it arrives (``ReplicaOpen`` with the first bytes, ``ReplicaData``...,
+the last with ``end``; ``ReplicaClose`` if it is abandoned):
 cut-through forwarding, as in the write pipelines of chain replication (van Renesse &
 Schneider, OSDI 2004) and HDFS. The remote copy is then durable about when the writer's
 own copy is. Quorum, commit and hand-off are unchanged (``ingest``); each holder hashes
@@ -29,7 +29,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pacsp2p.dicom.header import BadDataset, sniff
-from pacsp2p.overlay.commands import ReplicaClose, ReplicaData, ReplicaOpen
+from pacsp2p.overlay.commands import (ReplicaClose, ReplicaData, ReplicaOpen,
+                                      ReplicaRefused)
 from pacsp2p.transfer.session import StoreSession
 from pacsp2p.types import InstanceInfo
 
@@ -46,7 +47,8 @@ class Push:
 
     ``answer`` is a Deferred of the target's ``ReplicaOpen`` answer (the copy is
     durable); it fails if the link is lost, the target refuses, or ``abort`` is called.
-    While the link's send buffer is full the association is paused.
+    ``ReplicaOpen`` goes with the first box of bytes (a small data set: the whole of it,
+    one box). While the link's send buffer is full the association is paused.
     """
 
     def __init__(self, link, archive: str, uid: str, head: bytes, meta_json: str,
@@ -55,11 +57,12 @@ class Push:
         self.stream = next(_streams)
         self.paused = self.closed = False
         self.buffer = bytearray()        # bytes not yet sent: less than one BOX
+        self.opening = {"stream": self.stream, "archive": archive, "uid": uid,
+                        "head": head, "meta": meta_json}     # sent with the first bytes
         link.pushers.add(self)
         if link.full:
             self.link_full()
-        self.answer = link.callRemote(ReplicaOpen, stream=self.stream, archive=archive,
-                                      uid=uid, head=head, meta=meta_json)
+        self.answer = defer.Deferred()
         self.answer.addErrback(self._failed)
 
     def feed(self, piece) -> None:
@@ -74,7 +77,7 @@ class Push:
             return
         view, end = memoryview(buf), len(buf) - len(buf) % BOX
         for i in range(0, end, BOX):
-            self.link.callRemote(ReplicaData, stream=self.stream, data=bytes(view[i:i + BOX]))
+            self._send(bytes(view[i:i + BOX]))
         rest = bytes(view[end:])
         view.release()
         self.buffer = bytearray(rest)
@@ -84,12 +87,21 @@ class Push:
         no ReplicaClose box after it)."""
         if self.closed:
             return
+        data, self.buffer = bytes(self.buffer), bytearray()
+        self._send(data, end=True)
         self.closed = True
-        if self.link.open:
-            self.link.callRemote(ReplicaData, stream=self.stream, data=bytes(self.buffer),
-                                 end=True)
-        self.buffer = bytearray()
         self._detach()
+
+    def _send(self, data: bytes, end: bool = False) -> None:
+        if self.opening is not None:
+            args, self.opening = self.opening, None
+            if self.link.open:
+                self.link.callRemote(ReplicaOpen, data=data, end=end,
+                                     **args).chainDeferred(self.answer)
+            else:
+                self.answer.errback(ReplicaRefused("the overlay link was lost"))
+        elif self.link.open:
+            self.link.callRemote(ReplicaData, stream=self.stream, data=data, end=end)
 
     # -- the link's send buffer ----------------------------------------------------------
     def link_full(self):
@@ -106,7 +118,10 @@ class Push:
         if self.closed:
             return
         self.closed = True
-        if self.link.open:
+        if self.opening is not None:          # nothing sent yet
+            self.opening = None
+            self.answer.errback(ReplicaRefused("the data set was abandoned"))
+        elif self.link.open:
             self.link.callRemote(ReplicaClose, stream=self.stream, complete=False)
         self._detach()
 
