@@ -321,10 +321,11 @@ class _Budget:
         return True
 
 
-def _kept(data: bytes, hashed: bool):
-    """Thread: the whole body *data* as the object handed over, hashed as ``_append``
-    hashes a file: a ``Part10Bytes`` (File Meta Information walked), or an
-    ``io.BytesIO`` if it is not a Part-10 file."""
+def _kept(chunks: list, hashed: bool):
+    """Thread: the whole body (its *chunks* joined here, not in the reactor) as the
+    object handed over, hashed as ``_append`` hashes a file: a ``Part10Bytes`` (File
+    Meta Information walked), or an ``io.BytesIO`` if it is not a Part-10 file."""
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     try:
         offset = header.file_meta(data)[0]
     except (header.BadDataset, ValueError, struct.error):
@@ -438,12 +439,12 @@ class _FileSink(protocol.Protocol):
     def _hand_over(self):
         """The whole body is in memory: examined and hashed in one pool job."""
         self.memory = False
-        data, self.buffer = b"".join(self.buffer), []
-        self.budget.held -= len(data)
+        chunks, self.buffer = self.buffer or [b""], []
+        self.budget.held -= self.size
         if not self.ended.check(ResponseDone):
             self.finished.errback(self.ended)
             return
-        d = deferToThreadPool(self.reactor, self.pool, _kept, data,
+        d = deferToThreadPool(self.reactor, self.pool, _kept, chunks,
                               self.hasher is not None)
         d.chainDeferred(self.finished)
 
