@@ -25,7 +25,8 @@ from twisted.python.threadpool import ThreadPool
 from pacsp2p.catalog import matching, names, schema, tombstones
 from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, PARENT_LEVELS,  # noqa: F401
                                    check_wire, facts_from_wire, meta_attributes,
-                                   read_changes, rollback, vector, write_facts, write_wire)
+                                   read_changes, read_changes_of, rollback, vector,
+                                   write_facts, write_wire, write_wires)
 from pacsp2p.catalog.integrity import Integrity
 from pacsp2p.catalog.schema import SCHEMA_VERSION, create_schema  # noqa: F401 (re-exported)
 from pacsp2p.attributes import UNIQUE
@@ -289,10 +290,18 @@ class Catalog:
 
     def apply(self, origin: str, rows: list[list]) -> defer.Deferred:
         """Write facts of another peer (anti-entropy), in one transaction."""
-        top = check_wire(rows)
-        d = self._in_writer(write_wire, self._writer, rows, self.peer)
-        d.addCallback(lambda _: self._committed(origin, top))
-        return d
+        return self.apply_all([(origin, rows)])
+
+    def apply_all(self, parts: list) -> defer.Deferred:
+        """Write the facts of several origins [(origin, rows)] (one pull's answer) in
+        one transaction."""
+        tops = [(origin, check_wire(rows)) for origin, rows in parts]
+
+        def committed(_):
+            for origin, top in tops:
+                self._committed(origin, top)
+        d = self._in_writer(write_wires, self._writer, [rows for _, rows in parts], self.peer)
+        return d.addCallback(committed)
 
     def learn(self, origin: str, seq: int, meta: InstanceMeta, location: Location) -> bool:
         """Record a fact another peer just told us it wrote, if it is that origin's next
@@ -312,6 +321,11 @@ class Catalog:
 
     def changes(self, origin: str, after: int, limit: int) -> defer.Deferred:
         return self.read(lambda conn: read_changes(conn, origin, after, limit))
+
+    def changes_of(self, wanted: list, limit: int) -> defer.Deferred:
+        """Deferred[[(origin, rows)]]: the facts of each (origin, after) of *wanted*
+        above *after*, at most *limit* in all, read in one reader job."""
+        return self.read(lambda conn: read_changes_of(conn, wanted, limit))
 
     def write(self, fn: Callable[[sqlite3.Connection], object]) -> defer.Deferred:
         """Run *fn(conn)* on the writer thread (bulk jobs like a rebuild)."""

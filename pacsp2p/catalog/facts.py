@@ -147,20 +147,35 @@ def write_wire(conn: sqlite3.Connection, batch: list, peer: str = "") -> None:
     """Write a batch of facts from the wire in one transaction (see ``read_changes``),
     the tombstones among them kept and applied in it (``tombstones.received``; *peer*:
     this peer's name)."""
-    if not batch:
-        return
-    parents, facts = batch[0], batch[1:]
-    levels = {level: [[v or "" for v in row] for row in parents.get(level, {}).values()]
-              for level in PARENT_LEVELS}
+    write_wires(conn, [batch], peer)
+
+
+def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> None:
+    """Write several origins' wire batches (one pull's answer) in ONE transaction: a
+    pull that brings facts of k origins costs one commit, not k."""
+    levels: dict[str, list] = {level: [] for level in LEVELS}
+    locations, received = [], []
     n = len(LOCATION_FIELDS)
     cls = n + _LEVEL_SQL["IMAGE"][0].index("SOPClassUID")
-    # a fact of a deleted instance travels without its attributes: no instance row
-    levels["IMAGE"] = [[v or "" for v in row[n:]] for row in facts if row[cls]]
     sop = n + _LEVEL_SQL["IMAGE"][0].index("SOPInstanceUID")
-    locations = [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0]))
-                 for row in facts]
-    _write_levels(conn, levels, locations, after=lambda c: tombstones.received(
-        c, peer, locations, parents.get(tombstones.WIRE_KEY)))
+    for batch in batches:
+        if not batch:
+            continue
+        parents, facts = batch[0], batch[1:]
+        for level in PARENT_LEVELS:
+            levels[level] += [[v or "" for v in row] for row in parents.get(level, {}).values()]
+        # a fact of a deleted instance travels without its attributes: no instance row
+        levels["IMAGE"] += [[v or "" for v in row[n:]] for row in facts if row[cls]]
+        locs = [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0])) for row in facts]
+        locations += locs
+        received.append((locs, parents.get(tombstones.WIRE_KEY)))
+    if not locations and not any(levels.values()):
+        return
+
+    def after(c):
+        for locs, payloads in received:
+            tombstones.received(c, peer, locs, payloads)
+    _write_levels(conn, levels, locations, after=after)
 
 
 def meta_attributes(meta: InstanceMeta) -> dict:
@@ -206,6 +221,21 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int) 
     if markers:
         parents[tombstones.WIRE_KEY] = tombstones.payloads(conn, origin, markers)
     return [parents] + facts
+
+
+def read_changes_of(conn: sqlite3.Connection, wanted: list, limit: int) -> list:
+    """[(origin, wire batch)] for *wanted* [(origin, after)], in that order, at most
+    *limit* facts in all: one reader job for every origin a pull asks for, not one
+    each."""
+    out = []
+    for origin, after in wanted:
+        if limit <= 0:
+            break
+        rows = read_changes(conn, origin, after, limit)
+        if rows:
+            out.append((origin, rows))
+            limit -= len(rows) - 1
+    return out
 
 
 def facts_from_wire(batch: list) -> list[tuple[dict, tuple]]:

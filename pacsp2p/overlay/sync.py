@@ -12,10 +12,12 @@ One pull asks ONE neighbour for everything it holds that we lack, every origin a
 (issue 19.5): ``POST /changes`` on its bulk channel with our whole vector; the answer is
 its vector and, origin after origin, the facts above ours, at most ``batch`` facts in
 all. While more is due the next request goes out before this batch is written (its
-start is read from the end of each origin's part: a hint, checked once decoded), and
-each origin's part is applied in one transaction, in order — so memory is bounded by
-two batches, a pull cut by a crash or a partition resumes where it stopped, and a peer
-that joins late or returns catches up without ever holding more than that.
+start is read from the end of each origin's part: a hint, checked once decoded); the
+answer is read in one reader job and applied in one transaction, every origin of it
+together (a pull costs the same whether its facts come from 1 origin or 30) — so memory
+is bounded by two batches, a pull cut by a crash or a partition resumes where it
+stopped, and a peer that joins late or returns catches up without ever holding more
+than that.
 """
 
 from __future__ import annotations
@@ -80,14 +82,9 @@ def serve(catalog, theirs: dict, asker: str | None, limit: int):
     vector, then the facts of every origin (but the asker's own) above theirs, origin
     by origin, at most *limit* facts in all."""
     mine = dict(catalog.vector)
-    budget, parts = limit, []
-    for origin in sorted(o for o, s in mine.items() if o != asker and s > theirs.get(o, 0)):
-        if budget <= 0:
-            break
-        rows = yield catalog.changes(origin, theirs.get(origin, 0), budget)
-        if rows:
-            parts.append((origin, rows))
-            budget -= len(rows) - 1
+    wanted = [(o, theirs.get(o, 0)) for o in sorted(mine)
+              if o != asker and mine[o] > theirs.get(o, 0)]
+    parts = (yield catalog.changes_of(wanted, limit)) if wanted else []
     return encode_answer(mine, parts)
 
 
@@ -169,14 +166,9 @@ class AntiEntropy:
         return their
 
     def _apply(self, batch):
-        """Deferred: each origin's facts written (one transaction each, in order)."""
-        ds = []
-        for origin, rows in batch:
-            d = defer.maybeDeferred(self.catalog.apply, origin, rows)
-            d.addCallback(self._count, len(rows) - 1)
-            ds.append(d)
-        return defer.gatherResults(ds, consumeErrors=True).addErrback(
-            lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
+        """Deferred: every origin's facts of one answer written, in one transaction."""
+        d = defer.maybeDeferred(self.catalog.apply_all, batch)
+        return d.addCallback(self._count, sum(len(rows) - 1 for _, rows in batch))
 
     def _count(self, result, n):
         self.pulled += n

@@ -25,6 +25,7 @@ class Catalog:
         db.create_schema(self.conn)
         tombstones.create_schema(self.conn)
         self.vector = db.vector(self.conn)
+        self.reads = self.commits = 0          # reader jobs served, transactions applied
 
     def store(self, n, origin=None, study="1.2.3"):
         """*n* facts of our own (or, written as if pulled, of *origin*)."""
@@ -42,13 +43,17 @@ class Catalog:
         db.write_facts(self.conn, facts)
         self.vector[origin] = seq
 
-    def changes(self, origin, after, limit):
-        return defer.succeed(db.read_changes(self.conn, origin, after, limit))
+    def changes_of(self, wanted, limit):
+        self.reads += 1
+        return defer.succeed(db.read_changes_of(self.conn, wanted, limit))
 
-    def apply(self, origin, rows):
-        top = db.check_wire(rows)
-        db.write_wire(self.conn, rows, self.peer)
-        self.vector[origin] = max(self.vector.get(origin, 0), top)
+    def apply_all(self, parts):
+        tops = [(origin, db.check_wire(rows)) for origin, rows in parts]
+        before = self.conn.total_changes
+        db.write_wires(self.conn, [rows for _, rows in parts], self.peer)
+        self.commits += self.conn.total_changes > before
+        for origin, top in tops:
+            self.vector[origin] = max(self.vector.get(origin, 0), top)
         return defer.succeed(None)
 
 
@@ -90,7 +95,8 @@ def test_one_request_brings_every_lagging_origin(tmp_path):
     bulk = Bulk(x, "y")
     ae = sync.AntiEntropy(y, bulk, batch=5000)
     theirs = pulled(ae.pull(Member("x")))
-    assert len(bulk.asked) == 1, bulk.asked            # 5 origins, ONE request
+    assert len(bulk.asked) == 1, bulk.asked            # 5 origins, ONE request,
+    assert (x.reads, y.commits) == (1, 1)               # one read job, one transaction
     assert theirs == x.vector
     assert {o: y.vector[o] for o in "abcdx"} == {o: x.vector[o] for o in "abcdx"}
     assert y.vector["y"] == 3
