@@ -22,10 +22,16 @@ default ``[overlay]`` parameters, each peer seeded with the first two peers), th
     .venv/bin/python bench/overlay_real.py                  # N = 3, 6, 10, 16
     .venv/bin/python bench/overlay_real.py --sizes 3,32 --keep
     .venv/bin/python bench/overlay_real.py --sizes 16 --profile DIR   # py-spy: writer, one other
+    .venv/bin/python bench/overlay_real.py --sizes 3,32 --code before=/tmp/a,after=/tmp/b
+
+``--code LABEL=DIR,...`` runs the peers from each source tree (``git archive``
+snapshots) in turn for each N (N=3 before, N=3 after, N=32 before, ...), so that
+before/after ratios come from one invocation on a machine whose load drifts.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -93,6 +99,7 @@ def links(peers, ports: set, bulk_ports: set) -> tuple[int, int]:
 
 
 def run(n: int, root: Path, files) -> dict:
+    """One cluster of *n* peers under *root* (its py-spy profiles under PROFILE/root's name)."""
     cluster = Cluster(root / f"n{n}", config=OVERLAY)
     names = peer_names(n) if n <= 26 else [f"peer{i:02d}" for i in range(n)]
     peers = []
@@ -144,7 +151,8 @@ def run(n: int, root: Path, files) -> dict:
         each0 = {pid: cpu([pid]) for pid in pids}
         t0 = time.monotonic()
         spied = {"writer": pids[0], "other": pids[-1]} if PROFILE is not None else {}
-        with common.profiled_all(spied, PROFILE / f"n{n}" if PROFILE is not None else None):
+        with common.profiled_all(spied, PROFILE / root.name / f"n{n}" if PROFILE is not None
+                                 else None):
             proc = storescu(peers[0].port, peers[0].ae_title, files, timeout=600)
             stored = time.monotonic() - t0
             ok = (proc.stdout + proc.stderr).count("Received Store Response (Success)")
@@ -193,6 +201,8 @@ def main():
                     help="an [overlay] setting for every peer (e.g. overlay.max_links=8)")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
                     help="py-spy the writer and the last peer while the 1,000 spread")
+    ap.add_argument("--code", default=None, metavar="LABEL=DIR,...",
+                    help="run the peers from each of these source trees in turn, per N")
     args = ap.parse_args()
     global PROFILE
     PROFILE = args.profile
@@ -205,11 +215,24 @@ def main():
                                 patient_id="OVLREAL", size=64, seed=18,
                                 series=[("CT", args.instances, datasets.ExplicitVRLittleEndian)])
     rows = []
+    versions = [tuple(v.split("=", 1)) for v in args.code.split(",")] if args.code else \
+        [("", None)]
+    original = os.environ.get("PYTHONPATH")
     with common.workdir(args.keep, "pacsp2p-overlay-real-") as root:
-        for n in (int(x) for x in args.sizes.split(",")):
-            r = run(n, root, files)
+        for n, (label, tree) in ((int(x), v) for x in args.sizes.split(",") for v in versions):
+            if tree is not None:
+                os.environ["PYTHONPATH"] = tree
+            load = os.getloadavg()[0]
+            try:
+                r = run(n, root / (label or "this"), files)
+            finally:
+                if original is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = original
+            r["code"], r["load"] = label, (load, os.getloadavg()[0])
             print(json.dumps(r), flush=True)
-            rows.append([n, f"{r['converged']:.1f}" if r["converged"] is not None else "-",
+            rows.append([f"{label} {n}".strip(), f"{r['converged']:.1f}" if r["converged"] is not None else "-",
                          f"{r['from_spawn']:.1f}" if r.get("from_spawn") else "-",
                          f"{r['idle_cpu'][0]:.2f} / {r['idle_cpu'][1]:.2f}",
                          f"{r['links'][0]} + {r['links'][1]}",
@@ -217,12 +240,13 @@ def main():
                          f"{r['counted']:.1f}" if r["counted"] is not None else "-",
                          r["requests"], f"{r['store_cpu']:.0f}",
                          f"{r['store_cpu_writer']:.1f}",
-                         "{:.1f} / {:.1f}".format(*r["store_cpu_others"]), f"{r['rss']:.0f}"])
+                         "{:.1f} / {:.1f}".format(*r["store_cpu_others"]), f"{r['rss']:.0f}",
+                         "{:.1f} -> {:.1f}".format(*r["load"])])
     print()
     print(common.table(rows, ["peers", "converged s", "(from spawn)", "idle CPU % mean/max",
                               "links AMP + bulk", "store s", "all count 1000 s",
                               "pull requests", "cluster CPU-s", "writer CPU-s",
-                              "other peers CPU-s mean/max", "RSS MB/peer"]))
+                              "other peers CPU-s mean/max", "RSS MB/peer", "load"]))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,14 @@ sequence held} (Parker et al., 1983).
   peer that hears of facts it lacks pulls them from the peer it heard it from — every
   origin it lags on, from that one neighbour, in ONE batched request (and further
   batches while more is due), at most one pull at a time and one per ``pull_interval``.
-  While a stream of facts lasts (each pull brings ``STREAM_FACTS`` or more) the
-  interval doubles with each pull, up to ``MAX_SLOWDOWN`` times, so a busy writer's
-  neighbours pull a few large batches rather than two small ones a second (a pull costs
-  a request, a TLS round trip and a catalog transaction whatever it carries); a pull that
-  brings fewer sets it back to ``pull_interval``.
+  While a stream of facts lasts the interval doubles with each pull, up to
+  ``MAX_SLOWDOWN`` times, so a busy writer's neighbours pull a few large batches rather
+  than two small ones a second (a pull costs a request, a TLS round trip and a catalog
+  transaction whatever it carries). A pull is part of a stream when it brings
+  ``STREAM_FACTS`` or more, or brings any and had to wait for the interval (news of more
+  facts came before the interval since the previous pull was over: a slow writer's
+  stream, or one on a loaded machine, is a stream too); any other pull sets the interval
+  back to ``pull_interval`` (a fact now and then is pulled at once).
   The writer never sends to everyone: each peer talks to O(1) others per period and a
   fact reaches all N peers in O(log N) periods.
 - **Anti-entropy.** Pings and acks carry a digest of the sender's vector and its sum. A
@@ -87,6 +90,7 @@ class Dissemination:
         self._last_ae = -1e9
         self.slowdown = 1               # x pull_interval: grows while a stream lasts
         self._held = 0                  # facts held when the running pull began
+        self._waited = False            # the running pull waited for the interval
         self._digest: tuple[str, int] | None = None
         swim.rumors["c"] = self._rumor
         swim.fields_out.append(self._fields_out)
@@ -216,10 +220,13 @@ class Dissemination:
         node = self.swim.nodes.get(target)
         if node is not None and node.state == DEAD:
             return
+        now = self.clock.seconds()
         self.pulling = target
         self.pulls += 1
         self._held = sum(self.vector().values())
-        self._last_pull = self.clock.seconds()
+        # it starts when the interval allows it, not later: it waited for it (1 ms slack)
+        self._waited = now <= self._last_pull + self.pull_interval * self.slowdown + 0.001
+        self._last_pull = now
         d = self.pull(target)
         d.addCallbacks(self._pulled, self._failed, callbackArgs=(target,),
                        errbackArgs=(target,))
@@ -229,8 +236,10 @@ class Dissemination:
         self._last_pull = self.clock.seconds()
         if vector is not None:
             self.heard(target, vector)
-        # a pull that brought many facts at once: a stream; pull less often, more each
-        stream = sum(self.vector().values()) - self._held >= STREAM_FACTS
+        # many facts at once, or news of more before we could pull again: a stream;
+        # pull less often, more each time
+        gained = sum(self.vector().values()) - self._held
+        stream = gained >= STREAM_FACTS or (gained > 0 and self._waited)
         self.slowdown = min(self.slowdown * 2, MAX_SLOWDOWN) if stream else 1
         self._kick()
 
