@@ -315,7 +315,8 @@ def retrieval_sources(peer: Peer) -> str:
             if last.get("finished_at") and last.get("started_at") else "")
     return " ".join(f"{n}:{s['completed']}@{s['MB_per_s']}"
                     for n, s in sorted(last["sources"].items())) + \
-        (f" rescued {last['rescued']}" if last.get("rescued") else "") + span
+        (f" rescued {last['rescued']}" if last.get("rescued") else "") + \
+        (f" {last['duplicates']} second copies" if last.get("duplicates") else "") + span
 
 
 def run(args, net: Net, wd: Path) -> int:

@@ -112,6 +112,7 @@ class Retrieval:
         self.started_at = self.finished_at = None     # wall-clock times, for status
         self.on_damaged = None           # callable(Location): a copy that failed its hash
         self.rescued = 0                 # instances a consumer waited for, asked of a 2nd source
+        self.duplicates = 0              # second copies fetched and closed (endgame)
 
     # -- where each instance can come from --------------------------------------------
     def _member(self, peer: str):
@@ -449,6 +450,7 @@ class Retrieval:
         self._settle(src, ref)
         uid = ref.sop_instance_uid
         if uid in self.plan.done or self.cancelled:
+            self.duplicates += uid in self.plan.done
             f.close()                                  # the endgame's second copy
         else:
             src.completed += 1
@@ -584,7 +586,7 @@ class Retrieval:
     def status(self) -> dict:
         """Counts, and per source (``peer/archive``) what it served and how fast."""
         return {"id": self.id, "instances": len(self.refs), "done": len(self.plan.done),
-                "rescued": self.rescued,
+                "rescued": self.rescued, "duplicates": self.duplicates,
                 "pending": len(self.plan.pending), "started_at": self.started_at,
                 "finished_at": self.finished_at, "cancelled": self.cancelled,
                 "sources": {s.name: {"peer": s.peer, "archive": s.archive,

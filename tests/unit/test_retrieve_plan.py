@@ -329,7 +329,37 @@ def test_endgame_duplicates_the_last_in_flight_instance_and_the_first_copy_wins(
     assert loser.closed, "the endgame's second copy was not closed"
     assert consumer.files[last] is winner
     assert r.status()["sources"]["peerc/local"]["completed"] == 0
-    assert r.status()["done"] == 2
+    assert r.status()["done"] == 2 and r.status()["duplicates"] == 1
+
+
+def test_the_endgame_waits_until_a_source_has_nothing_of_its_own_in_flight():
+    """A second copy shares the helper's link with its own last fetches: at K=3 the
+    sources filled every free slot with them (~24 of 300 instances fetched twice, every
+    source's end slowed); a source now helps only once idle, one instance at a time."""
+    clock = Clock()
+    peers = {"peerb": MemArchive("peerb", clock), "peerc": MemArchive("peerc", clock)}
+    refs = make_refs(3, lambda i: ["peerb", "peerc"])
+    r, _ = setup(refs, peers, "work-stealing", per_source=2)
+    consumer = Consumer(r, refs, window=3).start()
+    clock.advance(0)
+    b, c = peers["peerb"], peers["peerc"]
+    assert len(b.requests) == 1 and len(c.requests) == 1      # unmeasured: one each
+    slow = c.requests[0].uid
+    clock.advance(0.01)
+    b.answer(b.requests[0])                 # measured fast: takes the last pending one
+    clock.advance(0)
+    own = [q.uid for q in b.open_requests()]
+    assert len(own) == 1 and own[0] != slow, own
+    assert slow not in b.uids(), "a source with its own fetch in flight took a second copy"
+    b.answer(b.open_requests()[0])          # now idle: helps with peerc's, one at a time
+    clock.advance(0)
+    assert [q.uid for q in b.open_requests()] == [slow]
+    b.answer(b.open_requests()[0])
+    clock.advance(0)
+    assert consumer.finished and consumer.failed == {} and r.status()["duplicates"] == 0
+    c.answer(c.requests[0])                 # peerc's late copy: closed, counted
+    clock.advance(0)
+    assert r.status()["duplicates"] == 1
 
 
 def test_a_source_failing_midway_hands_its_instances_to_the_other_holder():
