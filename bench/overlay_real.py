@@ -16,8 +16,11 @@ default ``[overlay]`` parameters, each peer seeded with the first two peers), th
   (HTTPS) ports, each counted once, in the idle window;
 - **1,000 instances**: storescu sends 1,000 small instances (one series, 64x64) on one
   association to the first peer; seconds from its start until every peer's catalog counts
-  1,000 instances; the catalog pull requests all peers made meanwhile and the CPU time of
-  all peers over that span (the writer's, and the others' mean and max).
+  1,000 instances (each peer asked every 0.1 s until it does, then no more: a round of
+  32 status requests is itself slow on a busy host); the catalog pull requests all peers
+  made meanwhile and the CPU time of all peers over that span (the writer's, and the
+  others' mean and max); the writer's mean C-STORE operation time and quorum wait (its
+  ``/metrics`` histograms).
 
     .venv/bin/python bench/overlay_real.py                  # N = 3, 6, 10, 16
     .venv/bin/python bench/overlay_real.py --sizes 3,32 --keep
@@ -56,6 +59,26 @@ PROFILE: Path | None = None  # --profile DIR: py-spy of the writer and one other
 def status(peer, timeout=30.0) -> dict:
     with urllib.request.urlopen(f"{peer.admin_url}/status", timeout=timeout) as r:
         return json.load(r)
+
+
+def latencies(peer) -> dict:
+    """{name: (sum, count)} of the C-STORE operation and quorum-wait histograms."""
+    want = {'pacsp2p_dimse_operation_seconds_{}{{service="C-STORE"}}': "op",
+            "pacsp2p_store_quorum_wait_seconds_{}": "quorum"}
+    out = {}
+    try:
+        with urllib.request.urlopen(f"{peer.admin_url}/metrics", timeout=30) as r:
+            lines = r.read().decode().splitlines()
+    except OSError:
+        return out
+    values = dict(line.rsplit(" ", 1) for line in lines if line and line[0] != "#")
+    for pattern, name in want.items():
+        try:
+            out[name] = (float(values[pattern.format("sum")]),
+                         float(values[pattern.format("count")]))
+        except (KeyError, ValueError):
+            pass
+    return out
 
 
 def poll(predicate, limit: float, interval: float = 0.1):
@@ -148,6 +171,7 @@ def run(n: int, root: Path, files) -> dict:
         requests0 = sum(status(p)["overlay"].get("dissemination", {}).get("requests", 0)
                         for p in peers)
         cpu0 = cpu(pids)
+        lat0 = latencies(peers[0])
         each0 = {pid: cpu([pid]) for pid in pids}
         t0 = time.monotonic()
         spied = {"writer": pids[0], "other": pids[-1]} if PROFILE is not None else {}
@@ -157,11 +181,18 @@ def run(n: int, root: Path, files) -> dict:
             stored = time.monotonic() - t0
             ok = (proc.stdout + proc.stderr).count("Received Store Response (Success)")
 
+            waiting = list(peers)         # a peer that counted them all is not asked again
+
             def counted():
-                return all(status(p)["catalog"].get("instances", 0) >= len(files)
-                           for p in peers)
-            done = poll(counted, 900, 0.2)
+                waiting[:] = [p for p in waiting
+                              if status(p)["catalog"].get("instances", 0) < len(files)]
+                return not waiting
+            done = poll(counted, 900, 0.1)
         r["store"] = stored
+        lat = latencies(peers[0])
+        for name, (total, count) in lat.items():       # mean ms per C-STORE at the writer
+            t0_, c0_ = lat0.get(name, (0.0, 0.0))
+            r[f"{name}_ms"] = 1000 * (total - t0_) / (count - c0_) if count > c0_ else None
         r["counted"] = (time.monotonic() - t0) if done is not None else None
         r["store_cpu"] = cpu(pids) - cpu0
         each = sorted((cpu([pid]) - each0[pid] for pid in pids[1:]), reverse=True)

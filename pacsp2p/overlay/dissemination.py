@@ -184,7 +184,7 @@ class Dissemination:
 
     def _target(self) -> str | None:
         mine = self.vector()
-        score: dict[str, int] = {}
+        score: dict[str, list] = {}     # holder -> [origins it is ahead on, facts]
         for origin in list(self.ahead):
             have = mine.get(origin, 0)
             holders = self.ahead[origin]
@@ -193,9 +193,13 @@ class Dissemination:
             if not holders:
                 del self.ahead[origin]
                 continue
-            for h in holders:
-                score[h] = score.get(h, 0) + 1
+            for h, seq in holders.items():
+                sc = score.setdefault(h, [0, 0])
+                sc[0] += 1
+                sc[1] += seq - have
         if score:
+            # the holder ahead on most origins, and of those the one with most facts: a
+            # pull from a neighbour that is itself behind needs another one after it
             best = max(score.values())
             return self.swim.rng.choice(sorted(h for h, s in score.items() if s == best))
         now = self.clock.seconds()
