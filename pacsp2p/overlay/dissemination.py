@@ -18,11 +18,12 @@ sequence held} (Parker et al., 1983).
   While a stream of facts lasts the interval doubles with each pull, up to
   ``MAX_SLOWDOWN`` times, so a busy writer's neighbours pull a few large batches rather
   than two small ones a second (a pull costs a request, a TLS round trip and a catalog
-  transaction whatever it carries). A pull is part of a stream when it brings
-  ``STREAM_FACTS`` or more, or brings any and had to wait for the interval (news of more
-  facts came before the interval since the previous pull was over: a slow writer's
-  stream, or one on a loaded machine, is a stream too); any other pull sets the interval
-  back to ``pull_interval`` (a fact now and then is pulled at once).
+  transaction whatever it carries). A pull that brings ``STREAM_FACTS`` or more doubles
+  it; one that brings fewer but had to wait for the interval (news of more facts came
+  before the interval since the previous pull was over) keeps it — at 32 peers the
+  writer's stream comes with a trickle of its replica holders' own facts, whose small
+  pulls must not end the slowdown —; any other sets it back to ``pull_interval`` (a fact
+  now and then is pulled at once).
   The writer never sends to everyone: each peer talks to O(1) others per period and a
   fact reaches all N peers in O(log N) periods.
 - **Anti-entropy.** Pings and acks carry a digest of the sender's vector and its sum. A
@@ -240,11 +241,13 @@ class Dissemination:
         self._last_pull = self.clock.seconds()
         if vector is not None:
             self.heard(target, vector)
-        # many facts at once, or news of more before we could pull again: a stream;
-        # pull less often, more each time
+        # many facts at once: a stream, pull less often, more each time; fewer, but news
+        # of more came before we could pull again: the stream goes on
         gained = sum(self.vector().values()) - self._held
-        stream = gained >= STREAM_FACTS or (gained > 0 and self._waited)
-        self.slowdown = min(self.slowdown * 2, MAX_SLOWDOWN) if stream else 1
+        if gained >= STREAM_FACTS:
+            self.slowdown = min(self.slowdown * 2, MAX_SLOWDOWN)
+        elif not (gained > 0 and self._waited):
+            self.slowdown = 1
         self._kick()
 
     def _failed(self, failure, target) -> None:
