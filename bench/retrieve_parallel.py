@@ -454,7 +454,8 @@ def run(args, net: Net, wd: Path) -> int:
                 cpu.setdefault(case, {}).setdefault(label, []).append(used["req"] / s)
                 srcs = retrieval_sources(req)
                 print(f"   {case:7s} {label:13s} rep {rep + 1}: {s:6.2f} s "
-                      f"{mb(size) / s:6.1f} MB/s  requester CPU {100 * used['req'] / s:3.0f}%"
+                      f"{mb(size) / s:6.1f} MB/s  requester CPU {100 * used['req'] / s:3.0f}% "
+                      f"({used['req']:.2f} s)"
                       f"  sources {srcs} (CPU "
                       + " ".join(f"{100 * used[n] / s:.0f}%" for n in sorted(used) if n != "req")
                       + f"){'  bytes identical' if verify else ''}",
