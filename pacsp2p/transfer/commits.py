@@ -63,10 +63,17 @@ class GroupCommits:
         d.addCallbacks(self._answered, self._failed, callbackArgs=(queue,),
                        errbackArgs=(queue,))
 
-    def flush(self) -> None:
-        """Send everything queued (the service stops)."""
-        for peer in list(self.queued):
-            self.send(peer)
+    def stop(self) -> None:
+        """The peer stops (its overlay has already): nothing more is sent. What is
+        queued stays owed — each copy's hint is in our catalog, and hinted hand-off
+        redoes the commit once we are back (a duplicate of the pending copy there)."""
+        for timer in self.timers.values():
+            if timer.active():
+                timer.cancel()
+        left = sum(len(q) for q in self.queued.values())
+        self.timers, self.queued, self.size = {}, {}, {}
+        if left:
+            log.info("{n} commits of remote copies left to hinted hand-off", n=left)
 
     @staticmethod
     def _answered(answer, queue) -> None:

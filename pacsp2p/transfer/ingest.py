@@ -205,7 +205,7 @@ class Ingest:
             if loop.running:
                 loop.stop()
         if self.group is not None:
-            self.group.flush()
+            self.group.stop()
 
     @defer.inlineCallbacks
     def _refresh_counts(self):
