@@ -32,7 +32,7 @@ class GroupCommits:
     def __init__(self, overlay, reactor, delay: float = DELAY):
         self.overlay, self.reactor, self.delay = overlay, reactor, delay
         self.queued: dict[str, list] = {}     # peer -> [(archive, uid, sha256, Deferred)]
-        self.size: dict[str, int] = {}        # peer -> bytes of its list's JSON, about
+        self.size: dict[str, int] = {}        # peer -> bytes of its list's JSON
         self.timers: dict[str, object] = {}
 
     def commit(self, peer: str, archive: str, uid: str, sha256: str) -> defer.Deferred:
@@ -41,7 +41,7 @@ class GroupCommits:
         d = defer.Deferred()
         queue = self.queued.setdefault(peer, [])
         queue.append((archive, uid, sha256, d))
-        self.size[peer] = self.size.get(peer, 2) + len(archive) + len(uid) + len(sha256) + 16
+        self.size[peer] = self.size.get(peer, 2) + len(json.dumps([archive, uid, sha256])) + 2
         if len(queue) >= MAX_COMMITS or self.size[peer] >= MAX_JSON:
             self.send(peer)
         elif peer not in self.timers:
