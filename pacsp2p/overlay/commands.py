@@ -177,11 +177,15 @@ class Replicate(amp.Command):
     errors = {InvalidArgument: b"INVALID_ARGUMENT", ReplicaRefused: b"REPLICA_REFUSED"}
 
 
+_MORE = [(b"more1", amp.String(optional=True)), (b"more2", amp.String(optional=True)),
+         (b"more3", amp.String(optional=True))]     # bytes that follow *data* in one box
+
+
 class ReplicaOpen(amp.Command):
     """Phase 1, pushed: keep a durable copy of the data set that follows on this link.
 
-    The sender is receiving it from a modality right now; it sends it on, *data* its
-    first bytes (at most 64 KiB), then ``ReplicaData`` boxes of stream *stream*, the last
+    The sender is receiving it from a modality right now; it sends it on, *data* (and
+    *more1*..*more3*, as ``ReplicaData`` has them) its first bytes, then ``ReplicaData`` boxes of stream *stream*, the last
     with *end* (*end* here: *data* is all of it, the data set is complete; a data set
     abandoned ends with ``ReplicaClose``). *head* is the Part-10 preamble and File Meta
     Information, *meta* the header the sender read from the first bytes (JSON of
@@ -192,18 +196,19 @@ class ReplicaOpen(amp.Command):
     arguments = [(b"stream", amp.Integer()), (b"archive", amp.Unicode()),
                  (b"uid", amp.Unicode()), (b"head", amp.String()),
                  (b"meta", amp.Unicode()), (b"data", amp.String(optional=True)),
-                 (b"end", amp.Boolean(optional=True))]
+                 (b"end", amp.Boolean(optional=True))] + _MORE
     response = Replicate.response
     errors = {InvalidArgument: b"INVALID_ARGUMENT", ReplicaRefused: b"REPLICA_REFUSED"}
 
 
 class ReplicaData(amp.Command):
-    """Bytes of a pushed data set (at most 64 KiB per box); with *end*, the last ones:
-    the data set is complete (no ``ReplicaClose`` follows). Not answered: the sender
-    stops while the link's send buffer is full (TCP back-pressure)."""
+    """Bytes of a pushed data set: *data*, then *more1*..*more3* (up to 4 values of at
+    most 64 KiB in one box); with *end*, the last ones: the data set is complete (no
+    ``ReplicaClose`` follows). Not answered: the sender stops while the link's send
+    buffer is full (TCP back-pressure)."""
 
     arguments = [(b"stream", amp.Integer()), (b"data", amp.String()),
-                 (b"end", amp.Boolean(optional=True))]
+                 (b"end", amp.Boolean(optional=True))] + _MORE
     response = []
     requiresAnswer = False
 

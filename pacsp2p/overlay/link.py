@@ -150,23 +150,27 @@ class Link(ReadHolds, amp.AMP):
                                         "size": s.size, "sha256": s.sha256})
 
     @ReplicaOpen.responder
-    def on_replica_open(self, stream, archive, uid, head, meta, data=None, end=None):
+    def on_replica_open(self, stream, archive, uid, head, meta, data=None, end=None,
+                        more1=None, more2=None, more3=None):
         check(uid=uid, archive=archive)
-        services = self.membership.services
-        d = services.open_stream(self, stream, archive, uid, head, meta)
-        if data:
-            services.stream_data(self, stream, data)
-        if end:
-            services.close_stream(self, stream, True)
+        d = self.membership.services.open_stream(self, stream, archive, uid, head, meta)
+        self._pushed(stream, (data, more1, more2, more3), end)
         return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
                                         "size": s.size, "sha256": s.sha256})
 
     @ReplicaData.responder
-    def on_replica_data(self, stream, data, end=None):
-        self.membership.services.stream_data(self, stream, data)
-        if end:
-            self.membership.services.close_stream(self, stream, True)
+    def on_replica_data(self, stream, data, end=None, more1=None, more2=None, more3=None):
+        self._pushed(stream, (data, more1, more2, more3), end)
         return {}
+
+    def _pushed(self, stream, pieces, end) -> None:
+        """The bytes of a pushed data set one box carried (and its end, if it says so)."""
+        services = self.membership.services
+        for piece in pieces:
+            if piece:
+                services.stream_data(self, stream, piece)
+        if end:
+            services.close_stream(self, stream, True)
 
     @ReplicaClose.responder
     def on_replica_close(self, stream, complete):

@@ -10,8 +10,8 @@ cut-through forwarding, as in the write pipelines of chain replication (van Rene
 Schneider, OSDI 2004) and HDFS. The remote copy is then durable about when the writer's
 own copy is. Quorum, commit and hand-off are unchanged (``ingest``); each holder hashes
 what it received and the writer checks that against its own hash once complete. Pushed
-bytes travel in boxes of ``BOX`` bytes whatever the fragments (one AMP box, TLS write
-and dispatch per 64 KB); the writer's own copy, when placement wants one here, is kept
+bytes travel in boxes of ``BOX`` bytes whatever the fragments (four AMP values of 64 KB:
+one box, TLS write and dispatch per 256 KB); the writer's own copy, when placement wants one here, is kept
 by the thread that wrote the file, as ``OneJob`` does (no hop to the archive's pool).
 
 Memory stays bounded: while the link's send buffer is full the association is paused
@@ -37,7 +37,8 @@ from pacsp2p.types import InstanceInfo
 log = Logger()
 
 SNIFF_MAX = 256 << 10        # header bytes looked at before giving up on early placement
-BOX = 65000                  # bytes per ReplicaData (an AMP value holds at most 65,535)
+VALUE = 65000                # bytes per AMP value (it holds at most 65,535)
+BOX = 4 * VALUE              # bytes per ReplicaData: its data, more1, more2, more3
 
 _streams = itertools.count(1)
 
@@ -68,7 +69,7 @@ class Push:
     def feed(self, piece) -> None:
         """Send *piece* on, in boxes of BOX bytes: the fragments of a C-STORE (a PDV each,
         often 16 KB) are gathered first, so that a box, its TLS write and the holder's
-        dispatch are paid per 64 KB, not per fragment."""
+        dispatch are paid per 256 KB, not per fragment."""
         if self.closed:
             return
         buf = self.buffer
@@ -77,7 +78,7 @@ class Push:
             return
         view, end = memoryview(buf), len(buf) - len(buf) % BOX
         for i in range(0, end, BOX):
-            self._send(bytes(view[i:i + BOX]))
+            self._send(view[i:i + BOX])
         rest = bytes(view[end:])
         view.release()
         self.buffer = bytearray(rest)
@@ -87,21 +88,25 @@ class Push:
         no ReplicaClose box after it)."""
         if self.closed:
             return
-        data, self.buffer = bytes(self.buffer), bytearray()
+        data, self.buffer = self.buffer, bytearray()
         self._send(data, end=True)
         self.closed = True
         self._detach()
 
-    def _send(self, data: bytes, end: bool = False) -> None:
+    def _send(self, data, end: bool = False) -> None:
+        """One box of *data* (at most BOX bytes), in values of VALUE bytes."""
+        values = {"data": bytes(data[:VALUE])}
+        for n, i in enumerate(range(VALUE, len(data), VALUE), 1):
+            values[f"more{n}"] = bytes(data[i:i + VALUE])
         if self.opening is not None:
             args, self.opening = self.opening, None
             if self.link.open:
-                self.link.callRemote(ReplicaOpen, data=data, end=end,
-                                     **args).chainDeferred(self.answer)
+                self.link.callRemote(ReplicaOpen, end=end, **args,
+                                     **values).chainDeferred(self.answer)
             else:
                 self.answer.errback(ReplicaRefused("the overlay link was lost"))
         elif self.link.open:
-            self.link.callRemote(ReplicaData, stream=self.stream, data=data, end=end)
+            self.link.callRemote(ReplicaData, stream=self.stream, end=end, **values)
 
     # -- the link's send buffer ----------------------------------------------------------
     def link_full(self):

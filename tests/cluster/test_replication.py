@@ -170,6 +170,9 @@ def test_pushed_and_pulled_copies_are_byte_identical_on_both_holders(trio, tmp_p
         "CT", size=128, seed=77, transfer_syntax=DeflatedExplicitVRLittleEndian,
         PatientID="SAMPLE01", StudyInstanceUID=datasets.uid("sample-study")),
         tmp_path / "deflated.dcm"))
+    files.append(datasets.write(datasets.make_image(      # 800 KB: pushed in 4 boxes
+        "CT", size=640, seed=78, PatientID="SAMPLE01",
+        StudyInstanceUID=datasets.uid("sample-study")), tmp_path / "big.dcm"))
     # pynetdicom sends each file's own bytes in its own transfer syntax (DCMTK's storescu
     # would convert the implicit and deflated ones to explicit VR)
     kinds = {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
@@ -190,7 +193,7 @@ def test_pushed_and_pulled_copies_are_byte_identical_on_both_holders(trio, tmp_p
                 assert dataset_sha256(f) == sent[uid], (p.name, f)
                 held[uid] += 1
     assert held == {uid: 2 for uid in sent}
-    # one holder at least is another peer: 6 copies pushed, the deflated one fetched
+    # one holder at least is another peer: 7 copies pushed, the deflated one fetched
     after = get_json(a, "status")["ingest"]["copies"]
     assert after["pushed"] - before["pushed"] >= len(files) - 1, (before, after)
     assert after["fetched"] - before["fetched"] >= 1, (before, after)
