@@ -8,42 +8,26 @@ peer's name), or one of another cluster CA fails the TLS handshake.
 from __future__ import annotations
 
 import http.client
-import json
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from bulk_spawn import bulk_server
 
 from pacsp2p.overlay import tls
 
-SERVER = Path(__file__).with_name("bulk_server.py")
 PATIENCE = 120.0
 
 
 @pytest.fixture(scope="module")
 def bulk(tmp_path_factory):
     root = tmp_path_factory.mktemp("bulkcerts")
-    tls_dir = root / "tls"
-    tls.init_ca(tls_dir)
-    tls.issue(tls_dir, "a")
-    tls.issue(tls_dir, "b")
     tls.init_ca(root / "dicom", tls.DICOM_CA)
     tls.issue(root / "dicom", "b", kind="server")          # a peer's name, the wrong CA
     tls.init_ca(root / "other")
     tls.issue(root / "other", "b")
-    proc = subprocess.Popen([sys.executable, str(SERVER), str(root / "server"), str(tls_dir),
-                             "600", "64", "--"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"bulk server did not start: {proc.stderr.read()}")
-        yield root, json.loads(line)["port"]
-    finally:
-        proc.kill()
-        proc.wait()
+    with bulk_server(root / "server", root / "tls") as ports:      # the cluster CA: a, b
+        yield root, ports["port"]
 
 
 def request(port: int, ca: Path, cert: Path | None) -> str:

@@ -3,8 +3,8 @@
 arrives when the budget is spent, goes to a temporary file. Either way what is handed
 over holds the same bytes and carries the data set's SHA-256 the reader checks.
 
-A real bulk channel (tests/unit/bulk_server.py) and a real ``BulkClient``
-(tests/unit/bulk_fetch.py), each in a process of its own, over mutual TLS.
+A real bulk channel (tests/unit/bulk_server.py, started by bulk_spawn.py) and a real
+``BulkClient`` (tests/unit/bulk_fetch.py), each in a process of its own, over mutual TLS.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from bulk_spawn import bulk_server
 
 from pacsp2p.dicom.header import read_meta
 from pacsp2p.dicom.part10 import examine
-from pacsp2p.overlay import bulk, tls
+from pacsp2p.overlay import bulk
 from pacsp2p.testing import datasets
 
 HERE = Path(__file__).parent
@@ -28,25 +29,12 @@ PATIENCE = 300.0              # generous: the machine may be busy
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("bulkmem")
-    tls_dir = root / "tls"
-    tls.init_ca(tls_dir)
-    tls.issue(tls_dir, "a")
-    tls.issue(tls_dir, "b")
     files = [datasets.write(datasets.make_image("CT", size=size, seed=i,
                                                 SOPInstanceUID=datasets.uid("bulkmem", i)),
                             root / f"{i}.dcm")
              for i, size in enumerate((64, 256, 256, 800))]     # 800x800x2: > MEMORY
-    proc = subprocess.Popen([sys.executable, str(HERE / "bulk_server.py"), str(root / "srv"),
-                             str(tls_dir), "600", "64", *map(str, files), "--"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"bulk server did not start: {proc.stderr.read()}")
-        yield tls_dir, json.loads(line)["port"], files, root
-    finally:
-        proc.kill()
-        proc.wait()
+    with bulk_server(root / "srv", root / "tls", files) as ports:
+        yield root / "tls", ports["port"], files, root
 
 
 def fetch(served, budget: int, files) -> dict:
@@ -56,7 +44,7 @@ def fetch(served, budget: int, files) -> dict:
     uids = [read_meta(f).sop_instance_uid for f in files]
     out = subprocess.run([sys.executable, str(HERE / "bulk_fetch.py"), str(tls_dir),
                           str(port), str(tmp), str(budget), *uids],
-                         capture_output=True, text=True, timeout=PATIENCE)
+                         check=False, capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 0 and out.stdout, out.stderr
     answer = json.loads(out.stdout)
     assert list(tmp.iterdir()) == []              # every temporary file gone once closed
