@@ -9,7 +9,8 @@ real Orthanc holding the same studies, in one run.
 Clients: the pynetdicom client of ``bench/find.py`` (TCP_NODELAY, one association,
 guarded against pynetdicom #875 as the tests' associations are,
 latency = request to final response, p50 of N) and DCMTK ``findscu`` (one process per
-query, start-up and association included; median of N), and ``wirefind.WireFind``, which
+query, start-up and association included; median of N; once printing every response data
+set, ``-v``, once a line per response, ``-sr``), and ``wirefind.WireFind``, which
 frames the request and reads the responses' command sets only (the identifiers are not
 decoded: the time until the server has answered). The peer's CPU-seconds over the
 pynetdicom queries are divided by the rows returned (psutil). Targets (issue 15): the
@@ -36,7 +37,7 @@ from pacsp2p.testing import Orthanc, Peer  # noqa: E402
 from pacsp2p.testing.dcmtk import storescu  # noqa: E402
 
 WIDE_DAYS = 110
-CLIENTS = {"py": "pynetdicom", "dcmtk": "findscu", "wire": "wire"}
+CLIENTS = {"py": "pynetdicom", "dcmtk": "findscu", "dcmtk-sr": "findscu -sr", "wire": "wire"}
 
 
 def make_queries(records, n: int):
@@ -52,15 +53,22 @@ def make_queries(records, n: int):
     return out
 
 
-def findscu(port: int, aec: str, keys: dict) -> tuple[float, int]:
+def findscu(port: int, aec: str, keys: dict, show: bool = True) -> tuple[float, int]:
+    """One findscu process: (ms, matches). *show*: every response data set printed (-v);
+    else only a line per response (``-sr``, --hide-responses: the matches still counted)."""
     args = ["-v", "-S", "-aet", "BENCHFIND", "-aec", aec, "-k", "QueryRetrieveLevel=STUDY"]
+    if not show:
+        args.insert(1, "-sr")
     for kw in fb.RETURN_KEYS:
         args += ["-k", f"{kw}={keys.get(kw, '')}"]
     with Timer() as t:
         r = common.run_dcmtk("findscu", *args, "127.0.0.1", port, timeout=120)
     text = "".join(x.decode("latin-1") if isinstance(x, bytes) else x
                    for x in (r.stdout or "", r.stderr or ""))
-    return t.seconds * 1000, text.count("Find Response:")
+    if show:
+        return t.seconds * 1000, text.count("Find Response:")
+    return t.seconds * 1000, sum(1 for line in text.splitlines()
+                                 if "Received Find Response" in line and "(Pending)" in line)
 
 
 class _GuardedAE(fb.AE):
@@ -89,12 +97,13 @@ def run(name, port, aec, pid, qs, findscu_n):
     res = fb.run_queries(port, aec, qs, 300)
     cpu = cpu_seconds(pid) - c0 if with_cpu else None
     rows = sum(sum(d["rows"]) for d in res.values())
-    dres, wres = {}, {}
+    dres, qres, wres = {}, {}, {}
     for kind, keys in qs[:2 * findscu_n]:
-        ms, n = findscu(port, aec, keys)
-        d = dres.setdefault(kind, {"ms": [], "rows": []})
-        d["ms"].append(ms)
-        d["rows"].append(n)
+        for show, out in ((True, dres), (False, qres)):
+            ms, n = findscu(port, aec, keys, show)
+            d = out.setdefault(kind, {"ms": [], "rows": []})
+            d["ms"].append(ms)
+            d["rows"].append(n)
     with WireFind(port, aec) as wire:
         for kind, keys in qs[:5]:                  # warm-up, not counted
             wire.find(fb.identifier(keys))
@@ -103,7 +112,7 @@ def run(name, port, aec, pid, qs, findscu_n):
             d = wres.setdefault(kind, {"ms": [], "rows": []})
             d["ms"].append(ms)
             d["rows"].append(n)
-    return res, dres, wres, (cpu / rows * 1000 if cpu is not None and rows else None)
+    return res, dres, qres, wres, (cpu / rows * 1000 if cpu is not None and rows else None)
 
 
 def main() -> int:
@@ -139,12 +148,11 @@ def main() -> int:
                         port, aec, pid = ((peer.port, peer.ae_title, peer.pid)
                                           if name == "pacsp2p" else
                                           (orthanc.dicom_port, orthanc.aet, None))
-                        res, dres, wres, cpu = run(name, port, aec, pid, part,
-                                                   max(5, n // 2))
-                        o = out.setdefault(name, {"py": {}, "dcmtk": {}, "wire": {},
-                                                  "cpu": []})
+                        res, dres, qres, wres, cpu = run(name, port, aec, pid, part,
+                                                         max(5, n // 2))
+                        o = out.setdefault(name, {**{c: {} for c in CLIENTS}, "cpu": []})
                         for src, dst in ((res, o["py"]), (dres, o["dcmtk"]),
-                                         (wres, o["wire"])):
+                                         (qres, o["dcmtk-sr"]), (wres, o["wire"])):
                             for kind, d in src.items():
                                 e = dst.setdefault(kind, {"ms": [], "rows": []})
                                 e["ms"] += d["ms"]
@@ -159,7 +167,7 @@ def main() -> int:
     print()
     rows = []
     for name, o in out.items():
-        for client in ("py", "dcmtk", "wire"):
+        for client in CLIENTS:
             for kind in ("wide", "uid"):
                 d = o[client].get(kind)
                 if d:
@@ -176,7 +184,7 @@ def main() -> int:
     print(f"pacsp2p single-match p50 = {uid50:.2f} ms "
           f"({'meets' if uid50 < 10 else 'MISSES'} target < 10 ms)")
     if "orthanc" in out:
-        for client in ("py", "dcmtk", "wire"):
+        for client in CLIENTS:
             a = percentile(pc[client]["wide"]["ms"], 50)
             b = percentile(out["orthanc"][client]["wide"]["ms"], 50)
             print(f"wide query ({CLIENTS[client]}): "
