@@ -353,7 +353,8 @@ class _FileSink(protocol.Protocol):
     carries ``sha256`` and ``data_size`` (empty and 0 if it is not a Part-10 file).
     *make_file* makes the temporary file, in the pool, with the first write. With a
     *budget*, a body of at most ``MEMORY`` bytes is kept in memory (``_kept``) while the
-    budget lasts; it spills to the file otherwise."""
+    budget lasts; it spills to the file otherwise. *finished* cancelled (``stop``): the
+    connection is closed, and what was received given back (budget, file)."""
 
     def __init__(self, make_file, pool, reactor, finished, hashed: bool = False,
                  budget: _Budget | None = None):
@@ -368,6 +369,15 @@ class _FileSink(protocol.Protocol):
         self.data_size, self.started = 0, not hashed
         self.written = 0
         self.paused = False
+        self.stopped = False
+
+    def stop(self):
+        """The fetch was cancelled (*finished* has failed): close the connection (a
+        stalled or endless body would hold the budget, the file and the connection for
+        ever); ``connectionLost`` then gives back what was received."""
+        self.stopped = True
+        if self.ended is None and self.transport is not None:
+            self.transport.stopProducing()      # the connection: not kept for reuse
 
     def dataReceived(self, data):
         self.buffer.append(data)
@@ -441,15 +451,29 @@ class _FileSink(protocol.Protocol):
         self.memory = False
         chunks, self.buffer = self.buffer or [b""], []
         self.budget.held -= self.size
+        if self.stopped:
+            return
         if not self.ended.check(ResponseDone):
             self.finished.errback(self.ended)
             return
         d = deferToThreadPool(self.reactor, self.pool, _kept, chunks,
                               self.hasher is not None)
-        d.chainDeferred(self.finished)
+        d.addCallbacks(self._examined, self._not_examined)
+
+    def _examined(self, f):
+        if self.stopped:                        # cancelled while it was examined
+            f.close()
+        else:
+            self.finished.callback(f)
+
+    def _not_examined(self, failure):
+        if not self.stopped:
+            self.finished.errback(failure)
 
     def _close(self):
         if self.finished.called:
+            if self.stopped and self.f is not None:
+                self.f.close()                  # (a temporary file: deleted)
             return
         if self.ended is not None and self.ended.check(ResponseDone):
             self.f.seek(0)
@@ -553,10 +577,11 @@ class BulkClient:
         if response.code != 200:
             yield readBody(response)
             raise IOError(f"{member.name}: GET {path} answered {response.code}")
-        finished = defer.Deferred()
+        finished = defer.Deferred(lambda _: sink.stop())
         make_file = functools.partial(tempfile.NamedTemporaryFile, dir=self.tmpdir,
                                       suffix=".dcm")
-        response.deliverBody(_FileSink(make_file, self.pool, self.reactor, finished, hashed,
-                                       self.budget if in_memory else None))
+        sink = _FileSink(make_file, self.pool, self.reactor, finished, hashed,
+                         self.budget if in_memory else None)
+        response.deliverBody(sink)
         result = yield finished
         return result

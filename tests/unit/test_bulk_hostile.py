@@ -1,0 +1,163 @@
+"""A fetch from a hostile or broken peer's bulk channel gives everything back: the memory
+budget's bytes, the temporary file, the connection. A cancelled fetch (a retrieval's
+stalled source) stops receiving at once instead of keeping the body coming.
+
+The peer is a real TLS server of the cluster CA in a thread here that answers
+``GET /instances/...`` as told: part of a body, then silence ("stall"); a chunked body
+that never ends ("endless"); part of a body, then a close ("short": the body lies about
+its size). The client is a real ``BulkClient`` in a process of its own
+(tests/unit/bulk_cancel.py).
+"""
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pacsp2p.overlay import bulk, tls
+
+HERE = Path(__file__).parent
+PATIENCE = 60.0               # generous: the machine may be busy
+
+
+class HostilePeer:
+    """Serves one connection as peer "a" in the way *mode* says; ``closed`` is set when
+    the client closes it."""
+
+    def __init__(self, tls_dir: Path, mode: str):
+        self.mode = mode
+        self.closed = threading.Event()
+        self.release = threading.Event()    # set by the test: the socket may close now
+        self.sent = 0
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls_dir / "a.crt", tls_dir / "a.key")
+        ctx.load_verify_locations(tls_dir / "ca.crt")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        self.ctx = ctx
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(PATIENCE)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        try:
+            raw, _ = self.sock.accept()
+        except OSError:
+            return
+        raw.settimeout(PATIENCE)
+        with self.ctx.wrap_socket(raw, server_side=True) as s:
+            request = b""
+            while b"\r\n\r\n" not in request and len(request) < 65536:
+                got = s.recv(4096)
+                if not got:
+                    return
+                request += got
+            try:
+                getattr(self, f"_{self.mode}")(s)
+            except TimeoutError:
+                pass
+            except OSError:                         # reset, broken pipe, TLS EOF
+                self.closed.set()
+            if self.mode != "short":
+                self.release.wait(2 * PATIENCE)     # open until the test has looked
+
+    def _head(self, s, length: int | None):
+        framing = (b"Content-Length: %d" % length if length is not None
+                   else b"Transfer-Encoding: chunked")
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom\r\n" + framing +
+                  b"\r\n\r\n")
+
+    def _wait_close(self, s):
+        deadline = time.monotonic() + PATIENCE
+        while time.monotonic() < deadline:
+            if not s.recv(4096):
+                self.closed.set()
+                return
+
+    def _stall(self, s):                    # less than MEMORY, then nothing
+        self._head(s, 600_000)
+        s.sendall(b"\0" * 200_000)
+        self._wait_close(s)
+
+    def _short(self, s):                    # says 600,000 bytes, sends 200,000
+        self._head(s, 600_000)
+        s.sendall(b"\0" * 200_000)
+
+    def _endless(self, s):                  # never ends (past MEMORY: a file)
+        self._head(s, None)
+        chunk = b"%x\r\n%s\r\n" % (65536, b"\0" * 65536)
+        deadline = time.monotonic() + PATIENCE
+        while time.monotonic() < deadline:
+            s.sendall(chunk)
+            self.sent += 65536
+            time.sleep(0.005)               # ~13 MB/s: the machine is shared
+
+
+@pytest.fixture(scope="module")
+def tls_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile") / "tls"
+    tls.init_ca(d)
+    tls.issue(d, "a")
+    tls.issue(d, "b")
+    return d
+
+
+def cancelled_fetch(tls_dir: Path, tmp: Path, mode: str) -> tuple[dict, HostilePeer]:
+    peer = HostilePeer(tls_dir, mode)
+    tmp.mkdir()
+    wait = {"stall": "memory", "endless": "file", "short": "end"}[mode]
+    proc = subprocess.Popen([sys.executable, str(HERE / "bulk_cancel.py"), str(tls_dir),
+                             str(peer.port), str(tmp), str(PATIENCE), wait],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        answer = json.loads(line)
+        if mode != "short":
+            peer.closed.wait(PATIENCE)      # closed by the client, not by its exit
+        answer["closed"] = peer.closed.is_set()
+        proc.stdin.write("done\n")
+        proc.stdin.flush()
+        proc.wait(PATIENCE)
+    finally:
+        peer.release.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return answer, peer
+
+
+def test_a_cancelled_fetch_from_a_stalled_peer_gives_the_budget_and_connection_back(
+        tls_dir, tmp_path):
+    answer, _ = cancelled_fetch(tls_dir, tmp_path / "tmp", "stall")
+    assert 0 < answer["arriving"]["held"] <= bulk.MEMORY        # it was in memory
+    assert answer["outcome"] == ["CancelledError"]
+    assert answer["held"] == 0
+    assert answer["closed"]                 # not left open with the peer, forever
+    assert answer["logged"] == []
+
+
+def test_a_cancelled_fetch_of_an_endless_body_stops_writing_its_file(tls_dir, tmp_path):
+    answer, peer = cancelled_fetch(tls_dir, tmp_path / "tmp", "endless")
+    assert answer["arriving"]["files"] == 1     # past MEMORY: spilled to a file
+    assert answer["outcome"] == ["CancelledError"]
+    assert answer["left"] == [] and answer["held"] == 0
+    assert answer["closed"]
+    assert peer.sent < 200 << 20            # stopped long before PATIENCE at full rate
+    assert answer["logged"] == []
+
+
+def test_a_body_shorter_than_it_said_is_not_handed_over(tls_dir, tmp_path):
+    answer, _ = cancelled_fetch(tls_dir, tmp_path / "tmp", "short")
+    assert answer["outcome"] == ["ResponseFailed"]
+    assert answer["held"] == 0 and answer["left"] == []
+    assert answer["logged"] == []
