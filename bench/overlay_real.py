@@ -147,6 +147,9 @@ def run(n: int, root: Path, files) -> dict:
 
         def meshed():
             for p in peers:
+                if not p.process.alive:     # answered, then lost a port race: again
+                    spawn(p)
+            for p in peers:
                 seen = {m["name"]: m["state"] for m in status(p)["overlay"]["members"]}
                 if sum(1 for nm in names if nm != p.name and seen.get(nm) == "alive") < n - 1:
                     return False
