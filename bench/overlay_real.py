@@ -266,12 +266,15 @@ def main():
                     os.environ["PYTHONPATH"] = original
             r["code"], r["load"] = label, (load, os.getloadavg()[0])
             print(json.dumps(r), flush=True)
-            rows.append([f"{label} {n}".strip(), f"{r['converged']:.1f}" if r["converged"] is not None else "-",
+            ms = [r.get("op_ms"), r.get("quorum_ms")]
+            rows.append([f"{label} {n}".strip(),
+                         f"{r['converged']:.1f}" if r["converged"] is not None else "-",
                          f"{r['from_spawn']:.1f}" if r.get("from_spawn") else "-",
                          f"{r['idle_cpu'][0]:.2f} / {r['idle_cpu'][1]:.2f}",
                          f"{r['links'][0]} + {r['links'][1]}",
                          f"{r['store']:.1f}",
                          f"{r['counted']:.1f}" if r["counted"] is not None else "-",
+                         " / ".join(f"{x:.1f}" if x is not None else "-" for x in ms),
                          r["requests"], f"{r['store_cpu']:.0f}",
                          f"{r['store_cpu_writer']:.1f}",
                          "{:.1f} / {:.1f}".format(*r["store_cpu_others"]), f"{r['rss']:.0f}",
@@ -279,6 +282,7 @@ def main():
     print()
     print(common.table(rows, ["peers", "converged s", "(from spawn)", "idle CPU % mean/max",
                               "links AMP + bulk", "store s", "all count 1000 s",
+                              "writer C-STORE / quorum ms",
                               "pull requests", "cluster CPU-s", "writer CPU-s",
                               "other peers CPU-s mean/max", "RSS MB/peer", "load"]))
 
