@@ -11,8 +11,9 @@ Schneider, OSDI 2004) and HDFS. The remote copy is then durable about when the w
 own copy is. Quorum, commit and hand-off are unchanged (``ingest``); each holder hashes
 what it received and the writer checks that against its own hash once complete. Pushed
 bytes travel in boxes of ``BOX`` bytes whatever the fragments (four AMP values of 64 KB:
-one box, TLS write and dispatch per 256 KB); the writer's own copy, when placement wants one here, is kept
-by the thread that wrote the file, as ``OneJob`` does (no hop to the archive's pool).
+one box, TLS write and dispatch per 256 KB); the writer's own copy, when placement
+wants one here, is kept by the thread that wrote the file, as ``OneJob`` does (no hop
+to the archive's pool).
 
 Memory stays bounded: while the link's send buffer is full the association is paused
 (TCP back-pressure end to end; the holder pauses the link while its disk lags). A data set that cannot
