@@ -184,10 +184,10 @@ _MORE = [(b"more1", amp.String(optional=True)), (b"more2", amp.String(optional=T
 class ReplicaOpen(amp.Command):
     """Phase 1, pushed: keep a durable copy of the data set that follows on this link.
 
-    The sender is receiving it from a modality right now; it sends it on, *data* (and
-    *more1*..*more3*, as ``ReplicaData`` has them) its first bytes, then ``ReplicaData`` boxes of stream *stream*, the last
-    with *end* (*end* here: *data* is all of it, the data set is complete; a data set
-    abandoned ends with ``ReplicaClose``). *head* is the Part-10 preamble and File Meta
+    The sender is receiving it from a modality right now; it sends it on: *data* (and
+    *more1*..*more3*, as ``ReplicaData`` has them) its first bytes, then ``ReplicaData``
+    boxes of stream *stream*, the last with *end* (*end* here: these are all of it, the
+    data set is complete; a data set abandoned ends with ``ReplicaClose``). *head* is the Part-10 preamble and File Meta
     Information, *meta* the header the sender read from the first bytes (JSON of
     InstanceMeta, without hash or size: the receiver hashes what it gets). Answered,
     like ``Replicate``, once the copy is durable (pending).
