@@ -126,7 +126,7 @@ def cluster(the_cluster) -> Cluster:
     for peer in the_cluster:
         if not peer.alive:
             peer.restart()
-    the_cluster.wait_mesh(timeout=20)
+    the_cluster.wait_mesh(timeout=120)
     return the_cluster
 
 
@@ -319,7 +319,7 @@ def test_peer_with_certificate_from_another_ca_is_refused(cluster, tmp_path):
     x = cluster.add("peerx", tls_dir=other_ca, seeds=[cluster.seed(a)])
     try:
         # peerx keeps dialling its seed every 2 s; each attempt is refused by peera
-        wait_until(lambda: _log_since(a, log_start).count("overlay link from") >= 2, 10,
+        wait_until(lambda: _log_since(a, log_start).count("overlay link from") >= 2, 60,
                    what="two refused links from peerx in peera's log")
         refused = [line for line in _log_since(a, log_start).splitlines()
                    if "overlay link from" in line]
@@ -435,7 +435,7 @@ def test_kill9_peer_is_seen_dead_then_rejoins_and_catches_up(cluster, spread, st
     a, b, c = cluster.peers
     digest_before = digest(a)
     b.kill9()
-    dead = _wait_state([a, c], "peerb", "dead", timeout=10)
+    dead = _wait_state([a, c], "peerb", "dead", timeout=60)
     for observer, seconds in dead.items():
         figure(f"kill -9 peerb -> dead at {observer}", seconds)
         # (how fast is the benchmarks' business: bench/overlay_sim.py, ~3 s; here a bound
@@ -443,15 +443,15 @@ def test_kill9_peer_is_seen_dead_then_rejoins_and_catches_up(cluster, spread, st
         assert seconds < 30.0, dead
     # the cluster goes on without peerb: a study stored at peera is found at peerc
     store(a, studies[3])
-    time_until_found(c, studies[3], timeout=5)
+    time_until_found(c, studies[3], timeout=60)
     assert digest(a) != digest_before
     # peerb restarts with the same config and data: it rejoins and catches up
     t0 = time.monotonic()
     b.restart()
-    back = _wait_state([a, c], "peerb", "alive", timeout=20)
-    cluster.wait_mesh(timeout=20)
+    back = _wait_state([a, c], "peerb", "alive", timeout=60)
+    cluster.wait_mesh(timeout=120)
     figure("peerb restart -> alive at peera and peerc", time.monotonic() - t0)
-    wait_until(lambda: _converged([a, b, c]), 20, what="digests equal after rejoin")
+    wait_until(lambda: _converged([a, b, c]), 60, what="digests equal after rejoin")
     figure("peerb restart -> catalog digests equal", time.monotonic() - t0)
     assert len(find_study(b, study_uid(studies[3]))) == 1
     assert len(find_study(b, study_uid(studies[2]))) == 1      # its own, kept on disk
@@ -465,20 +465,20 @@ def test_partition_heals_and_digests_converge(cluster, studies):
     digest_before = digest(a)
     os.kill(c.pid, signal.SIGSTOP)
     try:
-        dead = _wait_state([a, b], "peerc", "dead", timeout=10)
+        dead = _wait_state([a, b], "peerc", "dead", timeout=60)
         for observer, seconds in dead.items():
             figure(f"SIGSTOP peerc -> dead at {observer}", seconds)
             assert seconds < 30.0, dead
         store(a, studies[4])
-        time_until_found(b, studies[4], timeout=5)
-        wait_until(lambda: _converged([a, b]), 10, what="peera and peerb digests equal")
+        time_until_found(b, studies[4], timeout=60)
+        wait_until(lambda: _converged([a, b]), 60, what="peera and peerb digests equal")
         assert digest(a) != digest_before
     finally:
         os.kill(c.pid, signal.SIGCONT)
     t0 = time.monotonic()
-    wait_until(lambda: _converged([a, b, c]), 20, what="digests equal after SIGCONT")
+    wait_until(lambda: _converged([a, b, c]), 60, what="digests equal after SIGCONT")
     figure("SIGCONT peerc -> catalog digests equal", time.monotonic() - t0)
-    cluster.wait_mesh(timeout=20)
+    cluster.wait_mesh(timeout=120)
     figure("SIGCONT peerc -> full mesh again", time.monotonic() - t0)
     rows, proc = findscu(c.port, c.ae_title, {"QueryRetrieveLevel": "STUDY",
                                                "PatientID": "OVL0004", "StudyInstanceUID": "",
