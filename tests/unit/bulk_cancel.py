@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from twisted.internet import defer, reactor, task, threads
 from twisted.logger import globalLogPublisher
 from twisted.python.threadpool import ThreadPool
+from bulk_fetch import until_done
 
 from pacsp2p.overlay import bulk, tls
 
@@ -72,13 +73,8 @@ def run(argv):
             logged.append(failure.type.__name__ if failure is not None else
                           str(event.get("log_format", ""))[:200])
     globalLogPublisher.addObserver(observe)
-
-    def started():
-        d = main(Path(tls_dir), int(port), Path(tmp), float(patience), wait, logged)
-        d.addErrback(lambda f: print(f.getTraceback(), file=sys.stderr, flush=True))
-        d.addBoth(lambda _: reactor.stop())
-    reactor.callWhenRunning(started)
-    reactor.run()
+    until_done(lambda: main(Path(tls_dir), int(port), Path(tmp), float(patience), wait,
+                            logged))
 
 
 if __name__ == "__main__":

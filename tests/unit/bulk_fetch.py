@@ -52,15 +52,20 @@ def main(tls_dir: Path, port: int, tmp: Path, budget: int, uids):
     pool.stop()
 
 
-def run(argv):
-    tls_dir, port, tmp, budget, *uids = argv
-
+def until_done(call):
+    """Run the reactor until the Deferred that *call()* returns fires (a failure's
+    traceback to stderr)."""
     def started():
-        d = main(Path(tls_dir), int(port), Path(tmp), int(budget), uids)
+        d = call()
         d.addErrback(lambda f: print(f.getTraceback(), file=sys.stderr, flush=True))
         d.addBoth(lambda _: reactor.stop())
     reactor.callWhenRunning(started)
     reactor.run()
+
+
+def run(argv):
+    tls_dir, port, tmp, budget, *uids = argv
+    until_done(lambda: main(Path(tls_dir), int(port), Path(tmp), int(budget), uids))
 
 
 if __name__ == "__main__":
