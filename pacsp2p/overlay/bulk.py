@@ -487,6 +487,18 @@ class _FileSink(protocol.Protocol):
             self.finished.errback(self.ended)
 
 
+class _Discard(protocol.Protocol):
+    """An error answer's body, dropped as it comes; past 64 KB (a hostile peer's that
+    never ends: ``readBody`` kept it all, even cancelled) its connection is closed."""
+
+    size = 0
+
+    def dataReceived(self, data):
+        self.size += len(data)
+        if self.size > 1 << 16:
+            self.transport.stopProducing()
+
+
 class _NoDelayClient(HTTP11ClientProtocol):
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
@@ -575,7 +587,7 @@ class BulkClient:
         ``_FileSink``): for callers that only read, seek and close it (no ``name``)."""
         response = yield self._get(member, path)
         if response.code != 200:
-            yield readBody(response)
+            response.deliverBody(_Discard())
             raise IOError(f"{member.name}: GET {path} answered {response.code}")
         finished = defer.Deferred(lambda _: sink.stop())
         make_file = functools.partial(tempfile.NamedTemporaryFile, dir=self.tmpdir,

@@ -5,8 +5,8 @@ stalled source) stops receiving at once instead of keeping the body coming.
 The peer is a real TLS server of the cluster CA in a thread here that answers
 ``GET /instances/...`` as told: part of a body, then silence ("stall"); a chunked body
 that never ends ("endless"); part of a body, then a close ("short": the body lies about
-its size). The client is a real ``BulkClient`` in a process of its own
-(tests/unit/bulk_cancel.py).
+its size); a 404 whose body never ends ("error"), or an honest short one ("notfound").
+The client is a real ``BulkClient`` in a process of its own (tests/unit/bulk_cancel.py).
 """
 from __future__ import annotations
 
@@ -69,11 +69,11 @@ class HostilePeer:
             if self.mode != "short":
                 self.release.wait(2 * PATIENCE)     # open until the test has looked
 
-    def _head(self, s, length: int | None):
+    def _head(self, s, length: int | None, status: bytes = b"200 OK"):
         framing = (b"Content-Length: %d" % length if length is not None
                    else b"Transfer-Encoding: chunked")
-        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom\r\n" + framing +
-                  b"\r\n\r\n")
+        s.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/dicom\r\n" +
+                  framing + b"\r\n\r\n")
 
     def _wait_close(self, s):
         deadline = time.monotonic() + PATIENCE
@@ -91,8 +91,15 @@ class HostilePeer:
         self._head(s, 600_000)
         s.sendall(b"\0" * 200_000)
 
-    def _endless(self, s):                  # never ends (past MEMORY: a file)
-        self._head(s, None)
+    def _notfound(self, s):                 # short, the connection kept
+        self._head(s, 16, b"404 Not Found")
+        s.sendall(b"unknown instance")
+
+    def _error(self, s):                    # an error answer that never ends
+        self._endless(s, b"404 Not Found")
+
+    def _endless(self, s, status: bytes = b"200 OK"):   # never ends (past MEMORY: a file)
+        self._head(s, None, status)
         chunk = b"%x\r\n%s\r\n" % (65536, b"\0" * 65536)
         deadline = time.monotonic() + PATIENCE
         while time.monotonic() < deadline:
@@ -113,7 +120,8 @@ def tls_dir(tmp_path_factory):
 def cancelled_fetch(tls_dir: Path, tmp: Path, mode: str) -> tuple[dict, HostilePeer]:
     peer = HostilePeer(tls_dir, mode)
     tmp.mkdir()
-    wait = {"stall": "memory", "endless": "file", "short": "end"}[mode]
+    wait = {"stall": "memory", "endless": "file", "short": "end", "error": "end",
+            "notfound": "end"}[mode]
     proc = subprocess.Popen([sys.executable, str(HERE / "bulk_cancel.py"), str(tls_dir),
                              str(peer.port), str(tmp), str(PATIENCE), wait],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -122,7 +130,7 @@ def cancelled_fetch(tls_dir: Path, tmp: Path, mode: str) -> tuple[dict, HostileP
         line = proc.stdout.readline()
         assert line, proc.stderr.read()
         answer = json.loads(line)
-        if mode != "short":
+        if mode not in ("short", "notfound"):
             peer.closed.wait(PATIENCE)      # closed by the client, not by its exit
         answer["closed"] = peer.closed.is_set()
         proc.stdin.write("done\n")
@@ -161,3 +169,17 @@ def test_a_body_shorter_than_it_said_is_not_handed_over(tls_dir, tmp_path):
     assert answer["outcome"] == ["ResponseFailed"]
     assert answer["held"] == 0 and answer["left"] == []
     assert answer["logged"] == []
+
+
+def test_an_error_answer_that_never_ends_fails_the_fetch_at_once(tls_dir, tmp_path):
+    answer, peer = cancelled_fetch(tls_dir, tmp_path / "tmp", "error")
+    assert answer["outcome"] == ["OSError"]     # not after the whole (endless) body
+    assert answer["closed"]                     # its body dropped, then its connection
+    assert peer.sent < 4 << 20
+    assert answer["held"] == 0 and answer["left"] == [] and answer["logged"] == []
+
+
+def test_an_honest_error_answer_fails_the_fetch(tls_dir, tmp_path):
+    answer, _ = cancelled_fetch(tls_dir, tmp_path / "tmp", "notfound")
+    assert answer["outcome"] == ["OSError"]
+    assert answer["held"] == 0 and answer["left"] == [] and answer["logged"] == []
