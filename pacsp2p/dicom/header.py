@@ -6,6 +6,7 @@ hashes cover exactly the bytes a sender sent (the file meta is rewritten by rece
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import struct
@@ -22,6 +23,22 @@ from pacsp2p.types import InstanceMeta
 
 class BadDataset(ValueError):
     """The file is not a dataset we can understand (truncated, corrupt, no UIDs)."""
+
+
+SMALL_READ = 256 << 10   # files up to this size are read whole, larger ones memory-mapped
+
+
+@contextlib.contextmanager
+def _contents(f, size: int):
+    """The bytes of the open file *f* (*size* bytes): one read for a small file (no
+    mmap/munmap and page faults per file: a catalog rebuild reads millions), a read-only
+    memory map for a large one."""
+    if size <= SMALL_READ:
+        f.seek(0)
+        yield f.read(size)
+        return
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        yield buf
 
 
 _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
@@ -47,7 +64,7 @@ _CHARSET_TAG = 0x00080005
 def read_meta(path: Path, sha256: str = "", data_size: int = 0) -> InstanceMeta:
     """Header attributes, transfer syntax and content hash of the Part-10 file at *path*.
 
-    One pass over the file (memory-mapped): the File Meta Information, then every
+    One pass over the file (read whole, or memory-mapped if large): the File Meta Information, then every
     element's tag and length — checking that the data set is complete — keeping the raw
     values of the attributes the catalog needs; the sha256 of the data set bytes is taken
     on the way, unless the writer of the file hashed them already (*sha256* of
@@ -60,7 +77,7 @@ def read_meta(path: Path, sha256: str = "", data_size: int = 0) -> InstanceMeta:
             size = f.seek(0, 2)
             if size < 144:
                 raise BadDataset("not a DICOM Part-10 file (too short)")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            with _contents(f, size) as buf:
                 offset, ts = file_meta(buf)
                 if offset == size:
                     raise BadDataset("the data set is empty")
