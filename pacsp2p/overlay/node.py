@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pacsp2p.overlay import bulk, tls
+from pacsp2p.overlay import bulk, fetching, tls
 from pacsp2p.overlay.commands import Vector
 from pacsp2p.overlay.dissemination import Dissemination, check_vector
 from pacsp2p.overlay.membership import MemberInfo, Membership
@@ -57,7 +57,7 @@ class Overlay:
                                      lambda: catalog.vector, o.heartbeat, config=config,
                                      max_links=o.max_links)
         tmp = settings.data_dir / "incoming"
-        self.bulk = bulk.BulkClient(self.credentials, reactor, self.pool, tmp)
+        self.bulk = fetching.BulkClient(self.credentials, reactor, self.pool, tmp)
         self.sync = AntiEntropy(catalog, self.bulk)
         self.dissemination = Dissemination(
             self.membership.swim, lambda: catalog.vector, self._pull, reactor,

@@ -12,7 +12,7 @@ and a new association for every damaged copy, and could never be made clean. So 
 copy is checked *before* it is handed to the consumer, at the cheapest point:
 
 - a copy on another peer arrives over the bulk channel into memory (up to
-  ``bulk.MEMORY`` bytes) or a temporary file; it is hashed on the way (``BulkClient``
+  ``fetching.MEMORY`` bytes) or a temporary file; it is hashed on the way (``BulkClient``
   hashes the data set in the thread that examines the bytes or writes the file, as it
   does for replicas): no extra read, no extra pass, the check is a string comparison
   when the last byte is in;

@@ -1,11 +1,11 @@
 """A real bulk client in a process of its own, for tests/unit/test_bulk_hostile.py.
 
-    python bulk_cancel.py TLS_DIR PORT TMPDIR PATIENCE memory|file|end
+    python bulk_cancel.py TLS_DIR PORT TMPDIR PATIENCE memory|file|end|changes
 
 Fetches one instance (``BulkClient.fetch``) from peer "a" at 127.0.0.1:PORT as peer
 "b"; once its body is arriving (bytes held in the memory budget; a temporary file under
 TMPDIR; or the fetch has ended) cancels the fetch, as a retrieval does with a stalled
-source; then waits (at most PATIENCE seconds) until the budget holds nothing and no temporary file is left,
+source (``changes``: asks ``GET /changes`` instead and waits for its end); then waits (at most PATIENCE seconds) until the budget holds nothing and no temporary file is left,
 and prints one JSON line: how the fetch ended, the budget's bytes still held, the
 temporary files left, and the errors logged meanwhile (an exception in the reactor, an
 unhandled error in a Deferred). Its reactor runs on until a line arrives on stdin (the
@@ -25,7 +25,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 from bulk_fetch import until_done
 
-from pacsp2p.overlay import bulk, tls
+from pacsp2p.overlay import fetching, tls
 
 UID = "1.2.826.0.1.3680043.8.498.1"
 
@@ -41,14 +41,16 @@ def poll(predicate, patience: float):
 def main(tls_dir: Path, port: int, tmp: Path, patience: float, wait: str, logged: list):
     pool = ThreadPool(1, 4, "bulk-io")
     pool.start()
-    client = bulk.BulkClient(tls.Credentials(tls_dir, "b"), reactor, pool, tmp)
+    client = fetching.BulkClient(tls.Credentials(tls_dir, "b"), reactor, pool, tmp)
     member = SimpleNamespace(name="a", host="127.0.0.1", bulk_port=port)
-    d = client.fetch(member, "local", UID)
+    d = (client.changes_body(member, "a", 0, 10) if wait == "changes" else
+         client.fetch(member, "local", UID))
     outcome = []
-    d.addCallbacks(lambda f: (outcome.append("handed over"), f.close()),
+    d.addCallbacks(lambda f: (outcome.append("handed over"),
+                              getattr(f, "close", lambda: None)()),
                    lambda f: outcome.append(f.type.__name__))
     arrived = {"memory": lambda: client.budget.held > 0, "end": lambda: outcome,
-               "file": lambda: any(tmp.iterdir())}[wait]
+               "changes": lambda: outcome, "file": lambda: any(tmp.iterdir())}[wait]
     yield poll(lambda: arrived() or outcome, patience)
     arriving = {"held": client.budget.held, "files": len(list(tmp.iterdir()))}
     d.cancel()

@@ -20,7 +20,7 @@ from twisted.internet import defer, reactor
 from twisted.python.threadpool import ThreadPool
 
 from pacsp2p.dicom.part10 import Part10Bytes
-from pacsp2p.overlay import bulk, tls
+from pacsp2p.overlay import fetching, tls
 
 
 def described(f) -> dict:
@@ -43,7 +43,7 @@ def described(f) -> dict:
 def main(tls_dir: Path, port: int, tmp: Path, budget: int, uids):
     pool = ThreadPool(1, 8, "bulk-io")
     pool.start()
-    client = bulk.BulkClient(tls.Credentials(tls_dir, "b"), reactor, pool, tmp)
+    client = fetching.BulkClient(tls.Credentials(tls_dir, "b"), reactor, pool, tmp)
     client.budget.limit = budget
     member = SimpleNamespace(name="a", host="127.0.0.1", bulk_port=port)
     got = yield defer.gatherResults([client.fetch(member, "local", uid) for uid in uids])

@@ -1,4 +1,4 @@
-"""A fetched instance up to ``bulk.MEMORY`` bytes is kept in memory, within a byte budget
+"""A fetched instance up to ``fetching.MEMORY`` bytes is kept in memory, within a byte budget
 (issue 14: no temporary file per instance on the requester); a larger one, or one that
 arrives when the budget is spent, goes to a temporary file. Either way what is handed
 over holds the same bytes and carries the data set's SHA-256 the reader checks.
@@ -19,7 +19,7 @@ from bulk_spawn import bulk_server
 
 from pacsp2p.dicom.header import read_meta
 from pacsp2p.dicom.part10 import examine
-from pacsp2p.overlay import bulk
+from pacsp2p.overlay import fetching
 from pacsp2p.testing import datasets
 
 HERE = Path(__file__).parent
@@ -61,8 +61,8 @@ def expected(path: Path) -> dict:
 
 def test_small_instances_are_kept_in_memory_a_large_one_goes_to_a_file(served):
     files = served[2]
-    assert files[3].stat().st_size > bulk.MEMORY >= files[2].stat().st_size
-    answer = fetch(served, bulk.MEMORY_BUDGET, files)
+    assert files[3].stat().st_size > fetching.MEMORY >= files[2].stat().st_size
+    answer = fetch(served, fetching.MEMORY_BUDGET, files)
     for f, got in answer["by_file"].items():
         assert {k: got[k] for k in expected(f)} == expected(f), f
         assert not got["left_on_disk"]

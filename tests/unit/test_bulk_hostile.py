@@ -5,7 +5,8 @@ stalled source) stops receiving at once instead of keeping the body coming.
 The peer is a real TLS server of the cluster CA in a thread here that answers
 ``GET /instances/...`` as told: part of a body, then silence ("stall"); a chunked body
 that never ends ("endless"); part of a body, then a close ("short": the body lies about
-its size); a 404 whose body never ends ("error"), or an honest short one ("notfound").
+its size); a 404 whose body never ends ("error"), or an honest short one ("notfound");
+an answer to ``GET /changes`` that never ends ("answer").
 The client is a real ``BulkClient`` in a process of its own (tests/unit/bulk_cancel.py).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pacsp2p.overlay import bulk, tls
+from pacsp2p.overlay import fetching, tls
 
 HERE = Path(__file__).parent
 PATIENCE = 60.0               # generous: the machine may be busy
@@ -95,6 +96,9 @@ class HostilePeer:
         self._head(s, 16, b"404 Not Found")
         s.sendall(b"unknown instance")
 
+    def _answer(self, s):                   # a /changes answer that never ends
+        self._endless(s)
+
     def _error(self, s):                    # an error answer that never ends
         self._endless(s, b"404 Not Found")
 
@@ -121,7 +125,7 @@ def cancelled_fetch(tls_dir: Path, tmp: Path, mode: str) -> tuple[dict, HostileP
     peer = HostilePeer(tls_dir, mode)
     tmp.mkdir()
     wait = {"stall": "memory", "endless": "file", "short": "end", "error": "end",
-            "notfound": "end"}[mode]
+            "notfound": "end", "answer": "changes"}[mode]
     proc = subprocess.Popen([sys.executable, str(HERE / "bulk_cancel.py"), str(tls_dir),
                              str(peer.port), str(tmp), str(PATIENCE), wait],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -147,7 +151,7 @@ def cancelled_fetch(tls_dir: Path, tmp: Path, mode: str) -> tuple[dict, HostileP
 def test_a_cancelled_fetch_from_a_stalled_peer_gives_the_budget_and_connection_back(
         tls_dir, tmp_path):
     answer, _ = cancelled_fetch(tls_dir, tmp_path / "tmp", "stall")
-    assert 0 < answer["arriving"]["held"] <= bulk.MEMORY        # it was in memory
+    assert 0 < answer["arriving"]["held"] <= fetching.MEMORY        # it was in memory
     assert answer["outcome"] == ["CancelledError"]
     assert answer["held"] == 0
     assert answer["closed"]                 # not left open with the peer, forever
@@ -183,3 +187,11 @@ def test_an_honest_error_answer_fails_the_fetch(tls_dir, tmp_path):
     answer, _ = cancelled_fetch(tls_dir, tmp_path / "tmp", "notfound")
     assert answer["outcome"] == ["OSError"]
     assert answer["held"] == 0 and answer["left"] == [] and answer["logged"] == []
+
+
+def test_a_catalog_answer_that_never_ends_is_cut_at_its_bound(tls_dir, tmp_path):
+    answer, peer = cancelled_fetch(tls_dir, tmp_path / "tmp", "answer")
+    assert answer["outcome"] == ["OSError"]     # "an answer over ... bytes", not memory
+    assert answer["closed"]                     # its connection closed by the client
+    assert fetching.MAX_ANSWER < peer.sent < fetching.MAX_ANSWER + (16 << 20)
+    assert answer["logged"] == []
