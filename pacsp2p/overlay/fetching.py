@@ -7,7 +7,8 @@ written to a temporary file in a thread pool with flow control, or kept in memor
 ``MEMORY`` bytes within a shared budget (``_FileSink``); an error answer's body is
 dropped and its connection closed past 64 KB (``_Discard``); a ``/changes`` answer is
 read into memory up to ``MAX_ANSWER`` bytes, and its connection closed past that
-(``_Capped``). A cancelled fetch closes its connection and gives back what it held.
+(``_Capped``), within ``ANSWER_TIMEOUT`` seconds. A cancelled fetch closes its
+connection and gives back what it held.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ MAX_AGENTS = 64               # peers whose HTTP connections we keep (LRU)
 IDLE_CONNECTION = 30.0        # seconds an idle persistent connection is kept
 MAX_ANSWER = 64 << 20         # bytes of a /changes answer read into memory (at most
                               # MAX_CHANGES facts of bounded values: a few MB)
+ANSWER_TIMEOUT = 120.0        # seconds a /changes request may take, asked to answered
 
 
 @implementer(IPolicyForHTTPS)
@@ -308,6 +310,7 @@ class BulkClient:
             credentials, reactor, pool, str(tmpdir))
         self._agents: dict[str, tuple] = {}     # name -> (Agent, its pool), LRU order
         self.budget = _Budget()                  # bodies being received in memory
+        self.answer_timeout = ANSWER_TIMEOUT
 
     def _agent(self, name: str) -> Agent:
         """The agent for peer *name*; agents (and their idle connections) of at most
@@ -330,9 +333,16 @@ class BulkClient:
         url = f"https://{member.host}:{member.bulk_port}{path}".encode()
         return self._agent(member.name).request(b"GET", url, Headers({}))
 
-    @defer.inlineCallbacks
     def pull_body(self, member, vector: dict, limit: int):
-        """Deferred[bytes]: the answer of ``POST /changes`` (not decoded yet)."""
+        """Deferred[bytes]: the answer of ``POST /changes`` (not decoded yet); cancelled
+        (its connection closed) if it is not whole within ``ANSWER_TIMEOUT`` seconds: a
+        peer that accepts and never answers (frozen, hostile) must not hold this peer's
+        one pull at a time for ever."""
+        return self._pull_body(member, vector, limit).addTimeout(self.answer_timeout,
+                                                                 self.reactor)
+
+    @defer.inlineCallbacks
+    def _pull_body(self, member, vector: dict, limit: int):
         url = f"https://{member.host}:{member.bulk_port}/changes".encode()
         data = json.dumps({"vector": vector, "limit": limit},
                           separators=(",", ":")).encode()
@@ -349,9 +359,14 @@ class BulkClient:
         """Deferred[list of facts] of *origin* above sequence *after*."""
         return self.changes_body(member, origin, after, limit).addCallback(json.loads)
 
-    @defer.inlineCallbacks
     def changes_body(self, member, origin: str, after: int, limit: int):
-        """Deferred[bytes]: the JSON body of ``GET /changes`` (not decoded yet)."""
+        """Deferred[bytes]: the JSON body of ``GET /changes`` (not decoded yet); bounded
+        in time like ``pull_body``."""
+        return self._changes_body(member, origin, after, limit).addTimeout(
+            self.answer_timeout, self.reactor)
+
+    @defer.inlineCallbacks
+    def _changes_body(self, member, origin: str, after: int, limit: int):
         response = yield self._get(member, f"/changes/{quote(origin)}?after={after}&limit={limit}")
         if response.code != 200:
             response.deliverBody(_Discard())

@@ -6,7 +6,7 @@ The peer is a real TLS server of the cluster CA in a thread here that answers
 ``GET /instances/...`` as told: part of a body, then silence ("stall"); a chunked body
 that never ends ("endless"); part of a body, then a close ("short": the body lies about
 its size); a 404 whose body never ends ("error"), or an honest short one ("notfound");
-an answer to ``GET /changes`` that never ends ("answer").
+an answer to ``POST /changes`` that never ends ("answer"), or none at all ("silent").
 The client is a real ``BulkClient`` in a process of its own (tests/unit/bulk_cancel.py).
 """
 from __future__ import annotations
@@ -96,6 +96,9 @@ class HostilePeer:
         self._head(s, 16, b"404 Not Found")
         s.sendall(b"unknown instance")
 
+    def _silent(self, s):                   # the request read, never an answer
+        self._wait_close(s)
+
     def _answer(self, s):                   # a /changes answer that never ends
         self._endless(s)
 
@@ -125,7 +128,7 @@ def cancelled_fetch(tls_dir: Path, tmp: Path, mode: str) -> tuple[dict, HostileP
     peer = HostilePeer(tls_dir, mode)
     tmp.mkdir()
     wait = {"stall": "memory", "endless": "file", "short": "end", "error": "end",
-            "notfound": "end", "answer": "changes"}[mode]
+            "notfound": "end", "answer": "changes", "silent": "silent"}[mode]
     proc = subprocess.Popen([sys.executable, str(HERE / "bulk_cancel.py"), str(tls_dir),
                              str(peer.port), str(tmp), str(PATIENCE), wait],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -194,4 +197,13 @@ def test_a_catalog_answer_that_never_ends_is_cut_at_its_bound(tls_dir, tmp_path)
     assert answer["outcome"] == ["OSError"]     # "an answer over ... bytes", not memory
     assert answer["closed"]                     # its connection closed by the client
     assert fetching.MAX_ANSWER < peer.sent < fetching.MAX_ANSWER + (16 << 20)
+    assert answer["logged"] == []
+
+
+def test_a_catalog_pull_a_peer_never_answers_fails_in_bounded_time(tls_dir, tmp_path):
+    answer, _ = cancelled_fetch(tls_dir, tmp_path / "tmp", "silent")
+    # failed after the 3 s bound (the request cancelled: ResponseNeverReceived, or
+    # TimeoutError once an answer had begun): the pull is free for another peer
+    assert answer["outcome"] in (["ResponseNeverReceived"], ["TimeoutError"])
+    assert answer["closed"]                         # the connection closed by the client
     assert answer["logged"] == []
