@@ -45,7 +45,7 @@ MAX_AGENTS = 64               # peers whose HTTP connections we keep (LRU)
 IDLE_CONNECTION = 30.0        # seconds an idle persistent connection is kept
 MAX_ANSWER = 64 << 20         # bytes of a /changes answer read into memory (at most
                               # MAX_CHANGES facts of bounded values: a few MB)
-ANSWER_TIMEOUT = 120.0        # seconds a /changes request may take, asked to answered
+ANSWER_TIMEOUT = 60.0         # seconds a /changes request may take, asked to answered
 
 
 @implementer(IPolicyForHTTPS)
