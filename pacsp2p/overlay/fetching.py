@@ -252,6 +252,10 @@ class _Discard(protocol.Protocol):
             self.transport.stopProducing()
 
 
+class NotHeld(FileNotFoundError):
+    """The peer answered 404: it does not hold that copy (any more: moved, dropped)."""
+
+
 class _Capped(protocol.Protocol):
     """A body read into memory up to *cap* bytes (``finished``: Deferred[bytes]); past
     that, or when *finished* is cancelled, the connection is closed (a hostile peer's
@@ -394,7 +398,8 @@ class BulkClient:
         response = yield self._get(member, path)
         if response.code != 200:
             response.deliverBody(_Discard())
-            raise IOError(f"{member.name}: GET {path} answered {response.code}")
+            raise (NotHeld if response.code == 404 else IOError)(
+                f"{member.name}: GET {path} answered {response.code}")
         finished = defer.Deferred(lambda _: sink.stop())
         make_file = functools.partial(tempfile.NamedTemporaryFile, dir=self.tmpdir,
                                       suffix=".dcm")

@@ -34,6 +34,7 @@ class Source:
     in_flight: int = 0
     completed: int = 0
     failed: int = 0
+    missing: int = 0                  # of those failed: copies not held there (any more)
     bytes: int = 0
     started: float = 0.0
     busy: float = 0.0                 # seconds with at least one fetch running

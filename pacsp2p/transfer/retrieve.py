@@ -476,7 +476,9 @@ class Retrieval:
         log.warn("retrieval {id}: source {src} failed on {uid}: {err}", id=self.id,
                  src=src.name, uid=ref.sop_instance_uid, err=failure.getErrorMessage())
         src.failed += 1
-        if failure.check(*_LINK_ERRORS) or src.failed >= 3:
+        if failure.check(FileNotFoundError):          # not held there: moved, dropped
+            src.missing += 1
+        if failure.check(*_LINK_ERRORS) or src.failed - src.missing >= 3:
             self._drop(src, failure.getErrorMessage())     # the source itself is gone
         else:
             self._forget(src, ref, failure.getErrorMessage())   # just this instance

@@ -180,7 +180,7 @@ def test_a_body_shorter_than_it_said_is_not_handed_over(tls_dir, tmp_path):
 
 def test_an_error_answer_that_never_ends_fails_the_fetch_at_once(tls_dir, tmp_path):
     answer, peer = cancelled_fetch(tls_dir, tmp_path / "tmp", "error")
-    assert answer["outcome"] == ["OSError"]     # not after the whole (endless) body
+    assert answer["outcome"] == ["NotHeld"]     # 404: not after the whole (endless) body
     assert answer["closed"]                     # its body dropped, then its connection
     assert peer.sent < 4 << 20
     assert answer["held"] == 0 and answer["left"] == [] and answer["logged"] == []
@@ -188,7 +188,7 @@ def test_an_error_answer_that_never_ends_fails_the_fetch_at_once(tls_dir, tmp_pa
 
 def test_an_honest_error_answer_fails_the_fetch(tls_dir, tmp_path):
     answer, _ = cancelled_fetch(tls_dir, tmp_path / "tmp", "notfound")
-    assert answer["outcome"] == ["OSError"]
+    assert answer["outcome"] == ["NotHeld"]     # a 404: that copy is not there
     assert answer["held"] == 0 and answer["left"] == [] and answer["logged"] == []
 
 

@@ -285,3 +285,31 @@ def test_a_dead_peer_drops_all_its_archives():
     st = r.status()["sources"]
     assert st["peerb/o1"]["alive"] is False and st["peerb/o2"]["alive"] is False
     assert all(isinstance(v, str) for v in got.values())
+
+
+class Lacking(Archive):
+    """An archive the catalog says holds everything, whose files of *missing* are gone
+    (moved or dropped since: repair, drain, a surplus copy): FileNotFoundError for those."""
+
+    def __init__(self, peer, name, clock, missing, latency=0.01):
+        super().__init__(peer, name, clock, latency)
+        self.missing = set(missing)
+
+    def open(self, uid, sha256=None):
+        if uid not in self.missing:
+            return super().open(uid, sha256)
+        self.asked.append(uid)
+        return defer.fail(FileNotFoundError(f"{uid}: no such file"))
+
+
+def test_copies_no_longer_held_do_not_drop_the_source():
+    # a1 lost its copies of 1-3 (repair moved them) but holds 4 and 5; a2 has 1-4 only
+    clock = Clock()
+    instances = refs(5, [(ME, "a1"), (ME, "a2")])
+    uids = [ref.sop_instance_uid for ref in instances]
+    archives = [Lacking(ME, "a1", clock, uids[:3]), Lacking(ME, "a2", clock, uids[4:])]
+    rank = Rank(lambda uid: ["me/a1", "me/a2"])
+    r, clock, _ = retrieval(instances, archives, "single", [rank])
+    got = consume(r, clock, instances)
+    assert [got[u] for u in uids] == ["me/a2"] * 3 + ["me/a1"] * 2, got   # none failed
+    assert r.status()["sources"]["me/a1"]["alive"] is True
