@@ -337,46 +337,29 @@ class BulkClient:
         url = f"https://{member.host}:{member.bulk_port}{path}".encode()
         return self._agent(member.name).request(b"GET", url, Headers({}))
 
-    def pull_body(self, member, vector: dict, limit: int):
-        """Deferred[bytes]: the answer of ``POST /changes`` (not decoded yet); cancelled
-        (its connection closed) if it is not whole within ``ANSWER_TIMEOUT`` seconds: a
-        peer that accepts and never answers (frozen, hostile) must not hold this peer's
-        one pull at a time for ever."""
-        return self._pull_body(member, vector, limit).addTimeout(self.answer_timeout,
-                                                                 self.reactor)
+    def _answer(self, requested, member):
+        """Deferred[bytes]: the body of the answer to *requested* (a request's Deferred),
+        at most ``MAX_ANSWER`` bytes, whole within ``answer_timeout`` seconds, else
+        cancelled and its connection closed: a peer that accepts and never answers
+        (frozen, hostile) must not hold this peer's one pull at a time for ever."""
+        @defer.inlineCallbacks
+        def read():
+            response = yield requested
+            if response.code != 200:
+                response.deliverBody(_Discard())
+                raise IOError(f"{member.name}: /changes answered {response.code}")
+            body = yield read_capped(response)
+            return body
+        return read().addTimeout(self.answer_timeout, self.reactor)
 
-    @defer.inlineCallbacks
-    def _pull_body(self, member, vector: dict, limit: int):
+    def pull_body(self, member, vector: dict, limit: int):
+        """Deferred[bytes]: the answer of ``POST /changes`` (not decoded yet; ``_answer``)."""
         url = f"https://{member.host}:{member.bulk_port}/changes".encode()
         data = json.dumps({"vector": vector, "limit": limit},
                           separators=(",", ":")).encode()
-        response = yield self._agent(member.name).request(
+        return self._answer(self._agent(member.name).request(
             b"POST", url, Headers({b"content-type": [b"application/json"]}),
-            FileBodyProducer(io.BytesIO(data)))
-        if response.code != 200:
-            response.deliverBody(_Discard())
-            raise IOError(f"{member.name}: /changes answered {response.code}")
-        body = yield read_capped(response)
-        return body
-
-    def changes(self, member, origin: str, after: int, limit: int):
-        """Deferred[list of facts] of *origin* above sequence *after*."""
-        return self.changes_body(member, origin, after, limit).addCallback(json.loads)
-
-    def changes_body(self, member, origin: str, after: int, limit: int):
-        """Deferred[bytes]: the JSON body of ``GET /changes`` (not decoded yet); bounded
-        in time like ``pull_body``."""
-        return self._changes_body(member, origin, after, limit).addTimeout(
-            self.answer_timeout, self.reactor)
-
-    @defer.inlineCallbacks
-    def _changes_body(self, member, origin: str, after: int, limit: int):
-        response = yield self._get(member, f"/changes/{quote(origin)}?after={after}&limit={limit}")
-        if response.code != 200:
-            response.deliverBody(_Discard())
-            raise IOError(f"{member.name}: /changes answered {response.code}")
-        body = yield read_capped(response)
-        return body
+            FileBodyProducer(io.BytesIO(data))), member)
 
     def fetch(self, member, archive: str, uid: str, sha256: str | None = None):
         """Deferred[temporary file, or in memory up to ``MEMORY`` bytes: a
