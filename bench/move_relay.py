@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""C-MOVE / C-GET in relay mode: a study whose copies are all on OTHER peers, moved by
+DCMTK movescu (and fetched by getscu, ``--get``) at a peer whose own archive holds none
+of it, against Orthanc's own C-MOVE of the same study to the same storescp (issue 15.1).
+
+A 3-peer cluster of separate ``twistd`` processes on 127.0.0.1 (``pacsp2p.testing``'s
+``Cluster``): ``peera`` has no archive (``archives = []``), ``peerb`` and ``peerc`` an
+embedded one each (``fsync = false``); the study is stored through peera with
+``replicas = write_quorum = R`` (``--replicas``, default 2: every instance on peerb AND
+peerc; R=1: each on one of them), and timing starts once peera's catalog places every
+instance on R archives (``GET /where``). Every C-MOVE/C-GET is checked for the count of
+files; the first repetition of each also compares every file's data set bytes with the
+original (``dataset_sha256``). Studies as ``bench/move.py`` (``ct``, ``mr32k``,
+``mr8k``); the storescp's directory on tmpfs. Prints medians of interleaved repetitions,
+the ratio orthanc/this (>= 1: at least as fast; target 1.0) and the CPU-seconds per
+instance of each peer process (a, b, c) and their sum: 3 peers on a 2-core host cannot
+show wall-clock scaling, CPU per instance is the honest figure beside the wall clock.
+
+    .venv/bin/python bench/move_relay.py [--quick] [--reps N] [--studies ct,mr32k,mr8k]
+                                         [--get] [--replicas R] [--profile DIR]
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import move as single  # noqa: E402
+from common import Timer, mb, median, table  # noqa: E402
+
+from pacsp2p.testing import Orthanc, StoreSCP  # noqa: E402
+from pacsp2p.testing.cluster import Cluster, get_json, wait_until  # noqa: E402
+from pacsp2p.testing.dcmtk import dataset_sha256, storescu  # noqa: E402
+
+DEST = single.DEST
+PEERS = ("a", "b", "c")
+
+
+def placed(peer, study_uid: str, count: int, replicas: int) -> bool:
+    rows = get_json(peer, f"where?study={study_uid}", timeout=60)
+    return len(rows) == count and all(
+        len({r["peer"] for r in row["replicas"]}) == replicas
+        and all(r["peer"] != "peera" for r in row["replicas"]) for row in rows)
+
+
+def identical(data, files: list[Path]) -> None:
+    """Every received file's data set hashes as the original's (raises otherwise)."""
+    want = sorted(dataset_sha256(f) for f in data.files)
+    got = sorted(dataset_sha256(f) for f in files)
+    if want != got:
+        raise RuntimeError(f"{data.name}: received data sets differ from the originals")
+
+
+def main() -> int:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=None, help="repetitions per source (3; 1 quick)")
+    p.add_argument("--studies", default="ct,mr32k,mr8k", help="comma-separated: ct,mr32k,mr8k")
+    p.add_argument("--get", action="store_true", help="also C-GET at peera (getscu)")
+    p.add_argument("--replicas", type=int, default=2, choices=(1, 2))
+    p.add_argument("--profile", type=Path, default=None,
+                   help="py-spy record the three peers during the first relay C-MOVE")
+    args = p.parse_args()
+    reps = args.reps or (1 if args.quick else 3)
+    common.header(f"relay C-MOVE/C-GET: study on other peers (R={args.replicas}) vs Orthanc")
+    names = [n.strip() for n in args.studies.split(",") if n.strip()]
+    datasets = {n: single.study(args.cache, n) for n in names}
+    for n, data in datasets.items():
+        print(f"-- {n}: {data.name}: {data.count} instances, {mb(data.bytes):.1f} MB")
+    results = []
+    shm = Path("/dev/shm")
+    with common.workdir(args.keep, "pacsp2p-bench-relay-") as wd:
+        dd = Path(tempfile.mkdtemp(prefix="pacsp2p-bench-dest-",
+                                   dir=shm if shm.is_dir() else None))
+        print(f"   {reps} rep(s); destination directory: {dd}", flush=True)
+        cluster = None
+        try:
+            with StoreSCP(dd / "dest", ae_title=DEST, fork=True,
+                          log_path=wd / "storescp.log") as scp, \
+                    Orthanc(wd / "orthanc",
+                            modalities={DEST: [DEST, "127.0.0.1", scp.port]}) as o:
+                r = args.replicas
+                cluster = Cluster(wd / "cluster", {DEST: f"127.0.0.1:{scp.port}"},
+                                  config={"storage": {"fsync": False},
+                                          "cluster": {"replicas": r, "write_quorum": r}})
+                cluster.start(3, per_peer={"peera": {"archives": []}})
+                cluster.wait_mesh(timeout=60)
+                a = cluster[0]
+                with Timer() as t:
+                    for data in datasets.values():
+                        storescu(a.port, a.ae_title, [data.directory], timeout=900)
+                        storescu(o.dicom_port, o.aet, [data.directory], timeout=900)
+                    for data in datasets.values():
+                        wait_until(lambda: placed(a, data.study_uid, data.count, r), 300,
+                                   interval=0.5, what=f"{data.name} on {r} other peers")
+                print(f"   stored through peera (R={r}), placed on peerb/peerc only, and "
+                      f"into Orthanc in {t.seconds:.1f} s (not timed)", flush=True)
+                for sname, data in datasets.items():
+                    results.append(run_study(args, reps, sname, data, scp, cluster, o, dd))
+        finally:
+            if cluster is not None:
+                cluster.stop()
+            shutil.rmtree(dd, ignore_errors=True)
+    report(results)
+    return 0
+
+
+def run_study(args, reps, sname, data, scp, cluster, o, dd):
+    a = cluster[0]
+    sources = {"relay": "move", "orthanc": "move"}
+    if args.get:
+        sources["relay-get"] = "get"
+    times: dict[str, list[float]] = {n: [] for n in sources}
+    cpu: dict[str, list[dict]] = {n: [] for n in sources}
+    pids = {k: cluster[i].pid for i, k in enumerate(PEERS)}
+    getdir = dd / "get"
+    print(f"-- {sname}")
+    for rep in range(reps):
+        order = list(sources) if rep % 2 == 0 else list(reversed(sources))
+        for name in order:
+            single.clear(scp)
+            shutil.rmtree(getdir, ignore_errors=True)
+            getdir.mkdir(parents=True)
+            watched = {"orthanc": o.process.pid} if name == "orthanc" else pids
+            c0 = {k: single.cpu_seconds(pid) for k, pid in watched.items()}
+            prof = args.profile if (name == "relay" and rep == 0) else None
+            with common.profiled_all({f"{sname}-{k}": pid for k, pid in pids.items()}
+                                     if prof else {}, prof):
+                if name == "orthanc":
+                    s = single.move(o.dicom_port, o.aet, data.study_uid)
+                elif name == "relay":
+                    s = single.move(a.port, a.ae_title, data.study_uid)
+                else:
+                    s = single.get(a.port, a.ae_title, data.study_uid, getdir)
+            cpu[name].append({k: single.cpu_seconds(pid) - c0[k]
+                              for k, pid in watched.items()})
+            files = (sorted(f for f in getdir.iterdir() if f.is_file())
+                     if name == "relay-get" else scp.files())
+            if len(files) != data.count:
+                raise RuntimeError(f"{name}: {len(files)} of {data.count} received\n"
+                                   f"{a.log_tail(30)}")
+            if rep == 0 and name != "orthanc":
+                identical(data, files)
+            times[name].append(s)
+            per = "  ".join(f"{k} {v * 1000 / data.count:.3f}" for k, v in cpu[name][-1].items())
+            print(f"   {name:9s} rep {rep + 1}: {s:6.2f} s  {mb(data.bytes) / s:7.1f} MB/s"
+                  f"  {data.count / s:6.0f} inst/s  CPU ms/inst {per}", flush=True)
+    shutil.rmtree(getdir, ignore_errors=True)
+    return sname, data, times, cpu
+
+
+def report(results) -> None:
+    print()
+    rows = []
+    for sname, data, times, cpu in results:
+        for n in times:
+            med = median(times[n])
+            keys = list(cpu[n][0])
+            per = {k: median([c[k] for c in cpu[n]]) * 1000 / data.count for k in keys}
+            total = median([sum(c.values()) for c in cpu[n]]) * 1000 / data.count
+            rows.append([sname, n, f"{med:.2f}", f"{data.count / med:.0f}",
+                         *(f"{per[k]:.3f}" if k in per else "-" for k in PEERS),
+                         f"{total:.3f}", f"{median(times['orthanc']) / med:.2f}"])
+    print(table(rows, ["study", "source", "median s", "inst/s", "a CPU ms/inst",
+                       "b", "c", "sum (orthanc: its own)", "orthanc/this"]))
+    print()
+    for sname, data, times, cpu in results:
+        for n in times:
+            if n != "orthanc":
+                r = median(times["orthanc"]) / median(times[n])
+                print(f"{sname:6s} {n:9s} / orthanc C-MOVE = {r:.2f}   "
+                      f"({'meets' if r >= 1.0 else 'MISSES'} target >= 1.0)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
