@@ -226,6 +226,38 @@ def code_under_test() -> str:
     return f"pacsp2p from {where}" + (f" @ {commit}" if commit else "")
 
 
+def code_versions(spec: str | None) -> list[tuple[str, str | None]]:
+    """[(label, PYTHONPATH for the peers or None: this checkout)] from "a=DIR,b=DIR"."""
+    if not spec:
+        return [("", None)]
+    return [tuple(item.split("=", 1)) for item in spec.split(",")]
+
+
+@contextlib.contextmanager
+def code_tree(tree: str | None):
+    """Peers started inside the block run from *tree* (PYTHONPATH; None: this checkout)."""
+    original = os.environ.get("PYTHONPATH")
+    if tree is not None:
+        os.environ["PYTHONPATH"] = tree
+    try:
+        yield
+    finally:
+        if original is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = original
+
+
+def cpu_seconds(pids) -> float:
+    """user + system CPU seconds used so far by the processes *pids* (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def header(title: str) -> None:
     print(f"== {title}")
     print(f"   {code_under_test()}")

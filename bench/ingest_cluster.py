@@ -31,23 +31,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import Timer, mb, median, table  # noqa: E402
+from common import (Timer, code_tree, code_versions, cpu_seconds, mb, median,  # noqa: E402
+                    table)
 
 from pacsp2p.testing import Peer, StoreSCP  # noqa: E402
 from pacsp2p.testing.cluster import Cluster, get_json, wait_until  # noqa: E402
 from pacsp2p.testing.dcmtk import storescu  # noqa: E402
 
 IDLE = 2.0         # seconds of idle CPU measured before each run (subtracted)
-
-
-def cpu_seconds(pids) -> float:
-    """user + system CPU seconds used so far by the processes *pids* (Linux /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
 
 
 class Meter:
@@ -141,13 +132,6 @@ RUNNERS = {"cluster": run_cluster, "single": run_single, "storescp": run_storesc
            "cluster-nosync": lambda w, d, p, l: run_cluster(w, d, None, l, fsync=False)}
 
 
-def code_versions(spec: str | None) -> list[tuple[str, str | None]]:
-    """[(label, PYTHONPATH for the peers or None: this checkout)] from "a=DIR,b=DIR"."""
-    if not spec:
-        return [("", None)]
-    return [tuple(item.split("=", 1)) for item in spec.split(",")]
-
-
 def main() -> int:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=None, help="repetitions per target (3; 1 quick)")
@@ -166,7 +150,6 @@ def main() -> int:
     datasets = [makers[d](args.cache) for d in args.data.split(",")]
     targets = [t for t in RUNNERS if not (args.quick and t in ("storescp", "cluster-nosync"))]
     versions = code_versions(args.code)
-    original = os.environ.get("PYTHONPATH")
     summary = []
     with common.workdir(args.keep, "pacsp2p-bench-ingest-cluster-") as wd:
         for data in datasets:
@@ -175,11 +158,11 @@ def main() -> int:
             res = {(v, t): {"s": [], "cpu": []} for v, _ in versions for t in targets}
             for rep in range(reps):           # interleaved: drift hits every target alike
                 for version, tree in versions:
-                    if tree is not None:
-                        os.environ["PYTHONPATH"] = tree
                     for target in targets:
                         label = f"{data.name}-{version or 'this'}-{target}-{rep}"
-                        s, cpu, where = RUNNERS[target](wd / label, data, args.profile, label)
+                        with code_tree(tree):
+                            s, cpu, where = RUNNERS[target](wd / label, data, args.profile,
+                                                            label)
                         res[(version, target)]["s"].append(s)
                         if cpu is not None:
                             res[(version, target)]["cpu"].append(cpu)
@@ -188,10 +171,6 @@ def main() -> int:
                               f"{mb(size) / s:7.1f} MB/s  {data.count / s:6.0f} inst/s  "
                               f"{cpus}  {where}  load {os.getloadavg()[0]:.1f}", flush=True)
                         time.sleep(1.0)
-                    if original is None:
-                        os.environ.pop("PYTHONPATH", None)
-                    else:
-                        os.environ["PYTHONPATH"] = original
             for version, _ in versions:
                 single_s = median(res[(version, "single")]["s"])
                 single_cpu = median(res[(version, "single")]["cpu"]) / data.count
