@@ -2,7 +2,10 @@
 
 SQLite in WAL mode. All writes go through :meth:`Catalog.record`, which queues facts in
 the reactor and commits them from a single writer thread in batches (group commit: a
-burst of stores costs one transaction); the facts of other peers that ``learn`` takes
+burst of stores costs one transaction) — or, for the ingest's one-job path, through
+``record_now``: the thread that received an instance commits its fact itself, on the
+writer's connection under the writer's lock (no hand-over to the writer thread and
+back); the facts of other peers that ``learn`` takes
 (a replicated write's remote copies) and the hints ``drop_hint`` forgets wait up to
 ``LATER`` s to ride in the same writer job. Reads run in a small reader pool, one connection
 per thread. Nothing here touches SQLite from the reactor thread. The schema, counters
@@ -62,6 +65,8 @@ class Catalog:
         self.integrity = Integrity(self.path, reactor, _connect)    # .state: /status
         self._local = threading.local()
         self._writer: sqlite3.Connection | None = None
+        self._lock = threading.Lock()          # the writer's connection: one user at once
+        self._own_seq = 0                      # our highest fact written (under _lock)
         self._pending: list[tuple[object, defer.Deferred]] = []
         self._drained: list[defer.Deferred] = []    # stop() waiting for the last flush
         self._parents: dict = {}              # writer thread: see write_facts
@@ -117,13 +122,38 @@ class Catalog:
 
     # -- writing ---------------------------------------------------------------------
     def _in_writer(self, fn: Callable, *a) -> defer.Deferred:
-        if fn != self._write_batch:           # anything else may change parent rows
-            inner = fn
+        batch = fn == self._write_batch       # anything else may change parent rows
 
-            def fn(*args):
-                self._parents.clear()
-                return inner(*args)
-        return deferToThreadPool(self.reactor, self._writer_pool, fn, *a)
+        def locked(*args):
+            with self._lock:
+                if not batch:
+                    self._parents.clear()
+                return fn(*args)
+        return deferToThreadPool(self.reactor, self._writer_pool, locked, *a)
+
+    def record_now(self, meta: InstanceMeta, location: Location) -> int:
+        """Blocking, from a thread that is not the reactor (the ingest's one-job path):
+        write one fact of ours now, in a transaction of its own on the writer's
+        connection (under its lock, between the writer's batches); its sequence number,
+        which the reactor then passes to ``committed_now``. Raises sqlite3.Error."""
+        with self._lock:
+            if self._writer is None:
+                raise sqlite3.OperationalError("the catalog is closed")
+            return self._write_own([(meta, location, (), None)])[0]
+
+    def conflict_now(self, uid: str, archive: str, sha256: str) -> None:
+        """Blocking, like ``record_now``: a conflicting version kept beside *uid*."""
+        with self._lock:
+            if self._writer is None:
+                raise sqlite3.OperationalError("the catalog is closed")
+            self._writer.execute("INSERT OR IGNORE INTO conflicts VALUES (?, ?, ?, "
+                                 "datetime('now'))", (uid, archive, sha256))
+
+    def committed_now(self, seq: int | None) -> None:
+        """Reactor: a fact ``record_now`` wrote is committed (the version vector,
+        the listeners)."""
+        if seq:
+            self._committed(self.peer, seq)
 
     def record(self, meta: InstanceMeta, location: Location | None,
                hints=(), then=None) -> defer.Deferred:
@@ -151,7 +181,7 @@ class Catalog:
 
     def _write_own(self, batch) -> list:
         """Write this peer's facts; the sequence number given to each (None: no location)."""
-        seq = self.vector.get(self.peer, 0)
+        seq = max(self._own_seq, self.vector.get(self.peer, 0))
         facts, seqs, hints, thens = [], [], [], []
         for meta, loc, owed, then in batch:
             hints += [(loc.sop_instance_uid, *o) for o in owed] if loc is not None else []
@@ -166,6 +196,7 @@ class Catalog:
         write_facts(self._writer, facts, hints, self._parents,
                     after=(lambda conn: [then(conn, q) for then, q in thens]) if thens
                     else None)
+        self._own_seq = seq
         if thens:                             # they may have removed parent rows
             self._parents.clear()
         return seqs

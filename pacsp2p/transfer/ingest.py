@@ -32,8 +32,10 @@ import secrets
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
+from pacsp2p.catalog.db import stored_location
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.tally import Tally
@@ -96,77 +98,91 @@ class _Offer:
 
 
 class OneJob(StoreSession):
-    """A peer alone with one archive that can ``keep``: the thread that wrote the data set
-    starts its fsync (``written``), reads its header, keeps it in the archive and asks the
-    reactor to place and record it while the fsync runs (``header_read``) — one thread
-    hop per C-STORE instead of three, and the fsync overlapped with the rest."""
+    """A peer alone with one archive that can ``keep``: ONE job of the thread that wrote
+    the data set makes it durable (fsync), reads its header, keeps it in the archive and
+    commits its catalog row (``Catalog.record_now``: the writer's connection, under its
+    lock); the reactor then only checks placement and answers — two thread hand-overs
+    per C-STORE (to the writing thread and back), where the writer thread's batches, an
+    fsync overlapped in the archive's pool and a hop to the reactor to queue the record
+    made six. Acknowledged only once fsynced and committed, as before."""
 
     def __init__(self, ingest, archive):
         super().__init__(ingest)
         self.archive = archive
-        self.flushed = None
-        self.recorded = defer.Deferred()       # StoreResult, or StoreError
-
-    def written(self, path):
-        """Thread pool, the file is complete: start its fsync."""
-        self.flushed = self.archive.begin_flush(path)
+        self.uid = None
+        self.seq = None                        # our fact's sequence number, committed
+        self.unrecorded = None                 # Failure: kept, but not recorded
 
     def header_read(self, path, meta):
-        """Thread pool, its header read: keep, have it recorded (reactor), wait for the
-        fsync. Raises OSError (the C-STORE then fails with Out of Resources)."""
+        """Thread pool, its header read: fsync, keep, record. Raises OSError if it cannot
+        be kept durable (the C-STORE then fails with Out of Resources; ``abort`` drops
+        a copy kept); a catalog that cannot record it leaves ``unrecorded``."""
+        self.uid = meta.sop_instance_uid
+        flushed = self.archive.begin_flush(path, now=True)
         self.kept = self.archive.keep(path, meta)
-        self.ingest.reactor.callFromThread(self._record, meta, self.kept)
         try:
-            self.archive.made_durable(meta, self.kept, self.flushed)
+            self.archive.made_durable(meta, self.kept, flushed)
         except OSError as e:
-            self.ingest.reactor.callFromThread(self._not_durable, meta, self.kept, e)
+            log.error("C-STORE {uid}: cannot make the copy durable: {err}",
+                      uid=meta.sop_instance_uid, err=e)
             raise
-
-    def _not_durable(self, meta, stored, error):
-        """The fsync failed: the C-STORE fails, and what was recorded meanwhile is undone
-        (else a retry would find the same bytes and answer Success for them)."""
-        uid = meta.sop_instance_uid
-        log.error("C-STORE {uid}: cannot make the copy durable: {err}", uid=uid, err=error)
-
-        def undo(result):
-            if isinstance(result, StoreResult):
-                d = self.ingest.catalog.forget(uid, self.archive.name, stored.sha256)
-                if not (stored.duplicate or stored.conflict):
-                    d.addCallback(lambda _: self.archive.discard(uid, stored.sha256))
-                d.addErrback(lambda f: log.error("undoing {uid} failed: {err}", uid=uid,
-                                                 err=f.getErrorMessage()))
-        self.recorded.addBoth(undo)
-
-    def abandon(self):
-        """Thread pool: the file is not kept (bad data set); let its fsync finish."""
+        catalog, stored = self.ingest.catalog, self.kept
         try:
-            self.flushed()
-        except OSError:
-            pass
+            if stored.conflict:
+                log.warn("conflict: {uid} received again with different bytes (sha256 "
+                         "{sha}); both kept on {archive}", uid=meta.sop_instance_uid,
+                         sha=stored.sha256, archive=stored.archive)
+                catalog.conflict_now(meta.sop_instance_uid, stored.archive, stored.sha256)
+            else:
+                self.seq = catalog.record_now(meta, stored_location(meta, stored,
+                                                                    self.ingest.peer))
+        except Exception:
+            self.unrecorded = Failure()
 
-    def _record(self, meta, stored):
+    def abort(self):
+        """Reactor: not stored after all (its fsync failed): a fresh copy kept goes."""
+        stored, self.kept = self.kept, None
+        if stored is not None and not (stored.duplicate or stored.conflict) and \
+                self.seq is None:
+            self.archive.discard(self.uid, stored.sha256)
+
+    def store(self, path, meta):
+        """Reactor: the copy is durable and recorded; placement must agree (else it is
+        undone: a tombstone of the fact, the file dropped) — Deferred[StoreResult]."""
+        stored = self.kept
+        if stored is None:
+            return self.ingest.store(path, meta, None)
+        uid = meta.sop_instance_uid
+        if self.unrecorded is not None:
+            return defer.maybeDeferred(unrecorded, self.unrecorded, self.archive, meta,
+                                       stored)
+        self.ingest.catalog.committed_now(self.seq)
         a = meta.attributes
-        info = InstanceInfo(meta.sop_instance_uid, meta.sop_class_uid,
-                            a.get("StudyInstanceUID", ""), a.get("SeriesInstanceUID", ""),
-                            a.get("Modality", ""), meta.size, a)
+        info = InstanceInfo(uid, meta.sop_class_uid, a.get("StudyInstanceUID", ""),
+                            a.get("SeriesInstanceUID", ""), a.get("Modality", ""),
+                            meta.size, a)
         try:
             ranked = self.ingest.rank(info)
             if not ranked or ranked[0].name != self.archive.name or not ranked[0].alive:
-                raise StrategyError(f"placement put {meta.sop_instance_uid} on no archive "
-                                    "that is up")
+                raise StrategyError(f"placement put {uid} on no archive that is up")
         except StrategyError as e:
-            log.error("C-STORE {uid}: {err}", uid=meta.sop_instance_uid, err=e)
-            if not (stored.duplicate or stored.conflict):
-                self.archive.discard(meta.sop_instance_uid, stored.sha256).addErrback(
-                    lambda f: log.error("dropping {uid} failed: {err}",
-                                        uid=meta.sop_instance_uid, err=f.getErrorMessage()))
-            self.recorded.errback(StoreError(PROCESSING_FAILURE, str(e)))
-            return
+            return self._refused(meta, stored, str(e))
         self.ingest.copies["local"] += 1
-        d = record(self.ingest.catalog, meta, stored, self.ingest.peer)
-        d.addCallbacks(lambda _: StoreResult(meta.sop_instance_uid, (stored,)), unrecorded,
-                       errbackArgs=(self.archive, meta, stored))
-        d.chainDeferred(self.recorded)
+        return defer.succeed(StoreResult(uid, (stored,)))
+
+    def _refused(self, meta, stored, why: str):
+        """Placement refused a copy kept and recorded: undone, then the C-STORE fails."""
+        uid = meta.sop_instance_uid
+        log.error("C-STORE {uid}: {err}", uid=uid, err=why)
+        d = defer.succeed(None)
+        if self.seq is not None:
+            d.addCallback(lambda _: self.ingest.catalog.forget(uid, self.archive.name,
+                                                               stored.sha256))
+        if not (stored.duplicate or stored.conflict):
+            d.addCallback(lambda _: self.archive.discard(uid, stored.sha256))
+        d.addErrback(lambda f: log.error("undoing {uid} failed: {err}", uid=uid,
+                                         err=f.getErrorMessage()))
+        return d.addCallback(lambda _: defer.fail(StoreError(PROCESSING_FAILURE, why)))
 
 
 class Ingest:
@@ -263,9 +279,6 @@ class Ingest:
     def store(self, received, meta, session=None):
         """Keep the received file on R archives (see the module docstring); *session*,
         the StoreSession ``begin`` made for it, if any."""
-        if isinstance(session, OneJob) and session.kept is not None:
-            result = yield session.recorded
-            return result
         forward = session if isinstance(session, Forward) else None
         a = meta.attributes
         info = InstanceInfo(meta.sop_instance_uid, meta.sop_class_uid,

@@ -117,6 +117,9 @@ class FullCatalog:
     def record(self, meta, location, hints=()):
         return defer.fail(sqlite3.OperationalError(FULL))
 
+    def record_now(self, meta, location):              # the one-job path (a thread)
+        raise sqlite3.OperationalError(FULL)
+
 
 class Reactor:
     def callFromThread(self, fn, *args):
@@ -149,10 +152,11 @@ def test_one_job_copy_not_recorded_is_removed(tmp_path, logged):
     assert isinstance(session, OneJob)
     path = received(tmp_path, "one")
     session.written(path)
-    session.header_read(path, read_meta(path))
+    meta = read_meta(path)
+    session.header_read(path, meta)
     assert session.kept is not None
     failures = []
-    session.recorded.addErrback(failures.append)
+    session.store(path, meta).addErrback(failures.append)
     assert failures and failures[0].check(sqlite3.OperationalError)
     assert objects(a) == []                            # the kept file is gone
     assert any("could not record the copy" in x for x in logged())
@@ -167,9 +171,12 @@ def test_one_job_duplicate_not_recorded_stays(tmp_path):
     again = received(tmp_path, "dup")
     session = ingest_alone(a).begin("", "", "", b"", None, None)
     session.written(again)
-    session.header_read(again, read_meta(again))
+    meta = read_meta(again)
+    session.header_read(again, meta)
     assert session.kept.duplicate
-    session.recorded.addErrback(lambda f: None)
+    failures = []
+    session.store(again, meta).addErrback(failures.append)
+    assert failures and failures[0].check(sqlite3.OperationalError)
     assert len(objects(a)) == 1
 
 
@@ -183,11 +190,13 @@ def test_failure_is_answered_only_once_the_file_is_gone(tmp_path):
     session = ingest_alone(a).begin("", "", "", b"", None, None)
     path = received(tmp_path, "slow")
     session.written(path)
-    session.header_read(path, read_meta(path))
-    assert not session.recorded.called
+    meta = read_meta(path)
+    session.header_read(path, meta)
+    answered = session.store(path, meta)
+    assert not answered.called
     removing.callback(None)
-    assert session.recorded.called
-    session.recorded.addErrback(lambda f: None)
+    assert answered.called
+    answered.addErrback(lambda f: None)
     assert objects(a) == []
 
 
