@@ -8,6 +8,13 @@ over plain HTTP/1.1 inside the same mutual TLS:
   all; ``sync.py``); the asker's vector is told to ``heard`` (it may be ahead of us)
 - ``GET /changes/<origin>?after=N&limit=M`` -> JSON list of one origin's facts
 - ``GET /instances/<archive>/<uid>?sha256=H`` -> the Part-10 file, streamed from disk
+- ``POST /instances/<archive>`` with ``[[uid, sha256 or ""], ...]`` (at most
+  ``MAX_BATCH``) -> one frame per instance asked, in order: a status byte (``OK``,
+  ``NOT_HELD``, ``ALONE``: too big for a batch or not read in one, ask it alone;
+  ``FAILED``), the body's length (4 bytes, big-endian) and the Part-10 file (``OK``
+  only). The instances are read whole in ONE job of the archive's pool (``read_many``):
+  a small instance costs neither its own request, its own catalog query nor its own
+  thread hops (the sender's side of a relayed C-MOVE of 2,000 small MR instances).
 
 Everything in a request is hostile until checked: the UID must be valid (PS3.5 §9.1, else
 400) and the catalog must place it on that archive of this peer (else 404): the channel
@@ -29,13 +36,14 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from pacsp2p.flow import open_gated
+from pacsp2p.flow import fetch_gate, open_gated
 from pacsp2p.overlay import tls
 from pacsp2p.overlay.dissemination import check_vector
 from pacsp2p.overlay.sync import BATCH, MAX_PULL_BODY, serve
@@ -47,6 +55,14 @@ CHUNK = 1 << 20               # read from files
 MAX_CHANGES = 20000
 MAX_NAME = 255                # characters of a peer, archive or token name in a path
 _SHA256 = re.compile(rb"[0-9a-f]{64}\Z")
+_SHA256_TEXT = re.compile(r"[0-9a-f]{64}\Z", re.ASCII)
+
+MAX_BATCH = 64                # instances asked in one POST /instances/<archive>
+MAX_BATCH_BODY = 16 << 10     # bytes of such a request (64 UIDs and hashes: < 10 KB)
+BATCH_ITEM = 1 << 20          # bytes of one instance served in a batch (else ALONE)
+BATCH_BYTES = 8 << 20         # bytes of one batch answer (past them: ALONE)
+OK, NOT_HELD, ALONE, FAILED = 0, 1, 2, 3
+FRAME = struct.Struct(">BI")  # status, length of the body that follows
 
 
 def _answer(request, code: int, body: bytes) -> bytes:
@@ -156,6 +172,49 @@ class _Instances(resource.Resource):
         d.addErrback(self._not_served, request, name, uid)
         return server.NOT_DONE_YET
 
+    def render_POST(self, request):
+        """``/instances/<archive>``: a batch (see the module's docstring); 400 for a bad
+        request (any invalid UID or hash), 404 for an archive this peer has not."""
+        try:
+            if len(request.postpath) != 1:
+                raise ValueError("path")
+            name = request.postpath[0].decode("ascii")
+            body = request.content.read(MAX_BATCH_BODY + 1) if request.content else b""
+            if len(body) > MAX_BATCH_BODY:
+                raise ValueError("too big")
+            items = _batch(json.loads(body))
+        except (ValueError, UnicodeDecodeError):
+            return _answer(request, 400, b"bad request\n")
+        archive = self.archives.get(name)
+        if archive is None or "open" not in archive.capabilities:
+            return _answer(request, 404, b"no such archive\n")
+        uids = [uid for uid, _ in items]
+        if "read_many" not in archive.capabilities:       # each alone, as a GET
+            _send_frames(request, [(ALONE, b"")] * len(items))
+            return server.NOT_DONE_YET
+        d = self.catalog.held(self.catalog.peer, name, uids)
+
+        def read(held):
+            asked = [(uid, sha or None) for uid, sha in items if uid in held]
+            if not asked:
+                return held, []
+            return fetch_gate(archive).run(archive.read_many, asked,       # one job
+                                           BATCH_ITEM).addCallback(lambda r: (held, r))
+
+        def send(answer):
+            held, results = answer
+            results, frames, size = iter(results), [], 0
+            for uid in uids:
+                frame = _frame(next(results)) if uid in held else (NOT_HELD, b"")
+                size += len(frame[1])
+                frames.append(frame if size <= BATCH_BYTES else (ALONE, b""))
+            _send_frames(request, frames)
+
+        d.addCallback(read)
+        d.addCallback(send)
+        d.addErrback(lambda f: _fail(request, f))
+        return server.NOT_DONE_YET
+
     @staticmethod
     def _not_served(failure, request, name, uid):
         if failure.check(KeyError, FileNotFoundError, LookupError):
@@ -164,6 +223,51 @@ class _Instances(resource.Resource):
             _fail(request, None, 404, b"unknown instance\n")
         else:
             _fail(request, failure)
+
+
+def _batch(asked) -> list[tuple[str, str]]:
+    """The (uid, sha256 or "") of a batch request, checked (ValueError otherwise)."""
+    if not isinstance(asked, list) or not 0 < len(asked) <= MAX_BATCH:
+        raise ValueError("not a list of 1 to MAX_BATCH items")
+    items = []
+    for item in asked:
+        if not (isinstance(item, list) and len(item) == 2
+                and all(isinstance(x, str) for x in item)):
+            raise ValueError("not [uid, sha256]")
+        uid, sha = item
+        if not is_uid(uid) or (sha and not _SHA256_TEXT.match(sha)):
+            raise ValueError("invalid UID or hash")
+        items.append((uid, sha))
+    if len({uid for uid, _ in items}) != len(items):
+        raise ValueError("an instance asked twice")
+    return items
+
+
+def _frame(result) -> tuple[int, bytes]:
+    """A ``read_many`` result as a frame's (status, body); a file it left open (larger
+    than a batch takes) is closed: ALONE."""
+    if isinstance(result, tuple):
+        return OK, result[0]
+    if isinstance(result, (KeyError, FileNotFoundError, LookupError)):
+        return NOT_HELD, b""
+    if isinstance(result, BaseException):
+        log.warn("bulk batch: reading an instance failed: {err}", err=shown(str(result), 200))
+        return FAILED, b""
+    result.close()
+    return ALONE, b""
+
+
+def _send_frames(request, frames) -> None:
+    if getattr(request, "_disconnected", False):
+        return                          # the asker gave up (cancelled, stalled)
+    parts = []
+    for status, body in frames:
+        parts += (FRAME.pack(status, len(body)), body)
+    data = b"".join(parts)
+    request.setHeader(b"content-type", b"application/octet-stream")
+    request.setHeader(b"content-length", b"%d" % len(data))
+    request.write(data)
+    request.finish()
 
 
 def _fail(request, failure, code=500, body=b"internal error\n"):

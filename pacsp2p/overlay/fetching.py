@@ -8,7 +8,11 @@ written to a temporary file in a thread pool with flow control, or kept in memor
 dropped and its connection closed past 64 KB (``_Discard``); a ``/changes`` answer is
 read into memory up to ``MAX_ANSWER`` bytes, and its connection closed past that
 (``_Capped``), within ``ANSWER_TIMEOUT`` seconds. A cancelled fetch closes its
-connection and gives back what it held.
+connection and gives back what it held. Small instances are fetched many to a request
+(``fetch_many``: ``POST /instances/<archive>``, the frames of ``bulk``), the answer read
+into memory up to its bound (``bulk.BATCH_BYTES`` and the frames' headers), then split,
+examined and hashed in ONE pool job; a peer that serves no batches (an older one:
+405) is asked one instance per request from then on.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from twisted.web.client import (Agent, FileBodyProducer, HTTPConnectionPool, Res
                                 _HTTP11ClientFactory)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from pacsp2p.dicom import header, part10
+from pacsp2p.overlay import bulk
 
 SINK_CHUNK = 1 << 20         # received bytes gathered before a write job (a typical
                              # instance: one job, which also makes its temporary file)
@@ -294,6 +299,50 @@ def read_capped(response, cap: int = MAX_ANSWER):
     return capped.finished
 
 
+class Unbatched(IOError):
+    """Not served in a batch: the peer serves none (an older peer), or asks that this
+    instance be fetched alone (too big for a batch)."""
+
+
+@implementer(IBodyProducer)
+class _Body:
+    """A request body in memory, written at once (no cooperator task)."""
+
+    def __init__(self, data: bytes):
+        self.data, self.length = data, len(data) or UNKNOWN_LENGTH
+
+    def startProducing(self, consumer):
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+def _split(chunks: list, n: int) -> list:
+    """Thread: a batch answer's *n* frames (``bulk.FRAME``), each ``OK`` body examined
+    and hashed as ``fetch`` does it (``_kept``), the others left as their status (int).
+    IOError if the frames are not exactly *n* well-formed ones."""
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    out, pos, head = [], 0, bulk.FRAME.size
+    while pos < len(data) and len(out) < n:
+        if pos + head > len(data):
+            break
+        status, size = bulk.FRAME.unpack_from(data, pos)
+        pos += head
+        if status > bulk.FAILED or size > bulk.BATCH_ITEM or pos + size > len(data) or (
+                size and status != bulk.OK):
+            break
+        out.append(_kept([data[pos:pos + size]], True) if status == bulk.OK else status)
+        pos += size
+    if len(out) != n or pos != len(data):
+        raise IOError(f"a batch answer of {len(data)} bytes is not {n} frames")
+    return out
+
+
 class _NoDelayClient(HTTP11ClientProtocol):
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
@@ -315,6 +364,7 @@ class BulkClient:
         self._agents: dict[str, tuple] = {}     # name -> (Agent, its pool), LRU order
         self.budget = _Budget()                  # bodies being received in memory
         self.answer_timeout = ANSWER_TIMEOUT
+        self._unbatched: set[str] = set()      # peers that answered a batch 405
 
     def _agent(self, name: str) -> Agent:
         """The agent for peer *name*; agents (and their idle connections) of at most
@@ -368,6 +418,38 @@ class BulkClient:
         query = f"?sha256={sha256}" if sha256 else ""
         return self.download(member, f"/instances/{quote(archive)}/{quote(uid)}{query}",
                              hashed=True, in_memory=True)
+
+    @defer.inlineCallbacks
+    def fetch_many(self, member, archive: str, items):
+        """Deferred[list], one entry per (uid, sha256) of *items* (at most
+        ``bulk.MAX_BATCH``), in order: the instance in memory as ``fetch`` gives it (a
+        ``Part10Bytes``, data set hashed), or the exception for that one (``NotHeld``;
+        ``Unbatched``: fetch it alone). Fails as a whole with ``Unbatched`` if the peer
+        serves no batches, else as a fetch does (link errors, IOError for a hostile or
+        broken answer: over its bound, not the frames asked, ``answer_timeout``)."""
+        if member.name in self._unbatched:
+            raise Unbatched(f"{member.name} serves no batches")
+        url = f"https://{member.host}:{member.bulk_port}/instances/{quote(archive)}"
+        body = json.dumps([[uid, sha or ""] for uid, sha in items],
+                          separators=(",", ":")).encode()
+        requested = self._agent(member.name).request(
+            b"POST", url.encode(), Headers({b"content-type": [b"application/json"]}),
+            _Body(body))
+        response = yield requested.addTimeout(self.answer_timeout, self.reactor)
+        if response.code != 200:
+            response.deliverBody(_Discard())
+            if response.code == 405:                # an older peer: GET each
+                self._unbatched.add(member.name)
+                raise Unbatched(f"{member.name} serves no batches")
+            raise (NotHeld if response.code == 404 else IOError)(
+                f"{member.name}: POST /instances/{archive} answered {response.code}")
+        chunks = yield read_capped(response, bulk.BATCH_BYTES + bulk.FRAME.size * len(
+            items)).addTimeout(self.answer_timeout, self.reactor)
+        frames = yield deferToThreadPool(self.reactor, self.pool, _split, [chunks],
+                                         len(items))
+        why = {bulk.NOT_HELD: NotHeld, bulk.ALONE: Unbatched, bulk.FAILED: IOError}
+        return [why[f](f"{member.name}: {uid} not served in a batch (status {f})")
+                if isinstance(f, int) else f for f, (uid, _) in zip(frames, items)]
 
     def fetch_offer(self, member, token: str):
         """Deferred[temporary file] of an offered instance, its data set hashed."""

@@ -134,6 +134,17 @@ class Overlay:
         return self.bulk.fetch(member, location.archive, location.sop_instance_uid,
                                location.sha256)
 
+    def fetch_many(self, locations):
+        """Deferred[list] of the instances *locations* (one peer, one archive), one
+        request for all (``BulkClient.fetch_many``: an entry per location, the instance
+        or why not)."""
+        first = locations[0]
+        member = self.membership.members.get(first.peer)
+        if member is None:
+            raise PeerUnknown(f"peer {first.peer} is unknown")
+        return self.bulk.fetch_many(member, first.archive,
+                                    [(loc.sop_instance_uid, loc.sha256) for loc in locations])
+
     def status(self) -> dict:
         return {"members": self.membership.status(), "vector": dict(self.catalog.vector),
                 "facts_pulled": self.sync.pulled,

@@ -23,7 +23,6 @@ the instance a consumer waits for is rescued on a second source if its only one 
 
 from __future__ import annotations
 
-import io
 import itertools
 import time
 
@@ -34,12 +33,12 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from pacsp2p.adapters.associations import DimseError
 from pacsp2p.adapters.http import Unreachable
-from pacsp2p.dicom.part10 import Part10Bytes
-from pacsp2p.flow import DEFAULT_MAX_FETCHES, fetch_gate, open_gated
+from pacsp2p.flow import DEFAULT_MAX_FETCHES, open_gated
 from pacsp2p.overlay.node import PeerUnknown
 from pacsp2p.strategies import Strategies, StrategyError
+from pacsp2p.transfer.batches import BatchReads
 from pacsp2p.transfer.plan import PlanView, Source, readable, source_name
-from pacsp2p.transfer.verify import WHOLE, Damaged, checked, is_sha256, mismatch
+from pacsp2p.transfer.verify import Damaged, checked
 from pacsp2p.types import InstanceRef, PeerInfo
 
 __all__ = ["PlanView", "Retrieval", "Source", "Unavailable", "readable", "source_name"]
@@ -76,7 +75,9 @@ class Unavailable(Exception):
     """No replica of an instance could be read."""
 
 
-class Retrieval:
+class Retrieval(BatchReads):
+    stall = STALL_SECONDS               # seconds without an answer: the source is dropped
+
     def __init__(self, refs: list[InstanceRef], archives: dict, peer: str, overlay=None,
                  strategies=None, reactor=None, window: int = 64, per_source: int = 8,
                  site: str | None = None):
@@ -364,74 +365,26 @@ class Retrieval:
         self._turns += 1
         src._turn = self._turns
         loc = plan.where[uid][src.name]
-        if src.peer == self.peer and "read_many" in self.archives[loc.archive].capabilities:
-            self._batches.setdefault(src.name, []).append(ref)     # read in one job
+        if self._batchable(src, loc, ref):          # read with others (``batches``)
+            self._batches.setdefault(src.name, []).append(ref)
             self._timers[(src.name, uid)] = (None, self.reactor.seconds())
             return
+        self._fetch_one(src, ref, loc)
+
+    def _fetch_one(self, src: Source, ref: InstanceRef, loc):
+        """Read the claimed *ref* alone from *src* (its copy *loc*)."""
         if src.peer == self.peer:
-            d = open_gated(self.archives[loc.archive], uid, loc.sha256)
+            d = open_gated(self.archives[loc.archive], ref.sop_instance_uid, loc.sha256)
         else:
             d = defer.maybeDeferred(self.overlay.fetch, loc)
-        d.addCallback(checked, loc, self.reactor)       # a damaged copy is never served
-        timer = self.reactor.callLater(STALL_SECONDS, self._stalled, src, ref, d)
-        self._timers[(src.name, uid)] = (timer, self.reactor.seconds())
+        self._watch(src, ref, d.addCallback(checked, loc, self.reactor))   # never a
+                                                                           # damaged copy
+    def _watch(self, src: Source, ref: InstanceRef, d):
+        """*d* reads *ref* from *src*: its stall timer, its outcome."""
+        timer = self.reactor.callLater(self.stall, self._stalled, src, ref, d)
+        self._timers[(src.name, ref.sop_instance_uid)] = (timer, self.reactor.seconds())
         d.addCallbacks(self._got, self._lost, callbackArgs=(src, ref),
                        errbackArgs=(src, ref))
-
-    def _read_batches(self):
-        """Each local source's claims of this pass, read in one job of its archive."""
-        batches, self._batches = self._batches, {}
-        for name, refs in batches.items():
-            src = self.plan.sources[name]
-            locs = [self.plan.where[r.sop_instance_uid][name] for r in refs]
-            archive = self.archives[src.archive]
-            d = fetch_gate(archive).run(archive.read_many,
-                                        [(loc.sop_instance_uid, loc.sha256) for loc in locs],
-                                        WHOLE)
-            timer = self.reactor.callLater(STALL_SECONDS, self._stalled, src, refs[0], d)
-            since = self.reactor.seconds()
-            for ref in refs:
-                self._timers[(name, ref.sop_instance_uid)] = (timer, since)
-            d.addCallbacks(self._got_batch, self._lost_batch,
-                           callbackArgs=(src, refs, locs, timer), errbackArgs=(src, refs, timer))
-
-    def _got_batch(self, results, src: Source, refs, locs, timer):
-        """Serve a batch's copies that hash right; fail the others over. One scheduling
-        pass for the batch, not one per instance."""
-        if timer.active():
-            timer.cancel()
-        held, self._scheduling = self._scheduling, True
-        try:
-            for ref, loc, result in zip(refs, locs, results):
-                if isinstance(result, BaseException):
-                    self._lost(Failure(result), src, ref)
-                elif not isinstance(result, tuple):       # larger: hashed on its own
-                    d = checked(result, loc, self.reactor)
-                    self._timers[(src.name, ref.sop_instance_uid)] = (self.reactor.callLater(
-                        STALL_SECONDS, self._stalled, src, ref, d), self.reactor.seconds())
-                    d.addCallbacks(self._got, self._lost, callbackArgs=(src, ref),
-                                   errbackArgs=(src, ref))
-                else:
-                    data, meta = result
-                    if is_sha256(loc.sha256) and (meta[3] if meta else "") != loc.sha256:
-                        self._lost(Failure(mismatch(loc, meta[3] if meta else "")), src, ref)
-                    else:
-                        self._got(Part10Bytes(data, *meta[:3]) if meta else io.BytesIO(data),
-                                  src, ref)
-        finally:
-            self._scheduling = held
-        self._schedule()
-
-    def _lost_batch(self, failure: Failure, src: Source, refs, timer):
-        if timer.active():
-            timer.cancel()
-        held, self._scheduling = self._scheduling, True
-        try:
-            for ref in refs:
-                self._lost(failure, src, ref)
-        finally:
-            self._scheduling = held
-        self._schedule()
 
     def _settle(self, src: Source, ref: InstanceRef):
         uid = ref.sop_instance_uid
@@ -485,7 +438,7 @@ class Retrieval:
 
     def _stalled(self, src: Source, ref: InstanceRef, d):
         self._timers.pop((src.name, ref.sop_instance_uid), None)
-        self._drop(src, f"no answer for {STALL_SECONDS:.0f} s")
+        self._drop(src, f"no answer for {self.stall:.0f} s")
         d.cancel()
 
     def _drop(self, src: Source, why: str):

@@ -1,11 +1,13 @@
 """A real bulk client in a process of its own, for tests/unit/test_bulk_fetch_memory.py.
 
-    python bulk_fetch.py TLS_DIR PORT TMPDIR BUDGET UID...
+    python bulk_fetch.py TLS_DIR PORT TMPDIR BUDGET [--many] UID...
 
-Fetches each UID (``BulkClient.fetch``, all at once) from archive "local" of peer "a"
-at 127.0.0.1:PORT as peer "b", with a memory budget of BUDGET bytes, and prints one JSON
-line: per UID what was handed over (kind, sha256, sizes, the SHA-256 of all its bytes,
-whether it names a file on disk), then the budget's bytes still held.
+Fetches each UID (``BulkClient.fetch``, all at once; with ``--many``, all in one
+``BulkClient.fetch_many``) from archive "local" of peer "a" at 127.0.0.1:PORT as peer
+"b", with a memory budget of BUDGET bytes, and prints one JSON line: per UID what was
+handed over (kind, sha256, sizes, the SHA-256 of all its bytes, whether it names a file
+on disk; with ``--many``, the name of the exception for one not served), then the
+budget's bytes still held.
 """
 from __future__ import annotations
 
@@ -46,8 +48,14 @@ def main(tls_dir: Path, port: int, tmp: Path, budget: int, uids):
     client = fetching.BulkClient(tls.Credentials(tls_dir, "b"), reactor, pool, tmp)
     client.budget.limit = budget
     member = SimpleNamespace(name="a", host="127.0.0.1", bulk_port=port)
-    got = yield defer.gatherResults([client.fetch(member, "local", uid) for uid in uids])
-    print(json.dumps({"instances": {uid: described(f) for uid, f in zip(uids, got)},
+    if uids and uids[0] == "--many":
+        uids = uids[1:]
+        got = yield client.fetch_many(member, "local", [(uid, "") for uid in uids])
+    else:
+        got = yield defer.gatherResults([client.fetch(member, "local", uid)
+                                         for uid in uids])
+    print(json.dumps({"instances": {uid: type(f).__name__ if isinstance(f, Exception)
+                                    else described(f) for uid, f in zip(uids, got)},
                       "held": client.budget.held}), flush=True)
     pool.stop()
 

@@ -19,7 +19,7 @@ from bulk_spawn import bulk_server
 
 from pacsp2p.dicom.header import read_meta
 from pacsp2p.dicom.part10 import examine
-from pacsp2p.overlay import fetching
+from pacsp2p.overlay import bulk, fetching
 from pacsp2p.testing import datasets
 
 HERE = Path(__file__).parent
@@ -37,13 +37,14 @@ def served(tmp_path_factory):
         yield root / "tls", ports["port"], files, root
 
 
-def fetch(served, budget: int, files) -> dict:
+def fetch(served, budget: int, files, many: bool = False, extra=()) -> dict:
     tls_dir, port, _, root = served
-    tmp = root / f"tmp-{budget}"
+    tmp = root / f"tmp-{budget}-{many}"
     tmp.mkdir()
-    uids = [read_meta(f).sop_instance_uid for f in files]
+    uids = [read_meta(f).sop_instance_uid for f in files] + list(extra)
     out = subprocess.run([sys.executable, str(HERE / "bulk_fetch.py"), str(tls_dir),
-                          str(port), str(tmp), str(budget), *uids],
+                          str(port), str(tmp), str(budget), *(["--many"] if many else []),
+                          *uids],
                          check=False, capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 0 and out.stdout, out.stderr
     answer = json.loads(out.stdout)
@@ -83,3 +84,35 @@ def test_a_spent_budget_spills_to_files_with_the_same_bytes(served):
     for f, got in answer["by_file"].items():
         assert {k: got[k] for k in expected(f)} == expected(f), f
     assert answer["held"] == 0
+
+
+def test_a_batch_hands_over_small_instances_in_memory_and_names_the_others(served):
+    files = served[2]
+    answer = fetch(served, fetching.MEMORY_BUDGET, files, many=True, extra=["1.2.3.4.5"])
+    for f in files[:3]:                     # byte-identical, hashed as a single fetch
+        got = answer["by_file"][f]
+        assert {k: got[k] for k in expected(f)} == expected(f), f
+        assert got["kind"] == "memory" and got["data_sha256"] == got["sha256"]
+    assert files[3].stat().st_size > bulk.BATCH_ITEM
+    assert answer["by_file"][files[3]] == "Unbatched"     # too big: to be fetched alone
+    assert answer["instances"]["1.2.3.4.5"] == "NotHeld"
+    assert answer["held"] == 0
+
+
+def frames(*parts) -> list:
+    return [b"".join(bulk.FRAME.pack(status, len(body)) + body for status, body in parts)]
+
+
+def test_a_batch_answer_that_is_not_the_frames_asked_is_refused():
+    ok = frames((bulk.OK, b"x" * 10), (bulk.NOT_HELD, b""))
+    got = fetching._split(ok, 2)
+    assert got[1] == bulk.NOT_HELD and got[0].size == 10
+    for bad, n in ((ok, 3), (ok, 1),                             # fewer, more than asked
+                   ([ok[0] + b"\0"], 2),                         # trailing bytes
+                   ([ok[0][:-1]], 2),                             # cut short
+                   (frames((bulk.NOT_HELD, b"body")), 1),         # a body for no instance
+                   (frames((9, b"")), 1),                         # no such status
+                   ([bulk.FRAME.pack(bulk.OK, bulk.BATCH_ITEM + 1)
+                     + b"\0" * (bulk.BATCH_ITEM + 1)], 1)):       # over an item's bound
+        with pytest.raises(IOError):
+            fetching._split(bad, n)

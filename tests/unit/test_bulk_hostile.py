@@ -6,7 +6,8 @@ The peer is a real TLS server of the cluster CA in a thread here that answers
 ``GET /instances/...`` as told: part of a body, then silence ("stall"); a chunked body
 that never ends ("endless"); part of a body, then a close ("short": the body lies about
 its size); a 404 whose body never ends ("error"), or an honest short one ("notfound");
-an answer to ``POST /changes`` that never ends ("answer"), or none at all ("silent").
+an answer to ``POST /changes`` that never ends ("answer"), or none at all ("silent"); an
+answer to a batch, ``POST /instances/local``, that never ends ("batch").
 The client is a real ``BulkClient`` in a process of its own (tests/unit/bulk_cancel.py).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pacsp2p.overlay import fetching, tls
+from pacsp2p.overlay import bulk, fetching, tls
 
 HERE = Path(__file__).parent
 PATIENCE = 60.0               # generous: the machine may be busy
@@ -102,6 +103,9 @@ class HostilePeer:
     def _answer(self, s):                   # a /changes answer that never ends
         self._endless(s)
 
+    def _batch(self, s):                    # a batch answer that never ends
+        self._endless(s)
+
     def _error(self, s):                    # an error answer that never ends
         self._endless(s, b"404 Not Found")
 
@@ -128,7 +132,8 @@ def cancelled_fetch(tls_dir: Path, tmp: Path, mode: str) -> tuple[dict, HostileP
     peer = HostilePeer(tls_dir, mode)
     tmp.mkdir()
     wait = {"stall": "memory", "endless": "file", "short": "end", "error": "end",
-            "notfound": "end", "answer": "changes", "silent": "silent"}[mode]
+            "notfound": "end", "answer": "changes", "silent": "silent",
+            "batch": "batch"}[mode]
     proc = subprocess.Popen([sys.executable, str(HERE / "bulk_cancel.py"), str(tls_dir),
                              str(peer.port), str(tmp), str(PATIENCE), wait],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -207,3 +212,11 @@ def test_a_catalog_pull_a_peer_never_answers_fails_in_bounded_time(tls_dir, tmp_
     assert answer["outcome"] in (["ResponseNeverReceived"], ["TimeoutError"])
     assert answer["closed"]                         # the connection closed by the client
     assert answer["logged"] == []
+
+
+def test_a_batch_answer_that_never_ends_is_cut_at_its_bound(tls_dir, tmp_path):
+    answer, peer = cancelled_fetch(tls_dir, tmp_path / "tmp", "batch")
+    assert answer["outcome"] == ["OSError"]     # "an answer over ... bytes", not memory
+    assert answer["closed"]                     # its connection closed by the client
+    assert bulk.BATCH_BYTES < peer.sent < bulk.BATCH_BYTES + (16 << 20)
+    assert answer["held"] == 0 and answer["left"] == [] and answer["logged"] == []

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pacsp2p.dicom.header import read_meta
-from pacsp2p.overlay import tls
+from pacsp2p.overlay import bulk, tls
 from pacsp2p.testing import datasets
 
 SERVER = Path(__file__).with_name("bulk_server.py")
@@ -63,6 +63,19 @@ class Server:
         finally:
             conn.close()
 
+    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        ctx = ssl.create_default_context(cafile=str(self.tls_dir / "ca.crt"))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(self.tls_dir / "b.crt", self.tls_dir / "b.key")
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx,
+                                           timeout=PATIENCE)
+        try:
+            conn.request("POST", path, body, {"content-type": "application/json"})
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
+
     def stop(self):
         self.proc.kill()
         self.proc.wait()
@@ -95,6 +108,46 @@ def assert_no_path(server: Server, body: bytes) -> None:
 def test_a_known_instance_is_served(served, files):
     status, body = served.get(f"/instances/local/{uid_of(files[0])}")
     assert status == 200 and body == files[0].read_bytes()
+
+
+def frames(body: bytes) -> list[tuple[int, bytes]]:
+    out, pos = [], 0
+    while pos < len(body):
+        status, size = bulk.FRAME.unpack_from(body, pos)
+        pos += bulk.FRAME.size
+        out.append((status, body[pos:pos + size]))
+        pos += size
+    return out
+
+
+def test_a_batch_serves_known_instances_in_order_and_no_others(served, files):
+    asked = [[uid_of(files[0]), ""], [uid_of(files[2]), ""],    # on disk, not catalogued
+             ["1.2.3.4.5.6.7", ""], [uid_of(files[1]), "0" * 64]]
+    status, body = served.post("/instances/local", json.dumps(asked).encode())
+    assert status == 200, body
+    assert frames(body) == [(bulk.OK, files[0].read_bytes()), (bulk.NOT_HELD, b""),
+                            (bulk.NOT_HELD, b""), (bulk.OK, files[1].read_bytes())]
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"{}", b"[]", b"not json", b'[["1.2.3"]]', b'[["1.2.3", 5]]',
+    b'[["..%2F..%2Fetc%2Fpasswd", ""]]', b'[["/etc/passwd", ""]]', b'[["1.2.3", "ABC"]]',
+    b'[["1.2.3", ""], ["1.2.3", ""]]',                            # twice
+    json.dumps([[f"1.2.{i}", ""] for i in range(bulk.MAX_BATCH + 1)]).encode(),
+    b"[" + b" " * bulk.MAX_BATCH_BODY + b'["1.2.3", ""]]'])
+def test_a_bad_batch_is_400_without_a_path(served, body):
+    status, answer = served.post("/instances/local", body)
+    assert status == 400, (body[:80], status, answer)
+    assert_no_path(served, answer)
+
+
+def test_a_batch_of_another_archive_or_path_is_refused_without_a_path(served, files):
+    asked = json.dumps([[uid_of(files[0]), ""]]).encode()
+    for path, code in (("/instances/other", 404), ("/instances/%2Fetc", 404),
+                       ("/instances/local/x", 400), ("/instances", 400)):
+        status, answer = served.post(path, asked)
+        assert status == code, (path, status, answer)
+        assert_no_path(served, answer)
 
 
 @pytest.mark.parametrize("path", [
