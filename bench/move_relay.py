@@ -15,9 +15,13 @@ original (``dataset_sha256``). Studies as ``bench/move.py`` (``ct``, ``mr32k``,
 the ratio orthanc/this (>= 1: at least as fast; target 1.0) and the CPU-seconds per
 instance of each peer process (a, b, c) and their sum: 3 peers on a 2-core host cannot
 show wall-clock scaling, CPU per instance is the honest figure beside the wall clock.
+With ``--with-single``, a lone peer holding the study in its own embedded archive
+(``bench/move.py``'s single-peer case) is timed in the same sequence: what relaying
+costs over reading one's own archive.
 
     .venv/bin/python bench/move_relay.py [--quick] [--reps N] [--studies ct,mr32k,mr8k]
                                          [--get] [--replicas R] [--profile DIR]
+                                         [--with-single]
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import common  # noqa: E402
 import move as single  # noqa: E402
 from common import Timer, mb, median, table  # noqa: E402
 
-from pacsp2p.testing import Orthanc, StoreSCP  # noqa: E402
+from pacsp2p.testing import Orthanc, Peer, StoreSCP  # noqa: E402
 from pacsp2p.testing.cluster import Cluster, get_json, wait_until  # noqa: E402
 from pacsp2p.testing.dcmtk import dataset_sha256, storescu  # noqa: E402
 
@@ -63,6 +67,8 @@ def main() -> int:
     p.add_argument("--replicas", type=int, default=2, choices=(1, 2))
     p.add_argument("--profile", type=Path, default=None,
                    help="py-spy record the three peers during the first relay C-MOVE")
+    p.add_argument("--with-single", action="store_true",
+                   help="also C-MOVE from a lone peer holding the study (bench/move.py)")
     args = p.parse_args()
     reps = args.reps or (1 if args.quick else 3)
     common.header(f"relay C-MOVE/C-GET: study on other peers (R={args.replicas}) vs Orthanc")
@@ -89,10 +95,18 @@ def main() -> int:
                 cluster.start(3, per_peer={"peera": {"archives": []}})
                 cluster.wait_mesh(timeout=60)
                 a = cluster[0]
+                if args.with_single:
+                    lone = Peer(wd / "single", name="single", ae_title="SINGLE",
+                                destinations={DEST: f"127.0.0.1:{scp.port}"},
+                                config={"storage": {"fsync": False}}).start()
+                    cluster.peers.append(lone)      # (stopped with the cluster)
                 with Timer() as t:
                     for data in datasets.values():
                         storescu(a.port, a.ae_title, [data.directory], timeout=900)
                         storescu(o.dicom_port, o.aet, [data.directory], timeout=900)
+                        if args.with_single:
+                            storescu(lone.port, lone.ae_title, [data.directory],
+                                     timeout=900)
                     for data in datasets.values():
                         wait_until(lambda: placed(a, data.study_uid, data.count, r), 300,
                                    interval=0.5, what=f"{data.name} on {r} other peers")
@@ -113,6 +127,9 @@ def run_study(args, reps, sname, data, scp, cluster, o, dd):
     sources = {"relay": "move", "orthanc": "move"}
     if args.get:
         sources["relay-get"] = "get"
+    if args.with_single:
+        sources["single"] = "move"
+        lone = cluster.peers[3]
     times: dict[str, list[float]] = {n: [] for n in sources}
     cpu: dict[str, list[dict]] = {n: [] for n in sources}
     pids = {k: cluster[i].pid for i, k in enumerate(PEERS)}
@@ -124,13 +141,16 @@ def run_study(args, reps, sname, data, scp, cluster, o, dd):
             single.clear(scp)
             shutil.rmtree(getdir, ignore_errors=True)
             getdir.mkdir(parents=True)
-            watched = {"orthanc": o.process.pid} if name == "orthanc" else pids
+            watched = ({"orthanc": o.process.pid} if name == "orthanc" else
+                       {"single": lone.pid} if name == "single" else pids)
             c0 = {k: single.cpu_seconds(pid) for k, pid in watched.items()}
             prof = args.profile if (name == "relay" and rep == 0) else None
             with common.profiled_all({f"{sname}-{k}": pid for k, pid in pids.items()}
                                      if prof else {}, prof):
                 if name == "orthanc":
                     s = single.move(o.dicom_port, o.aet, data.study_uid)
+                elif name == "single":
+                    s = single.move(lone.port, lone.ae_title, data.study_uid)
                 elif name == "relay":
                     s = single.move(a.port, a.ae_title, data.study_uid)
                 else:
@@ -142,7 +162,7 @@ def run_study(args, reps, sname, data, scp, cluster, o, dd):
             if len(files) != data.count:
                 raise RuntimeError(f"{name}: {len(files)} of {data.count} received\n"
                                    f"{a.log_tail(30)}")
-            if rep == 0 and name != "orthanc":
+            if rep == 0 and name not in ("orthanc", "single"):
                 identical(data, files)
             times[name].append(s)
             per = "  ".join(f"{k} {v * 1000 / data.count:.3f}" for k, v in cpu[name][-1].items())
@@ -165,7 +185,7 @@ def report(results) -> None:
                          *(f"{per[k]:.3f}" if k in per else "-" for k in PEERS),
                          f"{total:.3f}", f"{median(times['orthanc']) / med:.2f}"])
     print(table(rows, ["study", "source", "median s", "inst/s", "a CPU ms/inst",
-                       "b", "c", "sum (orthanc: its own)", "orthanc/this"]))
+                       "b", "c", "sum (orthanc, single: its own)", "orthanc/this"]))
     print()
     for sname, data, times, cpu in results:
         for n in times:

@@ -322,9 +322,23 @@ class _Body:
         pass
 
 
+def _examined(data: bytes):
+    """Thread: one instance of a batch as ``_kept`` hands it over (``part10.examine``:
+    the File Meta walked once, the data set hashed)."""
+    try:
+        offset, ts, uid, sha = part10.examine(data)
+    except (part10.BadFile, header.BadDataset, ValueError, struct.error):
+        f, f.sha256, f.data_size = io.BytesIO(data), "", 0
+    else:
+        f = part10.Part10Bytes(data, offset, ts, uid)
+        f.sha256, f.data_size = sha, len(data) - offset
+    f.size = len(data)
+    return f
+
+
 def _split(chunks: list, n: int) -> list:
     """Thread: a batch answer's *n* frames (``bulk.FRAME``), each ``OK`` body examined
-    and hashed as ``fetch`` does it (``_kept``), the others left as their status (int).
+    and hashed (``_examined``), the others left as their status (int).
     IOError if the frames are not exactly *n* well-formed ones."""
     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     out, pos, head = [], 0, bulk.FRAME.size
@@ -336,7 +350,7 @@ def _split(chunks: list, n: int) -> list:
         if status > bulk.FAILED or size > bulk.BATCH_ITEM or pos + size > len(data) or (
                 size and status != bulk.OK):
             break
-        out.append(_kept([data[pos:pos + size]], True) if status == bulk.OK else status)
+        out.append(_examined(data[pos:pos + size]) if status == bulk.OK else status)
         pos += size
     if len(out) != n or pos != len(data):
         raise IOError(f"a batch answer of {len(data)} bytes is not {n} frames")

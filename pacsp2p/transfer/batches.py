@@ -9,9 +9,11 @@ per instance:
 - another peer's archive: one request on the bulk channel (``BulkClient.fetch_many``,
   ``POST /instances/<archive>``), served there by one ``read_many`` job and received,
   split and hashed here in one pool job — of at most ``MAX_BATCH`` instances and
-  ``bulk.BATCH_BYTES`` bytes; an instance the holder asks to be fetched alone (too big;
-  an archive without ``read_many``), and every instance of a holder that serves no
-  batches (an older peer), is fetched alone as before.
+  ``MAX_BYTES`` bytes, each at most ``SMALL`` (a larger one is fetched alone, streamed);
+  an instance the holder asks to be fetched alone (an archive without ``read_many``),
+  and every instance of a holder that serves no batches (an older peer), is fetched
+  alone as before. As they go many to a read, up to ``IN_FLIGHT`` small instances are
+  asked of one such source at once (its ``max_fetches`` counts reads there).
 
 Per small instance that is a fraction of a thread hop, of a request and of a scheduling
 pass instead of several of each: the batching of many small pieces per request that
@@ -30,14 +32,19 @@ from twisted.python.failure import Failure
 
 from pacsp2p.dicom.part10 import Part10Bytes
 from pacsp2p.flow import fetch_gate
-from pacsp2p.overlay import bulk
 from pacsp2p.overlay.fetching import Unbatched
 from pacsp2p.transfer.verify import WHOLE, checked, is_sha256, mismatch
 
-MAX_BATCH = 32          # instances in one request to another peer
+MAX_BATCH = 32          # instances in one request to another peer ...
+MAX_BYTES = 2 << 20     # ... and their bytes (by the catalog's sizes)
+SMALL = 256 << 10       # an instance up to this size is asked in a batch; a larger one
+                        # alone, streamed as it arrives (a CT image: its own request
+                        # costs little beside its bytes, and it is handed over sooner)
+IN_FLIGHT = 16          # instances asked of another peer's archive at once when the
+                        # retrieval's are small (batches: each one read job there)
 
 
-def chunks(refs, locs, max_count: int = MAX_BATCH, max_bytes: int = bulk.BATCH_BYTES):
+def chunks(refs, locs, max_count: int = MAX_BATCH, max_bytes: int = MAX_BYTES):
     """(refs, locs) in runs of at most *max_count* instances and *max_bytes* bytes."""
     start, size = 0, 0
     for i, ref in enumerate(refs):
@@ -56,8 +63,17 @@ class BatchReads:
     def _batchable(self, src, loc, ref) -> bool:
         if src.peer == self.peer:
             return "read_many" in self.archives[loc.archive].capabilities
-        return (getattr(self.overlay, "fetch_many", None) is not None
-                and 0 < ref.size <= bulk.BATCH_ITEM)
+        return self._batches_remote() and 0 < ref.size <= SMALL
+
+    def _batches_remote(self) -> bool:
+        return getattr(self.overlay, "fetch_many", None) is not None
+
+    def _remote_limit(self, limit: int) -> int:
+        """Instances asked of another peer's archive at once (its ``max_fetches``):
+        more when they are small, as they go in batches (one read job each there)."""
+        if self._batches_remote() and self.plan.avg_size <= SMALL:
+            return max(limit, IN_FLIGHT)
+        return limit
 
     def _read_batches(self):
         """Each source's claims of this pass, read in one job or asked in few requests."""

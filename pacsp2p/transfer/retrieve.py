@@ -150,7 +150,7 @@ class Retrieval(BatchReads):
             entry = next((a for a in (getattr(member.info, "archives", None) or ())
                           if a and a[0] == archive), None) if member is not None else None
             limit = entry[2] if entry is not None and len(entry) > 2 else None
-            limit = limit or self.per_source
+            limit = self._remote_limit(int(limit or self.per_source))
         return max(1, int(limit or DEFAULT_MAX_FETCHES))
 
     def _learn_sites(self) -> None:
