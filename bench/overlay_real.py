@@ -177,7 +177,9 @@ def run(n: int, root: Path, files) -> dict:
         lat0 = latencies(peers[0])
         each0 = {pid: cpu([pid]) for pid in pids}
         t0 = time.monotonic()
-        spied = {"writer": pids[0], "other": pids[-1]} if PROFILE is not None else {}
+        spied = {"writer": pids[0], "second": pids[1], "middle": pids[n // 2],
+                 "other": pids[-1]} if PROFILE is not None and n > 3 else \
+            {"writer": pids[0], "other": pids[-1]} if PROFILE is not None else {}
         with common.profiled_all(spied, PROFILE / root.name / f"n{n}" if PROFILE is not None
                                  else None):
             proc = storescu(peers[0].port, peers[0].ae_title, files, timeout=600)
@@ -234,7 +236,7 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="overlay.KEY=VALUE",
                     help="an [overlay] setting for every peer (e.g. overlay.max_links=8)")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
-                    help="py-spy the writer and the last peer while the 1,000 spread")
+                    help="py-spy the writer and three others while the 1,000 spread")
     ap.add_argument("--code", default=None, metavar="LABEL=DIR,...",
                     help="run the peers from each of these source trees in turn, per N")
     args = ap.parse_args()
