@@ -81,3 +81,33 @@ def storescp(tmp_path):
     """A running storescp (AE STORESCP) writing into tmp_path/'received'."""
     with StoreSCP(tmp_path / "received", ae_title="STORESCP") as scp:
         yield scp
+
+
+FAILED_LOGS = Path("/tmp/pacsp2p-failed-logs")
+LOG_TAIL = 80
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the tail of every peer log written during it, and
+    the whole logs are kept under /tmp/pacsp2p-failed-logs/<test>/ (pytest removes its
+    temporary directories after three runs): a flaky failure in CI can be read."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when != "call" or not rep.failed:
+        return
+    from pacsp2p.testing.peer import SPAWNED
+    started = call.start
+    keep = FAILED_LOGS / "".join(c if c.isalnum() else "_" for c in item.nodeid)[-120:]
+    for i, (path, name) in enumerate(list(SPAWNED.items())):
+        try:
+            if path.stat().st_mtime < started:
+                continue
+            lines = path.read_text(errors="replace").splitlines()
+            keep.mkdir(parents=True, exist_ok=True)
+            whole = keep / f"{i}-{name}.log"
+            whole.write_text("\n".join(lines) + "\n")
+        except OSError:
+            continue
+        rep.sections.append((f"peer {name} log {path}: last {LOG_TAIL} lines (whole: "
+                             f"{whole})", "\n".join(lines[-LOG_TAIL:])))

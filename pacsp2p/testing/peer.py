@@ -18,6 +18,10 @@ def twistd_path() -> Path:
     return Path(sys.executable).parent / "twistd"
 
 
+SPAWNED: dict = {}     # log path -> peer name: every peer this process started (a failed
+                       # test's report shows their logs: tests/conftest.py)
+
+
 class Peer(Server):
     """Context manager running one pacsp2p peer with a generated TOML config.
 
@@ -87,6 +91,7 @@ class Peer(Server):
         with open(self.log_path, "a") as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(map(str, argv))}\n")
         self.process = Process(argv, self.log_path, cwd=self.workdir).start()
+        SPAWNED[self.log_path] = self.name
         return self
 
     def start(self) -> "Peer":
