@@ -13,7 +13,8 @@ files; the first repetition of each also compares every file's data set bytes wi
 original (``dataset_sha256``). Studies as ``bench/move.py`` (``ct``, ``mr32k``,
 ``mr8k``); the storescp's directory on tmpfs. Prints medians of interleaved repetitions,
 the ratio orthanc/this (>= 1: at least as fast; target 1.0) and the CPU-seconds per
-instance of each peer process (a, b, c) and their sum: 3 peers on a 2-core host cannot
+instance of each peer process (a, b, c) and their sum (in Orthanc's row: the peers'
+CPU while Orthanc ran, i.e. what they spend idle, beside Orthanc's own): 3 peers on a 2-core host cannot
 show wall-clock scaling, CPU per instance is the honest figure beside the wall clock.
 With ``--with-single``, a lone peer holding the study in its own embedded archive
 (``bench/move.py``'s single-peer case) is timed in the same sequence: what relaying
@@ -141,7 +142,7 @@ def run_study(args, reps, sname, data, scp, cluster, o, dd):
             single.clear(scp)
             shutil.rmtree(getdir, ignore_errors=True)
             getdir.mkdir(parents=True)
-            watched = ({"orthanc": o.process.pid} if name == "orthanc" else
+            watched = ({"orthanc": o.process.pid, **pids} if name == "orthanc" else
                        {"single": lone.pid} if name == "single" else pids)
             c0 = {k: single.cpu_seconds(pid) for k, pid in watched.items()}
             prof = args.profile if (name == "relay" and rep == 0) else None
@@ -180,7 +181,8 @@ def report(results) -> None:
             med = median(times[n])
             keys = list(cpu[n][0])
             per = {k: median([c[k] for c in cpu[n]]) * 1000 / data.count for k in keys}
-            total = median([sum(c.values()) for c in cpu[n]]) * 1000 / data.count
+            total = median([c[n] if n in c else sum(c.values())      # orthanc: its own
+                            for c in cpu[n]]) * 1000 / data.count
             rows.append([sname, n, f"{med:.2f}", f"{data.count / med:.0f}",
                          *(f"{per[k]:.3f}" if k in per else "-" for k in PEERS),
                          f"{total:.3f}", f"{median(times['orthanc']) / med:.2f}"])
