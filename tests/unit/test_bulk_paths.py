@@ -51,26 +51,20 @@ class Server:
             return json.load(r)
 
     def get(self, path: str) -> tuple[int, bytes]:
-        ctx = ssl.create_default_context(cafile=str(self.tls_dir / "ca.crt"))
-        ctx.check_hostname = False
-        ctx.load_cert_chain(self.tls_dir / "b.crt", self.tls_dir / "b.key")
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx,
-                                           timeout=PATIENCE)
-        try:
-            conn.request("GET", path)
-            r = conn.getresponse()
-            return r.status, r.read()
-        finally:
-            conn.close()
+        return self.ask("GET", path)
 
     def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        return self.ask("POST", path, body, {"content-type": "application/json"})
+
+    def ask(self, method: str, path: str, *args) -> tuple[int, bytes]:
+        """(status, body) of one request as peer "b" (a cluster certificate)."""
         ctx = ssl.create_default_context(cafile=str(self.tls_dir / "ca.crt"))
         ctx.check_hostname = False
         ctx.load_cert_chain(self.tls_dir / "b.crt", self.tls_dir / "b.key")
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx,
                                            timeout=PATIENCE)
         try:
-            conn.request("POST", path, body, {"content-type": "application/json"})
+            conn.request(method, path, *args)
             r = conn.getresponse()
             return r.status, r.read()
         finally:
