@@ -14,8 +14,10 @@ original (``dataset_sha256``). Studies as ``bench/move.py`` (``ct``, ``mr32k``,
 ``mr8k``); the storescp's directory on tmpfs. Prints medians of interleaved repetitions,
 the ratio orthanc/this (>= 1: at least as fast; target 1.0) and the CPU-seconds per
 instance of each peer process (a, b, c) and their sum (in Orthanc's row: the peers'
-CPU while Orthanc ran, i.e. what they spend idle, beside Orthanc's own): 3 peers on a 2-core host cannot
-show wall-clock scaling, CPU per instance is the honest figure beside the wall clock.
+CPU while Orthanc ran, i.e. what they spend idle, beside Orthanc's own): 3 peers on a
+2-core host cannot show wall-clock scaling, CPU per instance is the honest figure
+beside the wall clock. Each relay line also tells the instances each source served and
+how many the consumer opened before they were fetched (``waited``).
 With ``--with-single``, a lone peer holding the study in its own embedded archive
 (``bench/move.py``'s single-peer case) is timed in the same sequence: what relaying
 costs over reading one's own archive.
@@ -50,6 +52,17 @@ def placed(peer, study_uid: str, count: int, replicas: int) -> bool:
     return len(rows) == count and all(
         len({r["peer"] for r in row["replicas"]}) == replicas
         and all(r["peer"] != "peera" for r in row["replicas"]) for row in rows)
+
+
+def retrieval(peer) -> str:
+    """The newest retrieval at *peer*: instances per source, and how many the consumer
+    opened before they were fetched (``waited``: the fetching was behind)."""
+    try:
+        r = max(get_json(peer, timeout=60)["retrievals"], key=lambda r: r["id"])
+    except (ValueError, KeyError, OSError):
+        return ""
+    per = "/".join(str(s["completed"]) for s in r["sources"].values())
+    return f"  [from {per}, waited {r.get('waited', '?')}, rescued {r['rescued']}]"
 
 
 def identical(data, files: list[Path]) -> None:
@@ -168,7 +181,8 @@ def run_study(args, reps, sname, data, scp, cluster, o, dd):
             times[name].append(s)
             per = "  ".join(f"{k} {v * 1000 / data.count:.3f}" for k, v in cpu[name][-1].items())
             print(f"   {name:9s} rep {rep + 1}: {s:6.2f} s  {mb(data.bytes) / s:7.1f} MB/s"
-                  f"  {data.count / s:6.0f} inst/s  CPU ms/inst {per}", flush=True)
+                  f"  {data.count / s:6.0f} inst/s  CPU ms/inst {per}"
+                  f"{retrieval(a) if name.startswith('relay') else ''}", flush=True)
     shutil.rmtree(getdir, ignore_errors=True)
     return sname, data, times, cpu
 

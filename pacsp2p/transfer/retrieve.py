@@ -114,6 +114,7 @@ class Retrieval(BatchReads):
         self.on_damaged = None           # callable(Location): a copy that failed its hash
         self.rescued = 0                 # instances a consumer waited for, asked of a 2nd source
         self.duplicates = 0              # second copies fetched and closed (endgame)
+        self.waited = 0                  # instances opened before they were fetched
 
     # -- where each instance can come from --------------------------------------------
     def _member(self, peer: str):
@@ -515,6 +516,7 @@ class Retrieval(BatchReads):
             source.addCallback(_dropped)                # (and keep no reference to it)
             self._handed()
             return defer.succeed(value)
+        self.waited += 1                                # the consumer waits for it
         result = defer.Deferred()
 
         def handed(value):
@@ -542,6 +544,7 @@ class Retrieval(BatchReads):
         """Counts, and per source (``peer/archive``) what it served and how fast."""
         return {"id": self.id, "instances": len(self.refs), "done": len(self.plan.done),
                 "rescued": self.rescued, "duplicates": self.duplicates,
+                "waited": self.waited,
                 "pending": len(self.plan.pending), "started_at": self.started_at,
                 "finished_at": self.finished_at, "cancelled": self.cancelled,
                 "sources": {s.name: {"peer": s.peer, "archive": s.archive,
