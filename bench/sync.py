@@ -194,7 +194,7 @@ class RssSampler(threading.Thread):
 
 
 class LogWatch:
-    """Follow a peer's log for its "synced facts of ORIGIN ... -> N" lines."""
+    """Follow a peer's log for its "synced ... ORIGIN a -> N" lines."""
 
     def __init__(self, path: Path):
         self.path, self.offset, self.best = path, 0, 0
@@ -209,8 +209,11 @@ class LogWatch:
         cut = data.rfind(b"\n") + 1
         self.offset += cut
         for line in data[:cut].decode(errors="replace").splitlines():
-            m = re.search(rf"synced facts of {re.escape(origin)} from \S+: sequence \d+ -> (\d+)",
-                          line)
+            # "synced N facts from P: O a -> b, ..." (older: "synced facts of O from P:
+            # sequence a -> b", a line an origin)
+            m = re.search(rf"(?:synced facts of {re.escape(origin)} from \S+: sequence|"
+                          rf"synced \d+ facts from \S+: (?:.*, )?{re.escape(origin)}) "
+                          rf"\d+ -> (\d+)", line)
             if m:
                 self.best = max(self.best, int(m.group(1)))
         return self.best
