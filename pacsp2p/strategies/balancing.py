@@ -26,7 +26,8 @@ import itertools
 from pacsp2p.strategies.hookspecs import hookimpl
 
 TARGET_SECONDS = 0.5
-MAX_BATCH = 16
+MAX_BATCH = 64          # instances in flight from one source at most (its own limit
+                        # is smaller but where small instances travel in batches)
 
 
 def _room(source) -> int:

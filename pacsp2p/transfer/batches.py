@@ -13,7 +13,8 @@ per instance:
   an instance the holder asks to be fetched alone (an archive without ``read_many``),
   and every instance of a holder that serves no batches (an older peer), is fetched
   alone as before. As they go many to a read, up to ``IN_FLIGHT`` small instances are
-  asked of one such source at once (its ``max_fetches`` counts reads there).
+  asked of one such source at once (its ``max_fetches`` counts reads there), claimed
+  ``ROOM`` at a time within a window of ``WINDOW`` instances.
 
 Per small instance that is a fraction of a thread hop, of a request and of a scheduling
 pass instead of several of each: the batching of many small pieces per request that
@@ -40,8 +41,11 @@ MAX_BYTES = 2 << 20     # ... and their bytes (by the catalog's sizes)
 SMALL = 256 << 10       # an instance up to this size is asked in a batch; a larger one
                         # alone, streamed as it arrives (a CT image: its own request
                         # costs little beside its bytes, and it is handed over sooner)
-IN_FLIGHT = 16          # instances asked of another peer's archive at once when the
-                        # retrieval's are small (batches: each one read job there)
+IN_FLIGHT = 64          # instances asked of another peer's archive at once when the
+                        # retrieval's are small (batches: each one read job there) ...
+ROOM = 32               # ... claimed once the window has room for this many (a request
+WINDOW = 128            # costs ~1 ms at each end: 8 to a request cost twice the CPU per
+                        # instance of 32), in a window of several such batches
 
 
 def chunks(refs, locs, max_count: int = MAX_BATCH, max_bytes: int = MAX_BYTES):
@@ -67,6 +71,14 @@ class BatchReads:
 
     def _batches_remote(self) -> bool:
         return getattr(self.overlay, "fetch_many", None) is not None
+
+    def _tune(self) -> None:
+        """Small instances from other peers: claimed ``ROOM`` at a time (the requests
+        they go in are the cost per instance) within a ``WINDOW``."""
+        if self._batches_remote() and self.plan.avg_size <= SMALL and any(
+                s.peer != self.peer for s in self.plan.sources.values()):
+            self.room = max(self.room, ROOM)
+            self.window = max(self.window, WINDOW)
 
     def _remote_limit(self, limit: int) -> int:
         """Instances asked of another peer's archive at once (its ``max_fetches``):

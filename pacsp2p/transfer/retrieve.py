@@ -92,6 +92,7 @@ class Retrieval(BatchReads):
         self.strategies = strategies if strategies is not None else default_strategies()
         self.reactor = reactor
         self.window = window
+        self.room = BATCH                # the least room a nearly full window waits for
         self.per_source = per_source
         self.site = site if site is not None else next(
             (a.site for a in archives.values() if getattr(a, "site", None)), None)
@@ -208,6 +209,7 @@ class Retrieval(BatchReads):
             if not plan.holders[ref.sop_instance_uid]:
                 plan.take(ref)
                 self._fail(ref, "no live replica")
+        self._tune()                     # small instances from other peers: batches
         if self.overlay is not None:
             self.overlay.membership.on_change.append(self._member_changed)
         self._schedule()
@@ -240,7 +242,7 @@ class Retrieval(BatchReads):
 
     def _full(self) -> bool:
         """Nearly full of fetched instances: no room for a batch."""
-        return self._budget() < BATCH <= self._buffered
+        return self._budget() < self.room <= self._buffered
 
     def _free(self, name: str) -> bool:
         src = self.plan.sources[name]
