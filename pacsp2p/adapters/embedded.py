@@ -223,6 +223,22 @@ class EmbeddedArchive:
             tmp.unlink(missing_ok=True)
 
     # -- blocking, from any thread (the capability "keep") --------------------------------
+    def flusher(self, received: Path):
+        """Open *received* now; the callable returned fsyncs it where it is called (and
+        closes it), raising OSError if it cannot (a no-op without ``[storage] fsync``).
+        The file may be renamed or unlinked meanwhile: the ingest's one-job path keeps
+        it in another thread while this fsync runs (``OneJob.written_then``)."""
+        if not self.fsync:
+            return lambda: None
+        fd = os.open(received, os.O_RDONLY)
+
+        def flush():
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return flush
+
     def begin_flush(self, received: Path, now: bool = False):
         """Start making the file *received* durable (fsync, in our pool) before it is
         kept; returns ``wait()``, which blocks until it is and raises OSError if not.

@@ -107,8 +107,13 @@ class Store(Operation):
         self.result.addErrback(self._write_failed)
 
     def _written(self, path, sha256, data_size):
-        """Thread pool: the file is complete; read its header and tell the session."""
-        self.session.written(path)
+        """Thread pool: the file is complete; tell the session, which has its header
+        read (``_header``, maybe in another thread while it makes the file durable)."""
+        return self.session.written_then(path, lambda: self._header(path, sha256,
+                                                                    data_size))
+
+    def _header(self, path, sha256, data_size):
+        """Thread pool: read the file's header and tell the session."""
         got = _meta_of(path, sha256, data_size)
         meta = got[1]
         if meta is not None and meta.sop_instance_uid == self.uid and \

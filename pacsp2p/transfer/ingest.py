@@ -32,15 +32,14 @@ import secrets
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
-from pacsp2p.catalog.db import stored_location
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.tally import Tally
 from pacsp2p.transfer.commits import GroupCommits
 from pacsp2p.transfer.forward import Forward, drop_all
+from pacsp2p.transfer.onejob import OneJob, unrecorded
 from pacsp2p.transfer.replicas import record
 from pacsp2p.transfer.retrieve import Retrieval
 from pacsp2p.transfer.session import Plain, StoreSession
@@ -49,23 +48,6 @@ from pacsp2p.types import (ArchiveInfo, InstanceInfo, Location, Query, Stored, S
 
 log = Logger()
 
-
-
-def unrecorded(failure, archive, meta, stored):
-    """A copy kept on a local *archive* that the catalog could not record (a full disk,
-    ...): removed — unless it was there before (a duplicate, or a conflicting version) —
-    so the archive holds no file the catalog does not know; then *failure* goes on (the
-    C-STORE fails only once the file is gone, so a retry cannot find it half-removed)."""
-    uid = meta.sop_instance_uid
-    log.error("C-STORE {uid}: the catalog could not record the copy on {archive}: {err}",
-              uid=uid, archive=archive.name, err=failure.getErrorMessage())
-    if stored.duplicate or stored.conflict:
-        return failure
-    d = defer.maybeDeferred(archive.discard, uid, stored.sha256)
-    d.addErrback(lambda f: log.error("dropping the unrecorded copy of {uid} failed: {err}",
-                                     uid=uid, err=f.getErrorMessage()))
-    d.addBoth(lambda _: failure)
-    return d
 
 
 class _Copy:
@@ -95,94 +77,6 @@ class _Offer:
     def withdraw(self) -> None:
         if self.token is not None:
             self.offers.pop(self.token, None)
-
-
-class OneJob(StoreSession):
-    """A peer alone with one archive that can ``keep``: ONE job of the thread that wrote
-    the data set makes it durable (fsync), reads its header, keeps it in the archive and
-    commits its catalog row (``Catalog.record_now``: the writer's connection, under its
-    lock); the reactor then only checks placement and answers — two thread hand-overs
-    per C-STORE (to the writing thread and back), where the writer thread's batches, an
-    fsync overlapped in the archive's pool and a hop to the reactor to queue the record
-    made six. Acknowledged only once fsynced and committed, as before."""
-
-    def __init__(self, ingest, archive):
-        super().__init__(ingest)
-        self.archive = archive
-        self.uid = None
-        self.seq = None                        # our fact's sequence number, committed
-        self.unrecorded = None                 # Failure: kept, but not recorded
-
-    def header_read(self, path, meta):
-        """Thread pool, its header read: fsync, keep, record. Raises OSError if it cannot
-        be kept durable (the C-STORE then fails with Out of Resources; ``abort`` drops
-        a copy kept); a catalog that cannot record it leaves ``unrecorded``."""
-        self.uid = meta.sop_instance_uid
-        flushed = self.archive.begin_flush(path, now=True)
-        self.kept = self.archive.keep(path, meta)
-        try:
-            self.archive.made_durable(meta, self.kept, flushed)
-        except OSError as e:
-            log.error("C-STORE {uid}: cannot make the copy durable: {err}",
-                      uid=meta.sop_instance_uid, err=e)
-            raise
-        catalog, stored = self.ingest.catalog, self.kept
-        try:
-            if stored.conflict:
-                log.warn("conflict: {uid} received again with different bytes (sha256 "
-                         "{sha}); both kept on {archive}", uid=meta.sop_instance_uid,
-                         sha=stored.sha256, archive=stored.archive)
-                catalog.conflict_now(meta.sop_instance_uid, stored.archive, stored.sha256)
-            else:
-                self.seq = catalog.record_now(meta, stored_location(meta, stored,
-                                                                    self.ingest.peer))
-        except Exception:
-            self.unrecorded = Failure()
-
-    def abort(self):
-        """Reactor: not stored after all (its fsync failed): a fresh copy kept goes."""
-        stored, self.kept = self.kept, None
-        if stored is not None and not (stored.duplicate or stored.conflict) and \
-                self.seq is None:
-            self.archive.discard(self.uid, stored.sha256)
-
-    def store(self, path, meta):
-        """Reactor: the copy is durable and recorded; placement must agree (else it is
-        undone: a tombstone of the fact, the file dropped) — Deferred[StoreResult]."""
-        stored = self.kept
-        if stored is None:
-            return self.ingest.store(path, meta, None)
-        uid = meta.sop_instance_uid
-        if self.unrecorded is not None:
-            return defer.maybeDeferred(unrecorded, self.unrecorded, self.archive, meta,
-                                       stored)
-        self.ingest.catalog.committed_now(self.seq)
-        a = meta.attributes
-        info = InstanceInfo(uid, meta.sop_class_uid, a.get("StudyInstanceUID", ""),
-                            a.get("SeriesInstanceUID", ""), a.get("Modality", ""),
-                            meta.size, a)
-        try:
-            ranked = self.ingest.rank(info)
-            if not ranked or ranked[0].name != self.archive.name or not ranked[0].alive:
-                raise StrategyError(f"placement put {uid} on no archive that is up")
-        except StrategyError as e:
-            return self._refused(meta, stored, str(e))
-        self.ingest.copies["local"] += 1
-        return defer.succeed(StoreResult(uid, (stored,)))
-
-    def _refused(self, meta, stored, why: str):
-        """Placement refused a copy kept and recorded: undone, then the C-STORE fails."""
-        uid = meta.sop_instance_uid
-        log.error("C-STORE {uid}: {err}", uid=uid, err=why)
-        d = defer.succeed(None)
-        if self.seq is not None:
-            d.addCallback(lambda _: self.ingest.catalog.forget(uid, self.archive.name,
-                                                               stored.sha256))
-        if not (stored.duplicate or stored.conflict):
-            d.addCallback(lambda _: self.archive.discard(uid, stored.sha256))
-        d.addErrback(lambda f: log.error("undoing {uid} failed: {err}", uid=uid,
-                                         err=f.getErrorMessage()))
-        return d.addCallback(lambda _: defer.fail(StoreError(PROCESSING_FAILURE, why)))
 
 
 class Ingest:

@@ -8,10 +8,12 @@ session what happens, in this order:
 - reactor: ``complete()`` once the data set is whole, or ``abort()`` if it never will be
   (the association was lost, the request was refused); after ``abort()`` nothing of it
   is kept anywhere, and ``store`` still works (copies are then made from the file);
-- writer thread: ``written(path)`` once the file is closed, then ``header_read(path,
-  meta)`` if its header was read and names what the request announced (the session may
-  keep the file from this thread: ``kept`` is then set, and the front end must not
-  remove it), else ``abandon()``; ``header_read`` raises OSError if it could not keep it;
+- writer thread: ``written_then(path, rest)`` once the file is closed: ``written(path)``,
+  then ``rest()`` — the front end's header read, which calls ``header_read(path, meta)``
+  if the header names what the request announced (the session may keep the file from
+  there: ``kept`` is then set, and the front end must not remove it), else
+  ``abandon()`` — whose result it returns (a session may run ``rest`` in another thread
+  meanwhile); ``header_read`` raises OSError if it could not keep it;
 - reactor: ``store(path, meta)`` -> Deferred[StoreResult], or a failure whose value has
   a DIMSE ``status`` (``types.StoreError``).
 
@@ -48,6 +50,11 @@ class StoreSession:
         return self.ingest.store(path, meta, self)
 
     # the thread that wrote the file
+    def written_then(self, path, rest):
+        """The file is complete and closed: ``written``, then rest()'s result."""
+        self.written(path)
+        return rest()
+
     def written(self, path) -> None:
         """The file is complete and closed."""
 

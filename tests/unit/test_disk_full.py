@@ -20,7 +20,8 @@ from pacsp2p.catalog import db
 from pacsp2p.dicom import incoming
 from pacsp2p.dicom.header import read_meta
 from pacsp2p.testing import datasets
-from pacsp2p.transfer.ingest import Ingest, OneJob
+from pacsp2p.transfer.ingest import Ingest
+from pacsp2p.transfer.onejob import OneJob
 from pacsp2p.types import ArchiveInfo, InstanceMeta
 
 FULL = "database or disk is full"

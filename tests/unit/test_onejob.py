@@ -1,0 +1,201 @@
+"""The ingest's one-job path (issue 15 item 5): the writing thread fsyncs while another
+keeps and records the copy, the catalog row committed from that thread
+(``Catalog.record_now``) with sequence numbers that never collide with the writer's
+batches, and a copy whose fsync failed after it was recorded is undone, not answered
+Success.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer
+
+from pacsp2p import config
+from pacsp2p.adapters.embedded import EmbeddedArchive
+from pacsp2p.catalog import db
+from pacsp2p.dicom.header import read_meta
+from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
+from pacsp2p.testing import datasets
+from pacsp2p.transfer.ingest import Ingest
+from pacsp2p.transfer.onejob import OneJob
+from pacsp2p.types import ArchiveInfo, InstanceMeta, Location
+
+
+def fact(i: int, peer: str = "p"):
+    uid = f"1.2.3.{i}"
+    meta = InstanceMeta(uid, "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1",
+                        {"PatientID": "P", "StudyInstanceUID": "1.2.4",
+                         "SeriesInstanceUID": "1.2.5"})
+    return meta, Location(uid, "local", peer, "ab" * 32, 10)
+
+
+def opened(tmp_path) -> db.Catalog:
+    """A catalog whose writer connection is open (no reactor: its jobs are called here)."""
+    cat = db.Catalog(tmp_path / "catalog.sqlite", reactor=None, peer="p")
+    vector, _ = cat._open_writer()
+    cat.vector.update(vector)
+    return cat
+
+
+def own_seqs(cat) -> list[int]:
+    return sorted(r[0] for r in cat._writer.execute(
+        "SELECT seq FROM locations WHERE peer = 'p'"))
+
+
+def test_record_now_numbers_follow_the_batches_even_before_the_reactor_hears(tmp_path):
+    """The reactor learns of a batch's numbers after the writer thread committed it: a
+    fact recorded meanwhile from another thread must not reuse them."""
+    cat = opened(tmp_path)
+    first = cat.record_now(*fact(1))
+    seqs, _, _ = cat._write_batch([(*fact(2), (), None)], [], [])   # vector not told yet
+    third = cat.record_now(*fact(3))
+    assert [first, seqs[0], third] == [1, 2, 3]
+    assert cat.vector.get("p", 0) == 0                 # the reactor has heard nothing
+    cat.committed_now(third)
+    assert cat.vector["p"] == 3
+    seqs, _, _ = cat._write_batch([(*fact(4), (), None)], [], [])
+    assert seqs == [4] and own_seqs(cat) == [1, 2, 3, 4]
+
+
+def test_record_now_from_many_threads_gives_each_fact_its_own_number(tmp_path):
+    cat = opened(tmp_path)
+    got: list[int] = []
+
+    def work(base):
+        for i in range(40):
+            got.append(cat.record_now(*fact(base + i)))
+    ts = [threading.Thread(target=work, args=(1000 * n,)) for n in range(1, 5)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert sorted(got) == list(range(1, 161))
+    assert own_seqs(cat) == list(range(1, 161))
+    # a catalog opened again on the file goes on after them
+    again = opened(tmp_path)
+    assert again.record_now(*fact(9999)) == 161
+
+
+# -- OneJob: fsync failed after the record --------------------------------------------------
+class SyncArchive(EmbeddedArchive):
+    """The embedded archive with its pool jobs run at once; its fsync fails if told."""
+
+    fail_fsync = False
+
+    def _run(self, fn, *args):
+        return defer.maybeDeferred(fn, *args)
+
+    def flusher(self, received):
+        flush = super().flusher(received)
+
+        def failing():
+            flush()
+            if self.fail_fsync:
+                raise OSError(5, "Input/output error")
+        return failing
+
+
+class Catalog:
+    """What OneJob asks of the catalog, remembered."""
+
+    def __init__(self):
+        self.recorded, self.forgotten, self.committed = [], [], []
+
+    def record_now(self, meta, location):
+        self.recorded.append((meta.sop_instance_uid, threading.current_thread().name))
+        return len(self.recorded)
+
+    def committed_now(self, seq):
+        self.committed.append(seq)
+
+    def forget(self, uid, archive, sha256):
+        self.forgotten.append(uid)
+        return defer.succeed(None)
+
+
+class Reactor:
+    """Runs what is called from a thread at once; its thread pools stopped by ``stop``."""
+
+    def __init__(self):
+        self.at_shutdown = []
+
+    def callFromThread(self, fn, *args):
+        fn(*args)
+
+    def addSystemEventTrigger(self, phase, event, fn, *args):
+        self.at_shutdown.append(fn)
+
+    def stop(self):
+        for fn in self.at_shutdown:
+            fn()
+
+
+@pytest.fixture
+def reactor():
+    r = Reactor()
+    yield r
+    r.stop()
+
+
+def alone(tmp_path, reactor, fail_fsync: bool):
+    a = SyncArchive("local", tmp_path / "archive", reactor=None, fsync=True)
+    a._prepare()
+    a.fail_fsync = fail_fsync
+    settings = config.from_dict({"peer": {"name": "p"}}, "<test>", Path("."))
+    ingest = Ingest(settings, {"local": a}, Catalog(), strategies=None, reactor=reactor)
+    ingest.rank = lambda info: [ArchiveInfo("local", "p", alive=True, local=True)]
+    return a, ingest
+
+
+def receive(tmp_path, ingest, name):
+    """One data set through the session as the facade drives it: (session, answer)."""
+    ds = datasets.make_image("MR", size=16, SOPInstanceUID=datasets.uid("onejob", name))
+    path = datasets.write(ds, tmp_path / "incoming" / f"{name}.dcm")
+    session = ingest.begin("", "", "", b"", None, None)
+    assert isinstance(session, OneJob)
+
+    def rest():
+        meta = read_meta(path)
+        session.header_read(path, meta)
+        return meta
+    meta = session.written_then(path, rest)
+    return session, session.store(path, meta)
+
+
+def test_the_copy_is_kept_and_recorded_while_the_writing_thread_fsyncs(tmp_path, reactor):
+    a, ingest = alone(tmp_path, reactor, fail_fsync=False)
+    session, answer = receive(tmp_path, ingest, "ok")
+    results = []
+    answer.addBoth(results.append)
+    assert results and results[0].stored[0].archive == "local"
+    assert len(list(a.objects.glob("*/*.dcm"))) == 1
+    (uid, thread), = ingest.catalog.recorded
+    assert thread != threading.current_thread().name      # kept and recorded elsewhere
+    assert ingest.catalog.committed == [1] and not ingest.catalog.forgotten
+
+
+def test_an_fsync_that_fails_after_the_record_undoes_it(tmp_path, reactor):
+    """Before an answer: the fact is forgotten (a tombstone) and the file dropped, so a
+    retry is not taken for a duplicate of bytes that were never durable."""
+    a, ingest = alone(tmp_path, reactor, fail_fsync=True)
+    session, answer = receive(tmp_path, ingest, "bad")
+    failures = []
+    answer.addErrback(failures.append)
+    assert failures and failures[0].value.status == OUT_OF_RESOURCES
+    assert ingest.catalog.forgotten == [session.uid]
+    assert list(a.objects.glob("*/*.dcm")) == []
+
+
+def test_a_copy_placement_refuses_is_never_recorded(tmp_path, reactor):
+    """Built-in placement is asked in the keeping thread, before the record: a refused
+    instance is findable nowhere, not even for a moment (its file dropped)."""
+    a, ingest = alone(tmp_path, reactor, fail_fsync=False)
+    ingest.rank = lambda info: [ArchiveInfo("local", "p", alive=False, local=True)]
+    session, answer = receive(tmp_path, ingest, "refused")
+    failures = []
+    answer.addErrback(failures.append)
+    assert failures and failures[0].value.status == PROCESSING_FAILURE
+    assert ingest.catalog.recorded == [] and ingest.catalog.forgotten == []
+    assert list(a.objects.glob("*/*.dcm")) == []
