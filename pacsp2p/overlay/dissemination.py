@@ -14,7 +14,9 @@ sequence held} (Parker et al., 1983).
   retransmitted ``retransmit_mult * ceil(log10(N + 1))`` times (``swim.Broadcasts``). A
   peer that hears of facts it lacks pulls them from the peer it heard it from — every
   origin it lags on, from that one neighbour, in ONE batched request (and further
-  batches while more is due), at most one pull at a time and one per ``pull_interval``.
+  batches while more is due; of the neighbours ahead on most origins, one at random
+  that holds at least half of what the most advanced holds: a stream's writer is
+  not everyone's source), at most one pull at a time and one per ``pull_interval``.
   While a stream of facts lasts the interval doubles with each pull, up to
   ``MAX_SLOWDOWN`` times, so a busy writer's neighbours pull a few large batches rather
   than two small ones a second (a pull costs a request, a TLS round trip and a catalog
@@ -24,6 +26,14 @@ sequence held} (Parker et al., 1983).
   writer's stream comes with a trickle of its replica holders' own facts, whose small
   pulls must not end the slowdown —; any other sets it back to ``pull_interval`` (a fact
   now and then is pulled at once).
+- **The end of a stream.** A peer whose vector grew by ``STREAK_FACTS`` or more facts
+  that it did not pull (it wrote them, or learned its replica holders' first-hand) and
+  then did not grow for ``QUIET`` seconds says so: an urgent item ``["q", name, n]``,
+  gossiped like a membership change and passed on once by every peer that hears it
+  (*n*, the sender's sum of facts then, tells a new end from an old one). A peer that
+  hears it ends its slowdown and pulls at once (at most one ``pull_interval`` after its
+  last pull): the last facts of a stream are not left waiting up to ``MAX_SLOWDOWN``
+  intervals, at 3 peers as at 500.
   The writer never sends to everyone: each peer talks to O(1) others per period and a
   fact reaches all N peers in O(log N) periods.
 - **Anti-entropy.** Pings and acks carry a digest of the sender's vector and its sum. A
@@ -48,8 +58,11 @@ from pacsp2p.overlay.swimparts import DEAD, Invalid, MAX_INT, _int, _name
 
 HOLDERS = 4            # peers remembered per origin as holding more than we do
 AE_CANDIDATES = 8      # neighbours remembered whose digest differed from ours
-MAX_SLOWDOWN = 4       # the pull interval grows up to this many times during a stream
+MAX_SLOWDOWN = 8       # the pull interval grows up to this many times during a stream
 STREAM_FACTS = 8       # a pull that brings this many facts or more: a stream
+STREAK_FACTS = 64      # facts of our own (not pulled) before a pause is an end of stream
+QUIET = 0.3            # seconds without growth that end a stream (["q", ...])
+MAX_ENDS = 1024        # peers whose last end of stream is remembered
 MAX_ORIGINS = 100000   # entries of a vector accepted from the network
 
 
@@ -93,7 +106,15 @@ class Dissemination:
         self._held = 0                  # facts held when the running pull began
         self._waited = False            # the running pull waited for the interval
         self._digest: tuple[str, int] | None = None
+        self._total = sum(self.told.values())   # our sum of facts at the last change
+        self._streak = 0                # facts not pulled since our last end of stream
+        self._grew_at = 0.0
+        self._quiet_call = None
+        self.ends: dict[str, int] = {}  # peer -> n of the last end of stream heard
+        self._ended_at = -1e9           # when we heard one last
+        self._begun = self._begun_before = -1e9   # starts of this pull and the previous
         swim.rumors["c"] = self._rumor
+        swim.rumors["q"] = self._end
         swim.fields_out.append(self._fields_out)
         swim.fields_in.append(self._fields_in)
 
@@ -102,6 +123,13 @@ class Dissemination:
         """Our vector grew (after a commit): announce the origins that did."""
         self._digest = None
         mine = self.vector()
+        total = sum(mine.values())
+        if self.pulling is None and total > self._total:    # facts we did not pull
+            self._streak += total - self._total
+            self._grew_at = self.clock.seconds()
+            if self._quiet_call is None:
+                self._quiet_call = self.clock.callLater(QUIET, self._quiet)
+        self._total = total
         for origin, seq in mine.items():
             if seq > self.told.get(origin, 0):
                 self.told[origin] = seq
@@ -112,6 +140,36 @@ class Dissemination:
                         del holders[h]
                     if not holders:
                         del self.ahead[origin]
+
+    def _quiet(self) -> None:
+        """No growth for QUIET seconds: after a streak of our own facts, tell that the
+        stream ended."""
+        self._quiet_call = None
+        wait = self._grew_at + QUIET - self.clock.seconds()
+        if wait > 1e-3:
+            self._quiet_call = self.clock.callLater(wait, self._quiet)
+            return
+        if self._streak >= STREAK_FACTS and self.swim.running:
+            self.swim.broadcast(("q", self.name), ["q", self.name, self._total])
+        self._streak = 0
+
+    def _end(self, sender, entry) -> None:
+        """["q", peer, n]: *peer*'s stream of facts ended: pull its last facts now."""
+        if len(entry) != 3:
+            raise Invalid("bad end of stream")
+        peer, n = _name(entry[1]), _int(entry[2])
+        if peer == self.name or n <= self.ends.get(peer, -1):
+            return
+        if peer not in self.ends and len(self.ends) >= MAX_ENDS:
+            self.ends.clear()
+        self.ends[peer] = n
+        self.swim.broadcast(("q", peer), ["q", peer, n])       # pass it on, once
+        self._ended_at = self.clock.seconds()
+        self.slowdown = 1
+        if self.pulling is None and self._call is not None and self._call.active():
+            due = max(0.0, self._last_pull + self.pull_interval - self._ended_at)
+            if self._call.getTime() > self._ended_at + due + 1e-3:
+                self._call.reset(due)
 
     def summary(self) -> tuple[str, int]:
         if self._digest is None:
@@ -199,10 +257,14 @@ class Dissemination:
                 sc[0] += 1
                 sc[1] += seq - have
         if score:
-            # the holder ahead on most origins, and of those the one with most facts: a
-            # pull from a neighbour that is itself behind needs another one after it
-            best = max(score.values())
-            return self.swim.rng.choice(sorted(h for h, s in score.items() if s == best))
+            # a holder ahead on most origins, with at least half the facts of the one
+            # with most (a pull from a neighbour far behind needs another one after
+            # it), at random: the stream's writer, ahead of everyone, is not everyone's
+            # source — a neighbour that pulled from it lately serves as well (epidemic)
+            most = max(s[0] for s in score.values())
+            facts = max(s[1] for s in score.values() if s[0] == most)
+            return self.swim.rng.choice(sorted(
+                h for h, s in score.items() if s[0] == most and 2 * s[1] >= facts))
         now = self.clock.seconds()
         wait = self._last_ae + self.ae_interval - now
         if self.ae and wait <= 1e-6:
@@ -229,6 +291,7 @@ class Dissemination:
         self.pulling = target
         self.pulls += 1
         self._held = sum(self.vector().values())
+        self._begun_before, self._begun = self._begun, now
         # it starts when the interval allows it, not later: it waited for it (1 ms slack)
         self._waited = now <= self._last_pull + self.pull_interval * self.slowdown + 0.001
         self._last_pull = now
@@ -244,7 +307,9 @@ class Dissemination:
         # many facts at once: a stream, pull less often, more each time; fewer, but news
         # of more came before we could pull again: the stream goes on
         gained = sum(self.vector().values()) - self._held
-        if gained >= STREAM_FACTS:
+        if self._ended_at >= self._begun_before:
+            self.slowdown = 1           # a stream ended lately: this pull caught up
+        elif gained >= STREAM_FACTS:
             self.slowdown = min(self.slowdown * 2, MAX_SLOWDOWN)
         elif not (gained > 0 and self._waited):
             self.slowdown = 1

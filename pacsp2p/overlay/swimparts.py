@@ -109,12 +109,16 @@ class _Relay:
         self.timer = None
 
 
+URGENT = ("m", "q")    # kinds of items gossip messages are sent for (Broadcasts)
+
+
 class Broadcasts:
     """Items to piggyback, each sent a limited number of times (memberlist's
     TransmitLimitedQueue): an item replaces the older one of the same key; the least
     sent go first, newest first among equals. Items whose key starts with "m"
-    (membership) are *urgent*: while one is queued, gossip messages go out for it; the
-    others (catalog rumours) only ride on messages sent anyway."""
+    (membership) or "q" (a stream of catalog facts ended) are *urgent*: while one is
+    queued, gossip messages go out for it; the others (catalog rumours) only ride on
+    messages sent anyway."""
 
     def __init__(self):
         self.where: dict = {}          # key -> transmits so far
@@ -129,7 +133,7 @@ class Broadcasts:
         if old is not None:
             del self.buckets[old][key]
         else:
-            self.urgent += key[0] == "m"
+            self.urgent += key[0] in URGENT
         self.where[key] = 0
         self.buckets.setdefault(0, {})[key] = (
             entry, len(json.dumps(entry, separators=(",", ":"))) + 1)
@@ -157,7 +161,7 @@ class Broadcasts:
                 del self.buckets[count]
             if count + 1 >= limit:
                 del self.where[key]
-                self.urgent -= key[0] == "m"
+                self.urgent -= key[0] in URGENT
             else:
                 self.where[key] = count + 1
                 self.buckets.setdefault(count + 1, {})[key] = item

@@ -353,3 +353,27 @@ def test_a_trickle_of_other_facts_does_not_end_a_streams_slowdown():
         [p.dissemination.slowdown for p in others]
     assert max(took) < 3.0, took
     assert dissemination.MAX_SLOWDOWN > 1
+
+
+def test_the_end_of_a_stream_is_told_and_its_last_facts_pulled_at_once(monkeypatch):
+    """A writer whose stream of facts stops says so (an urgent ["q", ...] item): every
+    peer ends its slowdown and pulls the last facts within about a second, where the
+    slowdown alone left them waiting up to MAX_SLOWDOWN intervals (3-6 s)."""
+    from pacsp2p.overlay import dissemination
+    told, told_took = _stream(monkeypatch, dissemination.MAX_SLOWDOWN)
+    monkeypatch.setattr(dissemination, "STREAK_FACTS", 10 ** 9)      # never told
+    silent, silent_took = _stream(monkeypatch, dissemination.MAX_SLOWDOWN)
+    assert told_took is not None and silent_took is not None
+    assert told_took < 1.5 < silent_took, (told_took, silent_took)
+    # the slowdown still holds while the stream lasts: one pull per 0.5 s would be ~40
+    assert told < 14 and silent < 14, (told, silent)
+    # a hostile end of stream is dropped and counted, the peer's own is not taken in
+    net = cluster(3, seed=1)
+    net.run(3)
+    a = net.peers["p000"]
+    before = a.swim.stats["invalid"]
+    a.swim.receive("p001", json.dumps({"t": "ping", "seq": 1, "to": "p000", "inc": 1,
+                                       "g": [["q", "p001"]]}).encode())
+    assert a.swim.stats["invalid"] == before + 1
+    a.dissemination._end("p001", ["q", "p000", 5])
+    assert "p000" not in a.dissemination.ends
