@@ -302,17 +302,18 @@ class Dissemination:
     def _pulled(self, vector, target) -> None:
         self.pulling = None
         self._last_pull = self.clock.seconds()
-        if vector is not None:
-            self.heard(target, vector)
         # many facts at once: a stream, pull less often, more each time; fewer, but news
-        # of more came before we could pull again: the stream goes on
+        # of more came before we could pull again: the stream goes on (set before
+        # heard(), whose news schedules the next pull with it)
         gained = sum(self.vector().values()) - self._held
-        if self._ended_at >= self._begun_before:
+        if self._ended_at > self._begun_before:
             self.slowdown = 1           # a stream ended lately: this pull caught up
         elif gained >= STREAM_FACTS:
             self.slowdown = min(self.slowdown * 2, MAX_SLOWDOWN)
         elif not (gained > 0 and self._waited):
             self.slowdown = 1
+        if vector is not None:
+            self.heard(target, vector)
         self._kick()
 
     def _failed(self, failure, target) -> None:
