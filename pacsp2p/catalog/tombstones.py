@@ -181,6 +181,21 @@ def no_news_since(when: float) -> bool:
     return _last_news[0] <= when
 
 
+def late_copy(conn: sqlite3.Connection, peer: str, uid: str, since: float) -> bool:
+    """A copy of *uid* this peer took at *since* (a push of another peer's: repair,
+    hand-off) was just recorded, in this transaction. If a deletion of *uid* was learned
+    after *since*, the copy was on its way before the delete and R2 did not see it:
+    remove it now as R2 would have (a follow-up tombstone owed, the file queued for the
+    purge); True if so. Checked here, in the writer's transaction, not by a read before
+    the record: a tombstone learned in between would otherwise miss it for ever."""
+    learned = conn.execute("SELECT max(learned) FROM tombstones WHERE SOPInstanceUID = ?",
+                           (uid,)).fetchone()[0]
+    if learned is None or learned <= since:
+        return False
+    apply(conn, peer, [uid], {uid})
+    return True
+
+
 def issued(conn: sqlite3.Connection, peer: str, uid: str, seq: int, vector: dict,
            reason: str, follow_up: bool = False) -> None:
     """This peer's own marker of *uid* was just written with *seq* (``Catalog.record``'s

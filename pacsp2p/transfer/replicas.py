@@ -31,6 +31,7 @@ from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from pacsp2p.catalog import tombstones
 from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove
@@ -201,18 +202,15 @@ class ReplicaService:
         return stored
 
     def commit(self, archive: str, uid: str, sha256: str):
-        return self._committable(archive, uid, sha256).addCallback(
-            lambda entry: record(self.catalog, entry[0], entry[1], self.peer)).addCallback(
-            lambda seq: seq or 0)           # 0: a conflict, recorded apart
+        return self._committable(archive, uid, sha256).addCallback(self._record)
 
     def commit_all(self, copies):
         """``Commits``: record the pending copies *copies* [(archive, uid, sha256)] in
         one catalog batch (group commit); Deferred[[seq, or None if refused]]."""
         def recorded(entries):
             with self.catalog.batch():
-                done = [record(self.catalog, e[0], e[1], self.peer).addCallbacks(
-                    lambda seq: seq or 0, _refused, errbackArgs=(c,)) if e is not None
-                    else defer.succeed(None) for e, c in zip(entries, copies)]
+                done = [self._record(e).addErrback(_refused, c) if e is not None
+                        else defer.succeed(None) for e, c in zip(entries, copies)]
             return defer.gatherResults(done)
         return defer.gatherResults([self._committable(*c).addErrback(_refused, c)
                                     for c in copies]).addCallback(recorded)
@@ -230,7 +228,26 @@ class ReplicaService:
             yield self.discard(archive, uid, sha256)
             raise ReplicaRefused(f"{uid} was deleted from the cluster after this copy "
                                  "was made: not kept")
-        return meta, stored
+        return entry
+
+    def _record(self, entry):
+        """Deferred[seq, 0 for a conflict]: the pending copy *entry* (meta, stored, since)
+        recorded; ReplicaRefused if a deletion of it learned after *since* slipped in
+        between ``_committable``'s check and this record (``tombstones.late_copy``, in
+        the writer's transaction: the copy is then removed at once, as R2 does)."""
+        meta, stored, since = entry
+        late = []
+
+        def check(conn, seq):
+            if tombstones.late_copy(conn, self.peer, meta.sop_instance_uid, since):
+                late.append(seq)
+
+        def recorded(seq):
+            if late:
+                raise ReplicaRefused(f"{meta.sop_instance_uid} was deleted from the cluster "
+                                     "after this copy was made: removed again")
+            return seq or 0
+        return record(self.catalog, meta, stored, self.peer, then=check).addCallback(recorded)
 
     def discard(self, archive: str, uid: str, sha256: str):
         entry = self.pending.pop((archive, uid, sha256), None)
@@ -300,9 +317,10 @@ def _refused(failure, copy):
              archive=copy[0], err=shown(failure.getErrorMessage(), 300))
 
 
-def record(catalog, meta, stored, peer, hints=()):
+def record(catalog, meta, stored, peer, hints=(), then=None):
     """Record a durable copy in the catalog (a conflict is recorded as such), with the
-    *hints* (peer, archive, via_peer, via_archive) owed for it."""
+    *hints* (peer, archive, via_peer, via_archive) owed for it; *then(conn, seq)* runs in
+    the fact's transaction (not for a conflict)."""
     if stored.conflict:
         log.warn("conflict: {uid} received again with different bytes (sha256 {sha}); "
                  "both kept on {archive}", uid=meta.sop_instance_uid, sha=stored.sha256,
@@ -312,4 +330,4 @@ def record(catalog, meta, stored, peer, hints=()):
             d.addCallback(lambda seq: catalog.add_hints(meta.sop_instance_uid, hints)
                           .addCallback(lambda _: seq))
         return d
-    return catalog.record(meta, stored_location(meta, stored, peer), hints)
+    return catalog.record(meta, stored_location(meta, stored, peer), hints, then)

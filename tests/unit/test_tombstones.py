@@ -9,6 +9,7 @@ queue, and a new copy after the delete staying.
 from __future__ import annotations
 
 import json
+import time
 
 from pacsp2p.catalog import db, matching, tombstones
 from pacsp2p.types import Query
@@ -247,3 +248,41 @@ def test_wire_payloads_are_cleaned(tmp_path):
     db.write_wire(b.conn, batch, "b")
     # the marker still counts (R2 on b's own copies; b holds none); nothing crashed
     assert tombstones.tombstoned(b.conn, ["1.9.1", "1.9.2"]) == {"1.9.1"}
+
+
+def test_a_copy_pushed_before_the_delete_and_recorded_after_it_goes_at_once(tmp_path):
+    """A push (repair, hand-off) received before this peer learned the delete but
+    recorded after it: R2 ran before the copy was in the catalog, so the record itself
+    removes it (``late_copy``, in the record's transaction) — a follow-up owed, the file
+    queued for the purge. A copy received after the news is a copy sent again: kept."""
+    a, b, c = (SimPeer(tmp_path, n) for n in "abc")
+    a.store("1.9.1")
+    b.pull(a)
+    received = time.time() - 1          # the push arrived here before the news
+    a.delete("1.9.1")
+    b.pull(a)                           # b learns the delete, holding no copy yet
+
+    def late(uid, since):
+        seq = b.seq() + 1
+        attrs = {"PatientID": "P1", "StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.4",
+                 "Modality": "CT", "SOPInstanceUID": uid, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+                 "TransferSyntaxUID": "1.2.840.10008.1.2.1"}
+        gone = []
+        db.write_facts(b.conn, [(attrs, (uid, "local", "b", "ab" * 32, 100, seq))],
+                       after=lambda conn: gone.append(tombstones.late_copy(conn, "b", uid,
+                                                                           since)))
+        return gone[0]
+
+    assert late("1.9.1", received) is True
+    assert b.live("1.9.1") == set() and b.find(SOPInstanceUID="1.9.1") == []
+    assert b.purge() == {("1.9.1", "local")}
+    assert [f[0] for f in tombstones.follow_ups(b.conn)] == ["1.9.1"]
+    b.follow_up("1.9.1")
+    c.pull(a)
+    c.pull(b)
+    assert c.live("1.9.1") == set()
+    a.pull(b)
+    assert a.rows() == b.rows() == c.rows()
+    # received after the news: sent again, kept
+    assert late("1.9.1", time.time() + 1) is False
+    assert b.live("1.9.1") == {("b", "local")}
