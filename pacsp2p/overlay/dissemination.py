@@ -28,7 +28,9 @@ sequence held} (Parker et al., 1983).
   now and then is pulled at once).
 - **The end of a stream.** A peer whose vector grew by ``STREAK_FACTS`` or more facts
   that it did not pull (it wrote them, or learned its replica holders' first-hand) and
-  then did not grow for ``QUIET`` seconds says so: an urgent item ``["q", name, n]``,
+  then did not grow for ``QUIET`` seconds (or twice the longest pause within the
+  streak, up to ``MAX_QUIET``: a writer on a loaded host pauses now and then mid-stream;
+  a pause shorter than ``MAX_QUIET`` does not end a streak) says so: an urgent item ``["q", name, n]``,
   gossiped like a membership change and passed on once by every peer that hears it
   (*n*, the sender's sum of facts then, tells a new end from an old one). A peer that
   hears it ends its slowdown and pulls at once (at most one ``pull_interval`` after its
@@ -62,6 +64,7 @@ MAX_SLOWDOWN = 8       # the pull interval grows up to this many times during a 
 STREAM_FACTS = 8       # a pull that brings this many facts or more: a stream
 STREAK_FACTS = 64      # facts of our own (not pulled) before a pause is an end of stream
 QUIET = 0.3            # seconds without growth that end a stream (["q", ...])
+MAX_QUIET = 2.0        # ... or twice the streak's longest pause, up to this
 MAX_ENDS = 1024        # peers whose last end of stream is remembered
 MAX_ORIGINS = 100000   # entries of a vector accepted from the network
 
@@ -109,6 +112,7 @@ class Dissemination:
         self._total = sum(self.told.values())   # our sum of facts at the last change
         self._streak = 0                # facts not pulled since our last end of stream
         self._grew_at = 0.0
+        self._pause = 0.0               # the longest pause between growths in the streak
         self._quiet_call = None
         self.ends: dict[str, int] = {}  # peer -> n of the last end of stream heard
         self._ended_at = -1e9           # when we heard one last
@@ -125,8 +129,11 @@ class Dissemination:
         mine = self.vector()
         total = sum(mine.values())
         if self.pulling is None and total > self._total:    # facts we did not pull
+            now = self.clock.seconds()
+            if self._streak:
+                self._pause = max(self._pause, now - self._grew_at)
             self._streak += total - self._total
-            self._grew_at = self.clock.seconds()
+            self._grew_at = now
             if self._quiet_call is None:
                 self._quiet_call = self.clock.callLater(QUIET, self._quiet)
         self._total = total
@@ -142,16 +149,20 @@ class Dissemination:
                         del self.ahead[origin]
 
     def _quiet(self) -> None:
-        """No growth for QUIET seconds: after a streak of our own facts, tell that the
-        stream ended."""
+        """No growth for a while: after a streak of our own facts, tell that the stream
+        ended (a pause shorter than ``MAX_QUIET`` before the streak is long enough, or
+        shorter than twice its longest one, does not end it)."""
         self._quiet_call = None
-        wait = self._grew_at + QUIET - self.clock.seconds()
-        if wait > 1e-3:
-            self._quiet_call = self.clock.callLater(wait, self._quiet)
+        still = self.clock.seconds() - self._grew_at
+        quiet = min(MAX_QUIET, max(QUIET, 2 * self._pause))
+        if self._streak < STREAK_FACTS:
+            quiet = MAX_QUIET
+        if still < quiet - 1e-3:
+            self._quiet_call = self.clock.callLater(quiet - still, self._quiet)
             return
         if self._streak >= STREAK_FACTS and self.swim.running:
             self.swim.broadcast(("q", self.name), ["q", self.name, self._total])
-        self._streak = 0
+        self._streak, self._pause = 0, 0.0
 
     def _end(self, sender, entry) -> None:
         """["q", peer, n]: *peer*'s stream of facts ended: pull its last facts now."""

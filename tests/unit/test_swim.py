@@ -292,18 +292,24 @@ def test_suspicion_timeout_shrinks_with_confirmations():
     assert swim_mod.MAX_MESSAGE < 65535
 
 
-def _stream(monkeypatch, slowdown: int):
-    """16 peers; one writes a fact every 50 ms for 20 s: (catalog pulls per other peer,
-    seconds after the last write until every peer holds it)."""
+def _stream(monkeypatch, slowdown: int, pause: float = 0.0, ends: list | None = None):
+    """16 peers; one writes a fact every 50 ms for 20 s (with *pause*, that long a pause
+    every 60 facts): (catalog pulls per other peer, seconds after the last write until
+    every peer holds it); the writer's ends of stream go to *ends*."""
     from pacsp2p.overlay import dissemination
     monkeypatch.setattr(dissemination, "MAX_SLOWDOWN", slowdown)
     net = cluster(16, seed=4)
     net.run(5)
     writer = net.peers["p005"]
+    if ends is not None:
+        told = writer.swim.broadcast
+        writer.swim.broadcast = lambda key, e: (key[0] == "q" and ends.append(e), told(key, e))
     before = dict(net.pulls)
-    for _ in range(400):
+    for i in range(400):
         seq = writer.catalog.write(1)
         net.run(0.05)
+        if pause and i % 60 == 59:
+            net.run(pause)
     took = net.run_until(lambda: all(p.catalog.vector.get("p005", 0) >= seq
                                      for p in net.live()), 30, step=0.01)
     others = [p.name for p in net.live() if p.name != "p005"]
@@ -361,6 +367,11 @@ def test_the_end_of_a_stream_is_told_and_its_last_facts_pulled_at_once(monkeypat
     slowdown alone left them waiting up to MAX_SLOWDOWN intervals (3-6 s)."""
     from pacsp2p.overlay import dissemination
     told, told_took = _stream(monkeypatch, dissemination.MAX_SLOWDOWN)
+    # a writer that pauses 0.6 s now and then mid-stream (a loaded host) tells the end
+    # once, at the end, a little later (twice its longest pause)
+    ends: list = []
+    _, paused_took = _stream(monkeypatch, dissemination.MAX_SLOWDOWN, 0.6, ends)
+    assert len(ends) == 1 and paused_took < 2.5, (ends, paused_took)
     monkeypatch.setattr(dissemination, "STREAK_FACTS", 10 ** 9)      # never told
     silent, silent_took = _stream(monkeypatch, dissemination.MAX_SLOWDOWN)
     assert told_took is not None and silent_took is not None
