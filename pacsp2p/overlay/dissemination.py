@@ -130,8 +130,8 @@ class Dissemination:
         total = sum(mine.values())
         if self.pulling is None and total > self._total:    # facts we did not pull
             now = self.clock.seconds()
-            if self._streak:
-                self._pause = max(self._pause, now - self._grew_at)
+            gap = now - self._grew_at       # a pause (after an end told too soon, too)
+            self._pause = max(self._pause, gap) if gap < MAX_QUIET else 0.0
             self._streak += total - self._total
             self._grew_at = now
             if self._quiet_call is None:
@@ -162,7 +162,7 @@ class Dissemination:
             return
         if self._streak >= STREAK_FACTS and self.swim.running:
             self.swim.broadcast(("q", self.name), ["q", self.name, self._total])
-        self._streak, self._pause = 0, 0.0
+        self._streak = 0
 
     def _end(self, sender, entry) -> None:
         """["q", peer, n]: *peer*'s stream of facts ended: pull its last facts now."""
