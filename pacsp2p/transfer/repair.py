@@ -64,6 +64,7 @@ from pacsp2p.catalog.copies import SEP, Liveness
 from pacsp2p.dicom.header import read_meta
 from pacsp2p.overlay.commands import Commit, Drop, Replicate
 from pacsp2p.strategies import StrategyError
+from pacsp2p.transfer.delete import pushed_before
 from pacsp2p.transfer.replicas import record
 from pacsp2p.types import Location
 
@@ -105,6 +106,7 @@ class _Job:
     targets: list               # copy: ArchiveInfo; drop: Location
     live: int                   # live copies before
     keep: list = dataclasses.field(default_factory=list)   # drop: the copies that stay
+    planned: float = 0.0        # time.time() when the catalog was read for it
 
 
 class Repair:
@@ -257,12 +259,15 @@ class Repair:
         try:
             while self.running:
                 lv = self.liveness()
+                read_at = time.time()
                 batch = yield self.catalog.read(
                     lambda conn, a=after: copies.work(conn, self.replicas, lv, a, CHUNK))
                 if not batch:
                     break
                 after = batch[-1][0].sop_instance_uid
                 jobs = self._plan(batch, lv)
+                for job in jobs:
+                    job.planned = read_at
                 blocked += sum(1 for j in jobs if j.kind == "copy" and not j.targets)
                 jobs = [j for j in jobs if j.kind == "drop" or j.targets]
                 if jobs:
@@ -419,6 +424,10 @@ class Repair:
         for target in job.targets:
             yield self.throttle.wait(size)
             if not self.running:
+                return
+            if (yield pushed_before(self.catalog, uid, job.planned)):
+                log.info("repair: {uid} was deleted since its repair was planned: not "
+                         "copied", uid=uid)
                 return
             if target.peer == self.peer:
                 yield self._copy_local(job.source, target.name)
