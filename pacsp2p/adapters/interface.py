@@ -112,11 +112,13 @@ class IReadsMany(Interface):
     """Capability ``read_many``: small instances read whole, a batch in one job (a
     retrieval's thread hop per batch instead of two per instance)."""
 
-    def read_many(items, limit):
+    def read_many(items, limit, examined=True):
         """Deferred[list], one entry per (sop_instance_uid, sha256) of *items*, in order:
         ``(bytes, part10.examine of them or None if not Part-10)`` for a file of at most
-        *limit* bytes, the open file (as ``open`` gives it) for a larger one, or the
-        exception that stopped it (FileNotFoundError if the archive does not hold it)."""
+        *limit* bytes (with *examined* False: ``(bytes, None)``, not examined, for a
+        reader that checks them itself: the bulk channel's), the open file (as ``open``
+        gives it) for a larger one, or the exception that stopped it
+        (FileNotFoundError if the archive does not hold it)."""
 
 
 class ISends(Interface):

@@ -162,8 +162,9 @@ class _Instances(resource.Resource):
             if uid not in held:
                 raise KeyError("not in the catalog")
             if "read_many" in archive.capabilities:     # up to 1 MB: read in one job
-                return fetch_gate(archive).run(archive.read_many,
-                                               [(uid, sha.decode() or None)], BATCH_ITEM)
+                return fetch_gate(archive).run(archive.read_many,     # (the asker
+                                               [(uid, sha.decode() or None)],  # hashes it)
+                                               BATCH_ITEM, examined=False)
             return open_gated(archive, uid, sha.decode() or None)   # max_fetches at once
 
         def stream(f):
@@ -209,7 +210,8 @@ class _Instances(resource.Resource):
             if not asked:
                 return held, []
             return fetch_gate(archive).run(archive.read_many, asked,       # one job
-                                           BATCH_ITEM).addCallback(lambda r: (held, r))
+                                           BATCH_ITEM, examined=False    # (the asker
+                                           ).addCallback(lambda r: (held, r))   # hashes)
 
         def send(answer):
             held, results = answer
