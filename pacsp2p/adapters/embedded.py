@@ -231,7 +231,6 @@ class EmbeddedArchive:
         if not self.fsync:
             return lambda: None
         fd = os.open(received, os.O_RDONLY)
-        _start_writeback(fd)
 
         def flush():
             try:
@@ -478,28 +477,6 @@ class EmbeddedArchive:
             return {"up": True, "latency_ms": (time.monotonic() - t0) * 1000,
                     "free_bytes": usage.free, "total_bytes": usage.total}
         return self._run(check)
-
-
-def _sync_file_range():
-    """libc's sync_file_range (Linux), or None."""
-    try:
-        import ctypes
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-        fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-        return fn
-    except (OSError, AttributeError):
-        return None
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-
-
-def _start_writeback(fd: int) -> None:
-    """Have the kernel start writing *fd*'s dirty pages out now, without waiting
-    (SYNC_FILE_RANGE_WRITE): the fsync that follows then waits for less. Not a
-    durability step — the fsync is — so a failure here is ignored."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, 0, 0, 2)
 
 
 _HEAD = 64 << 10
