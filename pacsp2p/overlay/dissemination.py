@@ -66,6 +66,7 @@ STREAK_FACTS = 64      # facts of our own (not pulled) before a pause is an end 
 QUIET = 0.3            # seconds without growth that end a stream (["q", ...])
 MAX_QUIET = 2.0        # ... or twice the streak's longest pause, up to this
 MAX_ENDS = 1024        # peers whose last end of stream is remembered
+ENDED = 4.0            # seconds after an end of stream heard: pull from the most advanced
 MAX_ORIGINS = 100000   # entries of a vector accepted from the network
 
 
@@ -271,9 +272,12 @@ class Dissemination:
             # a holder ahead on most origins, with at least half the facts of the one
             # with most (a pull from a neighbour far behind needs another one after
             # it), at random: the stream's writer, ahead of everyone, is not everyone's
-            # source — a neighbour that pulled from it lately serves as well (epidemic)
+            # source — a neighbour that pulled from it lately serves as well (epidemic);
+            # after the end of a stream, the one with most (no second pull for the rest)
             most = max(s[0] for s in score.values())
             facts = max(s[1] for s in score.values() if s[0] == most)
+            if self.clock.seconds() - self._ended_at < ENDED:
+                facts *= 2              # a stream just ended: the most advanced only
             return self.swim.rng.choice(sorted(
                 h for h, s in score.items() if s[0] == most and 2 * s[1] >= facts))
         now = self.clock.seconds()
