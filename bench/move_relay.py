@@ -122,7 +122,7 @@ def main() -> int:
                             storescu(lone.port, lone.ae_title, [data.directory],
                                      timeout=900)
                     for data in datasets.values():
-                        wait_until(lambda: placed(a, data.study_uid, data.count, r), 300,
+                        wait_until(lambda d=data: placed(a, d.study_uid, d.count, r), 300,
                                    interval=0.5, what=f"{data.name} on {r} other peers")
                 print(f"   stored through peera (R={r}), placed on peerb/peerc only, and "
                       f"into Orthanc in {t.seconds:.1f} s (not timed)", flush=True)

@@ -7,8 +7,8 @@ Fetches one instance (``BulkClient.fetch``) from peer "a" at 127.0.0.1:PORT as p
 TMPDIR; or the fetch has ended) cancels the fetch, as a retrieval does with a stalled
 source (``changes``: asks ``POST /changes`` instead and waits for its end; ``silent``: the
 same with a 3 s answer timeout; ``batch``: asks a batch, ``fetch_many``, and waits for its
-end); then waits (at most PATIENCE seconds) until the budget holds nothing and no temporary file is left,
-and prints one JSON line: how the fetch ended, the budget's bytes still held, the
+end); then waits (at most PATIENCE seconds) until the budget holds nothing and no
+temporary file is left, and prints one JSON line: how the fetch ended, the budget's bytes still held, the
 temporary files left, and the errors logged meanwhile (an exception in the reactor, an
 unhandled error in a Deferred). Its reactor runs on until a line arrives on stdin (the
 test checks meanwhile whether the server saw the connection closed: at exit it would).
