@@ -17,7 +17,8 @@ instance of each peer process (a, b, c) and their sum (in Orthanc's row: the pee
 CPU while Orthanc ran, i.e. what they spend idle, beside Orthanc's own): 3 peers on a
 2-core host cannot show wall-clock scaling, CPU per instance is the honest figure
 beside the wall clock. Each relay line also tells the instances each source served and
-how many the consumer opened before they were fetched (``waited``).
+how many the consumer opened before they were fetched (``waited``) and the retrieval's
+own span (``fetched in``: from its start to its last instance fetched).
 With ``--with-single``, a lone peer holding the study in its own embedded archive
 (``bench/move.py``'s single-peer case) is timed in the same sequence: what relaying
 costs over reading one's own archive.
@@ -62,7 +63,9 @@ def retrieval(peer) -> str:
     except (ValueError, KeyError, OSError):
         return ""
     per = "/".join(str(s["completed"]) for s in r["sources"].values())
-    return f"  [from {per}, waited {r.get('waited', '?')}, rescued {r['rescued']}]"
+    span = ((r["finished_at"] or 0) - (r["started_at"] or 0)) if r.get("finished_at") else 0
+    return (f"  [from {per}, waited {r.get('waited', '?')}, rescued {r['rescued']}, "
+            f"fetched in {span:.2f} s]")
 
 
 def identical(data, files: list[Path]) -> None:
