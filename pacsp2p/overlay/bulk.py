@@ -59,7 +59,9 @@ _SHA256_TEXT = re.compile(r"[0-9a-f]{64}\Z", re.ASCII)
 
 MAX_BATCH = 64                # instances asked in one POST /instances/<archive>
 MAX_BATCH_BODY = 16 << 10     # bytes of such a request (64 UIDs and hashes: < 10 KB)
-BATCH_ITEM = 1 << 20          # bytes of one instance served in a batch (else ALONE)
+BATCH_ITEM = 256 << 10        # bytes of one instance served in a batch (else ALONE):
+                              # a batch read holds at most MAX_BATCH of them (16 MB)
+WHOLE = 1 << 20               # an instance asked alone up to this size: read in one job
 BATCH_BYTES = 8 << 20         # bytes of one batch answer (past them: ALONE)
 OK, NOT_HELD, ALONE, FAILED = 0, 1, 2, 3
 FRAME = struct.Struct(">BI")  # status, length of the body that follows
@@ -164,7 +166,7 @@ class _Instances(resource.Resource):
             if "read_many" in archive.capabilities:     # up to 1 MB: read in one job
                 return fetch_gate(archive).run(archive.read_many,     # (the asker
                                                [(uid, sha.decode() or None)],  # hashes it)
-                                               BATCH_ITEM, examined=False)
+                                               WHOLE, examined=False)
             return open_gated(archive, uid, sha.decode() or None)   # max_fetches at once
 
         def stream(f):
