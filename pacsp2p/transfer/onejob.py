@@ -73,16 +73,20 @@ class OneJob(StoreSession):
     def written_then(self, path, rest):
         """Thread pool, the file is complete: fsync it here while ``rest`` (the header
         read, then ``header_read``: keep, record) runs in the keeping pool; rest()'s
-        result once both are done."""
+        result once both are done. A keeping job not begun when the fsync is done (no
+        CPU for its thread on a busy machine, or its pool stopping: a stopped pool drops
+        the job) is done here instead: whichever thread claims it first runs it."""
         flusher = getattr(self.archive, "flusher", None)
         keepers = threads.pool(self.ingest.reactor, "ingest-keep", 1, 4)
         if flusher is None or not keepers.started or keepers.joined:
             return super().written_then(path, rest)
         flush = flusher(path)                  # opened before rest() may unlink it
         self.flushed = lambda: None            # made_durable: this thread's fsync
-        done, out = threading.Event(), []
+        done, out, claim = threading.Event(), [], threading.Lock()
 
         def keep():
+            if not claim.acquire(blocking=False):
+                return                         # the other thread has it
             try:
                 out.append((rest(), None))
             except BaseException as e:
@@ -96,6 +100,7 @@ class OneJob(StoreSession):
             log.error("C-STORE {uid}: cannot make the copy durable: {err}",
                       uid=self.uid or "?", err=e)
             self.not_durable = e
+        keep()
         done.wait()
         result, error = out[0]
         if error is not None:

@@ -115,7 +115,7 @@ class FullCatalog:
     def __init__(self):
         self.recorded = []
 
-    def record(self, meta, location, hints=()):
+    def record(self, meta, location, hints=(), then=None):
         return defer.fail(sqlite3.OperationalError(FULL))
 
     def record_now(self, meta, location):              # the one-job path (a thread)

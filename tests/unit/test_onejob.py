@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from twisted.internet import defer
 
-from pacsp2p import config
+from pacsp2p import config, threads
 from pacsp2p.adapters.embedded import EmbeddedArchive
 from pacsp2p.catalog import db
 from pacsp2p.dicom.header import read_meta
@@ -199,3 +199,18 @@ def test_a_copy_placement_refuses_is_never_recorded(tmp_path, reactor):
     assert failures and failures[0].value.status == PROCESSING_FAILURE
     assert ingest.catalog.recorded == [] and ingest.catalog.forgotten == []
     assert list(a.objects.glob("*/*.dcm")) == []
+
+
+def test_a_keeping_job_the_pool_never_runs_is_done_by_the_writing_thread(tmp_path, reactor):
+    """A stopped pool drops what it is given (Twisted's ThreadPool): the C-STORE must
+    not wait for ever — the writing thread claims the job once its fsync is done."""
+    a, ingest = alone(tmp_path, reactor, fail_fsync=False)
+    keepers = threads.pool(reactor, "ingest-keep", 1, 4)
+    keepers.callInThread = lambda fn, *args: None          # dropped, as once stopped
+    session, answer = receive(tmp_path, ingest, "dropped")
+    results = []
+    answer.addBoth(results.append)
+    assert results and results[0].stored[0].archive == "local"
+    (uid, thread), = ingest.catalog.recorded
+    assert thread == threading.current_thread().name        # done here
+    assert len(list(a.objects.glob("*/*.dcm"))) == 1
