@@ -1,16 +1,17 @@
 """A real bulk client in a process of its own, for tests/unit/test_bulk_hostile.py.
 
-    python bulk_cancel.py TLS_DIR PORT TMPDIR PATIENCE memory|file|end|changes|silent|batch
+    python bulk_cancel.py TLS_DIR PORT TMPDIR PATIENCE memory|file|end|changes|silent|batch|old
 
 Fetches one instance (``BulkClient.fetch``) from peer "a" at 127.0.0.1:PORT as peer
 "b"; once its body is arriving (bytes held in the memory budget; a temporary file under
 TMPDIR; or the fetch has ended) cancels the fetch, as a retrieval does with a stalled
 source (``changes``: asks ``POST /changes`` instead and waits for its end; ``silent``: the
 same with a 3 s answer timeout; ``batch``: asks a batch, ``fetch_many``, and waits for its
-end); then waits (at most PATIENCE seconds) until the budget holds nothing and no
-temporary file is left, and prints one JSON line: how the fetch ended, the budget's bytes still held, the
-temporary files left, and the errors logged meanwhile (an exception in the reactor, an
-unhandled error in a Deferred). Its reactor runs on until a line arrives on stdin (the
+end; ``old``: the same, then asks again, which must fail at once); then waits (at most
+PATIENCE seconds) until the budget holds nothing and no temporary file is left, and
+prints one JSON line: how the fetch ended, the budget's bytes still held, the temporary
+files left, and the errors logged meanwhile (an exception in the reactor, an unhandled
+error in a Deferred). Its reactor runs on until a line arrives on stdin (the
 test checks meanwhile whether the server saw the connection closed: at exit it would).
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main(tls_dir: Path, port: int, tmp: Path, patience: float, wait: str, logged
     if wait == "silent":
         client.answer_timeout = 3.0
     d = (client.pull_body(member, {}, 10) if wait in ("changes", "silent") else
-         client.fetch_many(member, "local", [(UID, "")]) if wait == "batch" else
+         client.fetch_many(member, "local", [(UID, "")]) if wait in ("batch", "old") else
          client.fetch(member, "local", UID))
     outcome = []
     d.addCallbacks(lambda f: (outcome.append("handed over"),
@@ -56,7 +57,7 @@ def main(tls_dir: Path, port: int, tmp: Path, patience: float, wait: str, logged
                    lambda f: outcome.append(f.type.__name__))
     arrived = {"memory": lambda: client.budget.held > 0, "end": lambda: outcome,
                "changes": lambda: outcome, "silent": lambda: outcome,
-               "batch": lambda: outcome,
+               "batch": lambda: outcome, "old": lambda: outcome,
                "file": lambda: any(tmp.iterdir())}[wait]
     yield poll(lambda: arrived() or outcome, patience)
     arriving = {"held": client.budget.held, "files": len(list(tmp.iterdir()))}
@@ -64,7 +65,13 @@ def main(tls_dir: Path, port: int, tmp: Path, patience: float, wait: str, logged
     yield poll(lambda: client.budget.held == 0 and not any(tmp.iterdir()), patience)
     yield task.deferLater(reactor, 0.5, lambda: None)   # whatever follows the close
     gc.collect()                                        # unhandled errors in Deferreds
-    print(json.dumps({"arriving": arriving, "outcome": outcome,
+    again = ""
+    if wait == "old":           # a peer that answered 405 is not asked a batch again
+        try:
+            yield client.fetch_many(member, "local", [(UID, "")])
+        except Exception as e:  # noqa: BLE001 (its name is the answer)
+            again = type(e).__name__
+    print(json.dumps({"arriving": arriving, "outcome": outcome, "again": again,
                       "held": client.budget.held,
                       "left": sorted(p.name for p in tmp.iterdir()),
                       "logged": logged}), flush=True)

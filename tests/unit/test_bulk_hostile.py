@@ -7,7 +7,8 @@ The peer is a real TLS server of the cluster CA in a thread here that answers
 that never ends ("endless"); part of a body, then a close ("short": the body lies about
 its size); a 404 whose body never ends ("error"), or an honest short one ("notfound");
 an answer to ``POST /changes`` that never ends ("answer"), or none at all ("silent"); an
-answer to a batch, ``POST /instances/local``, that never ends ("batch").
+answer to a batch, ``POST /instances/local``, that never ends ("batch"), or the 405 of a
+peer that serves no batches ("old").
 The client is a real ``BulkClient`` in a process of its own (tests/unit/bulk_cancel.py).
 """
 from __future__ import annotations
@@ -106,6 +107,10 @@ class HostilePeer:
     def _batch(self, s):                    # a batch answer that never ends
         self._endless(s)
 
+    def _old(self, s):                      # an older peer: no POST on /instances
+        self._head(s, 18, b"405 Not Allowed")
+        s.sendall(b"Method Not Allowed")
+
     def _error(self, s):                    # an error answer that never ends
         self._endless(s, b"404 Not Found")
 
@@ -133,7 +138,7 @@ def cancelled_fetch(tls_dir: Path, tmp: Path, mode: str) -> tuple[dict, HostileP
     tmp.mkdir()
     wait = {"stall": "memory", "endless": "file", "short": "end", "error": "end",
             "notfound": "end", "answer": "changes", "silent": "silent",
-            "batch": "batch"}[mode]
+            "batch": "batch", "old": "old"}[mode]
     proc = subprocess.Popen([sys.executable, str(HERE / "bulk_cancel.py"), str(tls_dir),
                              str(peer.port), str(tmp), str(PATIENCE), wait],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -142,7 +147,7 @@ def cancelled_fetch(tls_dir: Path, tmp: Path, mode: str) -> tuple[dict, HostileP
         line = proc.stdout.readline()
         assert line, proc.stderr.read()
         answer = json.loads(line)
-        if mode not in ("short", "notfound"):
+        if mode not in ("short", "notfound", "old"):
             peer.closed.wait(PATIENCE)      # closed by the client, not by its exit
         answer["closed"] = peer.closed.is_set()
         proc.stdin.write("done\n")
@@ -219,4 +224,11 @@ def test_a_batch_answer_that_never_ends_is_cut_at_its_bound(tls_dir, tmp_path):
     assert answer["outcome"] == ["OSError"]     # "an answer over ... bytes", not memory
     assert answer["closed"]                     # its connection closed by the client
     assert bulk.BATCH_BYTES < peer.sent < bulk.BATCH_BYTES + (16 << 20)
+    assert answer["held"] == 0 and answer["left"] == [] and answer["logged"] == []
+
+
+def test_a_peer_that_serves_no_batches_is_asked_alone(tls_dir, tmp_path):
+    answer, _ = cancelled_fetch(tls_dir, tmp_path / "tmp", "old")
+    assert answer["outcome"] == ["Unbatched"]   # the retrieval then GETs each instance
+    assert answer["again"] == "Unbatched"       # remembered: no second POST to that peer
     assert answer["held"] == 0 and answer["left"] == [] and answer["logged"] == []

@@ -23,6 +23,7 @@ from pacsp2p.dicom.part10 import Part10Bytes, examine
 from pacsp2p.strategies import Strategies
 from pacsp2p.testing import datasets
 from pacsp2p.transfer.plan import PlanView, Source
+from pacsp2p.overlay.fetching import Unbatched
 from pacsp2p.transfer.retrieve import Retrieval, Unavailable
 from pacsp2p.types import InstanceRef, Location
 
@@ -228,6 +229,99 @@ def test_a_batch_is_one_job_and_each_copy_is_checked():
             assert got.media_uid == uid and got.data() == files[uid][got.offset:]
     assert [loc.sop_instance_uid for loc in damaged] == [refs[2].sop_instance_uid]
     assert r.status()["done"] == len(refs) - 2
+
+
+class BatchPeers:
+    """Other peers' archives over a bulk channel that serves batches (``fetch_many``,
+    answered by the test) unless the peer is *old* (every batch: Unbatched, as a 405
+    makes it); a single ``fetch`` answers at once. Copies arrive hashed, as
+    ``BulkClient`` hands them over."""
+
+    def __init__(self, files: dict[str, bytes], old=()):
+        self.files, self.old = files, set(old)
+        self.batches: list[tuple[list, defer.Deferred]] = []
+        self.alone: list[str] = []
+        self.membership = type("M", (), {"on_change": [], "members": {}})()
+
+    def alive(self, peer):
+        return True
+
+    def _copy(self, uid):
+        body = self.files[uid]
+        offset, ts, media, sha = examine(body)
+        f = Part10Bytes(body, offset, ts, media)
+        f.sha256 = "0" * 64 if uid.endswith(".3") else sha      # .3: a damaged copy
+        return f
+
+    def fetch_many(self, locations):
+        if locations[0].peer in self.old:
+            return defer.fail(Unbatched("serves no batches"))
+        d = defer.Deferred()
+        self.batches.append(([loc.sop_instance_uid for loc in locations], d))
+        return d
+
+    def answer(self, i: int):
+        uids_, d = self.batches[i]
+        d.callback([Unbatched("alone") if uid.endswith(".5") else self._copy(uid)
+                    for uid in uids_])
+
+    def fetch(self, location):
+        self.alone.append(location.sop_instance_uid)
+        return defer.succeed(self._copy(location.sop_instance_uid))
+
+
+def remote(refs, peer: str):
+    return [InstanceRef(r.sop_instance_uid, r.sop_class_uid, r.transfer_syntax_uid, r.size,
+                        (r.locations[0].__class__(r.sop_instance_uid, "local", peer,
+                                                  r.locations[0].sha256, r.size),))
+            for r in refs]
+
+
+def run_remote(refs, peers: BatchPeers):
+    clock = Clock()
+    damaged = []
+    r = Retrieval(refs, {}, ME, peers, reactor=clock)
+    r.on_damaged = damaged.append
+    opened = [r.open(ref) for ref in refs]
+    for _ in range(200):
+        waiting = [i for i, (_, d) in enumerate(peers.batches) if not d.called]
+        if not waiting and all(d.called for d in opened):
+            break
+        clock.advance(0.01)
+        for i in waiting:
+            peers.answer(i)
+        clock.advance(0)
+    results = []
+    for d in opened:
+        d.addBoth(results.append)
+    return r, results, damaged
+
+
+def test_another_peers_small_instances_come_in_batches_each_copy_checked():
+    files, refs = study(40)
+    peers = BatchPeers(files)
+    r, results, damaged = run_remote(remote(refs, "peerb"), peers)
+    assert len(peers.batches) < len(refs) / 4            # many to a request
+    assert max(len(u) for u, _ in peers.batches) >= 16
+    for ref, got in zip(refs, results):
+        uid = ref.sop_instance_uid
+        if uid.endswith(".3"):
+            assert got.check(Unavailable), got               # damaged, no other copy
+        else:
+            assert isinstance(got, Part10Bytes) and got.getvalue() == files[uid]
+    assert sorted(peers.alone) == sorted(u for u in files if u.endswith(".5"))
+    assert [loc.sop_instance_uid for loc in damaged] == [refs[3].sop_instance_uid]
+    assert r.status()["waited"] >= 1 and r.status()["done"] == len(refs) - 1
+
+
+def test_a_peer_that_serves_no_batches_is_read_one_instance_at_a_time():
+    files, refs = study(12)
+    peers = BatchPeers(files, old={"peerb"})
+    r, results, _ = run_remote(remote(refs, "peerb"), peers)
+    assert peers.batches == [] and sorted(peers.alone) == sorted(files)
+    ok = [got for ref, got in zip(refs, results) if not ref.sop_instance_uid.endswith(".3")]
+    assert all(isinstance(g, Part10Bytes) for g in ok)
+    assert r.status()["sources"]["peerb/local"]["alive"]      # not dropped for it
 
 
 def test_a_failing_archive_is_dropped_after_three_failed_jobs():
