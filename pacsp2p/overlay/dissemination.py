@@ -117,6 +117,7 @@ class Dissemination:
         self._quiet_call = None
         self.ends: dict[str, int] = {}  # peer -> n of the last end of stream heard
         self._ended_at = -1e9           # when we heard one last
+        self._end_total = 0             # the largest n of the ends heard lately
         self._begun = self._begun_before = -1e9   # starts of this pull and the previous
         swim.rumors["c"] = self._rumor
         swim.rumors["q"] = self._end
@@ -176,8 +177,9 @@ class Dissemination:
             self.ends.clear()
         self.ends[peer] = n
         self.swim.broadcast(("q", peer), ["q", peer, n])       # pass it on, once
-        self._ended_at = self.clock.seconds()
-        self.slowdown = 1
+        now = self.clock.seconds()
+        self._end_total = max(n, self._end_total if now - self._ended_at < ENDED else 0)
+        self._ended_at = now
         if self.pulling is None and self._call is not None and self._call.active():
             due = max(0.0, self._last_pull + self.pull_interval - self._ended_at)
             if self._call.getTime() > self._ended_at + due + 1e-3:
@@ -249,8 +251,11 @@ class Dissemination:
     def _kick(self) -> None:
         if self.pulling is not None or (self._call is not None and self._call.active()):
             return
-        delay = max(0.0, self._last_pull + self.pull_interval * self.slowdown
-                    - self.clock.seconds())
+        now = self.clock.seconds()
+        # an end of stream heard since our last pull: its last facts without the slowdown
+        ended = self._last_pull < self._ended_at and now - self._ended_at < ENDED
+        delay = max(0.0, self._last_pull + self.pull_interval * (
+            1 if ended else self.slowdown) - now)
         self._call = self.clock.callLater(delay, self._next)
 
     def _target(self) -> str | None:
@@ -322,7 +327,11 @@ class Dissemination:
         # heard(), whose news schedules the next pull with it)
         gained = sum(self.vector().values()) - self._held
         if self._ended_at > self._begun_before:
-            self.slowdown = 1           # a stream ended lately: this pull caught up
+            # an end heard since the previous pull began: this pull caught up with it;
+            # behind the end's sum still, pull again soon; else keep the slowdown (an
+            # end told too soon, by a writer that paused, costs one pull, not a ramp)
+            if sum(self.vector().values()) < self._end_total:
+                self.slowdown = 1
         elif gained >= STREAM_FACTS:
             self.slowdown = min(self.slowdown * 2, MAX_SLOWDOWN)
         elif not (gained > 0 and self._waited):
