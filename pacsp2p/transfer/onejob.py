@@ -197,13 +197,16 @@ class OneJob(StoreSession):
     def _undo(self, meta, stored, error):
         """A copy kept and recorded that is not stored after all (its fsync failed, or
         placement refused it): the record undone (else a retry would find the same
-        bytes and answer Success for them), the file dropped, then *error*."""
+        bytes and answer Success for them), the file dropped, then *error*. A copy that
+        was there before (a duplicate: stored and answered once already) keeps its
+        record and its file: this C-STORE fails, the earlier one's copy is not lost."""
         uid = meta.sop_instance_uid
         d = defer.succeed(None)
-        if self.seq is not None:
+        fresh = not (stored.duplicate or stored.conflict)
+        if self.seq is not None and fresh:
             d.addCallback(lambda _: self.ingest.catalog.forget(uid, self.archive.name,
                                                                stored.sha256))
-        if not (stored.duplicate or stored.conflict):
+        if fresh:
             d.addCallback(lambda _: self.archive.discard(uid, stored.sha256))
         d.addErrback(lambda f: log.error("undoing {uid} failed: {err}", uid=uid,
                                          err=f.getErrorMessage()))

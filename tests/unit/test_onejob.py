@@ -214,3 +214,23 @@ def test_a_keeping_job_the_pool_never_runs_is_done_by_the_writing_thread(tmp_pat
     (uid, thread), = ingest.catalog.recorded
     assert thread == threading.current_thread().name        # done here
     assert len(list(a.objects.glob("*/*.dcm"))) == 1
+
+
+def test_a_duplicate_whose_fsync_fails_leaves_the_copy_acknowledged_before(tmp_path, reactor):
+    """An instance stored and answered Success, sent again: the second C-STORE's fsync
+    fails, so it fails — but the copy acknowledged the first time is on disk and durable:
+    it must stay in the catalog (a tombstone would hide acknowledged data from every
+    query and retrieval), and its file stays."""
+    a, ingest = alone(tmp_path, reactor, fail_fsync=False)
+    first, answer = receive(tmp_path, ingest, "twice")
+    results = []
+    answer.addBoth(results.append)
+    assert results and results[0].stored[0].archive == "local"
+    a.fail_fsync = True
+    second, answer = receive(tmp_path, ingest, "twice")
+    failures = []
+    answer.addErrback(failures.append)
+    assert failures and failures[0].value.status == OUT_OF_RESOURCES
+    assert second.kept.duplicate
+    assert ingest.catalog.forgotten == []
+    assert len(list(a.objects.glob("*/*.dcm"))) == 1
