@@ -96,7 +96,7 @@ class _Changes(resource.Resource):
             if not isinstance(limit, int) or not 0 < limit:
                 raise ValueError("bad limit")
             limit = min(limit, MAX_CHANGES)
-        except ValueError:
+        except (ValueError, RecursionError):      # (JSON nested past the stack)
             return _answer(request, 400, b"bad request\n")
         asker = tls.peer_name(request.transport)
         if asker and self.heard is not None:
@@ -196,7 +196,7 @@ class _Instances(resource.Resource):
             if len(body) > MAX_BATCH_BODY:
                 raise ValueError("too big")
             items = _batch(json.loads(body))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return _answer(request, 400, b"bad request\n")
         archive = self.archives.get(name)
         if archive is None or "open" not in archive.capabilities:

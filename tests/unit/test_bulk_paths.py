@@ -128,11 +128,17 @@ def test_a_batch_serves_known_instances_in_order_and_no_others(served, files):
     b'[["..%2F..%2Fetc%2Fpasswd", ""]]', b'[["/etc/passwd", ""]]', b'[["1.2.3", "ABC"]]',
     b'[["1.2.3", ""], ["1.2.3", ""]]',                            # twice
     json.dumps([[f"1.2.{i}", ""] for i in range(bulk.MAX_BATCH + 1)]).encode(),
-    b"[" + b" " * bulk.MAX_BATCH_BODY + b'["1.2.3", ""]]'])
+    b"[" + b" " * bulk.MAX_BATCH_BODY + b'["1.2.3", ""]]',
+    b"[" * 8000])                                                 # nested past recursion
 def test_a_bad_batch_is_400_without_a_path(served, body):
     status, answer = served.post("/instances/local", body)
     assert status == 400, (body[:80], status, answer)
     assert_no_path(served, answer)
+
+
+def test_a_catalog_pull_nested_past_recursion_is_400(served):
+    status, answer = served.post("/changes", b"[" * 8000)
+    assert status == 400, (status, answer)
 
 
 def test_a_batch_of_another_archive_or_path_is_refused_without_a_path(served, files):
