@@ -278,10 +278,16 @@ def _send_frames(request, frames) -> None:
     _send(request, b"application/octet-stream", b"".join(parts))
 
 
+def _gone(request) -> bool:
+    """The asker gave up (cancelled, stalled): its connection is lost, nothing more is
+    written, nor finished (Twisted raises RuntimeError then)."""
+    return getattr(request, "_disconnected", False)
+
+
 def _send(request, content_type: bytes, data: bytes) -> None:
     """The whole answer *data* at once, with its length."""
-    if getattr(request, "_disconnected", False):
-        return                          # the asker gave up (cancelled, stalled)
+    if _gone(request):
+        return
     request.setHeader(b"content-type", content_type)
     request.setHeader(b"content-length", b"%d" % len(data))
     request.write(data)
@@ -293,6 +299,8 @@ def _fail(request, failure, code=500, body=b"internal error\n"):
     if failure is not None:
         log.warn("bulk request {uri} failed: {err}", uri=shown(request.uri.decode("ascii",
                  "replace")), err=shown(failure.getErrorMessage(), 200))
+    if _gone(request):
+        return
     if not request.finished and not request.startedWriting:
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"text/plain")
@@ -311,6 +319,10 @@ class _FileProducer:
         self.done = defer.Deferred()
 
     def start(self):
+        if _gone(self.consumer):               # the asker gave up while it was opened
+            self.f.close()
+            self.done.callback(None)
+            return self.done
         self.consumer.registerProducer(self, True)
         self._next()
         return self.done

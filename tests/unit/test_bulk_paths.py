@@ -240,3 +240,30 @@ def test_pending_handshakes_are_capped(tmp_path_factory):
         for sock in idle:
             sock.close()
         server.stop()
+
+
+def test_an_asker_gone_before_a_large_instance_is_served_leaves_no_error(tmp_path_factory):
+    """A retrieval that cancels a GET (its stall timer, C-CANCEL, the endgame's second
+    copy) closes the connection while the holder still looks the instance up: the
+    holder must not fail on the gone request ("Unhandled error in Deferred": finish()
+    on a lost connection, the opened file left to the garbage collector)."""
+    tmp = tmp_path_factory.mktemp("gone")
+    big = datasets.write(datasets.make_image("CT", size=1024, SOPInstanceUID=datasets.uid(
+        "bulk-gone", 1)), tmp / "big.dcm")
+    assert big.stat().st_size > bulk.WHOLE              # streamed, not sent at once
+    server = Server(tmp, 600, 64, [big])
+    try:
+        ctx = ssl.create_default_context(cafile=str(server.tls_dir / "ca.crt"))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(server.tls_dir / "b.crt", server.tls_dir / "b.key")
+        for _ in range(5):
+            with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server.port))) as s:
+                s.sendall(f"GET /instances/local/{uid_of(big)} HTTP/1.1\r\nHost: a\r\n"
+                          "\r\n".encode())
+        status, body = server.get(f"/instances/local/{uid_of(big)}")   # then served
+        assert status == 200 and body == big.read_bytes()
+        server.status()                     # (collects: a Deferred dropped failed is told)
+    finally:
+        server.stop()
+    errors = server.proc.stderr.read()
+    assert "Unhandled error" not in errors and "Traceback" not in errors, errors[-2000:]
