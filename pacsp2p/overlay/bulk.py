@@ -67,6 +67,36 @@ OK, NOT_HELD, ALONE, FAILED = 0, 1, 2, 3
 FRAME = struct.Struct(">BI")  # status, length of the body that follows
 
 
+MAX_BODY = MAX_PULL_BODY       # bytes of any request's body (the largest: a pull's)
+
+
+class _Request(server.Request):
+    """A request whose body past ``MAX_BODY`` is dropped as it arrives and answered 413
+    (Twisted spools a body of any size to a temporary file before a resource reads
+    it: one POST could fill this peer's disk)."""
+
+    _seen = 0
+    _too_large = False
+
+    def gotLength(self, length):
+        self._too_large = length is not None and length > MAX_BODY
+        super().gotLength(0 if self._too_large else length)
+
+    def handleContentChunk(self, data):
+        self._seen += len(data)
+        self._too_large = self._too_large or self._seen > MAX_BODY
+        if not self._too_large:
+            super().handleContentChunk(data)
+
+    def process(self):
+        if not self._too_large:
+            return super().process()
+        self.setResponseCode(413)
+        self.setHeader(b"content-type", b"text/plain")
+        self.write(b"request too large\n")
+        self.finish()
+
+
 def _answer(request, code: int, body: bytes) -> bytes:
     """A short fixed answer (no path, no exception text)."""
     request.setResponseCode(code)
@@ -400,6 +430,7 @@ def site(catalog, archives: dict, pool, reactor, offers: dict | None = None,
     root.putChild(b"instances", _Instances(archives, pool, reactor, catalog))
     root.putChild(b"incoming", _Offers(offers if offers is not None else {}, pool, reactor))
     s = server.Site(root)
+    s.requestFactory = _Request
     s.noisy = False
     s.log = lambda request: None
     return s

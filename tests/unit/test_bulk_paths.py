@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pacsp2p.dicom.header import read_meta
-from pacsp2p.overlay import bulk, tls
+from pacsp2p.overlay import bulk, sync, tls
 from pacsp2p.testing import datasets
 
 SERVER = Path(__file__).with_name("bulk_server.py")
@@ -267,3 +267,17 @@ def test_an_asker_gone_before_a_large_instance_is_served_leaves_no_error(tmp_pat
         server.stop()
     errors = server.proc.stderr.read()
     assert "Unhandled error" not in errors and "Traceback" not in errors, errors[-2000:]
+
+
+def test_a_request_body_past_its_bound_is_413_and_not_kept(served):
+    """A body of any size was spooled whole to a temporary file by Twisted before the
+    endpoint read its first 16 KB: a certificate holder could fill the holder's disk
+    (its archive's, its catalog's) with one POST. Past the largest body any request
+    needs (a pull's), it is dropped as it arrives and answered 413."""
+    huge = b"[" + b" " * (sync.MAX_PULL_BODY + (1 << 20)) + b"]"
+    for path in ("/instances/local", "/changes"):
+        status, answer = served.post(path, huge)
+        assert status == 413, (path, status, answer)
+        assert_no_path(served, answer)
+    status, _ = served.post("/instances/local", b'[["1.2.3", ""]]')    # then served
+    assert status == 200
