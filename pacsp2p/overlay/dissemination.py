@@ -30,8 +30,9 @@ sequence held} (Parker et al., 1983).
   that it did not pull (it wrote them, or learned its replica holders' first-hand) and
   then did not grow for ``QUIET`` seconds (or twice the longest pause within the
   streak, up to ``MAX_QUIET``: a writer on a loaded host pauses now and then mid-stream;
-  a pause shorter than ``MAX_QUIET`` does not end a streak) says so: an urgent item ``["q", name, n]``,
-  gossiped like a membership change and passed on once by every peer that hears it
+  a pause shorter than ``MAX_QUIET`` does not end a streak) says so: an urgent item
+  ``["q", name, n]``, gossiped like a membership change and passed on once by every
+  peer that hears it
   (*n*, the sender's sum of facts then, tells a new end from an old one). A peer that
   hears it pulls at once (at most one ``pull_interval`` after its last pull), from the
   most advanced holder, and resets its slowdown only if that left it below *n* (an end
