@@ -338,9 +338,11 @@ class Dissemination:
             self.slowdown = min(self.slowdown * 2, MAX_SLOWDOWN)
         elif not (gained > 0 and self._waited):
             self.slowdown = 1
-        if vector is not None:
-            self.heard(target, vector)
-        self._kick()
+        try:
+            if vector is not None:
+                self.heard(target, vector)      # its callbacks may raise: pull on anyway
+        finally:
+            self._kick()
 
     def _failed(self, failure, target) -> None:
         self.pulling = None
