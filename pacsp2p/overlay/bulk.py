@@ -315,13 +315,44 @@ def _gone(request) -> bool:
 
 
 def _send(request, content_type: bytes, data: bytes) -> None:
-    """The whole answer *data* at once, with its length."""
+    """The whole answer *data* at once, with its length; the request finished once the
+    connection has taken it (``_Taken``)."""
     if _gone(request):
         return
     request.setHeader(b"content-type", content_type)
     request.setHeader(b"content-length", b"%d" % len(data))
+    taken = _Taken(request)
+    request.registerProducer(taken, True)
     request.write(data)
-    request.finish()
+    taken.end()
+
+
+class _Taken:
+    """An answer written whole: its request is finished only when the connection is not
+    full (else once it resumes). Twisted serves the next pipelined request as soon as
+    one is finished: an asker that sent many and reads none had every answer buffered
+    here (4 connections of 40 GETs of 0.9 MB: +150 MB); now one per connection."""
+
+    def __init__(self, request):
+        self.request, self.paused, self.ended = request, False, False
+
+    def end(self):
+        if self.ended or self.paused:
+            return
+        self.ended = True
+        if not _gone(self.request):
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self.end()
+
+    def stopProducing(self):
+        self.ended = True
 
 
 def _fail(request, failure, code=500, body=b"internal error\n"):

@@ -281,3 +281,47 @@ def test_a_request_body_past_its_bound_is_413_and_not_kept(served):
         assert_no_path(served, answer)
     status, _ = served.post("/instances/local", b'[["1.2.3", ""]]')    # then served
     assert status == 200
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_pipelined_answers_nobody_reads_are_not_all_buffered(tmp_path_factory):
+    """An asker that pipelines many GETs (or batch POSTs) and reads no answer: each
+    answer is written whole, and Twisted serves the next request as soon as one is
+    finished — every answer was buffered in the holder's memory (2 connections of 40
+    GETs of 0.9 MB: ~70 MB). A request now finishes once the connection took it."""
+    tmp = tmp_path_factory.mktemp("pipelined")
+    mid = datasets.write(datasets.make_image("CT", size=660, SOPInstanceUID=datasets.uid(
+        "bulk-pipelined", 1)), tmp / "mid.dcm")
+    assert 512 << 10 < mid.stat().st_size <= bulk.WHOLE            # sent at once
+    server = Server(tmp, 600, 64, [mid])
+    socks = []
+    try:
+        ctx = ssl.create_default_context(cafile=str(server.tls_dir / "ca.crt"))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(server.tls_dir / "b.crt", server.tls_dir / "b.key")
+        assert server.get(f"/instances/local/{uid_of(mid)}")[0] == 200      # warmed up
+        base = rss_kb(server.proc.pid)
+        ask = f"GET /instances/local/{uid_of(mid)} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            socks.append(ctx.wrap_socket(sock))
+            socks[-1].sendall(ask * 40)
+        peak, until = base, time.monotonic() + 10.0     # (an observation, not a bound)
+        while time.monotonic() < until and peak - base < 30_000:
+            peak = max(peak, rss_kb(server.proc.pid))
+            time.sleep(0.2)
+        assert peak - base < 30_000, f"{(peak - base) // 1024} MB held for unread answers"
+        socks[0].settimeout(PATIENCE)
+        answer = http.client.HTTPResponse(socks[0])
+        answer.begin()
+        assert answer.status == 200 and answer.read() == mid.read_bytes()  # still served
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()
