@@ -104,6 +104,13 @@ class Overlay:
         """Pull *peer*'s own facts soon (after it recorded a copy we asked for)."""
         self.dissemination.want(peer, peer, self.catalog.vector.get(peer, 0) + 1)
 
+    def pull_from(self, peer: str, vector: dict) -> None:
+        """Pull now (not after the pull interval) what *peer* holds beyond us, per its
+        *vector* as it told us: for a caller that must know all before it acts (a
+        delete, ``transfer.delete``)."""
+        for origin, seq in vector.items():
+            self.dissemination.want(peer, origin, seq)
+
     @defer.inlineCallbacks
     def ask_vectors(self, names, origins) -> None:
         """Ask each of the peers *names* how far it holds the logs of *origins*

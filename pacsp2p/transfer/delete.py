@@ -49,6 +49,7 @@ KEYS = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
         "IMAGE": "SOPInstanceUID"}
 MAX_UIDS = 10_000              # studies, series or instances named in one delete
 SPREAD_TIMEOUT = 30.0          # seconds delete() waits for the peers alive to have it
+CATCH_UP = 5.0                 # seconds delete() first spends pulling what others know
 PURGE_EVERY = 2.0              # seconds between looks at the purge queue
 
 
@@ -108,12 +109,15 @@ class Deleter:
 
     # -- the verb ----------------------------------------------------------------------
     @defer.inlineCallbacks
-    def delete(self, scope: Scope, reason: str, wait: bool = True):
-        """Deferred[int]: the instances of *scope* deleted (those the catalog held). For
-        instances named one by one (level IMAGE) a tombstone is written even for those
-        the catalog does not know (yet): copies elsewhere go when they are learned."""
+    def delete(self, scope: Scope, reason: str, wait: bool = True, catch_up: bool = True):
+        """Deferred[int]: the instances of *scope* deleted (those the catalog held, once
+        caught up with the peers alive: ``_catch_up``). For instances named one by one
+        (level IMAGE) a tombstone is written even for those the catalog does not know
+        (yet): copies elsewhere go when they are learned."""
         key, uids = check_scope(scope)
         reason = tombstones.clean_reason(reason).strip() or "deleted"
+        if catch_up:
+            yield self._catch_up()
         refs = yield self.catalog.resolve(Query(scope.level, {key: "\\".join(uids)}))
         known = [r.sop_instance_uid for r in refs]
         targets = list(dict.fromkeys(known + (uids if scope.level == "IMAGE" else [])))
@@ -144,10 +148,48 @@ class Deleter:
                  "{studies}", note=rejection.sop_instance_uid, reason=rejection.reason,
                  n=len(rejection.instances), studies=", ".join(rejection.studies[:3]))
         uids, n = list(rejection.instances), 0
+        yield self._catch_up()
         for i in range(0, len(uids), MAX_UIDS):
             n += yield self.delete(Scope("IMAGE", tuple(uids[i:i + MAX_UIDS])),
-                                   rejection.reason, wait=False)
+                                   rejection.reason, wait=False, catch_up=False)
         return n
+
+    @defer.inlineCallbacks
+    def _catch_up(self):
+        """Before a delete reads its scope: ask the peers alive how far they hold each
+        log and pull what they hold that this peer lacks (at most ``CATCH_UP`` s). The
+        instances deleted and the tombstones' vector then cover every copy a live peer
+        knows of, not only those this peer had heard of: a peer behind a busy writer,
+        or just back, would delete part of a study, and a holder that then went down
+        would keep the copies the deleter never saw visible elsewhere until it returned.
+        True if caught up."""
+        o = self.overlay
+        if o is None or not hasattr(o, "pull_from"):
+            return True
+        names = [n for n in o.membership.members if n != self.peer and o.alive(n)]
+        if not names:
+            return True
+        try:
+            yield o.ask_vectors(names, set(self.catalog.vector) | set(names) |
+                                {self.peer}).addTimeout(CATCH_UP, self.reactor)
+        except Exception as e:               # slow peers: what was heard is used
+            log.warn("delete: asking the peers' vectors: {err}", err=e)
+        deadline = self.reactor.seconds() + CATCH_UP
+        while True:
+            mine = self.catalog.vector
+            ahead = {n: v for n in names if (v := self.vectors.get(n)) and
+                     any(s > mine.get(origin, 0) for origin, s in v.items()
+                         if origin != self.peer)}
+            if not ahead:
+                return True
+            if self.reactor.seconds() >= deadline:
+                log.warn("delete: not caught up with {peers} after {t:.0f} s: copies only "
+                         "they know of go when they learn of the delete",
+                         peers=", ".join(sorted(ahead)), t=CATCH_UP)
+                return False
+            for name, vector in ahead.items():
+                o.pull_from(name, vector)
+            yield task.deferLater(self.reactor, 0.1, lambda: None)
 
     def _mark(self, uid: str, vector: dict, reason: str, follow_up: bool = False):
         """Write the marker of *uid* (and, in its transaction, the tombstone)."""
