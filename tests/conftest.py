@@ -5,6 +5,7 @@ A missing tool is an error (FileNotFoundError), never a skip.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,13 +86,15 @@ def storescp(tmp_path):
 
 FAILED_LOGS = Path("/tmp/pacsp2p-failed-logs")
 LOG_TAIL = 80
+MAX_KEPT_DB = 64 << 20
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failed test's report carries the tail of every peer log written during it, and
-    the whole logs are kept under /tmp/pacsp2p-failed-logs/<test>/ (pytest removes its
-    temporary directories after three runs): a flaky failure in CI can be read."""
+    the whole logs (and the peers' catalogs) are kept under /tmp/pacsp2p-failed-logs/<test>/
+    (pytest removes its temporary directories after three runs): a flaky failure in CI
+    can be read."""
     outcome = yield
     rep = outcome.get_result()
     if rep.when != "call" or not rep.failed:
@@ -107,6 +110,9 @@ def pytest_runtest_makereport(item, call):
             keep.mkdir(parents=True, exist_ok=True)
             whole = keep / f"{i}-{name}.log"
             whole.write_text("\n".join(lines) + "\n")
+            for db in sorted((path.parent / "data").glob("catalog.sqlite*"))[:3]:
+                if db.stat().st_size <= MAX_KEPT_DB:     # its catalog, to read the facts
+                    shutil.copyfile(db, keep / f"{i}-{name}-{db.name}")
         except OSError:
             continue
         rep.sections.append((f"peer {name} log {path}: last {LOG_TAIL} lines (whole: "
