@@ -222,7 +222,7 @@ def test_a_duplicate_whose_fsync_fails_leaves_the_copy_acknowledged_before(tmp_p
     it must stay in the catalog (a tombstone would hide acknowledged data from every
     query and retrieval), and its file stays."""
     a, ingest = alone(tmp_path, reactor, fail_fsync=False)
-    first, answer = receive(tmp_path, ingest, "twice")
+    _, answer = receive(tmp_path, ingest, "twice")
     results = []
     answer.addBoth(results.append)
     assert results and results[0].stored[0].archive == "local"
