@@ -233,14 +233,18 @@ def test_kill9_of_a_source_mid_move_costs_no_suboperation(cluster, study, dest):
     r = latest_retrieval(d, N)
     assert r["id"] > before and r["done"] == N
     peers = per_peer(r["sources"])
-    assert peers[killed.name]["alive"] is False, r["sources"]    # dropped
+    # asked anything after the kill, the victim failed it and was dropped at once; with
+    # batches of small instances it may have served all it was asked before the kill
+    # landed (a 300-instance move takes ~0.25 s): then nothing failed on it
+    if peers[killed.name]["failed"]:
+        assert peers[killed.name]["alive"] is False, r["sources"]    # dropped
     others = {n: s for n, s in peers.items() if n != killed.name}
     assert sum(s["completed"] for s in peers.values()) == N
     assert any(s["completed"] > 0 for s in others.values())
 
     # bring it back for what follows
     killed.restart()
-    cluster.wait_mesh(timeout=30)
+    cluster.wait_mesh(timeout=120)
 
 
 # -- 4. R=1 and the only holder gone ---------------------------------------------------
