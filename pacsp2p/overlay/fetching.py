@@ -111,13 +111,22 @@ class _FileSink(protocol.Protocol):
     carries ``sha256`` and ``data_size`` (empty and 0 if it is not a Part-10 file).
     *make_file* makes the temporary file, in the pool, with the first write. With a
     *budget*, a body of at most ``MEMORY`` bytes is kept in memory (``_kept``) while the
-    budget lasts; it spills to the file otherwise. *finished* cancelled (``stop``): the
+    budget lasts; it spills to the file otherwise. A body whose *length* is announced
+    takes it from the budget at once, or goes to the file from its first byte: a body
+    that would spill never holds budget another could use (which body is kept in memory
+    no longer depends on which arrives first). *finished* cancelled (``stop``): the
     connection is closed, and what was received given back (budget, file)."""
 
     def __init__(self, make_file, pool, reactor, finished, hashed: bool = False,
-                 budget: _Budget | None = None):
+                 budget: _Budget | None = None, length: int | None = None):
         self.make_file, self.f = make_file, None
         self.budget, self.memory = budget, budget is not None   # in memory so far
+        self.taken = 0                          # bytes of the budget this body holds
+        if self.memory and isinstance(length, int):
+            if 0 <= length <= MEMORY and budget.take(length):
+                self.taken = length
+            else:
+                self.memory = False
         self.pool, self.reactor, self.finished = pool, reactor, finished
         self.buffer: list[bytes] = []
         self.size = 0
@@ -141,7 +150,9 @@ class _FileSink(protocol.Protocol):
         self.buffer.append(data)
         self.size += len(data)
         if self.memory:
-            if self.size <= MEMORY and self.budget.take(len(data)):
+            need = self.size - self.taken
+            if self.size <= MEMORY and (need <= 0 or self.budget.take(need)):
+                self.taken += max(need, 0)
                 return
             self._spill()                       # too big for memory: to the file
         if self.size >= SINK_CHUNK:
@@ -195,7 +206,8 @@ class _FileSink(protocol.Protocol):
     def _spill(self):
         """From now on to the temporary file (what is buffered is its first write)."""
         self.memory = False
-        self.budget.held -= self.size - len(self.buffer[-1])    # (the last: not taken)
+        self.budget.held -= self.taken
+        self.taken = 0
 
     def connectionLost(self, reason):
         self.ended = reason
@@ -208,7 +220,8 @@ class _FileSink(protocol.Protocol):
         """The whole body is in memory: examined and hashed in one pool job."""
         self.memory = False
         chunks, self.buffer = self.buffer or [b""], []
-        self.budget.held -= self.size
+        self.budget.held -= self.taken
+        self.taken = 0
         if self.stopped:
             return
         if not self.ended.check(ResponseDone):
@@ -483,7 +496,8 @@ class BulkClient:
         make_file = functools.partial(tempfile.NamedTemporaryFile, dir=self.tmpdir,
                                       suffix=".dcm")
         sink = _FileSink(make_file, self.pool, self.reactor, finished, hashed,
-                         self.budget if in_memory else None)
+                         self.budget if in_memory else None,
+                         response.length if isinstance(response.length, int) else None)
         response.deliverBody(sink)
         result = yield finished
         return result

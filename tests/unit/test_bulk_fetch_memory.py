@@ -86,6 +86,17 @@ def test_a_spent_budget_spills_to_files_with_the_same_bytes(served):
     assert answer["held"] == 0
 
 
+def test_which_body_is_kept_in_memory_does_not_depend_on_which_arrives_first(served):
+    """A body announced larger than the budget left goes to a file from its first byte,
+    holding none of the budget: the small one asked last is still kept in memory."""
+    small, one, two = served[2][:3]
+    budget = (small.stat().st_size + one.stat().st_size) // 2 + 1    # the small one only
+    answer = fetch(served, budget, [one, two, small])
+    kinds = [answer["by_file"][f]["kind"] for f in (one, two, small)]
+    assert kinds == ["file", "file", "memory"], kinds
+    assert answer["held"] == 0
+
+
 def test_a_batch_hands_over_small_instances_in_memory_and_names_the_others(served):
     files = served[2]
     answer = fetch(served, fetching.MEMORY_BUDGET, files, many=True, extra=["1.2.3.4.5"])
