@@ -80,14 +80,18 @@ def test_a_stand_in_copy_moves_back_when_the_peer_returns(cluster, tmp_path):
 
     b.restart()
 
+    def on_b(r):
+        return sum(1 for v in r.values() if "peerb" in {p for p, _ in v})
+
     def settled():
+        # peera learns the copy made on peerb and the stand-in dropped elsewhere by two
+        # pulls, in either order: an instance can show its 2 old copies for a moment
         r = replicas(a, uid)
         return (len(r) == N and all(len(v) == 2 for v in r.values())
-                and get_json(a)["catalog"]["hints"] == 0)
-    wait_until(settled, 60, 0.5, "every instance back to exactly 2 copies, hints done")
+                and get_json(a)["catalog"]["hints"] == 0 and on_b(r) >= owed)
+    wait_until(settled, 60, 0.5, "every owed copy on peerb, exactly 2 copies, hints done")
     r = replicas(a, uid)
-    on_b = sum(1 for v in r.values() if "peerb" in {p for p, _ in v})
-    assert on_b >= owed, (on_b, owed)
+    assert on_b(r) >= owed, (on_b(r), owed)
     # the disks agree with the catalog: 2 files per instance in all, none left over
     wait_until(lambda: sum((files_on(a) + files_on(b) + files_on(c)).values()) == 2 * N,
                30, 0.5, "stand-in files removed")
