@@ -188,8 +188,9 @@ def late_copy(conn: sqlite3.Connection, peer: str, uid: str, since: float) -> bo
     remove it now as R2 would have (a follow-up tombstone owed, the file queued for the
     purge); True if so. Checked here, in the writer's transaction, not by a read before
     the record: a tombstone learned in between would otherwise miss it for ever."""
-    learned = conn.execute("SELECT max(learned) FROM tombstones WHERE SOPInstanceUID = ?",
-                           (uid,)).fetchone()[0]
+    if no_news_since(since):                 # the writer's thread: news are set here
+        return False
+    learned = _learned(conn, uid)
     if learned is None or learned <= since:
         return False
     apply(conn, peer, [uid], {uid})
@@ -318,11 +319,16 @@ def tombstoned(conn: sqlite3.Connection, uids: list[str]) -> set[str]:
 
 def state(conn: sqlite3.Connection, uid: str) -> tuple[float | None, int]:
     """(when this peer last learned a tombstone of *uid* (None: never), its live copies)."""
-    learned = conn.execute("SELECT max(learned) FROM tombstones WHERE SOPInstanceUID = ?",
-                           (uid,)).fetchone()[0]
+    learned = _learned(conn, uid)
     live = conn.execute("SELECT count(*) FROM locations WHERE SOPInstanceUID = ? AND "
                         "size >= 0", (uid,)).fetchone()[0]
     return learned, live
+
+
+def _learned(conn: sqlite3.Connection, uid: str) -> float | None:
+    """When this peer last learned a tombstone of *uid* (None: never)."""
+    return conn.execute("SELECT max(learned) FROM tombstones WHERE SOPInstanceUID = ?",
+                        (uid,)).fetchone()[0]
 
 
 def own_live(conn: sqlite3.Connection, peer: str, uid: str, archive: str) -> bool:

@@ -118,7 +118,7 @@ class _FileSink(protocol.Protocol):
     connection is closed, and what was received given back (budget, file)."""
 
     def __init__(self, make_file, pool, reactor, finished, hashed: bool = False,
-                 budget: _Budget | None = None, length: int | None = None):
+                 budget: _Budget | None = None, length=None):
         self.make_file, self.f = make_file, None
         self.budget, self.memory = budget, budget is not None   # in memory so far
         self.taken = 0                          # bytes of the budget this body holds
@@ -154,7 +154,7 @@ class _FileSink(protocol.Protocol):
             if self.size <= MEMORY and (need <= 0 or self.budget.take(need)):
                 self.taken += max(need, 0)
                 return
-            self._spill()                       # too big for memory: to the file
+            self._leave_memory()                # too big for memory: to the file
         if self.size >= SINK_CHUNK:
             self._write()
         if self.writing and self.size >= SINK_AHEAD and not self.paused:
@@ -203,8 +203,9 @@ class _FileSink(protocol.Protocol):
         self.ended = failure
         self._close()
 
-    def _spill(self):
-        """From now on to the temporary file (what is buffered is its first write)."""
+    def _leave_memory(self):
+        """No longer kept in memory (spilled to the file: what is buffered is its first
+        write; or handed over whole): the budget this body took given back."""
         self.memory = False
         self.budget.held -= self.taken
         self.taken = 0
@@ -218,10 +219,8 @@ class _FileSink(protocol.Protocol):
 
     def _hand_over(self):
         """The whole body is in memory: examined and hashed in one pool job."""
-        self.memory = False
+        self._leave_memory()
         chunks, self.buffer = self.buffer or [b""], []
-        self.budget.held -= self.taken
-        self.taken = 0
         if self.stopped:
             return
         if not self.ended.check(ResponseDone):
@@ -496,8 +495,7 @@ class BulkClient:
         make_file = functools.partial(tempfile.NamedTemporaryFile, dir=self.tmpdir,
                                       suffix=".dcm")
         sink = _FileSink(make_file, self.pool, self.reactor, finished, hashed,
-                         self.budget if in_memory else None,
-                         response.length if isinstance(response.length, int) else None)
+                         self.budget if in_memory else None, response.length)
         response.deliverBody(sink)
         result = yield finished
         return result
