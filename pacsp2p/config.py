@@ -59,6 +59,8 @@ class _Reader:
             raise self.fail(key, "unknown key")
 
 
+MAX_LINKS = 8             # [destinations] associations: at most this many at once
+
 # [facade] limits on hostile input: key -> (type, default, lowest, what it must be)
 FACADE_LIMITS = {
     "max_pending": (int, 64, 1, "an integer >= 1"),
@@ -359,6 +361,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         title = check_ae(ae, fail)
         mode = "relay"
         tls: dict = {}
+        associations = 1
         if isinstance(value, dict):
             sub = _Reader(source, value, f"destinations.{ae}")
             address = sub.take("address", str, None, 'a "host:port" string')
@@ -380,13 +383,18 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
                            tls_ca=ca)
             elif ca is not None:
                 raise sub.fail("tls_ca", "is only used with tls = true")
+            associations = sub.take("associations", int, 1, f"an integer 1-{MAX_LINKS}")
+            if not 1 <= associations <= MAX_LINKS:
+                raise sub.fail("associations",
+                               f"must be an integer 1-{MAX_LINKS}, got {associations}")
             sub.done()
         elif isinstance(value, str):
             address = value
         else:
             raise fail(f'must be "host:port" or a table with address and mode, got {value!r}')
         host, port = parse_address(address, fail)
-        destinations[title] = Destination(title, host, port, mode, **tls)
+        destinations[title] = Destination(title, host, port, mode, **tls,
+                                          associations=associations)
 
     modalities = _modalities(table("modalities"), source, facade, destinations)
 

@@ -28,6 +28,7 @@ class Destination:
     tls_cert: Path | None = None      # our client certificate ([facade] tls_cert)
     tls_key: Path | None = None
     tls_ca: Path | None = None        # the CA its certificate must chain to
+    associations: int = 1             # a C-MOVE's C-STOREs over up to this many at once
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ class StorageSCU(protocol.Protocol):
         self.acse_timeout, self.dimse_timeout = acse_timeout, dimse_timeout
         self.accepted: dict[tuple[str, str], int] = {}   # (abstract, ts) -> context id
         self.max_data = CHUNK                            # PDV data bytes per PDU
-        self.established = defer.Deferred()
+        self.established = defer.Deferred(self._give_up)
         self._buf = bytearray()
         self._cmd = bytearray()
         self._queue: deque[_Store] = deque()
@@ -213,6 +213,11 @@ class StorageSCU(protocol.Protocol):
         if not self._queue:
             self._send_release()
         return self._release
+
+    def _give_up(self, _established) -> None:
+        """``established.cancel()`` (also cancelling ``associate()``'s Deferred while it
+        waits for the A-ASSOCIATE response): A-ABORT, the connection closed."""
+        self.abort()
 
     def abort(self) -> None:
         if self.transport is not None and self.state not in ("closed", "aborted"):

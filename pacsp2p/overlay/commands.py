@@ -16,6 +16,7 @@ import re
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from pacsp2p.config import MAX_LINKS
 from pacsp2p.validate import is_ae_title, is_uid, shown
 
 log = Logger()
@@ -93,8 +94,12 @@ def check_meta(meta, uid: str) -> dict:
     return meta
 
 
-def check_send_to(ae_title, host, port, calling_ae, originator_ae, uids: str) -> list:
-    """The UIDs of a SendTo (JSON list), each valid, its AE titles and address sane."""
+def check_send_to(ae_title, host, port, calling_ae, originator_ae, uids: str,
+                  associations=None) -> list:
+    """The UIDs of a SendTo (JSON list), each valid, its AE titles, address and number
+    of associations sane."""
+    if associations is not None and not 1 <= associations <= MAX_LINKS:
+        _refuse("number of associations", str(associations))
     for what, ae in (("AE title", ae_title), ("calling AE title", calling_ae)):
         if not is_ae_title(ae):
             _refuse(what, ae)
@@ -276,7 +281,8 @@ class SendTo(amp.Command):
     arguments = [(b"ae_title", amp.Unicode()), (b"host", amp.Unicode()),
                  (b"port", amp.Integer()), (b"calling_ae", amp.Unicode()),
                  (b"originator_ae", amp.Unicode()), (b"originator_msg_id", amp.Integer()),
-                 (b"uids", amp.Unicode())]
+                 (b"uids", amp.Unicode()),
+                 (b"associations", amp.Integer(optional=True))]   # absent: 1 (older peers)
     response = [(b"completed", amp.Integer()), (b"failed", amp.Integer()),
                 (b"warning", amp.Integer()), (b"failed_uids", amp.Unicode())]
     errors = {InvalidArgument: b"INVALID_ARGUMENT"}

@@ -216,10 +216,12 @@ class Link(ReadHolds, amp.AMP):
 
     @SendTo.responder
     def on_send_to(self, ae_title, host, port, calling_ae, originator_ae,
-                   originator_msg_id, uids):
-        uids = check_send_to(ae_title, host, port, calling_ae, originator_ae, uids)
+                   originator_msg_id, uids, associations=None):
+        uids = check_send_to(ae_title, host, port, calling_ae, originator_ae, uids,
+                             associations)
         return self.membership.services.send_to(ae_title, host, port, calling_ae,
-                                                originator_ae, originator_msg_id, uids)
+                                                originator_ae, originator_msg_id, uids,
+                                                associations or 1)
 
 
 class _Factory(protocol.ClientFactory):

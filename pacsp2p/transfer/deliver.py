@@ -5,6 +5,8 @@ A ``Delivery`` opens one association to the move destination with the native SCU
 instances are stored in (plus the uncompressed ones), and sends every instance of a
 ``Retrieval`` as the stored data set bytes: the file meta header is skipped, nothing is
 decoded. Up to ``window`` instances are opened and read ahead while one is on the wire.
+A destination with ``associations = N`` gets them over up to N associations at once
+(``transfer.assocpool``: one shared queue, the extra ones opened once the first is up).
 An instance whose stored syntax the destination did not accept is decoded and re-encoded
 (content kept) into an accepted uncompressed syntax, in the file pool. A destination
 with ``tls = true`` is reached over DICOM TLS (``dicom.tls.client_options``: its
@@ -30,6 +32,7 @@ from twisted.python.failure import Failure
 from pacsp2p.dicom import contexts, scu, tls
 from pacsp2p.dicom.part10 import BadFile, Part10Bytes, convert, dataset_start
 from pacsp2p.tally import Tally as Events
+from pacsp2p.transfer.assocpool import DEPTH, AssociationPool
 
 log = Logger()
 
@@ -120,10 +123,11 @@ class Delivery(Tally):
         super().__init__(retrieval, destination, calling_ae, reactor, originator_ae,
                          originator_msg_id)
         self.pool = scu.file_pool(reactor)
-        self.window = window
+        self.associations = max(1, int(getattr(destination, "associations", 1)))
+        self.window = window + DEPTH * (self.associations - 1)
         self.timeouts = dict(connect_timeout=connect_timeout, acse_timeout=acse_timeout,
                              dimse_timeout=dimse_timeout)
-        self._scu = None
+        self._links = None
         self._next = 0
         self._active = 0
         self._closing = False
@@ -142,8 +146,8 @@ class Delivery(Tally):
         stop_sources = getattr(self.retrieval, "cancel", None)
         if stop_sources is not None:
             stop_sources()                  # no new fetches from any source
-        if self._scu is not None:
-            self._scu.drop_queued()
+        if self._links is not None:
+            self._links.drop_queued()
         self._fill()
 
     # -- the run ---------------------------------------------------------------------------
@@ -156,10 +160,15 @@ class Delivery(Tally):
         try:
             options = tls.client_options(dest.tls_cert, dest.tls_key, dest.tls_ca) \
                 if getattr(dest, "tls", False) else None
-            self._scu = yield scu.associate(self.reactor, dest.host, dest.port,
-                                            called_ae=dest.ae_title,
-                                            calling_ae=self.calling_ae, contexts=proposed,
-                                            pool=self.pool, tls=options, **self.timeouts)
+
+            def connect():
+                return scu.associate(self.reactor, dest.host, dest.port,
+                                     called_ae=dest.ae_title, calling_ae=self.calling_ae,
+                                     contexts=proposed, pool=self.pool, tls=options,
+                                     **self.timeouts)
+            links = AssociationPool(connect, self.associations, self.pool, dest.ae_title)
+            yield links.open(len(self.refs))
+            self._links = links
         except Exception as e:
             self.error = str(e)
             log.error("C-MOVE to {ae}: {err}", ae=dest.ae_title, err=e)
@@ -192,11 +201,11 @@ class Delivery(Tally):
         """A file read whole and examined (``Part10Bytes``) in a syntax the destination
         accepted goes to the SCU's queue at once: no generator, no thread hop."""
         if isinstance(f, Part10Bytes) and not self.cancelled and (
-                ref.sop_class_uid, f.transfer_syntax) in self._scu.accepted:
+                ref.sop_class_uid, f.transfer_syntax) in self._links.accepted:
             if f.media_uid and f.media_uid != ref.sop_instance_uid:
                 raise BadFile(f"the stored file holds {f.media_uid}")
-            return self._scu.store(ref.sop_class_uid, ref.sop_instance_uid,
-                                   f.transfer_syntax, f.data(), *self.originator)
+            return self._links.store(ref.sop_class_uid, ref.sop_instance_uid,
+                                     f.transfer_syntax, f.data(), *self.originator)
         return self._prepared(f, ref)
 
     @defer.inlineCallbacks
@@ -206,10 +215,10 @@ class Delivery(Tally):
             raise defer.CancelledError()
         sop_class = ref.sop_class_uid
         if isinstance(f, io.BytesIO):       # read already (verify.SMALL): no thread hop
-            ts, uid, data = _prepare(f, self._scu.accepted, sop_class, scu.CHUNK)
+            ts, uid, data = _prepare(f, self._links.accepted, sop_class, scu.CHUNK)
         else:
             ts, uid, data = yield deferToThreadPool(self.reactor, self.pool, _prepare, f,
-                                                    self._scu.accepted, sop_class,
+                                                    self._links.accepted, sop_class,
                                                     scu.CHUNK)
         if uid and uid != ref.sop_instance_uid:
             if data is None:
@@ -217,9 +226,9 @@ class Delivery(Tally):
             raise BadFile(f"the stored file holds {uid}")
         if data is not None:                # read whole in the one job: f is closed
             f = data
-        elif self._scu.context_for(sop_class, ts) is None:
+        elif self._links.context_for(sop_class, ts) is None:
             target = next((t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-                           if self._scu.context_for(sop_class, t) is not None), None)
+                           if self._links.context_for(sop_class, t) is not None), None)
             if target is None:
                 self.pool.callInThread(_close, f)
                 raise scu.NotAccepted(f"{self.destination.ae_title} accepted {sop_class} "
@@ -231,8 +240,8 @@ class Delivery(Tally):
             if not isinstance(f, bytes):
                 self.pool.callInThread(_close, f)
             raise defer.CancelledError()
-        status = yield self._scu.store(sop_class, ref.sop_instance_uid, ts, f,
-                                       *self.originator)
+        status = yield self._links.store(sop_class, ref.sop_instance_uid, ts, f,
+                                         *self.originator)
         return status
 
     def _one_done(self, result, ref):
@@ -261,9 +270,9 @@ class Delivery(Tally):
 
     @defer.inlineCallbacks
     def _close(self):
-        if self._scu is not None:
+        if self._links is not None:
             try:
-                yield self._scu.release()
+                yield self._links.close()
             except Exception as e:
                 log.warn("release of the association to {ae}: {err}",
                          ae=self.destination.ae_title, err=e)
@@ -277,6 +286,11 @@ class Delivery(Tally):
             (log.warn if failed else log.info)(
                 "C-MOVE to {ae}: of {n} instances, {summary}", ae=self.destination.ae_title,
                 n=len(self.refs), summary=self.events.summary())
+        if self.associations > 1 and self._links is not None:
+            k = len(self._links.carried)
+            log.info("C-MOVE to {ae}: {n} instances over {k} association{s} (up to {m})",
+                     ae=self.destination.ae_title, n=len(self.refs), k=k,
+                     s="" if k == 1 else "s", m=self.associations)
         final = self.progress(done=True)
         self._tell(final)
         self.finished.callback(final)

@@ -154,7 +154,8 @@ class DirectDelivery(Tally):
                     host=self.destination.host, port=self.destination.port,
                     calling_ae=self.calling_ae, originator_ae=self.originator[0] or "",
                     originator_msg_id=self.originator[1] or 0,
-                    uids=json.dumps([r.sop_instance_uid for r in part]))
+                    uids=json.dumps([r.sop_instance_uid for r in part]),
+                    associations=getattr(self.destination, "associations", 1))
             except Exception as e:
                 log.warn("direct delivery: {peer} failed to send its share: {err}; "
                          "handing it to other holders", peer=holder, err=e)

@@ -296,10 +296,12 @@ class ReplicaService:
                                    sha256=loc.sha256)
 
     def send_to(self, ae_title, host, port, calling_ae, originator_ae, originator_msg_id,
-                uids):
-        """Direct delivery: send what our archives hold of *uids* to the destination."""
+                uids, associations=1):
+        """Direct delivery: send what our archives hold of *uids* to the destination
+        (over up to *associations* associations)."""
         return send_for(self.catalog, self.archives, self.peer,
-                        Destination(ae_title, host, port), calling_ae, originator_ae,
+                        Destination(ae_title, host, port, associations=associations),
+                        calling_ae, originator_ae,
                         originator_msg_id, uids, self.reactor)
 
     def _expire(self):

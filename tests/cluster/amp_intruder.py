@@ -48,6 +48,8 @@ CALLS = [
                     originator_ae="", originator_msg_id=0, uids="not JSON")),
     (c.SendTo, dict(ae_title="BAD\\AE", host="127.0.0.1", port=104, calling_ae="X",
                     originator_ae="", originator_msg_id=0, uids="[]")),
+    (c.SendTo, dict(ae_title="STORESCP", host="127.0.0.1", port=104, calling_ae="X",
+                    originator_ae="", originator_msg_id=0, uids="[]", associations=1000)),
     (c.Commits, dict(copies=json.dumps([["local", "1.2.3", ""], ["local", "../x", ""]]))),
     (c.Commits, dict(copies=json.dumps([["local", "1.2.3", "../../x"]]))),
     (c.Commits, dict(copies=json.dumps([["local", "1.2.3"]]))),

@@ -79,8 +79,10 @@ def test_destinations_host_port_and_table():
         "STORESCP": "127.0.0.1:11113",
         "WS01": {"address": "ws01.example.org:104", "mode": "direct"},
         "V6": "[::1]:4242",
-        "DEFAULTMODE": {"address": "10.0.0.2:104"}}})
+        "DEFAULTMODE": {"address": "10.0.0.2:104"},
+        "MANY": {"address": "10.0.0.3:104", "associations": 3}}})
     assert s.destinations == {
+        "MANY": Destination("MANY", "10.0.0.3", 104, "relay", associations=3),
         "STORESCP": Destination("STORESCP", "127.0.0.1", 11113, "relay"),
         "WS01": Destination("WS01", "ws01.example.org", 104, "direct"),
         "V6": Destination("V6", "::1", 4242, "relay"),
@@ -99,6 +101,12 @@ def test_destinations_host_port_and_table():
      'must be "relay" or "direct"'),
     ({"address": 5}, "destinations.WS.address", 'must be a "host:port" string'),
     ({"address": "h:1", "colour": "red"}, "destinations.WS.colour", "unknown key"),
+    ({"address": "h:1", "associations": 0}, "destinations.WS.associations",
+     "must be an integer 1-8, got 0"),
+    ({"address": "h:1", "associations": 9}, "destinations.WS.associations",
+     "must be an integer 1-8, got 9"),
+    ({"address": "h:1", "associations": "2"}, "destinations.WS.associations",
+     "must be an integer 1-8, got '2'"),
 ])
 def test_destination_errors(value, key, reason):
     message = error({"destinations": {"WS": value}})

@@ -1,0 +1,101 @@
+"""C-MOVE sub-operations over several associations (``[destinations] X = { ...,
+associations = N }``, ``transfer.assocpool``): DCMTK movescu moves a study of 64 MR
+instances from a real peer to a real DCMTK storescp.
+
+- a ``storescp --fork`` destination with associations = 3 receives every instance,
+  byte-identical, over more than one association (its log and the peer's say so);
+- a destination that takes one association at a time (storescp without --fork) with
+  associations = 3 still gets everything over the first, the C-MOVE answers Success
+  without waiting for the associations it never accepted, and it takes a next C-MOVE;
+- associations = 0, "x" or 99 stop ``twistd pacsp2p`` with the one-line config error.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+
+from pacsp2p.testing import StoreSCP, datasets, free_port, storescu
+from pacsp2p.testing import dicomnet as dn
+from pacsp2p.testing.peer import twistd_path
+
+STUDY = datasets.uid("assoc-study")
+N = 64
+KEYS = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": STUDY}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return datasets.make_study(tmp_path_factory.mktemp("assoc-study"), patient_id="ASSOC01",
+                               StudyInstanceUID=STUDY, size=128,
+                               series=(("MR", N // 2, ExplicitVRLittleEndian),
+                                       ("MR", N // 2, ExplicitVRLittleEndian)))
+
+
+def loaded_peer(make_peer, scp, study, n):
+    peer = make_peer(destinations={"STORESCP": {"address": scp.address,
+                                                "associations": n}})
+    storescu(peer.port, peer.ae_title, study)
+    assert len(dn.archive_files(peer.data_dir)) == N
+    return peer
+
+
+def moved(peer, scp, study):
+    """movescu's output, once every file arrived byte-identical."""
+    dn.clear(scp.directory)
+    proc = dn.movescu(peer.port, peer.ae_title, "STORESCP", KEYS)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert "Received Final Move Response (Success)" in out, out[-2000:]
+    assert dn.dataset_hashes(scp.files()) == dn.dataset_hashes(study)
+    return out
+
+
+def test_fork_destination_receives_everything_over_several_associations(
+        make_peer, tmp_path, study):
+    with StoreSCP(tmp_path / "in", fork=True) as scp:
+        peer = loaded_peer(make_peer, scp, study, 3)
+        before = scp.log_path.read_text().count("Association Received")
+        moved(peer, scp, study)
+        seen = scp.log_path.read_text().count("Association Received") - before
+    assert seen >= 2, scp.log_path.read_text()[-3000:]
+    sent = re.findall(r"C-MOVE to STORESCP: (\d+) instances over (\d+) associations",
+                      peer.log_path.read_text())
+    assert sent and int(sent[-1][0]) == N and 2 <= int(sent[-1][1]) <= 3, sent
+
+
+def test_one_association_at_a_time_still_gets_everything(make_peer, tmp_path, study):
+    with StoreSCP(tmp_path / "in", fork=False) as scp:
+        peer = loaded_peer(make_peer, scp, study, 3)
+        t0 = time.monotonic()
+        moved(peer, scp, study)
+        took = time.monotonic() - t0
+        # the final response waited for none of the associations storescp never took
+        # (an unanswered A-ASSOCIATE-RQ is given up after the SCU's 30 s ACSE timeout)
+        assert took < 25, took
+        moved(peer, scp, study)          # and storescp takes the next C-MOVE
+        assert scp.process.alive
+    log = peer.log_path.read_text()
+    assert "C-MOVE to STORESCP: 64 instances over 1 association" in log, log[-3000:]
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("value", ["0", '"x"', "99", "true"])
+def test_bad_number_of_associations_stops_start_up(tmp_path, value):
+    cfg = tmp_path / "peer.toml"
+    cfg.write_text(f'[peer]\nname = "bad"\ndata_dir = "{tmp_path / "data"}"\n'
+                   f'[facade]\nbind = "127.0.0.1"\nport = {free_port()}\n'
+                   f'[admin]\nport = {free_port()}\n[destinations]\n'
+                   f'STORESCP = {{ address = "127.0.0.1:11113", associations = {value} }}\n')
+    proc = subprocess.run([str(twistd_path()), "-n", "--pidfile=", "pacsp2p", "--config",
+                           str(cfg)], capture_output=True, text=True, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert f"{cfg}: destinations.STORESCP.associations: must be an integer 1-8, got " \
+        in lines[0], lines[0]
+    assert not (tmp_path / "data").exists()
