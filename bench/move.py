@@ -14,9 +14,13 @@ sources' order alternates. Prints the median seconds, MB/s, instances/s and the 
 CPU-seconds per instance (psutil) of the serving process (the peer; Orthanc for its own
 C-MOVE) and the ratio orthanc/pacsp2p (>= 1: pacsp2p
 is at least as fast). Target (issue 15): >= 1.0 for every study, C-MOVE and C-GET.
+``--associations 1,2,3``: the peer's C-MOVE once per number of associations to the
+destination (``[destinations] STORESCPn = { ..., associations = n }``, the same
+storescp), all in the same interleaved sequence (rows ``pacsp2p-aN``; C-GET cannot use
+it: its sub-operations go on the C-GET's own association).
 
     .venv/bin/python bench/move.py [--quick] [--reps N] [--studies ct,mr32k,mr8k] [--get]
-                                   [--profile DIR]
+                                   [--associations 1,2] [--profile DIR]
 """
 from __future__ import annotations
 
@@ -70,9 +74,30 @@ def get(port: int, aec: str, study_uid: str, out: Path) -> float:
     return t.seconds
 
 
-def move(port: int, aec: str, study_uid: str) -> float:
+def dest_ae(n: int) -> str:
+    """The [destinations] entry (the same storescp) sent to over *n* associations."""
+    return DEST if n == 1 else f"{DEST}{n}"
+
+
+def destinations(address: str, counts) -> dict:
+    return {dest_ae(n): address if n == 1 else {"address": address, "associations": n}
+            for n in counts}
+
+
+def counts_of(text: str) -> list[int]:
+    counts = sorted({int(n) for n in text.split(",") if n.strip()})
+    if not counts or not all(1 <= n <= 8 for n in counts):
+        raise SystemExit(f"--associations: numbers 1-8, got {text!r}")
+    return counts
+
+
+def source_name(n: int) -> str:
+    return "pacsp2p" if n == 1 else f"pacsp2p-a{n}"
+
+
+def move(port: int, aec: str, study_uid: str, dest: str = DEST) -> float:
     with Timer() as t:
-        common.run_dcmtk("movescu", "-S", "-aet", "BENCHMOVE", "-aec", aec, "-aem", DEST,
+        common.run_dcmtk("movescu", "-S", "-aet", "BENCHMOVE", "-aec", aec, "-aem", dest,
                          "-to", "20", "-ta", "20", "-td", "120",
                          "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
                          "127.0.0.1", port, timeout=600)
@@ -97,7 +122,11 @@ def main() -> int:
                    help="py-spy record the peer during each pacsp2p C-MOVE into DIR")
     p.add_argument("--dest-max-pdu", type=int, default=None,
                    help="storescp --max-pdu (DCMTK default 16384)")
+    p.add_argument("--associations", default="1",
+                   help="comma-separated numbers of associations the peer's C-MOVE uses "
+                        "(each its own row; default 1)")
     args = p.parse_args()
+    args.counts = counts_of(args.associations)
     reps = args.reps or (1 if args.quick else 3)
     common.header("C-MOVE: DCMTK movescu -> DCMTK storescp (+xa --fork)")
     names = [n.strip() for n in args.studies.split(",") if n.strip()]
@@ -119,7 +148,7 @@ def main() -> int:
             with StoreSCP(dd / "dest", ae_title=DEST, fork=True, extra=extra,
                           log_path=wd / "storescp.log") as scp:
                 dest = f"127.0.0.1:{scp.port}"
-                with Peer(wd / "peer", destinations={DEST: dest}) as peer, \
+                with Peer(wd / "peer", destinations=destinations(dest, args.counts)) as peer, \
                         Orthanc(wd / "orthanc",
                                 modalities={DEST: [DEST, "127.0.0.1", scp.port]}) as o:
                     with Timer() as t:
@@ -157,10 +186,11 @@ def main() -> int:
 
 
 def run_study(args, reps, sname, data, scp, peer, o, dd):
-    sources = {"pacsp2p": (peer.port, peer.ae_title, peer.pid),
-               "orthanc": (o.dicom_port, o.aet, o.process.pid)}
+    sources = {source_name(n): (peer.port, peer.ae_title, peer.pid, dest_ae(n))
+               for n in args.counts}
+    sources["orthanc"] = (o.dicom_port, o.aet, o.process.pid, DEST)
     if args.get:
-        sources["pacsp2p-get"] = (peer.port, peer.ae_title, peer.pid)
+        sources["pacsp2p-get"] = (peer.port, peer.ae_title, peer.pid, None)
     times: dict[str, list[float]] = {n: [] for n in sources}
     cpu: dict[str, list[float]] = {n: [] for n in sources}     # Orthanc's too
     getdir = dd / "get"
@@ -169,7 +199,7 @@ def run_study(args, reps, sname, data, scp, peer, o, dd):
     for rep in range(reps):
         order = list(sources) if rep % 2 == 0 else list(reversed(sources))
         for name in order:
-            port, aec, pid = sources[name]
+            port, aec, pid, dest = sources[name]
             clear(scp)
             shutil.rmtree(getdir, ignore_errors=True)
             getdir.mkdir(parents=True)
@@ -179,7 +209,7 @@ def run_study(args, reps, sname, data, scp, peer, o, dd):
                 if name == "pacsp2p-get":
                     s = get(port, aec, data.study_uid, getdir)
                 else:
-                    s = move(port, aec, data.study_uid)
+                    s = move(port, aec, data.study_uid, dest)
             if name in cpu:
                 cpu[name].append(cpu_seconds(pid) - c0)
             got = (sum(1 for f in getdir.iterdir() if f.is_file())

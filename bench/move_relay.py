@@ -21,11 +21,13 @@ how many the consumer opened before they were fetched (``waited``) and the retri
 own span (``fetched in``: from its start to its last instance fetched).
 With ``--with-single``, a lone peer holding the study in its own embedded archive
 (``bench/move.py``'s single-peer case) is timed in the same sequence: what relaying
-costs over reading one's own archive.
+costs over reading one's own archive. ``--associations 1,2,3``: the relay C-MOVE once
+per number of associations from peera to the destination (rows ``relay-aN``, as
+``bench/move.py``; C-GET cannot use it: its sub-operations go on its own association).
 
     .venv/bin/python bench/move_relay.py [--quick] [--reps N] [--studies ct,mr32k,mr8k]
                                          [--get] [--replicas R] [--profile DIR]
-                                         [--with-single]
+                                         [--with-single] [--associations 1,2]
 """
 from __future__ import annotations
 
@@ -86,7 +88,11 @@ def main() -> int:
                    help="py-spy record the three peers during the first relay C-MOVE")
     p.add_argument("--with-single", action="store_true",
                    help="also C-MOVE from a lone peer holding the study (bench/move.py)")
+    p.add_argument("--associations", default="1",
+                   help="comma-separated numbers of associations of the relay C-MOVE "
+                        "(each its own row; default 1)")
     args = p.parse_args()
+    args.counts = single.counts_of(args.associations)
     reps = args.reps or (1 if args.quick else 3)
     common.header(f"relay C-MOVE/C-GET: study on other peers (R={args.replicas}) vs Orthanc")
     names = [n.strip() for n in args.studies.split(",") if n.strip()]
@@ -106,7 +112,8 @@ def main() -> int:
                     Orthanc(wd / "orthanc",
                             modalities={DEST: [DEST, "127.0.0.1", scp.port]}) as o:
                 r = args.replicas
-                cluster = Cluster(wd / "cluster", {DEST: f"127.0.0.1:{scp.port}"},
+                cluster = Cluster(wd / "cluster",
+                                  single.destinations(f"127.0.0.1:{scp.port}", args.counts),
                                   config={"storage": {"fsync": False},
                                           "cluster": {"replicas": r, "write_quorum": r}})
                 cluster.start(3, per_peer={"peera": {"archives": []}})
@@ -139,9 +146,14 @@ def main() -> int:
     return 0
 
 
+def relay_name(n: int) -> str:
+    return "relay" if n == 1 else f"relay-a{n}"
+
+
 def run_study(args, reps, sname, data, scp, cluster, o, dd):
     a = cluster[0]
-    sources = {"relay": "move", "orthanc": "move"}
+    sources = {relay_name(n): single.dest_ae(n) for n in args.counts}
+    sources["orthanc"] = "move"
     if args.get:
         sources["relay-get"] = "get"
     if args.with_single:
@@ -161,15 +173,16 @@ def run_study(args, reps, sname, data, scp, cluster, o, dd):
             watched = ({"orthanc": o.process.pid, **pids} if name == "orthanc" else
                        {"single": lone.pid} if name == "single" else pids)
             c0 = {k: single.cpu_seconds(pid) for k, pid in watched.items()}
-            prof = args.profile if (name == "relay" and rep == 0) else None
-            with common.profiled_all({f"{sname}-{k}": pid for k, pid in pids.items()}
+            prof = args.profile if (name.startswith("relay") and name != "relay-get"
+                                    and rep == 0) else None
+            with common.profiled_all({f"{sname}-{name}-{k}": pid for k, pid in pids.items()}
                                      if prof else {}, prof):
                 if name == "orthanc":
                     s = single.move(o.dicom_port, o.aet, data.study_uid)
                 elif name == "single":
                     s = single.move(lone.port, lone.ae_title, data.study_uid)
-                elif name == "relay":
-                    s = single.move(a.port, a.ae_title, data.study_uid)
+                elif name != "relay-get":
+                    s = single.move(a.port, a.ae_title, data.study_uid, sources[name])
                 else:
                     s = single.get(a.port, a.ae_title, data.study_uid, getdir)
             cpu[name].append({k: single.cpu_seconds(pid) - c0[k]
