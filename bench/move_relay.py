@@ -23,11 +23,14 @@ With ``--with-single``, a lone peer holding the study in its own embedded archiv
 (``bench/move.py``'s single-peer case) is timed in the same sequence: what relaying
 costs over reading one's own archive. ``--associations 1,2,3``: the relay C-MOVE once
 per number of associations from peera to the destination (rows ``relay-aN``, as
-``bench/move.py``; C-GET cannot use it: its sub-operations go on its own association).
+``bench/move.py``; C-GET cannot use it: its sub-operations go on its own association). ``--direct``: also
+the C-MOVE to the same storescp in ``mode = "direct"`` (row ``direct``: peerb and peerc
+each send their share over their own association, no bytes through peera).
 
     .venv/bin/python bench/move_relay.py [--quick] [--reps N] [--studies ct,mr32k,mr8k]
                                          [--get] [--replicas R] [--profile DIR]
                                          [--with-single] [--associations 1,2]
+                                         [--direct]
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from pacsp2p.testing.cluster import Cluster, get_json, wait_until  # noqa: E402
 from pacsp2p.testing.dcmtk import dataset_sha256, storescu  # noqa: E402
 
 DEST = single.DEST
+DIRECT = f"{DEST}D"          # the same storescp, reached by the holders themselves
 PEERS = ("a", "b", "c")
 
 
@@ -91,6 +95,9 @@ def main() -> int:
     p.add_argument("--associations", default="1",
                    help="comma-separated numbers of associations of the relay C-MOVE "
                         "(each its own row; default 1)")
+    p.add_argument("--direct", action="store_true",
+                   help="also C-MOVE at peera to a destination in mode = \"direct\" (row "
+                        "direct: peerb and peerc send their shares straight to the storescp)")
     args = p.parse_args()
     args.counts = single.counts_of(args.associations)
     reps = args.reps or (1 if args.quick else 3)
@@ -113,7 +120,9 @@ def main() -> int:
                             modalities={DEST: [DEST, "127.0.0.1", scp.port]}) as o:
                 r = args.replicas
                 cluster = Cluster(wd / "cluster",
-                                  single.destinations(f"127.0.0.1:{scp.port}", args.counts),
+                                  {**single.destinations(f"127.0.0.1:{scp.port}", args.counts),
+                                   DIRECT: {"address": f"127.0.0.1:{scp.port}",
+                                            "mode": "direct"}},
                                   config={"storage": {"fsync": False},
                                           "cluster": {"replicas": r, "write_quorum": r}})
                 cluster.start(3, per_peer={"peera": {"archives": []}})
@@ -154,6 +163,8 @@ def run_study(args, reps, sname, data, scp, cluster, o, dd):
     a = cluster[0]
     sources = {relay_name(n): single.dest_ae(n) for n in args.counts}
     sources["orthanc"] = "move"
+    if args.direct:
+        sources["direct"] = DIRECT
     if args.get:
         sources["relay-get"] = "get"
     if args.with_single:
