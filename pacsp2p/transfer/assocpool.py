@@ -61,13 +61,15 @@ class AssociationPool:
     of C-STOREs never sent are closed in *pool* (a thread pool)."""
 
     def __init__(self, connect, wanted: int, pool, ae_title: str):
-        self.connect, self.wanted, self.pool, self.ae_title = connect, wanted, pool, ae_title
+        self.connect, self.wanted = connect, wanted
+        self.pool, self.ae_title = pool, ae_title
         self.first = None
         self.links: list = []                 # established, in the order they came up
         self.busy: dict = {}                  # link -> C-STOREs handed to it, unanswered
         self.opening: set = set()             # Deferreds of associations being negotiated
         self.queue: deque[_Op] = deque()
         self.closing = False
+        self.cancelled = False                # drop_queued(): nothing is sent again
         self.error: Exception = scu.AssociationAborted(f"no association to {ae_title}")
         self.carried: set = set()             # associations that were given a C-STORE
 
@@ -137,11 +139,10 @@ class AssociationPool:
         return op.result
 
     def _pump(self) -> None:
+        for link in [k for k in self.links if k.state != "established"]:
+            self._lost(link, Failure(getattr(link, "_error", None) or scu.AssociationAborted(
+                f"association to {self.ae_title} is {link.state}")))   # ended while idle
         while self.queue:
-            for link in [k for k in self.links if k.state != "established"]:
-                self._lost(link, Failure(getattr(link, "_error", None) or
-                                         scu.AssociationAborted(f"association to "
-                                                                f"{self.ae_title} is {link.state}")))
             op = self.queue[0]
             able = [k for k in self.links if k.context_for(op.args[0], op.args[2])]
             if not able:
@@ -166,7 +167,8 @@ class AssociationPool:
         if isinstance(result, Failure) and result.check(*_LOST) \
                 and link.state != "established":
             self._lost(link, result)
-            if op.again and (self.links or self.opening) and not self.closing:
+            if op.again and (self.links or self.opening) and not (self.closing or
+                                                                  self.cancelled):
                 op.retried = True
                 self.queue.appendleft(op)
                 self._pump()
@@ -184,6 +186,7 @@ class AssociationPool:
 
     def drop_queued(self) -> None:
         """Fail (``defer.CancelledError``) every C-STORE not yet begun."""
+        self.cancelled = True
         while self.queue:
             self._give_up(self.queue.popleft(), defer.CancelledError("not sent"))
         for link in list(self.links):

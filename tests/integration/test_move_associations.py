@@ -7,18 +7,24 @@ instances from a real peer to a real DCMTK storescp.
 - a destination that takes one association at a time (storescp without --fork) with
   associations = 3 still gets everything over the first, the C-MOVE answers Success
   without waiting for the associations it never accepted, and it takes a next C-MOVE;
+- an in-process pynetdicom Storage SCP that refuses a second association (A-ASSOCIATE-RJ)
+  or aborts one mid-way: every instance arrives anyway, none failed, logged once;
 - associations = 0, "x" or 99 stop ``twistd pacsp2p`` with the one-line config error.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
+import threading
 import time
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, evt
 
-from pacsp2p.testing import StoreSCP, datasets, free_port, storescu
+from pacsp2p.testing import (LOOPBACK, StoreSCP, dataset_sha256, datasets, free_port,
+                             storescu)
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.peer import twistd_path
 
@@ -83,13 +89,98 @@ def test_one_association_at_a_time_still_gets_everything(make_peer, tmp_path, st
     assert "Traceback" not in log
 
 
+class PySCP:
+    """An in-process pynetdicom Storage SCP (MR, explicit VR LE) keeping the sha256 of
+    each data set it answered Success to. *on_store(event, index, n)* (index: the
+    association's rank by its first C-STORE; n: its C-STOREs so far, this one included)
+    may abort the association (and return True) instead."""
+
+    def __init__(self, *, max_associations=10, on_store=None):
+        self.port = free_port()
+        self.got: dict[str, str] = {}
+        self.counts: dict[int, int] = {}        # id(association) -> C-STOREs received
+        self.order: list[int] = []              # id(association), by first C-STORE
+        self.lock = threading.Lock()
+        self.on_store = on_store
+        self.ae = AE(ae_title="PYSCP")
+        self.ae.maximum_associations = max_associations
+        self.ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
+
+    def _store(self, event):
+        key = id(event.assoc)
+        with self.lock:
+            if key not in self.counts:
+                self.order.append(key)
+            n = self.counts[key] = self.counts.get(key, 0) + 1
+            index = self.order.index(key)
+        if self.on_store is not None and self.on_store(event, index, n):
+            return 0xA700                         # (aborted: never sent)
+        with self.lock:
+            self.got[event.request.AffectedSOPInstanceUID] = hashlib.sha256(
+                event.request.DataSet.getvalue()).hexdigest()
+        return 0x0000
+
+    def __enter__(self):
+        self.server = self.ae.start_server((LOOPBACK, self.port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.ae.shutdown()
+
+
+def move_to_pyscp(make_peer, scp, study):
+    """The peer's log once movescu moved the study to *scp* (associations = 3), every
+    data set received byte-identical."""
+    peer = make_peer(destinations={"PYSCP": {"address": f"{LOOPBACK}:{scp.port}",
+                                             "associations": 3}})
+    storescu(peer.port, peer.ae_title, study)
+    proc = dn.movescu(peer.port, peer.ae_title, "PYSCP", KEYS)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert "Received Final Move Response (Success)" in out, out[-2000:]
+    assert scp.got == {dn.sop_uid(p): dataset_sha256(p) for p in study}
+    return peer.log_path.read_text()
+
+
+def test_a_refused_association_fails_no_sub_operation(make_peer, study):
+    with PySCP(max_associations=1) as scp:
+        log = move_to_pyscp(make_peer, scp, study)
+    assert len(scp.counts) == 1
+    assert log.count("another association could not be opened (association rejected") \
+        == 2, log[-3000:]
+    assert f"{N} completed, 0 failed" in log, log[-3000:]
+
+
+def test_an_association_aborted_mid_way_fails_no_sub_operation(make_peer, study):
+    aborted: list = []
+
+    def slow_first_abort_second(event, index, n):
+        if index == 0:
+            time.sleep(0.02)        # the first association is slow: the others get work
+        elif index == 1 and n == 2 and not aborted:
+            aborted.append(event.request.AffectedSOPInstanceUID)
+            event.assoc.abort()
+            return True
+        return False
+
+    with PySCP(on_store=slow_first_abort_second) as scp:
+        log = move_to_pyscp(make_peer, scp, study)
+    assert len(aborted) == 1 and aborted[0] in scp.got, (aborted, scp.counts)
+    assert len(scp.counts) == 3, scp.counts
+    assert log.count("an association was lost") == 1, log[-3000:]
+    assert f"{N} completed, 0 failed" in log, log[-3000:]
+
+
 @pytest.mark.parametrize("value", ["0", '"x"', "99", "true"])
 def test_bad_number_of_associations_stops_start_up(tmp_path, value):
     cfg = tmp_path / "peer.toml"
     cfg.write_text(f'[peer]\nname = "bad"\ndata_dir = "{tmp_path / "data"}"\n'
                    f'[facade]\nbind = "127.0.0.1"\nport = {free_port()}\n'
                    f'[admin]\nport = {free_port()}\n[destinations]\n'
-                   f'STORESCP = {{ address = "127.0.0.1:11113", associations = {value} }}\n')
+                   f'STORESCP = {{ address = "127.0.0.1:11113", '
+                   f'associations = {value} }}\n')
     proc = subprocess.run([str(twistd_path()), "-n", "--pidfile=", "pacsp2p", "--config",
                            str(cfg)], capture_output=True, text=True, cwd=tmp_path,
                           stdin=subprocess.DEVNULL, timeout=120)
