@@ -7,6 +7,8 @@ instances from a real peer to a real DCMTK storescp.
 - a destination that takes one association at a time (storescp without --fork) with
   associations = 3 still gets everything over the first, the C-MOVE answers Success
   without waiting for the associations it never accepted, and it takes a next C-MOVE;
+- a DICOM TLS destination (storescp --fork over TLS, client certificates required) with
+  associations = 2: the same, each association its own TLS connection;
 - an in-process pynetdicom Storage SCP that refuses a second association (A-ASSOCIATE-RJ)
   or aborts one mid-way: every instance arrives anyway, none failed, logged once;
 - associations = 0, "x" or 99 stop ``twistd pacsp2p`` with the one-line config error.
@@ -23,6 +25,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, evt
 
+from pacsp2p.overlay import tls as ca
 from pacsp2p.testing import (LOOPBACK, StoreSCP, dataset_sha256, datasets, free_port,
                              storescu)
 from pacsp2p.testing import dicomnet as dn
@@ -87,6 +90,28 @@ def test_one_association_at_a_time_still_gets_everything(make_peer, tmp_path, st
     log = peer.log_path.read_text()
     assert "C-MOVE to STORESCP: 64 instances over 1 association" in log, log[-3000:]
     assert "Traceback" not in log
+
+
+def test_tls_destination_over_several_associations(make_peer, tmp_path, study):
+    pki = tmp_path / "pki"
+    ca.init_ca(pki, ca.DICOM_CA)
+    for name in ("PACSP2P", "TLSSCP"):
+        ca.issue(pki, name, kind="server", hosts=["127.0.0.1"])
+    with StoreSCP(tmp_path / "in", ae_title="TLSSCP", fork=True,
+                  extra=["+tls", pki / "TLSSCP.key", pki / "TLSSCP.crt", "+cf",
+                         pki / "ca.crt", "-pw"]) as scp:
+        peer = make_peer(config={
+            "facade": {"tls_port": free_port(), "tls_cert": str(pki / "PACSP2P.crt"),
+                       "tls_key": str(pki / "PACSP2P.key"), "tls_ca": str(pki / "ca.crt")},
+            "destinations": {"TLSSCP": {"address": scp.address, "tls": True,
+                                        "associations": 2}}})
+        storescu(peer.port, peer.ae_title, study)
+        proc = dn.movescu(peer.port, peer.ae_title, "TLSSCP", KEYS)
+        out = proc.stdout + proc.stderr
+        assert "Received Final Move Response (Success)" in out, out[-2000:]
+        assert dn.dataset_hashes(scp.files()) == dn.dataset_hashes(study)
+    log = peer.log_path.read_text()
+    assert f"C-MOVE to TLSSCP: {N} instances over 2 associations" in log, log[-3000:]
 
 
 class PySCP:
