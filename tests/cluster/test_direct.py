@@ -12,6 +12,8 @@ come from the holders. The destination STORESCP of every peer is a DCMTK storesc
    to the other holders; final Success and every instance arrives byte-identical.
 3. peere stores with R=1 and is killed, the only holder of some instances: a pynetdicom
    C-MOVE at peerd ends Warning with exactly those UIDs in FailedSOPInstanceUIDList.
+4. the same storescp as STORESCP2, direct with ``associations = 2``: every holder sends
+   its share over two associations at once (``SendTo`` passes the number on).
 
 Every peer is a separate `twistd pacsp2p` process; DCMTK tools run by full path with
 TCP_NODELAY=1; every process is stopped by its own PID.
@@ -136,7 +138,9 @@ def cluster(tmp_path_factory, dest):
     """peera, peerb, peerc (embedded archives) + peerd (archives = []), meshed; every
     peer's STORESCP destination is in direct mode."""
     c = Cluster(tmp_path_factory.mktemp("direct"),
-                {"STORESCP": {"address": dest.address, "mode": "direct"}})
+                {"STORESCP": {"address": dest.address, "mode": "direct"},
+                 "STORESCP2": {"address": dest.address, "mode": "direct",
+                               "associations": 2}})
     try:
         c.start(4, per_peer={"peerd": {"archives": []}})
         c.wait_mesh(timeout=30)
@@ -309,3 +313,29 @@ def test_instances_without_a_live_holder_are_listed_as_failed(cluster, dest, tmp
     assert set(failed) == lost
     got = received_hashes(dest, sent)
     assert set(got) == set(sent) - lost
+
+
+# -- 4. each holder over several associations ---------------------------------------------
+
+def test_direct_move_over_two_associations_per_holder(cluster, dest, tmp_path):
+    a, b, c, d = cluster
+    n = 150
+    files = make(tmp_path / "s4", n, "DIRECT0004", seed=44)
+    store(a, files)
+    uid = dn.study_of(files)
+    sent = dn.dataset_hashes(files)
+    wait_replicated(d, uid, set(sent), 2)
+    dn.clear(dest.directory)
+    logs_at = {p.name: log_size(p) for p in cluster}
+    proc = dn.movescu(d.port, d.ae_title, "STORESCP2", move_keys(uid), timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Received Final Move Response (Success)" in out, out[-3000:]
+    assert received_hashes(dest, sent) == sent
+    # each holder's deliveries (one per SendTo chunk of 50) say over how many they went
+    over = {p.name: [int(k) for k in re.findall(
+        r"C-MOVE to STORESCP2: \d+ instances over (\d+) association",
+        log_since(p, logs_at[p.name]))] for p in cluster}
+    print(f"\nassociations per delivery, by holder: {over}")
+    assert not over["peerd"], over
+    assert max(k for ks in over.values() for k in ks) == 2, over
