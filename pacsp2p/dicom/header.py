@@ -2,6 +2,8 @@
 
 Also finds where the dataset starts after the File Meta Information, so that content
 hashes cover exactly the bytes a sender sent (the file meta is rewritten by receivers).
+A deflated data set (PS3.5 A.5) is inflated a chunk at a time, within bounds
+(``dicom.deflate``), never whole.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ import contextlib
 import hashlib
 import mmap
 import struct
+from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from pacsp2p.attributes import HEADER_KEYWORDS, STORED
+from pacsp2p.dicom.deflate import Inflation, inflated
 from pacsp2p.types import InstanceMeta
 
 
@@ -26,6 +31,8 @@ class BadDataset(ValueError):
 
 
 SMALL_READ = 256 << 10   # files up to this size are read whole, larger ones memory-mapped
+MAX_INFLATED = 4 << 30   # a deflated data set inflating to more is refused (max_dataset's default)
+MAX_DEFLATED_HEADER = 64 << 20  # inflated bytes kept to read a deflated data set's header
 
 
 @contextlib.contextmanager
@@ -82,14 +89,16 @@ def read_meta(path: Path, sha256: str = "", data_size: int = 0) -> InstanceMeta:
                 if offset == size:
                     raise BadDataset("the data set is empty")
                 syntax = UID(ts)
-                if syntax.is_deflated:
-                    return _read_meta_pydicom(path, size)
                 found: dict = {}
-                end = _walk(buf, offset, size, syntax.is_implicit_VR,
-                            syntax.is_little_endian, None, found)
-                if end != size:
-                    raise BadDataset(f"truncated: an element runs past the end of the "
-                                     f"file ({size} bytes)")
+                if syntax.is_deflated:
+                    head = _deflated_header(buf, offset, found)
+                else:
+                    head = None
+                    end = _walk(buf, offset, size, syntax.is_implicit_VR,
+                                syntax.is_little_endian, None, found)
+                    if end != size:
+                        raise BadDataset(f"truncated: an element runs past the end of "
+                                         f"the file ({size} bytes)")
                 sha = sha256 if sha256 and data_size == size - offset else \
                     hashlib.sha256(memoryview(buf)[offset:]).hexdigest()
     except (OSError, ValueError, struct.error, RecursionError) as e:
@@ -98,7 +107,7 @@ def read_meta(path: Path, sha256: str = "", data_size: int = 0) -> InstanceMeta:
         raise BadDataset(f"cannot parse dataset: {type(e).__name__}: {e}") from e
     attrs = _decode(found)
     if attrs is None:                   # an ISO 2022 character set: pydicom decodes
-        meta = _read_meta_pydicom(path, size)
+        meta = _read_meta_pydicom(path, size, head)
         return InstanceMeta(meta.sop_instance_uid, meta.sop_class_uid, ts, meta.attributes,
                             size, sha, size - offset)
     _check_required(attrs)
@@ -149,12 +158,51 @@ def _check_required(attrs) -> None:
         raise BadDataset(f"dataset lacks {', '.join(missing)}")
 
 
-def _read_meta_pydicom(path: Path, size: int) -> InstanceMeta:
-    """The slow path (deflated data sets, ISO 2022 character sets): pydicom decodes."""
+def _deflated_header(buf, offset: int, found: dict) -> bytes:
+    """The inflated bytes of the deflated data set at *offset* of *buf* up to its pixel data (all of them if
+    it has none; at most MAX_DEFLATED_HEADER), with the raw values of the wanted
+    attributes put in *found*. The rest is inflated and dropped, a chunk at a time, to
+    check that the stream is whole and inflates to at most MAX_INFLATED bytes."""
+    prefix, end, attempt = bytearray(), -1, 64 << 10
+    chunks = inflated(buf, MAX_INFLATED, offset)
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=HEADER_KEYWORDS)
+        for chunk in chunks:
+            prefix += chunk
+            if len(prefix) > MAX_DEFLATED_HEADER:
+                raise BadDataset(f"the header of the deflated data set is larger than "
+                                 f"{MAX_DEFLATED_HEADER} bytes")
+            if len(prefix) >= attempt:          # walk again once the prefix has doubled
+                attempt = 2 * len(prefix)
+                found.clear()
+                end = _walk(prefix, 0, len(prefix), False, True, None, found, until=_PIXELS)
+                if 0 <= end < len(prefix):
+                    break                        # the pixel data starts in the prefix
+        else:
+            found.clear()
+            end = _walk(prefix, 0, len(prefix), False, True, None, found, until=_PIXELS)
+            if end < 0:
+                raise BadDataset("truncated: an element runs past the end of the "
+                                 "deflated data set")
+        for _ in chunks:
+            pass
+    except Inflation as e:
+        raise BadDataset(str(e)) from e
+    finally:
+        chunks.close()
+    return bytes(prefix[:end])
+
+
+def _read_meta_pydicom(path: Path, size: int, head: bytes | None = None) -> InstanceMeta:
+    """The slow path (ISO 2022 character sets): pydicom decodes; *head*: the inflated
+    header of a deflated data set (``_deflated_header``), decoded instead of the file."""
+    try:
+        if head is None:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=HEADER_KEYWORDS)
+            ts = str(ds.file_meta.TransferSyntaxUID)
+        else:
+            ds = read_dataset(BytesIO(head), False, True, specific_tags=list(_WANTED))
+            ts = DeflatedExplicitVRLittleEndian
         attrs = {kw: _text(ds[kw]) for kw in HEADER_KEYWORDS if kw in ds and kw in STORED}
-        ts = str(ds.file_meta.TransferSyntaxUID)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
             AttributeError, NotImplementedError, struct.error) as e:
         raise BadDataset(f"cannot parse dataset: {type(e).__name__}: {e}") from e

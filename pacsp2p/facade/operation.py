@@ -18,8 +18,9 @@ from pynetdicom.dsutils import decode, encode
 from twisted.logger import Logger
 
 from pacsp2p.dicom import dimse
-from pacsp2p.dicom.messages import DiscardSink, MemorySink
+from pacsp2p.dicom.deflate import inflate
 from pacsp2p.dicom.identifiers import IdentifierError
+from pacsp2p.dicom.messages import MAX_IDENTIFIER, DiscardSink, MemorySink
 from pacsp2p.dicom.status import NOT_AUTHORIZED, SUCCESS, UNABLE_TO_PROCESS
 from pacsp2p.validate import InvalidUID, check_uid
 
@@ -105,8 +106,9 @@ class Operation:
         ts = self.ts
         if self.data is None:
             raise IdentifierError("the request has no identifier")
-        return decode(BytesIO(self.data), ts.is_implicit_VR, ts.is_little_endian,
-                      ts.is_deflated)
+        if ts.is_deflated:           # inflated with the bound of a plain identifier
+            return decode(BytesIO(inflate(self.data, MAX_IDENTIFIER)), False, True)
+        return decode(BytesIO(self.data), ts.is_implicit_VR, ts.is_little_endian)
 
     def respond(self, status: int, data: bytes | None = None, counts=None,
                 instance: bytes = b"", comment: str = "") -> None:
