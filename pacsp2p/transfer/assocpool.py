@@ -71,7 +71,7 @@ class AssociationPool:
         self.closing = False
         self.cancelled = False                # drop_queued(): nothing is sent again
         self.error: Exception = scu.AssociationAborted(f"no association to {ae_title}")
-        self.carried: set = set()             # associations that were given a C-STORE
+        self.carried: dict = {}               # link -> C-STOREs it was given
 
     # -- what the first association accepted ------------------------------------------
     @property
@@ -158,7 +158,7 @@ class AssociationPool:
                 return
             self.queue.popleft()
             self.busy[link] += 1
-            self.carried.add(link)
+            self.carried[link] = self.carried.get(link, 0) + 1
             link.store(*op.args[:3], op.payload, *op.args[3:]).addBoth(self._sent, link, op)
 
     def _sent(self, result, link, op):

@@ -287,10 +287,12 @@ class Delivery(Tally):
                 "C-MOVE to {ae}: of {n} instances, {summary}", ae=self.destination.ae_title,
                 n=len(self.refs), summary=self.events.summary())
         if self.associations > 1 and self._links is not None:
-            k = len(self._links.carried)
-            log.info("C-MOVE to {ae}: {n} instances over {k} association{s} (up to {m})",
-                     ae=self.destination.ae_title, n=len(self.refs), k=k,
-                     s="" if k == 1 else "s", m=self.associations)
+            shares = list(self._links.carried.values())
+            k = len(shares)
+            log.info("C-MOVE to {ae}: {n} instances over {k} association{s} (up to {m}; "
+                     "C-STOREs each: {each})", ae=self.destination.ae_title,
+                     n=len(self.refs), k=k, s="" if k == 1 else "s", m=self.associations,
+                     each="/".join(map(str, shares)) or "none")
         final = self.progress(done=True)
         self._tell(final)
         self.finished.callback(final)
