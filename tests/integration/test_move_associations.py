@@ -7,6 +7,7 @@ instances from a real peer to a real DCMTK storescp.
 - a destination that takes one association at a time (storescp without --fork) with
   associations = 3 still gets everything over the first, the C-MOVE answers Success
   without waiting for the associations it never accepted, and it takes a next C-MOVE;
+  so does movescu's own port (``-aem MOVESCU +P port``: the requestor as destination);
 - a DICOM TLS destination (storescp --fork over TLS, client certificates required) with
   associations = 2: the same, each association its own TLS connection;
 - an in-process pynetdicom Storage SCP that refuses a second association (A-ASSOCIATE-RJ)
@@ -196,6 +197,26 @@ def test_an_association_aborted_mid_way_fails_no_sub_operation(make_peer, study)
     assert len(scp.counts) == 3, scp.counts
     assert log.count("an association was lost") == 1, log[-3000:]
     assert f"{N} completed, 0 failed" in log, log[-3000:]
+
+
+def test_movescu_own_port_gets_everything_over_one(make_peer, tmp_path, study):
+    port = free_port()
+    got = tmp_path / "got"
+    got.mkdir()
+    peer = make_peer(destinations={"MOVESCU": {"address": f"{LOOPBACK}:{port}",
+                                               "associations": 2}})
+    storescu(peer.port, peer.ae_title, study)
+    t0 = time.monotonic()
+    proc = dn.movescu(peer.port, peer.ae_title, "MOVESCU", KEYS,
+                      extra=["+P", str(port), "-od", str(got)])
+    took = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert "Received Final Move Response (Success)" in out, out[-2000:]
+    assert dn.dataset_hashes(sorted(got.iterdir())) == dn.dataset_hashes(study)
+    assert took < 25, took      # (not the 30 s ACSE timeout of the one never accepted)
+    log = peer.log_path.read_text()
+    assert f"C-MOVE to MOVESCU: {N} instances over 1 association" in log, log[-3000:]
 
 
 @pytest.mark.parametrize("value", ["0", '"x"', "99", "true"])
