@@ -6,12 +6,13 @@ Association"); with ``[destinations] X = { ..., associations = N }`` a ``Deliver
 them, as many PACS do, over up to N associations at once: a work queue served by N
 servers (the next instance goes to whichever association has room, at most ``DEPTH``
 C-STOREs handed to one: one on the wire, the next ready behind it). Each association is
-a ``dicom.scu.StorageSCU`` negotiating its own presentation contexts.
+a ``dicom.scu.StorageSCU`` negotiating its own presentation contexts; an instance goes
+only to one that accepted its SOP class in the syntax it is sent in.
 
 The first association is the delivery's: its failure to open is the delivery's error,
 and what it accepted decides how each instance is sent (stored syntax or converted).
-The others open in the background once it is up, only while enough instances remain
-(``PER_LINK`` per association); one that is refused, never answered or lost takes no
+The others open in the background once it is up, if the C-MOVE has ``PER_LINK``
+instances for each; one that is refused, never answered or lost takes no
 more work and is logged once: it fails no sub-operation. A C-STORE that was on an
 association lost mid-way goes again on another (once; only a data set held in memory)
 while another is up or opening; with none left it fails, as with one association.
