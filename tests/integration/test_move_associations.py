@@ -8,6 +8,8 @@ instances from a real peer to a real DCMTK storescp.
   associations = 3 still gets everything over the first, the C-MOVE answers Success
   without waiting for the associations it never accepted, and it takes a next C-MOVE;
   so does movescu's own port (``-aem MOVESCU +P port``: the requestor as destination);
+- C-CANCEL of a C-MOVE over 3 associations to a slow destination: final Cancel, the
+  counts exactly what arrived, nothing failed;
 - a DICOM TLS destination (storescp --fork over TLS, client certificates required) with
   associations = 2: the same, each association its own TLS connection;
 - an in-process pynetdicom Storage SCP that refuses a second association (A-ASSOCIATE-RJ)
@@ -23,8 +25,10 @@ import threading
 import time
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_context, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
 
 from pacsp2p.overlay import tls as ca
 from pacsp2p.testing import (LOOPBACK, StoreSCP, dataset_sha256, datasets, free_port,
@@ -91,6 +95,37 @@ def test_one_association_at_a_time_still_gets_everything(make_peer, tmp_path, st
     log = peer.log_path.read_text()
     assert "C-MOVE to STORESCP: 64 instances over 1 association" in log, log[-3000:]
     assert "Traceback" not in log
+
+
+def test_cancel_of_a_move_over_three_associations(make_peer, tmp_path, study):
+    # every association's storescp child sleeps a second per instance: the C-CANCEL
+    # always comes while most of the study is still to go, however busy the machine
+    with StoreSCP(tmp_path / "in", fork=True, extra=["--sleep-during", "1"]) as scp:
+        peer = loaded_peer(make_peer, scp, study, 3)
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = STUDY
+        responses = []
+        with dn.association(peer.port, peer.ae_title, [build_context(MOVE)],
+                            timeout=120) as a:
+            cx = next(c for c in a.accepted_contexts if c.abstract_syntax == MOVE)
+            for status, _identifier in a.send_c_move(query, "STORESCP", MOVE, msg_id=9):
+                responses.append(status)
+                if len(responses) == 1:
+                    a.send_c_cancel(9, cx.context_id)
+        final = responses[-1]
+        assert final.Status == 0xFE00, hex(final.Status)
+        completed = final.NumberOfCompletedSuboperations
+        assert 0 < completed < N
+        assert (final.NumberOfFailedSuboperations, final.NumberOfWarningSuboperations) \
+            == (0, 0)
+        assert final.NumberOfRemainingSuboperations == N - completed
+        sent = dn.dataset_hashes(study)
+        got = dn.dataset_hashes(scp.files())
+        assert len(got) == completed and all(sent[u] == h for u, h in got.items())
+    log = peer.log_path.read_text()
+    assert re.search(r"C-MOVE to STORESCP: 64 instances over [23] associations", log), \
+        log[-3000:]
 
 
 def test_tls_destination_over_several_associations(make_peer, tmp_path, study):
