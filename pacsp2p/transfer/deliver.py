@@ -14,7 +14,7 @@ certificate must chain to its ``tls_ca``; ours is ``[facade] tls_cert``).
 
 Progress goes, as ``Progress`` snapshots, to each callable in ``listeners`` (called in
 the reactor: the facade's C-MOVE). ``cancel()`` (reactor thread) stops starting new
-sub-operations; the one on the wire finishes and is counted.
+sub-operations; the one on the wire (on each association) finishes and is counted.
 """
 
 from __future__ import annotations
