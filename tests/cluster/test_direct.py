@@ -325,17 +325,20 @@ def test_direct_move_over_two_associations_per_holder(cluster, dest, tmp_path):
     uid = dn.study_of(files)
     sent = dn.dataset_hashes(files)
     wait_replicated(d, uid, set(sent), 2)
-    dn.clear(dest.directory)
-    logs_at = {p.name: log_size(p) for p in cluster}
-    proc = dn.movescu(d.port, d.ae_title, "STORESCP2", move_keys(uid), timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    assert "Received Final Move Response (Success)" in out, out[-3000:]
-    assert received_hashes(dest, sent) == sent
-    # each holder's deliveries (one per SendTo chunk of 50) say over how many they went
-    over = {p.name: [int(k) for k in re.findall(
-        r"C-MOVE to STORESCP2: \d+ instances over (\d+) association",
-        log_since(p, logs_at[p.name]))] for p in cluster}
-    print(f"\nassociations per delivery, by holder: {over}")
-    assert not over["peerd"], over
+    for _attempt in range(3):       # (a very busy machine may send a chunk of 50 small
+        dn.clear(dest.directory)    # instances before the second association is up)
+        logs_at = {p.name: log_size(p) for p in cluster}
+        proc = dn.movescu(d.port, d.ae_title, "STORESCP2", move_keys(uid), timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        assert "Received Final Move Response (Success)" in out, out[-3000:]
+        assert received_hashes(dest, sent) == sent
+        # each holder's deliveries (one per SendTo chunk of 50) say over how many they went
+        over = {p.name: [int(k) for k in re.findall(
+            r"C-MOVE to STORESCP2: \d+ instances over (\d+) association",
+            log_since(p, logs_at[p.name]))] for p in cluster}
+        print(f"\nassociations per delivery, by holder: {over}")
+        assert not over["peerd"], over
+        if max(k for ks in over.values() for k in ks) == 2:
+            break
     assert max(k for ks in over.values() for k in ks) == 2, over
