@@ -5,7 +5,8 @@
 ``config.ConfigError`` naming ``admin.tls_*``, before the reactor runs); at start it
 writes the CLI's token (``auth.write_token``: ``<data_dir>/admin.token``, mode 0600)
 and listens; at stop it removes the token. At most ``MAX_CONNECTIONS`` connections at
-once (more are closed at once); an idle connection is closed after
+once, ``MAX_PER_ADDRESS`` of them from one address (more are closed at once, so that one
+slow client cannot hold every slot); an idle connection is closed after
 ``gate.IDLE_TIMEOUT`` seconds; a request body is at most ``gate.MAX_BODY`` bytes.
 """
 
@@ -20,21 +21,41 @@ from pacsp2p.admin import auth, web
 from pacsp2p.dicom import tls
 
 MAX_CONNECTIONS = 64
+MAX_PER_ADDRESS = 16
 
 
 class Capped(WrappingFactory):
-    """*wrapped*, refusing a connection (closed at once) while *limit* are open."""
+    """*wrapped*, refusing a connection (closed at once) while *limit* are open, or
+    *per_address* from its address."""
 
     noisy = False
 
-    def __init__(self, wrapped, limit: int = MAX_CONNECTIONS):
+    def __init__(self, wrapped, limit: int = MAX_CONNECTIONS,
+                 per_address: int = MAX_PER_ADDRESS):
         super().__init__(wrapped)
-        self.limit = limit
+        self.limit, self.per_address = limit, per_address
+        self.by_host: dict[str, int] = {}
 
     def buildProtocol(self, addr):
-        if len(self.protocols) >= self.limit:
+        host = getattr(addr, "host", "")
+        if len(self.protocols) >= self.limit or \
+                self.by_host.get(host, 0) >= self.per_address:
             return None
-        return super().buildProtocol(addr)
+        p = super().buildProtocol(addr)
+        p.admin_host = host
+        return p
+
+    def registerProtocol(self, p):
+        super().registerProtocol(p)
+        self.by_host[p.admin_host] = self.by_host.get(p.admin_host, 0) + 1
+
+    def unregisterProtocol(self, p):
+        super().unregisterProtocol(p)
+        host = getattr(p, "admin_host", None)
+        if host is not None and host in self.by_host:
+            self.by_host[host] -= 1
+            if self.by_host[host] <= 0:
+                del self.by_host[host]
 
 
 class AdminEndpoint(service.MultiService):

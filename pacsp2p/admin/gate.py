@@ -8,6 +8,11 @@ reading needs authentication (an endpoint bound to a non-loopback address), answ
 401: the console's login page for console paths, JSON with ``WWW-Authenticate: Basic``
 for the JSON API. The login form and the console's stylesheet are served to anyone.
 
+``DeadlineChannel`` gives a request ``REQUEST_TIMEOUT`` seconds from its first byte to
+the end of its body, then closes the connection: the idle timeout alone is reset by every
+byte, so a client dripping a header line a minute held a connection slot for ever (all
+``endpoint.MAX_CONNECTIONS`` of them: a "slowloris").
+
 ``BoundedRequest`` caps a request body at ``MAX_BODY`` (413 beyond, the rest read and
 dropped, never buffered) and adds the headers every answer carries: no caching (the
 console shows patient data), no sniffing, no framing, no referrer to other sites, and a
@@ -21,7 +26,7 @@ import json
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import resource, server, util
+from twisted.web import http, resource, server, util
 
 from pacsp2p.admin import auth
 from pacsp2p.validate import shown
@@ -30,6 +35,7 @@ log = Logger()
 
 MAX_BODY = 1 << 20            # bytes of a request body at most
 IDLE_TIMEOUT = 60             # seconds a connection may sit idle
+REQUEST_TIMEOUT = 60          # seconds from a request's first byte to the end of its body
 PUBLIC = ([b"console", b"login"], [b"console", b"static"])   # served without a login
 SECURITY_HEADERS = {
     b"cache-control": b"no-store",
@@ -75,6 +81,39 @@ class BoundedRequest(server.Request):
         super().process()
 
 
+class DeadlineChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel whose requests must arrive whole within ``REQUEST_TIMEOUT``."""
+
+    request_timeout = REQUEST_TIMEOUT
+    _deadline = None
+
+    def dataReceived(self, data):
+        if self._deadline is None and data:
+            self._deadline = self.callLater(self.request_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def allContentReceived(self):
+        self._stop_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason):
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _stop_deadline(self):
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self):
+        self._deadline = None
+        peer = self.transport.getPeer()
+        log.warn("admin: a request from {host} not whole after {s} s: closing",
+                 host=getattr(peer, "host", "?"), s=self.request_timeout)
+        self.transport.abortConnection()
+
+
 class Answer(resource.Resource):
     """A fixed answer: *code*, *body* (bytes), *ctype*, extra *headers*."""
 
@@ -103,6 +142,7 @@ class AdminSite(server.Site):
     that must log in first."""
 
     requestFactory = BoundedRequest
+    protocol = DeadlineChannel
     noisy = False
 
     def __init__(self, root, guard: auth.Guard, login_page=None):
