@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from pacsp2p.dicom import contexts, dimse
 from pacsp2p.dicom.identifiers import IdentifierError, encode_row, to_query
 from pacsp2p.dicom.status import (CANCEL, CANNOT_UNDERSTAND, DOES_NOT_MATCH, PENDING,
-                                  SUCCESS, UNABLE_TO_PROCESS)
+                                  SOP_CLASS_NOT_SUPPORTED, SUCCESS, UNABLE_TO_PROCESS)
 from pacsp2p.facade.operation import Operation
 from pacsp2p.validate import shown
 
@@ -25,9 +25,17 @@ FIND_BATCH = 16              # C-FIND responses sent per reactor turn
 
 def decode_query(op, table: dict, what: str):
     """(Query, requested keys) of *op*'s identifier, or None after answering a failure
-    (0xA900 for an identifier that breaks the rules, 0xC000 for one that cannot be
-    decoded)."""
-    root = table.get(op.cx.abstract_syntax, "STUDY")
+    (0x0122 for a request on a presentation context of another SOP class, or whose SOP
+    class is not the context's; 0xA900 for an identifier that breaks the rules, 0xC000
+    for one that cannot be decoded)."""
+    root = table.get(op.cx.abstract_syntax)
+    asked = dimse.text(op.fields, dimse.AFFECTED_SOP_CLASS)
+    if root is None or asked != op.cx.abstract_syntax:
+        log.warn("{what} from {ae} of SOP class {asked} on a context for {cx}: refused",
+                 what=what, ae=op.assoc.calling_ae, asked=shown(asked, 64),
+                 cx=op.cx.abstract_syntax)
+        op.finish(SOP_CLASS_NOT_SUPPORTED)
+        return None
     try:
         return to_query(op.identifier(), root)
     except IdentifierError as e:

@@ -1,0 +1,77 @@
+"""Requests a careless or hostile requestor sends on an association a real peer
+accepted: a query/retrieve request on a presentation context of another SOP class, or
+naming a SOP class other than its context's (PS3.7 9.1.2.1: the Affected SOP Class UID
+is the context's abstract syntax). Refused 0x0122, as C-STORE already was, rather than
+served with whatever information model the peer guessed.
+"""
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import build_context
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
+from pynetdicom.sop_class import (CTImageStorage,
+                                  PatientRootQueryRetrieveInformationModelFind as PatientFind,
+                                  StudyRootQueryRetrieveInformationModelFind as StudyFind,
+                                  StudyRootQueryRetrieveInformationModelGet as StudyGet,
+                                  StudyRootQueryRetrieveInformationModelMove as StudyMove)
+from pynetdicom.dsutils import encode
+
+from pacsp2p.testing import datasets, storescu
+from pacsp2p.testing import dicomnet as dn
+
+STUDY = datasets.uid("odd-requests-study")
+
+
+def send(assoc, req, cx_class: str) -> list:
+    """Send *req* on the accepted context of *cx_class*; the statuses of every response
+    up to the final one (None: no response)."""
+    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == cx_class)
+    assoc._reactor_checkpoint.clear()      # pause pynetdicom's reactor as its own
+    while not assoc._is_paused:             # send_c_*() do, so that the responses
+        time.sleep(0.001)                   # come here
+    statuses = []
+    try:
+        assoc.dimse.send_msg(req, cx.context_id)
+        while True:
+            _, rsp = assoc.dimse.get_msg(block=True)
+            statuses.append(None if rsp is None else rsp.Status)
+            if rsp is None or rsp.Status not in (0xFF00, 0xFF01):
+                return statuses
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
+def request(kind, sop_class: str):
+    req = kind()
+    req.MessageID, req.Priority, req.AffectedSOPClassUID = 7, 2, sop_class
+    if kind is C_MOVE:
+        req.MoveDestination = "STORESCP"
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", STUDY
+    req.Identifier = io.BytesIO(encode(query, False, True))
+    return req
+
+
+@pytest.mark.parametrize("kind, sop_class, on", [
+    (C_FIND, StudyFind, StudyGet),          # a C-FIND on the C-GET context
+    (C_FIND, StudyFind, CTImageStorage),    # ... on a storage context
+    (C_FIND, PatientFind, StudyFind),       # patient root named on the study root context
+    (C_MOVE, StudyMove, StudyFind),         # a C-MOVE on the C-FIND context
+    (C_GET, StudyGet, StudyMove),           # a C-GET on the C-MOVE context
+])
+def test_query_retrieve_on_a_context_of_another_class_is_refused(make_peer, tmp_path, kind,
+                                                                 sop_class, on):
+    peer = make_peer(destinations={"STORESCP": "127.0.0.1:9"})
+    ds = datasets.make_image("CT", size=8, StudyInstanceUID=STUDY, PatientID="ODD1")
+    storescu(peer.port, peer.ae_title, [datasets.write(ds, tmp_path / "one.dcm")])
+    syntaxes = ["1.2.840.10008.1.2"]
+    with dn.association(peer.port, peer.ae_title, [
+            build_context(c, syntaxes) for c in
+            (StudyFind, StudyGet, StudyMove, CTImageStorage)]) as assoc:
+        assert send(assoc, request(kind, sop_class), on) == [0x0122]
+        # the same association still answers a request made right
+        assert send(assoc, request(C_FIND, StudyFind), StudyFind) == [0xFF00, 0x0000]
