@@ -11,6 +11,11 @@ UIDs found on two archives become two replicas of one instance. An instance dele
 from the cluster (a tombstone) is never recorded again by a crawl or a change feed: an
 archive that could not delete it keeps it, hidden; to bring it back, send it again
 through the cluster.
+
+What an archive lists is hostile input: an instance whose SOP Instance, SOP Class, Study
+or Series Instance UID (or transfer syntax, when given) is not a UID by PS3.5 §9.1
+(``validate``), or whose attribute values are longer than ``MAX_VALUE`` characters, is
+not recorded (a warning per page names how many and one example).
 """
 
 from __future__ import annotations
@@ -21,8 +26,32 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from pacsp2p.types import Location
+from pacsp2p.validate import InvalidUID, check_uid, shown
 
 log = Logger()
+
+MAX_VALUE = 1024           # characters of one attribute value an archive may list
+_UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID")
+
+
+def listed_error(meta) -> str:
+    """Why the instance *meta* an archive listed cannot be recorded ("" if it can)."""
+    try:
+        check_uid(meta.sop_instance_uid, "SOP Instance UID")
+        check_uid(meta.sop_class_uid, "SOP Class UID")
+        if meta.transfer_syntax_uid:
+            check_uid(meta.transfer_syntax_uid, "Transfer Syntax UID")
+        attrs = meta.attributes if isinstance(meta.attributes, dict) else {}
+        if attrs.get("SOPInstanceUID", meta.sop_instance_uid) != meta.sop_instance_uid:
+            return f"SOPInstanceUID {shown(attrs['SOPInstanceUID'])} is not the instance's"
+        for key in _UID_KEYS:
+            check_uid(attrs.get(key), key)
+        for key, value in attrs.items():
+            if not isinstance(value, str) or len(value) > MAX_VALUE:
+                return f"{shown(key)}: not text of at most {MAX_VALUE} characters"
+    except InvalidUID as e:
+        return str(e)
+    return ""
 
 
 class TokenBucket:
@@ -80,6 +109,7 @@ class Crawler:
 
     @defer.inlineCallbacks
     def _record(self, items):
+        items = self._valid(items)
         # what this archive is already known to hold (stored through the cluster, or an
         # earlier crawl) keeps its fact: a crawl knows less (no hash, maybe no syntax)
         uids = [meta.sop_instance_uid for meta, _ in items]
@@ -91,6 +121,22 @@ class Crawler:
                                                self.peer, "", size))
             for meta, size in items], consumeErrors=True)
         return len(items)
+
+    def _valid(self, items) -> list:
+        """*items* without those the archive listed with invalid UIDs or values."""
+        kept, refused, example = [], 0, ""
+        for meta, size in items:
+            why = listed_error(meta)
+            if why:
+                refused += 1
+                example = example or why
+            else:
+                kept.append((meta, size))
+        if refused:
+            log.warn("archive {archive}: {n} listed instance(s) not recorded: invalid UID "
+                     "or value (e.g. {why})", archive=self.archive.name, n=refused,
+                     why=example)
+        return kept
 
     @defer.inlineCallbacks
     def _crawl(self):

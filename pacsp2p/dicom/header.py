@@ -152,6 +152,31 @@ def sniff(prefix, transfer_syntax: str, complete: bool = False) -> dict | None:
     return attrs
 
 
+def dataset_uid(buf, offset: int, transfer_syntax: str) -> str:
+    """The SOP Instance UID (0008,0018) of the data set at *offset* of the bytes *buf* of
+    a whole Part-10 file (not deflated), every element's tag and length walked (values
+    skipped): BadDataset if it is truncated or names none."""
+    syntax = UID(transfer_syntax)
+    if syntax.is_deflated:
+        raise BadDataset("deflated data sets are read whole")
+    found: dict = {}
+    try:
+        end = _walk(buf, offset, len(buf), syntax.is_implicit_VR, syntax.is_little_endian,
+                    None, found)
+    except (struct.error, RecursionError) as e:
+        raise BadDataset(f"cannot parse dataset: {type(e).__name__}") from e
+    if end != len(buf):
+        raise BadDataset(f"truncated: an element runs past the end of the file "
+                         f"({len(buf)} bytes)")
+    raw = found.get(_SOP_INSTANCE_UID)
+    if not raw:
+        raise BadDataset("dataset lacks SOPInstanceUID")
+    return raw.decode("ascii", "replace").strip(" \0")
+
+
+_SOP_INSTANCE_UID = 0x00080018
+
+
 def _check_required(attrs) -> None:
     missing = [k for k in _REQUIRED if not attrs.get(k)]
     if missing:

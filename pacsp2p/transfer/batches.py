@@ -127,18 +127,20 @@ class BatchReads:
                 elif isinstance(result, tuple):                # read here: (bytes, meta)
                     data, meta = result
                     got = meta[3] if meta else ""
-                    if is_sha256(loc.sha256) and got != loc.sha256:
+                    f = Part10Bytes(data, *meta[:3]) if meta else io.BytesIO(data)
+                    if not is_sha256(loc.sha256):              # its UIDs checked
+                        self._watch(src, ref, checked(f, loc, self.reactor))
+                    elif got != loc.sha256:
                         self._lost(Failure(mismatch(loc, got)), src, ref)
                     else:
-                        self._got(Part10Bytes(data, *meta[:3]) if meta else io.BytesIO(data),
-                                  src, ref)
-                elif getattr(result, "sha256", None) is not None:   # fetched, hashed
-                    if is_sha256(loc.sha256) and result.sha256 != loc.sha256:
+                        self._got(f, src, ref)
+                elif getattr(result, "sha256", None) is not None and is_sha256(loc.sha256):
+                    if result.sha256 != loc.sha256:           # fetched, hashed
                         result.close()
                         self._lost(Failure(mismatch(loc, result.sha256)), src, ref)
                     else:
                         self._got(result, src, ref)
-                else:                                          # larger: hashed on its own
+                else:                                # larger, or no hash: checked alone
                     self._watch(src, ref, checked(result, loc, self.reactor))
         finally:
             self._scheduling = held

@@ -24,23 +24,39 @@ copy is checked *before* it is handed to the consumer, at the cheapest point:
   per-instance speed is unchanged as long as hashing outruns the destination.
 
 A copy the catalog has no hash for (crawled from a vendor archive: ``sha256`` empty) is
-served unchecked. A damaged copy is logged with its instance UID and reported to the
-scrub (``Retrieval.on_damaged``), which replaces it from a good replica.
+served only if it is a whole Part-10 file (every element's tag and length walked over a
+memory map, values skipped: a truncated one is refused) whose Media Storage and data set
+SOP Instance UIDs (0002,0003 and 0008,0018) are the one asked for: an archive that
+answers with another instance, or relabels one, fails over like a source that does not
+have it (``Mislabelled``; not reported as damaged: there is no good hash to restore
+from). A deflated data set is judged by its Media Storage UID. A damaged copy is logged
+with its instance UID and reported to the scrub (``Retrieval.on_damaged``), which
+replaces it from a good replica.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import re
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
+from pydicom.uid import UID
+
 from pacsp2p import threads
-from pacsp2p.dicom.part10 import file_dataset_hash
+from pacsp2p.dicom.header import BadDataset, dataset_uid
+from pacsp2p.dicom.part10 import BadFile, dataset_start, file_dataset_hash
+from pacsp2p.validate import shown
 
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+class Mislabelled(Exception):
+    """A copy without a catalog hash that is not the instance asked for (another UID in
+    its file meta or data set, or not a readable Part-10 file): not served."""
 
 
 class Damaged(Exception):
@@ -103,7 +119,10 @@ def checked(f, loc, reactor) -> defer.Deferred:
     then an ``io.BytesIO`` of its bytes (*f* closed)."""
     expected = loc.sha256
     if not is_sha256(expected):
-        return defer.succeed(f)
+        if isinstance(f, io.BytesIO):       # in memory: a few elements walked, no hop
+            return defer.maybeDeferred(_named, f, loc)
+        pool = threads.pool(reactor, "verify", 1, 4)
+        return deferToThreadPool(reactor, pool, _named, f, loc)
     got = getattr(f, "sha256", None)
     if is_sha256(got):
         return defer.maybeDeferred(_compare, f, got, loc)
@@ -111,6 +130,33 @@ def checked(f, loc, reactor) -> defer.Deferred:
     d = deferToThreadPool(reactor, pool, _hash, f)
     d.addCallback(lambda got: _compare(got[1], got[0], loc))
     return d
+
+
+def _named(f, loc):
+    """*f* (rewound) if it is a whole Part-10 file whose file meta and data set name
+    ``loc.sop_instance_uid``; else *f* is closed and Mislabelled raised."""
+    uid = loc.sop_instance_uid
+    try:
+        f.seek(0)
+        ts, got = dataset_start(f)
+        if (not got or got == uid) and not UID(ts).is_deflated:
+            offset = f.tell()
+            if isinstance(f, io.BytesIO):
+                with f.getbuffer() as buf:
+                    got = dataset_uid(buf, offset, ts)
+            else:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                    got = dataset_uid(buf, offset, ts)
+        f.seek(0)
+    except (BadFile, BadDataset, OSError, ValueError) as e:
+        _closed(f)
+        raise Mislabelled(f"the copy of {uid} on {loc.archive}@{loc.peer} is not a "
+                          f"whole Part-10 file: {e}") from None
+    if got == uid:
+        return f
+    _closed(f)
+    raise Mislabelled(f"the copy of {uid} on {loc.archive}@{loc.peer} holds "
+                      f"{shown(got) if got else 'no SOP Instance UID'}")
 
 
 def _compare(f, got: str, loc):

@@ -8,6 +8,7 @@ reads, what work stealing prefers and what failover goes down.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 
 from twisted.internet import defer
@@ -24,9 +25,15 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 SIZE = 100_000
 
 
+def sha_of(uid: str) -> str:
+    """The catalog's hash of instance *uid* here (each copy carries it: checked)."""
+    return hashlib.sha256(uid.encode()).hexdigest()
+
+
 class File(io.BytesIO):
     def __init__(self, uid, where):
         super().__init__(f"{uid}@{where}".encode())
+        self.sha256 = sha_of(uid)
 
 
 class Archive:
@@ -86,7 +93,7 @@ def refs(n, where, prefix="1.2.9"):
     out = []
     for i in range(n):
         uid = f"{prefix}.{i + 1}"
-        locs = tuple(Location(uid, a, p, f"sha-{uid}", SIZE) for p, a in where)
+        locs = tuple(Location(uid, a, p, sha_of(uid), SIZE) for p, a in where)
         out.append(InstanceRef(uid, CT, EXPLICIT, SIZE, locs))
     return out
 

@@ -12,6 +12,7 @@ which copy a consumer got.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 from dataclasses import dataclass
@@ -33,12 +34,19 @@ SIZE = 100_000
 
 # -- fakes ------------------------------------------------------------------------------
 
+def sha_of(uid: str) -> str:
+    """The catalog's hash of instance *uid* in these tests (a copy carries it: checked)."""
+    return hashlib.sha256(uid.encode()).hexdigest()
+
+
 class File(io.BytesIO):
-    """A served instance: its bytes say which peer served which UID."""
+    """A served instance: its bytes say which peer served which UID; hashed on its way
+    in (``sha256``), as a copy from the bulk channel is."""
 
     def __init__(self, uid: str, peer: str):
         super().__init__(f"{uid}@{peer}".encode())
         self.uid, self.peer = uid, peer
+        self.sha256 = sha_of(uid)
 
 
 @dataclass
@@ -128,7 +136,7 @@ def make_refs(n: int, holders, prefix: str = "1.2.3") -> list[InstanceRef]:
     refs = []
     for i in range(n):
         uid = f"{prefix}.{i + 1}"
-        locs = tuple(Location(uid, "local", peer, f"sha-{uid}", SIZE) for peer in holders(i))
+        locs = tuple(Location(uid, "local", peer, sha_of(uid), SIZE) for peer in holders(i))
         refs.append(InstanceRef(uid, CT, EXPLICIT, SIZE, locs))
     return refs
 

@@ -25,7 +25,8 @@ from pacsp2p.strategies import Strategies, hookimpl
 from pacsp2p.testing import datasets
 from pacsp2p.transfer.ingest import Ingest
 from pacsp2p.transfer.retrieve import Retrieval
-from pacsp2p.transfer.verify import Damaged, checked
+from pacsp2p.transfer import verify
+from pacsp2p.transfer.verify import Damaged, Mislabelled, checked
 from pacsp2p.types import InstanceRef, Location
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -132,9 +133,37 @@ def test_checked_passes_a_good_copy_and_refuses_a_damaged_one():
     with pytest.raises(Damaged) as e:
         result(checked(bad, loc, Clock()))
     assert bad.closed and "1.2.3" in str(e.value) and "local@p" in str(e.value)
-    # a copy the catalog has no hash for is served unchecked
-    f = io.BytesIO(b"x")
-    assert result(checked(f, dataclasses.replace(loc, sha256=""), Clock())) is f
+    # a copy the catalog has no hash for is served if it is a whole Part-10 file of
+    # that instance (file meta and data set), refused otherwise (tests/integration/
+    # test_lying_archive.py: an archive serving another instance, a truncated or a
+    # relabelled one)
+    unhashed = dataclasses.replace(loc, sha256="")
+    with pytest.raises(Mislabelled):
+        result(checked(io.BytesIO(b"x"), unhashed, Clock()))
+
+
+def test_checked_serves_an_unhashed_copy_only_whole_and_under_its_uid(tmp_path):
+    path = datasets.write(datasets.make_image("CT", size=16, SOPInstanceUID="1.2.3.4"),
+                          tmp_path / "a.dcm")
+    data = path.read_bytes()
+    loc = Location("1.2.3.4", "pacs", "p", "", len(data))
+    f = io.BytesIO(data)
+    assert result(checked(f, loc, Clock())) is f and f.tell() == 0
+    with open(path, "rb") as f:      # a file: walked over a memory map (in a thread)
+        assert verify._named(f, loc) is f
+    for bad, says in ((data[:-10], "truncated"), (data, "holds '1.2.3.4'")):
+        other = dataclasses.replace(loc, sop_instance_uid="1.2.3.5") \
+            if says.startswith("holds") else loc
+        f = io.BytesIO(bad)
+        with pytest.raises(Mislabelled) as e:
+            result(checked(f, other, Clock()))
+        assert says in str(e.value) and f.closed
+    head, uid, tail = data.rpartition(b"1.2.3.4\0")      # the data set's, not the meta's
+    relabelled = head + b"1.2.3.6\0" + tail
+    assert relabelled.count(b"1.2.3.4\0") == 1
+    with pytest.raises(Mislabelled) as e:
+        result(checked(io.BytesIO(relabelled), loc, Clock()))
+    assert "holds '1.2.3.6'" in str(e.value)
 
 
 class Archive:

@@ -1,0 +1,159 @@
+"""A lying Orthanc for tests: a real HTTP server (``http.server`` in a thread of the test)
+that answers Orthanc's REST API the way a broken or hostile archive might.
+
+    with LyingOrthanc() as o:
+        o.add(path)                       # a Part-10 file it "holds"
+        o.lie("file", uid, other_bytes)   # GET /instances/{id}/file of *uid* answers these
+        ... a peer with {"adapter": "orthanc", "url": o.url} ...
+
+It serves what the ``orthanc`` adapter asks (``/system``, ``/statistics``, ``/changes``,
+``/studies?expand``, ``/studies/{id}/instances``, ``/studies/{id}/instances-tags``,
+``/tools/lookup``, ``/instances/{id}/file``); ``overrides`` maps a path (without the
+query) to a callable ``(handler) -> None`` that answers instead (e.g. non-JSON, a huge
+body, a redirect, a body that never ends). Only on 127.0.0.1; every request is counted
+in ``hits``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from pydicom import dcmread
+
+from .ports import LOOPBACK
+
+
+def _id(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+class LyingOrthanc:
+    def __init__(self):
+        self.studies: dict[str, dict] = {}      # orthanc study id -> {tags, instances}
+        self.files: dict[str, bytes] = {}       # orthanc instance id -> bytes served
+        self.tags: dict[str, dict] = {}         # orthanc instance id -> simplified tags
+        self.by_uid: dict[str, str] = {}        # SOP Instance UID -> orthanc instance id
+        self.overrides: dict[str, object] = {}
+        self.hits: dict[str, int] = {}
+        self._server = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self._server.server_address[1]}"
+
+    # -- content ---------------------------------------------------------------------
+    def add(self, path: Path | str, tags: dict | None = None) -> str:
+        """Hold the file *path*; *tags* replace what its data set says (a lie)."""
+        data = Path(path).read_bytes()
+        ds = dcmread(path, stop_before_pixels=True)
+        t = {"SOPInstanceUID": str(ds.SOPInstanceUID), "SOPClassUID": str(ds.SOPClassUID),
+             "StudyInstanceUID": str(ds.StudyInstanceUID),
+             "SeriesInstanceUID": str(ds.SeriesInstanceUID),
+             "PatientID": str(ds.get("PatientID", "")), "Modality": str(ds.Modality)}
+        t.update(tags or {})
+        oid = _id(t["SOPInstanceUID"] + t["SeriesInstanceUID"])
+        sid = _id(t["StudyInstanceUID"])
+        study = self.studies.setdefault(sid, {
+            "ID": sid, "MainDicomTags": {"StudyInstanceUID": t["StudyInstanceUID"]},
+            "PatientMainDicomTags": {"PatientID": t["PatientID"]}, "instances": []})
+        study["instances"].append(oid)
+        self.files[oid], self.tags[oid] = data, t
+        self.by_uid[t["SOPInstanceUID"]] = oid
+        return oid
+
+    def serve_instead(self, uid: str, data: bytes) -> None:
+        """GET /instances/{id}/file of *uid* answers *data* (another file, truncated...)."""
+        self.files[self.by_uid[uid]] = data
+
+    # -- server ----------------------------------------------------------------------
+    def start(self) -> "LyingOrthanc":
+        liar = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def send_json(self, value, status=200):
+                self.send_body(json.dumps(value).encode(), "application/json", status)
+
+            def send_body(self, body: bytes, ctype: str, status=200):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._answer()
+
+            def do_POST(self):
+                self._answer()
+
+            def do_PUT(self):
+                self._answer()
+
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                self.body = self.rfile.read(length) if length else b""
+                path, _, query = self.path.partition("?")
+                liar.hits[path] = liar.hits.get(path, 0) + 1
+                override = liar.overrides.get(path)
+                if override is not None:
+                    return override(self)
+                return liar.answer(self, path, query)
+
+        self._server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True,
+                         name="lying-orthanc").start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def answer(self, h, path: str, query: str) -> None:
+        n = len(self.files)
+        if path == "/system":
+            return h.send_json({"Version": "1.12.1", "Name": "LIAR"})
+        if path == "/statistics":
+            return h.send_json({"CountInstances": n, "TotalDiskSize": "1000"})
+        if path == "/changes":
+            if query == "last":
+                return h.send_json({"Last": 0})
+            return h.send_json({"Changes": [], "Done": True, "Last": 0})
+        if path == "/studies":
+            q = dict(p.partition("=")[::2] for p in query.split("&"))
+            since, limit = int(q.get("since") or 0), int(q.get("limit") or 100)
+            studies = sorted(self.studies.values(), key=lambda s: s["ID"])
+            return h.send_json([{k: v for k, v in s.items() if k != "instances"}
+                                for s in studies[since:since + limit]])
+        parts = path.strip("/").split("/")
+        if len(parts) == 3 and parts[0] == "studies" and parts[1] in self.studies:
+            study = self.studies[parts[1]]
+            if parts[2] == "instances":
+                return h.send_json([{"ID": oid, "FileSize": len(self.files[oid])}
+                                    for oid in study["instances"]])
+            if parts[2] == "instances-tags":
+                return h.send_json({oid: self.tags[oid] for oid in study["instances"]})
+        if path == "/tools/lookup":
+            oid = self.by_uid.get(h.body.decode(errors="replace").strip())
+            return h.send_json([{"Type": "Instance", "ID": oid}] if oid else [])
+        if len(parts) == 3 and parts[0] == "instances" and parts[2] == "file":
+            data = self.files.get(parts[1])
+            if data is not None:
+                return h.send_body(data, "application/dicom")
+        return h.send_body(b"not found", "text/plain", 404)
