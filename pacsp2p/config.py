@@ -9,6 +9,7 @@ port 11112, data under ``./pacsp2p-data``.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -20,6 +21,9 @@ from pacsp2p.settings import (DEFAULT_AE, DEFAULT_PORT, RIGHTS, AdminSettings,  
                               PeerSettings, Settings, StorageSettings, StrategySettings)
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash
+# a peer's or an archive's name: a file name too (tls/<peer>.crt, archives/<archive>)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RULE = "must be 1-64 letters, digits, '.', '_' or '-' (not first)"
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
                           r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
@@ -42,6 +46,14 @@ class _Reader:
             raise self.fail(key, f"must be {what}, got {value!r}")
         if not isinstance(value, kind):
             raise self.fail(key, f"must be {what}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):    # TOML's nan, inf
+            raise self.fail(key, f"must be {what}, got {value!r}")
+        return value
+
+    def name(self, key: str, default: str | None) -> str | None:
+        value = self.take(key, str, default, "a string")
+        if value is not None and not _NAME_RE.match(value):
+            raise self.fail(key, f"{_NAME_RULE}, got {value!r}")
         return value
 
     def port(self, key: str, default: int) -> int:
@@ -319,7 +331,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         return _Reader(source, value, key)
 
     p = table("peer")
-    name = p.take("name", str, "pacsp2p", "a string")
+    name = p.name("name", "pacsp2p")
     data_dir = Path(p.take("data_dir", str, "pacsp2p-data", "a path string"))
     if not data_dir.is_absolute():
         data_dir = (base / data_dir).resolve()
@@ -406,7 +418,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         if not isinstance(raw, dict):
             raise top.fail(f"archives[{i}]", "must be a table")
         a = _Reader(source, raw, f"archives[{i}]")
-        aname = a.take("name", str, None, "a string")
+        aname = a.name("name", None)
         if not aname:
             raise a.fail("name", "is required")
         if aname in seen:

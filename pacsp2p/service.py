@@ -115,6 +115,9 @@ class PeerService(service.MultiService):
             try:
                 yield defer.maybeDeferred(child.startService)
             except Exception as e:
+                said = str(e)
+                if said.startswith(f"{child.name}."):   # names its key already
+                    raise
                 raise RuntimeError(f"{_what(self.settings, child.name)}: {e}") from e
         # the peer serves: check the catalog now, in the background (not if it was closed
         # cleanly), never before the port opens (the whole file: minutes at 10M instances)

@@ -67,6 +67,10 @@ class AdminEndpoint(service.MultiService):
         self.guard, self.data_dir = guard, Path(data_dir)
         server.setServiceParent(self)
 
+    def privilegedStartService(self):
+        """Nothing: the port is bound in startService, where the peer turns a port in use
+        into its one-line error (twistd binds it here otherwise, and prints a traceback)."""
+
     def startService(self):
         self.guard.token = auth.write_token(self.data_dir)
         super().startService()

@@ -76,11 +76,18 @@ class Overlay:
         self._ports.append(tls.listen(
             self.reactor, self.o.port, self.membership.factory(), options, self.o.bind,
             f"overlay port {self.o.port}", timeout))
-        self._ports.append(tls.listen(
-            self.reactor, self.o.bulk_port,
-            bulk.site(self.catalog, self.archives, self.pool, self.reactor, self.offers,
-                      heard=self.dissemination.heard),
-            options, self.o.bind, f"bulk port {self.o.bulk_port}", timeout))
+        try:
+            self._ports.append(tls.listen(
+                self.reactor, self.o.bulk_port,
+                bulk.site(self.catalog, self.archives, self.pool, self.reactor,
+                          self.offers, heard=self.dissemination.heard),
+                options, self.o.bind, f"bulk port {self.o.bulk_port}", timeout))
+        except Exception as e:              # the key to name is bulk_port, not port
+            for port in self._ports:
+                port.stopListening()
+            self._ports = []
+            self.pool.stop()
+            raise RuntimeError(f"overlay.bulk_port {self.o.bulk_port}: {e}") from e
         for port in self._ports:             # accepted sockets inherit it (Linux)
             port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.membership.start()

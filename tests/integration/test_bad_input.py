@@ -7,6 +7,7 @@ with one line saying why) and what it held before stays retrievable byte-identic
 from __future__ import annotations
 
 import io
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -205,7 +206,12 @@ def _config_text(data_dir: Path, extra: str) -> str:
     (f"port = {free_port()}\n[storage]\nfsync = \"yes\"", "storage.fsync", "must be true or false"),
     (f"port = {free_port()}\n[destinations]\nSTORESCP = \"localhost\"", "destinations.STORESCP",
      'must be "host:port"'),
-], ids=["unknown-key", "port-type", "port-range", "list-type", "bool-type", "destination"])
+    (f"port = {free_port()}\nidle_timeout = nan", "facade.idle_timeout", "got nan"),
+    (f"port = {free_port()}\nartim_timeout = inf", "facade.artim_timeout", "got inf"),
+    (f"port = {free_port()}\n[[archives]]\nname = \"../../outside\"", "archives[0].name",
+     "must be 1-64 letters"),
+], ids=["unknown-key", "port-type", "port-range", "list-type", "bool-type", "destination",
+        "nan", "inf", "archive-name-path"])
 def test_bad_config_exits_with_one_line(tmp_path, extra, key, reason):
     cfg = tmp_path / "bad.toml"
     cfg.write_text(_config_text(tmp_path / "data", extra))
@@ -216,6 +222,36 @@ def test_bad_config_exits_with_one_line(tmp_path, extra, key, reason):
     assert len(lines) == 1, proc.stderr
     assert str(cfg) in lines[0] and f"{key}:" in lines[0] and reason in lines[0], lines[0]
     assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize("key", ["admin.port", "overlay.bulk_port"])
+def test_a_port_in_use_stops_the_peer_naming_its_key(tmp_path, key):
+    """A port another process holds: one line naming the key and the port (the admin
+    port gave twistd's 40-line traceback; the bulk port was called overlay.port)."""
+    from pacsp2p.overlay import tls
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    ports = {"admin.port": free_port(), "overlay.port": free_port(),
+             "overlay.bulk_port": free_port(), key: busy}
+    tls.init_ca(tmp_path / "ca")
+    tls.issue(tmp_path / "ca", "bad", out=tmp_path / "tls")
+    cfg = tmp_path / "peer.toml"
+    cfg.write_text(_config_text(tmp_path / "data", f"port = {free_port()}") +
+                   f"[admin]\nport = {ports['admin.port']}\n"
+                   f"[overlay]\nport = {ports['overlay.port']}\n"
+                   f"bulk_port = {ports['overlay.bulk_port']}\nbind = \"127.0.0.1\"\n"
+                   f"tls_dir = \"{tmp_path / 'tls'}\"\n")
+    try:
+        proc, took = run_twistd(cfg, timeout=15)
+    finally:
+        taken.close()
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr + proc.stdout[-2000:]
+    assert f"cannot start: {key} {busy}:" in lines[0] and "in use" in lines[0], lines[0]
 
 
 def test_data_dir_that_cannot_be_created_stops_the_peer(tmp_path):
