@@ -13,12 +13,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
-from pynetdicom.sop_class import (CTImageStorage,
-                                  PatientRootQueryRetrieveInformationModelFind as PatientFind,
-                                  StudyRootQueryRetrieveInformationModelFind as StudyFind,
-                                  StudyRootQueryRetrieveInformationModelGet as StudyGet,
-                                  StudyRootQueryRetrieveInformationModelMove as StudyMove)
 from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind as PatientFind,
+)
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyFind
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as StudyGet
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as StudyMove
 
 from pacsp2p.testing import datasets, storescu
 from pacsp2p.testing import dicomnet as dn
