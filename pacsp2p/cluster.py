@@ -184,8 +184,9 @@ class Cluster:
     def where(self, study: str | None = None, instance: str | None = None):
         """Each instance of a study (or one instance) with its replicas and availability
         (raises ``validate.InvalidUID`` for a UID that is not one)."""
-        check_uid(study or instance or "", "study" if study else "instance")
-        query = (Query("STUDY", {"StudyInstanceUID": study}) if study else
+        named = study is not None
+        check_uid((study if named else instance) or "", "study" if named else "instance")
+        query = (Query("STUDY", {"StudyInstanceUID": study}) if named else
                  Query("IMAGE", {"SOPInstanceUID": instance or ""}))
         refs = yield self.catalog.resolve(query)
         me = self.settings.peer.name

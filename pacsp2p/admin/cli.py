@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.error
-import urllib.request
 
 from pacsp2p import __version__, config, lock
 from pacsp2p.admin import human
@@ -58,12 +56,7 @@ def cmd_check_config(args) -> int:
 
 def fetch_status(settings, what: str = "status") -> dict:
     from pacsp2p.admin import client          # HTTPS, the token (admin/client.py)
-    url = client.url(settings, what)
-    try:
-        with client.open(settings, what, timeout=10) as r:
-            return json.load(r)
-    except (urllib.error.URLError, OSError) as e:
-        raise SystemExit(f"pacsp2p: no peer answers at {url} ({e}); is it running?")
+    return client.call(settings, what, timeout=10)
 
 
 def cmd_status(args) -> int:
@@ -207,7 +200,7 @@ def cmd_peers(args) -> int:
 
 def cmd_where(args) -> int:
     from urllib.parse import urlencode
-    what = "where?" + urlencode({"study": args.study} if args.study else
+    what = "where?" + urlencode({"study": args.study} if args.study is not None else
                                 {"instance": args.instance})
     rows = fetch_status(_settings(args), what)
     if args.json:

@@ -10,11 +10,16 @@
 - Authentication: the token the running peer wrote to ``<data_dir>/admin.token``
   (``auth.write_token``), sent as ``Authorization: Bearer``. Without read access to
   the data directory there is none, and an endpoint that needs one answers 401.
+- Errors (``call``): one line and exit status 1 -- "refused by the peer ... (HTTP
+  400): its reason" when the peer answered, "no peer answers ... is it running?" only
+  when none did.
 """
 
 from __future__ import annotations
 
+import json
 import ssl
+import urllib.error
 import urllib.request
 
 from pacsp2p.admin.auth import read_token
@@ -63,3 +68,23 @@ def open(settings, what: str, timeout: float = 10.0, **kwargs):  # noqa: A001
     """``urllib.request.urlopen`` of ``request(settings, what, ...)`` (raises as it)."""
     return urllib.request.urlopen(request(settings, what, **kwargs), timeout=timeout,
                                   context=ssl_context(settings))
+
+
+def call(settings, what: str, timeout: float = 60.0, **kwargs):
+    """The JSON answer of *what* (``open``'s keywords); SystemExit with one line when
+    the peer refuses (its status and reason) or nobody answers."""
+    try:
+        with open(settings, what, timeout=timeout, **kwargs) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        try:
+            reason = json.load(e).get("error", "")
+        except (ValueError, AttributeError, OSError):
+            reason = ""
+        reason = reason or e.reason
+        verb = what.split("?")[0].strip("/")
+        raise SystemExit(f"pacsp2p: {verb} refused by the peer at {url(settings, what)} "
+                         f"(HTTP {e.code}): {reason}")
+    except (urllib.error.URLError, OSError) as e:
+        raise SystemExit(f"pacsp2p: no peer answers at {url(settings, what)} ({e}); "
+                         "is it running?")

@@ -14,7 +14,6 @@ stores them again. Also the lines ``pacsp2p status`` prints about deletions.
 from __future__ import annotations
 
 import json
-import urllib.error
 
 from pacsp2p import config
 from pacsp2p.admin import client
@@ -37,32 +36,16 @@ def add_parser(sub):
     return p
 
 
-def admin_url(settings, what: str) -> str:
-    return client.url(settings, what)
-
-
 def cmd_delete(args) -> int:
     settings = config.load(args.config)
-    flag, level, key = next(x for x in LEVELS if getattr(args, x[0]))
+    flag, level, key = next(x for x in LEVELS if getattr(args, x[0]) is not None)
     uid = getattr(args, flag)
-    url = admin_url(settings, "delete")
     body = json.dumps({"level": level, "uids": [uid],
                        "reason": args.reason or "pacsp2p delete"}).encode()
     from pacsp2p.admin.progress import DeleteWatch
-    try:
-        with DeleteWatch(lambda what: _fetch(settings, what), level, uid), \
-                client.open(settings, "delete", timeout=TIMEOUT, data=body, method="POST",
-                            headers={"Content-Type": "application/json"}) as r:
-            answer = json.load(r)
-    except urllib.error.HTTPError as e:
-        try:
-            reason = json.load(e).get("error", "")
-        except ValueError:
-            reason = e.reason
-        raise SystemExit(f"pacsp2p: delete refused by the peer at {url} (HTTP {e.code}): "
-                         f"{reason}")
-    except (urllib.error.URLError, OSError) as e:
-        raise SystemExit(f"pacsp2p: no peer answers at {url} ({e}); is it running?")
+    with DeleteWatch(lambda what: _fetch(settings, what), level, uid):
+        answer = client.call(settings, "delete", timeout=TIMEOUT, data=body, method="POST",
+                             headers={"Content-Type": "application/json"})
     n = int(answer.get("deleted", 0))
     if args.json:
         print(json.dumps(answer, indent=2))

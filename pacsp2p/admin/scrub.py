@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.error
 
 from pacsp2p import config
 from pacsp2p.admin import client
@@ -41,30 +40,14 @@ def add_parser(sub):
 
 
 def _post(settings, what: str, body: dict) -> dict:
-    url = client.url(settings, what)
-    try:
-        with client.open(settings, what, timeout=60, data=json.dumps(body).encode(),
-                         method="POST", headers={"Content-Type": "application/json"}) as r:
-            return json.load(r)
-    except urllib.error.HTTPError as e:
-        try:
-            reason = json.load(e).get("error", "")
-        except ValueError:
-            reason = e.reason
-        raise SystemExit(f"pacsp2p: {what} refused by the peer at {url} (HTTP {e.code}): "
-                         f"{reason}")
-    except (urllib.error.URLError, OSError) as e:
-        raise SystemExit(f"pacsp2p: no peer answers at {url} ({e}); is it running?")
+    return client.call(settings, what, data=json.dumps(body).encode(), method="POST",
+                       headers={"Content-Type": "application/json"})
 
 
 def get_json(settings, what: str) -> dict:
-    """GET *what* of the peer's admin endpoint (SystemExit if nobody answers)."""
-    url = client.url(settings, what)
-    try:
-        with client.open(settings, what, timeout=60) as r:
-            return json.load(r)
-    except (urllib.error.URLError, OSError) as e:
-        raise SystemExit(f"pacsp2p: no peer answers at {url} ({e}); is it running?")
+    """GET *what* of the peer's admin endpoint (SystemExit if it refuses or nobody
+    answers)."""
+    return client.call(settings, what)
 
 
 def summary_line(p: dict) -> str:

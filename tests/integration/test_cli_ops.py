@@ -89,3 +89,29 @@ def test_cli_for_people(tmp_path):
     r = _cli(peer, "catalog", "rebuild")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "catalog rebuilt: 0 instances"
+
+
+def test_cli_refusals_are_one_line(tmp_path):
+    """What the peer refuses is said as the peer's reason, not as "no peer answers"; an
+    empty UID is refused by the peer, not a traceback; a peer that is down is named."""
+    peer = Peer(tmp_path / "peer")
+    with peer:
+        for args, says in ((("where", "--study", "abc"), "not digits and dots"),
+                           (("where", "--study", ""), "study: empty"),
+                           (("where", "--instance", "../../x"), "not digits and dots"),
+                           (("delete", "--study", ""), "StudyInstanceUID: empty"),
+                           (("delete", "--series", "1.2.03"), "not digits and dots"),
+                           (("drain", "--peer", "nosuch"), "peer 'nosuch'")):
+            r = _cli(peer, *args)
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 1 and len(lines) == 1, (args, r.stderr)
+            assert "refused by the peer" in lines[0] and "HTTP 400" in lines[0], lines
+            assert says in lines[0], lines
+            assert "is it running" not in lines[0]
+    for args in (("status",), ("where", "--study", "1.2.3"), ("delete", "--study", "1.2.3"),
+                 ("scrub",), ("drain", "--archive", "local")):
+        r = _cli(peer, *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, (args, r.stderr)
+        assert lines[0].startswith("pacsp2p: no peer answers at http://127.0.0.1:"), lines
+        assert lines[0].endswith("is it running?"), lines
