@@ -4,6 +4,12 @@ Each thread of the adapter's pool keeps its own keep-alive connection (``http.cl
 so the many small requests of a crawl do not pay a TCP handshake each. Calls block: run
 them in the adapter's thread pool, never in the reactor thread. Bodies are decoded (JSON)
 in the same thread, so a large answer never stalls the reactor either.
+
+An answer is hostile input: a body is read within bounds (``Body``) — at most
+``MAX_ANSWER`` bytes for one decoded into memory, ``MAX_DOWNLOAD`` for one streamed into
+a file — and it must keep coming: besides the socket's ``timeout`` for every read, once
+``timeout`` seconds have passed it must average ``MIN_RATE`` bytes a second, so an
+archive that trickles a byte at a time cannot hold a thread of the pool for ever.
 """
 
 from __future__ import annotations
@@ -11,11 +17,16 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import shutil
 import socket
 import threading
 import time
 from urllib.parse import urlsplit
+
+
+MAX_ANSWER = 64 << 20     # bytes of an answer decoded in memory (JSON) at most
+MAX_DOWNLOAD = 4 << 30    # bytes of a body streamed into a file (an instance) at most
+MIN_RATE = 64 << 10       # bytes a second a body must average once ``timeout`` has passed
+CHUNK = 1 << 20
 
 
 class HTTPError(Exception):
@@ -31,6 +42,66 @@ class Unreachable(HTTPError):
 
     def __init__(self, message: str):
         super().__init__(0, message)
+
+
+class TooLarge(HTTPError):
+    """The answer's body is longer than the bound of what it is read into."""
+
+    def __init__(self, message: str):
+        super().__init__(0, message)
+
+
+class BadAnswer(HTTPError):
+    """The answer says it is JSON and is not."""
+
+    def __init__(self, message: str):
+        super().__init__(0, message)
+
+
+class Body:
+    """The body of response *rsp* read within bounds: ``read`` raises TooLarge past
+    *limit* bytes, Unreachable when the connection fails or the body comes slower than
+    ``MIN_RATE`` once the client's timeout has passed. ``getheader``, ``status`` and
+    ``reason`` are the response's."""
+
+    def __init__(self, client: "Client", rsp: http.client.HTTPResponse, what: str,
+                 limit: int):
+        self.client, self.rsp, self.what, self.limit = client, rsp, what, limit
+        self.status, self.reason = rsp.status, rsp.reason
+        self.done = 0
+        self.t0 = time.monotonic()
+
+    def getheader(self, name: str, default=None):
+        return self.rsp.getheader(name, default)
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to *n* bytes (fewer if fewer have come; b"" at the end), or all the rest."""
+        if n is None or n < 0:
+            parts = []
+            while chunk := self.read(CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        try:
+            chunk = self.rsp.read1(min(n, CHUNK))
+            if not chunk:
+                if self.rsp.length:             # closed before its Content-Length
+                    raise http.client.IncompleteRead(b"", self.rsp.length)
+                self.rsp.read()                 # the end: the connection is kept
+        except (OSError, http.client.HTTPException) as e:
+            self.client._drop()
+            reason = "timed out" if isinstance(e, socket.timeout) else str(e) or type(e).__name__
+            raise Unreachable(f"{self.what}: {reason}") from e
+        self.done += len(chunk)
+        if self.done > self.limit:
+            self.client._drop()
+            raise TooLarge(f"{self.what}: the answer is longer than {self.limit} bytes")
+        elapsed = time.monotonic() - self.t0
+        if chunk and elapsed > self.client.timeout and \
+                self.done < (elapsed - self.client.timeout) * MIN_RATE:
+            self.client._drop()
+            raise Unreachable(f"{self.what}: too slow ({self.done} bytes in "
+                              f"{elapsed:.0f} s)")
+        return chunk
 
 
 class Client:
@@ -74,9 +145,9 @@ class Client:
 
     # -- requests ---------------------------------------------------------------------
     def open(self, method: str, path: str, body=None, headers: dict | None = None,
-             ok=(200,)) -> http.client.HTTPResponse:
-        """Send a request; return the response with its body unread (read it all before
-        the next request of this thread). Raises HTTPError / Unreachable."""
+             ok=(200,), limit: int = MAX_DOWNLOAD) -> Body:
+        """Send a request; return the response with its body unread (``Body``: read it
+        all before the next request of this thread). Raises HTTPError / Unreachable."""
         hdrs = dict(self.headers)
         hdrs.update(headers or {})
         target = self.prefix + path
@@ -102,21 +173,20 @@ class Client:
                 self._drop()
                 raise HTTPError(rsp.status, f"{method} {self.url}{path}: HTTP {rsp.status} "
                                 f"{rsp.reason}: {text[:300]}")
-            return rsp
+            return Body(self, rsp, f"{method} {self.url}{path}", limit)
         raise AssertionError("unreachable")
 
     def call(self, method: str, path: str, body=None, headers: dict | None = None,
              ok=(200,)):
         """The decoded answer: JSON as Python values, anything else as bytes."""
-        rsp = self.open(method, path, body, headers, ok)
-        try:
-            data = rsp.read()
-        except (OSError, http.client.HTTPException) as e:
-            self._drop()
-            raise Unreachable(f"{method} {self.url}{path}: {e}") from e
+        rsp = self.open(method, path, body, headers, ok, MAX_ANSWER)
+        data = rsp.read()
         ctype = (rsp.getheader("Content-Type") or "").split(";")[0].strip().lower()
         if ctype.endswith("json") and data:
-            return json.loads(data)
+            try:
+                return json.loads(data)
+            except ValueError as e:          # (RecursionError too: nested too deep)
+                raise BadAnswer(f"{rsp.what}: not JSON: {str(e)[:200]}") from None
         return data
 
     def get(self, path: str, **kw):
@@ -130,13 +200,9 @@ class Client:
         """Stream the body of GET *path* into the binary file *out*; return (bytes,
         content type)."""
         rsp = self.open("GET", path, headers=headers)
-        try:
-            before = out.tell()
-            shutil.copyfileobj(rsp, out, 1 << 20)
-            rsp.read()                  # the end of a chunked body
-        except (OSError, http.client.HTTPException) as e:
-            self._drop()
-            raise Unreachable(f"GET {self.url}{path}: {e}") from e
+        before = out.tell()
+        while chunk := rsp.read(CHUNK):
+            out.write(chunk)
         return out.tell() - before, rsp.getheader("Content-Type") or ""
 
     def ping(self, path: str) -> float:

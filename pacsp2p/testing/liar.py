@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -38,6 +39,8 @@ class LyingOrthanc:
         self.by_uid: dict[str, str] = {}        # SOP Instance UID -> orthanc instance id
         self.overrides: dict[str, object] = {}
         self.hits: dict[str, int] = {}
+        self.sent: dict[str, int] = {}          # path -> bytes of an endless answer sent
+        self.gone: dict[str, float] = {}        # uid -> seconds a trickle lasted
         self._server = None
 
     @property
@@ -63,6 +66,48 @@ class LyingOrthanc:
         self.files[oid], self.tags[oid] = data, t
         self.by_uid[t["SOPInstanceUID"]] = oid
         return oid
+
+    def endless(self, path: str, total: int, ctype: str = "application/json") -> None:
+        """*path* answers a chunked body of *total* bytes (a JSON string, if it ever
+        ends); ``sent[path]`` counts what was written before the client went away."""
+        def answer(h):
+            h.send_response(200)
+            h.send_header("Content-Type", ctype)
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            block = b"a" * (1 << 20)
+            parts = [b'["'] + [block] * (total >> 20) + [b'"]', b""]
+            try:
+                for part in parts:
+                    h.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    self.sent[path] = self.sent.get(path, 0) + len(part)
+            except OSError:
+                h.close_connection = True
+        self.overrides[path] = answer
+
+    def trickle(self, uid: str, every: float = 1.0, at_most: float = 90.0) -> None:
+        """GET /instances/{id}/file of *uid* sends its headers, then a byte every
+        *every* seconds for at most *at_most* seconds; ``gone[uid]`` is how many
+        seconds after the headers the client closed (absent if it never did)."""
+        data = self.files[self.by_uid[uid]]
+
+        def answer(h):
+            h.send_response(200)
+            h.send_header("Content-Type", "application/dicom")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            t0 = time.monotonic()
+            try:
+                for i in range(len(data)):
+                    if time.monotonic() - t0 > at_most:
+                        break
+                    h.wfile.write(data[i:i + 1])
+                    h.wfile.flush()
+                    time.sleep(every)
+            except OSError:
+                self.gone[uid] = time.monotonic() - t0
+            h.close_connection = True
+        self.overrides[f"/instances/{self.by_uid[uid]}/file"] = answer
 
     def serve_instead(self, uid: str, data: bytes) -> None:
         """GET /instances/{id}/file of *uid* answers *data* (another file, truncated...)."""

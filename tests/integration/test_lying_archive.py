@@ -21,7 +21,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
-from pacsp2p.testing import Orthanc, Peer, StoreSCP, datasets, findscu
+from pacsp2p.testing import Orthanc, Peer, StoreSCP, datasets, echo, findscu
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import get_json, wait_until
 from pacsp2p.testing.liar import LyingOrthanc
@@ -141,3 +141,41 @@ def test_beside_a_real_orthanc_every_instance_arrives_byte_identical(tmp_path, f
             assert dn.dataset_hashes(received) == dn.dataset_hashes(study)
             assert o.hits.get("/tools/lookup", 0) + sum(
                 v for k, v in o.hits.items() if k.endswith("/file")) > 0, o.hits
+
+
+def test_an_endless_answer_is_cut_and_a_trickle_lets_go(tmp_path, files):
+    """/studies answers 150 MB of JSON: the peer stops reading at its bound (64 MB) and
+    says so; an instance's file comes a byte a second: the peer lets the connection go
+    after its timeout (3 s here) instead of holding a thread of the archive's pool for as
+    long as the archive likes."""
+    study = files[0]
+    o = LyingOrthanc()
+    for f in study:
+        o.add(f)
+    o.endless("/studies", 150 << 20)
+    with o, Peer(tmp_path / "peer", name="endless", config={
+            "archives": [{"name": "liar", "adapter": "orthanc", "url": o.url}]}) as p:
+        wait_until(lambda: (get_json(p)["crawls"][0]["error"] or "").find("longer than") >= 0,
+                   120, 1.0, "the crawl stopped at the bound")
+        assert o.sent["/studies"] < 100 << 20, o.sent
+        assert p.alive and echo(p.port, p.ae_title)
+
+    o = LyingOrthanc()
+    for f in study:
+        o.add(f)
+    slow = dn.sop_uid(study[0])
+    o.trickle(slow, every=1.0, at_most=90.0)
+    with o, StoreSCP(tmp_path / "scp", extra=["+B"]) as scp, \
+            Peer(tmp_path / "peer2", name="trickled", destinations={"STORESCP": scp.address},
+                 config={"archives": [{"name": "liar", "adapter": "orthanc", "url": o.url,
+                                       "timeout": 3}]}) as p:
+        wait_crawled(p, 1)
+        proc = dn.movescu(p.port, p.ae_title, "STORESCP",
+                          {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": dn.study_of(study),
+                           "SeriesInstanceUID": dcmread(study[0]).SeriesInstanceUID,
+                           "SOPInstanceUID": slow}, timeout=150)
+        assert "Final Move Response" in proc.stderr, proc.stderr[-2000:]
+        assert not scp.files()
+        wait_until(lambda: slow in o.gone, 60, 0.5, "the peer closed the trickle")
+        assert o.gone[slow] < 30, o.gone
+        assert "too slow" in p.log_path.read_text()
