@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from twisted.python import usage
 
@@ -19,6 +20,10 @@ class Options(usage.Options):
 def makeService(options):
     from pacsp2p.overlay.tls import TLSError
     from pacsp2p.service import PeerService
+    # pydicom warns about each invalid value it decodes (a hostile identifier, a data set)
+    # with the value in the text: every distinct one was a log line with a URL and an
+    # entry of the warnings registry kept for ever. The peer says what it refuses itself.
+    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
     try:
         settings = config.load(options["config"])
         return PeerService(settings)
