@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from contextlib import contextmanager
 import shutil
 from pathlib import Path
@@ -183,6 +184,26 @@ def association(port: int, aec: str, contexts: Sequence, *, aet: str = "PYNETDIC
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
+
+
+def send_request(assoc, req, context_id: int) -> list:
+    """Send the DIMSE request *req* as it is (any SOP class, any data set bytes) on the
+    presentation context *context_id*; the statuses of every response up to the final
+    one (None: none came). pynetdicom's reactor is paused meanwhile, as its own
+    send_c_*() do, so that the responses come here."""
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    statuses = []
+    try:
+        assoc.dimse.send_msg(req, context_id)
+        while True:
+            _, rsp = assoc.dimse.get_msg(block=True)
+            statuses.append(None if rsp is None else rsp.Status)
+            if rsp is None or rsp.Status not in (0xFF00, 0xFF01):
+                return statuses
+    finally:
+        assoc._reactor_checkpoint.set()
 
 
 def _nodelay(event) -> None:

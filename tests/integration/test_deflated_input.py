@@ -10,7 +10,6 @@ answering others; garbage is the requestor's fault (0xC000), not a lack of resou
 from __future__ import annotations
 
 import io
-import time
 import zlib
 
 from pydicom.dataset import Dataset
@@ -48,23 +47,9 @@ def deflated(head: bytes, zeros_mib: int = 0) -> bytes:
 
 
 def send(assoc, req, data_attr: str, data: bytes) -> list:
-    """Send the request *req* with *data* as its data set on the association's only
-    context; the statuses of every response up to the final one (None: no response)."""
+    """Send *req* with *data* as its data set on the association's only context."""
     setattr(req, data_attr, io.BytesIO(data))
-    cx = assoc.accepted_contexts[0]
-    assoc._reactor_checkpoint.clear()      # pause pynetdicom's reactor as its own
-    while not assoc._is_paused:             # send_c_*() do, so that the responses
-        time.sleep(0.001)                   # come here
-    statuses = []
-    try:
-        assoc.dimse.send_msg(req, cx.context_id)
-        while True:
-            _, rsp = assoc.dimse.get_msg(block=True)
-            statuses.append(None if rsp is None else rsp.Status)
-            if rsp is None or rsp.Status not in (0xFF00, 0xFF01):
-                return statuses
-    finally:
-        assoc._reactor_checkpoint.set()
+    return dn.send_request(assoc, req, assoc.accepted_contexts[0].context_id)
 
 
 def image(tag: str, **attrs) -> Dataset:

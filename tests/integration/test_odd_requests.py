@@ -7,7 +7,6 @@ served with whatever information model the peer guessed.
 from __future__ import annotations
 
 import io
-import time
 
 import pytest
 from pydicom.dataset import Dataset
@@ -29,22 +28,9 @@ STUDY = datasets.uid("odd-requests-study")
 
 
 def send(assoc, req, cx_class: str) -> list:
-    """Send *req* on the accepted context of *cx_class*; the statuses of every response
-    up to the final one (None: no response)."""
+    """Send *req* on the accepted context of *cx_class*: the statuses of its responses."""
     cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == cx_class)
-    assoc._reactor_checkpoint.clear()      # pause pynetdicom's reactor as its own
-    while not assoc._is_paused:             # send_c_*() do, so that the responses
-        time.sleep(0.001)                   # come here
-    statuses = []
-    try:
-        assoc.dimse.send_msg(req, cx.context_id)
-        while True:
-            _, rsp = assoc.dimse.get_msg(block=True)
-            statuses.append(None if rsp is None else rsp.Status)
-            if rsp is None or rsp.Status not in (0xFF00, 0xFF01):
-                return statuses
-    finally:
-        assoc._reactor_checkpoint.set()
+    return dn.send_request(assoc, req, cx.context_id)
 
 
 def request(kind, sop_class: str):
