@@ -38,6 +38,11 @@ as free space).
   deleted (``DELETE /instances/{id}``) and the good file is stored again
   (``POST /instances``).
 
+Every Orthanc id in an answer (lookup, study and instance listings, changes, a store's
+answer) must be one (five groups of 8 hex digits, ``is_orthanc_id``) before it names a
+resource in a URL: an answer naming ``../../..`` is not understood (``OrthancError``), a
+listed instance with such an id is skipped.
+
 All HTTP runs in this adapter's thread pool (keep-alive connections, JSON decoded
 there); the reactor only waits on Deferreds. An Orthanc that stops answering is reported
 down (logged once), the crawl waits for it and resumes, changes are retried later.
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -67,6 +73,7 @@ from pacsp2p.attributes import STORED
 from pacsp2p.dicom.header import content_hash
 from pacsp2p.dicom.part10 import file_dataset_hash
 from pacsp2p.types import InstanceMeta, Stored
+from pacsp2p.validate import shown
 
 log = Logger()
 
@@ -79,7 +86,22 @@ CONCURRENCY = 4            # studies fetched at once while crawling
 
 
 class OrthancError(Exception):
-    """Orthanc refused an operation."""
+    """Orthanc refused an operation (or answered what it does not say)."""
+
+
+_ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}\Z")
+
+
+def is_orthanc_id(value) -> bool:
+    """True for an Orthanc resource id (the SHA-1 of its DICOM ids, in 5 groups of 8)."""
+    return isinstance(value, str) and _ORTHANC_ID.match(value) is not None
+
+
+def orthanc_id(value, what: str) -> str:
+    """*value* if it is an Orthanc id, else OrthancError naming *what* answered it."""
+    if is_orthanc_id(value):
+        return value
+    raise OrthancError(f"{what} answered {shown(value)}, not an Orthanc id")
 
 
 def catalog_attributes(tags: dict) -> dict:
@@ -201,7 +223,10 @@ class OrthancArchive(RestArchive):
         when they differ in patient/study/series: its ids hash the whole hierarchy)."""
         found = self.http.call("POST", "/tools/lookup", uid.encode(),
                                {"Content-Type": "text/plain"})
-        return [item["ID"] for item in found or () if item.get("Type") == "Instance"]
+        if not isinstance(found, list):
+            raise OrthancError(f"POST /tools/lookup answered {shown(found)}, not a list")
+        return [orthanc_id(item.get("ID"), "POST /tools/lookup") for item in found
+                if isinstance(item, dict) and item.get("Type") == "Instance"]
 
     def _lookup(self, uid: str) -> str:
         """Orthanc id of the instance *uid* (KeyError if Orthanc has none)."""
@@ -256,7 +281,7 @@ class OrthancArchive(RestArchive):
         if status not in ("Success", "AlreadyStored"):
             raise OrthancError(f"Orthanc did not store {uid}: {answer!r}"[:500])
         if not ids:
-            self._ids.put(uid, answer["ID"])
+            self._ids.put(uid, orthanc_id(answer.get("ID"), "POST /instances"))
             return Stored(self.name, sha, size)
         self._several.put(uid, True)
         if status == "Success":
@@ -394,7 +419,7 @@ class OrthancArchive(RestArchive):
             if not isinstance(answer, dict) or answer.get("Status") not in (
                     "Success", "AlreadyStored"):
                 raise OrthancError(f"Orthanc did not store {uid} again: {answer!r}"[:500])
-            self._ids.put(uid, answer["ID"])
+            self._ids.put(uid, orthanc_id(answer.get("ID"), "POST /instances"))
             return Stored(self.name, sha, size)
         return self._run(put_back)
 
@@ -462,7 +487,8 @@ class OrthancArchive(RestArchive):
 
     @defer.inlineCallbacks
     def _crawl_study(self, study: dict, throttle):
-        sid = study["ID"]
+        sid = orthanc_id(study.get("ID") if isinstance(study, dict) else study,
+                         "GET /studies")
         yield throttle()
         d_list = self._run(self.http.get, f"/studies/{sid}/instances")
         yield throttle()
@@ -474,8 +500,10 @@ class OrthancArchive(RestArchive):
         parent = {**study.get("PatientMainDicomTags", {}), **study.get("MainDicomTags", {})}
         items = []
         for inst in listing:
-            t = tags.get(inst["ID"])
-            if t is None:                       # arrived between the two requests
+            if not isinstance(inst, dict) or not is_orthanc_id(inst.get("ID")):
+                continue                        # not an instance Orthanc could name
+            t = tags.get(inst["ID"]) if isinstance(tags, dict) else None
+            if not isinstance(t, dict):         # arrived between the two requests
                 continue
             attrs = {**catalog_attributes(parent), **catalog_attributes(t)}
             uid, sop_class = attrs.get("SOPInstanceUID"), attrs.get("SOPClassUID")
@@ -503,7 +531,7 @@ class OrthancArchive(RestArchive):
                 page = yield self._run(self.http.get,
                                        f"/changes?since={since}&limit={CHANGES_PAGE}")
                 new = [c["ID"] for c in page.get("Changes", ())
-                       if c.get("ChangeType") == "NewInstance"]
+                       if c.get("ChangeType") == "NewInstance" and is_orthanc_id(c.get("ID"))]
                 found = yield _bounded([lambda oid=oid: self._instance(oid, throttle)
                                         for oid in new], CONCURRENCY)
                 items += [item for item in found if item is not None]

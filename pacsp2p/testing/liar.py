@@ -28,7 +28,9 @@ from .ports import LOOPBACK
 
 
 def _id(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:20]
+    """An Orthanc-like id: a SHA-1 in 5 groups of 8 hex digits."""
+    h = hashlib.sha1(text.encode()).hexdigest()
+    return "-".join(h[i:i + 8] for i in range(0, 40, 8))
 
 
 class LyingOrthanc:
@@ -48,8 +50,9 @@ class LyingOrthanc:
         return f"http://{LOOPBACK}:{self._server.server_address[1]}"
 
     # -- content ---------------------------------------------------------------------
-    def add(self, path: Path | str, tags: dict | None = None) -> str:
-        """Hold the file *path*; *tags* replace what its data set says (a lie)."""
+    def add(self, path: Path | str, tags: dict | None = None, oid: str | None = None) -> str:
+        """Hold the file *path*; *tags* replace what its data set says, *oid* the
+        Orthanc id it is listed under (lies)."""
         data = Path(path).read_bytes()
         ds = dcmread(path, stop_before_pixels=True)
         t = {"SOPInstanceUID": str(ds.SOPInstanceUID), "SOPClassUID": str(ds.SOPClassUID),
@@ -57,7 +60,7 @@ class LyingOrthanc:
              "SeriesInstanceUID": str(ds.SeriesInstanceUID),
              "PatientID": str(ds.get("PatientID", "")), "Modality": str(ds.Modality)}
         t.update(tags or {})
-        oid = _id(t["SOPInstanceUID"] + t["SeriesInstanceUID"])
+        oid = oid or _id(t["SOPInstanceUID"] + t["SeriesInstanceUID"])
         sid = _id(t["StudyInstanceUID"])
         study = self.studies.setdefault(sid, {
             "ID": sid, "MainDicomTags": {"StudyInstanceUID": t["StudyInstanceUID"]},

@@ -46,13 +46,14 @@ def files(tmp_path_factory):
     other = datasets.make_study(root / "other", size=16, patient_id="OTHER01",
                                 series=(("CT", 1, ExplicitVRLittleEndian),))
     bad = datasets.make_study(root / "bad", size=16, patient_id="BAD001",
-                              series=(("CT", 3, ExplicitVRLittleEndian),))
+                              series=(("CT", 4, ExplicitVRLittleEndian),))
     return study, other, bad
 
 
 def lying(files) -> LyingOrthanc:
     """A lying Orthanc holding the study: instance 0 served as another instance, 1
-    truncated, 2 relabelled; three more instances listed with invalid UIDs."""
+    truncated, 2 relabelled; three more instances listed with invalid UIDs, one (of
+    another study) under an Orthanc id that is a path."""
     study, other, bad = files
     o = LyingOrthanc()
     for p in study:
@@ -60,6 +61,7 @@ def lying(files) -> LyingOrthanc:
     o.add(bad[0], {"SOPInstanceUID": "../../etc/passwd"})
     o.add(bad[1], {"SOPInstanceUID": "1.2.3." + "4" * 80})
     o.add(bad[2], {"StudyInstanceUID": "../../x", "SOPInstanceUID": "1.2.3.4.5"})
+    o.add(bad[3], oid="../../../system")          # an Orthanc id that is a path
     uids = [dn.sop_uid(p) for p in study]
     o.serve_instead(uids[0], other[0].read_bytes())
     o.serve_instead(uids[1], study[1].read_bytes()[:-100])
@@ -111,6 +113,11 @@ def test_alone_it_lists_no_invalid_uid_and_delivers_no_lie(tmp_path, files):
             assert f"failed on {uid}: the copy of {uid} on liar@liarpeer" in log, log[-3000:]
         assert "truncated: an element runs past the end" in log
         assert "holds '1.2.3.999'" in log
+        # the instance listed under a path-like id is not recorded: no request is ever
+        # built with it
+        dn.movescu(p.port, p.ae_title, "STORESCP",
+                   {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": dn.study_of(files[2])})
+        assert not [h for h in o.hits if ".." in h], o.hits
 
 
 def test_beside_a_real_orthanc_every_instance_arrives_byte_identical(tmp_path, files):
