@@ -4,6 +4,11 @@ Keeps ``archive.up`` (placement and retrieval route around an archive that is do
 logs each change once, gossips the archives that are down (``archives_down`` of this
 peer's member record), and resumes a crawl that a failure had stopped.
 
+An archive the catalog holds copies on but the config no longer names (renamed or
+removed from ``[[archives]]`` across a restart) is *gone*: said once at start, counted
+down for good (gossiped with the others, and in ``gone``, which repair reads), so its
+copies are made again elsewhere after ``repair_after`` instead of counting as live.
+
 ``probe``: whether the peer itself can serve (the catalog opens; the data directory's
 disk), for ``GET /health`` and ``/metrics`` (``Cluster.health``); run in a thread.
 """
@@ -30,9 +35,11 @@ HEALTH_TIMEOUT = 10.0
 class ArchiveHealth(service.Service):
     name = "health"
 
-    def __init__(self, archives, crawlers, overlay, reactor):
+    def __init__(self, archives, crawlers, overlay, reactor, catalog=None, settings=None,
+                 gone: set | None = None):
         self.archives, self.crawlers, self.overlay = archives, crawlers, overlay
-        self.reactor = reactor
+        self.reactor, self.catalog, self.settings = reactor, catalog, settings
+        self.gone = gone if gone is not None else set()
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = reactor
         self._checking = False
@@ -41,6 +48,28 @@ class ArchiveHealth(service.Service):
     def startService(self):
         super().startService()
         self._loop.start(HEALTH_EVERY, now=False)
+        if self.catalog is not None and self.settings is not None:
+            self.catalog.archive_counts().addCallbacks(self._find_gone, lambda f: log.warn(
+                "cannot read the catalog's archives: {err}", err=f.getErrorMessage()))
+
+    def _find_gone(self, counts: dict) -> None:
+        me, known = self.settings.peer.name, {a.name for a in self.archives}
+        gone = {a: n for (p, a), n in counts.items() if p == me and a not in known}
+        for name, n in sorted(gone.items()):
+            log.warn("archive {name}: {n} copies in the catalog, but no [[archives]] entry "
+                     "of {src} names it (renamed or removed?): they count as down, and are "
+                     "made again elsewhere after repair_after ({after:g} s); to keep them, "
+                     "give the entry its old name back", name=name, n=n,
+                     src=self.settings.source, after=self.settings.cluster.repair_after)
+        self.gone.update(gone)
+        if gone:
+            self._publish()
+
+    def _publish(self) -> None:
+        if self.overlay is not None:
+            ms = self.overlay.membership
+            down = sorted({a.name for a in self.archives if not a.up} | self.gone)
+            ms.me = dataclasses.replace(ms.me, archives_down=down)
 
     def stopService(self):
         super().stopService()
@@ -61,10 +90,8 @@ class ArchiveHealth(service.Service):
                     "up": False, "error": result.getErrorMessage() if not ok else "?"}
                 archive.last_health = dict(health)    # what /metrics shows, no new ask
                 changed |= self._note(archive, bool(health.get("up")), health)
-            if changed and self.overlay is not None:
-                ms = self.overlay.membership
-                down = sorted(a.name for a in self.archives if not a.up)
-                ms.me = dataclasses.replace(ms.me, archives_down=down)
+            if changed:
+                self._publish()
         finally:
             self._checking = False
 

@@ -87,7 +87,8 @@ class PeerService(service.MultiService):
         parts.append(_Part("scrub", self.cluster.scrubber))     # re-hash copies, mend them
         parts.append(_Part("drain", self.cluster.drainer))      # move copies off an archive
         parts += [_Part(f"crawl {c.archive.name}", c) for c in self.crawlers]
-        parts.append(ArchiveHealth(self.archives, self.crawlers, self.overlay, reactor))
+        parts.append(ArchiveHealth(self.archives, self.crawlers, self.overlay, reactor,
+                                   self.catalog, settings, gone=self.cluster.repair.gone))
         parts.append(endpoint.make(settings, self.cluster, reactor))   # "admin"
         for part in parts:
             part.setServiceParent(self)

@@ -125,6 +125,7 @@ class Repair:
         self.running = False
         self.started_at = time.time()
         self._loop = None
+        self.gone: set[str] = set()     # our archives in the catalog, not the config (health)
         self._down_since: dict[str, float] = {}      # "peer\tarchive" -> first seen down
         self._up_since: dict[str, float] = {}        # "peer\tarchive" -> seen back
         self._signature = None
@@ -181,7 +182,7 @@ class Repair:
             if now - since >= self.after:
                 lost.add(name)
         down = {f"{self.peer}{SEP}{name}" for name, a in self.archives.items()
-                if not getattr(a, "up", True)}
+                if not getattr(a, "up", True)} | {f"{self.peer}{SEP}{n}" for n in self.gone}
         for m in members.values():
             if m.state == "alive":
                 down |= {f"{m.name}{SEP}{a}" for a in (m.info.archives_down or ())}

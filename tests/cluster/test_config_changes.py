@@ -1,0 +1,80 @@
+"""An administrator's config changes across a restart, with real peers (separate `twistd
+pacsp2p` processes, R=2, ``repair_after`` = 5 s).
+
+An ``[[archives]]`` entry removed (or renamed) while the catalog still has copies there:
+the peer says so in one line at start, and every peer counts those copies down (they
+were counted live by the others, and by nobody repaired), so repair makes them again
+elsewhere: every instance has 2 live copies again, as every peer sees it, byte-identical.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+
+from pacsp2p.testing import datasets, storescu
+from pacsp2p.testing import dicomnet as dn
+from pacsp2p.testing.cluster import Cluster, get_json, wait_until
+
+
+def live(peer, study: str) -> dict[str, list[tuple[str, str]]]:
+    rows = get_json(peer, f"where?study={study}", timeout=30)
+    return {r["instance"]: sorted((x["peer"], x["archive"]) for x in r["replicas"]
+                                  if x["available"]) for r in rows}
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    two = {"archives": [{"name": "local", "adapter": "embedded"},
+                        {"name": "spare", "adapter": "embedded"}]}
+    c = Cluster(tmp_path / "cluster", None,
+                {"cluster": {"replicas": 2, "write_quorum": 2, "repair_after": 5}})
+    try:
+        c.start(3, per_peer={"peerb": two})
+        c.wait_mesh(timeout=30)
+        yield c
+    finally:
+        c.stop()
+
+
+def test_an_archive_removed_from_the_config_is_repaired_not_counted_live(cluster,
+                                                                          tmp_path):
+    a, b, _ = cluster
+    n = 30
+    files = datasets.make_study(tmp_path / "st", patient_id="CFG01", size=64,
+                                series=[("CT", n, ExplicitVRLittleEndian)])
+    storescu(a.port, a.ae_title, files, timeout=600)
+    study, sent = dn.study_of(files), dn.dataset_hashes(files)
+    wait_until(lambda: all(len(live(p, study)) == n and
+                           all(len(v) == 2 for v in live(p, study).values())
+                           for p in cluster), 60, 0.5, "2 live copies of every instance")
+    on_spare = {u for u, v in live(a, study).items() if ("peerb", "spare") in v}
+    assert on_spare, live(a, study)
+
+    b.stop()
+    b.overrides["archives"] = [{"name": "local", "adapter": "embedded"}]
+    b.restart()
+    cluster.wait_mesh(timeout=60)
+    said = [line for line in b.log_path.read_text().splitlines()
+            if "archive spare:" in line and "no [[archives]] entry" in line]
+    assert len(said) == 1 and f"{len(on_spare)} copies in the catalog" in said[0], said
+    assert str(b.config_path) in said[0]
+
+    def healed():
+        for p in cluster:
+            view = live(p, study)
+            if len(view) != n or any(len(v) != 2 or ("peerb", "spare") in v
+                                     for v in view.values()):
+                return False
+            if get_json(p)["under_replicated"]["instances"] != 0:
+                return False
+        return True
+    wait_until(healed, 120, 1.0, "every peer: 2 live copies of every instance, none on "
+               "the archive removed from peerb's config")
+    held = Counter()
+    for p in cluster:
+        for f in dn.archive_files(p.data_dir):
+            assert dn.dataset_sha256(f) == sent[dn.sop_uid(f)]
+            held[dn.sop_uid(f)] += 1
+    assert set(held) == set(sent) and min(held.values()) >= 2, held
