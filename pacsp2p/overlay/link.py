@@ -10,7 +10,7 @@ import json
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 from zope.interface import implementer
 
@@ -114,11 +114,13 @@ class Link(ReadHolds, amp.AMP):
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         if self.membership.services is not None:
             self.membership.services.link_lost(self)
-        if not self.handshake_done:
-            log.warn("overlay link {dir} {host}:{port} refused: {why}",
-                     dir="to" if self.outbound else "from", host=self.address.host,
-                     port=self.address.port,
-                     why=tls.refusal(self.transport, reason.getErrorMessage()))
+        if not self.handshake_done:        # rate-limited: anyone can open a link
+            self.membership.refusal_log(
+                "overlay link refused", LogLevel.warn,
+                "overlay link {dir} {host}:{port} refused: {why}",
+                dir="to" if self.outbound else "from", host=self.address.host,
+                port=self.address.port,
+                why=tls.refusal(self.transport, reason.getErrorMessage()))
         self.membership.link_lost(self)
 
     @Hello.responder

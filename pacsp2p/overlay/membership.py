@@ -40,6 +40,8 @@ from pacsp2p.overlay.commands import Swim as SwimMessage
 from pacsp2p.overlay.swim import Swim
 from pacsp2p.overlay.swimparts import (ALIVE, DEAD, MAX_INFO, SUSPECT, Invalid, Node,
                                        SwimConfig, encode)
+from pacsp2p.dicom.admission import LogLimit
+from pacsp2p.overlay import link as _link
 from pacsp2p.overlay.link import Link, _Factory
 
 log = Logger()
@@ -167,6 +169,9 @@ class Membership:
         self.credentials = credentials
         self.seeds = list(seeds)
         self.reactor = reactor
+        # links refused during their TLS handshake: anyone can open them, so at most
+        # a burst of lines per window is logged, then a count
+        self.refusal_log = LogLimit(reactor, logger=_link.log)
         self.vector_of = vector_of or dict     # () -> {origin: seq} (answers Vector)
         self.heartbeat = heartbeat
         self.max_links = max(2, max_links)
