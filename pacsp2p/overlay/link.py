@@ -10,7 +10,7 @@ import json
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel, Logger
 from twisted.protocols import amp
 from zope.interface import implementer
 
