@@ -7,9 +7,11 @@ in the same thread, so a large answer never stalls the reactor either.
 
 An answer is hostile input: a body is read within bounds (``Body``) — at most
 ``MAX_ANSWER`` bytes for one decoded into memory, ``MAX_DOWNLOAD`` for one streamed into
-a file — and it must keep coming: besides the socket's ``timeout`` for every read, once
-``timeout`` seconds have passed it must average ``MIN_RATE`` bytes a second, so an
-archive that trickles a byte at a time cannot hold a thread of the pool for ever.
+a file — and it must keep coming: a body of known length is read ``LOW_WATER`` bytes
+(or its rest) at a time, each within the socket's ``timeout`` (SO_RCVLOWAT: a read of
+Python per 64 KB, not per packet), and once ``timeout`` seconds have passed any body
+must average ``MIN_RATE`` bytes a second, so an archive that trickles a byte at a time
+cannot hold a thread of the pool for ever.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ MAX_ANSWER = 64 << 20     # bytes of an answer decoded in memory (JSON) at most
 MAX_DOWNLOAD = 4 << 30    # bytes of a body streamed into a file (an instance) at most
 MIN_RATE = 64 << 10       # bytes a second a body must average once ``timeout`` has passed
 CHUNK = 1 << 20
+LOW_WATER = 64 << 10      # bytes a read of a body of known length waits for (or its end)
 
 
 class HTTPError(Exception):
@@ -65,8 +68,9 @@ class Body:
     ``reason`` are the response's."""
 
     def __init__(self, client: "Client", rsp: http.client.HTTPResponse, what: str,
-                 limit: int):
+                 limit: int, conn=None):
         self.client, self.rsp, self.what, self.limit = client, rsp, what, limit
+        self.conn = conn if getattr(conn, "sock", None) is not None else None
         self.status, self.reason = rsp.status, rsp.reason
         self.done = 0
         self.t0 = time.monotonic()
@@ -82,7 +86,13 @@ class Body:
                 parts.append(chunk)
             return b"".join(parts)
         try:
-            chunk = self.rsp.read1(min(n, CHUNK))
+            n = min(n, CHUNK)
+            if self.conn is not None and self.rsp.length:
+                _low_water(self.conn, min(n, self.rsp.length, LOW_WATER))
+            chunk = self.rsp.read1(n)
+            if not chunk or not self.rsp.length:
+                if self.conn is not None:
+                    _low_water(self.conn, 1)    # the next answer's headers
             if not chunk:
                 if self.rsp.length:             # closed before its Content-Length
                     raise http.client.IncompleteRead(b"", self.rsp.length)
@@ -102,6 +112,15 @@ class Body:
             raise Unreachable(f"{self.what}: too slow ({self.done} bytes in "
                               f"{elapsed:.0f} s)")
         return chunk
+
+
+def _low_water(conn, n: int) -> None:
+    """A read of *conn*'s socket waits (within its timeout) until *n* bytes have come: a body of
+    known length is read 64 KB at a time, not a packet at a time (a read is a turn of
+    Python), and a trickle of bytes times out (SO_RCVLOWAT, honoured by poll)."""
+    if getattr(conn, "pacsp2p_low", 1) != n and conn.sock is not None:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+        conn.pacsp2p_low = n
 
 
 class Client:
@@ -173,7 +192,7 @@ class Client:
                 self._drop()
                 raise HTTPError(rsp.status, f"{method} {self.url}{path}: HTTP {rsp.status} "
                                 f"{rsp.reason}: {text[:300]}")
-            return Body(self, rsp, f"{method} {self.url}{path}", limit)
+            return Body(self, rsp, f"{method} {self.url}{path}", limit, conn)
         raise AssertionError("unreachable")
 
     def call(self, method: str, path: str, body=None, headers: dict | None = None,
