@@ -8,13 +8,15 @@ Success is answered only once the cluster says the copies are durable.
 
 Refused before anything is written: a SOP Class or Instance UID that is not a valid UID
 (PS3.5 §9.1: 0xC000 with an Error Comment), a SOP class other than the context's (0x0122).
-Refused once complete: a data set whose header cannot be read (0xC000) or whose UIDs are
-not those of the request (0xA900). No hostile value reaches a path or a log line whole.
+Refused once complete: a data set whose header cannot be read (0xC000), whose UIDs are
+not those of the request (0xA900), or whose series the catalog holds in another study
+(0xC000: keeping it would move that series, of another patient, into this study). No
+hostile value reaches a path or a log line whole.
 """
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from pacsp2p import metrics
@@ -25,9 +27,12 @@ from pacsp2p.dicom.incoming import Incoming, file_meta, remove
 from pacsp2p.dicom.status import (CANNOT_UNDERSTAND, DOES_NOT_MATCH, OUT_OF_RESOURCES,
                                   SOP_CLASS_NOT_SUPPORTED, SUCCESS)
 from pacsp2p.facade.operation import Operation
+from pacsp2p.types import Query
 from pacsp2p.validate import InvalidUID, check_uid, shown
 
 log = Logger()
+
+SERIES_SEEN = 4096        # series known to be in their study, not looked up again
 
 
 def _meta_of(path, sha256, data_size):
@@ -118,6 +123,10 @@ class Store(Operation):
         meta = got[1]
         if meta is not None and meta.sop_instance_uid == self.uid and \
                 meta.sop_class_uid == self.cls and not _bad_parent(meta):
+            why = self._series_conflict(meta)
+            if why:
+                self.session.abandon()
+                return path, None, BadDataset(why)
             self.session.header_read(path, meta)
         else:
             self.session.abandon()
@@ -164,6 +173,48 @@ class Store(Operation):
         remove(self.svc.recv_pool, path)
         if status is not None:
             self.finish(status, instance=self.instance)
+
+    def _series_conflict(self, meta) -> str:
+        """Thread pool: ``_series_checked``, waited for (the catalog is read in its own
+        pool; a series seen lately is not read again: no reactor round trip)."""
+        seen = getattr(self.svc, "series_seen", None) or {}
+        if seen.get(meta.attributes["SeriesInstanceUID"]) == \
+                meta.attributes["StudyInstanceUID"]:
+            return ""
+        try:
+            return threads.blockingCallFromThread(self.svc.reactor, self._series_checked,
+                                                  meta)
+        except Exception:
+            log.failure("C-STORE {uid}: its series could not be looked up; kept",
+                        uid=self.uid)
+            return ""
+
+    def _series_checked(self, meta) -> defer.Deferred:
+        """Deferred[str]: '' if the instance's series is new or held in its own study,
+        else why not. A series UID is unique (PS3.3 C.7.3.1): one that the catalog holds
+        in another study is refused, since keeping it would move the catalog's series —
+        every instance stored before, of another patient — into this study. The series
+        seen in their study lately are not looked up again (``SERIES_SEEN``)."""
+        series = meta.attributes["SeriesInstanceUID"]
+        study = meta.attributes["StudyInstanceUID"]
+        seen = getattr(self.svc, "series_seen", None)
+        if seen is None:
+            seen = self.svc.series_seen = {}
+        if seen.get(series) == study:
+            return defer.succeed("")
+
+        def compare(rows):
+            others = {r.get("StudyInstanceUID") for r in rows} - {study, None, ""}
+            if others:
+                return f"SeriesInstanceUID {series} is held in another study"
+            if len(seen) >= SERIES_SEEN:
+                seen.clear()
+            seen[series] = study
+            return ""
+        d = defer.maybeDeferred(self.svc.cluster.find,
+                                Query("SERIES", {"SeriesInstanceUID": series}),
+                                ["StudyInstanceUID"])
+        return d.addCallback(compare)
 
     def _stored(self, _):
         metrics.QUORUM_SECONDS.observe(max(0.0, self.svc.reactor.seconds() - self.quorum_t0))

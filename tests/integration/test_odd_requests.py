@@ -85,3 +85,41 @@ def test_invalid_values_are_not_each_a_pydicom_warning(peer):
     log = peer.log_path.read_text()
     assert log.count("not a valid UID") == n
     assert "UserWarning" not in log
+
+
+def test_a_series_uid_held_in_another_study_is_refused(peer):
+    """A series UID names one series of one study (PS3.3 C.7.3.1). An instance of
+    another patient's study reusing it (a modality's bug, a careless anonymiser) was
+    kept, and moved the series — every instance stored before — into its study: the first
+    patient vanished from C-FIND. Now it is refused and what was held stays put."""
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
+    series = datasets.uid("reused-series")
+
+    def image(tag, patient, study, series_uid=series):
+        return datasets.make_image("CT", size=8, PatientID=patient, PatientName=patient,
+                                   StudyInstanceUID=datasets.uid(study),
+                                   SeriesInstanceUID=series_uid,
+                                   SOPInstanceUID=datasets.uid("reused", tag))
+
+    def held(assoc, patient):
+        query = Dataset()
+        query.QueryRetrieveLevel, query.PatientID = "IMAGE", patient
+        query.StudyInstanceUID = query.SeriesInstanceUID = query.SOPInstanceUID = ""
+        return sorted((r.StudyInstanceUID, r.SOPInstanceUID) for _, r in assoc.send_c_find(
+            query, PatientRootQueryRetrieveInformationModelFind) if r is not None)
+
+    first, second = image(1, "FIRST", "study-1"), image(2, "FIRST", "study-1")
+    stranger = image(3, "SECOND", "study-2")
+    with dn.association(peer.port, peer.ae_title, [
+            build_context(CTImageStorage),
+            build_context(PatientRootQueryRetrieveInformationModelFind)]) as assoc:
+        assert assoc.send_c_store(first).Status == 0x0000
+        assert assoc.send_c_store(stranger).Status == 0xC000
+        assert assoc.send_c_store(second).Status == 0x0000   # its own study: kept
+        stranger.SeriesInstanceUID = datasets.uid("its-own-series")
+        assert assoc.send_c_store(stranger).Status == 0x0000
+        assert held(assoc, "FIRST") == sorted(
+            (str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)) for ds in (first, second))
+        assert held(assoc, "SECOND") == [(str(stranger.StudyInstanceUID),
+                                          str(stranger.SOPInstanceUID))]
+    assert "is held in another study" in peer.log_path.read_text()
