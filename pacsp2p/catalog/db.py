@@ -78,6 +78,7 @@ class Catalog:
         self._learned: list[tuple[str, int, list]] = []    # (origin, seq, wire rows)
         self._drops: list[tuple[tuple, defer.Deferred]] = []  # hints done
         self._soon = None                     # a flush of only those, at most LATER s on
+        self._created = False                 # the file did not exist when opened
         self.listeners: list[Callable[[], None]] = []   # told after each commit
 
     # -- life cycle ------------------------------------------------------------------
@@ -89,11 +90,12 @@ class Catalog:
 
         def opened(result):
             self.vector.update(result[0])
-            self.integrity.opened(clean=result[1])
+            self.integrity.opened(clean=result[1], new=self._created)
         return d.addCallback(opened)
 
     def _open_writer(self) -> tuple[dict, bool]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = not self.path.exists()      # for the log line: a first start
         try:
             self._writer = _connect(self.path)
             create_schema(self._writer, self.path)

@@ -47,12 +47,14 @@ class Integrity:
     def known_good(self) -> bool:
         return self.state in (OK, CLEAN)
 
-    def opened(self, clean: bool) -> None:
-        """The catalog is open; *clean*: it was closed cleanly while known good."""
+    def opened(self, clean: bool, new: bool = False) -> None:
+        """The catalog is open; *clean*: it was closed cleanly while known good; *new*:
+        it was created now (said so: "not closed cleanly" misled on a first start)."""
         if clean:
             self.state = CLEAN
         log.info("catalog {path}: {state}", path=str(self.path),
-                 state="closed cleanly last time, not checked" if clean else
+                 state="created" if new else
+                 "closed cleanly last time, not checked" if clean else
                  "not closed cleanly last time: checked once the peer serves")
 
     def check(self) -> defer.Deferred:

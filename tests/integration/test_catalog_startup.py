@@ -25,6 +25,9 @@ def integrity(peer) -> str:
 def test_integrity_after_clean_stop_crash_and_damage(make_peer, tmp_path):
     peer = make_peer()
     wait_until(lambda: integrity(peer) == "ok", 20, 0.2, "the first check")
+    first = peer.log_path.read_text()                 # a new catalog is not "not closed
+    assert "catalog.sqlite: created" in first         # cleanly": it was never open
+    assert "not closed cleanly" not in first
     files = datasets.make_study(tmp_path / "study", size=8, StudyDescription="x" * 60,
                                 series=[("CT", 40, datasets.ExplicitVRLittleEndian)])
     storescu(peer.port, peer.ae_title, files)
