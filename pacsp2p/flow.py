@@ -8,8 +8,14 @@ transport reads again once every one of them is resumed.
 Fetch gates: at most ``max_fetches`` reads of one archive run at once on the peer that
 manages it, whoever asks (this peer's retrievals, other peers over the bulk channel);
 the others wait their turn (``open_gated``).
+
+Pacing: ``Throttle``, a token bucket that spaces out starts (repair, drain and scrub
+keep to their MB/s with it).
 """
 
+import time
+
+from twisted.internet import defer, task
 from twisted.internet.defer import DeferredSemaphore
 
 DEFAULT_MAX_FETCHES = 4
@@ -53,3 +59,21 @@ def open_gated(archive, uid: str, sha256: str | None = None):
     """``archive.open(uid, sha256)`` once fewer than ``max_fetches`` run (a Deferred;
     cancelling it while it waits gives up its turn)."""
     return fetch_gate(archive).run(archive.open, uid, sha256)
+
+
+class Throttle:
+    """Pacing token bucket: ``wait(n)`` fires when *n* more bytes may start."""
+
+    def __init__(self, reactor, rate: float):
+        self.reactor, self.rate = reactor, rate      # bytes/s; 0: no limit
+        self._next = 0.0
+
+    def wait(self, n: int) -> defer.Deferred:
+        if self.rate <= 0:
+            return defer.succeed(None)
+        now = time.monotonic()
+        start = max(now, self._next)
+        self._next = start + n / self.rate
+        if start <= now:
+            return defer.succeed(None)
+        return task.deferLater(self.reactor, start - now, lambda: None)

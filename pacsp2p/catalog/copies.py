@@ -72,41 +72,44 @@ def _flags(lv: Liveness, params: dict) -> tuple[str, str]:
     return live, lost
 
 
-def census(conn: sqlite3.Connection, replicas: int, lv: Liveness) -> dict:
+def census(conn: sqlite3.Connection, replicas: int, lv: Liveness, short: bool = False
+           ) -> dict:
     """Counts over every instance that has a copy (tombstones do not count):
     ``instances`` with fewer than *replicas* live copies, ``unavailable`` with none,
-    ``repairable`` (a copy lost, fewer than *replicas* left, one live to copy from),
+    ``repairable`` (a copy lost — or, with *short*: ``replicas`` was raised, none need
+    be —, fewer than *replicas* left, one live to copy from),
     ``surplus`` (more than *replicas* live copies), ``total``."""
-    params: dict = {"r": replicas}
+    params: dict = {"r": replicas, "short": int(short)}
     live, lost = _flags(lv, params)
     row = conn.execute(
         "SELECT count(*), coalesce(sum(live < :r), 0), coalesce(sum(live = 0), 0), "
-        "coalesce(sum(n - nlost < :r AND nlost > 0 AND live > 0), 0), "
+        "coalesce(sum(n - nlost < :r AND (nlost > 0 OR :short) AND live > 0), 0), "
         "coalesce(sum(live > :r), 0) FROM ("
         f"SELECT sum({live}) AS live, sum({lost}) AS nlost, count(*) AS n "
         "FROM locations WHERE size >= 0 GROUP BY SOPInstanceUID)", params).fetchone()
     return dict(zip(("total", "instances", "unavailable", "repairable", "surplus"), row))
 
 
-def census_key(conn: sqlite3.Connection, replicas: int, lv: Liveness) -> str:
+def census_key(conn: sqlite3.Connection, replicas: int, lv: Liveness, short: bool = False
+               ) -> str:
     """What ``census`` depends on: *replicas*, the copies not live or lost, and the
     locations, stood for by the highest fact of each origin (``vector``: every fact,
     tombstones included, moves it; an origin's facts arrive in order) and the rows per
     table (a row written or removed without a fact moves those). A few seeks."""
-    return json.dumps([replicas, [sorted(s) for s in (lv.dead_peers, lv.dead_archives,
+    return json.dumps([replicas, short, [sorted(s) for s in (lv.dead_peers, lv.dead_archives,
                                                       lv.lost_peers, lv.lost_archives)],
                        sorted(vector(conn).items()), sorted(read_counts(conn).items())])
 
 
-def census_cached(conn: sqlite3.Connection, replicas: int, lv: Liveness
-                  ) -> tuple[dict, str | None]:
+def census_cached(conn: sqlite3.Connection, replicas: int, lv: Liveness,
+                  short: bool = False) -> tuple[dict, str | None]:
     """(census, the key to save it with: ``save_census``), or the census saved with the
     same key and None: nothing it counts can have changed."""
-    key = census_key(conn, replicas, lv)
+    key = census_key(conn, replicas, lv, short)
     saved = load_state(conn, "census")
     if saved.get("key") == key:
         return saved["counts"], None
-    return census(conn, replicas, lv), key
+    return census(conn, replicas, lv, short), key
 
 
 def save_census(conn: sqlite3.Connection, counts: dict, key: str) -> None:
@@ -114,16 +117,18 @@ def save_census(conn: sqlite3.Connection, counts: dict, key: str) -> None:
 
 
 def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
-         limit: int = 500) -> list[tuple[InstanceInfo, list[Location]]]:
+         limit: int = 500, short: bool = False) -> list[tuple[InstanceInfo, list[Location]]]:
     """Up to *limit* instances after *after* (in SOPInstanceUID order) that repair must
-    copy or trim, each as (InstanceInfo for placement, its locations)."""
-    params: dict = {"r": replicas, "after": after, "limit": limit}
+    copy or trim, each as (InstanceInfo for placement, its locations); *short*: as in
+    ``census``."""
+    params: dict = {"r": replicas, "after": after, "limit": limit, "short": int(short)}
     live, lost = _flags(lv, params)
     rows = conn.execute(
         "SELECT SOPInstanceUID, group_concat(peer || char(9) || archive || char(9) || "
         "sha256 || char(9) || size, char(10)) FROM locations "
         "WHERE size >= 0 AND SOPInstanceUID > :after GROUP BY SOPInstanceUID "
-        f"HAVING (count(*) - sum({lost}) < :r AND sum({lost}) > 0 AND sum({live}) > 0) "
+        f"HAVING (count(*) - sum({lost}) < :r AND (sum({lost}) > 0 OR :short) "
+        f"AND sum({live}) > 0) "
         f"OR sum({live}) > :r ORDER BY SOPInstanceUID LIMIT :limit", params).fetchall()
     if not rows:
         return []

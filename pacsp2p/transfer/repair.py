@@ -9,7 +9,9 @@ network cut costs no copying.
 
 Who repairs. Every peer walks its own catalog — the progress is the catalog itself, so
 a peer that restarts simply walks again — looking for instances with a lost copy and
-fewer than ``replicas`` copies not lost (``catalog.copies.work``). For each, every peer
+fewer than ``replicas`` copies not lost (``catalog.copies.work``) — and, once ``replicas``
+was raised (the catalog keeps the value copies were last made for: ``floor``), for
+instances short with nothing lost, until a count finds none left. For each, every peer
 computes the same *repairer*: the first live holder in placement order
 (``pacsp2p_place`` over the cluster's archives, with the per-archive counts left out so
 that every peer ranks alike). Only the repairer copies it, so two peers never copy the
@@ -62,6 +64,7 @@ from twisted.logger import Logger
 from pacsp2p.catalog import copies
 from pacsp2p.catalog.copies import SEP, Liveness
 from pacsp2p.dicom.header import read_meta
+from pacsp2p.flow import Throttle
 from pacsp2p.overlay.commands import Commit, Drop, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.transfer.delete import pushed_before
@@ -78,24 +81,6 @@ RECENT_TTL = 300.0      # seconds a copy made/dropped is remembered until the ca
 RETRY_AFTER = 30.0      # seconds before an instance whose copy failed is tried again
 SETTLE_MAX = 60.0
 WINDOW = 10.0           # seconds of the rate shown in status
-
-
-class Throttle:
-    """Pacing token bucket: ``wait(n)`` fires when *n* more bytes may start."""
-
-    def __init__(self, reactor, rate: float):
-        self.reactor, self.rate = reactor, rate      # bytes/s; 0: no limit
-        self._next = 0.0
-
-    def wait(self, n: int) -> defer.Deferred:
-        if self.rate <= 0:
-            return defer.succeed(None)
-        now = time.monotonic()
-        start = max(now, self._next)
-        self._next = start + n / self.rate
-        if start <= now:
-            return defer.succeed(None)
-        return task.deferLater(self.reactor, start - now, lambda: None)
 
 
 @dataclasses.dataclass
@@ -115,6 +100,7 @@ class Repair:
         c = settings.cluster
         self.peer = settings.peer.name
         self.replicas = c.replicas
+        self.floor = c.replicas     # what copies were made for: less after replicas rose
         self.after = c.repair_after
         self.rate_limit = c.repair_rate                       # MB/s, 0: none
         self.settle = min(self.after, SETTLE_MAX)
@@ -150,14 +136,22 @@ class Repair:
         self.started_at = time.time()
         self._next_census = self.started_at + GRACE
         d = self.catalog.read(lambda conn: copies.load_state(conn, "repair"))
-        d.addCallback(lambda state: self.stats.update(
-            {k: v for k, v in (state or {}).items() if k in self.stats}))
+        d.addCallback(self._loaded)
         d.addErrback(lambda f: log.warn("repair: cannot read its saved progress: {err}",
                                         err=f.getErrorMessage()))
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = self.reactor
         self._loop.start(TICK, now=False).addErrback(
             lambda f: log.failure("repair loop failed", f))
+
+    def _loaded(self, state: dict) -> None:
+        state = state or {}
+        self.stats.update({k: v for k, v in state.items() if k in self.stats})
+        # replicas raised since copies were last made: short ones get copies too
+        saved = state.get("replicas")
+        self.floor = min(int(saved), self.replicas) if saved else self.replicas
+        if not saved:                   # from now on the catalog knows what copies are for
+            self._save(force=True)
 
     def stop(self):
         self.running = False
@@ -221,7 +215,8 @@ class Repair:
         t0 = time.monotonic()
         try:
             counts, key = yield self.catalog.read(
-                lambda conn: copies.census_cached(conn, self.replicas, lv))
+                lambda conn: copies.census_cached(conn, self.replicas, lv,
+                                                  self.floor < self.replicas))
         finally:
             self._census_running = False
         if key is not None:                 # a new count: the next start may reuse it
@@ -229,6 +224,9 @@ class Repair:
                 lambda f: log.warn("repair: cannot save its count: {err}",
                                    err=f.getErrorMessage()))
         took = time.monotonic() - t0
+        if not counts["repairable"] and self.floor < self.replicas:
+            self.floor = self.replicas      # every instance has its copies, or waits
+            self._save(force=True)
         self.counted = {**counts, "at": time.time(), "took_s": round(took, 3)}
         self._prune()
         self._fixed = self._repaired = 0
@@ -262,7 +260,8 @@ class Repair:
                 lv = self.liveness()
                 read_at = time.time()
                 batch = yield self.catalog.read(
-                    lambda conn, a=after: copies.work(conn, self.replicas, lv, a, CHUNK))
+                    lambda conn, a=after: copies.work(conn, self.replicas, lv, a, CHUNK,
+                                                      self.floor < self.replicas))
                 if not batch:
                     break
                 after = batch[-1][0].sop_instance_uid
@@ -320,7 +319,8 @@ class Repair:
         if not live:
             return None
         kept = [loc for loc in locs if not lv.lost(loc.peer, loc.archive)]
-        if len(kept) < self.replicas and len(kept) < len(locs):
+        raised = self.floor < self.replicas          # short with nothing lost too
+        if len(kept) < self.replicas and (len(kept) < len(locs) or raised):
             source = live[0]
             if source.peer != self.peer:
                 return None                             # another peer's to repair
@@ -513,7 +513,7 @@ class Repair:
         if not force and now - self._saved_at < 1.0:
             return defer.succeed(None)
         self._saved_at = now
-        state = dict(self.stats)
+        state = dict(self.stats, replicas=self.floor)
         d = self.catalog.write(lambda conn: copies.save_state(conn, "repair", state))
         d.addErrback(lambda f: log.warn("repair: cannot save its progress: {err}",
                                         err=f.getErrorMessage()))

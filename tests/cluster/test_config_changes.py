@@ -5,6 +5,10 @@ An ``[[archives]]`` entry removed (or renamed) while the catalog still has copie
 the peer says so in one line at start, and every peer counts those copies down (they
 were counted live by the others, and by nobody repaired), so repair makes them again
 elsewhere: every instance has 2 live copies again, as every peer sees it, byte-identical.
+
+``replicas`` raised 2 -> 3 on every peer (restarted one after the other): each instance
+gets its third copy although none was lost (repair copied only lost ones: under-replicated
+20 for ever, repair idle); lowered back to 2: the surplus is dropped.
 """
 from __future__ import annotations
 
@@ -78,3 +82,35 @@ def test_an_archive_removed_from_the_config_is_repaired_not_counted_live(cluster
             assert dn.dataset_sha256(f) == sent[dn.sop_uid(f)]
             held[dn.sop_uid(f)] += 1
     assert set(held) == set(sent) and min(held.values()) >= 2, held
+
+
+def test_replicas_raised_then_lowered(cluster, tmp_path):
+    n = 20
+    a = cluster[0]
+    files = datasets.make_study(tmp_path / "st", patient_id="CFG02", size=64,
+                                series=[("CT", n, ExplicitVRLittleEndian)])
+    storescu(a.port, a.ae_title, files, timeout=600)
+    study, sent = dn.study_of(files), dn.dataset_hashes(files)
+
+    def copies_everywhere(r):
+        return all(len(live(p, study)) == n and
+                   all(len(v) == r for v in live(p, study).values()) and
+                   get_json(p)["under_replicated"]["instances"] == 0 for p in cluster)
+    wait_until(lambda: copies_everywhere(2), 60, 0.5, "2 live copies of every instance")
+    assert all(get_json(p)["repair"]["done"] == 0 for p in cluster)  # nothing to copy yet
+
+    for r in (3, 2):
+        for p in cluster:
+            p.stop()
+            p.overrides["cluster"] = dict(p.overrides["cluster"], replicas=r)
+            p.restart()
+        cluster.wait_mesh(timeout=60)
+        wait_until(lambda r=r: copies_everywhere(r), 120, 1.0,
+                   f"replicas = {r}: {r} live copies of every instance on every peer")
+        held = Counter()
+        for p in cluster:
+            for arch in ("local", "spare"):
+                for f in dn.archive_files(p.data_dir, arch):
+                    assert dn.dataset_sha256(f) == sent[dn.sop_uid(f)]
+                    held[dn.sop_uid(f)] += 1
+        assert held == Counter({u: r for u in sent}), held
