@@ -169,5 +169,5 @@ class Overlay:
                                   "slowdown": self.dissemination.slowdown},
                 "handshakes": {p.guard.what: {"pending": p.guard.pending,
                                                "expired": p.guard.expired,
-                                               "refused": p.guard.refused}
+                                               "evicted": p.guard.evicted}
                                for p in self._ports}}

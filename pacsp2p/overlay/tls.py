@@ -58,6 +58,7 @@ KINDS = {  # kind -> extended key usages
 }
 HANDSHAKE_TIMEOUT = 10.0      # seconds for a connection to complete its TLS handshake
 MAX_PENDING = 64              # connections per port not through their handshake yet
+MAX_PENDING_PER_ADDRESS = 16  # ... of them from one address
 REPORT_EVERY = 60.0           # seconds between summary lines of dropped connections
 _DNS = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                   r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -284,23 +285,45 @@ def peer_name(transport) -> str | None:
 class HandshakeGuard:
     """The connections of one port that have not completed their TLS handshake: how
     many (``pending``), how long they may take (``timeout``), how many at most
-    (``limit``); what was dropped is counted (``expired``, ``refused``) and logged as one
-    summary line per ``REPORT_EVERY`` seconds at most, so a flood cannot flood the log."""
+    (``limit``, ``per_address`` of them from one address). Anyone can open them, so a
+    new one over a limit is never refused: the *oldest* pending one (of the same
+    address, for the per-address limit) is closed to make room, as the DICOM acceptor
+    does (``dicom.admission``) — a real peer completes its handshake in milliseconds,
+    a silent one has had the longest to do so; connections held open by someone can
+    then not lock the peers out. What was dropped is counted (``expired``,
+    ``evicted``) and logged as one summary line per ``REPORT_EVERY`` seconds at most,
+    so a flood cannot flood the log."""
 
     def __init__(self, reactor, what: str, timeout: float = HANDSHAKE_TIMEOUT,
-                 limit: int = MAX_PENDING):
-        self.reactor, self.what, self.timeout, self.limit = reactor, what, timeout, limit
-        self.pending = 0
-        self.expired = self.refused = 0           # since start
-        self._unreported = [0, 0]                 # expired, refused since the last line
+                 limit: int = MAX_PENDING, per_address: int = MAX_PENDING_PER_ADDRESS):
+        self.reactor, self.what, self.timeout = reactor, what, timeout
+        self.limit, self.per_address = limit, per_address
+        self.waiting: dict = {}                   # protocol -> its address, oldest first
+        self.expired = self.evicted = 0           # since start
+        self._unreported = [0, 0]                 # expired, evicted since the last line
         self._reported_at: float | None = None
 
-    def admit(self) -> bool:
-        if self.pending >= self.limit:
-            self.refused += 1
+    @property
+    def pending(self) -> int:
+        return len(self.waiting)
+
+    def make_room(self, host: str) -> None:
+        """Before a connection from *host* is taken: close the oldest pending one if a
+        limit is reached."""
+        mine = [p for p, h in self.waiting.items() if h == host]
+        victim = mine[0] if len(mine) >= self.per_address else \
+            next(iter(self.waiting)) if len(self.waiting) >= self.limit else None
+        if victim is not None:
+            self.forget(victim)
+            self.evicted += 1
             self._note(1)
-            return False
-        return True
+            victim.transport.abortConnection()
+
+    def add(self, proto, host: str) -> None:
+        self.waiting[proto] = host
+
+    def forget(self, proto) -> None:
+        self.waiting.pop(proto, None)
 
     def timed_out(self) -> None:
         self.expired += 1
@@ -311,13 +334,14 @@ class HandshakeGuard:
         now = self.reactor.seconds()
         if self._reported_at is not None and now - self._reported_at < REPORT_EVERY:
             return
-        expired, refused = self._unreported
+        expired, evicted = self._unreported
         self._unreported, self._reported_at = [0, 0], now
         log.warn("{what}: dropped {expired} connections that did not complete the TLS "
-                 "handshake within {timeout:g} s and refused {refused} beyond {limit} "
-                 "pending handshakes (next summary in {every:g} s at most)",
-                 what=self.what, expired=expired, refused=refused, timeout=self.timeout,
-                 limit=self.limit, every=REPORT_EVERY)
+                 "handshake within {timeout:g} s and closed the oldest pending one "
+                 "{evicted} times to make room ({limit} pending handshakes at most, "
+                 "{per} from one address; next summary in {every:g} s at most)",
+                 what=self.what, expired=expired, evicted=evicted, timeout=self.timeout,
+                 limit=self.limit, per=self.per_address, every=REPORT_EVERY)
 
 
 @implementer(IHandshakeListener)
@@ -326,12 +350,11 @@ class _Guarded(ProtocolWrapper):
     time, then steps aside (passes the news on to the protocol it wraps)."""
 
     _timer = None
-    _counted = False
 
     def makeConnection(self, transport):
         guard = self.factory.guard
-        guard.pending += 1
-        self._counted = True
+        peer = transport.getPeer()
+        guard.add(self, getattr(peer, "host", ""))
         self._timer = guard.reactor.callLater(guard.timeout, self._expire)
         super().makeConnection(transport)
 
@@ -339,9 +362,7 @@ class _Guarded(ProtocolWrapper):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._counted:
-            self._counted = False
-            self.factory.guard.pending -= 1
+        self.factory.guard.forget(self)
 
     def _expire(self) -> None:
         self._timer = None
@@ -375,8 +396,7 @@ class _GuardedTLSFactory(TLSMemoryBIOFactory):
         self.guard = guard
 
     def buildProtocol(self, addr):
-        if not self.guard.admit():
-            return None                 # the port closes the socket at once
+        self.guard.make_room(getattr(addr, "host", ""))
         return super().buildProtocol(addr)
 
 
