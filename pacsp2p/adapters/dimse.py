@@ -460,12 +460,17 @@ class DimseArchive:
 
     @staticmethod
     def _total(rows):
+        """The instances the study rows count, None if one does not say (or says what
+        is not a count: the crawl goes on without a total)."""
         total = 0
         for r in rows:
-            n = r.get("NumberOfStudyRelatedInstances")
-            if n in (None, ""):
+            try:
+                n = int(str(r.get("NumberOfStudyRelatedInstances", "")).strip())
+            except ValueError:
                 return None
-            total += int(n)
+            if n < 0:
+                return None
+            total += n
         return total
 
     @defer.inlineCallbacks

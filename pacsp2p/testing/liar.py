@@ -205,3 +205,64 @@ class LyingOrthanc:
             if data is not None:
                 return h.send_body(data, "application/dicom")
         return h.send_body(b"not found", "text/plain", 404)
+
+
+class LyingFindSCP:
+    """A lying DIMSE archive (pynetdicom, in a thread of the test): C-ECHO and study
+    root C-FIND over *studies* ({study uid: (count text, [(series, sop, class)])}), the
+    count answered raw as NumberOfStudyRelatedInstances (``b"abc "``: not a count)."""
+
+    def __init__(self, studies: dict, ae_title: str = "LIAR"):
+        self.studies, self.ae_title = studies, ae_title
+        self._server = None
+        self.port = 0
+
+    def _find(self, event):
+        from pydicom.dataelem import RawDataElement
+        from pydicom.dataset import Dataset
+        from pydicom.tag import Tag
+        q = event.identifier
+        level = q.QueryRetrieveLevel
+        for study, (count, images) in sorted(self.studies.items()):
+            if level != "STUDY" and q.get("StudyInstanceUID") not in ("", None, study):
+                continue
+            rows = [()] if level == "STUDY" else sorted(
+                {(s,) for s, _, _ in images} if level == "SERIES" else images)
+            for row in rows:
+                if level == "IMAGE" and q.get("SeriesInstanceUID") not in ("", None, row[0]):
+                    continue
+                ds = Dataset()
+                ds.QueryRetrieveLevel, ds.StudyInstanceUID = level, study
+                ds.PatientID = "LIAR"
+                if level == "STUDY":
+                    ds[0x00201208] = RawDataElement(Tag(0x00201208), "IS", len(count),
+                                                    count, 0, True, True)
+                else:
+                    ds.SeriesInstanceUID = row[0]
+                if level == "IMAGE":
+                    ds.SOPInstanceUID, ds.SOPClassUID = row[1], row[2]
+                yield 0xFF00, ds
+
+    def start(self) -> "LyingFindSCP":
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
+                                          Verification)
+        from .ports import free_port
+        ae = AE(self.ae_title)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(Verification)
+        self.port = free_port()
+        self._server = ae.start_server((LOOPBACK, self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_FIND, self._find)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pacsp2p.testing import Orthanc, Peer, StoreSCP, datasets, echo, findscu
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import get_json, wait_until
-from pacsp2p.testing.liar import LyingOrthanc
+from pacsp2p.testing.liar import LyingFindSCP, LyingOrthanc
 
 N = 6
 
@@ -188,3 +188,20 @@ def test_an_endless_answer_is_cut_and_a_trickle_lets_go(tmp_path, files):
         assert o.gone[slow] < 30, o.gone
         log = p.log_path.read_text()
         assert "/file: timed out" in log or "/file: too slow" in log, log[-3000:]
+
+
+def test_a_dimse_archive_counting_in_words_is_still_crawled(tmp_path):
+    """A DIMSE archive whose C-FIND answers NumberOfStudyRelatedInstances "abc" for one
+    study: the crawl goes on without a total (it stopped at the first page: "invalid
+    literal for int()", nothing recorded, at every start) and records both studies."""
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    studies = {"1.2.3.1": (b"abc ", [("1.2.3.1.1", "1.2.3.1.1.1", ct)]),
+               "1.2.3.2": (b"2 ", [("1.2.3.2.1", "1.2.3.2.1.1", ct),
+                                   ("1.2.3.2.1", "1.2.3.2.1.2", ct)])}
+    with LyingFindSCP(studies) as scp, Peer(tmp_path / "peer", name="words", config={
+            "archives": [{"name": "pacs", "adapter": "dimse", "ae_title": scp.ae_title,
+                          "host": "127.0.0.1", "port": scp.port}]}) as p:
+        wait_crawled(p, 1)
+        crawl = get_json(p)["crawls"][0]
+        assert crawl["error"] is None and crawl["done"] == 3, crawl
+        assert [u for _, u in images(p)] == ["1.2.3.1.1.1", "1.2.3.2.1.1", "1.2.3.2.1.2"]
