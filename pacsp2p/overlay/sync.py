@@ -18,11 +18,18 @@ together (a pull costs the same whether its facts come from 1 origin or 30) — 
 is bounded by two batches, a pull cut by a crash or a partition resumes where it
 stopped, and a peer that joins late or returns catches up without ever holding more
 than that.
+
+An origin numbers its own facts, so no other peer can hold more of them than it does.
+One that does (``their vector[me] > ours``) means this catalog lost facts it issued —
+restored from an older backup, a data directory replaced — or another peer runs under
+this peer's name: the facts numbered here anew are ignored by the cluster as already
+held. A pull that sees it logs it (one error line per ``SELF_BEHIND_EVERY`` seconds).
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -34,6 +41,7 @@ log = Logger()
 
 BATCH = 5000
 MAX_PULL_BODY = 4 << 20       # bytes of a pull request (a vector of ~100,000 origins)
+SELF_BEHIND_EVERY = 300.0     # seconds between two "this catalog is behind itself" lines
 
 
 def encode_answer(vector: dict, parts) -> bytes:
@@ -99,6 +107,7 @@ class AntiEntropy:
         self.batch = batch
         self.pulled = 0                 # facts applied
         self.requests = 0               # /changes requests made
+        self._said_behind = -SELF_BEHIND_EVERY
 
     def _ask(self, member, vector):
         self.requests += 1
@@ -160,12 +169,25 @@ class AntiEntropy:
             log.warn("sync from {peer} stopped: {err}", peer=member.name, err=e)
             raise
         got = self.catalog.vector
+        if their is not None and their.get(me, 0) > got.get(me, 0):
+            self._behind_self(member.name, their[me], got.get(me, 0))
         grown = sorted(o for o in got if got[o] > start.get(o, 0))
         if grown:      # one line a pull, not one an origin (up to 32 a pull at 32 peers)
             log.info("synced {n} facts from {peer}: {seqs}", peer=member.name,
                      n=sum(got[o] - start.get(o, 0) for o in grown),
                      seqs=", ".join(f"{o} {start.get(o, 0)} -> {got[o]}" for o in grown))
         return their
+
+    def _behind_self(self, name: str, theirs: int, ours: int) -> None:
+        now = time.monotonic()
+        if now - self._said_behind < SELF_BEHIND_EVERY:
+            return
+        self._said_behind = now
+        log.error("catalog: peer {peer} holds facts of this peer up to {theirs}, this "
+                  "catalog only up to {ours}: it was restored from an older backup (or the "
+                  "data directory replaced), or another peer runs under this peer's name "
+                  "([peer] name); what this peer records now is ignored by the others",
+                  peer=name, theirs=theirs, ours=ours)
 
     def _apply(self, batch):
         """Deferred: every origin's facts of one answer written, in one transaction."""

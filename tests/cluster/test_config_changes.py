@@ -9,9 +9,14 @@ elsewhere: every instance has 2 live copies again, as every peer sees it, byte-i
 ``replicas`` raised 2 -> 3 on every peer (restarted one after the other): each instance
 gets its third copy although none was lost (repair copied only lost ones: under-replicated
 20 for ever, repair idle); lowered back to 2: the surplus is dropped.
+
+A peer restarted from an older backup of its catalog numbers its facts anew, and the
+others ignore them as already held (catalogs diverge for good): it says so, in one line
+naming the peer that holds more of its facts (the divergence itself is not mended yet).
 """
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
 import pytest
@@ -114,3 +119,37 @@ def test_replicas_raised_then_lowered(cluster, tmp_path):
                     assert dn.dataset_sha256(f) == sent[dn.sop_uid(f)]
                     held[dn.sop_uid(f)] += 1
         assert held == Counter({u: r for u in sent}), held
+
+
+def test_a_catalog_restored_from_an_older_backup_says_so(cluster, tmp_path):
+    _, _, c = cluster
+
+    def store(pid):
+        files = datasets.make_study(tmp_path / pid, patient_id=pid, size=64,
+                                    series=[("CT", 5, ExplicitVRLittleEndian)])
+        storescu(c.port, c.ae_title, files, timeout=600)
+        return dn.study_of(files)
+    store("CFG03")
+    c.stop()
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for f in c.data_dir.glob("catalog.sqlite*"):
+        shutil.copy2(f, backup / f.name)
+    c.restart()
+    cluster.wait_mesh(timeout=60)
+    study = store("CFG04")                  # facts the backup does not have
+    wait_until(lambda: all(len(live(p, study)) == 5 for p in cluster), 60, 0.5,
+               "every peer knows the second study")
+    c.stop()
+    for f in c.data_dir.glob("catalog.sqlite*"):
+        f.unlink()
+    for f in backup.iterdir():
+        shutil.copy2(f, c.data_dir / f.name)
+    c.restart()
+    cluster.wait_mesh(timeout=60)
+
+    def said():
+        return [line for line in c.log_path.read_text().splitlines()
+                if "holds facts of this peer up to" in line]
+    wait_until(said, 60, 0.5, "peerc says its catalog is behind the cluster's")
+    assert "restored from an older backup" in said()[0], said()
