@@ -97,6 +97,15 @@ def is_orthanc_id(value) -> bool:
     return isinstance(value, str) and _ORTHANC_ID.match(value) is not None
 
 
+def _count(value, default: int = 0) -> int:
+    """*value* (a count or size Orthanc answered) as an int >= 0, else *default*."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return n if n >= 0 else default
+
+
 def orthanc_id(value, what: str) -> str:
     """*value* if it is an Orthanc id, else OrthancError naming *what* answered it."""
     if is_orthanc_id(value):
@@ -212,7 +221,7 @@ class OrthancArchive(RestArchive):
                 except OSError:
                     pass
             return {"up": True, "latency_ms": round(latency, 2), "free_bytes": free,
-                    "used_bytes": int(stats.get("TotalDiskSize", 0)),
+                    "used_bytes": _count(stats.get("TotalDiskSize", 0)),
                     "instances": stats.get("CountInstances"),
                     "version": system.get("Version")}
         return self._run(check)
@@ -468,7 +477,7 @@ class OrthancArchive(RestArchive):
             if self._total is None:
                 yield throttle()
                 stats = yield self._run(self.http.get, "/statistics")
-                self._total = int(stats.get("CountInstances", 0))
+                self._total = _count(stats.get("CountInstances", 0))
             yield throttle()
             studies = yield self._run(self.http.get,
                                       f"/studies?expand&since={offset}"
@@ -510,7 +519,7 @@ class OrthancArchive(RestArchive):
             if not uid or not sop_class:
                 continue
             self._ids.put(uid, inst["ID"])
-            size = int(inst.get("FileSize", 0))
+            size = _count(inst.get("FileSize", 0))
             items.append((InstanceMeta(uid, sop_class, "", attrs, size), size))
         return items
 
@@ -535,7 +544,7 @@ class OrthancArchive(RestArchive):
                 found = yield _bounded([lambda oid=oid: self._instance(oid, throttle)
                                         for oid in new], CONCURRENCY)
                 items += [item for item in found if item is not None]
-                since = max(since, int(page.get("Last", since)))
+                since = max(since, _count(page.get("Last", since), since))
                 if page.get("Done", True):
                     break
         except Unreachable as e:
@@ -562,7 +571,7 @@ class OrthancArchive(RestArchive):
         if not uid or not sop_class:
             return None
         self._ids.put(uid, oid)
-        size = int(info.get("FileSize", 0))
+        size = _count(info.get("FileSize", 0))
         return InstanceMeta(uid, sop_class, meta.get("TransferSyntax", ""), attrs, size), size
 
 

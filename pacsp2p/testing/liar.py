@@ -40,6 +40,7 @@ class LyingOrthanc:
         self.tags: dict[str, dict] = {}         # orthanc instance id -> simplified tags
         self.by_uid: dict[str, str] = {}        # SOP Instance UID -> orthanc instance id
         self.overrides: dict[str, object] = {}
+        self.sizes: dict[str, object] = {}      # orthanc instance id -> FileSize listed
         self.hits: dict[str, int] = {}
         self.sent: dict[str, int] = {}          # path -> bytes of an endless answer sent
         self.gone: dict[str, float] = {}        # uid -> seconds a trickle lasted
@@ -193,8 +194,8 @@ class LyingOrthanc:
         if len(parts) == 3 and parts[0] == "studies" and parts[1] in self.studies:
             study = self.studies[parts[1]]
             if parts[2] == "instances":
-                return h.send_json([{"ID": oid, "FileSize": len(self.files[oid])}
-                                    for oid in study["instances"]])
+                return h.send_json([{"ID": oid, "FileSize": self.sizes.get(
+                    oid, len(self.files[oid]))} for oid in study["instances"]])
             if parts[2] == "instances-tags":
                 return h.send_json({oid: self.tags[oid] for oid in study["instances"]})
         if path == "/tools/lookup":

@@ -52,8 +52,9 @@ def files(tmp_path_factory):
 
 def lying(files) -> LyingOrthanc:
     """A lying Orthanc holding the study: instance 0 served as another instance, 1
-    truncated, 2 relabelled; three more instances listed with invalid UIDs, one (of
-    another study) under an Orthanc id that is a path."""
+    truncated, 2 relabelled, 3 listed with the FileSize "abc"; three more instances
+    listed with invalid UIDs, one (of another study) under an Orthanc id that is a
+    path."""
     study, other, bad = files
     o = LyingOrthanc()
     for p in study:
@@ -66,6 +67,7 @@ def lying(files) -> LyingOrthanc:
     o.serve_instead(uids[0], other[0].read_bytes())
     o.serve_instead(uids[1], study[1].read_bytes()[:-100])
     o.serve_instead(uids[2], relabelled(study[2], "1.2.3.999"))
+    o.sizes[o.by_uid[uids[3]]] = "abc"            # a size that is not one
     return o
 
 
