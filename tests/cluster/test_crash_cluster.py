@@ -20,6 +20,7 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import build_context
 
+from pacsp2p.adapters.layout import relative
 from pacsp2p.testing import StoreSCP, datasets
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import get_json, wait_until
@@ -120,3 +121,19 @@ def test_kill_9_at_a_random_moment_loses_no_acknowledged_instance(trio, dest, tm
         missing = acked_set - set(got)
         assert not missing, f"{at.name}: {len(missing)} acknowledged not retrieved"
         assert all(got[u] == sent[u] for u in got), f"{at.name}: bytes differ"
+
+    # what the catalogs say is what the disks hold: every available copy listed of an
+    # acknowledged instance is a file in that peer's archive (a stand-in dropped after
+    # the hand-off is no longer listed)
+    peers = {p.name: p for p in trio}
+
+    def listed_copies_exist():
+        for at in trio:
+            held = available_holders(at, study)
+            for u in acked_set:
+                for name in held.get(u, ()):
+                    f = peers[name].data_dir / "archives" / "local" / "objects" / relative(u)
+                    if not f.exists():
+                        raise AssertionError(f"{at.name} lists {u} on {name}: no file")
+        return True
+    wait_until(listed_copies_exist, 60, interval=1.0, what="listed copies on disk")
