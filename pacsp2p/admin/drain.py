@@ -9,8 +9,9 @@ there, on every peer, and each copy moves to archives placement chooses; a copy 
 dropped only once the instance has its ``replicas`` copies elsewhere. Progress (on
 standard error) counts the copies FILE's peer still sees there; the command ends with
 ``... safe to remove`` (exit 0) once none is left, or exits 1 when some instance has no
-other archive to go to (``blocked``; the drain goes on in the background), 2 when the
-draining peer dies first. ``--stop`` ends a drain: placement may use the archives again.
+other archive to go to (``blocked``; the drain goes on in the background) or when
+moves keep failing (a full disk: nothing moved for ``STALLED`` seconds, the last error
+said), 2 when the draining peer dies first. ``--stop`` ends a drain: placement may use the archives again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pacsp2p import config
 from pacsp2p.admin.scrub import _post, get_json
 
 POLL = 1.0
+STALLED = 100.0     # seconds without a copy moved, with moves failing: say so and exit 1
 
 
 def add_parser(sub):
@@ -59,6 +61,7 @@ def cmd_drain(args) -> int:
     print(f"draining {what}: {total} copies to move; placement sends nothing new there",
           file=sys.stderr)
     seen, advertised = None, False
+    last, since = None, time.monotonic()
     with Progress(f"draining {peer}", total=total or None, unit="copies") as bar:
         while True:
             seen = get_json(settings, f"drain?{query}")
@@ -82,6 +85,15 @@ def cmd_drain(args) -> int:
                     note=", ".join(f"{n} {s}" for n, s in sorted(states.items())))
             if remaining == 0 and all(s == "drained" for s in states.values()):
                 break
+            if remaining != last:
+                last, since = remaining, time.monotonic()
+            stats = seen.get("stats") or {}
+            if stats.get("failed") and time.monotonic() - since >= STALLED:
+                print(f"pacsp2p: NOT safe to remove {what}: {remaining} copies not moved for "
+                      f"{STALLED:.0f} s, {stats['failed']} moves failed (last: "
+                      f"{stats.get('last_error')}); the drain goes on in the background",
+                      file=sys.stderr)
+                return 1
             if any(s == "blocked" for s in states.values()):
                 print(f"pacsp2p: NOT safe to remove {what}: {remaining} copies have no "
                       "other archive to go to (every other live archive holds them or "

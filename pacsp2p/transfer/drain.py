@@ -165,7 +165,8 @@ class Drain:
             if new:
                 if not self.state:
                     self.stats.update(started=time.time(), moved=0, dropped=0, bytes=0,
-                                      failed=0, remaining=None, blocked=0, finished=None)
+                                      failed=0, remaining=None, blocked=0, finished=None,
+                                      last_error=None)
                 log.info("drain: archive(s) {names} of peer {peer} draining: placement "
                          "sends nothing new there; their copies move to other archives",
                          names=", ".join(new), peer=self.peer)
@@ -309,6 +310,7 @@ class Drain:
             return True
         except Exception as e:
             self.stats["failed"] += 1
+            self.stats["last_error"] = f"{uid}: {e}"[:300]      # what `pacsp2p drain` shows
             self._failed_at[(uid, mine.archive)] = time.monotonic()
             log.warn("drain: moving {uid} off {archive} failed: {err} (tried again in "
                      "{s:.0f} s)", uid=uid, archive=mine.archive, err=e, s=RETRY_AFTER)

@@ -184,3 +184,53 @@ def test_drain_one_archive_then_stop(cluster, tmp_path):
     assert proc.returncode != 0 and "has no archive 'nosuch'" in proc.stderr, proc.stderr
     proc = drain(a, "--peer", "nosuch")
     assert proc.returncode != 0 and "no peer 'nosuch'" in proc.stderr, proc.stderr
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 160 KiB tmpfs (unmounted afterwards): room for a dozen small instances."""
+    where = tmp_path / "tiny"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(where)],
+                   check=True)
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_drain_onto_a_full_archive_says_why_and_ends(cluster, tiny_disk, tmp_path):
+    """peerc's only archive is a small tmpfs that fills up: the copies that must go there
+    cannot move. Before, `pacsp2p drain` waited for ever (no "blocked": an archive was
+    there) while the peer retried every 30 s; now it ends (exit 1) naming the error, and
+    nothing was lost: every instance still has its 2 copies, byte-identical."""
+    tiny = {"archives": [{"name": "local", "adapter": "embedded",
+                          "path": str(tiny_disk / "archive")}]}
+    a, b, c = cluster(per_peer={"peerc": tiny})
+    n = 40
+    files = datasets.make_study(tmp_path / "FULL01", patient_id="FULL01", size=64,
+                                series=[("CT", n, ExplicitVRLittleEndian)])
+    r = subprocess.run(["/usr/bin/storescu", "-aec", a.ae_title, "127.0.0.1", str(a.port),
+                        *map(str, files)], capture_output=True, text=True, timeout=600,
+                       env={"TCP_NODELAY": "1"}, check=False)
+    assert r.returncode == 0, r.stderr
+    study, sent = dn.study_of(files), dn.dataset_hashes(files)
+    wait_until(lambda: in_sync((a, b, c)) and len(where(a, study)) == n and
+               all(len(v) == 2 for v in where(a, study).values()), 60, 0.5,
+               "2 copies of every instance, catalogs in sync")
+    proc = drain(a, "--peer", "peera")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    said = [line for line in proc.stderr.splitlines()
+            if line.startswith("pacsp2p: NOT safe to remove peer peera")]
+    assert len(said) == 1, proc.stderr
+    said = said[0]
+    assert "No space left on device" in said, said
+    assert all(len(v) == 2 for v in where(a, study).values())
+    held = Counter()
+    for f in sorted(tmp_path.glob("cluster*/peer*/data/archives/*/objects/*/*.dcm")) + \
+            sorted(tiny_disk.glob("archive/objects/*/*.dcm")):
+        assert dn.dataset_sha256(f) == sent[dn.sop_uid(f)]
+        held[dn.sop_uid(f)] += 1
+    assert set(held) == set(sent) and min(held.values()) >= 2, held
+    assert drain(a, "--peer", "peera", "--stop").returncode == 0
