@@ -2,7 +2,8 @@
 the overlay, with a cluster CA made in a temporary directory (pacsp2p.testing.cluster).
 
 ``make_cluster(3, destinations={...})`` -> a started, meshed Cluster (module scope);
-stopped by PID at teardown.
+stopped by PID at teardown. ``dest``: a DCMTK storescp, the C-MOVE destination STORESCP;
+``trio``: three default peers (R=2, W=2) that know it.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Mapping
 
 import pytest
 
+from pacsp2p.testing import StoreSCP
 from pacsp2p.testing.cluster import Cluster
 
 
@@ -30,3 +32,16 @@ def make_cluster(tmp_path_factory):
     yield factory
     for cluster in made:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def dest(tmp_path_factory):
+    """A DCMTK storescp (+B: files exactly as received), the C-MOVE destination STORESCP."""
+    with StoreSCP(tmp_path_factory.mktemp("storescp") / "in", extra=["+B"]) as scp:
+        yield scp
+
+
+@pytest.fixture(scope="module")
+def trio(make_cluster, dest):
+    """Three default peers (R=2, W=2) that know STORESCP."""
+    return make_cluster(3, destinations={"STORESCP": dest.address})

@@ -21,24 +21,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import build_context
 
 from pacsp2p.adapters.layout import relative
-from pacsp2p.testing import StoreSCP, datasets
+from pacsp2p.testing import datasets
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import get_json, wait_until
 
 N = 200
 SUCCESS = 0x0000
 SEED = int(os.environ.get("PACSP2P_CRASH_SEED", "20261206"))   # another: other moments
-
-
-@pytest.fixture(scope="module")
-def dest(tmp_path_factory):
-    with StoreSCP(tmp_path_factory.mktemp("storescp") / "in", extra=["+B"]) as scp:
-        yield scp
-
-
-@pytest.fixture(scope="module")
-def trio(make_cluster, dest):
-    return make_cluster(3, destinations={"STORESCP": dest.address})
 
 
 def send(receiver, files, kill_after: int, acked: list, failed: list, errors: list,

@@ -30,8 +30,7 @@ from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian,
 from pynetdicom import build_context
 
 from pacsp2p.adapters.layout import key
-from pacsp2p.testing import StoreSCP, dataset_sha256, echo, findscu, storescu, toml
-from pacsp2p.testing import datasets
+from pacsp2p.testing import dataset_sha256, datasets, echo, findscu, storescu, toml
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import Cluster, get_json, members, wait_until
 from pacsp2p.testing.plugins import BOOM_MESSAGE, boom_plugin
@@ -102,19 +101,6 @@ def clusters(tmp_path_factory):
     yield factory
     for c in made:
         c.stop()
-
-
-@pytest.fixture(scope="module")
-def dest(tmp_path_factory):
-    """A DCMTK storescp (+B: files exactly as received), the C-MOVE destination STORESCP."""
-    with StoreSCP(tmp_path_factory.mktemp("storescp") / "in", extra=["+B"]) as scp:
-        yield scp
-
-
-@pytest.fixture(scope="module")
-def trio(make_cluster, dest):
-    """Three default peers (R=2, W=2) that know STORESCP."""
-    return make_cluster(3, destinations={"STORESCP": dest.address})
 
 
 # -- 1. placement over three peers -----------------------------------------------------
