@@ -37,7 +37,7 @@ class Status(resource.Resource):
         g = self.guard
         gc.collect()
         return json.dumps({"pending": g.pending, "expired": g.expired,
-                           "refused": g.refused}).encode()
+                           "evicted": g.evicted}).encode()
 
 
 @defer.inlineCallbacks

@@ -228,14 +228,16 @@ def test_pending_handshakes_are_capped(tmp_path_factory):
             time.sleep(0.05)
         assert server.status()["pending"] == 4
         extra = socket.create_connection(("127.0.0.1", server.port))
-        with extra:
-            assert closed_by_peer(extra)
-        assert server.status()["refused"] == 1
+        idle.append(extra)                  # over the cap: the OLDEST one makes room
+        assert closed_by_peer(idle[0])
+        assert server.status()["evicted"] == 1 and server.status()["pending"] == 4
+        assert server.get("/instances/local/1.2.3")[0] == 404   # and so does a client's
+        assert server.status()["evicted"] == 2
         for sock in idle:                   # gone: room again
             sock.close()
         while server.status()["pending"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert server.get("/instances/local/1.2.3")[0] == 404
+        assert server.status()["pending"] == 0
     finally:
         for sock in idle:
             sock.close()
