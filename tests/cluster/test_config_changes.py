@@ -138,8 +138,12 @@ def test_a_catalog_restored_from_an_older_backup_says_so(cluster, tmp_path):
     c.restart()
     cluster.wait_mesh(timeout=60)
     study = store("CFG04")                  # facts the backup does not have
-    wait_until(lambda: all(len(live(p, study)) == 5 for p in cluster), 60, 0.5,
-               "every peer knows the second study")
+
+    def both_copies(p) -> bool:             # peerc's own facts too, not only the others'
+        seen = live(p, study)
+        return len(seen) == 5 and all(len(copies) == 2 for copies in seen.values())
+    wait_until(lambda: all(both_copies(p) for p in cluster), 60, 0.5,
+               "every peer knows both copies of every instance of the second study")
     c.stop()
     for f in c.data_dir.glob("catalog.sqlite*"):
         f.unlink()
