@@ -204,7 +204,7 @@ class Client:
         if ctype.endswith("json") and data:
             try:
                 return json.loads(data)
-            except ValueError as e:          # (RecursionError too: nested too deep)
+            except (ValueError, RecursionError) as e:     # (nested too deep)
                 raise BadAnswer(f"{rsp.what}: not JSON: {str(e)[:200]}") from None
         return data
 

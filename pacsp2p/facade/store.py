@@ -177,8 +177,7 @@ class Store(Operation):
     def _series_conflict(self, meta) -> str:
         """Thread pool: ``_series_checked``, waited for (the catalog is read in its own
         pool; a series seen lately is not read again: no reactor round trip)."""
-        seen = getattr(self.svc, "series_seen", None) or {}
-        if seen.get(meta.attributes["SeriesInstanceUID"]) == \
+        if self.svc.series_seen.get(meta.attributes["SeriesInstanceUID"]) == \
                 meta.attributes["StudyInstanceUID"]:
             return ""
         try:
@@ -197,11 +196,7 @@ class Store(Operation):
         seen in their study lately are not looked up again (``SERIES_SEEN``)."""
         series = meta.attributes["SeriesInstanceUID"]
         study = meta.attributes["StudyInstanceUID"]
-        seen = getattr(self.svc, "series_seen", None)
-        if seen is None:
-            seen = self.svc.series_seen = {}
-        if seen.get(series) == study:
-            return defer.succeed("")
+        seen = self.svc.series_seen
 
         def compare(rows):
             others = {r.get("StudyInstanceUID") for r in rows} - {study, None, ""}
