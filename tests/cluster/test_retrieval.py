@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-from pacsp2p.testing import StoreSCP, findscu, storescu
+from pacsp2p.testing import findscu, storescu
 from pacsp2p.testing.dcmtk import dcmtk_env, dcmtk_path
 from pacsp2p.testing import datasets
 from pacsp2p.testing import dicomnet as dn
@@ -84,13 +84,6 @@ def move_keys(study: str) -> dict:
 
 
 # -- fixtures ------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def dest(tmp_path_factory):
-    """DCMTK storescp (+B), the C-MOVE destination STORESCP of every peer."""
-    with StoreSCP(tmp_path_factory.mktemp("retr-scp") / "in", extra=["+B"]) as scp:
-        yield scp
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, dest):
