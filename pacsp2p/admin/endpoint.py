@@ -34,28 +34,15 @@ class Capped(WrappingFactory):
                  per_address: int = MAX_PER_ADDRESS):
         super().__init__(wrapped)
         self.limit, self.per_address = limit, per_address
-        self.by_host: dict[str, int] = {}
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "")
-        if len(self.protocols) >= self.limit or \
-                self.by_host.get(host, 0) >= self.per_address:
+        if len(self.protocols) >= self.limit or sum(
+                p.admin_host == host for p in self.protocols) >= self.per_address:
             return None
         p = super().buildProtocol(addr)
         p.admin_host = host
         return p
-
-    def registerProtocol(self, p):
-        super().registerProtocol(p)
-        self.by_host[p.admin_host] = self.by_host.get(p.admin_host, 0) + 1
-
-    def unregisterProtocol(self, p):
-        super().unregisterProtocol(p)
-        host = getattr(p, "admin_host", None)
-        if host is not None and host in self.by_host:
-            self.by_host[host] -= 1
-            if self.by_host[host] <= 0:
-                del self.by_host[host]
 
 
 class AdminEndpoint(service.MultiService):
