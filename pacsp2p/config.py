@@ -358,6 +358,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         allowed_calling_aes=tuple(allowed_t),
         max_pdu=max_pdu,
         max_associations=_at_least(f, "max_associations", 32, 1),
+        keep_compressed=f.take("keep_compressed", bool, True, "true or false"),
         **limits,
         **_facade_security(f, base),
     )

@@ -82,6 +82,7 @@ class FacadeSettings:
     check_called_ae: bool = True  # the called AE title must be ae_title
     check_modality_host: bool = True  # a [modalities] AE only from its declared hosts
     allow_unknown: tuple[str, ...] = RIGHTS   # rights of AEs not in [modalities]
+    keep_compressed: bool = True  # a storage context's compressed syntax before uncompressed
 
 
 @dataclass(frozen=True)

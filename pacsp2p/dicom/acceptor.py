@@ -470,7 +470,7 @@ class Association(ReadHolds, Messages, protocol.Protocol):
                 self._reject(r.result, r.source, r.reason, str(r))
         try:
             prim = negotiation.decode(pdu)
-            results, ac_roles = negotiation.negotiate(prim, f.supported)
+            results, ac_roles = negotiation.negotiate(prim, f.supported, f.choose)
             ac = negotiation.accept_pdu(prim, results, ac_roles, f.max_pdu)
         except negotiation.Malformed as e:
             self._fail(f"A-ASSOCIATE-RQ: {e}", 6)
@@ -514,8 +514,9 @@ class AcceptorFactory(protocol.Factory):
                  artim_timeout: float = ARTIM, idle_timeout: float = IDLE,
                  max_dataset: int = MAX_DATASET, max_identifier: int = MAX_IDENTIFIER,
                  fd_reserve: int = FD_RESERVE, min_peer_pdu: int = MIN_PEER_PDU,
-                 policy=None, observer=None):
+                 policy=None, observer=None, choose=None):
         self.reactor = reactor
+        self.choose = choose          # a context's syntax (``negotiation.negotiate``)
         self.policy = policy          # callable(association) -> grant, or raises Refused
         self.observer = observer      # established/rejected/ended(association, ...)
         self.services = services

@@ -1,9 +1,20 @@
 """Presentation contexts: what the facade accepts, and what a C-MOVE proposes.
 
 The facade accepts every storage SOP class (also private and unknown ones) in every
-transfer syntax, so that C-STORE keeps what the modality sent. A C-MOVE association
-proposes, for each SOP class it will send, the exact transfer syntaxes the instances are
-stored in, plus the uncompressed ones as a fallback, so C-MOVE stays byte-identical.
+transfer syntax, so that C-STORE keeps what the modality sent. Of the syntaxes a
+requestor proposes in ONE storage context, the acceptor picks one (PS3.8 9.3.3.2: the
+acceptor's choice): where the facade only receives (Storage SCP), ``storage_choice``
+takes the requestor's first compressed syntax — the data set is then kept as it
+arrives, as Orthanc and dcm4chee do, instead of being decompressed by the sender — then
+Explicit VR Little Endian, then Implicit (``[facade] keep_compressed = false``: the
+uncompressed ones first). Where the facade also sends on the context (the requestor
+gave it the SCU role for C-GET sub-operations), the uncompressed syntaxes come first:
+the facade must send what it holds in the accepted syntax, and it can decompress what it
+holds (RLE, JPEG, JPEG-LS) but not compress to an arbitrary syntax.
+
+A C-MOVE association proposes, for each SOP class it will send, the exact transfer
+syntaxes the instances are stored in, plus the uncompressed ones as a fallback, so
+C-MOVE stays byte-identical.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from __future__ import annotations
 from pydicom.uid import (JPEG2000, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
-                         RLELossless)
+                         RLELossless, UID)
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_context
 from pynetdicom import sop_class as sc
 
@@ -21,6 +32,11 @@ MAX_CONTEXTS = 128
 # prefer explicit VR (keeps VRs of private tags) over implicit, as DCMTK does.
 ACCEPTED_SYNTAXES = [ExplicitVRLittleEndian] + [
     ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
+
+# compressed syntaxes a C-STORE keeps as it arrives (encapsulated: the header is explicit
+# VR little endian, which the ingest path reads; archives keep the bytes they are given)
+KEPT_COMPRESSED = frozenset(ts for ts in ALL_TRANSFER_SYNTAXES if UID(ts).is_compressed)
+STORAGE_CLASSES = frozenset(cx.abstract_syntax for cx in StoragePresentationContexts)
 
 # what archives commonly keep besides the uncompressed syntaxes
 COMMON_STORED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless,
@@ -44,6 +60,17 @@ def add_supported(ae) -> None:
     for cx in StoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES,
                                  scu_role=True, scp_role=True)
+
+
+def storage_choice(keep_compressed: bool = True):
+    """The facade's pick among the syntaxes proposed in one context (``negotiate``'s
+    *choose*): ``choose(abstract syntax, proposed syntaxes, as_scu)`` -> a syntax, or
+    None for the default order (``ACCEPTED_SYNTAXES``: explicit, implicit, ...)."""
+    def choose(abstract_syntax: str, proposed, as_scu: bool) -> str | None:
+        if not keep_compressed or as_scu or abstract_syntax not in STORAGE_CLASSES:
+            return None
+        return next((ts for ts in proposed if ts in KEPT_COMPRESSED), None)
+    return choose
 
 
 def for_sending(pairs: set[tuple[str, str]]) -> list:

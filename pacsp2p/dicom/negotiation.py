@@ -10,7 +10,10 @@ by PS3.8 D.1 and stays accepted).
 
 ``negotiate`` then answers every proposed presentation context: one without an abstract
 syntax gets result 3 (abstract syntax not supported), one without a transfer syntax
-result 4, the rest go to ``pynetdicom.presentation.negotiate_as_acceptor``.
+result 4, the rest go to ``pynetdicom.presentation.negotiate_as_acceptor`` (which takes
+the first of the acceptor's syntaxes that the requestor proposed); a *choose* callable
+may then pick another of the proposed syntaxes (``contexts.storage_choice``: a
+compressed one kept as sent).
 ``accept_pdu`` encodes the A-ASSOCIATE-AC. (pynetdicom's own log lines, e.g. about a
 UID with a leading zero, go to its NullHandler: pacsp2p does not route the stdlib
 ``logging`` of libraries into its log; the checks above keep pydicom from raising
@@ -188,8 +191,10 @@ def _rejected(cid: int, result: int) -> PresentationContext:
     return cx
 
 
-def negotiate(prim: A_ASSOCIATE, supported) -> tuple[list, list]:
-    """(presentation context results, SCP/SCU role items) for the request *prim*."""
+def negotiate(prim: A_ASSOCIATE, supported, choose=None) -> tuple[list, list]:
+    """(presentation context results, SCP/SCU role items) for the request *prim*;
+    *choose(abstract syntax, proposed syntaxes, as_scu)* may name the syntax of an
+    accepted context instead (one of those proposed), None keeping pynetdicom's."""
     roles = {}
     for item in prim.user_information or []:
         if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
@@ -203,9 +208,15 @@ def negotiate(prim: A_ASSOCIATE, supported) -> tuple[list, list]:
         else:
             usable.append(cx)
     results, ac_roles = negotiate_as_acceptor(usable, supported, roles)
+    proposed = {cx.context_id: cx.transfer_syntax for cx in usable}
     for cx in results:
         if cx.result != 0:                      # what we send back is not significant
             cx.transfer_syntax = [_PLACEHOLDER_TS]
+        elif choose is not None:
+            offered = proposed.get(cx.context_id, ())
+            ts = choose(cx.abstract_syntax, offered, bool(cx.as_scu))
+            if ts is not None and ts in offered:
+                cx.transfer_syntax = [ts]
     return sorted(results + refused, key=lambda cx: cx.context_id), ac_roles
 
 

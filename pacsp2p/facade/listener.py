@@ -102,7 +102,8 @@ class Facade(service.Service):
             max_pending=fs.max_pending, max_per_address=fs.max_per_address,
             artim_timeout=fs.artim_timeout, idle_timeout=fs.idle_timeout,
             max_dataset=fs.max_dataset, fd_reserve=fs.fd_reserve,
-            min_peer_pdu=fs.min_peer_pdu, policy=self.policy, observer=self.observer)
+            min_peer_pdu=fs.min_peer_pdu, policy=self.policy, observer=self.observer,
+            choose=contexts.storage_choice(fs.keep_compressed))
         listening, current = [], ""
         try:
             if not fs.tls_only:

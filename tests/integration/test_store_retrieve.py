@@ -297,6 +297,57 @@ def test_cancel_of_a_move_stops_it(make_peer, tmp_path):
         assert all(sent[u] == h for u, h in dn.dataset_hashes(delivered).items())
 
 
+def test_a_compressed_syntax_offered_with_uncompressed_ones_is_kept(stored_peer, scp,
+                                                                     tmp_path):
+    """storescu -xr +C proposes RLE Lossless and the uncompressed syntaxes in ONE context
+    per class: the facade takes RLE, so storescu sends the dcmcrle'd file as it is (no
+    decompression) and the archive keeps it; movescu brings it back byte-identical in
+    RLE; a getscu proposing only uncompressed syntaxes (and one that prefers RLE: the
+    facade sends on those contexts, uncompressed first) gets it decompressed, same
+    content."""
+    study = datasets.uid("sr-rle-study")
+    series = datasets.uid("sr-rle-series", study)
+    rle = []
+    for i in (1, 2):
+        ds = datasets.make_image("CT", size=64, seed=7, PatientID="SR0002",
+                                 PatientName="RLE^KEPT", StudyInstanceUID=study,
+                                 SeriesInstanceUID=series, SeriesNumber=1, InstanceNumber=i,
+                                 SOPInstanceUID=datasets.uid("sr-rle-sop", series, i))
+        plain = datasets.write(ds, tmp_path / "plain" / f"{i}.dcm")
+        rle.append(tmp_path / "rle" / f"{i}.dcm")
+        rle[-1].parent.mkdir(exist_ok=True)
+        dcmtk("dcmcrle", plain, rle[-1], check=True)
+        assert dn.transfer_syntax(rle[-1]) == RLELossless
+    proc = storescu(stored_peer.port, stored_peer.ae_title, rle, required=False,
+                    extra=["-v", "-R", "-xr", "+C"])
+    out = proc.stdout + proc.stderr
+    assert out.count("Received Store Response (Success)") == 2, out[-3000:]
+    assert re.findall(r"Converting transfer syntax: (.+?) -> (.+)", out) == [
+        ("RLE Lossless", "RLE Lossless")] * 2, out[-3000:]
+    held = {dn.sop_uid(p): p for p in dn.archive_files(stored_peer.data_dir)}
+    sent = dn.dataset_hashes(rle)
+    for uid, digest in sent.items():
+        assert dn.transfer_syntax(held[uid]) == RLELossless
+        assert dataset_sha256(held[uid]) == digest
+
+    clear(scp.directory)
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+    proc = dn.movescu(stored_peer.port, stored_peer.ae_title, "STORESCP", keys)
+    assert "Received Final Move Response (Success)" in proc.stdout + proc.stderr
+    assert {dn.transfer_syntax(p) for p in scp.files()} == {RLELossless}
+    assert dn.dataset_hashes(scp.files()) == sent
+
+    for name, extra in (("plain", []), ("prefers-rle", ["+xr"])):
+        outdir = tmp_path / f"get-{name}"
+        proc = dn.getscu(stored_peer.port, stored_peer.ae_title, outdir, keys, extra=extra)
+        assert proc.returncode == 0, proc.stderr
+        got = dn.by_sop_uid(outdir.iterdir())
+        assert sorted(got) == sorted(sent), (name, proc.stdout[-2000:])
+        for uid, path in dn.by_sop_uid(rle).items():
+            assert dn.transfer_syntax(got[uid]) == ExplicitVRLittleEndian, name
+            assert dn.content_differences(path, got[uid]) == [], (name, path)
+
+
 def test_restart_keeps_everything(stored_peer, study, scp):
     stored_peer.restart()
     rows, proc = findscu(stored_peer.port, stored_peer.ae_title, {
