@@ -7,7 +7,8 @@ peer is a ``MultiService``: the catalog and the archives are opened first (they 
 ready before anything serves), then its children start one after the other — ingest,
 replica service, overlay, facade, crawlers, archive health, admin web — and stop in
 reverse. A part that cannot start (read-only data directory, port in use, a catalog
-that cannot be opened) stops the peer with one line saying why. Once everything serves,
+that cannot be opened, a peer name another process holds in the cluster: found while
+the overlay joins) stops the peer with one line saying why. Once everything serves,
 the catalog's integrity is checked in the background unless it was closed cleanly.
 """
 
@@ -20,6 +21,7 @@ import sys
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pacsp2p import __version__, lock, preflight
 from pacsp2p.adapters.crawl import Crawler
@@ -69,7 +71,8 @@ class PeerService(service.MultiService):
             self.overlay = Overlay(settings, self.catalog, by_name, reactor,
                                    responders=lambda overlay: ReplicaService(
                                        settings.peer.name, by_name, self.catalog, overlay,
-                                       reactor))
+                                       reactor),
+                                   fatal=lambda why: self._failed(Failure(RuntimeError(why))))
             self.replicas = self.overlay.membership.services
         self.crawlers = [Crawler(a, self.catalog, settings.peer.name, reactor,
                                  qps=a.crawl_qps)

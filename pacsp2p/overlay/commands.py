@@ -39,6 +39,11 @@ class IncompatibleProtocol(Exception):
     """The other peer speaks an overlay protocol version we do not."""
 
 
+class NameInUse(Exception):
+    """Another live process holds the name the other peer's Hello claims (at another
+    address): the link is not used (``overlay.merge``: one name, one process)."""
+
+
 class Hello(amp.Command):
     """First command on every link: who I am, how to reach me, whom I know."""
 
@@ -46,7 +51,7 @@ class Hello(amp.Command):
                  (b"software", amp.Unicode()), (b"info", amp.Unicode())]
     response = [(b"name", amp.Unicode()), (b"protocol", amp.Integer()),
                 (b"software", amp.Unicode()), (b"info", amp.Unicode())]
-    errors = {IncompatibleProtocol: b"INCOMPATIBLE_PROTOCOL"}
+    errors = {IncompatibleProtocol: b"INCOMPATIBLE_PROTOCOL", NameInUse: b"NAME_IN_USE"}
 
 
 class ReplicaRefused(Exception):

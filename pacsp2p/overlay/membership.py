@@ -22,6 +22,10 @@ offered a full state now and then (``reconnect_interval``) and, if it was only c
 refutes its death by itself. Readers elsewhere see ``members`` ({name: Member} with
 ``info`` (MemberInfo), ``state`` alive/suspect/dead, ``since``), ``alive(name)``,
 ``on_change`` and ``on_vector`` callbacks, and ``call(name, command, ...)``.
+
+One name, one process (``merge.py``, ``claims.py``): a link whose Hello claims a name
+that a live member holds at another address is refused; a peer refused so while it
+joins stops with one line saying where its name is in use.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pacsp2p import __version__
-from pacsp2p.overlay.commands import PROTOCOL, Hello, IncompatibleProtocol
+from pacsp2p.overlay.commands import PROTOCOL, Hello, IncompatibleProtocol, NameInUse
 from pacsp2p.overlay.commands import Swim as SwimMessage
+from pacsp2p.overlay.claims import Claims
 from pacsp2p.overlay.swim import Swim
 from pacsp2p.overlay.swimparts import (ALIVE, DEAD, MAX_INFO, SUSPECT, Invalid, Node,
                                        SwimConfig, encode)
@@ -72,6 +77,9 @@ class MemberInfo:
     # its archives being drained: {name: "draining" | "blocked" | "drained"}; placement
     # on every peer leaves them out (transfer.drain)
     draining: dict = field(default_factory=dict, hash=False)
+    # when its process started (seconds since the epoch): of two processes claiming one
+    # name at two addresses, the one started first holds it (overlay.merge)
+    started: float = 0.0
 
 
 _INFO_FIELDS = frozenset(f.name for f in fields(MemberInfo))
@@ -102,6 +110,9 @@ def check_info(wire) -> dict:
         for a in archives)
     down = wire.get("archives_down", [])
     ok = ok and isinstance(down, list) and len(down) <= 256 and all(_text(a) for a in down)
+    started = wire.get("started", 0.0)
+    ok = ok and isinstance(started, (int, float)) and not isinstance(started, bool) and \
+        0 <= started < 1e12
     draining = wire.get("draining", {})
     ok = ok and isinstance(draining, dict) and len(draining) <= 256 and all(
         _text(k, empty=False) and _text(v, 32) for k, v in draining.items())
@@ -164,7 +175,9 @@ class Membership:
 
     def __init__(self, me: MemberInfo, credentials, seeds, reactor, vector_of=None,
                  heartbeat: float = 0.5, phi_threshold: float | None = None,
-                 config: SwimConfig | None = None, max_links: int = MAX_LINKS):
+                 config: SwimConfig | None = None, max_links: int = MAX_LINKS,
+                 fatal=None):
+        """*fatal(why)*: stop the peer with one line (its name is held elsewhere)."""
         self.name = me.name
         self.credentials = credentials
         self.seeds = list(seeds)
@@ -186,6 +199,8 @@ class Membership:
         self.on_change = []                 # callbacks(member, state)
         self.services = None                # answers Replicate/Commit/Discard/...
         self.swim.on_change.append(self._changed)
+        self.claims = Claims(self, fatal)   # one name, one process
+        self.swim.on_conflict.append(self.claims.conflict)
         self.links: dict[str, Link] = {}    # name -> the link we use (LRU order)
         self.all: set[Link] = set()         # every link with its Hello done
         self.addresses: dict[str, str] = {}     # name -> host it linked from
@@ -297,6 +312,11 @@ class Membership:
             link.close()
             self._unexpected(link)
             return
+        except NameInUse as e:
+            link.close()
+            self._unexpected(link)
+            self.claims.refused(str(e))
+            return
         except Exception as e:
             log.warn("overlay: hello to {peer} failed: {err}", peer=link.peer_name, err=e)
             link.close()
@@ -307,7 +327,11 @@ class Membership:
         if link.peer_name == self.name:
             link.close()     # a seed that is ourselves
             return
-        self.greeted(link, answer["info"])
+        try:
+            self.greeted(link, answer["info"])
+        except NameInUse:               # it claims a name held elsewhere (logged)
+            link.close()
+            self._unexpected(link)
 
     def _unexpected(self, link):
         if link.expect is not None:
@@ -324,14 +348,11 @@ class Membership:
                 f"this peer (pacsp2p {__version__}) speaks {PROTOCOL}: upgrade one of them")
 
     def greeted(self, link: Link, info_json: str) -> None:
-        """Hello done on *link* (either side): use it, and tell SWIM of the member."""
+        """Hello done on *link* (either side): use it, and tell SWIM of the member
+        (raises NameInUse if a live member holds its name at another address)."""
         name = link.peer_name
-        if name is None or name == self.name or not link.open:
+        if name is None or not link.open:
             return
-        link.greeted = True
-        self.all.add(link)
-        self.addresses[name] = link.address.host
-        self._register(link, name)
         try:
             info = json.loads(info_json)
             if not isinstance(info, dict):
@@ -340,9 +361,17 @@ class Membership:
             wire = {k: v for k, v in info.items() if k not in ("name", "incarnation")}
             if isinstance(inc, float):
                 inc = int(inc * 1000)          # (a peer that counts in seconds)
+            self.claims.check(link, name, check_info(wire))
+        except (ValueError, TypeError):
+            wire = None                        # (SWIM counts it invalid)
+        if name == self.name:
+            return
+        link.greeted = True
+        self.all.add(link)
+        self.addresses[name] = link.address.host
+        self._register(link, name)
+        if wire is not None:
             self.swim.contact(name, wire, inc, push_pull=link.seed is not None)
-        except ValueError:
-            pass
 
     def _preferred(self, link: Link, name: str) -> bool:
         """Of two links between the same peers, both keep the one the smaller name

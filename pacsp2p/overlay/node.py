@@ -32,9 +32,11 @@ class PeerUnknown(Exception):
 
 
 class Overlay:
-    def __init__(self, settings, catalog, archives: dict, reactor, responders=None):
+    def __init__(self, settings, catalog, archives: dict, reactor, responders=None,
+                 fatal=None):
         """*responders*: called with this overlay, returns what answers the peers'
-        replica commands (Replicate, Commit, Discard, Drop, SendTo, pushed streams)."""
+        replica commands (Replicate, Commit, Discard, Drop, SendTo, pushed streams);
+        *fatal(why)*: stops the peer with one line (another process holds its name)."""
         o = settings.overlay
         self.settings, self.o = settings, o
         self.catalog, self.archives, self.reactor = catalog, archives, reactor
@@ -42,12 +44,14 @@ class Overlay:
         # raises TLSError with a one-line reason (missing, foreign, expired certificate)
         self.credentials = tls.Credentials(o.tls_dir, self.name)
         self.pool = ThreadPool(1, 8, "bulk-io")   # file writes of up to 8 fetches per source
+        started = time.time()
         me = MemberInfo(self.name, o.advertise, o.port, o.bulk_port,
-                        settings.facade.ae_title, settings.facade.port, time.time(),
+                        settings.facade.ae_title, settings.facade.port, started,
                         # [name, site, max_fetches]: placement reads the first two,
                         # a reader the third (how many fetches this archive takes)
                         [[a.name, a.site, getattr(a, "max_fetches", None)]
-                         for a in archives.values() if "store" in a.capabilities])
+                         for a in archives.values() if "store" in a.capabilities],
+                        started=started)
         config = SwimConfig(probe_interval=o.heartbeat,
                             probe_timeout=o.probe_timeout or o.heartbeat / 2,
                             indirect_checks=o.indirect_probes,
@@ -55,7 +59,7 @@ class Overlay:
                             gossip_interval=o.gossip_interval, gossip_nodes=o.gossip_fanout)
         self.membership = Membership(me, self.credentials, o.seeds, reactor,
                                      lambda: catalog.vector, o.heartbeat, config=config,
-                                     max_links=o.max_links)
+                                     max_links=o.max_links, fatal=fatal)
         tmp = settings.data_dir / "incoming"
         self.bulk = fetching.BulkClient(self.credentials, reactor, self.pool, tmp)
         self.sync = AntiEntropy(catalog, self.bulk)

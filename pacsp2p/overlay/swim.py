@@ -40,6 +40,9 @@ so the same code runs in a peer (``membership.py``, over mutual-TLS AMP) and in
 ``bench/overlay_sim.py``. Every message that arrives is checked (size, shape, types,
 bounds) before it is used; a bad one is dropped and counted.
 
+How what is heard changes the view (incarnation order, refutation, and a name claimed
+by two processes at two addresses) is ``merge.py``.
+
 Extensions (catalog dissemination, ``dissemination.py``) add fields to pings and acks
 (``fields_out``/``fields_in``) and their own kinds of piggybacked items (``rumors``).
 """
@@ -51,13 +54,17 @@ import math
 import random
 from typing import Callable
 
+from pacsp2p.overlay.merge import Merge
 from pacsp2p.overlay.swimparts import (ALIVE, Broadcasts, DEAD, Invalid, MAX_ENTRIES,
                                        MAX_INT, MAX_MESSAGE, Node, SUSPECT, SwimConfig,
-                                       _CODE_OF, _Probe, _Relay, _STATE_CODES, _Suspicion,
+                                       _CODE_OF, _Probe, _Relay, _STATE_CODES,
                                        _int, _name, encode)
 
-class Swim:
-    """SWIM + Lifeguard for member *name* (its *info*: a JSON-able dict, gossiped)."""
+
+class Swim(Merge):
+    """SWIM + Lifeguard for member *name* (its *info*: a JSON-able dict, gossiped); how
+    what it hears changes its view (incarnations, refutation, one name at one address)
+    is ``merge.Merge``."""
 
     def __init__(self, name: str, info: dict, incarnation: int, clock, transport,
                  config: SwimConfig | None = None, rng: random.Random | None = None,
@@ -77,6 +84,7 @@ class Swim:
         self.queue = Broadcasts()
         self.awareness = 0
         self.on_change: list = []          # callbacks(node, old state or None)
+        self.on_conflict: list = []        # callbacks(name, holder, other, yielding)
         self.fields_out: list = []         # callables(dest) -> dict merged into ping/ack
         self.fields_in: list = []          # callables(sender, msg)
         self.rumors: dict = {}             # kind -> callable(sender, entry)
@@ -106,7 +114,7 @@ class Swim:
 
     def stop(self, leave: bool = True) -> None:
         """Stop; with *leave*, tell a few members first that we leave (dead, by us)."""
-        if leave and self.running:
+        if leave and self.running and not self.yielded:
             self.leaving = True
             entry = ["d", self.name, self.incarnation, self.name]
             for node in self._pick(max(3, self.config.gossip_nodes), prefer_linked=True):
@@ -505,94 +513,3 @@ class Swim:
             for n in self._pick(self.config.gossip_nodes - len(chosen), exclude=chosen):
                 chosen[n.name] = n
         return list(chosen.values())
-
-    # -- what we learn -----------------------------------------------------------------
-    def _set(self, node: Node, state: str):
-        old = node.state
-        self._live += (state != DEAD) - (old != DEAD)
-        node.state, node.since = state, self.clock.seconds()
-        if state != SUSPECT and node.suspicion is not None:
-            node.suspicion.cancel()
-            node.suspicion = None
-        for fn in list(self.on_change):
-            fn(node, old)
-
-    def _announce_self(self):
-        self.broadcast(("m", self.name), ["a", self.name, self.incarnation, self.info])
-
-    def _refute(self, inc: int):
-        self.incarnation = max(self.incarnation, inc) + 1
-        self.stats["refuted"] += 1
-        self._aware(1)
-        self._announce_self()
-
-    def _on_alive(self, name: str, inc: int, wire: dict, state: str = ALIVE):
-        if name == self.name:
-            if inc > self.incarnation or (inc == self.incarnation and wire != self.info):
-                if not self.leaving:
-                    self._refute(inc)
-            return
-        node = self.nodes.get(name)
-        if node is None:
-            node = self.nodes[name] = self.node_class(name, wire, inc, state,
-                                                      self.clock.seconds())
-            self._names.append(name)
-            self._live += state != DEAD
-            if state != DEAD:
-                # probed in this round, at a random place
-                self._ring.insert(self.rng.randint(self._ring_i, len(self._ring)), name)
-                self.broadcast(("m", name), ["a", name, inc, wire])
-            for fn in list(self.on_change):
-                fn(node, None)
-            return
-        if inc <= node.incarnation:
-            return
-        node.incarnation, node.wire = inc, wire
-        self.broadcast(("m", name), ["a", name, inc, wire])
-        if node.state != ALIVE:
-            self._set(node, ALIVE)
-        else:
-            for fn in list(self.on_change):
-                fn(node, ALIVE)
-
-    def _on_suspect(self, name: str, inc: int, origin: str):
-        if name == self.name:
-            if inc >= self.incarnation and not self.leaving:
-                self._refute(inc)
-            return
-        node = self.nodes.get(name)
-        if node is None or inc < node.incarnation or node.state == DEAD:
-            return
-        if node.state == SUSPECT:
-            if node.suspicion is not None and node.suspicion.confirm(origin):
-                self.broadcast(("m", name), ["s", name, node.incarnation, origin])
-            return
-        node.incarnation = inc
-        self.stats["suspected"] += 1
-        k = self.config.suspicion_confirmations
-        n = self.members()
-        if n - 2 < k:
-            k = 0
-        low, high = self.config.suspicion_timeouts(n)
-        self._set(node, SUSPECT)
-        node.suspicion = _Suspicion(self, node, origin, k, low, high)
-        self.broadcast(("m", name), ["s", name, inc, origin])
-
-    def _suspicion_expired(self, node: Node, suspicion: _Suspicion):
-        if node.suspicion is not suspicion or node.state != SUSPECT:
-            return
-        node.suspicion = None
-        self._on_dead(node.name, node.incarnation, self.name)
-
-    def _on_dead(self, name: str, inc: int, origin: str):
-        if name == self.name:
-            if not self.leaving and inc >= self.incarnation:
-                self._refute(inc)
-            return
-        node = self.nodes.get(name)
-        if node is None or inc < node.incarnation or node.state == DEAD:
-            return
-        node.incarnation = inc
-        self.stats["dead"] += 1
-        self._set(node, DEAD)
-        self.broadcast(("m", name), ["d", name, inc, origin])

@@ -1,0 +1,168 @@
+"""What a SWIM member learns: the merge rules of its view, and one name at one address.
+
+The rules of SWIM (Das, Gupta & Motivala, DSN 2002, §4.2) with Lifeguard's suspicion
+(Dadgar, Phillips & Currey, 2018), as HashiCorp's memberlist applies them: news about a
+member counts only with an incarnation above the one held (alive) or at least it
+(suspect, dead); a member told it is suspected or dead *refutes* by raising its own
+incarnation; a suspicion starts Lifeguard's shrinking timer (``swimparts._Suspicion``).
+``Swim`` (``swim.py``) inherits these rules; this module is their one place.
+
+One name, one process. A member is known by its name and reached at the address its
+info gives (``host``, ``port``). Two processes started under one name (a copied
+config, a second certificate for the name) would each refute the other for ever and
+both write the catalog's facts of that origin (``sync.py``). So, as memberlist's
+``aliveNode`` does, an alive claim of a member at ANOTHER address than the one held is
+not taken while the member held is alive or suspected; it is taken once that member is
+dead (a peer restarted elsewhere after its old address was declared dead rejoins).
+A restart at the same address is no conflict at all (its incarnation, taken from its
+start time, is above the old one's). Of two live claims the one that *holds* the name
+is the process started first (info ``started``; then the lower address) — every member
+decides alike, so the cluster converges on it: a member that hears a live claim of its
+own name (incarnation at least its own: a lower one is news of an earlier process of
+its own, restarted since) refutes it if it holds the name, and otherwise *yields*: it
+stops answering for the name, leaves without telling the others it is dead (that would
+kill the holder in their views) and the peer stops with one error line
+(``membership.py``, which also refuses a newcomer's link at its Hello). Each conflict is
+reported to the ``on_conflict`` callbacks; logging them (bounded) is the caller's.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pacsp2p.overlay.swimparts import ALIVE, DEAD, SUSPECT, Node, _Suspicion
+
+
+def address(wire: dict) -> tuple:
+    """Where a member's info says it is reached: (host, port)."""
+    return wire.get("host"), wire.get("port")
+
+
+def _started(wire: dict) -> float:
+    s = wire.get("started")
+    ok = isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+    return s if ok else 0.0
+
+
+def holds(claim: dict, other: dict) -> bool:
+    """Whether *claim* holds the name over *other* (both a member's info, at different
+    addresses): the process started first, then the lower address."""
+    return (_started(claim), str(address(claim))) <= (_started(other), str(address(other)))
+
+
+class Merge:
+    """The merge rules of ``Swim`` (a mixin: it uses the member's ``nodes``, ``queue``,
+    ``clock``, ``on_change``, ``on_conflict`` ... set up by ``Swim.__init__``)."""
+
+    yielded = False               # another process holds our name: we gave it up
+
+    def _set(self, node: Node, state: str):
+        old = node.state
+        self._live += (state != DEAD) - (old != DEAD)
+        node.state, node.since = state, self.clock.seconds()
+        if state != SUSPECT and node.suspicion is not None:
+            node.suspicion.cancel()
+            node.suspicion = None
+        for fn in list(self.on_change):
+            fn(node, old)
+
+    def _announce_self(self):
+        self.broadcast(("m", self.name), ["a", self.name, self.incarnation, self.info])
+
+    def _refute(self, inc: int):
+        self.incarnation = max(self.incarnation, inc) + 1
+        self.stats["refuted"] += 1
+        self._aware(1)
+        self._announce_self()
+
+    def _conflict(self, name: str, holder: dict, other: dict, yielding: bool = False):
+        for fn in list(self.on_conflict):
+            fn(name, holder, other, yielding)
+
+    def _claimed(self, inc: int, wire: dict):
+        """Another process claims our name at another address, as recent as us."""
+        if holds(self.info, wire):
+            self._conflict(self.name, self.info, wire)
+            self._refute(inc)
+        else:
+            self.yielded = self.leaving = True      # no refutation, no "dead" on leaving
+            self._conflict(self.name, wire, self.info, yielding=True)
+
+    def _on_alive(self, name: str, inc: int, wire: dict, state: str = ALIVE):
+        if name == self.name:
+            if address(wire) != address(self.info):
+                if inc >= self.incarnation and not self.leaving:
+                    self._claimed(inc, wire)
+            elif inc > self.incarnation or (inc == self.incarnation and wire != self.info):
+                if not self.leaving:
+                    self._refute(inc)
+            return
+        node = self.nodes.get(name)
+        if node is None:
+            node = self.nodes[name] = self.node_class(name, wire, inc, state,
+                                                      self.clock.seconds())
+            self._names.append(name)
+            self._live += state != DEAD
+            if state != DEAD:
+                # probed in this round, at a random place
+                self._ring.insert(self.rng.randint(self._ring_i, len(self._ring)), name)
+                self.broadcast(("m", name), ["a", name, inc, wire])
+            for fn in list(self.on_change):
+                fn(node, None)
+            return
+        if inc <= node.incarnation:
+            return
+        if node.state != DEAD and address(wire) != address(node.wire):
+            if not holds(wire, node.wire):
+                self._conflict(name, node.wire, wire)
+                return
+            self._conflict(name, wire, node.wire)
+        node.incarnation, node.wire = inc, wire
+        self.broadcast(("m", name), ["a", name, inc, wire])
+        if node.state != ALIVE:
+            self._set(node, ALIVE)
+        else:
+            for fn in list(self.on_change):
+                fn(node, ALIVE)
+
+    def _on_suspect(self, name: str, inc: int, origin: str):
+        if name == self.name:
+            if inc >= self.incarnation and not self.leaving:
+                self._refute(inc)
+            return
+        node = self.nodes.get(name)
+        if node is None or inc < node.incarnation or node.state == DEAD:
+            return
+        if node.state == SUSPECT:
+            if node.suspicion is not None and node.suspicion.confirm(origin):
+                self.broadcast(("m", name), ["s", name, node.incarnation, origin])
+            return
+        node.incarnation = inc
+        self.stats["suspected"] += 1
+        k = self.config.suspicion_confirmations
+        n = self.members()
+        if n - 2 < k:
+            k = 0
+        low, high = self.config.suspicion_timeouts(n)
+        self._set(node, SUSPECT)
+        node.suspicion = _Suspicion(self, node, origin, k, low, high)
+        self.broadcast(("m", name), ["s", name, inc, origin])
+
+    def _suspicion_expired(self, node: Node, suspicion: _Suspicion):
+        if node.suspicion is not suspicion or node.state != SUSPECT:
+            return
+        node.suspicion = None
+        self._on_dead(node.name, node.incarnation, self.name)
+
+    def _on_dead(self, name: str, inc: int, origin: str):
+        if name == self.name:
+            if not self.leaving and inc >= self.incarnation:
+                self._refute(inc)
+            return
+        node = self.nodes.get(name)
+        if node is None or inc < node.incarnation or node.state == DEAD:
+            return
+        node.incarnation = inc
+        self.stats["dead"] += 1
+        self._set(node, DEAD)
+        self.broadcast(("m", name), ["d", name, inc, origin])
