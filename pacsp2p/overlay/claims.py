@@ -2,18 +2,19 @@
 
 The rule is SWIM's merge rule of ``merge.py`` (Das et al. 2002 with Lifeguard, as
 memberlist's ``aliveNode`` applies it): a member is reached at the address its info
-gives; a live claim of its name at another address is not taken while the member held
-there is alive or suspected, and of two live claims the process started first holds
-the name. This module applies it where a process shows itself — the Hello of a link —
-and says what happened:
+gives, and a claim of its name at another address is not taken while the member held
+there is alive or suspected: the process already known keeps the name. This module
+applies it where a process shows itself — the Hello of a link, authenticated by the
+certificate of the name — and says what happened:
 
 - a link whose Hello claims a name that a live member (or this peer) holds at another
   address is refused: the Hello is answered ``NameInUse`` naming where the name is
-  held, the link is not used (closed after ``DIAL_TIMEOUT``);
+  held, and the link is not used (closed after ``DIAL_TIMEOUT``);
 - a peer whose Hello is refused so while it joins (no member alive yet: it is the
   newcomer) gives its name up: the peer stops with one line (``fatal``), like the other
-  start errors, and does not tell the others it leaves (that would declare the holder
-  dead); refused later, it logs the line and leaves the decision to SWIM's rule;
+  start errors, without telling the others it leaves (that would declare the holder
+  dead). Refused later (it joined through peers that did not know the holder), it
+  logs the line and goes on: gossip, which any member may send, never stops a peer;
 - every conflict, seen here or by SWIM (``Swim.on_conflict``), is one error line naming
   both addresses, at most once per conflict and ``CONFLICT_EVERY`` seconds.
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from pacsp2p.overlay.commands import NameInUse
-from pacsp2p.overlay.merge import address, holds
+from pacsp2p.overlay.merge import address
 from pacsp2p.overlay.swimparts import DEAD
 
 log = Logger()
@@ -55,8 +56,7 @@ class Claims:
 
     def check(self, link, name: str, wire: dict) -> None:
         """Raise NameInUse if *link*'s Hello claims *name* (info *wire*, checked) at
-        another address than the live member (or this peer) holding it, unless the
-        claimant holds the name: then, if the name is ours, this peer yields."""
+        another address than the live member (or this peer) holding it."""
         swim = self.swim
         if name == swim.name:
             held = swim.info
@@ -67,11 +67,7 @@ class Claims:
             held = member.wire
         if address(wire) == address(held) or swim.yielded:
             return                           # a restart, or a seed that is ourselves
-        if holds(wire, held):
-            if name == swim.name:
-                swim._claimed(swim.incarnation, wire)       # we give the name up
-            return
-        self.conflict(name, held, wire, False)
+        self.conflict(name, held, wire)
         self.refusals += 1
         self.membership.reactor.callLater(DIAL_TIMEOUT, link.close)
         raise NameInUse(f"{name} is alive at {at(held)} (said {swim.name})")
@@ -87,18 +83,18 @@ class Claims:
                        "elsewhere: {why} (this peer is at {here}): two peers must not share "
                        "a name, stop the other one", name=swim.name, why=why, here=here)
             return
-        swim.yielded = swim.leaving = True
-        self._give_up(f"overlay: the peer name {swim.name} is in use: {why} (this peer "
-                      f"is at {here}); another process runs under this name: if it was "
-                      f"stopped, start this one again once the cluster has declared it dead")
+        swim.give_up()
+        why = (f"overlay: the peer name {swim.name} is in use: {why} (this peer is at "
+               f"{here}); another process runs under this name: if it was stopped, start "
+               f"this one again once the cluster has declared it dead")
+        if self.fatal is not None:
+            self.fatal(why)
+        else:
+            log.error("{why}", why=why)
 
-    def conflict(self, name: str, holder: dict, other: dict, yielding: bool) -> None:
+    def conflict(self, name: str, holder: dict, other: dict) -> None:
         """Two processes claim *name*, the one at *holder* keeps it (``on_conflict``)."""
-        if yielding:
-            self._give_up(f"overlay: the peer name {name} is held by another process at "
-                          f"{at(holder)}, started before this one (at {at(other)}): this "
-                          f"one gives it up and stops")
-        elif name == self.swim.name:
+        if name == self.swim.name:
             self._once((name, at(holder), at(other)),
                        "overlay: another process claims this peer's name {name} at "
                        "{other}; this peer, at {holder}, keeps it: two peers must not "
@@ -107,7 +103,8 @@ class Claims:
         else:
             self._once((name, at(holder), at(other)),
                        "overlay: two processes claim the peer name {name}: at {holder} "
-                       "(kept) and at {other} (refused): stop the one started last",
+                       "(kept) and at {other} (refused): two peers must not share a "
+                       "name, stop the other one",
                        name=name, holder=at(holder), other=at(other))
 
     def _once(self, key, fmt: str, **kw) -> None:
@@ -118,9 +115,3 @@ class Claims:
             self.told.clear()
         self.told[key] = now
         log.error(fmt, **kw)
-
-    def _give_up(self, why: str) -> None:
-        if self.fatal is not None:
-            self.fatal(why)
-        else:
-            log.error("{why}", why=why)

@@ -77,9 +77,6 @@ class MemberInfo:
     # its archives being drained: {name: "draining" | "blocked" | "drained"}; placement
     # on every peer leaves them out (transfer.drain)
     draining: dict = field(default_factory=dict, hash=False)
-    # when its process started (seconds since the epoch): of two processes claiming one
-    # name at two addresses, the one started first holds it (overlay.merge)
-    started: float = 0.0
 
 
 _INFO_FIELDS = frozenset(f.name for f in fields(MemberInfo))
@@ -110,9 +107,6 @@ def check_info(wire) -> dict:
         for a in archives)
     down = wire.get("archives_down", [])
     ok = ok and isinstance(down, list) and len(down) <= 256 and all(_text(a) for a in down)
-    started = wire.get("started", 0.0)
-    ok = ok and isinstance(started, (int, float)) and not isinstance(started, bool) and \
-        0 <= started < 1e12
     draining = wire.get("draining", {})
     ok = ok and isinstance(draining, dict) and len(draining) <= 256 and all(
         _text(k, empty=False) and _text(v, 32) for k, v in draining.items())

@@ -12,23 +12,21 @@ info gives (``host``, ``port``). Two processes started under one name (a copied
 config, a second certificate for the name) would each refute the other for ever and
 both write the catalog's facts of that origin (``sync.py``). So, as memberlist's
 ``aliveNode`` does, an alive claim of a member at ANOTHER address than the one held is
-not taken while the member held is alive or suspected; it is taken once that member is
-dead (a peer restarted elsewhere after its old address was declared dead rejoins).
-A restart at the same address is no conflict at all (its incarnation, taken from its
-start time, is above the old one's). Of two live claims the one that *holds* the name
-is the process started first (info ``started``; then the lower address) — every member
-decides alike, so the cluster converges on it: a member that hears a live claim of its
-own name (incarnation at least its own: a lower one is news of an earlier process of
-its own, restarted since) refutes it if it holds the name, and otherwise *yields*: it
-stops answering for the name, leaves without telling the others it is dead (that would
-kill the holder in their views) and the peer stops with one error line
-(``membership.py``, which also refuses a newcomer's link at its Hello). Each conflict is
-reported to the ``on_conflict`` callbacks; logging them (bounded) is the caller's.
+not taken while the member held is alive or suspected, whatever its incarnation: the
+process already known keeps the name. It is taken once that member is dead (a peer
+restarted elsewhere after its old address was declared dead rejoins), and a restart at
+the same address is no conflict at all (its incarnation, taken from its start time, is
+above the old one's). A member that hears a claim of its own name at another address
+with an incarnation at least its own (a lower one is news of an earlier process of its
+own, restarted since: ignored) refutes it, as SWIM refutes a suspicion. Gossip comes
+from any member, so nothing heard in gossip makes a member give its name up: a newcomer
+gives it up only when a peer refuses its Hello (``claims.py``); ``yielded`` is then set
+here (no more refutations, and no "dead" announced on leaving: that would kill the
+holder in the others' views). Each conflict goes to the ``on_conflict`` callbacks
+(name, holder's info, the other claim's info); logging them (bounded) is the caller's.
 """
 
 from __future__ import annotations
-
-import math
 
 from pacsp2p.overlay.swimparts import ALIVE, DEAD, SUSPECT, Node, _Suspicion
 
@@ -36,18 +34,6 @@ from pacsp2p.overlay.swimparts import ALIVE, DEAD, SUSPECT, Node, _Suspicion
 def address(wire: dict) -> tuple:
     """Where a member's info says it is reached: (host, port)."""
     return wire.get("host"), wire.get("port")
-
-
-def _started(wire: dict) -> float:
-    s = wire.get("started")
-    ok = isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
-    return s if ok else 0.0
-
-
-def holds(claim: dict, other: dict) -> bool:
-    """Whether *claim* holds the name over *other* (both a member's info, at different
-    addresses): the process started first, then the lower address."""
-    return (_started(claim), str(address(claim))) <= (_started(other), str(address(other)))
 
 
 class Merge:
@@ -75,24 +61,20 @@ class Merge:
         self._aware(1)
         self._announce_self()
 
-    def _conflict(self, name: str, holder: dict, other: dict, yielding: bool = False):
+    def _conflict(self, name: str, holder: dict, other: dict):
         for fn in list(self.on_conflict):
-            fn(name, holder, other, yielding)
+            fn(name, holder, other)
 
-    def _claimed(self, inc: int, wire: dict):
-        """Another process claims our name at another address, as recent as us."""
-        if holds(self.info, wire):
-            self._conflict(self.name, self.info, wire)
-            self._refute(inc)
-        else:
-            self.yielded = self.leaving = True      # no refutation, no "dead" on leaving
-            self._conflict(self.name, wire, self.info, yielding=True)
+    def give_up(self):
+        """Another process holds our name: stop refuting, and leave without a word."""
+        self.yielded = self.leaving = True
 
     def _on_alive(self, name: str, inc: int, wire: dict, state: str = ALIVE):
         if name == self.name:
             if address(wire) != address(self.info):
                 if inc >= self.incarnation and not self.leaving:
-                    self._claimed(inc, wire)
+                    self._conflict(name, self.info, wire)
+                    self._refute(inc)
             elif inc > self.incarnation or (inc == self.incarnation and wire != self.info):
                 if not self.leaving:
                     self._refute(inc)
@@ -113,10 +95,8 @@ class Merge:
         if inc <= node.incarnation:
             return
         if node.state != DEAD and address(wire) != address(node.wire):
-            if not holds(wire, node.wire):
-                self._conflict(name, node.wire, wire)
-                return
-            self._conflict(name, wire, node.wire)
+            self._conflict(name, node.wire, wire)
+            return
         node.incarnation, node.wire = inc, wire
         self.broadcast(("m", name), ["a", name, inc, wire])
         if node.state != ALIVE:

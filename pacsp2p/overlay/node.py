@@ -44,14 +44,12 @@ class Overlay:
         # raises TLSError with a one-line reason (missing, foreign, expired certificate)
         self.credentials = tls.Credentials(o.tls_dir, self.name)
         self.pool = ThreadPool(1, 8, "bulk-io")   # file writes of up to 8 fetches per source
-        started = time.time()
         me = MemberInfo(self.name, o.advertise, o.port, o.bulk_port,
-                        settings.facade.ae_title, settings.facade.port, started,
+                        settings.facade.ae_title, settings.facade.port, time.time(),
                         # [name, site, max_fetches]: placement reads the first two,
                         # a reader the third (how many fetches this archive takes)
                         [[a.name, a.site, getattr(a, "max_fetches", None)]
-                         for a in archives.values() if "store" in a.capabilities],
-                        started=started)
+                         for a in archives.values() if "store" in a.capabilities])
         config = SwimConfig(probe_interval=o.heartbeat,
                             probe_timeout=o.probe_timeout or o.heartbeat / 2,
                             indirect_checks=o.indirect_probes,

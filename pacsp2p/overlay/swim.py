@@ -84,7 +84,7 @@ class Swim(Merge):
         self.queue = Broadcasts()
         self.awareness = 0
         self.on_change: list = []          # callbacks(node, old state or None)
-        self.on_conflict: list = []        # callbacks(name, holder, other, yielding)
+        self.on_conflict: list = []        # callbacks(name, holder's info, other's)
         self.fields_out: list = []         # callables(dest) -> dict merged into ping/ack
         self.fields_in: list = []          # callables(sender, msg)
         self.rumors: dict = {}             # kind -> callable(sender, entry)

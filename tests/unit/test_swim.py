@@ -408,10 +408,9 @@ class _Sent:
         return []
 
 
-def _member(name="pb", host="127.0.0.1", port=7001, started=100.0, inc=5):
+def _member(name="pb", host="127.0.0.1", port=7001, inc=5):
     from twisted.internet.task import Clock
-    me = swim_mod.Swim(name, {"host": host, "port": port, "started": started}, inc, Clock(),
-                       _Sent())
+    me = swim_mod.Swim(name, {"host": host, "port": port}, inc, Clock(), _Sent())
     me.conflicts = []
     me.on_conflict.append(lambda *a: me.conflicts.append(a))
     return me
@@ -419,33 +418,37 @@ def _member(name="pb", host="127.0.0.1", port=7001, started=100.0, inc=5):
 
 def test_a_claim_of_a_live_member_at_another_address_is_not_taken_until_it_is_dead():
     a = _member("pa")
-    held = {"host": "127.0.0.1", "port": 7002, "started": 100.0}
-    newcomer = {"host": "127.0.0.1", "port": 7003, "started": 200.0}
+    held = {"host": "127.0.0.1", "port": 7002}
+    newcomer = {"host": "127.0.0.1", "port": 7003}
     a._on_alive("pb", 5, held)
-    a._on_alive("pb", 9, newcomer)                  # higher incarnation, started later
+    a._on_alive("pb", 9, newcomer)                  # a higher incarnation: not taken
     assert a.nodes["pb"].wire == held and a.nodes["pb"].incarnation == 5
-    assert a.conflicts == [("pb", held, newcomer, False)]
+    assert a.conflicts == [("pb", held, newcomer)]
+    a._on_suspect("pb", 5, "pc")
+    a._on_alive("pb", 10, newcomer)                 # nor while it is suspected
+    assert a.nodes["pb"].wire == held and len(a.conflicts) == 2
     a._on_dead("pb", 5, "pa")                       # the old address declared dead:
-    a._on_alive("pb", 9, newcomer)                  # a restart elsewhere rejoins
+    a._on_alive("pb", 10, newcomer)                 # a restart elsewhere rejoins
     assert a.nodes["pb"].wire == newcomer and a.nodes["pb"].state == ALIVE
-    assert len(a.conflicts) == 1
-    # a restart at the same address is no conflict
-    a._on_alive("pb", 12, dict(newcomer, started=300.0))
-    assert a.nodes["pb"].incarnation == 12 and len(a.conflicts) == 1
+    assert len(a.conflicts) == 2
+    a._on_alive("pb", 12, dict(newcomer, archives=[]))    # same address: no conflict
+    assert a.nodes["pb"].incarnation == 12 and len(a.conflicts) == 2
 
 
-def test_the_holder_of_a_name_refutes_a_newcomer_and_the_newcomer_yields():
-    holder = _member(port=7001, started=100.0, inc=5)
-    newcomer = _member(port=7009, started=200.0, inc=9)
+def test_a_claim_of_our_name_elsewhere_is_refuted_and_gossip_never_makes_us_give_it_up():
+    holder = _member(port=7001, inc=5)
+    newcomer = _member(port=7009, inc=9)
     holder._on_alive("pb", newcomer.incarnation, newcomer.info)
     assert holder.incarnation == 10 and not holder.yielded        # refuted, kept
-    assert holder.conflicts == [("pb", holder.info, newcomer.info, False)]
-    newcomer._on_alive("pb", holder.incarnation, holder.info)     # its refutation
-    assert newcomer.yielded and newcomer.incarnation == 9         # gave it up
-    assert newcomer.conflicts == [("pb", holder.info, newcomer.info, True)]
-    # no refutation any more, and leaving tells nobody it is dead (the holder is not)
+    assert holder.conflicts == [("pb", holder.info, newcomer.info)]
+    newcomer._on_alive("pb", holder.incarnation, holder.info)     # (any member may lie)
+    assert not newcomer.yielded and newcomer.incarnation == 11
+    # a peer refused at its Hello gives its name up (claims.py): no refutation any
+    # more, and leaving tells nobody it is dead (the holder is not)
+    newcomer.give_up()
     newcomer._on_suspect("pb", 20, "pa")
-    assert newcomer.incarnation == 9
+    newcomer._on_alive("pb", 30, holder.info)
+    assert newcomer.incarnation == 11
     newcomer._on_alive("pa", 1, {"host": "127.0.0.1", "port": 7000})
     newcomer.running = True
     newcomer.transport.sent.clear()
@@ -456,6 +459,6 @@ def test_the_holder_of_a_name_refutes_a_newcomer_and_the_newcomer_yields():
 def test_news_of_an_earlier_process_of_ours_elsewhere_is_no_conflict():
     """Restarted at a new address (incarnations follow the start time): what is still
     gossiped of the old process has a lower incarnation."""
-    me = _member(port=7009, started=200.0, inc=9)
-    me._on_alive("pb", 5, {"host": "127.0.0.1", "port": 7001, "started": 100.0})
+    me = _member(port=7009, inc=9)
+    me._on_alive("pb", 5, {"host": "127.0.0.1", "port": 7001})
     assert not me.yielded and me.incarnation == 9 and me.conflicts == []
