@@ -28,8 +28,8 @@ from twisted.python.threadpool import ThreadPool
 from pacsp2p.catalog import matching, names, schema, tombstones
 from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, PARENT_LEVELS,  # noqa: F401
                                    check_wire, facts_from_wire, meta_attributes,
-                                   read_changes, read_changes_of, rollback, vector,
-                                   write_facts, write_wire, write_wires)
+                                   read_changes, read_changes_of, renumber, rollback,
+                                   vector, write_facts, write_wire, write_wires)
 from pacsp2p.catalog.integrity import Integrity
 from pacsp2p.catalog.schema import SCHEMA_VERSION, create_schema  # noqa: F401 (re-exported)
 from pacsp2p.attributes import UNIQUE
@@ -67,6 +67,7 @@ class Catalog:
         self._writer: sqlite3.Connection | None = None
         self._lock = threading.Lock()          # the writer's connection: one user at once
         self._own_seq = 0                      # our highest fact written (under _lock)
+        self.opened_at = 0                     # our highest fact when the file was opened
         self._pending: list[tuple[object, defer.Deferred]] = []
         self._drained: list[defer.Deferred] = []    # stop() waiting for the last flush
         self._parents: dict = {}              # writer thread: see write_facts
@@ -90,6 +91,7 @@ class Catalog:
 
         def opened(result):
             self.vector.update(result[0])
+            self.opened_at = self.vector.get(self.peer, 0)
             self.integrity.opened(clean=result[1], new=self._created)
         return d.addCallback(opened)
 
@@ -202,6 +204,25 @@ class Catalog:
         if thens:                             # they may have removed parent rows
             self._parents.clear()
         return seqs
+
+    def own_counter(self) -> int:
+        """The highest number this peer has given one of its facts (or skipped to)."""
+        return max(self._own_seq, self.vector.get(self.peer, 0))
+
+    def reissue(self, after: int, upto: int | None, start: int) -> defer.Deferred:
+        """Deferred[(n, last)]: our own facts numbered in (*after*, *upto*] given fresh
+        numbers from *start* on (``facts.renumber``); our next fact is numbered above
+        *start* - 1 and *last* (``overlay.reclaim``)."""
+        def run():
+            n, last = renumber(self._writer, self.peer, after, upto, start)
+            self._own_seq = max(self._own_seq, last)
+            return n, last
+
+        def done(result):
+            if result[0]:
+                self._committed(self.peer, result[1])
+            return result
+        return self._in_writer(run).addCallback(done)
 
     def _committed(self, origin: str, seq: int) -> None:
         if seq > self.vector.get(origin, 0):

@@ -267,3 +267,31 @@ def vector(conn: sqlite3.Connection) -> dict[str, int]:
         "SELECT (SELECT min(peer) FROM locations WHERE peer > origin.peer) FROM origin "
         "WHERE origin.peer IS NOT NULL) SELECT peer, (SELECT max(seq) FROM locations "
         "WHERE peer = origin.peer) FROM origin WHERE peer IS NOT NULL")}
+
+
+def renumber(conn: sqlite3.Connection, peer: str, after: int, upto: int | None,
+             start: int) -> tuple[int, int]:
+    """Re-issue this peer's own facts numbered in (*after*, *upto*] (no upper bound if
+    None) with fresh numbers from *start* on, in their order, in one transaction (their
+    markers' tombstone rows and the follow-ups owed follow them; a tombstone's ``event``
+    stays: no deletion is new for it). Returns (facts re-issued, last number given)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        start = max(start, 1 + (conn.execute("SELECT max(seq) FROM locations WHERE peer = ?",
+                                             (peer,)).fetchone()[0] or 0))
+        rows = conn.execute(
+            "SELECT seq, SOPInstanceUID FROM locations WHERE peer = ? AND seq > ? AND "
+            "seq <= ? ORDER BY seq",
+            (peer, after, upto if upto is not None else 2 ** 62)).fetchall()
+        for i, (old, uid) in enumerate(rows):
+            conn.execute("UPDATE locations SET seq = ? WHERE peer = ? AND seq = ?",
+                         (start + i, peer, old))
+            conn.execute("UPDATE tombstones SET seq = ? WHERE origin = ? AND "
+                         "SOPInstanceUID = ? AND seq = ?", (start + i, peer, uid, old))
+            conn.execute("UPDATE follow_ups SET seq = ? WHERE SOPInstanceUID = ? AND "
+                         "seq = ?", (start + i, uid, old))
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+    return len(rows), start + len(rows) - 1

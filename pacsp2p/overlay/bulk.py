@@ -126,6 +126,7 @@ class _Changes(resource.Resource):
             if not isinstance(limit, int) or not 0 < limit:
                 raise ValueError("bad limit")
             limit = min(limit, MAX_CHANGES)
+            own = ask.get("own", False) is True      # facts of the asker's origin too
         except (ValueError, RecursionError):      # (JSON nested past the stack)
             return _answer(request, 400, b"bad request\n")
         asker = tls.peer_name(request.transport)
@@ -137,7 +138,7 @@ class _Changes(resource.Resource):
             request.write(body)
             request.finish()
 
-        serve(self.catalog, theirs, asker, limit).addCallbacks(
+        serve(self.catalog, theirs, asker, limit, own).addCallbacks(
             send, lambda f: _fail(request, f))
         return server.NOT_DONE_YET
 

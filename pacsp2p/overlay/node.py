@@ -21,6 +21,7 @@ from pacsp2p.overlay import bulk, fetching, tls
 from pacsp2p.overlay.commands import Vector
 from pacsp2p.overlay.dissemination import Dissemination, check_vector
 from pacsp2p.overlay.membership import MemberInfo, Membership
+from pacsp2p.overlay.reclaim import Reclaim
 from pacsp2p.overlay.swimparts import SwimConfig
 from pacsp2p.overlay.sync import AntiEntropy
 
@@ -65,6 +66,11 @@ class Overlay:
             self.membership.swim, lambda: catalog.vector, self._pull, reactor,
             pull_interval=o.pull_interval, ae_interval=max(2.0, 4 * o.heartbeat))
         self.dissemination.on_vector.append(self.membership.vector_heard)
+        # a catalog restored from an older backup: mended when a vector tells (reclaim)
+        self.reclaim = Reclaim(catalog, self.sync, self.membership.members,
+                               lambda names: self.ask_vectors(names, [self.name]), reactor)
+        self.membership.on_vector.append(self.reclaim.vector_heard)
+        self.membership.on_change.append(self.reclaim.member_changed)
         catalog.listeners.append(self.dissemination.changed)
         self._ports = []
         self.offers: dict = {}          # token -> opener of a file offered to a peer
@@ -163,7 +169,7 @@ class Overlay:
 
     def status(self) -> dict:
         return {"members": self.membership.status(), "vector": dict(self.catalog.vector),
-                "facts_pulled": self.sync.pulled,
+                "facts_pulled": self.sync.pulled, "reclaim": self.reclaim.status(),
                 "swim": self.membership.swim_status(),
                 "dissemination": {"pulls": self.dissemination.pulls,
                                   "requests": self.sync.requests,

@@ -19,17 +19,15 @@ is bounded by two batches, a pull cut by a crash or a partition resumes where it
 stopped, and a peer that joins late or returns catches up without ever holding more
 than that.
 
-An origin numbers its own facts, so no other peer can hold more of them than it does.
-One that does (``their vector[me] > ours``) means this catalog lost facts it issued —
-restored from an older backup, a data directory replaced — or another peer runs under
-this peer's name: the facts numbered here anew are ignored by the cluster as already
-held. A pull that sees it logs it (one error line per ``SELF_BEHIND_EVERY`` seconds).
+An origin numbers its own facts, so no other peer can hold more of them than it does
+— unless this catalog lost facts it issued (restored from an older backup, a data
+directory replaced). ``reclaim.py`` mends that; for it a pull can also ask for facts of
+our own origin (``own``: the range to pull back), which ``serve`` answers like any other.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -41,7 +39,6 @@ log = Logger()
 
 BATCH = 5000
 MAX_PULL_BODY = 4 << 20       # bytes of a pull request (a vector of ~100,000 origins)
-SELF_BEHIND_EVERY = 300.0     # seconds between two "this catalog is behind itself" lines
 
 
 def encode_answer(vector: dict, parts) -> bytes:
@@ -85,19 +82,23 @@ def checked_rows(origin: str, rows) -> tuple[list, int]:
 
 
 @defer.inlineCallbacks
-def serve(catalog, theirs: dict, asker: str | None, limit: int):
+def serve(catalog, theirs: dict, asker: str | None, limit: int, own: bool = False):
     """Deferred[bytes]: our answer to a pull by *asker* whose vector is *theirs*: our
-    vector, then the facts of every origin (but the asker's own) above theirs, origin
-    by origin, at most *limit* facts in all."""
+    vector, then the facts of every origin (but the asker's own, unless *own*: a
+    pull-back of what its restored catalog lost, ``reclaim``) above theirs, origin by
+    origin, at most *limit* facts in all."""
     mine = dict(catalog.vector)
     wanted = [(o, theirs.get(o, 0)) for o in sorted(mine)
-              if o != asker and mine[o] > theirs.get(o, 0)]
+              if (own or o != asker) and mine[o] > theirs.get(o, 0)]
     parts = (yield catalog.changes_of(wanted, limit)) if wanted else []
     return encode_answer(mine, parts)
 
 
-def behind(mine: dict, theirs: dict, me: str) -> bool:
-    return any(s > mine.get(o, 0) for o, s in theirs.items() if o != me)
+def behind(mine: dict, theirs: dict, me: str, own: int = 0) -> bool:
+    """True if *theirs* holds facts *mine* lacks: of every origin but *me*, and of *me*
+    up to *own* (a pull-back)."""
+    return any(s > mine.get(o, 0) for o, s in theirs.items() if o != me) or \
+        min(own, theirs.get(me, 0)) > mine.get(me, 0)
 
 
 class AntiEntropy:
@@ -107,19 +108,26 @@ class AntiEntropy:
         self.batch = batch
         self.pulled = 0                 # facts applied
         self.requests = 0               # /changes requests made
-        self._said_behind = -SELF_BEHIND_EVERY
+        self.own_reached = 0            # the last pull-back: our own facts held up to
 
-    def _ask(self, member, vector):
+    def _ask(self, member, vector, own=False):
         self.requests += 1
+        if own:
+            return self.bulk.pull_body(member, vector, self.batch, own=True)
         return self.bulk.pull_body(member, vector, self.batch)
 
     @defer.inlineCallbacks
-    def pull(self, member):
-        """Deferred[member's vector]: every fact *member* holds that we lack, applied."""
+    def pull(self, member, own: tuple[int, int] | None = None):
+        """Deferred[member's vector]: every fact *member* holds that we lack, applied;
+        with *own* (after, upto), our own facts numbered in that range too (a pull-back:
+        ``own_reached`` is then how far it got)."""
         me = self.catalog.peer
         start = dict(self.catalog.vector)
         sent = dict(start)
-        pending = self._ask(member, sent)
+        upto = 0
+        if own is not None:
+            sent[me], upto = own
+        pending = self._ask(member, sent, own is not None)
         writing = None
         their = None
         try:
@@ -138,8 +146,8 @@ class AntiEntropy:
                         hinted = None
                         break
                     hinted[origin] = max(hinted.get(origin, 0), hint)
-                if hinted is not None and behind(hinted, their, me):
-                    pending = self._ask(member, hinted)
+                if hinted is not None and behind(hinted, their, me, upto):
+                    pending = self._ask(member, hinted, own is not None)
                 batch, tops = [], dict(sent)
                 for origin, raw in parts:
                     rows, top = checked_rows(origin, json.loads(raw))
@@ -154,8 +162,8 @@ class AntiEntropy:
                     yield w
                 writing = self._apply(batch)
                 sent = tops
-                if pending is None and behind(sent, their, me):
-                    pending = self._ask(member, sent)
+                if pending is None and behind(sent, their, me, upto):
+                    pending = self._ask(member, sent, own is not None)
             if writing is not None:
                 w, writing = writing, None
                 yield w
@@ -168,26 +176,15 @@ class AntiEntropy:
             _drop(pending)
             log.warn("sync from {peer} stopped: {err}", peer=member.name, err=e)
             raise
+        if own is not None:
+            self.own_reached = sent.get(me, 0)
         got = self.catalog.vector
-        if their is not None and their.get(me, 0) > got.get(me, 0):
-            self._behind_self(member.name, their[me], got.get(me, 0))
         grown = sorted(o for o in got if got[o] > start.get(o, 0))
         if grown:      # one line a pull, not one an origin (up to 32 a pull at 32 peers)
             log.info("synced {n} facts from {peer}: {seqs}", peer=member.name,
                      n=sum(got[o] - start.get(o, 0) for o in grown),
                      seqs=", ".join(f"{o} {start.get(o, 0)} -> {got[o]}" for o in grown))
         return their
-
-    def _behind_self(self, name: str, theirs: int, ours: int) -> None:
-        now = time.monotonic()
-        if now - self._said_behind < SELF_BEHIND_EVERY:
-            return
-        self._said_behind = now
-        log.error("catalog: peer {peer} holds facts of this peer up to {theirs}, this "
-                  "catalog only up to {ours}: it was restored from an older backup (or the "
-                  "data directory replaced), or another peer runs under this peer's name "
-                  "([peer] name); what this peer records now is ignored by the others",
-                  peer=name, theirs=theirs, ours=ours)
 
     def _apply(self, batch):
         """Deferred: every origin's facts of one answer written, in one transaction."""

@@ -10,9 +10,12 @@ elsewhere: every instance has 2 live copies again, as every peer sees it, byte-i
 gets its third copy although none was lost (repair copied only lost ones: under-replicated
 20 for ever, repair idle); lowered back to 2: the surplus is dropped.
 
-A peer restarted from an older backup of its catalog numbers its facts anew, and the
-others ignore them as already held (catalogs diverge for good): it says so, in one line
-naming the peer that holds more of its facts (the divergence itself is not mended yet).
+A peer restarted from an older backup of its catalog numbered its facts anew, and the
+others ignored them as already held (5 of 5 new copies invisible to them, for good): now
+it mends that (``overlay.reclaim``) and says so once. Instances stored through it after
+the restore are listed with all their copies by every peer, and with it stopped come
+back byte-identical from the others (C-GET); what it stored after the backup and before
+the crash is known again at it, its own copies included.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from collections import Counter
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from pacsp2p.testing import datasets, storescu
+from pacsp2p.testing import datasets, findscu, storescu
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import Cluster, get_json, wait_until
 
@@ -121,14 +124,19 @@ def test_replicas_raised_then_lowered(cluster, tmp_path):
         assert held == Counter({u: r for u in sent}), held
 
 
-def test_a_catalog_restored_from_an_older_backup_says_so(cluster, tmp_path):
-    _, _, c = cluster
+def test_a_catalog_restored_from_an_older_backup_is_mended(cluster, tmp_path):
+    a, b, c = cluster
 
-    def store(pid):
+    def store(pid, n=5):
         files = datasets.make_study(tmp_path / pid, patient_id=pid, size=64,
-                                    series=[("CT", 5, ExplicitVRLittleEndian)])
+                                    series=[("CT", n, ExplicitVRLittleEndian)])
         storescu(c.port, c.ae_title, files, timeout=600)
-        return dn.study_of(files)
+        return files, dn.study_of(files)
+
+    def agreed(study, n):                   # peerc's own facts too, not only the others'
+        views = [live(p, study) for p in cluster]
+        return len(views[0]) == n and all(len(v) >= 2 for v in views[0].values()) \
+            and all(v == views[0] for v in views)
     store("CFG03")
     c.stop()
     backup = tmp_path / "backup"
@@ -137,13 +145,11 @@ def test_a_catalog_restored_from_an_older_backup_says_so(cluster, tmp_path):
         shutil.copy2(f, backup / f.name)
     c.restart()
     cluster.wait_mesh(timeout=60)
-    study = store("CFG04")                  # facts the backup does not have
-
-    def both_copies(p) -> bool:             # peerc's own facts too, not only the others'
-        seen = live(p, study)
-        return len(seen) == 5 and all(len(copies) == 2 for copies in seen.values())
-    wait_until(lambda: all(both_copies(p) for p in cluster), 60, 0.5,
-               "every peer knows both copies of every instance of the second study")
+    _, lost = store("CFG04", 8)             # facts the backup does not have
+    wait_until(lambda: agreed(lost, 8), 60, 0.5,
+               "every peer lists every copy of every instance of the second study")
+    before = live(a, lost)
+    assert any(("peerc", "local") in v for v in before.values()), before
     c.stop()
     for f in c.data_dir.glob("catalog.sqlite*"):
         f.unlink()
@@ -151,9 +157,37 @@ def test_a_catalog_restored_from_an_older_backup_says_so(cluster, tmp_path):
         shutil.copy2(f, c.data_dir / f.name)
     c.restart()
     cluster.wait_mesh(timeout=60)
+    n = 12
+    files, new = store("CFG05", n)          # numbered by the restored catalog
 
-    def said():
-        return [line for line in c.log_path.read_text().splitlines()
-                if "holds facts of this peer up to" in line]
-    wait_until(said, 60, 0.5, "peerc says its catalog is behind the cluster's")
-    assert "restored from an older backup" in said()[0], said()
+    wait_until(lambda: agreed(new, n), 120, 1.0,
+               "every peer lists every copy of every instance stored after the restore")
+    after = live(a, new)
+    assert any(("peerc", "local") in v for v in after.values()), after
+    mine = {u for u, v in before.items() if ("peerc", "local") in v}
+
+    def known_again():
+        view = live(c, lost)
+        return all(("peerc", "local") in view.get(u, ()) for u in mine)
+    wait_until(known_again, 60, 0.5,
+               "peerc knows again its copies of what it stored after the backup")
+    wait_until(lambda: agreed(lost, 8), 60, 0.5, "every peer agrees on the second study")
+    said = [line for line in c.log_path.read_text().splitlines()
+            if "holds facts of this peer up to" in line]
+    assert len(said) == 1 and "restored from an older backup" in said[0], said
+    assert "mended" in said[0], said
+    for p in (a, b):
+        rows, proc = findscu(p.port, p.ae_title, {
+            "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": new, "SOPInstanceUID": ""},
+            timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert {str(r.SOPInstanceUID) for r in rows} == set(after), p.name
+
+    c.stop()
+    sent = dn.dataset_hashes(files)
+    for p in (a, b):
+        out = tmp_path / f"get-{p.name}"
+        proc = dn.getscu(p.port, p.ae_title, out, {"QueryRetrieveLevel": "STUDY",
+                                                   "StudyInstanceUID": new}, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert dn.dataset_hashes(list(out.iterdir())) == sent, p.name
