@@ -106,6 +106,16 @@ def _positive(r: _Reader, key: str, default: float) -> float:
     return value
 
 
+def archive_integer(opts: dict, key: str, default: int, lowest: int, where: str) -> int:
+    """The integer *key* of an ``[[archives]]`` entry's options *opts* (*default* if
+    absent), at least *lowest*; else ConfigError "*where*.*key*: reason" (*where*: the
+    file and the entry)."""
+    value = opts.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ConfigError(f"{where}.{key}: must be an integer >= {lowest}, got {value!r}")
+    return value
+
+
 def check_ae(value: str, fail) -> str:
     stripped = value.strip()
     if not _AE_RE.match(value) or not stripped:

@@ -3,7 +3,17 @@
 Config (``[[archives]]``): ``url`` (required: the DICOMweb root, e.g.
 ``http://127.0.0.1:8042/dicom-web``), ``username``/``password`` (HTTP basic, optional),
 ``crawl_qps`` (default 50), ``timeout`` (seconds per request, default 30),
-``page_instances`` (instances per crawl page, default 500).
+``page_instances`` (instances per crawl page, default 500), ``max_studies`` (studies the
+crawl lists, default 1,000,000).
+
+What the service answers is hostile: a QIDO-RS answer is read up to ``QIDO_ANSWER`` bytes
+(decoded JSON takes several times its size in memory) and only the ``limit`` rows asked
+are used; the study list stops at ``max_studies`` (the crawl stops with an error naming
+it) or when a page repeats the one before (a service that ignores ``offset`` would be
+listed for ever); a Study, Series or SOP Instance UID that is not a UID by PS3.5 §9.1 is
+never put in a URL (its row is skipped, one warning per page). A WADO-RS body is
+streamed into a file (at most ``http.MAX_DOWNLOAD`` bytes), its part headers within
+``MAX_PART_HEAD`` bytes.
 
 - store: the SOP Instance UID is looked up first (QIDO-RS); held already, the copy is a
   duplicate if its data set hashes the same, else a conflict (DICOMweb keeps one copy per
@@ -51,14 +61,18 @@ from pacsp2p.dicom.part10 import file_dataset_hash
 from pacsp2p.attributes import STORED
 from pacsp2p.dicom.header import content_hash
 from pacsp2p.types import InstanceMeta, Stored
+from pacsp2p.validate import is_uid, shown
 
 log = Logger()
 
 KNOWN_KEYS = ("name", "adapter", "site", "url", "username", "password", "crawl_qps",
-              "timeout", "page_instances", "threads", "delete")
+              "timeout", "page_instances", "threads", "delete", "max_studies")
 TAGS = {kw: f"{tag_for_keyword(kw):08X}" for kw in STORED}
 INCLUDE = ",".join(sorted(STORED))
 STUDY_PAGE = 1000
+MAX_STUDIES = 1_000_000     # studies a crawl lists (``max_studies``)
+QIDO_ANSWER = 16 << 20      # bytes of one QIDO-RS answer
+MAX_PART_HEAD = 64 << 10    # bytes of the part headers of a WADO-RS answer
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
@@ -124,6 +138,11 @@ class _Multipart:
             self.f.close()
 
 
+def _q(uid: str) -> str:
+    """*uid* as one segment of a URL path (nothing in it stays a "/")."""
+    return quote(uid, safe="")
+
+
 def _boundary(content_type: str) -> str | None:
     for param in content_type.split(";")[1:]:
         key, _, value = param.strip().partition("=")
@@ -141,11 +160,12 @@ class DicomWebArchive(RestArchive):
     def __init__(self, name: str, reactor, *, url: str, username: str | None = None,
                  password: str | None = None, site: str | None = None,
                  crawl_qps: float = 50.0, timeout: float = 30.0, page_instances: int = 500,
-                 incoming: Path | None = None, threads: int = 8, delete: bool = False):
+                 incoming: Path | None = None, threads: int = 8, delete: bool = False,
+                 max_studies: int = MAX_STUDIES):
         super().__init__(name, reactor, url=url, username=username, password=password,
                          site=site, crawl_qps=crawl_qps, timeout=timeout,
                          incoming=incoming, threads=threads)
-        self.page_instances = int(page_instances)
+        self.page_instances, self.max_studies = int(page_instances), int(max_studies)
         if delete:                            # the server accepts DELETE (not standard)
             self.capabilities = DicomWebArchive.capabilities | {"delete"}
             alsoProvides(self, IDeletes)
@@ -155,19 +175,21 @@ class DicomWebArchive(RestArchive):
 
     @classmethod
     def from_config(cls, cfg, settings, reactor, catalog=None):
+        from pacsp2p.adapters import config_where
+        from pacsp2p.config import ConfigError, archive_integer
         opts = cls.options(cfg, settings, KNOWN_KEYS)
         delete = opts.get("delete", False)
         if not isinstance(delete, bool):
-            from pacsp2p.adapters import config_where
-            from pacsp2p.config import ConfigError
             raise ConfigError(f"{config_where(cfg, settings)}.delete: must be true or "
                               f"false, got {delete!r}")
+        max_studies = archive_integer(opts, "max_studies", MAX_STUDIES, 1,
+                                      config_where(cfg, settings))
         return cls(cfg.name, reactor, url=opts["url"], username=opts.get("username"),
                    password=opts.get("password"), site=cfg.site,
                    crawl_qps=opts.get("crawl_qps", 50.0), timeout=opts.get("timeout", 30.0),
                    page_instances=opts.get("page_instances", 500),
                    incoming=settings.data_dir / "incoming", threads=opts.get("threads", 8),
-                   delete=delete)
+                   delete=delete, max_studies=max_studies)
 
     def health(self):
         def check():
@@ -184,10 +206,13 @@ class DicomWebArchive(RestArchive):
 
     # -- QIDO-RS (pool threads) ------------------------------------------------------
     def _qido(self, path: str, params: dict) -> list:
+        """The rows of a QIDO-RS answer (at most the ``limit`` asked)."""
         query = urlencode(params, safe=",")
         rows = self.http.get(f"{path}?{query}" if query else path,
-                             headers={"Accept": "application/dicom+json"})
-        return rows if isinstance(rows, list) else []
+                             headers={"Accept": "application/dicom+json"},
+                             limit=QIDO_ANSWER)
+        rows = rows if isinstance(rows, list) else []
+        return rows[:params["limit"]] if "limit" in params else rows
 
     def _locate(self, uid: str) -> tuple[str, str]:
         where = self._where.get(uid)
@@ -196,9 +221,9 @@ class DicomWebArchive(RestArchive):
         rows = self._qido("/instances", {"SOPInstanceUID": uid,
                                          "includefield": "StudyInstanceUID,SeriesInstanceUID"})
         for row in rows:
-            attrs = json_attributes(row)
-            if attrs.get("SOPInstanceUID", uid) == uid and attrs.get("StudyInstanceUID"):
-                where = (attrs["StudyInstanceUID"], attrs["SeriesInstanceUID"])
+            attrs = json_attributes(row) if isinstance(row, dict) else {}
+            where = (attrs.get("StudyInstanceUID"), attrs.get("SeriesInstanceUID"))
+            if attrs.get("SOPInstanceUID", uid) == uid and all(map(is_uid, where)):
                 self._where.put(uid, where)
                 return where
         raise KeyError(f"{uid} is not in DICOMweb archive {self.name}")
@@ -206,7 +231,7 @@ class DicomWebArchive(RestArchive):
     # -- WADO-RS ---------------------------------------------------------------------
     def _fetch(self, uid: str):
         study, series = self._locate(uid)
-        path = (f"/studies/{quote(study)}/series/{quote(series)}/instances/{quote(uid)}")
+        path = f"/studies/{_q(study)}/series/{_q(series)}/instances/{_q(uid)}"
         rsp = self.http.open("GET", path, headers={"Accept": ACCEPT_DICOM})
         f = unlinked_copy(self.incoming)
         try:
@@ -282,8 +307,8 @@ class DicomWebArchive(RestArchive):
             except KeyError:
                 return 0
             try:
-                self.http.call("DELETE", f"/studies/{quote(study)}/series/{quote(series)}"
-                               f"/instances/{quote(uid)}", ok=(200, 202, 204))
+                self.http.call("DELETE", f"/studies/{_q(study)}/series/{_q(series)}"
+                               f"/instances/{_q(uid)}", ok=(200, 202, 204))
             except HTTPError as e:
                 if e.status == 404:
                     return 0
@@ -294,18 +319,39 @@ class DicomWebArchive(RestArchive):
 
     # -- crawl -----------------------------------------------------------------------
     def _list_studies(self) -> list:
-        studies, offset = [], 0
-        for _ in range(100_000):
+        studies, bad = [], []
+        try:
+            self._list_into(studies, bad)
+        finally:
+            if bad:
+                log.warn("archive {archive}: {n} study row(s) skipped: StudyInstanceUID is "
+                         "not a UID (e.g. {example})", archive=self.name, n=len(bad),
+                         example=shown(bad[0]))
+        return studies
+
+    def _list_into(self, studies: list, bad: list) -> None:
+        offset, first = 0, None
+        while True:
             rows = self._qido("/studies", {"offset": offset, "limit": STUDY_PAGE,
                                            "includefield": "NumberOfStudyRelatedInstances"})
+            rows = [r for r in rows if isinstance(r, dict)]
+            if offset and rows and rows[0] == first:
+                raise DicomWebError(f"archive {self.name}: QIDO-RS answers the same studies "
+                                    f"at offset {offset} as at 0: it ignores offset")
+            first = first if offset else (rows[0] if rows else None)
             for row in rows:
                 s = _value_text(row.get("0020000D", {}))
                 n = _value_text(row.get("00201208", {}))
-                studies.append((s, int(n) if n.isdigit() else None))
+                if is_uid(s):
+                    studies.append((s, int(n) if n.isdigit() else None))
+                else:
+                    bad.append(s)
+            if len(studies) > self.max_studies:
+                raise DicomWebError(f"archive {self.name}: more than {self.max_studies} "
+                                    f"studies listed (max_studies)")
             if len(rows) < STUDY_PAGE:
-                break
+                return
             offset += len(rows)
-        return studies
 
     @defer.inlineCallbacks
     def crawl(self, cursor, throttle):
@@ -323,7 +369,7 @@ class DicomWebArchive(RestArchive):
                 study, count = self._studies[s_off]
                 want = self.page_instances - len(items)
                 yield throttle()
-                rows = yield self._run(self._qido, f"/studies/{quote(study)}/instances",
+                rows = yield self._run(self._qido, f"/studies/{_q(study)}/instances",
                                        {"offset": i_off, "limit": want,
                                         "includefield": INCLUDE})
                 items += yield self._run(self._metas, rows, study)
@@ -341,14 +387,18 @@ class DicomWebArchive(RestArchive):
         return items, f"{s_off}:{i_off}", self._total
 
     def _metas(self, rows: list, study: str) -> list:
+        """The instances of QIDO-RS *rows*; one whose UIDs are not UIDs goes on to the
+        crawler's check (and its warning), never into the map of where instances are."""
         items = []
         for row in rows:
-            attrs = json_attributes(row)
+            attrs = json_attributes(row) if isinstance(row, dict) else {}
             attrs.setdefault("StudyInstanceUID", study)
             uid, sop_class = attrs.get("SOPInstanceUID"), attrs.get("SOPClassUID")
             if not uid or not sop_class or not attrs.get("SeriesInstanceUID"):
                 continue
-            self._where.put(uid, (attrs["StudyInstanceUID"], attrs["SeriesInstanceUID"]))
+            where = (attrs["StudyInstanceUID"], attrs["SeriesInstanceUID"])
+            if is_uid(uid) and all(map(is_uid, where)):
+                self._where.put(uid, where)
             items.append((InstanceMeta(uid, sop_class, "", attrs, 0), 0))
         return items
 
@@ -361,7 +411,7 @@ def _strip_multipart(rsp, out, boundary: str | None) -> None:
             out.write(chunk)
         return
     head = b""
-    for _ in range(1000):                     # the part headers: well under 64 KiB
+    while True:                               # the part headers: well under 64 KiB
         chunk = rsp.read(16384)
         if not chunk:
             raise DicomWebError("WADO-RS answer ends inside the part headers")
@@ -369,8 +419,8 @@ def _strip_multipart(rsp, out, boundary: str | None) -> None:
         end = head.find(b"\r\n\r\n")
         if end >= 0:
             break
-    else:
-        raise DicomWebError("WADO-RS part headers too long")
+        if len(head) > MAX_PART_HEAD:
+            raise DicomWebError(f"WADO-RS part headers over {MAX_PART_HEAD} bytes")
     out.write(head[end + 4:])
     while chunk := rsp.read(1 << 20):
         out.write(chunk)

@@ -16,11 +16,8 @@ this adapter's own thread pool; the reactor only waits on Deferreds.
   unlinked temporary file under ``<data_dir>/incoming``. One presentation context is
   proposed per transfer syntax, so the archive sends the syntax it keeps.
 - send: C-MOVE of a UID list to a destination AE the archive knows.
-- crawl: study root C-FIND, STUDY -> SERIES -> IMAGE, one study per page, each query
-  behind the crawl's token bucket; the cursor is the last Study Instance UID done (studies
-  sorted by UID), so a restart resumes after it.
-- changes: studies whose StudyDate is on or after the last date seen, re-listed when their
-  instance count grew: good enough for an archive with no change feed.
+- crawl, changes: study root C-FIND, one study per page, paged by StudyDate ranges on a
+  large archive (``dimse_crawl``).
 - discard: impossible over DIMSE; logged and ignored.
 - health: C-ECHO with its latency.
 - scrub: by sample only (``scrub_by_sample``): ``[cluster] scrub_sample`` of the copies
@@ -28,7 +25,15 @@ this adapter's own thread pool; the reactor only waits on Deferreds.
   replaced over DIMSE (no ``restore``): it is reported.
 
 Associations are pooled per kind (a few idle ones are kept and reused; a stale one is
-replaced once).
+replaced once). What the archive sends is bounded (``associations.Bounds``: PDU, command
+and data set sizes, bytes per operation, read timeouts): a C-FIND answers at most
+``max_find_rows`` matches (``[[archives]]``, default 20,000; past it C-CANCEL, the
+association aborted, ``TooManyMatches``) and ``FIND_BYTES``; a C-GET receives one data set
+of at most ``max_dataset`` bytes (default 4 GiB) into a file under ``incoming`` as it
+arrives, never in memory; a C-GET or C-MOVE answers at most ``MAX_PENDING`` Pending
+responses (and 4 per instance moved). Past a bound the operation fails naming it
+(``Refused``: this answer is refused, the archive itself is not taken for gone); the
+association is aborted.
 """
 
 from __future__ import annotations
@@ -54,12 +59,15 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from pacsp2p.adapters.associations import Associations, DimseError
+from pacsp2p.adapters.associations import (MAX_IDENTIFIER, Associations, DimseError,
+                                           Refused, drop_partial, spool_received)
+from pacsp2p.adapters.dimse_crawl import DimseCrawl, TooManyMatches
 from pacsp2p.adapters.interface import IArchive, ICrawls, IFollows, IOpens, ISends, IStores
+from pacsp2p.adapters.orthanc import _Lru, unlinked_copy
 from pacsp2p.dicom.part10 import file_dataset_hash
-from pacsp2p.attributes import STORED
 from pacsp2p.dicom.header import _text, content_hash
-from pacsp2p.types import InstanceMeta, Stored
+from pacsp2p.types import Stored
+from pacsp2p.validate import is_uid
 
 log = Logger()
 
@@ -70,29 +78,66 @@ GET_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1,
                 JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
                 DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 
-LEVEL_KEYS = {lvl: [kw for kw, a in STORED.items() if a.level == lvl]
-              for lvl in ("PATIENT", "STUDY", "SERIES", "IMAGE")}
 KNOWN_KEYS = ("name", "adapter", "site", "ae_title", "host", "port", "calling_ae", "fetch",
-              "crawl_qps", "timeout", "max_pdu")
+              "crawl_qps", "timeout", "max_pdu", "max_find_rows", "max_dataset")
+MAX_FIND_ROWS = 20_000     # matches of one C-FIND (default of ``max_find_rows``)
+MAX_DATASET = 4 << 30      # bytes of one data set a C-GET receives (``max_dataset``)
+FIND_BYTES = 64 << 20      # bytes of one C-FIND's answer
+GET_SLACK = 16 << 20       # bytes a C-GET may receive besides its data set
+MAX_PENDING = 1000         # Pending responses of a C-GET (a C-MOVE: and 4 per instance)
+MAX_MOVE_IDENTIFIER = 1 << 20  # bytes of a C-MOVE response's identifier (failed UIDs)
+REMEMBERED = 200_000       # instances whose place is kept (and studies whose count)
 
 
 def _attrs(ds: Dataset, keywords) -> dict:
+    """{keyword: text} of those of *keywords* that *ds* holds a value for (a value that
+    does not decode is left out)."""
     out = {}
     for kw in keywords:
-        if kw in ds:
-            text = _text(ds[kw])
-            if text:
-                out[kw] = text
+        try:
+            text = _text(ds[kw]) if kw in ds else ""
+        except Exception:
+            continue
+        if text:
+            out[kw] = text
     return out
+
+
+def _spooled(event, incoming: Path):
+    """The data set of a received C-STORE as an open, unlinked Part-10 file at 0."""
+    path = getattr(event.request, "_dataset_path", None)
+    if path is None:            # not spooled (STORE_RECV_CHUNKED_DATASET off)
+        f = unlinked_copy(incoming)
+        f.write(event.encoded_dataset(include_meta=True))
+        f.seek(0)
+        return f
+    event.request._dataset_file.close()
+    f = open(path, "rb")
+    os.unlink(path)
+    return f
+
+
+def _discard(event) -> None:
+    """Remove the spooled file of a received C-STORE refused."""
+    path = getattr(event.request, "_dataset_path", None)
+    if path is not None:
+        event.request._dataset_file.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _dispatch_store(event):
     sink = getattr(event.assoc, "pacsp2p_sink", None)
-    return sink(event) if sink is not None else 0xA700
+    if sink is None:
+        _discard(event)
+        return 0xA700
+    return sink(event)
 
 
 @implementer(IArchive, IStores, IOpens, ISends, ICrawls, IFollows)
-class DimseArchive:
+class DimseArchive(DimseCrawl):
     capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
     scrub_by_sample = True      # every read is a C-GET: a scrub checks a sample, slower
     max_fetches = 2             # C-GET associations at once (a PACS limits them)
@@ -100,7 +145,8 @@ class DimseArchive:
     def __init__(self, name: str, reactor, *, ae_title: str, host: str, port: int,
                  calling_ae: str = "PACSP2P", site: str | None = None, fetch: str = "get",
                  crawl_qps: float = 50.0, timeout: float = 30.0, max_pdu: int = 0,
-                 incoming: Path | None = None, threads: int = 8, hierarchy=None):
+                 incoming: Path | None = None, threads: int = 8, hierarchy=None,
+                 max_find_rows: int = MAX_FIND_ROWS, max_dataset: int = MAX_DATASET):
         """*hierarchy*: ``uid -> Deferred[(study, series, sop class, syntax) | None]``
         (the catalog's ``hierarchy``), or None."""
         self.name, self.site, self.reactor = name, site, reactor
@@ -109,19 +155,18 @@ class DimseArchive:
         self.crawl_qps, self.max_pdu = float(crawl_qps), int(max_pdu)
         self.incoming = Path(incoming) if incoming else Path(tempfile.gettempdir())
         self.hierarchy = hierarchy
+        self.max_find_rows, self.max_dataset = int(max_find_rows), int(max_dataset)
         self.up = True
         self._pool = ThreadPool(1, threads, f"archive-{name}")
         self._assocs = Associations(calling_ae, ae_title, host, self.port, self.timeout,
-                                    self.max_pdu)
+                                    self.max_pdu, self.incoming)
         self._associate, self._with_assoc = self._assocs.associate, self._assocs.run
-        self._where: dict[str, tuple] = {}     # SOP uid -> (study, series, sop class)
-        self._studies: list[str] | None = None
-        self._study_rows: dict[str, dict] = {}
-        self._seen_counts: dict[str, int] = {}  # study -> instances known (changes)
+        self._where = _Lru(REMEMBERED)         # SOP uid -> (study, series, class, syntax)
+        self._seen_counts = _Lru(REMEMBERED)   # study -> instances known (changes)
 
     @classmethod
     def from_config(cls, cfg, settings, reactor, catalog=None):
-        from pacsp2p.config import ConfigError
+        from pacsp2p.config import ConfigError, archive_integer
         opts = dict(cfg.options)
         where = f"{settings.source}: archives.{cfg.name}"
         for key in opts:
@@ -141,13 +186,16 @@ class DimseArchive:
         for key in ("crawl_qps", "timeout"):
             if key in opts and (not isinstance(opts[key], (int, float)) or opts[key] <= 0):
                 raise ConfigError(f"{where}.{key}: must be a positive number")
+        max_rows = archive_integer(opts, "max_find_rows", MAX_FIND_ROWS, 10, where)
+        max_dataset = archive_integer(opts, "max_dataset", MAX_DATASET, 1024, where)
         return cls(cfg.name, reactor, ae_title=opts["ae_title"], host=opts["host"],
                    port=opts["port"], site=cfg.site,
                    calling_ae=opts.get("calling_ae", settings.facade.ae_title),
                    fetch=fetch, crawl_qps=opts.get("crawl_qps", 50.0),
                    timeout=opts.get("timeout", 30.0), max_pdu=opts.get("max_pdu", 0),
                    incoming=settings.data_dir / "incoming",
-                   hierarchy=catalog.hierarchy if catalog is not None else None)
+                   hierarchy=catalog.hierarchy if catalog is not None else None,
+                   max_find_rows=max_rows, max_dataset=max_dataset)
 
     def __repr__(self):
         return f"<dimse archive {self.name}: {self.ae_title}@{self.host}:{self.port}>"
@@ -157,6 +205,7 @@ class DimseArchive:
 
     # -- life cycle ------------------------------------------------------------------
     def start(self):
+        spool_received()
         self._pool.start()
         self.incoming.mkdir(parents=True, exist_ok=True)
         d = self.health()
@@ -219,8 +268,8 @@ class DimseArchive:
                              f"status 0x{status:04X}")
         a = meta.attributes
         if a.get("StudyInstanceUID") and a.get("SeriesInstanceUID"):
-            self._where[meta.sop_instance_uid] = (a["StudyInstanceUID"],
-                                                  a["SeriesInstanceUID"], sop_class, ts)
+            self._where.put(meta.sop_instance_uid, (a["StudyInstanceUID"],
+                                                    a["SeriesInstanceUID"], sop_class, ts))
         return Stored(self.name, sha, size)
 
     def _held_hash(self, meta) -> str | None:
@@ -237,7 +286,7 @@ class DimseArchive:
         try:
             with self._get(uid, study, series, meta.sop_class_uid) as f:
                 return file_dataset_hash(f)
-        except DimseError:
+        except (DimseError, Refused):
             return None
 
     def discard(self, uid, sha256):
@@ -246,7 +295,9 @@ class DimseArchive:
         return defer.succeed(None)
 
     # -- find (pool threads) -----------------------------------------------------------
-    def _find(self, level: str, keys: dict, returns) -> list[Dataset]:
+    def _find(self, level: str, keys: dict, returns) -> list[dict]:
+        """The matches of a study root C-FIND at *level*: {keyword: text} of *returns*
+        and *keys*; TooManyMatches past ``max_find_rows`` (cancelled)."""
         ds = Dataset()
         ds.QueryRetrieveLevel = level
         for kw in returns:
@@ -254,18 +305,30 @@ class DimseArchive:
         for kw, value in keys.items():
             setattr(ds, kw, value)
         model = sc.StudyRootQueryRetrieveInformationModelFind
+        wanted = list(dict.fromkeys([*returns, *keys]))
+        what = f"archive {self.name}: C-FIND {level} to {self.ae_title}"
 
         def query(assoc):
+            bounds = assoc.pacsp2p_bounds
+            bounds.operation(MAX_IDENTIFIER, FIND_BYTES)
             rows = []
             for status, ident in assoc.send_c_find(ds, model):
                 if not status or "Status" not in status:
-                    raise DimseError(f"C-FIND to {self.ae_title}: no response")
+                    if bounds.why:
+                        raise Refused(f"{what}: cut: {bounds.why}")
+                    raise DimseError(f"{what}: no response")
                 if status.Status in (0xFF00, 0xFF01):
                     if ident is not None:
-                        rows.append(ident)
+                        rows.append(_attrs(ident, wanted))
+                    if len(rows) > self.max_find_rows:
+                        try:
+                            assoc.send_c_cancel(1, query_model=model)
+                        except Exception:
+                            pass
+                        raise TooManyMatches(f"{what}: more than {self.max_find_rows} "
+                                             f"matches (max_find_rows): cancelled")
                 elif status.Status != 0x0000:
-                    raise DimseError(f"C-FIND to {self.ae_title} failed: status "
-                                     f"0x{status.Status:04X}")
+                    raise DimseError(f"{what} failed: status 0x{status.Status:04X}")
             return rows
 
         return self._with_assoc("find", lambda: self._associate([build_context(model)]),
@@ -292,27 +355,28 @@ class DimseArchive:
             for r in rows:
                 study, series = r.get("StudyInstanceUID"), r.get("SeriesInstanceUID")
                 sop_class = r.get("SOPClassUID")
-                if study and series and sop_class:
-                    where = (str(study), str(series), str(sop_class), "")
+                if is_uid(study) and is_uid(series) and is_uid(sop_class):
+                    where = (study, series, sop_class, "")
         if where is None:
             raise KeyError(f"archive {self.name}: {uid} not found")
-        self._where[uid] = where
+        self._where.put(uid, where)
         return where
 
     def _get(self, uid: str, study: str, series: str, sop_class: str, ts: str = ""):
-        fd, tmp = tempfile.mkstemp(prefix="get-", suffix=".dcm", dir=self.incoming)
-        os.unlink(tmp)                         # the open file is all that remains
-        f = os.fdopen(fd, "w+b")
+        """The instance *uid* by C-GET: an open, unlinked Part-10 file (the data set
+        bytes as received, never decoded), at most ``max_dataset`` bytes."""
         got = {}
+        what = f"archive {self.name}: C-GET of {uid} from {self.ae_title}"
 
         def on_store(event):
             if event.request.AffectedSOPInstanceUID != uid or got:
+                _discard(event)
                 return 0xA700 if got else 0xC000
-            try:          # the data set bytes as received, never decoded
-                f.write(event.encoded_dataset(include_meta=True))
+            try:
+                got["f"] = _spooled(event, self.incoming)
             except OSError:
+                _discard(event)
                 return 0xA700
-            got["ts"] = event.context.transfer_syntax
             return 0x0000
 
         model = sc.StudyRootQueryRetrieveInformationModelGet
@@ -330,29 +394,45 @@ class DimseArchive:
 
         def get(assoc):
             assoc.pacsp2p_sink = on_store      # this call's receiver on a pooled association
-            final = None
             try:
-                for status, _ in assoc.send_c_get(ident, model):
-                    if not status or "Status" not in status:
-                        raise DimseError(f"C-GET from {self.ae_title}: no response")
-                    final = status
+                return self._retrieve(assoc, assoc.send_c_get(ident, model), what,
+                                      MAX_PENDING)
             finally:
                 assoc.pacsp2p_sink = None
-            return final
 
         try:
             final = self._with_assoc(("get", sop_class, ts), make, get)
         except Exception:
-            f.close()
+            if "f" in got:
+                got["f"].close()
             raise
-        if not got:
-            f.close()
+        if "f" not in got:
             code = f"0x{final.Status:04X}" if final is not None else "none"
-            raise DimseError(f"archive {self.name}: C-GET of {uid} from {self.ae_title} "
-                             f"returned no instance (status {code})")
-        f.flush()
-        f.seek(0)
-        return f
+            raise DimseError(f"{what} returned no instance (status {code})")
+        return got["f"]
+
+    def _retrieve(self, assoc, responses, what: str, most: int):
+        """The final response of a C-GET; Refused past *most* responses or a bound of
+        what the association may receive (a data set spooled half way is removed)."""
+        bounds = assoc.pacsp2p_bounds
+        bounds.operation(self.max_dataset, self.max_dataset + GET_SLACK)
+        final, n = None, 0
+        try:
+            for status, _ in responses:
+                if not status or "Status" not in status:
+                    if bounds.why:
+                        raise Refused(f"{what}: cut: {bounds.why} (max_dataset "
+                                      f"{self.max_dataset})")
+                    raise DimseError(f"{what}: no response")
+                final, n = status, n + 1
+                if n > most:
+                    raise Refused(f"{what}: more than {most} responses")
+        except BaseException:
+            if assoc.is_established:
+                assoc.abort()           # its reader stops before the file is removed
+            drop_partial(assoc)
+            raise
+        return final
 
     def _probe_class(self, study: str, series: str, uid: str) -> str:
         """SOP Class UID of one instance, from a C-GET proposing every storage class."""
@@ -360,6 +440,7 @@ class DimseArchive:
 
         def on_store(event):
             got["class"] = str(event.request.AffectedSOPClassUID)
+            _discard(event)
             return 0x0000
 
         model = sc.StudyRootQueryRetrieveInformationModelGet
@@ -372,10 +453,14 @@ class DimseArchive:
         ident.StudyInstanceUID, ident.SeriesInstanceUID = study, series
         ident.SOPInstanceUID = uid
         try:
-            for _status, _ in assoc.send_c_get(ident, model):
-                pass
+            self._retrieve(assoc, assoc.send_c_get(ident, model),
+                           f"archive {self.name}: C-GET of {uid}", MAX_PENDING)
+        except (DimseError, Refused):
+            if "class" not in got:
+                raise
         finally:
-            assoc.release()
+            if assoc.is_established:
+                assoc.release()
         if "class" not in got:
             raise DimseError(f"archive {self.name}: cannot learn the SOP class of {uid} "
                              f"(C-FIND does not return it and C-GET sent nothing)")
@@ -401,9 +486,13 @@ class DimseArchive:
             ident.StudyInstanceUID, ident.SeriesInstanceUID = study, series
             ident.SOPInstanceUID = group if len(group) > 1 else group[0]
 
-            def move(assoc):
-                final = None
-                for status, rsp in assoc.send_c_move(ident, dest_ae, model):
+            def move(assoc, group=group, ident=ident):
+                assoc.pacsp2p_bounds.operation(MAX_MOVE_IDENTIFIER, None)
+                final, most = None, 4 * len(group) + MAX_PENDING
+                for n, (status, _) in enumerate(assoc.send_c_move(ident, dest_ae, model)):
+                    if n >= most:
+                        raise Refused(f"archive {self.name}: C-MOVE to {dest_ae}: more "
+                                      f"than {most} responses")
                     if status and "Status" in status:
                         final = status
                 return final
@@ -421,113 +510,3 @@ class DimseArchive:
             total["warning"] += int(getattr(final, "NumberOfWarningSuboperations", 0)
                                     or 0) if final is not None else 0
         return total
-
-    # -- crawl -------------------------------------------------------------------------
-    STUDY_RETURNS = (LEVEL_KEYS["PATIENT"] + LEVEL_KEYS["STUDY"]
-                     + ["NumberOfStudyRelatedInstances"])
-    SERIES_RETURNS = LEVEL_KEYS["SERIES"] + ["StudyInstanceUID"]
-    IMAGE_RETURNS = LEVEL_KEYS["IMAGE"] + ["StudyInstanceUID", "SeriesInstanceUID"]
-
-    @defer.inlineCallbacks
-    def _list_studies(self, throttle, keys=None):
-        yield throttle()
-        rows = yield self._find_d("STUDY", keys or {}, self.STUDY_RETURNS)
-        out = {}
-        for r in rows:
-            uid = str(r.get("StudyInstanceUID", "") or "")
-            if uid:
-                out[uid] = r
-        return out
-
-    @defer.inlineCallbacks
-    def crawl(self, cursor, throttle):
-        if self._studies is None or cursor is None:
-            rows = yield self._list_studies(throttle)
-            self._study_rows = rows
-            self._studies = sorted(rows)
-        studies = self._studies
-        total = self._total(self._study_rows.values())
-        pos = 0
-        if cursor:
-            import bisect
-            pos = bisect.bisect_right(studies, cursor)
-        if pos >= len(studies):
-            return [], None, total
-        study = studies[pos]
-        items = yield self._crawl_study(self._study_rows[study], throttle)
-        next_cursor = study if pos + 1 < len(studies) else None
-        return items, next_cursor, total
-
-    @staticmethod
-    def _total(rows):
-        """The instances the study rows count, None if one does not say (or says what
-        is not a count: the crawl goes on without a total)."""
-        total = 0
-        for r in rows:
-            try:
-                n = int(str(r.get("NumberOfStudyRelatedInstances", "")).strip())
-            except ValueError:
-                return None
-            if n < 0:
-                return None
-            total += n
-        return total
-
-    @defer.inlineCallbacks
-    def _crawl_study(self, srow: Dataset, throttle, skip=frozenset()):
-        study = str(srow.StudyInstanceUID)
-        base = _attrs(srow, LEVEL_KEYS["PATIENT"] + LEVEL_KEYS["STUDY"])
-        base["StudyInstanceUID"] = study
-        yield throttle()
-        series_rows = yield self._find_d("SERIES", {"StudyInstanceUID": study},
-                                         self.SERIES_RETURNS)
-        items = []
-        for serow in series_rows:
-            series = str(serow.get("SeriesInstanceUID", "") or "")
-            if not series:
-                continue
-            sattrs = dict(base, **_attrs(serow, LEVEL_KEYS["SERIES"]))
-            yield throttle()
-            rows = yield self._find_d("IMAGE", {"StudyInstanceUID": study,
-                                                "SeriesInstanceUID": series},
-                                      self.IMAGE_RETURNS)
-            probed = None
-            for r in rows:
-                attrs = dict(sattrs, **_attrs(r, LEVEL_KEYS["IMAGE"]))
-                uid = attrs.get("SOPInstanceUID")
-                if not uid or uid in skip:
-                    continue
-                if not attrs.get("SOPClassUID"):
-                    # archives such as dcmqrscp do not return SOPClassUID in C-FIND:
-                    # learn it from one C-GET per series (a series has one SOP class)
-                    if probed is None:
-                        yield throttle()
-                        probed = yield self._run(self._probe_class, study, series, uid)
-                    attrs["SOPClassUID"] = probed
-                sop_class = attrs["SOPClassUID"]
-                attrs["SeriesInstanceUID"] = series
-                self._where[uid] = (study, series, sop_class, "")
-                items.append((InstanceMeta(uid, sop_class, "", attrs, 0), 0))
-        self._seen_counts[study] = len(items) + len(skip)
-        return items
-
-    @defer.inlineCallbacks
-    def changes(self, since, throttle):
-        today = time.strftime("%Y%m%d")
-        if since is None:
-            return [], today
-        rows = yield self._list_studies(throttle, {"StudyDate": f"{since}-"})
-        items = []
-        newest = since
-        for uid, row in sorted(rows.items()):
-            n = row.get("NumberOfStudyRelatedInstances")
-            n = int(n) if n not in (None, "") else None
-            if n is not None and self._seen_counts.get(uid) == n:
-                continue
-            known = {u for u, w in self._where.items() if w[0] == uid}
-            found = yield self._crawl_study(row, throttle, skip=frozenset(known))
-            items += found
-            date = str(row.get("StudyDate", "") or "")
-            if date and date > newest:
-                newest = date
-        return items, min(newest, today) if newest else today

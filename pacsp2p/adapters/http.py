@@ -196,9 +196,10 @@ class Client:
         raise AssertionError("unreachable")
 
     def call(self, method: str, path: str, body=None, headers: dict | None = None,
-             ok=(200,)):
-        """The decoded answer: JSON as Python values, anything else as bytes."""
-        rsp = self.open(method, path, body, headers, ok, MAX_ANSWER)
+             ok=(200,), limit: int = MAX_ANSWER):
+        """The decoded answer: JSON as Python values, anything else as bytes (TooLarge
+        past *limit* bytes)."""
+        rsp = self.open(method, path, body, headers, ok, limit)
         data = rsp.read()
         ctype = (rsp.getheader("Content-Type") or "").split(";")[0].strip().lower()
         if ctype.endswith("json") and data:

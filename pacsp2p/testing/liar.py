@@ -208,13 +208,40 @@ class LyingOrthanc:
         return h.send_body(b"not found", "text/plain", 404)
 
 
-class LyingFindSCP:
-    """A lying DIMSE archive (pynetdicom, in a thread of the test): C-ECHO and study
-    root C-FIND over *studies* ({study uid: (count text, [(series, sop, class)])}), the
-    count answered raw as NumberOfStudyRelatedInstances (``b"abc "``: not a count)."""
+def _in_range(date: str, key: str) -> bool:
+    """StudyDate *date* matches the key *key* (a single date or a range, PS3.4
+    C.2.2.2.5: a study with no date matches no range)."""
+    if not key:
+        return True
+    if "-" not in key:
+        return date == key
+    if not date:
+        return False
+    lo, _, hi = key.partition("-")
+    return (not lo or date >= lo) and (not hi or date <= hi)
 
-    def __init__(self, studies: dict, ae_title: str = "LIAR"):
+
+class LyingFindSCP:
+    """A lying DIMSE archive (pynetdicom, in a thread of the test): C-ECHO, study root
+    C-FIND and C-GET over *studies* ({study uid: (count text, [(series, sop, class)])}
+    or with a StudyDate third: ``(count, images, "20260101")``), the count answered raw as
+    NumberOfStudyRelatedInstances (``b"abc "``: not a count). StudyDate keys match as
+    ranges. Lies on demand:
+
+    - ``endless``: every C-FIND STUDY answers Pending matches for ever (new study UIDs,
+      whatever the keys); ``sent`` counts the matches sent;
+    - ``sizes``: {SOP uid: bytes}: a C-GET of that instance sends a CT data set of about
+      that many bytes (pixel data of zeros), 4 KiB if absent.
+
+    ``queries`` holds the keys of every C-FIND ({keyword: text}).
+    """
+
+    def __init__(self, studies: dict, ae_title: str = "LIAR", *, endless: bool = False,
+                 sizes: dict | None = None):
         self.studies, self.ae_title = studies, ae_title
+        self.endless, self.sizes = endless, dict(sizes or {})
+        self.queries: list[dict] = []
+        self.sent = 0
         self._server = None
         self.port = 0
 
@@ -224,8 +251,21 @@ class LyingFindSCP:
         from pydicom.tag import Tag
         q = event.identifier
         level = q.QueryRetrieveLevel
-        for study, (count, images) in sorted(self.studies.items()):
+        self.queries.append({e.keyword: str(e.value) for e in q if e.value not in ("", None)})
+        if self.endless and level == "STUDY":
+            n = 0
+            while True:
+                n += 1
+                ds = Dataset()
+                ds.QueryRetrieveLevel, ds.StudyInstanceUID = level, f"1.2.3.9.{n}"
+                ds.PatientID, ds.StudyDescription = "LIAR", "ENDLESS " * 8
+                self.sent += 1
+                yield 0xFF00, ds
+        for study, (count, images, *date) in sorted(self.studies.items()):
             if level != "STUDY" and q.get("StudyInstanceUID") not in ("", None, study):
+                continue
+            date = date[0] if date else ""
+            if not _in_range(date, str(q.get("StudyDate", "") or "")):
                 continue
             rows = [()] if level == "STUDY" else sorted(
                 {(s,) for s, _, _ in images} if level == "SERIES" else images)
@@ -234,7 +274,7 @@ class LyingFindSCP:
                     continue
                 ds = Dataset()
                 ds.QueryRetrieveLevel, ds.StudyInstanceUID = level, study
-                ds.PatientID = "LIAR"
+                ds.PatientID, ds.StudyDate = "LIAR", date
                 if level == "STUDY":
                     ds[0x00201208] = RawDataElement(Tag(0x00201208), "IS", len(count),
                                                     count, 0, True, True)
@@ -242,19 +282,49 @@ class LyingFindSCP:
                     ds.SeriesInstanceUID = row[0]
                 if level == "IMAGE":
                     ds.SOPInstanceUID, ds.SOPClassUID = row[1], row[2]
+                self.sent += 1
                 yield 0xFF00, ds
+
+    def _get(self, event):
+        from pydicom.dataset import Dataset, FileMetaDataset
+        from pydicom.uid import ExplicitVRLittleEndian
+        uid = str(event.identifier.get("SOPInstanceUID", ""))
+        where = [(study, series, cls) for study, (_, images, *_) in self.studies.items()
+                 for series, sop, cls in images if sop == uid]
+        if not where:
+            yield 0
+            return
+        study, series, cls = where[0]
+        yield 1
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = cls, uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.Modality = "LIAR", "CT"
+        size = self.sizes.get(uid, 4096)
+        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored = size // 1024, 512, 16, 16
+        ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 15, 0, 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PixelData = bytes(ds.Rows * 1024)
+        yield 0xFF00, ds
 
     def start(self) -> "LyingFindSCP":
         from pynetdicom import AE, evt
-        from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
+        from pynetdicom.sop_class import (CTImageStorage,
+                                          StudyRootQueryRetrieveInformationModelFind,
+                                          StudyRootQueryRetrieveInformationModelGet,
                                           Verification)
         from .ports import free_port
         ae = AE(self.ae_title)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
         ae.add_supported_context(Verification)
+        ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
         self.port = free_port()
         self._server = ae.start_server((LOOPBACK, self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_FIND, self._find)])
+                                       evt_handlers=[(evt.EVT_C_FIND, self._find),
+                                                     (evt.EVT_C_GET, self._get)])
         return self
 
     def stop(self) -> None:
