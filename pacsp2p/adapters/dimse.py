@@ -59,6 +59,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from pacsp2p.adapters import syntaxes
 from pacsp2p.adapters.associations import (MAX_IDENTIFIER, Associations, DimseError,
                                            Refused, drop_partial, spool_received)
 from pacsp2p.adapters.dimse_crawl import DimseCrawl, TooManyMatches
@@ -141,6 +142,7 @@ class DimseArchive(DimseCrawl):
     capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
     scrub_by_sample = True      # every read is a C-GET: a scrub checks a sample, slower
     max_fetches = 2             # C-GET associations at once (a PACS limits them)
+    stored_syntaxes = frozenset()   # compressed syntaxes it keeps (asked at start)
 
     def __init__(self, name: str, reactor, *, ae_title: str, host: str, port: int,
                  calling_ae: str = "PACSP2P", site: str | None = None, fetch: str = "get",
@@ -214,7 +216,12 @@ class DimseArchive(DimseCrawl):
             if not h.get("up"):
                 raise DimseError(f"{self.ae_title}@{self.host}:{self.port} does not answer "
                                  f"C-ECHO: {h.get('error', 'no answer')}")
-        return d.addCallback(check)
+        return d.addCallback(check).addCallback(lambda _: self._run(self._kept))
+
+    def _kept(self) -> None:
+        """Ask the archive which compressed syntaxes it stores (``adapters.syntaxes``)."""
+        self.stored_syntaxes = syntaxes.accepted(
+            self._associate, f"{self.name} ({self.ae_title}@{self.host}:{self.port})")
 
     def stop(self):
         d = self._run(self._assocs.close)

@@ -14,14 +14,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from pacsp2p.testing import Orthanc, Peer, StoreSCP, dataset_sha256, findscu, storescu
 from pacsp2p.testing import datasets
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import Cluster, wait_until
 from pacsp2p.testing.dcmqrscp import DcmQrScp
-from pacsp2p.testing.dcmtk import echo
+from pacsp2p.testing.dcmtk import dcmtk, echo
 from pacsp2p.testing.ports import LOOPBACK
 from pacsp2p.testing.procs import Process
 
@@ -91,6 +91,40 @@ class Archive:
 @pytest.fixture(params=["dcmqrscp", "orthanc"])
 def kind(request):
     return request.param
+
+
+def test_a_compressed_syntax_is_kept_only_where_the_archive_takes_it(tmp_path, kind):
+    """dcmsend offers an RLE file in RLE and, as it can decompress, uncompressed: the
+    facade takes RLE only if its archive accepts RLE for storage (asked by the adapter
+    at start). A DCMTK dcmqrscp with its defaults takes no compressed syntax: the file
+    arrives decompressed (same content) instead of being refused; Orthanc keeps RLE."""
+    files = datasets.make_study(tmp_path / "in", series=(("CT", 2, ExplicitVRLittleEndian),),
+                                size=64, patient_id="DIMSE02", seed=9)
+    rle = []
+    for f in files:
+        rle.append(tmp_path / "rle" / f.name)
+        rle[-1].parent.mkdir(exist_ok=True)
+        dcmtk("dcmcrle", f, rle[-1], check=True)
+    peer = Peer(tmp_path / "peer")
+    archive = Archive(kind, tmp_path / kind, {}).start()
+    try:
+        peer.overrides = {"archives": [archive.block()]}
+        peer.start()
+        proc = dcmtk("dcmsend", "-v", "-aec", peer.ae_title, LOOPBACK, peer.port, *rle,
+                     timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        held = archive.hashes()
+        assert sorted(held) == sorted(dn.by_sop_uid(rle)), proc.stdout + proc.stderr
+        if kind == "orthanc":
+            assert held == dn.dataset_hashes(rle)          # RLE, byte-identical
+        else:
+            assert {dn.transfer_syntax(f) for f in archive.server.files()} == {
+                ExplicitVRLittleEndian}
+            for uid, path in dn.by_sop_uid(archive.server.files()).items():
+                assert dn.content_differences(dn.by_sop_uid(rle)[uid], path) == []
+    finally:
+        peer.stop()
+        archive.stop()
 
 
 def test_store_find_move_health(tmp_path, kind):
