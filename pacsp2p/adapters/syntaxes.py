@@ -1,6 +1,6 @@
 """Which compressed transfer syntaxes a remote archive keeps as they are.
 
-The facade accepts a modality's compressed syntax (RLE, JPEG-LS, JPEG 2000, ...) when
+The facade accepts a modality's lossless compressed syntax (RLE, JPEG Lossless, JPEG-LS) when
 every archive of its peer that stores can take it unchanged (``contexts.storage_choice``,
 ``Cluster.compressed_kept``): the embedded archive, Orthanc's REST API and STOW-RS take
 any; an archive reached over DIMSE takes what it accepts in association negotiation

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pydicom.uid import (JPEG2000, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
-                         RLELossless, UID)
+                         RLELossless)
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_context
 from pynetdicom import sop_class as sc
 
@@ -35,8 +35,12 @@ ACCEPTED_SYNTAXES = [ExplicitVRLittleEndian] + [
     ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
 
 # compressed syntaxes a C-STORE keeps as it arrives (encapsulated: the header is explicit
-# VR little endian, which the ingest path reads; archives keep the bytes they are given)
-KEPT_COMPRESSED = frozenset(ts for ts in ALL_TRANSFER_SYNTAXES if UID(ts).is_compressed)
+# VR little endian, which the ingest path reads; archives keep the bytes they are given):
+# LOSSLESS ones only — proposed beside an uncompressed syntax, a lossy one (JPEG baseline,
+# JPEG 2000, video, JPIP references without pixel data) would have the sender degrade
+# the image — and only those the facade can decode again (pylibjpeg: RLE, libjpeg) for a
+# C-GET requestor that takes uncompressed data only.
+KEPT_COMPRESSED = frozenset((RLELossless, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless))
 STORAGE_CLASSES = frozenset(cx.abstract_syntax for cx in StoragePresentationContexts)
 
 # what archives commonly keep besides the uncompressed syntaxes

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 from pydicom.uid import (CTImageStorage, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless,
-                         RLELossless)
+                         ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless,
+                         JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless,
+                         JPEGLSNearLossless, RLELossless)
 from pynetdicom import AE, build_context
 from pynetdicom.pdu_primitives import A_ASSOCIATE, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
@@ -45,11 +46,23 @@ def accepted(proposals, keep_compressed=True, get_role=False) -> dict:
     return {cx.context_id: cx.transfer_syntax[0] for cx in results}
 
 
-@pytest.mark.parametrize("compressed", [RLELossless, JPEGLSLossless, JPEG2000Lossless])
+@pytest.mark.parametrize("compressed", [RLELossless, JPEGLSLossless, JPEGLosslessSV1])
 def test_a_compressed_syntax_proposed_with_uncompressed_ones_is_kept(compressed):
     # first or last in the requestor's list (storescu -xr +C proposes it first)
     assert accepted([(CTImageStorage, [compressed, *UNCOMPRESSED])]) == {1: compressed}
     assert accepted([(CTImageStorage, [*UNCOMPRESSED, compressed])]) == {1: compressed}
+
+
+@pytest.mark.parametrize("other", [JPEGBaseline8Bit, JPEGLSNearLossless, JPEG2000,
+                                   "1.2.840.10008.1.2.4.94",        # JPIP: no pixel data
+                                   "1.2.840.10008.1.2.4.102",       # H.264 video
+                                   JPEG2000Lossless])               # no decoder installed
+def test_a_lossy_or_undecodable_syntax_is_not_preferred_to_uncompressed(other):
+    # proposed beside explicit VR, a lossy syntax would have the sender degrade the image;
+    # one the facade cannot decode could not be served to an uncompressed-only C-GET
+    assert accepted([(CTImageStorage, [other, *UNCOMPRESSED])]) == {
+        1: ExplicitVRLittleEndian}
+    assert accepted([(CTImageStorage, [other])]) == {1: other}     # alone: taken as sent
 
 
 def test_the_requestors_first_compressed_syntax_wins():
