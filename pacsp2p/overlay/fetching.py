@@ -12,7 +12,10 @@ connection and gives back what it held. Small instances are fetched many to a re
 (``fetch_many``: ``POST /instances/<archive>``, the frames of ``bulk``), the answer read
 into memory up to its bound (``bulk.BATCH_BYTES`` and the frames' headers), then split,
 examined and hashed in ONE pool job; a peer that serves no batches (an older one:
-405) is asked one instance per request from then on.
+405) is asked one instance per request from then on. One instance asked alone
+(``fetch``: a CT image, over a batch's 256 KB) is read off the reactor, on a blocking
+stdlib-``ssl`` socket in the ``bulk-fetch`` pool (``blocking``), with the same bounds and
+the same memory budget.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import io
 import json
 import struct
 import tempfile
+import threading
 from urllib.parse import quote
 
 from twisted.internet import defer, protocol
@@ -37,7 +41,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from pacsp2p.dicom import header, part10
-from pacsp2p.overlay import bulk
+from pacsp2p.overlay import blocking, bulk
 
 SINK_CHUNK = 1 << 20         # received bytes gathered before a write job (a typical
                              # instance: one job, which also makes its temporary file)
@@ -67,16 +71,23 @@ class _PeerPolicy:
 
 
 class _Budget:
-    """Bytes that bodies being received in memory may hold together."""
+    """Bytes that bodies being received in memory may hold together (taken and given
+    back from the reactor and the ``blocking`` fetches' threads)."""
 
     def __init__(self, limit: int = MEMORY_BUDGET):
         self.limit, self.held = limit, 0
+        self._lock = threading.Lock()
 
     def take(self, n: int) -> bool:
-        if self.held + n > self.limit:
-            return False
-        self.held += n
-        return True
+        with self._lock:
+            if self.held + n > self.limit:
+                return False
+            self.held += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
 
 
 def _kept(chunks: list, hashed: bool):
@@ -207,7 +218,7 @@ class _FileSink(protocol.Protocol):
         """No longer kept in memory (spilled to the file: what is buffered is its first
         write; or handed over whole): the budget this body took given back."""
         self.memory = False
-        self.budget.held -= self.taken
+        self.budget.give(self.taken)
         self.taken = 0
 
     def connectionLost(self, reason):
@@ -391,6 +402,10 @@ class BulkClient:
         self.budget = _Budget()                  # bodies being received in memory
         self.answer_timeout = ANSWER_TIMEOUT
         self._unbatched: set[str] = set()      # peers that answered a batch 405
+        self.getter = blocking.BlockingGetter(
+            credentials.files, reactor, _kept, self.budget, MEMORY,
+            functools.partial(tempfile.NamedTemporaryFile, dir=self.tmpdir, suffix=".dcm"),
+            NotHeld)
 
     def _agent(self, name: str) -> Agent:
         """The agent for peer *name*; agents (and their idle connections) of at most
@@ -443,8 +458,7 @@ class BulkClient:
         ``Part10Bytes``] holding the instance (deleted when closed), its data set hashed
         on the way (``sha256``: the reader checks it, ``transfer.verify``)."""
         query = f"?sha256={sha256}" if sha256 else ""
-        return self.download(member, f"/instances/{quote(archive)}/{quote(uid)}{query}",
-                             hashed=True, in_memory=True)
+        return self.getter.get(member, f"/instances/{quote(archive)}/{quote(uid)}{query}")
 
     @defer.inlineCallbacks
     def fetch_many(self, member, archive: str, items):

@@ -16,8 +16,9 @@ SERVER = Path(__file__).with_name("bulk_server.py")
 
 @contextlib.contextmanager
 def bulk_server(root: Path, tls_dir: Path, known=(), uncatalogued=(), timeout: float = 600,
-                limit: int = 64):
-    """Yields ``{"port": N, "status": M}`` while the server runs (killed at exit)."""
+                limit: int = 64, env=None):
+    """Yields ``{"port": N, "status": M, "pid": P}`` while the server runs (killed at
+    exit)."""
     if not (tls_dir / "ca.crt").exists():
         tls.init_ca(tls_dir)
         tls.issue(tls_dir, "a")
@@ -25,12 +26,13 @@ def bulk_server(root: Path, tls_dir: Path, known=(), uncatalogued=(), timeout: f
     proc = subprocess.Popen([sys.executable, str(SERVER), str(root), str(tls_dir),
                              str(timeout), str(limit), *map(str, known), "--",
                              *map(str, uncatalogued)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     try:
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f"bulk server did not start: {proc.stderr.read()}")
-        yield json.loads(line)
+        yield {**json.loads(line), "pid": proc.pid}
     finally:
         proc.kill()
         proc.wait()

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""The bulk channel alone: a real holder (``tests/unit/bulk_server.py``: catalog, embedded
+archive, ``bulk.site`` behind the guarded mutual-TLS port) in a process of its own, and a
+real ``BulkClient`` here fetching every instance of a study (``fetch``: one GET each; or
+``--many``: ``fetch_many`` batches) with ``--parallel`` requests at once, ``--rounds``
+times. Prints, per round, the wall clock, MB/s and the CPU-seconds per instance of each
+end (user + system: the holder's process, this process), and checks every instance's
+data set hash against the original's. What a relayed C-MOVE pays per instance on the
+bulk channel (issue 15.1), without the DICOM ends.
+
+    .venv/bin/python bench/bulk_channel.py [--studies ct] [--count N] [--parallel 2]
+                                           [--rounds 5] [--many] [--compare]
+                                           [--holders TREE,TREE]
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "unit"))
+
+import common  # noqa: E402
+import move as single  # noqa: E402
+from common import median  # noqa: E402
+from bulk_spawn import bulk_server  # noqa: E402
+
+from pacsp2p.dicom.header import read_meta  # noqa: E402
+from pacsp2p.dicom.part10 import examine  # noqa: E402
+
+
+def cpu(pid: int) -> float:
+    return single.cpu_seconds(pid)
+
+
+def main() -> int:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--studies", default="ct")
+    p.add_argument("--count", type=int, default=100, help="instances of the study served")
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--many", action="store_true", help="fetch_many batches of 32")
+    p.add_argument("--holders", default="",
+                   help="comma-separated code trees (PYTHONPATH) of holder processes, one "
+                        "each, alternated round by round (default: this tree)")
+    p.add_argument("--compare", action="store_true",
+                   help="rounds alternate the GET on the reactor (Agent, pyOpenSSL: "
+                        "BulkClient.download) and the blocking one (BulkClient.fetch)")
+    args = p.parse_args()
+    common.header("bulk channel alone: BulkClient <- bulk.site over mutual TLS")
+    from twisted.internet import defer, reactor
+    from twisted.python.threadpool import ThreadPool
+
+    from pacsp2p.overlay import fetching, tls
+
+    data = single.study(args.cache, args.studies)
+    files = data.files[:args.count]
+    want = {}
+    for f in files:
+        raw = f.read_bytes()
+        want[read_meta(f).sop_instance_uid] = examine(raw)[3]
+    uids = list(want)
+    size = sum(f.stat().st_size for f in files)
+    print(f"-- {args.studies}: {len(files)} instances, {size / 1e6:.1f} MB; "
+          f"{args.parallel} at once, {args.rounds} rounds"
+          f"{', batches of 32' if args.many else ''}", flush=True)
+    results = []
+    trees = [t or None for t in args.holders.split(",")] if args.holders else [None]
+    with common.workdir(args.keep, "pacsp2p-bench-bulk-") as wd, \
+            contextlib.ExitStack() as stack:
+        tls_dir = wd / "tls"
+        tls_dir.mkdir()
+        tmp = wd / "tmp"
+        tmp.mkdir()
+        holders = []                    # (label, pid, member)
+        for i, tree in enumerate(trees):
+            env = dict(os.environ)
+            if tree:
+                env["PYTHONPATH"] = tree
+            ports = stack.enter_context(bulk_server(wd / f"server{i}", tls_dir,
+                                                    known=files, env=env))
+            holders.append((f"holder {tree or 'this tree'}", ports["pid"],
+                            SimpleNamespace(name="a", host="127.0.0.1",
+                                            bulk_port=ports["port"])))
+
+        @defer.inlineCallbacks
+        def run():
+            pool = ThreadPool(1, 8, "bulk-io")
+            pool.start()
+            client = fetching.BulkClient(tls.Credentials(tls_dir, "b"), reactor, pool, tmp)
+            hows = ["reactor", "blocking"] if args.compare else ["fetch"]
+            cases = [(h, how) for h in holders for how in hows]
+            try:
+                for rnd in range(len(cases) * (args.rounds + 1)):   # first ones: warm-up
+                    (label, pid, member), how = cases[rnd % len(cases)]
+                    todo = list(uids)
+                    s0, c0, t0 = cpu(pid), time.process_time(), time.perf_counter()
+
+                    @defer.inlineCallbacks
+                    def worker():
+                        while todo:
+                            if args.many:
+                                part = [todo.pop() for _ in range(min(32, len(todo)))]
+                                got = yield client.fetch_many(
+                                    member, "local", [(u, want[u]) for u in part])
+                            elif how == "reactor":
+                                part = [todo.pop()]
+                                got = [(yield client.download(
+                                    member, f"/instances/local/{part[0]}?sha256="
+                                    f"{want[part[0]]}", hashed=True, in_memory=True))]
+                            else:
+                                part = [todo.pop()]
+                                got = [(yield client.fetch(member, "local", part[0],
+                                                           want[part[0]]))]
+                            for u, f in zip(part, got):
+                                if isinstance(f, Exception) or f.sha256 != want[u]:
+                                    raise RuntimeError(f"{u}: not served right: {f!r}")
+                                f.close()
+                    yield defer.gatherResults([worker() for _ in range(args.parallel)],
+                                              consumeErrors=True)
+                    wall = time.perf_counter() - t0
+                    holder = (cpu(pid) - s0) * 1000 / len(uids)
+                    asker = (time.process_time() - c0) * 1000 / len(uids)
+                    case = f"{label}, asker {how}"
+                    if rnd >= len(cases):
+                        results.append((case, wall, holder, asker))
+                    print(f"   round {rnd} {case}{' (warm-up)' if rnd < len(cases) else ''}: "
+                          f"{wall:.3f} s {size / wall / 1e6:7.1f} MB/s  CPU ms/inst "
+                          f"holder {holder:.3f}  asker {asker:.3f}", flush=True)
+            finally:
+                pool.stop()
+
+        def go():
+            d = run()
+            d.addErrback(lambda f: (print(f.getTraceback(), file=sys.stderr),
+                                    results.clear()))
+            d.addBoth(lambda _: reactor.stop())
+        reactor.callWhenRunning(go)
+        reactor.run()
+    if not results:
+        return 1
+    print()
+    for case in dict.fromkeys(r[0] for r in results):
+        mine = [r for r in results if r[0] == case]
+        w, h, a = (median([r[i] for r in mine]) for i in (1, 2, 3))
+        print(f"{case}: median of {len(mine)}: {w:.3f} s, {size / w / 1e6:.1f} MB/s; CPU ms "
+              f"per instance: holder {h:.3f}, asker {a:.3f}, sum {h + a:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The bulk channel's GET of one instance on a blocking socket, in a named thread pool.
+
+The reactor's TLS (pyOpenSSL behind Twisted's memory BIO) copies every byte through cffi
+and the HTTP client parses it in Python on the reactor thread: ~1.3 ms of CPU per 512 KB
+CT image at the asker. Here one job of the ``bulk-fetch`` pool (``pacsp2p.threads``)
+does the whole fetch: stdlib ``ssl`` (TLS 1.3, RFC 8446) reads straight from the socket
+into a preallocated buffer with the GIL released, the answer's HTTP/1.1 framing (RFC
+9112: Content-Length, chunked) is read by ``_Answer``, and the body is examined and
+hashed in the same thread. The reactor only dispatches the job and takes the result.
+
+Same mutual TLS as the reactor's client (``fetching._PeerPolicy``): our certificate,
+the cluster CA as the only trust root, the peer's certificate must name the peer. Same
+bounds: the answer's head at most ``MAX_HEAD`` bytes, a chunk-size line ``MAX_LINE``; a
+body of known length up to ``fetching.MEMORY`` is received into memory if the client's
+budget has room for it, else (or unknown length) into a temporary file; an error
+answer's body is read only if it is short, else its connection is closed; every read
+has ``IDLE`` seconds. A cancelled fetch shuts its socket down (the blocked read ends at
+once), gives back its budget and deletes its file. Connections are kept for reuse, at
+most ``KEEP`` per peer for ``IDLE_CONNECTION`` seconds, for at most ``MAX_PEERS`` peers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import OrderedDict
+
+from twisted.internet import defer, error
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+
+from pacsp2p import threads
+from pacsp2p.dicom import header
+
+MAX_HEAD = 16 << 10           # bytes of an answer's status line and headers
+MAX_LINE = 1 << 10            # bytes of a chunk-size line
+MAX_ERROR_BODY = 1 << 16      # an error answer's body read (to keep the connection)
+IDLE = 60.0                   # seconds any one read or write may wait
+CONNECT = 5.0                 # seconds to connect and complete the handshake
+KEEP = 8                      # idle connections kept per peer
+MAX_PEERS = 64                # peers whose idle connections are kept (LRU)
+IDLE_CONNECTION = 30.0        # seconds an idle connection is kept
+THREADS = 8                   # fetches at once (more wait in the pool's queue)
+SPOOL = 1 << 20               # bytes gathered before a write to the temporary file
+
+
+class Cancelled(Exception):
+    """The fetch was cancelled while it ran (its Deferred has failed already)."""
+
+
+class _WriteFailed(Exception):
+    """Writing the temporary file failed (``original``: the OSError): not a link error."""
+
+    def __init__(self, original: OSError):
+        super().__init__(str(original))
+        self.original = original
+
+
+class _Job:
+    """One fetch: cancelled from the reactor thread, run in a pool thread."""
+
+    def __init__(self):
+        self.cancelled = False
+        self.sock = None
+        self.lock = threading.Lock()
+
+    def cancel(self):
+        with self.lock:
+            self.cancelled = True
+            sock = self.sock
+        if sock is not None:
+            try:        # the plain socket's shutdown: wakes up a read blocked in a thread
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def use(self, sock):
+        with self.lock:
+            if self.cancelled:
+                raise Cancelled()
+            self.sock = sock
+
+
+class _Answer:
+    """An HTTP/1.1 answer read from *sock*: ``head()``, then the body (``read_into``,
+    ``chunks``)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+        self.started = False                 # a byte of the answer has arrived
+
+    def _more(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise EOFError("the connection was closed")
+        self.started = True
+        self.buf += data
+
+    def _line(self, limit: int) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 2]
+                return line
+            if len(self.buf) > limit:
+                raise ValueError("a line over its bound")
+            self._more()
+
+    def head(self) -> tuple[int, dict]:
+        """(status, headers: lower-case name -> value); ValueError if malformed."""
+        while b"\r\n\r\n" not in self.buf:
+            if len(self.buf) > MAX_HEAD:
+                raise ValueError("an answer head over its bound")
+            self._more()
+        end = self.buf.index(b"\r\n\r\n")
+        if end > MAX_HEAD:
+            raise ValueError("an answer head over its bound")
+        lines = bytes(self.buf[:end]).split(b"\r\n")
+        del self.buf[:end + 4]
+        version, _, rest = lines[0].partition(b" ")
+        code = rest[:3]
+        if version != b"HTTP/1.1" or len(code) != 3 or not code.isdigit():
+            raise ValueError("not an HTTP/1.1 status line")
+        headers: dict = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            name = name.strip().lower()
+            if not colon or not name:
+                raise ValueError("a malformed header")
+            if name in headers and name in (b"content-length", b"transfer-encoding"):
+                raise ValueError("a framing header twice")
+            headers[name] = value.strip()
+        return int(code), headers
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill *view* from what is buffered, then straight from the socket."""
+        pos = min(len(self.buf), len(view))
+        view[:pos] = self.buf[:pos]
+        del self.buf[:pos]
+        while pos < len(view):
+            n = self.sock.recv_into(view[pos:])
+            if not n:
+                raise EOFError("the connection was closed")
+            pos += n
+
+    def chunks(self, length: int | None):
+        """The body's pieces: *length* bytes, or chunked (``length`` None)."""
+        if length is not None:
+            while length:
+                if not self.buf:
+                    self._more()
+                piece = bytes(self.buf[:length])
+                del self.buf[:len(piece)]
+                length -= len(piece)
+                yield piece
+            return
+        while True:
+            line = self._line(MAX_LINE).split(b";")[0].strip()
+            if not line or len(line) > 16 or not all(c in b"0123456789abcdefABCDEF"
+                                                     for c in line):
+                raise ValueError("a malformed chunk size")
+            size = int(line, 16)
+            if size == 0:
+                while self._line(MAX_HEAD):          # trailers, up to the empty line
+                    pass
+                return
+            left = size
+            while left:
+                if not self.buf:
+                    self._more()
+                piece = bytes(self.buf[:left])
+                del self.buf[:len(piece)]
+                left -= len(piece)
+                yield piece
+            if self._line(MAX_LINE):
+                raise ValueError("a chunk not followed by CRLF")
+
+
+def _framing(headers: dict) -> tuple[int | None, bool]:
+    """(Content-Length or None if chunked, the connection may be kept)."""
+    keep = headers.get(b"connection", b"").lower() != b"close"
+    te = headers.get(b"transfer-encoding")
+    if te is not None:
+        if te.lower() != b"chunked" or b"content-length" in headers:
+            raise ValueError("an unsupported transfer encoding")
+        return None, keep
+    cl = headers.get(b"content-length")
+    if cl is None or not cl.isdigit() or len(cl) > 15:
+        raise ValueError("no usable Content-Length")
+    return int(cl), keep
+
+
+class _Spool:
+    """Thread: a body into a temporary file, its data set hashed on the way (as the
+    reactor's ``_FileSink`` does: the first write holds the File Meta Information)."""
+
+    def __init__(self, make_file):
+        self.f = make_file()
+        self.hasher, self.started, self.data_size, self.size = hashlib.sha256(), False, 0, 0
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.f.write(data)
+        except OSError as e:
+            raise _WriteFailed(e) from None
+        self.size += len(data)
+        if not self.started:
+            self.started = True
+            try:
+                offset = header.file_meta(data)[0]
+            except (header.BadDataset, ValueError, struct.error):
+                self.hasher = None
+                return
+            data = memoryview(data)[offset:]
+        if self.hasher is not None:
+            self.hasher.update(data)
+            self.data_size += len(data)
+
+    def done(self):
+        self.f.seek(0)
+        self.f.sha256 = self.hasher.hexdigest() if self.hasher is not None else ""
+        self.f.data_size = self.data_size if self.hasher is not None else 0
+        self.f.size = self.size
+        return self.f
+
+
+class BlockingGetter:
+    """GET instances from other peers' bulk channels on blocking sockets (see the
+    module's docstring). *kept*: thread-safe, turns a whole body in memory into what is
+    handed over (``fetching._kept``); *budget*: the client's memory budget (``take``,
+    ``give``); *make_file*: a temporary file for a body that is not kept in memory."""
+
+    def __init__(self, files: dict, reactor, kept, budget, memory: int, make_file,
+                 not_held=FileNotFoundError):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)      # verifies cert and name
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cafile=str(files["ca"]))
+        ctx.load_cert_chain(str(files["crt"]), str(files["key"]))
+        self.ctx, self.reactor = ctx, reactor
+        self.kept, self.budget, self.memory, self.make_file = kept, budget, memory, make_file
+        self.not_held = not_held
+        self._idle: OrderedDict = OrderedDict()     # peer -> [(sock, since)], LRU
+        self._lock = threading.Lock()
+
+    def get(self, member, path: str):
+        """Deferred[what ``fetching.BulkClient.fetch`` hands over] of GET *path*."""
+        job = _Job()
+        outer = defer.Deferred(lambda _: job.cancel())
+        inner = deferToThreadPool(self.reactor, threads.pool(self.reactor, "bulk-fetch",
+                                                             1, THREADS),
+                                  self._fetch, job, member, path)
+
+        def done(result):
+            if outer.called:                    # cancelled meanwhile: dispose of it
+                if not isinstance(result, Failure):
+                    result.close()
+                return None
+            (outer.errback if isinstance(result, Failure) else outer.callback)(result)
+        inner.addBoth(done)
+        return outer
+
+    # -- connections (any thread) ----------------------------------------------------
+
+    def _take(self, member):
+        key = (member.name, member.host, member.bulk_port)
+        now = time.monotonic()
+        with self._lock:
+            kept = self._idle.get(key, [])
+            while kept:
+                sock, since = kept.pop()
+                if now - since < IDLE_CONNECTION:
+                    return sock, True
+                _close(sock)
+        sock = socket.create_connection((member.host, member.bulk_port), timeout=CONNECT)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self.ctx.wrap_socket(sock, server_hostname=member.name)
+        except BaseException:
+            sock.close()
+            raise
+        return tls, False
+
+    def _give(self, member, sock) -> None:
+        key = (member.name, member.host, member.bulk_port)
+        with self._lock:
+            kept = self._idle.pop(key, [])
+            self._idle[key] = kept
+            if len(kept) < KEEP:
+                kept.append((sock, time.monotonic()))
+                sock = None
+            while len(self._idle) > MAX_PEERS:
+                for old, _ in self._idle.popitem(last=False)[1]:
+                    _close(old)
+        if sock is not None:
+            _close(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, OrderedDict()
+        for kept in idle.values():
+            for sock, _ in kept:
+                _close(sock)
+
+    # -- one fetch (a pool thread) ---------------------------------------------------
+
+    def _fetch(self, job, member, path: str):
+        request = (f"GET {path} HTTP/1.1\r\nHost: {member.host}:{member.bulk_port}\r\n"
+                   f"\r\n").encode("ascii")
+        for attempt in (0, 1):
+            if job.cancelled:
+                raise Cancelled()
+            try:
+                sock, reused = self._take(member)
+            except OSError as e:                # (ssl.SSLError: a refused handshake)
+                raise error.ConnectError(string=f"{member.name}: {e}") from None
+            answer = _Answer(sock)
+            try:
+                job.use(sock)
+                sock.settimeout(IDLE)
+                sock.sendall(request)
+                code, headers = answer.head()
+                length, keep = _framing(headers)
+            except BaseException as e:
+                _close(sock)
+                if job.cancelled or isinstance(e, Cancelled):
+                    raise Cancelled() from None
+                if reused and not answer.started and attempt == 0:
+                    continue                # a kept connection the peer had closed
+                if not isinstance(e, (OSError, EOFError, ValueError)):
+                    raise
+                raise (ResponseFailed if answer.started else ResponseNeverReceived)(
+                    [Failure(e)]) from None
+            try:
+                if code != 200:
+                    keep = self._error(answer, length, keep)
+                    raise (self.not_held if code == 404 else IOError)(
+                        f"{member.name}: GET {path} answered {code}")
+                result = self._body(job, answer, length)
+                keep = keep and not answer.buf  # (bytes past the answer: not ours)
+            except BaseException:
+                keep = False
+                raise
+            finally:
+                if keep and not job.cancelled:
+                    self._give(member, sock)
+                else:
+                    _close(sock)
+            return result
+
+    @staticmethod
+    def _error(answer, length, keep: bool) -> bool:
+        """An error answer's body dropped if short (the connection kept), else not read
+        (an endless one: the connection closed). Whether it may be kept."""
+        if length is None or length > MAX_ERROR_BODY:
+            return False
+        try:
+            for _ in answer.chunks(length):
+                pass
+        except (OSError, EOFError, ValueError):
+            return False
+        return keep
+
+    def _body(self, job, answer, length: int | None):
+        """The body, in memory (``kept``) or in a temporary file (``_Spool``)."""
+        taken, spool = 0, None
+        try:
+            if length is not None and length <= self.memory and self.budget.take(length):
+                taken = length
+                data = bytearray(length)
+                answer.read_into(memoryview(data))
+                self.budget.give(taken)
+                taken = 0
+                return self.kept([bytes(data)], True)
+            spool, gathered, size = _Spool(self.make_file), [], 0
+            for piece in answer.chunks(length):
+                gathered.append(piece)
+                size += len(piece)
+                if size >= SPOOL:
+                    spool.write(b"".join(gathered))
+                    gathered, size = [], 0
+                if job.cancelled:
+                    raise Cancelled()
+            if gathered or not spool.size:
+                spool.write(b"".join(gathered))
+            result, spool = spool.done(), None
+            return result
+        except _WriteFailed as e:
+            raise e.original from None
+        except (OSError, EOFError, ValueError) as e:
+            if job.cancelled:
+                raise Cancelled() from None
+            raise ResponseFailed([Failure(e)]) from None
+        finally:
+            if taken:
+                self.budget.give(taken)
+            if spool is not None:
+                spool.f.close()             # (a temporary file: deleted)
+
+
+def _close(sock) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
