@@ -22,6 +22,7 @@ most ``KEEP`` per peer for ``IDLE_CONNECTION`` seconds, for at most ``MAX_PEERS`
 from __future__ import annotations
 
 import hashlib
+import select
 import socket
 import ssl
 import struct
@@ -51,6 +52,10 @@ SPOOL = 1 << 20               # bytes gathered before a write to the temporary f
 
 class Cancelled(Exception):
     """The fetch was cancelled while it ran (its Deferred has failed already)."""
+
+
+class Refused(IOError):
+    """The peer answered 405: it does not serve this method there (an older peer)."""
 
 
 class _WriteFailed(Exception):
@@ -183,6 +188,20 @@ class _Answer:
                 raise ValueError("a chunk not followed by CRLF")
 
 
+def _capped(answer, length: int | None, cap: int) -> bytes:
+    """Thread: a whole body of at most *cap* bytes (IOError past them: the caller closes
+    the connection, an endless answer is not read on)."""
+    if length is not None and length > cap:
+        raise IOError(f"an answer over {cap} bytes")
+    parts, size = [], 0
+    for piece in answer.chunks(length):
+        size += len(piece)
+        if size > cap:
+            raise IOError(f"an answer over {cap} bytes")
+        parts.append(piece)
+    return b"".join(parts)
+
+
 def _framing(headers: dict) -> tuple[int | None, bool]:
     """(Content-Length or None if chunked, the connection may be kept)."""
     keep = headers.get(b"connection", b"").lower() != b"close"
@@ -251,16 +270,31 @@ class BlockingGetter:
 
     def get(self, member, path: str):
         """Deferred[what ``fetching.BulkClient.fetch`` hands over] of GET *path*."""
+        return self._run(member, _get(member, path), path, self._body)
+
+    def post(self, member, path: str, body: bytes, cap: int, split):
+        """Deferred[``split(answer body)``, in the pool thread] of POST *path* (JSON
+        *body*): a batch (``fetching.BulkClient.fetch_many``); its answer at most *cap*
+        bytes (IOError past them, the connection closed)."""
+        head = (b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % (path.encode("ascii"),
+                                                 member.host.encode("ascii"),
+                                                 member.bulk_port, len(body)))
+        return self._run(member, head + body, path,
+                         lambda job, answer, length: split(_capped(answer, length, cap)))
+
+    def _run(self, member, request: bytes, path: str, body):
         job = _Job()
         outer = defer.Deferred(lambda _: job.cancel())
         inner = deferToThreadPool(self.reactor, threads.pool(self.reactor, "bulk-fetch",
                                                              1, THREADS),
-                                  self._fetch, job, member, path)
+                                  self._fetch, job, member, request, path, body)
 
         def done(result):
             if outer.called:                    # cancelled meanwhile: dispose of it
                 if not isinstance(result, Failure):
-                    result.close()
+                    for f in (result if isinstance(result, list) else [result]):
+                        getattr(f, "close", lambda: None)()
                 return None
             (outer.errback if isinstance(result, Failure) else outer.callback)(result)
         inner.addBoth(done)
@@ -268,14 +302,17 @@ class BlockingGetter:
 
     # -- connections (any thread) ----------------------------------------------------
 
-    def _take(self, member):
+    def _take(self, member, fresh: bool = False):
+        """(a connection to *member*, whether it was kept): a kept one that is still
+        quiet (the peer has neither closed it nor sent anything since), else a new one;
+        with *fresh*, a new one (every kept one closed: the peer may have restarted)."""
         key = (member.name, member.host, member.bulk_port)
         now = time.monotonic()
         with self._lock:
             kept = self._idle.get(key, [])
             while kept:
                 sock, since = kept.pop()
-                if now - since < IDLE_CONNECTION:
+                if not fresh and now - since < IDLE_CONNECTION and _quiet(sock):
                     return sock, True
                 _close(sock)
         sock = socket.create_connection((member.host, member.bulk_port), timeout=CONNECT)
@@ -310,14 +347,15 @@ class BlockingGetter:
 
     # -- one fetch (a pool thread) ---------------------------------------------------
 
-    def _fetch(self, job, member, path: str):
-        request = (f"GET {path} HTTP/1.1\r\nHost: {member.host}:{member.bulk_port}\r\n"
-                   f"\r\n").encode("ascii")
+    def _fetch(self, job, member, request: bytes, path: str, body):
+        """Thread: send *request*, read the answer's head; a 200's body is *body(job,
+        answer, length)*'s to read, an error's is dropped (``_error``)."""
+        method = request.split(b" ", 1)[0].decode()
         for attempt in (0, 1):
             if job.cancelled:
                 raise Cancelled()
             try:
-                sock, reused = self._take(member)
+                sock, reused = self._take(member, fresh=attempt > 0)
             except OSError as e:                # (ssl.SSLError: a refused handshake)
                 raise error.ConnectError(string=f"{member.name}: {e}") from None
             answer = _Answer(sock)
@@ -337,21 +375,30 @@ class BlockingGetter:
                     raise
                 raise (ResponseFailed if answer.started else ResponseNeverReceived)(
                     [Failure(e)]) from None
+            refused = None
             try:
                 if code != 200:
                     keep = self._error(answer, length, keep)
-                    raise (self.not_held if code == 404 else IOError)(
-                        f"{member.name}: GET {path} answered {code}")
-                result = self._body(job, answer, length)
-                keep = keep and not answer.buf  # (bytes past the answer: not ours)
-            except BaseException:
+                    refused = (self.not_held if code == 404 else Refused if code == 405
+                               else IOError)(f"{member.name}: {method} {path} answered {code}")
+                else:
+                    result = body(job, answer, length)
+                    keep = keep and not answer.buf  # (bytes past the answer: not ours)
+            except BaseException as e:
                 keep = False
+                if job.cancelled:
+                    raise Cancelled() from None
+                if isinstance(e, (EOFError, ValueError, ssl.SSLError, TimeoutError,
+                                  ConnectionError)):
+                    raise ResponseFailed([Failure(e)]) from None
                 raise
             finally:
                 if keep and not job.cancelled:
                     self._give(member, sock)
                 else:
                     _close(sock)
+            if refused is not None:
+                raise refused
             return result
 
     @staticmethod
@@ -402,6 +449,21 @@ class BlockingGetter:
                 self.budget.give(taken)
             if spool is not None:
                 spool.f.close()             # (a temporary file: deleted)
+
+
+def _get(member, path: str) -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (
+        path.encode("ascii"), member.host.encode("ascii"), member.bulk_port)
+
+
+def _quiet(sock) -> bool:
+    """A kept connection has nothing to read: neither the peer's close (EOF, reset, a
+    close_notify) nor anything else an idle HTTP connection should not hold."""
+    if sock.pending():
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
+    return not poller.poll(0)
 
 
 def _close(sock) -> None:

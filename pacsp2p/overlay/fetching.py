@@ -11,11 +11,10 @@ read into memory up to ``MAX_ANSWER`` bytes, and its connection closed past that
 connection and gives back what it held. Small instances are fetched many to a request
 (``fetch_many``: ``POST /instances/<archive>``, the frames of ``bulk``), the answer read
 into memory up to its bound (``bulk.BATCH_BYTES`` and the frames' headers), then split,
-examined and hashed in ONE pool job; a peer that serves no batches (an older one:
-405) is asked one instance per request from then on. One instance asked alone
-(``fetch``: a CT image, over a batch's 256 KB) is read off the reactor, on a blocking
-stdlib-``ssl`` socket in the ``bulk-fetch`` pool (``blocking``), with the same bounds and
-the same memory budget.
+examined and hashed, in ONE job of the ``bulk-fetch`` pool (``blocking``); a peer that
+serves no batches (an older one: 405) is asked one instance per request from then on. One instance asked alone
+(``fetch``: a CT image, over a batch's 256 KB) is read off the reactor too, on a
+blocking stdlib-``ssl`` socket in that pool, with the same bounds and memory budget.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from twisted.web.client import (Agent, FileBodyProducer, HTTPConnectionPool, Res
                                 _HTTP11ClientFactory)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from pacsp2p.dicom import header, part10
@@ -327,24 +326,6 @@ class Unbatched(IOError):
     instance be fetched alone (too big for a batch)."""
 
 
-@implementer(IBodyProducer)
-class _Body:
-    """A request body in memory, written at once (no cooperator task)."""
-
-    def __init__(self, data: bytes):
-        self.data, self.length = data, len(data) or UNKNOWN_LENGTH
-
-    def startProducing(self, consumer):
-        consumer.write(self.data)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
 def _examined(data: bytes):
     """Thread: one instance of a batch as ``_kept`` hands it over (``part10.examine``:
     the File Meta walked once, the data set hashed)."""
@@ -378,6 +359,10 @@ def _split(chunks: list, n: int) -> list:
     if len(out) != n or pos != len(data):
         raise IOError(f"a batch answer of {len(data)} bytes is not {n} frames")
     return out
+
+
+def _split_one(data: bytes, n: int) -> list:
+    return _split([data], n)
 
 
 class _NoDelayClient(HTTP11ClientProtocol):
@@ -470,24 +455,17 @@ class BulkClient:
         broken answer: over its bound, not the frames asked, ``answer_timeout``)."""
         if member.name in self._unbatched:
             raise Unbatched(f"{member.name} serves no batches")
-        url = f"https://{member.host}:{member.bulk_port}/instances/{quote(archive)}"
         body = json.dumps([[uid, sha or ""] for uid, sha in items],
                           separators=(",", ":")).encode()
-        requested = self._agent(member.name).request(
-            b"POST", url.encode(), Headers({b"content-type": [b"application/json"]}),
-            _Body(body))
-        response = yield requested.addTimeout(self.answer_timeout, self.reactor)
-        if response.code != 200:
-            response.deliverBody(_Discard())
-            if response.code == 405:                # an older peer: GET each
-                self._unbatched.add(member.name)
-                raise Unbatched(f"{member.name} serves no batches")
-            raise (NotHeld if response.code == 404 else IOError)(
-                f"{member.name}: POST /instances/{archive} answered {response.code}")
-        chunks = yield read_capped(response, bulk.BATCH_BYTES + bulk.FRAME.size * len(
-            items)).addTimeout(self.answer_timeout, self.reactor)
-        frames = yield deferToThreadPool(self.reactor, self.pool, _split, [chunks],
-                                         len(items))
+        cap = bulk.BATCH_BYTES + bulk.FRAME.size * len(items)
+        try:            # read and split off the reactor (``blocking``), in bounded time
+            frames = yield self.getter.post(
+                member, f"/instances/{quote(archive)}", body, cap,
+                functools.partial(_split_one, n=len(items))
+            ).addTimeout(self.answer_timeout, self.reactor)
+        except blocking.Refused:                    # 405, an older peer: GET each
+            self._unbatched.add(member.name)
+            raise Unbatched(f"{member.name} serves no batches") from None
         why = {bulk.NOT_HELD: NotHeld, bulk.ALONE: Unbatched, bulk.FAILED: IOError}
         return [why[f](f"{member.name}: {uid} not served in a batch (status {f})")
                 if isinstance(f, int) else f for f, (uid, _) in zip(frames, items)]

@@ -99,7 +99,8 @@ def getter(certs: Path, tmp: Path):
 
 def fetch(g, port: int, name: str = "a"):
     member = SimpleNamespace(name=name, host="127.0.0.1", bulk_port=port)
-    return g._fetch(blocking._Job(), member, "/instances/local/1.2.3")
+    path = "/instances/local/1.2.3"
+    return g._fetch(blocking._Job(), member, blocking._get(member, path), path, g._body)
 
 
 def ok(body: bytes) -> bytes:
