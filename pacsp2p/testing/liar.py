@@ -337,3 +337,57 @@ class LyingFindSCP:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class StallingProxy:
+    """A TCP proxy in a thread of the test (127.0.0.1:``port`` -> *target*): a connection
+    opened after ``stall(n)`` forwards *n* bytes from the server to the client and then
+    nothing, and stays open (an archive that stops in the middle of a PDU); those opened
+    before go on. ``held`` counts the bytes kept back."""
+
+    def __init__(self, target_port: int):
+        import socket
+        self.target = (LOOPBACK, target_port)
+        self._listen = socket.create_server((LOOPBACK, 0))
+        self.port = self._listen.getsockname()[1]
+        self._after: int | None = None
+        self.held = 0
+        self._socks: list = []
+
+    def stall(self, after: int) -> None:
+        self._after = after
+
+    def _pipe(self, src, dst, left: int | None) -> None:
+        try:
+            while data := src.recv(65536):
+                if left is not None:
+                    self.held += len(data[left:])
+                    data, left = data[:left], max(0, left - len(data))
+                if data:
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+    def _serve(self) -> None:
+        import socket
+        while True:
+            try:
+                client, _ = self._listen.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self._socks += [client, server]
+            for a, b, left in ((client, server, None), (server, client, self._after)):
+                threading.Thread(target=self._pipe, args=(a, b, left), daemon=True).start()
+
+    def __enter__(self) -> "StallingProxy":
+        threading.Thread(target=self._serve, daemon=True, name="stalling-proxy").start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._listen.close()
+        for s in self._socks:
+            try:
+                s.close()
+            except OSError:
+                pass

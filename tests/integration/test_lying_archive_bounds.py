@@ -13,7 +13,11 @@ A real peer (twistd) manages a ``dimse`` archive that is a lying pynetdicom SCP
   fails with one clear line, nothing of it stays on disk or in memory, and a normal
   instance beside it is retrieved;
 - its rows carry UIDs that are not UIDs: they are skipped with one line each kind, and
-  never sent back to the archive as a query key.
+  never sent back to the archive as a query key;
+- it stops in the middle of a PDU and keeps the connection open: the read gives up
+  after ``timeout`` seconds and that instance fails (pynetdicom's socket has no timeout:
+  the reading thread, and the adapter's thread aborting the association, waited for
+  ever).
 
 A DICOMweb archive (a lying HTTP server, ``LyingOrthanc`` answering QIDO-RS) that
 ignores ``offset`` and lists the same page of studies for ever: the crawl stops at the
@@ -28,7 +32,7 @@ from pacsp2p.testing import Peer, StoreSCP, echo, findscu
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import get_json, wait_until
 from pacsp2p.testing.fuzz.watch import RssPeak, rss_kib
-from pacsp2p.testing.liar import LyingFindSCP, LyingOrthanc
+from pacsp2p.testing.liar import LyingFindSCP, LyingOrthanc, StallingProxy
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -128,6 +132,31 @@ def test_rows_with_bad_uids_are_skipped_and_never_asked_for(tmp_path):
         assert "1 series row(s) skipped: SeriesInstanceUID is not a UID (e.g. 'x/../y')" \
             in log, log[-3000:]
         assert "1 listed instance(s) not recorded" in log and "1.2.3.abc" in log
+        assert p.alive and echo(p.port, p.ae_title)
+
+
+def test_an_archive_stopping_mid_pdu_is_let_go(tmp_path):
+    stuck, other = "1.2.3.1.1.1", "1.2.3.1.1.2"
+    studies = {"1.2.3.1": (b"2 ", [("1.2.3.1.1", stuck, CT), ("1.2.3.1.1", other, CT)])}
+    with LyingFindSCP(studies, sizes={stuck: 1 << 20}) as scp, \
+            StallingProxy(scp.port) as proxy, \
+            StoreSCP(tmp_path / "scp", extra=["+B"]) as dest, \
+            Peer(tmp_path / "peer", name="stalled", destinations={"STORESCP": dest.address},
+                 config={"archives": [{"name": "pacs", "adapter": "dimse",
+                                       "ae_title": scp.ae_title, "host": "127.0.0.1",
+                                       "port": proxy.port, "timeout": 3}]}) as p:
+        wait_until(lambda: crawl(p)["finished"], 60, 0.5, "crawl finished")
+        proxy.stall(200_000)
+        proc = dn.movescu(p.port, p.ae_title, "STORESCP", {
+            "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": "1.2.3.1",
+            "SeriesInstanceUID": "1.2.3.1.1", "SOPInstanceUID": stuck}, timeout=150)
+        assert "Final Move Response" in proc.stderr, proc.stderr[-2000:]
+        assert proxy.held > 0 and not dest.files()
+        log = p.log_path.read_text()
+        # before: the retrieval's own guard gave up on the source after 20 s, the
+        # adapter's thread stayed blocked for ever
+        assert f"C-GET of {stuck} from LIAR: cut: nothing received for 3 s" in log, \
+            log[-3000:]
         assert p.alive and echo(p.port, p.ae_title)
 
 
