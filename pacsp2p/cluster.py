@@ -35,8 +35,6 @@ Verbs:
   (``repair``: re-replication's progress; ``under_replicated``: instances with fewer than
   ``replicas`` live copies and with none, as last counted, with the time);
 - ``digest() -> Deferred[dict]`` — the catalog's digest and version vector;
-- ``compressed_kept() -> frozenset | None`` — the compressed transfer syntaxes this
-  peer's archives keep as they arrive (None: any), for a front end choosing a syntax;
 - ``health() -> Deferred[dict]`` — can this peer serve: ``healthy`` when every front end
   registered in ``serving`` (the facade: listening) says so and the catalog opens
   afresh; ``reasons`` otherwise; also the data directory's free space (``GET /health``,
@@ -220,18 +218,6 @@ class Cluster:
                  "local": False, "adapter": None, "instances": counts.get((a.peer, a.name))}
                 for a in self.ingest.candidates(draining=True) if not a.local]
         return out
-
-    def compressed_kept(self) -> frozenset | None:
-        """The compressed transfer syntaxes every archive of this peer that stores keeps
-        as they arrive (None: any; an archive reached over DIMSE says which it accepts,
-        ``adapters.syntaxes``): those the facade may accept in place of an uncompressed
-        one (``dicom.contexts.storage_choice``)."""
-        kept = None
-        for archive in self.archives.values():
-            said = getattr(archive, "stored_syntaxes", None)
-            if "store" in archive.capabilities and said is not None:
-                kept = frozenset(said) if kept is None else kept & frozenset(said)
-        return kept
 
     @defer.inlineCallbacks
     def digest(self):

@@ -62,6 +62,13 @@ class Stored:
     size: int
     duplicate: bool = False      # same UID, same bytes were already there
     conflict: bool = False       # same UID, different bytes: both kept
+    given: str = ""              # the archive keeps a conversion (another transfer
+                                 # syntax, ``sha256`` is of it): sha256 of what it was given
+
+    @property
+    def given_sha256(self) -> str:
+        """sha256 of the data set the archive was given (what a sender's hash checks)."""
+        return self.given or self.sha256
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,12 @@ Works with every archive that is a C-STORE / C-FIND / C-GET / C-MOVE / C-ECHO SC
 this adapter's own thread pool; the reactor only waits on Deferreds.
 
 - store: C-STORE of the received file's data set bytes unchanged (pynetdicom sends a file
-  path without decoding it), proposing the file's own transfer syntax. An instance the
-  archive holds already (an IMAGE-level C-FIND, then a C-GET to compare the bytes) is
-  not sent again: a duplicate, or a conflict (the archive keeps its copy).
+  path without decoding it), proposing the file's own transfer syntax; an archive that
+  does not accept it (a compressed one) gets it decompressed, as dcmsend does
+  (``syntaxes``: the copy's hash is then of what the archive holds). An instance the
+  archive holds already (an IMAGE-level C-FIND, then a C-GET to compare the bytes, or
+  its conversion's) is not sent again: a duplicate, or a conflict (the archive keeps
+  its copy).
 - open: C-GET at IMAGE level (study root, with the Study and Series Instance UIDs: archives
   such as dcmqrscp only answer hierarchical requests). The SOP class and the hierarchy come
   from what the crawl saw, the catalog (``Catalog.hierarchy``, handed to the adapter as
@@ -142,7 +145,6 @@ class DimseArchive(DimseCrawl):
     capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
     scrub_by_sample = True      # every read is a C-GET: a scrub checks a sample, slower
     max_fetches = 2             # C-GET associations at once (a PACS limits them)
-    stored_syntaxes = frozenset()   # compressed syntaxes it keeps (asked at start)
 
     def __init__(self, name: str, reactor, *, ae_title: str, host: str, port: int,
                  calling_ae: str = "PACSP2P", site: str | None = None, fetch: str = "get",
@@ -216,12 +218,7 @@ class DimseArchive(DimseCrawl):
             if not h.get("up"):
                 raise DimseError(f"{self.ae_title}@{self.host}:{self.port} does not answer "
                                  f"C-ECHO: {h.get('error', 'no answer')}")
-        return d.addCallback(check).addCallback(lambda _: self._run(self._kept))
-
-    def _kept(self) -> None:
-        """Ask the archive which compressed syntaxes it stores (``adapters.syntaxes``)."""
-        self.stored_syntaxes = syntaxes.accepted(
-            self._associate, f"{self.name} ({self.ae_title}@{self.host}:{self.port})")
+        return d.addCallback(check)
 
     def stop(self):
         d = self._run(self._assocs.close)
@@ -253,35 +250,56 @@ class DimseArchive(DimseCrawl):
     def _store(self, received: Path, meta) -> Stored:
         sha, size = content_hash(received)
         ts = str(read_file_meta_info(received).TransferSyntaxUID)
-        sop_class = meta.sop_class_uid
-        held = self._held_hash(meta)
+        sop_class, uid = meta.sop_class_uid, meta.sop_instance_uid
+        held = self._held_hash(meta, received, ts)
         if held is not None:           # kept as it is: the archive would overwrite it
-            if held != sha:
+            held, converted = held     # converted: ours as the archive would hold it
+            same = held in (sha, converted)
+            if not same:
                 log.warn("archive {archive}: {ae} already holds other bytes for {uid}; it "
-                         "keeps its copy", archive=self.name, ae=self.ae_title,
-                         uid=meta.sop_instance_uid)
-            return Stored(self.name, sha, size, duplicate=held == sha, conflict=held != sha)
+                         "keeps its copy", archive=self.name, ae=self.ae_title, uid=uid)
+            return Stored(self.name, held if same else sha, size, duplicate=same,
+                          conflict=not same, given=sha if same and held != sha else "")
+        kind = ("store", sop_class, ts)
+        make = lambda: self._associate(syntaxes.proposed(sop_class, ts))  # noqa: E731
+        target = self._with_assoc(kind, make,
+                                  lambda assoc: syntaxes.accepted(assoc, sop_class, ts))
+        if target is None:
+            raise DimseError(f"{self.ae_title} accepts {sop_class} neither in {ts} nor "
+                             "uncompressed")
+        given, path, f = "", received, None
+        if target != ts:               # as dcmsend: decompressed, content and UIDs kept
+            try:
+                f, converted, size = syntaxes.converted(received, sop_class, uid, target,
+                                                        self.incoming, self.max_dataset)
+            except syntaxes.NotConverted as e:
+                raise DimseError(f"{self.ae_title} does not accept {uid} in {ts} and "
+                                 f"the data set {e} (max_dataset)") from None
+            given, sha, path = sha, converted, Path(f.name)
 
         def send(assoc):
-            status = assoc.send_c_store(received)
+            status = assoc.send_c_store(path)
             if not status or "Status" not in status:
                 raise DimseError(f"no C-STORE response from {self.ae_title}")
             return status.Status
 
-        status = self._with_assoc(("store", sop_class, ts), lambda: self._associate(
-            [build_context(sop_class, [ts])]), send)
+        try:
+            status = self._with_assoc(kind, make, send)
+        finally:
+            if f is not None:
+                f.close()
         if status not in (0x0000, 0xB000, 0xB007, 0xB006):
-            raise DimseError(f"{self.ae_title} refused {meta.sop_instance_uid}: C-STORE "
-                             f"status 0x{status:04X}")
+            raise DimseError(f"{self.ae_title} refused {uid}: C-STORE status 0x{status:04X}")
         a = meta.attributes
         if a.get("StudyInstanceUID") and a.get("SeriesInstanceUID"):
-            self._where.put(meta.sop_instance_uid, (a["StudyInstanceUID"],
-                                                    a["SeriesInstanceUID"], sop_class, ts))
-        return Stored(self.name, sha, size)
+            self._where.put(uid, (a["StudyInstanceUID"], a["SeriesInstanceUID"], sop_class,
+                                  target))
+        return Stored(self.name, sha, size, given=given)
 
-    def _held_hash(self, meta) -> str | None:
-        """The data set hash of the copy of *meta*'s instance the archive holds (C-FIND,
-        then C-GET if it is there), or None if it holds none (or cannot send it)."""
+    def _held_hash(self, meta, received: Path, ts: str) -> tuple[str, str] | None:
+        """(data set hash of the copy of *meta*'s instance the archive holds, hash of
+        *received* converted to that copy's syntax if it is another uncompressed one, or
+        ""), or None if it holds none (or cannot send it). C-FIND, then C-GET."""
         uid, a = meta.sop_instance_uid, meta.attributes
         study, series = a.get("StudyInstanceUID"), a.get("SeriesInstanceUID")
         if not (study and series):
@@ -292,7 +310,8 @@ class DimseArchive(DimseCrawl):
             return None
         try:
             with self._get(uid, study, series, meta.sop_class_uid) as f:
-                return file_dataset_hash(f)
+                return file_dataset_hash(f), syntaxes.held_is_converted(
+                    f, received, ts, self.max_dataset) or ""
         except (DimseError, Refused):
             return None
 
@@ -393,9 +412,12 @@ class DimseArchive(DimseCrawl):
         ident.SOPInstanceUID = uid
 
         def make():
-            # the syntax it is kept in when known, else one context per syntax
+            # the syntax it is kept in when known (a compressed one: or uncompressed, as
+            # this adapter converted it for an archive refusing it), else one per syntax
+            plain = syntaxes.UNCOMPRESSED_LE
+            kept = [ts] if ts in plain else [ts, *plain]
             cxs = [build_context(model)] + [build_context(sop_class, [t])
-                                            for t in ([ts] if ts else GET_SYNTAXES)]
+                                            for t in (kept if ts else GET_SYNTAXES)]
             return self._associate(cxs, [build_role(sop_class, scp_role=True)],
                                    [(evt.EVT_C_STORE, _dispatch_store)])
 

@@ -4,11 +4,12 @@ The facade accepts every storage SOP class (also private and unknown ones) in ev
 transfer syntax, so that C-STORE keeps what the modality sent. Of the syntaxes a
 requestor proposes in ONE storage context, the acceptor picks one (PS3.8 9.3.3.2: the
 acceptor's choice): where the facade only receives (Storage SCP), ``storage_choice``
-takes the requestor's first compressed syntax that the peer's archives keep
-(``Cluster.compressed_kept``: a DCMTK dcmqrscp behind the dimse adapter may take none)
-— the data set is then kept as it arrives, as Orthanc and dcm4chee do, instead of
-being decompressed by the sender — then Explicit VR Little Endian, then Implicit
-(``[facade] keep_compressed = false``: the uncompressed ones first). Where the facade also sends on the context (the requestor
+takes the requestor's first lossless compressed syntax — the data set is then kept as
+it arrives, as Orthanc and dcm4chee do, instead of being decompressed by the sender (an
+archive that takes no compressed syntax, a DCMTK dcmqrscp behind the dimse adapter, gets
+its copy decompressed by the adapter: ``adapters.syntaxes``) — then Explicit VR Little
+Endian, then Implicit (``[facade] keep_compressed = false``: the uncompressed ones
+first). Where the facade also sends on the context (the requestor
 gave it the SCU role for C-GET sub-operations), the uncompressed syntaxes come first:
 the facade must send what it holds in the accepted syntax, and it can decompress what it
 holds (RLE, JPEG, JPEG-LS) but not compress to an arbitrary syntax.
@@ -67,17 +68,14 @@ def add_supported(ae) -> None:
                                  scu_role=True, scp_role=True)
 
 
-def storage_choice(keep_compressed: bool = True, kept=None):
+def storage_choice(keep_compressed: bool = True):
     """The facade's pick among the syntaxes proposed in one context (``negotiate``'s
     *choose*): ``choose(abstract syntax, proposed syntaxes, as_scu)`` -> a syntax, or
-    None for the default order (``ACCEPTED_SYNTAXES``: explicit, implicit, ...).
-    *kept*: the compressed syntaxes the archives keep (None: all of them)."""
-    allowed = KEPT_COMPRESSED if kept is None else KEPT_COMPRESSED & frozenset(kept)
-
+    None for the default order (``ACCEPTED_SYNTAXES``: explicit, implicit, ...)."""
     def choose(abstract_syntax: str, proposed, as_scu: bool) -> str | None:
         if not keep_compressed or as_scu or abstract_syntax not in STORAGE_CLASSES:
             return None
-        return next((ts for ts in proposed if ts in allowed), None)
+        return next((ts for ts in proposed if ts in KEPT_COMPRESSED), None)
     return choose
 
 

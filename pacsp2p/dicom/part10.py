@@ -105,13 +105,37 @@ def examine(data: bytes) -> tuple[int, str, str, str]:
     return offset, ts, uid, hashlib.sha256(memoryview(data)[offset:]).hexdigest()
 
 
-def convert(f, target: str) -> io.BytesIO:
+class TooLarge(BadFile):
+    """A data set that would take more than the bound given once decompressed."""
+
+
+def decoded_size(ds) -> int:
+    """Bytes the pixel data of *ds* takes once decoded (0 without pixel data)."""
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.get("BitsAllocated") or 8)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError) as e:
+        raise BadFile(f"image attributes are not numbers: {e}") from None
+    if min(rows, cols, samples, bits, frames) < 0:
+        raise BadFile("negative image attributes")
+    return rows * cols * samples * frames * max(1, bits // 8)
+
+
+def convert(f, target: str, limit: int | None = None) -> io.BytesIO:
     """The data set of Part-10 file *f* re-encoded in uncompressed *target* (decompressed
-    first if needed; the SOP Instance UID is kept). Closes *f*."""
+    first if needed; the SOP Instance UID is kept). Closes *f*. *limit*: TooLarge if
+    the file with its pixel data decoded would take more bytes (checked before)."""
     with f:
+        size = f.seek(0, io.SEEK_END)
+        if limit is not None and size > limit:
+            raise TooLarge(f"{size} bytes, over {limit}")
         f.seek(0)
         ds = dcmread(f)
     if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+        if limit is not None and (need := size + decoded_size(ds)) > limit:
+            raise TooLarge(f"{need} bytes once decompressed, over {limit}")
         ds.decompress(generate_instance_uid=False)
     target = UID(target)
     return io.BytesIO(encode(ds, target.is_implicit_VR, target.is_little_endian))

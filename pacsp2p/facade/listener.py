@@ -66,11 +66,6 @@ class Facade(service.Service):
         if serving is not None:
             serving["facade"] = self.why_not_listening
 
-    def _kept(self):
-        """The compressed syntaxes the peer's archives keep (asked once they started)."""
-        kept = getattr(self.cluster, "compressed_kept", None)
-        return kept() if kept is not None else None
-
     def why_not_listening(self) -> str:
         """'' while the facade listens, else why not (``GET /health``)."""
         if self.ports:
@@ -108,7 +103,7 @@ class Facade(service.Service):
             artim_timeout=fs.artim_timeout, idle_timeout=fs.idle_timeout,
             max_dataset=fs.max_dataset, fd_reserve=fs.fd_reserve,
             min_peer_pdu=fs.min_peer_pdu, policy=self.policy, observer=self.observer,
-            choose=contexts.storage_choice(fs.keep_compressed, self._kept()))
+            choose=contexts.storage_choice(fs.keep_compressed))
         listening, current = [], ""
         try:
             if not fs.tls_only:

@@ -176,14 +176,17 @@ class Replicate(amp.Command):
     Fetch the bytes from the sender's bulk channel at ``/incoming/<token>``, store them,
     check they hash to *sha256* (when given), and hold the copy as pending (not yet in
     the catalog). *meta* is the instance's header as the sender read it (JSON of
-    InstanceMeta), so the receiver need not parse the file again.
+    InstanceMeta), so the receiver need not parse the file again. The answer's *sha256*
+    is of what the archive holds; *given*, if set, of the bytes fetched (the archive
+    keeps a conversion: ``adapters.syntaxes``).
     """
 
     arguments = [(b"archive", amp.Unicode()), (b"uid", amp.Unicode()),
                  (b"sha256", amp.Unicode()), (b"token", amp.Unicode()),
                  (b"meta", amp.Unicode(optional=True))]
     response = [(b"duplicate", amp.Boolean()), (b"conflict", amp.Boolean()),
-                (b"size", amp.Integer()), (b"sha256", amp.Unicode())]
+                (b"size", amp.Integer()), (b"sha256", amp.Unicode()),
+                (b"given", amp.Unicode(optional=True))]   # ``Stored.given``
     errors = {InvalidArgument: b"INVALID_ARGUMENT", ReplicaRefused: b"REPLICA_REFUSED"}
 
 

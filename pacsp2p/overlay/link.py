@@ -27,6 +27,12 @@ from pacsp2p.overlay.commands import Swim as SwimMessage
 log = Logger()
 
 
+def _receipt(s) -> dict:
+    """The answer to ``Replicate``/``ReplicaOpen`` for the ``Stored`` *s*."""
+    return {"duplicate": s.duplicate, "conflict": s.conflict, "size": s.size,
+            "sha256": s.sha256, "given": s.given}
+
+
 @implementer(IHandshakeListener)
 class Link(ReadHolds, amp.AMP):
     """One overlay connection; the other end is known by its certificate's name."""
@@ -148,8 +154,7 @@ class Link(ReadHolds, amp.AMP):
         d = self.membership.services.replicate(self.peer_name, archive, uid, sha256, token,
                                                meta)
         d.addErrback(as_refusal, uid)
-        return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
-                                        "size": s.size, "sha256": s.sha256})
+        return d.addCallback(_receipt)
 
     @ReplicaOpen.responder
     def on_replica_open(self, stream, archive, uid, head, meta, data=None, end=None,
@@ -157,8 +162,7 @@ class Link(ReadHolds, amp.AMP):
         check(uid=uid, archive=archive)
         d = self.membership.services.open_stream(self, stream, archive, uid, head, meta)
         self._pushed(stream, (data, more1, more2, more3), end)
-        return d.addCallback(lambda s: {"duplicate": s.duplicate, "conflict": s.conflict,
-                                        "size": s.size, "sha256": s.sha256})
+        return d.addCallback(_receipt)
 
     @ReplicaData.responder
     def on_replica_data(self, stream, data, end=None, more1=None, more2=None, more3=None):

@@ -284,11 +284,11 @@ class Ingest:
         """The copy pushed while the data set arrived: check it holds the same bytes
         (else drop it)."""
         def check(copy):
-            if meta.sha256 and copy.stored.sha256 != meta.sha256:
+            if meta.sha256 and copy.stored.given_sha256 != meta.sha256:
                 drop_all([defer.succeed(copy)])
                 raise StoreError(PROCESSING_FAILURE,
                                  f"{meta.sop_instance_uid}: the copy on {target.name}@"
-                                 f"{target.peer} hashes to {copy.stored.sha256[:12]}, "
+                                 f"{target.peer} hashes to {copy.stored.given_sha256[:12]}, "
                                  f"received {meta.sha256[:12]}")
             self.copies["local" if target.peer == self.peer else "pushed"] += 1
             return copy
@@ -357,7 +357,7 @@ class Ingest:
                 self.overlay.sync_from(target.peer)     # not the next one: pull in order
 
         stored = Stored(target.name, sha, answer["size"], answer["duplicate"],
-                        answer["conflict"])
+                        answer["conflict"], answer.get("given") or "")
         return _Copy(target, stored, commit=commit,
                      discard=lambda: m.call(target.peer, Discard, **args))
 

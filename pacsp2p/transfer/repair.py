@@ -479,10 +479,10 @@ class Repair:
             stored = yield target.store(path, meta)
         finally:
             deferToThread(path.unlink, True)
-        if source.sha256 and stored.sha256 != source.sha256:
+        if source.sha256 and stored.given_sha256 != source.sha256:
             if not (stored.duplicate or stored.conflict):
                 yield target.discard(uid, stored.sha256)
-            raise ValueError(f"{uid}: the copy hashes to {stored.sha256[:12]}, the "
+            raise ValueError(f"{uid}: the copy hashes to {stored.given_sha256[:12]}, the "
                              f"catalog's to {source.sha256[:12]}")
         yield record(self.catalog, meta, stored, self.peer)
 

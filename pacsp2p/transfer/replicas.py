@@ -193,10 +193,10 @@ class ReplicaService:
             stored = yield target.store(path, meta)
         finally:
             f.close()
-        if sha256 and stored.sha256 != sha256:
+        if sha256 and stored.given_sha256 != sha256:
             if not stored.duplicate and not stored.conflict:
                 yield target.discard(uid, stored.sha256)
-            raise ReplicaRefused(f"{uid}: bytes hash to {stored.sha256[:12]}, "
+            raise ReplicaRefused(f"{uid}: bytes hash to {stored.given_sha256[:12]}, "
                                  f"announced {sha256[:12]}")
         self.pending[(archive, uid, stored.sha256)] = (meta, stored, self.reactor.seconds())
         return stored

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from pacsp2p.testing import Orthanc, Peer, StoreSCP, dataset_sha256, findscu, storescu
@@ -95,9 +96,9 @@ def kind(request):
 
 def test_a_compressed_syntax_is_kept_only_where_the_archive_takes_it(tmp_path, kind):
     """dcmsend offers an RLE file in RLE and, as it can decompress, uncompressed: the
-    facade takes RLE only if its archive accepts RLE for storage (asked by the adapter
-    at start). A DCMTK dcmqrscp with its defaults takes no compressed syntax: the file
-    arrives decompressed (same content) instead of being refused; Orthanc keeps RLE."""
+    facade takes RLE. A DCMTK dcmqrscp with its defaults takes no compressed syntax: the
+    adapter sends it decompressed (same content) instead of being refused; Orthanc keeps
+    RLE."""
     files = datasets.make_study(tmp_path / "in", series=(("CT", 2, ExplicitVRLittleEndian),),
                                 size=64, patient_id="DIMSE02", seed=9)
     rle = []
@@ -244,4 +245,72 @@ def test_two_vendors_two_replicas(tmp_path):
         finally:
             cluster.stop()
             orthanc.stop()
+            dcmqr.stop()
+
+
+def test_a_compressed_instance_reaches_an_archive_taking_only_uncompressed(tmp_path):
+    """Peer A keeps what a modality sends in RLE (embedded archive); its replica goes to
+    peer B, whose archive is a DCMTK dcmqrscp with its default config: no compressed
+    syntax accepted. The dimse adapter sends it decompressed, as dcmsend does, and
+    records the hash of what dcmqrscp holds: every C-STORE succeeds with both copies
+    (before: B's copy refused, 1 of 2 copies, 0xA700), a second sending is a duplicate
+    on B (not a conflict), and with A stopped B serves each instance by C-GET and C-MOVE
+    with the same pixel data."""
+    src = datasets.make_study(tmp_path / "in", series=(("CT", 3, ExplicitVRLittleEndian),
+                                                       ("MR", 2, ExplicitVRLittleEndian)),
+                              size=64, patient_id="CONV01", seed=11)
+    rle = []
+    for f in src:
+        rle.append(tmp_path / "rle" / f"{len(rle)}.dcm")
+        rle[-1].parent.mkdir(exist_ok=True)
+        dcmtk("dcmcrle", f, rle[-1], check=True)
+    assert {dn.transfer_syntax(f) for f in rle} == {RLELossless}
+    want = {uid: dcmread(p).pixel_array for uid, p in dn.by_sop_uid(rle).items()}
+    study = str(datasets.uid("study", "CONV01", 11))
+    dcmqr = Archive("dcmqrscp", tmp_path / "dcmqr", {}).start()
+    cluster = Cluster(tmp_path / "cluster")
+    with StoreSCP(tmp_path / "out", ae_title="STORESCP") as scp:
+        cluster.destinations = {"STORESCP": scp.address}
+        try:
+            a = cluster.add("peera")                       # embedded archive "local"
+            cluster.config = {"archives": [dcmqr.block("dcmqr")]}
+            b = cluster.add("peerb")
+            cluster.wait_mesh()
+            for _ in range(2):                             # the second time: duplicates
+                # one context per SOP class proposing RLE and the uncompressed syntaxes
+                proc = storescu(a.port, a.ae_title, rle, extra=["+C", "-v"], check=False)
+                out = proc.stdout + proc.stderr
+                assert proc.returncode == 0, out
+                assert out.count("Received Store Response (Success)") == len(rle), out
+            # dcmqrscp holds each instance uncompressed, with the same content
+            held = dn.by_sop_uid(dcmqr.server.files())
+            assert sorted(held) == sorted(want)
+            assert {dn.transfer_syntax(p) for p in held.values()} <= {
+                ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+            for uid, path in held.items():
+                assert dn.content_differences(dn.by_sop_uid(rle)[uid], path) == []
+
+            def both_copies(peer):
+                rows = status(peer, f"where?study={study}")
+                return len(rows) == len(want) and all(
+                    {(r["peer"], r["archive"]) for r in row["replicas"]} ==
+                    {("peera", "local"), ("peerb", "dcmqr")} for row in rows)
+            wait_until(lambda: both_copies(a) and both_copies(b), 60, interval=0.5,
+                       what="two copies of every instance")
+            assert status(b)["catalog"]["conflicts"] == 0
+            assert "already holds other bytes" not in b.log_path.read_text()
+            a.stop()
+            got = dn.getscu(b.port, b.ae_title, tmp_path / "got", {
+                "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
+            assert got.returncode == 0, got.stdout + got.stderr
+            proc = dn.movescu(b.port, b.ae_title, "STORESCP", {
+                "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            for files in (list((tmp_path / "got").iterdir()), scp.files()):
+                served = dn.by_sop_uid(files)
+                assert sorted(served) == sorted(want)
+                for uid, path in served.items():
+                    assert (dcmread(path).pixel_array == want[uid]).all(), uid
+        finally:
+            cluster.stop()
             dcmqr.stop()

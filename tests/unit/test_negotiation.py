@@ -98,15 +98,3 @@ def test_non_storage_contexts_are_left_alone():
                      [RLELossless, ImplicitVRLittleEndian])])
     assert got == {1: ImplicitVRLittleEndian}
 
-
-def test_only_a_compressed_syntax_the_archives_keep_is_taken():
-    """A DCMTK dcmqrscp behind the dimse adapter takes no compressed syntax by default
-    (``Cluster.compressed_kept``): the sender then decompresses."""
-    prim = A_ASSOCIATE()
-    cx = build_context(CTImageStorage, [JPEGLSLossless, RLELossless, *UNCOMPRESSED])
-    cx.context_id = 1
-    prim.presentation_context_definition_list = [cx]
-    for kept, want in ((frozenset(), ExplicitVRLittleEndian),
-                       (frozenset({RLELossless}), RLELossless), (None, JPEGLSLossless)):
-        results, _ = negotiate(prim, supported(), contexts.storage_choice(True, kept))
-        assert results[0].transfer_syntax[0] == want, kept
