@@ -91,6 +91,7 @@ GET_SLACK = 16 << 20       # bytes a C-GET may receive besides its data set
 MAX_PENDING = 1000         # Pending responses of a C-GET (a C-MOVE: and 4 per instance)
 MAX_MOVE_IDENTIFIER = 1 << 20  # bytes of a C-MOVE response's identifier (failed UIDs)
 REMEMBERED = 200_000       # instances whose place is kept (and studies whose count)
+MAX_TIMEOUT = 3600         # seconds: ``timeout`` (association, message, socket read)
 
 
 def _attrs(ds: Dataset, keywords) -> dict:
@@ -188,8 +189,12 @@ class DimseArchive(DimseCrawl):
         if fetch != "get":
             raise ConfigError(f"{where}.fetch: only \"get\" is supported (got {fetch!r})")
         for key in ("crawl_qps", "timeout"):
-            if key in opts and (not isinstance(opts[key], (int, float)) or opts[key] <= 0):
+            if key in opts and (not isinstance(opts[key], (int, float)) or opts[key] <= 0
+                                or opts[key] == float("inf")):
                 raise ConfigError(f"{where}.{key}: must be a positive number")
+        if opts.get("timeout", 30.0) > MAX_TIMEOUT:
+            raise ConfigError(f"{where}.timeout: must be at most {MAX_TIMEOUT} seconds, "
+                              f"got {opts['timeout']!r}")
         max_rows = archive_integer(opts, "max_find_rows", MAX_FIND_ROWS, 10, where)
         max_dataset = archive_integer(opts, "max_dataset", MAX_DATASET, 1024, where)
         return cls(cfg.name, reactor, ae_title=opts["ae_title"], host=opts["host"],

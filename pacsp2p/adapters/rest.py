@@ -85,8 +85,12 @@ def _option_checks(opts: dict, where: str, adapter: str, known) -> None:
             raise ConfigError(f"{where}.{key}: must be a string")
     for key in ("crawl_qps", "timeout"):
         if key in opts and (isinstance(opts[key], bool)
-                            or not isinstance(opts[key], (int, float)) or opts[key] <= 0):
+                            or not isinstance(opts[key], (int, float)) or opts[key] <= 0
+                            or opts[key] == float("inf")):
             raise ConfigError(f"{where}.{key}: must be a positive number, got {opts[key]!r}")
+    if opts.get("timeout", 30.0) > 3600:
+        raise ConfigError(f"{where}.timeout: must be at most 3600 seconds, "
+                          f"got {opts['timeout']!r}")
     for key in ("page_studies", "page_instances", "threads"):
         if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int)
                             or opts[key] <= 0):

@@ -58,6 +58,18 @@ BROKEN = [
     ("adapter-rate-zero", '[[archives]]\nname = "o"\nadapter = "orthanc"\n'
      'url = "http://127.0.0.1:8042"\ncrawl_qps = 0\n', {},
      "archives[0].crawl_qps: must be a positive number"),
+    ("adapter-timeout-infinite", '[[archives]]\nname = "o"\nadapter = "orthanc"\n'
+     'url = "http://127.0.0.1:8042"\ntimeout = inf\n', {},
+     "archives[0].timeout: must be a positive number, got inf"),
+    ("dimse-timeout-too-long", '[[archives]]\nname = "p"\nadapter = "dimse"\n'
+     'ae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\ntimeout = 86400\n', {},
+     "archives.p.timeout: must be at most 3600 seconds, got 86400"),
+    ("dimse-find-rows-too-few", '[[archives]]\nname = "p"\nadapter = "dimse"\n'
+     'ae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\nmax_find_rows = 5\n', {},
+     "archives.p.max_find_rows: must be an integer >= 10, got 5"),
+    ("dicomweb-max-studies-text", '[[archives]]\nname = "w"\nadapter = "dicomweb"\n'
+     'url = "http://127.0.0.1:8042/dicom-web"\nmax_studies = "many"\n', {},
+     "archives[0].max_studies: must be an integer >= 1, got 'many'"),
     ("embedded-option-unknown", '[[archives]]\nname = "l"\nsize = 3\n', {},
      "archives.l.size: unknown key for adapter 'embedded'"),
     ("max-fetches-zero", '[[archives]]\nname = "l"\nmax_fetches = 0\n', {},
