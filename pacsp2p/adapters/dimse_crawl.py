@@ -17,7 +17,9 @@ per series), each query behind the crawl's token bucket. The studies are listed 
   so a restart resumes inside its window. A range never matches a study without a
   StudyDate: on such a large archive those are not crawled (a warning says so once; a
   larger ``max_find_rows`` lists them). One day with more studies than the bound stops
-  the crawl with an error naming the setting. No total is known when paging.
+  the crawl with an error naming the setting, as does a series of more instances (an
+  IMAGE query has no key to page on that every archive matches by range). No total is
+  known when paging.
 
 ``changes`` lists the studies whose StudyDate is on or after the last date seen (a
 window halved in the same way while it answers too much: the next round goes on from
