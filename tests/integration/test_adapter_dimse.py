@@ -248,6 +248,50 @@ def test_two_vendors_two_replicas(tmp_path):
             dcmqr.stop()
 
 
+def rle_study(tmp_path: Path, patient_id: str, seed: int):
+    """(RLE files made by dcmcrle of a 5-instance CT/MR study, its Study Instance UID,
+    {SOP Instance UID: decoded pixel array})."""
+    src = datasets.make_study(tmp_path / "in", series=(("CT", 3, ExplicitVRLittleEndian),
+                                                       ("MR", 2, ExplicitVRLittleEndian)),
+                              size=64, patient_id=patient_id, seed=seed)
+    rle = []
+    for f in src:
+        rle.append(tmp_path / "rle" / f"{len(rle)}.dcm")
+        rle[-1].parent.mkdir(exist_ok=True)
+        dcmtk("dcmcrle", f, rle[-1], check=True)
+    assert {dn.transfer_syntax(f) for f in rle} == {RLELossless}
+    want = {uid: dcmread(p).pixel_array for uid, p in dn.by_sop_uid(rle).items()}
+    return rle, str(datasets.uid("study", patient_id, seed)), want
+
+
+def store_rle(peer: Peer, rle) -> None:
+    """storescu -R -xr +C: one context per SOP class proposing RLE and the uncompressed
+    syntaxes (the facade takes RLE); every C-STORE must succeed."""
+    proc = storescu(peer.port, peer.ae_title, rle, extra=["+C", "-v"], check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert out.count("Received Store Response (Success)") == len(rle), out
+
+
+def two_copies(peer: Peer, study: str, n: int) -> bool:
+    """*peer* lists *n* instances of *study*, each on peera's embedded archive and on
+    peerb's dcmqrscp."""
+    rows = status(peer, f"where?study={study}")
+    return len(rows) == n and all(
+        {(r["peer"], r["archive"]) for r in row["replicas"]} ==
+        {("peera", "local"), ("peerb", "dcmqr")} for row in rows)
+
+
+def assert_converted(dcmqr: Archive, rle) -> None:
+    """dcmqrscp holds each instance of *rle* uncompressed, with the same content."""
+    held = dn.by_sop_uid(dcmqr.server.files())
+    assert sorted(held) == sorted(dn.by_sop_uid(rle))
+    assert {dn.transfer_syntax(p) for p in held.values()} <= {
+        ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+    for uid, path in held.items():
+        assert dn.content_differences(dn.by_sop_uid(rle)[uid], path) == []
+
+
 def test_a_compressed_instance_reaches_an_archive_taking_only_uncompressed(tmp_path):
     """Peer A keeps what a modality sends in RLE (embedded archive); its replica goes to
     peer B, whose archive is a DCMTK dcmqrscp with its default config: no compressed
@@ -256,17 +300,7 @@ def test_a_compressed_instance_reaches_an_archive_taking_only_uncompressed(tmp_p
     (before: B's copy refused, 1 of 2 copies, 0xA700), a second sending is a duplicate
     on B (not a conflict), and with A stopped B serves each instance by C-GET and C-MOVE
     with the same pixel data."""
-    src = datasets.make_study(tmp_path / "in", series=(("CT", 3, ExplicitVRLittleEndian),
-                                                       ("MR", 2, ExplicitVRLittleEndian)),
-                              size=64, patient_id="CONV01", seed=11)
-    rle = []
-    for f in src:
-        rle.append(tmp_path / "rle" / f"{len(rle)}.dcm")
-        rle[-1].parent.mkdir(exist_ok=True)
-        dcmtk("dcmcrle", f, rle[-1], check=True)
-    assert {dn.transfer_syntax(f) for f in rle} == {RLELossless}
-    want = {uid: dcmread(p).pixel_array for uid, p in dn.by_sop_uid(rle).items()}
-    study = str(datasets.uid("study", "CONV01", 11))
+    rle, study, want = rle_study(tmp_path, "CONV01", 11)
     dcmqr = Archive("dcmqrscp", tmp_path / "dcmqr", {}).start()
     cluster = Cluster(tmp_path / "cluster")
     with StoreSCP(tmp_path / "out", ae_title="STORESCP") as scp:
@@ -276,27 +310,11 @@ def test_a_compressed_instance_reaches_an_archive_taking_only_uncompressed(tmp_p
             cluster.config = {"archives": [dcmqr.block("dcmqr")]}
             b = cluster.add("peerb")
             cluster.wait_mesh()
-            for _ in range(2):                             # the second time: duplicates
-                # one context per SOP class proposing RLE and the uncompressed syntaxes
-                proc = storescu(a.port, a.ae_title, rle, extra=["+C", "-v"], check=False)
-                out = proc.stdout + proc.stderr
-                assert proc.returncode == 0, out
-                assert out.count("Received Store Response (Success)") == len(rle), out
-            # dcmqrscp holds each instance uncompressed, with the same content
-            held = dn.by_sop_uid(dcmqr.server.files())
-            assert sorted(held) == sorted(want)
-            assert {dn.transfer_syntax(p) for p in held.values()} <= {
-                ExplicitVRLittleEndian, ImplicitVRLittleEndian}
-            for uid, path in held.items():
-                assert dn.content_differences(dn.by_sop_uid(rle)[uid], path) == []
-
-            def both_copies(peer):
-                rows = status(peer, f"where?study={study}")
-                return len(rows) == len(want) and all(
-                    {(r["peer"], r["archive"]) for r in row["replicas"]} ==
-                    {("peera", "local"), ("peerb", "dcmqr")} for row in rows)
-            wait_until(lambda: both_copies(a) and both_copies(b), 60, interval=0.5,
-                       what="two copies of every instance")
+            store_rle(a, rle)
+            store_rle(a, rle)                              # again: duplicates
+            assert_converted(dcmqr, rle)
+            wait_until(lambda: two_copies(a, study, len(want)) and two_copies(
+                b, study, len(want)), 60, interval=0.5, what="two copies of every instance")
             assert status(b)["catalog"]["conflicts"] == 0
             assert "already holds other bytes" not in b.log_path.read_text()
             a.stop()
@@ -314,3 +332,41 @@ def test_a_compressed_instance_reaches_an_archive_taking_only_uncompressed(tmp_p
         finally:
             cluster.stop()
             dcmqr.stop()
+
+
+def test_a_hinted_copy_reaches_an_archive_taking_only_uncompressed(tmp_path):
+    """Peer A alone (W=1) keeps 5 RLE instances, one copy each, owing the second; peer B
+    joins with a default dcmqrscp: hinted hand-off copies each there, decompressed by
+    B's adapter (before: refused for ever, the hints stayed), and B's copy of each
+    serves a C-GET from A, whose own files are gone, with the same pixel data."""
+    rle, study, want = rle_study(tmp_path, "CONV02", 12)
+    dcmqr = Archive("dcmqrscp", tmp_path / "dcmqr", {}).start()
+    cluster = Cluster(tmp_path / "cluster", config={"cluster": {"write_quorum": 1}})
+    try:
+        a = cluster.add("peera")
+        store_rle(a, rle)
+        assert status(a)["catalog"]["hints"] == len(want)
+        cluster.config = {**cluster.config, "archives": [dcmqr.block("dcmqr")]}
+        b = cluster.add("peerb")
+        cluster.wait_mesh()
+        wait_until(lambda: two_copies(a, study, len(want)) and two_copies(
+            b, study, len(want)) and status(a)["catalog"]["hints"] == 0, 90, interval=0.5,
+            what="the copy owed of every instance made on peerb's dcmqrscp")
+        assert_converted(dcmqr, rle)
+        assert status(b)["catalog"]["conflicts"] == 0
+        # only dcmqrscp's copies can serve (fetched from peerb, checked against the hash
+        # of the converted copy): the files of peera's own copies are removed
+        files = dn.archive_files(a.data_dir)
+        assert sorted(dn.by_sop_uid(files)) == sorted(want)
+        for f in files:
+            f.unlink()
+        got = dn.getscu(a.port, a.ae_title, tmp_path / "got", {
+            "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
+        assert got.returncode == 0, got.stdout + got.stderr
+        served = dn.by_sop_uid((tmp_path / "got").iterdir())
+        assert sorted(served) == sorted(want)
+        for uid, path in served.items():
+            assert (dcmread(path).pixel_array == want[uid]).all(), uid
+    finally:
+        cluster.stop()
+        dcmqr.stop()
