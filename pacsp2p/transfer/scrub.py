@@ -23,7 +23,8 @@ is *missing*: both are logged with the instance UID, counted in status, and repl
 once from a good replica (this peer's other archives, or another peer over the bulk
 channel: ``transfer.retrieve``, which checks each replica's hash in turn) through the
 archive's ``restore`` (the embedded archive renames the good file over the damaged one;
-the catalog is unchanged: the copy's hash is the catalog's again). The replica's whole
+the copy's hash is the catalog's again, or, from a replica kept in another transfer
+syntax when none has its bytes, the catalog takes its hash). The replica's whole
 Part-10 file is taken, so a copy made by the cluster comes back byte-identical. An
 archive that cannot ``restore`` (plain DIMSE), or an instance with no good replica, is
 *unrepaired*: logged as an error, listed in status, and ``pacsp2p scrub`` exits non-zero.
@@ -56,6 +57,7 @@ from twisted.logger import Logger
 
 from pacsp2p import threads
 from pacsp2p.catalog import scrub as sql
+from pacsp2p.catalog.db import stored_location
 from pacsp2p.catalog.scrub import Copy
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.part10 import file_dataset_hash
@@ -448,11 +450,12 @@ class Scrub:
         if not refs:
             raise ValueError("the instance is no longer in the catalog")
         ref = refs[0]
-        # a copy with a hash: replicas with the same one (or none); without (crawled):
-        # any replica whose own hash is known (the retrieval checks it)
-        others = tuple(loc for loc in ref.locations
-                       if (loc.peer, loc.archive) != (self.peer, c.archive)
-                       and (loc.sha256 in (sha, "") if sha else is_sha256(loc.sha256)))
+        # replicas with the copy's hash (or none), else any whose own hash is known (the
+        # retrieval checks it; another syntax's: ``adapters.syntaxes`` converted it)
+        others = [loc for loc in ref.locations
+                  if (loc.peer, loc.archive) != (self.peer, c.archive)]
+        others = tuple(loc for loc in others if sha and loc.sha256 in (sha, "")) or \
+            tuple(loc for loc in others if is_sha256(loc.sha256))
         if not others:
             raise ValueError("no other replica")
         ref = dataclasses.replace(ref, locations=others)
@@ -465,7 +468,7 @@ class Scrub:
         path = yield deferToThreadPool(self.reactor, pool, _spool, f, self.tmpdir)
         try:
             got = yield deferToThreadPool(self.reactor, pool, _file_hash, path)
-            if sha and got != sha or not got:
+            if not got or sha and got != sha and got not in {o.sha256 for o in others}:
                 raise Damaged(f"the replica from {served} hashes to {got[:12]}")
             meta = yield deferToThreadPool(self.reactor, pool, read_meta, path)
             if meta.sop_instance_uid != c.uid:
@@ -473,8 +476,11 @@ class Scrub:
             stored = yield archive.restore(path, meta)
         finally:
             pool.callInThread(_unlink, path)
-        if sha and stored.sha256 != sha:
+        if sha and stored.sha256 != got:
             raise Damaged(f"the restored copy hashes to {stored.sha256[:12]}")
+        if sha and got != sha:          # another syntax's bytes: the copy's hash is theirs
+            meta = dataclasses.replace(meta, transfer_syntax_uid=ref.transfer_syntax_uid)
+            yield self.catalog.record(meta, stored_location(meta, stored, self.peer))
         return served
 
     # -- copies that retrievals found damaged ----------------------------------------

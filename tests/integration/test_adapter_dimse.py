@@ -10,6 +10,8 @@ vendors holding one study are two replicas of each instance and both serve a ret
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -337,8 +339,9 @@ def test_a_compressed_instance_reaches_an_archive_taking_only_uncompressed(tmp_p
 def test_a_hinted_copy_reaches_an_archive_taking_only_uncompressed(tmp_path):
     """Peer A alone (W=1) keeps 5 RLE instances, one copy each, owing the second; peer B
     joins with a default dcmqrscp: hinted hand-off copies each there, decompressed by
-    B's adapter (before: refused for ever, the hints stayed), and B's copy of each
-    serves a C-GET from A, whose own files are gone, with the same pixel data."""
+    B's adapter (before: refused for ever, the hints stayed). A damaged copy on A is
+    replaced by scrub from B's converted one, and B's copy of each serves a C-GET from
+    A, whose own files are gone, with the same pixel data."""
     rle, study, want = rle_study(tmp_path, "CONV02", 12)
     dcmqr = Archive("dcmqrscp", tmp_path / "dcmqr", {}).start()
     cluster = Cluster(tmp_path / "cluster", config={"cluster": {"write_quorum": 1}})
@@ -354,6 +357,21 @@ def test_a_hinted_copy_reaches_an_archive_taking_only_uncompressed(tmp_path):
             what="the copy owed of every instance made on peerb's dcmqrscp")
         assert_converted(dcmqr, rle)
         assert status(b)["catalog"]["conflicts"] == 0
+        # a damaged copy on peera is replaced from the only other replica, dcmqrscp's
+        # converted one: peera then keeps it uncompressed, under its hash (before: 'no
+        # other replica', unrepaired for ever)
+        path = dn.archive_files(a.data_dir)[0]
+        path.write_bytes(path.read_bytes()[:-8] + bytes(8))
+        for damaged in (1, 0):                 # the second pass finds the new hash right
+            proc = subprocess.run([str(Path(sys.executable).parent / "pacsp2p"), "scrub",
+                                   "--config", str(a.config_path)], capture_output=True,
+                                  text=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            # (the copy recorded anew in the pass is checked once more: 6 of 5 then)
+            assert f" copies checked, {damaged} damaged, {damaged} repaired, 0 missing" \
+                in proc.stdout, proc.stdout + proc.stderr
+        assert dn.transfer_syntax(path) == ExplicitVRLittleEndian
+        assert dn.content_differences(dn.by_sop_uid(rle)[dn.sop_uid(path)], path) == []
         # only dcmqrscp's copies can serve (fetched from peerb, checked against the hash
         # of the converted copy): the files of peera's own copies are removed
         files = dn.archive_files(a.data_dir)
