@@ -48,7 +48,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
                          JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
@@ -278,8 +278,8 @@ class DimseArchive(DimseCrawl):
                 f, converted, size = syntaxes.converted(received, sop_class, uid, target,
                                                         self.incoming, self.max_dataset)
             except syntaxes.NotConverted as e:
-                raise DimseError(f"{self.ae_title} does not accept {uid} in {ts} and "
-                                 f"the data set {e} (max_dataset)") from None
+                raise DimseError(f"{self.ae_title} does not accept {uid} in "
+                                 f"{UID(ts).name}: {e} (max_dataset)") from None
             given, sha, path = sha, converted, Path(f.name)
 
         def send(assoc):

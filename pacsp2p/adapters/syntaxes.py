@@ -27,7 +27,7 @@ import io
 import tempfile
 from pathlib import Path
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 
 from pacsp2p.dicom.incoming import file_meta
@@ -64,9 +64,9 @@ def _encoded(path: Path, target: str, limit: int) -> bytes:
     try:
         return convert(open(path, "rb"), target, limit).getvalue()
     except BadFile as e:
-        raise NotConverted(f"not sent in {target.name}: {e}") from None
+        raise NotConverted(f"not decompressed to {UID(target).name}: {e}") from None
     except Exception as e:              # a pixel data the decoders refuse
-        raise NotConverted(f"cannot be decoded to {target.name}: "
+        raise NotConverted(f"cannot be decompressed to {UID(target).name}: "
                            f"{type(e).__name__}: {e}") from None
 
 

@@ -388,3 +388,30 @@ def test_a_hinted_copy_reaches_an_archive_taking_only_uncompressed(tmp_path):
     finally:
         cluster.stop()
         dcmqr.stop()
+
+
+def test_a_conversion_over_max_dataset_is_refused_before_decoding(tmp_path):
+    """An RLE CT of 512x512 (265 KiB) decodes to 512 KiB more: with ``max_dataset`` 512
+    KiB, the dimse adapter in front of a default dcmqrscp refuses to decompress it (the
+    C-STORE fails naming max_dataset, nothing stays in incoming) while a 64x64 one is
+    converted."""
+    small, _, _ = rle_study(tmp_path / "small", "CONV03", 13)
+    big = tmp_path / "big.dcm"
+    src = datasets.make_study(tmp_path / "bigin", series=(("CT", 1, ExplicitVRLittleEndian),),
+                              size=512, patient_id="CONV04", seed=14)
+    dcmtk("dcmcrle", src[0], big, check=True)
+    dcmqr = Archive("dcmqrscp", tmp_path / "dcmqr", {}).start()
+    peer = Peer(tmp_path / "peer")
+    try:
+        peer.overrides = {"archives": [dcmqr.block("dcmqr", max_dataset=512 << 10)]}
+        peer.start()
+        store_rle(peer, small[:1])
+        proc = storescu(peer.port, peer.ae_title, [big], extra=["+C", "-v"], check=False)
+        assert "Received Store Response (Success)" not in proc.stdout + proc.stderr
+        log = peer.log_path.read_text()
+        assert "bytes once decompressed, over 524288 (max_dataset)" in log, log[-3000:]
+        assert sorted(dn.by_sop_uid(dcmqr.server.files())) == sorted(dn.by_sop_uid(small[:1]))
+        assert not list((peer.data_dir / "incoming").glob("converted-*"))
+    finally:
+        peer.stop()
+        dcmqr.stop()
