@@ -294,6 +294,22 @@ def assert_converted(dcmqr: Archive, rle) -> None:
         assert dn.content_differences(dn.by_sop_uid(rle)[uid], path) == []
 
 
+def assert_pixels(files, want: dict) -> None:
+    """*files* are the instances of *want* ({uid: pixel array}), each with its pixels."""
+    served = dn.by_sop_uid(files)
+    assert sorted(served) == sorted(want)
+    for uid, path in served.items():
+        assert (dcmread(path).pixel_array == want[uid]).all(), uid
+
+
+def got_by_cget(peer: Peer, outdir: Path, study: str, want: dict) -> None:
+    """getscu of *study* from *peer* brings each instance of *want* with its pixels."""
+    got = dn.getscu(peer.port, peer.ae_title, outdir, {
+        "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert_pixels(outdir.iterdir(), want)
+
+
 def test_a_compressed_instance_reaches_an_archive_taking_only_uncompressed(tmp_path):
     """Peer A keeps what a modality sends in RLE (embedded archive); its replica goes to
     peer B, whose archive is a DCMTK dcmqrscp with its default config: no compressed
@@ -320,17 +336,11 @@ def test_a_compressed_instance_reaches_an_archive_taking_only_uncompressed(tmp_p
             assert status(b)["catalog"]["conflicts"] == 0
             assert "already holds other bytes" not in b.log_path.read_text()
             a.stop()
-            got = dn.getscu(b.port, b.ae_title, tmp_path / "got", {
-                "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
-            assert got.returncode == 0, got.stdout + got.stderr
+            got_by_cget(b, tmp_path / "got", study, want)
             proc = dn.movescu(b.port, b.ae_title, "STORESCP", {
                 "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
             assert proc.returncode == 0, proc.stdout + proc.stderr
-            for files in (list((tmp_path / "got").iterdir()), scp.files()):
-                served = dn.by_sop_uid(files)
-                assert sorted(served) == sorted(want)
-                for uid, path in served.items():
-                    assert (dcmread(path).pixel_array == want[uid]).all(), uid
+            assert_pixels(scp.files(), want)
         finally:
             cluster.stop()
             dcmqr.stop()
@@ -378,13 +388,7 @@ def test_a_hinted_copy_reaches_an_archive_taking_only_uncompressed(tmp_path):
         assert sorted(dn.by_sop_uid(files)) == sorted(want)
         for f in files:
             f.unlink()
-        got = dn.getscu(a.port, a.ae_title, tmp_path / "got", {
-            "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
-        assert got.returncode == 0, got.stdout + got.stderr
-        served = dn.by_sop_uid((tmp_path / "got").iterdir())
-        assert sorted(served) == sorted(want)
-        for uid, path in served.items():
-            assert (dcmread(path).pixel_array == want[uid]).all(), uid
+        got_by_cget(a, tmp_path / "got", study, want)
     finally:
         cluster.stop()
         dcmqr.stop()
