@@ -46,7 +46,9 @@ CONNECT = 5.0                 # seconds to connect and complete the handshake
 KEEP = 8                      # idle connections kept per peer
 MAX_PEERS = 64                # peers whose idle connections are kept (LRU)
 IDLE_CONNECTION = 30.0        # seconds an idle connection is kept
-THREADS = 8                   # fetches at once (more wait in the pool's queue)
+THREADS = 32                  # fetches at once (more wait in the pool's queue): 8 per
+                              # source of a retrieval (an embedded archive's max_fetches),
+                              # from several sources
 SPOOL = 1 << 20               # bytes gathered before a write to the temporary file
 
 
