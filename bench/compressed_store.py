@@ -11,7 +11,14 @@ syntaxes (the ``rle`` peer decompresses every instance). Prints, per peer and op
 the median wall seconds and the peer's CPU-seconds per instance (/proc), the bytes its
 archive holds, and the ratios rle/plain.
 
+``--archive dcmqrscp``: each peer's only archive is a DCMTK dcmqrscp with its default
+config (no compressed syntax accepted) behind the dimse adapter, which then sends each
+RLE instance decompressed (``adapters.syntaxes``); ``again`` stores the study a second
+time (duplicates: the adapter C-GETs the held copy and, for ``rle``, converts the
+instance to compare).
+
     .venv/bin/python bench/compressed_store.py [--quick] [--count N] [--reps N]
+        [--archive embedded|dcmqrscp]
 """
 from __future__ import annotations
 
@@ -25,7 +32,9 @@ from common import Timer, median, table  # noqa: E402
 
 from pacsp2p.testing import Peer, StoreSCP  # noqa: E402
 from pacsp2p.testing import dicomnet as dn  # noqa: E402
+from pacsp2p.testing.dcmqrscp import DcmQrScp  # noqa: E402
 from pacsp2p.testing.dcmtk import dcmtk, storescu  # noqa: E402
+from pacsp2p.testing.ports import LOOPBACK  # noqa: E402
 
 DEST = "STORESCP"
 
@@ -55,10 +64,13 @@ def main() -> int:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=None, help="CT instances (100; 30 quick)")
     p.add_argument("--reps", type=int, default=None, help="retrievals per peer (3; 1 quick)")
+    p.add_argument("--archive", choices=("embedded", "dcmqrscp"), default="embedded",
+                   help="each peer's archive (embedded; dcmqrscp: default config, DIMSE)")
     args = p.parse_args()
     count = args.count or (30 if args.quick else 100)
     reps = args.reps or (1 if args.quick else 3)
-    common.header(f"compressed syntax kept as sent: {count} CT 512x512, {reps} reps")
+    common.header(f"compressed syntax kept as sent: {count} CT 512x512, {reps} reps, "
+                  f"archive {args.archive}")
     study = common.ct_study(args.cache, count)
     sent = {"rle": rle_copies(study, args.cache), "plain": study.files}
     keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study.study_uid}
@@ -67,19 +79,28 @@ def main() -> int:
             StoreSCP(work / "scp", extra=["+B"]) as scp:
         peers = {name: Peer(work / name, name=name, ae_title=name.upper(),
                             destinations={DEST: scp.address}) for name in sent}
-        for peer in peers.values():
+        qr = {name: DcmQrScp(work / f"{name}-qr") for name in sent} \
+            if args.archive == "dcmqrscp" else {}
+        for name, peer in peers.items():
+            if name in qr:
+                qr[name].start()
+                peer.overrides = {"archives": [{
+                    "name": "qr", "adapter": "dimse", "ae_title": qr[name].ae_title,
+                    "host": LOOPBACK, "port": qr[name].port}]}
             peer.start()
         try:
             for name, peer in peers.items():
                 extra = ["-xr", "+C"] if name == "rle" else ["-R"]
-                wall, cpu = timed(peer, lambda: storescu(
-                    peer.port, peer.ae_title, sent[name], required=False, extra=extra,
-                    timeout=1200))
-                held = dn.archive_files(peer.data_dir)
+                for op in ("store", "again") if qr else ("store",):
+                    wall, cpu = timed(peer, lambda: storescu(
+                        peer.port, peer.ae_title, sent[name], required=False, extra=extra,
+                        timeout=1200))
+                    results[(name, op)] = [(wall, cpu)]
+                held = qr[name].files() if qr else dn.archive_files(peer.data_dir)
                 syntaxes = {dn.transfer_syntax(f) for f in held[:3]}
-                results[(name, "store")] = [(wall, cpu)]
                 results[(name, "bytes")] = sum(f.stat().st_size for f in held)
-                print(f"{name}: stored {len(held)} in {wall:.1f} s, held as {syntaxes}",
+                print(f"{name}: stored {len(held)} in {results[(name, 'store')][0][0]:.1f}"
+                      f" s, held as {syntaxes}",
                       flush=True)
                 assert len(held) == count
             for rep in range(reps):
@@ -103,7 +124,9 @@ def main() -> int:
         finally:
             for peer in peers.values():
                 peer.stop()
-    for op in ("store", "move", "get"):
+            for server in qr.values():
+                server.stop()
+    for op in ("store", "again", "move", "get") if qr else ("store", "move", "get"):
         per = {}
         for name in sent:
             wall = median([w for w, _ in results[(name, op)]])
