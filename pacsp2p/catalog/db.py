@@ -68,6 +68,7 @@ class Catalog:
         self._lock = threading.Lock()          # the writer's connection: one user at once
         self._own_seq = 0                      # our highest fact written (under _lock)
         self.opened_at = 0                     # our highest fact when the file was opened
+        self.numbers_from = None               # (opened_at) -> our facts numbered above
         self._pending: list[tuple[object, defer.Deferred]] = []
         self._drained: list[defer.Deferred] = []    # stop() waiting for the last flush
         self._parents: dict = {}              # writer thread: see write_facts
@@ -92,6 +93,8 @@ class Catalog:
         def opened(result):
             self.vector.update(result[0])
             self.opened_at = self.vector.get(self.peer, 0)
+            if self.numbers_from is not None:
+                self._own_seq = self.numbers_from(self.opened_at)
             self.integrity.opened(clean=result[1], new=self._created)
         return d.addCallback(opened)
 

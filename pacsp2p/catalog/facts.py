@@ -186,17 +186,19 @@ def meta_attributes(meta: InstanceMeta) -> dict:
     return attrs
 
 
-def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int) -> list:
-    """The facts of *origin* with a sequence number above *after*, in order, as a wire
-    batch: their patient/study/series rows first (once each), then one list per fact.
-    Facts of deleted instances (tombstone markers among them) come without attributes;
+def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
+                 upto: int = 2 ** 62) -> list:
+    """The facts of *origin* with a sequence number above *after* (up to *upto*), in
+    order, as a wire batch: their patient/study/series rows first (once each), then one
+    list per fact. Facts of deleted instances (tombstone markers among them) come without attributes;
     the markers' payloads ride beside the parent rows (``tombstones.WIRE_KEY``)."""
     icols = ", ".join(("l." if c == "SOPInstanceUID" else "i.") + c
                       for c in _LEVEL_SQL["IMAGE"][0])
     facts = [list(r) for r in conn.execute(
         f"SELECT l.seq, l.archive, l.peer, l.sha256, l.size, {icols} FROM locations l "
         "LEFT JOIN instances i ON i.SOPInstanceUID = l.SOPInstanceUID "
-        "WHERE l.peer = ? AND l.seq > ? ORDER BY l.seq LIMIT ?", (origin, after, limit))]
+        "WHERE l.peer = ? AND l.seq > ? AND l.seq <= ? ORDER BY l.seq LIMIT ?",
+        (origin, after, upto, limit))]
     if not facts:
         return []
     parents: dict[str, dict] = {}
@@ -224,14 +226,14 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int) 
 
 
 def read_changes_of(conn: sqlite3.Connection, wanted: list, limit: int) -> list:
-    """[(origin, wire batch)] for *wanted* [(origin, after)], in that order, at most
-    *limit* facts in all: one reader job for every origin a pull asks for, not one
-    each."""
+    """[(origin, wire batch)] for *wanted* [(origin, after)] (or (origin, after, upto)),
+    in that order, at most *limit* facts in all: one reader job for every origin a pull
+    asks for, not one each."""
     out = []
-    for origin, after in wanted:
+    for origin, after, *upto in wanted:
         if limit <= 0:
             break
-        rows = read_changes(conn, origin, after, limit)
+        rows = read_changes(conn, origin, after, limit, *upto)
         if rows:
             out.append((origin, rows))
             limit -= len(rows) - 1

@@ -126,11 +126,13 @@ class _Changes(resource.Resource):
             if not isinstance(limit, int) or not 0 < limit:
                 raise ValueError("bad limit")
             limit = min(limit, MAX_CHANGES)
-            own = ask.get("own", False) is True      # facts of the asker's origin too
+            own = ask.get("own", 0)      # a pull-back: the asker's facts up to that
+            if isinstance(own, bool) or not isinstance(own, int) or not 0 <= own < 2 ** 53:
+                raise ValueError("bad own")
         except (ValueError, RecursionError):      # (JSON nested past the stack)
             return _answer(request, 400, b"bad request\n")
         asker = tls.peer_name(request.transport)
-        if asker and self.heard is not None:
+        if asker and self.heard is not None and not own:   # (own: its vector understated)
             self.heard(asker, theirs)
 
         def send(body):

@@ -428,11 +428,12 @@ class BulkClient:
             return body
         return read().addTimeout(self.answer_timeout, self.reactor)
 
-    def pull_body(self, member, vector: dict, limit: int, own: bool = False):
+    def pull_body(self, member, vector: dict, limit: int, own: int = 0):
         """Deferred[bytes]: the answer of ``POST /changes`` (not decoded yet; ``_answer``);
-        *own*: facts of our own origin too (a pull-back, ``reclaim``)."""
+        *own*: our own origin's facts instead, up to that number (a pull-back,
+        ``reclaim``)."""
         url = f"https://{member.host}:{member.bulk_port}/changes".encode()
-        ask = {"vector": vector, "limit": limit, **({"own": True} if own else {})}
+        ask = {"vector": vector, "limit": limit, **({"own": own} if own else {})}
         data = json.dumps(ask, separators=(",", ":")).encode()
         return self._answer(self._agent(member.name).request(
             b"POST", url, Headers({b"content-type": [b"application/json"]}),

@@ -67,8 +67,7 @@ class Overlay:
             pull_interval=o.pull_interval, ae_interval=max(2.0, 4 * o.heartbeat))
         self.dissemination.on_vector.append(self.membership.vector_heard)
         # a catalog restored from an older backup: mended when a vector tells (reclaim)
-        self.reclaim = Reclaim(catalog, self.sync, self.membership.members,
-                               lambda names: self.ask_vectors(names, [self.name]), reactor)
+        self.reclaim = Reclaim(catalog, self.sync, self.membership.members, reactor)
         self.membership.on_vector.append(self.reclaim.vector_heard)
         self.membership.on_change.append(self.reclaim.member_changed)
         catalog.listeners.append(self.dissemination.changed)

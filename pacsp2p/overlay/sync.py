@@ -21,8 +21,8 @@ than that.
 
 An origin numbers its own facts, so no other peer can hold more of them than it does
 — unless this catalog lost facts it issued (restored from an older backup, a data
-directory replaced). ``reclaim.py`` mends that; for it a pull can also ask for facts of
-our own origin (``own``: the range to pull back), which ``serve`` answers like any other.
+directory replaced). ``reclaim.py`` mends that; for it a pull can ask for the facts of
+our own origin in a range instead (``own``: a pull-back), which ``serve`` answers alike.
 """
 
 from __future__ import annotations
@@ -82,23 +82,29 @@ def checked_rows(origin: str, rows) -> tuple[list, int]:
 
 
 @defer.inlineCallbacks
-def serve(catalog, theirs: dict, asker: str | None, limit: int, own: bool = False):
+def serve(catalog, theirs: dict, asker: str | None, limit: int, own: int = 0):
     """Deferred[bytes]: our answer to a pull by *asker* whose vector is *theirs*: our
-    vector, then the facts of every origin (but the asker's own, unless *own*: a
-    pull-back of what its restored catalog lost, ``reclaim``) above theirs, origin by
-    origin, at most *limit* facts in all."""
+    vector, then the facts of every origin but the asker's own above theirs, origin by
+    origin, at most *limit* facts in all — or, if *own* (a pull-back of what its
+    restored catalog lost, ``reclaim``), those of the asker's own origin only, up to
+    number *own*."""
     mine = dict(catalog.vector)
-    wanted = [(o, theirs.get(o, 0)) for o in sorted(mine)
-              if (own or o != asker) and mine[o] > theirs.get(o, 0)]
+    if own:
+        after = theirs.get(asker, 0)
+        wanted = [(asker, after, own)] if asker and mine.get(asker, 0) > after else []
+    else:
+        wanted = [(o, theirs.get(o, 0)) for o in sorted(mine)
+                  if o != asker and mine[o] > theirs.get(o, 0)]
     parts = (yield catalog.changes_of(wanted, limit)) if wanted else []
     return encode_answer(mine, parts)
 
 
 def behind(mine: dict, theirs: dict, me: str, own: int = 0) -> bool:
-    """True if *theirs* holds facts *mine* lacks: of every origin but *me*, and of *me*
-    up to *own* (a pull-back)."""
-    return any(s > mine.get(o, 0) for o, s in theirs.items() if o != me) or \
-        min(own, theirs.get(me, 0)) > mine.get(me, 0)
+    """True if *theirs* holds facts *mine* lacks: of every origin but *me* — or, in a
+    pull-back (*own*), of *me* up to *own*."""
+    if own:
+        return min(own, theirs.get(me, 0)) > mine.get(me, 0)
+    return any(s > mine.get(o, 0) for o, s in theirs.items() if o != me)
 
 
 class AntiEntropy:
@@ -108,26 +114,27 @@ class AntiEntropy:
         self.batch = batch
         self.pulled = 0                 # facts applied
         self.requests = 0               # /changes requests made
-        self.own_reached = 0            # the last pull-back: our own facts held up to
+        self.own_got = 0                # the last pull-back: the top of our own facts
+                                        # it brought, of those numbered up to its *upto*
 
-    def _ask(self, member, vector, own=False):
+    def _ask(self, member, vector, own=0):
         self.requests += 1
         if own:
-            return self.bulk.pull_body(member, vector, self.batch, own=True)
+            return self.bulk.pull_body(member, vector, self.batch, own=own)
         return self.bulk.pull_body(member, vector, self.batch)
 
     @defer.inlineCallbacks
     def pull(self, member, own: tuple[int, int] | None = None):
         """Deferred[member's vector]: every fact *member* holds that we lack, applied;
-        with *own* (after, upto), our own facts numbered in that range too (a pull-back:
-        ``own_reached`` is then how far it got)."""
+        with *own* (after, upto), our own facts numbered in that range instead (a
+        pull-back: ``own_got`` is then the highest of them it brought, 0 if none)."""
         me = self.catalog.peer
         start = dict(self.catalog.vector)
         sent = dict(start)
-        upto = 0
+        pulled, upto, got_own = self.pulled, 0, 0
         if own is not None:
             sent[me], upto = own
-        pending = self._ask(member, sent, own is not None)
+        pending = self._ask(member, sent, upto)
         writing = None
         their = None
         try:
@@ -147,11 +154,15 @@ class AntiEntropy:
                         break
                     hinted[origin] = max(hinted.get(origin, 0), hint)
                 if hinted is not None and behind(hinted, their, me, upto):
-                    pending = self._ask(member, hinted, own is not None)
+                    pending = self._ask(member, hinted, upto)
                 batch, tops = [], dict(sent)
                 for origin, raw in parts:
                     rows, top = checked_rows(origin, json.loads(raw))
-                    batch.append((origin, rows))
+                    if origin == me:     # a pull-back: ours above upto are not the gap's
+                        rows = rows[:1] + [r for r in rows[1:] if int(r[0]) <= upto]
+                        got_own = max([got_own] + [int(r[0]) for r in rows[1:]])
+                    if origin != me or len(rows) > 1:
+                        batch.append((origin, rows))
                     tops[origin] = max(tops.get(origin, 0), top)
                 del parts
                 if pending is not None and tops != hinted:
@@ -163,7 +174,7 @@ class AntiEntropy:
                 writing = self._apply(batch)
                 sent = tops
                 if pending is None and behind(sent, their, me, upto):
-                    pending = self._ask(member, sent, own is not None)
+                    pending = self._ask(member, sent, upto)
             if writing is not None:
                 w, writing = writing, None
                 yield w
@@ -177,12 +188,12 @@ class AntiEntropy:
             log.warn("sync from {peer} stopped: {err}", peer=member.name, err=e)
             raise
         if own is not None:
-            self.own_reached = sent.get(me, 0)
+            self.own_got = got_own
         got = self.catalog.vector
         grown = sorted(o for o in got if got[o] > start.get(o, 0))
         if grown:      # one line a pull, not one an origin (up to 32 a pull at 32 peers)
             log.info("synced {n} facts from {peer}: {seqs}", peer=member.name,
-                     n=sum(got[o] - start.get(o, 0) for o in grown),
+                     n=self.pulled - pulled,
                      seqs=", ".join(f"{o} {start.get(o, 0)} -> {got[o]}" for o in grown))
         return their
 

@@ -9,12 +9,15 @@ go through ``sync.serve`` / ``sync.AntiEntropy.pull`` as on the wire, synchronou
 """
 from __future__ import annotations
 
+import json
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from pacsp2p.catalog import db, facts
 from pacsp2p.overlay import sync
-from pacsp2p.overlay.reclaim import GAP, Reclaim
+from pacsp2p.overlay import reclaim as reclaim_module
+from pacsp2p.overlay.reclaim import Reclaim
 
 from test_sync_batched import Bulk, Catalog, Member, pulled
 
@@ -66,7 +69,7 @@ class Restorable(Catalog):
 
 
 class Pulls(Bulk):
-    def pull_body(self, member, vector, limit, own=False):
+    def pull_body(self, member, vector, limit, own=0):
         self.asked.append(dict(vector))
         return sync.serve(self.other, vector, self.asker, limit, own)
 
@@ -75,8 +78,11 @@ class Live(Member):
     state = "alive"
 
 
-def test_facts_numbered_after_a_restore_reach_the_others_and_the_lost_ones_come_back(
-        tmp_path):
+def restored(tmp_path, new: int, epoch: int | None = None):
+    """c stores 5 facts, is backed up, stores 5 more (which a pulls), is restored from
+    the backup and started (numbers skipped, as ``Catalog.start`` does), stores *new*
+    new instances and finds a copy it lost gone: (a, c, c's Reclaim, its clock, the
+    facts lost, c's new ones)."""
     c = Restorable(tmp_path, "c")
     c.store(5)
     backup = db._connect(tmp_path / "backup.sqlite")
@@ -90,39 +96,80 @@ def test_facts_numbered_after_a_restore_reach_the_others_and_the_lost_ones_come_
 
     (tmp_path / "restored").mkdir()
     c = Restorable(tmp_path / "restored", "c", backup)     # restarted from the backup
-    c.store(3, study="1.2.5")                       # numbered 6..8 again: new content
-    c.forget(sorted(lost)[0][0])                    # not even held: a newer fact of it
-    new = {r for r in c.rows() if r[2] == "c"} - {r for r in a.rows()}
-    pulled(sync.AntiEntropy(a, Pulls(c, "a")).pull(Member("c")))
-    assert not new <= a.rows()                      # the harm: ignored as already held
-
-    to_c = sync.AntiEntropy(c, Pulls(a, "c"))
-    asked = []
     clock = Clock()
-    reclaim = Reclaim(c, to_c, {"a": Live("a")}, asked.append, clock)
-    reclaim.member_changed(Live("a"), "alive")
-    clock.advance(0)
-    assert asked == [["a"]]
-    reclaim.heard("a", a.vector["c"])               # a Vector answer, or a pull
-    assert reclaim.mends == 1 and reclaim.due is None, reclaim.status()
-    assert c.own_counter() > 10 + GAP
+    reclaim = Reclaim(c, sync.AntiEntropy(c, Pulls(a, "c")), {"a": Live("a")}, clock)
+    if epoch is not None:
+        reclaim.epoch = epoch
+    c.own_seq = c.numbers_from(c.opened_at)
+    c.store(new, study="1.2.5")                     # new content, numbered after 5
+    c.forget("1.2.4.1.8")                           # not even held: a newer fact of it
+    mine = {r for r in c.rows() if r[2] == "c"} - {r for r in a.rows()}
+    pulled(sync.AntiEntropy(a, Pulls(c, "a")).pull(Member("c")))
+    return a, c, reclaim, clock, lost, mine
+
+
+def mended(a, c, reclaim, lost, new):
+    """Both catalogs, once c mended and a pulled again, hold the same facts."""
+    assert not reclaim.busy and not reclaim.probes, reclaim.status()
     c.store(1, study="1.2.6")                       # a fact of after the mend
     pulled(sync.AntiEntropy(a, Pulls(c, "a")).pull(Member("c")))
     pulled(sync.AntiEntropy(c, Pulls(a, "c")).pull(Member("a")))
     assert a.rows() == c.rows()                     # the same facts, both sides
     assert new <= a.rows()
     assert {r[0] for r in lost} <= {r[0] for r in c.rows()}
-    assert (sorted(lost)[0][0], "local", "c", "ab" * 32, -1) in a.rows()  # newer kept
+    assert ("1.2.4.1.8", "local", "c", "ab" * 32, -1) in a.rows()      # newer kept
     assert a.vector == c.vector
+    seqs = [s for (s,) in c.conn.execute("SELECT seq FROM locations WHERE peer = 'c'")]
+    assert len(seqs) == len(set(seqs))              # no number given twice
     reclaim.heard("a", a.vector["c"])               # nothing more to mend
-    assert reclaim.mends == 1
+    assert not reclaim.busy and not reclaim.probes
+
+
+def test_a_restored_catalog_numbers_a_new_epoch_and_pulls_back_what_it_lost(tmp_path):
+    a, c, reclaim, clock, lost, new = restored(tmp_path, 3)
+    assert new <= a.rows()                          # new to a: taken at once
+    reclaim.member_changed(Live("a"), "alive")      # a seen: asked for the gap
+    clock.advance(0)
+    mended(a, c, reclaim, lost, new)
+    assert reclaim.mends == 0 and reclaim.reissued == 0, reclaim.status()
+    assert reclaim.pulled_to == 10 and reclaim.said == 1
+
+
+def test_facts_numbered_as_the_clusters_are_reissued_above_them(tmp_path, monkeypatch):
+    """No epoch (a clock set back; GAP 1 here): c's new facts take numbers a holds (6,
+    7); a's vector shows more than c's counter: the counter skips past it, they are
+    re-issued, and what c lost is pulled back (then re-issued too)."""
+    monkeypatch.setattr(reclaim_module, "GAP", 1)
+    a, c, reclaim, clock, lost, new = restored(tmp_path, 1, epoch=0)
+    assert not new <= a.rows()                      # the harm: ignored as already held
+    reclaim.member_changed(Live("a"), "alive")      # no gap to ask for: nothing
+    clock.advance(0)
+    reclaim.heard("a", a.vector["c"])               # then: 10 > 7
+    mended(a, c, reclaim, lost, new)
+    assert reclaim.mends == 1 and reclaim.reissued == 2 + 4, reclaim.status()  # 6..10 but 8
+    assert c.own_counter() > 11
 
 
 def test_a_lone_peer_or_one_with_no_lost_facts_mends_nothing(tmp_path):
     c = Restorable(tmp_path, "c")
     c.store(4)
-    reclaim = Reclaim(c, None, {}, lambda names: None, Clock())
+    reclaim = Reclaim(c, None, {}, Clock())
     for top in (0, 3, 4):
         reclaim.heard("a", top)
-    assert reclaim.mends == 0 and reclaim.due is None
+    assert reclaim.mends == 0 and reclaim.said == 0 and not reclaim.probes
     assert c.own_counter() == 4
+
+
+def test_a_pull_back_is_answered_with_the_askers_facts_in_its_range_only(tmp_path):
+    x = Restorable(tmp_path, "x")
+    x.store(4)
+    c = Restorable(tmp_path, "c")
+    c.store(9)
+    pulled(sync.AntiEntropy(x, Pulls(c, "x")).pull(Member("c")))
+    body = pulled(sync.serve(x, {"c": 3, "x": 0}, "c", 100, own=7))
+    vector, parts = sync.decode_answer(body)
+    assert vector == {"x": 4, "c": 9}
+    assert [(o, [r[0] for r in json.loads(raw)[1:]]) for o, raw in parts] == \
+        [("c", [4, 5, 6, 7])]
+    body = pulled(sync.serve(x, {"c": 3, "x": 0}, None, 100, own=7))    # nobody's
+    assert sync.decode_answer(body)[1] == []
