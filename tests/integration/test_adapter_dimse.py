@@ -316,8 +316,8 @@ def test_a_compressed_instance_reaches_an_archive_taking_only_uncompressed(tmp_p
     syntax accepted. The dimse adapter sends it decompressed, as dcmsend does, and
     records the hash of what dcmqrscp holds: every C-STORE succeeds with both copies
     (before: B's copy refused, 1 of 2 copies, 0xA700), a second sending is a duplicate
-    on B (not a conflict), and with A stopped B serves each instance by C-GET and C-MOVE
-    with the same pixel data."""
+    on B (not a conflict), and with A stopped (and B restarted) B serves each instance by
+    C-GET and C-MOVE with the same pixel data."""
     rle, study, want = rle_study(tmp_path, "CONV01", 11)
     dcmqr = Archive("dcmqrscp", tmp_path / "dcmqr", {}).start()
     cluster = Cluster(tmp_path / "cluster")
@@ -336,6 +336,8 @@ def test_a_compressed_instance_reaches_an_archive_taking_only_uncompressed(tmp_p
             assert status(b)["catalog"]["conflicts"] == 0
             assert "already holds other bytes" not in b.log_path.read_text()
             a.stop()
+            b.restart()        # B's adapter forgets where and how it stored them: the
+            # catalog says RLE, the C-GET proposes RLE and uncompressed: dcmqrscp's bytes
             got_by_cget(b, tmp_path / "got", study, want)
             proc = dn.movescu(b.port, b.ae_title, "STORESCP", {
                 "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
