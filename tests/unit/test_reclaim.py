@@ -14,12 +14,12 @@ import json
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from pacsp2p.catalog import db, facts
+from pacsp2p.catalog import db
 from pacsp2p.overlay import sync
 from pacsp2p.overlay import reclaim as reclaim_module
 from pacsp2p.overlay.reclaim import Reclaim
 
-from test_sync_batched import Bulk, Catalog, Member, pulled
+from test_sync_batched import Bulk, Catalog, Member, facts, pulled
 
 
 class Restorable(Catalog):
@@ -37,20 +37,12 @@ class Restorable(Catalog):
     def store(self, n, origin=None, study="1.2.3"):
         """*n* facts of ours, of new instances of *study*, numbered past any skip."""
         seq = self.own_counter()
-        rows = []
-        for i in range(n):
-            seq += 1
-            uid = f"{study}.1.{seq}"
-            attrs = {"PatientID": "P1", "PatientName": "DOE^J", "StudyInstanceUID": study,
-                     "SeriesInstanceUID": study + ".1", "Modality": "CT",
-                     "SOPInstanceUID": uid, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
-                     "TransferSyntaxUID": "1.2.840.10008.1.2.1"}
-            rows.append((attrs, (uid, "local", self.peer, "ab" * 32, 100, seq)))
-        db.write_facts(self.conn, rows)
-        self.vector[self.peer] = seq
+        db.write_facts(self.conn, facts(self.peer, range(seq + 1, seq + n + 1), study,
+                                        prefix=f"{study}.1"))
+        self.vector[self.peer] = seq + n
 
     def reissue(self, after, upto, start):
-        n, last = facts.renumber(self.conn, self.peer, after, upto, start)
+        n, last = db.renumber(self.conn, self.peer, after, upto, start)
         self.own_seq = max(self.own_seq, last)
         self.vector = db.vector(self.conn)
         return defer.succeed((n, last))

@@ -16,6 +16,21 @@ from pacsp2p.overlay import sync
 from pacsp2p.overlay.swimparts import Invalid
 
 
+def facts(origin, seqs, study="1.2.3", prefix=None) -> list:
+    """Facts of *origin* numbered *seqs*, each of a new instance of *study* (UID
+    *prefix*.seq)."""
+    prefix = prefix or f"1.2.3.{abs(hash(origin)) % 1000}"
+    out = []
+    for seq in seqs:
+        uid = f"{prefix}.{seq}"
+        attrs = {"PatientID": "P1", "PatientName": "DOE^J", "StudyInstanceUID": study,
+                 "SeriesInstanceUID": study + ".1", "Modality": "CT",
+                 "SOPInstanceUID": uid, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+                 "TransferSyntaxUID": "1.2.840.10008.1.2.1"}
+        out.append((attrs, (uid, "local", origin, "ab" * 32, 100, seq)))
+    return out
+
+
 class Catalog:
     """A catalog with the methods sync uses, over one SQLite file, synchronous."""
 
@@ -31,17 +46,8 @@ class Catalog:
         """*n* facts of our own (or, written as if pulled, of *origin*)."""
         origin = origin or self.peer
         seq = self.vector.get(origin, 0)
-        facts = []
-        for i in range(n):
-            seq += 1
-            uid = f"1.2.3.{abs(hash(origin)) % 1000}.{seq}"
-            attrs = {"PatientID": "P1", "PatientName": "DOE^J", "StudyInstanceUID": study,
-                     "SeriesInstanceUID": study + ".1", "Modality": "CT",
-                     "SOPInstanceUID": uid, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
-                     "TransferSyntaxUID": "1.2.840.10008.1.2.1"}
-            facts.append((attrs, (uid, "local", origin, "ab" * 32, 100, seq)))
-        db.write_facts(self.conn, facts)
-        self.vector[origin] = seq
+        db.write_facts(self.conn, facts(origin, range(seq + 1, seq + n + 1), study))
+        self.vector[origin] = seq + n
 
     def changes_of(self, wanted, limit):
         self.reads += 1
