@@ -154,11 +154,28 @@ def _spool_file(*args, **kw):
     return tempfile.NamedTemporaryFile(*args, **kw)
 
 
+_spooling: list = []     # one entry per started archive; the first holds pynetdicom's own
+
+
 def spool_received() -> None:
     """C-STORE data sets received by this process's pynetdicom associations (the C-GETs
-    of ``dimse`` archives; the facade does not use pynetdicom) go to a file as they come."""
+    of ``dimse`` archives; the facade does not use pynetdicom) go to a file as they come,
+    while any archive that asked is running (``spool_released`` when it stops: these
+    are pynetdicom's process-wide settings, which another user of pynetdicom in the
+    same process — a test's SCP — must get back)."""
+    _spooling.append((_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile))
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = _spool_file
+
+
+def spool_released() -> None:
+    """An archive that called ``spool_received`` stopped: the last one puts pynetdicom's
+    settings back as they were."""
+    if _spooling:
+        chunked, temporary = _spooling.pop()
+        if not _spooling:
+            _config.STORE_RECV_CHUNKED_DATASET = chunked
+            dimse_messages.NamedTemporaryFile = temporary
 
 
 def drop_partial(assoc) -> None:

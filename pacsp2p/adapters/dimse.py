@@ -64,7 +64,8 @@ from zope.interface import implementer
 
 from pacsp2p.adapters import syntaxes
 from pacsp2p.adapters.associations import (MAX_IDENTIFIER, Associations, DimseError,
-                                           Refused, drop_partial, spool_received)
+                                           Refused, drop_partial, spool_received,
+                                           spool_released)
 from pacsp2p.adapters.dimse_crawl import DimseCrawl, TooManyMatches
 from pacsp2p.adapters.interface import IArchive, ICrawls, IFollows, IOpens, ISends, IStores
 from pacsp2p.adapters.orthanc import _Lru, unlinked_copy
@@ -228,6 +229,7 @@ class DimseArchive(DimseCrawl):
     def stop(self):
         d = self._run(self._assocs.close)
         d.addBoth(lambda _: self._pool.stop())
+        d.addBoth(lambda _: spool_released())
         return d
 
     # -- health ----------------------------------------------------------------------
