@@ -160,13 +160,7 @@ class _Answer:
     def chunks(self, length: int | None):
         """The body's pieces: *length* bytes, or chunked (``length`` None)."""
         if length is not None:
-            while length:
-                if not self.buf:
-                    self._more()
-                piece = bytes(self.buf[:length])
-                del self.buf[:len(piece)]
-                length -= len(piece)
-                yield piece
+            yield from self._pieces(length)
             return
         while True:
             line = self._line(MAX_LINE).split(b";")[0].strip()
@@ -178,16 +172,18 @@ class _Answer:
                 while self._line(MAX_HEAD):          # trailers, up to the empty line
                     pass
                 return
-            left = size
-            while left:
-                if not self.buf:
-                    self._more()
-                piece = bytes(self.buf[:left])
-                del self.buf[:len(piece)]
-                left -= len(piece)
-                yield piece
+            yield from self._pieces(size)
             if self._line(MAX_LINE):
                 raise ValueError("a chunk not followed by CRLF")
+
+    def _pieces(self, left: int):
+        while left:
+            if not self.buf:
+                self._more()
+            piece = bytes(self.buf[:left])
+            del self.buf[:len(piece)]
+            left -= len(piece)
+            yield piece
 
 
 def _capped(answer, length: int | None, cap: int) -> bytes:
@@ -218,19 +214,21 @@ def _framing(headers: dict) -> tuple[int | None, bool]:
     return int(cl), keep
 
 
-class _Spool:
-    """Thread: a body into a temporary file, its data set hashed on the way (as the
-    reactor's ``_FileSink`` does: the first write holds the File Meta Information)."""
+class Spool:
+    """Thread: a body into a temporary file (``make_file()``, made on the first write),
+    with *hashed* its data set hashed on the way (the first write must hold the File
+    Meta Information); ``done()``: the file, at its start, with ``sha256`` and
+    ``data_size`` (empty and 0 if not hashed or not a Part-10 file) and ``size``."""
 
-    def __init__(self, make_file):
-        self.f = make_file()
-        self.hasher, self.started, self.data_size, self.size = hashlib.sha256(), False, 0, 0
+    def __init__(self, make_file, hashed: bool = True):
+        self.make_file, self.f = make_file, None
+        self.hasher = hashlib.sha256() if hashed else None
+        self.started, self.data_size, self.size = not hashed, 0, 0
 
     def write(self, data: bytes) -> None:
-        try:
-            self.f.write(data)
-        except OSError as e:
-            raise _WriteFailed(e) from None
+        if self.f is None:
+            self.f = self.make_file()
+        self.f.write(data)
         self.size += len(data)
         if not self.started:
             self.started = True
@@ -250,6 +248,10 @@ class _Spool:
         self.f.data_size = self.data_size if self.hasher is not None else 0
         self.f.size = self.size
         return self.f
+
+    def discard(self) -> None:
+        if self.f is not None:
+            self.f.close()                  # (a temporary file: deleted)
 
 
 class BlockingGetter:
@@ -417,7 +419,7 @@ class BlockingGetter:
         return keep
 
     def _body(self, job, answer, length: int | None):
-        """The body, in memory (``kept``) or in a temporary file (``_Spool``)."""
+        """The body, in memory (``kept``) or in a temporary file (``Spool``)."""
         taken, spool = 0, None
         try:
             if length is not None and length <= self.memory and self.budget.take(length):
@@ -427,17 +429,17 @@ class BlockingGetter:
                 self.budget.give(taken)
                 taken = 0
                 return self.kept([bytes(data)], True)
-            spool, gathered, size = _Spool(self.make_file), [], 0
+            spool, gathered, size = Spool(self.make_file), [], 0
             for piece in answer.chunks(length):
                 gathered.append(piece)
                 size += len(piece)
                 if size >= SPOOL:
-                    spool.write(b"".join(gathered))
+                    _write(spool, b"".join(gathered))
                     gathered, size = [], 0
                 if job.cancelled:
                     raise Cancelled()
-            if gathered or not spool.size:
-                spool.write(b"".join(gathered))
+            if gathered or spool.f is None:
+                _write(spool, b"".join(gathered))
             result, spool = spool.done(), None
             return result
         except _WriteFailed as e:
@@ -450,7 +452,14 @@ class BlockingGetter:
             if taken:
                 self.budget.give(taken)
             if spool is not None:
-                spool.f.close()             # (a temporary file: deleted)
+                spool.discard()
+
+
+def _write(spool, data: bytes) -> None:
+    try:
+        spool.write(data)
+    except OSError as e:
+        raise _WriteFailed(e) from None
 
 
 def _get(member, path: str) -> bytes:

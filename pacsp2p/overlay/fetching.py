@@ -129,7 +129,8 @@ class _FileSink(protocol.Protocol):
 
     def __init__(self, make_file, pool, reactor, finished, hashed: bool = False,
                  budget: _Budget | None = None, length=None):
-        self.make_file, self.f = make_file, None
+        self.spool = blocking.Spool(make_file, hashed)   # the file, made on first write
+        self.hashed = hashed
         self.budget, self.memory = budget, budget is not None   # in memory so far
         self.taken = 0                          # bytes of the budget this body holds
         if self.memory and isinstance(length, int):
@@ -142,9 +143,6 @@ class _FileSink(protocol.Protocol):
         self.size = 0
         self.writing = False
         self.ended = None
-        self.hasher = hashlib.sha256() if hashed else None
-        self.data_size, self.started = 0, not hashed
-        self.written = 0
         self.paused = False
         self.stopped = False
 
@@ -171,26 +169,8 @@ class _FileSink(protocol.Protocol):
             self.paused = True                  # the disk is behind: let TCP push back
             self.transport.pauseProducing()
 
-    def _append(self, data):
-        """Thread: write and hash (the data set: after the File Meta Information)."""
-        if self.f is None:
-            self.f = self.make_file()
-        self.f.write(data)
-        self.written += len(data)
-        if not self.started:
-            self.started = True
-            try:
-                offset = header.file_meta(data)[0]
-            except (header.BadDataset, ValueError, struct.error):
-                self.hasher = None
-                return
-            data = memoryview(data)[offset:]
-        if self.hasher is not None:
-            self.hasher.update(data)
-            self.data_size += len(data)
-
     def _write(self):
-        empty_body = (self.ended is not None and self.f is None
+        empty_body = (self.ended is not None and self.spool.f is None
                       and self.ended.check(ResponseDone))      # still needs its file
         if self.writing or not (self.buffer or empty_body):
             if not self.writing and self.ended is not None:
@@ -198,7 +178,7 @@ class _FileSink(protocol.Protocol):
             return
         data, self.buffer, self.size = b"".join(self.buffer), [], 0
         self.writing = True                     # reading goes on meanwhile (bounded)
-        deferToThreadPool(self.reactor, self.pool, self._append, data).addCallbacks(
+        deferToThreadPool(self.reactor, self.pool, self.spool.write, data).addCallbacks(
             self._written, self._failed)
 
     def _written(self, _):
@@ -236,8 +216,7 @@ class _FileSink(protocol.Protocol):
         if not self.ended.check(ResponseDone):
             self.finished.errback(self.ended)
             return
-        d = deferToThreadPool(self.reactor, self.pool, _kept, chunks,
-                              self.hasher is not None)
+        d = deferToThreadPool(self.reactor, self.pool, _kept, chunks, self.hashed)
         d.addCallbacks(self._examined, self._not_examined)
 
     def _examined(self, f):
@@ -252,18 +231,13 @@ class _FileSink(protocol.Protocol):
 
     def _close(self):
         if self.finished.called:
-            if self.stopped and self.f is not None:
-                self.f.close()                  # (a temporary file: deleted)
+            if self.stopped:
+                self.spool.discard()            # (a temporary file: deleted)
             return
         if self.ended is not None and self.ended.check(ResponseDone):
-            self.f.seek(0)
-            self.f.sha256 = self.hasher.hexdigest() if self.hasher is not None else ""
-            self.f.data_size = self.data_size if self.hasher is not None else 0
-            self.f.size = self.written
-            self.finished.callback(self.f)
+            self.finished.callback(self.spool.done())
         else:
-            if self.f is not None:
-                self.f.close()
+            self.spool.discard()
             self.finished.errback(self.ended)
 
 
