@@ -231,15 +231,16 @@ class LyingFindSCP:
     - ``endless``: every C-FIND STUDY answers Pending matches for ever (new study UIDs,
       whatever the keys); ``sent`` counts the matches sent;
     - ``sizes``: {SOP uid: bytes}: a C-GET of that instance sends a CT data set of about
-      that many bytes (pixel data of zeros), 4 KiB if absent.
+      that many bytes (pixel data of zeros), 4 KiB if absent;
+    - ``fat``: every C-FIND match carries a StudyDescription of that many characters.
 
     ``queries`` holds the keys of every C-FIND ({keyword: text}).
     """
 
     def __init__(self, studies: dict, ae_title: str = "LIAR", *, endless: bool = False,
-                 sizes: dict | None = None):
+                 sizes: dict | None = None, fat: int = 0):
         self.studies, self.ae_title = studies, ae_title
-        self.endless, self.sizes = endless, dict(sizes or {})
+        self.endless, self.sizes, self.fat = endless, dict(sizes or {}), fat
         self.queries: list[dict] = []
         self.sent = 0
         self._server = None
@@ -275,6 +276,8 @@ class LyingFindSCP:
                 ds = Dataset()
                 ds.QueryRetrieveLevel, ds.StudyInstanceUID = level, study
                 ds.PatientID, ds.StudyDate = "LIAR", date
+                if self.fat:
+                    ds.StudyDescription = "F" * self.fat
                 if level == "STUDY":
                     ds[0x00201208] = RawDataElement(Tag(0x00201208), "IS", len(count),
                                                     count, 0, True, True)

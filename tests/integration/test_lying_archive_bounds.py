@@ -73,6 +73,18 @@ def test_an_endless_find_is_cancelled_and_the_crawl_says_why(tmp_path):
             log[-3000:]
 
 
+def test_a_fat_match_cuts_the_find(tmp_path):
+    """A match of 1 MB (a StudyDescription of a million characters): the association
+    is cut past 64 KiB of it and the crawl stops naming why (before: every match was
+    read whole into memory, however large, whatever their number)."""
+    studies = {"1.2.3.1": (b"1 ", [("1.2.3.1.1", "1.2.3.1.1.1", CT)])}
+    with LyingFindSCP(studies, fat=1 << 20) as scp, Peer(tmp_path / "peer", name="fat", config={
+            "archives": [archive(scp)]}) as p:
+        wait_until(lambda: crawl(p)["error"], 60, 0.5, "the crawl stopped")
+        assert "C-FIND STUDY to LIAR: cut: a data set over 65536 bytes" in crawl(p)["error"]
+        assert p.alive and echo(p.port, p.ae_title)
+
+
 def test_more_studies_than_one_answer_are_crawled_by_date(tmp_path):
     studies = {f"1.2.3.{i}": (b"1 ", [(f"1.2.3.{i}.1", f"1.2.3.{i}.1.1", CT)],
                               f"{1995 + i % 30}{1 + i % 12:02d}{1 + i % 28:02d}")
