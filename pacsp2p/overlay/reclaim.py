@@ -64,6 +64,7 @@ log = Logger()
 
 GAP = 1 << 24          # numbers skipped past the cluster's top (a mend)
 RETRY = 5.0            # seconds before a failed pull-back is tried again
+TRIES = 3              # ... at most so many times in a row (a vector heard asks again)
 
 
 class Reclaim:
@@ -81,6 +82,7 @@ class Reclaim:
         self.probes: list[str] = []      # members to pull the gap from, in turn
         self.asked: set[str] = set()     # ... each once (unless its vector says more)
         self.tried: dict[str, int] = {}  # member -> its top in the gap, asked for
+        self.failed: dict[str, int] = {}  # member -> pull-backs failed in a row
         self.busy = False       # a pull-back or re-issue runs
         self.later = None       # (holder, top) above our counter, heard while busy
         self.said = 0           # times this peer said it mended its catalog
@@ -152,6 +154,7 @@ class Reclaim:
         d = self.sync.pull(self.members[name], own=(after, upto))
 
         def done(_their):
+            self.failed.pop(name, None)
             got = self.sync.own_got
             if got <= after:
                 return self._idle()
@@ -170,10 +173,15 @@ class Reclaim:
                 "re-issued", top=got, peer=name, n=n))
 
         def failed(f):
-            log.info("catalog: pulling back this peer's facts from {peer} failed: {err}",
-                     peer=name, err=f.getErrorMessage())
             self.busy = False
-            self.clock.callLater(RETRY, self._probe, name)
+            self.failed[name] = tries = self.failed.get(name, 0) + 1
+            log.info("catalog: pulling back this peer's facts from {peer} failed "
+                     "({n} of {most}): {err}", peer=name, n=tries, most=TRIES,
+                     err=f.getErrorMessage())
+            if tries < TRIES:
+                self.clock.callLater(RETRY, self._probe, name)
+            else:
+                self._next()
         d.addCallbacks(done, failed)
 
     # -- skip ahead, re-issue -------------------------------------------------------

@@ -165,3 +165,22 @@ def test_a_pull_back_is_answered_with_the_askers_facts_in_its_range_only(tmp_pat
         [("c", [4, 5, 6, 7])]
     body = pulled(sync.serve(x, {"c": 3, "x": 0}, None, 100, own=7))    # nobody's
     assert sync.decode_answer(body)[1] == []
+
+
+def test_a_member_that_cannot_answer_is_asked_three_times_then_left(tmp_path):
+    c = Restorable(tmp_path, "c")
+    c.store(4)
+
+    class Down:
+        asked = 0
+
+        def pull(self, member, own=None):
+            Down.asked += 1
+            return defer.fail(ConnectionError("refused"))
+    clock = Clock()
+    reclaim = Reclaim(c, Down(), {"a": Live("a")}, clock)
+    reclaim.member_changed(Live("a"), "alive")
+    clock.advance(0)
+    for _ in range(5):
+        clock.advance(5)
+    assert Down.asked == 3 and not reclaim.busy and not clock.getDelayedCalls()
