@@ -1,31 +1,32 @@
-"""The bulk channel's GET of one instance on a blocking socket, in a named thread pool.
+"""The bulk channel's batch requests on a blocking socket, in a named thread pool.
 
-The reactor's TLS (pyOpenSSL behind Twisted's memory BIO) copies every byte through cffi
-and the HTTP client parses it in Python on the reactor thread: ~1.3 ms of CPU per 512 KB
-CT image at the asker. Here one job of the ``bulk-fetch`` pool (``pacsp2p.threads``)
-does the whole fetch: stdlib ``ssl`` (TLS 1.3, RFC 8446) reads straight from the socket
-into a preallocated buffer with the GIL released, the answer's HTTP/1.1 framing (RFC
-9112: Content-Length, chunked) is read by ``_Answer``, and the body is examined and
-hashed in the same thread. The reactor only dispatches the job and takes the result.
+A batch of small instances (``fetching.BulkClient.fetch_many``: ``POST
+/instances/<archive>``, up to 8 MB of frames) read by the reactor's TLS (pyOpenSSL behind
+Twisted's memory BIO) and HTTP client costs the reactor thread a cffi call and a copy
+per 16 KB record and a Python parse, while it also sends to the C-MOVE destination. Here
+ONE job of the ``bulk-fetch`` pool (``pacsp2p.threads``) sends the request, reads the
+answer with stdlib ``ssl`` (TLS 1.3, RFC 8446; the GIL released while it reads and
+decrypts), its HTTP/1.1 framing (RFC 9112: Content-Length or chunked) with ``_Answer``,
+and splits, examines and hashes the frames (the caller's *split*). One instance asked
+alone (a CT image) stays on the reactor: with 16 of them in flight, 16 threads taking
+the GIL back after every record cost more than the reactor's TLS (docs/benchmarks.md,
+issue 15.1, seventh session).
 
 Same mutual TLS as the reactor's client (``fetching._PeerPolicy``): our certificate,
 the cluster CA as the only trust root, the peer's certificate must name the peer. Same
-bounds: the answer's head at most ``MAX_HEAD`` bytes, a chunk-size line ``MAX_LINE``; a
-body of known length up to ``fetching.MEMORY`` is received into memory if the client's
-budget has room for it, else (or unknown length) into a temporary file; an error
+bounds: the answer's head at most ``MAX_HEAD`` bytes, a chunk-size line ``MAX_LINE``,
+the body at most the caller's cap (IOError past it, the connection closed); an error
 answer's body is read only if it is short, else its connection is closed; every read
-has ``IDLE`` seconds. A cancelled fetch shuts its socket down (the blocked read ends at
-once), gives back its budget and deletes its file. Connections are kept for reuse, at
-most ``KEEP`` per peer for ``IDLE_CONNECTION`` seconds, for at most ``MAX_PEERS`` peers.
+has ``IDLE`` seconds. A cancelled request shuts its socket down (the blocked read ends
+at once). Connections are kept for reuse while quiet, at most ``KEEP`` per peer for
+``IDLE_CONNECTION`` seconds, for at most ``MAX_PEERS`` peers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -36,7 +37,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from pacsp2p import threads
-from pacsp2p.dicom import header
 
 MAX_HEAD = 16 << 10           # bytes of an answer's status line and headers
 MAX_LINE = 1 << 10            # bytes of a chunk-size line
@@ -46,10 +46,7 @@ CONNECT = 5.0                 # seconds to connect and complete the handshake
 KEEP = 8                      # idle connections kept per peer
 MAX_PEERS = 64                # peers whose idle connections are kept (LRU)
 IDLE_CONNECTION = 30.0        # seconds an idle connection is kept
-THREADS = 32                  # fetches at once (more wait in the pool's queue): 8 per
-                              # source of a retrieval (an embedded archive's max_fetches),
-                              # from several sources
-SPOOL = 1 << 20               # bytes gathered before a write to the temporary file
+THREADS = 8                   # batch requests at once (more wait in the pool's queue)
 
 
 class Cancelled(Exception):
@@ -58,14 +55,6 @@ class Cancelled(Exception):
 
 class Refused(IOError):
     """The peer answered 405: it does not serve this method there (an older peer)."""
-
-
-class _WriteFailed(Exception):
-    """Writing the temporary file failed (``original``: the OSError): not a link error."""
-
-    def __init__(self, original: OSError):
-        super().__init__(str(original))
-        self.original = original
 
 
 class _Job:
@@ -146,17 +135,6 @@ class _Answer:
             headers[name] = value.strip()
         return int(code), headers
 
-    def read_into(self, view: memoryview) -> None:
-        """Fill *view* from what is buffered, then straight from the socket."""
-        pos = min(len(self.buf), len(view))
-        view[:pos] = self.buf[:pos]
-        del self.buf[:pos]
-        while pos < len(view):
-            n = self.sock.recv_into(view[pos:])
-            if not n:
-                raise EOFError("the connection was closed")
-            pos += n
-
     def chunks(self, length: int | None):
         """The body's pieces: *length* bytes, or chunked (``length`` None)."""
         if length is not None:
@@ -214,77 +192,24 @@ def _framing(headers: dict) -> tuple[int | None, bool]:
     return int(cl), keep
 
 
-class Spool:
-    """Thread: a body into a temporary file (``make_file()``, made on the first write),
-    with *hashed* its data set hashed on the way (the first write must hold the File
-    Meta Information); ``done()``: the file, at its start, with ``sha256`` and
-    ``data_size`` (empty and 0 if not hashed or not a Part-10 file) and ``size``."""
-
-    def __init__(self, make_file, hashed: bool = True):
-        self.make_file, self.f = make_file, None
-        self.hasher = hashlib.sha256() if hashed else None
-        self.started, self.data_size, self.size = not hashed, 0, 0
-
-    def write(self, data: bytes) -> None:
-        if self.f is None:
-            self.f = self.make_file()
-        self.f.write(data)
-        self.size += len(data)
-        if not self.started:
-            self.started = True
-            try:
-                offset = header.file_meta(data)[0]
-            except (header.BadDataset, ValueError, struct.error):
-                self.hasher = None
-                return
-            data = memoryview(data)[offset:]
-        if self.hasher is not None:
-            self.hasher.update(data)
-            self.data_size += len(data)
-
-    def done(self):
-        self.f.seek(0)
-        self.f.sha256 = self.hasher.hexdigest() if self.hasher is not None else ""
-        self.f.data_size = self.data_size if self.hasher is not None else 0
-        self.f.size = self.size
-        return self.f
-
-    def discard(self) -> None:
-        if self.f is not None:
-            self.f.close()                  # (a temporary file: deleted)
-
-
 class BlockingGetter:
-    """GET instances from other peers' bulk channels on blocking sockets (see the
-    module's docstring). *kept*: thread-safe, turns a whole body in memory into what is
-    handed over (``fetching._kept``); *budget*: the client's memory budget (``take``,
-    ``give``); *make_file*: a temporary file for a body that is not kept in memory."""
+    """Batch requests to other peers' bulk channels on blocking sockets (see the
+    module's docstring); *not_held*: what a 404 raises."""
 
-    def __init__(self, files: dict, reactor, kept, budget, memory: int, make_file,
-                 not_held=FileNotFoundError):
+    def __init__(self, files: dict, reactor, not_held=FileNotFoundError):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)      # verifies cert and name
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_verify_locations(cafile=str(files["ca"]))
         ctx.load_cert_chain(str(files["crt"]), str(files["key"]))
-        self.ctx, self.reactor = ctx, reactor
-        self.kept, self.budget, self.memory, self.make_file = kept, budget, memory, make_file
-        self.not_held = not_held
+        self.ctx, self.reactor, self.not_held = ctx, reactor, not_held
         self._idle: OrderedDict = OrderedDict()     # peer -> [(sock, since)], LRU
         self._lock = threading.Lock()
-
-    def get(self, member, path: str):
-        """Deferred[what ``fetching.BulkClient.fetch`` hands over] of GET *path*."""
-        return self._run(member, _get(member, path), path, self._body)
 
     def post(self, member, path: str, body: bytes, cap: int, split):
         """Deferred[``split(answer body)``, in the pool thread] of POST *path* (JSON
         *body*): a batch (``fetching.BulkClient.fetch_many``); its answer at most *cap*
         bytes (IOError past them, the connection closed)."""
-        head = (b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n" % (path.encode("ascii"),
-                                                 member.host.encode("ascii"),
-                                                 member.bulk_port, len(body)))
-        return self._run(member, head + body, path,
+        return self._run(member, _post(member, path, body), path,
                          lambda job, answer, length: split(_capped(answer, length, cap)))
 
     def _run(self, member, request: bytes, path: str, body):
@@ -296,8 +221,8 @@ class BlockingGetter:
 
         def done(result):
             if outer.called:                    # cancelled meanwhile: dispose of it
-                if not isinstance(result, Failure):
-                    for f in (result if isinstance(result, list) else [result]):
+                if isinstance(result, list):
+                    for f in result:
                         getattr(f, "close", lambda: None)()
                 return None
             (outer.errback if isinstance(result, Failure) else outer.callback)(result)
@@ -418,53 +343,11 @@ class BlockingGetter:
             return False
         return keep
 
-    def _body(self, job, answer, length: int | None):
-        """The body, in memory (``kept``) or in a temporary file (``Spool``)."""
-        taken, spool = 0, None
-        try:
-            if length is not None and length <= self.memory and self.budget.take(length):
-                taken = length
-                data = bytearray(length)
-                answer.read_into(memoryview(data))
-                self.budget.give(taken)
-                taken = 0
-                return self.kept([bytes(data)], True)
-            spool, gathered, size = Spool(self.make_file), [], 0
-            for piece in answer.chunks(length):
-                gathered.append(piece)
-                size += len(piece)
-                if size >= SPOOL:
-                    _write(spool, b"".join(gathered))
-                    gathered, size = [], 0
-                if job.cancelled:
-                    raise Cancelled()
-            if gathered or spool.f is None:
-                _write(spool, b"".join(gathered))
-            result, spool = spool.done(), None
-            return result
-        except _WriteFailed as e:
-            raise e.original from None
-        except (OSError, EOFError, ValueError) as e:
-            if job.cancelled:
-                raise Cancelled() from None
-            raise ResponseFailed([Failure(e)]) from None
-        finally:
-            if taken:
-                self.budget.give(taken)
-            if spool is not None:
-                spool.discard()
-
-
-def _write(spool, data: bytes) -> None:
-    try:
-        spool.write(data)
-    except OSError as e:
-        raise _WriteFailed(e) from None
-
-
-def _get(member, path: str) -> bytes:
-    return b"GET %s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (
-        path.encode("ascii"), member.host.encode("ascii"), member.bulk_port)
+def _post(member, path: str, body: bytes) -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (path.encode("ascii"),
+                                             member.host.encode("ascii"),
+                                             member.bulk_port, len(body))) + body
 
 
 def _quiet(sock) -> bool:

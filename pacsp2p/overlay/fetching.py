@@ -12,9 +12,7 @@ connection and gives back what it held. Small instances are fetched many to a re
 (``fetch_many``: ``POST /instances/<archive>``, the frames of ``bulk``), the answer read
 into memory up to its bound (``bulk.BATCH_BYTES`` and the frames' headers), then split,
 examined and hashed, in ONE job of the ``bulk-fetch`` pool (``blocking``); a peer that
-serves no batches (an older one: 405) is asked one instance per request from then on. One instance asked alone
-(``fetch``: a CT image, over a batch's 256 KB) is read off the reactor too, on a
-blocking stdlib-``ssl`` socket in that pool, with the same bounds and memory budget.
+serves no batches (an older one: 405) is asked one instance per request from then on.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import io
 import json
 import struct
 import tempfile
-import threading
 from urllib.parse import quote
 
 from twisted.internet import defer, protocol
@@ -70,23 +67,19 @@ class _PeerPolicy:
 
 
 class _Budget:
-    """Bytes that bodies being received in memory may hold together (taken and given
-    back from the reactor and the ``blocking`` fetches' threads)."""
+    """Bytes that bodies being received in memory may hold together."""
 
     def __init__(self, limit: int = MEMORY_BUDGET):
         self.limit, self.held = limit, 0
-        self._lock = threading.Lock()
 
     def take(self, n: int) -> bool:
-        with self._lock:
-            if self.held + n > self.limit:
-                return False
-            self.held += n
-            return True
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
 
     def give(self, n: int) -> None:
-        with self._lock:
-            self.held -= n
+        self.held -= n
 
 
 def _kept(chunks: list, hashed: bool):
@@ -115,6 +108,46 @@ def _kept(chunks: list, hashed: bool):
     return f
 
 
+class _Spool:
+    """Thread: a body into a temporary file (``make_file()``, made on the first write),
+    with *hashed* its data set hashed on the way (the first write must hold the File
+    Meta Information); ``done()``: the file, at its start, with ``sha256`` and
+    ``data_size`` (empty and 0 if not hashed or not a Part-10 file) and ``size``."""
+
+    def __init__(self, make_file, hashed: bool = True):
+        self.make_file, self.f = make_file, None
+        self.hasher = hashlib.sha256() if hashed else None
+        self.started, self.data_size, self.size = not hashed, 0, 0
+
+    def write(self, data: bytes) -> None:
+        if self.f is None:
+            self.f = self.make_file()
+        self.f.write(data)
+        self.size += len(data)
+        if not self.started:
+            self.started = True
+            try:
+                offset = header.file_meta(data)[0]
+            except (header.BadDataset, ValueError, struct.error):
+                self.hasher = None
+                return
+            data = memoryview(data)[offset:]
+        if self.hasher is not None:
+            self.hasher.update(data)
+            self.data_size += len(data)
+
+    def done(self):
+        self.f.seek(0)
+        self.f.sha256 = self.hasher.hexdigest() if self.hasher is not None else ""
+        self.f.data_size = self.data_size if self.hasher is not None else 0
+        self.f.size = self.size
+        return self.f
+
+    def discard(self) -> None:
+        if self.f is not None:
+            self.f.close()                  # (a temporary file: deleted)
+
+
 class _FileSink(protocol.Protocol):
     """Receive a response body (a Part-10 file) into a temporary file, writing in a thread
     pool and, with *hashed*, hashing its data set on the way: the file handed over then
@@ -129,7 +162,7 @@ class _FileSink(protocol.Protocol):
 
     def __init__(self, make_file, pool, reactor, finished, hashed: bool = False,
                  budget: _Budget | None = None, length=None):
-        self.spool = blocking.Spool(make_file, hashed)   # the file, made on first write
+        self.spool = _Spool(make_file, hashed)   # the file, made on the first write
         self.hashed = hashed
         self.budget, self.memory = budget, budget is not None   # in memory so far
         self.taken = 0                          # bytes of the budget this body holds
@@ -361,10 +394,7 @@ class BulkClient:
         self.budget = _Budget()                  # bodies being received in memory
         self.answer_timeout = ANSWER_TIMEOUT
         self._unbatched: set[str] = set()      # peers that answered a batch 405
-        self.getter = blocking.BlockingGetter(
-            credentials.files, reactor, _kept, self.budget, MEMORY,
-            functools.partial(tempfile.NamedTemporaryFile, dir=self.tmpdir, suffix=".dcm"),
-            NotHeld)
+        self.getter = blocking.BlockingGetter(credentials.files, reactor, NotHeld)
 
     def _agent(self, name: str) -> Agent:
         """The agent for peer *name*; agents (and their idle connections) of at most
@@ -418,7 +448,8 @@ class BulkClient:
         ``Part10Bytes``] holding the instance (deleted when closed), its data set hashed
         on the way (``sha256``: the reader checks it, ``transfer.verify``)."""
         query = f"?sha256={sha256}" if sha256 else ""
-        return self.getter.get(member, f"/instances/{quote(archive)}/{quote(uid)}{query}")
+        return self.download(member, f"/instances/{quote(archive)}/{quote(uid)}{query}",
+                             hashed=True, in_memory=True)
 
     @defer.inlineCallbacks
     def fetch_many(self, member, archive: str, items):

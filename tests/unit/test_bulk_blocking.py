@@ -1,20 +1,17 @@
-"""The blocking GET of the bulk channel (``pacsp2p.overlay.blocking``) keeps the channel's
-mutual TLS and reads HTTP/1.1 framing as hostile input.
+"""The bulk channel's batch requests on a blocking socket (``pacsp2p.overlay.blocking``)
+keep the channel's mutual TLS and read HTTP/1.1 framing as hostile input.
 
-Its fetch (a pool thread's job) is called here directly, in the test's thread, against a
+A request (a pool thread's job) is made here directly, in the test's thread, against a
 real TLS server in a thread (stdlib ``ssl``) that answers as told: a holder presenting a
 certificate of another cluster CA, or one of ours for another peer's name, is refused
-before any request is sent; a chunked answer in odd pieces gives the file's exact bytes
-and data set hash; malformed framing fails the fetch as a broken answer; a kept
-connection is reused for the next fetch.
+before any request is sent; a chunked answer in odd pieces gives the exact bytes; an
+answer over its cap fails with IOError; malformed framing fails it as a broken answer;
+a kept connection is reused for the next request.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import socket
 import ssl
-import tempfile
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +20,6 @@ import pytest
 from twisted.internet import error
 from twisted.web.client import ResponseFailed
 
-from pacsp2p.dicom.part10 import examine
 from pacsp2p.overlay import blocking, fetching, tls
 from pacsp2p.testing import datasets
 
@@ -89,18 +85,20 @@ def certs(tmp_path_factory):
     return root
 
 
-def getter(certs: Path, tmp: Path):
-    budget = fetching._Budget()
-    return blocking.BlockingGetter(
-        tls.Credentials(certs / "tls", "b").files, None, fetching._kept, budget,
-        fetching.MEMORY, functools.partial(tempfile.NamedTemporaryFile, dir=tmp),
-        fetching.NotHeld), budget
+CAP = 200_000
 
 
-def fetch(g, port: int, name: str = "a"):
+def getter(certs: Path):
+    return blocking.BlockingGetter(tls.Credentials(certs / "tls", "b").files, None,
+                                   fetching.NotHeld)
+
+
+def fetch(g, port: int, name: str = "a") -> bytes:
+    """The answer's body to a batch request, at most CAP bytes."""
     member = SimpleNamespace(name=name, host="127.0.0.1", bulk_port=port)
-    path = "/instances/local/1.2.3"
-    return g._fetch(blocking._Job(), member, blocking._get(member, path), path, g._body)
+    path = "/instances/local"
+    return g._fetch(blocking._Job(), member, blocking._post(member, path, b"[]"), path,
+                    lambda job, answer, length: blocking._capped(answer, length, CAP))
 
 
 def ok(body: bytes) -> bytes:
@@ -112,7 +110,7 @@ def test_a_holder_without_the_right_certificate_is_refused_before_any_request(
         certs, tmp_path, cert_dir, name):
     holder = Holder(certs / cert_dir, name, certs / "tls" / "ca.crt", lambda r: ok(b"x"))
     try:
-        g, _ = getter(certs, tmp_path)
+        g = getter(certs)
         with pytest.raises(error.ConnectError):
             fetch(g, holder.port, "a")
         assert holder.requests == []
@@ -120,7 +118,7 @@ def test_a_holder_without_the_right_certificate_is_refused_before_any_request(
         holder.close()
 
 
-def test_a_chunked_answer_gives_the_exact_file_and_hash(certs, tmp_path):
+def test_a_chunked_answer_gives_the_exact_bytes(certs, tmp_path):
     path = datasets.write(datasets.make_image("CT", size=64, seed=3,
                                               SOPInstanceUID=datasets.uid("blk", 1)),
                           tmp_path / "one.dcm")
@@ -134,16 +132,11 @@ def test_a_chunked_answer_gives_the_exact_file_and_hash(certs, tmp_path):
               b"0\r\nTrailer: z\r\n\r\n")
     holder = Holder(certs / "tls", "a", certs / "tls" / "ca.crt", lambda r: answer)
     try:
-        g, budget = getter(certs, tmp_path)
-        f = fetch(g, holder.port)
-        assert f.sha256 == examine(data)[3] and f.size == len(data)
-        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
-        f.close()
-        again = fetch(g, holder.port)               # the connection was kept
-        assert again.sha256 == examine(data)[3]
-        again.close()
+        g = getter(certs)
+        assert fetch(g, holder.port) == data
+        assert fetch(g, holder.port) == data        # on the same connection, kept
         assert holder.connections == 1 and len(holder.requests) == 2
-        assert budget.held == 0
+        assert holder.requests[0].startswith(b"POST /instances/local HTTP/1.1\r\n")
     finally:
         holder.close()
 
@@ -163,9 +156,24 @@ def test_malformed_framing_fails_the_fetch_as_a_broken_answer(certs, tmp_path, a
     holder = Holder(certs / "tls", "a", certs / "tls" / "ca.crt", lambda r: answer,
                     once=True)
     try:
-        g, budget = getter(certs, tmp_path)
+        g = getter(certs)
         with pytest.raises(ResponseFailed):
             fetch(g, holder.port)
-        assert budget.held == 0 and list(tmp_path.iterdir()) == []
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (CAP + 1),
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" +
+    b"%x\r\n%s\r\n" % (65536, b"\0" * 65536) * 4,
+])
+def test_an_answer_over_its_cap_fails_and_its_connection_is_closed(certs, answer):
+    holder = Holder(certs / "tls", "a", certs / "tls" / "ca.crt", lambda r: answer)
+    try:
+        g = getter(certs)
+        with pytest.raises(OSError, match="an answer over"):
+            fetch(g, holder.port)
+        assert not g._idle.get(("a", "127.0.0.1", holder.port))     # not kept
     finally:
         holder.close()
