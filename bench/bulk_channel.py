@@ -6,11 +6,12 @@ real ``BulkClient`` here fetching every instance of a study (``fetch``: one GET 
 times. Prints, per round, the wall clock, MB/s and the CPU-seconds per instance of each
 end (user + system: the holder's process, this process), and checks every instance's
 data set hash against the original's. What a relayed C-MOVE pays per instance on the
-bulk channel (issue 15.1), without the DICOM ends.
+bulk channel (issue 15.1), without the DICOM ends. ``--holders TREE,TREE``: one holder
+process per code tree (its ``PYTHONPATH``), alternated round by round: a before/after of
+the serving side in one invocation.
 
     .venv/bin/python bench/bulk_channel.py [--studies ct] [--count N] [--parallel 2]
-                                           [--rounds 5] [--many] [--compare]
-                                           [--holders TREE,TREE]
+                                           [--rounds 5] [--many] [--holders TREE,TREE]
 """
 from __future__ import annotations
 
@@ -48,9 +49,6 @@ def main() -> int:
     p.add_argument("--holders", default="",
                    help="comma-separated code trees (PYTHONPATH) of holder processes, one "
                         "each, alternated round by round (default: this tree)")
-    p.add_argument("--compare", action="store_true",
-                   help="rounds alternate the GET on the reactor (Agent, pyOpenSSL: "
-                        "BulkClient.download) and the blocking one (BulkClient.fetch)")
     args = p.parse_args()
     common.header("bulk channel alone: BulkClient <- bulk.site over mutual TLS")
     from twisted.internet import defer, reactor
@@ -93,7 +91,7 @@ def main() -> int:
             pool = ThreadPool(1, 8, "bulk-io")
             pool.start()
             client = fetching.BulkClient(tls.Credentials(tls_dir, "b"), reactor, pool, tmp)
-            hows = ["reactor", "blocking"] if args.compare else ["fetch"]
+            hows = ["fetch_many" if args.many else "fetch"]
             cases = [(h, how) for h in holders for how in hows]
             try:
                 for rnd in range(len(cases) * (args.rounds + 1)):   # first ones: warm-up
@@ -108,11 +106,6 @@ def main() -> int:
                                 part = [todo.pop() for _ in range(min(32, len(todo)))]
                                 got = yield client.fetch_many(
                                     member, "local", [(u, want[u]) for u in part])
-                            elif how == "reactor":
-                                part = [todo.pop()]
-                                got = [(yield client.download(
-                                    member, f"/instances/local/{part[0]}?sha256="
-                                    f"{want[part[0]]}", hashed=True, in_memory=True))]
                             else:
                                 part = [todo.pop()]
                                 got = [(yield client.fetch(member, "local", part[0],

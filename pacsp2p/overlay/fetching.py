@@ -11,8 +11,8 @@ read into memory up to ``MAX_ANSWER`` bytes, and its connection closed past that
 connection and gives back what it held. Small instances are fetched many to a request
 (``fetch_many``: ``POST /instances/<archive>``, the frames of ``bulk``), the answer read
 into memory up to its bound (``bulk.BATCH_BYTES`` and the frames' headers), then split,
-examined and hashed, in ONE job of the ``bulk-fetch`` pool (``blocking``); a peer that
-serves no batches (an older one: 405) is asked one instance per request from then on.
+examined and hashed in ONE pool job; a peer that serves no batches (an older one:
+405) is asked one instance per request from then on.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from twisted.web.client import (Agent, FileBodyProducer, HTTPConnectionPool, Res
                                 _HTTP11ClientFactory)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from pacsp2p.dicom import header, part10
-from pacsp2p.overlay import blocking, bulk
+from pacsp2p.overlay import bulk
 
 SINK_CHUNK = 1 << 20         # received bytes gathered before a write job (a typical
                              # instance: one job, which also makes its temporary file)
@@ -78,9 +78,6 @@ class _Budget:
         self.held += n
         return True
 
-    def give(self, n: int) -> None:
-        self.held -= n
-
 
 def _kept(chunks: list, hashed: bool):
     """Thread: the whole body (its *chunks* joined here, not in the reactor) as the
@@ -108,46 +105,6 @@ def _kept(chunks: list, hashed: bool):
     return f
 
 
-class _Spool:
-    """Thread: a body into a temporary file (``make_file()``, made on the first write),
-    with *hashed* its data set hashed on the way (the first write must hold the File
-    Meta Information); ``done()``: the file, at its start, with ``sha256`` and
-    ``data_size`` (empty and 0 if not hashed or not a Part-10 file) and ``size``."""
-
-    def __init__(self, make_file, hashed: bool = True):
-        self.make_file, self.f = make_file, None
-        self.hasher = hashlib.sha256() if hashed else None
-        self.started, self.data_size, self.size = not hashed, 0, 0
-
-    def write(self, data: bytes) -> None:
-        if self.f is None:
-            self.f = self.make_file()
-        self.f.write(data)
-        self.size += len(data)
-        if not self.started:
-            self.started = True
-            try:
-                offset = header.file_meta(data)[0]
-            except (header.BadDataset, ValueError, struct.error):
-                self.hasher = None
-                return
-            data = memoryview(data)[offset:]
-        if self.hasher is not None:
-            self.hasher.update(data)
-            self.data_size += len(data)
-
-    def done(self):
-        self.f.seek(0)
-        self.f.sha256 = self.hasher.hexdigest() if self.hasher is not None else ""
-        self.f.data_size = self.data_size if self.hasher is not None else 0
-        self.f.size = self.size
-        return self.f
-
-    def discard(self) -> None:
-        if self.f is not None:
-            self.f.close()                  # (a temporary file: deleted)
-
-
 class _FileSink(protocol.Protocol):
     """Receive a response body (a Part-10 file) into a temporary file, writing in a thread
     pool and, with *hashed*, hashing its data set on the way: the file handed over then
@@ -162,8 +119,7 @@ class _FileSink(protocol.Protocol):
 
     def __init__(self, make_file, pool, reactor, finished, hashed: bool = False,
                  budget: _Budget | None = None, length=None):
-        self.spool = _Spool(make_file, hashed)   # the file, made on the first write
-        self.hashed = hashed
+        self.make_file, self.f = make_file, None
         self.budget, self.memory = budget, budget is not None   # in memory so far
         self.taken = 0                          # bytes of the budget this body holds
         if self.memory and isinstance(length, int):
@@ -176,6 +132,9 @@ class _FileSink(protocol.Protocol):
         self.size = 0
         self.writing = False
         self.ended = None
+        self.hasher = hashlib.sha256() if hashed else None
+        self.data_size, self.started = 0, not hashed
+        self.written = 0
         self.paused = False
         self.stopped = False
 
@@ -202,8 +161,26 @@ class _FileSink(protocol.Protocol):
             self.paused = True                  # the disk is behind: let TCP push back
             self.transport.pauseProducing()
 
+    def _append(self, data):
+        """Thread: write and hash (the data set: after the File Meta Information)."""
+        if self.f is None:
+            self.f = self.make_file()
+        self.f.write(data)
+        self.written += len(data)
+        if not self.started:
+            self.started = True
+            try:
+                offset = header.file_meta(data)[0]
+            except (header.BadDataset, ValueError, struct.error):
+                self.hasher = None
+                return
+            data = memoryview(data)[offset:]
+        if self.hasher is not None:
+            self.hasher.update(data)
+            self.data_size += len(data)
+
     def _write(self):
-        empty_body = (self.ended is not None and self.spool.f is None
+        empty_body = (self.ended is not None and self.f is None
                       and self.ended.check(ResponseDone))      # still needs its file
         if self.writing or not (self.buffer or empty_body):
             if not self.writing and self.ended is not None:
@@ -211,7 +188,7 @@ class _FileSink(protocol.Protocol):
             return
         data, self.buffer, self.size = b"".join(self.buffer), [], 0
         self.writing = True                     # reading goes on meanwhile (bounded)
-        deferToThreadPool(self.reactor, self.pool, self.spool.write, data).addCallbacks(
+        deferToThreadPool(self.reactor, self.pool, self._append, data).addCallbacks(
             self._written, self._failed)
 
     def _written(self, _):
@@ -230,7 +207,7 @@ class _FileSink(protocol.Protocol):
         """No longer kept in memory (spilled to the file: what is buffered is its first
         write; or handed over whole): the budget this body took given back."""
         self.memory = False
-        self.budget.give(self.taken)
+        self.budget.held -= self.taken
         self.taken = 0
 
     def connectionLost(self, reason):
@@ -249,7 +226,8 @@ class _FileSink(protocol.Protocol):
         if not self.ended.check(ResponseDone):
             self.finished.errback(self.ended)
             return
-        d = deferToThreadPool(self.reactor, self.pool, _kept, chunks, self.hashed)
+        d = deferToThreadPool(self.reactor, self.pool, _kept, chunks,
+                              self.hasher is not None)
         d.addCallbacks(self._examined, self._not_examined)
 
     def _examined(self, f):
@@ -264,13 +242,18 @@ class _FileSink(protocol.Protocol):
 
     def _close(self):
         if self.finished.called:
-            if self.stopped:
-                self.spool.discard()            # (a temporary file: deleted)
+            if self.stopped and self.f is not None:
+                self.f.close()                  # (a temporary file: deleted)
             return
         if self.ended is not None and self.ended.check(ResponseDone):
-            self.finished.callback(self.spool.done())
+            self.f.seek(0)
+            self.f.sha256 = self.hasher.hexdigest() if self.hasher is not None else ""
+            self.f.data_size = self.data_size if self.hasher is not None else 0
+            self.f.size = self.written
+            self.finished.callback(self.f)
         else:
-            self.spool.discard()
+            if self.f is not None:
+                self.f.close()
             self.finished.errback(self.ended)
 
 
@@ -333,6 +316,24 @@ class Unbatched(IOError):
     instance be fetched alone (too big for a batch)."""
 
 
+@implementer(IBodyProducer)
+class _Body:
+    """A request body in memory, written at once (no cooperator task)."""
+
+    def __init__(self, data: bytes):
+        self.data, self.length = data, len(data) or UNKNOWN_LENGTH
+
+    def startProducing(self, consumer):
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
 def _examined(data: bytes):
     """Thread: one instance of a batch as ``_kept`` hands it over (``part10.examine``:
     the File Meta walked once, the data set hashed)."""
@@ -368,10 +369,6 @@ def _split(chunks: list, n: int) -> list:
     return out
 
 
-def _split_one(data: bytes, n: int) -> list:
-    return _split([data], n)
-
-
 class _NoDelayClient(HTTP11ClientProtocol):
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
@@ -394,7 +391,6 @@ class BulkClient:
         self.budget = _Budget()                  # bodies being received in memory
         self.answer_timeout = ANSWER_TIMEOUT
         self._unbatched: set[str] = set()      # peers that answered a batch 405
-        self.getter = blocking.BlockingGetter(credentials.files, reactor, NotHeld)
 
     def _agent(self, name: str) -> Agent:
         """The agent for peer *name*; agents (and their idle connections) of at most
@@ -461,17 +457,24 @@ class BulkClient:
         broken answer: over its bound, not the frames asked, ``answer_timeout``)."""
         if member.name in self._unbatched:
             raise Unbatched(f"{member.name} serves no batches")
+        url = f"https://{member.host}:{member.bulk_port}/instances/{quote(archive)}"
         body = json.dumps([[uid, sha or ""] for uid, sha in items],
                           separators=(",", ":")).encode()
-        cap = bulk.BATCH_BYTES + bulk.FRAME.size * len(items)
-        try:            # read and split off the reactor (``blocking``), in bounded time
-            frames = yield self.getter.post(
-                member, f"/instances/{quote(archive)}", body, cap,
-                functools.partial(_split_one, n=len(items))
-            ).addTimeout(self.answer_timeout, self.reactor)
-        except blocking.Refused:                    # 405, an older peer: GET each
-            self._unbatched.add(member.name)
-            raise Unbatched(f"{member.name} serves no batches") from None
+        requested = self._agent(member.name).request(
+            b"POST", url.encode(), Headers({b"content-type": [b"application/json"]}),
+            _Body(body))
+        response = yield requested.addTimeout(self.answer_timeout, self.reactor)
+        if response.code != 200:
+            response.deliverBody(_Discard())
+            if response.code == 405:                # an older peer: GET each
+                self._unbatched.add(member.name)
+                raise Unbatched(f"{member.name} serves no batches")
+            raise (NotHeld if response.code == 404 else IOError)(
+                f"{member.name}: POST /instances/{archive} answered {response.code}")
+        chunks = yield read_capped(response, bulk.BATCH_BYTES + bulk.FRAME.size * len(
+            items)).addTimeout(self.answer_timeout, self.reactor)
+        frames = yield deferToThreadPool(self.reactor, self.pool, _split, [chunks],
+                                         len(items))
         why = {bulk.NOT_HELD: NotHeld, bulk.ALONE: Unbatched, bulk.FAILED: IOError}
         return [why[f](f"{member.name}: {uid} not served in a batch (status {f})")
                 if isinstance(f, int) else f for f, (uid, _) in zip(frames, items)]

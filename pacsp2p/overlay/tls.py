@@ -189,7 +189,6 @@ class Credentials:
         if expiry < datetime.datetime.now(datetime.timezone.utc):
             raise TLSError(f"{paths['crt']}: certificate expired on {expiry:%Y-%m-%d}")
         self.name = peer
-        self.files = paths          # for stdlib ``ssl`` (``blocking``)
 
     def options(self) -> ssl.CertificateOptions:
         """Server and client side alike: present ours, require one from our CA (a
