@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import time
 import uuid
@@ -295,3 +297,15 @@ def _unlink(path: Path) -> None:
 def remove(pool, path: Path) -> None:
     """Remove a received file once it is stored (in the pool)."""
     pool.callInThread(_unlink, path)
+
+
+def spool(f, directory: Path) -> Path:
+    """Thread: the open file *f* copied to a new temporary file in *directory*, both
+    closed; its path (the caller removes it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".dcm", delete=False) as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+    finally:
+        f.close()
+    return Path(out.name)

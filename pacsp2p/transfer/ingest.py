@@ -12,7 +12,9 @@
    batches (``commits``: group commit); otherwise every copy is dropped and the C-STORE
    fails with 0xA700: the modality keeps its copy and retries.
    A peer alone with one archive that can ``keep`` does all of it in the thread that
-   wrote the data set (``OneJob``).
+   wrote the data set (``OneJob``). When the writer thread kept the file in one of our
+   archives (``Forward``: that archive took it) and placement wants another copy here
+   too (more copies than live peers), that copy reads the kept one back (``_Source``).
 4. A preferred archive that was down or failed is owed a copy (a hint, kept locally):
    hinted hand-off (as in Dynamo, DeCandia et al., SOSP 2007) makes it when its peer is
    back, then the stand-in that took the copy meanwhile drops its own (a tombstone fact
@@ -28,11 +30,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+from pathlib import Path
 
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from pacsp2p.dicom.incoming import receive_pool, remove, spool
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
@@ -77,6 +82,39 @@ class _Offer:
     def withdraw(self) -> None:
         if self.token is not None:
             self.offers.pop(self.token, None)
+
+
+class _Source:
+    """What a copy on one of our archives is made from: the received file, or, once the
+    writer thread kept it in one of our archives (which took the file: ``Forward``), a
+    spool of that kept copy read back (*opener*), made in ``incoming`` the first time
+    another archive of ours wants a copy (placement puts two copies on one peer when
+    copies outnumber live peers), hashed again by the archive that takes it and removed
+    once the copies are placed (``release``)."""
+
+    def __init__(self, received, opener=None, reactor=None):
+        self.received, self.opener, self.reactor = Path(received), opener, reactor
+        self.spooled = None                    # Deferred[Path], once one was wanted
+
+    def path(self) -> defer.Deferred:
+        if self.opener is None:
+            return defer.succeed(self.received)
+        if self.spooled is None:
+            self.spooled = defer.maybeDeferred(self.opener).addCallback(
+                lambda f: deferToThreadPool(self.reactor, receive_pool(self.reactor),
+                                            spool, f, self.received.parent))
+        d = defer.Deferred()
+
+        def fire(result):
+            (d.errback if isinstance(result, Failure) else d.callback)(result)
+            return result
+        self.spooled.addBoth(fire)
+        return d
+
+    def release(self) -> None:
+        if self.spooled is not None:
+            self.spooled.addCallbacks(lambda p: remove(receive_pool(self.reactor), p),
+                                      lambda _: None)
 
 
 class Ingest:
@@ -198,10 +236,12 @@ class Ingest:
                 target, archive, meta, kept, defer.succeed(None)))
             opener = lambda: archive.open(meta.sop_instance_uid, kept.sha256)  # noqa: E731
         offer = _Offer(self.offers, received, meta, opener)
+        source = _Source(received, opener, self.reactor)
         try:
-            copies = yield self._place(ranked, received, meta, offer, early)
+            copies = yield self._place(ranked, source, meta, offer, early)
         finally:
             offer.withdraw()
+            source.release()
         if len(copies) < self.quorum:
             yield defer.DeferredList([defer.maybeDeferred(c.discard) for c in copies],
                                      consumeErrors=True)
@@ -260,7 +300,7 @@ class Ingest:
         return self.catalog.add_hints(uid, hints) if hints else defer.succeed(None)
 
     @defer.inlineCallbacks
-    def _place(self, ranked, received, meta, offer, early):
+    def _place(self, ranked, source, meta, offer, early):
         alive = [r for r in ranked if r.alive]
         copies, i = [], 0
         while len(copies) < self.replicas and i < len(alive):
@@ -268,7 +308,7 @@ class Ingest:
             i += len(wave)
             results = yield defer.DeferredList(
                 [self._early(early.pop((t.peer, t.name)), t, meta) if (t.peer, t.name) in early
-                 else self._copy(t, received, meta, offer) for t in wave],
+                 else self._copy(t, source, meta, offer) for t in wave],
                 consumeErrors=True)
             for target, (ok, value) in zip(wave, results):
                 if ok:
@@ -294,9 +334,10 @@ class Ingest:
             return copy
         return d.addCallback(check)
 
-    def _copy(self, target: ArchiveInfo, received, meta, offer) -> defer.Deferred:
+    def _copy(self, target: ArchiveInfo, source, meta, offer) -> defer.Deferred:
         kind = "local" if target.peer == self.peer else "fetched"
-        d = self._copy_local(target, received, meta) if kind == "local" else \
+        d = source.path().addCallback(lambda path: self._copy_local(
+            target, path, meta, source.opener is not None)) if kind == "local" else \
             self.copy_remote(target, meta.sop_instance_uid, *offer.publish())
 
         def count(copy):
@@ -305,14 +346,22 @@ class Ingest:
         return d.addCallback(count)
 
     @defer.inlineCallbacks
-    def _copy_local(self, target, received, meta):
+    def _copy_local(self, target, received, meta, read_back: bool = False):
+        """Deferred[_Copy] on our archive *target*; *read_back*: *received* holds our
+        kept copy read back (hashed again and checked)."""
         archive = self.archives[target.name]
-        if "store_unsynced" in archive.capabilities:    # record while the fsync runs
-            stored = yield archive.store_unsynced(received, meta)
-            synced = archive.sync(meta.sop_instance_uid, stored)
-        else:
-            stored = yield archive.store(received, meta)
-            synced = defer.succeed(None)
+        given = dataclasses.replace(meta, sha256="") if read_back else meta
+        unsynced = "store_unsynced" in archive.capabilities   # recorded while it fsyncs
+        stored = yield (archive.store_unsynced if unsynced else archive.store)(received,
+                                                                              given)
+        if read_back and meta.sha256 and stored.given_sha256 != meta.sha256:
+            if not (stored.duplicate or stored.conflict):
+                yield archive.discard(meta.sop_instance_uid, stored.sha256)
+            raise StoreError(PROCESSING_FAILURE, f"{meta.sop_instance_uid}: the kept copy "
+                             f"read back hashes to {stored.given_sha256[:12]}, received "
+                             f"{meta.sha256[:12]}")
+        synced = archive.sync(meta.sop_instance_uid, stored) if unsynced else \
+            defer.succeed(None)
         return self._local_copy(target, archive, meta, stored, synced)
 
     def _local_copy(self, target, archive, meta, stored, synced) -> _Copy:

@@ -52,8 +52,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import secrets
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +62,7 @@ from twisted.logger import Logger
 from pacsp2p.catalog import copies
 from pacsp2p.catalog.copies import SEP, Liveness
 from pacsp2p.dicom.header import read_meta
+from pacsp2p.dicom.incoming import spool
 from pacsp2p.flow import Throttle
 from pacsp2p.overlay.commands import Commit, Drop, Replicate
 from pacsp2p.strategies import StrategyError
@@ -470,7 +469,7 @@ class Repair:
         uid = source.sop_instance_uid
         target = self.archives[name]
         f = yield self.archives[source.archive].open(uid, source.sha256)
-        path = yield deferToThread(_spool, f, self.tmpdir)
+        path = yield deferToThread(spool, f, self.tmpdir)
         try:
             meta = yield deferToThread(read_meta, path)
             if meta.sop_instance_uid != uid:
@@ -581,13 +580,3 @@ def _waiting(lv: Liveness) -> bool:
     """Are some copies not live, but not yet lost (repair_after not reached)?"""
     return bool(lv.dead_peers - lv.lost_peers or lv.dead_archives - lv.lost_archives)
 
-
-def _spool(f, tmpdir: Path) -> Path:
-    """Thread: the open file *f* copied to a temporary file under *tmpdir*, closed."""
-    tmpdir.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.NamedTemporaryFile(dir=tmpdir, suffix=".dcm", delete=False) as out:
-            shutil.copyfileobj(f, out, 1 << 20)
-    finally:
-        f.close()
-    return Path(out.name)
