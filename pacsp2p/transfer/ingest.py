@@ -17,9 +17,10 @@
    too (more copies than live peers), that copy reads the kept one back (``_Source``).
 4. A preferred archive that was down or failed is owed a copy (a hint, kept locally):
    hinted hand-off (as in Dynamo, DeCandia et al., SOSP 2007) makes it when its peer is
-   back, then the stand-in that took the copy meanwhile drops its own (a tombstone fact
-   tells the cluster). A copy owed to no archive in particular (the writer knew too few
-   archives) is made as soon as placement finds one.
+   back (one of our own archives: once it answers again, copied here), then the
+   stand-in that took the copy meanwhile drops its own (a tombstone fact tells the
+   cluster). A copy owed to no archive in particular (the writer knew too few archives)
+   is made as soon as placement finds one.
 
 Retrying the same instance is idempotent: same UID and bytes is a duplicate, same UID
 and other bytes is a conflict — both kept, logged and counted in ``pacsp2p status``.
@@ -45,7 +46,7 @@ from pacsp2p.tally import Tally
 from pacsp2p.transfer.commits import GroupCommits
 from pacsp2p.transfer.forward import Forward, drop_all
 from pacsp2p.transfer.onejob import OneJob, unrecorded
-from pacsp2p.transfer.replicas import record
+from pacsp2p.transfer.replicas import copy_in, record
 from pacsp2p.transfer.retrieve import Retrieval
 from pacsp2p.transfer.session import Plain, StoreSession
 from pacsp2p.types import (ArchiveInfo, InstanceInfo, Location, Query, Stored, StoreError,
@@ -127,6 +128,7 @@ class Ingest:
         self.archives = {n: a for n, a in archives.items() if "store" in a.capabilities}
         self.catalog, self.strategies, self.overlay = catalog, strategies, overlay
         self.reactor = reactor
+        self.tmpdir = Path(settings.data_dir) / "incoming"
         # token -> opener, served on our bulk channel's /incoming
         self.offers: dict[str, object] = overlay.offers if overlay is not None else {}
         self.counts: dict = {}
@@ -421,8 +423,10 @@ class Ingest:
         try:
             for uid, peer, archive, via_peer, via_archive in hints:
                 if peer != "*" and not self.overlay.alive(peer) or \
-                        (uid, peer, archive) in self.committing:
-                    continue
+                        (uid, peer, archive) in self.committing or \
+                        peer == self.peer and not getattr(self.archives.get(archive),
+                                                          "up", True):
+                    continue                    # not back yet (an archive of ours: down)
                 try:
                     done = yield self._hand_off_one(uid, peer, archive, via_peer,
                                                     via_archive, tally)
@@ -444,8 +448,9 @@ class Ingest:
             return True                                 # nothing left to copy
         ref = refs[0]
         have = {(loc.peer, loc.archive) for loc in ref.locations}
-        if (peer, archive) in self.draining():
-            peer = "*"                                  # owed to an archive being drained
+        if (peer, archive) in self.draining() or \
+                peer == self.peer and archive not in self.archives:
+            peer = "*"                      # owed to an archive being drained, or gone
         if peer == "*":
             if len(have) >= self.replicas:
                 return True                             # it got its copies meanwhile
@@ -454,7 +459,8 @@ class Ingest:
                 return False                            # still no archive to take it
             peer, archive = target
         if (peer, archive) not in have:
-            yield self._copy_to(ref, peer, archive)
+            yield (self._copy_here if peer == self.peer else self._copy_to)(ref, peer,
+                                                                           archive)
             have.add((peer, archive))
             tally.add(f"copied to {archive}@{peer}", uid)
         if via_peer and (via_peer, via_archive) in have and len(have) - 1 >= self.replicas:
@@ -481,6 +487,18 @@ class Ingest:
             yield self.overlay.membership.call(peer, Drop, archive=archive, uid=uid,
                                                sha256=sha)
             self.overlay.sync_from(peer)
+
+    @defer.inlineCallbacks
+    def _copy_here(self, ref, peer, archive):
+        """Copy an instance the cluster holds to our own archive *archive* (the bytes as
+        a retrieval reads them: checked against the catalog there)."""
+        source = Retrieval([ref], self.archives, self.peer, self.overlay, reactor=self.reactor)
+        try:
+            f = yield source.open(ref)
+        finally:
+            source.cancel()
+        yield copy_in(f, self.archives[archive], ref.sop_instance_uid, "",
+                      self.tmpdir, self.catalog, self.peer)
 
     @defer.inlineCallbacks
     def _copy_to(self, ref, peer, archive):

@@ -56,18 +56,15 @@ import time
 from pathlib import Path
 
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from pacsp2p.catalog import copies
 from pacsp2p.catalog.copies import SEP, Liveness
-from pacsp2p.dicom.header import read_meta
-from pacsp2p.dicom.incoming import spool
 from pacsp2p.flow import Throttle
 from pacsp2p.overlay.commands import Commit, Drop, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.transfer.delete import pushed_before
-from pacsp2p.transfer.replicas import record
+from pacsp2p.transfer.replicas import copy_in
 from pacsp2p.types import Location
 
 log = Logger()
@@ -467,23 +464,9 @@ class Repair:
     def _copy_local(self, source: Location, name: str):
         """A copy into another archive of this peer (bytes checked against *source*)."""
         uid = source.sop_instance_uid
-        target = self.archives[name]
         f = yield self.archives[source.archive].open(uid, source.sha256)
-        path = yield deferToThread(spool, f, self.tmpdir)
-        try:
-            meta = yield deferToThread(read_meta, path)
-            if meta.sop_instance_uid != uid:
-                raise ValueError(f"the copy of {uid} on {source.archive} holds "
-                                 f"{meta.sop_instance_uid}")
-            stored = yield target.store(path, meta)
-        finally:
-            deferToThread(path.unlink, True)
-        if source.sha256 and stored.given_sha256 != source.sha256:
-            if not (stored.duplicate or stored.conflict):
-                yield target.discard(uid, stored.sha256)
-            raise ValueError(f"{uid}: the copy hashes to {stored.given_sha256[:12]}, the "
-                             f"catalog's to {source.sha256[:12]}")
-        yield record(self.catalog, meta, stored, self.peer)
+        yield copy_in(f, self.archives[name], uid, source.sha256, self.tmpdir, self.catalog,
+                      self.peer)
 
     @defer.inlineCallbacks
     def _drop_all(self, job: _Job):

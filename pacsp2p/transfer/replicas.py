@@ -28,13 +28,13 @@ import json
 from pathlib import Path
 
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 
 from pacsp2p.catalog import tombstones
 from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
-from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove
+from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove, spool
 from pacsp2p.config import Destination
 from pacsp2p.overlay.commands import (CheckCopy, DrainRefused, InvalidArgument,
                                       ReplicaRefused, as_refusal, check_meta)
@@ -333,3 +333,25 @@ def record(catalog, meta, stored, peer, hints=(), then=None):
                           .addCallback(lambda _: seq))
         return d
     return catalog.record(meta, stored_location(meta, stored, peer), hints, then)
+
+
+@defer.inlineCallbacks
+def copy_in(f, target, uid: str, sha256: str, tmpdir: Path, catalog, peer: str):
+    """Copy the instance *uid* read from the open file *f* (then closed) into our archive
+    *target* and record it: spooled into *tmpdir*, its header read, its bytes checked
+    against *sha256* if given (the copy dropped if they differ). Repair, drain and hinted
+    hand-off to an archive of this peer."""
+    path = yield deferToThread(spool, f, tmpdir)
+    try:
+        meta = yield deferToThread(read_meta, path)
+        if meta.sop_instance_uid != uid:
+            raise ValueError(f"the copy of {uid} read holds {meta.sop_instance_uid}")
+        stored = yield target.store(path, meta)
+    finally:
+        deferToThread(path.unlink, True)
+    if sha256 and stored.given_sha256 != sha256:
+        if not (stored.duplicate or stored.conflict):
+            yield target.discard(uid, stored.sha256)
+        raise ValueError(f"{uid}: the copy hashes to {stored.given_sha256[:12]}, the "
+                         f"catalog's to {sha256[:12]}")
+    yield record(catalog, meta, stored, peer)

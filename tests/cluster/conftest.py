@@ -3,7 +3,8 @@ the overlay, with a cluster CA made in a temporary directory (pacsp2p.testing.cl
 
 ``make_cluster(3, destinations={...})`` -> a started, meshed Cluster (module scope);
 stopped by PID at teardown. ``dest``: a DCMTK storescp, the C-MOVE destination STORESCP;
-``trio``: three default peers (R=2, W=2) that know it.
+``trio``: three default peers (R=2, W=2) that know it. ``cluster``: an empty Cluster
+(function scope) to start peers in.
 """
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def make_cluster(tmp_path_factory):
     yield factory
     for cluster in made:
         cluster.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """An empty Cluster under *tmp_path* (``start``/``add`` peers), stopped at teardown."""
+    c = Cluster(tmp_path / "cluster")
+    yield c
+    c.stop()
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,12 @@ import contextlib
 import sqlite3
 from collections import Counter
 
-import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacsp2p.testing import datasets, storescu, toml
 from pacsp2p.testing import dicomnet as dn
-from pacsp2p.testing.cluster import Cluster, get_json, members, wait_until
+from pacsp2p.testing.cluster import get_json, members, wait_until
 
 N = 40
 
@@ -43,13 +42,6 @@ def study_uid(paths) -> str:
 
 def files_on(peer) -> Counter:
     return Counter(dn.sop_uid(p) for p in dn.archive_files(peer.data_dir))
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    c = Cluster(tmp_path / "cluster")
-    yield c
-    c.stop()
 
 
 def test_a_stand_in_copy_moves_back_when_the_peer_returns(cluster, tmp_path):

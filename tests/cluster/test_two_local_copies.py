@@ -13,18 +13,21 @@ required could be made" (0xA700) — an instance the archives could take was ref
 - 3 peers, peerb and peerc stopped, peera with two archives, R = 2, W = 2: stored at
   peera on both its archives; when peerb and peerc return, hinted hand-off moves the
   stand-in copies to them: 2 copies each in the end, byte-identical;
-- 2 peers, peera's second archive a real Orthanc, R = 3, W = 3: the same as the first.
+- 2 peers, peera's second archive a real Orthanc, R = 3, W = 3: the same as the first;
+- 2 peers, R = 3, W = 2, peera's spare archive down while peera stores: the copy owed
+  there (a hint on the writer's own archive) is made once it answers again (before:
+  hinted hand-off asked the overlay for a link to peera itself, "no link to peer peera"
+  every 3 s, for ever).
 """
 from __future__ import annotations
 
 from collections import Counter
 
-import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacsp2p.testing import datasets, storescu
 from pacsp2p.testing import dicomnet as dn
-from pacsp2p.testing.cluster import Cluster, get_json, members, wait_until
+from pacsp2p.testing.cluster import get_json, members, wait_until
 from pacsp2p.testing.orthanc import Orthanc
 
 N = 12
@@ -70,13 +73,6 @@ def study(tmp_path, pid: str):
     files = datasets.make_study(tmp_path / pid, patient_id=pid, size=32,
                                 series=[("CT", N, ExplicitVRLittleEndian)])
     return files, dn.study_of(files), dn.dataset_hashes(files)
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    c = Cluster(tmp_path / "cluster")
-    yield c
-    c.stop()
 
 
 def test_three_copies_on_two_peers_one_with_two_archives(cluster, tmp_path):
@@ -152,3 +148,32 @@ def test_the_second_archive_an_orthanc(cluster, tmp_path):
             assert on_disk(p, "local", sent) == Counter({u: 1 for u in sent})
         not_said(a)
 
+
+def test_a_copy_owed_to_the_writers_own_archive_is_made_when_it_is_back(cluster,
+                                                                         tmp_path):
+    """peera's spare archive is down while peera stores (R = 3 on 2 peers, W = 2): the
+    copy placement wanted there is owed (a hint on peera's own archive); once the archive
+    answers again hinted hand-off makes it, like any other peer's."""
+    cluster.config = {"cluster": {"replicas": 3, "write_quorum": 2}}
+    a, b = cluster.start(2, per_peer={"peera": TWO})
+    cluster.wait_mesh()
+    spare = a.data_dir / "archives" / "spare"
+    away = spare.with_name("spare.away")
+    spare.rename(away)                   # the embedded archive's root is gone: down
+    wait_until(lambda: "archive spare stopped answering" in a.log_path.read_text(), 60,
+               0.5, "peera's health loop sees spare down")
+    files, uid, sent = study(tmp_path, "TWOLOC5")
+    store_all(a, files)
+    two = {("peera", "local"), ("peerb", "local")}
+    wait_until(lambda: len(r := copies(a, uid)) == N and all(v == two for v in r.values()),
+               60, 0.5, "every instance on local@peera and local@peerb")
+    assert get_json(a)["catalog"]["hints"] > 0, "no copy owed to spare@peera"
+    away.rename(spare)
+    wait_until(lambda: "archive spare is back" in a.log_path.read_text(), 60, 0.5,
+               "peera's health loop sees spare back")
+    everywhere = two | {("peera", "spare")}
+    wait_until(lambda: len(r := copies(a, uid)) == N and
+               all(s == everywhere for s in r.values()) and
+               get_json(a)["catalog"]["hints"] == 0, 120, 0.5,
+               "every owed copy made on spare@peera, hints done")
+    assert on_disk(a, "spare", sent) == Counter({u: 1 for u in sent})
