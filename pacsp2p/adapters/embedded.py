@@ -7,7 +7,9 @@ Instance UID: ``objects/<k[:2]>/<k>.dcm``, ``k`` the hex SHA-256 of the UID (see
 way in and every path checked to resolve inside ``objects/``; an archive of the older
 UID-named layout is renamed into this one at start). Writes are atomic: a hard link (or
 copy) into ``tmp/``, rename into place, fsync (and, with ``[storage] sync_directories``,
-fsync of the directory, so the rename itself survives a power cut); the ingest records the
+fsync of the directory, so the rename itself survives a power cut) — a copy of its own when
+another archive on the same file system linked that received file already (two replicas
+must not share blocks); the ingest records the
 instance in the catalog while the fsync runs, and acknowledges after both. A second, different instance
 with an existing UID is kept beside it as ``<k>.<sha256[:16]>.dcm`` and reported as a
 conflict; the same bytes again are a no-op.
@@ -197,6 +199,11 @@ class EmbeddedArchive:
         for attempt in (1, 2):
             try:
                 os.link(received, target)
+                if os.stat(target).st_nlink <= 2:   # the received file's and ours
+                    return
+                # another archive on this file system linked the same received file: a
+                # replica must not share its blocks (one damaged block, both copies lost)
+                self._copy_over(received, target, replace=True)
                 return
             except FileNotFoundError:
                 if attempt == 2 or target.parent.exists():
@@ -206,11 +213,19 @@ class EmbeddedArchive:
                 raise
             except OSError:
                 break                               # another file system: copy
+        self._copy_over(received, target)
+
+    def _copy_over(self, received: Path, target: Path, replace: bool = False) -> None:
+        """*target* as a copy of *received* of its own, made durable in ``tmp/`` first;
+        *replace*: over the link *target* is now (else never over an existing file)."""
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             shutil.copyfile(received, tmp)
             if self.fsync:
                 self._fsync(tmp)
+            if replace:
+                os.replace(tmp, target)
+                return
             try:
                 os.link(tmp, target)
             except FileExistsError:

@@ -123,3 +123,19 @@ def test_a_received_file_that_vanished_fails_cleanly(tmp_path):
     path.unlink()
     with pytest.raises(FileNotFoundError):
         a.keep(path, meta)
+
+
+def test_two_archives_on_one_file_system_do_not_share_a_copys_blocks(tmp_path):
+    # a peer with two archives on one disk (R=2 without other peers): the second one
+    # linked the same received file, so both "replicas" were one inode — a damaged
+    # block, an editor writing in place, and both copies were gone
+    a1, a2 = archive(tmp_path / "a1"), archive(tmp_path / "a2")
+    path = received(tmp_path, "twice")
+    meta = read_meta(path)
+    s1 = a1._store(*a1._store_args(path, meta))
+    s2 = a2._store(*a2._store_args(path, meta))
+    f1, f2 = a1.path_for(meta.sop_instance_uid), a2.path_for(meta.sop_instance_uid)
+    assert s1.sha256 == s2.sha256 and f1.read_bytes() == f2.read_bytes() == path.read_bytes()
+    assert f1.stat().st_ino == path.stat().st_ino      # the first is still a free link
+    assert f2.stat().st_ino != f1.stat().st_ino and f2.stat().st_nlink == 1
+    assert not list((tmp_path / "a2").rglob("*.part"))  # no temporary file left
