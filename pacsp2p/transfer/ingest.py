@@ -46,7 +46,7 @@ from pacsp2p.tally import Tally
 from pacsp2p.transfer.commits import GroupCommits
 from pacsp2p.transfer.forward import Forward, drop_all
 from pacsp2p.transfer.onejob import OneJob, unrecorded
-from pacsp2p.transfer.replicas import copy_in, record
+from pacsp2p.transfer.replicas import check_given, copy_in, record
 from pacsp2p.transfer.retrieve import Retrieval
 from pacsp2p.transfer.session import Plain, StoreSession
 from pacsp2p.types import (ArchiveInfo, InstanceInfo, Location, Query, Stored, StoreError,
@@ -356,12 +356,9 @@ class Ingest:
         unsynced = "store_unsynced" in archive.capabilities   # recorded while it fsyncs
         stored = yield (archive.store_unsynced if unsynced else archive.store)(received,
                                                                               given)
-        if read_back and meta.sha256 and stored.given_sha256 != meta.sha256:
-            if not (stored.duplicate or stored.conflict):
-                yield archive.discard(meta.sop_instance_uid, stored.sha256)
-            raise StoreError(PROCESSING_FAILURE, f"{meta.sop_instance_uid}: the kept copy "
-                             f"read back hashes to {stored.given_sha256[:12]}, received "
-                             f"{meta.sha256[:12]}")
+        if read_back:
+            yield check_given(archive, meta.sop_instance_uid, stored, meta.sha256,
+                              lambda why: StoreError(PROCESSING_FAILURE, why), "received")
         synced = archive.sync(meta.sop_instance_uid, stored) if unsynced else \
             defer.succeed(None)
         return self._local_copy(target, archive, meta, stored, synced)

@@ -193,11 +193,7 @@ class ReplicaService:
             stored = yield target.store(path, meta)
         finally:
             f.close()
-        if sha256 and stored.given_sha256 != sha256:
-            if not stored.duplicate and not stored.conflict:
-                yield target.discard(uid, stored.sha256)
-            raise ReplicaRefused(f"{uid}: bytes hash to {stored.given_sha256[:12]}, "
-                                 f"announced {sha256[:12]}")
+        yield check_given(target, uid, stored, sha256, ReplicaRefused, "announced")
         self.pending[(archive, uid, stored.sha256)] = (meta, stored, self.reactor.seconds())
         return stored
 
@@ -349,9 +345,20 @@ def copy_in(f, target, uid: str, sha256: str, tmpdir: Path, catalog, peer: str):
         stored = yield target.store(path, meta)
     finally:
         deferToThread(path.unlink, True)
-    if sha256 and stored.given_sha256 != sha256:
-        if not (stored.duplicate or stored.conflict):
-            yield target.discard(uid, stored.sha256)
-        raise ValueError(f"{uid}: the copy hashes to {stored.given_sha256[:12]}, the "
-                         f"catalog's to {sha256[:12]}")
+    yield check_given(target, uid, stored, sha256, ValueError, "the catalog's")
     yield record(catalog, meta, stored, peer)
+
+
+def check_given(target, uid: str, stored, sha256: str, error, whose: str):
+    """Deferred: the copy *stored* on archive *target* was given the bytes hashing to
+    *sha256* (if any), else it is discarded (unless it was there before: a duplicate or
+    a conflict) and fails with *error* naming both hashes (*whose*: the expected one's)."""
+    if not sha256 or stored.given_sha256 == sha256:
+        return defer.succeed(None)
+    d = defer.succeed(None) if stored.duplicate or stored.conflict else \
+        defer.maybeDeferred(target.discard, uid, stored.sha256)
+
+    def fail(_):
+        raise error(f"{uid}: the copy hashes to {stored.given_sha256[:12]}, {whose} "
+                    f"{sha256[:12]}")
+    return d.addCallback(fail)
