@@ -119,9 +119,7 @@ class AntiEntropy:
 
     def _ask(self, member, vector, own=0):
         self.requests += 1
-        if own:
-            return self.bulk.pull_body(member, vector, self.batch, own=own)
-        return self.bulk.pull_body(member, vector, self.batch)
+        return self.bulk.pull_body(member, vector, self.batch, own=own)
 
     @defer.inlineCallbacks
     def pull(self, member, own: tuple[int, int] | None = None):

@@ -75,7 +75,7 @@ class Bulk:
         self.other, self.asker, self.tamper = other, asker, tamper
         self.asked = []
 
-    def pull_body(self, member, vector, limit):
+    def pull_body(self, member, vector, limit, own=0):
         self.asked.append(dict(vector))
         d = sync.serve(self.other, vector, self.asker, limit)
         return d.addCallback(self.tamper) if self.tamper else d
