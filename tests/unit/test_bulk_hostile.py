@@ -128,8 +128,8 @@ class HostilePeer:
             if limit is not None and self.sent >= limit:
                 self._wait_close(s)
                 return
-            s.sendall(chunk)
-            self.sent += 65536
+            self.sent += 65536              # counted before: the client may cut it in
+            s.sendall(chunk)                # the middle (sendall then raises: no count)
             time.sleep(0.005)               # ~13 MB/s: the machine is shared
 
 
