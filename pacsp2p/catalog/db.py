@@ -75,6 +75,8 @@ class Catalog:
         self._flushing = False
         self._holding = 0                     # inside batch(): record() does not flush
         self.vector: dict[str, int] = {}
+        self.facts = 0                        # facts committed since start (a count, not
+                                              # a difference of numbers: see reclaim)
         self._promised: dict[str, int] = {}     # facts of others queued by learn()
         # written with the next batch of our own facts, in the same writer job:
         self._learned: list[tuple[str, int, list]] = []    # (origin, seq, wire rows)
@@ -223,11 +225,12 @@ class Catalog:
 
         def done(result):
             if result[0]:
-                self._committed(self.peer, result[1])
+                self._committed(self.peer, result[1], result[0])
             return result
         return self._in_writer(run).addCallback(done)
 
-    def _committed(self, origin: str, seq: int) -> None:
+    def _committed(self, origin: str, seq: int, n: int = 1) -> None:
+        self.facts += n
         if seq > self.vector.get(origin, 0):
             self.vector[origin] = seq
         for listener in list(self.listeners):
@@ -309,10 +312,11 @@ class Catalog:
             seqs, outcome, dropped = result
             self._flushing = False
             if batch:
-                self._committed(self.peer, max((q for q in seqs if q), default=0))
+                self._committed(self.peer, max((q for q in seqs if q), default=0),
+                                sum(1 for q in seqs if q))
             for origin, seq, err in outcome:
                 if err is None:
-                    self._committed(origin, seq)
+                    self._committed(origin, seq, sum(1 for o, _, _ in learned if o == origin))
                 else:
                     log.error("recording a fact of {o} failed: {err}", o=origin, err=err)
             for (_, waiter), seq in zip(batch, seqs):
@@ -352,11 +356,11 @@ class Catalog:
     def apply_all(self, parts: list) -> defer.Deferred:
         """Write the facts of several origins [(origin, rows)] (one pull's answer) in
         one transaction."""
-        tops = [(origin, check_wire(rows)) for origin, rows in parts]
+        tops = [(origin, check_wire(rows), max(0, len(rows) - 1)) for origin, rows in parts]
 
         def committed(_):
-            for origin, top in tops:
-                self._committed(origin, top)
+            for origin, top, n in tops:
+                self._committed(origin, top, n)
         d = self._in_writer(write_wires, self._writer, [rows for _, rows in parts], self.peer)
         return d.addCallback(committed)
 

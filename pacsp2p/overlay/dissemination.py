@@ -92,9 +92,14 @@ def check_vector(vector) -> dict:
 
 class Dissemination:
     def __init__(self, swim, vector: Callable[[], dict], pull, clock,
-                 pull_interval: float = 0.5, ae_interval: float = 2.0):
+                 pull_interval: float = 0.5, ae_interval: float = 2.0,
+                 count: Callable[[], int] | None = None):
         self.swim, self.name = swim, swim.name
         self.vector = vector            # () -> {origin: seq} held now (not copied)
+        # () -> facts committed so far: streams are judged by facts received, never by
+        # differences of sums (numbers start at a start's time in ms, ~1.8e12: an
+        # origin's first fact would add 1.8e12 to a sum)
+        self.count = count or (lambda: sum(self.vector().values()))
         self.pull = pull                # (name) -> Deferred[its vector]
         self.clock = clock
         self.pull_interval, self.ae_interval = pull_interval, ae_interval
@@ -109,10 +114,11 @@ class Dissemination:
         self._last_pull = -1e9
         self._last_ae = -1e9
         self.slowdown = 1               # x pull_interval: grows while a stream lasts
-        self._held = 0                  # facts held when the running pull began
+        self._held = 0                  # count() when the running pull began
         self._waited = False            # the running pull waited for the interval
         self._digest: tuple[str, int] | None = None
-        self._total = sum(self.told.values())   # our sum of facts at the last change
+        self._total = sum(self.told.values())   # our vector's sum at the last change
+        self._count = self.count()      # count() at the last change
         self._streak = 0                # facts not pulled since our last end of stream
         self._grew_at = 0.0
         self._pause = 0.0               # the longest pause between growths in the streak
@@ -131,16 +137,16 @@ class Dissemination:
         """Our vector grew (after a commit): announce the origins that did."""
         self._digest = None
         mine = self.vector()
-        total = sum(mine.values())
-        if self.pulling is None and total > self._total:    # facts we did not pull
+        count = self.count()
+        if self.pulling is None and count > self._count:    # facts we did not pull
             now = self.clock.seconds()
             gap = now - self._grew_at       # a pause (after an end told too soon, too)
             self._pause = max(self._pause, gap) if gap < MAX_QUIET else 0.0
-            self._streak += total - self._total
+            self._streak += count - self._count
             self._grew_at = now
             if self._quiet_call is None:
                 self._quiet_call = self.clock.callLater(QUIET, self._quiet)
-        self._total = total
+        self._total, self._count = sum(mine.values()), count
         for origin, seq in mine.items():
             if seq > self.told.get(origin, 0):
                 self.told[origin] = seq
@@ -312,7 +318,7 @@ class Dissemination:
         now = self.clock.seconds()
         self.pulling = target
         self.pulls += 1
-        self._held = sum(self.vector().values())
+        self._held = self.count()
         self._begun_before, self._begun = self._begun, now
         # it starts when the interval allows it, not later: it waited for it (1 ms slack)
         self._waited = now <= self._last_pull + self.pull_interval * self.slowdown + 0.001
@@ -327,7 +333,7 @@ class Dissemination:
         # many facts at once: a stream, pull less often, more each time; fewer, but news
         # of more came before we could pull again: the stream goes on (set before
         # heard(), whose news schedules the next pull with it)
-        gained = sum(self.vector().values()) - self._held
+        gained = self.count() - self._held
         if self._ended_at > self._begun_before:
             # an end heard since the previous pull began: this pull caught up with it;
             # behind the end's sum still, pull again soon; else keep the slowdown (an

@@ -64,7 +64,8 @@ class Overlay:
         self.sync = AntiEntropy(catalog, self.bulk)
         self.dissemination = Dissemination(
             self.membership.swim, lambda: catalog.vector, self._pull, reactor,
-            pull_interval=o.pull_interval, ae_interval=max(2.0, 4 * o.heartbeat))
+            pull_interval=o.pull_interval, ae_interval=max(2.0, 4 * o.heartbeat),
+            count=lambda: catalog.facts)
         self.dissemination.on_vector.append(self.membership.vector_heard)
         # a catalog restored from an older backup: mended when a vector tells (reclaim)
         self.reclaim = Reclaim(catalog, self.sync, self.membership.members, reactor)

@@ -70,15 +70,19 @@ class SimClock(task.Clock):
 
 
 class SimCatalog:
-    """A catalog reduced to its version vector (facts are only counted)."""
+    """A catalog reduced to its version vector (facts are only counted). Its own facts
+    are numbered from *epoch* + 1 (a real peer numbers them from its start's time in
+    ms, ~1.8e12: ``overlay/reclaim.py``); ``facts`` counts the facts committed."""
 
-    def __init__(self, name):
-        self.name = name
+    def __init__(self, name, epoch: int = 0):
+        self.name, self.epoch = name, epoch
         self.vector: dict[str, int] = {}
+        self.facts = 0
         self.listeners: list = []
 
     def write(self, n: int = 1) -> int:
-        self.vector[self.name] = self.vector.get(self.name, 0) + n
+        self.vector[self.name] = self.vector.get(self.name, self.epoch) + n
+        self.facts += n
         self._changed()
         return self.vector[self.name]
 
@@ -105,11 +109,12 @@ class SimPeer:
     def __init__(self, net, name, config, seed):
         self.net, self.name = net, name
         self.up = True
-        self.catalog = SimCatalog(name)
+        self.catalog = SimCatalog(name, net.epoch)
         self.swim = Swim(name, {"name": name, "n": len(net.peers)}, 1, net.clock,
                          _Transport(net, name), config, rng=random.Random(seed))
         self.dissemination = Dissemination(self.swim, lambda: self.catalog.vector,
                                            self.pull, net.clock,
+                                           count=lambda: self.catalog.facts,
                                            pull_interval=net.pull_interval,
                                            ae_interval=net.ae_interval)
         self.catalog.listeners.append(self.dissemination.changed)
@@ -126,8 +131,10 @@ class SimPeer:
 class SimNet:
     def __init__(self, seed: int = 1, loss: float = 0.0, delay=(0.001, 0.005),
                  max_links: int = 32, connect_rtts: int = 2, config: SwimConfig | None = None,
-                 batch: int = 5000, pull_interval: float = 0.5, ae_interval: float = 2.0):
+                 batch: int = 5000, pull_interval: float = 0.5, ae_interval: float = 2.0,
+                 epoch: int = 0):
         self.clock = SimClock()
+        self.epoch = epoch                   # every peer's facts numbered from epoch + 1
         self.rng = random.Random(seed)
         self.loss, self.delay, self.max_links = loss, delay, max_links
         self.connect_rtts, self.batch = connect_rtts, batch
@@ -252,11 +259,13 @@ class SimNet:
             for origin, seq in other.catalog.vector.items():
                 if origin == me.name or seq <= mine.get(origin, 0):
                     continue
-                take = min(seq - mine.get(origin, 0), budget)
+                held = max(mine.get(origin, 0), self.epoch)
+                take = min(seq - held, budget)
                 if take <= 0:
                     more = True
                     break
-                mine[origin] = mine.get(origin, 0) + take
+                mine[origin] = held + take
+                me.catalog.facts += take
                 budget -= take
                 more = more or mine[origin] < seq
             me.catalog._changed()

@@ -199,6 +199,33 @@ def test_vector_seeks_each_origin(tmp_path):
     conn.close()
 
 
+def test_facts_counts_the_facts_committed_not_differences_of_their_numbers(tmp_path,
+                                                                            reactor):
+    """``Catalog.facts`` (what dissemination judges a stream by) grows by one per fact
+    committed — our own, another origin's learned first-hand, a pull's — while the
+    vector's sum jumps by an origin's first number (its start's time in ms, ~1.8e12)."""
+    epoch = 1_800_000_000_000
+    q = Catalog(tmp_path / "q.sqlite", reactor, peer="q")
+    q.numbers_from = lambda opened_at: epoch
+    reactor.wait(q.start())
+    p = open_catalog(reactor, tmp_path / "p.sqlite")
+    try:
+        reactor.wait(defer.gatherResults([q.record(meta(i), loc(i, peer="q"))
+                                          for i in range(5)]))
+        assert q.vector == {"q": epoch + 5} and q.facts == 5
+        reactor.wait(defer.gatherResults([p.record(meta(i), loc(i)) for i in range(10, 13)]))
+        assert p.facts == 3
+        rows = reactor.wait(q.changes("q", 0, 100))
+        reactor.wait(p.apply_all([("q", rows)]))
+        assert p.facts == 8 and sum(p.vector.values()) == 3 + epoch + 5
+        assert p.learn("q", epoch + 6, meta(6), loc(6, peer="q"))      # told first-hand
+        reactor.wait(p.record(meta(13), loc(13)))                      # written with it
+        assert p.facts == 10 and p.vector["q"] == epoch + 6
+    finally:
+        reactor.wait(p.stop())
+        reactor.wait(q.stop())
+
+
 def test_counts_read_no_table(tmp_path, reactor):
     """counts() and archive_counts() read counter tables, not count(*) over the tables
     (3 s and 7 s at 10M)."""

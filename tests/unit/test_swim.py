@@ -361,6 +361,44 @@ def test_a_trickle_of_other_facts_does_not_end_a_streams_slowdown():
     assert dissemination.MAX_SLOWDOWN > 1
 
 
+def test_streams_are_judged_by_facts_received_not_by_sums_of_clock_numbers():
+    """Fact numbers start at a peer's start time in ms (~1.8e12, ``overlay/reclaim``):
+    a replica holder's first fact adds 1.8e12 to every vector's sum. Judged by sums,
+    each holder's first fact was a "stream" of its own whose end it told, and every such
+    end set every peer's slowdown back (16 ends, 14.1 pulls per peer in this run); judged
+    by the facts committed, the writer alone tells its end and the slowdown holds."""
+    def run(by_sums):
+        net = cluster(16, seed=5, epoch=1_800_000_000_000)
+        if by_sums:
+            for p in net.peers.values():
+                p.dissemination.count = lambda p=p: sum(p.catalog.vector.values())
+                p.dissemination._count = p.dissemination.count()
+        net.run(5)
+        ends = []
+        for p in net.peers.values():
+            told = p.swim.broadcast
+            p.swim.broadcast = lambda key, e, told=told, me=p.name: (
+                key == ("q", me) and ends.append(me), told(key, e))
+        writer = net.peers["p003"]
+        others = [p for p in net.live() if p is not writer]
+        before = dict(net.pulls)
+        for i in range(400):                   # 20 s; a holder's first fact every 0.25 s
+            seq = writer.catalog.write(1)
+            if i % 5 == 0:
+                others[i // 5 % len(others)].catalog.write(1)
+            net.run(0.05)
+        took = net.run_until(lambda: all(p.catalog.vector.get("p003", 0) >= seq
+                                         for p in others), 30, step=0.01)
+        pulls = sum(net.pulls[p.name] - before.get(p.name, 0) for p in others)
+        return ends, pulls / len(others), took
+
+    ends, pulls, took = run(by_sums=False)
+    assert ends == ["p003"], ends
+    assert pulls < 10 and took is not None and took < 2.0, (pulls, took)
+    sum_ends, sum_pulls, _ = run(by_sums=True)
+    assert len(sum_ends) > 8 and sum_pulls > 1.3 * pulls, (sum_ends, sum_pulls, pulls)
+
+
 def test_the_end_of_a_stream_is_told_and_its_last_facts_pulled_at_once(monkeypatch):
     """A writer whose stream of facts stops says so (an urgent ["q", ...] item): every
     peer ends its slowdown and pulls the last facts within about a second, where the
