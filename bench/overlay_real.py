@@ -54,6 +54,7 @@ from pacsp2p.testing.procs import Process  # noqa: E402
 
 OVERLAY: dict = {}          # deep-merged into every peer's config (--set overlay.KEY=V)
 PROFILE: Path | None = None  # --profile DIR: py-spy of the writer and one other peer
+IDLE = 30.0                 # --idle: seconds of the idle CPU window (after 10 s of rest)
 
 
 def status(peer, timeout=30.0) -> dict:
@@ -157,22 +158,21 @@ def run(n: int, root: Path, files) -> dict:
         took = poll(meshed, 300, 0.1)
         r["up"], r["converged"] = t_up - t_spawn, took
         r["from_spawn"] = (time.monotonic() - t_spawn) if took is not None else None
-        time.sleep(10)
+        time.sleep(min(10, IDLE))
         pids = [p.process.pid for p in peers]
         ports = {cluster.overlay_ports[p.name][0] for p in peers}
         bulk_ports = {cluster.overlay_ports[p.name][1] for p in peers}
         per = []
         before = {pid: cpu([pid]) for pid in pids}
         t0 = time.monotonic()
-        time.sleep(30)
+        time.sleep(IDLE)
         dt = time.monotonic() - t0
         for pid in pids:
-            per.append((cpu([pid]) - before[pid]) / dt * 100)
+            per.append((cpu([pid]) - before[pid]) / max(dt, 1e-3) * 100)
         r["idle_cpu"] = (sum(per) / len(per), max(per))
         r["links"] = links(peers, ports, bulk_ports)
         # 1,000 instances at the first peer
-        requests0 = sum(status(p)["overlay"].get("dissemination", {}).get("requests", 0)
-                        for p in peers)
+        sums0 = _dissemination(peers)
         cpu0 = cpu(pids)
         lat0 = latencies(peers[0])
         each0 = {pid: cpu([pid]) for pid in pids}
@@ -203,8 +203,10 @@ def run(n: int, root: Path, files) -> dict:
         each = sorted((cpu([pid]) - each0[pid] for pid in pids[1:]), reverse=True)
         r["store_cpu_writer"] = cpu([pids[0]]) - each0[pids[0]]
         r["store_cpu_others"] = (sum(each) / len(each), each[0]) if each else (0, 0)
-        r["requests"] = sum(status(p)["overlay"].get("dissemination", {}).get("requests", 0)
-                            for p in peers) - requests0
+        sums = _dissemination(peers)
+        r["requests"] = sums["requests"] - sums0["requests"]
+        r["ends_told"] = sums["ends_told"] - sums0["ends_told"]
+        r["writer_requests"] = sums["writer"] - sums0["writer"]
         r["stored_ok"] = ok
         r["rss"] = sum(psutil.Process(pid).memory_info().rss for pid in pids) / n / 1e6
     finally:
@@ -212,6 +214,18 @@ def run(n: int, root: Path, files) -> dict:
             if p.process is not None:
                 p.process.stop(timeout=20)
     return r
+
+
+def _dissemination(peers) -> dict:
+    """Pull requests made by all peers and by the writer, ends of stream told (all)."""
+    out = {"requests": 0, "ends_told": 0, "writer": 0}
+    for i, p in enumerate(peers):
+        d = status(p)["overlay"].get("dissemination", {})
+        out["requests"] += d.get("requests", 0)
+        out["ends_told"] += d.get("ends_told", 0)
+        if i == 0:
+            out["writer"] = d.get("requests", 0)
+    return out
 
 
 def spawn(peer) -> None:
@@ -239,9 +253,11 @@ def main():
                     help="py-spy the writer and three others while the 1,000 spread")
     ap.add_argument("--code", default=None, metavar="LABEL=DIR,...",
                     help="run the peers from each of these source trees in turn, per N")
+    ap.add_argument("--idle", type=float, default=30.0, metavar="SECONDS",
+                    help="idle CPU window (30; shorter for repeated store runs)")
     args = ap.parse_args()
-    global PROFILE
-    PROFILE = args.profile
+    global PROFILE, IDLE
+    PROFILE, IDLE = args.profile, args.idle
     for item in args.set:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
@@ -277,7 +293,8 @@ def main():
                          f"{r['store']:.1f}",
                          f"{r['counted']:.1f}" if r["counted"] is not None else "-",
                          " / ".join(f"{x:.1f}" if x is not None else "-" for x in ms),
-                         r["requests"], f"{r['store_cpu']:.0f}",
+                         f"{r['requests']} ({r['writer_requests']})", r["ends_told"],
+                         f"{r['store_cpu']:.1f}",
                          f"{r['store_cpu_writer']:.1f}",
                          "{:.1f} / {:.1f}".format(*r["store_cpu_others"]), f"{r['rss']:.0f}",
                          "{:.1f} -> {:.1f}".format(*r["load"])])
@@ -285,7 +302,8 @@ def main():
     print(common.table(rows, ["peers", "converged s", "(from spawn)", "idle CPU % mean/max",
                               "links AMP + bulk", "store s", "all count 1000 s",
                               "writer C-STORE / quorum ms",
-                              "pull requests", "cluster CPU-s", "writer CPU-s",
+                              "pull requests (writer's)", "ends told",
+                              "cluster CPU-s", "writer CPU-s",
                               "other peers CPU-s mean/max", "RSS MB/peer", "load"]))
 
 

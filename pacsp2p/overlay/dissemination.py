@@ -110,6 +110,7 @@ class Dissemination:
         self.pulling: str | None = None
         self.pulls = 0
         self.failed = 0
+        self.ends_told = 0              # our ends of stream told (["q", ...])
         self._call = None
         self._last_pull = -1e9
         self._last_ae = -1e9
@@ -171,6 +172,7 @@ class Dissemination:
             self._quiet_call = self.clock.callLater(quiet - still, self._quiet)
             return
         if self._streak >= STREAK_FACTS and self.swim.running:
+            self.ends_told += 1
             self.swim.broadcast(("q", self.name), ["q", self.name, self._total])
         self._streak = 0
 

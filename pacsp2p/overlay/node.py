@@ -174,6 +174,7 @@ class Overlay:
                 "dissemination": {"pulls": self.dissemination.pulls,
                                   "requests": self.sync.requests,
                                   "failed": self.dissemination.failed,
+                                  "ends_told": self.dissemination.ends_told,
                                   "slowdown": self.dissemination.slowdown},
                 "handshakes": {p.guard.what: {"pending": p.guard.pending,
                                                "expired": p.guard.expired,
