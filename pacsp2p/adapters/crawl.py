@@ -208,4 +208,5 @@ class Crawler:
         return {"archive": self.archive.name, "done": self.done, "total": self.total,
                 "rate": round(rate, 1), "eta_s": eta, "finished": self.finished,
                 "followed": self.followed, "follows": self.follows,
-                "elapsed_s": round(elapsed, 3), "error": self.error}
+                "elapsed_s": round(elapsed, 3), "error": self.error,
+                "unlisted": list(getattr(self.archive, "crawl_unlisted", ()))}

@@ -10,16 +10,28 @@ per series), each query behind the crawl's token bucket. The studies are listed 
   earlier versions, means the same);
 - else (the adapter cancels the C-FIND past the bound: C-CANCEL, then the association is
   aborted) by StudyDate range matching (PS3.4 C.2.2.2.5, which every Query/Retrieve SCP
-  supports, DCMTK dcmqrscp included, unlike paging by offset, which DIMSE lacks, or
-  wildcards on Patient ID, which many do not): date windows, halved while one answers
-  more than ``max_find_rows`` matches (bisection) and doubled after one that answers
-  under a quarter of them; the cursor is ``<first>-<last day> <last study UID done>``,
-  so a restart resumes inside its window. A range never matches a study without a
-  StudyDate: on such a large archive those are not crawled (a warning says so once; a
-  larger ``max_find_rows`` lists them). One day with more studies than the bound stops
-  the crawl with an error naming the setting, as does a series of more instances (an
-  IMAGE query has no key to page on that every archive matches by range). No total is
-  known when paging.
+  supports, DCMTK dcmqrscp included, unlike paging by offset, which DIMSE lacks): date
+  windows, halved while one answers more than ``max_find_rows`` matches (bisection) and
+  doubled after one that answers under a quarter of them, keeping the studies whose
+  StudyDate is a date; the cursor is ``<first>-<last day> <last study UID done>``, so a
+  restart resumes inside its window. One day with more studies than the bound stops the
+  crawl with an error naming the setting;
+- then the studies whose StudyDate is absent, empty or not a date (no range matches them
+  on dcmqrscp; empty value matching ``""`` matches nothing on dcmqrscp 3.6.7 nor Orthanc
+  1.10): by Patient ID wildcard prefixes (PS3.4 C.2.2.2.4, case-sensitive on both), a
+  prefix trie walked depth first: ``<prefix>*`` answering more than the bound is split
+  into the Patient ID ``<prefix>`` itself (single value matching) and ``<prefix><c>*``
+  for each printable ASCII character ``c`` but ``\\ * ?``. The cursor is ``pid*<hex of
+  the prefix>`` (or ``pid=`` for one Patient ID) and the last study done. A study with
+  neither StudyDate nor Patient ID, or whose Patient ID has another character where the
+  trie had to split, is not listed (a warning says so once), nor any on an archive that
+  answers a Patient ID no one has (it ignores the key); one Patient ID with more
+  studies than the bound is skipped with a warning naming it.
+
+No total is known when paging. A series with more instances than the bound is skipped
+(no key pages one series on both archives: InstanceNumber takes single values only,
+SOPInstanceUID is list matching, dcmqrscp ignores ContentTime): one warning names it and
+the crawl status lists it (``unlisted``); the crawl goes on with the rest.
 
 ``changes`` lists the studies whose StudyDate is on or after the last date seen (a
 window halved in the same way while it answers too much: the next round goes on from
@@ -28,7 +40,8 @@ its end) and re-lists those whose instance count grew.
 What the archive answers is hostile: a study or series row whose UID is not a UID by
 PS3.5 §9.1 is skipped (one warning per listing with the count and an example); an
 instance row goes on to the crawler's own check (``crawl.listed_error``), never into a
-query or the adapter's map before it is valid.
+query or the adapter's map before it is valid. A cursor is read back checked (a prefix
+of at most 64 characters of the trie's alphabet), else the crawl starts again.
 """
 
 from __future__ import annotations
@@ -52,6 +65,12 @@ LEVEL_KEYS = {lvl: [kw for kw, a in STORED.items() if a.level == lvl]
 EPOCH = datetime.date(1900, 1, 1)     # a first window starting here is open: "-<last>"
 FUTURE = datetime.date(9999, 12, 31)  # a window ending here is open: "<first>-"
 ALL = "*"                             # the window of universal matching
+PID_CHARS = "".join(c for c in map(chr, range(0x20, 0x7F)) if c not in "\\*?")
+FIRST_CHARS = PID_CHARS[1:]           # a Patient ID does not start with a space
+PID_MAX = 64                          # characters of a Patient ID (LO)
+UNLISTED_SHOWN = 20                   # series the crawl status names at most
+PROBE = "~pacsp2p~no~such~patient~*"  # matches nothing where Patient ID keys are honoured
+GIVEN_UP = ("=", PID_CHARS[-1] * PID_MAX)  # the trie's last page: nothing comes after it
 
 
 class TooManyMatches(Refused):
@@ -82,8 +101,42 @@ def _halved(lo: datetime.date, hi: datetime.date) -> datetime.date:
     return lo + (end - lo) // 2
 
 
+def _dated(row: dict) -> bool:
+    """Whether a study row's StudyDate is a date (listed by the date windows)."""
+    try:
+        _day(str(row.get("StudyDate", "")).strip())
+        return True
+    except ValueError:
+        return False
+
+
+def _is_prefix(text: str) -> bool:
+    return (0 < len(text) <= PID_MAX and text[0] in FIRST_CHARS
+            and all(c in PID_CHARS for c in text))
+
+
+def _after_prefix(prefix: str):
+    """The Patient ID page after the trie below *prefix* is done (None: the end)."""
+    while prefix:
+        chars = FIRST_CHARS if len(prefix) == 1 else PID_CHARS
+        i = chars.index(prefix[-1]) + 1
+        if i < len(chars):
+            return "*", prefix[:-1] + chars[i]
+        prefix = prefix[:-1]
+    return None
+
+
+def _window_name(window) -> str:
+    if window == ALL:
+        return ALL
+    if isinstance(window[0], str):
+        return f"pid{window[0]}{window[1].encode('ascii').hex()}"
+    return _window_text(*window)
+
+
 def parse_cursor(cursor: str | None):
-    """(window, last study done) of a crawl cursor; window ALL or (first, last day)."""
+    """(window, last study done) of a crawl cursor; window ALL, (first, last day), or a
+    Patient ID page ("*" or "=", prefix)."""
     if not cursor:
         return ALL, ""
     window, _, after = cursor.partition(" ")
@@ -92,6 +145,11 @@ def parse_cursor(cursor: str | None):
     if window == ALL:
         return ALL, after
     try:
+        if window[:4] in ("pid*", "pid="):
+            prefix = bytes.fromhex(window[4:]).decode("ascii")
+            if not _is_prefix(prefix):
+                raise ValueError(prefix)
+            return (window[3], prefix), after
         lo, hi = (_day(x) for x in window.split("-"))
     except ValueError:
         return ALL, ""                   # not ours: start again
@@ -109,6 +167,7 @@ class DimseCrawl:
 
     _listing = None             # (window, sorted study UIDs, {uid: row}) being crawled
     _warned_undated = False
+    crawl_unlisted = ()         # series not listed: more instances than the bound
 
     def _valid_rows(self, rows, key: str, what: str) -> list[dict]:
         """The *rows* whose *key* is a UID; one warning for those skipped."""
@@ -142,15 +201,19 @@ class DimseCrawl:
                 if not self._warned_undated:
                     self._warned_undated = True
                     log.warn("archive {archive}: more than {n} studies: crawled by "
-                             "StudyDate ranges (a study with no StudyDate is not listed "
-                             "by a range: raise max_find_rows to crawl those)",
+                             "StudyDate ranges, then those with no StudyDate by Patient "
+                             "ID prefix (one with no Patient ID either is not listed: "
+                             "raise max_find_rows to crawl those)",
                              archive=self.name, n=self.max_find_rows)
                 window = (EPOCH, FUTURE)
+        if isinstance(window[0], str):
+            rows = yield self._list_patients(window, throttle)
+            return rows
         lo, hi = window
         while True:
             try:
                 rows = yield self._list_studies(throttle, {"StudyDate": _range_key(lo, hi)})
-                return (lo, hi), rows
+                return (lo, hi), {u: r for u, r in rows.items() if _dated(r)}
             except TooManyMatches:
                 mid = _halved(lo, hi)
                 if mid is None:
@@ -159,14 +222,51 @@ class DimseCrawl:
                         f"{lo:%Y%m%d} alone: cannot page further (raise max_find_rows)")
                 hi = mid
 
+    @defer.inlineCallbacks
+    def _list_patients(self, window, throttle):
+        """(page, {uid: row}): the undated studies of the Patient ID page *window*, or
+        of the first page of its trie that answers within the bound."""
+        kind, prefix = window
+        if window == ("*", FIRST_CHARS[0]):
+            try:        # an archive ignoring the key would have the trie walked for ever
+                rows = yield self._list_studies(throttle, {"PatientID": PROBE})
+            except TooManyMatches:
+                rows = True
+            if rows:
+                log.warn("archive {archive}: it does not match Patient ID wildcards (a "
+                         "Patient ID no one has answered studies): the studies with no "
+                         "StudyDate are not listed", archive=self.name)
+                return GIVEN_UP, {}
+        while kind == "*":
+            try:
+                rows = yield self._list_studies(throttle, {"PatientID": prefix + "*"})
+                return window, {u: r for u, r in rows.items() if not _dated(r)}
+            except TooManyMatches:
+                kind, window = "=", ("=", prefix)
+        if prefix.endswith(" "):         # trailing spaces do not count: asked as shorter
+            return window, {}
+        try:
+            rows = yield self._list_studies(throttle, {"PatientID": prefix})
+        except TooManyMatches:
+            log.warn("archive {archive}: more than {n} studies of Patient ID {pid}: those "
+                     "with no StudyDate are not listed (raise max_find_rows)",
+                     archive=self.name, n=self.max_find_rows, pid=shown(prefix))
+            return window, {}
+        return window, {u: r for u, r in rows.items() if not _dated(r)}
+
     @staticmethod
     def _next_window(window, found: int, bound: int):
         """The window after *window*, which listed *found* studies (None: the end)."""
         if window == ALL:
             return None
+        if isinstance(window[0], str):
+            kind, prefix = window
+            if kind == "=" and len(prefix) < PID_MAX:
+                return "*", prefix + PID_CHARS[0]
+            return _after_prefix(prefix)
         lo, hi = window
         if hi >= FUTURE:
-            return None
+            return "*", FIRST_CHARS[0]
         width = (hi - lo).days + 1
         if found < bound // 4:
             width *= 2
@@ -198,8 +298,7 @@ class DimseCrawl:
         items = yield self._crawl_study(rows[study], throttle)
         if pos + 1 < len(studies) or self._next_window(window, len(studies),
                                                        self.max_find_rows):
-            name = ALL if window == ALL else _window_text(*window)
-            return items, f"{name} {study}", total
+            return items, f"{_window_name(window)} {study}", total
         self._listing = None
         return items, None, total
 
@@ -227,15 +326,20 @@ class DimseCrawl:
         yield throttle()
         series_rows = yield self._find_d("SERIES", {"StudyInstanceUID": study},
                                          self.SERIES_RETURNS)
-        items = []
+        items, skipped = [], False
         for serow in self._valid_rows(series_rows, "SeriesInstanceUID", "series"):
             series = serow["SeriesInstanceUID"]
             sattrs = dict(base, **{k: v for k, v in serow.items()
                                    if k in LEVEL_KEYS["SERIES"]})
             yield throttle()
-            rows = yield self._find_d("IMAGE", {"StudyInstanceUID": study,
-                                                "SeriesInstanceUID": series},
-                                      self.IMAGE_RETURNS)
+            try:
+                rows = yield self._find_d("IMAGE", {"StudyInstanceUID": study,
+                                                    "SeriesInstanceUID": series},
+                                          self.IMAGE_RETURNS)
+            except TooManyMatches:
+                self._unlisted(study, series)
+                skipped = True
+                continue
             probed = None
             for r in rows:
                 attrs = dict(sattrs, **{k: v for k, v in r.items()
@@ -258,8 +362,21 @@ class DimseCrawl:
                 if is_uid(uid) and is_uid(sop_class):
                     self._where.put(uid, (study, series, sop_class, ""))
                 items.append((InstanceMeta(uid, sop_class, "", attrs, 0), 0))
-        self._seen_counts.put(study, len(items))
+        # a study with a series left out counts what the archive says it holds: the
+        # change feed does not ask again for that series every round
+        self._seen_counts.put(study, self._total([srow]) if skipped else len(items))
         return items
+
+    def _unlisted(self, study: str, series: str) -> None:
+        """Say once that *series* is not listed (more instances than the bound)."""
+        what = f"study {study} series {series}"
+        if what in self.crawl_unlisted:
+            return
+        log.warn("archive {archive}: {what} not listed: more than {n} instances, which "
+                 "no C-FIND key pages (raise max_find_rows); the crawl goes on",
+                 archive=self.name, what=what, n=self.max_find_rows)
+        if len(self.crawl_unlisted) < UNLISTED_SHOWN:
+            self.crawl_unlisted = (*self.crawl_unlisted, what)
 
     @defer.inlineCallbacks
     def changes(self, since, throttle):
