@@ -2,7 +2,9 @@
 
 The identifier is decoded (``dicom.identifiers``) into a Query, answered by
 ``cluster.find`` (the whole cluster's catalog), one Pending response per row sent while
-the transport takes them; a C-CANCEL is honoured between responses.
+the transport takes them; a C-CANCEL is honoured between responses. Asked for Retrieve
+AE Title (0008,0054), a match names the AE title this facade was called by: any peer
+retrieves what the cluster holds (PS3.4 C.4.1.1.3.2, as DCMTK's dcmqrscp answers).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pacsp2p.validate import shown
 log = Logger()
 
 FIND_BATCH = 16              # C-FIND responses sent per reactor turn
+RETRIEVE_AE = "RetrieveAETitle"
 
 
 def decode_query(op, table: dict, what: str):
@@ -82,6 +85,9 @@ class Find(Operation):
             err=shown(failure.getErrorMessage()), where=where)
 
     def _found(self, rows):
+        if RETRIEVE_AE in self.requested:          # where the match can be retrieved: here
+            here = self.assoc.called_ae
+            rows = ({**row, RETRIEVE_AE: here} for row in rows)
         self.rows = iter(rows)
         self._send_some()
 
