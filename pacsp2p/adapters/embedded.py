@@ -12,7 +12,8 @@ another archive on the same file system linked that received file already (two r
 must not share blocks); the ingest records the
 instance in the catalog while the fsync runs, and acknowledges after both. A second, different instance
 with an existing UID is kept beside it as ``<k>.<sha256[:16]>.dcm`` and reported as a
-conflict; the same bytes again are a no-op.
+conflict; the same bytes again are a no-op. ``open`` and ``read_many`` of a UID with a
+hash read that version if it is kept beside, else the main file.
 
 A scrub (``verify``) re-hashes copies where they lie, a batch per job of the archive's
 threads, one read per file; ``restore`` puts a good replica's bytes back in place of a
@@ -365,12 +366,15 @@ class EmbeddedArchive:
         return self._run(self._open, uid, sha256)
 
     def _open(self, uid: str, sha256: str | None, buffering: int = -1):
-        try:
-            return open(self.path_for(uid), "rb", buffering=buffering)
-        except FileNotFoundError:
-            if not layout.is_sha(sha256):
-                raise
-            return open(self.path_for(uid, sha256), "rb", buffering=buffering)
+        """The version of *uid* that *sha256* names when one is kept beside the main file
+        (a conflict: the main file is another version), else the main file — which the
+        reader checks against *sha256* (a retrieval, repair hash what they read)."""
+        if layout.is_sha(sha256):
+            try:
+                return open(self.path_for(uid, sha256), "rb", buffering=buffering)
+            except FileNotFoundError:
+                pass
+        return open(self.path_for(uid), "rb", buffering=buffering)
 
     def read_many(self, items, limit: int, examined: bool = True):
         """Deferred[list]: the copies of *items* [(uid, sha256)], each small one read

@@ -104,7 +104,8 @@ class IOpens(Interface):
 
     def open(sop_instance_uid, sha256=None):
         """Deferred[binary file at offset 0] of one instance: the Part-10 file, data set
-        bytes as stored. *sha256* chooses among copies if several are kept. Fails with
+        bytes as stored. *sha256* chooses among versions if several are kept (a
+        conflicting version kept beside the first: that one, never another). Fails with
         KeyError (FileNotFoundError for files on disk) if the archive does not hold it."""
 
 

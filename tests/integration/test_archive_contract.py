@@ -163,9 +163,12 @@ class ArchiveContract:
 
 class StoreContract:
     """What an archive with capability ``store`` promises; ``put`` is ``store``.
-    ``deletes``: whether ``discard`` really drops a copy (else it logs and keeps it)."""
+    ``deletes``: whether ``discard`` really drops a copy (else it logs and keeps it);
+    ``versions``: whether a conflicting version is kept beside the first (else the
+    archive keeps its first copy and the conflict is only reported)."""
 
     deletes = True
+    versions = False
 
     def put(self, archive, path: Path) -> None:
         stored = call(archive.store, path, read_meta(path))
@@ -186,6 +189,27 @@ class StoreContract:
         again = call(archive.store, path, read_meta(path))
         assert again.duplicate and not again.conflict
         assert (again.sha256, again.size) == (first.sha256, first.size)
+
+    def test_a_version_kept_beside_is_opened_by_its_hash(self, archive, tmp_path):
+        """The same SOP Instance UID stored twice with other bytes: a conflict. An archive
+        that keeps both versions gives the one *sha256* names, never the other (a
+        retrieval or repair asks for the version the catalog records); one that keeps
+        its first copy gives that one."""
+        one_path, two_path = (instance(tmp_path / name, "versions", InstitutionName=name)
+                              for name in ("ONE", "TWO"))
+        one = call(archive.store, one_path, read_meta(one_path))
+        two = call(archive.store, two_path, read_meta(two_path))
+        assert one.sha256 != two.sha256
+        uid = read_meta(one_path).sop_instance_uid
+        assert two.conflict and not two.duplicate
+        if not self.versions:
+            assert dataset_sha256_of(read_all(call(archive.open, uid))) == one.sha256
+            return
+        for want in (two.sha256, one.sha256):
+            assert dataset_sha256_of(read_all(call(archive.open, uid, want))) == want
+        if "read_many" in archive.capabilities:
+            got = call(archive.read_many, [(uid, two.sha256), (uid, one.sha256)], 1 << 20)
+            assert [dataset_sha256_of(data) for data, _ in got] == [two.sha256, one.sha256]
 
     def test_discard(self, archive, tmp_path):
         path = instance(tmp_path, "discard")
@@ -223,6 +247,8 @@ class StoreContract:
 # -- one class per adapter, each on its real archive -------------------------------------
 
 class TestEmbedded(StoreContract, ArchiveContract):
+    versions = True                       # a conflicting version is kept beside
+
     @pytest.fixture(scope="class")
     @classmethod
     def archive(cls, tmp_path_factory, catalog):
