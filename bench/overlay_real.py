@@ -184,16 +184,23 @@ def run(n: int, root: Path, files) -> dict:
                                  else None):
             proc = storescu(peers[0].port, peers[0].ae_title, files, timeout=600)
             stored = time.monotonic() - t0
+            stored_at = time.time()
             ok = (proc.stdout + proc.stderr).count("Received Store Response (Success)")
 
             waiting = list(peers)         # a peer that counted them all is not asked again
+            when = []                     # seconds after the store when each counted all
 
             def counted():
-                waiting[:] = [p for p in waiting
-                              if status(p)["catalog"].get("instances", 0) < len(files)]
+                left = [p for p in waiting
+                        if status(p)["catalog"].get("instances", 0) < len(files)]
+                when.extend([time.monotonic() - t0 - stored] * (len(waiting) - len(left)))
+                waiting[:] = left
                 return not waiting
             done = poll(counted, 900, 0.1)
         r["store"] = stored
+        r["counted_after"] = sorted(when)     # (0.1 s polls) per peer, after the store
+        told = status(peers[0])["overlay"].get("dissemination", {}).get("end_told_at")
+        r["writer_end_after"] = told - stored_at if told else None
         lat = latencies(peers[0])
         for name, (total, count) in lat.items():       # mean ms per C-STORE at the writer
             t0_, c0_ = lat0.get(name, (0.0, 0.0))

@@ -111,6 +111,7 @@ class Dissemination:
         self.pulls = 0
         self.failed = 0
         self.ends_told = 0              # our ends of stream told (["q", ...])
+        self.end_told_at = None         # clock time of the last one
         self._call = None
         self._last_pull = -1e9
         self._last_ae = -1e9
@@ -173,6 +174,7 @@ class Dissemination:
             return
         if self._streak >= STREAK_FACTS and self.swim.running:
             self.ends_told += 1
+            self.end_told_at = self.clock.seconds()
             self.swim.broadcast(("q", self.name), ["q", self.name, self._total])
         self._streak = 0
 

@@ -175,6 +175,7 @@ class Overlay:
                                   "requests": self.sync.requests,
                                   "failed": self.dissemination.failed,
                                   "ends_told": self.dissemination.ends_told,
+                                  "end_told_at": self.dissemination.end_told_at,
                                   "slowdown": self.dissemination.slowdown},
                 "handshakes": {p.guard.what: {"pending": p.guard.pending,
                                                "expired": p.guard.expired,
