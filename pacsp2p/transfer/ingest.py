@@ -398,8 +398,8 @@ class Ingest:
 
         @defer.inlineCallbacks
         def commit(meta, hints=(), later=False):
-            done = yield (self.group.commit(target.peer, **args) if later else
-                          m.call(target.peer, Commit, **args))
+            # waited for (no copy of ours): at once, with what is queued for that peer
+            done = yield self.group.commit(target.peer, **args, now=not later)
             location = Location(uid, target.name, target.peer, sha, answer["size"])
             if not self.catalog.learn(target.peer, done["seq"], meta, location):
                 self.overlay.sync_from(target.peer)     # not the next one: pull in order
