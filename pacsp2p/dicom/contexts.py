@@ -1,7 +1,11 @@
 """Presentation contexts: what the facade accepts, and what a C-MOVE proposes.
 
-The facade accepts every storage SOP class (also private and unknown ones) in every
-transfer syntax, so that C-STORE keeps what the modality sent. Of the syntaxes a
+The facade accepts every standard storage SOP class pynetdicom knows, current
+(``AllStoragePresentationContexts``: beyond its 120 default contexts, Breast Projection
+X-Ray, Parametric Map, the radiation dose SRs ... as DCMTK's dcmqrscp and Orthanc do) or
+retired (old archives keep Ultrasound and Nuclear Medicine images of the retired classes) in
+every transfer syntax, so that C-STORE keeps what the modality sent; private and unknown
+SOP classes are refused at negotiation, as both do by default. Of the syntaxes a
 requestor proposes in ONE storage context, the acceptor picks one (PS3.8 9.3.3.2: the
 acceptor's choice): where the facade only receives (Storage SCP), ``storage_choice``
 takes the requestor's first lossless compressed syntax — the data set is then kept as
@@ -25,7 +29,8 @@ from pydicom.uid import (JPEG2000, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
                          RLELossless)
-from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_context
+from pynetdicom import (ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts,
+                        StoragePresentationContexts, build_context)
 from pynetdicom import sop_class as sc
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
@@ -42,7 +47,8 @@ ACCEPTED_SYNTAXES = [ExplicitVRLittleEndian] + [
 # the image — and only those the facade can decode again (pylibjpeg: RLE, libjpeg) for a
 # C-GET requestor that takes uncompressed data only.
 KEPT_COMPRESSED = frozenset((RLELossless, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless))
-STORAGE_CLASSES = frozenset(cx.abstract_syntax for cx in StoragePresentationContexts)
+STORAGE_CLASSES = frozenset(cx.abstract_syntax for cx in (*AllStoragePresentationContexts,
+                                                           *StoragePresentationContexts))
 
 # what archives commonly keep besides the uncompressed syntaxes
 COMMON_STORED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless,
@@ -63,8 +69,8 @@ def add_supported(ae) -> None:
     for uid in (*QR_FIND, *QR_MOVE, *QR_GET):
         ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
     # as C-GET SCP we act as Storage SCU on the requester's association
-    for cx in StoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES,
+    for uid in sorted(STORAGE_CLASSES):
+        ae.add_supported_context(uid, ACCEPTED_SYNTAXES,
                                  scu_role=True, scp_role=True)
 
 

@@ -14,6 +14,8 @@ Each test sends one request to both archives with pynetdicom and compares:
 * C-MOVE by SERIES and IMAGE level UID lists: the same counts, and every C-STORE
   sub-operation names the requestor as Move Originator with its Message ID
   (PS3.4 C.4.2.2, PS3.7 9.3.1.1).
+* Association: every standard storage SOP class dcmqrscp accepts, the peer accepts
+  (it took pynetdicom's 120 default contexts only: 51 standard classes refused).
 
 The differences a differential review found legitimate are in docs/README.md
 ("Checked against the reference archives").
@@ -25,7 +27,8 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
-from pynetdicom import AE, build_role, evt
+from pynetdicom import (AE, AllStoragePresentationContexts, StoragePresentationContexts,
+                        build_role, evt)
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
@@ -253,3 +256,60 @@ def test_cmove_of_uid_lists_names_the_move_originator(archives, dest_port, level
     finally:
         server.shutdown()
     assert finals["peer"] == finals["dcmqrscp"] == ("0x0000", None, len(expected), 0, 0)
+
+
+def _newer_storage_classes() -> list[str]:
+    """Standard storage SOP classes pynetdicom knows beyond its 120 default contexts
+    (Breast Projection X-Ray, Parametric Map, the radiation dose SRs, ...)."""
+    default = {cx.abstract_syntax for cx in StoragePresentationContexts}
+    return sorted({cx.abstract_syntax for cx in AllStoragePresentationContexts} - default)
+
+
+def test_storage_classes_dcmqrscp_takes_are_taken(archives):
+    """Every standard storage SOP class dcmqrscp accepts (51 of the 64 beyond
+    pynetdicom's defaults with DCMTK 3.6.7) the facade accepts too, and keeps: it took
+    pynetdicom's 120 default storage contexts only and refused e.g. Breast Projection
+    X-Ray and the Patient Radiation Dose SR at association (no context accepted)."""
+    classes = _newer_storage_classes()
+    accepted = {}
+    for name, (port, aet) in archives.items():
+        ae = _ae("DIFFSTORE")
+        for uid in classes:
+            ae.add_requested_context(uid, [ExplicitVRLittleEndian])
+        assoc = ae.associate(LOOPBACK, port, ae_title=aet)
+        accepted[name] = {cx.abstract_syntax for cx in assoc.accepted_contexts} \
+            if assoc.is_established else set()
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+    assert len(accepted["dcmqrscp"]) >= 40, accepted["dcmqrscp"]
+    assert accepted["dcmqrscp"] - accepted["peer"] == set()
+    ae = _ae("DIFFSTORE")             # and still every default one, the retired included
+    for cx in StoragePresentationContexts:
+        ae.add_requested_context(cx.abstract_syntax, [ExplicitVRLittleEndian])
+    assoc = ae.associate(LOOPBACK, archives["peer"][0], ae_title=archives["peer"][1])
+    try:
+        assert len(assoc.accepted_contexts) == len(StoragePresentationContexts)
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+    dose_sr = "1.2.840.10008.5.1.4.1.1.88.73"            # Patient Radiation Dose SR
+    ds = _non_image("SR", 13)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = dose_sr
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = U("diff-dose-study"), U("diff-dose")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = U("diff-dose", 1)
+    port, aet = archives["peer"]
+    ae = _ae("DIFFSTORE")
+    ae.add_requested_context(dose_sr, [ExplicitVRLittleEndian])
+    assoc = ae.associate(LOOPBACK, port, ae_title=aet)
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+        ae.shutdown()
+    answers = find(archives["peer"], "IMAGE", StudyInstanceUID=U("diff-dose-study"),
+                   SeriesInstanceUID=U("diff-dose"), SOPInstanceUID="", SOPClassUID="")
+    assert [(a.SOPInstanceUID, a.SOPClassUID) for a in answers] == \
+        [(U("diff-dose", 1), dose_sr)]
