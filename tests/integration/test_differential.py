@@ -28,13 +28,14 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import (AE, AllStoragePresentationContexts, StoragePresentationContexts,
-                        build_role, evt)
+                        build_context, build_role, evt)
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
 
 from pacsp2p.testing import LOOPBACK, Peer, datasets, free_port, storescu
+from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.dcmqrscp import DcmQrScp
 
 U = datasets.uid
@@ -125,16 +126,8 @@ def _counts(status) -> tuple:
 
 
 def find(where, level: str, **keys) -> list[Dataset]:
-    port, aet = where
-    ae = _ae("DIFFSCU")
-    ae.add_requested_context(FIND)
-    assoc = ae.associate(LOOPBACK, port, ae_title=aet)
-    assert assoc.is_established
-    try:
+    with dn.association(*where, [build_context(FIND)], aet="DIFFSCU") as assoc:
         answers = list(assoc.send_c_find(_identifier(level, **keys), FIND))
-    finally:
-        assoc.release()
-        ae.shutdown()
     assert answers[-1][0].Status == 0x0000, answers[-1]
     return [ident for status, ident in answers if status.Status in (0xFF00, 0xFF01)]
 
@@ -142,26 +135,17 @@ def find(where, level: str, **keys) -> list[Dataset]:
 def get(where, level: str, contexts, **keys) -> tuple[list, list[str], set[str]]:
     """(counts of every response, UIDs received, the final Failed SOP Instance UID
     List) of a C-GET whose requestor takes the storage *contexts* [(class, syntaxes)]."""
-    port, aet = where
     received = []
 
     def on_store(event):
         received.append(event.request.AffectedSOPInstanceUID)
         return 0x0000
 
-    ae = _ae("DIFFGET")
-    ae.add_requested_context(GET)
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, syntaxes)
+    cxs = [build_context(GET)] + [build_context(c, ts) for c, ts in contexts]
     roles = [build_role(sop_class, scp_role=True) for sop_class, _ in contexts]
-    assoc = ae.associate(LOOPBACK, port, ae_title=aet, ext_neg=roles,
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    try:
+    with dn.association(*where, cxs, aet="DIFFGET", ext_neg=roles,
+                        evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
         answers = list(assoc.send_c_get(_identifier(level, **keys), GET))
-    finally:
-        assoc.release()
-        ae.shutdown()
     final_ident = answers[-1][1]
     failed = set()
     if final_ident is not None and "FailedSOPInstanceUIDList" in final_ident:
@@ -239,17 +223,10 @@ def test_cmove_of_uid_lists_names_the_move_originator(archives, dest_port, level
     try:
         for name, (port, aet) in archives.items():
             stored.clear()
-            ae = _ae("DIFFMOVE")
-            ae.add_requested_context(MOVE)
-            assoc = ae.associate(LOOPBACK, port, ae_title=aet)
-            assert assoc.is_established
-            try:
+            with dn.association(port, aet, [build_context(MOVE)], aet="DIFFMOVE") as assoc:
                 answers = list(assoc.send_c_move(
                     _identifier(level, StudyInstanceUID=STUDY, **keys), DEST, MOVE,
                     msg_id=4321))
-            finally:
-                assoc.release()
-                ae.shutdown()
             assert {uid for uid, _, _ in stored} == expected, name
             assert {(ae_title, msg) for _, ae_title, msg in stored} == {("DIFFMOVE", 4321)}, name
             finals[name] = _counts(answers[-1][0])
@@ -265,50 +242,41 @@ def _newer_storage_classes() -> list[str]:
     return sorted({cx.abstract_syntax for cx in AllStoragePresentationContexts} - default)
 
 
+def _accepted(where, classes) -> set[str]:
+    """The storage SOP classes an archive accepts of *classes* (one association)."""
+    ae = _ae("DIFFSTORE")
+    for uid in classes:
+        ae.add_requested_context(uid, [ExplicitVRLittleEndian])
+    assoc = ae.associate(LOOPBACK, where[0], ae_title=where[1])
+    try:                        # pynetdicom aborts an association without any context
+        return {cx.abstract_syntax for cx in assoc.accepted_contexts} \
+            if assoc.is_established else set()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
 def test_storage_classes_dcmqrscp_takes_are_taken(archives):
     """Every standard storage SOP class dcmqrscp accepts (51 of the 64 beyond
     pynetdicom's defaults with DCMTK 3.6.7) the facade accepts too, and keeps: it took
     pynetdicom's 120 default storage contexts only and refused e.g. Breast Projection
     X-Ray and the Patient Radiation Dose SR at association (no context accepted)."""
-    classes = _newer_storage_classes()
-    accepted = {}
-    for name, (port, aet) in archives.items():
-        ae = _ae("DIFFSTORE")
-        for uid in classes:
-            ae.add_requested_context(uid, [ExplicitVRLittleEndian])
-        assoc = ae.associate(LOOPBACK, port, ae_title=aet)
-        accepted[name] = {cx.abstract_syntax for cx in assoc.accepted_contexts} \
-            if assoc.is_established else set()
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
+    accepted = {name: _accepted(where, _newer_storage_classes())
+                for name, where in archives.items()}
     assert len(accepted["dcmqrscp"]) >= 40, accepted["dcmqrscp"]
     assert accepted["dcmqrscp"] - accepted["peer"] == set()
-    ae = _ae("DIFFSTORE")             # and still every default one, the retired included
-    for cx in StoragePresentationContexts:
-        ae.add_requested_context(cx.abstract_syntax, [ExplicitVRLittleEndian])
-    assoc = ae.associate(LOOPBACK, archives["peer"][0], ae_title=archives["peer"][1])
-    try:
-        assert len(assoc.accepted_contexts) == len(StoragePresentationContexts)
-    finally:
-        assoc.release()
-        ae.shutdown()
+    default = [cx.abstract_syntax for cx in StoragePresentationContexts]
+    assert _accepted(archives["peer"], default) == set(default)    # the retired ones too
 
     dose_sr = "1.2.840.10008.5.1.4.1.1.88.73"            # Patient Radiation Dose SR
     ds = _non_image("SR", 13)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = dose_sr
     ds.StudyInstanceUID, ds.SeriesInstanceUID = U("diff-dose-study"), U("diff-dose")
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = U("diff-dose", 1)
-    port, aet = archives["peer"]
-    ae = _ae("DIFFSTORE")
-    ae.add_requested_context(dose_sr, [ExplicitVRLittleEndian])
-    assoc = ae.associate(LOOPBACK, port, ae_title=aet)
-    assert assoc.is_established
-    try:
+    with dn.association(*archives["peer"], [build_context(dose_sr, ExplicitVRLittleEndian)],
+                        aet="DIFFSTORE") as assoc:
         assert assoc.send_c_store(ds).Status == 0x0000
-    finally:
-        assoc.release()
-        ae.shutdown()
     answers = find(archives["peer"], "IMAGE", StudyInstanceUID=U("diff-dose-study"),
                    SeriesInstanceUID=U("diff-dose"), SOPInstanceUID="", SOPClassUID="")
     assert [(a.SOPInstanceUID, a.SOPClassUID) for a in answers] == \
