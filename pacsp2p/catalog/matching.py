@@ -5,8 +5,10 @@ Single value, universal (empty), wildcard (``*``/``?``), range (DA/TM/DT ``a-b``
 the data and of the query, so ``*`` and ``?`` work on characters. Like Orthanc, person
 names match without regard to case: ``pn_key(col)`` against the pattern's
 ``names.pn_key`` (upper case with accents, one character at a time). Other VRs match
-case-sensitively. Keys below the query level are ignored; relational queries are not
-supported.
+case-sensitively. Keys below the query level are ignored. The unique keys of the levels
+above are not required: a query without them (relational, an extended behaviour of
+PS3.4 C.4.1) is answered as Orthanc answers it, though no extended negotiation announces
+it (dcmqrscp refuses it).
 Computed attributes (counts, ModalitiesInStudy) are correlated sub-queries, so they are
 computed over everything the catalog holds — the union of all archives.
 """
