@@ -8,10 +8,13 @@ end (user + system: the holder's process, this process), and checks every instan
 data set hash against the original's. What a relayed C-MOVE pays per instance on the
 bulk channel (issue 15.1), without the DICOM ends. ``--holders TREE,TREE``: one holder
 process per code tree (its ``PYTHONPATH``), alternated round by round: a before/after of
-the serving side in one invocation.
+the serving side in one invocation. ``--read-sizes 65536,262144``: the asker's bulk
+connections read that many bytes per event (``fetching.READ_SIZE``), alternated the same
+way (every round starts on new connections).
 
     .venv/bin/python bench/bulk_channel.py [--studies ct] [--count N] [--parallel 2]
                                            [--rounds 5] [--many] [--holders TREE,TREE]
+                                           [--read-sizes N,N]
 """
 from __future__ import annotations
 
@@ -49,6 +52,9 @@ def main() -> int:
     p.add_argument("--holders", default="",
                    help="comma-separated code trees (PYTHONPATH) of holder processes, one "
                         "each, alternated round by round (default: this tree)")
+    p.add_argument("--read-sizes", default="",
+                   help="comma-separated bytes per read of the asker's connections "
+                        "(fetching.READ_SIZE), alternated round by round")
     args = p.parse_args()
     common.header("bulk channel alone: BulkClient <- bulk.site over mutual TLS")
     from twisted.internet import defer, reactor
@@ -92,10 +98,15 @@ def main() -> int:
             pool.start()
             client = fetching.BulkClient(tls.Credentials(tls_dir, "b"), reactor, pool, tmp)
             hows = ["fetch_many" if args.many else "fetch"]
-            cases = [(h, how) for h in holders for how in hows]
+            sizes = [int(n) for n in args.read_sizes.split(",") if n] or [
+                fetching.READ_SIZE]
+            cases = [(h, how, n) for h in holders for how in hows for n in sizes]
             try:
                 for rnd in range(len(cases) * (args.rounds + 1)):   # first ones: warm-up
-                    (label, pid, member), how = cases[rnd % len(cases)]
+                    (label, pid, member), how, fetching.READ_SIZE = cases[rnd % len(cases)]
+                    for _, kept in list(client._agents.values()):  # new connections
+                        yield kept.closeCachedConnections()
+                    client._agents.clear()
                     todo = list(uids)
                     s0, c0, t0 = cpu(pid), time.process_time(), time.perf_counter()
 
@@ -119,7 +130,8 @@ def main() -> int:
                     wall = time.perf_counter() - t0
                     holder = (cpu(pid) - s0) * 1000 / len(uids)
                     asker = (time.process_time() - c0) * 1000 / len(uids)
-                    case = f"{label}, asker {how}"
+                    case = f"{label}, asker {how}" + (
+                        f" reading {fetching.READ_SIZE}" if len(sizes) > 1 else "")
                     if rnd >= len(cases):
                         results.append((case, wall, holder, asker))
                     print(f"   round {rnd} {case}{' (warm-up)' if rnd < len(cases) else ''}: "

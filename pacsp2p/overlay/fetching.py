@@ -51,6 +51,8 @@ IDLE_CONNECTION = 30.0        # seconds an idle persistent connection is kept
 MAX_ANSWER = 64 << 20         # bytes of a /changes answer read into memory (at most
                               # MAX_CHANGES facts of bounded values: a few MB)
 ANSWER_TIMEOUT = 60.0         # seconds a /changes request may take, asked to answered
+READ_SIZE = 1 << 18           # bytes a bulk connection's TCP transport reads per event
+                              # (Twisted's 64 KB: a 512 KB image took 8 or more)
 
 
 @implementer(IPolicyForHTTPS)
@@ -372,6 +374,9 @@ def _split(chunks: list, n: int) -> list:
 class _NoDelayClient(HTTP11ClientProtocol):
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
+        tcp = bulk.tcp_of(self.transport)
+        if tcp is not None and hasattr(tcp, "bufferSize"):
+            tcp.bufferSize = READ_SIZE
 
 
 class _QuietFactory(_HTTP11ClientFactory):
