@@ -128,6 +128,7 @@ class Dissemination:
         self.ends: dict[str, int] = {}  # peer -> n of the last end of stream heard
         self._ended_at = -1e9           # when we heard one last
         self._end_total = 0             # the largest n of the ends heard lately
+        self._end_peer = None           # the peer that told it
         self._begun = self._begun_before = -1e9   # starts of this pull and the previous
         swim.rumors["c"] = self._rumor
         swim.rumors["q"] = self._end
@@ -190,7 +191,10 @@ class Dissemination:
         self.ends[peer] = n
         self.swim.broadcast(("q", peer), ["q", peer, n])       # pass it on, once
         now = self.clock.seconds()
-        self._end_total = max(n, self._end_total if now - self._ended_at < ENDED else 0)
+        recent = self._end_total if now - self._ended_at < ENDED else 0
+        if n >= recent:
+            self._end_peer = peer
+        self._end_total = max(n, recent)
         self._ended_at = now
         if self.pulling is None and self._call is not None and self._call.active():
             due = max(0.0, self._last_pull + self.pull_interval - self._ended_at)
@@ -272,6 +276,13 @@ class Dissemination:
 
     def _target(self) -> str | None:
         mine = self.vector()
+        ender = self._end_peer
+        if ender is not None and self.clock.seconds() - self._ended_at < ENDED and \
+                sum(mine.values()) < self._end_total and self.swim.alive(ender):
+            # below the sum a stream's end was told with: its teller holds facts we lack
+            # (else our sum would be at least its) and, unlike a neighbour that seems
+            # the most advanced by the rumours heard, all those of its stream: one pull
+            return ender
         score: dict[str, list] = {}     # holder -> [origins it is ahead on, facts]
         for origin in list(self.ahead):
             have = mine.get(origin, 0)
