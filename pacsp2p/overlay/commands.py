@@ -192,6 +192,11 @@ class Replicate(amp.Command):
 
 _MORE = [(b"more1", amp.String(optional=True)), (b"more2", amp.String(optional=True)),
          (b"more3", amp.String(optional=True))]     # bytes that follow *data* in one box
+# values (*data*, *more1*..*more3*) a pushed box may carry, ReplicaOpen's first bytes
+# included, as a peer's Hello info says (``replica_values``). Peers of protocol 5 that do
+# not say it (before these values) drop all but ReplicaData's *data*: they get one value
+# a box and none in ReplicaOpen (``transfer.forward.Push``).
+REPLICA_VALUES = 4
 
 
 class ReplicaOpen(amp.Command):

@@ -33,11 +33,14 @@ sequence held} (Parker et al., 1983).
   a pause shorter than ``MAX_QUIET`` does not end a streak) says so: an urgent item
   ``["q", name, n]``, gossiped like a membership change and passed on once by every
   peer that hears it
-  (*n*, the sender's sum of facts then, tells a new end from an old one). A peer that
+  (*n*, the sender's vector sum then, tells a new end from an old one). A peer that
   hears it pulls at once (at most one ``pull_interval`` after its last pull), from the
-  most advanced holder, and resets its slowdown only if that left it below *n* (an end
+  peer that told it while its own sum is below *n* (else from the most advanced
+  holder), and resets its slowdown only if that left it below *n* (an end
   told too soon costs one pull, not a new ramp): the last facts of a stream are not
-  left waiting up to ``MAX_SLOWDOWN`` intervals, at 3 peers as at 500.
+  left waiting up to ``MAX_SLOWDOWN`` intervals, at 3 peers as at 500. Streams and
+  streaks are judged by facts *counted* as committed (``count``), never by
+  differences of sums: fact numbers start at a start's time in ms (``reclaim``).
   The writer never sends to everyone: each peer talks to O(1) others per period and a
   fact reaches all N peers in O(log N) periods.
 - **Anti-entropy.** Pings and acks carry a digest of the sender's vector and its sum. A

@@ -50,6 +50,7 @@ class Link(ReadHolds, amp.AMP):
         self.open = False                    # TLS up and not yet lost
         self.full = False                    # our transport's write buffer is full
         self.pushers: set = set()            # told when it fills and drains (forward.Push)
+        self.values = 1                      # values a pushed box may carry (Hello info)
         self.inflight = 0                    # commands of the other side being answered
 
     # -- IPushProducer: the transport tells us when its write buffer fills and drains

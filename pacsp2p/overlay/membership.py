@@ -39,7 +39,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pacsp2p import __version__
-from pacsp2p.overlay.commands import PROTOCOL, Hello, IncompatibleProtocol, NameInUse
+from pacsp2p.overlay.commands import (PROTOCOL, REPLICA_VALUES, Hello, IncompatibleProtocol,
+                                      NameInUse)
 from pacsp2p.overlay.commands import Swim as SwimMessage
 from pacsp2p.overlay.claims import Claims
 from pacsp2p.overlay.swim import Swim
@@ -220,7 +221,9 @@ class Membership:
             self.swim.update_info(_wire(info))
 
     def hello_info(self) -> str:
-        return json.dumps(asdict(self.me))
+        """This peer's info, and how many 64 KB values its pushed boxes may carry
+        (``commands.REPLICA_VALUES``; a peer that does not say takes one: ``greeted``)."""
+        return json.dumps(dict(asdict(self.me), replica_values=REPLICA_VALUES))
 
     # -- life cycle ------------------------------------------------------------------
     def start(self):
@@ -301,8 +304,8 @@ class Membership:
             answer = yield link.callRemote(Hello, name=self.name, protocol=PROTOCOL,
                                            software=__version__, info=self.hello_info())
             self.check_hello(link, answer["name"], answer["protocol"], answer["software"])
-        except IncompatibleProtocol as e:
-            log.error("overlay: {err}", err=e)
+        except IncompatibleProtocol as e:      # its words: "this peer" is the other one
+            self._mismatch(link, f"{link.peer_name} refused the link: {e}")
             link.close()
             self._unexpected(link)
             return
@@ -337,9 +340,19 @@ class Membership:
             raise IncompatibleProtocol(
                 f"peer says it is {name!r} but its certificate is for {link.peer_name!r}")
         if protocol != PROTOCOL:
-            raise IncompatibleProtocol(
-                f"peer {name} (pacsp2p {software}) speaks overlay protocol {protocol}, "
-                f"this peer (pacsp2p {__version__}) speaks {PROTOCOL}: upgrade one of them")
+            why = (f"overlay protocol mismatch: peer {name} (pacsp2p {software}) speaks "
+                   f"overlay protocol {protocol}, peer {self.name} (pacsp2p {__version__}) "
+                   f"speaks {PROTOCOL}; peers of two protocols never link: upgrade every "
+                   f"peer to one release (docs/upgrading.md)")
+            self._mismatch(link, why)
+            raise IncompatibleProtocol(why)
+
+    def _mismatch(self, link, why: str) -> None:
+        """One error line per peer and 5 minutes (``claims``) for a link refused because
+        the two peers speak two overlay protocols: a rolling upgrade across a protocol
+        change redials every second or two, on both sides."""
+        self.claims._once(("protocol", link.peer_name), "overlay: {why} (at {host})",
+                          why=why, host=getattr(link.address, "host", "?"))
 
     def greeted(self, link: Link, info_json: str) -> None:
         """Hello done on *link* (either side): use it, and tell SWIM of the member
@@ -358,6 +371,9 @@ class Membership:
             self.claims.check(link, name, check_info(wire))
         except (ValueError, TypeError):
             wire = None                        # (SWIM counts it invalid)
+        values = wire.get("replica_values") if wire is not None else None
+        link.values = min(values, REPLICA_VALUES) if (
+            isinstance(values, int) and values >= 1) else 1
         if name == self.name:
             return
         link.greeted = True

@@ -36,7 +36,9 @@ class Peer(Server):
                  destinations: Mapping[str, str] | None = None,
                  allowed_calling_aes: list[str] | tuple = (),
                  config: Mapping[str, Any] | None = None,
-                 startup_timeout: float = 30.0, stop_timeout: float = 15.0):
+                 startup_timeout: float = 30.0, stop_timeout: float = 15.0,
+                 twistd: Path | str | None = None):
+        self.twistd = Path(twistd) if twistd else twistd_path()   # another release's
         self._own_dir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="peer-"))
         self.name = name
@@ -87,7 +89,7 @@ class Peer(Server):
         """Write the config and start twistd on the ports already chosen, without waiting
         (``wait_ready`` next): peers of a cluster are spawned together, then awaited."""
         self.write_config()
-        argv = [twistd_path(), "-n", "--pidfile=", "pacsp2p", "--config", self.config_path]
+        argv = [self.twistd, "-n", "--pidfile=", "pacsp2p", "--config", self.config_path]
         with open(self.log_path, "a") as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(map(str, argv))}\n")
         self.process = Process(argv, self.log_path, cwd=self.workdir).start()

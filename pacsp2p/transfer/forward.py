@@ -95,19 +95,24 @@ class Push:
         self._detach()
 
     def _send(self, data, end: bool = False) -> None:
-        """One box of *data* (at most BOX bytes), in values of VALUE bytes."""
-        values = {"data": bytes(data[:VALUE])}
-        for n, i in enumerate(range(VALUE, len(data), VALUE), 1):
-            values[f"more{n}"] = bytes(data[i:i + VALUE])
+        """One box of *data* (at most BOX bytes), in values of VALUE bytes; to a holder
+        whose Hello did not say it takes more (``link.values`` 1: a peer of protocol 5
+        before ``REPLICA_VALUES``, which drops the others), one box per value and none
+        in ``ReplicaOpen``."""
+        values = [bytes(data[i:i + VALUE]) for i in range(0, len(data), VALUE)] or [b""]
+        boxes = [values] if self.link.values >= len(values) else [[v] for v in values]
         if self.opening is not None:
             args, self.opening = self.opening, None
-            if self.link.open:
-                self.link.callRemote(ReplicaOpen, end=end, **args,
-                                     **values).chainDeferred(self.answer)
-            else:
+            if not self.link.open:
                 self.answer.errback(ReplicaRefused("the overlay link was lost"))
-        elif self.link.open:
-            self.link.callRemote(ReplicaData, stream=self.stream, end=end, **values)
+                return
+            if self.link.values > 1:
+                args.update(end=end, **_named(boxes.pop(0)))
+            self.link.callRemote(ReplicaOpen, **args).chainDeferred(self.answer)
+        for i, box in enumerate(boxes, 1):
+            if self.link.open:
+                self.link.callRemote(ReplicaData, stream=self.stream,
+                                     end=end and i == len(boxes), **_named(box))
 
     # -- the link's send buffer ----------------------------------------------------------
     def link_full(self):
@@ -139,6 +144,11 @@ class Push:
     def _detach(self):
         self.link.pushers.discard(self)
         self.link_drained()
+
+
+def _named(values: list) -> dict:
+    """A box's values as its arguments: *data*, *more1*, ..."""
+    return {"data": values[0], **{f"more{n}": v for n, v in enumerate(values[1:], 1)}}
 
 
 def _drop_kept(archive, uid: str, stored) -> None:

@@ -1,0 +1,85 @@
+"""Upgrades with real older releases (docs/upgrading.md): peers of an older commit of this
+repository's history (``pacsp2p.testing.release``: its tree from ``git archive``, run by
+twistd beside peers of this tree).
+
+- a rolling upgrade within overlay protocol 5: a peer of this release pushes a C-STORE's
+  copies to a peer of 4921334 (protocol 5 before ReplicaOpen carried data and a box
+  carried more1..more3): the old peer must get every byte (before: it dropped all but
+  ReplicaData's *data*, the copy hashed otherwise, the C-STORE failed);
+- peers of two overlay protocols (3 and 5) refuse each other's links with one clear line
+  on each side per 5 minutes, naming both protocols from its own side (before: the line
+  of the other side, "this peer speaks 3" in the log of a peer of 5, every 2 s).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+
+from pacsp2p.testing import dataset_sha256, datasets, storescu
+from pacsp2p.testing.cluster import get_json, wait_until
+from pacsp2p.testing.dcmtk import dcmtk
+from pacsp2p.testing.release import known, release
+
+PROTOCOL_5_BEFORE_VALUES = "4921334a36153e3540f372cd4b214c0a6ea651d7"
+PROTOCOL_3 = "f4c5aaf"          # the first milestone's last commit (2026-11-25)
+
+
+def _release(commit: str, tmp_path_factory) -> Path:
+    if not known(commit):
+        pytest.skip(f"commit {commit} not in this checkout's history (shallow clone?)")
+    return release(commit, tmp_path_factory.mktemp(f"release-{commit[:7]}"))
+
+
+def get_study(peer, study: str, out: Path) -> dict[str, str]:
+    """C-GET of *study* at *peer* with DCMTK getscu: {SOP Instance UID: data set hash}."""
+    out.mkdir(parents=True)
+    dcmtk("getscu", "-aec", peer.ae_title, "-S", "-k", "QueryRetrieveLevel=STUDY",
+          "-k", f"StudyInstanceUID={study}", "-od", str(out), "127.0.0.1", peer.port,
+          check=False)
+    return {dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_sha256(f)
+            for f in out.iterdir()}
+
+
+def test_copies_pushed_to_a_peer_of_an_older_protocol_5_are_whole(cluster, tmp_path,
+                                                                   tmp_path_factory):
+    old = _release(PROTOCOL_5_BEFORE_VALUES, tmp_path_factory)
+    new = cluster.add("peera")
+    older = cluster.add("peerb", twistd=old)
+    cluster.wait_mesh()
+    files = datasets.make_study(tmp_path / "in", patient_id="ROLL1",
+                                series=(("CT", 2, ExplicitVRLittleEndian),
+                                        ("MR", 2, ExplicitVRLittleEndian)))
+    sent = {dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_sha256(f)
+            for f in files}
+    study = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    assert any(f.stat().st_size > 4 * 65000 for f in files)     # CT: more than one box
+    proc = storescu(new.port, new.ae_title, files, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]            # R=2: both peers hold one
+
+    def both_hold():
+        rows = get_json(new, f"where?study={study}")
+        return len(rows) == len(files) and all(
+            {x["peer"] for x in r["replicas"]} == {"peera", "peerb"} for r in rows)
+
+    wait_until(both_hold, 60, interval=0.5, what="every instance on peera and peerb")
+    new.stop()                                   # the old peer serves from its own copies
+    assert get_study(older, study, tmp_path / "got") == sent
+
+
+def test_two_overlay_protocols_refuse_each_other_with_one_line_each(cluster,
+                                                                     tmp_path_factory):
+    old = _release(PROTOCOL_3, tmp_path_factory)
+    new = cluster.add("peera")
+    older = cluster.add("peerb", twistd=old)                  # seeds on peera
+    # the old peer redials its seed every 2 s and logs each refusal: wait for 10 of them
+    wait_until(lambda: older.log_path.read_text().count("speaks overlay protocol") >= 10,
+               120, interval=1, what="the old peer refused 10 times")
+    lines = [line for line in new.log_path.read_text().splitlines()
+             if "overlay protocol" in line]
+    assert len(lines) == 1, lines[:5]
+    assert ("peer peerb (pacsp2p 0.1.0) speaks overlay protocol 3, peer peera (pacsp2p "
+            "0.1.0) speaks 5" in lines[0] and "docs/upgrading.md" in lines[0]), lines[0]
+    assert {m["name"] for m in get_json(new)["overlay"]["members"]} == {"peera"}
