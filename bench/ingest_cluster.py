@@ -13,7 +13,8 @@ Prints, per data set, median MB/s and inst/s, and the CPU-seconds per instance: 
 of the peers' processes (/proc, summed over the 3 peers of a cluster) from before
 storescu starts until every remote copy is recorded (peer A's catalog counts 2 copies
 per instance and no hint owed; its where then lists 2 replicas of each), minus what the
-same peers spend idle over as long (measured just before).
+same peers spend idle over as long (measured just before); and of it, what each peer's
+reactor thread used (the rest: its thread pools).
 Targets (issue 15, item 4): cluster CPU per instance <= 2.5 x single; (issue 5): cluster
 wall clock >= 0.6 x single.
 
@@ -41,8 +42,16 @@ from pacsp2p.testing.dcmtk import storescu  # noqa: E402
 IDLE = 2.0         # seconds of idle CPU measured before each run (subtracted)
 
 
+def reactor_seconds(pid: int) -> float:
+    """user + system CPU seconds used so far by the main thread of *pid* (a peer's
+    reactor thread: its thread id is the process id)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Meter:
-    """CPU of each of *pids* over a run, less its idle rate (measured for IDLE s first)."""
+    """CPU of each of *pids* over a run, less its idle rate (measured for IDLE s first);
+    ``reactor``: of that, what each one's reactor thread used (not less its idle rate)."""
 
     def __init__(self, pids):
         self.pids = list(pids)
@@ -51,6 +60,7 @@ class Meter:
         spent = time.monotonic() - t0
         self.idle = [(cpu_seconds([p]) - c) / spent for p, c in zip(self.pids, c0)]
         self.t0, self.c0 = time.monotonic(), [cpu_seconds([p]) for p in self.pids]
+        self.r0 = [reactor_seconds(p) for p in self.pids]
 
     def each(self) -> list[float]:
         spent = time.monotonic() - self.t0
@@ -59,6 +69,7 @@ class Meter:
 
     def used(self) -> float:
         self.last = self.each()
+        self.reactor = [reactor_seconds(p) - r for p, r in zip(self.pids, self.r0)]
         return sum(self.last)
 
 
@@ -100,8 +111,9 @@ def run_cluster(work: Path, data: common.DataSet, profile: Path | None, label: s
         per_peer = Counter(x["peer"] for r in rows for x in r["replicas"])
         if any(len({x["peer"] for x in r["replicas"]}) < 2 for r in rows):
             raise RuntimeError("an instance has fewer than 2 replicas on distinct peers")
-        where = {p.name: f"{n} copies, {cpu_p:.2f} CPU-s" for p, n, cpu_p in
-                 zip(cluster, (per_peer.get(p.name, 0) for p in cluster), meter.last)}
+        where = {p.name: f"{n} copies, {cpu_p:.2f} CPU-s (reactor {r:.2f})"
+                 for p, n, cpu_p, r in zip(cluster, (per_peer.get(p.name, 0) for p in cluster),
+                                           meter.last, meter.reactor)}
         return seconds, cpu, where
     finally:
         cluster.stop()
@@ -116,7 +128,7 @@ def run_single(work: Path, data: common.DataSet, profile: Path | None, label: st
         held = common.held_instances(peer)
     if held != data.count:
         raise RuntimeError(f"peer holds {held} of {data.count} instances")
-    return seconds, cpu, {"peer": held}
+    return seconds, cpu, {"peer": held, "reactor CPU-s": round(meter.reactor[0], 2)}
 
 
 def run_storescp(work: Path, data: common.DataSet, profile, label):
