@@ -3,14 +3,15 @@
 archive, ``bulk.site`` behind the guarded mutual-TLS port) in a process of its own, and a
 real ``BulkClient`` here fetching every instance of a study (``fetch``: one GET each; or
 ``--many``: ``fetch_many`` batches) with ``--parallel`` requests at once, ``--rounds``
-times. Prints, per round, the wall clock, MB/s and the CPU-seconds per instance of each
-end (user + system: the holder's process, this process), and checks every instance's
-data set hash against the original's. What a relayed C-MOVE pays per instance on the
-bulk channel (issue 15.1), without the DICOM ends. ``--holders TREE,TREE``: one holder
-process per code tree (its ``PYTHONPATH``), alternated round by round: a before/after of
-the serving side in one invocation. ``--read-sizes 65536,262144``: the asker's bulk
-connections read that many bytes per event (``fetching.READ_SIZE``), alternated the same
-way (every round starts on new connections).
+times. Prints, per round, the wall clock, MB/s, the CPU-seconds and the minor page
+faults per instance of each end (user + system: the holder's process, this process),
+and checks every instance's data set hash against the original's. What a relayed C-MOVE
+pays per instance on the bulk channel (issue 15.1), without the DICOM ends.
+``--holders TREE,TREE``: one holder process per code tree (its ``PYTHONPATH``),
+alternated round by round: a before/after of the serving side in one invocation.
+``--read-sizes 65536,262144``: the asker's bulk connections read that many bytes per
+event (``fetching.READ_SIZE``), alternated the same way (every round starts on new
+connections).
 
     .venv/bin/python bench/bulk_channel.py [--studies ct] [--count N] [--parallel 2]
                                            [--rounds 5] [--many] [--holders TREE,TREE]
@@ -40,6 +41,12 @@ from pacsp2p.dicom.part10 import examine  # noqa: E402
 
 def cpu(pid: int) -> float:
     return single.cpu_seconds(pid)
+
+
+def faults(pid: int) -> int:
+    """Minor page faults of process *pid* so far (/proc/PID/stat, field 10)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
 def main() -> int:
@@ -109,6 +116,7 @@ def main() -> int:
                     client._agents.clear()
                     todo = list(uids)
                     s0, c0, t0 = cpu(pid), time.process_time(), time.perf_counter()
+                    f0 = (faults(pid), faults(os.getpid()))
 
                     @defer.inlineCallbacks
                     def worker():
@@ -130,13 +138,16 @@ def main() -> int:
                     wall = time.perf_counter() - t0
                     holder = (cpu(pid) - s0) * 1000 / len(uids)
                     asker = (time.process_time() - c0) * 1000 / len(uids)
+                    fh, fa = ((faults(p) - f) / len(uids)
+                              for p, f in zip((pid, os.getpid()), f0))
                     case = f"{label}, asker {how}" + (
                         f" reading {fetching.READ_SIZE}" if len(sizes) > 1 else "")
                     if rnd >= len(cases):
-                        results.append((case, wall, holder, asker))
+                        results.append((case, wall, holder, asker, fh, fa))
                     print(f"   round {rnd} {case}{' (warm-up)' if rnd < len(cases) else ''}: "
                           f"{wall:.3f} s {size / wall / 1e6:7.1f} MB/s  CPU ms/inst "
-                          f"holder {holder:.3f}  asker {asker:.3f}", flush=True)
+                          f"holder {holder:.3f}  asker {asker:.3f}  page faults/inst "
+                          f"{fh:.1f} / {fa:.1f}", flush=True)
             finally:
                 pool.stop()
 
@@ -152,9 +163,10 @@ def main() -> int:
     print()
     for case in dict.fromkeys(r[0] for r in results):
         mine = [r for r in results if r[0] == case]
-        w, h, a = (median([r[i] for r in mine]) for i in (1, 2, 3))
+        w, h, a, fh, fa = (median([r[i] for r in mine]) for i in (1, 2, 3, 4, 5))
         print(f"{case}: median of {len(mine)}: {w:.3f} s, {size / w / 1e6:.1f} MB/s; CPU ms "
-              f"per instance: holder {h:.3f}, asker {a:.3f}, sum {h + a:.3f}")
+              f"per instance: holder {h:.3f}, asker {a:.3f}, sum {h + a:.3f}; minor page "
+              f"faults per instance: holder {fh:.1f}, asker {fa:.1f}")
     return 0
 
 
