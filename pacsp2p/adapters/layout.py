@@ -9,7 +9,8 @@ is used (defence in depth: the UID is validated by PS3.5 §9.1 first anyway).
 Archives written before this layout named files after the UID itself
 (``objects/<2 hex of sha1(uid)>/<uid>.dcm``). ``migrate`` renames such files into this
 layout once (the file ``objects/LAYOUT`` records that it is done); a file whose data set
-cannot be read, or whose UID is not a valid UID, is moved aside into ``invalid/``.
+cannot be read, or whose UID is not a valid UID, is moved aside into ``invalid/``. A marker
+naming another layout (a newer release's: a downgrade) stops the archive (``NewerLayout``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ VERSION = "sha256-of-uid 1\n"
 MARKER = "LAYOUT"
 _NAME = re.compile(r"([0-9a-f]{64})(?:\.[0-9a-f]{16})?\.dcm\Z", re.ASCII)
 _SHA = re.compile(r"[0-9a-f]{16,64}\Z", re.ASCII)
+
+
+class NewerLayout(Exception):
+    """``objects/LAYOUT`` names a layout this release does not know (a downgrade)."""
 
 
 class OutsideRoot(ValueError):
@@ -137,6 +142,12 @@ def migrate(objects: Path, invalid: Path, place, log=None, sync: bool = False) -
     """
     marker = objects / MARKER
     if marker.exists():
+        said = marker.read_text(errors="replace")[:64]
+        if said != VERSION:             # a newer release's layout: a downgrade
+            raise NewerLayout(f"embedded archive {objects.parent}: layout {said.strip()!r} "
+                              f"({marker}) was written by a newer pacsp2p release (this one "
+                              f"knows {VERSION.strip()!r}): run that release, or restore the "
+                              f"data directory saved before the upgrade (docs/upgrading.md)")
         return 0
     moved, touched = 0, set()
     for path in _old_files(objects):

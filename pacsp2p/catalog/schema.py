@@ -1,7 +1,8 @@
 """The catalog's schema: tables, indexes, row counters and the clean-shutdown mark.
 
 ``create_schema`` makes a new catalog and brings an existing one up to date at start
-(every step ``IF NOT EXISTS``, so it may run again after a crash half-way):
+(every step ``IF NOT EXISTS``, so it may run again after a crash half-way); a catalog of
+a newer schema (a downgrade) is refused untouched (``NewerSchema``):
 
 - the tables (patients, studies, series, instances, locations, conflicts, hints,
   crawl_state) and their indexes, among them the ones C-FIND needs at scale: an
@@ -46,12 +47,22 @@ COUNTED = {"patients": None, "studies": None, "series": None, "instances": None,
            "locations": "ifnull({r}size, -1) >= 0", "conflicts": None, "hints": None}
 
 
+class NewerSchema(Exception):
+    """The catalog was written by a newer release: a downgrade, refused (not a damaged
+    file: ``catalog rebuild`` is not the remedy)."""
+
+
 def create_schema(conn: sqlite3.Connection, path=None) -> None:
     """Create or migrate the catalog on *conn* (autocommit mode, as ``db._connect``);
     *path*: the file, named in the log line of a migration. Registers ``pn_key`` on
     *conn* (``names.register``)."""
     names.register(conn)
     version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:        # left as it is: the newer release may run again
+        raise NewerSchema(f"catalog {path}: schema {version} was written by a newer pacsp2p "
+                          f"release (this one knows up to {SCHEMA_VERSION}): run that release,"
+                          f" or restore the data directory saved before the upgrade "
+                          f"(docs/upgrading.md)")
     if 0 < version < SCHEMA_VERSION:
         log.info("catalog {path}: schema {old} -> {new} (new indexes and row counters; "
                  "once, may take a while on a large catalog)", path=str(path),
