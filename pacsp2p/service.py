@@ -72,7 +72,8 @@ class PeerService(service.MultiService):
                                    responders=lambda overlay: ReplicaService(
                                        settings.peer.name, by_name, self.catalog, overlay,
                                        reactor),
-                                   fatal=lambda why: self._failed(Failure(RuntimeError(why))))
+                                   fatal=lambda why, stage="cannot start":
+                                   self._failed(Failure(RuntimeError(why)), stage))
             self.replicas = self.overlay.membership.services
         self.crawlers = [Crawler(a, self.catalog, settings.peer.name, reactor,
                                  qps=a.crawl_qps)
@@ -127,11 +128,11 @@ class PeerService(service.MultiService):
         # cleanly), never before the port opens (the whole file: minutes at 10M instances)
         self.catalog.integrity.check()
 
-    def _failed(self, failure):
+    def _failed(self, failure, stage: str = "cannot start"):
         msg = failure.getErrorMessage()
-        log.critical("pacsp2p cannot start: {msg}", msg=msg)
+        log.critical("pacsp2p {stage}: {msg}", stage=stage, msg=msg)
         # twistd has pointed sys.stderr at its log by now: say it on the real stderr
-        print(f"pacsp2p: cannot start: {msg}", file=sys.__stderr__, flush=True)
+        print(f"pacsp2p: {stage}: {msg}", file=sys.__stderr__, flush=True)
         # a part may fail before the reactor runs (startService is called before run())
         self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
         if self.reactor.running:

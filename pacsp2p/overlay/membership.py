@@ -172,7 +172,8 @@ class Membership:
                  heartbeat: float = 0.5, phi_threshold: float | None = None,
                  config: SwimConfig | None = None, max_links: int = MAX_LINKS,
                  fatal=None):
-        """*fatal(why)*: stop the peer with one line (its name is held elsewhere)."""
+        """*fatal(why[, stage])*: stop the peer with one line (its name is held
+        elsewhere)."""
         self.name = me.name
         self.credentials = credentials
         self.seeds = list(seeds)
@@ -185,6 +186,7 @@ class Membership:
         self.max_links = max(2, max_links)
         config = config or SwimConfig(probe_interval=heartbeat, probe_timeout=heartbeat / 2)
         incarnation = int((me.incarnation or time.time()) * 1000)
+        self.started = incarnation          # ms: told in our Hello (claims.py)
         self._me = replace(me, incarnation=incarnation)
         self.swim = Swim(me.name, _wire(me), incarnation, reactor, self, config,
                          node_class=lambda *a: Member(self, *a), check_info=check_info,
@@ -223,7 +225,8 @@ class Membership:
     def hello_info(self) -> str:
         """This peer's info, and how many 64 KB values its pushed boxes may carry
         (``commands.REPLICA_VALUES``; a peer that does not say takes one: ``greeted``)."""
-        return json.dumps(dict(asdict(self.me), replica_values=REPLICA_VALUES))
+        return json.dumps(dict(asdict(self.me), replica_values=REPLICA_VALUES,
+                               started=self.started))
 
     # -- life cycle ------------------------------------------------------------------
     def start(self):
@@ -250,6 +253,11 @@ class Membership:
         if self._client_options is None:
             self._client_options = self.credentials.options()
         return self._client_options
+
+    def dial_address(self, host: str, port: int) -> None:
+        """Open a link to *host*:*port* whoever answers there (``claims``: a process
+        said to hold our name; its certificate and Hello tell)."""
+        self._connect(host, port)
 
     def _connect(self, host, port, expect=None, seed=None):
         self.opened += 1
@@ -312,7 +320,7 @@ class Membership:
         except NameInUse as e:
             link.close()
             self._unexpected(link)
-            self.claims.refused(str(e))
+            self.claims.refused(str(e), link)
             return
         except Exception as e:
             log.warn("overlay: hello to {peer} failed: {err}", peer=link.peer_name, err=e)
@@ -322,7 +330,8 @@ class Membership:
         if link.seed is not None:
             self._seeds_reached.add(link.seed)
         if link.peer_name == self.name:
-            link.close()     # a seed that is ourselves
+            link.close()     # a seed that is ourselves, or the other process (claims)
+            self.claims.answered(answer["info"])
             return
         try:
             self.greeted(link, answer["info"])
@@ -365,10 +374,11 @@ class Membership:
             if not isinstance(info, dict):
                 raise ValueError("not an object")
             inc = info.get("incarnation", 0)
-            wire = {k: v for k, v in info.items() if k not in ("name", "incarnation")}
+            wire = {k: v for k, v in info.items()
+                    if k not in ("name", "incarnation", "started")}
             if isinstance(inc, float):
                 inc = int(inc * 1000)          # (a peer that counts in seconds)
-            self.claims.check(link, name, check_info(wire))
+            self.claims.check(link, name, check_info(wire), info.get("started"))
         except (ValueError, TypeError):
             wire = None                        # (SWIM counts it invalid)
         values = wire.get("replica_values") if wire is not None else None

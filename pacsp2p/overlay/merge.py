@@ -13,10 +13,12 @@ config, a second certificate for the name) would each refute the other for ever 
 both write the catalog's facts of that origin (``sync.py``). So, as memberlist's
 ``aliveNode`` does, an alive claim of a member at ANOTHER address than the one held is
 not taken while the member held is alive or suspected, whatever its incarnation: the
-process already known keeps the name. It is taken once that member is dead (a peer
-restarted elsewhere after its old address was declared dead rejoins), and a restart at
-the same address is no conflict at all (its incarnation, taken from its start time, is
-above the old one's). A member that hears a claim of its own name at another address
+process already known keeps the name. It is taken once that member is dead, whatever
+its incarnation (memberlist's ``updatesNode``: a peer restarted elsewhere after its old
+address was declared dead rejoins, and so does the process that kept the name once a
+twin started later, hence of a higher incarnation, stopped), and a restart at the same
+address is no conflict at all (its incarnation, taken from its start time, is above the
+old one's). A member that hears a claim of its own name at another address
 with an incarnation at least its own (a lower one is news of an earlier process of its
 own, restarted since: ignored) refutes it, as SWIM refutes a suspicion. Gossip comes
 from any member, so nothing heard in gossip makes a member give its name up: a newcomer
@@ -65,6 +67,15 @@ class Merge:
         for fn in list(self.on_conflict):
             fn(name, holder, other)
 
+    def gone(self, name: str, wire: dict) -> None:
+        """The member *name* held at *wire*'s address does not answer there while a
+        process with its name's certificate shows itself elsewhere: dead in this view
+        only (not gossiped: a "dead" names no address, and would kill the other process
+        in the views that hold it), so that process's alive is taken next."""
+        node = self.nodes.get(name)
+        if node is not None and node.state != DEAD and address(node.wire) == address(wire):
+            self._set(node, DEAD)
+
     def give_up(self):
         """Another process holds our name: stop refuting, and leave without a word."""
         self.yielded = self.leaving = True
@@ -92,7 +103,8 @@ class Merge:
             for fn in list(self.on_change):
                 fn(node, None)
             return
-        if inc <= node.incarnation:
+        moved = node.state == DEAD and address(wire) != address(node.wire)
+        if inc <= node.incarnation and not moved:
             return
         if node.state != DEAD and address(wire) != address(node.wire):
             self._conflict(name, node.wire, wire)

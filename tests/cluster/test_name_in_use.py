@@ -5,7 +5,11 @@ same certificate, its own data directory and ports — is started by hand as an 
 would (a copied config): it exits non-zero with one line naming where the name is in
 use, the peer it asked logs one error line naming both addresses, and peera and peerb
 go on as before (members, addresses, a store through peera replicated to the real
-peerb). peerb restarted on new ports after it left still rejoins.
+peerb). peerb restarted on new ports after it left still rejoins. A second "peerb"
+started through a peer that does not know the real one joins that peer; once the two
+views meet (a peer seeded on both), the real peerb and the twin hear of each other,
+check it in a TLS-authenticated Hello, and the one started later stops with one line;
+every view then holds the real peerb.
 """
 from __future__ import annotations
 
@@ -101,3 +105,44 @@ def test_a_peer_restarted_elsewhere_after_it_left_rejoins(make_cluster):
     cluster.wait_mesh(timeout=60)
     assert _addresses(a)[b.name] == new
     assert b.alive
+
+
+def _addresses_of(peer, name: str) -> str | None:
+    return next((m["address"] for m in get_json(peer)["overlay"]["members"]
+                 if m["name"] == name and m["state"] == "alive"), None)
+
+
+def test_a_twin_that_joined_elsewhere_stops_when_the_views_meet(cluster):
+    a = cluster.add("peera", seeds=[])
+    b = cluster.add("peerb")
+    cluster.wait_mesh(timeout=60)
+    b_at = cluster.seed(b)
+    c = cluster.add("peerc", seeds=[])          # knows neither peera nor peerb
+    twin = Peer(cluster.root / "twin", name=b.name, ae_title=b.ae_title)
+    port, bulk_port = free_ports(2)
+    twin.overrides = toml.deep_merge(b.overrides, {"overlay": {
+        "port": port, "bulk_port": bulk_port, "seeds": [cluster.seed(c)]}})
+    twin_at = f"127.0.0.1:{port}"
+    twin.start()
+    try:
+        wait_until(lambda: _addresses_of(c, b.name) == twin_at, 60,
+                   what="the twin joined peerc")
+        log_b = len(b.log_path.read_text(errors="replace"))
+        cluster.add("peerd", seeds=[cluster.seed(a), cluster.seed(c)])   # the views meet
+        wait_until(lambda: not twin.process.alive, 120, what="the twin stopped")
+        assert twin.process.returncode != 0
+        said = [line for line in twin.log_path.read_text(errors="replace").splitlines()
+                if "peer name peerb" in line and "#critical" in line]
+        assert len(said) == 1, twin.log_path.read_text()[-3000:]
+        assert b_at in said[0] and twin_at in said[0], said
+        assert b.process.alive
+        told = _lines(b, log_b, "another process claims this peer's name peerb")
+        assert len(told) == 1 and twin_at in told[0], told
+        for p in cluster.peers:
+            if p is not b:
+                wait_until(lambda p=p: _addresses_of(p, b.name) == b_at, 120,
+                           what=f"{p.name} holds the real peerb")
+        assert members(b) == {"peerb": "self", "peera": "alive", "peerc": "alive",
+                              "peerd": "alive"}
+    finally:
+        twin.stop()
