@@ -27,7 +27,8 @@ from twisted.python.threadpool import ThreadPool
 
 from pacsp2p.catalog import matching, names, schema, tombstones
 from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, PARENT_LEVELS,  # noqa: F401
-                                   check_wire, facts_from_wire, meta_attributes,
+                                   STAMPS_KEY, check_wire, facts_from_wire,
+                                   meta_attributes, stamp_of,
                                    read_changes, read_changes_of, renumber, rollback,
                                    vector, write_facts, write_wire, write_wires)
 from pacsp2p.catalog.integrity import Integrity
@@ -244,15 +245,15 @@ class Catalog:
         seqs = self._write_own(own) if own else []
         outcome = []
         by_origin: dict[str, list] = {}          # one transaction per origin
-        for origin, seq, (parents, fact) in learned:
-            merged, facts, _ = by_origin.setdefault(origin, [{}, [], 0])
-            for level, rows in parents.items():
-                merged.setdefault(level, {}).update(rows)
-            facts.append(fact)
+        for origin, seq, batch in learned:
+            merged, batches, _ = by_origin.setdefault(origin, [{}, [], 0])
+            for level in PARENT_LEVELS:
+                merged.setdefault(level, {}).update(batch[0].get(level, {}))
+            batches.append(batch)          # each fact's rows with their own stamps
             by_origin[origin][2] = max(by_origin[origin][2], seq)
-        for origin, (parents, facts, seq) in by_origin.items():
+        for origin, (parents, batches, seq) in by_origin.items():
             try:
-                write_wire(self._writer, [parents] + facts, self.peer)
+                write_wires(self._writer, batches, self.peer)
             except (sqlite3.Error, OSError) as e:
                 self._parents.clear()
                 outcome.append((origin, seq, e))
@@ -374,6 +375,9 @@ class Catalog:
         parents = {level: {attrs.get(UNIQUE[level], ""): [attrs.get(c, "") or "" for c in
                                                           _LEVEL_SQL[level][0]]}
                    for level in PARENT_LEVELS}
+        if stamp_of(attrs):     # the stamp the origin wrote them with: the same rows
+            parents[STAMPS_KEY] = {level: {attrs.get(UNIQUE[level], ""): stamp_of(attrs)}
+                                   for level in PARENT_LEVELS}
         fact = [seq, location.archive, origin, location.sha256, location.size] + [
             attrs.get(c, "") or "" for c in _LEVEL_SQL["IMAGE"][0]]
         self._learned.append((origin, seq, [parents, fact]))    # with our next batch
@@ -534,20 +538,7 @@ class Catalog:
 
     def digest(self) -> defer.Deferred:
         """sha256 over the whole content in a canonical order: equal iff catalogs agree."""
-        def run(conn):
-            import hashlib
-            h = hashlib.sha256()
-            for table, key in (("patients", "PatientID"), ("studies", "StudyInstanceUID"),
-                               ("series", "SeriesInstanceUID"),
-                               ("instances", "SOPInstanceUID"),
-                               ("locations", "SOPInstanceUID, peer, archive")):
-                cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")
-                        if r[1] != "available"]
-                for row in conn.execute(f"SELECT {', '.join(cols)} FROM {table} "
-                                        f"ORDER BY {key}"):
-                    h.update(repr(row).encode())
-            return h.hexdigest()
-        return self.read(run)
+        return self.read(digest)
 
     def counts(self) -> defer.Deferred:
         """Rows per table (locations: live copies), as the schema's triggers keep them:
@@ -560,6 +551,20 @@ PAGE_ORDER = {"PATIENT": "p.PatientName, p.PatientID",
               "STUDY": "st.StudyDate DESC, st.StudyTime DESC, st.StudyInstanceUID",
               "SERIES": "CAST(se.SeriesNumber AS INTEGER), se.SeriesInstanceUID",
               "IMAGE": "CAST(i.InstanceNumber AS INTEGER), i.SOPInstanceUID"}
+
+
+def digest(conn: sqlite3.Connection) -> str:
+    """sha256 over the whole content in a canonical order (rows' stamps included)."""
+    import hashlib
+    h = hashlib.sha256()
+    for table, key in (("patients", "PatientID"), ("studies", "StudyInstanceUID"),
+                       ("series", "SeriesInstanceUID"), ("instances", "SOPInstanceUID"),
+                       ("locations", "SOPInstanceUID, peer, archive")):
+        cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")
+                if r[1] != "available"]
+        for row in conn.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY {key}"):
+            h.update(repr(row).encode())
+    return h.hexdigest()
 
 
 def stored_location(meta: InstanceMeta, stored: Stored, peer: str) -> Location:

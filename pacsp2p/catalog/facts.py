@@ -3,11 +3,27 @@ attributes and one location, with its origin's sequence number) — by this peer
 (``write_facts``), from another peer's batch (``write_wire``, checked by
 ``check_wire``), and as a batch for another peer (``read_changes``). Runs in the writer
 or a reader thread, on the connection given; never in the reactor.
+
+A patient, study or series row is a last-writer-wins register (the LWW-register of a
+state-based CRDT: Shapiro, Preguica, Baquero & Zawirski, "Conflict-free replicated data
+types", SSS 2011): each row keeps the ``stamp`` of the instance whose attributes it
+holds — the time in ms the accepting peer received it, made strictly increasing per
+peer (``Stamps``: the physical half of a hybrid logical clock, Kulkarni et al. 2014) and
+carried in the instance's attributes (``STAMP``) to every peer that records it. A row
+takes an instance's attributes (all of them, empty ones too) only if (stamp, values) is
+greater than its own, so every replica keeps the same winner whatever the order the
+facts arrive in (equal stamps: the greater values). A row without a stamp (0: written
+before schema 5, by a peer of an older release, by a crawl, rebuild or repair, which
+receive nothing new) loses to any stamped one. A sync batch carries each row's stamp
+beside the rows (``STAMPS_KEY``): a peer of an older release ignores it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
+import threading
+import time
 
 from twisted.logger import Logger
 
@@ -37,6 +53,56 @@ def _level_columns(level: str) -> list[str]:
 _LEVEL_SQL = {level: (_level_columns(level), _upsert_sql(TABLES[level], _level_columns(level),
                                                            UNIQUE[level]))
               for level in LEVELS}
+
+STAMP = "stamp"             # an instance's attribute (its receipt), a parent row's column
+STAMPS_KEY = "STAMPS"       # beside a wire batch's parent rows: {level: {key: stamp}}
+MAX_STAMP = 2 ** 53
+
+
+def stamp_of(attrs) -> int:
+    """The stamp an instance's attributes carry; 0 if none or not a sane one."""
+    s = attrs.get(STAMP, 0) if attrs else 0
+    return s if type(s) is int and 0 <= s < MAX_STAMP else 0
+
+
+class Stamps:
+    """This peer's stamps for instances it receives: milliseconds of the clock, made
+    strictly increasing (two receipts in one ms, a clock set back), thread-safe."""
+
+    def __init__(self, clock=time.time):
+        self.clock, self.last, self._lock = clock, 0, threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            self.last = max(int(self.clock() * 1000), self.last + 1)
+            return self.last
+
+
+new_stamp = Stamps()        # this process's: () -> the stamp of an instance received
+
+
+def stamped(meta: InstanceMeta, stamp: int) -> InstanceMeta:
+    """*meta* with *stamp* among its attributes (``STAMP``): what every peer that records
+    the instance writes its patient, study and series rows with."""
+    return dataclasses.replace(meta, attributes={**meta.attributes, STAMP: stamp})
+
+
+def _lww_sql(table: str, cols: list[str], pk: str) -> tuple[str, str]:
+    """(upsert of a (values, stamp) row that wins only over a lesser one; the stamp of a
+    row whose values are those given raised, a row changed if one was)."""
+    order = [STAMP] + [c for c in cols if c != pk]
+    sets = ", ".join(f"{c} = excluded.{c}" for c in order)
+    ours = ", ".join(f"{table}.{c}" for c in order)
+    theirs = ", ".join(f"excluded.{c}" for c in order)
+    upsert = (f"INSERT INTO {table} ({', '.join(cols)}, {STAMP}) VALUES "
+              f"({', '.join('?' * (len(cols) + 1))}) ON CONFLICT({pk}) DO UPDATE SET {sets} "
+              f"WHERE ({theirs}) > ({ours})")
+    same = " AND ".join(f"{c} = ?" for c in cols)
+    return upsert, f"UPDATE {table} SET {STAMP} = ? WHERE {STAMP} < ? AND {same}"
+
+
+_LWW_SQL = {level: _lww_sql(TABLES[level], _LEVEL_SQL[level][0], UNIQUE[level])
+            for level in ("PATIENT", "STUDY", "SERIES")}
 _LOCATION_SQL = (
     "INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, available, seq) "
     "VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT(SOPInstanceUID, peer, archive) DO UPDATE SET "
@@ -44,7 +110,8 @@ _LOCATION_SQL = (
     "WHERE excluded.seq > locations.seq")
 
 # Catalog facts on the wire (anti-entropy), a batch as one JSON list:
-#   [{"PATIENT": {PatientID: [columns]}, "STUDY": {...}, "SERIES": {...}},
+#   [{"PATIENT": {PatientID: [columns]}, "STUDY": {...}, "SERIES": {...},
+#     "STAMPS": {"PATIENT": {PatientID: stamp}, ...}},
 #    [seq, archive, peer, sha256, size, <instance columns>], ...]
 # Patient, study and series rows come once per batch, not once per fact.
 LOCATION_FIELDS = ["seq", "archive", "peer", "sha256", "size"]
@@ -71,35 +138,62 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
     series' instances writes its parents once); the caller clears it whenever anything
     else writes. *after(conn)*, if given, runs in the same transaction, last.
     """
-    # one row per key and level: the last fact's attributes, in first-seen order (the
-    # rows of a key are built once, not once per fact: most facts share their parents)
+    # one row per key and level: the attributes of the last fact of the highest stamp,
+    # in first-seen order (the rows of a key are built once, not once per fact: most
+    # facts share their parents; a lesser stamp would lose to it in SQL too)
     latest: dict[str, dict] = {level: {} for level in LEVELS}
-    keyed = [(latest[level], UNIQUE[level]) for level in LEVELS]
+    keyed = [(latest[level], UNIQUE[level], level in _LWW_SQL) for level in LEVELS]
     for attrs, _ in facts:
         if attrs is None:                 # a tombstone: the location only
             continue
-        for seen, key in keyed:
-            seen[attrs.get(key, "")] = attrs
-    levels = {level: [[a.get(c, "") or "" for c in _LEVEL_SQL[level][0]]
+        stamp = stamp_of(attrs)
+        for seen, key, lww in keyed:
+            k = attrs.get(key, "")
+            if not lww or stamp >= stamp_of(seen.get(k)):
+                seen[k] = attrs
+    # parent rows end with the instance's stamp (``_LWW_SQL``)
+    levels = {level: [[a.get(c, "") or "" for c in _LEVEL_SQL[level][0]] +
+                      ([stamp_of(a)] if level in _LWW_SQL else [])
                       for a in latest[level].values()] for level in LEVELS}
+    same: dict[str, list] = {}
     if parents is not None:
+        # the values this connection wrote last: only the stamp may need raising (a
+        # stamp-less row's never: it loses to the row, whatever that holds now)
         for level in PARENT_LEVELS:
             last = parents.setdefault(level, {})
-            levels[level] = [row for row in levels[level] if last.get(row[0]) != row]
-    _write_levels(conn, levels, [loc for _, loc in facts if loc is not None], hints, after)
+            rows, same[level] = [], []
+            for row in levels[level]:
+                if last.get(row[0]) != row[:-1]:
+                    rows.append(row)
+                elif row[-1]:
+                    same[level].append(row)
+            levels[level] = rows
+    _write_levels(conn, levels, [loc for _, loc in facts if loc is not None], hints, after,
+                  same)
     if parents is not None:
         for level in PARENT_LEVELS:
             if len(parents[level]) > 10000:
                 parents[level].clear()
-            parents[level].update((row[0], row) for row in levels[level])
+            parents[level].update((row[0], row[:-1]) for row in levels[level])
 
 
 def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: list,
-                  hints: list = (), after=None) -> None:
+                  hints: list = (), after=None, same: dict | None = None) -> None:
+    """*levels*: rows per level (parent rows end with their stamp); *same*: parent rows
+    whose values the row held when this connection last wrote it: its stamp raised if
+    it still holds them, else written as the others."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         for level in LEVELS:
-            conn.executemany(_LEVEL_SQL[level][1], levels[level])
+            if level not in _LWW_SQL:
+                conn.executemany(_LEVEL_SQL[level][1], levels[level])
+                continue
+            upsert, bump = _LWW_SQL[level]
+            rows = list(levels[level])
+            for row in (same or {}).get(level, ()):
+                if conn.execute(bump, [row[-1], row[-1]] + row[:-1]).rowcount == 0:
+                    rows.append(row)
+            conn.executemany(upsert, rows)
         conn.executemany(_LOCATION_SQL, locations)
         if hints:
             conn.executemany(_HINT_SQL, hints)
@@ -134,6 +228,12 @@ def check_wire(batch: list) -> int:
         for key, row in parents.get(level, {}).items():
             if not isinstance(row, list) or len(row) != width:
                 raise ValueError(f"{level} row {key!r} is not {width} fields")
+    stamps = parents.get(STAMPS_KEY, {})
+    if not isinstance(stamps, dict) or not all(
+            isinstance(stamps.get(level, {}), dict) and all(
+                type(v) is int and 0 <= v < MAX_STAMP for v in stamps.get(level, {}).values())
+            for level in PARENT_LEVELS):
+        raise ValueError("a batch's row stamps are not integers of 0 to 2^53")
     n, top = len(FACT_FIELDS), 0
     for row in facts:
         if not isinstance(row, list) or len(row) != n:
@@ -162,8 +262,11 @@ def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> None
         if not batch:
             continue
         parents, facts = batch[0], batch[1:]
+        stamps = parents.get(STAMPS_KEY) or {}
         for level in PARENT_LEVELS:
-            levels[level] += [[v or "" for v in row] for row in parents.get(level, {}).values()]
+            given = stamps.get(level) or {}
+            levels[level] += [[v or "" for v in row] + [stamp_of({STAMP: given.get(key)})]
+                              for key, row in parents.get(level, {}).items()]
         # a fact of a deleted instance travels without its attributes: no instance row
         levels["IMAGE"] += [[v or "" for v in row[n:]] for row in facts if row[cls]]
         locs = [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0])) for row in facts]
@@ -189,8 +292,8 @@ def meta_attributes(meta: InstanceMeta) -> dict:
 def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
                  upto: int = 2 ** 62) -> list:
     """The facts of *origin* with a sequence number above *after* (up to *upto*), in
-    order, as a wire batch: their patient/study/series rows first (once each), then one
-    list per fact. Facts of deleted instances (tombstone markers among them) come
+    order, as a wire batch: their patient/study/series rows first (once each; the stamps
+    of those that have one beside them, ``STAMPS_KEY``), then one list per fact. Facts of deleted instances (tombstone markers among them) come
     without attributes; the markers' payloads ride beside the parent rows
     (``tombstones.WIRE_KEY``)."""
     icols = ", ".join(("l." if c == "SOPInstanceUID" else "i.") + c
@@ -205,6 +308,7 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
     parents: dict[str, dict] = {}
     n = len(LOCATION_FIELDS)
     keys = {r[n + _LEVEL_SQL["IMAGE"][0].index("SeriesInstanceUID")] for r in facts}
+    stamps: dict[str, dict] = {}
     for level in ("SERIES", "STUDY", "PATIENT"):
         cols = _LEVEL_SQL[level][0]
         rows = {}
@@ -212,13 +316,18 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
         for k in range(0, len(keys), 500):
             chunk = keys[k:k + 500]
             for r in conn.execute(
-                    f"SELECT {', '.join(cols)} FROM {TABLES[level]} WHERE {UNIQUE[level]} "
-                    f"IN ({', '.join('?' * len(chunk))})", chunk):
-                rows[r[cols.index(UNIQUE[level])]] = list(r)
+                    f"SELECT {', '.join(cols)}, {STAMP} FROM {TABLES[level]} WHERE "
+                    f"{UNIQUE[level]} IN ({', '.join('?' * len(chunk))})", chunk):
+                key = r[cols.index(UNIQUE[level])]
+                rows[key] = list(r[:-1])
+                if r[-1]:
+                    stamps.setdefault(level, {})[key] = r[-1]
         parents[level] = rows
         if level in PARENT:
             up = cols.index(PARENT[level][1])
             keys = {r[up] for r in rows.values()}
+    if stamps:
+        parents[STAMPS_KEY] = stamps
     sop = len(LOCATION_FIELDS) + _LEVEL_SQL["IMAGE"][0].index("SOPInstanceUID")
     markers = [r[sop] for r in facts if tombstones.is_marker(r[1], r[4])]
     if markers:
@@ -242,11 +351,13 @@ def read_changes_of(conn: sqlite3.Connection, wanted: list, limit: int) -> list:
 
 
 def facts_from_wire(batch: list) -> list[tuple[dict, tuple]]:
-    """A wire batch as (attributes, location) facts for :func:`write_facts`."""
+    """A wire batch as (attributes, location) facts for :func:`write_facts` (a bench's
+    tool: the series row's stamp stands for its study's and patient's)."""
     check_wire(batch)
     if not batch:
         return []
     parents, out = batch[0], []
+    stamps = (parents.get(STAMPS_KEY) or {}).get("SERIES", {})
     n = len(LOCATION_FIELDS)
     named = {level: {k: dict(zip(_LEVEL_SQL[level][0], row)) for k, row in
                      parents.get(level, {}).items()} for level in PARENT_LEVELS}
@@ -255,7 +366,8 @@ def facts_from_wire(batch: list) -> list[tuple[dict, tuple]]:
         series = named["SERIES"].get(attrs.get("SeriesInstanceUID"), {})
         study = named["STUDY"].get(series.get("StudyInstanceUID"), {})
         patient = named["PATIENT"].get(study.get("PatientID"), {})
-        merged = {**patient, **study, **series, **attrs}
+        merged = {**patient, **study, **series, **attrs,
+                  STAMP: stamps.get(attrs.get("SeriesInstanceUID"), 0)}
         out.append((merged, (attrs["SOPInstanceUID"], row[1], row[2], row[3], int(row[4]),
                              int(row[0]))))
     return out

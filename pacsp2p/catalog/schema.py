@@ -18,6 +18,8 @@ a newer schema (a downgrade) is refused untouched (``NewerSchema``):
 - ``archive_counts``: live copies per (peer, archive), kept the same way (schema 4), so
   placement's balance and ``/status`` never count the locations table (at 10M copies that
   ``GROUP BY`` read the whole table: ~7 s, every 10 s);
+- ``stamp`` on patient, study and series rows (schema 5): the last-writer-wins stamp
+  of the instance whose attributes the row holds (``facts``); 0 in the rows of before;
 - ``catalog_meta``: small facts about the file itself, e.g. ``clean``: set when the
   peer stopped cleanly after the catalog was known good, taken away again at start
   (``take_clean_mark``). A start without it runs the integrity check in the background.
@@ -36,9 +38,10 @@ from pacsp2p.catalog import names
 
 log = Logger()
 
-SCHEMA_VERSION = 4          # 2: counters, catalog_meta, upper(PatientName), AccessionNumber
+SCHEMA_VERSION = 5          # 2: counters, catalog_meta, upper(PatientName), AccessionNumber
 #                             3: pn_key(PatientName) instead of upper(PatientName)
 #                             4: archive_counts (live copies per peer and archive)
+#                             5: stamp of patient/study/series rows (last writer wins)
 NAME_INDEX = "idx_patients_PatientName_key"
 
 # table -> the condition a row must meet to be counted (None: every row); {r} stands for
@@ -77,6 +80,10 @@ def create_schema(conn: sqlite3.Connection, path=None) -> None:
         table = db[TABLES[level]]
         if not table.exists():
             table.create(cols, pk=UNIQUE[level], defaults={c: "" for c in cols})
+        if level != "IMAGE" and "stamp" not in table.columns_dict:
+            # (schema 5; an ALTER of the schema only: no row rewritten, whatever the size)
+            conn.execute(f"ALTER TABLE {TABLES[level]} ADD COLUMN stamp INTEGER NOT NULL "
+                         "DEFAULT 0")
     for level, (parent, key) in PARENT.items():
         db[TABLES[level]].create_index([key], if_not_exists=True)
     db["studies"].create_index(["StudyDate"], if_not_exists=True)

@@ -16,6 +16,7 @@ import re
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from pacsp2p.catalog.facts import STAMP, MAX_STAMP
 from pacsp2p.config import MAX_LINKS
 from pacsp2p.validate import is_ae_title, is_uid, shown
 
@@ -92,6 +93,9 @@ def check_meta(meta, uid: str) -> dict:
         _refuse("attributes", attributes)
     if attributes.get("SOPInstanceUID", uid) != uid:
         _refuse("SOPInstanceUID attribute", attributes.get("SOPInstanceUID"))
+    stamp = attributes.get(STAMP, 0)          # its receipt (the catalog's LWW stamp)
+    if type(stamp) is not int or not 0 <= stamp < MAX_STAMP:
+        _refuse("stamp", str(stamp))
     for key in ("StudyInstanceUID", "SeriesInstanceUID"):
         value = attributes.get(key)
         if value and not is_uid(value):

@@ -29,6 +29,7 @@ import json
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pacsp2p.catalog.facts import STAMP
 from pacsp2p.dicom.header import BadDataset, sniff
 from pacsp2p.overlay.commands import (ReplicaClose, ReplicaData, ReplicaOpen,
                                       ReplicaRefused)
@@ -274,7 +275,8 @@ class Forward(StoreSession):
                             0, attrs)
         prefix, self.prefix = self.prefix, None
         meta_json = json.dumps({"sop_instance_uid": self.uid, "sop_class_uid": self.sop_class,
-                                "transfer_syntax_uid": self.ts, "attributes": attrs})
+                                "transfer_syntax_uid": self.ts,
+                                "attributes": {**attrs, STAMP: self.stamp}})
         if len(meta_json) > 60000:
             return                             # too big for an AMP value: copied later
         try:

@@ -38,6 +38,7 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pacsp2p.catalog.facts import new_stamp, stamped
 from pacsp2p.dicom.incoming import receive_pool, remove, spool
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
@@ -230,6 +231,8 @@ class Ingest:
             except StrategyError as e:
                 log.error("C-STORE {uid}: {err}", uid=meta.sop_instance_uid, err=e)
                 raise StoreError(PROCESSING_FAILURE, str(e))
+        # what every holder records its rows with (the pushes of a Forward carry it)
+        meta = stamped(meta, getattr(session, "stamp", 0) or new_stamp())
         opener = None
         if forward is not None and forward.kept is not None:   # kept by the writer thread
             archive, kept = forward.keeper, forward.kept

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from pacsp2p import threads
 from pacsp2p.catalog.db import stored_location
+from pacsp2p.catalog.facts import stamped
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.strategies import StrategyError
 from pacsp2p.transfer.replicas import record
@@ -142,8 +143,8 @@ class OneJob(StoreSession):
                          sha=stored.sha256, archive=stored.archive)
                 catalog.conflict_now(meta.sop_instance_uid, stored.archive, stored.sha256)
             else:
-                self.seq = catalog.record_now(meta, stored_location(meta, stored,
-                                                                    self.ingest.peer))
+                self.seq = catalog.record_now(stamped(meta, self.stamp), stored_location(
+                    meta, stored, self.ingest.peer))
         except Exception:
             self.unrecorded = Failure()
 
@@ -190,7 +191,7 @@ class OneJob(StoreSession):
         result = StoreResult(meta.sop_instance_uid, (stored,))
         if not self.later:
             return defer.succeed(result)
-        d = record(self.ingest.catalog, meta, stored, self.ingest.peer)
+        d = record(self.ingest.catalog, stamped(meta, self.stamp), stored, self.ingest.peer)
         return d.addCallbacks(lambda _: result, unrecorded,
                               errbackArgs=(self.archive, meta, stored))
 

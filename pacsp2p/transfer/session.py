@@ -25,6 +25,8 @@ thread).
 
 from __future__ import annotations
 
+from pacsp2p.catalog.facts import new_stamp
+
 
 class StoreSession:
     """The declared shape of a store session; the methods here do nothing."""
@@ -34,6 +36,7 @@ class StoreSession:
 
     def __init__(self, ingest):
         self.ingest = ingest
+        self.stamp = new_stamp()   # its receipt: the catalog's last-writer-wins stamp
 
     # reactor thread
     def feed(self, piece) -> None:

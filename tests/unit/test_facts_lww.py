@@ -1,0 +1,178 @@
+"""Patient, study and series rows are last-writer-wins registers (``catalog.facts``):
+two peers that learn two versions of a patient in either order keep the same rows.
+
+Real SQLite catalogs written with the catalog's own functions: a peer's own facts with
+``write_facts`` (as its writer does), another peer's with ``read_changes`` ->
+``check_wire`` -> ``write_wires`` (what a pull does). No mocks.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from pacsp2p.catalog import db, tombstones
+from pacsp2p.catalog.facts import STAMP, STAMPS_KEY, Stamps
+
+STUDY = "1.2.3.4"
+
+
+def attrs(version: int, stamp: int | None, uid: str, **extra) -> dict:
+    """An instance of patient P1, study STUDY, in its own series, of *version*."""
+    a = {"PatientID": "P1", "PatientName": f"RACE^V{version}", "PatientSex": "MF"[version % 2],
+         "StudyInstanceUID": STUDY, "StudyDescription": f"study v{version}",
+         "SeriesInstanceUID": f"{uid}.9", "Modality": "CT", "SeriesDescription": f"v{version}",
+         "SOPInstanceUID": uid, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+         "TransferSyntaxUID": "1.2.840.10008.1.2.1", **extra}
+    if stamp is not None:
+        a[STAMP] = stamp
+    return a
+
+
+class Peer:
+    def __init__(self, tmp_path, name):
+        self.name = name
+        self.conn = db._connect(tmp_path / f"{name}.sqlite")
+        db.create_schema(self.conn)
+        tombstones.create_schema(self.conn)
+        self.seq = 0
+        self.parents: dict = {}          # the writer's parent-row memory
+
+    def receive(self, a: dict) -> None:
+        """An instance received here: our own fact, written as our writer does."""
+        self.seq += 1
+        db.write_facts(self.conn, [(a, (a["SOPInstanceUID"], "local", self.name, "ab" * 32,
+                                        100, self.seq))], parents=self.parents)
+
+    def pull(self, other: "Peer") -> None:
+        """Every fact of *other*'s origin, as a pull brings it."""
+        rows = db.read_changes(other.conn, other.name, 0, 1000)
+        db.check_wire(rows)
+        db.write_wires(self.conn, [rows], self.name)
+        self.parents.clear()             # (the Catalog clears it after others write)
+
+    def rows(self):
+        return [self.conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+                for t in ("patients", "studies", "series")]
+
+    def name_of(self, pid="P1") -> str:
+        return self.conn.execute("SELECT PatientName FROM patients WHERE PatientID = ?",
+                                 (pid,)).fetchone()[0]
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+@pytest.mark.parametrize("newer", [1, 2])
+def test_two_versions_converge_whatever_the_order(tmp_path, first, newer):
+    """V1 received at a, V2 at b (the one stamped later: *newer*); each pulls the
+    other's facts, *first* pulls first. Before: each kept the version it applied last
+    (a: V2, b: V1), digests unequal."""
+    a, b = Peer(tmp_path, "a"), Peer(tmp_path, "b")
+    a.receive(attrs(1, 2000 if newer == 1 else 1000, "1.5.1"))
+    b.receive(attrs(2, 2000 if newer == 2 else 1000, "1.5.2"))
+    for x, y in ((a, b), (b, a)) if first == "a" else ((b, a), (a, b)):
+        x.pull(y)
+    assert a.name_of() == b.name_of() == f"RACE^V{newer}"
+    assert a.rows() == b.rows()
+    assert db.digest(a.conn) == db.digest(b.conn)
+
+
+def test_rows_of_many_versions_are_the_greatest_in_every_order(tmp_path):
+    """Four peers, each received another version; every order of pulls gives every
+    peer the rows of the greatest stamp (ties: the greater values)."""
+    stamps = [3000, 1000, 3000, 2000]          # a tie between versions 0 and 2
+    peers = [Peer(tmp_path, f"p{i}") for i in range(4)]
+    for i, p in enumerate(peers):
+        p.receive(attrs(i, stamps[i], f"1.6.{i}"))
+    want = None
+    for n, order in enumerate(itertools.permutations(range(4))):
+        target = Peer(tmp_path, f"t{n}")
+        for i in order:
+            target.pull(peers[i])
+        if want is None:
+            want = target.rows()
+        assert target.rows() == want, order
+    assert want[0][0][1] == "RACE^V2"       # tie at 3000: "RACE^V2" > "RACE^V0"
+
+
+def test_a_later_local_write_wins_and_an_earlier_loses(tmp_path):
+    """The writer's parent-row memory: a row it wrote is not rewritten when the values
+    are the same, only its stamp raised — but only while the row still holds them."""
+    a, b = Peer(tmp_path, "a"), Peer(tmp_path, "b")
+    a.receive(attrs(1, 1000, "1.7.1"))
+    b.receive(attrs(2, 3000, "1.7.2"))
+    a.pull(b)
+    assert a.name_of() == "RACE^V2"
+    a.parents["PATIENT"] = {"P1": ["P1", "RACE^V1"]}     # stale memory: must not matter
+    a.receive(attrs(1, 2000, "1.7.3"))          # earlier than V2's: loses
+    assert a.name_of() == "RACE^V2"
+    a.receive(attrs(1, 4000, "1.7.4"))          # later: wins, every column
+    assert a.name_of() == "RACE^V1"
+    assert a.conn.execute("SELECT stamp, StudyDescription FROM studies").fetchone() == \
+        (4000, "study v1")
+    a.receive(attrs(1, 5000, "1.7.5"))          # same values: the stamp raised only
+    assert a.conn.execute("SELECT stamp FROM patients").fetchone() == (5000,)
+    b.pull(a)
+    assert a.rows() == b.rows()
+
+
+def test_one_batch_keeps_the_highest_stamp_of_a_row(tmp_path):
+    """Facts of one patient in one writer batch out of stamp order (a group commit of
+    copies another peer received): the row is the highest stamp's, as a peer that
+    learns them one by one makes it."""
+    a, b = Peer(tmp_path, "a"), Peer(tmp_path, "b")
+    later, earlier = attrs(2, 2000, "1.8.2"), attrs(1, 1000, "1.8.1")
+    db.write_facts(a.conn, [(later, ("1.8.2", "local", "a", "ab" * 32, 1, 1)),
+                            (earlier, ("1.8.1", "local", "a", "ab" * 32, 1, 2))])
+    for x in (earlier, later):
+        b.receive(x)
+    assert a.name_of() == b.name_of() == "RACE^V2"
+    assert a.rows() == b.rows()
+
+
+def test_unstamped_rows_lose_and_old_peers_batches_are_taken(tmp_path):
+    """A catalog of schema 4 opens (its rows stamp 0) and keeps working; a batch of a
+    peer of the previous release (no stamps) writes a row only over a stamp-less one."""
+    path = tmp_path / "old.sqlite"
+    conn = db._connect(path)
+    db.create_schema(conn)
+    for t in ("patients", "studies", "series"):
+        conn.execute(f"ALTER TABLE {t} DROP COLUMN stamp")
+    conn.execute("PRAGMA user_version=4")
+    conn.execute("INSERT INTO patients (PatientID, PatientName) VALUES ('P1', 'OLD^ROW')")
+    conn.close()
+    old = Peer.__new__(Peer)
+    old.name, old.seq, old.parents = "old", 0, {}
+    old.conn = db._connect(path)
+    db.create_schema(old.conn)
+    tombstones.create_schema(old.conn)
+    assert old.conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
+    assert old.conn.execute("SELECT PatientName, stamp FROM patients").fetchone() == \
+        ("OLD^ROW", 0)
+    b = Peer(tmp_path, "b")
+    b.receive(attrs(1, None, "1.9.1"))          # unstamped: loses to nothing unstamped
+    rows = db.read_changes(b.conn, "b", 0, 10)
+    assert STAMPS_KEY not in rows[0]            # what an old peer's batch looks like
+    db.write_wires(old.conn, [rows], "old")
+    assert old.name_of() == "RACE^V1"
+    b2 = Peer(tmp_path, "b2")
+    b2.receive(attrs(2, 1000, "1.9.2"))
+    old.pull(b2)
+    assert old.name_of() == "RACE^V2"           # a stamped row wins over stamp 0
+    db.write_wires(old.conn, [rows], "old")     # the old peer's batch again: loses
+    assert old.name_of() == "RACE^V2"
+
+
+@pytest.mark.parametrize("bad", ["1", -1, True, 2 ** 53, 1.5, None])
+def test_a_batch_with_a_bad_stamp_is_refused(tmp_path, bad):
+    b = Peer(tmp_path, "b")
+    b.receive(attrs(1, 1000, "1.10.1"))
+    rows = db.read_changes(b.conn, "b", 0, 10)
+    rows[0][STAMPS_KEY]["PATIENT"]["P1"] = bad
+    with pytest.raises(ValueError):
+        db.check_wire(rows)
+
+
+def test_stamps_increase_strictly_even_if_the_clock_goes_back():
+    times = iter([5.0, 5.0, 4.0, 6.0])
+    stamps = Stamps(clock=lambda: next(times))
+    assert [stamps() for _ in range(4)] == [5000, 5001, 5002, 6000]
