@@ -118,6 +118,20 @@ def findscu(port: int, aec: str, keys: Mapping[str, str] | Sequence[str], *,
     return datasets, proc
 
 
+def get_study_hashes(port: int, aec: str, study: str, out: Path | str, *,
+                     host: str = LOOPBACK) -> dict[str, str]:
+    """C-GET of one study with getscu into *out* (made): {SOP Instance UID: dataset_sha256}
+    of what arrived (a failed sub-operation is simply absent)."""
+    from pydicom import dcmread
+
+    out = Path(out)
+    out.mkdir(parents=True)
+    dcmtk("getscu", "-aec", aec, "-S", "-k", "QueryRetrieveLevel=STUDY",
+          "-k", f"StudyInstanceUID={study}", "-od", str(out), host, port, check=False)
+    return {dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_sha256(f)
+            for f in out.iterdir()}
+
+
 def dataset_sha256(path: Path | str) -> str:
     """sha256 of a Part-10 file's bytes after the File Meta Information (group 0002).
 

@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from pacsp2p.testing import dataset_sha256, datasets, storescu
 from pacsp2p.testing.cluster import get_json, wait_until
-from pacsp2p.testing.dcmtk import dcmtk
+from pacsp2p.testing.dcmtk import get_study_hashes
 from pacsp2p.testing.release import known, release
 
 PROTOCOL_5_BEFORE_VALUES = "4921334a36153e3540f372cd4b214c0a6ea651d7"
@@ -31,16 +31,6 @@ def _release(commit: str, tmp_path_factory) -> Path:
     if not known(commit):
         pytest.skip(f"commit {commit} not in this checkout's history (shallow clone?)")
     return release(commit, tmp_path_factory.mktemp(f"release-{commit[:7]}"))
-
-
-def get_study(peer, study: str, out: Path) -> dict[str, str]:
-    """C-GET of *study* at *peer* with DCMTK getscu: {SOP Instance UID: data set hash}."""
-    out.mkdir(parents=True)
-    dcmtk("getscu", "-aec", peer.ae_title, "-S", "-k", "QueryRetrieveLevel=STUDY",
-          "-k", f"StudyInstanceUID={study}", "-od", str(out), "127.0.0.1", peer.port,
-          check=False)
-    return {dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_sha256(f)
-            for f in out.iterdir()}
 
 
 def test_copies_pushed_to_a_peer_of_an_older_protocol_5_are_whole(cluster, tmp_path,
@@ -66,7 +56,7 @@ def test_copies_pushed_to_a_peer_of_an_older_protocol_5_are_whole(cluster, tmp_p
 
     wait_until(both_hold, 60, interval=0.5, what="every instance on peera and peerb")
     new.stop()                                   # the old peer serves from its own copies
-    assert get_study(older, study, tmp_path / "got") == sent
+    assert get_study_hashes(older.port, older.ae_title, study, tmp_path / "got") == sent
 
 
 def test_two_overlay_protocols_refuse_each_other_with_one_line_each(cluster,

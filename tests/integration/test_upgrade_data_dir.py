@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from pacsp2p.catalog.schema import SCHEMA_VERSION
 from pacsp2p.testing import Peer, dataset_sha256, datasets, findscu, storescu
-from pacsp2p.testing.dcmtk import dcmtk
+from pacsp2p.testing.dcmtk import get_study_hashes
 from pacsp2p.testing.release import known, release
 
 FIRST_MILESTONE = "f4c5aaf"
@@ -36,12 +36,7 @@ def _study(directory: Path) -> tuple[list[Path], str, dict]:
 
 
 def _get(peer: Peer, study: str, out: Path) -> dict[str, str]:
-    out.mkdir(parents=True)
-    dcmtk("getscu", "-aec", peer.ae_title, "-S", "-k", "QueryRetrieveLevel=STUDY",
-          "-k", f"StudyInstanceUID={study}", "-od", str(out), "127.0.0.1", peer.port,
-          check=False)
-    return {dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_sha256(f)
-            for f in out.iterdir()}
+    return get_study_hashes(peer.port, peer.ae_title, study, out)
 
 
 def test_a_data_directory_of_the_first_milestone_is_upgraded(tmp_path):
