@@ -21,12 +21,14 @@ per series), each query behind the crawl's token bucket. The studies are listed 
   1.10): by Patient ID wildcard prefixes (PS3.4 C.2.2.2.4, case-sensitive on both), a
   prefix trie walked depth first: ``<prefix>*`` answering more than the bound is split
   into the Patient ID ``<prefix>`` itself (single value matching) and ``<prefix><c>*``
-  for each printable ASCII character ``c`` but ``\\ * ?``. The cursor is ``pid*<hex of
+  for each printable ASCII character ``c`` but ``\\ * ?`` (no leading space, nor two
+  in a row). The cursor is ``pid*<hex of
   the prefix>`` (or ``pid=`` for one Patient ID) and the last study done. A study with
   neither StudyDate nor Patient ID, or whose Patient ID has another character where the
   trie had to split, is not listed (a warning says so once), nor any on an archive that
   answers a Patient ID no one has (it ignores the key); one Patient ID with more
-  studies than the bound is skipped with a warning naming it.
+  studies than the bound is skipped with a warning naming it (after
+  ``MAX_BIG_PATIENTS`` such, the rest of the trie is left: an archive matching no key).
 
 No total is known when paging. A series with more instances than the bound is skipped
 (no key pages one series on both archives: InstanceNumber takes single values only,
@@ -66,11 +68,12 @@ EPOCH = datetime.date(1900, 1, 1)     # a first window starting here is open: "-
 FUTURE = datetime.date(9999, 12, 31)  # a window ending here is open: "<first>-"
 ALL = "*"                             # the window of universal matching
 PID_CHARS = "".join(c for c in map(chr, range(0x20, 0x7F)) if c not in "\\*?")
-FIRST_CHARS = PID_CHARS[1:]           # a Patient ID does not start with a space
+FIRST_CHARS = PID_CHARS[1:]           # nor starts with a space, nor has two in a row
 PID_MAX = 64                          # characters of a Patient ID (LO)
 UNLISTED_SHOWN = 20                   # series the crawl status names at most
 PROBE = "~pacsp2p~no~such~patient~*"  # matches nothing where Patient ID keys are honoured
 GIVEN_UP = ("=", PID_CHARS[-1] * PID_MAX)  # the trie's last page: nothing comes after it
+MAX_BIG_PATIENTS = 8                  # Patient IDs over the bound before the trie is left
 
 
 class TooManyMatches(Refused):
@@ -110,15 +113,20 @@ def _dated(row: dict) -> bool:
         return False
 
 
+def _chars(before: str) -> str:
+    """The characters of the trie after the prefix *before*."""
+    return FIRST_CHARS if not before or before.endswith(" ") else PID_CHARS
+
+
 def _is_prefix(text: str) -> bool:
-    return (0 < len(text) <= PID_MAX and text[0] in FIRST_CHARS
-            and all(c in PID_CHARS for c in text))
+    return 0 < len(text) <= PID_MAX and all(c in _chars(text[:i])
+                                            for i, c in enumerate(text))
 
 
 def _after_prefix(prefix: str):
     """The Patient ID page after the trie below *prefix* is done (None: the end)."""
     while prefix:
-        chars = FIRST_CHARS if len(prefix) == 1 else PID_CHARS
+        chars = _chars(prefix[:-1])
         i = chars.index(prefix[-1]) + 1
         if i < len(chars):
             return "*", prefix[:-1] + chars[i]
@@ -167,6 +175,7 @@ class DimseCrawl:
 
     _listing = None             # (window, sorted study UIDs, {uid: row}) being crawled
     _warned_undated = False
+    _big_patients = 0           # Patient IDs of more studies than the bound, this crawl
     crawl_unlisted = ()         # series not listed: more instances than the bound
 
     def _valid_rows(self, rows, key: str, what: str) -> list[dict]:
@@ -237,6 +246,7 @@ class DimseCrawl:
                          "Patient ID no one has answered studies): the studies with no "
                          "StudyDate are not listed", archive=self.name)
                 return GIVEN_UP, {}
+            self._big_patients = 0
         while kind == "*":
             try:
                 rows = yield self._list_studies(throttle, {"PatientID": prefix + "*"})
@@ -251,6 +261,12 @@ class DimseCrawl:
             log.warn("archive {archive}: more than {n} studies of Patient ID {pid}: those "
                      "with no StudyDate are not listed (raise max_find_rows)",
                      archive=self.name, n=self.max_find_rows, pid=shown(prefix))
+            self._big_patients += 1
+            if self._big_patients >= MAX_BIG_PATIENTS:    # it ignores the key: leave
+                log.warn("archive {archive}: {n} Patient IDs answered more than the bound: "
+                         "the rest of the studies with no StudyDate is not listed",
+                         archive=self.name, n=self._big_patients)
+                return GIVEN_UP, {}
             return window, {}
         return window, {u: r for u, r in rows.items() if not _dated(r)}
 
@@ -262,7 +278,7 @@ class DimseCrawl:
         if isinstance(window[0], str):
             kind, prefix = window
             if kind == "=" and len(prefix) < PID_MAX:
-                return "*", prefix + PID_CHARS[0]
+                return "*", prefix + _chars(prefix)[0]
             return _after_prefix(prefix)
         lo, hi = window
         if hi >= FUTURE:

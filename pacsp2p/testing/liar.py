@@ -232,14 +232,17 @@ class LyingFindSCP:
       whatever the keys); ``sent`` counts the matches sent;
     - ``sizes``: {SOP uid: bytes}: a C-GET of that instance sends a CT data set of about
       that many bytes (pixel data of zeros), 4 KiB if absent;
-    - ``fat``: every C-FIND match carries a StudyDescription of that many characters.
+    - ``fat``: every C-FIND match carries a StudyDescription of that many characters;
+    - ``probe_honest``: a Patient ID key starting with ``~`` matches nothing (every other
+      Patient ID key is ignored, as always).
 
     ``queries`` holds the keys of every C-FIND ({keyword: text}).
     """
 
     def __init__(self, studies: dict, ae_title: str = "LIAR", *, endless: bool = False,
-                 sizes: dict | None = None, fat: int = 0):
+                 sizes: dict | None = None, fat: int = 0, probe_honest: bool = False):
         self.studies, self.ae_title = studies, ae_title
+        self.probe_honest = probe_honest
         self.endless, self.sizes, self.fat = endless, dict(sizes or {}), fat
         self.queries: list[dict] = []
         self.sent = 0
@@ -253,6 +256,8 @@ class LyingFindSCP:
         q = event.identifier
         level = q.QueryRetrieveLevel
         self.queries.append({e.keyword: str(e.value) for e in q if e.value not in ("", None)})
+        if self.probe_honest and str(q.get("PatientID", "") or "").startswith("~"):
+            return
         if self.endless and level == "STUDY":
             n = 0
             while True:

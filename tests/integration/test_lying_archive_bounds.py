@@ -99,6 +99,24 @@ def test_more_studies_than_one_answer_are_crawled_by_date(tmp_path):
         assert dated and all("-" in d for d in dated), scp.queries[:5]
 
 
+def test_an_archive_ignoring_patient_id_keys_does_not_hold_the_crawl(tmp_path):
+    """Undated studies past the bound on an archive that answers the probe (a Patient ID
+    no one has) but ignores every other Patient ID key: the trie of Patient ID prefixes
+    is left after a few Patient IDs answer too many, and the crawl ends."""
+    studies = {f"1.2.4.{i}": (b"1 ", [(f"1.2.4.{i}.1", f"1.2.4.{i}.1.1", CT)])
+               for i in range(1, 41)}
+    with LyingFindSCP(studies, probe_honest=True) as scp, Peer(
+            tmp_path / "peer", name="trie", config={
+                "archives": [archive(scp, max_find_rows=10, crawl_qps=200)]}) as p:
+        wait_until(lambda: crawl(p)["finished"] or crawl(p)["error"], 180, 0.5,
+                   "the crawl finished")
+        assert crawl(p)["error"] is None, crawl(p)
+        asked = [q["PatientID"] for q in scp.queries if "PatientID" in q]
+        assert asked and len(asked) < 40, asked
+        assert "Patient IDs answered more than the bound" in p.log_path.read_text()
+        assert p.alive and echo(p.port, p.ae_title)
+
+
 def test_an_oversized_get_is_refused_and_a_normal_one_arrives(tmp_path):
     big, small = "1.2.3.1.1.1", "1.2.3.1.1.2"
     studies = {"1.2.3.1": (b"2 ", [("1.2.3.1.1", big, CT), ("1.2.3.1.1", small, CT)])}
