@@ -54,7 +54,7 @@ from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndia
                          JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
                          RLELossless)
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import StoragePresentationContexts, build_context, build_role, evt
+from pynetdicom import build_context, build_role, evt
 from pynetdicom import sop_class as sc
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -69,6 +69,7 @@ from pacsp2p.adapters.associations import (MAX_IDENTIFIER, Associations, DimseEr
 from pacsp2p.adapters.dimse_crawl import DimseCrawl, TooManyMatches
 from pacsp2p.adapters.interface import IArchive, ICrawls, IFollows, IOpens, ISends, IStores
 from pacsp2p.adapters.orthanc import _Lru, unlinked_copy
+from pacsp2p.dicom.contexts import MAX_CONTEXTS, STORAGE_ORDER
 from pacsp2p.dicom.part10 import file_dataset_hash
 from pacsp2p.dicom.header import _text, content_hash
 from pacsp2p.types import Stored
@@ -471,7 +472,18 @@ class DimseArchive(DimseCrawl):
         return final
 
     def _probe_class(self, study: str, series: str, uid: str) -> str:
-        """SOP Class UID of one instance, from a C-GET proposing every storage class."""
+        """SOP Class UID of one instance, from a C-GET proposing every storage class the
+        facade accepts (``contexts.STORAGE_ORDER``): the 127 first in one association,
+        the others in a second one if the archive sent nothing on the first."""
+        step = MAX_CONTEXTS - 1                   # (one context for the C-GET itself)
+        for i in range(0, len(STORAGE_ORDER), step):
+            try:
+                return self._probe_with(STORAGE_ORDER[i:i + step], study, series, uid)
+            except (DimseError, Refused):
+                if i + step >= len(STORAGE_ORDER):
+                    raise
+
+    def _probe_with(self, classes, study: str, series: str, uid: str) -> str:
         got = {}
 
         def on_store(event):
@@ -480,7 +492,6 @@ class DimseArchive(DimseCrawl):
             return 0x0000
 
         model = sc.StudyRootQueryRetrieveInformationModelGet
-        classes = [cx.abstract_syntax for cx in StoragePresentationContexts][:120]
         cxs = [build_context(model)] + [build_context(c) for c in classes]
         assoc = self._associate(cxs, [build_role(c, scp_role=True) for c in classes],
                                 [(evt.EVT_C_STORE, on_store)])

@@ -47,8 +47,11 @@ ACCEPTED_SYNTAXES = [ExplicitVRLittleEndian] + [
 # the image — and only those the facade can decode again (pylibjpeg: RLE, libjpeg) for a
 # C-GET requestor that takes uncompressed data only.
 KEPT_COMPRESSED = frozenset((RLELossless, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless))
-STORAGE_CLASSES = frozenset(cx.abstract_syntax for cx in (*AllStoragePresentationContexts,
-                                                           *StoragePresentationContexts))
+# (pynetdicom's 120 default classes first: what a requestor proposes in one association,
+# at most MAX_CONTEXTS, takes them in that order)
+STORAGE_ORDER = tuple(dict.fromkeys(cx.abstract_syntax for cx in (
+    *StoragePresentationContexts, *AllStoragePresentationContexts)))
+STORAGE_CLASSES = frozenset(STORAGE_ORDER)
 
 # what archives commonly keep besides the uncompressed syntaxes
 COMMON_STORED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless,
