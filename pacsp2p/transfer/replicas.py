@@ -7,7 +7,9 @@ takes them as the writer pushes them on the overlay link while its C-STORE arriv
 in the catalog); ``commit`` records the copy as a location fact of this peer
 (``commit_all``: several in one catalog batch, a group commit); ``discard`` drops it.
 Pending copies never committed (the writer died) are dropped after ``PENDING_TTL``
-seconds. A pushed data set is written as it comes (``Incoming``: a thread
+seconds. Two pending copies of the same bytes on one archive (a C-STORE sent twice at
+once, hinted hand-off redoing a copy whose group commit is on its way) are two, each
+taken by its own commit or discard; the bytes go only with the last of them. A pushed data set is written as it comes (``Incoming``: a thread
 pool, the link paused while too much waits) and hashed on the way; an archive that can
 ``keep`` takes it, durable, in the same thread job that closes the file.
 
@@ -72,7 +74,8 @@ class ReplicaService:
     def __init__(self, peer: str, archives: dict, catalog, overlay, reactor):
         self.peer, self.archives, self.catalog = peer, archives, catalog
         self.overlay, self.reactor = overlay, reactor
-        self.pending: dict[tuple, tuple] = {}
+        self.pending: dict[tuple, tuple] = {}      # (archive, uid, sha256) -> the first
+        self.more: dict[tuple, list] = {}          # ... -> the others of those bytes
         self.streams: dict[tuple, _Stream] = {}    # (link, stream id) -> data set arriving
         self.spares = None
         self.drainer = None          # transfer.drain.Drain, set by the cluster
@@ -153,7 +156,7 @@ class ReplicaService:
                 stored = yield target.store(path, meta)
             finally:
                 remove(receive_pool(self.reactor), path)
-        self.pending[(target.name, uid, stored.sha256)] = (meta, stored, self.reactor.seconds())
+        self._put((target.name, uid, stored.sha256), (meta, stored, self.reactor.seconds()))
         return stored
 
     @defer.inlineCallbacks
@@ -194,8 +197,25 @@ class ReplicaService:
         finally:
             f.close()
         yield check_given(target, uid, stored, sha256, ReplicaRefused, "announced")
-        self.pending[(archive, uid, stored.sha256)] = (meta, stored, self.reactor.seconds())
+        self._put((archive, uid, stored.sha256), (meta, stored, self.reactor.seconds()))
         return stored
+
+    def _put(self, key, entry) -> None:
+        """One more pending copy *entry* (meta, stored, since) of *key*."""
+        if key in self.pending:
+            self.more.setdefault(key, []).append(entry)
+        else:
+            self.pending[key] = entry
+
+    def _take(self, key):
+        """The oldest pending copy of *key* taken out (None if there is none)."""
+        entry = self.pending.pop(key, None)
+        others = self.more.get(key)
+        if others:
+            self.pending[key] = others.pop(0)
+            if not others:
+                del self.more[key]
+        return entry
 
     def commit(self, archive: str, uid: str, sha256: str):
         return self._committable(archive, uid, sha256).addCallback(self._record)
@@ -215,13 +235,12 @@ class ReplicaService:
     def _committable(self, archive: str, uid: str, sha256: str):
         """(meta, stored) of the pending copy to commit, taken out of ``pending``;
         ReplicaRefused if there is none, or if it was deleted since (then dropped)."""
-        entry = self.pending.pop((archive, uid, sha256), None)
+        entry = self._take((archive, uid, sha256))
         if entry is None:
             raise ReplicaRefused(f"no pending copy of {uid} on {archive}")
         meta, stored, since = entry
         if (yield pushed_before(self.catalog, uid, since)):
-            self.pending[(archive, uid, sha256)] = entry
-            yield self.discard(archive, uid, sha256)
+            yield self._drop((archive, uid, sha256), entry)
             raise ReplicaRefused(f"{uid} was deleted from the cluster after this copy "
                                  "was made: not kept")
         return entry
@@ -246,12 +265,22 @@ class ReplicaService:
         return record(self.catalog, meta, stored, self.peer, then=check).addCallback(recorded)
 
     def discard(self, archive: str, uid: str, sha256: str):
-        entry = self.pending.pop((archive, uid, sha256), None)
-        if entry is None:
-            return defer.succeed(None)
-        _, stored, _ = entry
+        key = (archive, uid, sha256)
+        entry = self._take(key)
+        return defer.succeed(None) if entry is None else self._drop(key, entry)
+
+    def _drop(self, key, entry):
+        """Drop the pending copy *entry* of *key*, taken out: its bytes, if it put them
+        there — unless another pending copy of them waits (then that one owns them)."""
+        meta, stored, since = entry
         if stored.duplicate or stored.conflict:
             return defer.succeed(None)       # those bytes were there before: keep them
+        if key in self.pending:
+            other_meta, other, other_since = self.pending[key]
+            self.pending[key] = (other_meta, dataclasses.replace(
+                other, duplicate=False, conflict=False), other_since)
+            return defer.succeed(None)
+        archive, uid, sha256 = key
         return self.archives[archive].discard(uid, sha256)
 
     @defer.inlineCallbacks

@@ -1,0 +1,105 @@
+"""Pending copies on a replica holder (``transfer.replicas``): two copies of the same
+bytes for one archive made before either is committed (a C-STORE sent twice at once, or
+hinted hand-off redoing a copy whose group commit is still on its way) are two pending
+copies, each committed by its own Commit; discarding one keeps the bytes the other
+needs. Before, the second overwrote the first's slot: the first Commit took it and the
+second was refused ('no pending copy', the writer's 'commit ... failed: the holder did
+not record' at ERROR, the copy made again by hinted hand-off).
+
+A real SQLite catalog for the guards; the archive and the overlay are stand-ins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from pacsp2p.transfer.replicas import ReplicaService
+from pacsp2p.types import InstanceMeta, Stored
+
+from test_delete_guards import UID, SyncCatalog, catalog, result
+
+SHA = "cd" * 32
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+class Archive:
+    """Keeps one file per UID: the same bytes again are a duplicate."""
+    name = "local"
+    capabilities = frozenset({"store"})
+
+    def __init__(self):
+        self.held, self.discarded = set(), []
+
+    def store(self, path, meta):
+        again = meta.sop_instance_uid in self.held
+        self.held.add(meta.sop_instance_uid)
+        return defer.succeed(Stored("local", meta.sha256, 10, duplicate=again))
+
+    def discard(self, uid, sha):
+        self.discarded.append((uid, sha))
+        self.held.discard(uid)
+        return defer.succeed(None)
+
+
+class Offer:
+    name, sha256, data_size, size = "/nonexistent/offer.dcm", SHA, 10, 142
+
+    def close(self):
+        pass
+
+
+class Overlay:
+    class membership:
+        members = {"peera": object()}
+
+    class bulk:
+        @staticmethod
+        def fetch_offer(member, token):
+            return defer.succeed(Offer())
+
+
+META = json.dumps(dataclasses.asdict(InstanceMeta(UID, CT, "1.2.840.10008.1.2.1", {
+    "SOPInstanceUID": UID, "StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.4"})))
+
+
+def service(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cat = SyncCatalog(catalog(tmp_path))
+    return ReplicaService("peerb", {"local": Archive()}, cat, Overlay(), Clock()), cat
+
+
+def copy(svc, token):
+    stored = result(svc.replicate("peera", "local", UID, SHA, token, META))
+    assert not isinstance(stored, Failure), stored
+    return stored
+
+
+def test_two_pending_copies_of_the_same_bytes_are_both_committed(tmp_path):
+    svc, cat = service(tmp_path)
+    first, second = copy(svc, "t1"), copy(svc, "t2")
+    assert not first.duplicate and second.duplicate
+    assert result(svc.commit("local", UID, SHA)) == 1
+    got = result(svc.commit("local", UID, SHA))
+    assert got == 1, got
+    assert len(cat.recorded) == 2 and not svc.pending
+
+
+def test_discarding_one_keeps_the_bytes_the_other_needs(tmp_path):
+    svc, cat = service(tmp_path)
+    archive = svc.archives["local"]
+    copy(svc, "t1"), copy(svc, "t2")
+    result(svc.discard("local", UID, SHA))             # the first writer gave up
+    assert archive.discarded == []                      # the second one's copy stays
+    assert result(svc.commit("local", UID, SHA)) == 1
+    assert len(cat.recorded) == 1 and not svc.pending
+    svc, _ = service(tmp_path / "again")
+    archive = svc.archives["local"]
+    copy(svc, "t3"), copy(svc, "t4")                    # both give up: the bytes go
+    result(svc.discard("local", UID, SHA))
+    assert archive.discarded == []
+    result(svc.discard("local", UID, SHA))
+    assert archive.discarded == [(UID, SHA)] and not svc.pending and not svc.more
