@@ -27,7 +27,7 @@ def known(commit: str) -> bool:
     """True if *commit* is in this checkout's history."""
     try:
         return subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
-                              capture_output=True, timeout=60).returncode == 0
+                              capture_output=True, timeout=60, check=False).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
