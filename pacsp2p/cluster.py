@@ -71,7 +71,9 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
 from pacsp2p import __version__, threads
+from pacsp2p.catalog.schema import SCHEMA_VERSION
 from pacsp2p.health import probe
+from pacsp2p.overlay.commands import PROTOCOL
 from pacsp2p.dicom.rejection import KOS_SOP_CLASS
 from pacsp2p.transfer.delete import DeleteError, Deleter, RejectionSession
 from pacsp2p.transfer.deliver import Delivery
@@ -263,6 +265,7 @@ class Cluster:
                 archives[name] = {"up": False, "error": str(e)}
             archives[name]["max_fetches"] = getattr(archive, "max_fetches", None)
         status = {"peer": self.settings.peer.name, "version": __version__,
+                  "catalog_schema": SCHEMA_VERSION, "overlay_protocol": PROTOCOL,
                   "facade": {"ae_title": self.settings.facade.ae_title,
                              "port": self.settings.facade.port},
                   "catalog": {**counts, "integrity": self.catalog.integrity.state},

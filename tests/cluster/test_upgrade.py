@@ -18,6 +18,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
+from pacsp2p import __version__
 from pacsp2p.testing import dataset_sha256, datasets, storescu
 from pacsp2p.testing.cluster import get_json, wait_until
 from pacsp2p.testing.dcmtk import get_study_hashes
@@ -70,6 +71,6 @@ def test_two_overlay_protocols_refuse_each_other_with_one_line_each(cluster,
     lines = [line for line in new.log_path.read_text().splitlines()
              if "overlay protocol" in line]
     assert len(lines) == 1, lines[:5]
-    assert ("peer peerb (pacsp2p 0.1.0) speaks overlay protocol 3, peer peera (pacsp2p "
-            "0.1.0) speaks 5" in lines[0] and "docs/upgrading.md" in lines[0]), lines[0]
+    assert (f"peer peerb (pacsp2p 0.1.0) speaks overlay protocol 3, peer peera (pacsp2p "
+            f"{__version__}) speaks 5" in lines[0] and "docs/upgrading.md" in lines[0]), lines[0]
     assert {m["name"] for m in get_json(new)["overlay"]["members"]} == {"peera"}
