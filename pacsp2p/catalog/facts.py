@@ -92,7 +92,7 @@ def _lww_sql(table: str, cols: list[str], pk: str) -> tuple[str, str]:
     row whose values are those given raised, a row changed if one was)."""
     order = [STAMP] + [c for c in cols if c != pk]
     sets = ", ".join(f"{c} = excluded.{c}" for c in order)
-    ours = ", ".join(f"{table}.{c}" for c in order)
+    ours = ", ".join(f"ifnull({table}.{c}, '')" for c in order)     # (a NULL: never greater)
     theirs = ", ".join(f"excluded.{c}" for c in order)
     upsert = (f"INSERT INTO {table} ({', '.join(cols)}, {STAMP}) VALUES "
               f"({', '.join('?' * (len(cols) + 1))}) ON CONFLICT({pk}) DO UPDATE SET {sets} "
