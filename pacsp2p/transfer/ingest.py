@@ -277,19 +277,22 @@ class Ingest:
             self.committing.add(key)                 # hand-off leaves these alone
             d = defer.maybeDeferred(c.commit, meta, (), True)    # in a group commit
             d.addCallback(lambda _, key=key: self.catalog.drop_hint(*key))
-            d.addErrback(self._commit_failed, c, meta.sop_instance_uid)
+            d.addErrback(self._commit_failed, c, meta.sop_instance_uid, owed=True)
             d.addBoth(lambda _, key=key: self.committing.discard(key))
         kept += later
         if self.overlay is not None:
             yield self._owe(meta.sop_instance_uid, ranked, kept)
         return StoreResult(meta.sop_instance_uid, tuple(c.stored for c in kept))
 
-    def _commit_failed(self, failure, copy, uid):
-        """A durable copy could not be recorded (a remote one: its hint stays, so hinted
-        hand-off redoes the copy — a duplicate there — and records it)."""
-        log.error("commit of {uid} on {archive}@{peer} failed: {err}", uid=uid,
-                  archive=copy.target.name, peer=copy.target.peer,
-                  err=failure.getErrorMessage())
+    def _commit_failed(self, failure, copy, uid, owed=False):
+        """A durable copy could not be recorded. One committed after the answer (*owed*:
+        its hint stays, so hinted hand-off redoes the copy — a duplicate there — and
+        records it) is a warning: nothing is lost, a holder that died mid-stream says
+        so for each copy in flight."""
+        (log.warn if owed else log.error)(
+            "commit of {uid} on {archive}@{peer} failed: {err}{then}", uid=uid,
+            archive=copy.target.name, peer=copy.target.peer, err=failure.getErrorMessage(),
+            then="; its hint stays: hinted hand-off makes the copy again" if owed else "")
 
     def _owe(self, uid, ranked, kept):
         """Hints for the copies this write could not put where placement wanted them."""

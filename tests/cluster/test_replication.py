@@ -266,6 +266,10 @@ def test_kill_9_of_a_peer_mid_stream_loses_no_acknowledged_instance(trio, dest, 
     got = {u: h for u, h in dn.dataset_hashes(dest.files()).items() if u in sent}
     assert acked_set <= set(got), f"{len(acked_set - set(got))} acknowledged not retrieved"
     assert all(got[u] == sent[u] for u in got), "retrieved bytes differ from those sent"
+    # the copies in flight to peerb when it died: made again by hinted hand-off, so no
+    # ERROR line for their commits (a warning each says so)
+    lines = a.log_path.read_text(errors="replace").splitlines()
+    assert not [x for x in lines if "#error] commit of" in x], lines[-40:]
 
 
 # -- 3. write quorum -------------------------------------------------------------------
