@@ -554,14 +554,16 @@ PAGE_ORDER = {"PATIENT": "p.PatientName, p.PatientID",
 
 
 def digest(conn: sqlite3.Connection) -> str:
-    """sha256 over the whole content in a canonical order (rows' stamps included)."""
+    """sha256 over the whole content in a canonical order: what the peer answers, so not
+    the rows' last-writer-wins stamps (a peer of a release before schema 5, which has
+    none, holding the same rows has the same digest)."""
     import hashlib
     h = hashlib.sha256()
     for table, key in (("patients", "PatientID"), ("studies", "StudyInstanceUID"),
                        ("series", "SeriesInstanceUID"), ("instances", "SOPInstanceUID"),
                        ("locations", "SOPInstanceUID, peer, archive")):
         cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")
-                if r[1] != "available"]
+                if r[1] not in ("available", "stamp")]
         for row in conn.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY {key}"):
             h.update(repr(row).encode())
     return h.hexdigest()

@@ -176,3 +176,14 @@ def test_stamps_increase_strictly_even_if_the_clock_goes_back():
     times = iter([5.0, 5.0, 4.0, 6.0])
     stamps = Stamps(clock=lambda: next(times))
     assert [stamps() for _ in range(4)] == [5000, 5001, 5002, 6000]
+
+
+def test_the_digest_is_of_what_a_peer_answers_not_of_stamps(tmp_path):
+    """A catalog of the previous release (no stamp column) holding the same rows has the
+    same digest: ``pacsp2p catalog digest`` compares peers across a rolling upgrade."""
+    new, old = Peer(tmp_path, "new"), Peer(tmp_path, "old")
+    for p in (new, old):
+        p.receive(attrs(1, 1000, "1.11.1"))
+    for t in ("patients", "studies", "series"):
+        old.conn.execute(f"ALTER TABLE {t} DROP COLUMN stamp")
+    assert db.digest(new.conn) == db.digest(old.conn)
