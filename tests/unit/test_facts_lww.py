@@ -181,7 +181,9 @@ def test_stamps_increase_strictly_even_if_the_clock_goes_back():
 def test_the_digest_is_of_what_a_peer_answers_not_of_stamps(tmp_path):
     """A catalog of the previous release (no stamp column) holding the same rows has the
     same digest: ``pacsp2p catalog digest`` compares peers across a rolling upgrade."""
-    new, old = Peer(tmp_path, "new"), Peer(tmp_path, "old")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old").mkdir()
+    new, old = Peer(tmp_path / "new", "a"), Peer(tmp_path / "old", "a")
     for p in (new, old):
         p.receive(attrs(1, 1000, "1.11.1"))
     for t in ("patients", "studies", "series"):
