@@ -88,8 +88,9 @@ def stamped(meta: InstanceMeta, stamp: int) -> InstanceMeta:
 
 
 def _lww_sql(table: str, cols: list[str], pk: str) -> tuple[str, str]:
-    """(upsert of a (values, stamp) row that wins only over a lesser one; the stamp of a
-    row whose values are those given raised, a row changed if one was)."""
+    """(the upsert of a row [values..., stamp] that changes the row only where (stamp,
+    values) is greater than the row's; the UPDATE that only raises the stamp of a row
+    that holds those very values: rowcount 0 if it does not)."""
     order = [STAMP] + [c for c in cols if c != pk]
     sets = ", ".join(f"{c} = excluded.{c}" for c in order)
     ours = ", ".join(f"ifnull({table}.{c}, '')" for c in order)     # (a NULL: never greater)
