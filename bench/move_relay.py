@@ -26,11 +26,14 @@ per number of associations from peera to the destination (rows ``relay-aN``, as
 ``bench/move.py``; C-GET cannot use it: its sub-operations go on its own association). ``--direct``: also
 the C-MOVE to the same storescp in ``mode = "direct"`` (row ``direct``: peerb and peerc
 each send their share over their own association, no bytes through peera).
+``--code before=DIR,after=DIR``: one cluster per source tree (its peers' ``PYTHONPATH``:
+``git archive`` snapshots), each holding the studies, their rows (``relay@before``, ...)
+interleaved with Orthanc's in every repetition: a before/after in one invocation.
 
     .venv/bin/python bench/move_relay.py [--quick] [--reps N] [--studies ct,mr32k,mr8k]
                                          [--get] [--replicas R] [--profile DIR]
                                          [--with-single] [--associations 1,2]
-                                         [--direct]
+                                         [--direct] [--code LABEL=DIR,LABEL=DIR]
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import move as single  # noqa: E402
-from common import Timer, mb, median, table  # noqa: E402
+from common import Timer, code_tree, code_versions, mb, median, table  # noqa: E402
 
 from pacsp2p.testing import Orthanc, Peer, StoreSCP  # noqa: E402
 from pacsp2p.testing.cluster import Cluster, get_json, wait_until  # noqa: E402
@@ -98,6 +101,9 @@ def main() -> int:
     p.add_argument("--direct", action="store_true",
                    help="also C-MOVE at peera to a destination in mode = \"direct\" (row "
                         "direct: peerb and peerc send their shares straight to the storescp)")
+    p.add_argument("--code", default=None,
+                   help="LABEL=DIR,...: one cluster per source tree (PYTHONPATH of its "
+                        "peers), their rows interleaved in one invocation")
     args = p.parse_args()
     args.counts = single.counts_of(args.associations)
     reps = args.reps or (1 if args.quick else 3)
@@ -112,22 +118,25 @@ def main() -> int:
         dd = Path(tempfile.mkdtemp(prefix="pacsp2p-bench-dest-",
                                    dir=shm if shm.is_dir() else None))
         print(f"   {reps} rep(s); destination directory: {dd}", flush=True)
-        cluster = None
+        clusters: dict[str, Cluster] = {}
         try:
             with StoreSCP(dd / "dest", ae_title=DEST, fork=True,
                           log_path=wd / "storescp.log") as scp, \
                     Orthanc(wd / "orthanc",
                             modalities={DEST: [DEST, "127.0.0.1", scp.port]}) as o:
                 r = args.replicas
-                cluster = Cluster(wd / "cluster",
-                                  {**single.destinations(f"127.0.0.1:{scp.port}", args.counts),
-                                   DIRECT: {"address": f"127.0.0.1:{scp.port}",
-                                            "mode": "direct"}},
-                                  config={"storage": {"fsync": False},
-                                          "cluster": {"replicas": r, "write_quorum": r}})
-                cluster.start(3, per_peer={"peera": {"archives": []}})
-                cluster.wait_mesh(timeout=60)
-                a = cluster[0]
+                for label, tree in code_versions(args.code):
+                    with code_tree(tree):
+                        cluster = Cluster(
+                            wd / f"cluster{label}",
+                            {**single.destinations(f"127.0.0.1:{scp.port}", args.counts),
+                             DIRECT: {"address": f"127.0.0.1:{scp.port}", "mode": "direct"}},
+                            config={"storage": {"fsync": False},
+                                    "cluster": {"replicas": r, "write_quorum": r}})
+                        clusters[label] = cluster
+                        cluster.start(3, per_peer={"peera": {"archives": []}})
+                    cluster.wait_mesh(timeout=60)
+                cluster = next(iter(clusters.values()))
                 if args.with_single:
                     lone = Peer(wd / "single", name="single", ae_title="SINGLE",
                                 destinations={DEST: f"127.0.0.1:{scp.port}"},
@@ -135,21 +144,24 @@ def main() -> int:
                     cluster.peers.append(lone)      # (stopped with the cluster)
                 with Timer() as t:
                     for data in datasets.values():
-                        storescu(a.port, a.ae_title, [data.directory], timeout=900)
+                        for c in clusters.values():
+                            storescu(c[0].port, c[0].ae_title, [data.directory], timeout=900)
                         storescu(o.dicom_port, o.aet, [data.directory], timeout=900)
                         if args.with_single:
                             storescu(lone.port, lone.ae_title, [data.directory],
                                      timeout=900)
                     for data in datasets.values():
-                        wait_until(lambda d=data: placed(a, d.study_uid, d.count, r), 300,
-                                   interval=0.5, what=f"{data.name} on {r} other peers")
+                        for c in clusters.values():
+                            wait_until(lambda d=data, a=c[0]: placed(a, d.study_uid, d.count,
+                                                                     r), 300, interval=0.5,
+                                       what=f"{data.name} on {r} other peers")
                 print(f"   stored through peera (R={r}), placed on peerb/peerc only, and "
                       f"into Orthanc in {t.seconds:.1f} s (not timed)", flush=True)
                 for sname, data in datasets.items():
-                    results.append(run_study(args, reps, sname, data, scp, cluster, o, dd))
+                    results.append(run_study(args, reps, sname, data, scp, clusters, o, dd))
         finally:
-            if cluster is not None:
-                cluster.stop()
+            for c in clusters.values():
+                c.stop()
             shutil.rmtree(dd, ignore_errors=True)
     report(results)
     return 0
@@ -159,32 +171,38 @@ def relay_name(n: int) -> str:
     return "relay" if n == 1 else f"relay-a{n}"
 
 
-def run_study(args, reps, sname, data, scp, cluster, o, dd):
-    a = cluster[0]
-    sources = {relay_name(n): single.dest_ae(n) for n in args.counts}
+def run_study(args, reps, sname, data, scp, clusters, o, dd):
+    sources, of = {}, {}          # row -> what it asks for; row -> the cluster it runs on
+    for label, cluster in clusters.items():
+        at = f"@{label}" if label else ""
+        for n in args.counts:
+            sources[relay_name(n) + at], of[relay_name(n) + at] = single.dest_ae(n), cluster
+        if args.direct:
+            sources["direct" + at], of["direct" + at] = DIRECT, cluster
+        if args.get:
+            sources["relay-get" + at], of["relay-get" + at] = "get", cluster
     sources["orthanc"] = "move"
-    if args.direct:
-        sources["direct"] = DIRECT
-    if args.get:
-        sources["relay-get"] = "get"
+    first = next(iter(clusters.values()))
     if args.with_single:
         sources["single"] = "move"
-        lone = cluster.peers[3]
+        lone = first.peers[3]
     times: dict[str, list[float]] = {n: [] for n in sources}
     cpu: dict[str, list[dict]] = {n: [] for n in sources}
-    pids = {k: cluster[i].pid for i, k in enumerate(PEERS)}
     getdir = dd / "get"
     print(f"-- {sname}")
     for rep in range(reps):
         order = list(sources) if rep % 2 == 0 else list(reversed(sources))
         for name in order:
+            cluster = of.get(name, first)
+            a = cluster[0]
+            pids = {k: cluster[i].pid for i, k in enumerate(PEERS)}
             single.clear(scp)
             shutil.rmtree(getdir, ignore_errors=True)
             getdir.mkdir(parents=True)
             watched = ({"orthanc": o.process.pid, **pids} if name == "orthanc" else
                        {"single": lone.pid} if name == "single" else pids)
             c0 = {k: single.cpu_seconds(pid) for k, pid in watched.items()}
-            prof = args.profile if (name.startswith("relay") and name != "relay-get"
+            prof = args.profile if (name.startswith("relay") and "relay-get" not in name
                                     and rep == 0) else None
             with common.profiled_all({f"{sname}-{name}-{k}": pid for k, pid in pids.items()}
                                      if prof else {}, prof):
@@ -192,14 +210,14 @@ def run_study(args, reps, sname, data, scp, cluster, o, dd):
                     s = single.move(o.dicom_port, o.aet, data.study_uid)
                 elif name == "single":
                     s = single.move(lone.port, lone.ae_title, data.study_uid)
-                elif name != "relay-get":
+                elif not name.startswith("relay-get"):
                     s = single.move(a.port, a.ae_title, data.study_uid, sources[name])
                 else:
                     s = single.get(a.port, a.ae_title, data.study_uid, getdir)
             cpu[name].append({k: single.cpu_seconds(pid) - c0[k]
                               for k, pid in watched.items()})
             files = (sorted(f for f in getdir.iterdir() if f.is_file())
-                     if name == "relay-get" else scp.files())
+                     if name.startswith("relay-get") else scp.files())
             if len(files) != data.count:
                 raise RuntimeError(f"{name}: {len(files)} of {data.count} received\n"
                                    f"{a.log_tail(30)}")
