@@ -189,3 +189,15 @@ def test_the_digest_is_of_what_a_peer_answers_not_of_stamps(tmp_path):
     for t in ("patients", "studies", "series"):
         old.conn.execute(f"ALTER TABLE {t} DROP COLUMN stamp")
     assert db.digest(new.conn) == db.digest(old.conn)
+
+
+@pytest.mark.parametrize("bad", ["1", -1, True, 2 ** 53])
+def test_a_copy_announced_with_a_bad_stamp_is_refused(bad):
+    """The stamp in a Replicate/push header comes from another peer: checked."""
+    from pacsp2p.overlay.commands import InvalidArgument, check_meta
+    meta = {"sop_instance_uid": "1.2.3", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+            "transfer_syntax_uid": "1.2.840.10008.1.2.1", "attributes": {STAMP: 5}}
+    assert check_meta(meta, "1.2.3") is meta
+    meta["attributes"][STAMP] = bad
+    with pytest.raises(InvalidArgument):
+        check_meta(meta, "1.2.3")
