@@ -15,7 +15,10 @@ greater than its own, so every replica keeps the same winner whatever the order 
 facts arrive in (equal stamps: the greater values). A row without a stamp (0: written
 before schema 5, by a peer of an older release, by a crawl, rebuild or repair, which
 receive nothing new) loses to any stamped one. A sync batch carries each row's stamp
-beside the rows (``STAMPS_KEY``): a peer of an older release ignores it.
+beside the rows (``STAMPS_KEY``): a peer of an older release ignores it. A stamp
+received more than ``MAX_AHEAD`` ahead of this peer's clock is taken as clock +
+``MAX_AHEAD`` (else a hostile 2^53-1 or a clock set years ahead wins for ever), and
+stamps learned raise this peer's next ones (the HLC receive rule, ``Stamps.observe``).
 """
 
 from __future__ import annotations
@@ -57,12 +60,18 @@ _LEVEL_SQL = {level: (_level_columns(level), _upsert_sql(TABLES[level], _level_c
 STAMP = "stamp"             # an instance's attribute (its receipt), a parent row's column
 STAMPS_KEY = "STAMPS"       # beside a wire batch's parent rows: {level: {key: stamp}}
 MAX_STAMP = 2 ** 53
+MAX_AHEAD = 600_000         # ms a stamp may be ahead of this peer's clock (HLC's epsilon)
 
 
 def stamp_of(attrs) -> int:
-    """The stamp an instance's attributes carry; 0 if none or not a sane one."""
+    """The stamp an instance's attributes carry; 0 if none or not a sane one. One ahead
+    of this peer's clock by more than ``MAX_AHEAD`` (a hostile peer's 2^53-1, a clock set
+    years ahead) is taken as clock + ``MAX_AHEAD``: it would win over every later version
+    for ever otherwise; bounded, a version received after that wins again."""
     s = attrs.get(STAMP, 0) if attrs else 0
-    return s if type(s) is int and 0 <= s < MAX_STAMP else 0
+    if type(s) is not int or not 0 <= s < MAX_STAMP:
+        return 0
+    return min(s, int(time.time() * 1000) + MAX_AHEAD)
 
 
 class Stamps:
@@ -76,6 +85,14 @@ class Stamps:
         with self._lock:
             self.last = max(int(self.clock() * 1000), self.last + 1)
             return self.last
+
+    def observe(self, stamp: int) -> None:
+        """A stamp learned (bounded: ``stamp_of``): the next ones are above it (the
+        receive rule of a hybrid logical clock), so a version received after a row was
+        seen wins over it even where this peer's clock is behind the row's writer's."""
+        if stamp > self.last:
+            with self._lock:
+                self.last = max(self.last, stamp)
 
 
 new_stamp = Stamps()        # this process's: () -> the stamp of an instance received
@@ -139,18 +156,18 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
     series' instances writes its parents once); the caller clears it whenever anything
     else writes. *after(conn)*, if given, runs in the same transaction, last.
     """
-    # one row per key and level: the attributes of the last fact of the highest stamp,
-    # in first-seen order (the rows of a key are built once, not once per fact: most
+    # one row per key and level: the attributes of the fact of the greatest (stamp,
+    # values), in first-seen order (the rows of a key are built once, not once per fact: most
     # facts share their parents; a lesser stamp would lose to it in SQL too)
     latest: dict[str, dict] = {level: {} for level in LEVELS}
-    keyed = [(latest[level], UNIQUE[level], level in _LWW_SQL) for level in LEVELS]
+    keyed = [(latest[level], UNIQUE[level], level in _LWW_SQL, level) for level in LEVELS]
     for attrs, _ in facts:
         if attrs is None:                 # a tombstone: the location only
             continue
         stamp = stamp_of(attrs)
-        for seen, key, lww in keyed:
+        for seen, key, lww, level in keyed:
             k = attrs.get(key, "")
-            if not lww or stamp >= stamp_of(seen.get(k)):
+            if not lww or _wins(stamp, attrs, seen.get(k), level):
                 seen[k] = attrs
     # parent rows end with the instance's stamp (``_LWW_SQL``)
     levels = {level: [[a.get(c, "") or "" for c in _LEVEL_SQL[level][0]] +
@@ -178,11 +195,26 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
             parents[level].update((row[0], row[:-1]) for row in levels[level])
 
 
+def _wins(stamp: int, attrs: dict, seen: dict | None, level: str) -> bool:
+    """Whether *attrs* (of *stamp*) makes *level*'s row rather than *seen*, as the
+    upsert of ``_LWW_SQL`` decides: the greater (stamp, values), equal ones the later."""
+    if seen is None:
+        return True
+    other = stamp_of(seen)
+    if stamp != other:
+        return stamp > other
+    cols = [c for c in _LEVEL_SQL[level][0] if c != UNIQUE[level]]
+    return [attrs.get(c, "") or "" for c in cols] >= [seen.get(c, "") or "" for c in cols]
+
+
 def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: list,
                   hints: list = (), after=None, same: dict | None = None) -> None:
     """*levels*: rows per level (parent rows end with their stamp); *same*: parent rows
     whose values the row held when this connection last wrote it: its stamp raised if
-    it still holds them, else written as the others."""
+    it still holds them, else written as the others. The highest stamp is observed
+    (``Stamps.observe``)."""
+    new_stamp.observe(max((row[-1] for level in _LWW_SQL for rows in (
+        levels.get(level, ()), (same or {}).get(level, ())) for row in rows), default=0))
     conn.execute("BEGIN IMMEDIATE")
     try:
         for level in LEVELS:

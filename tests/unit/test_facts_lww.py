@@ -201,3 +201,48 @@ def test_a_copy_announced_with_a_bad_stamp_is_refused(bad):
     meta["attributes"][STAMP] = bad
     with pytest.raises(InvalidArgument):
         check_meta(meta, "1.2.3")
+
+
+def test_a_stamp_far_ahead_of_the_clock_wins_only_until_now_plus_the_skew(tmp_path):
+    """A peer's stamp of 2^53-1 (hostile) or of a clock set years ahead: taken as this
+    peer's clock + ``MAX_AHEAD`` (a pull and a pushed copy alike), so a correction
+    received after that still wins. Before: the row kept the far stamp, and every
+    later version lost, at every peer, for ever (or for the years of the bad clock)."""
+    import time
+    from pacsp2p.catalog.facts import MAX_AHEAD, MAX_STAMP
+    a, b, c = Peer(tmp_path, "a"), Peer(tmp_path, "b"), Peer(tmp_path, "c")
+    now = int(time.time() * 1000)
+    a.receive(attrs(1, MAX_STAMP - 1, "1.12.1"))      # a pushed copy's header
+    b.receive(attrs(3, now + 10 * 365 * 86400 * 1000, "1.12.3"))
+    c.pull(b)
+    for p in (a, c):
+        stamp = p.conn.execute("SELECT stamp FROM patients").fetchone()[0]
+        assert now < stamp <= int(time.time() * 1000) + MAX_AHEAD
+    late = int(time.time() * 1000) + MAX_AHEAD + 1000   # received after the skew passed
+    a.receive(attrs(2, late, "1.12.2"))
+    c.receive(attrs(2, late + 1, "1.12.4"))
+    assert a.name_of() == c.name_of() == "RACE^V2"
+
+
+def test_a_stamp_learned_makes_the_next_stamps_of_this_peer_later():
+    """The receive rule of a hybrid logical clock: a peer whose clock is behind another's
+    stamps what it receives after it learned a row above that row's stamp, so a
+    correction made after the row was seen wins (within ``MAX_AHEAD``)."""
+    import time
+    from pacsp2p.catalog.facts import new_stamp
+    ahead = int(time.time() * 1000) + 60000             # a peer a minute ahead
+    new_stamp.observe(ahead)
+    assert new_stamp() > ahead
+
+
+def test_one_batch_breaks_a_tie_of_stamps_as_sql_does(tmp_path):
+    """Two versions of one stamp (two peers' receipts in the same ms) in one writer
+    batch, in either order: the row is the greater values', as a peer that learns them
+    one by one keeps it. Before: the batch's last one."""
+    for order in ((1, 2), (2, 1)):
+        (tmp_path / str(order)).mkdir()
+        a = Peer(tmp_path / str(order), "a")
+        facts = [(attrs(v, 1000, f"1.13.{v}"), (f"1.13.{v}", "local", "a", "ab" * 32, 1, v))
+                 for v in order]
+        db.write_facts(a.conn, facts)
+        assert a.name_of() == "RACE^V2", order
