@@ -331,8 +331,9 @@ class ReplicaService:
 
     def _expire(self):
         now = self.reactor.seconds()
-        for key, (_, _, since) in list(self.pending.items()):
-            if now - since > PENDING_TTL:
+        for key in list(self.pending):
+            # the others of a key are in the order they came: every one too old goes
+            while key in self.pending and now - self.pending[key][2] > PENDING_TTL:
                 log.warn("dropping copy of {uid} on {archive}: its writer never committed",
                          uid=key[1], archive=key[0])
                 self.discard(*key)

@@ -103,3 +103,19 @@ def test_discarding_one_keeps_the_bytes_the_other_needs(tmp_path):
     assert archive.discarded == []
     result(svc.discard("local", UID, SHA))
     assert archive.discarded == [(UID, SHA)] and not svc.pending and not svc.more
+
+
+def test_every_pending_copy_of_a_key_expires_in_one_pass(tmp_path):
+    """Copies never committed (their writers died) are all dropped after PENDING_TTL,
+    not one per key and janitor pass (60 s): 20 copies of one key left 19 behind after
+    the first pass, the last only after 20 minutes (and a writer that sent the same copy
+    again and again kept that list growing)."""
+    from pacsp2p.transfer.replicas import PENDING_TTL
+    svc, _ = service(tmp_path)
+    archive = svc.archives["local"]
+    for i in range(20):
+        copy(svc, f"t{i}")
+    svc.reactor.advance(PENDING_TTL + 1)
+    svc._expire()
+    assert not svc.pending and not svc.more
+    assert archive.discarded == [(UID, SHA)]            # the bytes once, with the last
