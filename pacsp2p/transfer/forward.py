@@ -108,7 +108,8 @@ class Push:
                 self.answer.errback(ReplicaRefused("the overlay link was lost"))
                 return
             if self.link.values > 1:
-                args.update(end=end, **_named(boxes.pop(0)))
+                first = boxes.pop(0)
+                args.update(end=end and not boxes, **_named(first))   # the last box ends
             self.link.callRemote(ReplicaOpen, **args).chainDeferred(self.answer)
         for i, box in enumerate(boxes, 1):
             if self.link.open:
