@@ -28,7 +28,10 @@ per series), each query behind the crawl's token bucket. The studies are listed 
   trie had to split, is not listed (a warning says so once), nor any on an archive that
   answers a Patient ID no one has (it ignores the key); one Patient ID with more
   studies than the bound is skipped with a warning naming it (after
-  ``MAX_BIG_PATIENTS`` such, the rest of the trie is left: an archive matching no key).
+  ``MAX_BIG_PATIENTS`` such, the rest of the trie is left: an archive matching no key),
+  and so is the rest after ``PID_MAX`` prefixes in a row over the bound with no row
+  answered below them (a prefix over the bound has its rows below it: an archive that
+  ignores wildcard keys but not single values).
 
 No total is known when paging. A series with more instances than the bound is skipped
 (no key pages one series on both archives: InstanceNumber takes single values only,
@@ -176,6 +179,7 @@ class DimseCrawl:
     _listing = None             # (window, sorted study UIDs, {uid: row}) being crawled
     _warned_undated = False
     _big_patients = 0           # Patient IDs of more studies than the bound, this crawl
+    _dry = 0                    # prefixes over the bound since a page answered a row
     crawl_unlisted = ()         # series not listed: more instances than the bound
 
     def _valid_rows(self, rows, key: str, what: str) -> list[dict]:
@@ -246,13 +250,23 @@ class DimseCrawl:
                          "Patient ID no one has answered studies): the studies with no "
                          "StudyDate are not listed", archive=self.name)
                 return GIVEN_UP, {}
-            self._big_patients = 0
+            self._big_patients = self._dry = 0
         while kind == "*":
             try:
                 rows = yield self._list_studies(throttle, {"PatientID": prefix + "*"})
+                self._dry = 0 if rows else self._dry
                 return window, {u: r for u, r in rows.items() if not _dated(r)}
             except TooManyMatches:
                 kind, window = "=", ("=", prefix)
+                # a prefix over the bound has its rows below it: a real trie answers one
+                # within PID_MAX splits; one that never does ignores the key
+                self._dry += 1
+                if self._dry > PID_MAX:
+                    log.warn("archive {archive}: {n} Patient ID prefixes in a row answered "
+                             "more than the bound and none below them a study: the rest "
+                             "of the studies with no StudyDate is not listed",
+                             archive=self.name, n=self._dry)
+                    return GIVEN_UP, {}
         if prefix.endswith(" "):         # trailing spaces do not count: asked as shorter
             return window, {}
         try:
@@ -268,6 +282,7 @@ class DimseCrawl:
                          archive=self.name, n=self._big_patients)
                 return GIVEN_UP, {}
             return window, {}
+        self._dry = 0 if rows else self._dry
         return window, {u: r for u, r in rows.items() if not _dated(r)}
 
     @staticmethod

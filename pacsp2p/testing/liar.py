@@ -234,15 +234,18 @@ class LyingFindSCP:
       that many bytes (pixel data of zeros), 4 KiB if absent;
     - ``fat``: every C-FIND match carries a StudyDescription of that many characters;
     - ``probe_honest``: a Patient ID key starting with ``~`` matches nothing (every other
-      Patient ID key is ignored, as always).
+      Patient ID key is ignored, as always);
+    - ``exact_empty``: a Patient ID key without ``*`` matches nothing (with
+      ``probe_honest``: every other wildcard matches every study).
 
     ``queries`` holds the keys of every C-FIND ({keyword: text}).
     """
 
     def __init__(self, studies: dict, ae_title: str = "LIAR", *, endless: bool = False,
-                 sizes: dict | None = None, fat: int = 0, probe_honest: bool = False):
+                 sizes: dict | None = None, fat: int = 0, probe_honest: bool = False,
+                 exact_empty: bool = False):
         self.studies, self.ae_title = studies, ae_title
-        self.probe_honest = probe_honest
+        self.probe_honest, self.exact_empty = probe_honest, exact_empty
         self.endless, self.sizes, self.fat = endless, dict(sizes or {}), fat
         self.queries: list[dict] = []
         self.sent = 0
@@ -256,7 +259,9 @@ class LyingFindSCP:
         q = event.identifier
         level = q.QueryRetrieveLevel
         self.queries.append({e.keyword: str(e.value) for e in q if e.value not in ("", None)})
-        if self.probe_honest and str(q.get("PatientID", "") or "").startswith("~"):
+        pid = str(q.get("PatientID", "") or "")
+        if self.probe_honest and pid.startswith("~") or \
+                self.exact_empty and pid and "*" not in pid:
             return
         if self.endless and level == "STUDY":
             n = 0

@@ -99,22 +99,41 @@ def test_more_studies_than_one_answer_are_crawled_by_date(tmp_path):
         assert dated and all("-" in d for d in dated), scp.queries[:5]
 
 
-def test_an_archive_ignoring_patient_id_keys_does_not_hold_the_crawl(tmp_path):
-    """Undated studies past the bound on an archive that answers the probe (a Patient ID
-    no one has) but ignores every other Patient ID key: the trie of Patient ID prefixes
-    is left after a few Patient IDs answer too many, and the crawl ends."""
+def _undated_crawl_ends(tmp_path, most: int, line: str, **lies) -> None:
+    """40 undated studies past the bound (10) on a LyingFindSCP lying as *lies* say: the
+    crawl ends without an error after fewer than *most* Patient ID C-FINDs, its log
+    says *line*, and the peer still answers."""
     studies = {f"1.2.4.{i}": (b"1 ", [(f"1.2.4.{i}.1", f"1.2.4.{i}.1.1", CT)])
                for i in range(1, 41)}
-    with LyingFindSCP(studies, probe_honest=True) as scp, Peer(
+    with LyingFindSCP(studies, probe_honest=True, **lies) as scp, Peer(
             tmp_path / "peer", name="trie", config={
                 "archives": [archive(scp, max_find_rows=10, crawl_qps=200)]}) as p:
         wait_until(lambda: crawl(p)["finished"] or crawl(p)["error"], 180, 0.5,
                    "the crawl finished")
         assert crawl(p)["error"] is None, crawl(p)
         asked = [q["PatientID"] for q in scp.queries if "PatientID" in q]
-        assert asked and len(asked) < 40, asked
-        assert "Patient IDs answered more than the bound" in p.log_path.read_text()
+        assert asked and len(asked) < most, len(asked)
+        assert line in p.log_path.read_text()
         assert p.alive and echo(p.port, p.ae_title)
+
+
+def test_an_archive_ignoring_patient_id_keys_does_not_hold_the_crawl(tmp_path):
+    """An archive that answers the probe (a Patient ID no one has) but ignores every
+    other Patient ID key: the trie of Patient ID prefixes is left after a few Patient
+    IDs answer too many, and the crawl ends."""
+    _undated_crawl_ends(tmp_path, 40, "Patient IDs answered more than the bound")
+
+
+def test_an_archive_answering_every_patient_id_wildcard_too_many_does_not_hold_the_crawl(
+        tmp_path):
+    """An archive that answers the probe and single Patient IDs (nothing) but every
+    other wildcard with all its studies: every prefix splits and none lists a study.
+    The trie is left after PID_MAX splits in a row that listed nothing (a real trie
+    lists rows within that many: a prefix over the bound has them below it). Before:
+    the crawl walked 64-deep prefixes and their siblings for ever (not finished after
+    180 s)."""
+    _undated_crawl_ends(tmp_path, 300, "Patient ID prefixes in a row answered more than "
+                        "the bound", exact_empty=True)
 
 
 def test_an_oversized_get_is_refused_and_a_normal_one_arrives(tmp_path):
