@@ -329,13 +329,25 @@ def small_disk(tmp_path):
             subprocess.run(["umount", "-l", str(data)], check=True)
 
 
+def _leave_free(filler: Path, pages: int) -> None:
+    """Fill *filler*'s file system to its last page, then free *pages* pages of it."""
+    with open(filler, "ab", buffering=0) as f:
+        try:
+            while f.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        size = f.seek(0, os.SEEK_END)
+    with open(filler, "r+b") as f:
+        f.truncate(max(0, size // 4096 * 4096 - pages * 4096))
+
+
 def test_full_disk_fails_cleanly_and_archive_and_catalog_agree(small_disk, tmp_path):
     """Before: OSError escaped incoming._discard, the catalog's ROLLBACK masked the real
     error, and a C-STORE that failed left its file in the archive without a row."""
     files = [ct_file(tmp_path, f"full{i}", size=256) for i in range(30)]   # ~130 KB each
-    # then small ones: their files fit in the last free pages, the catalog's next WAL
-    # frames may not (the path where a kept file must go again)
-    files += [ct_file(tmp_path, f"small{i}", size=8) for i in range(60)]
+    small = [ct_file(tmp_path, f"small{i}", size=8) for i in range(60)]
+    filler = small_disk / "data" / "filler"
     peer = Peer(small_disk, name="full")
     try:
         peer.start()
@@ -346,6 +358,19 @@ def test_full_disk_fails_cleanly_and_archive_and_catalog_agree(small_disk, tmp_p
                 rsp = a.send_c_store(path)
                 assert "Status" in rsp, "no C-STORE-RSP (association aborted?)"
                 statuses.append(rsp.Status)
+            # then small ones, each with room for its file and no more: the disk filled to
+            # its last page beside the catalog, then the file's pages freed. The file fits,
+            # the catalog's next WAL frames do not (the path where a kept file must go
+            # again); stored ones grow the WAL until it must take a page
+            for path in small:
+                if "could not record the copy" in peer.log_path.read_text(errors="replace"):
+                    break
+                _leave_free(filler, -(-path.stat().st_size // 4096) + 1)
+                rsp = a.send_c_store(path)
+                assert "Status" in rsp, "no C-STORE-RSP (association aborted?)"
+                statuses.append(rsp.Status)
+                files.append(path)
+            filler.unlink()
         ok = {dn.sop_uid(p) for p, s in zip(files, statuses) if s == 0}
         failed = [s for s in statuses if s != 0]
         assert ok and failed, statuses
