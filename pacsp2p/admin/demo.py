@@ -223,6 +223,9 @@ def run(directory: Path, n: int, first: int | None = None) -> int:
           flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
+    # Ctrl-C stops the cluster even when this process was started with SIGINT ignored
+    # (a background job of a script: Python then raises no KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     failed = None
     try:
         while not stopping and failed is None:

@@ -43,11 +43,17 @@ def _peers(config: Path) -> str:
                           capture_output=True, text=True, timeout=20).stdout
 
 
+IGNORING_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                   "os.execv(sys.argv[1], sys.argv[1:])")
+
+
 def test_demo_runs_a_cluster_until_ctrl_c(tmp_path):
     base = _free_block()
+    # started as a background job of a script is (SIGINT ignored, kept across exec):
+    # Ctrl-C still stops it
     demo = subprocess.Popen(
-        [str(BIN / "pacsp2p"), "demo", "--peers", "3", "--dir", str(tmp_path / "demo"),
-         "--base-port", str(base)],
+        [sys.executable, "-c", IGNORING_SIGINT, str(BIN / "pacsp2p"), "demo", "--peers", "3",
+         "--dir", str(tmp_path / "demo"), "--base-port", str(base)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = [demo.stdout.readline() for _ in range(4)]
