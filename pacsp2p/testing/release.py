@@ -4,9 +4,9 @@
 ``release(commit, root)`` extracts the commit's tree (``git archive``) under *root* and
 makes a small venv beside it whose ``pacsp2p`` (and twistd plugin) is that tree and whose
 other packages are this venv's (the dependencies must match: check ``setup.cfg``);
-returns its ``twistd``, for ``Peer(twistd=...)``. ``known(commit)`` says whether this
-checkout's history holds the commit (a shallow clone may not: skip then); the
-repository is this tree's, or ``$PACSP2P_REPO``.
+returns its ``twistd``, for ``Peer(twistd=...)``. A commit this checkout's history lacks
+(a shallow clone) is fetched from ``origin``; if that fails too, an error says so (never a
+skip). The repository is this tree's, or ``$PACSP2P_REPO``.
 """
 from __future__ import annotations
 
@@ -23,13 +23,19 @@ import twisted
 REPO = Path(os.environ.get("PACSP2P_REPO") or Path(__file__).resolve().parents[2])
 
 
-def known(commit: str) -> bool:
-    """True if *commit* is in this checkout's history."""
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
-                              capture_output=True, timeout=60, check=False).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+def _git(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
+                          timeout=timeout, check=False)
+
+
+def _have(commit: str) -> None:
+    """Make sure *commit* (its full hash) is in this checkout's history."""
+    if _git("cat-file", "-e", f"{commit}^{{commit}}").returncode == 0:
+        return
+    why = _git("fetch", "--quiet", "origin", commit).stderr.decode(errors="replace").strip()
+    if _git("cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
+        raise RuntimeError(f"commit {commit} is not in {REPO}'s history and could not be "
+                           f"fetched from origin ({why}): the upgrade tests need a full clone")
 
 
 def release(commit: str, root: Path | str) -> Path:
@@ -39,6 +45,7 @@ def release(commit: str, root: Path | str) -> Path:
     twistd = bindir / "twistd"
     if twistd.exists():
         return twistd
+    _have(commit)
     tree = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True,
                           capture_output=True, timeout=300).stdout
     with tarfile.open(fileobj=io.BytesIO(tree)) as tar:
