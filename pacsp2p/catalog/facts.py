@@ -326,9 +326,9 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
                  upto: int = 2 ** 62) -> list:
     """The facts of *origin* with a sequence number above *after* (up to *upto*), in
     order, as a wire batch: their patient/study/series rows first (once each; the stamps
-    of those that have one beside them, ``STAMPS_KEY``), then one list per fact. Facts of deleted instances (tombstone markers among them) come
-    without attributes; the markers' payloads ride beside the parent rows
-    (``tombstones.WIRE_KEY``)."""
+    of those that have one beside them, ``STAMPS_KEY``), then one list per fact. Facts
+    of deleted instances (tombstone markers among them) come without attributes; the
+    markers' payloads ride beside the parent rows (``tombstones.WIRE_KEY``)."""
     icols = ", ".join(("l." if c == "SOPInstanceUID" else "i.") + c
                       for c in _LEVEL_SQL["IMAGE"][0])
     facts = [list(r) for r in conn.execute(

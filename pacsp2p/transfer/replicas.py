@@ -9,9 +9,10 @@ in the catalog); ``commit`` records the copy as a location fact of this peer
 Pending copies never committed (the writer died) are dropped after ``PENDING_TTL``
 seconds. Two pending copies of the same bytes on one archive (a C-STORE sent twice at
 once, hinted hand-off redoing a copy whose group commit is on its way) are two, each
-taken by its own commit or discard; the bytes go only with the last of them. A pushed data set is written as it comes (``Incoming``: a thread
-pool, the link paused while too much waits) and hashed on the way; an archive that can
-``keep`` takes it, durable, in the same thread job that closes the file.
+taken by its own commit or discard; the bytes go only with the last of them. A pushed
+data set is written as it comes (``Incoming``: a thread pool, the link paused while too
+much waits) and hashed on the way; an archive that can ``keep`` takes it, durable, in
+the same thread job that closes the file.
 
 Deleted instances stay deleted (``delete``): a copy of a copy (``replicate`` without the
 writer's header: hinted hand-off, repair) of an instance deleted here is refused, and a
