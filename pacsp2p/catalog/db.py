@@ -68,6 +68,9 @@ class Catalog:
         self._writer: sqlite3.Connection | None = None
         self._lock = threading.Lock()          # the writer's connection: one user at once
         self._own_seq = 0                      # our highest fact written (under _lock)
+        self._own_real = 0                     # ... of those not skipped over (under _lock)
+        self._gaps: dict[int, int] = {}        # our first fact after a skip -> the one before
+        self._forgot = 0                       # below this, a skip may have been forgotten
         self.opened_at = 0                     # our highest fact when the file was opened
         self.numbers_from = None               # (opened_at) -> our facts numbered above
         self._pending: list[tuple[object, defer.Deferred]] = []
@@ -95,7 +98,7 @@ class Catalog:
 
         def opened(result):
             self.vector.update(result[0])
-            self.opened_at = self.vector.get(self.peer, 0)
+            self.opened_at = self._own_real = self.vector.get(self.peer, 0)
             if self.numbers_from is not None:
                 self._own_seq = self.numbers_from(self.opened_at)
             self.integrity.opened(clean=result[1], new=self._created)
@@ -192,6 +195,7 @@ class Catalog:
     def _write_own(self, batch) -> list:
         """Write this peer's facts; the sequence number given to each (None: no location)."""
         seq = max(self._own_seq, self.vector.get(self.peer, 0))
+        last = max(self._own_real, self.vector.get(self.peer, 0))
         facts, seqs, hints, thens = [], [], [], []
         for meta, loc, owed, then in batch:
             hints += [(loc.sop_instance_uid, *o) for o in owed] if loc is not None else []
@@ -206,10 +210,23 @@ class Catalog:
         write_facts(self._writer, facts, hints, self._parents,
                     after=(lambda conn: [then(conn, q) for then, q in thens]) if thens
                     else None)
-        self._own_seq = seq
+        if seq > self._own_seq:
+            first = next(q for q in seqs if q)
+            if first - 1 != last:              # skipped over: remember what came before
+                self._gaps[first] = last
+                if len(self._gaps) > 64:       # a restart or reissue each: a few at most
+                    self._forgot = min(self._gaps)
+                    del self._gaps[self._forgot]
+            self._own_seq = self._own_real = seq
         if thens:                             # they may have removed parent rows
             self._parents.clear()
         return seqs
+
+    def previous(self, seq: int) -> int | None:
+        """The number of our fact written just before our fact *seq* (a number skipped over
+        between them held no fact of ours): told with a ``Commits`` answer, it lets the
+        writer ``learn`` our first fact after a restart in order. None: not known."""
+        return self._gaps.get(seq, None if seq <= self._forgot else seq - 1)
 
     def own_counter(self) -> int:
         """The highest number this peer has given one of its facts (or skipped to)."""
@@ -222,6 +239,7 @@ class Catalog:
         def run():
             n, last = renumber(self._writer, self.peer, after, upto, start)
             self._own_seq = max(self._own_seq, last)
+            self._own_real = max(self._own_real, last)
             return n, last
 
         def done(result):
@@ -365,10 +383,13 @@ class Catalog:
         d = self._in_writer(write_wires, self._writer, [rows for _, rows in parts], self.peer)
         return d.addCallback(committed)
 
-    def learn(self, origin: str, seq: int, meta: InstanceMeta, location: Location) -> bool:
+    def learn(self, origin: str, seq: int, meta: InstanceMeta, location: Location,
+              prev: int | None = None) -> bool:
         """Record a fact another peer just told us it wrote, if it is that origin's next
-        one (so the version vector stays exact); False: leave it to anti-entropy."""
-        if seq != max(self.vector.get(origin, 0), self._promised.get(origin, 0)) + 1:
+        one — numbered next, or *prev* (its fact before, ``previous``) the last we hold —
+        so the version vector stays exact; False: leave it to anti-entropy."""
+        known = max(self.vector.get(origin, 0), self._promised.get(origin, 0))
+        if seq != known + 1 and not (prev == known < seq):
             return False
         self._promised[origin] = seq
         attrs = meta_attributes(meta)

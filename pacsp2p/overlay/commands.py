@@ -275,10 +275,12 @@ class Commits(amp.Command):
     of its own, with a hint for each of these): record these pending copies, *copies* a
     JSON list of [archive, uid, sha256], in one catalog transaction (group commit).
     Answer: *seqs*, a JSON list, for each copy its fact's sequence number as ``Commit``
-    answers it, or null if it was refused (its hint stays: hinted hand-off redoes it)."""
+    answers it, or null if it was refused (its hint stays: hinted hand-off redoes it);
+    *prevs* (absent from older peers), for each the number of the holder's fact before
+    it (``Catalog.previous``), or null: the writer learns it in order after a restart."""
 
     arguments = [(b"copies", amp.Unicode())]
-    response = [(b"seqs", amp.Unicode())]
+    response = [(b"seqs", amp.Unicode()), (b"prevs", amp.Unicode(optional=True))]
     errors = {InvalidArgument: b"INVALID_ARGUMENT"}
 
 

@@ -193,8 +193,10 @@ class Link(ReadHolds, amp.AMP):
     @Commits.responder
     def on_commits(self, copies):
         copies = check_commits(copies)
-        return self.membership.services.commit_all(copies).addCallback(
-            lambda seqs: {"seqs": json.dumps(seqs)})
+        services = self.membership.services
+        return services.commit_all(copies).addCallback(
+            lambda seqs: {"seqs": json.dumps(seqs), "prevs": json.dumps(
+                [services.catalog.previous(q) if q else None for q in seqs])})
 
     @Discard.responder
     def on_discard(self, archive, uid, sha256):

@@ -91,9 +91,10 @@ class GroupCommits:
         if not isinstance(seqs, list) or len(seqs) != len(queue):
             GroupCommits._failed(ReplicaRefused("a Commits answer of another shape"), queue)
             return
-        for (_, uid, _, d), seq in zip(queue, seqs):
-            if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
-                d.callback({"seq": seq})
+        prevs = _prevs(answer.get("prevs"), len(seqs))
+        for (_, uid, _, d), seq, prev in zip(queue, seqs, prevs):
+            if _count(seq):
+                d.callback({"seq": seq, "prev": prev if _count(prev) and prev < seq else None})
             else:
                 d.errback(ReplicaRefused(f"the holder did not record {uid}"))
 
@@ -101,3 +102,16 @@ class GroupCommits:
     def _failed(failure, queue) -> None:
         for *_, d in queue:
             d.errback(failure)
+
+
+def _count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def _prevs(prevs, n: int) -> list:
+    """A ``Commits`` answer's *prevs* (JSON; absent from an older holder): n values."""
+    try:
+        found = json.loads(prevs) if prevs else None
+    except ValueError:
+        found = None
+    return found if isinstance(found, list) and len(found) == n else [None] * n

@@ -407,7 +407,8 @@ class Ingest:
             # waited for (no copy of ours): at once, with what is queued for that peer
             done = yield self.group.commit(target.peer, **args, now=not later)
             location = Location(uid, target.name, target.peer, sha, answer["size"])
-            if not self.catalog.learn(target.peer, done["seq"], meta, location):
+            if not self.catalog.learn(target.peer, done["seq"], meta, location,
+                                      done.get("prev")):
                 self.overlay.sync_from(target.peer)     # not the next one: pull in order
 
         stored = Stored(target.name, sha, answer["size"], answer["duplicate"],
