@@ -179,11 +179,14 @@ class Console(resource.Resource):
 
     def render_page(self, request, template: str, produce):
         """Render *template* with what *produce()* (Deferred[dict], or (code, dict))
-        gives; NOT_DONE_YET."""
+        gives; NOT_DONE_YET. An error code (400 or more) is shown with ``error.html``
+        (its title and message), not with *template*, which wants a page's values."""
         def made(values):
             code = 200
             if isinstance(values, tuple):
                 code, values = values
+            if code >= 400:
+                return code, HTML, self.html(request, "error.html", **values), None
             if "redirect" in values:
                 return 303, HTML, b"", {b"location": values["redirect"].encode()}
             return code, HTML, self.html(request, template, **values), None

@@ -1,0 +1,99 @@
+"""The operations front ends under hostile input (docs/benchmarks.md, "Operations front
+ends under hostile input (2026-12-07)"): one real peer (a twistd process) holding studies
+whose DICOM values an attacker on the hospital network chose (markup, quotes, control
+characters, 64 KB values, invalid UTF-8, an unknown character set), sent by DCMTK
+storescu; its admin endpoint probed over real sockets and, where layout matters, with
+Debian's headless Chromium.
+
+Every answer is an HTTP answer of the endpoint's own (never a template error, never a
+traceback); every value from DICOM is shown escaped, bounded and without control
+characters; a JSON write action refuses what it cannot use with 400.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+
+from pacsp2p.admin.auth import hash_password
+from pacsp2p.testing import Peer, storescu
+from pacsp2p.testing.datasets import make_image, uid, write
+
+PASSWORD = "correct horse battery"
+BIG = 65000                        # characters of the longest values sent
+
+# name -> the attributes of one single-instance study (bytes: written as they are)
+HOSTILE = {
+    "markup": {"PatientName": "<script>alert(1)</script>^X",
+               "StudyDescription": '"><img src=x onerror=alert(2)>',
+               "AccessionNumber": "'\"<b>"},
+    "controls": {"PatientName": "A\x1b[31mRED\x07^B\x00C",
+                 "StudyDescription": "line1\r\nline2\x0b"},
+    "big": {"PatientName": "N" * BIG, "StudyDescription": "D" * BIG, "PatientID": "P" * 300},
+    "bad-utf8": {"SpecificCharacterSet": "ISO_IR 192",
+                 "PatientName": b"\xff\xfe\xc3(^\xed\xa0\x80",
+                 "StudyDescription": b"\xc0\xaf../\xe2\x82"},
+    "iso2022": {"SpecificCharacterSet": "\\ISO 2022 IR 87",
+                "PatientName": "Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B"},
+    "unknown-charset": {"SpecificCharacterSet": "NOT A CHARSET",
+                        "PatientName": b"\x80\x81\x82^Z"},
+}
+
+
+def study_uid(i: int) -> str:
+    return str(uid("hostile-study", i))
+
+
+def hostile_files(directory: Path) -> list[Path]:
+    paths = []
+    for i, (name, attrs) in enumerate(HOSTILE.items()):
+        raw = {k: v for k, v in attrs.items() if isinstance(v, bytes)}
+        plain = {k: v for k, v in attrs.items() if not isinstance(v, bytes)}
+        plain.setdefault("PatientID", f"HOSTILE{i}")
+        ds = make_image("CT", size=8, seed=100 + i, StudyInstanceUID=study_uid(i),
+                        SeriesInstanceUID=uid("hostile-series", i),
+                        SOPInstanceUID=uid("hostile-sop", i), **plain)
+        for keyword, value in raw.items():
+            tag = tag_for_keyword(keyword)
+            ds[tag] = DataElement(tag, dictionary_VR(tag), value)
+        paths.append(write(ds, directory / f"{name}.dcm"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("admin-hostile")
+    files = hostile_files(root / "in")
+    with Peer(root / "peer", name="hostile",
+              config={"admin": {"users": {"alice": hash_password(PASSWORD)}}}) as p:
+        for f in files:
+            sent = storescu(p.port, p.ae_title, [f])
+            assert sent.returncode == 0, (f.name, sent.stderr[-2000:])
+        yield p
+
+
+def get(peer, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(peer.admin_url + path, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_a_study_the_catalog_does_not_hold_is_a_404_page(peer):
+    """A bookmarked study since deleted (or a made-up UID): the error page, 404 (before:
+    500 and the template engine's "'shown' is undefined" as plain text)."""
+    code, headers, body = get(peer, "/console/study/1.2.3.4.5")
+    assert code == 404, (code, body[:300])
+    assert headers["Content-Type"].startswith("text/html")
+    assert b"No such study" in body and b"holds no study 1.2.3.4.5" in body
+    # a path below a valid UID is answered the same way
+    code, _, body = get(peer, "/console/study/1.2.3/../../x")
+    assert code == 404 and b"No such study" in body
