@@ -67,10 +67,36 @@ _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
 _MODALITY = re.compile(r"^[A-Z0-9_]{1,16}$")
 
 
+SHOWN_MAX = 256               # characters of one value shown at most (then "…")
+# C0 controls but tab, LF and CR, DEL, C1 controls: as their pictures (␛) or U+FFFD
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _picture(m: re.Match) -> str:
+    c = ord(m.group())
+    return chr(0x2400 + c) if c < 0x20 else "\u2421" if c == 0x7F else "\ufffd"
+
+
+class Link(str):
+    """A page's own link (a query string it built): shown whole."""
+
+
+def visible(value):
+    """What a page shows of *value* (every ``{{ ... }}``, before escaping): a string
+    without control characters (a terminal escape, a NUL from a DICOM value) and of at
+    most ``SHOWN_MAX`` characters, so that one 64 KB PatientName cannot widen every
+    page's table off the screen."""
+    if isinstance(value, str):
+        if len(value) > SHOWN_MAX and not isinstance(value, Link):
+            value = value[:SHOWN_MAX] + "…"
+        return _CONTROLS.sub(_picture, value)
+    return value
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("pacsp2p.admin", "templates"),
-        autoescape=True, undefined=jinja2.ChainableUndefined,
+        autoescape=True, undefined=jinja2.ChainableUndefined, finalize=visible,
         trim_blocks=True, lstrip_blocks=True)
     env.filters.update(when=when, ago=ago, duration=duration, size=size, number=number,
                        da=dicom_date, tm=dicom_time, pn=person, describe=describe)
@@ -240,8 +266,8 @@ class Console(resource.Resource):
         base = {k: v for k, v in form.items() if v}
         return {"title": "Studies", "form": form, "rows": rows, "problems": problems,
                 "page": page, "first": page * PAGE + 1,
-                "prev": "?" + urlencode({**base, "page": page - 1}) if page else None,
-                "next": "?" + urlencode({**base, "page": page + 1}) if more else None}
+                "prev": Link("?" + urlencode({**base, "page": page - 1})) if page else None,
+                "next": Link("?" + urlencode({**base, "page": page + 1})) if more else None}
 
     @defer.inlineCallbacks
     def study(self, request, uid: str):

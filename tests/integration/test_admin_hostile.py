@@ -97,3 +97,37 @@ def test_a_study_the_catalog_does_not_hold_is_a_404_page(peer):
     # a path below a valid UID is answered the same way
     code, _, body = get(peer, "/console/study/1.2.3/../../x")
     assert code == 404 and b"No such study" in body
+
+
+def test_dicom_values_are_shown_escaped_bounded_and_without_controls(peer, tmp_path):
+    """In a real Chromium: the markup is text (no element made of it, and the page's
+    CSP forbids scripts anyway); the 64 KB PatientName is shown as its first 256
+    characters and the table stays as wide as the window (before: the studies page was
+    1,384,534 px wide, every column after the name off the screen, for every study);
+    control characters are shown as their pictures (before: ESC, BEL, NUL as they are)."""
+    from selenium.webdriver.common.by import By
+
+    from pacsp2p.testing.browser import chromium, texts
+
+    code, _, page = get(peer, "/console/studies")
+    assert code == 200
+    text = page.decode("utf-8")
+    assert not any(c in text for c in "\x00\x07\x0b\x1b\x80\x81"), "a control character"
+    assert "N" * 257 not in text and "N" * 256 + "…" in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    with chromium(tmp_path / "profile") as browser:
+        for path in ["/console/studies"] + [f"/console/study/{study_uid(i)}"
+                                            for i in range(len(HOSTILE))]:
+            browser.get(peer.admin_url + path)
+            assert browser.find_elements(By.CSS_SELECTOR, "main h1"), path
+            width = browser.execute_script("return document.documentElement.scrollWidth")
+            window = browser.execute_script("return window.innerWidth")
+            assert width <= window, (path, width, window)
+            assert not browser.find_elements(By.CSS_SELECTOR, "main img, main script")
+        browser.get(peer.admin_url + "/console/studies")
+        rows = set(texts(browser, "#studies tbody a.study"))
+        assert "<script>alert(1)</script>, X" in rows
+        assert "A\u241b[31mRED\u2407, B\u2400C" in rows, rows
+        assert "N" * 256 + "…" in rows
+        assert "Yamada, Tarou" in rows
+        assert len(rows) == len(HOSTILE)
