@@ -17,6 +17,7 @@ calls one verb of the door (``cluster.scrub``, ``cluster.drain``,
 from __future__ import annotations
 
 import json
+import math
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -86,6 +87,9 @@ class _Action(resource.Resource):
             if not isinstance(body, dict):
                 raise ValueError("the body is not a JSON object (of at most 1 MiB)")
             kwargs = self.parse(body)
+        except RecursionError:                # [[[[...: nested deeper than Python's stack
+            request.setResponseCode(400)
+            return _body({"error": "the body is nested too deep"})
         except ValueError as e:
             request.setResponseCode(400)
             return _body({"error": str(e)[:300]})
@@ -170,7 +174,7 @@ class _Scrub(_Action):
     def parse(self, body):
         rate = body.get("rate")
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
-                                 or rate < 0):
+                                 or not 0 <= rate < math.inf):      # NaN, Infinity too
             raise ValueError('"rate" must be MB/s (a number >= 0, 0: no limit) or null')
         return {"rate": rate}
 

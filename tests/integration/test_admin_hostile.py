@@ -131,3 +131,49 @@ def test_dicom_values_are_shown_escaped_bounded_and_without_controls(peer, tmp_p
         assert "N" * 256 + "…" in rows
         assert "Yamada, Tarou" in rows
         assert len(rows) == len(HOSTILE)
+
+
+def post_json(peer, path: str, body: bytes) -> tuple[int, dict, bytes]:
+    """POST *body* as the CLI does (its token from the data directory)."""
+    token = (peer.data_dir / "admin.token").read_text().strip()
+    req = urllib.request.Request(peer.admin_url + path, data=body, method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def strict_json(body: bytes):
+    """JSON as RFC 8259 has it (no NaN, no Infinity)."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(body, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("path", ["/delete", "/scrub", "/drain"])
+def test_a_json_bomb_is_a_400_not_a_traceback(peer, path):
+    """1 MB of nested brackets: 400 JSON (before: 500 "Processing Failed" HTML and a
+    RecursionError traceback in the log for each)."""
+    for body in (b"[" * 100000 + b"]" * 100000, b'{"a":' * 50000 + b"1" + b"}" * 50000):
+        code, headers, answer = post_json(peer, path, body)
+        assert code == 400, (code, answer[:300])
+        assert headers["Content-Type"] == "application/json"
+        assert "nested too deep" in strict_json(answer)["error"]
+    assert "RecursionError" not in peer.log_path.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("rate", [b"Infinity", b"-Infinity", b"NaN", b"1e999"])
+def test_a_scrub_rate_that_is_no_number_is_refused(peer, rate):
+    """{"rate": Infinity} (JSON as Python reads it, and 1e999): 400 (before: 200 with
+    "rate": Infinity in the answer, which is not JSON, then the pass failed with an
+    OverflowError traceback)."""
+    code, _, answer = post_json(peer, "/scrub", b'{"rate": ' + rate + b"}")
+    assert code == 400, (code, answer[:300])
+    assert '"rate" must be MB/s' in strict_json(answer)["error"]
+    code, _, status = get(peer, "/status")
+    assert code == 200
+    strict_json(status)
+    assert "OverflowError" not in peer.log_path.read_text(errors="replace")
