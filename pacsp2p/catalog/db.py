@@ -25,7 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pacsp2p.catalog import matching, names, schema, tombstones
+from pacsp2p.catalog import matching, names, rows, schema, tombstones
 from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, PARENT_LEVELS,  # noqa: F401
                                    STAMPS_KEY, check_wire, facts_from_wire,
                                    meta_attributes, stamp_of,
@@ -111,6 +111,7 @@ class Catalog:
             self._writer = _connect(self.path)
             create_schema(self._writer, self.path)
             tombstones.create_schema(self._writer)
+            rows.reannounce(self._writer, self.peer, self.path)    # once, after upgrade
             return vector(self._writer), schema.take_clean_mark(self._writer)
         except sqlite3.DatabaseError as e:
             raise sqlite3.DatabaseError(f"catalog {self.path} cannot be opened ({e}); "
@@ -271,12 +272,12 @@ class Catalog:
             by_origin[origin][2] = max(by_origin[origin][2], seq)
         for origin, (parents, batches, seq) in by_origin.items():
             try:
-                write_wires(self._writer, batches, self.peer)
+                retired = write_wires(self._writer, batches, self.peer)
             except (sqlite3.Error, OSError) as e:
                 self._parents.clear()
                 outcome.append((origin, seq, e))
                 continue
-            self._keep_parents(parents)
+            self._keep_parents(parents, retired)
             outcome.append((origin, seq, None))
         dropped = None
         if drops:
@@ -287,11 +288,11 @@ class Catalog:
                 dropped = e
         return seqs, outcome, dropped
 
-    def _keep_parents(self, parents: dict) -> None:
+    def _keep_parents(self, parents: dict, retired: int = 0) -> None:
         """Writer thread, after facts of another peer were written: the parent rows our
         own writes remember stay remembered only where those facts wrote the same row
-        (and no tombstone, which may remove rows, is held at all)."""
-        if self._writer.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is not None:
+        (and no row was *retired*, no tombstone, which may remove rows, is held at all)."""
+        if retired or self._writer.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone():
             self._parents.clear()
             return
         for level in PARENT_LEVELS:

@@ -19,6 +19,8 @@ beside the rows (``STAMPS_KEY``): a peer of an older release ignores it. A stamp
 received more than ``MAX_AHEAD`` ahead of this peer's clock is taken as clock +
 ``MAX_AHEAD`` (else a hostile 2^53-1 or a clock set years ahead wins for ever), and
 stamps learned raise this peer's next ones (the HLC receive rule, ``Stamps.observe``).
+A row left without children is retired with its stamp, not forgotten, and a batch
+carries the rows of its deleted instances beside the others (``rows``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import time
 
 from twisted.logger import Logger
 
-from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
+from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE
+from pacsp2p.catalog import rows as parent_rows
 from pacsp2p.catalog import tombstones
+from pacsp2p.catalog.rows import level_columns as _level_columns
 from pacsp2p.types import InstanceMeta
 
 log = Logger()
@@ -42,15 +46,6 @@ def _upsert_sql(table: str, cols: list[str], pk: str) -> str:
                         for c in cols if c != pk)
     return (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
             f"ON CONFLICT({pk}) DO UPDATE SET {updates}")
-
-
-def _level_columns(level: str) -> list[str]:
-    cols = columns(level)
-    if level in PARENT and PARENT[level][1] not in cols:
-        cols = cols + [PARENT[level][1]]
-    if level == "IMAGE":
-        cols = cols + ["TransferSyntaxUID"]
-    return cols
 
 
 _LEVEL_SQL = {level: (_level_columns(level), _upsert_sql(TABLES[level], _level_columns(level),
@@ -186,9 +181,11 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
                 elif row[-1]:
                     same[level].append(row)
             levels[level] = rows
-    _write_levels(conn, levels, [loc for _, loc in facts if loc is not None], hints, after,
-                  same)
-    if parents is not None:
+    retired = _write_levels(conn, levels, [loc for _, loc in facts if loc is not None], hints,
+                            after, same)
+    if retired and parents is not None:         # rows it remembers may be gone
+        parents.clear()
+    elif parents is not None:
         for level in PARENT_LEVELS:
             if len(parents[level]) > 10000:
                 parents[level].clear()
@@ -208,11 +205,12 @@ def _wins(stamp: int, attrs: dict, seen: dict | None, level: str) -> bool:
 
 
 def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: list,
-                  hints: list = (), after=None, same: dict | None = None) -> None:
+                  hints: list = (), after=None, same: dict | None = None) -> int:
     """*levels*: rows per level (parent rows end with their stamp); *same*: parent rows
     whose values the row held when this connection last wrote it: its stamp raised if
     it still holds them, else written as the others. The highest stamp is observed
-    (``Stamps.observe``)."""
+    (``Stamps.observe``). Retired rows are written back first and rows left without
+    children retired last (``rows``): returns how many rows that changed."""
     new_stamp.observe(max((row[-1] for level in _LWW_SQL for rows in (
         levels.get(level, ()), (same or {}).get(level, ())) for row in rows), default=0))
     conn.execute("BEGIN IMMEDIATE")
@@ -222,7 +220,10 @@ def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: 
                 conn.executemany(_LEVEL_SQL[level][1], levels[level])
                 continue
             upsert, bump = _LWW_SQL[level]
-            rows = list(levels[level])
+            # a retired row written again starts from its stamp and values (``rows``)
+            rows = parent_rows.ghosts(conn, level, [row[0] for row in levels[level]] +
+                                      [row[0] for row in (same or {}).get(level, ())])
+            rows += levels[level]
             for row in (same or {}).get(level, ()):
                 if conn.execute(bump, [row[-1], row[-1]] + row[:-1]).rowcount == 0:
                     rows.append(row)
@@ -232,10 +233,12 @@ def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: 
             conn.executemany(_HINT_SQL, hints)
         if after is not None:
             after(conn)
+        retired = parent_rows.settle(conn)      # rows left without children: retired
         conn.execute("COMMIT")
     except BaseException:
         rollback(conn)
         raise
+    return retired
 
 
 def rollback(conn: sqlite3.Connection) -> None:
@@ -267,6 +270,14 @@ def check_wire(batch: list) -> int:
                 type(v) is int and 0 <= v < MAX_STAMP for v in stamps.get(level, {}).values())
             for level in PARENT_LEVELS):
         raise ValueError("a batch's row stamps are not integers of 0 to 2^53")
+    gone = parents.get(parent_rows.WIRE_KEY, {})
+    if not isinstance(gone, dict) or not all(
+            isinstance(gone.get(level, {}), dict) and all(
+                isinstance(row, list) and len(row) == len(_LEVEL_SQL[level][0]) + 1 and
+                all(isinstance(v, str) for v in row[:-1]) and type(row[-1]) is int and
+                0 <= row[-1] < MAX_STAMP for row in gone.get(level, {}).values())
+            for level in PARENT_LEVELS):
+        raise ValueError("a batch's rows of deleted instances are not rows and a stamp")
     n, top = len(FACT_FIELDS), 0
     for row in facts:
         if not isinstance(row, list) or len(row) != n:
@@ -283,9 +294,10 @@ def write_wire(conn: sqlite3.Connection, batch: list, peer: str = "") -> None:
     write_wires(conn, [batch], peer)
 
 
-def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> None:
+def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> int:
     """Write several origins' wire batches (one pull's answer) in ONE transaction: a
-    pull that brings facts of k origins costs one commit, not k."""
+    pull that brings facts of k origins costs one commit, not k. Returns the changes
+    made retiring rows left without children (``rows.settle``)."""
     levels: dict[str, list] = {level: [] for level in LEVELS}
     locations, received = [], []
     n = len(LOCATION_FIELDS)
@@ -296,22 +308,26 @@ def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> None
             continue
         parents, facts = batch[0], batch[1:]
         stamps = parents.get(STAMPS_KEY) or {}
+        gone = parents.get(parent_rows.WIRE_KEY) or {}
         for level in PARENT_LEVELS:
             given = stamps.get(level) or {}
             levels[level] += [[v or "" for v in row] + [stamp_of({STAMP: given.get(key)})]
                               for key, row in parents.get(level, {}).items()]
+            # rows of deleted instances: merged where held, else kept retired (``rows``)
+            levels[level] += [[v or "" for v in row[:-1]] + [stamp_of({STAMP: row[-1]})]
+                              for row in (gone.get(level) or {}).values()]
         # a fact of a deleted instance travels without its attributes: no instance row
         levels["IMAGE"] += [[v or "" for v in row[n:]] for row in facts if row[cls]]
         locs = [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0])) for row in facts]
         locations += locs
         received.append((locs, parents.get(tombstones.WIRE_KEY)))
     if not locations and not any(levels.values()):
-        return
+        return 0
 
     def after(c):
         for locs, payloads in received:
             tombstones.received(c, peer, locs, payloads)
-    _write_levels(conn, levels, locations, after=after)
+    return _write_levels(conn, levels, locations, after=after)
 
 
 def meta_attributes(meta: InstanceMeta) -> dict:
@@ -361,6 +377,9 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
             keys = {r[up] for r in rows.values()}
     if stamps:
         parents[STAMPS_KEY] = stamps
+    gone = parent_rows.gone_parents(conn, [r[n] for r in facts if r[n + 1] is None])
+    if gone:                # of deleted instances: their rows' stamps and values, retired
+        parents[parent_rows.WIRE_KEY] = gone
     sop = len(LOCATION_FIELDS) + _LEVEL_SQL["IMAGE"][0].index("SOPInstanceUID")
     markers = [r[sop] for r in facts if tombstones.is_marker(r[1], r[4])]
     if markers:

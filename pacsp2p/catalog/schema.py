@@ -20,6 +20,9 @@ a newer schema (a downgrade) is refused untouched (``NewerSchema``):
   ``GROUP BY`` read the whole table: ~7 s, every 10 s);
 - ``stamp`` on patient, study and series rows (schema 5): the last-writer-wins stamp
   of the instance whose attributes the row holds (``facts``); 0 in the rows of before;
+- ``gone_rows``, ``row_checks`` (schema 6): the stamps and values of rows left without
+  children, and the rows to look at for that (``rows``); the first start of schema 6 on
+  an older catalog marks it ``reannounce`` in ``catalog_meta`` (``rows.reannounce``);
 - ``catalog_meta``: small facts about the file itself, e.g. ``clean``: set when the
   peer stopped cleanly after the catalog was known good, taken away again at start
   (``take_clean_mark``). A start without it runs the integrity check in the background.
@@ -34,14 +37,15 @@ import sqlite_utils
 from twisted.logger import Logger
 
 from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
-from pacsp2p.catalog import names
+from pacsp2p.catalog import names, rows
 
 log = Logger()
 
-SCHEMA_VERSION = 5          # 2: counters, catalog_meta, upper(PatientName), AccessionNumber
+SCHEMA_VERSION = 6          # 2: counters, catalog_meta, upper(PatientName), AccessionNumber
 #                             3: pn_key(PatientName) instead of upper(PatientName)
 #                             4: archive_counts (live copies per peer and archive)
 #                             5: stamp of patient/study/series rows (last writer wins)
+#                             6: gone_rows, row_checks and their triggers (``rows``)
 NAME_INDEX = "idx_patients_PatientName_key"
 
 # table -> the condition a row must meet to be counted (None: every row); {r} stands for
@@ -117,6 +121,9 @@ def create_schema(conn: sqlite3.Connection, path=None) -> None:
                                   "finished": int, "since": str}, pk="archive")
     conn.execute("CREATE TABLE IF NOT EXISTS catalog_meta "
                  "(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    rows.create_schema(conn)
+    if 0 < version < 6 and conn.execute("SELECT 1 FROM series LIMIT 1").fetchone():
+        conn.execute("INSERT OR REPLACE INTO catalog_meta VALUES ('reannounce', '1')")
     _name_keys_current(conn, path)
     _create_counters(conn)
     _create_archive_counts(conn)

@@ -57,7 +57,7 @@ import sqlite3
 import time
 from typing import Iterable
 
-from pacsp2p.attributes import PARENT, TABLES, UNIQUE
+from pacsp2p.catalog import rows
 
 MARKER_ARCHIVE = ""        # a marker fact's archive: config refuses an empty name
 MARKER_SIZE = -2           # a marker fact's size (live copies are >= 0, forgotten -1)
@@ -282,26 +282,11 @@ def _tombstones(conn, uids: list[str]) -> dict[str, tuple[list[dict], str]]:
 
 def hide(conn: sqlite3.Connection, uid: str) -> None:
     """Take instance *uid* out of the view: its row, then its series, study and patient
-    rows if they have no other children; and the hints and conflicts of it."""
-    row = conn.execute("SELECT SeriesInstanceUID FROM instances WHERE SOPInstanceUID = ?",
-                       (uid,)).fetchone()
-    conn.execute("DELETE FROM instances WHERE SOPInstanceUID = ?", (uid,))
+    rows if they have no other children (``rows.retire_instance``: kept out of the view
+    with their stamps); and the hints and conflicts of it."""
+    rows.retire_instance(conn, uid)
     conn.execute("DELETE FROM hints WHERE SOPInstanceUID = ?", (uid,))
     conn.execute("DELETE FROM conflicts WHERE SOPInstanceUID = ?", (uid,))
-    key, level = (row[0] if row else None), "SERIES"
-    while key is not None and level is not None:
-        child = next(c for c, (p, _) in PARENT.items() if p == level)
-        if conn.execute(f"SELECT 1 FROM {TABLES[child]} WHERE {PARENT[child][1]} = ? "
-                        "LIMIT 1", (key,)).fetchone():
-            return                               # another child keeps it
-        up = PARENT.get(level)
-        parent_key = None
-        if up is not None:
-            found = conn.execute(f"SELECT {up[1]} FROM {TABLES[level]} WHERE "
-                                 f"{UNIQUE[level]} = ?", (key,)).fetchone()
-            parent_key = found[0] if found else None
-        conn.execute(f"DELETE FROM {TABLES[level]} WHERE {UNIQUE[level]} = ?", (key,))
-        key, level = parent_key, (up[0] if up else None)
 
 
 # -- reading (any connection) ------------------------------------------------------------------
