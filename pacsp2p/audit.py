@@ -48,6 +48,7 @@ import json
 import logging
 import logging.handlers
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -190,10 +191,20 @@ _TEXT_CHILDREN = ("EventOutcomeDescription", "ParticipantObjectName",
                   "ParticipantObjectQuery", "ParticipantObjectDescription")
 
 
+# characters XML 1.0 has no place for (C0 controls but tab, LF, CR; surrogates; FFFE/F)
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _x(value) -> str:
+    """*value* as XML text: a control character (a PatientID's ESC) as U+FFFD, so that
+    the collector's parser takes the message."""
+    return _NOT_XML.sub("\ufffd", str(value))
+
+
 def _xml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    return _x(value)
 
 
 def _element(parent, name: str, fields: dict):
@@ -204,16 +215,16 @@ def _element(parent, name: str, fields: dict):
     for key, value in fields.items():
         if key in _CODED_CHILDREN:
             for coded in value if isinstance(value, list) else [value]:
-                children.append((key, {k: str(v) for k, v in coded.items()}, None))
+                children.append((key, {k: _x(v) for k, v in coded.items()}, None))
         elif key in _TEXT_CHILDREN:
-            children.append((key, {}, str(value)))
+            children.append((key, {}, _x(value)))
         elif key == "ParticipantObjectDetail":
             for d in value:
-                children.append((key, {"type": str(d["type"]), "value": base64.b64encode(
+                children.append((key, {"type": _x(d["type"]), "value": base64.b64encode(
                     str(d["value"]).encode()).decode("ascii")}, None))
         elif key in ("SOPClass", "Accession"):
             for item in value:
-                children.append((key, {k: str(v) for k, v in item.items()}, None))
+                children.append((key, {k: _x(v) for k, v in item.items()}, None))
         elif value is not None:
             el.set(key, _xml_value(value))
     order = {"EventID": 0, "EventTypeCode": 1, "EventOutcomeDescription": 2,
@@ -250,11 +261,21 @@ def main(argv=None) -> int:
     import sys
     args = sys.argv[1:] if argv is None else argv
     src = open(args[0], encoding="utf-8") if args else sys.stdin
+    bad = 0
     with src:
-        for line in src:
+        for number, line in enumerate(src, 1):
             if line.strip():
-                print(to_xml(json.loads(line)), flush=True)
-    return 0
+                try:
+                    record = json.loads(line)
+                    xml = to_xml(record)
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    bad += 1         # a line cut by a full disk or a crash: the next ones
+                    print(f"pacsp2p.audit: line {number} is not an audit record "
+                          f"({type(e).__name__}: {str(e)[:100]}); skipped",
+                          file=sys.stderr, flush=True)
+                    continue
+                print(xml, flush=True)
+    return 1 if bad else 0
 
 
 # -- the writer -----------------------------------------------------------------------

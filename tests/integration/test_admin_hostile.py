@@ -12,10 +12,12 @@ characters; a JSON write action refuses what it cannot use with 400.
 from __future__ import annotations
 
 import json
-import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -34,7 +36,8 @@ HOSTILE = {
                "StudyDescription": '"><img src=x onerror=alert(2)>',
                "AccessionNumber": "'\"<b>"},
     "controls": {"PatientName": "A\x1b[31mRED\x07^B\x00C",
-                 "StudyDescription": "line1\r\nline2\x0b"},
+                 "StudyDescription": "line1\r\nline2\x0b",
+                 "PatientID": "CTL\x1b[0m\x01", "AccessionNumber": "ACC\x00\x0c\x1f"},
     "big": {"PatientName": "N" * BIG, "StudyDescription": "D" * BIG, "PatientID": "P" * 300},
     "bad-utf8": {"SpecificCharacterSet": "ISO_IR 192",
                  "PatientName": b"\xff\xfe\xc3(^\xed\xa0\x80",
@@ -177,3 +180,26 @@ def test_a_scrub_rate_that_is_no_number_is_refused(peer, rate):
     assert code == 200
     strict_json(status)
     assert "OverflowError" not in peer.log_path.read_text(errors="replace")
+
+
+def test_the_audit_trail_of_hostile_values_converts_to_xml_a_collector_parses(peer, tmp_path):
+    """The stores' audit records (PatientID and AccessionNumber with ESC, NUL, FF...)
+    through ``python -m pacsp2p.audit``: every line an XML message ElementTree parses
+    (before: the control characters went into the XML as they were, and a collector's
+    parser refused the message: "not well-formed (invalid token)"); a line cut short
+    (a full disk, a crash) is skipped with one line on stderr, not the end of the
+    conversion (before: a traceback, and the lines after it never converted)."""
+    trail = (peer.data_dir / "audit.log").read_text(encoding="utf-8")
+    assert "CTL\\u001b[0m\\u0001" in trail         # the record holds what came
+    cut = tmp_path / "audit-cut.log"
+    lines = trail.splitlines()
+    cut.write_text("\n".join(lines[:2] + [lines[2][:len(lines[2]) // 2]] + lines[2:]) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "pacsp2p.audit", str(cut)],
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout.splitlines()
+    assert len(out) == len(lines), (proc.stderr[-2000:], len(out), len(lines))
+    for line in out:
+        ElementTree.fromstring(line)
+    assert proc.returncode == 1 and "line 3 is not an audit record" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "CTL\ufffd[0m\ufffd" in "".join(out)
