@@ -241,6 +241,17 @@ def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: 
     return retired
 
 
+def merge_rows(conn: sqlite3.Connection, rows: dict[str, list]) -> None:
+    """Merge patient, study and series rows [values..., stamp] (*rows*: per level) into
+    the catalog in one transaction, as a batch's rows are: where greater, and retired at
+    once where no child holds them (``catalog.rebuild``: the old file's stamps)."""
+    levels = {level: [] for level in LEVELS}
+    for level in PARENT_LEVELS:
+        levels[level] = [[v or "" for v in row[:-1]] + [stamp_of({STAMP: row[-1]})]
+                         for row in rows.get(level, ())]
+    _write_levels(conn, levels, [])
+
+
 def rollback(conn: sqlite3.Connection) -> None:
     """Roll back the open transaction, if SQLite has not already (it does by itself on
     SQLITE_FULL, SQLITE_IOERR, ...): the caller re-raises the error that caused it, not

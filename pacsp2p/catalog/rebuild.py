@@ -6,6 +6,12 @@ Run with the peer stopped (the peer's lock file says whether it runs). Memory st
 bounded whatever the archive's size: an archive's ``walk()`` is a generator (the
 embedded archive reads its directories with ``os.scandir``, never listing every file
 first) and facts are written 500 at a time.
+
+The files do not say when each instance was received: the rebuilt patient, study and
+series rows carry stamp 0 (``facts``), and lose to every stamped row of the other
+peers. Where the old file can still be read, its rows' stamps and values (and its
+retired rows) are merged into the rebuilt catalog first, so the rows keep the versions
+they held (``_old_rows``).
 """
 
 from __future__ import annotations
@@ -14,7 +20,13 @@ import os
 import time
 from pathlib import Path
 
+import json
+import sqlite3
+
+from pacsp2p.attributes import TABLES
 from pacsp2p.catalog.db import _connect, create_schema, meta_attributes, write_facts
+from pacsp2p.catalog.facts import PARENT_LEVELS, merge_rows
+from pacsp2p.catalog.rows import level_columns
 from pacsp2p.catalog.schema import close_clean
 
 
@@ -61,6 +73,10 @@ def rebuild(catalog_path: Path, archives, peer_name: str, progress=print,
         write_facts(conn, batch)
     if count is not None:
         count(total)
+    if catalog_path.exists():
+        kept = _old_rows(conn, catalog_path)
+        progress(f"{kept} patient, study and series rows keep their stamps from the old "
+                 f"file" if kept >= 0 else "the old file's row stamps cannot be read")
     close_clean(conn, known_good=True)      # just built: the peer need not check it
     if catalog_path.exists():
         os.replace(catalog_path, f"{catalog_path}.broken")
@@ -70,3 +86,37 @@ def rebuild(catalog_path: Path, archives, peer_name: str, progress=print,
     for suffix in ("-wal", "-shm"):
         Path(f"{fresh}{suffix}").unlink(missing_ok=True)
     return total
+
+
+def _old_rows(conn: sqlite3.Connection, old_path: Path, chunk: int = 500) -> int:
+    """Merge the stamped patient, study and series rows of the old file *old_path* (and
+    its retired ones) into the rebuilt catalog *conn*, *chunk* at a time; the rows read
+    (-1: the file cannot be read at all). What a damaged file yields before an error is
+    kept: every row merged is a state the row once held, so a merge never goes back."""
+    try:
+        old = sqlite3.connect(f"file:{old_path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return -1
+    n = 0
+    try:
+        for level in PARENT_LEVELS:
+            cols = level_columns(level)
+            if "stamp" not in {r[1] for r in old.execute(f"PRAGMA table_info({TABLES[level]})")}:
+                continue                            # a file of before schema 5: no stamps
+            queries = [f"SELECT {', '.join(cols)}, stamp FROM {TABLES[level]} WHERE stamp > 0"]
+            if old.execute("SELECT 1 FROM sqlite_master WHERE name = 'gone_rows'").fetchone():
+                queries.append(f"SELECT row, stamp FROM gone_rows WHERE level = '{level}'")
+            for query in queries:
+                cursor = old.execute(query)
+                while rows := cursor.fetchmany(chunk):
+                    if len(rows[0]) == 2:            # gone_rows: [values] as JSON
+                        rows = [json.loads(r[0]) + [r[1]] for r in rows]
+                    rows = [list(r) for r in rows if len(r) == len(cols) + 1 and
+                            type(r[-1]) is int]
+                    merge_rows(conn, {level: rows})
+                    n += len(rows)
+    except (sqlite3.Error, ValueError):
+        return n if n else -1
+    finally:
+        old.close()
+    return n

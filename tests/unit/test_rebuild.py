@@ -125,3 +125,36 @@ def test_walk_is_a_generator_in_bounded_memory(tmp_path, monkeypatch):
     # before: 6,000 more paths held at once, > 1 MB more
     assert big_peak < small_peak + 100_000, (small_peak, big_peak)
     assert big_peak < 1_000_000, big_peak
+
+
+def test_a_rebuild_keeps_the_row_stamps_the_old_file_still_has(tmp_path):
+    """The files do not say when their instances were received: rebuilt rows carry
+    stamp 0 and lose to the other peers' rows. Where the old file can be read, its rows'
+    stamps and values are kept, so the rebuilt peer answers as the others do. Before: the
+    rebuilt PAT0 was DOE^P0 (the files' version) with stamp 0, the others DOE^FIXED."""
+    from pacsp2p.catalog.facts import STAMP
+    a = archive(tmp_path / "archive")
+    path = tmp_path / "catalog.sqlite"
+    live = db._connect(path)
+    db.create_schema(live)
+    study = datasets.make_study(tmp_path / "in", patient_id="PAT0", patient_name="DOE^P0",
+                                series=[("CT", 2, datasets.ExplicitVRLittleEndian)], size=8)
+    for seq, f in enumerate(study, 1):
+        meta = read_meta(f)
+        stored = a.keep(f, meta)
+        db.write_facts(live, [({**db.meta_attributes(meta), STAMP: 1000 + seq},
+                               (meta.sop_instance_uid, "local", PEER, stored.sha256,
+                                stored.size, seq))])
+    # a later version of the patient (an instance held elsewhere, or deleted since)
+    live.execute("UPDATE patients SET PatientName = 'DOE^FIXED', stamp = 9000")
+    want = [live.execute(f"SELECT * FROM {t}").fetchall() for t in ("patients", "studies",
+                                                                    "series")]
+    live.close()
+    lines = []
+    assert rebuild(path, [a], PEER, progress=lines.append) == 2
+    conn = sqlite3.connect(path)
+    assert [conn.execute(f"SELECT * FROM {t}").fetchall() for t in ("patients", "studies",
+                                                                    "series")] == want
+    assert conn.execute("SELECT PatientName, stamp FROM patients").fetchall() == \
+        [("DOE^FIXED", 9000)]
+    assert any("keep their stamps" in line for line in lines)
