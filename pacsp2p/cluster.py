@@ -107,9 +107,9 @@ class Cluster:
         self.serving: dict = {}
         self.ingest = Ingest(settings, self.archives, catalog, strategies, overlay, reactor)
         self.deleter = Deleter(settings, catalog, self.archives, overlay, reactor)
-        self.repair = Repair(settings, catalog, self.archives, strategies, self.ingest,
-                             overlay, reactor)
         self.scrubber = Scrub(settings, catalog, self.archives, strategies, overlay, reactor)
+        self.repair = Repair(settings, catalog, self.archives, strategies, self.ingest,
+                             overlay, reactor, self.scrubber)
         self.drainer = Drain(settings, catalog, self.archives, strategies, self.ingest,
                              self.repair, overlay, reactor, self.scrubber)
         services = getattr(getattr(overlay, "membership", None), "services", None)

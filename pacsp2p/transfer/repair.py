@@ -19,7 +19,9 @@ same instance at once. It copies its own copy (checked against the catalog's SHA
 on arrival) to the archives placement ranks first among the live ones that do not hold
 it — distinct peers first, as for a new instance, so site rules still hold — over the
 overlay (``Replicate`` + ``Commit``, as hinted hand-off does; the target fetches the
-bytes from our bulk channel), or into another archive of its own.
+bytes from our bulk channel), or into another archive of its own. A copy that fails
+has the repairer's own copy checked (the scrubber's ``suspect``): one gone or damaged
+behind the cluster's back is replaced from a good replica, and the next try copies it.
 
 Throttle. Copies start no faster than ``[cluster] repair_rate`` MB/s allow (a pacing
 token bucket: each copy books size/rate seconds; 0: no limit), at most ``PARALLEL`` at a
@@ -92,7 +94,7 @@ class _Job:
 
 class Repair:
     def __init__(self, settings, catalog, archives: dict, strategies, ingest, overlay,
-                 reactor):
+                 reactor, scrubber=None):
         c = settings.cluster
         self.peer = settings.peer.name
         self.replicas = c.replicas
@@ -102,6 +104,7 @@ class Repair:
         self.settle = min(self.after, SETTLE_MAX)
         self.catalog, self.archives, self.strategies = catalog, archives, strategies
         self.ingest, self.overlay, self.reactor = ingest, overlay, reactor
+        self.scrubber = scrubber        # checks (and replaces) our copy when a copy failed
         self.tmpdir = Path(settings.data_dir) / "incoming"
         self.throttle = Throttle(reactor, c.repair_rate * 1e6)
         self.running = False
@@ -393,6 +396,8 @@ class Repair:
             self._failed_at[uid] = time.time()
             self.stats["failed"] += 1
             log.warn("repair of {uid} failed: {err}", uid=uid, err=e)
+            if job.kind == "copy" and self.scrubber is not None:
+                self.scrubber.suspect(job.source)     # our copy may be gone or damaged
             return 0
         finally:
             self._active[job.kind] -= 1

@@ -1,0 +1,110 @@
+"""Self-healing under injected faults (a fault-injection review, 2026-12-07): real peers
+(separate `twistd pacsp2p` processes), real Orthanc archives, data stored with
+/usr/bin/storescu (TCP_NODELAY=1), copies read from ``GET /where`` and the archives.
+
+- R = 3 over 3 peers, peera's archive an Orthanc that loses every file behind the
+  cluster's back (``DELETE /instances/{id}`` through its own REST API), then peerc is
+  killed (-9): every instance must get its 3 live copies back. The repairer of an
+  instance is its first live holder in placement order; where that is peera, its copy
+  is gone: before, the repair failed every 30 s for ever ("repair of ... failed: ... is
+  not in Orthanc archive"), the instance short until the weekly scrub, though peerb
+  held a good copy. A failed repair now has its own copy checked (``Scrub.suspect``,
+  as a failed drain move does): the copy is replaced from a good replica, and the next
+  try copies it.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from pydicom.uid import ExplicitVRLittleEndian
+
+from pacsp2p.testing import datasets, storescu
+from pacsp2p.testing import dicomnet as dn
+from pacsp2p.testing.cluster import get_json, members, wait_until
+from pacsp2p.testing.orthanc import Orthanc
+
+PACSP2P = Path(sys.executable).parent / "pacsp2p"
+REPAIR_AFTER = 5
+N = 16
+
+
+def copies(peer, study: str) -> dict[str, set[tuple[str, str]]]:
+    """{instance: {(peer, archive) of each available copy}} as *peer* lists them."""
+    rows = get_json(peer, f"where?study={study}", timeout=30)
+    return {r["instance"]: {(x["peer"], x["archive"]) for x in r["replicas"]
+                            if x["available"]} for r in rows}
+
+
+def under(peer) -> dict:
+    return get_json(peer, timeout=30)["under_replicated"]
+
+
+def store_all(peer, files) -> None:
+    proc = storescu(peer.port, peer.ae_title, files, extra=["-v"], timeout=600,
+                    check=False)
+    out = proc.stdout + proc.stderr
+    assert out.count("Received Store Response (Success)") == len(files), out[-2000:]
+
+
+def orthanc_hashes(orthanc: Orthanc, tmp) -> dict[str, str]:
+    """{SOP Instance UID: data set SHA-256} of what the Orthanc holds (its files)."""
+    out = {}
+    for oid in orthanc.get("/instances"):
+        path = tmp / f"{oid}.dcm"
+        path.write_bytes(orthanc.request("GET", f"/instances/{oid}/file"))
+        out[dn.sop_uid(path)] = dn.dataset_sha256(path)
+        path.unlink()
+    return out
+
+
+def test_a_repairer_whose_orthanc_lost_its_files_repairs_from_a_good_replica(cluster,
+                                                                              tmp_path):
+    with Orthanc(tmp_path / "orthanc", aet="ORTHA") as orthanc:
+        cluster.config = {"cluster": {"replicas": 3, "write_quorum": 3,
+                                      "repair_after": REPAIR_AFTER}}
+        a, b, c = cluster.start(3, per_peer={
+            "peera": {"archives": [{"name": "orth", "adapter": "orthanc",
+                                    "url": orthanc.url}]},
+            "peerb": {"archives": [{"name": "local", "adapter": "embedded"},
+                                   {"name": "spare", "adapter": "embedded"}]}})
+        cluster.wait_mesh(timeout=30)
+        files = datasets.make_study(tmp_path / "HEAL1", patient_id="HEAL1", size=32,
+                                    series=[("CT", N, ExplicitVRLittleEndian)])
+        study, sent = dn.study_of(files), dn.dataset_hashes(files)
+        store_all(b, files)
+        wait_until(lambda: len(r := copies(b, study)) == N and
+                   all(len(s) == 3 and {p for p, _ in s} == {"peera", "peerb", "peerc"}
+                       for s in r.values()), 120, 0.5, "3 copies of every instance")
+        # the Orthanc loses everything behind the cluster's back (it still answers)
+        for oid in orthanc.get("/instances"):
+            orthanc.request("DELETE", f"/instances/{oid}")
+        assert orthanc.get("/statistics")["CountInstances"] == 0
+        assert c.kill9() == -9
+        for p in (a, b):
+            wait_until(lambda p=p: members(p).get("peerc") == "dead", 60, 0.2,
+                       f"{p.name} sees peerc dead")
+        # every instance gets its 3 live copies back: peerb's spare, and peera's Orthanc
+        # again where peera is the repairer (its copy replaced from peerb's first)
+        for p in (a, b):
+            wait_until(lambda p=p: under(p)["instances"] == 0 and
+                       (under(p).get("at") or 0) > 0 and
+                       len(r := copies(p, study)) == N and
+                       all(len(s - {("peerc", "local")}) >= 3 for s in r.values()),
+                       240, 1.0, f"{p.name}: 3 live copies of every instance")
+        # a C-GET at each live peer: every instance, byte-identical (reads fail over
+        # from the Orthanc's copies still lost: a scrub pass finds those)
+        for p in (a, b):
+            out = tmp_path / f"get-{p.name}"
+            proc = dn.getscu(p.port, p.ae_title, out,
+                             {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
+                             timeout=300)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert dn.dataset_hashes(sorted(out.iterdir())) == sent
+        proc = subprocess.run([str(PACSP2P), "scrub", "--config", str(a.config_path)],
+                              capture_output=True, text=True, timeout=900)
+        on_a = [u for u, s in copies(a, study).items() if ("peera", "orth") in s]
+        held = orthanc_hashes(orthanc, tmp_path)
+        assert {u: held.get(u) for u in on_a} == {u: sent[u] for u in on_a}, proc.stdout
+        assert "replaced from" in a.log_path.read_text()
