@@ -26,8 +26,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from pacsp2p.catalog import matching, names, rows, schema, tombstones
-from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, PARENT_LEVELS,  # noqa: F401
-                                   STAMPS_KEY, check_wire, facts_from_wire,
+from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, LWW_LEVELS,  # noqa: F401
+                                   PARENT_LEVELS, STAMPS_KEY, check_wire, facts_from_wire,
                                    meta_attributes, stamp_of,
                                    read_changes, read_changes_of, renumber, rollback,
                                    vector, write_facts, write_wire, write_wires)
@@ -399,7 +399,7 @@ class Catalog:
                    for level in PARENT_LEVELS}
         if stamp_of(attrs):     # the stamp the origin wrote them with: the same rows
             parents[STAMPS_KEY] = {level: {attrs.get(UNIQUE[level], ""): stamp_of(attrs)}
-                                   for level in PARENT_LEVELS}
+                                   for level in LWW_LEVELS}
         fact = [seq, location.archive, origin, location.sha256, location.size] + [
             attrs.get(c, "") or "" for c in _LEVEL_SQL["IMAGE"][0]]
         self._learned.append((origin, seq, [parents, fact]))    # with our next batch

@@ -114,8 +114,9 @@ def _lww_sql(table: str, cols: list[str], pk: str) -> tuple[str, str]:
     return upsert, f"UPDATE {table} SET {STAMP} = ? WHERE {STAMP} < ? AND {same}"
 
 
+LWW_LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")     # rows that are LWW registers
 _LWW_SQL = {level: _lww_sql(TABLES[level], _LEVEL_SQL[level][0], UNIQUE[level])
-            for level in ("PATIENT", "STUDY", "SERIES")}
+            for level in LWW_LEVELS}
 _LOCATION_SQL = (
     "INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, available, seq) "
     "VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT(SOPInstanceUID, peer, archive) DO UPDATE SET "
@@ -221,8 +222,8 @@ def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: 
                 continue
             upsert, bump = _LWW_SQL[level]
             # a retired row written again starts from its stamp and values (``rows``)
-            rows = parent_rows.ghosts(conn, level, [row[0] for row in levels[level]] +
-                                      [row[0] for row in (same or {}).get(level, ())])
+            rows = parent_rows.ghosts(conn, level, [row[0] for row in levels[level]] + [
+                row[0] for row in (same or {}).get(level, ())]) if level != "IMAGE" else []
             rows += levels[level]
             for row in (same or {}).get(level, ()):
                 if conn.execute(bump, [row[-1], row[-1]] + row[:-1]).rowcount == 0:
@@ -279,7 +280,7 @@ def check_wire(batch: list) -> int:
     if not isinstance(stamps, dict) or not all(
             isinstance(stamps.get(level, {}), dict) and all(
                 type(v) is int and 0 <= v < MAX_STAMP for v in stamps.get(level, {}).values())
-            for level in PARENT_LEVELS):
+            for level in LWW_LEVELS):
         raise ValueError("a batch's row stamps are not integers of 0 to 2^53")
     gone = parents.get(parent_rows.WIRE_KEY, {})
     if not isinstance(gone, dict) or not all(
@@ -328,7 +329,9 @@ def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> int:
             levels[level] += [[v or "" for v in row[:-1]] + [stamp_of({STAMP: row[-1]})]
                               for row in (gone.get(level) or {}).values()]
         # a fact of a deleted instance travels without its attributes: no instance row
-        levels["IMAGE"] += [[v or "" for v in row[n:]] for row in facts if row[cls]]
+        given = stamps.get("IMAGE") or {}
+        levels["IMAGE"] += [[v or "" for v in row[n:]] + [stamp_of({STAMP: given.get(row[sop])})]
+                            for row in facts if row[cls]]
         locs = [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0])) for row in facts]
         locations += locs
         received.append((locs, parents.get(tombstones.WIRE_KEY)))
@@ -359,16 +362,20 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
     icols = ", ".join(("l." if c == "SOPInstanceUID" else "i.") + c
                       for c in _LEVEL_SQL["IMAGE"][0])
     facts = [list(r) for r in conn.execute(
-        f"SELECT l.seq, l.archive, l.peer, l.sha256, l.size, {icols} FROM locations l "
-        "LEFT JOIN instances i ON i.SOPInstanceUID = l.SOPInstanceUID "
+        f"SELECT l.seq, l.archive, l.peer, l.sha256, l.size, {icols}, i.{STAMP} FROM "
+        "locations l LEFT JOIN instances i ON i.SOPInstanceUID = l.SOPInstanceUID "
         "WHERE l.peer = ? AND l.seq > ? AND l.seq <= ? ORDER BY l.seq LIMIT ?",
         (origin, after, upto, limit))]
     if not facts:
         return []
     parents: dict[str, dict] = {}
     n = len(LOCATION_FIELDS)
-    keys = {r[n + _LEVEL_SQL["IMAGE"][0].index("SeriesInstanceUID")] for r in facts}
     stamps: dict[str, dict] = {}
+    for r in facts:                     # the instance rows' stamps, beside the rows
+        stamp = r.pop()
+        if stamp:
+            stamps.setdefault("IMAGE", {})[r[n]] = stamp
+    keys = {r[n + _LEVEL_SQL["IMAGE"][0].index("SeriesInstanceUID")] for r in facts}
     for level in ("SERIES", "STUDY", "PATIENT"):
         cols = _LEVEL_SQL[level][0]
         rows = {}

@@ -18,8 +18,9 @@ a newer schema (a downgrade) is refused untouched (``NewerSchema``):
 - ``archive_counts``: live copies per (peer, archive), kept the same way (schema 4), so
   placement's balance and ``/status`` never count the locations table (at 10M copies that
   ``GROUP BY`` read the whole table: ~7 s, every 10 s);
-- ``stamp`` on patient, study and series rows (schema 5): the last-writer-wins stamp
-  of the instance whose attributes the row holds (``facts``); 0 in the rows of before;
+- ``stamp`` on patient, study and series rows (schema 5) and instance rows (schema 6):
+  the last-writer-wins stamp of the instance whose attributes the row holds
+  (``facts``); 0 in the rows of before;
 - ``gone_rows``, ``row_checks`` (schema 6): the stamps and values of rows left without
   children, and the rows to look at for that (``rows``); the first start of schema 6 on
   an older catalog marks it ``reannounce`` in ``catalog_meta`` (``rows.reannounce``);
@@ -45,7 +46,8 @@ SCHEMA_VERSION = 6          # 2: counters, catalog_meta, upper(PatientName), Acc
 #                             3: pn_key(PatientName) instead of upper(PatientName)
 #                             4: archive_counts (live copies per peer and archive)
 #                             5: stamp of patient/study/series rows (last writer wins)
-#                             6: gone_rows, row_checks and their triggers (``rows``)
+#                             6: gone_rows, row_checks and their triggers (``rows``),
+#                                stamp of instance rows
 NAME_INDEX = "idx_patients_PatientName_key"
 
 # table -> the condition a row must meet to be counted (None: every row); {r} stands for
@@ -84,8 +86,8 @@ def create_schema(conn: sqlite3.Connection, path=None) -> None:
         table = db[TABLES[level]]
         if not table.exists():
             table.create(cols, pk=UNIQUE[level], defaults={c: "" for c in cols})
-        if level != "IMAGE" and "stamp" not in table.columns_dict:
-            # (schema 5; an ALTER of the schema only: no row rewritten, whatever the size)
+        if "stamp" not in table.columns_dict:
+            # (schema 5, instances 6; an ALTER of the schema only: no row rewritten)
             conn.execute(f"ALTER TABLE {TABLES[level]} ADD COLUMN stamp INTEGER NOT NULL "
                          "DEFAULT 0")
     for level, (parent, key) in PARENT.items():
