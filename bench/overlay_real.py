@@ -20,7 +20,7 @@ default ``[overlay]`` parameters, each peer seeded with the first two peers), th
   until it does, and the time its answer came is kept: asked one after the other, a
   round of 32 status requests took up to a second on a busy host, and a peer was seen
   only at the end of its round: ``--serial-poll``); the catalog pull requests all
-  peers made meanwhile (the writer's), the ends of stream told and when the writer told
+  peers made meanwhile (the writer's, and those it served), the ends of stream told and when the writer told
   its own, and the CPU time of all peers over that span (the writer's, and the others'
   mean and max); the writer's mean C-STORE operation time and quorum wait (its
   ``/metrics`` histograms).
@@ -232,6 +232,8 @@ def run(n: int, root: Path, files) -> dict:
         r["requests"] = sums["requests"] - sums0["requests"]
         r["ends_told"] = sums["ends_told"] - sums0["ends_told"]
         r["writer_requests"] = sums["writer"] - sums0["writer"]
+        r["writer_served"] = sums["served"] - sums0["served"] \
+            if None not in (sums["served"], sums0["served"]) else None
         r["stored_ok"] = ok
         r["rss"] = sum(psutil.Process(pid).memory_info().rss for pid in pids) / n / 1e6
     finally:
@@ -242,14 +244,15 @@ def run(n: int, root: Path, files) -> dict:
 
 
 def _dissemination(peers) -> dict:
-    """Pull requests made by all peers and by the writer, ends of stream told (all)."""
-    out = {"requests": 0, "ends_told": 0, "writer": 0}
+    """Pull requests made by all peers and by the writer, those the writer served (None:
+    code that does not count them), ends of stream told (all)."""
+    out = {"requests": 0, "ends_told": 0, "writer": 0, "served": None}
     for i, p in enumerate(peers):
         d = status(p)["overlay"].get("dissemination", {})
         out["requests"] += d.get("requests", 0)
         out["ends_told"] += d.get("ends_told", 0)
         if i == 0:
-            out["writer"] = d.get("requests", 0)
+            out["writer"], out["served"] = d.get("requests", 0), d.get("served")
     return out
 
 
@@ -323,7 +326,9 @@ def main():
                          f"{r['store']:.1f}",
                          f"{r['counted']:.1f}" if r["counted"] is not None else "-",
                          " / ".join(f"{x:.1f}" if x is not None else "-" for x in ms),
-                         f"{r['requests']} ({r['writer_requests']})", r["ends_told"],
+                         f"{r['requests']} ({r['writer_requests']} / "
+                         f"{'-' if r['writer_served'] is None else r['writer_served']})",
+                         r["ends_told"],
                          f"{r['store_cpu']:.1f}",
                          f"{r['store_cpu_writer']:.1f}",
                          "{:.1f} / {:.1f}".format(*r["store_cpu_others"]), f"{r['rss']:.0f}",
@@ -332,7 +337,7 @@ def main():
     print(common.table(rows, ["peers", "converged s", "(from spawn)", "idle CPU % mean/max",
                               "links AMP + bulk", "store s", "all count 1000 s",
                               "writer C-STORE / quorum ms",
-                              "pull requests (writer's)", "ends told",
+                              "pull requests (writer's made / served)", "ends told",
                               "cluster CPU-s", "writer CPU-s",
                               "other peers CPU-s mean/max", "RSS MB/peer", "load"]))
 

@@ -112,6 +112,7 @@ class Dissemination:
         self.told = dict(vector())      # what we announced (not the facts we had at start)
         self.pulling: str | None = None
         self.pulls = 0
+        self.served = 0                 # pulls of others answered (``asked``)
         self.failed = 0
         self.ends_told = 0              # our ends of stream told (["q", ...])
         self.end_told_at = None         # clock time of the last one
@@ -257,6 +258,11 @@ class Dissemination:
             self._note(name, origin, seq)
         for fn in list(self.on_vector):
             fn(name, vector)
+
+    def asked(self, name: str, vector: dict) -> None:
+        """Peer *name* pulls from us with its whole *vector* (counted: ``served``)."""
+        self.served += 1
+        self.heard(name, vector)
 
     def want(self, holder: str, origin: str, seq: int) -> None:
         """*holder* has *origin*'s facts up to *seq* (we were told another way, e.g. it

@@ -88,7 +88,7 @@ class Overlay:
             self._ports.append(tls.listen(
                 self.reactor, self.o.bulk_port,
                 bulk.site(self.catalog, self.archives, self.pool, self.reactor,
-                          self.offers, heard=self.dissemination.heard),
+                          self.offers, heard=self.dissemination.asked),
                 options, self.o.bind, f"bulk port {self.o.bulk_port}", timeout))
         except Exception as e:              # the key to name is bulk_port, not port
             for port in self._ports:
@@ -173,6 +173,7 @@ class Overlay:
                 "swim": self.membership.swim_status(),
                 "dissemination": {"pulls": self.dissemination.pulls,
                                   "requests": self.sync.requests,
+                                  "served": self.dissemination.served,
                                   "failed": self.dissemination.failed,
                                   "ends_told": self.dissemination.ends_told,
                                   "end_told_at": self.dissemination.end_told_at,
