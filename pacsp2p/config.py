@@ -28,6 +28,9 @@ _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z
                           r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
 
+MAX_INT = 1 << 53         # an integer value at most (SQLite and JSON keep it exactly)
+
+
 class _Reader:
     """Typed access to one table of the TOML document, remembering the dotted path."""
 
@@ -48,6 +51,8 @@ class _Reader:
             raise self.fail(key, f"must be {what}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):    # TOML's nan, inf
             raise self.fail(key, f"must be {what}, got {value!r}")
+        if isinstance(value, int) and abs(value) > MAX_INT:    # tomllib reads any size
+            raise self.fail(key, f"must be {what}, at most 2^53, got {str(value)[:40]}")
         return value
 
     def name(self, key: str, default: str | None) -> str | None:
@@ -330,6 +335,10 @@ def load(path: str | Path | None = None) -> Settings:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 (byte 0x{e.object[e.start]:02x} "
+                          f"on line {line})") from None
     return from_dict(doc, str(path), path.parent)
 
 
@@ -473,6 +482,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
             handshake_timeout=float(handshake), **_swim(o, heartbeat))
         o.done()
 
+    _distinct_ports(source, facade, admin, overlay)
     c = table("cluster")
     default_r = 2 if overlay is not None else 1
     replicas = c.take("replicas", int, default_r, "an integer >= 1")
@@ -534,6 +544,28 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     return Settings(source, PeerSettings(name, data_dir), facade, destinations,
                     tuple(archives), storage, admin, overlay, cluster, strategies,
                     modalities=modalities, audit=audit)
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Do listeners bound to *a* and *b* take the same port (one is a wildcard)?"""
+    return a == b or {a, b} & {"0.0.0.0", "::", ""} != set()
+
+
+def _distinct_ports(source: str, facade, admin, overlay) -> None:
+    """ConfigError naming both keys when two of the peer's listeners would take one
+    port (the second one could not start: "Address already in use")."""
+    listeners = [] if facade.tls_only else [("facade.port", facade.port, facade.bind)]
+    if facade.tls_port:
+        listeners.append(("facade.tls_port", facade.tls_port, facade.bind))
+    listeners.append(("admin.port", admin.port, admin.bind))
+    if overlay is not None:
+        listeners += [("overlay.port", overlay.port, overlay.bind),
+                      ("overlay.bulk_port", overlay.bulk_port, overlay.bind)]
+    for i, (key, port, bind) in enumerate(listeners):
+        for other, port2, bind2 in listeners[:i]:
+            if port == port2 and _overlaps(bind, bind2):
+                raise ConfigError(f"{source}: {key}: {port} is {other} too (on {bind2}); "
+                                  "every listener needs a port of its own")
 
 
 def _audit(a: _Reader) -> AuditSettings:

@@ -14,6 +14,8 @@
   (``dicom.tls.settings_options``), and the admin endpoint's HTTPS files
   (``dicom.tls.admin_options``).
 
+- ``data_dir``: not a file (a mistyped path).
+
 Each raises ``config.ConfigError`` (or ``overlay.tls.TLSError``) with a one-line
 message; nothing here opens a port, a file for writing or a connection.
 """
@@ -21,11 +23,19 @@ message; nothing here opens a port, a file for writing or a connection.
 from __future__ import annotations
 
 from pacsp2p.adapters import make_archive
+from pacsp2p.config import ConfigError
 from pacsp2p.dicom import tls as dicom_tls
 from pacsp2p.overlay import tls
 from pacsp2p.strategies import Strategies
 
-__all__ = ["archives", "check", "credentials", "strategies"]
+__all__ = ["archives", "check", "credentials", "data_dir", "strategies"]
+
+
+def data_dir(settings) -> None:
+    """The data directory is a directory, or not there yet (made at start)."""
+    path = settings.data_dir
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{settings.source}: peer.data_dir: {path}: not a directory")
 
 
 def archives(settings, reactor, catalog=None) -> list:
@@ -52,6 +62,7 @@ def check(settings, reactor=None) -> dict:
     summary of what was checked."""
     if reactor is None:
         from twisted.internet import reactor
+    data_dir(settings)
     made = archives(settings, reactor)
     chosen = strategies(settings)
     credentials(settings)

@@ -87,17 +87,34 @@ BROKEN = [
      {}, "overlay.phi_threshold: must be a number > 0, got 0"),
     ("heartbeat-zero", '[overlay]\nport = {port}\ntls_dir = "tls"\nheartbeat = 0\n', {},
      "overlay.heartbeat: must be 0.05-10 seconds"),
+    # a careless admin (2026-12-07): before, check-config said "ok" to each of these
+    ("port-twice", '[facade]\nport = {admin_port}\n', {},
+     "admin.port: {admin_port} is facade.port too (on 0.0.0.0)"),
+    ("bulk-port-is-the-facades", '[facade]\nport = {port}\n[overlay]\nport = {port-1}\n'
+     'tls_dir = "tls"\n', {}, "overlay.bulk_port: {port} is facade.port too (on 0.0.0.0)"),
+    ("replicas-beyond-any-integer", '[cluster]\nreplicas = 99999999999999999999999\n', {},
+     "cluster.replicas: must be an integer >= 1, at most 2^53, got 99999999999999999999999"),
+    ("data-dir-a-file", '', {"data": "not a directory"}, "peer.data_dir: "),
 ]
+
+
+CHOSEN: list = []         # the ports the last _config chose ({port}, {admin_port})
 
 
 def _config(tmp_path: Path, text: str, files: dict) -> Path:
     for name, body in files.items():
         (tmp_path / name).write_text(body)
     cfg = tmp_path / "peer.toml"
+    port, admin_port = free_port(), free_port()
+    CHOSEN[:] = [port, admin_port]
     cfg.write_text(f'[peer]\nname = "north"\ndata_dir = "data"\n'
-                   f'[admin]\nport = {free_port()}\n'
-                   + text.replace("{port}", str(free_port())))
+                   f'[admin]\nport = {admin_port}\n' + _ports(text, port, admin_port))
     return cfg
+
+
+def _ports(text: str, port: int, admin_port: int) -> str:
+    return text.replace("{port}", str(port)).replace("{port-1}", str(port - 1)).replace(
+        "{admin_port}", str(admin_port))
 
 
 def _lines(proc) -> list[str]:
@@ -108,6 +125,7 @@ def _lines(proc) -> list[str]:
                          ids=[b[0] for b in BROKEN])
 def test_check_config_and_twistd_refuse_with_the_same_message(tmp_path, text, files, says):
     cfg = _config(tmp_path, text, files)
+    says = _ports(says, *CHOSEN)
     check = subprocess.run([str(twistd_path().parent / "pacsp2p"), "check-config",
                             "--config", str(cfg)], capture_output=True, text=True,
                            cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=120)
@@ -120,7 +138,22 @@ def test_check_config_and_twistd_refuse_with_the_same_message(tmp_path, text, fi
     (line,) = _lines(check)
     assert line.startswith(f"pacsp2p: {cfg}: ") or line.startswith("pacsp2p: "), line
     assert says in line, line
-    assert not (tmp_path / "data").exists(), "a refused peer made its data directory"
+    assert not (tmp_path / "data").is_dir(), "a refused peer made its data directory"
+
+
+def test_a_config_that_is_not_utf8_is_one_line_too(tmp_path):
+    """A config saved in Latin-1 (or a binary file named by mistake): before, both
+    printed a UnicodeDecodeError traceback."""
+    cfg = tmp_path / "peer.toml"
+    cfg.write_bytes(b'[peer]\nname = "north"\n# Universit\xe4tsklinik\n')
+    for argv in ([str(twistd_path().parent / "pacsp2p"), "check-config", "--config",
+                  str(cfg)],
+                 [str(twistd_path()), "-n", "--pidfile=", "pacsp2p", "--config", str(cfg)]):
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path,
+                              stdin=subprocess.DEVNULL, timeout=120)
+        assert proc.returncode != 0
+        assert _lines(proc) == [f"pacsp2p: {cfg}: not valid TOML: not UTF-8 (byte 0xe4 on "
+                                f"line 3)"], proc.stderr
 
 
 def test_check_config_passes_a_good_config_with_plugins(tmp_path):
