@@ -28,6 +28,7 @@ import sys
 
 from pacsp2p import __version__, config, lock
 from pacsp2p.admin import human
+from pacsp2p.validate import shown
 
 
 def _settings(args):
@@ -56,7 +57,8 @@ def cmd_check_config(args) -> int:
 
 def fetch_status(settings, what: str = "status") -> dict:
     from pacsp2p.admin import client          # HTTPS, the token (admin/client.py)
-    return client.call(settings, what, timeout=10)
+    return client.call(settings, what, timeout=10,
+                       shape=list if what.startswith("where") else dict)
 
 
 def cmd_status(args) -> int:
@@ -315,11 +317,22 @@ def main(argv=None) -> int:
         sp.add_argument("--config", "-c", default=argparse.SUPPRESS,
                         help="TOML config file (default: embedded defaults)")
     args = p.parse_args(argv)
+    from pacsp2p.admin import client
+    del client.ANSWERED[:]
     try:
         return args.fn(args)
     except config.ConfigError as e:
         print(f"pacsp2p: {e}", file=sys.stderr)
         return 2
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        if not client.ANSWERED:
+            raise
+        # an answer of the right kind whose fields are not (another version, a hostile
+        # service on the port): one line, not a traceback
+        print(f"pacsp2p: the answer to {client.ANSWERED[-1].split('?')[0]} is not what "
+              f"pacsp2p {__version__} reads ({type(e).__name__}: {shown(str(e), 100)}); "
+              "is the peer of another version?", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

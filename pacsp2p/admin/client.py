@@ -12,17 +12,23 @@
   the data directory there is none, and an endpoint that needs one answers 401.
 - Errors (``call``): one line and exit status 1 -- "refused by the peer ... (HTTP
   400): its reason" when the peer answered, "no peer answers ... is it running?" only
-  when none did.
+  when none did, "... is not a pacsp2p admin endpoint" when what answered speaks no
+  HTTP or no JSON.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import urllib.error
 import urllib.request
 
 from pacsp2p.admin.auth import read_token
+from pacsp2p.validate import shown
+
+MAX_ANSWER = 256 << 20        # bytes of one JSON answer at most
+ANSWERED: list = []           # what this process has had answered (cli.main's errors)
 
 
 def base_url(settings) -> str:
@@ -70,21 +76,37 @@ def open(settings, what: str, timeout: float = 10.0, **kwargs):  # noqa: A001
                                   context=ssl_context(settings))
 
 
-def call(settings, what: str, timeout: float = 60.0, **kwargs):
-    """The JSON answer of *what* (``open``'s keywords); SystemExit with one line when
-    the peer refuses (its status and reason) or nobody answers."""
+def call(settings, what: str, timeout: float = 60.0, shape: type = dict, **kwargs):
+    """The JSON answer of *what* (``open``'s keywords), a *shape* (dict or list);
+    SystemExit with one line when the peer refuses (its status and reason), nobody
+    answers, or what answers is not an admin endpoint (not HTTP, not JSON, cut short,
+    more than ``MAX_ANSWER`` bytes: another service on that port)."""
     try:
         with open(settings, what, timeout=timeout, **kwargs) as r:
-            return json.load(r)
+            raw = r.read(MAX_ANSWER + 1)
+        if len(raw) > MAX_ANSWER:
+            raise ValueError(f"more than {MAX_ANSWER >> 20} MiB")
+        value = json.loads(raw)
+        if not isinstance(value, shape):
+            raise ValueError(f"JSON, but not {'an object' if shape is dict else 'a list'}")
+        ANSWERED.append(what)
+        return value
     except urllib.error.HTTPError as e:
         try:
-            reason = json.load(e).get("error", "")
-        except (ValueError, AttributeError, OSError):
+            reason = json.loads(e.read(64 << 10)).get("error", "")
+        except (ValueError, AttributeError, OSError, http.client.HTTPException):
             reason = ""
-        reason = reason or e.reason
+        reason = reason if isinstance(reason, str) and reason else str(e.reason)
+        if len(reason) > 500 or not reason.isprintable():   # no terminal escapes
+            reason = shown(reason, 500)
         verb = what.split("?")[0].strip("/")
         raise SystemExit(f"pacsp2p: {verb} refused by the peer at {url(settings, what)} "
                          f"(HTTP {e.code}): {reason}")
     except (urllib.error.URLError, OSError) as e:
         raise SystemExit(f"pacsp2p: no peer answers at {url(settings, what)} ({e}); "
                          "is it running?")
+    except (http.client.HTTPException, ValueError) as e:
+        why = " ".join(str(e).split())
+        raise SystemExit(f"pacsp2p: what answers at {url(settings, what)} is not a pacsp2p "
+                         f"admin endpoint ({type(e).__name__}: {shown(why, 100)}); is that "
+                         "port another service's?")

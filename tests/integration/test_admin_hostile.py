@@ -203,3 +203,73 @@ def test_the_audit_trail_of_hostile_values_converts_to_xml_a_collector_parses(pe
     assert proc.returncode == 1 and "line 3 is not an audit record" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "CTL\ufffd[0m\ufffd" in "".join(out)
+
+
+class Impostor:
+    """Another service on the admin port: a real socket answering every request with
+    *answer* (bytes), in a thread."""
+
+    def __init__(self, answer: bytes):
+        import socket
+        import threading
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(30)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(self.answer)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+def _http(body: bytes, code: int = 200, ctype: bytes = b"application/json") -> bytes:
+    return (b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % (code, ctype, len(body))) + body
+
+
+@pytest.mark.parametrize("answer", [
+    b"\x00\x01garbage\r\n\r\n",                                  # not HTTP
+    _http(b"<html>a web server</html>", ctype=b"text/html"),    # not JSON
+    _http(b"[1, 2, 3]"),                                         # JSON, not an object
+    _http(b'{"peer": ')[:-3] + b"100\r\n\r\n" + b'{"peer": ',     # cut short
+    _http(b'{"error": "\\u001b]0;owned\\u0007\\u001b[2J' + b"x" * 5000 + b'"}', code=500),
+    _http(b'{"peer": 5, "archives": [1], "catalog": 2, "overlay": "x"}'),  # wrong fields
+], ids=["not-http", "html", "a-list", "cut-short", "escapes-in-a-refusal", "wrong-fields"])
+def test_the_cli_facing_another_service_says_so_in_one_line(tmp_path, answer):
+    """``pacsp2p status``, ``scrub``, ``delete``, ``where`` with something else on the
+    admin port: one line and exit status 1 (before: a BadStatusLine, JSONDecodeError,
+    TypeError or IncompleteRead traceback); a refusal's reason reaches the terminal
+    without its escape sequences and bounded (before: as sent, 5 KB of it)."""
+    impostor = Impostor(answer)
+    try:
+        cfg = tmp_path / "cli.toml"
+        cfg.write_text(f'[peer]\ndata_dir = "data"\n[admin]\nport = {impostor.port}\n')
+        for argv in (["status"], ["scrub"], ["delete", "--study", "1.2.3"],
+                     ["where", "--study", "1.2.3"]):
+            proc = subprocess.run([str(Path(sys.executable).with_name("pacsp2p")), *argv,
+                                   "--config", str(cfg)], capture_output=True, text=True,
+                                  timeout=300, stdin=subprocess.DEVNULL)
+            lines = [line for line in (proc.stderr or proc.stdout).splitlines()
+                     if line.strip()]
+            assert proc.returncode == 1 and len(lines) == 1, (argv, proc.stderr[-3000:])
+            assert len(lines[0]) < 800, lines[0]
+            assert lines[0].startswith("pacsp2p: ") or argv[0] == "delete", lines[0]
+            assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr
+            assert "Traceback" not in proc.stderr
+    finally:
+        impostor.close()
