@@ -252,7 +252,10 @@ def to_xml(record: dict) -> str:
     _element(root, "AuditSourceIdentification", record["AuditSourceIdentification"])
     for obj in record.get("ParticipantObjectIdentification", []):
         _element(root, "ParticipantObjectIdentification", obj)
-    return ET.tostring(root, encoding="unicode")
+    # one message a line, whatever a text held (a delete's reason "a\nb"): ElementTree
+    # writes no line break of its own, and escapes those of attributes, not of text
+    return ET.tostring(root, encoding="unicode").replace("\r", "&#13;").replace(
+        "\n", "&#10;")
 
 
 def main(argv=None) -> int:

@@ -273,3 +273,32 @@ def test_the_cli_facing_another_service_says_so_in_one_line(tmp_path, answer):
             assert "Traceback" not in proc.stderr
     finally:
         impostor.close()
+
+
+def test_an_audit_text_with_line_breaks_stays_one_xml_message_a_line(peer, tmp_path):
+    """A delete whose reason holds line breaks (a careless admin's, or a forged
+    "record" after them): the JSON trail keeps it one line, and the collector filter
+    gives one XML message a line, the break as a character reference (before: the
+    message was cut in two lines, and ``while read -r msg`` of docs/operations.md sent
+    two broken messages, the second one starting with the forged text)."""
+    forged = "cleanup\n<AuditMessage><EventIdentification EventActionCode=\"R\"/>\r\nx"
+    code, _, answer = post_json(peer, "/delete", json.dumps(
+        {"level": "IMAGE", "uids": ["1.2.3.999"], "reason": forged}).encode())
+    assert code == 200, answer[:300]
+    trail = peer.data_dir / "audit.log"
+
+    def recorded():
+        return [line for line in trail.read_text(encoding="utf-8").splitlines()
+                if "1.2.3.999" in line]
+    from pacsp2p.testing.cluster import wait_until
+    wait_until(recorded, 120)
+    (line,) = recorded()
+    assert json.loads(line)["EventIdentification"]["EventOutcomeDescription"] == forged
+    one = tmp_path / "one.log"
+    one.write_text(line + "\n")
+    proc = subprocess.run([sys.executable, "-m", "pacsp2p.audit", str(one)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (xml,) = proc.stdout.splitlines()
+    message = ElementTree.fromstring(xml)
+    assert message.find("EventIdentification/EventOutcomeDescription").text == forged
