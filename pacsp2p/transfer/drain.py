@@ -293,10 +293,7 @@ class Drain:
                 yield self.repair.throttle.wait(mine.size)
                 if not self.running or mine.archive not in self.state:
                     return False
-                if target.peer == self.peer:
-                    yield self.repair._copy_local(mine, target.name)
-                else:
-                    yield self.repair._copy_remote(mine, target)
+                yield self.repair.copy_to(mine, target)
                 self.stats["moved"] += 1
                 self.stats["bytes"] += max(0, mine.size)
                 log.debug("drain: {uid} copied to {archive}@{peer}", uid=uid,

@@ -21,7 +21,9 @@ it — distinct peers first, as for a new instance, so site rules still hold —
 overlay (``Replicate`` + ``Commit``, as hinted hand-off does; the target fetches the
 bytes from our bulk channel), or into another archive of its own. A copy that fails
 has the repairer's own copy checked (the scrubber's ``suspect``): one gone or damaged
-behind the cluster's back is replaced from a good replica, and the next try copies it.
+behind the cluster's back is replaced from a good replica, and the next try copies it;
+the archive it failed to is ranked last for ``SHUN`` seconds (a full disk: another
+archive with room takes the copy; drains choose the same way).
 
 Throttle. Copies start no faster than ``[cluster] repair_rate`` MB/s allow (a pacing
 token bucket: each copy books size/rate seconds; 0: no limit), at most ``PARALLEL`` at a
@@ -77,6 +79,7 @@ TICK = 1.0              # seconds between two looks at liveness
 GRACE = 3.0             # seconds after start before the first count (members learned)
 RECENT_TTL = 300.0      # seconds a copy made/dropped is remembered until the catalog has it
 RETRY_AFTER = 30.0      # seconds before an instance whose copy failed is tried again
+SHUN = 300.0            # seconds an archive a copy failed to is chosen last (a full disk)
 SETTLE_MAX = 60.0
 WINDOW = 10.0           # seconds of the rate shown in status
 
@@ -122,6 +125,7 @@ class Repair:
         self._repaired = 0       # instances we gave their missing copies since then
         self._recent: dict[str, tuple[set, set, float]] = {}
         self._failed_at: dict[str, float] = {}
+        self._failed_to: dict[tuple, float] = {}     # (peer, archive) -> a copy failed
         self._window: collections.deque = collections.deque()   # (time, bytes)
         self._active = {"copy": 0, "drop": 0}
         self._blocked = 0        # instances of the last walk with no archive to copy to
@@ -248,6 +252,8 @@ class Repair:
             del self._recent[uid]
         for uid in [u for u, at in self._failed_at.items() if now - at > RETRY_AFTER]:
             del self._failed_at[uid]
+        for key in [k for k, at in self._failed_to.items() if now - at > SHUN]:
+            del self._failed_to[key]
 
     @defer.inlineCallbacks
     def walk(self):
@@ -336,6 +342,8 @@ class Repair:
 
     def _targets(self, info, locs, kept, lv, candidates, need: int) -> list:
         ranked = self.strategies.place(info, candidates, self.replicas)
+        now = time.time()       # an archive a copy just failed to (full?) comes last
+        ranked.sort(key=lambda a: now - self._failed_to.get((a.peer, a.name), -SHUN) < SHUN)
         held = {(loc.peer, loc.archive) for loc in locs}
         peers = {loc.peer for loc in kept}
         free = [a for a in ranked if a.alive and (a.peer, a.name) not in held
@@ -431,10 +439,7 @@ class Repair:
                 log.info("repair: {uid} was deleted since its repair was planned: not "
                          "copied", uid=uid)
                 return
-            if target.peer == self.peer:
-                yield self._copy_local(job.source, target.name)
-            else:
-                yield self._copy_remote(job.source, target)
+            yield self.copy_to(job.source, target)
             self._remember(uid, added=[(target.peer, target.name)])
             now = time.time()
             self.stats["done"] += 1
@@ -447,6 +452,20 @@ class Repair:
         if job.live < self.replicas <= job.live + len(job.targets):
             self._fixed += 1
         self._save()
+
+    @defer.inlineCallbacks
+    def copy_to(self, source: Location, target):
+        """Copy *source* (ours) to the archive *target*; if it fails, the archive is
+        chosen last for SHUN seconds (``_targets``): a full one is not retried for ever
+        while another has room."""
+        try:
+            if target.peer == self.peer:
+                yield self._copy_local(source, target.name)
+            else:
+                yield self._copy_remote(source, target)
+        except Exception:
+            self._failed_to[(target.peer, target.name)] = time.time()
+            raise
 
     @defer.inlineCallbacks
     def _copy_remote(self, source: Location, target):

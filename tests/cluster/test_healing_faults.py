@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacsp2p.testing import datasets, storescu
@@ -28,6 +29,7 @@ from pacsp2p.testing.orthanc import Orthanc
 PACSP2P = Path(sys.executable).parent / "pacsp2p"
 REPAIR_AFTER = 5
 N = 16
+N2 = 40
 
 
 def copies(peer, study: str) -> dict[str, set[tuple[str, str]]]:
@@ -108,3 +110,57 @@ def test_a_repairer_whose_orthanc_lost_its_files_repairs_from_a_good_replica(clu
         held = orthanc_hashes(orthanc, tmp_path)
         assert {u: held.get(u) for u in on_a} == {u: sent[u] for u in on_a}, proc.stdout
         assert "replaced from" in a.log_path.read_text()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MB tmpfs mounted for this test (unmounted after)."""
+    mnt = tmp_path / "small-fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True,
+                   timeout=10)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], timeout=10)
+
+
+def test_a_disk_full_during_repair_sends_the_copies_to_an_archive_with_room(cluster,
+                                                                            tmp_path,
+                                                                            small_fs):
+    """peerb's archive "spare" is on a 2 MB tmpfs that a filler (test_bad_input's) fills
+    up; peerc is killed. The copies peerc held are made again: the full archive, holding
+    the fewest copies, is ranked first by placement among peerb's; before, the copies
+    went there every 30 s for ever ("No space left on device") though peerb's "local"
+    had room."""
+    cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2,
+                                  "repair_after": REPAIR_AFTER}}
+    a, b, c = cluster.start(3, per_peer={
+        "peerb": {"archives": [{"name": "local", "adapter": "embedded"},
+                               {"name": "spare", "adapter": "embedded",
+                                "path": str(small_fs / "archive")}]}})
+    cluster.wait_mesh(timeout=30)
+    files = datasets.make_study(tmp_path / "HEAL2", patient_id="HEAL2", size=32,
+                                series=[("CT", N2, ExplicitVRLittleEndian)])
+    study, sent = dn.study_of(files), dn.dataset_hashes(files)
+    with open(small_fs / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    store_all(a, files)
+    wait_until(lambda: len(r := copies(a, study)) == N2 and
+               all(len(s) == 2 for s in r.values()), 120, 0.5, "2 copies of every instance")
+    assert c.kill9() == -9
+    for p in (a, b):
+        wait_until(lambda p=p: members(p).get("peerc") == "dead", 60, 0.2,
+                   f"{p.name} sees peerc dead")
+    for p in (a, b):
+        wait_until(lambda p=p: under(p)["instances"] == 0 and
+                   len(r := copies(p, study)) == N2 and
+                   all(len(s - {("peerc", "local")}) >= 2 for s in r.values()),
+                   240, 1.0, f"{p.name}: 2 live copies of every instance")
+    out = tmp_path / "get"
+    proc = dn.getscu(a.port, a.ae_title, out,
+                     {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert dn.dataset_hashes(sorted(out.iterdir())) == sent
