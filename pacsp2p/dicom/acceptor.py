@@ -275,14 +275,19 @@ class Association(ReadHolds, Messages, protocol.Protocol):
             self.transport.abortConnection()
 
     # -- sending --------------------------------------------------------------------------
-    def send(self, context_id: int, command: bytes, data=None) -> None:
-        """One DIMSE message: its command set and, if any, its data set (bytes)."""
+    def send(self, context_id: int, command: bytes, data=None, now: bool = False) -> None:
+        """One DIMSE message: its command set and, if any, its data set (bytes). *now*
+        (a final response: the requestor waits for it): to the kernel at once when
+        nothing is queued before it (``pdu.write_now``), not at the reactor's next turn."""
         if self.state != "established":
             return
         parts = frame(context_id, command, self.max_data, command=True, last=True)
         if data is not None:
             parts += frame(context_id, data, self.max_data, command=False, last=True)
-        self._out(parts)
+        if now and self._corked is None:
+            write_now(self.transport, parts)
+        else:
+            self._out(parts)
         self._touch()
 
     def send_data(self, context_id: int, data, last: bool) -> None:

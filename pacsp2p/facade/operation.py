@@ -114,10 +114,10 @@ class Operation:
                 instance: bytes = b"", comment: str = "") -> None:
         if status in (0xFF00, 0xFF01):
             self.pendings += 1                # C-FIND: the matches sent
-        if not self.gone:
+        if not self.gone:               # a final response goes out at once
             self.assoc.send(self.cid, dimse.response(
                 self.RSP, self.msg_id, status, self.sop_class, instance, data is not None,
-                counts, comment), data)
+                counts, comment), data, now=status not in (0xFF00, 0xFF01))
 
     def finish(self, status: int, data: bytes | None = None, counts=None,
                instance: bytes = b"", comment: str = "") -> None:

@@ -74,7 +74,8 @@ class Peer:
         self.wire.clear()
         self.msg_id = 0
 
-    def send(self, cid: int, command: bytes, data: bytes | None = None) -> None:
+    def send(self, cid: int, command: bytes, data: bytes | None = None,
+             now: bool = False) -> None:
         out = PDV.pack(0x04, 0, len(command) + 6, len(command) + 2, cid, 3) + command
         if data is not None:
             out += PDV.pack(0x04, 0, len(data) + 6, len(data) + 2, cid, 2) + data

@@ -26,7 +26,7 @@ class Assoc:
     def __init__(self):
         self.sent, self.done_ops = [], []
 
-    def send(self, cid, command, data=None):
+    def send(self, cid, command, data=None, now=False):
         self.sent.append(command)
 
     def done(self, op):
