@@ -94,6 +94,7 @@ def test_a_symlink_planted_in_objects_is_not_followed_out(tmp_path):
     k = layout.key(uid)
     outside = tmp_path / "outside"
     outside.mkdir()
+    (a.objects / k[:2]).rmdir()                    # made empty at start: planted over
     (a.objects / k[:2]).symlink_to(outside, target_is_directory=True)
     src = datasets.write(datasets.make_image("CT", size=8, SOPInstanceUID=uid),
                          tmp_path / "in" / "x.dcm")
@@ -109,7 +110,7 @@ def test_a_file_that_is_a_symlink_is_not_followed(tmp_path):
     secret = tmp_path / "secret.dcm"
     secret.write_bytes(b"not yours")
     rel = layout.relative(uid)
-    (a.objects / rel).parent.mkdir()
+    (a.objects / rel).parent.mkdir(exist_ok=True)
     (a.objects / rel).symlink_to(secret)
     with pytest.raises(layout.OutsideRoot):
         a.path_for(uid)
