@@ -5,9 +5,15 @@
 ``config.ConfigError`` naming ``admin.tls_*``, before the reactor runs); at start it
 writes the CLI's token (``auth.write_token``: ``<data_dir>/admin.token``, mode 0600)
 and listens; at stop it removes the token. At most ``MAX_CONNECTIONS`` connections at
-once, ``MAX_PER_ADDRESS`` of them from one address (more are closed at once, so that one
-slow client cannot hold every slot); an idle connection is closed after
-``gate.IDLE_TIMEOUT`` seconds; a request body is at most ``gate.MAX_BODY`` bytes.
+once, ``MAX_PER_ADDRESS`` of them from one address (so that one slow client cannot hold
+every slot). A connection beyond either cap takes the slot of the oldest connection (of
+that address, or of all) that is not being answered: silent, its request not whole yet,
+or idle between requests; only when every one is being answered is it closed at once.
+So sockets held open and silent (or dripping a header line a minute) cannot keep a
+client that sends its request at once out: before, 16 silent sockets from 127.0.0.1 kept
+``pacsp2p status`` on the same machine out for as long as they were reopened. An idle
+connection is closed after ``gate.IDLE_TIMEOUT`` seconds; a request body is at most
+``gate.MAX_BODY`` bytes.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ MAX_PER_ADDRESS = 16
 
 
 class Capped(WrappingFactory):
-    """*wrapped*, refusing a connection (closed at once) while *limit* are open, or
-    *per_address* from its address."""
+    """*wrapped*, with at most *limit* connections open, *per_address* from one address:
+    a connection beyond a cap closes the oldest one not being answered, or is refused
+    (closed at once) when there is none (see the module docstring)."""
 
     noisy = False
 
@@ -34,15 +41,32 @@ class Capped(WrappingFactory):
                  per_address: int = MAX_PER_ADDRESS):
         super().__init__(wrapped)
         self.limit, self.per_address = limit, per_address
+        self.evicted = 0
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "")
-        if len(self.protocols) >= self.limit or sum(
-                p.admin_host == host for p in self.protocols) >= self.per_address:
+        open_ = [p for p in self.protocols if not p.admin_evicted]     # oldest first
+        mine = [p for p in open_ if p.admin_host == host]
+        if len(mine) >= self.per_address:
+            if not self._evict(mine):
+                return None
+            open_ = [p for p in open_ if not p.admin_evicted]
+        if len(open_) >= self.limit and not self._evict(open_):
             return None
         p = super().buildProtocol(addr)
-        p.admin_host = host
+        p.admin_host, p.admin_evicted = host, False
         return p
+
+    def _evict(self, candidates) -> bool:
+        """Close the oldest of *candidates* that is not being answered; False if each
+        one is."""
+        for p in candidates:
+            if not p.admin_evicted and not getattr(p.wrappedProtocol, "answering", 0):
+                p.admin_evicted = True
+                self.evicted += 1
+                p.transport.abortConnection()
+                return True
+        return False
 
 
 class AdminEndpoint(service.MultiService):

@@ -82,10 +82,13 @@ class BoundedRequest(server.Request):
 
 
 class DeadlineChannel(http.HTTPChannel):
-    """An HTTP/1.1 channel whose requests must arrive whole within ``REQUEST_TIMEOUT``."""
+    """An HTTP/1.1 channel whose requests must arrive whole within ``REQUEST_TIMEOUT``;
+    ``answering``: requests received whole and not answered yet (the endpoint's cap
+    closes a connection that has none to make room: ``endpoint.Capped``)."""
 
     request_timeout = REQUEST_TIMEOUT
     _deadline = None
+    answering = 0
 
     def dataReceived(self, data):
         if self._deadline is None and data:
@@ -94,7 +97,12 @@ class DeadlineChannel(http.HTTPChannel):
 
     def allContentReceived(self):
         self._stop_deadline()
+        self.answering += 1            # first: the answer may be done before super returns
         super().allContentReceived()
+
+    def requestDone(self, request):
+        self.answering = max(0, self.answering - 1)
+        super().requestDone(request)
 
     def connectionLost(self, reason):
         self._stop_deadline()
