@@ -353,12 +353,13 @@ def meta_attributes(meta: InstanceMeta) -> dict:
 
 
 def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
-                 upto: int = 2 ** 62) -> list:
+                 upto: int = 2 ** 62, memo: dict | None = None) -> list:
     """The facts of *origin* with a sequence number above *after* (up to *upto*), in
     order, as a wire batch: their patient/study/series rows first (once each; the stamps
     of those that have one beside them, ``STAMPS_KEY``), then one list per fact. Facts
     of deleted instances (tombstone markers among them) come without attributes; the
-    markers' payloads ride beside the parent rows (``tombstones.WIRE_KEY``)."""
+    markers' payloads ride beside the parent rows (``tombstones.WIRE_KEY``). *memo*
+    {level: {key: (row, stamp)}}: parent rows read already in this reader job."""
     icols = ", ".join(("l." if c == "SOPInstanceUID" else "i.") + c
                       for c in _LEVEL_SQL["IMAGE"][0])
     facts = [list(r) for r in conn.execute(
@@ -376,19 +377,23 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
         if stamp:
             stamps.setdefault("IMAGE", {})[r[n]] = stamp
     keys = {r[n + _LEVEL_SQL["IMAGE"][0].index("SeriesInstanceUID")] for r in facts}
+    memo = {} if memo is None else memo
     for level in ("SERIES", "STUDY", "PATIENT"):
         cols = _LEVEL_SQL[level][0]
-        rows = {}
-        keys = list(keys)
-        for k in range(0, len(keys), 500):
-            chunk = keys[k:k + 500]
+        known = memo.setdefault(level, {})
+        unread = [k for k in keys if k not in known]
+        for k in range(0, len(unread), 500):
+            chunk = unread[k:k + 500]
             for r in conn.execute(
                     f"SELECT {', '.join(cols)}, {STAMP} FROM {TABLES[level]} WHERE "
                     f"{UNIQUE[level]} IN ({', '.join('?' * len(chunk))})", chunk):
-                key = r[cols.index(UNIQUE[level])]
-                rows[key] = list(r[:-1])
-                if r[-1]:
-                    stamps.setdefault(level, {})[key] = r[-1]
+                known[r[cols.index(UNIQUE[level])]] = (list(r[:-1]), r[-1])
+        rows = {}
+        for key in keys:
+            if key in known:
+                rows[key] = list(known[key][0])
+                if known[key][1]:
+                    stamps.setdefault(level, {})[key] = known[key][1]
         parents[level] = rows
         if level in PARENT:
             up = cols.index(PARENT[level][1])
@@ -408,15 +413,24 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
 def read_changes_of(conn: sqlite3.Connection, wanted: list, limit: int) -> list:
     """[(origin, wire batch)] for *wanted* [(origin, after)] (or (origin, after, upto)),
     in that order, at most *limit* facts in all: one reader job for every origin a pull
-    asks for, not one each."""
-    out = []
-    for origin, after, *upto in wanted:
-        if limit <= 0:
-            break
-        rows = read_changes(conn, origin, after, limit, *upto)
-        if rows:
-            out.append((origin, rows))
-            limit -= len(rows) - 1
+    asks for, not one each, and one read of a parent row the origins share (a stream's
+    series: its holders' facts, 31 origins at 32 peers) — in one read transaction, so
+    that a row read for one origin is the row as the facts of the next one saw it."""
+    out, memo = [], {}
+    begun = not conn.in_transaction
+    if begun:
+        conn.execute("BEGIN")
+    try:
+        for origin, after, *upto in wanted:
+            if limit <= 0:
+                break
+            rows = read_changes(conn, origin, after, limit, *upto, memo=memo)
+            if rows:
+                out.append((origin, rows))
+                limit -= len(rows) - 1
+    finally:
+        if begun:
+            conn.execute("COMMIT")
     return out
 
 

@@ -253,7 +253,7 @@ class SimNet:
             self.batches[me.name] += 1
             self.sent[me.name] += 1
             self.sent[target] += 1
-            other.dissemination.heard(me.name, dict(me.catalog.vector))
+            other.dissemination.asked(me.name, dict(me.catalog.vector))
             budget, more = self.batch, False
             mine = me.catalog.vector
             for origin, seq in other.catalog.vector.items():
