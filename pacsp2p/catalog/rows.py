@@ -16,9 +16,11 @@ version takes that version, while one that remembered keeps the newer. So:
   small row per patient, study or series ever emptied).
 - **reannounce**: rows written before schema 5 carry stamp 0, and two peers may hold
   two versions of one (each kept the one it applied last). Once, at the first start of
-  schema 6, each peer numbers again the newest of its own live facts of every series
-  whose row has stamp 0 (the facts of a series carry its rows), so every peer pulls
-  them and keeps the greater values (``facts``: equal stamps, the greater values).
+  schema 6, each peer writes one fact of its own for every series whose row has stamp
+  0 — an announcement: no copy, its instance's rows as this peer holds them — so every
+  peer pulls every peer's version and keeps the greater values (``facts``: equal
+  stamps, the greater values). A peer of an older release keeps the fact as a location
+  that is no copy (``size`` < 0, as a tombstone marker's).
 """
 
 from __future__ import annotations
@@ -192,34 +194,42 @@ def ghosts(conn: sqlite3.Connection, level: str, keys) -> list[list]:
     return out
 
 
+ANNOUNCE_SIZE = -3      # an announcement fact's size (archive ""): rows to send, no copy
+
+
 def reannounce(conn: sqlite3.Connection, peer: str, path=None) -> int:
-    """If ``catalog_meta`` has the mark ``reannounce`` (and *peer* is named): number
-    again, above every fact of *peer*'s and the clock's ms, the newest own live fact of
-    each series whose row has stamp 0 and whose instance no tombstone names, and take the
-    mark away (one transaction). Returns the facts numbered again."""
+    """If ``catalog_meta`` has the mark ``reannounce`` (and *peer* is named): write one
+    announcement fact of *peer*'s (archive "", size ``ANNOUNCE_SIZE``: no copy, readers
+    of copies take ``size >= 0`` only) for each series whose row has stamp 0, on one of
+    its instances that no tombstone names, numbered above every fact of *peer*'s and the
+    clock's ms, and take the mark away (one transaction). A fact carries its instance's
+    series, study and patient rows as this peer holds them, so every peer pulls this
+    peer's version of each, whether or not this peer holds a copy. Returns the facts."""
     if not peer or conn.execute("SELECT 1 FROM catalog_meta WHERE key = 'reannounce'"
                                 ).fetchone() is None:
         return 0
     conn.execute("BEGIN IMMEDIATE")
     try:
-        old = [r[0] for r in conn.execute(
-            "SELECT max(l.seq) FROM locations l JOIN instances i ON i.SOPInstanceUID = "
-            "l.SOPInstanceUID JOIN series s ON s.SeriesInstanceUID = i.SeriesInstanceUID "
-            "WHERE l.peer = ? AND l.size >= 0 AND s.stamp = 0 AND NOT EXISTS (SELECT 1 FROM "
-            "tombstones t WHERE t.SOPInstanceUID = l.SOPInstanceUID) "
-            "GROUP BY i.SeriesInstanceUID ORDER BY 1", (peer,))]
+        uids = [r[0] for r in conn.execute(
+            "SELECT (SELECT min(i.SOPInstanceUID) FROM instances i WHERE "
+            "i.SeriesInstanceUID = s.SeriesInstanceUID AND NOT EXISTS (SELECT 1 FROM "
+            "tombstones t WHERE t.SOPInstanceUID = i.SOPInstanceUID) AND NOT EXISTS (SELECT "
+            "1 FROM locations m WHERE m.SOPInstanceUID = i.SOPInstanceUID AND m.peer = ? AND "
+            "m.archive = '')) AS uid FROM series s WHERE s.stamp = 0 AND uid IS NOT NULL",
+            (peer,))]
         top = conn.execute("SELECT max(seq) FROM locations WHERE peer = ?",
                            (peer,)).fetchone()[0] or 0
         start = max(top + 1, int(time.time() * 1000))
-        for i, seq in enumerate(old):
-            conn.execute("UPDATE locations SET seq = ? WHERE peer = ? AND seq = ?",
-                         (start + i, peer, seq))
+        conn.executemany("INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, "
+                         "available, seq) VALUES (?, '', ?, '', ?, 0, ?) ON CONFLICT DO "
+                         "NOTHING", [(uid, peer, ANNOUNCE_SIZE, start + i)
+                                     for i, uid in enumerate(uids)])
         conn.execute("DELETE FROM catalog_meta WHERE key = 'reannounce'")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    log.info("catalog {path}: {n} facts numbered again (once, after the upgrade to schema "
-             "6: the rows of before go out again)", path=str(path), n=len(old))
-    return len(old)
+    log.info("catalog {path}: {n} series announced (once, after the upgrade to schema 6: "
+             "the rows of before go out again)", path=str(path), n=len(uids))
+    return len(uids)

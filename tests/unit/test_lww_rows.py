@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 
-from pacsp2p.catalog import db, tombstones
+from pacsp2p.catalog import db, schema, tombstones
 from tests.unit.test_facts_lww import Peer as _Peer
 from tests.unit.test_facts_lww import attrs
 
@@ -120,16 +120,22 @@ def _pre_stamp_catalog(tmp_path, name: str, version: int) -> Peer:
 
 def test_rows_that_differed_before_the_stamps_converge_after_the_upgrade(tmp_path):
     """a and b each applied another version of P1 last (a release before schema 5: no
-    stamps) and hold every fact; upgraded, each numbers its own facts of stamp-less
-    series again once, and the pulls that follow leave both with the greater values.
-    Before: nothing was pulled again, a answered RACE^V1 and b RACE^V2 for ever."""
+    stamps), c, which holds no copy, a third; every peer holds every fact. Upgraded, each
+    announces its rows of stamp-less series once (a fact of its own), and the pulls that
+    follow leave all three with the greatest values (c's). Before: nothing was pulled
+    again, a answered RACE^V1, b RACE^V2 and c RACE^V3 for ever (and with the own
+    facts numbered again instead, c's version, of no own fact, never left c)."""
     a, b = _pre_stamp_catalog(tmp_path, "a", 1), _pre_stamp_catalog(tmp_path, "b", 2)
-    a.pull(b)
-    b.pull(a)
+    (tmp_path / "c").mkdir()
+    c = Peer(tmp_path / "c", "c")
+    for x, y in ((a, b), (b, a), (c, a), (c, b)):
+        x.pull(y)
     a.conn.execute("UPDATE patients SET PatientName = 'RACE^V1', PatientSex = 'F'")
     a.conn.execute("UPDATE studies SET StudyDescription = 'study v1'")
-    assert a.name_of() == "RACE^V1" and b.name_of() == "RACE^V2"
-    for p in (a, b):                       # the file as the release of schema 5 left it
+    c.conn.execute("UPDATE patients SET PatientName = 'RACE^V3', PatientSex = 'F'")
+    c.conn.execute("UPDATE studies SET StudyDescription = 'study v3'")
+    assert [p.name_of() for p in (a, b, c)] == ["RACE^V1", "RACE^V2", "RACE^V3"]
+    for p in (a, b, c):                    # the file as the release of schema 5 left it
         p.conn.execute("PRAGMA user_version=5")
         for name in ("row_check_patient", "row_check_study", "row_check_series",
                      "row_check_study_moved", "row_check_series_moved",
@@ -138,17 +144,19 @@ def test_rows_that_differed_before_the_stamps_converge_after_the_upgrade(tmp_pat
         p.conn.execute("DROP TABLE IF EXISTS gone_rows")
         p.conn.execute("DROP TABLE IF EXISTS row_checks")
         p.conn.close()
-        catalog = db.Catalog(p.conn_path if hasattr(p, "conn_path") else
-                             tmp_path / p.name / f"{p.name}.sqlite", None, peer=p.name)
+        catalog = db.Catalog(tmp_path / p.name / f"{p.name}.sqlite", None, peer=p.name)
         catalog._open_writer()                 # what the upgraded peer's start does
         p.conn = catalog._writer
-    a.pull(b)
-    b.pull(a)
-    assert a.name_of() == b.name_of() == "RACE^V2"
-    assert a.rows() == b.rows()
-    assert db.digest(a.conn) == db.digest(b.conn)
+    for x, y in itertools.permutations((a, b, c), 2):
+        x.pull(y)
+    assert [p.name_of() for p in (a, b, c)] == ["RACE^V3"] * 3
+    assert a.rows() == b.rows() == c.rows()
+    assert db.digest(a.conn) == db.digest(b.conn) == db.digest(c.conn)
     assert a.conn.execute("SELECT count(*) FROM catalog_meta WHERE key = 'reannounce'"
                           ).fetchone() == (0,)
+    # the announcements are no copies: C-FIND counts and copies stay as they were
+    assert schema.read_counts(a.conn)["locations"] == 2
+    assert a.conn.execute("SELECT count(*) FROM locations WHERE size = -3").fetchone() == (6,)
 
 
 def test_two_versions_of_one_instance_converge_and_an_emptied_series_leaves(tmp_path):
