@@ -29,6 +29,7 @@ _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z
 
 
 MAX_INT = 1 << 53         # an integer value at most (SQLite and JSON keep it exactly)
+MAX_BACKUPS = 10000       # [audit] backups at most
 
 
 class _Reader:
@@ -473,8 +474,12 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         handshake = o.take("handshake_timeout", (int, float), 10.0, "seconds (a number)")
         if not 0.1 <= handshake <= 300:
             raise o.fail("handshake_timeout", f"must be 0.1-300 seconds, got {handshake}")
+        read_port = o.take("read_port", int, 0, "an integer -1-65535")
+        if not -1 <= read_port <= 65535:
+            raise o.fail("read_port", f"must be -1 (none), 0 (any free port) or a port "
+                                      f"1-65535, got {read_port!r}")
         overlay = OverlaySettings(
-            port=port, bulk_port=o.port("bulk_port", port + 1),
+            port=port, bulk_port=o.port("bulk_port", port + 1), read_port=read_port,
             bind=o.take("bind", str, "0.0.0.0", "an address string"),
             advertise=o.take("advertise", str, "", "a host name or address"),
             seeds=tuple(seeds), tls_dir=tls_path, heartbeat=float(heartbeat),
@@ -574,5 +579,7 @@ def _audit(a: _Reader) -> AuditSettings:
     if max_bytes < 4096:
         raise a.fail("max_bytes", f"must be an integer (bytes) >= 4096, got {max_bytes}")
     backups = _at_least(a, "backups", 10, 1)
+    if backups > MAX_BACKUPS:     # a rotation walks every number: 10^6 took 5 s each
+        raise a.fail("backups", f"must be an integer 1-{MAX_BACKUPS}, got {backups}")
     a.done()
     return AuditSettings(enabled, max_bytes, backups)
