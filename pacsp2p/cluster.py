@@ -79,6 +79,7 @@ from pacsp2p.transfer.delete import DeleteError, Deleter, RejectionSession
 from pacsp2p.transfer.deliver import Delivery
 from pacsp2p.transfer.direct import make_delivery
 from pacsp2p.transfer.ingest import Ingest
+from pacsp2p.transfer.recheck import Recheck
 from pacsp2p.transfer.drain import Drain, DrainError
 from pacsp2p.transfer.repair import Repair
 from pacsp2p.transfer.scrub import Scrub
@@ -110,6 +111,7 @@ class Cluster:
         self.scrubber = Scrub(settings, catalog, self.archives, strategies, overlay, reactor)
         self.repair = Repair(settings, catalog, self.archives, strategies, self.ingest,
                              overlay, reactor, self.scrubber)
+        self.recheck = Recheck(settings.peer.name, catalog, self.archives, self.scrubber)
         self.drainer = Drain(settings, catalog, self.archives, strategies, self.ingest,
                              self.repair, overlay, reactor, self.scrubber)
         services = getattr(getattr(overlay, "membership", None), "services", None)

@@ -2,7 +2,10 @@
 
 Keeps ``archive.up`` (placement and retrieval route around an archive that is down),
 logs each change once, gossips the archives that are down (``archives_down`` of this
-peer's member record), and resumes a crawl that a failure had stopped.
+peer's member record), and resumes a crawl that a failure had stopped. An archive that
+may have lost what it held — up at the first look, up again, or reporting fewer
+instances than before — is named to ``on_back`` (``transfer.recheck``: a sample of its
+copies checked).
 
 An archive the catalog holds copies on but the config no longer names (renamed or
 removed from ``[[archives]]`` across a restart) is *gone*: said once at start, counted
@@ -36,14 +39,16 @@ class ArchiveHealth(service.Service):
     name = "health"
 
     def __init__(self, archives, crawlers, overlay, reactor, catalog=None, settings=None,
-                 gone: set | None = None):
+                 gone: set | None = None, on_back=None):
         self.archives, self.crawlers, self.overlay = archives, crawlers, overlay
+        self.on_back = on_back
         self.reactor, self.catalog, self.settings = reactor, catalog, settings
         self.gone = gone if gone is not None else set()
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = reactor
         self._checking = False
         self._seen_up: dict[str, bool] = {}      # what was last logged
+        self._instances: dict[str, int] = {}     # what each archive last said it holds
 
     def startService(self):
         super().startService()
@@ -97,8 +102,15 @@ class ArchiveHealth(service.Service):
 
     def _note(self, archive, up: bool, health: dict) -> bool:
         """Record *archive*'s state; True if it changed."""
+        first = archive.name not in self._seen_up
         flipped = up != self._seen_up.get(archive.name, True)
         self._seen_up[archive.name] = up
+        n, before = health.get("instances"), self._instances.get(archive.name)
+        if isinstance(n, int) and up:
+            self._instances[archive.name] = n
+        fewer = isinstance(n, int) and before is not None and n < before
+        if up and (first or flipped or fewer) and self.on_back is not None:
+            self.on_back(archive.name)
         if flipped:
             if up:
                 log.info("archive {archive} is back", archive=archive.name)

@@ -93,7 +93,8 @@ class PeerService(service.MultiService):
         parts.append(_Part("drain", self.cluster.drainer))      # move copies off an archive
         parts += [_Part(f"crawl {c.archive.name}", c) for c in self.crawlers]
         parts.append(ArchiveHealth(self.archives, self.crawlers, self.overlay, reactor,
-                                   self.catalog, settings, gone=self.cluster.repair.gone))
+                                   self.catalog, settings, gone=self.cluster.repair.gone,
+                                   on_back=self.cluster.recheck.check))
         parts.append(endpoint.make(settings, self.cluster, reactor))   # "admin"
         for part in parts:
             part.setServiceParent(self)

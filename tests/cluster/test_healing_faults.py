@@ -14,8 +14,10 @@
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pacsp2p.testing import datasets, storescu
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import get_json, members, wait_until
-from pacsp2p.testing.orthanc import Orthanc
+from pacsp2p.testing.orthanc import ORTHANC_BIN, Orthanc
+from pacsp2p.testing.procs import Process
+
+pytestmark = pytest.mark.timeout(900)    # generous bounds of their own (wait_until)
 
 PACSP2P = Path(sys.executable).parent / "pacsp2p"
 REPAIR_AFTER = 5
@@ -164,3 +169,138 @@ def test_a_disk_full_during_repair_sends_the_copies_to_an_archive_with_room(clus
                      {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert dn.dataset_hashes(sorted(out.iterdir())) == sent
+
+
+def drain(peer, *args, **kw):
+    return subprocess.Popen([str(PACSP2P), "drain", "--config", str(peer.config_path),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def restart_orthanc(orthanc: Orthanc) -> None:
+    """Start *orthanc* again on its ports and storage (its config file as written)."""
+    orthanc.process = Process([ORTHANC_BIN, orthanc.config_path], orthanc.log_path).start()
+    orthanc._wait_ready()
+
+
+def test_two_admins_drain_an_orthanc_killed_mid_drain_then_the_last_archive(cluster,
+                                                                           tmp_path):
+    """peera's only archive is an Orthanc. Two admins ask for its drain at once (at peera
+    and at peerb); the Orthanc is killed (-9) after a few copies moved and started again
+    on its storage: the drain ends "safe to remove", every instance has its 2 copies
+    elsewhere, byte-identical, the Orthanc holds nothing. Then peerb is drained: only
+    peerc's archive is left for R = 2, so `pacsp2p drain` must end (exit 1) saying so,
+    and nothing is dropped."""
+    with Orthanc(tmp_path / "orthanc", aet="ORTHA") as orthanc:
+        cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2,
+                                      "repair_after": 120, "repair_rate": 0.05}}
+        a, b, c = cluster.start(3, per_peer={
+            "peera": {"archives": [{"name": "orth", "adapter": "orthanc",
+                                    "url": orthanc.url}]}})
+        cluster.wait_mesh(timeout=30)
+        files = datasets.make_study(tmp_path / "HEAL3", patient_id="HEAL3", size=32,
+                                    series=[("CT", N2, ExplicitVRLittleEndian)])
+        study, sent = dn.study_of(files), dn.dataset_hashes(files)
+        store_all(b, files)
+        wait_until(lambda: len(r := copies(b, study)) == N2 and
+                   all(len(s) == 2 for s in r.values()), 120, 0.5,
+                   "2 copies of every instance")
+        on_orth = sum(1 for s in copies(b, study).values() if ("peera", "orth") in s)
+        assert on_orth >= 10, on_orth
+        first, second = drain(a, "--peer", "peera"), drain(b, "--peer", "peera")
+        wait_until(lambda: (get_json(a)["drain"]["here"] or {}).get("moved", 0) >= 3,
+                   120, 0.2, "a few copies moved off the Orthanc")
+        orthanc.process.popen.kill()             # kill -9, by the PID we started
+        orthanc.process.popen.wait(timeout=30)
+        wait_until(lambda: members(b).get("peera") == "alive" and
+                   "orth" in (get_json(a)["drain"]["here"] or {}).get("states", {}),
+                   30, 0.2, "peera drains on")
+        time.sleep(8)                            # the health loop sees it down
+        restart_orthanc(orthanc)
+        outs = [p.communicate(timeout=900) for p in (first, second)]
+        for p, (out, err) in zip((first, second), outs):
+            assert p.returncode == 0, out + err
+            assert out.strip().splitlines()[-1].endswith("safe to remove"), out + err
+        for p in (a, b, c):
+            wait_until(lambda p=p: len(r := copies(p, study)) == N2 and
+                       all(len(s) == 2 and ("peera", "orth") not in s
+                           for s in r.values()), 120, 0.5,
+                       f"{p.name}: 2 copies of every instance, none on the Orthanc")
+        assert orthanc.get("/instances") == []
+        for p in (b, c):
+            got = tmp_path / f"get-{p.name}"
+            proc = dn.getscu(p.port, p.ae_title, got,
+                             {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
+                             timeout=300)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert dn.dataset_hashes(sorted(got.iterdir())) == sent
+
+        # the last archive that could hold a second copy: R cannot be met
+        last = drain(c, "--peer", "peerb")
+        out, err = last.communicate(timeout=900)
+        assert last.returncode == 1, out + err
+        assert "NOT safe to remove peer peerb" in err and "no other archive" in err, err
+        for p in (b, c):
+            r = copies(p, study)
+            assert len(r) == N2 and all(len(s) == 2 for s in r.values())
+        stop = drain(c, "--peer", "peerb", "--stop")
+        assert stop.wait(timeout=120) == 0
+
+
+def empty_orthanc_in_place_of(old: Orthanc, workdir) -> Orthanc:
+    """An empty Orthanc on *old*'s ports (its storage and index new)."""
+    new = Orthanc(workdir, aet=old.aet)
+    new.http_port, new.dicom_port = old.http_port, old.dicom_port
+    new.workdir.mkdir(parents=True, exist_ok=True)
+    new.config_path.write_text(json.dumps(new._config(), indent=2))
+    new.process = Process([ORTHANC_BIN, new.config_path], new.log_path).start()
+    new._wait_ready()
+    return new
+
+
+def test_an_orthanc_replaced_by_an_empty_one_gets_its_copies_back(cluster, tmp_path):
+    """peera's Orthanc is killed (-9) and an empty one takes its place (same URL: a disk
+    replaced, a VM restored from an empty image) within one health period, or after
+    the peer saw it down. Before, the cluster went on counting the lost copies as live:
+    every instance on it one copy short (and read elsewhere) until the weekly scrub. Now
+    an archive that answers again (or whose instance count falls) has a sample of its
+    copies checked; a missing one starts a scrub pass that puts every copy back."""
+    with Orthanc(tmp_path / "orthanc", aet="ORTHA") as orthanc:
+        cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2,
+                                      "repair_after": 600}}
+        a, b, c = cluster.start(3, per_peer={
+            "peera": {"archives": [{"name": "orth", "adapter": "orthanc",
+                                    "url": orthanc.url}]}})
+        cluster.wait_mesh(timeout=30)
+        files = datasets.make_study(tmp_path / "HEAL4", patient_id="HEAL4", size=32,
+                                    series=[("CT", N2, ExplicitVRLittleEndian)])
+        study, sent = dn.study_of(files), dn.dataset_hashes(files)
+        store_all(b, files)
+        wait_until(lambda: len(r := copies(b, study)) == N2 and
+                   all(len(s) == 2 for s in r.values()), 120, 0.5,
+                   "2 copies of every instance")
+        on_orth = sorted(u for u, s in copies(a, study).items() if ("peera", "orth") in s)
+        assert len(on_orth) >= 10
+        orthanc.process.popen.kill()             # kill -9, by the PID we started
+        orthanc.process.popen.wait(timeout=30)
+        fresh = empty_orthanc_in_place_of(orthanc, tmp_path / "orthanc2")
+        try:
+            assert fresh.get("/instances") == []
+
+            def back():
+                held = orthanc_hashes(fresh, tmp_path)
+                return {u: held.get(u) for u in on_orth} == {u: sent[u] for u in on_orth}
+            wait_until(back, 200, 2.0, "the empty Orthanc holds its copies again")
+            for p in (a, b, c):
+                r = copies(p, study)
+                assert len(r) == N2 and all(len(s) == 2 for s in r.values())
+            wait_until(lambda: len({get_json(p, "digest")["digest"] for p in (a, b, c)})
+                       == 1, 60, 0.5, "every peer's catalog the same")
+            got = tmp_path / "get"
+            proc = dn.getscu(a.port, a.ae_title, got,
+                             {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
+                             timeout=300)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert dn.dataset_hashes(sorted(got.iterdir())) == sent
+        finally:
+            fresh.stop()

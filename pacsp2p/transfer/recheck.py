@@ -1,0 +1,93 @@
+"""Recheck: an archive of this peer that may have lost what it held has a sample of its
+copies checked at once, and a scrub pass when one is missing or damaged.
+
+An archive restarted empty (a disk replaced, a VM restored from an image, another server
+put at its address) answers as before: health sees it up, and the catalog goes on
+counting its copies as live until the next background scrub (``scrub_interval``, a
+week by default) — every instance on it one copy short meanwhile. So when
+``health.ArchiveHealth`` sees an archive answer again after it did not, answer at the
+first look after this peer started, or report fewer instances than before, ``check``
+reads ``SAMPLE`` of this peer's copies there from a random point of the catalog's
+sequence (a keyset read, never a scan) and checks them as the scrub does (the archive's
+``verify``, else a read hashed against the catalog). One missing or damaged starts a
+scrub pass on demand (``Scrub.run``), which replaces every such copy from a good
+replica. At most one sample per archive every ``EVERY`` seconds.
+
+This is the spot check that precedes a full audit (Tahoe-LAFS's check before its
+verifier; a sample of a scrub, as Ceph's light scrub is to its deep scrub).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pacsp2p.catalog import scrub as sql
+from pacsp2p.transfer.verify import is_sha256
+
+log = Logger()
+
+SAMPLE = 20             # copies checked per archive that may have lost what it held
+EVERY = 60.0            # seconds between two samples of one archive at most
+
+
+class Recheck:
+    def __init__(self, peer: str, catalog, archives: dict, scrubber):
+        self.peer, self.catalog, self.archives = peer, catalog, archives
+        self.scrubber = scrubber
+        self._at: dict[str, float] = {}          # archive -> when it was last sampled
+        self.stats = {"samples": 0, "passes": 0}
+
+    def check(self, name: str) -> defer.Deferred:
+        """Sample archive *name* (see above); Deferred[bool]: a pass was started."""
+        now = time.monotonic()
+        if name not in self.archives or now - self._at.get(name, -EVERY) < EVERY:
+            return defer.succeed(False)
+        self._at[name] = now
+        d = self._check(name)
+
+        def failed(f):
+            log.warn("recheck of archive {archive} failed: {err}", archive=name,
+                     err=f.getErrorMessage())
+            return False
+        return d.addErrback(failed)
+
+    @defer.inlineCallbacks
+    def _check(self, name: str):
+        archive = self.archives[name]
+        caps = getattr(archive, "capabilities", ())
+        top = yield self.catalog.read(lambda conn: conn.execute(
+            "SELECT coalesce(max(seq), 0) FROM locations WHERE peer = ?",
+            (self.peer,)).fetchone()[0])
+        start = random.randrange(top) if top else 0
+        rows = yield self.catalog.read(
+            lambda conn: sql.own_copies(conn, self.peer, start, SAMPLE, [name]))
+        if len(rows) < SAMPLE and start:                 # wrap around to the start
+            rows += yield self.catalog.read(lambda conn: sql.own_copies(
+                conn, self.peer, 0, SAMPLE - len(rows), [name]))
+        rows = [c for c in rows if is_sha256(c.sha256)]
+        if not rows:
+            return False
+        self.stats["samples"] += 1
+        if "verify" in caps and not getattr(archive, "scrub_by_sample", False):
+            results = yield archive.verify([(c.uid, c.sha256) for c in rows])
+            states = [state for _, state, _ in results]
+        elif "open" in caps:
+            states = []
+            for c in rows:
+                state, _ = yield self.scrubber._read_and_hash(archive, c, c.sha256)
+                states.append(state)
+        else:
+            return False
+        bad = sum(1 for s in states if s in ("missing", "damaged"))
+        if not bad:
+            return False
+        log.warn("archive {archive}: {bad} of {n} copies sampled are missing or damaged "
+                 "(restarted empty? replaced?): a scrub pass checks and replaces them all",
+                 archive=name, bad=bad, n=len(rows))
+        self.stats["passes"] += 1
+        yield self.scrubber.run()
+        return True
