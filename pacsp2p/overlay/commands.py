@@ -143,6 +143,13 @@ def check_origins(origins: str) -> list:
     return found
 
 
+def receipt(s) -> dict:
+    """The answer to ``Replicate``/``ReplicaOpen`` (and a push port's) for the ``Stored``
+    *s*."""
+    return {"duplicate": s.duplicate, "conflict": s.conflict, "size": s.size,
+            "sha256": s.sha256, "given": s.given}
+
+
 def as_refusal(failure, uid: str):
     """Errback for responders: any error becomes ReplicaRefused (an error AMP was not told
     of would close the whole link, and every transfer on it)."""

@@ -21,16 +21,10 @@ from pacsp2p.overlay.commands import (PROTOCOL, CheckCopy, Commit, Commits, Disc
                                       Drain, Drop, Hello, ReplicaClose, ReplicaData,
                                       ReplicaOpen, Replicate, SendTo, Vector, as_refusal,
                                       check, check_archive_names, check_commits,
-                                      check_origins, check_send_to)
+                                      check_origins, check_send_to, receipt)
 from pacsp2p.overlay.commands import Swim as SwimMessage
 
 log = Logger()
-
-
-def _receipt(s) -> dict:
-    """The answer to ``Replicate``/``ReplicaOpen`` for the ``Stored`` *s*."""
-    return {"duplicate": s.duplicate, "conflict": s.conflict, "size": s.size,
-            "sha256": s.sha256, "given": s.given}
 
 
 @implementer(IHandshakeListener)
@@ -51,6 +45,7 @@ class Link(ReadHolds, amp.AMP):
         self.full = False                    # our transport's write buffer is full
         self.pushers: set = set()            # told when it fills and drains (forward.Push)
         self.values = 1                      # values a pushed box may carry (Hello info)
+        self.push_port = 0                   # its push port (Hello info), 0: none
         self.inflight = 0                    # commands of the other side being answered
 
     # -- IPushProducer: the transport tells us when its write buffer fills and drains
@@ -155,7 +150,7 @@ class Link(ReadHolds, amp.AMP):
         d = self.membership.services.replicate(self.peer_name, archive, uid, sha256, token,
                                                meta)
         d.addErrback(as_refusal, uid)
-        return d.addCallback(_receipt)
+        return d.addCallback(receipt)
 
     @ReplicaOpen.responder
     def on_replica_open(self, stream, archive, uid, head, meta, data=None, end=None,
@@ -163,7 +158,7 @@ class Link(ReadHolds, amp.AMP):
         check(uid=uid, archive=archive)
         d = self.membership.services.open_stream(self, stream, archive, uid, head, meta)
         self._pushed(stream, (data, more1, more2, more3), end)
-        return d.addCallback(_receipt)
+        return d.addCallback(receipt)
 
     @ReplicaData.responder
     def on_replica_data(self, stream, data, end=None, more1=None, more2=None, more3=None):

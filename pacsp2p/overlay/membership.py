@@ -208,6 +208,7 @@ class Membership:
         self._seeds_reached: set = set()    # seed addresses that answered
         self._client_options = None
         self.opened = 0                     # links this peer dialled
+        self.push_port = 0                  # our push port, if any (Hello info)
         self.running = False
 
     # -- our own info -------------------------------------------------------------------
@@ -225,8 +226,10 @@ class Membership:
     def hello_info(self) -> str:
         """This peer's info, and how many 64 KB values its pushed boxes may carry
         (``commands.REPLICA_VALUES``; a peer that does not say takes one: ``greeted``)."""
-        return json.dumps(dict(asdict(self.me), replica_values=REPLICA_VALUES,
-                               started=self.started))
+        info = dict(asdict(self.me), replica_values=REPLICA_VALUES, started=self.started)
+        if self.push_port:               # pushed copies' bytes go there (transfer.pushport)
+            info["push_port"] = self.push_port
+        return json.dumps(info)
 
     # -- life cycle ------------------------------------------------------------------
     def start(self):
@@ -384,6 +387,8 @@ class Membership:
         values = wire.get("replica_values") if wire is not None else None
         link.values = min(values, REPLICA_VALUES) if (
             isinstance(values, int) and values >= 1) else 1
+        port = wire.get("push_port") if wire is not None else None
+        link.push_port = port if type(port) is int and 0 < port < 65536 else 0
         if name == self.name:
             return
         link.greeted = True

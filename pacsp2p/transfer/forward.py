@@ -3,9 +3,11 @@
 Without it a replicated write starts the remote copies only once the whole data set is
 in, so every C-STORE costs the modality's transfer plus a second full transfer. Here, as
 soon as the bytes received reach the pixel data (``header.sniff``), placement runs on
-those attributes and each remote target of the first wave gets the data set pushed on
-the overlay link as it arrives (``ReplicaOpen`` with the first bytes, ``ReplicaData``...,
-the last with ``end``; ``ReplicaClose`` if it is abandoned):
+those attributes and each remote target of the first wave gets the data set pushed as it
+arrives: on its push port (``pushport``: a thread per copy in flight sends it on a stdlib
+TLS socket) or, to a peer whose Hello names none (an older release), on the overlay link
+(``ReplicaOpen`` with the first bytes, ``ReplicaData``..., the last with ``end``;
+``ReplicaClose`` if it is abandoned):
 cut-through forwarding, as in the write pipelines of chain replication (van Renesse &
 Schneider, OSDI 2004) and HDFS. The remote copy is then durable about when the writer's
 own copy is. Quorum, commit and hand-off are unchanged (``ingest``); each holder hashes
@@ -289,8 +291,13 @@ class Forward(StoreSession):
             link = self.ingest.link_to(target.peer)
             if link is None:
                 continue                       # copied the old way once complete
-            push = Push(link, target.name, self.uid, self.head, meta_json, self.pause,
-                        self.resume)
+            if link.push_port and self.ingest.pushes is not None:   # its push port
+                push = self.ingest.pushes.open(
+                    target.peer, self.ingest.host_of(target.peer, link), link.push_port,
+                    target.name, self.uid, self.head, meta_json, self.pause, self.resume)
+            else:                              # a peer of an older release: over AMP
+                push = Push(link, target.name, self.uid, self.head, meta_json, self.pause,
+                            self.resume)
             for piece in prefix:
                 push.feed(piece)
             self.pushes.append(push)

@@ -47,6 +47,7 @@ from pacsp2p.tally import Tally
 from pacsp2p.transfer.commits import GroupCommits
 from pacsp2p.transfer.forward import Forward, drop_all
 from pacsp2p.transfer.onejob import OneJob, unrecorded
+from pacsp2p.transfer.pushport import Pushes
 from pacsp2p.transfer.replicas import check_given, copy_in, record
 from pacsp2p.transfer.retrieve import Retrieval
 from pacsp2p.transfer.session import Plain, StoreSession
@@ -139,6 +140,9 @@ class Ingest:
         self.drain_here: set[str] = set()         # our archives being drained (drain.py)
         # the remote commits a write does not wait for, sent per holder in batches
         self.group = GroupCommits(overlay, reactor) if overlay is not None else None
+        # the writer's connections to the holders' push ports (``pushport``)
+        self.pushes = Pushes(settings.overlay.tls_dir, self.peer, reactor) \
+            if overlay is not None else None
         self._loops = []
 
     def start(self):
@@ -157,6 +161,8 @@ class Ingest:
                 loop.stop()
         if self.group is not None:
             self.group.stop()
+        if self.pushes is not None:
+            self.pushes.stop()
 
     @defer.inlineCallbacks
     def _refresh_counts(self):
@@ -389,6 +395,11 @@ class Ingest:
         member = self.overlay.membership.members.get(peer)
         link = member.link if member is not None else None
         return link if link is not None and link.open else None
+
+    def host_of(self, peer: str, link) -> str:
+        """The address of *peer*'s ports (as its bulk channel is reached)."""
+        member = self.overlay.membership.members.get(peer)
+        return (member.host if member is not None else "") or link.address.host
 
     def copy_remote(self, target, uid, token, meta_json):
         """Deferred[_Copy]: *target*'s peer keeps a pending copy of the offer *token*."""

@@ -1,8 +1,9 @@
 """The receiving side of a replicated write: keep, then record or drop, a copy.
 
 Two phases, so that an instance is recorded nowhere unless the write quorum is met:
-``replicate`` fetches the bytes from the writing peer's bulk channel — or ``open_stream``
-takes them as the writer pushes them on the overlay link while its C-STORE arrives
+``replicate`` fetches the bytes from the writing peer's bulk channel — or the push port
+(``pushport``: ``admit``, ``pushed``, in its threads) or, from an older writer,
+``open_stream`` takes them as the writer pushes them while its C-STORE arrives
 (``stream_data``, ``close_stream``) — and makes them durable on an archive (pending, not
 in the catalog); ``commit`` records the copy as a location fact of this peer
 (``commit_all``: several in one catalog batch, a group commit); ``discard`` drops it.
@@ -40,9 +41,12 @@ from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove, spool
 from pacsp2p.config import Destination
 from pacsp2p.overlay.commands import (CheckCopy, DrainRefused, InvalidArgument,
-                                      ReplicaRefused, as_refusal, check_meta)
+                                      ReplicaRefused, as_refusal, check, check_meta,
+                                      receipt)
 from pacsp2p.transfer.delete import copy_allowed, pushed_before
+from pacsp2p.overlay.threadtls import server_context
 from pacsp2p.transfer.direct import send_for
+from pacsp2p.transfer.pushport import PushServer
 from pacsp2p.types import InstanceMeta, Location
 from pacsp2p.validate import shown
 
@@ -50,6 +54,7 @@ log = Logger()
 
 PENDING_TTL = 600.0
 COALESCE = 1 << 20      # a pushed data set is written in jobs of 1 MB (most: one job)
+PUSH_CONNECTIONS = 64   # push port connections served at once (a thread each)
 
 
 class _Stream:
@@ -78,7 +83,8 @@ class ReplicaService:
         self.pending: dict[tuple, tuple] = {}      # (archive, uid, sha256) -> the first
         self.more: dict[tuple, list] = {}          # ... -> the others of those bytes
         self.streams: dict[tuple, _Stream] = {}    # (link, stream id) -> data set arriving
-        self.spares = None
+        self.spares = self.push_server = None
+        self.tmpdir = None
         self.drainer = None          # transfer.drain.Drain, set by the cluster
         self.scrubber = None         # transfer.scrub.Scrub, set by the cluster
         self._janitor = task.LoopingCall(self._expire)
@@ -86,32 +92,47 @@ class ReplicaService:
 
     def start(self):
         self._janitor.start(60, now=False)
-        self.spares = Spares(Path(self.overlay.bulk.tmpdir), self.reactor, keep=8)
+        self.tmpdir = Path(self.overlay.bulk.tmpdir)
+        self.spares = Spares(self.tmpdir, self.reactor, keep=8)
+        o = self.overlay.o        # pushed copies' bytes: our push port, told in our Hello
+        self.push_server = PushServer(
+            self, self.reactor, server_context(o.tls_dir, self.peer), "push port",
+            max_connections=PUSH_CONNECTIONS, handshake_timeout=o.handshake_timeout,
+        ).listen(0, o.bind)
+        self.overlay.membership.push_port = self.push_server.port
 
     def stop(self):
         if self._janitor.running:
             self._janitor.stop()
+        if self.push_server is not None:
+            self.push_server.stopListening()
         if self.spares is not None:
             self.spares.stop()
         for key in list(self.streams):
             self._end_stream(key, complete=False)
 
     # -- pushed copies ---------------------------------------------------------------------
-    def open_stream(self, link, stream: int, archive: str, uid: str, head: bytes,
-                    meta_json: str):
+    def admit(self, archive: str, uid: str, meta_json: str):
+        """(archive, InstanceMeta) for a pushed copy of *uid* to *archive*, all checked
+        (any thread: reads only); raises InvalidArgument or ReplicaRefused."""
+        check(uid=uid, archive=archive)
         target = self.archives.get(archive)
         if target is None or "store" not in target.capabilities:
-            return defer.fail(ReplicaRefused(f"peer {self.peer} has no writable archive "
-                                             f"{archive!r}"))
+            raise ReplicaRefused(f"peer {self.peer} has no writable archive {archive!r}")
         if self._draining(archive):
-            return defer.fail(ReplicaRefused(f"archive {archive} of peer {self.peer} is "
-                                             "being drained: it takes no new copy"))
+            raise ReplicaRefused(f"archive {archive} of peer {self.peer} is being drained: "
+                                 "it takes no new copy")
         try:
-            meta = InstanceMeta(**check_meta(json.loads(meta_json), uid))
-        except InvalidArgument as e:
-            return defer.fail(e)
+            return target, InstanceMeta(**check_meta(json.loads(meta_json), uid))
         except (ValueError, TypeError) as e:
-            return defer.fail(ReplicaRefused(f"{uid}: unreadable header: {e}"))
+            raise ReplicaRefused(f"{uid}: unreadable header: {e}") from e
+
+    def open_stream(self, link, stream: int, archive: str, uid: str, head: bytes,
+                    meta_json: str):
+        try:
+            target, meta = self.admit(archive, uid, meta_json)
+        except (InvalidArgument, ReplicaRefused) as e:
+            return defer.fail(e)
         incoming = Incoming(self.spares.take(), receive_pool(self.reactor), self.reactor,
                             head, link.pause_reading, link.resume_reading, coalesce=COALESCE)
         if "keep" in target.capabilities:       # kept by the thread that writes it
@@ -121,6 +142,31 @@ class ReplicaService:
         s = self.streams[(link, stream)] = _Stream(incoming, defer.Deferred(), after)
         d = s.done.addCallback(self._stored_stream, target, uid, meta, len(head))
         return d.addErrback(as_refusal, uid)
+
+    def pushed(self, path, target, meta, head_size: int, sha: str, data_size: int,
+               on_reactor) -> dict:
+        """Thread (``pushport``): the pushed copy written to *path* (then owned here)
+        kept in *target* — by this thread if it can ``keep``, else by its ``store`` in
+        the reactor — and noted pending (*on_reactor(fn, *args)* runs fn there); its
+        receipt. Raises ReplicaRefused."""
+        uid = meta.sop_instance_uid
+        try:
+            if "keep" in target.capabilities:
+                meta, stored = _keeper(target, meta, head_size)(path, sha, data_size)
+            else:
+                stored = on_reactor(self._stored_stream, (path, sha, data_size), target,
+                                    uid, meta, head_size, False)
+                meta = dataclasses.replace(meta, sha256=sha, data_size=data_size,
+                                           size=head_size + data_size)
+        except Exception as e:
+            Path(path).unlink(missing_ok=True)
+            raise ReplicaRefused(f"{uid}: {shown(str(e), 300)}") from e
+        on_reactor(self._note, (target.name, uid, stored.sha256), (meta, stored))
+        return receipt(stored)
+
+    def _note(self, key, entry) -> None:
+        """Reactor: one more pending copy (meta, stored) of *key*, from now."""
+        self._put(key, (*entry, self.reactor.seconds()))
 
     def stream_data(self, link, stream: int, data: bytes) -> None:
         s = self.streams.get((link, stream))
@@ -146,7 +192,7 @@ class ReplicaService:
                                           "data set"))
 
     @defer.inlineCallbacks
-    def _stored_stream(self, written, target, uid, meta, head_size):
+    def _stored_stream(self, written, target, uid, meta, head_size, note: bool = True):
         if len(written) == 2:                   # kept already (``_keeper``)
             meta, stored = written
         else:
@@ -157,7 +203,8 @@ class ReplicaService:
                 stored = yield target.store(path, meta)
             finally:
                 remove(receive_pool(self.reactor), path)
-        self._put((target.name, uid, stored.sha256), (meta, stored, self.reactor.seconds()))
+        if note:
+            self._note((target.name, uid, stored.sha256), (meta, stored))
         return stored
 
     @defer.inlineCallbacks

@@ -1,0 +1,411 @@
+"""The push port: the bytes of a pushed copy on a stdlib-``ssl`` socket served by threads.
+
+Cut-through forwarding (``forward``; chain replication, van Renesse & Schneider, OSDI
+2004; HDFS's write pipeline) sends a C-STORE's data set on to its remote holders while
+it arrives. On the overlay link (AMP over Twisted TLS) every 256 KB cost both reactors a
+box, pyOpenSSL's memory BIOs and a Deferred chain. Here, each holder listens on a
+mutual-TLS port of its own (``overlay.threadtls``: the cluster CA, a handshake timeout,
+bounded connections) whose connections are served by threads of the named pool
+``push-recv``: a thread reads a copy straight into a file of ``incoming``, hashing on the
+way, and keeps it (``keep``: durable in the same thread) before it answers; the reactor
+sees one call per copy (the pending copy noted). At the writer, a thread of the pool
+``push-send`` per copy in flight writes what the reactor hands it (a queue of at most
+``HIGH`` bytes: over it the association is paused, as the link's full buffer paused it)
+on a connection kept open per holder, then reads the holder's answer.
+
+One connection carries one copy at a time, in frames of a kind byte and a 4-byte length:
+``OPEN`` (JSON: archive, uid, meta), ``HEAD`` (preamble and File Meta Information),
+``DATA``..., ``END``; the holder answers ``ANSWER`` (JSON: the receipt ``Replicate``
+answers, or a refusal). A data set abandoned closes the connection. A holder takes a
+peer's Hello ``push_port`` as the offer; a peer that gives none (an older release) gets
+its copies over AMP as before. Everything read is bounded (frame sizes, the data set at
+``MAX_PUSH``) and checked as the AMP responders check it (``commands.check``,
+``check_meta``) before a byte is written; the answer's fields are checked at the writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import re
+import socket
+import struct
+import threading
+import time
+import uuid
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pacsp2p import threads
+from pacsp2p.overlay.commands import InvalidArgument, ReplicaRefused
+from pacsp2p.overlay.threadtls import (IDLE_TIMEOUT, Stopped, ThreadServer,
+                                       client_context, peer_name)
+from pacsp2p.validate import shown
+
+log = Logger()
+
+OPEN, HEAD, DATA, END, ANSWER = 1, 2, 3, 4, 5
+FRAME = struct.Struct(">BI")        # kind, length of what follows
+MAX_OPEN = 64 << 10                 # bytes of an OPEN's JSON (meta: < 60,000) or an ANSWER
+MAX_HEAD = 64 << 10                 # bytes of the preamble and File Meta Information
+MAX_DATA = 4 << 20                  # bytes of one DATA frame
+MAX_PUSH = 4 << 30                  # bytes of one data set (the facade's max_dataset)
+BOX = 256 << 10                     # bytes the writer gathers before a thread sends them
+HIGH, LOW = 8 << 20, 2 << 20        # queued bytes that pause the association, resume it
+IDLE = 300.0                        # seconds a holder waits for the next frame of a copy
+KEPT = IDLE_TIMEOUT / 2             # seconds a writer reuses an idle connection (the
+                                    # holder closes it after IDLE_TIMEOUT)
+ANSWER_WAIT = 600.0                 # seconds a writer waits for the answer (a slow store)
+CONNECT = 10.0                      # seconds to connect and complete the TLS handshake
+KEEP_IDLE = 4                       # idle connections kept per holder
+SEND_THREADS = 16                   # copies in flight at once (threads of push-send)
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z", re.ASCII)
+_ABORT = object()
+
+
+class ProtocolError(Exception):
+    """The other end broke the framing (the connection is closed)."""
+
+
+def _frame(kind: int, payload: bytes = b"") -> bytes:
+    return FRAME.pack(kind, len(payload)) + payload
+
+
+class _Reader:
+    """Frames read from a blocking socket into one reused buffer."""
+
+    def __init__(self, sock, size: int = MAX_DATA):
+        self.sock, self.buf = sock, bytearray(size)
+        self.view = memoryview(self.buf)
+
+    def exactly(self, n: int) -> memoryview:
+        """The next *n* bytes (a view of the buffer, valid until the next read)."""
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(self.view[got:n], n - got)
+            if not k:
+                raise ProtocolError("connection closed mid-frame")
+            got += k
+        return self.view[:n]
+
+    def frame(self, eof_ok: bool = False):
+        """(kind, length) of the next frame; None at a clean end if *eof_ok*."""
+        try:
+            first = self.sock.recv_into(self.view[:FRAME.size], FRAME.size)
+        except (ConnectionError, TimeoutError):
+            if eof_ok:
+                return None
+            raise
+        if not first:
+            if eof_ok:
+                return None
+            raise ProtocolError("connection closed")
+        if first < FRAME.size:
+            rest = self.exactly(FRAME.size - first)
+            self.buf[first:FRAME.size] = bytes(rest)
+        return FRAME.unpack_from(self.buf)
+
+    def payload(self, kind: int, limit: int) -> bytes:
+        got = self.frame()
+        if got[0] != kind or got[1] > limit:
+            raise ProtocolError(f"frame {got[0]} of {got[1]} bytes, expected {kind}")
+        return bytes(self.exactly(got[1]))
+
+
+# -- the holder --------------------------------------------------------------------------
+
+class PushServer(ThreadServer):
+    """The holder's push port: ``threadtls``'s mutual-TLS port (handshake timeout, at
+    most *max_connections* served, a thread each), each connection served by ``serve``
+    instead of as HTTP requests."""
+
+    def __init__(self, service, reactor, context, what: str, **kw):
+        super().__init__(reactor, context, None, what, name="push-recv", **kw)
+        self.service = service
+
+    def _serve(self, conn) -> None:
+        if self._handshake(conn):
+            serve(self.service, conn.tls, peer_name(conn.tls), self.on_reactor,
+                  lambda waiting: self._waits(conn, waiting))
+
+    def _waits(self, conn, waiting: bool) -> None:
+        """*conn* waits for its next copy (or no longer): the longest waiting is closed
+        when a connection needs its thread (``ThreadServer._accepted``)."""
+        with self._lock:
+            if waiting:
+                self._idle[conn] = None
+            else:
+                self._idle.pop(conn, None)
+
+
+def serve(service, sock, peer: str, on_reactor, waits=lambda waiting: None) -> None:
+    """Thread (``push-recv``): the copies writer *peer* pushes on *sock*, one after the
+    other, until it closes the connection (or waits ``IDLE_TIMEOUT`` for the next).
+    *service*: the ``ReplicaService``; *on_reactor(fn, *args)*: fn's result, run in
+    the reactor (``ThreadServer``); *waits(bool)*: between copies, or not."""
+    reader = _Reader(sock)
+    try:
+        while True:
+            sock.settimeout(IDLE_TIMEOUT)
+            waits(True)
+            try:
+                first = reader.frame(eof_ok=True)
+            finally:
+                waits(False)
+            if first is None:
+                return
+            sock.settimeout(IDLE)
+            kind, n = first
+            if kind != OPEN or n > MAX_OPEN:
+                raise ProtocolError(f"frame {kind} of {n} bytes where a copy begins")
+            answer = _receive(service, reader, bytes(reader.exactly(n)), on_reactor)
+            sock.sendall(_frame(ANSWER, json.dumps(answer).encode()))
+    except (OSError, ProtocolError, Stopped) as e:    # ssl.SSLError, timeouts: OSError
+        log.info("push port: connection from {peer} closed: {err}", peer=peer,
+                 err=shown(str(e) or type(e).__name__, 200))
+    finally:
+        sock.close()
+
+
+def _receive(service, reader, opening: bytes, on_reactor) -> dict:
+    """One copy: its answer (a receipt or a refusal). Raises ProtocolError/OSError if
+    the connection cannot go on (the partial file removed)."""
+    try:
+        args = json.loads(opening)
+        target, meta = service.admit(args["archive"], args["uid"], args["meta"])
+    except (InvalidArgument, ReplicaRefused) as e:
+        refusal = {"refused": str(e)[:300], "invalid": isinstance(e, InvalidArgument)}
+    except (ValueError, TypeError, KeyError) as e:
+        refusal = {"refused": f"unreadable opening: {shown(str(e), 200)}"}
+    else:
+        refusal = None
+    head = reader.payload(HEAD, MAX_HEAD)
+    path = None if refusal else service.tmpdir / f"{uuid.uuid4().hex}.push"
+    f, sha, size = None, hashlib.sha256(), 0
+    try:
+        if path is not None:
+            f = open(path, "wb")
+            f.write(head)
+        while True:
+            kind, n = reader.frame()
+            if kind == END and n == 0:
+                break
+            size += n
+            if kind != DATA or n > MAX_DATA or size > MAX_PUSH:
+                raise ProtocolError(f"frame {kind} of {n} bytes in a data set of {size}")
+            data = reader.exactly(n)
+            if f is not None:
+                f.write(data)
+                sha.update(data)
+        if refusal:
+            return refusal
+        f.close()
+        f, written, path = None, path, None          # pushed() owns the file now
+        return service.pushed(written, target, meta, len(head), sha.hexdigest(), size,
+                              on_reactor)
+    except (ReplicaRefused, InvalidArgument) as e:
+        return {"refused": str(e)[:300], "invalid": isinstance(e, InvalidArgument)}
+    finally:
+        if f is not None:
+            f.close()
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+# -- the writer --------------------------------------------------------------------------
+
+class Pushes:
+    """The writer's connections to the holders' push ports (kept open, per holder) and
+    the threads that send on them."""
+
+    def __init__(self, tls_dir, name: str, reactor):
+        self.tls_dir, self.name, self.reactor = tls_dir, name, reactor
+        self._context = None
+        self.idle: dict[tuple, list] = {}         # (peer, host, port) -> open sockets
+        self.lock = threading.Lock()
+        self.stopped = False
+
+    def context(self):
+        if self._context is None:          # the name is checked as the common name
+            self._context = client_context(self.tls_dir, self.name)
+            self._context.check_hostname = False
+        return self._context
+
+    def open(self, peer: str, host: str, port: int, archive: str, uid: str, head: bytes,
+             meta_json: str, pause, resume) -> ThreadPush:
+        """Reactor: a copy of *uid* for archive *archive* of *peer* (its push port
+        *host*:*port*), bytes to ``feed``; its ``answer`` is Deferred[the receipt]."""
+        push = ThreadPush(self, (peer, host, port), archive, uid, head, meta_json,
+                          pause, resume)
+        threads.pool(self.reactor, "push-send", 1, SEND_THREADS).callInThread(push.run)
+        return push
+
+    def take(self, key):
+        """Thread: an idle connection to *key*'s holder, or a new one."""
+        now = time.monotonic()
+        with self.lock:
+            conns = self.idle.get(key) or []
+            while conns:
+                sock, since = conns.pop()
+                if now - since < KEPT:
+                    return sock
+                sock.close()
+        peer, host, port = key
+        raw = socket.create_connection((host, port), timeout=CONNECT)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self.context().wrap_socket(raw)
+            name = peer_name(sock)
+            if name != peer:
+                sock.close()
+                raise ReplicaRefused(f"the push port at {host}:{port} is peer {name!r}, "
+                                     f"not {peer}")
+        except Exception:
+            raw.close()
+            raise
+        return sock
+
+    def give_back(self, key, sock) -> None:
+        """Thread: *sock* is free again (closed if enough are kept, or we stop)."""
+        with self.lock:
+            conns = self.idle.setdefault(key, [])
+            if not self.stopped and len(conns) < KEEP_IDLE:
+                conns.append((sock, time.monotonic()))
+                return
+        sock.close()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            conns = [s for socks in self.idle.values() for s, _ in socks]
+            self.idle = {}
+        for sock in conns:
+            sock.close()
+
+
+def _receipt(answer) -> dict:
+    """The holder's ANSWER (hostile until checked): the receipt, as ``Replicate``
+    answers it; raises ReplicaRefused/InvalidArgument for a refusal."""
+    if not isinstance(answer, dict):
+        raise ReplicaRefused("an answer of another shape from the push port")
+    if "refused" in answer:
+        why = shown(str(answer["refused"]), 300)
+        raise (InvalidArgument if answer.get("invalid") is True else ReplicaRefused)(why)
+    sha, size, given = answer.get("sha256"), answer.get("size"), answer.get("given") or ""
+    flags = [answer.get("duplicate"), answer.get("conflict")]
+    if not (isinstance(sha, str) and _SHA256.match(sha) and type(size) is int and
+            size >= 0 and all(type(x) is bool for x in flags) and isinstance(given, str)
+            and (not given or _SHA256.match(given))):
+        raise ReplicaRefused("an answer of another shape from the push port")
+    return {"duplicate": flags[0], "conflict": flags[1], "size": size, "sha256": sha,
+            "given": given}
+
+
+class ThreadPush:
+    """One holder's copy of a data set still arriving (reactor side: ``feed``,
+    ``finish``, ``abort``, as ``forward.Push``), sent by a thread of ``push-send``.
+    ``answer`` fires with the holder's receipt once the copy is durable (pending) there,
+    or fails (refused, connection lost, abandoned)."""
+
+    def __init__(self, pushes, key, archive, uid, head, meta_json, pause, resume):
+        self.pushes, self.key, self.reactor = pushes, key, pushes.reactor
+        self.pause, self.resume = pause, resume
+        self.answer = defer.Deferred()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.queued = 0
+        self.paused = self.closed = False
+        opening = json.dumps({"archive": archive, "uid": uid, "meta": meta_json}).encode()
+        self.buffer = bytearray(_frame(OPEN, opening) + _frame(HEAD, head))
+        self.start = len(self.buffer)
+        self.buffer += bytes(FRAME.size)          # the first DATA frame's header, later
+
+    def feed(self, piece) -> None:
+        if self.closed:
+            return
+        self.buffer += piece
+        if len(self.buffer) - self.start >= BOX:
+            self._hand(False)
+
+    def finish(self) -> None:
+        if not self.closed:
+            self._hand(True)
+            self.closed = True
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.put(_ABORT)
+
+    def _hand(self, end: bool) -> None:
+        """Reactor: the bytes gathered (a DATA frame, and END if *end*) to the thread."""
+        buf, start = self.buffer, self.start
+        n = len(buf) - start - FRAME.size
+        if n:
+            FRAME.pack_into(buf, start, DATA, n)
+        else:
+            del buf[start:]
+        if end:
+            buf += _frame(END)
+        self.buffer = bytearray(FRAME.size)
+        self.start = 0
+        with self.lock:
+            self.queued += len(buf)
+            pause = self.queued >= HIGH and not self.paused
+            self.paused = self.paused or pause
+        if pause:
+            self.pause()
+        self.queue.put((buf, end))
+
+    def run(self) -> None:
+        """Thread: send what the reactor hands over, then read the answer."""
+        sock = None
+        try:
+            sock = self.pushes.take(self.key)
+            sock.settimeout(IDLE)
+            while True:
+                item = self.queue.get(timeout=IDLE)
+                if item is _ABORT:
+                    raise ReplicaRefused("the data set was abandoned")
+                buf, end = item
+                sock.sendall(buf)
+                self._sent(len(buf))
+                if end:
+                    break
+            sock.settimeout(ANSWER_WAIT)
+            raw = _Reader(sock, MAX_OPEN).payload(ANSWER, MAX_OPEN)
+            answer = _receipt(json.loads(raw))
+        except Exception as e:                     # reported to the reactor
+            if sock is not None:
+                sock.close()
+            if isinstance(e, queue.Empty):
+                e = ReplicaRefused("no bytes to push for too long")
+            elif not isinstance(e, (ReplicaRefused, InvalidArgument)):
+                e = ReplicaRefused(f"push to {self.key[0]}: "
+                                   f"{shown(str(e) or type(e).__name__, 200)}")
+            self.reactor.callFromThread(self._done, None, e)
+            return
+        self.pushes.give_back(self.key, sock)
+        self.reactor.callFromThread(self._done, answer, None)
+
+    def _sent(self, n: int) -> None:
+        with self.lock:
+            self.queued -= n
+            resume = self.paused and self.queued <= LOW
+            self.paused = self.paused and not resume
+        if resume:
+            self.reactor.callFromThread(self.resume)
+
+    def _done(self, answer, error) -> None:
+        """Reactor: the thread is through."""
+        self.closed = True
+        with self.lock:
+            resume, self.paused = self.paused, False
+        if resume:
+            self.resume()
+        if error is None:
+            self.answer.callback(answer)
+        else:
+            self.answer.errback(error)
