@@ -226,6 +226,7 @@ class Pushes:
         self.idle: dict[tuple, list] = {}         # (peer, host, port) -> open sockets
         self.lock = threading.Lock()
         self.stopped = False
+        self.live: set = set()                    # ThreadPushes whose thread runs
 
     def context(self):
         if self._context is None:          # the name is checked as the common name
@@ -239,6 +240,7 @@ class Pushes:
         *host*:*port*), bytes to ``feed``; its ``answer`` is Deferred[the receipt]."""
         push = ThreadPush(self, (peer, host, port), archive, uid, head, meta_json,
                           pause, resume)
+        self.live.add(push)
         threads.pool(self.reactor, "push-send", 1, SEND_THREADS).callInThread(push.run)
         return push
 
@@ -277,10 +279,14 @@ class Pushes:
         sock.close()
 
     def stop(self) -> None:
+        """Reactor: close every connection; a copy still being sent fails (its thread
+        ends at once, so the pool can stop)."""
         with self.lock:
             self.stopped = True
             conns = [s for socks in self.idle.values() for s, _ in socks]
             self.idle = {}
+        for push in list(self.live):
+            push.cut()
         for sock in conns:
             sock.close()
 
@@ -317,6 +323,7 @@ class ThreadPush:
         self.lock = threading.Lock()
         self.queued = 0
         self.paused = self.closed = False
+        self.sock = None
         opening = json.dumps({"archive": archive, "uid": uid, "meta": meta_json}).encode()
         self.buffer = bytearray(_frame(OPEN, opening) + _frame(HEAD, head))
         self.start = len(self.buffer)
@@ -363,7 +370,9 @@ class ThreadPush:
         """Thread: send what the reactor hands over, then read the answer."""
         sock = None
         try:
-            sock = self.pushes.take(self.key)
+            sock = self.sock = self.pushes.take(self.key)
+            if self.pushes.stopped:
+                raise ReplicaRefused("the peer stops")
             sock.settimeout(IDLE)
             while True:
                 item = self.queue.get(timeout=IDLE)
@@ -398,8 +407,20 @@ class ThreadPush:
         if resume:
             self.reactor.callFromThread(self.resume)
 
+    def cut(self) -> None:
+        """Any thread: end the copy now (the peer stops): its socket shut down wakes a
+        thread blocked on it."""
+        self.queue.put(_ABORT)
+        sock = self.sock
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass
+
     def _done(self, answer, error) -> None:
         """Reactor: the thread is through."""
+        self.pushes.live.discard(self)
         self.closed = True
         with self.lock:
             resume, self.paused = self.paused, False

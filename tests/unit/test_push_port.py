@@ -189,3 +189,44 @@ def test_the_writer_checks_the_holder_is_the_peer_it_meant(certs, holder):
         pushes.take(("peerc", "127.0.0.1", server.port))
     sock = pushes.take(("peerb", "127.0.0.1", server.port))
     sock.close()
+
+
+def test_a_whole_copy_through_the_writer_and_one_cut_when_it_stops(certs, holder):
+    """The writer's side end to end (a ThreadPush fed in pieces, its thread sending),
+    then a copy still arriving when the writer stops: its thread ends at once (no wait
+    of IDLE seconds at shutdown), the copy fails, the holder keeps no file of it."""
+    svc, server = holder
+    reactor = Reactor()
+    pushes = Pushes(certs, "peera", reactor)
+    outcome = []
+
+    def start(uid):
+        push = pushes.open("peerb", "127.0.0.1", server.port, "local", uid, b"HEAD",
+                           meta_json(uid), lambda: None, lambda: None)
+        push.answer.addBoth(outcome.append)
+        return push
+
+    whole = start(UID)
+    for _ in range(5):
+        whole.feed(memoryview(b"w" * 100_000))
+    whole.finish()
+    wait(lambda: outcome, "the first answer")
+    assert outcome.pop()["sha256"] == hashlib.sha256(b"w" * 500_000).hexdigest()
+    cut = start("1.2.3.4.6")
+    cut.feed(b"z" * 300_000)                         # sent on: BOX is 256 KB
+    wait(lambda: cut.sock is not None and cut.queued == 0, "the bytes sent")
+    pushes.stop()
+    wait(lambda: outcome, "the copy cut")
+    assert outcome[0].check(ReplicaRefused), outcome[0]
+    assert list(svc.pending) == [("local", UID, hashlib.sha256(b"w" * 500_000).hexdigest())]
+    no_file_left(svc, server)
+    for stop in reactor.shutdown:
+        stop()
+
+
+def wait(condition, what):
+    for _ in range(int(PATIENCE * 10)):
+        if condition():
+            return
+        threading.Event().wait(0.1)
+    raise AssertionError(f"not within {PATIENCE} s: {what}")
