@@ -249,13 +249,16 @@ class EmbeddedArchive:
             tmp.unlink(missing_ok=True)
 
     # -- blocking, from any thread (the capability "keep") --------------------------------
-    def flusher(self, received: Path):
-        """Open *received* now; the callable returned fsyncs it where it is called (and
-        closes it), raising OSError if it cannot (a no-op without ``[storage] fsync``).
-        The file may be renamed or unlinked meanwhile: the ingest's one-job path keeps
-        it in another thread while this fsync runs (``OneJob.written_then``)."""
+    def flusher(self, received: Path, fd: int | None = None):
+        """Open *received* now (or take *fd*, its descriptor, which the caller closes);
+        the callable returned fsyncs it where it is called (and closes what it opened),
+        raising OSError if it cannot (a no-op without ``[storage] fsync``). The file may
+        be renamed or unlinked meanwhile: the ingest's one-job path keeps it in another
+        thread while this fsync runs (``OneJob.written_then``)."""
         if not self.fsync:
             return lambda: None
+        if fd is not None:
+            return lambda: os.fsync(fd)
         fd = os.open(received, os.O_RDONLY)
 
         def flush():

@@ -48,6 +48,11 @@ def _contents(f, size: int):
         yield buf
 
 
+def _opened(path: Path, content: bytes | None):
+    """The file at *path*, open for reading — or nothing, if its *content* is given."""
+    return open(path, "rb") if content is None else contextlib.nullcontext()
+
+
 _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
 
@@ -68,8 +73,10 @@ _WANTED = {int(Tag(kw)): kw for kw in HEADER_KEYWORDS}
 _CHARSET_TAG = 0x00080005
 
 
-def read_meta(path: Path, sha256: str = "", data_size: int = 0) -> InstanceMeta:
-    """Header attributes, transfer syntax and content hash of the Part-10 file at *path*.
+def read_meta(path: Path, sha256: str = "", data_size: int = 0,
+              content: bytes | None = None) -> InstanceMeta:
+    """Header attributes, transfer syntax and content hash of the Part-10 file at *path*
+    (*content*: its bytes, already in memory — the file just written — not read again).
 
     One pass over the file (read whole, or memory-mapped if large): the File Meta Information, then every
     element's tag and length — checking that the data set is complete — keeping the raw
@@ -80,11 +87,12 @@ def read_meta(path: Path, sha256: str = "", data_size: int = 0) -> InstanceMeta:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
+        with _opened(path, content) as f:
+            size = f.seek(0, 2) if content is None else len(content)
             if size < 144:
                 raise BadDataset("not a DICOM Part-10 file (too short)")
-            with _contents(f, size) as buf:
+            with _contents(f, size) if content is None else \
+                    contextlib.nullcontext(content) as buf:
                 offset, ts = file_meta(buf)
                 if offset == size:
                     raise BadDataset("the data set is empty")

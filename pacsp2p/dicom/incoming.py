@@ -125,17 +125,21 @@ class Spares:
 
 
 class _File:
-    """What the writing thread owns: the path, the open file, the data set's hash."""
+    """What the writing thread owns: the path, the open file, the data set's hash; the
+    bytes of a file written in one job (``content``, while ``after`` runs)."""
 
     def __init__(self, path: Path, head: bytes):
         self.path, self.head, self.f = path, head, None
         self.sha256, self.data_size = hashlib.sha256(), 0
+        self.content = None
 
 
 def _write(state: _File, chunks: list, last: bool, after):
     """Thread pool: write *chunks* (opening the file and writing its head first) and hash
-    them; on the *last* job close it and return ``after(path, sha256 hex, data set size)``
-    (or the path)."""
+    them; on the *last* job return ``after(path, sha256 hex, data set size)`` (or the
+    path) and close the file: while ``after`` runs the file is complete on disk and still
+    open (``Incoming.written``: its descriptor, and its bytes if one job wrote it)."""
+    whole = state.f is None and last
     if state.f is None:
         try:            # a spare: no O_CREAT, which would lock the directory
             fd = os.open(state.path, os.O_WRONLY | os.O_TRUNC)
@@ -148,9 +152,17 @@ def _write(state: _File, chunks: list, last: bool, after):
         state.sha256.update(chunk)
         state.data_size += len(chunk)
     if last:
-        state.f.close()
-        return after(state.path, state.sha256.hexdigest(), state.data_size) if after \
-            else state.path
+        state.f.flush()
+        try:
+            if after is None:
+                return state.path
+            if whole:
+                state.content = b"".join([state.head, *chunks])
+            return after(state.path, state.sha256.hexdigest(), state.data_size)
+        finally:
+            state.content = None
+            f, state.f = state.f, None
+            f.close()
     return None
 
 
@@ -237,6 +249,11 @@ class Incoming:
         elif not self._busy:
             self._flush()
         return d
+
+    def written(self):
+        """The writing thread, inside ``finish``'s *after*: (the descriptor of the file,
+        open until *after* returns; its bytes, or None if more than one job wrote it)."""
+        return self.state.f.fileno(), self.state.content
 
     def discard(self) -> None:
         """Forget the data set: close and remove the partial file (in the pool)."""

@@ -35,10 +35,11 @@ log = Logger()
 SERIES_SEEN = 4096        # series known to be in their study, not looked up again
 
 
-def _meta_of(path, sha256, data_size):
-    """Thread pool: (path, InstanceMeta or None, BadDataset or None)."""
+def _meta_of(path, sha256, data_size, content=None):
+    """Thread pool: (path, InstanceMeta or None, BadDataset or None); *content*: the
+    file's bytes, if still in memory."""
     try:
-        return path, read_meta(path, sha256, data_size), None
+        return path, read_meta(path, sha256, data_size, content), None
     except BadDataset as e:
         return path, None, e
 
@@ -112,14 +113,17 @@ class Store(Operation):
         self.result.addErrback(self._write_failed)
 
     def _written(self, path, sha256, data_size):
-        """Thread pool: the file is complete; tell the session, which has its header
-        read (``_header``, maybe in another thread while it makes the file durable)."""
-        return self.session.written_then(path, lambda: self._header(path, sha256,
-                                                                    data_size))
+        """Thread pool: the file is complete (still open: its descriptor, to make it
+        durable, and its bytes if one job wrote it — not read back); tell the session,
+        which has its header read (``_header``, maybe in another thread while it makes
+        the file durable)."""
+        fd, content = self.incoming.written()
+        return self.session.written_then(
+            path, lambda: self._header(path, sha256, data_size, content), fd)
 
-    def _header(self, path, sha256, data_size):
+    def _header(self, path, sha256, data_size, content=None):
         """Thread pool: read the file's header and tell the session."""
-        got = _meta_of(path, sha256, data_size)
+        got = _meta_of(path, sha256, data_size, content)
         meta = got[1]
         if meta is not None and meta.sop_instance_uid == self.uid and \
                 meta.sop_class_uid == self.cls and not _bad_parent(meta):

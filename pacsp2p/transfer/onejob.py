@@ -71,7 +71,7 @@ class OneJob(StoreSession):
         """Thread pool, the file is complete: start its fsync (in the archive's pool)."""
         self.flushed = self.archive.begin_flush(path)
 
-    def written_then(self, path, rest):
+    def written_then(self, path, rest, fd=None):
         """Thread pool, the file is complete: fsync it here while ``rest`` (the header
         read, then ``header_read``: keep, record) runs in the keeping pool; rest()'s
         result once both are done. A keeping job not begun when the fsync is done (no
@@ -81,7 +81,7 @@ class OneJob(StoreSession):
         keepers = threads.pool(self.ingest.reactor, "ingest-keep", 1, 4)
         if flusher is None or not keepers.started or keepers.joined:
             return super().written_then(path, rest)
-        flush = flusher(path)                  # opened before rest() may unlink it
+        flush = flusher(path, fd)              # open before rest() may unlink it
         self.flushed = lambda: None            # made_durable: this thread's fsync
         done, out, claim = threading.Event(), [], threading.Lock()
 

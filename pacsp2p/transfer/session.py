@@ -8,7 +8,8 @@ session what happens, in this order:
 - reactor: ``complete()`` once the data set is whole, or ``abort()`` if it never will be
   (the association was lost, the request was refused); after ``abort()`` nothing of it
   is kept anywhere, and ``store`` still works (copies are then made from the file);
-- writer thread: ``written_then(path, rest)`` once the file is closed: ``written(path)``,
+- writer thread: ``written_then(path, rest, fd)`` once the file is whole (*fd*: still
+  open, valid during the call): ``written(path)``,
   then ``rest()`` — the front end's header read, which calls ``header_read(path, meta)``
   if the header names what the request announced (the session may keep the file from
   there: ``kept`` is then set, and the front end must not remove it), else
@@ -53,8 +54,9 @@ class StoreSession:
         return self.ingest.store(path, meta, self)
 
     # the thread that wrote the file
-    def written_then(self, path, rest):
-        """The file is complete and closed: ``written``, then rest()'s result."""
+    def written_then(self, path, rest, fd=None):
+        """The file is complete: ``written``, then rest()'s result (*fd*: its open
+        descriptor, valid during the call, or None)."""
         self.written(path)
         return rest()
 

@@ -87,8 +87,8 @@ class SyncArchive(EmbeddedArchive):
     def _run(self, fn, *args):
         return defer.maybeDeferred(fn, *args)
 
-    def flusher(self, received):
-        flush = super().flusher(received)
+    def flusher(self, received, fd=None):
+        flush = super().flusher(received, fd)
 
         def failing():
             flush()
