@@ -9,7 +9,7 @@ pulled by a second catalog as anti-entropy does (``read_changes`` in batches of 
 -> ``check_wire`` -> ``write_wires``). Prints CPU-seconds per 1,000 facts of each and
 the catalog's bytes per instance. Run it against two trees to compare (PYTHONPATH):
 
-    PYTHONPATH=TREE .venv/bin/python bench/catalog_lww.py [--facts N] [--batch B]
+    PYTHONPATH=TREE .venv/bin/python bench/catalog_lww.py [--facts N] [--batch B] [--gone G]
 """
 from __future__ import annotations
 
@@ -57,9 +57,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--facts", type=int, default=100_000)
     p.add_argument("--batch", type=int, default=50, help="facts per writer batch")
+    p.add_argument("--gone", type=int, default=0,
+                   help="retired rows in each catalog first (schema 6: a catalog where "
+                        "deletions emptied series; ignored by a tree without gone_rows)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="catalog-lww-") as tmp:
         a, b = open_catalog(Path(tmp) / "a.sqlite"), open_catalog(Path(tmp) / "b.sqlite")
+        for c in (a, b):
+            if args.gone and c.execute("SELECT 1 FROM sqlite_master WHERE name = "
+                                       "'gone_rows'").fetchone():
+                c.executemany("INSERT INTO gone_rows VALUES ('SERIES', ?, 1, '[]')",
+                              [(f"1.2.3.gone.{i}",) for i in range(args.gone)])
         parents: dict = {}
         cpu = time.process_time()
         for batch in facts(args.facts, args.batch):

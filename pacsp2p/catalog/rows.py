@@ -20,7 +20,8 @@ version takes that version, while one that remembered keeps the newer. So:
   0 — an announcement: no copy, its instance's rows as this peer holds them — so every
   peer pulls every peer's version and keeps the greater values (``facts``: equal
   stamps, the greater values). A peer of an older release keeps the fact as a location
-  that is no copy (``size`` < 0, as a tombstone marker's).
+  that is no copy (``size`` < 0, as a tombstone marker's). The rows an older release
+  left without children (a patient whose study moved) are retired then too.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ ANNOUNCE_SIZE = -3      # an announcement fact's size (archive ""): rows to send
 
 
 def reannounce(conn: sqlite3.Connection, peer: str, path=None) -> int:
-    """If ``catalog_meta`` has the mark ``reannounce`` (and *peer* is named): write one
+    """If ``catalog_meta`` has the mark ``reannounce`` (and *peer* is named): retire the
+    rows an older release left without children (a patient whose study moved), write one
     announcement fact of *peer*'s (archive "", size ``ANNOUNCE_SIZE``: no copy, readers
     of copies take ``size >= 0`` only) for each series whose row has stamp 0, on one of
     its instances that no tombstone names, numbered above every fact of *peer*'s and the
@@ -210,6 +212,13 @@ def reannounce(conn: sqlite3.Connection, peer: str, path=None) -> int:
         return 0
     conn.execute("BEGIN IMMEDIATE")
     try:
+        for level in ("SERIES", "STUDY", "PATIENT"):      # left empty by an older release
+            child = CHILD[level]
+            for (key,) in conn.execute(
+                    f"SELECT {UNIQUE[level]} FROM {TABLES[level]} t WHERE NOT EXISTS (SELECT "
+                    f"1 FROM {TABLES[child]} c WHERE c.{PARENT[child][1]} = "
+                    f"t.{UNIQUE[level]})").fetchall():
+                retire(conn, level, key)
         uids = [r[0] for r in conn.execute(
             "SELECT (SELECT min(i.SOPInstanceUID) FROM instances i WHERE "
             "i.SeriesInstanceUID = s.SeriesInstanceUID AND NOT EXISTS (SELECT 1 FROM "

@@ -135,6 +135,8 @@ def test_rows_that_differed_before_the_stamps_converge_after_the_upgrade(tmp_pat
     c.conn.execute("UPDATE patients SET PatientName = 'RACE^V3', PatientSex = 'F'")
     c.conn.execute("UPDATE studies SET StudyDescription = 'study v3'")
     assert [p.name_of() for p in (a, b, c)] == ["RACE^V1", "RACE^V2", "RACE^V3"]
+    # a patient whose study moved to P1 under a release of schema 5: left, empty
+    b.conn.execute("INSERT INTO patients (PatientID, PatientName) VALUES ('P0', 'MOVED')")
     for p in (a, b, c):                    # the file as the release of schema 5 left it
         p.conn.execute("PRAGMA user_version=5")
         for name in ("row_check_patient", "row_check_study", "row_check_series",
@@ -150,6 +152,7 @@ def test_rows_that_differed_before_the_stamps_converge_after_the_upgrade(tmp_pat
     for x, y in itertools.permutations((a, b, c), 2):
         x.pull(y)
     assert [p.name_of() for p in (a, b, c)] == ["RACE^V3"] * 3
+    assert b.patients() == ["P1"]           # P0 retired at the upgrade
     assert a.rows() == b.rows() == c.rows()
     assert db.digest(a.conn) == db.digest(b.conn) == db.digest(c.conn)
     assert a.conn.execute("SELECT count(*) FROM catalog_meta WHERE key = 'reannounce'"
