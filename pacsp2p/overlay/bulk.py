@@ -16,6 +16,13 @@ over plain HTTP/1.1 inside the same mutual TLS:
   a small instance costs neither its own request, its own catalog query nor its own
   thread hops (the sender's side of a relayed C-MOVE of 2,000 small MR instances).
 
+The two instance reads are served on the read port too (``Reads`` on ``threadtls``:
+stdlib ``ssl`` in threads, each answer one ``sendall`` that OpenSSL encrypts and writes
+in C: half the holder's CPU per image of this Twisted site). A peer advertises that port
+in its member info (``read_port``) and askers use it; this site keeps serving the reads
+to peers of before it (a rolling upgrade), with the same checks (``check_get``,
+``check_batch``, ``read_one``, ``read_batch``).
+
 Everything in a request is hostile until checked: the UID must be valid (PS3.5 §9.1, else
 400) and the catalog must place it on that archive of this peer (else 404): the channel
 serves instances the catalog knows, by UID, never a path. Error bodies are fixed short
@@ -37,6 +44,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from urllib.parse import parse_qs, unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -185,7 +193,106 @@ class _Changes(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class Refused(Exception):
+    """A request refused before anything is read: its code and fixed short body."""
+
+    def __init__(self, code: int, body: bytes):
+        super().__init__(code)
+        self.code, self.body = code, body
+
+
+def _bad(body: bytes = b"bad request\n") -> Refused:
+    return Refused(400, body)
+
+
+def check_get(parts: list, sha: bytes) -> tuple[str, str, str | None]:
+    """(archive, uid, sha256 or None) of ``GET /instances/<archive>/<uid>?sha256=H``
+    (*parts*: the path's segments after ``instances``, unquoted); ``Refused``: 400 for
+    an invalid UID (PS3.5 §9.1) or hash."""
+    if len(parts) != 2:
+        raise _bad()
+    try:
+        name, uid = (part.decode("ascii") for part in parts)
+    except UnicodeDecodeError:
+        raise _bad(b"invalid SOP Instance UID\n") from None
+    if not is_uid(uid):
+        log.warn("bulk request refused: invalid SOP Instance UID {uid}", uid=shown(uid))
+        raise _bad(b"invalid SOP Instance UID\n")
+    if sha and not _SHA256.match(sha):
+        raise _bad(b"invalid sha256\n")
+    return name, uid, sha.decode() or None
+
+
+def check_batch(parts: list, body: bytes) -> tuple[str, list]:
+    """(archive, [(uid, sha256 or "")]) of ``POST /instances/<archive>``; ``Refused``."""
+    try:
+        if len(parts) != 1 or len(body) > MAX_BATCH_BODY:
+            raise ValueError("path or size")
+        return parts[0].decode("ascii"), _batch(json.loads(body))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _bad() from None
+
+
+def archive_of(archives: dict, name: str):
+    """The archive *name* of this peer that can be read; ``Refused`` 404 otherwise."""
+    archive = archives.get(name)
+    if archive is None or "open" not in archive.capabilities:
+        raise Refused(404, b"no such archive\n")
+    return archive
+
+
+def read_one(catalog, archive, name: str, uid: str, sha: str | None):
+    """Reactor: Deferred[bytes, or an open file (larger than ``WHOLE``)] of *uid* on
+    *archive*, if the catalog places it there (else KeyError); at most ``max_fetches``
+    reads of the archive at once (``flow``); not hashed here (the asker hashes it)."""
+    def opened(held):
+        if uid not in held:
+            raise KeyError("not in the catalog")
+        if "read_many" in archive.capabilities:         # up to 1 MB: read in one job
+            return fetch_gate(archive).run(archive.read_many, [(uid, sha)], WHOLE,
+                                           examined=False).addCallback(whole)
+        return open_gated(archive, uid, sha)
+
+    def whole(results):
+        got = results[0]
+        if isinstance(got, BaseException):
+            raise got
+        return got[0] if isinstance(got, tuple) else got
+    return catalog.held(catalog.peer, name, [uid]).addCallback(opened)
+
+
+def read_batch(catalog, archive, name: str, items) -> defer.Deferred:
+    """Reactor: Deferred[[(status, body)]], one frame per item of a batch (see the
+    module's docstring), the held ones read whole in ONE job of the archive's pool."""
+    uids = [uid for uid, _ in items]
+    if "read_many" not in archive.capabilities:         # each alone, as a GET
+        return defer.succeed([(ALONE, b"")] * len(items))
+
+    def read(held):
+        asked = [(uid, sha or None) for uid, sha in items if uid in held]
+        if not asked:
+            return held, []
+        return fetch_gate(archive).run(archive.read_many, asked, BATCH_ITEM,
+                                       examined=False).addCallback(lambda r: (held, r))
+
+    def frames(answer):
+        held, results = answer
+        results, out, size = iter(results), [], 0
+        for uid in uids:
+            frame = _frame(next(results)) if uid in held else (NOT_HELD, b"")
+            size += len(frame[1])
+            out.append(frame if size <= BATCH_BYTES else (ALONE, b""))
+        return out
+    return catalog.held(catalog.peer, name, uids).addCallback(read).addCallback(frames)
+
+
+def _not_held(failure_or_error) -> bool:
+    return isinstance(failure_or_error, (KeyError, FileNotFoundError, LookupError))
+
+
 class _Instances(resource.Resource):
+    """The instance reads on the Twisted port (askers of before the read port)."""
+
     isLeaf = True
 
     def __init__(self, archives, pool, reactor, catalog):
@@ -196,44 +303,21 @@ class _Instances(resource.Resource):
     def render_GET(self, request):
         """``/instances/<archive>/<uid>``: 400 for an invalid UID or hash, 404 for an
         archive or an instance this peer's catalog does not place there."""
-        if len(request.postpath) != 2:
-            return _answer(request, 400, b"bad request\n")
         try:
-            name, uid = (part.decode("ascii") for part in request.postpath)
-        except UnicodeDecodeError:
-            return _answer(request, 400, b"invalid SOP Instance UID\n")
-        if not is_uid(uid):
-            log.warn("bulk request refused: invalid SOP Instance UID {uid}", uid=shown(uid))
-            return _answer(request, 400, b"invalid SOP Instance UID\n")
-        sha = request.args.get(b"sha256", [b""])[0]
-        if sha and not _SHA256.match(sha):
-            return _answer(request, 400, b"invalid sha256\n")
-        archive = self.archives.get(name)
-        if archive is None or "open" not in archive.capabilities:
-            return _answer(request, 404, b"no such archive\n")
-        d = self.catalog.held(self.catalog.peer, name, [uid])
-
-        def opened(held):
-            if uid not in held:
-                raise KeyError("not in the catalog")
-            if "read_many" in archive.capabilities:     # up to 1 MB: read in one job
-                return fetch_gate(archive).run(archive.read_many,     # (the asker
-                                               [(uid, sha.decode() or None)],  # hashes it)
-                                               WHOLE, examined=False)
-            return open_gated(archive, uid, sha.decode() or None)   # max_fetches at once
+            name, uid, sha = check_get(request.postpath,
+                                       request.args.get(b"sha256", [b""])[0])
+            archive = archive_of(self.archives, name)
+        except Refused as r:
+            return _answer(request, r.code, r.body)
 
         def stream(f):
-            if isinstance(f, list):                     # read_many's answer
-                f = f[0]
-                if isinstance(f, BaseException):
-                    raise f
-                if isinstance(f, tuple):                # the whole file: one write
-                    _send(request, b"application/dicom", f[0])
-                    return None
+            if isinstance(f, bytes):                    # the whole file: one write
+                _send(request, b"application/dicom", f)
+                return None
             request.setHeader(b"content-type", b"application/dicom")
             return _FileProducer(f, request, self.pool, self.reactor).start()
 
-        d.addCallback(opened)
+        d = read_one(self.catalog, archive, name, uid, sha)
         d.addCallback(stream)
         d.addErrback(self._not_served, request, name, uid)
         return server.NOT_DONE_YET
@@ -242,54 +326,68 @@ class _Instances(resource.Resource):
         """``/instances/<archive>``: a batch (see the module's docstring); 400 for a bad
         request (any invalid UID or hash), 404 for an archive this peer has not."""
         try:
-            if len(request.postpath) != 1:
-                raise ValueError("path")
-            name = request.postpath[0].decode("ascii")
             body = request.content.read(MAX_BATCH_BODY + 1) if request.content else b""
-            if len(body) > MAX_BATCH_BODY:
-                raise ValueError("too big")
-            items = _batch(json.loads(body))
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return _answer(request, 400, b"bad request\n")
-        archive = self.archives.get(name)
-        if archive is None or "open" not in archive.capabilities:
-            return _answer(request, 404, b"no such archive\n")
-        uids = [uid for uid, _ in items]
-        if "read_many" not in archive.capabilities:       # each alone, as a GET
-            _send_frames(request, [(ALONE, b"")] * len(items))
-            return server.NOT_DONE_YET
-        d = self.catalog.held(self.catalog.peer, name, uids)
-
-        def read(held):
-            asked = [(uid, sha or None) for uid, sha in items if uid in held]
-            if not asked:
-                return held, []
-            return fetch_gate(archive).run(archive.read_many, asked,       # one job
-                                           BATCH_ITEM, examined=False    # (the asker
-                                           ).addCallback(lambda r: (held, r))   # hashes)
-
-        def send(answer):
-            held, results = answer
-            results, frames, size = iter(results), [], 0
-            for uid in uids:
-                frame = _frame(next(results)) if uid in held else (NOT_HELD, b"")
-                size += len(frame[1])
-                frames.append(frame if size <= BATCH_BYTES else (ALONE, b""))
-            _send_frames(request, frames)
-
-        d.addCallback(read)
-        d.addCallback(send)
+            name, items = check_batch(request.postpath, body)
+            archive = archive_of(self.archives, name)
+        except Refused as r:
+            return _answer(request, r.code, r.body)
+        d = read_batch(self.catalog, archive, name, items)
+        d.addCallback(lambda frames: _send_frames(request, frames))
         d.addErrback(lambda f: _fail(request, f))
         return server.NOT_DONE_YET
 
     @staticmethod
     def _not_served(failure, request, name, uid):
-        if failure.check(KeyError, FileNotFoundError, LookupError):
-            log.info("bulk request: {uid} on {archive} not held ({err})", uid=uid,
-                     archive=shown(name), err=shown(failure.getErrorMessage(), 200))
+        if _not_held(failure.value):
+            _log_not_held(name, uid, failure.value)
             _fail(request, None, 404, b"unknown instance\n")
         else:
             _fail(request, failure)
+
+
+def _log_not_held(name, uid, err) -> None:
+    log.info("bulk request: {uid} on {archive} not held ({err})", uid=uid,
+             archive=shown(name), err=shown(str(err), 200))
+
+
+class Reads:
+    """The instance reads served on the read port (``threadtls``), in its threads: the
+    same checks and reads as ``_Instances`` (the catalog and the archive asked in the
+    reactor, ``on_reactor``), the answer written by the connection's thread. Any other
+    path: 404."""
+
+    def __init__(self, catalog, archives: dict):
+        self.catalog, self.archives = catalog, archives
+        self.on_reactor = None          # the server's (``ThreadServer.on_reactor``)
+
+    def __call__(self, request):
+        path, _, query = request.target.partition(b"?")
+        parts = [unquote_to_bytes(p) for p in path.split(b"/")[1:]]
+        try:
+            if parts[:1] != [b"instances"]:
+                raise Refused(404, b"not found\n")
+            if request.method == b"GET":
+                return self._get(parts[1:], parse_qs(query).get(b"sha256", [b""])[0])
+            if request.method == b"POST":
+                name, items = check_batch(parts[1:], request.body)
+                frames = self.on_reactor(read_batch, self.catalog,
+                                         archive_of(self.archives, name), name, items)
+                return 200, b"application/octet-stream", [
+                    part for status, body in frames
+                    for part in (FRAME.pack(status, len(body)), body)]
+            raise Refused(405, b"method not allowed\n")
+        except Refused as r:
+            return r.code, b"text/plain", r.body
+
+    def _get(self, parts, sha):
+        name, uid, sha = check_get(parts, sha)
+        archive = archive_of(self.archives, name)
+        try:
+            got = self.on_reactor(read_one, self.catalog, archive, name, uid, sha)
+        except (KeyError, FileNotFoundError, LookupError) as e:
+            _log_not_held(name, uid, e)
+            raise Refused(404, b"unknown instance\n") from None
+        return 200, b"application/dicom", got
 
 
 def _batch(asked) -> list[tuple[str, str]]:

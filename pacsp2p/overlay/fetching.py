@@ -386,6 +386,12 @@ class _QuietFactory(_HTTP11ClientFactory):
         return _NoDelayClient(self._quiescentCallback)
 
 
+def _reads(member) -> int:
+    """The port that serves *member*'s instance reads: its read port (``bulk.Reads``),
+    or the bulk port of a peer that advertises none (older; ``read_port = -1``)."""
+    return getattr(member, "read_port", 0) or member.bulk_port
+
+
 class BulkClient:
     """Fetch from other peers' bulk channels."""
 
@@ -414,8 +420,8 @@ class BulkClient:
         self._agents[name] = entry
         return entry[0]
 
-    def _get(self, member, path: str):
-        url = f"https://{member.host}:{member.bulk_port}{path}".encode()
+    def _get(self, member, path: str, port: int = 0):
+        url = f"https://{member.host}:{port or member.bulk_port}{path}".encode()
         return self._agent(member.name).request(b"GET", url, Headers({}))
 
     def _answer(self, requested, member):
@@ -450,7 +456,7 @@ class BulkClient:
         on the way (``sha256``: the reader checks it, ``transfer.verify``)."""
         query = f"?sha256={sha256}" if sha256 else ""
         return self.download(member, f"/instances/{quote(archive)}/{quote(uid)}{query}",
-                             hashed=True, in_memory=True)
+                             hashed=True, in_memory=True, port=_reads(member))
 
     @defer.inlineCallbacks
     def fetch_many(self, member, archive: str, items):
@@ -462,7 +468,7 @@ class BulkClient:
         broken answer: over its bound, not the frames asked, ``answer_timeout``)."""
         if member.name in self._unbatched:
             raise Unbatched(f"{member.name} serves no batches")
-        url = f"https://{member.host}:{member.bulk_port}/instances/{quote(archive)}"
+        url = f"https://{member.host}:{_reads(member)}/instances/{quote(archive)}"
         body = json.dumps([[uid, sha or ""] for uid, sha in items],
                           separators=(",", ":")).encode()
         requested = self._agent(member.name).request(
@@ -489,11 +495,13 @@ class BulkClient:
         return self.download(member, f"/incoming/{quote(token)}", hashed=True)
 
     @defer.inlineCallbacks
-    def download(self, member, path: str, hashed: bool = False, in_memory: bool = False):
+    def download(self, member, path: str, hashed: bool = False, in_memory: bool = False,
+                 port: int = 0):
         """Deferred[temporary file] with the body of GET *path* (deleted when closed);
         with *in_memory*, a file-like object in memory if the body is small enough (see
-        ``_FileSink``): for callers that only read, seek and close it (no ``name``)."""
-        response = yield self._get(member, path)
+        ``_FileSink``): for callers that only read, seek and close it (no ``name``);
+        *port*: another than the member's bulk port."""
+        response = yield self._get(member, path, port)
         if response.code != 200:
             response.deliverBody(_Discard())
             raise (NotHeld if response.code == 404 else IOError)(

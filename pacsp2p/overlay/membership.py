@@ -78,6 +78,8 @@ class MemberInfo:
     # its archives being drained: {name: "draining" | "blocked" | "drained"}; placement
     # on every peer leaves them out (transfer.drain)
     draining: dict = field(default_factory=dict, hash=False)
+    # its read port (bulk.Reads on threadtls), 0: none (an older peer: its bulk_port)
+    read_port: int = 0
 
 
 _INFO_FIELDS = frozenset(f.name for f in fields(MemberInfo))
@@ -98,6 +100,7 @@ def check_info(wire) -> dict:
         raise Invalid("bad member info")
     ok = (_text(wire.get("host", "")) and _port(wire.get("port")) and
           _port(wire.get("bulk_port")) and _text(wire.get("facade_ae", ""), 16) and
+          _port(wire.get("read_port", 0)) and
           _port(wire.get("facade_port", 0)) and
           (wire.get("site") is None or _text(wire["site"])))
     archives = wire.get("archives", [])
@@ -153,6 +156,10 @@ class Member(Node):
     @property
     def bulk_port(self):
         return self.info.bulk_port
+
+    @property
+    def read_port(self):
+        return self.info.read_port
 
     @property
     def link(self) -> "Link | None":

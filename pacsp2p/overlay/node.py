@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import socket
 import time
+from dataclasses import replace
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pacsp2p.overlay import bulk, fetching, tls
+from pacsp2p.overlay import bulk, fetching, threadtls, tls
 from pacsp2p.overlay.commands import Vector
 from pacsp2p.overlay.dissemination import Dissemination, check_vector
 from pacsp2p.overlay.membership import MemberInfo, Membership
@@ -98,10 +99,33 @@ class Overlay:
             raise RuntimeError(f"overlay.bulk_port {self.o.bulk_port}: {e}") from e
         for port in self._ports:             # accepted sockets inherit it (Linux)
             port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.o.read_port >= 0:
+            self._read_port(timeout)
         self.membership.start()
-        log.info("overlay: peer {name} on {bind}:{port} (bulk {bulk}), seeds {seeds}",
-                 name=self.name, bind=self.o.bind, port=self.o.port, bulk=self.o.bulk_port,
+        log.info("overlay: peer {name} on {bind}:{port} (bulk {bulk}, reads {reads}), seeds "
+                 "{seeds}", name=self.name, bind=self.o.bind, port=self.o.port,
+                 bulk=self.o.bulk_port, reads=self.membership.me.read_port or "none",
                  seeds=", ".join(f"{h}:{p}" for h, p in self.o.seeds) or "none")
+
+    def _read_port(self, timeout: float) -> None:
+        """The instance reads served in threads (``bulk.Reads`` on ``threadtls``; the
+        bulk port keeps serving them to older peers), advertised in our member info."""
+        reads = bulk.Reads(self.catalog, self.archives)
+        server = threadtls.ThreadServer(
+            self.reactor, threadtls.server_context(self.o.tls_dir, self.name), reads,
+            "read port", "bulk-read", handshake_timeout=timeout, max_body=bulk.MAX_BATCH_BODY)
+        reads.on_reactor = server.on_reactor
+        try:
+            server.listen(self.o.read_port, self.o.bind)
+        except OSError as e:
+            for port in self._ports:
+                port.stopListening()
+            self._ports = []
+            self.pool.stop()
+            raise RuntimeError(f"overlay.read_port {self.o.read_port}: {e}") from e
+        server.what = server.guard.what = f"read port {server.port}"
+        self._ports.append(server)
+        self.membership.me = replace(self.membership.me, read_port=server.port)
 
     def stop(self):
         self.membership.stop()
@@ -181,4 +205,5 @@ class Overlay:
                 "handshakes": {p.guard.what: {"pending": p.guard.pending,
                                                "expired": p.guard.expired,
                                                "evicted": p.guard.evicted}
-                               for p in self._ports}}
+                               for p in self._ports},
+                "reads": [p.status() for p in self._ports if hasattr(p, "status")]}

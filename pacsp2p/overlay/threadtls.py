@@ -158,6 +158,7 @@ class ThreadServer:
         self.stopping = False
         self.socket = None
         self.refused = 0                # handshakes that failed (certificate, not TLS)
+        self.requests = 0               # requests answered
 
     # -- life cycle ------------------------------------------------------------------
     def listen(self, port: int, interface: str = "") -> "ThreadServer":
@@ -272,6 +273,7 @@ class ThreadServer:
                          method=shown(request.method.decode("ascii", "replace"), 16),
                          err=shown(repr(e), 200))
                 answer = (500, b"text/plain", b"internal error\n")
+            self.requests += 1                  # (a lost count under a race: a statistic)
             if not self._answer(conn, out, answer, keep) or not keep:
                 return
 
@@ -337,7 +339,7 @@ class ThreadServer:
         if b"transfer-encoding" in headers:
             raise _Bad(501, b"only content-length bodies\n")
         length = headers.get(b"content-length", b"0")
-        if not length.isdigit() or len(length) > 12:
+        if not length.isdigit() or len(length) > 19:
             raise _Bad(400, b"bad request\n")
         length = int(length)
         if length > self.max_body:
@@ -357,8 +359,7 @@ class ThreadServer:
             f, body = body, None
         try:
             if f is not None:
-                length = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") else \
-                    f.seek(0, 2) - f.seek(0)
+                length = _size(f)
             else:
                 parts = body if isinstance(body, list) else [body]
                 length = sum(len(p) for p in parts)
@@ -416,8 +417,19 @@ class ThreadServer:
 
     def status(self) -> dict:
         with self._lock:
-            return {"serving": self.running, "waiting": len(self._queued),
-                    "idle": len(self._idle), "refused": self.refused}
+            return {"port": self.port, "serving": self.running,
+                    "waiting": len(self._queued), "idle": len(self._idle),
+                    "refused": self.refused, "requests": self.requests}
+
+
+def _size(f) -> int:
+    """Bytes of an open file from its start (a file on disk, or one in memory)."""
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (OSError, ValueError):               # (io.UnsupportedOperation: in memory)
+        end = f.seek(0, 2)
+        f.seek(0)
+        return end
 
 
 def _recv(tls, buf: bytearray, deadline: float) -> None:

@@ -124,10 +124,11 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return False
 
 
-@pytest.mark.parametrize("which", ["overlay", "bulk"])
+@pytest.mark.parametrize("which", ["overlay", "bulk", "read"])
 def test_an_idle_socket_is_closed_after_the_handshake_timeout(cluster, which):
     p = cluster[1]
-    port = cluster.overlay_ports[p.name][0 if which == "overlay" else 1]
+    port = (get_json(p)["overlay"]["reads"][0]["port"] if which == "read" else
+            cluster.overlay_ports[p.name][0 if which == "overlay" else 1])
     t0 = time.monotonic()
     with socket.create_connection((LOOPBACK, port), timeout=PATIENCE) as sock:
         assert closed_by_peer(sock), f"the {which} port kept an idle socket open"

@@ -4,10 +4,12 @@
 
 Starts a catalog and an embedded archive under ROOT, stores the KNOWN files in both and
 the UNCATALOGUED ones in the archive only, serves the bulk channel of peer "a" on a
-guarded mutual-TLS port on 127.0.0.1 (handshake TIMEOUT seconds, LIMIT pending), prints
-``{"port": N}`` and runs until killed; ``GET /status`` on a plain TCP port (``"status"``)
-reports the handshake guard's counters (after a garbage collection: a Deferred that
-failed unhandled is reported on stderr by then).
+guarded mutual-TLS port on 127.0.0.1 (handshake TIMEOUT seconds, LIMIT pending) and its
+instance reads on a read port (``threadtls``, the same bounds), prints ``{"port": N,
+"read_port": R, "status": S}`` and runs until killed; ``GET /status`` on a plain TCP port
+(S) reports the handshake guards' counters, the bulk port's and under ``"read"`` the read
+port's (after a garbage collection: a Deferred that failed unhandled is reported on
+stderr by then).
 """
 from __future__ import annotations
 
@@ -23,21 +25,23 @@ from twisted.web import resource, server
 from pacsp2p.adapters.embedded import EmbeddedArchive
 from pacsp2p.catalog.db import Catalog, stored_location
 from pacsp2p.dicom.header import read_meta
-from pacsp2p.overlay import bulk, tls
+from pacsp2p.overlay import bulk, threadtls, tls
 
 
 class Status(resource.Resource):
     isLeaf = True
 
-    def __init__(self, guard):
+    def __init__(self, guard, read_guard):
         super().__init__()
-        self.guard = guard
+        self.guard, self.read_guard = guard, read_guard
 
     def render_GET(self, request):
-        g = self.guard
         gc.collect()
-        return json.dumps({"pending": g.pending, "expired": g.expired,
-                           "evicted": g.evicted}).encode()
+        return json.dumps({**counters(self.guard), "read": counters(self.read_guard)}).encode()
+
+
+def counters(g) -> dict:
+    return {"pending": g.pending, "expired": g.expired, "evicted": g.evicted}
 
 
 @defer.inlineCallbacks
@@ -56,9 +60,17 @@ def main(root: Path, tls_dir: Path, timeout: float, limit: int, known, uncatalog
     site = bulk.site(catalog, {"local": archive}, pool, reactor, {})
     port = tls.listen(reactor, 0, site, tls.Credentials(tls_dir, "a").options(),
                       "127.0.0.1", "bulk port", timeout, limit)
-    status = reactor.listenTCP(0, server.Site(Status(port.guard)), interface="127.0.0.1")
-    print(json.dumps({"port": port.getHost().port, "status": status.getHost().port}),
-          flush=True)
+    reads = bulk.Reads(catalog, {"local": archive})
+    read_port = threadtls.ThreadServer(
+        reactor, threadtls.server_context(tls_dir, "a"), reads, "read port",
+        handshake_timeout=timeout, max_pending=limit, max_body=bulk.MAX_BATCH_BODY)
+    reads.on_reactor = read_port.on_reactor
+    read_port.listen(0, "127.0.0.1")
+    reactor.addSystemEventTrigger("before", "shutdown", read_port.stopListening)
+    status = reactor.listenTCP(0, server.Site(Status(port.guard, read_port.guard)),
+                               interface="127.0.0.1")
+    print(json.dumps({"port": port.getHost().port, "read_port": read_port.port,
+                      "status": status.getHost().port}), flush=True)
 
 
 def run(argv):

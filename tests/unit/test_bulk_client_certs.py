@@ -3,10 +3,12 @@
 A real bulk channel in a process of its own (tests/unit/bulk_server.py, mutual TLS with a
 cluster CA made here). Only a certificate of the cluster CA gets an HTTP answer; none,
 one of a DICOM CA made by ``pacsp2p ca init --dicom`` (what a modality holds, even with a
-peer's name), or one of another cluster CA fails the TLS handshake.
+peer's name), one of another cluster CA, or an expired one of the cluster CA fails the
+TLS handshake; on the bulk port and on the read port alike.
 """
 from __future__ import annotations
 
+import datetime
 import http.client
 import ssl
 from pathlib import Path
@@ -27,7 +29,9 @@ def bulk(tmp_path_factory):
     tls.init_ca(root / "other")
     tls.issue(root / "other", "b")
     with bulk_server(root / "server", root / "tls") as ports:      # the cluster CA: a, b
-        yield root, ports["port"]
+        long_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=9)
+        tls.issue(root / "tls", "b", days=2, not_before=long_ago, out=root / "expired")
+        yield root, ports
 
 
 def request(port: int, ca: Path, cert: Path | None) -> str:
@@ -45,9 +49,10 @@ def request(port: int, ca: Path, cert: Path | None) -> str:
         conn.close()
 
 
-def test_only_a_cluster_certificate_gets_an_answer(bulk):
-    root, port = bulk
+@pytest.mark.parametrize("which", ["port", "read_port"])       # bulk port, read port
+def test_only_a_cluster_certificate_gets_an_answer(bulk, which):
+    root, port = bulk[0], bulk[1][which]
     ca = root / "tls" / "ca.crt"
     assert request(port, ca, root / "tls" / "b") == "404"          # served (unknown UID)
-    for who in (None, root / "dicom" / "b", root / "other" / "b"):
+    for who in (None, root / "dicom" / "b", root / "other" / "b", root / "expired" / "b"):
         assert request(port, ca, who).startswith("refused"), who

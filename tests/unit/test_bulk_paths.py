@@ -1,5 +1,7 @@
 """The bulk channel serves instances the catalog knows, by valid UID, never a path; its
-ports drop connections that do not complete the TLS handshake in time (issue 11).
+ports drop connections that do not complete the TLS handshake in time (issue 11). Every
+test of instance reads runs against both ports that serve them: the bulk port (Twisted,
+for older askers) and the read port (``bulk.Reads`` on ``threadtls``).
 
 A real bulk channel runs in a process of its own (tests/unit/bulk_server.py: real
 catalog, real embedded archive, mutual TLS with a CA made here); the test speaks HTTPS
@@ -27,8 +29,12 @@ SERVER = Path(__file__).with_name("bulk_server.py")
 PATIENCE = 120.0              # generous: the machine may be busy
 
 
+PORTS = ["port", "read_port"]      # the bulk port, the read port
+
+
 class Server:
-    def __init__(self, tmp: Path, timeout: float, limit: int, known=(), uncatalogued=()):
+    def __init__(self, tmp: Path, timeout: float, limit: int, known=(), uncatalogued=(),
+                 which: str = "port"):
         self.tls_dir = tmp / "tls"
         if not (self.tls_dir / "ca.crt").exists():
             tls.init_ca(self.tls_dir)
@@ -43,12 +49,14 @@ class Server:
         if not line:
             raise RuntimeError(f"bulk server did not start: {self.proc.stderr.read()}")
         ports = json.loads(line)
-        self.port, self.status_port = ports["port"], ports["status"]
+        self.which, self.port, self.status_port = which, ports[which], ports["status"]
 
     def status(self) -> dict:
+        """The handshake guard's counters of the port tested."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/",
                                     timeout=PATIENCE) as r:
-            return json.load(r)
+            counters = json.load(r)
+        return counters["read"] if self.which == "read_port" else counters
 
     def get(self, path: str) -> tuple[int, bytes]:
         return self.ask("GET", path)
@@ -83,9 +91,10 @@ def files(tmp_path_factory):
                            d / f"{i}.dcm") for i in range(3)]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, files):
-    server = Server(tmp_path_factory.mktemp("bulk"), 600, 64, files[:2], files[2:])
+@pytest.fixture(scope="module", params=PORTS)
+def served(request, tmp_path_factory, files):
+    server = Server(tmp_path_factory.mktemp("bulk"), 600, 64, files[:2], files[2:],
+                    request.param)
     yield server
     server.stop()
 
@@ -132,13 +141,14 @@ def test_a_batch_serves_known_instances_in_order_and_no_others(served, files):
     b"[" * 8000])                                                 # nested past recursion
 def test_a_bad_batch_is_400_without_a_path(served, body):
     status, answer = served.post("/instances/local", body)
-    assert status == 400, (body[:80], status, answer)
+    too_large = served.which == "read_port" and len(body) > bulk.MAX_BATCH_BODY  # (its head)
+    assert status == (413 if too_large else 400), (body[:80], status, answer)
     assert_no_path(served, answer)
 
 
 def test_a_catalog_pull_nested_past_recursion_is_400(served):
     status, answer = served.post("/changes", b"[" * 8000)
-    assert status == 400, (status, answer)
+    assert status == (400 if served.which == "port" else 404), (status, answer)
 
 
 def test_a_batch_of_another_archive_or_path_is_refused_without_a_path(served, files):
@@ -198,8 +208,9 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return False
 
 
-def test_an_idle_socket_is_dropped_after_the_handshake_timeout(tmp_path_factory, files):
-    server = Server(tmp_path_factory.mktemp("idle"), 1.0, 64)
+@pytest.mark.parametrize("which", PORTS)
+def test_an_idle_socket_is_dropped_after_the_handshake_timeout(tmp_path_factory, which):
+    server = Server(tmp_path_factory.mktemp("idle"), 1.0, 64, which=which)
     try:
         t0 = time.monotonic()
         sock = socket.create_connection(("127.0.0.1", server.port))
@@ -217,8 +228,9 @@ def test_an_idle_socket_is_dropped_after_the_handshake_timeout(tmp_path_factory,
         server.stop()
 
 
-def test_pending_handshakes_are_capped(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("cap"), 600, 4)
+@pytest.mark.parametrize("which", PORTS)
+def test_pending_handshakes_are_capped(tmp_path_factory, which):
+    server = Server(tmp_path_factory.mktemp("cap"), 600, 4, which=which)
     idle = []
     try:
         for _ in range(4):
@@ -244,7 +256,9 @@ def test_pending_handshakes_are_capped(tmp_path_factory):
         server.stop()
 
 
-def test_an_asker_gone_before_a_large_instance_is_served_leaves_no_error(tmp_path_factory):
+@pytest.mark.parametrize("which", PORTS)
+def test_an_asker_gone_before_a_large_instance_is_served_leaves_no_error(tmp_path_factory,
+                                                                          which):
     """A retrieval that cancels a GET (its stall timer, C-CANCEL, the endgame's second
     copy) closes the connection while the holder still looks the instance up: the
     holder must not fail on the gone request ("Unhandled error in Deferred": finish()
@@ -253,7 +267,7 @@ def test_an_asker_gone_before_a_large_instance_is_served_leaves_no_error(tmp_pat
     big = datasets.write(datasets.make_image("CT", size=1024, SOPInstanceUID=datasets.uid(
         "bulk-gone", 1)), tmp / "big.dcm")
     assert big.stat().st_size > bulk.WHOLE              # streamed, not sent at once
-    server = Server(tmp, 600, 64, [big])
+    server = Server(tmp, 600, 64, [big], which=which)
     try:
         ctx = ssl.create_default_context(cafile=str(server.tls_dir / "ca.crt"))
         ctx.check_hostname = False
@@ -276,6 +290,8 @@ def test_a_request_body_past_its_bound_is_413_and_not_kept(served):
     endpoint read its first 16 KB: a certificate holder could fill the holder's disk
     (its archive's, its catalog's) with one POST. Past the largest body any request
     needs (a pull's), it is dropped as it arrives and answered 413."""
+    if served.which == "read_port":         # refused on its head, before any body
+        return test_a_read_port_refuses_a_body_past_its_bound_on_its_length(served)
     huge = b"[" + b" " * (sync.MAX_PULL_BODY + (1 << 20)) + b"]"
     for path in ("/instances/local", "/changes"):
         status, answer = served.post(path, huge)
@@ -285,6 +301,25 @@ def test_a_request_body_past_its_bound_is_413_and_not_kept(served):
     assert status == 200
 
 
+def test_a_read_port_refuses_a_body_past_its_bound_on_its_length(served):
+    """The read port answers 413 as soon as a request's head announces more than a batch
+    request's bytes (``bulk.MAX_BATCH_BODY``), then closes: nothing of it is read."""
+    if served.which != "read_port":
+        pytest.skip("the bulk port reads (and drops) the body first")
+    ctx = ssl.create_default_context(cafile=str(served.tls_dir / "ca.crt"))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(served.tls_dir / "b.crt", served.tls_dir / "b.key")
+    for length in (bulk.MAX_BATCH_BODY + 1, 1 << 40):
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", served.port),
+                                                      timeout=PATIENCE)) as s:
+            s.sendall(b"POST /instances/local HTTP/1.1\r\ncontent-length: %d\r\n\r\n"
+                      % length)
+            answer = http.client.HTTPResponse(s)
+            answer.begin()
+            assert answer.status == 413 and answer.read() == b"request too large\n"
+    assert served.post("/instances/local", b'[["1.2.3", ""]]')[0] == 200   # then served
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -292,7 +327,8 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_pipelined_answers_nobody_reads_are_not_all_buffered(tmp_path_factory):
+@pytest.mark.parametrize("which", PORTS)
+def test_pipelined_answers_nobody_reads_are_not_all_buffered(tmp_path_factory, which):
     """An asker that pipelines many GETs (or batch POSTs) and reads no answer: each
     answer is written whole, and Twisted serves the next request as soon as one is
     finished — every answer was buffered in the holder's memory (2 connections of 40
@@ -301,7 +337,7 @@ def test_pipelined_answers_nobody_reads_are_not_all_buffered(tmp_path_factory):
     mid = datasets.write(datasets.make_image("CT", size=660, SOPInstanceUID=datasets.uid(
         "bulk-pipelined", 1)), tmp / "mid.dcm")
     assert 512 << 10 < mid.stat().st_size <= bulk.WHOLE            # sent at once
-    server = Server(tmp, 600, 64, [mid])
+    server = Server(tmp, 600, 64, [mid], which=which)
     socks = []
     try:
         ctx = ssl.create_default_context(cafile=str(server.tls_dir / "ca.crt"))
