@@ -47,6 +47,7 @@ import datetime
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import re
 import threading
@@ -362,8 +363,10 @@ class AuditTrail:
         return self._stopped
 
     def _run(self, handler) -> None:
-        """The writer thread: take records, append them, flush after each batch."""
-        stream_flush = handler.flush
+        """The writer thread: take records, append them, flush after each batch. A
+        record is ``written`` once its batch is flushed; of a batch whose write or flush
+        fails (a full disk) the lines that reached the file whole are written, the rest
+        ``dropped``, and the file is cut back to its last whole line (``_salvage``)."""
         stop = False
         pos = None                    # where the next line goes (tell() once per file)
         while not stop:
@@ -379,6 +382,8 @@ class AuditTrail:
                 except queue.Empty:
                     break
             failed = 0
+            sizes: list[int] = []     # bytes of the lines in the stream, not flushed yet
+            start = None              # the file's size before them
             for record in batch:
                 if record is _STOP:
                     stop = True
@@ -387,9 +392,13 @@ class AuditTrail:
                     if type(record) is tuple:          # emit_lazy's
                         build, args = record
                         record = build(*args)
-                    line = json.dumps(record, separators=(",", ":"), ensure_ascii=False,
-                                      default=str)
-                    data = line + "\n"
+                    data = json.dumps(record, separators=(",", ":"), ensure_ascii=False,
+                                      default=str) + "\n"
+                except Exception as e:                 # a record that cannot be made
+                    failed += 1
+                    self.error = str(e)[:200]
+                    continue
+                try:
                     if handler.stream is None:
                         handler.stream = handler._open()
                         pos = None
@@ -397,24 +406,34 @@ class AuditTrail:
                         pos = handler.stream.tell()
                     size = len(data) if data.isascii() else len(data.encode("utf-8"))
                     if self.max_bytes and pos and pos + size > self.max_bytes:
+                        if sizes:
+                            handler.stream.flush()     # what the rollover closes
+                            self.written += len(sizes)
+                            sizes = []
                         handler.doRollover()
                         pos = handler.stream.tell() if handler.stream is not None else 0
+                    if not sizes:
+                        start = pos
                     handler.stream.write(data)
                     pos += size
-                    self.written += 1
+                    sizes.append(size)
                 except Exception as e:
                     pos = None
-                    failed += 1
+                    whole = _salvage(handler, start, sizes)
+                    self.written += whole
+                    failed += 1 + len(sizes) - whole
+                    sizes = []
                     self.error = str(e)[:200]
-                    try:
-                        if handler.stream is None or handler.stream.closed:
-                            handler.stream = handler._open()
-                    except Exception:
-                        pass
-            try:
-                stream_flush()
-            except Exception as e:
-                self.error = str(e)[:200]
+            if sizes:
+                try:
+                    handler.stream.flush()
+                    self.written += len(sizes)
+                except Exception as e:
+                    pos = None
+                    whole = _salvage(handler, start, sizes)
+                    self.written += whole
+                    failed += len(sizes) - whole
+                    self.error = str(e)[:200]
             if failed and self.reactor is not None:
                 self.reactor.callFromThread(self._drop, failed)
         try:
@@ -430,6 +449,34 @@ class AuditTrail:
         finally:
             if self._stopped is not None and self.reactor is not None:
                 self.reactor.callFromThread(self._stopped.callback, None)
+
+
+def _salvage(handler, start: int | None, sizes: list[int]) -> int:
+    """After a write or flush of *handler* failed (a full disk): its stream dropped with
+    what it buffered; of the lines written since the file's size was *start* (*sizes*:
+    their bytes), how many reached the file whole; the file cut back to the end of the
+    last of them, so that no line is left cut short."""
+    stream, handler.stream = handler.stream, None
+    if stream is not None:
+        try:
+            stream.close()             # flushes once more: on a full disk, fails
+        except Exception:
+            pass
+    if start is None:
+        return 0
+    try:
+        size = os.path.getsize(handler.baseFilename)
+        end = start
+        whole = 0
+        for n in sizes:
+            if end + n > size:
+                break
+            end, whole = end + n, whole + 1
+        if size > end:
+            os.truncate(handler.baseFilename, end)
+        return whole
+    except OSError:
+        return 0
 
 
 # -- the process's current trail ------------------------------------------------------

@@ -302,3 +302,63 @@ def test_an_audit_text_with_line_breaks_stays_one_xml_message_a_line(peer, tmp_p
     (xml,) = proc.stdout.splitlines()
     message = ElementTree.fromstring(xml)
     assert message.find("EventIdentification/EventOutcomeDescription").text == forged
+
+
+def test_records_lost_to_a_full_disk_are_counted_as_dropped(tmp_path):
+    """The data directory on an 8 MB tmpfs, filled up: the C-ECHOs go on, and every
+    audit record of theirs is either in audit.log or counted in
+    ``pacsp2p_audit_records_dropped_total`` (before: 0 dropped while ~200 records
+    vanished, 'written' counting them: they sat in the file object's buffer whose flush
+    failed); once there is room again the trail goes on with whole lines."""
+    from pacsp2p.testing.cluster import wait_until
+    from pacsp2p.testing.dcmtk import echo
+
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                   check=True, timeout=30)
+    data = mnt / "data"
+    trail = data / "audit.log"
+
+    def records() -> int:
+        return sum(1 for line in trail.read_bytes().splitlines() if line.strip())
+
+    def dropped(peer) -> float:
+        _, _, body = get(peer, "/metrics")
+        (line,) = [x for x in body.decode().splitlines()
+                   if x.startswith("pacsp2p_audit_records_dropped_total ")]
+        return float(line.split()[1])
+    try:
+        with Peer(tmp_path / "peer", name="full",
+                  config={"peer": {"data_dir": str(data)}}) as peer:
+            echo(peer.port, peer.ae_title)
+            seen = [-1]
+
+            def settled():                       # the same count two polls in a row
+                now, last = records(), seen[0]
+                seen[0] = now
+                return now >= 2 and now == last
+            wait_until(settled, 120, interval=2.0)
+            before = records()
+            filler = mnt / "filler"
+            with open(filler, "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                except OSError:
+                    pass
+            for _ in range(50):                  # 2 records each: association, C-ECHO
+                echo(peer.port, peer.ae_title)
+            filler.unlink()
+            for _ in range(5):
+                echo(peer.port, peer.ae_title)
+            expected = before + 2 * 55
+            wait_until(lambda: records() + dropped(peer) >= expected, 120, interval=1.0)
+            lost = dropped(peer)
+            assert records() + lost == expected, (records(), lost, expected)
+            assert lost >= 2 * 40                 # the disk was full for most of them
+        for line in trail.read_bytes().splitlines():
+            if line.strip():
+                json.loads(line)                  # whole lines: none cut, none merged
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], timeout=30)
