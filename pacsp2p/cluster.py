@@ -111,7 +111,9 @@ class Cluster:
         self.scrubber = Scrub(settings, catalog, self.archives, strategies, overlay, reactor)
         self.repair = Repair(settings, catalog, self.archives, strategies, self.ingest,
                              overlay, reactor, self.scrubber)
-        self.recheck = Recheck(settings.peer.name, catalog, self.archives, self.scrubber)
+        self.recheck = Recheck(settings.peer.name, catalog, self.archives, self.scrubber,
+                               self.repair, overlay, strategies, reactor)
+        self.scrubber.on_unrestorable = self.recheck.unrestorable    # a DIMSE archive's
         self.drainer = Drain(settings, catalog, self.archives, strategies, self.ingest,
                              self.repair, overlay, reactor, self.scrubber)
         services = getattr(getattr(overlay, "membership", None), "services", None)

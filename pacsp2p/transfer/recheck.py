@@ -13,20 +13,32 @@ sequence (a keyset read, never a scan) and checks them as the scrub does (the ar
 scrub pass on demand (``Scrub.run``), which replaces every such copy from a good
 replica. At most one sample per archive every ``EVERY`` seconds.
 
+A copy the scrub finds damaged or missing on an archive that cannot ``restore`` it
+(plain DIMSE) is made again elsewhere (``unrestorable``): a good replica, read through
+this peer (``transfer.retrieve``, its hash checked), is copied to the archives placement
+ranks first that do not hold the instance (``Repair.copy_to``, as repair does), then the
+bad copy is forgotten (its tombstone fact; the file stays in the archive, as a drain
+leaves it). Without this the bad copy went on counting as live: R copies on paper, R-1
+good ones, and repair never ran (nothing was *lost*).
+
 This is the spot check that precedes a full audit (Tahoe-LAFS's check before its
 verifier; a sample of a scrub, as Ceph's light scrub is to its deep scrub).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pacsp2p.catalog import copies
 from pacsp2p.catalog import scrub as sql
+from pacsp2p.transfer.retrieve import Retrieval
 from pacsp2p.transfer.verify import is_sha256
+from pacsp2p.types import InstanceInfo, Location, Query
 
 log = Logger()
 
@@ -35,9 +47,11 @@ EVERY = 60.0            # seconds between two samples of one archive at most
 
 
 class Recheck:
-    def __init__(self, peer: str, catalog, archives: dict, scrubber):
+    def __init__(self, peer: str, catalog, archives: dict, scrubber, repair=None,
+                 overlay=None, strategies=None, reactor=None):
         self.peer, self.catalog, self.archives = peer, catalog, archives
-        self.scrubber = scrubber
+        self.scrubber, self.repair, self.overlay = scrubber, repair, overlay
+        self.strategies, self.reactor = strategies, reactor
         self._at: dict[str, float] = {}          # archive -> when it was last sampled
         self.stats = {"samples": 0, "passes": 0}
 
@@ -66,8 +80,9 @@ class Recheck:
         rows = yield self.catalog.read(
             lambda conn: sql.own_copies(conn, self.peer, start, SAMPLE, [name]))
         if len(rows) < SAMPLE and start:                 # wrap around to the start
-            rows += yield self.catalog.read(lambda conn: sql.own_copies(
+            more = yield self.catalog.read(lambda conn: sql.own_copies(
                 conn, self.peer, 0, SAMPLE - len(rows), [name]))
+            rows += [c for c in more if c.seq <= start]
         rows = [c for c in rows if is_sha256(c.sha256)]
         if not rows:
             return False
@@ -90,4 +105,39 @@ class Recheck:
                  archive=name, bad=bad, n=len(rows))
         self.stats["passes"] += 1
         yield self.scrubber.run()
+        return True
+
+
+    @defer.inlineCallbacks
+    def unrestorable(self, c, sha: str):
+        """Deferred[bool]: this peer's copy *c* (``catalog.scrub.Copy``), damaged or
+        missing on an archive that cannot restore it, made again elsewhere from a good
+        replica hashing to *sha*, then forgotten (see above)."""
+        repair = self.repair
+        refs = yield self.catalog.resolve(Query("IMAGE", {"SOPInstanceUID": c.uid}))
+        good = tuple(loc for r in refs[:1] for loc in r.locations if is_sha256(sha) and
+                     loc.sha256 == sha and (loc.peer, loc.archive) != (self.peer, c.archive))
+        if not good or repair is None:
+            return False
+        ref = dataclasses.replace(refs[0], locations=good)
+        lv = repair.liveness()
+        kept = [loc for loc in good if lv.live(loc.peer, loc.archive)]
+        infos = yield self.catalog.read(lambda conn: copies.instance_infos(conn, [c.uid]))
+        info = infos.get(c.uid) or InstanceInfo(c.uid, "", "", "", "", c.size)
+        need = max(0, repair.replicas - len(kept))
+        targets = repair._targets(info, list(refs[0].locations), kept, lv,
+                                  repair.ingest.candidates(), need)
+        if len(targets) < need:
+            return False
+
+        def opener():                 # each target reads a good replica through us
+            return Retrieval([ref], self.archives, self.peer, self.overlay, self.strategies,
+                             self.reactor).open(ref)
+        for target in targets:
+            yield repair.copy_to(Location(c.uid, c.archive, self.peer, sha, c.size), target,
+                                 opener)
+        yield self.catalog.forget(c.uid, c.archive, c.sha256)
+        log.warn("archive {archive}: its bad copy of {uid} cannot be replaced there: made "
+                 "again on {targets} from a good replica, and forgotten here", uid=c.uid,
+                 archive=c.archive, targets=", ".join(f"{t.name}@{t.peer}" for t in targets))
         return True

@@ -454,26 +454,27 @@ class Repair:
         self._save()
 
     @defer.inlineCallbacks
-    def copy_to(self, source: Location, target):
-        """Copy *source* (ours) to the archive *target*; if it fails, the archive is
-        chosen last for SHUN seconds (``_targets``): a full one is not retried for ever
-        while another has room."""
+    def copy_to(self, source: Location, target, opener=None):
+        """Copy *source* (ours; or what *opener*() gives) to the archive *target*; if it
+        fails, the archive is chosen last for SHUN seconds (``_targets``): a full one is
+        not retried for ever while another has room."""
+        opener = opener or (lambda: self.archives[source.archive].open(
+            source.sop_instance_uid, source.sha256))
         try:
             if target.peer == self.peer:
-                yield self._copy_local(source, target.name)
+                yield self._copy_local(source, target.name, opener)
             else:
-                yield self._copy_remote(source, target)
+                yield self._copy_remote(source, target, opener)
         except Exception:
             self._failed_to[(target.peer, target.name)] = time.time()
             raise
 
     @defer.inlineCallbacks
-    def _copy_remote(self, source: Location, target):
+    def _copy_remote(self, source: Location, target, opener):
         uid = source.sop_instance_uid
-        archive = self.archives[source.archive]
         token = secrets.token_urlsafe(16)
         offers = self.overlay.offers
-        offers[token] = lambda: archive.open(uid, source.sha256)
+        offers[token] = opener
         m = self.overlay.membership
         try:
             answer = yield m.call(target.peer, Replicate, archive=target.name, uid=uid,
@@ -485,10 +486,10 @@ class Repair:
         self.overlay.sync_from(target.peer)
 
     @defer.inlineCallbacks
-    def _copy_local(self, source: Location, name: str):
+    def _copy_local(self, source: Location, name: str, opener):
         """A copy into another archive of this peer (bytes checked against *source*)."""
         uid = source.sop_instance_uid
-        f = yield self.archives[source.archive].open(uid, source.sha256)
+        f = yield opener()
         yield copy_in(f, self.archives[name], uid, source.sha256, self.tmpdir, self.catalog,
                       self.peer)
 

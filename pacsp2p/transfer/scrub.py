@@ -27,17 +27,18 @@ the copy's hash is the catalog's again, or, from a replica kept in another trans
 syntax when none has its bytes, the catalog takes its hash). The replica's whole
 Part-10 file is taken, so a copy made by the cluster comes back byte-identical. An
 archive that cannot ``restore`` (plain DIMSE), or an instance with no good replica, is
-*unrepaired*: logged as an error, listed in status, and ``pacsp2p scrub`` exits non-zero.
+*unrepaired*: logged as an error, listed in status, and ``pacsp2p scrub`` exits non-zero;
+such a copy is made again elsewhere from a good replica and forgotten here
+(``on_unrestorable``: ``recheck.Recheck.unrestorable``; the file stays in the archive).
 
-When. In the background a full pass starts every ``[cluster] scrub_interval`` seconds
-(counted from the start of the previous one, on demand or not; the first one
-``scrub_interval`` after the peer's first start), reading at most ``scrub_rate`` MB/s (a pacing token bucket), and
+When. In the background a full pass starts every ``[cluster] scrub_interval`` s (from
+the start of the previous one, on demand or not; the first ``scrub_interval`` after the
+peer's first start), reading at most ``scrub_rate`` MB/s (a pacing token bucket), and
 resumes where it stopped after a restart (its cursor, the catalog's sequence number, is
-saved every few seconds). On demand, ``run()`` (``pacsp2p scrub``) starts a full pass at
-once — at the given rate, by default ``scrub_rate`` — stopping a background pass that
-runs. A retrieval that finds a damaged copy here (``transfer.verify``) has it checked
-and replaced at once (``suspect``); another peer that finds one tells this peer
-(``CheckCopy``).
+saved every few seconds). On demand, ``run()`` (``pacsp2p scrub``; ``transfer.recheck``)
+starts a full pass at once (by default at ``scrub_rate``), stopping a background one. A
+retrieval that finds a damaged copy here (``transfer.verify``) has it checked and
+replaced at once (``suspect``); another peer that finds one tells it (``CheckCopy``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import os
 import shutil
 import tempfile
 import time
@@ -141,6 +141,7 @@ class Scrub:
         self._checking = False
         self._checkpoint: dict | None = None
         self._mending: dict[tuple, list] = {}     # (uid, archive) -> who waits
+        self.on_unrestorable = lambda c, sha: defer.succeed(False)    # (transfer.recheck)
 
     # -- life cycle ------------------------------------------------------------------
     @defer.inlineCallbacks
@@ -443,9 +444,11 @@ class Scrub:
     def _mend(self, c: Copy, sha: str) -> str:
         archive = self.archives[c.archive]
         if "restore" not in getattr(archive, "capabilities", ()):
+            gone = yield self.on_unrestorable(c, sha)
             raise ValueError(f"archive {c.archive} cannot replace a copy ("
                              f"{getattr(archive, 'adapter', type(archive).__name__)}: no "
-                             "'restore'); replace it with the archive's own tools")
+                             "'restore'); replace it with the archive's own tools" +
+                             ("; made again elsewhere, forgotten here" if gone else ""))
         refs = yield self.catalog.resolve(Query("IMAGE", {"SOPInstanceUID": c.uid}))
         if not refs:
             raise ValueError("the instance is no longer in the catalog")
@@ -594,7 +597,4 @@ def _file_hash(path: Path) -> str:
 
 
 def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    path.unlink(missing_ok=True)

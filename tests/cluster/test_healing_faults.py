@@ -304,3 +304,52 @@ def test_an_orthanc_replaced_by_an_empty_one_gets_its_copies_back(cluster, tmp_p
             assert dn.dataset_hashes(sorted(got.iterdir())) == sent
         finally:
             fresh.stop()
+
+
+def test_a_dcmqrscp_copy_damaged_or_lost_behind_our_back_is_made_again_elsewhere(
+        cluster, tmp_path):
+    """peera's only archive is a DCMTK dcmqrscp (plain DIMSE: no delete, no restore).
+    One of its files gets other bytes, another is removed from its directory (its index
+    still lists it). `pacsp2p scrub` reports the damage it cannot replace (exit 1);
+    before, the copy went on counting as live: the instance one good copy short for
+    ever, and repair never ran (nothing *lost*). Now a copy found damaged on an archive
+    that cannot restore it is made again elsewhere from a good replica and forgotten.
+    (The removed file is not found: dcmqrscp's C-GET then answers no instance, which the
+    scrub counts "skipped", not "missing": printed, not asserted.)"""
+    from pacsp2p.testing.dcmqrscp import DcmQrScp
+    with DcmQrScp(tmp_path / "qr") as qr:
+        cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2, "scrub_sample": 1.0,
+                                      "repair_after": REPAIR_AFTER}}
+        a, b, c = cluster.start(3, per_peer={"peera": {"archives": [
+            {"name": "pacs", "adapter": "dimse", "ae_title": qr.ae_title,
+             "host": "127.0.0.1", "port": qr.port}]}})
+        cluster.wait_mesh(timeout=30)
+        files = datasets.make_study(tmp_path / "HEAL5", patient_id="HEAL5", size=32,
+                                    series=[("CT", N, ExplicitVRLittleEndian)])
+        study, sent = dn.study_of(files), dn.dataset_hashes(files)
+        store_all(b, files)
+        wait_until(lambda: len(r := copies(b, study)) == N and
+                   all(len(s) == 2 for s in r.values()), 120, 0.5,
+                   "2 copies of every instance")
+        held = sorted((dn.sop_uid(f), f) for f in qr.files() if dn.sop_uid(f) in sent)
+        assert len(held) >= 2, held
+        (damaged, path), (lost, gone) = held[0], held[1]
+        data = bytearray(path.read_bytes())
+        data[-40] ^= 0xFF
+        path.write_bytes(bytes(data))
+        gone.unlink()
+        proc = subprocess.run([str(PACSP2P), "scrub", "--config", str(a.config_path)],
+                              capture_output=True, text=True, timeout=900, check=False)
+        assert proc.returncode == 1 and damaged in proc.stdout, proc.stdout + proc.stderr
+        for p in (a, b, c):
+            wait_until(lambda p=p: len(r := copies(p, study)) == N and
+                       all(len(s - {("peera", "pacs")}) >= 2
+                           for u, s in r.items() if u in (damaged,)), 120, 0.5,
+                       f"{p.name}: 2 good copies of the instance damaged on dcmqrscp")
+        got = tmp_path / "get"
+        proc = dn.getscu(a.port, a.ae_title, got,
+                         {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
+                         timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert dn.dataset_hashes(sorted(got.iterdir())) == sent
+        print("lost file:", lost, copies(a, study)[lost])
