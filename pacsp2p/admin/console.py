@@ -365,11 +365,12 @@ class Console(resource.Resource):
 
 
 def _safe_next(target: str) -> str:
-    """Where to go after logging in: a console path of this endpoint, nothing else."""
+    """Where to go after logging in: a console path of this endpoint, nothing else (a
+    ``Link``: shown whole, however long a search it names)."""
     if target.startswith("/console/") and not target.startswith("/console/login") and \
             "//" not in target and "\\" not in target and len(target) < 2000:
-        return target
-    return "/console/"
+        return Link(target)
+    return Link("/console/")
 
 
 class _Get(resource.Resource):

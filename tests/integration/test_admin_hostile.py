@@ -362,3 +362,16 @@ def test_records_lost_to_a_full_disk_are_counted_as_dropped(tmp_path):
                 json.loads(line)                  # whole lines: none cut, none merged
     finally:
         subprocess.run(["umount", "-l", str(mnt)], timeout=30)
+
+
+def test_the_login_form_keeps_a_long_next_address_whole(peer):
+    """A search of 300 characters (percent-encoded names) as the page to go back to
+    after logging in: the form carries it whole (values from DICOM are cut at 256
+    characters; the console's own links are not)."""
+    from urllib.parse import quote, urlencode
+    target = "/console/studies?" + urlencode({"name": "MÜLLER-LÜDENSCHEIDT^" * 5,
+                                              "patient_id": "X" * 60, "from": "2024-01-01"})
+    assert len(target) > 256
+    code, _, body = get(peer, "/console/login?next=" + quote(target, safe=""))
+    assert code == 200
+    assert f'value="{target.replace("&", "&amp;")}"'.encode() in body, body[-1500:]
