@@ -78,7 +78,7 @@ def _picture(m: re.Match) -> str:
 
 
 class Link(str):
-    """A page's own link (a query string it built): shown whole."""
+    """A page's own text (a link it built, a description of its words): shown whole."""
 
 
 def visible(value):
@@ -99,7 +99,8 @@ def _environment() -> jinja2.Environment:
         autoescape=True, undefined=jinja2.ChainableUndefined, finalize=visible,
         trim_blocks=True, lstrip_blocks=True)
     env.filters.update(when=when, ago=ago, duration=duration, size=size, number=number,
-                       da=dicom_date, tm=dicom_time, pn=person, describe=describe)
+                       da=dicom_date, tm=dicom_time, pn=person,
+                       describe=lambda values: Link(describe(values)))
     return env
 
 

@@ -377,6 +377,18 @@ def test_work_the_console_has_no_section_for_is_described_in_words():
     assert console.describe(None) == "" and console.describe({"here": None}) == ""
 
 
+def test_a_page_shows_its_own_words_whole_and_dicom_values_bounded():
+    """The console's own description of work (however many fields) is shown whole; a
+    value from DICOM is cut at SHOWN_MAX characters, its control characters shown as
+    their pictures (the templates' environment, finalize)."""
+    env = console._environment()
+    work = {f"field_{i}": i for i in range(40)}
+    shown = env.from_string("{{ w|describe }}").render(w=work)
+    assert len(shown) > console.SHOWN_MAX and shown.endswith("field 39 39")
+    value = env.from_string("{{ v }}").render(v="A\x1b[2J" + "N" * 1000)
+    assert value == "A\u241b[2J" + "N" * (console.SHOWN_MAX - 5) + "…"
+
+
 @pytest.mark.parametrize("form,keys,problems", [
     ({}, {}, 0),
     ({"name": "doe"}, {"PatientName": "doe*"}, 0),
