@@ -14,7 +14,8 @@
   (``dicom.tls.settings_options``), and the admin endpoint's HTTPS files
   (``dicom.tls.admin_options``).
 
-- ``data_dir``: not a file (a mistyped path).
+- ``paths``: the data directory and the overlay's TLS directory are not files (a
+  mistyped path).
 
 Each raises ``config.ConfigError`` (or ``overlay.tls.TLSError``) with a one-line
 message; nothing here opens a port, a file for writing or a connection.
@@ -28,14 +29,18 @@ from pacsp2p.dicom import tls as dicom_tls
 from pacsp2p.overlay import tls
 from pacsp2p.strategies import Strategies
 
-__all__ = ["archives", "check", "credentials", "data_dir", "strategies"]
+__all__ = ["archives", "check", "credentials", "paths", "strategies"]
 
 
-def data_dir(settings) -> None:
-    """The data directory is a directory, or not there yet (made at start)."""
-    path = settings.data_dir
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{settings.source}: peer.data_dir: {path}: not a directory")
+def paths(settings) -> None:
+    """The data directory is a directory, or not there yet (made at start); the
+    overlay's ``tls_dir`` is not a file (a missing one: ``credentials`` says so)."""
+    dirs = [("peer.data_dir", settings.data_dir)]
+    if settings.overlay is not None:
+        dirs.append(("overlay.tls_dir", settings.overlay.tls_dir))
+    for key, path in dirs:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{settings.source}: {key}: {path}: not a directory")
 
 
 def archives(settings, reactor, catalog=None) -> list:
@@ -62,7 +67,7 @@ def check(settings, reactor=None) -> dict:
     summary of what was checked."""
     if reactor is None:
         from twisted.internet import reactor
-    data_dir(settings)
+    paths(settings)
     made = archives(settings, reactor)
     chosen = strategies(settings)
     credentials(settings)

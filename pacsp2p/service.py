@@ -58,7 +58,7 @@ class PeerService(service.MultiService):
             from twisted.internet import reactor
         self.settings = settings
         self.reactor = reactor
-        preflight.data_dir(settings)
+        preflight.paths(settings)
         self.catalog = Catalog(settings.data_dir / "catalog.sqlite", reactor,
                                peer=settings.peer.name)
         # building archives validates their config (ConfigError before the reactor runs)

@@ -95,6 +95,8 @@ BROKEN = [
     ("replicas-beyond-any-integer", '[cluster]\nreplicas = 99999999999999999999999\n', {},
      "cluster.replicas: must be an integer >= 1, at most 2^53, got 99999999999999999999999"),
     ("data-dir-a-file", '', {"data": "not a directory"}, "peer.data_dir: "),
+    ("tls-dir-a-file", '[overlay]\nport = {port}\ntls_dir = "tls"\n', {"tls": "a file"},
+     "overlay.tls_dir: "),
     ("audit-backups-beyond-use", '[audit]\nbackups = 100000000\n', {},
      "audit.backups: must be an integer 1-10000, got 100000000"),
 ]
