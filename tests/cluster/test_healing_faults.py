@@ -55,6 +55,52 @@ def store_all(peer, files) -> None:
     assert out.count("Received Store Response (Success)") == len(files), out[-2000:]
 
 
+def trio(cluster, archive: dict | None, per_peer=None, **cfg):
+    """Three peers (peera's only archive *archive*, if given; *per_peer* configs),
+    meshed; *cfg*: their [cluster] (R = W = 2 unless said)."""
+    cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2, **cfg}}
+    per_peer = dict(per_peer or {})
+    if archive:
+        per_peer["peera"] = {"archives": [archive]}
+    peers = cluster.start(3, per_peer=per_peer)
+    cluster.wait_mesh(timeout=30)
+    return peers
+
+
+def stored(tmp_path, peer, pid: str, n: int, r: int = 2):
+    """A study of *n* instances stored at *peer*, once each has *r* copies: (study
+    UID, {uid: data set hash})."""
+    files = datasets.make_study(tmp_path / pid, patient_id=pid, size=32,
+                                series=[("CT", n, ExplicitVRLittleEndian)])
+    store_all(peer, files)
+    study = dn.study_of(files)
+    wait_until(lambda: len(c := copies(peer, study)) == n and
+               all(len(s) == r for s in c.values()), 120, 0.5, f"{r} copies of each")
+    return study, dn.dataset_hashes(files)
+
+
+def got_all(peer, study: str, sent: dict, out) -> None:
+    """A C-GET (getscu) of *study* at *peer* brings every instance, byte-identical."""
+    proc = dn.getscu(peer.port, peer.ae_title, out,
+                     {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert dn.dataset_hashes(sorted(out.iterdir())) == sent
+
+
+def kill_peerc_then_healed(a, b, c, study: str, n: int, r: int) -> None:
+    """kill -9 peerc; then peera and peerb count nothing under-replicated and list *r*
+    copies of each of the *n* instances outside peerc (generous bounds)."""
+    assert c.kill9() == -9
+    for p in (a, b):
+        wait_until(lambda p=p: members(p).get("peerc") == "dead", 60, 0.2,
+                   f"{p.name} sees peerc dead")
+    for p in (a, b):
+        wait_until(lambda p=p: under(p)["instances"] == 0 and
+                   (under(p).get("at") or 0) > 0 and len(x := copies(p, study)) == n and
+                   all(len(s - {("peerc", "local")}) >= r for s in x.values()),
+                   240, 1.0, f"{p.name}: {r} live copies of every instance")
+
+
 def orthanc_hashes(orthanc: Orthanc, tmp) -> dict[str, str]:
     """{SOP Instance UID: data set SHA-256} of what the Orthanc holds (its files)."""
     out = {}
@@ -88,27 +134,13 @@ def test_a_repairer_whose_orthanc_lost_its_files_repairs_from_a_good_replica(clu
         for oid in orthanc.get("/instances"):
             orthanc.request("DELETE", f"/instances/{oid}")
         assert orthanc.get("/statistics")["CountInstances"] == 0
-        assert c.kill9() == -9
-        for p in (a, b):
-            wait_until(lambda p=p: members(p).get("peerc") == "dead", 60, 0.2,
-                       f"{p.name} sees peerc dead")
         # every instance gets its 3 live copies back: peerb's spare, and peera's Orthanc
         # again where peera is the repairer (its copy replaced from peerb's first)
-        for p in (a, b):
-            wait_until(lambda p=p: under(p)["instances"] == 0 and
-                       (under(p).get("at") or 0) > 0 and
-                       len(r := copies(p, study)) == N and
-                       all(len(s - {("peerc", "local")}) >= 3 for s in r.values()),
-                       240, 1.0, f"{p.name}: 3 live copies of every instance")
+        kill_peerc_then_healed(a, b, c, study, N, 3)
         # a C-GET at each live peer: every instance, byte-identical (reads fail over
         # from the Orthanc's copies still lost: a scrub pass finds those)
         for p in (a, b):
-            out = tmp_path / f"get-{p.name}"
-            proc = dn.getscu(p.port, p.ae_title, out,
-                             {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
-                             timeout=300)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            assert dn.dataset_hashes(sorted(out.iterdir())) == sent
+            got_all(p, study, sent, tmp_path / f"get-{p.name}")
         proc = subprocess.run([str(PACSP2P), "scrub", "--config", str(a.config_path)],
                               capture_output=True, text=True, timeout=900)
         on_a = [u for u, s in copies(a, study).items() if ("peera", "orth") in s]
@@ -136,39 +168,19 @@ def test_a_disk_full_during_repair_sends_the_copies_to_an_archive_with_room(clus
     the fewest copies, is ranked first by placement among peerb's; before, the copies
     went there every 30 s for ever ("No space left on device") though peerb's "local"
     had room."""
-    cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2,
-                                  "repair_after": REPAIR_AFTER}}
-    a, b, c = cluster.start(3, per_peer={
+    a, b, c = trio(cluster, None, repair_after=REPAIR_AFTER, per_peer={
         "peerb": {"archives": [{"name": "local", "adapter": "embedded"},
                                {"name": "spare", "adapter": "embedded",
                                 "path": str(small_fs / "archive")}]}})
-    cluster.wait_mesh(timeout=30)
-    files = datasets.make_study(tmp_path / "HEAL2", patient_id="HEAL2", size=32,
-                                series=[("CT", N2, ExplicitVRLittleEndian)])
-    study, sent = dn.study_of(files), dn.dataset_hashes(files)
     with open(small_fs / "filler", "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 4096)
         except OSError:
             pass
-    store_all(a, files)
-    wait_until(lambda: len(r := copies(a, study)) == N2 and
-               all(len(s) == 2 for s in r.values()), 120, 0.5, "2 copies of every instance")
-    assert c.kill9() == -9
-    for p in (a, b):
-        wait_until(lambda p=p: members(p).get("peerc") == "dead", 60, 0.2,
-                   f"{p.name} sees peerc dead")
-    for p in (a, b):
-        wait_until(lambda p=p: under(p)["instances"] == 0 and
-                   len(r := copies(p, study)) == N2 and
-                   all(len(s - {("peerc", "local")}) >= 2 for s in r.values()),
-                   240, 1.0, f"{p.name}: 2 live copies of every instance")
-    out = tmp_path / "get"
-    proc = dn.getscu(a.port, a.ae_title, out,
-                     {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert dn.dataset_hashes(sorted(out.iterdir())) == sent
+    study, sent = stored(tmp_path, a, "HEAL2", N2)
+    kill_peerc_then_healed(a, b, c, study, N2, 2)
+    got_all(a, study, sent, tmp_path / "get")
 
 
 def drain(peer, *args, **kw):
@@ -192,19 +204,9 @@ def test_two_admins_drain_an_orthanc_killed_mid_drain_then_the_last_archive(clus
     peerc's archive is left for R = 2, so `pacsp2p drain` must end (exit 1) saying so,
     and nothing is dropped."""
     with Orthanc(tmp_path / "orthanc", aet="ORTHA") as orthanc:
-        cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2,
-                                      "repair_after": 120, "repair_rate": 0.05}}
-        a, b, c = cluster.start(3, per_peer={
-            "peera": {"archives": [{"name": "orth", "adapter": "orthanc",
-                                    "url": orthanc.url}]}})
-        cluster.wait_mesh(timeout=30)
-        files = datasets.make_study(tmp_path / "HEAL3", patient_id="HEAL3", size=32,
-                                    series=[("CT", N2, ExplicitVRLittleEndian)])
-        study, sent = dn.study_of(files), dn.dataset_hashes(files)
-        store_all(b, files)
-        wait_until(lambda: len(r := copies(b, study)) == N2 and
-                   all(len(s) == 2 for s in r.values()), 120, 0.5,
-                   "2 copies of every instance")
+        a, b, c = trio(cluster, {"name": "orth", "adapter": "orthanc", "url": orthanc.url},
+                       repair_after=120, repair_rate=0.05)
+        study, sent = stored(tmp_path, b, "HEAL3", N2)
         on_orth = sum(1 for s in copies(b, study).values() if ("peera", "orth") in s)
         assert on_orth >= 10, on_orth
         first, second = drain(a, "--peer", "peera"), drain(b, "--peer", "peera")
@@ -228,12 +230,7 @@ def test_two_admins_drain_an_orthanc_killed_mid_drain_then_the_last_archive(clus
                        f"{p.name}: 2 copies of every instance, none on the Orthanc")
         assert orthanc.get("/instances") == []
         for p in (b, c):
-            got = tmp_path / f"get-{p.name}"
-            proc = dn.getscu(p.port, p.ae_title, got,
-                             {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
-                             timeout=300)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            assert dn.dataset_hashes(sorted(got.iterdir())) == sent
+            got_all(p, study, sent, tmp_path / f"get-{p.name}")
 
         # the last archive that could hold a second copy: R cannot be met
         last = drain(c, "--peer", "peerb")
@@ -266,19 +263,9 @@ def test_an_orthanc_replaced_by_an_empty_one_gets_its_copies_back(cluster, tmp_p
     an archive that answers again (or whose instance count falls) has a sample of its
     copies checked; a missing one starts a scrub pass that puts every copy back."""
     with Orthanc(tmp_path / "orthanc", aet="ORTHA") as orthanc:
-        cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2,
-                                      "repair_after": 600}}
-        a, b, c = cluster.start(3, per_peer={
-            "peera": {"archives": [{"name": "orth", "adapter": "orthanc",
-                                    "url": orthanc.url}]}})
-        cluster.wait_mesh(timeout=30)
-        files = datasets.make_study(tmp_path / "HEAL4", patient_id="HEAL4", size=32,
-                                    series=[("CT", N2, ExplicitVRLittleEndian)])
-        study, sent = dn.study_of(files), dn.dataset_hashes(files)
-        store_all(b, files)
-        wait_until(lambda: len(r := copies(b, study)) == N2 and
-                   all(len(s) == 2 for s in r.values()), 120, 0.5,
-                   "2 copies of every instance")
+        a, b, c = trio(cluster, {"name": "orth", "adapter": "orthanc", "url": orthanc.url},
+                       repair_after=600)
+        study, sent = stored(tmp_path, b, "HEAL4", N2)
         on_orth = sorted(u for u, s in copies(a, study).items() if ("peera", "orth") in s)
         assert len(on_orth) >= 10
         orthanc.process.popen.kill()             # kill -9, by the PID we started
@@ -296,12 +283,7 @@ def test_an_orthanc_replaced_by_an_empty_one_gets_its_copies_back(cluster, tmp_p
                 assert len(r) == N2 and all(len(s) == 2 for s in r.values())
             wait_until(lambda: len({get_json(p, "digest")["digest"] for p in (a, b, c)})
                        == 1, 60, 0.5, "every peer's catalog the same")
-            got = tmp_path / "get"
-            proc = dn.getscu(a.port, a.ae_title, got,
-                             {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
-                             timeout=300)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            assert dn.dataset_hashes(sorted(got.iterdir())) == sent
+            got_all(a, study, sent, tmp_path / "get")
         finally:
             fresh.stop()
 
@@ -318,19 +300,10 @@ def test_a_dcmqrscp_copy_damaged_or_lost_behind_our_back_is_made_again_elsewhere
     scrub counts "skipped", not "missing": printed, not asserted.)"""
     from pacsp2p.testing.dcmqrscp import DcmQrScp
     with DcmQrScp(tmp_path / "qr") as qr:
-        cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2, "scrub_sample": 1.0,
-                                      "repair_after": REPAIR_AFTER}}
-        a, b, c = cluster.start(3, per_peer={"peera": {"archives": [
-            {"name": "pacs", "adapter": "dimse", "ae_title": qr.ae_title,
-             "host": "127.0.0.1", "port": qr.port}]}})
-        cluster.wait_mesh(timeout=30)
-        files = datasets.make_study(tmp_path / "HEAL5", patient_id="HEAL5", size=32,
-                                    series=[("CT", N, ExplicitVRLittleEndian)])
-        study, sent = dn.study_of(files), dn.dataset_hashes(files)
-        store_all(b, files)
-        wait_until(lambda: len(r := copies(b, study)) == N and
-                   all(len(s) == 2 for s in r.values()), 120, 0.5,
-                   "2 copies of every instance")
+        a, b, c = trio(cluster, {"name": "pacs", "adapter": "dimse", "ae_title": qr.ae_title,
+                                 "host": "127.0.0.1", "port": qr.port},
+                       scrub_sample=1.0, repair_after=REPAIR_AFTER)
+        study, sent = stored(tmp_path, b, "HEAL5", N)
         held = sorted((dn.sop_uid(f), f) for f in qr.files() if dn.sop_uid(f) in sent)
         assert len(held) >= 2, held
         (damaged, path), (lost, gone) = held[0], held[1]
@@ -346,10 +319,59 @@ def test_a_dcmqrscp_copy_damaged_or_lost_behind_our_back_is_made_again_elsewhere
                        all(len(s - {("peera", "pacs")}) >= 2
                            for u, s in r.items() if u in (damaged,)), 120, 0.5,
                        f"{p.name}: 2 good copies of the instance damaged on dcmqrscp")
-        got = tmp_path / "get"
-        proc = dn.getscu(a.port, a.ae_title, got,
-                         {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
-                         timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert dn.dataset_hashes(sorted(got.iterdir())) == sent
+        got_all(a, study, sent, tmp_path / "get")
         print("lost file:", lost, copies(a, study)[lost])
+
+
+def test_peers_and_an_orthanc_killed_mid_drain_and_mid_delete(cluster, tmp_path):
+    """kill -9 of the draining peer after a few copies moved, then started again: the
+    drain goes on from its saved state and ends "safe to remove" (every instance 2
+    copies elsewhere, byte-identical). Then the study is deleted everywhere and, before
+    the purge is done, peera's Orthanc is killed (-9) and peera too; both started again
+    (same storage): the Orthanc ends empty, findscu at every peer finds nothing, every
+    catalog is the same."""
+    from pacsp2p.testing.dcmtk import findscu
+    with Orthanc(tmp_path / "orthanc", aet="ORTHA") as orthanc:
+        a, b, c = trio(cluster, {"name": "orth", "adapter": "orthanc", "url": orthanc.url},
+                       repair_after=120, repair_rate=0.05)
+        study, sent = stored(tmp_path, b, "HEAL6", N2)
+        asked = drain(a, "--peer", "peerc")
+        wait_until(lambda: (get_json(c)["drain"]["here"] or {}).get("moved", 0) >= 3,
+                   120, 0.2, "a few copies moved off peerc")
+        assert c.kill9() == -9
+        out, err = asked.communicate(timeout=300)
+        assert asked.returncode != 0, out + err      # the draining peer died first
+        c.restart()
+        cluster.wait_mesh(timeout=120)
+        again = drain(a, "--peer", "peerc")
+        out, err = again.communicate(timeout=900)
+        assert again.returncode == 0 and out.strip().endswith("safe to remove"), out + err
+        for p in (a, b, c):
+            wait_until(lambda p=p: len(r := copies(p, study)) == N2 and
+                       all(len(s) == 2 and all(q != "peerc" for q, _ in s)
+                           for s in r.values()), 120, 0.5,
+                       f"{p.name}: 2 copies of every instance, none on peerc")
+        got_all(b, study, sent, tmp_path / "get")
+        assert drain(a, "--peer", "peerc", "--stop").wait(timeout=120) == 0
+
+        on_orth = sum(1 for s in copies(a, study).values() if ("peera", "orth") in s)
+        assert on_orth and len(orthanc.get("/instances")) == on_orth
+        gone = subprocess.run([str(PACSP2P), "delete", "--config", str(b.config_path),
+                               "--study", study, "--reason", "fault test"],
+                              capture_output=True, text=True, timeout=600, check=False)
+        orthanc.process.popen.kill()             # kill -9, by the PID we started
+        assert a.kill9() == -9
+        assert gone.returncode == 0, gone.stdout + gone.stderr
+        orthanc.process.popen.wait(timeout=30)
+        restart_orthanc(orthanc)
+        a.restart()
+        cluster.wait_mesh(timeout=120)
+        wait_until(lambda: orthanc.get("/instances") == [], 120, 1.0,
+                   "the Orthanc holds nothing of the deleted study")
+        for p in (a, b, c):
+            wait_until(lambda p=p: not copies(p, study), 120, 0.5, f"{p.name}: nothing left")
+            rows, proc = findscu(p.port, p.ae_title, {"QueryRetrieveLevel": "STUDY",
+                                                      "StudyInstanceUID": study})
+            assert proc.returncode == 0 and rows == [], proc.stderr[-2000:]
+        wait_until(lambda: len({get_json(p, "digest")["digest"] for p in (a, b, c)}) == 1,
+                   120, 0.5, "every peer's catalog the same")
