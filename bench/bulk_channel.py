@@ -11,11 +11,13 @@ pays per instance on the bulk channel (issue 15.1), without the DICOM ends.
 alternated round by round: a before/after of the serving side in one invocation.
 ``--read-sizes 65536,262144``: the asker's bulk connections read that many bytes per
 event (``fetching.READ_SIZE``), alternated the same way (every round starts on new
-connections).
+connections). ``--ports bulk,read``: the holder's port asked, alternated the same way:
+the Twisted bulk port (``bulk.site``) or the read port (``bulk.Reads`` on ``threadtls``;
+a holder tree without one is asked on its bulk port only).
 
     .venv/bin/python bench/bulk_channel.py [--studies ct] [--count N] [--parallel 2]
                                            [--rounds 5] [--many] [--holders TREE,TREE]
-                                           [--read-sizes N,N]
+                                           [--read-sizes N,N] [--ports bulk,read]
 """
 from __future__ import annotations
 
@@ -62,8 +64,11 @@ def main() -> int:
     p.add_argument("--read-sizes", default="",
                    help="comma-separated bytes per read of the asker's connections "
                         "(fetching.READ_SIZE), alternated round by round")
+    p.add_argument("--ports", default="bulk,read",
+                   help="the holder's ports asked, alternated round by round: bulk "
+                        "(Twisted), read (threadtls)")
     args = p.parse_args()
-    common.header("bulk channel alone: BulkClient <- bulk.site over mutual TLS")
+    common.header("bulk channel alone: BulkClient <- a holder's bulk or read port (mutual TLS)")
     from twisted.internet import defer, reactor
     from twisted.python.threadpool import ThreadPool
 
@@ -95,9 +100,12 @@ def main() -> int:
                 env["PYTHONPATH"] = tree
             ports = stack.enter_context(bulk_server(wd / f"server{i}", tls_dir,
                                                     known=files, env=env))
-            holders.append((f"holder {tree or 'this tree'}", ports["pid"],
-                            SimpleNamespace(name="a", host="127.0.0.1",
-                                            bulk_port=ports["port"])))
+            for which in args.ports.split(","):
+                key = {"bulk": "port", "read": "read_port"}[which]
+                if key in ports:
+                    holders.append((f"holder {tree or 'this tree'} {which} port", ports["pid"],
+                                    SimpleNamespace(name="a", host="127.0.0.1",
+                                                    bulk_port=ports[key])))
 
         @defer.inlineCallbacks
         def run():

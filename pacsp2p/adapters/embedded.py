@@ -401,6 +401,14 @@ class EmbeddedArchive:
         return self._run(lambda: [self._read_one(uid, sha, limit, examined)
                                   for uid, sha in items])
 
+    def read_many_now(self, items, limit: int, examined: bool = True) -> list:
+        """``read_many`` in the calling thread (a pool's, never the reactor's): its list
+        at once (the bulk channel's read port reads in its connection's thread)."""
+        items = list(items)
+        for uid, _ in items:
+            check_uid(uid, "SOP Instance UID")
+        return [self._read_one(uid, sha, limit, examined) for uid, sha in items]
+
     def _read_one(self, uid: str, sha256: str | None, limit: int, examined: bool = True):
         try:
             f = self._open(uid, sha256, buffering=0)

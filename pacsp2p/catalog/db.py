@@ -490,8 +490,10 @@ class Catalog:
                     refs.append(InstanceRef(uid, sop_class, ts, locs[0].size, tuple(locs)))
         return refs
 
-    def held(self, peer: str, archive: str, uids: list[str]) -> defer.Deferred:
-        """The subset of *uids* the catalog already places on *archive* of *peer*."""
+    def held(self, peer: str, archive: str, uids: list[str], now: bool = False):
+        """The subset of *uids* the catalog already places on *archive* of *peer* (a
+        Deferred; with *now*, the set, read in the calling thread, a pool's, never the
+        reactor's, on a read-only connection of its own: the bulk channel's read port)."""
         def run(conn):
             found = set()
             for i in range(0, len(uids), 500):
@@ -501,7 +503,7 @@ class Catalog:
                     f"AND size >= 0 AND SOPInstanceUID IN ({', '.join('?' * len(chunk))})",
                     [peer, archive, *chunk]))
             return found
-        return self.read(run)
+        return run(self._reader()) if now else self.read(run)
 
     def hierarchy(self, uid: str) -> defer.Deferred:
         """Where instance *uid* sits: (StudyInstanceUID, SeriesInstanceUID, SOPClassUID,

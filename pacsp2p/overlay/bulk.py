@@ -16,7 +16,7 @@ over plain HTTP/1.1 inside the same mutual TLS:
   a small instance costs neither its own request, its own catalog query nor its own
   thread hops (the sender's side of a relayed C-MOVE of 2,000 small MR instances).
 
-The two instance reads are served on the read port too (``Reads`` on ``threadtls``:
+The two instance reads are served on the read port too (``reads.Reads`` on ``threadtls``:
 stdlib ``ssl`` in threads, each answer one ``sendall`` that OpenSSL encrypts and writes
 in C: half the holder's CPU per image of this Twisted site). A peer advertises that port
 in its member info (``read_port``) and askers use it; this site keeps serving the reads
@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-from urllib.parse import parse_qs, unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -275,15 +274,18 @@ def read_batch(catalog, archive, name: str, items) -> defer.Deferred:
         return fetch_gate(archive).run(archive.read_many, asked, BATCH_ITEM,
                                        examined=False).addCallback(lambda r: (held, r))
 
-    def frames(answer):
-        held, results = answer
-        results, out, size = iter(results), [], 0
-        for uid in uids:
-            frame = _frame(next(results)) if uid in held else (NOT_HELD, b"")
-            size += len(frame[1])
-            out.append(frame if size <= BATCH_BYTES else (ALONE, b""))
-        return out
-    return catalog.held(catalog.peer, name, uids).addCallback(read).addCallback(frames)
+    return catalog.held(catalog.peer, name, uids).addCallback(read).addCallback(
+        lambda answer: frames_of(uids, *answer))
+
+
+def frames_of(uids, held, results) -> list:
+    """The frames of a batch: *results* of ``read_many`` for the *held* ones of *uids*."""
+    results, out, size = iter(results), [], 0
+    for uid in uids:
+        frame = _frame(next(results)) if uid in held else (NOT_HELD, b"")
+        size += len(frame[1])
+        out.append(frame if size <= BATCH_BYTES else (ALONE, b""))
+    return out
 
 
 def _not_held(failure_or_error) -> bool:
@@ -332,62 +334,22 @@ class _Instances(resource.Resource):
         except Refused as r:
             return _answer(request, r.code, r.body)
         d = read_batch(self.catalog, archive, name, items)
-        d.addCallback(lambda frames: _send_frames(request, frames))
+        d.addCallback(lambda frames: _sendframes_of(request, frames))
         d.addErrback(lambda f: _fail(request, f))
         return server.NOT_DONE_YET
 
     @staticmethod
     def _not_served(failure, request, name, uid):
         if _not_held(failure.value):
-            _log_not_held(name, uid, failure.value)
+            log_not_held(name, uid, failure.value)
             _fail(request, None, 404, b"unknown instance\n")
         else:
             _fail(request, failure)
 
 
-def _log_not_held(name, uid, err) -> None:
+def log_not_held(name, uid, err) -> None:
     log.info("bulk request: {uid} on {archive} not held ({err})", uid=uid,
              archive=shown(name), err=shown(str(err), 200))
-
-
-class Reads:
-    """The instance reads served on the read port (``threadtls``), in its threads: the
-    same checks and reads as ``_Instances`` (the catalog and the archive asked in the
-    reactor, ``on_reactor``), the answer written by the connection's thread. Any other
-    path: 404."""
-
-    def __init__(self, catalog, archives: dict):
-        self.catalog, self.archives = catalog, archives
-        self.on_reactor = None          # the server's (``ThreadServer.on_reactor``)
-
-    def __call__(self, request):
-        path, _, query = request.target.partition(b"?")
-        parts = [unquote_to_bytes(p) for p in path.split(b"/")[1:]]
-        try:
-            if parts[:1] != [b"instances"]:
-                raise Refused(404, b"not found\n")
-            if request.method == b"GET":
-                return self._get(parts[1:], parse_qs(query).get(b"sha256", [b""])[0])
-            if request.method == b"POST":
-                name, items = check_batch(parts[1:], request.body)
-                frames = self.on_reactor(read_batch, self.catalog,
-                                         archive_of(self.archives, name), name, items)
-                return 200, b"application/octet-stream", [
-                    part for status, body in frames
-                    for part in (FRAME.pack(status, len(body)), body)]
-            raise Refused(405, b"method not allowed\n")
-        except Refused as r:
-            return r.code, b"text/plain", r.body
-
-    def _get(self, parts, sha):
-        name, uid, sha = check_get(parts, sha)
-        archive = archive_of(self.archives, name)
-        try:
-            got = self.on_reactor(read_one, self.catalog, archive, name, uid, sha)
-        except (KeyError, FileNotFoundError, LookupError) as e:
-            _log_not_held(name, uid, e)
-            raise Refused(404, b"unknown instance\n") from None
-        return 200, b"application/dicom", got
 
 
 def _batch(asked) -> list[tuple[str, str]]:
@@ -422,7 +384,7 @@ def _frame(result) -> tuple[int, bytes]:
     return ALONE, b""
 
 
-def _send_frames(request, frames) -> None:
+def _sendframes_of(request, frames) -> None:
     parts = []
     for status, body in frames:
         parts += (FRAME.pack(status, len(body)), body)

@@ -387,7 +387,7 @@ class _QuietFactory(_HTTP11ClientFactory):
 
 
 def _reads(member) -> int:
-    """The port that serves *member*'s instance reads: its read port (``bulk.Reads``),
+    """The port that serves *member*'s instance reads: its read port (``reads.Reads``),
     or the bulk port of a peer that advertises none (older; ``read_port = -1``)."""
     return getattr(member, "read_port", 0) or member.bulk_port
 

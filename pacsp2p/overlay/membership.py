@@ -78,7 +78,7 @@ class MemberInfo:
     # its archives being drained: {name: "draining" | "blocked" | "drained"}; placement
     # on every peer leaves them out (transfer.drain)
     draining: dict = field(default_factory=dict, hash=False)
-    # its read port (bulk.Reads on threadtls), 0: none (an older peer: its bulk_port)
+    # its read port (reads.Reads on threadtls), 0: none (an older peer: its bulk_port)
     read_port: int = 0
 
 

@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pacsp2p.overlay import bulk, fetching, threadtls, tls
+from pacsp2p.overlay import bulk, fetching, reads, threadtls, tls
 from pacsp2p.overlay.commands import Vector
 from pacsp2p.overlay.dissemination import Dissemination, check_vector
 from pacsp2p.overlay.membership import MemberInfo, Membership
@@ -108,13 +108,13 @@ class Overlay:
                  seeds=", ".join(f"{h}:{p}" for h, p in self.o.seeds) or "none")
 
     def _read_port(self, timeout: float) -> None:
-        """The instance reads served in threads (``bulk.Reads`` on ``threadtls``; the
+        """The instance reads served in threads (``reads.Reads`` on ``threadtls``; the
         bulk port keeps serving them to older peers), advertised in our member info."""
-        reads = bulk.Reads(self.catalog, self.archives)
+        handler = reads.Reads(self.catalog, self.archives)
         server = threadtls.ThreadServer(
-            self.reactor, threadtls.server_context(self.o.tls_dir, self.name), reads,
+            self.reactor, threadtls.server_context(self.o.tls_dir, self.name), handler,
             "read port", "bulk-read", handshake_timeout=timeout, max_body=bulk.MAX_BATCH_BODY)
-        reads.on_reactor = server.on_reactor
+        handler.server = server
         try:
             server.listen(self.o.read_port, self.o.bind)
         except OSError as e:

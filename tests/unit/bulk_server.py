@@ -25,7 +25,7 @@ from twisted.web import resource, server
 from pacsp2p.adapters.embedded import EmbeddedArchive
 from pacsp2p.catalog.db import Catalog, stored_location
 from pacsp2p.dicom.header import read_meta
-from pacsp2p.overlay import bulk, threadtls, tls
+from pacsp2p.overlay import bulk, reads, threadtls, tls
 
 
 class Status(resource.Resource):
@@ -60,11 +60,11 @@ def main(root: Path, tls_dir: Path, timeout: float, limit: int, known, uncatalog
     site = bulk.site(catalog, {"local": archive}, pool, reactor, {})
     port = tls.listen(reactor, 0, site, tls.Credentials(tls_dir, "a").options(),
                       "127.0.0.1", "bulk port", timeout, limit)
-    reads = bulk.Reads(catalog, {"local": archive})
+    handler = reads.Reads(catalog, {"local": archive})
     read_port = threadtls.ThreadServer(
-        reactor, threadtls.server_context(tls_dir, "a"), reads, "read port",
+        reactor, threadtls.server_context(tls_dir, "a"), handler, "read port",
         handshake_timeout=timeout, max_pending=limit, max_body=bulk.MAX_BATCH_BODY)
-    reads.on_reactor = read_port.on_reactor
+    handler.server = read_port
     read_port.listen(0, "127.0.0.1")
     reactor.addSystemEventTrigger("before", "shutdown", read_port.stopListening)
     status = reactor.listenTCP(0, server.Site(Status(port.guard, read_port.guard)),
