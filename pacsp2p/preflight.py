@@ -23,6 +23,8 @@ message; nothing here opens a port, a file for writing or a connection.
 
 from __future__ import annotations
 
+import OpenSSL
+
 from pacsp2p.adapters import make_archive
 from pacsp2p.config import ConfigError
 from pacsp2p.dicom import tls as dicom_tls
@@ -56,10 +58,21 @@ def strategies(settings) -> Strategies:
 
 
 def credentials(settings):
-    """The overlay's TLS credentials (None without an ``[overlay]``)."""
+    """The overlay's TLS credentials (None without an ``[overlay]``); a file there that
+    is not what it should be (not PEM, a directory) is a ConfigError naming
+    ``overlay.tls_dir``, not a traceback."""
     if settings.overlay is None:
         return None
-    return tls.Credentials(settings.overlay.tls_dir, settings.peer.name)
+    directory = settings.overlay.tls_dir
+    try:
+        return tls.Credentials(directory, settings.peer.name)
+    except tls.TLSError:
+        raise
+    except (OSError, ValueError, OpenSSL.crypto.Error) as e:
+        why = " ".join(str(e).split())[:200]
+        raise ConfigError(f"{settings.source}: overlay.tls_dir: {directory}: its "
+                          f"certificates or key cannot be read ({type(e).__name__}: "
+                          f"{why})") from None
 
 
 def check(settings, reactor=None) -> dict:

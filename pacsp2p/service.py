@@ -69,6 +69,7 @@ class PeerService(service.MultiService):
         if settings.overlay is not None:
             from pacsp2p.overlay.node import Overlay
             from pacsp2p.transfer.replicas import ReplicaService
+            preflight.credentials(settings)    # its files readable: one line, not a trace
             self.overlay = Overlay(settings, self.catalog, by_name, reactor,
                                    responders=lambda overlay: ReplicaService(
                                        settings.peer.name, by_name, self.catalog, overlay,

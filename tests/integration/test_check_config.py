@@ -97,6 +97,11 @@ BROKEN = [
     ("data-dir-a-file", '', {"data": "not a directory"}, "peer.data_dir: "),
     ("tls-dir-a-file", '[overlay]\nport = {port}\ntls_dir = "tls"\n', {"tls": "a file"},
      "overlay.tls_dir: "),
+    ("tls-files-not-pem", '[overlay]\nport = {port}\ntls_dir = "tls"\n',
+     {"tls/ca.crt": "garbage", "tls/north.crt": "garbage", "tls/north.key": "garbage"},
+     "overlay.tls_dir: "),
+    ("tls-ca-a-directory", '[overlay]\nport = {port}\ntls_dir = "tls"\n',
+     {"tls/ca.crt/x": "a directory"}, "overlay.tls_dir: "),
     ("audit-backups-beyond-use", '[audit]\nbackups = 100000000\n', {},
      "audit.backups: must be an integer 1-10000, got 100000000"),
 ]
@@ -107,6 +112,7 @@ CHOSEN: list = []         # the ports the last _config chose ({port}, {admin_por
 
 def _config(tmp_path: Path, text: str, files: dict) -> Path:
     for name, body in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(body)
     cfg = tmp_path / "peer.toml"
     port, admin_port = free_port(), free_port()
