@@ -24,7 +24,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 
 from pacsp2p.admin.auth import hash_password
-from pacsp2p.testing import Peer, storescu
+from pacsp2p.testing import Peer, disk, storescu
 from pacsp2p.testing.datasets import make_image, uid, write
 
 PASSWORD = "correct horse battery"
@@ -313,22 +313,18 @@ def test_records_lost_to_a_full_disk_are_counted_as_dropped(tmp_path):
     from pacsp2p.testing.cluster import wait_until
     from pacsp2p.testing.dcmtk import echo
 
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                   check=True, timeout=30)
-    data = mnt / "data"
-    trail = data / "audit.log"
+    with disk.tmpfs(tmp_path / "fs", "8m") as mnt:
+        data = mnt / "data"
+        trail = data / "audit.log"
 
-    def records() -> int:
-        return sum(1 for line in trail.read_bytes().splitlines() if line.strip())
+        def records() -> int:
+            return sum(1 for line in trail.read_bytes().splitlines() if line.strip())
 
-    def dropped(peer) -> float:
-        _, _, body = get(peer, "/metrics")
-        (line,) = [x for x in body.decode().splitlines()
-                   if x.startswith("pacsp2p_audit_records_dropped_total ")]
-        return float(line.split()[1])
-    try:
+        def dropped(peer) -> float:
+            _, _, body = get(peer, "/metrics")
+            (line,) = [x for x in body.decode().splitlines()
+                       if x.startswith("pacsp2p_audit_records_dropped_total ")]
+            return float(line.split()[1])
         with Peer(tmp_path / "peer", name="full",
                   config={"peer": {"data_dir": str(data)}}) as peer:
             echo(peer.port, peer.ae_title)
@@ -340,13 +336,7 @@ def test_records_lost_to_a_full_disk_are_counted_as_dropped(tmp_path):
                 return now >= 2 and now == last
             wait_until(settled, 120, interval=2.0)
             before = records()
-            filler = mnt / "filler"
-            with open(filler, "wb", buffering=0) as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 4096)
-                except OSError:
-                    pass
+            filler = disk.fill(mnt)
             for _ in range(50):                  # 2 records each: association, C-ECHO
                 echo(peer.port, peer.ae_title)
             filler.unlink()
@@ -360,8 +350,6 @@ def test_records_lost_to_a_full_disk_are_counted_as_dropped(tmp_path):
         for line in trail.read_bytes().splitlines():
             if line.strip():
                 json.loads(line)                  # whole lines: none cut, none merged
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], timeout=30)
 
 
 def test_the_login_form_keeps_a_long_next_address_whole(peer):

@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pacsp2p.testing import dcmtk, echo, findscu, storescu
 from pacsp2p.testing import datasets, free_port
 from pacsp2p.testing import dicomnet as dn
+from pacsp2p.testing import disk
 from pacsp2p.testing.cluster import patience, wait_until
 from pacsp2p.testing.dcmtk import _meta_end
 from pacsp2p.testing.peer import twistd_path
@@ -273,23 +274,11 @@ def test_data_dir_that_cannot_be_created_stops_the_peer(tmp_path):
 @pytest.fixture
 def small_fs(tmp_path):
     """A 2 MB tmpfs mounted for this test (unmounted after)."""
-    mnt = tmp_path / "small-fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True,
-                   timeout=10)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], timeout=10)
+    with disk.tmpfs(tmp_path / "small-fs", "2m") as mnt:
+        yield mnt
 
 
-def _fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    return filler
+_fill = disk.fill
 
 
 def test_full_archive_disk_answers_out_of_resources(make_peer, tmp_path, small_fs):
