@@ -3,9 +3,8 @@
 Keeps ``archive.up`` (placement and retrieval route around an archive that is down),
 logs each change once, gossips the archives that are down (``archives_down`` of this
 peer's member record), and resumes a crawl that a failure had stopped. An archive that
-may have lost what it held — up at the first look, up again, or reporting fewer
-instances than before — is named to ``on_back`` (``transfer.recheck``: a sample of its
-copies checked).
+may have lost what it held — up again, or reporting fewer instances than before — is
+named to ``on_back`` (``transfer.recheck``: a sample of its copies checked).
 
 An archive the catalog holds copies on but the config no longer names (renamed or
 removed from ``[[archives]]`` across a restart) is *gone*: said once at start, counted
@@ -102,14 +101,13 @@ class ArchiveHealth(service.Service):
 
     def _note(self, archive, up: bool, health: dict) -> bool:
         """Record *archive*'s state; True if it changed."""
-        first = archive.name not in self._seen_up
         flipped = up != self._seen_up.get(archive.name, True)
         self._seen_up[archive.name] = up
         n, before = health.get("instances"), self._instances.get(archive.name)
         if isinstance(n, int) and up:
             self._instances[archive.name] = n
         fewer = isinstance(n, int) and before is not None and n < before
-        if up and (first or flipped or fewer) and self.on_back is not None:
+        if up and (flipped or fewer) and self.on_back is not None:
             self.on_back(archive.name)
         if flipped:
             if up:

@@ -5,8 +5,8 @@ An archive restarted empty (a disk replaced, a VM restored from an image, anothe
 put at its address) answers as before: health sees it up, and the catalog goes on
 counting its copies as live until the next background scrub (``scrub_interval``, a
 week by default) — every instance on it one copy short meanwhile. So when
-``health.ArchiveHealth`` sees an archive answer again after it did not, answer at the
-first look after this peer started, or report fewer instances than before, ``check``
+``health.ArchiveHealth`` sees an archive answer again after it did not, or report
+fewer instances than before (Orthanc's ``CountInstances``), ``check``
 reads ``SAMPLE`` of this peer's copies there from a random point of the catalog's
 sequence (a keyset read, never a scan) and checks them as the scrub does (the archive's
 ``verify``, else a read hashed against the catalog). One missing or damaged starts a
