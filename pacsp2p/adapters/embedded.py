@@ -76,6 +76,9 @@ class EmbeddedArchive:
             raise ConfigError(f"{settings.source}: archives.{cfg.name}.{key}: unknown key "
                               "for adapter 'embedded' (known: name, adapter, site, path)")
         root = Path(root) if root else settings.data_dir / "archives" / cfg.name
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"{settings.source}: archives.{cfg.name}.path: {root}: not a "
+                              "directory")
         return cls(cfg.name, root, reactor, cfg.site, settings.storage.fsync,
                    sync_directories=settings.storage.sync_directories)
 

@@ -102,6 +102,8 @@ BROKEN = [
      "overlay.tls_dir: "),
     ("tls-ca-a-directory", '[overlay]\nport = {port}\ntls_dir = "tls"\n',
      {"tls/ca.crt/x": "a directory"}, "overlay.tls_dir: "),
+    ("embedded-path-a-file", '[[archives]]\nname = "l"\npath = "store"\n',
+     {"store": "a file"}, "archives.l.path: store: not a directory"),
     ("audit-backups-beyond-use", '[audit]\nbackups = 100000000\n', {},
      "audit.backups: must be an integer 1-10000, got 100000000"),
 ]
