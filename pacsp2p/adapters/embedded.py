@@ -76,6 +76,8 @@ class EmbeddedArchive:
             raise ConfigError(f"{settings.source}: archives.{cfg.name}.{key}: unknown key "
                               "for adapter 'embedded' (known: name, adapter, site, path)")
         root = Path(root) if root else settings.data_dir / "archives" / cfg.name
+        if not root.is_absolute():          # relative to the config file, as data_dir is
+            root = (Path(settings.source).parent / root).resolve()
         if root.exists() and not root.is_dir():
             raise ConfigError(f"{settings.source}: archives.{cfg.name}.path: {root}: not a "
                               "directory")

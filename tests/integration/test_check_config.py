@@ -103,7 +103,7 @@ BROKEN = [
     ("tls-ca-a-directory", '[overlay]\nport = {port}\ntls_dir = "tls"\n',
      {"tls/ca.crt/x": "a directory"}, "overlay.tls_dir: "),
     ("embedded-path-a-file", '[[archives]]\nname = "l"\npath = "store"\n',
-     {"store": "a file"}, "archives.l.path: store: not a directory"),
+     {"store": "a file"}, "archives.l.path: "),
     ("audit-backups-beyond-use", '[audit]\nbackups = 100000000\n', {},
      "audit.backups: must be an integer 1-10000, got 100000000"),
 ]
@@ -179,3 +179,21 @@ def test_check_config_passes_a_good_config_with_plugins(tmp_path):
     assert check.returncode == 0, check.stderr
     assert "ok" in check.stdout and "others-first, pin-modality" in check.stdout, check.stdout
     assert "rendezvous/others-first/work-stealing" in check.stdout, check.stdout
+
+
+def test_a_relative_embedded_path_is_relative_to_the_config_file(tmp_path):
+    """``path = "store"`` names the store beside the config file, whatever directory
+    twistd is started from (as data_dir does; before: the current directory's, so a
+    peer started by a service manager from / kept its archive in /store)."""
+    conf, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    conf.mkdir()
+    elsewhere.mkdir()
+    (conf / "store").write_text("a file, not a directory")
+    cfg = conf / "peer.toml"
+    cfg.write_text(f'[peer]\nname = "north"\ndata_dir = "data"\n[admin]\nport = {free_port()}\n'
+                   '[[archives]]\nname = "l"\npath = "store"\n')
+    check = subprocess.run([str(twistd_path().parent / "pacsp2p"), "check-config",
+                            "--config", str(cfg)], capture_output=True, text=True,
+                           cwd=elsewhere, stdin=subprocess.DEVNULL, timeout=120)
+    assert check.returncode == 2, check.stdout + check.stderr
+    assert f"archives.l.path: {conf / 'store'}: not a directory" in check.stderr
