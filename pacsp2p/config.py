@@ -154,6 +154,20 @@ def check_host(text, fail) -> str:
         return text.lower().rstrip(".")
 
 
+def _bind(r: _Reader) -> str:
+    """A listener's ``bind``: an IP address or a host name of this machine ("" or
+    0.0.0.0: every interface), as written; "999.1.1.1" is refused here, not at start."""
+    value = r.take("bind", str, "0.0.0.0", "an address string")
+
+    def refused(_why=None):
+        return r.fail("bind", f"must be an IP address or a host name, got {value!r}")
+    if value.strip():
+        if "/" in value:
+            raise refused()
+        check_host(value, refused)
+    return value
+
+
 def is_loopback(bind: str) -> bool:
     if bind.strip().lower() == "localhost":
         return True
@@ -374,7 +388,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     facade = FacadeSettings(
         ae_title=f.ae("ae_title", DEFAULT_AE),
         port=f.port("port", DEFAULT_PORT),
-        bind=f.take("bind", str, "0.0.0.0", "an address string"),
+        bind=_bind(f),
         allowed_calling_aes=tuple(allowed_t),
         max_pdu=max_pdu,
         max_associations=_at_least(f, "max_associations", 32, 1),
@@ -480,7 +494,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
                                       f"1-65535, got {read_port!r}")
         overlay = OverlaySettings(
             port=port, bulk_port=o.port("bulk_port", port + 1), read_port=read_port,
-            bind=o.take("bind", str, "0.0.0.0", "an address string"),
+            bind=_bind(o),
             advertise=o.take("advertise", str, "", "a host name or address"),
             seeds=tuple(seeds), tls_dir=tls_path, heartbeat=float(heartbeat),
             phi_threshold=float(_positive(o, "phi_threshold", 8.0)),

@@ -104,6 +104,8 @@ BROKEN = [
      {"tls/ca.crt/x": "a directory"}, "overlay.tls_dir: "),
     ("embedded-path-a-file", '[[archives]]\nname = "l"\npath = "store"\n',
      {"store": "a file"}, "archives.l.path: "),
+    ("facade-bind-no-address", '[facade]\nbind = "999.1.1.1"\n', {},
+     "facade.bind: must be an IP address or a host name, got '999.1.1.1'"),
     ("audit-backups-beyond-use", '[audit]\nbackups = 100000000\n', {},
      "audit.backups: must be an integer 1-10000, got 100000000"),
 ]
