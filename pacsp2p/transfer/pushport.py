@@ -9,9 +9,10 @@ bounded connections) whose connections are served by threads of the named pool
 ``push-recv``: a thread reads a copy straight into a file of ``incoming``, hashing on the
 way, and keeps it (``keep``: durable in the same thread) before it answers; the reactor
 sees one call per copy (the pending copy noted). At the writer, a thread of the pool
-``push-send`` per copy in flight writes what the reactor hands it (a queue of at most
-``HIGH`` bytes: over it the association is paused, as the link's full buffer paused it)
-on a connection kept open per holder, then reads the holder's answer.
+``push-send`` per connection to a holder (kept while copies come) writes what the
+reactor hands it (a queue of at most ``HIGH`` bytes per copy: over it the association is
+paused, as the link's full buffer paused it), then reads the holder's answer: one
+wake-up of that thread per hand-over, no pool job per copy.
 
 One connection carries one copy at a time, in frames of a kind byte and a 4-byte length:
 ``OPEN`` (JSON: archive, uid, meta), ``HEAD`` (preamble and File Meta Information),
@@ -32,7 +33,6 @@ import re
 import socket
 import struct
 import threading
-import time
 import uuid
 
 from twisted.internet import defer
@@ -59,8 +59,7 @@ KEPT = IDLE_TIMEOUT / 2             # seconds a writer reuses an idle connection
                                     # holder closes it after IDLE_TIMEOUT)
 ANSWER_WAIT = 600.0                 # seconds a writer waits for the answer (a slow store)
 CONNECT = 10.0                      # seconds to connect and complete the TLS handshake
-KEEP_IDLE = 4                       # idle connections kept per holder
-SEND_THREADS = 16                   # copies in flight at once (threads of push-send)
+SEND_THREADS = 64                   # connections to holders at once (push-send threads)
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z", re.ASCII)
 _ABORT = object()
 
@@ -217,16 +216,17 @@ def _receive(service, reader, opening: bytes, on_reactor) -> dict:
 # -- the writer --------------------------------------------------------------------------
 
 class Pushes:
-    """The writer's connections to the holders' push ports (kept open, per holder) and
-    the threads that send on them."""
+    """The writer's senders: a thread of ``push-send`` per connection to a holder's push
+    port, kept while copies come (``KEPT`` seconds idle at most), each sending the copies
+    handed to it one after the other (one wake-up of its thread per hand-over)."""
 
     def __init__(self, tls_dir, name: str, reactor):
         self.tls_dir, self.name, self.reactor = tls_dir, name, reactor
         self._context = None
-        self.idle: dict[tuple, list] = {}         # (peer, host, port) -> open sockets
+        self.idle: dict[tuple, list] = {}         # (peer, host, port) -> idle _Senders
+        self.senders: set = set()                 # every _Sender whose thread runs
         self.lock = threading.Lock()
         self.stopped = False
-        self.live: set = set()                    # ThreadPushes whose thread runs
 
     def context(self):
         if self._context is None:          # the name is checked as the common name
@@ -238,22 +238,28 @@ class Pushes:
              meta_json: str, pause, resume) -> ThreadPush:
         """Reactor: a copy of *uid* for archive *archive* of *peer* (its push port
         *host*:*port*), bytes to ``feed``; its ``answer`` is Deferred[the receipt]."""
-        push = ThreadPush(self, (peer, host, port), archive, uid, head, meta_json,
-                          pause, resume)
-        self.live.add(push)
-        threads.pool(self.reactor, "push-send", 1, SEND_THREADS).callInThread(push.run)
-        return push
+        return ThreadPush(self, self._sender((peer, host, port)), archive, uid, head,
+                          meta_json, pause, resume)
 
-    def take(self, key):
-        """Thread: an idle connection to *key*'s holder, or a new one."""
-        now = time.monotonic()
+    def _sender(self, key) -> _Sender:
+        """Reactor: an idle sender of *key*, or a new one (one idle one of another holder
+        told to end if the pool's threads are all taken)."""
         with self.lock:
-            conns = self.idle.get(key) or []
-            while conns:
-                sock, since = conns.pop()
-                if now - since < KEPT:
-                    return sock
-                sock.close()
+            idle = self.idle.get(key)
+            if idle:
+                return idle.pop()
+            spare = None
+            if len(self.senders) >= SEND_THREADS:
+                spare = next((q.pop() for q in self.idle.values() if q), None)
+            sender = _Sender(self, key)
+            self.senders.add(sender)
+        if spare is not None:
+            spare.queue.put(None)
+        threads.pool(self.reactor, "push-send", 1, SEND_THREADS).callInThread(sender.run)
+        return sender
+
+    def connect(self, key):
+        """Thread: a new connection to *key*'s holder, its certificate's name checked."""
         peer, host, port = key
         raw = socket.create_connection((host, port), timeout=CONNECT)
         try:
@@ -269,25 +275,121 @@ class Pushes:
             raise
         return sock
 
-    def give_back(self, key, sock) -> None:
-        """Thread: *sock* is free again (closed if enough are kept, or we stop)."""
+    def free(self, sender) -> None:
+        """Thread: *sender* is through with its copy: idle."""
         with self.lock:
-            conns = self.idle.setdefault(key, [])
-            if not self.stopped and len(conns) < KEEP_IDLE:
-                conns.append((sock, time.monotonic()))
-                return
-        sock.close()
+            if not self.stopped and sender in self.senders:
+                self.idle.setdefault(sender.key, []).append(sender)
+
+    def retire(self, sender) -> bool:
+        """Thread: *sender* waited ``KEPT`` seconds for a copy: True if it ends (not
+        handed one meanwhile)."""
+        with self.lock:
+            idle = self.idle.get(sender.key, [])
+            if sender in idle:
+                idle.remove(sender)
+                return True
+            return self.stopped
+
+    def gone(self, sender) -> None:
+        with self.lock:
+            self.senders.discard(sender)
+            idle = self.idle.get(sender.key, [])
+            if sender in idle:
+                idle.remove(sender)
 
     def stop(self) -> None:
-        """Reactor: close every connection; a copy still being sent fails (its thread
-        ends at once, so the pool can stop)."""
+        """Reactor: end every sender; a copy still being sent fails (the threads end at
+        once, their sockets shut down, so the pool can stop)."""
         with self.lock:
             self.stopped = True
-            conns = [s for socks in self.idle.values() for s, _ in socks]
-            self.idle = {}
-        for push in list(self.live):
-            push.cut()
-        for sock in conns:
+            senders, self.idle = list(self.senders), {}
+        for sender in senders:
+            sender.cut()
+
+
+class _Sender:
+    """One connection to a holder's push port and the thread that writes on it: the
+    items ``(push, bytes, end)`` the reactor queues, then each copy's answer."""
+
+    def __init__(self, pushes, key):
+        self.pushes, self.key = pushes, key
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.sock = None
+
+    def cut(self) -> None:
+        """Any thread: end now: its socket shut down wakes the thread blocked on it."""
+        self.queue.put(None)
+        sock = self.sock
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass
+
+    def run(self) -> None:
+        """Thread (``push-send``)."""
+        current, waited = None, 0.0
+        try:
+            while True:
+                try:
+                    item = self.queue.get(timeout=KEPT)
+                except queue.Empty:
+                    waited += KEPT
+                    if current is None:
+                        if self.pushes.retire(self):
+                            return
+                        continue
+                    if waited < IDLE:
+                        continue
+                    item = (current, _ABORT, True)       # no bytes for too long
+                if item is None:
+                    if current is not None:
+                        self._failed(current, ReplicaRefused("the peer stops"))
+                    return
+                push, buf, end = item
+                waited = 0.0
+                if push.failed:
+                    continue                             # the rest of a copy that failed
+                current = None if end else push
+                try:
+                    self._send(push, buf, end)
+                except Exception as e:                   # reported to the reactor
+                    current = None
+                    self._failed(push, e)
+        finally:
+            self._close()
+            self.pushes.gone(self)
+
+    def _send(self, push, buf, end: bool) -> None:
+        if buf is _ABORT:
+            raise ReplicaRefused("the data set was abandoned")
+        if self.sock is None:
+            self.sock = self.pushes.connect(self.key)
+        self.sock.settimeout(IDLE)
+        self.sock.sendall(buf)
+        push.sent(len(buf))
+        if end:
+            self.sock.settimeout(ANSWER_WAIT)
+            raw = _Reader(self.sock, MAX_OPEN).payload(ANSWER, MAX_OPEN)
+            answer = _receipt(json.loads(raw))
+            self.pushes.free(self)
+            self.pushes.reactor.callFromThread(push.done, answer, None)
+
+    def _failed(self, push, e) -> None:
+        """The copy *push* failed (the connection is closed: what was sent of it is
+        abandoned at the holder)."""
+        push.failed = True
+        self._close()
+        if not isinstance(e, (ReplicaRefused, InvalidArgument)):
+            e = ReplicaRefused(f"push to {self.key[0]}: "
+                               f"{shown(str(e) or type(e).__name__, 200)}")
+        self.pushes.free(self)
+        self.pushes.reactor.callFromThread(push.done, None, e)
+
+    def _close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
             sock.close()
 
 
@@ -311,19 +413,18 @@ def _receipt(answer) -> dict:
 
 class ThreadPush:
     """One holder's copy of a data set still arriving (reactor side: ``feed``,
-    ``finish``, ``abort``, as ``forward.Push``), sent by a thread of ``push-send``.
+    ``finish``, ``abort``, as ``forward.Push``), written by its sender's thread.
     ``answer`` fires with the holder's receipt once the copy is durable (pending) there,
     or fails (refused, connection lost, abandoned)."""
 
-    def __init__(self, pushes, key, archive, uid, head, meta_json, pause, resume):
-        self.pushes, self.key, self.reactor = pushes, key, pushes.reactor
+    def __init__(self, pushes, sender, archive, uid, head, meta_json, pause, resume):
+        self.sender, self.reactor = sender, pushes.reactor
         self.pause, self.resume = pause, resume
         self.answer = defer.Deferred()
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.queued = 0
         self.paused = self.closed = False
-        self.sock = None
+        self.failed = False                       # (set by the sender's thread)
         opening = json.dumps({"archive": archive, "uid": uid, "meta": meta_json}).encode()
         self.buffer = bytearray(_frame(OPEN, opening) + _frame(HEAD, head))
         self.start = len(self.buffer)
@@ -344,10 +445,10 @@ class ThreadPush:
     def abort(self) -> None:
         if not self.closed:
             self.closed = True
-            self.queue.put(_ABORT)
+            self.sender.queue.put((self, _ABORT, True))
 
     def _hand(self, end: bool) -> None:
-        """Reactor: the bytes gathered (a DATA frame, and END if *end*) to the thread."""
+        """Reactor: the bytes gathered (a DATA frame, and END if *end*) to the sender."""
         buf, start = self.buffer, self.start
         n = len(buf) - start - FRAME.size
         if n:
@@ -364,42 +465,10 @@ class ThreadPush:
             self.paused = self.paused or pause
         if pause:
             self.pause()
-        self.queue.put((buf, end))
+        self.sender.queue.put((self, buf, end))
 
-    def run(self) -> None:
-        """Thread: send what the reactor hands over, then read the answer."""
-        sock = None
-        try:
-            sock = self.sock = self.pushes.take(self.key)
-            if self.pushes.stopped:
-                raise ReplicaRefused("the peer stops")
-            sock.settimeout(IDLE)
-            while True:
-                item = self.queue.get(timeout=IDLE)
-                if item is _ABORT:
-                    raise ReplicaRefused("the data set was abandoned")
-                buf, end = item
-                sock.sendall(buf)
-                self._sent(len(buf))
-                if end:
-                    break
-            sock.settimeout(ANSWER_WAIT)
-            raw = _Reader(sock, MAX_OPEN).payload(ANSWER, MAX_OPEN)
-            answer = _receipt(json.loads(raw))
-        except Exception as e:                     # reported to the reactor
-            if sock is not None:
-                sock.close()
-            if isinstance(e, queue.Empty):
-                e = ReplicaRefused("no bytes to push for too long")
-            elif not isinstance(e, (ReplicaRefused, InvalidArgument)):
-                e = ReplicaRefused(f"push to {self.key[0]}: "
-                                   f"{shown(str(e) or type(e).__name__, 200)}")
-            self.reactor.callFromThread(self._done, None, e)
-            return
-        self.pushes.give_back(self.key, sock)
-        self.reactor.callFromThread(self._done, answer, None)
-
-    def _sent(self, n: int) -> None:
+    def sent(self, n: int) -> None:
+        """Sender's thread: *n* bytes are written."""
         with self.lock:
             self.queued -= n
             resume = self.paused and self.queued <= LOW
@@ -407,20 +476,8 @@ class ThreadPush:
         if resume:
             self.reactor.callFromThread(self.resume)
 
-    def cut(self) -> None:
-        """Any thread: end the copy now (the peer stops): its socket shut down wakes a
-        thread blocked on it."""
-        self.queue.put(_ABORT)
-        sock = self.sock
-        if sock is not None:
-            try:
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except (OSError, ValueError):
-                pass
-
-    def _done(self, answer, error) -> None:
-        """Reactor: the thread is through."""
-        self.pushes.live.discard(self)
+    def done(self, answer, error) -> None:
+        """Reactor: the sender is through with this copy."""
         self.closed = True
         with self.lock:
             resume, self.paused = self.paused, False

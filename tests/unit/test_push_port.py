@@ -186,8 +186,8 @@ def test_the_writer_checks_the_holder_is_the_peer_it_meant(certs, holder):
     svc, server = holder
     pushes = Pushes(certs, "peera", Reactor())
     with pytest.raises(ReplicaRefused, match="is peer 'peerb', not peerc"):
-        pushes.take(("peerc", "127.0.0.1", server.port))
-    sock = pushes.take(("peerb", "127.0.0.1", server.port))
+        pushes.connect(("peerc", "127.0.0.1", server.port))
+    sock = pushes.connect(("peerb", "127.0.0.1", server.port))
     sock.close()
 
 
@@ -214,7 +214,7 @@ def test_a_whole_copy_through_the_writer_and_one_cut_when_it_stops(certs, holder
     assert outcome.pop()["sha256"] == hashlib.sha256(b"w" * 500_000).hexdigest()
     cut = start("1.2.3.4.6")
     cut.feed(b"z" * 300_000)                         # sent on: BOX is 256 KB
-    wait(lambda: cut.sock is not None and cut.queued == 0, "the bytes sent")
+    wait(lambda: cut.sender.sock is not None and cut.queued == 0, "the bytes sent")
     pushes.stop()
     wait(lambda: outcome, "the copy cut")
     assert outcome[0].check(ReplicaRefused), outcome[0]
