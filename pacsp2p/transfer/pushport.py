@@ -17,11 +17,12 @@ wake-up of that thread per hand-over, no pool job per copy.
 One connection carries one copy at a time, in frames of a kind byte and a 4-byte length:
 ``OPEN`` (JSON: archive, uid, meta), ``HEAD`` (preamble and File Meta Information),
 ``DATA``..., ``END``; the holder answers ``ANSWER`` (JSON: the receipt ``Replicate``
-answers, or a refusal). A data set abandoned closes the connection. A holder takes a
-peer's Hello ``push_port`` as the offer; a peer that gives none (an older release) gets
+answers, or a refusal). A data set abandoned closes the connection. A holder tells its
+port in its Hello (``push_port``); a peer whose Hello names none (an older release) gets
 its copies over AMP as before. Everything read is bounded (frame sizes, the data set at
-``MAX_PUSH``) and checked as the AMP responders check it (``commands.check``,
-``check_meta``) before a byte is written; the answer's fields are checked at the writer.
+``MAX_PUSH``, connections at the port's ``max_connections``) and checked as the AMP
+responders check it (``commands.check``, ``check_meta``) before a byte is written; the
+answer's fields are checked at the writer, its hash against the writer's (``ingest``).
 """
 
 from __future__ import annotations
