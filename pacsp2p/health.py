@@ -3,8 +3,8 @@
 Keeps ``archive.up`` (placement and retrieval route around an archive that is down),
 logs each change once, gossips the archives that are down (``archives_down`` of this
 peer's member record), and resumes a crawl that a failure had stopped. An archive that
-may have lost what it held — up again, or reporting fewer instances than before — is
-named to ``on_back`` (``transfer.recheck``: a sample of its copies checked).
+may have lost what it held — up again, or reporting fewer instances than before or than
+the catalog's copies there — is named to ``on_back`` (``transfer.recheck``: a sample of its copies checked).
 
 An archive the catalog holds copies on but the config no longer names (renamed or
 removed from ``[[archives]]`` across a restart) is *gone*: said once at start, counted
@@ -88,25 +88,33 @@ class ArchiveHealth(service.Service):
         try:
             results = yield defer.DeferredList(
                 [self._health_of(a) for a in self.archives], consumeErrors=True)
-            changed = False
+            changed, held = False, {}
+            if self.catalog is not None and self.settings is not None and any(
+                    ok and isinstance(r, dict) and isinstance(r.get("instances"), int)
+                    for ok, r in results):           # what the catalog says they hold
+                counts = yield self.catalog.archive_counts()
+                held = {a: n for (p, a), n in counts.items()
+                        if p == self.settings.peer.name}
             for archive, (ok, result) in zip(self.archives, results):
                 health = result if ok and isinstance(result, dict) else {
                     "up": False, "error": result.getErrorMessage() if not ok else "?"}
                 archive.last_health = dict(health)    # what /metrics shows, no new ask
-                changed |= self._note(archive, bool(health.get("up")), health)
+                changed |= self._note(archive, bool(health.get("up")), health,
+                                      held.get(archive.name, 0))
             if changed:
                 self._publish()
         finally:
             self._checking = False
 
-    def _note(self, archive, up: bool, health: dict) -> bool:
-        """Record *archive*'s state; True if it changed."""
+    def _note(self, archive, up: bool, health: dict, held: int = 0) -> bool:
+        """Record *archive*'s state (*held*: copies the catalog places there); True if it
+        changed."""
         flipped = up != self._seen_up.get(archive.name, True)
         self._seen_up[archive.name] = up
         n, before = health.get("instances"), self._instances.get(archive.name)
         if isinstance(n, int) and up:
             self._instances[archive.name] = n
-        fewer = isinstance(n, int) and before is not None and n < before
+        fewer = isinstance(n, int) and (n < held or before is not None and n < before)
         if up and (flipped or fewer) and self.on_back is not None:
             self.on_back(archive.name)
         if flipped:

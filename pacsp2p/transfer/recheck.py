@@ -6,7 +6,8 @@ put at its address) answers as before: health sees it up, and the catalog goes o
 counting its copies as live until the next background scrub (``scrub_interval``, a
 week by default) — every instance on it one copy short meanwhile. So when
 ``health.ArchiveHealth`` sees an archive answer again after it did not, or report
-fewer instances than before (Orthanc's ``CountInstances``), ``check``
+fewer instances than before or than the catalog places there (Orthanc's
+``CountInstances``), ``check``
 reads ``SAMPLE`` of this peer's copies there from a random point of the catalog's
 sequence (a keyset read, never a scan) and checks them as the scrub does (the archive's
 ``verify``, else a read hashed against the catalog). One missing or damaged starts a
