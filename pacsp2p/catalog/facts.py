@@ -4,9 +4,9 @@ attributes and one location, with its origin's sequence number) — by this peer
 ``check_wire``), and as a batch for another peer (``read_changes``). Runs in the writer
 or a reader thread, on the connection given; never in the reactor.
 
-A patient, study or series row is a last-writer-wins register (the LWW-register of a
-state-based CRDT: Shapiro, Preguica, Baquero & Zawirski, "Conflict-free replicated data
-types", SSS 2011): each row keeps the ``stamp`` of the instance whose attributes it
+A patient, study or series row (and an instance row, schema 6) is a last-writer-wins
+register (the LWW-register of a state-based CRDT: Shapiro, Preguica, Baquero &
+Zawirski, "Conflict-free replicated data types", SSS 2011): each row keeps the ``stamp`` of the instance whose attributes it
 holds — the time in ms the accepting peer received it, made strictly increasing per
 peer (``Stamps``: the physical half of a hybrid logical clock, Kulkarni et al. 2014) and
 carried in the instance's attributes (``STAMP``) to every peer that records it. A row
@@ -125,7 +125,8 @@ _LOCATION_SQL = (
 
 # Catalog facts on the wire (anti-entropy), a batch as one JSON list:
 #   [{"PATIENT": {PatientID: [columns]}, "STUDY": {...}, "SERIES": {...},
-#     "STAMPS": {"PATIENT": {PatientID: stamp}, ...}},
+#     "STAMPS": {"PATIENT": {PatientID: stamp}, ..., "IMAGE": {SOPInstanceUID: stamp}},
+#     "GONE": {"SERIES": {key: [columns..., stamp]}, ...}},   (rows of deleted instances)
 #    [seq, archive, peer, sha256, size, <instance columns>], ...]
 # Patient, study and series rows come once per batch, not once per fact.
 LOCATION_FIELDS = ["seq", "archive", "peer", "sha256", "size"]
