@@ -6,8 +6,8 @@ or a reader thread, on the connection given; never in the reactor.
 
 A patient, study or series row (and an instance row, schema 6) is a last-writer-wins
 register (the LWW-register of a state-based CRDT: Shapiro, Preguica, Baquero &
-Zawirski, "Conflict-free replicated data types", SSS 2011): each row keeps the ``stamp`` of the instance whose attributes it
-holds — the time in ms the accepting peer received it, made strictly increasing per
+Zawirski, "Conflict-free replicated data types", SSS 2011): each row keeps the
+``stamp`` of the instance whose attributes it holds — the time in ms the accepting peer received it, made strictly increasing per
 peer (``Stamps``: the physical half of a hybrid logical clock, Kulkarni et al. 2014) and
 carried in the instance's attributes (``STAMP``) to every peer that records it. A row
 takes an instance's attributes (all of them, empty ones too) only if (stamp, values) is
