@@ -5,22 +5,23 @@ attributes and one location, with its origin's sequence number) — by this peer
 or a reader thread, on the connection given; never in the reactor.
 
 A patient, study or series row (and an instance row, schema 6) is a last-writer-wins
-register (the LWW-register of a state-based CRDT: Shapiro, Preguica, Baquero &
-Zawirski, "Conflict-free replicated data types", SSS 2011): each row keeps the
-``stamp`` of the instance whose attributes it holds — the time in ms the accepting peer received it, made strictly increasing per
-peer (``Stamps``: the physical half of a hybrid logical clock, Kulkarni et al. 2014) and
-carried in the instance's attributes (``STAMP``) to every peer that records it. A row
-takes an instance's attributes (all of them, empty ones too) only if (stamp, values) is
-greater than its own, so every replica keeps the same winner whatever the order the
-facts arrive in (equal stamps: the greater values). A row without a stamp (0: written
-before schema 5, by a peer of an older release, by a crawl, rebuild or repair, which
-receive nothing new) loses to any stamped one. A sync batch carries each row's stamp
-beside the rows (``STAMPS_KEY``): a peer of an older release ignores it. A stamp
-received more than ``MAX_AHEAD`` ahead of this peer's clock is taken as clock +
-``MAX_AHEAD`` (else a hostile 2^53-1 or a clock set years ahead wins for ever), and
-stamps learned raise this peer's next ones (the HLC receive rule, ``Stamps.observe``).
-A row left without children is retired with its stamp, not forgotten, and a batch
-carries the rows of its deleted instances beside the others (``rows``).
+register (the LWW-register of a state-based CRDT: Shapiro, Preguica, Baquero & Zawirski,
+"Conflict-free replicated data types", SSS 2011): each row keeps the ``stamp`` of the
+instance whose attributes it holds — the time in ms the accepting peer received it, made
+strictly increasing per peer (``Stamps``: the physical half of a hybrid logical clock,
+Kulkarni et al. 2014) and carried in the instance's attributes (``STAMP``) to every peer
+that records it. A row takes an instance's attributes (all of them, empty ones too) only
+if (stamp, values) is greater than its own, so every replica keeps the same winner
+whatever the order the facts arrive in (equal stamps: the greater values). A row without
+a stamp (0: written before schema 5, by a peer of an older release, by a crawl, rebuild
+or repair, which receive nothing new) loses to any stamped one. A sync batch carries
+each row's stamp beside the rows (``STAMPS_KEY``): a peer of an older release ignores
+it. A stamp received more than ``MAX_AHEAD`` ahead of this peer's clock is taken as
+clock + ``MAX_AHEAD`` (else a hostile 2^53-1 or a clock set years ahead wins for ever),
+and stamps learned raise this peer's next ones (the HLC receive rule,
+``Stamps.observe``). A row left without children is retired with its stamp, not
+forgotten, and a batch carries the rows of its deleted instances beside the others
+(``rows``).
 """
 
 from __future__ import annotations
