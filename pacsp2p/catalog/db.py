@@ -87,6 +87,7 @@ class Catalog:
         self._drops: list[tuple[tuple, defer.Deferred]] = []  # hints done
         self._soon = None                     # a flush of only those, at most LATER s on
         self._created = False                 # the file did not exist when opened
+        self.rebuilt = False                  # made by catalog rebuild (overlay.reclaim)
         self.listeners: list[Callable[[], None]] = []   # told after each commit
 
     # -- life cycle ------------------------------------------------------------------
@@ -112,6 +113,7 @@ class Catalog:
             create_schema(self._writer, self.path)
             tombstones.create_schema(self._writer)
             rows.reannounce(self._writer, self.peer, self.path)    # once, after upgrade
+            self.rebuilt = bool(self.peer) and schema.take_rebuilt_mark(self._writer)
             return vector(self._writer), schema.take_clean_mark(self._writer)
         except sqlite3.DatabaseError as e:
             raise sqlite3.DatabaseError(f"catalog {self.path} cannot be opened ({e}); "

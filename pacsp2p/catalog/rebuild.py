@@ -11,7 +11,10 @@ The files do not say when each instance was received: the rebuilt patient, study
 series rows carry stamp 0 (``facts``), and lose to every stamped row of the other
 peers. Where the old file can still be read, its rows' stamps and values (and its
 retired rows) are merged into the rebuilt catalog first, so the rows keep the versions
-they held (``_old_rows``).
+they held (``_old_rows``). Where it cannot, the first start of the peer on the rebuilt
+catalog pulls back every fact of its own that the others hold (``overlay.reclaim``, as
+for a catalog restored from a backup), and their rows come with them: the stamps, the
+tombstones of its own deletions, and the copies the files no longer hold (for scrub).
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ def rebuild(catalog_path: Path, archives, peer_name: str, progress=print,
         kept = _old_rows(conn, catalog_path)
         progress(f"{kept} patient, study and series rows keep their stamps from the old "
                  f"file" if kept >= 0 else "the old file's row stamps cannot be read")
+    # at its start the peer pulls back its own facts the others hold (overlay.reclaim)
+    conn.execute("INSERT OR REPLACE INTO catalog_meta VALUES ('rebuilt', ?)", (str(base),))
     close_clean(conn, known_good=True)      # just built: the peer need not check it
     if catalog_path.exists():
         os.replace(catalog_path, f"{catalog_path}.broken")

@@ -237,6 +237,16 @@ def read_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return dict(conn.execute("SELECT name, n FROM catalog_counts"))
 
 
+def take_rebuilt_mark(conn: sqlite3.Connection) -> bool:
+    """True if ``catalog rebuild`` made this file and no peer has opened it since (the
+    mark is taken away, committed): the peer pulls back every fact of its own the others
+    hold (``overlay.reclaim``), and with them their rows' stamps (``rebuild``)."""
+    with _immediate(conn):
+        row = conn.execute("SELECT value FROM catalog_meta WHERE key = 'rebuilt'").fetchone()
+        conn.execute("DELETE FROM catalog_meta WHERE key = 'rebuilt'")
+    return row is not None
+
+
 def take_clean_mark(conn: sqlite3.Connection) -> bool:
     """True if the catalog was closed cleanly after it was known good; the mark is taken
     away (committed) so that a crash from now on leaves no mark."""

@@ -37,7 +37,9 @@ reuse a counter value (the "vnode id" rule of Dynamo-style stores):
    (a higher number: after the restore, so newer) and wins over the backup's (newer).
    Whether the archive still holds each copy pulled back is left to scrub (its next
    pass re-hashes every copy of this peer's archives; a missing one is replaced from a
-   replica).
+   replica). A catalog that ``catalog rebuild`` made (``Catalog.rebuilt``) numbers its
+   facts above the lost ones: its first start pulls back from 0, and the lost facts'
+   rows (their last-writer-wins stamps) and tombstones come back with them.
 3. **Skip ahead and re-issue**, if a vector shows facts of ours above our counter (the
    lost run outran the clock, or the clock was set back): the counter jumps ``GAP``
    (2^24) past them and every
@@ -96,6 +98,8 @@ class Reclaim:
     def _start(self) -> None:
         if self.base is None:
             self.base = self.pulled_to = self.catalog.opened_at
+            if getattr(self.catalog, "rebuilt", False):
+                self.pulled_to = 0      # a rebuilt catalog: every fact of ours others hold
             self.below = self.numbers_from(self.base) + 1
 
     # -- what others hold -----------------------------------------------------------

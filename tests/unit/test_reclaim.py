@@ -184,3 +184,60 @@ def test_a_member_that_cannot_answer_is_asked_three_times_then_left(tmp_path):
     for _ in range(5):
         clock.advance(5)
     assert Down.asked == 3 and not reclaim.busy and not clock.getDelayedCalls()
+
+
+def test_a_rebuilt_catalog_pulls_back_its_old_facts_and_their_rows(tmp_path):
+    """c's catalog is lost and rebuilt from its archive: the files do not say when each
+    instance was received, so its rows carry stamp 0 and the files' greater values
+    (RACE^V2), while a holds c's old facts and the row of the newer receipt (RACE^V1,
+    stamp 2000). At c's first start every fact of its own that a holds is pulled back,
+    with their rows. Before: nothing was pulled back (the rebuilt facts are numbered
+    above the lost ones), and c answered RACE^V2, a RACE^V1, for ever."""
+    from pacsp2p.adapters.embedded import EmbeddedArchive
+    from pacsp2p.catalog import schema, tombstones
+    from pacsp2p.catalog.facts import STAMP
+    from pacsp2p.catalog.rebuild import rebuild
+    from pacsp2p.dicom.header import read_meta
+    from pacsp2p.testing import datasets
+
+    archive = EmbeddedArchive("local", tmp_path / "archive", reactor=None, fsync=False)
+    archive._prepare()
+    c = Restorable(tmp_path, "c")
+    for seq, (v, stamp) in enumerate(((1, 2000), (2, 1000)), 1):
+        path = datasets.write(datasets.make_image(
+            "CT", size=8, seed=v, PatientName=f"RACE^V{v}", PatientID="P1",
+            StudyInstanceUID="1.2.77", SeriesInstanceUID="1.2.77.1",
+            SOPInstanceUID=f"1.2.77.1.{v}"), tmp_path / "in" / f"{v}.dcm")
+        meta = read_meta(path)
+        stored = archive.keep(path, meta)
+        db.write_facts(c.conn, [({**db.meta_attributes(meta), STAMP: stamp},
+                                 (meta.sop_instance_uid, "local", "c", stored.sha256,
+                                  stored.size, seq))])
+    c.vector = db.vector(c.conn)
+    (tmp_path / "a").mkdir()
+    a = Restorable(tmp_path / "a", "a")
+    pulled(sync.AntiEntropy(a, Pulls(c, "a")).pull(Member("c")))
+    name = "SELECT PatientName, stamp FROM patients"
+    assert a.conn.execute(name).fetchall() == [("RACE^V1", 2000)]
+
+    c.conn.close()                                  # lost
+    path = tmp_path / "c.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"c.sqlite{suffix}").unlink(missing_ok=True)
+    assert rebuild(path, [archive], "c", progress=lambda line: None) == 2
+    conn = db._connect(path)                        # opened as Catalog.start opens it
+    db.create_schema(conn)
+    tombstones.create_schema(conn)
+    assert conn.execute(name).fetchall() == [("RACE^V2", 0)]   # the files' version
+    (tmp_path / "rebuilt").mkdir()
+    c = Restorable(tmp_path / "rebuilt", "c", conn)
+    c.rebuilt = schema.take_rebuilt_mark(conn)      # what Catalog.start reads
+    assert c.rebuilt
+    clock = Clock()
+    reclaim = Reclaim(c, sync.AntiEntropy(c, Pulls(a, "c")), {"a": Live("a")}, clock)
+    reclaim.member_changed(Live("a"), "alive")      # a seen: asked for our facts
+    clock.advance(0)
+    assert c.conn.execute(name).fetchall() == [("RACE^V1", 2000)]
+    pulled(sync.AntiEntropy(a, Pulls(c, "a")).pull(Member("c")))
+    assert a.conn.execute(name).fetchall() == [("RACE^V1", 2000)]
+    assert db.digest(a.conn) == db.digest(c.conn)
