@@ -195,10 +195,11 @@ def test_a_failing_peer_is_shown_and_the_others_stopped(tmp_path):
     pids = [int(line.rsplit("pid ", 1)[1]) for line in out.splitlines()
             if ": facade PEER" in line]
     assert len(pids) == 3, out
-    assert f"peerb exited with status 1; the last lines of {directory / 'peerb.log'}:" \
+    # a data directory that is a file is a configuration error (424fc0d): status 2
+    assert f"peerb exited with status 2; the last lines of {directory / 'peerb.log'}:" \
         in out, out
     tail = out.split("the last lines of", 1)[1]
-    assert "blocker" in tail, out            # the reason, from peerb's own log
+    assert "peer.data_dir" in tail and "blocker: not a directory" in tail, out  # peerb's log
     assert "stopping the other peers" in out, out
     for pid in pids:
         with pytest.raises(ProcessLookupError):
