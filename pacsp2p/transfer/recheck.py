@@ -12,7 +12,11 @@ reads ``SAMPLE`` of this peer's copies there from a random point of the catalog'
 sequence (a keyset read, never a scan) and checks them as the scrub does (the archive's
 ``verify``, else a read hashed against the catalog). One missing or damaged starts a
 scrub pass on demand (``Scrub.run``), which replaces every such copy from a good
-replica. At most one sample per archive every ``EVERY`` seconds.
+replica. At most one sample per archive every ``EVERY`` seconds, and a pass only for a
+bad copy no pass was started for yet (``_seen``): a copy the scrub cannot replace (no
+good replica anywhere) stays in the catalog, the archive goes on reporting fewer
+instances than the catalog places there, and each sample that found it started a full
+pass again (every minute, stopping the background pass each time).
 
 A copy the scrub finds damaged or missing on an archive that cannot ``restore`` it
 (plain DIMSE) is made again elsewhere (``unrestorable``): a good replica, read through
@@ -45,6 +49,7 @@ log = Logger()
 
 SAMPLE = 20             # copies checked per archive that may have lost what it held
 EVERY = 60.0            # seconds between two samples of one archive at most
+SEEN = 100_000          # bad copies remembered as handed to a pass (then forgotten all)
 
 
 class Recheck:
@@ -54,6 +59,7 @@ class Recheck:
         self.scrubber, self.repair, self.overlay = scrubber, repair, overlay
         self.strategies, self.reactor = strategies, reactor
         self._at: dict[str, float] = {}          # archive -> when it was last sampled
+        self._seen: set = set()     # (uid, archive, sha256) found bad, a pass started for
         self.stats = {"samples": 0, "passes": 0}
 
     def check(self, name: str) -> defer.Deferred:
@@ -98,9 +104,14 @@ class Recheck:
                 states.append(state)
         else:
             return False
-        bad = sum(1 for s in states if s in ("missing", "damaged"))
-        if not bad:
+        found = {(c.uid, c.archive, c.sha256) for c, s in zip(rows, states)
+                 if s in ("missing", "damaged")}
+        bad, new = len(found), found - self._seen
+        if not new:                 # none, or only copies a pass was started for already
             return False
+        if len(self._seen) + len(new) > SEEN:
+            self._seen.clear()
+        self._seen |= new
         log.warn("archive {archive}: {bad} of {n} copies sampled are missing or damaged "
                  "(restarted empty? replaced?): a scrub pass checks and replaces them all",
                  archive=name, bad=bad, n=len(rows))
