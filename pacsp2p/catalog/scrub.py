@@ -45,6 +45,19 @@ def own_copies(conn: sqlite3.Connection, peer: str, after: int, limit: int = 500
         f"WHERE peer = ? AND seq > ? AND size >= 0{where} ORDER BY seq LIMIT ?", params)]
 
 
+def own_copy(peer: str, loc):
+    """A read (conn -> Copy or None): *peer*'s live copy at *loc* (its uid and archive)
+    with the catalog's hash and size. What a report of a damaged copy (``CheckCopy``:
+    another peer's word) is checked against, never the hash it told (one of another
+    version held elsewhere made a good copy 'damaged': replaced by it, or forgotten)."""
+    def read(conn: sqlite3.Connection) -> Copy | None:
+        row = conn.execute("SELECT seq, SOPInstanceUID, archive, sha256, size FROM locations"
+                           " WHERE SOPInstanceUID = ? AND peer = ? AND archive = ? AND size "
+                           ">= 0", (loc.sop_instance_uid, peer, loc.archive)).fetchone()
+        return Copy(*row) if row else None
+    return read
+
+
 def count_copies(conn: sqlite3.Connection, peer: str, archives=None) -> int:
     """How many copies the catalog places on *peer* (on *archives*, if given): the sum of
     the counters the schema's triggers keep (``archive_counts``; counting the locations

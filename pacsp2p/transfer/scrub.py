@@ -37,9 +37,9 @@ peer's first start), reading at most ``scrub_rate`` MB/s (a pacing token bucket)
 resumes where it stopped after a restart (its cursor, the catalog's sequence number, is
 saved every few seconds). On demand, ``run()`` (``pacsp2p scrub``; ``transfer.recheck``)
 starts a full pass at once (by default at ``scrub_rate``), stopping a background one. A
-retrieval that finds a damaged copy here (``transfer.verify``) has it checked and
-replaced at once (``suspect``); another peer that finds one tells it (``CheckCopy``).
-"""
+retrieval that finds a damaged copy here (``transfer.verify``) has it checked (against
+this catalog's hash, not the one told) and replaced at once (``suspect``); another peer
+that finds one tells it (``CheckCopy``)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,6 @@ from twisted.logger import Logger
 from pacsp2p import threads
 from pacsp2p.catalog import scrub as sql
 from pacsp2p.catalog.db import stored_location
-from pacsp2p.catalog.scrub import Copy
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.part10 import file_dataset_hash
 from pacsp2p.flow import open_gated
@@ -268,7 +267,7 @@ class Scrub:
         yield self._save(force=True)
 
     @defer.inlineCallbacks
-    def _check_rows(self, p: Pass, rows: list[Copy], full, sampled):
+    def _check_rows(self, p: Pass, rows: list[sql.Copy], full, sampled):
         """Check one chunk of copies, archive by archive, in batches. A copy the catalog
         has no hash for (crawled from a vendor archive) is checked only by an archive
         that can ``verify`` on its own terms (Orthanc: its MD5)."""
@@ -362,7 +361,7 @@ class Scrub:
         return int.from_bytes(h[:8], "big") / 2 ** 64 < self.sample
 
     @defer.inlineCallbacks
-    def _read_and_hash(self, archive, c: Copy, sha: str):
+    def _read_and_hash(self, archive, c: sql.Copy, sha: str):
         """(state, bytes read) of one copy read through the adapter."""
         try:
             f = yield open_gated(archive, c.uid, sha)
@@ -381,7 +380,7 @@ class Scrub:
         return "ok", max(0, c.size)
 
     @defer.inlineCallbacks
-    def _count(self, p: Pass | None, c: Copy, sha: str, state: str, read: int):
+    def _count(self, p: Pass | None, c: sql.Copy, sha: str, state: str, read: int):
         """Count one copy checked; replace it if it is damaged or missing."""
         counts = [self.totals] + ([vars(p)] if p is not None else [])
         for d in counts:
@@ -414,7 +413,7 @@ class Scrub:
 
     # -- replacing a copy ------------------------------------------------------------
     @defer.inlineCallbacks
-    def mend(self, c: Copy, sha: str):
+    def mend(self, c: sql.Copy, sha: str):
         """Replace this peer's copy *c* (damaged or missing) with a good replica's bytes:
         the source's name, or None (logged) when it could not be replaced."""
         key = (c.uid, c.archive)
@@ -441,7 +440,7 @@ class Scrub:
         return source
 
     @defer.inlineCallbacks
-    def _mend(self, c: Copy, sha: str) -> str:
+    def _mend(self, c: sql.Copy, sha: str) -> str:
         archive = self.archives[c.archive]
         if "restore" not in getattr(archive, "capabilities", ()):
             gone = yield self.on_unrestorable(c, sha)
@@ -516,7 +515,8 @@ class Scrub:
             while self._suspects and self.running:
                 _, loc = self._suspects.popitem()
                 archive = self.archives[loc.archive]
-                c = Copy(0, loc.sop_instance_uid, loc.archive, loc.sha256, loc.size)
+                if (c := (yield self.catalog.read(sql.own_copy(self.peer, loc)))) is None:
+                    continue
                 if "verify" in archive.capabilities:
                     try:
                         [(_, state, read)] = yield archive.verify([(c.uid, c.sha256)])
