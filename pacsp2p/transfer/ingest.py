@@ -142,7 +142,7 @@ class Ingest:
         self.group = GroupCommits(overlay, reactor) if overlay is not None else None
         # the writer's connections to the holders' push ports (``pushport``)
         self.pushes = Pushes(settings.overlay.tls_dir, self.peer, reactor) \
-            if overlay is not None else None
+            if overlay is not None and settings.overlay is not None else None
         self._loops = []
 
     def start(self):
