@@ -30,12 +30,14 @@ class Scrub:
         return defer.succeed({"pass": self.passes})
 
 
-def test_a_bad_copy_starts_one_pass_not_one_a_sample(tmp_path):
+def held_in_catalog(tmp_path, n: int, patient: str):
+    """A real embedded archive (its jobs run at once) holding *n* instances, and a real
+    catalog placing them there (peerb's copies, facts 1..n): (archive, conn, uids)."""
     archive = EmbeddedArchive("local", tmp_path / "archive", reactor=None, fsync=False)
     archive._prepare()
     archive._run = lambda fn, *args: defer.maybeDeferred(fn, *args)
-    files = datasets.make_study(tmp_path / "in", patient_id="RECHECK", size=32,
-                                series=[("CT", 2, EXPLICIT)])
+    files = datasets.make_study(tmp_path / "in", patient_id=patient, size=32,
+                                series=[("CT", n, EXPLICIT)])
     conn = db._connect(tmp_path / "c.sqlite")
     db.create_schema(conn)
     tombstones.create_schema(conn)
@@ -48,6 +50,11 @@ def test_a_bad_copy_starts_one_pass_not_one_a_sample(tmp_path):
                                 "SOPClassUID": meta.sop_class_uid},
                                (meta.sop_instance_uid, "local", "peerb", stored.sha256,
                                 stored.size, seq))])
+    return archive, conn, uids
+
+
+def test_a_bad_copy_starts_one_pass_not_one_a_sample(tmp_path):
+    archive, conn, uids = held_in_catalog(tmp_path, 2, "RECHECK")
     scrub = Scrub()
     recheck = Recheck("peerb", SyncCatalog(conn), {"local": archive}, scrub)
 

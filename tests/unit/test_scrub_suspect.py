@@ -15,16 +15,11 @@ from pathlib import Path
 from twisted.internet import defer
 
 from pacsp2p import config
-from pacsp2p.adapters.embedded import EmbeddedArchive
-from pacsp2p.catalog import db, tombstones
-from pacsp2p.dicom.header import read_meta
-from pacsp2p.testing import datasets
 from pacsp2p.transfer.scrub import Scrub
 from pacsp2p.types import Location
 
 from test_delete_guards import SyncCatalog
-
-EXPLICIT = "1.2.840.10008.1.2.1"
+from test_recheck import held_in_catalog
 
 
 class Catalog(SyncCatalog):
@@ -36,20 +31,8 @@ class Catalog(SyncCatalog):
 
 
 def test_a_report_is_checked_against_our_hash_not_the_one_told(tmp_path):
-    archive = EmbeddedArchive("local", tmp_path / "archive", reactor=None, fsync=False)
-    archive._prepare()
-    archive._run = lambda fn, *args: defer.maybeDeferred(fn, *args)
-    [f] = datasets.make_study(tmp_path / "in", patient_id="SUSPECT", size=32,
-                              series=[("CT", 1, EXPLICIT)])
-    meta = read_meta(f)
-    uid = meta.sop_instance_uid
-    stored = archive._store(f, uid)
-    conn = db._connect(tmp_path / "c.sqlite")
-    db.create_schema(conn)
-    tombstones.create_schema(conn)
-    db.write_facts(conn, [({**meta.attributes, "SOPInstanceUID": uid,
-                            "SOPClassUID": meta.sop_class_uid},
-                           (uid, "local", "peerb", stored.sha256, stored.size, 1))])
+    archive, conn, [uid] = held_in_catalog(tmp_path, 1, "SUSPECT")
+    [(sha, size)] = conn.execute("SELECT sha256, size FROM locations").fetchall()
     settings = config.from_dict({"peer": {"name": "peerb", "data_dir": str(tmp_path)}},
                                 "t.toml", Path("."))
     scrub = Scrub(settings, Catalog(conn), {"local": archive}, None, None, None)
@@ -59,13 +42,13 @@ def test_a_report_is_checked_against_our_hash_not_the_one_told(tmp_path):
     before = archive.path_for(uid).read_bytes()
 
     other = "ab" * 32                       # another version's hash, as a report names it
-    scrub.suspect(Location(uid, "local", "peerb", other, stored.size))
+    scrub.suspect(Location(uid, "local", "peerb", other, size))
     assert scrub.found_by_reads == {"damaged": 0, "repaired": 0}
     assert archive.path_for(uid).read_bytes() == before and not unrestorable
-    scrub.suspect(Location("1.2.3.999", "local", "peerb", stored.sha256, 1))   # not ours
+    scrub.suspect(Location("1.2.3.999", "local", "peerb", sha, 1))   # not ours
     assert scrub.found_by_reads["damaged"] == 0
 
     archive.path_for(uid).unlink()          # really lost: found, whatever hash is told
-    scrub.suspect(Location(uid, "local", "peerb", other, stored.size))
+    scrub.suspect(Location(uid, "local", "peerb", other, size))
     assert scrub.found_by_reads == {"damaged": 1, "repaired": 0}
     assert scrub.totals["missing"] == 1
