@@ -259,20 +259,26 @@ class Pushes:
         threads.pool(self.reactor, "push-send", 1, SEND_THREADS).callInThread(sender.run)
         return sender
 
-    def connect(self, key):
-        """Thread: a new connection to *key*'s holder, its certificate's name checked."""
+    def connect(self, key, sender=None):
+        """Thread: a new connection to *key*'s holder, its certificate's name checked;
+        *sender*'s ``sock`` while the handshake runs (so ``stop`` cuts a holder that
+        never answers it, instead of the pool's join waiting ``CONNECT`` seconds)."""
         peer, host, port = key
-        raw = socket.create_connection((host, port), timeout=CONNECT)
+        raw = sock = socket.create_connection((host, port), timeout=CONNECT)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock = self.context().wrap_socket(raw)
+            sock = self.context().wrap_socket(raw, do_handshake_on_connect=False)
+            if sender is not None:
+                sender.sock = sock
+            if self.stopped:
+                raise ReplicaRefused("the peer stops")
+            sock.do_handshake()
             name = peer_name(sock)
             if name != peer:
-                sock.close()
                 raise ReplicaRefused(f"the push port at {host}:{port} is peer {name!r}, "
                                      f"not {peer}")
         except Exception:
-            raw.close()
+            sock.close()
             raise
         return sock
 
@@ -366,7 +372,7 @@ class _Sender:
         if buf is _ABORT:
             raise ReplicaRefused("the data set was abandoned")
         if self.sock is None:
-            self.sock = self.pushes.connect(self.key)
+            self.sock = self.pushes.connect(self.key, self)
         self.sock.settimeout(IDLE)
         self.sock.sendall(buf)
         push.sent(len(buf))

@@ -230,3 +230,33 @@ def wait(condition, what):
             return
         threading.Event().wait(0.1)
     raise AssertionError(f"not within {PATIENCE} s: {what}")
+
+
+def test_a_holder_that_never_answers_the_handshake_is_cut_when_the_writer_stops(
+        certs, monkeypatch):
+    """A holder's push port that accepts and then says nothing (hung, or not TLS): a
+    writer that stops cuts the handshake at once; before, its push-send thread waited
+    the handshake's whole timeout (CONNECT), and the pool's join held the reactor's
+    shutdown that long."""
+    monkeypatch.setattr(pushport, "CONNECT", 600.0)
+    silent = socket.create_server(("127.0.0.1", 0))
+    held = []
+    acceptor = threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True)
+    acceptor.start()
+    reactor = Reactor()
+    pushes = Pushes(certs, "peera", reactor)
+    outcome = []
+    push = pushes.open("peerb", "127.0.0.1", silent.getsockname()[1], "local", UID,
+                       b"HEAD", meta_json(), lambda: None, lambda: None)
+    push.answer.addBoth(outcome.append)
+    push.feed(b"x" * 1000)
+    push.finish()
+    wait(lambda: held, "the connection accepted")
+    pushes.stop()
+    wait(lambda: outcome, "the copy cut")
+    assert outcome[0].check(ReplicaRefused), outcome[0]
+    assert not pushes.senders
+    for stop in reactor.shutdown:
+        stop()
+    held[0].close()
+    silent.close()
