@@ -51,6 +51,7 @@ CHUNK = 1 << 20               # bytes of a file read and sent at a time
 OUT = 256 << 10               # bytes gathered before a write (an answer's head and first
                               # part, a batch's frames: one TLS write, no fresh memory)
 RECV = 64 << 10
+DRAIN = 64 << 10              # bytes of a body past its bound read before the 413 answer
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
            408: b"Request Timeout", 411: b"Length Required", 413: b"Content Too Large",
            431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
@@ -343,6 +344,9 @@ class ThreadServer:
             raise _Bad(400, b"bad request\n")
         length = int(length)
         if length > self.max_body:
+            if length - len(buf) <= DRAIN:      # a little past: read (and dropped), so that
+                while len(buf) < length:        # the asker, still sending, reads the answer
+                    _recv(tls, buf, deadline)   # instead of a reset
             raise _Bad(413, b"request too large\n")
         while len(buf) < length:
             _recv(tls, buf, deadline)

@@ -122,7 +122,8 @@ def test_the_oldest_pending_connection_makes_room(certs, server):
 def test_a_request_past_its_bounds_is_refused_with_a_short_answer(certs, server):
     port = server(max_body=100).port
     cases = [(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 431),
-             (b"POST /x HTTP/1.1\r\ncontent-length: 101\r\n\r\n", 413),
+             (b"POST /x HTTP/1.1\r\ncontent-length: 101\r\n\r\n" + b"x" * 101, 413),
+             (b"POST /x HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % (1 << 30), 413),
              (b"POST /x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", 501),
              (b"POST /x HTTP/1.1\r\ncontent-length: -1\r\n\r\n", 400),
              (b"GET x HTTP/1.1\r\n\r\n", 400),
