@@ -15,7 +15,8 @@ to make room (``tls.HandshakeGuard``, whose counters ``Overlay.status`` shows). 
 *max_connections* are served at once (one thread each); a connection accepted while all
 are taken waits for one (counted as pending), and the one idle longest (waiting for its
 next request) is closed to make room. A request's head is read to ``MAX_HEAD`` bytes, its
-body (``content-length`` only) to *max_body*, within ``REQUEST_TIMEOUT`` seconds of its
+body (``content-length`` only) to *max_body* (one larger: 413, read and dropped if at most
+``DRAIN`` bytes past, else refused on its head), within ``REQUEST_TIMEOUT`` seconds of its
 first byte; a connection idle ``IDLE_TIMEOUT`` seconds is closed; an answer that makes no
 progress for ``SEND_TIMEOUT`` seconds is cut. Error answers are fixed short texts.
 
