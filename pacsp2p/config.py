@@ -62,10 +62,11 @@ class _Reader:
             raise self.fail(key, f"{_NAME_RULE}, got {value!r}")
         return value
 
-    def port(self, key: str, default: int) -> int:
-        value = self.take(key, int, default, "an integer 1-65535")
-        if not 1 <= value <= 65535:
-            raise self.fail(key, f"must be an integer 1-65535, got {value!r}")
+    def port(self, key: str, default: int, low: int = 1) -> int:
+        what = "an integer 1-65535" if low == 1 else "-1 (none), 0 (any free port) or 1-65535"
+        value = self.take(key, int, default, what)
+        if not low <= value <= 65535:
+            raise self.fail(key, f"must be {what}, got {value!r}")
         return value
 
     def ae(self, key: str, default: str) -> str:
@@ -488,12 +489,10 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         handshake = o.take("handshake_timeout", (int, float), 10.0, "seconds (a number)")
         if not 0.1 <= handshake <= 300:
             raise o.fail("handshake_timeout", f"must be 0.1-300 seconds, got {handshake}")
-        read_port = o.take("read_port", int, 0, "an integer -1-65535")
-        if not -1 <= read_port <= 65535:
-            raise o.fail("read_port", f"must be -1 (none), 0 (any free port) or a port "
-                                      f"1-65535, got {read_port!r}")
+        read_port, push_port = (o.port(key, 0, low=-1) for key in ("read_port", "push_port"))
         overlay = OverlaySettings(
             port=port, bulk_port=o.port("bulk_port", port + 1), read_port=read_port,
+            push_port=push_port,
             bind=_bind(o),
             advertise=o.take("advertise", str, "", "a host name or address"),
             seeds=tuple(seeds), tls_dir=tls_path, heartbeat=float(heartbeat),
@@ -578,8 +577,9 @@ def _distinct_ports(source: str, facade, admin, overlay) -> None:
         listeners.append(("facade.tls_port", facade.tls_port, facade.bind))
     listeners.append(("admin.port", admin.port, admin.bind))
     if overlay is not None:
-        listeners += [("overlay.port", overlay.port, overlay.bind),
-                      ("overlay.bulk_port", overlay.bulk_port, overlay.bind)]
+        listeners += [(f"overlay.{key}", getattr(overlay, key), overlay.bind)
+                      for key in ("port", "bulk_port", "read_port", "push_port")
+                      if getattr(overlay, key) > 0]      # 0: any free port; -1: none
     for i, (key, port, bind) in enumerate(listeners):
         for other, port2, bind2 in listeners[:i]:
             if port == port2 and _overlaps(bind, bind2):

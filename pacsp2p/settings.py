@@ -90,6 +90,7 @@ class OverlaySettings:
     port: int = 11114
     bulk_port: int = 11115
     read_port: int = 0                # instance reads in threads (0: any free; -1: none)
+    push_port: int = 0                # pushed copies in threads (0: any free; -1: none)
     bind: str = "0.0.0.0"
     advertise: str = ""
     seeds: tuple[tuple[str, int], ...] = ()

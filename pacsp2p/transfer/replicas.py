@@ -95,10 +95,12 @@ class ReplicaService:
         self.tmpdir = Path(self.overlay.bulk.tmpdir)
         self.spares = Spares(self.tmpdir, self.reactor, keep=8)
         o = self.overlay.o        # pushed copies' bytes: our push port, told in our Hello
+        if o.push_port < 0:       # none: writers push to us over AMP, as to older peers
+            return
         self.push_server = PushServer(
             self, self.reactor, server_context(o.tls_dir, self.peer), "push port",
             max_connections=PUSH_CONNECTIONS, handshake_timeout=o.handshake_timeout,
-        ).listen(0, o.bind)
+        ).listen(o.push_port, o.bind)
         self.overlay.membership.push_port = self.push_server.port
 
     def stop(self):

@@ -108,6 +108,15 @@ BROKEN = [
      "facade.bind: must be an IP address or a host name, got '999.1.1.1'"),
     ("audit-backups-beyond-use", '[audit]\nbackups = 100000000\n', {},
      "audit.backups: must be an integer 1-10000, got 100000000"),
+    # the threads' ports may be fixed, for a firewall between sites (0: any free port)
+    ("push-port-beyond-range", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
+     'push_port = 70000\n', {},
+     "overlay.push_port: must be -1 (none), 0 (any free port) or 1-65535, got 70000"),
+    ("push-port-is-the-overlays", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
+     'push_port = {port}\n', {}, "overlay.push_port: {port} is overlay.port too"),
+    ("read-port-is-the-admins", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
+     'read_port = {admin_port}\npush_port = {admin_port}\n', {},
+     "overlay.read_port: {admin_port} is admin.port too"),
 ]
 
 
