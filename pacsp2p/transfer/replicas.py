@@ -97,10 +97,13 @@ class ReplicaService:
         o = self.overlay.o        # pushed copies' bytes: our push port, told in our Hello
         if o.push_port < 0:       # none: writers push to us over AMP, as to older peers
             return
-        self.push_server = PushServer(
+        server = PushServer(
             self, self.reactor, server_context(o.tls_dir, self.peer), "push port",
-            max_connections=PUSH_CONNECTIONS, handshake_timeout=o.handshake_timeout,
-        ).listen(o.push_port, o.bind)
+            max_connections=PUSH_CONNECTIONS, handshake_timeout=o.handshake_timeout)
+        try:                      # a fixed port taken: one line naming the key, as read_port
+            self.push_server = server.listen(o.push_port, o.bind)
+        except OSError as e:
+            raise RuntimeError(f"overlay.push_port {o.push_port}: {e}") from e
         self.overlay.membership.push_port = self.push_server.port
 
     def stop(self):
