@@ -94,7 +94,8 @@ def cmd_scrub(args) -> int:
         if done.get("unrepaired"):
             uids = ", ".join(done.get("unrepaired_uids") or [])
             print(f"scrub: {done['unrepaired']} damaged or missing copies could NOT be "
-                  f"repaired (see the peer's log): {uids}")
+                  f"repaired (see the peer's log): {uids}; the peer tries them again "
+                  "(the first time in 30 s, then less often) until a good replica serves them")
     return 1 if done.get("unrepaired") else 0
 
 
@@ -119,4 +120,7 @@ def status_lines(status: dict) -> list[str]:
     if found.get("damaged"):
         lines.append(f"scrub: {found['damaged']} damaged copies found by retrievals "
                      f"(served from other replicas), {found['repaired']} replaced")
+    if s.get("awaiting_repair"):
+        lines.append(f"scrub: {s['awaiting_repair']} damaged or missing copies UNREPAIRED, "
+                     "tried again until a good replica serves them")
     return lines

@@ -317,10 +317,12 @@ def remove(pool, path: Path) -> None:
 
 
 def spool(f, directory: Path) -> Path:
-    """Thread: the open file *f* copied to a new temporary file in *directory*, both
-    closed; its path (the caller removes it)."""
+    """Thread: the open file *f*, from its start, copied to a new temporary file in
+    *directory*, both closed; its path (the caller removes it)."""
     directory.mkdir(parents=True, exist_ok=True)
     try:
+        if f.seekable():
+            f.seek(0)
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".dcm", delete=False) as out:
             shutil.copyfileobj(f, out, 1 << 20)
     finally:

@@ -27,9 +27,10 @@ the copy's hash is the catalog's again, or, from a replica kept in another trans
 syntax when none has its bytes, the catalog takes its hash). The replica's whole
 Part-10 file is taken, so a copy made by the cluster comes back byte-identical. An
 archive that cannot ``restore`` (plain DIMSE), or an instance with no good replica, is
-*unrepaired*: logged as an error, listed in status, and ``pacsp2p scrub`` exits non-zero;
-such a copy is made again elsewhere from a good replica and forgotten here
-(``on_unrestorable``: ``recheck.Recheck.unrestorable``; the file stays in the archive).
+*unrepaired*: logged as an error, listed in status, and ``pacsp2p scrub`` exits non-zero,
+then tried again with backoff (``transfer.unrepaired``); a DIMSE archive's bad copy is made
+again elsewhere from a good replica and forgotten here (``on_unrestorable``:
+``recheck.Recheck.unrestorable``; the file stays in the archive).
 
 When. In the background a full pass starts every ``[cluster] scrub_interval`` s (from
 the start of the previous one, on demand or not; the first ``scrub_interval`` after the
@@ -46,8 +47,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,10 +58,12 @@ from pacsp2p import threads
 from pacsp2p.catalog import scrub as sql
 from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
+from pacsp2p.dicom.incoming import remove, spool
 from pacsp2p.dicom.part10 import file_dataset_hash
 from pacsp2p.flow import open_gated
 from pacsp2p.transfer.repair import Throttle
 from pacsp2p.transfer.retrieve import Retrieval
+from pacsp2p.transfer.unrepaired import Unrepaired
 from pacsp2p.transfer.verify import Damaged, checked, is_sha256
 from pacsp2p.types import Location, Query
 
@@ -141,6 +142,7 @@ class Scrub:
         self._checkpoint: dict | None = None
         self._mending: dict[tuple, list] = {}     # (uid, archive) -> who waits
         self.on_unrestorable = lambda c, sha: defer.succeed(False)    # (transfer.recheck)
+        self.later = Unrepaired(self)            # copies not replaced: tried again
 
     # -- life cycle ------------------------------------------------------------------
     @defer.inlineCallbacks
@@ -185,6 +187,8 @@ class Scrub:
             yield self._save(force=True)
 
     def tick(self):
+        if self.running:
+            self.later.tick()
         if not self.running or self.current is not None or not self.interval:
             return
         due = (self.last_started or self.epoch or time.time()) + self.interval
@@ -409,6 +413,7 @@ class Scrub:
                 d["unrepaired"] += 1
             if p is not None and len(p.unrepaired_uids) < LISTED:
                 p.unrepaired_uids.append(c.uid)
+            self.later.add(c, sha)
         return source
 
     # -- replacing a copy ------------------------------------------------------------
@@ -467,7 +472,7 @@ class Scrub:
         served = next((s.name for s in source.plan.sources.values() if s.completed),
                       "another replica")
         pool = threads.pool(self.reactor, "verify", 1, 4)
-        path = yield deferToThreadPool(self.reactor, pool, _spool, f, self.tmpdir)
+        path = yield deferToThreadPool(self.reactor, pool, spool, f, self.tmpdir)
         try:
             got = yield deferToThreadPool(self.reactor, pool, _file_hash, path)
             if not got or sha and got != sha and got not in {o.sha256 for o in others}:
@@ -477,7 +482,7 @@ class Scrub:
                 raise Damaged(f"the replica from {served} holds {meta.sop_instance_uid}")
             stored = yield archive.restore(path, meta)
         finally:
-            pool.callInThread(_unlink, path)
+            remove(pool, path)
         if sha and stored.sha256 != got:
             raise Damaged(f"the restored copy hashes to {stored.sha256[:12]}")
         if sha and got != sha:          # another syntax's bytes: the copy's hash is theirs
@@ -517,14 +522,7 @@ class Scrub:
                 archive = self.archives[loc.archive]
                 if (c := (yield self.catalog.read(sql.own_copy(self.peer, loc)))) is None:
                     continue
-                if "verify" in archive.capabilities:
-                    try:
-                        [(_, state, read)] = yield archive.verify([(c.uid, c.sha256)])
-                    except Exception as e:
-                        log.warn("scrub: cannot check {uid}: {err}", uid=c.uid, err=e)
-                        continue
-                else:
-                    state, read = yield self._read_and_hash(archive, c, c.sha256)
+                state, read = yield self.check_copy(archive, c)
                 if state in ("damaged", "missing"):
                     self.found_by_reads["damaged"] += 1
                     source = yield self._count(None, c, c.sha256, state, read)
@@ -533,6 +531,18 @@ class Scrub:
                     yield self._save(force=True)
         finally:
             self._checking = False
+
+    @defer.inlineCallbacks
+    def check_copy(self, archive, c: sql.Copy):
+        """(state, bytes read) of this peer's copy *c* on *archive*, checked now."""
+        if "verify" not in archive.capabilities:
+            return (yield self._read_and_hash(archive, c, c.sha256))
+        try:
+            [(_, state, read)] = yield archive.verify([(c.uid, c.sha256)])
+        except Exception as e:
+            log.warn("scrub: cannot check {uid}: {err}", uid=c.uid, err=e)
+            return "skipped", 0
+        return state, read
 
     # -- state -----------------------------------------------------------------------
     def _save(self, force: bool = False, unfinished=None):
@@ -560,7 +570,8 @@ class Scrub:
                 "interval_s": self.interval or None, "limit_MB_s": self.rate or None,
                 "sample": self.sample, "next_at": due if p is None else None,
                 "pass": p.as_dict() if p is not None else None, "last": self.last,
-                "totals": dict(self.totals), "found_by_reads": dict(self.found_by_reads)}
+                "totals": dict(self.totals), "found_by_reads": dict(self.found_by_reads),
+                "awaiting_repair": len(self.later)}
 
 
 def _batches(items, most: int = BATCH_BYTES):
@@ -575,19 +586,6 @@ def _batches(items, most: int = BATCH_BYTES):
         yield batch
 
 
-def _spool(f, tmpdir: Path) -> Path:
-    """Thread: the open file *f* copied to a temporary file under *tmpdir*, closed."""
-    tmpdir.mkdir(parents=True, exist_ok=True)
-    try:
-        f.seek(0)
-        with tempfile.NamedTemporaryFile(dir=tmpdir, prefix="scrub-", suffix=".dcm",
-                                         delete=False) as out:
-            shutil.copyfileobj(f, out, 1 << 20)
-    finally:
-        f.close()
-    return Path(out.name)
-
-
 def _file_hash(path: Path) -> str:
     try:
         with open(path, "rb") as f:
@@ -595,6 +593,3 @@ def _file_hash(path: Path) -> str:
     except (BadDataset, Exception):
         return ""
 
-
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)

@@ -186,3 +186,31 @@ def test_damage_without_another_replica_stays_and_exits_1(tmp_path):
         assert "could NOT be repaired" in proc.stdout and uid in proc.stdout, proc.stdout
         assert f"{uid} on archive local could not be replaced: no other replica" in \
             p.log_path.read_text()
+
+
+def test_a_copy_left_unrepaired_is_mended_once_the_good_replica_is_back(cluster, tmp_path):
+    """The only good replica's peer is down when the scrub finds a damaged copy: it is
+    left unrepaired (exit 1), and once that peer is back the copy is mended without
+    another pass (before: not until the next background pass, a week later by default;
+    the fresh clone at d40b9d4 met it with facts not yet pulled)."""
+    n = 6
+    a, b = cluster(2)
+    files, _ = store_study(tmp_path, a, n, "SCRUB04")
+    wait_until(lambda: len(files_of(a)) == n and len(files_of(b)) == n, 60, 0.5,
+               "a copy of every instance on each peer's disk")
+    wait_until(lambda: len({get_json(p, "digest")["digest"] for p in (a, b)}) == 1, 60,
+               0.5, "catalogs in sync")
+    uid, path = sorted(files_of(a).items())[0]
+    b.stop()
+    original = flip(path)
+    proc = scrub(a)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "could NOT be repaired" in proc.stdout and uid in proc.stdout, proc.stdout
+    assert path.read_bytes() != original
+    assert scrub_status(a)["awaiting_repair"] == 1
+    b.restart()
+    wait_until(lambda: path.read_bytes() == original, 300, 1,
+               "the unrepaired copy mended from peerb once it is back, with no new pass")
+    assert f"{uid} on archive local replaced from peerb" in a.log_path.read_text()
+    st = scrub_status(a)
+    assert st["awaiting_repair"] == 0 and st["last"]["unrepaired"] == 1, st
