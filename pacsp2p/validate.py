@@ -5,6 +5,10 @@
   spaces, no slashes). A UID that passes can never name a path outside a directory.
 - AE titles by PS3.5 §6.2 (VR AE): 1-16 characters of the default repertoire, no
   backslash or control character, not only spaces.
+- The catalog's attribute values (``long_value``): at most ``VALUE_MAX`` characters each
+  (16 times the longest a VR the catalog keeps allows, LO/PN: 64 per value), whether a
+  C-STORE brings them or an archive lists them; a longer one would be kept in every
+  peer's catalog and sent in every sync answer and C-FIND match.
 
 Every front end (facade, bulk channel, AMP commands, REST paths) calls these; nothing
 below them trusts a UID it did not check.
@@ -16,6 +20,7 @@ import re
 
 UID_MAX = 64
 AE_MAX = 16
+VALUE_MAX = 1024          # characters of one catalog attribute value
 
 _UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*\Z", re.ASCII)
 _AE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}\Z", re.ASCII)
@@ -49,6 +54,16 @@ def is_ae_title(value) -> bool:
     """True if *value* is a str holding a valid AE title (PS3.5 §6.2, VR AE)."""
     return (isinstance(value, str) and _AE_RE.match(value) is not None
             and bool(value.strip()))
+
+
+def long_value(attributes) -> str:
+    """Why the catalog attributes *attributes* ({keyword: text}) cannot be kept: the first
+    value that is not text of at most ``VALUE_MAX`` characters; "" if none."""
+    for key, value in attributes.items():
+        if not isinstance(value, str) or len(value) > VALUE_MAX:
+            size = f"{len(value)} characters" if isinstance(value, str) else "not text"
+            return f"{shown(key)}: {size} (at most {VALUE_MAX})"
+    return ""
 
 
 def shown(value, limit: int = 80) -> str:

@@ -14,8 +14,8 @@ through the cluster.
 
 What an archive lists is hostile input: an instance whose SOP Instance, SOP Class, Study
 or Series Instance UID (or transfer syntax, when given) is not a UID by PS3.5 §9.1
-(``validate``), or whose attribute values are longer than ``MAX_VALUE`` characters, is
-not recorded (a warning per page names how many and one example).
+(``validate``), or whose attribute values are longer than ``validate.VALUE_MAX``
+characters, is not recorded (a warning per page names how many and one example).
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from pacsp2p.types import Location
-from pacsp2p.validate import InvalidUID, check_uid, shown
+from pacsp2p.validate import InvalidUID, check_uid, long_value, shown
 
 log = Logger()
 
-MAX_VALUE = 1024           # characters of one attribute value an archive may list
 _UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID")
 
 
@@ -46,12 +45,9 @@ def listed_error(meta) -> str:
             return f"SOPInstanceUID {shown(attrs['SOPInstanceUID'])} is not the instance's"
         for key in _UID_KEYS:
             check_uid(attrs.get(key), key)
-        for key, value in attrs.items():
-            if not isinstance(value, str) or len(value) > MAX_VALUE:
-                return f"{shown(key)}: not text of at most {MAX_VALUE} characters"
+        return long_value(attrs)
     except InvalidUID as e:
         return str(e)
-    return ""
 
 
 class TokenBucket:

@@ -9,8 +9,12 @@ Success is answered only once the cluster says the copies are durable.
 Refused before anything is written: a SOP Class or Instance UID that is not a valid UID
 (PS3.5 §9.1: 0xC000 with an Error Comment), a SOP class other than the context's (0x0122).
 Refused once complete: a data set whose header cannot be read (0xC000), whose UIDs are
-not those of the request (0xA900), or whose series the catalog holds in another study
-(0xC000: keeping it would move that series, of another patient, into this study). No
+not those of the request (0xA900), whose Study or Series Instance UID is invalid or
+whose catalog attribute (Patient Name, Study Description, ...) is longer than
+``validate.VALUE_MAX`` characters (0xC000: kept, it would be in every peer's catalog and
+every sync answer, and one past a sync answer's bound stops the sync of its peer), or
+whose series the catalog holds in another study (0xC000: keeping it would move that
+series, of another patient, into this study). No
 hostile value reaches a path or a log line whole.
 """
 
@@ -28,7 +32,7 @@ from pacsp2p.dicom.status import (CANNOT_UNDERSTAND, DOES_NOT_MATCH, OUT_OF_RESO
                                   SOP_CLASS_NOT_SUPPORTED, SUCCESS)
 from pacsp2p.facade.operation import Operation
 from pacsp2p.types import Query
-from pacsp2p.validate import InvalidUID, check_uid, shown
+from pacsp2p.validate import InvalidUID, check_uid, long_value, shown
 
 log = Logger()
 
@@ -44,14 +48,15 @@ def _meta_of(path, sha256, data_size, content=None):
         return path, None, e
 
 
-def _bad_parent(meta) -> str:
-    """Why the data set's Study/Series Instance UID is not a valid UID, or ''."""
+def _bad_header(meta) -> str:
+    """Why the data set's header cannot go into the catalog (a Study/Series Instance UID
+    that is not a valid UID, a value too long), or ''."""
     for key in ("StudyInstanceUID", "SeriesInstanceUID"):
         try:
             check_uid(meta.attributes.get(key, ""), key)
         except InvalidUID as e:
             return str(e)
-    return ""
+    return long_value(meta.attributes)
 
 
 class Store(Operation):
@@ -126,7 +131,7 @@ class Store(Operation):
         got = _meta_of(path, sha256, data_size, content)
         meta = got[1]
         if meta is not None and meta.sop_instance_uid == self.uid and \
-                meta.sop_class_uid == self.cls and not _bad_parent(meta):
+                meta.sop_class_uid == self.cls and not _bad_header(meta):
             why = self._series_conflict(meta)
             if why:
                 self.session.abandon()
@@ -160,9 +165,9 @@ class Store(Operation):
         elif meta.sop_instance_uid != self.uid or meta.sop_class_uid != self.cls:
             log.warn("C-STORE {uid}: dataset UIDs do not match the request", uid=self.uid)
             status = DOES_NOT_MATCH
-        elif _bad_parent(meta):
+        elif _bad_header(meta):
             log.warn("C-STORE {uid} from {ae}: {err}", uid=self.uid,
-                     ae=self.assoc.calling_ae, err=_bad_parent(meta))
+                     ae=self.assoc.calling_ae, err=_bad_header(meta))
             status = CANNOT_UNDERSTAND
         elif self.gone and not self.started and not kept:
             status = None                                  # nobody to answer: drop it
