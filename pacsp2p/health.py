@@ -4,7 +4,9 @@ Keeps ``archive.up`` (placement and retrieval route around an archive that is do
 logs each change once, gossips the archives that are down (``archives_down`` of this
 peer's member record), and resumes a crawl that a failure had stopped. An archive that
 may have lost what it held — up again, or reporting fewer instances than before or than
-the catalog's copies there — is named to ``on_back`` (``transfer.recheck``: a sample of its copies checked).
+the catalog's copies there, or seen up for the first time since this peer started (it
+may have been wiped or restored from an old image while the peer was down) — is named to
+``on_back`` (``transfer.recheck``: a sample of its copies checked).
 
 An archive the catalog holds copies on but the config no longer names (renamed or
 removed from ``[[archives]]`` across a restart) is *gone*: said once at start, counted
@@ -109,13 +111,14 @@ class ArchiveHealth(service.Service):
     def _note(self, archive, up: bool, health: dict, held: int = 0) -> bool:
         """Record *archive*'s state (*held*: copies the catalog places there); True if it
         changed."""
+        first = archive.name not in self._seen_up
         flipped = up != self._seen_up.get(archive.name, True)
         self._seen_up[archive.name] = up
         n, before = health.get("instances"), self._instances.get(archive.name)
         if isinstance(n, int) and up:
             self._instances[archive.name] = n
         fewer = isinstance(n, int) and (n < held or before is not None and n < before)
-        if up and (flipped or fewer) and self.on_back is not None:
+        if up and (flipped or fewer or first) and self.on_back is not None:
             self.on_back(archive.name)
         if flipped:
             if up:

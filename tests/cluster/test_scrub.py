@@ -188,6 +188,7 @@ def test_damage_without_another_replica_stays_and_exits_1(tmp_path):
             p.log_path.read_text()
 
 
+@pytest.mark.timeout(900)     # (wait_until bounds of its own)
 def test_a_copy_left_unrepaired_is_mended_once_the_good_replica_is_back(cluster, tmp_path):
     """The only good replica's peer is down when the scrub finds a damaged copy: it is
     left unrepaired (exit 1), and once that peer is back the copy is mended without
@@ -214,3 +215,29 @@ def test_a_copy_left_unrepaired_is_mended_once_the_good_replica_is_back(cluster,
     assert f"{uid} on archive local replaced from peerb" in a.log_path.read_text()
     st = scrub_status(a)
     assert st["awaiting_repair"] == 0 and st["last"]["unrepaired"] == 1, st
+
+
+@pytest.mark.timeout(900)     # (wait_until bounds of its own)
+def test_an_archive_wiped_while_its_peer_was_down_is_checked_at_start(cluster, tmp_path):
+    """Every file of peera's embedded archive deleted while peera is stopped (a disk
+    replaced, a VM restored from an old image): at the next start the archive's copies
+    are sampled at once (``health``: first seen up), every one is found missing, and a
+    scrub pass puts them back from peerb, byte-identical — with no `pacsp2p scrub`.
+    Before, the catalog counted them live until the next background pass (a week)."""
+    n = 6
+    a, b = cluster(2)
+    files, _ = store_study(tmp_path, a, n, "SCRUB05")
+    wait_until(lambda: len(files_of(a)) == n and len(files_of(b)) == n, 60, 0.5,
+               "a copy of every instance on each peer's disk")
+    wait_until(lambda: len({get_json(p, "digest")["digest"] for p in (a, b)}) == 1, 60,
+               0.5, "catalogs in sync")
+    originals = {uid: path.read_bytes() for uid, path in files_of(a).items()}
+    a.stop()
+    for path in files_of(a).values():
+        path.unlink()
+    assert not files_of(a)
+    a.restart()
+    wait_until(lambda: {u: p.read_bytes() for u, p in files_of(a).items()} == originals,
+               300, 1, "peera's copies put back at its start, with no pass asked for")
+    log = a.log_path.read_text()
+    assert "copies sampled are missing or damaged" in log, log[-3000:]
