@@ -25,8 +25,10 @@ connection:
   handshake that fails (no client certificate, one from another CA, an old protocol
   version) closes the connection with one rate-limited log line; the ARTIM timer covers
   the handshake too.
-- an idle timeout (``idle_timeout``) aborts an association with no traffic and no
-  operation running (or whose requestor has not read what we sent for that long);
+- an idle timeout (``idle_timeout``) aborts an association with no operation running
+  that sent no response and received fewer than ``PROGRESS`` bytes for that long (a
+  requestor dripping a byte now and then holds no association slot for ever: a
+  slowloris), or whose requestor has not read what we sent for that long;
   A-RELEASE and A-ABORT both ways; TCP_NODELAY on every accepted socket.
 - P-DATA reassembly straight from the byte stream (PS3.8 9.3.5, annex E): a PDU is never
   buffered whole; command fragments are gathered (at most ``MAX_COMMAND`` bytes), data
@@ -80,6 +82,7 @@ MAX_PER_ADDRESS = 16         # connections (pending or not) from one address
 FD_RESERVE = 64              # file descriptors kept free for everything else
 SEND_FRAGMENT = 1 << 20      # PDV data bytes per PDU sent to a requestor without a limit
 SEND_LIMIT = 4 << 20         # bytes per socket send (Twisted's default: 128 KB)
+PROGRESS = 64 << 10          # bytes received that restart the idle timeout
 
 
 def _socket(transport):
@@ -125,6 +128,7 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         self._small = bytearray()      # small data fragments gathered (``_feed``)
         self._timer = None
         self._closer = None            # ARTIM after we asked the transport to close
+        self._heard = 0                # bytes received since the idle timeout restarted
 
     # -- connection ----------------------------------------------------------------------
     def connectionMade(self):
@@ -230,6 +234,7 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         self._timer = None
 
     def _touch(self):
+        self._heard = 0
         if self.state == "established":
             if self._timer is not None and self._timer.active():
                 self._timer.reset(self.factory.idle_timeout)
@@ -244,6 +249,8 @@ class Association(ReadHolds, Messages, protocol.Protocol):
             return
         if self.state == "established" and self.paused:
             what = "nothing read by the requestor"
+        elif self.state == "established" and self._heard:
+            what = f"only {self._heard} bytes received"
         self._log("timeout", LogLevel.warn,
                   "association from {ae}@{peer}: {what} for {s} s: closing",
                   what=what, s=seconds)
@@ -335,7 +342,9 @@ class Association(ReadHolds, Messages, protocol.Protocol):
     # -- the byte stream ------------------------------------------------------------------
     def dataReceived(self, data: bytes):
         try:
-            self._touch()
+            self._heard += len(data)
+            if self._heard >= PROGRESS:
+                self._touch()
             self._stream(data)
         except _Abort:
             return
@@ -490,6 +499,7 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         self.transport.write(ac)
         self._observe("established")
         self._arm(f.idle_timeout, "idle")
+        self._heard = 0
 
     def _reject(self, result: int, source: int, reason: int, why: str) -> None:
         self._log("rejected", LogLevel.warn,

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
 
 from pacsp2p.dicom import dimse
-from pacsp2p.dicom.acceptor import AcceptorFactory
+from pacsp2p.dicom.acceptor import PROGRESS, AcceptorFactory
 from pacsp2p.dicom.messages import MAX_COMMAND, MAX_QUEUED, MemorySink
 from pacsp2p.dicom.admission import FdBudget
 from pacsp2p.dicom.pdu import APPLICATION_CONTEXT, PDV, RELEASE_RQ
@@ -353,6 +353,38 @@ def test_idle_timeout_is_configurable():
     assert not sock.disconnecting
     h.tick(1.0)
     assert sock.kinds() == [7]
+
+
+def test_a_requestor_dripping_bytes_is_aborted_after_the_idle_timeout(logged):
+    """A slowloris: a byte of a C-ECHO every 2 s. Before, each byte restarted the idle
+    timeout, so the association (one of ``max_associations``) was held for ever."""
+    h = Harness(idle_timeout=7.0)
+    proto, sock = h.associate()
+    msg = pdv(1, echo_rq(), True, True)
+    for b in msg[:40]:
+        proto.dataReceived(bytes([b]))
+        h.tick(2.0)
+        if sock.disconnecting:
+            break
+    assert sock.kinds() == [7] and h.clock.seconds() <= 8.0
+    assert any("only 4 bytes received for 7.0 s" in line for line in lines(logged))
+
+
+def test_a_slow_data_set_keeps_its_association():
+    """A data set arriving at ``PROGRESS`` bytes per 5 s (13 KB/s) is not idle; nor is a
+    requestor sending small messages, each answered, less than ``idle_timeout`` apart."""
+    h = Harness(idle_timeout=7.0)
+    proto, sock = h.associate()
+    proto.dataReceived(pdv(3, dimse.c_store_rq(1, CTImageStorage, "1.2.3.4"), True, True))
+    for _ in range(6):
+        h.tick(5.0)
+        proto.dataReceived(pdv(3, b"\0" * PROGRESS, False, False))
+    proto.dataReceived(pdv(3, b"\0" * 10, False, True))
+    assert sock.kinds() == [4] and not sock.disconnecting
+    for i in range(6):
+        h.tick(5.0)
+        proto.dataReceived(pdv(1, echo_rq(2 + i), True, True))
+    assert sock.kinds() == [4] * 7 and not sock.disconnecting
 
 
 def test_fd_reserve_refuses_early():
