@@ -310,13 +310,26 @@ def write_wire(conn: sqlite3.Connection, batch: list, peer: str = "") -> None:
 
 def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> int:
     """Write several origins' wire batches (one pull's answer) in ONE transaction: a
-    pull that brings facts of k origins costs one commit, not k. Returns the changes
-    made retiring rows left without children (``rows.settle``)."""
+    pull that brings facts of k origins costs one commit, not k. A row that comes
+    again unchanged (stamp and values) is written once: at 32 peers a pull brings a
+    series' patient, study and series rows in each of up to 31 origins' batches, and
+    an instance's row in both its holders' (writing an equal row again changes
+    nothing, ``_LWW_SQL``). Returns the changes made retiring rows left without
+    children (``rows.settle``)."""
     levels: dict[str, list] = {level: [] for level in LEVELS}
+    seen: dict[str, dict] = {level: {} for level in LEVELS}    # key -> rows written
     locations, received = [], []
     n = len(LOCATION_FIELDS)
     cls = n + _LEVEL_SQL["IMAGE"][0].index("SOPClassUID")
     sop = n + _LEVEL_SQL["IMAGE"][0].index("SOPInstanceUID")
+    cap = int(time.time() * 1000) + MAX_AHEAD       # ``stamp_of``'s bound, read once
+
+    def keep(level: str, key, row: list) -> None:
+        had = seen[level].setdefault(key, [])
+        if row not in had:
+            had.append(row)
+            levels[level].append(row)
+
     for batch in batches:
         if not batch:
             continue
@@ -325,15 +338,17 @@ def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> int:
         gone = parents.get(parent_rows.WIRE_KEY) or {}
         for level in PARENT_LEVELS:
             given = stamps.get(level) or {}
-            levels[level] += [[v or "" for v in row] + [stamp_of({STAMP: given.get(key)})]
-                              for key, row in parents.get(level, {}).items()]
+            for key, row in parents.get(level, {}).items():
+                keep(level, key, [v or "" for v in row] + [_stamp(given.get(key), cap)])
             # rows of deleted instances: merged where held, else kept retired (``rows``)
-            levels[level] += [[v or "" for v in row[:-1]] + [stamp_of({STAMP: row[-1]})]
-                              for row in (gone.get(level) or {}).values()]
+            for key, row in (gone.get(level) or {}).items():
+                keep(level, key, [v or "" for v in row[:-1]] + [_stamp(row[-1], cap)])
         # a fact of a deleted instance travels without its attributes: no instance row
         given = stamps.get("IMAGE") or {}
-        levels["IMAGE"] += [[v or "" for v in row[n:]] + [stamp_of({STAMP: given.get(row[sop])})]
-                            for row in facts if row[cls]]
+        for row in facts:
+            if row[cls]:
+                keep("IMAGE", row[sop], [v or "" for v in row[n:]] +
+                     [_stamp(given.get(row[sop]), cap)])
         locs = [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0])) for row in facts]
         locations += locs
         received.append((locs, parents.get(tombstones.WIRE_KEY)))
@@ -344,6 +359,11 @@ def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> int:
         for locs, payloads in received:
             tombstones.received(c, peer, locs, payloads)
     return _write_levels(conn, levels, locations, after=after)
+
+
+def _stamp(s, cap: int) -> int:
+    """``stamp_of({STAMP: s})`` with the clock's bound *cap* read once for a batch."""
+    return min(s, cap) if type(s) is int and 0 <= s < MAX_STAMP else 0
 
 
 def meta_attributes(meta: InstanceMeta) -> dict:
