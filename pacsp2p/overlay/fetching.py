@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from pacsp2p.dicom import header, part10
 from pacsp2p.overlay import bulk
+from pacsp2p.overlay.readclient import examined
 
 SINK_CHUNK = 1 << 20         # received bytes gathered before a write job (a typical
                              # instance: one job, which also makes its temporary file)
@@ -336,23 +337,9 @@ class _Body:
         pass
 
 
-def _examined(data: bytes):
-    """Thread: one instance of a batch as ``_kept`` hands it over (``part10.examine``:
-    the File Meta walked once, the data set hashed)."""
-    try:
-        offset, ts, uid, sha = part10.examine(data)
-    except (part10.BadFile, header.BadDataset, ValueError, struct.error):
-        f, f.sha256, f.data_size = io.BytesIO(data), "", 0
-    else:
-        f = part10.Part10Bytes(data, offset, ts, uid)
-        f.sha256, f.data_size = sha, len(data) - offset
-    f.size = len(data)
-    return f
-
-
 def _split(chunks: list, n: int) -> list:
     """Thread: a batch answer's *n* frames (``bulk.FRAME``), each ``OK`` body examined
-    and hashed (``_examined``), the others left as their status (int).
+    and hashed (``readclient.examined``), the others left as their status (int).
     IOError if the frames are not exactly *n* well-formed ones."""
     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     out, pos, head = [], 0, bulk.FRAME.size
@@ -364,7 +351,7 @@ def _split(chunks: list, n: int) -> list:
         if status > bulk.FAILED or size > bulk.BATCH_ITEM or pos + size > len(data) or (
                 size and status != bulk.OK):
             break
-        out.append(_examined(data[pos:pos + size]) if status == bulk.OK else status)
+        out.append(examined(data[pos:pos + size]) if status == bulk.OK else status)
         pos += size
     if len(out) != n or pos != len(data):
         raise IOError(f"a batch answer of {len(data)} bytes is not {n} frames")
@@ -395,9 +382,12 @@ def _reads(member) -> int:
 class BulkClient:
     """Fetch from other peers' bulk channels."""
 
-    def __init__(self, credentials, reactor, pool: ThreadPool, tmpdir):
+    def __init__(self, credentials, reactor, pool: ThreadPool, tmpdir, reads=None):
+        """*reads*: a ``readclient.ReadClient``, which then reads the instances asked
+        alone of peers that name a read port (else the reactor's client does)."""
         self.credentials, self.reactor, self.pool, self.tmpdir = (
             credentials, reactor, pool, str(tmpdir))
+        self.reads = reads
         self._agents: dict[str, tuple] = {}     # name -> (Agent, its pool), LRU order
         self.budget = _Budget()                  # bodies being received in memory
         self.answer_timeout = ANSWER_TIMEOUT
@@ -454,6 +444,8 @@ class BulkClient:
         """Deferred[temporary file, or in memory up to ``MEMORY`` bytes: a
         ``Part10Bytes``] holding the instance (deleted when closed), its data set hashed
         on the way (``sha256``: the reader checks it, ``transfer.verify``)."""
+        if self.reads is not None and getattr(member, "read_port", 0):
+            return self.reads.get(member, member.read_port, archive, uid, sha256)
         query = f"?sha256={sha256}" if sha256 else ""
         return self.download(member, f"/instances/{quote(archive)}/{quote(uid)}{query}",
                              hashed=True, in_memory=True, port=_reads(member))

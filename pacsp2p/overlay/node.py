@@ -22,6 +22,7 @@ from pacsp2p.overlay import bulk, fetching, reads, threadtls, tls
 from pacsp2p.overlay.commands import Vector
 from pacsp2p.overlay.dissemination import Dissemination, check_vector
 from pacsp2p.overlay.membership import MemberInfo, Membership
+from pacsp2p.overlay.readclient import ReadClient
 from pacsp2p.overlay.reclaim import Reclaim
 from pacsp2p.overlay.swimparts import SwimConfig
 from pacsp2p.overlay.sync import AntiEntropy
@@ -61,7 +62,10 @@ class Overlay:
                                      lambda: catalog.vector, o.heartbeat, config=config,
                                      max_links=o.max_links, fatal=fatal)
         tmp = settings.data_dir / "incoming"
-        self.bulk = fetching.BulkClient(self.credentials, reactor, self.pool, tmp)
+        self.bulk = fetching.BulkClient(
+            self.credentials, reactor, self.pool, tmp,
+            ReadClient(threadtls.client_context(o.tls_dir, self.name), reactor, tmp,
+                       fetching.NotHeld))
         self.sync = AntiEntropy(catalog, self.bulk)
         self.dissemination = Dissemination(
             self.membership.swim, lambda: catalog.vector, self._pull, reactor,
