@@ -298,7 +298,7 @@ class Scrub:
                 # a batch is what the rate allows in a fifth of a second (the pace is
                 # kept batch by batch), 16 MB at most
                 most = BATCH_BYTES if not p.rate else \
-                    max(1, min(BATCH_BYTES, int(p.rate * 1e6 * BATCH_SECONDS)))
+                    max(1, int(min(BATCH_BYTES, p.rate * 1e6 * BATCH_SECONDS)))
                 # unthrottled (on demand, --rate 0): two jobs of the archive's threads
                 # at once, the next batch hashed while this one's results are counted
                 depth = 1 if p.rate else 2

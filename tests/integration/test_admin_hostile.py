@@ -1,8 +1,8 @@
 """The operations front ends under hostile input (docs/benchmarks.md, "Operations front
 ends under hostile input (2026-12-07)"): one real peer (a twistd process) holding studies
 whose DICOM values an attacker on the hospital network chose (markup, quotes, control
-characters, 64 KB values, invalid UTF-8, an unknown character set), sent by DCMTK
-storescu; its admin endpoint probed over real sockets and, where layout matters, with
+characters, values as long as the peer keeps, invalid UTF-8, an unknown character
+set), sent by DCMTK storescu; its admin endpoint probed over real sockets and, where layout matters, with
 Debian's headless Chromium.
 
 Every answer is an HTTP answer of the endpoint's own (never a template error, never a
@@ -25,10 +25,13 @@ from pydicom.dataelem import DataElement
 
 from pacsp2p.admin.auth import hash_password
 from pacsp2p.testing import Peer, disk, storescu
+from pacsp2p.testing.cluster import wait_until
 from pacsp2p.testing.datasets import make_image, uid, write
+from pacsp2p.validate import VALUE_MAX
 
 PASSWORD = "correct horse battery"
-BIG = 65000                        # characters of the longest values sent
+BIG = VALUE_MAX                    # characters of the longest values sent (a longer one
+                                   # is refused: test_hostile_dimse)
 
 # name -> the attributes of one single-instance study (bytes: written as they are)
 HOSTILE = {
@@ -104,7 +107,8 @@ def test_a_study_the_catalog_does_not_hold_is_a_404_page(peer):
 
 def test_dicom_values_are_shown_escaped_bounded_and_without_controls(peer, tmp_path):
     """In a real Chromium: the markup is text (no element made of it, and the page's
-    CSP forbids scripts anyway); the 64 KB PatientName is shown as its first 256
+    CSP forbids scripts anyway); the 1024-character PatientName (64 KB before values were
+    bounded) is shown as its first 256
     characters and the table stays as wide as the window (before: the studies page was
     1,384,534 px wide, every column after the name off the screen, for every study);
     control characters are shown as their pictures (before: ESC, BEL, NUL as they are)."""
@@ -179,6 +183,22 @@ def test_a_scrub_rate_that_is_no_number_is_refused(peer, rate):
     code, _, status = get(peer, "/status")
     assert code == 200
     strict_json(status)
+    assert "OverflowError" not in peer.log_path.read_text(errors="replace")
+
+
+def test_a_huge_finite_scrub_rate_checks_every_copy(peer):
+    """{"rate": 1e308}: a number, taken (before: the pass failed at once, 'cannot convert
+    float infinity to integer' and a traceback, 0 copies checked)."""
+    code, _, answer = post_json(peer, "/scrub", b'{"rate": 1e308}')
+    assert code == 200, (code, answer[:300])
+    ran = strict_json(answer)["pass"]
+
+    def done():
+        last = strict_json(get(peer, "/status")[2])["scrub"]["last"]
+        return last if last and last.get("id") == ran else None
+    wait_until(done, 120, what="the scrub pass")
+    last = done()
+    assert last["checked"] == len(HOSTILE), last
     assert "OverflowError" not in peer.log_path.read_text(errors="replace")
 
 
