@@ -39,6 +39,8 @@ log = Logger()
 
 BATCH = 5000
 MAX_PULL_BODY = 4 << 20       # bytes of a pull request (a vector of ~100,000 origins)
+ANSWER_BUDGET = 32 << 20      # bytes of an answer we send (an asker reads at most 64 MB,
+                              # ``fetching.MAX_ANSWER``): fewer facts if they are longer
 
 
 def encode_answer(vector: dict, parts) -> bytes:
@@ -87,7 +89,10 @@ def serve(catalog, theirs: dict, asker: str | None, limit: int, own: int = 0):
     vector, then the facts of every origin but the asker's own above theirs, origin by
     origin, at most *limit* facts in all — or, if *own* (a pull-back of what its
     restored catalog lost, ``reclaim``), those of the asker's own origin only, up to
-    number *own*."""
+    number *own*. An answer longer than ``ANSWER_BUDGET`` bytes is made again of fewer
+    facts (values up to ``validate.VALUE_MAX`` characters make a fact up to ~35 KB, 5,000
+    of them 170 MB: past the asker's bound, every pull failed and sync from here
+    stopped); the asker asks again for the rest."""
     mine = dict(catalog.vector)
     if own:
         after = theirs.get(asker, 0)
@@ -96,7 +101,14 @@ def serve(catalog, theirs: dict, asker: str | None, limit: int, own: int = 0):
         wanted = [(o, theirs.get(o, 0)) for o in sorted(mine)
                   if o != asker and mine[o] > theirs.get(o, 0)]
     parts = (yield catalog.changes_of(wanted, limit)) if wanted else []
-    return encode_answer(mine, parts)
+    body = encode_answer(mine, parts)
+    n = sum(len(rows) - 1 for _, rows in parts)
+    while len(body) > ANSWER_BUDGET and n > 1:
+        limit = max(1, min(n - 1, int(n * ANSWER_BUDGET / len(body) * 0.9)))
+        parts = yield catalog.changes_of(wanted, limit)
+        body = encode_answer(mine, parts)
+        n = sum(len(rows) - 1 for _, rows in parts)
+    return body
 
 
 def behind(mine: dict, theirs: dict, me: str, own: int = 0) -> bool:

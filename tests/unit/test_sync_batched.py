@@ -226,3 +226,37 @@ class Counting:
             table = sql.split()[2]
             self.rows[table] = self.rows.get(table, 0) + len(rows)
         return self.conn.executemany(sql, rows)
+
+
+def test_an_answer_of_long_values_is_cut_to_its_byte_budget(tmp_path, monkeypatch):
+    """Facts whose values are as long as a C-STORE may bring (``validate.VALUE_MAX``),
+    each of its own patient, study and series: one answer of 5,000 of them was 170 MB,
+    past the asker's 64 MB, and every pull from that peer failed for good. Here the
+    budget is 200 KB and 40 facts of ten such values make 420 KB: answers stay within
+    it, and the asker gets every fact by asking again."""
+    from pacsp2p.validate import VALUE_MAX
+    monkeypatch.setattr(sync, "ANSWER_BUDGET", 200 << 10)
+    x = Catalog(tmp_path, "x")
+    long = "V" * VALUE_MAX
+    rows = []
+    for seq in range(1, 41):
+        uid = f"1.2.9.{seq}"
+        attrs = {kw: long for kw in ("PatientName", "StudyDescription", "InstitutionName",
+                                     "SeriesDescription", "ProtocolName", "Manufacturer",
+                                     "ReferringPhysicianName", "OtherPatientIDs",
+                                     "IssuerOfPatientID", "ImageType")}
+        attrs.update({"PatientID": f"P{seq}", "StudyInstanceUID": f"1.2.9.1.{seq}",
+                      "SeriesInstanceUID": f"1.2.9.2.{seq}", "Modality": "CT",
+                      "SOPInstanceUID": uid, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+                      "TransferSyntaxUID": "1.2.840.10008.1.2.1"})
+        rows.append((attrs, (uid, "local", "x", "ab" * 32, 100, seq)))
+    db.write_facts(x.conn, rows)
+    x.vector["x"] = 40
+    sizes = []
+    y = Catalog(tmp_path, "y")
+    bulk = Bulk(x, "y", tamper=lambda body: sizes.append(len(body)) or body)
+    pulled(sync.AntiEntropy(y, bulk, batch=5000).pull(Member("x")))
+    assert y.vector["x"] == 40
+    assert max(sizes) <= 200 << 10 and len(sizes) >= 3, sizes
+    got = y.conn.execute("SELECT count(*) FROM instances WHERE ImageType = ?", (long,))
+    assert got.fetchone()[0] == 40
