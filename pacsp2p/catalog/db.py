@@ -4,12 +4,13 @@ SQLite in WAL mode. All writes go through :meth:`Catalog.record`, which queues f
 the reactor and commits them from a single writer thread in batches (group commit: a
 burst of stores costs one transaction) — or, for the ingest's one-job path, through
 ``record_now``: the thread that received an instance commits its fact itself, on the
-writer's connection under the writer's lock (no hand-over to the writer thread and
-back); the facts of other peers that ``learn`` takes
-(a replicated write's remote copies) and the hints ``drop_hint`` forgets wait up to
-``LATER`` s to ride in the same writer job. Reads run in a small reader pool, one connection
-per thread. Nothing here touches SQLite from the reactor thread. The schema, counters
-and clean-stop mark are in ``schema``; the background integrity check in ``integrity``.
+writer's connection under the writer's lock (no hand-over to the writer thread and back);
+the facts of other peers that ``learn`` takes (a replicated write's remote copies) and
+the hints ``drop_hint`` forgets wait up to ``LATER`` s to ride in the same writer job.
+Reads run in a small reader pool, one connection per thread. Nothing here touches SQLite
+from the reactor thread. The schema, counters and clean-stop mark are in ``schema``; the
+background integrity check in ``integrity``; WAL checkpoints (off the writers' path) in
+``checkpoints``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from pacsp2p.catalog import matching, names, rows, schema, tombstones
+from pacsp2p.catalog.checkpoints import BACKSTOP, Checkpoints
 from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, LWW_LEVELS,  # noqa: F401
                                    PARENT_LEVELS, STAMPS_KEY, check_wire, facts_from_wire,
                                    meta_attributes, stamp_of,
@@ -39,6 +41,7 @@ from pacsp2p.types import InstanceMeta, InstanceRef, Location, Query, Stored
 log = Logger()
 
 LATER = 0.05        # seconds facts of others and hint drops may wait for our next batch
+_CONFLICT_SQL = "INSERT OR IGNORE INTO conflicts VALUES (?, ?, ?, datetime('now'))"
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -58,12 +61,11 @@ class Catalog:
     """
 
     def __init__(self, path: Path, reactor, peer: str = "", readers: int = 4):
-        self.path = Path(path)
-        self.reactor = reactor
-        self.peer = peer
+        self.path, self.reactor, self.peer = Path(path), reactor, peer
         self._writer_pool = ThreadPool(1, 1, "catalog-writer")
         self._reader_pool = ThreadPool(1, readers, "catalog-reader")
         self.integrity = Integrity(self.path, reactor, _connect)    # .state: /status
+        self.checkpoints = Checkpoints(self.path, reactor, _connect)
         self._local = threading.local()
         self._writer: sqlite3.Connection | None = None
         self._lock = threading.Lock()          # the writer's connection: one user at once
@@ -103,6 +105,7 @@ class Catalog:
             if self.numbers_from is not None:
                 self._own_seq = self.numbers_from(self.opened_at)
             self.integrity.opened(clean=result[1], new=self._created)
+            self.checkpoints.start()
         return d.addCallback(opened)
 
     def _open_writer(self) -> tuple[dict, bool]:
@@ -110,6 +113,7 @@ class Catalog:
         self._created = not self.path.exists()      # for the log line: a first start
         try:
             self._writer = _connect(self.path)
+            self._writer.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP}")   # checkpoints
             create_schema(self._writer, self.path)
             tombstones.create_schema(self._writer)
             rows.reannounce(self._writer, self.peer, self.path)    # once, after upgrade
@@ -127,6 +131,7 @@ class Catalog:
         self._drained.append(drained)
         if not self._flushing:
             self._next()
+        drained.addCallback(lambda _: self.checkpoints.stop())
         d = drained.addCallback(lambda _: self._writer and self._in_writer(self._close))
         d.addErrback(lambda f: log.error("catalog {path}: not closed cleanly: {err}",
                                          path=str(self.path), err=f.getErrorMessage()))
@@ -162,8 +167,7 @@ class Catalog:
         with self._lock:
             if self._writer is None:
                 raise sqlite3.OperationalError("the catalog is closed")
-            self._writer.execute("INSERT OR IGNORE INTO conflicts VALUES (?, ?, ?, "
-                                 "datetime('now'))", (uid, archive, sha256))
+            self._writer.execute(_CONFLICT_SQL, (uid, archive, sha256))
 
     def committed_now(self, seq: int | None) -> None:
         """Reactor: a fact ``record_now`` wrote is committed (the version vector,
@@ -253,6 +257,7 @@ class Catalog:
 
     def _committed(self, origin: str, seq: int, n: int = 1) -> None:
         self.facts += n
+        self.checkpoints.committed()
         if seq > self.vector.get(origin, 0):
             self.vector[origin] = seq
         for listener in list(self.listeners):
@@ -425,10 +430,7 @@ class Catalog:
         return self.read(lambda conn: tombstones.tombstoned(conn, list(uids)))
 
     def record_conflict(self, uid: str, archive: str, sha256: str) -> defer.Deferred:
-        def insert(conn):
-            conn.execute("INSERT OR IGNORE INTO conflicts VALUES (?, ?, ?, datetime('now'))",
-                         (uid, archive, sha256))
-        return self.write(insert)
+        return self.write(lambda conn: conn.execute(_CONFLICT_SQL, (uid, archive, sha256)))
 
     # -- reading ---------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
@@ -516,9 +518,7 @@ class Catalog:
                 "SELECT se.StudyInstanceUID, i.SeriesInstanceUID, i.SOPClassUID, "
                 "i.TransferSyntaxUID FROM instances i JOIN series se "
                 "USING (SeriesInstanceUID) WHERE i.SOPInstanceUID = ?", (uid,)).fetchone()
-            if not row or not all(row[:3]):
-                return None
-            return (row[0], row[1], row[2], row[3] or "")
+            return (row[0], row[1], row[2], row[3] or "") if row and all(row[:3]) else None
         return self.read(run)
 
     def crawl_state(self, archive: str) -> defer.Deferred:
