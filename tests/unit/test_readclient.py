@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 from bulk_spawn import bulk_server
 from test_bulk_fetch_memory import expected
+from test_push_port import wait
 from twisted.internet import defer, error
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
@@ -48,7 +49,8 @@ class Reactor:
         self.shutdown.append((fn, args))
 
     def stop(self):
-        for fn, args in self.shutdown:
+        shutdown, self.shutdown = self.shutdown, []
+        for fn, args in shutdown:
             fn(*args)
 
 
@@ -67,14 +69,6 @@ def instance(tmp_path_factory) -> bytes:
     datasets.write(datasets.make_image("CT", size=64, SOPInstanceUID=datasets.uid("rc", 1)),
                    path)
     return path.read_bytes()
-
-
-def wait(condition, what):
-    for _ in range(int(PATIENCE * 10)):
-        if condition():
-            return
-        threading.Event().wait(0.1)
-    raise AssertionError(f"not within {PATIENCE} s: {what}")
 
 
 def outcome(d) -> list:
@@ -248,39 +242,41 @@ def test_a_kept_connection_the_peer_closed_is_replaced(tmp_path, certs, instance
     holder.stop()
 
 
-def test_a_stalled_read_is_cut_by_its_cancel(tmp_path, certs, monkeypatch):
-    """A holder that reads the request and never answers: the retrieval's stall cancels
-    the read; the connection is shut at once (not after IDLE) and the lane ends."""
+@pytest.fixture
+def stalled(tmp_path, certs, monkeypatch):
+    """A read asked of a holder that reads the request and never answers, the request
+    sent: (reactor, client, the read's Deferred)."""
     monkeypatch.setattr(readclient, "IDLE", 3600.0)
     holder = RawHolder(certs, [None])
     reactor = Reactor()
     reads = client(certs, reactor, tmp_path)
     d = reads.get(member(holder.port), holder.port, "local", "1.1", None)
     wait(lambda: reads._socks and holder.conns, "the request sent")
-    peer = next(iter(reads._peers.values()))
-    wait(lambda: peer.queue == type(peer.queue)() and not reads._buffers, "asked")
-    d.cancel()
-    assert outcome(d).check(defer.CancelledError)
-    wait(lambda: peer.lanes == 0 and not reads._socks, "the lane ended")
+    yield reactor, reads, d
     reactor.stop()
     holder.stop()
 
 
-def test_stop_cuts_a_lane_blocked_in_a_read(tmp_path, certs, monkeypatch):
-    monkeypatch.setattr(readclient, "IDLE", 3600.0)
-    holder = RawHolder(certs, [None])
-    reactor = Reactor()
-    reads = client(certs, reactor, tmp_path)
-    d = reads.get(member(holder.port), holder.port, "local", "1.1", None)
-    wait(lambda: reads._socks and holder.conns, "the request sent")
+def test_a_stalled_read_is_cut_by_its_cancel(stalled):
+    """The retrieval's stall cancels the read; the connection is shut at once (not after
+    IDLE) and the lane ends."""
+    reactor, reads, d = stalled
+    peer = next(iter(reads._peers.values()))
+    wait(lambda: not peer.queue and not reads._buffers, "asked")
+    d.cancel()
+    assert outcome(d).check(defer.CancelledError)
+    wait(lambda: peer.lanes == 0 and not reads._socks, "the lane ended")
+
+
+def test_stop_cuts_a_lane_blocked_in_a_read(stalled):
+    reactor, reads, d = stalled
     reactor.stop()                                      # the reactor's shutdown: stop()
     got = outcome(d)
     assert got.check(ResponseNeverReceived, error.ConnectError), got
     peer = next(iter(reads._peers.values()))
     wait(lambda: peer.lanes == 0, "the lane ended")
     with pytest.raises(error.ConnectError):
-        reads.get(member(holder.port), holder.port, "local", "1.1", None)
-    holder.stop()
+        reads.get(member(1), 1, "local", "1.1", None)
 
 
 def test_a_peer_that_cannot_be_reached_fails_what_is_asked(tmp_path, certs):
