@@ -19,7 +19,10 @@ connection:
   once get rejected-transient (service provider, local limit exceeded). Then the
   ``policy`` the listener was given (the facade's: called AE title, known modalities and
   their addresses), if any, decides: it returns what the association may do (kept as
-  ``grant``, opaque here) or raises ``negotiation.Refused`` (A-ASSOCIATE-RJ).
+  ``grant``, opaque here) or raises ``negotiation.Refused`` (A-ASSOCIATE-RJ). A request
+  of which no presentation context is accepted (none proposed, or only SOP classes we do
+  not serve) gets A-ASSOCIATE-RJ (rejected-permanent, service user, no reason), as
+  DCMTK's SCPs answer, instead of an association that can do nothing and holds a slot.
 - TLS (``dicom.tls``): the same protocol serves a TLS port; ``tls`` says whether this
   connection came through it, ``peer_certificate`` names the client certificate. A
   handshake that fails (no client certificate, one from another CA, an old protocol
@@ -491,6 +494,8 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         except Exception as e:
             self._fail(f"cannot negotiate ({type(e).__name__}: {shown(str(e))})", 0)
         self.accepted = {cx.context_id: cx for cx in results if cx.result == 0}
+        if not self.accepted:          # nothing it could ask: no slot held for it (DCMTK)
+            self._reject(1, 1, 1, f"no presentation context accepted of {len(results)}")
         if req.max_pdu:
             self.max_data = max(req.max_pdu - 6, 1)
         self.state = "established"

@@ -441,6 +441,20 @@ def test_context_without_abstract_syntax_is_rejected_not_raised(logged):
     assert not any("internal error" in line for line in lines(logged))
 
 
+@pytest.mark.parametrize("contexts", [[], [(1, "1.2.3.4", [ExplicitVRLittleEndian])],
+                                      [(1, Verification, ["1.2.3.4"])]])
+def test_no_presentation_context_accepted_is_a_reject(contexts, logged):
+    """None proposed, only an unknown SOP class, only an unknown transfer syntax: before,
+    an A-ASSOCIATE-AC with no usable context, held until the idle timeout."""
+    h = Harness()
+    proto, sock = h.connect()
+    proto.dataReceived(associate_rq(contexts))
+    assert sock.kinds() == [3]
+    assert sock.value()[7:10] == b"\x01\x01\x01"      # permanent, service user, no reason
+    assert h.factory.admission.established == set()
+    assert any("no presentation context accepted" in line for line in lines(logged))
+
+
 @pytest.mark.parametrize("bad", [
     context(5, "1.2.3\u00e9".encode("utf-8"), [ExplicitVRLittleEndian]),  # non-ASCII UID
     context(5, b"1." * 40, [ExplicitVRLittleEndian]),                    # longer than 64
