@@ -317,8 +317,9 @@ class EmbeddedArchive:
         durable yet — another C-STORE of it is still running — so fsync it too; with
         ``[storage] sync_directories``, fsync the directory it was linked into."""
         flushed()
-        if not self.fsync:
-            return
+        if not self.fsync or not (stored.duplicate or stored.conflict or
+                                  self.sync_directories):
+            return                    # (a new copy: no path made, checked and lstat'ed)
         path = self.path_for(meta.sop_instance_uid,
                              stored.sha256 if stored.conflict else None)
         if stored.duplicate or stored.conflict:

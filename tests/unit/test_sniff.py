@@ -52,3 +52,20 @@ def test_a_header_without_its_uids_is_refused(tmp_path):
     body, ts = data_set(datasets.write(ds, tmp_path / "nouid.dcm"))
     with pytest.raises(BadDataset, match="StudyInstanceUID"):
         sniff(body, ts)
+
+
+def test_a_transfer_syntax_is_read_as_pydicom_reads_it_once():
+    """``header._syntax`` (cached per UID) says what pydicom's ``UID`` says of each
+    transfer syntax a data set may name, and raises as it does for one that is not."""
+    import pytest
+    from pydicom.uid import UID
+
+    from pacsp2p.dicom.header import _syntax
+    for ts in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
+               "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.5"):
+        u = UID(ts)
+        want = (True, None, None) if u.is_deflated else (False, u.is_implicit_VR,
+                                                         u.is_little_endian)
+        assert _syntax(ts) == want == _syntax(ts)
+    with pytest.raises(ValueError):
+        _syntax("1.2.840.10008.5.1.4.1.1.4")     # a SOP class, not a transfer syntax
