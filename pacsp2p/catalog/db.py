@@ -32,7 +32,7 @@ from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, LWW_LEVELS,  # noqa: F
                                    PARENT_LEVELS, STAMPS_KEY, check_wire, facts_from_wire,
                                    meta_attributes, stamp_of,
                                    read_changes, read_changes_of, renumber, rollback,
-                                   vector, write_facts, write_wire, write_wires)
+                                   vector, write_facts, write_origins, write_wire, write_wires)
 from pacsp2p.catalog.integrity import Integrity
 from pacsp2p.catalog.schema import SCHEMA_VERSION, create_schema  # noqa: F401 (re-exported)
 from pacsp2p.attributes import UNIQUE
@@ -270,22 +270,20 @@ class Catalog:
         hint drops or None)."""
         seqs = self._write_own(own) if own else []
         outcome = []
-        by_origin: dict[str, list] = {}          # one transaction per origin
+        by_origin: dict[str, list] = {}          # (one transaction for all)
         for origin, seq, batch in learned:
             merged, batches, _ = by_origin.setdefault(origin, [{}, [], 0])
             for level in PARENT_LEVELS:
                 merged.setdefault(level, {}).update(batch[0].get(level, {}))
             batches.append(batch)          # each fact's rows with their own stamps
             by_origin[origin][2] = max(by_origin[origin][2], seq)
-        for origin, (parents, batches, seq) in by_origin.items():
-            try:
-                retired = write_wires(self._writer, batches, self.peer)
-            except (sqlite3.Error, OSError) as e:
+        results = write_origins(self._writer, [b for _, b, _ in by_origin.values()], self.peer)
+        for (origin, (parents, _, seq)), (retired, error) in zip(by_origin.items(), results):
+            if error is None:
+                self._keep_parents(parents, retired)
+            else:
                 self._parents.clear()
-                outcome.append((origin, seq, e))
-                continue
-            self._keep_parents(parents, retired)
-            outcome.append((origin, seq, None))
+            outcome.append((origin, seq, error))
         dropped = None
         if drops:
             try:

@@ -361,6 +361,26 @@ def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> int:
     return _write_levels(conn, levels, locations, after=after)
 
 
+def write_origins(conn: sqlite3.Connection, groups: list, peer: str = "") -> list:
+    """[(retired, None) or (0, error)] for each of *groups* (an origin's wire batches:
+    the facts of others a writer learned first-hand): all in ONE transaction (at 32
+    peers a C-STORE's two holders', one commit instead of two), one by one only if that
+    fails — each origin then its own outcome, as alone."""
+    if len(groups) > 1:
+        try:
+            return [(write_wires(conn, [b for g in groups for b in g], peer), None)] * \
+                len(groups)
+        except (sqlite3.Error, OSError):
+            pass
+    out = []
+    for batches in groups:
+        try:
+            out.append((write_wires(conn, batches, peer), None))
+        except (sqlite3.Error, OSError) as e:
+            out.append((0, e))
+    return out
+
+
 def _stamp(s, cap: int) -> int:
     """``stamp_of({STAMP: s})`` with the clock's bound *cap* read once for a batch."""
     return min(s, cap) if type(s) is int and 0 <= s < MAX_STAMP else 0

@@ -10,10 +10,13 @@ fact when that is the last it holds, and a lying or older answer changes nothing
 from __future__ import annotations
 
 import json
+import sqlite3
 
 from twisted.internet import defer
 
+from pacsp2p.catalog import db, tombstones
 from pacsp2p.catalog.db import Catalog
+from pacsp2p.catalog.facts import FACT_FIELDS
 from pacsp2p.transfer.commits import GroupCommits
 from test_catalog_scale import loc, meta, open_catalog, reactor  # noqa: F401
 
@@ -69,3 +72,36 @@ def test_a_commits_answer_without_or_with_hostile_prevs_gives_no_previous():
     assert answered({"seqs": seqs}) == [None] * 3                       # an older holder
     for hostile in ("[6, 7]", "not json", '{"a": 1}', '[true, "7", 9]', "[-1, 7.5, 1e30]"):
         assert answered({"seqs": seqs, "prevs": hostile}) == [None] * 3, hostile
+
+
+def test_facts_of_several_holders_learned_together_are_one_transaction(tmp_path, reactor):
+    """At 32 peers each C-STORE's two copies are on two holders, both learned first-hand
+    by the writer: their facts are written in ONE transaction (issue 18: one commit per
+    origin was the writer's CPU on the store's critical path), and one by one, each its
+    own outcome, only if that fails."""
+    p = open_catalog(reactor, tmp_path / "p.sqlite")
+    try:
+        commits = []
+        p._writer.set_trace_callback(lambda s: s == "COMMIT" and commits.append(s))
+        first = p.record(meta(8), loc(8))                # the learned wait while it is written
+        for i, holder in enumerate(("q", "r", "s")):
+            assert p.learn(holder, 1, meta(i), loc(i, peer=holder))
+        reactor.wait(first)
+        reactor.wait(p.record(meta(9), loc(9)))
+        p._writer.set_trace_callback(None)
+        assert len(commits) == 3, commits                # ours, theirs, ours (was 1 + 3 + 1)
+        assert {o: p.vector[o] for o in "qrs"} == {"q": 1, "r": 1, "s": 1}
+    finally:
+        reactor.wait(p.stop())
+    conn = db._connect(tmp_path / "w.sqlite")
+    db.create_schema(conn)
+    tombstones.create_schema(conn)
+    conn.execute("CREATE TRIGGER refused BEFORE INSERT ON locations WHEN new.peer = 'r' "
+                 "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    groups = [[[{}, [1, "local", h, "ab" * 32, 10] + [""] * (len(FACT_FIELDS) - 5)]]
+              for h in ("q", "r")]
+    for g, uid in zip(groups, ("1.2.3.1", "1.2.3.2")):
+        g[0][1][5 + FACT_FIELDS[5:].index("SOPInstanceUID")] = uid
+    results = db.write_origins(conn, groups, "w")
+    assert results[0] == (0, None) and isinstance(results[1][1], sqlite3.Error), results
+    assert conn.execute("SELECT peer FROM locations").fetchall() == [("q",)]
