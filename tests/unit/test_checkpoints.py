@@ -8,6 +8,8 @@ import sqlite3
 import struct
 from pathlib import Path
 
+import pytest
+
 from pacsp2p.catalog.checkpoints import BACKSTOP, EVERY
 from pacsp2p.catalog.db import Catalog, stored_location
 from pacsp2p.catalog.facts import new_stamp, stamped
@@ -42,55 +44,53 @@ def wal(path) -> tuple[int, int]:
         ">4I", head[:16])[2] + 24)
 
 
-def test_a_commit_of_record_now_never_checkpoints(tmp_path):
+@pytest.fixture
+def opened(tmp_path):
+    """(reactor, catalog, path, WAL restarts and frames after its first fact, WAL frames
+    per commit of one more instance of the same series); stopped afterwards."""
+    reactor = ThreadReactor()
+    path = tmp_path / "catalog.sqlite"
+    cat = Catalog(path, reactor, peer="p")
+    reactor.wait(cat.start())
+    try:
+        record(cat, 0)
+        restarts, frames = wal(path)
+        for i in range(1, 11):
+            record(cat, i)
+        yield reactor, cat, path, restarts, frames, (wal(path)[1] - frames) / 10
+    finally:
+        if not cat.checkpoints.stopped:         # (not stopped by the test)
+            reactor.wait(cat.stop())
+
+
+def test_a_commit_of_record_now_never_checkpoints(opened):
     """Without the checkpoint thread told of the commits, the WAL only grows: the
     writer's own commits did not copy it back and restart it (SQLite's default did so
     every 1000 pages, in the commit that crossed them: in a C-STORE's critical path)."""
-    reactor = ThreadReactor()
-    path = tmp_path / "catalog.sqlite"
-    cat = Catalog(path, reactor, peer="p")
-    reactor.wait(cat.start())
-    try:
-        record(cat, 0)
-        restarts, frames = wal(path)
-        for i in range(1, 11):
-            record(cat, i)
-        per_commit = (wal(path)[1] - frames) / 10
-        assert per_commit >= 2
-        n = int(3000 / per_commit)              # ~3000 frames: < BACKSTOP
-        assert n * per_commit < BACKSTOP * 3 / 4
-        for i in range(11, 11 + n):
-            record(cat, i)
-        assert wal(path)[0] == restarts, "a commit checkpointed, and the WAL restarted"
-        assert wal(path)[1] >= frames + 2500
-    finally:
-        reactor.wait(cat.stop())
+    _, cat, path, restarts, frames, per_commit = opened
+    assert per_commit >= 2
+    n = int(3000 / per_commit)                  # ~3000 frames: < BACKSTOP
+    assert n * per_commit < BACKSTOP * 3 / 4
+    for i in range(11, 11 + n):
+        record(cat, i)
+    assert wal(path)[0] == restarts, "a commit checkpointed, and the WAL restarted"
+    assert wal(path)[1] >= frames + 2500
 
 
-def test_checkpoints_run_in_their_thread_and_keep_the_wal_bounded(tmp_path):
+def test_checkpoints_run_in_their_thread_and_keep_the_wal_bounded(opened):
     """Told of each commit, the checkpoint thread copies the WAL back every EVERY
     commits: the WAL restarts each time and its file stays at EVERY commits' frames;
     the catalog closes with every fact in its database file."""
-    reactor = ThreadReactor()
-    path = tmp_path / "catalog.sqlite"
-    cat = Catalog(path, reactor, peer="p")
-    reactor.wait(cat.start())
+    reactor, cat, path, restarts, frames, per_commit = opened
     n = 10 * EVERY
-    try:
-        record(cat, 0)
-        restarts, frames = wal(path)
-        for i in range(1, 11):
-            record(cat, i)
-        per_commit = (wal(path)[1] - frames) / 10
-        for i in range(11, n):
-            cat.committed_now(record(cat, i))    # the reactor's part (here: this thread)
-            if cat.checkpoints.running is not None:
-                reactor.wait(cat.checkpoints.running)
-        assert cat.checkpoints.done >= n // EVERY - 1
-        assert wal(path)[0] >= restarts + n // EVERY - 2
-        assert wal(path)[1] < frames + 1.5 * EVERY * per_commit
-    finally:
-        reactor.wait(cat.stop())
+    for i in range(11, n):
+        cat.committed_now(record(cat, i))        # the reactor's part (here: this thread)
+        if cat.checkpoints.running is not None:
+            reactor.wait(cat.checkpoints.running)
+    assert cat.checkpoints.done >= n // EVERY - 1
+    assert wal(path)[0] >= restarts + n // EVERY - 2
+    assert wal(path)[1] < frames + 1.5 * EVERY * per_commit
+    reactor.wait(cat.stop())
     assert cat.checkpoints.pool.joined
     assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").stat().st_size == 0
     conn = sqlite3.connect(path)
