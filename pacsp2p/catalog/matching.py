@@ -143,7 +143,17 @@ def condition(col: str, vr: str, raw: str, params: list) -> str | None:
         params.extend(values)
         return f"{col} IN ({', '.join('?' * len(values))})"
     conds = [_one_value(col, vr, v, params) for v in values if v]
-    return "(" + " OR ".join(conds) + ")" if conds else None
+    return _any(conds) if conds else None
+
+
+def _any(conds: list[str]) -> str:
+    """The OR of *conds*, in order, as a balanced tree: SQLite refuses an expression
+    deeper than 1000, which a chain of ORs of a list of 1,000 values or more was
+    (0xC001 for a RIS asking for 2,000 accession numbers at once)."""
+    if len(conds) == 1:
+        return f"({conds[0]})"
+    half = len(conds) // 2
+    return f"({_any(conds[:half])} OR {_any(conds[half:])})"
 
 
 def build(query: Query, return_keys: list[str]) -> tuple[str, list, list[str]]:
