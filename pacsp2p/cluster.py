@@ -160,8 +160,8 @@ class Cluster:
         return self.catalog.find(query, return_keys, limit=limit, offset=offset)
 
     @defer.inlineCallbacks
-    def _retrieval(self, query: Query, purpose: str = "C-GET"):
-        refs = yield self.catalog.resolve(query)
+    def _retrieval(self, query: Query, purpose: str = "C-GET", limit: int | None = None):
+        refs = yield self.catalog.resolve(query, limit)
         retrieval = Retrieval(refs, self.archives, self.settings.peer.name, self.overlay,
                               self.strategies, self.reactor)
         self.retrievals.append(retrieval)
@@ -171,16 +171,18 @@ class Cluster:
             del self._purposes[old]
         return retrieval
 
-    def get(self, query: Query):
-        """Deferred[Retrieval] of the instances *query* names."""
-        return self._retrieval(query)
+    def get(self, query: Query, limit: int | None = None):
+        """Deferred[Retrieval] of the instances *query* names (``types.TooMany`` if more
+        than *limit*)."""
+        return self._retrieval(query, limit=limit)
 
     @defer.inlineCallbacks
     def move(self, query: Query, destination, originator_ae: str | None = None,
-             originator_msg_id: int | None = None):
+             originator_msg_id: int | None = None, limit: int | None = None):
         """Deferred[Delivery] (not started) of the instances *query* names to
-        *destination*, relayed or sent direct as its ``mode`` says."""
-        retrieval = yield self._retrieval(query, f"C-MOVE to {destination.ae_title}")
+        *destination*, relayed or sent direct as its ``mode`` says (``types.TooMany``
+        if more than *limit*)."""
+        retrieval = yield self._retrieval(query, f"C-MOVE to {destination.ae_title}", limit)
         return make_delivery(retrieval, destination, self.settings.facade.ae_title,
                              self.reactor, originator_ae=originator_ae,
                              originator_msg_id=originator_msg_id)

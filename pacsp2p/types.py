@@ -96,6 +96,10 @@ class StoreError(Exception):
         self.status = status
 
 
+class TooMany(Exception):
+    """More instances match than the caller's bound (``Cluster.get``/``move`` *limit*)."""
+
+
 @dataclass(frozen=True)
 class InstanceInfo:
     """What a strategy may know of an instance being placed (from its header)."""

@@ -457,8 +457,9 @@ class Catalog:
                     for row in rows]
         return self.read(run)
 
-    def resolve(self, query: Query) -> defer.Deferred:
-        """The instances a C-MOVE/C-GET identifier names, each with its locations."""
+    def resolve(self, query: Query, limit: int | None = None) -> defer.Deferred:
+        """The instances a C-MOVE/C-GET identifier names, each with its locations (at
+        most *limit*: ``TooMany`` if more match, ``matching.first_column``)."""
         sql, params, _ = matching.build(query, [])
         sql = sql.replace("SELECT 1 FROM", "SELECT DISTINCT i.SOPInstanceUID FROM", 1)
         if query.level != "IMAGE":
@@ -467,8 +468,7 @@ class Catalog:
                               f"FROM {matching.from_clause('IMAGE')}", 1)
 
         def run(conn):
-            uids = [r[0] for r in conn.execute(sql, params)]
-            return self._refs(conn, uids)
+            return self._refs(conn, matching.first_column(conn, sql, params, limit))
         return self.read(run)
 
     @staticmethod

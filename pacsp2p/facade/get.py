@@ -26,10 +26,12 @@ from pacsp2p.dicom.status import (ALL_FAILED, CANCEL, GET_TOO_MANY, PENDING, SUC
 from pacsp2p.facade.find import decode_query
 from pacsp2p.facade.operation import Operation, failed_list
 from pacsp2p.tally import Tally
+from pacsp2p.types import TooMany
 
 log = Logger()
 
 DIMSE_TIMEOUT = 120.0       # seconds for a C-GET requestor's C-STORE-RSP
+MAX_SUBOPERATIONS = 0xFFFF  # what a response's counts (US) can say: more is refused, 0xC416
 
 
 class NotSendable(Exception):
@@ -66,11 +68,15 @@ class Get(Operation):
         if decoded is None:
             return
         self.query = decoded[0]
-        d = defer.maybeDeferred(self.svc.cluster.get, decoded[0])
+        d = defer.maybeDeferred(self.svc.cluster.get, decoded[0], limit=MAX_SUBOPERATIONS)
         d.addCallback(self._resolved)
         d.addErrback(self._failed)          # also what _resolved raises
 
     def _failed(self, failure):
+        if failure.check(TooMany):
+            log.error("C-GET from {ae}: {err}: more than a response can count",
+                      ae=self.assoc.calling_ae, err=failure.getErrorMessage())
+            return self.finish(GET_TOO_MANY)
         log.error("C-GET failed: {err}", err=failure.getErrorMessage())
         self.finish(UNABLE_TO_PROCESS)
 
@@ -84,9 +90,6 @@ class Get(Operation):
         n = len(self.refs)
         if n == 0:
             return self.finish(SUCCESS, counts=(None, 0, 0, 0))
-        if n > 0xFFFF:
-            log.error("C-GET matches {n} instances: more than a response can count", n=n)
-            return self.finish(GET_TOO_MANY)
         self.remaining, self.completed, self.failed, self.warning = n, 0, 0, 0
         self.failed_uids: list[str] = []
         self.events = Tally()         # failed sub-operations: one log line at the end

@@ -20,7 +20,9 @@ from pacsp2p.dicom.status import (ALL_FAILED, CANCEL, MOVE_DEST_UNKNOWN, NOT_AUT
                                   PENDING, PENDING_MAX_GAP, PENDING_MIN_GAP, SUCCESS,
                                   TOO_MANY_MATCHES, UNABLE_TO_PROCESS, WARNING)
 from pacsp2p.facade.find import decode_query
+from pacsp2p.facade.get import MAX_SUBOPERATIONS
 from pacsp2p.facade.operation import Operation, failed_list
+from pacsp2p.types import TooMany
 from pacsp2p.validate import shown
 
 log = Logger()
@@ -50,11 +52,15 @@ class Move(Operation):
         self.query = decoded[0]
         d = defer.maybeDeferred(svc.cluster.move, decoded[0], self.dest,
                                 originator_ae=self.assoc.calling_ae,
-                                originator_msg_id=self.msg_id)
+                                originator_msg_id=self.msg_id, limit=MAX_SUBOPERATIONS)
         d.addCallback(self._resolved)
         d.addErrback(self._failed)          # also what _resolved raises
 
     def _failed(self, failure):
+        if failure.check(TooMany):
+            log.warn("C-MOVE from {ae}: {err}: more than a response can count",
+                     ae=self.assoc.calling_ae, err=failure.getErrorMessage())
+            return self.finish(TOO_MANY_MATCHES)
         log.error("C-MOVE failed: {err}", err=failure.getErrorMessage())
         self._stop_timers()
         if self.delivery is not None:
@@ -67,9 +73,6 @@ class Move(Operation):
         n = self.n = len(delivery.refs)
         if n == 0:
             return self.finish(SUCCESS, counts=(None, 0, 0, 0))
-        if n > 0xFFFF:
-            log.warn("C-MOVE matches {n} instances: more than a response can count", n=n)
-            return self.finish(TOO_MANY_MATCHES)
         if self.gone:
             return
         self.delivery = delivery

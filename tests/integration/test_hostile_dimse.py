@@ -9,6 +9,9 @@ where the fuzzer (``test_fuzz.py``) does not look: each test names what broke be
   bytes`` every 3 s). 1024 characters are still kept.
 - A C-FIND with a list of 1,000 values or more (a RIS asking for 2,000 accession numbers)
   finds what it names; before, 0xC001 (SQLite: 'Expression tree is too large').
+- A C-GET or C-MOVE of more instances than a response can count is refused once 65,536
+  are read (``matching.first_column``); before, all were resolved first, with their
+  locations: memory grew with the catalog.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage
 
-from pacsp2p.testing import Peer, datasets, findscu
+from pacsp2p.catalog import db, tombstones
+from pacsp2p.testing import Peer, datasets, findscu, fuzz
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.validate import VALUE_MAX
 
@@ -74,3 +78,43 @@ def test_a_list_of_thousands_of_values_is_matched(peer, key, values):
         "StudyInstanceUID": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [str(r.StudyInstanceUID) for r in rows] == [ds.StudyInstanceUID]
+
+
+def test_a_retrieval_of_more_than_a_response_can_count_is_refused_unread(tmp_path):
+    """A C-GET and a C-MOVE matching 70,000 instances (a response counts at most 65,535):
+    0xC416 and 0xA701, as before, but now once 65,536 UIDs are read, none of their
+    locations: before, every match was resolved first (the peer's RSS grew 280 MB for
+    300,000, 66 MB for 70,000; with millions, without bound)."""
+    n, root = 70_000, tmp_path / "many"
+    (root / "data").mkdir(parents=True)
+    conn = db._connect(root / "data" / "catalog.sqlite")
+    db.create_schema(conn)
+    tombstones.create_schema(conn)
+    facts = []
+    for i in range(n):
+        uid, study = f"1.2.77.{i}", f"1.2.77.0.{i // 500}"
+        facts.append(({"PatientID": "MANY", "PatientName": "MANY^ONE",
+                       "StudyInstanceUID": study, "SeriesInstanceUID": study + ".1",
+                       "Modality": "CT", "SOPInstanceUID": uid,
+                       "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+                       "TransferSyntaxUID": "1.2.840.10008.1.2.1"},
+                      (uid, "local", "many", f"{i:064x}", 1000, i + 1)))
+    db.write_facts(conn, facts)
+    conn.commit()
+    conn.close()
+    del facts
+    with Peer(root, name="many", destinations={"STORESCP": "127.0.0.1:9"},
+              config={"cluster": {"scrub_interval": 0}}) as p:
+        rss = fuzz.rss_kib(p.pid)
+        ident = fuzz.wire.data_set({0x00080052: b"PATIENT", 0x00100020: b"MANY"})
+        statuses = []
+        for cid, sop_class, field, dest in [
+                (fuzz.wire.CX_GET, fuzz.wire.GET_STUDY, fuzz.wire.C_GET_RQ, None),
+                (fuzz.wire.CX_MOVE, fuzz.wire.MOVE_STUDY, fuzz.wire.C_MOVE_RQ, "STORESCP")]:
+            case = fuzz.Case(0, "many", wait=120.0)
+            case.send(fuzz.associate_rq(p.ae_title, roles=[fuzz.CT]) + fuzz.message(
+                cid, fuzz.wire.c_find(1, sop_class, field, dest), ident))
+            statuses += fuzz.send_case("127.0.0.1", p.port, case, io_timeout=120).statuses
+        grown = (fuzz.rss_kib(p.pid) - rss) / 1024
+    assert statuses == [0xC416, 0xA701]
+    assert grown < 30, f"the peer's RSS grew {grown:.0f} MB"
