@@ -12,7 +12,10 @@ connection and gives back what it held. Small instances are fetched many to a re
 (``fetch_many``: ``POST /instances/<archive>``, the frames of ``bulk``), the answer read
 into memory up to its bound (``bulk.BATCH_BYTES`` and the frames' headers), then split,
 examined and hashed in ONE pool job; a peer that serves no batches (an older one:
-405) is asked one instance per request from then on.
+405) is asked one instance per request from then on. Given a ``readclient.ReadClient``,
+both reads go to a peer's read port in its lanes instead (stdlib ``ssl`` in threads,
+pipelined, examined and hashed there); a peer that names no read port (an older one) is
+asked here.
 """
 
 from __future__ import annotations
@@ -358,6 +361,17 @@ def _split(chunks: list, n: int) -> list:
     return out
 
 
+def _split_one(data: bytes, n: int) -> list:
+    return _split([data], n)
+
+
+def _named(frames: list, items, member) -> list:
+    """A batch's entries: the instances, and for a status the exception it names."""
+    why = {bulk.NOT_HELD: NotHeld, bulk.ALONE: Unbatched, bulk.FAILED: IOError}
+    return [why[f](f"{member.name}: {uid} not served in a batch (status {f})")
+            if isinstance(f, int) else f for f, (uid, _) in zip(frames, items)]
+
+
 class _NoDelayClient(HTTP11ClientProtocol):
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
@@ -463,6 +477,12 @@ class BulkClient:
         url = f"https://{member.host}:{_reads(member)}/instances/{quote(archive)}"
         body = json.dumps([[uid, sha or ""] for uid, sha in items],
                           separators=(",", ":")).encode()
+        if self.reads is not None and getattr(member, "read_port", 0):
+            frames = yield self.reads.post(
+                member, member.read_port, archive, body,
+                bulk.BATCH_BYTES + bulk.FRAME.size * len(items),
+                functools.partial(_split_one, n=len(items)))
+            return _named(frames, items, member)
         requested = self._agent(member.name).request(
             b"POST", url.encode(), Headers({b"content-type": [b"application/json"]}),
             _Body(body))
@@ -478,9 +498,7 @@ class BulkClient:
             items)).addTimeout(self.answer_timeout, self.reactor)
         frames = yield deferToThreadPool(self.reactor, self.pool, _split, [chunks],
                                          len(items))
-        why = {bulk.NOT_HELD: NotHeld, bulk.ALONE: Unbatched, bulk.FAILED: IOError}
-        return [why[f](f"{member.name}: {uid} not served in a batch (status {f})")
-                if isinstance(f, int) else f for f, (uid, _) in zip(frames, items)]
+        return _named(frames, items, member)
 
     def fetch_offer(self, member, token: str):
         """Deferred[temporary file] of an offered instance, its data set hashed."""

@@ -1,6 +1,7 @@
 """Instance reads from other peers' read ports on blocking stdlib-``ssl`` sockets, pipelined.
 
-An instance asked alone (``fetching.BulkClient.fetch``: a CT image) received by the
+An instance asked alone (``fetching.BulkClient.fetch``: a CT image), or a batch of small
+ones (``fetch_many``: ``post``, the answer split by the caller's function), received by the
 reactor's TLS (pyOpenSSL over memory BIOs, a Python call per 16 KB record) and HTTP
 client cost the asker's reactor about half of its busy time in a relayed C-MOVE, the
 same reactor that sends to the destination. Here the reads of one peer go in *lanes*:
@@ -15,8 +16,9 @@ reactor sees one call per instance, with the hash to check (``transfer.verify``)
 Same mutual TLS as the reactor's client: our certificate, the cluster CA the only trust
 root, the peer's certificate must name the peer (``threadtls.client_context``). Every
 answer is hostile: its head at most ``MAX_HEAD`` bytes, a ``content-length`` required (no
-other framing) and at most ``MAX_INSTANCE``; a body up to ``fetching.MEMORY`` bytes is
-kept in memory, a larger one written to a temporary file as it comes; an error answer's
+other framing) and at most ``MAX_INSTANCE`` (a batch's: the caller's cap; frames that are
+not the ones asked fail that batch alone); a body up to ``MEMORY`` bytes is kept in
+memory, a larger one written to a temporary file as it comes; an error answer's
 body is dropped if short, else the connection closed; each read waits ``IDLE`` seconds
 at most. A kept connection is reused only while quiet (a peer restarted meanwhile has
 closed it); one that fails before its first answer byte is retried once on a new one.
@@ -86,13 +88,14 @@ class _Lost(Exception):
 
 
 class _Ask:
-    """One read: its request bytes, its Deferred (fired in the reactor), its tries."""
+    """One read: its request bytes, its Deferred (fired in the reactor), its tries; a
+    batch's *split* (its answer's whole body to the result) and *cap* (bytes)."""
 
-    __slots__ = ("request", "what", "d", "cancelled", "tries", "sock")
+    __slots__ = ("request", "what", "d", "cancelled", "tries", "sock", "split", "cap")
 
-    def __init__(self, request: bytes, what: str, d):
-        self.request, self.what, self.d = request, what, d
-        self.cancelled, self.tries, self.sock = False, 0, None
+    def __init__(self, request: bytes, what: str, split=None, cap: int | None = None):
+        self.request, self.what, self.split, self.cap = request, what, split, cap
+        self.d, self.cancelled, self.tries, self.sock = None, False, 0, None
 
 
 class _Peer:
@@ -126,8 +129,21 @@ class ReadClient:
         sets it] of GET /instances/<archive>/<uid> on *member*'s read *port*."""
         path = f"/instances/{quote(archive)}/{quote(uid)}" + (
             f"?sha256={sha256}" if sha256 else "")
-        request = (f"GET {path} HTTP/1.1\r\nHost: {member.name}\r\n\r\n").encode("ascii")
-        ask = _Ask(request, f"{member.name}: GET {path}", None)
+        request = f"GET {path} HTTP/1.1\r\nHost: {member.name}\r\n\r\n".encode("ascii")
+        return self._ask(member, port, _Ask(request, f"{member.name}: GET {path}"))
+
+    def post(self, member, port: int, archive: str, body: bytes, cap: int, split):
+        """Deferred[``split(the answer's body)``, run in the lane] of the batch POST
+        /instances/<archive> (JSON *body*) on *member*'s read *port*; an answer over
+        *cap* bytes closes the connection (``ResponseFailed``)."""
+        path = f"/instances/{quote(archive)}"
+        request = (f"POST {path} HTTP/1.1\r\nHost: {member.name}\r\ncontent-type: "
+                   f"application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+                   ).encode("ascii") + body
+        return self._ask(member, port, _Ask(request, f"{member.name}: POST {path}",
+                                            split, cap))
+
+    def _ask(self, member, port: int, ask: _Ask):
         ask.d = defer.Deferred(lambda _: self._cancel(ask))
         key = (member.name, member.host, port)
         with self._lock:
@@ -321,7 +337,7 @@ class ReadClient:
                 sock.settimeout(IDLE)
                 if fresh:
                     sock.sendall(b"".join(a.request for a in fresh))
-                result = self._answer(reader, head.what, buf)
+                result = self._answer(reader, head, buf)
             except (OSError, EOFError, ValueError) as e:
                 raise _Lost(e, reader.started) from None
             finally:
@@ -333,23 +349,30 @@ class ReadClient:
             if reader.closing:          # an error answer that closes the connection
                 raise _Lost(EOFError("closed by the peer"), False, closed=True)
 
-    def _answer(self, reader, what: str, buf: bytearray):
-        """Thread: one answer: the examined instance, or a Failure (404: not held;
-        other codes: IOError). OSError, EOFError, ValueError: the connection is lost."""
+    def _answer(self, reader, ask: _Ask, buf: bytearray):
+        """Thread: one answer: the examined instance (a batch's: *split*'s result), or a
+        Failure (404: not held; other codes: IOError). OSError, EOFError, ValueError:
+        the connection is lost."""
         code, length = reader.head()
         if code != 200:
             if length > MAX_ERROR_BODY:
                 raise ValueError(f"an error answer of {length} bytes")
             reader.skip(length)
             return Failure((self.not_held if code == 404 else IOError)(
-                f"{what} answered {code}"))
-        if length > MAX_INSTANCE:
+                f"{ask.what} answered {code}"))
+        if length > (MAX_INSTANCE if ask.cap is None else ask.cap):
             raise ValueError(f"an answer of {length} bytes")
-        if length <= MEMORY:
-            view = memoryview(buf)[:length]
-            reader.read_into(view)
-            return examined(bytes(view))
-        return self._spooled(reader, length, buf)
+        if length > MEMORY and ask.split is None:
+            return self._spooled(reader, length, buf)
+        view = memoryview(buf if length <= len(buf) else bytearray(length))[:length]
+        reader.read_into(view)
+        data = bytes(view)
+        if ask.split is None:
+            return examined(data)
+        try:
+            return ask.split(data)
+        except IOError as e:        # not the frames asked: this read fails, not the link
+            return Failure(e)
 
     def _spooled(self, reader, length: int, buf: bytearray):
         """Thread: a large body written to a temporary file as it comes, its data set

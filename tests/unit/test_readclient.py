@@ -143,23 +143,36 @@ def member(port):
     return SimpleNamespace(name="a", host="127.0.0.1", bulk_port=port, read_port=port)
 
 
-def test_pipelined_reads_from_a_real_holder_are_byte_identical(tmp_path, certs):
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, certs):
+    """A real holder's read port: (its ports, the files it holds, their UIDs)."""
+    root = tmp_path_factory.mktemp("rcreal")
     files = [datasets.write(datasets.make_image("CT", size=size, seed=i,
                                                 SOPInstanceUID=datasets.uid("rcreal", i)),
-                            tmp_path / f"{i}.dcm")
+                            root / f"{i}.dcm")
              for i, size in enumerate((64, 256, 256, 800))]     # 800x800x2: > MEMORY
     assert files[3].stat().st_size > readclient.MEMORY >= files[2].stat().st_size
-    with bulk_server(tmp_path / "srv", certs, files) as ports:
-        tmp = tmp_path / "tmp"
-        tmp.mkdir()
-        uids = [read_meta(f).sop_instance_uid for f in files]
-        asked = uids * 3 + ["1.2.3.4.5"] + uids          # 17 reads at once, one unknown
-        out = subprocess.run([sys.executable, str(HERE / "bulk_fetch.py"), str(certs),
-                              str(ports["port"]), str(tmp), str(fetching.MEMORY_BUDGET),
-                              "--reads", str(ports["read_port"]), *asked],
-                             check=False, capture_output=True, text=True, timeout=PATIENCE)
+    with bulk_server(root / "srv", certs, files) as ports:
+        yield ports, files, [read_meta(f).sop_instance_uid for f in files]
+
+
+def fetched(tmp_path, certs, ports, asked, many=False) -> dict:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = subprocess.run([sys.executable, str(HERE / "bulk_fetch.py"), str(certs),
+                          str(ports["port"]), str(tmp), str(fetching.MEMORY_BUDGET),
+                          "--reads", str(ports["read_port"]), *(["--many"] if many else []),
+                          *asked],
+                         check=False, capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 0 and out.stdout, out.stderr
-    answer = json.loads(out.stdout)
+    assert list(tmp.iterdir()) == []          # every temporary file gone once closed
+    return json.loads(out.stdout)
+
+
+def test_pipelined_reads_from_a_real_holder_are_byte_identical(tmp_path, certs, real):
+    ports, files, uids = real
+    asked = uids * 3 + ["1.2.3.4.5"] + uids          # 17 reads at once, one unknown
+    answer = fetched(tmp_path, certs, ports, asked)
     for f, uid in zip(files, uids):
         got = answer["instances"][uid]
         assert {k: got[k] for k in expected(f)} == expected(f), f
@@ -167,7 +180,36 @@ def test_pipelined_reads_from_a_real_holder_are_byte_identical(tmp_path, certs):
     assert [answer["instances"][u]["kind"] for u in uids] == ["memory"] * 3 + ["file"]
     assert answer["instances"]["1.2.3.4.5"] == "NotHeld"
     assert 1 <= answer["connections"] <= readclient.LANES        # pipelined, kept
-    assert list(tmp.iterdir()) == []
+
+
+def test_a_batch_from_a_real_holder_in_a_lane(tmp_path, certs, real):
+    ports, files, uids = real
+    answer = fetched(tmp_path, certs, ports, uids + ["1.2.3.4.5"], many=True)
+    for f, uid in zip(files[:3], uids):       # byte-identical, hashed as a single read
+        got = answer["instances"][uid]
+        assert {k: got[k] for k in expected(f)} == expected(f), f
+        assert got["kind"] == "memory" and got["data_sha256"] == got["sha256"]
+    assert answer["instances"][uids[3]] == "Unbatched"     # too big: to be read alone
+    assert answer["instances"]["1.2.3.4.5"] == "NotHeld"
+    assert answer["connections"] == 1
+
+
+def test_a_batch_answer_not_the_frames_asked_fails_that_batch_only(tmp_path, certs,
+                                                                    instance):
+    good = fetching.bulk.FRAME.pack(fetching.bulk.OK, len(instance)) + instance
+    holder = RawHolder(certs, [ok(good + b"x"), ok(good),
+                               b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n"])
+    reactor = Reactor()
+    reads = client(certs, reactor, tmp_path)
+    m = member(holder.port)
+    got = [reads.post(m, holder.port, "local", b"[]", cap, lambda d: fetching._split([d], 1))
+           for cap in (1 << 20, 1 << 20, 10)]
+    assert outcome(got[0]).check(IOError)                  # a trailing byte
+    assert outcome(got[1])[0].read() == instance           # the connection went on
+    assert outcome(got[2]).check(ResponseFailed)           # over its cap: closed
+    assert holder.connections == 1
+    reactor.stop()
+    holder.stop()
 
 
 @pytest.mark.parametrize("answer", [
