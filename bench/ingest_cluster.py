@@ -14,16 +14,23 @@ of the peers' processes (/proc, summed over the 3 peers of a cluster) from befor
 storescu starts until every remote copy is recorded (peer A's catalog counts 2 copies
 per instance and no hint owed; its where then lists 2 replicas of each), minus what the
 same peers spend idle over as long (measured just before); and of it, what each peer's
-reactor thread used (the rest: its thread pools).
+reactor thread used (the rest: its thread pools); with ``--threads``, what each kind of
+thread of each peer used (named by ``py-spy dump``; not less its idle rate): per-thread
+CPU from /proc, which a sampling profile on a loaded 2-core host does not give (py-spy
+counts a thread runnable but not running, and cProfile inflates Deferred-heavy code).
 Targets (issue 15, item 4): cluster CPU per instance <= 2.5 x single; (issue 5): cluster
 wall clock >= 0.6 x single.
 
     .venv/bin/python bench/ingest_cluster.py [--quick] [--reps N] [--data ct,mr]
                                              [--profile DIR] [--code a=DIR,b=DIR]
+                                             [--threads]
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -40,6 +47,7 @@ from pacsp2p.testing.cluster import Cluster, get_json, wait_until  # noqa: E402
 from pacsp2p.testing.dcmtk import storescu  # noqa: E402
 
 IDLE = 2.0         # seconds of idle CPU measured before each run (subtracted)
+THREADS = False    # --threads: CPU per kind of thread of each peer
 
 
 def reactor_seconds(pid: int) -> float:
@@ -47,6 +55,40 @@ def reactor_seconds(pid: int) -> float:
     reactor thread: its thread id is the process id)."""
     fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def task_seconds(pid: int) -> dict[int, float]:
+    """{thread id: user + system CPU seconds so far} of the live threads of *pid*."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1]
+        except OSError:                     # ended meanwhile
+            continue
+        fields = fields.split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """{thread id: its Python name less a trailing number} (``py-spy dump``; {} if absent):
+    the pools' threads are PoolThread-<pool>-<n>."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    try:
+        text = subprocess.run([spy, "dump", "--pid", str(pid), "--nonblocking"],
+                              capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {int(m[1], 0): re.sub(r"^PoolThread-|-\d+$", "", m[2])
+            for m in re.finditer(r'Thread (0x[0-9A-Fa-f]+|\d+) \(\w+\): "([^"]*)"', text)}
+
+
+def by_kind(pid: int, before: dict, after: dict, names: dict) -> str:
+    """CPU seconds each kind of thread of *pid* used between two ``task_seconds``."""
+    kinds = Counter()
+    for tid, spent in after.items():
+        kinds["reactor" if tid == pid else names.get(tid, "?")] += spent - before.get(tid, 0)
+    return " ".join(f"{k} {v:.2f}" for k, v in kinds.most_common() if v >= 0.005)
 
 
 class Meter:
@@ -61,6 +103,8 @@ class Meter:
         self.idle = [(cpu_seconds([p]) - c) / spent for p, c in zip(self.pids, c0)]
         self.t0, self.c0 = time.monotonic(), [cpu_seconds([p]) for p in self.pids]
         self.r0 = [reactor_seconds(p) for p in self.pids]
+        self.tasks0 = [task_seconds(p) for p in self.pids] if THREADS else None
+        self.threads = []
 
     def each(self) -> list[float]:
         spent = time.monotonic() - self.t0
@@ -70,6 +114,9 @@ class Meter:
     def used(self) -> float:
         self.last = self.each()
         self.reactor = [reactor_seconds(p) - r for p, r in zip(self.pids, self.r0)]
+        if THREADS:                        # (thread ids of threads ended meanwhile: '?')
+            self.threads = [by_kind(p, t0, task_seconds(p), thread_names(p))
+                            for p, t0 in zip(self.pids, self.tasks0)]
         return sum(self.last)
 
 
@@ -114,6 +161,8 @@ def run_cluster(work: Path, data: common.DataSet, profile: Path | None, label: s
         where = {p.name: f"{n} copies, {cpu_p:.2f} CPU-s (reactor {r:.2f})"
                  for p, n, cpu_p, r in zip(cluster, (per_peer.get(p.name, 0) for p in cluster),
                                            meter.last, meter.reactor)}
+        for p, kinds in zip(cluster, meter.threads):
+            print(f"      {label} {p.name} threads: {kinds}")
         return seconds, cpu, where
     finally:
         cluster.stop()
@@ -128,6 +177,8 @@ def run_single(work: Path, data: common.DataSet, profile: Path | None, label: st
         held = common.held_instances(peer)
     if held != data.count:
         raise RuntimeError(f"peer holds {held} of {data.count} instances")
+    for kinds in meter.threads:
+        print(f"      {label} threads: {kinds}")
     return seconds, cpu, {"peer": held, "reactor CPU-s": round(meter.reactor[0], 2)}
 
 
@@ -154,7 +205,11 @@ def main() -> int:
                    help="LABEL=DIR,...: run the peers of each target from each of these "
                         "source trees (e.g. git archive snapshots), interleaved, so that "
                         "before/after ratios come from one invocation")
+    p.add_argument("--threads", action="store_true",
+                   help="print the CPU each kind of thread of each peer used (py-spy dump)")
     args = p.parse_args()
+    global THREADS
+    THREADS = args.threads
     reps = args.reps or (1 if args.quick else 3)
     common.header("replicated ingest: DCMTK storescu, one association, TCP_NODELAY=1")
     print(f"   load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
