@@ -500,3 +500,44 @@ def test_news_of_an_earlier_process_of_ours_elsewhere_is_no_conflict():
     me = _member(port=7009, inc=9)
     me._on_alive("pb", 5, {"host": "127.0.0.1", "port": 7001})
     assert not me.yielded and me.incarnation == 9 and me.conflicts == []
+
+
+def test_replica_holders_do_not_tell_an_end_the_writers_end_covers(monkeypatch):
+    """A writer's stream leaves copies on replica holders, each a fact of the holder's own
+    that the writer learns first-hand; a holder that took ``STREAK_FACTS`` copies or more
+    told an end of its own after the writer's, and every peer below its sum pulled from
+    it again (13 ends told at 32 real peers). Now a holder that heard an end told with a
+    sum at least its own lately tells none; the writer alone tells, and every peer still
+    holds every copy's fact soon after the stream."""
+    from pacsp2p.overlay import dissemination
+
+    def run():
+        net = cluster(16, seed=3)
+        net.run(5)
+        ends = []
+        for p in net.peers.values():
+            told = p.swim.broadcast
+            p.swim.broadcast = lambda key, e, told=told, me=p.name: (
+                key == ("q", me) and ends.append(me), told(key, e))
+        writer = net.peers["p003"]
+        holders = [p for p in net.live() if p is not writer]
+        rng = __import__("random").Random(7)
+        for i in range(600):                   # 20 s; each instance's copies on 2 holders
+            for h in rng.sample(holders, 2):
+                seq = h.catalog.write(1)       # the holder's fact, learned by the writer
+                writer.catalog.vector[h.name] = seq
+                writer.catalog.facts += 1
+            writer.catalog._changed()
+            net.run(1 / 30)
+        want = dict(writer.catalog.vector)
+        took = net.run_until(lambda: all(all(p.catalog.vector.get(o, 0) >= s for o, s in
+                                             want.items()) for p in net.live()), 30, step=0.01)
+        net.run(5)                             # a holder's quiet: up to MAX_QUIET
+        return sorted(set(ends)), took
+
+    ends, took = run()
+    assert ends == ["p003"], ends
+    assert took is not None and took < 2.5, took
+    monkeypatch.setattr(dissemination.Dissemination, "_covered", lambda self: False)
+    before, _ = run()
+    assert len(before) > 3, before                       # the holders' ends, as before
