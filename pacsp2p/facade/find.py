@@ -10,7 +10,7 @@ retrieves what the cluster holds (PS3.4 C.4.1.1.3.2, as DCMTK's dcmqrscp answers
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from pacsp2p.dicom import contexts, dimse
@@ -19,8 +19,6 @@ from pacsp2p.dicom.status import (CANCEL, CANNOT_UNDERSTAND, DOES_NOT_MATCH, PEN
                                   SOP_CLASS_NOT_SUPPORTED, SUCCESS, UNABLE_TO_PROCESS)
 from pacsp2p.facade.operation import Operation
 from pacsp2p.validate import shown
-
-log = Logger()
 
 FIND_BATCH = 16              # C-FIND responses sent per reactor turn
 RETRIEVE_AE = "RetrieveAETitle"
@@ -34,19 +32,20 @@ def decode_query(op, table: dict, what: str):
     root = table.get(op.cx.abstract_syntax)
     asked = dimse.text(op.fields, dimse.AFFECTED_SOP_CLASS)
     if root is None or asked != op.cx.abstract_syntax:
-        log.warn("{what} from {ae} of SOP class {asked} on a context for {cx}: refused",
-                 what=what, ae=op.assoc.calling_ae, asked=shown(asked, 64),
-                 cx=op.cx.abstract_syntax)
+        op.warn(f"{what} refused", "{what} from {ae} of SOP class {asked} on a context for "
+                "{cx}: refused", what=what, ae=op.assoc.calling_ae, asked=shown(asked, 64),
+                cx=op.cx.abstract_syntax)
         op.finish(SOP_CLASS_NOT_SUPPORTED)
         return None
     try:
         return to_query(op.identifier(), root)
     except IdentifierError as e:
-        log.warn("{what} from {ae}: {err}", what=what, ae=op.assoc.calling_ae, err=e)
+        op.warn(f"{what} refused", "{what} from {ae}: {err}", what=what,
+                ae=op.assoc.calling_ae, err=e)
         op.finish(DOES_NOT_MATCH)
     except Exception as e:
-        log.warn("{what} from {ae}: undecodable identifier: {err}", what=what,
-                 ae=op.assoc.calling_ae, err=str(e)[:200])
+        op.warn(f"{what} refused", "{what} from {ae}: undecodable identifier: {err}",
+                what=what, ae=op.assoc.calling_ae, err=str(e)[:200])
         op.finish(CANNOT_UNDERSTAND)
     return None
 

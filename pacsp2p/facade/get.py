@@ -74,8 +74,8 @@ class Get(Operation):
 
     def _failed(self, failure):
         if failure.check(TooMany):
-            log.error("C-GET from {ae}: {err}: more than a response can count",
-                      ae=self.assoc.calling_ae, err=failure.getErrorMessage())
+            self.warn("C-GET refused", "C-GET from {ae}: {err}: more than a response can "
+                      "count", ae=self.assoc.calling_ae, err=failure.getErrorMessage())
             return self.finish(GET_TOO_MANY)
         log.error("C-GET failed: {err}", err=failure.getErrorMessage())
         self.finish(UNABLE_TO_PROCESS)

@@ -39,8 +39,8 @@ class Move(Operation):
         self.dest_ae = dimse.text(self.fields, dimse.MOVE_DESTINATION)
         self.dest = svc.settings.destinations.get(self.dest_ae)
         if self.dest is None:
-            log.warn("C-MOVE from {req} to unknown destination {ae}",
-                     req=shown(self.assoc.calling_ae), ae=shown(self.dest_ae))
+            self.warn("C-MOVE refused", "C-MOVE from {req} to unknown destination {ae}",
+                      req=shown(self.assoc.calling_ae), ae=shown(self.dest_ae))
             return self.finish(MOVE_DEST_UNKNOWN)
         policy = getattr(svc, "policy", None)
         if policy is not None and not policy.may_move_to(self.assoc, self.dest_ae):
@@ -58,8 +58,8 @@ class Move(Operation):
 
     def _failed(self, failure):
         if failure.check(TooMany):
-            log.warn("C-MOVE from {ae}: {err}: more than a response can count",
-                     ae=self.assoc.calling_ae, err=failure.getErrorMessage())
+            self.warn("C-MOVE refused", "C-MOVE from {ae}: {err}: more than a response can "
+                      "count", ae=self.assoc.calling_ae, err=failure.getErrorMessage())
             return self.finish(TOO_MANY_MATCHES)
         log.error("C-MOVE failed: {err}", err=failure.getErrorMessage())
         self._stop_timers()

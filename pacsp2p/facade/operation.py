@@ -15,7 +15,7 @@ from io import BytesIO
 
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import decode, encode
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from pacsp2p.dicom import dimse
 from pacsp2p.dicom.deflate import inflate
@@ -98,6 +98,16 @@ class Operation:
                 log.failure("observing a DIMSE operation failed")
 
     # -- helpers ----------------------------------------------------------------------------
+    def warn(self, kind: str, fmt: str, **kw) -> None:
+        """A warning about what the requestor sent: each *kind* at most the acceptor's
+        ``LogLimit`` burst per window, then one line counting the rest (one association
+        refused 500 C-STOREs a second, a line each: a flood of them filled the disk)."""
+        limit = getattr(getattr(self.assoc, "factory", None), "log_limit", None)
+        if limit is None:
+            log.warn(fmt, **kw)
+        else:
+            limit(kind, LogLevel.warn, fmt, **kw)
+
     def encode(self, ds: Dataset) -> bytes:
         ts = self.ts
         return encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)

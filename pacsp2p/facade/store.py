@@ -75,14 +75,14 @@ class Store(Operation):
             check_uid(self.cls, "Affected SOP Class UID")
             check_uid(self.uid, "Affected SOP Instance UID")
         except InvalidUID as e:
-            log.warn("C-STORE from {ae}@{peer} refused: {err}", ae=shown(assoc.calling_ae),
-                     peer=assoc.peer, err=e)
+            self.warn("C-STORE refused", "C-STORE from {ae}@{peer} refused: {err}",
+                      ae=shown(assoc.calling_ae), peer=assoc.peer, err=e)
             self.refused, self.comment = CANNOT_UNDERSTAND, "invalid UID"
             self.instance = b""
         else:
             if self.cls != cx.abstract_syntax:
-                log.warn("C-STORE of {cls} on a context for {cx}: refused", cls=self.cls,
-                         cx=cx.abstract_syntax)
+                self.warn("C-STORE refused", "C-STORE of {cls} on a context for {cx}: "
+                          "refused", cls=self.cls, cx=cx.abstract_syntax)
                 self.refused = SOP_CLASS_NOT_SUPPORTED
         if self.refused is not None:
             self.sink = DiscardSink()
@@ -159,15 +159,16 @@ class Store(Operation):
         self.meta = meta
         kept = self.session.kept is not None
         if err is not None:
-            log.warn("C-STORE {uid} from {ae}: {err}", uid=self.uid,
-                     ae=self.assoc.calling_ae, err=err)
+            self.warn("C-STORE refused", "C-STORE {uid} from {ae}: {err}", uid=self.uid,
+                      ae=self.assoc.calling_ae, err=err)
             status = CANNOT_UNDERSTAND
         elif meta.sop_instance_uid != self.uid or meta.sop_class_uid != self.cls:
-            log.warn("C-STORE {uid}: dataset UIDs do not match the request", uid=self.uid)
+            self.warn("C-STORE refused", "C-STORE {uid}: dataset UIDs do not match the "
+                      "request", uid=self.uid)
             status = DOES_NOT_MATCH
         elif _bad_header(meta):
-            log.warn("C-STORE {uid} from {ae}: {err}", uid=self.uid,
-                     ae=self.assoc.calling_ae, err=_bad_header(meta))
+            self.warn("C-STORE refused", "C-STORE {uid} from {ae}: {err}", uid=self.uid,
+                      ae=self.assoc.calling_ae, err=_bad_header(meta))
             status = CANNOT_UNDERSTAND
         elif self.gone and not self.started and not kept:
             status = None                                  # nobody to answer: drop it

@@ -12,6 +12,8 @@ where the fuzzer (``test_fuzz.py``) does not look: each test names what broke be
 - A C-GET or C-MOVE of more instances than a response can count is refused once 65,536
   are read (``matching.first_column``); before, all were resolved first, with their
   locations: memory grew with the catalog.
+- A flood of refused requests writes at most 10 log lines a kind per 10 s; before, a
+  line each (1,000 a second from one association).
 """
 from __future__ import annotations
 
@@ -118,3 +120,26 @@ def test_a_retrieval_of_more_than_a_response_can_count_is_refused_unread(tmp_pat
         grown = (fuzz.rss_kib(p.pid) - rss) / 1024
     assert statuses == [0xC416, 0xA701]
     assert grown < 30, f"the peer's RSS grew {grown:.0f} MB"
+
+
+def test_a_flood_of_refused_requests_writes_a_bounded_log(peer):
+    """500 C-STOREs of an invalid UID and 500 C-MOVEs to an unknown destination on one
+    association: each refused, at most 10 log lines a kind per 10 s (docs/security.md,
+    "Logging"). Before: a line each, 1,000 lines (90 KB) a second from one association."""
+    n = 500
+    before = peer.log_path.read_bytes().count(b"\n")
+    ident = fuzz.wire.data_set({0x00080052: b"STUDY", 0x0020000D: b"1.2.3"})
+    statuses = []
+    for one in (lambda i: fuzz.message(fuzz.CX_CT, fuzz.c_store(i, fuzz.CT, "1.2.03"),
+                                       fuzz.instance("1.2.03")),
+                lambda i: fuzz.message(fuzz.wire.CX_MOVE, fuzz.wire.c_find(
+                    i, fuzz.wire.MOVE_STUDY, fuzz.wire.C_MOVE_RQ, "NOWHERE"), ident)):
+        case = fuzz.Case(0, "flood", wait=120.0, finals=n)
+        case.send(fuzz.associate_rq(peer.ae_title))
+        for k in range(1, n + 1, 10):             # 10 at a time: at most 16 may wait
+            case.send(b"".join(one(i) for i in range(k, k + 10)))
+            case.steps.append(("sleep", 0.01))
+        statuses += fuzz.send_case("127.0.0.1", peer.port, case, io_timeout=120).statuses
+    assert statuses == [0xC000] * n + [0xA801] * n
+    added = peer.log_path.read_bytes().count(b"\n") - before
+    assert added <= 60, f"{added} log lines for {2 * n} refused requests"

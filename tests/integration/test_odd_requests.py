@@ -68,7 +68,8 @@ def test_query_retrieve_on_a_context_of_another_class_is_refused(make_peer, tmp_
 def test_invalid_values_are_not_each_a_pydicom_warning(peer):
     """Every distinct invalid value pydicom decoded was a UserWarning with the value in
     it: a log line with a URL, and an entry of the warnings registry kept for ever
-    (3,000 C-FINDs: +0.9 MB RSS, +1.5 MB log). The peer's own refusal line stays."""
+    (3,000 C-FINDs: +0.9 MB RSS, +1.5 MB log). The peer's own refusal line stays, at
+    most 10 of them per 10 s (``Operation.warn``)."""
     import pydicom.config
     n = 200
     with dn.association(peer.port, peer.ae_title, [build_context(StudyFind)]) as assoc:
@@ -83,7 +84,7 @@ def test_invalid_values_are_not_each_a_pydicom_warning(peer):
         finally:
             pydicom.config.settings.writing_validation_mode = mode
     log = peer.log_path.read_text()
-    assert log.count("not a valid UID") == n
+    assert 0 < log.count("not a valid UID") < n
     assert "UserWarning" not in log
 
 
