@@ -50,23 +50,25 @@ IDLE = 2.0         # seconds of idle CPU measured before each run (subtracted)
 THREADS = False    # --threads: CPU per kind of thread of each peer
 
 
-def reactor_seconds(pid: int) -> float:
-    """user + system CPU seconds used so far by the main thread of *pid* (a peer's
-    reactor thread: its thread id is the process id)."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def thread_seconds(pid: int, tid: int) -> float:
+    """user + system CPU seconds used so far by thread *tid* of *pid*."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reactor_seconds(pid: int) -> float:
+    """CPU seconds of the main thread of *pid* (a peer's reactor: its id is the pid's)."""
+    return thread_seconds(pid, pid)
 
 
 def task_seconds(pid: int) -> dict[int, float]:
     """{thread id: user + system CPU seconds so far} of the live threads of *pid*."""
     out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
         try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1]
+            out[tid] = thread_seconds(pid, tid)
         except OSError:                     # ended meanwhile
-            continue
-        fields = fields.split()
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            pass
     return out
 
 
