@@ -2,8 +2,8 @@
 
 A checkpoint copies the WAL back into the database file: an fsync of the WAL, its pages
 written, an fsync of the database. SQLite runs one by itself in the connection whose
-commit takes the WAL past ``wal_autocheckpoint`` pages (1000 by default) — with 25–30
-pages per commit of a lone instance, every ~36th C-STORE of the ingest's one-job path
+commit takes the WAL past ``wal_autocheckpoint`` pages (1000 by default) — with ~12
+pages per commit of a lone instance, every ~80th C-STORE of the ingest's one-job path
 (``Catalog.record_now``, in the C-STORE's critical path) paid two fsyncs and the copy
 (record_now's p99 13–22 ms against a median of 0.3 ms on a busy host). Here the writer's
 own automatic checkpoint is pushed back to ``BACKSTOP`` pages (it runs only if this one
