@@ -143,6 +143,23 @@ def _dispatch_store(event):
     return sink(event)
 
 
+class Unreadable(KeyError):
+    """The archive lists the instance (its C-GET was matched) but failed to send it, and
+    no C-STORE sub-operation of it arrived: dcmqrscp whose file was removed behind its
+    back (0xA702). A ``KeyError``, so a scrub counts the copy *missing* (and has it made
+    again elsewhere), as for an instance the archive no longer lists."""
+
+
+def _failed_alone(final) -> bool:
+    """Whether a C-GET's final response says its one sub-operation failed, none done."""
+    try:
+        return final is not None and final.Status != 0x0000 and \
+            int(getattr(final, "NumberOfFailedSuboperations", 0) or 0) >= 1 and \
+            not int(getattr(final, "NumberOfCompletedSuboperations", 0) or 0)
+    except (TypeError, ValueError):
+        return False
+
+
 @implementer(IArchive, IStores, IOpens, ISends, ICrawls, IFollows)
 class DimseArchive(DimseCrawl):
     capabilities = frozenset({"store", "open", "send", "crawl", "changes"})
@@ -403,7 +420,8 @@ class DimseArchive(DimseCrawl):
         what = f"archive {self.name}: C-GET of {uid} from {self.ae_title}"
 
         def on_store(event):
-            if event.request.AffectedSOPInstanceUID != uid or got:
+            got["sent"] = True
+            if event.request.AffectedSOPInstanceUID != uid or "f" in got:
                 _discard(event)
                 return 0xA700 if got else 0xC000
             try:
@@ -445,6 +463,9 @@ class DimseArchive(DimseCrawl):
             raise
         if "f" not in got:
             code = f"0x{final.Status:04X}" if final is not None else "none"
+            if "sent" not in got and _failed_alone(final):
+                raise Unreadable(f"{what}: listed but not sent (status {code}, a failed "
+                                 "sub-operation): its file is missing or unreadable")
             raise DimseError(f"{what} returned no instance (status {code})")
         return got["f"]
 

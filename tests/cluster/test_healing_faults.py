@@ -296,8 +296,9 @@ def test_a_dcmqrscp_copy_damaged_or_lost_behind_our_back_is_made_again_elsewhere
     before, the copy went on counting as live: the instance one good copy short for
     ever, and repair never ran (nothing *lost*). Now a copy found damaged on an archive
     that cannot restore it is made again elsewhere from a good replica and forgotten.
-    (The removed file is not found: dcmqrscp's C-GET then answers no instance, which the
-    scrub counts "skipped", not "missing": printed, not asserted.)"""
+    So is the removed file's copy: dcmqrscp's C-GET of it answers a failed sub-operation
+    and sends nothing (``adapters.dimse.Unreadable``), which the scrub counts "missing";
+    before, "skipped", and the copy counted live."""
     from pacsp2p.testing.dcmqrscp import DcmQrScp
     with DcmQrScp(tmp_path / "qr") as qr:
         a, b, c = trio(cluster, {"name": "pacs", "adapter": "dimse", "ae_title": qr.ae_title,
@@ -318,13 +319,14 @@ def test_a_dcmqrscp_copy_damaged_or_lost_behind_our_back_is_made_again_elsewhere
         proc = subprocess.run([str(PACSP2P), "scrub", "--config", str(a.config_path)],
                               capture_output=True, text=True, timeout=900, check=False)
         assert proc.returncode == 1 and damaged in proc.stdout, proc.stdout + proc.stderr
+        assert lost in proc.stdout, proc.stdout      # listed as unrepaired (missing)
         for p in (a, b, c):
             wait_until(lambda p=p: len(r := copies(p, study)) == N and
                        all(len(s - {("peera", "pacs")}) >= 2
-                           for u, s in r.items() if u in (damaged,)), 120, 0.5,
-                       f"{p.name}: 2 good copies of the instance damaged on dcmqrscp")
+                           for u, s in r.items() if u in (damaged, lost)), 120, 0.5,
+                       f"{p.name}: 2 good copies of the instances damaged and lost on "
+                       "dcmqrscp")
         got_all(a, study, sent, tmp_path / "get")
-        print("lost file:", lost, copies(a, study)[lost])
 
 
 def test_peers_and_an_orthanc_killed_mid_drain_and_mid_delete(cluster, tmp_path):
