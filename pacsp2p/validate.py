@@ -8,7 +8,9 @@
 - The catalog's attribute values (``long_value``): at most ``VALUE_MAX`` characters each
   (16 times the longest a VR the catalog keeps allows, LO/PN: 64 per value), whether a
   C-STORE brings them or an archive lists them; a longer one would be kept in every
-  peer's catalog and sent in every sync answer and C-FIND match.
+  peer's catalog and sent in every sync answer and C-FIND match. A value of several
+  (VM 1-n: Other Patient IDs, Image Type) may be valid and longer: ``clipped`` keeps its
+  whole values that fit, for the catalog (the instance is kept as it came).
 
 Every front end (facade, bulk channel, AMP commands, REST paths) calls these; nothing
 below them trusts a UID it did not check.
@@ -56,10 +58,21 @@ def is_ae_title(value) -> bool:
             and bool(value.strip()))
 
 
+def clipped(value: str) -> str:
+    """*value*; if it is longer than ``VALUE_MAX`` characters and of several values
+    (backslash-separated), the first of them that fit together in ``VALUE_MAX``."""
+    if len(value) <= VALUE_MAX or "\\" not in value[:VALUE_MAX + 1]:
+        return value
+    return value[:value.rindex("\\", 0, VALUE_MAX + 1)]
+
+
 def long_value(attributes) -> str:
     """Why the catalog attributes *attributes* ({keyword: text}) cannot be kept: the first
-    value that is not text of at most ``VALUE_MAX`` characters; "" if none."""
+    value that is not text of at most ``VALUE_MAX`` characters; "" if none. A value of
+    several over the bound is ``clipped`` first, in *attributes*."""
     for key, value in attributes.items():
+        if isinstance(value, str) and len(value) > VALUE_MAX:
+            attributes[key] = value = clipped(value)
         if not isinstance(value, str) or len(value) > VALUE_MAX:
             size = f"{len(value)} characters" if isinstance(value, str) else "not text"
             return f"{shown(key)}: {size} (at most {VALUE_MAX})"

@@ -25,6 +25,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pacsp2p.attributes import HEADER_KEYWORDS, STORED
 from pacsp2p.dicom.deflate import Inflation, inflated
 from pacsp2p.types import InstanceMeta
+from pacsp2p.validate import clipped
 
 
 class BadDataset(ValueError):
@@ -62,7 +63,7 @@ def _text(elem) -> str:
     if value is None:
         return ""
     if elem.VM > 1 and not isinstance(value, (str, bytes)):
-        return "\\".join(str(v) for v in value)
+        return clipped("\\".join(str(v) for v in value))
     return str(value).strip()
 
 
@@ -129,7 +130,7 @@ def _decode(found: dict) -> dict | None:
     encoding = _SIMPLE_CHARSETS.get(charset.split("\\")[-1].strip() if charset else "")
     if encoding is None:
         return None
-    return {_WANTED[tag]: raw.decode(encoding, "replace").strip(" \0")
+    return {_WANTED[tag]: clipped(raw.decode(encoding, "replace").strip(" \0"))
             for tag, raw in found.items() if _WANTED[tag] in STORED}
 
 

@@ -63,6 +63,31 @@ def test_a_catalog_value_past_its_bound_is_refused_and_not_kept(peer, length, ke
     assert (ds.SOPInstanceUID in held) == kept
 
 
+def test_a_valid_instance_with_many_values_is_kept_its_catalog_value_clipped(peer):
+    """Other Patient IDs is LO, VM 1-n: 80 IDs of 15 characters (1,279 with the
+    backslashes) is valid DICOM; so is a Patient Name of 3 component groups. Before, the
+    first was refused 0xC000 (a modality's queue stuck on it for good): now both are
+    kept byte for byte, the catalog keeping the whole values that fit ``VALUE_MAX``."""
+    ids = [f"HOSPITAL{i:03d}-ABCD" for i in range(80)]
+    ds = datasets.make_image("CT", size=8, seed=99, PatientID="MANYIDS",
+                             PatientName="Yamada^Tarou=" + "\u5c71\u7530^\u592a\u90ce=" +
+                             "\u3084\u307e\u3060^\u305f\u308d\u3046",
+                             OtherPatientIDs=ids, transfer_syntax=ImplicitVRLittleEndian)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    assert len("\\".join(ids)) > VALUE_MAX
+    assert store(peer, ds) == 0x0000
+    held = [dn.sop_uid(p) for p in dn.archive_files(peer.data_dir)]
+    assert ds.SOPInstanceUID in held
+    rows, proc = findscu(peer.port, peer.ae_title, {
+        "QueryRetrieveLevel": "PATIENT", "PatientID": "MANYIDS", "PatientName": "",
+        "0010,1000": ""}, model="P")       # Other Patient IDs (retired: DCMTK's name)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [row] = rows
+    kept = list(row.OtherPatientIDs)
+    assert kept == ids[:len(kept)] and len("\\".join(kept)) <= VALUE_MAX
+    assert len(kept) == (VALUE_MAX + 1) // (len(ids[0]) + 1)
+
+
 @pytest.mark.parametrize("key, values", [
     ("AccessionNumber", [f"ACC{i}" for i in range(2000)]),            # a RIS prefetch
     ("PatientName", [f"NOBODY{i}*" for i in range(1500)] + ["LIST^*"]),
