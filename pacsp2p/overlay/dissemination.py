@@ -33,9 +33,10 @@ sequence held} (Parker et al., 1983).
   a pause shorter than ``MAX_QUIET`` does not end a streak) says so: an urgent item
   ``["q", name, n]``, gossiped like a membership change and passed on once by every
   peer that hears it
-  (*n*, the sender's vector sum then, tells a new end from an old one); not if an end
-  heard lately was told with a sum at least ours (a replica holder's copies are the
-  writer's stream, whose end covers them). A peer that
+  (*n*, the sender's vector sum then, tells a new end from an old one); not, if the
+  streak is of its own facts only, when an end heard lately was told with a sum at least
+  its own (a replica holder's copies are the writer's stream, whose end covers them).
+  A peer that
   hears it pulls at once (at most one ``pull_interval`` after its last pull), from the
   peer that told it while its own sum is below *n* (else from the most advanced
   holder), and resets its slowdown only if that left it below *n* (an end
@@ -128,6 +129,7 @@ class Dissemination:
         self._total = sum(self.told.values())   # our vector's sum at the last change
         self._count = self.count()      # count() at the last change
         self._streak = 0                # facts not pulled since our last end of stream
+        self._learned = 0               # ... of them of other origins (learned first-hand)
         self._grew_at = 0.0
         self._pause = 0.0               # the longest pause between growths in the streak
         self._quiet_call = None
@@ -152,6 +154,8 @@ class Dissemination:
             gap = now - self._grew_at       # a pause (after an end told too soon, too)
             self._pause = max(self._pause, gap) if gap < MAX_QUIET else 0.0
             self._streak += count - self._count
+            own = mine.get(self.name, 0) - self.told.get(self.name, 0)
+            self._learned += max(0, count - self._count - max(0, own))
             self._grew_at = now
             if self._quiet_call is None:
                 self._quiet_call = self.clock.callLater(QUIET, self._quiet)
@@ -179,18 +183,21 @@ class Dissemination:
         if still < quiet - 1e-3:
             self._quiet_call = self.clock.callLater(quiet - still, self._quiet)
             return
-        if self._streak >= STREAK_FACTS and self.swim.running and not self._covered():
+        if self._streak >= STREAK_FACTS and self.swim.running and \
+                (self._learned or not self._covered()):
             self.ends_told += 1
             self.end_told_at = self.clock.seconds()
             self.swim.broadcast(("q", self.name), ["q", self.name, self._total])
-        self._streak = 0
+        self._streak = self._learned = 0
 
     def _covered(self) -> bool:
-        """An end of stream heard lately was told with a sum at least ours: its teller
-        (the stream's writer, which learned our copies of its instances first-hand) is
-        where the others pull the last facts from, ours among them; our own end would
-        only send every peer below our sum to us for a second pull (at 32 peers a replica
-        holder takes ~64 copies of a 1,000-instance stream: 13 ends told in one run)."""
+        """An end of stream heard lately was told with a sum at least ours: when our
+        streak is of our own facts only (a replica holder's copies), its teller (the
+        stream's writer, which learned them first-hand) is where the others pull the last
+        facts from, ours among them; our own end would only send every peer below our
+        sum to us for a second pull (at 32 peers a holder takes ~64 copies of a
+        1,000-instance stream: 13 ends told in one run). A streak with facts of others
+        learned first-hand (a writer's) is told whatever was heard."""
         return self.clock.seconds() - self._ended_at < ENDED and \
             self._end_total >= self._total
 

@@ -511,7 +511,7 @@ def test_replica_holders_do_not_tell_an_end_the_writers_end_covers(monkeypatch):
     holds every copy's fact soon after the stream."""
     from pacsp2p.overlay import dissemination
 
-    def run():
+    def run(writers=("p003",)):
         net = cluster(16, seed=3)
         net.run(5)
         ends = []
@@ -519,17 +519,18 @@ def test_replica_holders_do_not_tell_an_end_the_writers_end_covers(monkeypatch):
             told = p.swim.broadcast
             p.swim.broadcast = lambda key, e, told=told, me=p.name: (
                 key == ("q", me) and ends.append(me), told(key, e))
-        writer = net.peers["p003"]
-        holders = [p for p in net.live() if p is not writer]
         rng = __import__("random").Random(7)
         for i in range(600):                   # 20 s; each instance's copies on 2 holders
-            for h in rng.sample(holders, 2):
-                seq = h.catalog.write(1)       # the holder's fact, learned by the writer
-                writer.catalog.vector[h.name] = seq
-                writer.catalog.facts += 1
-            writer.catalog._changed()
+            for name in writers:
+                writer = net.peers[name]
+                for h in rng.sample([p for p in net.live() if p is not writer], 2):
+                    seq = h.catalog.write(1)   # the holder's fact, learned by the writer
+                    writer.catalog.vector[h.name] = seq
+                    writer.catalog.facts += 1
+                writer.catalog._changed()
             net.run(1 / 30)
-        want = dict(writer.catalog.vector)
+        want = {o: max(net.peers[w].catalog.vector.get(o, 0) for w in writers)
+                for w in writers for o in net.peers[w].catalog.vector}
         took = net.run_until(lambda: all(all(p.catalog.vector.get(o, 0) >= s for o, s in
                                              want.items()) for p in net.live()), 30, step=0.01)
         net.run(5)                             # a holder's quiet: up to MAX_QUIET
@@ -538,6 +539,22 @@ def test_replica_holders_do_not_tell_an_end_the_writers_end_covers(monkeypatch):
     ends, took = run()
     assert ends == ["p003"], ends
     assert took is not None and took < 2.5, took
+    # two writers at once: each tells the end of its own stream, whatever it heard
+    ends, took = run(("p003", "p007"))
+    assert {"p003", "p007"} <= set(ends) and took is not None and took < 3.0, (ends, took)
+    # a writer's streak (facts of others learned first-hand) is told even after an end
+    # told with a larger sum (another writer's, whose teller may lack our last facts)
+    net = cluster(4, seed=2)
+    net.run(3)
+    w = net.peers["p001"]
+    for i in range(100):
+        w.catalog.vector["p002"] = w.catalog.vector.get("p002", 0) + 1
+        w.catalog.facts += 1
+        w.catalog._changed()
+        net.run(0.01)
+    w.dissemination._end("p000", ["q", "p000", 10 ** 15])
+    net.run(3)
+    assert w.dissemination.ends_told == 1
     monkeypatch.setattr(dissemination.Dissemination, "_covered", lambda self: False)
     before, _ = run()
     assert len(before) > 3, before                       # the holders' ends, as before
