@@ -361,6 +361,16 @@ def test_a_trickle_of_other_facts_does_not_end_a_streams_slowdown():
     assert dissemination.MAX_SLOWDOWN > 1
 
 
+def ends_told(net) -> list:
+    """A list that gets the name of each peer of *net* as it tells an end of stream."""
+    ends: list = []
+    for p in net.peers.values():
+        told = p.swim.broadcast
+        p.swim.broadcast = lambda key, e, told=told, me=p.name: (
+            key == ("q", me) and ends.append(me), told(key, e))
+    return ends
+
+
 def test_streams_are_judged_by_facts_received_not_by_sums_of_clock_numbers():
     """Fact numbers start at a peer's start time in ms (~1.8e12, ``overlay/reclaim``):
     a replica holder's first fact adds 1.8e12 to every vector's sum. Judged by sums,
@@ -374,11 +384,7 @@ def test_streams_are_judged_by_facts_received_not_by_sums_of_clock_numbers():
                 p.dissemination.count = lambda p=p: sum(p.catalog.vector.values())
                 p.dissemination._count = p.dissemination.count()
         net.run(5)
-        ends = []
-        for p in net.peers.values():
-            told = p.swim.broadcast
-            p.swim.broadcast = lambda key, e, told=told, me=p.name: (
-                key == ("q", me) and ends.append(me), told(key, e))
+        ends = ends_told(net)
         writer = net.peers["p003"]
         others = [p for p in net.live() if p is not writer]
         before = dict(net.pulls)
@@ -514,11 +520,7 @@ def test_replica_holders_do_not_tell_an_end_the_writers_end_covers(monkeypatch):
     def run(writers=("p003",)):
         net = cluster(16, seed=3)
         net.run(5)
-        ends = []
-        for p in net.peers.values():
-            told = p.swim.broadcast
-            p.swim.broadcast = lambda key, e, told=told, me=p.name: (
-                key == ("q", me) and ends.append(me), told(key, e))
+        ends = ends_told(net)
         rng = __import__("random").Random(7)
         for i in range(600):                   # 20 s; each instance's copies on 2 holders
             for name in writers:
