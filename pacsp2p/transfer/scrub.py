@@ -408,6 +408,7 @@ class Scrub:
         if source:
             for d in counts:
                 d["repaired"] += 1
+            self.later.discard(c)
         else:
             for d in counts:
                 d["unrepaired"] += 1

@@ -53,6 +53,10 @@ class Unrepaired:
             return
         self._due[key] = [sha, time.monotonic() + FIRST, FIRST]
 
+    def discard(self, c: sql.Copy) -> None:
+        """*c* was replaced (by a pass, or a retrieval's report): not to try again."""
+        self._due.pop((c.uid, c.archive), None)
+
     def tick(self) -> None:
         """Try the copies whose wait is over (one round at a time)."""
         now = time.monotonic()

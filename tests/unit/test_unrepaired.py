@@ -66,3 +66,16 @@ def test_at_most_MOST_are_kept(tmp_path, monkeypatch):
     for i in range(10):
         scrub.later.add(Copy(i, f"1.2.3.{i}", "local", "ab" * 32, 1), "ab" * 32)
     assert len(scrub.later) == 3
+
+
+def test_a_copy_replaced_otherwise_is_not_tried_again(tmp_path):
+    archive, conn, [uid] = held_in_catalog(tmp_path, 1, "OTHERWISE")
+    settings = config.from_dict({"peer": {"name": "peerb", "data_dir": str(tmp_path)}},
+                                "t.toml", Path("."))
+    scrub = Scrub(settings, Catalog(conn), {"local": archive}, None, None, None)
+    [(seq, sha, size)] = conn.execute("SELECT seq, sha256, size FROM locations").fetchall()
+    c = Copy(seq, uid, "local", sha, size)
+    scrub.later.add(c, sha)
+    assert len(scrub.later) == 1
+    scrub.later.discard(c)                  # (a pass, or a retrieval's report, replaced it)
+    assert len(scrub.later) == 0
