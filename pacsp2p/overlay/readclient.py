@@ -49,7 +49,7 @@ from pacsp2p.dicom import header, part10
 
 LANES = 2                     # connections to one peer at once (a lane job each)
 DEPTH = 4                     # requests asked on one connection before their answers
-THREADS = 8                   # lane jobs at once, all peers together
+THREADS = 16                  # lane jobs at once, all peers together
 MEMORY = 1 << 20              # a body up to this size is kept in memory
 MAX_INSTANCE = 4 << 30        # bytes of one answer's body (the facade's max_dataset)
 MAX_HEAD = 8 << 10            # bytes of an answer's status line and headers
@@ -121,6 +121,7 @@ class ReadClient:
         self._lock = threading.Lock()
         self._socks: set = set()         # connections in use (``stop`` cuts them)
         self._buffers: list = []         # lanes' body buffers, reused
+        self._swept = 0.0                # when idle connections were last looked over
         self.stopping = False
         reactor.addSystemEventTrigger("before", "shutdown", self.stop)
 
@@ -163,14 +164,27 @@ class ReadClient:
         return ask.d
 
     def _trim(self) -> None:
-        """(lock held) Idle connections of at most MAX_PEERS peers kept."""
+        """(lock held) Idle connections of at most MAX_PEERS peers kept, and at most a
+        second past KEPT (looked over once a second: a peer gone, or on another port
+        since its restart, leaves none open)."""
+        now = time.monotonic()
         while len(self._peers) > MAX_PEERS:
             old = next((k for k, p in self._peers.items() if not p.lanes and not p.queue),
                        None)
             if old is None:
-                return
+                break
             for sock, _ in self._peers.pop(old).idle:
                 _close(sock)
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
+        for key, peer in list(self._peers.items()):
+            stale = [s for s, since in peer.idle if now - since >= KEPT]
+            for sock in stale:
+                _close(sock)
+            peer.idle = [(s, since) for s, since in peer.idle if now - since < KEPT]
+            if not (peer.idle or peer.lanes or peer.queue):
+                del self._peers[key]
 
     def _cancel(self, ask: _Ask) -> None:
         with self._lock:

@@ -344,3 +344,25 @@ def test_a_holder_with_another_name_is_refused(tmp_path, certs, instance):
     reactor.stop()
     holder.stop()
     assert ssl                                          # (the stdlib's, as the lane's)
+
+
+def test_idle_connections_past_their_time_are_closed_by_later_reads(tmp_path, certs,
+                                                                    instance, monkeypatch):
+    """A peer no longer asked (gone, or on another port since its restart) leaves no
+    connection open: the next read of any peer closes the ones idle past KEPT."""
+    monkeypatch.setattr(readclient, "KEPT", 0.2)
+    first, second = RawHolder(certs, [ok(instance)]), RawHolder(certs, [ok(instance)])
+    reactor = Reactor()
+    reads = client(certs, reactor, tmp_path)
+    assert outcome(reads.get(member(first.port), first.port, "local", "1.1", None)
+                   ).read() == instance
+    key = ("a", "127.0.0.1", first.port)
+    wait(lambda: reads._peers[key].idle, "the connection kept")
+    kept = reads._peers[key].idle[0][0]
+    threading.Event().wait(1.5)                 # past KEPT, and the once-a-second sweep
+    assert outcome(reads.get(member(second.port), second.port, "local", "1.1", None)
+                   ).read() == instance
+    assert key not in reads._peers and kept.fileno() == -1     # closed here
+    reactor.stop()
+    first.stop()
+    second.stop()
