@@ -109,8 +109,8 @@ class _Peer:
 
 
 class ReadClient:
-    """GETs of single instances from other peers' read ports (see the module's
-    docstring). *context*: ``threadtls.client_context``; *tmpdir*: where a body over
+    """Single instances and batches read from other peers' read ports (see the
+    module's docstring). *context*: ``threadtls.client_context``; *tmpdir*: where a body over
     ``MEMORY`` bytes is written; *not_held*: what a 404 raises."""
 
     def __init__(self, context: ssl.SSLContext, reactor, tmpdir,
@@ -209,8 +209,9 @@ class ReadClient:
 
     def _done(self, ask: _Ask, result) -> None:
         if ask.d.called:                # cancelled meanwhile: dispose of it
-            if not isinstance(result, Failure):
-                _close(result)
+            for f in result if isinstance(result, list) else [result]:
+                if hasattr(f, "close"):         # (a batch's entry may be an exception)
+                    _close(f)
             return
         (ask.d.errback if isinstance(result, Failure) else ask.d.callback)(result)
 

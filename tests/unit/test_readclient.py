@@ -366,3 +366,20 @@ def test_idle_connections_past_their_time_are_closed_by_later_reads(tmp_path, ce
     reactor.stop()
     first.stop()
     second.stop()
+
+
+def test_what_arrives_for_a_cancelled_read_is_closed(tmp_path, certs, instance):
+    """An answer handed over just after its read was cancelled (the stall timer fired
+    meanwhile) is closed, a batch's entries each, and nothing is raised in the reactor."""
+    reactor = Reactor()
+    reads = client(certs, reactor, tmp_path)
+    for result in (readclient.examined(instance),
+                   [readclient.examined(instance), fetching.NotHeld("x")]):
+        ask = readclient._Ask(b"", "test")
+        ask.d = defer.Deferred()
+        ask.d.addErrback(lambda f: None)
+        ask.d.cancel()
+        reads._done(ask, result)
+        assert all(f.closed for f in (result if isinstance(result, list) else [result])
+                   if hasattr(f, "closed"))
+    reactor.stop()
