@@ -286,7 +286,8 @@ class ReadClient:
             except BaseException:
                 raw.close()
                 raise
-        except OSError as e:            # (ssl.SSLError: a refused handshake)
+        except (OSError, ValueError) as e:  # a refused handshake (ssl.SSLError); a name
+            #                                 that is no TLS server name (UnicodeError)
             with self._lock:
                 failed = list(flying) + list(peer.queue)
                 flying.clear()

@@ -22,13 +22,12 @@ from types import SimpleNamespace
 import pytest
 from bulk_spawn import bulk_server
 from test_bulk_fetch_memory import expected
-from test_bulk_send_limit import tls_dir  # noqa: F401 (a fixture: certificates of a, b)
 from test_push_port import wait
 from twisted.internet import defer, error
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from pacsp2p.dicom.header import read_meta
-from pacsp2p.overlay import fetching, readclient, threadtls
+from pacsp2p.overlay import fetching, readclient, threadtls, tls
 from pacsp2p.testing import datasets
 
 HERE = Path(__file__).parent
@@ -55,6 +54,17 @@ class Reactor:
 
 
 @pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A cluster CA and the certificates of peers "a" and "b" (other test modules of
+    the read client import this fixture)."""
+    root = tmp_path_factory.mktemp("readclient")
+    tls.init_ca(root)
+    for name in ("a", "b"):
+        tls.issue(root, name)
+    return root
+
+
+@pytest.fixture(scope="module")
 def instance(tmp_path_factory) -> bytes:
     path = tmp_path_factory.mktemp("inst") / "i.dcm"
     datasets.write(datasets.make_image("CT", size=64, SOPInstanceUID=datasets.uid("rc", 1)),
@@ -74,9 +84,9 @@ class RawHolder:
     of *answers* (bytes sent as they are; None: read the request and say nothing; a
     callable: called with the connection), and then closes the connection if *close*."""
 
-    def __init__(self, tls_dir, answers, close=False):
+    def __init__(self, certs, answers, close=False):
         self.answers, self.close = list(answers), close
-        self.ctx = threadtls.server_context(tls_dir, "a")
+        self.ctx = threadtls.server_context(certs, "a")
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.connections, self.conns = 0, []
@@ -125,8 +135,8 @@ def ok(data: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(data) + data
 
 
-def client(tls_dir, reactor, tmp_path):
-    return readclient.ReadClient(threadtls.client_context(tls_dir, "b"), reactor, tmp_path,
+def client(certs, reactor, tmp_path):
+    return readclient.ReadClient(threadtls.client_context(certs, "b"), reactor, tmp_path,
                                  fetching.NotHeld)
 
 
@@ -135,7 +145,7 @@ def member(port):
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory, tls_dir):
+def real(tmp_path_factory, certs):
     """A real holder's read port: (its ports, the files it holds, their UIDs)."""
     root = tmp_path_factory.mktemp("rcreal")
     files = [datasets.write(datasets.make_image("CT", size=size, seed=i,
@@ -143,14 +153,14 @@ def real(tmp_path_factory, tls_dir):
                             root / f"{i}.dcm")
              for i, size in enumerate((64, 256, 256, 800))]     # 800x800x2: > MEMORY
     assert files[3].stat().st_size > readclient.MEMORY >= files[2].stat().st_size
-    with bulk_server(root / "srv", tls_dir, files) as ports:
+    with bulk_server(root / "srv", certs, files) as ports:
         yield ports, files, [read_meta(f).sop_instance_uid for f in files]
 
 
-def fetched(tmp_path, tls_dir, ports, asked, many=False) -> dict:
+def fetched(tmp_path, certs, ports, asked, many=False) -> dict:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    out = subprocess.run([sys.executable, str(HERE / "bulk_fetch.py"), str(tls_dir),
+    out = subprocess.run([sys.executable, str(HERE / "bulk_fetch.py"), str(certs),
                           str(ports["port"]), str(tmp), str(fetching.MEMORY_BUDGET),
                           "--reads", str(ports["read_port"]), *(["--many"] if many else []),
                           *asked],
@@ -160,10 +170,10 @@ def fetched(tmp_path, tls_dir, ports, asked, many=False) -> dict:
     return json.loads(out.stdout)
 
 
-def test_pipelined_reads_from_a_real_holder_are_byte_identical(tmp_path, tls_dir, real):
+def test_pipelined_reads_from_a_real_holder_are_byte_identical(tmp_path, certs, real):
     ports, files, uids = real
     asked = uids * 3 + ["1.2.3.4.5"] + uids          # 17 reads at once, one unknown
-    answer = fetched(tmp_path, tls_dir, ports, asked)
+    answer = fetched(tmp_path, certs, ports, asked)
     for f, uid in zip(files, uids):
         got = answer["instances"][uid]
         assert {k: got[k] for k in expected(f)} == expected(f), f
@@ -173,9 +183,9 @@ def test_pipelined_reads_from_a_real_holder_are_byte_identical(tmp_path, tls_dir
     assert 1 <= answer["connections"] <= readclient.LANES        # pipelined, kept
 
 
-def test_a_batch_from_a_real_holder_in_a_lane(tmp_path, tls_dir, real):
+def test_a_batch_from_a_real_holder_in_a_lane(tmp_path, certs, real):
     ports, files, uids = real
-    answer = fetched(tmp_path, tls_dir, ports, uids + ["1.2.3.4.5"], many=True)
+    answer = fetched(tmp_path, certs, ports, uids + ["1.2.3.4.5"], many=True)
     for f, uid in zip(files[:3], uids):       # byte-identical, hashed as a single read
         got = answer["instances"][uid]
         assert {k: got[k] for k in expected(f)} == expected(f), f
@@ -185,13 +195,13 @@ def test_a_batch_from_a_real_holder_in_a_lane(tmp_path, tls_dir, real):
     assert answer["connections"] == 1
 
 
-def test_a_batch_answer_not_the_frames_asked_fails_that_batch_only(tmp_path, tls_dir,
+def test_a_batch_answer_not_the_frames_asked_fails_that_batch_only(tmp_path, certs,
                                                                     instance):
     good = fetching.bulk.FRAME.pack(fetching.bulk.OK, len(instance)) + instance
-    holder = RawHolder(tls_dir, [ok(good + b"x"), ok(good),
+    holder = RawHolder(certs, [ok(good + b"x"), ok(good),
                                b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n"])
     reactor = Reactor()
-    reads = client(tls_dir, reactor, tmp_path)
+    reads = client(certs, reactor, tmp_path)
     m = member(holder.port)
     got = [reads.post(m, holder.port, "local", b"[]", cap, lambda d: fetching._split([d], 1))
            for cap in (1 << 20, 1 << 20, 10)]
@@ -216,12 +226,12 @@ def test_a_batch_answer_not_the_frames_asked_fails_that_batch_only(tmp_path, tls
     b"garbage\r\n\r\n",
 ], ids=["chunked", "no-length", "two-lengths", "negative", "http10", "long-head",
         "over-max", "cut-short", "long-error", "garbage"])
-def test_a_hostile_answer_fails_its_read_and_nothing_else(tmp_path, tls_dir, answer,
+def test_a_hostile_answer_fails_its_read_and_nothing_else(tmp_path, certs, answer,
                                                           monkeypatch):
     monkeypatch.setattr(readclient, "MAX_INSTANCE", 1 << 30)
-    holder = RawHolder(tls_dir, [answer], close=True)
+    holder = RawHolder(certs, [answer], close=True)
     reactor = Reactor()
-    reads = client(tls_dir, reactor, tmp_path)
+    reads = client(certs, reactor, tmp_path)
     got = outcome(reads.get(member(holder.port), holder.port, "local", "1.2.3", None))
     assert got.check(ResponseFailed, ResponseNeverReceived, IOError), got
     peer = next(iter(reads._peers.values()))
@@ -231,13 +241,13 @@ def test_a_hostile_answer_fails_its_read_and_nothing_else(tmp_path, tls_dir, ans
     holder.stop()
 
 
-def test_an_error_answer_keeps_the_connection_and_the_next_read_on_it(tmp_path, tls_dir,
+def test_an_error_answer_keeps_the_connection_and_the_next_read_on_it(tmp_path, certs,
                                                                        instance):
-    holder = RawHolder(tls_dir, [b"HTTP/1.1 404 Not Found\r\ncontent-length: 18\r\n\r\n"
+    holder = RawHolder(certs, [b"HTTP/1.1 404 Not Found\r\ncontent-length: 18\r\n\r\n"
                                b"unknown instance\r\n", ok(instance),
                                b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n"])
     reactor = Reactor()
-    reads = client(tls_dir, reactor, tmp_path)
+    reads = client(certs, reactor, tmp_path)
     m = member(holder.port)
     got = [reads.get(m, holder.port, "local", uid, None) for uid in ("1.1", "1.2", "1.3")]
     assert outcome(got[0]).check(fetching.NotHeld)
@@ -254,15 +264,15 @@ def expected_sha(data: bytes) -> str:
     return readclient.examined(data).sha256
 
 
-def test_a_kept_connection_the_peer_closed_is_replaced(tmp_path, tls_dir, instance):
+def test_a_kept_connection_the_peer_closed_is_replaced(tmp_path, certs, instance):
     """The holder reads the second request and closes without an answer (as a peer
     restarted, or past its idle time, between the quiet check and the request): the read
     is asked again on a new connection."""
     def close_silently(conn):
         conn.close()
-    holder = RawHolder(tls_dir, [ok(instance), close_silently, ok(instance)])
+    holder = RawHolder(certs, [ok(instance), close_silently, ok(instance)])
     reactor = Reactor()
-    reads = client(tls_dir, reactor, tmp_path)
+    reads = client(certs, reactor, tmp_path)
     m = member(holder.port)
     assert outcome(reads.get(m, holder.port, "local", "1.1", None)).read() == instance
     peer = next(iter(reads._peers.values()))
@@ -276,13 +286,13 @@ def test_a_kept_connection_the_peer_closed_is_replaced(tmp_path, tls_dir, instan
 
 
 @pytest.fixture
-def stalled(tmp_path, tls_dir, monkeypatch):
+def stalled(tmp_path, certs, monkeypatch):
     """A read asked of a holder that reads the request and never answers, the request
     sent: (reactor, client, the read's Deferred)."""
     monkeypatch.setattr(readclient, "IDLE", 3600.0)
-    holder = RawHolder(tls_dir, [None])
+    holder = RawHolder(certs, [None])
     reactor = Reactor()
-    reads = client(tls_dir, reactor, tmp_path)
+    reads = client(certs, reactor, tmp_path)
     d = reads.get(member(holder.port), holder.port, "local", "1.1", None)
     wait(lambda: reads._socks and holder.conns, "the request sent")
     yield reactor, reads, d
@@ -312,38 +322,38 @@ def test_stop_cuts_a_lane_blocked_in_a_read(stalled):
         reads.get(member(1), 1, "local", "1.1", None)
 
 
-def test_a_peer_that_cannot_be_reached_fails_what_is_asked(tmp_path, tls_dir):
+def test_a_peer_that_cannot_be_reached_fails_what_is_asked(tmp_path, certs):
     free = socket.create_server(("127.0.0.1", 0))
     port = free.getsockname()[1]
     free.close()                                        # nothing listens there now
     reactor = Reactor()
-    reads = client(tls_dir, reactor, tmp_path)
+    reads = client(certs, reactor, tmp_path)
     got = [reads.get(member(port), port, "local", f"1.{i}", None) for i in range(5)]
     for d in got:
         assert outcome(d).check(error.ConnectError)
     reactor.stop()
 
 
-def test_a_holder_with_another_name_is_refused(tmp_path, tls_dir, instance):
+def test_a_holder_with_another_name_is_refused(tmp_path, certs, instance):
     """The certificate must name the peer asked: peer "b"'s port is not "a"'s."""
-    holder = RawHolder(tls_dir, [ok(instance)])
-    holder.ctx = threadtls.server_context(tls_dir, "b")
+    holder = RawHolder(certs, [ok(instance)])
+    holder.ctx = threadtls.server_context(certs, "b")
     reactor = Reactor()
-    reads = client(tls_dir, reactor, tmp_path)
+    reads = client(certs, reactor, tmp_path)
     assert outcome(reads.get(member(holder.port), holder.port, "local", "1.1",
                              None)).check(error.ConnectError)
     reactor.stop()
     holder.stop()
 
 
-def test_idle_connections_past_their_time_are_closed_by_later_reads(tmp_path, tls_dir,
+def test_idle_connections_past_their_time_are_closed_by_later_reads(tmp_path, certs,
                                                                     instance, monkeypatch):
     """A peer no longer asked (gone, or on another port since its restart) leaves no
     connection open: the next read of any peer closes the ones idle past KEPT."""
     monkeypatch.setattr(readclient, "KEPT", 0.2)
-    first, second = RawHolder(tls_dir, [ok(instance)]), RawHolder(tls_dir, [ok(instance)])
+    first, second = RawHolder(certs, [ok(instance)]), RawHolder(certs, [ok(instance)])
     reactor = Reactor()
-    reads = client(tls_dir, reactor, tmp_path)
+    reads = client(certs, reactor, tmp_path)
     assert outcome(reads.get(member(first.port), first.port, "local", "1.1", None)
                    ).read() == instance
     key = ("a", "127.0.0.1", first.port)
@@ -358,11 +368,11 @@ def test_idle_connections_past_their_time_are_closed_by_later_reads(tmp_path, tl
     second.stop()
 
 
-def test_what_arrives_for_a_cancelled_read_is_closed(tmp_path, tls_dir, instance):
+def test_what_arrives_for_a_cancelled_read_is_closed(tmp_path, certs, instance):
     """An answer handed over just after its read was cancelled (the stall timer fired
     meanwhile) is closed, a batch's entries each, and nothing is raised in the reactor."""
     reactor = Reactor()
-    reads = client(tls_dir, reactor, tmp_path)
+    reads = client(certs, reactor, tmp_path)
     for result in (readclient.examined(instance),
                    [readclient.examined(instance), fetching.NotHeld("x")]):
         ask = readclient._Ask(b"", "test")
