@@ -4,9 +4,9 @@ Keeps ``archive.up`` (placement and retrieval route around an archive that is do
 logs each change once, gossips the archives that are down (``archives_down`` of this
 peer's member record), and resumes a crawl that a failure had stopped. An archive that
 may have lost what it held — up again, or reporting fewer instances than before or than
-the catalog's copies there, or seen up for the first time since this peer started (it
-may have been wiped or restored from an old image while the peer was down) — is named to
-``on_back`` (``transfer.recheck``: a sample of its copies checked).
+the catalog's copies there, or seen up for the first time since this peer started with
+copies there (wiped, or restored from an old image, while the peer was down) — is named
+to ``on_back`` (``transfer.recheck``: a sample of its copies checked).
 
 An archive the catalog holds copies on but the config no longer names (renamed or
 removed from ``[[archives]]`` across a restart) is *gone*: said once at start, counted
@@ -50,6 +50,7 @@ class ArchiveHealth(service.Service):
         self._checking = False
         self._seen_up: dict[str, bool] = {}      # what was last logged
         self._instances: dict[str, int] = {}     # what each archive last said it holds
+        self._held_at_start: dict[str, int] = {}  # copies the catalog placed there at start
 
     def startService(self):
         super().startService()
@@ -60,6 +61,7 @@ class ArchiveHealth(service.Service):
 
     def _find_gone(self, counts: dict) -> None:
         me, known = self.settings.peer.name, {a.name for a in self.archives}
+        self._held_at_start = {a: n for (p, a), n in counts.items() if p == me}
         gone = {a: n for (p, a), n in counts.items() if p == me and a not in known}
         for name, n in sorted(gone.items()):
             log.warn("archive {name}: {n} copies in the catalog, but no [[archives]] entry "
@@ -111,7 +113,9 @@ class ArchiveHealth(service.Service):
     def _note(self, archive, up: bool, health: dict, held: int = 0) -> bool:
         """Record *archive*'s state (*held*: copies the catalog places there); True if it
         changed."""
-        first = archive.name not in self._seen_up
+        # first seen up since this peer started, holding copies from before it started
+        first = archive.name not in self._seen_up and \
+            self._held_at_start.get(archive.name, 0) > 0
         flipped = up != self._seen_up.get(archive.name, True)
         self._seen_up[archive.name] = up
         n, before = health.get("instances"), self._instances.get(archive.name)
