@@ -391,7 +391,15 @@ class DimseArchive(DimseCrawl):
     # -- open: C-GET -------------------------------------------------------------------
     def open(self, uid: str, sha256: str | None = None):
         d = self._locate(uid)
-        d.addCallback(lambda where: self._run(self._get, uid, *where))
+        d.addCallback(self._get_twice, uid)
+        return d
+
+    def _get_twice(self, where, uid: str):
+        """C-GET of *uid*; "listed but not sent" (``Unreadable``) only if a second C-GET
+        agrees: one may be a passing fault of the archive (out of resources), and a copy
+        counted missing is made again elsewhere and forgotten here."""
+        d = self._run(self._get, uid, *where)
+        d.addErrback(lambda f: f.trap(Unreadable) and self._run(self._get, uid, *where))
         return d
 
     @defer.inlineCallbacks
@@ -423,7 +431,7 @@ class DimseArchive(DimseCrawl):
             got["sent"] = True
             if event.request.AffectedSOPInstanceUID != uid or "f" in got:
                 _discard(event)
-                return 0xA700 if got else 0xC000
+                return 0xA700 if "f" in got else 0xC000
             try:
                 got["f"] = _spooled(event, self.incoming)
             except OSError:
