@@ -46,6 +46,7 @@ class Link(ReadHolds, amp.AMP):
         self.pushers: set = set()            # told when it fills and drains (forward.Push)
         self.values = 1                      # values a pushed box may carry (Hello info)
         self.push_port = 0                   # its push port (Hello info), 0: none
+        self.push_commits = False            # it takes Commits on its push port (Hello)
         self.inflight = 0                    # commands of the other side being answered
 
     # -- IPushProducer: the transport tells us when its write buffer fills and drains
@@ -187,11 +188,8 @@ class Link(ReadHolds, amp.AMP):
 
     @Commits.responder
     def on_commits(self, copies):
-        copies = check_commits(copies)
-        services = self.membership.services
-        return services.commit_all(copies).addCallback(
-            lambda seqs: {"seqs": json.dumps(seqs), "prevs": json.dumps(
-                [services.catalog.previous(q) if q else None for q in seqs])})
+        return self.membership.services.commits(check_commits(copies)).addCallback(
+            lambda answer: {k: json.dumps(v) for k, v in answer.items()})
 
     @Discard.responder
     def on_discard(self, archive, uid, sha256):

@@ -236,6 +236,7 @@ class Membership:
         info = dict(asdict(self.me), replica_values=REPLICA_VALUES, started=self.started)
         if self.push_port:               # pushed copies' bytes go there (transfer.pushport)
             info["push_port"] = self.push_port
+            info["push_commits"] = True  # and Commits (COMMIT frames) too
         return json.dumps(info)
 
     # -- life cycle ------------------------------------------------------------------
@@ -396,6 +397,7 @@ class Membership:
             isinstance(values, int) and values >= 1) else 1
         port = wire.get("push_port") if wire is not None else None
         link.push_port = port if type(port) is int and 0 < port < 65536 else 0
+        link.push_commits = bool(link.push_port) and wire.get("push_commits") is True
         if name == self.name:
             return
         link.greeted = True

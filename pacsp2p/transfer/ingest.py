@@ -139,7 +139,8 @@ class Ingest:
         self.committing: set[tuple] = set()      # (uid, peer, archive) commits running
         self.drain_here: set[str] = set()         # our archives being drained (drain.py)
         # the remote commits a write does not wait for, sent per holder in batches
-        self.group = GroupCommits(overlay, reactor) if overlay is not None else None
+        self.group = GroupCommits(overlay, reactor, push=self._push_commits) \
+            if overlay is not None else None
         # the writer's connections to the holders' push ports (``pushport``)
         self.pushes = Pushes(settings.overlay.tls_dir, self.peer, reactor) \
             if overlay is not None and settings.overlay is not None else None
@@ -389,6 +390,14 @@ class Ingest:
         return _Copy(target, stored, commit=commit,
                      discard=lambda: archive.discard(meta.sop_instance_uid, stored.sha256)
                      if fresh else None)
+
+    def _push_commits(self, peer: str, copies: str):
+        """A ``Commits`` to *peer* on its push port (``pushport.COMMIT``), or None if
+        it takes none there (an older release; no push port): then over AMP."""
+        link = self.link_to(peer) if self.pushes is not None else None
+        if link is None or not link.push_commits:
+            return None
+        return self.pushes.commit(peer, self.host_of(peer, link), link.push_port, copies)
 
     def link_to(self, peer: str):
         """Our open overlay link to *peer*, or None."""

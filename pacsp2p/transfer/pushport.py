@@ -17,7 +17,11 @@ wake-up of that thread per hand-over, no pool job per copy.
 One connection carries one copy at a time, in frames of a kind byte and a 4-byte length:
 ``OPEN`` (JSON: archive, uid, meta), ``HEAD`` (preamble and File Meta Information),
 ``DATA``..., ``END``; the holder answers ``ANSWER`` (JSON: the receipt ``Replicate``
-answers, or a refusal). A data set abandoned closes the connection. A holder tells its
+answers, or a refusal). Between copies a ``COMMIT`` frame (JSON: the list of [archive,
+uid, sha256] an AMP ``Commits`` carries, checked as its responder checks it) records
+pending copies (phase 2), answered ``ANSWER`` (JSON: seqs and prevs, as ``Commits``
+answers) once the holder's catalog transaction committed: no AMP box, no pyOpenSSL on
+either reactor (a holder says in its Hello that it takes them: ``push_commits``). A data set abandoned closes the connection. A holder tells its
 port in its Hello (``push_port``); a peer whose Hello names none (an older release) gets
 its copies over AMP as before. Everything read is bounded (frame sizes, the data set at
 ``MAX_PUSH``, connections at the port's ``max_connections``) and checked as the AMP
@@ -40,14 +44,14 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pacsp2p import threads
-from pacsp2p.overlay.commands import InvalidArgument, ReplicaRefused
+from pacsp2p.overlay.commands import InvalidArgument, ReplicaRefused, check_commits
 from pacsp2p.overlay.threadtls import (IDLE_TIMEOUT, Stopped, ThreadServer,
                                        client_context, peer_name)
 from pacsp2p.validate import shown
 
 log = Logger()
 
-OPEN, HEAD, DATA, END, ANSWER = 1, 2, 3, 4, 5
+OPEN, HEAD, DATA, END, ANSWER, COMMIT = 1, 2, 3, 4, 5, 6
 FRAME = struct.Struct(">BI")        # kind, length of what follows
 MAX_OPEN = 64 << 10                 # bytes of an OPEN's JSON (meta: < 60,000) or an ANSWER
 MAX_HEAD = 64 << 10                 # bytes of the preamble and File Meta Information
@@ -158,9 +162,11 @@ def serve(service, sock, peer: str, on_reactor, waits=lambda waiting: None) -> N
                 return
             sock.settimeout(IDLE)
             kind, n = first
-            if kind != OPEN or n > MAX_OPEN:
+            if kind not in (OPEN, COMMIT) or n > MAX_OPEN:
                 raise ProtocolError(f"frame {kind} of {n} bytes where a copy begins")
-            answer = _receive(service, reader, bytes(reader.exactly(n)), on_reactor)
+            payload = bytes(reader.exactly(n))
+            answer = _receive(service, reader, payload, on_reactor) if kind == OPEN \
+                else _commit(service, payload, on_reactor)
             sock.sendall(_frame(ANSWER, json.dumps(answer).encode()))
     except (OSError, ProtocolError, Stopped) as e:    # ssl.SSLError, timeouts: OSError
         log.info("push port: connection from {peer} closed: {err}", peer=peer,
@@ -214,6 +220,21 @@ def _receive(service, reader, opening: bytes, on_reactor) -> dict:
             path.unlink(missing_ok=True)
 
 
+def _commit(service, payload: bytes, on_reactor) -> dict:
+    """A ``COMMIT``: the pending copies it names recorded in one catalog transaction
+    (``ReplicaService.commits``, in the reactor); its answer, or a refusal."""
+    try:
+        copies = check_commits(payload.decode("utf-8"))
+    except (InvalidArgument, UnicodeDecodeError) as e:
+        return {"refused": shown(str(e), 300), "invalid": True}
+    try:
+        return on_reactor(service.commits, copies)
+    except Stopped:
+        raise
+    except Exception as e:                    # (each copy's own refusal is a null seq)
+        return {"refused": shown(str(e) or type(e).__name__, 300)}
+
+
 # -- the writer --------------------------------------------------------------------------
 
 class Pushes:
@@ -241,6 +262,15 @@ class Pushes:
         *host*:*port*), bytes to ``feed``; its ``answer`` is Deferred[the receipt]."""
         return ThreadPush(self, self._sender((peer, host, port)), archive, uid, head,
                           meta_json, pause, resume)
+
+    def commit(self, peer: str, host: str, port: int, copies: str) -> defer.Deferred:
+        """Reactor: the ``Commits`` *copies* (its JSON list) sent to *peer*'s push port
+        (an idle connection, else a new one); Deferred[{"seqs": [...], "prevs": [...]}],
+        failing as a ``Commits`` call does (refused, connection lost)."""
+        job = _CommitJob()
+        self._sender((peer, host, port)).queue.put(
+            (job, _frame(COMMIT, copies.encode("utf-8")), True))
+        return job.answer
 
     def _sender(self, key) -> _Sender:
         """Reactor: an idle sender of *key*, or a new one (one idle one of another holder
@@ -379,7 +409,7 @@ class _Sender:
         if end:
             self.sock.settimeout(ANSWER_WAIT)
             raw = _Reader(self.sock, MAX_OPEN).payload(ANSWER, MAX_OPEN)
-            answer = _receipt(json.loads(raw))
+            answer = push.parse(json.loads(raw))
             self.pushes.free(self)
             self.pushes.reactor.callFromThread(push.done, answer, None)
 
@@ -418,11 +448,47 @@ def _receipt(answer) -> dict:
             "given": given}
 
 
+def _commits_answer(answer) -> dict:
+    """The holder's ANSWER to a ``COMMIT`` (hostile until checked): {"seqs", "prevs"},
+    a list each of a count or null per copy; raises as ``_receipt`` does."""
+    if isinstance(answer, dict) and "refused" in answer:
+        _receipt(answer)
+    seqs = answer.get("seqs") if isinstance(answer, dict) else None
+    prevs = answer.get("prevs") if isinstance(answer, dict) else None
+    if not (isinstance(seqs, list) and isinstance(prevs, list) and len(seqs) == len(prevs)
+            and all(x is None or type(x) is int and x >= 0 for x in seqs + prevs)):
+        raise ReplicaRefused("an answer of another shape from the push port")
+    return {"seqs": seqs, "prevs": prevs}
+
+
+class _CommitJob:
+    """A ``COMMIT`` handed to a sender (as a ``ThreadPush`` is): ``answer`` fires with
+    the holder's answer."""
+
+    failed = False
+    parse = staticmethod(_commits_answer)
+
+    def __init__(self):
+        self.answer = defer.Deferred()
+
+    def sent(self, n: int) -> None:
+        pass
+
+    def done(self, answer, error) -> None:
+        """Reactor: the sender is through with it."""
+        if error is None:
+            self.answer.callback(answer)
+        else:
+            self.answer.errback(error)
+
+
 class ThreadPush:
     """One holder's copy of a data set still arriving (reactor side: ``feed``,
     ``finish``, ``abort``, as ``forward.Push``), written by its sender's thread.
     ``answer`` fires with the holder's receipt once the copy is durable (pending) there,
     or fails (refused, connection lost, abandoned)."""
+
+    parse = staticmethod(_receipt)              # the holder's ANSWER, checked
 
     def __init__(self, pushes, sender, archive, uid, head, meta_json, pause, resume):
         self.sender, self.reactor = sender, pushes.reactor

@@ -273,6 +273,12 @@ class ReplicaService:
     def commit(self, archive: str, uid: str, sha256: str):
         return self._committable(archive, uid, sha256).addCallback(self._record)
 
+    def commits(self, copies):
+        """``Commits`` (an AMP box, or a push port's ``COMMIT``): ``commit_all``, then
+        Deferred[{"seqs": [...], "prevs": [...]}] (``Catalog.previous`` of each)."""
+        return self.commit_all(copies).addCallback(lambda seqs: {
+            "seqs": seqs, "prevs": [self.catalog.previous(q) if q else None for q in seqs]})
+
     def commit_all(self, copies):
         """``Commits``: record the pending copies *copies* [(archive, uid, sha256)] in
         one catalog batch (group commit); Deferred[[seq, or None if refused]]."""

@@ -1,0 +1,126 @@
+"""``Commits`` on the push port (``pushport.COMMIT``): a writer's phase 2 for the copies
+it pushed goes on the same stdlib-TLS connection, between copies, instead of as an AMP
+box; the holder records them in one catalog transaction and answers seqs and prevs as
+the AMP responder does. What a hostile writer sends is checked as that responder checks
+it (a bad UID or list is refused and the connection goes on; an oversized frame closes
+it). Real sockets, real mutual TLS, a real ``ReplicaService`` and a real ``Catalog``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from twisted.internet.threads import deferToThreadPool
+
+from pacsp2p import threads
+
+from pacsp2p.catalog.db import Catalog
+from pacsp2p.overlay import threadtls
+from pacsp2p.testing.cluster import patience
+from pacsp2p.transfer import pushport
+from pacsp2p.transfer.pushport import COMMIT, FRAME, PushServer, Pushes, _frame
+from pacsp2p.transfer.replicas import ReplicaService
+from test_catalog_scale import ThreadReactor
+from test_push_port import (UID, Archive, answer, certs, closed, connect,  # noqa: F401
+                            meta_json, push)
+
+
+class Reactor(ThreadReactor):
+    """The test's thread is the reactor (``wait`` pumps what threads hand it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shutdown = []
+
+    def seconds(self):
+        return 0.0
+
+    def addSystemEventTrigger(self, phase, event, fn):   # noqa: N802 (thread pools)
+        self.shutdown.append(fn)
+
+    def wait(self, d, timeout: float = 60):
+        return super().wait(d, patience(timeout))
+
+
+@pytest.fixture
+def holder(certs, tmp_path):  # noqa: F811
+    reactor = Reactor()
+    catalog = Catalog(tmp_path / "catalog.sqlite", reactor, peer="peerb")
+    reactor.wait(catalog.start())
+    svc = ReplicaService("peerb", {"local": Archive()}, catalog, None, reactor)
+    svc.tmpdir = tmp_path / "incoming"
+    svc.tmpdir.mkdir()
+    server = PushServer(svc, reactor, threadtls.server_context(certs, "peerb"), "push port",
+                        max_connections=4).listen(0, "127.0.0.1")
+    yield reactor, svc, server
+    server.stopListening()
+    reactor.wait(catalog.stop())
+    for stop in reactor.shutdown:
+        stop()
+
+
+def copies(*entries) -> str:
+    return json.dumps([list(e) for e in entries])
+
+
+def test_a_pushed_copy_is_committed_on_the_push_port(certs, holder):  # noqa: F811
+    """The writer's ``Pushes.commit`` after its copy: recorded in the holder's catalog,
+    answered with its fact's number and the one before; once more: nothing pending, a
+    null seq (the writer's hint stays), as ``Commits`` answers."""
+    reactor, svc, server = holder
+    pushes = Pushes(certs, "peera", reactor)
+    data = b"c" * 200_000
+    sha = hashlib.sha256(data).hexdigest()
+    copy = pushes.open("peerb", "127.0.0.1", server.port, "local", UID, b"HEAD",
+                       meta_json(), lambda: None, lambda: None)
+    copy.feed(data)
+    copy.finish()
+    assert reactor.wait(copy.answer)["sha256"] == sha
+    assert ("local", UID, sha) in svc.pending
+    got = reactor.wait(pushes.commit("peerb", "127.0.0.1", server.port,
+                                     copies(("local", UID, sha))))
+    seq = got["seqs"][0]
+    assert type(seq) is int and seq > 0 and got["prevs"] == [svc.catalog.previous(seq)]
+    assert svc.pending == {}
+    refs = reactor.wait(svc.catalog.resolve(_image(UID)))
+    assert [(loc.peer, loc.archive, loc.sha256) for loc in refs[0].locations] == \
+        [("peerb", "local", sha)]
+    again = reactor.wait(pushes.commit("peerb", "127.0.0.1", server.port,
+                                       copies(("local", UID, sha))))
+    assert again == {"seqs": [None], "prevs": [None]}
+    pushes.stop()
+
+
+def test_a_hostile_commit_is_refused_and_the_connection_goes_on(certs, holder):  # noqa: F811
+    reactor, svc, server = holder
+    sock = connect(certs, server.port)
+
+    def commit(payload):
+        sock.sendall(_frame(COMMIT, payload.encode() if isinstance(payload, str) else payload))
+        return reactor.wait(_in_thread(reactor, answer, sock))
+
+    assert commit(copies(("local", "1.2.x", "0" * 64)))["invalid"] is True
+    assert commit(copies(("local", UID, "../etc")))["invalid"] is True
+    assert commit(b'{"a": 1}')["invalid"] is True
+    assert commit(b"\xff\xfe")["invalid"] is True
+    assert commit(b"[]")["invalid"] is True
+    too_many = copies(*[("local", f"1.2.3.{i}", "0" * 64) for i in range(300)])
+    assert commit(too_many)["invalid"] is True
+    # nothing pending: a null seq, and the connection still takes a copy
+    assert commit(copies(("local", UID, "0" * 64))) == \
+        {"seqs": [None], "prevs": [None]}
+    assert reactor.wait(_in_thread(reactor, push, sock, b"ok"))["sha256"] == hashlib.sha256(b"ok").hexdigest()
+    sock.sendall(FRAME.pack(COMMIT, pushport.MAX_OPEN + 1))
+    assert closed(sock)
+
+
+def _in_thread(reactor, fn, *args):
+    """Deferred[fn(*args)], run in a thread while the test's thread runs the reactor
+    (the holder's commit and store need it)."""
+    return deferToThreadPool(reactor, threads.pool(reactor, "test-reads", 1, 1), fn, *args)
+
+
+def _image(uid):
+    from pacsp2p.types import Query
+    return Query("IMAGE", {"SOPInstanceUID": uid})
