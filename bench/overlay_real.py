@@ -49,6 +49,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import ingest_cluster  # noqa: E402  (CPU by thread: task_seconds, thread_names)
 
 from pacsp2p.testing import datasets, storescu  # noqa: E402
 from pacsp2p.testing.cluster import Cluster, peer_names  # noqa: E402
@@ -60,6 +61,7 @@ OVERLAY: dict = {}          # deep-merged into every peer's config (--set overla
 PROFILE: Path | None = None  # --profile DIR: py-spy of the writer and one other peer
 IDLE = 30.0                 # --idle: seconds of the idle CPU window (after 10 s of rest)
 POOL = None                 # threads asking every waiting peer at once (not --serial-poll)
+THREADS = False             # --threads: CPU by kind of thread, the writer's and the others'
 
 
 def status(peer, timeout=30.0) -> dict:
@@ -181,6 +183,7 @@ def run(n: int, root: Path, files) -> dict:
         cpu0 = cpu(pids)
         lat0 = latencies(peers[0])
         each0 = {pid: cpu([pid]) for pid in pids}
+        tasks0 = {pid: ingest_cluster.task_seconds(pid) for pid in pids} if THREADS else {}
         t0 = time.monotonic()
         spied = {"writer": pids[0], "second": pids[1], "middle": pids[n // 2],
                  "other": pids[-1]} if PROFILE is not None and n > 3 else \
@@ -227,6 +230,11 @@ def run(n: int, root: Path, files) -> dict:
         r["store_cpu"] = cpu(pids) - cpu0
         each = sorted((cpu([pid]) - each0[pid] for pid in pids[1:]), reverse=True)
         r["store_cpu_writer"] = cpu([pids[0]]) - each0[pids[0]]
+        if THREADS:
+            r["threads_writer"], r["threads_others"] = _kinds(pids[0], tasks0[pids[0]]), {}
+            for pid in pids[1:]:
+                for kind, spent in _kinds(pid, tasks0[pid]).items():
+                    r["threads_others"][kind] = r["threads_others"].get(kind, 0.0) + spent
         r["store_cpu_others"] = (sum(each) / len(each), each[0]) if each else (0, 0)
         sums = _dissemination(peers)
         r["requests"] = sums["requests"] - sums0["requests"]
@@ -241,6 +249,17 @@ def run(n: int, root: Path, files) -> dict:
             if p.process is not None:
                 p.process.stop(timeout=20)
     return r
+
+
+def _kinds(pid: int, before: dict) -> dict:
+    """{kind of thread: CPU-s} *pid*'s threads used since *before* (``task_seconds``)."""
+    after, names = ingest_cluster.task_seconds(pid), ingest_cluster.thread_names(pid)
+    kinds: dict = {}
+    for tid, spent in after.items():
+        kind = "reactor" if tid == pid else names.get(tid, "?")
+        kinds[kind] = kinds.get(kind, 0.0) + spent - before.get(tid, 0.0)
+    return {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
+            if v >= 0.005}
 
 
 def _dissemination(peers) -> dict:
@@ -286,9 +305,12 @@ def main():
     ap.add_argument("--serial-poll", action="store_true",
                     help="ask the peers whether they count all one after the other (as "
                          "before 2026-12-07: a round of 32 took up to ~1 s)")
+    ap.add_argument("--threads", action="store_true",
+                    help="CPU-s by kind of thread over the store and the spread: the "
+                         "writer's, and the other peers' summed (py-spy dump names them)")
     args = ap.parse_args()
-    global PROFILE, IDLE, POOL
-    PROFILE, IDLE = args.profile, args.idle
+    global PROFILE, IDLE, POOL, THREADS
+    PROFILE, IDLE, THREADS = args.profile, args.idle, args.threads
     if not args.serial_poll:
         POOL = concurrent.futures.ThreadPoolExecutor(32)
     for item in args.set:
@@ -317,6 +339,11 @@ def main():
                     os.environ["PYTHONPATH"] = original
             r["code"], r["load"] = label, (load, os.getloadavg()[0])
             print(json.dumps(r), flush=True)
+            if THREADS:
+                print(f"  {label} {n} writer threads: {r['threads_writer']}")
+                print(f"  {label} {n} the other peers' threads, summed: "
+                      f"{dict(sorted(r['threads_others'].items(), key=lambda kv: -kv[1]))}",
+                      flush=True)
             ms = [r.get("op_ms"), r.get("quorum_ms")]
             rows.append([f"{label} {n}".strip(),
                          f"{r['converged']:.1f}" if r["converged"] is not None else "-",
