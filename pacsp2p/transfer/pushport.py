@@ -266,7 +266,10 @@ class Pushes:
     def commit(self, peer: str, host: str, port: int, copies: str) -> defer.Deferred:
         """Reactor: the ``Commits`` *copies* (its JSON list) sent to *peer*'s push port
         (an idle connection, else a new one); Deferred[{"seqs": [...], "prevs": [...]}],
-        failing as a ``Commits`` call does (refused, connection lost)."""
+        failing as a ``Commits`` call does (refused, connection lost; at once once
+        stopped: no sender is started then)."""
+        if self.stopped:
+            return defer.fail(ReplicaRefused("the peer stops"))
         job = _CommitJob()
         self._sender((peer, host, port)).queue.put(
             (job, _frame(COMMIT, copies.encode("utf-8")), True))

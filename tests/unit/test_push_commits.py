@@ -90,6 +90,10 @@ def test_a_pushed_copy_is_committed_on_the_push_port(certs, holder):  # noqa: F8
                                        copies(("local", UID, sha))))
     assert again == {"seqs": [None], "prevs": [None]}
     pushes.stop()
+    stopped = []        # a writer that stops starts no sender: the commit fails at once
+    pushes.commit("peerb", "127.0.0.1", server.port, copies(("local", UID, sha))) \
+        .addErrback(stopped.append)
+    assert stopped and stopped[0].check(pushport.ReplicaRefused)
 
 
 def test_a_hostile_commit_is_refused_and_the_connection_goes_on(certs, holder):  # noqa: F811
