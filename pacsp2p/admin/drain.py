@@ -1,6 +1,6 @@
 """``pacsp2p drain``: move every copy off a peer (or one archive) before removing it.
 
-    pacsp2p drain --config FILE --peer NAME [--archive NAME] [--stop] [--json]
+    pacsp2p drain --config FILE --peer NAME [--archive NAME] [--stop] [--stalled S] [--json]
     pacsp2p drain --config FILE --archive NAME          (an archive of FILE's peer)
 
 The running peer of FILE asks the peer that holds the copies (itself, or another over
@@ -10,8 +10,8 @@ dropped only once the instance has its ``replicas`` copies elsewhere. Progress (
 standard error) counts the copies FILE's peer still sees there; the command ends with
 ``... safe to remove`` (exit 0) once none is left, or exits 1 when some instance has no
 other archive to go to (``blocked``; the drain goes on in the background) or when
-moves keep failing (a full disk: nothing moved for ``STALLED`` seconds, the last error
-said), 2 when the draining peer dies first. ``--stop`` ends a drain: placement may use the archives again.
+moves keep failing (a full disk: nothing moved for ``--stalled`` seconds, 100 unless
+said, the last error said), 2 when the draining peer dies first. ``--stop`` ends a drain: placement may use the archives again.
 """
 
 from __future__ import annotations
@@ -28,6 +28,19 @@ POLL = 1.0
 STALLED = 100.0     # seconds without a copy moved, with moves failing: say so and exit 1
 
 
+def _seconds(text: str) -> float:
+    """A positive number of seconds up to a day, or argparse's one-line error."""
+    import argparse
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text[:40]!r}") from None
+    if not math.isfinite(value) or not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be 1 to 86400 seconds, not {text[:40]}")
+    return value
+
+
 def add_parser(sub):
     p = sub.add_parser("drain", help="move every copy off a peer or archive before it is "
                                      "removed; placement sends nothing new there")
@@ -35,6 +48,9 @@ def add_parser(sub):
     p.add_argument("--archive", help="only this archive of the peer")
     p.add_argument("--stop", action="store_true",
                    help="stop draining: placement may use the archive(s) again")
+    p.add_argument("--stalled", type=_seconds, default=STALLED, metavar="SECONDS",
+                   help="with moves failing and no copy moved for this long, say NOT "
+                        f"safe and exit 1 (default {STALLED:.0f})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_drain)
     return p
@@ -88,9 +104,9 @@ def cmd_drain(args) -> int:
             if remaining != last:
                 last, since = remaining, time.monotonic()
             stats = seen.get("stats") or {}
-            if stats.get("failed") and time.monotonic() - since >= STALLED:
+            if stats.get("failed") and time.monotonic() - since >= args.stalled:
                 print(f"pacsp2p: NOT safe to remove {what}: {remaining} copies not moved for "
-                      f"{STALLED:.0f} s, {stats['failed']} moves failed (last: "
+                      f"{args.stalled:.0f} s, {stats['failed']} moves failed (last: "
                       f"{stats.get('last_error')}); the drain goes on in the background",
                       file=sys.stderr)
                 return 1

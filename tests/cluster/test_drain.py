@@ -219,13 +219,13 @@ def test_a_drain_onto_a_full_archive_says_why_and_ends(cluster, tiny_disk, tmp_p
     wait_until(lambda: in_sync((a, b, c)) and len(where(a, study)) == n and
                all(len(v) == 2 for v in where(a, study).values()), 60, 0.5,
                "2 copies of every instance, catalogs in sync")
-    proc = drain(a, "--peer", "peera")
+    proc = drain(a, "--peer", "peera", "--stalled", "10")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     said = [line for line in proc.stderr.splitlines()
             if line.startswith("pacsp2p: NOT safe to remove peer peera")]
     assert len(said) == 1, proc.stderr
     said = said[0]
-    assert "No space left on device" in said, said
+    assert "No space left on device" in said and "not moved for 10 s" in said, said
     assert all(len(v) == 2 for v in where(a, study).values())
     held = Counter()
     for f in sorted(tmp_path.glob("cluster*/peer*/data/archives/*/objects/*/*.dcm")) + \

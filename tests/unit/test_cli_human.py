@@ -102,3 +102,14 @@ def test_delete_watch_counts_tombstones():
         assert watch.bar.done == 8             # followed while the delete ran
     assert watch.bar.total == 8
     assert "8/8" in out.getvalue()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "1e308", "ten", "86401"])
+def test_drain_stalled_refuses_what_is_no_wait(capsys, value):
+    """``pacsp2p drain --stalled`` takes 1 to 86400 seconds: anything else is argparse's
+    one-line error (exit 2) before any peer is asked."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["drain", "--peer", "p", "--stalled", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --stalled: " in err and ("seconds" in err), err
