@@ -19,8 +19,8 @@ copies — this one, or another over the overlay (``Drain``) — to drain. That 
    dropped only once the instance holds ``replicas`` live copies elsewhere, so no
    instance is ever under-replicated by a drain; copies share the repair's throttle
    (``[cluster] repair_rate``);
-3. walks again until the archives hold nothing (a copy that failed is tried again on the
-   next walk, a few seconds later), then reports them ``drained``: safe to remove. An
+3. walks again until the archives hold nothing (a copy whose move failed is tried again
+   5 s later, the wait doubling up to 5 min while it fails: ``transfer.backoff``), then reports them ``drained``: safe to remove. An
    instance for which no archive can take a copy (every other archive holds it or is
    down) keeps its copy and the state is ``blocked`` until one can.
 
@@ -45,13 +45,13 @@ from pacsp2p.catalog import copies
 from pacsp2p.catalog import scrub as sql
 from pacsp2p.overlay.commands import Drain as DrainCommand
 from pacsp2p.strategies import StrategyError
+from pacsp2p.transfer.backoff import Backoff
 from pacsp2p.types import InstanceInfo, Location
 
 log = Logger()
 
 TICK = 2.0              # seconds between two walks while draining
 RECHECK = 30.0          # seconds between two looks at drained archives (a late copy)
-RETRY_AFTER = 30.0      # seconds before a copy whose move failed is tried again
 CHUNK = 200             # copies read from the catalog per step
 PARALLEL = 8            # copies moved at once
 _KEY = "drain"
@@ -69,7 +69,7 @@ class Drain:
         self.catalog, self.archives, self.strategies = catalog, archives, strategies
         self.ingest, self.repair, self.overlay = ingest, repair, overlay
         self.reactor, self.scrubber = reactor, scrubber
-        self._failed_at: dict[tuple, float] = {}     # (uid, archive) -> when a move failed
+        self._failed = Backoff()          # (uid, archive) of moves that failed: when again
         self.state: dict[str, str] = {}          # archive of ours -> draining/blocked/drained
         self.running = False
         self._loop = None
@@ -213,8 +213,7 @@ class Drain:
         """One walk over our copies on the draining archives."""
         self._walking = True
         now = time.monotonic()
-        self._failed_at = {k: t for k, t in self._failed_at.items()
-                           if now - t < RETRY_AFTER}
+        self._failed.prune()
         names = set(self.state)
         after, left, blocked = 0, 0, 0
         try:
@@ -229,7 +228,7 @@ class Drain:
                 jobs = []
                 now = time.monotonic()
                 for c in rows:
-                    if now - self._failed_at.get((c.uid, c.archive), -1e9) < RETRY_AFTER:
+                    if self._failed.waiting((c.uid, c.archive), now):
                         left += 1
                         continue
                     job = self._plan(c, infos.get(c.uid), where.get(c.uid, []))
@@ -304,13 +303,14 @@ class Drain:
             if discard is not None:            # (a read-only archive keeps its file)
                 yield discard(uid, mine.sha256)
             yield self.catalog.forget(uid, mine.archive, mine.sha256)
+            self._failed.succeeded((uid, mine.archive))
             return True
         except Exception as e:
             self.stats["failed"] += 1
             self.stats["last_error"] = f"{uid}: {e}"[:300]      # what `pacsp2p drain` shows
-            self._failed_at[(uid, mine.archive)] = time.monotonic()
+            wait = self._failed.failed((uid, mine.archive))
             log.warn("drain: moving {uid} off {archive} failed: {err} (tried again in "
-                     "{s:.0f} s)", uid=uid, archive=mine.archive, err=e, s=RETRY_AFTER)
+                     "{s:.0f} s)", uid=uid, archive=mine.archive, err=e, s=wait)
             if self.scrubber is not None:        # our copy may be damaged: check it
                 self.scrubber.suspect(mine)
             return False

@@ -67,6 +67,7 @@ from pacsp2p.catalog.copies import SEP, Liveness
 from pacsp2p.flow import Throttle
 from pacsp2p.overlay.commands import Commit, Drop, Replicate
 from pacsp2p.strategies import StrategyError
+from pacsp2p.transfer.backoff import Backoff
 from pacsp2p.transfer.delete import pushed_before
 from pacsp2p.transfer.replicas import copy_in
 from pacsp2p.types import Location
@@ -78,7 +79,6 @@ CHUNK = 500             # instances read from the catalog per step of a walk
 TICK = 1.0              # seconds between two looks at liveness
 GRACE = 3.0             # seconds after start before the first count (members learned)
 RECENT_TTL = 300.0      # seconds a copy made/dropped is remembered until the catalog has it
-RETRY_AFTER = 30.0      # seconds before an instance whose copy failed is tried again
 SHUN = 300.0            # seconds an archive a copy failed to is chosen last (a full disk)
 SETTLE_MAX = 60.0
 WINDOW = 10.0           # seconds of the rate shown in status
@@ -124,7 +124,7 @@ class Repair:
         self._fixed = 0          # instances our copies brought to R since that census
         self._repaired = 0       # instances we gave their missing copies since then
         self._recent: dict[str, tuple[set, set, float]] = {}
-        self._failed_at: dict[str, float] = {}
+        self._failed = Backoff()             # instances whose copy failed: when again
         self._failed_to: dict[tuple, float] = {}     # (peer, archive) -> a copy failed
         self._window: collections.deque = collections.deque()   # (time, bytes)
         self._active = {"copy": 0, "drop": 0}
@@ -250,8 +250,7 @@ class Repair:
         now = time.time()
         for uid in [u for u, (_, _, at) in self._recent.items() if now - at > RECENT_TTL]:
             del self._recent[uid]
-        for uid in [u for u, at in self._failed_at.items() if now - at > RETRY_AFTER]:
-            del self._failed_at[uid]
+        self._failed.prune()
         for key in [k for k, at in self._failed_to.items() if now - at > SHUN]:
             del self._failed_to[key]
 
@@ -302,7 +301,7 @@ class Repair:
         jobs = []
         for info, locs in batch:
             uid = info.sop_instance_uid
-            if now - self._failed_at.get(uid, -1e9) < RETRY_AFTER:
+            if self._failed.waiting(uid):
                 continue
             locs = self._with_recent(uid, locs)
             try:
@@ -399,11 +398,13 @@ class Repair:
                 yield self._copy_all(job)
             else:
                 yield self._drop_all(job)
+            self._failed.succeeded(uid)
             return 1
         except Exception as e:
-            self._failed_at[uid] = time.time()
+            wait = self._failed.failed(uid)
             self.stats["failed"] += 1
-            log.warn("repair of {uid} failed: {err}", uid=uid, err=e)
+            log.warn("repair of {uid} failed: {err} (tried again in {s:.0f} s)", uid=uid,
+                     err=e, s=wait)
             if job.kind == "copy" and self.scrubber is not None:
                 self.scrubber.suspect(job.source)     # our copy may be gone or damaged
             return 0
