@@ -29,7 +29,7 @@ from pacsp2p.types import Location
 
 log = Logger()
 
-FIRST = 30.0            # seconds before the first try again
+FIRST = 5.0             # seconds before the first try again
 LAST = 3600.0           # the longest wait between two tries
 MOST = 10_000           # copies kept to try again
 

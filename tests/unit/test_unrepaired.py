@@ -1,5 +1,5 @@
 """A copy the scrub could not replace is tried again with backoff
-(``transfer.unrepaired``): still bad, its wait doubles (30, 60, ... s, an hour at most);
+(``transfer.unrepaired``): still bad, its wait doubles (5, 10, ... s, an hour at most);
 put back by hand, it is dropped as good; gone from the catalog, dropped. Before, nothing
 tried it again until the next full pass (a week by default).
 
