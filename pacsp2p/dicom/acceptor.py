@@ -69,7 +69,7 @@ from pacsp2p.dicom.messages import MAX_IDENTIFIER, Messages
 from pacsp2p.dicom.negotiation import MIN_PEER_PDU, reject_pdu
 from pacsp2p.dicom.pdu import (A_ABORT, A_ASSOCIATE_RQ as RQ, A_RELEASE_RP, A_RELEASE_RQ,
                                P_DATA_TF, PDU_HEAD, PDV_HEAD, RELEASE_RP, abort_pdu, frame,
-                               send_now, write_now)
+                               send_from_thread, send_now, write_now)
 from pacsp2p.dicom.tls import handshake_error, peer_name, verify_result
 from pacsp2p.flow import ReadHolds
 from pacsp2p.validate import shown
@@ -298,6 +298,20 @@ class Association(ReadHolds, Messages, protocol.Protocol):
             write_now(self.transport, parts)
         else:
             self._out(parts)
+        self._touch()
+
+    def send_from_thread(self, context_id: int, command: bytes) -> bool:
+        """A final response without a data set, from a thread that is not the reactor's
+        (the one that made a C-STORE's copy durable: the requestor hears without waiting
+        for a hop to the reactor): ``pdu.send_from_thread``; False, nothing sent, where it
+        is not safe (TLS, corked, something queued). The reactor then calls ``sent``."""
+        if self.state != "established" or self._corked is not None or self.tls:
+            return False
+        return send_from_thread(self.transport, frame(context_id, command, self.max_data,
+                                                      command=True, last=True), self.reactor)
+
+    def sent(self) -> None:
+        """Reactor: a response ``send_from_thread`` sent (the idle timeout restarts)."""
         self._touch()
 
     def send_data(self, context_id: int, data, last: bool) -> None:

@@ -119,3 +119,27 @@ def write_now(transport, parts: list) -> None:
 
 
 _IOV_MAX = 512                  # buffers per sendmsg (Linux allows 1024)
+
+
+def send_from_thread(transport, parts: list, reactor) -> bool:
+    """From a thread that is not the reactor's: the buffers *parts* straight to the
+    socket of a plain TCP *transport* that is connected and holds nothing queued (what is
+    queued must go first; Twisted's buffers are the reactor's). True: sent (what the
+    kernel did not take is handed to the reactor, ahead of anything it sends later);
+    False: nothing was sent, the caller sends from the reactor. The checks and the
+    ``sendmsg`` run under the GIL, which the reactor needs to close the socket: one it
+    closed meanwhile refuses the send (its descriptor is -1, or it is gone), and no other
+    connection's socket can have taken its descriptor."""
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True) \
+            or not transport.connected or transport.disconnecting \
+            or transport._tempDataLen or transport.dataBuffer or transport.producerPaused \
+            or len(parts) > _IOV_MAX:
+        return False
+    try:
+        sent = transport.socket.sendmsg(parts)
+    except (OSError, AttributeError):   # would block, an error the reactor meets too,
+        return False                    # or the socket closed and gone meanwhile
+    total = sum(len(p) for p in parts)
+    if sent < total:
+        reactor.callFromThread(transport.write, b"".join(parts)[sent:])
+    return True

@@ -49,6 +49,7 @@ class Operation:
         self.data: bytes | None = None
         self.started = self.cancelled = self.gone = self.finished = False
         self.pendings = 0                     # Pending responses sent
+        self.answered = False                 # the final response sent by a thread
         clock = getattr(svc, "reactor", None)
         self.arrived = clock.seconds() if clock is not None else None   # command complete
 
@@ -124,7 +125,12 @@ class Operation:
                 instance: bytes = b"", comment: str = "") -> None:
         if status in (0xFF00, 0xFF01):
             self.pendings += 1                # C-FIND: the matches sent
-        if not self.gone:               # a final response goes out at once
+        if self.answered:               # sent already, from a thread (``Store``)
+            if status != SUCCESS:
+                log.error("DIMSE response 0x{status:04X} not sent: Success was", status=status)
+            if not self.gone:
+                self.assoc.sent()
+        elif not self.gone:             # a final response goes out at once
             self.assoc.send(self.cid, dimse.response(
                 self.RSP, self.msg_id, status, self.sop_class, instance, data is not None,
                 counts, comment), data, now=status not in (0xFF00, 0xFF01))

@@ -121,10 +121,16 @@ class Store(Operation):
         """Thread pool: the file is complete (still open: its descriptor, to make it
         durable, and its bytes if one job wrote it — not read back); tell the session,
         which has its header read (``_header``, maybe in another thread while it makes
-        the file durable)."""
+        the file durable). If the copy is then durable and recorded with nothing left to
+        decide (``durable_now``), Success is sent from here (``answered``): the requestor
+        does not wait for the hop to the reactor, which does the rest (``finish``)."""
         fd, content = self.incoming.written()
-        return self.session.written_then(
+        got = self.session.written_then(
             path, lambda: self._header(path, sha256, data_size, content), fd)
+        if got[2] is None and self.started and not self.gone and self.session.durable_now():
+            self.answered = self.assoc.send_from_thread(self.cid, dimse.response(
+                self.RSP, self.msg_id, SUCCESS, self.sop_class, self.instance))
+        return got
 
     def _header(self, path, sha256, data_size, content=None):
         """Thread pool: read the file's header and tell the session."""

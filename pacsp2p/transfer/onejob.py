@@ -108,6 +108,12 @@ class OneJob(StoreSession):
             raise error
         return result
 
+    def durable_now(self) -> bool:
+        """Kept, fsynced and recorded, placement content, nothing left for the reactor
+        (``store`` then only tells the catalog's listeners and counts the copy)."""
+        return self.kept is not None and self.unrecorded is None and \
+            self.refused is None and self.not_durable is None and not self.later
+
     def header_read(self, path, meta):
         """Thread pool, its header read: keep, check placement and record (placement
         here only if it is built in: a site plugin is asked in the reactor, as

@@ -15,6 +15,8 @@ session what happens, in this order:
   there: ``kept`` is then set, and the front end must not remove it), else
   ``abandon()`` — whose result it returns (a session may run ``rest`` in another thread
   meanwhile); ``header_read`` raises OSError if it could not keep it;
+- writer thread, after ``written_then``: ``durable_now()``: true if ``store`` can only
+  succeed (the front end may answer Success from there);
 - reactor: ``store(path, meta)`` -> Deferred[StoreResult], or a failure whose value has
   a DIMSE ``status`` (``types.StoreError``).
 
@@ -68,6 +70,12 @@ class StoreSession:
 
     def abandon(self) -> None:
         """It will not be stored (its header is bad or names another instance)."""
+
+    def durable_now(self) -> bool:
+        """After ``written_then``, in its thread: the copies are durable and recorded
+        and ``store`` has nothing left to decide but Success (the front end may answer
+        from this thread). False unless a session knows it."""
+        return False
 
 
 class Plain(StoreSession):
