@@ -98,3 +98,49 @@ def test_checkpoints_run_in_their_thread_and_keep_the_wal_bounded(opened):
         assert conn.execute("SELECT count(*) FROM instances").fetchone()[0] == n
     finally:
         conn.close()
+
+
+class ClockedReactor(ThreadReactor):
+    """ThreadReactor with a clock the test moves (``task.Clock``): callLater, seconds."""
+
+    def __init__(self):
+        from twisted.internet import task
+        super().__init__()
+        self.clock = task.Clock()
+        self.callLater, self.seconds = self.clock.callLater, self.clock.seconds
+
+
+def test_a_checkpoint_waits_for_a_second_without_commits_not_a_second_from_the_first(
+        tmp_path):
+    """Commits every 0.2 s (a replica holder of a stream at 32 peers: one copy each
+    0.2 s, a pull now and then), fewer than EVERY: no checkpoint while they come — each
+    would be two fsyncs beside the copies' own, at 31 holders at once; timed from the
+    first commit, one ran every IDLE s of the stream (5 in these 5 s) — then one IDLE s
+    after the last; the catalog closes with every fact."""
+    reactor = ClockedReactor()
+    path = tmp_path / "catalog.sqlite"
+    cat = Catalog(path, reactor, peer="p")
+    reactor.wait(cat.start())
+    try:
+        ran = []
+        for i in range(25):                      # 5 s, 25 < EVERY commits
+            cat.committed_now(record(cat, i))
+            reactor.clock.advance(0.2)
+            if cat.checkpoints.running is not None:
+                ran.append(reactor.clock.seconds())
+                reactor.wait(cat.checkpoints.running)
+        assert 25 < EVERY
+        assert ran == [], ran
+        reactor.clock.advance(0.5)
+        assert cat.checkpoints.running is None and cat.checkpoints.done == 0
+        reactor.clock.advance(0.5)               # IDLE s after the last commit
+        assert cat.checkpoints.running is not None
+        reactor.wait(cat.checkpoints.running)
+        assert cat.checkpoints.done == 1
+    finally:
+        reactor.wait(cat.stop())
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT count(*) FROM instances").fetchone()[0] == 25
+    finally:
+        conn.close()
