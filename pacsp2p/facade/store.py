@@ -122,15 +122,19 @@ class Store(Operation):
         durable, and its bytes if one job wrote it — not read back); tell the session,
         which has its header read (``_header``, maybe in another thread while it makes
         the file durable). If the copy is then durable and recorded with nothing left to
-        decide (``durable_now``), Success is sent from here (``answered``): the requestor
-        does not wait for the hop to the reactor, which does the rest (``finish``)."""
+        decide (``durable_now``), Success is sent by the thread that finished it
+        (``_answer``): the requestor does not wait for the hop to the reactor, nor for one
+        between the fsyncing and the keeping thread; the reactor does the rest (``finish``)."""
         fd, content = self.incoming.written()
-        got = self.session.written_then(
-            path, lambda: self._header(path, sha256, data_size, content), fd)
+        return self.session.written_then(
+            path, lambda: self._header(path, sha256, data_size, content), fd, self._answer)
+
+    def _answer(self, got):
+        """The thread that finished the copy: Success sent from here if the copy is
+        durable and recorded with nothing left to decide (``answered``)."""
         if got[2] is None and self.started and not self.gone and self.session.durable_now():
             self.answered = self.assoc.send_from_thread(self.cid, dimse.response(
                 self.RSP, self.msg_id, SUCCESS, self.sop_class, self.instance))
-        return got
 
     def _header(self, path, sha256, data_size, content=None):
         """Thread pool: read the file's header and tell the session."""

@@ -71,19 +71,34 @@ class OneJob(StoreSession):
         """Thread pool, the file is complete: start its fsync (in the archive's pool)."""
         self.flushed = self.archive.begin_flush(path)
 
-    def written_then(self, path, rest, fd=None):
+    def written_then(self, path, rest, fd=None, then=None):
         """Thread pool, the file is complete: fsync it here while ``rest`` (the header
         read, then ``header_read``: keep, record) runs in the keeping pool; rest()'s
-        result once both are done. A keeping job not begun when the fsync is done (no
+        result once both are done, and *then(result)* called first by the thread that
+        finished last (no hop to the other: the keeping thread's, mostly, which then
+        answers the C-STORE). A keeping job not begun when the fsync is done (no
         CPU for its thread on a busy machine, or its pool stopping: a stopped pool drops
         the job) is done here instead: whichever thread claims it first runs it."""
         flusher = getattr(self.archive, "flusher", None)
         keepers = threads.pool(self.ingest.reactor, "ingest-keep", 1, 4)
         if flusher is None or not keepers.started or keepers.joined:
-            return super().written_then(path, rest)
+            return super().written_then(path, rest, then=then)
         flush = flusher(path, fd)              # open before rest() may unlink it
         self.flushed = lambda: None            # made_durable: this thread's fsync
         done, out, claim = threading.Event(), [], threading.Lock()
+        parts, counting = [2], threading.Lock()     # the fsync, and keep()
+
+        def part_done():
+            with counting:
+                parts[0] -= 1
+                if parts[0]:
+                    return
+            if then is not None and out[0][1] is None:
+                try:
+                    then(out[0][0])
+                except Exception:
+                    log.failure("C-STORE {uid}: answering from the thread failed",
+                                uid=self.uid or "?")
 
         def keep():
             if not claim.acquire(blocking=False):
@@ -93,6 +108,7 @@ class OneJob(StoreSession):
             except BaseException as e:
                 out.append((None, e))
             finally:
+                part_done()
                 done.set()
         keepers.callInThread(keep)
         try:
@@ -101,6 +117,7 @@ class OneJob(StoreSession):
             log.error("C-STORE {uid}: cannot make the copy durable: {err}",
                       uid=self.uid or "?", err=e)
             self.not_durable = e
+        part_done()
         keep()
         done.wait()
         result, error = out[0]

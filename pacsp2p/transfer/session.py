@@ -8,15 +8,16 @@ session what happens, in this order:
 - reactor: ``complete()`` once the data set is whole, or ``abort()`` if it never will be
   (the association was lost, the request was refused); after ``abort()`` nothing of it
   is kept anywhere, and ``store`` still works (copies are then made from the file);
-- writer thread: ``written_then(path, rest, fd)`` once the file is whole (*fd*: still
-  open, valid during the call): ``written(path)``,
+- writer thread: ``written_then(path, rest, fd, then)`` once the file is whole (*fd*:
+  still open, valid during the call): ``written(path)``,
   then ``rest()`` — the front end's header read, which calls ``header_read(path, meta)``
   if the header names what the request announced (the session may keep the file from
   there: ``kept`` is then set, and the front end must not remove it), else
   ``abandon()`` — whose result it returns (a session may run ``rest`` in another thread
   meanwhile); ``header_read`` raises OSError if it could not keep it;
-- writer thread, after ``written_then``: ``durable_now()``: true if ``store`` can only
-  succeed (the front end may answer Success from there);
+- in ``then(result)``, in the thread that finished the work last (or after
+  ``written_then``): ``durable_now()``: true if ``store`` can only succeed (the front
+  end may answer Success from there);
 - reactor: ``store(path, meta)`` -> Deferred[StoreResult], or a failure whose value has
   a DIMSE ``status`` (``types.StoreError``).
 
@@ -56,11 +57,16 @@ class StoreSession:
         return self.ingest.store(path, meta, self)
 
     # the thread that wrote the file
-    def written_then(self, path, rest, fd=None):
+    def written_then(self, path, rest, fd=None, then=None):
         """The file is complete: ``written``, then rest()'s result (*fd*: its open
-        descriptor, valid during the call, or None)."""
+        descriptor, valid during the call, or None); *then(result)*, if given, is called
+        with it first, by whichever thread finishes the work last (``durable_now`` is
+        known there)."""
         self.written(path)
-        return rest()
+        result = rest()
+        if then is not None:
+            then(result)
+        return result
 
     def written(self, path) -> None:
         """The file is complete and closed."""
@@ -72,7 +78,7 @@ class StoreSession:
         """It will not be stored (its header is bad or names another instance)."""
 
     def durable_now(self) -> bool:
-        """After ``written_then``, in its thread: the copies are durable and recorded
+        """In ``written_then``'s *then* (or after it): the copies are durable and recorded
         and ``store`` has nothing left to decide but Success (the front end may answer
         from this thread). False unless a session knows it."""
         return False

@@ -136,3 +136,62 @@ def test_a_durable_c_store_is_answered_by_the_thread_that_made_it_durable(tmp_pa
         recv.stop()
         for fn in reactor.at_shutdown:
             fn()
+
+
+# -- which thread answers: the one that finishes last, with no hop to the other ----------
+def _then_in(tmp_path, keeping_last: bool):
+    """One data set through a OneJob session whose fsync and keeping job are made to end
+    in the order asked: (the thread *then* ran in, the writing thread, durable_now)."""
+    from tests.unit.test_onejob import Reactor as InlineReactor
+    reactor = InlineReactor()
+    archive, ingest = alone(tmp_path, reactor, fail_fsync=False)
+    fsynced, kept = threading.Event(), threading.Event()
+    flusher = archive.flusher
+
+    def ordered_flusher(received, fd=None):
+        flush = flusher(received, fd)
+
+        def run():
+            if not keeping_last:
+                kept.wait(60)                    # the keeping job ends first
+            flush()
+            fsynced.set()
+        return run
+    archive.flusher = ordered_flusher
+    ds = datasets.make_image("MR", size=16, SOPInstanceUID=datasets.uid("then", str(keeping_last)))
+    path = datasets.write(ds, tmp_path / "incoming" / "then.dcm")
+    session = ingest.begin("", "", "", b"", None, None)
+    seen = []
+
+    def rest():
+        from pacsp2p.dicom.header import read_meta
+        if keeping_last:
+            fsynced.wait(60)                     # the fsync ends first
+        meta = read_meta(path)
+        session.header_read(path, meta)
+        kept.set()
+        return meta
+    writer = []
+
+    def write():
+        writer.append(threading.current_thread().name)
+        session.written_then(path, rest, None, lambda got: seen.append(
+            (threading.current_thread().name, session.durable_now())))
+    try:
+        t = threading.Thread(target=write, name="writing-thread")
+        t.start()
+        t.join(60)
+    finally:
+        reactor.stop()
+    (thread, durable), = seen
+    return thread, writer[0], durable
+
+
+def test_the_keeping_thread_answers_when_it_ends_after_the_fsync(tmp_path):
+    thread, writer, durable = _then_in(tmp_path, keeping_last=True)
+    assert thread != writer and durable                 # no hop back to the writer
+
+
+def test_the_writing_thread_answers_when_its_fsync_ends_last(tmp_path):
+    thread, writer, durable = _then_in(tmp_path, keeping_last=False)
+    assert thread == writer and durable
