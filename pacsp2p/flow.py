@@ -7,16 +7,19 @@ transport reads again once every one of them is resumed.
 
 Fetch gates: at most ``max_fetches`` reads of one archive run at once on the peer that
 manages it, whoever asks (this peer's retrievals, other peers over the bulk channel);
-the others wait their turn (``open_gated``).
+the others wait their turn (``open_gated``). A thread serving the read port takes a free
+turn itself (``Gate.take``, ``give``): only a turn it must wait for goes through the
+reactor.
 
 Pacing: ``Throttle``, a token bucket that spaces out starts (repair, drain and scrub
 keep to their MB/s with it).
 """
 
+import threading
 import time
 
 from twisted.internet import defer, task
-from twisted.internet.defer import DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredSemaphore
 
 DEFAULT_MAX_FETCHES = 4
 
@@ -45,12 +48,66 @@ class ReadHolds:
         return self._read_holds > 0
 
 
-def fetch_gate(archive) -> DeferredSemaphore:
+class Gate(DeferredSemaphore):
+    """A ``DeferredSemaphore`` (``acquire``, ``release``, ``run``: in the reactor) whose
+    free turns a thread may also take and give back without the reactor (``take``,
+    ``give``): the tokens and the waiters are counted under a lock, a waiter's Deferred
+    is fired in the reactor only. A read-port thread paid a round trip through the
+    reactor per instance served for its turn (two wake-ups of the reactor, three thread
+    switches)."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__(tokens)
+        self._lock = threading.Lock()
+
+    def acquire(self) -> Deferred:
+        d = Deferred(canceller=self._cancelAcquire)
+        with self._lock:
+            if not self.tokens:
+                self.waiting.append(d)
+                return d
+            self.tokens -= 1
+        d.callback(self)
+        return d
+
+    def release(self) -> None:
+        with self._lock:
+            if not self.waiting:
+                assert self.tokens < self.limit, "a gate released more than taken"
+                self.tokens += 1
+                return
+            d = self.waiting.pop(0)
+        d.callback(self)
+
+    def _cancelAcquire(self, d: Deferred) -> None:   # noqa: N802 (Twisted's name)
+        with self._lock:
+            self.waiting.remove(d)
+
+    def take(self) -> bool:
+        """Any thread: a turn if one is free (none waits then), at once; else False
+        (wait for one in the reactor: ``acquire``)."""
+        with self._lock:
+            if self.tokens and not self.waiting:
+                self.tokens -= 1
+                return True
+        return False
+
+    def give(self, reactor) -> None:
+        """Any thread: a turn given back; handed to the first waiter in the reactor."""
+        with self._lock:
+            if not self.waiting:
+                assert self.tokens < self.limit, "a gate released more than taken"
+                self.tokens += 1
+                return
+        reactor.callFromThread(self.release)
+
+
+def fetch_gate(archive) -> Gate:
     """The one gate of *archive* (made on first use, ``archive.max_fetches`` tokens)."""
     gate = getattr(archive, "_pacsp2p_fetch_gate", None)
     if gate is None:
         limit = getattr(archive, "max_fetches", None) or DEFAULT_MAX_FETCHES
-        gate = DeferredSemaphore(max(1, int(limit)))
+        gate = Gate(max(1, int(limit)))
         archive._pacsp2p_fetch_gate = gate
     return gate
 

@@ -75,14 +75,16 @@ class Reads:
 
     def _now(self, archive, name: str, items, limit: int):
         """(held, ``read_many`` results of the held ones) of *items*, in this thread, one
-        turn of the archive's fetch gate taken for them (``flow.fetch_gate``)."""
+        turn of the archive's fetch gate taken for them (``flow.fetch_gate``: a free one
+        here, else waited for in the reactor)."""
         held = self.catalog.held(self.catalog.peer, name, [uid for uid, _ in items], True)
         asked = [(uid, sha or None) for uid, sha in items if uid in held]
         if not asked:
             return held, []
         gate = fetch_gate(archive)
-        self.server.on_reactor(gate.acquire)
+        if not gate.take():                     # a free turn needs no reactor
+            self.server.on_reactor(gate.acquire)
         try:
             return held, archive.read_many_now(asked, limit, examined=False)
         finally:
-            self.server.reactor.callFromThread(gate.release)
+            gate.give(self.server.reactor)
