@@ -11,6 +11,9 @@ Verbs:
 - ``find(query, return_keys, limit=None, offset=0) -> Deferred[list[dict]]`` — one row
   per matching entity of the whole cluster (de-duplicated over every archive); with
   *limit*, one page in a stable order (studies newest first), for the console;
+- ``matches(query, return_keys) -> Deferred[Matches]`` — every match of a C-FIND in
+  bounded memory: ``len()`` of them, ``next_page()`` -> Deferred[list[dict]] ([] at the
+  end; ``catalog.findpages``);
 - ``move(query, destination, originator_ae=, originator_msg_id=) -> Deferred[Delivery]``
   — the instances *query* names, ready to be sent to *destination* (``config.Destination``);
   ``delivery.refs`` lists them, ``start()`` -> Deferred[final Progress], ``cancel()``,
@@ -71,6 +74,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
 from pacsp2p import __version__, threads
+from pacsp2p.catalog import findpages
 from pacsp2p.catalog.schema import SCHEMA_VERSION
 from pacsp2p.health import probe
 from pacsp2p.overlay.commands import PROTOCOL
@@ -158,6 +162,10 @@ class Cluster:
         if limit is None:
             return self.catalog.find(query, return_keys)
         return self.catalog.find(query, return_keys, limit=limit, offset=offset)
+
+    def matches(self, query: Query, return_keys):
+        """Deferred[Matches]: every match, a page of rows at a time (see above)."""
+        return findpages.matches(self.catalog, query, return_keys)
 
     @defer.inlineCallbacks
     def _retrieval(self, query: Query, purpose: str = "C-GET", limit: int | None = None):

@@ -1,8 +1,9 @@
 """C-FIND (PS3.4 annex C.4.1, PS3.7 9.1.2) of the facade.
 
 The identifier is decoded (``dicom.identifiers``) into a Query, answered by
-``cluster.find`` (the whole cluster's catalog), one Pending response per row sent while
-the transport takes them; a C-CANCEL is honoured between responses. Asked for Retrieve
+``cluster.matches`` (the whole cluster's catalog, a page of rows at a time: bounded
+memory however many match), one Pending response per row sent while the transport takes
+them; a C-CANCEL is honoured between responses. Asked for Retrieve
 AE Title (0008,0054), a match names the AE title this facade was called by: any peer
 retrieves what the cluster holds (PS3.4 C.4.1.1.3.2, as DCMTK's dcmqrscp answers).
 """
@@ -66,7 +67,16 @@ class Find(Operation):
         self.blanked: dict[str, int] = {}
         ts = self.ts
         self.syntax = (ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
-        d = defer.maybeDeferred(self.svc.cluster.find, self.query, self.requested)
+        d = defer.maybeDeferred(self.svc.cluster.matches, self.query, self.requested)
+        d.addCallback(self._matched)
+        d.addErrback(self._failed)
+
+    def _matched(self, matches):
+        self.matches = matches
+        self._next_page()
+
+    def _next_page(self):
+        d = self.matches.next_page()
         d.addCallback(self._found)          # an error raised by _found goes to _failed too
         d.addErrback(self._failed)
 
@@ -84,6 +94,7 @@ class Find(Operation):
             err=shown(failure.getErrorMessage()), where=where)
 
     def _found(self, rows):
+        self.last_page = not rows
         if RETRIEVE_AE in self.requested:          # where the match can be retrieved: here
             here = self.assoc.called_ae
             rows = ({**row, RETRIEVE_AE: here} for row in rows)
@@ -106,6 +117,8 @@ class Find(Operation):
             if self.cancelled:
                 return self.finish(CANCEL)
             row = next(self.rows, None)
+            if row is None and not self.last_page:
+                return self._next_page()
             if row is None:
                 self._report_blanked()
                 return self.finish(SUCCESS)

@@ -35,14 +35,34 @@ FIND = str(StudyRootQueryRetrieveInformationModelFind)
 IMPLICIT = str(ImplicitVRLittleEndian)
 
 
+class Pages:
+    """The matches *rows*, given a page of *size* at a time (all at once: None), as
+    ``catalog.findpages.Matches`` gives them; a page in *failing* fails."""
+
+    def __init__(self, rows, size=None, failing=None):
+        self.pages = [rows] if size is None else \
+            [rows[i:i + size] for i in range(0, len(rows), size)]
+        self.failing, self.given = failing, 0
+
+    def next_page(self):
+        self.given += 1
+        if self.given == self.failing:
+            return defer.fail(RuntimeError("the catalog went away between pages"))
+        return defer.succeed(self.pages.pop(0) if self.pages else [])
+
+
 class Cluster:
-    """``find`` answers what the test puts in ``answer`` (a callable)."""
+    """``matches`` answers what the test puts in ``answer`` (a callable), in pages of
+    ``page`` rows (None: one page), the page ``failing`` failing."""
 
     def __init__(self):
         self.answer = lambda: []
+        self.page = self.failing = None
 
-    def find(self, query, keys):
-        return self.answer()
+    def matches(self, query, keys):
+        d = self.answer()                       # (may raise here: at once)
+        d = d if isinstance(d, defer.Deferred) else defer.succeed(d)
+        return d.addCallback(Pages, self.page, self.failing)
 
 
 def rows(n: int, fail_at: int | None = None):
@@ -219,6 +239,33 @@ def test_paused_and_resumed_many_times_every_row_then_success():
     assert statuses(got) == [0xFF00] * 50 + [0x0000]
     assert [str(ds.PatientID) for _, _, ds in got[:-1]] == [f"P{i}" for i in range(50)]
     assert {m for m, _, _ in got} == {msg_id}
+
+
+def test_pages_paused_and_resumed_every_row_in_order_then_success():
+    """Matches given a page of 7 at a time (``catalog.findpages``): every row once, in
+    order, across pages and pauses."""
+    peer = Peer()
+    peer.cluster.page = 7
+    peer.cluster.answer = lambda: list(rows(50))
+    msg_id = peer.find()
+    got = []
+    for _ in range(60):
+        peer.assoc.pauseProducing()
+        got += peer.run()
+        peer.assoc.resumeProducing()
+    got += peer.run()
+    assert statuses(got) == [0xFF00] * 50 + [0x0000]
+    assert [str(ds.PatientID) for _, _, ds in got[:-1]] == [f"P{i}" for i in range(50)]
+    assert {m for m, _, _ in got} == {msg_id}
+
+
+def test_a_page_that_fails_ends_in_unable_to_process():
+    peer = Peer()
+    peer.cluster.page, peer.cluster.failing = 7, 3       # the third page fails
+    peer.cluster.answer = lambda: list(rows(50))
+    with capturedLogs() as logs:
+        msg_id = peer.find()
+        check_ends_in_failure(peer, msg_id, 14, logs)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")       # pydicom on the odd values
