@@ -184,6 +184,7 @@ def run(n: int, root: Path, files) -> dict:
         lat0 = latencies(peers[0])
         each0 = {pid: cpu([pid]) for pid in pids}
         tasks0 = {pid: ingest_cluster.task_seconds(pid) for pid in pids} if THREADS else {}
+        restarts0 = [_wal_restarts(p) for p in peers]
         t0 = time.monotonic()
         spied = {"writer": pids[0], "second": pids[1], "middle": pids[n // 2],
                  "other": pids[-1]} if PROFILE is not None and n > 3 else \
@@ -228,6 +229,10 @@ def run(n: int, root: Path, files) -> dict:
             r[f"{name}_ms"] = 1000 * (total - t0_) / (count - c0_) if count > c0_ else None
         r["counted"] = stored + max(when) if done is not None else None
         r["store_cpu"] = cpu(pids) - cpu0
+        # WAL restarts (each follows a completed checkpoint: an fsync of the WAL and one
+        # of the database) over the store and the spread, the writer's and the others'
+        restarts = [b - a for a, b in zip(restarts0, (_wal_restarts(p) for p in peers))]
+        r["wal_restarts"] = (restarts[0], sum(restarts[1:]))
         each = sorted((cpu([pid]) - each0[pid] for pid in pids[1:]), reverse=True)
         r["store_cpu_writer"] = cpu([pids[0]]) - each0[pids[0]]
         if THREADS:
@@ -249,6 +254,17 @@ def run(n: int, root: Path, files) -> dict:
             if p.process is not None:
                 p.process.stop(timeout=20)
     return r
+
+
+def _wal_restarts(peer) -> int:
+    """The checkpoint sequence number in the header of *peer*'s catalog WAL: raised each
+    time the WAL restarts after a checkpoint copied it all back (0 if unreadable)."""
+    try:
+        with open(peer.data_dir / "catalog.sqlite-wal", "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return 0
+    return int.from_bytes(head[12:16], "big") if len(head) == 16 else 0
 
 
 def _kinds(pid: int, before: dict) -> dict:
@@ -340,6 +356,7 @@ def main():
             r["code"], r["load"] = label, (load, os.getloadavg()[0])
             print(json.dumps(r), flush=True)
             if THREADS:
+                print(f"  {label} {n} WAL restarts (writer, others): {r['wal_restarts']}")
                 print(f"  {label} {n} writer threads: {r['threads_writer']}")
                 print(f"  {label} {n} the other peers' threads, summed: "
                       f"{dict(sorted(r['threads_others'].items(), key=lambda kv: -kv[1]))}",
