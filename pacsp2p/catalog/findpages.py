@@ -32,22 +32,25 @@ class Matches:
     def __init__(self, catalog, page_sql: tuple[str, str], selected: list[str], ids: array):
         self._catalog, self._sql, self.selected, self.ids = catalog, page_sql, selected, ids
         self._next = 0
+        self.first = None           # the only page, read with the ids (no second hop)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def next_page(self) -> defer.Deferred:
+        if self._next == 0 and self.first is not None:
+            self._next, page, self.first = len(self.ids), self.first, None
+            return defer.succeed(page)
         chunk = self.ids[self._next:self._next + PAGE].tolist()
         self._next += len(chunk)
         if not chunk:
             return defer.succeed([])
-        sql = ", ".join("?" * len(chunk)).join(self._sql)
-        selected = self.selected
+        return self._catalog.read(lambda conn: self.read_page(conn, chunk))
 
-        def run(conn):
-            return [dict(zip(selected, ("" if v is None else str(v) for v in row)))
-                    for row in conn.execute(sql, chunk)]
-        return self._catalog.read(run)
+    def read_page(self, conn, chunk: list[int]) -> list[dict]:
+        sql = ", ".join("?" * len(chunk)).join(self._sql)
+        return [dict(zip(self.selected, ("" if v is None else str(v) for v in row)))
+                for row in conn.execute(sql, chunk)]
 
 
 def matches(catalog, query: Query, return_keys: list[str]) -> defer.Deferred:
@@ -66,5 +69,8 @@ def matches(catalog, query: Query, return_keys: list[str]) -> defer.Deferred:
                 ids.append(rowid)
         finally:
             rows.close()
-        return Matches(catalog, page_sql, selected, ids)
+        found = Matches(catalog, page_sql, selected, ids)
+        if 0 < len(ids) <= PAGE:
+            found.first = found.read_page(conn, ids.tolist())
+        return found
     return catalog.read(run)
