@@ -265,7 +265,7 @@ def check_commits(copies: str) -> list:
     sha256]), each checked as ``check`` does."""
     try:
         found = json.loads(copies)
-    except ValueError:
+    except (ValueError, RecursionError):      # nested past the decoder's depth
         found = None
     if not isinstance(found, list) or not 0 < len(found) <= MAX_COMMITS:
         _refuse("list of copies", copies)

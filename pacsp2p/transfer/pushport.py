@@ -183,7 +183,7 @@ def _receive(service, reader, opening: bytes, on_reactor) -> dict:
         target, meta = service.admit(args["archive"], args["uid"], args["meta"])
     except (InvalidArgument, ReplicaRefused) as e:
         refusal = {"refused": str(e)[:300], "invalid": isinstance(e, InvalidArgument)}
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, RecursionError) as e:   # (nested too deep)
         refusal = {"refused": f"unreadable opening: {shown(str(e), 200)}"}
     else:
         refusal = None
