@@ -123,6 +123,6 @@ def _listed(value):
     if isinstance(value, str):
         try:
             return json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):      # (nested past the decoder's depth)
             return None
     return value

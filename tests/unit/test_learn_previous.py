@@ -72,6 +72,19 @@ def test_a_commits_answer_without_or_with_hostile_prevs_gives_no_previous():
     assert answered({"seqs": seqs}) == [None] * 3                       # an older holder
     for hostile in ("[6, 7]", "not json", '{"a": 1}', '[true, "7", 9]', "[-1, 7.5, 1e30]"):
         assert answered({"seqs": seqs, "prevs": hostile}) == [None] * 3, hostile
+    deep = "[" * 50_000             # past json's depth: RecursionError, not ValueError
+    assert answered({"seqs": seqs, "prevs": deep}) == [None] * 3
+
+
+def test_a_commits_answer_nested_too_deep_fails_every_commit_it_answers():
+    """Not an exception out of the callback, which left every waiting commit (and its
+    C-STORE) unanswered."""
+    queue = [("a", f"1.2.{i}", "0" * 64, defer.Deferred()) for i in range(2)]
+    failed = []
+    for *_, d in queue:
+        d.addErrback(failed.append)
+    GroupCommits._answered({"seqs": "[" * 50_000}, queue)
+    assert len(failed) == 2
 
 
 def test_facts_of_several_holders_learned_together_are_one_transaction(tmp_path, reactor):
