@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 from twisted.internet import defer, task
@@ -82,6 +83,7 @@ class ReplicaService:
         self.overlay, self.reactor = overlay, reactor
         self.pending: dict[tuple, tuple] = {}      # (archive, uid, sha256) -> the first
         self.more: dict[tuple, list] = {}          # ... -> the others of those bytes
+        self.lock = threading.Lock()               # both: push-port threads note copies
         self.streams: dict[tuple, _Stream] = {}    # (link, stream id) -> data set arriving
         self.spares = self.push_server = None
         self.tmpdir = None
@@ -152,8 +154,9 @@ class ReplicaService:
                on_reactor) -> dict:
         """Thread (``pushport``): the pushed copy written to *path* (then owned here)
         kept in *target* — by this thread if it can ``keep``, else by its ``store`` in
-        the reactor — and noted pending (*on_reactor(fn, *args)* runs fn there); its
-        receipt. Raises ReplicaRefused."""
+        the reactor (*on_reactor(fn, *args)* runs fn there) — and noted pending, here
+        (no reactor turn per copy), before the writer can have its receipt. Raises
+        ReplicaRefused."""
         uid = meta.sop_instance_uid
         try:
             if "keep" in target.capabilities:
@@ -166,11 +169,11 @@ class ReplicaService:
         except Exception as e:
             Path(path).unlink(missing_ok=True)
             raise ReplicaRefused(f"{uid}: {shown(str(e), 300)}") from e
-        on_reactor(self._note, (target.name, uid, stored.sha256), (meta, stored))
+        self._note((target.name, uid, stored.sha256), (meta, stored))
         return receipt(stored)
 
     def _note(self, key, entry) -> None:
-        """Reactor: one more pending copy (meta, stored) of *key*, from now."""
+        """Any thread: one more pending copy (meta, stored) of *key*, from now."""
         self._put(key, (*entry, self.reactor.seconds()))
 
     def stream_data(self, link, stream: int, data: bytes) -> None:
@@ -254,20 +257,22 @@ class ReplicaService:
         return stored
 
     def _put(self, key, entry) -> None:
-        """One more pending copy *entry* (meta, stored, since) of *key*."""
-        if key in self.pending:
-            self.more.setdefault(key, []).append(entry)
-        else:
-            self.pending[key] = entry
+        """One more pending copy *entry* (meta, stored, since) of *key* (any thread)."""
+        with self.lock:
+            if key in self.pending:
+                self.more.setdefault(key, []).append(entry)
+            else:
+                self.pending[key] = entry
 
     def _take(self, key):
         """The oldest pending copy of *key* taken out (None if there is none)."""
-        entry = self.pending.pop(key, None)
-        others = self.more.get(key)
-        if others:
-            self.pending[key] = others.pop(0)
-            if not others:
-                del self.more[key]
+        with self.lock:
+            entry = self.pending.pop(key, None)
+            others = self.more.get(key)
+            if others:
+                self.pending[key] = others.pop(0)
+                if not others:
+                    del self.more[key]
         return entry
 
     def commit(self, archive: str, uid: str, sha256: str):
@@ -334,11 +339,12 @@ class ReplicaService:
         meta, stored, since = entry
         if stored.duplicate or stored.conflict:
             return defer.succeed(None)       # those bytes were there before: keep them
-        if key in self.pending:
-            other_meta, other, other_since = self.pending[key]
-            self.pending[key] = (other_meta, dataclasses.replace(
-                other, duplicate=False, conflict=False), other_since)
-            return defer.succeed(None)
+        with self.lock:
+            if key in self.pending:
+                other_meta, other, other_since = self.pending[key]
+                self.pending[key] = (other_meta, dataclasses.replace(
+                    other, duplicate=False, conflict=False), other_since)
+                return defer.succeed(None)
         archive, uid, sha256 = key
         return self.archives[archive].discard(uid, sha256)
 
@@ -390,9 +396,16 @@ class ReplicaService:
 
     def _expire(self):
         now = self.reactor.seconds()
-        for key in list(self.pending):
+
+        def too_old(key) -> bool:
+            with self.lock:
+                entry = self.pending.get(key)
+            return entry is not None and now - entry[2] > PENDING_TTL
+        with self.lock:
+            keys = list(self.pending)
+        for key in keys:
             # the others of a key are in the order they came: every one too old goes
-            while key in self.pending and now - self.pending[key][2] > PENDING_TTL:
+            while too_old(key):
                 log.warn("dropping copy of {uid} on {archive}: its writer never committed",
                          uid=key[1], archive=key[0])
                 self.discard(*key)

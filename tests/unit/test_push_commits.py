@@ -128,3 +128,47 @@ def _in_thread(reactor, fn, *args):
 def _image(uid):
     from pacsp2p.types import Query
     return Query("IMAGE", {"SOPInstanceUID": uid})
+
+
+def test_a_kept_copy_is_noted_pending_without_a_reactor_turn(certs, tmp_path):  # noqa: F811
+    """An archive that can ``keep`` takes a pushed copy in the thread that read it; the
+    pending copy is noted there too (under the service's lock), before the answer goes:
+    no blocking turn of the reactor per copy (the holder's reactor was woken and waited
+    for once per copy before), and a COMMIT on the same connection finds it."""
+    from pacsp2p.adapters.embedded import EmbeddedArchive
+    reactor = Reactor()
+    turns = []
+    plain = reactor.callFromThread
+
+    def counted(fn, *args, **kw):
+        turns.append(getattr(fn, "__qualname__", repr(fn)))
+        plain(fn, *args, **kw)
+    reactor.callFromThread = counted
+    catalog = Catalog(tmp_path / "catalog.sqlite", reactor, peer="peerb")
+    reactor.wait(catalog.start())
+    archive = EmbeddedArchive("local", tmp_path / "archive", reactor)
+    reactor.wait(archive.start())
+    svc = ReplicaService("peerb", {"local": archive}, catalog, None, reactor)
+    svc.tmpdir = tmp_path / "incoming"
+    svc.tmpdir.mkdir()
+    server = PushServer(svc, reactor, threadtls.server_context(certs, "peerb"), "push port",
+                        max_connections=4).listen(0, "127.0.0.1")
+    try:
+        sock = connect(certs, server.port)
+        data = b"k" * 50_000
+        turns.clear()
+        got = push(sock, data)                  # in the test's thread: no reactor runs
+        assert "sha256" in got, got
+        assert turns == [], turns
+        (key,) = list(svc.pending)
+        assert key[:2] == ("local", UID)
+        sock.sendall(_frame(COMMIT, copies(key).encode()))
+        seq = reactor.wait(_in_thread(reactor, answer, sock))["seqs"][0]
+        assert type(seq) is int and seq > 0 and svc.pending == {}
+        sock.close()
+    finally:
+        server.stopListening()
+        reactor.wait(catalog.stop())
+        archive.stop()
+        for stop in reactor.shutdown:
+            stop()
