@@ -190,12 +190,12 @@ class EmbeddedArchive:
         check_uid(uid, "SOP Instance UID")
         if not sha:                      # else hashed already, while its header was read
             sha, size = content_hash(received)
-        target = self.path_for(uid)
-        try:
-            self._place(received, target)
+        try:                             # (linked: never through a symlink there)
+            self._place(received, self._inside(layout.relative(uid), new=True))
             return Stored(self.name, sha, size)
         except FileExistsError:
             pass                         # this UID is held already
+        target = self.path_for(uid)      # read: checked to be no symlink
         try:
             held = content_hash(target)[0]
         except BadDataset:               # unreadable (a power cut?): keep ours beside it

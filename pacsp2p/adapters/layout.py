@@ -71,13 +71,17 @@ class Contained:
         self._real: str | None = None
         self._checked: set[str] = set()          # relative directories seen inside
 
-    def __call__(self, rel: str) -> Path:
+    def __call__(self, rel: str, new: bool = False) -> Path:
+        """*new*: a path only ever made with ``os.link`` (which fails on anything there,
+        a symlink too, and never follows it): the file itself is not looked at."""
         parts = rel.split("/")
         if any(p in ("", ".", "..") or os.sep in p or "\0" in p for p in parts):
             raise OutsideRoot(f"refused: {shown(rel)} is not a plain relative path")
         for i in range(1, len(parts)):
             self._check_dir("/".join(parts[:i]))
         path = self.directory.joinpath(*parts)
+        if new:
+            return path
         try:
             if stat.S_ISLNK(os.lstat(path).st_mode):
                 raise OutsideRoot(f"refused: {shown(rel)} is a symbolic link")
@@ -86,15 +90,20 @@ class Contained:
         return path
 
     def _check_dir(self, rel: str) -> None:
+        """A directory checked inside (its parents are, first): a real directory there
+        is (one ``lstat``); a symbolic link is resolved."""
         if rel in self._checked:
             return
         directory = self.directory / rel
-        if not os.path.lexists(directory):
+        try:
+            mode = os.lstat(directory).st_mode
+        except FileNotFoundError:
             return                              # made later, by us, as a directory
-        if self._real is None:                  # resolved once (may be a symlink)
-            self._real = os.path.realpath(self.directory)
-        if not os.path.realpath(directory).startswith(self._real + os.sep):
-            raise OutsideRoot(f"refused: {shown(rel)} resolves outside the archive")
+        if not stat.S_ISDIR(mode):
+            if self._real is None:              # resolved once (may be a symlink)
+                self._real = os.path.realpath(self.directory)
+            if not os.path.realpath(directory).startswith(self._real + os.sep):
+                raise OutsideRoot(f"refused: {shown(rel)} resolves outside the archive")
         self._checked.add(rel)
 
 

@@ -118,6 +118,20 @@ def test_a_file_that_is_a_symlink_is_not_followed(tmp_path):
         layout.Contained(a.objects)("../secret.dcm")
 
 
+def test_keeping_over_a_file_that_is_a_symlink_neither_follows_nor_reads_it(tmp_path):
+    """The copy is linked into place without looking at the file there first (a link
+    never goes through a symlink); only then, to compare, is the path checked."""
+    a = archive(tmp_path / "a")
+    secret = tmp_path / "secret.dcm"
+    secret.write_bytes(b"not yours")
+    src = datasets.write(datasets.make_image("CT", size=8, SOPInstanceUID="1.2.3.4.7"),
+                         tmp_path / "in" / "x.dcm")
+    (a.objects / layout.relative("1.2.3.4.7")).symlink_to(secret)
+    with pytest.raises(layout.OutsideRoot):
+        a.keep(src, read_meta(src))
+    assert secret.read_bytes() == b"not yours"
+
+
 def test_a_symlinked_root_is_fine(tmp_path):
     real = tmp_path / "real"
     real.mkdir()
