@@ -8,7 +8,7 @@
 
 of two data sets: 300 CT 512x512x16-bit explicit VR LE (~157 MB) and 1000 small MR
 (64x64). Every repetition gets a fresh target. Prints the median MB/s and instances/s, the
-peer's CPU-ms per instance (user+sys from /proc while storescu runs) and the ratios
+peer's and Orthanc's CPU-ms per instance (user+sys from /proc while storescu runs) and the ratios
 pacsp2p/storescp and pacsp2p/orthanc. Target (issue 15 item 5): pacsp2p >= 1.2 x Orthanc.
 ``--code before=DIR,after=DIR`` runs the peer from each source tree (``git archive``
 snapshots), interleaved with the others in the same invocation.
@@ -63,14 +63,17 @@ def run_storescp(work: Path, data: common.DataSet) -> tuple[float, None]:
     return seconds, None
 
 
-def run_orthanc(work: Path, data: common.DataSet) -> tuple[float, float | None]:
+def run_orthanc(work: Path, data: common.DataSet) -> tuple[float, float | None, float]:
+    """(seconds, RSS MB, CPU-seconds of Orthanc while storescu ran)."""
     with Orthanc(work) as o:
+        cpu0 = cpu_seconds([o.process.pid])
         seconds = send(o.dicom_port, o.aet, data)
+        cpu = cpu_seconds([o.process.pid]) - cpu0
         rss = common.rss_mb(o.process.pid)
         held = o.statistics()["CountInstances"]
     if held != data.count:
         raise RuntimeError(f"Orthanc holds {held} of {data.count} instances")
-    return seconds, rss
+    return seconds, rss, cpu
 
 
 def main() -> int:
@@ -113,7 +116,7 @@ def main() -> int:
                     elif target == "storescp":
                         s, rss = run_storescp(w, data)
                     else:
-                        s, rss = run_orthanc(w, data)
+                        s, rss, cpu = run_orthanc(w, data)
                     secs[target].append(s)
                     if rss:
                         rsses[target].append(rss)
