@@ -176,7 +176,7 @@ class Store(Operation):
             self.warn("C-STORE refused", "C-STORE {uid}: dataset UIDs do not match the "
                       "request", uid=self.uid)
             status = DOES_NOT_MATCH
-        elif _bad_header(meta):
+        elif not kept and _bad_header(meta):     # (a copy kept passed it in the thread)
             self.warn("C-STORE refused", "C-STORE {uid} from {ae}: {err}", uid=self.uid,
                       ae=self.assoc.calling_ae, err=_bad_header(meta))
             status = CANNOT_UNDERSTAND
