@@ -29,8 +29,10 @@ class Matches:
     """The ids of a query's matches; ``next_page()`` -> Deferred[list of {keyword: value}],
     [] once every match was given."""
 
-    def __init__(self, catalog, page_sql: tuple[str, str], selected: list[str], ids: array):
+    def __init__(self, catalog, page_sql: tuple[str, str], selected: list[str], ids: array,
+                 params: list = ()):
         self._catalog, self._sql, self.selected, self.ids = catalog, page_sql, selected, ids
+        self._params = list(params)     # the identifier's conditions, checked again
         self._next = 0
         self.first = None           # the only page, read with the ids (no second hop)
 
@@ -50,7 +52,7 @@ class Matches:
     def read_page(self, conn, chunk: list[int]) -> list[dict]:
         sql = ", ".join("?" * len(chunk)).join(self._sql)
         return [dict(zip(self.selected, ("" if v is None else str(v) for v in row)))
-                for row in conn.execute(sql, chunk)]
+                for row in conn.execute(sql, [*self._params, *chunk])]
 
 
 def matches(catalog, query: Query, return_keys: list[str]) -> defer.Deferred:
@@ -59,7 +61,10 @@ def matches(catalog, query: Query, return_keys: list[str]) -> defer.Deferred:
     alias = ALIAS[query.level]
     head, sep, where = sql.partition(f" FROM {matching.from_clause(query.level)}")
     ids_sql = f"SELECT {alias}.rowid{sep}{where}"
-    page_sql = (f"{head}{sep} WHERE {alias}.rowid IN (", f") ORDER BY {alias}.rowid")
+    # the conditions again: an id may be another row's by now (a row deleted while it
+    # was the newest leaves its rowid to the next one inserted)
+    conds = f"({where[len(' WHERE '):]}) AND " if where.startswith(" WHERE ") else ""
+    page_sql = (f"{head}{sep} WHERE {conds}{alias}.rowid IN (", f") ORDER BY {alias}.rowid")
 
     def run(conn):
         ids = array("q")
@@ -69,7 +74,7 @@ def matches(catalog, query: Query, return_keys: list[str]) -> defer.Deferred:
                 ids.append(rowid)
         finally:
             rows.close()
-        found = Matches(catalog, page_sql, selected, ids)
+        found = Matches(catalog, page_sql, selected, ids, params)
         if 0 < len(ids) <= PAGE:
             found.first = found.read_page(conn, ids.tolist())
         return found
