@@ -17,11 +17,14 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import encode
 from twisted.logger import Logger
 
+from pacsp2p.dicom import deflate, nesting
+
 log = Logger()
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
              b"UR", b"UT", b"UV"}
 _HEAD = 16384
+MAX_INFLATED = 4 << 30    # a deflated data set inflating to more is not re-encoded
 
 
 class BadFile(Exception):
@@ -132,6 +135,9 @@ def convert(f, target: str, limit: int | None = None) -> io.BytesIO:
         if limit is not None and size > limit:
             raise TooLarge(f"{size} bytes, over {limit}")
         f.seek(0)
+        ts, _ = dataset_start(f)
+        _check_nesting(f.read(), UID(ts), limit or MAX_INFLATED)
+        f.seek(0)
         ds = dcmread(f)
     if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
         if limit is not None and (need := size + decoded_size(ds)) > limit:
@@ -139,6 +145,19 @@ def convert(f, target: str, limit: int | None = None) -> io.BytesIO:
         ds.decompress(generate_instance_uid=False)
     target = UID(target)
     return io.BytesIO(encode(ds, target.is_implicit_VR, target.is_little_endian))
+
+
+def _check_nesting(data: bytes, ts: UID, limit: int) -> None:
+    """BadFile if the data set *data* (in *ts*) nests sequences past ``nesting.MAX_DEPTH``:
+    pydicom's recursion would take gigabytes for it (``dicom.nesting``)."""
+    if ts.is_deflated:
+        try:
+            data = deflate.inflate(data, limit)
+        except deflate.Inflation as e:
+            raise BadFile(f"deflated data set: {e}") from None
+    found = nesting.depth(data, ts.is_implicit_VR, ts.is_little_endian)
+    if found > nesting.MAX_DEPTH:
+        raise BadFile(f"sequences nested over {nesting.MAX_DEPTH} deep: not re-encoded")
 
 
 def file_dataset_hash(f) -> str:
