@@ -127,9 +127,13 @@ def send_from_thread(transport, parts: list, reactor) -> bool:
     queued must go first; Twisted's buffers are the reactor's). True: sent (what the
     kernel did not take is handed to the reactor, ahead of anything it sends later);
     False: nothing was sent, the caller sends from the reactor. The checks and the
-    ``sendmsg`` run under the GIL, which the reactor needs to close the socket: one it
-    closed meanwhile refuses the send (its descriptor is -1, or it is gone), and no other
-    connection's socket can have taken its descriptor."""
+    ``sendmsg`` are not atomic (the GIL is released in the system call): this is safe
+    only while the reactor sends nothing else on this connection meanwhile — the caller
+    must know it (an acceptor runs one operation at a time, and its final response is
+    what the requestor waits for: only an A-ABORT or A-RELEASE-RP, which end the
+    association, can go out beside it: before, after, or amid it). A socket the reactor
+    closed meanwhile refuses the send (its descriptor is -1, or it is gone), short of a
+    descriptor reused between CPython's read of it and the system call."""
     if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True) \
             or not transport.connected or transport.disconnecting \
             or transport._tempDataLen or transport.dataBuffer or transport.producerPaused \
