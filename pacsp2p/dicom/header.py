@@ -248,7 +248,7 @@ def _read_meta_pydicom(path: Path, size: int, head: bytes | None = None) -> Inst
             ts = DeflatedExplicitVRLittleEndian
         attrs = {kw: _text(ds[kw]) for kw in HEADER_KEYWORDS if kw in ds and kw in STORED}
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
-            AttributeError, NotImplementedError, struct.error) as e:
+            AttributeError, NotImplementedError, struct.error, RecursionError) as e:
         raise BadDataset(f"cannot parse dataset: {type(e).__name__}: {e}") from e
     _check_required(attrs)
     return InstanceMeta(attrs["SOPInstanceUID"], attrs["SOPClassUID"], ts, attrs, size)

@@ -67,7 +67,7 @@ def read_rejection(path: Path) -> Rejection | None:
     that names no valid instance, or too many."""
     try:
         ds = dcmread(str(path), stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as e:
+    except (InvalidDicomError, OSError, ValueError, EOFError, RecursionError) as e:
         raise BadRejection(f"unreadable: {e}") from e
     if str(getattr(ds, "SOPClassUID", "")) != KOS_SOP_CLASS:
         return None

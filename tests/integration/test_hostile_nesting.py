@@ -8,6 +8,13 @@ peer by gigabytes a second (19 GB in 60 s, then the kernel's OOM killer; here it
 the address-space limit the test sets so the host is spared); now the sub-operation
 fails at once (``nesting.MAX_DEPTH``), the rest of the C-GET is delivered, the peer stays
 small and answers. 100 deep is still re-encoded and delivered.
+
+Where pydicom reads a data set at store time (a header in an ISO 2022 character set, an
+IOCM rejection note), sequences of undefined length 300 deep made its reader's recursion
+fail, and the C-STORE was answered 0xA700 "out of resources" (a modality retries it for
+ever) with an error line: now the first is refused 0xC000 (as the same data set in
+another character set past the header walk's own bound), the second kept, its rejection
+not acted on (a warning), 0x0000.
 """
 from __future__ import annotations
 
@@ -23,10 +30,19 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.sop_class import CTImageStorage
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+
+from pacsp2p.dicom.header import read_meta
 from pacsp2p.dicom.nesting import MAX_DEPTH
-from pacsp2p.testing import Peer, datasets, storescu
+from pacsp2p.testing import LOOPBACK, Peer, datasets, storescu
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.dcmtk import dcmtk
+from pacsp2p.testing.fuzz import wire
+from pacsp2p.testing.fuzz.cases import Case
+from pacsp2p.testing.fuzz.client import send_case
+from pacsp2p.testing.iocm import KOS_SOP_CLASS
 
 STUDY = datasets.uid("nesting-study")
 HEADROOM = 3 << 30        # address space the peer may take past its size at start
@@ -105,4 +121,75 @@ def test_a_deeply_nested_instance_fails_its_sub_operation_not_the_peer(peer, tmp
                      "127.0.0.1", peer.port)
     assert answered.returncode == 0, answered.stderr
     log = peer.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "Unhandled" not in log
+
+
+def undefined(depth: int, tag=(0x0040, 0xA730)) -> bytes:
+    """Sequences of undefined length, one item each, *depth* deep (implicit VR)."""
+    return (struct.pack("<HHI", *tag, 0xFFFFFFFF) +
+            struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)) * depth + (
+        struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)) * depth
+
+
+def implicit(ds: Dataset) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def held(peer) -> set:
+    """The SOP Instance UIDs the peer's archive holds (its own header walk: pydicom's
+    reader cannot read them all)."""
+    return {read_meta(p).sop_instance_uid for p in dn.archive_files(peer.data_dir)}
+
+
+def raw_store(peer, sop_class: str, sop_instance: str, data: bytes) -> list:
+    """The statuses of one C-STORE of the data set bytes *data*, as they are."""
+    case = Case(0, "nesting", wait=120)
+    case.send(wire.associate_rq(calling="NESTING", contexts=[(1, sop_class, [wire.IMPLICIT])]))
+    case.steps.append(("recv", 60))
+    case.send(wire.message(1, wire.c_store(1, sop_class, sop_instance), data))
+    result = send_case(LOOPBACK, peer.port, case, io_timeout=120)
+    return result.statuses
+
+
+def test_an_iso_2022_header_nested_past_what_pydicom_reads_is_refused_not_retried(peer):
+    ds = datasets.make_image("CT", size=8, seed=2022, PatientID="NEST2022",
+                             StudyInstanceUID=datasets.uid("nesting-2022"),
+                             transfer_syntax=ImplicitVRLittleEndian)
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    data = implicit(ds)
+    pixels = data.rindex(struct.pack("<HH", 0x7FE0, 0x0010))
+    statuses = raw_store(peer, ds.SOPClassUID, ds.SOPInstanceUID,
+                         data[:pixels] + undefined(300) + data[pixels:])
+    assert statuses == [0xC000]
+    assert ds.SOPInstanceUID not in held(peer)
+
+
+def test_a_rejection_note_nested_past_what_pydicom_reads_is_kept_not_acted_on(peer):
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = KOS_SOP_CLASS, datasets.uid("nesting-kos")
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, datasets.uid("nesting-kos-series")
+    ds.PatientID, ds.PatientName, ds.Modality = "NEST", "NEST", "KO"
+    ds.SeriesNumber, ds.InstanceNumber, ds.ValueType = 99, 1, "CONTAINER"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "113001", "DCM"
+    code.CodeMeaning = "Rejected for Quality Reasons"
+    ds.ConceptNameCodeSequence = Sequence([code])
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = CTImageStorage
+    ref.ReferencedSOPInstanceUID = datasets.uid("nest", "not held")
+    series = Dataset()
+    series.SeriesInstanceUID = datasets.uid("nesting-series")
+    series.ReferencedSOPSequence = Sequence([ref])
+    evidence = Dataset()
+    evidence.StudyInstanceUID = STUDY
+    evidence.ReferencedSeriesSequence = Sequence([series])
+    ds.CurrentRequestedProcedureEvidenceSequence = Sequence([evidence])
+    data = implicit(ds) + undefined(300, (0x0088, 0x0200))     # after every other tag
+    assert raw_store(peer, KOS_SOP_CLASS, ds.SOPInstanceUID, data) == [0x0000]
+    assert ds.SOPInstanceUID in held(peer)
+    log = peer.log_path.read_text(errors="replace")
+    assert f"rejection note {ds.SOPInstanceUID} stored but not acted on" in log
     assert "Traceback" not in log and "Unhandled" not in log
