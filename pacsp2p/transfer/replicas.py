@@ -84,6 +84,7 @@ class ReplicaService:
         self.pending: dict[tuple, tuple] = {}      # (archive, uid, sha256) -> the first
         self.more: dict[tuple, list] = {}          # ... -> the others of those bytes
         self.lock = threading.Lock()               # both: push-port threads note copies
+        self.dropping: dict[tuple, int] = {}       # keys whose bytes a drop is removing
         self.streams: dict[tuple, _Stream] = {}    # (link, stream id) -> data set arriving
         self.spares = self.push_server = None
         self.tmpdir = None
@@ -257,8 +258,13 @@ class ReplicaService:
         return stored
 
     def _put(self, key, entry) -> None:
-        """One more pending copy *entry* (meta, stored, since) of *key* (any thread)."""
+        """One more pending copy *entry* (meta, stored, since) of *key* (any thread).
+        Raises ReplicaRefused for bytes that were there already (a duplicate) while a
+        drop of *key* is removing them: committed, it would name a file that is gone."""
         with self.lock:
+            if key in self.dropping and (entry[1].duplicate or entry[1].conflict):
+                raise ReplicaRefused(f"{key[1]}: those bytes are being removed from "
+                                     f"{key[0]} here; not kept")
             if key in self.pending:
                 self.more.setdefault(key, []).append(entry)
             else:
@@ -345,8 +351,17 @@ class ReplicaService:
                 self.pending[key] = (other_meta, dataclasses.replace(
                     other, duplicate=False, conflict=False), other_since)
                 return defer.succeed(None)
+            self.dropping[key] = self.dropping.get(key, 0) + 1   # (``_put``)
         archive, uid, sha256 = key
-        return self.archives[archive].discard(uid, sha256)
+        return defer.maybeDeferred(self.archives[archive].discard, uid, sha256) \
+            .addBoth(self._dropped, key)
+
+    def _dropped(self, result, key):
+        with self.lock:
+            self.dropping[key] -= 1
+            if not self.dropping[key]:
+                del self.dropping[key]
+        return result
 
     @defer.inlineCallbacks
     def drop(self, archive: str, uid: str, sha256: str):
