@@ -45,6 +45,7 @@ from twisted.logger import Logger
 
 from pacsp2p import threads
 from pacsp2p.overlay.commands import InvalidArgument, ReplicaRefused, check_commits
+from pacsp2p.overlay.readclient import _quiet
 from pacsp2p.overlay.threadtls import (IDLE_TIMEOUT, Stopped, ThreadServer,
                                        client_context, peer_name)
 from pacsp2p.validate import shown
@@ -391,9 +392,9 @@ class _Sender:
                 waited = 0.0
                 if push.failed:
                     continue                             # the rest of a copy that failed
-                current = None if end else push
+                first, current = current is None, None if end else push
                 try:
-                    self._send(push, buf, end)
+                    self._send(push, buf, end, first)
                 except Exception as e:                   # reported to the reactor
                     current = None
                     self._failed(push, e)
@@ -401,9 +402,11 @@ class _Sender:
             self._close()
             self.pushes.gone(self)
 
-    def _send(self, push, buf, end: bool) -> None:
+    def _send(self, push, buf, end: bool, first: bool = False) -> None:
         if buf is _ABORT:
             raise ReplicaRefused("the data set was abandoned")
+        if first and self.sock is not None and not _quiet(self.sock):
+            self._close()           # kept idle, closed by the holder since: a new one
         if self.sock is None:
             self.sock = self.pushes.connect(self.key, self)
         self.sock.settimeout(IDLE)
