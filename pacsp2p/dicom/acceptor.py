@@ -54,6 +54,7 @@ bounded (``validate.shown``), and each kind of event is rate-limited (``LogLimit
 
 from __future__ import annotations
 
+import threading
 import traceback
 from collections import deque
 
@@ -69,7 +70,7 @@ from pacsp2p.dicom.messages import MAX_IDENTIFIER, Messages
 from pacsp2p.dicom.negotiation import MIN_PEER_PDU, reject_pdu
 from pacsp2p.dicom.pdu import (A_ABORT, A_ASSOCIATE_RQ as RQ, A_RELEASE_RP, A_RELEASE_RQ,
                                P_DATA_TF, PDU_HEAD, PDV_HEAD, RELEASE_RP, abort_pdu, frame,
-                               send_from_thread, send_now, write_now)
+                               own_socket, send_from_thread, send_now, write_now)
 from pacsp2p.dicom.tls import handshake_error, peer_name, verify_result
 from pacsp2p.flow import ReadHolds
 from pacsp2p.validate import shown
@@ -132,6 +133,7 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         self._timer = None
         self._closer = None            # ARTIM after we asked the transport to close
         self._heard = 0                # bytes received since the idle timeout restarted
+        self._own, self._own_lock = None, threading.Lock()   # ``send_from_thread``'s
 
     # -- connection ----------------------------------------------------------------------
     def connectionMade(self):
@@ -144,6 +146,10 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         self._arm(self.factory.artim_timeout, "no A-ASSOCIATE-RQ")
 
     def connectionLost(self, reason):
+        with self._own_lock:
+            own, self._own = self._own, None
+        if own is not None:
+            own.close()
         self.factory.admission.forget(self)
         self._disarm()
         if self._closer is not None and self._closer.active():
@@ -304,11 +310,13 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         """A final response without a data set, from a thread that is not the reactor's
         (the one that made a C-STORE's copy durable: the requestor hears without waiting
         for a hop to the reactor): ``pdu.send_from_thread``; False, nothing sent, where it
-        is not safe (TLS, corked, something queued). The reactor then calls ``sent``."""
-        if self.state != "established" or self._corked is not None or self.tls:
-            return False
-        return send_from_thread(self.transport, frame(context_id, command, self.max_data,
-                                                      command=True, last=True), self.reactor)
+        is not safe (TLS, corked, something queued), on a duplicate of the socket
+        (``pdu.own_socket``). The reactor then calls ``sent``."""
+        parts = frame(context_id, command, self.max_data, command=True, last=True)
+        with self._own_lock:           # (connectionLost closes it under this lock)
+            if self._own is None or self.state != "established" or self._corked is not None:
+                return False
+            return send_from_thread(self.transport, self._own, parts, self.reactor)
 
     def sent(self) -> None:
         """Reactor: a response ``send_from_thread`` sent (the idle timeout restarts)."""
@@ -513,6 +521,7 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         if req.max_pdu:
             self.max_data = max(req.max_pdu - 6, 1)
         self.state = "established"
+        self._own = own_socket(self.transport)
         self.established_at = self.reactor.seconds()
         f.admission.establish(self)
         self.transport.write(ac)

@@ -121,28 +121,40 @@ def write_now(transport, parts: list) -> None:
 _IOV_MAX = 512                  # buffers per sendmsg (Linux allows 1024)
 
 
-def send_from_thread(transport, parts: list, reactor) -> bool:
-    """From a thread that is not the reactor's: the buffers *parts* straight to the
-    socket of a plain TCP *transport* that is connected and holds nothing queued (what is
-    queued must go first; Twisted's buffers are the reactor's). True: sent (what the
-    kernel did not take is handed to the reactor, ahead of anything it sends later);
-    False: nothing was sent, the caller sends from the reactor. The checks and the
-    ``sendmsg`` are not atomic (the GIL is released in the system call): this is safe
-    only while the reactor sends nothing else on this connection meanwhile — the caller
-    must know it (an acceptor runs one operation at a time, and its final response is
-    what the requestor waits for: only an A-ABORT or A-RELEASE-RP, which end the
-    association, can go out beside it: before, after, or amid it). A socket the reactor
-    closed meanwhile refuses the send (its descriptor is -1, or it is gone), short of a
-    descriptor reused between CPython's read of it and the system call."""
-    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True) \
-            or not transport.connected or transport.disconnecting \
+def own_socket(transport):
+    """A duplicate of the socket of a plain TCP *transport* (None for anything else),
+    for ``send_from_thread``: its descriptor is ours, so no other file or connection can
+    take its number while we hold it, whenever the reactor closes the transport's own.
+    Made and closed in the reactor (made once established, closed on connection lost)."""
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True):
+        return None
+    try:
+        return transport.socket.dup()
+    except OSError:                     # no descriptor left: answered from the reactor
+        return None
+
+
+def send_from_thread(transport, sock, parts: list, reactor) -> bool:
+    """From a thread that is not the reactor's: the buffers *parts* straight to *sock*
+    (``own_socket`` of a plain TCP *transport*, held open by the caller meanwhile) if
+    the transport is connected and holds nothing queued (what is queued must go first;
+    Twisted's buffers are the reactor's). True: sent (what the kernel did not take is
+    handed to the reactor, ahead of anything it sends later); False: nothing was sent,
+    the caller sends from the reactor. The checks and the ``sendmsg`` are not atomic:
+    this is safe only while the reactor sends nothing else on this connection
+    meanwhile — the caller must know it (an acceptor runs one operation at a time, and
+    its final response is what the requestor waits for: only an A-ABORT or
+    A-RELEASE-RP, which end the association, can go out beside it: before, after, or
+    amid it). A connection the reactor closed meanwhile refuses the send (shut down, or
+    reset), and the descriptor is never another's: *sock* is ours."""
+    if not transport.connected or transport.disconnecting \
             or transport._tempDataLen or transport.dataBuffer or transport.producerPaused \
             or len(parts) > _IOV_MAX:
         return False
     try:
-        sent = transport.socket.sendmsg(parts)
-    except (OSError, AttributeError):   # would block, an error the reactor meets too,
-        return False                    # or the socket closed and gone meanwhile
+        sent = sock.sendmsg(parts)
+    except OSError:                     # would block, or an error the reactor meets too
+        return False
     total = sum(len(p) for p in parts)
     if sent < total:
         reactor.callFromThread(transport.write, b"".join(parts)[sent:])

@@ -14,6 +14,8 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from pacsp2p.dicom import dimse
@@ -56,6 +58,19 @@ def test_nothing_is_sent_from_a_thread_while_corked(wired):
     assert _in_thread(assoc.send_from_thread, 1, _rsp(0x0000)) is False
     with pytest.raises(BlockingIOError):
         theirs.recv(65536)
+
+
+def test_a_thread_sends_on_a_socket_of_its_own_closed_with_the_connection(wired):
+    """The thread sends on a duplicate of the socket, which the association closes
+    under the lock the thread sends under: when the reactor closes the connection's own
+    descriptor, no file or connection opened meanwhile can take the number the thread
+    is about to write to."""
+    assoc, theirs, reactor = wired
+    own = assoc._own
+    assert own is not None and own.fileno() != assoc.transport.socket.fileno()
+    assoc.transport.connectionLost(Failure(ConnectionDone()))
+    assert own.fileno() == -1 and assoc._own is None
+    assert _in_thread(assoc.send_from_thread, 1, _rsp(0x0000)) is False
 
 
 class QueueingReactor(Reactor):
