@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pacsp2p.smallfile import read_small
 from pacsp2p.settings import (DEFAULT_AE, DEFAULT_PORT, RIGHTS, AdminSettings,  # noqa: F401
                               ArchiveConfig, AuditSettings, ClusterSettings, ConfigError,
                               Destination, FacadeSettings, Modality, OverlaySettings,
@@ -343,8 +344,7 @@ def load(path: str | Path | None = None) -> Settings:
         return from_dict({}, "<defaults>", Path.cwd())
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
+        doc = tomllib.loads(read_small(path).decode())
     except FileNotFoundError:
         raise ConfigError(f"{path}: cannot read config: file not found") from None
     except OSError as e:

@@ -38,6 +38,7 @@ from twisted.internet import ssl
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from pacsp2p.config import ConfigError
+from pacsp2p.smallfile import read_small
 
 BCP195_CIPHERS = ("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:"
                   "!aNULL:!eNULL:!MD5:!DSS:!PSK:!SRP")
@@ -58,7 +59,7 @@ _ROLES = {"certificate": "cert", "private key": "key", "CA certificate": "ca"}
 
 def _read(path: Path, what: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return read_small(path)
     except FileNotFoundError:
         raise TLSFilesError(f"{path}: {what} not found", _ROLES[what]) from None
     except OSError as e:
@@ -137,7 +138,7 @@ def same_ca(a: Path, b: Path) -> bool:
     def fingerprints(path):
         try:
             return {c.fingerprint(hashes.SHA256())
-                    for c in x509.load_pem_x509_certificates(Path(path).read_bytes())}
+                    for c in x509.load_pem_x509_certificates(read_small(path))}
         except (OSError, ValueError):
             return set()
     return bool(fingerprints(a) & fingerprints(b))

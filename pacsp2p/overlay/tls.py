@@ -45,6 +45,8 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from pacsp2p.smallfile import read_small
+
 log = Logger()
 
 CA_DAYS = 3650
@@ -175,7 +177,7 @@ class Credentials:
         paths = {"ca": tls_dir / "ca.crt", "crt": tls_dir / f"{peer}.crt",
                  "key": tls_dir / f"{peer}.key"}
         try:
-            pem = {k: p.read_bytes() for k, p in paths.items()}
+            pem = {k: read_small(p) for k, p in paths.items()}
         except FileNotFoundError as e:
             raise TLSError(f"{e.filename}: not found (issue one with "
                            f"'pacsp2p ca issue CA_DIR {peer}')") from None
