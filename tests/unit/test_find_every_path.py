@@ -226,27 +226,13 @@ def test_rows_that_fail_when_the_transport_resumes():
         assert len(failures(logs)) == 1
 
 
-def test_paused_and_resumed_many_times_every_row_then_success():
+@pytest.mark.parametrize("page", [None, 7])
+def test_paused_and_resumed_many_times_every_row_then_success(page):
+    """Every row once, in order, then Success, across pauses — and across pages when the
+    matches come a page of 7 at a time (``catalog.findpages``)."""
     peer = Peer()
+    peer.cluster.page = page
     peer.cluster.answer = lambda: defer.succeed(list(rows(50)))
-    msg_id = peer.find()
-    got = []
-    for _ in range(60):
-        peer.assoc.pauseProducing()
-        got += peer.run()
-        peer.assoc.resumeProducing()
-    got += peer.run()
-    assert statuses(got) == [0xFF00] * 50 + [0x0000]
-    assert [str(ds.PatientID) for _, _, ds in got[:-1]] == [f"P{i}" for i in range(50)]
-    assert {m for m, _, _ in got} == {msg_id}
-
-
-def test_pages_paused_and_resumed_every_row_in_order_then_success():
-    """Matches given a page of 7 at a time (``catalog.findpages``): every row once, in
-    order, across pages and pauses."""
-    peer = Peer()
-    peer.cluster.page = 7
-    peer.cluster.answer = lambda: list(rows(50))
     msg_id = peer.find()
     got = []
     for _ in range(60):
