@@ -66,6 +66,8 @@ def is_plugin_file(entry) -> bool:
 
 
 def _load_file(path: Path):
+    if not path.is_file():            # a FIFO would block the import for ever
+        raise ImportError(f"{path} is not a regular file")
     mod_name = "pacsp2p_site_" + "".join(c if c.isalnum() else "_" for c in str(path))
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:

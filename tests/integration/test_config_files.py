@@ -81,3 +81,13 @@ def test_an_overlay_ca_that_is_not_a_regular_file_is_one_line(tmp_path, fifo, sp
 def test_a_config_that_is_a_fifo_is_one_line(tmp_path, fifo):
     for lines in _both(fifo, tmp_path):
         assert lines == [f"pacsp2p: {fifo}: cannot read config: not a regular file"], lines
+
+
+def test_a_strategy_plugin_that_is_a_fifo_is_one_line(tmp_path):
+    """Before, the import waited for the FIFO's writer for ever."""
+    fifo = tmp_path / "site_rules.py"
+    os.mkfifo(fifo)
+    cfg = _config(tmp_path, f'[strategies]\nplugins = ["{fifo}"]\n')
+    for lines in _both(cfg, tmp_path):
+        assert lines == [f"pacsp2p: {cfg}: strategies.plugins[0]: {fifo}: cannot load: "
+                         f"ImportError: {fifo} is not a regular file"], lines
