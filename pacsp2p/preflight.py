@@ -35,14 +35,17 @@ __all__ = ["archives", "check", "credentials", "paths", "strategies"]
 
 
 def paths(settings) -> None:
-    """The data directory is a directory, or not there yet (made at start); the
-    overlay's ``tls_dir`` is not a file (a missing one: ``credentials`` says so)."""
+    """The data directory is a directory, or not there yet (made at start) and not to be
+    made under a file; the overlay's ``tls_dir`` likewise (a missing one: ``credentials``
+    says so)."""
     dirs = [("peer.data_dir", settings.data_dir)]
     if settings.overlay is not None:
         dirs.append(("overlay.tls_dir", settings.overlay.tls_dir))
     for key, path in dirs:
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"{settings.source}: {key}: {path}: not a directory")
+        there = next(p for p in (path, *path.parents) if p.exists())
+        if not there.is_dir():                # it, or the file it would be made in
+            where = "" if there == path else f" ({there} is a file)"
+            raise ConfigError(f"{settings.source}: {key}: {path}: not a directory{where}")
 
 
 def archives(settings, reactor, catalog=None) -> list:

@@ -112,7 +112,11 @@ class PeerService(service.MultiService):
     def _start(self):
         log.info("pacsp2p {v} peer {name}, data in {dir}", v=__version__,
                  name=self.settings.peer.name, dir=self.settings.data_dir)
-        self._lock = lock.acquire(self.settings.data_dir)
+        try:
+            self._lock = lock.acquire(self.settings.data_dir)
+        except OSError as e:                  # cannot be made or written: its key says
+            raise RuntimeError(f"peer.data_dir: {self.settings.data_dir}: "
+                               f"{e.strerror or e}") from None
         _raise_fd_limit()
         tune_malloc()
         yield self.catalog.start()

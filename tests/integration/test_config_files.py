@@ -91,3 +91,30 @@ def test_a_strategy_plugin_that_is_a_fifo_is_one_line(tmp_path):
     for lines in _both(cfg, tmp_path):
         assert lines == [f"pacsp2p: {cfg}: strategies.plugins[0]: {fifo}: cannot load: "
                          f"ImportError: {fifo} is not a regular file"], lines
+
+
+def test_a_data_dir_under_a_file_is_one_line_naming_its_key(tmp_path):
+    """Before, check-config said ok and twistd 'cannot start: [Errno 20] Not a
+    directory: ...' without the key."""
+    (tmp_path / "afile").write_text("")
+    cfg = _config(tmp_path, "")
+    cfg.write_text(cfg.read_text().replace('data_dir = "data"', 'data_dir = "afile/data"'))
+    data = tmp_path / "afile" / "data"
+    for lines in _both(cfg, tmp_path):
+        assert lines == [f"pacsp2p: {cfg}: peer.data_dir: {data}: not a directory "
+                         f"({tmp_path / 'afile'} is a file)"], lines
+
+
+def test_a_data_dir_that_cannot_be_made_names_its_key(tmp_path):
+    """sysfs refuses mkdir even to root (EPERM), as a read-only file system would
+    (EROFS): before, 'cannot start: [Errno 1] Operation not permitted: ...'."""
+    cfg = _config(tmp_path, "")
+    cfg.write_text(cfg.read_text().replace('data_dir = "data"',
+                                           'data_dir = "/sys/pacsp2p-cannot-be-here"'))
+    proc = subprocess.run([str(twistd_path()), "-n", "--pidfile=", "pacsp2p", "--config",
+                           str(cfg)], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["pacsp2p: cannot start: peer.data_dir: /sys/pacsp2p-cannot-be-here: "
+                     "Operation not permitted"], lines
