@@ -68,22 +68,26 @@ def matches(catalog, query: Query, return_keys: list[str]) -> defer.Deferred:
     page_sql = (f"{head}{sep} WHERE {conds}{alias}.rowid IN (", f") ORDER BY {alias}.rowid")
 
     def run(conn):
-        rows = conn.execute(first_sql, params)
-        try:
-            first = rows.fetchmany(PAGE + 1)
-        finally:
-            rows.close()
-        found = Matches(catalog, page_sql, selected, array("q"), params)
-        found.first = [dict(zip(selected, ("" if v is None else str(v) for v in row[1:])))
-                       for row in first[:PAGE]]
-        if len(first) > PAGE:                   # more: the ids of the rest, 8 bytes each
-            given = {row[0] for row in first[:PAGE]}
-            rows = conn.execute(ids_sql, params)
+        conn.execute("BEGIN")           # one snapshot for the first page and the ids: a
+        try:                            # row stored again between them is not given twice
+            rows = conn.execute(first_sql, params)
             try:
-                for (rowid,) in rows:
-                    if rowid not in given:
-                        found.ids.append(rowid)
+                first = rows.fetchmany(PAGE + 1)
             finally:
                 rows.close()
+            found = Matches(catalog, page_sql, selected, array("q"), params)
+            found.first = [dict(zip(selected, ("" if v is None else str(v) for v in r[1:])))
+                           for r in first[:PAGE]]
+            if len(first) > PAGE:               # more: the ids of the rest, 8 bytes each
+                given = {row[0] for row in first[:PAGE]}
+                rows = conn.execute(ids_sql, params)
+                try:
+                    for (rowid,) in rows:
+                        if rowid not in given:
+                            found.ids.append(rowid)
+                finally:
+                    rows.close()
+        finally:
+            conn.execute("COMMIT")
         return found
     return catalog.read(run)
