@@ -18,7 +18,7 @@ from twisted.protocols import amp
 
 from pacsp2p.catalog.facts import STAMP, MAX_STAMP
 from pacsp2p.config import MAX_LINKS
-from pacsp2p.validate import is_ae_title, is_uid, shown
+from pacsp2p.validate import is_ae_title, is_uid, long_value, shown
 
 log = Logger()
 
@@ -96,6 +96,11 @@ def check_meta(meta, uid: str) -> dict:
     stamp = attributes.get(STAMP, 0)          # its receipt (the catalog's LWW stamp)
     if type(stamp) is not int or not 0 <= stamp < MAX_STAMP:
         _refuse("stamp", str(stamp))
+    values = {k: v for k, v in attributes.items() if k != STAMP}
+    why = long_value(values)          # text of at most VALUE_MAX, as the facade keeps
+    if why:
+        _refuse("attribute", why)
+    attributes.update(values)         # (a value of several past the bound: clipped)
     for key in ("StudyInstanceUID", "SeriesInstanceUID"):
         value = attributes.get(key)
         if value and not is_uid(value):
