@@ -90,10 +90,32 @@ class DeadlineChannel(http.HTTPChannel):
     _deadline = None
     answering = 0
 
+    _refused = False
+
     def dataReceived(self, data):
+        if self._refused:              # answered 414: the rest is read and dropped
+            return
         if self._deadline is None and data:
             self._deadline = self.callLater(self.request_timeout, self._too_slow)
         super().dataReceived(data)
+
+    def lineLengthExceeded(self, line):
+        """A request line or header line past ``MAX_LENGTH`` (16 KB: a console search
+        of 1 MB in its address): 414 with one JSON line, then our side closed while the
+        rest is read and dropped (until the client closes, or ``_too_slow``), so that
+        the client reads the answer instead of a reset; before, twisted closed the
+        connection with no answer at all (a browser's empty page)."""
+        self._refused = True
+        body = json.dumps({"error": f"a request line or header over {self.MAX_LENGTH} "
+                                    "bytes"}).encode()
+        self.transport.write(b"HTTP/1.1 414 URI Too Long\r\ncontent-type: application/json"
+                             b"\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                             % (len(body), body))
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        else:                          # (TLS: no half-close) closed once written
+            self.transport.loseConnection()
 
     def allContentReceived(self):
         self._stop_deadline()
