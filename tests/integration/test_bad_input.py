@@ -266,7 +266,9 @@ def test_data_dir_that_cannot_be_created_stops_the_peer(tmp_path):
     assert took < patience(15)
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1, proc.stderr + proc.stdout[-2000:]
-    assert "cannot start" in lines[0] and "Not a directory" in lines[0]
+    # the key named (ac554fe; before: "cannot start: [Errno 20] Not a directory: ...")
+    assert f"peer.data_dir: {blocker / 'data'}: not a directory" in lines[0], lines[0]
+    assert f"({blocker} is a file)" in lines[0], lines[0]
 
 
 # -- a full disk -----------------------------------------------------------------------
