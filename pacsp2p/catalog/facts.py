@@ -278,6 +278,8 @@ def check_wire(batch: list) -> int:
         for key, row in parents.get(level, {}).items():
             if not isinstance(row, list) or len(row) != width:
                 raise ValueError(f"{level} row {key!r} is not {width} fields")
+            if not all(v is None or type(v) is str for v in row):
+                raise ValueError(f"{level} row {key!r} has a value that is not text")
     stamps = parents.get(STAMPS_KEY, {})
     if not isinstance(stamps, dict) or not all(
             isinstance(stamps.get(level, {}), dict) and all(
@@ -296,6 +298,8 @@ def check_wire(batch: list) -> int:
     for row in facts:
         if not isinstance(row, list) or len(row) != n:
             raise ValueError(f"fact has {len(row)} fields, expected {n}")
+        if not all(v is None or type(v) is str for v in row[1:4] + row[len(LOCATION_FIELDS):]):
+            raise ValueError("a fact has a value that is not text")
         int(row[4])
         top = max(top, int(row[0]))
     return top
