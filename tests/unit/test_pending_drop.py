@@ -15,13 +15,10 @@ import json
 import threading
 
 from pacsp2p.adapters.embedded import EmbeddedArchive
-from pacsp2p.catalog.db import Catalog
 from pacsp2p.dicom.header import dataset_offset
-from pacsp2p.overlay import threadtls
 from pacsp2p.testing import datasets
-from pacsp2p.transfer.pushport import COMMIT, DATA, END, HEAD, OPEN, PushServer, _frame
-from pacsp2p.transfer.replicas import ReplicaService
-from test_push_commits import Reactor, _in_thread, copies
+from pacsp2p.transfer.pushport import COMMIT, DATA, END, HEAD, OPEN, _frame
+from test_push_commits import Reactor, _in_thread, copies, serve_pushes
 from test_push_port import UID, answer, certs, connect, meta_json  # noqa: F401 (a fixture)
 
 
@@ -43,15 +40,9 @@ def push(sock, head, data):
 
 def test_a_duplicate_kept_while_its_bytes_are_dropped_is_not_committed(certs, tmp_path):  # noqa: F811
     reactor = Reactor()
-    catalog = Catalog(tmp_path / "catalog.sqlite", reactor, peer="peerb")
-    reactor.wait(catalog.start())
     archive = EmbeddedArchive("local", tmp_path / "archive", reactor, threads=1)
     reactor.wait(archive.start())
-    svc = ReplicaService("peerb", {"local": archive}, catalog, None, reactor)
-    svc.tmpdir = tmp_path / "incoming"
-    svc.tmpdir.mkdir()
-    server = PushServer(svc, reactor, threadtls.server_context(certs, "peerb"), "push port",
-                        max_connections=4).listen(0, "127.0.0.1")
+    catalog, svc, server = serve_pushes(reactor, certs, tmp_path, archive)
     busy = threading.Event()
     try:
         sock = connect(certs, server.port)

@@ -43,16 +43,24 @@ class Reactor(ThreadReactor):
         return super().wait(d, patience(timeout))
 
 
-@pytest.fixture
-def holder(certs, tmp_path):  # noqa: F811
-    reactor = Reactor()
+def serve_pushes(reactor, certs, tmp_path, archive, max_connections: int = 4):
+    """peerb's push port on 127.0.0.1 over *archive* ("local"): a real started
+    ``Catalog``, a real ``ReplicaService`` (incoming under *tmp_path*), a real TLS
+    ``PushServer``; (catalog, service, server)."""
     catalog = Catalog(tmp_path / "catalog.sqlite", reactor, peer="peerb")
     reactor.wait(catalog.start())
-    svc = ReplicaService("peerb", {"local": Archive()}, catalog, None, reactor)
+    svc = ReplicaService("peerb", {"local": archive}, catalog, None, reactor)
     svc.tmpdir = tmp_path / "incoming"
     svc.tmpdir.mkdir()
     server = PushServer(svc, reactor, threadtls.server_context(certs, "peerb"), "push port",
-                        max_connections=4).listen(0, "127.0.0.1")
+                        max_connections=max_connections).listen(0, "127.0.0.1")
+    return catalog, svc, server
+
+
+@pytest.fixture
+def holder(certs, tmp_path):  # noqa: F811
+    reactor = Reactor()
+    catalog, svc, server = serve_pushes(reactor, certs, tmp_path, Archive())
     yield reactor, svc, server
     server.stopListening()
     reactor.wait(catalog.stop())
@@ -144,15 +152,9 @@ def test_a_kept_copy_is_noted_pending_without_a_reactor_turn(certs, tmp_path):  
         turns.append(getattr(fn, "__qualname__", repr(fn)))
         plain(fn, *args, **kw)
     reactor.callFromThread = counted
-    catalog = Catalog(tmp_path / "catalog.sqlite", reactor, peer="peerb")
-    reactor.wait(catalog.start())
     archive = EmbeddedArchive("local", tmp_path / "archive", reactor)
     reactor.wait(archive.start())
-    svc = ReplicaService("peerb", {"local": archive}, catalog, None, reactor)
-    svc.tmpdir = tmp_path / "incoming"
-    svc.tmpdir.mkdir()
-    server = PushServer(svc, reactor, threadtls.server_context(certs, "peerb"), "push port",
-                        max_connections=4).listen(0, "127.0.0.1")
+    catalog, svc, server = serve_pushes(reactor, certs, tmp_path, archive)
     try:
         sock = connect(certs, server.port)
         data = b"k" * 50_000

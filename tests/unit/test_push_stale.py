@@ -7,25 +7,17 @@ it - although the holder was up. Real sockets, real mutual TLS, a real
 ``ReplicaService`` and ``Catalog`` (``test_push_commits``'s holder, one thread)."""
 from __future__ import annotations
 
-from pacsp2p.catalog.db import Catalog
 from pacsp2p.testing.cluster import wait_until
-from pacsp2p.overlay import threadtls
-from pacsp2p.transfer.pushport import COMMIT, PushServer, Pushes, _frame
-from pacsp2p.transfer.replicas import ReplicaService
-from test_push_commits import Reactor, _in_thread, copies
+from pacsp2p.transfer.pushport import COMMIT, Pushes, _frame
+from test_push_commits import Reactor, _in_thread, copies, serve_pushes
 from test_push_port import UID, Archive, answer, certs, connect  # noqa: F401 (a fixture)
 
 
 def test_a_commit_after_the_holder_closed_the_idle_connection_goes_on_a_new_one(
         certs, tmp_path):  # noqa: F811
     reactor = Reactor()
-    catalog = Catalog(tmp_path / "catalog.sqlite", reactor, peer="peerb")
-    reactor.wait(catalog.start())
-    svc = ReplicaService("peerb", {"local": Archive()}, catalog, None, reactor)
-    svc.tmpdir = tmp_path / "incoming"
-    svc.tmpdir.mkdir()
-    server = PushServer(svc, reactor, threadtls.server_context(certs, "peerb"), "push port",
-                        max_connections=1).listen(0, "127.0.0.1")
+    catalog, svc, server = serve_pushes(reactor, certs, tmp_path, Archive(),
+                                        max_connections=1)
     pushes = Pushes(certs, "peera", reactor)
     nothing = copies(("local", UID, "0" * 64))           # nothing pending: a null seq
     try:
