@@ -59,6 +59,10 @@ def to_query(identifier: Dataset, root: str) -> tuple[Query, list[str]]:
                 bad = [u for u in keys[kw].split("\\") if not is_uid(u) and u != "*"]
                 if bad:
                     raise IdentifierError(f"{kw}: not a valid UID: {shown(bad[0])}")
+            if elem.VR in ("DA", "TM") and any(v.count("-") > 1
+                                               for v in keys[kw].split("\\")):
+                # PS3.4 C.2.2.2.5: a range is <value1>-<value2> (DT keeps its UTC offset)
+                raise IdentifierError(f"{kw}: not a date or time range: {shown(keys[kw])}")
     except IdentifierError:
         raise
     except Exception as e:  # a malformed identifier, whatever pydicom raises

@@ -22,7 +22,9 @@ from __future__ import annotations
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import build_context
+from pydicom.dataset import Dataset
 from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
 from pacsp2p.catalog import db, tombstones
 from pacsp2p.testing import Peer, datasets, findscu, fuzz
@@ -176,6 +178,25 @@ def test_a_retrieval_of_more_than_a_response_can_count_is_refused_unread(tmp_pat
         grown = (fuzz.rss_kib(p.pid) - rss) / 1024
     assert statuses == [0xC416, 0xA701]
     assert grown < 30, f"the peer's RSS grew {grown:.0f} MB"
+
+
+@pytest.mark.parametrize("key, value, status", [
+    ("StudyDate", "20240115-20240115-20240116", 0xA900),
+    ("StudyTime", "0800-0900-1000", 0xA900),
+    ("StudyDate", "20240101\\19990101-20000101-20010101", 0xA900),
+    ("StudyDate", "20240115-20240116", 0x0000),            # a range: served as before
+    ("StudyDate", "-20240116", 0x0000)])
+def test_a_range_of_three_parts_is_refused(peer, key, value, status):
+    """A date or time range is <value1>-<value2> (PS3.4 C.2.2.2.5); one of three parts is
+    refused 0xA900 (before: matched from its first part to the string of the other two,
+    a silent answer to a question nobody asked)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = ""
+    setattr(ds, key, value)
+    with dn.association(peer.port, peer.ae_title, [build_context(FIND)]) as assoc:
+        got = [s.Status for s, _ in assoc.send_c_find(ds, FIND)]
+    assert got[-1] == status, [hex(s) for s in got]
 
 
 def test_a_flood_of_refused_requests_writes_a_bounded_log(peer):
