@@ -72,12 +72,18 @@ class Gate(DeferredSemaphore):
 
     def release(self) -> None:
         with self._lock:
-            if not self.waiting:
-                assert self.tokens < self.limit, "a gate released more than taken"
-                self.tokens += 1
+            if self._put_back():
                 return
             d = self.waiting.pop(0)
         d.callback(self)
+
+    def _put_back(self) -> bool:
+        """Under the lock: the turn back among the free ones, if no one waits for it."""
+        if self.waiting:
+            return False
+        assert self.tokens < self.limit, "a gate released more than taken"
+        self.tokens += 1
+        return True
 
     def _cancelAcquire(self, d: Deferred) -> None:   # noqa: N802 (Twisted's name)
         with self._lock:
@@ -95,9 +101,7 @@ class Gate(DeferredSemaphore):
     def give(self, reactor) -> None:
         """Any thread: a turn given back; handed to the first waiter in the reactor."""
         with self._lock:
-            if not self.waiting:
-                assert self.tokens < self.limit, "a gate released more than taken"
-                self.tokens += 1
+            if self._put_back():
                 return
         reactor.callFromThread(self.release)
 

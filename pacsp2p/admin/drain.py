@@ -16,7 +16,9 @@ said, the last error said), 2 when the draining peer dies first. ``--stop`` ends
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 import time
 from urllib.parse import urlencode
@@ -30,8 +32,6 @@ STALLED = 100.0     # seconds without a copy moved, with moves failing: say so a
 
 def _seconds(text: str) -> float:
     """A positive number of seconds up to a day, or argparse's one-line error."""
-    import argparse
-    import math
     try:
         value = float(text)
     except ValueError:

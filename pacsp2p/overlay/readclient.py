@@ -269,7 +269,7 @@ class ReadClient:
                 kept, now = False, time.monotonic()
                 while peer.idle:
                     sock, since = peer.idle.pop()
-                    if now - since < KEPT and _quiet(sock):
+                    if now - since < KEPT and quiet(sock):
                         self._socks.add(sock)
                         return sock, False
                     _close(sock)
@@ -484,7 +484,7 @@ class _Reader:
         self.read_into(memoryview(bytearray(length)))
 
 
-def _quiet(sock) -> bool:
+def quiet(sock) -> bool:
     """A kept connection has nothing to read: neither the peer's close (EOF, reset, a
     close_notify) nor anything else an idle HTTP connection should not hold."""
     if sock.pending():

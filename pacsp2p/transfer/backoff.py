@@ -35,10 +35,10 @@ class Backoff:
         self._due[key] = (now + wait, wait)
         return wait
 
-    def waiting(self, key: Hashable, now: float | None = None) -> bool:
+    def waiting(self, key: Hashable) -> bool:
         """Whether *key* failed and its wait is not over."""
         entry = self._due.get(key)
-        return entry is not None and (time.monotonic() if now is None else now) < entry[0]
+        return entry is not None and time.monotonic() < entry[0]
 
     def succeeded(self, key: Hashable) -> None:
         self._due.pop(key, None)

@@ -212,7 +212,6 @@ class Drain:
     def walk(self):
         """One walk over our copies on the draining archives."""
         self._walking = True
-        now = time.monotonic()
         self._failed.prune()
         names = set(self.state)
         after, left, blocked = 0, 0, 0
@@ -226,9 +225,8 @@ class Drain:
                 uids = sorted({c.uid for c in rows})
                 infos, where = yield self.catalog.read(lambda conn: _lookup(conn, uids))
                 jobs = []
-                now = time.monotonic()
                 for c in rows:
-                    if self._failed.waiting((c.uid, c.archive), now):
+                    if self._failed.waiting((c.uid, c.archive)):
                         left += 1
                         continue
                     job = self._plan(c, infos.get(c.uid), where.get(c.uid, []))

@@ -45,7 +45,7 @@ from twisted.logger import Logger
 
 from pacsp2p import threads
 from pacsp2p.overlay.commands import InvalidArgument, ReplicaRefused, check_commits
-from pacsp2p.overlay.readclient import _quiet
+from pacsp2p.overlay.readclient import quiet
 from pacsp2p.overlay.threadtls import (IDLE_TIMEOUT, Stopped, ThreadServer,
                                        client_context, peer_name)
 from pacsp2p.validate import shown
@@ -405,7 +405,7 @@ class _Sender:
     def _send(self, push, buf, end: bool, first: bool = False) -> None:
         if buf is _ABORT:
             raise ReplicaRefused("the data set was abandoned")
-        if first and self.sock is not None and not _quiet(self.sock):
+        if first and self.sock is not None and not quiet(self.sock):
             self._close()           # kept idle, closed by the holder since: a new one
         if self.sock is None:
             self.sock = self.pushes.connect(self.key, self)

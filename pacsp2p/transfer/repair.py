@@ -297,7 +297,6 @@ class Repair:
     def _plan(self, batch, lv: Liveness) -> list[_Job]:
         candidates = self.ingest.candidates()
         neutral = [dataclasses.replace(a, instances=0, free_bytes=None) for a in candidates]
-        now = time.time()
         jobs = []
         for info, locs in batch:
             uid = info.sop_instance_uid
