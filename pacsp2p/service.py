@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pacsp2p import __version__, lock, preflight
+from pacsp2p import __version__, lock, preflight, spread
 from pacsp2p.adapters.crawl import Crawler
 from pacsp2p.admin import endpoint
 from pacsp2p.catalog import Catalog
@@ -117,6 +117,7 @@ class PeerService(service.MultiService):
         except OSError as e:                  # cannot be made or written: its key says
             raise RuntimeError(f"peer.data_dir: {self.settings.data_dir}: "
                                f"{e.strerror or e}") from None
+        spread.mark(self.settings.data_dir)   # its new subdirectories: in uncrowded groups
         _raise_fd_limit()
         tune_malloc()
         yield self.catalog.start()

@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from pacsp2p import spread
 from pacsp2p.adapters import layout
 from pacsp2p.adapters.interface import (IArchive, IDeletes, IKeeps, IOpens, IReadsMany,
                                         IRestores, IStores, IStoresUnsynced, IVerifies,
@@ -94,6 +95,7 @@ class EmbeddedArchive:
 
     def _prepare(self):
         self.objects.mkdir(parents=True, exist_ok=True)
+        spread.mark(self.objects)               # the fan-out directories: spread (``spread``)
         self.tmp.mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp.iterdir():     # half-written files of a crash
             leftover.unlink(missing_ok=True)
