@@ -12,6 +12,8 @@ import zlib
 from collections.abc import Iterator
 
 CHUNK = 1 << 20
+RATIO = 32              # a data set decoded whole inflates to at most RATIO times its size
+FLOOR = 64 << 20        # ... or this many bytes, whichever is more (real ones: 1.2-3.4 times)
 
 
 class Inflation(ValueError):
@@ -43,6 +45,28 @@ def inflated(data, limit: int, start: int = 0, chunk: int = CHUNK) -> Iterator[b
                 yield out
     except zlib.error as e:
         raise Inflation(f"the deflated data set is corrupt: {e}") from e
+
+
+def bound(deflated: int, ceiling: int) -> int:
+    """Inflated bytes a deflated data set of *deflated* bytes may take when decoded whole:
+    RATIO times its size, at least FLOOR, at most *ceiling*."""
+    return min(ceiling, max(FLOOR, RATIO * deflated))
+
+
+def head(data, length: int) -> bytes:
+    """About the first *length* inflated bytes of the raw DEFLATE stream *data* (all of
+    them if it inflates to fewer; at most a CHUNK more): the rest is never inflated."""
+    out, total = [], 0
+    chunks = inflated(data, 1 << 62)
+    try:
+        for chunk in chunks:
+            out.append(chunk)
+            total += len(chunk)
+            if total >= length:
+                break
+    finally:
+        chunks.close()
+    return b"".join(out)
 
 
 def inflate(data, limit: int) -> bytes:

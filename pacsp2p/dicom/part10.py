@@ -13,6 +13,8 @@ import io
 import struct
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom.dsutils import encode
 from twisted.logger import Logger
@@ -129,35 +131,65 @@ def decoded_size(ds) -> int:
 def convert(f, target: str, limit: int | None = None) -> io.BytesIO:
     """The data set of Part-10 file *f* re-encoded in uncompressed *target* (decompressed
     first if needed; the SOP Instance UID is kept). Closes *f*. *limit*: TooLarge if
-    the file with its pixel data decoded would take more bytes (checked before)."""
+    the file with its pixel data decoded would take more bytes (checked before). A
+    deflated data set is inflated once, to at most ``deflate.bound`` of its size (else
+    TooLarge: a stored deflate bomb of a few MB is not decoded to GB)."""
     with f:
         size = f.seek(0, io.SEEK_END)
         if limit is not None and size > limit:
             raise TooLarge(f"{size} bytes, over {limit}")
         f.seek(0)
-        ts, _ = dataset_start(f)
-        _check_nesting(f.read(), UID(ts), limit or MAX_INFLATED)
-        f.seek(0)
-        ds = dcmread(f)
-    if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+        ts = UID(dataset_start(f)[0])
+        data = f.read()
+        if ts.is_deflated:
+            try:
+                data = deflate.inflate(data, deflate.bound(len(data), limit or MAX_INFLATED))
+            except deflate.Inflation as e:
+                raise TooLarge(f"deflated data set: {e}") from None
+        _check_nesting(data, ts)
+        if ts.is_deflated:
+            ds = read_dataset(io.BytesIO(data), False, True)
+        else:
+            del data
+            f.seek(0)
+            ds = dcmread(f)
+    if ts.is_compressed:
         if limit is not None and (need := size + decoded_size(ds)) > limit:
             raise TooLarge(f"{need} bytes once decompressed, over {limit}")
         ds.decompress(generate_instance_uid=False)
     target = UID(target)
-    return io.BytesIO(encode(ds, target.is_implicit_VR, target.is_little_endian))
+    encoded = encode(ds, target.is_implicit_VR, target.is_little_endian)
+    if encoded is None:                 # pydicom's writer failed (pynetdicom logged why)
+        raise BadFile(f"cannot be re-encoded in {target.name}")
+    return io.BytesIO(encoded)
 
 
-def _check_nesting(data: bytes, ts: UID, limit: int) -> None:
-    """BadFile if the data set *data* (in *ts*) nests sequences past ``nesting.MAX_DEPTH``:
-    pydicom's recursion would take gigabytes for it (``dicom.nesting``)."""
-    if ts.is_deflated:
-        try:
-            data = deflate.inflate(data, limit)
-        except deflate.Inflation as e:
-            raise BadFile(f"deflated data set: {e}") from None
-    found = nesting.depth(data, ts.is_implicit_VR, ts.is_little_endian)
+def _check_nesting(data: bytes, ts: UID) -> None:
+    """BadFile if the data set *data* (in *ts*, inflated) nests sequences past
+    ``nesting.MAX_DEPTH``: pydicom's recursion would take gigabytes for it
+    (``dicom.nesting``)."""
+    implicit, little = (False, True) if ts.is_deflated else (ts.is_implicit_VR,
+                                                            ts.is_little_endian)
+    found = nesting.depth(data, implicit, little)
     if found > nesting.MAX_DEPTH:
         raise BadFile(f"sequences nested over {nesting.MAX_DEPTH} deep: not re-encoded")
+
+
+_PIXELS = {0x7FE00010, 0x7FE00009, 0x7FE00008}
+
+
+def read_header(path, length: int) -> Dataset:
+    """The data set of the Part-10 file at *path* up to its pixel data (pydicom). A
+    deflated one is inflated only as far as *length* bytes: pydicom inflates all of it in
+    memory first (a few MB stored that inflate to GB, after a short header)."""
+    with open(path, "rb") as f:
+        ts = UID(dataset_start(f)[0])
+        if not ts.is_deflated:
+            f.seek(0)
+            return dcmread(f, stop_before_pixels=True)
+        data = deflate.head(f.read(), length)
+    return read_dataset(io.BytesIO(data), False, True,
+                        stop_when=lambda tag, vr, length: tag in _PIXELS)
 
 
 def file_dataset_hash(f) -> str:

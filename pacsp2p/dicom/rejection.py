@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from pacsp2p.dicom.header import MAX_DEFLATED_HEADER
+from pacsp2p.dicom.part10 import BadFile, read_header
 from pacsp2p.validate import is_uid
 
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
@@ -66,8 +67,8 @@ def read_rejection(path: Path) -> Rejection | None:
     (another kind of KOS, another SOP class). Raises BadRejection for a rejection note
     that names no valid instance, or too many."""
     try:
-        ds = dcmread(str(path), stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, RecursionError) as e:
+        ds = read_header(path, MAX_DEFLATED_HEADER)    # as much as the store read
+    except (InvalidDicomError, OSError, ValueError, EOFError, RecursionError, BadFile) as e:
         raise BadRejection(f"unreadable: {e}") from e
     if str(getattr(ds, "SOPClassUID", "")) != KOS_SOP_CLASS:
         return None

@@ -1,0 +1,221 @@
+"""Data sets kept as sent that a real peer later decodes whole (twelfth hostile-input
+session): deflate bombs, and a value pydicom's writer cannot re-encode.
+
+A C-STORE in Deflated Explicit VR Little Endian (PS3.5 A.5) of about 1 MB whose pixel
+data is 1 GiB of zeros is valid DICOM and kept as sent (its header is read from a bounded
+prefix, the rest inflated a chunk at a time and dropped). Two paths then decoded it whole:
+
+- a C-GET proposing only Explicit VR Little Endian makes the peer re-encode it
+  (``part10.convert``): it inflated it twice in memory, pydicom read and wrote it again
+  (GBs for 1 MB sent); now a deflated data set is inflated to at most ``deflate.bound``
+  of its size (32 times, at least 64 MiB): the sub-operation fails, the rest is sent;
+- an IOCM rejection note (a Key Object Selection document) is read by pydicom at store
+  time (``rejection.read_rejection``), which inflated the whole data set in memory before
+  it stopped at the pixel data; now only its first 64 MiB inflated, as the header read.
+
+A C-STORE in Explicit VR Little Endian carrying a US value of 3 bytes (a header walk
+passes it: tags and lengths) is kept as sent; a C-GET proposing only Implicit VR Little
+Endian made the peer re-encode it, pynetdicom's ``encode`` failed (it returns None) and
+the sub-operation sent an EMPTY data set, counted completed; now it fails.
+
+The peer runs under an address-space limit of its size at start + 3 GiB, so the host is
+spared if it grows as before.
+"""
+from __future__ import annotations
+
+import io
+import resource
+import zlib
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian,
+                         ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+from pynetdicom import build_context, build_role, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+
+from pacsp2p.dicom.header import read_meta
+from pacsp2p.testing import Peer, datasets, echo
+from pacsp2p.testing import dicomnet as dn
+from pacsp2p.testing.fuzz.watch import RssPeak
+from pacsp2p.testing.iocm import KOS_SOP_CLASS
+
+MIB = 1 << 20
+BOMB_MIB = 1024             # inflated pixel data of a bomb: 512 x 512 x 16 bits x 2048 frames
+HEADROOM = 3 << 30          # address space the peer may take past its size at start
+GROWTH_KIB = 300 * 1024     # what the peer's RSS may grow by meanwhile (sampled: 20/s)
+
+
+def status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"process {pid} is gone (no {key})")
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory):
+    with Peer(tmp_path_factory.mktemp("deflate"), name="deflate") as p:
+        limit = status_kib(p.pid, "VmSize") * 1024 + HEADROOM
+        resource.prlimit(p.pid, resource.RLIMIT_AS, (limit, limit))
+        yield p
+
+
+def explicit(ds: Dataset) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def deflated(head: bytes, zeros_mib: int = 0) -> bytes:
+    """*head*, then a Pixel Data (OW) element of *zeros_mib* MiB of zeros if any, as one
+    raw DEFLATE stream, padded to an even length."""
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = [z.compress(head)]
+    if zeros_mib:
+        length = (zeros_mib * MIB).to_bytes(4, "little")
+        out.append(z.compress(b"\xe0\x7f\x10\x00OW\x00\x00" + length))
+        zeros = bytes(MIB)
+        out += [z.compress(zeros) for _ in range(zeros_mib)]
+    data = b"".join(out) + z.flush()
+    return data + b"\0" * (len(data) % 2)
+
+
+def bomb_image(study: str, n: int) -> Dataset:
+    ds = datasets.make_image("CT", size=8, seed=n, PatientID="DEFLATEBOMB",
+                             StudyInstanceUID=study, InstanceNumber=n,
+                             SeriesInstanceUID=datasets.uid("deflate-bomb-series", study),
+                             SOPInstanceUID=datasets.uid("deflate-bomb", study, n))
+    if n == 2:
+        del ds.PixelData
+        ds.Rows, ds.Columns, ds.NumberOfFrames = 512, 512, BOMB_MIB * MIB // (512 * 512 * 2)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    return ds
+
+
+def store(peer, sop_class: str, uid: str, data: bytes,
+          syntax: str = DeflatedExplicitVRLittleEndian) -> list:
+    req = C_STORE()
+    req.MessageID, req.Priority = 7, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = sop_class, uid
+    req.DataSet = io.BytesIO(data)
+    with dn.association(peer.port, peer.ae_title, [build_context(sop_class, [syntax])],
+            timeout=300) as assoc:
+        return dn.send_request(assoc, req, assoc.accepted_contexts[0].context_id)
+
+
+def held(peer) -> set:
+    return {read_meta(p).sop_instance_uid for p in dn.archive_files(peer.data_dir)}
+
+
+def log_is_clean(peer) -> None:
+    log = peer.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "Unhandled" not in log
+
+
+def get(peer, study: str, syntax: str) -> tuple:
+    """(final C-GET response, its identifier, data sets received) of the study, CT
+    proposed in *syntax*."""
+    received = []
+
+    def on_store(event):
+        received.append(event.dataset)
+        return 0x0000
+
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study
+    with dn.association(peer.port, peer.ae_title, [
+            build_context(GET), build_context(CTImageStorage, [syntax])],
+            ext_neg=[build_role(CTImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)], timeout=300) as assoc:
+        final, identifier = list(assoc.send_c_get(query, GET))[-1]
+    return final, identifier, received
+
+
+def test_a_stored_deflate_bomb_fails_its_c_get_sub_operation_in_bounded_memory(peer):
+    study = datasets.uid("deflate-bomb-study")
+    small, bomb = bomb_image(study, 1), bomb_image(study, 2)
+    assert store(peer, CTImageStorage, small.SOPInstanceUID, deflated(explicit(small))) == [0]
+    data = deflated(explicit(bomb), BOMB_MIB)
+    assert len(data) < 2 * MIB
+    assert store(peer, CTImageStorage, bomb.SOPInstanceUID, data) == [0]   # valid: kept
+    assert {small.SOPInstanceUID, bomb.SOPInstanceUID} <= held(peer)
+    with RssPeak(peer.pid) as rss:
+        final, _, received = get(peer, study, ExplicitVRLittleEndian)
+    grown = rss.peak - rss.first
+    assert grown < GROWTH_KIB, f"the peer grew by {grown} KiB"
+    assert final.Status == 0xB000, hex(final.Status)
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 1)
+    assert [str(d.SOPInstanceUID) for d in received] == [small.SOPInstanceUID]
+    assert received[0].PixelData == small.PixelData
+    assert echo(peer.port, peer.ae_title)
+    log_is_clean(peer)
+
+
+def rejection_note(study: str, rejected: Dataset) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = KOS_SOP_CLASS, datasets.uid("deflate-kos", study)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, datasets.uid("deflate-kos-series")
+    ds.PatientID, ds.PatientName, ds.Modality = "DEFLATEBOMB", "BOMB", "KO"
+    ds.SeriesNumber, ds.InstanceNumber, ds.ValueType = 99, 1, "CONTAINER"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "113001", "DCM"
+    code.CodeMeaning = "Rejected for Quality Reasons"
+    ds.ConceptNameCodeSequence = Sequence([code])
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = (CTImageStorage,
+                                                               rejected.SOPInstanceUID)
+    series = Dataset()
+    series.SeriesInstanceUID = rejected.SeriesInstanceUID
+    series.ReferencedSOPSequence = Sequence([ref])
+    evidence = Dataset()
+    evidence.StudyInstanceUID = study
+    evidence.ReferencedSeriesSequence = Sequence([series])
+    ds.CurrentRequestedProcedureEvidenceSequence = Sequence([evidence])
+    return ds
+
+
+def test_a_deflated_rejection_note_with_a_gigabyte_of_pixels_is_read_in_bounded_memory(peer):
+    study = datasets.uid("deflate-kos-study")
+    image = bomb_image(study, 1)
+    assert store(peer, CTImageStorage, image.SOPInstanceUID, deflated(explicit(image))) == [0]
+    note = rejection_note(study, image)
+    data = deflated(explicit(note), BOMB_MIB)
+    with RssPeak(peer.pid) as rss:
+        statuses = store(peer, KOS_SOP_CLASS, note.SOPInstanceUID, data)
+    grown = rss.peak - rss.first
+    assert grown < GROWTH_KIB, f"the peer grew by {grown} KiB"
+    assert statuses == [0]
+    assert note.SOPInstanceUID in held(peer)
+    assert image.SOPInstanceUID not in held(peer)          # the rejection was acted on
+    assert echo(peer.port, peer.ae_title)
+    log_is_clean(peer)
+
+
+def test_a_value_pydicom_cannot_re_encode_fails_its_sub_operation_not_sent_empty(peer):
+    study = datasets.uid("reencode-study")
+    good, odd = bomb_image(study, 1), bomb_image(study, 3)
+    for ds in (good, odd):
+        ds.SOPInstanceUID = datasets.uid("reencode", ds.InstanceNumber)
+    raw = explicit(odd)
+    pixels = raw.rindex(b"\xe0\x7f\x10\x00")
+    private = (b"\x09\x00\x10\x00LO\x04\x00ODD " +        # (0009,0010) creator
+               b"\x09\x00\x01\x10US\x03\x00\x01\x02\x03")   # (0009,1001) US of 3 bytes
+    raw = raw[:pixels] + private + raw[pixels:]
+    assert raw.index(private) > raw.index(b"\x08\x00\x18\x00")   # after SOP Instance UID
+    for ds, data in ((good, explicit(good)), (odd, raw)):
+        assert store(peer, CTImageStorage, ds.SOPInstanceUID, data,
+                     ExplicitVRLittleEndian) == [0]
+    final, identifier, received = get(peer, study, ImplicitVRLittleEndian)
+    assert [str(d.SOPInstanceUID) for d in received] == [good.SOPInstanceUID]
+    assert final.Status == 0xB000, hex(final.Status)
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 1)
+    assert odd.SOPInstanceUID in str(identifier.FailedSOPInstanceUIDList)
+    assert echo(peer.port, peer.ae_title)
+    log_is_clean(peer)
