@@ -157,10 +157,16 @@ class Catalog:
         write one fact of ours now, in a transaction of its own on the writer's
         connection (under its lock, between the writer's batches); its sequence number,
         which the reactor then passes to ``committed_now``. Raises sqlite3.Error."""
+        return self.record_all_now([(meta, location, None)])[0]
+
+    def record_all_now(self, facts) -> list:
+        """Blocking, as ``record_now``: several facts of ours [(meta, location, then)]
+        in one transaction (a push port's ``COMMIT``: a group commit); their sequence
+        numbers (*then(conn, seq)* as ``record``'s)."""
         with self._lock:
             if self._writer is None:
                 raise sqlite3.OperationalError("the catalog is closed")
-            return self._write_own([(meta, location, (), None)])[0]
+            return self._write_own([(meta, loc, (), then) for meta, loc, then in facts])
 
     def conflict_now(self, uid: str, archive: str, sha256: str) -> None:
         """Blocking, like ``record_now``: a conflicting version kept beside *uid*."""
@@ -169,11 +175,11 @@ class Catalog:
                 raise sqlite3.OperationalError("the catalog is closed")
             self._writer.execute(_CONFLICT_SQL, (uid, archive, sha256))
 
-    def committed_now(self, seq: int | None) -> None:
-        """Reactor: a fact ``record_now`` wrote is committed (the version vector,
-        the listeners)."""
+    def committed_now(self, seq: int | None, n: int = 1) -> None:
+        """Reactor: *n* facts ``record_now`` or ``record_all_now`` wrote, the highest
+        *seq*, are committed (the version vector, the listeners)."""
         if seq:
-            self._committed(self.peer, seq)
+            self._committed(self.peer, seq, n)
 
     def record(self, meta: InstanceMeta, location: Location | None,
                hints=(), then=None) -> defer.Deferred:

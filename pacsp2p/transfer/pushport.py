@@ -20,9 +20,11 @@ One connection carries one copy at a time, in frames of a kind byte and a 4-byte
 answers, or a refusal). Between copies a ``COMMIT`` frame (JSON: the list of [archive,
 uid, sha256] an AMP ``Commits`` carries, checked as its responder checks it) records
 pending copies (phase 2), answered ``ANSWER`` (JSON: seqs and prevs, as ``Commits``
-answers) once the holder's catalog transaction committed: no AMP box, no pyOpenSSL on
-either reactor (a holder says in its Hello that it takes them: ``push_commits``). A data set abandoned closes the connection. A holder tells its
-port in its Hello (``push_port``); a peer whose Hello names none (an older release) gets
+answers) once the holder's catalog transaction, made by the thread that read the frame,
+committed: no AMP box, no pyOpenSSL on either reactor, no hand-off to the holder's
+reactor and catalog writer (a holder says in its Hello that it takes them:
+``push_commits``). A data set abandoned closes the connection. A holder tells its port
+in its Hello (``push_port``); a peer whose Hello names none (an older release) gets
 its copies over AMP as before. Everything read is bounded (frame sizes, the data set at
 ``MAX_PUSH``, connections at the port's ``max_connections``) and checked as the AMP
 responders check it (``commands.check``, ``check_meta``) before a byte is written; the
@@ -223,13 +225,13 @@ def _receive(service, reader, opening: bytes, on_reactor) -> dict:
 
 def _commit(service, payload: bytes, on_reactor) -> dict:
     """A ``COMMIT``: the pending copies it names recorded in one catalog transaction
-    (``ReplicaService.commits``, in the reactor); its answer, or a refusal."""
+    (``ReplicaService.commits_now``, by this thread); its answer, or a refusal."""
     try:
         copies = check_commits(payload.decode("utf-8"))
     except (InvalidArgument, UnicodeDecodeError) as e:
         return {"refused": shown(str(e), 300), "invalid": True}
     try:
-        return on_reactor(service.commits, copies)
+        return service.commits_now(copies, on_reactor)
     except Stopped:
         raise
     except Exception as e:                    # (each copy's own refusal is a null seq)

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 import threading
 from pathlib import Path
 
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pacsp2p.catalog import tombstones
 from pacsp2p.catalog.db import stored_location
@@ -293,19 +295,75 @@ class ReplicaService:
     def commit_all(self, copies):
         """``Commits``: record the pending copies *copies* [(archive, uid, sha256)] in
         one catalog batch (group commit); Deferred[[seq, or None if refused]]."""
+        return self._commit_taken([(tuple(c), self._take(tuple(c))) for c in copies])
+
+    def _commit_taken(self, taken):
+        """``commit_all`` of the entries [(key, entry or None)] taken out of ``pending``."""
         def recorded(entries):
             with self.catalog.batch():
-                done = [self._record(e).addErrback(_refused, c) if e is not None
-                        else defer.succeed(None) for e, c in zip(entries, copies)]
+                done = [self._record(e).addErrback(_refused, key) if e is not None
+                        else defer.succeed(None) for e, (key, _) in zip(entries, taken)]
             return defer.gatherResults(done)
-        return defer.gatherResults([self._committable(*c).addErrback(_refused, c)
-                                    for c in copies]).addCallback(recorded)
+        return defer.gatherResults([self._checked(key, e).addErrback(_refused, key)
+                                    for key, e in taken]).addCallback(recorded)
 
-    @defer.inlineCallbacks
+    def commits_now(self, copies, on_reactor) -> dict:
+        """Thread (``pushport``: a ``COMMIT``): ``commits``, the pending copies recorded
+        by this thread in one transaction on the catalog writer's connection
+        (``Catalog.record_all_now``, under its lock), not handed to the reactor, then to
+        the writer thread and back twice; the reactor is told after (``committed_now``,
+        not waited for). A copy of a conflict, or one made before a deletion learned
+        since, goes through the reactor as before (*on_reactor(fn, *args)*)."""
+        taken = [(tuple(c), self._take(tuple(c))) for c in copies]
+        seqs: list = [None] * len(taken)
+        fast = [i for i, (_, e) in enumerate(taken) if e is not None and
+                not e[1].conflict and tombstones.no_news_since(e[2])]
+        late: set = set()
+
+        def then(uid, since):
+            def check(conn, seq):
+                if tombstones.late_copy(conn, self.peer, uid, since):
+                    late.add(seq)
+            return check
+        try:
+            written = self.catalog.record_all_now([
+                (meta, stored_location(meta, stored, self.peer),
+                 then(meta.sop_instance_uid, since))
+                for meta, stored, since in (taken[i][1] for i in fast)]) if fast else []
+        except (sqlite3.Error, OSError) as e:
+            log.error("catalog write of {n} commits failed: {err}", n=len(fast), err=e)
+            written = [None] * len(fast)
+        if any(written):
+            self.reactor.callFromThread(self.catalog.committed_now,
+                                        max(q for q in written if q), len(written))
+        for i, seq in zip(fast, written):
+            if seq in late:
+                _refused(Failure(ReplicaRefused(f"{taken[i][0][1]} was deleted from the "
+                                                "cluster after this copy was made: removed "
+                                                "again")), taken[i][0])
+            else:
+                seqs[i] = seq
+        for key, e in taken:
+            if e is None:
+                _refused(Failure(ReplicaRefused(f"no pending copy of {key[1]} on {key[0]}")),
+                         key)
+        slow = [i for i, (_, e) in enumerate(taken) if e is not None and i not in fast]
+        if slow:
+            for i, seq in zip(slow, on_reactor(self._commit_taken, [taken[i] for i in slow])):
+                seqs[i] = seq
+        return {"seqs": seqs, "prevs": [self.catalog.previous(q) if q else None for q in seqs]}
+
     def _committable(self, archive: str, uid: str, sha256: str):
         """(meta, stored) of the pending copy to commit, taken out of ``pending``;
         ReplicaRefused if there is none, or if it was deleted since (then dropped)."""
-        entry = self._take((archive, uid, sha256))
+        key = (archive, uid, sha256)
+        return self._checked(key, self._take(key))
+
+    @defer.inlineCallbacks
+    def _checked(self, key, entry):
+        """*entry*, taken out of ``pending`` for *key*: ReplicaRefused if it is None, or
+        if it was deleted since it was made (then dropped)."""
+        archive, uid, sha256 = key
         if entry is None:
             raise ReplicaRefused(f"no pending copy of {uid} on {archive}")
         meta, stored, since = entry
