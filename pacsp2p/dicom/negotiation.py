@@ -4,9 +4,12 @@
 what pynetdicom would choke on, log at length or answer badly: AE titles outside the AE
 repertoire (-> A-ASSOCIATE-RJ, AE title not recognized), UIDs that are not 1-64 digits
 and dots, more than ``MAX_CONTEXTS`` presentation contexts, a context ID proposed twice,
-items that overrun their parent (-> ``Malformed``: the acceptor answers A-ABORT), and a
+items that overrun their parent (-> ``Malformed``: the acceptor answers A-ABORT), a
 Maximum Length Received below the minimum we serve (-> A-ASSOCIATE-RJ; 0 is "no limit"
-by PS3.8 D.1 and stays accepted).
+by PS3.8 D.1 and stays accepted), a protocol version without bit 0 (version 1: ->
+A-ASSOCIATE-RJ, protocol version not supported) and an application context other than
+DICOM's, or none (-> A-ASSOCIATE-RJ, application context name not supported; PS3.8
+9.3.4, 7.1.1.2, as DCMTK's SCPs answer).
 
 ``negotiate`` then answers every proposed presentation context: one without an abstract
 syntax gets result 3 (abstract syntax not supported), one without a transfer syntax
@@ -43,6 +46,7 @@ _PLACEHOLDER_TS = "1.2.840.10008.1.2"   # transfer syntax of a rejected context:
 PERMANENT, TRANSIENT = 1, 2
 USER, ACSE, PRESENTATION = 1, 2, 3
 NO_REASON, CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 1, 3, 7
+APPLICATION_CONTEXT_NOT_SUPPORTED = PROTOCOL_VERSION_NOT_SUPPORTED = 2  # sources 1, 2
 LOCAL_LIMIT_EXCEEDED = 2
 
 _UID_ITEMS = {0x10: "application context", 0x30: "abstract syntax",
@@ -146,12 +150,17 @@ def check_request(pdu: bytes, min_peer_pdu: int = MIN_PEER_PDU) -> Request:
     or Refused (see the module docstring)."""
     if len(pdu) < 74:
         raise Malformed("A-ASSOCIATE-RQ shorter than its fixed fields")
+    version = struct.unpack_from(">H", pdu, 6)[0]
+    if not version & 1:
+        raise Refused(f"protocol version {version:#06x} without version 1", PERMANENT,
+                      ACSE, PROTOCOL_VERSION_NOT_SUPPORTED)
     req = Request(_ae(pdu[10:26], "called AE title", CALLED_AE_NOT_RECOGNIZED),
                   _ae(pdu[26:42], "calling AE title", CALLING_AE_NOT_RECOGNIZED))
-    seen = set()
+    seen, application = set(), None
     for item_type, s, e in _items(pdu, 74, len(pdu)):
         if item_type == 0x10:
             _uid(pdu, s, e, _UID_ITEMS[0x10])
+            application = bytes(pdu[s:e]).rstrip(b"\0 ").decode("ascii")
         elif item_type == 0x20:
             if e - s < 4:
                 raise Malformed("presentation context item cut short")
@@ -167,6 +176,9 @@ def check_request(pdu: bytes, min_peer_pdu: int = MIN_PEER_PDU) -> Request:
         elif item_type == 0x50:
             _user_information(pdu, s, e, req)
     req.context_ids = sorted(seen)
+    if application != APPLICATION_CONTEXT:
+        raise Refused(f"application context {application or 'missing'}: not DICOM's",
+                      PERMANENT, USER, APPLICATION_CONTEXT_NOT_SUPPORTED)
     if req.max_pdu and req.max_pdu < min_peer_pdu:
         raise Refused(f"maximum PDU length {req.max_pdu} below {min_peer_pdu}",
                       PERMANENT, ACSE, NO_REASON)
