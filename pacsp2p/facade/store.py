@@ -8,7 +8,10 @@ Success is answered only once the cluster says the copies are durable.
 
 Refused before anything is written: a SOP Class or Instance UID that is not a valid UID
 (PS3.5 §9.1: 0xC000 with an Error Comment), a SOP class other than the context's (0x0122).
-Refused once complete: a data set whose header cannot be read (0xC000), whose UIDs are
+Refused once complete: a data set whose header cannot be read (0xC000), that holds File
+Meta Information elements (group 0002, PS3.10 7.1: they would become part of the stored
+file's, a Media Storage SOP Instance UID of another instance making it unretrievable;
+0xC000), whose UIDs are
 not those of the request (0xA900), whose Study or Series Instance UID is invalid or
 whose catalog attribute (Patient Name, Study Description, ...) is longer than
 ``validate.VALUE_MAX`` characters (0xC000: kept, it would be in every peer's catalog and
@@ -88,6 +91,7 @@ class Store(Operation):
             self.sink = DiscardSink()
             return
         head = file_meta(self.cls, self.uid, str(self.ts), assoc.calling_ae)
+        self.meta_end = len(head)                # where the data set starts in the file
         self.incoming = Incoming(svc.spares.take(), svc.recv_pool, svc.reactor, head,
                                  assoc.pause_reading, assoc.resume_reading)
         self.session = svc.cluster.receive(self.uid, self.cls, str(self.ts), head,
@@ -140,6 +144,10 @@ class Store(Operation):
         """Thread pool: read the file's header and tell the session."""
         got = _meta_of(path, sha256, data_size, content)
         meta = got[1]
+        if meta is not None and meta.size - meta.data_size != self.meta_end:
+            self.session.abandon()              # the file meta walk went on into it
+            return path, None, BadDataset("the data set holds File Meta Information "
+                                          "elements (group 0002)")
         if meta is not None and meta.sop_instance_uid == self.uid and \
                 meta.sop_class_uid == self.cls and not _bad_header(meta):
             why = self._series_conflict(meta)

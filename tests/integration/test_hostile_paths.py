@@ -59,6 +59,7 @@ def dataset_bytes(uid: str) -> bytes:
     *uid*, byte for byte (pydicom writes UI values as given)."""
     ds = datasets.make_image("CT", size=8, StudyInstanceUID=STUDY, PatientID="HOSTILE1")
     ds.SOPInstanceUID = UID("1.2.3")
+    del ds.file_meta            # else written too: group 0002 in a data set is refused
     buf = io.BytesIO()
     dcmwrite(buf, ds, enforce_file_format=False, little_endian=True, implicit_vr=False)
     raw = buf.getvalue()
