@@ -152,12 +152,16 @@ class Catalog:
                 return fn(*args)
         return deferToThreadPool(self.reactor, self._writer_pool, locked, *a)
 
-    def record_now(self, meta: InstanceMeta, location: Location) -> int:
+    def record_now(self, meta: InstanceMeta, location: Location, hints=()) -> int:
         """Blocking, from a thread that is not the reactor (the ingest's one-job path):
         write one fact of ours now, in a transaction of its own on the writer's
-        connection (under its lock, between the writer's batches); its sequence number,
-        which the reactor then passes to ``committed_now``. Raises sqlite3.Error."""
-        return self.record_all_now([(meta, location, None)])[0]
+        connection (under its lock, between the writer's batches), with *hints* as
+        ``record``'s; its sequence number, which the reactor then passes to
+        ``committed_now``. Raises sqlite3.Error."""
+        with self._lock:
+            if self._writer is None:
+                raise sqlite3.OperationalError("the catalog is closed")
+            return self._write_own([(meta, location, tuple(hints), None)])[0]
 
     def record_all_now(self, facts) -> list:
         """Blocking, as ``record_now``: several facts of ours [(meta, location, then)]

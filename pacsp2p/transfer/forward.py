@@ -25,16 +25,20 @@ whole, after it is complete, and copied from the bulk channel as before.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import threading
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pacsp2p.catalog.facts import STAMP
+from pacsp2p.catalog.db import stored_location
+from pacsp2p.catalog.facts import STAMP, stamped
 from pacsp2p.dicom.header import BadDataset, sniff
 from pacsp2p.overlay.commands import (ReplicaClose, ReplicaData, ReplicaOpen,
                                       ReplicaRefused)
+from pacsp2p.transfer import recorded
 from pacsp2p.transfer.session import StoreSession
 from pacsp2p.types import InstanceInfo
 
@@ -190,6 +194,14 @@ class Forward(StoreSession):
         self.early: dict[tuple, defer.Deferred] = {}
         self.pushes: list[Push] = []
         self.keeper = self.flushed = None     # our archive of the first wave that keeps
+        # the first wave is one archive of ours and pushes to all the others: our copy is
+        # recorded by the writer thread (``seq``), Success sent by the thread that sees
+        # the last part done (``durable_now``), the rest left to ``recorded.store``
+        self.remotes: list = []                # its remote targets (a push each)
+        self.seq = self.meta = None            # our fact, recorded in the writer thread
+        self.fast = False                      # every part done and hashed as ours
+        self._left, self._given, self._then = 0, {}, None
+        self._lock = threading.Lock()
 
     def feed(self, piece) -> None:
         if self.pushes:
@@ -254,6 +266,65 @@ class Forward(StoreSession):
                                                meta.sop_instance_uid, kept)
             raise
         self.kept = kept
+        if self.remotes and not kept.conflict:
+            self._record(meta, kept)
+
+    def _record(self, meta, kept) -> None:
+        """Writer thread: our copy recorded here and now, with a hint for each remote copy
+        of the first wave (committed after the answer, in a group commit), as
+        ``Ingest.store`` records it in the reactor; left to it if the catalog fails."""
+        ingest = self.ingest
+        keys = [(self.uid, t.peer, t.name) for t in self.remotes]
+        ingest.committing.update(keys)         # hand-off leaves these hints alone
+        try:
+            self.seq = ingest.catalog.record_now(
+                stamped(meta, self.stamp), stored_location(meta, kept, ingest.peer),
+                [(t.peer, t.name, "", "") for t in self.remotes])
+        except Exception as e:
+            ingest.committing.difference_update(keys)
+            log.warn("C-STORE {uid}: recording in the writer thread failed ({err}); "
+                     "recorded from the reactor", uid=self.uid, err=e)
+            return
+        self.meta = meta
+
+    def written_then(self, path, rest, fd=None, then=None):
+        """As ``StoreSession.written_then``; *then* is called by the thread that finishes
+        the last part — this one, or the ``push-send`` thread that reads the last
+        pushed copy's answer (``durable_now`` is known there)."""
+        self.written(path)
+        result = rest()
+        if then is not None:
+            if self._left:
+                self._then = (then, result)
+                self._part_done()
+            else:
+                then(result)
+        return result
+
+    def _pushed(self, target, answer) -> None:
+        """``push-send`` thread: *target*'s copy is durable (pending) there."""
+        self._given[(target.peer, target.name)] = answer.get("given")
+        self._part_done()
+
+    def _part_done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left:
+                return
+        meta = self.meta
+        self.fast = self.seq is not None and bool(meta.sha256) and all(
+            self._given.get((t.peer, t.name)) == meta.sha256 for t in self.remotes)
+        if self._then is not None:
+            then, result = self._then
+            then(result)
+
+    def durable_now(self) -> bool:
+        return self.fast
+
+    def store(self, path, meta):
+        if self.seq is None:
+            return self.ingest.store(path, meta, self)
+        return recorded.store(self, path, meta)
 
     def abandon(self) -> None:
         """Not kept here after all: let the fsync begun finish."""
@@ -304,3 +375,22 @@ class Forward(StoreSession):
             self.early[(target.peer, target.name)] = push.answer.addCallback(
                 lambda answer, target=target: self.ingest.remote_copy(target, self.uid,
                                                                       answer))
+        self._arm()
+
+    def _arm(self) -> None:
+        """Reactor, placed: the first wave one archive of ours (the writer thread keeps
+        the copy there) and pushes to all the others, every one placement's choice
+        (nothing owed): the writer thread records our copy, and the threads count the
+        parts (``_part_done``)."""
+        ingest = self.ingest
+        wave = ingest.first_wave(self.ranked)
+        remotes = [t for t in wave if t.peer != ingest.peer]
+        if wave != self.ranked[:ingest.replicas] or len(wave) - len(remotes) != 1 or \
+                len(wave) < ingest.quorum or \
+                len(self.early) != len(remotes) or len(self.pushes) != len(remotes):
+            return
+        self.remotes = remotes
+        if all(hasattr(push, "in_thread") for push in self.pushes):   # push ports
+            self._left = 1 + len(remotes)      # (an older holder answers over AMP)
+            for push, target in zip(self.pushes, remotes):
+                push.in_thread = functools.partial(self._pushed, target)

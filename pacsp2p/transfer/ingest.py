@@ -48,6 +48,7 @@ from pacsp2p.transfer.commits import GroupCommits
 from pacsp2p.transfer.forward import Forward, drop_all
 from pacsp2p.transfer.onejob import OneJob, unrecorded
 from pacsp2p.transfer.pushport import Pushes
+from pacsp2p.transfer.recorded import as_recorded
 from pacsp2p.transfer.replicas import check_given, copy_in, record
 from pacsp2p.transfer.retrieve import Retrieval
 from pacsp2p.transfer.session import Plain, StoreSession
@@ -136,6 +137,7 @@ class Ingest:
         self.counts: dict = {}
         # copies made: on our own archives, pushed while arriving, fetched once complete
         self.copies = {"local": 0, "pushed": 0, "fetched": 0}
+        self.recorded_in_thread = 0       # replicated stores recorded so (``recorded``)
         self.committing: set[tuple] = set()      # (uid, peer, archive) commits running
         self.drain_here: set[str] = set()         # our archives being drained (drain.py)
         # the remote commits a write does not wait for, sent per holder in batches
@@ -244,8 +246,10 @@ class Ingest:
         if forward is not None and forward.kept is not None:   # kept by the writer thread
             archive, kept = forward.keeper, forward.kept
             target = next(t for t in ranked if (t.peer, t.name) == (self.peer, archive.name))
-            early[(self.peer, archive.name)] = defer.succeed(self._local_copy(
-                target, archive, meta, kept, defer.succeed(None)))
+            copy = self._local_copy(target, archive, meta, kept, defer.succeed(None))
+            if forward.seq is not None:        # and recorded there (``recorded``)
+                copy = as_recorded(copy, self.catalog, archive, meta, kept)
+            early[(self.peer, archive.name)] = defer.succeed(copy)
             opener = lambda: archive.open(meta.sop_instance_uid, kept.sha256)  # noqa: E731
         offer = _Offer(self.offers, received, meta, opener)
         source = _Source(received, opener, self.reactor)

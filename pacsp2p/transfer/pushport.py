@@ -419,6 +419,11 @@ class _Sender:
             raw = _Reader(self.sock, MAX_OPEN).payload(ANSWER, MAX_OPEN)
             answer = push.parse(json.loads(raw))
             self.pushes.free(self)
+            if push.in_thread is not None:   # told here first (``Forward``: may answer)
+                try:
+                    push.in_thread(answer)
+                except Exception:
+                    log.failure("push to {peer}: its answer's hook failed", peer=self.key[0])
             self.pushes.reactor.callFromThread(push.done, answer, None)
 
     def _failed(self, push, e) -> None:
@@ -474,6 +479,7 @@ class _CommitJob:
     the holder's answer."""
 
     failed = False
+    in_thread = None
     parse = staticmethod(_commits_answer)
 
     def __init__(self):
@@ -497,6 +503,7 @@ class ThreadPush:
     or fails (refused, connection lost, abandoned)."""
 
     parse = staticmethod(_receipt)              # the holder's ANSWER, checked
+    in_thread = None         # called with the receipt by the sender's thread, first
 
     def __init__(self, pushes, sender, archive, uid, head, meta_json, pause, resume):
         self.sender, self.reactor = sender, pushes.reactor
