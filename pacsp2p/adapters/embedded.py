@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from pacsp2p import spread
+from pacsp2p import spread, unnamed
 from pacsp2p.adapters import layout
 from pacsp2p.adapters.interface import (IArchive, IDeletes, IKeeps, IOpens, IReadsMany,
                                         IRestores, IStores, IStoresUnsynced, IVerifies,
@@ -188,12 +188,13 @@ class EmbeddedArchive:
         finally:
             os.close(fd)
 
-    def _store(self, received: Path, uid: str, sha: str = "", size: int = 0) -> Stored:
+    def _store(self, received: Path, uid: str, sha: str = "", size: int = 0,
+               fd: int | None = None) -> Stored:
         check_uid(uid, "SOP Instance UID")
         if not sha:                      # else hashed already, while its header was read
-            sha, size = content_hash(received)
+            sha, size = content_hash(received if fd is None else unnamed.source(fd))
         try:                             # (linked: never through a symlink there)
-            self._place(received, self._inside(layout.relative(uid), new=True))
+            self._place(received, self._inside(layout.relative(uid), new=True), fd)
             return Stored(self.name, sha, size)
         except FileExistsError:
             pass                         # this UID is held already
@@ -205,18 +206,24 @@ class EmbeddedArchive:
         if held == sha:
             return Stored(self.name, sha, size, duplicate=True)
         try:
-            self._place(received, self.path_for(uid, sha))
+            self._place(received, self.path_for(uid, sha), fd)
         except FileExistsError:
             pass                         # this conflicting version too
         return Stored(self.name, sha, size, conflict=True)
 
-    def _place(self, received: Path, target: Path) -> None:
-        """Make *target* appear, whole, with the bytes of *received*: a hard link (atomic,
-        never over an existing file: FileExistsError), or where *received* is on another
-        file system a copy, made durable in ``tmp/`` before it is linked into place."""
+    def _place(self, received: Path, target: Path, fd: int | None = None) -> None:
+        """Make *target* appear, whole, with the bytes of *received* (of the file open as
+        *fd*, if given: it may have no name, ``unnamed``): a hard link (atomic, never over
+        an existing file: FileExistsError), or where *received* is on another file system
+        a copy, made durable in ``tmp/`` before it is linked into place."""
+        if fd is not None:
+            received = unnamed.source(fd)
         for attempt in (1, 2):
             try:
-                os.link(received, target)
+                if fd is None:
+                    os.link(received, target)
+                else:
+                    unnamed.link(fd, target)
                 if os.stat(target).st_nlink <= 2:   # the received file's and ours
                     return
                 # another archive on this file system linked the same received file: a
@@ -306,11 +313,18 @@ class EmbeddedArchive:
                 raise error[0]
         return wait
 
-    def keep(self, received: Path, meta) -> Stored:
+    def keep(self, received: Path, meta, fd: int | None = None) -> Stored:
         """Blocking: keep *received* (then removed) like ``store_unsynced``; durable once
-        ``made_durable`` returns."""
-        stored = self._store(*self._store_args(received, meta))
-        os.unlink(received)
+        ``made_durable`` returns. *fd*: the file open (while this runs), kept from it —
+        a file with no name (``unnamed``) has no *received* to remove."""
+        stored = self._store(*self._store_args(received, meta), fd=fd)
+        if fd is None:
+            os.unlink(received)
+        else:
+            try:
+                os.unlink(received)
+            except FileNotFoundError:
+                pass                     # it had no name
         return stored
 
     def made_durable(self, meta, stored: Stored, flushed) -> None:

@@ -90,9 +90,10 @@ class IKeeps(Interface):
         until it is and raises OSError if it cannot be. *now*: make it durable before
         returning (the caller has nothing to do meanwhile)."""
 
-    def keep(received, meta):
+    def keep(received, meta, fd=None):
         """Keep *received* (the archive takes the file: it is gone afterwards).
-        types.Stored; durable only once ``made_durable`` returns."""
+        types.Stored; durable only once ``made_durable`` returns. *fd*: the file's open
+        descriptor, passed only where it may have no name yet (``unnamed``)."""
 
     def made_durable(meta, stored, flushed):
         """Block until the copy ``keep`` made is durable (*flushed*: the ``wait`` of

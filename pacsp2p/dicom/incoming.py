@@ -11,6 +11,9 @@ Creating a file is the slow part of a small instance (~0.45 ms on this machine's
 against ~0.01 ms to open an existing one and write 10 KB): ``Spares`` keeps a few empty
 files made ahead in ``incoming`` by a thread of its own, so a C-STORE opens one that
 exists. The empty spares left at exit are removed with the other leftovers at start.
+The facade's spares have no name (``unnamed``: open descriptors): a data set is written
+and fsynced through it and named only where it is kept, or in ``incoming`` (``name``)
+when a reader or another session needs a path.
 
 The File Meta Information (PS3.10 7.1) is written first, as pynetdicom does: version,
 Media Storage SOP Class/Instance UID and Transfer Syntax UID of the request's context,
@@ -34,7 +37,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pacsp2p import threads
+from pacsp2p import threads, unnamed
 from pacsp2p.dicom.pdu import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 
 HIGH = 8 << 20            # queued bytes that pause the transport
@@ -77,44 +80,65 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str,
     return (bytes(128) + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body)
 
 
-def _make_spares(directory: Path, n: int) -> list[Path]:
-    """Thread: *n* new empty files in *directory*."""
+def _make_spares(directory: Path, n: int, nameless: bool = False) -> list:
+    """Thread: *n* new empty files in *directory*, [(path, None)]; *nameless*: with no
+    name where the file system can (``unnamed``), [(the path to name it, descriptor)]."""
     out = []
     for _ in range(n):
         path = directory / f"{uuid.uuid4().hex}.dcm"
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        out.append(path)
+        fd = unnamed.make(directory) if nameless else None
+        if fd is None:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        out.append((path, fd))
     return out
 
 
-class Spares:
-    """Empty files made ahead (reactor side: ``take()`` a path; refilled in a thread)."""
+def _close_all(spares) -> None:
+    for _, fd in spares:
+        if fd is not None:
+            os.close(fd)
 
-    def __init__(self, directory: Path, reactor, keep: int = 16):
+
+class Spares:
+    """Empty files made ahead (reactor side: ``take()`` a path, or ``take_file()`` with
+    *nameless*; refilled in a thread)."""
+
+    def __init__(self, directory: Path, reactor, keep: int = 16, nameless: bool = False):
         self.directory, self.reactor, self.keep = Path(directory), reactor, keep
-        self.ready: list[Path] = []
+        self.nameless = nameless
+        self.ready: list[tuple[Path, int | None]] = []
         self._filling = False
         self.pool = ThreadPool(1, 1, "dicom-spares")
         self.pool.start()
         self.stopped = False
 
     def take(self) -> Path:
-        path = self.ready.pop() if self.ready else \
-            self.directory / f"{uuid.uuid4().hex}.dcm"
+        """A named spare's path (or a new name: ``_write`` then makes the file)."""
+        assert not self.nameless, "take_file() takes a spare with no name"
+        return self.take_file()[0]
+
+    def take_file(self) -> tuple[Path, int | None]:
+        """(its path, the descriptor of the spare if it has no name yet, else None): the
+        caller owns the descriptor (``Incoming`` closes it)."""
+        spare = self.ready.pop() if self.ready else \
+            (self.directory / f"{uuid.uuid4().hex}.dcm", None)
         self._refill()
-        return path
+        return spare
 
     def _refill(self) -> None:
         if self._filling or self.stopped or len(self.ready) >= self.keep // 2:
             return
         self._filling = True
         d = deferToThreadPool(self.reactor, self.pool, _make_spares, self.directory,
-                              self.keep - len(self.ready))
+                              self.keep - len(self.ready), self.nameless)
         d.addCallbacks(self._made, self._failed)
 
-    def _made(self, paths):
+    def _made(self, spares):
         self._filling = False
-        self.ready.extend(paths)
+        if self.stopped:
+            _close_all(spares)
+            return
+        self.ready.extend(spares)
 
     def _failed(self, failure):
         self._filling = False          # a full disk: C-STOREs create their own files
@@ -122,14 +146,19 @@ class Spares:
     def stop(self) -> None:
         self.stopped = True
         self.pool.stop()
+        spares, self.ready = self.ready, []
+        _close_all(spares)
 
 
 class _File:
     """What the writing thread owns: the path, the open file, the data set's hash; the
-    bytes of a file written in one job (``content``, while ``after`` runs)."""
+    bytes of a file written in one job (``content``, while ``after`` runs); *fd*: a file
+    with no name yet (``unnamed``), written instead of a file at *path*."""
 
-    def __init__(self, path: Path, head: bytes):
+    def __init__(self, path: Path, head: bytes, fd: int | None = None):
         self.path, self.head, self.f = path, head, None
+        self.spare = None if fd is None else open(fd, "wb")    # (closed if dropped)
+        self.unnamed = False
         self.sha256, self.data_size = hashlib.sha256(), 0
         self.content = None
 
@@ -141,11 +170,14 @@ def _write(state: _File, chunks: list, last: bool, after):
     open (``Incoming.written``: its descriptor, and its bytes if one job wrote it)."""
     whole = state.f is None and last
     if state.f is None:
-        try:            # a spare: no O_CREAT, which would lock the directory
-            fd = os.open(state.path, os.O_WRONLY | os.O_TRUNC)
-        except FileNotFoundError:
-            fd = os.open(state.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        state.f = open(fd, "wb")
+        if state.spare is not None:             # no name yet
+            state.f, state.spare, state.unnamed = state.spare, None, True
+        else:
+            try:        # a spare: no O_CREAT, which would lock the directory
+                fd = os.open(state.path, os.O_WRONLY | os.O_TRUNC)
+            except FileNotFoundError:
+                fd = os.open(state.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            state.f = open(fd, "wb")
         state.f.write(state.head)
     state.f.writelines(chunks)
     for chunk in chunks:
@@ -155,6 +187,9 @@ def _write(state: _File, chunks: list, last: bool, after):
         state.f.flush()
         try:
             if after is None:
+                if state.unnamed:
+                    unnamed.link(state.f.fileno(), state.path)
+                    state.unnamed = False
                 return state.path
             if whole:
                 state.content = b"".join([state.head, *chunks])
@@ -192,6 +227,9 @@ def _discard(state: _File) -> None:
     """Thread pool: close and remove a partial file; never raises (a full disk makes
     the close fail: the bytes it still had to write are dropped anyway)."""
     try:
+        if state.spare is not None:             # a spare with no name, never written
+            spare, state.spare = state.spare, None
+            spare.close()
         if state.f is not None:
             f, state.f = state.f, None
             try:
@@ -214,8 +252,8 @@ class Incoming:
     thread hops per data set)."""
 
     def __init__(self, path: Path, pool, reactor, head: bytes, pause, resume,
-                 coalesce: int = COALESCE):
-        self.state = _File(path, head)
+                 coalesce: int = COALESCE, fd: int | None = None):
+        self.state = _File(path, head, fd)
         self.pool, self.reactor = pool, reactor
         self.pause, self.resume = pause, resume
         self.coalesce = min(coalesce, LOW)
@@ -254,6 +292,23 @@ class Incoming:
         """The writing thread, inside ``finish``'s *after*: (the descriptor of the file,
         open until *after* returns; its bytes, or None if more than one job wrote it)."""
         return self.state.f.fileno(), self.state.content
+
+    @property
+    def readable(self) -> str | Path:
+        """The writing thread, inside ``finish``'s *after*: a path that opens the file."""
+        return unnamed.source(self.state.f.fileno()) if self.state.unnamed else self.path
+
+    @property
+    def unnamed(self) -> bool:
+        """The writing thread, inside ``finish``'s *after*: the file has no name yet."""
+        return self.state.unnamed
+
+    def name(self) -> None:
+        """The writing thread, inside ``finish``'s *after*: give the file with no name its
+        path (read, or kept, by its name from now on). Raises OSError."""
+        if self.state.unnamed:
+            unnamed.link(self.state.f.fileno(), self.path)
+            self.state.unnamed = False
 
     def discard(self) -> None:
         """Forget the data set: close and remove the partial file (in the pool)."""

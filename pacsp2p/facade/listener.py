@@ -91,7 +91,7 @@ class Facade(service.Service):
         for leftover in self.incoming.iterdir():      # before serving: a crash's leftovers
             leftover.unlink(missing_ok=True)
         self._open_audit()
-        self.spares = Spares(self.incoming, self.reactor)
+        self.spares = Spares(self.incoming, self.reactor, nameless=True)
         services = Services(self.settings, self.cluster, self.reactor,
                             receive_pool(self.reactor), file_pool(self.reactor), self.spares,
                             self.policy, self.observer)

@@ -92,8 +92,9 @@ class Store(Operation):
             return
         head = file_meta(self.cls, self.uid, str(self.ts), assoc.calling_ae)
         self.meta_end = len(head)                # where the data set starts in the file
-        self.incoming = Incoming(svc.spares.take(), svc.recv_pool, svc.reactor, head,
-                                 assoc.pause_reading, assoc.resume_reading)
+        path, fd = svc.spares.take_file()        # (fd: a spare with no name yet)
+        self.incoming = Incoming(path, svc.recv_pool, svc.reactor, head,
+                                 assoc.pause_reading, assoc.resume_reading, fd=fd)
         self.session = svc.cluster.receive(self.uid, self.cls, str(self.ts), head,
                                            assoc.pause_reading, assoc.resume_reading)
         self.sink = self if self.session.streams else self.incoming
@@ -128,10 +129,16 @@ class Store(Operation):
         the file durable). If the copy is then durable and recorded with nothing left to
         decide (``durable_now``), Success is sent by the thread that finished it
         (``_answer``): the requestor does not wait for the hop to the reactor, nor for one
-        between the fsyncing and the keeping thread; the reactor does the rest (``finish``)."""
+        between the fsyncing and the keeping thread; the reactor does the rest (``finish``).
+        A file with no name yet (``unnamed``) is named in ``incoming`` unless the session
+        keeps it from its descriptor and its bytes are in memory (its header read)."""
         fd, content = self.incoming.written()
+        if self.incoming.unnamed and (content is None or not self.session.keeps_unnamed):
+            self.incoming.name()
+        reading = self.incoming.readable
         return self.session.written_then(
-            path, lambda: self._header(path, sha256, data_size, content), fd, self._answer)
+            path, lambda: self._header(path, sha256, data_size, content, reading), fd,
+            self._answer)
 
     def _answer(self, got):
         """The thread that finished the copy: Success sent from here if the copy is
@@ -140,9 +147,10 @@ class Store(Operation):
             self.answered = self.assoc.send_from_thread(self.cid, dimse.response(
                 self.RSP, self.msg_id, SUCCESS, self.sop_class, self.instance))
 
-    def _header(self, path, sha256, data_size, content=None):
-        """Thread pool: read the file's header and tell the session."""
-        got = _meta_of(path, sha256, data_size, content)
+    def _header(self, path, sha256, data_size, content=None, reading=None):
+        """Thread pool: read the file's header (by *reading*, if the file has no name
+        yet) and tell the session."""
+        got = (path,) + _meta_of(reading or path, sha256, data_size, content)[1:]
         meta = got[1]
         if meta is not None and meta.size - meta.data_size != self.meta_end:
             self.session.abandon()              # the file meta walk went on into it

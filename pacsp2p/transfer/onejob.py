@@ -55,12 +55,16 @@ class OneJob(StoreSession):
     to fsync waited ~0.5 ms for the GIL the header read held); the thread hand-overs per
     C-STORE are four (to the writing thread, to the keeper and back, to the reactor),
     where queueing the record in the reactor and the catalog writer's batch made seven.
-    Acknowledged only once fsynced and committed, as before."""
+    Acknowledged only once fsynced and committed, as before. A file with no name yet
+    (``unnamed``) is kept from its descriptor: its one name is the archive's."""
+
+    keeps_unnamed = True
 
     def __init__(self, ingest, archive):
         super().__init__(ingest)
         self.archive = archive
         self.uid = self.flushed = None
+        self.fd = None                         # the file's descriptor, in written_then
         self.seq = None                        # our fact's sequence number, committed
         self.unrecorded = None                 # Failure: kept, but not recorded
         self.not_durable = None                # OSError: recorded, but its fsync failed
@@ -68,8 +72,13 @@ class OneJob(StoreSession):
         self.later = False                     # recorded from the reactor (site plugins)
 
     def written(self, path):
-        """Thread pool, the file is complete: start its fsync (in the archive's pool)."""
-        self.flushed = self.archive.begin_flush(path)
+        """Thread pool, the file is complete: start its fsync (in the archive's pool);
+        one given by its descriptor (it may have no name) is fsynced when waited for."""
+        flusher = getattr(self.archive, "flusher", None)
+        if self.fd is not None and flusher is not None:
+            self.flushed = flusher(path, self.fd)
+        else:
+            self.flushed = self.archive.begin_flush(path)
 
     def written_then(self, path, rest, fd=None, then=None):
         """Thread pool, the file is complete: fsync it here while ``rest`` (the header
@@ -79,6 +88,7 @@ class OneJob(StoreSession):
         answers the C-STORE). A keeping job not begun when the fsync is done (no
         CPU for its thread on a busy machine, or its pool stopping: a stopped pool drops
         the job) is done here instead: whichever thread claims it first runs it."""
+        self.fd = fd
         flusher = getattr(self.archive, "flusher", None)
         keepers = threads.pool(self.ingest.reactor, "ingest-keep", 1, 4)
         if flusher is None or not keepers.started or keepers.joined:
@@ -140,7 +150,8 @@ class OneJob(StoreSession):
         ``unrecorded`` (the catalog failed), ``not_durable`` (the fsync failed)."""
         self.uid = meta.sop_instance_uid
         try:
-            self.kept = self.archive.keep(path, meta)
+            self.kept = self.archive.keep(path, meta) if self.fd is None else \
+                self.archive.keep(path, meta, fd=self.fd)
         except OSError:
             self.abandon()
             raise

@@ -57,6 +57,8 @@ class StoreSession:
         return self.ingest.store(path, meta, self)
 
     # the thread that wrote the file
+    keeps_unnamed = False   # keeps a file with no name from its descriptor (``unnamed``)
+
     def written_then(self, path, rest, fd=None, then=None):
         """The file is complete: ``written``, then rest()'s result (*fd*: its open
         descriptor, valid during the call, or None); *then(result)*, if given, is called

@@ -18,6 +18,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from pacsp2p import unnamed
 from pacsp2p.dicom import dimse
 from pacsp2p.facade.store import Store
 from pacsp2p.testing import datasets
@@ -102,7 +103,11 @@ def _data_set(uid: str):
     return ds, out.getvalue()
 
 
-def test_a_durable_c_store_is_answered_by_the_thread_that_made_it_durable(tmp_path, wired):
+@pytest.mark.parametrize("nameless", [False, True])
+def test_a_durable_c_store_is_answered_by_the_thread_that_made_it_durable(tmp_path, wired,
+                                                                         nameless):
+    """*nameless*: the facade's spare has no name (``unnamed``): the file is written,
+    fsynced and kept through its descriptor, named only in ``objects/``."""
     assoc, theirs, _ = wired
     reactor = QueueingReactor()
     uid = datasets.uid("answer-thread", "one")
@@ -110,9 +115,11 @@ def test_a_durable_c_store_is_answered_by_the_thread_that_made_it_durable(tmp_pa
     archive, ingest = alone(tmp_path, reactor, fail_fsync=False)
     (tmp_path / "incoming").mkdir()
     recv = ThreadPool(1, 1, "test-recv")         # started once the operation is
+    spare = unnamed.make(tmp_path / "incoming") if nameless else None
+    assert (spare is not None) == nameless
     svc = SimpleNamespace(
         reactor=reactor, recv_pool=recv, observer=None,
-        spares=SimpleNamespace(take=lambda: tmp_path / "incoming" / "one.dcm"),
+        spares=SimpleNamespace(take_file=lambda: (tmp_path / "incoming" / "one.dcm", spare)),
         series_seen={ds.SeriesInstanceUID: ds.StudyInstanceUID},
         cluster=SimpleNamespace(receive=ingest.begin))
     cx = SimpleNamespace(context_id=1, abstract_syntax=MR,
@@ -142,6 +149,9 @@ def test_a_durable_c_store_is_answered_by_the_thread_that_made_it_durable(tmp_pa
         assert dimse.text(answer, dimse.AFFECTED_SOP_INSTANCE) == uid
         assert op.answered and not op.finished
         assert ingest.catalog.recorded and len(list(archive.objects.glob("*/*.dcm"))) == 1
+        kept = next(archive.objects.glob("*/*.dcm"))
+        assert kept.read_bytes()[128:132] == b"DICM" and kept.stat().st_nlink == 1
+        assert list((tmp_path / "incoming").iterdir()) == []    # named once, or removed
         wait_until(lambda: reactor.run_handed() or op.finished, 30,   # the reactor's part
                    what="the operation finished")
         assert not assoc._ops                     # and no second response

@@ -6,13 +6,14 @@ Success.
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 import pytest
 from twisted.internet import defer
 
-from pacsp2p import config, threads
+from pacsp2p import config, threads, unnamed
 from pacsp2p.adapters.embedded import EmbeddedArchive
 from pacsp2p.catalog import db
 from pacsp2p.dicom.header import read_meta
@@ -149,24 +150,42 @@ def alone(tmp_path, reactor, fail_fsync: bool):
     return a, ingest
 
 
-def receive(tmp_path, ingest, name):
+@pytest.fixture(params=[False, True], ids=["named", "nameless"])
+def nameless(request):
+    """The received file has a name in incoming, or none (``unnamed``: kept from its
+    descriptor, as the facade's spares are)."""
+    return request.param
+
+
+def receive(tmp_path, ingest, name, nameless=False):
     """One data set through the session as the facade drives it: (session, answer)."""
     ds = datasets.make_image("MR", size=16, SOPInstanceUID=datasets.uid("onejob", name))
     path = datasets.write(ds, tmp_path / "incoming" / f"{name}.dcm")
     session = ingest.begin("", "", "", b"", None, None)
     assert isinstance(session, OneJob)
+    fd = None
+    if nameless:                               # the same bytes in a file with no name
+        fd = unnamed.make(tmp_path / "incoming")
+        assert fd is not None
+        os.write(fd, path.read_bytes())
+        path.unlink()
 
     def rest():
-        meta = read_meta(path)
+        meta = read_meta(path if fd is None else unnamed.source(fd))
         session.header_read(path, meta)
         return meta
-    meta = session.written_then(path, rest)
+    try:
+        meta = session.written_then(path, rest, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    assert list((tmp_path / "incoming").iterdir()) == []
     return session, session.store(path, meta)
 
 
-def test_the_copy_is_kept_and_recorded_while_the_writing_thread_fsyncs(tmp_path, reactor):
+def test_the_copy_is_kept_and_recorded_while_the_writing_thread_fsyncs(tmp_path, reactor, nameless):
     a, ingest = alone(tmp_path, reactor, fail_fsync=False)
-    session, answer = receive(tmp_path, ingest, "ok")
+    session, answer = receive(tmp_path, ingest, "ok", nameless)
     results = []
     answer.addBoth(results.append)
     assert results and results[0].stored[0].archive == "local"
@@ -176,11 +195,11 @@ def test_the_copy_is_kept_and_recorded_while_the_writing_thread_fsyncs(tmp_path,
     assert ingest.catalog.committed == [1] and not ingest.catalog.forgotten
 
 
-def test_an_fsync_that_fails_after_the_record_undoes_it(tmp_path, reactor):
+def test_an_fsync_that_fails_after_the_record_undoes_it(tmp_path, reactor, nameless):
     """Before an answer: the fact is forgotten (a tombstone) and the file dropped, so a
     retry is not taken for a duplicate of bytes that were never durable."""
     a, ingest = alone(tmp_path, reactor, fail_fsync=True)
-    session, answer = receive(tmp_path, ingest, "bad")
+    session, answer = receive(tmp_path, ingest, "bad", nameless)
     failures = []
     answer.addErrback(failures.append)
     assert failures and failures[0].value.status == OUT_OF_RESOURCES
@@ -188,12 +207,12 @@ def test_an_fsync_that_fails_after_the_record_undoes_it(tmp_path, reactor):
     assert list(a.objects.glob("*/*.dcm")) == []
 
 
-def test_a_copy_placement_refuses_is_never_recorded(tmp_path, reactor):
+def test_a_copy_placement_refuses_is_never_recorded(tmp_path, reactor, nameless):
     """Built-in placement is asked in the keeping thread, before the record: a refused
     instance is findable nowhere, not even for a moment (its file dropped)."""
     a, ingest = alone(tmp_path, reactor, fail_fsync=False)
     ingest.rank = lambda info: [ArchiveInfo("local", "p", alive=False, local=True)]
-    session, answer = receive(tmp_path, ingest, "refused")
+    session, answer = receive(tmp_path, ingest, "refused", nameless)
     failures = []
     answer.addErrback(failures.append)
     assert failures and failures[0].value.status == PROCESSING_FAILURE
@@ -201,13 +220,13 @@ def test_a_copy_placement_refuses_is_never_recorded(tmp_path, reactor):
     assert list(a.objects.glob("*/*.dcm")) == []
 
 
-def test_a_keeping_job_the_pool_never_runs_is_done_by_the_writing_thread(tmp_path, reactor):
+def test_a_keeping_job_the_pool_never_runs_is_done_by_the_writing_thread(tmp_path, reactor, nameless):
     """A stopped pool drops what it is given (Twisted's ThreadPool): the C-STORE must
     not wait for ever — the writing thread claims the job once its fsync is done."""
     a, ingest = alone(tmp_path, reactor, fail_fsync=False)
     keepers = threads.pool(reactor, "ingest-keep", 1, 4)
     keepers.callInThread = lambda fn, *args: None          # dropped, as once stopped
-    session, answer = receive(tmp_path, ingest, "dropped")
+    session, answer = receive(tmp_path, ingest, "dropped", nameless)
     results = []
     answer.addBoth(results.append)
     assert results and results[0].stored[0].archive == "local"
@@ -216,18 +235,37 @@ def test_a_keeping_job_the_pool_never_runs_is_done_by_the_writing_thread(tmp_pat
     assert len(list(a.objects.glob("*/*.dcm"))) == 1
 
 
-def test_a_duplicate_whose_fsync_fails_leaves_the_copy_acknowledged_before(tmp_path, reactor):
+def test_a_stopped_keeping_pool_keeps_in_the_writing_thread(tmp_path, reactor, nameless):
+    """The keeping pool stopped (the peer stopping): the writing thread keeps, records
+    and fsyncs the copy itself — a file with no name through its descriptor."""
+    a, ingest = alone(tmp_path, reactor, fail_fsync=False)
+    keepers = threads.pool(reactor, "ingest-keep", 1, 4)
+    keepers.joined = True                                  # as once stopped
+    try:
+        session, answer = receive(tmp_path, ingest, "stopped", nameless)
+    finally:
+        keepers.joined = False
+    results = []
+    answer.addBoth(results.append)
+    assert results and results[0].stored[0].archive == "local"
+    (uid, thread), = ingest.catalog.recorded
+    assert thread == threading.current_thread().name
+    kept, = a.objects.glob("*/*.dcm")
+    assert kept.stat().st_nlink == 1 and read_meta(kept).sop_instance_uid == uid
+
+
+def test_a_duplicate_whose_fsync_fails_leaves_the_copy_acknowledged_before(tmp_path, reactor, nameless):
     """An instance stored and answered Success, sent again: the second C-STORE's fsync
     fails, so it fails — but the copy acknowledged the first time is on disk and durable:
     it must stay in the catalog (a tombstone would hide acknowledged data from every
     query and retrieval), and its file stays."""
     a, ingest = alone(tmp_path, reactor, fail_fsync=False)
-    _, answer = receive(tmp_path, ingest, "twice")
+    _, answer = receive(tmp_path, ingest, "twice", nameless)
     results = []
     answer.addBoth(results.append)
     assert results and results[0].stored[0].archive == "local"
     a.fail_fsync = True
-    second, answer = receive(tmp_path, ingest, "twice")
+    second, answer = receive(tmp_path, ingest, "twice", nameless)
     failures = []
     answer.addErrback(failures.append)
     assert failures and failures[0].value.status == OUT_OF_RESOURCES
