@@ -297,7 +297,9 @@ def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
           found: dict | None = None, until: int | None = None) -> int:
     """Walk elements from *pos* to *size*, or past the delimiter tag *stop*; return the end
     (-1 if *stop* is not None and never came: a truncated sequence or item). Raw values
-    of the top-level elements in ``_WANTED`` are put in *found* (tag -> bytes). With
+    of the top-level elements in ``_WANTED`` are put in *found* (tag -> bytes); one of
+    them twice (a SOP Instance UID that DCMTK and pydicom read differently) raises
+    BadDataset. With
     *until*, stop before the first top-level element whose tag is at least *until*."""
     implicit_head, explicit_head, long_length = _STRUCTS[little]
     while pos + 8 <= size:
@@ -336,6 +338,9 @@ def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
         if pos + length > size:
             return -1
         if found is not None and tag in _WANTED:
+            if tag in found:        # readers differ: DCMTK keeps the first, pydicom the last
+                raise BadDataset(f"({group:04X},{elem:04X}) {_WANTED[tag]} is in the data "
+                                 f"set twice")
             found[tag] = bytes(buf[pos:pos + length])
         pos += length
     return -1 if stop is not None or pos != size else pos
