@@ -200,6 +200,7 @@ class Forward(StoreSession):
         self.remotes: list = []                # its remote targets (a push each)
         self.seq = self.meta = None            # our fact, recorded in the writer thread
         self.fast = False                      # every part done and hashed as ours
+        self.remote_only = False               # the first wave: pushes only
         self._left, self._given, self._then = 0, {}, None
         self._lock = threading.Lock()
 
@@ -322,9 +323,11 @@ class Forward(StoreSession):
         return self.fast
 
     def store(self, path, meta):
-        if self.seq is None:
-            return self.ingest.store(path, meta, self)
-        return recorded.store(self, path, meta)
+        if self.seq is not None:
+            return recorded.store(self, path, meta)
+        if self.remote_only and self.kept is None:
+            return recorded.store_remote(self, path, meta)
+        return self.ingest.store(path, meta, self)
 
     def abandon(self) -> None:
         """Not kept here after all: let the fsync begun finish."""
@@ -378,18 +381,22 @@ class Forward(StoreSession):
         self._arm()
 
     def _arm(self) -> None:
-        """Reactor, placed: the first wave one archive of ours (the writer thread keeps
-        the copy there) and pushes to all the others, every one placement's choice
-        (nothing owed): the writer thread records our copy, and the threads count the
+        """Reactor, placed: the first wave every one placement's choice (nothing owed),
+        pushes to all its remote targets and at most one archive of ours: ``remotes``
+        (``recorded`` finishes the store). With one of ours (the writer thread keeps
+        the copy there) the writer thread records our copy, and the threads count the
         parts (``_part_done``)."""
         ingest = self.ingest
         wave = ingest.first_wave(self.ranked)
         remotes = [t for t in wave if t.peer != ingest.peer]
-        if wave != self.ranked[:ingest.replicas] or len(wave) - len(remotes) != 1 or \
-                len(wave) < ingest.quorum or \
+        if wave != self.ranked[:ingest.replicas] or len(wave) - len(remotes) > 1 or \
+                len(wave) < ingest.quorum or not remotes or \
                 len(self.early) != len(remotes) or len(self.pushes) != len(remotes):
             return
         self.remotes = remotes
+        if len(wave) == len(remotes):
+            self.remote_only = True            # none of ours: ``recorded.store_remote``
+            return
         if all(hasattr(push, "in_thread") for push in self.pushes):   # push ports
             self._left = 1 + len(remotes)      # (an older holder answers over AMP)
             for push, target in zip(self.pushes, remotes):

@@ -426,14 +426,14 @@ class Ingest:
         sha = answer["sha256"]                    # hashed there while it stored the bytes
         args = {"archive": target.name, "uid": uid, "sha256": sha}
 
-        @defer.inlineCallbacks
         def commit(meta, hints=(), later=False):
             # waited for (no copy of ours): at once, with what is queued for that peer
-            done = yield self.group.commit(target.peer, **args, now=not later)
-            location = Location(uid, target.name, target.peer, sha, answer["size"])
-            if not self.catalog.learn(target.peer, done["seq"], meta, location,
-                                      done.get("prev")):
-                self.overlay.sync_from(target.peer)     # not the next one: pull in order
+            def learn(done):
+                location = Location(uid, target.name, target.peer, sha, answer["size"])
+                if not self.catalog.learn(target.peer, done["seq"], meta, location,
+                                          done.get("prev")):
+                    self.overlay.sync_from(target.peer)  # not the next one: pull in order
+            return self.group.commit(target.peer, **args, now=not later).addCallback(learn)
 
         stored = Stored(target.name, sha, answer["size"], answer["duplicate"],
                         answer["conflict"], answer.get("given") or "")

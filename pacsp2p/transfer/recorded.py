@@ -1,17 +1,19 @@
-"""The reactor's part of a replicated C-STORE already recorded by the writer thread.
+"""The reactor's part of a replicated C-STORE whose first wave was pushed as it arrived.
 
 When placement's first wave is one archive of ours and pushes to the others
 (``forward.Forward``), the writer thread keeps our copy and records it with a hint for
 each remote copy; the Success is sent by whichever thread sees the last part done (our
 copy, or a pushed copy's answer read by its ``push-send`` thread). What is left for the
-reactor is bookkeeping, in one plain callback chain (no placement, no DeferredList, no
-catalog job): once every pushed copy has answered with our hash, its commit goes in the
-holder's group commit (``commits``), the catalog hears of our fact, and the store
-succeeds. Anything else (a push failed or refused, another hash) goes the general way
-(``Ingest.store``) with our record kept: its copy's commit then writes only the hints,
+reactor (``store``) is bookkeeping, in one plain callback chain (no placement, no
+DeferredList, no catalog job): once every pushed copy has answered with our hash, its
+commit goes in the holder's group commit (``commits``), the catalog hears of our fact,
+and the store succeeds. When the first wave is pushes only (``store_remote``), their
+commits are waited for, as ``Ingest.store`` waits for them, in such a chain too.
+Anything else (a push failed or refused, another hash) goes the general way
+(``Ingest.store``), with our record kept: its copy's commit then writes only the hints,
 its discard forgets it first (``as_recorded``). A hint written for a holder whose push
-then failed stays: hinted hand-off makes that copy later (one more than R if a
-stand-in took it meanwhile; nothing is lost).
+then failed stays: hinted hand-off makes that copy later (one more than R if a stand-in
+took it meanwhile; nothing is lost).
 """
 
 from __future__ import annotations
@@ -20,34 +22,47 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from pacsp2p.catalog.facts import stamped
-from pacsp2p.types import StoreResult
+from pacsp2p.dicom.status import OUT_OF_RESOURCES
+from pacsp2p.types import StoreError, StoreResult
 
 
-def store(forward, path, meta) -> defer.Deferred:
-    """Reactor: Deferred[StoreResult] for *forward*, whose copy here the writer thread
-    recorded (``forward.seq``)."""
-    targets = forward.remotes
-    results: list = [None] * len(targets)
-    left = [len(targets)]
+def _all(ds, consume: bool) -> defer.Deferred:
+    """Deferred[list]: each of *ds*'s results (a Failure for one that failed), in order,
+    once all have one; *consume*: their failures are handled here (else they go on, for
+    ``Ingest.store`` to take)."""
+    results: list = [None] * len(ds)
+    left = [len(ds)]
     done = defer.Deferred()
 
     def one(result, i):
         results[i] = result
         left[0] -= 1
         if not left[0]:
-            done.callback(None)
-        return result
-    for i, t in enumerate(targets):
-        forward.early[(t.peer, t.name)].addBoth(one, i)
-    return done.addCallback(lambda _: _finish(forward, path, meta, results))
+            done.callback(results)
+        return None if consume else result
+    for i, d in enumerate(ds):
+        d.addBoth(one, i)
+    return done
 
 
-def _finish(forward, path, meta, copies):
+def _pushed(forward, meta, copies) -> bool:
+    """Every pushed copy made, holding the bytes we received."""
+    return bool(meta.sha256) and not any(
+        isinstance(c, Failure) or c.stored.given_sha256 != meta.sha256 for c in copies)
+
+
+def store(forward, path, meta) -> defer.Deferred:
+    """Reactor: Deferred[StoreResult] for *forward*, whose copy here the writer thread
+    recorded (``forward.seq``)."""
+    d = _all([forward.early[(t.peer, t.name)] for t in forward.remotes], False)
+    return d.addCallback(_finish, forward, path, meta)
+
+
+def _finish(copies, forward, path, meta):
     ingest, uid = forward.ingest, meta.sop_instance_uid
     ingest.catalog.committed_now(forward.seq)
     keys = [(uid, t.peer, t.name) for t in forward.remotes]
-    if not meta.sha256 or any(isinstance(c, Failure) or c.stored.given_sha256 != meta.sha256
-                              for c in copies):
+    if not _pushed(forward, meta, copies):
         ingest.committing.difference_update(keys)
         return ingest.store(path, meta, forward)        # the general way (``as_recorded``)
     forward.early = {}
@@ -61,6 +76,37 @@ def _finish(forward, path, meta, copies):
         d.addErrback(ingest._commit_failed, c, uid, owed=True)
         d.addBoth(lambda _, key=key: ingest.committing.discard(key))
     return StoreResult(uid, (forward.kept, *(c.stored for c in copies)))
+
+
+def store_remote(forward, path, meta) -> defer.Deferred:
+    """Reactor: Deferred[StoreResult] for *forward*, whose first wave is pushes only:
+    their commits sent at once (with what waits for each holder) and waited for."""
+    d = _all([forward.early[(t.peer, t.name)] for t in forward.remotes], False)
+    return d.addCallback(_commit_remote, forward, path, meta)
+
+
+def _commit_remote(copies, forward, path, meta):
+    ingest = forward.ingest
+    if not _pushed(forward, meta, copies):
+        return ingest.store(path, meta, forward)
+    forward.early = {}
+    meta = stamped(meta, forward.stamp)
+    ingest.copies["pushed"] += len(copies)
+    d = _all([defer.maybeDeferred(c.commit, meta) for c in copies], True)
+    return d.addCallback(_committed, ingest, copies, meta.sop_instance_uid)
+
+
+def _committed(results, ingest, copies, uid):
+    kept = []
+    for c, r in zip(copies, results):
+        if isinstance(r, Failure):
+            ingest._commit_failed(r, c, uid)
+        else:
+            kept.append(c)
+    if len(kept) < max(1, ingest.quorum):
+        raise StoreError(OUT_OF_RESOURCES, f"{uid}: copies made but only {len(kept)} "
+                                           f"could be recorded")
+    return StoreResult(uid, tuple(c.stored for c in kept))
 
 
 def as_recorded(copy, catalog, archive, meta, stored):
