@@ -306,6 +306,7 @@ def test_integrity_checked_in_background_then_skipped_after_a_clean_stop(tmp_pat
     # a crash: the writer's thread ends without closing the catalog
     cat._writer_pool.stop()
     cat._reader_pool.stop()
+    cat.checkpoints.pool.stop()      # (left running, the test's process never exited)
 
     cat = open_catalog(reactor, path)                  # the mark went at start: check
     try:
