@@ -16,6 +16,7 @@ background integrity check in ``integrity``; WAL checkpoints (off the writers' p
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 import threading
 from pathlib import Path
@@ -30,9 +31,9 @@ from pacsp2p.catalog import matching, names, rows, schema, tombstones
 from pacsp2p.catalog.checkpoints import BACKSTOP, Checkpoints
 from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, LWW_LEVELS,  # noqa: F401
                                    PARENT_LEVELS, STAMPS_KEY, check_wire, facts_from_wire,
-                                   meta_attributes, stamp_of,
-                                   read_changes, read_changes_of, renumber, rollback,
-                                   vector, write_facts, write_origins, write_wire, write_wires)
+                                   meta_attributes, stamp_of, read_changes, read_changes_of,
+                                   renumber, rollback, vector, write_facts, write_origins,
+                                   write_wire, write_wires)
 from pacsp2p.catalog.integrity import Integrity
 from pacsp2p.catalog.schema import SCHEMA_VERSION, create_schema  # noqa: F401 (re-exported)
 from pacsp2p.attributes import UNIQUE
@@ -55,10 +56,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 class Catalog:
     """The peer's catalog. Use from the reactor thread; every method returns a Deferred.
-
     ``vector`` is kept in memory: {origin peer: highest fact sequence held}, the digest
-    that anti-entropy compares.
-    """
+    that anti-entropy compares."""
 
     def __init__(self, path: Path, reactor, peer: str = "", readers: int = 4):
         self.path, self.reactor, self.peer = Path(path), reactor, peer
@@ -81,11 +80,9 @@ class Catalog:
         self._flushing = False
         self._holding = 0                     # inside batch(): record() does not flush
         self.vector: dict[str, int] = {}
-        self.facts = 0                        # facts committed since start (a count, not
-                                              # a difference of numbers: see reclaim)
-        self._promised: dict[str, int] = {}     # facts of others queued by learn()
-        # written with the next batch of our own facts, in the same writer job:
-        self._learned: list[tuple[str, int, list]] = []    # (origin, seq, wire rows)
+        self.facts = 0                        # facts committed since start (see reclaim)
+        self._promised: dict[str, int] = {}     # facts of others queued by learn(),
+        self._learned: list[tuple[str, int, list]] = []    # (origin, seq, rows): our next batch
         self._drops: list[tuple[tuple, defer.Deferred]] = []  # hints done
         self._soon = None                     # a flush of only those, at most LATER s on
         self._created = False                 # the file did not exist when opened
@@ -421,13 +418,18 @@ class Catalog:
         self._later()
         return True
 
-    def changes(self, origin: str, after: int, limit: int) -> defer.Deferred:
-        return self.read(lambda conn: read_changes(conn, origin, after, limit))
+    def changes(self, origin: str, after: int, limit: int, shape=list) -> defer.Deferred:
+        """``shape`` of *origin*'s facts above *after* (<= *limit*), in a reader thread."""
+        return self.read(lambda conn: shape(read_changes(conn, origin, after, limit)))
 
-    def changes_of(self, wanted: list, limit: int) -> defer.Deferred:
-        """Deferred[[(origin, rows)]]: the facts of each (origin, after) of *wanted*
-        above *after*, at most *limit* in all, read in one reader job."""
-        return self.read(lambda conn: read_changes_of(conn, wanted, limit))
+    def changes_of(self, wanted: list, limit: int, shape=None) -> defer.Deferred:
+        """[(origin, rows)]: the facts above each (origin, after) of *wanted*, at most
+        *limit* in all, in one reader job; or ``shape(read, limit)`` made in it, where
+        ``read(n)`` reads them at most *n* in all (``sync.serve``)."""
+        def job(conn):
+            read = functools.partial(read_changes_of, conn, wanted)
+            return shape(read, limit) if shape else read(limit)
+        return self.read(job)
 
     def write(self, fn: Callable[[sqlite3.Connection], object]) -> defer.Deferred:
         """Run *fn(conn)* on the writer thread (bulk jobs like a rebuild)."""

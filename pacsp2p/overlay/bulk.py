@@ -181,11 +181,12 @@ class _Changes(resource.Resource):
         if len(request.postpath) != 1 or not 0 < len(origin) <= MAX_NAME or after < 0 \
                 or limit < 1:
             return _answer(request, 400, b"bad request\n")
-        d = self.catalog.changes(origin, after, limit)
+        d = self.catalog.changes(origin, after, limit,      # encoded in the reader thread
+                                 lambda rows: json.dumps(rows, separators=(",", ":")).encode())
 
-        def send(rows):
+        def send(body):
             request.setHeader(b"content-type", b"application/json")
-            request.write(json.dumps(rows, separators=(",", ":")).encode())
+            request.write(body)
             request.finish()
 
         d.addCallbacks(send, lambda f: _fail(request, f))

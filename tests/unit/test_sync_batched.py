@@ -49,9 +49,12 @@ class Catalog:
         db.write_facts(self.conn, facts(origin, range(seq + 1, seq + n + 1), study))
         self.vector[origin] = seq + n
 
-    def changes_of(self, wanted, limit):
+    def changes_of(self, wanted, limit, shape=None):
         self.reads += 1
-        return defer.succeed(db.read_changes_of(self.conn, wanted, limit))
+
+        def read(n):
+            return db.read_changes_of(self.conn, wanted, n)
+        return defer.succeed(shape(read, limit) if shape else read(limit))
 
     def apply_all(self, parts):
         tops = [(origin, db.check_wire(rows)) for origin, rows in parts]
@@ -260,3 +263,36 @@ def test_an_answer_of_long_values_is_cut_to_its_byte_budget(tmp_path, monkeypatc
     assert max(sizes) <= 200 << 10 and len(sizes) >= 3, sizes
     got = y.conn.execute("SELECT count(*) FROM instances WHERE ImageType = ?", (long,))
     assert got.fetchone()[0] == 40
+
+
+def test_an_answer_is_read_and_encoded_off_the_reactor(tmp_path, monkeypatch):
+    """``serve`` on a real catalog: the facts are read AND the answer encoded in a catalog
+    reader thread (5,000 facts are tens of ms of JSON: before, ``encode_answer`` ran on
+    the reactor), and a ``GET /changes/<origin>`` answer (older peers) alike."""
+    import json
+    import threading
+
+    from pacsp2p.catalog.db import Catalog as RealCatalog
+    from test_catalog_scale import ThreadReactor, loc, meta
+    reactor = ThreadReactor()
+    cat = RealCatalog(tmp_path / "c.sqlite", reactor, peer="q")
+    reactor.wait(cat.start())
+    try:
+        reactor.wait(defer.gatherResults([cat.record(meta(i), loc(i, peer="q"))
+                                          for i in range(300)]))
+        where = []
+        real = sync.encode_answer
+        monkeypatch.setattr(sync, "encode_answer", lambda mine, parts: (
+            where.append(threading.current_thread().name), real(mine, parts))[1])
+        body = reactor.wait(sync.serve(cat, {}, "asker", 5000))
+        vector, parts = sync.decode_answer(body)
+        assert vector == {"q": 300} and [o for o, _ in parts] == ["q"]
+        assert db.check_wire(json.loads(parts[0][1])) == 300
+        assert where and threading.current_thread().name not in where, where
+        assert all("catalog-reader" in name for name in where), where
+        encoded = reactor.wait(cat.changes("q", 0, 10, lambda rows: (
+            threading.current_thread().name, len(rows))))
+        assert "catalog-reader" in encoded[0]
+        assert encoded[1] == len(reactor.wait(cat.changes("q", 0, 10))) == 11  # + its header
+    finally:
+        reactor.wait(cat.stop())
