@@ -48,7 +48,7 @@ log = Logger()
 
 def receive_pool(reactor):
     """The thread pool that writes received data sets (one per reactor)."""
-    return threads.pool(reactor, "dicom-recv", 2, 4)
+    return threads.pool(reactor, "dicom-recv", 2, 4, lane=True)
 
 
 def _short(elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:

@@ -90,7 +90,7 @@ class OneJob(StoreSession):
         the job) is done here instead: whichever thread claims it first runs it."""
         self.fd = fd
         flusher = getattr(self.archive, "flusher", None)
-        keepers = threads.pool(self.ingest.reactor, "ingest-keep", 1, 4)
+        keepers = threads.pool(self.ingest.reactor, "ingest-keep", 1, 4, lane=True)
         if flusher is None or not keepers.started or keepers.joined:
             return super().written_then(path, rest, then=then)
         flush = flusher(path, fd)              # open before rest() may unlink it

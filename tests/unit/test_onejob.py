@@ -224,7 +224,7 @@ def test_a_keeping_job_the_pool_never_runs_is_done_by_the_writing_thread(tmp_pat
     """A stopped pool drops what it is given (Twisted's ThreadPool): the C-STORE must
     not wait for ever — the writing thread claims the job once its fsync is done."""
     a, ingest = alone(tmp_path, reactor, fail_fsync=False)
-    keepers = threads.pool(reactor, "ingest-keep", 1, 4)
+    keepers = threads.pool(reactor, "ingest-keep", 1, 4, lane=True)
     keepers.callInThread = lambda fn, *args: None          # dropped, as once stopped
     session, answer = receive(tmp_path, ingest, "dropped", nameless)
     results = []
@@ -239,7 +239,7 @@ def test_a_stopped_keeping_pool_keeps_in_the_writing_thread(tmp_path, reactor, n
     """The keeping pool stopped (the peer stopping): the writing thread keeps, records
     and fsyncs the copy itself — a file with no name through its descriptor."""
     a, ingest = alone(tmp_path, reactor, fail_fsync=False)
-    keepers = threads.pool(reactor, "ingest-keep", 1, 4)
+    keepers = threads.pool(reactor, "ingest-keep", 1, 4, lane=True)
     keepers.joined = True                                  # as once stopped
     try:
         session, answer = receive(tmp_path, ingest, "stopped", nameless)

@@ -1,0 +1,96 @@
+"""``threads.Lane``: the light thread pool of the per-instance hops of a C-STORE (the
+writing and keeping threads) does what Twisted's ThreadPool did for them — jobs run in
+its named threads in order, ``deferToThreadPool`` gets results and failures, a job that
+raises is logged and the thread goes on, jobs given before ``stop`` run and those after
+are dropped. Real threads."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import globalLogPublisher
+
+from pacsp2p import threads
+from pacsp2p.testing.cluster import wait_until
+
+
+class Reactor:
+    """Enough of a reactor for deferToThreadPool and ``threads.pool``: results handed
+    back from a thread are queued and run by ``run``."""
+
+    def __init__(self):
+        self.handed, self.lock, self.at_shutdown = [], threading.Lock(), []
+
+    def callFromThread(self, fn, *args):
+        with self.lock:
+            self.handed.append((fn, args))
+
+    def run(self):
+        with self.lock:
+            handed, self.handed = self.handed, []
+        for fn, args in handed:
+            fn(*args)
+
+    def addSystemEventTrigger(self, phase, event, fn, *args):
+        self.at_shutdown.append(fn)
+
+
+@pytest.fixture
+def lane():
+    reactor = Reactor()
+    pool = threads.pool(reactor, "test-lane", 1, 2, lane=True)
+    yield reactor, pool
+    for fn in reactor.at_shutdown:
+        fn()
+
+
+def test_jobs_run_in_its_named_threads_and_results_come_back(lane):
+    reactor, pool = lane
+    assert isinstance(pool, threads.Lane) and pool.started
+    assert threads.pool(reactor, "test-lane", lane=True) is pool       # one per name
+    got, failed = [], []
+    done = threading.Event()
+    d = deferToThreadPool(reactor, pool, lambda x: (threading.current_thread().name, x), 7)
+    d.addCallback(got.append)
+    bad = deferToThreadPool(reactor, pool, lambda: 1 / 0)
+    bad.addErrback(failed.append)
+    pool.callInThread(done.set)
+    assert done.wait(30)
+    while not (got and failed):
+        reactor.run()
+    assert got[0][0].startswith("PoolThread-test-lane-") and got[0][1] == 7
+    assert failed[0].check(ZeroDivisionError)
+
+
+def test_a_job_that_raises_is_logged_and_the_thread_goes_on(lane):
+    _, pool = lane
+    seen, done = [], threading.Event()
+
+    def observer(event):
+        if "test-lane" in str(event.get("name", "")):
+            seen.append(event)
+    globalLogPublisher.addObserver(observer)
+    try:
+        pool.callInThread(lambda: 1 / 0)
+        wait_until(lambda: seen, 30, what="the failure logged")
+        pool.callInThread(done.set)                  # the threads go on
+        assert done.wait(30)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert seen and seen[0]["log_failure"].check(ZeroDivisionError)
+
+
+def test_jobs_given_before_stop_run_in_order_and_none_after(lane):
+    reactor, pool = lane
+    ran, gate = [], threading.Event()
+    pool.callInThread(gate.wait, 30)                 # hold one thread
+    for i in range(50):
+        pool.callInThread(ran.append, i)
+    gate.set()
+    pool.stop()                                      # waits for the threads
+    assert sorted(ran) == list(range(50))
+    assert pool.joined and not pool.started
+    pool.callInThread(ran.append, "late")
+    assert "late" not in ran
+    assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-test-lane")]
