@@ -387,14 +387,16 @@ class Catalog:
 
     def apply_all(self, parts: list) -> defer.Deferred:
         """Write the facts of several origins [(origin, rows)] (one pull's answer) in
-        one transaction."""
-        tops = [(origin, check_wire(rows), max(0, len(rows) - 1)) for origin, rows in parts]
+        one transaction, checked (``check_wire``) in the writer thread, not the reactor."""
+        def job():
+            tops = [(origin, check_wire(rows), len(rows) - 1) for origin, rows in parts if rows]
+            write_wires(self._writer, [rows for _, rows in parts], self.peer)
+            return tops
 
-        def committed(_):
+        def committed(tops):
             for origin, top, n in tops:
                 self._committed(origin, top, n)
-        d = self._in_writer(write_wires, self._writer, [rows for _, rows in parts], self.peer)
-        return d.addCallback(committed)
+        return self._in_writer(job).addCallback(committed)
 
     def learn(self, origin: str, seq: int, meta: InstanceMeta, location: Location,
               prev: int | None = None) -> bool:

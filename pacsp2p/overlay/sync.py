@@ -11,10 +11,9 @@ replicated database maintenance", PODC 1987); this module does the pulling.
 One pull asks ONE neighbour for everything it holds that we lack, every origin at once
 (issue 19.5): ``POST /changes`` on its bulk channel with our whole vector; the answer is
 its vector and, origin after origin, the facts above ours, at most ``batch`` facts in
-all. While more is due the next request goes out before this batch is written (its
-start is read from the end of each origin's part: a hint, checked once decoded); the
-answer is read in one reader job and applied in one transaction, every origin of it
-together (a pull costs the same whether its facts come from 1 origin or 30) — so memory
+all. The answer is decoded and checked in a thread (``catalog-sync``: up to 64 MB of
+JSON, never on the reactor); while more is due the next request goes out before this
+batch is written, in one transaction, every origin of it together (a pull costs the same whether its facts come from 1 origin or 30) — so memory
 is bounded by two batches, a pull cut by a crash or a partition resumes where it
 stopped, and a peer that joins late or returns catches up without ever holding more
 than that.
@@ -30,7 +29,10 @@ from __future__ import annotations
 import json
 
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+
+from pacsp2p import threads
 
 from pacsp2p.overlay.dissemination import check_vector
 from pacsp2p.overlay.swimparts import Invalid
@@ -136,6 +138,16 @@ class AntiEntropy:
         self.own_got = 0                # the last pull-back: the top of our own facts
                                         # it brought, of those numbered up to its *upto*
 
+    def _off(self, fn, *args):
+        """Deferred: *fn(*args)* in the ``catalog-sync`` thread (a pull's answer, up to
+        64 MB of JSON, decoded and checked off the reactor); at once with a catalog
+        that has no reactor (the unit tests' synchronous one)."""
+        reactor = getattr(self.catalog, "reactor", None)
+        if reactor is None:
+            return defer.maybeDeferred(fn, *args)
+        return deferToThreadPool(reactor, threads.pool(reactor, "catalog-sync", 1, 1),
+                                 fn, *args)
+
     def _ask(self, member, vector, own=0):
         self.requests += 1
         return self.bulk.pull_body(member, vector, self.batch, own=own)
@@ -158,40 +170,18 @@ class AntiEntropy:
             while pending is not None:
                 body = yield pending
                 pending = None
-                their, parts = decode_answer(body)
+                their, batch, tops, got = yield self._off(_decoded, body, sent, me, upto)
                 del body
-                if not parts:
+                if tops is None:
                     break
-                # ask for the next batch now, from where this one seems to end
-                hinted = dict(sent)
-                for origin, raw in parts:
-                    hint = _last_seq(raw)
-                    if hint is None:
-                        hinted = None
-                        break
-                    hinted[origin] = max(hinted.get(origin, 0), hint)
-                if hinted is not None and behind(hinted, their, me, upto):
-                    pending = self._ask(member, hinted, upto)
-                batch, tops = [], dict(sent)
-                for origin, raw in parts:
-                    rows, top = checked_rows(origin, json.loads(raw))
-                    if origin == me:     # a pull-back: ours above upto are not the gap's
-                        rows = rows[:1] + [r for r in rows[1:] if int(r[0]) <= upto]
-                        got_own = max([got_own] + [int(r[0]) for r in rows[1:]])
-                    if origin != me or len(rows) > 1:
-                        batch.append((origin, rows))
-                    tops[origin] = max(tops.get(origin, 0), top)
-                del parts
-                if pending is not None and tops != hinted:
-                    _drop(pending)             # a wrong hint: ask again from the truth
-                    pending = None
+                got_own = max(got_own, got)
+                if behind(tops, their, me, upto):      # the next batch, while this is written
+                    pending = self._ask(member, tops, upto)
                 if writing is not None:
                     w, writing = writing, None
                     yield w
                 writing = self._apply(batch)
                 sent = tops
-                if pending is None and behind(sent, their, me, upto):
-                    pending = self._ask(member, sent, upto)
             if writing is not None:
                 w, writing = writing, None
                 yield w
@@ -224,18 +214,23 @@ class AntiEntropy:
         return result
 
 
-def _last_seq(body: bytes) -> int | None:
-    """The sequence number of the last fact in a batch's JSON (``[{...},[seq,...],...,
-    [seq,...]]``), found without decoding it; None if not found. Only a hint."""
-    i = body.rfind(b"],[")
-    i = i + 3 if i >= 0 else (2 if body.startswith(b"[[") else -1)
-    j = body.find(b",", i)
-    if i < 0 or j < 0 or j - i > 20:
-        return None
-    try:
-        return int(body[i:j])
-    except ValueError:
-        return None
+def _decoded(body: bytes, sent: dict, me: str, upto: int):
+    """(their vector, batch [(origin, rows)], tops, the top of our own facts in it) of a
+    ``/changes`` answer, decoded and checked (``checked_rows``; in a thread): tops is
+    *sent* raised by the batch's facts, None if the answer holds none."""
+    their, parts = decode_answer(body)
+    if not parts:
+        return their, [], None, 0
+    batch, tops, got = [], dict(sent), 0
+    for origin, raw in parts:
+        rows, top = checked_rows(origin, json.loads(raw))
+        if origin == me:     # a pull-back: ours above upto are not the gap's
+            rows = rows[:1] + [r for r in rows[1:] if int(r[0]) <= upto]
+            got = max([got] + [int(r[0]) for r in rows[1:]])
+        if origin != me or len(rows) > 1:
+            batch.append((origin, rows))
+        tops[origin] = max(tops.get(origin, 0), top)
+    return their, batch, tops, got
 
 
 def _drop(pending) -> None:

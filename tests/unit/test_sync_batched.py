@@ -296,3 +296,57 @@ def test_an_answer_is_read_and_encoded_off_the_reactor(tmp_path, monkeypatch):
         assert encoded[1] == len(reactor.wait(cat.changes("q", 0, 10))) == 11  # + its header
     finally:
         reactor.wait(cat.stop())
+
+
+def test_a_pulled_answer_is_decoded_and_checked_off_the_reactor(tmp_path, monkeypatch):
+    """A pull between two real catalogs: the answer's JSON is decoded and its facts
+    checked (``checked_rows``) in the ``catalog-sync`` thread and ``check_wire`` runs in
+    the catalog writer's, not on the reactor (before: both on the reactor thread, up to
+    64 MB of JSON a pull)."""
+    import threading
+
+    from pacsp2p import threads
+    from pacsp2p.catalog.db import Catalog as RealCatalog
+    from test_catalog_scale import ThreadReactor, loc, meta
+
+    class Reactor(ThreadReactor):
+        def __init__(self):
+            super().__init__()
+            self.stops = []
+
+        def addSystemEventTrigger(self, phase, event, fn):
+            self.stops.append(fn)
+
+    reactor = Reactor()
+    q = RealCatalog(tmp_path / "q.sqlite", reactor, peer="q")
+    p = RealCatalog(tmp_path / "p.sqlite", reactor, peer="p")
+    reactor.wait(q.start())
+    reactor.wait(p.start())
+    where = {"checked_rows": [], "check_wire": []}
+    for module, name in ((sync, "checked_rows"), (db, "check_wire")):
+        real = getattr(module, name)
+
+        def spy(*args, real=real, name=name):
+            where[name].append(threading.current_thread().name)
+            return real(*args)
+        monkeypatch.setattr(module, name, spy)
+    try:
+        reactor.wait(defer.gatherResults([q.record(meta(i), loc(i, peer="q"))
+                                          for i in range(120)]))
+
+        class Direct:
+            def pull_body(self, member, vector, limit, own=0):
+                return sync.serve(q, vector, "p", limit, own)
+        reactor.wait(sync.AntiEntropy(p, Direct(), batch=50).pull(Member("q")))
+        assert p.vector.get("q") == 120
+        assert reactor.wait(p.counts())["instances"] == 120
+        main = threading.current_thread().name
+        assert len(where["checked_rows"]) == 3 and main not in where["checked_rows"], where
+        assert all("catalog-sync" in n for n in where["checked_rows"]), where
+        assert len(where["check_wire"]) == 3 and main not in where["check_wire"], where
+        assert all("catalog-writer" in n for n in where["check_wire"]), where
+    finally:
+        reactor.wait(p.stop())
+        reactor.wait(q.stop())
+        for stop in reactor.stops:
+            stop()
