@@ -49,7 +49,8 @@ def inflated(data, limit: int, start: int = 0, chunk: int = CHUNK) -> Iterator[b
 
 def bound(deflated: int, ceiling: int) -> int:
     """Inflated bytes a deflated data set of *deflated* bytes may take when decoded whole:
-    RATIO times its size, at least FLOOR, at most *ceiling*."""
+    RATIO times its size, at least FLOOR, at most *ceiling* (``part10.convert`` holds a
+    file of compressed pixel data decoded to the same bound)."""
     return min(ceiling, max(FLOOR, RATIO * deflated))
 
 

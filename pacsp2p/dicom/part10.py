@@ -132,8 +132,9 @@ def convert(f, target: str, limit: int | None = None) -> io.BytesIO:
     """The data set of Part-10 file *f* re-encoded in uncompressed *target* (decompressed
     first if needed; the SOP Instance UID is kept). Closes *f*. *limit*: TooLarge if
     the file with its pixel data decoded would take more bytes (checked before). A
-    deflated data set is inflated once, to at most ``deflate.bound`` of its size (else
-    TooLarge: a stored deflate bomb of a few MB is not decoded to GB)."""
+    deflated data set is inflated once, and compressed pixel data decoded, only within
+    ``deflate.bound`` of the file's size (else TooLarge: a stored bomb of a few KB or MB
+    is not decoded to GB)."""
     with f:
         size = f.seek(0, io.SEEK_END)
         if limit is not None and size > limit:
@@ -153,9 +154,10 @@ def convert(f, target: str, limit: int | None = None) -> io.BytesIO:
             del data
             f.seek(0)
             ds = dcmread(f)
-    if ts.is_compressed:
-        if limit is not None and (need := size + decoded_size(ds)) > limit:
-            raise TooLarge(f"{need} bytes once decompressed, over {limit}")
+    if ts.is_compressed:               # a bomb too: 3 KB of JPEG-LS decode to 512 MiB
+        bound = deflate.bound(size, limit or MAX_INFLATED)
+        if (need := size + decoded_size(ds)) > bound:
+            raise TooLarge(f"{need} bytes once decompressed, over {bound}")
         ds.decompress(generate_instance_uid=False)
     target = UID(target)
     encoded = encode(ds, target.is_implicit_VR, target.is_little_endian)

@@ -1,5 +1,5 @@
 """Data sets kept as sent that a real peer later decodes whole (twelfth hostile-input
-session): deflate bombs, and a value pydicom's writer cannot re-encode.
+session): deflate and JPEG-LS bombs, and a value pydicom's writer cannot re-encode.
 
 A C-STORE in Deflated Explicit VR Little Endian (PS3.5 A.5) of about 1 MB whose pixel
 data is 1 GiB of zeros is valid DICOM and kept as sent (its header is read from a bounded
@@ -13,6 +13,11 @@ prefix, the rest inflated a chunk at a time and dropped). Two paths then decoded
   time (``rejection.read_rejection``), which inflated the whole data set in memory before
   it stopped at the pixel data; now only its first 64 MiB inflated, as the header read.
 
+A C-STORE in JPEG-LS Lossless of 2.9 KB (DCMTK's dcmcjpls of a 16384 x 16384 image of
+zeros: 512 MiB decoded) is kept as sent; a C-GET proposing only Explicit VR Little
+Endian made the peer decode it (+2.5 GB RSS, 512 MB sent); now compressed pixel data is
+decoded only within the same bound (``deflate.bound`` of the file's size).
+
 A C-STORE in Explicit VR Little Endian carrying a US value of 3 bytes (a header walk
 passes it: tags and lengths) is kept as sent; a C-GET proposing only Implicit VR Little
 Endian made the peer re-encode it, pynetdicom's ``encode`` failed (it returns None) and
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import io
 import resource
+import struct
+import subprocess
 import zlib
 
 import pytest
@@ -32,13 +39,14 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian,
-                         ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+                         ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless)
 from pynetdicom import build_context, build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
-from pacsp2p.dicom.header import read_meta
+from pacsp2p.dicom.header import file_meta, read_meta
 from pacsp2p.testing import Peer, datasets, echo
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.fuzz.watch import RssPeak
@@ -217,5 +225,57 @@ def test_a_value_pydicom_cannot_re_encode_fails_its_sub_operation_not_sent_empty
     assert final.Status == 0xB000, hex(final.Status)
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 1)
     assert odd.SOPInstanceUID in str(identifier.FailedSOPInstanceUIDList)
+    assert echo(peer.port, peer.ae_title)
+    log_is_clean(peer)
+
+
+def jpeg_ls_bomb(directory, study: str, side: int = 16384) -> bytes:
+    """The data set of a *side* x *side* 16-bit image of zeros in JPEG-LS Lossless, made
+    by DCMTK's dcmcjpls from a file written a MiB at a time (removed)."""
+    ds = bomb_image(study, 4)
+    for key in ("PixelData", "NumberOfFrames"):
+        if key in ds:
+            delattr(ds, key)
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    meta = Dataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (CTImageStorage,
+                                                                     ds.SOPInstanceUID)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(fp, meta)
+    plain, packed = directory / "plain.dcm", directory / "jls.dcm"
+    with open(plain, "wb") as f:
+        f.write(bytes(128) + b"DICM" + fp.getvalue() + explicit(ds))
+        f.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, side * side * 2))
+        zeros = bytes(MIB)
+        for _ in range(side * side * 2 // MIB):
+            f.write(zeros)
+    subprocess.run(["/usr/bin/dcmcjpls", str(plain), str(packed)], check=True, timeout=600)
+    plain.unlink()
+    data = packed.read_bytes()
+    offset, ts = file_meta(data)
+    assert ts == JPEGLSLossless
+    return data[offset:]
+
+
+def test_a_stored_jpeg_ls_bomb_fails_its_c_get_sub_operation_in_bounded_memory(peer,
+                                                                               tmp_path):
+    study = datasets.uid("jls-bomb-study")
+    small = bomb_image(study, 1)
+    data = jpeg_ls_bomb(tmp_path, study)
+    assert len(data) < 64 << 10
+    bomb_uid = datasets.uid("deflate-bomb", study, 4)
+    assert store(peer, CTImageStorage, small.SOPInstanceUID, explicit(small),
+                 ExplicitVRLittleEndian) == [0]
+    assert store(peer, CTImageStorage, bomb_uid, data, JPEGLSLossless) == [0]   # kept
+    with RssPeak(peer.pid) as rss:
+        final, _, received = get(peer, study, ExplicitVRLittleEndian)
+    grown = rss.peak - rss.first
+    assert grown < GROWTH_KIB, f"the peer grew by {grown} KiB"
+    assert final.Status == 0xB000, hex(final.Status)
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 1)
+    assert [str(d.SOPInstanceUID) for d in received] == [small.SOPInstanceUID]
     assert echo(peer.port, peer.ae_title)
     log_is_clean(peer)
