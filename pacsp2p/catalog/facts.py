@@ -38,6 +38,7 @@ from pacsp2p.catalog import rows as parent_rows
 from pacsp2p.catalog import tombstones
 from pacsp2p.catalog.rows import level_columns as _level_columns
 from pacsp2p.types import InstanceMeta
+from pacsp2p.validate import VALUE_MAX, clipped
 
 log = Logger()
 
@@ -280,6 +281,7 @@ def check_wire(batch: list) -> int:
                 raise ValueError(f"{level} row {key!r} is not {width} fields")
             if not all(v is None or type(v) is str for v in row):
                 raise ValueError(f"{level} row {key!r} has a value that is not text")
+            _clip(row, 0)
     stamps = parents.get(STAMPS_KEY, {})
     if not isinstance(stamps, dict) or not all(
             isinstance(stamps.get(level, {}), dict) and all(
@@ -300,9 +302,19 @@ def check_wire(batch: list) -> int:
             raise ValueError(f"fact has {len(row)} fields, expected {n}")
         if not all(v is None or type(v) is str for v in row[1:4] + row[len(LOCATION_FIELDS):]):
             raise ValueError("a fact has a value that is not text")
+        _clip(row, len(LOCATION_FIELDS))
         int(row[4])
         top = max(top, int(row[0]))
     return top
+
+
+def _clip(row: list, start: int) -> None:
+    """*row*'s values from *start* cut to ``VALUE_MAX`` characters (``validate.clipped``):
+    a catalog from before the facade refused longer ones (d4a5ded) may still serve them,
+    and sync goes on without growing every catalog and answer by them."""
+    if max(map(len, filter(None, row[start:])), default=0) > VALUE_MAX:
+        row[start:] = [v if v is None or len(v) <= VALUE_MAX else clipped(v)[:VALUE_MAX]
+                       for v in row[start:]]
 
 
 def write_wire(conn: sqlite3.Connection, batch: list, peer: str = "") -> None:

@@ -50,3 +50,28 @@ def test_a_value_that_is_not_text_is_refused(rows, where, bad):
                                         "Modality")] = bad
     with pytest.raises(ValueError, match="not text"):
         db.check_wire(rows)
+
+
+def test_values_over_the_bound_are_cut_to_it(rows, tmp_path):
+    """A catalog from before the facade refused values over ``VALUE_MAX`` (d4a5ded) may
+    serve them: a 5,000-character study description and a 3,000-character Other Patient
+    IDs of several values arrive cut to 1,024 characters (the latter at a value's end),
+    and every fact is still written; before, they were kept whole at every peer."""
+    from pacsp2p.validate import VALUE_MAX
+    study = next(iter(rows[0]["STUDY"].values()))
+    study[_LEVEL_SQL["STUDY"][0].index("StudyDescription")] = "D" * 5000
+    patient = next(iter(rows[0]["PATIENT"].values()))
+    ids = "\\".join(f"ID{i:06d}" for i in range(330))          # 330 x 8 + 329 characters
+    patient[_LEVEL_SQL["PATIENT"][0].index("OtherPatientIDs")] = ids
+    rows[1][len(LOCATION_FIELDS) + _LEVEL_SQL["IMAGE"][0].index("ImageType")] = "I" * 3000
+    assert db.check_wire(rows) == 1
+    conn = db._connect(tmp_path / "puller.sqlite")
+    db.create_schema(conn)
+    tombstones.create_schema(conn)
+    db.write_wires(conn, [rows], "puller")
+    (description,) = conn.execute("SELECT StudyDescription FROM studies").fetchone()
+    (other,) = conn.execute("SELECT OtherPatientIDs FROM patients").fetchone()
+    (image_type,) = conn.execute("SELECT ImageType FROM instances").fetchone()
+    assert description == "D" * VALUE_MAX and image_type == "I" * VALUE_MAX
+    assert len(other) <= VALUE_MAX and ids.startswith(other + "\\")
+    assert conn.execute("SELECT PatientName FROM patients").fetchone() == ("WIRE^VALUES",)
