@@ -34,7 +34,7 @@ from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, LWW_LEVELS,  # noqa: F
                                    meta_attributes, stamp_of, read_changes, read_changes_of,
                                    renumber, rollback, vector, write_facts, write_origins,
                                    write_wire, write_wires)
-from pacsp2p.catalog.integrity import Integrity
+from pacsp2p.catalog.integrity import Integrity, digest
 from pacsp2p.catalog.schema import SCHEMA_VERSION, create_schema  # noqa: F401 (re-exported)
 from pacsp2p.attributes import UNIQUE
 from pacsp2p.types import InstanceMeta, InstanceRef, Location, Query, Stored
@@ -589,22 +589,6 @@ PAGE_ORDER = {"PATIENT": "p.PatientName, p.PatientID",
               "STUDY": "st.StudyDate DESC, st.StudyTime DESC, st.StudyInstanceUID",
               "SERIES": "CAST(se.SeriesNumber AS INTEGER), se.SeriesInstanceUID",
               "IMAGE": "CAST(i.InstanceNumber AS INTEGER), i.SOPInstanceUID"}
-
-
-def digest(conn: sqlite3.Connection) -> str:
-    """sha256 over the whole content in a canonical order: what the peer answers, so not
-    the rows' last-writer-wins stamps (a peer of a release before schema 5, which has
-    none, holding the same rows has the same digest)."""
-    import hashlib
-    h = hashlib.sha256()
-    for table, key in (("patients", "PatientID"), ("studies", "StudyInstanceUID"),
-                       ("series", "SeriesInstanceUID"), ("instances", "SOPInstanceUID"),
-                       ("locations", "SOPInstanceUID, peer, archive")):
-        cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")
-                if r[1] not in ("available", "stamp")]
-        for row in conn.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY {key}"):
-            h.update(repr(row).encode())
-    return h.hexdigest()
 
 
 def stored_location(meta: InstanceMeta, stored: Stored, peer: str) -> Location:

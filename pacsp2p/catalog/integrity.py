@@ -9,11 +9,13 @@ at the next start, as the clean mark is only written for a catalog known good).
 
 :attr:`Integrity.state` is what ``/status`` shows as ``catalog.integrity``; a damaged
 catalog is logged as critical (the peer keeps serving what it can; the operator stops it
-and runs ``pacsp2p catalog rebuild``).
+and runs ``pacsp2p catalog rebuild``). ``digest``: a hash of the content, to compare
+peers' catalogs (``pacsp2p catalog digest``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from pathlib import Path
@@ -118,3 +120,18 @@ class Integrity:
             conn.interrupt()
         if self._pool.started:
             self._pool.stop()
+
+
+def digest(conn: sqlite3.Connection) -> str:
+    """sha256 over the whole content in a canonical order: what the peer answers, so not
+    the rows' last-writer-wins stamps (a peer of a release before schema 5, which has
+    none, holding the same rows has the same digest)."""
+    h = hashlib.sha256()
+    for table, key in (("patients", "PatientID"), ("studies", "StudyInstanceUID"),
+                       ("series", "SeriesInstanceUID"), ("instances", "SOPInstanceUID"),
+                       ("locations", "SOPInstanceUID, peer, archive")):
+        cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")
+                if r[1] not in ("available", "stamp")]
+        for row in conn.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY {key}"):
+            h.update(repr(row).encode())
+    return h.hexdigest()
