@@ -15,7 +15,10 @@ import struct
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import UID
+from pydicom.encaps import generate_frames
+from pydicom.pixels.utils import _get_jpg_parameters
+from pydicom.uid import (UID, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
+                         JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless)
 from pynetdicom.dsutils import encode
 from twisted.logger import Logger
 
@@ -158,6 +161,7 @@ def convert(f, target: str, limit: int | None = None) -> io.BytesIO:
         bound = deflate.bound(size, limit or MAX_INFLATED)
         if (need := size + decoded_size(ds)) > bound:
             raise TooLarge(f"{need} bytes once decompressed, over {bound}")
+        _check_frames(ds, ts)
         ds.decompress(generate_instance_uid=False)
     target = UID(target)
     encoded = encode(ds, target.is_implicit_VR, target.is_little_endian)
@@ -175,6 +179,30 @@ def _check_nesting(data: bytes, ts: UID) -> None:
     found = nesting.depth(data, implicit, little)
     if found > nesting.MAX_DEPTH:
         raise BadFile(f"sequences nested over {nesting.MAX_DEPTH} deep: not re-encoded")
+
+
+_JPEG = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+         JPEGLSLossless, JPEGLSNearLossless}
+
+
+def _check_frames(ds, ts: UID) -> None:
+    """BadFile if a JPEG or JPEG-LS frame's own header (SOF) says more rows, columns or
+    components than the data set, or cannot be read: libjpeg makes the image its header
+    says (16384 x 16384 under Rows = Columns = 8: 1.5 GB, then pydicom's shape error), so
+    ``decoded_size`` bounds nothing unless they agree."""
+    if ts not in _JPEG:
+        return
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples, frames = int(ds.get("SamplesPerPixel") or 1), int(ds.get("NumberOfFrames") or 1)
+        for frame in generate_frames(ds.PixelData, number_of_frames=frames):
+            p = _get_jpg_parameters(frame)
+            if not p or p["height"] > rows or p["width"] > cols or \
+                    p["components"] > samples:
+                raise BadFile(f"a frame of {p.get('height')} x {p.get('width')} x "
+                              f"{p.get('components')} in a {rows} x {cols} x {samples} image")
+    except (AttributeError, KeyError, TypeError, ValueError, struct.error) as e:
+        raise BadFile(f"compressed pixel data not understood: {type(e).__name__}") from None
 
 
 _PIXELS = {0x7FE00010, 0x7FE00009, 0x7FE00008}

@@ -16,7 +16,10 @@ prefix, the rest inflated a chunk at a time and dropped). Two paths then decoded
 A C-STORE in JPEG-LS Lossless of 2.9 KB (DCMTK's dcmcjpls of a 16384 x 16384 image of
 zeros: 512 MiB decoded) is kept as sent; a C-GET proposing only Explicit VR Little
 Endian made the peer decode it (+2.5 GB RSS, 512 MB sent); now compressed pixel data is
-decoded only within the same bound (``deflate.bound`` of the file's size).
+decoded only within the same bound (``deflate.bound`` of the file's size). The same
+bomb whose Rows and Columns say 8 x 8 went round that: libjpeg makes the image its frame's
+header says (+1.5 GB, then pydicom's shape error); now a JPEG or JPEG-LS frame larger
+than the data set says fails its sub-operation before it is decoded.
 
 A C-STORE in Explicit VR Little Endian carrying a US value of 3 bytes (a header walk
 passes it: tags and lengths) is kept as sent; a C-GET proposing only Implicit VR Little
@@ -260,11 +263,16 @@ def jpeg_ls_bomb(directory, study: str, side: int = 16384) -> bytes:
     return data[offset:]
 
 
+@pytest.mark.parametrize("rows", [16384, 8])
 def test_a_stored_jpeg_ls_bomb_fails_its_c_get_sub_operation_in_bounded_memory(peer,
-                                                                               tmp_path):
-    study = datasets.uid("jls-bomb-study")
+                                                                               tmp_path,
+                                                                               rows):
+    study = datasets.uid("jls-bomb-study", rows)
     small = bomb_image(study, 1)
     data = jpeg_ls_bomb(tmp_path, study)
+    for elem in (0x0010, 0x0011):                    # Rows, Columns: what they say
+        tag = struct.pack("<HH2sH", 0x0028, elem, b"US", 2)
+        data = data.replace(tag + struct.pack("<H", 16384), tag + struct.pack("<H", rows))
     assert len(data) < 64 << 10
     bomb_uid = datasets.uid("deflate-bomb", study, 4)
     assert store(peer, CTImageStorage, small.SOPInstanceUID, explicit(small),
