@@ -159,6 +159,7 @@ class Scrub:
         self._ids = int(state.get("ids", 0))
         self.totals.update({k: v for k, v in (state.get("totals") or {}).items()
                             if k in self.totals})
+        self.later.restore(state.get("unrepaired"))     # tried again after FIRST s
         unfinished = state.get("current")
         if unfinished and self.running:
             p = Pass.from_dict(unfinished)
@@ -556,7 +557,8 @@ class Scrub:
         if current is not None and current.finished is None and current.why == "background":
             resume = self._checkpoint           # (the copies after its cursor: again)
         state = {"epoch": self.epoch, "last_started": self.last_started, "last": self.last,
-                 "ids": self._ids, "totals": dict(self.totals), "current": resume}
+                 "ids": self._ids, "totals": dict(self.totals), "current": resume,
+                 "unrepaired": self.later.saved()}
         d = self.catalog.write(lambda conn: sql.save_state(conn, _KEY, state))
         d.addErrback(lambda f: log.warn("scrub: cannot save its state: {err}",
                                         err=f.getErrorMessage()))

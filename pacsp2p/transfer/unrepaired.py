@@ -13,8 +13,9 @@ most ``MOST``; beyond that the next pass finds the rest) and tried again after
 as TCP's retransmission timer). A try reads the catalog's row again (a copy deleted,
 forgotten or stored again with another hash since is dropped), checks the copy again (it
 may have been put back by hand) and, if it is still bad, mends it (``Scrub.mend``: from a
-good replica, or made again elsewhere for an archive that cannot restore). Kept in memory
-only: after a restart the next pass finds them again.
+good replica, or made again elsewhere for an archive that cannot restore). Kept with the
+scrub's saved state (``saved``/``restore``: at its saves and when the peer stops), so a
+restart tries them again after ``FIRST`` s, not after the next full pass.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from twisted.logger import Logger
 
 from pacsp2p.catalog import scrub as sql
 from pacsp2p.types import Location
+from pacsp2p.validate import is_uid
 
 log = Logger()
 
@@ -52,6 +54,18 @@ class Unrepaired:
         if len(self._due) >= MOST:
             return
         self._due[key] = [sha, time.monotonic() + FIRST, FIRST]
+
+    def saved(self) -> list:
+        """What the scrub's saved state keeps of them: [[uid, archive, sha]]."""
+        return [[uid, name, sha] for (uid, name), (sha, _, _) in self._due.items()]
+
+    def restore(self, saved) -> None:
+        """Those of a saved state (``saved``), each tried again after ``FIRST`` s."""
+        for entry in saved[:MOST] if isinstance(saved, list) else ():
+            if isinstance(entry, list) and len(entry) == 3 and is_uid(entry[0]) and all(
+                    isinstance(v, str) and len(v) <= 256 for v in entry[1:]):
+                self._due.setdefault((entry[0], entry[1]),
+                                     [entry[2], time.monotonic() + FIRST, FIRST])
 
     def discard(self, c: sql.Copy) -> None:
         """*c* was replaced (by a pass, or a retrieval's report): not to try again."""

@@ -79,3 +79,36 @@ def test_a_copy_replaced_otherwise_is_not_tried_again(tmp_path):
     assert len(scrub.later) == 1
     scrub.later.discard(c)                  # (a pass, or a retrieval's report, replaced it)
     assert len(scrub.later) == 0
+
+
+def test_they_are_kept_across_a_restart(tmp_path):
+    """The copies to try again are in the scrub's saved state: a peer started again tries
+    them after FIRST s (before: forgotten until the next full pass, a week by default).
+    Entries of a saved state that are not [UID, archive, hash] are ignored."""
+    from twisted.internet import task
+
+    from pacsp2p.catalog import scrub as sql
+    archive, conn, [uid] = held_in_catalog(tmp_path, 1, "RESTART")
+    settings = config.from_dict({"peer": {"name": "peerb", "data_dir": str(tmp_path)}},
+                                "t.toml", Path("."))
+    scrub = Scrub(settings, Catalog(conn), {"local": archive}, None, None, task.Clock())
+    scrub.start()
+    [(sha,)] = conn.execute("SELECT sha256 FROM locations").fetchall()
+    kept = archive.path_for(uid).read_bytes()
+    archive.path_for(uid).unlink()
+    scrub.suspect(Location(uid, "local", "peerb", sha, 1))
+    assert len(scrub.later) == 1
+    scrub.stop()                                   # saves its state
+
+    state = sql.load_state(conn, "scrub")
+    state["unrepaired"] += [["not a uid", "local", sha], [uid + ".1", {"x": 1}, sha], "junk"]
+    sql.save_state(conn, "scrub", state)
+    again = Scrub(settings, Catalog(conn), {"local": archive}, None, None, task.Clock())
+    again.start()
+    assert list(again.later._due) == [(uid, "local")]
+    assert again.later._due[(uid, "local")][0] == sha
+    assert again.later._due[(uid, "local")][2] == unrepaired.FIRST
+    archive.path_for(uid).write_bytes(kept)        # put back: found good by the try
+    make_due(again)
+    assert len(again.later) == 0
+    again.stop()
