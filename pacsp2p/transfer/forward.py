@@ -381,16 +381,17 @@ class Forward(StoreSession):
         self._arm()
 
     def _arm(self) -> None:
-        """Reactor, placed: the first wave every one placement's choice (nothing owed),
-        pushes to all its remote targets and at most one archive of ours: ``remotes``
+        """Reactor, placed: the first wave R copies, every one placement's choice (nothing
+        owed), pushes to all its remote targets and at most one archive of ours: ``remotes``
         (``recorded`` finishes the store). With one of ours (the writer thread keeps
         the copy there) the writer thread records our copy, and the threads count the
         parts (``_part_done``)."""
         ingest = self.ingest
         wave = ingest.first_wave(self.ranked)
         remotes = [t for t in wave if t.peer != ingest.peer]
+        # (a wave short of R copies goes the general way: ``Ingest._owe`` owes the rest)
         if wave != self.ranked[:ingest.replicas] or len(wave) - len(remotes) > 1 or \
-                len(wave) < ingest.quorum or not remotes or \
+                len(wave) < ingest.replicas or not remotes or \
                 len(self.early) != len(remotes) or len(self.pushes) != len(remotes):
             return
         self.remotes = remotes
