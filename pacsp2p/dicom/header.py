@@ -23,7 +23,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from pacsp2p.attributes import HEADER_KEYWORDS, STORED
-from pacsp2p.dicom.deflate import Inflation, inflated
+from pacsp2p.dicom.deflate import Inflation, bound, inflated
 from pacsp2p.types import InstanceMeta
 from pacsp2p.validate import clipped
 
@@ -76,7 +76,7 @@ _CHARSET_TAG = 0x00080005
 
 
 def read_meta(path: Path, sha256: str = "", data_size: int = 0,
-              content: bytes | None = None) -> InstanceMeta:
+              content: bytes | None = None, bounded: bool = False) -> InstanceMeta:
     """Header attributes, transfer syntax and content hash of the Part-10 file at *path*
     (*content*: its bytes, already in memory — the file just written — not read again).
 
@@ -85,7 +85,10 @@ def read_meta(path: Path, sha256: str = "", data_size: int = 0,
     values of the attributes the catalog needs; the sha256 of the data set bytes is taken
     on the way, unless the writer of the file hashed them already (*sha256* of
     *data_size* bytes). Values are decoded only for those few attributes (pydicom is used
-    for data sets in ISO 2022 character sets). Raises BadDataset.
+    for data sets in ISO 2022 character sets). *bounded* (a C-STORE): a deflated data set
+    inflating past ``deflate.bound`` of its size is refused, not inflated to 4 GiB (8.5
+    CPU-s for 4 MB sent); as it is, what an archive already holds is still read (rebuild).
+    Raises BadDataset.
     """
     path = Path(path)
     try:
@@ -101,7 +104,8 @@ def read_meta(path: Path, sha256: str = "", data_size: int = 0,
                 deflated, implicit, little = _syntax(ts)
                 found: dict = {}
                 if deflated:
-                    head = _deflated_header(buf, offset, found)
+                    limit = bound(size - offset, MAX_INFLATED) if bounded else MAX_INFLATED
+                    head = _deflated_header(buf, offset, found, limit)
                 else:
                     head = None
                     end = _walk(buf, offset, size, implicit, little, None, found)
@@ -202,13 +206,13 @@ def _check_required(attrs) -> None:
         raise BadDataset(f"dataset lacks {', '.join(missing)}")
 
 
-def _deflated_header(buf, offset: int, found: dict) -> bytes:
+def _deflated_header(buf, offset: int, found: dict, limit: int = MAX_INFLATED) -> bytes:
     """The inflated bytes of the deflated data set at *offset* of *buf* up to its pixel data (all of them if
     it has none; at most MAX_DEFLATED_HEADER), with the raw values of the wanted
     attributes put in *found*. The rest is inflated and dropped, a chunk at a time, to
-    check that the stream is whole and inflates to at most MAX_INFLATED bytes."""
+    check that the stream is whole and inflates to at most *limit* bytes."""
     prefix, end, attempt = bytearray(), -1, 64 << 10
-    chunks = inflated(buf, MAX_INFLATED, offset)
+    chunks = inflated(buf, limit, offset)
     try:
         for chunk in chunks:
             prefix += chunk

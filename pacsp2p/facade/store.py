@@ -8,7 +8,8 @@ Success is answered only once the cluster says the copies are durable.
 
 Refused before anything is written: a SOP Class or Instance UID that is not a valid UID
 (PS3.5 §9.1: 0xC000 with an Error Comment), a SOP class other than the context's (0x0122).
-Refused once complete: a data set whose header cannot be read (0xC000), that holds File
+Refused once complete: a data set whose header cannot be read, or that is deflated and
+inflates past ``deflate.bound`` of its size (0xC000: a bomb), that holds File
 Meta Information elements (group 0002, PS3.10 7.1: they would become part of the stored
 file's, a Media Storage SOP Instance UID of another instance making it unretrievable;
 0xC000), whose UIDs are
@@ -46,7 +47,7 @@ def _meta_of(path, sha256, data_size, content=None):
     """Thread pool: (path, InstanceMeta or None, BadDataset or None); *content*: the
     file's bytes, if still in memory."""
     try:
-        return path, read_meta(path, sha256, data_size, content), None
+        return path, read_meta(path, sha256, data_size, content, bounded=True), None
     except BadDataset as e:
         return path, None, e
 

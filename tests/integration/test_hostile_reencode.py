@@ -2,16 +2,21 @@
 session): deflate and JPEG-LS bombs, and a value pydicom's writer cannot re-encode.
 
 A C-STORE in Deflated Explicit VR Little Endian (PS3.5 A.5) of about 1 MB whose pixel
-data is 1 GiB of zeros is valid DICOM and kept as sent (its header is read from a bounded
-prefix, the rest inflated a chunk at a time and dropped). Two paths then decoded it whole:
+data is 1 GiB of zeros is valid DICOM. Before, it was kept as sent (its header read from
+a bounded prefix, the rest inflated a chunk at a time and dropped: 8.5 CPU-s for 4 MB
+inflating to 4 GiB); now one inflating past ``deflate.bound`` of its size (32 times, at
+least 64 MiB) is refused 0xC000 once that much is inflated. One kept before (or by a
+release before this one: here put in the archive behind the peer's back and found by
+``pacsp2p catalog rebuild``) was then decoded whole by two paths:
 
 - a C-GET proposing only Explicit VR Little Endian makes the peer re-encode it
   (``part10.convert``): it inflated it twice in memory, pydicom read and wrote it again
-  (GBs for 1 MB sent); now a deflated data set is inflated to at most ``deflate.bound``
-  of its size (32 times, at least 64 MiB): the sub-operation fails, the rest is sent;
+  (GBs for 1 MB sent); now it is inflated to at most ``deflate.bound``: the
+  sub-operation fails, the rest is sent;
 - an IOCM rejection note (a Key Object Selection document) is read by pydicom at store
   time (``rejection.read_rejection``), which inflated the whole data set in memory before
-  it stopped at the pixel data; now only its first 64 MiB inflated, as the header read.
+  it stopped at the pixel data (+2 GB); now such a note is refused as any deflate bomb,
+  and a note is read from its first 64 MiB inflated only, as the header read.
 
 A C-STORE in JPEG-LS Lossless of 2.9 KB (DCMTK's dcmcjpls of a 16384 x 16384 image of
 zeros: 512 MiB decoded) is kept as sent; a C-GET proposing only Explicit VR Little
@@ -32,10 +37,13 @@ spared if it grows as before.
 from __future__ import annotations
 
 import io
+import os
 import resource
 import struct
 import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -49,6 +57,7 @@ from pynetdicom import build_context, build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
+from pacsp2p.adapters import layout
 from pacsp2p.dicom.header import file_meta, read_meta
 from pacsp2p.testing import Peer, datasets, echo
 from pacsp2p.testing import dicomnet as dn
@@ -149,24 +158,74 @@ def get(peer, study: str, syntax: str) -> tuple:
     return final, identifier, received
 
 
-def test_a_stored_deflate_bomb_fails_its_c_get_sub_operation_in_bounded_memory(peer):
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_deflate_bomb_is_refused_once_past_its_bound(peer):
+    study = datasets.uid("deflate-refused-study")
+    bomb = bomb_image(study, 2)
+    bomb.SOPInstanceUID = datasets.uid("deflate-refused", 4000)
+    bomb.NumberOfFrames = 4000 * MIB // (512 * 512 * 2)
+    data = deflated(explicit(bomb), 4000)               # 4 MB inflating to 4,000 MiB
+    before = cpu_seconds(peer.pid)
+    with RssPeak(peer.pid) as rss:
+        assert store(peer, CTImageStorage, bomb.SOPInstanceUID, data) == [0xC000]
+    used = cpu_seconds(peer.pid) - before
+    assert used < 3.0, f"{used:.1f} CPU-s for one C-STORE"      # all of it: 8.5
+    assert rss.peak - rss.first < GROWTH_KIB
+    assert bomb.SOPInstanceUID not in held(peer)
+    assert "inflates past" in peer.log_path.read_text(errors="replace")
+    assert echo(peer.port, peer.ae_title)
+
+
+def kept_behind_its_back(peer, uid: str, data: bytes) -> None:
+    """Stop *peer*, put the deflated CT data set *data* in its embedded archive as a
+    release before this one kept it, rebuild its catalog (``pacsp2p catalog rebuild``,
+    which reads what an archive holds whole), start it again under the address-space
+    limit."""
+    peer.stop()
+    meta = Dataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, uid
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(fp, meta)
+    path = peer.data_dir / "archives" / "local" / "objects" / layout.relative(uid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(128) + b"DICM" + fp.getvalue() + data)
+    rebuilt = subprocess.run([str(Path(sys.executable).parent / "pacsp2p"), "catalog",
+                              "rebuild", "--config", str(peer.config_path)],
+                             capture_output=True, text=True, timeout=600)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    peer.restart()
+    limit = status_kib(peer.pid, "VmSize") * 1024 + HEADROOM
+    resource.prlimit(peer.pid, resource.RLIMIT_AS, (limit, limit))
+
+
+def test_a_stored_deflate_bomb_fails_its_c_get_sub_operation_in_bounded_memory(tmp_path):
     study = datasets.uid("deflate-bomb-study")
     small, bomb = bomb_image(study, 1), bomb_image(study, 2)
-    assert store(peer, CTImageStorage, small.SOPInstanceUID, deflated(explicit(small))) == [0]
     data = deflated(explicit(bomb), BOMB_MIB)
     assert len(data) < 2 * MIB
-    assert store(peer, CTImageStorage, bomb.SOPInstanceUID, data) == [0]   # valid: kept
-    assert {small.SOPInstanceUID, bomb.SOPInstanceUID} <= held(peer)
-    with RssPeak(peer.pid) as rss:
-        final, _, received = get(peer, study, ExplicitVRLittleEndian)
-    grown = rss.peak - rss.first
-    assert grown < GROWTH_KIB, f"the peer grew by {grown} KiB"
-    assert final.Status == 0xB000, hex(final.Status)
-    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 1)
-    assert [str(d.SOPInstanceUID) for d in received] == [small.SOPInstanceUID]
-    assert received[0].PixelData == small.PixelData
-    assert echo(peer.port, peer.ae_title)
-    log_is_clean(peer)
+    with Peer(tmp_path / "kept", name="kept") as peer:
+        assert store(peer, CTImageStorage, small.SOPInstanceUID,
+                     deflated(explicit(small))) == [0]
+        kept_behind_its_back(peer, bomb.SOPInstanceUID, data)
+        assert {small.SOPInstanceUID, bomb.SOPInstanceUID} <= held(peer)
+        with RssPeak(peer.pid) as rss:
+            final, _, received = get(peer, study, ExplicitVRLittleEndian)
+        grown = rss.peak - rss.first
+        assert grown < GROWTH_KIB, f"the peer grew by {grown} KiB"
+        assert final.Status == 0xB000, hex(final.Status)
+        assert (final.NumberOfCompletedSuboperations,
+                final.NumberOfFailedSuboperations) == (1, 1)
+        assert [str(d.SOPInstanceUID) for d in received] == [small.SOPInstanceUID]
+        assert received[0].PixelData == small.PixelData
+        assert echo(peer.port, peer.ae_title)
+        log_is_clean(peer)
 
 
 def rejection_note(study: str, rejected: Dataset) -> Dataset:
@@ -192,7 +251,8 @@ def rejection_note(study: str, rejected: Dataset) -> Dataset:
     return ds
 
 
-def test_a_deflated_rejection_note_with_a_gigabyte_of_pixels_is_read_in_bounded_memory(peer):
+def test_a_deflated_rejection_note_with_a_gigabyte_of_pixels_is_refused_in_bounded_memory(
+        peer):
     study = datasets.uid("deflate-kos-study")
     image = bomb_image(study, 1)
     assert store(peer, CTImageStorage, image.SOPInstanceUID, deflated(explicit(image))) == [0]
@@ -202,9 +262,13 @@ def test_a_deflated_rejection_note_with_a_gigabyte_of_pixels_is_read_in_bounded_
         statuses = store(peer, KOS_SOP_CLASS, note.SOPInstanceUID, data)
     grown = rss.peak - rss.first
     assert grown < GROWTH_KIB, f"the peer grew by {grown} KiB"
-    assert statuses == [0]
-    assert note.SOPInstanceUID in held(peer)
-    assert image.SOPInstanceUID not in held(peer)          # the rejection was acted on
+    assert statuses == [0xC000]
+    assert note.SOPInstanceUID not in held(peer)
+    assert image.SOPInstanceUID in held(peer)             # nothing rejected by it
+    small = rejection_note(study, image)                  # the same note, no pixels
+    assert store(peer, KOS_SOP_CLASS, small.SOPInstanceUID,
+                 deflated(explicit(small))) == [0]
+    assert image.SOPInstanceUID not in held(peer)         # the rejection was acted on
     assert echo(peer.port, peer.ae_title)
     log_is_clean(peer)
 
