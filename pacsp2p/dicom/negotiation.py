@@ -185,11 +185,40 @@ def check_request(pdu: bytes, min_peer_pdu: int = MIN_PEER_PDU) -> Request:
     return req
 
 
+_SUB_ITEMS = {0x20: frozenset({0x30, 0x40}), 0x21: frozenset({0x40}),
+              0x50: frozenset(range(0x51, 0x5A))}
+_ITEMS = frozenset({0x10, *_SUB_ITEMS})
+
+
+def _item(item_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(body)) + body
+
+
+def known_items(pdu: bytes) -> bytes:
+    """The checked A-ASSOCIATE-RQ *pdu* without its items and sub-items of types PS3.8
+    does not define (pynetdicom raises KeyError on them): skipped, as DCMTK does."""
+    out = bytearray(pdu[6:74])
+    for item_type, s, e in _items(pdu, 74, len(pdu)):
+        if item_type not in _ITEMS:
+            continue
+        keep = _SUB_ITEMS.get(item_type)
+        if keep is None:
+            body = bytes(pdu[s:e])
+        else:
+            head = s if item_type == 0x50 else min(s + 4, e)   # context ID, reserved
+            body = bytes(pdu[s:head]) + b"".join(
+                _item(sub, bytes(pdu[ss:se])) for sub, ss, se in _items(pdu, head, e)
+                if sub in keep)
+        out += _item(item_type, body)
+    return bytes(pdu[:2]) + struct.pack(">I", len(out)) + bytes(out)
+
+
 def decode(pdu: bytes) -> A_ASSOCIATE:
-    """The A-ASSOCIATE primitive of a checked A-ASSOCIATE-RQ (raises Malformed)."""
+    """The A-ASSOCIATE primitive of a checked A-ASSOCIATE-RQ (raises Malformed); items
+    of unknown types are skipped (``known_items``)."""
     try:
         rq = A_ASSOCIATE_RQ()
-        rq.decode(pdu)
+        rq.decode(known_items(pdu))
         return rq.to_primitive()
     except Exception as e:
         raise Malformed(f"undecodable A-ASSOCIATE-RQ ({type(e).__name__})") from None

@@ -4,7 +4,10 @@ PS3.7 D.3.3; twelfth hostile-input session).
 Fixed this session: a protocol version without bit 0 (version 1) and an application
 context name other than DICOM's (or none) were accepted (A-ASSOCIATE-AC naming DICOM's);
 now A-ASSOCIATE-RJ (1, 2, 2) "protocol version not supported" and (1, 1, 2) "application
-context name not supported", as DCMTK's SCPs answer. The rest was found sound and is
+context name not supported", as DCMTK's SCPs answer; an item or sub-item of a type
+PS3.8 does not define (0x7F in the user information, 0x99 at the top level or in a
+presentation context) made pynetdicom's decoder fail and the association was aborted:
+now it is skipped, as DCMTK's storescp does (A-ASSOCIATE-AC). The rest was found sound and is
 kept here: more than 128 contexts, a context ID twice, an abstract syntax of 65
 characters, an implementation class UID that is not one: A-ABORT (invalid parameter
 value); a trailing NUL on a UID accepted; role selection for SOP classes not proposed
@@ -151,4 +154,24 @@ def test_an_implementation_class_uid_that_is_not_one_is_aborted(peer):
     user = w.item(0x51, struct.pack(">I", 0)) + w.item(0x52, b"not a uid!")
     assert answer(peer, raw_rq(peer, user=user)) == ("ABORT", 2, 6)
     assert answer(peer, raw_rq(peer, user=w.item(0x51, struct.pack(">I", 0))))[0] == "AC"
+    sound_after(peer)
+
+
+@pytest.mark.parametrize("where", ["user information", "top level", "presentation context"])
+def test_an_item_of_an_unknown_type_is_skipped(peer, where):
+    unknown = w.item(0x7F if where == "user information" else 0x99, b"z" * 100)
+    app = w.item(0x10, w.APP_CONTEXT.encode())
+    echo_cx = w.context_item(1, w.VERIFICATION, [w.IMPLICIT])
+    ct_cx = w.context_item(3, w.CT, [w.IMPLICIT])
+    if where == "user information":
+        items = app + echo_cx + ct_cx + w.user_info(0, unknown + w.role_item(w.CT))
+    elif where == "top level":
+        items = app + unknown + echo_cx + ct_cx + w.user_info(0, w.role_item(w.CT))
+    else:
+        ct_cx = w.item(0x20, bytes((3, 0, 0, 0)) + w.item(0x30, w.CT.encode()) + unknown +
+                       w.item(0x40, w.IMPLICIT.encode()))
+        items = app + echo_cx + ct_cx + w.user_info(0, w.role_item(w.CT))
+    kind, results, sub, _ = answer(peer, w.associate_rq(called=peer.ae_title, items=items))
+    assert (kind, results) == ("AC", {1: 0, 3: 0})
+    assert sub.count(0x54) == 1                      # the role item after it still read
     sound_after(peer)
