@@ -93,10 +93,10 @@ def _commit_remote(copies, forward, path, meta):
     meta = stamped(meta, forward.stamp)
     ingest.copies["pushed"] += len(copies)
     d = _all([defer.maybeDeferred(c.commit, meta) for c in copies], True)
-    return d.addCallback(_committed, ingest, copies, meta.sop_instance_uid)
+    return d.addCallback(_committed, ingest, copies, meta.sop_instance_uid, forward.ranked)
 
 
-def _committed(results, ingest, copies, uid):
+def _committed(results, ingest, copies, uid, ranked):
     kept = []
     for c, r in zip(copies, results):
         if isinstance(r, Failure):
@@ -106,7 +106,12 @@ def _committed(results, ingest, copies, uid):
     if len(kept) < max(1, ingest.quorum):
         raise StoreError(OUT_OF_RESOURCES, f"{uid}: copies made but only {len(kept)} "
                                            f"could be recorded")
-    return StoreResult(uid, tuple(c.stored for c in kept))
+    result = StoreResult(uid, tuple(c.stored for c in kept))
+    if len(kept) == len(copies):
+        return result                  # R copies, each where placement wanted it
+    # a commit failed, W still met: the copy is owed (a hint), as ``Ingest.store`` owes
+    # it — repair looks only for lost copies, never for one that was never recorded
+    return ingest._owe(uid, ranked, kept).addCallback(lambda _: result)
 
 
 def as_recorded(copy, catalog, archive, meta, stored):
