@@ -90,10 +90,12 @@ class IKeeps(Interface):
         until it is and raises OSError if it cannot be. *now*: make it durable before
         returning (the caller has nothing to do meanwhile)."""
 
-    def keep(received, meta, fd=None):
+    def keep(received, meta):
         """Keep *received* (the archive takes the file: it is gone afterwards).
-        types.Stored; durable only once ``made_durable`` returns. *fd*: the file's open
-        descriptor, passed only where it may have no name yet (``unnamed``)."""
+        types.Stored; durable only once ``made_durable`` returns. An archive whose
+        ``keep`` also takes ``fd`` (the file's open descriptor) and that has ``flusher``
+        (the embedded one) may be given a file with no name yet (``unnamed``); any
+        other is given a file with a name (``onejob.keeps_unnamed``)."""
 
     def made_durable(meta, stored, flushed):
         """Block until the copy ``keep`` made is durable (*flushed*: the ``wait`` of

@@ -10,6 +10,8 @@ a copy kept that the catalog could not record (used by ``ingest`` too).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 
 from twisted.internet import defer
@@ -45,6 +47,18 @@ def unrecorded(failure, archive, meta, stored):
     return d
 
 
+@functools.lru_cache(maxsize=None)
+def keeps_unnamed(cls) -> bool:
+    """Whether archives of *cls* keep a file from its descriptor (``keep(..., fd=)`` and
+    ``flusher``: the embedded one), so that it may have no name (``unnamed``); a site's
+    adapter written to ``IKeeps`` (``keep(received, meta)``) is given a named file."""
+    try:
+        return callable(getattr(cls, "flusher", None)) and \
+            "fd" in inspect.signature(cls.keep).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 class OneJob(StoreSession):
     """A peer alone with one archive that can ``keep``: the thread that wrote the data
     set fsyncs it at once, while a thread of the ``ingest-keep`` pool reads its header,
@@ -58,7 +72,9 @@ class OneJob(StoreSession):
     Acknowledged only once fsynced and committed, as before. A file with no name yet
     (``unnamed``) is kept from its descriptor: its one name is the archive's."""
 
-    keeps_unnamed = True
+    @property
+    def keeps_unnamed(self) -> bool:
+        return keeps_unnamed(type(self.archive))
 
     def __init__(self, ingest, archive):
         super().__init__(ingest)
@@ -150,7 +166,8 @@ class OneJob(StoreSession):
         ``unrecorded`` (the catalog failed), ``not_durable`` (the fsync failed)."""
         self.uid = meta.sop_instance_uid
         try:
-            self.kept = self.archive.keep(path, meta) if self.fd is None else \
+            self.kept = self.archive.keep(path, meta) \
+                if self.fd is None or not self.keeps_unnamed else \
                 self.archive.keep(path, meta, fd=self.fd)
         except OSError:
             self.abandon()
