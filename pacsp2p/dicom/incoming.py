@@ -150,6 +150,26 @@ class Spares:
         _close_all(spares)
 
 
+class _Spare:
+    """The descriptor of a spare with no name, closed if it is dropped unused (the file
+    object is made in the writing thread: its making calls fstat, which lets go of the
+    GIL — in the reactor, a wait for whichever thread holds it)."""
+
+    def __init__(self, fd: int):
+        self.fd: int | None = fd
+
+    def take(self) -> int:
+        fd, self.fd = self.fd, None
+        return fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.take())
+
+    def __del__(self):
+        self.close()
+
+
 class _File:
     """What the writing thread owns: the path, the open file, the data set's hash; the
     bytes of a file written in one job (``content``, while ``after`` runs); *fd*: a file
@@ -157,7 +177,7 @@ class _File:
 
     def __init__(self, path: Path, head: bytes, fd: int | None = None):
         self.path, self.head, self.f = path, head, None
-        self.spare = None if fd is None else open(fd, "wb")    # (closed if dropped)
+        self.spare = None if fd is None else _Spare(fd)
         self.unnamed = False
         self.sha256, self.data_size = hashlib.sha256(), 0
         self.content = None
@@ -171,7 +191,8 @@ def _write(state: _File, chunks: list, last: bool, after):
     whole = state.f is None and last
     if state.f is None:
         if state.spare is not None:             # no name yet
-            state.f, state.spare, state.unnamed = state.spare, None, True
+            state.f = open(state.spare.take(), "wb")
+            state.spare, state.unnamed = None, True
         else:
             try:        # a spare: no O_CREAT, which would lock the directory
                 fd = os.open(state.path, os.O_WRONLY | os.O_TRUNC)
