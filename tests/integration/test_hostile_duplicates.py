@@ -24,9 +24,7 @@ from pydicom.uid import CTImageStorage
 from pacsp2p.dicom.header import read_meta
 from pacsp2p.testing import LOOPBACK, Peer, echo
 from pacsp2p.testing import dicomnet as dn
-from pacsp2p.testing.fuzz import wire
-from pacsp2p.testing.fuzz.cases import Case
-from pacsp2p.testing.fuzz.client import send_case
+from pacsp2p.testing.fuzz import client
 
 STUDY = "1.2.826.0.1.3680043.10.1406.12.99"
 
@@ -54,12 +52,7 @@ def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
 
 
 def raw_store(peer, sop: str, data: bytes) -> list:
-    case = Case(0, "dups", wait=60)
-    case.send(wire.associate_rq(called=peer.ae_title, calling="DUPS",
-                                contexts=[(1, CTImageStorage, [wire.EXPLICIT])]))
-    case.steps.append(("recv", 30))
-    case.send(wire.message(1, wire.c_store(1, CTImageStorage, sop), data))
-    return send_case(LOOPBACK, peer.port, case, io_timeout=60).statuses
+    return client.raw_store(LOOPBACK, peer.port, peer.ae_title, sop, data, "DUPS")
 
 
 def held(peer) -> set:

@@ -18,7 +18,6 @@ not acted on (a warning), 0x0000.
 """
 from __future__ import annotations
 
-import resource
 import struct
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.dcmtk import dcmtk
 from pacsp2p.testing.fuzz import wire
 from pacsp2p.testing.fuzz.cases import Case
+from pacsp2p.testing.fuzz.watch import cap_address_space, status_kib
 from pacsp2p.testing.fuzz.client import send_case
 from pacsp2p.testing.iocm import KOS_SOP_CLASS
 
@@ -70,18 +70,10 @@ def deep_file(directory: Path, depth: int) -> Path:
     return path
 
 
-def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"process {pid} is gone (no {key})")
-
-
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory):
     with Peer(tmp_path_factory.mktemp("nesting"), name="nesting") as p:
-        limit = status_kib(p.pid, "VmSize") * 1024 + HEADROOM
-        resource.prlimit(p.pid, resource.RLIMIT_AS, (limit, limit))
+        cap_address_space(p.pid, HEADROOM)
         yield p
 
 

@@ -32,6 +32,7 @@ from pacsp2p.testing import LOOPBACK, Peer, datasets, echo, findscu
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.dcmtk import _meta_end
 from pacsp2p.testing.cluster import patience
+from pacsp2p.testing.fuzz.watch import rss_kib
 
 HOSTS = [f"127.0.0.{i}" for i in range(2, 10)]   # loopback addresses other than ours
 STUDY = datasets.uid("hostile-study")
@@ -240,13 +241,6 @@ def test_a_7_byte_maximum_pdu_is_rejected(make_peer):
 
 
 # -- bounded buffers ----------------------------------------------------------------------------
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_endless_command_fragments_are_aborted(make_peer):
     """Before: one association took 2 GB of memory with command fragments never marked
     last. Now the command set is cut at 64 KiB with an A-ABORT."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import io
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -61,7 +60,7 @@ from pacsp2p.adapters import layout
 from pacsp2p.dicom.header import file_meta, read_meta
 from pacsp2p.testing import Peer, datasets, echo
 from pacsp2p.testing import dicomnet as dn
-from pacsp2p.testing.fuzz.watch import RssPeak
+from pacsp2p.testing.fuzz.watch import RssPeak, cap_address_space
 from pacsp2p.testing.iocm import KOS_SOP_CLASS
 
 MIB = 1 << 20
@@ -70,19 +69,10 @@ HEADROOM = 3 << 30          # address space the peer may take past its size at s
 GROWTH_KIB = 300 * 1024     # what the peer's RSS may grow by meanwhile (sampled: 20/s)
 
 
-def status_kib(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"process {pid} is gone (no {key})")
-
-
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory):
     with Peer(tmp_path_factory.mktemp("deflate"), name="deflate") as p:
-        limit = status_kib(p.pid, "VmSize") * 1024 + HEADROOM
-        resource.prlimit(p.pid, resource.RLIMIT_AS, (limit, limit))
+        cap_address_space(p.pid, HEADROOM)
         yield p
 
 
@@ -201,8 +191,7 @@ def kept_behind_its_back(peer, uid: str, data: bytes) -> None:
                              capture_output=True, text=True, timeout=600)
     assert rebuilt.returncode == 0, rebuilt.stderr
     peer.restart()
-    limit = status_kib(peer.pid, "VmSize") * 1024 + HEADROOM
-    resource.prlimit(peer.pid, resource.RLIMIT_AS, (limit, limit))
+    cap_address_space(peer.pid, HEADROOM)
 
 
 def test_a_stored_deflate_bomb_fails_its_c_get_sub_operation_in_bounded_memory(tmp_path):

@@ -24,6 +24,7 @@ import pytest
 from pacsp2p.dicom.header import read_meta
 from pacsp2p.overlay import bulk, sync, threadtls, tls
 from pacsp2p.testing import datasets
+from pacsp2p.testing.fuzz.watch import rss_kib as rss_kb
 
 SERVER = Path(__file__).with_name("bulk_server.py")
 PATIENCE = 120.0              # generous: the machine may be busy
@@ -317,13 +318,6 @@ def _read_port_refuses_a_body_past_its_bound_on_its_length(served):
             answer.begin()
             assert answer.status == 413 and answer.read() == b"request too large\n"
     assert served.post("/instances/local", b'[["1.2.3", ""]]')[0] == 200   # then served
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.mark.parametrize("which", PORTS)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from pacsp2p.testing.fuzz import wire
 from pacsp2p.testing.fuzz.cases import Case, Result
 from pacsp2p.testing.fuzz.wire import C_STORE_RQ, NO_DATA, PENDING, RELEASE_RQ, c_store_rsp, message
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"    # (raw_store)
 
 
 
@@ -209,3 +212,15 @@ def send_case(host: str, port: int, case: Case, *, connect_timeout: float = 10.0
 
 def rng_release(case: Case) -> bool:
     return case.index % 2 == 0
+
+
+def raw_store(host: str, port: int, called: str, sop: str, data: bytes,
+              calling: str = "RAWSTORE") -> list:
+    """The statuses of one C-STORE (CT Image Storage, Explicit VR Little Endian) of
+    *data*, a data set's bytes sent exactly as given, on an association of its own."""
+    case = Case(0, "raw store", wait=60)
+    case.send(wire.associate_rq(called=called, calling=calling,
+                                contexts=[(1, CT_IMAGE, [wire.EXPLICIT])]))
+    case.steps.append(("recv", 30))
+    case.send(wire.message(1, wire.c_store(1, CT_IMAGE, sop), data))
+    return send_case(host, port, case, io_timeout=60).statuses

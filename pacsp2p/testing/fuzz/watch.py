@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import resource
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -11,12 +12,22 @@ from pathlib import Path
 
 # -- what to look at on the peer --------------------------------------------------------------
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of *pid* in KiB (from /proc/PID/status)."""
+def status_kib(pid: int, key: str = "VmRSS") -> int:
+    """*key* (VmRSS, VmHWM, VmSize) of *pid* in KiB, from /proc/PID/status."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
+    raise AssertionError(f"process {pid} is gone (no {key})")
+
+
+rss_kib = status_kib
+
+
+def cap_address_space(pid: int, headroom: int) -> None:
+    """Let *pid* map at most *headroom* bytes more than it does now (RLIMIT_AS): a peer
+    that would grow by gigabytes fails its allocation instead of taking the host."""
+    limit = status_kib(pid, "VmSize") * 1024 + headroom
+    resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
 
 
 class RssPeak:
