@@ -338,8 +338,9 @@ class EmbeddedArchive:
             return                    # (a new copy: no path made, checked and lstat'ed)
         path = self.path_for(meta.sop_instance_uid,
                              stored.sha256 if stored.conflict else None)
-        if stored.duplicate or stored.conflict:
-            self._fsync(path)
+        # (with sync_directories, a new copy too: a nameless file's own fsync may have
+        # run before its linkat, so its link count is made durable here, then its name)
+        self._fsync(path)
         if self.sync_directories:
             self._fsync(path.parent)
 

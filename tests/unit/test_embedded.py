@@ -139,3 +139,30 @@ def test_two_archives_on_one_file_system_do_not_share_a_copys_blocks(tmp_path):
     assert f1.stat().st_ino == path.stat().st_ino      # the first is still a free link
     assert f2.stat().st_ino != f1.stat().st_ino and f2.stat().st_nlink == 1
     assert not list((tmp_path / "a2").rglob("*.part"))  # no temporary file left
+
+
+def test_with_sync_directories_a_nameless_file_is_fsynced_after_its_link(tmp_path, fsynced):
+    """``[storage] sync_directories``: a file kept from a descriptor with no name (O_TMPFILE,
+    ``unnamed``) whose own fsync ran before its ``linkat`` is fsynced again once named,
+    then its directory — so its link count is on disk before Success, not only the name
+    (before: only the directory; on ext4 without a journal the inode could still read 0
+    links after a power cut)."""
+    from pacsp2p import unnamed
+    a = EmbeddedArchive("local", tmp_path / "archive", reactor=None, sync_directories=True)
+    a._prepare()
+    body = received(tmp_path, "nameless").read_bytes()
+    fd = unnamed.make(a.tmp)
+    assert fd is not None, "O_TMPFILE is not supported on this file system"
+    try:
+        os.write(fd, body)
+        meta = read_meta(unnamed.source(fd))
+        name = tmp_path / "incoming" / "spare.dcm"      # a spare's name, never made
+        a.flusher(name, fd)()                            # its fsync, before the link
+        fsynced.clear()
+        stored = a.keep(name, meta, fd=fd)
+        a.made_durable(meta, stored, lambda: None)
+    finally:
+        os.close(fd)
+    target = a.path_for(meta.sop_instance_uid)
+    assert target.read_bytes() == body
+    assert fsynced == [str(target), str(target.parent)], fsynced
