@@ -138,20 +138,25 @@ def _image(uid):
     return Query("IMAGE", {"SOPInstanceUID": uid})
 
 
-def test_a_kept_copy_is_noted_pending_without_a_reactor_turn(certs, tmp_path):  # noqa: F811
-    """An archive that can ``keep`` takes a pushed copy in the thread that read it; the
-    pending copy is noted there too (under the service's lock), before the answer goes:
-    no blocking turn of the reactor per copy (the holder's reactor was woken and waited
-    for once per copy before), and a COMMIT on the same connection finds it."""
-    from pacsp2p.adapters.embedded import EmbeddedArchive
-    reactor = Reactor()
-    turns = []
+def counting_reactor():
+    """A test ``Reactor`` and the list its ``callFromThread`` calls go into (names)."""
+    reactor, turns = Reactor(), []
     plain = reactor.callFromThread
 
     def counted(fn, *args, **kw):
         turns.append(getattr(fn, "__qualname__", repr(fn)))
         plain(fn, *args, **kw)
     reactor.callFromThread = counted
+    return reactor, turns
+
+
+def test_a_kept_copy_is_noted_pending_without_a_reactor_turn(certs, tmp_path):  # noqa: F811
+    """An archive that can ``keep`` takes a pushed copy in the thread that read it; the
+    pending copy is noted there too (under the service's lock), before the answer goes:
+    no blocking turn of the reactor per copy (the holder's reactor was woken and waited
+    for once per copy before), and a COMMIT on the same connection finds it."""
+    from pacsp2p.adapters.embedded import EmbeddedArchive
+    reactor, turns = counting_reactor()
     archive = EmbeddedArchive("local", tmp_path / "archive", reactor)
     reactor.wait(archive.start())
     catalog, svc, server = serve_pushes(reactor, certs, tmp_path, archive)
@@ -187,15 +192,9 @@ def test_a_commit_is_recorded_by_the_thread_that_read_it(certs, tmp_path):  # no
     does not run while the writer's end reads the answer."""
     import time
     from pacsp2p.adapters.embedded import EmbeddedArchive
-    reactor = Reactor()
+    reactor, turns = counting_reactor()
     reactor.seconds = time.time     # the copy is made after any deletion another test
-    turns = []                      # of this process learned (``no_news_since``)
-    plain = reactor.callFromThread
-
-    def counted(fn, *args, **kw):
-        turns.append(getattr(fn, "__qualname__", repr(fn)))
-        plain(fn, *args, **kw)
-    reactor.callFromThread = counted
+                                    # of this process learned (``no_news_since``)
     archive = EmbeddedArchive("local", tmp_path / "archive", reactor)
     reactor.wait(archive.start())
     catalog, svc, server = serve_pushes(reactor, certs, tmp_path, archive)
