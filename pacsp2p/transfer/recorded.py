@@ -5,9 +5,9 @@ When placement's first wave is one archive of ours and pushes to the others
 each remote copy; the Success is sent by whichever thread sees the last part done (our
 copy, or a pushed copy's answer read by its ``push-send`` thread). What is left for the
 reactor (``store``) is bookkeeping, in one plain callback chain (no placement, no
-DeferredList, no catalog job): once every pushed copy has answered with our hash, its
-commit goes in the holder's group commit (``commits``), the catalog hears of our fact,
-and the store succeeds. When the first wave is pushes only (``store_remote``), their
+catalog job): once every pushed copy has answered with our hash, its commit goes in
+the holder's group commit (``commits``), the catalog hears of our fact, and the store
+succeeds. When the first wave is pushes only (``store_remote``), their
 commits are waited for, as ``Ingest.store`` waits for them, in such a chain too.
 Anything else (a push failed or refused, another hash) goes the general way
 (``Ingest.store``), with our record kept: its copy's commit then writes only the hints,
@@ -30,19 +30,8 @@ def _all(ds, consume: bool) -> defer.Deferred:
     """Deferred[list]: each of *ds*'s results (a Failure for one that failed), in order,
     once all have one; *consume*: their failures are handled here (else they go on, for
     ``Ingest.store`` to take)."""
-    results: list = [None] * len(ds)
-    left = [len(ds)]
-    done = defer.Deferred()
-
-    def one(result, i):
-        results[i] = result
-        left[0] -= 1
-        if not left[0]:
-            done.callback(results)
-        return None if consume else result
-    for i, d in enumerate(ds):
-        d.addBoth(one, i)
-    return done
+    return defer.DeferredList(ds, consumeErrors=consume).addCallback(
+        lambda results: [result for _, result in results])
 
 
 def _pushed(forward, meta, copies) -> bool:
