@@ -4,19 +4,81 @@ The reactor thread never blocks; file and socket work that must block runs in on
 these (``deferToThreadPool(reactor, pool(reactor, "dicom-send"), ...)``). A pool that
 takes a job per received instance (the writing and keeping threads of a C-STORE) is a
 ``Lane``: a job handed over costs half the CPU of one through Twisted's ThreadPool.
+A thread that must wait for the reactor calls ``on_reactor`` (not Twisted's
+``blockingCallFromThread``): shutdown lets it go, since the reactor joins these threads.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import weakref
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 log = Logger()
 _pools: dict = {}
+_waits = weakref.WeakKeyDictionary()      # reactor -> its ReactorWaits (``on_reactor``)
+
+
+class Stopped(Exception):
+    """Shutting down: a thread waiting for the reactor was let go (it may never answer)."""
+
+
+class ReactorWaits:
+    """Calls from other threads into the reactor thread, each waited for, that ``stop``
+    lets go. Twisted's ``blockingCallFromThread`` waits for ever, and at shutdown the
+    reactor thread joins the pools' threads: a thread waiting for it then hangs the
+    shutdown (as does one waiting for a catalog read after the catalog stopped: a
+    stopped pool drops the job, its Deferred never fires)."""
+
+    def __init__(self, reactor):
+        self.reactor, self.stopping = reactor, False
+        self._lock = threading.Lock()
+        self._waiting: set = set()
+
+    def call(self, fn, *args):
+        """In a thread that is not the reactor's: ``fn(*args)`` run in the reactor
+        thread, its result (a Deferred's, waited for) returned or its exception raised;
+        ``Stopped`` if ``stop`` is called before it has one."""
+        done, box = threading.Event(), []
+
+        def run():
+            d = defer.maybeDeferred(fn, *args)
+            d.addBoth(lambda result: (box.append(result), done.set()))
+
+        with self._lock:
+            if self.stopping:
+                raise Stopped()
+            self._waiting.add(done)
+        try:
+            self.reactor.callFromThread(run)
+            done.wait()
+        finally:
+            with self._lock:
+                self._waiting.discard(done)
+        if not box:
+            raise Stopped()
+        if isinstance(box[0], Failure):
+            box[0].raiseException()
+        return box[0]
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopping = True
+            waiting = list(self._waiting)
+        for event in waiting:
+            event.set()
+
+
+def on_reactor(reactor, fn, *args):
+    """``ReactorWaits.call`` on *reactor*'s own waits, let go (``Stopped``) once its
+    named pools begin to stop at shutdown, before any of their threads is joined."""
+    waits = _waits.get(reactor) or _waits.setdefault(reactor, ReactorWaits(reactor))
+    return waits.call(fn, *args)
 
 
 class Lane:
@@ -93,6 +155,7 @@ def pool(reactor, name: str, minthreads: int = 1, maxthreads: int = 4,
 
         def stop():
             _pools.pop(key, None)
+            _waits.setdefault(reactor, ReactorWaits(reactor)).stop()
             found.stop()
         reactor.addSystemEventTrigger("during", "shutdown", stop)
     return found

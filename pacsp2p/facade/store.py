@@ -24,10 +24,10 @@ hostile value reaches a path or a log line whole.
 
 from __future__ import annotations
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from pacsp2p import metrics
+from pacsp2p import metrics, threads
 from pacsp2p.dicom import dimse
 from pacsp2p.dicom.messages import DiscardSink
 from pacsp2p.dicom.header import BadDataset, read_meta
@@ -218,8 +218,9 @@ class Store(Operation):
                 meta.attributes["StudyInstanceUID"]:
             return ""
         try:
-            return threads.blockingCallFromThread(self.svc.reactor, self._series_checked,
-                                                  meta)
+            return threads.on_reactor(self.svc.reactor, self._series_checked, meta)
+        except threads.Stopped:
+            return "the peer is stopping"
         except Exception:
             log.failure("C-STORE {uid}: its series could not be looked up; kept",
                         uid=self.uid)

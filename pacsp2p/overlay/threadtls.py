@@ -37,6 +37,7 @@ from pathlib import Path
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from pacsp2p import threads
 from pacsp2p.overlay.tls import HANDSHAKE_TIMEOUT, MAX_PENDING, HandshakeGuard
 from pacsp2p.validate import shown
 
@@ -59,8 +60,7 @@ REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not
            501: b"Not Implemented", 503: b"Service Unavailable"}
 
 
-class Stopped(Exception):
-    """The server stopped while a handler waited for the reactor."""
+Stopped = threads.Stopped    # the server stopped while a handler waited for the reactor
 
 
 def server_context(tls_dir, name: str) -> ssl.SSLContext:
@@ -155,7 +155,7 @@ class ThreadServer:
         self._queued: dict = {}         # _Conn -> None: accepted, waiting for a thread
         self._idle: dict = {}           # _Conn -> None: waiting for a request, oldest first
         self._live: set = set()
-        self._waiting: set = set()      # events of handlers waiting for the reactor
+        self.waits = threads.ReactorWaits(reactor)      # handlers waiting for the reactor
         self.running = 0                # threads serving connections
         self.stopping = False
         self.socket = None
@@ -180,7 +180,7 @@ class ThreadServer:
             if self.stopping:
                 return
             self.stopping = True
-            live, waiting = list(self._live), list(self._waiting)
+            live = list(self._live)
         if self.socket is not None:
             try:
                 self.socket.shutdown(socket.SHUT_RDWR)      # wakes accept() (Linux)
@@ -190,8 +190,7 @@ class ThreadServer:
         with self._lock:
             for conn in live:
                 conn.abortConnection()
-        for event in waiting:
-            event.set()
+        self.waits.stop()
         self._acceptor.stop()
         self.pool.stop()
 
@@ -396,29 +395,7 @@ class ThreadServer:
         """In a handler's thread: ``fn(*args)`` run in the reactor thread, its result (a
         Deferred's, waited for) returned or its exception raised; ``Stopped`` if the
         server stops meanwhile (a thread never waits on a reactor that has stopped)."""
-        from twisted.internet import defer
-        done, box = threading.Event(), []
-
-        def run():
-            d = defer.maybeDeferred(fn, *args)
-            d.addBoth(lambda result: (box.append(result), done.set()))
-
-        with self._lock:
-            if self.stopping:
-                raise Stopped()
-            self._waiting.add(done)
-        try:
-            self.reactor.callFromThread(run)
-            done.wait()
-        finally:
-            with self._lock:
-                self._waiting.discard(done)
-        if not box:
-            raise Stopped()
-        result = box[0]
-        if hasattr(result, "raiseException"):           # a Failure
-            result.raiseException()
-        return result
+        return self.waits.call(fn, *args)
 
     def status(self) -> dict:
         with self._lock:

@@ -94,3 +94,42 @@ def test_jobs_given_before_stop_run_in_order_and_none_after(lane):
     pool.callInThread(ran.append, "late")
     assert "late" not in ran
     assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-test-lane")]
+
+
+def test_a_thread_waiting_for_the_reactor_is_let_go_when_the_pools_stop(lane):
+    """At shutdown the reactor thread joins the pools' threads (``threads.pool``'s stop).
+    A job then waiting for the reactor (the C-STORE's series look-up; Twisted's
+    ``blockingCallFromThread`` waits for ever) hung the shutdown: ``on_reactor`` lets it
+    go with ``Stopped`` before the join, and later calls fail at once."""
+    reactor, pool = lane
+    got = []
+
+    def job():
+        try:
+            got.append(threads.on_reactor(reactor, lambda: 1))
+        except threads.Stopped:
+            got.append("stopped")
+    pool.callInThread(job)
+    wait_until(lambda: reactor.handed, 30, what="the call handed to the reactor")
+    stopper = threading.Thread(target=lambda: [fn() for fn in reactor.at_shutdown])
+    stopper.start()                # as the reactor would: it never runs the call handed
+    stopper.join(300)
+    assert not stopper.is_alive(), "the pool's stop hung on a thread waiting for the reactor"
+    assert got == ["stopped"]
+    with pytest.raises(threads.Stopped):
+        threads.on_reactor(reactor, lambda: 1)
+
+
+def test_on_reactor_returns_the_result_or_raises_the_error_of_the_call(lane):
+    reactor, pool = lane
+    got = []
+
+    def job():
+        got.append(threads.on_reactor(reactor, lambda x: x * 2, 21))
+        try:
+            threads.on_reactor(reactor, lambda: 1 / 0)
+        except ZeroDivisionError:
+            got.append("raised")
+    pool.callInThread(job)
+    wait_until(lambda: (reactor.run(), len(got) == 2)[1], 30, what="both calls answered")
+    assert got == [42, "raised"]
