@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import struct
 
 from pydicom import dcmread
@@ -18,7 +19,7 @@ from pydicom.filereader import read_dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import (UID, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
-                         JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless)
+                         JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, RLELossless)
 from pynetdicom.dsutils import encode
 from twisted.logger import Logger
 
@@ -189,13 +190,17 @@ def _check_frames(ds, ts: UID) -> None:
     """BadFile if a JPEG or JPEG-LS frame's own header (SOF) says more rows, columns or
     components than the data set, or cannot be read: libjpeg makes the image its header
     says (16384 x 16384 under Rows = Columns = 8: 1.5 GB, then pydicom's shape error), so
-    ``decoded_size`` bounds nothing unless they agree."""
-    if ts not in _JPEG:
+    ``decoded_size`` bounds nothing unless they agree. RLE frames: ``_check_rle``."""
+    if ts not in _JPEG and ts != RLELossless:
         return
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         samples, frames = int(ds.get("SamplesPerPixel") or 1), int(ds.get("NumberOfFrames") or 1)
         for frame in generate_frames(ds.PixelData, number_of_frames=frames):
+            if ts == RLELossless:
+                _check_rle(frame, rows * cols, samples * max(1, int(ds.BitsAllocated) // 8),
+                           int(ds.BitsAllocated) > 8)
+                continue
             p = _get_jpg_parameters(frame)
             if not p or p["height"] > rows or p["width"] > cols or \
                     p["components"] > samples:
@@ -205,6 +210,37 @@ def _check_frames(ds, ts: UID) -> None:
         raise BadFile(f"compressed pixel data not understood: {type(e).__name__}") from None
 
 
+def _check_rle(frame: bytes, pixels: int, segments: int, walk: bool) -> None:
+    """BadFile unless the RLE frame's header is as PS3.5 G.5 says (*segments* of them,
+    1-15: one a byte of a sample; the first at 64; offsets ascending inside the frame;
+    none past the count) and, if *walk*, no segment decodes to more than *pixels* bytes.
+    pylibjpeg-rle bounds its writes by the frame's length, not the plane's stride, so a
+    longer segment of a 16-bit image wrote past the frame: a Rust panic, caught, but
+    its message and stack (RUST_BACKTRACE) on stderr each time. With one byte a sample
+    its own check holds, and the walk (a Python loop a run) is not needed."""
+    if len(frame) < 64:
+        raise BadFile(f"an RLE frame of {len(frame)} bytes: no 64-byte header")
+    count, *offsets = struct.unpack_from("<16I", frame)
+    ends = offsets[:count] + [len(frame)]
+    if not 1 <= count <= 15 or count != segments or offsets[0] != 64 or \
+            any(offsets[count:]) or any(a >= b for a, b in zip(ends, ends[1:])):
+        raise BadFile(f"an RLE header of {count} segments at {offsets[:count]} in "
+                      f"{len(frame)} bytes ({segments} expected)")
+    for start, end in zip(ends, ends[1:]) if walk else ():
+        pos, made = start, 0                # runs cut short by the end are not made
+        while pos < end and made <= pixels:
+            n = frame[pos]
+            if n == 128:                    # no-ops: skipped at once, not one a turn
+                pos = _NO_OPS.match(frame, pos, end).end()
+                continue
+            pos += n + 2 if n < 128 else 2
+            if pos <= end:
+                made += n + 1 if n < 128 else 257 - n
+        if made > pixels:
+            raise BadFile(f"an RLE segment decoding to more than {pixels} bytes")
+
+
+_NO_OPS = re.compile(rb"\x80+")
 _PIXELS = {0x7FE00010, 0x7FE00009, 0x7FE00008}
 
 
