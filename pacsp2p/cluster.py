@@ -287,7 +287,8 @@ class Cluster:
         if self.overlay is not None:
             status["overlay"] = self.overlay.status()
         status["ingest"] = {"copies": dict(self.ingest.copies),
-                            "recorded_in_thread": self.ingest.recorded_in_thread}
+                            "recorded_in_thread": self.ingest.recorded_in_thread,
+                            "commits_behind": self.ingest.commits_behind}
         status["retrievals"] = [{**r.status(), "for": self._purposes.get(r.id, "")}
                                 for r in self.retrievals if r.started]
         status["strategies"] = self.strategies.describe()

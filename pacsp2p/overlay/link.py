@@ -47,6 +47,7 @@ class Link(ReadHolds, amp.AMP):
         self.values = 1                      # values a pushed box may carry (Hello info)
         self.push_port = 0                   # its push port (Hello info), 0: none
         self.push_commits = False            # it takes Commits on its push port (Hello)
+        self.commit_last = False             # and COMMIT_LAST behind a copy (Hello)
         self.inflight = 0                    # commands of the other side being answered
 
     # -- IPushProducer: the transport tells us when its write buffer fills and drains

@@ -237,6 +237,7 @@ class Membership:
         if self.push_port:               # pushed copies' bytes go there (transfer.pushport)
             info["push_port"] = self.push_port
             info["push_commits"] = True  # and Commits (COMMIT frames) too
+            info["commit_last"] = True   # and a copy's COMMIT_LAST right behind its END
         return json.dumps(info)
 
     # -- life cycle ------------------------------------------------------------------
@@ -398,6 +399,7 @@ class Membership:
         port = wire.get("push_port") if wire is not None else None
         link.push_port = port if type(port) is int and 0 < port < 65536 else 0
         link.push_commits = bool(link.push_port) and wire.get("push_commits") is True
+        link.commit_last = link.push_commits and wire.get("commit_last") is True
         if name == self.name:
             return
         link.greeted = True

@@ -108,6 +108,17 @@ class GroupCommits:
             d.errback(failure)
 
 
+def one_recorded(answer) -> dict | None:
+    """{"seq", "prev"} (as ``commit`` gives it) if *answer*, the holder's answer to a
+    ``COMMIT_LAST`` (checked: ``pushport``; or its error, or None), recorded the one
+    copy it named; else None."""
+    seqs = answer.get("seqs") if isinstance(answer, dict) else None
+    if not (isinstance(seqs, list) and len(seqs) == 1 and _count(seqs[0])):
+        return None
+    prev = _prevs(answer.get("prevs"), 1)[0]
+    return {"seq": seqs[0], "prev": prev if _count(prev) and prev < seqs[0] else None}
+
+
 def _count(n) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 

@@ -376,8 +376,8 @@ class Forward(StoreSession):
                 push.feed(piece)
             self.pushes.append(push)
             self.early[(target.peer, target.name)] = push.answer.addCallback(
-                lambda answer, target=target: self.ingest.remote_copy(target, self.uid,
-                                                                      answer))
+                lambda answer, target=target, push=push: self.ingest.remote_copy(
+                    target, self.uid, answer, getattr(push, "committed", None)))
         self._arm()
 
     def _arm(self) -> None:
@@ -397,6 +397,10 @@ class Forward(StoreSession):
         self.remotes = remotes
         if len(wave) == len(remotes):
             self.remote_only = True            # none of ours: ``recorded.store_remote``
+            for push, target in zip(self.pushes, remotes):   # commits behind the copies
+                link = ingest.link_to(target.peer)          # (``pushport.COMMIT_LAST``)
+                push.pipelined = hasattr(push, "verdict") and link is not None and \
+                    link.commit_last
             return
         if all(hasattr(push, "in_thread") for push in self.pushes):   # push ports
             self._left = 1 + len(remotes)      # (an older holder answers over AMP)

@@ -44,7 +44,7 @@ from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.tally import Tally
-from pacsp2p.transfer.commits import GroupCommits
+from pacsp2p.transfer.commits import GroupCommits, one_recorded
 from pacsp2p.transfer.forward import Forward, drop_all
 from pacsp2p.transfer.onejob import OneJob, unrecorded
 from pacsp2p.transfer.pushport import Pushes
@@ -138,6 +138,7 @@ class Ingest:
         # copies made: on our own archives, pushed while arriving, fetched once complete
         self.copies = {"local": 0, "pushed": 0, "fetched": 0}
         self.recorded_in_thread = 0       # replicated stores recorded so (``recorded``)
+        self.commits_behind = 0           # pushed copies recorded by a COMMIT_LAST
         self.committing: set[tuple] = set()      # (uid, peer, archive) commits running
         self.drain_here: set[str] = set()         # our archives being drained (drain.py)
         # the remote commits a write does not wait for, sent per holder in batches
@@ -420,11 +421,14 @@ class Ingest:
                                          uid=uid, sha256="", token=token, meta=meta_json)
         return d.addCallback(lambda answer: self.remote_copy(target, uid, answer))
 
-    def remote_copy(self, target, uid, answer) -> _Copy:
-        """The _Copy of a pending copy *target*'s peer made (its Replicate answer)."""
+    def remote_copy(self, target, uid, answer, committed=None) -> _Copy:
+        """The _Copy of a pending copy *target*'s peer made (its Replicate answer);
+        *committed*: the holder's answer to its commit sent behind the copy
+        (``pushport.COMMIT_LAST``), if one was: its record, else committed as before."""
         m = self.overlay.membership
         sha = answer["sha256"]                    # hashed there while it stored the bytes
         args = {"archive": target.name, "uid": uid, "sha256": sha}
+        behind = [one_recorded(committed)]
 
         def commit(meta, hints=(), later=False):
             # waited for (no copy of ours): at once, with what is queued for that peer
@@ -433,7 +437,12 @@ class Ingest:
                 if not self.catalog.learn(target.peer, done["seq"], meta, location,
                                           done.get("prev")):
                     self.overlay.sync_from(target.peer)  # not the next one: pull in order
-            return self.group.commit(target.peer, **args, now=not later).addCallback(learn)
+            done, behind[0] = behind[0], None
+            if done is None:
+                return self.group.commit(target.peer, **args, now=not later).addCallback(
+                    learn)
+            self.commits_behind += 1
+            return defer.maybeDeferred(learn, done)
 
         stored = Stored(target.name, sha, answer["size"], answer["duplicate"],
                         answer["conflict"], answer.get("given") or "")

@@ -23,38 +23,66 @@ pending copies (phase 2), answered ``ANSWER`` (JSON: seqs and prevs, as ``Commit
 answers) once the holder's catalog transaction, made by the thread that read the frame,
 committed: no AMP box, no pyOpenSSL on either reactor, no hand-off to the holder's
 reactor and catalog writer (a holder says in its Hello that it takes them:
-``push_commits``). A data set abandoned closes the connection. A holder tells its port
-in its Hello (``push_port``); a peer whose Hello names none (an older release) gets
-its copies over AMP as before. Everything read is bounded (frame sizes, the data set at
-``MAX_PUSH``, connections at the port's ``max_connections``) and checked as the AMP
-responders check it (``commands.check``, ``check_meta``) before a byte is written; the
-answer's fields are checked at the writer, its hash against the writer's (``ingest``).
+``push_commits``). The holder's end is ``pushrecv``. A data set abandoned closes the
+connection. A holder tells its port in its Hello (``push_port``); a peer whose Hello
+names none (an older release) gets its copies over AMP as before. Everything read is
+bounded (frame sizes, the data set at ``MAX_PUSH``, connections at the port's
+``max_connections``) and checked as the AMP responders check it (``commands.check``,
+``check_meta``) before a byte is written; the answer's fields are checked at the
+writer, its hash against the writer's (``ingest``).
+
+A copy whose C-STORE keeps no copy at the writer (its first wave pushes only:
+``recorded.store_remote``) is committed in one round trip fewer, pipelined as HTTP/1.1
+requests are: its sender thread, once it has sent ``END``, waits for the writer's
+verdict on the whole data set (``ThreadPush.verdict``: its own SHA-256 known and its
+checks passed, the moment it would send the ``COMMIT`` after both answers) and sends
+``COMMIT_LAST`` ([[archive, uid, the writer's sha256]]) right behind ``END``, then reads
+both answers; the holder, once the copy is durable and answered, reads it, records
+that copy only if it hashes to the writer's hash, and answers (``pushrecv``; a holder
+says ``commit_last`` in its Hello, else the writer commits after the answers as
+before). What cannot go otherwise than before:
+
+- a holder records a copy only on the writer's commit, carrying the writer's hash: a
+  copy refused or hashed otherwise is refused its ``COMMIT_LAST`` (nothing recorded;
+  the writer goes the general way, ``Ingest.store``, which drops it);
+- Success only once W holders' copies are durable and recorded (``store_remote``
+  counts the answers to the commits, as before);
+- one holder's copy fails after the other recorded its copy: the general way makes the
+  missing copy elsewhere, the recorded one counted as recorded; if W is not met the
+  C-STORE fails and the recorded copy stays, as a copy whose ``COMMIT`` succeeded stays
+  today when the other's fails: an extra copy of an instance the modality was told
+  failed, which its retry stores again (a duplicate there);
+- the writer's checks refuse the data set after ``END`` (``Forward.abort``): the verdict
+  is "no commit" (``verdict(None)``), the sender reads the answer as before and the
+  pending copy is discarded as today;
+- the connection dies between ``END`` and ``COMMIT_LAST`` or before its answer: the
+  copy's answer, if read, counts; the commit goes again as a plain ``COMMIT``
+  (``Ingest.remote_copy``): refused if the holder had recorded it (no pending copy),
+  then as a failed commit today; a sender that waits ``VERDICT`` seconds for a verdict
+  reads the answer and sends none (the copy is committed the plain way, if at all).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import re
 import socket
 import struct
 import threading
-import uuid
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from pacsp2p import threads
-from pacsp2p.overlay.commands import InvalidArgument, ReplicaRefused, check_commits
+from pacsp2p.overlay.commands import InvalidArgument, ReplicaRefused
 from pacsp2p.overlay.readclient import quiet
-from pacsp2p.overlay.threadtls import (IDLE_TIMEOUT, Stopped, ThreadServer,
-                                       client_context, peer_name)
+from pacsp2p.overlay.threadtls import IDLE_TIMEOUT, client_context, peer_name
 from pacsp2p.validate import shown
 
 log = Logger()
 
-OPEN, HEAD, DATA, END, ANSWER, COMMIT = 1, 2, 3, 4, 5, 6
+OPEN, HEAD, DATA, END, ANSWER, COMMIT, COMMIT_LAST = 1, 2, 3, 4, 5, 6, 7
 FRAME = struct.Struct(">BI")        # kind, length of what follows
 MAX_OPEN = 64 << 10                 # bytes of an OPEN's JSON (meta: < 60,000) or an ANSWER
 MAX_HEAD = 64 << 10                 # bytes of the preamble and File Meta Information
@@ -68,8 +96,10 @@ KEPT = IDLE_TIMEOUT / 2             # seconds a writer reuses an idle connection
 ANSWER_WAIT = 600.0                 # seconds a writer waits for the answer (a slow store)
 CONNECT = 10.0                      # seconds to connect and complete the TLS handshake
 SEND_THREADS = 64                   # connections to holders at once (push-send threads)
+VERDICT = IDLE_TIMEOUT / 2          # seconds a sender waits for the writer's verdict
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z", re.ASCII)
 _ABORT = object()
+_NO_COMMIT = object()                # the verdict: not kept (no COMMIT_LAST)
 
 
 class ProtocolError(Exception):
@@ -119,123 +149,6 @@ class _Reader:
         if got[0] != kind or got[1] > limit:
             raise ProtocolError(f"frame {got[0]} of {got[1]} bytes, expected {kind}")
         return bytes(self.exactly(got[1]))
-
-
-# -- the holder --------------------------------------------------------------------------
-
-class PushServer(ThreadServer):
-    """The holder's push port: ``threadtls``'s mutual-TLS port (handshake timeout, at
-    most *max_connections* served, a thread each), each connection served by ``serve``
-    instead of as HTTP requests."""
-
-    def __init__(self, service, reactor, context, what: str, **kw):
-        super().__init__(reactor, context, None, what, name="push-recv", **kw)
-        self.service = service
-
-    def _serve(self, conn) -> None:
-        if self._handshake(conn):
-            serve(self.service, conn.tls, peer_name(conn.tls), self.on_reactor,
-                  lambda waiting: self._waits(conn, waiting))
-
-    def _waits(self, conn, waiting: bool) -> None:
-        """*conn* waits for its next copy (or no longer): the longest waiting is closed
-        when a connection needs its thread (``ThreadServer._accepted``)."""
-        with self._lock:
-            if waiting:
-                self._idle[conn] = None
-            else:
-                self._idle.pop(conn, None)
-
-
-def serve(service, sock, peer: str, on_reactor, waits=lambda waiting: None) -> None:
-    """Thread (``push-recv``): the copies writer *peer* pushes on *sock*, one after the
-    other, until it closes the connection (or waits ``IDLE_TIMEOUT`` for the next).
-    *service*: the ``ReplicaService``; *on_reactor(fn, *args)*: fn's result, run in
-    the reactor (``ThreadServer``); *waits(bool)*: between copies, or not."""
-    reader = _Reader(sock)
-    try:
-        while True:
-            sock.settimeout(IDLE_TIMEOUT)
-            waits(True)
-            try:
-                first = reader.frame(eof_ok=True)
-            finally:
-                waits(False)
-            if first is None:
-                return
-            sock.settimeout(IDLE)
-            kind, n = first
-            if kind not in (OPEN, COMMIT) or n > MAX_OPEN:
-                raise ProtocolError(f"frame {kind} of {n} bytes where a copy begins")
-            payload = bytes(reader.exactly(n))
-            answer = _receive(service, reader, payload, on_reactor) if kind == OPEN \
-                else _commit(service, payload, on_reactor)
-            sock.sendall(_frame(ANSWER, json.dumps(answer).encode()))
-    except (OSError, ProtocolError, Stopped) as e:    # ssl.SSLError, timeouts: OSError
-        log.info("push port: connection from {peer} closed: {err}", peer=peer,
-                 err=shown(str(e) or type(e).__name__, 200))
-    finally:
-        sock.close()
-
-
-def _receive(service, reader, opening: bytes, on_reactor) -> dict:
-    """One copy: its answer (a receipt or a refusal). Raises ProtocolError/OSError if
-    the connection cannot go on (the partial file removed)."""
-    try:
-        args = json.loads(opening)
-        target, meta = service.admit(args["archive"], args["uid"], args["meta"])
-    except (InvalidArgument, ReplicaRefused) as e:
-        refusal = {"refused": str(e)[:300], "invalid": isinstance(e, InvalidArgument)}
-    except (ValueError, TypeError, KeyError, RecursionError) as e:   # (nested too deep)
-        refusal = {"refused": f"unreadable opening: {shown(str(e), 200)}"}
-    else:
-        refusal = None
-    head = reader.payload(HEAD, MAX_HEAD)
-    path = None if refusal else service.tmpdir / f"{uuid.uuid4().hex}.push"
-    f, sha, size = None, hashlib.sha256(), 0
-    try:
-        if path is not None:
-            f = open(path, "wb")
-            f.write(head)
-        while True:
-            kind, n = reader.frame()
-            if kind == END and n == 0:
-                break
-            size += n
-            if kind != DATA or n > MAX_DATA or size > MAX_PUSH:
-                raise ProtocolError(f"frame {kind} of {n} bytes in a data set of {size}")
-            data = reader.exactly(n)
-            if f is not None:
-                f.write(data)
-                sha.update(data)
-        if refusal:
-            return refusal
-        f.close()
-        f, written, path = None, path, None          # pushed() owns the file now
-        return service.pushed(written, target, meta, len(head), sha.hexdigest(), size,
-                              on_reactor)
-    except (ReplicaRefused, InvalidArgument) as e:
-        return {"refused": str(e)[:300], "invalid": isinstance(e, InvalidArgument)}
-    finally:
-        if f is not None:
-            f.close()
-        if path is not None:
-            path.unlink(missing_ok=True)
-
-
-def _commit(service, payload: bytes, on_reactor) -> dict:
-    """A ``COMMIT``: the pending copies it names recorded in one catalog transaction
-    (``ReplicaService.commits_now``, by this thread); its answer, or a refusal."""
-    try:
-        copies = check_commits(payload.decode("utf-8"))
-    except (InvalidArgument, UnicodeDecodeError) as e:
-        return {"refused": shown(str(e), 300), "invalid": True}
-    try:
-        return service.commits_now(copies, on_reactor)
-    except Stopped:
-        raise
-    except Exception as e:                    # (each copy's own refusal is a null seq)
-        return {"refused": shown(str(e) or type(e).__name__, 300)}
 
 
 # -- the writer --------------------------------------------------------------------------
@@ -415,16 +328,49 @@ class _Sender:
         self.sock.sendall(buf)
         push.sent(len(buf))
         if end:
+            behind = push.pipelined and self._verdict(push)
             self.sock.settimeout(ANSWER_WAIT)
-            raw = _Reader(self.sock, MAX_OPEN).payload(ANSWER, MAX_OPEN)
-            answer = push.parse(json.loads(raw))
+            reader = _Reader(self.sock, MAX_OPEN)
+            answer = push.parse(json.loads(reader.payload(ANSWER, MAX_OPEN)))
+            committed = self._committed(reader) if behind else None
             self.pushes.free(self)
             if push.in_thread is not None:   # told here first (``Forward``: may answer)
                 try:
                     push.in_thread(answer)
                 except Exception:
                     log.failure("push to {peer}: its answer's hook failed", peer=self.key[0])
-            self.pushes.reactor.callFromThread(push.done, answer, None)
+            self.pushes.reactor.callFromThread(push.done, answer, None, committed)
+
+    def _verdict(self, push) -> bool:
+        """After a ``pipelined`` copy's END: the writer's verdict (``ThreadPush.verdict``),
+        waited for before the copy's answer is read; True if its ``COMMIT_LAST`` is sent
+        (right behind the END). None in ``VERDICT`` seconds: none sent (the copy is
+        committed the plain way, if at all; a verdict that comes later is dropped)."""
+        try:
+            item = self.queue.get(timeout=VERDICT)
+        except queue.Empty:
+            push.failed = True                  # (what is queued for it: dropped)
+            return False
+        if item is None:
+            self.queue.put(None)                         # (``run`` ends on it)
+            raise ReplicaRefused("the peer stops")
+        if item[0] is not push:
+            raise ReplicaRefused("a verdict of another copy")
+        if item[1] is _NO_COMMIT:
+            return False
+        self.sock.sendall(item[1])
+        return True
+
+    def _committed(self, reader):
+        """The holder's answer to a ``COMMIT_LAST`` (checked), or the error it is."""
+        try:
+            return _commits_answer(json.loads(reader.payload(ANSWER, MAX_OPEN)))
+        except (ReplicaRefused, InvalidArgument) as e:
+            return e
+        except Exception as e:                 # its answer lost: the connection too
+            self._close()
+            return ReplicaRefused(f"the commit's answer from {self.key[0]} was lost: "
+                                  f"{shown(str(e) or type(e).__name__, 200)}")
 
     def _failed(self, push, e) -> None:
         """The copy *push* failed (the connection is closed: what was sent of it is
@@ -478,7 +424,7 @@ class _CommitJob:
     """A ``COMMIT`` handed to a sender (as a ``ThreadPush`` is): ``answer`` fires with
     the holder's answer."""
 
-    failed = False
+    failed = pipelined = False
     in_thread = None
     parse = staticmethod(_commits_answer)
 
@@ -488,7 +434,7 @@ class _CommitJob:
     def sent(self, n: int) -> None:
         pass
 
-    def done(self, answer, error) -> None:
+    def done(self, answer, error, committed=None) -> None:
         """Reactor: the sender is through with it."""
         if error is None:
             self.answer.callback(answer)
@@ -504,6 +450,9 @@ class ThreadPush:
 
     parse = staticmethod(_receipt)              # the holder's ANSWER, checked
     in_thread = None         # called with the receipt by the sender's thread, first
+    pipelined = False        # its END is followed by the writer's verdict (``verdict``)
+    ended = decided = False  # finish() called; the verdict given
+    committed = None         # the holder's answer to its COMMIT_LAST (or its error)
 
     def __init__(self, pushes, sender, archive, uid, head, meta_json, pause, resume):
         self.sender, self.reactor = sender, pushes.reactor
@@ -528,12 +477,24 @@ class ThreadPush:
     def finish(self) -> None:
         if not self.closed:
             self._hand(True)
-            self.closed = True
+            self.closed = self.ended = True
 
     def abort(self) -> None:
         if not self.closed:
             self.closed = True
             self.sender.queue.put((self, _ABORT, True))
+        else:
+            self.verdict(None)
+
+    def verdict(self, commit: str | None) -> None:
+        """Reactor, once, for a ``pipelined`` copy whose END is queued: the writer's
+        verdict on the whole data set: *commit*, the JSON list of its one [archive, uid,
+        the writer's sha256], sent as ``COMMIT_LAST`` right behind END; None: not kept
+        (the copy stays pending there until the writer discards it)."""
+        if self.pipelined and self.ended and not self.decided:
+            self.decided = True
+            self.sender.queue.put((self, _NO_COMMIT if commit is None else
+                                   _frame(COMMIT_LAST, commit.encode("utf-8")), True))
 
     def _hand(self, end: bool) -> None:
         """Reactor: the bytes gathered (a DATA frame, and END if *end*) to the sender."""
@@ -564,9 +525,9 @@ class ThreadPush:
         if resume:
             self.reactor.callFromThread(self.resume)
 
-    def done(self, answer, error) -> None:
-        """Reactor: the sender is through with this copy."""
-        self.closed = True
+    def done(self, answer, error, committed=None) -> None:
+        """Reactor: the sender is through with this copy (and its ``COMMIT_LAST``)."""
+        self.closed, self.committed = True, committed
         with self.lock:
             resume, self.paused = self.paused, False
         if resume:

@@ -8,7 +8,9 @@ reactor (``store``) is bookkeeping, in one plain callback chain (no placement, n
 catalog job): once every pushed copy has answered with our hash, its commit goes in
 the holder's group commit (``commits``), the catalog hears of our fact, and the store
 succeeds. When the first wave is pushes only (``store_remote``), their
-commits are waited for, as ``Ingest.store`` waits for them, in such a chain too.
+commits are waited for, as ``Ingest.store`` waits for them, in such a chain too; to a
+holder that takes it, each goes behind its copy's END, not after its answer
+(``pushport.COMMIT_LAST``: one round trip fewer; the failures are in its docstring).
 Anything else (a push failed or refused, another hash) goes the general way
 (``Ingest.store``), with our record kept: its copy's commit then writes only the hints,
 its discard forgets it first (``as_recorded``). A hint written for a holder whose push
@@ -17,6 +19,8 @@ took it meanwhile; nothing is lost).
 """
 
 from __future__ import annotations
+
+import json
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -69,7 +73,12 @@ def _finish(copies, forward, path, meta):
 
 def store_remote(forward, path, meta) -> defer.Deferred:
     """Reactor: Deferred[StoreResult] for *forward*, whose first wave is pushes only:
-    their commits sent at once (with what waits for each holder) and waited for."""
+    their commits sent at once (with what waits for each holder) and waited for; a
+    pipelined copy's commit is sent now, behind its END (the verdict: our hash)."""
+    uid = meta.sop_instance_uid
+    for push, t in zip(forward.pushes, forward.remotes):
+        if push.pipelined:
+            push.verdict(json.dumps([[t.name, uid, meta.sha256]]) if meta.sha256 else None)
     d = _all([forward.early[(t.peer, t.name)] for t in forward.remotes], False)
     return d.addCallback(_commit_remote, forward, path, meta)
 

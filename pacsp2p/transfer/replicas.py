@@ -49,7 +49,7 @@ from pacsp2p.overlay.commands import (CheckCopy, DrainRefused, InvalidArgument,
 from pacsp2p.transfer.delete import copy_allowed, pushed_before
 from pacsp2p.overlay.threadtls import server_context
 from pacsp2p.transfer.direct import send_for
-from pacsp2p.transfer.pushport import PushServer
+from pacsp2p.transfer.pushrecv import PushServer
 from pacsp2p.types import InstanceMeta, Location
 from pacsp2p.validate import shown
 

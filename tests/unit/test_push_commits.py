@@ -19,7 +19,8 @@ from pacsp2p.catalog.db import Catalog
 from pacsp2p.overlay import threadtls
 from pacsp2p.testing.cluster import patience
 from pacsp2p.transfer import pushport
-from pacsp2p.transfer.pushport import COMMIT, FRAME, PushServer, Pushes, _frame
+from pacsp2p.transfer.pushport import COMMIT, FRAME, Pushes, _frame
+from pacsp2p.transfer.pushrecv import PushServer
 from pacsp2p.transfer.replicas import ReplicaService
 from test_catalog_scale import ThreadReactor
 from test_push_port import (UID, Archive, answer, certs, closed, connect,  # noqa: F401

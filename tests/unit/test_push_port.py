@@ -19,9 +19,10 @@ import pytest
 from twisted.internet import defer
 
 from pacsp2p.overlay import threadtls, tls
-from pacsp2p.transfer import pushport
-from pacsp2p.transfer.pushport import (DATA, END, HEAD, OPEN, FRAME, PushServer, Pushes,
+from pacsp2p.transfer import pushport, pushrecv
+from pacsp2p.transfer.pushport import (DATA, END, HEAD, OPEN, FRAME, Pushes,
                                        ReplicaRefused, _frame, _receipt)
+from pacsp2p.transfer.pushrecv import PushServer
 from pacsp2p.transfer.replicas import ReplicaService
 from pacsp2p.types import InstanceMeta, Stored
 
@@ -155,7 +156,7 @@ def no_file_left(svc, server):
 def test_an_oversized_frame_or_data_set_or_a_cut_copy_closes_and_leaves_no_file(
         certs, holder, monkeypatch, cut):
     svc, server = holder
-    monkeypatch.setattr(pushport, "MAX_PUSH", 100_000)
+    monkeypatch.setattr(pushrecv, "MAX_PUSH", 100_000)   # (the holder's bound)
     sock = connect(certs, server.port)
     opening = json.dumps({"archive": "local", "uid": UID, "meta": meta_json()}).encode()
     sock.sendall(_frame(OPEN, opening) + _frame(HEAD, b"HEAD") + _frame(DATA, b"y" * 60_000))

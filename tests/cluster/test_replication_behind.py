@@ -1,0 +1,46 @@
+"""A replicated C-STORE whose first wave is pushes only (the writer keeps no copy:
+``recorded.store_remote``) commits each pushed copy behind its END on the push port
+(``pushport.COMMIT_LAST``), not after the copy's answer: one round trip per holder fewer.
+Every such copy is recorded by that commit (none the plain way), the others' as before,
+and the cluster ends as it did: two copies of each, recorded, no hint left, the bytes
+received. Real peers (three twistd processes, R=2, W=2), DCMTK storescu."""
+from __future__ import annotations
+
+from pydicom.uid import ExplicitVRLittleEndian
+
+from pacsp2p.testing import datasets, storescu
+from pacsp2p.testing import dicomnet as dn
+from pacsp2p.testing.cluster import get_json, wait_until
+
+N = 60
+SYNC = 60.0
+
+
+def test_pushes_only_copies_are_committed_behind_their_end(trio, tmp_path):
+    a = trio[0]
+    before = get_json(a, "status")["ingest"]
+    files = datasets.make_study(tmp_path / "s", patient_id="BEHIND01", size=32,
+                                series=[("MR", N, ExplicitVRLittleEndian)])
+    study = dn.study_of(files)
+    proc = storescu(a.port, a.ae_title, files, extra=["-v"], timeout=300)
+    out = proc.stdout + proc.stderr
+    assert out.count("Received Store Response (Success)") == N, out[-3000:]
+
+    def settled():
+        rows = get_json(a, f"where?study={study}", 30)
+        return len(rows) == N and all(len({x["peer"] for x in r["replicas"]}) == 2
+                                      for r in rows) and \
+            get_json(a, "status")["catalog"].get("hints", 1) == 0
+    wait_until(settled, SYNC, interval=0.5, what="2 copies of each recorded, no hint left")
+
+    rows = get_json(a, f"where?study={study}", 30)
+    remote_only = sum(1 for r in rows if all(x["peer"] != a.name for x in r["replicas"]))
+    assert 0 < remote_only < N
+    after = get_json(a, "status")["ingest"]
+    # before: no such count (each of those copies was committed after its answer)
+    assert after.get("commits_behind", 0) - before.get("commits_behind", 0) == \
+        2 * remote_only, (after, remote_only)
+    sent = dn.dataset_hashes(files)
+    for peer in trio[1:]:                  # each holder holds the bytes received
+        held = dn.dataset_hashes(dn.archive_files(peer.data_dir))
+        assert held and all(sent[u] == h for u, h in held.items() if u in sent)
