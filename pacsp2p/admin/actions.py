@@ -69,9 +69,9 @@ class _Action(resource.Resource):
         problem = self.guard.check_write(request, who, None, json_body=True)
         if problem is not None:
             code, message = problem
-            log.warn("admin: {action} refused from {client} ({who}): {why}",
-                     action=self.action, client=shown(client),
-                     who=str(who) if who else "nobody", why=message)
+            self.guard.refusal("admin: {action} refused from {client} ({who}): {why}",
+                               action=self.action, client=shown(client),
+                               who=str(who) if who else "nobody", why=message)
             request.setResponseCode(code)
             if code == 401 and self.guard.admin.users:
                 request.setHeader(b"www-authenticate",

@@ -58,10 +58,11 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from pacsp2p import threads
 from pacsp2p.config import PASSWORD_HASH_RE, is_loopback
+from pacsp2p.dicom.admission import LogLimit
 from pacsp2p.validate import shown
 
 log = Logger()
@@ -209,6 +210,7 @@ class Guard:
         self._basic: dict[bytes, tuple[str, float]] = {}
         self._failures: dict[str, collections.deque] = {}
         self._checking = 0
+        self._refusals = None           # a LogLimit, made at the first refusal
 
     # -- what the configuration allows --------------------------------------------------
     @property
@@ -250,6 +252,17 @@ class Guard:
             origin = f"{parts.scheme}://{parts.netloc}"
             return origin == self.origin(request) or origin in self.admin.origins
         return origin != "null"
+
+    def refusal(self, fmt: str, **kw) -> None:
+        """One warning line for a refused request (*fmt* with *kw*); at most 10 per 10
+        seconds, then one counting the rest (``dicom.admission.LogLimit``), so a flood
+        of refused requests cannot fill the disk."""
+        if self._refusals is None:
+            if self.reactor is None:
+                from twisted.internet import reactor
+                self.reactor = reactor
+            self._refusals = LogLimit(self.reactor, logger=log)
+        self._refusals("admin refusal", LogLevel.warn, fmt, **kw)
 
     # -- who is asking --------------------------------------------------------------------
     def identify(self, request) -> defer.Deferred:

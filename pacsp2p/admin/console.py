@@ -438,10 +438,10 @@ class _Post(resource.Resource):
                                                  json_body=False)
         if problem is not None:
             code, message = problem
-            log.warn("admin: {what} refused from {client} ({who}): {why}",
-                     what=request.path.decode("latin-1")[:60],
-                     client=_client(request), who=str(who) if who else "nobody",
-                     why=message)
+            self.console.guard.refusal(
+                "admin: {what} refused from {client} ({who}): {why}",
+                what=shown(request.path.decode("latin-1"), 60), client=_client(request),
+                who=str(who) if who else "nobody", why=message)
             if code == 401 and self.console.guard.logins:
                 return self.console.login_page(request, 401, message).render(request)
             return self.refuse(request, code, message)

@@ -226,25 +226,12 @@ class AdminSite(server.Site):
                                 "Basic) or a client certificate", headers)
 
 
-    _noted: list = []                 # times of the refusals logged lately
-    _unlogged = 0
-
-    def note_refusal(self, request, every: float = 10.0, lines: int = 10) -> None:
-        """One log line for a write action refused for want of authentication; at most
-        *lines* per *every* seconds (then a count of the rest), so a flood of requests
-        cannot fill the disk."""
-        now = self.guard.clock()
-        self._noted = [t for t in self._noted if t > now - every]
-        if len(self._noted) >= lines:
-            self._unlogged += 1
-            return
-        self._noted.append(now)
-        more, self._unlogged = self._unlogged, 0
-        log.warn("admin: {method} {path} from {client} refused: authentication required"
-                 "{more}", method=request.method.decode("latin-1")[:10],
-                 path=shown(request.path.decode("latin-1"), 80),
-                 client=auth.client_host(request),
-                 more=f" ({more} more refusals not logged)" if more else "")
+    def note_refusal(self, request) -> None:
+        """The line for a write action refused for want of authentication."""
+        self.guard.refusal("admin: {method} {path} from {client} refused: authentication "
+                           "required", method=request.method.decode("latin-1")[:10],
+                           path=shown(request.path.decode("latin-1"), 80),
+                           client=auth.client_host(request))
 
 
 def identity(request) -> auth.Identity | None:
