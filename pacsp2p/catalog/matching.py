@@ -2,7 +2,10 @@
 
 Single value, universal (empty), wildcard (``*``/``?``), range (DA/TM/DT ``a-b``, ``-b``,
 ``a-``) and list-of-UID matching. Values are decoded text whatever the character sets of
-the data and of the query, so ``*`` and ``?`` work on characters. Like Orthanc, person
+the data and of the query, so ``*`` and ``?`` work on characters. A wildcard pattern
+has its runs of ``*`` made one, and one needing more characters than the catalog keeps
+(``validate.VALUE_MAX``) matches nothing: SQLite refuses a GLOB pattern past 50,000
+bytes (0xC001 for a C-FIND of 30,000 ``*?``). Like Orthanc, person
 names match without regard to case: ``pn_key(col)`` against the pattern's
 ``names.pn_key`` (upper case with accents, one character at a time). Other VRs match
 case-sensitively. Keys below the query level are ignored. The unique keys of the levels
@@ -15,12 +18,15 @@ computed over everything the catalog holds — the union of all archives.
 
 from __future__ import annotations
 
+import re
 from itertools import islice
 
 from pacsp2p.attributes import ALIAS, COMPUTED, LEVELS, PARENT, STORED, TABLES
 from pacsp2p.catalog.names import SQL_FUNCTION, pn_key
 from pacsp2p.types import Query, TooMany
+from pacsp2p.validate import VALUE_MAX
 
+_STARS = re.compile(r"\*{2,}")
 _COUNT_SQL = {
     "NumberOfPatientRelatedStudies":
         "(SELECT count(*) FROM studies x WHERE x.PatientID = p.PatientID)",
@@ -116,6 +122,9 @@ def _one_value(col: str, vr: str, value: str, params: list) -> str:
     if vr == "PN":                   # without regard to case, as Orthanc (names.py)
         col, value = f"{SQL_FUNCTION}({col})", pn_key(value)
     if "*" in value or "?" in value:
+        value = _STARS.sub("*", value)      # "**" is "*": the same pattern, shorter
+        if len(value) - value.count("*") > VALUE_MAX:
+            return "0"                      # longer than any value the catalog keeps
         prefix = value[:min(i for i in (value.find("*"), value.find("?")) if i >= 0)]
         cond = f"{col} GLOB ?"
         params_glob = [_glob_escape(value)]

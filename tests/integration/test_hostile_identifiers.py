@@ -1,0 +1,65 @@
+"""C-FIND identifiers with absurd wildcard patterns, against a real peer (thirteenth
+hostile-input session).
+
+SQLite refuses a GLOB pattern longer than 50,000 bytes ("LIKE or GLOB pattern too
+complex"): a C-FIND whose Patient Name (or Study Description, ...) was 30,000 times
+``*?`` was answered 0xC001 "Unable to process", with an error line naming the SQLite
+exception. Now a pattern's runs of ``*`` are one (the same pattern) and one needing more
+characters than the catalog keeps (``validate.VALUE_MAX``, 1024) matches nothing, as it
+could not match anything: answered Success with no match. Patterns of 10,000 ``*`` or
+``?`` were answered at once before and are (no back-tracking blow-up in SQLite's GLOB).
+"""
+from __future__ import annotations
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import build_context
+from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+from pacsp2p.testing import Peer, datasets
+from pacsp2p.testing import dicomnet as dn
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory):
+    with Peer(tmp_path_factory.mktemp("identifiers"), name="identifiers") as p:
+        ds = datasets.make_image("CT", size=8, seed=1, PatientID="WILD1",
+                                 PatientName="WILD^CARD", StudyDescription="HEAD CT",
+                                 transfer_syntax=ImplicitVRLittleEndian)
+        with dn.association(p.port, p.ae_title,
+                            [build_context(CTImageStorage, ImplicitVRLittleEndian)]) as a:
+            assert a.send_c_store(ds).Status == 0
+        p.study = ds.StudyInstanceUID
+        yield p
+
+
+def find(peer, **keys) -> tuple[list[int], list[str]]:
+    ds = Dataset()
+    ds.QueryRetrieveLevel, ds.StudyInstanceUID = "STUDY", ""
+    for key, value in keys.items():
+        setattr(ds, key, value)
+    statuses, studies = [], []
+    with dn.association(peer.port, peer.ae_title, [build_context(FIND)], timeout=120) as a:
+        for status, identifier in a.send_c_find(ds, FIND):
+            statuses.append(status.Status)
+            if identifier is not None and status.Status in (0xFF00, 0xFF01):
+                studies.append(str(identifier.StudyInstanceUID))
+    return statuses, studies
+
+
+@pytest.mark.parametrize("key, pattern, found", [
+    ("PatientName", "*?" * 30000, False),                 # 60 KB: past SQLite's bound
+    ("StudyDescription", "*H" * 30000, False),
+    ("PatientName", "*" * 60000 + "CARD", True),          # the same as *CARD
+    ("PatientName", "W" + "*" * 60000 + "?", True),
+    ("PatientName", "?" * 1025, False),                   # no value is that long
+    ("PatientName", "*" * 10000 + "D", True),
+    ("PatientName", "?" * 10000, False)])
+def test_a_long_wildcard_pattern_is_answered(peer, key, pattern, found):
+    statuses, studies = find(peer, PatientID="WILD1", **{key: pattern})
+    assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
+    assert studies == ([peer.study] if found else [])
+    log = peer.log_path.read_text(errors="replace")
+    assert "too complex" not in log and "Traceback" not in log
