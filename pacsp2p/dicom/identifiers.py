@@ -41,9 +41,10 @@ def to_query(identifier: Dataset, root: str) -> tuple[Query, list[str]]:
     try:
         level = str(identifier.QueryRetrieveLevel).strip().upper()
     except (AttributeError, ValueError) as e:
-        raise IdentifierError(f"identifier has no usable QueryRetrieveLevel: {e}") from e
+        raise IdentifierError("identifier has no usable QueryRetrieveLevel: "
+                              f"{shown(str(e))}") from e
     if level not in LEVELS:
-        raise IdentifierError(f"unsupported QueryRetrieveLevel {level!r}")
+        raise IdentifierError(f"unsupported QueryRetrieveLevel {shown(level)}")
     keys: dict[str, str] = {}
     order: list[str] = []
     try:
@@ -66,7 +67,7 @@ def to_query(identifier: Dataset, root: str) -> tuple[Query, list[str]]:
     except IdentifierError:
         raise
     except Exception as e:  # a malformed identifier, whatever pydicom raises
-        raise IdentifierError(f"cannot decode identifier: {e}") from e
+        raise IdentifierError(f"cannot decode identifier: {shown(str(e), 200)}") from e
     return Query(level, keys, root), order
 
 

@@ -46,7 +46,7 @@ def decode_query(op, table: dict, what: str):
         op.finish(DOES_NOT_MATCH)
     except Exception as e:
         op.warn(f"{what} refused", "{what} from {ae}: undecodable identifier: {err}",
-                what=what, ae=op.assoc.calling_ae, err=str(e)[:200])
+                what=what, ae=op.assoc.calling_ae, err=shown(str(e), 200))
         op.finish(CANNOT_UNDERSTAND)
     return None
 

@@ -63,3 +63,21 @@ def test_a_long_wildcard_pattern_is_answered(peer, key, pattern, found):
     assert studies == ([peer.study] if found else [])
     log = peer.log_path.read_text(errors="replace")
     assert "too complex" not in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("level", ["S" * 500_000, "STUDY\\" * 100_000 + "X"])
+def test_an_absurd_query_level_is_refused_with_a_short_log_line(peer, level):
+    """A QueryRetrieveLevel of 500,000 characters was refused (0xA900) with all of it in
+    the log line (repr, no bound): 10 such C-FINDs a window wrote 5 MB; now it is shown
+    cut to 80 characters (``validate.shown``), as every other value a requestor chose."""
+    before = peer.log_path.stat().st_size
+    ds = Dataset()
+    ds.QueryRetrieveLevel, ds.StudyInstanceUID = level, ""
+    with dn.association(peer.port, peer.ae_title, [build_context(FIND)], timeout=120) as a:
+        statuses = [status.Status for status, _ in a.send_c_find(ds, FIND)]
+    assert statuses == [0xA900]
+    with open(peer.log_path, "rb") as f:
+        f.seek(before)
+        grown = f.read()
+    assert b"QueryRetrieveLevel" in grown
+    assert max(len(line) for line in grown.splitlines()) < 1000, len(grown)
