@@ -74,11 +74,16 @@ def _finish(copies, forward, path, meta):
 def store_remote(forward, path, meta) -> defer.Deferred:
     """Reactor: Deferred[StoreResult] for *forward*, whose first wave is pushes only:
     their commits sent at once (with what waits for each holder) and waited for; a
-    pipelined copy's commit is sent now, behind its END (the verdict: our hash)."""
+    pipelined copy's commit is sent now, behind its END (the verdict: our hash). A data
+    set whose header reads otherwise whole than its first bytes did (placed on those,
+    pushed with those attributes) goes the general way, which copies it again."""
     uid = meta.sop_instance_uid
+    same = bool(meta.sha256) and forward.attributes == meta.attributes
     for push, t in zip(forward.pushes, forward.remotes):
         if push.pipelined:
-            push.verdict(json.dumps([[t.name, uid, meta.sha256]]) if meta.sha256 else None)
+            push.verdict(json.dumps([[t.name, uid, meta.sha256]]) if same else None)
+    if forward.attributes != meta.attributes:
+        return forward.ingest.store(path, meta, forward)
     d = _all([forward.early[(t.peer, t.name)] for t in forward.remotes], False)
     return d.addCallback(_commit_remote, forward, path, meta)
 

@@ -52,7 +52,8 @@ def test_a_commit_that_fails_leaves_its_copy_owed():
              ("peerc", "local"): defer.succeed(copy(c, lambda meta: defer.fail(
                  ReplicaRefused("no pending copy"))))}
     forward = SimpleNamespace(ingest=ingest, remotes=[b, c], ranked=[b, c], early=early,
-                              pushes=[], stamp=1)   # (no push pipelines its commit)
+                              pushes=[], stamp=1,   # (no push pipelines its commit)
+                              attributes={"SOPInstanceUID": uid})   # (as read whole)
     meta = InstanceMeta(uid, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
                         {"SOPInstanceUID": uid}, 228, SHA, 100)
     got = []
