@@ -285,6 +285,36 @@ def test_an_old_catalog_gets_indexes_and_counters(tmp_path, reactor):
         schema.SCHEMA_VERSION
 
 
+def test_no_index_of_locations_by_archive(tmp_path, reactor):
+    """No query reads locations by archive alone, so no index keeps them so (it cost
+    every copy's insert a WAL page): a catalog of an older release loses it at start
+    (before: kept, and made in a new one), and the queries of copies by peer and archive
+    still search an index (``EXPLAIN QUERY PLAN``), never scan the table."""
+    path = tmp_path / "catalog.sqlite"
+    conn = db._connect(path)
+    schema.create_schema(conn)
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_locations_archive ON locations (archive)")
+    conn.close()
+    cat = open_catalog(reactor, path)
+    try:
+        reactor.wait(cat.record(meta(1), loc(1)))
+        conn = sqlite3.connect(path)
+        assert "idx_locations_archive" not in {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        for sql in ("SELECT SOPInstanceUID FROM locations WHERE peer = ? AND archive = ? AND "
+                    "size >= 0 AND SOPInstanceUID IN (?, ?)",
+                    "SELECT seq FROM locations WHERE peer = ? AND seq > ? AND size >= 0 AND "
+                    "archive IN (?) ORDER BY seq LIMIT ?",
+                    "SELECT seq FROM locations WHERE SOPInstanceUID = ? AND peer = ? AND "
+                    "archive = ? AND size >= 0"):
+            plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql,
+                                               [""] * sql.count("?"))]
+            assert all(step.startswith("SEARCH locations USING") for step in plan), plan
+        assert reactor.wait(cat.archive_counts()) == {("p", "local"): 1}
+    finally:
+        reactor.wait(cat.stop())
+
+
 # -- 2. integrity at start ---------------------------------------------------------------
 def test_integrity_checked_in_background_then_skipped_after_a_clean_stop(tmp_path, reactor,
                                                                         logged):
