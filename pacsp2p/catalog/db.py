@@ -27,7 +27,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pacsp2p.catalog import matching, names, rows, schema, tombstones
+from pacsp2p.catalog import matching, names, remembered, rows, schema, tombstones
 from pacsp2p.catalog.checkpoints import BACKSTOP, Checkpoints
 from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, LWW_LEVELS,  # noqa: F401
                                    PARENT_LEVELS, STAMPS_KEY, check_wire, facts_from_wire,
@@ -221,9 +221,9 @@ class Catalog:
                     thens.append((then, seq))
             seqs.append(seq if loc is not None else None)
             facts.append((meta_attributes(meta) if meta is not None else None, row))
+        changed: list = []                    # whether the thens changed rows
         write_facts(self._writer, facts, hints, self._parents,
-                    after=(lambda conn: [then(conn, q) for then, q in thens]) if thens
-                    else None)
+                    after=remembered.run_thens(thens, changed) if thens else None)
         if seq > self._own_seq:
             first = next(q for q in seqs if q)
             if first - 1 != last:              # skipped over: remember what came before
@@ -232,7 +232,7 @@ class Catalog:
                     self._forgot = min(self._gaps)
                     del self._gaps[self._forgot]
             self._own_seq = self._own_real = seq
-        if thens:                             # they may have removed parent rows
+        if any(changed):                      # they may have removed parent rows
             self._parents.clear()
         return seqs
 
@@ -287,7 +287,7 @@ class Catalog:
         results = write_origins(self._writer, [b for _, b, _ in by_origin.values()], self.peer)
         for (origin, (parents, _, seq)), (retired, error) in zip(by_origin.items(), results):
             if error is None:
-                self._keep_parents(parents, retired)
+                remembered.keep_where_same(self._parents, self._writer, parents, retired)
             else:
                 self._parents.clear()
             outcome.append((origin, seq, error))
@@ -299,19 +299,6 @@ class Catalog:
             except (sqlite3.Error, OSError) as e:
                 dropped = e
         return seqs, outcome, dropped
-
-    def _keep_parents(self, parents: dict, retired: int = 0) -> None:
-        """Writer thread, after facts of another peer were written: the parent rows our
-        own writes remember stay remembered only where those facts wrote the same row
-        (and no row was *retired*, no tombstone, which may remove rows, is held at all)."""
-        if retired or self._writer.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone():
-            self._parents.clear()
-            return
-        for level in PARENT_LEVELS:
-            last = self._parents.get(level, {})
-            for row in parents.get(level, {}).values():
-                if last.get(row[0]) != row:
-                    last.pop(row[0], None)
 
     def _later(self) -> None:
         """Facts of others and hint drops wait for our next batch, LATER s at most: a

@@ -315,6 +315,43 @@ def test_no_index_of_locations_by_archive(tmp_path, reactor):
         reactor.wait(cat.stop())
 
 
+def test_a_group_commit_whose_checks_change_nothing_keeps_the_parents_remembered(
+        tmp_path, reactor):
+    """A push port's COMMIT (``record_all_now``, each copy with a check run in its
+    transaction that changes nothing unless a deletion came in between) leaves the
+    writer's memory of the parent rows it wrote: the next instance of the series writes
+    no patient, study or series statement (before: the memory was cleared by any check,
+    and the next instance wrote its three parent rows again). A check that changes a row
+    clears it (it may have removed rows)."""
+    from pacsp2p.catalog.facts import stamped
+    cat = open_catalog(reactor, tmp_path / "catalog.sqlite")
+    on_parents: list = []
+
+    def trace(sql):
+        if sql.split(" ")[:2] in (["UPDATE", "patients"], ["UPDATE", "studies"],
+                                  ["UPDATE", "series"], ["INSERT", "INTO"]) and \
+                sql.split(" ")[2 if sql.startswith("INSERT") else 1] in (
+                    "patients", "studies", "series") and on_parents[-1:] != [sql]:
+            on_parents.append(sql)
+    try:
+        t = int(time.time() * 1000)
+        one = [stamped(meta(i, patient=1, study=1), t + stamp)
+               for i, stamp in enumerate((0, 300, 310, 600, 610))]
+        cat.record_now(one[0], loc(0))
+        cat.record_all_now([(one[1], loc(1), lambda conn, seq: None)])
+        cat._writer.set_trace_callback(trace)
+        cat.record_now(one[2], loc(2))                   # 10 ms later
+        assert on_parents == []
+        cat.record_all_now([(one[3], loc(3), lambda conn, seq: conn.execute(
+            "INSERT INTO catalog_meta VALUES ('x', 'y')"))])
+        on_parents.clear()
+        cat.record_now(one[4], loc(4))
+        assert len(on_parents) == 3, on_parents          # written again, each
+    finally:
+        cat._writer.set_trace_callback(None)
+        reactor.wait(cat.stop())
+
+
 # -- 2. integrity at start ---------------------------------------------------------------
 def test_integrity_checked_in_background_then_skipped_after_a_clean_stop(tmp_path, reactor,
                                                                         logged):
