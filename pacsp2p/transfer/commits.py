@@ -17,7 +17,9 @@ catalog transaction there for all of them, not a ``Commit`` of its own.
 
 A holder that takes them on its push port (``pushport``: ``COMMIT``) gets each box
 there, from a thread, instead of over AMP (*push*): the same list, the same answer, the
-same transaction there — no AMP box and no pyOpenSSL on either reactor.
+same transaction there — no AMP box and no pyOpenSSL on either reactor. A waited-for
+commit pipelined behind its copy's END (``pushport.COMMIT_LAST``, ``behind``) carries
+what is queued for that holder in the same way.
 """
 
 from __future__ import annotations
@@ -60,13 +62,38 @@ class GroupCommits:
             self.timers[peer] = self.reactor.callLater(self.delay, self.send, peer)
         return d
 
-    def send(self, peer: str) -> None:
-        """Send what is queued for *peer* now."""
+    def behind(self, push, peer: str, first: list) -> None:
+        """The commit *first* ([archive, uid, sha256]) sent behind *push*'s END
+        (``pushport.COMMIT_LAST``), carrying what is queued for *peer* (one box and one
+        transaction there for all, as a waited-for commit carries them); those are
+        queued again if it is refused, lost or not sent (a holder that recorded them
+        then answers null: their hints stay, as for any commit lost)."""
+        queue = self._take(peer)
+        copies = json.dumps([first] + [[a, u, s] for a, u, s, _ in queue])
+        if not push.verdict(copies, lambda answer: self._rode(peer, answer, queue)):
+            self._rode(peer, None, queue)
+
+    def _rode(self, peer: str, answer, queue) -> None:
+        """Reactor: *answer*, a checked ``Commits`` answer of the first copy and *queue*
+        (else its error, or None), given to *queue*'s commits; or they go again."""
+        if isinstance(answer, dict) and len(answer["seqs"]) == 1 + len(queue):
+            self._answered({"seqs": answer["seqs"][1:], "prevs": answer["prevs"][1:]},
+                           queue)
+        else:
+            for archive, uid, sha256, d in queue:
+                self.commit(peer, archive, uid, sha256).chainDeferred(d)
+
+    def _take(self, peer: str) -> list:
+        """What is queued for *peer*, taken out (its timer cancelled)."""
         timer = self.timers.pop(peer, None)
         if timer is not None and timer.active():
             timer.cancel()
-        queue = self.queued.pop(peer, [])
         self.size.pop(peer, None)
+        return self.queued.pop(peer, [])
+
+    def send(self, peer: str) -> None:
+        """Send what is queued for *peer* now."""
+        queue = self._take(peer)
         if not queue:
             return
         copies = json.dumps([[a, u, s] for a, u, s, _ in queue])
@@ -110,10 +137,10 @@ class GroupCommits:
 
 def one_recorded(answer) -> dict | None:
     """{"seq", "prev"} (as ``commit`` gives it) if *answer*, the holder's answer to a
-    ``COMMIT_LAST`` (checked: ``pushport``; or its error, or None), recorded the one
-    copy it named; else None."""
+    ``COMMIT_LAST`` (checked: ``pushport``; or its error, or None), recorded the copy
+    it names first; else None."""
     seqs = answer.get("seqs") if isinstance(answer, dict) else None
-    if not (isinstance(seqs, list) and len(seqs) == 1 and _count(seqs[0])):
+    if not (isinstance(seqs, list) and seqs and _count(seqs[0])):
         return None
     prev = _prevs(answer.get("prevs"), 1)[0]
     return {"seq": seqs[0], "prev": prev if _count(prev) and prev < seqs[0] else None}

@@ -451,8 +451,8 @@ class ThreadPush:
     parse = staticmethod(_receipt)              # the holder's ANSWER, checked
     in_thread = None         # called with the receipt by the sender's thread, first
     pipelined = False        # its END is followed by the writer's verdict (``verdict``)
-    ended = decided = False  # finish() called; the verdict given
-    committed = None         # the holder's answer to its COMMIT_LAST (or its error)
+    ended = decided = over = False   # finish() called; the verdict given; done
+    committed = told = None  # the holder's answer to its COMMIT_LAST (or its error)
 
     def __init__(self, pushes, sender, archive, uid, head, meta_json, pause, resume):
         self.sender, self.reactor = sender, pushes.reactor
@@ -486,15 +486,20 @@ class ThreadPush:
         else:
             self.verdict(None)
 
-    def verdict(self, commit: str | None) -> None:
-        """Reactor, once, for a ``pipelined`` copy whose END is queued: the writer's
-        verdict on the whole data set: *commit*, the JSON list of its one [archive, uid,
-        the writer's sha256], sent as ``COMMIT_LAST`` right behind END; None: not kept
-        (the copy stays pending there until the writer discards it)."""
-        if self.pipelined and self.ended and not self.decided:
-            self.decided = True
-            self.sender.queue.put((self, _NO_COMMIT if commit is None else
-                                   _frame(COMMIT_LAST, commit.encode("utf-8")), True))
+    def verdict(self, commit: str | None, told=None) -> bool:
+        """Reactor, once, for a ``pipelined`` copy whose END is queued and that is not
+        done: the writer's verdict on the whole data set: *commit*, the JSON list of
+        [archive, uid, the writer's sha256] of this copy, then of other pending copies
+        of that holder (a group commit riding along), sent as ``COMMIT_LAST`` right
+        behind END; None: not kept (the copy stays pending there until the writer
+        discards it). True if taken: then *told(answer)* is called, in the reactor,
+        with the holder's answer to it (or its error, or None) before ``answer`` fires."""
+        if not self.pipelined or not self.ended or self.decided or self.over:
+            return False
+        self.decided, self.told = True, told
+        self.sender.queue.put((self, _NO_COMMIT if commit is None else
+                               _frame(COMMIT_LAST, commit.encode("utf-8")), True))
+        return True
 
     def _hand(self, end: bool) -> None:
         """Reactor: the bytes gathered (a DATA frame, and END if *end*) to the sender."""
@@ -527,7 +532,10 @@ class ThreadPush:
 
     def done(self, answer, error, committed=None) -> None:
         """Reactor: the sender is through with this copy (and its ``COMMIT_LAST``)."""
-        self.closed, self.committed = True, committed
+        self.closed, self.committed, self.over = True, committed, True
+        told, self.told = self.told, None
+        if told is not None:
+            told(committed)
         with self.lock:
             resume, self.paused = self.paused, False
         if resume:

@@ -20,8 +20,6 @@ took it meanwhile; nothing is lost).
 
 from __future__ import annotations
 
-import json
-
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -77,11 +75,13 @@ def store_remote(forward, path, meta) -> defer.Deferred:
     pipelined copy's commit is sent now, behind its END (the verdict: our hash). A data
     set whose header reads otherwise whole than its first bytes did (placed on those,
     pushed with those attributes) goes the general way, which copies it again."""
-    uid = meta.sop_instance_uid
     same = bool(meta.sha256) and forward.attributes == meta.attributes
     for push, t in zip(forward.pushes, forward.remotes):
-        if push.pipelined:
-            push.verdict(json.dumps([[t.name, uid, meta.sha256]]) if same else None)
+        if push.pipelined and same:         # with what waits for that holder
+            forward.ingest.group.behind(push, t.peer, [t.name, meta.sop_instance_uid,
+                                                       meta.sha256])
+        elif push.pipelined:
+            push.verdict(None)
     if forward.attributes != meta.attributes:
         return forward.ingest.store(path, meta, forward)
     d = _all([forward.early[(t.peer, t.name)] for t in forward.remotes], False)

@@ -137,3 +137,56 @@ def test_a_commit_last_names_the_copy_just_received_or_is_refused(certs, embedde
     sock.sendall(_frame(COMMIT, copies(("local", UID, sha)).encode()))
     assert reactor.wait(_in_thread(reactor, answer, sock))["seqs"][0] > 0
     sock.close()
+
+
+class _Timer:
+    """A ``callLater`` that never fires by itself (the test sends the queue)."""
+
+    def active(self):
+        return True
+
+    def cancel(self):
+        pass
+
+
+@pytest.mark.parametrize("first_ok", [True, False])
+def test_what_waits_for_that_holder_rides_behind_the_copy(certs, embedded, first_ok):  # noqa: F811
+    """``GroupCommits.behind``: the commits queued for that holder (copies of C-STOREs
+    the writer kept a copy of, not waited for) go in the same COMMIT_LAST, recorded in
+    the same transaction, instead of a box and a transaction of their own 50 ms later
+    (the waited-for COMMIT carried them so before it was pipelined). If the holder
+    refuses it (here: another hash), they are queued again and go the plain way."""
+    from pacsp2p.transfer.commits import GroupCommits, one_recorded
+    reactor, catalog, svc, server = embedded
+    reactor.callLater = lambda delay, fn, *args: _Timer()
+    pushes = Pushes(certs, "peera", reactor)
+    group = GroupCommits(None, reactor, push=lambda peer, c: pushes.commit(
+        peer, "127.0.0.1", server.port, c))
+    other, data = "1.2.3.4.9", b"w" * 30_000
+    sock = connect(certs, server.port)
+    sha_other = reactor.wait(_in_thread(reactor, push, sock, b"o" * 9_000, other,
+                                        meta_json(other)))["sha256"]
+    sock.close()
+    queued = group.commit("peerb", "local", other, sha_other)
+    sha = hashlib.sha256(data).hexdigest()
+    copy = pushes.open("peerb", "127.0.0.1", server.port, "local", UID, b"HEAD",
+                       meta_json(), lambda: None, lambda: None)
+    copy.pipelined = True
+    copy.feed(data)
+    copy.finish()
+    group.behind(copy, "peerb", ["local", UID, sha if first_ok else "0" * 64])
+    assert group.queued == {}
+    reactor.wait(copy.answer, patience(60))
+    if first_ok:
+        assert one_recorded(copy.committed)["seq"] > 0
+        got = reactor.wait(queued)
+        assert got["seq"] > 0 and group.queued == {}
+        assert set(svc.pending) == set()
+    else:
+        assert isinstance(copy.committed, ReplicaRefused)
+        assert [c[1] for c in group.queued["peerb"]] == [other]      # queued again
+        group.send("peerb")
+        assert reactor.wait(queued)["seq"] > 0
+        assert set(svc.pending) == {("local", UID, sha)}             # not recorded
+    assert len(reactor.wait(catalog.resolve(_image(other)))) == 1
+    pushes.stop()
