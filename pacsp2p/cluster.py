@@ -288,7 +288,8 @@ class Cluster:
             status["overlay"] = self.overlay.status()
         status["ingest"] = {"copies": dict(self.ingest.copies),
                             "recorded_in_thread": self.ingest.recorded_in_thread,
-                            "commits_behind": self.ingest.commits_behind}
+                            "commits_behind": self.ingest.commits_behind,
+                            "durable_in_thread": self.ingest.durable_in_thread}
         status["retrievals"] = [{**r.status(), "for": self._purposes.get(r.id, "")}
                                 for r in self.retrievals if r.started]
         status["strategies"] = self.strategies.describe()

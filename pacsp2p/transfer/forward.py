@@ -39,6 +39,7 @@ from pacsp2p.dicom.header import BadDataset, sniff
 from pacsp2p.overlay.commands import (ReplicaClose, ReplicaData, ReplicaOpen,
                                       ReplicaRefused)
 from pacsp2p.transfer import recorded
+from pacsp2p.transfer.commits import one_recorded
 from pacsp2p.transfer.session import StoreSession
 from pacsp2p.types import InstanceInfo
 
@@ -49,6 +50,7 @@ VALUE = 65000                # bytes per AMP value (it holds at most 65,535)
 BOX = 4 * VALUE              # bytes per ReplicaData: its data, more1, more2, more3
 
 _streams = itertools.count(1)
+_counted = threading.Lock()     # (``Ingest.durable_in_thread``, counted by threads)
 
 
 class Push:
@@ -254,6 +256,8 @@ class Forward(StoreSession):
         the archive's pool and back), durable before this returns. Not if the header
         reads otherwise than the first bytes did (placed again once complete, from the
         file). Raises OSError (the C-STORE then fails with Out of Resources)."""
+        if self.remote_only and meta.attributes == self.attributes:
+            self.meta = meta                   # (``_part_done``: our hash)
         if self.keeper is None:
             return
         if meta.attributes != self.attributes:
@@ -302,9 +306,13 @@ class Forward(StoreSession):
                 then(result)
         return result
 
-    def _pushed(self, target, answer) -> None:
-        """``push-send`` thread: *target*'s copy is durable (pending) there."""
-        self._given[(target.peer, target.name)] = answer.get("given")
+    def _pushed(self, target, answer, committed=None) -> None:
+        """``push-send`` thread: *target*'s copy is durable (pending) there — and, if
+        the first wave is pushes only, recorded there by its ``COMMIT_LAST``
+        (*committed*: the holder's answer)."""
+        recorded = not self.remote_only or one_recorded(committed) is not None
+        self._given[(target.peer, target.name)] = \
+            answer.get("given") or answer.get("sha256") if recorded else None
         self._part_done()
 
     def _part_done(self) -> None:
@@ -313,8 +321,12 @@ class Forward(StoreSession):
             if self._left:
                 return
         meta = self.meta
-        self.fast = self.seq is not None and bool(meta.sha256) and all(
-            self._given.get((t.peer, t.name)) == meta.sha256 for t in self.remotes)
+        self.fast = (self.seq is not None or self.remote_only) and meta is not None and \
+            bool(meta.sha256) and all(self._given.get((t.peer, t.name)) == meta.sha256
+                                      for t in self.remotes)
+        if self.fast:
+            with _counted:
+                self.ingest.durable_in_thread += 1
         if self._then is not None:
             then, result = self._then
             then(result)
@@ -401,7 +413,8 @@ class Forward(StoreSession):
                 link = ingest.link_to(target.peer)          # (``pushport.COMMIT_LAST``)
                 push.pipelined = hasattr(push, "verdict") and link is not None and \
                     link.commit_last
-            return
+            if not all(push.pipelined for push in self.pushes):
+                return
         if all(hasattr(push, "in_thread") for push in self.pushes):   # push ports
             self._left = 1 + len(remotes)      # (an older holder answers over AMP)
             for push, target in zip(self.pushes, remotes):

@@ -139,6 +139,7 @@ class Ingest:
         self.copies = {"local": 0, "pushed": 0, "fetched": 0}
         self.recorded_in_thread = 0       # replicated stores recorded so (``recorded``)
         self.commits_behind = 0           # pushed copies recorded by a COMMIT_LAST
+        self.durable_in_thread = 0        # C-STOREs a thread found done (``Forward``)
         self.committing: set[tuple] = set()      # (uid, peer, archive) commits running
         self.drain_here: set[str] = set()         # our archives being drained (drain.py)
         # the remote commits a write does not wait for, sent per holder in batches

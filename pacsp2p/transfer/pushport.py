@@ -336,7 +336,7 @@ class _Sender:
             self.pushes.free(self)
             if push.in_thread is not None:   # told here first (``Forward``: may answer)
                 try:
-                    push.in_thread(answer)
+                    push.in_thread(answer, committed)
                 except Exception:
                     log.failure("push to {peer}: its answer's hook failed", peer=self.key[0])
             self.pushes.reactor.callFromThread(push.done, answer, None, committed)

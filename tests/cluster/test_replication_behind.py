@@ -41,6 +41,11 @@ def test_pushes_only_copies_are_committed_behind_their_end(trio, tmp_path):
     assert after.get("commits_behind", 0) - before.get("commits_behind", 0) == \
         2 * remote_only, (after, remote_only)
     sent = dn.dataset_hashes(files)
+    # every C-STORE's copies were durable and recorded when the thread that finished
+    # the last part looked (Success may go from there): before, none — a pushed copy's
+    # receipt names no "given" hash (only a converting archive's does), so the check
+    # against ours failed, and a pushes-only C-STORE's commits were the reactor's
+    assert after["durable_in_thread"] - before.get("durable_in_thread", 0) == N, after
     for peer in trio[1:]:                  # each holder holds the bytes received
         held = dn.dataset_hashes(dn.archive_files(peer.data_dir))
         assert held and all(sent[u] == h for u, h in held.items() if u in sent)
