@@ -19,6 +19,12 @@ class Query:
     root: str = "STUDY"
 
 
+def is_pattern(vr: str, value: str) -> bool:
+    """Is one value of a ``Query`` key a wildcard or a range (PS3.4 C.2.2.2.4-5), not a
+    single value matched by equality?"""
+    return "*" in value or "?" in value or (vr in ("DA", "TM", "DT") and "-" in value)
+
+
 @dataclass(frozen=True)
 class Scope:
     """What a delete removes (``Cluster.delete``): every instance of the studies

@@ -23,7 +23,7 @@ from itertools import islice
 
 from pacsp2p.attributes import ALIAS, COMPUTED, LEVELS, PARENT, STORED, TABLES
 from pacsp2p.catalog.names import SQL_FUNCTION, pn_key
-from pacsp2p.types import Query, TooMany
+from pacsp2p.types import Query, TooMany, is_pattern
 from pacsp2p.validate import VALUE_MAX
 
 _STARS = re.compile(r"\*{2,}")
@@ -153,7 +153,14 @@ def condition(col: str, vr: str, raw: str, params: list) -> str | None:
     if vr == "UI" and len(values) > 1:
         params.extend(values)
         return f"{col} IN ({', '.join('?' * len(values))})"
-    conds = [_one_value(col, vr, v, params) for v in values if v]
+    plain = [v for v in values if v and not is_pattern(vr, v)]
+    conds = []
+    if len(plain) > 1:                  # one IN: linear, where an OR of thousands of
+        key = f"{SQL_FUNCTION}({col})" if vr == "PN" else col     # terms took minutes
+        params.extend(map(pn_key, plain) if vr == "PN" else plain)
+        conds.append(f"{key} IN ({', '.join('?' * len(plain))})")
+    conds += [_one_value(col, vr, v, params) for v in values
+              if v and (len(plain) < 2 or is_pattern(vr, v))]
     return _any(conds) if conds else None
 
 
