@@ -167,20 +167,19 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
     # one row per key and level: the attributes of the fact of the greatest (stamp,
     # values), in first-seen order (the rows of a key are built once, not once per fact: most
     # facts share their parents; a lesser stamp would lose to it in SQL too)
-    latest: dict[str, dict] = {level: {} for level in LEVELS}
-    keyed = [(latest[level], UNIQUE[level], level in _LWW_SQL, level) for level in LEVELS]
+    latest: dict[str, dict] = {level: {} for level in LEVELS}     # key -> (attrs, stamp)
+    keyed = [(latest[level], UNIQUE[level], level) for level in LEVELS]
     for attrs, _ in facts:
         if attrs is None:                 # a tombstone: the location only
             continue
-        stamp = stamp_of(attrs)
-        for seen, key, lww, level in keyed:
+        stamp = stamp_of(attrs)           # (once a fact: it reads the clock)
+        for seen, key, level in keyed:
             k = attrs.get(key, "")
-            if not lww or _wins(stamp, attrs, seen.get(k), level):
-                seen[k] = attrs
-    # parent rows end with the instance's stamp (``_LWW_SQL``)
-    levels = {level: [[a.get(c, "") or "" for c in _LEVEL_SQL[level][0]] +
-                      ([stamp_of(a)] if level in _LWW_SQL else [])
-                      for a in latest[level].values()] for level in LEVELS}
+            if _wins(stamp, attrs, seen.get(k), level):
+                seen[k] = (attrs, stamp)
+    # every level's rows end with the instance's stamp (``_LWW_SQL``: LWW_LEVELS)
+    levels = {level: [[a.get(c, "") or "" for c in _LEVEL_SQL[level][0]] + [stamp]
+                      for a, stamp in latest[level].values()] for level in LEVELS}
     same: dict[str, list] = {}
     won = None if parents is None else {}
     if parents is not None:
@@ -215,12 +214,13 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
                     held[level].pop(row[0], None)
 
 
-def _wins(stamp: int, attrs: dict, seen: dict | None, level: str) -> bool:
-    """Whether *attrs* (of *stamp*) makes *level*'s row rather than *seen*, as the
-    upsert of ``_LWW_SQL`` decides: the greater (stamp, values), equal ones the later."""
+def _wins(stamp: int, attrs: dict, seen: tuple | None, level: str) -> bool:
+    """Whether *attrs* (of *stamp*) makes *level*'s row rather than *seen* (attributes,
+    stamp), as the upsert of ``_LWW_SQL`` decides: the greater (stamp, values), equal
+    ones the later."""
     if seen is None:
         return True
-    other = stamp_of(seen)
+    seen, other = seen
     if stamp != other:
         return stamp > other
     cols = [c for c in _LEVEL_SQL[level][0] if c != UNIQUE[level]]
