@@ -62,22 +62,24 @@ class GroupCommits:
             self.timers[peer] = self.reactor.callLater(self.delay, self.send, peer)
         return d
 
-    def behind(self, push, peer: str, first: list) -> None:
-        """The commit *first* ([archive, uid, sha256]) sent behind *push*'s END
-        (``pushport.COMMIT_LAST``), carrying what is queued for *peer* (one box and one
-        transaction there for all, as a waited-for commit carries them); those are
-        queued again if it is refused, lost or not sent (a holder that recorded them
-        then answers null: their hints stay, as for any commit lost)."""
+    def behind(self, push, peer: str, last: list) -> None:
+        """The commit *last* ([archive, uid, sha256]) sent behind *push*'s END
+        (``pushport.COMMIT_LAST``) after what is queued for *peer* (one box and one
+        transaction there for all, as a waited-for commit carries them; numbered there
+        in that order, and learned here in that order: the queued ones once the answer
+        is in, *last* by its store); those are queued again if it is refused, lost or
+        not sent (a holder that recorded them then answers null: their hints stay, as
+        for any commit lost)."""
         queue = self._take(peer)
-        copies = json.dumps([first] + [[a, u, s] for a, u, s, _ in queue])
+        copies = json.dumps([[a, u, s] for a, u, s, _ in queue] + [last])
         if not push.verdict(copies, lambda answer: self._rode(peer, answer, queue)):
             self._rode(peer, None, queue)
 
     def _rode(self, peer: str, answer, queue) -> None:
-        """Reactor: *answer*, a checked ``Commits`` answer of the first copy and *queue*
+        """Reactor: *answer*, a checked ``Commits`` answer of *queue* and the last copy
         (else its error, or None), given to *queue*'s commits; or they go again."""
         if isinstance(answer, dict) and len(answer["seqs"]) == 1 + len(queue):
-            self._answered({"seqs": answer["seqs"][1:], "prevs": answer["prevs"][1:]},
+            self._answered({"seqs": answer["seqs"][:-1], "prevs": answer["prevs"][:-1]},
                            queue)
         else:
             for archive, uid, sha256, d in queue:
@@ -138,12 +140,12 @@ class GroupCommits:
 def one_recorded(answer) -> dict | None:
     """{"seq", "prev"} (as ``commit`` gives it) if *answer*, the holder's answer to a
     ``COMMIT_LAST`` (checked: ``pushport``; or its error, or None), recorded the copy
-    it names first; else None."""
+    it names last; else None."""
     seqs = answer.get("seqs") if isinstance(answer, dict) else None
-    if not (isinstance(seqs, list) and seqs and _count(seqs[0])):
+    if not (isinstance(seqs, list) and seqs and _count(seqs[-1])):
         return None
-    prev = _prevs(answer.get("prevs"), 1)[0]
-    return {"seq": seqs[0], "prev": prev if _count(prev) and prev < seqs[0] else None}
+    prev = _prevs(answer.get("prevs"), len(seqs))[-1]
+    return {"seq": seqs[-1], "prev": prev if _count(prev) and prev < seqs[-1] else None}
 
 
 def _count(n) -> bool:

@@ -36,9 +36,10 @@ A copy whose C-STORE keeps no copy at the writer (its first wave pushes only:
 requests are: its sender thread, once it has sent ``END``, waits for the writer's
 verdict on the whole data set (``ThreadPush.verdict``: its own SHA-256 known and its
 checks passed, the moment it would send the ``COMMIT`` after both answers) and sends
-``COMMIT_LAST`` ([[archive, uid, the writer's sha256]]) right behind ``END``, then reads
-both answers; the holder, once the copy is durable and answered, reads it, records
-that copy only if it hashes to the writer's hash, and answers (``pushrecv``; a holder
+``COMMIT_LAST`` (the group commits waiting for that holder, then [archive, uid, the
+writer's sha256]) right behind ``END``, then reads both answers; the holder, once the
+copy is durable and answered, reads it, records it all in one transaction if that copy
+hashes to the writer's hash, and answers (``pushrecv``; a holder
 says ``commit_last`` in its Hello, else the writer commits after the answers as
 before). What cannot go otherwise than before:
 
@@ -489,9 +490,9 @@ class ThreadPush:
     def verdict(self, commit: str | None, told=None) -> bool:
         """Reactor, once, for a ``pipelined`` copy whose END is queued and that is not
         done: the writer's verdict on the whole data set: *commit*, the JSON list of
-        [archive, uid, the writer's sha256] of this copy, then of other pending copies
-        of that holder (a group commit riding along), sent as ``COMMIT_LAST`` right
-        behind END; None: not kept (the copy stays pending there until the writer
+        [archive, uid, sha256] of other pending copies of that holder (a group commit
+        riding along), then of this copy (the writer's sha256), sent as ``COMMIT_LAST``
+        right behind END; None: not kept (the copy stays pending there until the writer
         discards it). True if taken: then *told(answer)* is called, in the reactor,
         with the holder's answer to it (or its error, or None) before ``answer`` fires."""
         if not self.pipelined or not self.ended or self.decided or self.over:

@@ -6,8 +6,8 @@ Frames and limits are ``pushport``'s. A connection carries, one after the other:
 (pending copies recorded in one catalog transaction by this thread:
 ``ReplicaService.commits_now``) and ``COMMIT_LAST``s: the commit of the copy answered
 just before on this connection, which a writer sends right behind that copy's ``END``
-without waiting for its answer (pipelined), with other pending copies after it as a
-``COMMIT`` names them. It is recorded only if it names that copy first and the writer's
+without waiting for its answer (pipelined), after other pending copies named as a
+``COMMIT`` names them. It is recorded only if it names that copy last and the writer's
 hash it carries is the hash of the bytes received (as ``Ingest._early`` checks it at
 the writer); else it is refused and nothing is recorded (the copy stays pending: the
 writer goes the general way). Everything read is checked before use, as the AMP
@@ -142,20 +142,20 @@ def _commit(service, payload: bytes, on_reactor, last=False) -> dict:
     """A ``COMMIT``: the pending copies it names recorded in one catalog transaction
     (``ReplicaService.commits_now``, by this thread); its answer, or a refusal. A
     ``COMMIT_LAST`` (*last*: the copy answered just before, or None): the same, if
-    that copy is the one named first and its bytes hash to the writer's hash named."""
+    that copy is the one named last and its bytes hash to the writer's hash named."""
     try:
         copies = check_commits(payload.decode("utf-8"))
     except (InvalidArgument, UnicodeDecodeError) as e:
         return {"refused": shown(str(e), 300), "invalid": True}
     if last is not False:
-        if last is None or copies[0][:2] != last[:2]:
+        if last is None or copies[-1][:2] != last[:2]:
             return {"refused": "a COMMIT_LAST not of the copy received just before it"}
         given = last[2]["given"] or last[2]["sha256"]
-        if copies[0][2] != given:
+        if copies[-1][2] != given:
             return {"refused": f"{shown(last[1])}: the bytes received hash to "
-                               f"{given[:12]}, the writer's to {copies[0][2][:12]}: "
+                               f"{given[:12]}, the writer's to {copies[-1][2][:12]}: "
                                "not recorded"}
-        copies[0] = (*last[:2], last[2]["sha256"])      # its pending copy's key
+        copies[-1] = (*last[:2], last[2]["sha256"])     # its pending copy's key
     try:
         return service.commits_now(copies, on_reactor)
     except Stopped:

@@ -150,11 +150,12 @@ class _Timer:
 
 
 @pytest.mark.parametrize("first_ok", [True, False])
-def test_what_waits_for_that_holder_rides_behind_the_copy(certs, embedded, first_ok):  # noqa: F811
+def test_what_waits_for_that_holder_rides_with_the_copy(certs, embedded, first_ok):  # noqa: F811
     """``GroupCommits.behind``: the commits queued for that holder (copies of C-STOREs
     the writer kept a copy of, not waited for) go in the same COMMIT_LAST, recorded in
     the same transaction, instead of a box and a transaction of their own 50 ms later
-    (the waited-for COMMIT carried them so before it was pipelined). If the holder
+    (the waited-for COMMIT carried them so before it was pipelined), numbered before the
+    copy (the order the writer learns them in). If the holder
     refuses it (here: another hash), they are queued again and go the plain way."""
     from pacsp2p.transfer.commits import GroupCommits, one_recorded
     reactor, catalog, svc, server = embedded
@@ -178,9 +179,13 @@ def test_what_waits_for_that_holder_rides_behind_the_copy(certs, embedded, first
     assert group.queued == {}
     reactor.wait(copy.answer, patience(60))
     if first_ok:
-        assert one_recorded(copy.committed)["seq"] > 0
+        mine = one_recorded(copy.committed)
         got = reactor.wait(queued)
         assert got["seq"] > 0 and group.queued == {}
+        # numbered in the order the writer learns them (the queued ones as the answer
+        # comes, the copy by its store): with the copy first, the writer learned the
+        # queued ones first, found them not next, and pulled from the holder each time
+        assert mine["prev"] == got["seq"] < mine["seq"], (got, mine)
         assert set(svc.pending) == set()
     else:
         assert isinstance(copy.committed, ReplicaRefused)
