@@ -41,6 +41,8 @@ class _Reader:
 
     def fail(self, key: str, reason: str) -> ConfigError:
         where = f"{self.prefix}.{key}" if self.prefix else key
+        if not where.isprintable():    # a key of "A\nB" (TOML allows any): one line
+            where = ascii(where)[1:-1]
         return ConfigError(f"{self.source}: {where}: {reason}")
 
     def take(self, key: str, kind: type | tuple, default: Any, what: str) -> Any:
@@ -351,6 +353,9 @@ def load(path: str | Path | None = None) -> Settings:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:              # tomllib recurses: [[[[... 5,000 deep
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too "
+                          f"deep") from None
     except UnicodeDecodeError as e:
         line = e.object[:e.start].count(b"\n") + 1
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 (byte 0x{e.object[e.start]:02x} "

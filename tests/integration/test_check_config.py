@@ -108,6 +108,14 @@ BROKEN = [
      "facade.bind: must be an IP address or a host name, got '999.1.1.1'"),
     ("audit-backups-beyond-use", '[audit]\nbackups = 100000000\n', {},
      "audit.backups: must be an integer 1-10000, got 100000000"),
+    # thirteenth hostile-input session: before, a RecursionError traceback (3,002 lines)
+    # from tomllib; a key holding a line feed printed as two lines
+    ("toml-nested-too-deep", "x = " + "[" * 5000 + "]" * 5000 + "\n", {},
+     "not valid TOML: arrays or tables nested too deep"),
+    ("toml-tables-nested-too-deep", "x = " + "{a = " * 5000 + "1" + "}" * 5000 + "\n", {},
+     "not valid TOML: arrays or tables nested too deep"),
+    ("destination-name-with-a-line-feed", '[destinations]\n"A\\nB" = "127.0.0.1:104"\n', {},
+     "destinations.A\\nB: must be an AE title"),
     # the threads' ports may be fixed, for a firewall between sites (0: any free port)
     ("push-port-beyond-range", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
      'push_port = 70000\n', {},
