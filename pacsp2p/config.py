@@ -41,19 +41,15 @@ class _Reader:
 
     def fail(self, key: str, reason: str) -> ConfigError:
         where = f"{self.prefix}.{key}" if self.prefix else key
-        if not where.isprintable():    # a key of "A\nB" (TOML allows any): one line
-            where = ascii(where)[1:-1]
+        where = where if where.isprintable() else ascii(where)[1:-1]   # "A\nB": one line
         return ConfigError(f"{self.source}: {where}: {reason}")
 
     def take(self, key: str, kind: type | tuple, default: Any, what: str) -> Any:
         if key not in self.table:
             return default
         value = self.table.pop(key)
-        if isinstance(value, bool) and kind is not bool:
-            raise self.fail(key, f"must be {what}, got {value!r}")
-        if not isinstance(value, kind):
-            raise self.fail(key, f"must be {what}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):    # TOML's nan, inf
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind) \
+                or (isinstance(value, float) and not math.isfinite(value)):  # nan, inf
             raise self.fail(key, f"must be {what}, got {value!r}")
         if isinstance(value, int) and abs(value) > MAX_INT:    # tomllib reads any size
             raise self.fail(key, f"must be {what}, at most 2^53, got {str(value)[:40]}")
@@ -354,8 +350,7 @@ def load(path: str | Path | None = None) -> Settings:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except RecursionError:              # tomllib recurses: [[[[... 5,000 deep
-        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too "
-                          f"deep") from None
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deep") from None
     except UnicodeDecodeError as e:
         line = e.object[:e.start].count(b"\n") + 1
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 (byte 0x{e.object[e.start]:02x} "
