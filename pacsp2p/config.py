@@ -38,6 +38,9 @@ class _Reader:
 
     def __init__(self, source: str, table: dict, prefix: str):
         self.source, self.table, self.prefix = source, dict(table), prefix
+        for key, value in self.table.items():      # a NUL: no path, host or name holds one
+            if isinstance(value, str) and "\0" in value:
+                raise self.fail(key, f"must not hold a NUL character, got {value!r}")
 
     def fail(self, key: str, reason: str) -> ConfigError:
         where = f"{self.prefix}.{key}" if self.prefix else key
@@ -92,22 +95,19 @@ FACADE_LIMITS = {
 
 
 def _facade_limit(f, key, kind, default, lowest, what):
-    value = f.take(key, kind, default, what)
-    if value < lowest:
+    if (value := f.take(key, kind, default, what)) < lowest:
         raise f.fail(key, f"must be {what}, got {value!r}")
     return float(value) if kind != int else value
 
 
 def _at_least(r: _Reader, key: str, default: int, lowest: int) -> int:
-    value = r.take(key, int, default, f"an integer >= {lowest}")
-    if value < lowest:
+    if (value := r.take(key, int, default, f"an integer >= {lowest}")) < lowest:
         raise r.fail(key, f"must be an integer >= {lowest}, got {value}")
     return value
 
 
 def _positive(r: _Reader, key: str, default: float) -> float:
-    value = r.take(key, (int, float), default, "a number > 0")
-    if not value > 0:
+    if not (value := r.take(key, (int, float), default, "a number > 0")) > 0:
         raise r.fail(key, f"must be a number > 0, got {value}")
     return value
 

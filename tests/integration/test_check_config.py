@@ -116,6 +116,12 @@ BROKEN = [
      "not valid TOML: arrays or tables nested too deep"),
     ("destination-name-with-a-line-feed", '[destinations]\n"A\\nB" = "127.0.0.1:104"\n', {},
      "destinations.A\\nB: must be an AE title"),
+    # a NUL in a path (check-config "ok", then twistd "cannot start: embedded null byte",
+    # no key named), in a destination's address (ok for both: the C-MOVE failed later)
+    ("archive-path-with-a-nul", '[[archives]]\nname = "l"\npath = "st\\u0000ore"\n', {},
+     "archives[0].path: must not hold a NUL character, got 'st\\x00ore'"),
+    ("destination-with-a-nul", '[destinations]\nX = "127.0.0.1\\u0000:104"\n', {},
+     "destinations.X: must not hold a NUL character"),
     # the threads' ports may be fixed, for a firewall between sites (0: any free port)
     ("push-port-beyond-range", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
      'push_port = 70000\n', {},
