@@ -15,13 +15,15 @@
   (``dicom.tls.admin_options``).
 
 - ``paths``: the data directory and the overlay's TLS directory are not files (a
-  mistyped path).
+  mistyped path); ``descriptors``: ``[facade] fd_reserve`` below the open-file limit.
 
 Each raises ``config.ConfigError`` (or ``overlay.tls.TLSError``) with a one-line
 message; nothing here opens a port, a file for writing or a connection.
 """
 
 from __future__ import annotations
+
+import resource
 
 import OpenSSL
 
@@ -31,7 +33,7 @@ from pacsp2p.dicom import tls as dicom_tls
 from pacsp2p.overlay import tls
 from pacsp2p.strategies import Strategies
 
-__all__ = ["archives", "check", "credentials", "paths", "strategies"]
+__all__ = ["archives", "check", "credentials", "descriptors", "paths", "strategies"]
 
 
 def paths(settings) -> None:
@@ -46,6 +48,24 @@ def paths(settings) -> None:
         if not there.is_dir():                # it, or the file it would be made in
             where = "" if there == path else f" ({there} is a file)"
             raise ConfigError(f"{settings.source}: {key}: {path}: not a directory{where}")
+
+
+OPEN_FILES = 65536      # the soft open-file limit a peer raises itself to (at most the hard)
+ROOM = 256              # descriptors fd_reserve must leave: its own files, one association
+
+
+def descriptors(settings) -> None:
+    """``[facade] fd_reserve`` leaves room below the open-file limit the peer will run
+    with (its soft limit raised to the hard one, at most ``OPEN_FILES``): the facade
+    takes no connection within fd_reserve of it, so one past it took none, silently."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    limit = soft if soft == resource.RLIM_INFINITY else max(soft, raised)
+    reserve = settings.facade.fd_reserve
+    if limit != resource.RLIM_INFINITY and reserve and reserve + ROOM > limit:
+        raise ConfigError(f"{settings.source}: facade.fd_reserve: must leave {ROOM} of the "
+                          f"open-file limit ({limit}) for the peer's files and connections, "
+                          f"got {reserve}")
 
 
 def archives(settings, reactor, catalog=None) -> list:
@@ -84,6 +104,7 @@ def check(settings, reactor=None) -> dict:
     if reactor is None:
         from twisted.internet import reactor
     paths(settings)
+    descriptors(settings)
     made = archives(settings, reactor)
     chosen = strategies(settings)
     credentials(settings)

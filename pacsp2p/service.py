@@ -60,6 +60,7 @@ class PeerService(service.MultiService):
         self.settings = settings
         self.reactor = reactor
         preflight.paths(settings)
+        preflight.descriptors(settings)
         self.catalog = Catalog(settings.data_dir / "catalog.sqlite", reactor,
                                peer=settings.peer.name)
         # building archives validates their config (ConfigError before the reactor runs)
@@ -174,7 +175,7 @@ def _what(settings, name: str) -> str:
     return ports[name]() if name in ports else name
 
 
-def _raise_fd_limit(want: int = 65536) -> None:
+def _raise_fd_limit(want: int = preflight.OPEN_FILES) -> None:
     """Raise the soft RLIMIT_NOFILE towards the hard one: a flood of sockets then meets the
     facade's own caps (``[facade] max_pending``, ``fd_reserve``) long before EMFILE."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -122,6 +122,9 @@ BROKEN = [
      "archives[0].path: must not hold a NUL character, got 'st\\x00ore'"),
     ("destination-with-a-nul", '[destinations]\nX = "127.0.0.1\\u0000:104"\n', {},
      "destinations.X: must not hold a NUL character"),
+    # past the open-file limit: "ok", then a peer that took no connection, silently
+    ("fd-reserve-past-the-open-file-limit", '[facade]\nfd_reserve = 1000000000\n', {},
+     "facade.fd_reserve: must leave 256 of the open-file limit"),
     # the threads' ports may be fixed, for a firewall between sites (0: any free port)
     ("push-port-beyond-range", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
      'push_port = 70000\n', {},
