@@ -367,9 +367,11 @@ class Console(resource.Resource):
 
 def _safe_next(target: str) -> str:
     """Where to go after logging in: a console path of this endpoint, nothing else (a
-    ``Link``: shown whole, however long a search it names)."""
+    ``Link``: shown whole, however long a search it names), in printable ASCII (what a
+    browser sends; it becomes the redirect's Location header, which holds no other)."""
     if target.startswith("/console/") and not target.startswith("/console/login") and \
-            "//" not in target and "\\" not in target and len(target) < 2000:
+            "//" not in target and "\\" not in target and len(target) < 2000 and \
+            target.isascii() and target.isprintable() and " " not in target:
         return Link(target)
     return Link("/console/")
 

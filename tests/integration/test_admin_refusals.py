@@ -6,10 +6,16 @@ limit: a client on the machine posting ``/scrub`` (or the console's ``/retrieve`
 loop wrote a line a request (300 refused POSTs: 300 lines, 40 KB). Every other kind of
 refusal writes at most 10 lines per 10 seconds, then one counting the rest
 (``dicom.admission.LogLimit``), as docs/security.md says; so do these now.
+
+A login form's ``next`` (where to go once logged in) holding a line break, a NUL or
+characters outside ASCII went into the redirect's ``Location`` header as they came
+(UTF-8 bytes; CR LF folded into a space by Twisted): now such a ``next`` leads to the
+console's overview, as one outside the console did already.
 """
 from __future__ import annotations
 
 import http.client
+from urllib.parse import quote
 
 import pytest
 
@@ -54,3 +60,19 @@ def test_a_flood_of_refused_write_actions_writes_a_bounded_log(peer):
     assert 1 <= len(lines) <= 30, f"{len(lines)} lines for {POSTS} refused requests"
     wait_until(lambda: "more admin refusal events" in peer.log_path.read_text(
         errors="replace"), 60, what="the line counting the refusals not logged")
+
+
+@pytest.mark.parametrize("target", ["/console/\u2028x", "/console/\x00x",
+                                    "/console/\r\nSet-Cookie: a=1", "/console/\x1b[2J"])
+def test_a_login_next_that_is_not_printable_ascii_leads_to_the_overview(peer, target):
+    body = f"user=alice&password=password1&next={quote(target, safe='')}".encode()
+    conn = http.client.HTTPConnection("127.0.0.1", peer.admin_port, timeout=60)
+    try:
+        conn.request("POST", "/console/login", body=body,
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    assert response.status == 303
+    assert response.getheader("Location") == "/console/"
