@@ -65,6 +65,7 @@ STAMP = "stamp"             # an instance's attribute (its receipt), a parent ro
 STAMPS_KEY = "STAMPS"       # beside a wire batch's parent rows: {level: {key: stamp}}
 MAX_STAMP = 2 ** 53
 MAX_AHEAD = 600_000         # ms a stamp may be ahead of this peer's clock (HLC's epsilon)
+REMEMBERED = 10000          # parent rows (and their stamps) the writer remembers per level
 STAMP_GRAIN = 100           # ms: an unchanged parent row's stamp, raised by our writer no
 #                             oftener (a stream of one series' instances: 1 in ~15-50)
 
@@ -203,7 +204,7 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
         parents.clear()
     elif parents is not None:
         for level in PARENT_LEVELS:
-            if len(parents[level]) > 10000:
+            if max(len(parents[level]), len(held[level])) > REMEMBERED:
                 parents[level].clear()
                 held[level].clear()
             parents[level].update((row[0], row[:-1]) for row in levels[level])

@@ -292,3 +292,19 @@ def test_a_row_lost_to_another_version_is_not_taken_as_held(tmp_path):
     assert a.conn.execute("SELECT stamp FROM patients").fetchone() == (1060,)
     b.pull(a)
     assert a.rows() == b.rows()
+
+
+def test_the_remembered_stamps_are_bounded_too(tmp_path, monkeypatch):
+    """The writer remembers at most ``REMEMBERED`` rows per level, their stamps included:
+    rows forgotten by ``remembered.keep_where_same`` (facts of others wrote them otherwise)
+    leave no stamp behind for ever (before: only the rows were counted, so the stamps of
+    rows dropped from them grew without bound)."""
+    from pacsp2p.catalog import facts, remembered
+    monkeypatch.setattr(facts, "REMEMBERED", 3)
+    a = Peer(tmp_path, "a")
+    for i in range(12):
+        a.receive(attrs(1, 1000 + i, f"1.16.{i}", PatientID=f"P{i}",
+                        StudyInstanceUID=f"1.16.{i}.1"))
+        # another peer's facts wrote this patient otherwise: its row is forgotten
+        remembered.keep_where_same(a.parents, a.conn, {"PATIENT": {f"P{i}": [f"P{i}", "X"]}})
+        assert len(a.parents[facts.STAMP]["PATIENT"]) <= 4
