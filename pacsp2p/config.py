@@ -82,20 +82,21 @@ class _Reader:
 
 MAX_LINKS = 8             # [destinations] associations: at most this many at once
 
-# [facade] limits on hostile input: key -> (type, default, lowest, what it must be)
+# [facade] limits on hostile input: key -> (type, default, lowest, highest, what it must
+# be); a timer past a day (1e308) was in effect off
 FACADE_LIMITS = {
-    "max_pending": (int, 64, 1, "an integer >= 1"),
-    "max_per_address": (int, 16, 1, "an integer >= 1"),
-    "artim_timeout": ((int, float), 30.0, 0.01, "seconds (a number > 0)"),
-    "idle_timeout": ((int, float), 60.0, 0.01, "seconds (a number > 0)"),
-    "max_dataset": (int, 4 << 30, 1024, "an integer (bytes) >= 1024"),
-    "fd_reserve": (int, 64, 0, "an integer >= 0 (0: no check)"),
-    "min_peer_pdu": (int, 4096, 0, "an integer (bytes) >= 0 (0: any)"),
+    "max_pending": (int, 64, 1, None, "an integer >= 1"),
+    "max_per_address": (int, 16, 1, None, "an integer >= 1"),
+    "artim_timeout": ((int, float), 30.0, 0.01, 86400, "seconds (a number > 0, <= 86400)"),
+    "idle_timeout": ((int, float), 60.0, 0.01, 86400, "seconds (a number > 0, <= 86400)"),
+    "max_dataset": (int, 4 << 30, 1024, None, "an integer (bytes) >= 1024"),
+    "fd_reserve": (int, 64, 0, None, "an integer >= 0 (0: no check)"),
+    "min_peer_pdu": (int, 4096, 0, None, "an integer (bytes) >= 0 (0: any)"),
 }
 
 
-def _facade_limit(f, key, kind, default, lowest, what):
-    if (value := f.take(key, kind, default, what)) < lowest:
+def _facade_limit(f, key, kind, default, lowest, highest, what):
+    if not lowest <= (value := f.take(key, kind, default, what)) <= (highest or value):
         raise f.fail(key, f"must be {what}, got {value!r}")
     return float(value) if kind != int else value
 

@@ -35,8 +35,15 @@ def test_values():
 @pytest.mark.parametrize("key, value, message", [
     ("max_pending", 0, "peer.toml: facade.max_pending: must be an integer >= 1, got 0"),
     ("max_per_address", "16", "facade.max_per_address: must be an integer >= 1, got '16'"),
-    ("artim_timeout", 0, "facade.artim_timeout: must be seconds (a number > 0), got 0"),
-    ("idle_timeout", True, "facade.idle_timeout: must be seconds (a number > 0), got True"),
+    ("artim_timeout", 0, "facade.artim_timeout: must be seconds (a number > 0, <= 86400), "
+                         "got 0"),
+    ("idle_timeout", True, "facade.idle_timeout: must be seconds (a number > 0, <= 86400), "
+                           "got True"),
+    # a timer of 1e308 s was taken: the peer started with that timer in effect off
+    ("artim_timeout", 1e308, "facade.artim_timeout: must be seconds (a number > 0, <= 86400), "
+                             "got 1e+308"),
+    ("idle_timeout", 86401, "facade.idle_timeout: must be seconds (a number > 0, <= 86400), "
+                            "got 86401"),
     ("max_dataset", 10, "facade.max_dataset: must be an integer (bytes) >= 1024, got 10"),
     ("fd_reserve", -1, "facade.fd_reserve: must be an integer >= 0 (0: no check), got -1"),
     ("min_peer_pdu", 1.5, "facade.min_peer_pdu: must be an integer (bytes) >= 0 (0: any)"),
