@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from pacsp2p.attributes import COMPUTED, LEVELS, STORED
+from pacsp2p.attributes import COMPUTED, LEVELS, STORED, UNIQUE
 from pacsp2p.types import Query, is_pattern
 from pacsp2p.validate import is_uid, shown
 
@@ -41,6 +41,27 @@ def _raw(elem) -> str:
     if elem.VM > 1 and not isinstance(value, str):
         return "\\".join(str(v) for v in value)
     return str(value)
+
+
+def check_retrieve(query: Query) -> None:
+    """A C-MOVE/C-GET identifier names what it retrieves by the unique key of its level:
+    one value or a list of them, none empty, no wildcard (PS3.4 C.4.2.1.4.1; at STUDY
+    level an AccessionNumber instead, as Orthanc takes it); else ``IdentifierError``
+    (0xA900, as dcmqrscp answers). Unique keys of the levels above may be given or not.
+    Without it, an empty StudyInstanceUID moved every study the catalog held (up to
+    the facade's 65,535 sub-operations) to the destination."""
+    key = UNIQUE[query.level]
+    value = query.keys.get(key, "")
+    if query.level == "STUDY" and not value.strip() and \
+            query.keys.get("AccessionNumber", "").strip():
+        key, value = "AccessionNumber", query.keys["AccessionNumber"]
+    values = value.split("\\")
+    if not all(v.strip() for v in values):
+        raise IdentifierError(f"a {query.level} level retrieve needs a {key} value "
+                              "(unique key matching)")
+    if any(is_pattern("UI", v) for v in values):
+        raise IdentifierError(f"a retrieve's {key} holds a wildcard (unique keys are "
+                              "matched by their values)")
 
 
 def to_query(identifier: Dataset, root: str) -> tuple[Query, list[str]]:

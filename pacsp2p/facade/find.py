@@ -15,7 +15,7 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from pacsp2p.dicom import contexts, dimse
-from pacsp2p.dicom.identifiers import IdentifierError, encode_row, to_query
+from pacsp2p.dicom.identifiers import IdentifierError, check_retrieve, encode_row, to_query
 from pacsp2p.dicom.status import (CANCEL, CANNOT_UNDERSTAND, DOES_NOT_MATCH, PENDING,
                                   SOP_CLASS_NOT_SUPPORTED, SUCCESS, UNABLE_TO_PROCESS)
 from pacsp2p.facade.operation import Operation
@@ -25,11 +25,12 @@ FIND_BATCH = 16              # C-FIND responses sent per reactor turn
 RETRIEVE_AE = "RetrieveAETitle"
 
 
-def decode_query(op, table: dict, what: str):
+def decode_query(op, table: dict, what: str, retrieve: bool = False):
     """(Query, requested keys) of *op*'s identifier, or None after answering a failure
     (0x0122 for a request on a presentation context of another SOP class, or whose SOP
-    class is not the context's; 0xA900 for an identifier that breaks the rules, 0xC000
-    for one that cannot be decoded)."""
+    class is not the context's; 0xA900 for an identifier that breaks the rules — for a
+    *retrieve*, one that does not name its level's unique key, ``check_retrieve`` —,
+    0xC000 for one that cannot be decoded)."""
     root = table.get(op.cx.abstract_syntax)
     asked = dimse.text(op.fields, dimse.AFFECTED_SOP_CLASS)
     if root is None or asked != op.cx.abstract_syntax:
@@ -39,7 +40,10 @@ def decode_query(op, table: dict, what: str):
         op.finish(SOP_CLASS_NOT_SUPPORTED)
         return None
     try:
-        return to_query(op.identifier(), root)
+        decoded = to_query(op.identifier(), root)
+        if retrieve:
+            check_retrieve(decoded[0])
+        return decoded
     except IdentifierError as e:
         op.warn(f"{what} refused", "{what} from {ae}: {err}", what=what,
                 ae=op.assoc.calling_ae, err=e)

@@ -64,7 +64,7 @@ class Get(Operation):
     unsendable = 0                # sub-operations failed for want of a usable context
 
     def run(self):
-        decoded = decode_query(self, contexts.QR_GET, "C-GET")
+        decoded = decode_query(self, contexts.QR_GET, "C-GET", retrieve=True)
         if decoded is None:
             return
         self.query = decoded[0]

@@ -45,7 +45,7 @@ class Move(Operation):
         policy = getattr(svc, "policy", None)
         if policy is not None and not policy.may_move_to(self.assoc, self.dest_ae):
             return self.finish(NOT_AUTHORIZED, comment="not authorized: move destination")
-        decoded = decode_query(self, contexts.QR_MOVE, "C-MOVE")
+        decoded = decode_query(self, contexts.QR_MOVE, "C-MOVE", retrieve=True)
         if decoded is None:
             return
         self.t0 = svc.reactor.seconds()
