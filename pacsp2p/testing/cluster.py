@@ -64,6 +64,35 @@ def get_json(peer: Peer, what: str = "status", timeout: float = 60.0) -> dict:
         return json.load(r)
 
 
+def store_study(peer: Peer, directory: Path, patient_id: str, n: int,
+                modality: str = "MR") -> tuple[str, list[Path]]:
+    """*n* images of one series (32 × 32, Explicit VR Little Endian) made in *directory*
+    and sent to *peer* by DCMTK storescu, each answered Success: (the study's UID, the
+    files)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from . import datasets, dicomnet
+    from .dcmtk import storescu
+    files = datasets.make_study(directory, patient_id=patient_id, size=32,
+                                series=[(modality, n, ExplicitVRLittleEndian)])
+    proc = storescu(peer.port, peer.ae_title, files, extra=["-v"], timeout=300)
+    out = proc.stdout + proc.stderr
+    assert out.count("Received Store Response (Success)") == n, out[-3000:]
+    return dicomnet.study_of(files), files
+
+
+def wait_replicated(peer: Peer, study: str, n: int, timeout: float = 60.0) -> list[dict]:
+    """Until *peer* knows *n* instances of *study*, each on two peers, and holds no
+    hint; then its ``where`` rows of the study."""
+    def settled():
+        rows = get_json(peer, f"where?study={study}", 30)
+        return len(rows) == n and all(len({x["peer"] for x in r["replicas"]}) == 2
+                                      for r in rows) and \
+            get_json(peer, "status")["catalog"].get("hints", 1) == 0
+    wait_until(settled, timeout, interval=0.5, what="2 copies of each recorded, no hint left")
+    return get_json(peer, f"where?study={study}", 30)
+
+
 def members(peer: Peer) -> dict[str, str]:
     """{member name: state} as *peer* sees it (itself as "self")."""
     return {m["name"]: m["state"] for m in get_json(peer)["overlay"]["members"]}

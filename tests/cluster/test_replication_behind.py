@@ -6,11 +6,8 @@ and the cluster ends as it did: two copies of each, recorded, no hint left, the 
 received. Real peers (three twistd processes, R=2, W=2), DCMTK storescu."""
 from __future__ import annotations
 
-from pydicom.uid import ExplicitVRLittleEndian
-
-from pacsp2p.testing import datasets, storescu
 from pacsp2p.testing import dicomnet as dn
-from pacsp2p.testing.cluster import get_json, wait_until
+from pacsp2p.testing.cluster import get_json, store_study, wait_replicated
 
 N = 60
 SYNC = 60.0
@@ -19,21 +16,8 @@ SYNC = 60.0
 def test_pushes_only_copies_are_committed_behind_their_end(trio, tmp_path):
     a = trio[0]
     before = get_json(a, "status")["ingest"]
-    files = datasets.make_study(tmp_path / "s", patient_id="BEHIND01", size=32,
-                                series=[("MR", N, ExplicitVRLittleEndian)])
-    study = dn.study_of(files)
-    proc = storescu(a.port, a.ae_title, files, extra=["-v"], timeout=300)
-    out = proc.stdout + proc.stderr
-    assert out.count("Received Store Response (Success)") == N, out[-3000:]
-
-    def settled():
-        rows = get_json(a, f"where?study={study}", 30)
-        return len(rows) == N and all(len({x["peer"] for x in r["replicas"]}) == 2
-                                      for r in rows) and \
-            get_json(a, "status")["catalog"].get("hints", 1) == 0
-    wait_until(settled, SYNC, interval=0.5, what="2 copies of each recorded, no hint left")
-
-    rows = get_json(a, f"where?study={study}", 30)
+    study, files = store_study(a, tmp_path / "s", "BEHIND01", N)
+    rows = wait_replicated(a, study, N, SYNC)
     remote_only = sum(1 for r in rows if all(x["peer"] != a.name for x in r["replicas"]))
     assert 0 < remote_only < N
     after = get_json(a, "status")["ingest"]

@@ -22,7 +22,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from pacsp2p.testing import datasets, findscu
 from pacsp2p.testing import dicomnet as dn
-from pacsp2p.testing.cluster import get_json, wait_until
+from pacsp2p.testing.cluster import wait_replicated, wait_until
 
 N = 12
 SYNC = 60.0
@@ -79,13 +79,7 @@ def test_pushes_only_copies_of_a_data_set_read_otherwise_are_not_recorded_as_sni
     for uid, (_, data) in sent.items():
         assert store(a, uid, data) == [0], uid
 
-    def settled():
-        rows = get_json(a, f"where?study={study}", 30)
-        return len(rows) == N and all(len({x["peer"] for x in r["replicas"]}) == 2
-                                      for r in rows) and \
-            get_json(a, "status")["catalog"].get("hints", 1) == 0
-    wait_until(settled, SYNC, interval=0.5, what="2 copies of each recorded, no hint left")
-    rows = get_json(a, f"where?study={study}", 30)
+    rows = wait_replicated(a, study, N, SYNC)
     remote_only = sum(1 for r in rows if all(x["peer"] != a.name for x in r["replicas"]))
     assert 0 < remote_only < N
     wanted = {uid: number for uid, (number, _) in sent.items()}

@@ -9,11 +9,7 @@ copy here and a push to the other peer) recorded no such hint: the instances sta
 two copies when the third peer came (until a repair, ``repair_after`` later)."""
 from __future__ import annotations
 
-from pydicom.uid import ExplicitVRLittleEndian
-
-from pacsp2p.testing import datasets, storescu
-from pacsp2p.testing import dicomnet as dn
-from pacsp2p.testing.cluster import get_json, wait_until
+from pacsp2p.testing.cluster import get_json, store_study, wait_until
 
 N = 8
 
@@ -29,12 +25,7 @@ def test_a_copy_owed_to_no_archive_is_made_when_one_joins(cluster, tmp_path):
     cluster.config = {"cluster": {"replicas": 3, "write_quorum": 2, "repair_after": 3600}}
     a, b = cluster.start(2)
     cluster.wait_mesh()
-    files = datasets.make_study(tmp_path / "s", patient_id="SHORT01", size=32,
-                                series=[("CT", N, ExplicitVRLittleEndian)])
-    study = dn.study_of(files)
-    proc = storescu(a.port, a.ae_title, files, extra=["-v"], timeout=300)
-    out = proc.stdout + proc.stderr
-    assert out.count("Received Store Response (Success)") == N, out[-3000:]
+    study, _ = store_study(a, tmp_path / "s", "SHORT01", N, "CT")
     wait_until(lambda: len(copies(a, study)) == N and all(
         v == {"peera", "peerb"} for v in copies(a, study).values()), 30, 0.5,
         "every instance on peera and peerb")

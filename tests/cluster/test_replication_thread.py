@@ -7,11 +7,8 @@ drops the hints once they are recorded. Real peers (three twistd processes, R=2,
 DCMTK storescu."""
 from __future__ import annotations
 
-from pydicom.uid import ExplicitVRLittleEndian
-
-from pacsp2p.testing import datasets, storescu
 from pacsp2p.testing import dicomnet as dn
-from pacsp2p.testing.cluster import get_json, wait_until
+from pacsp2p.testing.cluster import get_json, store_study, wait_until
 
 N = 90
 SYNC = 60.0
@@ -19,12 +16,7 @@ SYNC = 60.0
 
 def test_the_writer_thread_records_its_copy_and_no_hint_is_left(trio, tmp_path):
     a = trio[0]
-    files = datasets.make_study(tmp_path / "s", patient_id="THREAD01", size=32,
-                                series=[("MR", N, ExplicitVRLittleEndian)])
-    study = dn.study_of(files)
-    proc = storescu(a.port, a.ae_title, files, extra=["-v"], timeout=300)
-    out = proc.stdout + proc.stderr
-    assert out.count("Received Store Response (Success)") == N, out[-3000:]
+    study, files = store_study(a, tmp_path / "s", "THREAD01", N)
 
     def settled():
         c = get_json(a, "status")["catalog"]
