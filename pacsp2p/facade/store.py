@@ -39,6 +39,7 @@ from pacsp2p.types import Query
 from pacsp2p.validate import InvalidUID, check_uid, long_value, shown
 
 log = Logger()
+STOPPING = "the peer is stopping"
 
 SERIES_SEEN = 4096        # series known to be in their study, not looked up again
 
@@ -188,7 +189,7 @@ class Store(Operation):
         if err is not None:
             self.warn("C-STORE refused", "C-STORE {uid} from {ae}: {err}", uid=self.uid,
                       ae=self.assoc.calling_ae, err=err)
-            status = CANNOT_UNDERSTAND
+            status = OUT_OF_RESOURCES if str(err) == STOPPING else CANNOT_UNDERSTAND
         elif meta.sop_instance_uid != self.uid or meta.sop_class_uid != self.cls:
             self.warn("C-STORE refused", "C-STORE {uid}: dataset UIDs do not match the "
                       "request", uid=self.uid)
@@ -220,7 +221,7 @@ class Store(Operation):
         try:
             return threads.on_reactor(self.svc.reactor, self._series_checked, meta)
         except threads.Stopped:
-            return "the peer is stopping"
+            return STOPPING                   # (0xA700: the modality sends it again)
         except Exception:
             log.failure("C-STORE {uid}: its series could not be looked up; kept",
                         uid=self.uid)
