@@ -216,3 +216,24 @@ def _nodelay(event) -> None:
 
 def sha256_file(path: Path | str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def get_study(peer, study: str, sop_class: str, syntax: str, timeout: float = 300.0):
+    """(final C-GET response, its identifier, data sets received) of a STUDY-level
+    C-GET of *study* by pynetdicom, *sop_class* proposed in *syntax* only (SCP role)."""
+    from pynetdicom import build_context, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+    received = []
+
+    def on_store(event):
+        received.append(event.dataset)
+        return 0x0000
+
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study
+    with association(peer.port, peer.ae_title, [
+            build_context(GET), build_context(sop_class, [syntax])],
+            ext_neg=[build_role(sop_class, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)], timeout=timeout) as assoc:
+        final, identifier = list(assoc.send_c_get(query, GET))[-1]
+    return final, identifier, received

@@ -52,9 +52,8 @@ from pydicom.sequence import Sequence
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless)
-from pynetdicom import build_context, build_role, evt
+from pynetdicom import build_context
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
 from pacsp2p.adapters import layout
 from pacsp2p.dicom.header import BadDataset, file_meta, read_meta
@@ -142,20 +141,7 @@ def log_is_clean(peer) -> None:
 def get(peer, study: str, syntax: str) -> tuple:
     """(final C-GET response, its identifier, data sets received) of the study, CT
     proposed in *syntax*."""
-    received = []
-
-    def on_store(event):
-        received.append(event.dataset)
-        return 0x0000
-
-    query = Dataset()
-    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study
-    with dn.association(peer.port, peer.ae_title, [
-            build_context(GET), build_context(CTImageStorage, [syntax])],
-            ext_neg=[build_role(CTImageStorage, scp_role=True)],
-            evt_handlers=[(evt.EVT_C_STORE, on_store)], timeout=300) as assoc:
-        final, identifier = list(assoc.send_c_get(query, GET))[-1]
-    return final, identifier, received
+    return dn.get_study(peer, study, CTImageStorage, syntax)
 
 
 def cpu_seconds(pid: int) -> float:

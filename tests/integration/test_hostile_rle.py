@@ -23,9 +23,8 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless
-from pynetdicom import build_context, build_role, evt
+from pynetdicom import build_context
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
 from pacsp2p.testing import Peer, datasets, echo
 from pacsp2p.testing import dicomnet as dn
@@ -72,23 +71,6 @@ def store(peer, ds: Dataset) -> list:
         return dn.send_request(assoc, req, assoc.accepted_contexts[0].context_id)
 
 
-def get(peer, study: str) -> tuple:
-    received = []
-
-    def on_store(event):
-        received.append(event.dataset)
-        return 0x0000
-
-    query = Dataset()
-    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study
-    with dn.association(peer.port, peer.ae_title, [
-            build_context(GET), build_context(CTImageStorage, [ExplicitVRLittleEndian])],
-            ext_neg=[build_role(CTImageStorage, scp_role=True)],
-            evt_handlers=[(evt.EVT_C_STORE, on_store)], timeout=120) as assoc:
-        final = list(assoc.send_c_get(query, GET))[-1][0]
-    return final, received
-
-
 def test_an_overlong_rle_segment_fails_its_sub_operation_and_writes_no_panic(peer):
     study = datasets.uid("rle-study")
     good = datasets.make_image("CT", size=8, seed=1, PatientID="RLEBOMB",
@@ -100,7 +82,8 @@ def test_an_overlong_rle_segment_fails_its_sub_operation_and_writes_no_panic(pee
     assert store(peer, good) == [0] and store(peer, bad) == [0]      # kept as sent
     before = peer.log_path.stat().st_size
     for _ in range(REPEATS):
-        final, received = get(peer, study)
+        final, _, received = dn.get_study(peer, study, CTImageStorage,
+                                          ExplicitVRLittleEndian, timeout=120)
         assert final.Status == 0xB000, hex(final.Status)
         assert (final.NumberOfCompletedSuboperations,
                 final.NumberOfFailedSuboperations) == (1, 1)
