@@ -170,7 +170,7 @@ def _then_in(tmp_path, keeping_last: bool):
     from tests.unit.test_onejob import Reactor as InlineReactor
     reactor = InlineReactor()
     archive, ingest = alone(tmp_path, reactor, fail_fsync=False)
-    fsynced, kept = threading.Event(), threading.Event()
+    fsynced, kept, started = threading.Event(), threading.Event(), threading.Event()
     flusher = archive.flusher
 
     def ordered_flusher(received, fd=None):
@@ -179,6 +179,8 @@ def _then_in(tmp_path, keeping_last: bool):
         def run():
             if not keeping_last:
                 kept.wait(60)                    # the keeping job ends first
+            else:       # the keeping thread has taken its job (on a busy machine the
+                started.wait(60)    # writing thread could finish first and take it)
             flush()
             fsynced.set()
         return run
@@ -190,6 +192,7 @@ def _then_in(tmp_path, keeping_last: bool):
 
     def rest():
         from pacsp2p.dicom.header import read_meta
+        started.set()
         if keeping_last:
             fsynced.wait(60)                     # the fsync ends first
         meta = read_meta(path)
