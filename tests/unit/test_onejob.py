@@ -19,6 +19,7 @@ from pacsp2p.catalog import db
 from pacsp2p.dicom.header import read_meta
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.testing import datasets
+from pacsp2p.testing.cluster import wait_until
 from pacsp2p.transfer.ingest import Ingest
 from pacsp2p.transfer.onejob import OneJob
 from pacsp2p.types import ArchiveInfo, InstanceMeta, Location
@@ -84,6 +85,7 @@ class SyncArchive(EmbeddedArchive):
     """The embedded archive with its pool jobs run at once; its fsync fails if told."""
 
     fail_fsync = False
+    before_flush = None      # called in the flushing thread before its fsync
 
     def _run(self, fn, *args):
         return defer.maybeDeferred(fn, *args)
@@ -92,6 +94,8 @@ class SyncArchive(EmbeddedArchive):
         flush = super().flusher(received, fd)
 
         def failing():
+            if self.before_flush is not None:
+                self.before_flush()
             flush()
             if self.fail_fsync:
                 raise OSError(5, "Input/output error")
@@ -185,6 +189,10 @@ def receive(tmp_path, ingest, name, nameless=False):
 
 def test_the_copy_is_kept_and_recorded_while_the_writing_thread_fsyncs(tmp_path, reactor, nameless):
     a, ingest = alone(tmp_path, reactor, fail_fsync=False)
+    # the keeping thread records before the fsync ends: on a busy machine the writing
+    # thread could end its fsync first and take the job itself (either may, by design)
+    a.before_flush = lambda: wait_until(lambda: ingest.catalog.recorded, 60,
+                                        what="the keeping thread's record")
     session, answer = receive(tmp_path, ingest, "ok", nameless)
     results = []
     answer.addBoth(results.append)
