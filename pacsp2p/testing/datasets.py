@@ -152,6 +152,17 @@ def write(ds: Dataset, path: Path | str) -> Path:
     return path
 
 
+def explicit_le(ds: Dataset) -> bytes:
+    """*ds*'s elements encoded in Explicit VR Little Endian (no preamble, no File Meta
+    Information): the bytes of a C-STORE's data set as a test sends them raw."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
 def make_study(directory: Path | str, *, patient_name: str = "TEST^PATIENT",
                patient_id: str = "TEST001",
                series: Sequence[tuple[str, int, str]] = (("CT", 3, ExplicitVRLittleEndian),

@@ -14,8 +14,6 @@ from __future__ import annotations
 import io
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import build_context
 from pynetdicom.dimse_primitives import C_STORE
@@ -26,13 +24,6 @@ from pacsp2p.testing.cluster import wait_replicated, wait_until
 
 N = 12
 SYNC = 60.0
-
-
-def encoded(ds: Dataset) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return fp.getvalue()
 
 
 def late_instances(study: str) -> dict[str, tuple[str, bytes]]:
@@ -49,7 +40,8 @@ def late_instances(study: str) -> dict[str, tuple[str, bytes]]:
             del ds.AcquisitionNumber
         late = Dataset()
         late.AcquisitionNumber = str(100 + i)
-        out[ds.SOPInstanceUID] = (late.AcquisitionNumber, encoded(ds) + encoded(late))
+        out[ds.SOPInstanceUID] = (late.AcquisitionNumber,
+                                  datasets.explicit_le(ds) + datasets.explicit_le(late))
     return out
 
 

@@ -13,8 +13,6 @@ import io
 import zlib
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian
 from pynetdicom import build_context, build_role, evt
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
@@ -28,13 +26,6 @@ from pacsp2p.testing.fuzz.watch import RssPeak
 MIB = 1 << 20
 BOMB = 400                      # MiB of inflated zeros, about 400 KB on the wire
 GROWTH = 160 * MIB // 1024      # KiB the peer's RSS may grow by while refusing a bomb
-
-
-def explicit(ds: Dataset) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return fp.getvalue()
 
 
 def deflated(head: bytes, zeros_mib: int = 0) -> bytes:
@@ -71,7 +62,7 @@ def store(peer, uid: str, data: bytes) -> list:
 def test_a_deflated_identifier_bomb_is_refused_in_bounded_memory(peer):
     query = Dataset()
     query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", ""
-    bomb = deflated(explicit(query), BOMB)
+    bomb = deflated(datasets.explicit_le(query), BOMB)
     assert len(bomb) < MIB                  # within the bound of a plain identifier
     req = C_FIND()
     req.MessageID, req.Priority, req.AffectedSOPClassUID = 3, 2, StudyFind
@@ -86,14 +77,15 @@ def test_a_deflated_identifier_bomb_is_refused_in_bounded_memory(peer):
 
 def test_deflated_store_of_garbage_or_a_bomb_is_refused(peer):
     ds = image("bomb")
-    bomb = deflated(explicit(ds)[:-200], BOMB)        # a header, then zeros for ever
+    bomb = deflated(datasets.explicit_le(ds)[:-200], BOMB)   # a header, then zeros for ever
     with RssPeak(peer.pid) as rss:
         assert store(peer, ds.SOPInstanceUID, bomb) == [0xC000]
     assert rss.peak - rss.first < GROWTH, (rss.first, rss.peak)
     garbage = image("garbage")
     assert store(peer, garbage.SOPInstanceUID, b"\x00not deflate" * 50) == [0xC000]
     cut = image("cut")
-    assert store(peer, cut.SOPInstanceUID, deflated(explicit(cut))[:-40]) == [0xC000]
+    cut_bytes = deflated(datasets.explicit_le(cut))[:-40]
+    assert store(peer, cut.SOPInstanceUID, cut_bytes) == [0xC000]
     assert dn.archive_files(peer.data_dir) == []
     assert echo(peer.port, peer.ae_title)
 
@@ -102,7 +94,7 @@ def test_a_deflated_image_in_iso_2022_japanese_is_kept_and_found(peer):
     name = "Yamada^Tarou=山田^太郎=やまだ^たろう"
     ds = image("jis", PatientName=name)
     ds.SpecificCharacterSet = charsets.JIS
-    raw = explicit(ds)
+    raw = datasets.explicit_le(ds)
     assert store(peer, ds.SOPInstanceUID, deflated(raw)) == [0x0000]
     rows = charsets.find(peer.port, peer.ae_title, "PATIENT",
                          {"PatientName": "Yamada^Tarou=山田^太郎=やまだ^たろう"},

@@ -17,12 +17,10 @@ import struct
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage
 
 from pacsp2p.dicom.header import read_meta
-from pacsp2p.testing import LOOPBACK, Peer, echo
+from pacsp2p.testing import LOOPBACK, Peer, datasets, echo
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.fuzz import client
 
@@ -40,10 +38,7 @@ def data_set(sop: str, n: int) -> bytes:
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
     ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, f"{STUDY}.{n}"
     ds.PatientID, ds.PatientName, ds.Modality = "DUPS", "DUP^LICATE", "CT"
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return fp.getvalue()
+    return datasets.explicit_le(ds)
 
 
 def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:

@@ -15,14 +15,12 @@ import struct
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import build_context, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
 from pacsp2p.dicom.header import read_meta
-from pacsp2p.testing import LOOPBACK, Peer, echo
+from pacsp2p.testing import LOOPBACK, Peer, datasets, echo
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.fuzz import wire
 from pacsp2p.testing.fuzz import client
@@ -47,10 +45,7 @@ def data_set(sop: str) -> bytes:
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
     ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, STUDY + ".1"
     ds.PatientID, ds.PatientName, ds.Modality = "FILEMETA", "FILE^META", "CT"
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return fp.getvalue()
+    return datasets.explicit_le(ds)
 
 
 def raw_store(peer, sop: str, data: bytes) -> list:

@@ -47,7 +47,6 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian,
@@ -74,13 +73,6 @@ def peer(tmp_path_factory):
     with Peer(tmp_path_factory.mktemp("deflate"), name="deflate") as p:
         cap_address_space(p.pid, HEADROOM)
         yield p
-
-
-def explicit(ds: Dataset) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return fp.getvalue()
 
 
 def deflated(head: bytes, zeros_mib: int = 0) -> bytes:
@@ -155,7 +147,7 @@ def test_a_deflate_bomb_is_refused_once_past_its_bound(peer):
     bomb = bomb_image(study, 2)
     bomb.SOPInstanceUID = datasets.uid("deflate-refused", 4000)
     bomb.NumberOfFrames = 4000 * MIB // (512 * 512 * 2)
-    data = deflated(explicit(bomb), 4000)               # 4 MB inflating to 4,000 MiB
+    data = deflated(datasets.explicit_le(bomb), 4000)        # 4 MB inflating to 4,000 MiB
     before = cpu_seconds(peer.pid)
     with RssPeak(peer.pid) as rss:
         assert store(peer, CTImageStorage, bomb.SOPInstanceUID, data) == [0xC000]
@@ -193,11 +185,11 @@ def kept_behind_its_back(peer, uid: str, data: bytes) -> None:
 def test_a_stored_deflate_bomb_fails_its_c_get_sub_operation_in_bounded_memory(tmp_path):
     study = datasets.uid("deflate-bomb-study")
     small, bomb = bomb_image(study, 1), bomb_image(study, 2)
-    data = deflated(explicit(bomb), BOMB_MIB)
+    data = deflated(datasets.explicit_le(bomb), BOMB_MIB)
     assert len(data) < 2 * MIB
     with Peer(tmp_path / "kept", name="kept") as peer:
         assert store(peer, CTImageStorage, small.SOPInstanceUID,
-                     deflated(explicit(small))) == [0]
+                     deflated(datasets.explicit_le(small))) == [0]
         kept_behind_its_back(peer, bomb.SOPInstanceUID, data)
         assert {small.SOPInstanceUID, bomb.SOPInstanceUID} <= held(peer)
         with RssPeak(peer.pid) as rss:
@@ -240,9 +232,10 @@ def test_a_deflated_rejection_note_with_a_gigabyte_of_pixels_is_refused_in_bound
         peer):
     study = datasets.uid("deflate-kos-study")
     image = bomb_image(study, 1)
-    assert store(peer, CTImageStorage, image.SOPInstanceUID, deflated(explicit(image))) == [0]
+    packed = deflated(datasets.explicit_le(image))
+    assert store(peer, CTImageStorage, image.SOPInstanceUID, packed) == [0]
     note = rejection_note(study, image)
-    data = deflated(explicit(note), BOMB_MIB)
+    data = deflated(datasets.explicit_le(note), BOMB_MIB)
     with RssPeak(peer.pid) as rss:
         statuses = store(peer, KOS_SOP_CLASS, note.SOPInstanceUID, data)
     grown = rss.peak - rss.first
@@ -252,7 +245,7 @@ def test_a_deflated_rejection_note_with_a_gigabyte_of_pixels_is_refused_in_bound
     assert image.SOPInstanceUID in held(peer)             # nothing rejected by it
     small = rejection_note(study, image)                  # the same note, no pixels
     assert store(peer, KOS_SOP_CLASS, small.SOPInstanceUID,
-                 deflated(explicit(small))) == [0]
+                 deflated(datasets.explicit_le(small))) == [0]
     wait_until(lambda: image.SOPInstanceUID not in held(peer), 60,   # the rejection
                what="the rejected image deleted")                  # was acted on
     assert echo(peer.port, peer.ae_title)
@@ -264,13 +257,13 @@ def test_a_value_pydicom_cannot_re_encode_fails_its_sub_operation_not_sent_empty
     good, odd = bomb_image(study, 1), bomb_image(study, 3)
     for ds in (good, odd):
         ds.SOPInstanceUID = datasets.uid("reencode", ds.InstanceNumber)
-    raw = explicit(odd)
+    raw = datasets.explicit_le(odd)
     pixels = raw.rindex(b"\xe0\x7f\x10\x00")
     private = (b"\x09\x00\x10\x00LO\x04\x00ODD " +        # (0009,0010) creator
                b"\x09\x00\x01\x10US\x03\x00\x01\x02\x03")   # (0009,1001) US of 3 bytes
     raw = raw[:pixels] + private + raw[pixels:]
     assert raw.index(private) > raw.index(b"\x08\x00\x18\x00")   # after SOP Instance UID
-    for ds, data in ((good, explicit(good)), (odd, raw)):
+    for ds, data in ((good, datasets.explicit_le(good)), (odd, raw)):
         assert store(peer, CTImageStorage, ds.SOPInstanceUID, data,
                      ExplicitVRLittleEndian) == [0]
     final, identifier, received = get(peer, study, ImplicitVRLittleEndian)
@@ -300,7 +293,7 @@ def jpeg_ls_bomb(directory, study: str, side: int = 16384) -> bytes:
     write_file_meta_info(fp, meta)
     plain, packed = directory / "plain.dcm", directory / "jls.dcm"
     with open(plain, "wb") as f:
-        f.write(bytes(128) + b"DICM" + fp.getvalue() + explicit(ds))
+        f.write(bytes(128) + b"DICM" + fp.getvalue() + datasets.explicit_le(ds))
         f.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, side * side * 2))
         zeros = bytes(MIB)
         for _ in range(side * side * 2 // MIB):
@@ -325,7 +318,7 @@ def test_a_stored_jpeg_ls_bomb_fails_its_c_get_sub_operation_in_bounded_memory(p
         data = data.replace(tag + struct.pack("<H", 16384), tag + struct.pack("<H", rows))
     assert len(data) < 64 << 10
     bomb_uid = datasets.uid("deflate-bomb", study, 4)
-    assert store(peer, CTImageStorage, small.SOPInstanceUID, explicit(small),
+    assert store(peer, CTImageStorage, small.SOPInstanceUID, datasets.explicit_le(small),
                  ExplicitVRLittleEndian) == [0]
     assert store(peer, CTImageStorage, bomb_uid, data, JPEGLSLossless) == [0]   # kept
     with RssPeak(peer.pid) as rss:

@@ -20,8 +20,6 @@ import struct
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless
 from pynetdicom import build_context
 from pynetdicom.dimse_primitives import C_STORE
@@ -37,13 +35,6 @@ LOG_BYTES = 20_000       # what the log may grow by over them (one panic: ~4 KB 
 def peer(tmp_path_factory):
     with Peer(tmp_path_factory.mktemp("rle"), name="rle") as p:
         yield p
-
-
-def encoded(ds: Dataset) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return fp.getvalue()
 
 
 def overlong_rle(study: str) -> Dataset:
@@ -65,7 +56,7 @@ def store(peer, ds: Dataset) -> list:
     req = C_STORE()
     req.MessageID, req.Priority = 7, 2
     req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
-    req.DataSet = io.BytesIO(encoded(ds))
+    req.DataSet = io.BytesIO(datasets.explicit_le(ds))
     with dn.association(peer.port, peer.ae_title,
                         [build_context(CTImageStorage, [RLELossless])], timeout=120) as assoc:
         return dn.send_request(assoc, req, assoc.accepted_contexts[0].context_id)
