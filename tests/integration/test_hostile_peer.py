@@ -340,9 +340,10 @@ def test_full_disk_fails_cleanly_and_archive_and_catalog_agree(small_disk, tmp_p
     """Before: OSError escaped incoming._discard, the catalog's ROLLBACK masked the real
     error, and a C-STORE that failed left its file in the archive without a row."""
     files = [ct_file(tmp_path, f"full{i}", size=256) for i in range(30)]   # ~130 KB each
-    small = [ct_file(tmp_path, f"small{i}", size=8) for i in range(60)]
+    small = [ct_file(tmp_path, f"small{i}", size=8) for i in range(200)]
     filler = small_disk / "data" / "filler"
-    peer = Peer(small_disk, name="full")
+    filler.write_bytes(b"\0" * (128 * 4096))  # the room the small ones are given back: the
+    peer = Peer(small_disk, name="full")        # CTs fill the disk, with no page to spare
     try:
         peer.start()
         statuses = []
@@ -352,14 +353,16 @@ def test_full_disk_fails_cleanly_and_archive_and_catalog_agree(small_disk, tmp_p
                 rsp = a.send_c_store(path)
                 assert "Status" in rsp, "no C-STORE-RSP (association aborted?)"
                 statuses.append(rsp.Status)
-            # then small ones, each with room for its file and no more: the disk filled to
-            # its last page beside the catalog, then the file's pages freed. The file fits,
-            # the catalog's next WAL frames do not (the path where a kept file must go
-            # again); stored ones grow the WAL until it must take a page
-            for path in small:
+            # then small ones, each with room for its file and a few pages more (0-11 in
+            # turn): the disk filled to its last page beside the catalog, then those pages
+            # freed. Where the file fits and the catalog's next WAL frames do not, a kept
+            # file must go again (the path this test means to reach); how many pages the
+            # spool and a catalog row take varies, so the slack is swept, not guessed;
+            # stored ones grow the WAL until it must take a page
+            for i, path in enumerate(small):
                 if "could not record the copy" in peer.log_path.read_text(errors="replace"):
                     break
-                _leave_free(filler, -(-path.stat().st_size // 4096) + 1)
+                _leave_free(filler, -(-path.stat().st_size // 4096) + i % 12)
                 rsp = a.send_c_store(path)
                 assert "Status" in rsp, "no C-STORE-RSP (association aborted?)"
                 statuses.append(rsp.Status)
