@@ -31,9 +31,9 @@ from pacsp2p.catalog import matching, names, remembered, rows, schema, tombstone
 from pacsp2p.catalog.checkpoints import BACKSTOP, Checkpoints
 from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, LWW_LEVELS,  # noqa: F401
                                    PARENT_LEVELS, STAMPS_KEY, check_wire, facts_from_wire,
-                                   meta_attributes, stamp_of, read_changes, read_changes_of,
-                                   renumber, rollback, vector, write_facts, write_origins,
-                                   write_wire, write_wires)
+                                   grained, meta_attributes, stamp_of, read_changes,
+                                   read_changes_of, renumber, rollback, vector, write_facts,
+                                   write_origins, write_wire, write_wires)
 from pacsp2p.catalog.integrity import Integrity, digest
 from pacsp2p.catalog.schema import SCHEMA_VERSION, create_schema  # noqa: F401 (re-exported)
 from pacsp2p.attributes import UNIQUE
@@ -398,8 +398,10 @@ class Catalog:
         parents = {level: {attrs.get(UNIQUE[level], ""): [attrs.get(c, "") or "" for c in
                                                           _LEVEL_SQL[level][0]]}
                    for level in PARENT_LEVELS}
-        if stamp_of(attrs):     # the stamp the origin wrote them with: the same rows
-            parents[STAMPS_KEY] = {level: {attrs.get(UNIQUE[level], ""): stamp_of(attrs)}
+        stamp = stamp_of(attrs)  # the stamps the origin wrote them with: the same rows
+        if stamp:
+            parents[STAMPS_KEY] = {level: {attrs.get(UNIQUE[level], ""): stamp if
+                                           level == "IMAGE" else grained(stamp)}
                                    for level in LWW_LEVELS}
         fact = [seq, location.archive, origin, location.sha256, location.size] + [
             attrs.get(c, "") or "" for c in _LEVEL_SQL["IMAGE"][0]]

@@ -19,14 +19,15 @@ each row's stamp beside the rows (``STAMPS_KEY``): a peer of an older release ig
 it. A stamp received more than ``MAX_AHEAD`` ahead of this peer's clock is taken as
 clock + ``MAX_AHEAD`` (else a hostile 2^53-1 or a clock set years ahead wins for ever),
 and stamps learned raise this peer's next ones (the HLC receive rule,
-``Stamps.observe``). This peer's writer raises the stamp of a parent row that already
-holds an instance's values (its own last write, remembered) only if it is
-``STAMP_GRAIN`` ms or more above the one the row is known to hold them with: a
-stream's instances then cost their parents no statement (the raise was 3 of a lone
-instance's 18 statements and 3 of its 13 WAL pages); a version written elsewhere
-less than that before our latest same-valued instance may win where it would not
-have (as a clock that far behind would), and every peer still keeps the same rows:
-a row changes only with a fact, which carries it. A row left without children is
+``Stamps.observe``). A patient, study or series row takes an instance's stamp cut
+to ``STAMP_GRAIN`` ms (``grained``), on every path (our writer, ``Catalog.learn``): this
+peer's writer then raises the stamp of a parent row that already holds an instance's
+values (its own last write, remembered) only once per grain, so a stream's instances
+cost their parents no statement (the raise was 3 of a lone instance's 18 statements
+and 3 of its 13 WAL pages), and every peer that has the same facts holds the same
+rows (a raise skipped on a stamp of its own would leave the holder below a writer
+that learned the fact, a version between them winning at one only); two versions in
+one grain: the greater values win, as equal stamps do. A row left without children is
 retired with its stamp, not forgotten, and a batch carries the rows of its deleted
 instances beside the others (``rows``).
 """
@@ -66,8 +67,14 @@ STAMPS_KEY = "STAMPS"       # beside a wire batch's parent rows: {level: {key: s
 MAX_STAMP = 2 ** 53
 MAX_AHEAD = 600_000         # ms a stamp may be ahead of this peer's clock (HLC's epsilon)
 REMEMBERED = 10000          # parent rows (and their stamps) the writer remembers per level
-STAMP_GRAIN = 100           # ms: an unchanged parent row's stamp, raised by our writer no
-#                             oftener (a stream of one series' instances: 1 in ~15-50)
+STAMP_GRAIN = 100           # ms a parent row's stamp is cut to (``grained``): its stamp
+#                             raised by our writer once a grain (a stream: 1 in ~15-50)
+
+
+def grained(stamp: int) -> int:
+    """A parent row's stamp for an instance's *stamp*: cut to ``STAMP_GRAIN`` ms (one
+    below it kept: not taken for the stamp-less 0)."""
+    return stamp - stamp % STAMP_GRAIN if stamp >= STAMP_GRAIN else stamp
 
 
 def stamp_of(attrs) -> int:
@@ -169,15 +176,16 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
     # values), in first-seen order (the rows of a key are built once, not once per fact: most
     # facts share their parents; a lesser stamp would lose to it in SQL too)
     latest: dict[str, dict] = {level: {} for level in LEVELS}     # key -> (attrs, stamp)
-    keyed = [(latest[level], UNIQUE[level], level) for level in LEVELS]
+    keyed = [(latest[level], UNIQUE[level], level, level != "IMAGE") for level in LEVELS]
     for attrs, _ in facts:
         if attrs is None:                 # a tombstone: the location only
             continue
         stamp = stamp_of(attrs)           # (once a fact: it reads the clock)
-        for seen, key, level in keyed:
-            k = attrs.get(key, "")
-            if _wins(stamp, attrs, seen.get(k), level):
-                seen[k] = (attrs, stamp)
+        cut = grained(stamp)              # (a parent row's)
+        for seen, key, level, parent in keyed:
+            k, s = attrs.get(key, ""), cut if parent else stamp
+            if _wins(s, attrs, seen.get(k), level):
+                seen[k] = (attrs, s)
     # every level's rows end with the instance's stamp (``_LWW_SQL``: LWW_LEVELS)
     levels = {level: [[a.get(c, "") or "" for c in _LEVEL_SQL[level][0]] + [stamp]
                       for a, stamp in latest[level].values()] for level in LEVELS}
@@ -185,8 +193,8 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
     won = None if parents is None else {}
     if parents is not None:
         # the values this connection wrote last: only the stamp may need raising (a
-        # stamp-less row's never: it loses to the row, whatever that holds now), and not
-        # within STAMP_GRAIN of the stamp it is known to hold them with
+        # stamp-less row's never: it loses to the row, whatever that holds now), and only
+        # above the (grained) stamp it is known to hold them with
         held = parents.setdefault(STAMP, {})
         for level in PARENT_LEVELS:
             last, had = parents.setdefault(level, {}), held.setdefault(level, {})
@@ -194,8 +202,7 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
             for row in levels[level]:
                 if last.get(row[0]) != row[:-1]:
                     rows.append(row)
-                elif row[-1] and (had.get(row[0]) is None or
-                                  row[-1] - had[row[0]] >= STAMP_GRAIN):
+                elif row[-1] and (had.get(row[0]) is None or row[-1] > had[row[0]]):
                     same[level].append(row)
             levels[level] = rows
     retired = _write_levels(conn, levels, [loc for _, loc in facts if loc is not None], hints,

@@ -334,7 +334,7 @@ def test_a_group_commit_whose_checks_change_nothing_keeps_the_parents_remembered
                     "patients", "studies", "series") and on_parents[-1:] != [sql]:
             on_parents.append(sql)
     try:
-        t = int(time.time() * 1000)
+        t = int(time.time() * 1000) // 1000 * 1000         # (300 and 310: one grain)
         one = [stamped(meta(i, patient=1, study=1), t + stamp)
                for i, stamp in enumerate((0, 300, 310, 600, 610))]
         cat.record_now(one[0], loc(0))

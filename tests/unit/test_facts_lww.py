@@ -209,7 +209,7 @@ def test_a_stamp_far_ahead_of_the_clock_wins_only_until_now_plus_the_skew(tmp_pa
     received after that still wins. Before: the row kept the far stamp, and every
     later version lost, at every peer, for ever (or for the years of the bad clock)."""
     import time
-    from pacsp2p.catalog.facts import MAX_AHEAD, MAX_STAMP
+    from pacsp2p.catalog.facts import MAX_AHEAD, MAX_STAMP, STAMP_GRAIN
     a, b, c = Peer(tmp_path, "a"), Peer(tmp_path, "b"), Peer(tmp_path, "c")
     now = int(time.time() * 1000)
     a.receive(attrs(1, MAX_STAMP - 1, "1.12.1"))      # a pushed copy's header
@@ -218,6 +218,7 @@ def test_a_stamp_far_ahead_of_the_clock_wins_only_until_now_plus_the_skew(tmp_pa
     for p in (a, c):
         stamp = p.conn.execute("SELECT stamp FROM patients").fetchone()[0]
         assert now < stamp <= int(time.time() * 1000) + MAX_AHEAD
+    time.sleep(2 * STAMP_GRAIN / 1000)     # (a parent row's stamp is cut to the grain)
     late = int(time.time() * 1000) + MAX_AHEAD + 1000   # received after the skew passed
     a.receive(attrs(2, late, "1.12.2"))
     c.receive(attrs(2, late + 1, "1.12.4"))
@@ -278,18 +279,20 @@ def test_a_stream_raises_its_parents_stamps_once_per_grain(tmp_path):
 
 def test_a_row_lost_to_another_version_is_not_taken_as_held(tmp_path):
     """The writer remembers the stamp a parent row holds its values with only where its
-    write of them won: V1 written at a lost to b's V2 (1050 over 1040), so a's V1 of 1060,
-    10 ms later, is written (and wins) though its values are those a wrote last."""
+    write of them won: V1 written at a lost to b's V2 (1150 over 1040), so a's V1 of 1260,
+    in the next grain, is written (and wins) though its values are those a wrote last."""
     a, b = Peer(tmp_path, "a"), Peer(tmp_path, "b")
     series = {"SeriesInstanceUID": "1.15.9"}
     a.receive(attrs(1, 1000, "1.15.1", **series))
-    b.receive(attrs(2, 1050, "1.15.2", **series))
+    b.receive(attrs(2, 1150, "1.15.2", **series))
     a.pull(b)
     a.receive(attrs(1, 1040, "1.15.3", **series))       # older than V2: loses
     assert a.name_of() == "RACE^V2"
-    a.receive(attrs(1, 1060, "1.15.4", **series))       # newer: wins
+    a.receive(attrs(1, 1140, "1.15.4", **series))       # V2's grain: the greater values
+    assert a.name_of() == "RACE^V2"
+    a.receive(attrs(1, 1260, "1.15.5", **series))       # newer: wins
     assert a.name_of() == "RACE^V1"
-    assert a.conn.execute("SELECT stamp FROM patients").fetchone() == (1060,)
+    assert a.conn.execute("SELECT stamp FROM patients").fetchone() == (1200,)
     b.pull(a)
     assert a.rows() == b.rows()
 
