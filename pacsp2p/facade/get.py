@@ -207,8 +207,8 @@ class Get(Operation):
         self.timer = None
         if self.expect is None:           # not waiting for a C-STORE-RSP now
             return
-        log.warn("C-GET: no C-STORE-RSP from {ae} within {s} s: aborting",
-                 ae=self.assoc.calling_ae, s=DIMSE_TIMEOUT)
+        self.warn("C-GET summary", "C-GET: no C-STORE-RSP from {ae} within {s} s: "
+                  "aborting", ae=self.assoc.calling_ae, s=DIMSE_TIMEOUT)
         self.assoc.abort()
 
     def _sub_failed(self, failure, ref):
@@ -256,13 +256,13 @@ class Get(Operation):
 
     def _final(self):
         if self.events:
-            log.warn("C-GET from {ae}: of {total} sub-operations, {summary}",
-                     ae=self.assoc.calling_ae, total=len(self.refs),
-                     summary=self.events.summary())
+            self.warn("C-GET summary", "C-GET from {ae}: of {total} sub-operations, "
+                      "{summary}", ae=self.assoc.calling_ae, total=len(self.refs),
+                      summary=self.events.summary())
         if self.unsendable:
-            log.warn("C-GET from {ae}: {n} of {total} instances not sent: the requestor "
-                     "accepted no usable storage context for them", ae=self.assoc.calling_ae,
-                     n=self.unsendable, total=len(self.refs))
+            self.warn("C-GET summary", "C-GET from {ae}: {n} of {total} instances not sent: "
+                      "the requestor accepted no usable storage context for them",
+                      ae=self.assoc.calling_ae, n=self.unsendable, total=len(self.refs))
         if not self.failed and not self.warning:
             return self.finish(SUCCESS, counts=self._counts(False))
         status = ALL_FAILED if self.failed == len(self.refs) else WARNING

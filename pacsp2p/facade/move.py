@@ -13,7 +13,7 @@ the final response has exact counts and the Failed SOP Instance UID List.
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from pacsp2p.dicom import contexts, dimse
 from pacsp2p.dicom.status import (ALL_FAILED, CANCEL, MOVE_DEST_UNKNOWN, NOT_AUTHORIZED,
@@ -140,17 +140,18 @@ class Move(Operation):
         super().lost()
         self._stop_timers()
         if self.delivery is not None and not self.delivery.finished.called:
-            log.warn("C-MOVE requestor left: cancelling the delivery")
+            self.warn("C-MOVE summary", "C-MOVE requestor left: cancelling the delivery")
             self.delivery.cancel()
 
     def _final(self, final):
         self._stop_timers()
         t2 = self.svc.reactor.seconds()       # requestor gone: finish() sends nothing
-        log.info("C-MOVE {n} instances to {ae} for {req}: {c} completed, {f} failed, "
-                 "{w} warning{x} (resolved in {r:.3f} s, delivered in {d:.3f} s)", n=self.n,
-                 ae=self.dest_ae, req=self.assoc.calling_ae, c=final.completed,
-                 f=final.failed, w=final.warning, x=", cancelled" if final.cancelled else "",
-                 r=self.t1 - self.t0, d=t2 - self.t1)
+        self.note("C-MOVE summary", LogLevel.info, "C-MOVE {n} instances to {ae} for {req}: "
+                  "{c} completed, {f} failed, {w} warning{x} (resolved in {r:.3f} s, "
+                  "delivered in {d:.3f} s)", n=self.n, ae=self.dest_ae,
+                  req=self.assoc.calling_ae, c=final.completed, f=final.failed,
+                  w=final.warning, x=", cancelled" if final.cancelled else "",
+                  r=self.t1 - self.t0, d=t2 - self.t1)
         counts = (final.remaining, final.completed, final.failed, final.warning)
         uids = final.failed_uids
         self.failed_uids_final = uids

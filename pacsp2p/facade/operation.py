@@ -100,14 +100,19 @@ class Operation:
 
     # -- helpers ----------------------------------------------------------------------------
     def warn(self, kind: str, fmt: str, **kw) -> None:
-        """A warning about what the requestor sent: each *kind* at most the acceptor's
-        ``LogLimit`` burst per window, then one line counting the rest (one association
-        refused 500 C-STOREs a second, a line each: a flood of them filled the disk)."""
+        """A warning about what the requestor sent, rate-limited (``note``)."""
+        self.note(kind, LogLevel.warn, fmt, **kw)
+
+    def note(self, kind: str, level: LogLevel, fmt: str, **kw) -> None:
+        """A line a requestor can make the peer write, once per request or more: each
+        *kind* at most the acceptor's ``LogLimit`` burst per window, then one line
+        counting the rest (one association refused 500 C-STOREs a second, a line each;
+        a loop of tiny C-GETs wrote a summary line each: a flood filled the disk)."""
         limit = getattr(getattr(self.assoc, "factory", None), "log_limit", None)
         if limit is None:
-            log.warn(fmt, **kw)
+            log.emit(level, fmt, **kw)
         else:
-            limit(kind, LogLevel.warn, fmt, **kw)
+            limit(kind, level, fmt, **kw)
 
     def encode(self, ds: Dataset) -> bytes:
         ts = self.ts
