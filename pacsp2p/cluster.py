@@ -289,7 +289,9 @@ class Cluster:
         status["ingest"] = {"copies": dict(self.ingest.copies),
                             "recorded_in_thread": self.ingest.recorded_in_thread,
                             "commits_behind": self.ingest.commits_behind,
-                            "durable_in_thread": self.ingest.durable_in_thread}
+                            "durable_in_thread": self.ingest.durable_in_thread,
+                            "first_copy": {"mode": self.ingest.first_copy,
+                                           "slack": self.ingest.slack, **self.ingest.first}}
         status["retrievals"] = [{**r.status(), "for": self._purposes.get(r.id, "")}
                                 for r in self.retrievals if r.started]
         status["strategies"] = self.strategies.describe()

@@ -95,7 +95,7 @@ FACADE_LIMITS = {
 }
 
 
-def _facade_limit(f, key, kind, default, lowest, highest, what):
+def _facade_limit(f, key, kind, default, lowest, highest, what):   # any table's, too
     if not lowest <= (value := f.take(key, kind, default, what)) <= (highest or value):
         raise f.fail(key, f"must be {what}, got {value!r}")
     return float(value) if kind != int else value
@@ -513,19 +513,11 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     repair_after = c.take("repair_after", (int, float), 600.0, "seconds (a number > 0)")
     if not repair_after > 0:
         raise c.fail("repair_after", f"must be seconds (a number > 0), got {repair_after}")
-    repair_rate = c.take("repair_rate", (int, float), 50.0, "MB/s (a number >= 0, 0: no limit)")
-    if not repair_rate >= 0:
-        raise c.fail("repair_rate", f"must be MB/s (a number >= 0, 0: no limit), got "
-                                    f"{repair_rate}")
-    scrub_rate = c.take("scrub_rate", (int, float), 20.0, "MB/s (a number >= 0, 0: no limit)")
-    if not scrub_rate >= 0:
-        raise c.fail("scrub_rate", f"must be MB/s (a number >= 0, 0: no limit), got "
-                                   f"{scrub_rate}")
-    scrub_interval = c.take("scrub_interval", (int, float), 604800.0,
-                            "seconds (a number >= 0, 0: no background scrub)")
-    if not scrub_interval >= 0:
-        raise c.fail("scrub_interval", f"must be seconds (a number >= 0, 0: no background "
-                                       f"scrub), got {scrub_interval}")
+    rate = "MB/s (a number >= 0, 0: no limit)"
+    repair_rate = _facade_limit(c, "repair_rate", (int, float), 50.0, 0, None, rate)
+    scrub_rate = _facade_limit(c, "scrub_rate", (int, float), 20.0, 0, None, rate)
+    scrub_interval = _facade_limit(c, "scrub_interval", (int, float), 604800.0, 0, None,
+                                   "seconds (a number >= 0, 0: no background scrub)")
     scrub_sample = c.take("scrub_sample", (int, float), 0.01, "a fraction (0 < x <= 1)")
     if not 0 < scrub_sample <= 1:
         raise c.fail("scrub_sample", f"must be a fraction (0 < x <= 1), got {scrub_sample}")
@@ -550,7 +542,13 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         selection=st.take("selection", str, "nearest", "a strategy name"),
         balancing=st.take("balancing", str, "work-stealing", "a strategy name"),
         plugins=tuple(plugin_paths),
-        options=st.take("options", dict, {}, "a table of plugin options"))
+        options=st.take("options", dict, {}, "a table of plugin options"),
+        first_copy=st.take("first_copy", str, "placement", '"placement" or "local"'),
+        first_copy_slack=_facade_limit(st, "first_copy_slack", (int, float), 1.0, 0, 100,
+                                       "a fraction of the mean (a number 0-100)"))
+    if strategies.first_copy not in ("placement", "local"):
+        raise st.fail("first_copy", 'must be "placement" or "local", got '
+                                    f"{strategies.first_copy!r}")
     st.done()
 
     s = table("storage")

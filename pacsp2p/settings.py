@@ -125,6 +125,11 @@ class StrategySettings:
     balancing: str = "work-stealing"
     plugins: tuple[str | Path, ...] = ()    # entry-point names (str) and files (Path)
     options: dict = field(default_factory=dict, hash=False)
+    # where a new instance's first copy goes: "placement" (the strategy's order) or
+    # "local" (an archive of the peer that received it, while it holds at most
+    # (1 + first_copy_slack) x the mean count of the archives placement may choose)
+    first_copy: str = "placement"
+    first_copy_slack: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,11 @@ are more copies than peers, to other archives of peers already chosen (never twi
 archive); and among equally good candidates, to a site not chosen yet. ``site-aware``
 puts distinct sites before distinct peers. A plugin overrides the rule by returning its
 own order from ``pacsp2p_place`` (the instance goes to the first alive ones, in order).
+
+:func:`local_first` is not a strategy: the ingest applies it to a new instance's order
+when ``[strategies] first_copy = "local"`` (HDFS's first replica on the writer's node).
+Repair, surplus trimming and drains keep the strategy's own order, the same at every
+peer (the repairer and the copies kept are "the first in placement order").
 """
 
 from __future__ import annotations
@@ -57,6 +62,22 @@ def distinct(ordered):
         peers.add(a.peer)
         sites.add(a.site or f"peer:{a.peer}/{a.name}")
     return out
+
+
+def local_first(ordered, local, sites_first: bool = False):
+    """*ordered* (placement's order, best first) with *local* first (``[strategies]
+    first_copy = "local"``: an archive of the peer that received the instance), then the
+    others in *ordered*'s order, those sharing *local*'s peer or site after the rest —
+    the rule of distinct copies with *local* picked first (*sites_first*, as
+    ``site-aware``: a distinct site before a distinct peer). One pass: O(archives)."""
+    site = local.site or f"peer:{local.peer}/{local.name}"
+    buckets: tuple[list, list, list, list] = ([], [], [], [])
+    for a in ordered:
+        if (a.peer, a.name) == (local.peer, local.name):
+            continue
+        peer, same = a.peer == local.peer, (a.site or f"peer:{a.peer}/{a.name}") == site
+        buckets[2 * same + peer if sites_first else 2 * peer + same].append(a)
+    return [local, *buckets[0], *buckets[1], *buckets[2], *buckets[3]]
 
 
 class Rendezvous:

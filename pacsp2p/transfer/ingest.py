@@ -1,7 +1,9 @@
 """Ingest: keep a received instance on R archives of distinct peers, then acknowledge.
 
 1. The placement strategy ranks every archive of the cluster for this instance — as soon
-   as its first bytes are in (``forward``), else once it is complete.
+   as its first bytes are in (``forward``), else once it is complete; with ``[strategies]
+   first_copy = "local"``, one of our archives first while it holds no more than its
+   share (``_local_first``: HDFS's first replica on the writer's node).
 2. The first R alive ones get a copy in parallel (local: the archive's atomic write;
    remote: pushed on the overlay link while the data set arrives (``forward``), or
    fetched by the peer from our bulk channel once complete (``replicas``)); one that
@@ -43,6 +45,7 @@ from pacsp2p.dicom.incoming import receive_pool, remove, spool
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.strategies import StrategyError
+from pacsp2p.strategies.placement import local_first
 from pacsp2p.tally import Tally
 from pacsp2p.transfer.commits import GroupCommits, one_recorded
 from pacsp2p.transfer.forward import Forward, drop_all
@@ -140,6 +143,11 @@ class Ingest:
         self.recorded_in_thread = 0       # replicated stores recorded so (``recorded``)
         self.commits_behind = 0           # pushed copies recorded by a COMMIT_LAST
         self.durable_in_thread = 0        # C-STOREs a thread found done (``Forward``)
+        # [strategies] first_copy = "local": instances ranked with one of our archives
+        # first, and those the balance guard left in placement's order (``_local_first``)
+        self.first_copy = settings.strategies.first_copy
+        self.slack = settings.strategies.first_copy_slack
+        self.first = {"local": 0, "guarded": 0}
         self.committing: set[tuple] = set()      # (uid, peer, archive) commits running
         self.drain_here: set[str] = set()         # our archives being drained (drain.py)
         # the remote commits a write does not wait for, sent per holder in batches
@@ -203,8 +211,26 @@ class Ingest:
         return out
 
     def rank(self, info: InstanceInfo) -> list[ArchiveInfo]:
-        """Every archive of the cluster, best first, for *info* (raises StrategyError)."""
-        return self.strategies.place(info, self.candidates(), self.replicas)
+        """Every archive of the cluster, best first, for a new instance *info* (raises
+        StrategyError); with ``first_copy = "local"``, one of ours first."""
+        ranked = self.strategies.place(info, self.candidates(), self.replicas)
+        return self._local_first(ranked) if self.first_copy == "local" else ranked
+
+    def _local_first(self, ranked: list[ArchiveInfo]) -> list[ArchiveInfo]:
+        """*ranked* with the first of our alive archives in it that holds at most
+        (1 + slack) x the mean count of the alive candidates put first, the others after
+        it by the rule of distinct copies (``placement.local_first``); if none of ours
+        does (the balance guard: every modality sends here), *ranked* as it is. Only a
+        new instance's copies go so: repair and trimming keep placement's own order."""
+        alive = [a for a in ranked if a.alive]
+        mine = [a for a in alive if a.peer == self.peer]
+        if not mine:
+            return ranked
+        limit = sum(a.instances for a in alive) / len(alive) * (1 + self.slack)
+        local = next((a for a in mine if a.instances <= limit), None)
+        self.first["guarded" if local is None else "local"] += 1
+        return ranked if local is None else local_first(
+            ranked, local, getattr(self.strategies, "placement", "") == "site-aware")
 
     def first_wave(self, ranked) -> list[ArchiveInfo]:
         return [r for r in ranked if r.alive][:self.replicas]

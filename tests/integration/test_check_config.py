@@ -134,6 +134,14 @@ BROKEN = [
     ("read-port-is-the-admins", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
      'read_port = {admin_port}\npush_port = {admin_port}\n', {},
      "overlay.read_port: {admin_port} is admin.port too"),
+    # fourteenth session: where a new instance's first copy goes
+    ("first-copy-unknown", '[strategies]\nfirst_copy = "nearest"\n', {},
+     'strategies.first_copy: must be "placement" or "local", got \'nearest\''),
+    ("first-copy-slack-negative", '[strategies]\nfirst_copy_slack = -0.5\n', {},
+     "strategies.first_copy_slack: must be a fraction of the mean (a number 0-100), "
+     "got -0.5"),
+    ("first-copy-slack-nan", '[strategies]\nfirst_copy_slack = nan\n', {},
+     "strategies.first_copy_slack: must be a fraction of the mean"),
 ]
 
 
