@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -231,6 +232,19 @@ def code_versions(spec: str | None) -> list[tuple[str, str | None]]:
     if not spec:
         return [("", None)]
     return [tuple(item.split("=", 1)) for item in spec.split(",")]
+
+
+def label_configs(items) -> dict:
+    """{label: config} from ``--set-for LABEL:section.KEY=JSON`` items: settings for the
+    peers of one ``--code`` label only (e.g. two labels on the same tree, one with
+    ``strategies.first_copy="local"``)."""
+    out: dict = {}
+    for item in items:
+        label, _, setting = item.partition(":")
+        key, _, value = setting.partition("=")
+        section, _, name = key.partition(".")
+        out.setdefault(label, {}).setdefault(section, {})[name] = json.loads(value)
+    return out
 
 
 @contextlib.contextmanager

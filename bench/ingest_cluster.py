@@ -23,7 +23,7 @@ wall clock >= 0.6 x single.
 
     .venv/bin/python bench/ingest_cluster.py [--quick] [--reps N] [--data ct,mr]
                                              [--profile DIR] [--code a=DIR,b=DIR]
-                                             [--threads]
+                                             [--threads] [--set-for LABEL:KEY=V]
 """
 from __future__ import annotations
 
@@ -42,12 +42,13 @@ import common  # noqa: E402
 from common import (Timer, code_tree, code_versions, cpu_seconds, mb, median,  # noqa: E402
                     table)
 
-from pacsp2p.testing import Peer, StoreSCP  # noqa: E402
+from pacsp2p.testing import Peer, StoreSCP, toml  # noqa: E402
 from pacsp2p.testing.cluster import Cluster, get_json, wait_until  # noqa: E402
 from pacsp2p.testing.dcmtk import storescu  # noqa: E402
 
 IDLE = 2.0         # seconds of idle CPU measured before each run (subtracted)
 THREADS = False    # --threads: CPU per kind of thread of each peer
+EXTRA: dict = {}   # --set-for LABEL:...: the cluster config of the --code label running
 
 
 def thread_seconds(pid: int, tid: int) -> float:
@@ -135,7 +136,8 @@ def send(port: int, aec: str, data: common.DataSet) -> float:
 
 def run_cluster(work: Path, data: common.DataSet, profile: Path | None, label: str,
                 fsync: bool = True):
-    cluster = Cluster(work, config=None if fsync else {"storage": {"fsync": False}})
+    config = toml.deep_merge({} if fsync else {"storage": {"fsync": False}}, EXTRA)
+    cluster = Cluster(work, config=config or None)
     try:
         cluster.start(3)
         cluster.wait_mesh(timeout=30)
@@ -207,11 +209,16 @@ def main() -> int:
                    help="LABEL=DIR,...: run the peers of each target from each of these "
                         "source trees (e.g. git archive snapshots), interleaved, so that "
                         "before/after ratios come from one invocation")
+    p.add_argument("--set-for", action="append", default=[],
+                   metavar="LABEL:section.KEY=VALUE",
+                   help="a setting for the cluster peers of one --code label only (e.g. "
+                        'local:strategies.first_copy=\'"local"\')')
     p.add_argument("--threads", action="store_true",
                    help="print the CPU each kind of thread of each peer used (py-spy dump)")
     args = p.parse_args()
-    global THREADS
+    global THREADS, EXTRA
     THREADS = args.threads
+    configs = common.label_configs(args.set_for)
     reps = args.reps or (1 if args.quick else 3)
     common.header("replicated ingest: DCMTK storescu, one association, TCP_NODELAY=1")
     print(f"   load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -229,6 +236,7 @@ def main() -> int:
                 for version, tree in versions:
                     for target in targets:
                         label = f"{data.name}-{version or 'this'}-{target}-{rep}"
+                        EXTRA = configs.get(version, {})
                         with code_tree(tree):
                             s, cpu, where = RUNNERS[target](wd / label, data, args.profile,
                                                             label)

@@ -51,13 +51,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import ingest_cluster  # noqa: E402  (CPU by thread: task_seconds, thread_names)
 
-from pacsp2p.testing import datasets, storescu  # noqa: E402
+from pacsp2p.testing import datasets, storescu, toml  # noqa: E402
 from pacsp2p.testing.cluster import Cluster, peer_names  # noqa: E402
 from pacsp2p.testing.peer import twistd_path  # noqa: E402
 from pacsp2p.testing.procs import Process  # noqa: E402
 
 
 OVERLAY: dict = {}          # deep-merged into every peer's config (--set overlay.KEY=V)
+PER_LABEL: dict = {}        # --set-for LABEL:section.KEY=V: for one --code label's peers
 PROFILE: Path | None = None  # --profile DIR: py-spy of the writer and one other peer
 IDLE = 30.0                 # --idle: seconds of the idle CPU window (after 10 s of rest)
 POOL = None                 # threads asking every waiting peer at once (not --serial-poll)
@@ -129,9 +130,10 @@ def links(peers, ports: set, bulk_ports: set) -> tuple[int, int]:
     return amp, bulk
 
 
-def run(n: int, root: Path, files) -> dict:
-    """One cluster of *n* peers under *root* (its py-spy profiles under PROFILE/root's name)."""
-    cluster = Cluster(root / f"n{n}", config=OVERLAY)
+def run(n: int, root: Path, files, extra=None) -> dict:
+    """One cluster of *n* peers under *root* (its py-spy profiles under PROFILE/root's name),
+    *extra* deep-merged into their config."""
+    cluster = Cluster(root / f"n{n}", config=toml.deep_merge(OVERLAY, extra or {}))
     names = peer_names(n) if n <= 26 else [f"peer{i:02d}" for i in range(n)]
     peers = []
     for i, name in enumerate(names):
@@ -185,6 +187,7 @@ def run(n: int, root: Path, files) -> dict:
         each0 = {pid: cpu([pid]) for pid in pids}
         tasks0 = {pid: ingest_cluster.task_seconds(pid) for pid in pids} if THREADS else {}
         restarts0 = [_wal_restarts(p) for p in peers]
+        ingest0 = status(peers[0]).get("ingest", {})
         t0 = time.monotonic()
         spied = {"writer": pids[0], "second": pids[1], "middle": pids[n // 2],
                  "other": pids[-1]} if PROFILE is not None and n > 3 else \
@@ -228,6 +231,13 @@ def run(n: int, root: Path, files) -> dict:
             t0_, c0_ = lat0.get(name, (0.0, 0.0))
             r[f"{name}_ms"] = 1000 * (total - t0_) / (count - c0_) if count > c0_ else None
         r["counted"] = stored + max(when) if done is not None else None
+        # the writer's copies by kind (local: a C-STORE that kept one here), first copies
+        ingest = status(peers[0]).get("ingest", {})
+        r["writer_copies"] = {k: v - ingest0.get("copies", {}).get(k, 0)
+                              for k, v in ingest.get("copies", {}).items()}
+        f0 = ingest0.get("first_copy") or {}
+        r["first_copy"] = {k: v - f0.get(k, 0) if isinstance(v, int) else v
+                           for k, v in (ingest.get("first_copy") or {}).items()}
         r["store_cpu"] = cpu(pids) - cpu0
         # WAL restarts (each follows a completed checkpoint: an fsync of the WAL and one
         # of the database) over the store and the spread, the writer's and the others'
@@ -312,6 +322,10 @@ def main():
     ap.add_argument("--instances", type=int, default=1000)
     ap.add_argument("--set", action="append", default=[], metavar="overlay.KEY=VALUE",
                     help="an [overlay] setting for every peer (e.g. overlay.max_links=8)")
+    ap.add_argument("--set-for", action="append", default=[],
+                    metavar="LABEL:section.KEY=VALUE",
+                    help="a setting for the peers of one --code label only (e.g. "
+                         'local:strategies.first_copy=\'"local"\')')
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
                     help="py-spy the writer and three others while the 1,000 spread")
     ap.add_argument("--code", default=None, metavar="LABEL=DIR,...",
@@ -333,6 +347,7 @@ def main():
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
         OVERLAY.setdefault(section, {})[name] = json.loads(value)
+    PER_LABEL.update(common.label_configs(args.set_for))
     common.header("overlay with real peers (issue 18)")
     files = datasets.make_study(args.cache / f"overlay-real-{args.instances}",
                                 patient_id="OVLREAL", size=64, seed=18,
@@ -347,7 +362,7 @@ def main():
                 os.environ["PYTHONPATH"] = tree
             load = os.getloadavg()[0]
             try:
-                r = run(n, root / (label or "this"), files)
+                r = run(n, root / (label or "this"), files, PER_LABEL.get(label))
             finally:
                 if original is None:
                     os.environ.pop("PYTHONPATH", None)
@@ -376,6 +391,10 @@ def main():
                          f"{r['store_cpu']:.1f}",
                          f"{r['store_cpu_writer']:.1f}",
                          "{:.1f} / {:.1f}".format(*r["store_cpu_others"]), f"{r['rss']:.0f}",
+                         "{local} / {pushed}".format(**{"local": 0, "pushed": 0,
+                                                        **r["writer_copies"]}),
+                         "{local} / {guarded}".format(**r["first_copy"])
+                         if "local" in r["first_copy"] else "-",
                          "{:.1f} -> {:.1f}".format(*r["load"])])
     print()
     print(common.table(rows, ["peers", "converged s", "(from spawn)", "idle CPU % mean/max",
@@ -383,7 +402,9 @@ def main():
                               "writer C-STORE / quorum ms",
                               "pull requests (writer's made / served)", "ends told",
                               "cluster CPU-s", "writer CPU-s",
-                              "other peers CPU-s mean/max", "RSS MB/peer", "load"]))
+                              "other peers CPU-s mean/max", "RSS MB/peer",
+                              "writer's copies local / pushed",
+                              "first copy local / guarded", "load"]))
 
 
 if __name__ == "__main__":
