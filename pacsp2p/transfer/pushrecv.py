@@ -79,7 +79,7 @@ def serve(service, sock, peer: str, on_reactor, waits=lambda waiting: None) -> N
                 raise ProtocolError(f"frame {kind} of {n} bytes where a copy begins")
             payload = bytes(reader.exactly(n))
             if kind == OPEN:
-                answer, last = _receive(service, reader, payload, on_reactor)
+                answer, last = _receive(service, reader, payload, on_reactor, peer)
             else:
                 answer, last = _commit(service, payload, on_reactor,
                                        last if kind == COMMIT_LAST else False), None
@@ -91,8 +91,8 @@ def serve(service, sock, peer: str, on_reactor, waits=lambda waiting: None) -> N
         sock.close()
 
 
-def _receive(service, reader, opening: bytes, on_reactor):
-    """One copy: its answer (a receipt or a refusal), and (archive, uid, receipt) if it
+def _receive(service, reader, opening: bytes, on_reactor, peer: str):
+    """One copy, from writer *peer*: its answer (a receipt or a refusal), and (archive, uid, receipt) if it
     is kept (pending). Raises ProtocolError/OSError if the connection cannot go on (the
     partial file removed)."""
     try:
@@ -127,7 +127,7 @@ def _receive(service, reader, opening: bytes, on_reactor):
         f.close()
         f, written, path = None, path, None          # pushed() owns the file now
         got = service.pushed(written, target, meta, len(head), sha.hexdigest(), size,
-                             on_reactor)
+                             on_reactor, peer)
         return got, (target.name, meta.sop_instance_uid, got)
     except (ReplicaRefused, InvalidArgument) as e:
         return {"refused": str(e)[:300], "invalid": isinstance(e, InvalidArgument)}, None

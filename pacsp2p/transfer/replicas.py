@@ -7,8 +7,11 @@ Two phases, so that an instance is recorded nowhere unless the write quorum is m
 (``stream_data``, ``close_stream``) — and makes them durable on an archive (pending, not
 in the catalog); ``commit`` records the copy as a location fact of this peer
 (``commit_all``: several in one catalog batch, a group commit); ``discard`` drops it.
-Pending copies never committed (the writer died) are dropped after ``PENDING_TTL``
-seconds. Two pending copies of the same bytes on one archive (a C-STORE sent twice at
+A pending copy neither committed nor discarded within ``PENDING_TTL`` seconds is
+dropped if its writer is alive (its commit or discard was lost: the writer has its own
+record and hints, and hinted hand-off makes the copy again), but recorded if its writer
+was declared dead: the writer may have answered Success and been lost for good before its
+group commit reached us, and this copy may then be the only one left. Two pending copies of the same bytes on one archive (a C-STORE sent twice at
 once, hinted hand-off redoing a copy whose group commit is on its way) are two, each
 taken by its own commit or discard; the bytes go only with the last of them. A pushed
 data set is written as it comes (``Incoming``: a thread pool, the link paused while too
@@ -143,6 +146,7 @@ class ReplicaService:
             target, meta = self.admit(archive, uid, meta_json)
         except (InvalidArgument, ReplicaRefused) as e:
             return defer.fail(e)
+        writer = link.peer_name
         incoming = Incoming(self.spares.take(), receive_pool(self.reactor), self.reactor,
                             head, link.pause_reading, link.resume_reading, coalesce=COALESCE)
         if "keep" in target.capabilities:       # kept by the thread that writes it
@@ -150,34 +154,35 @@ class ReplicaService:
         else:
             after = lambda path, sha, size: (path, sha, size)   # noqa: E731
         s = self.streams[(link, stream)] = _Stream(incoming, defer.Deferred(), after)
-        d = s.done.addCallback(self._stored_stream, target, uid, meta, len(head))
+        d = s.done.addCallback(self._stored_stream, target, uid, meta, len(head), writer)
         return d.addErrback(as_refusal, uid)
 
     def pushed(self, path, target, meta, head_size: int, sha: str, data_size: int,
-               on_reactor) -> dict:
+               on_reactor, writer: str = "") -> dict:
         """Thread (``pushport``): the pushed copy written to *path* (then owned here)
         kept in *target* — by this thread if it can ``keep``, else by its ``store`` in
         the reactor (*on_reactor(fn, *args)* runs fn there) — and noted pending, here
-        (no reactor turn per copy), before the writer can have its receipt. Raises
-        ReplicaRefused."""
+        (no reactor turn per copy), before the writer (peer *writer*) can have its
+        receipt. Raises ReplicaRefused."""
         uid = meta.sop_instance_uid
         try:
             if "keep" in target.capabilities:
                 meta, stored = _keeper(target, meta, head_size)(path, sha, data_size)
             else:
                 stored = on_reactor(self._stored_stream, (path, sha, data_size), target,
-                                    uid, meta, head_size, False)
+                                    uid, meta, head_size, None)
                 meta = dataclasses.replace(meta, sha256=sha, data_size=data_size,
                                            size=head_size + data_size)
         except Exception as e:
             Path(path).unlink(missing_ok=True)
             raise ReplicaRefused(f"{uid}: {shown(str(e), 300)}") from e
-        self._note((target.name, uid, stored.sha256), (meta, stored))
+        self._note((target.name, uid, stored.sha256), meta, stored, writer)
         return receipt(stored)
 
-    def _note(self, key, entry) -> None:
-        """Any thread: one more pending copy (meta, stored) of *key*, from now."""
-        self._put(key, (*entry, self.reactor.seconds()))
+    def _note(self, key, meta, stored, writer: str) -> None:
+        """Any thread: one more pending copy (meta, stored) of *key*, from now, made for
+        peer *writer*."""
+        self._put(key, (meta, stored, self.reactor.seconds(), writer))
 
     def stream_data(self, link, stream: int, data: bytes) -> None:
         s = self.streams.get((link, stream))
@@ -203,7 +208,9 @@ class ReplicaService:
                                           "data set"))
 
     @defer.inlineCallbacks
-    def _stored_stream(self, written, target, uid, meta, head_size, note: bool = True):
+    def _stored_stream(self, written, target, uid, meta, head_size, writer):
+        """The copy *written* kept in *target*; noted pending for peer *writer* (None:
+        the caller notes it)."""
         if len(written) == 2:                   # kept already (``_keeper``)
             meta, stored = written
         else:
@@ -214,8 +221,8 @@ class ReplicaService:
                 stored = yield target.store(path, meta)
             finally:
                 remove(receive_pool(self.reactor), path)
-        if note:
-            self._note((target.name, uid, stored.sha256), (meta, stored))
+        if writer is not None:
+            self._note((target.name, uid, stored.sha256), meta, stored, writer)
         return stored
 
     @defer.inlineCallbacks
@@ -256,11 +263,11 @@ class ReplicaService:
         finally:
             f.close()
         yield check_given(target, uid, stored, sha256, ReplicaRefused, "announced")
-        self._put((archive, uid, stored.sha256), (meta, stored, self.reactor.seconds()))
+        self._note((archive, uid, stored.sha256), meta, stored, sender)
         return stored
 
     def _put(self, key, entry) -> None:
-        """One more pending copy *entry* (meta, stored, since) of *key* (any thread).
+        """One more pending copy *entry* (meta, stored, since, writer) of *key* (any thread).
         Raises ReplicaRefused for bytes that were there already (a duplicate) while a
         drop of *key* is removing them: committed, it would name a file that is gone."""
         with self.lock:
@@ -329,7 +336,7 @@ class ReplicaService:
             written = self.catalog.record_all_now([
                 (meta, stored_location(meta, stored, self.peer),
                  then(meta.sop_instance_uid, since))
-                for meta, stored, since in (taken[i][1] for i in fast)]) if fast else []
+                for meta, stored, since, _ in (taken[i][1] for i in fast)]) if fast else []
         except (sqlite3.Error, OSError) as e:
             log.error("catalog write of {n} commits failed: {err}", n=len(fast), err=e)
             written = [None] * len(fast)
@@ -366,7 +373,7 @@ class ReplicaService:
         archive, uid, sha256 = key
         if entry is None:
             raise ReplicaRefused(f"no pending copy of {uid} on {archive}")
-        meta, stored, since = entry
+        meta, stored, since, _ = entry
         if (yield pushed_before(self.catalog, uid, since)):
             yield self._drop((archive, uid, sha256), entry)
             raise ReplicaRefused(f"{uid} was deleted from the cluster after this copy "
@@ -374,11 +381,11 @@ class ReplicaService:
         return entry
 
     def _record(self, entry):
-        """Deferred[seq, 0 for a conflict]: the pending copy *entry* (meta, stored, since)
-        recorded; ReplicaRefused if a deletion of it learned after *since* slipped in
+        """Deferred[seq, 0 for a conflict]: the pending copy *entry* (meta, stored, since,
+        writer) recorded; ReplicaRefused if a deletion of it learned after *since* slipped in
         between ``_committable``'s check and this record (``tombstones.late_copy``, in
         the writer's transaction: the copy is then removed at once, as R2 does)."""
-        meta, stored, since = entry
+        meta, stored, since, _ = entry
         late = []
 
         def check(conn, seq):
@@ -400,14 +407,14 @@ class ReplicaService:
     def _drop(self, key, entry):
         """Drop the pending copy *entry* of *key*, taken out: its bytes, if it put them
         there — unless another pending copy of them waits (then that one owns them)."""
-        meta, stored, since = entry
+        stored = entry[1]
         if stored.duplicate or stored.conflict:
             return defer.succeed(None)       # those bytes were there before: keep them
         with self.lock:
             if key in self.pending:
-                other_meta, other, other_since = self.pending[key]
-                self.pending[key] = (other_meta, dataclasses.replace(
-                    other, duplicate=False, conflict=False), other_since)
+                other = self.pending[key]
+                self.pending[key] = (other[0], dataclasses.replace(
+                    other[1], duplicate=False, conflict=False), *other[2:])
                 return defer.succeed(None)
             self.dropping[key] = self.dropping.get(key, 0) + 1   # (``_put``)
         archive, uid, sha256 = key
@@ -468,9 +475,11 @@ class ReplicaService:
                         originator_msg_id, uids, self.reactor)
 
     def _expire(self):
+        """Every pending copy older than ``PENDING_TTL``: dropped if its writer is alive,
+        recorded if it was declared dead (the module's docstring says why)."""
         now = self.reactor.seconds()
 
-        def too_old(key) -> bool:
+        def too_old(key):
             with self.lock:
                 entry = self.pending.get(key)
             return entry is not None and now - entry[2] > PENDING_TTL
@@ -478,10 +487,32 @@ class ReplicaService:
             keys = list(self.pending)
         for key in keys:
             # the others of a key are in the order they came: every one too old goes
+            old = []
             while too_old(key):
-                log.warn("dropping copy of {uid} on {archive}: its writer never committed",
-                         uid=key[1], archive=key[0])
-                self.discard(*key)
+                old.append(self._take(key))
+            for entry in old:
+                writer = entry[3]
+                if self.overlay.membership.alive(writer):
+                    log.warn("dropping copy of {uid} on {archive}: its writer {writer} "
+                             "neither committed nor discarded it", uid=key[1],
+                             archive=key[0], writer=shown(writer))
+                    self._drop(key, entry)
+                    continue
+                log.warn("recording copy of {uid} on {archive}: its writer {writer} was "
+                         "declared dead before it committed (its Success may have gone "
+                         "out)", uid=key[1], archive=key[0], writer=shown(writer))
+                self._checked(key, entry).addCallback(self._record).addErrback(
+                    self._not_kept, key, entry)
+
+    def _not_kept(self, failure, key, entry) -> None:
+        """A dead writer's copy that could not be recorded: logged; a deletion (the copy
+        dropped) stays so, else it waits for the janitor's next pass."""
+        _refused(failure, key)
+        if not failure.check(ReplicaRefused):
+            try:
+                self._put(key, entry)
+            except ReplicaRefused:      # its bytes are being removed: nothing to keep
+                pass
 
 
 def _refused(failure, copy):

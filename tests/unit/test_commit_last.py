@@ -47,8 +47,8 @@ def _watch(monkeypatch) -> list:
     seen = []
     real = pushrecv._receive
 
-    def receive(service, reader, opening, on_reactor):
-        got = real(service, reader, opening, on_reactor)
+    def receive(service, reader, *args):
+        got = real(service, reader, *args)
         sock = reader.sock
         ready = sock.pending() > 0 or bool(select.select([sock], [], [], patience(5))[0])
         seen.append(ready)

@@ -111,13 +111,13 @@ def test_a_late_push_is_not_committed_a_new_one_is(tmp_path):
     svc, cat = service(conn)
     meta = InstanceMeta(UID, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
     stored = Stored("local", "cd" * 32, 10)
-    svc.pending[("local", UID, "cd" * 32)] = (meta, stored, time.time() - 60)   # earlier
+    svc.pending[("local", UID, "cd" * 32)] = (meta, stored, time.time() - 60, "peera")   # earlier
     delete(conn)
     got = result(svc.commit("local", UID, "cd" * 32))
     assert isinstance(got, Failure) and got.check(ReplicaRefused)
     assert svc.archives["local"].discarded == [(UID, "cd" * 32)]
     assert not cat.recorded and not svc.pending
     # a copy made after this peer learned of the delete (sent again): committed
-    svc.pending[("local", UID, "cd" * 32)] = (meta, stored, time.time() + 1)
+    svc.pending[("local", UID, "cd" * 32)] = (meta, stored, time.time() + 1, "peera")
     assert result(svc.commit("local", UID, "cd" * 32)) == 1
     assert [loc.sop_instance_uid for loc in cat.recorded] == [UID]

@@ -54,7 +54,12 @@ class Offer:
 
 class Overlay:
     class membership:
-        members = {"peera": object()}
+        members = {"peera": object(), "peerc": object()}
+        dead: set = set()
+
+        @classmethod
+        def alive(cls, name):
+            return name in cls.members and name not in cls.dead
 
     class bulk:
         @staticmethod
@@ -72,8 +77,8 @@ def service(tmp_path):
     return ReplicaService("peerb", {"local": Archive()}, cat, Overlay(), Clock()), cat
 
 
-def copy(svc, token):
-    stored = result(svc.replicate("peera", "local", UID, SHA, token, META))
+def copy(svc, token, writer="peera"):
+    stored = result(svc.replicate(writer, "local", UID, SHA, token, META))
     assert not isinstance(stored, Failure), stored
     return stored
 
@@ -119,3 +124,27 @@ def test_every_pending_copy_of_a_key_expires_in_one_pass(tmp_path):
     svc._expire()
     assert not svc.pending and not svc.more
     assert archive.discarded == [(UID, SHA)]            # the bytes once, with the last
+
+
+def test_a_dead_writers_pending_copy_is_recorded_not_dropped(tmp_path, monkeypatch):
+    """The writer answers Success once its own copy is recorded with a hint per remote
+    copy and the remote copies are durable; the holders record theirs ~50 ms later. A
+    writer lost for good in between left its holders' copies pending, and each holder
+    dropped its copy after PENDING_TTL: an acknowledged instance lost after one failure.
+    Now a pending copy whose writer was declared dead is recorded at PENDING_TTL; one
+    whose writer is alive is still dropped (its commit or discard was lost; the writer
+    has its record and hints)."""
+    from pacsp2p.transfer.replicas import PENDING_TTL
+    monkeypatch.setattr(Overlay.membership, "dead", {"peerc"})
+    svc, cat = service(tmp_path)
+    archive = svc.archives["local"]
+    copy(svc, "t1", writer="peerc")                    # its writer then died
+    svc.reactor.advance(PENDING_TTL + 1)
+    svc._expire()
+    assert [loc.sop_instance_uid for loc in cat.recorded] == [UID]
+    assert archive.discarded == [] and not svc.pending and not svc.more
+    svc, cat = service(tmp_path / "alive")
+    copy(svc, "t2", writer="peera")                    # alive: its discard was lost
+    svc.reactor.advance(PENDING_TTL + 1)
+    svc._expire()
+    assert not cat.recorded and svc.archives["local"].discarded == [(UID, SHA)]
