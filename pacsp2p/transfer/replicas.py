@@ -495,12 +495,12 @@ class ReplicaService:
                 if self.overlay.membership.alive(writer):
                     log.warn("dropping copy of {uid} on {archive}: its writer {writer} "
                              "neither committed nor discarded it", uid=key[1],
-                             archive=key[0], writer=shown(writer))
+                             archive=key[0], writer=shown(str(writer)))
                     self._drop(key, entry)
                     continue
                 log.warn("recording copy of {uid} on {archive}: its writer {writer} was "
                          "declared dead before it committed (its Success may have gone "
-                         "out)", uid=key[1], archive=key[0], writer=shown(writer))
+                         "out)", uid=key[1], archive=key[0], writer=shown(str(writer)))
                 self._checked(key, entry).addCallback(self._record).addErrback(
                     self._not_kept, key, entry)
 
