@@ -8,6 +8,7 @@ accept its stored transfer syntax.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import io
 import re
@@ -16,6 +17,7 @@ import struct
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.encaps import generate_frames
 from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import (UID, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
@@ -165,10 +167,36 @@ def convert(f, target: str, limit: int | None = None) -> io.BytesIO:
         _check_frames(ds, ts)
         ds.decompress(generate_instance_uid=False)
     target = UID(target)
+    if target.is_little_endian != ts.is_little_endian:     # (compressed ones: little)
+        try:
+            _swap_words(correct_ambiguous_vr(ds, ts.is_little_endian))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise BadFile(f"cannot be re-encoded in {target.name}: {e}") from None
     encoded = encode(ds, target.is_implicit_VR, target.is_little_endian)
     if encoded is None:                 # pydicom's writer failed (pynetdicom logged why)
         raise BadFile(f"cannot be re-encoded in {target.name}")
     return io.BytesIO(encoded)
+
+
+_WORDS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_words(ds: Dataset) -> None:
+    """The values of *ds* that pydicom keeps as bytes but whose words have a byte order
+    (OW, OF, OL, OD, OV: Pixel Data of more than 8 bits, LUTs, overlays, waveforms), byte
+    by byte reversed in each word, in sequences too. pydicom's writer turns numbers to the
+    target's byte order but copies these as they came: Big Endian pixels re-encoded as
+    Little (or the other way) were sent with every word's bytes swapped."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                _swap_words(item)
+        elif (width := _WORDS.get(elem.VR)) and isinstance(elem.value, bytes):
+            if len(elem.value) % width:
+                raise BadFile(f"{elem.tag} ({elem.VR}) of {len(elem.value)} bytes")
+            words = array.array({2: "H", 4: "I", 8: "Q"}[width], elem.value)
+            words.byteswap()
+            elem.value = words.tobytes()
 
 
 def _check_nesting(data: bytes, ts: UID) -> None:
