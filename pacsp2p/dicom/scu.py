@@ -492,6 +492,8 @@ class StorageSCU(protocol.Protocol):
 
 
 class _Factory(protocol.Factory):
+    noisy = False                 # no 'Starting factory' line a C-MOVE or copy sent
+
     def __init__(self, make):
         self.make = make
 
