@@ -487,17 +487,24 @@ class ReplicaService:
             keys = list(self.pending)
         for key in keys:
             # the others of a key are in the order they came: every one too old goes
-            old = []
+            old, dead = [], []
             while too_old(key):
-                old.append(self._take(key))
+                entry = self._take(key)
+                (old if self.overlay.membership.alive(entry[3]) else dead).append(entry)
             for entry in old:
-                writer = entry[3]
-                if self.overlay.membership.alive(writer):
-                    log.warn("dropping copy of {uid} on {archive}: its writer {writer} "
-                             "neither committed nor discarded it", uid=key[1],
-                             archive=key[0], writer=shown(str(writer)))
+                log.warn("dropping copy of {uid} on {archive}: its writer {writer} "
+                         "neither committed nor discarded it", uid=key[1],
+                         archive=key[0], writer=shown(str(entry[3])))
+                if dead and not (entry[1].duplicate or entry[1].conflict):
+                    # the bytes it put there are the recorded copy's now (as ``_drop``
+                    # hands them to a copy still pending)
+                    m, stored, *rest = dead[0]
+                    dead[0] = (m, dataclasses.replace(stored, duplicate=False,
+                                                      conflict=False), *rest)
+                else:
                     self._drop(key, entry)
-                    continue
+            for entry in dead:
+                writer = entry[3]
                 log.warn("recording copy of {uid} on {archive}: its writer {writer} was "
                          "declared dead before it committed (its Success may have gone "
                          "out)", uid=key[1], archive=key[0], writer=shown(str(writer)))

@@ -148,3 +148,26 @@ def test_a_dead_writers_pending_copy_is_recorded_not_dropped(tmp_path, monkeypat
     svc.reactor.advance(PENDING_TTL + 1)
     svc._expire()
     assert not cat.recorded and svc.archives["local"].discarded == [(UID, SHA)]
+
+
+def test_a_dead_writers_copy_keeps_the_bytes_an_alive_writers_expired_copy_put_there(
+        tmp_path, monkeypatch):
+    """Two pending copies of the same bytes (a modality that sent the instance again to
+    another peer, both writers pushing to this holder), both past PENDING_TTL in one
+    pass: the first, whose writer is alive, is dropped; the second, whose writer was
+    declared dead, is recorded. Before, the dropped copy's bytes were discarded (the
+    other was taken out of pending, so nothing kept them) and the dead writer's copy
+    recorded naming a file that was gone (review of 07f0ef3). In the other order the
+    alive writer's copy is a duplicate and keeps nothing: the same outcome."""
+    from pacsp2p.transfer.replicas import PENDING_TTL
+    monkeypatch.setattr(Overlay.membership, "dead", {"peerc"})
+    for n, writers in enumerate((("peera", "peerc"), ("peerc", "peera"))):
+        svc, cat = service(tmp_path / str(n))
+        archive = svc.archives["local"]
+        for i, writer in enumerate(writers):
+            copy(svc, f"t{i}", writer=writer)
+        svc.reactor.advance(PENDING_TTL + 1)
+        svc._expire()
+        assert [loc.sop_instance_uid for loc in cat.recorded] == [UID], writers
+        assert archive.discarded == [] and UID in archive.held, writers
+        assert not svc.pending and not svc.more
