@@ -260,7 +260,9 @@ class Ingest:
         if forward is not None and forward.ranked is not None:
             ranked, early, forward.early = forward.ranked, forward.early, {}
             if forward.attributes != a:        # read on from the first bytes: not the same
-                drop_all(early.values())
+                # dropped before they are copied again: a holder would take the pushed
+                # copy, with the first bytes' attributes, for the new one's commit
+                yield drop_all(early.values())
                 early = {}
         else:
             try:
