@@ -51,16 +51,20 @@ def distinct(ordered):
     pick is the first remaining archive on a peer not picked yet, else the first one on a
     peer already picked; among those, one on a site not picked yet comes first (an
     archive without a site label counts as a site of its own)."""
-    rest, out, peers, sites = list(ordered), [], set(), set()
-    while rest:
-        def cost(a):
-            site = a.site or f"peer:{a.peer}/{a.name}"
-            return (a.peer in peers, site in sites)
-        best = min(range(len(rest)), key=lambda i: (cost(rest[i]), i))
-        a = rest.pop(best)
+    rest = [(a, a.site or f"peer:{a.peer}/{a.name}") for a in ordered]
+    out, peers, sites = [], set(), set()
+    while rest:                     # the first of the lowest cost; (False, False) is best:
+        best, low = 0, None         # one archive per peer takes one step per pick, O(n)
+        for i, (a, site) in enumerate(rest):
+            cost = (a.peer in peers, site in sites)
+            if low is None or cost < low:
+                best, low = i, cost
+                if cost == (False, False):
+                    break
+        a, site = rest.pop(best)
         out.append(a)
         peers.add(a.peer)
-        sites.add(a.site or f"peer:{a.peer}/{a.name}")
+        sites.add(site)
     return out
 
 
