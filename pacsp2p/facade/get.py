@@ -273,11 +273,25 @@ class Get(Operation):
 
     def finish(self, *args, **kwargs):
         self._stop_timer()
+        self._stop_retrieval()
         super().finish(*args, **kwargs)
 
     def lost(self):
         super().lost()
         self._stop_timer()
+        self._stop_retrieval()
+
+    def cancel(self):
+        super().cancel()             # (the sub-operation under way ends first)
+        self._stop_retrieval()
+
+    def _stop_retrieval(self):
+        """Nothing more fetched for a C-GET that ended (its requestor gone, a C-CANCEL):
+        the retrieval ran on and kept what it fetched, up to its window, for nobody."""
+        retrieval = getattr(self, "retrieval", None)
+        if retrieval is not None and retrieval.finished_at is None and \
+                not retrieval.cancelled:
+            retrieval.cancel()
 
     def _stop_timer(self):
         if self.timer is not None and self.timer.active():

@@ -216,13 +216,20 @@ class Retrieval(BatchReads):
 
     def cancel(self):
         """Fetch nothing more; whoever waits for an instance not yet here gets
-        CancelledError (its sub-operation stays 'remaining')."""
+        CancelledError (its sub-operation stays 'remaining'); what was fetched and never
+        opened is closed and let go (the retrieval stays in the status list a while)."""
         self.cancelled = True
         self._stop_watching()
-        for d in self._results.values():
+        for uid, d in self._results.items():
             if not d.called:
                 d.errback(defer.CancelledError("retrieval cancelled"))
                 d.addErrback(lambda f: None)
+            elif uid not in self._opened and not isinstance(d.result, Failure):
+                value = d.result
+                d.addCallback(_dropped)
+                if callable(close := getattr(value, "close", None)):
+                    close()
+        self._schedule()                 # finished now, if nothing is in flight
 
     def _stop_watching(self):
         if self.overlay is not None and self._member_changed in \
