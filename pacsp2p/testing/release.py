@@ -60,6 +60,9 @@ def release(commit: str, root: Path | str) -> Path:
     for name, code in (("twistd", "from twisted.scripts.twistd import run"),
                        ("pacsp2p", "from pacsp2p.admin.cli import main as run")):
         script = bindir / name
-        script.write_text(f"#!{bindir / 'python'}\nimport sys\n{code}\nsys.exit(run())\n")
+        # -E: a PYTHONPATH naming the tree under test (dev/test from a snapshot puts it
+        # first) must not run this tree's code as the older release
+        script.write_text(f"#!{bindir / 'python'} -E\nimport sys\n{code}\n"
+                          "sys.exit(run())\n")
         script.chmod(0o755)
     return twistd
