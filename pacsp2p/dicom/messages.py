@@ -105,7 +105,7 @@ class Messages:
         op = None
         if field == dimse.C_CANCEL_RQ:
             target = dimse.us(fields, dimse.RESPONDED_TO)
-            for o in self._ops:
+            for o in list(self._ops):    # a cancel may end *o* at once (done(): popped)
                 if o.msg_id == target:
                     o.cancel()
         elif field == dimse.C_STORE_RSP:

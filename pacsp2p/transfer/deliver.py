@@ -14,7 +14,10 @@ certificate must chain to its ``tls_ca``; ours is ``[facade] tls_cert``).
 
 Progress goes, as ``Progress`` snapshots, to each callable in ``listeners`` (called in
 the reactor: the facade's C-MOVE). ``cancel()`` (reactor thread) stops starting new
-sub-operations; the one on the wire (on each association) finishes and is counted.
+sub-operations; the one on the wire (on each association) finishes and is counted. A
+delivery cancelled before it starts opens no association; one cancelled while its
+association is being set up stops the connection attempt or aborts the negotiation, and
+ends (``finished``) only then: nothing is left open at the destination once it ended.
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ class Delivery(Tally):
         self.timeouts = dict(connect_timeout=connect_timeout, acse_timeout=acse_timeout,
                              dimse_timeout=dimse_timeout)
         self._links = None
+        self._opening = None                 # links.open() while the first one is set up
         self._next = 0
         self._active = 0
         self._closing = False
@@ -135,8 +139,9 @@ class Delivery(Tally):
 
     # -- control (reactor thread) --------------------------------------------------------
     def start(self):
-        """Deferred[Progress] of the end of the delivery."""
-        self._connect()
+        """Deferred[Progress] of the end of the delivery (at once if cancelled)."""
+        if not self.cancelled:
+            self._connect()
         return self.finished
 
     def cancel(self) -> None:
@@ -148,6 +153,9 @@ class Delivery(Tally):
             stop_sources()                  # no new fetches from any source
         if self._links is not None:
             self._links.drop_queued()
+        elif self._opening is not None:     # the association was set up for nobody and
+            self._opening.cancel()          # kept (released once accepted): stopped now;
+            return                          # _connect ends the delivery
         self._fill()
 
     # -- the run ---------------------------------------------------------------------------
@@ -167,16 +175,17 @@ class Delivery(Tally):
                                      contexts=proposed, pool=self.pool, tls=options,
                                      **self.timeouts)
             links = AssociationPool(connect, self.associations, self.pool, dest.ae_title)
-            yield links.open(len(self.refs))
+            self._opening = links.open(len(self.refs))
+            yield self._opening
             self._links = links
         except Exception as e:
-            self.error = str(e)
-            log.error("C-MOVE to {ae}: {err}", ae=dest.ae_title, err=e)
+            if not self.cancelled:
+                self.error = str(e)
+                log.error("C-MOVE to {ae}: {err}", ae=dest.ae_title, err=e)
             self._end()
             return
-        if self._closing:                   # cancelled while connecting
-            yield self._close()
-            return
+        finally:
+            self._opening = None
         self._fill()
 
     def _fill(self):
