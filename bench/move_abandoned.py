@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -35,21 +34,6 @@ STUDY = datasets.uid("bench-move-abandoned")
 IDENT = w.data_set({0x00080052: b"STUDY", 0x0020000D: STUDY.encode()})
 
 
-def read_pdu(sock) -> tuple[int, bytes]:
-    data = b""
-    while len(data) < 6:
-        chunk = sock.recv(6 - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    n = struct.unpack(">I", data[2:6])[0]
-    body = b""
-    while len(body) < min(n, 1 << 20):
-        chunk = sock.recv(n - len(body))
-        if not chunk:
-            raise ConnectionError("closed")
-        body += chunk
-    return data[0], body
 
 
 class Silent:
@@ -77,7 +61,7 @@ class Silent:
     def _serve(self, conn):
         conn.settimeout(600)
         try:
-            read_pdu(conn)
+            w.read_pdu(conn)
             with self.lock:
                 self.requests += 1
             while conn.recv(65536):
@@ -99,7 +83,7 @@ def one_run(work: Path, files, moves: int) -> dict:
         for k in range(1, moves + 1):
             sock = socket.create_connection((LOOPBACK, peer.port), timeout=120)
             sock.sendall(w.associate_rq(called=peer.ae_title))
-            assert read_pdu(sock)[0] == 0x02
+            assert w.read_pdu(sock)[0] == 0x02
             sock.sendall(w.message(w.CX_MOVE, w.c_find(1, w.MOVE_STUDY, w.C_MOVE_RQ,
                                                        dest="SLOW"), IDENT))
             deadline = time.monotonic() + 60
@@ -107,7 +91,7 @@ def one_run(work: Path, files, moves: int) -> dict:
                 time.sleep(0.01)
             sock.sendall(w.RELEASE_RQ)
             for _ in range(1000):                 # Pending responses, then A-RELEASE-RP
-                if read_pdu(sock)[0] == 0x06:
+                if w.read_pdu(sock)[0] == 0x06:
                     break
             sock.close()
         seconds = time.monotonic() - t0

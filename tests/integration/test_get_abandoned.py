@@ -15,7 +15,6 @@ was fetched and not sent is let go. A real lone peer, a raw-socket requestor
 from __future__ import annotations
 
 import socket
-import struct
 
 import pytest
 from pydicom import dcmread
@@ -41,21 +40,6 @@ def site(tmp_path_factory):
         yield peer, study
 
 
-def read_pdu(sock) -> tuple[int, bytes]:
-    head = b""
-    while len(head) < 6:
-        chunk = sock.recv(6 - len(head))
-        if not chunk:
-            raise ConnectionError("closed")
-        head += chunk
-    n = struct.unpack(">I", head[2:6])[0]
-    body = b""
-    while len(body) < n:
-        chunk = sock.recv(n - len(body))
-        if not chunk:
-            raise ConnectionError("closed")
-        body += chunk
-    return head[0], body
 
 
 def start_get(peer, study) -> socket.socket:
@@ -64,10 +48,10 @@ def start_get(peer, study) -> socket.socket:
     sock = socket.create_connection((LOOPBACK, peer.port), timeout=patience(60))
     sock.sendall(w.associate_rq(contexts=[(1, w.GET_STUDY, [w.IMPLICIT]),
                                           (3, w.CT, [w.EXPLICIT])], roles=[w.CT]))
-    assert read_pdu(sock)[0] == 0x02                      # A-ASSOCIATE-AC
+    assert w.read_pdu(sock)[0] == 0x02                      # A-ASSOCIATE-AC
     identifier = w.data_set({0x00080052: b"STUDY", 0x0020000D: study.encode()})
     sock.sendall(w.message(1, w.c_find(1, w.GET_STUDY, w.C_GET_RQ), identifier))
-    assert read_pdu(sock)[0] == 0x04                      # the first C-STORE-RQ
+    assert w.read_pdu(sock)[0] == 0x04                      # the first C-STORE-RQ
     return sock
 
 

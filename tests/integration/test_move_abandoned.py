@@ -37,23 +37,6 @@ IDENT = w.data_set({0x00080052: b"STUDY", 0x0020000D: STUDY.encode()})
 REJECT = b"\x03\x00\x00\x00\x00\x04\x00\x01\x01\x01"     # A-ASSOCIATE-RJ (permanent)
 
 
-def read_pdu(sock) -> tuple[int, bytes]:
-    head = b""
-    while len(head) < 6:
-        chunk = sock.recv(6 - len(head))
-        if not chunk:
-            raise ConnectionError("closed")
-        head += chunk
-    n = struct.unpack(">I", head[2:6])[0]
-    if n > 1 << 20:
-        raise ValueError(f"a PDU of {n} bytes")
-    body = b""
-    while len(body) < n:
-        chunk = sock.recv(n - len(body))
-        if not chunk:
-            raise ConnectionError("closed")
-        body += chunk
-    return head[0], body
 
 
 class SlowDestination:
@@ -87,7 +70,7 @@ class SlowDestination:
     def _serve(self, conn, i):
         conn.settimeout(patience(120))
         try:
-            if read_pdu(conn)[0] != 0x01:
+            if w.read_pdu(conn)[0] != 0x01:
                 return
             self.requested[i].set()
             if not self.go[i].wait(patience(120)):
@@ -97,7 +80,7 @@ class SlowDestination:
             except OSError:
                 pass                         # the peer closed it already
             for _ in range(32):
-                self.seen[i].append(read_pdu(conn)[0])
+                self.seen[i].append(w.read_pdu(conn)[0])
         except (OSError, ConnectionError, ValueError):
             pass
         finally:
@@ -151,7 +134,7 @@ def site(tmp_path_factory):
 def associate(peer) -> socket.socket:
     sock = socket.create_connection((LOOPBACK, peer.port), timeout=patience(60))
     sock.sendall(w.associate_rq(called=peer.ae_title))
-    assert read_pdu(sock)[0] == 0x02                      # A-ASSOCIATE-AC
+    assert w.read_pdu(sock)[0] == 0x02                      # A-ASSOCIATE-AC
     return sock
 
 
@@ -164,7 +147,7 @@ def final_status(sock, msg_id) -> int:
     """The status of the final response to *msg_id* (Pending ones skipped)."""
     cmd = b""
     for _ in range(1000):
-        kind, body = read_pdu(sock)
+        kind, body = w.read_pdu(sock)
         assert kind == 0x04, f"PDU type {kind:#04x} instead of a response"
         pos = 0
         while pos + 6 <= len(body):
@@ -208,7 +191,7 @@ def test_a_c_cancel_while_the_destination_association_is_set_up_aborts_it(site):
         sock.sendall(w.message(w.CX_ECHO, w.c_echo(20)))
         assert final_status(sock, 20) == 0x0000
         sock.sendall(w.RELEASE_RQ)
-        assert read_pdu(sock)[0] == 0x06
+        assert w.read_pdu(sock)[0] == 0x06
     finally:
         sock.close()
     clean(peer)
@@ -225,9 +208,9 @@ def test_a_requestor_gone_while_the_destination_association_is_set_up_aborts_it(
         dest.wait_requested(i, sock)
         if how == "release":
             sock.sendall(w.RELEASE_RQ)
-            kinds = [read_pdu(sock)[0]]
+            kinds = [w.read_pdu(sock)[0]]
             while kinds[-1] == 0x04 and len(kinds) < 100:    # Pending responses first
-                kinds.append(read_pdu(sock)[0])
+                kinds.append(w.read_pdu(sock)[0])
             assert kinds[-1] == 0x06, kinds                  # A-RELEASE-RP
         elif how == "abort":
             sock.sendall(w.ABORT)

@@ -9,6 +9,24 @@ from typing import Sequence
 
 
 
+def read_pdu(sock, limit: int = 1 << 20) -> tuple[int, bytes]:
+    """(PDU type, the PDU's body after its 6-byte header) read from the blocking socket
+    *sock*; ConnectionError if it closes first, ValueError for a PDU over *limit* bytes."""
+    def exact(n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("closed")
+            out += chunk
+        return bytes(out)
+    head = exact(6)
+    n = struct.unpack(">I", head[2:6])[0]
+    if n > limit:
+        raise ValueError(f"a PDU of {n} bytes")
+    return head[0], exact(n)
+
+
 # -- UIDs ----------------------------------------------------------------------------------
 APP_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
