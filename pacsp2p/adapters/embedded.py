@@ -12,8 +12,11 @@ another archive on the same file system linked that received file already (two r
 must not share blocks); the ingest records the
 instance in the catalog while the fsync runs, and acknowledges after both. A second, different instance
 with an existing UID is kept beside it as ``<k>.<sha256[:16]>.dcm`` and reported as a
-conflict; the same bytes again are a no-op. ``open`` and ``read_many`` of a UID with a
-hash read that version if it is kept beside, else the main file.
+conflict; the same bytes again are a no-op; at most ``MAX_VERSIONS`` versions of one UID
+are kept (a requestor sending one UID with other bytes in a loop would fill the disk):
+one more is refused (OSError: the C-STORE fails with Out of Resources). ``open`` and
+``read_many`` of a UID with a hash read that version if it is kept beside, else the main
+file.
 
 A scrub (``verify``) re-hashes copies where they lie, a batch per job of the archive's
 threads, one read per file; ``restore`` puts a good replica's bytes back in place of a
@@ -48,6 +51,8 @@ from pacsp2p.types import Stored
 from pacsp2p.validate import InvalidUID, check_uid, is_uid
 
 log = Logger()
+
+MAX_VERSIONS = 16       # versions of one SOP Instance UID kept (the main file included)
 
 
 @implementer(IArchive, IStores, IStoresUnsynced, IKeeps, IOpens, IReadsMany, IWalks,
@@ -205,8 +210,13 @@ class EmbeddedArchive:
             held = ""
         if held == sha:
             return Stored(self.name, sha, size, duplicate=True)
+        version = self.path_for(uid, sha)
+        if not version.exists() and \
+                sum(1 for _ in target.parent.glob(f"{target.stem}.*.dcm")) + 1 >= MAX_VERSIONS:
+            raise OSError(f"{uid}: {MAX_VERSIONS} versions of this SOP Instance UID are "
+                          "kept already (each received with other bytes): no more")
         try:
-            self._place(received, self.path_for(uid, sha), fd)
+            self._place(received, version, fd)
         except FileExistsError:
             pass                         # this conflicting version too
         return Stored(self.name, sha, size, conflict=True)

@@ -25,7 +25,7 @@ hostile value reaches a path or a log line whole.
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from pacsp2p import metrics, threads
 from pacsp2p.dicom import dimse
@@ -170,7 +170,10 @@ class Store(Operation):
         return got
 
     def _write_failed(self, failure):
-        log.error("C-STORE {uid} from {ae}: cannot write the received data set: {err}",
+        """Not written or not kept (a full disk, too many versions of the UID): logged
+        through the acceptor's limit (a requestor can make it happen in a loop)."""
+        self.note("store failure", LogLevel.error,
+                  "C-STORE {uid} from {ae}: cannot write the received data set: {err}",
                   uid=self.uid, ae=self.assoc.calling_ae, err=failure.getErrorMessage())
         return None
 
