@@ -95,7 +95,8 @@ FACADE_LIMITS = {
 }
 
 
-def _facade_limit(f, key, kind, default, lowest, highest, what):   # any table's, too
+def _in_range(f, key, kind, default, lowest, highest, what):
+    """*key* of the table *f*, a number from *lowest* to *highest* (None: no bound)."""
     if not lowest <= (value := f.take(key, kind, default, what)) <= (highest or value):
         raise f.fail(key, f"must be {what}, got {value!r}")
     return float(value) if kind != int else value
@@ -386,7 +387,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     if "engine" in f.table:
         raise f.fail("engine", "was removed: the facade has one engine (the Twisted "
                                "acceptor); delete this line")
-    limits = {key: _facade_limit(f, key, *spec) for key, spec in FACADE_LIMITS.items()}
+    limits = {key: _in_range(f, key, *spec) for key, spec in FACADE_LIMITS.items()}
     facade = FacadeSettings(
         ae_title=f.ae("ae_title", DEFAULT_AE),
         port=f.port("port", DEFAULT_PORT),
@@ -514,9 +515,9 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
     if not repair_after > 0:
         raise c.fail("repair_after", f"must be seconds (a number > 0), got {repair_after}")
     rate = "MB/s (a number >= 0, 0: no limit)"
-    repair_rate = _facade_limit(c, "repair_rate", (int, float), 50.0, 0, None, rate)
-    scrub_rate = _facade_limit(c, "scrub_rate", (int, float), 20.0, 0, None, rate)
-    scrub_interval = _facade_limit(c, "scrub_interval", (int, float), 604800.0, 0, None,
+    repair_rate = _in_range(c, "repair_rate", (int, float), 50.0, 0, None, rate)
+    scrub_rate = _in_range(c, "scrub_rate", (int, float), 20.0, 0, None, rate)
+    scrub_interval = _in_range(c, "scrub_interval", (int, float), 604800.0, 0, None,
                                    "seconds (a number >= 0, 0: no background scrub)")
     scrub_sample = c.take("scrub_sample", (int, float), 0.01, "a fraction (0 < x <= 1)")
     if not 0 < scrub_sample <= 1:
@@ -544,7 +545,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         plugins=tuple(plugin_paths),
         options=st.take("options", dict, {}, "a table of plugin options"),
         first_copy=st.take("first_copy", str, "placement", '"placement" or "local"'),
-        first_copy_slack=_facade_limit(st, "first_copy_slack", (int, float), 1.0, 0, 100,
+        first_copy_slack=_in_range(st, "first_copy_slack", (int, float), 1.0, 0, 100,
                                        "a fraction of the mean (a number 0-100)"))
     if strategies.first_copy not in ("placement", "local"):
         raise st.fail("first_copy", 'must be "placement" or "local", got '

@@ -46,12 +46,17 @@ def spread(ordered, key):
     return first + rest
 
 
+def _site(a) -> str:
+    """*a*'s site label (an archive without one counts as a site of its own)."""
+    return a.site or f"peer:{a.peer}/{a.name}"
+
+
 def distinct(ordered):
     """Stable reorder of *ordered* (best first) by the rule of distinct copies: each next
     pick is the first remaining archive on a peer not picked yet, else the first one on a
     peer already picked; among those, one on a site not picked yet comes first (an
     archive without a site label counts as a site of its own)."""
-    rest = [(a, a.site or f"peer:{a.peer}/{a.name}") for a in ordered]
+    rest = [(a, _site(a)) for a in ordered]
     out, peers, sites = [], set(), set()
     while rest:                     # the first of the lowest cost; (False, False) is best:
         best, low = 0, None         # one archive per peer takes one step per pick, O(n)
@@ -74,12 +79,12 @@ def local_first(ordered, local, sites_first: bool = False):
     others in *ordered*'s order, those sharing *local*'s peer or site after the rest —
     the rule of distinct copies with *local* picked first (*sites_first*, as
     ``site-aware``: a distinct site before a distinct peer). One pass: O(archives)."""
-    site = local.site or f"peer:{local.peer}/{local.name}"
+    site = _site(local)
     buckets: tuple[list, list, list, list] = ([], [], [], [])
     for a in ordered:
         if (a.peer, a.name) == (local.peer, local.name):
             continue
-        peer, same = a.peer == local.peer, (a.site or f"peer:{a.peer}/{a.name}") == site
+        peer, same = a.peer == local.peer, _site(a) == site
         buckets[2 * same + peer if sites_first else 2 * peer + same].append(a)
     return [local, *buckets[0], *buckets[1], *buckets[2], *buckets[3]]
 

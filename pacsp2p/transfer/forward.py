@@ -172,11 +172,12 @@ def _drop_kept(archive, uid: str, stored) -> None:
 def drop_all(copies) -> defer.Deferred:
     """Have each Deferred[_Copy] that succeeds drop its copy (errors logged); fires once
     every drop is answered (never fails)."""
+    copies = list(copies)
     for d in copies:
         d.addCallbacks(lambda copy: defer.maybeDeferred(copy.discard).addErrback(
             lambda f: log.warn("dropping a copy failed: {err}", err=f.getErrorMessage())),
             lambda _: None)
-    return defer.DeferredList(list(copies))
+    return defer.DeferredList(copies)
 
 
 class Forward(StoreSession):

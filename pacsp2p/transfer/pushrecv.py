@@ -92,9 +92,9 @@ def serve(service, sock, peer: str, on_reactor, waits=lambda waiting: None) -> N
 
 
 def _receive(service, reader, opening: bytes, on_reactor, peer: str):
-    """One copy, from writer *peer*: its answer (a receipt or a refusal), and (archive, uid, receipt) if it
-    is kept (pending). Raises ProtocolError/OSError if the connection cannot go on (the
-    partial file removed)."""
+    """One copy, from writer *peer*: its answer (a receipt or a refusal), and (archive,
+    uid, receipt) if it is kept (pending). Raises ProtocolError/OSError if the connection
+    cannot go on (the partial file removed)."""
     try:
         args = json.loads(opening)
         target, meta = service.admit(args["archive"], args["uid"], args["meta"])

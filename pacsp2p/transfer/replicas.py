@@ -11,8 +11,9 @@ A pending copy neither committed nor discarded within ``PENDING_TTL`` seconds is
 dropped if its writer is alive (its commit or discard was lost: the writer has its own
 record and hints, and hinted hand-off makes the copy again), but recorded if its writer
 was declared dead: the writer may have answered Success and been lost for good before its
-group commit reached us, and this copy may then be the only one left. Two pending copies of the same bytes on one archive (a C-STORE sent twice at
-once, hinted hand-off redoing a copy whose group commit is on its way) are two, each
+group commit reached us, and this copy may then be the only one left. Two pending copies
+of the same bytes on one archive (a C-STORE sent twice at once, hinted hand-off redoing
+a copy whose group commit is on its way) are two, each
 taken by its own commit or discard; the bytes go only with the last of them. A pushed
 data set is written as it comes (``Incoming``: a thread pool, the link paused while too
 much waits) and hashed on the way; an archive that can ``keep`` takes it, durable, in
@@ -267,8 +268,8 @@ class ReplicaService:
         return stored
 
     def _put(self, key, entry) -> None:
-        """One more pending copy *entry* (meta, stored, since, writer) of *key* (any thread).
-        Raises ReplicaRefused for bytes that were there already (a duplicate) while a
+        """One more pending copy *entry* (meta, stored, since, writer) of *key* (any
+        thread). Raises ReplicaRefused for bytes that were there already (a duplicate) while a
         drop of *key* is removing them: committed, it would name a file that is gone."""
         with self.lock:
             if key in self.dropping and (entry[1].duplicate or entry[1].conflict):
@@ -382,8 +383,8 @@ class ReplicaService:
 
     def _record(self, entry):
         """Deferred[seq, 0 for a conflict]: the pending copy *entry* (meta, stored, since,
-        writer) recorded; ReplicaRefused if a deletion of it learned after *since* slipped in
-        between ``_committable``'s check and this record (``tombstones.late_copy``, in
+        writer) recorded; ReplicaRefused if a deletion of it learned after *since* slipped
+        in between ``_committable``'s check and this record (``tombstones.late_copy``, in
         the writer's transaction: the copy is then removed at once, as R2 does)."""
         meta, stored, since, _ = entry
         late = []
@@ -412,9 +413,7 @@ class ReplicaService:
             return defer.succeed(None)       # those bytes were there before: keep them
         with self.lock:
             if key in self.pending:
-                other = self.pending[key]
-                self.pending[key] = (other[0], dataclasses.replace(
-                    other[1], duplicate=False, conflict=False), *other[2:])
+                self.pending[key] = _owning(self.pending[key])
                 return defer.succeed(None)
             self.dropping[key] = self.dropping.get(key, 0) + 1   # (``_put``)
         archive, uid, sha256 = key
@@ -496,11 +495,7 @@ class ReplicaService:
                          "neither committed nor discarded it", uid=key[1],
                          archive=key[0], writer=shown(str(entry[3])))
                 if dead and not (entry[1].duplicate or entry[1].conflict):
-                    # the bytes it put there are the recorded copy's now (as ``_drop``
-                    # hands them to a copy still pending)
-                    m, stored, *rest = dead[0]
-                    dead[0] = (m, dataclasses.replace(stored, duplicate=False,
-                                                      conflict=False), *rest)
+                    dead[0] = _owning(dead[0])   # its bytes: the recorded copy's now
                 else:
                     self._drop(key, entry)
             for entry in dead:
@@ -520,6 +515,13 @@ class ReplicaService:
                 self._put(key, entry)
             except ReplicaRefused:      # its bytes are being removed: nothing to keep
                 pass
+
+
+def _owning(entry):
+    """The pending copy *entry* (meta, stored, since, writer) as the owner of the bytes
+    it names (not a duplicate: dropped, it removes them), as ``_drop`` hands them over."""
+    return (entry[0], dataclasses.replace(entry[1], duplicate=False, conflict=False),
+            *entry[2:])
 
 
 def _refused(failure, copy):
