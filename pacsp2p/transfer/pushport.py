@@ -60,7 +60,8 @@ before). What cannot go otherwise than before:
   copy's answer, if read, counts; the commit goes again as a plain ``COMMIT``
   (``Ingest.remote_copy``): refused if the holder had recorded it (no pending copy),
   then as a failed commit today; a sender that waits ``VERDICT`` seconds for a verdict
-  reads the answer and sends none (the copy is committed the plain way, if at all).
+  reads the answer and sends none (the copy is committed the plain way, if at all);
+  the verdict given later is skipped, not read as the next copy's.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ import re
 import socket
 import struct
 import threading
+import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -346,15 +348,20 @@ class _Sender:
         """After a ``pipelined`` copy's END: the writer's verdict (``ThreadPush.verdict``),
         waited for before the copy's answer is read; True if its ``COMMIT_LAST`` is sent
         (right behind the END). None in ``VERDICT`` seconds: none sent (the copy is
-        committed the plain way, if at all; a verdict that comes later is dropped)."""
-        try:
-            item = self.queue.get(timeout=VERDICT)
-        except queue.Empty:
-            push.failed = True                  # (what is queued for it: dropped)
-            return False
-        if item is None:
-            self.queue.put(None)                         # (``run`` ends on it)
-            raise ReplicaRefused("the peer stops")
+        committed the plain way, if at all; a verdict that comes later is skipped, here
+        or by ``run``: its copy ``failed``, as the next copy's own comes behind it)."""
+        deadline = time.monotonic() + VERDICT
+        while True:
+            try:
+                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                push.failed = True              # (what is queued for it: dropped)
+                return False
+            if item is None:
+                self.queue.put(None)                     # (``run`` ends on it)
+                raise ReplicaRefused("the peer stops")
+            if item[0] is push or not item[0].failed:
+                break                          # (else a copy given up on: its verdict)
         if item[0] is not push:
             raise ReplicaRefused("a verdict of another copy")
         if item[1] is _NO_COMMIT:
