@@ -61,8 +61,10 @@ class PeerService(service.MultiService):
         self.reactor = reactor
         preflight.paths(settings)
         preflight.descriptors(settings)
+        storage = settings.storage
         self.catalog = Catalog(settings.data_dir / "catalog.sqlite", reactor,
-                               peer=settings.peer.name)
+                               peer=settings.peer.name,
+                               durable=storage.fsync and storage.sync_directories)
         # building archives validates their config (ConfigError before the reactor runs)
         self.archives = preflight.archives(settings, reactor, catalog=self.catalog)
         by_name = {a.name: a for a in self.archives}

@@ -59,8 +59,10 @@ class Catalog:
     ``vector`` is kept in memory: {origin peer: highest fact sequence held}, the digest
     that anti-entropy compares."""
 
-    def __init__(self, path: Path, reactor, peer: str = "", readers: int = 4):
+    def __init__(self, path: Path, reactor, peer: str = "", readers: int = 4,
+                 durable: bool = False):
         self.path, self.reactor, self.peer = Path(path), reactor, peer
+        self.durable = durable     # each commit's WAL fsynced too: survives a power cut
         self._writer_pool = ThreadPool(1, 1, "catalog-writer")
         self._reader_pool = ThreadPool(1, readers, "catalog-reader")
         self.integrity = Integrity(self.path, reactor, _connect)    # .state: /status
@@ -111,6 +113,8 @@ class Catalog:
         try:
             self._writer = _connect(self.path)
             self._writer.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP}")   # checkpoints
+            if self.durable:        # [storage] sync_directories: the WAL fsynced at commit
+                self._writer.execute("PRAGMA synchronous=FULL")
             create_schema(self._writer, self.path)
             tombstones.create_schema(self._writer)
             rows.reannounce(self._writer, self.peer, self.path)    # once, after upgrade
