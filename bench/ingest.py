@@ -29,6 +29,7 @@ from common import (Timer, code_tree, code_versions, cpu_seconds, mb, median,  #
                     ratio, table)
 
 from pacsp2p.testing import Orthanc, Peer, StoreSCP  # noqa: E402
+from pacsp2p.testing import toml  # noqa: E402
 from pacsp2p.testing.dcmtk import storescu  # noqa: E402
 
 
@@ -40,9 +41,12 @@ def send(port: int, aec: str, data: common.DataSet) -> float:
 
 
 def run_peer(work: Path, data: common.DataSet, fsync: bool, profile: Path | None,
-             label: str, tree: str | None = None) -> tuple[float, float | None, float]:
-    """(seconds, RSS MB, CPU-seconds of the peer while storescu ran)."""
-    with code_tree(tree), Peer(work, config={"storage": {"fsync": fsync}}) as peer:
+             label: str, tree: str | None = None, extra: dict | None = None
+             ) -> tuple[float, float | None, float]:
+    """(seconds, RSS MB, CPU-seconds of the peer while storescu ran); *extra*: config
+    deep-merged over the peer's (``--set-for``)."""
+    config = toml.deep_merge({"storage": {"fsync": fsync}}, extra or {})
+    with code_tree(tree), Peer(work, config=config) as peer:
         with common.profiled(peer.pid if profile else None, profile, label):
             cpu0 = cpu_seconds([peer.pid])
             seconds = send(peer.port, peer.ae_title, data)
@@ -85,7 +89,12 @@ def main() -> int:
     p.add_argument("--code", default=None,
                    help="LABEL=DIR,...: run the peer from each of these source trees "
                         "(e.g. git archive snapshots), interleaved in one invocation")
+    p.add_argument("--set-for", action="append", default=[],
+                   metavar="LABEL:section.KEY=JSON",
+                   help="a setting for the peer of one --code label only (e.g. "
+                        "'after:storage.sync_directories=true')")
     args = p.parse_args()
+    configs = common.label_configs(args.set_for)
     reps = args.reps or (1 if args.quick else 3)
     common.header("ingest: DCMTK storescu, one association, TCP_NODELAY=1")
     print(f"   load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -110,7 +119,8 @@ def main() -> int:
                     cpu = None
                     if target in peers:
                         tree = trees[target[len("pacsp2p"):].strip()]
-                        s, rss, cpu = run_peer(w, data, True, args.profile, label, tree)
+                        s, rss, cpu = run_peer(w, data, True, args.profile, label, tree,
+                                               configs.get(target[len("pacsp2p"):].strip()))
                     elif target == "pacsp2p-nosync":
                         s, rss, cpu = run_peer(w, data, False, None, label)
                     elif target == "storescp":
