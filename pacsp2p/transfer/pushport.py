@@ -190,8 +190,9 @@ class Pushes:
         if self.stopped:
             return defer.fail(ReplicaRefused("the peer stops"))
         job = _CommitJob()
-        self._sender((peer, host, port)).queue.put(
-            (job, _frame(COMMIT, copies.encode("utf-8")), True))
+        if not self._sender((peer, host, port)).put(
+                (job, _frame(COMMIT, copies.encode("utf-8")), True)):
+            job.done(None, ReplicaRefused("the peer stops"))
         return job.answer
 
     def _sender(self, key) -> _Sender:
@@ -275,6 +276,15 @@ class _Sender:
         self.pushes, self.key = pushes, key
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.sock = None
+        self.lock = threading.Lock()
+        self.ended = False                       # its thread is through (``_end``)
+
+    def put(self, item) -> bool:
+        """Any thread: *item* queued; False once the thread has ended (none reads it)."""
+        with self.lock:
+            if not self.ended:
+                self.queue.put(item)
+            return not self.ended
 
     def cut(self) -> None:
         """Any thread: end now: its socket shut down wakes the thread blocked on it."""
@@ -319,6 +329,23 @@ class _Sender:
         finally:
             self._close()
             self.pushes.gone(self)
+            self._end(current)
+
+    def _end(self, current) -> None:
+        """Thread, ending: each copy still handed to it (*current*, queued; later: ``put``)
+        fails: no answer would come, its C-STORE would wait (its association held)."""
+        with self.lock:
+            self.ended = True
+        left = [] if current is None else [current]
+        while not self.queue.empty():
+            item = self.queue.get_nowait()      # (only this thread takes items)
+            if item is not None:
+                left.append(item[0])
+        for push in dict.fromkeys(left):
+            if not push.failed:
+                push.failed = True
+                self.pushes.reactor.callFromThread(
+                    push.done, None, ReplicaRefused(f"push to {self.key[0]}: ended"))
 
     def _send(self, push, buf, end: bool, first: bool = False) -> None:
         if buf is _ABORT:
@@ -394,7 +421,10 @@ class _Sender:
     def _close(self) -> None:
         sock, self.sock = self.sock, None
         if sock is not None:
-            sock.close()
+            try:
+                sock.close()
+            except OSError:
+                pass
 
 
 def _receipt(answer) -> dict:
@@ -443,7 +473,9 @@ class _CommitJob:
         pass
 
     def done(self, answer, error, committed=None) -> None:
-        """Reactor: the sender is through with it."""
+        """Reactor: the sender is through with it (once: the first call counts)."""
+        if self.answer.called:
+            return
         if error is None:
             self.answer.callback(answer)
         else:
@@ -463,7 +495,7 @@ class ThreadPush:
     committed = told = None  # the holder's answer to its COMMIT_LAST (or its error)
 
     def __init__(self, pushes, sender, archive, uid, head, meta_json, pause, resume):
-        self.sender, self.reactor = sender, pushes.reactor
+        self.sender, self.reactor, self.uid = sender, pushes.reactor, uid
         self.pause, self.resume = pause, resume
         self.answer = defer.Deferred()
         self.lock = threading.Lock()
@@ -490,7 +522,7 @@ class ThreadPush:
     def abort(self) -> None:
         if not self.closed:
             self.closed = True
-            self.sender.queue.put((self, _ABORT, True))
+            self._put((self, _ABORT, True))
         else:
             self.verdict(None)
 
@@ -505,8 +537,8 @@ class ThreadPush:
         if not self.pipelined or not self.ended or self.decided or self.over:
             return False
         self.decided, self.told = True, told
-        self.sender.queue.put((self, _NO_COMMIT if commit is None else
-                               _frame(COMMIT_LAST, commit.encode("utf-8")), True))
+        self._put((self, _NO_COMMIT if commit is None else
+                   _frame(COMMIT_LAST, commit.encode("utf-8")), True))
         return True
 
     def _hand(self, end: bool) -> None:
@@ -527,7 +559,14 @@ class ThreadPush:
             self.paused = self.paused or pause
         if pause:
             self.pause()
-        self.sender.queue.put((self, buf, end))
+        self._put((self, buf, end))
+
+    def _put(self, item) -> None:
+        """Reactor: *item* to the sender; if its thread has ended, this copy fails."""
+        if not self.sender.put(item) and not self.failed:
+            self.failed = True
+            self.reactor.callFromThread(self.done, None, ReplicaRefused(
+                f"push to {self.sender.key[0]}: its sender has ended"))
 
     def sent(self, n: int) -> None:
         """Sender's thread: *n* bytes are written."""
@@ -539,15 +578,21 @@ class ThreadPush:
             self.reactor.callFromThread(self.resume)
 
     def done(self, answer, error, committed=None) -> None:
-        """Reactor: the sender is through with this copy (and its ``COMMIT_LAST``)."""
+        """Reactor: the sender is through with this copy (and its ``COMMIT_LAST``); the
+        first call counts, and ``answer`` fires whatever *told* or ``resume`` raise."""
+        if self.over:
+            return
         self.closed, self.committed, self.over = True, committed, True
         told, self.told = self.told, None
-        if told is not None:
-            told(committed)
-        with self.lock:
-            resume, self.paused = self.paused, False
-        if resume:
-            self.resume()
+        try:
+            if told is not None:
+                told(committed)
+            with self.lock:
+                resume, self.paused = self.paused, False
+            if resume:
+                self.resume()
+        except Exception:
+            log.failure("push of {uid}: after its answer", uid=self.uid)
         if error is None:
             self.answer.callback(answer)
         else:
