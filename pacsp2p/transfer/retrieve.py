@@ -17,7 +17,8 @@ handed to a consumer); a damaged copy fails over to the next replica, like a mis
 one, and is reported to ``on_damaged`` (the scrub replaces it).
 
 Consumers (the C-MOVE delivery, C-GET) call ``open(ref)`` in their own order; fetching
-runs ahead of them within a bounded window (instances fetched but not yet opened), and
+runs ahead of them within a bounded window (instances fetched but not yet opened, or
+under way: at most ``window`` of them, and ``window_bytes`` of those held in memory), and
 the instance a consumer waits for is rescued on a second source if its only one stalls.
 """
 
@@ -38,7 +39,7 @@ from pacsp2p.overlay.node import PeerUnknown
 from pacsp2p.strategies import Strategies, StrategyError
 from pacsp2p.transfer.batches import BatchReads
 from pacsp2p.transfer.plan import PlanView, Source, readable, source_name
-from pacsp2p.transfer.verify import Damaged, checked
+from pacsp2p.transfer.verify import WHOLE, Damaged, checked
 from pacsp2p.types import InstanceRef, PeerInfo
 
 __all__ = ["PlanView", "Retrieval", "Source", "Unavailable", "readable", "source_name"]
@@ -47,6 +48,9 @@ log = Logger()
 
 STALL_SECONDS = 20.0
 BATCH = 8               # instances: the least room a nearly full window waits for
+WINDOW_BYTES = 16 << 20     # bytes of a window's instances held in memory (each up to
+                            # verify.WHOLE; larger ones are files): a consumer that stops
+                            # (a C-GET requestor that reads nothing) holds at most this
 _ids = itertools.count(1)
 
 
@@ -92,6 +96,12 @@ class Retrieval(BatchReads):
         self.strategies = strategies if strategies is not None else default_strategies()
         self.reactor = reactor
         self.window = window
+        self.window_bytes = WINDOW_BYTES
+        self._held = {r.sop_instance_uid: n if 0 < (n := r.size or 0) <= WHOLE else 0
+                      for r in refs}             # bytes each takes in memory when fetched
+        held = [n for n in self._held.values() if n]
+        self._avg_held = sum(held) / len(held) if held else 0
+        self._buffered_bytes = 0         # of the fetched, not yet opened
         self.room = BATCH                # the least room a nearly full window waits for
         self.per_source = per_source
         self.site = site if site is not None else next(
@@ -244,8 +254,18 @@ class Retrieval(BatchReads):
                 self._drop(src, f"peer {member.name} is dead")
 
     def _budget(self) -> int:
-        fetching = sum(len(s) > 0 for s in self.plan.in_flight.values())
-        return self.window - fetching - self._buffered
+        """Instances the window has room for: by count, and by the bytes in memory (at
+        the average size of the instances held in memory)."""
+        held, fetching = self._held, 0
+        taken = self._buffered_bytes
+        for uid, flying in self.plan.in_flight.items():
+            if flying:
+                fetching += 1
+                taken += held[uid]
+        room = self.window - fetching - self._buffered
+        if self._avg_held:
+            room = min(room, int((self.window_bytes - taken) // self._avg_held))
+        return room
 
     def _full(self) -> bool:
         """Nearly full of fetched instances: no room for a batch."""
@@ -421,6 +441,7 @@ class Retrieval(BatchReads):
             self.plan.done.add(uid)
             self.plan.in_flight.pop(uid, None)
             self._buffered += 1
+            self._buffered_bytes += self._held[uid]
             self._results[uid].callback(f)
         self._schedule()
 
@@ -523,14 +544,14 @@ class Retrieval(BatchReads):
         if source.called and not isinstance(source.result, Failure):
             value = source.result                       # fetched already: hand it over
             source.addCallback(_dropped)                # (and keep no reference to it)
-            self._handed()
+            self._handed(uid)
             return defer.succeed(value)
         self.waited += 1                                # the consumer waits for it
         result = defer.Deferred()
 
         def handed(value):
             if not isinstance(value, Failure):
-                self._handed()
+                self._handed(uid)
             result.callback(value) if not isinstance(value, Failure) else result.errback(value)
 
         source.addBoth(handed)
@@ -538,8 +559,9 @@ class Retrieval(BatchReads):
             self._schedule()                            # wanted, and not on its way
         return result
 
-    def _handed(self):
+    def _handed(self, uid: str):
         self._buffered -= 1
+        self._buffered_bytes -= self._held[uid]
         if self._kick is None:          # one pass for what was opened meanwhile
             self._kick = self.reactor.callLater(0, self._kicked)
 
