@@ -280,15 +280,27 @@ class ReplicaService:
             else:
                 self.pending[key] = entry
 
-    def _take(self, key):
-        """The oldest pending copy of *key* taken out (None if there is none)."""
+    def _take(self, key, before: float | None = None, drop=lambda entry: False):
+        """The oldest pending copy of *key* taken out (None if there is none, or if it
+        was noted at *before* or later). One to be dropped (*drop(entry)*) hands the
+        bytes it put there to the next copy of them (then it owns none). Looked at, taken
+        and handed over under one lock: a push port's ``COMMIT`` may take either copy in
+        between, and the next one, recorded, named bytes the drop then removed."""
         with self.lock:
-            entry = self.pending.pop(key, None)
+            entry = self.pending.get(key)
+            if entry is None or (before is not None and entry[2] >= before):
+                return None
+            del self.pending[key]
             others = self.more.get(key)
             if others:
                 self.pending[key] = others.pop(0)
                 if not others:
                     del self.more[key]
+            if key in self.pending and drop(entry) and not (entry[1].duplicate or
+                                                            entry[1].conflict):
+                self.pending[key] = _owning(self.pending[key])
+                entry = (entry[0], dataclasses.replace(entry[1], duplicate=True),
+                         *entry[2:])
         return entry
 
     def commit(self, archive: str, uid: str, sha256: str):
@@ -309,10 +321,10 @@ class ReplicaService:
         """``commit_all`` of the entries [(key, entry or None)] taken out of ``pending``."""
         def recorded(entries):
             with self.catalog.batch():
-                done = [self._record(e).addErrback(_refused, key) if e is not None
+                done = [self._record(e).addErrback(self._not_kept, key, e) if e is not None
                         else defer.succeed(None) for e, (key, _) in zip(entries, taken)]
             return defer.gatherResults(done)
-        return defer.gatherResults([self._checked(key, e).addErrback(_refused, key)
+        return defer.gatherResults([self._checked(key, e).addErrback(self._not_kept, key, e)
                                     for key, e in taken]).addCallback(recorded)
 
     def commits_now(self, copies, on_reactor) -> dict:
@@ -338,8 +350,10 @@ class ReplicaService:
                 (meta, stored_location(meta, stored, self.peer),
                  then(meta.sop_instance_uid, since))
                 for meta, stored, since, _ in (taken[i][1] for i in fast)]) if fast else []
-        except (sqlite3.Error, OSError) as e:
+        except (sqlite3.Error, OSError) as e:     # (rolled back) pending again, refused
             log.error("catalog write of {n} commits failed: {err}", n=len(fast), err=e)
+            for i in fast:
+                self._back(*taken[i])
             written = [None] * len(fast)
         if any(written):
             self.reactor.callFromThread(self.catalog.committed_now,
@@ -402,7 +416,7 @@ class ReplicaService:
 
     def discard(self, archive: str, uid: str, sha256: str):
         key = (archive, uid, sha256)
-        entry = self._take(key)
+        entry = self._take(key, drop=lambda entry: True)
         return defer.succeed(None) if entry is None else self._drop(key, entry)
 
     def _drop(self, key, entry):
@@ -476,28 +490,20 @@ class ReplicaService:
     def _expire(self):
         """Every pending copy older than ``PENDING_TTL``: dropped if its writer is alive,
         recorded if it was declared dead (the module's docstring says why)."""
-        now = self.reactor.seconds()
-
-        def too_old(key):
-            with self.lock:
-                entry = self.pending.get(key)
-            return entry is not None and now - entry[2] > PENDING_TTL
+        before = self.reactor.seconds() - PENDING_TTL
+        alive = lambda entry: self.overlay.membership.alive(entry[3])   # noqa: E731
         with self.lock:
             keys = list(self.pending)
         for key in keys:
             # the others of a key are in the order they came: every one too old goes
             old, dead = [], []
-            while too_old(key):
-                entry = self._take(key)
-                (old if self.overlay.membership.alive(entry[3]) else dead).append(entry)
+            while (entry := self._take(key, before, alive)) is not None:
+                (old if alive(entry) else dead).append(entry)
             for entry in old:
                 log.warn("dropping copy of {uid} on {archive}: its writer {writer} "
                          "neither committed nor discarded it", uid=key[1],
                          archive=key[0], writer=shown(str(entry[3])))
-                if dead and not (entry[1].duplicate or entry[1].conflict):
-                    dead[0] = _owning(dead[0])   # its bytes: the recorded copy's now
-                else:
-                    self._drop(key, entry)
+                self._drop(key, entry)
             for entry in dead:
                 writer = entry[3]
                 log.warn("recording copy of {uid} on {archive}: its writer {writer} was "
@@ -507,14 +513,21 @@ class ReplicaService:
                     self._not_kept, key, entry)
 
     def _not_kept(self, failure, key, entry) -> None:
-        """A dead writer's copy that could not be recorded: logged; a deletion (the copy
-        dropped) stays so, else it waits for the janitor's next pass."""
+        """A copy taken out of ``pending`` that could not be recorded: logged (None); a
+        refusal (a deletion: the copy dropped) stays so, else (the catalog's write
+        failed) it is pending again (``_back``)."""
         _refused(failure, key)
         if not failure.check(ReplicaRefused):
-            try:
-                self._put(key, entry)
-            except ReplicaRefused:      # its bytes are being removed: nothing to keep
-                pass
+            self._back(key, entry)
+
+    def _back(self, key, entry) -> None:
+        """*entry*, taken out of ``pending`` but not recorded (the catalog failed), put
+        back: the next commit, a discard or ``PENDING_TTL`` takes it, as any other (lost
+        from ``pending``, it was never recorded, dropped nor expired)."""
+        try:
+            self._put(key, entry)
+        except ReplicaRefused:          # its bytes are being removed: nothing to keep
+            pass
 
 
 def _owning(entry):
