@@ -108,12 +108,21 @@ def check_meta(meta, uid: str) -> dict:
     return meta
 
 
+def check_send_id(send_id: int) -> int:
+    """The id of a cancellable SendTo: a non-negative 63-bit number."""
+    if not 0 <= send_id < 1 << 63:
+        _refuse("send id", str(send_id))
+    return send_id
+
+
 def check_send_to(ae_title, host, port, calling_ae, originator_ae, uids: str,
-                  associations=None) -> list:
+                  associations=None, send_id=None) -> list:
     """The UIDs of a SendTo (JSON list), each valid, its AE titles, address and number
     of associations sane."""
     if associations is not None and not 1 <= associations <= MAX_LINKS:
         _refuse("number of associations", str(associations))
+    if send_id is not None:
+        check_send_id(send_id)
     for what, ae in (("AE title", ae_title), ("calling AE title", calling_ae)):
         if not is_ae_title(ae):
             _refuse(what, ae)
@@ -313,9 +322,20 @@ class SendTo(amp.Command):
                  (b"port", amp.Integer()), (b"calling_ae", amp.Unicode()),
                  (b"originator_ae", amp.Unicode()), (b"originator_msg_id", amp.Integer()),
                  (b"uids", amp.Unicode()),
-                 (b"associations", amp.Integer(optional=True))]   # absent: 1 (older peers)
+                 (b"associations", amp.Integer(optional=True)),   # absent: 1 (older peers)
+                 (b"send_id", amp.Integer(optional=True))]   # absent: not cancellable
     response = [(b"completed", amp.Integer()), (b"failed", amp.Integer()),
                 (b"warning", amp.Integer()), (b"failed_uids", amp.Unicode())]
+    errors = {InvalidArgument: b"INVALID_ARGUMENT"}
+
+
+class CancelSend(amp.Command):
+    """Stop the SendTo this link's other end asked with *send_id* (its C-MOVE ended: the
+    requestor left or cancelled): what is queued is not sent, the answer gives the
+    counts so far. An unknown *send_id* (it ended already) is ignored."""
+
+    arguments = [(b"send_id", amp.Integer())]
+    response = []
     errors = {InvalidArgument: b"INVALID_ARGUMENT"}
 
 

@@ -17,11 +17,12 @@ from zope.interface import implementer
 from pacsp2p import __version__
 from pacsp2p.flow import ReadHolds
 from pacsp2p.overlay import tls
-from pacsp2p.overlay.commands import (PROTOCOL, CheckCopy, Commit, Commits, Discard,
-                                      Drain, Drop, Hello, ReplicaClose, ReplicaData,
-                                      ReplicaOpen, Replicate, SendTo, Vector, as_refusal,
-                                      check, check_archive_names, check_commits,
-                                      check_origins, check_send_to, receipt)
+from pacsp2p.overlay.commands import (PROTOCOL, CancelSend, CheckCopy, Commit, Commits,
+                                      Discard, Drain, Drop, Hello, ReplicaClose,
+                                      ReplicaData, ReplicaOpen, Replicate, SendTo, Vector,
+                                      as_refusal, check, check_archive_names,
+                                      check_commits, check_origins, check_send_id,
+                                      check_send_to, receipt)
 from pacsp2p.overlay.commands import Swim as SwimMessage
 
 log = Logger()
@@ -49,6 +50,7 @@ class Link(ReadHolds, amp.AMP):
         self.push_commits = False            # it takes Commits on its push port (Hello)
         self.commit_last = False             # and COMMIT_LAST behind a copy (Hello)
         self.inflight = 0                    # commands of the other side being answered
+        self.sends: dict = {}                # its SendTos under way, by send_id
 
     # -- IPushProducer: the transport tells us when its write buffer fills and drains
     def pauseProducing(self):
@@ -116,6 +118,8 @@ class Link(ReadHolds, amp.AMP):
     def connectionLost(self, reason):
         self.open = False
         amp.BinaryBoxProtocol.connectionLost(self, reason)
+        for send_id in list(self.sends):     # the asking peer cannot hear of them: its
+            self._stop_send(send_id)         # C-MOVE hands them to other holders
         if self.membership.services is not None:
             self.membership.services.link_lost(self)
         if not self.handshake_done:        # rate-limited: anyone can open a link
@@ -219,12 +223,32 @@ class Link(ReadHolds, amp.AMP):
 
     @SendTo.responder
     def on_send_to(self, ae_title, host, port, calling_ae, originator_ae,
-                   originator_msg_id, uids, associations=None):
+                   originator_msg_id, uids, associations=None, send_id=None):
         uids = check_send_to(ae_title, host, port, calling_ae, originator_ae, uids,
-                             associations)
-        return self.membership.services.send_to(ae_title, host, port, calling_ae,
-                                                originator_ae, originator_msg_id, uids,
-                                                associations or 1)
+                             associations, send_id)
+        d = self.membership.services.send_to(ae_title, host, port, calling_ae,
+                                             originator_ae, originator_msg_id, uids,
+                                             associations or 1)
+        if send_id is not None and callable(getattr(d, "stop", None)):
+            self._stop_send(send_id)         # (an id used again: the older one stops)
+            self.sends[send_id] = d
+            d.addBoth(self._send_ended, send_id, d)
+        return d
+
+    def _send_ended(self, result, send_id, d):
+        if self.sends.get(send_id) is d:
+            del self.sends[send_id]
+        return result
+
+    def _stop_send(self, send_id) -> None:
+        d = self.sends.pop(send_id, None)
+        if d is not None:
+            d.stop()                         # (``transfer.direct.send_for``)
+
+    @CancelSend.responder
+    def on_cancel_send(self, send_id):
+        self._stop_send(check_send_id(send_id))
+        return {}
 
 
 class _Factory(protocol.ClientFactory):

@@ -9,6 +9,9 @@ progress flows back), a vendor archive that can (``send`` capability) by its own
 C-MOVE. Zero copies through the requesting peer; the destination must accept
 associations from every source. A holder that fails mid-way has its unfinished share
 handed to another holder; an instance no live holder has is a failed sub-operation.
+A cancel (the requestor left, a C-CANCEL) stops every share: this peer's delivery, and
+each holder's ``SendTo`` under way by ``CancelSend`` (a holder also stops the shares of
+a link that is lost); what each had queued is not sent.
 
 Same interface as :class:`pacsp2p.transfer.deliver.Delivery`: ``start()`` (Deferred of
 the final :class:`Progress`), ``cancel()``,
@@ -17,12 +20,13 @@ the final :class:`Progress`), ``cancel()``,
 
 from __future__ import annotations
 
+import itertools
 import json
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pacsp2p.overlay.commands import SendTo
+from pacsp2p.overlay.commands import CancelSend, SendTo
 from pacsp2p.transfer.deliver import Delivery, Progress, Tally
 from pacsp2p.transfer.retrieve import Retrieval
 from pacsp2p.types import Query
@@ -30,6 +34,7 @@ from pacsp2p.types import Query
 log = Logger()
 
 CHUNK = 50
+_send_ids = itertools.count(1)
 
 
 class _Relay:
@@ -53,6 +58,7 @@ class DirectDelivery(Tally):
                          originator_msg_id)
         self.chunk = chunk
         self._local: list[Delivery] = []
+        self._remote: set = set()              # (holder, send_id) of SendTos under way
 
     def _count(self, completed=0, failed=0, warning=0, failed_uids=()):
         self.completed += completed
@@ -65,6 +71,14 @@ class DirectDelivery(Tally):
         self.cancelled = True
         for d in self._local:
             d.cancel()
+        membership = self.retrieval.overlay.membership
+        for holder, send_id in sorted(self._remote):
+            d = defer.maybeDeferred(membership.call, holder, CancelSend, send_id=send_id)
+            d.addErrback(self._not_cancelled, holder)
+
+    def _not_cancelled(self, failure, holder):
+        log.warn("direct delivery: cannot cancel {peer}'s share: {err}", peer=holder,
+                 err=failure.getErrorMessage())
 
     # -- the run -----------------------------------------------------------------------
     def start(self):
@@ -148,6 +162,8 @@ class DirectDelivery(Tally):
             if self.cancelled:
                 return []
             part = refs[i:i + self.chunk]
+            key = (holder, next(_send_ids))
+            self._remote.add(key)
             try:
                 answer = yield membership.call(
                     holder, SendTo, ae_title=self.destination.ae_title,
@@ -155,11 +171,14 @@ class DirectDelivery(Tally):
                     calling_ae=self.calling_ae, originator_ae=self.originator[0] or "",
                     originator_msg_id=self.originator[1] or 0,
                     uids=json.dumps([r.sop_instance_uid for r in part]),
-                    associations=getattr(self.destination, "associations", 1))
+                    associations=getattr(self.destination, "associations", 1),
+                    send_id=key[1])
             except Exception as e:
                 log.warn("direct delivery: {peer} failed to send its share: {err}; "
                          "handing it to other holders", peer=holder, err=e)
                 return refs[i:]
+            finally:
+                self._remote.discard(key)
             self._count(answer["completed"], answer["failed"], answer["warning"],
                         json.loads(answer["failed_uids"]))
         return []
@@ -167,11 +186,21 @@ class DirectDelivery(Tally):
 
 def send_for(catalog, archives, me, destination, calling_ae, originator_ae,
              originator_msg_id, uids: list[str], reactor):
-    """The SendTo responder: send the instances this peer's archives hold."""
+    """The SendTo responder: send the instances this peer's archives hold. The Deferred's
+    ``stop()`` cancels the send (``CancelSend``): the answer then counts what was sent."""
+    running: list = []                   # the delivery, once made
+    stopped: list = []
+
+    def stop():
+        stopped.append(True)
+        for delivery in running:
+            delivery.cancel()
 
     @defer.inlineCallbacks
     def run():
         refs = yield catalog.resolve(Query("IMAGE", {"SOPInstanceUID": "\\".join(uids)}))
+        if stopped:                      # cancelled before it started: nothing sent
+            return {"completed": 0, "failed": 0, "warning": 0, "failed_uids": "[]"}
         mine = [r for r in refs if any(loc.peer == me for loc in r.locations)]
         missing = sorted(set(uids) - {r.sop_instance_uid for r in mine})
         log.info("direct delivery: sending {n} instances to {ae} for {ae_from}",
@@ -180,13 +209,16 @@ def send_for(catalog, archives, me, destination, calling_ae, originator_ae,
         delivery = Delivery(sub, destination, calling_ae, reactor,
                             originator_ae=originator_ae or None,
                             originator_msg_id=originator_msg_id or None)
+        running.append(delivery)
         final = yield delivery.start()
         if final.error:
             raise IOError(final.error)
         return {"completed": final.completed, "failed": final.failed + len(missing),
                 "warning": final.warning,
                 "failed_uids": json.dumps(list(final.failed_uids) + missing)}
-    return run()
+    d = run()
+    d.stop = stop
+    return d
 
 
 def make_delivery(retrieval, destination, calling_ae, reactor, **kwargs):
