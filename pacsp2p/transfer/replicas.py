@@ -321,10 +321,10 @@ class ReplicaService:
         """``commit_all`` of the entries [(key, entry or None)] taken out of ``pending``."""
         def recorded(entries):
             with self.catalog.batch():
-                done = [self._record(e).addErrback(_refused, key) if e is not None
+                done = [self._record(e).addErrback(self._not_kept, key, e) if e is not None
                         else defer.succeed(None) for e, (key, _) in zip(entries, taken)]
             return defer.gatherResults(done)
-        return defer.gatherResults([self._checked(key, e).addErrback(_refused, key)
+        return defer.gatherResults([self._checked(key, e).addErrback(self._not_kept, key, e)
                                     for key, e in taken]).addCallback(recorded)
 
     def commits_now(self, copies, on_reactor) -> dict:
@@ -350,8 +350,10 @@ class ReplicaService:
                 (meta, stored_location(meta, stored, self.peer),
                  then(meta.sop_instance_uid, since))
                 for meta, stored, since, _ in (taken[i][1] for i in fast)]) if fast else []
-        except (sqlite3.Error, OSError) as e:
+        except (sqlite3.Error, OSError) as e:     # (rolled back) pending again, refused
             log.error("catalog write of {n} commits failed: {err}", n=len(fast), err=e)
+            for i in fast:
+                self._back(*taken[i])
             written = [None] * len(fast)
         if any(written):
             self.reactor.callFromThread(self.catalog.committed_now,
@@ -511,14 +513,21 @@ class ReplicaService:
                     self._not_kept, key, entry)
 
     def _not_kept(self, failure, key, entry) -> None:
-        """A dead writer's copy that could not be recorded: logged; a deletion (the copy
-        dropped) stays so, else it waits for the janitor's next pass."""
+        """A copy taken out of ``pending`` that could not be recorded: logged (None); a
+        refusal (a deletion: the copy dropped) stays so, else (the catalog's write
+        failed) it is pending again (``_back``)."""
         _refused(failure, key)
         if not failure.check(ReplicaRefused):
-            try:
-                self._put(key, entry)
-            except ReplicaRefused:      # its bytes are being removed: nothing to keep
-                pass
+            self._back(key, entry)
+
+    def _back(self, key, entry) -> None:
+        """*entry*, taken out of ``pending`` but not recorded (the catalog failed), put
+        back: the next commit, a discard or ``PENDING_TTL`` takes it, as any other (lost
+        from ``pending``, it was never recorded, dropped nor expired)."""
+        try:
+            self._put(key, entry)
+        except ReplicaRefused:          # its bytes are being removed: nothing to keep
+            pass
 
 
 def _owning(entry):
