@@ -435,7 +435,10 @@ class Catalog:
         return self.read(lambda conn: tombstones.tombstoned(conn, list(uids)))
 
     def record_conflict(self, uid: str, archive: str, sha256: str) -> defer.Deferred:
-        return self.write(lambda conn: conn.execute(_CONFLICT_SQL, (uid, archive, sha256)))
+        """Deferred[None]: a conflicting version kept beside *uid* (no fact: no number;
+        not the cursor, which a holder's commit answered as the copy's number)."""
+        return self.write(lambda conn: conn.execute(_CONFLICT_SQL, (uid, archive, sha256))
+                          and None)
 
     # -- reading ---------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
