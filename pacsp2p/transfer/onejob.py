@@ -15,15 +15,15 @@ import inspect
 import threading
 
 from twisted.internet import defer
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pacsp2p import threads
 from pacsp2p.catalog.db import stored_location
 from pacsp2p.catalog.facts import stamped
-from pacsp2p.dicom.admission import LogLimit
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.strategies import StrategyError
+from pacsp2p.transfer.conflicts import conflict_logged
 from pacsp2p.transfer.replicas import record
 from pacsp2p.transfer.session import StoreSession
 from pacsp2p.types import InstanceInfo, StoreError, StoreResult
@@ -46,20 +46,6 @@ def unrecorded(failure, archive, meta, stored):
                                      uid=uid, err=f.getErrorMessage()))
     d.addBoth(lambda _: failure)
     return d
-
-
-_conflicts: list = []              # the LogLimit of conflict lines, made at the first
-
-
-def conflict_logged(reactor, uid: str, sha256: str, archive: str) -> None:
-    """Reactor: the line for a conflicting version kept, at most 10 per 10 s, then one
-    counting the rest (``LogLimit``): a requestor sending one UID with other bytes in a
-    loop wrote a line a C-STORE."""
-    if not _conflicts:
-        _conflicts.append(LogLimit(reactor, logger=log))
-    _conflicts[0]("conflicting version", LogLevel.warn, "conflict: {uid} received again "
-                  "with different bytes (sha256 {sha}); both kept on {archive}", uid=uid,
-                  sha=sha256, archive=archive)
 
 
 @functools.lru_cache(maxsize=None)

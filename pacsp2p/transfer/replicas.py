@@ -47,6 +47,7 @@ from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
 from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove, spool
 from pacsp2p.config import Destination
+from pacsp2p.transfer.conflicts import conflict_logged
 from pacsp2p.overlay.commands import (CheckCopy, DrainRefused, InvalidArgument,
                                       ReplicaRefused, as_refusal, check, check_meta,
                                       receipt)
@@ -547,10 +548,9 @@ def record(catalog, meta, stored, peer, hints=(), then=None):
     """Record a durable copy in the catalog (a conflict is recorded as such), with the
     *hints* (peer, archive, via_peer, via_archive) owed for it; *then(conn, seq)* runs in
     the fact's transaction (not for a conflict)."""
-    if stored.conflict:
-        log.warn("conflict: {uid} received again with different bytes (sha256 {sha}); "
-                 "both kept on {archive}", uid=meta.sop_instance_uid, sha=stored.sha256,
-                 archive=stored.archive)
+    if stored.conflict:          # (its line: one limiter, see ``conflicts``)
+        conflict_logged(catalog.reactor, meta.sop_instance_uid, stored.sha256,
+                        stored.archive)
         d = catalog.record_conflict(meta.sop_instance_uid, stored.archive, stored.sha256)
         if hints:
             d.addCallback(lambda seq: catalog.add_hints(meta.sop_instance_uid, hints)
