@@ -305,7 +305,17 @@ class ReplicaService:
         return entry
 
     def commit(self, archive: str, uid: str, sha256: str):
-        return self._committable(archive, uid, sha256).addCallback(self._record)
+        """``Commit``: Deferred[seq] of the pending copy recorded; ReplicaRefused if there
+        is none, or if it was deleted since (then dropped); else the catalog's error,
+        the copy pending again (``_back``), as a group commit's."""
+        key = (archive, uid, sha256)
+        entry = self._take(key)
+
+        def failed(failure):
+            if entry is not None and not failure.check(ReplicaRefused):
+                self._back(key, entry)
+            return failure
+        return self._checked(key, entry).addCallback(self._record).addErrback(failed)
 
     def commits(self, copies):
         """``Commits`` (an AMP box, or a push port's ``COMMIT``): ``commit_all``, then
@@ -376,12 +386,6 @@ class ReplicaService:
                 seqs[i] = seq
         return {"seqs": seqs, "prevs": [self.catalog.previous(q) if q else None for q in seqs]}
 
-    def _committable(self, archive: str, uid: str, sha256: str):
-        """(meta, stored) of the pending copy to commit, taken out of ``pending``;
-        ReplicaRefused if there is none, or if it was deleted since (then dropped)."""
-        key = (archive, uid, sha256)
-        return self._checked(key, self._take(key))
-
     @defer.inlineCallbacks
     def _checked(self, key, entry):
         """*entry*, taken out of ``pending`` for *key*: ReplicaRefused if it is None, or
@@ -399,7 +403,7 @@ class ReplicaService:
     def _record(self, entry):
         """Deferred[seq, 0 for a conflict]: the pending copy *entry* (meta, stored, since,
         writer) recorded; ReplicaRefused if a deletion of it learned after *since* slipped
-        in between ``_committable``'s check and this record (``tombstones.late_copy``, in
+        in between ``_checked``'s check and this record (``tombstones.late_copy``, in
         the writer's transaction: the copy is then removed at once, as R2 does)."""
         meta, stored, since, _ = entry
         late = []

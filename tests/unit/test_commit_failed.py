@@ -77,3 +77,19 @@ def test_an_amp_commits_that_the_catalog_fails_leaves_the_copy_pending(
     with pytest.raises(sqlite3.Error):                             # (the block was real)
         with unwritable(catalog):
             catalog._writer.execute("CREATE TABLE t (x)")
+
+
+def test_a_single_commit_that_the_catalog_fails_leaves_the_copy_pending(
+        certs, embedded):  # noqa: F811
+    """``Commit`` (one copy: hinted hand-off, repair): the catalog's error goes to the
+    writer, the copy stays pending (before: lost, its bytes kept but never recorded,
+    dropped nor expired)."""
+    reactor, catalog, svc, server = embedded
+    sock, key = _pending_copy(reactor, certs, server, b"h" * 20_000)
+    sock.close()
+    with unwritable(catalog):
+        with pytest.raises(sqlite3.Error):
+            reactor.wait(svc.commit(*key))
+    assert key in svc.pending                                      # before: lost
+    assert reactor.wait(svc.commit(*key)) > 0
+    assert svc.pending == {}
