@@ -35,7 +35,8 @@ seconds (``min(repair_after, 60)``: hinted hand-off, which moves stand-in copies
 goes first), the first live holder in placement order keeps the first ``replicas`` live
 holders in placement order and drops the others (``Drop``: the file, then a tombstone
 fact). Only live, settled copies are counted, and only those beyond the first
-``replicas`` are dropped: nothing ever goes below ``replicas`` live copies.
+``replicas`` of the same bytes are dropped: nothing ever goes below ``replicas`` live
+copies, nor does another version of the UID (a conflict placed where the first is not).
 
 The count. ``under_replicated`` (instances with fewer than ``replicas`` live copies,
 and with none) comes from ``catalog.copies.census``, one pass over the locations'
@@ -334,8 +335,11 @@ class Repair:
             return _Job("copy", info, source, targets, len(live))
         settled = [loc for loc in live if lv.settled(loc.peer, loc.archive)]
         if len(settled) > self.replicas and settled[0].peer == self.peer:
-            keep, drop = settled[:self.replicas], settled[self.replicas:]
-            return _Job("drop", info, None, drop, len(live), keep)
+            same, keep, drop = collections.Counter(), [], []
+            for loc in settled:          # other bytes are no spare of these: each kept R
+                same[loc.sha256] += 1
+                (keep if same[loc.sha256] <= self.replicas else drop).append(loc)
+            return _Job("drop", info, None, drop, len(live), keep) if drop else None
         return None
 
     def _targets(self, info, locs, kept, lv, candidates, need: int) -> list:
