@@ -27,6 +27,10 @@ from pacsp2p.overlay.commands import Swim as SwimMessage
 
 log = Logger()
 
+MAX_BOX_KEYS = 32       # keys of one AMP box: a command's arguments (10 at most) and
+                        # AMP's own (_command, _ask, ...), with room; AMP bounds a key
+                        # (255 bytes) and a value (64 KiB), not their number
+
 
 @implementer(IHandshakeListener)
 class Link(ReadHolds, amp.AMP):
@@ -51,6 +55,7 @@ class Link(ReadHolds, amp.AMP):
         self.commit_last = False             # and COMMIT_LAST behind a copy (Hello)
         self.inflight = 0                    # commands of the other side being answered
         self.sends: dict = {}                # its SendTos under way, by send_id
+        self._box_refused = False            # a box of too many keys: closing
 
     # -- IPushProducer: the transport tells us when its write buffer fills and drains
     def pauseProducing(self):
@@ -90,6 +95,21 @@ class Link(ReadHolds, amp.AMP):
             self.inflight -= 1
             return result
         return d.addBoth(done)
+
+    def proto_value(self, string):
+        """A box of more keys than any command has closes the link (kept whole in memory
+        until its end, it grew without bound)."""
+        if len(self._currentBox) >= MAX_BOX_KEYS:
+            self._currentBox.clear()             # (the rest of this read: dropped too)
+            if not self._box_refused:
+                self._box_refused = True
+                self.membership.refusal_log(
+                    "overlay box refused", LogLevel.warn,
+                    "overlay link {dir} {peer}: an AMP box of more than {n} keys: closing",
+                    dir="to" if self.outbound else "from",
+                    peer=self.peer_name or self.address.host, n=MAX_BOX_KEYS)
+                self.close(abort=True)
+        return super().proto_value(string)
 
     def lengthLimitExceeded(self, length):
         self._keyLengthLimitExceeded = True

@@ -1,0 +1,76 @@
+"""One AMP box on an overlay link holds a bounded number of keys (fifteenth hostile-input
+session).
+
+AMP bounds each key (255 bytes) and each value (65,535 bytes) of a box, not the number
+of keys: a box is kept in memory until its empty key ends it. A client holding a
+cluster certificate (a peer's, or one stolen) that sends one box of ever new keys and
+never ends it grew the peer by its size: 400 MB sent in 2 s, RSS 104 -> 525 MB, the
+link kept. Now a box of more keys than any command has (``link.MAX_BOX_KEYS``) closes
+the link (one rate-limited line); the peer's other links go on.
+
+Two real peers; the client is a raw TLS socket with a cluster certificate.
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import time
+
+import psutil
+import pytest
+
+from pacsp2p.overlay import tls
+from pacsp2p.testing.cluster import members, patience
+from pacsp2p.testing.ports import LOOPBACK
+
+BOX_MB = 64                  # what the client tries to put in one box
+
+
+@pytest.fixture(scope="module")
+def cluster(make_cluster):
+    c = make_cluster(2)
+    tls.issue(c.ca_dir, "intruder", out=c.tls_dir)       # a valid cluster certificate
+    return c
+
+
+def connect(cluster, peer) -> ssl.SSLSocket:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cluster.tls_dir / "ca.crt")
+    ctx.load_cert_chain(cluster.tls_dir / "intruder.crt", cluster.tls_dir / "intruder.key")
+    raw = socket.create_connection((LOOPBACK, cluster.overlay_ports[peer.name][0]),
+                                   timeout=patience(60))
+    return ctx.wrap_socket(raw)
+
+
+def test_a_box_of_endless_keys_closes_the_link_not_the_memory(cluster):
+    a, b = cluster[0], cluster[1]
+    proc = psutil.Process(a.pid)
+    before = proc.memory_info().rss
+    sock = connect(cluster, a)
+    value = b"v" * 65535
+    sent, closed = 0, False
+    try:
+        for i in range(BOX_MB * 16):           # 64 KB a key: BOX_MB MB in one box
+            key = b"k%07d" % i
+            sock.sendall(struct.pack(">H", len(key)) + key +
+                         struct.pack(">H", len(value)) + value)
+            sent += len(value)
+    except OSError:
+        closed = True                          # the peer closed the link
+    if not closed:                             # all sent: closed since?
+        sock.settimeout(patience(30))
+        try:
+            closed = sock.recv(1) == b""
+        except OSError:
+            closed = True
+    sock.close()
+    grown = (proc.memory_info().rss - before) / 1e6
+    print(f"\n{sent / 1e6:.0f} MB sent, link closed: {closed}, RSS +{grown:.0f} MB")
+    assert closed, f"the link stayed open after {sent / 1e6:.0f} MB in one box"
+    assert grown < BOX_MB / 2, f"RSS +{grown:.0f} MB"
+    time.sleep(1)
+    assert members(a)[b.name] == "alive" and members(b)[a.name] == "alive"
+    log = a.log_path.read_text(errors="replace")
+    assert "Unhandled" not in log and "Traceback" not in log
