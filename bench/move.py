@@ -19,11 +19,16 @@ destination (``[destinations] STORESCPn = { ..., associations = n }``, the same
 storescp), all in the same interleaved sequence (rows ``pacsp2p-aN``; C-GET cannot use
 it: its sub-operations go on the C-GET's own association).
 
+``--code before=DIR,after=DIR``: one peer per tree (a ``git archive`` snapshot, run by
+PYTHONPATH), every row once per label (``pacsp2p[before]``, ...), all interleaved.
+
     .venv/bin/python bench/move.py [--quick] [--reps N] [--studies ct,mr32k,mr8k] [--get]
                                    [--associations 1,2] [--profile DIR]
+                                   [--code before=DIR,after=DIR]
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import sys
@@ -91,8 +96,9 @@ def counts_of(text: str) -> list[int]:
     return counts
 
 
-def source_name(n: int) -> str:
-    return "pacsp2p" if n == 1 else f"pacsp2p-a{n}"
+def source_name(n: int, label: str = "") -> str:
+    name = "pacsp2p" if n == 1 else f"pacsp2p-a{n}"
+    return f"{name}[{label}]" if label else name
 
 
 def move(port: int, aec: str, study_uid: str, dest: str = DEST) -> float:
@@ -125,6 +131,8 @@ def main() -> int:
     p.add_argument("--associations", default="1",
                    help="comma-separated numbers of associations the peer's C-MOVE uses "
                         "(each its own row; default 1)")
+    p.add_argument("--code", default=None,
+                   help="label=DIR,...: one peer per tree (PYTHONPATH), rows per label")
     args = p.parse_args()
     args.counts = counts_of(args.associations)
     reps = args.reps or (1 if args.quick else 3)
@@ -148,16 +156,26 @@ def main() -> int:
             with StoreSCP(dd / "dest", ae_title=DEST, fork=True, extra=extra,
                           log_path=wd / "storescp.log") as scp:
                 dest = f"127.0.0.1:{scp.port}"
-                with Peer(wd / "peer", destinations=destinations(dest, args.counts)) as peer, \
-                        Orthanc(wd / "orthanc",
-                                modalities={DEST: [DEST, "127.0.0.1", scp.port]}) as o:
+                with contextlib.ExitStack() as stack:
+                    peers = {}
+                    for label, tree in common.code_versions(args.code):
+                        with common.code_tree(tree):
+                            peers[label] = stack.enter_context(Peer(
+                                wd / f"peer{label}",
+                                destinations=destinations(dest, args.counts)))
+                        print(f"   peer {label or '(this checkout)'}: {tree or '.'}")
+                    o = stack.enter_context(Orthanc(
+                        wd / "orthanc", modalities={DEST: [DEST, "127.0.0.1", scp.port]}))
                     with Timer() as t:
                         for data in datasets.values():
-                            storescu(peer.port, peer.ae_title, [data.directory], timeout=600)
+                            for peer in peers.values():
+                                storescu(peer.port, peer.ae_title, [data.directory],
+                                         timeout=600)
                             storescu(o.dicom_port, o.aet, [data.directory], timeout=600)
-                    print(f"   preloaded both archives in {t.seconds:.1f} s (not timed)")
+                    print(f"   preloaded the archives in {t.seconds:.1f} s (not timed)")
                     for sname, data in datasets.items():
-                        results.append(run_study(args, reps, sname, data, scp, peer, o, dd))
+                        results.append(run_study(args, reps, sname, data, scp, peers, o,
+                                                 dd))
                     clear(scp)
         finally:
             if dest_root is not None:
@@ -180,17 +198,21 @@ def main() -> int:
             if n == "orthanc":
                 continue
             r = median(times["orthanc"]) / median(times[n])
-            print(f"{sname:6s} {n:12s} / orthanc C-MOVE = {r:.2f}   "
+            print(f"{sname:6s} {n:20s} / orthanc C-MOVE = {r:.2f}   "
                   f"({'meets' if r >= 1.0 else 'MISSES'} target >= 1.0)")
     return 0
 
 
-def run_study(args, reps, sname, data, scp, peer, o, dd):
-    sources = {source_name(n): (peer.port, peer.ae_title, peer.pid, dest_ae(n))
-               for n in args.counts}
+def run_study(args, reps, sname, data, scp, peers, o, dd):
+    sources = {}
+    for label, peer in peers.items():
+        for n in args.counts:
+            sources[source_name(n, label)] = (peer.port, peer.ae_title, peer.pid, dest_ae(n))
+        if args.get:
+            sources[f"pacsp2p-get[{label}]" if label else "pacsp2p-get"] = (
+                peer.port, peer.ae_title, peer.pid, None)
     sources["orthanc"] = (o.dicom_port, o.aet, o.process.pid, DEST)
-    if args.get:
-        sources["pacsp2p-get"] = (peer.port, peer.ae_title, peer.pid, None)
+    peer = next(iter(peers.values()))
     times: dict[str, list[float]] = {n: [] for n in sources}
     cpu: dict[str, list[float]] = {n: [] for n in sources}     # Orthanc's too
     getdir = dd / "get"
@@ -206,20 +228,20 @@ def run_study(args, reps, sname, data, scp, peer, o, dd):
             prof = args.profile if name != "orthanc" else None
             c0 = cpu_seconds(pid)
             with common.profiled(pid if prof else None, prof, f"{sname}-{name}-{rep}"):
-                if name == "pacsp2p-get":
+                if dest is None:
                     s = get(port, aec, data.study_uid, getdir)
                 else:
                     s = move(port, aec, data.study_uid, dest)
             if name in cpu:
                 cpu[name].append(cpu_seconds(pid) - c0)
             got = (sum(1 for f in getdir.iterdir() if f.is_file())
-                   if name == "pacsp2p-get" else received(scp))
+                   if dest is None else received(scp))
             if got != data.count:
                 raise RuntimeError(f"{name}: {got} of {data.count} received\n"
                                    f"{peer.log_tail(30)}")
             times[name].append(s)
             extra = f"  server CPU {cpu[name][-1] * 1000 / data.count:.3f} ms/inst"
-            print(f"   {name:12s} rep {rep + 1}: {s:6.2f} s  {mb(size) / s:7.1f} MB/s"
+            print(f"   {name:20s} rep {rep + 1}: {s:6.2f} s  {mb(size) / s:7.1f} MB/s"
                   f"  {data.count / s:6.0f} inst/s{extra}", flush=True)
     shutil.rmtree(getdir, ignore_errors=True)
     return sname, data, times, cpu

@@ -101,6 +101,7 @@ class Retrieval(BatchReads):
                       for r in refs}             # bytes each takes in memory when fetched
         held = [n for n in self._held.values() if n]
         self._avg_held = sum(held) / len(held) if held else 0
+        self._max_held = max(held, default=0)
         self._buffered_bytes = 0         # of the fetched, not yet opened
         self.room = BATCH                # the least room a nearly full window waits for
         self.per_source = per_source
@@ -256,6 +257,9 @@ class Retrieval(BatchReads):
     def _budget(self) -> int:
         """Instances the window has room for: by count, and by the bytes in memory (at
         the average size of the instances held in memory)."""
+        if self._max_held * self.window <= self.window_bytes:    # (small instances:
+            fetching = sum(len(s) > 0 for s in self.plan.in_flight.values())  # count)
+            return self.window - fetching - self._buffered
         held, fetching = self._held, 0
         taken = self._buffered_bytes
         for uid, flying in self.plan.in_flight.items():
@@ -263,9 +267,7 @@ class Retrieval(BatchReads):
                 fetching += 1
                 taken += held[uid]
         room = self.window - fetching - self._buffered
-        if self._avg_held:
-            room = min(room, int((self.window_bytes - taken) // self._avg_held))
-        return room
+        return min(room, int((self.window_bytes - taken) // self._avg_held))
 
     def _full(self) -> bool:
         """Nearly full of fetched instances: no room for a batch."""
