@@ -44,6 +44,7 @@ from pacsp2p.catalog.facts import new_stamp, stamped
 from pacsp2p.dicom.incoming import receive_pool, remove, spool
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
+from pacsp2p.overlay.swimparts import DEAD
 from pacsp2p.strategies import StrategyError
 from pacsp2p.strategies.placement import local_first
 from pacsp2p.tally import Tally
@@ -161,6 +162,9 @@ class Ingest:
     def start(self):
         if self.overlay is None:
             return
+        if self.pushes is not None:     # a holder declared dead: its copies placed again
+            self.overlay.membership.on_change.append(
+                lambda member, state: state == DEAD and self.pushes.cut(member.name))
         for fn, every in ((self._refresh_counts, 10.0), (self.hand_off, 3.0)):
             loop = task.LoopingCall(fn)
             loop.clock = self.reactor

@@ -17,31 +17,27 @@ wake-up of that thread per hand-over, no pool job per copy.
 One connection carries one copy at a time, in frames of a kind byte and a 4-byte length:
 ``OPEN`` (JSON: archive, uid, meta), ``HEAD`` (preamble and File Meta Information),
 ``DATA``..., ``END``; the holder answers ``ANSWER`` (JSON: the receipt ``Replicate``
-answers, or a refusal). Between copies a ``COMMIT`` frame (JSON: the list of [archive,
-uid, sha256] an AMP ``Commits`` carries, checked as its responder checks it) records
-pending copies (phase 2), answered ``ANSWER`` (JSON: seqs and prevs, as ``Commits``
-answers) once the holder's catalog transaction, made by the thread that read the frame,
-committed: no AMP box, no pyOpenSSL on either reactor, no hand-off to the holder's
-reactor and catalog writer (a holder says in its Hello that it takes them:
-``push_commits``). The holder's end is ``pushrecv``. A data set abandoned closes the
-connection. A holder tells its port in its Hello (``push_port``); a peer whose Hello
-names none (an older release) gets its copies over AMP as before. Everything read is
-bounded (frame sizes, the data set at ``MAX_PUSH``, connections at the port's
-``max_connections``) and checked as the AMP responders check it (``commands.check``,
-``check_meta``) before a byte is written; the answer's fields are checked at the
-writer, its hash against the writer's (``ingest``).
+answers, or a refusal). Between copies a ``COMMIT`` frame (JSON: the [archive, uid,
+sha256] list an AMP ``Commits`` carries, checked as its responder checks it) records
+pending copies (phase 2), answered ``ANSWER`` (seqs and prevs, as ``Commits`` answers)
+once the holder's catalog transaction, made by the thread that read the frame,
+committed: no AMP box, no hand-off to the holder's reactor (``push_commits`` in its
+Hello). The holder's end is ``pushrecv``. A data set abandoned closes the connection. A
+holder tells its port in its Hello (``push_port``); a peer whose Hello names none (an
+older release) gets its copies over AMP as before. Everything read is
+bounded (frame sizes, the data set at ``MAX_PUSH``, connections at ``max_connections``)
+and checked as the AMP responders check it (``commands.check``, ``check_meta``) before a
+byte is written; the answer's fields are checked at the writer (``ingest``).
 
-A copy whose C-STORE keeps no copy at the writer (its first wave pushes only:
-``recorded.store_remote``) is committed in one round trip fewer, pipelined as HTTP/1.1
-requests are: its sender thread, once it has sent ``END``, waits for the writer's
-verdict on the whole data set (``ThreadPush.verdict``: its own SHA-256 known and its
-checks passed, the moment it would send the ``COMMIT`` after both answers) and sends
-``COMMIT_LAST`` (the group commits waiting for that holder, then [archive, uid, the
-writer's sha256]) right behind ``END``, then reads both answers; the holder, once the
-copy is durable and answered, reads it, records it all in one transaction if that copy
-hashes to the writer's hash, and answers (``pushrecv``; a holder
-says ``commit_last`` in its Hello, else the writer commits after the answers as
-before). What cannot go otherwise than before:
+A copy whose C-STORE keeps no copy at the writer (pushes only: ``recorded.store_remote``)
+is committed in one round trip fewer, pipelined as HTTP/1.1 requests are: its sender
+thread, once it has sent ``END``, waits for the writer's verdict on the whole data set
+(``ThreadPush.verdict``: its SHA-256 known, its checks passed) and sends ``COMMIT_LAST``
+(the group commits waiting for that holder, then [archive, uid, the writer's sha256])
+right behind ``END``, then reads both answers; the holder, once the copy is durable and
+answered, records it all in one transaction if the copy hashes to the writer's hash
+(``pushrecv``; a holder says ``commit_last`` in its Hello, else the writer commits after
+the answers as before). What cannot go otherwise than before:
 
 - a holder records a copy only on the writer's commit, carrying the writer's hash: a
   copy refused or hashed otherwise is refused its ``COMMIT_LAST`` (nothing recorded;
@@ -54,14 +50,13 @@ before). What cannot go otherwise than before:
   today when the other's fails: an extra copy of an instance the modality was told
   failed, which its retry stores again (a duplicate there);
 - the writer's checks refuse the data set after ``END`` (``Forward.abort``): the verdict
-  is "no commit" (``verdict(None)``), the sender reads the answer as before and the
-  pending copy is discarded as today;
-- the connection dies between ``END`` and ``COMMIT_LAST`` or before its answer: the
-  copy's answer, if read, counts; the commit goes again as a plain ``COMMIT``
-  (``Ingest.remote_copy``): refused if the holder had recorded it (no pending copy),
-  then as a failed commit today; a sender that waits ``VERDICT`` seconds for a verdict
-  reads the answer and sends none (the copy is committed the plain way, if at all);
-  the verdict given later is skipped, not read as the next copy's.
+  is "no commit" (``verdict(None)``), the pending copy is discarded as today;
+- the connection dies between ``END`` and ``COMMIT_LAST`` or before its answer (or is
+  cut: the holder declared dead, ``Pushes.cut``): the copy's answer, if read, counts;
+  the commit goes again as a plain ``COMMIT`` (``Ingest.remote_copy``): refused if the
+  holder had recorded it, then as a failed commit today; a sender that waits
+  ``VERDICT`` s for a verdict sends none (the copy is committed the plain way, if at
+  all); the verdict given later is skipped, not read as the next copy's.
 """
 
 from __future__ import annotations
@@ -259,11 +254,17 @@ class Pushes:
                 idle.remove(sender)
 
     def stop(self) -> None:
-        """Reactor: end every sender; a copy still being sent fails (the threads end at
-        once, their sockets shut down, so the pool can stop)."""
+        """Reactor: end every sender (their sockets shut down: the pool can stop)."""
         with self.lock:
             self.stopped = True
-            senders, self.idle = list(self.senders), {}
+        self.cut()
+
+    def cut(self, peer: str | None = None) -> None:
+        """Reactor: end the senders to *peer* (declared dead: a copy waiting for its
+        answer fails now and is placed again, not ``ANSWER_WAIT`` s on), or all."""
+        with self.lock:
+            senders = [s for s in self.senders if peer in (None, s.key[0])]
+            self.idle = {k: q for k, q in self.idle.items() if peer not in (None, k[0])}
         for sender in senders:
             sender.cut()
 
