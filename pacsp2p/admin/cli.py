@@ -242,6 +242,8 @@ def cmd_ca(args) -> int:
             print(f"issued {crt} and {key} for {args.kind} {args.name}")
     except tls.TLSError as e:
         raise SystemExit(f"pacsp2p: {e}")
+    except OSError as e:                 # a directory that cannot be made or written
+        raise SystemExit(f"pacsp2p: {e.filename}: {e.strerror}")
     return 0
 
 

@@ -51,6 +51,11 @@ log = Logger()
 
 CA_DAYS = 3650
 PEER_DAYS = 825
+MAX_DAYS = 36500              # days a certificate issued may last at most
+# the name of a certificate's holder is its file name too (DIR/NAME.crt): a peer's as the
+# config takes it; a DICOM node's (a modality's certificate, an AE title) may hold spaces
+_PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 CLUSTER_CA = "pacsp2p cluster CA"
 DICOM_CA = "pacsp2p DICOM CA"
 KINDS = {  # kind -> extended key usages
@@ -134,6 +139,12 @@ def issue(directory: Path, peer: str, days: int = PEER_DAYS, out: Path | None = 
     directory, out = Path(directory), Path(out or directory)
     if kind not in KINDS:
         raise TLSError(f"--kind {kind!r}: must be one of {', '.join(KINDS)}")
+    if not (_PEER_NAME if kind == "peer" else _NODE_NAME).match(peer):
+        raise TLSError(f"{peer!r}: a {kind} name must be 1-64 letters, digits, '.', '_' "
+                       f"or '-'{'' if kind == 'peer' else ', spaces'} (a letter or digit "
+                       f"first): it names the files too")
+    if not 1 <= days <= MAX_DAYS:
+        raise TLSError(f"--days {days}: must be 1 to {MAX_DAYS}")
     try:
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
         ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
