@@ -30,6 +30,9 @@ log = Logger()
 MAX_BOX_KEYS = 32       # keys of one AMP box: a command's arguments (10 at most) and
                         # AMP's own (_command, _ask, ...), with room; AMP bounds a key
                         # (255 bytes) and a value (64 KiB), not their number
+MAX_UNREAD = 32 << 20   # bytes written to a link while its transport is full: its other
+                        # end reads nothing (pushes stop at full, a box or so each
+                        # after it: 32 C-STOREs x 256 KB = 8 MB; answers are small)
 
 
 @implementer(IHandshakeListener)
@@ -56,6 +59,7 @@ class Link(ReadHolds, amp.AMP):
         self.inflight = 0                    # commands of the other side being answered
         self.sends: dict = {}                # its SendTos under way, by send_id
         self._box_refused = False            # a box of too many keys: closing
+        self._unread = 0                     # bytes written since the transport filled
 
     # -- IPushProducer: the transport tells us when its write buffer fills and drains
     def pauseProducing(self):
@@ -65,11 +69,29 @@ class Link(ReadHolds, amp.AMP):
 
     def resumeProducing(self):
         self.full = False
+        self._unread = 0
         for p in list(self.pushers):
             p.link_drained()
 
     def stopProducing(self):
         """The link is going: connectionLost fails what was pushed on it."""
+
+    def sendBox(self, box):
+        """A box written while the transport is full is counted: past ``MAX_UNREAD`` the
+        other end has read nothing for that long (a client asking and never reading the
+        answers grew our memory by them) and the link is closed."""
+        if self.full and not self._box_refused:
+            self._unread += sum(len(k) + len(v) + 4 for k, v in box.items())
+            if self._unread > MAX_UNREAD:
+                self._box_refused = True
+                self.membership.refusal_log(
+                    "overlay box refused", LogLevel.warn,
+                    "overlay link {dir} {peer}: {n} MB written that it does not read: "
+                    "closing", dir="to" if self.outbound else "from",
+                    peer=self.peer_name or self.address.host, n=MAX_UNREAD >> 20)
+                self.close(abort=True)
+                return
+        super().sendBox(box)
 
     def close(self, abort: bool = False) -> None:
         """Close the link (``abort``: now, without flushing). We are our transport's

@@ -1,5 +1,5 @@
-"""One AMP box on an overlay link holds a bounded number of keys (fifteenth hostile-input
-session).
+"""One AMP box on an overlay link holds a bounded number of keys, and a link whose other
+end reads nothing holds a bounded number of answers (fifteenth hostile-input session).
 
 AMP bounds each key (255 bytes) and each value (65,535 bytes) of a box, not the number
 of keys: a box is kept in memory until its empty key ends it. A client holding a
@@ -7,6 +7,11 @@ cluster certificate (a peer's, or one stolen) that sends one box of ever new key
 never ends it grew the peer by its size: 400 MB sent in 2 s, RSS 104 -> 525 MB, the
 link kept. Now a box of more keys than any command has (``link.MAX_BOX_KEYS``) closes
 the link (one rate-limited line); the peer's other links go on.
+
+The same client sending small commands and never reading their answers grew the peer
+by the answers queued for it (59 MB of asks in 120 s: RSS 104 -> 282 MB, the link
+kept). Now a link that is written more than ``link.MAX_UNREAD`` bytes while its transport
+is full (the other end reads nothing) is closed.
 
 Two real peers; the client is a raw TLS socket with a cluster certificate.
 """
@@ -74,3 +79,31 @@ def test_a_box_of_endless_keys_closes_the_link_not_the_memory(cluster):
     assert members(a)[b.name] == "alive" and members(b)[a.name] == "alive"
     log = a.log_path.read_text(errors="replace")
     assert "Unhandled" not in log and "Traceback" not in log
+
+
+def test_asks_whose_answers_are_never_read_close_the_link(cluster):
+    a, b = cluster[0], cluster[1]
+    proc = psutil.Process(a.pid)
+    before = proc.memory_info().rss
+    sock = connect(cluster, a)
+    sent, closed, t0 = 0, False, time.monotonic()
+    try:
+        for i in range(3_000_000):             # an unknown command: an error answer each
+            if time.monotonic() - t0 > patience(120):
+                break
+            ask = b"%d" % i
+            box = (struct.pack(">H", 8) + b"_command" + struct.pack(">H", 4) + b"Nope" +
+                   struct.pack(">H", 4) + b"_ask" + struct.pack(">H", len(ask)) + ask +
+                   b"\0\0")
+            sock.sendall(box)
+            sent += len(box)
+    except OSError:
+        closed = True                          # the peer closed the link
+    sock.close()
+    grown = (proc.memory_info().rss - before) / 1e6
+    print(f"\n{sent / 1e6:.0f} MB of asks in {time.monotonic() - t0:.0f} s, link closed: "
+          f"{closed}, RSS +{grown:.0f} MB")
+    assert closed, f"the link stayed open after {sent / 1e6:.0f} MB of asks"
+    assert grown < 64, f"RSS +{grown:.0f} MB"
+    time.sleep(1)
+    assert members(a)[b.name] == "alive" and members(b)[a.name] == "alive"
