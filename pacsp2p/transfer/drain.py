@@ -13,8 +13,9 @@ copies — this one, or another over the overlay (``Drain``) — to drain. That 
 2. walks its copies on them (the catalog's locations, by sequence number) and, for each,
    copies it to the archives placement ranks first among those that are live, not
    draining and do not hold it — distinct peers first, as for a new instance — until the
-   instance has ``replicas`` copies outside the draining archives (``Replicate`` +
-   ``Commit``: the target checks the bytes against the catalog's SHA-256), then drops its
+   instance has ``replicas`` copies of the same bytes outside the draining archives
+   (``Replicate`` + ``Commit``: the target checks the bytes against the catalog's SHA-256;
+   another version of the UID is no copy of ours), then drops its
    own copy (the file, then a tombstone fact that anti-entropy spreads). A copy is
    dropped only once the instance holds ``replicas`` live copies elsewhere, so no
    instance is ever under-replicated by a drain; copies share the repair's throttle
@@ -267,7 +268,8 @@ class Drain:
         lv = self.repair.liveness()
         mine = Location(c.uid, c.archive, self.peer, c.sha256, c.size)
         outside = [loc for loc in locs if (loc.peer, loc.archive) not in draining
-                   and lv.live(loc.peer, loc.archive)]
+                   and lv.live(loc.peer, loc.archive)
+                   and (loc.sha256 == mine.sha256 or not (loc.sha256 and mine.sha256))]
         need = max(0, self.replicas - len(outside))
         if not need:
             return (mine, [])                    # enough copies elsewhere: just drop ours

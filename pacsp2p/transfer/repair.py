@@ -335,10 +335,12 @@ class Repair:
             return _Job("copy", info, source, targets, len(live))
         settled = [loc for loc in live if lv.settled(loc.peer, loc.archive)]
         if len(settled) > self.replicas and settled[0].peer == self.peer:
+            versions = {loc.sha256 for loc in settled if loc.sha256}   # ("": crawled)
             same, keep, drop = collections.Counter(), [], []
             for loc in settled:          # other bytes are no spare of these: each kept R
-                same[loc.sha256] += 1
-                (keep if same[loc.sha256] <= self.replicas else drop).append(loc)
+                key = loc.sha256 if len(versions) > 1 else ""
+                same[key] += 1
+                (keep if same[key] <= self.replicas else drop).append(loc)
             return _Job("drop", info, None, drop, len(live), keep) if drop else None
         return None
 

@@ -68,3 +68,30 @@ def test_trimming_keeps_two_copies_of_each_version(cluster, tmp_path):
     assert not few, f"versions on fewer than 2 peers: {few}; dropped {dropped}"
     assert len(held) == 2 * N, sorted(held)
     assert sum(dropped.values()) == 0, dropped
+
+
+def test_a_drain_keeps_two_copies_of_each_version(cluster, tmp_path):
+    """The same for a drain: a peer drained counted every other copy of the instance as
+    one of its R copies elsewhere, whatever its bytes. With the second versions placed
+    as above, ``pacsp2p drain --peer peera`` dropped peera's copy of the first version
+    (two copies elsewhere: one of each version), leaving it on one peer. Now a drain
+    needs R copies of the same bytes elsewhere; on three peers there is no archive left
+    to take one, so those instances stay (the drain says it is blocked)."""
+    from test_drain import drain
+    cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2, "repair_after": 5},
+                      "strategies": {"first_copy": "local"}}
+    peers = list(cluster.start(3))
+    cluster.wait_mesh()
+    a = peers[0]
+    study, files = store_study(a, tmp_path / "v1", "VERSIONDRAIN", N)
+    rows = {r["instance"]: {x["peer"] for x in r["replicas"]}
+            for r in wait_replicated(a, study, N)}
+    for i, f in enumerate(files):
+        other = next(p for p in peers if p.name not in rows[dn.sop_uid(f)])
+        got = send_version(other, f, tmp_path / "v2" / f"{i}.dcm", "version 2")
+        assert "Success" in got, f"{other.name}: {got}"
+    proc = drain(a, "--peer", a.name, "--stalled", "10")
+    held = versions_on_disk(peers)
+    few = {k: v for k, v in held.items() if len(v) < 2}
+    assert not few, f"versions on fewer than 2 peers: {few}\n{proc.stdout}{proc.stderr}"
+    assert len(held) == 2 * N, sorted(held)
