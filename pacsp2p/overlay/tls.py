@@ -139,7 +139,7 @@ def issue(directory: Path, peer: str, days: int = PEER_DAYS, out: Path | None = 
     directory, out = Path(directory), Path(out or directory)
     if kind not in KINDS:
         raise TLSError(f"--kind {kind!r}: must be one of {', '.join(KINDS)}")
-    if not (_PEER_NAME if kind == "peer" else _NODE_NAME).match(peer):
+    if not (_PEER_NAME if kind == "peer" else _NODE_NAME).fullmatch(peer):
         raise TLSError(f"{peer!r}: a {kind} name must be 1-64 letters, digits, '.', '_' "
                        f"or '-'{'' if kind == 'peer' else ', spaces'} (a letter or digit "
                        f"first): it names the files too")
