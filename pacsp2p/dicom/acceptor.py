@@ -205,17 +205,23 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         self.factory.log_limit(kind, level, fmt, ae=self.calling_ae or "?", peer=self.peer,
                                **kw)
 
-    # producer interface: Twisted pauses us while the transport's write buffer is full
+    # producer interface: Twisted pauses us while the transport's write buffer is full;
+    # what the requestor sends waits meanwhile (one sending C-ECHOs and reading none of
+    # the responses grew our memory by them)
     def pauseProducing(self):
+        if not self.paused:
+            self.pause_reading()
         self.paused = True
 
     def resumeProducing(self):
+        if self.paused:
+            self.resume_reading()
         self.paused = False
         self._touch()
         self._wake()
 
     def stopProducing(self):
-        self.paused = True
+        self.pauseProducing()
 
     def _wake(self):
         waiters, self._resume_waiters = self._resume_waiters, []
