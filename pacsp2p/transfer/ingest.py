@@ -37,10 +37,11 @@ from pathlib import Path
 
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread, deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from pacsp2p.catalog.facts import new_stamp, stamped
+from pacsp2p.dicom.admission import LogLimit
 from pacsp2p.dicom.incoming import receive_pool, remove, spool
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
@@ -135,6 +136,7 @@ class Ingest:
         self.archives = {n: a for n, a in archives.items() if "store" in a.capabilities}
         self.catalog, self.strategies, self.overlay = catalog, strategies, overlay
         self.reactor = reactor
+        self._failed_copies: LogLimit | None = None     # a target refusing every copy
         self.tmpdir = Path(settings.data_dir) / "incoming"
         # token -> opener, served on our bulk channel's /incoming
         self.offers: dict[str, object] = overlay.offers if overlay is not None else {}
@@ -367,11 +369,18 @@ class Ingest:
                 if ok:
                     copies.append(value)
                 else:
-                    log.warn("copy of {uid} to {archive}@{peer} failed: {err}",
-                             uid=meta.sop_instance_uid, archive=target.name,
-                             peer=target.peer, err=value.getErrorMessage())
+                    self._failed_copy("copy failed", LogLevel.warn,
+                                      "copy of {uid} to {archive}@{peer} failed: {err}",
+                                      uid=meta.sop_instance_uid, archive=target.name,
+                                      peer=target.peer, err=value.getErrorMessage())
         drop_all(early.values())               # targets no longer wanted
         return copies
+
+    def _failed_copy(self, *args, **kw) -> None:
+        if self._failed_copies is None:
+            from twisted.internet import reactor
+            self._failed_copies = LogLimit(self.reactor or reactor, logger=log)
+        self._failed_copies(*args, **kw)
 
     def _early(self, d, target, meta):
         """The copy pushed while the data set arrived: check it holds the same bytes
