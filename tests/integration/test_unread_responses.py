@@ -16,7 +16,6 @@ from __future__ import annotations
 import socket
 import time
 
-import psutil
 import pytest
 
 from pacsp2p.testing import Peer
@@ -24,6 +23,7 @@ from pacsp2p.testing.cluster import patience
 from pacsp2p.testing.dcmtk import dcmtk_env, dcmtk_path
 from pacsp2p.testing.fuzz import wire as w
 from pacsp2p.testing.ports import LOOPBACK
+from pacsp2p.testing.fuzz.watch import status_kib
 
 import subprocess
 
@@ -38,8 +38,8 @@ def peer(tmp_path_factory):
 
 
 def test_echoes_whose_responses_are_never_read_hold_the_requestor_back(peer):
-    proc = psutil.Process(peer.pid)
-    before = proc.memory_info().rss
+    pid = peer.pid
+    before = status_kib(pid) * 1024
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(patience(60))
@@ -60,7 +60,7 @@ def test_echoes_whose_responses_are_never_read_hold_the_requestor_back(peer):
         held = True                      # the association ended (the idle timeout)
     finally:
         sock.close()
-    grown = (proc.memory_info().rss - before) / 1e6
+    grown = (status_kib(pid) * 1024 - before) / 1e6
     print(f"\n{sent / 1e6:.1f} MB of C-ECHO-RQs in {time.monotonic() - t0:.0f} s, "
           f"held back: {held}, RSS +{grown:.0f} MB")
     assert held, f"the peer read {sent / 1e6:.0f} MB of requests whose answers nobody read"
