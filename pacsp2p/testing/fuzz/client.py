@@ -155,6 +155,12 @@ def send_case(host: str, port: int, case: Case, *, connect_timeout: float = 10.0
     except socket.timeout:
         res.outcome = "connect-timeout"
         return res
+    except ConnectionResetError:
+        # accepted, then aborted before this thread saw its connect complete: what the
+        # peer does to a connection over its bounds (max_per_address, max_associations)
+        # on a loaded host; a reset after the connect returned is "reset" too
+        res.outcome = "reset"
+        return res
     except OSError as e:
         res.outcome = f"connect-error:{type(e).__name__}"
         return res
