@@ -210,8 +210,12 @@ def test_an_archive_stopping_mid_pdu_is_let_go(tmp_path):
 
 
 def test_a_qido_service_ignoring_offset_is_not_listed_for_ever(tmp_path):
+    pages = []          # the crawl's pages (an offset asked); the health probe asks none
+
     def studies(h):
         query = dict(p.partition("=")[::2] for p in h.path.partition("?")[2].split("&"))
+        if "offset" in query:
+            pages.append(query["offset"])
         rows = [{"0020000D": {"vr": "UI", "Value": [f"1.2.3.{i}"]},
                  "00201208": {"vr": "IS", "Value": [1]}}
                 for i in range(int(query.get("limit") or 1000))]
@@ -224,7 +228,7 @@ def test_a_qido_service_ignoring_offset_is_not_listed_for_ever(tmp_path):
                 {"name": "web", "adapter": "dicomweb", "url": f"{o.url}/dicom-web"}]}) as p:
             wait_until(lambda: "ignores offset" in (crawl(p)["error"] or ""), 120, 0.5,
                        "the crawl stopped")
-            assert o.hits["/dicom-web/studies"] <= 4, o.hits
+            assert len(pages) <= 3, (pages, o.hits)
             log = p.log_path.read_text()
             assert log.count("1 study row(s) skipped: StudyInstanceUID is not a UID "
                              "(e.g. '../../x')") == 1, log[-3000:]
