@@ -13,21 +13,27 @@ by the answers queued for it (59 MB of asks in 120 s: RSS 104 -> 282 MB, the lin
 kept). Now a link that is written more than ``link.MAX_UNREAD`` bytes while its transport
 is full (the other end reads nothing) is closed.
 
+Garbage (random bytes) on the link: the first length past AMP's bound closed the link
+gracefully, which over TLS waits for the other end's close_notify; meanwhile AMP kept
+every byte that came after in front of the length it refused (and copied it at each
+read): 76 MB of garbage in 120 s, RSS 104 -> 261 MB. Now the link is aborted at once.
+
 Two real peers; the client is a raw TLS socket with a cluster certificate.
 """
 from __future__ import annotations
 
+import random
 import socket
 import ssl
 import struct
 import time
 
-import psutil
 import pytest
 
 from pacsp2p.overlay import tls
 from pacsp2p.testing.cluster import members, patience
 from pacsp2p.testing.ports import LOOPBACK
+from pacsp2p.testing.fuzz.watch import status_kib
 
 BOX_MB = 64                  # what the client tries to put in one box
 
@@ -51,8 +57,8 @@ def connect(cluster, peer) -> ssl.SSLSocket:
 
 def test_a_box_of_endless_keys_closes_the_link_not_the_memory(cluster):
     a, b = cluster[0], cluster[1]
-    proc = psutil.Process(a.pid)
-    before = proc.memory_info().rss
+    pid = a.pid
+    before = status_kib(pid) * 1024
     sock = connect(cluster, a)
     value = b"v" * 65535
     sent, closed = 0, False
@@ -71,7 +77,7 @@ def test_a_box_of_endless_keys_closes_the_link_not_the_memory(cluster):
         except OSError:
             closed = True
     sock.close()
-    grown = (proc.memory_info().rss - before) / 1e6
+    grown = (status_kib(pid) * 1024 - before) / 1e6
     print(f"\n{sent / 1e6:.0f} MB sent, link closed: {closed}, RSS +{grown:.0f} MB")
     assert closed, f"the link stayed open after {sent / 1e6:.0f} MB in one box"
     assert grown < BOX_MB / 2, f"RSS +{grown:.0f} MB"
@@ -83,8 +89,8 @@ def test_a_box_of_endless_keys_closes_the_link_not_the_memory(cluster):
 
 def test_asks_whose_answers_are_never_read_close_the_link(cluster):
     a, b = cluster[0], cluster[1]
-    proc = psutil.Process(a.pid)
-    before = proc.memory_info().rss
+    pid = a.pid
+    before = status_kib(pid) * 1024
     sock = connect(cluster, a)
     sent, closed, t0 = 0, False, time.monotonic()
     try:
@@ -100,10 +106,34 @@ def test_asks_whose_answers_are_never_read_close_the_link(cluster):
     except OSError:
         closed = True                          # the peer closed the link
     sock.close()
-    grown = (proc.memory_info().rss - before) / 1e6
+    grown = (status_kib(pid) * 1024 - before) / 1e6
     print(f"\n{sent / 1e6:.0f} MB of asks in {time.monotonic() - t0:.0f} s, link closed: "
           f"{closed}, RSS +{grown:.0f} MB")
     assert closed, f"the link stayed open after {sent / 1e6:.0f} MB of asks"
     assert grown < 64, f"RSS +{grown:.0f} MB"
     time.sleep(1)
+    assert members(a)[b.name] == "alive" and members(b)[a.name] == "alive"
+
+
+def test_garbage_aborts_the_link(cluster):
+    a, b = cluster[0], cluster[1]
+    pid = a.pid
+    before = status_kib(pid) * 1024
+    sock = connect(cluster, a)
+    rng = random.Random(15)
+    garbage = bytes(rng.getrandbits(8) for _ in range(65536))
+    sent, closed, t0 = 0, False, time.monotonic()
+    sock.settimeout(10)
+    try:
+        while sent < BOX_MB << 20 and time.monotonic() - t0 < patience(60):
+            sock.sendall(garbage)
+            sent += len(garbage)
+    except OSError:
+        closed = True
+    sock.close()
+    grown = (status_kib(pid) * 1024 - before) / 1e6
+    print(f"\n{sent / 1e6:.1f} MB of garbage in {time.monotonic() - t0:.0f} s, link "
+          f"closed: {closed}, RSS +{grown:.0f} MB")
+    assert closed, f"the link took {sent / 1e6:.0f} MB of garbage"
+    assert grown < 32, f"RSS +{grown:.0f} MB"
     assert members(a)[b.name] == "alive" and members(b)[a.name] == "alive"
