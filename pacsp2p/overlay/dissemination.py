@@ -114,6 +114,7 @@ class Dissemination:
         self.ae: dict[str, int] = {}    # neighbour -> its sum, its digest differing
         self.told = dict(vector())      # what we announced (not the facts we had at start)
         self.pulling: str | None = None
+        self._pull_d = None             # the Deferred of the running pull
         self.pulls = 0
         self.served = 0                 # pulls of others answered (``asked``)
         self.failed = 0
@@ -365,12 +366,19 @@ class Dissemination:
         # it starts when the interval allows it, not later: it waited for it (1 ms slack)
         self._waited = now <= self._last_pull + self.pull_interval * self.slowdown + 0.001
         self._last_pull = now
-        d = self.pull(target)
+        d = self._pull_d = self.pull(target)
         d.addCallbacks(self._pulled, self._failed, callbackArgs=(target,),
                        errbackArgs=(target,))
 
+    def lost(self, name: str) -> None:
+        """*name* was declared dead: a pull from it under way is cut now (a frozen peer
+        would hold it, and every fact of every other peer behind it, for the answer's
+        timeout: ``fetching.ANSWER_TIMEOUT``, 60 s), and the next goes to another."""
+        if self.pulling == name and self._pull_d is not None:
+            self._pull_d.cancel()
+
     def _pulled(self, vector, target) -> None:
-        self.pulling = None
+        self.pulling = self._pull_d = None
         self._last_pull = self.clock.seconds()
         # many facts at once: a stream, pull less often, more each time; fewer, but news
         # of more came before we could pull again: the stream goes on (set before
@@ -393,7 +401,7 @@ class Dissemination:
             self._kick()
 
     def _failed(self, failure, target) -> None:
-        self.pulling = None
+        self.pulling = self._pull_d = None
         self.failed += 1
         self._last_pull = self.clock.seconds()
         for holders in self.ahead.values():

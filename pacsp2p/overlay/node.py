@@ -24,7 +24,7 @@ from pacsp2p.overlay.dissemination import Dissemination, check_vector
 from pacsp2p.overlay.membership import MemberInfo, Membership
 from pacsp2p.overlay.readclient import ReadClient
 from pacsp2p.overlay.reclaim import Reclaim
-from pacsp2p.overlay.swimparts import SwimConfig
+from pacsp2p.overlay.swimparts import DEAD, SwimConfig
 from pacsp2p.overlay.sync import AntiEntropy
 
 log = Logger()
@@ -72,6 +72,8 @@ class Overlay:
             pull_interval=o.pull_interval, ae_interval=max(2.0, 4 * o.heartbeat),
             count=lambda: catalog.facts)
         self.dissemination.on_vector.append(self.membership.vector_heard)
+        self.membership.on_change.append(       # a pull from a peer found dead is cut
+            lambda member, state: state == DEAD and self.dissemination.lost(member.name))
         # a catalog restored from an older backup: mended when a vector tells (reclaim)
         self.reclaim = Reclaim(catalog, self.sync, self.membership.members, reactor)
         self.membership.on_vector.append(self.reclaim.vector_heard)
