@@ -167,18 +167,22 @@ def cmd_catalog_rebuild(args) -> int:
     from pacsp2p.admin.progress import Progress
 
     s = _settings(args)
+    if not s.data_dir.is_dir():         # (a mistyped or missing --config: nothing made)
+        raise SystemExit(f"pacsp2p: no data directory {s.data_dir} to rebuild the catalog "
+                         "of; give the peer's --config")
     try:
         held = lock.acquire(s.data_dir)
     except lock.Locked as e:
         raise SystemExit(f"pacsp2p: cannot rebuild while the peer runs: {e}")
+    path = s.data_dir / "catalog.sqlite"
+    print(f"rebuilding {path} (peer {s.peer.name}) from {len(s.archives)} archive(s)")
     try:
         archives = [make_archive(a, s, reactor) for a in s.archives]
         with Progress("rebuilding the catalog", unit="instances") as bar:
-            n = rebuild(s.data_dir / "catalog.sqlite", archives, s.peer.name,
-                        progress=bar.message, count=bar.set)
+            n = rebuild(path, archives, s.peer.name, progress=bar.message, count=bar.set)
     finally:
         held.close()
-    print(f"catalog rebuilt: {n} instances")
+    print(f"catalog rebuilt: {n} instances in {path}")
     return 0
 
 

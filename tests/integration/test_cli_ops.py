@@ -88,7 +88,24 @@ def test_cli_for_people(tmp_path):
     # peer stopped: rebuild the catalog from the archive (nothing left: both deleted)
     r = _cli(peer, "catalog", "rebuild")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "catalog rebuilt: 0 instances"
+    catalog = peer.data_dir / "catalog.sqlite"
+    assert r.stdout.splitlines() == [
+        f"rebuilding {catalog} (peer {peer.name}) from 1 archive(s)",
+        f"catalog rebuilt: 0 instances in {catalog}"], r.stdout
+
+
+def test_catalog_rebuild_without_a_data_directory_makes_nothing(tmp_path):
+    """Run where no peer lives (no --config: the default ./pacsp2p-data), the rebuild
+    says there is nothing to rebuild, in one line, and creates nothing (it made an empty
+    data directory and catalog there, saying only "catalog rebuilt: 0 instances")."""
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    r = subprocess.run([str(PACSP2P), "catalog", "rebuild"], cwd=here, capture_output=True,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.strip() == (f"pacsp2p: no data directory {here / 'pacsp2p-data'} to "
+                                "rebuild the catalog of; give the peer's --config"), r.stderr
+    assert list(here.iterdir()) == []
 
 
 def test_cli_refusals_are_one_line(tmp_path):
