@@ -92,6 +92,14 @@ from pacsp2p.transfer.session import StoreSession
 from pacsp2p.types import Query, Scope
 from pacsp2p.validate import check_uid
 
+HEALTH_WAIT = 5.0       # seconds status() waits for an archive's health check
+
+
+def _reactor():
+    from twisted.internet import reactor
+    return reactor
+
+
 __all__ = ["Cluster", "DeleteError", "DrainError", "Delivery", "Retrieval", "Scope", "StoreSession"]
 
 
@@ -267,17 +275,25 @@ class Cluster:
         as the peer's health loop last saw it (every 5 s) instead of asking each archive
         now — what ``/metrics`` wants: fast even while an archive hangs."""
         counts = yield self.catalog.counts()
-        archives = {}
+        archives, asked = {}, {}
         for name, archive in self.archives.items():
             seen = getattr(archive, "last_health", None) if cached else None
             if seen is not None:
                 archives[name] = dict(seen)
-                continue
+            else:       # all at once, each bounded: a hung archive (frozen, its disk
+                        # stalled) is shown not answering, not waited for (30 s each)
+                archives[name] = None                   # (in the config's order)
+                asked[name] = defer.maybeDeferred(archive.health).addTimeout(
+                    HEALTH_WAIT, self.reactor or _reactor())
+        for name, d in asked.items():
             try:
-                archives[name] = yield archive.health()
+                archives[name] = yield d
+            except defer.TimeoutError:
+                archives[name] = {"up": False, "error": "its health check did not answer "
+                                                        f"within {HEALTH_WAIT:.0f} s"}
             except Exception as e:
                 archives[name] = {"up": False, "error": str(e)}
-            archives[name]["max_fetches"] = getattr(archive, "max_fetches", None)
+            archives[name]["max_fetches"] = getattr(self.archives[name], "max_fetches", None)
         status = {"peer": self.settings.peer.name, "version": __version__,
                   "catalog_schema": SCHEMA_VERSION, "overlay_protocol": PROTOCOL,
                   "facade": {"ae_title": self.settings.facade.ae_title,
