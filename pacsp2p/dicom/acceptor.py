@@ -21,13 +21,12 @@ connection:
   their addresses), if any, decides: it returns what the association may do (kept as
   ``grant``, opaque here) or raises ``negotiation.Refused`` (A-ASSOCIATE-RJ). A request
   of which no presentation context is accepted (none proposed, or only SOP classes we do
-  not serve) gets A-ASSOCIATE-RJ (rejected-permanent, service user, no reason), as
-  DCMTK's SCPs answer, instead of an association that can do nothing and holds a slot.
+  not serve) gets A-ASSOCIATE-RJ (rejected-permanent, service user, no reason) as DCMTK's
+  SCPs do, not an association that can do nothing and holds a slot.
 - TLS (``dicom.tls``): the same protocol serves a TLS port; ``tls`` says whether this
   connection came through it, ``peer_certificate`` names the client certificate. A
   handshake that fails (no client certificate, one from another CA, an old protocol
-  version) closes the connection with one rate-limited log line; the ARTIM timer covers
-  the handshake too.
+  version) closes the connection with one rate-limited log line; ARTIM covers it too.
 - an idle timeout (``idle_timeout``) aborts an association with no operation running
   that sent no response and received fewer than ``PROGRESS`` bytes for that long (a
   requestor dripping a byte now and then holds no association slot for ever: a
@@ -40,9 +39,8 @@ connection:
   services a small in-memory buffer (``max_identifier``); fragments of a few bytes are
   gathered first (a sink never queues an object per handful of bytes). At most
   ``MAX_QUEUED`` requests wait on one association.
-- An ``observer``, if the listener was given one (the facade's audit trail and
-  metrics), is told of each association established (``established``), rejected
-  (``rejected``, with why) and ended (``ended``: released, aborted, lost, timed out).
+- An ``observer`` (the facade's audit trail, metrics), if given, is told of each association
+  ``established``, ``rejected`` (why) and ``ended`` (released, aborted, lost, timed out).
 - Complete messages go to the DIMSE services (``services.request``); requests are handled
   one at a time in arrival order (no asynchronous operations window is negotiated),
   C-CANCEL and the C-STORE-RSPs of C-GET sub-operations reach the request they belong to.
@@ -87,6 +85,7 @@ FD_RESERVE = 64              # file descriptors kept free for everything else
 SEND_FRAGMENT = 1 << 20      # PDV data bytes per PDU sent to a requestor without a limit
 SEND_LIMIT = 4 << 20         # bytes per socket send (Twisted's default: 128 KB)
 PROGRESS = 64 << 10          # bytes received that restart the idle timeout
+LATE = 5.0                   # seconds a timer fired past its time: we were stalled
 
 
 def _socket(transport):
@@ -257,11 +256,12 @@ class Association(ReadHolds, Messages, protocol.Protocol):
                 self._arm(self.factory.idle_timeout, "idle")
 
     def _timed_out(self, what, seconds):
-        self._timer = None
-        if self.state == "established" and not self.paused and \
-                (self._ops or self.reading_held()):
-            self._arm(seconds, what)           # our own operation or write is running
-            return
+        now = self.reactor.seconds()
+        due, self._timer = (self._timer.getTime() if self._timer else now), None
+        if self.state == "established" and (now - due > LATE or not self.paused and
+                                            (self._ops or self.reading_held())):
+            self._arm(seconds, what)    # our operation or write is running, or this
+            return                      # process stood still: read what waits first
         if self.state == "established" and self.paused:
             what = "nothing read by the requestor"
         elif self.state == "established" and self._heard:
