@@ -14,15 +14,13 @@
    batches (``commits``: group commit); otherwise every copy is dropped and the C-STORE
    fails with 0xA700: the modality keeps its copy and retries.
    A peer alone with one archive that can ``keep`` does all of it in the thread that
-   wrote the data set (``OneJob``). When the writer thread kept the file in one of our
-   archives (``Forward``: that archive took it) and placement wants another copy here
-   too (more copies than live peers), that copy reads the kept one back (``_Source``).
+   wrote the data set (``OneJob``). A second copy here of a file the writer thread kept
+   in one of our archives (more copies than live peers) reads it back (``_Source``).
 4. A preferred archive that was down or failed is owed a copy (a hint, kept locally):
-   hinted hand-off (as in Dynamo, DeCandia et al., SOSP 2007) makes it when its peer is
-   back (one of our own archives: once it answers again, copied here), then the
-   stand-in that took the copy meanwhile drops its own (a tombstone fact tells the
-   cluster). A copy owed to no archive in particular (the writer knew too few archives)
-   is made as soon as placement finds one.
+   hinted hand-off (Dynamo, DeCandia et al., SOSP 2007) makes it when its peer and it
+   are back (``_up``), then the stand-in that took the copy meanwhile drops its own (a
+   tombstone fact tells the cluster). A copy owed to no archive in particular (the
+   writer knew too few archives) is made as soon as placement finds one.
 
 Retrying the same instance is idempotent: same UID and bytes is a duplicate, same UID
 and other bytes is a conflict — both kept, logged and counted in ``pacsp2p status``.
@@ -129,10 +127,8 @@ class _Source:
 class Ingest:
     def __init__(self, settings, archives: dict, catalog, strategies, overlay=None,
                  reactor=None):
-        self.peer = settings.peer.name
-        self.site = None
-        self.replicas = settings.cluster.replicas
-        self.quorum = settings.cluster.write_quorum
+        self.peer, self.site = settings.peer.name, None
+        self.replicas, self.quorum = settings.cluster.replicas, settings.cluster.write_quorum
         self.archives = {n: a for n, a in archives.items() if "store" in a.capabilities}
         self.catalog, self.strategies, self.overlay = catalog, strategies, overlay
         self.reactor = reactor
@@ -146,10 +142,10 @@ class Ingest:
         self.recorded_in_thread = 0       # replicated stores recorded so (``recorded``)
         self.commits_behind = 0           # pushed copies recorded by a COMMIT_LAST
         self.durable_in_thread = 0        # C-STOREs a thread found done (``Forward``)
-        # [strategies] first_copy = "local": instances ranked with one of our archives
-        # first, and those the balance guard left in placement's order (``_local_first``)
-        self.first_copy = settings.strategies.first_copy
-        self.slack = settings.strategies.first_copy_slack
+        # first_copy = "local": instances ranked with one of our archives first, and those
+        # the balance guard left in placement's order (``_local_first``)
+        self.first_copy, self.slack = (settings.strategies.first_copy,
+                                       settings.strategies.first_copy_slack)
         self.first = {"local": 0, "guarded": 0}
         self.committing: set[tuple] = set()      # (uid, peer, archive) commits running
         self.drain_here: set[str] = set()         # our archives being drained (drain.py)
@@ -501,11 +497,9 @@ class Ingest:
         tally = Tally()                 # one log line for the batch, not one per instance
         try:
             for uid, peer, archive, via_peer, via_archive in hints:
-                if peer != "*" and not self.overlay.alive(peer) or \
-                        (uid, peer, archive) in self.committing or \
-                        peer == self.peer and not getattr(self.archives.get(archive),
-                                                          "up", True):
-                    continue                    # not back yet (an archive of ours: down)
+                if peer != "*" and not self._up(peer, archive) or \
+                        (uid, peer, archive) in self.committing:
+                    continue                    # not back yet: its peer or archive down
                 try:
                     done = yield self._hand_off_one(uid, peer, archive, via_peer,
                                                     via_archive, tally)
@@ -519,6 +513,15 @@ class Ingest:
                 failed = any(k.startswith("failed") for k in tally.counts)
                 (log.warn if failed else log.info)(
                     "hinted hand-off: {summary}", summary=tally.summary())
+
+    def _up(self, peer: str, archive: str) -> bool:
+        """*archive* of *peer* may take an owed copy (up; its peer alive, not saying it down:
+        a hung one held every hint behind it its timeout, one by one)."""
+        if peer == self.peer:
+            return getattr(self.archives.get(archive), "up", True)
+        m = self.overlay.membership.members.get(peer)
+        return m is not None and self.overlay.alive(peer) and \
+            archive not in (m.info.archives_down or ())
 
     @defer.inlineCallbacks
     def _hand_off_one(self, uid, peer, archive, via_peer, via_archive, tally):
