@@ -33,7 +33,7 @@ import pytest
 from pacsp2p.overlay import tls
 from pacsp2p.testing.cluster import members, patience
 from pacsp2p.testing.ports import LOOPBACK
-from pacsp2p.testing.fuzz.watch import status_kib
+from pacsp2p.testing.fuzz.watch import Growth
 
 BOX_MB = 64                  # what the client tries to put in one box
 
@@ -57,8 +57,7 @@ def connect(cluster, peer) -> ssl.SSLSocket:
 
 def test_a_box_of_endless_keys_closes_the_link_not_the_memory(cluster):
     a, b = cluster[0], cluster[1]
-    pid = a.pid
-    before = status_kib(pid) * 1024
+    rss = Growth(a.pid)
     sock = connect(cluster, a)
     value = b"v" * 65535
     sent, closed = 0, False
@@ -77,7 +76,7 @@ def test_a_box_of_endless_keys_closes_the_link_not_the_memory(cluster):
         except OSError:
             closed = True
     sock.close()
-    grown = (status_kib(pid) * 1024 - before) / 1e6
+    grown = rss.mb()
     print(f"\n{sent / 1e6:.0f} MB sent, link closed: {closed}, RSS +{grown:.0f} MB")
     assert closed, f"the link stayed open after {sent / 1e6:.0f} MB in one box"
     assert grown < BOX_MB / 2, f"RSS +{grown:.0f} MB"
@@ -89,8 +88,7 @@ def test_a_box_of_endless_keys_closes_the_link_not_the_memory(cluster):
 
 def test_asks_whose_answers_are_never_read_close_the_link(cluster):
     a, b = cluster[0], cluster[1]
-    pid = a.pid
-    before = status_kib(pid) * 1024
+    rss = Growth(a.pid)
     sock = connect(cluster, a)
     sent, closed, t0 = 0, False, time.monotonic()
     try:
@@ -106,7 +104,7 @@ def test_asks_whose_answers_are_never_read_close_the_link(cluster):
     except OSError:
         closed = True                          # the peer closed the link
     sock.close()
-    grown = (status_kib(pid) * 1024 - before) / 1e6
+    grown = rss.mb()
     print(f"\n{sent / 1e6:.0f} MB of asks in {time.monotonic() - t0:.0f} s, link closed: "
           f"{closed}, RSS +{grown:.0f} MB")
     assert closed, f"the link stayed open after {sent / 1e6:.0f} MB of asks"
@@ -117,8 +115,7 @@ def test_asks_whose_answers_are_never_read_close_the_link(cluster):
 
 def test_garbage_aborts_the_link(cluster):
     a, b = cluster[0], cluster[1]
-    pid = a.pid
-    before = status_kib(pid) * 1024
+    rss = Growth(a.pid)
     sock = connect(cluster, a)
     rng = random.Random(15)
     garbage = bytes(rng.getrandbits(8) for _ in range(65536))
@@ -131,7 +128,7 @@ def test_garbage_aborts_the_link(cluster):
     except OSError:
         closed = True
     sock.close()
-    grown = (status_kib(pid) * 1024 - before) / 1e6
+    grown = rss.mb()
     print(f"\n{sent / 1e6:.1f} MB of garbage in {time.monotonic() - t0:.0f} s, link "
           f"closed: {closed}, RSS +{grown:.0f} MB")
     assert closed, f"the link took {sent / 1e6:.0f} MB of garbage"

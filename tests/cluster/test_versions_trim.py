@@ -38,19 +38,26 @@ def versions_on_disk(peers) -> dict:
     return held
 
 
-def test_trimming_keeps_two_copies_of_each_version(cluster, tmp_path):
+def two_versions(cluster, tmp_path, patient: str) -> list:
+    """Three peers (R = W = 2, local-first); a study of N stored at the first, then a
+    second version of each instance stored at the peer holding no copy of the first;
+    the peers."""
     cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2, "repair_after": 5},
                       "strategies": {"first_copy": "local"}}
     peers = list(cluster.start(3))
     cluster.wait_mesh()
-    a = peers[0]
-    study, files = store_study(a, tmp_path / "v1", "VERSIONTRIM", N)
+    study, files = store_study(peers[0], tmp_path / "v1", patient, N)
     rows = {r["instance"]: {x["peer"] for x in r["replicas"]}
-            for r in wait_replicated(a, study, N)}
+            for r in wait_replicated(peers[0], study, N)}
     for i, f in enumerate(files):
         other = next(p for p in peers if p.name not in rows[dn.sop_uid(f)])
         got = send_version(other, f, tmp_path / "v2" / f"{i}.dcm", "version 2")
         assert "Success" in got, f"{other.name}: {got}"
+    return peers
+
+
+def test_trimming_keeps_two_copies_of_each_version(cluster, tmp_path):
+    peers = two_versions(cluster, tmp_path, "VERSIONTRIM")
     sent = time.time()
     # two censuses after the second versions: the walk the first one starts is over
     for p in peers:
@@ -78,18 +85,8 @@ def test_a_drain_keeps_two_copies_of_each_version(cluster, tmp_path):
     needs R copies of the same bytes elsewhere; on three peers there is no archive left
     to take one, so those instances stay (the drain says it is blocked)."""
     from test_drain import drain
-    cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2, "repair_after": 5},
-                      "strategies": {"first_copy": "local"}}
-    peers = list(cluster.start(3))
-    cluster.wait_mesh()
+    peers = two_versions(cluster, tmp_path, "VERSIONDRAIN")
     a = peers[0]
-    study, files = store_study(a, tmp_path / "v1", "VERSIONDRAIN", N)
-    rows = {r["instance"]: {x["peer"] for x in r["replicas"]}
-            for r in wait_replicated(a, study, N)}
-    for i, f in enumerate(files):
-        other = next(p for p in peers if p.name not in rows[dn.sop_uid(f)])
-        got = send_version(other, f, tmp_path / "v2" / f"{i}.dcm", "version 2")
-        assert "Success" in got, f"{other.name}: {got}"
     proc = drain(a, "--peer", a.name, "--stalled", "10")
     held = versions_on_disk(peers)
     few = {k: v for k, v in held.items() if len(v) < 2}

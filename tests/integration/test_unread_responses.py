@@ -23,7 +23,7 @@ from pacsp2p.testing.cluster import patience
 from pacsp2p.testing.dcmtk import dcmtk_env, dcmtk_path
 from pacsp2p.testing.fuzz import wire as w
 from pacsp2p.testing.ports import LOOPBACK
-from pacsp2p.testing.fuzz.watch import status_kib
+from pacsp2p.testing.fuzz.watch import Growth
 
 import subprocess
 
@@ -38,8 +38,7 @@ def peer(tmp_path_factory):
 
 
 def test_echoes_whose_responses_are_never_read_hold_the_requestor_back(peer):
-    pid = peer.pid
-    before = status_kib(pid) * 1024
+    rss = Growth(peer.pid)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(patience(60))
@@ -60,7 +59,7 @@ def test_echoes_whose_responses_are_never_read_hold_the_requestor_back(peer):
         held = True                      # the association ended (the idle timeout)
     finally:
         sock.close()
-    grown = (status_kib(pid) * 1024 - before) / 1e6
+    grown = rss.mb()
     print(f"\n{sent / 1e6:.1f} MB of C-ECHO-RQs in {time.monotonic() - t0:.0f} s, "
           f"held back: {held}, RSS +{grown:.0f} MB")
     assert held, f"the peer read {sent / 1e6:.0f} MB of requests whose answers nobody read"

@@ -23,6 +23,16 @@ def status_kib(pid: int, key: str = "VmRSS") -> int:
 rss_kib = status_kib
 
 
+class Growth:
+    """The RSS of *pid* now; ``mb()``: how much it has grown since, in MB."""
+
+    def __init__(self, pid: int):
+        self.pid, self.before = pid, status_kib(pid)
+
+    def mb(self) -> float:
+        return (status_kib(self.pid) - self.before) * 1024 / 1e6
+
+
 def cap_address_space(pid: int, headroom: int) -> None:
     """Let *pid* map at most *headroom* bytes more than it does now (RLIMIT_AS): a peer
     that would grow by gigabytes fails its allocation instead of taking the host."""
