@@ -5,6 +5,7 @@ Before, the hand-off loop asked for every hint owed to it as long as its peer wa
 alive: each copy waited the adapter's 30 s timeout, one after the other, and every hint
 owed to other archives waited behind them (fault injection, fifteenth session: 2 hints
 tried in 63 s, 26 left). Now the hints wait until the archive is up again, then go.
+The adapter's timeout is cut to 8 s here to keep the test short.
 Three real peers (R=2, W=2); peerb's only archive is a real Orthanc.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pacsp2p.testing.cluster import get_json, wait_until
 from pacsp2p.testing.orthanc import Orthanc
 
 N = 4
-WINDOW = 45.0      # seconds watched: over one adapter timeout (30 s) and a loop (3 s)
+TIMEOUT = 8        # seconds the Orthanc adapter waits for an answer (default 30)
+WINDOW = 25.0      # seconds watched: over two adapter timeouts and a loop (3 s)
 
 
 def test_hints_wait_while_their_archive_is_down(cluster, tmp_path):
@@ -29,7 +31,8 @@ def test_hints_wait_while_their_archive_is_down(cluster, tmp_path):
         cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2,
                                       "repair_after": 3600}}
         a, b, c = cluster.start(3, per_peer={"peerb": {"archives": [
-            {"name": "orth", "adapter": "orthanc", "url": orthanc.url}]}})
+            {"name": "orth", "adapter": "orthanc", "url": orthanc.url,
+             "timeout": TIMEOUT}]}})
         cluster.wait_mesh(timeout=60)
         files = datasets.make_study(tmp_path / "study", patient_id="HUNG01", size=16,
                                     series=[("MR", N, ExplicitVRLittleEndian)])
@@ -49,7 +52,7 @@ def test_hints_wait_while_their_archive_is_down(cluster, tmp_path):
             assert get_json(a)["catalog"]["hints"] > 0
         finally:
             os.kill(orthanc.process.pid, signal.SIGCONT)
-        assert tried == [], tried               # before: asked again, 30 s each
+        assert tried == [], tried               # before: asked again, TIMEOUT s each
         wait_until(lambda: get_json(a)["catalog"]["hints"] == 0, 180, 1.0,
                    "every hint handed off once the Orthanc is back")
         rows = get_json(a, f"where?study={dn.study_of(files)}")
