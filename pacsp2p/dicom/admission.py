@@ -58,6 +58,21 @@ class LogLimit:
                           n=suppressed, kind=kind, s=self.window)
 
 
+_shared: dict = {}
+
+
+def shared_limit(logger, reactor=None) -> LogLimit:
+    """The one ``LogLimit`` of *logger* on *reactor* (the global one if None), made at its
+    first line: for lines that have no object of their own to keep one (a module's
+    function, a responder's errback)."""
+    if reactor is None:
+        from twisted.internet import reactor
+    key = (logger.namespace, reactor)
+    if key not in _shared:
+        _shared[key] = LogLimit(reactor, logger=logger)
+    return _shared[key]
+
+
 def _open_fds() -> int | None:
     try:
         return len(os.listdir("/proc/self/fd"))

@@ -18,7 +18,7 @@ from twisted.protocols import amp
 
 from pacsp2p.catalog.facts import STAMP, MAX_STAMP
 from pacsp2p.config import MAX_LINKS
-from pacsp2p.dicom.admission import LogLimit
+from pacsp2p.dicom.admission import shared_limit
 from pacsp2p.validate import is_ae_title, is_uid, long_value, shown
 
 log = Logger()
@@ -165,20 +165,14 @@ def receipt(s) -> dict:
             "sha256": s.sha256, "given": s.given}
 
 
-_refusals: list = []            # the LogLimit of "not kept", made at the first one
-
-
 def as_refusal(failure, uid: str):
     """Errback for responders: any error becomes ReplicaRefused (an error AMP was not told
     of would close the whole link, and every transfer on it). Its line goes through a
     LogLimit: an archive refusing every copy (and each hand-off retry) is no log flood."""
     if failure.check(ReplicaRefused, InvalidArgument):
         return failure
-    if not _refusals:
-        from twisted.internet import reactor
-        _refusals.append(LogLimit(reactor, logger=log))
-    _refusals[0]("copy not kept", LogLevel.warn, "copy of {uid} not kept: {err}",
-                 uid=shown(uid), err=shown(failure.getErrorMessage(), 300))
+    shared_limit(log)("copy not kept", LogLevel.warn, "copy of {uid} not kept: {err}",
+                      uid=shown(uid), err=shown(failure.getErrorMessage(), 300))
     raise ReplicaRefused(f"{shown(uid)}: {failure.getErrorMessage()[:300]}")
 
 

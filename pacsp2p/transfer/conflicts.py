@@ -8,17 +8,13 @@ from __future__ import annotations
 
 from twisted.logger import Logger, LogLevel
 
-from pacsp2p.dicom.admission import LogLimit
+from pacsp2p.dicom.admission import shared_limit
 
 log = Logger()
-
-_limit: list = []                  # the LogLimit, made at the first conflict
 
 
 def conflict_logged(reactor, uid: str, sha256: str, archive: str) -> None:
     """Reactor: the line for a conflicting version of *uid* kept on *archive*."""
-    if not _limit:
-        _limit.append(LogLimit(reactor, logger=log))
-    _limit[0]("conflicting version", LogLevel.warn, "conflict: {uid} received again "
-              "with different bytes (sha256 {sha}); both kept on {archive}", uid=uid,
-              sha=sha256, archive=archive)
+    shared_limit(log, reactor)("conflicting version", LogLevel.warn, "conflict: {uid} "
+                               "received again with different bytes (sha256 {sha}); both "
+                               "kept on {archive}", uid=uid, sha=sha256, archive=archive)

@@ -39,7 +39,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from pacsp2p.catalog.facts import new_stamp, stamped
-from pacsp2p.dicom.admission import LogLimit
+from pacsp2p.dicom.admission import shared_limit
 from pacsp2p.dicom.incoming import receive_pool, remove, spool
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
@@ -132,7 +132,6 @@ class Ingest:
         self.archives = {n: a for n, a in archives.items() if "store" in a.capabilities}
         self.catalog, self.strategies, self.overlay = catalog, strategies, overlay
         self.reactor = reactor
-        self._failed_copies: LogLimit | None = None     # a target refusing every copy
         self.tmpdir = Path(settings.data_dir) / "incoming"
         # token -> opener, served on our bulk channel's /incoming
         self.offers: dict[str, object] = overlay.offers if overlay is not None else {}
@@ -365,18 +364,13 @@ class Ingest:
                 if ok:
                     copies.append(value)
                 else:
-                    self._failed_copy("copy failed", LogLevel.warn,
-                                      "copy of {uid} to {archive}@{peer} failed: {err}",
-                                      uid=meta.sop_instance_uid, archive=target.name,
-                                      peer=target.peer, err=value.getErrorMessage())
+                    shared_limit(log, self.reactor)(     # a target refusing every copy
+                        "copy failed", LogLevel.warn,
+                        "copy of {uid} to {archive}@{peer} failed: {err}",
+                        uid=meta.sop_instance_uid, archive=target.name, peer=target.peer,
+                        err=value.getErrorMessage())
         drop_all(early.values())               # targets no longer wanted
         return copies
-
-    def _failed_copy(self, *args, **kw) -> None:
-        if self._failed_copies is None:
-            from twisted.internet import reactor
-            self._failed_copies = LogLimit(self.reactor or reactor, logger=log)
-        self._failed_copies(*args, **kw)
 
     def _early(self, d, target, meta):
         """The copy pushed while the data set arrived: check it holds the same bytes
