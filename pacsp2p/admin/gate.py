@@ -13,10 +13,13 @@ the end of its body, then closes the connection: the idle timeout alone is reset
 byte, so a client dripping a header line a minute held a connection slot for ever (all
 ``endpoint.MAX_CONNECTIONS`` of them: a "slowloris").
 
-``BoundedRequest`` caps a request body at ``MAX_BODY`` (413 beyond, the rest read and
-dropped, never buffered) and adds the headers every answer carries: no caching (the
-console shows patient data), no sniffing, no framing, no referrer to other sites, and a
-content security policy without scripts.
+``BoundedRequest`` caps a request body at ``MAX_BODY``: a ``Content-Length`` past it is
+answered 413 at once, before any of the body is read, a chunked body as soon as it
+passes it; the connection is then half-closed and what still comes is dropped, at most
+``LINGER`` bytes of it (so that a client sending its whole body first still reads the
+answer), then the connection is closed. It adds the headers every answer carries: no
+caching (the console shows patient data), no sniffing, no framing, no referrer to other
+sites, and a content security policy without scripts.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pacsp2p.validate import shown
 log = Logger()
 
 MAX_BODY = 1 << 20            # bytes of a request body at most
+LINGER = 16 << 20             # bytes dropped after a refusal before the connection is closed
 IDLE_TIMEOUT = 60             # seconds a connection may sit idle
 REQUEST_TIMEOUT = 60          # seconds from a request's first byte to the end of its body
 PUBLIC = ([b"console", b"login"], [b"console", b"static"])   # served without a login
@@ -54,30 +58,28 @@ class BoundedRequest(server.Request):
     max_body = MAX_BODY
     admin_identity = None
     _body_seen = 0
-    _too_large = False
 
     def gotLength(self, length):
-        self._too_large = length is not None and length > self.max_body
-        super().gotLength(0 if self._too_large else length)
+        if length is not None and length > self.max_body:
+            self._too_large()
+            length = 0
+        super().gotLength(length)
 
     def handleContentChunk(self, data):
         self._body_seen += len(data)
         if self._body_seen > self.max_body:
-            self._too_large = True
-            return
-        if not self._too_large:
+            self._too_large()
+        elif not self.channel.refused:
             super().handleContentChunk(data)
+
+    def _too_large(self):
+        if not self.channel.refused:
+            self.channel.refuse(b"413 Payload Too Large",
+                                f"a request body is at most {self.max_body} bytes")
 
     def process(self):
         for name, value in SECURITY_HEADERS.items():
             self.setHeader(name, value)
-        if self._too_large:
-            self.setResponseCode(413)
-            self.setHeader(b"content-type", b"application/json")
-            self.write(json.dumps({"error": f"a request body is at most {self.max_body} "
-                                            f"bytes"}).encode())
-            self.finish()
-            return
         super().process()
 
 
@@ -87,37 +89,62 @@ class DeadlineChannel(http.HTTPChannel):
     closes a connection that has none to make room: ``endpoint.Capped``)."""
 
     request_timeout = REQUEST_TIMEOUT
+    linger = LINGER
     _deadline = None
     answering = 0
-
-    _refused = False
+    refused = False                # answered already (413, 414): the rest is dropped
+    _dropped = 0
 
     def dataReceived(self, data):
-        if self._refused:              # answered 414: the rest is read and dropped
+        if self.refused:
+            self._drop(data)
             return
         if self._deadline is None and data:
             self._deadline = self.callLater(self.request_timeout, self._too_slow)
         super().dataReceived(data)
 
+    def rawDataReceived(self, data):
+        if self.refused:               # the rest of the read that was refused
+            self._drop(data)
+        else:
+            super().rawDataReceived(data)
+
+    def _drop(self, data):
+        self._dropped += len(data)
+        if self._dropped > self.linger:
+            self.transport.abortConnection()
+
     def lineLengthExceeded(self, line):
         """A request line or header line past ``MAX_LENGTH`` (16 KB: a console search
-        of 1 MB in its address): 414 with one JSON line, then our side closed while the
-        rest is read and dropped (until the client closes, or ``_too_slow``), so that
-        the client reads the answer instead of a reset; before, twisted closed the
-        connection with no answer at all (a browser's empty page)."""
-        self._refused = True
-        body = json.dumps({"error": f"a request line or header over {self.MAX_LENGTH} "
-                                    "bytes"}).encode()
-        self.transport.write(b"HTTP/1.1 414 URI Too Long\r\ncontent-type: application/json"
-                             b"\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-                             % (len(body), body))
+        of 1 MB in its address): 414 with one JSON line (``refuse``); before, twisted
+        closed the connection with no answer at all (a browser's empty page)."""
+        self.refuse(b"414 URI Too Long",
+                    f"a request line or header over {self.MAX_LENGTH} bytes")
+
+    def refuse(self, status: bytes, message: str):
+        """Answer *status* with *message* (one JSON line) at once, whatever of the request
+        has not arrived yet, then close our side while the rest is read and dropped (up
+        to ``linger`` bytes, until the client closes, or ``_too_slow``), so that the
+        client reads the answer instead of a reset."""
+        self.refused = True
+        body = json.dumps({"error": message}).encode()
+        head = b"".join(b"%s: %s\r\n" % kv for kv in SECURITY_HEADERS.items())
+        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n%s\r\n%s"
+                             % (status, len(body), head, body))
         half_close = getattr(self.transport, "loseWriteConnection", None)
         if half_close is not None:
             half_close()
         else:                          # (TLS: no half-close) closed once written
             self.transport.loseConnection()
 
+    def _send100Continue(self):
+        if not self.refused:           # (asked with a Content-Length refused already)
+            super()._send100Continue()
+
     def allContentReceived(self):
+        if self.refused:               # (a body refused and ended in the same read)
+            return
         self._stop_deadline()
         self.answering += 1            # first: the answer may be done before super returns
         super().allContentReceived()

@@ -333,18 +333,53 @@ def test_the_gate_refuses_a_foreign_host_name_on_loopback():
     assert code == 200
 
 
+def _channel():
+    """A ``DeadlineChannel`` of a site that answers 200, on a StringTransport."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    from twisted.web import resource, server
+
+    class Site(server.Site):
+        protocol, requestFactory = gate.DeadlineChannel, gate.BoundedRequest
+    class Transport(StringTransport):
+        half_closed = aborted = False
+
+        def loseWriteConnection(self):
+            self.half_closed = True
+
+        def abortConnection(self):
+            self.aborted = True
+    site = Site(resource.Resource())
+    ch = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
+    ch.makeConnection(Transport())
+    return ch
+
+
 def test_a_body_too_large_is_refused_unread():
-    from twisted.web.test.requesthelper import DummyChannel
-    r = gate.BoundedRequest(DummyChannel())
-    r.gotLength(gate.MAX_BODY + 1)
-    r.handleContentChunk(b"x" * 1000)
-    assert r._too_large and r.content.getvalue() == b""
-    r = gate.BoundedRequest(DummyChannel())
-    r.gotLength(None)                           # chunked
-    for _ in range(gate.MAX_BODY // 65536 + 2):
-        r.handleContentChunk(b"x" * 65536)
-    r.content.seek(0, 2)
-    assert r._too_large and r.content.tell() <= gate.MAX_BODY
+    """413 as soon as the Content-Length says too much, before any of the body, or as soon
+    as a chunked body passes the bound; the rest is dropped, at most ``LINGER`` bytes."""
+    head = b"POST /delete HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+    ch = _channel()
+    ch.dataReceived(head + b"content-length: %d\r\n" % 10**20 +
+                    b"expect: 100-continue\r\n\r\n")
+    out = ch.transport.value()
+    assert out.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in out, out
+    ch.dataReceived(b"x" * 65536)
+    assert ch.requests[-1].content.getvalue() == b"" and ch.transport.half_closed
+    assert not ch.transport.aborted
+    ch = _channel()
+    ch.dataReceived(head + b"transfer-encoding: chunked\r\n\r\n")
+    sent = 0
+    while not ch.transport.value() and sent < 4 * gate.MAX_BODY:
+        ch.dataReceived(b"10000\r\n" + b"x" * 65536 + b"\r\n")
+        sent += 65536
+    assert ch.transport.value().startswith(b"HTTP/1.1 413 ") and sent <= gate.MAX_BODY + 65536
+    ch.requests[-1].content.seek(0, 2)
+    assert ch.requests[-1].content.tell() <= gate.MAX_BODY
+    while sent < gate.MAX_BODY + gate.LINGER + 65536 * 2 and not ch.transport.aborted:
+        ch.dataReceived(b"10000\r\n" + b"x" * 65536 + b"\r\n")
+        sent += 65536
+    assert ch.transport.aborted, "not closed after LINGER bytes dropped"
 
 
 # -- the console's helpers ------------------------------------------------------------------
