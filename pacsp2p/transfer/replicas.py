@@ -268,18 +268,20 @@ class ReplicaService:
         self._note((archive, uid, stored.sha256), meta, stored, sender)
         return stored
 
-    def _put(self, key, entry) -> None:
+    def _put(self, key, entry, first: bool = False) -> None:
         """One more pending copy *entry* (meta, stored, since, writer) of *key* (any
-        thread). Raises ReplicaRefused for bytes that were there already (a duplicate) while a
-        drop of *key* is removing them: committed, it would name a file that is gone."""
+        thread), after the others (*first*: before them, ``_back``). Raises ReplicaRefused
+        for bytes that were there already (a duplicate) while a drop of *key* is removing
+        them: committed, it would name a file that is gone."""
         with self.lock:
             if key in self.dropping and (entry[1].duplicate or entry[1].conflict):
                 raise ReplicaRefused(f"{key[1]}: those bytes are being removed from "
                                      f"{key[0]} here; not kept")
-            if key in self.pending:
+            if key in self.pending and first:
+                self.more.setdefault(key, []).insert(0, self.pending.pop(key))
+            elif key in self.pending:
                 self.more.setdefault(key, []).append(entry)
-            else:
-                self.pending[key] = entry
+            self.pending.setdefault(key, entry)
 
     def _take(self, key, before: float | None = None, drop=lambda entry: False):
         """The oldest pending copy of *key* taken out (None if there is none, or if it
@@ -527,10 +529,12 @@ class ReplicaService:
 
     def _back(self, key, entry) -> None:
         """*entry*, taken out of ``pending`` but not recorded (the catalog failed), put
-        back: the next commit, a discard or ``PENDING_TTL`` takes it, as any other (lost
-        from ``pending``, it was never recorded, dropped nor expired)."""
+        back first, its place: it owns the bytes later copies found there (behind them, a
+        commit recorded one and its drop then removed the bytes named). The next commit,
+        a discard or ``PENDING_TTL`` takes it (lost from ``pending``, it was never
+        recorded, dropped nor expired)."""
         try:
-            self._put(key, entry)
+            self._put(key, entry, first=True)
         except ReplicaRefused:          # its bytes are being removed: nothing to keep
             pass
 
