@@ -30,10 +30,13 @@ from pacsp2p.testing.fuzz import wire as w  # noqa: E402
 from pacsp2p.testing.ports import LOOPBACK  # noqa: E402
 
 
-def stalled_get(peer, study: str) -> socket.socket:
+def stalled_get(peer, study: str, i: int = 0) -> socket.socket:
+    """Requestor *i*, from 127.0.2.<i+1> (one address each: the peer takes at most
+    ``max_per_address``, 16, from one)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(120)
+    sock.bind((f"127.0.2.{i % 250 + 1}", 0))
     sock.connect((LOOPBACK, peer.port))
     sock.sendall(w.associate_rq(contexts=[(1, w.GET_STUDY, [w.IMPLICIT]),
                                           (3, w.CT, [w.EXPLICIT])], roles=[w.CT]))
@@ -58,7 +61,7 @@ def one_run(work: Path, directory: Path, study: str, clients: int) -> dict:
         time.sleep(2)
         rss0 = common.rss_mb(peer.pid)
         before = {r["id"] for r in get_json(peer)["retrievals"]}
-        socks = [stalled_get(peer, study) for _ in range(clients)]
+        socks = [stalled_get(peer, study, i) for i in range(clients)]
         try:
             deadline, last, same = time.monotonic() + 110, None, 0
             while time.monotonic() < deadline and same < 3:

@@ -18,8 +18,9 @@ one, and is reported to ``on_damaged`` (the scrub replaces it).
 
 Consumers (the C-MOVE delivery, C-GET) call ``open(ref)`` in their own order; fetching
 runs ahead of them within a bounded window (instances fetched but not yet opened, or
-under way: at most ``window`` of them, and ``window_bytes`` of those held in memory), and
-the instance a consumer waits for is rescued on a second source if its only one stalls.
+under way: at most ``window`` of them, and ``window_bytes`` of those held in memory; all
+retrievals together at most ``held.SHARED_BYTES``), and the instance a consumer waits
+for is rescued on a second source if its only one stalls.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pacsp2p.adapters.http import Unreachable
 from pacsp2p.flow import DEFAULT_MAX_FETCHES, open_gated
 from pacsp2p.overlay.node import PeerUnknown
 from pacsp2p.strategies import Strategies, StrategyError
+from pacsp2p.transfer import held as pool
 from pacsp2p.transfer.batches import BatchReads
 from pacsp2p.transfer.plan import PlanView, Source, readable, source_name
 from pacsp2p.transfer.verify import WHOLE, Damaged, checked
@@ -49,8 +51,7 @@ log = Logger()
 STALL_SECONDS = 20.0
 BATCH = 8               # instances: the least room a nearly full window waits for
 WINDOW_BYTES = 16 << 20     # bytes of a window's instances held in memory (each up to
-                            # verify.WHOLE; larger ones are files): a consumer that stops
-                            # (a C-GET requestor that reads nothing) holds at most this
+                            # verify.WHOLE; larger ones are files): a stopped consumer's
 _ids = itertools.count(1)
 
 
@@ -102,7 +103,9 @@ class Retrieval(BatchReads):
         held = [n for n in self._held.values() if n]
         self._avg_held = sum(held) / len(held) if held else 0
         self._max_held = max(held, default=0)
-        self._buffered_bytes = 0         # of the fetched, not yet opened
+        self._buffered_bytes = self._flying_bytes = 0    # of the fetched (not yet opened),
+        self.pool = pool.POOL                            # the fetching; shared budget
+        self.pool.members.add(self)
         self.room = BATCH                # the least room a nearly full window waits for
         self.per_source = per_source
         self.site = site if site is not None else next(
@@ -255,19 +258,20 @@ class Retrieval(BatchReads):
                 self._drop(src, f"peer {member.name} is dead")
 
     def _budget(self) -> int:
-        """Instances the window has room for: by count, and by the bytes in memory (at
-        the average size of the instances held in memory)."""
-        if self._max_held * self.window <= self.window_bytes:    # (small instances:
-            fetching = sum(len(s) > 0 for s in self.plan.in_flight.values())  # count)
-            return self.window - fetching - self._buffered
-        held, fetching = self._held, 0
-        taken = self._buffered_bytes
-        for uid, flying in self.plan.in_flight.items():
-            if flying:
-                fetching += 1
-                taken += held[uid]
+        """Instances the window has room for: by count, by the bytes in memory (at the
+        average size of those held in memory), by what all retrievals hold."""
+        fetching = sum(len(s) > 0 for s in self.plan.in_flight.values())
         room = self.window - fetching - self._buffered
-        return min(room, int((self.window_bytes - taken) // self._avg_held))
+        if self._max_held * self.window > self.window_bytes:   # (small ones: count alone)
+            room = min(room, int((self.window_bytes - self.in_memory) // self._avg_held))
+        if self._avg_held:
+            room = min(room, int(self.pool.room(self) // self._avg_held))
+        return room
+
+    @property
+    def in_memory(self) -> int:
+        """Bytes of instances held in memory: fetched and not opened, or being fetched."""
+        return 0 if self.cancelled else self._buffered_bytes + self._flying_bytes
 
     def _full(self) -> bool:
         """Nearly full of fetched instances: no room for a batch."""
@@ -391,6 +395,7 @@ class Retrieval(BatchReads):
         plan.take(ref)
         self._wanted.pop(uid, None)
         plan.in_flight.setdefault(uid, set()).add(src.name)
+        self._flying_bytes += self._held[uid]
         if src.in_flight == 0:
             src._since = self.reactor.seconds()
         src.in_flight += 1
@@ -424,6 +429,7 @@ class Retrieval(BatchReads):
         if timer is not None and timer.active():
             timer.cancel()
         src.in_flight -= 1
+        self._flying_bytes -= self._held[ref.sop_instance_uid]
         now = self.reactor.seconds()
         if src._since is not None:
             src.busy += now - src._since
