@@ -74,7 +74,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
 from pacsp2p import __version__, threads
-from pacsp2p.catalog import findpages
+from pacsp2p.catalog import findpages, versions
 from pacsp2p.catalog.schema import SCHEMA_VERSION
 from pacsp2p.health import probe
 from pacsp2p.overlay.commands import PROTOCOL
@@ -177,7 +177,7 @@ class Cluster:
 
     @defer.inlineCallbacks
     def _retrieval(self, query: Query, purpose: str = "C-GET", limit: int | None = None):
-        refs = yield self.catalog.resolve(query, limit)
+        refs = yield self.catalog.resolve(query, limit, current=True)   # (no other version)
         retrieval = Retrieval(refs, self.archives, self.settings.peer.name, self.overlay,
                               self.strategies, self.reactor)
         self.retrievals.append(retrieval)
@@ -213,10 +213,13 @@ class Cluster:
         query = (Query("STUDY", {"StudyInstanceUID": study}) if named else
                  Query("IMAGE", {"SOPInstanceUID": instance or ""}))
         refs = yield self.catalog.resolve(query)
+        current = yield self.catalog.versions([r.sop_instance_uid for r in refs])
         me = self.settings.peer.name
         return [{"instance": r.sop_instance_uid,
                  "replicas": [{"peer": loc.peer, "archive": loc.archive,
-                               "available": readable(loc, me, self.archives, self.overlay)}
+                               "available": readable(loc, me, self.archives, self.overlay),
+                               "version": "current" if current.get(
+                                   r.sop_instance_uid, loc.sha256) == loc.sha256 else "other"}
                               for loc in r.locations]}
                 for r in refs]
 
@@ -275,6 +278,7 @@ class Cluster:
         as the peer's health loop last saw it (every 5 s) instead of asking each archive
         now — what ``/metrics`` wants: fast even while an archive hangs."""
         counts = yield self.catalog.counts()
+        counts["versions"] = yield self.catalog.read(versions.count)   # (a small table)
         archives, asked = {}, {}
         for name, archive in self.archives.items():
             seen = getattr(archive, "last_health", None) if cached else None

@@ -70,7 +70,8 @@ def cmd_status(args) -> int:
           f"{status['facade']['ae_title']} on port {status['facade']['port']}")
     c = status["catalog"]
     print(f"catalog: {c['patients']} patients, {c['studies']} studies, {c['series']} series, "
-          f"{c['instances']} instances, {c['locations']} replicas, {c['conflicts']} conflicts")
+          f"{c['instances']} instances, {c['locations']} replicas, {c['conflicts']} conflicts"
+          + (f", {c['versions']} held in two versions or more" if c.get("versions") else ""))
     integrity = c.get("integrity", "ok")
     if integrity.startswith("damaged"):
         print(f"catalog integrity: DAMAGED ({integrity.partition(': ')[2]}); stop the peer "
@@ -218,6 +219,7 @@ def cmd_where(args) -> int:
         return 1
     for row in rows:
         reps = ", ".join(f"{r['archive']}@{r['peer']}" + ("" if r["available"] else " (DOWN)")
+                         + (" (other version)" if r.get("version") == "other" else "")
                          for r in row["replicas"])
         print(f"{row['instance']}  {len(row['replicas'])} replica(s): {reps}")
     print(where_summary(rows, _settings(args).cluster.replicas))
@@ -226,7 +228,8 @@ def cmd_where(args) -> int:
 
 def where_summary(rows: list, replicas: int) -> str:
     """One line: instances, the fewest and most live copies, how many lack some."""
-    live = [sum(1 for r in row["replicas"] if r["available"]) for row in rows]
+    live = [sum(1 for r in row["replicas"] if r["available"] and r.get("version") != "other")
+            for row in rows]
     short = sum(1 for n in live if n < replicas)
     return (f"{len(rows)} instances, live copies min {min(live)} max {max(live)} "
             f"(replicas {replicas}); {short} under-replicated, "

@@ -16,6 +16,9 @@ those of them that have been dead for ``repair_after`` seconds (their copies are
 - ``work``: the next instances after a cursor (keyset on SOPInstanceUID) that need a
   copy (a copy lost, fewer than ``replicas`` left, a live one to copy from) or hold more
   live copies than ``replicas``, with their locations and what placement needs to know.
+
+Both count the copies of the version the catalog describes (``versions``): a copy of
+another version of the UID is no copy of it.
   A restarted peer starts again from the first: the catalog is the progress.
 """
 
@@ -30,6 +33,9 @@ from pacsp2p.catalog.schema import read_counts
 from pacsp2p.types import InstanceInfo, Location
 
 SEP = "\t"
+# a location row (l) holds the version the catalog describes (``versions``)
+CURRENT = ("NOT EXISTS (SELECT 1 FROM versions v WHERE v.SOPInstanceUID = l.SOPInstanceUID "
+           "AND v.sha256 != l.sha256)")
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,8 @@ def census(conn: sqlite3.Connection, replicas: int, lv: Liveness, short: bool = 
         "coalesce(sum(n - nlost < :r AND (nlost > 0 OR :short) AND live > 0), 0), "
         "coalesce(sum(live > :r), 0) FROM ("
         f"SELECT sum({live}) AS live, sum({lost}) AS nlost, count(*) AS n "
-        "FROM locations WHERE size >= 0 GROUP BY SOPInstanceUID)", params).fetchone()
+        f"FROM locations l WHERE size >= 0 AND {CURRENT} GROUP BY SOPInstanceUID)",
+        params).fetchone()
     return dict(zip(("total", "instances", "unavailable", "repairable", "surplus"), row))
 
 
@@ -117,30 +124,33 @@ def save_census(conn: sqlite3.Connection, counts: dict, key: str) -> None:
 
 
 def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
-         limit: int = 500, short: bool = False) -> list[tuple[InstanceInfo, list[Location]]]:
+         limit: int = 500, short: bool = False) -> list[tuple]:
     """Up to *limit* instances after *after* (in SOPInstanceUID order) that repair must
-    copy or trim, each as (InstanceInfo for placement, its locations); *short*: as in
-    ``census``."""
+    copy or trim, each as (InstanceInfo for placement, its locations -- of every
+    version --, the current version's sha256 if it has several, else None); *short*: as
+    in ``census``."""
     params: dict = {"r": replicas, "after": after, "limit": limit, "short": int(short)}
     live, lost = _flags(lv, params)
+    cur = f"({CURRENT})"
     rows = conn.execute(
         "SELECT SOPInstanceUID, group_concat(peer || char(9) || archive || char(9) || "
-        "sha256 || char(9) || size, char(10)) FROM locations "
+        "sha256 || char(9) || size, char(10)), (SELECT v.sha256 FROM versions v WHERE "
+        "v.SOPInstanceUID = l.SOPInstanceUID) FROM locations l "
         "WHERE size >= 0 AND SOPInstanceUID > :after GROUP BY SOPInstanceUID "
-        f"HAVING (count(*) - sum({lost}) < :r AND (sum({lost}) > 0 OR :short) "
-        f"AND sum({live}) > 0) "
+        f"HAVING (sum({cur}) - sum({cur} * {lost}) < :r AND (sum({cur} * {lost}) > 0 OR "
+        f":short) AND sum({cur} * {live}) > 0) "
         f"OR sum({live}) > :r ORDER BY SOPInstanceUID LIMIT :limit", params).fetchall()
     if not rows:
         return []
     info = instance_infos(conn, [r[0] for r in rows])
     out = []
-    for uid, packed in rows:
+    for uid, packed, current in rows:
         locs = []
         for item in packed.split("\n"):
             peer, archive, sha, size = item.split(SEP)
             locs.append(Location(uid, archive, peer, sha, int(size)))
         size = max((loc.size for loc in locs), default=0)
-        out.append((info.get(uid) or InstanceInfo(uid, "", "", "", "", size), locs))
+        out.append((info.get(uid) or InstanceInfo(uid, "", "", "", "", size), locs, current))
     return out
 
 

@@ -27,7 +27,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pacsp2p.catalog import matching, names, remembered, rows, schema, tombstones
+from pacsp2p.catalog import matching, names, remembered, rows, schema, tombstones, versions
 from pacsp2p.catalog.checkpoints import BACKSTOP, Checkpoints
 from pacsp2p.catalog.facts import (_HINT_SQL, _LEVEL_SQL, LWW_LEVELS,  # noqa: F401
                                    PARENT_LEVELS, STAMPS_KEY, check_wire, facts_from_wire,
@@ -407,6 +407,7 @@ class Catalog:
             parents[STAMPS_KEY] = {level: {attrs.get(UNIQUE[level], ""): stamp if
                                            level == "IMAGE" else grained(stamp)}
                                    for level in LWW_LEVELS}
+        parents[versions.WIRE_KEY] = {str(seq): stamp} if stamp else {}
         fact = [seq, location.archive, origin, location.sha256, location.size] + [
             attrs.get(c, "") or "" for c in _LEVEL_SQL["IMAGE"][0]]
         self._learned.append((origin, seq, [parents, fact]))    # with our next batch
@@ -467,9 +468,10 @@ class Catalog:
                     for row in rows]
         return self.read(run)
 
-    def resolve(self, query: Query, limit: int | None = None) -> defer.Deferred:
+    def resolve(self, query: Query, limit: int | None = None, current: bool = False):
         """The instances a C-MOVE/C-GET identifier names, each with its locations (at
-        most *limit*: ``TooMany`` if more match, ``matching.first_column``)."""
+        most *limit*: ``TooMany`` if more match, ``matching.first_column``); *current*:
+        only the copies of the version the catalog describes (``versions``: retrieval)."""
         sql, params, _ = matching.build(query, [])
         sql = sql.replace("SELECT 1 FROM", "SELECT DISTINCT i.SOPInstanceUID FROM", 1)
         if query.level != "IMAGE":
@@ -478,11 +480,17 @@ class Catalog:
                               f"FROM {matching.from_clause('IMAGE')}", 1)
 
         def run(conn):
-            return self._refs(conn, matching.first_column(conn, sql, params, limit))
+            return self._refs(conn, matching.first_column(conn, sql, params, limit), current)
         return self.read(run)
 
+    def versions(self, uids: list[str]) -> defer.Deferred:
+        """Deferred[{uid: the current version's sha256}] of those held in several."""
+        return self.read(lambda conn: versions.current(conn, list(uids)))
+
     @staticmethod
-    def _refs(conn, uids: list[str]) -> list[InstanceRef]:
+    def _refs(conn, uids: list[str], current: bool = False) -> list[InstanceRef]:
+        other = (" AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.SOPInstanceUID = "
+                 "l.SOPInstanceUID AND v.sha256 != l.sha256)") if current else ""
         refs = []
         for i in range(0, len(uids), 500):
             chunk = uids[i:i + 500]
@@ -490,8 +498,8 @@ class Catalog:
             rows = conn.execute(
                 f"SELECT i.SOPInstanceUID, i.SOPClassUID, i.TransferSyntaxUID, l.archive, "
                 f"l.peer, l.sha256, l.size, l.available FROM instances i JOIN locations l "
-                f"USING (SOPInstanceUID) WHERE i.SOPInstanceUID IN ({marks}) AND l.size >= 0 "
-                f"ORDER BY i.rowid", chunk).fetchall()
+                f"USING (SOPInstanceUID) WHERE i.SOPInstanceUID IN ({marks}) AND l.size >= 0"
+                f"{other} ORDER BY i.rowid", chunk).fetchall()
             by_uid: dict[str, list] = {}
             for r in rows:
                 by_uid.setdefault(r[0], [r[1], r[2], []])[2].append(

@@ -43,7 +43,7 @@ from twisted.logger import Logger
 
 from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE
 from pacsp2p.catalog import rows as parent_rows
-from pacsp2p.catalog import tombstones
+from pacsp2p.catalog import tombstones, versions
 from pacsp2p.catalog.rows import level_columns as _level_columns
 from pacsp2p.types import InstanceMeta
 from pacsp2p.validate import VALUE_MAX, clipped
@@ -136,11 +136,7 @@ def _lww_sql(table: str, cols: list[str], pk: str) -> tuple[str, str]:
 LWW_LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")     # rows that are LWW registers
 _LWW_SQL = {level: _lww_sql(TABLES[level], _LEVEL_SQL[level][0], UNIQUE[level])
             for level in LWW_LEVELS}
-_LOCATION_SQL = (
-    "INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, available, seq) "
-    "VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT(SOPInstanceUID, peer, archive) DO UPDATE SET "
-    "sha256 = excluded.sha256, size = excluded.size, available = 1, seq = excluded.seq "
-    "WHERE excluded.seq > locations.seq")
+_LOCATION_SQL = versions.LOCATION_SQL      # (uid, archive, peer, sha256, size, seq, stamp)
 
 # Catalog facts on the wire (anti-entropy), a batch as one JSON list:
 #   [{"PATIENT": {PatientID: [columns]}, "STUDY": {...}, "SERIES": {...},
@@ -205,8 +201,8 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
                 elif row[-1] and (had.get(row[0]) is None or row[-1] > had[row[0]]):
                     same[level].append(row)
             levels[level] = rows
-    retired = _write_levels(conn, levels, [loc for _, loc in facts if loc is not None], hints,
-                            after, same, won)
+    retired = _write_levels(conn, levels, [versions.row(loc, stamp_of(a)) for a, loc in facts
+                                           if loc is not None], hints, after, same, won)
     if retired and parents is not None:         # rows it remembers may be gone
         parents.clear()
     elif parents is not None:
@@ -333,6 +329,7 @@ def check_wire(batch: list) -> int:
                 0 <= row[-1] < MAX_STAMP for row in gone.get(level, {}).values())
             for level in PARENT_LEVELS):
         raise ValueError("a batch's rows of deleted instances are not rows and a stamp")
+    versions.check_wire(parents)
     n, top = len(FACT_FIELDS), 0
     for row in facts:
         if not isinstance(row, list) or len(row) != n:
@@ -402,7 +399,9 @@ def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> int:
             if row[cls]:
                 keep("IMAGE", row[sop], [v or "" for v in row[n:]] +
                      [_stamp(given.get(row[sop]), cap)])
-        locs = [(row[sop], row[1], row[2], row[3], int(row[4]), int(row[0])) for row in facts]
+        locs = versions.from_wire(parents, [(row[sop], row[1], row[2], row[3], int(row[4]),
+                                             int(row[0])) for row in facts], given,
+                                  lambda s: _stamp(s, cap))
         locations += locs
         received.append((locs, parents.get(tombstones.WIRE_KEY)))
     if not locations and not any(levels.values()):
@@ -458,13 +457,14 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
     icols = ", ".join(("l." if c == "SOPInstanceUID" else "i.") + c
                       for c in _LEVEL_SQL["IMAGE"][0])
     facts = [list(r) for r in conn.execute(
-        f"SELECT l.seq, l.archive, l.peer, l.sha256, l.size, {icols}, i.{STAMP} FROM "
+        f"SELECT l.seq, l.archive, l.peer, l.sha256, l.size, {icols}, i.{STAMP}, l.stamp FROM "
         "locations l LEFT JOIN instances i ON i.SOPInstanceUID = l.SOPInstanceUID "
         "WHERE l.peer = ? AND l.seq > ? AND l.seq <= ? ORDER BY l.seq LIMIT ?",
         (origin, after, upto, limit))]
     if not facts:
         return []
     parents: dict[str, dict] = {}
+    versions.to_wire(facts, parents)      # (each location's stamp, beside the rows)
     n = len(LOCATION_FIELDS)
     stamps: dict[str, dict] = {}
     for r in facts:                     # the instance rows' stamps, beside the rows

@@ -24,6 +24,9 @@ a newer schema (a downgrade) is refused untouched (``NewerSchema``):
 - ``gone_rows``, ``row_checks`` (schema 6): the stamps and values of rows left without
   children, and the rows to look at for that (``rows``); the first start of schema 6 on
   an older catalog marks it ``reannounce`` in ``catalog_meta`` (``rows.reannounce``);
+- ``stamp`` of locations, ``versions`` (schema 7): the stamp of the bytes each copy
+  holds, and the instances held in several versions with the one the catalog describes
+  (``versions``);
 - ``catalog_meta``: small facts about the file itself, e.g. ``clean``: set when the
   peer stopped cleanly after the catalog was known good, taken away again at start
   (``take_clean_mark``). A start without it runs the integrity check in the background.
@@ -38,16 +41,17 @@ import sqlite_utils
 from twisted.logger import Logger
 
 from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
-from pacsp2p.catalog import names, rows
+from pacsp2p.catalog import names, rows, versions
 
 log = Logger()
 
-SCHEMA_VERSION = 6          # 2: counters, catalog_meta, upper(PatientName), AccessionNumber
+SCHEMA_VERSION = 7          # 2: counters, catalog_meta, upper(PatientName), AccessionNumber
 #                             3: pn_key(PatientName) instead of upper(PatientName)
 #                             4: archive_counts (live copies per peer and archive)
 #                             5: stamp of patient/study/series rows (last writer wins)
 #                             6: gone_rows, row_checks and their triggers (``rows``),
 #                                stamp of instance rows
+#                             7: locations.stamp, versions (``versions``)
 NAME_INDEX = "idx_patients_PatientName_key"
 
 # table -> the condition a row must meet to be counted (None: every row); {r} stands for
@@ -109,6 +113,7 @@ def create_schema(conn: sqlite3.Connection, path=None) -> None:
     # peer first; the index cost each copy's insert a WAL page, ~10 us)
     conn.execute("DROP INDEX IF EXISTS idx_locations_archive")
     db["locations"].create_index(["peer", "seq"], if_not_exists=True)
+    versions.create_schema(conn)
     if not db["conflicts"].exists():
         db["conflicts"].create(
             {"SOPInstanceUID": str, "archive": str, "sha256": str, "seen": str},

@@ -220,7 +220,7 @@ def received(conn: sqlite3.Connection, peer: str, locations: list, found) -> Non
     seq) each."""
     found = found if isinstance(found, dict) else {}
     newly = set()
-    for uid, archive, origin, _sha, size, seq in locations:
+    for uid, archive, origin, _sha, size, seq, *_ in locations:
         if not is_marker(archive, size):
             continue
         payload = found.get(uid)

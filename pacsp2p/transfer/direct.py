@@ -198,7 +198,8 @@ def send_for(catalog, archives, me, destination, calling_ae, originator_ae,
 
     @defer.inlineCallbacks
     def run():
-        refs = yield catalog.resolve(Query("IMAGE", {"SOPInstanceUID": "\\".join(uids)}))
+        refs = yield catalog.resolve(Query("IMAGE", {"SOPInstanceUID": "\\".join(uids)}),
+                                     current=True)
         if stopped:                      # cancelled before it started: nothing sent
             return {"completed": 0, "failed": 0, "warning": 0, "failed_uids": "[]"}
         mine = [r for r in refs if any(loc.peer == me for loc in r.locations)]

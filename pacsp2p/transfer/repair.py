@@ -299,14 +299,14 @@ class Repair:
         candidates = self.ingest.candidates()
         neutral = [dataclasses.replace(a, instances=0, free_bytes=None) for a in candidates]
         jobs = []
-        for info, locs in batch:
+        for info, locs, current in batch:
             uid = info.sop_instance_uid
             if self._failed.waiting(uid):
                 continue
-            locs = self._with_recent(uid, locs)
+            locs = self._with_recent(uid, locs, current)
             try:
                 order = self.strategies.place(info, neutral, self.replicas)
-                job = self._decide(info, locs, lv, order, candidates)
+                job = self._decide(info, locs, lv, order, candidates, current)
             except StrategyError as e:
                 log.error("repair of {uid}: {err}", uid=uid, err=e)
                 continue
@@ -314,25 +314,28 @@ class Repair:
                 jobs.append(job)
         return jobs
 
-    def _decide(self, info, locs, lv: Liveness, order, candidates):
+    def _decide(self, info, locs, lv: Liveness, order, candidates, current=None):
+        """*current*: the sha256 of the version the catalog describes, if the UID has
+        several: only its copies count (and are copied); every copy is held, for targets."""
         rank = {(a.peer, a.name): i for i, a in enumerate(order)}
 
         def in_order(loc):
             return (rank.get((loc.peer, loc.archive), len(rank)), loc.peer, loc.archive)
         live = sorted((loc for loc in locs if lv.live(loc.peer, loc.archive)), key=in_order)
+        ours = [loc for loc in locs if current in (None, loc.sha256)]
         if not live:
             return None
-        kept = [loc for loc in locs if not lv.lost(loc.peer, loc.archive)]
+        kept = [loc for loc in ours if not lv.lost(loc.peer, loc.archive)]
         raised = self.floor < self.replicas          # short with nothing lost too
-        if len(kept) < self.replicas and (len(kept) < len(locs) or raised):
-            source = live[0]
-            if source.peer != self.peer:
+        if len(kept) < self.replicas and (len(kept) < len(ours) or raised):
+            source = next((loc for loc in live if loc in ours), None)
+            if source is None or source.peer != self.peer:
                 return None                             # another peer's to repair
             if "open" not in getattr(self.archives.get(source.archive), "capabilities", ()):
                 return None
             targets = self._targets(info, locs, kept, lv, candidates,
                                     self.replicas - len(kept))
-            return _Job("copy", info, source, targets, len(live))
+            return _Job("copy", info, source, targets, sum(loc in ours for loc in live))
         settled = [loc for loc in live if lv.settled(loc.peer, loc.archive)]
         if len(settled) > self.replicas and settled[0].peer == self.peer:
             versions = {loc.sha256 for loc in settled if loc.sha256}   # ("": crawled)
@@ -362,7 +365,7 @@ class Repair:
                 chosen.append(a)
         return chosen[:need]
 
-    def _with_recent(self, uid, locs):
+    def _with_recent(self, uid, locs, current=None):
         entry = self._recent.get(uid)
         if entry is None:
             return locs
@@ -375,7 +378,7 @@ class Repair:
             del self._recent[uid]              # the catalog knows it all now
             return locs
         size = max((loc.size for loc in locs), default=0)
-        sha = locs[0].sha256 if locs else ""
+        sha = current or (locs[0].sha256 if locs else "")
         out = [loc for loc in locs if (loc.peer, loc.archive) not in dropped]
         out += [Location(uid, archive, peer, sha, size) for peer, archive in added
                 if (peer, archive) not in have]

@@ -35,7 +35,7 @@ def put(conn, uid, *holders, size=1000, modality="CT"):
     conn.execute("INSERT INTO instances (SOPInstanceUID, SOPClassUID, SeriesInstanceUID) "
                  "VALUES (?, '1.2.840.10008.5.1.4.1.1.2', '1.9.1')", (uid,))
     for seq, (peer, archive, *rest) in enumerate(holders, 1):
-        conn.execute("INSERT INTO locations VALUES (?, ?, ?, ?, ?, 1, ?)",
+        conn.execute("INSERT INTO locations VALUES (?, ?, ?, ?, ?, 1, ?, 0)",
                      (uid, archive, peer, SHA, rest[0] if rest else size, seq))
 
 
@@ -104,11 +104,12 @@ def test_work_lists_lost_copies_and_surplus_in_uid_order_after_a_cursor(conn):
     put(conn, "1.6", ("b", "x"), ("c", "x"))
     state = lv(dead={"c", "d"}, lost={"c"})
     rows = copies.work(conn, 2, state, "")
-    assert [i.sop_instance_uid for i, _ in rows] == ["1.1", "1.5", "1.6"]
-    info, locs = rows[0]
+    assert [i.sop_instance_uid for i, _, _ in rows] == ["1.1", "1.5", "1.6"]
+    info, locs, current = rows[0]
+    assert current is None                            # one version
     assert info.modality == "CT" and info.study_instance_uid == "1.9" and info.size == 1000
     assert {(loc.peer, loc.archive) for loc in locs} == {("a", "x"), ("c", "x")}
-    assert [i.sop_instance_uid for i, _ in copies.work(conn, 2, state, "1.1", limit=1)] \
+    assert [i.sop_instance_uid for i, _, _ in copies.work(conn, 2, state, "1.1", limit=1)] \
         == ["1.5"]
     assert copies.work(conn, 2, state, "1.6") == []
 
@@ -123,7 +124,7 @@ def test_census_of_a_large_catalog_is_one_indexed_pass(conn):
     rows = [(f"1.{i}", "x", "abc"[i % 3], SHA, 10, 1, i) for i in range(60000)]
     rows += [(f"1.{i}", "x", "abc"[(i + 1) % 3], SHA, 10, 1, i) for i in range(60000)]
     conn.execute("BEGIN")
-    conn.executemany("INSERT INTO locations VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.executemany("INSERT INTO locations VALUES (?, ?, ?, ?, ?, ?, ?, 0)", rows)
     conn.execute("COMMIT")
     t0 = time.process_time()          # CPU seconds: a busy machine does not stretch them
     counts = copies.census(conn, 2, lv(dead={"c"}, lost={"c"}))

@@ -1,0 +1,129 @@
+"""Versions of an instance: which one the catalog describes, decided alike at every peer.
+
+One SOP Instance UID may be held in several versions (other bytes: a correction sent
+again, kept as a plain copy where no copy of the first was). The catalog describes the
+*first received*, and only its copies are given to retrieval and counted by repair:
+
+- each location keeps the ``stamp`` of the bytes it holds: when the accepting peer
+  received them (``facts.Stamps``), written with the fact and carried beside it on the
+  wire (``WIRE_KEY``: {seq: stamp}; a batch of an older release, which has none, gives
+  its instance row's stamp, ``STAMPS``). A copy recorded without one -- repair, drain,
+  scrub, hand-off, a crawl: bytes read back from an archive -- takes the stamp of the
+  other copies of the same bytes (``LOCATION_SQL``);
+- the current version is the least (stamp, sha256) among the instance's copies whose
+  hash is known (0, a stamp unknown -- bytes of before the stamps, a crawled archive's
+  own -- is the earliest): a function of the locations alone, so peers that hold the
+  same facts decide alike, whatever order they learned them in;
+- ``versions`` lists the instances held in more than one version, with the current
+  one's hash, kept by triggers on ``locations`` inside the transaction that writes a
+  location (an index seek per write; a recount only for an instance with two hashes).
+  An instance not in it has one version: every copy is current. Schema 7.
+"""
+from __future__ import annotations
+
+import sqlite3
+
+WIRE_KEY = "VERSIONS"          # beside a wire batch's rows: {str(seq): stamp of its bytes}
+MAX_STAMP = 2 ** 53
+
+# (uid, archive, peer, sha256, size, seq, stamp): a stamp of 0 takes that of the bytes'
+# other copies, if any is known
+LOCATION_SQL = (
+    "INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, available, seq, "
+    "stamp) VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, CASE WHEN ?7 > 0 THEN ?7 ELSE coalesce(("
+    "SELECT min(m.stamp) FROM locations m WHERE m.SOPInstanceUID = ?1 AND m.sha256 = ?4 "
+    "AND ?4 != '' AND m.stamp > 0), 0) END) ON CONFLICT(SOPInstanceUID, peer, archive) DO "
+    "UPDATE SET sha256 = excluded.sha256, size = excluded.size, available = 1, "
+    "seq = excluded.seq, stamp = excluded.stamp WHERE excluded.seq > locations.seq")
+
+_KNOWN = "size >= 0 AND sha256 != ''"
+_OTHER = ("EXISTS (SELECT 1 FROM locations m WHERE m.SOPInstanceUID = new.SOPInstanceUID "
+          "AND m.size >= 0 AND m.sha256 != '' AND m.sha256 != new.sha256)")
+_LISTED = "EXISTS (SELECT 1 FROM versions WHERE SOPInstanceUID = {r}.SOPInstanceUID)"
+_RECOUNT = (
+    "DELETE FROM versions WHERE SOPInstanceUID = {r}.SOPInstanceUID; "
+    "INSERT INTO versions SELECT {r}.SOPInstanceUID, (SELECT sha256 FROM locations WHERE "
+    f"SOPInstanceUID = {{r}}.SOPInstanceUID AND {_KNOWN} ORDER BY stamp, sha256 LIMIT 1) "
+    f"WHERE (SELECT count(DISTINCT sha256) FROM locations WHERE SOPInstanceUID = "
+    f"{{r}}.SOPInstanceUID AND {_KNOWN}) > 1;")
+_TRIGGERS = {
+    "versions_insert": f"AFTER INSERT ON locations WHEN new.size >= 0 AND new.sha256 != '' "
+                       f"AND {_OTHER} BEGIN {_RECOUNT.format(r='new')} END",
+    "versions_update": f"AFTER UPDATE OF sha256, size, stamp ON locations WHEN "
+                       f"{_LISTED.format(r='new')} OR (new.size >= 0 AND new.sha256 != '' "
+                       f"AND {_OTHER}) BEGIN {_RECOUNT.format(r='new')} END",
+    "versions_delete": f"AFTER DELETE ON locations WHEN {_LISTED.format(r='old')} BEGIN "
+                       f"{_RECOUNT.format(r='old')} END",
+}
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """``locations.stamp``, ``versions`` and its triggers; on a catalog of before (schema
+    6 or older) the instances already held in two versions listed in one pass, all or
+    nothing (a crash before its commit: done again at the next start)."""
+    if not any(r[1] == "stamp" for r in conn.execute("PRAGMA table_info(locations)")):
+        conn.execute("ALTER TABLE locations ADD COLUMN stamp INTEGER NOT NULL DEFAULT 0")
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = "
+                    "'versions'").fetchone():
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE versions (SOPInstanceUID TEXT PRIMARY KEY, sha256 TEXT "
+                     "NOT NULL) WITHOUT ROWID")
+        for name, body in _TRIGGERS.items():
+            conn.execute(f"CREATE TRIGGER {name} {body}")
+        conn.execute(
+            "INSERT INTO versions SELECT g.SOPInstanceUID, (SELECT sha256 FROM locations m "
+            f"WHERE m.SOPInstanceUID = g.SOPInstanceUID AND {_KNOWN} ORDER BY stamp, sha256 "
+            f"LIMIT 1) FROM (SELECT SOPInstanceUID FROM locations WHERE {_KNOWN} GROUP BY "
+            "SOPInstanceUID HAVING count(DISTINCT sha256) > 1) g")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def row(loc: tuple, stamp: int) -> tuple:
+    """A location tuple (uid, archive, peer, sha256, size, seq[, stamp]) for
+    ``LOCATION_SQL``: *stamp* unless it carries its own."""
+    return tuple(loc[:6]) + ((loc[6] if len(loc) > 6 else stamp),)
+
+
+def to_wire(facts: list, parents: dict) -> None:
+    """Take each fact's last field (its location's stamp) off; the non-zero ones put
+    beside the batch's rows (``WIRE_KEY``: always there, so a batch without it is known
+    for one of an older release)."""
+    parents[WIRE_KEY] = {str(r[0]): s for r in facts if (s := r.pop())}
+
+
+def from_wire(parents: dict, locs: list, image_stamps: dict, stamp) -> list:
+    """*locs* (uid, archive, peer, sha256, size, seq) of a wire batch with their stamps:
+    told (``WIRE_KEY``), else -- a batch of an older release -- the instance row's stamp
+    its origin sent (``stamp(value)``: bounded as every stamp is)."""
+    told = parents.get(WIRE_KEY)
+    if told is None:
+        return [loc + (stamp(image_stamps.get(loc[0])),) for loc in locs]
+    return [loc + (stamp(told.get(str(loc[5]))),) for loc in locs]
+
+
+def check_wire(parents: dict) -> None:
+    told = parents.get(WIRE_KEY, {})
+    if not isinstance(told, dict) or not all(
+            type(v) is int and 0 <= v < MAX_STAMP for v in told.values()):
+        raise ValueError("a batch's version stamps are not integers of 0 to 2^53")
+
+
+def current(conn: sqlite3.Connection, uids: list[str]) -> dict[str, str]:
+    """{uid: the current version's sha256} for those of *uids* held in several versions."""
+    out: dict[str, str] = {}
+    for i in range(0, len(uids), 500):
+        chunk = uids[i:i + 500]
+        out.update(conn.execute(f"SELECT SOPInstanceUID, sha256 FROM versions WHERE "
+                                f"SOPInstanceUID IN ({', '.join('?' * len(chunk))})", chunk))
+    return out
+
+
+def count(conn: sqlite3.Connection) -> int:
+    """How many instances are held in more than one version (``pacsp2p status``)."""
+    return conn.execute("SELECT count(*) FROM versions").fetchone()[0]
