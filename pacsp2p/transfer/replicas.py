@@ -13,8 +13,8 @@ record and hints, and hinted hand-off makes the copy again), but recorded if its
 was declared dead: the writer may have answered Success and been lost for good before its
 group commit reached us, and this copy may then be the only one left. Two pending copies
 of the same bytes on one archive (a C-STORE sent twice at once, hinted hand-off redoing
-a copy whose group commit is on its way) are two, each
-taken by its own commit or discard; the bytes go only with the last of them. A pushed
+a copy whose group commit is on its way) are two, each taken by its own commit or
+discard; the bytes go only with the last of them, never while recorded here. A pushed
 data set is written as it comes (``Incoming``: a thread pool, the link paused while too
 much waits) and hashed on the way; an archive that can ``keep`` takes it, durable, in
 the same thread job that closes the file.
@@ -63,6 +63,8 @@ log = Logger()
 PENDING_TTL = 600.0
 COALESCE = 1 << 20      # a pushed data set is written in jobs of 1 MB (most: one job)
 PUSH_CONNECTIONS = 64   # push port connections served at once (a thread each)
+_NAMED = ("SELECT 1 FROM locations WHERE SOPInstanceUID = ? AND peer = ? AND archive = ? "
+          "AND sha256 = ? AND ifnull(size, -1) >= 0")      # a live copy recorded here
 
 
 class _Stream:
@@ -93,8 +95,7 @@ class ReplicaService:
         self.lock = threading.Lock()               # both: push-port threads note copies
         self.dropping: dict[tuple, int] = {}       # keys whose bytes a drop is removing
         self.streams: dict[tuple, _Stream] = {}    # (link, stream id) -> data set arriving
-        self.spares = self.push_server = None
-        self.tmpdir = None
+        self.spares = self.push_server = self.tmpdir = None
         self.drainer = None          # transfer.drain.Drain, set by the cluster
         self.scrubber = None         # transfer.scrub.Scrub, set by the cluster
         self._janitor = task.LoopingCall(self._expire)
@@ -270,9 +271,8 @@ class ReplicaService:
 
     def _put(self, key, entry, first: bool = False) -> None:
         """One more pending copy *entry* (meta, stored, since, writer) of *key* (any
-        thread), after the others (*first*: before them, ``_back``). Raises ReplicaRefused
-        for bytes that were there already (a duplicate) while a drop of *key* is removing
-        them: committed, it would name a file that is gone."""
+        thread), after the others (*first*: before). Raises ReplicaRefused for bytes there
+        already (a duplicate) while a drop of *key* removes them (they would be named)."""
         with self.lock:
             if key in self.dropping and (entry[1].duplicate or entry[1].conflict):
                 raise ReplicaRefused(f"{key[1]}: those bytes are being removed from "
@@ -428,7 +428,8 @@ class ReplicaService:
 
     def _drop(self, key, entry):
         """Drop the pending copy *entry* of *key*, taken out: its bytes, if it put them
-        there — unless another pending copy of them waits (then that one owns them)."""
+        there — unless another pending copy of them waits (then that one owns them) or
+        the catalog records them here (one committed while this one was out: ``_back``)."""
         stored = entry[1]
         if stored.duplicate or stored.conflict:
             return defer.succeed(None)       # those bytes were there before: keep them
@@ -438,8 +439,10 @@ class ReplicaService:
                 return defer.succeed(None)
             self.dropping[key] = self.dropping.get(key, 0) + 1   # (``_put``)
         archive, uid, sha256 = key
-        return defer.maybeDeferred(self.archives[archive].discard, uid, sha256) \
-            .addBoth(self._dropped, key)
+        named = self.catalog.read(lambda conn: conn.execute(_NAMED, (
+            uid, self.peer, archive, sha256)).fetchone())
+        return named.addCallback(lambda kept: None if kept else self.archives[archive]
+                                 .discard(uid, sha256)).addBoth(self._dropped, key)
 
     def _dropped(self, result, key):
         with self.lock:
@@ -520,19 +523,16 @@ class ReplicaService:
                     self._not_kept, key, entry)
 
     def _not_kept(self, failure, key, entry) -> None:
-        """A copy taken out of ``pending`` that could not be recorded: logged (None); a
-        refusal (a deletion: the copy dropped) stays so, else (the catalog's write
-        failed) it is pending again (``_back``)."""
+        """A copy taken out of ``pending`` not recorded: logged (None); a refusal (a
+        deletion: dropped) stays so, else (the catalog failed) it is pending (``_back``)."""
         _refused(failure, key)
         if not failure.check(ReplicaRefused):
             self._back(key, entry)
 
     def _back(self, key, entry) -> None:
         """*entry*, taken out of ``pending`` but not recorded (the catalog failed), put
-        back first, its place: it owns the bytes later copies found there (behind them, a
-        commit recorded one and its drop then removed the bytes named). The next commit,
-        a discard or ``PENDING_TTL`` takes it (lost from ``pending``, it was never
-        recorded, dropped nor expired)."""
+        back first, its place (it owns the bytes later copies found there): the next
+        commit, a discard or ``PENDING_TTL`` takes it, as any other."""
         try:
             self._put(key, entry, first=True)
         except ReplicaRefused:          # its bytes are being removed: nothing to keep

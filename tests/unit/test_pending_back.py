@@ -37,3 +37,31 @@ def test_a_copy_put_back_keeps_its_place_before_a_duplicate(certs, embedded, tmp
         assert archive.path_for(UID).exists(), "the recorded copy's file was removed"
     finally:
         sock.close()
+
+
+def test_a_copy_put_back_after_a_duplicate_was_recorded_drops_no_recorded_bytes(
+        certs, embedded, tmp_path):  # noqa: F811
+    """The same, in the order a race makes (the steps called in that order, not timed):
+    the owner is out for its commit when a duplicate's commit takes and records that
+    one; the owner's write then fails and it is put back alone; dropped next (its
+    writer's ``Discard``, its TTL), it removed the bytes the duplicate's record names.
+    A drop now leaves bytes that the catalog records on that archive here."""
+    reactor, catalog, svc, server = embedded
+    archive = svc.archives["local"]
+    sock = connect(certs, server.port)
+    try:
+        head, data = _part10(tmp_path)
+        key = ("local", UID, hashlib.sha256(data).hexdigest())
+        assert not push(sock, head, data)["duplicate"]       # writer 1: owns the file
+        owner = svc._take(key)                                # its commit takes it ...
+        assert push(sock, head, data)["duplicate"]            # writer 2: the same bytes
+        seq = reactor.wait(svc.commit_all([list(key)]))[0]   # recorded
+        assert type(seq) is int and seq > 0
+        svc._back(key, owner)                                 # ... and its write failed
+        reactor.wait(svc.discard(*key))                       # writer 1 discards it
+        assert svc.pending == {} and not svc.dropping
+        refs = reactor.wait(catalog.resolve(_image(UID)))
+        assert [(loc.archive, loc.sha256) for loc in refs[0].locations] == [key[::2]]
+        assert archive.path_for(UID).exists(), "the recorded copy's file was removed"
+    finally:
+        sock.close()
