@@ -335,7 +335,10 @@ def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
         else:
             pos += 8
         if length == _UNDEFINED:                         # sequence or encapsulated pixels
-            pos = _walk(buf, pos, size, implicit, little, _SEQ_END)
+            if vr == b"UN":             # a UN sequence's items: implicit VR LE (PS3.5 6.2.2)
+                pos = _walk(buf, pos, size, True, True, _SEQ_END)
+            else:
+                pos = _walk(buf, pos, size, implicit, little, _SEQ_END)
             if pos < 0:
                 return -1
             continue
