@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pacsp2p import __version__, lock, preflight, spread
+from pacsp2p import __version__, clock, lock, preflight, spread
 from pacsp2p.adapters.crawl import Crawler
 from pacsp2p.admin import endpoint
 from pacsp2p.catalog import Catalog
@@ -57,6 +57,7 @@ class PeerService(service.MultiService):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
+            clock.use_monotonic(reactor)        # timers do not follow wall-clock steps
         self.settings = settings
         self.reactor = reactor
         preflight.paths(settings)

@@ -39,6 +39,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pacsp2p import __version__
+from pacsp2p.clock import wall
 from pacsp2p.overlay.commands import (PROTOCOL, REPLICA_VALUES, Hello, IncompatibleProtocol,
                                       NameInUse)
 from pacsp2p.overlay.commands import Swim as SwimMessage
@@ -131,9 +132,19 @@ class Member(Node):
     """A member as the rest of the peer sees it."""
 
     def __init__(self, membership, name, wire, incarnation, state, since):
-        super().__init__(name, wire, incarnation, state, since)
         self._membership = membership
+        super().__init__(name, wire, incarnation, state, since)
         self._info = None
+
+    @property
+    def since(self) -> float:
+        """When it entered its state, by the wall clock (shown; repair reads it so), from
+        the reactor's monotonic time SWIM sets (``pacsp2p.clock``)."""
+        return self._since
+
+    @since.setter
+    def since(self, t: float) -> None:
+        self._since = wall(self._membership.reactor, t)
 
     @property
     def info(self) -> MemberInfo:

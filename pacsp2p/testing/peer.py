@@ -37,7 +37,7 @@ class Peer(Server):
                  allowed_calling_aes: list[str] | tuple = (),
                  config: Mapping[str, Any] | None = None,
                  startup_timeout: float = 30.0, stop_timeout: float = 15.0,
-                 twistd: Path | str | None = None):
+                 twistd: Path | str | None = None, env: Mapping[str, str] | None = None):
         self.twistd = Path(twistd) if twistd else twistd_path()   # another release's
         self._own_dir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="peer-"))
@@ -52,6 +52,7 @@ class Peer(Server):
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.process: Process | None = None
+        self.env = dict(env) if env is not None else None     # None: this process's
 
     @property
     def admin_url(self) -> str:
@@ -92,7 +93,7 @@ class Peer(Server):
         argv = [self.twistd, "-n", "--pidfile=", "pacsp2p", "--config", self.config_path]
         with open(self.log_path, "a") as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(map(str, argv))}\n")
-        self.process = Process(argv, self.log_path, cwd=self.workdir).start()
+        self.process = Process(argv, self.log_path, cwd=self.workdir, env=self.env).start()
         SPAWNED[self.log_path] = self.name
         return self
 
