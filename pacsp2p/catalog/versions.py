@@ -10,10 +10,12 @@ again, kept as a plain copy where no copy of the first was). The catalog describ
   its instance row's stamp, ``STAMPS``). A copy recorded without one -- repair, drain,
   scrub, hand-off, a crawl: bytes read back from an archive -- takes the stamp of the
   other copies of the same bytes (``LOCATION_SQL``);
-- the current version is the least (stamp, sha256) among the instance's copies whose
-  hash is known (0, a stamp unknown -- bytes of before the stamps, a crawled archive's
-  own -- is the earliest): a function of the locations alone, so peers that hold the
-  same facts decide alike, whatever order they learned them in;
+- the current version is the least (stamp, sha256) among the instance's versions whose
+  hash is known, a version's stamp being the least non-zero one of its copies (0 if
+  none: bytes of before the stamps, a crawled archive's own -- the earliest; a copy of
+  known bytes recorded without a stamp, as a rebuilt catalog's, does not make them so): a
+  function of the locations alone, so peers that hold the same facts decide alike,
+  whatever order they learned them in;
 - ``versions`` lists the instances held in more than one version, with the current
   one's hash, kept by triggers on ``locations`` inside the transaction that writes a
   location (an index seek per write; a recount only for an instance with two hashes).
@@ -40,11 +42,14 @@ _KNOWN = "size >= 0 AND sha256 != ''"
 _OTHER = ("EXISTS (SELECT 1 FROM locations m WHERE m.SOPInstanceUID = new.SOPInstanceUID "
           "AND m.size >= 0 AND m.sha256 != '' AND m.sha256 != new.sha256)")
 _LISTED = "EXISTS (SELECT 1 FROM versions WHERE SOPInstanceUID = {r}.SOPInstanceUID)"
+# the current version of the instance {uid} (an SQL expression)
+_CURRENT = (f"(SELECT sha256 FROM locations WHERE SOPInstanceUID = {{uid}} AND {_KNOWN} "
+            "GROUP BY sha256 ORDER BY coalesce(min(nullif(stamp, 0)), 0), sha256 LIMIT 1)")
 _RECOUNT = (
     "DELETE FROM versions WHERE SOPInstanceUID = {r}.SOPInstanceUID; "
-    "INSERT INTO versions SELECT {r}.SOPInstanceUID, (SELECT sha256 FROM locations WHERE "
-    f"SOPInstanceUID = {{r}}.SOPInstanceUID AND {_KNOWN} ORDER BY stamp, sha256 LIMIT 1) "
-    f"WHERE (SELECT count(DISTINCT sha256) FROM locations WHERE SOPInstanceUID = "
+    "INSERT INTO versions SELECT {r}.SOPInstanceUID, " +
+    _CURRENT.format(uid="{r}.SOPInstanceUID") +
+    f" WHERE (SELECT count(DISTINCT sha256) FROM locations WHERE SOPInstanceUID = "
     f"{{r}}.SOPInstanceUID AND {_KNOWN}) > 1;")
 _TRIGGERS = {
     "versions_insert": f"AFTER INSERT ON locations WHEN new.size >= 0 AND new.sha256 != '' "
@@ -73,10 +78,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
         for name, body in _TRIGGERS.items():
             conn.execute(f"CREATE TRIGGER {name} {body}")
         conn.execute(
-            "INSERT INTO versions SELECT g.SOPInstanceUID, (SELECT sha256 FROM locations m "
-            f"WHERE m.SOPInstanceUID = g.SOPInstanceUID AND {_KNOWN} ORDER BY stamp, sha256 "
-            f"LIMIT 1) FROM (SELECT SOPInstanceUID FROM locations WHERE {_KNOWN} GROUP BY "
-            "SOPInstanceUID HAVING count(DISTINCT sha256) > 1) g")
+            "INSERT INTO versions SELECT g.SOPInstanceUID, " +
+            _CURRENT.format(uid="g.SOPInstanceUID") + f" FROM (SELECT SOPInstanceUID FROM "
+            f"locations WHERE {_KNOWN} GROUP BY SOPInstanceUID HAVING count(DISTINCT "
+            "sha256) > 1) g")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

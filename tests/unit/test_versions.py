@@ -1,0 +1,116 @@
+"""Which version of an instance the catalog describes (``catalog.versions``), on real
+SQLite catalogs written by the product's own writer and sync code (``catalog.facts``).
+
+The real thing with peers, C-GET/C-MOVE and repair is
+tests/cluster/test_versions_served.py; here the orders and shapes a cluster test cannot
+force: facts learned in every order, a batch of an older release (no copy stamps), a
+copy recorded without a stamp (a rebuilt catalog's), a catalog of schema 6 migrated.
+"""
+from __future__ import annotations
+
+import itertools
+import sqlite3
+
+from pacsp2p.catalog import copies, db, facts, schema, tombstones, versions
+
+V1, V2 = "aa" * 32, "bb" * 32
+UID = "1.2.3.4"
+
+
+def catalog(tmp_path, name: str) -> sqlite3.Connection:
+    path = tmp_path / f"{name}.sqlite"
+    conn = db._connect(path)
+    schema.create_schema(conn, path)
+    tombstones.create_schema(conn)
+    return conn
+
+
+def fact(peer: str, sha: str, seq: int, stamp: int, uid: str = UID):
+    attrs = {"SOPInstanceUID": uid, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.4",
+             "SeriesInstanceUID": "1.2.3.9", "StudyInstanceUID": "1.2.3", "PatientID": "P",
+             facts.STAMP: stamp}
+    return attrs, (uid, "local", peer, sha, 1000, seq)
+
+
+def origins(tmp_path):
+    """Three writers: a and b hold the first version (received at 1000), c the second
+    (received at 2000, kept as a plain copy: c held no copy of the first)."""
+    out = {}
+    for name, sha, stamp in (("a", V1, 1000), ("b", V1, 1000), ("c", V2, 2000)):
+        out[name] = catalog(tmp_path, name)
+        facts.write_facts(out[name], [fact(name, sha, 1, stamp)])
+    return out
+
+
+def served(conn) -> set:
+    return {(loc.peer, loc.sha256) for ref in db.Catalog._refs(conn, [UID], True)
+            for loc in ref.locations}
+
+
+def test_every_order_of_learning_serves_the_first_version(tmp_path):
+    writers = origins(tmp_path)
+    for i, order in enumerate(itertools.permutations("abc")):
+        conn = catalog(tmp_path, f"reader{i}")
+        for name in order:
+            facts.write_wire(conn, facts.read_changes(writers[name], name, 0, 10))
+        assert versions.current(conn, [UID]) == {UID: V1}, order
+        assert served(conn) == {("a", V1), ("b", V1)}, order
+        assert len(db.Catalog._refs(conn, [UID])[0].locations) == 3     # where: all
+
+
+def test_a_batch_of_an_older_release_gives_its_instance_rows_stamp(tmp_path):
+    writers = origins(tmp_path)
+    conn = catalog(tmp_path, "reader")
+    for name in "cab":
+        batch = facts.read_changes(writers[name], name, 0, 10)
+        del batch[0][versions.WIRE_KEY]                 # as an older release sends it
+        facts.write_wire(conn, batch)
+    assert served(conn) == {("a", V1), ("b", V1)}
+
+
+def test_a_copy_without_a_stamp_does_not_make_its_version_the_first(tmp_path):
+    """A catalog rebuilt from the archive of the second version's holder records its copy
+    with stamp 0; once it learns the stamped copies, the first version is served. Before
+    (the least stamp of any copy), the rebuilt peer served the second for ever."""
+    writers = origins(tmp_path)
+    rebuilt = catalog(tmp_path, "rebuilt")
+    facts.write_facts(rebuilt, [fact("e", V2, 1, 0)])
+    for name in "abc":
+        facts.write_wire(rebuilt, facts.read_changes(writers[name], name, 0, 10))
+    assert versions.current(rebuilt, [UID]) == {UID: V1}
+    assert served(rebuilt) == {("a", V1), ("b", V1)}
+
+
+def test_repair_counts_the_copies_of_the_first_version(tmp_path):
+    writers = origins(tmp_path)
+    conn = catalog(tmp_path, "reader")
+    for name in "abc":
+        facts.write_wire(conn, facts.read_changes(writers[name], name, 0, 10))
+    lost = copies.Liveness(dead_peers=frozenset({"b"}), lost_peers=frozenset({"b"}))
+    counts = copies.census(conn, 2, lost)
+    assert counts["instances"] == 1 and counts["repairable"] == 1, counts
+    (info, locs, current), = copies.work(conn, 2, lost, "")
+    assert current == V1 and len(locs) == 3
+
+
+def test_a_tombstone_of_the_first_versions_copies_makes_the_second_current(tmp_path):
+    conn = origins(tmp_path)["a"]
+    facts.write_facts(conn, [fact("c", V2, 1, 2000)])
+    assert versions.current(conn, [UID]) == {UID: V1}
+    conn.execute("UPDATE locations SET size = -1 WHERE sha256 = ?", (V1,))
+    assert versions.current(conn, [UID]) == {}            # one version left: every copy
+    assert served(conn) == {("c", V2)}
+
+
+def test_a_catalog_of_schema_6_lists_its_instances_of_two_versions(tmp_path):
+    conn = origins(tmp_path)["a"]
+    facts.write_facts(conn, [fact("c", V2, 1, 2000), fact("b", V1, 1, 1000)])
+    conn.execute("DROP TABLE versions")                  # as schema 6 left it
+    for name in versions._TRIGGERS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {name}")
+    conn.execute("UPDATE locations SET stamp = 0")
+    conn.execute("PRAGMA user_version = 6")
+    schema.create_schema(conn, tmp_path / "a.sqlite")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+    # no stamps known: the least hash, alike at every peer
+    assert versions.current(conn, [UID]) == {UID: min(V1, V2)}
