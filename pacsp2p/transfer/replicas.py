@@ -15,18 +15,14 @@ group commit reached us, and this copy may then be the only one left. Two pendin
 of the same bytes on one archive (a C-STORE sent twice at once, hinted hand-off redoing
 a copy whose group commit is on its way) are two, each taken by its own commit or
 discard; the bytes go only with the last of them, never while recorded here. A pushed
-data set is written as it comes (``Incoming``: a thread pool, the link paused while too
-much waits) and hashed on the way; an archive that can ``keep`` takes it, durable, in
-the same thread job that closes the file.
+data set is written as it comes (``Incoming``) and hashed on the way; an archive that can
+``keep`` takes it, durable, in the thread job that closes the file.
 
 Deleted instances stay deleted (``delete``): a copy of a copy (``replicate`` without the
 writer's header: hinted hand-off, repair) of an instance deleted here is refused, and a
 copy made before this peer learned of its deletion is dropped, not committed (a late
-push).
-
-It also answers the requests that concern this peer's copies: ``drain`` (move them off
-an archive: ``transfer.drain``), ``check_copy`` (another peer read a damaged copy of
-ours: ``transfer.scrub``); an archive being drained takes no new copy.
+push). It also answers ``drain`` (``transfer.drain``) and ``check_copy``
+(``transfer.scrub``) for this peer's copies.
 """
 
 from __future__ import annotations
@@ -35,6 +31,7 @@ import dataclasses
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from twisted.internet import defer, task
@@ -182,9 +179,12 @@ class ReplicaService:
         self._note((target.name, uid, stored.sha256), meta, stored, writer)
         return receipt(stored)
 
+    def _wall(self, since: float) -> float:
+        """*since*, a reactor time (monotonic: ``pacsp2p.clock``), as a ``time.time``."""
+        return time.time() - (self.reactor.seconds() - since)
+
     def _note(self, key, meta, stored, writer: str) -> None:
-        """Any thread: one more pending copy (meta, stored) of *key*, from now, made for
-        peer *writer*."""
+        """Any thread: a pending copy (meta, stored) of *key*, made now for *writer*."""
         self._put(key, (meta, stored, self.reactor.seconds(), writer))
 
     def stream_data(self, link, stream: int, data: bytes) -> None:
@@ -350,7 +350,7 @@ class ReplicaService:
         taken = [(tuple(c), self._take(tuple(c))) for c in copies]
         seqs: list = [None] * len(taken)
         fast = [i for i, (_, e) in enumerate(taken) if e is not None and
-                not e[1].conflict and tombstones.no_news_since(e[2])]
+                not e[1].conflict and tombstones.no_news_since(self._wall(e[2]))]
         late: set = set()
 
         def then(uid, since):
@@ -361,7 +361,7 @@ class ReplicaService:
         try:
             written = self.catalog.record_all_now([
                 (meta, stored_location(meta, stored, self.peer),
-                 then(meta.sop_instance_uid, since))
+                 then(meta.sop_instance_uid, self._wall(since)))
                 for meta, stored, since, _ in (taken[i][1] for i in fast)]) if fast else []
         except (sqlite3.Error, OSError) as e:     # (rolled back) pending again, refused
             log.error("catalog write of {n} commits failed: {err}", n=len(fast), err=e)
@@ -396,7 +396,7 @@ class ReplicaService:
         if entry is None:
             raise ReplicaRefused(f"no pending copy of {uid} on {archive}")
         meta, stored, since, _ = entry
-        if (yield pushed_before(self.catalog, uid, since)):
+        if (yield pushed_before(self.catalog, uid, self._wall(since))):
             yield self._drop((archive, uid, sha256), entry)
             raise ReplicaRefused(f"{uid} was deleted from the cluster after this copy "
                                  "was made: not kept")
@@ -408,7 +408,7 @@ class ReplicaService:
         in between ``_checked``'s check and this record (``tombstones.late_copy``, in
         the writer's transaction: the copy is then removed at once, as R2 does)."""
         meta, stored, since, _ = entry
-        late = []
+        late, since = [], self._wall(since)
 
         def check(conn, seq):
             if tombstones.late_copy(conn, self.peer, meta.sop_instance_uid, since):
