@@ -17,6 +17,7 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
@@ -293,6 +294,24 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
+_MISPLACED = {None: "outside a sequence", _SEQ_END: "in a sequence, not an item",
+              _ITEM_END: "in an item, not its end"}
+
+
+def _may_be_undefined(tag: int, vr: bytes | None) -> bool:
+    """A value of undefined length is a sequence (SQ; UN, PS3.5 6.2.2) or encapsulated
+    pixel data (OB, OW); in Implicit VR, by the dictionary (a private or unknown tag: any
+    -- DCMTK reads it as a sequence)."""
+    if vr is not None:
+        return vr in (b"SQ", b"UN", b"OB", b"OW")
+    if tag >> 16 & 1:
+        return True
+    try:
+        return dictionary_VR(tag) in ("SQ", "UN", "OB", "OW", "OB or OW", "OW or OB")
+    except KeyError:
+        return True
+
+
 _STRUCTS = {little: (struct.Struct(e + "HHI"), struct.Struct(e + "HH2sH"), struct.Struct(e + "I"))
             for little, e in ((True, "<"), (False, ">"))}
 
@@ -320,11 +339,15 @@ def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
             pos += 8
             if tag == stop:
                 return pos
-            if tag == _ITEM and length == _UNDEFINED:
+            if tag != _ITEM or stop != _SEQ_END:         # (DCMTK reads no further)
+                raise BadDataset(f"(FFFE,{elem:04X}) {_MISPLACED[stop]}")
+            if length == _UNDEFINED:
                 pos = _walk(buf, pos, size, implicit, little, _ITEM_END)
                 if pos < 0:
                     return -1
                 continue
+        elif stop == _SEQ_END:
+            raise BadDataset(f"({group:04X},{elem:04X}) in a sequence, outside its items")
         elif vr is None:
             pos += 8
         elif vr in _LONG_VRS:
@@ -335,6 +358,9 @@ def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
         else:
             pos += 8
         if length == _UNDEFINED:                         # sequence or encapsulated pixels
+            if not _may_be_undefined(tag, vr):
+                raise BadDataset(f"({group:04X},{elem:04X}) of undefined length is not a "
+                                 f"sequence")
             if vr == b"UN":             # a UN sequence's items: implicit VR LE (PS3.5 6.2.2)
                 pos = _walk(buf, pos, size, True, True, _SEQ_END)
             else:

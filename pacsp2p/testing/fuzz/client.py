@@ -221,12 +221,13 @@ def rng_release(case: Case) -> bool:
 
 
 def raw_store(host: str, port: int, called: str, sop: str, data: bytes,
-              calling: str = "RAWSTORE") -> list:
-    """The statuses of one C-STORE (CT Image Storage, Explicit VR Little Endian) of
-    *data*, a data set's bytes sent exactly as given, on an association of its own."""
+              calling: str = "RAWSTORE", syntax: str = wire.EXPLICIT) -> list:
+    """The statuses of one C-STORE (CT Image Storage, in *syntax*: Explicit VR Little
+    Endian) of *data*, a data set's bytes sent exactly as given, on an association of
+    its own."""
     case = Case(0, "raw store", wait=60)
     case.send(wire.associate_rq(called=called, calling=calling,
-                                contexts=[(1, CT_IMAGE, [wire.EXPLICIT])]))
+                                contexts=[(1, CT_IMAGE, [syntax])]))
     case.steps.append(("recv", 30))
     case.send(wire.message(1, wire.c_store(1, CT_IMAGE, sop), data))
     return send_case(host, port, case, io_timeout=60).statuses
