@@ -289,7 +289,7 @@ class Console(resource.Resource):
         short = 0
         for image in images:
             reps = copies.get(image["SOPInstanceUID"], [])
-            live = sum(1 for r in reps if r["available"])
+            live = sum(1 for r in reps if r["available"] and r.get("version") != "other")
             short += live < replicas
             by_series[image["SeriesInstanceUID"]].append({**image, "replicas": reps,
                                                           "live": live})

@@ -16,28 +16,39 @@ SHA-256) with the first version sent.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
 from pacsp2p.testing import StoreSCP
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import (get_json, members, patience, store_study,
                                      wait_replicated, wait_until)
 from pacsp2p.testing.dcmtk import dataset_sha256
+from pacsp2p.testing.release import release
 
 from test_conflict_commit import send_version
 
 N = 4
+PACSP2P = Path(sys.executable).parent / "pacsp2p"
 ROUNDS = 4
 
 
-def second_versions(cluster, tmp_path, patient: str, peers: int = 3):
-    """*peers* peers (R = W = 2, local-first, the C-MOVE destination STORESCP known); a
-    study of N stored at the first, then a second version of each instance stored at a
-    peer holding no copy of the first. (peers, study, {uid: first version's data set
-    SHA-256}, {uid: peers holding the first version})."""
-    cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2, "repair_after": 5},
-                      "strategies": {"first_copy": "local"}}
-    started = list(cluster.start(peers))
+CONFIG = {"cluster": {"replicas": 2, "write_quorum": 2, "repair_after": 5},
+          "strategies": {"first_copy": "local"}}
+BEFORE_VERSIONS = "1a343bf487968816682b21bfb031996e50f88d2e"     # the last before schema 7
+
+
+def second_versions(cluster, tmp_path, patient: str, peers: int = 3, started=None):
+    """*peers* peers (R = W = 2, local-first, the C-MOVE destination STORESCP known), or
+    those *started*; a study of N stored at the first, then a second version of each
+    instance stored at a peer holding no copy of the first. (peers, study, {uid: first
+    version's data set SHA-256}, {uid: peers holding the first version})."""
+    if started is None:
+        cluster.config = CONFIG
+        started = list(cluster.start(peers))
     cluster.wait_mesh()
     study, files = store_study(started[0], tmp_path / "v1", patient, N)
     first = {dn.sop_uid(f): dataset_sha256(f) for f in files}
@@ -99,6 +110,19 @@ def test_only_the_first_version_is_retrieved_at_every_peer(cluster, tmp_path):
         assert all(len(r["replicas"]) == 3 for r in rows), rows
         assert all(sorted(x.get("version") for x in r["replicas"]) ==
                    ["current", "current", "other"] for r in rows), rows
+        a = peers[0]
+        proc = subprocess.run([str(PACSP2P), "where", "--config", str(a.config_path),
+                               "--study", study], capture_output=True, text=True,
+                              timeout=patience(60))
+        assert proc.stdout.count("(other version)") == N, proc.stdout + proc.stderr
+        assert proc.stdout.strip().splitlines()[-1].startswith(
+            f"{N} instances, live copies min 2 max 2"), proc.stdout
+        proc = subprocess.run([str(PACSP2P), "status", "--config", str(a.config_path)],
+                              capture_output=True, text=True, timeout=patience(60))
+        assert f"{N} held in two versions or more" in proc.stdout, proc.stdout
+        with urllib.request.urlopen(f"{a.admin_url}/console/study/{study}",
+                                    timeout=patience(60)) as page:
+            assert page.read().decode().count("(other version: not served)") == N
 
 
 def test_repair_brings_the_first_version_back_to_two_copies(cluster, tmp_path):
@@ -133,3 +157,27 @@ def test_repair_brings_the_first_version_back_to_two_copies(cluster, tmp_path):
     rows = get_json(others[0], f"where?study={study}", 30)
     assert all(sum(1 for x in r["replicas"] if x["available"] and x["version"] == "current")
                >= 2 for r in rows), (rows, took)
+
+
+def test_beside_a_peer_of_the_release_before_only_the_first_is_served(
+        cluster, tmp_path, tmp_path_factory):
+    """The first version stored at a peer of the release before schema 7 (its sync
+    batches carry no copy stamps: its instance rows' stamps stand in); the peers of this
+    release serve only the first version, at every retrieval."""
+    old = release(BEFORE_VERSIONS, tmp_path_factory.mktemp("release-before-versions"))
+    cluster.config = CONFIG
+    c = cluster.add("peerc", twistd=old)
+    a, b = cluster.add("peera"), cluster.add("peerb")
+    peers, study, first, _ = second_versions(cluster, tmp_path, "VERSIONMIXED",
+                                             started=[c, a, b])
+    wrong, served = [], 0
+    for r in range(ROUNDS):
+        for p in (a, b):
+            out = tmp_path / f"get-{p.name}-{r}"
+            dn.getscu(p.port, p.ae_title, out, {"QueryRetrieveLevel": "STUDY",
+                                                "StudyInstanceUID": study})
+            got = received(out)
+            assert set(got) == set(first), (p.name, sorted(got))
+            served += len(got)
+            wrong += [f"{p.name} round {r}: {u}" for u, sha in got.items() if sha != first[u]]
+    assert not wrong, f"{len(wrong)} of {served} sent the second version: {wrong[:12]}"
