@@ -62,6 +62,7 @@ a peer; the simulated network in ``bench/overlay_sim.py``).
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Callable
 
 from pacsp2p.overlay.swimparts import DEAD, Invalid, MAX_INT, _int, _name
@@ -119,7 +120,7 @@ class Dissemination:
         self.served = 0                 # pulls of others answered (``asked``)
         self.failed = 0
         self.ends_told = 0              # our ends of stream told (["q", ...])
-        self.end_told_at = None         # clock time of the last one
+        self.end_told_at = None         # wall-clock time of the last one (status)
         self._call = None
         self._last_pull = -1e9
         self._last_ae = -1e9
@@ -187,7 +188,7 @@ class Dissemination:
         if self._streak >= STREAK_FACTS and self.swim.running and \
                 (self._learned or not self._covered()):
             self.ends_told += 1
-            self.end_told_at = self.clock.seconds()
+            self.end_told_at = time.time()      # shown: not the (monotonic) clock's
             self.swim.broadcast(("q", self.name), ["q", self.name, self._total])
         self._streak = self._learned = 0
 
