@@ -88,8 +88,9 @@ def read_meta(path: Path, sha256: str = "", data_size: int = 0,
     *data_size* bytes). Values are decoded only for those few attributes (pydicom is used
     for data sets in ISO 2022 character sets). *bounded* (a C-STORE): a deflated data set
     inflating past ``deflate.bound`` of its size is refused, not inflated to 4 GiB (8.5
-    CPU-s for 4 MB sent); as it is, what an archive already holds is still read (rebuild).
-    Raises BadDataset.
+    CPU-s for 4 MB sent), and so is one of odd length (PS3.5 7.1: DCMTK's SCPs abort the
+    association that sends one); as it is, what an archive already holds is still read
+    (rebuild). Raises BadDataset.
     """
     path = Path(path)
     try:
@@ -113,6 +114,9 @@ def read_meta(path: Path, sha256: str = "", data_size: int = 0,
                     if end != size:
                         raise BadDataset(f"truncated: an element runs past the end of "
                                          f"the file ({size} bytes)")
+                    if bounded and (size - offset) & 1:
+                        raise BadDataset(f"a data set of odd length ({size - offset} "
+                                         f"bytes)")
                 sha = sha256 if sha256 and data_size == size - offset else \
                     hashlib.sha256(memoryview(buf)[offset:]).hexdigest()
     except (OSError, ValueError, struct.error, RecursionError) as e:

@@ -8,7 +8,9 @@ answered 0x0000 -- the header walk skipped what it did not expect -- while DCMTK
 no further ("Invalid tag", "larger than remaining bytes"): DCMTK's storescp aborts the
 association that sends one, and a C-GET, C-MOVE or replica of it to a DCMTK or Orthanc
 node would fail. Now each is refused 0xC000 and nothing is kept; valid sequences of
-undefined length (a private one in Implicit VR, an SQ with items) are kept.
+undefined length (a private one in Implicit VR, an SQ with items) are kept. So is, since
+3e18d84, a data set of odd length (PS3.5 7.1: values are of even length; DCMTK's
+storescp aborts the association, "Odd Fragment Length"): kept 0x0000 before.
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ REFUSED = {       # name: (explicit VR?, the bytes after the base)
     "an LT of undefined length (implicit VR)": (
         False, el(0x0040, 0xA160, b"", UNDEFINED) + delim(ITEM, UNDEFINED)
         + el(0x0008, 0x0100, b"T-1 ") + delim(ITEM_END) + delim(SEQ_END)),
+    "a data set of odd length": (False, el(0x0040, 0xA160, b"odd")),
 }
 KEPT = {
     "an SQ of undefined length": (True, el(*SEQ, b"", UNDEFINED, b"SQ")
