@@ -153,10 +153,15 @@ def test_repair_brings_the_first_version_back_to_two_copies(cluster, tmp_path):
     wait_until(lambda: all(len(first_version_on(others).get(uid, ())) >= 2 for uid in first),
                patience(120), 1.0, "the first version of every instance on 2 live peers again")
     took = time.time() - start
-    # where says so too: two live copies of the current version, the others 'other'
-    rows = get_json(others[0], f"where?study={study}", 30)
-    assert all(sum(1 for x in r["replicas"] if x["available"] and x["version"] == "current")
-               >= 2 for r in rows), (rows, took)
+    # where says so too (once the copies' facts reach it): two live copies of the current
+    # version, the others 'other'
+    def current_twice():
+        rows = get_json(others[0], f"where?study={study}", 30)
+        return len(rows) == N and all(sum(
+            1 for x in r["replicas"] if x["available"] and x["version"] == "current") >= 2
+            for r in rows)
+    wait_until(current_twice, patience(60), 0.5,
+               f"{others[0].name}'s where: 2 live copies of the current version ({took:.0f} s)")
 
 
 def test_beside_a_peer_of_the_release_before_only_the_first_is_served(
