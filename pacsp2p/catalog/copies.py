@@ -38,6 +38,12 @@ CURRENT = ("NOT EXISTS (SELECT 1 FROM versions v WHERE v.SOPInstanceUID = l.SOPI
            "AND v.sha256 != l.sha256)")
 
 
+def _current(conn: sqlite3.Connection) -> str:
+    """``CURRENT``, or "1" while no instance has two versions (the usual case: a seek per
+    copy saved, 1.2 of 10.8 CPU-s of a census at 10M copies)."""
+    return CURRENT if conn.execute("SELECT 1 FROM versions LIMIT 1").fetchone() else "1"
+
+
 @dataclass(frozen=True)
 class Liveness:
     """Which copies count. Archives are "peer<TAB>archive" keys."""
@@ -92,7 +98,7 @@ def census(conn: sqlite3.Connection, replicas: int, lv: Liveness, short: bool = 
         "coalesce(sum(n - nlost < :r AND (nlost > 0 OR :short) AND live > 0), 0), "
         "coalesce(sum(live > :r), 0) FROM ("
         f"SELECT sum({live}) AS live, sum({lost}) AS nlost, count(*) AS n "
-        f"FROM locations l WHERE size >= 0 AND {CURRENT} GROUP BY SOPInstanceUID)",
+        f"FROM locations l WHERE size >= 0 AND {_current(conn)} GROUP BY SOPInstanceUID)",
         params).fetchone()
     return dict(zip(("total", "instances", "unavailable", "repairable", "surplus"), row))
 
@@ -131,7 +137,7 @@ def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
     in ``census``."""
     params: dict = {"r": replicas, "after": after, "limit": limit, "short": int(short)}
     live, lost = _flags(lv, params)
-    cur = f"({CURRENT})"
+    cur = f"({_current(conn)})"
     rows = conn.execute(
         "SELECT SOPInstanceUID, group_concat(peer || char(9) || archive || char(9) || "
         "sha256 || char(9) || size, char(10)), (SELECT v.sha256 FROM versions v WHERE "
