@@ -132,19 +132,9 @@ class Member(Node):
     """A member as the rest of the peer sees it."""
 
     def __init__(self, membership, name, wire, incarnation, state, since):
-        self._membership = membership
         super().__init__(name, wire, incarnation, state, since)
+        self._membership = membership
         self._info = None
-
-    @property
-    def since(self) -> float:
-        """When it entered its state, by the wall clock (shown; repair reads it so), from
-        the reactor's monotonic time SWIM sets (``pacsp2p.clock``)."""
-        return self._since
-
-    @since.setter
-    def since(self, t: float) -> None:
-        self._since = wall(self._membership.reactor, t)
 
     @property
     def info(self) -> MemberInfo:
@@ -563,7 +553,7 @@ class Membership:
                          "address": f"{info.host}:{info.port}",
                          "facade": f"{info.facade_ae}@{info.facade_port}",
                          "rtt_ms": round(m.rtt * 1000, 1) if m.rtt is not None else None,
-                         "since": m.since, "incarnation": m.incarnation,
+                         "since": wall(self.reactor, m.since), "incarnation": m.incarnation,
                          "linked": self.linked(m.name)})
         return rows
 

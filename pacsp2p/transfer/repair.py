@@ -93,7 +93,7 @@ class _Job:
     targets: list               # copy: ArchiveInfo; drop: Location
     live: int                   # live copies before
     keep: list = dataclasses.field(default_factory=list)   # drop: the copies that stay
-    planned: float = 0.0        # time.time() when the catalog was read for it
+    planned: float = 0.0        # time.monotonic() when the catalog was read for it
 
 
 class Repair:
@@ -111,9 +111,10 @@ class Repair:
         self.scrubber = scrubber        # checks (and replaces) our copy when a copy failed
         self.tmpdir = Path(settings.data_dir) / "incoming"
         self.throttle = Throttle(reactor, c.repair_rate * 1e6)
-        self.running = False
-        self.started_at = time.time()
-        self._loop = None
+        self.running, self._loop = False, None
+        # durations by the reactor's monotonic clock (pacsp2p.clock), not the wall clock
+        self._clock = reactor.seconds if reactor is not None else time.monotonic
+        self.started_at = 0.0           # self._clock() of start()
         self.gone: set[str] = set()     # our archives in the catalog, not the config (health)
         self._down_since: dict[str, float] = {}      # "peer\tarchive" -> first seen down
         self._up_since: dict[str, float] = {}        # "peer\tarchive" -> seen back
@@ -137,7 +138,7 @@ class Repair:
     # -- life cycle ------------------------------------------------------------------
     def start(self):
         self.running = True
-        self.started_at = time.time()
+        self.started_at = self._clock()
         self._next_census = self.started_at + GRACE
         d = self.catalog.read(lambda conn: copies.load_state(conn, "repair"))
         d.addCallback(self._loaded)
@@ -165,7 +166,7 @@ class Repair:
 
     # -- who is live -----------------------------------------------------------------
     def liveness(self) -> Liveness:
-        now = time.time()
+        now = self._clock()
         dead, lost, unsettled = set(), set(), set()
         members = self.overlay.membership.members if self.overlay is not None else {}
         known = (set(self.catalog.vector) | set(members)) - {self.peer}
@@ -204,7 +205,7 @@ class Repair:
         if not self.running:
             return
         lv = self.liveness()
-        now = time.time()
+        now = self._clock()
         if now < self.started_at + GRACE:
             return
         if (lv != self._signature or now >= self._next_census) and not self._census_running:
@@ -238,7 +239,7 @@ class Repair:
         # well; never more than 5 % of the time of a reader thread
         base = 1.0 if counts["repairable"] else \
             5.0 if counts["instances"] or counts["surplus"] else 30.0
-        self._next_census = time.time() + max(base, 20 * took)
+        self._next_census = self._clock() + max(base, 20 * took)
         if (counts["repairable"] or counts["surplus"]) and not self._walking and self.running:
             self.walk().addErrback(lambda f: log.failure("repair: walk failed", f))
         elif not counts["repairable"] and not (counts["instances"] and _waiting(lv)) and \
@@ -248,7 +249,7 @@ class Repair:
 
     def _prune(self):
         """Forget what the catalog must know by now, and failures old enough to retry."""
-        now = time.time()
+        now = self._clock()
         for uid in [u for u, (_, _, at) in self._recent.items() if now - at > RECENT_TTL]:
             del self._recent[uid]
         self._failed.prune()
@@ -263,7 +264,7 @@ class Repair:
         try:
             while self.running:
                 lv = self.liveness()
-                read_at = time.time()
+                read_at = time.monotonic()
                 batch = yield self.catalog.read(
                     lambda conn, a=after: copies.work(conn, self.replicas, lv, a, CHUNK,
                                                       self.floor < self.replicas))
@@ -349,7 +350,7 @@ class Repair:
 
     def _targets(self, info, locs, kept, lv, candidates, need: int) -> list:
         ranked = self.strategies.place(info, candidates, self.replicas)
-        now = time.time()       # an archive a copy just failed to (full?) comes last
+        now = self._clock()   # an archive a copy just failed to (full?) comes last
         ranked.sort(key=lambda a: now - self._failed_to.get((a.peer, a.name), -SHUN) < SHUN)
         held = {(loc.peer, loc.archive) for loc in locs}
         peers = {loc.peer for loc in kept}
@@ -370,7 +371,7 @@ class Repair:
         if entry is None:
             return locs
         added, dropped, at = entry
-        if time.time() - at > RECENT_TTL:
+        if self._clock() - at > RECENT_TTL:
             del self._recent[uid]
             return locs
         have = {(loc.peer, loc.archive) for loc in locs}
@@ -386,7 +387,7 @@ class Repair:
 
     def _remember(self, uid, added=(), dropped=()):
         a, d, _ = self._recent.get(uid, (set(), set(), 0.0))
-        self._recent[uid] = (a | set(added), d | set(dropped), time.time())
+        self._recent[uid] = (a | set(added), d | set(dropped), self._clock())
 
     # -- doing -----------------------------------------------------------------------
     def _run(self, jobs) -> defer.Deferred:
@@ -475,7 +476,7 @@ class Repair:
             else:
                 yield self._copy_remote(source, target, opener)
         except Exception:
-            self._failed_to[(target.peer, target.name)] = time.time()
+            self._failed_to[(target.peer, target.name)] = self._clock()
             raise
 
     @defer.inlineCallbacks
@@ -555,7 +556,7 @@ class Repair:
                 "replicas": self.replicas, "at": c["at"], "took_s": c["took_s"]}
 
     def status(self) -> dict:
-        now = time.time()
+        now = self._clock()
         lv = self._signature or Liveness()
         waiting = []
         for what, since in [(p, self._member_since(p)) for p in lv.dead_peers - lv.lost_peers] + \
@@ -576,7 +577,7 @@ class Repair:
         else:
             state = "idle"
         s = self.stats
-        active = (s["last"] or now) - s["started"] if s["started"] else 0.0
+        active = (s["last"] or time.time()) - s["started"] if s["started"] else 0.0
         return {"state": state, "after_s": self.after,
                 "limit_MB_s": self.rate_limit or None,
                 "done": s["done"], "bytes": s["bytes"], "dropped": s["dropped"],

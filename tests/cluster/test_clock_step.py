@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pacsp2p.testing.cluster import members, wait_until
+from pacsp2p.testing.cluster import get_json, members, wait_until
 from pacsp2p.testing.faketime import SteppedClock
 
 BOUND = 30.0          # seconds: far above detection (~2.5 s), far below the step
@@ -40,3 +40,58 @@ def test_a_peer_whose_clock_is_stepped_still_detects_a_death(cluster, tmp_path, 
                       what=f"peerb (clock stepped {offset}) declares the killed peera dead")
     print(f"clock stepped {offset}: peera killed, declared dead by peerb after {took:.1f} s")
     assert took < BOUND
+
+
+
+REPAIR_AFTER = 20.0   # seconds a dead peer's copies wait before repair copies them
+QUIET = 10.0          # seconds after the step in which no copy may be made
+
+
+def test_repair_waits_repair_after_though_the_clock_is_stepped(cluster, tmp_path):
+    """peerb's wall clock stepped a day ahead just after peerc died: before, repair
+    measured ``repair_after`` by the wall clock, so peerb copied the copies it alone still
+    held at once, as if peerc had been dead a day (stepped back instead, they waited a
+    day: the same subtraction; a step back is not run here, as it also takes the test
+    cluster's day-old certificates out of their validity); now it waits ``repair_after``
+    by the monotonic clock."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from pacsp2p.testing import datasets
+    from pacsp2p.testing import dicomnet as dn
+    from pacsp2p.testing.cluster import wait_replicated
+    from pacsp2p.testing.dcmtk import storescu
+    clock = SteppedClock(tmp_path / "faketime")
+    cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2,
+                                  "repair_after": REPAIR_AFTER}}
+    a = cluster.add("peera")
+    b = cluster.add("peerb", env=clock.env())
+    c = cluster.add("peerc")
+    cluster.wait_mesh()
+    files = datasets.make_study(tmp_path / "study", patient_id="CLOCKREP", size=16,
+                                series=[("MR", 30, ExplicitVRLittleEndian)])
+    storescu(b.port, b.ae_title, files, timeout=300)
+    study = dn.study_of(files)
+    rows = wait_replicated(b, study, 30)
+    only_b = [r["instance"] for r in rows
+              if {x["peer"] for x in r["replicas"]} == {"peerb", "peerc"}]
+    assert only_b, "no instance held by peerb and peerc: nothing for peerb alone to repair"
+    c.kill9()
+    wait_until(lambda: members(b).get("peerc") == "dead" and
+               members(a).get("peerc") == "dead", 30, what="peerc dead")
+    died = time.monotonic()
+    clock.step("+1d")
+
+    def copies() -> int:
+        got = {r["instance"]: {x["peer"] for x in r["replicas"] if x["available"]}
+               for r in get_json(b, f"where?study={study}")}
+        return sum(len(got.get(u, ())) >= 2 for u in only_b)
+    while time.monotonic() - died < QUIET:
+        early = copies()
+        assert early == 0, (f"{early} of {len(only_b)} copied {time.monotonic() - died:.1f} s "
+                            f"after peerc died (repair_after {REPAIR_AFTER} s)")
+        time.sleep(0.5)
+    took = wait_until(lambda: copies() == len(only_b), 3 * REPAIR_AFTER, interval=0.5,
+                      what=f"the {len(only_b)} instances only peerb held copied again")
+    print(f"{len(only_b)} instances held by peerb alone: copied again "
+          f"{time.monotonic() - died:.1f} s after peerc's death was seen (repair_after "
+          f"{REPAIR_AFTER} s; peerb's clock stepped +1 d; waited {took:.1f} s more)")
