@@ -51,7 +51,7 @@ def test_a_huge_content_length_is_answered_before_the_body(peer):
     with socket.create_connection(("127.0.0.1", peer.admin_port),
                                   timeout=patience(30)) as s:
         s.sendall(head(peer, b"Content-Length: %d\r\n" % 10**12) + b"x" * 65536)
-        first = s.recv(65536)          # at 5b8d3ea: nothing until the 60 s deadline
+        first = s.recv(65536)          # at 1a343bf: nothing until the 60 s deadline
         assert first.startswith(b"HTTP/1.1 413 "), first[:200]
         sent, closed = 65536, False
         try:
