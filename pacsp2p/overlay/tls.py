@@ -273,6 +273,9 @@ def refusal(transport, reason: str) -> str:
         errnum = None
     if errnum is not None:
         what = _THEIRS.get(errnum, f"failed verification (X509 error {errnum})")
+        if errnum in (9, 10):       # not valid yet, expired: or is our clock wrong?
+            now = datetime.datetime.now(datetime.timezone.utc)
+            what += f" (this peer's clock says {now:%Y-%m-%d %H:%M:%S} UTC: is it right?)"
         return f"refused by this peer: their certificate {what}"
     low = (reason or "").lower()
     for words, meaning in _ALERTS:

@@ -95,3 +95,20 @@ def test_repair_waits_repair_after_though_the_clock_is_stepped(cluster, tmp_path
     print(f"{len(only_b)} instances held by peerb alone: copied again "
           f"{time.monotonic() - died:.1f} s after peerc's death was seen (repair_after "
           f"{REPAIR_AFTER} s; peerb's clock stepped +1 d; waited {took:.1f} s more)")
+
+
+def test_a_peer_whose_clock_is_behind_the_certificates_says_so(cluster, tmp_path):
+    """A peer started with its wall clock an hour behind the cluster's (fresh)
+    certificates refuses them, as TLS must; its log line says its clock, not only
+    "their certificate is not valid yet" (before: nothing pointed at the clock)."""
+    clock = SteppedClock(tmp_path / "faketime", "-1h")
+    cluster.add("peera")
+    b = cluster.add("peerb", env=clock.env())
+
+    refused = "their certificate is not valid yet"
+    wait_until(lambda: refused in b.log_path.read_text(errors="replace"), 30, interval=0.5,
+               what="peerb refuses peera's certificate")
+    line = next(x for x in b.log_path.read_text(errors="replace").splitlines()
+                if refused in x)
+    assert "this peer's clock says" in line, line
+    assert members(b).get("peera") != "alive"
