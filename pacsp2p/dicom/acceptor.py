@@ -15,8 +15,8 @@ connection:
   unless 0), decoded with pynetdicom's PDU classes, its presentation contexts negotiated
   against one shared list of supported contexts. A calling AE title not in
   ``allowed_calling_aes`` gets A-ASSOCIATE-RJ (rejected-permanent, service user, calling
-  AE title not recognized); more than ``max_associations`` established associations at
-  once get rejected-transient (service provider, local limit exceeded). Then the
+  AE title not recognized); past ``max_associations`` associations (``max_per_address``
+  of one host) rejected-transient (service provider, local limit exceeded). Then the
   ``policy`` the listener was given (the facade's: called AE title, known modalities and
   their addresses), if any, decides: it returns what the association may do (kept as
   ``grant``, opaque here) or raises ``negotiation.Refused`` (A-ASSOCIATE-RJ). A request
@@ -506,8 +506,8 @@ class Association(ReadHolds, Messages, protocol.Protocol):
         self.calling_ae, self.called_ae = req.calling_ae, req.called_ae
         if f.allowed_calling_aes and self.calling_ae not in f.allowed_calling_aes:
             self._reject(1, 1, 3, "calling AE not allowed")
-        if len(f.admission.established) >= f.max_associations:
-            self._reject(2, 3, 2, f"{len(f.admission.established)} associations already")
+        if why := f.admission.full(self.host, f.max_associations):    # or from its host
+            self._reject(2, 3, 2, why)
         if f.policy is not None:
             try:
                 self.grant = f.policy(self)

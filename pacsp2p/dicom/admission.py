@@ -14,7 +14,11 @@ when an A-ASSOCIATE-RQ arrives. A new connection is taken unless
 A connection over a limit does not lock anyone out: the *oldest pending* connection (of
 the same address, for the per-address limit) is closed to make room, since a real
 requestor sends its A-ASSOCIATE-RQ at once and a silent one has had the longest time to
-do so. Only when there is no pending connection to close is the new one closed at once.
+do so. Only when there is no pending connection to close is the new one closed at once --
+but for the per-address limit: when every connection of the address is an association,
+the new one is taken (the next one evicts it) and its request answered A-ASSOCIATE-RJ
+(rejected-transient, local limit exceeded: ``full``), as DCMTK's SCPs answer over their
+limit; closed at accept, a modality read "peer aborted", not "try later".
 
 ``LogLimit`` bounds what any one kind of event can write to the log: the first
 ``burst`` lines per ``window`` seconds, then one line counting the rest.
@@ -134,7 +138,7 @@ class Admission:
         the new connection if there is no room."""
         if self.per_address[host] >= self.max_per_address:
             victim = next((p for p in self.pending if p.host == host), None)
-            return victim is not None, victim, "per-address limit"
+            return True, victim, "per-address limit"
         if len(self.pending) >= self.max_pending:
             victim = next(iter(self.pending), None)
             return victim is not None, victim, "pending limit"
@@ -142,6 +146,14 @@ class Admission:
             victim = next(iter(self.pending), None)
             return victim is not None, victim, "file descriptor reserve"
         return True, None, ""
+
+    def full(self, host: str, max_associations: int) -> str:
+        """Why an A-ASSOCIATE-RQ from *host* finds no room (A-ASSOCIATE-RJ), or ''."""
+        if len(self.established) >= max_associations:
+            return f"{len(self.established)} associations already"
+        mine = sum(p.host == host for p in self.established)
+        return f"{mine} associations from {host} already" \
+            if mine >= self.max_per_address else ""
 
     def add(self, proto) -> None:
         self.pending[proto] = None
