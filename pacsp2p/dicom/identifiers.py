@@ -235,6 +235,44 @@ def fast_identifier(row: dict[str, str], requested: list[str], level: str,
     return b"".join(out)
 
 
+def _valued_by_pydicom(row: dict[str, str], requested: list[str], level: str, encode,
+                       implicit: bool) -> tuple[bytes | None, list[str]]:
+    """A row ``fast_identifier`` leaves to pydicom (a non-ASCII value, ...) with many keys
+    asked empty: pydicom writes the keys that have a value, the empty ones are written
+    directly and put in tag order among them -- the same bytes, without pydicom's cost
+    per key (3,700 keys: 0.076 CPU-s a row). (None, []) where it cannot be done so."""
+    empty = [kw for kw in requested if not row.get(kw, "")]
+    if len(empty) < 64:
+        return None, []
+    elements = {}
+    for kw in empty:
+        layout = _layout.get(kw, _UNSEEN)
+        if layout is _UNSEEN:
+            layout = _layout[kw] = _element_of(kw)
+        if layout is False:
+            return None, []
+        if layout is not None:
+            elements[layout[0]] = _element(layout[0], layout[1], b"", implicit)
+    blanked: list[str] = []
+    valued = [kw for kw in requested if row.get(kw, "")]
+    data = encode(to_dataset(row, valued, level, blanked))
+    pos = 0
+    while data is not None and pos + 8 <= len(data):
+        group, elem, length = struct.unpack_from("<HHI", data, pos)
+        head = 8
+        if not implicit:
+            vr = data[pos + 4:pos + 6].decode("latin-1")
+            head, length = (12, struct.unpack_from("<I", data, pos + 8)[0]) if vr in _LONG \
+                else (8, struct.unpack_from("<H", data, pos + 6)[0])
+        if length == 0xFFFFFFFF or group << 16 | elem in elements:
+            return None, []
+        elements[group << 16 | elem] = data[pos:pos + head + length]
+        pos += head + length
+    if data is None or pos != len(data):
+        return None, []
+    return b"".join(elements[t] for t in sorted(elements)), blanked
+
+
 def encode_row(row: dict[str, str], requested: list[str], level: str,
                encode: Callable[[Dataset], bytes | None],
                syntax: tuple[bool, bool, bool] | None = None) -> tuple[bytes, list[str]]:
@@ -247,6 +285,10 @@ def encode_row(row: dict[str, str], requested: list[str], level: str,
     written are left empty. Raises ValueError if the row cannot be encoded even so."""
     if syntax is not None and syntax[1] and not syntax[2]:
         data = fast_identifier(row, requested, level, syntax[0])
+        if data is None:
+            data, blanked = _valued_by_pydicom(row, requested, level, encode, syntax[0])
+            if data is not None:
+                return data, blanked
         if data is not None:
             return data, []
     blanked: list[str] = []

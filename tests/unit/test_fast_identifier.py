@@ -78,3 +78,27 @@ def test_left_to_pydicom():
                                lambda ds: encode(ds, True, True, False), (True, True, False))
     assert blanked == ["NumberOfStudyRelatedInstances"]
     assert b"ISO_IR 192" in data and "Dürer".encode() in data
+
+
+def test_a_row_left_to_pydicom_with_many_empty_keys_is_byte_identical():
+    """A non-ASCII value and 100-400 keys asked empty: pydicom writes the valued keys, the
+    empty ones are written directly (``_valued_by_pydicom``), the same bytes."""
+    from pydicom.datadict import DicomDictionary
+    every = sorted(v[4] for t, v in DicomDictionary.items() if v[4] and " or " not in v[0]
+                   and t >> 16 not in (0x0000, 0x0002, 0xFFFE, 0x7FE0, 0xFFFC)
+                   and t >> 16 < 0x6000)
+    rnd = random.Random(16)
+    for implicit in (True, False):
+        for _ in range(40):
+            requested = list(dict.fromkeys(rnd.sample(list(KEYS), 5) + rnd.sample(every, 300)))
+            row = {k: rnd.choice(KEYS[k]) for k in requested if k in KEYS}
+            row["PatientName"] = rnd.choice(["Dürer^A", "山田^太郎", "ASCII^ONLY"])
+            requested.append("PatientName")
+            level = rnd.choice(["PATIENT", "STUDY", "SERIES", "IMAGE"])
+            want = encode(to_dataset(row, requested, level, []), implicit, True, False)
+            if want is None:
+                continue
+            got, _ = encode_row(row, requested, level,
+                                lambda ds: encode(ds, implicit, True, False),
+                                (implicit, True, False))
+            assert got == want, (row, level)
