@@ -16,6 +16,7 @@ in the ``tombstones`` table, one row per (instance, origin):
     vector   D's version vector when it deleted X ({origin: highest sequence seen})
     reason   why ("admin", "113001 Rejected for Quality Reasons", ...)
     created  when (D's clock, for people), learned: when this peer last learned news of it
+             (wall clock; this process also keeps it on the monotonic clock: ``learned_after``)
     event    the sequence number of D's latest deletion of X (0: D only owes follow-ups)
 
 A later marker of X by the same origin replaces the row; its vector is merged
@@ -55,6 +56,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections import OrderedDict
 from typing import Iterable
 
 from pacsp2p.catalog import rows
@@ -161,7 +163,7 @@ def learn(conn: sqlite3.Connection, uid: str, origin: str, seq: int, vector: dic
     news = old is None or event > known          # "learned" dates news of a deletion
     now = time.time()
     if news:
-        _last_news[0] = max(_last_news[0], now)
+        _learned_now(conn, uid)
     conn.execute("INSERT INTO tombstones VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT "
                  "(SOPInstanceUID, origin) DO UPDATE SET seq = excluded.seq, vector = "
                  "excluded.vector, reason = excluded.reason, created = excluded.created, "
@@ -171,27 +173,66 @@ def learn(conn: sqlite3.Connection, uid: str, origin: str, seq: int, vector: dic
     return event > known
 
 
-_last_news = [0.0]      # when a catalog of this process last learned news of a deletion
+# Whether a copy was made before this peer learned of a deletion is a question about one
+# process run: both times are taken by ``time.monotonic`` (a wall clock stepped back
+# between them, the copy "made before" for the step's length: a study sent again after
+# a delete kept one copy; found by the audit of bcbbe90). The times of the latest
+# ``NEWS_KEPT`` deletions learned are kept here; an older copy is judged by the
+# catalog's wall-clock ``learned`` as before.
+NEWS_KEPT = 20_000     # (~5 MB at most)
+_last_news = [float("-inf")]    # time.monotonic() of the last news of a deletion here
+_news: OrderedDict = OrderedDict()  # (catalog file, uid) -> time.monotonic() of its last news
+_forgot = [float("-inf")]       # news up to then are no longer in _news
+
+
+def _key(conn: sqlite3.Connection, uid: str) -> tuple:
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    return _paths.setdefault(path, path), uid           # one string per catalog file
+
+
+_paths: dict = {}
+
+
+def _learned_now(conn: sqlite3.Connection, uid: str) -> None:
+    """The writer's thread (set before the commit that writes it, so never later than a
+    reader could see it): news of a deletion of *uid* learned now."""
+    now, key = time.monotonic(), _key(conn, uid)
+    _last_news[0] = max(_last_news[0], now)
+    _news.pop(key, None)
+    _news[key] = now
+    while len(_news) > NEWS_KEPT:
+        _forgot[0] = max(_forgot[0], _news.popitem(last=False)[1])
 
 
 def no_news_since(when: float) -> bool:
     """True if no catalog of this process learned news of a deletion after *when* (a
-    ``time.time()``): ``state`` need not be read to know that (set before the commit
-    that writes it, so never later than a reader could see it)."""
+    ``time.monotonic()``): ``state`` need not be read to know that."""
     return _last_news[0] <= when
 
 
-def late_copy(conn: sqlite3.Connection, peer: str, uid: str, since: float) -> bool:
-    """A copy of *uid* this peer took at *since* (a push of another peer's: repair,
-    hand-off) was just recorded, in this transaction. If a deletion of *uid* was learned
-    after *since*, the copy was on its way before the delete and R2 did not see it:
-    remove it now as R2 would have (a follow-up tombstone owed, the file queued for the
-    purge); True if so. Checked here, in the writer's transaction, not by a read before
-    the record: a tombstone learned in between would otherwise miss it for ever."""
-    if no_news_since(since):                 # the writer's thread: news are set here
+def learned_after(conn: sqlite3.Connection, uid: str, since: float) -> bool:
+    """Did this peer learn news of a deletion of *uid* after *since* (a
+    ``time.monotonic()`` of this process)?"""
+    if no_news_since(since):
+        return False
+    at = _news.get(_key(conn, uid))
+    if at is not None:
+        return at > since
+    if since >= _forgot[0]:         # every news after *since* is in _news: none of uid
         return False
     learned = _learned(conn, uid)
-    if learned is None or learned <= since:
+    return learned is not None and learned > time.time() - (time.monotonic() - since)
+
+
+def late_copy(conn: sqlite3.Connection, peer: str, uid: str, since: float) -> bool:
+    """A copy of *uid* this peer took at *since* (a ``time.monotonic()``; a push of
+    another peer's: repair, hand-off) was just recorded, in this transaction. If a
+    deletion of *uid* was learned after *since*, the copy was on its way before the
+    delete and R2 did not see it: remove it now as R2 would have (a follow-up tombstone
+    owed, the file queued for the purge); True if so. Checked here, in the writer's
+    transaction, not by a read before the record: a tombstone learned in between would
+    otherwise miss it for ever."""
+    if not learned_after(conn, uid, since):
         return False
     apply(conn, peer, [uid], {uid})
     return True

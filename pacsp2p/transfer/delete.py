@@ -322,12 +322,12 @@ def copy_allowed(catalog, uid: str):
 @defer.inlineCallbacks
 def pushed_before(catalog, uid: str, since: float):
     """Deferred[bool]: did this peer learn of a deletion of *uid* after *since* (the
-    time a copy of it was made here)? Such a copy was on its way before the delete (a
-    late push): it is not committed. No catalog read if no deletion was learned since."""
+    ``time.monotonic()`` a copy of it was made here)? Such a copy was on its way before
+    the delete (a late push): it is not committed. No catalog read if no deletion was
+    learned since."""
     if tombstones.no_news_since(since):
         return False
-    learned, _ = yield catalog.read(lambda conn: tombstones.state(conn, uid))
-    return learned is not None and learned > since
+    return (yield catalog.read(lambda conn: tombstones.learned_after(conn, uid, since)))
 
 
 # -- rejection notes -----------------------------------------------------------------------

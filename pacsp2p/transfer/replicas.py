@@ -179,9 +179,9 @@ class ReplicaService:
         self._note((target.name, uid, stored.sha256), meta, stored, writer)
         return receipt(stored)
 
-    def _wall(self, since: float) -> float:
-        """*since*, a reactor time (monotonic: ``pacsp2p.clock``), as a ``time.time``."""
-        return time.time() - (self.reactor.seconds() - since)
+    def _mono(self, since: float) -> float:
+        """*since*, a reactor time, as a ``time.monotonic`` (the same in a peer)."""
+        return time.monotonic() - (self.reactor.seconds() - since)
 
     def _note(self, key, meta, stored, writer: str) -> None:
         """Any thread: a pending copy (meta, stored) of *key*, made now for *writer*."""
@@ -350,7 +350,7 @@ class ReplicaService:
         taken = [(tuple(c), self._take(tuple(c))) for c in copies]
         seqs: list = [None] * len(taken)
         fast = [i for i, (_, e) in enumerate(taken) if e is not None and
-                not e[1].conflict and tombstones.no_news_since(self._wall(e[2]))]
+                not e[1].conflict and tombstones.no_news_since(self._mono(e[2]))]
         late: set = set()
 
         def then(uid, since):
@@ -361,7 +361,7 @@ class ReplicaService:
         try:
             written = self.catalog.record_all_now([
                 (meta, stored_location(meta, stored, self.peer),
-                 then(meta.sop_instance_uid, self._wall(since)))
+                 then(meta.sop_instance_uid, self._mono(since)))
                 for meta, stored, since, _ in (taken[i][1] for i in fast)]) if fast else []
         except (sqlite3.Error, OSError) as e:     # (rolled back) pending again, refused
             log.error("catalog write of {n} commits failed: {err}", n=len(fast), err=e)
@@ -396,7 +396,7 @@ class ReplicaService:
         if entry is None:
             raise ReplicaRefused(f"no pending copy of {uid} on {archive}")
         meta, stored, since, _ = entry
-        if (yield pushed_before(self.catalog, uid, self._wall(since))):
+        if (yield pushed_before(self.catalog, uid, self._mono(since))):
             yield self._drop((archive, uid, sha256), entry)
             raise ReplicaRefused(f"{uid} was deleted from the cluster after this copy "
                                  "was made: not kept")
@@ -408,7 +408,7 @@ class ReplicaService:
         in between ``_checked``'s check and this record (``tombstones.late_copy``, in
         the writer's transaction: the copy is then removed at once, as R2 does)."""
         meta, stored, since, _ = entry
-        late, since = [], self._wall(since)
+        late, since = [], self._mono(since)
 
         def check(conn, seq):
             if tombstones.late_copy(conn, self.peer, meta.sop_instance_uid, since):

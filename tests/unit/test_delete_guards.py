@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from pacsp2p.catalog import db, tombstones
@@ -78,18 +78,20 @@ def delete(conn, seq=2):
 
 def service(conn):
     cat = SyncCatalog(conn)
-    return ReplicaService("peerb", {"local": Archive()}, cat, Overlay(), None), cat
+    clock = task.Clock()
+    clock.advance(1e6)      # a reactor's clock that is neither time.time nor monotonic
+    return ReplicaService("peerb", {"local": Archive()}, cat, Overlay(), clock), cat
 
 
 def test_copy_allowed_and_pushed_before(tmp_path):
     conn = catalog(tmp_path)
     cat = SyncCatalog(conn)
     assert result(copy_allowed(cat, UID)) is True           # never deleted
-    before = time.time()
+    before = time.monotonic()       # copies' times: this process's monotonic clock
     delete(conn)
     assert result(copy_allowed(cat, UID)) is False          # deleted, no live copy
     assert result(pushed_before(cat, UID, before - 1)) is True
-    assert result(pushed_before(cat, UID, time.time() + 1)) is False
+    assert result(pushed_before(cat, UID, time.monotonic() + 1)) is False
     # sent again: a live copy again, copies of it are fine
     attrs = {"SOPInstanceUID": UID, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
              "SeriesInstanceUID": "1.2.3.4"}
@@ -111,13 +113,14 @@ def test_a_late_push_is_not_committed_a_new_one_is(tmp_path):
     svc, cat = service(conn)
     meta = InstanceMeta(UID, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
     stored = Stored("local", "cd" * 32, 10)
-    svc.pending[("local", UID, "cd" * 32)] = (meta, stored, time.time() - 60, "peera")   # earlier
+    now = svc.reactor.seconds
+    svc.pending[("local", UID, "cd" * 32)] = (meta, stored, now() - 60, "peera")   # earlier
     delete(conn)
     got = result(svc.commit("local", UID, "cd" * 32))
     assert isinstance(got, Failure) and got.check(ReplicaRefused)
     assert svc.archives["local"].discarded == [(UID, "cd" * 32)]
     assert not cat.recorded and not svc.pending
     # a copy made after this peer learned of the delete (sent again): committed
-    svc.pending[("local", UID, "cd" * 32)] = (meta, stored, time.time() + 1, "peera")
+    svc.pending[("local", UID, "cd" * 32)] = (meta, stored, now() + 1, "peera")
     assert result(svc.commit("local", UID, "cd" * 32)) == 1
     assert [loc.sop_instance_uid for loc in cat.recorded] == [UID]

@@ -258,7 +258,7 @@ def test_a_copy_pushed_before_the_delete_and_recorded_after_it_goes_at_once(tmp_
     a, b, c = (SimPeer(tmp_path, n) for n in "abc")
     a.store("1.9.1")
     b.pull(a)
-    received = time.time() - 1          # the push arrived here before the news
+    received = time.monotonic() - 1     # the push arrived here before the news
     a.delete("1.9.1")
     b.pull(a)                           # b learns the delete, holding no copy yet
 
@@ -284,5 +284,5 @@ def test_a_copy_pushed_before_the_delete_and_recorded_after_it_goes_at_once(tmp_
     a.pull(b)
     assert a.rows() == b.rows() == c.rows()
     # received after the news: sent again, kept
-    assert late("1.9.1", time.time() + 1) is False
+    assert late("1.9.1", time.monotonic() + 1) is False
     assert b.live("1.9.1") == {("b", "local")}
