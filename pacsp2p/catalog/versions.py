@@ -19,7 +19,9 @@ again, kept as a plain copy where no copy of the first was). The catalog describ
 - ``versions`` lists the instances held in more than one version, with the current
   one's hash, kept by triggers on ``locations`` inside the transaction that writes a
   location (an index seek per write; a recount only for an instance with two hashes).
-  An instance not in it has one version: every copy is current. Schema 7.
+  An instance not in it has one version: every copy is current. Bytes received with
+  one stamp are one version whatever their hashes (``_COUNT``: a data set an adapter
+  holds converted). Schema 7.
 """
 from __future__ import annotations
 
@@ -29,14 +31,18 @@ WIRE_KEY = "VERSIONS"          # beside a wire batch's rows: {str(seq): stamp of
 MAX_STAMP = 2 ** 53
 
 # (uid, archive, peer, sha256, size, seq, stamp): a stamp of 0 takes that of the bytes'
-# other copies, if any is known
+# other copies, if any is known; the same bytes recorded again there (a data set sent
+# again: a duplicate) keep their first stamp (else a version sent again became later)
 LOCATION_SQL = (
     "INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, available, seq, "
     "stamp) VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, CASE WHEN ?7 > 0 THEN ?7 ELSE coalesce(("
     "SELECT min(m.stamp) FROM locations m WHERE m.SOPInstanceUID = ?1 AND m.sha256 = ?4 "
     "AND ?4 != '' AND m.stamp > 0), 0) END) ON CONFLICT(SOPInstanceUID, peer, archive) DO "
     "UPDATE SET sha256 = excluded.sha256, size = excluded.size, available = 1, "
-    "seq = excluded.seq, stamp = excluded.stamp WHERE excluded.seq > locations.seq")
+    "seq = excluded.seq, stamp = CASE WHEN locations.sha256 = excluded.sha256 AND "
+    "locations.size >= 0 AND locations.stamp > 0 AND (excluded.stamp = 0 OR "
+    "locations.stamp < excluded.stamp) THEN locations.stamp ELSE excluded.stamp END "
+    "WHERE excluded.seq > locations.seq")
 
 _KNOWN = "size >= 0 AND sha256 != ''"
 _OTHER = ("EXISTS (SELECT 1 FROM locations m WHERE m.SOPInstanceUID = new.SOPInstanceUID "
@@ -45,12 +51,18 @@ _LISTED = "EXISTS (SELECT 1 FROM versions WHERE SOPInstanceUID = {r}.SOPInstance
 # the current version of the instance {uid} (an SQL expression)
 _CURRENT = (f"(SELECT sha256 FROM locations WHERE SOPInstanceUID = {{uid}} AND {_KNOWN} "
             "GROUP BY sha256 ORDER BY coalesce(min(nullif(stamp, 0)), 0), sha256 LIMIT 1)")
+# how many versions the instance {uid} is held in: one per stamp its bytes were received
+# with -- a data set received once and held converted by an adapter (the dimse one
+# decompresses for an archive taking no compressed syntax) is other bytes of one
+# version --, one per bytes of no stamp known
+_COUNT = (f"(SELECT count(DISTINCT CASE WHEN s > 0 THEN CAST(s AS TEXT) ELSE sha256 END) "
+          f"FROM (SELECT sha256, coalesce(min(nullif(stamp, 0)), 0) AS s FROM locations "
+          f"WHERE SOPInstanceUID = {{uid}} AND {_KNOWN} GROUP BY sha256))")
 _RECOUNT = (
     "DELETE FROM versions WHERE SOPInstanceUID = {r}.SOPInstanceUID; "
     "INSERT INTO versions SELECT {r}.SOPInstanceUID, " +
-    _CURRENT.format(uid="{r}.SOPInstanceUID") +
-    f" WHERE (SELECT count(DISTINCT sha256) FROM locations WHERE SOPInstanceUID = "
-    f"{{r}}.SOPInstanceUID AND {_KNOWN}) > 1;")
+    _CURRENT.format(uid="{r}.SOPInstanceUID") + " WHERE " +
+    _COUNT.format(uid="{r}.SOPInstanceUID") + " > 1;")
 _TRIGGERS = {
     "versions_insert": f"AFTER INSERT ON locations WHEN new.size >= 0 AND new.sha256 != '' "
                        f"AND {_OTHER} BEGIN {_RECOUNT.format(r='new')} END",
@@ -81,7 +93,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
             "INSERT INTO versions SELECT g.SOPInstanceUID, " +
             _CURRENT.format(uid="g.SOPInstanceUID") + f" FROM (SELECT SOPInstanceUID FROM "
             f"locations WHERE {_KNOWN} GROUP BY SOPInstanceUID HAVING count(DISTINCT "
-            "sha256) > 1) g")
+            "sha256) > 1) g WHERE " + _COUNT.format(uid="g.SOPInstanceUID") + " > 1")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
