@@ -544,11 +544,11 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
         balancing=st.take("balancing", str, "work-stealing", "a strategy name"),
         plugins=tuple(plugin_paths),
         options=st.take("options", dict, {}, "a table of plugin options"),
-        first_copy=st.take("first_copy", str, "placement", '"placement" or "local"'),
+        first_copy=st.take("first_copy", str, "auto", '"auto", "placement" or "local"'),
         first_copy_slack=_in_range(st, "first_copy_slack", (int, float), 1.0, 0, 100,
                                        "a fraction of the mean (a number 0-100)"))
-    if strategies.first_copy not in ("placement", "local"):
-        raise st.fail("first_copy", 'must be "placement" or "local", got '
+    if strategies.first_copy not in ("auto", "placement", "local"):
+        raise st.fail("first_copy", 'must be "auto", "placement" or "local", got '
                                     f"{strategies.first_copy!r}")
     st.done()
 

@@ -125,10 +125,11 @@ class StrategySettings:
     balancing: str = "work-stealing"
     plugins: tuple[str | Path, ...] = ()    # entry-point names (str) and files (Path)
     options: dict = field(default_factory=dict, hash=False)
-    # where a new instance's first copy goes: "placement" (the strategy's order) or
-    # "local" (an archive of the peer that received it, while it holds at most
-    # (1 + first_copy_slack) x the mean count of the archives placement may choose)
-    first_copy: str = "placement"
+    # where a new instance's first copy goes: "local" (an archive of the peer that received
+    # it, while it holds at most (1 + first_copy_slack) x the mean count of the archives
+    # placement may choose), "placement" (the strategy's order), or "auto": local where
+    # rendezvous or site-aware ranked it, the strategy's order where a plugin or least-used did
+    first_copy: str = "auto"
     first_copy_slack: float = 1.0
 
 

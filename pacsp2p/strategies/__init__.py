@@ -224,6 +224,10 @@ class Strategies:
         return {**self.chosen, "plugins": list(self.site_plugins)}
 
     def place(self, instance, archives, replicas):
+        return self.place_named(instance, archives, replicas)[0]
+
+    def place_named(self, instance, archives, replicas):
+        """(archives best first, the name of the strategy that ranked them)."""
         archives = list(archives)
         ranked, name = self._call("placement", instance=instance, archives=archives,
                                   replicas=replicas)
@@ -234,7 +238,7 @@ class Strategies:
         if any((a.peer, a.name) not in known for a in ranked):
             raise StrategyError(f"placement strategy {name!r} returned an archive it was "
                                 "not offered")
-        return ranked
+        return ranked, name
 
     def rank(self, instance, locations, reader):
         """*locations* best first for *reader*. Locations the strategy left out follow

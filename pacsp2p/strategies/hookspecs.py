@@ -50,7 +50,9 @@ def pacsp2p_place(instance, archives, replicas):
         hand-off). Return *all* acceptable archives, not just *replicas* of them.
         The built-ins order them by the rule of distinct copies
         (:func:`pacsp2p.strategies.placement.distinct`: distinct peers, then distinct
-        archives of one peer, then distinct sites); a plugin's order replaces the rule.
+        archives of one peer, then distinct sites); a plugin's order replaces the rule
+        and is kept as it is (``[strategies] first_copy = "auto"`` puts the receiving
+        peer's archive first only where the built-in rendezvous or site-aware ranked).
     """
 
 

@@ -17,7 +17,9 @@ puts distinct sites before distinct peers. A plugin overrides the rule by return
 own order from ``pacsp2p_place`` (the instance goes to the first alive ones, in order).
 
 :func:`local_first` is not a strategy: the ingest applies it to a new instance's order
-when ``[strategies] first_copy = "local"`` (HDFS's first replica on the writer's node).
+(HDFS's first replica on the writer's node) with ``[strategies] first_copy = "auto"`` (the
+default) where a built-in in :data:`LOCAL_FIRST` ranked the instance, and with
+``"local"`` always.
 Repair, surplus trimming and drains keep the strategy's own order, the same at every
 peer (the repairer and the copies kept are "the first in placement order").
 """
@@ -116,3 +118,7 @@ class SiteAware:
 
 
 BUILTIN = (Rendezvous, LeastUsed, SiteAware)
+# the strategies whose promise a first copy where the instance arrives keeps (``auto``):
+# an even spread (guarded by first_copy_slack) and distinct peers/sites; not least-used's
+# "the emptiest first", nor a site plugin's own order
+LOCAL_FIRST = frozenset({"rendezvous", "site-aware"})

@@ -1,9 +1,9 @@
 """Ingest: keep a received instance on R archives of distinct peers, then acknowledge.
 
 1. The placement strategy ranks every archive of the cluster for this instance — as soon
-   as its first bytes are in (``forward``), else once it is complete; with ``[strategies]
-   first_copy = "local"``, one of our archives first while it holds no more than its
-   share (``_local_first``: HDFS's first replica on the writer's node).
+   as its first bytes are in (``forward``), else once it is complete; one of our archives
+   first while it holds no more than its share (``_local_first``: HDFS's first replica on
+   the writer's node) where a built-in strategy ranked it (``[strategies] first_copy``).
 2. The first R alive ones get a copy in parallel (local: the archive's atomic write;
    remote: pushed on the overlay link while the data set arrives (``forward``), or
    fetched by the peer from our bulk channel once complete (``replicas``)); one that
@@ -45,7 +45,7 @@ from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.overlay.commands import Commit, Discard, Drop, Replicate
 from pacsp2p.overlay.swimparts import DEAD
 from pacsp2p.strategies import StrategyError
-from pacsp2p.strategies.placement import local_first
+from pacsp2p.strategies.placement import LOCAL_FIRST, local_first
 from pacsp2p.tally import Tally
 from pacsp2p.transfer.commits import GroupCommits, one_recorded
 from pacsp2p.transfer.forward import Forward, drop_all
@@ -213,9 +213,12 @@ class Ingest:
 
     def rank(self, info: InstanceInfo) -> list[ArchiveInfo]:
         """Every archive of the cluster, best first, for a new instance *info* (raises
-        StrategyError); with ``first_copy = "local"``, one of ours first."""
-        ranked = self.strategies.place(info, self.candidates(), self.replicas)
-        return self._local_first(ranked) if self.first_copy == "local" else ranked
+        StrategyError); one of ours first with ``first_copy = "local"``, and with
+        ``"auto"`` (the default) where a built-in of ``placement.LOCAL_FIRST`` ranked it."""
+        ranked, by = self.strategies.place_named(info, self.candidates(), self.replicas)
+        local = self.first_copy == "local" or (
+            self.first_copy == "auto" and by in LOCAL_FIRST)
+        return self._local_first(ranked) if local else ranked
 
     def _local_first(self, ranked: list[ArchiveInfo]) -> list[ArchiveInfo]:
         """*ranked* with the first of our alive archives in it that holds at most

@@ -3,7 +3,8 @@ the overlay, with a cluster CA made in a temporary directory (pacsp2p.testing.cl
 
 ``make_cluster(3, destinations={...})`` -> a started, meshed Cluster (module scope);
 stopped by PID at teardown. ``dest``: a DCMTK storescp, the C-MOVE destination STORESCP;
-``trio``: three default peers (R=2, W=2) that know it. ``cluster``: an empty Cluster
+``trio``: three peers (R=2, W=2) that know it, placing by the strategy's order alone
+(``first_copy = "placement"``: copies only pushed, or one kept here, as rendezvous says). ``cluster``: an empty Cluster
 (function scope) to start peers in.
 """
 from __future__ import annotations
@@ -52,5 +53,9 @@ def dest(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trio(make_cluster, dest):
-    """Three default peers (R=2, W=2) that know STORESCP."""
-    return make_cluster(3, destinations={"STORESCP": dest.address})
+    """Three peers (R=2, W=2) that know STORESCP and place every copy by rendezvous
+    (``first_copy = "placement"``): the writer holds a copy of 2 in 3 instances, pushes
+    both of the others' -- the paths these tests are about. The default (``"auto"``, one
+    copy where it arrives): tests/cluster/test_first_copy.py."""
+    return make_cluster(3, destinations={"STORESCP": dest.address},
+                        config={"strategies": {"first_copy": "placement"}})

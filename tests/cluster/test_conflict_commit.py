@@ -39,7 +39,8 @@ def send_version(peer, original: Path, out: Path, comment: str) -> str:
 
 
 def test_a_conflicting_version_is_committed_at_each_holder(cluster, tmp_path):
-    cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2}}
+    cluster.config = {"cluster": {"replicas": 2, "write_quorum": 2},   # a writer holding
+                      "strategies": {"first_copy": "placement"}}          # no copy of some
     peers = list(cluster.start(3))
     cluster.wait_mesh()
     a = peers[0]

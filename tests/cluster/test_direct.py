@@ -257,7 +257,8 @@ def test_kill9_of_a_holder_mid_direct_move_hands_its_share_to_the_others(cluster
 def test_instances_without_a_live_holder_are_listed_as_failed(cluster, dest, tmp_path,
                                                               request):
     d = cluster[3]
-    victim = cluster.add("peere", config={"cluster": {"replicas": 1, "write_quorum": 1}})
+    victim = cluster.add("peere", config={"cluster": {"replicas": 1, "write_quorum": 1},
+                                          "strategies": {"first_copy": "placement"}})     # by rendezvous' spread
     cluster.wait_mesh(timeout=30)
     n = 120
     files = make(tmp_path / "s3", n, "DIRECT0003", seed=13)

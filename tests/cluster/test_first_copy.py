@@ -1,4 +1,5 @@
-"""``[strategies] first_copy = "local"`` with real peers: a new instance's first copy on
+"""``[strategies] first_copy`` left at its default (``"auto"``: ``"local"`` where
+rendezvous ranks) with real peers: a new instance's first copy on
 an archive of the peer that received it, the other copy by placement on another peer;
 repair after a holder dies restores R and trims nothing; the balance guard
 (``first_copy_slack``) sends copies elsewhere once the receiving archive holds more than
@@ -24,7 +25,7 @@ REPAIR_AFTER = 5
 
 def config(slack: float = 1.0) -> dict:
     return {"cluster": {"replicas": 2, "write_quorum": 2, "repair_after": REPAIR_AFTER},
-            "strategies": {"first_copy": "local", "first_copy_slack": slack}}
+            "strategies": {"first_copy_slack": slack}}
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def test_every_instance_keeps_a_copy_on_the_peer_it_arrived_at(cluster, tmp_path
         assert set(second) == {o.name for o in others} and sum(second.values()) == n, \
             second
         print(f"\n{writer.name}: second copies {dict(second)}")
-    assert first(a) == {"mode": "local", "slack": 1.0, "local": n, "guarded": 0}
+    assert first(a) == {"mode": "auto", "slack": 1.0, "local": n, "guarded": 0}
     assert first(b)["local"] == n
     # nothing is surplus for repair: 2 copies each, whatever placement's own order
     for p in (a, b, c):

@@ -50,7 +50,9 @@ def test_an_archive_refusing_copies_is_routed_around_and_its_lines_are_bounded(
     with Orthanc(tmp_path / "orthanc", aet="ORTHREF",
                  config={"LuaScripts": [str(lua)]}) as orthanc:
         cluster.start(3, per_peer={"peera": {"archives": [
-            {"name": "orth", "adapter": "orthanc", "url": orthanc.url}]}})
+            {"name": "orth", "adapter": "orthanc", "url": orthanc.url}]},
+            # by rendezvous alone: 2 in 3 copies to the refusing archive, not 1 in 2
+            "peerb": {"strategies": {"first_copy": "placement"}}})
         cluster.wait_mesh(timeout=30)
         holder, writer = cluster[0], cluster[1]
         files = datasets.make_study(tmp_path / "study", patient_id="REFUSE01", size=32,

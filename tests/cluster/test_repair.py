@@ -26,9 +26,9 @@ REPAIR_AFTER = 5
 WAIT = 180.0                      # generous bound for a repair to finish
 
 
-def config(rate: float = 0) -> dict:
+def config(rate: float = 0, first_copy: str = "auto") -> dict:
     return {"cluster": {"replicas": 2, "write_quorum": 2, "repair_after": REPAIR_AFTER,
-                        "repair_rate": rate}}
+                        "repair_rate": rate}, "strategies": {"first_copy": first_copy}}
 
 
 def replicas(peer, study: str) -> dict[str, list[tuple[str, bool]]]:
@@ -75,8 +75,8 @@ def kill_for_good(cluster, victim, *others):
 def cluster(tmp_path):
     made = []
 
-    def make(n=3, rate=0.0, destinations=None):
-        c = Cluster(tmp_path / f"cluster{len(made)}", destinations, config(rate))
+    def make(n=3, rate=0.0, destinations=None, first_copy="auto"):
+        c = Cluster(tmp_path / f"cluster{len(made)}", destinations, config(rate, first_copy))
         made.append(c)
         c.start(n)
         c.wait_mesh(timeout=30)
@@ -195,7 +195,9 @@ def test_surplus_copies_are_dropped_when_the_dead_peer_returns(cluster, tmp_path
 def test_repair_rate_is_respected(cluster, tmp_path):
     rate = 1.0                                   # MB/s per repairing peer
     n = 300                                      # 256x256x16-bit: ~131 KB each
-    a, b, c = cluster(rate=rate)
+    # by rendezvous alone, both survivors hold copies whose other holder was peerc (with
+    # the default, one copy where it arrives, peera would be the only repairer)
+    a, b, c = cluster(rate=rate, first_copy="placement")
     files, uid = store_study(tmp_path, a, n, 256, "REPAIR03")
     kill_for_good(cluster, c, a, b)
     samples: dict[str, list] = {"peera": [], "peerb": []}

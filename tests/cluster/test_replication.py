@@ -351,12 +351,14 @@ def test_pin_modality_plugin_and_a_plugin_that_raises(clusters, tmp_path):
         if modality[u] == "MG":       # pinned: both copies on peerb's "breast" archives
             assert sorted((p, ar) for p, ar, _ok in reps) == [
                 ("peerb", "breast2"), ("peerb", "local")], (u, reps)
-        else:                         # spread as usual: 2 distinct peers
+        else:                         # as usual: 2 distinct peers, the first where sent
             assert len(holders(reps)) == 2, (u, reps)
             ct_peers.update(holders(reps))
     print(f"\nCT copies per peer: {dict(ct_peers)}")
-    assert set(ct_peers) == {"peera", "peerb", "peerc"}
-    assert all(n >= 20 for n in ct_peers.values()), ct_peers
+    # the plugin left CT to rendezvous, so first_copy = "auto" (the default) kept one
+    # copy where it arrived (peera) and spread the others (peerb has 2 of 3 archives)
+    assert ct_peers["peera"] == 60, ct_peers
+    assert ct_peers["peerb"] >= 20 and ct_peers["peerc"] >= 8, ct_peers
 
     # a plugin that raises: 0x0110, the peer keeps answering, the log names it
     us = datasets.write(datasets.make_image("US", size=SIZE, seed=41, PatientID="PIN0001"),

@@ -244,7 +244,8 @@ def test_kill9_of_a_source_mid_move_costs_no_suboperation(cluster, study, dest):
 
 def test_instances_whose_only_holder_is_dead_are_listed_as_failed(cluster, dest, tmp_path):
     a, b, c, d = cluster[:4]
-    e = cluster.add("peere", config={"cluster": {"replicas": 1, "write_quorum": 1}})
+    e = cluster.add("peere", config={"cluster": {"replicas": 1, "write_quorum": 1},
+                                     "strategies": {"first_copy": "placement"}})     # by rendezvous' spread
     cluster.wait_mesh(timeout=30)
     n = 120
     files = datasets.make_study(tmp_path / "r1", patient_id="RETR0002", size=SIZE,

@@ -136,7 +136,7 @@ BROKEN = [
      "overlay.read_port: {admin_port} is admin.port too"),
     # fourteenth session: where a new instance's first copy goes
     ("first-copy-unknown", '[strategies]\nfirst_copy = "nearest"\n', {},
-     'strategies.first_copy: must be "placement" or "local", got \'nearest\''),
+     'strategies.first_copy: must be "auto", "placement" or "local", got \'nearest\''),
     ("first-copy-slack-negative", '[strategies]\nfirst_copy_slack = -0.5\n', {},
      "strategies.first_copy_slack: must be a fraction of the mean (a number 0-100), "
      "got -0.5"),

@@ -1,12 +1,20 @@
-"""``placement.local_first`` (``[strategies] first_copy = "local"``): the receiving
-peer's archive first, the others in placement's order with those sharing its peer or
-its site after the rest (the rule of distinct copies with it picked first)."""
+"""``placement.local_first`` (``[strategies] first_copy``): the receiving peer's archive
+first, the others in placement's order with those sharing its peer or its site after the
+rest (the rule of distinct copies with it picked first); ``Ingest.rank`` applies it with
+``"auto"`` only where rendezvous or site-aware ranked the instance."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 
+from twisted.internet.task import Clock
+
+from pacsp2p import config
+from pacsp2p.strategies import Strategies
+from pacsp2p.strategies.hookspecs import hookimpl
 from pacsp2p.strategies.placement import distinct, hrw_order, local_first
-from pacsp2p.types import ArchiveInfo
+from pacsp2p.transfer.ingest import Ingest
+from pacsp2p.types import ArchiveInfo, InstanceInfo
 
 
 def names(order):
@@ -64,3 +72,74 @@ def test_distinct_gives_the_order_it_gave_before():
             archives[(a.peer, a.name)] = a
         order = hrw_order(f"1.2.{rng.randrange(10**9)}", list(archives.values()))
         assert distinct(order) == _distinct_before(order)
+
+
+# -- first_copy = "auto" | "local" | "placement" in Ingest.rank ----------------------
+
+class _Pin:
+    """A site plugin that ranks every CT itself (its promise: peer c first)."""
+    name = "pin-ct"
+
+    @hookimpl
+    def pacsp2p_place(self, instance, archives, replicas):
+        if instance.modality != "CT":
+            return None
+        return sorted(archives, key=lambda a: a.peer != "c")
+
+
+@dataclass
+class _Info:
+    archives: list
+    archives_down: list = field(default_factory=list)
+    draining: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Member:
+    name: str
+    info: _Info
+    state: str = "alive"
+
+
+class _Overlay:                      # the membership view Ingest.candidates reads
+    def __init__(self, members):
+        self.membership = type("M", (), {"members": {m.name: m for m in members}})()
+        self.offers = {}
+
+
+def _ingest(tmp_path, first_copy, placement="rendezvous", plugins=()):
+    settings = config.from_dict({"peer": {"name": "me", "data_dir": str(tmp_path)},
+                                 "cluster": {"replicas": 2},
+                                 "strategies": {"first_copy": first_copy}},
+                                "t.toml", tmp_path)
+    mine = {"local": type("A", (), {"site": None, "up": True, "capabilities": {"store"}})()}
+    others = [_Member(p, _Info([["local", None]])) for p in ("b", "c", "d")]
+    return Ingest(settings, mine, None, Strategies(placement, plugins=plugins),
+                  _Overlay(others), Clock())
+
+
+def _firsts(ingest, modality="MR", n=120):
+    out = []
+    for i in range(n):
+        info = InstanceInfo(f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.4", "1.2", "1.2.3",
+                            modality, 1000)
+        out.append(ingest.rank(info)[0].peer)
+    return out
+
+
+def test_auto_puts_ours_first_where_rendezvous_ranked(tmp_path):
+    assert set(_firsts(_ingest(tmp_path, "auto"))) == {"me"}
+    placed = _firsts(_ingest(tmp_path, "placement"))
+    assert set(placed) == {"me", "b", "c", "d"}         # rendezvous' own spread
+
+
+def test_auto_keeps_least_used_and_a_plugins_order(tmp_path):
+    ingest = _ingest(tmp_path, "auto", placement="least-used")
+    ingest.counts = {("me", "local"): 50, ("b", "local"): 10, ("c", "local"): 20,
+                     ("d", "local"): 30}
+    assert set(_firsts(ingest)) == {"b"}                 # the emptiest, not ours
+    pinned = _ingest(tmp_path, "auto", plugins=[_Pin()])
+    assert set(_firsts(pinned, "CT")) == {"c"}           # the plugin's promise
+    assert set(_firsts(pinned, "MR")) == {"me"}          # left to rendezvous: local
+    # "local" puts ours first whoever ranked
+    assert set(_firsts(_ingest(tmp_path, "local", plugins=[_Pin()]), "CT")) == {"me"}
