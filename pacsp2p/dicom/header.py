@@ -107,10 +107,11 @@ def read_meta(path: Path, sha256: str = "", data_size: int = 0,
                 found: dict = {}
                 if deflated:
                     limit = bound(size - offset, MAX_INFLATED) if bounded else MAX_INFLATED
-                    head = _deflated_header(buf, offset, found, limit)
+                    head = _deflated_header(buf, offset, found, limit, bounded)
                 else:
                     head = None
-                    end = _walk(buf, offset, size, implicit, little, None, found)
+                    end = _walk(buf, offset, size, implicit, little, None, found,
+                                strict=bounded)
                     if end != size:
                         raise BadDataset(f"truncated: an element runs past the end of "
                                          f"the file ({size} bytes)")
@@ -211,7 +212,8 @@ def _check_required(attrs) -> None:
         raise BadDataset(f"dataset lacks {', '.join(missing)}")
 
 
-def _deflated_header(buf, offset: int, found: dict, limit: int = MAX_INFLATED) -> bytes:
+def _deflated_header(buf, offset: int, found: dict, limit: int = MAX_INFLATED,
+                     strict: bool = False) -> bytes:
     """The inflated bytes of the deflated data set at *offset* of *buf* up to its pixel data (all of them if
     it has none; at most MAX_DEFLATED_HEADER), with the raw values of the wanted
     attributes put in *found*. The rest is inflated and dropped, a chunk at a time, to
@@ -227,12 +229,14 @@ def _deflated_header(buf, offset: int, found: dict, limit: int = MAX_INFLATED) -
             if len(prefix) >= attempt:          # walk again once the prefix has doubled
                 attempt = 2 * len(prefix)
                 found.clear()
-                end = _walk(prefix, 0, len(prefix), False, True, None, found, until=_PIXELS)
+                end = _walk(prefix, 0, len(prefix), False, True, None, found, until=_PIXELS,
+                            strict=strict)
                 if 0 <= end < len(prefix):
                     break                        # the pixel data starts in the prefix
         else:
             found.clear()
-            end = _walk(prefix, 0, len(prefix), False, True, None, found, until=_PIXELS)
+            end = _walk(prefix, 0, len(prefix), False, True, None, found, until=_PIXELS,
+                        strict=strict)
             if end < 0:
                 raise BadDataset("truncated: an element runs past the end of the "
                                  "deflated data set")
@@ -321,13 +325,17 @@ _STRUCTS = {little: (struct.Struct(e + "HHI"), struct.Struct(e + "HH2sH"), struc
 
 
 def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
-          found: dict | None = None, until: int | None = None) -> int:
+          found: dict | None = None, until: int | None = None, strict: bool = False) -> int:
     """Walk elements from *pos* to *size*, or past the delimiter tag *stop*; return the end
     (-1 if *stop* is not None and never came: a truncated sequence or item). Raw values
     of the top-level elements in ``_WANTED`` are put in *found* (tag -> bytes); one of
     them twice (a SOP Instance UID that DCMTK and pydicom read differently) raises
     BadDataset. With
-    *until*, stop before the first top-level element whose tag is at least *until*."""
+    *until*, stop before the first top-level element whose tag is at least *until*.
+    *strict* (a C-STORE: ``read_meta(bounded=True)``): items, delimiters and values of
+    undefined length where no sequence is raise BadDataset; else they are skipped, as
+    before 3e18d84, so that what an archive already holds is still read (rebuild, crawl,
+    the copies repair, hand-off, drain and scrub make, a retrieval's check)."""
     implicit_head, explicit_head, long_length = _STRUCTS[little]
     while pos + 8 <= size:
         if implicit:
@@ -343,14 +351,14 @@ def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
             pos += 8
             if tag == stop:
                 return pos
-            if tag != _ITEM or stop != _SEQ_END:         # (DCMTK reads no further)
+            if strict and (tag != _ITEM or stop != _SEQ_END):   # (DCMTK reads no further)
                 raise BadDataset(f"(FFFE,{elem:04X}) {_MISPLACED[stop]}")
-            if length == _UNDEFINED:
-                pos = _walk(buf, pos, size, implicit, little, _ITEM_END)
+            if tag == _ITEM and length == _UNDEFINED:
+                pos = _walk(buf, pos, size, implicit, little, _ITEM_END, strict=strict)
                 if pos < 0:
                     return -1
                 continue
-        elif stop == _SEQ_END:
+        elif strict and stop == _SEQ_END:
             raise BadDataset(f"({group:04X},{elem:04X}) in a sequence, outside its items")
         elif vr is None:
             pos += 8
@@ -362,13 +370,13 @@ def _walk(buf, pos: int, size: int, implicit: bool, little: bool, stop,
         else:
             pos += 8
         if length == _UNDEFINED:                         # sequence or encapsulated pixels
-            if not _may_be_undefined(tag, vr):
+            if strict and not _may_be_undefined(tag, vr):
                 raise BadDataset(f"({group:04X},{elem:04X}) of undefined length is not a "
                                  f"sequence")
             if vr == b"UN":             # a UN sequence's items: implicit VR LE (PS3.5 6.2.2)
-                pos = _walk(buf, pos, size, True, True, _SEQ_END)
+                pos = _walk(buf, pos, size, True, True, _SEQ_END, strict=strict)
             else:
-                pos = _walk(buf, pos, size, implicit, little, _SEQ_END)
+                pos = _walk(buf, pos, size, implicit, little, _SEQ_END, strict=strict)
             if pos < 0:
                 return -1
             continue
