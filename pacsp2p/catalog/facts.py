@@ -85,7 +85,14 @@ def stamp_of(attrs) -> int:
     s = attrs.get(STAMP, 0) if attrs else 0
     if type(s) is not int or not 0 <= s < MAX_STAMP:
         return 0
-    return min(s, int(time.time() * 1000) + MAX_AHEAD)
+    return min(s, ahead_cap())
+
+
+def ahead_cap() -> int:
+    """The highest stamp taken from another peer: this clock + ``MAX_AHEAD``, at the end
+    of its grain, so that the next stamp here (``Stamps.observe``) cut to its grain for
+    the parent rows is still above it (a correction received after it wins)."""
+    return grained(int(time.time() * 1000) + MAX_AHEAD) + STAMP_GRAIN - 1
 
 
 class Stamps:
@@ -372,7 +379,7 @@ def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> int:
     n = len(LOCATION_FIELDS)
     cls = n + _LEVEL_SQL["IMAGE"][0].index("SOPClassUID")
     sop = n + _LEVEL_SQL["IMAGE"][0].index("SOPInstanceUID")
-    cap = int(time.time() * 1000) + MAX_AHEAD       # ``stamp_of``'s bound, read once
+    cap = ahead_cap()                               # ``stamp_of``'s bound, read once
 
     def keep(level: str, key, row: list) -> None:
         had = seen[level].setdefault(key, [])

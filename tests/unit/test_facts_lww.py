@@ -236,6 +236,24 @@ def test_a_stamp_learned_makes_the_next_stamps_of_this_peer_later():
     assert new_stamp() > ahead
 
 
+def test_a_correction_after_a_row_of_a_clock_an_hour_ahead_wins(tmp_path):
+    """A peer an hour ahead: its rows reach this peer cut to this clock + ``MAX_AHEAD``,
+    and this peer's next receipt is stamped above that (``Stamps.observe``). Before, the
+    cut value was not at a grain's end: the next stamp, cut to its grain for the parent
+    rows, fell below the row's, so a correction received seconds later lost (found by
+    clock-skew injection: a patient renamed at a correct peer 3 s after a peer an hour
+    ahead stored it kept the old name at every peer). The new name sorts lower, so a
+    tie would keep the old one too."""
+    import time
+    from pacsp2p.catalog.facts import STAMP_GRAIN, new_stamp
+    b, c = Peer(tmp_path, "b"), Peer(tmp_path, "c")
+    b.receive(attrs(3, int(time.time() * 1000) + 3_600_000, "1.14.3"))   # an hour ahead
+    c.pull(b)
+    time.sleep(2 * STAMP_GRAIN / 1000)               # (a correction: seconds later)
+    c.receive(attrs(2, new_stamp(), "1.14.2"))       # stamped as a C-STORE here is
+    assert c.name_of() == "RACE^V2"
+
+
 def test_one_batch_breaks_a_tie_of_stamps_as_sql_does(tmp_path):
     """Two versions of one stamp (two peers' receipts in the same ms) in one writer
     batch, in either order: the row is the greater values', as a peer that learns them
