@@ -264,7 +264,7 @@ class Retrieval(BatchReads):
         room = self.window - fetching - self._buffered
         if self._max_held * self.window > self.window_bytes:   # (small ones: count alone)
             room = min(room, int((self.window_bytes - self.in_memory) // self._avg_held))
-        if self._avg_held:
+        if self._max_held * self.window > self.pool.floor:     # (else it cannot bind)
             room = min(room, int(self.pool.room(self) // self._avg_held))
         return room
 
