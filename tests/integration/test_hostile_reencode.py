@@ -260,7 +260,9 @@ def test_a_value_pydicom_cannot_re_encode_fails_its_sub_operation_not_sent_empty
     raw = datasets.explicit_le(odd)
     pixels = raw.rindex(b"\xe0\x7f\x10\x00")
     private = (b"\x09\x00\x10\x00LO\x04\x00ODD " +        # (0009,0010) creator
-               b"\x09\x00\x01\x10US\x03\x00\x01\x02\x03")   # (0009,1001) US of 3 bytes
+               b"\x09\x00\x01\x10US\x03\x00\x01\x02\x03" +  # (0009,1001) US of 3 bytes
+               b"\x09\x00\x02\x10US\x03\x00\x04\x05\x06")   # and one more: a data set
+    #                          of even length (one of odd length is refused since 7708c2b)
     raw = raw[:pixels] + private + raw[pixels:]
     assert raw.index(private) > raw.index(b"\x08\x00\x18\x00")   # after SOP Instance UID
     for ds, data in ((good, datasets.explicit_le(good)), (odd, raw)):
