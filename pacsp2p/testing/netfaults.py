@@ -220,8 +220,11 @@ class NsPeer(Peer):
 class NsCluster:
     """Peers peera.. one per namespace of *net*, sharing a CA under *root*."""
 
-    def __init__(self, root: Path, net: Net, config: dict | None = None):
+    def __init__(self, root: Path, net: Net, config: dict | None = None,
+                 overlay: dict | None = None):
+        """*overlay*: [overlay] keys over the ones set here (e.g. a WAN's heartbeat)."""
         self.root, self.net, self.config = Path(root), net, dict(config or {})
+        self.overlay = dict(overlay or {})
         self.ca_dir, self.tls_dir = self.root / "ca", self.root / "tls"
         tls.init_ca(self.ca_dir)
         self.peers: list[NsPeer] = []
@@ -238,7 +241,8 @@ class NsCluster:
             overlay = {"port": OVERLAY, "bulk_port": BULK, "bind": "0.0.0.0",
                        "advertise": self.net.addr(k), "heartbeat": HEARTBEAT,
                        "tls_dir": str(self.tls_dir),
-                       "seeds": [f"{self.net.addr(j)}:{OVERLAY}" for j in range(k)]}
+                       "seeds": [f"{self.net.addr(j)}:{OVERLAY}" for j in range(k)],
+                       **self.overlay}
             peer = NsPeer(self.root / name, self.net, k, name=name, ae_title=name.upper(),
                           config=toml.deep_merge(toml.deep_merge(
                               self.config, (per_peer or {}).get(name, {})),
