@@ -511,31 +511,36 @@ class EmbeddedArchive:
             return Stored(self.name, sha, size)
         return self._run(put_back)
 
-    def walk(self):
+    def walk(self, skipped=None):
         """Yield (InstanceMeta, Stored) for every file held (blocking; an archive of the
         older layout is renamed first). Files not named as the layout names them, or
         whose UID is invalid, are skipped. A generator over ``os.scandir``
         (``layout.files``), in directory order: memory stays bounded whatever the number
         of files (``catalog rebuild`` of 10M instances). One file after the other:
         reading ahead in 8 threads was slower on a quiet machine, cold cache or not
-        (20,000 files: 9.3 s against 11.6 s), the GIL being the bound, not the disk."""
+        (20,000 files: 9.3 s against 11.6 s), the GIL being the bound, not the disk.
+        *skipped(path, reason)*, if given, hears of each file not read as an instance."""
         self._migrate()
         for path in layout.files(self.objects):
             if layout.is_current(path):
-                found = self._walked(path)
+                found = self._walked(path, skipped or (lambda path, reason: None))
                 if found is not None:
                     yield found
 
-    def _walked(self, path: Path):
+    def _walked(self, path: Path, skipped):
         """(InstanceMeta, Stored) of the file at *path*, or None to skip it (a bad data set,
-        a file removed meanwhile)."""
+        told to *skipped*; a file removed meanwhile)."""
         try:
             meta = read_meta(path)              # hashes the data set on its one pass
             sha, size = (meta.sha256, meta.data_size) if meta.sha256 else \
                 content_hash(path)
-        except (BadDataset, FileNotFoundError):
+        except FileNotFoundError:
+            return None
+        except BadDataset as e:
+            skipped(path, str(e))
             return None
         if not is_uid(meta.sop_instance_uid):
+            skipped(path, "its SOP Instance UID is not a valid UID")
             return None
         k = layout.key(meta.sop_instance_uid)
         if not path.name.startswith(k):

@@ -172,8 +172,9 @@ class IWalks(Interface):
     """Capability ``walk``: list every copy held, blocking (``pacsp2p catalog rebuild``
     of the archive the peer itself writes to)."""
 
-    def walk():
-        """Iterator of (InstanceMeta, types.Stored), one per copy held."""
+    def walk(skipped=None):
+        """Iterator of (InstanceMeta, types.Stored), one per copy held; a file held that
+        cannot be read as an instance is told to *skipped(path, reason)*, if given."""
 
 
 class IVerifies(Interface):

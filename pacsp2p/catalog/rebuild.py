@@ -56,7 +56,13 @@ def rebuild(catalog_path: Path, archives, peer_name: str, progress=print,
             continue
         if "walk" not in archive.capabilities:
             continue
-        for meta, stored in archive.walk():
+        skipped: list = [0]         # how many, then the first 5 (path: reason)
+
+        def skip(path, reason, skipped=skipped):
+            skipped[0] += 1
+            if len(skipped) <= 5:
+                skipped.append(f"{path}: {reason}")
+        for meta, stored in archive.walk(skipped=skip):
             if stored.conflict:
                 conn.execute("INSERT OR IGNORE INTO conflicts VALUES (?, ?, ?, datetime('now'))",
                              (meta.sop_instance_uid, archive.name, stored.sha256))
@@ -72,6 +78,10 @@ def rebuild(catalog_path: Path, archives, peer_name: str, progress=print,
                     count(total)
                 else:
                     progress(f"{total} instances ({total / (time.monotonic() - t0):.0f}/s)")
+        if skipped[0]:      # still on the archive, not in the catalog: the admin decides
+            progress(f"archive {archive.name}: {skipped[0]} file(s) not read as an instance, "
+                     "left on the archive and out of the catalog: " + "; ".join(skipped[1:])
+                     + (f"; and {skipped[0] - 5} more" if skipped[0] > 5 else ""))
     if batch:
         write_facts(conn, batch)
     if count is not None:

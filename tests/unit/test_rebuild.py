@@ -158,3 +158,25 @@ def test_a_rebuild_keeps_the_row_stamps_the_old_file_still_has(tmp_path):
     assert conn.execute("SELECT PatientName, stamp FROM patients").fetchall() == \
         [("DOE^FIXED", 9000)]
     assert any("keep their stamps" in line for line in lines)
+
+
+def test_a_file_not_read_as_an_instance_is_named_not_silently_left_out(tmp_path):
+    """A file the archive holds that the walk cannot read (damaged, or refused by a newer
+    release's checks) stays on the archive and out of the catalog, and the rebuild says
+    so, naming it: before, it was left out without a word."""
+    a = archive(tmp_path / "archive")
+    study = datasets.make_study(tmp_path / "in", patient_id="SKIP01", size=8,
+                                series=[("CT", 7, datasets.ExplicitVRLittleEndian)])
+    for path in study:
+        a.keep(path, read_meta(path))
+    held = sorted(layout.files(a.objects))
+    for victim in held[:6]:                    # cut short: no longer a complete data set
+        victim.write_bytes(victim.read_bytes()[:200])
+    lines = []
+    n = rebuild(tmp_path / "rebuilt.sqlite", [a], PEER, progress=lines.append)
+    assert n == 1
+    said = [ln for ln in lines if "not read as an instance" in ln]
+    assert len(said) == 1, lines
+    assert said[0].startswith("archive local: 6 file(s) not read as an instance"), said
+    assert sum(str(v) in said[0] for v in held[:6]) == 5 and "and 1 more" in said[0], said
+    assert all(p.exists() for p in held[:6])   # left where they are
