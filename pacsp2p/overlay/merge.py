@@ -48,6 +48,8 @@ class Merge:
         old = node.state
         self._live += (state != DEAD) - (old != DEAD)
         node.state, node.since = state, self.clock.seconds()
+        if old == DEAD and state != DEAD:        # back: its verdicts of before are stale
+            self.__dict__.setdefault("_back", {})[node.name] = node.since
         if state != SUSPECT and node.suspicion is not None:
             node.suspicion.cancel()
             node.suspicion = None
@@ -123,7 +125,8 @@ class Merge:
                 self._refute(inc)
             return
         node = self.nodes.get(name)
-        if node is None or inc < node.incarnation or node.state == DEAD:
+        if node is None or inc < node.incarnation or node.state == DEAD or \
+                self._stale(origin, name):
             return
         if node.state == SUSPECT:
             if node.suspicion is not None and node.suspicion.confirm(origin):
@@ -140,6 +143,19 @@ class Merge:
         node.suspicion = _Suspicion(self, node, origin, k, low, high)
         self.broadcast(("m", name), ["s", name, inc, origin])
 
+    def _stale(self, origin: str, name: str) -> bool:
+        """A suspicion or death of *name* told by *origin*, a member this view holds dead
+        or held dead until less than the longest suspicion ago: a verdict of a peer that
+        was cut off (it declared the others dead while alone), heard as the cut heals;
+        taken, it killed a healthy member in third peers' views until it refuted (fault
+        injection, sixteenth session). Its own leave counts."""
+        node = self.nodes.get(origin)
+        if origin == name or node is None:
+            return False
+        back = getattr(self, "_back", {}).get(origin)
+        return node.state == DEAD or back is not None and \
+            self.clock.seconds() - back < self.config.suspicion_timeouts(self.members())[1]
+
     def _suspicion_expired(self, node: Node, suspicion: _Suspicion):
         if node.suspicion is not suspicion or node.state != SUSPECT:
             return
@@ -152,7 +168,8 @@ class Merge:
                 self._refute(inc)
             return
         node = self.nodes.get(name)
-        if node is None or inc < node.incarnation or node.state == DEAD:
+        if node is None or inc < node.incarnation or node.state == DEAD or \
+                self._stale(origin, name):
             return
         node.incarnation = inc
         self.stats["dead"] += 1
