@@ -218,8 +218,8 @@ class Cluster:
         return [{"instance": r.sop_instance_uid,
                  "replicas": [{"peer": loc.peer, "archive": loc.archive,
                                "available": readable(loc, me, self.archives, self.overlay),
-                               "version": "current" if current.get(
-                                   r.sop_instance_uid, loc.sha256) == loc.sha256 else "other"}
+                               "version": "current" if loc.sha256 in current.get(
+                                   r.sop_instance_uid, (loc.sha256,)) else "other"}
                               for loc in r.locations]}
                 for r in refs]
 

@@ -28,14 +28,14 @@ import json
 import sqlite3
 from dataclasses import dataclass, field
 
+from pacsp2p.catalog import versions
 from pacsp2p.catalog.facts import vector
 from pacsp2p.catalog.schema import read_counts
 from pacsp2p.types import InstanceInfo, Location
 
 SEP = "\t"
 # a location row (l) holds the version the catalog describes (``versions``)
-CURRENT = ("NOT EXISTS (SELECT 1 FROM versions v WHERE v.SOPInstanceUID = l.SOPInstanceUID "
-           "AND v.sha256 != l.sha256)")
+CURRENT = f"NOT {versions.OTHER}"
 
 
 def _current(conn: sqlite3.Connection) -> str:
@@ -133,7 +133,8 @@ def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
          limit: int = 500, short: bool = False) -> list[tuple]:
     """Up to *limit* instances after *after* (in SOPInstanceUID order) that repair must
     copy or trim, each as (InstanceInfo for placement, its locations -- of every
-    version --, the current version's sha256 if it has several, else None); *short*: as
+    version --, the hashes of the current version's copies if it has several, else
+    None: ``versions.current_copies``); *short*: as
     in ``census``."""
     params: dict = {"r": replicas, "after": after, "limit": limit, "short": int(short)}
     live, lost = _flags(lv, params)
@@ -149,6 +150,7 @@ def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
     if not rows:
         return []
     info = instance_infos(conn, [r[0] for r in rows])
+    ours = versions.current_copies(conn, [r[0] for r in rows if r[2]])
     out = []
     for uid, packed, current in rows:
         locs = []
@@ -156,7 +158,8 @@ def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
             peer, archive, sha, size = item.split(SEP)
             locs.append(Location(uid, archive, peer, sha, int(size)))
         size = max((loc.size for loc in locs), default=0)
-        out.append((info.get(uid) or InstanceInfo(uid, "", "", "", "", size), locs, current))
+        out.append((info.get(uid) or InstanceInfo(uid, "", "", "", "", size), locs,
+                    ours.get(uid)))
     return out
 
 

@@ -484,13 +484,12 @@ class Catalog:
         return self.read(run)
 
     def versions(self, uids: list[str]) -> defer.Deferred:
-        """Deferred[{uid: the current version's sha256}] of those held in several."""
-        return self.read(lambda conn: versions.current(conn, list(uids)))
+        """Deferred[{uid: the current version's copies' hashes}] of those held in several."""
+        return self.read(lambda conn: versions.current_copies(conn, list(uids)))
 
     @staticmethod
     def _refs(conn, uids: list[str], current: bool = False) -> list[InstanceRef]:
-        other = (" AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.SOPInstanceUID = "
-                 "l.SOPInstanceUID AND v.sha256 != l.sha256)") if current else ""
+        other = f" AND NOT {versions.OTHER}" if current else ""
         refs = []
         for i in range(0, len(uids), 500):
             chunk = uids[i:i + 500]

@@ -131,6 +131,27 @@ def check_wire(parents: dict) -> None:
         raise ValueError("a batch's version stamps are not integers of 0 to 2^53")
 
 
+# a location row (alias l) holds another version than the current one: not its hash, nor
+# bytes of the same receipt (a copy an adapter holds converted: the same least stamp)
+_KEY = ("(SELECT min(m.stamp) FROM locations m WHERE m.SOPInstanceUID = {r}.SOPInstanceUID "
+        "AND m.sha256 = {r}.sha256 AND m.size >= 0 AND m.stamp > 0)")
+OTHER = ("EXISTS (SELECT 1 FROM versions v WHERE v.SOPInstanceUID = l.SOPInstanceUID AND "
+         f"v.sha256 != l.sha256 AND coalesce({_KEY.format(r='l')}, 0) IS NOT "
+         f"{_KEY.format(r='v')})")
+
+
+def current_copies(conn: sqlite3.Connection, uids: list[str]) -> dict[str, frozenset]:
+    """{uid: the hashes of the current version's copies (its own, and those of its bytes
+    held converted)} for those of *uids* held in several versions (``OTHER``'s rule)."""
+    out = {}
+    for uid, sha in current(conn, uids).items():
+        keys = dict(conn.execute("SELECT sha256, min(nullif(stamp, 0)) FROM locations WHERE "
+                                 f"SOPInstanceUID = ? AND {_KNOWN} GROUP BY sha256", (uid,)))
+        out[uid] = frozenset(s for s, k in keys.items() if s == sha or
+                             k is not None and k == keys.get(sha))
+    return out
+
+
 def current(conn: sqlite3.Connection, uids: list[str]) -> dict[str, str]:
     """{uid: the current version's sha256} for those of *uids* held in several versions."""
     out: dict[str, str] = {}

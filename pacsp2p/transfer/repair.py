@@ -316,14 +316,14 @@ class Repair:
         return jobs
 
     def _decide(self, info, locs, lv: Liveness, order, candidates, current=None):
-        """*current*: the sha256 of the version the catalog describes, if the UID has
-        several: only its copies count (and are copied); every copy is held, for targets."""
+        """*current*: the hashes of the copies of the version the catalog describes, if the
+        UID has several: only they count (and are copied); every copy is held, for targets."""
         rank = {(a.peer, a.name): i for i, a in enumerate(order)}
 
         def in_order(loc):
             return (rank.get((loc.peer, loc.archive), len(rank)), loc.peer, loc.archive)
         live = sorted((loc for loc in locs if lv.live(loc.peer, loc.archive)), key=in_order)
-        ours = [loc for loc in locs if current in (None, loc.sha256)]
+        ours = [loc for loc in locs if current is None or loc.sha256 in current]
         if not live:
             return None
         kept = [loc for loc in ours if not lv.lost(loc.peer, loc.archive)]
@@ -379,7 +379,7 @@ class Repair:
             del self._recent[uid]              # the catalog knows it all now
             return locs
         size = max((loc.size for loc in locs), default=0)
-        sha = current or (locs[0].sha256 if locs else "")
+        sha = min(current) if current else (locs[0].sha256 if locs else "")
         out = [loc for loc in locs if (loc.peer, loc.archive) not in dropped]
         out += [Location(uid, archive, peer, sha, size) for peer, archive in added
                 if (peer, archive) not in have]

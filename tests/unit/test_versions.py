@@ -90,7 +90,7 @@ def test_repair_counts_the_copies_of_the_first_version(tmp_path):
     counts = copies.census(conn, 2, lost)
     assert counts["instances"] == 1 and counts["repairable"] == 1, counts
     (info, locs, current), = copies.work(conn, 2, lost, "")
-    assert current == V1 and len(locs) == 3
+    assert current == {V1} and len(locs) == 3
 
 
 def test_a_tombstone_of_the_first_versions_copies_makes_the_second_current(tmp_path):
@@ -114,3 +114,24 @@ def test_a_catalog_of_schema_6_lists_its_instances_of_two_versions(tmp_path):
     assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     # no stamps known: the least hash, alike at every peer
     assert versions.current(conn, [UID]) == {UID: min(V1, V2)}
+
+
+def test_a_converted_copy_of_the_first_version_beside_a_second_is_served(tmp_path):
+    """The first version held converted on b (the dimse adapter's decompressed copy: other
+    hash, the same receipt's stamp) and a second version at c: b's copy is the first
+    version too -- served, counted by repair, marked current. Before (80b822d), with a
+    second version about, only the current hash was: b's copy was 'other'."""
+    converted = "cc" * 32
+    writers = {}
+    for name, sha, stamp in (("a", V1, 1000), ("b", converted, 1000), ("c", V2, 2000)):
+        writers[name] = catalog(tmp_path, name)
+        facts.write_facts(writers[name], [fact(name, sha, 1, stamp)])
+    conn = catalog(tmp_path, "reader")
+    for name in "cba":
+        facts.write_wire(conn, facts.read_changes(writers[name], name, 0, 10))
+    assert served(conn) == {("a", V1), ("b", converted)}
+    assert versions.current_copies(conn, [UID]) == {UID: frozenset({V1, converted})}
+    assert copies.census(conn, 2, copies.Liveness())["instances"] == 0
+    lost = copies.Liveness(dead_peers=frozenset({"b"}), lost_peers=frozenset({"b"}))
+    (info, locs, current), = copies.work(conn, 2, lost, "")
+    assert current == {V1, converted} and len(locs) == 3
