@@ -31,7 +31,7 @@ import time
 import pytest
 
 from pacsp2p.overlay import tls
-from pacsp2p.testing.cluster import members, patience
+from pacsp2p.testing.cluster import members, patience, wait_until
 from pacsp2p.testing.ports import LOOPBACK
 from pacsp2p.testing.fuzz.watch import Growth
 
@@ -53,6 +53,15 @@ def connect(cluster, peer) -> ssl.SSLSocket:
     raw = socket.create_connection((LOOPBACK, cluster.overlay_ports[peer.name][0]),
                                    timeout=patience(60))
     return ctx.wrap_socket(raw)
+
+
+def mesh_kept(a, b) -> None:
+    """Neither peer declared the other dead: on a busy host (the flood takes a core) SWIM
+    may suspect the other for a moment and hear it refuted, which is what it is for."""
+    wait_until(lambda: members(a)[b.name] == "alive" and members(b)[a.name] == "alive",
+               30, 0.2, "both peers alive in each other's view")
+    for p, other in ((a, b), (b, a)):
+        assert f"peer {other.name} is dead" not in p.log_path.read_text(), p.name
 
 
 def test_a_box_of_endless_keys_closes_the_link_not_the_memory(cluster):
@@ -81,7 +90,7 @@ def test_a_box_of_endless_keys_closes_the_link_not_the_memory(cluster):
     assert closed, f"the link stayed open after {sent / 1e6:.0f} MB in one box"
     assert grown < BOX_MB / 2, f"RSS +{grown:.0f} MB"
     time.sleep(1)
-    assert members(a)[b.name] == "alive" and members(b)[a.name] == "alive"
+    mesh_kept(a, b)
     log = a.log_path.read_text(errors="replace")
     assert "Unhandled" not in log and "Traceback" not in log
 
@@ -110,7 +119,7 @@ def test_asks_whose_answers_are_never_read_close_the_link(cluster):
     assert closed, f"the link stayed open after {sent / 1e6:.0f} MB of asks"
     assert grown < 64, f"RSS +{grown:.0f} MB"
     time.sleep(1)
-    assert members(a)[b.name] == "alive" and members(b)[a.name] == "alive"
+    mesh_kept(a, b)
 
 
 def test_garbage_aborts_the_link(cluster):
@@ -133,4 +142,4 @@ def test_garbage_aborts_the_link(cluster):
           f"closed: {closed}, RSS +{grown:.0f} MB")
     assert closed, f"the link took {sent / 1e6:.0f} MB of garbage"
     assert grown < 32, f"RSS +{grown:.0f} MB"
-    assert members(a)[b.name] == "alive" and members(b)[a.name] == "alive"
+    mesh_kept(a, b)
