@@ -30,3 +30,8 @@ def use_monotonic(reactor) -> None:
 def wall(reactor, t: float) -> float:
     """The wall-clock time of *t*, a time of *reactor*'s clock."""
     return time.time() - (reactor.seconds() - t)
+
+
+def monotonic(reactor, t: float) -> float:
+    """*t*, a time of *reactor*'s clock, as a ``time.monotonic()`` (the same in a peer)."""
+    return time.monotonic() - (reactor.seconds() - t)

@@ -141,8 +141,8 @@ class Ingest:
         self.recorded_in_thread = 0       # replicated stores recorded so (``recorded``)
         self.commits_behind = 0           # pushed copies recorded by a COMMIT_LAST
         self.durable_in_thread = 0        # C-STOREs a thread found done (``Forward``)
-        # first_copy = "local": instances ranked with one of our archives first, and those
-        # the balance guard left in placement's order (``_local_first``)
+        # [strategies] first_copy: instances ranked with one of our archives first, and
+        # those the balance guard left in placement's order (``_local_first``)
         self.first_copy, self.slack = (settings.strategies.first_copy,
                                        settings.strategies.first_copy_slack)
         self.first = {"local": 0, "guarded": 0}

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 from twisted.internet import defer, task
@@ -39,6 +38,7 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pacsp2p import clock
 from pacsp2p.catalog import tombstones
 from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
@@ -178,10 +178,6 @@ class ReplicaService:
             raise ReplicaRefused(f"{uid}: {shown(str(e), 300)}") from e
         self._note((target.name, uid, stored.sha256), meta, stored, writer)
         return receipt(stored)
-
-    def _mono(self, since: float) -> float:
-        """*since*, a reactor time, as a ``time.monotonic`` (the same in a peer)."""
-        return time.monotonic() - (self.reactor.seconds() - since)
 
     def _note(self, key, meta, stored, writer: str) -> None:
         """Any thread: a pending copy (meta, stored) of *key*, made now for *writer*."""
@@ -349,8 +345,8 @@ class ReplicaService:
         since, goes through the reactor as before (*on_reactor(fn, *args)*)."""
         taken = [(tuple(c), self._take(tuple(c))) for c in copies]
         seqs: list = [None] * len(taken)
-        fast = [i for i, (_, e) in enumerate(taken) if e is not None and
-                not e[1].conflict and tombstones.no_news_since(self._mono(e[2]))]
+        fast = [i for i, (_, e) in enumerate(taken) if e is not None and not e[1].conflict
+                and tombstones.no_news_since(clock.monotonic(self.reactor, e[2]))]
         late: set = set()
 
         def then(uid, since):
@@ -361,7 +357,7 @@ class ReplicaService:
         try:
             written = self.catalog.record_all_now([
                 (meta, stored_location(meta, stored, self.peer),
-                 then(meta.sop_instance_uid, self._mono(since)))
+                 then(meta.sop_instance_uid, clock.monotonic(self.reactor, since)))
                 for meta, stored, since, _ in (taken[i][1] for i in fast)]) if fast else []
         except (sqlite3.Error, OSError) as e:     # (rolled back) pending again, refused
             log.error("catalog write of {n} commits failed: {err}", n=len(fast), err=e)
@@ -396,7 +392,7 @@ class ReplicaService:
         if entry is None:
             raise ReplicaRefused(f"no pending copy of {uid} on {archive}")
         meta, stored, since, _ = entry
-        if (yield pushed_before(self.catalog, uid, self._mono(since))):
+        if (yield pushed_before(self.catalog, uid, clock.monotonic(self.reactor, since))):
             yield self._drop((archive, uid, sha256), entry)
             raise ReplicaRefused(f"{uid} was deleted from the cluster after this copy "
                                  "was made: not kept")
@@ -408,7 +404,7 @@ class ReplicaService:
         in between ``_checked``'s check and this record (``tombstones.late_copy``, in
         the writer's transaction: the copy is then removed at once, as R2 does)."""
         meta, stored, since, _ = entry
-        late, since = [], self._mono(since)
+        late, since = [], clock.monotonic(self.reactor, since)
 
         def check(conn, seq):
             if tombstones.late_copy(conn, self.peer, meta.sop_instance_uid, since):
