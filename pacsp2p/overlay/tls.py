@@ -50,6 +50,8 @@ from pacsp2p.smallfile import read_small
 log = Logger()
 
 CA_DAYS = 3650
+BACKDATE = datetime.timedelta(days=1)   # certificates start a day back: a peer whose clock
+                                         # is behind (an NTP step) still accepts fresh ones
 PEER_DAYS = 825
 MAX_DAYS = 36500              # days a certificate issued may last at most
 # the name of a certificate's holder is its file name too (DIR/NAME.crt): a peer's as the
@@ -102,7 +104,7 @@ def init_ca(directory: Path, name: str = CLUSTER_CA) -> Path:
     cert = (x509.CertificateBuilder().subject_name(_name(name, org))
             .issuer_name(_name(name, org))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_before(now - BACKDATE)
             .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
@@ -164,7 +166,7 @@ def issue(directory: Path, peer: str, days: int = PEER_DAYS, out: Path | None = 
     cert = (x509.CertificateBuilder().subject_name(_name(peer, org))
             .issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_before(now - BACKDATE)
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.ExtendedKeyUsage(list(KINDS[kind])), critical=False))
     alt = [x509.DNSName(peer)] if kind == "peer" else []

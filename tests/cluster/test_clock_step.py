@@ -96,11 +96,24 @@ def test_repair_waits_repair_after_though_the_clock_is_stepped(cluster, tmp_path
           f"{REPAIR_AFTER} s; peerb's clock stepped +1 d; waited {took:.1f} s more)")
 
 
+def test_a_peer_whose_clock_is_hours_behind_takes_fresh_certificates(cluster, tmp_path):
+    """Certificates start a day back: a peer started with its wall clock 2 h behind the
+    cluster's fresh certificates (an NTP step, a VM restored from a snapshot) meshes
+    (before: they started 5 min back, and it refused every link, "not valid yet")."""
+    clock = SteppedClock(tmp_path / "faketime", "-2h")
+    a = cluster.add("peera")
+    b = cluster.add("peerb", env=clock.env())
+    wait_until(lambda: members(b).get("peera") == "alive" and
+               members(a).get("peerb") == "alive", 60, 0.5, "peera and peerb meshed")
+    assert "not valid yet" not in b.log_path.read_text(errors="replace")
+
+
 def test_a_peer_whose_clock_is_behind_the_certificates_says_so(cluster, tmp_path):
-    """A peer started with its wall clock an hour behind the cluster's (fresh)
-    certificates refuses them, as TLS must; its log line says its clock, not only
-    "their certificate is not valid yet" (before: nothing pointed at the clock)."""
-    clock = SteppedClock(tmp_path / "faketime", "-1h")
+    """A peer started with its wall clock two days behind the cluster's (fresh)
+    certificates, which start a day back, refuses them, as TLS must; its log line says
+    its clock, not only "their certificate is not valid yet" (before: nothing pointed at
+    the clock)."""
+    clock = SteppedClock(tmp_path / "faketime", "-2d")
     cluster.add("peera")
     b = cluster.add("peerb", env=clock.env())
 
