@@ -156,18 +156,19 @@ def check_host(text, fail) -> str:
         return text.lower().rstrip(".")
 
 
-def _bind(r: _Reader) -> str:
-    """A listener's ``bind``: an IP address or a host name of this machine ("" or
-    0.0.0.0: every interface), as written; "999.1.1.1" is refused here, not at start."""
-    value = r.take("bind", str, "0.0.0.0", "an address string")
+def _bind(r: _Reader, key: str = "bind", default: str = "0.0.0.0") -> str:
+    """A listener's ``bind`` (or the overlay's ``advertise``): an IP address or a host
+    name ("" or 0.0.0.0: every interface), stripped; "999.1.1.1" or " " is refused here,
+    not at start (twistd: "Couldn't listen"; advertised, no peer could dial it)."""
+    value = r.take(key, str, default, "an address string")
 
     def refused(_why=None):
-        return r.fail("bind", f"must be an IP address or a host name, got {value!r}")
-    if value.strip():
-        if "/" in value:
-            raise refused()
+        return r.fail(key, f"must be an IP address or a host name, got {value!r}")
+    if value.strip() and "/" not in value:
         check_host(value, refused)
-    return value
+    elif value:
+        raise refused()
+    return value.strip()
 
 
 def is_loopback(bind: str) -> bool:
@@ -282,7 +283,7 @@ def check_password_hash(value, fail) -> str:
 def _admin(ad: _Reader, base: Path) -> AdminSettings:
     """[admin]: where the endpoint listens, who may use it, HTTPS. Bound to anything but
     a loopback address it needs HTTPS and a way to authenticate (docs/operations.md)."""
-    bind = ad.take("bind", str, "127.0.0.1", "an address string")
+    bind = _bind(ad, "bind", "127.0.0.1")
     port = ad.port("port", 11180)
     users = {}
     for name, value in ad.take("users", dict, {}, 'a table of name = "scrypt$..."').items():
@@ -496,7 +497,7 @@ def from_dict(doc: dict, source: str, base: Path) -> Settings:
             port=port, bulk_port=o.port("bulk_port", port + 1), read_port=read_port,
             push_port=push_port,
             bind=_bind(o),
-            advertise=o.take("advertise", str, "", "a host name or address"),
+            advertise=_bind(o, "advertise", ""),
             seeds=tuple(seeds), tls_dir=tls_path, heartbeat=float(heartbeat),
             phi_threshold=float(_positive(o, "phi_threshold", 8.0)),
             handshake_timeout=float(handshake), **_swim(o, heartbeat))

@@ -81,6 +81,9 @@ class EmbeddedArchive:
             key = next(iter(opts))
             raise ConfigError(f"{settings.source}: archives.{cfg.name}.{key}: unknown key "
                               "for adapter 'embedded' (known: name, adapter, site, path)")
+        if root is not None and not isinstance(root, str):     # 7, true, [..]: a traceback
+            raise ConfigError(f"{settings.source}: archives.{cfg.name}.path: must be a "
+                              f"directory path (a string), got {root!r}"[:300])
         root = Path(root) if root else settings.data_dir / "archives" / cfg.name
         if not root.is_absolute():          # relative to the config file, as data_dir is
             root = (Path(settings.source).parent / root).resolve()

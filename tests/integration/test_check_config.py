@@ -142,6 +142,20 @@ BROKEN = [
      "got -0.5"),
     ("first-copy-slack-nan", '[strategies]\nfirst_copy_slack = nan\n', {},
      "strategies.first_copy_slack: must be a fraction of the mean"),
+    # seventeenth session: a path that is no string (a TypeError traceback from both);
+    # a bind or advertise of spaces or no address ("ok", then "Couldn't listen on  :port"
+    # from twistd; an advertise no peer could dial was taken)
+    ("embedded-path-not-a-string", '[[archives]]\nname = "l"\npath = 7\n', {},
+     "archives.l.path: must be a directory path (a string), got 7"),
+    ("embedded-path-a-table", '[[archives]]\nname = "l"\npath = {a = 1}\n', {},
+     "archives.l.path: must be a directory path (a string), got {'a': 1}"),
+    ("facade-bind-spaces", '[facade]\nbind = " "\n', {},
+     "facade.bind: must be an IP address or a host name, got ' '"),
+    ("admin-bind-no-address", 'bind = "pacs north"\n', {},     # in [admin]
+     "admin.bind: must be an IP address or a host name, got 'pacs north'"),
+    ("advertise-no-address", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
+     'advertise = "pacs north"\n', {},
+     "overlay.advertise: must be an IP address or a host name, got 'pacs north'"),
 ]
 
 
