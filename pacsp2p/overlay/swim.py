@@ -90,7 +90,7 @@ class Swim(Merge):
         self.rumors: dict = {}             # kind -> callable(sender, entry)
         self.stats = dict.fromkeys(("sent", "received", "bytes_sent", "probes",
                                     "indirect", "suspected", "dead", "refuted",
-                                    "invalid", "dropped_too_big"), 0)
+                                    "invalid", "dropped_too_big", "late"), 0)
         self.running = False
         self.leaving = False
         self._seq = 0
@@ -245,6 +245,7 @@ class Swim(Merge):
     def _probe_tick(self):
         if not self.running:
             return
+        self._stood_still(self._calls["probe"])     # a lagging reactor: more patience
         target = self._next_target()
         if target is not None:
             self._probe(target)
@@ -273,6 +274,12 @@ class Swim(Merge):
         probe.timer = self.clock.callLater(max(rest, 0.0), self._probe_ended, probe)
 
     def _probe_ended(self, probe: _Probe):
+        if not probe.acked and self.running and not probe.waited and \
+                self._stood_still(probe.timer):
+            probe.waited = True         # its ack may wait unread: read it first
+            probe.timer = self.clock.callLater(self.scaled(self.config.probe_timeout),
+                                               self._probe_ended, probe)
+            return
         self._pending.pop(probe.seq, None)
         if probe.acked or not self.running:
             return
@@ -284,6 +291,20 @@ class Swim(Merge):
         if node is None or node.state == DEAD or self.excused(node.name):
             return
         self._on_suspect(node.name, node.incarnation, self.name)
+
+    def _stood_still(self, call) -> bool:
+        """*call*, a timer firing now, fired more than half a probe timeout past its
+        time: this process stood still (frozen, its reactor blocked or starved), and what
+        arrived meanwhile -- acks, refutations -- waits unread, as the reactor runs the
+        timers past due before it reads. A verdict is then put off once, by a probe
+        timeout, and the lag counts as a missed deadline (Lifeguard's local health): on
+        resume, a suspicion's timer declared a member dead that had refuted meanwhile
+        (tests/cluster/test_false_death.py). Never in a simulation (timers on time)."""
+        if self.clock.seconds() - call.getTime() <= self.config.probe_timeout / 2:
+            return False
+        self.stats["late"] += 1
+        self._aware(1)
+        return True
 
     def _aware(self, delta: int):
         self.awareness = min(max(self.awareness + delta, 0), self.config.awareness_max - 1)

@@ -66,6 +66,7 @@ class _Suspicion:
         self.swim, self.node, self.k, self.low, self.high = swim, node, k, low, high
         self.start = swim.clock.seconds()
         self.seen = {origin}
+        self.waited = False
         self.call = swim.clock.callLater(self.timeout(), self.fire)
 
     def timeout(self) -> float:
@@ -85,6 +86,11 @@ class _Suspicion:
         return True
 
     def fire(self):
+        if not self.waited and self.swim._stood_still(self.call):
+            self.waited = True      # a refutation may wait unread: read it first
+            self.call = self.swim.clock.callLater(
+                self.swim.scaled(self.swim.config.probe_timeout), self.fire)
+            return
         self.swim._suspicion_expired(self.node, self)
 
     def cancel(self):
@@ -99,6 +105,7 @@ class _Probe:
         self.nacks = 0
         self.expected_nacks = 0
         self.timer = None
+        self.waited = False      # its end fired late once and was put off (Swim._stood_still)
 
 
 class _Relay:
