@@ -16,10 +16,13 @@ default ``[overlay]`` parameters, each peer seeded with the first two peers), th
   (HTTPS) ports, each counted once, in the idle window;
 - **1,000 instances**: storescu sends 1,000 small instances (one series, 64x64) on one
   association to the first peer; seconds from its start until every peer's catalog counts
-  1,000 instances (the peers that do not yet are all asked at once every 0.1 s, each
-  until it does, and the time its answer came is kept: asked one after the other, a
-  round of 32 status requests took up to a second on a busy host, and a peer was seen
-  only at the end of its round: ``--serial-poll``); the catalog pull requests all
+  1,000 instances (the catalog file of each peer that does not yet is read every 0.1 s
+  by this process, read-only: the count its triggers keep, what ``/status`` shows; until
+  2026-12-08 each such peer was asked ``GET /status`` every 0.1 s, ``--status-poll``:
+  at 32 peers ~310 requests a second of ~1.5 CPU-ms each at the peers and ~1 ms in this
+  process, on the 2 cores the cluster runs on, all in the spread after the store; all
+  asked at once, the time its answer came kept: asked one after the other, a round of 32
+  status requests took up to a second on a busy host, ``--serial-poll``); the catalog pull requests all
   peers made meanwhile (the writer's, and those it served), the ends of stream told and when the writer told
   its own, and the CPU time of all peers over that span (the writer's, and the others'
   mean and max); the writer's mean C-STORE operation time and quorum wait (its
@@ -39,6 +42,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import sqlite3
 import sys
 import time
 import urllib.request
@@ -130,16 +134,31 @@ def links(peers, ports: set, bulk_ports: set) -> tuple[int, int]:
     return amp, bulk
 
 
-def run(n: int, root: Path, files, extra=None) -> dict:
+def counted_in_file(peer, conns: dict) -> int:
+    """The instances *peer*'s catalog counts, read from its catalog file (a read-only
+    connection of this process, kept: the ``catalog_counts`` row its triggers keep, what
+    ``/status`` shows as ``catalog.instances``) -- the peer spends nothing on it."""
+    conn = conns.get(peer.name)
+    if conn is None:
+        path = peer.data_dir / "catalog.sqlite"
+        conn = conns[peer.name] = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                                  timeout=30, check_same_thread=False)
+    row = conn.execute("SELECT n FROM catalog_counts WHERE name = 'instances'").fetchone()
+    return row[0] if row else 0
+
+
+def run(n: int, root: Path, files, extra=None, by_status: bool = False) -> dict:
     """One cluster of *n* peers under *root* (its py-spy profiles under PROFILE/root's name),
-    *extra* deep-merged into their config."""
+    *extra* deep-merged into their config; *by_status*: whether they count all is asked
+    of each (``/status``) rather than read in its catalog file."""
     cluster = Cluster(root / f"n{n}", config=toml.deep_merge(OVERLAY, extra or {}))
     names = peer_names(n) if n <= 26 else [f"peer{i:02d}" for i in range(n)]
     peers = []
     for i, name in enumerate(names):
         seeds = [cluster.seed(p) for p in peers[:2]]
         peers.append(cluster.add(name, seeds=seeds, start=False))
-    r = {"n": n}
+    r = {"n": n, "poll": "status" if by_status else "catalog"}
+    files_read: dict = {}           # peer name -> a read-only connection to its catalog
     try:
         t_spawn = time.monotonic()
         for p in peers:
@@ -203,15 +222,21 @@ def run(n: int, root: Path, files, extra=None) -> dict:
             when = []                     # seconds after the store when each counted all
 
             def ask(p):                   # (the time its answer came)
-                return status(p)["catalog"].get("instances", 0), time.monotonic()
+                if by_status:
+                    return status(p)["catalog"].get("instances", 0), time.monotonic()
+                return counted_in_file(p, files_read), time.monotonic()
 
             def counted():
-                # every waiting peer asked at once (--serial-poll: one after the other,
-                # so a round of 32 requests took up to a second on a busy host, and a
-                # peer was seen counting only at the end of its round)
-                answers = list(POOL.map(ask, waiting)) if POOL is not None else \
-                    [(ask(p)[0], time.monotonic()) for p in waiting]
-                if POOL is None:
+                # each waiting peer's catalog file read (~0.1 ms each, the peer not asked);
+                # --status-poll: every waiting peer asked at once (--serial-poll: one after
+                # the other, so a round of 32 requests took up to a second on a busy host,
+                # and a peer was seen counting only at the end of its round)
+                if not by_status:
+                    answers = [ask(p) for p in waiting]
+                elif POOL is not None:
+                    answers = list(POOL.map(ask, waiting))
+                else:
+                    answers = [(ask(p)[0], time.monotonic()) for p in waiting]
                     answers = [(n, answers[-1][1]) for n, _ in answers]
                 left = []
                 for p, (n, at) in zip(waiting, answers):
@@ -260,6 +285,8 @@ def run(n: int, root: Path, files, extra=None) -> dict:
         r["stored_ok"] = ok
         r["rss"] = sum(psutil.Process(pid).memory_info().rss for pid in pids) / n / 1e6
     finally:
+        for conn in files_read.values():
+            conn.close()
         for p in reversed(peers):
             if p.process is not None:
                 p.process.stop(timeout=20)
@@ -335,6 +362,12 @@ def main():
     ap.add_argument("--serial-poll", action="store_true",
                     help="ask the peers whether they count all one after the other (as "
                          "before 2026-12-07: a round of 32 took up to ~1 s)")
+    ap.add_argument("--status-poll", action="append", default=[], metavar="LABEL",
+                    help="the peers of this --code label ('all': every label) are asked "
+                         "whether they count all (GET /status, each waiting peer every "
+                         "0.1 s, as before 2026-12-08) instead of their catalog files being "
+                         "read by this process: at 32 peers ~310 requests a second of "
+                         "~1.5 CPU-ms each at the peers, on the host being measured")
     ap.add_argument("--threads", action="store_true",
                     help="CPU-s by kind of thread over the store and the spread: the "
                          "writer's, and the other peers' summed (py-spy dump names them)")
@@ -362,7 +395,8 @@ def main():
                 os.environ["PYTHONPATH"] = tree
             load = os.getloadavg()[0]
             try:
-                r = run(n, root / (label or "this"), files, PER_LABEL.get(label))
+                r = run(n, root / (label or "this"), files, PER_LABEL.get(label),
+                        by_status=bool({"all", label} & set(args.status_poll)))
             finally:
                 if original is None:
                     os.environ.pop("PYTHONPATH", None)
