@@ -17,8 +17,9 @@ those of them that have been dead for ``repair_after`` seconds (their copies are
   copy (a copy lost, fewer than ``replicas`` left, a live one to copy from) or hold more
   live copies than ``replicas``, with their locations and what placement needs to know.
 
-Both count the copies of the version the catalog describes (``versions``): a copy of
-another version of the UID is no copy of it.
+Both count the copies of each version apart (``versions``): a copy of another version of
+the UID is no copy of it, and every version is brought back to ``replicas`` after a loss
+(the other versions counted in a second pass over the instances held in several).
   A restarted peer starts again from the first: the catalog is the progress.
 """
 
@@ -93,14 +94,26 @@ def census(conn: sqlite3.Connection, replicas: int, lv: Liveness, short: bool = 
     ``surplus`` (more than *replicas* live copies), ``total``."""
     params: dict = {"r": replicas, "short": int(short)}
     live, lost = _flags(lv, params)
+    current = _current(conn)
     row = conn.execute(
         "SELECT count(*), coalesce(sum(live < :r), 0), coalesce(sum(live = 0), 0), "
         "coalesce(sum(n - nlost < :r AND (nlost > 0 OR :short) AND live > 0), 0), "
         "coalesce(sum(live > :r), 0) FROM ("
         f"SELECT sum({live}) AS live, sum({lost}) AS nlost, count(*) AS n "
-        f"FROM locations l WHERE size >= 0 AND {_current(conn)} GROUP BY SOPInstanceUID)",
+        f"FROM locations l WHERE size >= 0 AND {current} GROUP BY SOPInstanceUID)",
         params).fetchone()
-    return dict(zip(("total", "instances", "unavailable", "repairable", "surplus"), row))
+    out = dict(zip(("total", "instances", "unavailable", "repairable", "surplus"), row))
+    if out["total"] and current != "1":      # the other versions, each counted too
+        others = conn.execute(
+            "SELECT coalesce(sum(live < :r), 0), coalesce(sum(live = 0), 0), coalesce(sum("
+            "n - nlost < :r AND (nlost > 0 OR :short) AND live > 0), 0) FROM (SELECT "
+            f"sum({live}) AS live, sum({lost}) AS nlost, count(*) AS n FROM locations l "
+            "WHERE SOPInstanceUID IN (SELECT SOPInstanceUID FROM versions) AND size >= 0 "
+            f"AND {versions.OTHER} GROUP BY SOPInstanceUID, {versions.VERSION})",
+            params).fetchone()
+        for k, n in zip(("instances", "unavailable", "repairable"), others):
+            out[k] += n
+    return out
 
 
 def census_key(conn: sqlite3.Connection, replicas: int, lv: Liveness, short: bool = False
@@ -134,19 +147,20 @@ def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
     """Up to *limit* instances after *after* (in SOPInstanceUID order) that repair must
     copy or trim, each as (InstanceInfo for placement, its locations -- of every
     version --, the hashes of the current version's copies if it has several, else
-    None: ``versions.current_copies``); *short*: as
-    in ``census``."""
+    None: ``versions.current_copies``, with each other version's); *short*: as in
+    ``census``. Every instance held in several versions is among them."""
     params: dict = {"r": replicas, "after": after, "limit": limit, "short": int(short)}
     live, lost = _flags(lv, params)
     cur = f"({_current(conn)})"
     rows = conn.execute(
         "SELECT SOPInstanceUID, group_concat(peer || char(9) || archive || char(9) || "
         "sha256 || char(9) || size, char(10)), (SELECT v.sha256 FROM versions v WHERE "
-        "v.SOPInstanceUID = l.SOPInstanceUID) FROM locations l "
+        "v.SOPInstanceUID = l.SOPInstanceUID) AS several FROM locations l "
         "WHERE size >= 0 AND SOPInstanceUID > :after GROUP BY SOPInstanceUID "
         f"HAVING (sum({cur}) - sum({cur} * {lost}) < :r AND (sum({cur} * {lost}) > 0 OR "
-        f":short) AND sum({cur} * {live}) > 0) "
-        f"OR sum({live}) > :r ORDER BY SOPInstanceUID LIMIT :limit", params).fetchall()
+        f":short) AND sum({cur} * {live}) > 0) "     # (held in several: repair decides)
+        f"OR sum({live}) > :r OR several IS NOT NULL ORDER BY SOPInstanceUID LIMIT :limit",
+        params).fetchall()
     if not rows:
         return []
     info = instance_infos(conn, [r[0] for r in rows])

@@ -29,7 +29,7 @@ rows (a raise skipped on a stamp of its own would leave the holder below a write
 that learned the fact, a version between them winning at one only); two versions in
 one grain: the greater values win, as equal stamps do. A row left without children is
 retired with its stamp, not forgotten, and a batch carries the rows of its deleted
-instances beside the others (``rows``).
+instances beside the others (``rows``). An instance row shows its current version's.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from twisted.logger import Logger
 
 from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE
 from pacsp2p.catalog import rows as parent_rows
-from pacsp2p.catalog import tombstones, versions
+from pacsp2p.catalog import shown, tombstones, versions
 from pacsp2p.catalog.rows import level_columns as _level_columns
 from pacsp2p.types import InstanceMeta
 from pacsp2p.validate import VALUE_MAX, clipped
@@ -277,6 +277,7 @@ def _write_levels(conn: sqlite3.Connection, levels: dict[str, list], locations: 
             conn.executemany(_HINT_SQL, hints)
         if after is not None:
             after(conn)
+        shown.settle(conn, levels.get("IMAGE", ()), locations)     # rows of the current
         retired = parent_rows.settle(conn)      # rows left without children: retired
         conn.execute("COMMIT")
     except BaseException:
@@ -337,6 +338,7 @@ def check_wire(batch: list) -> int:
             for level in PARENT_LEVELS):
         raise ValueError("a batch's rows of deleted instances are not rows and a stamp")
     versions.check_wire(parents)
+    shown.check_wire(parents)
     n, top = len(FACT_FIELDS), 0
     for row in facts:
         if not isinstance(row, list) or len(row) != n:
@@ -406,6 +408,8 @@ def write_wires(conn: sqlite3.Connection, batches: list, peer: str = "") -> int:
             if row[cls]:
                 keep("IMAGE", row[sop], [v or "" for v in row[n:]] +
                      [_stamp(given.get(row[sop]), cap)])
+        for uid, row in shown.from_wire(parents, lambda s: _stamp(s, cap), seen["IMAGE"]):
+            keep("IMAGE", uid, row)     # its versions' rows (``shown``)
         locs = versions.from_wire(parents, [(row[sop], row[1], row[2], row[3], int(row[4]),
                                              int(row[0])) for row in facts], given,
                                   lambda s: _stamp(s, cap))
@@ -446,11 +450,8 @@ def _stamp(s, cap: int) -> int:
 
 
 def meta_attributes(meta: InstanceMeta) -> dict:
-    attrs = dict(meta.attributes)
-    attrs["SOPInstanceUID"] = meta.sop_instance_uid
-    attrs["SOPClassUID"] = meta.sop_class_uid
-    attrs["TransferSyntaxUID"] = meta.transfer_syntax_uid
-    return attrs
+    return {**meta.attributes, "SOPInstanceUID": meta.sop_instance_uid, "SOPClassUID":
+            meta.sop_class_uid, "TransferSyntaxUID": meta.transfer_syntax_uid}
 
 
 def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
@@ -502,7 +503,8 @@ def read_changes(conn: sqlite3.Connection, origin: str, after: int, limit: int,
             keys = {r[up] for r in rows.values()}
     if stamps:
         parents[STAMPS_KEY] = stamps
-    gone = parent_rows.gone_parents(conn, [r[n] for r in facts if r[n + 1] is None])
+    gone = parent_rows.gone_parents(conn, [r[n] for r in facts if r[n + 1] is None],
+                                    shown.to_wire(conn, [r[n] for r in facts], parents))
     if gone:                # of deleted instances: their rows' stamps and values, retired
         parents[parent_rows.WIRE_KEY] = gone
     sop = len(LOCATION_FIELDS) + _LEVEL_SQL["IMAGE"][0].index("SOPInstanceUID")
@@ -537,8 +539,7 @@ def read_changes_of(conn: sqlite3.Connection, wanted: list, limit: int) -> list:
 
 
 def facts_from_wire(batch: list) -> list[tuple[dict, tuple]]:
-    """A wire batch as (attributes, location) facts for :func:`write_facts` (a bench's
-    tool: the series row's stamp stands for its study's and patient's)."""
+    """A wire batch as (attributes, location) facts for :func:`write_facts` (a bench's)."""
     check_wire(batch)
     if not batch:
         return []

@@ -130,13 +130,14 @@ def retire_instance(conn: sqlite3.Connection, uid: str) -> None:
     retire(conn, "SERIES", row[cols.index("SeriesInstanceUID")])
 
 
-def gone_parents(conn: sqlite3.Connection, uids: list[str]) -> dict[str, dict]:
+def gone_parents(conn: sqlite3.Connection, uids: list[str], series=()) -> dict[str, dict]:
     """{level: {key: [values..., stamp]}}: the series, study and patient rows (as held,
     or as retired) of the instances *uids* whose rows were retired: what a fact of a
     deleted instance carries to a peer that never saw it (``WIRE_KEY``), so that the
-    stamp and values it brought are not lost on the peers that learn it late."""
+    stamp and values it brought are not lost on the peers that learn it late; and of
+    the *series* given (those of an instance's versions' rows: ``shown``)."""
     out: dict[str, dict] = {}
-    series = set()
+    series = set(series)
     for i in range(0, len(uids), 500):
         chunk = uids[i:i + 500]
         for (row,) in conn.execute("SELECT row FROM gone_rows WHERE level = 'IMAGE' AND key "

@@ -26,7 +26,8 @@ a newer schema (a downgrade) is refused untouched (``NewerSchema``):
   an older catalog marks it ``reannounce`` in ``catalog_meta`` (``rows.reannounce``);
 - ``stamp`` of locations, ``versions`` (schema 7): the stamp of the bytes each copy
   holds, and the instances held in several versions with the one the catalog describes
-  (``versions``);
+  (``versions``); ``version_rows``: the instance rows of an instance's versions, so its
+  row shows the current one's (``shown``);
 - ``catalog_meta``: small facts about the file itself, e.g. ``clean``: set when the
   peer stopped cleanly after the catalog was known good, taken away again at start
   (``take_clean_mark``). A start without it runs the integrity check in the background.
@@ -41,7 +42,7 @@ import sqlite_utils
 from twisted.logger import Logger
 
 from pacsp2p.attributes import LEVELS, PARENT, TABLES, UNIQUE, columns
-from pacsp2p.catalog import names, rows, versions
+from pacsp2p.catalog import names, rows, shown, versions
 
 log = Logger()
 
@@ -131,6 +132,7 @@ def create_schema(conn: sqlite3.Connection, path=None) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS catalog_meta "
                  "(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     rows.create_schema(conn)
+    shown.create_schema(conn)
     if 0 < version < 6 and conn.execute("SELECT 1 FROM series LIMIT 1").fetchone():
         conn.execute("INSERT OR REPLACE INTO catalog_meta VALUES ('reannounce', '1')")
     _name_keys_current(conn, path)

@@ -326,6 +326,7 @@ def hide(conn: sqlite3.Connection, uid: str) -> None:
     rows if they have no other children (``rows.retire_instance``: kept out of the view
     with their stamps); and the hints and conflicts of it."""
     rows.retire_instance(conn, uid)
+    conn.execute("DELETE FROM version_rows WHERE SOPInstanceUID = ?", (uid,))   # (``shown``)
     conn.execute("DELETE FROM hints WHERE SOPInstanceUID = ?", (uid,))
     conn.execute("DELETE FROM conflicts WHERE SOPInstanceUID = ?", (uid,))
 

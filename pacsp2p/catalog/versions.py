@@ -32,17 +32,24 @@ MAX_STAMP = 2 ** 53
 
 # (uid, archive, peer, sha256, size, seq, stamp): a stamp of 0 takes that of the bytes'
 # other copies, if any is known; the same bytes recorded again there (a data set sent
-# again: a duplicate) keep their first stamp (else a version sent again became later)
+# again: a duplicate) keep their first stamp (else a version sent again became later);
+# an older fact of the same bytes there gives its stamp to a copy recorded without one
+# (a rebuilt catalog's copy, its fact of before pulled back: else, the only copy of a
+# second version, it made that version the first at the rebuilt peer)
+_NEWER = "excluded.seq > locations.seq"
 LOCATION_SQL = (
     "INSERT INTO locations (SOPInstanceUID, archive, peer, sha256, size, available, seq, "
     "stamp) VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, CASE WHEN ?7 > 0 THEN ?7 ELSE coalesce(("
     "SELECT min(m.stamp) FROM locations m WHERE m.SOPInstanceUID = ?1 AND m.sha256 = ?4 "
     "AND ?4 != '' AND m.stamp > 0), 0) END) ON CONFLICT(SOPInstanceUID, peer, archive) DO "
-    "UPDATE SET sha256 = excluded.sha256, size = excluded.size, available = 1, "
-    "seq = excluded.seq, stamp = CASE WHEN locations.sha256 = excluded.sha256 AND "
+    f"UPDATE SET sha256 = iif({_NEWER}, excluded.sha256, locations.sha256), size = "
+    f"iif({_NEWER}, excluded.size, locations.size), available = iif({_NEWER}, 1, "
+    "locations.available), seq = max(locations.seq, excluded.seq), stamp = CASE WHEN "
+    f"NOT {_NEWER} THEN excluded.stamp WHEN locations.sha256 = excluded.sha256 AND "
     "locations.size >= 0 AND locations.stamp > 0 AND (excluded.stamp = 0 OR "
     "locations.stamp < excluded.stamp) THEN locations.stamp ELSE excluded.stamp END "
-    "WHERE excluded.seq > locations.seq")
+    f"WHERE {_NEWER} OR (locations.stamp = 0 AND excluded.stamp > 0 AND "
+    "locations.sha256 = excluded.sha256 AND locations.sha256 != '' AND locations.size >= 0)")
 
 _KNOWN = "size >= 0 AND sha256 != ''"
 _OTHER = ("EXISTS (SELECT 1 FROM locations m WHERE m.SOPInstanceUID = new.SOPInstanceUID "
@@ -138,17 +145,28 @@ _KEY = ("(SELECT min(m.stamp) FROM locations m WHERE m.SOPInstanceUID = {r}.SOPI
 OTHER = ("EXISTS (SELECT 1 FROM versions v WHERE v.SOPInstanceUID = l.SOPInstanceUID AND "
          f"v.sha256 != l.sha256 AND coalesce({_KEY.format(r='l')}, 0) IS NOT "
          f"{_KEY.format(r='v')})")
+# the version of a location row (alias l): its bytes' least stamp, else its hash
+VERSION = f"coalesce({_KEY.format(r='l')}, l.sha256)"
 
 
-def current_copies(conn: sqlite3.Connection, uids: list[str]) -> dict[str, frozenset]:
+class Copies(frozenset):
+    """The hashes of the current version's copies, and in ``others`` those of each other
+    version's (a frozenset each): repair brings every version back to ``replicas``."""
+    others: tuple = ()
+
+
+def current_copies(conn: sqlite3.Connection, uids: list[str]) -> dict[str, Copies]:
     """{uid: the hashes of the current version's copies (its own, and those of its bytes
     held converted)} for those of *uids* held in several versions (``OTHER``'s rule)."""
     out = {}
     for uid, sha in current(conn, uids).items():
         keys = dict(conn.execute("SELECT sha256, min(nullif(stamp, 0)) FROM locations WHERE "
                                  f"SOPInstanceUID = ? AND {_KNOWN} GROUP BY sha256", (uid,)))
-        out[uid] = frozenset(s for s, k in keys.items() if s == sha or
-                             k is not None and k == keys.get(sha))
+        groups: dict = {}
+        for s, k in keys.items():
+            groups.setdefault(s if k is None else k, set()).add(s)
+        out[uid] = Copies(groups.pop(sha if keys.get(sha) is None else keys[sha], {sha}))
+        out[uid].others = tuple(frozenset(g) for _, g in sorted(groups.items(), key=str))
     return out
 
 

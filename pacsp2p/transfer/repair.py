@@ -307,12 +307,12 @@ class Repair:
             locs = self._with_recent(uid, locs, current)
             try:
                 order = self.strategies.place(info, neutral, self.replicas)
-                job = self._decide(info, locs, lv, order, candidates, current)
+                for i, ours in enumerate((current, *getattr(current, "others", ()))):
+                    job = self._decide(info, locs, lv, order, candidates, ours)   # each
+                    jobs += [job] if job and (not i or job.kind == "copy") else []  # version
             except StrategyError as e:
                 log.error("repair of {uid}: {err}", uid=uid, err=e)
                 continue
-            if job is not None:
-                jobs.append(job)
         return jobs
 
     def _decide(self, info, locs, lv: Liveness, order, candidates, current=None):

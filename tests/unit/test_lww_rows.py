@@ -165,9 +165,11 @@ def test_rows_that_differed_before_the_stamps_converge_after_the_upgrade(tmp_pat
 def test_two_versions_of_one_instance_converge_and_an_emptied_series_leaves(tmp_path):
     """One SOP Instance UID sent twice with other instance attributes: at a under series
     S1 (1000, InstanceNumber 1, Explicit VR), at b under S2 (2000, InstanceNumber 7, RLE).
-    Every peer, whatever the order of its pulls, holds b's instance row and S2 alone.
-    Before: an instance row took the last version applied (c and d answered two
-    InstanceNumbers and two series), and S1 stayed, empty, at those that saw it."""
+    Every peer, whatever the order of its pulls, holds a's instance row -- the current
+    version's, the first received (``catalog.shown``; until then b's, the latest) -- and
+    S1 alone. Before: an instance row took the last version applied (c and d answered
+    two InstanceNumbers and two series), and the emptied series stayed at those that saw
+    it."""
     one = "1.24.1"
     v1 = attrs(1, 1000, one, SeriesInstanceUID="1.24.1.9", InstanceNumber="1")
     v2 = attrs(1, 2000, one, SeriesInstanceUID="1.24.2.9", InstanceNumber="7",
@@ -181,10 +183,10 @@ def test_two_versions_of_one_instance_converge_and_an_emptied_series_leaves(tmp_
     d.pull(a)
     a.pull(b)
     b.pull(a)
-    want = [(one, "7", "1.24.2.9", "1.2.840.10008.1.2.5")]
+    want = [(one, "1", "1.24.1.9", "1.2.840.10008.1.2.1")]
     for p in (a, b, c, d):
         assert p.conn.execute("SELECT SOPInstanceUID, InstanceNumber, SeriesInstanceUID, "
                               "TransferSyntaxUID FROM instances").fetchall() == want, p.name
         assert p.conn.execute("SELECT SeriesInstanceUID FROM series").fetchall() == \
-            [("1.24.2.9",)], p.name
+            [("1.24.1.9",)], p.name
     assert db.digest(a.conn) == db.digest(b.conn) == db.digest(c.conn) == db.digest(d.conn)

@@ -88,9 +88,10 @@ def test_repair_counts_the_copies_of_the_first_version(tmp_path):
         facts.write_wire(conn, facts.read_changes(writers[name], name, 0, 10))
     lost = copies.Liveness(dead_peers=frozenset({"b"}), lost_peers=frozenset({"b"}))
     counts = copies.census(conn, 2, lost)
-    assert counts["instances"] == 1 and counts["repairable"] == 1, counts
+    # the first version short of a copy (repairable), the second's one copy short too
+    assert counts["instances"] == 2 and counts["repairable"] == 1, counts
     (info, locs, current), = copies.work(conn, 2, lost, "")
-    assert current == {V1} and len(locs) == 3
+    assert current == {V1} and current.others == (frozenset({V2}),) and len(locs) == 3
 
 
 def test_a_tombstone_of_the_first_versions_copies_makes_the_second_current(tmp_path):
@@ -131,7 +132,25 @@ def test_a_converted_copy_of_the_first_version_beside_a_second_is_served(tmp_pat
         facts.write_wire(conn, facts.read_changes(writers[name], name, 0, 10))
     assert served(conn) == {("a", V1), ("b", converted)}
     assert versions.current_copies(conn, [UID]) == {UID: frozenset({V1, converted})}
-    assert copies.census(conn, 2, copies.Liveness())["instances"] == 0
+    assert copies.census(conn, 2, copies.Liveness())["instances"] == 1    # c's, alone
     lost = copies.Liveness(dead_peers=frozenset({"b"}), lost_peers=frozenset({"b"}))
     (info, locs, current), = copies.work(conn, 2, lost, "")
     assert current == {V1, converted} and len(locs) == 3
+
+
+def test_a_second_version_that_lost_a_copy_is_repairable(tmp_path):
+    """The second version held on c and d (two plain copies), d lost: before, repair
+    counted the first version's copies only (2: nothing to do) and the second was left
+    on c alone; now each version is counted apart, the second is repairable."""
+    writers = origins(tmp_path)
+    writers["d"] = catalog(tmp_path, "d")
+    facts.write_facts(writers["d"], [fact("d", V2, 1, 2500)])
+    conn = catalog(tmp_path, "reader")
+    for name in "abcd":
+        facts.write_wire(conn, facts.read_changes(writers[name], name, 0, 10))
+    assert versions.current(conn, [UID]) == {UID: V1}
+    lost = copies.Liveness(dead_peers=frozenset({"d"}), lost_peers=frozenset({"d"}))
+    counts = copies.census(conn, 2, lost)
+    assert counts["repairable"] == 1 and counts["instances"] == 1, counts
+    (info, locs, current), = copies.work(conn, 2, lost, "")
+    assert current == {V1} and current.others == (frozenset({V2}),) and len(locs) == 4
