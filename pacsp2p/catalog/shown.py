@@ -28,6 +28,7 @@ import sqlite3
 
 from pacsp2p.attributes import PARENT, TABLES, UNIQUE
 from pacsp2p.catalog import rows, versions
+from pacsp2p.validate import VALUE_MAX, clipped
 
 WIRE_KEY = "VROWS"        # beside a wire batch's rows: {uid: {str(stamp): [row values]}}
 MAX_VERSIONS = 16         # rows of one instance taken from one batch
@@ -120,6 +121,8 @@ def to_wire(conn: sqlite3.Connection, uids, parents: dict) -> list[str]:
 
 
 def check_wire(parents: dict) -> None:
+    """Refuse a batch whose versions' rows are not rows of their instance (at most
+    ``MAX_VERSIONS`` each); values longer than ``VALUE_MAX`` are cut, as a fact's."""
     told = parents.get(WIRE_KEY, {})
     if not isinstance(told, dict) or not all(
             isinstance(by, dict) and len(by) <= MAX_VERSIONS and all(
@@ -127,6 +130,9 @@ def check_wire(parents: dict) -> None:
                 len(row) == len(COLS) and all(type(v) is str for v in row) and row[0] == uid
                 for k, row in by.items()) for uid, by in told.items()):
         raise ValueError("a batch's versions' rows are not rows of their instance")
+    for by in told.values():
+        for row in by.values():
+            row[:] = [v if len(v) <= VALUE_MAX else clipped(v)[:VALUE_MAX] for v in row]
 
 
 def from_wire(parents: dict, stamp, written) -> list:

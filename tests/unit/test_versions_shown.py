@@ -161,3 +161,23 @@ def test_a_rebuilt_catalog_holding_the_only_copy_of_the_second_version(tmp_path)
     assert versions.current(rebuilt, [UID]) == {UID: V1}
     assert row(rebuilt) == ("1", "1.2.3.9")
     assert integrity.digest(rebuilt) != ""
+
+
+def test_a_hostile_batchs_versions_rows_are_checked_and_cut(tmp_path):
+    """Rows of another instance, too many versions or no text are refused; a value
+    longer than VALUE_MAX is cut as a fact's is (a row C-FIND answers)."""
+    import pytest
+
+    from pacsp2p.validate import VALUE_MAX
+    writers = origins(tmp_path)
+    sync(writers["b"], writers, "ac")
+    batch = facts.read_changes(writers["b"], "c", 0, 10)
+    told = batch[0][shown.WIRE_KEY][UID]
+    for bad in ({"1.9": {"5": told["2000"]}}, {UID: {str(i): told["2000"] for i in range(17)}},
+                {UID: {"5": told["2000"][:-1]}}, {UID: {"x": told["2000"]}},
+                {UID: {"5": [None] * len(told["2000"])}}):
+        with pytest.raises(ValueError):
+            facts.check_wire([{**batch[0], shown.WIRE_KEY: bad}] + batch[1:])
+    told["2000"][2] = "7" * (VALUE_MAX + 500)
+    facts.check_wire(batch)
+    assert len(told["2000"][2]) == VALUE_MAX
