@@ -190,7 +190,7 @@ class DimseArchive(DimseCrawl):
 
     @classmethod
     def from_config(cls, cfg, settings, reactor, catalog=None):
-        from pacsp2p.config import ConfigError, archive_integer
+        from pacsp2p.config import ConfigError, archive_integer, check_ae, check_host
         opts = dict(cfg.options)
         where = f"{settings.source}: archives.{cfg.name}"
         for key in opts:
@@ -200,17 +200,25 @@ class DimseArchive(DimseCrawl):
         for key in ("ae_title", "host", "port"):
             if key not in opts:
                 raise ConfigError(f"{where}.{key}: required by adapter 'dimse'")
-        if not isinstance(opts["ae_title"], str) or not 0 < len(opts["ae_title"]) <= 16:
-            raise ConfigError(f"{where}.ae_title: must be 1 to 16 characters")
-        if not isinstance(opts["port"], int) or not 0 < opts["port"] < 65536:
+        opts.setdefault("calling_ae", settings.facade.ae_title)
+        for key in ("ae_title", "calling_ae", "host"):  # a list, 17 characters: "ok", no start
+            fail = lambda r, k=key: ConfigError(f"{where}.{k}: {r}"[:300])  # noqa: E731
+            if not isinstance(opts[key], str) or key == "host" and "/" in opts[key]:
+                raise fail(f"must be {'a host' if key == 'host' else 'an AE title'}, "
+                           f"got {opts[key]!r}")
+            opts[key] = (check_host if key == "host" else check_ae)(opts[key], fail)
+        if type(opts["port"]) is not int or not 0 < opts["port"] < 65536:
             raise ConfigError(f"{where}.port: must be a TCP port number")
         fetch = opts.get("fetch", "get")
         if fetch != "get":
             raise ConfigError(f"{where}.fetch: only \"get\" is supported (got {fetch!r})")
-        for key in ("crawl_qps", "timeout"):
-            if key in opts and (not isinstance(opts[key], (int, float)) or opts[key] <= 0
-                                or opts[key] == float("inf")):
-                raise ConfigError(f"{where}.{key}: must be a positive number")
+        for key in ("crawl_qps", "timeout"):            # nan, true
+            if key in opts and (type(opts[key]) not in (int, float)
+                                or not 0 < opts[key] < float("inf")):
+                raise ConfigError(f"{where}.{key}: must be a positive number, "
+                                  f"got {opts[key]!r}"[:300])
+        if type(pdu := opts.get("max_pdu", 0)) is not int or pdu and not 4096 <= pdu <= 2**31:
+            raise ConfigError(f"{where}.max_pdu: must be 0 or 4096..2^31, got {pdu!r}"[:300])
         if opts.get("timeout", 30.0) > MAX_TIMEOUT:
             raise ConfigError(f"{where}.timeout: must be at most {MAX_TIMEOUT} seconds, "
                               f"got {opts['timeout']!r}")
@@ -218,7 +226,7 @@ class DimseArchive(DimseCrawl):
         max_dataset = archive_integer(opts, "max_dataset", MAX_DATASET, 1024, where)
         return cls(cfg.name, reactor, ae_title=opts["ae_title"], host=opts["host"],
                    port=opts["port"], site=cfg.site,
-                   calling_ae=opts.get("calling_ae", settings.facade.ae_title),
+                   calling_ae=opts["calling_ae"],
                    fetch=fetch, crawl_qps=opts.get("crawl_qps", 50.0),
                    timeout=opts.get("timeout", 30.0), max_pdu=opts.get("max_pdu", 0),
                    incoming=settings.data_dir / "incoming",

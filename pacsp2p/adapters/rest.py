@@ -84,9 +84,9 @@ def _option_checks(opts: dict, where: str, adapter: str, known) -> None:
         if key in opts and not isinstance(opts[key], str):
             raise ConfigError(f"{where}.{key}: must be a string")
     for key in ("crawl_qps", "timeout"):
-        if key in opts and (isinstance(opts[key], bool)
-                            or not isinstance(opts[key], (int, float)) or opts[key] <= 0
-                            or opts[key] == float("inf")):
+        if key in opts and (isinstance(opts[key], bool)     # nan: "ok", then no start
+                            or not isinstance(opts[key], (int, float))
+                            or not 0 < opts[key] < float("inf")):
             raise ConfigError(f"{where}.{key}: must be a positive number, got {opts[key]!r}")
     if opts.get("timeout", 30.0) > 3600:
         raise ConfigError(f"{where}.timeout: must be at most 3600 seconds, "

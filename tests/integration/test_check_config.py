@@ -153,6 +153,24 @@ BROKEN = [
      "facade.bind: must be an IP address or a host name, got ' '"),
     ("admin-bind-no-address", 'bind = "pacs north"\n', {},     # in [admin]
      "admin.bind: must be an IP address or a host name, got 'pacs north'"),
+    # adapter options: "ok", then twistd "cannot start: archive o: ... Invalid value NaN
+    # (not a number)", "'ae_title' must be str, not 'list'" (it was calling_ae), "must not
+    # exceed 16 characters", or a ValueError traceback (max_pdu = "big")
+    ("orthanc-timeout-nan", '[[archives]]\nname = "o"\nadapter = "orthanc"\n'
+     'url = "http://127.0.0.1:8042"\ntimeout = nan\n', {},
+     "archives[0].timeout: must be a positive number, got nan"),
+    ("dimse-calling-ae-a-list", '[[archives]]\nname = "p"\nadapter = "dimse"\n'
+     'ae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\ncalling_ae = ["A"]\n', {},
+     "archives.p.calling_ae: must be an AE title, got ['A']"),
+    ("dimse-calling-ae-too-long", '[[archives]]\nname = "p"\nadapter = "dimse"\n'
+     'ae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\ncalling_ae = "PACSP2P-NORTH-WING"\n',
+     {}, "archives.p.calling_ae: must be an AE title of 1-16 characters"),
+    ("dimse-host-no-address", '[[archives]]\nname = "p"\nadapter = "dimse"\n'
+     'ae_title = "PACS"\nhost = "pacs north"\nport = 104\n', {},
+     "archives.p.host: must be an IP address"),
+    ("dimse-max-pdu-text", '[[archives]]\nname = "p"\nadapter = "dimse"\n'
+     'ae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\nmax_pdu = "big"\n', {},
+     "archives.p.max_pdu: must be 0 or 4096..2^31, got 'big'"),
     ("advertise-no-address", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
      'advertise = "pacs north"\n', {},
      "overlay.advertise: must be an IP address or a host name, got 'pacs north'"),
