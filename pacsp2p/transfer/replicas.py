@@ -34,7 +34,7 @@ import threading
 from pathlib import Path
 
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -42,15 +42,16 @@ from pacsp2p import clock
 from pacsp2p.catalog import tombstones
 from pacsp2p.catalog.db import stored_location
 from pacsp2p.dicom.header import BadDataset, read_meta
-from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove, spool
+from pacsp2p.dicom.incoming import Incoming, Spares, receive_pool, remove
 from pacsp2p.config import Destination
-from pacsp2p.transfer.conflicts import conflict_logged
 from pacsp2p.overlay.commands import (CheckCopy, DrainRefused, InvalidArgument,
                                       ReplicaRefused, as_refusal, check, check_meta,
                                       receipt)
 from pacsp2p.transfer.delete import copy_allowed, pushed_before
 from pacsp2p.overlay.threadtls import server_context
 from pacsp2p.transfer.direct import send_for
+# (``copy_in`` and ``record`` imported from here by ingest, repair, onejob)
+from pacsp2p.transfer.durable import check_given, copy_in, record  # noqa: F401
 from pacsp2p.transfer.pushrecv import PushServer
 from pacsp2p.types import InstanceMeta, Location
 from pacsp2p.validate import shown
@@ -494,8 +495,11 @@ class ReplicaService:
                         originator_msg_id, uids, self.reactor)
 
     def _expire(self):
-        """Every pending copy older than ``PENDING_TTL``: dropped if its writer is alive,
-        recorded if it was declared dead (the module's docstring says why)."""
+        """Every pending copy made before this peer learned of its instance's deletion
+        dropped (``_deleted``), then every one older than ``PENDING_TTL``: dropped if its
+        writer is alive, recorded if it was declared dead (the module's docstring)."""
+        self._deleted().addErrback(lambda f: log.failure("pending copies of deleted "
+                                                         "instances", f))
         before = self.reactor.seconds() - PENDING_TTL
         alive = lambda entry: self.overlay.membership.alive(entry[3])   # noqa: E731
         with self.lock:
@@ -517,6 +521,21 @@ class ReplicaService:
                          "out)", uid=key[1], archive=key[0], writer=shown(str(writer)))
                 self._checked(key, entry).addCallback(self._record).addErrback(
                     self._not_kept, key, entry)
+
+    @defer.inlineCallbacks
+    def _deleted(self):
+        """Drop the pending copies made before this peer learned of their instance's
+        deletion: a commit would refuse them (``_checked``), and their writer may send
+        none (killed at once after its C-STOREs: the files stayed ``PENDING_TTL``)."""
+        with self.lock:
+            firsts = [(k, e[2]) for k, e in self.pending.items()
+                      if not tombstones.no_news_since(clock.monotonic(self.reactor, e[2]))]
+        for key, since in firsts:
+            if (yield pushed_before(self.catalog, key[1], clock.monotonic(self.reactor,
+                                                                          since))):
+                entry = self._take(key, since + 1e-6, lambda entry: True)
+                if entry is not None:
+                    yield self._drop(key, entry)
 
     def _not_kept(self, failure, key, entry) -> None:
         """A copy taken out of ``pending`` not recorded: logged (None); a refusal (a
@@ -546,51 +565,3 @@ def _refused(failure, copy):
     """A copy of a ``Commits`` not recorded: logged; None (its writer's hint stays)."""
     log.warn("commit of {uid} on {archive} refused: {err}", uid=shown(copy[1]),
              archive=copy[0], err=shown(failure.getErrorMessage(), 300))
-
-
-def record(catalog, meta, stored, peer, hints=(), then=None):
-    """Record a durable copy in the catalog (a conflict is recorded as such), with the
-    *hints* (peer, archive, via_peer, via_archive) owed for it; *then(conn, seq)* runs in
-    the fact's transaction (not for a conflict)."""
-    if stored.conflict:          # (its line: one limiter, see ``conflicts``)
-        conflict_logged(catalog.reactor, meta.sop_instance_uid, stored.sha256,
-                        stored.archive)
-        d = catalog.record_conflict(meta.sop_instance_uid, stored.archive, stored.sha256)
-        if hints:
-            d.addCallback(lambda seq: catalog.add_hints(meta.sop_instance_uid, hints)
-                          .addCallback(lambda _: seq))
-        return d
-    return catalog.record(meta, stored_location(meta, stored, peer), hints, then)
-
-
-@defer.inlineCallbacks
-def copy_in(f, target, uid: str, sha256: str, tmpdir: Path, catalog, peer: str):
-    """Copy the instance *uid* read from the open file *f* (then closed) into our archive
-    *target* and record it: spooled into *tmpdir*, its header read, its bytes checked
-    against *sha256* if given (the copy dropped if they differ). Repair, drain and hinted
-    hand-off to an archive of this peer."""
-    path = yield deferToThread(spool, f, tmpdir)
-    try:
-        meta = yield deferToThread(read_meta, path)
-        if meta.sop_instance_uid != uid:
-            raise ValueError(f"the copy of {uid} read holds {meta.sop_instance_uid}")
-        stored = yield target.store(path, meta)
-    finally:
-        deferToThread(path.unlink, True)
-    yield check_given(target, uid, stored, sha256, ValueError, "the catalog's")
-    yield record(catalog, meta, stored, peer)
-
-
-def check_given(target, uid: str, stored, sha256: str, error, whose: str):
-    """Deferred: the copy *stored* on archive *target* was given the bytes hashing to
-    *sha256* (if any), else it is discarded (unless it was there before: a duplicate or
-    a conflict) and fails with *error* naming both hashes (*whose*: the expected one's)."""
-    if not sha256 or stored.given_sha256 == sha256:
-        return defer.succeed(None)
-    d = defer.succeed(None) if stored.duplicate or stored.conflict else \
-        defer.maybeDeferred(target.discard, uid, stored.sha256)
-
-    def fail(_):
-        raise error(f"{uid}: the copy hashes to {stored.given_sha256[:12]}, {whose} "
-                    f"{sha256[:12]}")
-    return d.addCallback(fail)

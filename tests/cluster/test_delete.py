@@ -113,9 +113,20 @@ def digests_agree(peers) -> bool:
     return len({get_json(p, "digest")["digest"] for p in peers}) == 1
 
 
+def left_of(peers, study: str, uids: set[str]) -> dict:
+    """What each peer still holds of a deleted study: {peer: [what]} ({} when gone)."""
+    left = {}
+    for p in peers:
+        what = [name for name, held in (("C-FIND rows", find_studies(p, study)),
+                                        ("files", files_of(p, uids)),
+                                        ("locations", where(p, study))) if held]
+        if what:
+            left[p.name] = what
+    return left
+
+
 def gone_everywhere(peers, study: str, uids: set[str]) -> bool:
-    return all(not find_studies(p, study) and not files_of(p, uids) and not where(p, study)
-               for p in peers)
+    return not left_of(peers, study, uids)
 
 
 def settle(cluster, a):
@@ -284,8 +295,11 @@ def test_a_stale_writer_hands_nothing_back_after_a_delete(cluster, tmp_path):
                "peerb learned the delete")
     a.restart()
     cluster.wait_mesh(timeout=120)
-    wait_until(lambda: gone_everywhere(cluster.peers, study5, u5), 120, 0.5,
-               "study 5 gone everywhere")
+    try:
+        wait_until(lambda: gone_everywhere(cluster.peers, study5, u5), 120, 0.5,
+                   "study 5 gone everywhere")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}; left: {left_of(cluster.peers, study5, u5)}") from None
     settle(cluster, a)
     assert gone_everywhere(cluster.peers, study5, u5)
     for p in cluster.peers:

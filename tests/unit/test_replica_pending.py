@@ -171,3 +171,28 @@ def test_a_dead_writers_copy_keeps_the_bytes_an_alive_writers_expired_copy_put_t
         assert [loc.sop_instance_uid for loc in cat.recorded] == [UID], writers
         assert archive.discarded == [] and UID in archive.held, writers
         assert not svc.pending and not svc.more
+
+
+def test_a_pending_copy_of_an_instance_deleted_since_goes_at_the_janitors_next_pass(
+        tmp_path):
+    """A writer killed right after its C-STOREs' Success, before its group commit,
+    leaves its copies pending here; the study deleted meanwhile, the copies' files
+    stayed PENDING_TTL (10 min) on this archive, though no commit could take them (a
+    copy made before the deletion was learned is refused: ``_checked``):
+    test_delete's stale-writer test failed on the files left at peerc. Now the janitor
+    drops them at its next pass (60 s); a copy made after the deletion (sent again) is
+    left for its commit."""
+    from test_delete_guards import delete
+    svc, cat = service(tmp_path)
+    archive = svc.archives["local"]
+    copy(svc, "t1")                  # its writer then killed before its commit
+    svc.reactor.advance(1)
+    delete(cat.conn)                 # the study deleted: this peer learns it
+    svc._expire()
+    assert archive.discarded == [(UID, SHA)] and not svc.pending and not svc.more
+    svc.reactor.advance(1)
+    copy(svc, "t2")                  # sent again after the delete
+    svc._expire()
+    assert list(svc.pending) == [("local", UID, SHA)]
+    assert archive.discarded == [(UID, SHA)]
+    assert result(svc.commit("local", UID, SHA)) == 1
