@@ -33,10 +33,12 @@ LOW_WATER = 64 << 10      # bytes a read of a body of known length waits for (or
 
 
 class HTTPError(Exception):
-    """The server answered with an error status (``status``), or did not answer."""
+    """The server answered with an error status (``status``), or did not answer. The
+    message holds what the archive said (reason, body: hostile) with every character that
+    is not printable escaped: it reaches log lines, ``/status`` and the admin's terminal."""
 
     def __init__(self, status: int, message: str):
-        super().__init__(message)
+        super().__init__("".join(c if c.isprintable() else ascii(c)[1:-1] for c in message))
         self.status = status
 
 
