@@ -187,6 +187,7 @@ def write_facts(conn: sqlite3.Connection, facts: list[tuple[dict, tuple]],
         cut = grained(stamp)              # (a parent row's)
         for seen, key, level, parent in keyed:
             k, s = attrs.get(key, ""), cut if parent else stamp
+            k = k if parent else (k, s)     # an instance's: one per version (``shown``)
             if _wins(s, attrs, seen.get(k), level):
                 seen[k] = (attrs, s)
     # every level's rows end with the instance's stamp (``_LWW_SQL``: LWW_LEVELS)

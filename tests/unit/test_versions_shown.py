@@ -181,3 +181,34 @@ def test_a_hostile_batchs_versions_rows_are_checked_and_cut(tmp_path):
     told["2000"][2] = "7" * (VALUE_MAX + 500)
     facts.check_wire(batch)
     assert len(told["2000"][2]) == VALUE_MAX
+
+
+def test_two_versions_in_one_group_commit_show_the_first_versions_row(tmp_path):
+    """A holder's push port commits the pending copies of many writers in one transaction
+    (``Catalog.record_all_now``): here the first version of an instance on its archive x
+    and the second on its archive y. The writer kept one instance row per UID of the
+    facts it wrote together (the latest stamp's), so the first version's row was never
+    kept: before, this peer and a peer that learnt from it showed the second version's
+    row (InstanceNumber 2) while the first is current; as two commits do, both show the
+    first's."""
+    from pacsp2p.catalog.db import Catalog
+    from pacsp2p.types import InstanceMeta, Location
+
+    def meta(sha, stamp, number):
+        attrs, _ = fact("h", sha, 0, stamp, number)
+        return InstanceMeta(UID, attrs["SOPClassUID"], "1.2.840.10008.1.2.1", {
+            k: v for k, v in attrs.items() if k not in ("SOPInstanceUID", "SOPClassUID")},
+            1000, sha)
+
+    holder = Catalog(tmp_path / "holder.sqlite", None, peer="h")
+    holder._open_writer()
+    holder.record_all_now([(meta(V1, 1000, "1"), Location(UID, "x", "h", V1, 1000), None),
+                           (meta(V2, 2000, "2"), Location(UID, "y", "h", V2, 1000), None)])
+    conn = holder._writer
+    assert versions.current(conn, [UID]) == {UID: V1}
+    assert row(conn) == ("1", "1.2.3.9")
+    reader = catalog(tmp_path, "reader")
+    facts.write_wire(reader, facts.read_changes(conn, "h", 0, 10))
+    assert row(reader) == ("1", "1.2.3.9")
+    assert integrity.digest(reader) == integrity.digest(conn)
+    conn.close()
