@@ -304,7 +304,7 @@ class Repair:
             uid = info.sop_instance_uid
             if self._failed.waiting(uid):
                 continue
-            locs = self._with_recent(uid, locs, current)
+            locs = self._with_recent(uid, locs)
             try:
                 order = self.strategies.place(info, neutral, self.replicas)
                 for i, ours in enumerate((current, *getattr(current, "others", ()))):
@@ -366,7 +366,7 @@ class Repair:
                 chosen.append(a)
         return chosen[:need]
 
-    def _with_recent(self, uid, locs, current=None):
+    def _with_recent(self, uid, locs):
         entry = self._recent.get(uid)
         if entry is None:
             return locs
@@ -375,14 +375,13 @@ class Repair:
             del self._recent[uid]
             return locs
         have = {(loc.peer, loc.archive) for loc in locs}
-        if added <= have and not dropped & have:
+        if {a[:2] for a in added} <= have and not dropped & have:
             del self._recent[uid]              # the catalog knows it all now
             return locs
         size = max((loc.size for loc in locs), default=0)
-        sha = min(current) if current else (locs[0].sha256 if locs else "")
         out = [loc for loc in locs if (loc.peer, loc.archive) not in dropped]
-        out += [Location(uid, archive, peer, sha, size) for peer, archive in added
-                if (peer, archive) not in have]
+        out += [Location(uid, archive, peer, sha, size) for peer, archive, sha in added
+                if (peer, archive) not in have]     # (the bytes copied: of their version)
         return out
 
     def _remember(self, uid, added=(), dropped=()):
@@ -450,7 +449,7 @@ class Repair:
                          "copied", uid=uid)
                 return
             yield self.copy_to(job.source, target)
-            self._remember(uid, added=[(target.peer, target.name)])
+            self._remember(uid, added=[(target.peer, target.name, job.source.sha256)])
             now = time.time()
             self.stats["done"] += 1
             self.stats["bytes"] += size

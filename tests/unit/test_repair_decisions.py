@@ -248,3 +248,37 @@ def test_config_keys(tmp_path):
         from_dict({"cluster": {"repair_rate": -1}}, "f.toml", tmp_path)
     with pytest.raises(ConfigError, match="cluster.repair_rate"):
         from_dict({"cluster": {"repair_rate": "fast"}}, "f.toml", tmp_path)
+
+
+def test_a_copy_of_a_second_version_just_made_is_counted_as_that_version(tmp_path):
+    """The first version on a and b, the second on c and d, d lost: c copies the second
+    to a new archive; until the catalog hears of that copy, repair counts it from its own
+    memory (``_with_recent``). It counted it as a copy of the CURRENT version: the second
+    was copied again (40 of 40 uids), and where c comes first a copy of the first
+    version was planned to be dropped as surplus (below ``replicas`` real copies). Real
+    catalogs written by the product's writer; the next plan is empty now."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from pacsp2p.catalog import facts
+    from test_versions import catalog, fact
+
+    first, second = "aa" * 32, "bb" * 32
+    peers = {p: ["local"] for p in "abcdef"}
+    lost = lv(dead={"d"}, lost={"d"})
+    again = []
+    for n in range(40):
+        uid = f"1.2.3.{n}"
+        conn = catalog(tmp_path, f"r{n}")
+        for p, sha, stamp in (("a", first, 1000), ("b", first, 1000), ("c", second, 2000),
+                              ("d", second, 2500)):
+            facts.write_facts(conn, [fact(p, sha, 1, stamp, uid)])
+        batch = copies.work(conn, 2, lost, "")
+        r = repair_for("c", peers, alive={p: p != "d" for p in peers})
+        (job,) = r._plan(batch, lost)
+        assert job.kind == "copy" and job.source.sha256 == second and len(job.targets) == 1
+        t = job.targets[0]
+        r._remember(uid, added=[(t.peer, t.name, job.source.sha256)])     # as _copy_all
+        again += [(j.kind, sorted(x.peer for x in j.targets))
+                  for j in r._plan(batch, lost)]
+        conn.close()
+    assert again == []
