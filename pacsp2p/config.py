@@ -157,9 +157,8 @@ def check_host(text, fail) -> str:
 
 
 def _bind(r: _Reader, key: str = "bind", default: str = "0.0.0.0") -> str:
-    """A listener's ``bind`` (or the overlay's ``advertise``): an IP address or a host
-    name ("" or 0.0.0.0: every interface), stripped; "999.1.1.1" or " " is refused here,
-    not at start (twistd: "Couldn't listen"; advertised, no peer could dial it)."""
+    """A listener's ``bind`` (or ``advertise``): an IP address or a host name ("" or 0.0.0.0:
+    every interface), stripped; "999.1.1.1" or " " refused here, not at start."""
     value = r.take(key, str, default, "an address string")
 
     def refused(_why=None):
@@ -181,10 +180,11 @@ def is_loopback(bind: str) -> bool:
 
 
 def parse_address(text: str, fail) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise fail(f'must be "host:port", got {text!r}')
-    return host.strip("[]"), int(port)
+    host, sep, port = text.rpartition(":")       # host: an address or name ("a b": no)
+    refused = lambda _=None: fail(f'must be "host:port", got {text!r}')  # noqa: E731
+    if not sep or "/" in host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise refused()
+    return check_host(host.strip("[]"), refused), int(port)
 
 
 def _path(value: str | None, base: Path) -> Path | None:

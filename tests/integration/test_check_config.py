@@ -171,6 +171,12 @@ BROKEN = [
     ("dimse-max-pdu-text", '[[archives]]\nname = "p"\nadapter = "dimse"\n'
      'ae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\nmax_pdu = "big"\n', {},
      "archives.p.max_pdu: must be 0 or 4096..2^31, got 'big'"),
+    # a destination or seed whose host is no address: "ok", the C-MOVE failed at its time
+    ("destination-host-no-address", '[destinations]\nWS = "pacs north:104"\n', {},
+     "destinations.WS: must be \"host:port\", got 'pacs north:104'"),
+    ("seed-host-no-address", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
+     'seeds = ["999.1.1.1:11114"]\n', {},
+     "overlay.seeds[0]: must be \"host:port\", got '999.1.1.1:11114'"),
     ("advertise-no-address", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
      'advertise = "pacs north"\n', {},
      "overlay.advertise: must be an IP address or a host name, got 'pacs north'"),
