@@ -212,3 +212,23 @@ def test_two_versions_in_one_group_commit_show_the_first_versions_row(tmp_path):
     assert row(reader) == ("1", "1.2.3.9")
     assert integrity.digest(reader) == integrity.digest(conn)
     conn.close()
+
+
+def test_an_instance_sent_again_many_times_still_syncs(tmp_path):
+    """The same bytes sent again 20 times (a modality's retries, a study pushed again):
+    each receipt's instance row, of its own stamp, is kept (``version_rows``). A batch
+    carried them all, and a peer refuses a batch of more than MAX_VERSIONS rows of an
+    instance: every batch holding a fact of it was refused at every peer that pulls
+    (sync of that origin stuck behind it). A batch carries the row of each version
+    held (its least stamp), at most MAX_VERSIONS."""
+    a = catalog(tmp_path, "a")
+    for i in range(20):
+        facts.write_facts(a, [fact("a", V1, i + 1, 1000 + i, "1")])
+    attrs, loc = fact("a", V2, 21, 5000, "2")                # a second version, on
+    facts.write_facts(a, [(attrs, (UID, "other") + loc[2:])])   # another archive
+    batch = facts.read_changes(a, "a", 0, 100)
+    facts.check_wire(batch)
+    assert sorted(batch[0][shown.WIRE_KEY][UID]) == ["1000", "5000"]
+    reader = catalog(tmp_path, "reader")
+    facts.write_wire(reader, batch)
+    assert row(reader) == ("1", "1.2.3.9") == row(a)
