@@ -10,13 +10,17 @@ bench/ingest.py sends: MR, 6 ms apart in their stamps, ~165/s), each recorded wi
 location. Prints per instance: SQL statements (the trace callback; a trigger's run
 counted as a statement), WAL pages written, and CPU us of the recording thread (median
 of the reps, untraced). ``--code a=DIR,b=DIR`` runs each rep from each tree, interleaved.
+``--resent``: one other instance received twice first (the same bytes sent again: its
+two receipts' rows kept, ``catalog.shown``), so ``version_rows`` is not empty, as in a
+catalog where any instance was ever sent again.
 
     flock /tmp/pacsp2p-bench.lock .venv/bin/python bench/catalog_row.py [--instances N]
-        [--reps R] [--code before=DIR,after=DIR]
+        [--reps R] [--code before=DIR,after=DIR] [--resent]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -30,7 +34,7 @@ ROOT = "1.2.826.0.1.3680043.9.7777"
 WARM = 10                  # the first instances (the parents' first writes): not counted
 
 
-def one(n: int, traced: bool) -> dict:
+def one(n: int, traced: bool, resent: bool = False) -> dict:
     """One rep in this process: {statements, pages, us} per instance."""
     from pacsp2p.catalog import db
     from pacsp2p.catalog.facts import stamped
@@ -53,6 +57,11 @@ def one(n: int, traced: bool) -> dict:
         cat._open_writer()
         conn = cat._writer
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        if resent:             # one other instance received twice (its receipts' rows kept)
+            again = dataclasses.replace(metas[0], sop_instance_uid=f"{ROOT}.1.1.x")
+            for k in (1, 2):
+                cat.record_now(stamped(again, t0 - 100 * k), dataclasses.replace(
+                    locs[0], sop_instance_uid=again.sop_instance_uid))
         for i in range(WARM):
             cat.record_now(metas[i], locs[i])
         wal = Path(str(cat.path) + "-wal")
@@ -78,14 +87,16 @@ def main() -> int:
     p.add_argument("--instances", type=int, default=1000)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--code", default=None, help="LABEL=DIR,...: trees (PYTHONPATH), interleaved")
+    p.add_argument("--resent", action="store_true", help="an instance received twice first")
     p.add_argument("--one", choices=["traced", "timed"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(one(args.instances, args.one == "traced")))
+        print(json.dumps(one(args.instances, args.one == "traced", args.resent)))
         return 0
     trees = [tuple(x.split("=", 1)) for x in args.code.split(",")] if args.code else \
         [("", None)]
-    print(f"catalog row: {args.instances} instances, one series, record_now each; "
+    print(f"catalog row: {args.instances} instances, one series, record_now each"
+          f"{' (an instance received twice first)' if args.resent else ''}; "
           f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     def run(tree, mode):
@@ -93,7 +104,7 @@ def main() -> int:
         if tree:
             env["PYTHONPATH"] = tree
         out = subprocess.run([sys.executable, __file__, "--one", mode, "--instances",
-                              str(args.instances)], env=env, check=True,
+                              str(args.instances)] + ["--resent"] * args.resent, env=env, check=True,
                              capture_output=True, text=True).stdout
         return json.loads(out)
     traced = {label: run(tree, "traced") for label, tree in trees}
