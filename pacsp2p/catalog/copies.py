@@ -104,10 +104,12 @@ def census(conn: sqlite3.Connection, replicas: int, lv: Liveness, short: bool = 
         params).fetchone()
     out = dict(zip(("total", "instances", "unavailable", "repairable", "surplus"), row))
     if out["total"] and current != "1":      # the other versions, each counted too
-        others = conn.execute(
+        others = conn.execute(     # (kept: this peer keeps those bytes as a conflict)
             "SELECT coalesce(sum(live < :r), 0), coalesce(sum(live = 0), 0), coalesce(sum("
-            "n - nlost < :r AND (nlost > 0 OR :short) AND live > 0), 0) FROM (SELECT "
-            f"sum({live}) AS live, sum({lost}) AS nlost, count(*) AS n FROM locations l "
+            "n - nlost < :r AND (nlost > 0 OR :short) AND (live > 0 OR kept)), 0) FROM ("
+            f"SELECT sum({live}) AS live, sum({lost}) AS nlost, count(*) AS n, max(EXISTS ("
+            "SELECT 1 FROM conflicts c WHERE c.SOPInstanceUID = l.SOPInstanceUID AND "
+            f"c.sha256 = l.sha256)) AS kept FROM locations l "
             "WHERE SOPInstanceUID IN (SELECT SOPInstanceUID FROM versions) AND size >= 0 "
             f"AND {versions.OTHER} GROUP BY SOPInstanceUID, {versions.VERSION})",
             params).fetchone()
@@ -147,8 +149,9 @@ def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
     """Up to *limit* instances after *after* (in SOPInstanceUID order) that repair must
     copy or trim, each as (InstanceInfo for placement, its locations -- of every
     version --, the hashes of the current version's copies if it has several, else
-    None: ``versions.current_copies``, with each other version's); *short*: as in
-    ``census``. Every instance held in several versions is among them."""
+    None: ``versions.current_copies``, with each other version's, and ``kept``: the
+    (archive, sha256) of the conflicts this peer keeps); *short*: as in ``census``.
+    Every instance held in several versions is among them."""
     params: dict = {"r": replicas, "after": after, "limit": limit, "short": int(short)}
     live, lost = _flags(lv, params)
     cur = f"({_current(conn)})"
@@ -165,6 +168,9 @@ def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
         return []
     info = instance_infos(conn, [r[0] for r in rows])
     ours = versions.current_copies(conn, [r[0] for r in rows if r[2]])
+    for uid, held in ours.items():     # the copies kept here beside another version
+        held.kept = tuple(conn.execute("SELECT archive, sha256 FROM conflicts WHERE "
+                                       "SOPInstanceUID = ?", (uid,)))
     out = []
     for uid, packed, current in rows:
         locs = []

@@ -151,8 +151,10 @@ VERSION = f"coalesce({_KEY.format(r='l')}, l.sha256)"
 
 class Copies(frozenset):
     """The hashes of the current version's copies, and in ``others`` those of each other
-    version's (a frozenset each): repair brings every version back to ``replicas``."""
+    version's (a frozenset each): repair brings every version back to ``replicas``;
+    ``kept``: copies this peer keeps beside another version (``copies.work``)."""
     others: tuple = ()
+    kept: tuple = ()
 
 
 def current_copies(conn: sqlite3.Connection, uids: list[str]) -> dict[str, Copies]:

@@ -25,9 +25,8 @@ behind the cluster's back is replaced from a good replica, and the next try copi
 the archive it failed to is ranked last for ``SHUN`` seconds (a full disk: another
 archive with room takes the copy; drains choose the same way).
 
-Throttle. Copies start no faster than ``[cluster] repair_rate`` MB/s allow (a pacing
-token bucket: each copy books size/rate seconds; 0: no limit), at most ``PARALLEL`` at a
-time, per repairing peer.
+Throttle. Copies start no faster than ``[cluster] repair_rate`` MB/s allow (a pacing token
+bucket: each copy books size/rate seconds; 0: no limit), ``PARALLEL`` at a time per peer.
 
 Surplus. A peer that comes back after its copies were replaced leaves instances with
 more than ``replicas`` live copies. Once every holder has been live for ``settle``
@@ -36,15 +35,15 @@ goes first), the first live holder in placement order keeps the first ``replicas
 holders in placement order and drops the others (``Drop``: the file, then a tombstone
 fact). Only live, settled copies are counted, and only those beyond the first
 ``replicas`` of the same bytes are dropped: nothing ever goes below ``replicas`` live
-copies, nor does another version of the UID (a conflict placed where the first is not).
+copies, nor does another version of the UID.
 
-The count. ``under_replicated`` (instances with fewer than ``replicas`` live copies,
-and with none) comes from ``catalog.copies.census``, one pass over the locations'
-index (skipped while nothing it counts changed: ``census_cached``), run by this repair
-loop — when liveness changes, and otherwise every
-``max(1 s while copies are to be made / 5 s while some instance is short or in surplus /
-30 s, 20 x its own duration)`` — and cached with its time; copies this peer makes
-meanwhile are subtracted as they complete. A ``/status`` never scans.
+The count. ``under_replicated`` (instances with fewer than ``replicas`` live copies, and
+with none) comes from ``catalog.copies.census``, one pass over the locations' index
+(skipped while nothing it counts changed: ``census_cached``), run by this loop when
+liveness changes, else every ``max(1 s while copies are to be made / 5 s while some is
+short or in surplus / 30 s, 20 x its own duration)``, cached with its time (less the
+copies made since; a ``/status`` never scans). Each version is counted and copied apart
+(one whose located copies are all lost: from a conflict copy its repairer keeps).
 
 This is the re-replication of replicated stores (Tahoe-LAFS repair, HDFS's
 re-replication of under-replicated blocks after a DataNode is declared dead, Cassandra
@@ -308,16 +307,18 @@ class Repair:
             try:
                 order = self.strategies.place(info, neutral, self.replicas)
                 for i, ours in enumerate((current, *getattr(current, "others", ()))):
-                    job = self._decide(info, locs, lv, order, candidates, ours)   # each
-                    jobs += [job] if job and (not i or job.kind == "copy") else []  # version
+                    job = self._decide(info, locs, lv, order, candidates, ours,  # each
+                                       getattr(current, "kept", ()))              # version
+                    jobs += [job] if job and (not i or job.kind == "copy") else []
             except StrategyError as e:
                 log.error("repair of {uid}: {err}", uid=uid, err=e)
                 continue
         return jobs
 
-    def _decide(self, info, locs, lv: Liveness, order, candidates, current=None):
-        """*current*: the hashes of the copies of the version the catalog describes, if the
-        UID has several: only they count (and are copied); every copy is held, for targets."""
+    def _decide(self, info, locs, lv: Liveness, order, candidates, current=None, here=()):
+        """*current*: the hashes of the copies of a version, if the UID has several: only
+        they count (and are copied); every copy is held, for targets. *here*: (archive,
+        sha256) of copies kept here beside another version: a source if none is live."""
         rank = {(a.peer, a.name): i for i, a in enumerate(order)}
 
         def in_order(loc):
@@ -329,13 +330,13 @@ class Repair:
         kept = [loc for loc in ours if not lv.lost(loc.peer, loc.archive)]
         raised = self.floor < self.replicas          # short with nothing lost too
         if len(kept) < self.replicas and (len(kept) < len(ours) or raised):
-            source = next((loc for loc in live if loc in ours), None)
-            if source is None or source.peer != self.peer:
-                return None                             # another peer's to repair
-            if "open" not in getattr(self.archives.get(source.archive), "capabilities", ()):
-                return None
-            targets = self._targets(info, locs, kept, lv, candidates,
-                                    self.replicas - len(kept))
+            source = next((loc for loc in live if loc in ours), None) or next((Location(
+                info.sop_instance_uid, a, self.peer, sha, max(x.size for x in locs)) for a, sha
+                in here if current and sha in current and not kept), None)
+            if source is None or source.peer != self.peer or "open" not in getattr(
+                    self.archives.get(source.archive), "capabilities", ()):
+                return None                 # another peer's to repair, or unreadable
+            targets = self._targets(info, locs, kept, lv, candidates, self.replicas - len(kept))
             return _Job("copy", info, source, targets, sum(loc in ours for loc in live))
         settled = [loc for loc in live if lv.settled(loc.peer, loc.archive)]
         if len(settled) > self.replicas and settled[0].peer == self.peer:

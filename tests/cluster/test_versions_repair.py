@@ -61,3 +61,55 @@ def test_a_second_version_that_lost_a_copy_is_copied_again(cluster, tmp_path):
     assert all(len(holders(first, others).get(u, ())) >= 2 for u in first)
     rows = get_json(others[0], f"where?study={study}", 30)
     assert len(rows) == N
+
+
+def test_a_second_version_whose_located_copy_is_lost_is_copied_from_its_conflict(
+        cluster, tmp_path):
+    """A second version received once is one plain copy (a location: the peer it was
+    sent to) and one copy beside the first version on a holder (a conflict: a file of
+    that archive, no location). Its plain copy's peer killed: before, no located copy
+    was left and nothing was copied (the version only in the holder's conflict file);
+    now the holder copies it from its conflict file to peers holding neither version."""
+    cluster.config = CONFIG
+    peers = list(cluster.start(5))
+    cluster.wait_mesh(timeout=patience(60))
+    n = 2 * N
+    study, files = store_study(peers[0], tmp_path / "v1", "VERSIONCONFLICT", n)
+    held = {r["instance"]: {x["peer"] for x in r["replicas"]}
+            for r in wait_replicated(peers[0], study, n)}
+    second, sender = {}, {}
+    for i, f in enumerate(files):
+        uid = dn.sop_uid(f)
+        out = tmp_path / "v2" / f"{i}.dcm"
+        p = next(p for p in peers if p.name not in held[uid])
+        got = send_version(p, f, out, "version 2")
+        assert "Success" in got, f"{p.name}: {got}"
+        second[uid], sender[uid] = dataset_sha256(out), p.name
+    for p in peers:                # every peer knows the second versions' located copies
+        wait_until(lambda p=p: sum(len(r["replicas"]) for r in get_json(
+            p, f"where?study={study}", 30)) >= 3 * n, patience(60), 0.5,
+            f"{p.name}: the second versions' copies recorded")
+
+    def plain(among) -> dict:
+        """{uid: names of *among* whose archive holds the second version as the
+        instance's file (not kept beside another version)}."""
+        out: dict = {}
+        for p in among:
+            for f in dn.archive_files(p.data_dir):
+                if f.name.count(".") == 1 and dataset_sha256(f) == second.get(dn.sop_uid(f)):
+                    out.setdefault(dn.sop_uid(f), set()).add(p.name)
+        return out
+    # the instances whose second version's other copy went beside the first (placement
+    # chose a holder of the first): one plain copy each, at its sender
+    alone = [u for u, names in plain(peers).items() if names == {sender[u]}]
+    assert alone, "every second version's other copy went to a peer without the first"
+    victim = max(peers, key=lambda p: sum(sender[u] == p.name for u in alone))
+    alone = [u for u in alone if sender[u] == victim.name]
+    assert victim.kill9() == -9
+    others = [p for p in peers if p is not victim]
+    for p in others:
+        wait_until(lambda p=p: members(p).get(victim.name) == "dead", 20, 0.2,
+                   f"{p.name} sees {victim.name} dead")
+    wait_until(lambda: all(len(plain(others).get(u, ())) >= 2 for u in alone),
+               patience(120), 1.0, f"the second version of {len(alone)} instance(s) whose "
+               "located copy was lost, on 2 live peers again (from the conflict copy)")

@@ -282,3 +282,34 @@ def test_a_copy_of_a_second_version_just_made_is_counted_as_that_version(tmp_pat
                   for j in r._plan(batch, lost)]
         conn.close()
     assert again == []
+
+
+def test_a_second_version_whose_located_copies_are_lost_is_copied_from_a_conflict(tmp_path):
+    """The first version on a and b, the second's one location on c (lost) and its other
+    copy kept beside the first on a (a conflict). a plans a copy of the second version
+    from that conflict copy (its archive opens it by hash) to archives holding neither
+    version; b, which keeps none, plans nothing. Before, nothing was planned anywhere."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from pacsp2p.catalog import facts
+    from test_versions import catalog, fact
+
+    first, second = "aa" * 32, "bb" * 32
+    peers = {p: ["local"] for p in "abcdef"}
+    lost = lv(dead={"c"}, lost={"c"})
+    uid = "1.2.3.7"
+    for me in "ab":
+        conn = catalog(tmp_path, me)
+        for p, sha, stamp in (("a", first, 1000), ("b", first, 1000), ("c", second, 2000)):
+            facts.write_facts(conn, [fact(p, sha, 1, stamp, uid)])
+        if me == "a":
+            conn.execute("INSERT INTO conflicts VALUES (?, 'local', ?, '')", (uid, second))
+        r = repair_for(me, peers, alive={p: p != "c" for p in peers})
+        jobs = r._plan(copies.work(conn, 2, lost, ""), lost)
+        if me == "b":
+            assert jobs == []
+            continue
+        (job,) = jobs
+        assert job.kind == "copy" and (job.source.peer, job.source.archive,
+                                       job.source.sha256) == ("a", "local", second)
+        assert len(job.targets) == 2 and not {t.peer for t in job.targets} & set("abc")

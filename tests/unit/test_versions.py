@@ -154,3 +154,23 @@ def test_a_second_version_that_lost_a_copy_is_repairable(tmp_path):
     assert counts["repairable"] == 1 and counts["instances"] == 1, counts
     (info, locs, current), = copies.work(conn, 2, lost, "")
     assert current == {V1} and current.others == (frozenset({V2}),) and len(locs) == 4
+
+
+def test_a_second_version_kept_here_as_a_conflict_is_repairable_here(tmp_path):
+    """The second version's one location (c) lost; a keeps those bytes beside the first
+    version (a conflict: no location). Before, no live copy of it was left: not
+    repairable anywhere; now a's census counts it repairable and its walk names the
+    conflict copy (``kept``), a source for its repair."""
+    writers = origins(tmp_path)
+    conn = writers["a"]
+    for name in "bc":
+        facts.write_wire(conn, facts.read_changes(writers[name], name, 0, 10))
+    conn.execute("INSERT INTO conflicts VALUES (?, 'local', ?, datetime('now'))", (UID, V2))
+    lost = copies.Liveness(dead_peers=frozenset({"c"}), lost_peers=frozenset({"c"}))
+    counts = copies.census(conn, 2, lost)
+    assert counts["repairable"] == 1 and counts["unavailable"] == 1, counts
+    (info, locs, current), = copies.work(conn, 2, lost, "")
+    assert current.others == (frozenset({V2}),) and current.kept == (("local", V2),)
+    b = writers["b"]                       # b keeps no conflict: nothing to repair there
+    facts.write_wire(b, facts.read_changes(writers["c"], "c", 0, 10))
+    assert copies.census(b, 2, lost)["repairable"] == 0
