@@ -15,7 +15,9 @@
   (``dicom.tls.admin_options``).
 
 - ``paths``: the data directory and the overlay's TLS directory are not files (a
-  mistyped path); ``descriptors``: ``[facade] fd_reserve`` below the open-file limit.
+  mistyped path); ``places``: it and every archive's directory are not on a kernel
+  filesystem (/proc, /sys); ``descriptors``: ``[facade] fd_reserve`` below the
+  open-file limit.
 
 Each raises ``config.ConfigError`` (or ``overlay.tls.TLSError``) with a one-line
 message; nothing here opens a port, a file for writing or a connection.
@@ -24,6 +26,7 @@ message; nothing here opens a port, a file for writing or a connection.
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 
 import OpenSSL
 
@@ -33,7 +36,11 @@ from pacsp2p.dicom import tls as dicom_tls
 from pacsp2p.overlay import tls
 from pacsp2p.strategies import Strategies
 
-__all__ = ["archives", "check", "credentials", "descriptors", "paths", "strategies"]
+__all__ = ["archives", "check", "credentials", "descriptors", "kernel_fs", "paths", "places",
+           "strategies"]
+
+KERNEL_FS = frozenset({"proc", "sysfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+                       "securityfs", "configfs", "pstore", "bpf", "efivarfs", "fusectl"})
 
 
 def paths(settings) -> None:
@@ -48,6 +55,34 @@ def paths(settings) -> None:
         if not there.is_dir():                # it, or the file it would be made in
             where = "" if there == path else f" ({there} is a file)"
             raise ConfigError(f"{settings.source}: {key}: {path}: not a directory{where}")
+
+
+def kernel_fs(path: Path) -> str | None:
+    """The kernel filesystem (proc, sysfs, ...) *path* is on, by the longest mount point
+    of /proc/self/mounts above it; None for any other (or when they cannot be read)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target, best, kind = str(path.resolve()), "", None
+    for fields in (line.split() for line in mounts):
+        point = fields[1].replace("\\040", " ") if len(fields) > 2 else ""
+        if point and len(point) >= len(best) and (
+                target == point or target.startswith(point.rstrip("/") + "/")):
+            best, kind = point, fields[2]
+    return kind if kind in KERNEL_FS else None
+
+
+def places(settings, made=()) -> None:
+    """The data directory and the directory of every archive made (*made*: its ``root``)
+    are not on a kernel filesystem: ``/proc/self`` was "ok", then twistd "cannot start:
+    peer.data_dir: /proc/self: No such file or directory"."""
+    for key, path in [("peer.data_dir", settings.data_dir)] + [
+            (f"archives.{a.name}.path", a.root) for a in made
+            if isinstance(getattr(a, "root", None), Path)]:
+        if kind := kernel_fs(path):
+            raise ConfigError(f"{settings.source}: {key}: {path}: on the kernel's {kind} "
+                              "filesystem, where no file can be kept")
 
 
 OPEN_FILES = 65536      # the soft open-file limit a peer raises itself to (at most the hard)
@@ -106,6 +141,7 @@ def check(settings, reactor=None) -> dict:
     paths(settings)
     descriptors(settings)
     made = archives(settings, reactor)
+    places(settings, made)
     chosen = strategies(settings)
     credentials(settings)
     dicom_tls.settings_options(settings)

@@ -62,12 +62,14 @@ class PeerService(service.MultiService):
         self.reactor = reactor
         preflight.paths(settings)
         preflight.descriptors(settings)
+        preflight.places(settings)              # not in /proc or /sys (nor the archives')
         storage = settings.storage
         self.catalog = Catalog(settings.data_dir / "catalog.sqlite", reactor,
                                peer=settings.peer.name,
                                durable=storage.fsync and storage.sync_directories)
         # building archives validates their config (ConfigError before the reactor runs)
         self.archives = preflight.archives(settings, reactor, catalog=self.catalog)
+        preflight.places(settings, self.archives)
         by_name = {a.name: a for a in self.archives}
         self.strategies = preflight.strategies(settings)   # plugins, options, roles
         self.overlay = self.replicas = None

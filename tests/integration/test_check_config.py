@@ -177,6 +177,12 @@ BROKEN = [
     ("seed-host-no-address", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
      'seeds = ["999.1.1.1:11114"]\n', {},
      "overlay.seeds[0]: must be \"host:port\", got '999.1.1.1:11114'"),
+    # on a kernel filesystem: "ok", then twistd "archive l: cannot start: [Errno 2] No
+    # such file or directory: '/proc/sys/objects'" (no key named)
+    ("embedded-path-in-proc", '[[archives]]\nname = "l"\npath = "/proc/sys"\n', {},
+     "archives.l.path: /proc/sys: on the kernel's proc filesystem"),
+    ("embedded-path-in-sys", '[[archives]]\nname = "l"\npath = "/sys/kernel/pacs"\n', {},
+     "archives.l.path: /sys/kernel/pacs: on the kernel's sysfs filesystem"),
     ("advertise-no-address", '[overlay]\nport = {port}\ntls_dir = "tls"\n'
      'advertise = "pacs north"\n', {},
      "overlay.advertise: must be an IP address or a host name, got 'pacs north'"),
@@ -225,6 +231,26 @@ def test_check_config_and_twistd_refuse_with_the_same_message(tmp_path, text, fi
     assert line.startswith(f"pacsp2p: {cfg}: ") or line.startswith("pacsp2p: "), line
     assert says in line, line
     assert not (tmp_path / "data").is_dir(), "a refused peer made its data directory"
+
+
+@pytest.mark.parametrize("data_dir", ["/proc/self", "/sys/kernel/pacsp2p"])
+def test_a_data_dir_on_a_kernel_filesystem_is_one_line_from_both(tmp_path, data_dir):
+    """Before (hostile input, seventeenth session): check-config "ok", twistd "cannot
+    start: peer.data_dir: /proc/self: No such file or directory"."""
+    cfg = tmp_path / "peer.toml"
+    cfg.write_text(f'[peer]\nname = "north"\ndata_dir = "{data_dir}"\n'
+                   f'[facade]\nport = {free_port()}\n[admin]\nport = {free_port()}\n')
+    check = subprocess.run([str(twistd_path().parent / "pacsp2p"), "check-config",
+                            "--config", str(cfg)], capture_output=True, text=True,
+                           cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=120)
+    peer = subprocess.run([str(twistd_path()), "-n", "--pidfile=", "pacsp2p", "--config",
+                           str(cfg)], capture_output=True, text=True, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    assert check.returncode == 2 and peer.returncode != 0, (check.stdout, peer.stderr)
+    assert _lines(check) == _lines(peer) == [
+        f"pacsp2p: {cfg}: peer.data_dir: {data_dir}: on the kernel's "
+        f"{'proc' if data_dir.startswith('/proc') else 'sysfs'} filesystem, where no file "
+        "can be kept"], (check.stderr, peer.stderr)
 
 
 def test_a_config_that_is_not_utf8_is_one_line_too(tmp_path):
