@@ -5,12 +5,15 @@ Three real peers (R=2, W=2, the default placement). A holder is SIGSTOPped in th
 of a C-STORE stream until the writer declares it dead, then resumed at once: it refutes
 its death and is back within a second or two. Every C-STORE is answered Success (the
 copies owed to it go to the third peer, hinted), and once the cluster settles every
-instance has exactly two copies, no hint is left, and every peer's view agrees.
+instance has exactly two copies, no hint is left, and every peer's view agrees. The
+same when the writer itself stands still until a holder declares it dead; and a peer
+that stood still while holding a suspicion reads the refutation before its verdict.
 """
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
@@ -18,11 +21,26 @@ from pynetdicom import build_context
 
 from pacsp2p.testing import datasets
 from pacsp2p.testing import dicomnet as dn
-from pacsp2p.testing.cluster import get_json, members, wait_replicated, wait_until
+from pacsp2p.testing.cluster import get_json, members, patience, wait_replicated, wait_until
 
 N = 60
 FREEZE_AT = 20
 BOUND = 120.0
+
+
+def _settled(cluster, study: str, n: int) -> None:
+    """Until every peer's catalog holds the same two copies of each of the *n*
+    instances of *study*, and no hint is left anywhere."""
+    def where(p):
+        return {r["instance"]: sorted(x["peer"] for x in r["replicas"])
+                for r in get_json(p, f"where?study={study}", 30)}
+
+    def agreed():
+        views = [where(p) for p in cluster]
+        return len(views[0]) == n and all(len(v) == 2 for v in views[0].values()) and \
+            all(v == views[0] for v in views) and \
+            all(get_json(p, "status")["catalog"].get("hints", 1) == 0 for p in cluster)
+    wait_until(agreed, 300, interval=0.5, what="every peer's view of the copies agrees")
 
 
 def _all_alive(cluster) -> bool:
@@ -61,17 +79,7 @@ def test_a_holder_dead_for_a_moment_costs_no_c_store_and_no_copy(cluster, tmp_pa
     rows = wait_replicated(writer, study, N, timeout=300)
     assert all(len(r["replicas"]) == 2 for r in rows), \
         [r["replicas"] for r in rows if len(r["replicas"]) != 2]
-
-    def where(p):
-        return {r["instance"]: sorted(x["peer"] for x in r["replicas"])
-                for r in get_json(p, f"where?study={study}", 30)}
-
-    def agreed():             # every peer's catalog: the same two copies of each, no hint
-        views = [where(p) for p in cluster]
-        return len(views[0]) == N and all(len(v) == 2 for v in views[0].values()) and \
-            all(v == views[0] for v in views) and \
-            all(get_json(p, "status")["catalog"].get("hints", 1) == 0 for p in cluster)
-    wait_until(agreed, 300, interval=0.5, what="every peer's view of the copies agrees")
+    _settled(cluster, study, N)
     print(f"{frozen.name} dead in the writer's view for {dead_for} s after its resume")
 
 
@@ -129,3 +137,44 @@ def test_a_suspicion_refuted_while_its_holder_stood_still_is_no_death(cluster):
             break
     assert counted >= 1, "peerc declared peerb dead in every attempt"
     assert deaths_at_a == [0] * counted, deaths_at_a
+
+
+def test_a_writer_dead_for_a_moment_answers_every_c_store(cluster, tmp_path):
+    """The writer itself stands still mid-stream (a GC pause) until a holder declares it
+    dead, then goes on: it refutes, and every C-STORE of the association is answered
+    Success with its two copies (the holders took the pushes of a member they had just
+    held dead)."""
+    cluster.start(3)
+    cluster.wait_mesh()
+    writer, other = cluster[0], cluster[2]
+    n = 200
+    files = datasets.make_study(tmp_path / "study", patient_id="FALSEDEAD2", size=16,
+                                series=[("MR", n, ExplicitVRLittleEndian)])
+    frozen = []
+
+    def freeze():
+        time.sleep(1.0)
+        _stop(writer)
+        t0 = time.monotonic()
+        try:
+            wait_until(lambda: members(other)[writer.name] == "dead", 60, interval=0.05,
+                       what=f"{writer.name} declared dead")
+        finally:
+            _cont(writer)
+        frozen.append(time.monotonic() - t0)
+
+    statuses = []
+    thread = threading.Thread(target=freeze)
+    with dn.association(writer.port, writer.ae_title,
+                        [build_context(MRImageStorage, [ExplicitVRLittleEndian])],
+                        timeout=BOUND) as assoc:
+        thread.start()
+        for path in files:
+            answer = assoc.send_c_store(path)
+            statuses.append(answer.Status if "Status" in answer else None)
+            if statuses[-1] is None:
+                break
+    thread.join(patience(60))
+    assert frozen, "the writer was not declared dead"
+    assert statuses == [0x0000] * n, statuses
+    _settled(cluster, dn.study_of(files), n)
