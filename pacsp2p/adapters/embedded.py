@@ -61,6 +61,7 @@ class EmbeddedArchive:
     capabilities = frozenset({"store", "store_unsynced", "keep", "open", "read_many", "walk",
                               "delete", "verify", "restore"})
     max_fetches = 8             # instances read at once (a local disk)
+    keeps_versions = True       # open(uid, sha256) reads a conflict kept beside (repair)
     up = True                                   # kept by the peer's health loop
 
     def __init__(self, name: str, root: Path, reactor, site: str | None = None,

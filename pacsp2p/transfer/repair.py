@@ -34,8 +34,7 @@ seconds (``min(repair_after, 60)``: hinted hand-off, which moves stand-in copies
 goes first), the first live holder in placement order keeps the first ``replicas`` live
 holders in placement order and drops the others (``Drop``: the file, then a tombstone
 fact). Only live, settled copies are counted, and only those beyond the first
-``replicas`` of the same bytes are dropped: nothing ever goes below ``replicas`` live
-copies, nor does another version of the UID.
+``replicas`` of the same bytes are dropped: never below ``replicas`` live copies of any.
 
 The count. ``under_replicated`` (instances with fewer than ``replicas`` live copies, and
 with none) comes from ``catalog.copies.census``, one pass over the locations' index
@@ -318,7 +317,7 @@ class Repair:
     def _decide(self, info, locs, lv: Liveness, order, candidates, current=None, here=()):
         """*current*: the hashes of the copies of a version, if the UID has several: only
         they count (and are copied); every copy is held, for targets. *here*: (archive,
-        sha256) of copies kept here beside another version: a source if none is live."""
+        sha256) of conflicts kept here: a source if none is (archive ``keeps_versions``)."""
         rank = {(a.peer, a.name): i for i, a in enumerate(order)}
 
         def in_order(loc):
@@ -332,7 +331,8 @@ class Repair:
         if len(kept) < self.replicas and (len(kept) < len(ours) or raised):
             source = next((loc for loc in live if loc in ours), None) or next((Location(
                 info.sop_instance_uid, a, self.peer, sha, max(x.size for x in locs)) for a, sha
-                in here if current and sha in current and not kept), None)
+                in here if current and sha in current and not kept and getattr(
+                    self.archives.get(a), "keeps_versions", False)), None)
             if source is None or source.peer != self.peer or "open" not in getattr(
                     self.archives.get(source.archive), "capabilities", ()):
                 return None                 # another peer's to repair, or unreadable
@@ -414,7 +414,7 @@ class Repair:
             self.stats["failed"] += 1
             log.warn("repair of {uid} failed: {err} (tried again in {s:.0f} s)", uid=uid,
                      err=e, s=wait)
-            if job.kind == "copy" and self.scrubber is not None:
+            if job.kind == "copy" and job.live and self.scrubber is not None:
                 self.scrubber.suspect(job.source)     # our copy may be gone or damaged
             return 0
         finally:

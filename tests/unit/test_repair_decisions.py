@@ -287,8 +287,9 @@ def test_a_copy_of_a_second_version_just_made_is_counted_as_that_version(tmp_pat
 def test_a_second_version_whose_located_copies_are_lost_is_copied_from_a_conflict(tmp_path):
     """The first version on a and b, the second's one location on c (lost) and its other
     copy kept beside the first on a (a conflict). a plans a copy of the second version
-    from that conflict copy (its archive opens it by hash) to archives holding neither
-    version; b, which keeps none, plans nothing. Before, nothing was planned anywhere."""
+    from that conflict copy (where its archive opens a conflict by hash: the embedded
+    one) to archives holding neither version; b, which keeps none, plans nothing.
+    Before, nothing was planned anywhere."""
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from pacsp2p.catalog import facts
@@ -305,6 +306,9 @@ def test_a_second_version_whose_located_copies_are_lost_is_copied_from_a_conflic
         if me == "a":
             conn.execute("INSERT INTO conflicts VALUES (?, 'local', ?, '')", (uid, second))
         r = repair_for(me, peers, alive={p: p != "c" for p in peers})
+        # an archive that cannot read a conflict by its hash (Orthanc, DIMSE): no source
+        assert r._plan(copies.work(conn, 2, lost, ""), lost) == []
+        r.archives["local"].keeps_versions = True           # as the embedded archive
         jobs = r._plan(copies.work(conn, 2, lost, ""), lost)
         if me == "b":
             assert jobs == []
