@@ -25,8 +25,8 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslas
 # a peer's or an archive's name: a file name too (tls/<peer>.crt, archives/<archive>)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _NAME_RULE = "must be 1-64 letters, digits, '.', '_' or '-' (not first)"
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
-                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)(\w([\w-]{0,61}\w)?)(\.\w([\w-]{0,61}\w)?)*\.?$",
+                          re.ASCII)      # \w: "_" too (PACS_01: /etc/hosts, NetBIOS names)
 
 
 MAX_INT = 1 << 53         # an integer value at most (SQLite and JSON keep it exactly)

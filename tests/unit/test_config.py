@@ -204,3 +204,13 @@ def test_embedded_archive_unknown_option_is_an_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         make_archive(s.archives[0], s, reactor=None)
     assert str(info.value).startswith(f"{SRC}: archives.local.colour: unknown key")
+
+
+def test_a_host_name_with_an_underscore_is_taken():
+    """PACS_01 (an /etc/hosts or NetBIOS name; glibc resolves it): a destination's host
+    is checked since 30a1caf as a modality's is, and neither refuses it."""
+    s = parse({"destinations": {"WS": "PACS_01.radiology:104"},
+               "modalities": {"CT1": {"host": "ct_1"}}})
+    assert (s.destinations["WS"].host, s.destinations["WS"].port) == ("pacs_01.radiology", 104)
+    assert s.modalities["CT1"].hosts == ("ct_1",)
+    assert "must be \"host:port\"" in error({"destinations": {"WS": "pacs 01:104"}})
