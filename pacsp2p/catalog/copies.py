@@ -54,6 +54,8 @@ class Liveness:
     lost_peers: frozenset = frozenset()        # dead for repair_after seconds or more
     lost_archives: frozenset = frozenset()
     unsettled: frozenset = field(default_factory=frozenset)   # live, but back too recently
+    # this peer's archives whose conflicts are copies to repair from (``keeps_versions``)
+    keeping: frozenset = frozenset()
 
     def live(self, peer: str, archive: str) -> bool:
         return peer not in self.dead_peers and f"{peer}{SEP}{archive}" not in self.dead_archives
@@ -109,7 +111,8 @@ def census(conn: sqlite3.Connection, replicas: int, lv: Liveness, short: bool = 
             "n - nlost < :r AND (nlost > 0 OR :short) AND (live > 0 OR kept)), 0) FROM ("
             f"SELECT sum({live}) AS live, sum({lost}) AS nlost, count(*) AS n, max(EXISTS ("
             "SELECT 1 FROM conflicts c WHERE c.SOPInstanceUID = l.SOPInstanceUID AND "
-            f"c.sha256 = l.sha256)) AS kept FROM locations l "
+            f"c.sha256 = l.sha256 AND {_in('c.archive', 'ka', lv.keeping, params)})) AS kept "
+            "FROM locations l "
             "WHERE SOPInstanceUID IN (SELECT SOPInstanceUID FROM versions) AND size >= 0 "
             f"AND {versions.OTHER} GROUP BY SOPInstanceUID, {versions.VERSION})",
             params).fetchone()
@@ -169,8 +172,9 @@ def work(conn: sqlite3.Connection, replicas: int, lv: Liveness, after: str,
     info = instance_infos(conn, [r[0] for r in rows])
     ours = versions.current_copies(conn, [r[0] for r in rows if r[2]])
     for uid, held in ours.items():     # the copies kept here beside another version
-        held.kept = tuple(conn.execute("SELECT archive, sha256 FROM conflicts WHERE "
-                                       "SOPInstanceUID = ?", (uid,)))
+        held.kept = tuple(r for r in conn.execute("SELECT archive, sha256 FROM conflicts "
+                                                  "WHERE SOPInstanceUID = ?", (uid,))
+                          if r[0] in lv.keeping)
     out = []
     for uid, packed, current in rows:
         locs = []

@@ -196,7 +196,8 @@ class Repair:
                 unsettled.add(key)
         lost_archives = {k for k in down if now - self._down_since[k] >= self.after}
         return Liveness(frozenset(dead), frozenset(down), frozenset(lost),
-                        frozenset(lost_archives), frozenset(unsettled))
+                        frozenset(lost_archives), frozenset(unsettled), frozenset(n for n, a in
+                        self.archives.items() if getattr(a, "keeps_versions", 0)))
 
     # -- the loop --------------------------------------------------------------------
     def tick(self):
@@ -317,7 +318,7 @@ class Repair:
     def _decide(self, info, locs, lv: Liveness, order, candidates, current=None, here=()):
         """*current*: the hashes of the copies of a version, if the UID has several: only
         they count (and are copied); every copy is held, for targets. *here*: (archive,
-        sha256) of conflicts kept here: a source if none is (archive ``keeps_versions``)."""
+        sha256) of conflicts kept here (``Liveness.keeping``): a source if none is live."""
         rank = {(a.peer, a.name): i for i, a in enumerate(order)}
 
         def in_order(loc):
@@ -331,8 +332,7 @@ class Repair:
         if len(kept) < self.replicas and (len(kept) < len(ours) or raised):
             source = next((loc for loc in live if loc in ours), None) or next((Location(
                 info.sop_instance_uid, a, self.peer, sha, max(x.size for x in locs)) for a, sha
-                in here if current and sha in current and not kept and getattr(
-                    self.archives.get(a), "keeps_versions", False)), None)
+                in here if current and sha in current and not kept), None)
             if source is None or source.peer != self.peer or "open" not in getattr(
                     self.archives.get(source.archive), "capabilities", ()):
                 return None                 # another peer's to repair, or unreadable

@@ -4,6 +4,8 @@ that nothing is ever dropped below ``replicas`` live copies. The real thing, wit
 peers killed by PID, is tests/cluster/test_repair.py."""
 from __future__ import annotations
 
+import dataclasses
+
 import sqlite3
 import time
 from types import SimpleNamespace
@@ -309,7 +311,10 @@ def test_a_second_version_whose_located_copies_are_lost_is_copied_from_a_conflic
         # an archive that cannot read a conflict by its hash (Orthanc, DIMSE): no source
         assert r._plan(copies.work(conn, 2, lost, ""), lost) == []
         r.archives["local"].keeps_versions = True           # as the embedded archive
-        jobs = r._plan(copies.work(conn, 2, lost, ""), lost)
+        keeping = r.liveness().keeping
+        assert keeping == frozenset({"local"})
+        here = dataclasses.replace(lost, keeping=keeping)
+        jobs = r._plan(copies.work(conn, 2, here, ""), here)
         if me == "b":
             assert jobs == []
             continue

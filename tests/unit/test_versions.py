@@ -166,7 +166,10 @@ def test_a_second_version_kept_here_as_a_conflict_is_repairable_here(tmp_path):
     for name in "bc":
         facts.write_wire(conn, facts.read_changes(writers[name], name, 0, 10))
     conn.execute("INSERT INTO conflicts VALUES (?, 'local', ?, datetime('now'))", (UID, V2))
-    lost = copies.Liveness(dead_peers=frozenset({"c"}), lost_peers=frozenset({"c"}))
+    lost = copies.Liveness(dead_peers=frozenset({"c"}), lost_peers=frozenset({"c"}),
+                           keeping=frozenset({"local"}))      # (an embedded archive)
+    assert copies.census(conn, 2, copies.Liveness(dead_peers=frozenset({"c"}), lost_peers=(
+        frozenset({"c"}))))["repairable"] == 0       # an archive reading no conflicts
     counts = copies.census(conn, 2, lost)
     assert counts["repairable"] == 1 and counts["unavailable"] == 1, counts
     (info, locs, current), = copies.work(conn, 2, lost, "")
