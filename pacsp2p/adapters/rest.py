@@ -91,7 +91,8 @@ def _option_checks(opts: dict, where: str, adapter: str, known) -> None:
     if opts.get("timeout", 30.0) > 3600:
         raise ConfigError(f"{where}.timeout: must be at most 3600 seconds, "
                           f"got {opts['timeout']!r}")
-    for key in ("page_studies", "page_instances", "threads"):
+    for key, most in (("page_studies", 1000), ("page_instances", 10000), ("threads", 64)):
         if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int)
-                            or opts[key] <= 0):
-            raise ConfigError(f"{where}.{key}: must be a positive integer, got {opts[key]!r}")
+                            or not 0 < opts[key] <= most):     # (a page held in memory)
+            raise ConfigError(f"{where}.{key}: must be an integer 1..{most}, "
+                              f"got {opts[key]!r}")

@@ -171,6 +171,14 @@ BROKEN = [
     ("dimse-max-pdu-text", '[[archives]]\nname = "p"\nadapter = "dimse"\n'
      'ae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\nmax_pdu = "big"\n', {},
      "archives.p.max_pdu: must be 0 or 4096..2^31, got 'big'"),
+    # a page or a pool past any use: "ok", then a crawl page of 10^9 studies held in
+    # memory, a pool of 10^6 threads
+    ("orthanc-page-studies-huge", '[[archives]]\nname = "o"\nadapter = "orthanc"\n'
+     'url = "http://127.0.0.1:8042"\npage_studies = 1000000000\n', {},
+     "archives[0].page_studies: must be an integer 1..1000, got 1000000000"),
+    ("dicomweb-threads-huge", '[[archives]]\nname = "w"\nadapter = "dicomweb"\n'
+     'url = "http://127.0.0.1:8042/dicom-web"\nthreads = 1000000\n', {},
+     "archives[0].threads: must be an integer 1..64, got 1000000"),
     # a destination or seed whose host is no address: "ok", the C-MOVE failed at its time
     ("destination-host-no-address", '[destinations]\nWS = "pacs north:104"\n', {},
      "destinations.WS: must be \"host:port\", got 'pacs north:104'"),
