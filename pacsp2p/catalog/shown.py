@@ -6,7 +6,8 @@ first received. So the catalog keeps every version's row, keyed by its stamp:
 
 - ``version_rows`` (uid, stamp, row): the rows of an instance's versions, written by a
   trigger on ``instances`` whenever a row of another stamp meets the one held (both
-  kept; an instance received once never has any); equal stamps keep the greater row.
+  kept; ``settle`` forgets those of no version held: the same bytes received again,
+  and all of them once one version is left); equal stamps keep the greater row.
   They travel beside a sync batch's facts (``WIRE_KEY``: {uid: {stamp: row}}), since a
   fact carries the row its origin shows, not that of its own version;
 - ``settle``, last in the transaction that wrote rows or locations, makes the row of
@@ -51,6 +52,12 @@ _TRIGGER = (
 _TOLD = ("SELECT stamp, row FROM version_rows WHERE SOPInstanceUID = ?1 AND stamp IN ("
          "SELECT min(nullif(stamp, 0)) FROM locations WHERE SOPInstanceUID = ?1 AND size >= 0 "
          f"GROUP BY sha256) ORDER BY stamp LIMIT {MAX_VERSIONS}")
+# the rows of instance ?1 kept no longer: of no version held here (another receipt of
+# the same bytes: a duplicate; a version deleted), all of them once one version is left
+_PRUNE = ("DELETE FROM version_rows WHERE SOPInstanceUID = ?1 AND ((SELECT count(DISTINCT "
+          "k) FROM (SELECT min(nullif(stamp, 0)) AS k FROM locations WHERE SOPInstanceUID = "
+          "?1 AND size >= 0 GROUP BY sha256)) < 2 OR stamp NOT IN (SELECT min(nullif(stamp, "
+          "0)) FROM locations WHERE SOPInstanceUID = ?1 AND size >= 0 GROUP BY sha256))")
 # the current version's stamp of instance ?1 (0: none known)
 _WANTED = ("SELECT coalesce(min(nullif(stamp, 0)), 0) FROM locations WHERE "
            "SOPInstanceUID = ?1 AND size >= 0 AND sha256 = " +
@@ -80,21 +87,21 @@ def _listed(conn: sqlite3.Connection, uids) -> list[str]:
 def settle(conn: sqlite3.Connection, written, locations) -> None:
     """Show the current version's row for the instances of rows *written* and of
     *locations* (copies recorded or removed: each uid first) held in several versions'
-    rows; in the writer's transaction, before ``rows.settle``."""
+    rows; in the writer's transaction, before ``rows.settle``. Then forget the rows of
+    no version held (``_PRUNE``)."""
     for uid in _listed(conn, [r[0] for r in written] + [loc[0] for loc in locations]):
         want = conn.execute(_WANTED, (uid,)).fetchone()[0]
         held = conn.execute("SELECT stamp FROM instances WHERE SOPInstanceUID = ?",
                             (uid,)).fetchone()
-        if not want or held is None or held[0] == want:
-            continue                     # no stamp known, hidden, or shown already
-        found = conn.execute("SELECT row FROM version_rows WHERE SOPInstanceUID = ? AND "
-                             "stamp = ?", (uid, want)).fetchone()
-        if found is None:
-            continue
-        values = json.loads(found[0])
-        conn.execute(f"UPDATE instances SET {', '.join(f'{c} = ?' for c in COLS[1:])}, "
-                     "stamp = ? WHERE SOPInstanceUID = ?", values[1:] + [want, uid])
-        _parents(conn, "SERIES", values[_SERIES])
+        found = None if not want or held is None or held[0] == want else conn.execute(
+            "SELECT row FROM version_rows WHERE SOPInstanceUID = ? AND stamp = ?",
+            (uid, want)).fetchone()          # (none: no stamp known, hidden, or shown)
+        if found is not None:
+            values = json.loads(found[0])
+            conn.execute(f"UPDATE instances SET {', '.join(f'{c} = ?' for c in COLS[1:])}, "
+                         "stamp = ? WHERE SOPInstanceUID = ?", values[1:] + [want, uid])
+            _parents(conn, "SERIES", values[_SERIES])
+        conn.execute(_PRUNE, (uid,))
 
 
 def _parents(conn: sqlite3.Connection, level: str, key) -> None:

@@ -232,3 +232,18 @@ def test_an_instance_sent_again_many_times_still_syncs(tmp_path):
     reader = catalog(tmp_path, "reader")
     facts.write_wire(reader, batch)
     assert row(reader) == ("1", "1.2.3.9") == row(a)
+
+
+def test_the_same_bytes_received_again_leave_no_versions_rows(tmp_path):
+    """A modality's retries: the same bytes received 5 times (5 stamps, one location kept
+    with the first). Before, each receipt's row was kept in version_rows (5 rows after 5
+    receipts, one more with every retry); now only the rows of versions held, and none
+    while one version is. A second version then keeps the two versions' rows."""
+    conn = catalog(tmp_path, "retries")
+    for i in range(5):
+        facts.write_facts(conn, [fact("a", V1, 1 + i, 1000 + i, "1")])
+    assert conn.execute("SELECT count(*) FROM version_rows").fetchone()[0] == 0
+    assert row(conn) == ("1", "1.2.3.9")
+    facts.write_facts(conn, [fact("b", V2, 1, 3000, "2")])
+    assert {s for (s,) in conn.execute("SELECT stamp FROM version_rows")} == {1000, 3000}
+    assert row(conn) == ("1", "1.2.3.9")
