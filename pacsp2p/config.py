@@ -92,6 +92,7 @@ FACADE_LIMITS = {
     "max_dataset": (int, 4 << 30, 1024, None, "an integer (bytes) >= 1024"),
     "fd_reserve": (int, 64, 0, None, "an integer >= 0 (0: no check)"),
     "min_peer_pdu": (int, 4096, 0, None, "an integer (bytes) >= 0 (0: any)"),
+    "commitment_wait": ((int, float), 30.0, 0, 3600, "seconds (a number >= 0, <= 3600)"),
 }
 
 

@@ -73,6 +73,7 @@ class FacadeSettings:
     max_dataset: int = 4 << 30    # largest C-STORE data set (bytes)
     fd_reserve: int = 64          # file descriptors kept free (0: no check)
     min_peer_pdu: int = 4096      # smallest requestor maximum PDU accepted (0: any)
+    commitment_wait: float = 30.0  # seconds a storage commitment waits for copies
     tls_port: int = 0             # DICOM TLS port (0: none)
     tls_cert: Path | None = None
     tls_key: Path | None = None

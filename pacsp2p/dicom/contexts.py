@@ -69,6 +69,7 @@ QR_GET = {sc.PatientRootQueryRetrieveInformationModelGet: "PATIENT",
 def add_supported(ae) -> None:
     """Everything the facade accepts."""
     ae.add_supported_context(sc.Verification, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(sc.StorageCommitmentPushModel, UNCOMPRESSED[:2])
     for uid in (*QR_FIND, *QR_MOVE, *QR_GET):
         ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
     # as C-GET SCP we act as Storage SCU on the requester's association

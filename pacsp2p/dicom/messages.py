@@ -7,7 +7,8 @@ most ``MAX_COMMAND`` bytes), data set fragments go to the message's sink as they
 (an identifier: ``MemorySink``, bounded; a C-STORE: the facade's file writer, bounded by
 ``max_dataset``), tiny fragments are gathered first (``SMALL``/``GATHER``) so a sink
 never holds an object per handful of bytes, and at most ``MAX_QUEUED`` requests wait.
-C-CANCEL and the C-STORE-RSPs of C-GET sub-operations reach the request they belong to.
+C-CANCEL and the C-STORE-RSPs of C-GET sub-operations reach the request they belong to;
+the N-EVENT-REPORT-RSP to a storage commitment report is read and dropped.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ class Messages:
             for o in list(self._ops):    # a cancel may end *o* at once (done(): popped)
                 if o.msg_id == target:
                     o.cancel()
+        elif field == dimse.N_EVENT_REPORT_RSP:
+            pass                # a storage commitment report heard: nothing waits for it
         elif field == dimse.C_STORE_RSP:
             head = self._ops[0] if self._ops else None
             if head is None or not head.store_response(fields):

@@ -44,7 +44,7 @@ log = Logger()
 
 SERVICES = {dimse.C_ECHO_RSP: "C-ECHO", dimse.C_STORE_RSP: "C-STORE",
             dimse.C_FIND_RSP: "C-FIND", dimse.C_MOVE_RSP: "C-MOVE",
-            dimse.C_GET_RSP: "C-GET"}
+            dimse.C_GET_RSP: "C-GET", dimse.N_ACTION_RSP: "N-ACTION"}
 LOOKUP_LIMIT = 1000            # studies listed in one record at most
 EVENT_USER_AUTHENTICATION = audit.code("110114", "User Authentication")
 TYPE_LOGIN = audit.code("110122", "Login")

@@ -4,6 +4,7 @@
 what the operations share: the cluster API, the settings (destinations, AE title), the
 thread pools that write received data sets and read stored ones, the spare files, and
 the ``policy`` (``facade.policy``): a C-STORE, C-FIND, C-MOVE or C-GET the association
+(or a storage commitment N-ACTION: the store right)
 has no right to is answered 0x0124 (Refused: Not Authorized) by ``NotAuthorized``, its
 data set discarded.
 """
@@ -11,6 +12,7 @@ data set discarded.
 from __future__ import annotations
 
 from pacsp2p.dicom import dimse
+from pacsp2p.facade.commit import Commit
 from pacsp2p.facade.find import Find
 from pacsp2p.facade.get import Get
 from pacsp2p.facade.move import Move
@@ -18,9 +20,9 @@ from pacsp2p.facade.operation import Echo, NotAuthorized
 from pacsp2p.facade.store import Store
 
 KINDS = {dimse.C_ECHO_RQ: Echo, dimse.C_STORE_RQ: Store, dimse.C_FIND_RQ: Find,
-         dimse.C_MOVE_RQ: Move, dimse.C_GET_RQ: Get}
-RIGHT = {dimse.C_STORE_RQ: "store", dimse.C_FIND_RQ: "find", dimse.C_MOVE_RQ: "move",
-         dimse.C_GET_RQ: "get"}
+         dimse.C_MOVE_RQ: Move, dimse.C_GET_RQ: Get, dimse.N_ACTION_RQ: Commit}
+RIGHT = {dimse.C_STORE_RQ: "store", dimse.N_ACTION_RQ: "store", dimse.C_FIND_RQ: "find",
+         dimse.C_MOVE_RQ: "move", dimse.C_GET_RQ: "get"}
 
 
 class Services:

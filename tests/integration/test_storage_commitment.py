@@ -1,0 +1,190 @@
+"""Storage Commitment Push Model (PS3.4 annex J) on a real peer's facade, pynetdicom as
+the modality: C-STOREs, then an N-ACTION for them and one never stored; the
+N-EVENT-REPORT comes on the same association while the modality holds it open, else on
+a new association to the modality's own SCP ([destinations]); hostile requests get a
+failure status, never a traceback."""
+from __future__ import annotations
+
+import queue
+from io import BytesIO
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context, evt
+from pynetdicom.dimse_primitives import N_ACTION
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+
+from pacsp2p.testing import datasets, free_port
+from pacsp2p.testing import dicomnet as dn
+from pacsp2p.testing.cluster import patience
+from pacsp2p.testing.ports import LOOPBACK
+
+COMMIT_INSTANCE = "1.2.840.10008.1.20.1.1"
+SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+def _images(n: int, tag: str) -> list[Dataset]:
+    return [datasets.make_image("CT", size=16, PatientID="SC001",
+                                StudyInstanceUID=datasets.uid("sc-study", tag),
+                                SOPInstanceUID=datasets.uid("sc", tag, i), InstanceNumber=i)
+            for i in range(1, n + 1)]
+
+
+def _request(refs, transaction=None) -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = transaction or datasets.uid("sc-tx", len(refs))
+    items = []
+    for cls, inst in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, inst
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    return ds
+
+
+def _modality_ae() -> AE:
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = patience(60)
+    ae.add_requested_context(CTImageStorage, SYNTAXES)
+    ae.add_requested_context(StorageCommitmentPushModel, SYNTAXES)
+    ae.add_requested_context(Verification)
+    return ae
+
+
+@pytest.fixture
+def modality_scp():
+    """The modality's own SCP: (port, queue of (event type, data set, AE that sent))."""
+    got: queue.Queue = queue.Queue()
+
+    def on_report(event):
+        got.put((*_report(event), event.assoc.requestor.ae_title))
+        return 0x0000, None
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_supported_context(StorageCommitmentPushModel, SYNTAXES, scu_role=True,
+                             scp_role=True)
+    port = free_port()
+    server = ae.start_server((LOOPBACK, port), block=False,
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    yield port, got
+    server.shutdown()
+
+
+def _report(event) -> tuple[int, Dataset]:
+    return event.request.EventTypeID, event.event_information
+
+
+def _store_and_commit(peer, images, extra_ref, keep_open: bool, handlers=()):
+    """C-STORE *images*, N-ACTION for them and *extra_ref*; (N-ACTION status, reports
+    heard on this association)."""
+    heard: queue.Queue = queue.Queue()
+
+    def on_report(event):
+        heard.put(_report(event))
+        return 0x0000, None
+
+    ae = _modality_ae()
+    assoc = ae.associate(LOOPBACK, peer.port, ae_title=peer.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, dn._nodelay),
+                                       (evt.EVT_N_EVENT_REPORT, on_report)])
+    assert assoc.is_established
+    try:
+        for ds in images:
+            assert assoc.send_c_store(ds).Status == 0
+        refs = [(ds.SOPClassUID, ds.SOPInstanceUID) for ds in images] + [extra_ref]
+        status, _ = assoc.send_n_action(_request(refs), 1, StorageCommitmentPushModel,
+                                        COMMIT_INSTANCE)
+        report = heard.get(timeout=patience(60)) if keep_open else None
+    finally:
+        assoc.release()
+    return status.Status, report
+
+
+def _check(report, images, unknown):
+    event_type, ds = report
+    assert event_type == 2
+    assert sorted(i.ReferencedSOPInstanceUID for i in ds.ReferencedSOPSequence) == \
+        sorted(d.SOPInstanceUID for d in images)
+    assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in ds.FailedSOPSequence] \
+        == [(unknown, 0x0112)]
+
+
+def test_report_on_a_new_association(make_peer, modality_scp):
+    port, got = modality_scp
+    peer = make_peer(destinations={"MODALITY": f"{LOOPBACK}:{port}"},
+                     config={"facade": {"commitment_wait": 3}})
+    images = _images(3, "new")
+    unknown = datasets.uid("sc-never-stored", 1)
+    status, _ = _store_and_commit(peer, images, (CTImageStorage, unknown), keep_open=False)
+    assert status == 0
+    event_type, ds, sender = got.get(timeout=patience(90))
+    assert sender == peer.ae_title
+    _check((event_type, ds), images, unknown)
+
+
+def test_report_on_the_same_association(make_peer, modality_scp):
+    port, got = modality_scp
+    peer = make_peer(destinations={"MODALITY": f"{LOOPBACK}:{port}"},
+                     config={"facade": {"commitment_wait": 3}})
+    images = _images(2, "same")
+    unknown = datasets.uid("sc-never-stored", 2)
+    status, report = _store_and_commit(peer, images, (CTImageStorage, unknown),
+                                       keep_open=True)
+    assert status == 0
+    _check(report, images, unknown)
+    assert got.empty()                  # not sent again on a new association
+
+
+def _raw_action(assoc, data: bytes, instance=COMMIT_INSTANCE, action=1):
+    req = N_ACTION()
+    req.MessageID = 7
+    req.RequestedSOPClassUID = StorageCommitmentPushModel
+    req.RequestedSOPInstanceUID = instance
+    req.ActionTypeID = action
+    req.ActionInformation = BytesIO(data)
+    cid = next(cx.context_id for cx in assoc.accepted_contexts
+               if cx.abstract_syntax == StorageCommitmentPushModel)
+    return dn.send_request(assoc, req, cid)
+
+
+def _encoded(ds: Dataset) -> bytes:
+    from pynetdicom.dsutils import encode
+    return encode(ds, False, True)       # explicit VR little endian (accepted first)
+
+
+def test_hostile_requests_get_a_failure_status(make_peer):
+    peer = make_peer(destinations={"MODALITY": f"{LOOPBACK}:9"})
+    good = (CTImageStorage, datasets.uid("sc-hostile", 1))
+    many = [(CTImageStorage, f"1.2.3.{i}") for i in range(10_001)]
+    cases = [
+        (b"\x08\x00\x95\x11UI\x40\x00abc", 0x0110),                 # cut short
+        (_encoded(_request([good], transaction="1.2.03.4")), 0x0110),   # bad UID
+        (_encoded(_request([(CTImageStorage, "1.2.x")])), 0x0110),
+        (_encoded(_request(many)), 0x0110),                          # 10,001 items
+        (b"\x08\x00\x99\x11SQ\x00\x00\xff\xff\xff\xff\xfe\xff", 0x0110),  # torn item
+    ]
+    ae = _modality_ae()
+    assoc = ae.associate(LOOPBACK, peer.port, ae_title=peer.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, dn._nodelay)])
+    assert assoc.is_established
+    try:
+        for data, status in cases:
+            assert _raw_action(assoc, data) == [status], data[:40]
+        assert _raw_action(assoc, _encoded(_request([good])), instance="1.2.3.4") == \
+            [0x0112]
+        assert _raw_action(assoc, _encoded(_request([good])), action=2) == [0x0123]
+        assert assoc.send_c_echo().Status == 0
+    finally:
+        assoc.release()
+    # a modality the peer has no address for: refused at N-ACTION time (as dcm4chee)
+    stranger = _modality_ae()
+    stranger.ae_title = "STRANGER"
+    assoc = stranger.associate(LOOPBACK, peer.port, ae_title=peer.ae_title)
+    try:
+        status, _ = assoc.send_n_action(_request([good]), 1, StorageCommitmentPushModel,
+                                        COMMIT_INSTANCE)
+        assert status.Status == 0x0110
+    finally:
+        assoc.release()
+    assert "Traceback" not in peer.log_path.read_text()
