@@ -5,7 +5,9 @@ a new association to the modality's own SCP ([destinations]); hostile requests g
 failure status, never a traceback."""
 from __future__ import annotations
 
+import json
 import queue
+import time
 from io import BytesIO
 
 import pytest
@@ -188,3 +190,30 @@ def test_hostile_requests_get_a_failure_status(make_peer):
     finally:
         assoc.release()
     assert "Traceback" not in peer.log_path.read_text()
+
+
+def test_orthanc_store_job_with_storage_commitment(make_orthanc, make_peer, tmp_path):
+    """Orthanc 1.10 sends to pacsp2p with "StorageCommitment": true: the job succeeds
+    and Orthanc's report says every instance committed (before: the job failed, the
+    commitment context refused)."""
+    orthanc = make_orthanc()
+    peer = make_peer(destinations={orthanc.aet: f"{LOOPBACK}:{orthanc.dicom_port}"},
+                     config={"facade": {"commitment_wait": 5}})
+    orthanc.request("PUT", "/modalities/pacs", json.dumps(
+        {"AET": peer.ae_title, "Host": LOOPBACK, "Port": peer.port}).encode())
+    ids = [orthanc.upload(datasets.write(ds, tmp_path / f"o{i}.dcm"))["ID"]
+           for i, ds in enumerate(_images(3, "orthanc"))]
+    job = orthanc.post("/modalities/pacs/store", {
+        "Resources": ids, "StorageCommitment": True, "Synchronous": False})["ID"]
+    deadline = time.monotonic() + patience(120)
+    while (state := orthanc.get(f"/jobs/{job}"))["State"] not in ("Success", "Failure"):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state["State"] == "Success", state
+    tx = state["Content"].get("StorageCommitmentTransactionUID")
+    assert tx, state
+    while (report := orthanc.get(f"/storage-commitment/{tx}"))["Status"] == "Pending":
+        assert time.monotonic() < deadline, report
+        time.sleep(0.2)
+    assert report["Status"] == "Success", report
+    assert len(report["Success"]) == 3 and not report["Failures"], report
