@@ -37,8 +37,7 @@ sequence held} (Parker et al., 1983).
   streak is of its own facts only, when an end heard lately was told with a sum at least
   its own (a replica holder's copies are the writer's stream, whose end covers them).
   A peer that
-  hears it pulls at once (the first pull after an end heard while below its sum goes
-  whatever pull came just before it, ``_delay``), from the
+  hears it pulls at once (at most one ``pull_interval`` after its last pull), from the
   peer that told it while its own sum is below *n* (else from the most advanced
   holder), and resets its slowdown only if that left it below *n* (an end
   told too soon costs one pull, not a new ramp): the last facts of a stream are not
@@ -141,7 +140,6 @@ class Dissemination:
         self._end_total = 0             # the largest n of the ends heard lately
         self._end_peer = None           # the peer that told it
         self._begun = self._begun_before = -1e9   # starts of this pull and the previous
-        self._rushed = -1e9             # the last pull begun before the interval (_delay)
         swim.rumors["c"] = self._rumor
         swim.rumors["q"] = self._end
         swim.fields_out.append(self._fields_out)
@@ -222,13 +220,10 @@ class Dissemination:
             self._end_peer = peer
         self._end_total = max(n, recent)
         self._ended_at = now
-        if self.pulling is None:
-            if self._call is not None and self._call.active():
-                due = self._delay(now)
-                if self._call.getTime() > now + due + 1e-3:
-                    self._call.reset(due)
-            elif sum(self.vector().values()) < self._end_total:
-                self._kick()
+        if self.pulling is None and self._call is not None and self._call.active():
+            due = max(0.0, self._last_pull + self.pull_interval - self._ended_at)
+            if self._call.getTime() > self._ended_at + due + 1e-3:
+                self._call.reset(due)
 
     def summary(self) -> tuple[str, int]:
         if self._digest is None:
@@ -301,24 +296,12 @@ class Dissemination:
     def _kick(self) -> None:
         if self.pulling is not None or (self._call is not None and self._call.active()):
             return
-        self._call = self.clock.callLater(self._delay(self.clock.seconds()), self._next)
-
-    def _delay(self, now: float) -> float:
-        """Seconds until the next pull may begin. Below the sum of an end of stream heard
-        lately, no pull begun since: at once (once per end heard: its last facts, not
-        ``pull_interval`` after a pull just made -- at 32 peers a peer pulls a replica
-        holder's few facts now and then, and the end's pull waited for the interval
-        after it: up to 0.37 s of a simulated stream's 1.0 s tail); another after an end
-        heard since our last pull: one ``pull_interval`` after it, without the slowdown;
-        else the slowdown's."""
-        recent = now - self._ended_at < ENDED
-        if recent and self._begun < self._ended_at and \
-                now - self._rushed >= self.pull_interval and \
-                sum(self.vector().values()) < self._end_total:
-            return 0.0          # (one such per pull_interval: ends told one after the other)
-        ended = recent and self._last_pull < self._ended_at
-        return max(0.0, self._last_pull + self.pull_interval * (
+        now = self.clock.seconds()
+        # an end of stream heard since our last pull: its last facts without the slowdown
+        ended = self._last_pull < self._ended_at and now - self._ended_at < ENDED
+        delay = max(0.0, self._last_pull + self.pull_interval * (
             1 if ended else self.slowdown) - now)
+        self._call = self.clock.callLater(delay, self._next)
 
     def _target(self) -> str | None:
         mine = self.vector()
@@ -383,8 +366,6 @@ class Dissemination:
         self._begun_before, self._begun = self._begun, now
         # it starts when the interval allows it, not later: it waited for it (1 ms slack)
         self._waited = now <= self._last_pull + self.pull_interval * self.slowdown + 0.001
-        if now < self._last_pull + self.pull_interval - 0.001:
-            self._rushed = now          # before the interval: an end's last facts (_delay)
         self._last_pull = now
         d = self._pull_d = self.pull(target)
         d.addCallbacks(self._pulled, self._failed, callbackArgs=(target,),

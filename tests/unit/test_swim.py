@@ -583,38 +583,3 @@ def test_replica_holders_do_not_tell_an_end_the_writers_end_covers(monkeypatch):
     monkeypatch.setattr(dissemination.Dissemination, "_covered", lambda self: False)
     before, _ = run()
     assert len(before) > 3, before                       # the holders' ends, as before
-
-
-def test_the_pull_of_an_ends_last_facts_goes_at_once_after_a_pull_just_made():
-    """At 32 peers a peer pulls a replica holder's few facts now and then; an end of
-    stream heard just after such a pull waited ``pull_interval`` (0.5 s) after it before
-    its last facts were pulled. Now the first pull after an end heard while below its sum
-    goes at once (once per end: the next after it keeps the interval)."""
-    net = cluster(3, seed=2)
-    net.run(3)
-    w, b = net.peers["p000"], net.peers["p001"]
-    d = b.dissemination
-    w.catalog.write(20)
-    assert net.run_until(lambda: d.pulls and d.pulling is None and
-                         b.catalog.vector.get("p000") == w.catalog.vector["p000"], 10,
-                         step=0.001) is not None
-    pulls, done = d.pulls, net.clock.seconds()
-    seq = w.catalog.write(100)                 # the stream's last facts, then its end
-    d._end("p000", ["q", "p000", sum(w.catalog.vector.values())])
-    took = net.run_until(lambda: b.catalog.vector.get("p000", 0) >= seq, 5, step=0.001)
-    assert d.pulls == pulls + 1 and took is not None
-    assert net.clock.seconds() - done < d.pull_interval / 2, net.clock.seconds() - done
-    # once per end: after a pull began since it, the next keeps the interval
-    net.run(d.pull_interval)
-    d._end("p002", ["q", "p002", sum(b.catalog.vector.values()) + 10 ** 6])
-    now = net.clock.seconds()
-    assert d._delay(now) == 0.0
-    d._begun = d._last_pull = now              # (as _next sets them: that pull began)
-    assert d._delay(now) >= d.pull_interval
-    # ends told one after the other (a hostile member's, with ever larger sums) make at
-    # most one such pull per pull_interval, not one pull after the other
-    pulls = d.pulls
-    for k in range(40):
-        d._end("p002", ["q", "p002", sum(b.catalog.vector.values()) + 10 ** 7 + k])
-        net.run(0.05)
-    assert d.pulls - pulls <= 2 * 40 * 0.05 / d.pull_interval + 2, d.pulls - pulls
