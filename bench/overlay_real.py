@@ -139,11 +139,17 @@ def counted_in_file(peer, conns: dict) -> int:
     connection of this process, kept: the ``catalog_counts`` row its triggers keep, what
     ``/status`` shows as ``catalog.instances``) -- the peer spends nothing on it."""
     conn = conns.get(peer.name)
-    if conn is None:
-        path = peer.data_dir / "catalog.sqlite"
-        conn = conns[peer.name] = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
-                                                  timeout=30, check_same_thread=False)
-    row = conn.execute("SELECT n FROM catalog_counts WHERE name = 'instances'").fetchone()
+    try:
+        if conn is None:
+            path = peer.data_dir / "catalog.sqlite"
+            conn = conns[peer.name] = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                                      timeout=30, check_same_thread=False)
+        row = conn.execute("SELECT n FROM catalog_counts WHERE name = 'instances'").fetchone()
+    except sqlite3.Error:              # (not there yet, busy): not counted this time
+        conn = conns.pop(peer.name, None)
+        if conn is not None:
+            conn.close()
+        return 0
     return row[0] if row else 0
 
 
