@@ -24,6 +24,7 @@ SOP_INSTANCE = "1.2.840.10008.1.20.1.1"       # its well-known instance
 REQUEST_COMMITMENT = 1                        # the one Action Type ID (J.3.2)
 ALL_COMMITTED, SOME_FAILED = 1, 2             # Event Type IDs (J.3.3)
 MAX_ITEMS = 10_000                            # referenced instances in one request
+MAX_BYTES = 4 << 20       # its data set: 10,000 pairs of 64-character UIDs take ~1.7 MB
 
 # N-ACTION-RSP statuses (PS3.7 annex C) and Failure Reasons (PS3.3 C.14.1.1)
 NO_SUCH_SOP_INSTANCE = 0x0112

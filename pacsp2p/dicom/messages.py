@@ -24,15 +24,18 @@ MAX_QUEUED = 16              # requests received and not yet answered, per assoc
 
 
 class MemorySink:
-    """A small data set (identifier) gathered in memory."""
+    """A small data set (identifier) gathered in memory; *limit*: its own bound in bytes
+    (a storage commitment request's 10,000 UID pairs), else the acceptor's
+    ``max_identifier``."""
 
-    def __init__(self):
+    def __init__(self, limit: int | None = None):
         self.data = bytearray()
+        self.limit = limit
 
     def feed(self, piece) -> None:
         self.data += piece
-        if len(self.data) > MAX_IDENTIFIER:
-            raise ValueError(f"data set larger than {MAX_IDENTIFIER} bytes")
+        if len(self.data) > (self.limit or MAX_IDENTIFIER):
+            raise ValueError(f"data set larger than {self.limit or MAX_IDENTIFIER} bytes")
 
 
 class DiscardSink:
@@ -128,8 +131,8 @@ class Messages:
             self._data = (cid, sink, op)
             self._data_size = 0
             self._small = bytearray()
-            self._data_limit = self.factory.max_identifier if small else \
-                self.factory.max_dataset
+            self._data_limit = (getattr(sink, "limit", None) or self.factory.max_identifier) \
+                if small else self.factory.max_dataset
         elif op is not None:
             op.data_complete(None)
             self._enqueue(op)

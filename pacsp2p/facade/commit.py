@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from pacsp2p import audit, threads
 from pacsp2p.dicom import commitment as cm
 from pacsp2p.dicom import dimse
+from pacsp2p.dicom.messages import MemorySink
 from pacsp2p.dicom.status import SUCCESS
 from pacsp2p.facade.operation import Operation
 from pacsp2p.validate import shown
@@ -52,6 +53,7 @@ class Commit(Operation):
         self.sop_class = cm.SOP_CLASS.encode()
         self.requested = dimse.text(fields, dimse.REQUESTED_SOP_INSTANCE)
         self.action = dimse.us(fields, dimse.ACTION_TYPE_ID)
+        self.sink = MemorySink(cm.MAX_BYTES)
 
     def run(self):
         if self.requested != cm.SOP_INSTANCE:
@@ -122,7 +124,8 @@ class Report:
         event_type, ds = cm.report(self.req, failures, self.svc.settings.facade.ae_title)
         log.info("storage commitment {tx} from {ae}: {ok} committed, {bad} failed",
                  tx=self.req.transaction, ae=shown(self.ae),
-                 ok=len(self.req.refs) - len(failures), bad=len(failures))
+                 ok=sum(inst not in failures for _, inst in self.req.refs),
+                 bad=sum(inst in failures for _, inst in self.req.refs))
         if self.assoc.open:
             ts = self.ts
             data = encode(ds, ts.is_implicit_VR, ts.is_little_endian, False)

@@ -156,7 +156,8 @@ def _encoded(ds: Dataset) -> bytes:
 
 
 def test_hostile_requests_get_a_failure_status(make_peer):
-    peer = make_peer(destinations={"MODALITY": f"{LOOPBACK}:9"})
+    peer = make_peer(destinations={"MODALITY": f"{LOOPBACK}:9"},
+                     config={"facade": {"commitment_wait": 0}})
     good = (CTImageStorage, datasets.uid("sc-hostile", 1))
     many = [(CTImageStorage, f"1.2.3.{i}") for i in range(10_001)]
     cases = [
@@ -179,6 +180,16 @@ def test_hostile_requests_get_a_failure_status(make_peer):
         assert assoc.send_c_echo().Status == 0
     finally:
         assoc.release()
+    # 10,000 instances of 64-character UIDs (1.6 MB, past the 1 MiB of an identifier):
+    # taken, all 10,000 reported failed (never stored)
+    longest = [(CTImageStorage, f"1.2.{10 ** 59 + i}") for i in range(10_000)]
+    assoc = _modality_ae().associate(LOOPBACK, peer.port, ae_title=peer.ae_title)
+    try:
+        status, _ = assoc.send_n_action(_request(longest), 1, StorageCommitmentPushModel,
+                                        COMMIT_INSTANCE)
+        assert status.Status == 0
+    finally:
+        assoc.release()
     # a modality the peer has no address for: refused at N-ACTION time (as dcm4chee)
     stranger = _modality_ae()
     stranger.ae_title = "STRANGER"
@@ -189,6 +200,10 @@ def test_hostile_requests_get_a_failure_status(make_peer):
         assert status.Status == 0x0110
     finally:
         assoc.release()
+    deadline = time.monotonic() + patience(60)
+    while "from 'MODALITY': 0 committed, 10000 failed" not in peer.log_path.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     assert "Traceback" not in peer.log_path.read_text()
 
 
