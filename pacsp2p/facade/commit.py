@@ -121,14 +121,14 @@ class Report:
                 break
             refs = tuple(r for r in refs if r[1] in missing)
             yield task.deferLater(reactor, min(RETRY_EVERY, left), lambda: None)
-        event_type, ds = cm.report(self.req, failures, self.svc.settings.facade.ae_title)
+        event_type, ds, data = yield deferToThreadPool(
+            reactor, _pool(reactor), _encoded, self.req, failures,
+            self.svc.settings.facade.ae_title, self.ts)
         log.info("storage commitment {tx} from {ae}: {ok} committed, {bad} failed",
                  tx=self.req.transaction, ae=shown(self.ae),
                  ok=sum(inst not in failures for _, inst in self.req.refs),
                  bad=sum(inst in failures for _, inst in self.req.refs))
         if self.assoc.open:
-            ts = self.ts
-            data = encode(ds, ts.is_implicit_VR, ts.is_little_endian, False)
             self.assoc.send(self.cid, cm.event_report_rq(next(_msg_ids) & 0xFFFF or 1,
                                                          event_type), data, now=True)
             return "same"
@@ -148,6 +148,13 @@ class Report:
                            "calling_ae": self.ae}))
             return "lost"
         return "new"
+
+
+def _encoded(req: cm.Request, failures: dict, our_ae: str, ts):
+    """Thread pool: (Event Type, data set, its bytes in *ts*) of the report (10,000
+    items take a while: not on the reactor)."""
+    event_type, ds = cm.report(req, failures, our_ae)
+    return event_type, ds, encode(ds, ts.is_implicit_VR, ts.is_little_endian, False)
 
 
 def _nodelay(event) -> None:
