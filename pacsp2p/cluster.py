@@ -22,7 +22,7 @@ Verbs:
   itself (C-GET): ``refs`` and ``open(ref) -> Deferred[file]``, the replica chosen and
   failed over by the cluster;
 - ``where(study=, instance=) -> Deferred[list]`` — each instance and its replicas;
-- ``uncommitted(refs) -> Deferred[{instance: Failure Reason}]`` — of (SOP class, SOP
+- ``uncommitted(refs) -> Deferred[{(class, instance): Failure Reason}]`` — of (SOP class, SOP
   instance) pairs, those the cluster cannot yet take responsibility for (storage
   commitment: not held, another class, fewer than the write quorum of readable copies);
 - ``all_archives() -> Deferred[list[dict]]`` — every archive of the cluster this peer knows of: peer,
@@ -209,11 +209,11 @@ class Cluster:
     # -- storage commitment -----------------------------------------------------------------
     @defer.inlineCallbacks
     def uncommitted(self, refs):
-        """Deferred[{SOP instance UID: Failure Reason}] of the (SOP class, SOP instance)
-        *refs* (valid UIDs) the cluster does not yet take responsibility for: 0x0112 not
-        held, 0x0119 held as another SOP class, 0x0110 held with fewer than
-        ``write_quorum`` copies this peer sees readable (the promise a C-STORE Success
-        makes). The others are committed (storage commitment, PS3.4 J.3)."""
+        """Deferred[{(SOP class, SOP instance): Failure Reason}] of the *refs* (valid UIDs)
+        the cluster does not yet take responsibility for: 0x0112 not held, 0x0119 held
+        as another SOP class, 0x0110 held with fewer than ``write_quorum`` copies this
+        peer sees readable (the promise a C-STORE Success makes). The others are
+        committed (storage commitment, PS3.4 J.3)."""
         uids = list(dict.fromkeys(inst for _, inst in refs))
         held = yield self.catalog.read(lambda conn: self.catalog._refs(conn, uids, True))
         by_uid = {r.sop_instance_uid: r for r in held}
@@ -222,12 +222,12 @@ class Cluster:
         for cls, inst in refs:
             ref = by_uid.get(inst)
             if ref is None:
-                out[inst] = 0x0112
+                out[cls, inst] = 0x0112
             elif ref.sop_class_uid != cls:
-                out[inst] = 0x0119
+                out[cls, inst] = 0x0119
             elif sum(readable(loc, me, self.archives, self.overlay)
                      for loc in ref.locations) < quorum:
-                out[inst] = 0x0110
+                out[cls, inst] = 0x0110
         return out
 
     # -- where things are ------------------------------------------------------------------

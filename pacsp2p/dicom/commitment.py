@@ -69,7 +69,7 @@ def request(ds: Dataset) -> Request:
 
 def report(req: Request, failures: dict, retrieve_ae: str = "") -> tuple[int, Dataset]:
     """(Event Type ID, data set) of the N-EVENT-REPORT answering *req*; *failures*:
-    {SOP instance UID: Failure Reason} of those not committed."""
+    {(SOP class UID, SOP instance UID): Failure Reason} of those not committed."""
     ds = Dataset()
     ds.TransactionUID = req.transaction
     if retrieve_ae:
@@ -78,7 +78,7 @@ def report(req: Request, failures: dict, retrieve_ae: str = "") -> tuple[int, Da
     for cls, inst in req.refs:
         item = Dataset()
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, inst
-        reason = failures.get(inst)
+        reason = failures.get((cls, inst))
         if reason:
             item.FailureReason = reason
             bad.append(item)

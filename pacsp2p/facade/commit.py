@@ -114,20 +114,19 @@ class Report:
         deadline = reactor.seconds() + self.svc.settings.facade.commitment_wait
         refs, failures = self.req.refs, {}
         while True:
-            missing = yield cluster.uncommitted(refs)
-            failures = {**{k: v for k, v in failures.items() if k in missing}, **missing}
+            failures = missing = yield cluster.uncommitted(refs)   # (of those still out)
             left = deadline - reactor.seconds()
             if not missing or left <= 0:
                 break
-            refs = tuple(r for r in refs if r[1] in missing)
+            refs = tuple(r for r in refs if r in missing)
             yield task.deferLater(reactor, min(RETRY_EVERY, left), lambda: None)
         event_type, ds, data = yield deferToThreadPool(
             reactor, _pool(reactor), _encoded, self.req, failures,
             self.svc.settings.facade.ae_title, self.ts)
         log.info("storage commitment {tx} from {ae}: {ok} committed, {bad} failed",
                  tx=self.req.transaction, ae=shown(self.ae),
-                 ok=sum(inst not in failures for _, inst in self.req.refs),
-                 bad=sum(inst in failures for _, inst in self.req.refs))
+                 ok=sum(r not in failures for r in self.req.refs),
+                 bad=sum(r in failures for r in self.req.refs))
         if self.assoc.open:
             self.assoc.send(self.cid, cm.event_report_rq(next(_msg_ids) & 0xFFFF or 1,
                                                          event_type), data, now=True)

@@ -77,9 +77,9 @@ def _report(event) -> tuple[int, Dataset]:
     return event.request.EventTypeID, event.event_information
 
 
-def _store_and_commit(peer, images, extra_ref, keep_open: bool, handlers=()):
-    """C-STORE *images*, N-ACTION for them and *extra_ref*; (N-ACTION status, reports
-    heard on this association)."""
+def _store_and_commit(peer, images, extra_ref, keep_open: bool, extra=()):
+    """C-STORE *images*, N-ACTION for them, *extra_ref* and the *extra* refs;
+    (N-ACTION status, the report heard on this association if *keep_open*)."""
     heard: queue.Queue = queue.Queue()
 
     def on_report(event):
@@ -94,7 +94,8 @@ def _store_and_commit(peer, images, extra_ref, keep_open: bool, handlers=()):
     try:
         for ds in images:
             assert assoc.send_c_store(ds).Status == 0
-        refs = [(ds.SOPClassUID, ds.SOPInstanceUID) for ds in images] + [extra_ref]
+        refs = [(ds.SOPClassUID, ds.SOPInstanceUID) for ds in images] + [extra_ref,
+                                                                          *extra]
         status, _ = assoc.send_n_action(_request(refs), 1, StorageCommitmentPushModel,
                                         COMMIT_INSTANCE)
         report = heard.get(timeout=patience(60)) if keep_open else None
@@ -103,13 +104,13 @@ def _store_and_commit(peer, images, extra_ref, keep_open: bool, handlers=()):
     return status.Status, report
 
 
-def _check(report, images, unknown):
+def _check(report, images, unknown, also=()):
     event_type, ds = report
     assert event_type == 2
     assert sorted(i.ReferencedSOPInstanceUID for i in ds.ReferencedSOPSequence) == \
         sorted(d.SOPInstanceUID for d in images)
     assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in ds.FailedSOPSequence] \
-        == [(unknown, 0x0112)]
+        == [(unknown, 0x0112), *also]
 
 
 def test_report_on_a_new_association(make_peer, modality_scp):
@@ -131,10 +132,11 @@ def test_report_on_the_same_association(make_peer, modality_scp):
                      config={"facade": {"commitment_wait": 3}})
     images = _images(2, "same")
     unknown = datasets.uid("sc-never-stored", 2)
+    wrong_class = ("1.2.840.10008.5.1.4.1.1.4", images[0].SOPInstanceUID)   # MR, held as CT
     status, report = _store_and_commit(peer, images, (CTImageStorage, unknown),
-                                       keep_open=True)
+                                       keep_open=True, extra=[wrong_class])
     assert status == 0
-    _check(report, images, unknown)
+    _check(report, images, unknown, [(images[0].SOPInstanceUID, 0x0119)])
     assert got.empty()                  # not sent again on a new association
 
 
@@ -232,3 +234,23 @@ def test_orthanc_store_job_with_storage_commitment(make_orthanc, make_peer, tmp_
         time.sleep(0.2)
     assert report["Status"] == "Success", report
     assert len(report["Success"]) == 3 and not report["Failures"], report
+
+
+def test_a_report_that_cannot_be_delivered_is_logged_and_audited(make_peer):
+    """The modality left and nothing listens at its address: one log line, one audit
+    record, the peer serves on."""
+    peer = make_peer(destinations={"MODALITY": f"{LOOPBACK}:{free_port()}"},
+                     config={"facade": {"commitment_wait": 2}})
+    unknown = datasets.uid("sc-never-stored", 3)
+    status, _ = _store_and_commit(peer, [], (CTImageStorage, unknown), keep_open=False)
+    assert status == 0
+    deadline = time.monotonic() + patience(60)
+    while "report to 'MODALITY' not delivered" not in peer.log_path.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    audit_log = peer.data_dir / "audit.log"
+    while "storage commitment report not delivered to MODALITY" not in (
+            audit_log.read_text() if audit_log.exists() else ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert "Traceback" not in peer.log_path.read_text()
