@@ -12,46 +12,20 @@ from io import BytesIO
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context, evt
+from pydicom.uid import CTImageStorage
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import N_ACTION
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel
 
+from pacsp2p.testing import commitment as sc
 from pacsp2p.testing import datasets, free_port
 from pacsp2p.testing import dicomnet as dn
 from pacsp2p.testing.cluster import patience
 from pacsp2p.testing.ports import LOOPBACK
 
-COMMIT_INSTANCE = "1.2.840.10008.1.20.1.1"
-SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-
-
-def _images(n: int, tag: str) -> list[Dataset]:
-    return [datasets.make_image("CT", size=16, PatientID="SC001",
-                                StudyInstanceUID=datasets.uid("sc-study", tag),
-                                SOPInstanceUID=datasets.uid("sc", tag, i), InstanceNumber=i)
-            for i in range(1, n + 1)]
-
-
-def _request(refs, transaction=None) -> Dataset:
-    ds = Dataset()
-    ds.TransactionUID = transaction or datasets.uid("sc-tx", len(refs))
-    items = []
-    for cls, inst in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, inst
-        items.append(item)
-    ds.ReferencedSOPSequence = items
-    return ds
-
-
-def _modality_ae() -> AE:
-    ae = AE(ae_title="MODALITY")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = patience(60)
-    ae.add_requested_context(CTImageStorage, SYNTAXES)
-    ae.add_requested_context(StorageCommitmentPushModel, SYNTAXES)
-    ae.add_requested_context(Verification)
-    return ae
+SYNTAXES = sc.SYNTAXES
+COMMIT_INSTANCE = sc.COMMIT_INSTANCE
+_images, _request, _modality_ae, _report = sc.images, sc.request, sc.modality_ae, sc.report
 
 
 @pytest.fixture
@@ -71,10 +45,6 @@ def modality_scp():
                              evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
     yield port, got
     server.shutdown()
-
-
-def _report(event) -> tuple[int, Dataset]:
-    return event.request.EventTypeID, event.event_information
 
 
 def _store_and_commit(peer, images, extra_ref, keep_open: bool, extra=()):
