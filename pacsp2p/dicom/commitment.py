@@ -29,6 +29,7 @@ MAX_BYTES = 4 << 20       # its data set: 10,000 pairs of 64-character UIDs take
 # N-ACTION-RSP statuses (PS3.7 annex C) and Failure Reasons (PS3.3 C.14.1.1)
 NO_SUCH_SOP_INSTANCE = 0x0112
 NO_SUCH_ACTION = 0x0123
+RESOURCE_LIMITATION = 0x0213
 PROCESSING_FAILURE = 0x0110
 CLASS_INSTANCE_CONFLICT = 0x0119
 

@@ -5,7 +5,8 @@ responsibility for instances the requestor stored. ``Commit`` answers it: the da
 decoded and checked in a thread (``dicom.commitment``: valid UIDs, at most ``MAX_ITEMS``
 instances; else 0x0110 with an Error Comment), another instance 0x0112, another action
 0x0123, a requestor not in ``[destinations]`` 0x0110 (as dcm4chee: no address to report
-to); else Success. ``Report`` then decides through the cluster (``cluster.uncommitted``:
+to), past ``MAX_WAITING`` requests being decided 0x0213 (Resource limitation, as
+dcm4chee); else Success. ``Report`` then decides through the cluster (``cluster.uncommitted``:
 held as that class with at least ``write_quorum`` readable copies), asking again for
 those still missing every few seconds up to ``[facade] commitment_wait``, and sends the
 N-EVENT-REPORT-RQ (1: all committed, 2: some in the Failed SOP Sequence) on the same
@@ -36,6 +37,7 @@ from pacsp2p.validate import shown
 
 log = Logger()
 RETRY_EVERY = 2.0          # seconds between two looks at instances not yet committed
+MAX_WAITING = 32           # commitment requests of the peer being decided at once
 _msg_ids = itertools.count(1)
 
 
@@ -62,6 +64,9 @@ class Commit(Operation):
             return self._refuse(cm.NO_SUCH_ACTION, f"no such action {self.action}")
         if self.data is None:
             return self._refuse(cm.PROCESSING_FAILURE, "no data set")
+        if len(self.svc.commitments) >= MAX_WAITING:
+            return self._refuse(cm.RESOURCE_LIMITATION, f"{MAX_WAITING} storage "
+                                "commitment requests waiting")
         if self.svc.settings.destinations.get(self.assoc.calling_ae) is None:
             return self._refuse(cm.PROCESSING_FAILURE, "calling AE title not in "
                                 "[destinations]: no address to report to")
@@ -103,9 +108,12 @@ class Report:
         self.ae = assoc.calling_ae
 
     def start(self) -> defer.Deferred:
+        waiting = self.svc.commitments
+        waiting.add(self)
         d = self._run()
         d.addErrback(lambda f: log.failure("storage commitment {tx} from {ae}: failed", f,
                                            tx=self.req.transaction, ae=shown(self.ae)))
+        d.addBoth(lambda r: (waiting.discard(self), r)[1])
         return d
 
     @defer.inlineCallbacks

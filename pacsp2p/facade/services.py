@@ -38,6 +38,7 @@ class Services:
         self.recv_pool, self.send_pool = recv_pool, send_pool
         self.spares = spares
         self.series_seen: dict[str, str] = {}   # series -> its study, lately checked
+        self.commitments: set = set()           # storage commitment reports waiting
 
     def request(self, assoc, cx, field, fields, has_data):
         kind = KINDS.get(field)

@@ -224,3 +224,18 @@ def test_a_report_that_cannot_be_delivered_is_logged_and_audited(make_peer):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert "Traceback" not in peer.log_path.read_text()
+
+
+def test_requests_waiting_are_bounded(make_peer):
+    """32 requests being decided at once (instances never stored, waited for): the 33rd
+    is refused 0x0213 (Resource limitation, as dcm4chee), not kept."""
+    peer = make_peer(destinations={"MODALITY": f"{LOOPBACK}:{free_port()}"},
+                     config={"facade": {"commitment_wait": 60}})
+    ref = (CTImageStorage, datasets.uid("sc-never-stored", 4))
+    assoc = _modality_ae().associate(LOOPBACK, peer.port, ae_title=peer.ae_title)
+    try:
+        statuses = [assoc.send_n_action(_request([ref]), 1, StorageCommitmentPushModel,
+                                        COMMIT_INSTANCE)[0].Status for _ in range(33)]
+    finally:
+        assoc.abort()
+    assert statuses == [0] * 32 + [0x0213]
