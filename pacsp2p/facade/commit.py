@@ -3,16 +3,17 @@
 An N-ACTION-RQ (Action Type 1) on the well-known instance asks the cluster to take
 responsibility for instances the requestor stored. ``Commit`` answers it: the data set
 decoded and checked in a thread (``dicom.commitment``: valid UIDs, at most ``MAX_ITEMS``
-instances; else 0x0110 with an Error Comment), another instance 0x0112, another action
-0x0123, a requestor not in ``[destinations]`` 0x0110 (as dcm4chee: no address to report
-to), past ``MAX_WAITING`` requests being decided 0x0213 (Resource limitation, as
-dcm4chee); else Success. ``Report`` then decides through the cluster (``cluster.uncommitted``:
-held as that class with at least ``write_quorum`` readable copies), asking again for
-those still missing every few seconds up to ``[facade] commitment_wait``, and sends the
-N-EVENT-REPORT-RQ (1: all committed, 2: some in the Failed SOP Sequence) on the same
-association while the requestor holds it open, else on a new association to its
-``[destinations]`` address (pynetdicom, in the ``commitment`` thread pool, proposing the
-SCP role). A report that cannot be delivered is one log line and an audit record.
+instances; else 0x0110 with an Error Comment), another SOP class or a context of another
+0x0122, another instance 0x0112, another action 0x0123, a requestor not in
+``[destinations]`` 0x0110 (as dcm4chee: no address to report to), past ``MAX_WAITING``
+requests being decided 0x0213 (Resource limitation, as dcm4chee); else Success.
+``Report`` then decides through the cluster (``cluster.uncommitted``: held as that class
+with at least ``write_quorum`` readable copies), asking again for those still missing
+every few seconds up to ``[facade] commitment_wait``, and sends the N-EVENT-REPORT-RQ
+(1: all committed, 2: some in the Failed SOP Sequence) on the same association while the
+requestor holds it open, else on a new association to its ``[destinations]`` address
+(pynetdicom, in the ``commitment`` thread pool, proposing the SCP role). A report that
+cannot be delivered is one log line and an audit record.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pacsp2p import audit, threads
 from pacsp2p.dicom import commitment as cm
 from pacsp2p.dicom import dimse
 from pacsp2p.dicom.messages import MemorySink
-from pacsp2p.dicom.status import SUCCESS
+from pacsp2p.dicom.status import SOP_CLASS_NOT_SUPPORTED, SUCCESS
 from pacsp2p.facade.operation import Operation
 from pacsp2p.validate import shown
 
@@ -54,10 +55,15 @@ class Commit(Operation):
         super().__init__(svc, assoc, cx, fields)
         self.sop_class = cm.SOP_CLASS.encode()
         self.requested = dimse.text(fields, dimse.REQUESTED_SOP_INSTANCE)
+        self.requested_class = dimse.text(fields, dimse.REQUESTED_SOP_CLASS)
         self.action = dimse.us(fields, dimse.ACTION_TYPE_ID)
         self.sink = MemorySink(cm.MAX_BYTES)
 
     def run(self):
+        if cm.SOP_CLASS != self.cx.abstract_syntax or \
+                self.requested_class != cm.SOP_CLASS:
+            return self._refuse(SOP_CLASS_NOT_SUPPORTED, "N-ACTION of another SOP class "
+                                "or on a context of another")
         if self.requested != cm.SOP_INSTANCE:
             return self._refuse(cm.NO_SUCH_SOP_INSTANCE, "no such SOP instance")
         if self.action != cm.REQUEST_COMMITMENT:

@@ -110,15 +110,16 @@ def test_report_on_the_same_association(make_peer, modality_scp):
     assert got.empty()                  # not sent again on a new association
 
 
-def _raw_action(assoc, data: bytes, instance=COMMIT_INSTANCE, action=1):
+def _raw_action(assoc, data: bytes, instance=COMMIT_INSTANCE, action=1,
+                sop_class=StorageCommitmentPushModel, context=StorageCommitmentPushModel):
     req = N_ACTION()
     req.MessageID = 7
-    req.RequestedSOPClassUID = StorageCommitmentPushModel
+    req.RequestedSOPClassUID = sop_class
     req.RequestedSOPInstanceUID = instance
     req.ActionTypeID = action
     req.ActionInformation = BytesIO(data)
     cid = next(cx.context_id for cx in assoc.accepted_contexts
-               if cx.abstract_syntax == StorageCommitmentPushModel)
+               if cx.abstract_syntax == context)
     return dn.send_request(assoc, req, cid)
 
 
@@ -149,6 +150,10 @@ def test_hostile_requests_get_a_failure_status(make_peer):
         assert _raw_action(assoc, _encoded(_request([good])), instance="1.2.3.4") == \
             [0x0112]
         assert _raw_action(assoc, _encoded(_request([good])), action=2) == [0x0123]
+        assert _raw_action(assoc, _encoded(_request([good])), context=CTImageStorage) == \
+            [0x0122]                  # (on the CT storage context)
+        assert _raw_action(assoc, _encoded(_request([good])), sop_class=CTImageStorage) \
+            == [0x0122]
         assert assoc.send_c_echo().Status == 0
     finally:
         assoc.release()
