@@ -160,6 +160,8 @@ class Report:
                 extension={"service": "N-EVENT-REPORT", "transaction": self.req.transaction,
                            "calling_ae": self.ae}))
             return "lost"
+        log.info("storage commitment {tx}: report delivered to {ae} on a new association",
+                 tx=self.req.transaction, ae=shown(self.ae))
         return "new"
 
 
@@ -193,10 +195,10 @@ def _deliver(dest, our_ae: str, event_type: int, ds) -> None:
     if not assoc.is_established:
         raise ConnectionError(f"no association with {dest.ae_title}@{dest.host}:{dest.port}")
     try:
-        rsp = assoc.send_n_event_report(ds, event_type, cm.SOP_CLASS, cm.SOP_INSTANCE)
+        rsp, _ = assoc.send_n_event_report(ds, event_type, cm.SOP_CLASS, cm.SOP_INSTANCE)
     finally:
         assoc.release()
-    status = getattr(rsp, "Status", None) if rsp is not None else None
+    status = getattr(rsp, "Status", None)        # (an empty data set: no response)
     if status is None:
         raise ConnectionError("no N-EVENT-REPORT-RSP")
     if status != 0:

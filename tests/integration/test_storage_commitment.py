@@ -83,6 +83,15 @@ def _check(report, images, unknown, also=()):
         == [(unknown, 0x0112), *also]
 
 
+def _delivered(peer, ae: str) -> None:
+    """Wait for the peer to say it delivered a report to *ae* (its response read)."""
+    deadline = time.monotonic() + patience(60)
+    while f"report delivered to '{ae}'" not in (text := peer.log_path.read_text()):
+        assert "not delivered" not in text, text[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def test_report_on_a_new_association(make_peer, modality_scp):
     port, got = modality_scp
     peer = make_peer(destinations={"MODALITY": f"{LOOPBACK}:{port}"},
@@ -94,6 +103,7 @@ def test_report_on_a_new_association(make_peer, modality_scp):
     event_type, ds, sender = got.get(timeout=patience(90))
     assert sender == peer.ae_title
     _check((event_type, ds), images, unknown)
+    _delivered(peer, "MODALITY")         # the N-EVENT-REPORT-RSP read
 
 
 def test_report_on_the_same_association(make_peer, modality_scp):
@@ -209,6 +219,7 @@ def test_orthanc_store_job_with_storage_commitment(make_orthanc, make_peer, tmp_
         time.sleep(0.2)
     assert report["Status"] == "Success", report
     assert len(report["Success"]) == 3 and not report["Failures"], report
+    _delivered(peer, orthanc.aet)
 
 
 def test_a_report_that_cannot_be_delivered_is_logged_and_audited(make_peer):
