@@ -31,9 +31,15 @@ def test_a_fixed_push_port_and_none_both_replicate(tmp_path):
             after = get_json(writer, "status")["ingest"]["copies"]["pushed"]
             assert after - before == len(files), (pid, before, after)   # all pushed
             sent = dn.dataset_hashes(files)
+            study = dn.study_of(files)
+            # the holder records its copies in a group commit sent after the Success (the
+            # writer keeps the first copy: first_copy = "auto"): a C-GET at once found none
+            wait_until(lambda: sum(any(x["peer"] == holder.name for x in r["replicas"])
+                                   for r in get_json(holder, f"where?study={study}"))
+                       == len(files), 60, 0.2, f"{pid}: the holder's copies recorded")
             got = holder.data_dir / "got" / pid
             proc = dn.getscu(holder.port, holder.ae_title, got, {
-                "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": dn.study_of(files)},
+                "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
                 timeout=120)
             assert proc.returncode == 0, proc.stderr[-2000:]
             assert dn.dataset_hashes(sorted(got.iterdir())) == sent, pid
