@@ -215,7 +215,8 @@ class Cluster:
         peer sees readable (the promise a C-STORE Success makes). The others are
         committed (storage commitment, PS3.4 J.3)."""
         uids = list(dict.fromkeys(inst for _, inst in refs))
-        held = yield self.catalog.read(lambda conn: self.catalog._refs(conn, uids, True))
+        held = yield self.catalog.read(
+            lambda conn: self.catalog.refs_of(conn, uids, True))
         by_uid = {r.sop_instance_uid: r for r in held}
         me, quorum = self.settings.peer.name, self.settings.cluster.write_quorum
         out = {}

@@ -480,7 +480,8 @@ class Catalog:
                               f"FROM {matching.from_clause('IMAGE')}", 1)
 
         def run(conn):
-            return self._refs(conn, matching.first_column(conn, sql, params, limit), current)
+            return self.refs_of(conn, matching.first_column(conn, sql, params, limit),
+                                current)
         return self.read(run)
 
     def versions(self, uids: list[str]) -> defer.Deferred:
@@ -488,7 +489,7 @@ class Catalog:
         return self.read(lambda conn: versions.current_copies(conn, list(uids)))
 
     @staticmethod
-    def _refs(conn, uids: list[str], current: bool = False) -> list[InstanceRef]:
+    def refs_of(conn, uids: list[str], current: bool = False) -> list[InstanceRef]:
         other = f" AND NOT {versions.OTHER}" if current else ""
         refs = []
         for i in range(0, len(uids), 500):

@@ -52,7 +52,7 @@ from pacsp2p.transfer.forward import Forward, drop_all
 from pacsp2p.transfer.onejob import OneJob, unrecorded
 from pacsp2p.transfer.pushport import Pushes
 from pacsp2p.transfer.recorded import as_recorded
-from pacsp2p.transfer.replicas import check_given, copy_in, record
+from pacsp2p.transfer.durable import check_given, copy_in, record
 from pacsp2p.transfer.retrieve import Retrieval
 from pacsp2p.transfer.session import Plain, StoreSession
 from pacsp2p.types import (ArchiveInfo, InstanceInfo, Location, Query, Stored, StoreError,

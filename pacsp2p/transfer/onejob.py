@@ -24,7 +24,7 @@ from pacsp2p.catalog.facts import stamped
 from pacsp2p.dicom.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacsp2p.strategies import StrategyError
 from pacsp2p.transfer.conflicts import conflict_logged
-from pacsp2p.transfer.replicas import record
+from pacsp2p.transfer.durable import record
 from pacsp2p.transfer.session import StoreSession
 from pacsp2p.types import InstanceInfo, StoreError, StoreResult
 

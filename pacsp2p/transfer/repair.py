@@ -68,7 +68,7 @@ from pacsp2p.overlay.commands import Commit, Drop, Replicate
 from pacsp2p.strategies import StrategyError
 from pacsp2p.transfer.backoff import Backoff
 from pacsp2p.transfer.delete import pushed_before
-from pacsp2p.transfer.replicas import copy_in
+from pacsp2p.transfer.durable import copy_in
 from pacsp2p.types import Location
 
 log = Logger()

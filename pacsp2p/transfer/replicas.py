@@ -50,8 +50,7 @@ from pacsp2p.overlay.commands import (CheckCopy, DrainRefused, InvalidArgument,
 from pacsp2p.transfer.delete import copy_allowed, pushed_before
 from pacsp2p.overlay.threadtls import server_context
 from pacsp2p.transfer.direct import send_for
-# (``copy_in`` and ``record`` imported from here by ingest, repair, onejob)
-from pacsp2p.transfer.durable import check_given, copy_in, record  # noqa: F401
+from pacsp2p.transfer.durable import check_given, record
 from pacsp2p.transfer.pushrecv import PushServer
 from pacsp2p.types import InstanceMeta, Location
 from pacsp2p.validate import shown

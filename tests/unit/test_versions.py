@@ -43,7 +43,7 @@ def origins(tmp_path):
 
 
 def served(conn) -> set:
-    return {(loc.peer, loc.sha256) for ref in db.Catalog._refs(conn, [UID], True)
+    return {(loc.peer, loc.sha256) for ref in db.Catalog.refs_of(conn, [UID], True)
             for loc in ref.locations}
 
 
@@ -55,7 +55,7 @@ def test_every_order_of_learning_serves_the_first_version(tmp_path):
             facts.write_wire(conn, facts.read_changes(writers[name], name, 0, 10))
         assert versions.current(conn, [UID]) == {UID: V1}, order
         assert served(conn) == {("a", V1), ("b", V1)}, order
-        assert len(db.Catalog._refs(conn, [UID])[0].locations) == 3     # where: all
+        assert len(db.Catalog.refs_of(conn, [UID])[0].locations) == 3     # where: all
 
 
 def test_a_batch_of_an_older_release_gives_its_instance_rows_stamp(tmp_path):

@@ -44,7 +44,7 @@ def test_a_second_version_is_still_one_beside_a_converted_copy(tmp_path):
         facts.write_wire(conn, facts.read_changes(origin[name], name, 0, 10))
     assert versions.count(conn) == 1
     assert ("c", V2) not in served(conn) and ("a", V1) in served(conn)
-    assert len(db.Catalog._refs(conn, [UID])[0].locations) == 3
+    assert len(db.Catalog.refs_of(conn, [UID])[0].locations) == 3
 
 
 def test_a_version_sent_again_is_still_the_first_received(tmp_path):
